@@ -1,0 +1,27 @@
+"""fused_rnn: LSTM, GRU and Elman RNN layers on fused kernels, drop-in for torch.nn.
+
+Examples::
+
+    >>> import torch, fused_rnn
+    >>> lstm = fused_rnn.LSTM(8, 16, batch_first=True, backend="reference")
+    >>> out, (h, c) = lstm(torch.randn(2, 5, 8))
+    >>> tuple(out.shape)
+    (2, 5, 16)
+"""
+
+from fused_rnn.backends import BACKENDS, available_backends, backend_report
+from fused_rnn.modules import GRU, LSTM, RNN, GRUCell, LSTMCell, RNNCell
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "BACKENDS",
+    "GRU",
+    "LSTM",
+    "RNN",
+    "GRUCell",
+    "LSTMCell",
+    "RNNCell",
+    "available_backends",
+    "backend_report",
+]

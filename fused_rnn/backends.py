@@ -1,0 +1,139 @@
+"""Backend names, what this machine can run, and which implementation a call gets.
+
+Backends:
+
+=========== ===================================================================================
+reference   plain PyTorch (``fused_rnn/ops/reference.py``): every device and dtype, slow, exact
+torch       PyTorch's own RNN kernels (aten on the CPU, cuDNN on a GPU) for the whole stack
+triton      fused Triton kernels (a CUDA GPU, or the CPU under ``TRITON_INTERPRET=1``)
+cuda        persistent CUDA C++ kernels from ``csrc/`` (a CUDA GPU and a built extension)
+auto        the fastest backend verified for the configuration (see ``resolve``)
+=========== ===================================================================================
+
+A kernel backend that cannot take a configuration (size, dtype, device) falls back to the next
+one (cuda → triton → reference) with a one-time warning naming the reason; it never computes
+something it was not verified for.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import warnings
+from types import ModuleType
+
+import torch
+
+BACKENDS = ("auto", "reference", "torch", "triton", "cuda")
+KERNEL_BACKENDS = ("triton", "cuda")
+_FALLBACK = {"cuda": "triton", "triton": "reference"}
+
+
+def check_name(name: object) -> str:
+    """Raise ``ValueError`` unless ``name`` is a backend name; return it."""
+    if not isinstance(name, str) or name not in BACKENDS:
+        raise ValueError(
+            f"unknown backend {name!r}; valid backends are {', '.join(map(repr, BACKENDS))}"
+        )
+    return name
+
+
+def _kernel_module(name: str) -> ModuleType:
+    return importlib.import_module(f"fused_rnn.ops.{name}")
+
+
+def unavailable_reason(name: str, device: torch.device | str | None = None) -> str | None:
+    """Why backend ``name`` cannot run here (on ``device`` if given), or None if it can."""
+    check_name(name)
+    if name in ("auto", "reference", "torch"):
+        return None
+    try:
+        mod = _kernel_module(name)
+    except ImportError as e:  # the backend's package is not there at all
+        return f"its module could not be imported ({e})"
+    return mod.unavailable_reason(None if device is None else torch.device(device))
+
+
+def available_backends(device: torch.device | str | None = None) -> list[str]:
+    """The backends that can run on this machine (on ``device`` if given).
+
+    Examples::
+
+        >>> import fused_rnn
+        >>> "reference" in fused_rnn.available_backends()
+        True
+    """
+    return [n for n in BACKENDS if unavailable_reason(n, device) is None]
+
+
+def backend_report(device: torch.device | str | None = None) -> dict[str, str]:
+    """Every backend name mapped to "available" or the reason it is not."""
+    return {n: unavailable_reason(n, device) or "available" for n in BACKENDS}
+
+
+def require(name: str, device: torch.device | str | None = None) -> None:
+    """Raise ``RuntimeError`` (saying why and how to get it) if ``name`` cannot run."""
+    reason = unavailable_reason(name, device)
+    if reason is not None:
+        raise RuntimeError(f"fused_rnn backend {name!r} is unavailable: {reason}")
+
+
+def resolve_stack(name: str, device: torch.device) -> str:
+    """The backend a whole module call runs on.
+
+    ``auto`` picks PyTorch's own kernels (aten on the CPU, cuDNN on a GPU) for now: they are
+    torch.nn's math exactly, they are what the CPU target is measured against, and no fused
+    backend has yet passed its GPU tests on a real GPU (DESIGN.md: only a backend with
+    recorded GPU results in ``benchmarks/results/`` may be chosen by ``auto``).
+
+    Under ``torch.compile`` ``auto`` traces the reference math instead: on the CPU, inductor
+    lowers aten's fused LSTM to ``mkldnn_rnn_layer`` and then fails to run it (torch 2.13),
+    while the reference's plain ops compile into fused loops.
+    """
+    check_name(name)
+    if name == "auto":
+        return "reference" if torch.compiler.is_compiling() else "torch"
+    require(name, device)
+    return name
+
+
+_warned: set[tuple[str, str]] = set()
+
+
+def _warn_once(name: str, reason: str, to: str) -> None:
+    key = (name, reason)
+    if key not in _warned:
+        _warned.add(key)
+        warnings.warn(
+            f"fused_rnn: backend {name!r} cannot take this call ({reason}); "
+            f"falling back to {to!r}",
+            RuntimeWarning,
+            stacklevel=4,
+        )
+
+
+def kernel_impl(name: str, kind: str, **config) -> ModuleType:
+    """The module implementing ``kind`` ("layer" or "cell") for ``name`` and this config.
+
+    ``name`` is "reference", "triton" or "cuda". A kernel backend that rejects the
+    configuration (its ``unsupported_reason`` returns a string) hands over to the next one in
+    the fallback chain, warning once per reason.
+    """
+    while name in KERNEL_BACKENDS:
+        reason = unavailable_reason(name, config.get("device"))
+        if reason is None:
+            mod = _kernel_module(name)
+            reason = mod.unsupported_reason(kind, **config)
+            if reason is None:
+                return mod
+        nxt = _FALLBACK[name]
+        _warn_once(name, reason, nxt)
+        name = nxt
+    from fused_rnn.ops import reference
+
+    return reference
+
+
+def interpreter_enabled() -> bool:
+    """True when Triton kernels run on the CPU through Triton's interpreter."""
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"

@@ -1,0 +1,179 @@
+"""Functional RNN ops: one layer and direction over a chunk, one step, and the layer stack.
+
+Tensors are time-major here: ``x: (T, B, input_size)``. The modules in ``fused_rnn.modules``
+turn batch-first, unbatched and packed inputs into this form.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from fused_rnn import backends
+from fused_rnn.ops.reference import GATES, MODES
+
+
+def _check_mode(mode: str) -> None:
+    if mode not in MODES:
+        raise ValueError(f"unknown mode {mode!r}; expected one of {MODES}")
+
+
+def _autocast_dtype(device: torch.device) -> torch.dtype | None:
+    if torch.is_autocast_enabled(device.type):
+        return torch.get_autocast_dtype(device.type)
+    return None
+
+
+def _to(dtype: torch.dtype | None, *ts: Tensor | None):
+    if dtype is None:
+        return ts
+    return tuple(None if t is None else t.to(dtype) for t in ts)
+
+
+def _config(mode: str, x: Tensor, w_hh: Tensor, w_hr: Tensor | None, lengths) -> dict:
+    return dict(
+        mode=mode,
+        device=x.device,
+        dtype=x.dtype,
+        input_size=x.shape[-1],
+        hidden_size=w_hh.shape[0] // GATES[mode],
+        proj_size=0 if w_hr is None else w_hr.shape[0],
+        has_lengths=lengths is not None,
+    )
+
+
+def rnn_layer(
+    mode: str,
+    x: Tensor,
+    h0: Tensor,
+    c0: Tensor | None,
+    w_ih: Tensor,
+    w_hh: Tensor,
+    b_ih: Tensor | None = None,
+    b_hh: Tensor | None = None,
+    w_hr: Tensor | None = None,
+    *,
+    lengths: Tensor | None = None,
+    reverse: bool = False,
+    backend: str = "reference",
+) -> tuple[Tensor, Tensor, Tensor | None]:
+    """One layer, one direction, over a whole chunk.
+
+    mode: "LSTM", "GRU", "RNN_TANH" or "RNN_RELU"; x: (T, B, I); h0: (B, P); c0: (B, H) for
+    LSTM else None; w_ih: (G*H, I); w_hh: (G*H, P); b_ih, b_hh: (G*H,) or None; w_hr: (P, H)
+    or None; lengths: (B,) or None (rows with ``t >= lengths[b]`` keep their state and output
+    zeros). Returns y: (T, B, P), h_n: (B, P), c_n: (B, H) or None.
+
+    ``backend`` is "reference", "triton" or "cuda" ("auto" and "torch" mean "reference" at
+    this level: PyTorch's kernels work on whole stacks, see :func:`rnn`).
+
+    Examples::
+
+        >>> import torch, fused_rnn.functional as Fr
+        >>> x, h0, c0 = torch.randn(5, 3, 4), torch.zeros(3, 8), torch.zeros(3, 8)
+        >>> w_ih, w_hh = torch.randn(32, 4), torch.randn(32, 8)
+        >>> y, h, c = Fr.rnn_layer("LSTM", x, h0, c0, w_ih, w_hh)
+        >>> tuple(y.shape), tuple(h.shape), tuple(c.shape)
+        ((5, 3, 8), (3, 8), (3, 8))
+    """
+    _check_mode(mode)
+    backends.check_name(backend)
+    ac = _autocast_dtype(x.device)
+    if ac is not None:
+        x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr = _to(ac, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr)
+    name = backend if backend in backends.KERNEL_BACKENDS else "reference"
+    impl = backends.kernel_impl(name, "layer", **_config(mode, x, w_hh, w_hr, lengths))
+    return impl.rnn_layer(mode, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, reverse)
+
+
+def rnn_cell(
+    mode: str,
+    x: Tensor,
+    h: Tensor,
+    c: Tensor | None,
+    w_ih: Tensor,
+    w_hh: Tensor,
+    b_ih: Tensor | None = None,
+    b_hh: Tensor | None = None,
+    *,
+    backend: str = "reference",
+) -> tuple[Tensor, Tensor | None]:
+    """One step. x: (B, I); h: (B, H); c: (B, H) for LSTM else None. Returns (h', c')."""
+    _check_mode(mode)
+    backends.check_name(backend)
+    ac = _autocast_dtype(x.device)
+    if ac is not None:
+        x, h, c, w_ih, w_hh, b_ih, b_hh = _to(ac, x, h, c, w_ih, w_hh, b_ih, b_hh)
+    if backend in ("auto", "torch"):
+        return _torch_cell(mode, x, h, c, w_ih, w_hh, b_ih, b_hh)
+    impl = backends.kernel_impl(backend, "cell", **_config(mode, x, w_hh, None, None))
+    return impl.rnn_cell(mode, x, h, c, w_ih, w_hh, b_ih, b_hh)
+
+
+def _torch_cell(mode, x, h, c, w_ih, w_hh, b_ih, b_hh):
+    if mode == "LSTM":
+        h1, c1 = torch._VF.lstm_cell(x, (h, c), w_ih, w_hh, b_ih, b_hh)
+        return h1, c1
+    fn = {
+        "GRU": torch._VF.gru_cell,
+        "RNN_TANH": torch._VF.rnn_tanh_cell,
+        "RNN_RELU": torch._VF.rnn_relu_cell,
+    }[mode]
+    return fn(x, h, w_ih, w_hh, b_ih, b_hh), None
+
+
+def rnn(
+    mode: str,
+    x: Tensor,
+    hx: Tensor,
+    cx: Tensor | None,
+    weights: Sequence[Sequence[Tensor | None]],
+    *,
+    num_layers: int,
+    bidirectional: bool,
+    dropout: float = 0.0,
+    training: bool = False,
+    lengths: Tensor | None = None,
+    backend: str = "reference",
+) -> tuple[Tensor, Tensor, Tensor | None]:
+    """A stack of layers, time-major, through per-layer ops.
+
+    x: (T, B, I); hx: (L*D, B, P); cx: (L*D, B, H) for LSTM else None; ``weights[l*D + d]`` is
+    ``(w_ih, w_hh, b_ih, b_hh, w_hr)`` (absent ones None). Dropout is applied to every layer's
+    output but the last, in training mode only, as torch.nn does.
+    Returns y: (T, B, D*P), h_n: (L*D, B, P), c_n: (L*D, B, H) or None.
+    """
+    num_dir = 2 if bidirectional else 1
+    layer_input = x
+    h_n: list[Tensor] = []
+    c_n: list[Tensor] = []
+    for layer in range(num_layers):
+        outs = []
+        for d in range(num_dir):
+            k = layer * num_dir + d
+            w_ih, w_hh, b_ih, b_hh, w_hr = weights[k]
+            y, h, c = rnn_layer(
+                mode,
+                layer_input,
+                hx[k],
+                None if cx is None else cx[k],
+                w_ih,
+                w_hh,
+                b_ih,
+                b_hh,
+                w_hr,
+                lengths=lengths,
+                reverse=d == 1,
+                backend=backend,
+            )
+            outs.append(y)
+            h_n.append(h)
+            if c is not None:
+                c_n.append(c)
+        layer_input = outs[0] if num_dir == 1 else torch.cat(outs, dim=2)
+        if dropout > 0 and training and layer < num_layers - 1:
+            layer_input = F.dropout(layer_input, dropout, training=True)
+    return layer_input, torch.stack(h_n), (torch.stack(c_n) if c_n else None)

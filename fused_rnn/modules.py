@@ -1,0 +1,616 @@
+"""Drop-in replacements for torch.nn.LSTM/GRU/RNN and their cells.
+
+Same constructor arguments, parameter names, shapes, order and initialisation as torch.nn,
+so state_dicts move both ways, plus a keyword-only ``backend``. The classes derive from
+``nn.Module``, not ``nn.RNNBase``: dynamo deliberately graph-breaks on ``RNNBase`` subclasses,
+and these modules are meant to be traced by ``torch.compile(fullgraph=True)``.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+import warnings
+
+import torch
+from torch import Tensor, nn
+from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
+
+from fused_rnn import backends, functional
+from fused_rnn.ops.reference import GATES
+
+__all__ = ["LSTM", "GRU", "RNN", "LSTMCell", "GRUCell", "RNNCell"]
+
+_MODE_NAMES = {"LSTM": "LSTM", "GRU": "GRU", "RNN_TANH": "RNN", "RNN_RELU": "RNN"}
+
+
+def _apply_permutation(t: Tensor, permutation: Tensor | None, dim: int = 1) -> Tensor:
+    return t if permutation is None else t.index_select(dim, permutation)
+
+
+class _RNNStack(nn.Module):
+    """Parameters, layers, directions, dropout, packing and hx defaults for all three RNNs."""
+
+    def __init__(
+        self,
+        mode: str,
+        input_size: int,
+        hidden_size: int,
+        num_layers: int = 1,
+        bias: bool = True,
+        batch_first: bool = False,
+        dropout: float = 0.0,
+        bidirectional: bool = False,
+        proj_size: int = 0,
+        device=None,
+        dtype=None,
+        *,
+        backend: str = "auto",
+    ) -> None:
+        super().__init__()
+        # The checks and messages follow torch.nn.RNNBase, so callers see the same errors.
+        if (
+            not isinstance(dropout, numbers.Number)
+            or isinstance(dropout, bool)
+            or not 0 <= dropout <= 1
+        ):
+            raise ValueError(
+                "dropout should be a number in range [0, 1] representing the probability of "
+                "an element being zeroed"
+            )
+        if dropout > 0 and num_layers == 1:
+            warnings.warn(
+                "dropout option adds dropout after all but last recurrent layer, so non-zero "
+                "dropout expects num_layers greater than 1, but got "
+                f"dropout={dropout} and num_layers={num_layers}",
+                stacklevel=3,
+            )
+        for name, value in (("bias", bias), ("batch_first", batch_first)):
+            if not isinstance(value, bool):
+                raise TypeError(f"{name} should be of type bool, got: {type(value).__name__}")
+        for name, value in (("input_size", input_size), ("hidden_size", hidden_size)):
+            if not isinstance(value, int) or isinstance(value, bool):
+                raise TypeError(f"{name} should be of type int, got: {type(value).__name__}")
+            if value <= 0:
+                raise ValueError(f"{name} must be greater than zero")
+        if not isinstance(num_layers, int) or num_layers <= 0:
+            raise ValueError("num_layers must be greater than zero")
+        if proj_size < 0:
+            raise ValueError(
+                "proj_size should be a positive integer or zero to disable projections"
+            )
+        if proj_size >= hidden_size:
+            raise ValueError("proj_size has to be smaller than hidden_size")
+        self.backend = backends.check_name(backend)
+
+        self.mode = mode
+        self.input_size = input_size
+        self.hidden_size = hidden_size
+        self.num_layers = num_layers
+        self.bias = bias
+        self.batch_first = batch_first
+        self.dropout = float(dropout)
+        self.bidirectional = bidirectional
+        self.proj_size = proj_size
+
+        factory = {"device": device, "dtype": dtype}
+        gate_size = GATES[mode] * hidden_size
+        real_hidden = proj_size if proj_size > 0 else hidden_size
+        num_dir = 2 if bidirectional else 1
+        self._flat_weights_names: list[str] = []
+        self._all_weights: list[list[str]] = []
+        for layer in range(num_layers):
+            for direction in range(num_dir):
+                layer_in = input_size if layer == 0 else real_hidden * num_dir
+                suffix = "_reverse" if direction == 1 else ""
+                shapes = [("weight_ih", (gate_size, layer_in)), ("weight_hh", (gate_size, real_hidden))]
+                if bias:
+                    shapes += [("bias_ih", (gate_size,)), ("bias_hh", (gate_size,))]
+                if proj_size > 0:
+                    shapes += [("weight_hr", (proj_size, hidden_size))]
+                names = []
+                for base, shape in shapes:
+                    name = f"{base}_l{layer}{suffix}"
+                    setattr(self, name, nn.Parameter(torch.empty(shape, **factory)))
+                    names.append(name)
+                self._flat_weights_names.extend(names)
+                self._all_weights.append(names)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        stdv = 1.0 / math.sqrt(self.hidden_size) if self.hidden_size > 0 else 0
+        for weight in self.parameters():
+            nn.init.uniform_(weight, -stdv, stdv)
+
+    def flatten_parameters(self) -> None:
+        """Accepted for compatibility with torch.nn; nothing needs flattening here."""
+
+    @property
+    def _flat_weights(self) -> list[Tensor]:
+        return [getattr(self, n) for n in self._flat_weights_names]
+
+    @property
+    def all_weights(self) -> list[list[nn.Parameter]]:
+        return [[getattr(self, n) for n in names] for names in self._all_weights]
+
+    def _layer_weights(self) -> list[tuple[Tensor | None, ...]]:
+        out = []
+        for names in self._all_weights:
+            w = {n.split("_l")[0]: getattr(self, n) for n in names}
+            out.append(tuple(w.get(k) for k in ("weight_ih", "weight_hh", "bias_ih", "bias_hh", "weight_hr")))
+        return out
+
+    def extra_repr(self) -> str:
+        s = f"{self.input_size}, {self.hidden_size}"
+        if self.proj_size != 0:
+            s += f", proj_size={self.proj_size}"
+        if self.num_layers != 1:
+            s += f", num_layers={self.num_layers}"
+        if self.bias is not True:
+            s += f", bias={self.bias}"
+        if self.batch_first is not False:
+            s += f", batch_first={self.batch_first}"
+        if self.dropout != 0:
+            s += f", dropout={self.dropout}"
+        if self.bidirectional is not False:
+            s += f", bidirectional={self.bidirectional}"
+        if self.backend != "auto":
+            s += f", backend={self.backend!r}"
+        return s
+
+    # ---------------------------------------------------------------- argument checks
+    def _check_input(self, input: Tensor, packed: bool) -> None:
+        w = self._flat_weights[0]
+        if input.dtype != w.dtype and not torch._C._is_any_autocast_enabled():
+            raise ValueError(
+                f"RNN input dtype ({input.dtype}) does not match weight dtype ({w.dtype}). "
+                f"Convert input: input.to({w.dtype}), or convert model: model.to({input.dtype})"
+            )
+        if input.device != w.device:
+            raise RuntimeError(
+                f"Input and parameter tensors are not at the same device, found input tensor "
+                f"at {input.device} and parameter tensor at {w.device}"
+            )
+        expected = 2 if packed else 3
+        if input.dim() != expected:
+            raise RuntimeError(f"input must have {expected} dimensions, got {input.dim()}")
+        if input.size(-1) != self.input_size:
+            raise RuntimeError(
+                f"input.size(-1) must be equal to input_size. Expected {self.input_size}, "
+                f"got {input.size(-1)}"
+            )
+
+    def _check_hidden(self, h: Tensor, expected: tuple[int, ...], msg: str, input: Tensor) -> None:
+        if tuple(h.size()) != expected:
+            raise RuntimeError(msg.format(expected, list(h.size())))
+        if h.device != input.device:
+            raise RuntimeError(
+                f"Input and hidden tensors are not at the same device, found input tensor at "
+                f"{input.device} and hidden tensor at {h.device}"
+            )
+        if h.dtype != input.dtype and not torch._C._is_any_autocast_enabled():
+            raise RuntimeError(
+                f"hidden state dtype ({h.dtype}) does not match input dtype ({input.dtype})"
+            )
+
+    # ---------------------------------------------------------------- forward
+    def _forward(self, input, hx):
+        """Shared forward. hx: Tensor (GRU/RNN), tuple (LSTM) or None."""
+        is_lstm = self.mode == "LSTM"
+        num_dir = 2 if self.bidirectional else 1
+        real_hidden = self.proj_size if self.proj_size > 0 else self.hidden_size
+        packed = isinstance(input, PackedSequence)
+        is_batched = True
+        sorted_indices = unsorted_indices = batch_sizes = None
+        if packed:
+            data, batch_sizes, sorted_indices, unsorted_indices = input
+            self._check_input(data, packed=True)
+            batch = int(batch_sizes[0])
+            ref = data
+        else:
+            if input.dim() not in (2, 3):
+                raise ValueError(
+                    f"{_MODE_NAMES[self.mode]}: Expected input to be 2D or 3D, got "
+                    f"{input.dim()}D tensor instead"
+                )
+            is_batched = input.dim() == 3
+            batch_dim = 0 if self.batch_first else 1
+            if not is_batched:
+                input = input.unsqueeze(batch_dim)
+            self._check_input(input, packed=False)
+            batch = input.size(batch_dim)
+            ref = input
+            if hx is not None:
+                hs = hx if is_lstm else (hx,)
+                want = 3 if is_batched else 2
+                if not isinstance(hs, (tuple, list)) or len(hs) != (2 if is_lstm else 1):
+                    raise TypeError(
+                        "hx must be a tuple (h_0, c_0) for LSTM" if is_lstm else "hx must be a Tensor"
+                    )
+                if any(h.dim() != want for h in hs):
+                    kind = "batched 3-D" if is_batched else "unbatched 2-D"
+                    dims = ", ".join(f"{h.dim()}-D" for h in hs)
+                    raise RuntimeError(
+                        f"For {kind} input, hx{' and cx' if is_lstm else ''} should also be "
+                        f"{want}-D but got ({dims}) tensor{'s' if is_lstm else ''}"
+                    )
+                if not is_batched:
+                    hs = tuple(h.unsqueeze(1) for h in hs)
+                hx = hs if is_lstm else hs[0]
+
+        h_shape = (self.num_layers * num_dir, batch, real_hidden)
+        c_shape = (self.num_layers * num_dir, batch, self.hidden_size)
+        if hx is None:
+            h0 = torch.zeros(h_shape, dtype=ref.dtype, device=ref.device)
+            c0 = torch.zeros(c_shape, dtype=ref.dtype, device=ref.device) if is_lstm else None
+        elif is_lstm:
+            if not isinstance(hx, (tuple, list)) or len(hx) != 2:
+                raise TypeError("hx must be a tuple (h_0, c_0) for LSTM")
+            h0, c0 = hx
+            self._check_hidden(h0, h_shape, "Expected hidden[0] size {}, got {}", ref)
+            self._check_hidden(c0, c_shape, "Expected hidden[1] size {}, got {}", ref)
+        else:
+            h0, c0 = hx, None
+            self._check_hidden(h0, h_shape, "Expected hidden size {}, got {}", ref)
+        # Caller's batch order -> the packed (sorted) order.
+        h0 = _apply_permutation(h0, sorted_indices)
+        c0 = None if c0 is None else _apply_permutation(c0, sorted_indices)
+
+        backend = backends.resolve_stack(self.backend, ref.device)
+        if backend == "torch":
+            y, h_n, c_n = self._torch_stack(input, h0, c0, packed)
+        else:
+            lengths = None
+            if packed:
+                x, lengths_cpu = pad_packed_sequence(PackedSequence(data, batch_sizes))
+                lengths = lengths_cpu.to(x.device)
+            else:
+                x = input.transpose(0, 1) if self.batch_first else input
+            y, h_n, c_n = functional.rnn(
+                self.mode,
+                x,
+                h0,
+                c0,
+                self._layer_weights(),
+                num_layers=self.num_layers,
+                bidirectional=self.bidirectional,
+                dropout=self.dropout,
+                training=self.training,
+                lengths=lengths,
+                backend=backend,
+            )
+            if packed:
+                y = pack_padded_sequence(y, lengths_cpu).data
+            elif self.batch_first:
+                y = y.transpose(0, 1)
+
+        h_n = _apply_permutation(h_n, unsorted_indices)
+        c_n = None if c_n is None else _apply_permutation(c_n, unsorted_indices)
+        if packed:
+            out = PackedSequence(y, batch_sizes, sorted_indices, unsorted_indices)
+        elif not is_batched:
+            out = y.squeeze(0 if self.batch_first else 1)
+            h_n = h_n.squeeze(1)
+            c_n = None if c_n is None else c_n.squeeze(1)
+        else:
+            out = y
+        return out, ((h_n, c_n) if is_lstm else h_n)
+
+    def _torch_stack(self, input, h0, c0, packed):
+        """The whole stack through PyTorch's own kernels (aten on CPU, cuDNN on GPU)."""
+        w = self._flat_weights
+        args = (self.bias, self.num_layers, self.dropout, self.training, self.bidirectional)
+        hx = (h0, c0) if self.mode == "LSTM" else h0
+        fn = {
+            "LSTM": torch._VF.lstm,
+            "GRU": torch._VF.gru,
+            "RNN_TANH": torch._VF.rnn_tanh,
+            "RNN_RELU": torch._VF.rnn_relu,
+        }[self.mode]
+        if packed:
+            res = fn(input.data, input.batch_sizes, hx, w, *args)
+        else:
+            res = fn(input, hx, w, *args, self.batch_first)
+        if self.mode == "LSTM":
+            return res[0], res[1], res[2]
+        return res[0], res[1], None
+
+
+class LSTM(_RNNStack):
+    r"""Drop-in ``torch.nn.LSTM`` with a keyword-only ``backend``.
+
+    Inputs: ``input`` (T, B, input_size), (B, T, input_size) with ``batch_first``, (T,
+    input_size) unbatched, or a PackedSequence; ``(h_0, c_0)``: (L*D, B, proj_size or H) and
+    (L*D, B, H), zeros when omitted. Outputs: ``output, (h_n, c_n)`` as torch.nn.LSTM.
+
+    Examples::
+
+        >>> import torch, fused_rnn
+        >>> lstm = fused_rnn.LSTM(10, 20, num_layers=2, batch_first=True)
+        >>> out, (h, c) = lstm(torch.randn(3, 5, 10))
+        >>> tuple(out.shape), tuple(h.shape), tuple(c.shape)
+        ((3, 5, 20), (2, 3, 20), (2, 3, 20))
+    """
+
+    def __init__(
+        self,
+        input_size: int,
+        hidden_size: int,
+        num_layers: int = 1,
+        bias: bool = True,
+        batch_first: bool = False,
+        dropout: float = 0.0,
+        bidirectional: bool = False,
+        proj_size: int = 0,
+        device=None,
+        dtype=None,
+        *,
+        backend: str = "auto",
+    ) -> None:
+        super().__init__(
+            "LSTM", input_size, hidden_size, num_layers, bias, batch_first, dropout,
+            bidirectional, proj_size, device, dtype, backend=backend,
+        )
+
+    def forward(self, input, hx: tuple[Tensor, Tensor] | None = None):
+        return self._forward(input, hx)
+
+
+class GRU(_RNNStack):
+    r"""Drop-in ``torch.nn.GRU`` with a keyword-only ``backend``.
+
+    Examples::
+
+        >>> import torch, fused_rnn
+        >>> gru = fused_rnn.GRU(10, 20, bidirectional=True)
+        >>> out, h = gru(torch.randn(5, 3, 10))
+        >>> tuple(out.shape), tuple(h.shape)
+        ((5, 3, 40), (2, 3, 20))
+    """
+
+    def __init__(
+        self,
+        input_size: int,
+        hidden_size: int,
+        num_layers: int = 1,
+        bias: bool = True,
+        batch_first: bool = False,
+        dropout: float = 0.0,
+        bidirectional: bool = False,
+        device=None,
+        dtype=None,
+        *,
+        backend: str = "auto",
+        **kwargs,
+    ) -> None:
+        if "proj_size" in kwargs:
+            raise ValueError("proj_size argument is only supported for LSTM, not RNN or GRU")
+        if kwargs:
+            raise TypeError(f"GRU got unexpected keyword arguments {sorted(kwargs)}")
+        super().__init__(
+            "GRU", input_size, hidden_size, num_layers, bias, batch_first, dropout,
+            bidirectional, 0, device, dtype, backend=backend,
+        )
+
+    def forward(self, input, hx: Tensor | None = None):
+        return self._forward(input, hx)
+
+
+class RNN(_RNNStack):
+    r"""Drop-in ``torch.nn.RNN`` (tanh or relu) with a keyword-only ``backend``.
+
+    Examples::
+
+        >>> import torch, fused_rnn
+        >>> rnn = fused_rnn.RNN(10, 20, 2, nonlinearity="relu")
+        >>> out, h = rnn(torch.randn(5, 3, 10))
+        >>> tuple(out.shape), tuple(h.shape)
+        ((5, 3, 20), (2, 3, 20))
+    """
+
+    def __init__(
+        self,
+        input_size: int,
+        hidden_size: int,
+        num_layers: int = 1,
+        nonlinearity: str = "tanh",
+        bias: bool = True,
+        batch_first: bool = False,
+        dropout: float = 0.0,
+        bidirectional: bool = False,
+        device=None,
+        dtype=None,
+        *,
+        backend: str = "auto",
+        **kwargs,
+    ) -> None:
+        if "proj_size" in kwargs:
+            raise ValueError("proj_size argument is only supported for LSTM, not RNN or GRU")
+        if kwargs:
+            raise TypeError(f"RNN got unexpected keyword arguments {sorted(kwargs)}")
+        if nonlinearity == "tanh":
+            mode = "RNN_TANH"
+        elif nonlinearity == "relu":
+            mode = "RNN_RELU"
+        else:
+            raise ValueError(
+                f"Unknown nonlinearity '{nonlinearity}'. Select from 'tanh' or 'relu'."
+            )
+        self.nonlinearity = nonlinearity
+        super().__init__(
+            mode, input_size, hidden_size, num_layers, bias, batch_first, dropout,
+            bidirectional, 0, device, dtype, backend=backend,
+        )
+
+    def forward(self, input, hx: Tensor | None = None):
+        return self._forward(input, hx)
+
+
+class _CellBase(nn.Module):
+    """Parameters and argument checks shared by the three cells (as torch.nn.RNNCellBase)."""
+
+    def __init__(self, mode, input_size, hidden_size, bias, device, dtype, backend):
+        super().__init__()
+        for name, value in (("input_size", input_size), ("hidden_size", hidden_size)):
+            if not isinstance(value, int) or isinstance(value, bool):
+                raise TypeError(f"{name} should be of type int, got: {type(value).__name__}")
+            if value <= 0:
+                raise ValueError(f"{name} must be greater than zero")
+        self.backend = backends.check_name(backend)
+        self.mode = mode
+        self.input_size = input_size
+        self.hidden_size = hidden_size
+        self.bias = bias
+        factory = {"device": device, "dtype": dtype}
+        g = GATES[mode] * hidden_size
+        self.weight_ih = nn.Parameter(torch.empty((g, input_size), **factory))
+        self.weight_hh = nn.Parameter(torch.empty((g, hidden_size), **factory))
+        if bias:
+            self.bias_ih = nn.Parameter(torch.empty(g, **factory))
+            self.bias_hh = nn.Parameter(torch.empty(g, **factory))
+        else:
+            self.register_parameter("bias_ih", None)
+            self.register_parameter("bias_hh", None)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        stdv = 1.0 / math.sqrt(self.hidden_size) if self.hidden_size > 0 else 0
+        for weight in self.parameters():
+            nn.init.uniform_(weight, -stdv, stdv)
+
+    def extra_repr(self) -> str:
+        s = f"{self.input_size}, {self.hidden_size}"
+        if self.bias is not True:
+            s += f", bias={self.bias}"
+        if getattr(self, "nonlinearity", "tanh") != "tanh":
+            s += f", nonlinearity={self.nonlinearity}"
+        if self.backend != "auto":
+            s += f", backend={self.backend!r}"
+        return s
+
+    def _step(self, input: Tensor, hx):
+        cls = type(self).__name__
+        is_lstm = self.mode == "LSTM"
+        if input.dim() not in (1, 2):
+            raise ValueError(f"{cls}: Expected input to be 1D or 2D, got {input.dim()}D instead")
+        hs = None if hx is None else (tuple(hx) if is_lstm else (hx,))
+        if hs is not None:
+            for idx, h in enumerate(hs):
+                if h.dim() not in (1, 2):
+                    which = f"hx[{idx}]" if is_lstm else "hidden"
+                    raise ValueError(f"{cls}: Expected {which} to be 1D or 2D, got {h.dim()}D instead")
+        is_batched = input.dim() == 2
+        if not is_batched:
+            input = input.unsqueeze(0)
+        w = self.weight_ih
+        if input.dtype != w.dtype and not torch._C._is_any_autocast_enabled():
+            raise RuntimeError(
+                f"{cls}: input dtype ({input.dtype}) does not match weight dtype ({w.dtype})"
+            )
+        if input.device != w.device:
+            raise RuntimeError(
+                f"{cls}: input is on {input.device} but the parameters are on {w.device}"
+            )
+        if input.size(1) != self.input_size:
+            raise RuntimeError(
+                f"input has inconsistent input_size: got {input.size(1)} expected {self.input_size}"
+            )
+        if hs is None:
+            z = torch.zeros(input.size(0), self.hidden_size, dtype=input.dtype, device=input.device)
+            hs = (z, z) if is_lstm else (z,)
+        elif not is_batched:
+            hs = tuple(h.unsqueeze(0) for h in hs)
+        for idx, h in enumerate(hs):
+            if h.dim() != 2 or h.size(0) != input.size(0):
+                raise RuntimeError(
+                    f"Input batch size {input.size(0)} doesn't match hidden{idx} batch size "
+                    f"{h.size(0) if h.dim() == 2 else tuple(h.shape)}"
+                )
+            if h.size(1) != self.hidden_size:
+                raise RuntimeError(
+                    f"hidden{idx} has inconsistent hidden_size: got {h.size(1)}, "
+                    f"expected {self.hidden_size}"
+                )
+            if h.device != input.device:
+                raise RuntimeError(f"{cls}: hidden{idx} is on {h.device}, input on {input.device}")
+            if h.dtype != input.dtype and not torch._C._is_any_autocast_enabled():
+                raise RuntimeError(
+                    f"{cls}: hidden{idx} dtype ({h.dtype}) does not match input dtype ({input.dtype})"
+                )
+        backend = backends.resolve_stack(self.backend, input.device)
+        h1, c1 = functional.rnn_cell(
+            self.mode,
+            input,
+            hs[0],
+            hs[1] if is_lstm else None,
+            self.weight_ih,
+            self.weight_hh,
+            self.bias_ih,
+            self.bias_hh,
+            backend=backend,
+        )
+        if not is_batched:
+            h1 = h1.squeeze(0)
+            c1 = None if c1 is None else c1.squeeze(0)
+        return (h1, c1) if is_lstm else h1
+
+
+class LSTMCell(_CellBase):
+    r"""Drop-in ``torch.nn.LSTMCell``: ``h', c' = cell(x, (h, c))``; x: (B, I) or (I,).
+
+    Examples::
+
+        >>> import torch, fused_rnn
+        >>> cell = fused_rnn.LSTMCell(10, 20)
+        >>> h, c = cell(torch.randn(3, 10))
+        >>> tuple(h.shape), tuple(c.shape)
+        ((3, 20), (3, 20))
+    """
+
+    def __init__(self, input_size: int, hidden_size: int, bias: bool = True, device=None,
+                 dtype=None, *, backend: str = "auto") -> None:
+        super().__init__("LSTM", input_size, hidden_size, bias, device, dtype, backend)
+
+    def forward(self, input: Tensor, hx: tuple[Tensor, Tensor] | None = None):
+        return self._step(input, hx)
+
+
+class GRUCell(_CellBase):
+    r"""Drop-in ``torch.nn.GRUCell``: ``h' = cell(x, h)``.
+
+    Examples::
+
+        >>> import torch, fused_rnn
+        >>> tuple(fused_rnn.GRUCell(10, 20)(torch.randn(3, 10)).shape)
+        (3, 20)
+    """
+
+    def __init__(self, input_size: int, hidden_size: int, bias: bool = True, device=None,
+                 dtype=None, *, backend: str = "auto") -> None:
+        super().__init__("GRU", input_size, hidden_size, bias, device, dtype, backend)
+
+    def forward(self, input: Tensor, hx: Tensor | None = None):
+        return self._step(input, hx)
+
+
+class RNNCell(_CellBase):
+    r"""Drop-in ``torch.nn.RNNCell`` (tanh or relu): ``h' = cell(x, h)``.
+
+    Examples::
+
+        >>> import torch, fused_rnn
+        >>> tuple(fused_rnn.RNNCell(10, 20, nonlinearity="relu")(torch.randn(3, 10)).shape)
+        (3, 20)
+    """
+
+    def __init__(self, input_size: int, hidden_size: int, bias: bool = True,
+                 nonlinearity: str = "tanh", device=None, dtype=None, *,
+                 backend: str = "auto") -> None:
+        if nonlinearity not in ("tanh", "relu"):
+            raise ValueError(f"Unknown nonlinearity: {nonlinearity}")
+        self.nonlinearity = nonlinearity
+        mode = "RNN_TANH" if nonlinearity == "tanh" else "RNN_RELU"
+        super().__init__(mode, input_size, hidden_size, bias, device, dtype, backend)
+
+    def forward(self, input: Tensor, hx: Tensor | None = None):
+        return self._step(input, hx)

@@ -1,0 +1,141 @@
+"""Reference math: plain PyTorch, the oracle every kernel is checked against.
+
+One layer, one direction, a whole chunk (``rnn_layer``) or one step (``rnn_cell``).
+Everything here is ordinary differentiable PyTorch, so autograd gives the gradients and
+``torch.autograd.gradcheck`` can check them in fp64.
+
+Precision contract (the one every kernel implements):
+
+* fp64 inputs are computed in fp64, everything else in fp32 ("compute dtype");
+* the input projection ``x W_ih^T + b_ih`` is one GEMM over all T steps, kept in the
+  compute dtype;
+* the LSTM cell state ``c`` is carried in the compute dtype for the whole chunk;
+* the hidden state ``h`` is rounded to the input dtype after every step (it is the step's
+  output ``y_t`` and the operand of the next recurrent matmul, as on tensor cores), then
+  promoted again for the matmul, so low-precision results only differ from a kernel by
+  accumulation order;
+* outputs are cast back to the input dtype.
+
+Variable lengths (packed sequences) are expressed as ``lengths`` (B,): at step t a row with
+``t >= lengths[b]`` keeps its state and outputs zeros. In the reverse direction this means the
+state stays at h0 until the row's last real step, exactly like packed cuDNN/aten.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+MODES = ("LSTM", "GRU", "RNN_TANH", "RNN_RELU")
+GATES = {"LSTM": 4, "GRU": 3, "RNN_TANH": 1, "RNN_RELU": 1}
+
+
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """fp64 stays fp64; fp32, fp16 and bf16 are computed in fp32."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def cell_update(mode: str, gx: Tensor, gh: Tensor, h: Tensor, c: Tensor | None):
+    """The pointwise part of one step.
+
+    gx: (B, G*H) = x W_ih^T + b_ih, gh: (B, G*H) = h W_hh^T + b_hh, both in compute dtype;
+    h: (B, H) previous hidden state (compute dtype); c: (B, H) previous cell state (LSTM).
+    Returns (h_new, c_new) before any projection; c_new is None except for LSTM.
+    The operation order follows aten's CPU cells so that fp32 results agree to rounding.
+    """
+    if mode == "LSTM":
+        i, f, g, o = (gx + gh).chunk(4, 1)
+        c_new = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
+        return torch.sigmoid(o) * torch.tanh(c_new), c_new
+    if mode == "GRU":
+        xr, xz, xn = gx.chunk(3, 1)
+        hr, hz, hn = gh.chunk(3, 1)
+        r = torch.sigmoid(xr + hr)
+        z = torch.sigmoid(xz + hz)
+        n = torch.tanh(xn + r * hn)  # b_hn sits inside r * (.), as in torch.nn.GRU
+        return n + z * (h - n), None
+    if mode == "RNN_TANH":
+        return torch.tanh(gx + gh), None
+    if mode == "RNN_RELU":
+        return torch.relu(gx + gh), None
+    raise ValueError(f"unknown mode {mode!r}; expected one of {MODES}")
+
+
+def _cast(t: Tensor | None, dtype: torch.dtype) -> Tensor | None:
+    return None if t is None else t.to(dtype)
+
+
+def rnn_layer(
+    mode: str,
+    x: Tensor,
+    h0: Tensor,
+    c0: Tensor | None,
+    w_ih: Tensor,
+    w_hh: Tensor,
+    b_ih: Tensor | None = None,
+    b_hh: Tensor | None = None,
+    w_hr: Tensor | None = None,
+    lengths: Tensor | None = None,
+    reverse: bool = False,
+) -> tuple[Tensor, Tensor, Tensor | None]:
+    """One layer, one direction, over a whole chunk.
+
+    x: (T, B, I); h0: (B, P) with P = proj_size or H; c0: (B, H) for LSTM, else None;
+    w_ih: (G*H, I); w_hh: (G*H, P); b_ih, b_hh: (G*H,) or None; w_hr: (P, H) or None (LSTM);
+    lengths: (B,) integer tensor or None.
+    Returns y: (T, B, P), h_n: (B, P), c_n: (B, H) or None — all in x's dtype.
+    """
+    dtype = x.dtype
+    cd = compute_dtype(dtype)
+    T = x.shape[0]
+    gx_all = F.linear(x.to(cd), w_ih.to(cd), _cast(b_ih, cd))  # (T, B, G*H): one GEMM
+    w_hh_c, b_hh_c, w_hr_c = w_hh.to(cd), _cast(b_hh, cd), _cast(w_hr, cd)
+    h = h0.to(cd)
+    c = _cast(c0, cd) if mode == "LSTM" else None
+    mask_all = None
+    if lengths is not None:
+        steps_idx = torch.arange(T, device=x.device).unsqueeze(1)
+        mask_all = (steps_idx < lengths.to(x.device).unsqueeze(0)).unsqueeze(2)  # (T, B, 1)
+    ys: list[Tensor | None] = [None] * T
+    for t in (range(T - 1, -1, -1) if reverse else range(T)):
+        gh = F.linear(h, w_hh_c, b_hh_c)
+        h_new, c_new = cell_update(mode, gx_all[t], gh, h, c)
+        if w_hr_c is not None:
+            h_new = F.linear(h_new, w_hr_c)
+        # Round h to the storage dtype: it is y_t and the next step's matmul operand.
+        h_new = h_new.to(dtype).to(cd)
+        if mask_all is not None:
+            m = mask_all[t]
+            ys[t] = torch.where(m, h_new, torch.zeros_like(h_new))
+            h = torch.where(m, h_new, h)
+            if c is not None:
+                c = torch.where(m, c_new, c)
+        else:
+            ys[t] = h_new
+            h, c = h_new, c_new
+    if T > 0:
+        y = torch.stack(ys).to(dtype)  # type: ignore[arg-type]
+    else:
+        y = x.new_zeros((0, h0.shape[0], h0.shape[1]))
+    return y, h.to(dtype), _cast(c, dtype)
+
+
+def rnn_cell(
+    mode: str,
+    x: Tensor,
+    h: Tensor,
+    c: Tensor | None,
+    w_ih: Tensor,
+    w_hh: Tensor,
+    b_ih: Tensor | None = None,
+    b_hh: Tensor | None = None,
+) -> tuple[Tensor, Tensor | None]:
+    """One step. x: (B, I); h: (B, H); c: (B, H) for LSTM. Returns (h', c') in x's dtype."""
+    dtype = x.dtype
+    cd = compute_dtype(dtype)
+    hc = h.to(cd)
+    gx = F.linear(x.to(cd), w_ih.to(cd), _cast(b_ih, cd))
+    gh = F.linear(hc, w_hh.to(cd), _cast(b_hh, cd))
+    h_new, c_new = cell_update(mode, gx, gh, hc, _cast(c, cd))
+    return h_new.to(dtype), _cast(c_new, dtype)
