@@ -1,0 +1,72 @@
+"""Shared test set-up.
+
+* ``torch.empty``/``empty_like``/``new_empty`` return NaN-filled tensors (integers: a huge
+  sentinel) during every test, so an output a kernel forgot to write cannot pass by luck.
+  Tests that trace with ``torch.compile`` opt out with ``@pytest.mark.no_nan_fill``
+  (dynamo would trace our wrapper instead of the real factory).
+* ``gpu`` marks tests that need a CUDA GPU; they are skipped without one, with the reason.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+_real_empty = torch.empty
+_real_empty_like = torch.empty_like
+_real_new_empty = torch.Tensor.new_empty
+
+
+def _poison(t: torch.Tensor) -> torch.Tensor:
+    if t.is_floating_point() or t.is_complex():
+        t.fill_(float("nan"))
+    elif t.dtype == torch.bool:
+        t.fill_(True)
+    else:
+        t.fill_(torch.iinfo(t.dtype).max)
+    return t
+
+
+def _nan_empty(*args, **kwargs):
+    return _poison(_real_empty(*args, **kwargs))
+
+
+def _nan_empty_like(*args, **kwargs):
+    return _poison(_real_empty_like(*args, **kwargs))
+
+
+def _nan_new_empty(self, *args, **kwargs):
+    return _poison(_real_new_empty(self, *args, **kwargs))
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "gpu: needs a CUDA GPU (skipped without one)")
+    config.addinivalue_line("markers", "no_nan_fill: do not poison torch.empty in this test")
+    config.addinivalue_line("markers", "slow: long-running test")
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU; none is visible (torch.cuda.is_available() is False)")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(autouse=True)
+def _nan_fill_empty(request, monkeypatch):
+    if request.node.get_closest_marker("no_nan_fill") is None:
+        monkeypatch.setattr(torch, "empty", _nan_empty)
+        monkeypatch.setattr(torch, "empty_like", _nan_empty_like)
+        monkeypatch.setattr(torch.Tensor, "new_empty", _nan_new_empty)
+    yield
+
+
+def pytest_report_header(config):
+    import fused_rnn
+
+    lines = [f"torch {torch.__version__}"]
+    for name, state in fused_rnn.backend_report().items():
+        lines.append(f"fused_rnn backend {name}: {state}")
+    return lines

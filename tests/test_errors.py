@@ -1,0 +1,126 @@
+"""Bad arguments and inputs raise what torch.nn raises (same type), with a clear message."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from helpers import CELLS, STEP_CELLS
+
+import fused_rnn
+
+# (cell, constructor args, constructor kwargs)
+BAD_CONSTRUCTORS = [
+    ("lstm", (4, 6), {"dropout": 1.5}),
+    ("lstm", (4, 6), {"dropout": True}),
+    ("gru", (4, 6), {"dropout": -0.1}),
+    ("lstm", (4, 6), {"num_layers": 0}),
+    ("gru", (4, 0), {}),
+    ("rnn_tanh", (0, 6), {}),
+    ("lstm", (4, 6.5), {}),
+    ("lstm", (4.0, 6), {}),
+    ("lstm", (4, 6), {"bias": "yes"}),
+    ("lstm", (4, 6), {"batch_first": 1}),
+    ("lstm", (4, 6), {"proj_size": -1}),
+    ("lstm", (4, 6), {"proj_size": 6}),
+    ("gru", (4, 6), {"proj_size": 2}),
+    ("rnn_tanh", (4, 6), {"proj_size": 2}),
+]
+
+
+@pytest.mark.parametrize("cell,args,kwargs", BAD_CONSTRUCTORS, ids=lambda v: repr(v))
+def test_bad_constructor_args(cell, args, kwargs):
+    nn_cls, our_cls, extra = CELLS[cell]
+    with pytest.raises(Exception) as want:
+        nn_cls(*args, **extra, **kwargs)
+    with pytest.raises(want.type) as got:
+        our_cls(*args, **extra, **kwargs)
+    assert str(got.value), "error message must not be empty"
+
+
+def test_bad_nonlinearity():
+    for cls in (torch.nn.RNN, fused_rnn.RNN):
+        with pytest.raises(ValueError, match="nonlinearity"):
+            cls(4, 6, nonlinearity="sigmoid")
+    # torch.nn.RNNCell only fails at its first forward (RuntimeError); ours fails at once.
+    with pytest.raises(RuntimeError, match="nonlinearity"):
+        torch.nn.RNNCell(4, 6, nonlinearity="sigmoid")(torch.randn(2, 4))
+    with pytest.raises(ValueError, match="nonlinearity"):
+        fused_rnn.RNNCell(4, 6, nonlinearity="sigmoid")
+
+
+def test_dropout_single_layer_warns():
+    with pytest.warns(UserWarning, match="num_layers greater than 1"):
+        fused_rnn.LSTM(4, 6, dropout=0.5)
+
+
+def _h(cell, L, B, H, dtype=torch.float32, c_shape=None):
+    h = torch.zeros(L, B, H, dtype=dtype)
+    if cell == "lstm":
+        return (h, torch.zeros(*(c_shape or (L, B, H)), dtype=dtype))
+    return h
+
+
+def _bad_forward_cases():
+    for cell in CELLS:
+        yield cell, "4d-input", lambda c: (torch.randn(2, 3, 4, 1),)
+        yield cell, "1d-input", lambda c: (torch.randn(4),)
+        yield cell, "wrong-input-size", lambda c: (torch.randn(5, 3, 5),)
+        yield cell, "dtype-mismatch", lambda c: (torch.randn(5, 3, 4, dtype=torch.float64),)
+        yield cell, "hx-wrong-batch", lambda c: (torch.randn(5, 3, 4), _h(c, 1, 2, 6))
+        yield cell, "hx-wrong-hidden", lambda c: (torch.randn(5, 3, 4), _h(c, 1, 3, 7))
+        yield cell, "hx-wrong-layers", lambda c: (torch.randn(5, 3, 4), _h(c, 2, 3, 6))
+        yield cell, "hx-2d-for-batched", lambda c: (
+            torch.randn(5, 3, 4), (torch.zeros(3, 6), torch.zeros(3, 6)) if c == "lstm" else torch.zeros(3, 6))
+        yield cell, "hx-3d-for-unbatched", lambda c: (torch.randn(5, 4), _h(c, 1, 1, 6))
+    yield "lstm", "cx-wrong-shape", lambda c: (torch.randn(5, 3, 4), _h(c, 1, 3, 6, c_shape=(1, 3, 5)))
+
+
+@pytest.mark.parametrize("cell,case,make", list(_bad_forward_cases()), ids=lambda v: v if isinstance(v, str) else "")
+@pytest.mark.parametrize("backend", ["reference", "auto"])
+def test_bad_forward_inputs(cell, case, make, backend):
+    nn_cls, our_cls, extra = CELLS[cell]
+    torch.manual_seed(0)
+    ref = nn_cls(4, 6, **extra)
+    ours = our_cls(4, 6, **extra, backend=backend)
+    args = make(cell)
+    with pytest.raises(Exception) as want:
+        ref(*args)
+    with pytest.raises(want.type) as got:
+        ours(*args)
+    assert str(got.value)
+
+
+def _bad_cell_cases():
+    for cell in STEP_CELLS:
+        lstm = cell == "lstm"
+
+        def hx(B, H, dtype=torch.float32, lstm=lstm):
+            h = torch.zeros(B, H, dtype=dtype)
+            return (h, h) if lstm else h
+
+        yield cell, "3d-input", lambda hx=hx: (torch.randn(2, 3, 5),)
+        yield cell, "wrong-input-size", lambda hx=hx: (torch.randn(2, 4),)
+        yield cell, "hx-batch-mismatch", lambda hx=hx: (torch.randn(2, 5), hx(3, 6))
+        yield cell, "hx-hidden-mismatch", lambda hx=hx: (torch.randn(2, 5), hx(2, 7))
+        yield cell, "hx-3d", lambda hx=hx, lstm=lstm: (
+            torch.randn(2, 5), (torch.zeros(1, 2, 6),) * 2 if lstm else torch.zeros(1, 2, 6))
+
+
+@pytest.mark.parametrize("cell,case,make", list(_bad_cell_cases()), ids=lambda v: v if isinstance(v, str) else "")
+@pytest.mark.parametrize("backend", ["reference", "auto"])
+def test_bad_cell_inputs(cell, case, make, backend):
+    nn_cls, our_cls, extra = STEP_CELLS[cell]
+    ref = nn_cls(5, 6, **extra)
+    ours = our_cls(5, 6, **extra, backend=backend)
+    args = make()
+    with pytest.raises(Exception) as want:
+        ref(*args)
+    with pytest.raises(want.type) as got:
+        ours(*args)
+    assert str(got.value)
+
+
+def test_module_on_other_device_is_rejected():
+    lstm = fused_rnn.LSTM(4, 6, backend="reference", device="meta")
+    with pytest.raises(RuntimeError, match="same device"):
+        lstm(torch.randn(5, 3, 4))

@@ -1,0 +1,240 @@
+"""Drop-in modules against torch.nn: outputs and every gradient, over the configuration grid."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+from helpers import CELLS, STEP_CELLS, assert_close_list, make_packed, make_pair, outputs_of, seq_lengths
+from torch.nn.utils.rnn import PackedSequence
+
+import fused_rnn
+
+# dtype, atol, rtol — fp32 tolerances cover summation-order differences over T steps and
+# two layers; fp64 must agree to rounding.
+DTYPES = [
+    pytest.param(torch.float64, 1e-10, 1e-8, id="fp64"),
+    pytest.param(torch.float32, 2e-5, 1e-4, id="fp32"),
+]
+
+FORMS = ["hx", "nohx", "unbatched", "packed_sorted", "packed_unsorted"]
+
+
+def _configs():
+    for cell, layers, bidir, bf, bias, form in itertools.product(
+        CELLS, (1, 2), (False, True), (False, True), (True, False), FORMS
+    ):
+        projs = (0, 3) if cell == "lstm" else (0,)
+        for proj in projs:
+            cid = f"{cell}-L{layers}-{'bi' if bidir else 'uni'}-{'bf' if bf else 'tf'}-{'bias' if bias else 'nobias'}-P{proj}-{form}"
+            yield pytest.param(cell, layers, bidir, bf, bias, proj, form, id=cid)
+
+
+def run_both(cell, layers, bidir, batch_first, bias, proj, form, dtype, backend, B=3, T=5, I=4, H=6, seed=0):
+    """Run torch.nn and ours on identical inputs; return (outputs, grads) for each."""
+    kwargs = dict(num_layers=layers, bias=bias, batch_first=batch_first, bidirectional=bidir)
+    if proj:
+        kwargs["proj_size"] = proj
+    ref, ours = make_pair(cell, I, H, backend=backend, seed=seed, **kwargs, dtype=dtype)
+    g = torch.Generator().manual_seed(seed + 1)
+    D = 2 if bidir else 1
+    P = proj or H
+    x = torch.randn((B, T, I) if batch_first else (T, B, I), generator=g, dtype=dtype)
+    h0 = torch.randn(layers * D, B, P, generator=g, dtype=dtype)
+    c0 = torch.randn(layers * D, B, H, generator=g, dtype=dtype)
+    lengths = seq_lengths(B, T, g) if form.startswith("packed") else None
+
+    def run(module):
+        xi = x.clone().requires_grad_()
+        hi = h0.clone().requires_grad_()
+        ci = c0.clone().requires_grad_()
+        leaves = [xi]
+        if form == "unbatched":
+            xin = xi[0] if batch_first else xi[:, 0]
+            hin = (hi[:, 0], ci[:, 0]) if cell == "lstm" else hi[:, 0]
+        elif form.startswith("packed"):
+            xin = make_packed(xi, lengths, batch_first, enforce_sorted=form == "packed_sorted")
+            hin = (hi, ci) if cell == "lstm" else hi
+            if form == "packed_sorted":
+                # enforce_sorted=True means the caller already sorted the batch (and hx).
+                order = torch.argsort(lengths, descending=True, stable=True)
+                hin = tuple(h[:, order] for h in hin) if cell == "lstm" else hin[:, order]
+        else:
+            xin = xi
+            hin = (hi, ci) if cell == "lstm" else hi
+        if form == "nohx":
+            out = module(xin)
+        else:
+            out = module(xin, hin)
+            leaves += [hi, ci] if cell == "lstm" else [hi]
+        outs = outputs_of(out)
+        gen = torch.Generator().manual_seed(seed + 2)
+        cots = [torch.randn(o.shape, generator=gen, dtype=dtype) for o in outs]
+        torch.autograd.backward(outs, cots)
+        grads = [t.grad for t in leaves] + [p.grad for p in module.parameters()]
+        return outs, grads, out
+
+    return run(ref), run(ours)
+
+
+@pytest.mark.parametrize("dtype,atol,rtol", DTYPES)
+@pytest.mark.parametrize("cell,layers,bidir,batch_first,bias,proj,form", list(_configs()))
+def test_reference_backend_matches_torch_nn(cell, layers, bidir, batch_first, bias, proj, form, dtype, atol, rtol):
+    (o_ref, g_ref, raw_ref), (o_ours, g_ours, raw_ours) = run_both(
+        cell, layers, bidir, batch_first, bias, proj, form, dtype, "reference"
+    )
+    assert_close_list(o_ours, o_ref, atol, rtol, "outputs")
+    assert_close_list(g_ours, g_ref, atol, rtol, "grads")
+    if isinstance(raw_ref[0], PackedSequence):
+        for a, b in zip(raw_ours[0][1:], raw_ref[0][1:]):
+            assert (a is None and b is None) or torch.equal(a, b)
+
+
+@pytest.mark.parametrize("cell,layers,bidir,batch_first,bias,proj,form", [
+    c for c in _configs() if c.values[1] == 2 or c.values[6] in ("unbatched", "packed_unsorted")
+])
+def test_auto_backend_matches_torch_nn(cell, layers, bidir, batch_first, bias, proj, form):
+    (o_ref, g_ref, _), (o_ours, g_ours, _) = run_both(
+        cell, layers, bidir, batch_first, bias, proj, form, torch.float32, "auto"
+    )
+    assert_close_list(o_ours, o_ref, 1e-6, 1e-5, "outputs")
+    assert_close_list(g_ours, g_ref, 1e-6, 1e-5, "grads")
+
+
+@pytest.mark.parametrize("backend", ["reference", "auto"])
+@pytest.mark.parametrize("cell", list(CELLS))
+@pytest.mark.parametrize("B,T,H", [(3, 1, 37), (1, 4, 37), (3, 7, 5)], ids=lambda v: str(v))
+def test_odd_sizes(cell, B, T, H, backend):
+    kwargs = {"proj_size": 11} if cell == "lstm" and H == 37 else {}
+    ref, ours = make_pair(cell, 13, H, 2, backend=backend, dtype=torch.float64, **kwargs)
+    x = torch.randn(T, B, 13, dtype=torch.float64)
+    assert_close_list(outputs_of(ours(x)), outputs_of(ref(x)), 1e-10, 1e-8, "outputs")
+
+
+@pytest.mark.parametrize("cell", list(CELLS))
+def test_non_contiguous_inputs(cell):
+    ref, ours = make_pair(cell, 4, 6, 2, backend="reference", dtype=torch.float64, batch_first=True)
+    big = torch.randn(5, 3, 2, 9, dtype=torch.float64)
+    x = big[:, :, 1, 1:9:2].transpose(0, 1)  # (B=3, T=5, I=4), neither dim contiguous
+    assert not x.is_contiguous()
+    hbig = torch.randn(3, 2, 2, 6, dtype=torch.float64)
+    h0 = hbig[..., 0, :].transpose(0, 1)  # (2, 3, 6), non-contiguous
+    c0 = hbig[..., 1, :].transpose(0, 1)
+    assert not h0.is_contiguous()
+    hx_ours = (h0, c0) if cell == "lstm" else h0
+    hx_ref = tuple(h.contiguous() for h in hx_ours) if cell == "lstm" else h0.contiguous()
+    got = outputs_of(ours(x, hx_ours))
+    want = outputs_of(ref(x.contiguous(), hx_ref))
+    assert_close_list(got, want, 1e-10, 1e-8, "outputs")
+
+
+@pytest.mark.parametrize("backend", ["reference", "auto"])
+@pytest.mark.parametrize("dtype,atol,rtol", DTYPES)
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "nobias"])
+@pytest.mark.parametrize("cell", list(STEP_CELLS))
+@pytest.mark.parametrize("form", ["hx", "nohx", "unbatched"])
+def test_cells_match_torch_nn(cell, bias, form, dtype, atol, rtol, backend):
+    ref, ours = make_pair(cell, 5, 7, bias=bias, backend=backend, dtype=dtype, step=True)
+    g = torch.Generator().manual_seed(3)
+    B = 3
+    x = torch.randn(B, 5, generator=g, dtype=dtype)
+    h = torch.randn(B, 7, generator=g, dtype=dtype)
+    c = torch.randn(B, 7, generator=g, dtype=dtype)
+
+    def run(m):
+        xi, hi, ci = (t.clone().requires_grad_() for t in (x, h, c))
+        if form == "unbatched":
+            args = (xi[0], (hi[0], ci[0]) if cell == "lstm" else hi[0])
+        elif form == "nohx":
+            args = (xi,)
+        else:
+            args = (xi, (hi, ci) if cell == "lstm" else hi)
+        out = m(*args)
+        outs = list(out) if isinstance(out, tuple) else [out]
+        gen = torch.Generator().manual_seed(4)
+        torch.autograd.backward(outs, [torch.randn(o.shape, generator=gen, dtype=dtype) for o in outs])
+        leaves = [xi] if form == "nohx" else ([xi, hi, ci] if cell == "lstm" else [xi, hi])
+        return outs, [t.grad for t in leaves] + [p.grad for p in m.parameters()]
+
+    o_ref, g_ref = run(ref)
+    o_ours, g_ours = run(ours)
+    assert_close_list(o_ours, o_ref, atol, rtol, "outputs")
+    assert_close_list(g_ours, g_ref, atol, rtol, "grads")
+
+
+# ----------------------------------------------------------------------------- parameters
+@pytest.mark.parametrize("cell", list(CELLS) + ["lstm_proj"])
+def test_parameters_init_and_state_dict_both_ways(cell):
+    kw = {"proj_size": 4} if cell == "lstm_proj" else {}
+    cell = "lstm" if cell == "lstm_proj" else cell
+    nn_cls, our_cls, extra = CELLS[cell]
+    args = (5, 7, 2)
+    torch.manual_seed(123)
+    ref = nn_cls(*args, **extra, bidirectional=True, **kw)
+    torch.manual_seed(123)
+    ours = our_cls(*args, **extra, bidirectional=True, **kw)
+    # Same names, shapes, order and (same seed) values: identical initialisation.
+    ref_params = list(ref.named_parameters())
+    our_params = list(ours.named_parameters())
+    assert [n for n, _ in our_params] == [n for n, _ in ref_params]
+    for (_, a), (_, b) in zip(our_params, ref_params):
+        assert torch.equal(a, b)
+    assert list(ours.state_dict()) == list(ref.state_dict())
+
+    # Moving weights nn -> ours and ours -> nn gives identical outputs.
+    ours2 = our_cls(*args, **extra, bidirectional=True, **kw, backend="reference")
+    ours2.load_state_dict(ref.state_dict())
+    with torch.no_grad():
+        for p in ours2.parameters():
+            p.add_(0.01 * torch.randn_like(p))
+    ref2 = nn_cls(*args, **extra, bidirectional=True, **kw)
+    ref2.load_state_dict(ours2.state_dict())
+    x = torch.randn(4, 2, 5)
+    assert_close_list(outputs_of(ours2(x)), outputs_of(ref2(x)), 1e-6, 1e-5, "outputs")
+    ours2.flatten_parameters()  # accepted no-op
+    assert [len(w) for w in ours2.all_weights] == [len(w) for w in ref2.all_weights]
+
+
+@pytest.mark.parametrize("cell", list(STEP_CELLS))
+def test_cell_parameters_match(cell):
+    nn_cls, our_cls, extra = STEP_CELLS[cell]
+    for bias in (True, False):
+        torch.manual_seed(7)
+        ref = nn_cls(5, 6, bias=bias, **extra)
+        torch.manual_seed(7)
+        ours = our_cls(5, 6, bias=bias, **extra)
+        assert list(ours.state_dict()) == list(ref.state_dict())
+        for (n1, a), (n2, b) in zip(ours.named_parameters(), ref.named_parameters()):
+            assert n1 == n2 and torch.equal(a, b)
+        assert ours.bias_ih is None if not bias else ours.bias_ih.shape == ref.bias_ih.shape
+
+
+# ----------------------------------------------------------------------------- dropout
+@pytest.mark.parametrize("backend", ["reference", "auto"])
+@pytest.mark.parametrize("cell", list(CELLS))
+def test_dropout_between_layers_training_only(cell, backend):
+    ref, ours = make_pair(cell, 4, 6, 3, dropout=1.0, backend=backend, dtype=torch.float64)
+    x = torch.randn(5, 2, 4, dtype=torch.float64)
+    # eval: no dropout at all, same as nn
+    ref.eval(), ours.eval()
+    assert_close_list(outputs_of(ours(x)), outputs_of(ref(x)), 1e-10, 1e-8, "eval")
+    # train with p=1: layers 2 and 3 see zeros, the last layer's output is not dropped;
+    # deterministic, so it must equal nn exactly and differ from eval.
+    ref.train(), ours.train()
+    got, want = outputs_of(ours(x)), outputs_of(ref(x))
+    assert_close_list(got, want, 1e-10, 1e-8, "train")
+    assert got[0].abs().sum() > 0  # the last layer's output was not dropped
+    ours.eval()
+    assert not torch.allclose(outputs_of(ours(x))[0], got[0])
+
+
+def test_dropout_randomness_in_training():
+    lstm = fused_rnn.LSTM(4, 6, 2, dropout=0.5, backend="reference").train()
+    x = torch.randn(5, 2, 4)
+    torch.manual_seed(0)
+    a = lstm(x)[0]
+    torch.manual_seed(0)
+    b = lstm(x)[0]
+    c = lstm(x)[0]
+    assert torch.equal(a, b) and not torch.equal(a, c)

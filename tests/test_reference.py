@@ -1,0 +1,143 @@
+"""The reference ops on their own: fp64 gradcheck, low-precision contract, lengths, reverse."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from fused_rnn.ops import reference
+from fused_rnn.ops.reference import GATES, MODES
+
+
+def _layer_inputs(mode, B=2, T=3, I=3, H=4, P=0, bias=True, dtype=torch.float64, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    G = GATES[mode] * H
+    Pe = P or H
+
+    def r(*s):
+        return (0.5 * torch.randn(*s, generator=g, dtype=dtype)).requires_grad_()
+
+    return dict(
+        x=r(T, B, I),
+        h0=r(B, Pe),
+        c0=r(B, H) if mode == "LSTM" else None,
+        w_ih=r(G, I),
+        w_hh=r(G, Pe),
+        b_ih=r(G) if bias else None,
+        b_hh=r(G) if bias else None,
+        w_hr=r(P, H) if P else None,
+    )
+
+
+def _variants():
+    for mode in MODES:
+        for P in ((0, 2) if mode == "LSTM" else (0,)):
+            for bias in (True, False):
+                for reverse in (False, True):
+                    for lengths in (None, (3, 1)):
+                        yield pytest.param(
+                            mode, P, bias, reverse, lengths,
+                            id=f"{mode}-P{P}-{'bias' if bias else 'nobias'}-{'rev' if reverse else 'fwd'}-{'len' if lengths else 'full'}",
+                        )
+
+
+@pytest.mark.parametrize("mode,P,bias,reverse,lengths", list(_variants()))
+def test_rnn_layer_gradcheck_fp64(mode, P, bias, reverse, lengths):
+    inp = _layer_inputs(mode, P=P, bias=bias)
+    names = [k for k, v in inp.items() if v is not None]
+    lens = None if lengths is None else torch.tensor(lengths)
+
+    def f(*tensors):
+        kw = dict(inp)
+        kw.update(zip(names, tensors))
+        y, h, c = reference.rnn_layer(mode, **kw, lengths=lens, reverse=reverse)
+        return (y, h) if c is None else (y, h, c)
+
+    assert torch.autograd.gradcheck(f, tuple(inp[n] for n in names))
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_rnn_cell_gradcheck_fp64(mode):
+    inp = _layer_inputs(mode)
+    x, h, c = inp["x"][0].detach().requires_grad_(), inp["h0"], inp["c0"]
+    args = [x, h] + ([c] if c is not None else []) + [inp["w_ih"], inp["w_hh"], inp["b_ih"], inp["b_hh"]]
+
+    def f(*t):
+        if c is None:
+            out = reference.rnn_cell(mode, t[0], t[1], None, *t[2:])
+        else:
+            out = reference.rnn_cell(mode, *t)
+        return tuple(o for o in out if o is not None)
+
+    assert torch.autograd.gradcheck(f, tuple(args))
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_layer_equals_repeated_cell(mode):
+    inp = {k: (None if v is None else v.detach()) for k, v in _layer_inputs(mode, T=4).items()}
+    y, h, c = reference.rnn_layer(mode, **inp)
+    hh, cc = inp["h0"], inp["c0"]
+    for t in range(4):
+        hh, cc = reference.rnn_cell(mode, inp["x"][t], hh, cc, inp["w_ih"], inp["w_hh"], inp["b_ih"], inp["b_hh"])
+        torch.testing.assert_close(y[t], hh, atol=1e-12, rtol=0)
+    torch.testing.assert_close(h, hh, atol=1e-12, rtol=0)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_lengths_hold_state_and_zero_outputs(mode):
+    inp = {k: (None if v is None else v.detach()) for k, v in _layer_inputs(mode, B=3, T=5).items()}
+    lengths = torch.tensor([5, 2, 1])
+    y, h, c = reference.rnn_layer(mode, **inp, lengths=lengths)
+    for b, L in enumerate(lengths.tolist()):
+        one = {k: (None if v is None else (v[:L, b:b + 1] if k == "x" else v[b:b + 1] if k in ("h0", "c0") else v)) for k, v in inp.items()}
+        yb, hb, cb = reference.rnn_layer(mode, **one)
+        torch.testing.assert_close(y[:L, b:b + 1], yb, atol=1e-12, rtol=0)
+        assert torch.all(y[L:, b] == 0)
+        torch.testing.assert_close(h[b:b + 1], hb, atol=1e-12, rtol=0)
+        if c is not None:
+            torch.testing.assert_close(c[b:b + 1], cb, atol=1e-12, rtol=0)
+    # reverse: each row starts at its own last step
+    yr, hr, _ = reference.rnn_layer(mode, **inp, lengths=lengths, reverse=True)
+    for b, L in enumerate(lengths.tolist()):
+        one = {k: (None if v is None else (v[:L, b:b + 1].flip(0) if k == "x" else v[b:b + 1] if k in ("h0", "c0") else v)) for k, v in inp.items()}
+        yb, hb, _ = reference.rnn_layer(mode, **one)
+        torch.testing.assert_close(yr[:L, b:b + 1], yb.flip(0), atol=1e-12, rtol=0)
+        torch.testing.assert_close(hr[b:b + 1], hb, atol=1e-12, rtol=0)
+
+
+# Low precision: the reference's error against fp64 stays within the error of PyTorch's own
+# computation done in that dtype (plus a small floor), and outputs keep the input dtype.
+@pytest.mark.parametrize("dtype,factor,floor", [
+    pytest.param(torch.float16, 2.0, 1e-4, id="fp16"),
+    pytest.param(torch.bfloat16, 2.0, 8e-4, id="bf16"),
+])
+@pytest.mark.parametrize("mode", MODES)
+def test_low_precision_contract(mode, dtype, factor, floor):
+    inp = {k: (None if v is None else v.detach()) for k, v in _layer_inputs(mode, B=4, T=6, I=8, H=16).items()}
+    low = {k: (None if v is None else v.to(dtype)) for k, v in inp.items()}
+    # ground truth: fp64 math on the same (rounded) low-precision inputs
+    exact = reference.rnn_layer(mode, **{k: (None if v is None else v.double()) for k, v in low.items()})
+    got = reference.rnn_layer(mode, **low)
+    assert got[0].dtype == dtype and got[1].dtype == dtype
+    # PyTorch's own computation entirely in the low dtype, step by step
+    naive_h = low["h0"]
+    naive_c = low["c0"]
+    for t in range(6):
+        gx = torch.nn.functional.linear(low["x"][t], low["w_ih"], low["b_ih"])
+        gh = torch.nn.functional.linear(naive_h, low["w_hh"], low["b_hh"])
+        naive_h, naive_c = reference.cell_update(mode, gx, gh, naive_h, naive_c)
+    err_ours = (got[1].double() - exact[1]).abs().max().item()
+    err_torch = (naive_h.double() - exact[1]).abs().max().item()
+    assert err_ours <= factor * err_torch + floor, (err_ours, err_torch)
+
+
+def test_empty_sequence():
+    inp = {k: (None if v is None else v.detach()) for k, v in _layer_inputs("GRU", T=0).items()}
+    y, h, _ = reference.rnn_layer("GRU", **inp)
+    assert y.shape == (0, 2, 4)
+    torch.testing.assert_close(h, inp["h0"])
+
+
+def test_unknown_mode():
+    with pytest.raises(ValueError, match="unknown mode"):
+        reference.cell_update("LSTMX", torch.zeros(1, 4), torch.zeros(1, 4), torch.zeros(1, 1), None)
