@@ -72,6 +72,7 @@ def _bad_forward_cases():
         yield cell, "hx-2d-for-batched", lambda c: (
             torch.randn(5, 3, 4), (torch.zeros(3, 6), torch.zeros(3, 6)) if c == "lstm" else torch.zeros(3, 6))
         yield cell, "hx-3d-for-unbatched", lambda c: (torch.randn(5, 4), _h(c, 1, 1, 6))
+        yield cell, "hx-dtype-mismatch", lambda c: (torch.randn(5, 3, 4), _h(c, 1, 3, 6, dtype=torch.float64))
     yield "lstm", "cx-wrong-shape", lambda c: (torch.randn(5, 3, 4), _h(c, 1, 3, 6, c_shape=(1, 3, 5)))
 
 
