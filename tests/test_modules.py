@@ -238,3 +238,17 @@ def test_dropout_randomness_in_training():
     b = lstm(x)[0]
     c = lstm(x)[0]
     assert torch.equal(a, b) and not torch.equal(a, c)
+
+
+@pytest.mark.parametrize("backend", ["reference", "auto"])
+@pytest.mark.parametrize("cell", list(CELLS))
+def test_cpu_autocast_follows_torch_nn(cell, backend):
+    """Under autocast the output dtype is torch.nn's, and the values agree to bf16 rounding."""
+    ref, ours = make_pair(cell, 4, 6, 2, backend=backend)
+    x = torch.randn(5, 3, 4)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        want = outputs_of(ref(x))
+        got = outputs_of(ours(x))
+    for a, b in zip(got, want):
+        assert a.dtype == b.dtype
+        torch.testing.assert_close(a.float(), b.float(), atol=2e-2, rtol=2e-2)
