@@ -1,0 +1,152 @@
+"""Triton backend: fused recurrent kernels behind the interface of :mod:`fused_rnn.ops.reference`.
+
+=================== ==========================================================================
+``kernels``          the ``@triton.jit`` kernels (fused step fwd/bwd, persistent chunk fwd/bwd)
+``launch``           launchers: input projection GEMM, path choice, weight-gradient GEMMs
+``ops``              ``torch.library`` custom ops (fake, autograd, autocast) over ``launch``
+this module          what :mod:`fused_rnn.backends` asks for: ``unavailable_reason``,
+                     ``unsupported_reason``, ``rnn_layer``, ``rnn_cell``
+=================== ==========================================================================
+
+Runs on a CUDA GPU, or on the CPU through Triton's interpreter when ``TRITON_INTERPRET=1`` was
+set before the kernels were defined (slow: for tests). Importing this module never fails when
+triton is missing: ``unavailable_reason`` says so instead, and the kernel modules are imported
+on first use.
+
+Examples::
+
+    >>> import torch, fused_rnn
+    >>> lstm = fused_rnn.LSTM(8, 16, backend="triton")  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import sys
+
+import torch
+from torch import Tensor
+
+_SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def _triton_missing() -> str | None:
+    if "triton" in sys.modules or importlib.util.find_spec("triton") is not None:
+        return None
+    return "triton is not installed (pip install triton; it needs a CUDA GPU, or " \
+           "TRITON_INTERPRET=1 to run slowly on the CPU for tests)"
+
+
+def _interpreter_on() -> bool:
+    """Whether our kernels are (or, once imported, will be) interpreted on the CPU.
+
+    Triton decides at decoration time (``@triton.jit`` reads TRITON_INTERPRET), so once our
+    kernel module exists its functions are the truth; before that, the environment is.
+    """
+    if "fused_rnn.ops.triton.launch" in sys.modules:
+        return sys.modules["fused_rnn.ops.triton.launch"].interpreting()
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def unavailable_reason(device: torch.device | None) -> str | None:
+    """None when the Triton kernels can run on ``device`` (None: on this machine at all)."""
+    missing = _triton_missing()
+    if missing is not None:
+        return missing
+    interp = _interpreter_on()
+    if device is None:
+        if torch.cuda.is_available() or interp:
+            return None
+        return ("no CUDA GPU is visible; on the CPU the Triton kernels only run under the "
+                "interpreter: set TRITON_INTERPRET=1 before importing triton (slow, for tests)")
+    if device.type == "cuda":
+        if interp:
+            return None  # interpreted kernels run anywhere (slowly)
+        if not torch.cuda.is_available():
+            return "CUDA is not available to torch on this machine (need a CUDA GPU)"
+        return None
+    if device.type == "cpu":
+        if interp:
+            return None
+        return ("Triton kernels need a CUDA GPU; to run them on the CPU (slowly, for tests) set "
+                "TRITON_INTERPRET=1 before triton is imported")
+    return f"Triton kernels run on CUDA devices (or the CPU under TRITON_INTERPRET=1), not {device.type}"
+
+
+def unsupported_reason(
+    kind: str,
+    *,
+    mode: str,
+    device: torch.device,
+    dtype: torch.dtype,
+    input_size: int,
+    hidden_size: int,
+    proj_size: int,
+    has_lengths: bool,
+) -> str | None:
+    """None if the kernels take this configuration, else why not (backends.py falls back)."""
+    if dtype not in _SUPPORTED_DTYPES:
+        return f"dtype {dtype} (the kernels take float32, float16 and bfloat16)"
+    if kind not in ("layer", "cell"):
+        return f"unknown kind {kind!r}"
+    if proj_size and mode != "LSTM":
+        return "a projection (proj_size) exists only for LSTM"
+    # Row offsets inside the per-step kernels are int32: (B, G*H) planes must fit.
+    if 4 * hidden_size * max(input_size, hidden_size) >= 2**31:
+        return f"hidden_size {hidden_size} is too large for int32 offsets"
+    return None
+
+
+def rnn_layer(
+    mode: str,
+    x: Tensor,
+    h0: Tensor,
+    c0: Tensor | None,
+    w_ih: Tensor,
+    w_hh: Tensor,
+    b_ih: Tensor | None = None,
+    b_hh: Tensor | None = None,
+    w_hr: Tensor | None = None,
+    lengths: Tensor | None = None,
+    reverse: bool = False,
+) -> tuple[Tensor, Tensor, Tensor | None]:
+    """One layer, one direction over a chunk; same contract as ``reference.rnn_layer``.
+
+    x: (T, B, I); h0: (B, P); c0: (B, H) for LSTM else None; w_ih: (G*H, I); w_hh: (G*H, P);
+    b_ih, b_hh: (G*H,) or None; w_hr: (P, H) or None; lengths: (B,) or None.
+    Returns y: (T, B, P), h_n: (B, P), c_n: (B, H) or None, in x's dtype.
+    """
+    from fused_rnn.ops.triton import ops
+
+    save = _needs_grad(x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr)
+    y, h_n, c_n, _, _ = ops.triton_layer(
+        mode, x, h0, c0 if mode == "LSTM" else None, w_ih, w_hh, b_ih, b_hh, w_hr, lengths,
+        reverse, save, "auto",
+    )
+    return y, h_n, (c_n if mode == "LSTM" else None)
+
+
+def rnn_cell(
+    mode: str,
+    x: Tensor,
+    h: Tensor,
+    c: Tensor | None,
+    w_ih: Tensor,
+    w_hh: Tensor,
+    b_ih: Tensor | None = None,
+    b_hh: Tensor | None = None,
+) -> tuple[Tensor, Tensor | None]:
+    """One fused step; same contract as ``reference.rnn_cell``. x: (B, I); h, c: (B, H)."""
+    from fused_rnn.ops.triton import ops
+
+    save = _needs_grad(x, h, c, w_ih, w_hh, b_ih, b_hh)
+    h1, c1, _, _ = ops.triton_cell(
+        mode, x, h, c if mode == "LSTM" else None, w_ih, w_hh, b_ih, b_hh, save
+    )
+    return h1, (c1 if mode == "LSTM" else None)
+
+
+def _needs_grad(*ts: Tensor | None) -> bool:
+    """Save for backward only when autograd will ask for it (inference writes no gates)."""
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in ts)

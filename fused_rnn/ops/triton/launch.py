@@ -1,0 +1,377 @@
+"""Launchers: forward and backward of one layer/direction on the Triton kernels (no autograd).
+
+The split (DESIGN.md): the input projection ``x W_ih^T + b_ih`` for all T steps is one torch
+GEMM; only the recurrence runs in our kernels, on one of two paths:
+
+``persistent``  one launch per chunk and direction (``_persistent_fwd_kernel``): one program per
+                16 batch rows owns all hidden units, W_hh (and W_hr) stay in registers for the
+                whole chunk, h and c never leave the chip between steps. Taken when W fits the
+                register budget below.
+``step``        one launch per step (``_step_fwd_kernel``), grid (batch tiles, hidden tiles),
+                any size; W_hh is re-read from L2 every step.
+
+Backward mirrors it in reverse time and produces the gate gradients ``dG`` (T, B, G*H);
+dx, dW_ih, dW_hh, dW_hr and the bias gradients are then time-parallel GEMMs/reductions.
+
+What is saved for backward, and why: the *activated* gates of every step, written by the
+forward kernel over the fp32 ``gx`` buffer it has just consumed (so they cost no extra memory),
+plus the LSTM cell state after every step (T, B, H) or GRU's ``W_hn h + b_hn`` (T, B, H). The
+alternative, recomputing the gates from the saved outputs, needs a (T*B, P) x (P, G*H) GEMM
+(time-parallel, but as many FLOPs as the forward's recurrent matmuls) plus a sequential scan
+to rebuild c, and its accumulation order would differ from the forward's; reading back
+G*H fp32 values per row and step is cheaper than that and gives the gradient of exactly the
+function the forward computed. h_{t-1} is not saved: it is y shifted by one step.
+Inference (``save=False``) writes none of it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+import torch.nn.functional as F
+import triton
+from torch import Tensor
+
+from fused_rnn.ops.reference import GATES
+from fused_rnn.ops.triton import kernels
+
+MODE_ID = {"LSTM": 0, "GRU": 1, "RNN_TANH": 2, "RNN_RELU": 3}
+PATHS = ("auto", "persistent", "step")
+
+# Register budget of the persistent kernel, in W elements per program (W_hh plus W_hr). Not
+# measured yet: 16K elements is LSTM H=64 or GRU H=64 or RNN H=128, which at 8 warps is 64
+# fp32 registers per thread for W alone. Larger layers take the per-step path until the
+# multi-program persistent form (SM-split W, grid barrier) exists and has been measured.
+PERSISTENT_MAX_W_ELEMS = 16 * 1024
+
+# Tiles of the per-step kernels: tl.dot wants every dimension >= 16.
+STEP_BLOCK_H = 32
+STEP_BLOCK_K = 64
+
+
+def interpreting() -> bool:
+    """True when the kernels were defined under TRITON_INTERPRET=1 (they run on the CPU)."""
+    from triton.runtime.interpreter import InterpretedFunction
+
+    return isinstance(kernels._step_fwd_kernel, InterpretedFunction)
+
+
+def _pow2(n: int, lo: int = 16) -> int:
+    return max(lo, triton.next_power_of_2(max(int(n), 1)))
+
+
+def _fp32_dot_precision() -> str:
+    """tl.dot input_precision for fp32 operands: TF32 exactly when cuDNN's RNNs may use it."""
+    return "tf32" if torch.backends.cudnn.allow_tf32 and not interpreting() else "ieee"
+
+
+@contextlib.contextmanager
+def _gemm_tf32(dtype: torch.dtype):
+    """Set TF32 for the time-parallel fp32 GEMMs (torch), on CUDA only.
+
+    fp32 data: TF32 iff ``torch.backends.cudnn.allow_tf32`` (what nn.LSTM does). fp16/bf16 data:
+    always, because those values are exactly representable in TF32, so the forward products
+    are exact (the reference's fp32 math) at tensor-core speed; in backward the fp32 dgates are
+    rounded to TF32, finer than the storage dtype the recurrent dot already rounds them to.
+    Global flag, restored on exit: these GEMMs run inside an opaque custom op.
+    """
+    want = dtype != torch.float32 or torch.backends.cudnn.allow_tf32
+    old = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = want
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = old
+
+
+def choose_path(mode: str, hidden_size: int, proj_size: int, path: str = "auto") -> str:
+    """"persistent" when one program can hold W_hh (and W_hr) in registers, else "step"."""
+    if path not in PATHS:
+        raise ValueError(f"unknown path {path!r}; expected one of {PATHS}")
+    if path != "auto":
+        return path
+    H = hidden_size
+    P = proj_size or hidden_size
+    elems = GATES[mode] * _pow2(H) * _pow2(P) + (_pow2(H) * _pow2(P) if proj_size else 0)
+    return "persistent" if elems <= PERSISTENT_MAX_W_ELEMS else "step"
+
+
+def _step_grid(B: int, H: int) -> tuple[tuple[int, int], int, int]:
+    block_b = 16 if B <= 16 else 32
+    block_h = min(STEP_BLOCK_H, _pow2(H))
+    return (triton.cdiv(B, block_b), triton.cdiv(H, block_h)), block_b, block_h
+
+
+def _shift_prev(states: Tensor, init: Tensor, reverse: bool) -> Tensor:
+    """The state before each step: (T, B, N) from states after each step and the initial one."""
+    if states.shape[0] == 0:
+        return states
+    init = init.to(states.dtype)[None]
+    if reverse:
+        return torch.cat([states[1:], init])
+    return torch.cat([init, states[:-1]])
+
+
+def _prev_hidden(y: Tensor, h0: Tensor, reverse: bool, lengths: Tensor | None) -> Tensor:
+    """h_{t-1} for every step t (T, B, P), rebuilt from y (which is zero at skipped steps).
+
+    With lengths, a row's real steps are contiguous in processing order, so the previous step
+    was either a real one (its y) or the row has not started yet (h0).
+    """
+    prev = _shift_prev(y, h0, reverse)
+    if lengths is None or y.shape[0] == 0:
+        return prev
+    T = y.shape[0]
+    idx = torch.arange(T, device=y.device) + (1 if reverse else -1)
+    ok = (idx >= 0) & (idx < T)
+    prev_active = ok[:, None] & (idx[:, None] < lengths.to(y.device)[None, :])
+    return torch.where(prev_active[..., None], prev, h0.to(y.dtype)[None])
+
+
+def _empty0(like: Tensor, dtype: torch.dtype | None = None) -> Tensor:
+    """Stand-in for an absent output (custom ops return Tensors, not None)."""
+    return torch.zeros(0, dtype=dtype or like.dtype, device=like.device)
+
+
+# --------------------------------------------------------------------------- forward
+def layer_forward(
+    mode: str,
+    x: Tensor,
+    h0: Tensor,
+    c0: Tensor | None,
+    w_ih: Tensor,
+    w_hh: Tensor,
+    b_ih: Tensor | None,
+    b_hh: Tensor | None,
+    w_hr: Tensor | None,
+    lengths: Tensor | None,
+    reverse: bool,
+    save: bool,
+    path: str = "auto",
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """One layer, one direction.
+
+    x: (T, B, I); h0: (B, P); c0: (B, H) (LSTM) or None; w_ih: (G*H, I); w_hh: (G*H, P);
+    b_ih, b_hh: (G*H,) or None; w_hr: (P, H) or None; lengths: (B,) or None.
+    Returns y: (T, B, P), h_n: (B, P), c_n: (B, H) (empty for non-LSTM) in x's dtype, and the
+    saved tensors (empty unless ``save``): gates (T, B, G*H) fp32 activations and state
+    (T, B, H) fp32 (LSTM c_t, GRU W_hn h_{t-1} + b_hn, empty for RNN).
+    """
+    dtype, dev = x.dtype, x.device
+    T, B, _ = x.shape
+    G = GATES[mode]
+    H = w_hh.shape[0] // G
+    P = w_hh.shape[1]
+    is_lstm = mode == "LSTM"
+    proj = w_hr is not None
+    path = choose_path(mode, H, P if proj else 0, path)
+    interp = interpreting()
+    prec = _fp32_dot_precision()
+
+    h0 = h0.to(dtype).contiguous()
+    w_hh = w_hh.to(dtype).contiguous()
+    b_hh = None if b_hh is None else b_hh.float().contiguous()
+    w_hr = None if w_hr is None else w_hr.to(dtype).contiguous()
+    lengths = None if lengths is None else lengths.to(dev).contiguous()
+    with _gemm_tf32(dtype):  # (T, B, G*H) fp32, fresh: the kernels overwrite it with gates
+        gx = F.linear(x.float(), w_ih.float(), None if b_ih is None else b_ih.float())
+    gx = gx.contiguous()
+    c = c0.float().clone().contiguous() if is_lstm else None  # clone: updated in place
+    y = torch.empty((T, B, P), dtype=dtype, device=dev)
+    keeps_state = save and mode in ("LSTM", "GRU")
+    state = torch.empty((T, B, H), dtype=torch.float32, device=dev) if keeps_state else None
+    dummy = gx
+    common = dict(MODE=MODE_ID[mode], HAS_BHH=b_hh is not None, HAS_LEN=lengths is not None,
+                  HAS_PROJ=proj, SAVE=save, INTERPRET=interp, PRECISION=prec)
+
+    if path == "persistent":
+        block_b = 16
+        h_n = torch.empty((B, P), dtype=dtype, device=dev)
+        c_n = torch.empty((B, H), dtype=torch.float32, device=dev) if is_lstm else None
+        kernels._persistent_fwd_kernel[(triton.cdiv(B, block_b),)](
+            gx, h0, dummy if c is None else c, w_hh, dummy if b_hh is None else b_hh,
+            dummy if w_hr is None else w_hr, dummy if lengths is None else lengths,
+            y, h_n, dummy if c_n is None else c_n, dummy if state is None else state,
+            T, B, H, P, REVERSE=reverse, BLOCK_B=block_b, BLOCK_H=_pow2(H), BLOCK_P=_pow2(P),
+            num_warps=8, **common,
+        )
+    else:
+        grid, block_b, block_h = _step_grid(B, H)
+        w_hr_f = None if w_hr is None else w_hr.float()
+        m = torch.empty((B, H), dtype=torch.float32, device=dev) if proj else None
+        bufs = [torch.empty((B, P), dtype=dtype, device=dev) for _ in range(2)]
+        h_in = h0
+        for s in range(T):
+            t = T - 1 - s if reverse else s
+            h_out = bufs[s % 2]
+            kernels._step_fwd_kernel[grid](
+                gx[t], h_in, dummy if c is None else c, w_hh, dummy if b_hh is None else b_hh,
+                dummy if lengths is None else lengths, t, h_out, m if proj else y[t],
+                dummy if state is None else state[t], B, H, P,
+                BLOCK_B=block_b, BLOCK_H=block_h, BLOCK_K=min(STEP_BLOCK_K, _pow2(P)),
+                num_warps=4, **common,
+            )
+            if proj:
+                # h_t needs every hidden unit of m_t: one small GEMM per step in torch.
+                with _gemm_tf32(torch.float32):
+                    h_new = (m @ w_hr_f.t()).to(dtype)
+                if lengths is not None:
+                    active = (t < lengths)[:, None]
+                    y[t] = torch.where(active, h_new, torch.zeros_like(h_new))
+                    h_out.copy_(torch.where(active, h_new, h_in))
+                else:
+                    y[t] = h_new
+                    h_out.copy_(h_new)
+            h_in = h_out
+        h_n = h_in.clone() if T == 0 else h_in
+        c_n = c
+    c_out = c_n.to(dtype) if is_lstm else _empty0(x)
+    gates = gx if save else _empty0(x, torch.float32)
+    return y, h_n, c_out, gates, _empty0(x, torch.float32) if state is None else state
+
+
+# --------------------------------------------------------------------------- backward
+def layer_backward(
+    mode: str,
+    x: Tensor,
+    h0: Tensor,
+    c0: Tensor | None,
+    w_ih: Tensor,
+    w_hh: Tensor,
+    b_ih: Tensor | None,
+    b_hh: Tensor | None,
+    w_hr: Tensor | None,
+    lengths: Tensor | None,
+    reverse: bool,
+    y: Tensor,
+    gates: Tensor,
+    state: Tensor,
+    dy: Tensor | None,
+    dh_n: Tensor | None,
+    dc_n: Tensor | None,
+    path: str = "auto",
+) -> tuple[Tensor, ...]:
+    """Gradients of :func:`layer_forward` (which must have run with ``save=True``).
+
+    y, gates, state: the forward's outputs; dy: (T, B, P), dh_n: (B, P), dc_n: (B, H) or None
+    (None = zero). Returns (dx, dh0, dc0, dw_ih, dw_hh, db_ih, db_hh, dw_hr), each in the dtype
+    of its input; absent inputs get an empty tensor.
+    """
+    dtype, dev = x.dtype, x.device
+    T, B, I = x.shape
+    G = GATES[mode]
+    H = w_hh.shape[0] // G
+    P = w_hh.shape[1]
+    is_lstm, is_gru = mode == "LSTM", mode == "GRU"
+    proj = w_hr is not None
+    path = choose_path(mode, H, P if proj else 0, path)
+    interp = interpreting()
+    prec = _fp32_dot_precision()
+    if gates.numel() != T * B * G * H:
+        raise RuntimeError("fused_rnn triton backward: the forward did not save its gates")
+
+    w_hh_s = w_hh.to(dtype).contiguous()
+    w_hr_s = None if w_hr is None else w_hr.to(dtype).contiguous()
+    lengths = None if lengths is None else lengths.to(dev).contiguous()
+    dy = torch.zeros((T, B, P), dtype=torch.float32, device=dev) if dy is None else dy.contiguous()
+    dh = torch.zeros((B, P), device=dev) if dh_n is None else dh_n.float().clone()
+    dc = None
+    if is_lstm:
+        dc = torch.zeros((B, H), device=dev) if dc_n is None or dc_n.numel() == 0 else dc_n.float().clone()
+    hprev = _prev_hidden(y, h0.to(dtype), reverse, lengths).contiguous()
+    cprev = _shift_prev(state, c0.float(), reverse).contiguous() if is_lstm else None
+    dg = torch.empty((T, B, G * H), dtype=torch.float32, device=dev)
+    dghn = torch.empty((T, B, H), dtype=torch.float32, device=dev) if is_gru else None
+    dhnew = torch.empty((T, B, P), dtype=torch.float32, device=dev) if proj else None
+    dummy = dg
+
+    if path == "persistent":
+        block_b = 16
+        dh0 = torch.empty((B, P), dtype=torch.float32, device=dev)
+        dc0 = torch.empty((B, H), dtype=torch.float32, device=dev) if is_lstm else None
+        kernels._persistent_bwd_kernel[(triton.cdiv(B, block_b),)](
+            gates, state if state.numel() else dummy, dummy if cprev is None else cprev, hprev,
+            dy, dh, dummy if dc is None else dc, w_hh_s, dummy if w_hr_s is None else w_hr_s,
+            dummy if lengths is None else lengths, dg, dummy if dghn is None else dghn,
+            dummy if dhnew is None else dhnew, dh0, dummy if dc0 is None else dc0,
+            T, B, H, P, MODE=MODE_ID[mode], HAS_PROJ=proj, HAS_LEN=lengths is not None,
+            REVERSE=reverse, BLOCK_B=block_b, BLOCK_H=_pow2(H), BLOCK_P=_pow2(P),
+            INTERPRET=interp, PRECISION=prec, num_warps=8,
+        )
+    else:
+        grid, block_b, block_h = _step_grid(B, H)
+        w_hh_f = w_hh_s.float()
+        w_hr_f = None if w_hr_s is None else w_hr_s.float()
+        dm = torch.empty((B, H), dtype=torch.float32, device=dev) if proj else None
+        t_next = None  # the step processed just before, i.e. the next one in time
+        for s in range(T):
+            t = s if reverse else T - 1 - s
+            if proj:
+                # dm_t = (dh_t + dy_t) W_hr needs all of dh_t: two small GEMMs per step in torch.
+                if t_next is not None:
+                    dh = dh + _rec_grad(dg[t_next], None, w_hh_f, mode, dtype)
+                dh_new = dh + dy[t].float()
+                if lengths is not None:
+                    active = (t < lengths)[:, None]
+                    dhnew[t] = torch.where(active, dh_new, torch.zeros_like(dh_new))
+                    dh = torch.where(active, torch.zeros_like(dh), dh)
+                else:
+                    dhnew[t] = dh_new
+                    dh = torch.zeros_like(dh)
+                with _gemm_tf32(torch.float32):
+                    torch.mm(dh_new, w_hr_f, out=dm)
+            kernels._step_bwd_kernel[grid](
+                dummy if t_next is None else dg[t_next],
+                dummy if (t_next is None or dghn is None) else dghn[t_next],
+                0 if t_next is None else 1, dh, dy[t], dummy if dm is None else dm,
+                gates[t], state[t] if state.numel() else dummy,
+                dummy if cprev is None else cprev[t], hprev[t], dummy if dc is None else dc,
+                w_hh_s, dummy if lengths is None else lengths, t, dg[t],
+                dummy if dghn is None else dghn[t], B, H,
+                MODE=MODE_ID[mode], HAS_LEN=lengths is not None, FUSE=not proj,
+                BLOCK_B=block_b, BLOCK_H=block_h, BLOCK_K=min(STEP_BLOCK_K, _pow2(H)),
+                INTERPRET=interp, PRECISION=prec, num_warps=4,
+            )
+            t_next = t
+        # dh_0: what the first step in time sends back through W_hh, plus the carry.
+        if t_next is not None:
+            dh = dh + _rec_grad(dg[t_next], None if dghn is None else dghn[t_next], w_hh_f, mode, dtype)
+        dh0, dc0 = dh, dc
+
+    # Time-parallel part: every step's dgates at once.
+    dg2 = dg.view(T * B, G * H)
+    dgh2 = dg2 if not is_gru else torch.cat([dg[..., : 2 * H], dghn], dim=-1).view(T * B, G * H)
+    with _gemm_tf32(dtype):
+        dx = (dg2 @ w_ih.float()).view(T, B, I)
+        dw_ih = dg2.t() @ x.reshape(T * B, I).float()
+        dw_hh = dgh2.t() @ hprev.view(T * B, P).float()
+        if proj:
+            # m_t = o_t * tanh(c_t), recomputed time-parallel from what the forward saved.
+            m = gates[..., 3 * H:] * torch.tanh(state)
+            dw_hr = dhnew.view(T * B, P).t() @ m.view(T * B, H)
+    db_ih = dg2.sum(0)
+    db_hh = dgh2.sum(0)
+
+    def out(grad, like):
+        return _empty0(x) if like is None else grad.to(like.dtype)
+
+    return (
+        dx.to(x.dtype),
+        dh0.to(h0.dtype),
+        out(dc0, c0 if is_lstm else None),
+        dw_ih.to(w_ih.dtype),
+        dw_hh.to(w_hh.dtype),
+        out(db_ih, b_ih),
+        out(db_hh, b_hh),
+        out(dw_hr if proj else None, w_hr),
+    )
+
+
+def _rec_grad(dg_t: Tensor, dghn_t: Tensor | None, w_hh_f: Tensor, mode: str, dtype) -> Tensor:
+    """dG_hh @ W_hh for one step (B, P) with the kernels' rounding (dgates to the storage dtype)."""
+    if dghn_t is not None:  # GRU: the hh side of the n gate differs
+        H = dghn_t.shape[1]
+        dg_t = torch.cat([dg_t[:, : 2 * H], dghn_t], dim=1)
+    with _gemm_tf32(torch.float32):
+        return dg_t.to(dtype).float() @ w_hh_f
