@@ -1,0 +1,300 @@
+// The one C++ file that sees torch: checks every tensor (device, dtype, shape, contiguity),
+// allocates outputs and workspaces, fills the params structs of fused_rnn.h, and launches on the
+// current stream of the tensors' device. Kernels (.cu) see only raw pointers.
+//
+// Called from fused_rnn/ops/cuda/__init__.py, which computes x W_ih^T + b_ih and the
+// time-parallel gradient GEMMs with torch and makes inputs contiguous and of the right dtype.
+#include <torch/extension.h>
+
+// Only c10's light CUDA headers (no ATen/cuda/CUDAContext.h: it pulls in cuBLAS/cuSPARSE
+// headers, which a CUDA toolkit of nvcc alone lacks; CI syntax-checks this file with g++).
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+#include <type_traits>
+#include <vector>
+
+#include "fused_rnn.h"
+
+namespace {
+
+using fused_rnn::Cell;
+using fused_rnn::Math;
+using fused_rnn::Plan;
+
+#define FRNN_CHECK_CUDA(expr)                                                                \
+  do {                                                                                       \
+    const cudaError_t err_ = (expr);                                                         \
+    TORCH_CHECK(err_ == cudaSuccess, "fused_rnn CUDA backend: ", #expr, " failed: ",         \
+                cudaGetErrorName(err_), " (", cudaGetErrorString(err_), ")",                 \
+                err_ == cudaErrorCooperativeLaunchTooLarge                                   \
+                    ? "; the grid does not fit on the GPU at once (another process using it?)" \
+                    : "");                                                                   \
+  } while (0)
+
+Cell cell_of(int64_t mode) {
+  TORCH_CHECK(mode >= 0 && mode <= 3, "fused_rnn CUDA backend: mode code must be 0 (LSTM), ",
+              "1 (GRU), 2 (RNN_TANH) or 3 (RNN_RELU), got ", mode);
+  return static_cast<Cell>(mode);
+}
+
+Math math_of(c10::ScalarType st, bool allow_tf32) {
+  TORCH_CHECK(st == at::kFloat || st == at::kHalf || st == at::kBFloat16,
+              "fused_rnn CUDA backend: dtype must be float32, float16 or bfloat16, got ", st);
+  if (st != at::kFloat) return Math::kWmma16;
+  return allow_tf32 ? Math::kTf32 : Math::kFma;
+}
+
+void check(const at::Tensor& t, const char* name, const at::Device& dev, c10::ScalarType dtype,
+           at::IntArrayRef shape) {
+  TORCH_CHECK(t.device() == dev, "fused_rnn CUDA backend: ", name, " must be on ", dev,
+              " (like the other inputs), got ", t.device());
+  TORCH_CHECK(t.scalar_type() == dtype, "fused_rnn CUDA backend: ", name, " must be ", dtype,
+              ", got ", t.scalar_type());
+  TORCH_CHECK(t.sizes() == shape, "fused_rnn CUDA backend: ", name, " must have shape ", shape,
+              ", got ", t.sizes());
+  TORCH_CHECK(t.is_contiguous(), "fused_rnn CUDA backend: ", name, " must be contiguous");
+}
+
+const at::Tensor& required(const c10::optional<at::Tensor>& t, const char* name, const char* why) {
+  TORCH_CHECK(t.has_value() && t->defined(), "fused_rnn CUDA backend: ", name,
+              " is required ", why);
+  return *t;
+}
+
+const int* lengths_ptr(const c10::optional<at::Tensor>& lengths, const at::Device& dev,
+                       int64_t batch) {
+  if (!lengths.has_value() || !lengths->defined()) return nullptr;
+  check(*lengths, "lengths", dev, at::kInt, {batch});
+  return lengths->data_ptr<int>();
+}
+
+struct DeviceInfo {
+  int sms, smem_optin, major, minor, cooperative;
+};
+
+DeviceInfo device_attributes(int index) {
+  DeviceInfo d{};
+  FRNN_CHECK_CUDA(cudaDeviceGetAttribute(&d.sms, cudaDevAttrMultiProcessorCount, index));
+  FRNN_CHECK_CUDA(
+      cudaDeviceGetAttribute(&d.smem_optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, index));
+  FRNN_CHECK_CUDA(cudaDeviceGetAttribute(&d.major, cudaDevAttrComputeCapabilityMajor, index));
+  FRNN_CHECK_CUDA(cudaDeviceGetAttribute(&d.minor, cudaDevAttrComputeCapabilityMinor, index));
+  FRNN_CHECK_CUDA(cudaDeviceGetAttribute(&d.cooperative, cudaDevAttrCooperativeLaunch, index));
+  return d;
+}
+
+// The launch plan, checked against this device's shared memory. The Python side refuses
+// unsupported sizes before getting here (unsupported_reason); this is the backstop.
+Plan checked_plan(Cell cell, Math math, int64_t hidden, bool backward, const at::Device& dev) {
+  const DeviceInfo d = device_attributes(dev.index());
+  TORCH_CHECK(d.major >= 8, "fused_rnn CUDA backend: needs compute capability >= 8.0, got ",
+              d.major, ".", d.minor);
+  TORCH_CHECK(d.cooperative, "fused_rnn CUDA backend: device ", dev.index(),
+              " does not support cooperative launches");
+  TORCH_CHECK(hidden > 0 && hidden <= (1 << 20), "fused_rnn CUDA backend: bad hidden size ",
+              hidden);
+  const Plan plan =
+      fused_rnn::make_plan(cell, math, static_cast<int>(hidden), backward, d.sms);
+  TORCH_CHECK(plan.smem_bytes <= d.smem_optin, "fused_rnn CUDA backend: hidden_size=", hidden,
+              " needs ", plan.smem_bytes, " bytes of shared memory per block (", plan.blocks,
+              " blocks of ", plan.units, " units, ", backward ? "backward" : "forward",
+              "); this GPU allows ", d.smem_optin);
+  return plan;
+}
+
+template <typename T> struct Tag { using type = T; };
+
+// Calls f(integral_constant<Cell>, Tag<storage type>, integral_constant<Math>) for the runtime
+// (cell, dtype, math): one instantiation per combination, all built once (plan.h: shapes are
+// runtime arguments).
+template <typename F>
+cudaError_t dispatch(Cell cell, c10::ScalarType st, Math math, F&& f) {
+  auto by_type = [&](auto c) -> cudaError_t {
+    if (st == at::kBFloat16)
+      return f(c, Tag<__nv_bfloat16>{}, std::integral_constant<Math, Math::kWmma16>{});
+    if (st == at::kHalf) return f(c, Tag<__half>{}, std::integral_constant<Math, Math::kWmma16>{});
+    if (math == Math::kTf32) return f(c, Tag<float>{}, std::integral_constant<Math, Math::kTf32>{});
+    return f(c, Tag<float>{}, std::integral_constant<Math, Math::kFma>{});
+  };
+  switch (cell) {
+    case Cell::kLSTM: return by_type(std::integral_constant<Cell, Cell::kLSTM>{});
+    case Cell::kGRU: return by_type(std::integral_constant<Cell, Cell::kGRU>{});
+    case Cell::kRNNTanh: return by_type(std::integral_constant<Cell, Cell::kRNNTanh>{});
+    case Cell::kRNNRelu: return by_type(std::integral_constant<Cell, Cell::kRNNRelu>{});
+  }
+  return cudaErrorInvalidValue;
+}
+
+// Forward over a chunk. xproj (T, B, G*H) fp32 = x W_ih^T + b_ih, overwritten with the
+// activations when `save`. Returns {y (T,B,H), h_n (B,H), c_n (B,H) or empty, aux (T,B,H) fp32
+// or empty} (aux: LSTM c_t, GRU W_hn h + b_hn; only when save).
+std::vector<at::Tensor> forward(int64_t mode, at::Tensor xproj, at::Tensor h0,
+                                c10::optional<at::Tensor> c0, at::Tensor w_hh,
+                                c10::optional<at::Tensor> b_hh,
+                                c10::optional<at::Tensor> lengths, bool reverse, bool allow_tf32,
+                                bool save) {
+  const Cell cell = cell_of(mode);
+  const int64_t G = fused_rnn::gates_of(cell);
+  TORCH_CHECK(xproj.is_cuda(), "fused_rnn CUDA backend: inputs must be CUDA tensors, got ",
+              xproj.device());
+  TORCH_CHECK(xproj.dim() == 3, "fused_rnn CUDA backend: xproj must be (T, B, G*H), got ",
+              xproj.sizes());
+  TORCH_CHECK(h0.dim() == 2, "fused_rnn CUDA backend: h0 must be (B, H), got ", h0.sizes());
+  const int64_t T = xproj.size(0), B = xproj.size(1), H = h0.size(1);
+  TORCH_CHECK(T > 0 && B > 0, "fused_rnn CUDA backend: empty chunks are handled in Python");
+  const at::Device dev = xproj.device();
+  const c10::ScalarType st = h0.scalar_type();
+  const Math math = math_of(st, allow_tf32);
+  check(xproj, "xproj", dev, at::kFloat, {T, B, G * H});
+  check(h0, "h0", dev, st, {B, H});
+  check(w_hh, "w_hh", dev, st, {G * H, H});
+  if (b_hh.has_value() && b_hh->defined()) check(*b_hh, "b_hh", dev, at::kFloat, {G * H});
+  if (cell == Cell::kLSTM)
+    check(required(c0, "c0", "for LSTM"), "c0", dev, st, {B, H});
+  TORCH_CHECK(T * B * G * H < (int64_t(1) << 62), "fused_rnn CUDA backend: sizes too large");
+
+  const c10::cuda::CUDAGuard guard(dev);
+  const Plan plan = checked_plan(cell, math, H, /*backward=*/false, dev);
+  const int64_t B_pad = fused_rnn::round_up(static_cast<int>(B), fused_rnn::kBatchPad);
+  at::Tensor hbuf = at::zeros({2, B_pad, plan.k_pad}, h0.options());
+  hbuf[0].narrow(0, 0, B).narrow(1, 0, H).copy_(h0);
+  at::Tensor cbuf = cell == Cell::kLSTM ? c0->to(at::kFloat).contiguous().clone()
+                                        : at::Tensor();
+  at::Tensor y = at::empty({T, B, H}, h0.options());
+  const bool has_aux = save && (cell == Cell::kLSTM || cell == Cell::kGRU);
+  at::Tensor aux = at::empty({has_aux ? T : 0, B, H}, xproj.options());
+
+  fused_rnn::FwdParams p{};
+  p.plan = plan;
+  p.steps = static_cast<int>(T);
+  p.batch = static_cast<int>(B);
+  p.hidden = static_cast<int>(H);
+  p.batch_pad = static_cast<int>(B_pad);
+  p.reverse = reverse;
+  p.save = save;
+  p.w_hh = w_hh.data_ptr();
+  p.b_hh = (b_hh.has_value() && b_hh->defined()) ? b_hh->data_ptr<float>() : nullptr;
+  p.lengths = lengths_ptr(lengths, dev, B);
+  p.xproj = xproj.data_ptr<float>();
+  p.hbuf = hbuf.data_ptr();
+  p.cbuf = cbuf.defined() ? cbuf.data_ptr<float>() : nullptr;
+  p.y = y.data_ptr();
+  p.aux = has_aux ? aux.data_ptr<float>() : nullptr;
+
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(dev.index()).stream();
+  FRNN_CHECK_CUDA(dispatch(cell, st, math, [&](auto c, auto tag, auto m) {
+    using T_ = typename decltype(tag)::type;
+    return fused_rnn::launch_forward<decltype(c)::value, T_, decltype(m)::value>(p, stream);
+  }));
+  at::Tensor h_n = hbuf[T % 2].narrow(0, 0, B).narrow(1, 0, H).contiguous();
+  at::Tensor c_n = cell == Cell::kLSTM ? cbuf.to(st) : at::empty({0}, h0.options());
+  return {y, h_n, c_n, aux};
+}
+
+// Backward over a chunk (see rnn_backward.cu). dy (T,B,H) storage; dh_n, dc_n (B,H) fp32;
+// gates (T,B,G*H) and aux (T,B,H) fp32 from forward(save=true); c0 (B,H) fp32 (LSTM); hprev
+// (T,B,H) storage (GRU). Returns {dgx (T,B,G*H), dghn (T,B,H) (GRU) or empty, dh0, dc0 (B,H)
+// fp32; dc0 empty unless LSTM}.
+std::vector<at::Tensor> backward(int64_t mode, at::Tensor dy, at::Tensor dh_n,
+                                 c10::optional<at::Tensor> dc_n, at::Tensor w_hh,
+                                 at::Tensor gates, c10::optional<at::Tensor> aux,
+                                 c10::optional<at::Tensor> c0, c10::optional<at::Tensor> hprev,
+                                 c10::optional<at::Tensor> lengths, bool reverse,
+                                 bool allow_tf32) {
+  const Cell cell = cell_of(mode);
+  const int64_t G = fused_rnn::gates_of(cell);
+  TORCH_CHECK(dy.is_cuda(), "fused_rnn CUDA backend: inputs must be CUDA tensors, got ",
+              dy.device());
+  TORCH_CHECK(dy.dim() == 3, "fused_rnn CUDA backend: dy must be (T, B, H), got ", dy.sizes());
+  const int64_t T = dy.size(0), B = dy.size(1), H = dy.size(2);
+  TORCH_CHECK(T > 0 && B > 0, "fused_rnn CUDA backend: empty chunks are handled in Python");
+  const at::Device dev = dy.device();
+  const c10::ScalarType st = dy.scalar_type();
+  const Math math = math_of(st, allow_tf32);
+  check(dh_n, "dh_n", dev, at::kFloat, {B, H});
+  check(w_hh, "w_hh", dev, st, {G * H, H});
+  check(gates, "gates", dev, at::kFloat, {T, B, G * H});
+  if (cell == Cell::kLSTM) {
+    check(required(dc_n, "dc_n", "for LSTM"), "dc_n", dev, at::kFloat, {B, H});
+    check(required(c0, "c0", "for LSTM"), "c0", dev, at::kFloat, {B, H});
+  }
+  if (cell == Cell::kLSTM || cell == Cell::kGRU)
+    check(required(aux, "aux", "for LSTM and GRU (forward with save=True)"), "aux", dev,
+          at::kFloat, {T, B, H});
+  if (cell == Cell::kGRU) check(required(hprev, "hprev", "for GRU"), "hprev", dev, st, {T, B, H});
+
+  const c10::cuda::CUDAGuard guard(dev);
+  const Plan plan = checked_plan(cell, math, H, /*backward=*/true, dev);
+  const int64_t B_pad = fused_rnn::round_up(static_cast<int>(B), fused_rnn::kBatchPad);
+  at::Tensor dgbuf = at::zeros({2, B_pad, plan.k_pad}, dy.options());
+  at::Tensor dh_carry = dh_n.clone();
+  at::Tensor dc_carry = cell == Cell::kLSTM ? dc_n->clone() : at::empty({0}, dh_n.options());
+  at::Tensor dgx = at::empty({T, B, G * H}, gates.options());
+  at::Tensor dghn = at::empty({cell == Cell::kGRU ? T : 0, B, H}, gates.options());
+  at::Tensor dh0 = at::empty({B, H}, dh_n.options());
+
+  fused_rnn::BwdParams p{};
+  p.plan = plan;
+  p.steps = static_cast<int>(T);
+  p.batch = static_cast<int>(B);
+  p.hidden = static_cast<int>(H);
+  p.batch_pad = static_cast<int>(B_pad);
+  p.reverse = reverse;
+  p.w_hh = w_hh.data_ptr();
+  p.lengths = lengths_ptr(lengths, dev, B);
+  p.dy = dy.data_ptr();
+  p.gates = gates.data_ptr<float>();
+  p.aux = (cell == Cell::kLSTM || cell == Cell::kGRU) ? aux->data_ptr<float>() : nullptr;
+  p.c0 = cell == Cell::kLSTM ? c0->data_ptr<float>() : nullptr;
+  p.hprev = cell == Cell::kGRU ? hprev->data_ptr() : nullptr;
+  p.dgbuf = dgbuf.data_ptr();
+  p.dh_carry = dh_carry.data_ptr<float>();
+  p.dc_carry = cell == Cell::kLSTM ? dc_carry.data_ptr<float>() : nullptr;
+  p.dgx = dgx.data_ptr<float>();
+  p.dghn = cell == Cell::kGRU ? dghn.data_ptr<float>() : nullptr;
+  p.dh0 = dh0.data_ptr<float>();
+
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(dev.index()).stream();
+  FRNN_CHECK_CUDA(dispatch(cell, st, math, [&](auto c, auto tag, auto m) {
+    using T_ = typename decltype(tag)::type;
+    return fused_rnn::launch_backward<decltype(c)::value, T_, decltype(m)::value>(p, stream);
+  }));
+  return {dgx, dghn, dh0, dc_carry};
+}
+
+// The plan for (mode, math code, H, direction) with `max_blocks` blocks: lets tests compare
+// this C++ arithmetic with the Python mirror (fused_rnn/ops/cuda/plan.py).
+std::vector<int64_t> plan_info(int64_t mode, int64_t math, int64_t hidden, bool backward,
+                               int64_t max_blocks) {
+  TORCH_CHECK(math >= 0 && math <= 2, "fused_rnn CUDA backend: math code must be 0, 1 or 2");
+  const Plan p = fused_rnn::make_plan(cell_of(mode), static_cast<Math>(math),
+                                      static_cast<int>(hidden), backward,
+                                      static_cast<int>(max_blocks));
+  return {p.units, p.blocks, p.m_rows, p.m_pad, p.k, p.k_pad, p.ldw, p.slots, p.slot_floats,
+          p.w_bytes, p.smem_bytes};
+}
+
+// (SM count, opt-in shared memory per block in bytes, major, minor, cooperative launch) of a
+// device: what unsupported_reason sizes plans against.
+std::vector<int64_t> device_info(int64_t index) {
+  const DeviceInfo d = device_attributes(static_cast<int>(index));
+  return {d.sms, d.smem_optin, d.major, d.minor, d.cooperative};
+}
+
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "fused_rnn persistent CUDA kernels (see csrc/)";
+  m.def("forward", &forward, "persistent forward over a chunk", py::arg("mode"), py::arg("xproj"),
+        py::arg("h0"), py::arg("c0"), py::arg("w_hh"), py::arg("b_hh"), py::arg("lengths"),
+        py::arg("reverse"), py::arg("allow_tf32"), py::arg("save"));
+  m.def("backward", &backward, "persistent backward over a chunk", py::arg("mode"),
+        py::arg("dy"), py::arg("dh_n"), py::arg("dc_n"), py::arg("w_hh"), py::arg("gates"),
+        py::arg("aux"), py::arg("c0"), py::arg("hprev"), py::arg("lengths"), py::arg("reverse"),
+        py::arg("allow_tf32"));
+  m.def("plan_info", &plan_info, "launch plan (units, blocks, ..., smem_bytes)");
+  m.def("device_info", &device_info, "(num_sms, smem_optin, major, minor, cooperative)");
+}

@@ -1,0 +1,63 @@
+// Parameters and launchers shared by the kernels (.cu) and the one C++ binding (binding.cpp).
+//
+// CUDA headers only (no torch): the binding fills these structs from tensors after checking
+// them; the kernels see raw pointers. Layouts are row-major and contiguous; sizes:
+//   T = steps, B = batch, H = hidden, G = gates (LSTM 4: i f g o, GRU 3: r z n, RNN 1),
+//   B_pad = round_up(B, kBatchPad), ld = plan.k_pad (exchange-buffer row stride).
+// "storage" is the input dtype (fp32, fp16 or bf16); every accumulation, the LSTM cell state
+// and every saved activation are fp32 (the precision contract of fused_rnn/ops/reference.py).
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include "plan.h"
+
+namespace fused_rnn {
+
+struct FwdParams {
+  Plan plan;                // make_plan(cell, math, H, /*backward=*/false, num_sms)
+  int steps, batch, hidden, batch_pad;
+  bool reverse;             // process t = T-1 .. 0
+  bool save;                // write what backward needs (activations, aux)
+  const void* w_hh;         // (G*H, H) storage
+  const float* b_hh;        // (G*H,) fp32 or nullptr
+  const int* lengths;       // (B,) int32 or nullptr; rows with t >= lengths[b] keep state, y = 0
+  float* xproj;             // (T, B, G*H) fp32: x W_ih^T + b_ih in; activations out when save
+                            //   (LSTM i f g o, GRU r z n, RNN h before rounding)
+  void* hbuf;               // (2, B_pad, ld) storage, zero-padded; [0] holds h0 on entry;
+                            //   h_T ends in [T % 2]
+  float* cbuf;              // (B, H) fp32: c0 in, c_T out (LSTM), else nullptr
+  void* y;                  // (T, B, H) storage out
+  float* aux;               // when save: LSTM c_t after step t (the carried value on masked
+                            //   steps), GRU W_hn h_{t-1} + b_hn; (T, B, H) fp32; else nullptr
+};
+
+struct BwdParams {
+  Plan plan;                // make_plan(cell, math, H, /*backward=*/true, num_sms)
+  int steps, batch, hidden, batch_pad;
+  bool reverse;             // direction of the forward pass being differentiated
+  const void* w_hh;         // (G*H, H) storage
+  const int* lengths;       // (B,) int32 or nullptr
+  const void* dy;           // (T, B, H) storage: gradient of y
+  const float* gates;       // (T, B, G*H) fp32: FwdParams::xproj after a forward with save
+  const float* aux;         // (T, B, H) fp32: FwdParams::aux (LSTM, GRU), else nullptr
+  const float* c0;          // (B, H) fp32 (LSTM) else nullptr
+  const void* hprev;        // (T, B, H) storage: the h each step read (GRU), else nullptr
+  void* dgbuf;              // (2, B_pad, ld) storage, zeros on entry: recurrent dgates exchange
+  float* dh_carry;          // (B, H) fp32: dh_T in; scratch (gradient reaching h_{t-1} directly)
+  float* dc_carry;          // (B, H) fp32: dc_T in, dc0 out (LSTM), else nullptr
+  float* dgx;               // (T, B, G*H) fp32 out: gradient of the input-side pre-activations
+  float* dghn;              // (T, B, H) fp32 out (GRU): gradient of W_hn h + b_hn, else nullptr
+  float* dh0;               // (B, H) fp32 out
+};
+
+// Launch one cooperative grid for the whole chunk on `stream`. Returns the first CUDA error
+// (cudaErrorCooperativeLaunchTooLarge when the grid cannot be co-resident). T is the storage
+// type (float, __half, __nv_bfloat16); explicit instantiations live in the .cu files.
+template <Cell C, typename T, Math M>
+cudaError_t launch_forward(const FwdParams& p, cudaStream_t stream);
+
+template <Cell C, typename T, Math M>
+cudaError_t launch_backward(const BwdParams& p, cudaStream_t stream);
+
+}  // namespace fused_rnn

@@ -1,0 +1,117 @@
+// How a persistent RNN launch is partitioned: units per block, blocks, shared-memory layout.
+//
+// Pure C++ with no includes, so that nvcc (kernels), the C++ binding and a plain g++ test
+// harness (tests/cuda/test_cuda_compile.py) all compile the same arithmetic. The Python
+// mirror in fused_rnn/ops/cuda/plan.py must agree with it; that test checks they do.
+//
+// Partition (both directions of the recurrence):
+//   * a block owns `units` consecutive hidden units u0 .. u0+units-1 (all gates of each), so the
+//     gate math, the cell state and the per-unit backward carries never leave the block;
+//   * forward: the block's shared memory holds the rows of W_hh of its units, gate-major
+//     (local row g*units + j <-> W_hh row g*H + u0 + j), all H columns: M = G*units, K = H;
+//   * backward: it holds the columns of W_hh of its units, transposed (local row j <-> column
+//     u0 + j), all G*H rows: M = units, K = G*H;
+//   * each step computes out[M][batch] = W_slice (M x K, shared memory) * X^T where X (batch x K,
+//     the exchange buffer in global memory/L2: h_{t-1} forward, dgates backward) is read by every
+//     block. The batch is processed in chunks of kChunkCols columns; the matmul of one chunk is
+//     split into `tasks` output tiles (wm x wn) and, when there are fewer tiles than warps, split
+//     along K as well so that every warp has work. Each (tile, K-slice) writes its own fp32 slot
+//     in shared memory and the epilogue sums the slots in a fixed order (deterministic).
+#pragma once
+
+#if defined(__CUDACC__)
+#define FRNN_HD __host__ __device__
+#else
+#define FRNN_HD
+#endif
+
+namespace fused_rnn {
+
+enum class Cell : int { kLSTM = 0, kGRU = 1, kRNNTanh = 2, kRNNRelu = 3 };
+
+// How the recurrent matmul is computed.
+//   kWmma16: bf16/fp16 operands on tensor cores, WMMA m8n32k16 (M = W rows, N = batch), fp32 acc.
+//            m8 (not m16) halves the padding of small per-block row counts (backward M = units).
+//   kTf32:   fp32 storage, operands rounded to TF32 on tensor cores, WMMA m16n16k8, fp32 acc;
+//            used exactly when torch.backends.cudnn.allow_tf32 is true (what nn.LSTM does).
+//   kFma:    fp32 storage, plain fp32 FMA (one W row per lane, 8 batch columns per thread).
+enum class Math : int { kWmma16 = 0, kTf32 = 1, kFma = 2 };
+
+constexpr int kThreads = 256;
+constexpr int kWarps = kThreads / 32;
+constexpr int kBatchPad = 32;    // exchange-buffer rows (batch) are padded to this (max wn)
+constexpr int kKPad = 16;        // exchange-buffer columns (K) are padded to this (max wk)
+constexpr int kChunkCols = 64;   // batch columns per matmul+epilogue chunk (bounds scratch smem)
+constexpr int kSlotPad = 4;      // fp32 row padding of a scratch slot (bank spread, 16 B aligned)
+
+FRNN_HD constexpr int gates_of(Cell c) {
+  return c == Cell::kLSTM ? 4 : (c == Cell::kGRU ? 3 : 1);
+}
+FRNN_HD constexpr int ceil_div(int a, int b) { return (a + b - 1) / b; }
+FRNN_HD constexpr int round_up(int a, int b) { return ceil_div(a, b) * b; }
+FRNN_HD constexpr int imax(int a, int b) { return a > b ? a : b; }
+FRNN_HD constexpr int imin(int a, int b) { return a < b ? a : b; }
+FRNN_HD constexpr int gcd(int a, int b) { return b == 0 ? a : gcd(b, a % b); }
+
+struct TileShape {
+  int wm;          // output rows (W rows) per tile
+  int wn;          // output columns (batch) per tile
+  int wk;          // K per MMA / FMA step
+  int elem_bytes;  // bytes per W element in shared memory
+  int w_skew;      // extra elements per W row in shared memory (bank spread; keeps alignment)
+};
+
+FRNN_HD constexpr TileShape tile_shape(Math m) {
+  // Alignment: WMMA pointers must be 32-byte aligned and ldm a multiple of 16 bytes. With
+  // K padded to 16 and the skews below every fragment origin used by the kernels is aligned.
+  // FMA: an odd row stride (K_pad + 1 floats) makes lanes reading one column each (stride ldw)
+  // hit 32 different banks.
+  return m == Math::kWmma16 ? TileShape{8, 32, 16, 2, 8}
+       : m == Math::kTf32   ? TileShape{16, 16, 8, 4, 4}
+                            : TileShape{32, 8, 4, 4, 1};
+}
+
+struct Plan {
+  int units;        // hidden units per block (the last block may own fewer)
+  int blocks;       // grid size = ceil(H / units); all co-resident (cooperative launch)
+  int m_rows;       // W-slice rows actually used: G*units (forward) or units (backward)
+  int m_pad;        // rows held in shared memory (padded to the tile height; FMA: unpadded)
+  int k;            // reduction length: H (forward) or G*H (backward)
+  int k_pad;        // k padded to kKPad: row stride of the exchange buffer
+  int ldw;          // row stride of the W slice in shared memory, in elements
+  int slots;        // fp32 scratch slots (one per (tile, K-slice) of a chunk)
+  int slot_floats;  // floats per slot: wm * (wn + kSlotPad)
+  int w_bytes;      // shared memory for the W slice (rounded to 128 bytes)
+  int smem_bytes;   // total dynamic shared memory per block
+};
+
+// units: at least ceil(H / max_blocks) so the grid fits in max_blocks (one block per SM: the
+// slices are large), rounded up so that the forward tile rows G*units fill whole MMA tiles.
+FRNN_HD constexpr int plan_units(Cell cell, Math math, int hidden, int max_blocks) {
+  const int g = gates_of(cell);
+  const TileShape ts = tile_shape(math);
+  const int granule = math == Math::kFma ? 1 : ts.wm / gcd(ts.wm, g);
+  const int u = round_up(imax(ceil_div(hidden, max_blocks), 1), granule);
+  return imin(u, round_up(hidden, granule));
+}
+
+FRNN_HD constexpr Plan make_plan(Cell cell, Math math, int hidden, bool backward,
+                                 int max_blocks) {
+  const int g = gates_of(cell);
+  const TileShape ts = tile_shape(math);
+  const int units = plan_units(cell, math, hidden, max_blocks);
+  const int blocks = ceil_div(hidden, units);
+  const int m_rows = backward ? units : g * units;
+  const int m_pad = math == Math::kFma ? m_rows : round_up(m_rows, ts.wm);
+  const int k = backward ? g * hidden : hidden;
+  const int k_pad = round_up(k, kKPad);
+  const int ldw = k_pad + ts.w_skew;
+  const int w_bytes = round_up(m_pad * ldw * ts.elem_bytes, 128);
+  const int tasks = ceil_div(m_pad, ts.wm) * (kChunkCols / ts.wn);
+  const int slots = imax(tasks, kWarps);
+  const int slot_floats = ts.wm * (ts.wn + kSlotPad);
+  const int smem = w_bytes + slots * slot_floats * 4;
+  return Plan{units, blocks, m_rows, m_pad, k, k_pad, ldw, slots, slot_floats, w_bytes, smem};
+}
+
+}  // namespace fused_rnn

@@ -1,0 +1,154 @@
+// Persistent backward kernel: the reverse-time recurrence of one chunk and direction, in one
+// cooperative launch. It produces the pre-activation gradients of every step (dgx, plus dghn for
+// GRU) and dh0/dc0; dx, dW_ih, dW_hh and the bias gradients are time-parallel GEMMs/reductions
+// done afterwards by torch (cuBLAS).
+//
+// What forward saved, and why: the activated gates of every step (in place of x W_ih^T, so it
+// costs no memory the forward did not already use), c_t (LSTM) and W_hn h + b_hn (GRU), all fp32.
+// Recomputing them instead would repeat the sequential recurrent matmul, the one thing this
+// kernel exists to avoid.
+//
+// Block b owns units [u0, u0 + units) and holds the columns u0.. of W_hh (all G*H rows,
+// transposed) in shared memory. Iteration s = 0 .. T (time t = the forward's s-th last step):
+//   1. dh_rec = W_cols^T-slice * dgh_{s-1}: the gradient reaching h_{t} through the next step's
+//      recurrent matmul, with dgh_{s-1} read from dgbuf[s % 2] (zeros at s = 0);
+//   2. epilogue for (b, u): dh = dh_rec + carry (+ dy[t] on real steps), rounded to the storage
+//      type as the reference's autograd does (its h is cast to the storage type every step);
+//      cell backward from the saved activations -> dgx[t] (fp32, for the GEMMs) and the
+//      recurrent-side dgates rounded to the storage type (the next tensor-core operand) ->
+//      dgbuf[(s + 1) % 2]; the carries (GRU z*dh, LSTM dc) stay in fp32 buffers of this block;
+//   3. grid.sync() (not after the last iteration). At s = T the epilogue writes dh0 instead.
+// Padding steps (t >= lengths[b]) pass dh and dc through untouched and write zero dgates.
+#include "rnn_common.cuh"
+
+namespace fused_rnn {
+namespace detail {
+
+namespace cg = cooperative_groups;
+
+template <Cell C, typename T, Math M>
+__device__ __forceinline__ void backward_point(const BwdParams& p, const float* sc, ChunkLayout L,
+                                               int s, int b, int n, int j, int u, T* dout) {
+  constexpr int G = gates_of(C);
+  const int H = p.hidden, Tn = p.steps;
+  const size_t bh = (size_t)b * H + u;
+  const float dh_in = gather<M>(sc, p.plan, L, j, n) + p.dh_carry[bh];
+  if (s == Tn) {  // past the first forward step: what is left is the gradient of h0
+    p.dh0[bh] = dh_in;
+    return;
+  }
+  const int t = p.reverse ? s : Tn - 1 - s;
+  const size_t tbh = ((size_t)t * p.batch + b) * H + u;
+  const size_t tg = ((size_t)t * p.batch + b) * G * H + u;  // gate g at tg + g * H
+  const size_t bd = (size_t)b * p.plan.k_pad + u;          // gate g at bd + g * H
+
+  if (p.lengths != nullptr && t >= p.lengths[b]) {  // padding step: y[t] is a constant zero
+    p.dh_carry[bh] = dh_in;
+#pragma unroll
+    for (int g = 0; g < G; ++g) {
+      p.dgx[tg + (size_t)g * H] = 0.f;
+      dout[bd + (size_t)g * H] = from_float<T>(0.f);
+    }
+    if (C == Cell::kGRU) p.dghn[tbh] = 0.f;
+    return;
+  }
+  const float dh = round_to<T>(dh_in + to_float(static_cast<const T*>(p.dy)[tbh]));
+  const float* a = p.gates + tg;
+  float dg[G];   // input side (dgx)
+  float dgr[G];  // recurrent side (the dgates W_hh multiplies)
+  float carry = 0.f;
+  if constexpr (C == Cell::kLSTM) {
+    const float i = a[0], f = a[(size_t)H], gg = a[(size_t)2 * H], o = a[(size_t)3 * H];
+    const float c = p.aux[tbh];
+    // c_{t-1}: the previous step's carried c (aux holds it on padding steps too) or c0.
+    const int tp = p.reverse ? t + 1 : t - 1;
+    const float cprev =
+        (tp >= 0 && tp < Tn) ? p.aux[((size_t)tp * p.batch + b) * H + u] : p.c0[bh];
+    const float tc = tanhf(c);
+    const float dc = p.dc_carry[bh] + dh * o * (1.f - tc * tc);
+    dg[0] = dc * gg * i * (1.f - i);
+    dg[1] = dc * cprev * f * (1.f - f);
+    dg[2] = dc * i * (1.f - gg * gg);
+    dg[3] = dh * tc * o * (1.f - o);
+    p.dc_carry[bh] = dc * f;
+#pragma unroll
+    for (int g = 0; g < 4; ++g) dgr[g] = dg[g];
+  } else if constexpr (C == Cell::kGRU) {
+    const float r = a[0], z = a[(size_t)H], nn = a[(size_t)2 * H];
+    const float hn = p.aux[tbh];
+    const float hp = to_float(static_cast<const T*>(p.hprev)[tbh]);
+    const float dn = dh * (1.f - z) * (1.f - nn * nn);
+    dg[0] = dn * hn * r * (1.f - r);
+    dg[1] = dh * (hp - nn) * z * (1.f - z);
+    dg[2] = dn;
+    dgr[0] = dg[0];
+    dgr[1] = dg[1];
+    dgr[2] = dn * r;
+    p.dghn[tbh] = dgr[2];
+    carry = dh * z;
+  } else {
+    const float act = a[0];
+    dg[0] = C == Cell::kRNNTanh ? dh * (1.f - act * act) : (act > 0.f ? dh : 0.f);
+    dgr[0] = dg[0];
+  }
+  p.dh_carry[bh] = carry;
+#pragma unroll
+  for (int g = 0; g < G; ++g) {
+    p.dgx[tg + (size_t)g * H] = dg[g];
+    dout[bd + (size_t)g * H] = from_float<T>(dgr[g]);
+  }
+}
+
+template <Cell C, typename T, Math M>
+__global__ void __launch_bounds__(kThreads) rnn_backward_kernel(const BwdParams p) {
+  using W = typename WType<T, M>::type;
+  extern __shared__ __align__(128) unsigned char smem[];
+  W* sw = reinterpret_cast<W*>(smem);
+  float* sc = reinterpret_cast<float*>(smem + p.plan.w_bytes);
+
+  const int u0 = blockIdx.x * p.plan.units;
+  const int nu = imin(p.plan.units, p.hidden - u0);
+  load_w_backward<W, M>(sw, p.plan, static_cast<const T*>(p.w_hh), p.hidden, u0);
+  __syncthreads();
+
+  cg::grid_group grid = cg::this_grid();
+  const size_t buf = (size_t)p.batch_pad * p.plan.k_pad;
+  for (int s = 0; s <= p.steps; ++s) {
+    const T* din = static_cast<const T*>(p.dgbuf) + (s & 1) * buf;
+    T* dout = static_cast<T*>(p.dgbuf) + ((s + 1) & 1) * buf;
+    for (int n0 = 0; n0 < p.batch; n0 += kChunkCols) {
+      const int ncols = imin(kChunkCols, p.batch_pad - n0);
+      const ChunkLayout L = chunk_matmul<W, M>(sw, p.plan, din, n0, ncols, sc);
+      __syncthreads();
+      const int nb = imin(ncols, p.batch - n0);
+      for (int idx = threadIdx.x; idx < nb * p.plan.units; idx += kThreads) {
+        const int j = idx % p.plan.units, n = idx / p.plan.units;
+        if (j < nu) backward_point<C, T, M>(p, sc, L, s, n0 + n, n, j, u0 + j, dout);
+      }
+      __syncthreads();
+    }
+    if (s < p.steps) grid.sync();
+  }
+}
+
+}  // namespace detail
+
+template <Cell C, typename T, Math M>
+cudaError_t launch_backward(const BwdParams& p, cudaStream_t stream) {
+  return detail::launch_cooperative(detail::rnn_backward_kernel<C, T, M>, p, stream);
+}
+
+#define FRNN_INSTANTIATE_BWD(C)                                                              \
+  template cudaError_t launch_backward<C, __nv_bfloat16, Math::kWmma16>(const BwdParams&,    \
+                                                                        cudaStream_t);       \
+  template cudaError_t launch_backward<C, __half, Math::kWmma16>(const BwdParams&,           \
+                                                                 cudaStream_t);              \
+  template cudaError_t launch_backward<C, float, Math::kTf32>(const BwdParams&, cudaStream_t); \
+  template cudaError_t launch_backward<C, float, Math::kFma>(const BwdParams&, cudaStream_t);
+
+FRNN_INSTANTIATE_BWD(Cell::kLSTM)
+FRNN_INSTANTIATE_BWD(Cell::kGRU)
+FRNN_INSTANTIATE_BWD(Cell::kRNNTanh)
+FRNN_INSTANTIATE_BWD(Cell::kRNNRelu)
+
+}  // namespace fused_rnn

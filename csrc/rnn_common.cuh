@@ -1,0 +1,240 @@
+// Device code shared by the forward and backward persistent kernels: storage-type conversions,
+// activations, W-slice loading, and the per-step "W_slice x X^T" matmul on one batch chunk.
+// CUDA headers only.
+#pragma once
+
+#include <cooperative_groups.h>
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+#include <mma.h>
+
+#include "fused_rnn.h"
+
+#define FRNN_CUDA_TRY(expr)                       \
+  do {                                            \
+    const cudaError_t frnn_err_ = (expr);         \
+    if (frnn_err_ != cudaSuccess) return frnn_err_; \
+  } while (0)
+
+namespace fused_rnn {
+namespace detail {
+
+namespace wmma = nvcuda::wmma;
+
+// ---- storage type <-> fp32 ------------------------------------------------------------------
+__device__ __forceinline__ float to_float(float v) { return v; }
+__device__ __forceinline__ float to_float(__half v) { return __half2float(v); }
+__device__ __forceinline__ float to_float(__nv_bfloat16 v) { return __bfloat162float(v); }
+
+template <typename T> __device__ __forceinline__ T from_float(float v);
+template <> __device__ __forceinline__ float from_float<float>(float v) { return v; }
+template <> __device__ __forceinline__ __half from_float<__half>(float v) {
+  return __float2half_rn(v);
+}
+template <> __device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float v) {
+  return __float2bfloat16_rn(v);
+}
+
+// Round to the storage type and back: what the reference does to h after every step (and what
+// its autograd therefore does to the gradient reaching h).
+template <typename T> __device__ __forceinline__ float round_to(float v) {
+  return to_float(from_float<T>(v));
+}
+
+// Accurate expf/tanhf (not the __expf intrinsics): results must match torch to rounding.
+__device__ __forceinline__ float sigmoidf(float x) { return 1.f / (1.f + expf(-x)); }
+
+// ---- W slice -> shared memory ----------------------------------------------------------------
+// The W element type in shared memory: the storage type, fp32 for both fp32 paths.
+template <typename T, Math M> struct WType { using type = T; };
+
+template <typename T, Math M>
+__device__ __forceinline__ T prepare_w(T v) { return v; }
+template <>
+__device__ __forceinline__ float prepare_w<float, Math::kTf32>(float v) {
+  // Rounded once here instead of on every fragment load in every step.
+  return wmma::__float_to_tf32(v);
+}
+
+// Forward slice: local row r = g*units + j <-> W_hh row g*H + u0 + j (gate-major), K = H.
+// Rows of units past H, padding rows and padding columns are zero (they feed the MMA).
+template <typename T, Math M>
+__device__ void load_w_forward(T* sw, const Plan& pl, const T* __restrict__ w, int hidden,
+                               int g_count, int u0) {
+  const int total = pl.m_pad * pl.ldw;
+  for (int idx = threadIdx.x; idx < total; idx += blockDim.x) {
+    const int r = idx / pl.ldw, k = idx % pl.ldw;
+    T v = from_float<T>(0.f);
+    if (r < pl.m_rows && k < hidden) {
+      const int g = r / pl.units, j = r % pl.units;
+      if (g < g_count && u0 + j < hidden)
+        v = prepare_w<T, M>(w[(size_t)(g * hidden + u0 + j) * hidden + k]);
+    }
+    sw[idx] = v;
+  }
+}
+
+// Backward slice: local row j <-> column u0 + j of W_hh (transposed), K = G*H.
+// Consecutive threads take consecutive j, so each global read is `units` contiguous elements.
+template <typename T, Math M>
+__device__ void load_w_backward(T* sw, const Plan& pl, const T* __restrict__ w, int hidden,
+                                int u0) {
+  const int total = pl.m_pad * pl.ldw;
+  for (int idx = threadIdx.x; idx < total; idx += blockDim.x) {
+    const int j = idx % pl.m_pad, k = idx / pl.m_pad;
+    T v = from_float<T>(0.f);
+    if (j < pl.m_rows && u0 + j < hidden && k < pl.k)
+      v = prepare_w<T, M>(w[(size_t)k * hidden + u0 + j]);
+    sw[(size_t)j * pl.ldw + k] = v;
+  }
+}
+
+// ---- the per-chunk matmul ---------------------------------------------------------------------
+// Where the fp32 partial results of one chunk live in the scratch slots.
+struct ChunkLayout {
+  int nfr;     // batch tiles in this chunk
+  int ksplit;  // K slices per tile
+};
+
+// out[m][n] for local W row m and chunk column n: the sum of the tile's K-slice partials, in
+// slice order (fixed order: bitwise reproducible).
+template <Math M>
+__device__ __forceinline__ float gather(const float* sc, const Plan& pl, ChunkLayout L, int m,
+                                        int n) {
+  constexpr TileShape ts = tile_shape(M);
+  const int tile = (m / ts.wm) * L.nfr + n / ts.wn;
+  const float* p = sc + (size_t)tile * L.ksplit * pl.slot_floats + (m % ts.wm) * (ts.wn + kSlotPad)
+                   + n % ts.wn;
+  float acc = 0.f;
+  for (int s = 0; s < L.ksplit; ++s) acc += p[(size_t)s * pl.slot_floats];
+  return acc;
+}
+
+// One (tile, K-slice) task. sw: W slice (shared); x: exchange-buffer rows of this tile
+// (global, row stride pl.k_pad); steps [kb, ke) in units of wk; result -> slot (row-major,
+// ld wn + kSlotPad).
+template <typename T, Math M> struct TileMma;
+
+template <typename T>
+struct TileMma<T, Math::kWmma16> {
+  static __device__ __forceinline__ void run(const T* sw, int ldw, const T* x, int ldx, int kb,
+                                             int ke, float* slot) {
+    wmma::fragment<wmma::matrix_a, 8, 32, 16, T, wmma::row_major> a;
+    wmma::fragment<wmma::matrix_b, 8, 32, 16, T, wmma::col_major> b;
+    wmma::fragment<wmma::accumulator, 8, 32, 16, float> acc;
+    wmma::fill_fragment(acc, 0.f);
+    for (int kk = kb; kk < ke; ++kk) {
+      wmma::load_matrix_sync(a, sw + kk * 16, ldw);
+      // X^T as a col-major K x N operand is X row-major: element (k, n) at x[n * ldx + k].
+      wmma::load_matrix_sync(b, x + kk * 16, ldx);
+      wmma::mma_sync(acc, a, b, acc);
+    }
+    wmma::store_matrix_sync(slot, acc, 32 + kSlotPad, wmma::mem_row_major);
+  }
+};
+
+template <>
+struct TileMma<float, Math::kTf32> {
+  static __device__ __forceinline__ void run(const float* sw, int ldw, const float* x, int ldx,
+                                             int kb, int ke, float* slot) {
+    wmma::fragment<wmma::matrix_a, 16, 16, 8, wmma::precision::tf32, wmma::row_major> a;
+    wmma::fragment<wmma::matrix_b, 16, 16, 8, wmma::precision::tf32, wmma::col_major> b;
+    wmma::fragment<wmma::accumulator, 16, 16, 8, float> acc;
+    wmma::fill_fragment(acc, 0.f);
+    for (int kk = kb; kk < ke; ++kk) {
+      wmma::load_matrix_sync(a, sw + kk * 8, ldw);  // already TF32-rounded (prepare_w)
+      wmma::load_matrix_sync(b, x + kk * 8, ldx);
+#pragma unroll
+      for (int i = 0; i < b.num_elements; ++i) b.x[i] = wmma::__float_to_tf32(b.x[i]);
+      wmma::mma_sync(acc, a, b, acc);
+    }
+    wmma::store_matrix_sync(slot, acc, 16 + kSlotPad, wmma::mem_row_major);
+  }
+};
+
+// Plain fp32: lane l computes W row (tile row l) against 8 batch rows; 8 independent
+// accumulators per thread hide FMA latency. The x reads are warp-uniform (broadcast) float4s.
+template <>
+struct TileMma<float, Math::kFma> {
+  static __device__ __forceinline__ void run(const float* sw, int ldw, int rows_left,
+                                             const float* x, int ldx, int kb, int ke,
+                                             float* slot) {
+    const int lane = threadIdx.x & 31;
+    float acc[8];
+#pragma unroll
+    for (int c = 0; c < 8; ++c) acc[c] = 0.f;
+    if (lane < rows_left) {
+      const float* wr = sw + (size_t)lane * ldw;
+      for (int kk = kb; kk < ke; ++kk) {
+        const int k = kk * 4;
+        const float w0 = wr[k], w1 = wr[k + 1], w2 = wr[k + 2], w3 = wr[k + 3];
+#pragma unroll
+        for (int c = 0; c < 8; ++c) {
+          const float4 h = *reinterpret_cast<const float4*>(x + (size_t)c * ldx + k);
+          acc[c] = fmaf(w3, h.w, fmaf(w2, h.z, fmaf(w1, h.y, fmaf(w0, h.x, acc[c]))));
+        }
+      }
+    }
+#pragma unroll
+    for (int c = 0; c < 8; ++c) slot[lane * (8 + kSlotPad) + c] = acc[c];
+  }
+};
+
+// out = W_slice * X[n0 : n0 + ncols]^T for one chunk, into the scratch slots. ncols is a multiple
+// of kBatchPad (X rows past the batch are zero padding). Warps take (tile, K-slice) tasks
+// round-robin. Must be followed by __syncthreads() before the slots are read.
+// x is deliberately not `const __restrict__`: other blocks write it during the kernel, so the
+// compiler must not route these loads through the non-coherent read-only path (ld.global.nc).
+template <typename T, Math M>
+__device__ ChunkLayout chunk_matmul(const T* sw, const Plan& pl, const T* x, int n0, int ncols,
+                                    float* sc) {
+  constexpr TileShape ts = tile_shape(M);
+  const int mfr = ceil_div(pl.m_pad, ts.wm);
+  const int nfr = ncols / ts.wn;
+  const int tiles = mfr * nfr;
+  const int ksteps = pl.k_pad / ts.wk;
+  const int ksplit = tiles < kWarps ? imin(kWarps / tiles, ksteps) : 1;
+  const int warp = threadIdx.x >> 5;
+  for (int task = warp; task < tiles * ksplit; task += kWarps) {
+    const int tile = task / ksplit, ks = task % ksplit;
+    const int mf = tile / nfr, nf = tile % nfr;
+    const int kb = ks * ksteps / ksplit, ke = (ks + 1) * ksteps / ksplit;
+    const T* xt = x + (size_t)(n0 + nf * ts.wn) * pl.k_pad;
+    const T* wt = sw + (size_t)mf * ts.wm * pl.ldw;
+    float* slot = sc + (size_t)task * pl.slot_floats;
+    if constexpr (M == Math::kFma) {
+      TileMma<T, M>::run(wt, pl.ldw, pl.m_rows - mf * ts.wm, xt, pl.k_pad, kb, ke, slot);
+    } else {
+      TileMma<T, M>::run(wt, pl.ldw, xt, pl.k_pad, kb, ke, slot);
+    }
+  }
+  return ChunkLayout{nfr, ksplit};
+}
+
+// ---- launch ------------------------------------------------------------------------------------
+// Cooperative launch of `kernel` with one Params argument, after checking co-residency with the
+// occupancy API (a cooperative grid larger than what fits deadlocks on grid.sync otherwise; the
+// runtime also refuses it, but this gives the clearer error).
+template <typename Params>
+cudaError_t launch_cooperative(void (*kernel)(Params), const Params& p, cudaStream_t stream) {
+  int device = 0, sms = 0, coop = 0, per_sm = 0;
+  FRNN_CUDA_TRY(cudaGetDevice(&device));
+  FRNN_CUDA_TRY(cudaDeviceGetAttribute(&coop, cudaDevAttrCooperativeLaunch, device));
+  if (!coop) return cudaErrorNotSupported;
+  FRNN_CUDA_TRY(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
+  FRNN_CUDA_TRY(cudaFuncSetAttribute(reinterpret_cast<const void*>(kernel),
+                                     cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                     p.plan.smem_bytes));
+  FRNN_CUDA_TRY(
+      cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kThreads, p.plan.smem_bytes));
+  if (per_sm * sms < p.plan.blocks) return cudaErrorCooperativeLaunchTooLarge;
+  void* args[] = {const_cast<Params*>(&p)};
+  FRNN_CUDA_TRY(cudaLaunchCooperativeKernel(reinterpret_cast<const void*>(kernel),
+                                            dim3(p.plan.blocks), dim3(kThreads), args,
+                                            p.plan.smem_bytes, stream));
+  return cudaGetLastError();
+}
+
+}  // namespace detail
+}  // namespace fused_rnn

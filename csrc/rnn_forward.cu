@@ -1,0 +1,132 @@
+// Persistent forward kernel: one cooperative launch per chunk and direction.
+//
+// Block b owns hidden units [u0, u0 + units) and keeps their W_hh rows in shared memory for the
+// whole chunk (plan.h). Per step t:
+//   1. gates_hh = W_slice * h_{t-1}^T for every batch row (chunks of kChunkCols), h_{t-1} read
+//      from the exchange buffer hbuf[s % 2] in global memory/L2 (written by all blocks);
+//   2. the epilogue adds x W_ih^T + b_ih (precomputed by one cuBLAS GEMM) and b_hh, applies the
+//      cell, keeps c in an fp32 buffer that only this block touches, rounds h to the storage
+//      type and writes it to y[t] and to hbuf[(s + 1) % 2];
+//   3. grid.sync(): hbuf[(s + 1) % 2] is complete. Double buffering makes one sync per step
+//      enough: step s+1 overwrites hbuf[s % 2] only after every block passed the sync that
+//      ended step s, i.e. finished reading it.
+// Reads of hbuf after grid.sync() need no volatile/ld.cg: grid.sync() is a gpu-scope
+// release/acquire barrier in the CUDA memory model (it fences and invalidates stale L1 lines).
+#include "rnn_common.cuh"
+
+namespace fused_rnn {
+namespace detail {
+
+namespace cg = cooperative_groups;
+
+// One (batch row b, unit u) of step t. acc(g) is the recurrent pre-activation of gate g
+// (without bias). State and outputs are only ever touched by the thread owning (b, u) in this
+// block, so there is no intra-block hazard across steps.
+template <Cell C, typename T, Math M>
+__device__ __forceinline__ void forward_point(const FwdParams& p, const float* sc, ChunkLayout L,
+                                              int t, int b, int n, int j, int u, const T* hin,
+                                              T* hout) {
+  constexpr int G = gates_of(C);
+  const int H = p.hidden;
+  const size_t bu = (size_t)b * p.plan.k_pad + u;         // exchange buffer
+  const size_t tbu = ((size_t)t * p.batch + b) * H + u;   // (T, B, H) tensors
+  float* xg = p.xproj + ((size_t)t * p.batch + b) * G * H + u;  // gate g at xg[g * H]
+  T* y = static_cast<T*>(p.y);
+
+  if (p.lengths != nullptr && t >= p.lengths[b]) {  // padding step: keep state, output zero
+    hout[bu] = hin[bu];
+    y[tbu] = from_float<T>(0.f);
+    if (C == Cell::kLSTM && p.save) p.aux[tbu] = p.cbuf[(size_t)b * H + u];
+    return;
+  }
+  float pre[G];  // x W_ih^T + b_ih + (W_hh h + b_hh), in the reference's order
+  float hh[G];
+#pragma unroll
+  for (int g = 0; g < G; ++g) {
+    hh[g] = gather<M>(sc, p.plan, L, g * p.plan.units + j, n) +
+            (p.b_hh != nullptr ? p.b_hh[g * H + u] : 0.f);
+    pre[g] = xg[(size_t)g * H] + hh[g];
+  }
+  float h;
+  if constexpr (C == Cell::kLSTM) {
+    const float i = sigmoidf(pre[0]), f = sigmoidf(pre[1]), gg = tanhf(pre[2]),
+                o = sigmoidf(pre[3]);
+    float* cp = p.cbuf + (size_t)b * H + u;
+    const float c = f * *cp + i * gg;
+    h = o * tanhf(c);
+    *cp = c;
+    if (p.save) {
+      xg[0] = i; xg[(size_t)H] = f; xg[(size_t)2 * H] = gg; xg[(size_t)3 * H] = o;
+      p.aux[tbu] = c;
+    }
+  } else if constexpr (C == Cell::kGRU) {
+    const float r = sigmoidf(pre[0]), z = sigmoidf(pre[1]);
+    const float nn = tanhf(xg[(size_t)2 * H] + r * hh[2]);  // b_hn inside r * (.)
+    const float hp = to_float(hin[bu]);
+    h = nn + z * (hp - nn);
+    if (p.save) {
+      xg[0] = r; xg[(size_t)H] = z; xg[(size_t)2 * H] = nn;
+      p.aux[tbu] = hh[2];
+    }
+  } else {
+    h = C == Cell::kRNNTanh ? tanhf(pre[0]) : fmaxf(pre[0], 0.f);
+    if (p.save) xg[0] = h;  // activation before rounding: what tanh'/relu' need
+  }
+  const T hs = from_float<T>(h);
+  hout[bu] = hs;
+  y[tbu] = hs;
+}
+
+template <Cell C, typename T, Math M>
+__global__ void __launch_bounds__(kThreads) rnn_forward_kernel(const FwdParams p) {
+  using W = typename WType<T, M>::type;
+  extern __shared__ __align__(128) unsigned char smem[];
+  W* sw = reinterpret_cast<W*>(smem);
+  float* sc = reinterpret_cast<float*>(smem + p.plan.w_bytes);
+
+  const int u0 = blockIdx.x * p.plan.units;
+  const int nu = imin(p.plan.units, p.hidden - u0);  // units this block owns (> 0)
+  load_w_forward<W, M>(sw, p.plan, static_cast<const T*>(p.w_hh), p.hidden, gates_of(C), u0);
+  __syncthreads();
+
+  cg::grid_group grid = cg::this_grid();
+  const size_t buf = (size_t)p.batch_pad * p.plan.k_pad;
+  for (int s = 0; s < p.steps; ++s) {
+    const int t = p.reverse ? p.steps - 1 - s : s;
+    const T* hin = static_cast<const T*>(p.hbuf) + (s & 1) * buf;
+    T* hout = static_cast<T*>(p.hbuf) + ((s + 1) & 1) * buf;
+    for (int n0 = 0; n0 < p.batch; n0 += kChunkCols) {
+      const int ncols = imin(kChunkCols, p.batch_pad - n0);
+      const ChunkLayout L = chunk_matmul<W, M>(sw, p.plan, hin, n0, ncols, sc);
+      __syncthreads();
+      const int nb = imin(ncols, p.batch - n0);
+      for (int idx = threadIdx.x; idx < nb * p.plan.units; idx += kThreads) {
+        const int j = idx % p.plan.units, n = idx / p.plan.units;
+        if (j < nu) forward_point<C, T, M>(p, sc, L, t, n0 + n, n, j, u0 + j, hin, hout);
+      }
+      __syncthreads();  // the slots are reused by the next chunk
+    }
+    if (s + 1 < p.steps) grid.sync();
+  }
+}
+
+}  // namespace detail
+
+template <Cell C, typename T, Math M>
+cudaError_t launch_forward(const FwdParams& p, cudaStream_t stream) {
+  return detail::launch_cooperative(detail::rnn_forward_kernel<C, T, M>, p, stream);
+}
+
+#define FRNN_INSTANTIATE_FWD(C)                                                             \
+  template cudaError_t launch_forward<C, __nv_bfloat16, Math::kWmma16>(const FwdParams&,    \
+                                                                       cudaStream_t);       \
+  template cudaError_t launch_forward<C, __half, Math::kWmma16>(const FwdParams&, cudaStream_t); \
+  template cudaError_t launch_forward<C, float, Math::kTf32>(const FwdParams&, cudaStream_t); \
+  template cudaError_t launch_forward<C, float, Math::kFma>(const FwdParams&, cudaStream_t);
+
+FRNN_INSTANTIATE_FWD(Cell::kLSTM)
+FRNN_INSTANTIATE_FWD(Cell::kGRU)
+FRNN_INSTANTIATE_FWD(Cell::kRNNTanh)
+FRNN_INSTANTIATE_FWD(Cell::kRNNRelu)
+
+}  // namespace fused_rnn
