@@ -297,8 +297,18 @@ class _RNNStack(nn.Module):
         return out, ((h_n, c_n) if is_lstm else h_n)
 
     def _torch_stack(self, input, h0, c0, packed):
-        """The whole stack through PyTorch's own kernels (aten on CPU, cuDNN on GPU)."""
+        """The whole stack through PyTorch's own kernels (aten on CPU, cuDNN on GPU).
+
+        Under autocast every cell runs in the autocast dtype, as all of torch.nn's RNNs do on
+        CUDA (on the CPU nn.LSTM does, nn.GRU/RNN would silently stay fp32).
+        """
         w = self._flat_weights
+        data = input.data if packed else input
+        ac = functional._autocast_dtype(data.device)
+        if ac is not None:
+            w = [t.to(ac) for t in w]
+            data, h0 = data.to(ac), h0.to(ac)
+            c0 = None if c0 is None else c0.to(ac)
         args = (self.bias, self.num_layers, self.dropout, self.training, self.bidirectional)
         hx = (h0, c0) if self.mode == "LSTM" else h0
         fn = {
@@ -307,10 +317,11 @@ class _RNNStack(nn.Module):
             "RNN_TANH": torch._VF.rnn_tanh,
             "RNN_RELU": torch._VF.rnn_relu,
         }[self.mode]
-        if packed:
-            res = fn(input.data, input.batch_sizes, hx, w, *args)
-        else:
-            res = fn(input, hx, w, *args, self.batch_first)
+        with torch.autocast(data.device.type, enabled=False):
+            if packed:
+                res = fn(data, input.batch_sizes, hx, w, *args)
+            else:
+                res = fn(data, hx, w, *args, self.batch_first)
         if self.mode == "LSTM":
             return res[0], res[1], res[2]
         return res[0], res[1], None

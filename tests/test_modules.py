@@ -243,12 +243,16 @@ def test_dropout_randomness_in_training():
 @pytest.mark.parametrize("backend", ["reference", "auto"])
 @pytest.mark.parametrize("cell", list(CELLS))
 def test_cpu_autocast_follows_torch_nn(cell, backend):
-    """Under autocast the output dtype is torch.nn's, and the values agree to bf16 rounding."""
+    """Under autocast every cell computes in the autocast dtype, as nn.LSTM does (on CUDA all
+    of torch.nn's RNNs do; on the CPU nn.GRU ignores autocast and stays fp32 — we do not copy
+    that inconsistency). Values agree with torch.nn to bf16 rounding."""
     ref, ours = make_pair(cell, 4, 6, 2, backend=backend)
     x = torch.randn(5, 3, 4)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         want = outputs_of(ref(x))
         got = outputs_of(ours(x))
+    if cell == "lstm":
+        assert [t.dtype for t in want] == [torch.bfloat16] * 3
     for a, b in zip(got, want):
-        assert a.dtype == b.dtype
+        assert a.dtype == torch.bfloat16
         torch.testing.assert_close(a.float(), b.float(), atol=2e-2, rtol=2e-2)
