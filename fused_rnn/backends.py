@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import importlib
 import os
+import sys
 import warnings
 from types import ModuleType
 
@@ -39,9 +40,16 @@ def check_name(name: object) -> str:
 
 
 def _kernel_module(name: str) -> ModuleType:
-    return importlib.import_module(f"fused_rnn.ops.{name}")
+    # sys.modules first: dynamo traces a dict lookup but graph-breaks on importlib, so a call
+    # under torch.compile(fullgraph=True) must find the module already imported (it is:
+    # ``unavailable_reason`` below runs eagerly and imports it).
+    key = f"fused_rnn.ops.{name}"
+    return sys.modules[key] if key in sys.modules else importlib.import_module(key)
 
 
+# Runs eagerly even under torch.compile (dynamo keeps the answer as a constant): availability
+# checks import modules and probe the machine, which dynamo cannot trace.
+@torch.compiler.assume_constant_result
 def unavailable_reason(name: str, device: torch.device | str | None = None) -> str | None:
     """Why backend ``name`` cannot run here (on ``device`` if given), or None if it can."""
     check_name(name)
