@@ -31,11 +31,41 @@ from torch import Tensor
 _SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
-def _triton_missing() -> str | None:
-    if "triton" in sys.modules or importlib.util.find_spec("triton") is not None:
-        return None
-    return "triton is not installed (pip install triton; it needs a CUDA GPU, or " \
-           "TRITON_INTERPRET=1 to run slowly on the CPU for tests)"
+def unavailable_reason(device: torch.device | None) -> str | None:
+    """None when the Triton kernels can run on ``device`` (None: on this machine at all)."""
+    return _unavailable_reason(None if device is None else device.type)
+
+
+# Evaluated eagerly even under torch.compile (dynamo bakes the answer into the graph, guarded
+# by the argument): the checks below touch importlib and sys.modules, which dynamo cannot trace.
+@torch.compiler.assume_constant_result
+def _unavailable_reason(device_type: str | None) -> str | None:
+    try:
+        found = importlib.util.find_spec("triton") is not None
+    except (ImportError, ValueError):  # ValueError: sys.modules["triton"] is None
+        found = False
+    if not found:
+        return ("triton is not installed (pip install triton; it needs a CUDA GPU, or "
+                "TRITON_INTERPRET=1 to run slowly on the CPU for tests)")
+    interp = _interpreter_on()
+    if device_type is None:
+        if not (torch.cuda.is_available() or interp):
+            return ("no CUDA GPU is visible; on the CPU the Triton kernels only run under the "
+                    "interpreter: set TRITON_INTERPRET=1 before importing triton (slow, for tests)")
+    elif device_type == "cuda":
+        if not (interp or torch.cuda.is_available()):
+            return "CUDA is not available to torch on this machine (need a CUDA GPU)"
+    elif device_type == "cpu":
+        if not interp:
+            return ("Triton kernels need a CUDA GPU; to run them on the CPU (slowly, for tests) "
+                    "set TRITON_INTERPRET=1 before triton is imported")
+    else:
+        return (f"Triton kernels run on CUDA devices (or the CPU under TRITON_INTERPRET=1), "
+                f"not on {device_type}")
+    # Usable: define the kernels and register the ops now, in eager Python, so that a traced
+    # call finds them already imported.
+    _load_ops()
+    return None
 
 
 def _interpreter_on() -> bool:
@@ -44,34 +74,16 @@ def _interpreter_on() -> bool:
     Triton decides at decoration time (``@triton.jit`` reads TRITON_INTERPRET), so once our
     kernel module exists its functions are the truth; before that, the environment is.
     """
-    if "fused_rnn.ops.triton.launch" in sys.modules:
-        return sys.modules["fused_rnn.ops.triton.launch"].interpreting()
+    launch = sys.modules.get("fused_rnn.ops.triton.launch")
+    if launch is not None:
+        return launch.interpreting()
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-def unavailable_reason(device: torch.device | None) -> str | None:
-    """None when the Triton kernels can run on ``device`` (None: on this machine at all)."""
-    missing = _triton_missing()
-    if missing is not None:
-        return missing
-    interp = _interpreter_on()
-    if device is None:
-        if torch.cuda.is_available() or interp:
-            return None
-        return ("no CUDA GPU is visible; on the CPU the Triton kernels only run under the "
-                "interpreter: set TRITON_INTERPRET=1 before importing triton (slow, for tests)")
-    if device.type == "cuda":
-        if interp:
-            return None  # interpreted kernels run anywhere (slowly)
-        if not torch.cuda.is_available():
-            return "CUDA is not available to torch on this machine (need a CUDA GPU)"
-        return None
-    if device.type == "cpu":
-        if interp:
-            return None
-        return ("Triton kernels need a CUDA GPU; to run them on the CPU (slowly, for tests) set "
-                "TRITON_INTERPRET=1 before triton is imported")
-    return f"Triton kernels run on CUDA devices (or the CPU under TRITON_INTERPRET=1), not {device.type}"
+def _load_ops():
+    from fused_rnn.ops.triton import ops
+
+    return ops
 
 
 def unsupported_reason(
@@ -117,8 +129,7 @@ def rnn_layer(
     b_ih, b_hh: (G*H,) or None; w_hr: (P, H) or None; lengths: (B,) or None.
     Returns y: (T, B, P), h_n: (B, P), c_n: (B, H) or None, in x's dtype.
     """
-    from fused_rnn.ops.triton import ops
-
+    ops = _load_ops()
     save = _needs_grad(x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr)
     y, h_n, c_n, _, _ = ops.triton_layer(
         mode, x, h0, c0 if mode == "LSTM" else None, w_ih, w_hh, b_ih, b_hh, w_hr, lengths,
@@ -138,8 +149,7 @@ def rnn_cell(
     b_hh: Tensor | None = None,
 ) -> tuple[Tensor, Tensor | None]:
     """One fused step; same contract as ``reference.rnn_cell``. x: (B, I); h, c: (B, H)."""
-    from fused_rnn.ops.triton import ops
-
+    ops = _load_ops()
     save = _needs_grad(x, h, c, w_ih, w_hh, b_ih, b_hh)
     h1, c1, _, _ = ops.triton_cell(
         mode, x, h, c if mode == "LSTM" else None, w_ih, w_hh, b_ih, b_hh, save

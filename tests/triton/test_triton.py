@@ -1,0 +1,523 @@
+"""The Triton backend against the reference math, torch.nn and PyTorch 2's op machinery.
+
+Without a GPU every kernel runs under Triton's CPU interpreter (``conftest.py`` here sets
+TRITON_INTERPRET=1 before the kernels are defined), so shapes are tiny. With a GPU the same
+tests run the compiled kernels on it, and the ``gpu``-marked ones add larger shapes.
+
+Low-precision accuracy rule (FlashAttention's): against an fp64 reference, the kernel's error
+may be at most twice the error of the reference math run in the same dtype, plus a small
+``eps`` (scaled by the size of the values), given next to the dtype below.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import warnings
+
+import pytest
+import torch
+from torch.nn.utils.rnn import pack_padded_sequence
+
+import fused_rnn
+from fused_rnn.ops import reference
+from fused_rnn.ops import triton as tr
+from fused_rnn.ops.triton import launch, ops
+
+# Triton 3.6's interpreter converts arrays to scalars the way numpy 2.x deprecates.
+pytestmark = pytest.mark.filterwarnings("ignore:Conversion of an array with ndim:DeprecationWarning")
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+G = {"LSTM": 4, "GRU": 3, "RNN_TANH": 1, "RNN_RELU": 1}
+MODES = list(G)
+
+# (dtype, eps): eps is a fraction of max|exact value|, far below one ulp of the dtype.
+DTYPES = [
+    pytest.param(torch.float32, 2e-6, id="fp32"),
+    pytest.param(torch.float16, 1e-4, id="fp16"),
+    pytest.param(torch.bfloat16, 1e-3, id="bf16"),
+]
+PATHS = ["persistent", "step"]
+
+
+@pytest.fixture(autouse=True)
+def _exact_fp32_on_gpu():
+    """TF32 off, so that fp32 on a GPU is held to fp32 accuracy (it is on by default)."""
+    old = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    yield
+    torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = old
+
+
+# --------------------------------------------------------------------------- helpers
+def make_inputs(mode, B, T, I, H, proj=0, bias=True, seed=0):
+    """fp32 inputs shaped as reference.rnn_layer takes them (weights like nn's init)."""
+    g = torch.Generator().manual_seed(seed)
+    P = proj or H
+    s = H**-0.5
+
+    def u(*shape):
+        return (torch.rand(*shape, generator=g) * 2 - 1) * s
+
+    return dict(
+        x=torch.randn(T, B, I, generator=g),
+        h0=torch.randn(B, P, generator=g) * 0.5,
+        c0=torch.randn(B, H, generator=g) * 0.5 if mode == "LSTM" else None,
+        w_ih=u(G[mode] * H, I),
+        w_hh=u(G[mode] * H, P),
+        b_ih=u(G[mode] * H) if bias else None,
+        b_hh=u(G[mode] * H) if bias else None,
+        w_hr=u(P, H) if proj else None,
+    )
+
+
+def _leaves(inputs, dtype):
+    return {k: None if v is None else v.to(DEVICE, dtype).requires_grad_() for k, v in inputs.items()}
+
+
+def outputs_and_grads(fn, inputs, dtype, cotangents):
+    """Run ``fn(**leaves)`` in ``dtype``; return outputs then d(sum <out, cot>)/d(each input)."""
+    leaves = _leaves(inputs, dtype)
+    outs = [o for o in fn(**leaves) if o is not None]
+    cots = [c.to(DEVICE, dtype) for c in cotangents[: len(outs)]]
+    params = [v for v in leaves.values() if v is not None]
+    # Empty outputs (T=0) carry no gradient; the reference does not even connect them.
+    pairs = [(o, c) for o, c in zip(outs, cots) if o.numel()]
+    grads = torch.autograd.grad([o for o, _ in pairs], params, [c for _, c in pairs],
+                                allow_unused=True, materialize_grads=True)
+    names = [f"output {i}" for i in range(len(outs))]
+    names += [f"grad of {k}" for k, v in leaves.items() if v is not None]
+    return names, [t.detach().double().cpu() for t in (*outs, *grads)]
+
+
+def check_against_fp64(fn_ours, fn_ref, inputs, dtype, eps, cotangents):
+    """The accuracy rule of this file, for every output and every gradient."""
+    names, ours = outputs_and_grads(fn_ours, inputs, dtype, cotangents)
+    _, ref = outputs_and_grads(fn_ref, inputs, dtype, cotangents)
+    # fp64 oracle on the same (rounded) inputs and cotangents.
+    rounded = {k: None if v is None else v.to(dtype).double() for k, v in inputs.items()}
+    _, exact = outputs_and_grads(fn_ref, rounded, torch.float64, [c.to(dtype) for c in cotangents])
+    assert len(ours) == len(ref) == len(exact)
+    for name, o, r, e in zip(names, ours, ref, exact):
+        assert o.shape == e.shape, f"{name}: shape {tuple(o.shape)} vs {tuple(e.shape)}"
+        assert torch.isfinite(o).all(), f"{name}: non-finite values"
+        if e.numel() == 0:
+            continue
+        err, ref_err = (o - e).abs().max().item(), (r - e).abs().max().item()
+        bound = 2 * ref_err + eps * max(1.0, e.abs().max().item())
+        assert err <= bound, f"{name}: error {err:.3g} > {bound:.3g} (reference's own: {ref_err:.3g})"
+
+
+def layer_fns(mode, lengths=None, reverse=False, path="auto"):
+    lens = None if lengths is None else lengths.to(DEVICE)
+
+    def ours_y(x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr):
+        y, h, c, _, _ = ops.triton_layer(mode, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lens,
+                                         reverse, True, path)
+        return y, h, (c if mode == "LSTM" else None)
+
+    def ref_y(**kw):
+        return reference.rnn_layer(mode, **kw, lengths=lens, reverse=reverse)
+
+    return ours_y, ref_y
+
+
+def layer_cotangents(mode, B, T, H, P, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(T, B, P, generator=g), torch.randn(B, P, generator=g), torch.randn(B, H, generator=g)]
+
+
+def shape_id(B, T, H, extra=""):
+    return f"B{B}-T{T}-H{H}{extra}"
+
+
+# --------------------------------------------------------------------------- layer vs reference
+@pytest.mark.parametrize("dtype,eps", DTYPES)
+@pytest.mark.parametrize("B,T,I,H", [pytest.param(3, 5, 4, 37, id=shape_id(3, 5, 37)),
+                                     pytest.param(3, 1, 4, 37, id=shape_id(3, 1, 37))])
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("mode", MODES)
+def test_layer_matches_reference(mode, path, B, T, I, H, dtype, eps):
+    inputs = make_inputs(mode, B, T, I, H)
+    ours, ref = layer_fns(mode, path=path)
+    check_against_fp64(ours, ref, inputs, dtype, eps, layer_cotangents(mode, B, T, H, H))
+
+
+@pytest.mark.parametrize("dtype,eps", [DTYPES[0], DTYPES[2]])
+@pytest.mark.parametrize("lengths,reverse", [
+    pytest.param(True, False, id="lengths"),
+    pytest.param(True, True, id="lengths-reverse"),
+    pytest.param(False, True, id="reverse"),
+])
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("mode", MODES)
+def test_lengths_and_reverse(mode, path, lengths, reverse, dtype, eps):
+    B, T, I, H = 4, 6, 3, 19
+    lens = torch.tensor([6, 1, 4, 3]) if lengths else None  # unsorted, a full and a 1-step row
+    inputs = make_inputs(mode, B, T, I, H, seed=2)
+    ours, ref = layer_fns(mode, lens, reverse, path)
+    check_against_fp64(ours, ref, inputs, dtype, eps, layer_cotangents(mode, B, T, H, H))
+
+
+@pytest.mark.parametrize("dtype,eps", DTYPES)
+@pytest.mark.parametrize("lengths,reverse", [pytest.param(False, False, id="plain"),
+                                             pytest.param(True, True, id="lengths-reverse")])
+@pytest.mark.parametrize("path", PATHS)
+def test_lstm_projection(path, lengths, reverse, dtype, eps):
+    B, T, I, H, P = 3, 5, 4, 21, 6
+    lens = torch.tensor([2, 5, 4]) if lengths else None
+    inputs = make_inputs("LSTM", B, T, I, H, proj=P, seed=3)
+    ours, ref = layer_fns("LSTM", lens, reverse, path)
+    check_against_fp64(ours, ref, inputs, dtype, eps, layer_cotangents("LSTM", B, T, H, P))
+
+
+@pytest.mark.parametrize("mode,path,B,T,H", [
+    # several batch tiles (16 rows each) in the persistent kernel
+    pytest.param("LSTM", "persistent", 17, 3, 20, id="LSTM-persistent-" + shape_id(17, 3, 20)),
+    pytest.param("GRU", "persistent", 17, 3, 20, id="GRU-persistent-" + shape_id(17, 3, 20)),
+    # several batch tiles (32), hidden tiles (32) and K blocks (64) in the step kernels
+    pytest.param("LSTM", "step", 33, 2, 80, id="LSTM-step-" + shape_id(33, 2, 80)),
+    pytest.param("GRU", "step", 33, 2, 80, id="GRU-step-" + shape_id(33, 2, 80)),
+    pytest.param("RNN_TANH", "step", 33, 2, 80, id="RNN_TANH-step-" + shape_id(33, 2, 80)),
+])
+def test_multi_tile_shapes(mode, path, B, T, H):
+    lens = torch.randint(1, T + 1, (B,), generator=torch.Generator().manual_seed(0))
+    inputs = make_inputs(mode, B, T, 3, H, seed=4)
+    ours, ref = layer_fns(mode, lens, True, path)
+    check_against_fp64(ours, ref, inputs, torch.float32, 2e-6, layer_cotangents(mode, B, T, H, H))
+
+
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("mode", ["LSTM", "GRU"])
+def test_no_bias_and_empty_sequence(mode, path):
+    for T in (0, 2):
+        inputs = make_inputs(mode, 3, T, 4, 9, bias=False, seed=5)
+        ours, ref = layer_fns(mode, path=path)
+        check_against_fp64(ours, ref, inputs, torch.float32, 2e-6, layer_cotangents(mode, 3, T, 9, 9))
+
+
+def test_path_choice():
+    assert launch.choose_path("LSTM", 64, 0) == "persistent"
+    assert launch.choose_path("LSTM", 65, 0) == "step"
+    assert launch.choose_path("RNN_TANH", 128, 0) == "persistent"
+    assert launch.choose_path("LSTM", 1024, 0) == "step"
+    assert launch.choose_path("LSTM", 1024, 0, "persistent") == "persistent"
+    with pytest.raises(ValueError, match="unknown path"):
+        launch.choose_path("LSTM", 8, 0, "fastest")
+
+
+@pytest.mark.parametrize("path", PATHS)
+def test_non_contiguous_inputs(path):
+    """Inputs sliced out of larger buffers give the same results as contiguous copies."""
+    mode, B, T, I, H = "LSTM", 3, 4, 5, 10
+    base = make_inputs(mode, B, T, I, H, seed=6)
+    big_x = torch.randn(T, 2 * B, I + 2)
+    big_x[:, ::2, 1:-1] = base["x"]
+    big_w = torch.randn(H * 8, 4 * H)  # w_hh as a transposed view
+    big_w[: H, :] = base["w_hh"].t()
+    strided = dict(base, x=big_x[:, ::2, 1:-1], w_hh=big_w[:H, :].t())
+    assert not strided["x"].is_contiguous() and not strided["w_hh"].is_contiguous()
+    dev = {k: None if v is None else v.to(DEVICE) for k, v in strided.items()}
+    y1, h1, c1, _, _ = ops.triton_layer(mode, *dev.values(), None, False, False, path)
+    dev = {k: None if v is None else v.contiguous().to(DEVICE) for k, v in strided.items()}
+    y2, h2, c2, _, _ = ops.triton_layer(mode, *dev.values(), None, False, False, path)
+    for a, b in ((y1, y2), (h1, h2), (c1, c2)):
+        torch.testing.assert_close(a, b, atol=0, rtol=0)
+
+
+def test_inference_saves_nothing_and_matches_training_outputs():
+    inputs = {k: None if v is None else v.to(DEVICE) for k, v in make_inputs("GRU", 3, 4, 4, 8).items()}
+    train = ops.triton_layer("GRU", *inputs.values(), None, False, True, "auto")
+    with torch.no_grad():
+        y, h_n, _ = tr.rnn_layer("GRU", *inputs.values())
+    infer = ops.triton_layer("GRU", *inputs.values(), None, False, False, "auto")
+    assert infer[3].numel() == 0 and infer[4].numel() == 0 and train[3].numel() > 0
+    for a, b in ((y, train[0]), (h_n, train[1]), (infer[0], train[0])):
+        torch.testing.assert_close(a, b, atol=0, rtol=0)
+
+
+# --------------------------------------------------------------------------- the fused step (cells)
+@pytest.mark.parametrize("dtype,eps", DTYPES)
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "nobias"])
+@pytest.mark.parametrize("mode", MODES)
+def test_cell_matches_reference(mode, bias, dtype, eps):
+    B, I, H = 3, 4, 37
+    inputs = make_inputs(mode, B, 1, I, H, bias=bias, seed=7)
+    cell_inputs = dict(x=inputs["x"][0], h=inputs["h0"], c=inputs["c0"], w_ih=inputs["w_ih"],
+                       w_hh=inputs["w_hh"], b_ih=inputs["b_ih"], b_hh=inputs["b_hh"])
+
+    def ours(**kw):
+        return tr.rnn_cell(mode, **kw)
+
+    def ref(**kw):
+        return reference.rnn_cell(mode, **kw)
+
+    g = torch.Generator().manual_seed(8)
+    check_against_fp64(ours, ref, cell_inputs, dtype, eps, [torch.randn(B, H, generator=g) for _ in range(2)])
+
+
+# --------------------------------------------------------------------------- modules vs torch.nn
+def _module_pair(nn_cls, our_cls, *args, **kw):
+    torch.manual_seed(0)
+    ref = nn_cls(*args, **kw).to(DEVICE)
+    ours = our_cls(*args, **kw, backend="triton").to(DEVICE)
+    ours.load_state_dict(ref.state_dict())
+    return ref, ours
+
+
+def _flat(out):
+    y, hidden = out
+    ys = [y.data if hasattr(y, "batch_sizes") else y]
+    return ys + (list(hidden) if isinstance(hidden, tuple) else [hidden])
+
+
+def _compare_modules(ref, ours, inputs_fn, cell=False):
+    """Outputs, and gradients w.r.t. inputs, states and parameters, from random cotangents."""
+    results = []
+    for m in (ref, ours):
+        args = inputs_fn()
+        out = m(*args)
+        if cell:
+            outs = list(out) if isinstance(out, tuple) else [out]
+        else:
+            outs = _flat(out)
+        g = torch.Generator().manual_seed(9)
+        loss = sum((o * torch.randn(o.shape, generator=g).to(o.device)).sum() for o in outs)
+        grads = torch.autograd.grad(loss, [a for a in _tensors(args) if a.requires_grad] + list(m.parameters()))
+        results.append([o.detach() for o in outs] + list(grads))
+    for a, b in zip(*results):
+        torch.testing.assert_close(b, a, atol=2e-5, rtol=1e-4)
+
+
+def _tensors(args):
+    for a in args:
+        if isinstance(a, torch.Tensor):
+            yield a
+        elif isinstance(a, tuple):
+            yield from _tensors(a)
+        elif hasattr(a, "batch_sizes"):
+            yield a.data
+
+
+def _rand(*shape, seed=0):
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed)).to(DEVICE).requires_grad_()
+
+
+def test_module_lstm_packed_bidirectional_two_layers_projection():
+    ref, ours = _module_pair(torch.nn.LSTM, fused_rnn.LSTM, 5, 8, 2, bidirectional=True, proj_size=3)
+    lengths = torch.tensor([2, 5, 4])
+
+    def inputs():
+        x = _rand(5, 3, 5)
+        return (pack_padded_sequence(x, lengths, enforce_sorted=False), (_rand(4, 3, 3, seed=1), _rand(4, 3, 8, seed=2)))
+
+    _compare_modules(ref, ours, inputs)
+
+
+def test_module_gru_bidirectional_batch_first():
+    ref, ours = _module_pair(torch.nn.GRU, fused_rnn.GRU, 4, 7, bidirectional=True, batch_first=True)
+    _compare_modules(ref, ours, lambda: (_rand(3, 5, 4), _rand(2, 3, 7, seed=1)))
+
+
+def test_module_rnn_relu_two_layers_unbatched():
+    ref, ours = _module_pair(torch.nn.RNN, fused_rnn.RNN, 4, 6, 2, nonlinearity="relu")
+    _compare_modules(ref, ours, lambda: (_rand(5, 4), _rand(2, 6, seed=1)))
+
+
+@pytest.mark.parametrize("nn_cls,our_cls", [
+    (torch.nn.LSTMCell, fused_rnn.LSTMCell), (torch.nn.GRUCell, fused_rnn.GRUCell),
+    (torch.nn.RNNCell, fused_rnn.RNNCell)], ids=["LSTMCell", "GRUCell", "RNNCell"])
+def test_cell_modules(nn_cls, our_cls):
+    ref, ours = _module_pair(nn_cls, our_cls, 4, 9)
+    if nn_cls is torch.nn.LSTMCell:
+        _compare_modules(ref, ours, lambda: (_rand(3, 4), (_rand(3, 9, seed=1), _rand(3, 9, seed=2))), cell=True)
+    else:
+        _compare_modules(ref, ours, lambda: (_rand(3, 4), _rand(3, 9, seed=1)), cell=True)
+
+
+def test_fp64_falls_back_to_reference_with_a_warning(monkeypatch):
+    from fused_rnn import backends
+
+    monkeypatch.setattr(backends, "_warned", set())
+    lstm = fused_rnn.LSTM(3, 5, backend="triton", dtype=torch.float64).to(DEVICE)
+    ref = fused_rnn.LSTM(3, 5, backend="reference", dtype=torch.float64).to(DEVICE)
+    ref.load_state_dict(lstm.state_dict())
+    x = torch.randn(4, 2, 3, dtype=torch.float64, device=DEVICE)
+    with pytest.warns(RuntimeWarning, match="float64.*falling back to 'reference'"):
+        y = lstm(x)[0]
+    torch.testing.assert_close(y, ref(x)[0], atol=0, rtol=0)
+
+
+# --------------------------------------------------------------------------- availability
+def test_available_here():
+    assert tr.unavailable_reason(None) is None
+    assert tr.unavailable_reason(torch.device(DEVICE)) is None
+    assert "triton" in fused_rnn.available_backends(DEVICE)
+    if launch.interpreting():
+        assert tr.unavailable_reason(torch.device("cpu")) is None
+    else:
+        assert "TRITON_INTERPRET=1" in tr.unavailable_reason(torch.device("cpu"))
+    assert "not on mps" in tr.unavailable_reason(torch.device("mps"))
+
+
+def test_unsupported_reasons():
+    cfg = dict(mode="LSTM", device=torch.device(DEVICE), input_size=4, hidden_size=8,
+               proj_size=0, has_lengths=False)
+    assert tr.unsupported_reason("layer", dtype=torch.float64, **cfg) is not None
+    for dt in (torch.float32, torch.float16, torch.bfloat16):
+        assert tr.unsupported_reason("layer", dtype=dt, **cfg) is None
+        assert tr.unsupported_reason("cell", dtype=dt, **cfg) is None
+
+
+def _run_python(code: str, env_drop=("TRITON_INTERPRET",)) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if k not in env_drop}
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
+                          timeout=120)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU-only message")
+def test_cpu_without_interpreter_says_how_to_get_it():
+    code = ("import torch\nfrom fused_rnn.ops import triton as tr\n"
+            "print(tr.unavailable_reason(torch.device('cpu')))\nprint(tr.unavailable_reason(None))")
+    res = _run_python(code)
+    assert res.returncode == 0, res.stderr
+    lines = res.stdout.strip().splitlines()
+    assert len(lines) == 2 and all("TRITON_INTERPRET=1" in line for line in lines), res.stdout
+
+
+def test_missing_triton_is_a_reason_not_an_import_error():
+    code = ("import sys; sys.modules['triton'] = None\nimport torch, fused_rnn\n"
+            "from fused_rnn.ops import triton as tr\nprint(tr.unavailable_reason(None))\n"
+            "try:\n    fused_rnn.GRU(3, 4, backend='triton')(torch.randn(2, 1, 3))\n"
+            "except RuntimeError as e:\n    print('raised:', e)\n")
+    res = _run_python(code)
+    assert res.returncode == 0, res.stderr
+    assert "pip install triton" in res.stdout and "raised: fused_rnn backend 'triton' is unavailable" in res.stdout
+
+
+# --------------------------------------------------------------------------- torch.library
+def _layer_args(mode, proj=0, lengths=False, reverse=False, path="auto", bias=True, grad=True):
+    B, T, I, H = 2, 3, 4, 8
+    inp = make_inputs(mode, B, T, I, H, proj=proj, bias=bias, seed=10)
+    inp = {k: None if v is None else v.to(DEVICE).requires_grad_(grad) for k, v in inp.items()}
+    lens = torch.tensor([3, 1], device=DEVICE) if lengths else None
+    return (mode, *inp.values(), lens, reverse, True, path)
+
+
+OPCHECK_LAYERS = [
+    pytest.param(dict(mode="LSTM", proj=3, lengths=True, reverse=True, path="persistent"), id="LSTM-proj-lengths-reverse-persistent"),
+    pytest.param(dict(mode="LSTM", proj=3, lengths=True, path="step"), id="LSTM-proj-lengths-step"),
+    pytest.param(dict(mode="GRU", lengths=True, path="step"), id="GRU-lengths-step"),
+    pytest.param(dict(mode="RNN_TANH", bias=False, path="persistent"), id="RNN_TANH-nobias-persistent"),
+    pytest.param(dict(mode="RNN_RELU", reverse=True, path="step"), id="RNN_RELU-reverse-step"),
+]
+
+
+@pytest.mark.parametrize("cfg", OPCHECK_LAYERS)
+def test_opcheck_layer(cfg):
+    torch.library.opcheck(torch.ops.fused_rnn.triton_layer.default, _layer_args(**cfg))
+
+
+@pytest.mark.parametrize("cfg", [OPCHECK_LAYERS[0], OPCHECK_LAYERS[2]])
+def test_opcheck_layer_backward(cfg):
+    args = _layer_args(**cfg, grad=False)
+    mode, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lens, reverse, _, path = args
+    y, h_n, c_n, gates, state = ops.triton_layer(*args)
+    g = torch.Generator().manual_seed(11)
+    dy, dh = (torch.randn(t.shape, generator=g).to(DEVICE) for t in (y, h_n))
+    dc = torch.randn(c_n.shape, generator=g).to(DEVICE) if mode == "LSTM" else None
+    torch.library.opcheck(
+        torch.ops.fused_rnn.triton_layer_backward.default,
+        (mode, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lens, reverse, y, gates, state, dy, dh, dc, path),
+    )
+
+
+@pytest.mark.parametrize("mode", ["LSTM", "GRU"])
+def test_opcheck_cell_and_backward(mode):
+    _, x, h0, c0, w_ih, w_hh, b_ih, b_hh, _, _, _, _, _ = _layer_args(mode)
+    args = (mode, x[0], h0, c0, w_ih, w_hh, b_ih, b_hh, True)
+    torch.library.opcheck(torch.ops.fused_rnn.triton_cell.default, args)
+    plain = tuple(a.detach() if isinstance(a, torch.Tensor) else a for a in args)
+    h1, c1, gates, state = ops.triton_cell(*plain)
+    dc = torch.randn_like(c1) if mode == "LSTM" else None
+    torch.library.opcheck(torch.ops.fused_rnn.triton_cell_backward.default,
+                          (*plain[:8], h1, gates, state, torch.randn_like(h1), dc))
+
+
+@pytest.mark.parametrize("autocast_dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+def test_autocast_computes_in_the_autocast_dtype(autocast_dtype):
+    args = _layer_args("LSTM", grad=False)
+    with torch.autocast(DEVICE, dtype=autocast_dtype):
+        y, h_n, c_n, _, _ = ops.triton_layer(*args)
+    assert y.dtype == h_n.dtype == c_n.dtype == autocast_dtype
+    cast = tuple(a.to(autocast_dtype) if isinstance(a, torch.Tensor) and a.is_floating_point() else a for a in args)
+    y2, h2, c2, _, _ = ops.triton_layer(*cast)
+    for a, b in ((y, y2), (h_n, h2), (c_n, c2)):
+        torch.testing.assert_close(a, b, atol=0, rtol=0)
+
+
+class _TinyModel(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lstm = fused_rnn.LSTM(4, 8, 2, batch_first=True, backend="triton")
+        self.gru = fused_rnn.GRU(8, 6, bidirectional=True, batch_first=True, backend="triton")
+        self.cell = fused_rnn.GRUCell(12, 5, backend="triton")
+
+    def forward(self, x, state):
+        y, state = self.lstm(x, state)
+        z, _ = self.gru(y)
+        return self.cell(z[:, -1]), state
+
+
+@pytest.mark.no_nan_fill  # dynamo would trace the conftest's torch.empty wrapper
+def test_compile_fullgraph_matches_eager():
+    torch.manual_seed(0)
+    model = _TinyModel().to(DEVICE)
+    x = torch.randn(3, 5, 4, device=DEVICE)
+    state = (torch.randn(2, 3, 8, device=DEVICE), torch.randn(2, 3, 8, device=DEVICE))
+
+    def run(fn):
+        model.zero_grad()
+        out, (h, c) = fn(x, state)
+        (out.sin().sum() + (h * 2).cos().sum() + c.square().sum()).backward()
+        return [out.detach(), h.detach(), c.detach()] + [p.grad.clone() for p in model.parameters()]
+
+    torch._dynamo.reset()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)  # no silent fallback to the reference
+        compiled = run(torch.compile(model, fullgraph=True))
+    for a, b in zip(compiled, run(model)):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
+
+
+# --------------------------------------------------------------------------- GPU only
+@pytest.mark.gpu
+def test_gpu_kernels_are_compiled_not_interpreted():
+    assert not launch.interpreting()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype,eps", DTYPES)
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("mode", ["LSTM", "GRU"])
+def test_gpu_larger_shapes(mode, path, dtype, eps):
+    B, T, I, H = 64, 16, 64, (64 if path == "persistent" else 256)
+    lens = torch.randint(1, T + 1, (B,), generator=torch.Generator().manual_seed(0))
+    inputs = make_inputs(mode, B, T, I, H, seed=12)
+    ours, ref = layer_fns(mode, lens, False, path)
+    check_against_fp64(ours, ref, inputs, dtype, eps, layer_cotangents(mode, B, T, H, H))
+
+
+@pytest.mark.gpu
+def test_gpu_tf32_follows_cudnn_flag():
+    """fp32 with allow_tf32: TF32-sized error (larger than fp32's), still tracking the reference."""
+    torch.backends.cudnn.allow_tf32 = True
+    B, T, I, H = 32, 8, 64, 256
+    inputs = {k: None if v is None else v.to(DEVICE) for k, v in make_inputs("LSTM", B, T, I, H).items()}
+    y_tf32 = ops.triton_layer("LSTM", *inputs.values(), None, False, False, "step")[0]
+    torch.backends.cudnn.allow_tf32 = False
+    y_ieee = ops.triton_layer("LSTM", *inputs.values(), None, False, False, "step")[0]
+    exact = reference.rnn_layer("LSTM", *(None if v is None else v.double() for v in inputs.values()))[0]
+    err_ieee, err_tf32 = ((y - exact).abs().max().item() for y in (y_ieee, y_tf32))
+    assert err_ieee < 1e-5 and err_tf32 < 5e-3 and err_tf32 > err_ieee
