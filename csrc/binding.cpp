@@ -14,6 +14,7 @@
 #include <cuda_fp16.h>
 
 #include <type_traits>
+#include <utility>
 #include <vector>
 
 #include "fused_rnn.h"
@@ -40,11 +41,9 @@ Cell cell_of(int64_t mode) {
   return static_cast<Cell>(mode);
 }
 
-Math math_of(c10::ScalarType st, bool allow_tf32) {
+void check_dtype(c10::ScalarType st) {
   TORCH_CHECK(st == at::kFloat || st == at::kHalf || st == at::kBFloat16,
               "fused_rnn CUDA backend: dtype must be float32, float16 or bfloat16, got ", st);
-  if (st != at::kFloat) return Math::kWmma16;
-  return allow_tf32 ? Math::kTf32 : Math::kFma;
 }
 
 void check(const at::Tensor& t, const char* name, const at::Device& dev, c10::ScalarType dtype,
@@ -86,9 +85,11 @@ DeviceInfo device_attributes(int index) {
   return d;
 }
 
-// The launch plan, checked against this device's shared memory. The Python side refuses
-// unsupported sizes before getting here (unsupported_reason); this is the backstop.
-Plan checked_plan(Cell cell, Math math, int64_t hidden, bool backward, const at::Device& dev) {
+// The math (plan.h: choose_math) and launch plan, checked against this device's shared memory.
+// The Python side refuses unsupported sizes before getting here (unsupported_reason); this is
+// the backstop.
+std::pair<Math, Plan> checked_plan(Cell cell, c10::ScalarType st, bool allow_tf32, int64_t hidden,
+                                   bool backward, const at::Device& dev) {
   const DeviceInfo d = device_attributes(dev.index());
   TORCH_CHECK(d.major >= 8, "fused_rnn CUDA backend: needs compute capability >= 8.0, got ",
               d.major, ".", d.minor);
@@ -96,13 +97,15 @@ Plan checked_plan(Cell cell, Math math, int64_t hidden, bool backward, const at:
               " does not support cooperative launches");
   TORCH_CHECK(hidden > 0 && hidden <= (1 << 20), "fused_rnn CUDA backend: bad hidden size ",
               hidden);
-  const Plan plan =
-      fused_rnn::make_plan(cell, math, static_cast<int>(hidden), backward, d.sms);
+  const int h = static_cast<int>(hidden);
+  const Math math =
+      fused_rnn::choose_math(st != at::kFloat, allow_tf32, cell, h, backward, d.sms, d.smem_optin);
+  const Plan plan = fused_rnn::make_plan(cell, math, h, backward, d.sms);
   TORCH_CHECK(plan.smem_bytes <= d.smem_optin, "fused_rnn CUDA backend: hidden_size=", hidden,
               " needs ", plan.smem_bytes, " bytes of shared memory per block (", plan.blocks,
               " blocks of ", plan.units, " units, ", backward ? "backward" : "forward",
               "); this GPU allows ", d.smem_optin);
-  return plan;
+  return {math, plan};
 }
 
 template <typename T> struct Tag { using type = T; };
@@ -147,7 +150,7 @@ std::vector<at::Tensor> forward(int64_t mode, at::Tensor xproj, at::Tensor h0,
   TORCH_CHECK(T > 0 && B > 0, "fused_rnn CUDA backend: empty chunks are handled in Python");
   const at::Device dev = xproj.device();
   const c10::ScalarType st = h0.scalar_type();
-  const Math math = math_of(st, allow_tf32);
+  check_dtype(st);
   check(xproj, "xproj", dev, at::kFloat, {T, B, G * H});
   check(h0, "h0", dev, st, {B, H});
   check(w_hh, "w_hh", dev, st, {G * H, H});
@@ -157,7 +160,9 @@ std::vector<at::Tensor> forward(int64_t mode, at::Tensor xproj, at::Tensor h0,
   TORCH_CHECK(T * B * G * H < (int64_t(1) << 62), "fused_rnn CUDA backend: sizes too large");
 
   const c10::cuda::CUDAGuard guard(dev);
-  const Plan plan = checked_plan(cell, math, H, /*backward=*/false, dev);
+  const std::pair<Math, Plan> mp = checked_plan(cell, st, allow_tf32, H, /*backward=*/false, dev);
+  const Math math = mp.first;
+  const Plan& plan = mp.second;
   const int64_t B_pad = fused_rnn::round_up(static_cast<int>(B), fused_rnn::kBatchPad);
   at::Tensor hbuf = at::zeros({2, B_pad, plan.k_pad}, h0.options());
   hbuf[0].narrow(0, 0, B).narrow(1, 0, H).copy_(h0);
@@ -213,7 +218,7 @@ std::vector<at::Tensor> backward(int64_t mode, at::Tensor dy, at::Tensor dh_n,
   TORCH_CHECK(T > 0 && B > 0, "fused_rnn CUDA backend: empty chunks are handled in Python");
   const at::Device dev = dy.device();
   const c10::ScalarType st = dy.scalar_type();
-  const Math math = math_of(st, allow_tf32);
+  check_dtype(st);
   check(dh_n, "dh_n", dev, at::kFloat, {B, H});
   check(w_hh, "w_hh", dev, st, {G * H, H});
   check(gates, "gates", dev, at::kFloat, {T, B, G * H});
@@ -227,7 +232,9 @@ std::vector<at::Tensor> backward(int64_t mode, at::Tensor dy, at::Tensor dh_n,
   if (cell == Cell::kGRU) check(required(hprev, "hprev", "for GRU"), "hprev", dev, st, {T, B, H});
 
   const c10::cuda::CUDAGuard guard(dev);
-  const Plan plan = checked_plan(cell, math, H, /*backward=*/true, dev);
+  const std::pair<Math, Plan> mp = checked_plan(cell, st, allow_tf32, H, /*backward=*/true, dev);
+  const Math math = mp.first;
+  const Plan& plan = mp.second;
   const int64_t B_pad = fused_rnn::round_up(static_cast<int>(B), fused_rnn::kBatchPad);
   at::Tensor dgbuf = at::zeros({2, B_pad, plan.k_pad}, dy.options());
   at::Tensor dh_carry = dh_n.clone();

@@ -114,4 +114,17 @@ FRNN_HD constexpr Plan make_plan(Cell cell, Math math, int hidden, bool backward
   return Plan{units, blocks, m_rows, m_pad, k, k_pad, ldw, slots, slot_floats, w_bytes, smem};
 }
 
+// The math a kernel uses. TF32 is a permission (torch.backends.cudnn.allow_tf32), not a
+// requirement: where the TF32 tiles (16 rows) would pad the W slice past the shared memory
+// limit -- the backward slice has only `units` rows -- the plain fp32 FMA kernel, which needs no
+// row padding, runs instead. Forward and backward choose independently.
+FRNN_HD constexpr Math choose_math(bool is_16bit, bool allow_tf32, Cell cell, int hidden,
+                                   bool backward, int max_blocks, int smem_limit) {
+  if (is_16bit) return Math::kWmma16;
+  if (allow_tf32 &&
+      make_plan(cell, Math::kTf32, hidden, backward, max_blocks).smem_bytes <= smem_limit)
+    return Math::kTf32;
+  return Math::kFma;
+}
+
 }  // namespace fused_rnn

@@ -1,0 +1,142 @@
+"""CUDA backend: persistent cooperative kernels from ``csrc/`` behind the interface of
+:mod:`fused_rnn.ops.reference`.
+
+=================== ==========================================================================
+``csrc/``            the kernels (``rnn_forward.cu``, ``rnn_backward.cu``; CUDA headers only),
+                     the launch plan (``plan.h``) and the one torch binding (``binding.cpp``)
+``_ext``             finding/JIT-building/loading the compiled extension, and why it cannot be
+``plan``             the launch plan in Python (size limits, checked against ``plan.h``)
+``ops``              ``torch.library`` custom ops (fake, autograd, autocast) over the extension
+this module          what :mod:`fused_rnn.backends` asks for: ``unavailable_reason``,
+                     ``unsupported_reason``, ``rnn_layer``, ``rnn_cell``
+=================== ==========================================================================
+
+Kernel design: one cooperative launch per chunk and direction; block b owns hidden units
+[b*U, (b+1)*U) with all their gates, keeps their slice of W_hh in shared memory for the whole
+chunk, and exchanges h_t through a double-buffered global (L2) buffer with one ``grid.sync()``
+per step. bf16/fp16 use tensor cores (WMMA) with fp32 accumulation; fp32 uses TF32 tensor cores
+exactly when ``torch.backends.cudnn.allow_tf32`` is true (as nn.LSTM does), else plain fp32 FMA.
+The LSTM cell state and every activation saved for backward are fp32. Size limits (largest H
+that fits on chip, H100 / A100): ``fused_rnn.ops.cuda.plan``. Not supported (falls back to
+Triton): LSTM projections (``proj_size > 0``), float64, GPUs older than sm_80.
+
+Importing this module never needs a GPU, nvcc or the compiled extension.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from fused_rnn.ops.cuda import _ext, plan
+from fused_rnn.ops.reference import MODES
+
+_SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def unavailable_reason(device: torch.device | None) -> str | None:
+    """None when the CUDA kernels can run on ``device`` (None: on this machine), else why not.
+
+    The first call on a GPU machine loads the prebuilt extension or JIT-builds it."""
+    return _ext.unavailable_reason(device)
+
+
+def _device_limits(device: torch.device) -> tuple[int, int]:
+    """(SM count, opt-in shared memory per block) of ``device``, from the extension."""
+    index = torch.cuda.current_device() if device.index is None else device.index
+    sms, smem_optin, *_ = _ext.extension().device_info(index)
+    return int(sms), int(smem_optin)
+
+
+def unsupported_reason(
+    kind: str,
+    *,
+    mode: str,
+    device: torch.device,
+    dtype: torch.dtype,
+    input_size: int,
+    hidden_size: int,
+    proj_size: int,
+    has_lengths: bool,
+) -> str | None:
+    """None if the CUDA kernels take this configuration, else why not (backends.py falls back).
+
+    ``kind`` "cell" runs as a one-step chunk of the layer kernels, so it has the same limits.
+    ``input_size`` and ``has_lengths`` never limit: the input projection is a torch GEMM and
+    packed lengths are handled in the kernels.
+    """
+    if kind not in ("layer", "cell"):
+        return f"unknown kind {kind!r}"
+    if mode not in MODES:
+        return f"unknown mode {mode!r}"
+    if dtype not in _SUPPORTED_DTYPES:
+        return f"dtype {dtype} (the CUDA kernels take float32, float16 and bfloat16)"
+    if proj_size:
+        return "LSTM projections (proj_size > 0) are not implemented by the CUDA kernels"
+    if device.type != "cuda":
+        return f"the CUDA kernels run on CUDA devices, not {device.type}"
+    reason = unavailable_reason(device)
+    if reason is not None:
+        return reason
+    sms, smem_optin = _device_limits(device)
+    cell = plan.CELLS[mode]
+    return plan.fits(
+        cell, dtype != torch.float32, torch.backends.cudnn.allow_tf32, hidden_size, sms,
+        smem_optin,
+    )
+
+
+def _needs_grad(*ts: Tensor | None) -> bool:
+    """Save for backward only when autograd will ask for it (inference writes no gates)."""
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in ts)
+
+
+def rnn_layer(
+    mode: str,
+    x: Tensor,
+    h0: Tensor,
+    c0: Tensor | None,
+    w_ih: Tensor,
+    w_hh: Tensor,
+    b_ih: Tensor | None = None,
+    b_hh: Tensor | None = None,
+    w_hr: Tensor | None = None,
+    lengths: Tensor | None = None,
+    reverse: bool = False,
+) -> tuple[Tensor, Tensor, Tensor | None]:
+    """One layer, one direction over a chunk; same contract as ``reference.rnn_layer``.
+
+    x: (T, B, I); h0: (B, H); c0: (B, H) for LSTM else None; w_ih: (G*H, I); w_hh: (G*H, H);
+    b_ih, b_hh: (G*H,) or None; w_hr must be None (no projections); lengths: (B,) or None.
+    Returns y: (T, B, H), h_n: (B, H), c_n: (B, H) or None, in x's dtype.
+
+    fp32 matmuls use TF32 exactly when ``torch.backends.cudnn.allow_tf32`` is true.
+    """
+    from fused_rnn.ops.cuda import ops
+
+    if w_hr is not None:
+        raise ValueError("the CUDA backend has no LSTM projection (w_hr); use backend='triton'")
+    save = _needs_grad(x, h0, c0, w_ih, w_hh, b_ih, b_hh)
+    y, h_n, c_n, _, _ = ops.cuda_layer(
+        mode, x, h0, c0 if mode == "LSTM" else None, w_ih, w_hh, b_ih, b_hh, lengths, reverse,
+        save, torch.backends.cudnn.allow_tf32,
+    )
+    return y, h_n, (c_n if mode == "LSTM" else None)
+
+
+def rnn_cell(
+    mode: str,
+    x: Tensor,
+    h: Tensor,
+    c: Tensor | None,
+    w_ih: Tensor,
+    w_hh: Tensor,
+    b_ih: Tensor | None = None,
+    b_hh: Tensor | None = None,
+) -> tuple[Tensor, Tensor | None]:
+    """One step; same contract as ``reference.rnn_cell``. x: (B, I); h, c: (B, H).
+
+    A one-step chunk of the persistent kernels (one cooperative launch). For token-by-token
+    generation the Triton backend's fused step kernel is the lighter tool."""
+    _, h1, c1 = rnn_layer(mode, x[None], h, c, w_ih, w_hh, b_ih, b_hh)
+    return h1, c1

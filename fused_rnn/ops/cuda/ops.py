@@ -1,0 +1,310 @@
+"""The CUDA backend's registered ops: ``torch.library`` custom ops with fake kernels, an autograd
+formula and an autocast rule.
+
+=================================== ==========================================================
+``fused_rnn::cuda_layer``            one layer, one direction, a whole chunk (forward)
+``fused_rnn::cuda_layer_backward``   its gradients (called by the autograd formula)
+=================================== ==========================================================
+
+The split of work (DESIGN.md): the input projection ``x W_ih^T + b_ih`` for all T steps is one
+fp32 GEMM here (cuBLAS through torch); the recurrence is one persistent cooperative kernel
+(``csrc/rnn_forward.cu``); backward is one persistent kernel for the reverse-time recurrence
+(``csrc/rnn_backward.cu``) that yields the pre-activation gradients of every step, after which
+dx, dW_ih, dW_hh and the bias gradients are time-parallel GEMMs/reductions here again.
+
+Registering the ops never needs the compiled extension: it is loaded by the CUDA kernels of the
+ops on first call (``_ext.extension()``), so importing works on any machine. The ops have no
+CPU kernel; the dispatcher (``fused_rnn.backends``) only routes CUDA tensors here.
+
+Absent optional outputs are empty tensors (custom ops cannot return None). The forward returns
+the tensors backward needs (``gates``, ``aux``) as extra non-differentiable outputs: a custom
+op's autograd can only save its inputs and outputs.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from fused_rnn.ops.cuda import _ext
+from fused_rnn.ops.cuda.plan import CELLS
+from fused_rnn.ops.reference import GATES, compute_dtype
+
+
+def _to(t: Tensor | None, dtype: torch.dtype) -> Tensor | None:
+    return None if t is None else t.to(dtype)
+
+
+def _lengths32(lengths: Tensor | None, device: torch.device) -> Tensor | None:
+    if lengths is None:
+        return None
+    return lengths.to(device=device, dtype=torch.int32).contiguous()
+
+
+def saved_shapes(mode: str, T: int, B: int, H: int, save: bool):
+    """Shapes of (gates, aux): the fp32 activations and the per-unit extra (LSTM c_t, GRU
+    W_hn h + b_hn) that backward reads; empty for inference."""
+    gates = (T, B, GATES[mode] * H) if save else (0,)
+    aux = (T, B, H) if save and mode in ("LSTM", "GRU") else (0,)
+    return gates, aux
+
+
+def hprev_of(y: Tensor, h0: Tensor, lengths: Tensor | None, reverse: bool) -> Tensor:
+    """(T, B, H): the h each step read -- the previous step's output, or h0 where the previous
+    step is out of range or padding (``t_prev >= lengths[b]``); this is where packed rows get h0
+    in the reverse direction. Values only matter on real steps (padding steps get zero dgates)."""
+    T = y.shape[0]
+    h0e = h0.to(y.dtype)[None]
+    if T == 0:
+        return y
+    shifted = torch.cat([y[1:], h0e]) if reverse else torch.cat([h0e, y[:-1]])
+    if lengths is None:
+        return shifted
+    t = torch.arange(T, device=y.device)
+    tp = t + 1 if reverse else t - 1
+    valid = (tp >= 0) & (tp < T)
+    valid = valid[:, None] & (tp[:, None] < lengths.to(y.device)[None, :])
+    return torch.where(valid[..., None], shifted, h0e)
+
+
+# --------------------------------------------------------------------------- forward
+def _layer_forward_impl(
+    mode: str,
+    x: Tensor,
+    h0: Tensor,
+    c0: Tensor | None,
+    w_ih: Tensor,
+    w_hh: Tensor,
+    b_ih: Tensor | None,
+    b_hh: Tensor | None,
+    lengths: Tensor | None,
+    reverse: bool,
+    save: bool,
+    allow_tf32: bool,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """(y (T,B,H), h_n (B,H), c_n (B,H) or empty, gates (T,B,G*H) fp32, aux (T,B,H) fp32).
+
+    Weights are used in x's dtype (the storage type of the kernel), as nn.LSTM requires anyway.
+    """
+    T, B, _ = x.shape
+    G, H = GATES[mode], w_hh.shape[1]
+    dtype = x.dtype
+    g_shape, a_shape = saved_shapes(mode, T, B, H, save)
+    if T == 0 or B == 0:
+        return (
+            x.new_zeros((T, B, H)),
+            h0.to(dtype, copy=True),
+            c0.to(dtype, copy=True) if mode == "LSTM" else x.new_empty((0,)),
+            x.new_zeros(g_shape, dtype=compute_dtype(dtype)),
+            x.new_zeros(a_shape, dtype=compute_dtype(dtype)),
+        )
+    ext = _ext.extension()
+    cd = compute_dtype(dtype)  # fp32 (fp64 only reaches here in the CPU emulation tests)
+    # One GEMM for all T steps in the compute dtype, like the reference (TF32 only if torch's
+    # matmul flag says so).
+    xproj = F.linear(x.to(cd), w_ih.to(cd), _to(b_ih, cd)).contiguous()
+    assert xproj.shape == (T, B, G * H)
+    y, h_n, c_n, aux = ext.forward(
+        CELLS[mode],
+        xproj,
+        h0.to(dtype).contiguous(),
+        c0.to(dtype).contiguous() if mode == "LSTM" else None,
+        w_hh.to(dtype).contiguous(),
+        None if b_hh is None else b_hh.to(cd).contiguous(),
+        _lengths32(lengths, x.device),
+        reverse,
+        allow_tf32,
+        save,
+    )
+    gates = xproj if save else x.new_empty((0,), dtype=cd)
+    return y, h_n, c_n, gates, aux
+
+
+# The implementations stay plain functions so the CPU emulation test (tests/cuda) can register
+# them for CPU tensors next to an emulated extension.
+cuda_layer = torch.library.custom_op(
+    "fused_rnn::cuda_layer", mutates_args=(), device_types="cuda"
+)(_layer_forward_impl)
+
+
+@cuda_layer.register_fake
+def _(mode, x, h0, c0, w_ih, w_hh, b_ih, b_hh, lengths, reverse, save, allow_tf32):
+    T, B, _ = x.shape
+    H = w_hh.shape[1]
+    g_shape, a_shape = saved_shapes(mode, T, B, H, save)
+    cd = compute_dtype(x.dtype)
+    return (
+        x.new_empty((T, B, H)),
+        x.new_empty((B, H)),
+        x.new_empty((B, H) if mode == "LSTM" else (0,)),
+        x.new_empty(g_shape, dtype=cd),
+        x.new_empty(a_shape, dtype=cd),
+    )
+
+
+_INPUTS = ("c0", "b_ih", "b_hh", "lengths")
+
+
+def _layer_setup(ctx, inputs, output):
+    mode, x, h0, c0, w_ih, w_hh, b_ih, b_hh, lengths, reverse, save, allow_tf32 = inputs
+    y, _, _, gates, aux = output
+    ctx.mark_non_differentiable(gates, aux)
+    ctx.mode, ctx.reverse, ctx.save, ctx.allow_tf32 = mode, reverse, save, allow_tf32
+    ctx.present = tuple(t is not None for t in (c0, b_ih, b_hh, lengths))
+    ctx.save_for_backward(
+        *(t for t in (x, h0, c0, w_ih, w_hh, b_ih, b_hh, lengths) if t is not None),
+        y, gates, aux,
+    )
+
+
+def _unpack(ctx):
+    saved = list(ctx.saved_tensors)
+    y, gates, aux = saved[-3:]
+    it = iter(saved[:-3])
+    c0_p, bih_p, bhh_p, len_p = ctx.present
+    x, h0 = next(it), next(it)
+    c0 = next(it) if c0_p else None
+    w_ih, w_hh = next(it), next(it)
+    b_ih = next(it) if bih_p else None
+    b_hh = next(it) if bhh_p else None
+    lengths = next(it) if len_p else None
+    return x, h0, c0, w_ih, w_hh, b_ih, b_hh, lengths, y, gates, aux
+
+
+def _layer_backward(ctx, dy, dh_n, dc_n, _dgates, _daux):
+    if not ctx.save:
+        raise RuntimeError(
+            "fused_rnn::cuda_layer ran with save=False (inference) and cannot be differentiated; "
+            "call fused_rnn.ops.cuda.rnn_layer, which sets save when autograd needs it"
+        )
+    x, h0, c0, w_ih, w_hh, b_ih, b_hh, lengths, y, gates, aux = _unpack(ctx)
+    dx, dh0, dc0, dw_ih, dw_hh, db_ih, db_hh = torch.ops.fused_rnn.cuda_layer_backward(
+        ctx.mode, x, h0, c0, w_ih, w_hh, b_ih, b_hh, lengths, ctx.reverse, ctx.allow_tf32,
+        y, gates, aux, dy, dh_n, dc_n if ctx.mode == "LSTM" else None,
+    )
+    c0_p, bih_p, bhh_p, _ = ctx.present
+    # One gradient per input: mode, x, h0, c0, w_ih, w_hh, b_ih, b_hh, lengths, reverse, save,
+    # allow_tf32.
+    return (
+        None, dx, dh0, dc0 if c0_p else None, dw_ih, dw_hh,
+        db_ih if bih_p else None, db_hh if bhh_p else None, None, None, None, None,
+    )
+
+
+cuda_layer.register_autograd(_layer_backward, setup_context=_layer_setup)
+
+
+# --------------------------------------------------------------------------- backward
+def _layer_backward_impl(
+    mode: str,
+    x: Tensor,
+    h0: Tensor,
+    c0: Tensor | None,
+    w_ih: Tensor,
+    w_hh: Tensor,
+    b_ih: Tensor | None,
+    b_hh: Tensor | None,
+    lengths: Tensor | None,
+    reverse: bool,
+    allow_tf32: bool,
+    y: Tensor,
+    gates: Tensor,
+    aux: Tensor,
+    dy: Tensor | None,
+    dh_n: Tensor | None,
+    dc_n: Tensor | None,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """(dx, dh0, dc0, dw_ih, dw_hh, db_ih, db_hh); empty where the input is absent."""
+    T, B, I = x.shape
+    G, H = GATES[mode], w_hh.shape[1]
+    dtype = x.dtype
+    cd = compute_dtype(dtype)
+    fcd = dict(device=x.device, dtype=cd)
+    dh_n = torch.zeros((B, H), **fcd) if dh_n is None else dh_n.to(cd).contiguous()
+    is_lstm = mode == "LSTM"
+    if is_lstm:
+        dc_n = torch.zeros((B, H), **fcd) if dc_n is None else dc_n.to(cd).contiguous()
+    if T == 0 or B == 0:
+        dgx = torch.zeros((T, B, G * H), **fcd)
+        dgh = dgx
+        dh0, dc0 = dh_n.clone(), (dc_n.clone() if is_lstm else None)
+        hprev = y
+    else:
+        ext = _ext.extension()
+        dy = torch.zeros_like(y) if dy is None else dy.to(dtype).contiguous()
+        hprev = hprev_of(y, h0, lengths, reverse).contiguous()
+        dgx, dghn, dh0, dc0 = ext.backward(
+            CELLS[mode],
+            dy,
+            dh_n,
+            dc_n if is_lstm else None,
+            w_hh.to(dtype).contiguous(),
+            gates,
+            aux if mode in ("LSTM", "GRU") else None,
+            c0.to(cd).contiguous() if is_lstm else None,
+            hprev if mode == "GRU" else None,
+            _lengths32(lengths, x.device),
+            reverse,
+            allow_tf32,
+        )
+        # GRU: the recurrent side of the n gate is r * dn (b_hn sits inside r * (.)).
+        dgh = torch.cat([dgx[..., : 2 * H], dghn], dim=-1) if mode == "GRU" else dgx
+    dgx2 = dgx.reshape(T * B, G * H)
+    dgh2 = dgh.reshape(T * B, G * H)
+    dx = (dgx2 @ w_ih.to(cd)).reshape(T, B, I).to(dtype)
+    dw_ih = (dgx2.t() @ x.reshape(T * B, I).to(cd)).to(w_ih.dtype)
+    dw_hh = (dgh2.t() @ hprev.reshape(T * B, H).to(cd)).to(w_hh.dtype)
+    # Absent inputs get distinct empty tensors: custom-op outputs may not alias each other.
+    db_ih = x.new_empty((0,)) if b_ih is None else dgx2.sum(0).to(b_ih.dtype)
+    db_hh = x.new_empty((0,)) if b_hh is None else dgh2.sum(0).to(b_hh.dtype)
+    dc0_out = dc0.to(c0.dtype) if (is_lstm and c0 is not None) else x.new_empty((0,))
+    return dx, dh0.to(h0.dtype), dc0_out, dw_ih, dw_hh, db_ih, db_hh
+
+
+cuda_layer_backward = torch.library.custom_op(
+    "fused_rnn::cuda_layer_backward", mutates_args=(), device_types="cuda"
+)(_layer_backward_impl)
+
+
+def _grad_like(t: Tensor | None, like: Tensor) -> Tensor:
+    return like.new_empty((0,)) if t is None else torch.empty_like(t)
+
+
+@cuda_layer_backward.register_fake
+def _(mode, x, h0, c0, w_ih, w_hh, b_ih, b_hh, lengths, reverse, allow_tf32, y, gates, aux,
+      dy, dh_n, dc_n):
+    return (
+        torch.empty_like(x),
+        torch.empty_like(h0),
+        _grad_like(c0 if mode == "LSTM" else None, x),
+        torch.empty_like(w_ih),
+        torch.empty_like(w_hh),
+        _grad_like(b_ih, x),
+        _grad_like(b_hh, x),
+    )
+
+
+# --------------------------------------------------------------------------- autocast
+def _register_autocast(op, device_type: str) -> None:
+    """Autocast like nn.LSTM: floating inputs are cast to the *current* autocast dtype (fp16 or
+    bf16, whichever the region asked for), then the op runs with autocast off.
+    (``torch.library.register_autocast`` would fix one dtype at registration time.)"""
+    key = "Autocast" + torch._C._dispatch_key_for_device(device_type)
+    keyset = torch._C.DispatchKeySet(getattr(torch._C.DispatchKey, key))
+
+    def kernel(_keyset, *args):
+        dtype = torch.get_autocast_dtype(device_type)
+
+        def cast(a):
+            if isinstance(a, Tensor) and a.is_floating_point() and a.device.type == device_type:
+                return a.to(dtype)
+            return a
+
+        with torch._C._ExcludeDispatchKeyGuard(keyset):
+            return op._opoverload(*(cast(a) for a in args))
+
+    op._lib.impl(op._name, kernel, key, with_keyset=True)
+
+
+_register_autocast(cuda_layer, "cuda")

@@ -1,0 +1,238 @@
+"""The CUDA backend end to end on the CPU, with the compiled kernels replaced by their emulation.
+
+What runs for real: ``fused_rnn.ops.cuda`` (``rnn_layer``, ``unsupported_reason``), the custom
+ops, their autograd formula, ``hprev_of`` and the time-parallel gradient GEMMs. What is
+emulated: the extension (``emulate.Emulator``: the kernels' partition, tiling, slot layout,
+epilogues, exchange protocol and carries -- see its docstring). Compared with the reference
+(``fused_rnn/ops/reference.py``) on every output and every gradient, with random cotangents on
+y, h_n and c_n.
+
+In float64 the emulated kernels must agree with the reference to 1e-10 for every tile shape
+(this checks the partition and the formulas, not rounding); in fp32/bf16/fp16 they must agree
+within the dtype's tolerance (this checks where the kernels round: h and the recurrent dgates
+to the storage type, everything else fp32).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from emulate import Emulator
+
+import fused_rnn.ops.cuda as cuda_backend
+from fused_rnn.ops import reference
+from fused_rnn.ops.cuda import _ext, ops
+from fused_rnn.ops.cuda import plan as P
+from fused_rnn.ops.reference import GATES, MODES
+
+# The ops' implementations for CPU tensors. On a machine without the extension they raise the
+# backend's "unavailable" RuntimeError, so registering them changes nothing for other tests.
+if "cpu" not in ops.cuda_layer._backend_fns:
+    ops.cuda_layer.register_kernel("cpu")(ops._layer_forward_impl)
+    ops.cuda_layer_backward.register_kernel("cpu")(ops._layer_backward_impl)
+
+
+@pytest.fixture
+def emulate(monkeypatch):
+    """Install an emulator as the extension; returns a setter for its configuration."""
+
+    def install(**kwargs) -> Emulator:
+        emu = Emulator(**kwargs)
+        monkeypatch.setattr(_ext, "extension", lambda: emu)
+        monkeypatch.setattr(_ext, "unavailable_reason", lambda device: None)
+        return emu
+
+    return install
+
+
+def _inputs(mode, T, B, I, H, dtype, seed, lengths=False):
+    g = torch.Generator().manual_seed(seed)
+    G = GATES[mode]
+
+    def r(*shape, scale=1.0):
+        return (torch.randn(*shape, generator=g, dtype=torch.float64) * scale).to(dtype)
+
+    s = 1.5 / H**0.5
+    x = r(T, B, I)
+    h0 = r(B, H, scale=0.5)
+    c0 = r(B, H, scale=0.5) if mode == "LSTM" else None
+    w_ih, w_hh = r(G * H, I, scale=s), r(G * H, H, scale=s)
+    b_ih, b_hh = r(G * H, scale=0.3), r(G * H, scale=0.3)
+    lens = None
+    if lengths:
+        lens = torch.randint(1, T + 1, (B,), generator=g)
+        lens[0] = T
+        if B > 1:
+            lens[1] = 1
+    cot = [r(T, B, H), r(B, H), r(B, H)]
+    return [x, h0, c0, w_ih, w_hh, b_ih, b_hh], lens, cot
+
+
+def _run(fn, mode, leaves, lens, reverse, cot):
+    leaves = [None if t is None else t.detach().clone().requires_grad_(True) for t in leaves]
+    x, h0, c0, w_ih, w_hh, b_ih, b_hh = leaves
+    y, h, c = fn(mode, x, h0, c0, w_ih, w_hh, b_ih, b_hh, None, lens, reverse)
+    outs = [y, h] + ([c] if c is not None else [])
+    loss = sum((o.double() * g.double()).sum() for o, g in zip(outs, cot))
+    present = [t for t in leaves if t is not None]
+    grads = torch.autograd.grad(loss, present, allow_unused=True)  # T=0: the reference skips x
+    grads = [torch.zeros_like(t) if gr is None else gr for gr, t in zip(grads, present)]
+    return [o.detach() for o in outs], grads
+
+
+def _compare(mode, T, B, I, H, dtype, lengths, reverse, seed=0, ref_dtype=None):
+    leaves, lens, cot = _inputs(mode, T, B, I, H, dtype, seed, lengths)
+    ours = _run(cuda_backend.rnn_layer, mode, leaves, lens, reverse, cot)
+    ref_leaves = leaves if ref_dtype is None else [
+        None if t is None else t.to(ref_dtype) for t in leaves
+    ]
+    ref = _run(reference.rnn_layer, mode, ref_leaves, lens, reverse, cot)
+    return ours, ref
+
+
+NAMES_OUT = ("y", "h_n", "c_n")
+NAMES_GRAD = ("dx", "dh0", "dc0", "dw_ih", "dw_hh", "db_ih", "db_hh")
+
+
+def _grad_names(mode):
+    return [n for n in NAMES_GRAD if n != "dc0" or mode == "LSTM"]
+
+
+@pytest.mark.parametrize("reverse", [False, True], ids=["fwd", "rev"])
+@pytest.mark.parametrize("lengths", [False, True], ids=["dense", "lengths"])
+@pytest.mark.parametrize("math", ["wmma16", "tf32", "fma"])
+@pytest.mark.parametrize("mode", MODES)
+def test_exact_math_every_tile_shape(emulate, mode, math, lengths, reverse):
+    """float64: partition, tiling, slots, epilogues and carries reproduce the reference."""
+    emu = emulate(sms=4, math=P.MATHS[math])
+    (outs, grads), (routs, rgrads) = _compare(mode, 5, 3, 4, 37, torch.float64, lengths, reverse)
+    assert {d for d, *_ in emu.launches} == {"forward", "backward"}
+    assert all(pl.blocks > 1 for *_, pl in emu.launches)  # ragged multi-block partitions
+    for name, a, b in zip(NAMES_OUT, outs, routs):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10, msg=lambda m: f"{name}: {m}")
+    for name, a, b in zip(_grad_names(mode), grads, rgrads):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10, msg=lambda m: f"{name}: {m}")
+
+
+# Odd shapes: T=1, B=1, H=1, H below the block count, B over one chunk (64) so the batch loop and
+# batch padding run, H with a ragged last block.
+@pytest.mark.parametrize(
+    "T,B,I,H,sms",
+    [(1, 1, 3, 5, 4), (3, 2, 2, 1, 4), (2, 70, 3, 9, 2), (4, 3, 6, 16, 5), (3, 33, 5, 23, 7)],
+    ids=lambda v: str(v),
+)
+@pytest.mark.parametrize("mode", MODES)
+def test_exact_math_odd_shapes(emulate, mode, T, B, I, H, sms):
+    emulate(sms=sms, math=P.MATHS["wmma16"])
+    (outs, grads), (routs, rgrads) = _compare(mode, T, B, I, H, torch.float64, True, T % 2 == 1)
+    for name, a, b in zip(NAMES_OUT + tuple(_grad_names(mode)), outs + grads, routs + rgrads):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10, msg=lambda m: f"{name}: {m}")
+
+
+def _rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.double(), b.double()
+    return float((a - b).norm() / b.norm().clamp_min(1e-30))
+
+
+# Storage dtypes with the kernels' real rounding. Tolerances (relative Frobenius error against
+# the reference in the same dtype, which rounds h but not the recurrent dgates) sit beside the
+# dtype: fp32 differs only in accumulation order; bf16/fp16 also round the recurrent dgates.
+@pytest.mark.parametrize(
+    "dtype,allow_tf32,tol_out,tol_grad",
+    [
+        (torch.float32, False, 1e-5, 1e-5),
+        (torch.float32, True, 5e-3, 1e-2),
+        (torch.bfloat16, False, 2e-2, 4e-2),
+        (torch.float16, False, 3e-3, 6e-3),
+    ],
+    ids=["fp32", "tf32", "bf16", "fp16"],
+)
+@pytest.mark.parametrize("lengths", [False, True], ids=["dense", "lengths"])
+@pytest.mark.parametrize("mode", MODES)
+def test_storage_dtypes(emulate, monkeypatch, mode, lengths, dtype, allow_tf32, tol_out, tol_grad):
+    emulate(sms=3)
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", allow_tf32)
+    (outs, grads), (routs, rgrads) = _compare(mode, 6, 5, 7, 24, dtype, lengths, lengths, seed=1)
+    for name, a, b in zip(NAMES_OUT, outs, routs):
+        assert a.dtype == dtype
+        assert _rel_err(a, b) <= tol_out, (name, _rel_err(a, b))
+    for name, a, b in zip(_grad_names(mode), grads, rgrads):
+        assert torch.isfinite(a).all(), name
+        assert _rel_err(a, b) <= tol_grad, (name, _rel_err(a, b))
+
+
+def test_math_choice_follows_allow_tf32(emulate, monkeypatch):
+    """fp32 runs the TF32 tiles exactly when cudnn.allow_tf32 is set; 16-bit runs WMMA16."""
+    for allow, dtype, want in (
+        (True, torch.float32, "tf32"), (False, torch.float32, "fma"),
+        (True, torch.bfloat16, "wmma16"), (False, torch.float16, "wmma16"),
+    ):
+        emu = emulate(sms=2)
+        monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", allow)
+        _compare("GRU", 2, 2, 3, 16, dtype, False, False)
+        wm = P.TILE_SHAPES[P.MATHS[want]][0]
+        for _, _, pl in emu.launches:
+            assert pl.m_pad % wm == 0 if want != "fma" else pl.m_pad == pl.m_rows
+
+
+def test_inference_saves_nothing(emulate):
+    emulate(sms=2)
+    leaves, _, _ = _inputs("LSTM", 3, 2, 4, 8, torch.float32, 0)
+    with torch.no_grad():
+        y, h, c, gates, aux = ops.cuda_layer(
+            "LSTM", *leaves, None, False, False, False
+        )
+        ry, rh, rc = reference.rnn_layer("LSTM", *leaves)
+    assert gates.numel() == 0 and aux.numel() == 0
+    torch.testing.assert_close(y, ry, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(c, rc, rtol=1e-5, atol=1e-5)
+
+
+def test_empty_chunk_needs_no_kernel(emulate):
+    emu = emulate(sms=2)
+    (outs, grads), (routs, rgrads) = _compare("LSTM", 0, 3, 4, 8, torch.float32, False, False)
+    assert emu.launches == []
+    for a, b in zip(outs + grads, routs + rgrads):
+        torch.testing.assert_close(a, b)
+
+
+def test_cell_is_a_one_step_layer(emulate):
+    emulate(sms=2)
+    leaves, _, _ = _inputs("GRU", 1, 3, 4, 8, torch.float64, 0)
+    x, h0, _, w_ih, w_hh, b_ih, b_hh = leaves
+    h1, c1 = cuda_backend.rnn_cell("GRU", x[0], h0, None, w_ih, w_hh, b_ih, b_hh)
+    rh, _ = reference.rnn_cell("GRU", x[0], h0, None, w_ih, w_hh, b_ih, b_hh)
+    assert c1 is None
+    torch.testing.assert_close(h1, rh, rtol=1e-12, atol=1e-12)
+
+
+def test_unsupported_reason_sizes_against_the_device(emulate):
+    """Limits come from the device's SM count and opt-in shared memory (here an H100's)."""
+    emulate(sms=132, smem_optin=227 * 1024)
+    dev = torch.device("cuda", 0)
+    cfg = dict(device=dev, input_size=8, proj_size=0, has_lengths=True)
+    lim = P.max_hidden(0, True, False, 132, 227 * 1024)
+    assert cuda_backend.unsupported_reason("layer", mode="LSTM", dtype=torch.bfloat16,
+                                           hidden_size=lim, **cfg) is None
+    why = cuda_backend.unsupported_reason("layer", mode="LSTM", dtype=torch.bfloat16,
+                                          hidden_size=lim + 1, **cfg)
+    assert why and "shared memory" in why and f"hidden_size={lim + 1}" in why
+    why = cuda_backend.unsupported_reason("layer", mode="LSTM", dtype=torch.float64,
+                                          hidden_size=64, **cfg)
+    assert why and "float64" in why
+    why = cuda_backend.unsupported_reason("layer", mode="LSTM", dtype=torch.float32,
+                                          hidden_size=64, **{**cfg, "proj_size": 16})
+    assert why and "proj_size" in why
+    assert cuda_backend.unsupported_reason("cell", mode="GRU", dtype=torch.float16,
+                                           hidden_size=1024, **cfg) is None
+
+
+def test_documented_limits_match_the_plan():
+    """The table in plan.py's docstring is what limits_table() computes."""
+    doc = P.__doc__
+    table = P.limits_table()
+    for gpu, rows in table.items():
+        for cell, cols in rows.items():
+            for label, h in cols.items():
+                assert str(h) in doc, (gpu, cell, label, h)
+    assert table["H100"]["LSTM"]["bf16/fp16"] >= 1024  # ANCHORS.md's shapes all fit
