@@ -1,0 +1,62 @@
+#!/usr/bin/env bash
+# One command for a lent GPU (~8 minutes on an H100): GPU tests, benchmarks, short table last.
+#
+#   benchmarks/gpu_check.sh [--backends triton,cuda] [--dry-run]     (default: triton)
+#
+# 1. the gpu-marked tests of every backend (pytest -m gpu): correctness first, quickly;
+# 2. bench_gpu.py: S1-S6 x LSTM/GRU x fp32/bf16/fp16, fwd and fwd+bwd, against cuDNN in the
+#    same process; writes benchmarks/results/<date>-<gpu>.md and .csv (time-budgeted, so the
+#    script always finishes);
+# 3. the rest of the Triton test suite on the GPU (compiled kernels, no interpreter) with the
+#    time left; each Triton kernel variant compiles once, which is most of its run time;
+# 4. the benchmark's short fwd+bwd table again, last.
+# Exits non-zero if any step failed; every step runs regardless, so one failure costs no data.
+# --dry-run runs the same steps on the CPU (Triton interpreter, tiny shapes, results in /tmp):
+# it checks the script, not the GPU.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+
+BACKENDS=triton
+DRY=0
+while [[ $# -gt 0 ]]; do
+  case "$1" in
+    --backends) BACKENDS="$2"; shift 2 ;;
+    --backends=*) BACKENDS="${1#*=}"; shift ;;
+    --dry-run) DRY=1; shift ;;
+    *) echo "usage: $0 [--backends triton,cuda] [--dry-run]" >&2; exit 2 ;;
+  esac
+done
+
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+LOG="$(mktemp -t fused_rnn_gpu_check.XXXXXX)"
+if [[ $DRY == 1 ]]; then
+  export TRITON_INTERPRET=1
+  BENCH_ARGS=(--dry-run --shapes D1 --dtypes fp32,bf16)
+  SUITE_ARGS=(-k "B3-T1-H37 and fp32")
+else
+  unset TRITON_INTERPRET            # compiled kernels, not the CPU interpreter
+  BENCH_ARGS=(--time-budget 180)
+  SUITE_ARGS=()
+fi
+status=0
+step() { echo; echo "=== $* ($(date +%T))"; }
+
+step "environment"
+[[ $DRY == 1 ]] || nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader || status=1
+python -c "import torch, triton; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__, 'gpu', torch.cuda.get_device_name() if torch.cuda.is_available() else None)" || status=1
+
+step "gpu-marked tests"
+timeout 120 python -m pytest tests -m gpu -q -p no:cacheprovider -rs --durations=5 || status=1
+
+step "benchmarks (backends: $BACKENDS)"
+timeout 250 python benchmarks/bench_gpu.py --backends "$BACKENDS" "${BENCH_ARGS[@]}" 2>&1 | tee "$LOG"
+[[ ${PIPESTATUS[0]} == 0 ]] || status=1
+
+step "Triton test suite"
+timeout 90 python -m pytest tests/triton -q -p no:cacheprovider -x -m "not gpu" --durations=5 "${SUITE_ARGS[@]}" || status=1
+
+step "fwd+bwd summary (from the benchmark; full table in the .md it wrote)"
+sed -n '/^wrote /p; /^cell  shape/,$p' "$LOG"
+rm -f "$LOG"
+echo "status $status"
+exit $status
