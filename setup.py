@@ -2,9 +2,67 @@
 
 ``pip install -e .`` is pure Python: it needs no GPU and no nvcc. The CUDA extension is built
 ahead of time only when asked (see the README); otherwise it is JIT-built on first use.
+
+Building the CUDA extension ahead of time (torch must already be installed, hence no build
+isolation; TORCH_CUDA_ARCH_LIST picks the architectures, e.g. "8.0;9.0")::
+
+    FUSED_RNN_BUILD_CUDA=1 pip install --no-build-isolation -e .
+
+This compiles csrc/ into ``fused_rnn._cuda_ext``. Without the flag nothing here imports torch.
 """
 
+import os
+import shutil
+from pathlib import Path
+
 from setuptools import find_packages, setup
+from setuptools.command.build_py import build_py
+
+ROOT = Path(__file__).resolve().parent
+CSRC = "csrc"  # top-level, next to this file (paths relative, as setuptools wants)
+CSRC_SUFFIXES = (".h", ".cuh", ".cu", ".cpp")
+
+
+class BuildPyWithCsrc(build_py):
+    """Copy csrc/ into the built package as fused_rnn/csrc/, where an installed (non-editable)
+    package finds the sources to JIT-build the CUDA extension (fused_rnn/ops/cuda/_ext.py).
+    Editable installs read the top-level csrc/ directly."""
+
+    def run(self):
+        super().run()
+        src = ROOT / CSRC
+        if self.dry_run or not src.is_dir():
+            return
+        dst = Path(self.build_lib) / "fused_rnn" / "csrc"
+        dst.mkdir(parents=True, exist_ok=True)
+        for f in sorted(src.iterdir()):
+            if f.suffix in CSRC_SUFFIXES:
+                shutil.copy2(f, dst / f.name)
+
+
+def cuda_extension():
+    """(ext_modules, cmdclass) for the ahead-of-time CUDA build, or nothing without the flag."""
+    if os.environ.get("FUSED_RNN_BUILD_CUDA", "0") != "1":
+        return [], {}
+    from torch.utils.cpp_extension import BuildExtension, CUDAExtension
+
+    sources = sorted(
+        f"{CSRC}/{f.name}" for f in (ROOT / CSRC).iterdir() if f.suffix in (".cu", ".cpp")
+    )
+    ext = CUDAExtension(
+        "fused_rnn._cuda_ext",
+        sources=sources,
+        include_dirs=[str(ROOT / CSRC)],
+        # Same flags as the JIT build (fused_rnn/ops/cuda/_ext.py).
+        extra_compile_args={
+            "cxx": ["-O3", "-std=c++20"],
+            "nvcc": ["-O3", "-std=c++20", "--expt-relaxed-constexpr", "-lineinfo"],
+        },
+    )
+    return [ext], {"build_ext": BuildExtension}
+
+
+EXT_MODULES, EXT_CMDCLASS = cuda_extension()
 
 setup(
     name="fused_rnn",
@@ -22,4 +80,6 @@ setup(
         "test": ["pytest", "expecttest", "matplotlib", "triton==3.6.0", "numpy<2.4"],
     },
     entry_points={"console_scripts": ["fused-rnn=fused_rnn.cli:main"]},
+    ext_modules=EXT_MODULES,
+    cmdclass={"build_py": BuildPyWithCsrc, **EXT_CMDCLASS},
 )

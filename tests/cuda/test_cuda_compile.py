@@ -1,0 +1,253 @@
+"""CUDA backend checks that need no GPU (they run in CI).
+
+* every ``.cu`` compiles with ``nvcc -c`` for sm_80 and sm_90 (each file once per arch, in
+  parallel; nothing cached across runs), with warnings as errors;
+* the kernel sources include only CUDA headers (and each other); torch lives in binding.cpp only;
+* binding.cpp passes ``g++ -fsyntax-only`` against torch's headers from the CPU wheel;
+* ``csrc/plan.h`` compiled by g++ gives the same plans as its Python mirror;
+* ``import fused_rnn`` works and ``unavailable_reason`` explains itself without a GPU, and the
+  loader's obstacles (no nvcc, CUDA version mismatch, empty TORCH_CUDA_ARCH_LIST) read clearly.
+
+Tests that need a missing tool are skipped with the reason (``pytest -ra`` prints it).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import sys
+import sysconfig
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+import torch
+
+from fused_rnn.ops.cuda import _ext
+from fused_rnn.ops.cuda import plan as P
+
+ROOT = Path(__file__).resolve().parents[2]
+CSRC = ROOT / "csrc"
+CU_FILES = sorted(CSRC.glob("*.cu"))
+ARCHS = ("80", "90")
+CUDA_HEADERS = {
+    "cuda_runtime.h", "cuda_bf16.h", "cuda_fp16.h", "mma.h", "cooperative_groups.h",
+}
+NVCC = shutil.which("nvcc") or (
+    str(Path(os.environ.get("CUDA_HOME", "/usr/local/cuda")) / "bin" / "nvcc")
+    if (Path(os.environ.get("CUDA_HOME", "/usr/local/cuda")) / "bin" / "nvcc").is_file()
+    else None
+)
+GXX = shutil.which("g++")
+
+
+def _cuda_include() -> Path | None:
+    """CUDA's include directory (nvcc may be a wrapper script, so try the usual homes too)."""
+    if NVCC is None:
+        return None
+    homes = [os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH"),
+             Path(NVCC).resolve().parents[1], "/usr/local/cuda"]
+    for home in homes:
+        if home and (Path(home) / "include" / "cuda_runtime.h").is_file():
+            return Path(home) / "include"
+    return None
+
+
+def test_sources_present():
+    assert CU_FILES, "no .cu files in csrc/"
+    assert {f.name for f in CSRC.glob("*.cpp")} == {"binding.cpp"}, "one C++ binding file"
+    assert {f.name for f in CU_FILES} | {"binding.cpp"} == set(_ext.SOURCES)
+    assert {f.name for f in CSRC.glob("*.h")} | {f.name for f in CSRC.glob("*.cuh")} == set(
+        _ext.HEADERS
+    )
+
+
+_INCLUDE = re.compile(r'^\s*#\s*include\s*([<"])([^>"]+)[>"]', re.M)
+
+
+@pytest.mark.parametrize(
+    "path", sorted(p for p in CSRC.iterdir() if p.suffix in (".cu", ".cuh", ".h")),
+    ids=lambda p: p.name,
+)
+def test_kernel_sources_include_only_cuda_headers(path):
+    """.cu/.cuh/.h: CUDA headers or other csrc headers (which obey the same rule) only."""
+    for kind, name in _INCLUDE.findall(path.read_text()):
+        if kind == '"':
+            assert (CSRC / name).is_file() and Path(name).suffix in (".h", ".cuh"), name
+        else:
+            assert name in CUDA_HEADERS, f"{path.name} includes <{name}>, not a CUDA header"
+
+
+def test_plan_header_is_plain_cpp():
+    """plan.h has no includes at all: g++, nvcc and the binding share it."""
+    assert not _INCLUDE.findall((CSRC / "plan.h").read_text())
+
+
+@pytest.fixture(scope="module")
+def nvcc_results(tmp_path_factory):
+    """Compile every (file, arch) once, two at a time (CI has 2 cores)."""
+    if NVCC is None:
+        pytest.skip("nvcc not found (PATH, CUDA_HOME): cannot compile-check the .cu files")
+    out = tmp_path_factory.mktemp("nvcc")
+
+    def compile_one(job):
+        f, arch = job
+        cmd = [
+            NVCC, "-c", "-std=c++20", "-O3", "--expt-relaxed-constexpr",
+            f"-gencode=arch=compute_{arch},code=sm_{arch}", "-Werror", "all-warnings",
+            f"-I{CSRC}", str(f), "-o", str(out / f"{f.stem}_sm{arch}.o"),
+        ]
+        r = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+        return job, r.returncode, r.stdout + r.stderr
+
+    jobs = [(f, a) for f in CU_FILES for a in ARCHS]
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        return {(f.name, a): (rc, log) for (f, a), rc, log in pool.map(compile_one, jobs)}
+
+
+@pytest.mark.parametrize("arch", ARCHS, ids=lambda a: f"sm{a}")
+@pytest.mark.parametrize("name", [f.name for f in CU_FILES])
+def test_nvcc_compiles(nvcc_results, name, arch):
+    rc, log = nvcc_results[(name, arch)]
+    assert rc == 0, f"nvcc failed for {name} sm_{arch}:\n{log[-4000:]}"
+
+
+def test_binding_syntax_against_torch_headers(tmp_path):
+    """g++ -fsyntax-only of binding.cpp with torch's (CPU wheel) and CUDA's headers."""
+    if GXX is None:
+        pytest.skip("g++ not found: cannot syntax-check csrc/binding.cpp")
+    cuda_inc = _cuda_include()
+    if cuda_inc is None:
+        pytest.skip("CUDA headers not found (no nvcc): cannot syntax-check csrc/binding.cpp")
+    from torch.utils.cpp_extension import include_paths
+
+    incs = include_paths()
+    if not any((Path(i) / "torch" / "extension.h").is_file() for i in incs):
+        pytest.skip("torch/extension.h is not in this torch install")
+    # The CPU wheel lacks the one generated c10/cuda header; an equivalent stub stands in.
+    stub = tmp_path / "stub"
+    macros = stub / "c10" / "cuda" / "impl" / "cuda_cmake_macros.h"
+    macros.parent.mkdir(parents=True)
+    macros.write_text("#pragma once\n#define C10_CUDA_BUILD_SHARED_LIBS\n")
+    cmd = [GXX, "-fsyntax-only", "-std=c++20", "-Wall", "-Wextra", "-Werror"]
+    for inc in [*incs, str(stub), str(cuda_inc), sysconfig.get_paths()["include"]]:
+        cmd += ["-isystem", inc]
+    cmd += [f"-I{CSRC}", "-DTORCH_EXTENSION_NAME=fused_rnn_cuda_ext", str(CSRC / "binding.cpp")]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-4000:]
+
+
+_PLAN_HARNESS = r"""
+#include "plan.h"
+#include <cstdio>
+using namespace fused_rnn;
+int main() {
+  const int hs[] = {1, 5, 37, 64, 100, 256, 512, 768, 1000, 1024, 1300, 1740, 2048, 3000};
+  const int sms[] = {1, 3, 4, 108, 132};
+  for (int c = 0; c < 4; ++c) for (int m = 0; m < 3; ++m) for (int h : hs) for (int s : sms)
+    for (int bw = 0; bw < 2; ++bw) {
+      const Plan p = make_plan(static_cast<Cell>(c), static_cast<Math>(m), h, bw, s);
+      std::printf("%d %d %d %d %d %d %d %d %d %d %d %d %d %d %d %d\n", c, m, h, s, bw, p.units,
+                  p.blocks, p.m_rows, p.m_pad, p.k, p.k_pad, p.ldw, p.slots, p.slot_floats,
+                  p.w_bytes, p.smem_bytes);
+    }
+  for (int c = 0; c < 4; ++c) for (int h : hs) for (int bw = 0; bw < 2; ++bw)
+    for (int tf = 0; tf < 2; ++tf)
+      std::printf("M %d %d %d %d %d\n", c, h, bw, tf,
+                  static_cast<int>(choose_math(false, tf, static_cast<Cell>(c), h, bw, 132,
+                                               227 * 1024)));
+  return 0;
+}
+"""
+
+
+def test_plan_header_matches_python_mirror(tmp_path):
+    if GXX is None:
+        pytest.skip("g++ not found: cannot compile csrc/plan.h")
+    src = tmp_path / "plan_harness.cpp"
+    src.write_text(_PLAN_HARNESS)
+    exe = tmp_path / "plan_harness"
+    subprocess.run(
+        [GXX, "-std=c++17", "-Wall", "-Werror", f"-I{CSRC}", str(src), "-o", str(exe)],
+        check=True, timeout=120,
+    )
+    out = subprocess.run([str(exe)], capture_output=True, text=True, check=True).stdout
+    n = 0
+    for line in out.splitlines():
+        f = line.split()
+        if f[0] == "M":
+            c, h, bw, tf, m = map(int, f[1:])
+            assert m == P.choose_math(False, bool(tf), c, h, bool(bw), 132, 227 * 1024), line
+        else:
+            c, m, h, s, bw, *rest = map(int, f)
+            assert tuple(rest) == P.make_plan(c, m, h, bool(bw), s).as_tuple(), line
+        n += 1
+    assert n > 1000
+
+
+def _run_py(code: str, **env) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+        env={**os.environ, **env}, cwd=ROOT,
+    )
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU message")
+def test_import_works_and_reason_is_clear_without_gpu():
+    r = _run_py(
+        "import sys, fused_rnn, torch\n"
+        "from fused_rnn.ops import cuda\n"
+        "from fused_rnn.ops.cuda import ops, _ext\n"  # op registration needs no extension
+        "print(cuda.unavailable_reason(None))\n"
+        "print(fused_rnn.backend_report()['cuda'])\n"
+        "assert _ext._ext is None and 'fused_rnn._cuda_ext' not in sys.modules\n"
+        "assert hasattr(torch.ops.fused_rnn, 'cuda_layer')\n"
+    )
+    assert r.returncode == 0, r.stderr
+    reason, report = r.stdout.strip().splitlines()
+    assert reason == report
+    assert "CUDA" in reason and ("GPU" in reason or "CPU-only" in reason), reason
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU message")
+def test_extension_raises_actionable_error_without_gpu():
+    with pytest.raises(RuntimeError, match="fused_rnn CUDA backend is unavailable"):
+        _ext.extension()
+
+
+def test_empty_arch_list_is_explained(monkeypatch):
+    monkeypatch.setenv("TORCH_CUDA_ARCH_LIST", "  ")
+    why = _ext.jit_obstacle()
+    assert why and "TORCH_CUDA_ARCH_LIST" in why and "empty" in why
+
+
+def test_missing_nvcc_is_explained(monkeypatch):
+    monkeypatch.delenv("TORCH_CUDA_ARCH_LIST", raising=False)
+    monkeypatch.setattr(_ext, "_find_nvcc", lambda: None)
+    why = _ext.jit_obstacle()
+    assert why and "nvcc was not found" in why and "FUSED_RNN_BUILD_CUDA=1" in why
+
+
+def test_cuda_version_mismatch_is_explained(monkeypatch):
+    monkeypatch.delenv("TORCH_CUDA_ARCH_LIST", raising=False)
+    monkeypatch.setattr(_ext, "_find_nvcc", lambda: "/opt/fake/nvcc")
+    monkeypatch.setattr(_ext, "_nvcc_version", lambda nvcc: (11, 8))
+    monkeypatch.setattr(torch.version, "cuda", "13.0")
+    why = _ext.jit_obstacle()
+    assert why and "nvcc 11.8" in why and "CUDA 13.0" in why
+
+
+def test_build_dir_is_per_torch_and_cuda_version(monkeypatch):
+    monkeypatch.delenv("FUSED_RNN_CUDA_BUILD_DIR", raising=False)
+    monkeypatch.setenv("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
+    monkeypatch.setattr(torch.version, "cuda", "13.0")
+    d = _ext.build_dir().name
+    assert torch.__version__ in d and "cu13.0" in d and "8.0_9.0" in d
+    monkeypatch.setenv("FUSED_RNN_CUDA_BUILD_DIR", "/tmp/x")
+    assert _ext.build_dir() == Path("/tmp/x")
+
+
+def test_sources_are_found_from_the_package():
+    assert _ext.sources_dir() == CSRC
