@@ -1,0 +1,202 @@
+"""A character-level language model: embedding → recurrent stack → linear.
+
+The recurrent class is injectable (``rnn_class``): ``fused_rnn.LSTM`` (the default for
+``cell="lstm"``, with any ``backend``) or ``torch.nn.LSTM``, so the benchmark trains the same
+model on either. Both have the same parameter names, so a state_dict moves between them.
+
+Examples::
+
+    >>> import torch
+    >>> from fused_rnn.charlm import CharLM
+    >>> model = CharLM(vocab_size=50, cell="gru", hidden_size=32, num_layers=2)
+    >>> logits, h = model(torch.randint(0, 50, (7, 3)))  # (T, B) token ids, time-major
+    >>> tuple(logits.shape), tuple(h.shape)
+    ((7, 3, 50), (2, 3, 32))
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+import fused_rnn
+from fused_rnn.tbptt import State, run_rnn
+
+__all__ = ["CELLS", "CharLM", "Vocab"]
+
+CELLS = ("lstm", "gru", "rnn")
+
+
+def _fused_class(cell: str):
+    return {"lstm": fused_rnn.LSTM, "gru": fused_rnn.GRU, "rnn": fused_rnn.RNN}[cell]
+
+
+# The single-step counterpart of each layer class, for generation one token at a time.
+_CELL_OF = {
+    fused_rnn.LSTM: fused_rnn.LSTMCell,
+    fused_rnn.GRU: fused_rnn.GRUCell,
+    fused_rnn.RNN: fused_rnn.RNNCell,
+    nn.LSTM: nn.LSTMCell,
+    nn.GRU: nn.GRUCell,
+    nn.RNN: nn.RNNCell,
+}
+
+
+class Vocab:
+    """Characters ↔ ids; ids follow the sorted characters (so a vocab is just a string)."""
+
+    def __init__(self, chars: str) -> None:
+        if len(set(chars)) != len(chars) or list(chars) != sorted(chars):
+            raise ValueError("a vocabulary is a string of sorted, distinct characters")
+        self.chars = chars
+        self.index = {c: i for i, c in enumerate(chars)}
+
+    @classmethod
+    def from_text(cls, text: str) -> Vocab:
+        return cls("".join(sorted(set(text))))
+
+    def __len__(self) -> int:
+        return len(self.chars)
+
+    def missing(self, text: str) -> list[str]:
+        """The distinct characters of ``text`` not in the vocabulary, in order of appearance."""
+        return list(dict.fromkeys(c for c in text if c not in self.index))
+
+    def encode(self, text: str) -> Tensor:
+        missing = self.missing(text)
+        if missing:
+            raise KeyError(f"characters not in the vocabulary: {''.join(missing)!r}")
+        return torch.tensor([self.index[c] for c in text], dtype=torch.long)
+
+    def decode(self, ids) -> str:
+        return "".join(self.chars[int(i)] for i in ids)
+
+
+class CharLM(nn.Module):
+    """Embedding → recurrent stack (``num_layers``, dropout) → linear, optional weight tying.
+
+    vocab_size: number of characters; cell: "lstm", "gru" or "rnn" (tanh); embedding_size:
+    defaults to ``hidden_size`` with ``tie_weights`` (required then) else 64; dropout: on the
+    embeddings, between recurrent layers and on the last layer's output (training only);
+    rnn_class: a class with nn.LSTM's constructor (default: fused_rnn's class for ``cell``);
+    rnn_kwargs: extra keyword arguments for it, e.g. ``{"backend": "triton"}``.
+
+    ``forward(tokens, state=None, reset=None)``: tokens (T, B) long; state as the recurrent
+    class takes it; reset (T, B) bool or None (see :func:`fused_rnn.tbptt.run_rnn`).
+    Returns logits (T, B, vocab_size) and the new state.
+    """
+
+    def __init__(
+        self,
+        vocab_size: int,
+        *,
+        cell: str = "lstm",
+        hidden_size: int = 256,
+        num_layers: int = 1,
+        embedding_size: int | None = None,
+        dropout: float = 0.0,
+        tie_weights: bool = False,
+        rnn_class=None,
+        rnn_kwargs: dict | None = None,
+    ) -> None:
+        super().__init__()
+        if cell not in CELLS:
+            raise ValueError(f"unknown cell {cell!r}; expected one of {', '.join(CELLS)}")
+        if embedding_size is None:
+            embedding_size = hidden_size if tie_weights else 64
+        if tie_weights and embedding_size != hidden_size:
+            raise ValueError(
+                f"tied weights need embedding_size == hidden_size, got {embedding_size} "
+                f"and {hidden_size}"
+            )
+        self.config = dict(
+            vocab_size=vocab_size,
+            cell=cell,
+            hidden_size=hidden_size,
+            num_layers=num_layers,
+            embedding_size=embedding_size,
+            dropout=dropout,
+            tie_weights=tie_weights,
+        )
+        self.cell = cell
+        self.encoder = nn.Embedding(vocab_size, embedding_size)
+        self.drop = nn.Dropout(dropout)
+        rnn_class = rnn_class or _fused_class(cell)
+        self.rnn = rnn_class(
+            embedding_size,
+            hidden_size,
+            num_layers,
+            dropout=dropout if num_layers > 1 else 0.0,
+            **(rnn_kwargs or {}),
+        )
+        self.decoder = nn.Linear(hidden_size, vocab_size)
+        nn.init.uniform_(self.encoder.weight, -0.1, 0.1)
+        nn.init.zeros_(self.decoder.bias)
+        if tie_weights:
+            self.decoder.weight = self.encoder.weight
+        else:
+            nn.init.uniform_(self.decoder.weight, -0.1, 0.1)
+
+    def forward(self, tokens: Tensor, state: State = None, reset: Tensor | None = None):
+        x = self.drop(self.encoder(tokens))
+        out, state = run_rnn(self.rnn, x, state, reset)
+        return self.decoder(self.drop(out)), state
+
+    # ---------------------------------------------------------------- one step at a time
+    def step_cells(self) -> list[nn.Module]:
+        """One cell module per layer, sharing the layer's parameters (no copies).
+
+        For fused_rnn layers these are fused_rnn cells with the layer's backend: the fused
+        single-step path. Kept in a plain list, so they add nothing to the state_dict.
+        """
+        rnn = self.rnn
+        cell_class = _CELL_OF.get(type(rnn))
+        if cell_class is None:
+            raise TypeError(f"no single-step cell known for {type(rnn).__name__}")
+        if getattr(rnn, "bidirectional", False) or getattr(rnn, "proj_size", 0):
+            raise ValueError("step-by-step generation needs a unidirectional stack, no proj_size")
+        kwargs = {}
+        if isinstance(rnn, fused_rnn.RNN) or isinstance(rnn, nn.RNN):
+            kwargs["nonlinearity"] = rnn.nonlinearity
+        if cell_class in (fused_rnn.LSTMCell, fused_rnn.GRUCell, fused_rnn.RNNCell):
+            kwargs["backend"] = rnn.backend
+        cells = []
+        p = next(rnn.parameters())
+        for layer in range(rnn.num_layers):
+            in_size = rnn.input_size if layer == 0 else rnn.hidden_size
+            cell = cell_class(in_size, rnn.hidden_size, bias=rnn.bias, device="meta",
+                              dtype=p.dtype, **kwargs)
+            for name in ("weight_ih", "weight_hh", "bias_ih", "bias_hh"):
+                if rnn.bias or name.startswith("weight"):
+                    setattr(cell, name, getattr(rnn, f"{name}_l{layer}"))
+            cells.append(cell)
+        return cells
+
+    def step(self, tokens: Tensor, state: State, cells: list[nn.Module]):
+        """One token per row through the cells: tokens (B,) → logits (B, V), new state.
+
+        ``state`` is in the layer's format ((L, B, H), a tuple for LSTM, or None).
+        """
+        x = self.encoder(tokens)
+        is_lstm = self.cell == "lstm"
+        hs, cs = [], []
+        for layer, cell in enumerate(cells):
+            if state is None:
+                hx = None
+            elif is_lstm:
+                hx = (state[0][layer], state[1][layer])
+            else:
+                hx = state[layer]
+            out = cell(x, hx)
+            if is_lstm:
+                hs.append(out[0])
+                cs.append(out[1])
+                x = out[0]
+            else:
+                hs.append(out)
+                x = out
+        new_state = (torch.stack(hs), torch.stack(cs)) if is_lstm else torch.stack(hs)
+        return self.decoder(x), new_state
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())

@@ -1,0 +1,406 @@
+"""Truncated backpropagation through time (TBPTT) over a token stream.
+
+Works with any recurrent module that has ``torch.nn.LSTM``'s interface, time-major
+(``batch_first=False``): ``fused_rnn.LSTM/GRU/RNN`` and ``torch.nn.LSTM/GRU/RNN`` alike, so
+that comparisons between them are fair. LSTM state is the tuple ``(h, c)``, GRU/RNN state a
+tensor ``h``; both are ``(num_layers * num_directions, B, H)``, and ``None`` means zeros.
+
+The pieces:
+
+- :class:`StreamBatcher` lays a token stream out as ``B`` contiguous streams (one per batch
+  row) and yields chunks of ``bptt`` steps, optionally of randomised length as AWD-LSTM does.
+  Under DistributedDataParallel each rank takes its own rows of the same global layout.
+- :func:`detach_state` cuts the autograd graph between chunks; :func:`mask_state` zeroes the
+  state of rows whose document ends; :func:`run_rnn` runs a recurrent module over one chunk,
+  zeroing rows at the document boundaries inside it.
+- :func:`train_chunk` is one TBPTT step: forward, mean cross-entropy, backward, gradient
+  clipping by norm, optimizer step; it returns the loss and the detached state to carry.
+- :func:`evaluate` is the mean cross-entropy over a whole stream, state carried.
+- :func:`atomic_save` writes a checkpoint that a crash cannot leave half-written.
+
+Examples::
+
+    >>> import torch, fused_rnn
+    >>> from fused_rnn.tbptt import StreamBatcher, run_rnn, detach_state
+    >>> batcher = StreamBatcher(torch.arange(101), batch_size=4, bptt=10)
+    >>> rnn = fused_rnn.GRU(1, 8)
+    >>> state = None
+    >>> for chunk in batcher.epoch():
+    ...     out, state = run_rnn(rnn, chunk.x.unsqueeze(-1).float(), state, chunk.reset)
+    ...     state = detach_state(state)
+    >>> tuple(state.shape), state.grad_fn is None
+    ((1, 4, 8), True)
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import tempfile
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+__all__ = [
+    "Chunk",
+    "StreamBatcher",
+    "atomic_save",
+    "detach_state",
+    "evaluate",
+    "mask_state",
+    "run_rnn",
+    "state_rows",
+    "train_chunk",
+]
+
+State = Tensor | tuple[Tensor, ...] | None
+
+
+# --------------------------------------------------------------------------- the state
+def _map(state: State, fn: Callable[[Tensor], Tensor]) -> State:
+    if state is None:
+        return None
+    if isinstance(state, Tensor):
+        return fn(state)
+    return tuple(fn(s) for s in state)
+
+
+def detach_state(state: State) -> State:
+    """The state with its autograd history cut: the next chunk's backward stops here."""
+    return _map(state, lambda s: s.detach())
+
+
+def mask_state(state: State, keep: Tensor) -> State:
+    """Zero the batch rows where ``keep`` (B,) is False; state tensors are (L*D, B, H)."""
+    return _map(state, lambda s: s * keep.view(1, -1, 1).to(s.dtype))
+
+
+def state_rows(state: State, rows: slice) -> State:
+    """The batch rows ``rows`` of a state (dim 1)."""
+    return _map(state, lambda s: s[:, rows])
+
+
+# --------------------------------------------------------------------------- the data
+@dataclass
+class Chunk:
+    """One TBPTT chunk, time-major.
+
+    x: (T, B) inputs; y: (T, B) targets (``y[t] = x[t+1]`` within a stream); reset: (T, B)
+    bool, True where the token ``x[t]`` starts a new document so the state entering step t
+    must be zero, or None when no row starts a document in this chunk; start: the stream
+    position of ``x[0]``; first: True for the first chunk of an epoch (no state to carry:
+    the previous chunk ended at the other end of the streams).
+    """
+
+    x: Tensor
+    y: Tensor
+    reset: Tensor | None
+    start: int
+    first: bool
+
+    @property
+    def num_tokens(self) -> int:
+        return self.y.numel()
+
+
+class StreamBatcher:
+    """Lay ``tokens`` out as ``batch_size`` contiguous streams; iterate TBPTT chunks.
+
+    tokens: (N,) integer tensor. Stream ``b`` is ``tokens[b*n : (b+1)*n + 1]`` with
+    ``n = (N - 1) // batch_size``: neighbouring streams overlap by one token, so over one
+    epoch every token of ``tokens[:B*n]`` is an input exactly once and every token of
+    ``tokens[1:B*n+1]`` a target exactly once (the last ``N - 1 - B*n`` tokens are unused).
+
+    boundaries: (N,) bool or None, True at the first token of each document; the chunk's
+    ``reset`` mask marks them (see :func:`run_rnn`).
+
+    variable_length: AWD-LSTM's randomised chunk length: ``bptt`` with probability 0.95,
+    else ``bptt / 2``, plus normal noise of std 5, at least ``min_length`` and at most
+    ``bptt + 20``. The draws come from a generator of their own (seeded with ``seed``), so
+    every rank draws the same lengths and :meth:`state_dict` restores them exactly.
+
+    rank, world_size: under DistributedDataParallel rank ``r`` gets rows
+    ``[r*B/W, (r+1)*B/W)`` of the same ``batch_size``-row layout (``batch_size`` is global
+    and must divide by ``world_size``), so W ranks together see exactly what one process
+    with the whole batch sees.
+
+    Examples::
+
+        >>> import torch
+        >>> from fused_rnn.tbptt import StreamBatcher
+        >>> b = StreamBatcher(torch.arange(13), batch_size=3, bptt=3)
+        >>> [c.x.T.tolist() for c in b.epoch()]
+        [[[0, 1, 2], [4, 5, 6], [8, 9, 10]], [[3], [7], [11]]]
+        >>> b.streams.T.tolist()
+        [[0, 1, 2, 3, 4], [4, 5, 6, 7, 8], [8, 9, 10, 11, 12]]
+    """
+
+    def __init__(
+        self,
+        tokens: Tensor,
+        batch_size: int,
+        bptt: int,
+        *,
+        boundaries: Tensor | None = None,
+        variable_length: bool = False,
+        min_length: int = 5,
+        seed: int = 0,
+        rank: int = 0,
+        world_size: int = 1,
+        device: torch.device | str | None = None,
+    ) -> None:
+        if tokens.dim() != 1:
+            raise ValueError(f"tokens must be 1-D, got shape {tuple(tokens.shape)}")
+        if batch_size < 1 or bptt < 1:
+            raise ValueError(f"batch_size and bptt must be positive, got {batch_size}, {bptt}")
+        if batch_size % world_size != 0:
+            raise ValueError(
+                f"batch_size {batch_size} (the global number of streams) must be divisible "
+                f"by the world size {world_size}"
+            )
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} out of range for world size {world_size}")
+        n = (tokens.numel() - 1) // batch_size
+        if n < 1:
+            raise ValueError(
+                f"{tokens.numel()} tokens are too few for {batch_size} streams "
+                f"(need at least {batch_size + 1})"
+            )
+        self.batch_size = batch_size
+        self.bptt = bptt
+        self.variable_length = variable_length
+        self.min_length = min_length
+        self.rank = rank
+        self.world_size = world_size
+        self.steps_per_stream = n
+        local = batch_size // world_size
+        rows = slice(rank * local, (rank + 1) * local)
+        # index[b, t] = b*n + t: stream b's position t, overlapping the next stream by one.
+        index = torch.arange(batch_size)[:, None] * n + torch.arange(n + 1)[None, :]
+        tokens = tokens.cpu()
+        self.streams = tokens[index[rows]].t().contiguous().to(device)  # (n+1, local)
+        if boundaries is not None:
+            if boundaries.shape != tokens.shape:
+                raise ValueError("boundaries must have the shape of tokens")
+            b = boundaries.cpu().bool()[index[rows]].t().contiguous()  # (n+1, local)
+            # Host-side: which positions have any reset, so chunks without one skip the mask.
+            self._any_reset = b.any(1)
+            self._resets = b.to(device)
+        else:
+            self._any_reset = None
+            self._resets = None
+        self.generator = torch.Generator().manual_seed(seed)
+        self.pos = 0
+        self.epoch_index = 0
+
+    # ---- iteration
+    def _next_length(self) -> int:
+        if not self.variable_length:
+            return self.bptt
+        g = self.generator
+        base = self.bptt if torch.rand((), generator=g).item() < 0.95 else self.bptt / 2
+        length = int(base + 5.0 * torch.randn((), generator=g).item())
+        return max(self.min_length, min(length, self.bptt + 20))
+
+    def next_chunk(self) -> Chunk:
+        """The next chunk; wraps to a new epoch (``first=True``) after the streams' end."""
+        n = self.steps_per_stream
+        start = self.pos
+        length = min(self._next_length(), n - start)
+        end = start + length
+        x = self.streams[start:end]
+        y = self.streams[start + 1 : end + 1]
+        reset = None
+        if self._any_reset is not None and bool(self._any_reset[start:end].any()):
+            reset = self._resets[start:end]
+        chunk = Chunk(x=x, y=y, reset=reset, start=start, first=start == 0)
+        self.pos = end
+        if self.pos >= n:
+            self.pos = 0
+            self.epoch_index += 1
+        return chunk
+
+    def epoch(self) -> Iterator[Chunk]:
+        """The chunks from the current position to the end of the current epoch."""
+        current = self.epoch_index
+        while self.epoch_index == current:
+            yield self.next_chunk()
+
+    # ---- checkpointing
+    def state_dict(self) -> dict:
+        return {
+            "pos": self.pos,
+            "epoch": self.epoch_index,
+            "generator": self.generator.get_state(),
+            "steps_per_stream": self.steps_per_stream,
+            "batch_size": self.batch_size,
+            "bptt": self.bptt,
+            "variable_length": self.variable_length,
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        for key in ("steps_per_stream", "batch_size", "bptt", "variable_length"):
+            if state[key] != getattr(self, key):
+                raise ValueError(
+                    f"data layout differs from the checkpoint's: {key} is "
+                    f"{getattr(self, key)}, the checkpoint has {state[key]}"
+                )
+        self.pos = int(state["pos"])
+        self.epoch_index = int(state["epoch"])
+        self.generator.set_state(state["generator"])
+
+
+# --------------------------------------------------------------------------- the model side
+def run_rnn(rnn: nn.Module, x: Tensor, state: State, reset: Tensor | None = None):
+    """Run a time-major recurrent module over one chunk, zeroing state at document starts.
+
+    rnn: any module with nn.LSTM's interface and ``batch_first=False``; x: (T, B, I);
+    state: as the module takes it (None = zeros); reset: (T, B) bool or None, True where
+    the state entering step t of row b must be zero. The chunk is cut at the steps where
+    some row resets, each piece one call of ``rnn`` (so the fused whole-chunk kernels still
+    run; documents are long against a chunk, so there are few cuts). Returns (out, state).
+    """
+    if reset is None:
+        return rnn(x, state)
+    cuts = torch.nonzero(reset.any(1)).flatten().tolist()  # one host sync, only here
+    outs = []
+    begin = 0
+    for t in cuts:
+        if t > begin:
+            out, state = rnn(x[begin:t], state)
+            outs.append(out)
+            begin = t
+        state = mask_state(state, ~reset[t])
+    out, state = rnn(x[begin:], state)
+    outs.append(out)
+    return (outs[0] if len(outs) == 1 else torch.cat(outs, 0)), state
+
+
+def _autocast(device: torch.device, dtype: torch.dtype | None):
+    if dtype is None:
+        return torch.autocast(device.type, enabled=False)
+    return torch.autocast(device.type, dtype=dtype)
+
+
+def chunk_loss(model: nn.Module, chunk: Chunk, state: State, *, autocast_dtype=None):
+    """Mean cross-entropy (nats, fp32) of ``model(x, state, reset) -> (logits, state)``."""
+    with _autocast(chunk.x.device, autocast_dtype):
+        logits, state = model(chunk.x, state, chunk.reset)
+    loss = F.cross_entropy(logits.float().flatten(0, 1), chunk.y.flatten())
+    return loss, state
+
+
+def train_chunk(
+    model: nn.Module,
+    chunk: Chunk,
+    state: State,
+    optimizer: torch.optim.Optimizer | None,
+    *,
+    clip: float | None = None,
+    autocast_dtype: torch.dtype | None = None,
+    scaler: torch.amp.GradScaler | None = None,
+) -> tuple[Tensor, State, Tensor | None]:
+    """One TBPTT step on ``model(x, state, reset) -> (logits, state)``.
+
+    Drops the carried state at the start of an epoch, forwards the chunk, backpropagates
+    the mean cross-entropy (through this chunk only: ``state`` comes in detached), clips
+    the gradient norm to ``clip`` (None or 0: no clipping), steps ``optimizer`` (None: leave
+    the gradients for the caller). Returns (loss, detached state, gradient norm or None);
+    the loss is a detached 0-d tensor (no host sync here).
+    """
+    if chunk.first:
+        state = None
+    if optimizer is not None:
+        optimizer.zero_grad(set_to_none=True)
+    loss, state = chunk_loss(model, chunk, state, autocast_dtype=autocast_dtype)
+    if scaler is not None:
+        scaler.scale(loss).backward()
+    else:
+        loss.backward()
+    grad_norm = None
+    if optimizer is not None:
+        if scaler is not None:
+            scaler.unscale_(optimizer)
+        if clip:
+            params = [p for g in optimizer.param_groups for p in g["params"]]
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, clip)
+        if scaler is not None:
+            scaler.step(optimizer)
+            scaler.update()
+        else:
+            optimizer.step()
+    return loss.detach(), detach_state(state), grad_norm
+
+
+@torch.no_grad()
+def evaluate(
+    model: nn.Module,
+    batcher: StreamBatcher,
+    *,
+    max_chunks: int | None = None,
+    autocast_dtype: torch.dtype | None = None,
+) -> tuple[float, int]:
+    """Mean cross-entropy (nats) over one epoch of ``batcher`` from its start, state carried.
+
+    Returns (summed loss, token count) over this process's rows, so that ranks can
+    all-reduce both; the mean is their ratio. The model is put in eval mode and back.
+    Nothing here draws random numbers, so evaluating does not change a training run.
+    """
+    was_training = model.training
+    model.eval()
+    saved = batcher.state_dict()
+    batcher.pos = 0
+    total = torch.zeros((), dtype=torch.float64, device=batcher.streams.device)
+    count = 0
+    state = None
+    try:
+        for i, chunk in enumerate(batcher.epoch()):
+            if max_chunks is not None and i >= max_chunks:
+                break
+            loss, state = chunk_loss(model, chunk, state, autocast_dtype=autocast_dtype)
+            total += loss.double() * chunk.num_tokens
+            count += chunk.num_tokens
+    finally:
+        batcher.load_state_dict(saved)
+        model.train(was_training)
+    return float(total), count
+
+
+def bits(nats: float) -> float:
+    """Nats to bits (bits per character for a character model's cross-entropy)."""
+    return nats / math.log(2)
+
+
+# --------------------------------------------------------------------------- checkpoints
+def atomic_save(obj, path: str | os.PathLike) -> None:
+    """``torch.save`` to a temporary file in the same directory, fsync, ``os.replace``.
+
+    A crash (even SIGKILL) leaves either the previous file or the new one, never a torn
+    one; the directory is fsynced too so the rename itself survives a power loss.
+    """
+    path = os.fspath(path)
+    directory = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix="." + os.path.basename(path) + ".", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+    try:
+        dfd = os.open(directory, os.O_RDONLY)
+    except OSError:  # some platforms cannot open a directory
+        return
+    try:
+        os.fsync(dfd)
+    finally:
+        os.close(dfd)

@@ -1,0 +1,303 @@
+"""Truncated BPTT (fused_rnn.tbptt) and the character model (fused_rnn.charlm).
+
+Each property is checked on fused_rnn's modules and on torch.nn's, since the training loop
+must treat both the same (the benchmark compares them).
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+
+import pytest
+import torch
+
+import fused_rnn
+from fused_rnn.charlm import CharLM, Vocab
+from fused_rnn.tbptt import (
+    StreamBatcher,
+    atomic_save,
+    detach_state,
+    evaluate,
+    mask_state,
+    run_rnn,
+    train_chunk,
+)
+
+# (id, class, kwargs): both implementations of every cell kind.
+RNNS = [
+    ("fused-lstm", fused_rnn.LSTM, {}),
+    ("fused-gru", fused_rnn.GRU, {}),
+    ("fused-rnn", fused_rnn.RNN, {}),
+    ("fused-lstm-reference", fused_rnn.LSTM, {"backend": "reference"}),
+    ("nn-lstm", torch.nn.LSTM, {}),
+    ("nn-gru", torch.nn.GRU, {}),
+    ("nn-rnn", torch.nn.RNN, {}),
+]
+RNN_IDS = [r[0] for r in RNNS]
+
+
+def _make_rnn(cls, kwargs, I=3, H=5, L=2, seed=0):
+    torch.manual_seed(seed)
+    return cls(I, H, L, **kwargs)
+
+
+# --------------------------------------------------------------------------- the batcher
+@pytest.mark.parametrize("variable", [False, True], ids=["fixed", "variable"])
+@pytest.mark.parametrize("N,B,T", [(101, 4, 7), (1000, 3, 16), (37, 5, 1), (12, 11, 4)],
+                         ids=lambda v: str(v))
+def test_every_token_once_per_epoch(N, B, T, variable):
+    batcher = StreamBatcher(torch.arange(N), B, T, variable_length=variable, min_length=1, seed=3)
+    n = (N - 1) // B
+    xs, ys = [], []
+    chunks = list(batcher.epoch())
+    assert chunks[0].first and not any(c.first for c in chunks[1:])
+    for c in chunks:
+        assert c.x.shape == c.y.shape and c.x.shape[1] == B
+        xs.append(c.x.flatten())
+        ys.append(c.y.flatten())
+        # targets are the next token of the same stream
+        assert torch.equal(c.y[:-1], c.x[1:])
+    xs, ys = torch.cat(xs).sort().values, torch.cat(ys).sort().values
+    assert torch.equal(xs, torch.arange(B * n)), "each input token exactly once"
+    assert torch.equal(ys, torch.arange(1, B * n + 1)), "each target token exactly once"
+    # the next epoch starts over from the streams' beginning
+    assert batcher.epoch_index == 1 and batcher.pos == 0
+    nxt = batcher.next_chunk()
+    assert nxt.first and nxt.start == 0
+
+
+def test_variable_lengths_follow_awd_and_restore_exactly():
+    batcher = StreamBatcher(torch.arange(100_000), 2, 70, variable_length=True, seed=0)
+    lengths = [batcher.next_chunk().x.shape[0] for _ in range(200)]
+    assert len(set(lengths)) > 10 and min(lengths) >= 5 and max(lengths) <= 90
+    assert any(x < 50 for x in lengths), "about 5% of chunks use bptt/2"
+    saved = batcher.state_dict()
+    ahead = [batcher.next_chunk().x.shape[0] for _ in range(20)]
+    batcher.load_state_dict(saved)
+    assert [batcher.next_chunk().x.shape[0] for _ in range(20)] == ahead
+    fixed = StreamBatcher(torch.arange(1000), 2, 70)
+    assert {fixed.next_chunk().x.shape[0] for _ in range(3)} == {70}
+
+
+def test_ranks_take_disjoint_rows_of_the_global_layout():
+    tokens = torch.randint(0, 50, (503,))
+    whole = StreamBatcher(tokens, 6, 8)
+    parts = [StreamBatcher(tokens, 6, 8, rank=r, world_size=3) for r in range(3)]
+    assert torch.equal(torch.cat([p.streams for p in parts], 1), whole.streams)
+    for _ in range(3):
+        c = whole.next_chunk()
+        cs = [p.next_chunk() for p in parts]
+        assert torch.equal(torch.cat([x.x for x in cs], 1), c.x)
+    with pytest.raises(ValueError, match="divisible"):
+        StreamBatcher(tokens, 6, 8, rank=0, world_size=4)
+
+
+def test_boundary_mask_marks_document_starts():
+    N = 41
+    bounds = torch.zeros(N, dtype=torch.bool)
+    bounds[[0, 13, 30]] = True
+    batcher = StreamBatcher(torch.arange(N), 2, 5, boundaries=bounds)  # n = 20
+    marked = []
+    for c in batcher.epoch():
+        if c.reset is None:
+            continue
+        for t, b in torch.nonzero(c.reset).tolist():
+            marked.append(int(c.x[t, b]))
+    assert sorted(marked) == [0, 13, 30]
+
+
+# --------------------------------------------------------------------------- the state
+@pytest.mark.parametrize("name,cls,kwargs", RNNS, ids=RNN_IDS)
+def test_chunks_with_carried_state_equal_one_pass(name, cls, kwargs):
+    rnn = _make_rnn(cls, kwargs)
+    x = torch.randn(23, 4, 3)
+    full, full_state = rnn(x)
+    outs, state = [], None
+    for s in range(0, 23, 5):
+        out, state = run_rnn(rnn, x[s : s + 5], state)
+        state = detach_state(state)
+        outs.append(out)
+    torch.testing.assert_close(torch.cat(outs), full, rtol=1e-5, atol=1e-6)
+    for a, b in zip(state if isinstance(state, tuple) else (state,),
+                    full_state if isinstance(full_state, tuple) else (full_state,)):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("name,cls,kwargs", RNNS, ids=RNN_IDS)
+def test_detached_state_stops_backward_at_the_chunk(name, cls, kwargs):
+    rnn = _make_rnn(cls, kwargs)
+    x1 = torch.randn(6, 2, 3, requires_grad=True)
+    x2 = torch.randn(6, 2, 3)
+    _, state = rnn(x1)
+    carried = detach_state(state)
+    for s in carried if isinstance(carried, tuple) else (carried,):
+        assert s.grad_fn is None and not s.requires_grad
+    out, _ = rnn(x2, carried)
+    out.sum().backward()
+    assert x1.grad is None, "chunk 2's backward reached chunk 1"
+    # Control: without the detach, the same backward does reach chunk 1.
+    out, _ = rnn(x2, state)
+    out.sum().backward()
+    assert x1.grad is not None and x1.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("cell", ["lstm", "gru", "rnn"])
+@pytest.mark.parametrize("torch_nn", [False, True], ids=["fused", "nn"])
+def test_train_chunk_returns_detached_state_and_graph_does_not_grow(cell, torch_nn):
+    rnn_class = {"lstm": torch.nn.LSTM, "gru": torch.nn.GRU, "rnn": torch.nn.RNN}[cell] if torch_nn else None
+    torch.manual_seed(0)
+    model = CharLM(11, cell=cell, hidden_size=8, num_layers=2, rnn_class=rnn_class)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    batcher = StreamBatcher(torch.randint(0, 11, (400,)), 3, 6)
+    state = None
+    node_counts = []
+    for _ in range(4):
+        chunk = batcher.next_chunk()
+        loss, state, _ = train_chunk(model, chunk, state, opt)
+        assert loss.grad_fn is None
+        for s in state if isinstance(state, tuple) else (state,):
+            assert s.grad_fn is None and not s.requires_grad
+        # The graph of the next chunk's loss is the same size every time: nothing of the
+        # earlier chunks hangs off the carried state.
+        with torch.enable_grad():
+            logits, _ = model(batcher.streams[:6], state)
+            node_counts.append(_graph_size(logits.sum().grad_fn))
+    assert len(set(node_counts)) == 1
+
+
+def _graph_size(fn) -> int:
+    seen, stack = set(), [fn]
+    while stack:
+        f = stack.pop()
+        if f is None or f in seen:
+            continue
+        seen.add(f)
+        stack.extend(g for g, _ in f.next_functions)
+    return len(seen)
+
+
+def test_train_chunk_drops_state_at_epoch_start():
+    torch.manual_seed(0)
+    model = CharLM(7, cell="gru", hidden_size=4)
+    batcher = StreamBatcher(torch.randint(0, 7, (50,)), 2, 100)  # one chunk per epoch
+    chunk = batcher.next_chunk()
+    assert chunk.first
+    junk = torch.full((1, 2, 4), 50.0)
+    loss_junk, _, _ = train_chunk(model, chunk, junk, None)
+    model.zero_grad()
+    loss_none, _, _ = train_chunk(model, chunk, None, None)
+    assert torch.equal(loss_junk, loss_none)
+
+
+def test_train_chunk_clips_gradient_norm():
+    torch.manual_seed(0)
+    model = CharLM(9, hidden_size=8)
+    before = [p.detach().clone() for p in model.parameters()]
+    opt = torch.optim.SGD(model.parameters(), lr=1.0)
+    chunk = StreamBatcher(torch.randint(0, 9, (200,)), 2, 10).next_chunk()
+    _, _, norm = train_chunk(model, chunk, None, opt, clip=1e-3)
+    assert norm > 1e-3  # the raw norm is reported, the step uses the clipped one
+    step = torch.cat([(p.detach() - b).flatten() for p, b in zip(model.parameters(), before)])
+    torch.testing.assert_close(step.norm(), torch.tensor(1e-3), rtol=1e-3, atol=0)
+
+
+# --------------------------------------------------------------------------- boundary resets
+@pytest.mark.parametrize("name,cls,kwargs", RNNS, ids=RNN_IDS)
+def test_reset_zeroes_state_of_that_row_at_that_step(name, cls, kwargs):
+    rnn = _make_rnn(cls, kwargs)
+    T, B = 9, 3
+    x = torch.randn(T, B, 3)
+    h0 = torch.randn(2, B, 5)
+    state = (h0, torch.randn(2, B, 5)) if isinstance(rnn, (torch.nn.LSTM, fused_rnn.LSTM)) else h0
+    reset = torch.zeros(T, B, dtype=torch.bool)
+    reset[4, 1] = True  # row 1: a document starts at step 4
+    reset[0, 2] = True  # row 2: at the chunk's first step
+    out, _ = run_rnn(rnn, x, state, reset)
+    plain, _ = rnn(x, state)
+    # Row 0: untouched. Row 1: as before up to step 4, then as a fresh start from zeros.
+    torch.testing.assert_close(out[:, 0], plain[:, 0])
+    torch.testing.assert_close(out[:4, 1], plain[:4, 1])
+    fresh1, _ = rnn(x[4:, 1:2])
+    torch.testing.assert_close(out[4:, 1:2], fresh1, rtol=1e-5, atol=1e-6)
+    fresh2, _ = rnn(x[:, 2:3])
+    torch.testing.assert_close(out[:, 2:3], fresh2, rtol=1e-5, atol=1e-6)
+    assert not torch.allclose(out[4:, 1], plain[4:, 1])  # the reset did change something
+
+
+def test_mask_state_keeps_gradients_of_kept_rows():
+    h = torch.randn(2, 3, 4, requires_grad=True)
+    masked = mask_state((h, h * 2), torch.tensor([True, False, True]))
+    assert torch.equal(masked[0][:, 1], torch.zeros(2, 4))
+    masked[0].sum().backward()
+    assert torch.equal(h.grad[:, 1], torch.zeros(2, 4)) and h.grad[:, 0].abs().sum() > 0
+
+
+# --------------------------------------------------------------------------- evaluate, save
+def test_evaluate_leaves_training_state_alone():
+    torch.manual_seed(0)
+    model = CharLM(9, hidden_size=8, num_layers=2, dropout=0.5)
+    batcher = StreamBatcher(torch.randint(0, 9, (300,)), 2, 10, variable_length=True)
+    batcher.next_chunk()
+    saved = batcher.state_dict()
+    rng = torch.get_rng_state()
+    total1, count1 = evaluate(model, batcher)
+    total2, count2 = evaluate(model, batcher)
+    assert model.training
+    assert count1 == 2 * 149 and total1 == total2  # eval mode: no dropout, deterministic
+    assert torch.equal(torch.get_rng_state(), rng)
+    assert batcher.state_dict()["pos"] == saved["pos"]
+    assert torch.equal(batcher.state_dict()["generator"], saved["generator"])
+
+
+class _Unpicklable:
+    def __reduce__(self):
+        raise RuntimeError("boom")
+
+
+def test_atomic_save_never_leaves_a_torn_file(tmp_path):
+    path = tmp_path / "checkpoint.pt"
+    atomic_save({"step": 1, "w": torch.ones(3)}, path)
+    with pytest.raises((RuntimeError, pickle.PicklingError)):
+        atomic_save({"step": 2, "bad": _Unpicklable()}, path)
+    assert torch.load(path, weights_only=True)["step"] == 1
+    assert os.listdir(tmp_path) == ["checkpoint.pt"], "no temporary file left behind"
+    atomic_save({"step": 3}, path)
+    assert torch.load(path, weights_only=True)["step"] == 3
+
+
+# --------------------------------------------------------------------------- the model
+@pytest.mark.parametrize("cell", ["lstm", "gru", "rnn"])
+@pytest.mark.parametrize("torch_nn", [False, True], ids=["fused", "nn"])
+def test_step_through_cells_equals_layer_forward(cell, torch_nn):
+    rnn_class = {"lstm": torch.nn.LSTM, "gru": torch.nn.GRU, "rnn": torch.nn.RNN}[cell] if torch_nn else None
+    torch.manual_seed(0)
+    model = CharLM(13, cell=cell, hidden_size=12, num_layers=2, rnn_class=rnn_class).eval()
+    tokens = torch.randint(0, 13, (8, 3))
+    logits, state = model(tokens)
+    cells = model.step_cells()
+    assert all(c.weight_hh is getattr(model.rnn, f"weight_hh_l{i}") for i, c in enumerate(cells))
+    step_state, outs = None, []
+    for t in range(8):
+        out, step_state = model.step(tokens[t], step_state, cells)
+        outs.append(out)
+    torch.testing.assert_close(torch.stack(outs), logits, rtol=1e-5, atol=1e-6)
+    assert set(model.state_dict()) == set(CharLM(13, cell=cell, hidden_size=12, num_layers=2).state_dict())
+
+
+def test_weight_tying_and_injected_class():
+    m = CharLM(20, hidden_size=16, tie_weights=True, rnn_class=torch.nn.LSTM)
+    assert m.decoder.weight is m.encoder.weight and isinstance(m.rnn, torch.nn.LSTM)
+    with pytest.raises(ValueError, match="embedding_size == hidden_size"):
+        CharLM(20, hidden_size=16, embedding_size=8, tie_weights=True)
+    fused = CharLM(20, hidden_size=16, tie_weights=True, rnn_kwargs={"backend": "reference"})
+    fused.load_state_dict(m.state_dict())  # same names both ways
+    assert fused.rnn.backend == "reference"
+
+
+def test_vocab_roundtrip_and_missing():
+    v = Vocab.from_text("hello world")
+    assert v.chars == " dehlorw" and v.decode(v.encode("world")) == "world"
+    assert v.missing("hex!x") == ["x", "!"]
+    with pytest.raises(KeyError):
+        v.encode("x")
