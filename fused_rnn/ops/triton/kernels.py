@@ -92,6 +92,14 @@ def _load_tile(ptr, rows, cols, stride, n_rows, n_cols):
 
 
 @triton.jit
+def _load_w(ptr, rows, cols, stride, n_rows, n_cols):
+    """Like ``_load_tile`` but kept in the storage dtype: weights feed tl.dot as they are, and
+    in the persistent kernels they stay in registers for the whole chunk (half the space)."""
+    mask = (rows < n_rows)[:, None] & (cols < n_cols)[None, :]
+    return tl.load(ptr + rows[:, None] * stride + cols[None, :], mask=mask, other=0.0)
+
+
+@triton.jit
 def _load_wT(w_ptr, gate, offs_k, offs_j, H, K):
     """Gate ``gate``'s block of W (G*H, K), transposed: tile[k, j] = W[gate*H + j, k]."""
     mask = (offs_k < K)[:, None] & (offs_j < H)[None, :]
@@ -327,7 +335,7 @@ def _step_bwd_kernel(
                     dgk = _load_tile(dghn_next_ptr, offs_b, offs_k, H, B, H)
                 else:
                     dgk = _load_tile(dg_next_ptr + g * H, offs_b, offs_k, GH, B, H)
-                w = _load_tile(w_hh_ptr + g * H * H, offs_k, offs_j, H, H, H)
+                w = _load_w(w_hh_ptr + g * H * H, offs_k, offs_j, H, H, H)
                 dh += _mm(dgk, w, OPERAND, INTERPRET, PRECISION)
         dm = dh + tl.load(dy_ptr + tile, mask=mask, other=0.0).to(tl.float32)
     else:
@@ -566,14 +574,14 @@ def _persistent_bwd_kernel(
     mask_p = (offs_b < B)[:, None] & (offs_p < P)[None, :]
 
     # W_hh per gate in its natural (H, P) orientation: dh_{t-1} = sum_g dG_g @ W_g.
-    w0 = _load_tile(w_hh_ptr, offs_j, offs_p, P, H, P)
+    w0 = _load_w(w_hh_ptr, offs_j, offs_p, P, H, P)
     if G > 1:
-        w1 = _load_tile(w_hh_ptr + H * P, offs_j, offs_p, P, H, P)
-        w2 = _load_tile(w_hh_ptr + 2 * H * P, offs_j, offs_p, P, H, P)
+        w1 = _load_w(w_hh_ptr + H * P, offs_j, offs_p, P, H, P)
+        w2 = _load_w(w_hh_ptr + 2 * H * P, offs_j, offs_p, P, H, P)
     if G > 3:
-        w3 = _load_tile(w_hh_ptr + 3 * H * P, offs_j, offs_p, P, H, P)
+        w3 = _load_w(w_hh_ptr + 3 * H * P, offs_j, offs_p, P, H, P)
     if HAS_PROJ:
-        wr = _load_tile(w_hr_ptr, offs_p, offs_j, H, P, H)  # (P, H): dm = dh @ W_hr
+        wr = _load_w(w_hr_ptr, offs_p, offs_j, H, P, H)  # (P, H): dm = dh @ W_hr
     if HAS_LEN:
         lens = tl.load(len_ptr + offs_b, mask=offs_b < B, other=0)
 

@@ -39,10 +39,13 @@ from fused_rnn.ops.triton import kernels
 MODE_ID = {"LSTM": 0, "GRU": 1, "RNN_TANH": 2, "RNN_RELU": 3}
 PATHS = ("auto", "persistent", "step")
 
-# Register budget of the persistent kernel, in W elements per program (W_hh plus W_hr). Not
-# measured yet: 16K elements is LSTM H=64 or GRU H=64 or RNN H=128, which at 8 warps is 64
-# fp32 registers per thread for W alone. Larger layers take the per-step path until the
-# multi-program persistent form (SM-split W, grid barrier) exists and has been measured.
+# On-chip budget of the persistent kernel, in W elements per program (W_hh plus W_hr, padded
+# to powers of two): LSTM H=64, GRU H=64, RNN H=128, LSTM H=64 with P=32. The compiler stages W
+# in shared memory once, before the time loop; compiled for sm_90 (compile_check.py, no GPU
+# needed), the largest of these needs 143 KB of shared memory (LSTM H=64 fp32, backward)
+# against 227 KB per block (164 KB on an A100), with <= 126 registers and no spills. LSTM
+# H=128 would need 246-418 KB. Larger layers take the per-step path until a multi-program
+# persistent form (W split across SMs, grid barrier) exists. Speed: not measured yet.
 PERSISTENT_MAX_W_ELEMS = 16 * 1024
 
 # Tiles of the per-step kernels: tl.dot wants every dimension >= 16.

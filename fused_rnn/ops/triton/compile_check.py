@@ -1,0 +1,139 @@
+"""Compile every kernel variant the launchers use, for a real GPU target, on a machine without one.
+
+Triton can lower a kernel all the way to a cubin (``ptxas`` ships with it) without a GPU; only
+loading and launching need the driver. This module installs a stand-in driver that reports a
+CUDA target (sm_90 by default), stubs out loading and launching, and then runs the ordinary
+launchers (:func:`~fused_rnn.ops.triton.launch.layer_forward` / ``layer_backward``) on CPU
+tensors: every ``kernel[grid](...)`` compiles exactly the specialisation a GPU run would, and
+launches nothing (outputs are garbage, which is fine: only compilation is checked).
+
+It catches what the interpreter cannot: code the real compiler rejects (constexpr misuse,
+layouts, dot shapes, types), before a GPU is lent. It does not check that results are right.
+
+    python -m fused_rnn.ops.triton.compile_check [--arch 90] [--quick]
+
+Must run in a process where TRITON_INTERPRET is not set (kernels must be JIT functions).
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import os
+import sys
+import time
+
+
+def _install_fake_driver(arch: int) -> None:
+    import torch
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler.compiler import CompiledKernel
+    from triton.runtime import driver
+
+    class _CompileOnlyDriver:
+        """Just enough of triton's driver API for JITFunction.run to compile."""
+
+        target = GPUTarget("cuda", arch, 32)
+
+        def get_current_device(self):
+            return 0
+
+        def get_current_stream(self, device=None):
+            return 0
+
+        def get_current_target(self):
+            return self.target
+
+        def get_active_torch_device(self):
+            return torch.device("cpu")
+
+    driver.set_active(_CompileOnlyDriver())
+    # Loading a cubin and launching need the real driver: make both no-ops.
+    CompiledKernel._init_handles = lambda self: None
+    CompiledKernel.launch_metadata = lambda self, *args, **kwargs: None
+    CompiledKernel.run = staticmethod(lambda *args, **kwargs: None)
+    CompiledKernel.function = None
+
+
+# The largest hidden size the "auto" rule sends to the persistent kernel, per mode: their
+# shared-memory footprint is the one to check against the GPU's limit.
+_PERSISTENT_H = {"LSTM": 64, "GRU": 64, "RNN_TANH": 128, "RNN_RELU": 128}
+# Shared memory per block (opt-in maximum), bytes: sm_80 164 KB, sm_90 227 KB.
+SMEM_LIMIT = {80: 163 * 1024, 86: 99 * 1024, 89: 99 * 1024, 90: 227 * 1024}
+
+
+def _configs(quick: bool):
+    """(mode, dtype, path, H, proj, lengths, reverse, bias): every constexpr the launchers set."""
+    import torch
+
+    dtypes = [torch.float32, torch.bfloat16] + ([] if quick else [torch.float16])
+    for mode, dtype, path in itertools.product(("LSTM", "GRU", "RNN_TANH", "RNN_RELU"), dtypes,
+                                               ("persistent", "step")):
+        H = _PERSISTENT_H[mode] if path == "persistent" else 37
+        yield mode, dtype, path, H, 0, True, True, True
+        if mode == "LSTM":
+            yield mode, dtype, path, H, 32 if path == "persistent" else 5, True, False, True
+        if not quick:
+            yield mode, dtype, path, H, 0, False, False, False  # no lengths, no bias
+
+
+def run(arch: int = 90, quick: bool = False, verbose: bool = False) -> int:
+    """Compile all configurations; return the number of kernel variants compiled.
+
+    Raises if a variant needs more shared memory than one block may have on ``arch``.
+    """
+    if os.environ.get("TRITON_INTERPRET", "0") == "1":
+        raise RuntimeError("unset TRITON_INTERPRET: the interpreter does not compile anything")
+    _install_fake_driver(arch)
+    import torch
+
+    from fused_rnn.ops.reference import GATES
+    from fused_rnn.ops.triton import kernels, launch
+
+    for mode, dtype, path, H, proj, lengths, reverse, bias in _configs(quick):
+        if path == "persistent":  # the largest sizes "auto" sends there
+            assert launch.choose_path(mode, H, proj) == path, "_PERSISTENT_H is out of date"
+        B, T, I = 3, 2, 4
+        P = proj or H
+        G = GATES[mode]
+        t0 = time.perf_counter()
+        x, h0 = torch.randn(T, B, I, dtype=dtype), torch.randn(B, P, dtype=dtype)
+        c0 = torch.randn(B, H, dtype=dtype) if mode == "LSTM" else None
+        w_ih, w_hh = torch.randn(G * H, I, dtype=dtype), torch.randn(G * H, P, dtype=dtype)
+        b = torch.randn(G * H, dtype=dtype) if bias else None
+        w_hr = torch.randn(P, H, dtype=dtype) if proj else None
+        lens = torch.tensor([2, 1, 2]) if lengths else None
+        for save in (False, True):
+            y, _, _, gates, state = launch.layer_forward(
+                mode, x, h0, c0, w_ih, w_hh, b, b, w_hr, lens, reverse, save, path)
+        launch.layer_backward(mode, x, h0, c0, w_ih, w_hh, b, b, w_hr, lens, reverse, y, gates,
+                              state, torch.randn_like(y), None, None, path)
+        if verbose:
+            print(f"{mode:8s} {str(dtype):15s} {path:10s} H={H} proj={proj} lengths={lengths} "
+                  f"bias={bias}: {time.perf_counter() - t0:.1f}s", flush=True)
+    names = ("_step_fwd_kernel", "_step_bwd_kernel", "_persistent_fwd_kernel", "_persistent_bwd_kernel")
+    compiled = [(n, k) for n in names for k in getattr(kernels, n).device_caches[0][0].values()]
+    limit = SMEM_LIMIT.get(arch)
+    worst = max(compiled, key=lambda nk: nk[1].metadata.shared)
+    if verbose:
+        print(f"largest shared memory: {worst[1].metadata.shared} bytes ({worst[0]}); "
+              f"limit on sm_{arch}: {limit}")
+    too_big = [(n, k.metadata.shared) for n, k in compiled if limit and k.metadata.shared > limit]
+    if too_big:
+        raise RuntimeError(f"kernels over the {limit}-byte shared-memory limit of sm_{arch}: {too_big}")
+    return len(compiled)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--arch", type=int, default=90, help="compute capability, e.g. 80, 90")
+    p.add_argument("--quick", action="store_true", help="fp32 and bf16 only, all flags on")
+    args = p.parse_args(argv)
+    t0 = time.perf_counter()
+    n = run(args.arch, args.quick, verbose=True)
+    print(f"compiled {n} kernel variants for sm_{args.arch} in {time.perf_counter() - t0:.0f}s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
