@@ -170,7 +170,8 @@ std::vector<at::Tensor> forward(int64_t mode, at::Tensor xproj, at::Tensor h0,
                                         : at::Tensor();
   at::Tensor y = at::empty({T, B, H}, h0.options());
   const bool has_aux = save && (cell == Cell::kLSTM || cell == Cell::kGRU);
-  at::Tensor aux = at::empty({has_aux ? T : 0, B, H}, xproj.options());
+  at::Tensor aux =
+      has_aux ? at::empty({T, B, H}, xproj.options()) : at::empty({0}, xproj.options());
 
   fused_rnn::FwdParams p{};
   p.plan = plan;
@@ -240,7 +241,8 @@ std::vector<at::Tensor> backward(int64_t mode, at::Tensor dy, at::Tensor dh_n,
   at::Tensor dh_carry = dh_n.clone();
   at::Tensor dc_carry = cell == Cell::kLSTM ? dc_n->clone() : at::empty({0}, dh_n.options());
   at::Tensor dgx = at::empty({T, B, G * H}, gates.options());
-  at::Tensor dghn = at::empty({cell == Cell::kGRU ? T : 0, B, H}, gates.options());
+  at::Tensor dghn = cell == Cell::kGRU ? at::empty({T, B, H}, gates.options())
+                                       : at::empty({0}, gates.options());
   at::Tensor dh0 = at::empty({B, H}, dh_n.options());
 
   fused_rnn::BwdParams p{};

@@ -36,7 +36,10 @@ __device__ __forceinline__ void forward_point(const FwdParams& p, const float* s
   if (p.lengths != nullptr && t >= p.lengths[b]) {  // padding step: keep state, output zero
     hout[bu] = hin[bu];
     y[tbu] = from_float<T>(0.f);
+    // aux is written on every step so no output element is left uninitialised: LSTM keeps
+    // the carried c (backward reads it as the next step's c_{t-1}), GRU's value is unused.
     if (C == Cell::kLSTM && p.save) p.aux[tbu] = p.cbuf[(size_t)b * H + u];
+    if (C == Cell::kGRU && p.save) p.aux[tbu] = 0.f;
     return;
   }
   float pre[G];  // x W_ih^T + b_ih + (W_hh h + b_hh), in the reference's order

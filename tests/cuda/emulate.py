@@ -167,7 +167,7 @@ class Emulator:
         cbuf = c0.to(cd).clone() if cell == 0 else None
         y = torch.full((T, B, H), float("nan"), dtype=st)
         has_aux = save and cell in (0, 1)
-        aux = torch.full((T if has_aux else 0, B, H), float("nan"), dtype=cd)
+        aux = torch.full((T, B, H) if has_aux else (0,), float("nan"), dtype=cd)
         xp = xproj.to(cd).clone()  # the kernel updates xproj in place; emulate on a copy
         xflat = xp.view(-1)
         yflat, auxflat = y.view(-1), aux.view(-1)
@@ -222,6 +222,8 @@ class Emulator:
             yflat[tbu[pad]] = 0
             if cell == 0 and save:
                 auxflat[tbu[pad]] = cbuf[b[pad], u[pad]]
+            if cell == 1 and save:
+                auxflat[tbu[pad]] = 0
             real = ~pad
             b, n, j, u, tbu, xg, hin_bu = b[real], n[real], j[real], u[real], tbu[real], xg[real], hin_bu[real]
         hh, pre = [], []
@@ -270,7 +272,7 @@ class Emulator:
         dh_carry = dh_n.to(cd).clone()
         dc_carry = dc_n.to(cd).clone() if cell == 0 else None
         dgx = torch.full((T, B, G * H), float("nan"), dtype=cd)
-        dghn = torch.full((T if cell == 1 else 0, B, H), float("nan"), dtype=cd)
+        dghn = torch.full((T, B, H) if cell == 1 else (0,), float("nan"), dtype=cd)
         dh0 = torch.full((B, H), float("nan"), dtype=cd)
         lens = None if lengths is None else lengths.long()
         sws = [self._load_w_backward(w_hh, pl, H, b * pl.units, math, cd) for b in range(pl.blocks)]

@@ -236,3 +236,20 @@ def test_documented_limits_match_the_plan():
             for label, h in cols.items():
                 assert str(h) in doc, (gpu, cell, label, h)
     assert table["H100"]["LSTM"]["bf16/fp16"] >= 1024  # ANCHORS.md's shapes all fit
+
+
+def test_sanitize_script_dry_run(emulate, monkeypatch):
+    """benchmarks/sanitize_cuda.py (run under compute-sanitizer on a GPU) works end to end."""
+    import importlib.util
+
+    from fused_rnn.ops.cuda import _ext as ext_mod
+
+    path = P.__file__.rsplit("fused_rnn", 1)[0] + "benchmarks/sanitize_cuda.py"
+    spec = importlib.util.spec_from_file_location("sanitize_cuda", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    emulate(sms=3)
+    monkeypatch.setattr(mod, "DEVICE", "cpu")
+    monkeypatch.setattr(ext_mod, "unavailable_reason", lambda device: None)
+    monkeypatch.setattr("sys.argv", ["sanitize_cuda.py"])
+    assert mod.main() == 0
