@@ -1,0 +1,444 @@
+"""The ``fused-rnn`` console script: train, resume, crash safety, bad input, sample, bench, DDP.
+
+Everything runs on tiny models and a tiny text written to tmp_path; most runs are in-process
+(``main(argv)``), the few that must be real processes (SIGKILL, torchrun, the console script)
+are subprocesses.
+"""
+
+from __future__ import annotations
+
+import csv
+import importlib.util
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+import fused_rnn.ops.reference as reference_ops
+from fused_rnn import cli
+from fused_rnn.charlm import CharLM
+from fused_rnn.cli import main
+from fused_rnn.tbptt import StreamBatcher, train_chunk
+
+# matplotlib is the "train" extra; CI installs only "test", so the plots are checked if possible.
+HAVE_MPL = importlib.util.find_spec("matplotlib") is not None
+
+WORDS = ("alpha beta gamma delta lstm gru rnn cell state chunk stream token fused kernel "
+         "tensor step loss grad norm clip epoch batch").split()
+
+
+def _tiny_text(n_lines: int = 120, seed: int = 0) -> str:
+    g = torch.Generator().manual_seed(seed)
+    lines = []
+    for i in range(n_lines):
+        k = int(torch.randint(3, 8, (), generator=g))
+        idx = torch.randint(0, len(WORDS), (k,), generator=g).tolist()
+        lines.append(f"{i % 10}: " + " ".join(WORDS[j] for j in idx) + ".")
+    return "\n".join(lines) + "\n"
+
+
+@pytest.fixture
+def text_file(tmp_path):
+    p = tmp_path / "tiny.txt"
+    p.write_text(_tiny_text())
+    return p
+
+
+TINY = ["--hidden-size", "16", "--batch-size", "4", "--bptt", "16"]
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny models run fastest on one thread, and far more steadily on a busy machine."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def run(capsys, *argv):
+    """main(argv) in-process: (exit status, stdout, stderr)."""
+    try:
+        rc = main([str(a) for a in argv])
+    except SystemExit as e:  # argparse
+        rc = e.code
+    out, err = capsys.readouterr()
+    return rc, out, err
+
+
+def _log(path) -> list[dict]:
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def _losses(rows):
+    keys = ("step", "epoch", "tokens", "train_loss", "grad_norm", "lr")
+    return [tuple(r[k] for k in keys) for r in rows]
+
+
+def _vals(rows, every):
+    """The validation bpc at the --eval-every steps (a run also validates at its last step)."""
+    return {r["step"]: r["val_bpc"] for r in rows if int(r["step"]) % every == 0}
+
+
+def _env():
+    env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
+    return env
+
+
+# --------------------------------------------------------------------------- corpus
+def test_default_corpus_is_a_fixed_sorted_list_of_stdlib_sources():
+    a, b = cli.load_default_corpus(), cli.load_default_corpus()
+    assert a.text == b.text and a.sha256 == b.sha256
+    assert list(cli.DEFAULT_CORPUS_MODULES) == sorted(cli.DEFAULT_CORPUS_MODULES)
+    assert len(a.doc_starts) == len(cli.DEFAULT_CORPUS_MODULES) and a.doc_starts[0] == 0
+    assert len(a.text) > 500_000
+    assert f"{len(a.text):,} characters" in a.description and a.sha256[:12] in a.description
+    import argparse
+
+    with open(argparse.__file__, encoding="utf-8") as f:
+        assert a.text.startswith(f.read())  # sorted: argparse comes first
+
+
+# --------------------------------------------------------------------------- train
+def test_train_learns_and_writes_checkpoint_log_and_plot(capsys, tmp_path, text_file):
+    out = tmp_path / "run"
+    rc, stdout, err = run(capsys, "train", "--text", text_file, "--out", out, *TINY,
+                          "--steps", 40, "--eval-every", 20, "--lr", "1e-2")
+    assert rc == 0, err
+    assert "corpus:" in stdout and "validation" in stdout and "done: 40 steps" in stdout
+    rows = _log(out / "log.csv")
+    assert [int(r["step"]) for r in rows] == list(range(41))
+    val = {int(r["step"]): float(r["val_bpc"]) for r in rows if r["val_bpc"]}
+    assert set(val) == {0, 20, 40}
+    assert val[40] < val[0] - 0.5, val
+    assert all(float(r["tokens_per_s"]) > 0 for r in rows[1:])
+    ckpt = torch.load(out / "checkpoint.pt", weights_only=True)
+    assert ckpt["step"] == 40 and ckpt["format"] == cli.CHECKPOINT_FORMAT
+    if HAVE_MPL:
+        assert (out / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    else:
+        assert "matplotlib is not installed" in stdout
+    # the bar: tokens/s on stderr
+    assert "tok/s" in err
+
+
+def test_train_without_matplotlib_skips_the_plot_with_a_note(capsys, tmp_path, text_file, monkeypatch):
+    import builtins
+
+    real_import = builtins.__import__
+
+    def no_mpl(name, *a, **k):
+        if name.startswith("matplotlib"):
+            raise ImportError("no matplotlib here")
+        return real_import(name, *a, **k)
+
+    monkeypatch.setattr(builtins, "__import__", no_mpl)
+    out = tmp_path / "run"
+    rc, stdout, err = run(capsys, "train", "--text", text_file, "--out", out, *TINY, "--steps", 2)
+    assert rc == 0, err
+    assert "matplotlib is not installed" in stdout and not (out / "loss.png").exists()
+
+
+def test_resume_gives_the_same_losses_as_an_uninterrupted_run(capsys, tmp_path, text_file):
+    # Dropout, random chunk lengths, two layers, GRU: RNG, data position and state all matter.
+    args = ["--text", text_file, *TINY, "--cell", "gru", "--layers", "2", "--dropout", "0.3",
+            "--variable-bptt", "--ckpt-every", 4, "--eval-every", 4, "--log-every", 3]
+    rc, _, err = run(capsys, "train", *args, "--out", tmp_path / "a", "--steps", 12)
+    assert rc == 0, err
+    rc, _, err = run(capsys, "train", *args, "--out", tmp_path / "b", "--steps", 6)
+    assert rc == 0, err
+    assert torch.load(tmp_path / "b" / "checkpoint.pt", weights_only=True)["step"] == 6
+    rc, _, err = run(capsys, "train", "--out", tmp_path / "b", "--resume", "--steps", 12)
+    assert rc == 0, err
+    a, b = _log(tmp_path / "a" / "log.csv"), _log(tmp_path / "b" / "log.csv")
+    assert len(a) == 13 and _losses(a) == _losses(b)
+    assert _vals(a, 4) == _vals(b, 4) and len(_vals(a, 4)) == 4
+    # A flag that would change the run is refused on --resume.
+    rc, _, err = run(capsys, "train", "--out", tmp_path / "b", "--resume", "--steps", 14,
+                     "--hidden-size", 32)
+    assert rc == 2 and "--hidden-size 16, not 32" in err
+
+
+def test_kill_9_leaves_a_loadable_checkpoint_and_resume_continues_exactly(capsys, tmp_path, text_file):
+    out = tmp_path / "killed"
+    args = ["--text", text_file, *TINY, "--dropout", "0.2", "--layers", "2", "--ckpt-every", 2,
+            "--log-every", 1, "--eval-every", 1000]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "fused_rnn.cli", "train", *map(str, args), "--out", str(out),
+         "--steps", "5000"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=_env(),
+    )
+    ckpt_path = out / "checkpoint.pt"
+    try:
+        deadline = time.monotonic() + 120
+        while not ckpt_path.exists():
+            assert proc.poll() is None, proc.stderr.read().decode()
+            assert time.monotonic() < deadline, "no checkpoint within 120 s"
+            time.sleep(0.005)
+        time.sleep(0.05)  # let it run on, maybe into the next save
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.stderr.close()
+    assert proc.returncode == -signal.SIGKILL
+    ckpt = torch.load(ckpt_path, weights_only=True)
+    k = ckpt["step"]
+    print(f"killed at checkpoint step {k}")
+    assert 2 <= k < 5000 and k % 2 == 0
+    # Continue the killed run and compare with a run that was never interrupted.
+    rc, _, err = run(capsys, "train", "--out", out, "--resume", "--steps", k + 3)
+    assert rc == 0, err
+    rc, _, err = run(capsys, "train", *args, "--out", tmp_path / "whole", "--steps", k + 3)
+    assert rc == 0, err
+    resumed, whole = _log(out / "log.csv"), _log(tmp_path / "whole" / "log.csv")
+    assert len(whole) == k + 4 and _losses(resumed) == _losses(whole)
+    assert resumed[-1]["val_bpc"] == whole[-1]["val_bpc"] != ""
+    assert not [n for n in os.listdir(out) if n.endswith(".tmp")]
+
+
+# --------------------------------------------------------------------------- bad input
+def _bad_inputs(tmp_path):
+    (tmp_path / "empty.txt").write_bytes(b"")
+    (tmp_path / "latin1.txt").write_bytes("caf\xe9 au lait\n".encode("latin-1") * 50)
+    (tmp_path / "short.txt").write_text("just a few characters\n")
+    (tmp_path / "blank.txt").write_text("   \n\n  ")
+    (tmp_path / "garbage.pt").write_bytes(b"not a checkpoint at all" * 10)
+    (tmp_path / "occupied").mkdir()
+    torch.save({"step": 1}, tmp_path / "occupied" / "checkpoint.pt")
+    t = ["train", "--out", tmp_path / "run", *TINY]
+    return {
+        "missing-text": (t + ["--text", tmp_path / "nope.txt"], "no such file"),
+        "empty-text": (t + ["--text", tmp_path / "empty.txt"], "empty"),
+        "blank-text": (t + ["--text", tmp_path / "blank.txt"], "whitespace"),
+        "non-utf8": (t + ["--text", tmp_path / "latin1.txt"], "not UTF-8"),
+        "too-short": (t + ["--text", tmp_path / "short.txt"], "too short"),
+        "directory": (t + ["--text", tmp_path], "directory"),
+        "negative-steps": (t + ["--steps", "-3"], "at least 0"),
+        "non-integer-steps": (t + ["--steps", "ten"], "integer"),
+        "unknown-cell": (t + ["--cell", "transformer"], "invalid choice"),
+        "bad-dropout": (t + ["--dropout", "1.5"], "must be in"),
+        "resume-nothing": (t + ["--resume"], "no checkpoint"),
+        "run-exists": (["train", "--out", tmp_path / "occupied"], "exists"),
+        "foreign-checkpoint": (["train", "--out", tmp_path / "occupied", "--resume"], "not a fused-rnn"),
+        "sample-missing": (["sample", "--checkpoint", tmp_path / "nope.pt"], "no checkpoint"),
+        "sample-garbage": (["sample", "--checkpoint", tmp_path / "garbage.pt"], "not a readable checkpoint"),
+        "sample-no-checkpoint-arg": (["sample"], "required"),
+        "sample-zero-temperature": (["sample", "--checkpoint", "x", "--temperature", "0"], "must be in"),
+        "bench-unknown-backend": (["bench", "--backends", "fast"], "invalid choice"),
+        "no-subcommand": ([], "required"),
+    }
+
+
+BAD_IDS = ["missing-text", "empty-text", "blank-text", "non-utf8", "too-short", "directory",
+           "negative-steps", "non-integer-steps", "unknown-cell", "bad-dropout",
+           "resume-nothing", "run-exists", "foreign-checkpoint", "sample-missing",
+           "sample-garbage", "sample-no-checkpoint-arg", "sample-zero-temperature",
+           "bench-unknown-backend", "no-subcommand"]
+
+
+@pytest.mark.parametrize("case", BAD_IDS)
+def test_bad_input_is_one_line_and_nonzero(capsys, tmp_path, case):
+    argv, expect = _bad_inputs(tmp_path)[case]
+    rc, out, err = run(capsys, *argv)
+    assert rc not in (0, None), (rc, err)
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, err
+    assert expect in lines[0] and "Traceback" not in err
+    assert lines[0].startswith("fused-rnn")
+
+
+@pytest.mark.parametrize("case", ["non-utf8", "unknown-cell"])
+def test_bad_input_through_the_console_script(tmp_path, case):
+    argv, expect = _bad_inputs(tmp_path)[case]
+    exe = shutil.which("fused-rnn")
+    cmd = [exe] if exe else [sys.executable, "-m", "fused_rnn.cli"]
+    r = subprocess.run(cmd + [str(a) for a in argv], capture_output=True, text=True, env=_env(),
+                       timeout=120)
+    assert r.returncode == 2, r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1 and expect in r.stderr
+    assert "Traceback" not in r.stderr
+
+
+# --------------------------------------------------------------------------- sample
+@pytest.fixture
+def trained(capsys, tmp_path, text_file):
+    out = tmp_path / "trained"
+    rc, _, err = run(capsys, "train", "--text", text_file, "--out", out, *TINY, "--layers", "2",
+                     "--steps", 30, "--lr", "1e-2")
+    assert rc == 0, err
+    return out / "checkpoint.pt"
+
+
+def test_sample_is_seeded_primed_and_steps_through_the_cells(capsys, trained, monkeypatch):
+    calls = []
+    real_step = CharLM.step
+
+    def counting_step(self, *a, **k):
+        calls.append(1)
+        return real_step(self, *a, **k)
+
+    monkeypatch.setattr(CharLM, "step", counting_step)
+    argv = ["sample", "--checkpoint", trained, "--prime", "alpha", "--length", 60]
+    rc, out1, err = run(capsys, *argv, "--seed", 1)
+    assert rc == 0, err
+    assert len(calls) == 60, "one cell step per generated character"
+    rc, out2, _ = run(capsys, *argv, "--seed", 1)
+    rc, out3, _ = run(capsys, *argv, "--seed", 2)
+    text = out1.rstrip("\n")
+    assert out1 == out2 and out1 != out3
+    assert text.startswith("alpha") and len(text) == len("alpha") + 60
+    vocab = set(torch.load(trained, weights_only=True)["vocab"])
+    assert set(text) <= vocab
+
+
+def test_sample_top_k_1_is_greedy_and_matches_the_layer_path(capsys, trained):
+    argv = ["sample", "--checkpoint", trained, "--prime", "beta ", "--length", 25, "--top-k", 1]
+    rc, out1, err = run(capsys, *argv, "--seed", 1)
+    rc, out2, _ = run(capsys, *argv, "--seed", 99)
+    assert rc == 0 and out1 == out2
+    # Greedy decoding through whole-sequence forwards of the layers gives the same text.
+    ckpt = torch.load(trained, weights_only=True)
+    model = CharLM(**ckpt["model_config"])
+    model.load_state_dict(ckpt["model"])
+    model.eval()
+    chars = ckpt["vocab"]
+    ids = [chars.index(c) for c in "beta "]
+    with torch.no_grad():
+        for _ in range(25):
+            logits, _ = model(torch.tensor(ids).view(-1, 1))
+            ids.append(int(logits[-1, 0].argmax()))
+    assert out1.rstrip("\n") == "".join(chars[i] for i in ids)
+
+
+def test_sample_rejects_prime_characters_outside_the_vocabulary(capsys, trained):
+    rc, _, err = run(capsys, "sample", "--checkpoint", trained, "--prime", "alpha€Ω")
+    assert rc == 2 and len(err.strip().splitlines()) == 1
+    assert "'€Ω'" in err and "not in the model's vocabulary" in err
+
+
+# --------------------------------------------------------------------------- bench
+BENCH_TINY = ["bench", "--hidden-size", 16, "--batch-size", 4, "--bptt", 8, "--steps", 3,
+              "--warmup", 1, "--val-chunks", 2]
+
+
+def test_bench_writes_table_csv_and_plot_and_backends_agree(capsys, tmp_path, text_file):
+    out = tmp_path / "results"
+    rc, stdout, err = run(capsys, *BENCH_TINY, "--text", text_file, "--out", out)
+    assert rc == 0, err
+    names = sorted(os.listdir(out))
+    assert [n.rsplit(".", 1)[1] for n in names] == ["csv", "md", "png"][: 3 if HAVE_MPL else 2]
+    assert all("-cpu-charlm-bench." in n for n in names)
+    md = (out / names[1]).read_text()
+    assert md == stdout.rstrip("\n") + "\n" or md.strip() in stdout
+    table = [ln for ln in md.splitlines() if ln.startswith("| ") and not ln.startswith("| precision")]
+    impls = {(c[1].strip(), c[2].strip()) for c in (ln.split("|") for ln in table)}
+    expected = {(p, i) for p in ("fp32", "amp-bf16")
+                for i in ("torch.nn", "fused_rnn:torch", "fused_rnn:reference")}
+    assert expected <= impls
+    assert all(ln.rstrip(" |").endswith("ok") for ln in table), md
+    with open(out / names[0], newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == len(table) and all(float(r["tokens_per_s"]) > 0 for r in rows)
+
+
+def test_bench_flags_a_backend_that_disagrees(capsys, tmp_path, text_file, monkeypatch):
+    real = reference_ops.rnn_layer
+
+    def off_by_a_bit(*a, **k):
+        y, h, c = real(*a, **k)
+        return y + 0.05, h, c
+
+    monkeypatch.setattr(reference_ops, "rnn_layer", off_by_a_bit)
+    out = tmp_path / "results"
+    rc, stdout, err = run(capsys, *BENCH_TINY, "--text", text_file, "--out", out,
+                          "--backends", "reference,torch", "--precisions", "fp32", "--lr", 0.03)
+    assert rc == 1 and "disagree" in err, stdout + err
+    rows = [ln for ln in stdout.splitlines() if ln.startswith("| fp32")]
+    assert any("fused_rnn:reference" in r and "MISMATCH" in r for r in rows)
+    assert any("fused_rnn:torch" in r and r.rstrip(" |").endswith("ok") for r in rows)
+
+
+# --------------------------------------------------------------------------- DDP
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _ddp_grad_worker(rank, world, port, tokens, vocab_size, path):
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        torch.save(_grads_after_two_chunks(tokens, vocab_size, rank, world, DDP), f"{path}.{rank}")
+    finally:
+        dist.destroy_process_group()
+
+
+def _grads_after_two_chunks(tokens, vocab_size, rank, world, wrap=None):
+    torch.manual_seed(0)
+    model = CharLM(vocab_size, cell="lstm", hidden_size=8, num_layers=2)
+    net = wrap(model) if wrap else model
+    batcher = StreamBatcher(tokens, 4, 6, rank=rank, world_size=world)
+    state = None
+    for _ in range(2):  # the second chunk starts from the carried state of the first
+        model.zero_grad()
+        _, state, _ = train_chunk(net, batcher.next_chunk(), state, None)
+    return {n: p.grad.clone() for n, p in model.named_parameters()}
+
+
+def test_ddp_two_gloo_ranks_give_the_single_process_gradients(tmp_path):
+    import torch.multiprocessing as mp
+
+    torch.manual_seed(1)
+    tokens = torch.randint(0, 13, (500,))
+    path = str(tmp_path / "grads")
+    mp.spawn(_ddp_grad_worker, args=(2, _free_port(), tokens, 13, path), nprocs=2, join=True)
+    g0, g1 = torch.load(path + ".0"), torch.load(path + ".1")
+    single = _grads_after_two_chunks(tokens, 13, 0, 1)
+    assert set(g0) == set(single)
+    for name, g in single.items():
+        # DDP averages the ranks' gradients of their mean losses = the global mean's gradient.
+        torch.testing.assert_close(g0[name], g, rtol=1e-5, atol=1e-7, msg=name)
+        torch.testing.assert_close(g1[name], g0[name], rtol=0, atol=0, msg=name)
+    # Control: one rank's rows alone give a different gradient.
+    alone = _grads_after_two_chunks(tokens[:251], 13, 0, 1)
+    assert not all(torch.allclose(alone[n], single[n]) for n in single)
+
+
+@pytest.mark.skipif(shutil.which("torchrun") is None, reason="torchrun is not on PATH")
+def test_torchrun_two_ranks_train_like_one_process(capsys, tmp_path, text_file):
+    args = ["train", "--text", str(text_file), *TINY, "--layers", "2", "--steps", "6",
+            "--eval-every", "3", "--ckpt-every", "3", "--log-every", "2"]
+    r = subprocess.run(
+        ["torchrun", "--standalone", "--nproc_per_node=2", "-m", "fused_rnn.cli", *args,
+         "--out", str(tmp_path / "ddp")],
+        capture_output=True, text=True, env=_env(), timeout=240,
+    )
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert r.stdout.count("done: 6 steps") == 1, "rank 0 alone prints"
+    rc, _, err = run(capsys, *args, "--out", tmp_path / "one")
+    assert rc == 0, err
+    ddp, one = _log(tmp_path / "ddp" / "log.csv"), _log(tmp_path / "one" / "log.csv")
+    assert [int(r["step"]) for r in ddp] == list(range(7)), "one writer: no duplicate rows"
+    for a, b in zip(ddp, one):
+        for key in ("train_loss", "val_bpc"):
+            if b[key]:
+                assert abs(float(a[key]) - float(b[key])) < 1e-5, (key, a, b)
+    ckpt = torch.load(tmp_path / "ddp" / "checkpoint.pt", weights_only=True)
+    assert ckpt["world_size"] == 2 and ckpt["step"] == 6 and len(ckpt["rng"]) == 2
+    assert ckpt["hidden"][0].shape[1] == 4, "the hidden state of both ranks' rows"
