@@ -1260,7 +1260,8 @@ def _cmd_bench(args) -> int:
 
 # --------------------------------------------------------------------------- main
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="fused-rnn", description=__doc__.split("\n\n")[0])
+    parser = _Parser(prog="fused-rnn", description="Train, sample from and benchmark a "
+                     "character-level language model on fused_rnn's recurrent layers.")
     parser.add_argument("--version", action="version", version=f"fused_rnn {fused_rnn.__version__}")
     sub = parser.add_subparsers(dest="command", metavar="{train,sample,bench}", parser_class=_Parser)
     sub.required = True

@@ -168,6 +168,16 @@ def test_resume_gives_the_same_losses_as_an_uninterrupted_run(capsys, tmp_path, 
     assert rc == 2 and "--hidden-size 16, not 32" in err
 
 
+def test_cosine_schedule_decays_to_a_tenth_at_the_last_step(capsys, tmp_path, text_file):
+    out = tmp_path / "cos"
+    rc, _, err = run(capsys, "train", "--text", text_file, "--out", out, *TINY, "--steps", 5,
+                     "--lr", "0.01", "--lr-schedule", "cosine")
+    assert rc == 0, err
+    lrs = [float(r["lr"]) for r in _log(out / "log.csv")[1:]]
+    assert lrs[0] == pytest.approx(0.01) and lrs[-1] == pytest.approx(0.001)
+    assert lrs == sorted(lrs, reverse=True) and len(set(lrs)) == 5
+
+
 def test_kill_9_leaves_a_loadable_checkpoint_and_resume_continues_exactly(capsys, tmp_path, text_file):
     out = tmp_path / "killed"
     args = ["--text", text_file, *TINY, "--dropout", "0.2", "--layers", "2", "--ckpt-every", 2,
@@ -425,7 +435,8 @@ def test_torchrun_two_ranks_train_like_one_process(capsys, tmp_path, text_file):
     args = ["train", "--text", str(text_file), *TINY, "--layers", "2", "--steps", "6",
             "--eval-every", "3", "--ckpt-every", "3", "--log-every", "2"]
     r = subprocess.run(
-        ["torchrun", "--standalone", "--nproc_per_node=2", "-m", "fused_rnn.cli", *args,
+        ["torchrun", "--nnodes=1", "--nproc_per_node=2", "--master_addr=127.0.0.1",
+         f"--master_port={_free_port()}", "-m", "fused_rnn.cli", *args,
          "--out", str(tmp_path / "ddp")],
         capture_output=True, text=True, env=_env(), timeout=240,
     )
