@@ -516,6 +516,9 @@ def _train_parser(sub) -> None:
     r.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     r.add_argument("--backend", default="auto", choices=fused_rnn.BACKENDS,
                    help="fused_rnn backend (default: %(default)s)")
+    r.add_argument("--threads", type=_int_at_least(1), default=None,
+                   help="CPU threads (torch.set_num_threads; default: PyTorch's choice). On a "
+                   "busy machine fewer threads than cores avoid waiting on preempted ones")
     r.add_argument("--torch-nn", action="store_true",
                    help="use torch.nn's LSTM/GRU/RNN instead of fused_rnn's (for comparison)")
     r.add_argument("--eval-every", type=_int_at_least(1), default=None,
@@ -551,6 +554,8 @@ def _resolve_run_config(args, ckpt: dict | None, corpus_sha: str) -> dict:
 
 
 def _cmd_train(args) -> int:
+    if args.threads:
+        torch.set_num_threads(args.threads)
     d = _dist_from_env()
     device = _device(args.device, d.local_rank)
     out = args.out
@@ -962,9 +967,9 @@ def _cmd_sample(args) -> int:
 # bf16/fp16 round every matmul input to 8/11 bits, measured differences ~1e-2.
 BENCH_TOLERANCE = {"fp32": 2e-3, "bf16": 6e-2, "fp16": 3e-2, "amp-bf16": 6e-2, "amp-fp16": 3e-2}
 BENCH_DEFAULTS = {
-    "cpu": dict(hidden_size=128, batch_size=16, bptt=64, steps=10, warmup=3,
+    "cpu": dict(hidden_size=128, batch_size=16, bptt=64, steps=10, warmup=3, rounds=5,
                 precisions=["fp32", "amp-bf16"]),
-    "cuda": dict(hidden_size=1024, batch_size=64, bptt=128, steps=30, warmup=5,
+    "cuda": dict(hidden_size=1024, batch_size=64, bptt=128, steps=30, warmup=5, rounds=1,
                  precisions=["fp32", "bf16", "amp-fp16", "amp-bf16"]),
 }
 
@@ -983,6 +988,10 @@ def _bench_parser(sub) -> None:
     p.add_argument("--bptt", type=_int_at_least(1), help="CPU 64, GPU 128")
     p.add_argument("--steps", type=_int_at_least(1), help="timed steps: CPU 10, GPU 30")
     p.add_argument("--warmup", type=_int_at_least(0), help="untimed steps first: CPU 3, GPU 5")
+    p.add_argument("--rounds", type=_int_at_least(1),
+                   help="the timed steps are split into rounds; in each round every "
+                   "implementation runs its block of steps in turn (CPU 5: fair on a shared "
+                   "machine; GPU 1: each runs all its steps back to back)")
     p.add_argument("--lr", type=_float_in(0.0, lo_open=True), default=3e-3)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
@@ -991,6 +1000,8 @@ def _bench_parser(sub) -> None:
                    "'auto' only where it differs from the others; triton on the CPU only if asked)")
     p.add_argument("--precisions", type=_csv_list(PRECISIONS), default=None,
                    help="CPU: fp32,amp-bf16; GPU: fp32,bf16,amp-fp16,amp-bf16")
+    p.add_argument("--threads", type=_int_at_least(1), default=None,
+                   help="CPU threads (torch.set_num_threads; default: PyTorch's choice)")
     p.add_argument("--val-chunks", type=_int_at_least(1), default=4,
                    help="validation chunks for the loss check (default: %(default)s)")
     p.add_argument("--out", default=os.path.join("benchmarks", "results"), metavar="DIR",
@@ -998,24 +1009,10 @@ def _bench_parser(sub) -> None:
     p.set_defaults(func=_cmd_bench)
 
 
-def _rss_kib(field: str) -> int | None:
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith(field + ":"):
-                    return int(line.split()[1])
-    except OSError:
-        return None
-    return None
-
-
-def _reset_peak_rss() -> bool:
-    try:  # Linux: "5" resets VmHWM to the current RSS
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
+def _split(n: int, parts: int) -> list[range]:
+    """``range(n)`` cut into ``parts`` nearly equal consecutive pieces."""
+    bounds = [round(i * n / parts) for i in range(parts + 1)]
+    return [range(a, b) for a, b in zip(bounds, bounds[1:])]
 
 
 def _load_avg() -> str:
@@ -1041,6 +1038,8 @@ def _git_commit() -> str:
 
 
 def _cmd_bench(args) -> int:
+    if args.threads:
+        torch.set_num_threads(args.threads)
     device = _device(args.device)
     dflt = BENCH_DEFAULTS["cuda" if device.type == "cuda" else "cpu"]
     H = args.hidden_size or dflt["hidden_size"]
@@ -1048,6 +1047,7 @@ def _cmd_bench(args) -> int:
     T = args.bptt or dflt["bptt"]
     steps = args.steps or dflt["steps"]
     warmup = dflt["warmup"] if args.warmup is None else args.warmup
+    rounds = min(args.rounds or dflt["rounds"], steps)
     precisions = args.precisions or list(dflt["precisions"])
     corpus = load_text_file(args.text) if args.text else load_default_corpus()
     splits = split_corpus(corpus, 0.05, 100_000, B)
@@ -1085,72 +1085,103 @@ def _cmd_bench(args) -> int:
     base_cfg = dict(cell=args.cell, hidden_size=H, layers=args.layers, embedding_size=None,
                     dropout=0.0, tie_weights=False)
     init_state = _build_model(base_cfg, vocab_size, True, "auto").state_dict()
-    cpu_mem = device.type == "cpu" and _reset_peak_rss()
 
     print(f"bench: {args.layers}-layer {args.cell.upper()} H={H}, B={B}, T={T}, {warmup} warm-up "
-          f"+ {steps} timed steps, Adam lr {args.lr:g}, seed {args.seed}; {device} "
+          f"+ {steps} timed steps in {rounds} rounds, Adam lr {args.lr:g}, seed {args.seed}; {device} "
           f"({_device_name(device)}); corpus {corpus.description}", file=sys.stderr)
-    def bench_one(label, backend, prec, n_warm, n_timed) -> dict:
-        param_dtype, ac_dtype, use_scaler = _precision(prec, device)
-        torch.manual_seed(args.seed)
-        model = _build_model(base_cfg, vocab_size, backend is None, backend or "auto")
-        model.load_state_dict(init_state)
-        model.to(device=device, dtype=param_dtype)
-        opt = torch.optim.Adam(model.parameters(), lr=args.lr)
-        scaler = torch.amp.GradScaler(device.type) if use_scaler else None
-        train = StreamBatcher(splits.train, B, T, boundaries=splits.train_bounds, device=device)
-        val = StreamBatcher(splits.val, B, T, boundaries=splits.val_bounds, device=device)
-        row = {"impl": label, "precision": prec}
-        try:
-            if device.type == "cuda":
-                torch.cuda.empty_cache()
-                torch.cuda.reset_peak_memory_stats(device)
-                base_mem = torch.cuda.memory_allocated(device)
-            elif cpu_mem:
-                _reset_peak_rss()
-                base_mem = _rss_kib("VmRSS")
-            times, state, n_tok = [], None, 0
-            for i in range(n_warm + n_timed):
-                chunk = train.next_chunk()
-                _sync(device)
-                t0 = time.perf_counter()
-                _, state, _ = train_chunk(model, chunk, state, opt, clip=1.0,
-                                          autocast_dtype=ac_dtype, scaler=scaler)
-                _sync(device)
-                if i >= n_warm:
-                    times.append(time.perf_counter() - t0)
-                    n_tok += chunk.num_tokens
-            if device.type == "cuda":
-                peak = (torch.cuda.max_memory_allocated(device) - base_mem) / 2**20
-            elif cpu_mem:
-                peak = (_rss_kib("VmHWM") - base_mem) / 1024
-            else:
-                peak = None
-            total, count = evaluate(model, val, max_chunks=args.val_chunks, autocast_dtype=ac_dtype)
-            med = sorted(times)[len(times) // 2] if times else math.nan
-            row.update(ms_per_step=1000 * med,
-                       tokens_per_s=(n_tok / len(times)) / med if times else math.nan,
-                       peak_mib=peak, val_loss=total / count, error="")
-        except Exception as e:  # a backend failing is a finding: reported, exit status 1
-            row.update(ms_per_step=None, tokens_per_s=None, peak_mib=None, val_loss=None,
-                       error=f"{type(e).__name__}: {e}".splitlines()[0][:200])
-        return row
 
-    load_before = _load_avg()
-    # One untimed run first, so that the first row does not pay for first-call set-up
+    class _Run:
+        """One implementation in one precision: its model, optimizer, data and timings."""
+
+        def __init__(self, label, backend, prec):
+            self.row = {"impl": label, "precision": prec, "error": ""}
+            self.param_dtype, self.ac_dtype, use_scaler = _precision(prec, device)
+            self.times: list[float] = []
+            self.peak = None
+            self.state = None
+            try:
+                torch.manual_seed(args.seed)
+                model = _build_model(base_cfg, vocab_size, backend is None, backend or "auto")
+                model.load_state_dict(init_state)
+                self.model = model.to(device=device, dtype=self.param_dtype)
+                self.opt = torch.optim.Adam(model.parameters(), lr=args.lr)
+                self.scaler = torch.amp.GradScaler(device.type) if use_scaler else None
+                self.train = StreamBatcher(splits.train, B, T, boundaries=splits.train_bounds,
+                                           device=device)
+            except Exception as e:
+                self.fail(e)
+
+        def fail(self, e: Exception) -> None:
+            self.row["error"] = f"{type(e).__name__}: {e}".splitlines()[0][:200]
+
+        def steps(self, n: int, timed: bool) -> None:
+            """``n`` consecutive training steps; each timed and its transient memory taken."""
+            for _ in range(n):
+                if self.row["error"]:
+                    return
+                try:
+                    chunk = self.train.next_chunk()
+                    _sync(device)
+                    if device.type == "cuda":
+                        torch.cuda.reset_peak_memory_stats(device)
+                        base = torch.cuda.memory_allocated(device)
+                    t0 = time.perf_counter()
+                    _, self.state, _ = train_chunk(self.model, chunk, self.state, self.opt,
+                                                   clip=1.0, autocast_dtype=self.ac_dtype,
+                                                   scaler=self.scaler)
+                    _sync(device)
+                    dt = time.perf_counter() - t0
+                    mem = None
+                    if device.type == "cuda":
+                        mem = (torch.cuda.max_memory_allocated(device) - base) / 2**20
+                    if timed:
+                        self.times.append(dt)
+                        if mem is not None:
+                            self.peak = max(self.peak or 0.0, mem)
+                except Exception as e:  # a backend failing is a finding: exit status 1
+                    self.fail(e)
+
+        def finish(self) -> dict:
+            row = self.row
+            if not row["error"]:
+                try:
+                    val = StreamBatcher(splits.val, B, T, boundaries=splits.val_bounds,
+                                        device=device)
+                    total, count = evaluate(self.model, val, max_chunks=args.val_chunks,
+                                            autocast_dtype=self.ac_dtype)
+                    med = sorted(self.times)[len(self.times) // 2]
+                    row.update(ms_per_step=1000 * med, tokens_per_s=B * T / med,
+                               peak_mib=self.peak, val_loss=total / count)
+                except Exception as e:
+                    self.fail(e)
+            if row["error"]:
+                row.update(ms_per_step=None, tokens_per_s=None, peak_mib=None, val_loss=None)
+            self.model = self.opt = self.train = self.state = None
+            return row
+
+    # A throwaway run first, so that the first row does not pay for first-call set-up
     # (thread pools, allocator growth, lazy imports) that later rows get for free.
-    bench_one("torch.nn", None, precisions[0], min(warmup, 2) or 1, 0)
+    _Run("torch.nn", None, precisions[0]).steps(2, timed=False)
+    load_before = _load_avg()
+    # Every implementation of a precision trains side by side: warm-up steps, then the timed
+    # steps in rounds (each implementation runs a block of consecutive steps per round), so
+    # that on a shared machine the others' load falls on every row alike.
+    blocks = [len(r) for r in _split(steps, rounds)]
     results = []
     for prec in precisions:
-        for label, backend in impls:
-            print(f"  {prec:8s} {label:22s} ...", end="", file=sys.stderr, flush=True)
-            row = bench_one(label, backend, prec, warmup, steps)
-            if row["error"]:
-                print(f" FAILED ({row['error']})", file=sys.stderr)
-            else:
-                print(f" {row['ms_per_step']:.1f} ms/step, val loss {row['val_loss']:.4f}",
-                      file=sys.stderr)
+        runs = [_Run(label, backend, prec) for label, backend in impls]
+        for run in runs:
+            run.steps(warmup, timed=False)
+        for n in blocks:
+            for run in runs:
+                run.steps(n, timed=True)
+        for run in runs:
+            row = run.finish()
             results.append(row)
+            msg = (f"FAILED ({row['error']})" if row["error"] else
+                   f"{row['ms_per_step']:.1f} ms/step, val loss {row['val_loss']:.4f}")
+            print(f"  {prec:8s} {row['impl']:22s} {msg}", file=sys.stderr)
+        del runs
 
     # Agreement and speed, against torch.nn in the same precision.
     ok = True
@@ -1177,25 +1208,32 @@ def _cmd_bench(args) -> int:
     now = datetime.datetime.now()
     dev_tag = "cpu" if device.type == "cpu" else re.sub(r"[^a-z0-9]+", "-", _device_name(device).lower()).strip("-")
     stem = os.path.join(args.out, f"{now:%Y-%m-%d}-{dev_tag}-charlm-bench")
-    mem_col = "peak GPU mem (MiB)" if device.type == "cuda" else "peak RSS delta (MiB)"
+    mem_col = "step peak GPU mem (MiB)" if device.type == "cuda" else "peak mem"
     lines = [
         f"# Character-LM truncated-BPTT training: fused_rnn vs torch.nn ({'CPU' if device.type == 'cpu' else _device_name(device)})",
         "",
         f"- {now:%Y-%m-%d %H:%M}, commit {_git_commit()}, torch {torch.__version__}"
         + (f", CUDA {torch.version.cuda}, cuDNN {torch.backends.cudnn.version()}" if device.type == "cuda" else "")
         + f", device {device} ({_device_name(device)}"
-        + (f", {torch.get_num_threads()} threads; load average {load_before} before, "
+        + (f", {torch.get_num_threads()} thread{'s' if torch.get_num_threads() != 1 else ''}; load average {load_before} before, "
            f"{_load_avg()} after: other processes on these cores slow every row)"
            if device.type == "cpu" else ")"),
         f"- model: embedding → {args.layers}-layer {args.cell.upper()} (hidden {H}) → linear, "
         f"vocab {vocab_size}; B={B} streams × T={T} steps per chunk ({B * T:,} tokens/step); "
         f"Adam lr {args.lr:g}, clip 1.0; same initial weights, data and seed for every row",
-        f"- {warmup} warm-up steps, then {steps} timed steps (each synchronised); ms/step is the "
-        f"median step (forward, backward, clipping, Adam step), tokens/s = B×T / that median",
+        f"- {warmup} warm-up steps, then {steps} timed steps (each synchronised) in {rounds} "
+        f"round{'s' if rounds > 1 else ''}: every implementation of a precision trains side by "
+        f"side, each running its block of steps in turn; ms/step is the median step (forward, "
+        f"backward, clipping, Adam step), tokens/s = B×T / that median",
         f"- val loss: mean cross-entropy (nats) over {args.val_chunks} validation chunks after "
         f"all {warmup + steps} steps; it must agree with torch.nn in the same precision within "
         + ", ".join(f"{p} {BENCH_TOLERANCE[p]:g}" for p in precisions),
-        f"- memory: {'torch.cuda.max_memory_allocated above the start' if device.type == 'cuda' else 'peak resident set growth during the run (VmHWM; approximate: freed memory is reused)'}",
+        ("- memory: the largest growth of torch.cuda.max_memory_allocated within one timed "
+         "step over what was allocated before it (activations, workspace, gradients; "
+         "parameters and Adam state are the same for every row)" if device.type == "cuda" else
+         "- memory: n/a on the CPU: PyTorch keeps no per-step peak there, and the resident "
+         "set does not grow in a step once the allocator holds memory freed by earlier steps "
+         "(measured: 0.0 MiB for every row), so it says nothing about an implementation"),
         f"- corpus: {corpus.description}",
     ] + [f"- note: {n}" for n in notes] + [
         "",
