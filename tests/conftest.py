@@ -5,12 +5,21 @@
   Tests that trace with ``torch.compile`` opt out with ``@pytest.mark.no_nan_fill``
   (dynamo would trace our wrapper instead of the real factory).
 * ``gpu`` marks tests that need a CUDA GPU; they are skipped without one, with the reason.
+* Without a GPU, ``TRITON_INTERPRET=1`` (Triton kernels run on the CPU, slowly).
 """
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
+
+# Without a GPU, Triton kernels run under Triton's CPU interpreter. ``@triton.jit`` reads
+# TRITON_INTERPRET when a kernel is defined, so it is set here, in the root conftest, before
+# any test module (or the report header below) can import the kernels.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 _real_empty = torch.empty
 _real_empty_like = torch.empty_like
