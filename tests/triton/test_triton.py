@@ -386,6 +386,21 @@ def test_cpu_without_interpreter_says_how_to_get_it():
     assert len(lines) == 2 and all("TRITON_INTERPRET=1" in line for line in lines), res.stdout
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the interpreter")
+def test_interpreter_works_when_triton_was_imported_first():
+    """A whole test run imports triton (inductor) before this directory's conftest sets
+    TRITON_INTERPRET; only our kernels must be defined after it."""
+    code = ("import triton, triton.language, os\nos.environ['TRITON_INTERPRET'] = '1'\n"
+            "import torch\nfrom fused_rnn.ops import reference, triton as tr\n"
+            "x, h, c, w1, w2 = torch.randn(2, 3, 4), torch.randn(3, 8), torch.randn(3, 8), "
+            "torch.randn(32, 4), torch.randn(32, 8)\n"
+            "y = tr.rnn_layer('LSTM', x, h, c, w1, w2)[0]\n"
+            "print((y - reference.rnn_layer('LSTM', x, h, c, w1, w2)[0]).abs().max().item())")
+    res = _run_python(code)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert float(res.stdout.strip()) < 1e-5, res.stdout
+
+
 def test_missing_triton_is_a_reason_not_an_import_error():
     code = ("import sys; sys.modules['triton'] = None\nimport torch, fused_rnn\n"
             "from fused_rnn.ops import triton as tr\nprint(tr.unavailable_reason(None))\n"

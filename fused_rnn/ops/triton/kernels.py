@@ -49,9 +49,18 @@ RNN_RELU: tl.constexpr = tl.constexpr(3)
 
 # --------------------------------------------------------------------------- helpers
 @triton.jit
+def _sigmoid(x):
+    # Not tl.sigmoid: that is a @jit function of triton.language, and if triton was imported
+    # before TRITON_INTERPRET was set (a test run that compiled something first), it is a
+    # compiled-only function the interpreter refuses to call. Same formula. For the same
+    # reason these kernels use tl.full, not tl.zeros; only builtins and our own @jit helpers.
+    return 1.0 / (1.0 + tl.exp(-x))
+
+
+@triton.jit
 def _tanh(x):
     # No libdevice under the interpreter; this is exact to ~1 ulp of fp32 away from 0.
-    return 2.0 * tl.sigmoid(2.0 * x) - 1.0
+    return 2.0 * _sigmoid(2.0 * x) - 1.0
 
 
 @triton.jit
@@ -113,17 +122,17 @@ def _load_bias(b_ptr, gate, offs_j, H, HAS: tl.constexpr):
     if HAS:
         b = tl.load(b_ptr + gate * H + offs_j, mask=offs_j < H, other=0.0).to(tl.float32)
     else:
-        b = tl.zeros(offs_j.shape, tl.float32)
+        b = tl.full(offs_j.shape, 0.0, tl.float32)
     return b[None, :]
 
 
 @triton.jit
 def _lstm_cell(pi, pf, pg, po, c):
     """Pre-activations -> (i, f, g, o, c', o*tanh(c')). Same operation order as aten's cell."""
-    i = tl.sigmoid(pi)
-    f = tl.sigmoid(pf)
+    i = _sigmoid(pi)
+    f = _sigmoid(pf)
     g = _tanh(pg)
-    o = tl.sigmoid(po)
+    o = _sigmoid(po)
     c_new = f * c + i * g
     return i, f, g, o, c_new, o * _tanh(c_new)
 
@@ -143,8 +152,8 @@ def _lstm_cell_bwd(dm, dc, i, f, g, o, c_new, c_prev):
 @triton.jit
 def _gru_cell(xr, xz, xn, hr, hz, hn, h):
     """(r, z, n, h') with b_hn inside r * (.), as torch.nn.GRU."""
-    r = tl.sigmoid(xr + hr)
-    z = tl.sigmoid(xz + hz)
+    r = _sigmoid(xr + hr)
+    z = _sigmoid(xz + hz)
     n = _tanh(xn + r * hn)
     return r, z, n, n + z * (h - n)
 
@@ -201,10 +210,10 @@ def _step_fwd_kernel(
     GH = G * H
 
     # Recurrent matmul h_{t-1} (B, P) @ W_g^T (P, H) for each gate g, K-blocked.
-    acc0 = tl.zeros((BLOCK_B, BLOCK_H), tl.float32)
-    acc1 = tl.zeros((BLOCK_B, BLOCK_H), tl.float32)
-    acc2 = tl.zeros((BLOCK_B, BLOCK_H), tl.float32)
-    acc3 = tl.zeros((BLOCK_B, BLOCK_H), tl.float32)
+    acc0 = tl.full((BLOCK_B, BLOCK_H), 0.0, tl.float32)
+    acc1 = tl.full((BLOCK_B, BLOCK_H), 0.0, tl.float32)
+    acc2 = tl.full((BLOCK_B, BLOCK_H), 0.0, tl.float32)
+    acc3 = tl.full((BLOCK_B, BLOCK_H), 0.0, tl.float32)
     for k0 in range(0, P, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
         hk = _load_tile(h_ptr, offs_b, offs_k, P, B, P)
@@ -364,7 +373,7 @@ def _step_bwd_kernel(
         tl.store(dg_ptr + gtile + 2 * H, d_g, mask=mask)
         tl.store(dg_ptr + gtile + 3 * H, d_o, mask=mask)
         tl.store(dc_ptr + tile, dc_prev, mask=mask)
-        direct = tl.zeros((BLOCK_B, BLOCK_H), tl.float32)
+        direct = tl.full((BLOCK_B, BLOCK_H), 0.0, tl.float32)
     elif MODE == GRU:
         d_r, d_z, d_n, d_hn, direct = _gru_cell_bwd(
             dm,
@@ -392,7 +401,7 @@ def _step_bwd_kernel(
         if HAS_LEN:
             d_pre = tl.where(active, d_pre, 0.0)
         tl.store(dg_ptr + gtile, d_pre, mask=mask)
-        direct = tl.zeros((BLOCK_B, BLOCK_H), tl.float32)
+        direct = tl.full((BLOCK_B, BLOCK_H), 0.0, tl.float32)
 
     if FUSE:
         # What reaches dh_{t-1} without passing through W_hh: z*dh (GRU), or all of dh for rows
@@ -463,7 +472,7 @@ def _persistent_fwd_kernel(
     if MODE == LSTM:
         c = _load_tile(c0_ptr, offs_b, offs_j, H, B, H)
     else:
-        c = tl.zeros((BLOCK_B, BLOCK_H), tl.float32)
+        c = tl.full((BLOCK_B, BLOCK_H), 0.0, tl.float32)
     for s in range(T):
         if REVERSE:
             t = T - 1 - s
@@ -589,7 +598,7 @@ def _persistent_bwd_kernel(
     if MODE == LSTM:
         dc = _load_tile(dcn_ptr, offs_b, offs_j, H, B, H)
     else:
-        dc = tl.zeros((BLOCK_B, BLOCK_H), tl.float32)
+        dc = tl.full((BLOCK_B, BLOCK_H), 0.0, tl.float32)
     for s in range(T):
         if REVERSE:
             t = s
