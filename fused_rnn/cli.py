@@ -517,8 +517,8 @@ def _train_parser(sub) -> None:
     r.add_argument("--backend", default="auto", choices=fused_rnn.BACKENDS,
                    help="fused_rnn backend (default: %(default)s)")
     r.add_argument("--threads", type=_int_at_least(1), default=None,
-                   help="CPU threads (torch.set_num_threads; default: PyTorch's choice). On a "
-                   "busy machine fewer threads than cores avoid waiting on preempted ones")
+                   help="CPU threads (default: PyTorch's choice, less the cores that the load "
+                   "average says other processes hold: waiting on preempted threads is ~10x slower)")
     r.add_argument("--torch-nn", action="store_true",
                    help="use torch.nn's LSTM/GRU/RNN instead of fused_rnn's (for comparison)")
     r.add_argument("--eval-every", type=_int_at_least(1), default=None,
@@ -553,9 +553,23 @@ def _resolve_run_config(args, ckpt: dict | None, corpus_sha: str) -> dict:
     return cfg
 
 
+def _busy_machine_threads() -> int:
+    """PyTorch's thread count, less the cores other processes keep busy (1-min load average).
+
+    An OpenMP thread that waits for a preempted peer loses a whole time slice at every
+    barrier: on the 2-core machine with a load average of 6, the default training step took
+    148 ms on 2 threads and 10 ms on 1.
+    """
+    n = torch.get_num_threads()
+    try:
+        load = os.getloadavg()[0]
+    except (OSError, AttributeError):
+        return n
+    free = (os.cpu_count() or n) - load
+    return max(1, min(n, int(free + 0.5)))
+
+
 def _cmd_train(args) -> int:
-    if args.threads:
-        torch.set_num_threads(args.threads)
     d = _dist_from_env()
     device = _device(args.device, d.local_rank)
     out = args.out
@@ -588,6 +602,10 @@ def _cmd_train(args) -> int:
     for k, v in INTERVAL_DEFAULTS.items():  # not part of the run: may change on --resume
         if getattr(args, k) is None:
             setattr(args, k, (ckpt or {}).get("intervals", {}).get(k, v))
+    # The thread count can change the rounding of CPU reductions, so a resumed run keeps the
+    # checkpoint's unless told otherwise.
+    args.threads = args.threads or (ckpt or {}).get("threads") or _busy_machine_threads()
+    torch.set_num_threads(args.threads)
     param_dtype, ac_dtype, use_scaler = _precision(cfg["precision"], device)
     splits = split_corpus(corpus, cfg["val_frac"], cfg["max_val_chars"], cfg["batch_size"])
     if ckpt is not None and ckpt["vocab"] != splits.vocab.chars:
@@ -700,7 +718,10 @@ def _train(args, cfg, d, device, corpus, splits, ckpt, param_dtype, ac_dtype, us
         f"validation characters")
     say(f"model: {cfg['layers']}-layer {cfg['cell'].upper()}, hidden {cfg['hidden_size']}, "
         f"embedding {model.config['embedding_size']}, {model.num_parameters():,} parameters; "
-        f"{impl}; {device} {cfg['precision']}; {d.world} process{'es' if d.enabled else ''}")
+        f"{impl}; {device} {cfg['precision']}"
+        + (f", {torch.get_num_threads()} thread{'s' if torch.get_num_threads() != 1 else ''}"
+           if device.type == "cpu" else "")
+        + f"; {d.world} process{'es' if d.enabled else ''}")
     say(f"training: {args.steps} steps of {cfg['batch_size']} streams x {cfg['bptt']} characters "
         f"({tok_per_step:,} tokens/step), Adam lr {cfg['lr']:g} ({cfg['lr_schedule']}), "
         f"clip {cfg['clip']:g}; "
@@ -747,6 +768,7 @@ def _train(args, cfg, d, device, corpus, splits, ckpt, param_dtype, ac_dtype, us
                 "rng": rng,
                 "world_size": d.world,
                 "intervals": {k: getattr(args, k) for k in INTERVAL_DEFAULTS},
+                "threads": args.threads,
                 "versions": {"torch": str(torch.__version__), "fused_rnn": str(fused_rnn.__version__)},
             },
             ckpt_path,

@@ -50,7 +50,8 @@ def text_file(tmp_path):
     return p
 
 
-TINY = ["--hidden-size", "16", "--batch-size", "4", "--bptt", "16"]
+# --threads 1: the thread count may change CPU rounding, and the exactness tests compare runs.
+TINY = ["--hidden-size", "16", "--batch-size", "4", "--bptt", "16", "--threads", "1"]
 
 
 @pytest.fixture(autouse=True)
@@ -166,6 +167,7 @@ def test_resume_gives_the_same_losses_as_an_uninterrupted_run(capsys, tmp_path, 
     rc, _, err = run(capsys, "train", "--out", tmp_path / "b", "--resume", "--steps", 14,
                      "--hidden-size", 32)
     assert rc == 2 and "--hidden-size 16, not 32" in err
+    assert torch.load(tmp_path / "b" / "checkpoint.pt", weights_only=True)["threads"] == 1
 
 
 def test_cosine_schedule_decays_to_a_tenth_at_the_last_step(capsys, tmp_path, text_file):
@@ -339,7 +341,7 @@ def test_sample_rejects_prime_characters_outside_the_vocabulary(capsys, trained)
 
 # --------------------------------------------------------------------------- bench
 BENCH_TINY = ["bench", "--hidden-size", 16, "--batch-size", 4, "--bptt", 8, "--steps", 3,
-              "--warmup", 1, "--val-chunks", 2]
+              "--warmup", 1, "--val-chunks", 2, "--threads", 1]
 
 
 def test_bench_writes_table_csv_and_plot_and_backends_agree(capsys, tmp_path, text_file):
