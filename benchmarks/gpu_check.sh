@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
 # One command for a lent GPU (~8 minutes on an H100): GPU tests, benchmarks, short table last.
 #
-#   benchmarks/gpu_check.sh [--backends triton,cuda] [--dry-run]     (default: triton)
+#   benchmarks/gpu_check.sh [--backends triton,cuda] [--dry-run]     (default: triton,cuda)
 #
-# 1. the gpu-marked tests of every backend (pytest -m gpu): correctness first, quickly;
+# 0. with cuda in --backends: benchmarks/gpu_check_cuda.sh builds the extension once, runs
+#    tests/cuda's GPU tests and compute-sanitizer (memcheck, racecheck, synccheck);
+# 1. the other gpu-marked tests (pytest -m gpu): correctness first, quickly;
 # 2. bench_gpu.py: S1-S6 x LSTM/GRU x fp32/bf16/fp16, fwd and fwd+bwd, against cuDNN in the
 #    same process; writes benchmarks/results/<date>-<gpu>.md and .csv (time-budgeted, so the
 #    script always finishes);
@@ -16,7 +18,7 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
-BACKENDS=triton
+BACKENDS=triton,cuda
 DRY=0
 while [[ $# -gt 0 ]]; do
   case "$1" in
@@ -45,8 +47,15 @@ step "environment"
 [[ $DRY == 1 ]] || nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader || status=1
 python -c "import torch, triton; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__, 'gpu', torch.cuda.get_device_name() if torch.cuda.is_available() else None)" || status=1
 
+PYTEST_IGNORE=()
+if [[ ",$BACKENDS," == *",cuda,"* && $DRY == 0 ]]; then
+  step "CUDA backend: build, GPU tests, compute-sanitizer"
+  benchmarks/gpu_check_cuda.sh "$(mktemp -d -t fused_rnn_cuda.XXXXXX)" || status=1
+  PYTEST_IGNORE=(--ignore=tests/cuda)   # just run by gpu_check_cuda.sh
+fi
+
 step "gpu-marked tests"
-timeout 120 python -m pytest tests -m gpu -q -p no:cacheprovider -rs --durations=5 || status=1
+timeout 120 python -m pytest tests -m gpu -q -p no:cacheprovider -rs --durations=5 "${PYTEST_IGNORE[@]}" || status=1
 
 step "benchmarks (backends: $BACKENDS)"
 timeout 250 python benchmarks/bench_gpu.py --backends "$BACKENDS" "${BENCH_ARGS[@]}" 2>&1 | tee "$LOG"
