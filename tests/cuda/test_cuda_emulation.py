@@ -1,7 +1,7 @@
 """The CUDA backend end to end on the CPU, with the compiled kernels replaced by their emulation.
 
 What runs for real: ``fused_rnn.ops.cuda`` (``rnn_layer``, ``unsupported_reason``), the custom
-ops, their autograd formula, ``hprev_of`` and the time-parallel gradient GEMMs. What is
+ops, their autograd formula, ``previous_hidden`` and the time-parallel gradient GEMMs. What is
 emulated: the extension (``emulate.Emulator``: the kernels' partition, tiling, slot layout,
 epilogues, exchange protocol and carries -- see its docstring). Compared with the reference
 (``fused_rnn/ops/reference.py``) on every output and every gradient, with random cotangents on

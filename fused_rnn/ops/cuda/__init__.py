@@ -29,6 +29,7 @@ import torch
 from torch import Tensor
 
 from fused_rnn.ops.cuda import _ext, plan
+from fused_rnn.ops.common import needs_grad
 from fused_rnn.ops.reference import MODES
 
 _SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -86,11 +87,6 @@ def unsupported_reason(
     )
 
 
-def _needs_grad(*ts: Tensor | None) -> bool:
-    """Save for backward only when autograd will ask for it (inference writes no gates)."""
-    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in ts)
-
-
 def rnn_layer(
     mode: str,
     x: Tensor,
@@ -116,7 +112,7 @@ def rnn_layer(
 
     if w_hr is not None:
         raise ValueError("the CUDA backend has no LSTM projection (w_hr); use backend='triton'")
-    save = _needs_grad(x, h0, c0, w_ih, w_hh, b_ih, b_hh)
+    save = needs_grad(x, h0, c0, w_ih, w_hh, b_ih, b_hh)
     y, h_n, c_n, _, _ = ops.cuda_layer(
         mode, x, h0, c0 if mode == "LSTM" else None, w_ih, w_hh, b_ih, b_hh, lengths, reverse,
         save, torch.backends.cudnn.allow_tf32,

@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from fused_rnn.ops.cuda import _ext
+from fused_rnn.ops.common import grad_like, previous_hidden, register_autocast
 from fused_rnn.ops.cuda.plan import CELLS
 from fused_rnn.ops.reference import GATES, compute_dtype
 
@@ -48,24 +49,6 @@ def saved_shapes(mode: str, T: int, B: int, H: int, save: bool):
     gates = (T, B, GATES[mode] * H) if save else (0,)
     aux = (T, B, H) if save and mode in ("LSTM", "GRU") else (0,)
     return gates, aux
-
-
-def hprev_of(y: Tensor, h0: Tensor, lengths: Tensor | None, reverse: bool) -> Tensor:
-    """(T, B, H): the h each step read -- the previous step's output, or h0 where the previous
-    step is out of range or padding (``t_prev >= lengths[b]``); this is where packed rows get h0
-    in the reverse direction. Values only matter on real steps (padding steps get zero dgates)."""
-    T = y.shape[0]
-    h0e = h0.to(y.dtype)[None]
-    if T == 0:
-        return y
-    shifted = torch.cat([y[1:], h0e]) if reverse else torch.cat([h0e, y[:-1]])
-    if lengths is None:
-        return shifted
-    t = torch.arange(T, device=y.device)
-    tp = t + 1 if reverse else t - 1
-    valid = (tp >= 0) & (tp < T)
-    valid = valid[:, None] & (tp[:, None] < lengths.to(y.device)[None, :])
-    return torch.where(valid[..., None], shifted, h0e)
 
 
 # --------------------------------------------------------------------------- forward
@@ -233,7 +216,7 @@ def _layer_backward_impl(
     else:
         ext = _ext.extension()
         dy = torch.zeros_like(y) if dy is None else dy.to(dtype).contiguous()
-        hprev = hprev_of(y, h0, lengths, reverse).contiguous()
+        hprev = previous_hidden(y, h0, lengths, reverse).contiguous()
         dgx, dghn, dh0, dc0 = ext.backward(
             CELLS[mode],
             dy,
@@ -267,44 +250,19 @@ cuda_layer_backward = torch.library.custom_op(
 )(_layer_backward_impl)
 
 
-def _grad_like(t: Tensor | None, like: Tensor) -> Tensor:
-    return like.new_empty((0,)) if t is None else torch.empty_like(t)
-
-
 @cuda_layer_backward.register_fake
 def _(mode, x, h0, c0, w_ih, w_hh, b_ih, b_hh, lengths, reverse, allow_tf32, y, gates, aux,
       dy, dh_n, dc_n):
     return (
         torch.empty_like(x),
         torch.empty_like(h0),
-        _grad_like(c0 if mode == "LSTM" else None, x),
+        grad_like(c0 if mode == "LSTM" else None, x),
         torch.empty_like(w_ih),
         torch.empty_like(w_hh),
-        _grad_like(b_ih, x),
-        _grad_like(b_hh, x),
+        grad_like(b_ih, x),
+        grad_like(b_hh, x),
     )
 
 
 # --------------------------------------------------------------------------- autocast
-def _register_autocast(op, device_type: str) -> None:
-    """Autocast like nn.LSTM: floating inputs are cast to the *current* autocast dtype (fp16 or
-    bf16, whichever the region asked for), then the op runs with autocast off.
-    (``torch.library.register_autocast`` would fix one dtype at registration time.)"""
-    key = "Autocast" + torch._C._dispatch_key_for_device(device_type)
-    keyset = torch._C.DispatchKeySet(getattr(torch._C.DispatchKey, key))
-
-    def kernel(_keyset, *args):
-        dtype = torch.get_autocast_dtype(device_type)
-
-        def cast(a):
-            if isinstance(a, Tensor) and a.is_floating_point() and a.device.type == device_type:
-                return a.to(dtype)
-            return a
-
-        with torch._C._ExcludeDispatchKeyGuard(keyset):
-            return op._opoverload(*(cast(a) for a in args))
-
-    op._lib.impl(op._name, kernel, key, with_keyset=True)
-
-
-_register_autocast(cuda_layer, "cuda")
+register_autocast(cuda_layer, "cuda")

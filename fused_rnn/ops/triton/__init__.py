@@ -28,6 +28,8 @@ import sys
 import torch
 from torch import Tensor
 
+from fused_rnn.ops.common import needs_grad
+
 _SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
@@ -130,7 +132,7 @@ def rnn_layer(
     Returns y: (T, B, P), h_n: (B, P), c_n: (B, H) or None, in x's dtype.
     """
     ops = _load_ops()
-    save = _needs_grad(x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr)
+    save = needs_grad(x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr)
     y, h_n, c_n, _, _ = ops.triton_layer(
         mode, x, h0, c0 if mode == "LSTM" else None, w_ih, w_hh, b_ih, b_hh, w_hr, lengths,
         reverse, save, "auto",
@@ -150,13 +152,8 @@ def rnn_cell(
 ) -> tuple[Tensor, Tensor | None]:
     """One fused step; same contract as ``reference.rnn_cell``. x: (B, I); h, c: (B, H)."""
     ops = _load_ops()
-    save = _needs_grad(x, h, c, w_ih, w_hh, b_ih, b_hh)
+    save = needs_grad(x, h, c, w_ih, w_hh, b_ih, b_hh)
     h1, c1, _, _ = ops.triton_cell(
         mode, x, h, c if mode == "LSTM" else None, w_ih, w_hh, b_ih, b_hh, save
     )
     return h1, (c1 if mode == "LSTM" else None)
-
-
-def _needs_grad(*ts: Tensor | None) -> bool:
-    """Save for backward only when autograd will ask for it (inference writes no gates)."""
-    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in ts)

@@ -33,6 +33,7 @@ import torch.nn.functional as F
 import triton
 from torch import Tensor
 
+from fused_rnn.ops.common import previous_hidden
 from fused_rnn.ops.reference import GATES
 from fused_rnn.ops.triton import kernels
 
@@ -114,22 +115,6 @@ def _shift_prev(states: Tensor, init: Tensor, reverse: bool) -> Tensor:
     if reverse:
         return torch.cat([states[1:], init])
     return torch.cat([init, states[:-1]])
-
-
-def _prev_hidden(y: Tensor, h0: Tensor, reverse: bool, lengths: Tensor | None) -> Tensor:
-    """h_{t-1} for every step t (T, B, P), rebuilt from y (which is zero at skipped steps).
-
-    With lengths, a row's real steps are contiguous in processing order, so the previous step
-    was either a real one (its y) or the row has not started yet (h0).
-    """
-    prev = _shift_prev(y, h0, reverse)
-    if lengths is None or y.shape[0] == 0:
-        return prev
-    T = y.shape[0]
-    idx = torch.arange(T, device=y.device) + (1 if reverse else -1)
-    ok = (idx >= 0) & (idx < T)
-    prev_active = ok[:, None] & (idx[:, None] < lengths.to(y.device)[None, :])
-    return torch.where(prev_active[..., None], prev, h0.to(y.dtype)[None])
 
 
 def _empty0(like: Tensor, dtype: torch.dtype | None = None) -> Tensor:
@@ -282,7 +267,7 @@ def layer_backward(
     dc = None
     if is_lstm:
         dc = torch.zeros((B, H), device=dev) if dc_n is None or dc_n.numel() == 0 else dc_n.float().clone()
-    hprev = _prev_hidden(y, h0.to(dtype), reverse, lengths).contiguous()
+    hprev = previous_hidden(y, h0.to(dtype), lengths, reverse).contiguous()
     cprev = _shift_prev(state, c0.float(), reverse).contiguous() if is_lstm else None
     dg = torch.empty((T, B, G * H), dtype=torch.float32, device=dev)
     dghn = torch.empty((T, B, H), dtype=torch.float32, device=dev) if is_gru else None

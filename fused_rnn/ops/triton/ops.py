@@ -22,6 +22,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from fused_rnn.ops.common import grad_like, register_autocast
 from fused_rnn.ops.reference import GATES
 from fused_rnn.ops.triton import launch
 
@@ -161,22 +162,18 @@ def triton_layer_backward(
     )
 
 
-def _grad_like(t: Tensor | None, like: Tensor) -> Tensor:
-    return like.new_empty((0,)) if t is None else torch.empty_like(t)
-
-
 @triton_layer_backward.register_fake
 def _(mode, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, reverse, y, gates, state,
       dy, dh_n, dc_n, path):
     return (
         torch.empty_like(x),
         torch.empty_like(h0),
-        _grad_like(c0 if mode == "LSTM" else None, x),
+        grad_like(c0 if mode == "LSTM" else None, x),
         torch.empty_like(w_ih),
         torch.empty_like(w_hh),
-        _grad_like(b_ih, x),
-        _grad_like(b_hh, x),
-        _grad_like(w_hr, x),
+        grad_like(b_ih, x),
+        grad_like(b_hh, x),
+        grad_like(w_hr, x),
     )
 
 
@@ -270,38 +267,15 @@ def _(mode, x, h, c, w_ih, w_hh, b_ih, b_hh, h1, gates, state, dh1, dc1):
     return (
         torch.empty_like(x),
         torch.empty_like(h),
-        _grad_like(c if mode == "LSTM" else None, x),
+        grad_like(c if mode == "LSTM" else None, x),
         torch.empty_like(w_ih),
         torch.empty_like(w_hh),
-        _grad_like(b_ih, x),
-        _grad_like(b_hh, x),
+        grad_like(b_ih, x),
+        grad_like(b_hh, x),
     )
 
 
 # --------------------------------------------------------------------------- autocast
-def _register_autocast(op, device_type: str) -> None:
-    """Autocast like nn.LSTM: floating inputs are cast to the *current* autocast dtype (fp16 or
-    bf16, whatever the region asked for), then the op runs with autocast off.
-
-    ``register_autocast`` would fix one dtype at registration time, hence this kernel.
-    """
-    key = "Autocast" + torch._C._dispatch_key_for_device(device_type)
-    keyset = torch._C.DispatchKeySet(getattr(torch._C.DispatchKey, key))
-
-    def kernel(_keyset, *args):
-        dtype = torch.get_autocast_dtype(device_type)
-
-        def cast(a):
-            if isinstance(a, Tensor) and a.is_floating_point() and a.device.type == device_type:
-                return a.to(dtype)
-            return a
-
-        with torch._C._ExcludeDispatchKeyGuard(keyset):
-            return op._opoverload(*(cast(a) for a in args))
-
-    op._lib.impl(op._name, kernel, key, with_keyset=True)
-
-
 for _op in (triton_layer, triton_cell):
     for _dev in ("cuda", "cpu"):
-        _register_autocast(_op, _dev)
+        register_autocast(_op, _dev)

@@ -1,0 +1,65 @@
+"""Pieces shared by the kernel backends' registered ops (Triton and CUDA).
+
+Only backend-independent glue lives here: when to save for backward, placeholder gradients for
+absent inputs, rebuilding h_{t-1} from the outputs, and the autocast rule.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+
+def needs_grad(*ts: Tensor | None) -> bool:
+    """Save for backward only when autograd will ask for it (inference writes no gates)."""
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in ts)
+
+
+def grad_like(t: Tensor | None, like: Tensor) -> Tensor:
+    """A fake-kernel gradient shaped like ``t``, or an empty (0,) stand-in for an absent ``t``
+    (custom ops return Tensors, not None)."""
+    return like.new_empty((0,)) if t is None else torch.empty_like(t)
+
+
+def previous_hidden(y: Tensor, h0: Tensor, lengths: Tensor | None, reverse: bool) -> Tensor:
+    """h_{t-1} for every step t, (T, B, P), rebuilt from the outputs y (T, B, P).
+
+    The previous step's output, or h0 where the previous step is out of range or padding
+    (``t_prev >= lengths[b]``): a row's real steps are contiguous in processing order, so the
+    step before a real one was either real or the row had not started (the reverse direction
+    of a packed row starts from h0 at its own last step). Values at padding steps do not
+    matter: their dgates are zero.
+    """
+    T = y.shape[0]
+    h0e = h0.to(y.dtype)[None]
+    if T == 0:
+        return y
+    shifted = torch.cat([y[1:], h0e]) if reverse else torch.cat([h0e, y[:-1]])
+    if lengths is None:
+        return shifted
+    t = torch.arange(T, device=y.device)
+    tp = t + 1 if reverse else t - 1
+    valid = (tp >= 0) & (tp < T)
+    valid = valid[:, None] & (tp[:, None] < lengths.to(y.device)[None, :])
+    return torch.where(valid[..., None], shifted, h0e)
+
+
+def register_autocast(op, device_type: str) -> None:
+    """Autocast like nn.LSTM: floating inputs on ``device_type`` are cast to the *current*
+    autocast dtype (fp16 or bf16, whichever the region asked for), then the op runs with
+    autocast off. (``torch.library.register_autocast`` fixes one dtype at registration.)"""
+    key = "Autocast" + torch._C._dispatch_key_for_device(device_type)
+    keyset = torch._C.DispatchKeySet(getattr(torch._C.DispatchKey, key))
+
+    def kernel(_keyset, *args):
+        dtype = torch.get_autocast_dtype(device_type)
+
+        def cast(a):
+            if isinstance(a, Tensor) and a.is_floating_point() and a.device.type == device_type:
+                return a.to(dtype)
+            return a
+
+        with torch._C._ExcludeDispatchKeyGuard(keyset):
+            return op._opoverload(*(cast(a) for a in args))
+
+    op._lib.impl(op._name, kernel, key, with_keyset=True)
