@@ -94,13 +94,17 @@ def resolve_stack(name: str, device: torch.device) -> str:
     backend has yet passed its GPU tests on a real GPU (DESIGN.md: only a backend with
     recorded GPU results in ``benchmarks/results/`` may be chosen by ``auto``).
 
-    Under ``torch.compile`` ``auto`` traces the reference math instead: on the CPU, inductor
-    lowers aten's fused LSTM to ``mkldnn_rnn_layer`` and then fails to run it (torch 2.13),
-    while the reference's plain ops compile into fused loops.
+    Under ``torch.compile`` on the CPU, ``auto`` traces the reference math instead: inductor
+    lowers aten's fused CPU LSTM to ``mkldnn_rnn_layer`` and then fails to run it (torch
+    2.13), while the reference's plain ops compile into fused loops. On a GPU inductor keeps
+    cuDNN's RNN as an extern kernel (``make_fallback(aten._cudnn_rnn)``), so ``auto`` stays
+    on it there (not yet run on a GPU).
     """
     check_name(name)
     if name == "auto":
-        return "reference" if torch.compiler.is_compiling() else "torch"
+        if torch.compiler.is_compiling() and torch.device(device).type == "cpu":
+            return "reference"
+        return "torch"
     require(name, device)
     return name
 

@@ -96,3 +96,10 @@ def test_cuda_falls_back_through_triton(monkeypatch):
         impl = backends.kernel_impl("cuda", "layer", mode="GRU", device=torch.device("cpu"))
     assert impl.__name__ == "fused_rnn.ops.reference"
     assert seen == ["cuda", "triton"]
+
+
+def test_auto_under_compile_traces_reference_on_cpu_only(monkeypatch):
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    assert backends.resolve_stack("auto", torch.device("cpu")) == "reference"
+    # inductor keeps cuDNN's RNN as an extern kernel, so a GPU stays on it
+    assert backends.resolve_stack("auto", torch.device("cuda")) == "torch"
