@@ -90,6 +90,18 @@ __device__ void load_w_backward(T* sw, const Plan& pl, const T* __restrict__ w, 
   }
 }
 
+// ---- dynamic shared memory -------------------------------------------------------------------
+// This block's dynamic shared memory (the launch's smem_bytes). tests/cuda/sim runs these
+// kernels unchanged on the CPU and supplies a per-block buffer instead.
+#ifndef __CUDA_SIM__
+__device__ __forceinline__ unsigned char* dynamic_smem() {
+  extern __shared__ __align__(128) unsigned char smem[];
+  return smem;
+}
+#else
+__device__ __forceinline__ unsigned char* dynamic_smem() { return ::cudasim::dynamic_smem(); }
+#endif
+
 // ---- the per-chunk matmul ---------------------------------------------------------------------
 // Where the fp32 partial results of one chunk live in the scratch slots.
 struct ChunkLayout {

@@ -83,7 +83,7 @@ __device__ __forceinline__ void forward_point(const FwdParams& p, const float* s
 template <Cell C, typename T, Math M>
 __global__ void __launch_bounds__(kThreads) rnn_forward_kernel(const FwdParams p) {
   using W = typename WType<T, M>::type;
-  extern __shared__ __align__(128) unsigned char smem[];
+  unsigned char* smem = dynamic_smem();
   W* sw = reinterpret_cast<W*>(smem);
   float* sc = reinterpret_cast<float*>(smem + p.plan.w_bytes);
 

@@ -1,11 +1,17 @@
-"""CUDA backend on a real GPU: forward and every gradient against the reference, lengths,
-reverse, odd sizes, determinism, opcheck, the nn modules, size limits, streams, autocast and
-torch.compile. Marked ``gpu``: skipped without a GPU (tests/conftest.py says why).
+"""CUDA backend: forward and every gradient against the reference, lengths, reverse, odd sizes,
+determinism, opcheck, the nn modules, size limits, streams, autocast and torch.compile.
 
-On a GPU machine a backend that cannot load is a failure here, not a skip.
+On a GPU machine these are marked ``gpu`` and a backend that cannot load is a failure here, not
+a skip.
 
-``FUSED_RNN_CUDA_EMULATE=1`` runs the tests that can on the CPU with the kernels emulated
-(``emulate.py``), to check the tests themselves without a GPU; GPU-only tests skip then.
+Without a GPU the same tests run on a CPU stand-in (the tests that need CUDA itself skip):
+
+* by default (or ``FUSED_RNN_CUDA_SIM=1``) the kernels of ``csrc/`` themselves, compiled with g++
+  against cudasim (``simulate.py``, ``sim/``), every CUDA thread of every launch executed;
+  ``FUSED_RNN_CUDA_SIM=asan`` does so with AddressSanitizer and UBSan (the process must start
+  with ``simulate.asan_env()``; ``test_cuda_sim.py`` runs a part of this file that way);
+* ``FUSED_RNN_CUDA_EMULATE=1``: their torch emulation (``emulate.py``) instead;
+* ``FUSED_RNN_CUDA_SIM=0``: nothing; the tests skip as GPU-only.
 
 Accuracy rule (FlashAttention's): against the reference in float64, our relative error may be
 at most twice the error of the reference computed in the same dtype, or the dtype's floor
@@ -16,10 +22,13 @@ the recurrent dgates are a tensor-core operand in the storage dtype.
 from __future__ import annotations
 
 import os
+import shutil
 import warnings
 
 import pytest
 import torch
+from cases import layer_inputs, run_layer
+from cases import rel as _rel
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 import fused_rnn
@@ -28,24 +37,34 @@ from fused_rnn import functional
 from fused_rnn.ops import reference
 from fused_rnn.ops.cuda import _ext, ops
 from fused_rnn.ops.cuda import plan as P
-from fused_rnn.ops.reference import GATES, MODES
+from fused_rnn.ops.reference import MODES
 
+# Without a GPU this file runs on cudasim unless told otherwise (FUSED_RNN_CUDA_SIM=0 skips it).
+SIM = os.environ.get(
+    "FUSED_RNN_CUDA_SIM", "0" if torch.cuda.is_available() or not shutil.which("g++") else "1"
+)
 EMULATE = os.environ.get("FUSED_RNN_CUDA_EMULATE", "0") == "1"
-DEVICE = "cpu" if EMULATE else "cuda"
-pytestmark = [] if EMULATE else [pytest.mark.gpu]
-gpu_only = pytest.mark.skipif(EMULATE, reason="needs the real kernels (emulation mode)")
+STANDIN = "emulate" if EMULATE else "sim" if SIM in ("1", "asan") else None
+DEVICE = "cpu" if STANDIN else "cuda"
+pytestmark = [] if STANDIN else [pytest.mark.gpu]
+gpu_only = pytest.mark.skipif(STANDIN is not None, reason=f"needs a GPU (stand-in: {STANDIN})")
 
 
 @pytest.fixture(autouse=True)
 def cuda_ext(monkeypatch):
-    """The real extension (must load on a GPU machine), or the emulator in emulation mode."""
-    if EMULATE:
-        from emulate import Emulator
-
+    """The real extension (must load on a GPU machine), or a CPU stand-in (see above)."""
+    if STANDIN:
         if "cpu" not in ops.cuda_layer._backend_fns:
             ops.cuda_layer.register_kernel("cpu")(ops._layer_forward_impl)
             ops.cuda_layer_backward.register_kernel("cpu")(ops._layer_backward_impl)
-        emu = Emulator(sms=8)
+        if STANDIN == "sim":
+            from simulate import Simulator
+
+            emu = Simulator(sms=8, sanitize=SIM == "asan")
+        else:
+            from emulate import Emulator
+
+            emu = Emulator(sms=8)
         monkeypatch.setattr(_ext, "extension", lambda: emu)
         monkeypatch.setattr(_ext, "unavailable_reason", lambda device: None)
         # CPU tensors stand in for CUDA ones: size the configuration as if on the device.
@@ -60,40 +79,12 @@ def cuda_ext(monkeypatch):
     return _ext.extension()
 
 
-def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    a, b = a.double(), b.double()
-    return float((a - b).norm() / b.norm().clamp_min(1e-30))
-
-
 def _inputs(mode, T, B, I, H, dtype, seed, lengths):
-    g = torch.Generator().manual_seed(seed)
-    G = GATES[mode]
-
-    def r(*shape, s=1.0):
-        return torch.randn(*shape, generator=g, dtype=torch.float64) * s
-
-    # x is a non-contiguous slice of a larger buffer (every other feature).
-    x = r(T, B, 2 * I)[..., ::2]
-    leaves = [x, r(B, H, s=0.5), r(B, H, s=0.5) if mode == "LSTM" else None,
-              r(G * H, I, s=1.5 * H**-0.5), r(G * H, H, s=1.5 * H**-0.5), r(G * H, s=0.3),
-              r(G * H, s=0.3)]
-    lens = None
-    if lengths:
-        lens = torch.randint(1, T + 1, (B,), generator=g)
-        lens[0] = T
-    cots = [r(T, B, H), r(B, H), r(B, H)]
-    return leaves, lens, cots
+    return layer_inputs(mode, T, B, I, H, seed, lengths)  # float64; _run casts to dtype
 
 
 def _run(fn, mode, leaves, dtype, lens, reverse, cots):
-    ls = [None if t is None else t.to(DEVICE, dtype).requires_grad_() for t in leaves]
-    x, h0, c0, w_ih, w_hh, b_ih, b_hh = ls
-    lens = None if lens is None else lens.to(DEVICE)
-    y, h, c = fn(mode, x, h0, c0, w_ih, w_hh, b_ih, b_hh, None, lens, reverse)
-    outs = [o for o in (y, h, c) if o is not None]
-    present = [t for t in ls if t is not None]
-    grads = torch.autograd.grad(outs, present, [g.to(DEVICE, dtype) for g in cots[: len(outs)]])
-    return [o.detach() for o in outs] + list(grads)
+    return run_layer(fn, mode, leaves, dtype, lens, reverse, cots, DEVICE)
 
 
 SHAPES = {"T5-B3-I7-H37": (5, 3, 7, 37), "T1-B1-I4-H16": (1, 1, 4, 16),
@@ -112,8 +103,8 @@ DTYPES = {
 @pytest.mark.parametrize("dt", list(DTYPES))
 @pytest.mark.parametrize("mode", MODES)
 def test_matches_reference(monkeypatch, mode, dt, shape, variant):
-    if EMULATE and shape == "T16-B16-I32-H256":
-        pytest.skip("too slow to emulate")
+    if STANDIN == "emulate" and shape == "T16-B16-I32-H256":
+        pytest.skip(f"too slow on the CPU ({STANDIN})")
     dtype, tf32, floor_out, floor_grad = DTYPES[dt]
     monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", tf32)
     T, B, I, H = SHAPES[shape]
@@ -201,14 +192,14 @@ def test_projection_falls_back_with_a_reason():
         lstm(x)
 
 
-@gpu_only
+@pytest.mark.skipif(STANDIN == "emulate", reason="the emulation is too slow at this size")
 @pytest.mark.parametrize("is16", [True, False], ids=["bf16", "fp32"])
 @pytest.mark.parametrize("mode", ["LSTM", "GRU", "RNN_TANH"])
 def test_largest_supported_hidden_size_runs(cuda_ext, monkeypatch, mode, is16):
     """At the computed on-chip limit for this GPU the kernels launch (occupancy, shared memory)
     and are right; one more unit is refused with the shared-memory reason."""
     monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", True)
-    sms, smem, *_ = cuda_ext.device_info(torch.cuda.current_device())
+    sms, smem, *_ = cuda_ext.device_info(0 if STANDIN else torch.cuda.current_device())
     H = P.max_hidden(P.CELLS[mode], is16, True, sms, smem)
     dtype = torch.bfloat16 if is16 else torch.float32
     cfg = dict(mode=mode, device=torch.device("cuda"), dtype=dtype, input_size=8, proj_size=0,
@@ -223,7 +214,7 @@ def test_largest_supported_hidden_size_runs(cuda_ext, monkeypatch, mode, is16):
         assert _rel(a, e) <= (5e-2 if is16 else 2e-2), (i, _rel(a, e))
 
 
-@gpu_only
+@pytest.mark.skipif(STANDIN == "emulate", reason="the emulation has no compiled plan")
 def test_plan_matches_python_mirror(cuda_ext):
     for cell in range(4):
         for math in range(3):

@@ -1,0 +1,256 @@
+// cudasim: just enough of CUDA to run csrc/'s kernels, unchanged, on the CPU.
+//
+// The kernel sources include <cuda_runtime.h>, <cuda_bf16.h>, <cuda_fp16.h>, <mma.h> and
+// <cooperative_groups.h>; this directory's headers of those names all include this file, so
+// `g++ -I tests/cuda/sim/include` compiles csrc/*.cu as plain C++20.
+//
+// Execution model (runtime.cpp): every CUDA thread of a launch is an OS thread, but only one
+// runs at a time. A scheduler hands a baton to one thread, which runs until its next barrier
+// (__syncthreads, grid.sync) or its end, then hands it back. Between two barriers the threads
+// therefore run one after another in an order the scheduler picks (ascending, descending or a
+// seeded shuffle): a kernel whose result depends on that order has a race, so running it under
+// several orders and comparing bit for bit is a race check. Barrier misuse (a block or grid
+// barrier not reached by every thread, threads of one block waiting at different barriers)
+// aborts with a message instead of hanging.
+//
+// What is checked beyond the results (an abort names the rule):
+//   * dynamic shared memory is allocated at exactly the launch's size, filled with 0xFF (NaN)
+//     bytes, and its size must fit the kernel's MaxDynamicSharedMemorySize attribute (48 KiB
+//     unless raised) and the device's opt-in limit, as on a GPU;
+//   * WMMA pointers must be 32-byte aligned and ldm a multiple of 16 bytes (the PTX rule);
+//   * a cooperative grid must fit on the device at once (occupancy from shared memory);
+//   * built with -fsanitize=address,undefined, out-of-bounds accesses to global memory (torch
+//     tensors under LD_PRELOAD=libasan) and to shared memory, and misaligned float4 loads.
+//
+// Numerics: WMMA multiplies the stored bf16/fp16 operands exactly and accumulates in fp32, in
+// k order; TF32 operands are truncated to 10 mantissa bits as the tensor cores do (the kernels
+// round them first with __float_to_tf32, round-to-nearest with ties away from zero).
+#pragma once
+
+#include <cmath>
+#include <cstddef>
+#include <cstdint>
+#include <cstring>
+#include <type_traits>
+
+// ---- keywords ------------------------------------------------------------------------------
+#define __global__
+#define __device__
+#define __host__
+#define __forceinline__ inline
+#define __launch_bounds__(...)
+#define __align__(n) alignas(n)
+#define __CUDA_SIM__ 1
+
+// ---- types and thread coordinates -----------------------------------------------------------
+struct dim3 {
+  unsigned x = 1, y = 1, z = 1;
+  constexpr dim3(unsigned x_ = 1, unsigned y_ = 1, unsigned z_ = 1) : x(x_), y(y_), z(z_) {}
+};
+struct alignas(16) float4 {
+  float x, y, z, w;
+};
+
+extern thread_local dim3 threadIdx;
+extern thread_local dim3 blockIdx;
+extern thread_local dim3 blockDim;
+extern thread_local dim3 gridDim;
+
+namespace cudasim {
+[[noreturn]] void fail(const char* fmt, ...);
+void block_barrier(const char* file, int line);  // __syncthreads
+void grid_barrier();                              // cooperative_groups grid sync
+unsigned char* dynamic_smem();                    // this block's dynamic shared memory
+}  // namespace cudasim
+
+#define __syncthreads() ::cudasim::block_barrier(__FILE__, __LINE__)
+
+// ---- runtime API (the subset launch_cooperative uses) ----------------------------------------
+enum cudaError_t {
+  cudaSuccess = 0,
+  cudaErrorInvalidValue = 1,
+  cudaErrorNotSupported = 801,
+  cudaErrorCooperativeLaunchTooLarge = 720,
+  cudaErrorLaunchFailure = 719,
+};
+enum cudaDeviceAttr {
+  cudaDevAttrMultiProcessorCount = 16,
+  cudaDevAttrCooperativeLaunch = 95,
+  cudaDevAttrMaxSharedMemoryPerBlockOptin = 97,
+  cudaDevAttrComputeCapabilityMajor = 75,
+  cudaDevAttrComputeCapabilityMinor = 76,
+};
+enum cudaFuncAttribute { cudaFuncAttributeMaxDynamicSharedMemorySize = 8 };
+struct CUstream_st;
+using cudaStream_t = CUstream_st*;
+
+cudaError_t cudaGetDevice(int* device);
+cudaError_t cudaDeviceGetAttribute(int* value, cudaDeviceAttr attr, int device);
+cudaError_t cudaFuncSetAttribute(const void* func, cudaFuncAttribute attr, int value);
+cudaError_t cudaOccupancyMaxActiveBlocksPerMultiprocessorImpl(int* blocks, const void* func,
+                                                              int block_size, size_t smem);
+template <typename Kernel>
+cudaError_t cudaOccupancyMaxActiveBlocksPerMultiprocessor(int* blocks, Kernel func,
+                                                          int block_size, size_t smem) {
+  return cudaOccupancyMaxActiveBlocksPerMultiprocessorImpl(
+      blocks, reinterpret_cast<const void*>(func), block_size, smem);
+}
+cudaError_t cudaLaunchCooperativeKernel(const void* func, dim3 grid, dim3 block, void** args,
+                                        size_t smem, cudaStream_t stream);
+cudaError_t cudaGetLastError();
+const char* cudaGetErrorName(cudaError_t err);
+
+// ---- fp16 / bf16 -----------------------------------------------------------------------------
+struct __half {
+  _Float16 v;
+};
+struct __nv_bfloat16 {
+  uint16_t bits;
+};
+inline float __half2float(__half h) { return static_cast<float>(h.v); }
+inline __half __float2half_rn(float f) { return __half{static_cast<_Float16>(f)}; }  // RNE
+inline float __bfloat162float(__nv_bfloat16 b) {
+  const uint32_t u = static_cast<uint32_t>(b.bits) << 16;
+  float f;
+  std::memcpy(&f, &u, 4);
+  return f;
+}
+inline __nv_bfloat16 __float2bfloat16_rn(float f) {
+  uint32_t u;
+  std::memcpy(&u, &f, 4);
+  if (std::isnan(f)) return __nv_bfloat16{static_cast<uint16_t>((u >> 16) | 0x40)};
+  u += 0x7FFFu + ((u >> 16) & 1u);  // round to nearest, ties to even
+  return __nv_bfloat16{static_cast<uint16_t>(u >> 16)};
+}
+
+// ---- cooperative groups ----------------------------------------------------------------------
+namespace cooperative_groups {
+struct grid_group {
+  void sync() const { ::cudasim::grid_barrier(); }
+};
+inline grid_group this_grid() { return grid_group{}; }
+}  // namespace cooperative_groups
+
+// ---- WMMA -------------------------------------------------------------------------------------
+// A fragment holds its whole tile in every lane (the real one spreads it over the warp's 32
+// lanes in an unspecified layout). The kernels only load, store, fill and convert fragments
+// element-wise, so each lane holding the whole tile behaves like the warp. Every lane loads
+// (and has its pointers checked); lane 0 alone multiplies and stores, for speed -- the other
+// lanes would store the same values, and no lane reads a tile's output before a barrier.
+namespace nvcuda {
+namespace wmma {
+struct matrix_a {};
+struct matrix_b {};
+struct accumulator {};
+struct row_major {};
+struct col_major {};
+namespace precision {
+struct tf32 {};
+}  // namespace precision
+enum layout_t { mem_row_major, mem_col_major };
+
+template <typename T> struct element { using type = T; };
+template <> struct element<precision::tf32> { using type = float; };
+
+template <typename Use, int M, int N, int K> struct tile_dims;
+template <int M, int N, int K> struct tile_dims<matrix_a, M, N, K> {
+  static constexpr int rows = M, cols = K;
+};
+template <int M, int N, int K> struct tile_dims<matrix_b, M, N, K> {
+  static constexpr int rows = K, cols = N;
+};
+template <int M, int N, int K> struct tile_dims<accumulator, M, N, K> {
+  static constexpr int rows = M, cols = N;
+};
+
+template <typename Use, int M, int N, int K, typename T, typename Layout = void>
+struct fragment {
+  using element_type = typename element<T>::type;
+  using storage_type = T;
+  using layout = Layout;
+  static constexpr int rows = tile_dims<Use, M, N, K>::rows;
+  static constexpr int cols = tile_dims<Use, M, N, K>::cols;
+  static constexpr int num_elements = rows * cols;
+  element_type x[num_elements];  // (r, c) at x[r * cols + c]
+  // 16-bit operands converted once at load (mma_sync reads these, not x).
+  float xf[std::is_same_v<element_type, float> ? 1 : num_elements];
+};
+
+inline bool is_lane0() { return (threadIdx.x & 31u) == 0; }
+
+inline float to_f(float v) { return v; }
+inline float to_f(__half v) { return __half2float(v); }
+inline float to_f(__nv_bfloat16 v) { return __bfloat162float(v); }
+
+inline float __float_to_tf32(float f) {  // cvt.rna.tf32.f32: nearest, ties away from zero
+  uint32_t u;
+  std::memcpy(&u, &f, 4);
+  if (!std::isfinite(f)) return f;
+  u = (u + 0x1000u) & ~0x1FFFu;
+  std::memcpy(&f, &u, 4);
+  return f;
+}
+inline float truncate_tf32(float f) {  // what the tensor core reads of an fp32 operand
+  uint32_t u;
+  std::memcpy(&u, &f, 4);
+  u &= ~0x1FFFu;
+  std::memcpy(&f, &u, 4);
+  return f;
+}
+
+void check_pointer(const void* p, unsigned ldm_bytes, const char* what);
+
+template <typename Use, int M, int N, int K, typename T, typename Layout, typename P>
+void load_matrix_sync(fragment<Use, M, N, K, T, Layout>& f, const P* p, unsigned ldm) {
+  using F = fragment<Use, M, N, K, T, Layout>;
+  check_pointer(p, ldm * sizeof(P), "load_matrix_sync");
+  constexpr bool row = std::is_same_v<Layout, row_major>;
+  for (int r = 0; r < F::rows; ++r)
+    for (int c = 0; c < F::cols; ++c) {
+      const P v = row ? p[(size_t)r * ldm + c] : p[(size_t)c * ldm + r];
+      f.x[r * F::cols + c] = v;
+      if constexpr (!std::is_same_v<typename F::element_type, float>) f.xf[r * F::cols + c] = to_f(v);
+    }
+}
+
+template <int M, int N, int K>
+void store_matrix_sync(float* p, const fragment<accumulator, M, N, K, float>& f, unsigned ldm,
+                       layout_t layout) {
+  check_pointer(p, ldm * sizeof(float), "store_matrix_sync");
+  if (!is_lane0()) return;
+  for (int r = 0; r < M; ++r)
+    for (int c = 0; c < N; ++c)
+      (layout == mem_row_major ? p[(size_t)r * ldm + c] : p[(size_t)c * ldm + r]) =
+          f.x[r * N + c];
+}
+
+template <int M, int N, int K>
+void fill_fragment(fragment<accumulator, M, N, K, float>& f, float v) {
+  for (float& e : f.x) e = v;
+}
+
+template <int M, int N, int K, typename T, typename LA, typename LB>
+void mma_sync(fragment<accumulator, M, N, K, float>& d, const fragment<matrix_a, M, N, K, T, LA>& a,
+              const fragment<matrix_b, M, N, K, T, LB>& b,
+              const fragment<accumulator, M, N, K, float>& c) {
+  if (!is_lane0()) return;
+  float av[M * K], bv[K * N];
+  for (int i = 0; i < M * K; ++i) {
+    if constexpr (std::is_same_v<T, precision::tf32>) av[i] = truncate_tf32(a.x[i]);
+    else av[i] = a.xf[i];
+  }
+  for (int i = 0; i < K * N; ++i) {
+    if constexpr (std::is_same_v<T, precision::tf32>) bv[i] = truncate_tf32(b.x[i]);
+    else bv[i] = b.xf[i];
+  }
+  float out[M * N];
+  for (int m = 0; m < M; ++m)
+    for (int n = 0; n < N; ++n) {
+      float acc = c.x[m * N + n];
+      for (int k = 0; k < K; ++k) acc += av[m * K + k] * bv[k * N + n];  // exact products
+      out[m * N + n] = acc;
+    }
+  for (int i = 0; i < M * N; ++i) d.x[i] = out[i];
+}
+}  // namespace wmma
+}  // namespace nvcuda

@@ -1,0 +1,37 @@
+// The unchanged kernels of csrc/, compiled for cudasim, and their registration. Built twice:
+// as is (forward) and with -DFRNN_SIM_BACKWARD (backward), so the two compile in parallel.
+#ifdef FRNN_SIM_BACKWARD
+#include "rnn_backward.cu"  // from -I csrc (or a mutated copy)
+#define FRNN_SIM_KERNEL rnn_backward_kernel
+#define FRNN_SIM_PARAMS BwdParams
+#else
+#include "rnn_forward.cu"
+#define FRNN_SIM_KERNEL rnn_forward_kernel
+#define FRNN_SIM_PARAMS FwdParams
+#endif
+#include "sim_api.h"
+
+namespace {
+using namespace fused_rnn;
+
+template <Cell C>
+void register_cell() {
+  using detail::FRNN_SIM_KERNEL;
+  auto add = [](auto kernel) {
+    cudasim::register_kernel(reinterpret_cast<const void*>(kernel),
+                             cudasim::invoke<FRNN_SIM_PARAMS>);
+  };
+  add(FRNN_SIM_KERNEL<C, __nv_bfloat16, Math::kWmma16>);
+  add(FRNN_SIM_KERNEL<C, __half, Math::kWmma16>);
+  add(FRNN_SIM_KERNEL<C, float, Math::kTf32>);
+  add(FRNN_SIM_KERNEL<C, float, Math::kFma>);
+}
+
+const bool registered = [] {
+  register_cell<Cell::kLSTM>();
+  register_cell<Cell::kGRU>();
+  register_cell<Cell::kRNNTanh>();
+  register_cell<Cell::kRNNRelu>();
+  return true;
+}();
+}  // namespace

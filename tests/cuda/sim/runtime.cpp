@@ -1,0 +1,406 @@
+// cudasim runtime: the device, the launch and the scheduler (see include/cudasim.h).
+//
+// Simulated threads are fibers (ucontext) on the calling OS thread, each with its own stack
+// (reused across launches, a guard page below it). The scheduler switches to one fiber, which
+// runs until its next barrier or its end and switches back. Under AddressSanitizer every switch
+// is announced to it (__sanitizer_start/finish_switch_fiber) so it tracks the right stack.
+#include <sys/mman.h>
+#include <ucontext.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <cstdarg>
+#include <cstdio>
+#include <cstdlib>
+#include <map>
+#include <mutex>
+#include <numeric>
+#include <random>
+#include <string>
+#include <vector>
+
+#include "cudasim.h"
+#include "sim_api.h"
+
+#if defined(__SANITIZE_ADDRESS__)
+#include <sanitizer/common_interface_defs.h>
+#define CUDASIM_ASAN 1
+#else
+#define CUDASIM_ASAN 0
+#endif
+
+thread_local dim3 threadIdx;
+thread_local dim3 blockIdx;
+thread_local dim3 blockDim;
+thread_local dim3 gridDim;
+
+namespace cudasim {
+namespace {
+
+struct Abort {};  // unwinds a simulated thread when its launch fails
+
+enum class State { kRunnable, kAtBlockBarrier, kAtGridBarrier, kDone };
+
+constexpr size_t kStackBytes = 256 * 1024;  // per fiber (ASan frames are large)
+
+struct Stack {  // mmap'd once, reused by every launch; the lowest page is a guard page
+  unsigned char* base = nullptr;
+  Stack() {
+    const size_t page = static_cast<size_t>(sysconf(_SC_PAGESIZE));
+    void* p = mmap(nullptr, kStackBytes + page, PROT_READ | PROT_WRITE,
+                   MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+    if (p == MAP_FAILED) std::abort();
+    mprotect(p, page, PROT_NONE);
+    base = static_cast<unsigned char*>(p) + page;
+  }
+};
+
+struct Thread {
+  ucontext_t ctx{};
+  State state = State::kRunnable;
+  unsigned block = 0, tid = 0;
+  const char* file = nullptr;  // where it waits at a block barrier
+  int line = 0;
+  unsigned char* stack = nullptr;
+};
+
+struct Launch {
+  void (*invoke)(const void*, void**) = nullptr;
+  const void* func = nullptr;
+  void** args = nullptr;
+  dim3 grid, block;
+  std::vector<unsigned char*> smem;  // one allocation of exactly `smem_bytes` per block
+  std::vector<Thread> threads;
+  bool aborting = false;
+  std::string error;  // first failure
+};
+
+Config g_config;
+std::mutex g_launch_mutex;  // one launch at a time (the scheduler state is global)
+Launch* g_launch = nullptr;
+Thread* g_current = nullptr;  // the running fiber
+ucontext_t g_scheduler_ctx;
+#if CUDASIM_ASAN
+const void* g_scheduler_stack = nullptr;  // the calling thread's stack, as ASan reports it
+size_t g_scheduler_stack_size = 0;
+#endif
+std::vector<Stack>& stacks() {
+  static std::vector<Stack> s;
+  return s;
+}
+std::map<const void*, void (*)(const void*, void**)>& registry() {
+  static std::map<const void*, void (*)(const void*, void**)> r;
+  return r;
+}
+std::map<const void*, int>& max_dynamic_smem() {
+  static std::map<const void*, int> m;
+  return m;
+}
+thread_local cudaError_t t_last_error = cudaSuccess;
+std::string g_last_message;
+
+constexpr int kDefaultDynamicSmem = 48 * 1024;
+constexpr int kMaxThreadsPerSm = 2048;
+constexpr int kReservedSmemPerBlock = 1024;
+
+// Fiber -> scheduler. `finished`: the fiber will never run again.
+void switch_to_scheduler(bool finished) {
+#if CUDASIM_ASAN
+  void* fake = nullptr;
+  __sanitizer_start_switch_fiber(finished ? nullptr : &fake, g_scheduler_stack,
+                                 g_scheduler_stack_size);
+  swapcontext(&g_current->ctx, &g_scheduler_ctx);
+  __sanitizer_finish_switch_fiber(fake, nullptr, nullptr);
+#else
+  (void)finished;
+  swapcontext(&g_current->ctx, &g_scheduler_ctx);
+#endif
+}
+
+// Hands control back to the scheduler and returns when scheduled again.
+void yield(State s) {
+  g_current->state = s;
+  switch_to_scheduler(false);
+  if (g_launch->aborting) throw Abort{};
+}
+
+void fiber_main() {
+#if CUDASIM_ASAN
+  __sanitizer_finish_switch_fiber(nullptr, &g_scheduler_stack, &g_scheduler_stack_size);
+#endif
+  Launch* L = g_launch;
+  try {
+    if (!L->aborting) L->invoke(L->func, L->args);
+  } catch (const Abort&) {
+  }
+  g_current->state = State::kDone;
+  switch_to_scheduler(true);
+  std::abort();  // never resumed
+}
+
+// A separate function: getcontext returns twice, which may clobber a caller's locals.
+__attribute__((noinline)) void init_fiber(Thread& t, unsigned char* stack) {
+  t.stack = stack;
+  getcontext(&t.ctx);
+  t.ctx.uc_stack.ss_sp = t.stack;
+  t.ctx.uc_stack.ss_size = kStackBytes;
+  t.ctx.uc_link = nullptr;
+  makecontext(&t.ctx, fiber_main, 0);
+}
+
+// Runs thread i until its next barrier or its end.
+void run_one(Launch& L, size_t i) {
+  Thread& t = L.threads[i];
+  g_current = &t;
+  threadIdx = dim3(t.tid);
+  blockIdx = dim3(t.block);
+  blockDim = L.block;
+  gridDim = L.grid;
+#if CUDASIM_ASAN
+  void* fake = nullptr;
+  __sanitizer_start_switch_fiber(&fake, t.stack, kStackBytes);
+  swapcontext(&g_scheduler_ctx, &t.ctx);
+  __sanitizer_finish_switch_fiber(fake, nullptr, nullptr);
+#else
+  swapcontext(&g_scheduler_ctx, &t.ctx);
+#endif
+  g_current = nullptr;
+}
+
+std::string describe(const Launch& L, size_t i) {
+  const Thread& t = L.threads[i];
+  char buf[160];
+  std::snprintf(buf, sizeof buf, "block %u thread %u", t.block, t.tid);
+  return buf;
+}
+
+// Called when no thread can run. Releases one block barrier (or the grid barrier when every
+// thread waits there). Returns false when all threads are done.
+//
+// One block at a time, picked by the order (first, last or random): the released block runs
+// on to its next barrier while the others wait, so blocks drift apart as far as the grid
+// barriers allow. A missing grid.sync() then lets one block run whole steps ahead and read
+// exchange data the others have not written, which changes the results.
+bool resolve_barriers(Launch& L, std::mt19937_64& rng) {
+  const unsigned per_block = L.block.x;
+  std::vector<unsigned> ready;  // blocks whose threads all wait at __syncthreads()
+  for (unsigned b = 0; b < L.grid.x; ++b) {
+    Thread* first = &L.threads[(size_t)b * per_block];
+    size_t at_block = 0;
+    for (unsigned k = 0; k < per_block; ++k) at_block += first[k].state == State::kAtBlockBarrier;
+    if (at_block == 0) continue;
+    if (at_block != per_block) {
+      const Thread* waiting = first;
+      while (waiting->state != State::kAtBlockBarrier) ++waiting;
+      for (unsigned k = 0; k < per_block; ++k)
+        if (first[k].state != State::kAtBlockBarrier)
+          fail("__syncthreads() at %s:%d is not reached by block %u thread %u (%s)",
+               waiting->file, waiting->line, b, k,
+               first[k].state == State::kDone ? "it exited" : "it waits at grid.sync()");
+    }
+    for (unsigned k = 1; k < per_block; ++k)
+      if (first[k].line != first->line || std::strcmp(first[k].file, first->file) != 0)
+        fail("block %u waits at two different __syncthreads(): %s:%d (thread 0) and %s:%d "
+             "(thread %u)", b, first->file, first->line, first[k].file, first[k].line, k);
+    ready.push_back(b);
+  }
+  if (!ready.empty()) {
+    unsigned pick = ready.front();
+    if (g_config.order == kOrderDescending) pick = ready.back();
+    if (g_config.order == kOrderShuffle) pick = ready[rng() % ready.size()];
+    Thread* first = &L.threads[(size_t)pick * per_block];
+    for (unsigned k = 0; k < per_block; ++k) first[k].state = State::kRunnable;
+    return true;
+  }
+  size_t at_grid = 0, done = 0;
+  for (const Thread& t : L.threads) {
+    at_grid += t.state == State::kAtGridBarrier;
+    done += t.state == State::kDone;
+  }
+  if (done == L.threads.size()) return false;
+  if (at_grid == L.threads.size()) {
+    for (Thread& t : L.threads) t.state = State::kRunnable;
+    return true;
+  }
+  for (size_t i = 0; i < L.threads.size(); ++i)
+    if (L.threads[i].state == State::kDone)
+      fail("grid.sync() is not reached by %s (it exited)", describe(L, i).c_str());
+  fail("scheduler: no thread can run");
+}
+
+void schedule(Launch& L) {
+  std::mt19937_64 rng(g_config.seed);
+  std::vector<size_t> order;
+  for (;;) {
+    order.clear();
+    for (size_t i = 0; i < L.threads.size(); ++i)
+      if (L.threads[i].state == State::kRunnable) order.push_back(i);
+    if (order.empty()) {
+      if (!resolve_barriers(L, rng)) return;
+      continue;
+    }
+    if (g_config.order == kOrderDescending) std::reverse(order.begin(), order.end());
+    if (g_config.order == kOrderShuffle) std::shuffle(order.begin(), order.end(), rng);
+    for (size_t i : order) {
+      run_one(L, i);
+      if (!L.error.empty()) return;
+    }
+  }
+}
+
+}  // namespace
+
+void fail(const char* fmt, ...) {
+  char buf[512];
+  va_list ap;
+  va_start(ap, fmt);
+  std::vsnprintf(buf, sizeof buf, fmt, ap);
+  va_end(ap);
+  if (g_launch == nullptr) {
+    std::fprintf(stderr, "cudasim: %s\n", buf);
+    std::abort();
+  }
+  if (g_launch->error.empty()) g_launch->error = buf;
+  throw Abort{};
+}
+
+void block_barrier(const char* file, int line) {
+  g_current->file = file;
+  g_current->line = line;
+  yield(State::kAtBlockBarrier);
+}
+
+void grid_barrier() { yield(State::kAtGridBarrier); }
+
+unsigned char* dynamic_smem() { return g_launch->smem[blockIdx.x]; }
+
+void configure(const Config& c) { g_config = c; }
+const Config& config() { return g_config; }
+const std::string& last_message() { return g_last_message; }
+
+void register_kernel(const void* func, void (*invoke)(const void*, void**)) {
+  registry()[func] = invoke;
+}
+
+}  // namespace cudasim
+
+namespace nvcuda {
+namespace wmma {
+void check_pointer(const void* p, unsigned ldm_bytes, const char* what) {
+  if (reinterpret_cast<uintptr_t>(p) % 32 != 0)
+    ::cudasim::fail("%s: pointer %p is not 32-byte aligned", what, p);
+  if (ldm_bytes % 16 != 0)
+    ::cudasim::fail("%s: ldm of %u bytes is not a multiple of 16 bytes", what, ldm_bytes);
+}
+}  // namespace wmma
+}  // namespace nvcuda
+
+using cudasim::g_config;
+
+cudaError_t cudaGetDevice(int* device) {
+  *device = 0;
+  return cudaSuccess;
+}
+
+cudaError_t cudaDeviceGetAttribute(int* value, cudaDeviceAttr attr, int device) {
+  if (device != 0) return cudaErrorInvalidValue;
+  switch (attr) {
+    case cudaDevAttrMultiProcessorCount: *value = g_config.sms; return cudaSuccess;
+    case cudaDevAttrCooperativeLaunch: *value = 1; return cudaSuccess;
+    case cudaDevAttrMaxSharedMemoryPerBlockOptin: *value = g_config.smem_optin; return cudaSuccess;
+    case cudaDevAttrComputeCapabilityMajor: *value = 9; return cudaSuccess;
+    case cudaDevAttrComputeCapabilityMinor: *value = 0; return cudaSuccess;
+  }
+  return cudaErrorInvalidValue;
+}
+
+cudaError_t cudaFuncSetAttribute(const void* func, cudaFuncAttribute attr, int value) {
+  if (attr != cudaFuncAttributeMaxDynamicSharedMemorySize) return cudaErrorInvalidValue;
+  if (value < 0 || value > g_config.smem_optin) return cudaErrorInvalidValue;
+  cudasim::max_dynamic_smem()[func] = value;
+  return cudaSuccess;
+}
+
+cudaError_t cudaOccupancyMaxActiveBlocksPerMultiprocessorImpl(int* blocks, const void* func,
+                                                              int block_size, size_t smem) {
+  if (block_size <= 0 || block_size > 1024) return cudaErrorInvalidValue;
+  const int by_threads = cudasim::kMaxThreadsPerSm / block_size;
+  const size_t per_block = smem + cudasim::kReservedSmemPerBlock;
+  const int by_smem = static_cast<int>((size_t)g_config.smem_per_sm / per_block);
+  (void)func;
+  *blocks = std::min(by_threads, by_smem);
+  return cudaSuccess;
+}
+
+cudaError_t cudaLaunchCooperativeKernel(const void* func, dim3 grid, dim3 block, void** args,
+                                        size_t smem, cudaStream_t stream) {
+  (void)stream;
+  using namespace cudasim;
+  g_last_message.clear();
+  auto reg = registry().find(func);
+  if (reg == registry().end()) return t_last_error = cudaErrorInvalidValue;
+  auto attr = max_dynamic_smem().find(func);
+  const int smem_limit = attr == max_dynamic_smem().end() ? kDefaultDynamicSmem : attr->second;
+  if (grid.y != 1 || grid.z != 1 || block.y != 1 || block.z != 1 || block.x == 0 ||
+      block.x > 1024 || grid.x == 0 || smem > (size_t)smem_limit)
+    return t_last_error = cudaErrorInvalidValue;
+  int per_sm = 0;
+  cudaOccupancyMaxActiveBlocksPerMultiprocessorImpl(&per_sm, func, (int)block.x, smem);
+  if ((long)per_sm * g_config.sms < (long)grid.x)
+    return t_last_error = cudaErrorCooperativeLaunchTooLarge;
+
+  std::lock_guard<std::mutex> lock(g_launch_mutex);
+  Launch L;
+  L.invoke = reg->second;
+  L.func = func;
+  L.args = args;
+  L.grid = grid;
+  L.block = block;
+  for (unsigned b = 0; b < grid.x; ++b) {
+    void* p = nullptr;
+    if (posix_memalign(&p, 128, std::max<size_t>(smem, 1)) != 0) std::abort();
+    std::memset(p, 0xFF, std::max<size_t>(smem, 1));  // NaN in every float
+    L.smem.push_back(static_cast<unsigned char*>(p));
+  }
+  const size_t n = (size_t)grid.x * block.x;
+  while (stacks().size() < n) stacks().emplace_back();
+  L.threads.resize(n);
+  for (size_t i = 0; i < n; ++i) {
+    Thread& t = L.threads[i];
+    t.block = static_cast<unsigned>(i / block.x);
+    t.tid = static_cast<unsigned>(i % block.x);
+    init_fiber(t, stacks()[i].base);
+  }
+  g_launch = &L;
+  try {
+    schedule(L);
+  } catch (const Abort&) {  // a barrier rule broken (found by the scheduler)
+  }
+  if (!L.error.empty()) {  // unwind every fiber that has not finished
+    L.aborting = true;
+    for (size_t i = 0; i < n; ++i)
+      if (L.threads[i].state != State::kDone) run_one(L, i);
+  }
+  for (unsigned char* p : L.smem) std::free(p);
+  g_launch = nullptr;
+  g_last_message = L.error;
+  if (!L.error.empty()) return t_last_error = cudaErrorLaunchFailure;
+  return cudaSuccess;
+}
+
+cudaError_t cudaGetLastError() {
+  const cudaError_t e = cudasim::t_last_error;
+  cudasim::t_last_error = cudaSuccess;
+  return e;
+}
+
+const char* cudaGetErrorName(cudaError_t err) {
+  switch (err) {
+    case cudaSuccess: return "cudaSuccess";
+    case cudaErrorInvalidValue: return "cudaErrorInvalidValue";
+    case cudaErrorNotSupported: return "cudaErrorNotSupported";
+    case cudaErrorCooperativeLaunchTooLarge: return "cudaErrorCooperativeLaunchTooLarge";
+    case cudaErrorLaunchFailure: return "cudaErrorLaunchFailure";
+  }
+  return "cudaErrorUnknown";
+}

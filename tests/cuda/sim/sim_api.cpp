@@ -1,0 +1,163 @@
+// C entry points for tests/cuda/simulate.py: what csrc/binding.cpp does between its tensor
+// checks and the launch (plan, params, dispatch), over raw pointers the caller allocated the
+// way the binding does. The launch itself is csrc/'s launch_forward/launch_backward, unchanged.
+#include "sim_api.h"
+
+#include <cstdio>
+
+#include "cudasim.h"
+#include "fused_rnn.h"  // from -I csrc
+
+using fused_rnn::Cell;
+using fused_rnn::Math;
+using fused_rnn::Plan;
+
+namespace {
+
+std::string g_error;  // the last entry point's failure
+
+// dtype codes: 0 float32, 1 float16, 2 bfloat16 (simulate.py's DTYPE_CODES)
+template <typename F>
+cudaError_t dispatch(Cell cell, int dtype, Math math, F&& f) {
+  auto by_type = [&](auto c) -> cudaError_t {
+    if (dtype == 2) return f(c, __nv_bfloat16{}, std::integral_constant<Math, Math::kWmma16>{});
+    if (dtype == 1) return f(c, __half{}, std::integral_constant<Math, Math::kWmma16>{});
+    if (math == Math::kTf32) return f(c, 0.f, std::integral_constant<Math, Math::kTf32>{});
+    return f(c, 0.f, std::integral_constant<Math, Math::kFma>{});
+  };
+  switch (cell) {
+    case Cell::kLSTM: return by_type(std::integral_constant<Cell, Cell::kLSTM>{});
+    case Cell::kGRU: return by_type(std::integral_constant<Cell, Cell::kGRU>{});
+    case Cell::kRNNTanh: return by_type(std::integral_constant<Cell, Cell::kRNNTanh>{});
+    case Cell::kRNNRelu: return by_type(std::integral_constant<Cell, Cell::kRNNRelu>{});
+  }
+  return cudaErrorInvalidValue;
+}
+
+// binding.cpp's checked_plan on the simulated device. Returns false (and sets g_error) when the
+// binding would refuse.
+bool checked_plan(int cell, int dtype, int allow_tf32, int hidden, bool backward, Math* math,
+                  Plan* plan) {
+  const cudasim::Config& c = cudasim::config();
+  if (cell < 0 || cell > 3 || dtype < 0 || dtype > 2 || hidden <= 0) {
+    g_error = "bad cell, dtype or hidden size";
+    return false;
+  }
+  *math = fused_rnn::choose_math(dtype != 0, allow_tf32 != 0, static_cast<Cell>(cell), hidden,
+                                 backward, c.sms, c.smem_optin);
+  *plan = fused_rnn::make_plan(static_cast<Cell>(cell), *math, hidden, backward, c.sms);
+  if (plan->smem_bytes > c.smem_optin) {
+    g_error = "hidden size needs more shared memory than the device allows";
+    return false;
+  }
+  return true;
+}
+
+int finish(cudaError_t err) {
+  if (err == cudaSuccess) {
+    g_error.clear();
+    return 0;
+  }
+  g_error = std::string(cudaGetErrorName(err));
+  if (!cudasim::last_message().empty()) g_error += ": " + cudasim::last_message();
+  return static_cast<int>(err);
+}
+
+}  // namespace
+
+extern "C" {
+
+int sim_configure(int sms, int smem_optin, int smem_per_sm, int order, uint64_t seed) {
+  cudasim::Config c;
+  c.sms = sms;
+  c.smem_optin = smem_optin;
+  c.smem_per_sm = smem_per_sm;
+  c.order = order;
+  c.seed = seed;
+  cudasim::configure(c);
+  return 0;
+}
+
+const char* sim_last_error() { return g_error.c_str(); }
+
+// out[0..11]: math, then Plan's fields in declaration order (units .. smem_bytes).
+int sim_plan(int cell, int dtype, int allow_tf32, int hidden, int backward, int* out) {
+  Math math;
+  Plan p;
+  if (!checked_plan(cell, dtype, allow_tf32, hidden, backward != 0, &math, &p)) return 1;
+  const int v[] = {static_cast<int>(math), p.units, p.blocks, p.m_rows, p.m_pad, p.k, p.k_pad,
+                   p.ldw, p.slots, p.slot_floats, p.w_bytes, p.smem_bytes};
+  for (int i = 0; i < 12; ++i) out[i] = v[i];
+  return 0;
+}
+
+// binding.cpp's plan_info: make_plan as compiled here, for any math and grid limit.
+int sim_make_plan(int cell, int math, int hidden, int backward, int max_blocks, int* out) {
+  if (cell < 0 || cell > 3 || math < 0 || math > 2 || hidden <= 0 || max_blocks <= 0) return 1;
+  const Plan p = fused_rnn::make_plan(static_cast<Cell>(cell), static_cast<Math>(math), hidden,
+                                      backward != 0, max_blocks);
+  const int v[] = {p.units, p.blocks, p.m_rows, p.m_pad, p.k, p.k_pad, p.ldw, p.slots,
+                   p.slot_floats, p.w_bytes, p.smem_bytes};
+  for (int i = 0; i < 11; ++i) out[i] = v[i];
+  return 0;
+}
+
+int sim_forward(int cell, int dtype, int allow_tf32, int steps, int batch, int hidden,
+                int batch_pad, int reverse, int save, const void* w_hh, const float* b_hh,
+                const int* lengths, float* xproj, void* hbuf, float* cbuf, void* y, float* aux) {
+  fused_rnn::FwdParams p{};
+  Math math;
+  if (!checked_plan(cell, dtype, allow_tf32, hidden, false, &math, &p.plan)) return 1;
+  p.steps = steps;
+  p.batch = batch;
+  p.hidden = hidden;
+  p.batch_pad = batch_pad;
+  p.reverse = reverse != 0;
+  p.save = save != 0;
+  p.w_hh = w_hh;
+  p.b_hh = b_hh;
+  p.lengths = lengths;
+  p.xproj = xproj;
+  p.hbuf = hbuf;
+  p.cbuf = cbuf;
+  p.y = y;
+  p.aux = aux;
+  return finish(dispatch(static_cast<Cell>(cell), dtype, math, [&](auto c, auto tag, auto m) {
+    return fused_rnn::launch_forward<decltype(c)::value, decltype(tag), decltype(m)::value>(
+        p, nullptr);
+  }));
+}
+
+int sim_backward(int cell, int dtype, int allow_tf32, int steps, int batch, int hidden,
+                 int batch_pad, int reverse, const void* w_hh, const int* lengths,
+                 const void* dy, const float* gates, const float* aux, const float* c0,
+                 const void* hprev, void* dgbuf, float* dh_carry, float* dc_carry, float* dgx,
+                 float* dghn, float* dh0) {
+  fused_rnn::BwdParams p{};
+  Math math;
+  if (!checked_plan(cell, dtype, allow_tf32, hidden, true, &math, &p.plan)) return 1;
+  p.steps = steps;
+  p.batch = batch;
+  p.hidden = hidden;
+  p.batch_pad = batch_pad;
+  p.reverse = reverse != 0;
+  p.w_hh = w_hh;
+  p.lengths = lengths;
+  p.dy = dy;
+  p.gates = gates;
+  p.aux = aux;
+  p.c0 = c0;
+  p.hprev = hprev;
+  p.dgbuf = dgbuf;
+  p.dh_carry = dh_carry;
+  p.dc_carry = dc_carry;
+  p.dgx = dgx;
+  p.dghn = dghn;
+  p.dh0 = dh0;
+  return finish(dispatch(static_cast<Cell>(cell), dtype, math, [&](auto c, auto tag, auto m) {
+    return fused_rnn::launch_backward<decltype(c)::value, decltype(tag), decltype(m)::value>(
+        p, nullptr);
+  }));
+}
+
+}  // extern "C"

@@ -1,0 +1,32 @@
+// cudasim's configuration and the C entry points tests/cuda/simulate.py calls through ctypes.
+#pragma once
+
+#include <cstdint>
+#include <string>
+
+namespace cudasim {
+
+enum Order { kOrderAscending = 0, kOrderDescending = 1, kOrderShuffle = 2 };
+
+struct Config {
+  int sms = 4;                       // streaming multiprocessors (grid limit of the plans)
+  int smem_optin = 227 * 1024;       // opt-in dynamic shared memory per block (H100)
+  int smem_per_sm = 228 * 1024;      // shared memory per SM, for occupancy (H100)
+  int order = kOrderAscending;       // which thread runs first between two barriers
+  uint64_t seed = 0;                 // for kOrderShuffle
+};
+
+void configure(const Config& c);
+const Config& config();
+const std::string& last_message();  // why the last launch failed ("" if it did not)
+
+// Called at load time by the kernel translation units: how to call `func` with its args.
+void register_kernel(const void* func, void (*invoke)(const void* func, void** args));
+
+// Registers the kernel behind a launch_forward/launch_backward instantiation.
+template <typename Params>
+void invoke(const void* func, void** args) {
+  reinterpret_cast<void (*)(Params)>(const_cast<void*>(func))(*static_cast<const Params*>(args[0]));
+}
+
+}  // namespace cudasim

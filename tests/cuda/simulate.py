@@ -1,0 +1,240 @@
+"""Run the CUDA kernels of ``csrc/``, unchanged, on the CPU (``tests/cuda/sim``: cudasim).
+
+``Simulator`` has the binding's functions (``forward``, ``backward``, ``device_info``) with the
+same arguments, allocations and results, so it stands in for the compiled extension under the
+real Python glue (``fused_rnn.ops.cuda``). Unlike ``emulate.py``, which re-implements the
+kernels' arithmetic in torch, this compiles ``rnn_forward.cu`` and ``rnn_backward.cu`` with g++
+against small stand-ins for the CUDA headers and runs every CUDA thread of a launch (see
+``sim/include/cudasim.h`` for what is modelled and checked). What it cannot see: the real
+tensor-core fragment layouts, the memory model of a GPU (the scheduler runs one thread at a
+time), performance.
+
+The library is built once per source hash into ``$FUSED_RNN_SIM_BUILD_DIR`` (default: a folder
+under the system temp dir); ``sanitize=True`` builds it with AddressSanitizer and UBSan, which
+only works in a process started with ``LD_PRELOAD`` of libasan (see :func:`asan_env`).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import shutil
+import subprocess
+import tempfile
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[2]
+SIM = Path(__file__).resolve().parent / "sim"
+CSRC = ROOT / "csrc"
+GXX = shutil.which("g++")
+DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
+ORDERS = {"ascending": 0, "descending": 1, "shuffle": 2}
+PLAN_FIELDS = ("math", "units", "blocks", "m_rows", "m_pad", "k", "k_pad", "ldw", "slots",
+               "slot_floats", "w_bytes", "smem_bytes")
+BATCH_PAD = 32  # plan.h kBatchPad
+
+_FLAGS = ["-std=c++20", "-g", "-fPIC", "-Wall", "-Wextra", "-Werror", "-Wno-unknown-pragmas",
+          f"-I{SIM / 'include'}", f"-I{SIM}"]
+_SANITIZE = ["-O1", "-fno-omit-frame-pointer", "-fsanitize=address,undefined",
+             "-fno-sanitize-recover=undefined"]
+_UNITS = [("kernels.cpp", []), ("kernels.cpp", ["-DFRNN_SIM_BACKWARD"]), ("runtime.cpp", []),
+          ("sim_api.cpp", [])]
+_lock = threading.Lock()
+_libs: dict[tuple[bool, str], ctypes.CDLL] = {}
+
+
+def unavailable_reason() -> str | None:
+    return None if GXX else "g++ is not on PATH (needed to compile the kernels for cudasim)"
+
+
+def _sources(csrc: Path) -> list[Path]:
+    return sorted(SIM.rglob("*.h")) + sorted(SIM.glob("*.cpp")) + sorted(csrc.glob("*.cu*")) + [
+        csrc / "plan.h", csrc / "fused_rnn.h"]
+
+
+def build(sanitize: bool = False, csrc: Path = CSRC) -> Path:
+    """Compile (if not cached) and return the shared library's path. ``csrc``: the kernel
+    sources (another directory lets tests run deliberately broken copies)."""
+    flags = _FLAGS + [f"-I{csrc}"] + (_SANITIZE if sanitize else ["-O2"])
+    h = hashlib.sha256(" ".join(flags).encode())
+    for src in _sources(csrc):
+        h.update(src.name.encode() + b"\0" + src.read_bytes())
+    root = Path(os.environ.get("FUSED_RNN_SIM_BUILD_DIR", Path(tempfile.gettempdir()) / "fused_rnn_sim"))
+    out = root / h.hexdigest()[:16]
+    lib = out / "libcudasim.so"
+    if lib.is_file():
+        return lib
+    work = Path(tempfile.mkdtemp(prefix="build-", dir=root if root.exists() else None))
+    try:
+        def compile_unit(i: int) -> Path:
+            src, extra = _UNITS[i]
+            obj = work / f"{i}.o"
+            subprocess.run([GXX, *flags, *extra, "-c", str(SIM / src), "-o", str(obj)],
+                           check=True, capture_output=True, text=True)
+            return obj
+
+        with ThreadPoolExecutor(max_workers=2) as pool:
+            objs = list(pool.map(compile_unit, range(len(_UNITS))))
+        tmp = work / "libcudasim.so"
+        subprocess.run([GXX, *flags, "-shared", *map(str, objs), "-o", str(tmp), "-lpthread"],
+                       check=True, capture_output=True, text=True)
+        out.mkdir(parents=True, exist_ok=True)
+        os.replace(tmp, lib)  # atomic: concurrent builders both succeed
+    except subprocess.CalledProcessError as e:
+        raise RuntimeError(f"cudasim build failed:\n{e.stderr}") from e
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return lib
+
+
+def asan_env() -> dict[str, str]:
+    """Environment for a subprocess that loads the sanitized library."""
+    libasan = subprocess.run([GXX, "-print-file-name=libasan.so"], capture_output=True,
+                             text=True, check=True).stdout.strip()
+    env = dict(os.environ)
+    env["LD_PRELOAD"] = libasan
+    env["ASAN_OPTIONS"] = "detect_leaks=0:alloc_dealloc_mismatch=0:abort_on_error=1"
+    env["UBSAN_OPTIONS"] = "print_stacktrace=1:halt_on_error=1"
+    return env
+
+
+def _load(sanitize: bool, csrc: Path) -> ctypes.CDLL:
+    key = (sanitize, str(csrc))
+    with _lock:
+        if key not in _libs:
+            lib = ctypes.CDLL(str(build(sanitize, csrc)))
+            i, u64, p, fp = ctypes.c_int, ctypes.c_uint64, ctypes.c_void_p, ctypes.c_void_p
+            lib.sim_configure.argtypes = [i, i, i, i, u64]
+            lib.sim_last_error.restype = ctypes.c_char_p
+            lib.sim_plan.argtypes = [i, i, i, i, i, ctypes.POINTER(ctypes.c_int)]
+            lib.sim_make_plan.argtypes = [i, i, i, i, i, ctypes.POINTER(ctypes.c_int)]
+            lib.sim_forward.argtypes = [i] * 9 + [p, fp, p, fp, p, fp, p, fp]
+            lib.sim_backward.argtypes = [i] * 8 + [p] * 13
+            _libs[key] = lib
+        return _libs[key]
+
+
+def _ptr(t: torch.Tensor | None) -> int | None:
+    return None if t is None or t.numel() == 0 else t.data_ptr()
+
+
+class Simulator:
+    """Stands in for the compiled extension; see the module docstring.
+
+    sms: the simulated device's SM count (the plans spread H over at most that many blocks);
+    order: which thread runs first between barriers ("ascending", "descending", "shuffle").
+    """
+
+    def __init__(self, sms: int = 4, order: str = "ascending", seed: int = 0,
+                 smem_optin: int = 227 * 1024, smem_per_sm: int = 228 * 1024,
+                 sanitize: bool = False, csrc: Path = CSRC):
+        self.sms, self.order, self.seed = sms, order, seed
+        self.smem_optin, self.smem_per_sm = smem_optin, smem_per_sm
+        self.lib = _load(sanitize, Path(csrc))
+        self.launches: list[tuple[str, int, dict]] = []  # (direction, cell, plan)
+
+    def device_info(self, index: int):
+        return [self.sms, self.smem_optin, 9, 0, 1]
+
+    def plan_info(self, cell: int, math: int, hidden: int, backward: bool, max_blocks: int):
+        out = (ctypes.c_int * (len(PLAN_FIELDS) - 1))()
+        if self.lib.sim_make_plan(cell, math, hidden, int(backward), max_blocks, out):
+            raise RuntimeError("cudasim: bad plan arguments")
+        return list(out)
+
+    def _configure(self) -> None:
+        self.lib.sim_configure(self.sms, self.smem_optin, self.smem_per_sm, ORDERS[self.order],
+                               self.seed)
+
+    def plan(self, cell: int, dtype: torch.dtype, allow_tf32: bool, hidden: int,
+             backward: bool) -> dict:
+        self._configure()
+        out = (ctypes.c_int * len(PLAN_FIELDS))()
+        if self.lib.sim_plan(cell, DTYPE_CODES[dtype], int(allow_tf32), hidden, int(backward),
+                             out):
+            raise RuntimeError(f"cudasim: {self.lib.sim_last_error().decode()}")
+        return dict(zip(PLAN_FIELDS, out))
+
+    @staticmethod
+    def _expect(t, name: str, dtype: torch.dtype, shape: tuple) -> None:
+        """binding.cpp's check(): a raw pointer is only right for this exact layout."""
+        if t is None:
+            return
+        assert t.dtype == dtype, f"{name} must be {dtype}, got {t.dtype}"
+        assert tuple(t.shape) == tuple(shape), f"{name} must have shape {shape}, got {tuple(t.shape)}"
+        assert t.is_contiguous(), f"{name} must be contiguous"
+
+    def _check(self, rc: int) -> None:
+        if rc:
+            raise RuntimeError(f"cudasim: {self.lib.sim_last_error().decode()}")
+
+    # The allocations below are binding.cpp's, line for line.
+    def forward(self, mode, xproj, h0, c0, w_hh, b_hh, lengths, reverse, allow_tf32, save):
+        cell = int(mode)
+        T, B, _ = xproj.shape
+        H = h0.shape[1]
+        st = h0.dtype
+        G = (4, 3, 1, 1)[cell]
+        for t, name, dt, shape in ((xproj, "xproj", torch.float32, (T, B, G * H)),
+                                   (h0, "h0", st, (B, H)), (c0, "c0", st, (B, H)),
+                                   (w_hh, "w_hh", st, (G * H, H)),
+                                   (b_hh, "b_hh", torch.float32, (G * H,)),
+                                   (lengths, "lengths", torch.int32, (B,))):
+            self._expect(t, name, dt, shape)
+        pl = self.plan(cell, st, allow_tf32, H, False)
+        self.launches.append(("forward", cell, pl))
+        B_pad = -(-B // BATCH_PAD) * BATCH_PAD
+        hbuf = torch.zeros(2, B_pad, pl["k_pad"], dtype=st)
+        hbuf[0, :B, :H] = h0
+        cbuf = c0.float().contiguous().clone() if cell == 0 else None
+        y = torch.empty(T, B, H, dtype=st)
+        has_aux = save and cell in (0, 1)
+        aux = torch.empty((T, B, H) if has_aux else (0,), dtype=torch.float32)
+        self._configure()
+        self._check(self.lib.sim_forward(
+            cell, DTYPE_CODES[st], int(allow_tf32), T, B, H, B_pad, int(reverse), int(save),
+            _ptr(w_hh), _ptr(b_hh), _ptr(lengths), _ptr(xproj), _ptr(hbuf), _ptr(cbuf), _ptr(y),
+            _ptr(aux)))
+        h_n = hbuf[T % 2, :B, :H].contiguous()
+        c_n = cbuf.to(st) if cell == 0 else torch.empty(0, dtype=st)
+        return [y, h_n, c_n, aux]
+
+    def backward(self, mode, dy, dh_n, dc_n, w_hh, gates, aux, c0, hprev, lengths, reverse,
+                 allow_tf32):
+        cell = int(mode)
+        G = (4, 3, 1, 1)[cell]
+        T, B, H = dy.shape
+        st = dy.dtype
+        f32 = torch.float32
+        for t, name, dt, shape in ((dh_n, "dh_n", f32, (B, H)), (w_hh, "w_hh", st, (G * H, H)),
+                                   (gates, "gates", f32, (T, B, G * H)),
+                                   (lengths, "lengths", torch.int32, (B,))):
+            self._expect(t, name, dt, shape)
+        if cell == 0:
+            self._expect(dc_n, "dc_n", f32, (B, H))
+            self._expect(c0, "c0", f32, (B, H))
+        if cell in (0, 1):
+            self._expect(aux, "aux", f32, (T, B, H))
+        if cell == 1:
+            self._expect(hprev, "hprev", st, (T, B, H))
+        pl = self.plan(cell, st, allow_tf32, H, True)
+        self.launches.append(("backward", cell, pl))
+        B_pad = -(-B // BATCH_PAD) * BATCH_PAD
+        dgbuf = torch.zeros(2, B_pad, pl["k_pad"], dtype=st)
+        dh_carry = dh_n.clone()
+        dc_carry = dc_n.clone() if cell == 0 else torch.empty(0)
+        dgx = torch.empty(T, B, G * H)
+        dghn = torch.empty((T, B, H) if cell == 1 else (0,))
+        dh0 = torch.empty(B, H)
+        self._configure()
+        self._check(self.lib.sim_backward(
+            cell, DTYPE_CODES[st], int(allow_tf32), T, B, H, B_pad, int(reverse), _ptr(w_hh),
+            _ptr(lengths), _ptr(dy), _ptr(gates), _ptr(aux) if cell in (0, 1) else None,
+            _ptr(c0) if cell == 0 else None, _ptr(hprev) if cell == 1 else None, _ptr(dgbuf),
+            _ptr(dh_carry), _ptr(dc_carry), _ptr(dgx), _ptr(dghn), _ptr(dh0)))
+        return [dgx, dghn, dh0, dc_carry]

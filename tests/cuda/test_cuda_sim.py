@@ -1,0 +1,230 @@
+"""The CUDA kernels of ``csrc/`` executed on the CPU by cudasim (``simulate.py``, ``sim/``): the
+checks a GPU run would make with compute-sanitizer, made here without one.
+
+* racecheck: every output bit for bit the same whichever thread runs first between barriers
+  (ascending, descending, shuffled);
+* memcheck: a part of ``test_cuda_gpu.py`` in a process built with AddressSanitizer and UBSan,
+  so an out-of-bounds access to a tensor or to shared memory, or a misaligned vector load,
+  aborts it;
+* the launch path of ``rnn_common.cuh`` (opt-in shared memory, co-residency check) meets a
+  device that refuses;
+* mutation tests: copies of ``csrc/`` with one deliberate bug each (a missing barrier, a
+  single-buffered exchange, a skipped grid sync, a padding row written, a thread leaving
+  early, a misaligned WMMA stride) must each be caught, so a clean run above means something.
+
+``test_cuda_gpu.py`` itself runs on cudasim by default on a machine without a GPU (its
+accuracy tests against the reference).
+"""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from cases import layer_inputs, run_layer
+
+import fused_rnn.ops.cuda as cuda_backend
+from fused_rnn.ops.cuda import _ext, ops
+from fused_rnn.ops.reference import MODES
+
+simulate = pytest.importorskip("simulate")
+if simulate.unavailable_reason():
+    pytest.skip(simulate.unavailable_reason(), allow_module_level=True)
+
+ROOT = Path(__file__).resolve().parents[2]
+
+# The ops' implementations for CPU tensors (see test_cuda_emulation.py).
+if "cpu" not in ops.cuda_layer._backend_fns:
+    ops.cuda_layer.register_kernel("cpu")(ops._layer_forward_impl)
+    ops.cuda_layer_backward.register_kernel("cpu")(ops._layer_backward_impl)
+
+
+@pytest.fixture
+def install(monkeypatch):
+    """Installs a Simulator as the extension; returns a function making and installing one."""
+
+    def make(**kwargs):
+        sim = simulate.Simulator(**kwargs)
+        monkeypatch.setattr(_ext, "extension", lambda: sim)
+        monkeypatch.setattr(_ext, "unavailable_reason", lambda device: None)
+        real = cuda_backend.unsupported_reason
+        monkeypatch.setattr(
+            cuda_backend, "unsupported_reason",
+            lambda kind, **cfg: real(kind, **{**cfg, "device": torch.device("cuda", 0)}),
+        )
+        return sim
+
+    return make
+
+
+DTYPES = {"fp32": (torch.float32, False), "tf32": (torch.float32, True),
+          "bf16": (torch.bfloat16, False), "fp16": (torch.float16, False)}
+
+
+def _layer(mode, dt, T=4, B=3, I=5, H=37, lengths=True, reverse=True, seed=0):
+    """Outputs and every gradient of one layer on the installed extension."""
+    dtype, tf32 = DTYPES[dt]
+    leaves, lens, cots = layer_inputs(mode, T, B, I, H, seed, lengths)
+    prev = torch.backends.cudnn.allow_tf32
+    torch.backends.cudnn.allow_tf32 = tf32
+    try:
+        return run_layer(cuda_backend.rnn_layer, mode, leaves, dtype, lens, reverse, cots, "cpu")
+    finally:
+        torch.backends.cudnn.allow_tf32 = prev
+
+
+# ---------------------------------------------------------------------------------- racecheck
+@pytest.mark.parametrize("dt", list(DTYPES))
+@pytest.mark.parametrize("mode", MODES)
+def test_results_do_not_depend_on_thread_order(install, mode, dt):
+    """A race (a thread reading what another writes between the same two barriers) makes the
+    result depend on which runs first; four orders must agree bit for bit. B=70 takes two
+    batch chunks of the epilogue; H=37 over 4 SMs gives a ragged last block."""
+    runs = []
+    for order, seed in (("ascending", 0), ("descending", 0), ("shuffle", 1), ("shuffle", 2)):
+        install(sms=4, order=order, seed=seed)
+        runs.append(_layer(mode, dt, B=70, T=3))
+    for other in runs[1:]:
+        for i, (a, b) in enumerate(zip(runs[0], other)):
+            assert torch.equal(a, b), f"tensor {i} depends on the thread order"
+
+
+# ---------------------------------------------------------------------------------- memcheck
+def test_gpu_suite_under_address_sanitizer(tmp_path):
+    """test_cuda_gpu.py's small cases in a process with ASan/UBSan loaded and the kernels
+    built with them: clean, and the sanitizer is really armed (a canary must trip it)."""
+    simulate.build(sanitize=True)
+    env = {**simulate.asan_env(), "FUSED_RNN_CUDA_SIM": "asan"}
+    canary = subprocess.run(
+        [sys.executable, "-c",
+         "import ctypes, simulate; simulate.Simulator(sanitize=True);"
+         "b = ctypes.create_string_buffer(8); import torch; t = torch.empty(3);"
+         "ctypes.memmove(ctypes.c_void_p(t.data_ptr()), b, 16)"],
+        cwd=Path(__file__).parent, env=env, capture_output=True, text=True, timeout=300,
+        check=False,
+    )
+    assert canary.returncode != 0 and "AddressSanitizer" in canary.stderr, canary.stderr[-2000:]
+    r = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider",
+         str(Path(__file__).parent / "test_cuda_gpu.py"),
+         "-k", "(T5-B3 or T1-B1 or T7-B70) and (lengths-rev or dense-fwd) or largest"],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=1200, check=False,
+    )
+    tail = (r.stdout + r.stderr)[-4000:]
+    assert r.returncode == 0, tail
+    assert " passed" in r.stdout and "failed" not in r.stdout, tail
+
+
+# ---------------------------------------------------------------------- what a device refuses
+def test_cooperative_grid_that_cannot_be_co_resident_is_refused(install):
+    """launch_cooperative (rnn_common.cuh) asks the occupancy API first: on a device where only
+    one of the blocks fits per SM and there are fewer SMs' worth of room, it returns
+    cudaErrorCooperativeLaunchTooLarge rather than deadlocking on grid.sync()."""
+    sim = install(sms=4)
+    plan = sim.plan(0, torch.bfloat16, False, 37, False)
+    assert plan["blocks"] == 4
+    install(sms=4, smem_per_sm=plan["smem_bytes"])  # room for less than one block per SM
+    with pytest.raises(RuntimeError, match="cudaErrorCooperativeLaunchTooLarge"):
+        _layer("LSTM", "bf16")
+
+
+def test_shared_memory_beyond_the_opt_in_limit_is_refused(install):
+    sim = install(sms=4)
+    need = sim.plan(1, torch.float32, False, 37, False)["smem_bytes"]
+    sim = install(sms=4, smem_optin=need - 16)
+    with pytest.raises(RuntimeError, match="shared memory"):
+        sim.plan(1, torch.float32, False, 37, False)
+
+
+# ---------------------------------------------------------------------------------- mutations
+def _mutant(tmp_path: Path, file: str, old: str, new: str) -> Path:
+    """A copy of csrc/ with exactly one occurrence of ``old`` in ``file`` replaced."""
+    dst = tmp_path / "csrc"
+    shutil.copytree(ROOT / "csrc", dst)
+    text = (dst / file).read_text()
+    assert text.count(old) == 1, f"mutation site not found once in {file}: {old!r}"
+    (dst / file).write_text(text.replace(old, new))
+    return dst
+
+
+def _differs_from_clean(install, csrc, mode="GRU", dt="bf16", **shape):
+    """True when the mutant's results differ from the clean kernels' or depend on the order."""
+    install(sms=4)
+    clean = _layer(mode, dt, **shape)
+    results = []
+    for order in ("ascending", "descending"):
+        install(sms=4, order=order, csrc=csrc)
+        results.append(_layer(mode, dt, **shape))
+    return any(not torch.equal(a, b) for run in results for a, b in zip(run, clean))
+
+
+MUTANTS = {
+    # the epilogue reads the scratch slots before the other warps have written them
+    "no-barrier-after-matmul": ("rnn_forward.cu", """ChunkLayout L = chunk_matmul<W, M>(sw, p.plan, hin, n0, ncols, sc);
+      __syncthreads();""", "ChunkLayout L = chunk_matmul<W, M>(sw, p.plan, hin, n0, ncols, sc);"),
+    # the next chunk's matmul overwrites slots the epilogue is still reading
+    "no-barrier-after-epilogue": ("rnn_backward.cu", """backward_point<C, T, M>(p, sc, L, s, n0 + n, n, j, u0 + j, dout);
+      }
+      __syncthreads();""", """backward_point<C, T, M>(p, sc, L, s, n0 + n, n, j, u0 + j, dout);
+      }"""),
+    # one exchange buffer: blocks overwrite h_{t-1} that other blocks have not read yet
+    "single-buffer": ("rnn_forward.cu", "T* hout = static_cast<T*>(p.hbuf) + ((s + 1) & 1) * buf;",
+                      "T* hout = const_cast<T*>(hin);"),
+    # steps of different blocks overlap
+    "no-grid-sync-forward": ("rnn_forward.cu", "if (s + 1 < p.steps) grid.sync();", "(void)grid;"),
+    "no-grid-sync-backward": ("rnn_backward.cu", "if (s < p.steps) grid.sync();", "(void)grid;"),
+}
+
+
+@pytest.mark.parametrize("name", list(MUTANTS))
+def test_races_are_caught(install, tmp_path, name):
+    file, old, new = MUTANTS[name]
+    csrc = _mutant(tmp_path, file, old, new)
+    assert _differs_from_clean(install, csrc, B=70, T=3), f"mutant {name} went unnoticed"
+
+
+def test_a_thread_leaving_before_a_barrier_is_reported(install, tmp_path):
+    csrc = _mutant(tmp_path, "rnn_forward.cu", "  const int u0 = blockIdx.x * p.plan.units;",
+                   "  if (threadIdx.x == 5) return;\n  const int u0 = blockIdx.x * p.plan.units;")
+    install(sms=4, csrc=csrc)
+    with pytest.raises(RuntimeError, match=r"__syncthreads\(\) at .* is not reached by block 0 "
+                                           r"thread 5 \(it exited\)"):
+        _layer("RNN_TANH", "fp32")
+
+
+def test_misaligned_wmma_stride_is_reported(install, tmp_path):
+    """A scratch-slot row of 34 floats (136 bytes) breaks WMMA's 16-byte ldm rule."""
+    csrc = _mutant(tmp_path, "plan.h", "constexpr int kSlotPad = 4;", "constexpr int kSlotPad = 2;")
+    install(sms=4, csrc=csrc)
+    with pytest.raises(RuntimeError, match="ldm of 136 bytes is not a multiple of 16"):
+        _layer("LSTM", "bf16")
+
+
+def test_out_of_bounds_write_is_caught_by_the_sanitizer(tmp_path):
+    """The epilogue run over the batch padding rows writes y past its end: ASan aborts."""
+    csrc = _mutant(tmp_path, "rnn_forward.cu", "const int nb = imin(ncols, p.batch - n0);",
+                   "const int nb = ncols;")
+    simulate.build(sanitize=True, csrc=csrc)
+    code = (
+        "import torch, simulate\n"
+        f"sim = simulate.Simulator(sms=4, sanitize=True, csrc={str(csrc)!r})\n"
+        "T, B, H = 2, 3, 37\n"
+        "x = torch.randn(T, B, 3 * H); h0 = torch.randn(B, H)\n"
+        "w = torch.randn(3 * H, H) * 0.1\n"
+        "sim.forward(1, x, h0, None, w, None, None, False, False, True)\n"
+        "print('no error')\n"
+    )
+    r = subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).parent,
+                       env=simulate.asan_env(), capture_output=True, text=True, timeout=300,
+                       check=False)
+    assert r.returncode != 0 and "AddressSanitizer" in r.stderr, (r.stdout + r.stderr)[-3000:]
+    assert "heap-buffer-overflow" in r.stderr
+
+
+def test_clean_sources_pass_the_mutation_harness(install):
+    """The harness itself: the unmutated sources are not flagged."""
+    assert not _differs_from_clean(install, simulate.CSRC, B=70, T=3)
