@@ -44,7 +44,7 @@ SHAPES = {  # name: (B, T, H), from ANCHORS.md
     "S5": (8, 256, 256),
     "S6": (128, 64, 256),
 }
-DRY_SHAPES = {"D1": (3, 4, 16), "D2": (2, 3, 37)}
+DRY_SHAPES = {"D1": (3, 4, 16), "D2": (2, 3, 37), "D3": (40, 2, 16)}
 DTYPE_NAMES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 COLUMNS = ["cell", "shape", "BxTxH", "dtype", "backend", "pass", "ms", "us_per_step",
            "x_cudnn_same_dtype", "x_cudnn_fp16", "peak_MiB", "max_abs_dy", "note"]
@@ -53,7 +53,8 @@ COLUMNS = ["cell", "shape", "BxTxH", "dtype", "backend", "pass", "ms", "us_per_s
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--backends", default="triton",
-                   help="comma-separated fused_rnn backends to time against cuDNN (triton,cuda)")
+                   help="comma-separated fused_rnn backends to time against cuDNN (triton,cuda); "
+                        "cuda-g1 is cuda without batch groups (FUSED_RNN_CUDA_MAX_GROUPS=1)")
     p.add_argument("--modes", default="LSTM,GRU", help="comma-separated: LSTM,GRU")
     p.add_argument("--dtypes", default="fp32,bf16,fp16", help="comma-separated: fp32,bf16,fp16")
     p.add_argument("--shapes", default=None, help="comma-separated shape names (default: all)")
@@ -67,7 +68,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--dry-run", action="store_true",
                    help="CPU + Triton interpreter at tiny shapes: checks the script, not speed")
     args = p.parse_args(argv)
-    args.backends = _split(args.backends, ("triton", "cuda", "reference"), "backend")
+    args.backends = _split(args.backends, ("triton", "cuda", "cuda-g1", "reference"), "backend")
     args.modes = _split(args.modes, ("LSTM", "GRU"), "mode")
     args.dtypes = _split(args.dtypes, tuple(DTYPE_NAMES), "dtype")
     args.passes = _split(args.passes, ("fwd", "fwd+bwd"), "pass")
@@ -157,8 +158,27 @@ def passes(model, x, cot):
     return {"fwd": fwd, "fwd+bwd": fwd_bwd}
 
 
+# Backend variants: (fused_rnn backend, environment while it builds and runs).
+VARIANTS = {"cuda-g1": ("cuda", {"FUSED_RNN_CUDA_MAX_GROUPS": "1"})}
+
+
 def measure(args, timer, device, mode, shape, dtype_name, backend) -> list[dict]:
     """Rows for one (mode, shape, dtype, backend); backend None = cuDNN (torch.nn)."""
+    if backend in VARIANTS:
+        real, env = VARIANTS[backend]
+        saved = {k: os.environ.get(k) for k in env}
+        os.environ.update(env)
+        try:
+            rows = measure(args, timer, device, mode, shape, dtype_name, real)
+        finally:
+            for k, v in saved.items():
+                if v is None:
+                    os.environ.pop(k, None)
+                else:
+                    os.environ[k] = v
+        for r in rows:
+            r["backend"] = backend
+        return rows
     import torch
 
     B, T, H = args.shape_table[shape]
@@ -311,6 +331,8 @@ def main(argv=None) -> int:
                     skipped.append(label)
                     continue
                 for backend in [None, *args.backends]:
+                    if backend == "cuda-g1" and args.shape_table[shape][0] <= 32:
+                        continue  # B_pad = 32: one batch group either way
                     t0 = time.monotonic()
                     new = measure(args, timer, device, mode, shape, dtype_name, backend)
                     rows += new

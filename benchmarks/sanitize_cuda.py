@@ -13,6 +13,7 @@ Exit status 0 only if every case matches.
 
 from __future__ import annotations
 
+import os
 import sys
 
 import torch
@@ -21,7 +22,8 @@ from fused_rnn.ops import cuda as cuda_backend
 from fused_rnn.ops import reference
 from fused_rnn.ops.reference import GATES, MODES
 
-# (T, B, I, H): B=70 takes two batch chunks (64 + 6, padded to 96); H=37 leaves a ragged block.
+# (T, B, I, H): B=70 (padded to 96) takes two batch chunks or three batch groups; H=37 leaves a
+# ragged block.
 DEVICE = "cuda"  # tests/cuda/test_cuda_emulation.py dry-runs this script on the CPU
 SHAPES = [(3, 70, 5, 37), (2, 1, 3, 16)]
 DTYPES = [(torch.float32, False, 1e-4), (torch.float32, True, 2e-2), (torch.bfloat16, False, 6e-2)]
@@ -78,10 +80,14 @@ def main() -> int:
         for T, B, I, H in SHAPES if full else SHAPES[:1]:
             for dtype, tf32, tol in DTYPES if full else DTYPES[::2]:
                 for reverse in (False, True) if full else (mode in ("GRU", "RNN_RELU"),):
-                    why = case(mode, T, B, I, H, dtype, tf32, tol, reverse, gen)
-                    n += 1
-                    if why:
-                        failures.append(why)
+                    # batch groups (plan.h) on and off: B=70 is 3 groups of one chunk, or
+                    # 2 chunks per block
+                    for groups in ("8", "1"):
+                        os.environ["FUSED_RNN_CUDA_MAX_GROUPS"] = groups
+                        why = case(mode, T, B, I, H, dtype, tf32, tol, reverse, gen)
+                        n += 1
+                        if why:
+                            failures.append(f"{why} (max groups {groups})")
     for f in failures:
         print("FAIL", f, file=sys.stderr)
     print(f"sanitize_cuda: {n - len(failures)}/{n} cases match the reference")

@@ -13,6 +13,7 @@
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
+#include <algorithm>
 #include <type_traits>
 #include <utility>
 #include <vector>
@@ -89,7 +90,8 @@ DeviceInfo device_attributes(int index) {
 // The Python side refuses unsupported sizes before getting here (unsupported_reason); this is
 // the backstop.
 std::pair<Math, Plan> checked_plan(Cell cell, c10::ScalarType st, bool allow_tf32, int64_t hidden,
-                                   bool backward, const at::Device& dev) {
+                                   bool backward, const at::Device& dev, int64_t batch_pad,
+                                   int64_t max_groups) {
   const DeviceInfo d = device_attributes(dev.index());
   TORCH_CHECK(d.major >= 8, "fused_rnn CUDA backend: needs compute capability >= 8.0, got ",
               d.major, ".", d.minor);
@@ -98,9 +100,14 @@ std::pair<Math, Plan> checked_plan(Cell cell, c10::ScalarType st, bool allow_tf3
   TORCH_CHECK(hidden > 0 && hidden <= (1 << 20), "fused_rnn CUDA backend: bad hidden size ",
               hidden);
   const int h = static_cast<int>(hidden);
+  TORCH_CHECK(max_groups >= 1, "fused_rnn CUDA backend: max_groups must be >= 1, got ",
+              max_groups);
   const Math math =
       fused_rnn::choose_math(st != at::kFloat, allow_tf32, cell, h, backward, d.sms, d.smem_optin);
-  const Plan plan = fused_rnn::make_plan(cell, math, h, backward, d.sms);
+  const int groups = fused_rnn::choose_groups(
+      cell, math, h, backward, d.sms, d.smem_optin, static_cast<int>(batch_pad),
+      static_cast<int>(std::min<int64_t>(max_groups, 1 << 16)));
+  const Plan plan = fused_rnn::make_plan(cell, math, h, backward, d.sms, groups);
   TORCH_CHECK(plan.smem_bytes <= d.smem_optin, "fused_rnn CUDA backend: hidden_size=", hidden,
               " needs ", plan.smem_bytes, " bytes of shared memory per block (", plan.blocks,
               " blocks of ", plan.units, " units, ", backward ? "backward" : "forward",
@@ -138,7 +145,7 @@ std::vector<at::Tensor> forward(int64_t mode, at::Tensor xproj, at::Tensor h0,
                                 c10::optional<at::Tensor> c0, at::Tensor w_hh,
                                 c10::optional<at::Tensor> b_hh,
                                 c10::optional<at::Tensor> lengths, bool reverse, bool allow_tf32,
-                                bool save) {
+                                bool save, int64_t max_groups) {
   const Cell cell = cell_of(mode);
   const int64_t G = fused_rnn::gates_of(cell);
   TORCH_CHECK(xproj.is_cuda(), "fused_rnn CUDA backend: inputs must be CUDA tensors, got ",
@@ -160,10 +167,11 @@ std::vector<at::Tensor> forward(int64_t mode, at::Tensor xproj, at::Tensor h0,
   TORCH_CHECK(T * B * G * H < (int64_t(1) << 62), "fused_rnn CUDA backend: sizes too large");
 
   const c10::cuda::CUDAGuard guard(dev);
-  const std::pair<Math, Plan> mp = checked_plan(cell, st, allow_tf32, H, /*backward=*/false, dev);
+  const int64_t B_pad = fused_rnn::round_up(static_cast<int>(B), fused_rnn::kBatchPad);
+  const std::pair<Math, Plan> mp =
+      checked_plan(cell, st, allow_tf32, H, /*backward=*/false, dev, B_pad, max_groups);
   const Math math = mp.first;
   const Plan& plan = mp.second;
-  const int64_t B_pad = fused_rnn::round_up(static_cast<int>(B), fused_rnn::kBatchPad);
   at::Tensor hbuf = at::zeros({2, B_pad, plan.k_pad}, h0.options());
   hbuf[0].narrow(0, 0, B).narrow(1, 0, H).copy_(h0);
   at::Tensor cbuf = cell == Cell::kLSTM ? c0->to(at::kFloat).contiguous().clone()
@@ -209,7 +217,7 @@ std::vector<at::Tensor> backward(int64_t mode, at::Tensor dy, at::Tensor dh_n,
                                  at::Tensor gates, c10::optional<at::Tensor> aux,
                                  c10::optional<at::Tensor> c0, c10::optional<at::Tensor> hprev,
                                  c10::optional<at::Tensor> lengths, bool reverse,
-                                 bool allow_tf32) {
+                                 bool allow_tf32, int64_t max_groups) {
   const Cell cell = cell_of(mode);
   const int64_t G = fused_rnn::gates_of(cell);
   TORCH_CHECK(dy.is_cuda(), "fused_rnn CUDA backend: inputs must be CUDA tensors, got ",
@@ -233,10 +241,11 @@ std::vector<at::Tensor> backward(int64_t mode, at::Tensor dy, at::Tensor dh_n,
   if (cell == Cell::kGRU) check(required(hprev, "hprev", "for GRU"), "hprev", dev, st, {T, B, H});
 
   const c10::cuda::CUDAGuard guard(dev);
-  const std::pair<Math, Plan> mp = checked_plan(cell, st, allow_tf32, H, /*backward=*/true, dev);
+  const int64_t B_pad = fused_rnn::round_up(static_cast<int>(B), fused_rnn::kBatchPad);
+  const std::pair<Math, Plan> mp =
+      checked_plan(cell, st, allow_tf32, H, /*backward=*/true, dev, B_pad, max_groups);
   const Math math = mp.first;
   const Plan& plan = mp.second;
-  const int64_t B_pad = fused_rnn::round_up(static_cast<int>(B), fused_rnn::kBatchPad);
   at::Tensor dgbuf = at::zeros({2, B_pad, plan.k_pad}, dy.options());
   at::Tensor dh_carry = dh_n.clone();
   at::Tensor dc_carry = cell == Cell::kLSTM ? dc_n->clone() : at::empty({0}, dh_n.options());
@@ -277,13 +286,14 @@ std::vector<at::Tensor> backward(int64_t mode, at::Tensor dy, at::Tensor dh_n,
 // The plan for (mode, math code, H, direction) with `max_blocks` blocks: lets tests compare
 // this C++ arithmetic with the Python mirror (fused_rnn/ops/cuda/plan.py).
 std::vector<int64_t> plan_info(int64_t mode, int64_t math, int64_t hidden, bool backward,
-                               int64_t max_blocks) {
+                               int64_t max_blocks, int64_t groups) {
   TORCH_CHECK(math >= 0 && math <= 2, "fused_rnn CUDA backend: math code must be 0, 1 or 2");
+  TORCH_CHECK(groups >= 1 && groups <= max_blocks, "fused_rnn CUDA backend: bad groups");
   const Plan p = fused_rnn::make_plan(cell_of(mode), static_cast<Math>(math),
                                       static_cast<int>(hidden), backward,
-                                      static_cast<int>(max_blocks));
+                                      static_cast<int>(max_blocks), static_cast<int>(groups));
   return {p.units, p.blocks, p.m_rows, p.m_pad, p.k, p.k_pad, p.ldw, p.slots, p.slot_floats,
-          p.w_bytes, p.smem_bytes};
+          p.w_bytes, p.smem_bytes, p.groups, p.group_blocks};
 }
 
 // (SM count, opt-in shared memory per block in bytes, major, minor, cooperative launch) of a
@@ -299,11 +309,13 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "fused_rnn persistent CUDA kernels (see csrc/)";
   m.def("forward", &forward, "persistent forward over a chunk", py::arg("mode"), py::arg("xproj"),
         py::arg("h0"), py::arg("c0"), py::arg("w_hh"), py::arg("b_hh"), py::arg("lengths"),
-        py::arg("reverse"), py::arg("allow_tf32"), py::arg("save"));
+        py::arg("reverse"), py::arg("allow_tf32"), py::arg("save"), py::arg("max_groups"));
   m.def("backward", &backward, "persistent backward over a chunk", py::arg("mode"),
         py::arg("dy"), py::arg("dh_n"), py::arg("dc_n"), py::arg("w_hh"), py::arg("gates"),
         py::arg("aux"), py::arg("c0"), py::arg("hprev"), py::arg("lengths"), py::arg("reverse"),
-        py::arg("allow_tf32"));
-  m.def("plan_info", &plan_info, "launch plan (units, blocks, ..., smem_bytes)");
+        py::arg("allow_tf32"), py::arg("max_groups"));
+  m.def("plan_info", &plan_info, "launch plan (units, blocks, ..., groups, group_blocks)",
+        py::arg("mode"), py::arg("math"), py::arg("hidden"), py::arg("backward"),
+        py::arg("max_blocks"), py::arg("groups") = 1);
   m.def("device_info", &device_info, "(num_sms, smem_optin, major, minor, cooperative)");
 }

@@ -17,6 +17,13 @@
 //     split into `tasks` output tiles (wm x wn) and, when there are fewer tiles than warps, split
 //     along K as well so that every warp has work. Each (tile, K-slice) writes its own fp32 slot
 //     in shared memory and the epilogue sums the slots in a fixed order (deterministic).
+//
+// Batch groups: every block reads the whole exchange buffer of its batch rows every step
+// (B x H forward, B x G*H backward), so at large B that all-gather from L2, not the grid sync,
+// bounds a step. With `groups` = g > 1 the grid is g groups of `group_blocks` blocks; group q
+// serves batch rows [q * B_pad/g, (q+1) * B_pad/g) and each of its blocks owns g times more
+// units (its W slice is g times larger). Per step every block then reads 1/g of the exchange
+// buffer; the matmul work per block is unchanged. choose_groups takes the largest g that fits.
 #pragma once
 
 #if defined(__CUDACC__)
@@ -83,6 +90,8 @@ struct Plan {
   int slot_floats;  // floats per slot: wm * (wn + kSlotPad)
   int w_bytes;      // shared memory for the W slice (rounded to 128 bytes)
   int smem_bytes;   // total dynamic shared memory per block
+  int groups;       // batch groups (block b serves group b / group_blocks)
+  int group_blocks; // blocks per group = ceil(H / units)
 };
 
 // units: at least ceil(H / max_blocks) so the grid fits in max_blocks (one block per SM: the
@@ -95,12 +104,14 @@ FRNN_HD constexpr int plan_units(Cell cell, Math math, int hidden, int max_block
   return imin(u, round_up(hidden, granule));
 }
 
+// groups must divide B_pad / kBatchPad (choose_groups) and be at most max_blocks.
 FRNN_HD constexpr Plan make_plan(Cell cell, Math math, int hidden, bool backward,
-                                 int max_blocks) {
+                                 int max_blocks, int groups = 1) {
   const int g = gates_of(cell);
   const TileShape ts = tile_shape(math);
-  const int units = plan_units(cell, math, hidden, max_blocks);
-  const int blocks = ceil_div(hidden, units);
+  const int units = plan_units(cell, math, hidden, imax(max_blocks / groups, 1));
+  const int group_blocks = ceil_div(hidden, units);
+  const int blocks = groups * group_blocks;
   const int m_rows = backward ? units : g * units;
   const int m_pad = math == Math::kFma ? m_rows : round_up(m_rows, ts.wm);
   const int k = backward ? g * hidden : hidden;
@@ -111,7 +122,8 @@ FRNN_HD constexpr Plan make_plan(Cell cell, Math math, int hidden, bool backward
   const int slots = imax(tasks, kWarps);
   const int slot_floats = ts.wm * (ts.wn + kSlotPad);
   const int smem = w_bytes + slots * slot_floats * 4;
-  return Plan{units, blocks, m_rows, m_pad, k, k_pad, ldw, slots, slot_floats, w_bytes, smem};
+  return Plan{units, blocks, m_rows, m_pad, k, k_pad, ldw,
+              slots, slot_floats, w_bytes, smem, groups, group_blocks};
 }
 
 // The math a kernel uses. TF32 is a permission (torch.backends.cudnn.allow_tf32), not a
@@ -125,6 +137,22 @@ FRNN_HD constexpr Math choose_math(bool is_16bit, bool allow_tf32, Cell cell, in
       make_plan(cell, Math::kTf32, hidden, backward, max_blocks).smem_bytes <= smem_limit)
     return Math::kTf32;
   return Math::kFma;
+}
+
+// The number of batch groups: the largest g <= max_groups that divides B_pad / kBatchPad (every
+// group a whole number of 32-row tiles, each with at least one real row), leaves every group at
+// least one block per unit slice within max_blocks, and whose plan fits in smem_limit.
+FRNN_HD constexpr int choose_groups(Cell cell, Math math, int hidden, bool backward,
+                                    int max_blocks, int smem_limit, int batch_pad,
+                                    int max_groups) {
+  const int tiles = batch_pad / kBatchPad;
+  int best = 1;
+  for (int g = 2; g <= imin(max_groups, tiles) && g <= max_blocks; ++g) {
+    if (tiles % g != 0) continue;
+    const Plan p = make_plan(cell, math, hidden, backward, max_blocks, g);
+    if (p.smem_bytes <= smem_limit && p.blocks <= max_blocks) best = g;
+  }
+  return best;
 }
 
 }  // namespace fused_rnn

@@ -9,7 +9,8 @@
 // kernel exists to avoid.
 //
 // Block b owns units [u0, u0 + units) and holds the columns u0.. of W_hh (all G*H rows,
-// transposed) in shared memory. Iteration s = 0 .. T (time t = the forward's s-th last step):
+// transposed) in shared memory, for the batch rows of its group (plan.h: batch groups).
+// Iteration s = 0 .. T (time t = the forward's s-th last step):
 //   1. dh_rec = W_cols^T-slice * dgh_{s-1}: the gradient reaching h_{t} through the next step's
 //      recurrent matmul, with dgh_{s-1} read from dgbuf[s % 2] (zeros at s = 0);
 //   2. epilogue for (b, u): dh = dh_rec + carry (+ dy[t] on real steps), rounded to the storage
@@ -106,8 +107,12 @@ __global__ void __launch_bounds__(kThreads) rnn_backward_kernel(const BwdParams 
   W* sw = reinterpret_cast<W*>(smem);
   float* sc = reinterpret_cast<float*>(smem + p.plan.w_bytes);
 
-  const int u0 = blockIdx.x * p.plan.units;
+  // Block -> (batch group, unit slice); the group's batch rows are [n_begin, n_end).
+  const int group = blockIdx.x / p.plan.group_blocks;
+  const int u0 = (blockIdx.x % p.plan.group_blocks) * p.plan.units;
   const int nu = imin(p.plan.units, p.hidden - u0);
+  const int group_rows = p.batch_pad / p.plan.groups;  // a multiple of kBatchPad
+  const int n_begin = group * group_rows, n_end = imin(n_begin + group_rows, p.batch);
   load_w_backward<W, M>(sw, p.plan, static_cast<const T*>(p.w_hh), p.hidden, u0);
   __syncthreads();
 
@@ -116,8 +121,8 @@ __global__ void __launch_bounds__(kThreads) rnn_backward_kernel(const BwdParams 
   for (int s = 0; s <= p.steps; ++s) {
     const T* din = static_cast<const T*>(p.dgbuf) + (s & 1) * buf;
     T* dout = static_cast<T*>(p.dgbuf) + ((s + 1) & 1) * buf;
-    for (int n0 = 0; n0 < p.batch; n0 += kChunkCols) {
-      const int ncols = imin(kChunkCols, p.batch_pad - n0);
+    for (int n0 = n_begin; n0 < n_end; n0 += kChunkCols) {
+      const int ncols = imin(kChunkCols, n_begin + group_rows - n0);
       const ChunkLayout L = chunk_matmul<W, M>(sw, p.plan, din, n0, ncols, sc);
       __syncthreads();
       const int nb = imin(ncols, p.batch - n0);

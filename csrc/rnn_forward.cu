@@ -1,8 +1,9 @@
 // Persistent forward kernel: one cooperative launch per chunk and direction.
 //
 // Block b owns hidden units [u0, u0 + units) and keeps their W_hh rows in shared memory for the
-// whole chunk (plan.h). Per step t:
-//   1. gates_hh = W_slice * h_{t-1}^T for every batch row (chunks of kChunkCols), h_{t-1} read
+// whole chunk (plan.h), for the batch rows of its group (all rows unless plan.groups > 1).
+// Per step t:
+//   1. gates_hh = W_slice * h_{t-1}^T for its batch rows (chunks of kChunkCols), h_{t-1} read
 //      from the exchange buffer hbuf[s % 2] in global memory/L2 (written by all blocks);
 //   2. the epilogue adds x W_ih^T + b_ih (precomputed by one cuBLAS GEMM) and b_hh, applies the
 //      cell, keeps c in an fp32 buffer that only this block touches, rounds h to the storage
@@ -87,8 +88,12 @@ __global__ void __launch_bounds__(kThreads) rnn_forward_kernel(const FwdParams p
   W* sw = reinterpret_cast<W*>(smem);
   float* sc = reinterpret_cast<float*>(smem + p.plan.w_bytes);
 
-  const int u0 = blockIdx.x * p.plan.units;
+  // Block -> (batch group, unit slice); the group's batch rows are [n_begin, n_end).
+  const int group = blockIdx.x / p.plan.group_blocks;
+  const int u0 = (blockIdx.x % p.plan.group_blocks) * p.plan.units;
   const int nu = imin(p.plan.units, p.hidden - u0);  // units this block owns (> 0)
+  const int group_rows = p.batch_pad / p.plan.groups;  // a multiple of kBatchPad
+  const int n_begin = group * group_rows, n_end = imin(n_begin + group_rows, p.batch);
   load_w_forward<W, M>(sw, p.plan, static_cast<const T*>(p.w_hh), p.hidden, gates_of(C), u0);
   __syncthreads();
 
@@ -98,8 +103,8 @@ __global__ void __launch_bounds__(kThreads) rnn_forward_kernel(const FwdParams p
     const int t = p.reverse ? p.steps - 1 - s : s;
     const T* hin = static_cast<const T*>(p.hbuf) + (s & 1) * buf;
     T* hout = static_cast<T*>(p.hbuf) + ((s + 1) & 1) * buf;
-    for (int n0 = 0; n0 < p.batch; n0 += kChunkCols) {
-      const int ncols = imin(kChunkCols, p.batch_pad - n0);
+    for (int n0 = n_begin; n0 < n_end; n0 += kChunkCols) {
+      const int ncols = imin(kChunkCols, n_begin + group_rows - n0);
       const ChunkLayout L = chunk_matmul<W, M>(sw, p.plan, hin, n0, ncols, sc);
       __syncthreads();
       const int nb = imin(ncols, p.batch - n0);

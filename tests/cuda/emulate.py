@@ -59,8 +59,12 @@ class Emulator:
             self.smem_optin,
         )
 
-    def _plan(self, cell: int, math: int, H: int, backward: bool) -> P.Plan:
-        pl = P.make_plan(cell, math, H, backward, self.sms)
+    def _plan(self, cell: int, math: int, H: int, backward: bool, B_pad: int,
+              max_groups: int) -> P.Plan:
+        groups = P.choose_groups(cell, math, H, backward, self.sms, self.smem_optin, B_pad,
+                                 max_groups)
+        assert (B_pad // P.K_BATCH_PAD) % groups == 0
+        pl = P.make_plan(cell, math, H, backward, self.sms, groups)
         assert pl.smem_bytes <= self.smem_optin, "binding's checked_plan would refuse this"
         wm, wn, wk, elem, skew = P.TILE_SHAPES[math]
         assert pl.m_pad * pl.ldw * elem <= pl.w_bytes and pl.w_bytes % 128 == 0
@@ -68,9 +72,24 @@ class Emulator:
             assert (pl.ldw * elem) % 16 == 0, "WMMA ldm must be a multiple of 16 bytes"
         assert ((wn + P.K_SLOT_PAD) * 4) % 16 == 0
         assert pl.blocks <= self.sms, "cooperative grid larger than one block per SM"
-        assert (pl.blocks - 1) * pl.units < H <= pl.blocks * pl.units
+        assert pl.blocks == pl.groups * pl.group_blocks
+        assert (pl.group_blocks - 1) * pl.units < H <= pl.group_blocks * pl.units
         self.launches.append(("backward" if backward else "forward", _CODES[cell], pl))
         return pl
+
+    @staticmethod
+    def _blocks(pl: P.Plan, H: int, B: int, B_pad: int):
+        """(block, unit slice index, u0, units owned, chunk starts) as the kernels derive them
+        from blockIdx.x: group = b / group_blocks, slice = b % group_blocks."""
+        rows = B_pad // pl.groups
+        for blk in range(pl.blocks):
+            q, ub = divmod(blk, pl.group_blocks)
+            u0 = ub * pl.units
+            n_begin, n_end = q * rows, min(q * rows + rows, B)
+            assert n_begin < n_end, "a batch group without real rows"
+            chunks = [(n0, min(P.K_CHUNK_COLS, n_begin + rows - n0))
+                      for n0 in range(n_begin, n_end, P.K_CHUNK_COLS)]
+            yield blk, ub, u0, min(pl.units, H - u0), chunks
 
     @staticmethod
     def _cd(st: torch.dtype) -> torch.dtype:
@@ -150,7 +169,8 @@ class Emulator:
         return acc
 
     # ------------------------------------------------------------------ forward
-    def forward(self, mode, xproj, h0, c0, w_hh, b_hh, lengths, reverse, allow_tf32, save):
+    def forward(self, mode, xproj, h0, c0, w_hh, b_hh, lengths, reverse, allow_tf32, save,
+                max_groups):
         cell = int(mode)
         G = P.GATES[cell]
         T, B, GH = xproj.shape
@@ -159,9 +179,9 @@ class Emulator:
         st = h0.dtype
         cd = self._cd(st)
         math = self._math(st, allow_tf32, cell, H, False)
-        pl = self._plan(cell, math, H, False)
-        assert pl.k_pad % 16 == 0 and pl.k == H
         B_pad = -(-B // P.K_BATCH_PAD) * P.K_BATCH_PAD
+        pl = self._plan(cell, math, H, False, B_pad, max_groups)
+        assert pl.k_pad % 16 == 0 and pl.k == H
         hbuf = torch.zeros(2, B_pad, pl.k_pad, dtype=st)
         hbuf[0, :B, :H] = h0
         cbuf = c0.to(cd).clone() if cell == 0 else None
@@ -173,20 +193,18 @@ class Emulator:
         yflat, auxflat = y.view(-1), aux.view(-1)
         bhh = None if b_hh is None else b_hh.to(cd)
         lens = None if lengths is None else lengths.long()
-        sws = [self._load_w_forward(w_hh, pl, H, G, b * pl.units, math, cd) for b in range(pl.blocks)]
+        sws = [self._load_w_forward(w_hh, pl, H, G, ub * pl.units, math, cd)
+               for ub in range(pl.group_blocks)]
 
         for s in range(T):
             t = T - 1 - s if reverse else s
             hin, hout = hbuf[s & 1], hbuf[(s + 1) & 1]
             writer = torch.full((B_pad, pl.k_pad), -1, dtype=torch.long)
             hin_before = hin.clone()
-            for blk in range(pl.blocks):
-                u0 = blk * pl.units
-                nu = min(pl.units, H - u0)
+            for blk, ub, u0, nu, chunks in self._blocks(pl, H, B, B_pad):
                 assert nu > 0
-                for n0 in range(0, B, P.K_CHUNK_COLS):
-                    ncols = min(P.K_CHUNK_COLS, B_pad - n0)
-                    sc, nfr, ksplit = self._chunk_matmul(sws[blk], pl, hin, n0, ncols, math, cd)
+                for n0, ncols in chunks:
+                    sc, nfr, ksplit = self._chunk_matmul(sws[ub], pl, hin, n0, ncols, math, cd)
                     nb = min(ncols, B - n0)
                     idx = torch.arange(nb * pl.units)
                     j, n = idx % pl.units, idx // pl.units
@@ -200,8 +218,9 @@ class Emulator:
                     w = writer[b, u]
                     assert bool((w == -1).all()), "two writers of one exchange element"
                     writer[b, u] = blk
-            # every real (b, u) written once, by the block owning u; padding never written
-            assert bool((writer[:B, :H] == torch.arange(H)[None, :] // pl.units).all())
+            # every real (b, u) written once, by the block owning (b's group, u); padding never
+            owner = self._owner(pl, B, B_pad, torch.arange(H) // pl.units)
+            assert bool((writer[:B, :H] == owner).all())
             assert bool((writer[B:, :] == -1).all()) and bool((writer[:, H:] == -1).all())
             assert torch.equal(hin, hin_before), "the buffer being read was written"
         h_n = hbuf[T % 2, :B, :H].clone()
@@ -209,6 +228,12 @@ class Emulator:
         if save:
             xproj.copy_(xp)
         return [y, h_n, c_n, aux]
+
+    @staticmethod
+    def _owner(pl: P.Plan, B: int, B_pad: int, unit_slice: torch.Tensor) -> torch.Tensor:
+        """(B, n) block index owning batch row b and the unit slice of each column."""
+        group = torch.arange(B) // (B_pad // pl.groups)
+        return group[:, None] * pl.group_blocks + unit_slice[None, :]
 
     @staticmethod
     def _forward_point(cell, G, H, T, B, t, b, n, j, u, pl, math, sc, nfr, ksplit, hin, hout,
@@ -258,16 +283,16 @@ class Emulator:
 
     # ------------------------------------------------------------------ backward
     def backward(self, mode, dy, dh_n, dc_n, w_hh, gates, aux, c0, hprev, lengths, reverse,
-                 allow_tf32):
+                 allow_tf32, max_groups):
         cell = int(mode)
         G = P.GATES[cell]
         T, B, H = dy.shape
         st = dy.dtype
         cd = self._cd(st)
         math = self._math(st, allow_tf32, cell, H, True)
-        pl = self._plan(cell, math, H, True)
-        assert pl.k == G * H
         B_pad = -(-B // P.K_BATCH_PAD) * P.K_BATCH_PAD
+        pl = self._plan(cell, math, H, True, B_pad, max_groups)
+        assert pl.k == G * H
         dgbuf = torch.zeros(2, B_pad, pl.k_pad, dtype=st)
         dh_carry = dh_n.to(cd).clone()
         dc_carry = dc_n.to(cd).clone() if cell == 0 else None
@@ -275,7 +300,8 @@ class Emulator:
         dghn = torch.full((T, B, H) if cell == 1 else (0,), float("nan"), dtype=cd)
         dh0 = torch.full((B, H), float("nan"), dtype=cd)
         lens = None if lengths is None else lengths.long()
-        sws = [self._load_w_backward(w_hh, pl, H, b * pl.units, math, cd) for b in range(pl.blocks)]
+        sws = [self._load_w_backward(w_hh, pl, H, ub * pl.units, math, cd)
+               for ub in range(pl.group_blocks)]
         ctx = dict(
             G=G, H=H, T=T, B=B, cell=cell, pl=pl, math=math, st=st, cd=cd, reverse=reverse,
             lens=lens, dy=dy.reshape(-1), gates=gates.to(cd).reshape(-1),
@@ -287,12 +313,9 @@ class Emulator:
             din, dout = dgbuf[s & 1], dgbuf[(s + 1) & 1]
             din_before = din.clone()
             writer = torch.full((B_pad, pl.k_pad), -1, dtype=torch.long)
-            for blk in range(pl.blocks):
-                u0 = blk * pl.units
-                nu = min(pl.units, H - u0)
-                for n0 in range(0, B, P.K_CHUNK_COLS):
-                    ncols = min(P.K_CHUNK_COLS, B_pad - n0)
-                    sc, nfr, ksplit = self._chunk_matmul(sws[blk], pl, din, n0, ncols, math, cd)
+            for blk, ub, u0, nu, chunks in self._blocks(pl, H, B, B_pad):
+                for n0, ncols in chunks:
+                    sc, nfr, ksplit = self._chunk_matmul(sws[ub], pl, din, n0, ncols, math, cd)
                     nb = min(ncols, B - n0)
                     idx = torch.arange(nb * pl.units)
                     j, n = idx % pl.units, idx // pl.units
@@ -306,8 +329,8 @@ class Emulator:
                             assert bool((w == -1).all()), "two writers of one exchange element"
                             writer[b, g * H + u] = blk
             if s < T:
-                owner = (torch.arange(G * H) % H) // pl.units
-                assert bool((writer[:B, : G * H] == owner[None, :]).all())
+                owner = self._owner(pl, B, B_pad, (torch.arange(G * H) % H) // pl.units)
+                assert bool((writer[:B, : G * H] == owner).all())
                 assert bool((writer[B:, :] == -1).all()) and bool((writer[:, G * H:] == -1).all())
             assert torch.equal(din, din_before), "the buffer being read was written"
         dc0 = dc_carry if cell == 0 else torch.empty(0, dtype=cd)

@@ -146,13 +146,21 @@ using namespace fused_rnn;
 int main() {
   const int hs[] = {1, 5, 37, 64, 100, 256, 512, 768, 1000, 1024, 1300, 1740, 2048, 3000};
   const int sms[] = {1, 3, 4, 108, 132};
+  const int groups[] = {1, 2, 3};
   for (int c = 0; c < 4; ++c) for (int m = 0; m < 3; ++m) for (int h : hs) for (int s : sms)
-    for (int bw = 0; bw < 2; ++bw) {
-      const Plan p = make_plan(static_cast<Cell>(c), static_cast<Math>(m), h, bw, s);
-      std::printf("%d %d %d %d %d %d %d %d %d %d %d %d %d %d %d %d\n", c, m, h, s, bw, p.units,
-                  p.blocks, p.m_rows, p.m_pad, p.k, p.k_pad, p.ldw, p.slots, p.slot_floats,
-                  p.w_bytes, p.smem_bytes);
+    for (int bw = 0; bw < 2; ++bw) for (int g : groups) {
+      if (g > s) continue;
+      const Plan p = make_plan(static_cast<Cell>(c), static_cast<Math>(m), h, bw, s, g);
+      std::printf("%d %d %d %d %d %d %d %d %d %d %d %d %d %d %d %d %d %d %d\n", c, m, h, s, bw,
+                  g, p.units, p.blocks, p.m_rows, p.m_pad, p.k, p.k_pad, p.ldw, p.slots,
+                  p.slot_floats, p.w_bytes, p.smem_bytes, p.groups, p.group_blocks);
     }
+  const int bpads[] = {32, 64, 96, 128, 256};
+  for (int c = 0; c < 4; ++c) for (int m = 0; m < 3; ++m) for (int h : hs) for (int bp : bpads)
+    for (int bw = 0; bw < 2; ++bw)
+      std::printf("G %d %d %d %d %d %d\n", c, m, h, bp, bw,
+                  choose_groups(static_cast<Cell>(c), static_cast<Math>(m), h, bw, 132,
+                                227 * 1024, bp, 8));
   for (int c = 0; c < 4; ++c) for (int h : hs) for (int bw = 0; bw < 2; ++bw)
     for (int tf = 0; tf < 2; ++tf)
       std::printf("M %d %d %d %d %d\n", c, h, bw, tf,
@@ -180,9 +188,12 @@ def test_plan_header_matches_python_mirror(tmp_path):
         if f[0] == "M":
             c, h, bw, tf, m = map(int, f[1:])
             assert m == P.choose_math(False, bool(tf), c, h, bool(bw), 132, 227 * 1024), line
+        elif f[0] == "G":
+            c, m, h, bp, bw, g = map(int, f[1:])
+            assert g == P.choose_groups(c, m, h, bool(bw), 132, 227 * 1024, bp, 8), line
         else:
-            c, m, h, s, bw, *rest = map(int, f)
-            assert tuple(rest) == P.make_plan(c, m, h, bool(bw), s).as_tuple(), line
+            c, m, h, s, bw, g, *rest = map(int, f)
+            assert tuple(rest) == P.make_plan(c, m, h, bool(bw), s, g).as_tuple(), line
         n += 1
     assert n > 1000
 

@@ -6,6 +6,7 @@ checks a GPU run would make with compute-sanitizer, made here without one.
 * memcheck: a part of ``test_cuda_gpu.py`` in a process built with AddressSanitizer and UBSan,
   so an out-of-bounds access to a tensor or to shared memory, or a misaligned vector load,
   aborts it;
+* batch groups (plan.h) partition the batch without changing the results;
 * the launch path of ``rnn_common.cuh`` (opt-in shared memory, co-residency check) meets a
   device that refuses;
 * mutation tests: copies of ``csrc/`` with one deliberate bug each (a missing barrier, a
@@ -78,12 +79,15 @@ def _layer(mode, dt, T=4, B=3, I=5, H=37, lengths=True, reverse=True, seed=0):
 
 
 # ---------------------------------------------------------------------------------- racecheck
+@pytest.mark.parametrize("groups", ["1", "8"], ids=["ungrouped", "grouped"])
 @pytest.mark.parametrize("dt", list(DTYPES))
 @pytest.mark.parametrize("mode", MODES)
-def test_results_do_not_depend_on_thread_order(install, mode, dt):
+def test_results_do_not_depend_on_thread_order(install, monkeypatch, mode, dt, groups):
     """A race (a thread reading what another writes between the same two barriers) makes the
-    result depend on which runs first; four orders must agree bit for bit. B=70 takes two
-    batch chunks of the epilogue; H=37 over 4 SMs gives a ragged last block."""
+    result depend on which runs first; four orders must agree bit for bit. B=70: ungrouped,
+    two batch chunks per block; grouped, three batch groups of one chunk. H=37 over 4 SMs gives
+    a ragged last block."""
+    monkeypatch.setenv("FUSED_RNN_CUDA_MAX_GROUPS", groups)
     runs = []
     for order, seed in (("ascending", 0), ("descending", 0), ("shuffle", 1), ("shuffle", 2)):
         install(sms=4, order=order, seed=seed)
@@ -181,15 +185,16 @@ MUTANTS = {
 
 
 @pytest.mark.parametrize("name", list(MUTANTS))
-def test_races_are_caught(install, tmp_path, name):
+def test_races_are_caught(install, monkeypatch, tmp_path, name):
+    monkeypatch.setenv("FUSED_RNN_CUDA_MAX_GROUPS", "1")  # two batch chunks per block
     file, old, new = MUTANTS[name]
     csrc = _mutant(tmp_path, file, old, new)
     assert _differs_from_clean(install, csrc, B=70, T=3), f"mutant {name} went unnoticed"
 
 
 def test_a_thread_leaving_before_a_barrier_is_reported(install, tmp_path):
-    csrc = _mutant(tmp_path, "rnn_forward.cu", "  const int u0 = blockIdx.x * p.plan.units;",
-                   "  if (threadIdx.x == 5) return;\n  const int u0 = blockIdx.x * p.plan.units;")
+    site = "  const int group = blockIdx.x / p.plan.group_blocks;"
+    csrc = _mutant(tmp_path, "rnn_forward.cu", site, "  if (threadIdx.x == 5) return;\n" + site)
     install(sms=4, csrc=csrc)
     with pytest.raises(RuntimeError, match=r"__syncthreads\(\) at .* is not reached by block 0 "
                                            r"thread 5 \(it exited\)"):
@@ -215,7 +220,7 @@ def test_out_of_bounds_write_is_caught_by_the_sanitizer(tmp_path):
         "T, B, H = 2, 3, 37\n"
         "x = torch.randn(T, B, 3 * H); h0 = torch.randn(B, H)\n"
         "w = torch.randn(3 * H, H) * 0.1\n"
-        "sim.forward(1, x, h0, None, w, None, None, False, False, True)\n"
+        "sim.forward(1, x, h0, None, w, None, None, False, False, True, 1)\n"
         "print('no error')\n"
     )
     r = subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).parent,
@@ -225,6 +230,32 @@ def test_out_of_bounds_write_is_caught_by_the_sanitizer(tmp_path):
     assert "heap-buffer-overflow" in r.stderr
 
 
-def test_clean_sources_pass_the_mutation_harness(install):
+def test_clean_sources_pass_the_mutation_harness(install, monkeypatch):
     """The harness itself: the unmutated sources are not flagged."""
+    monkeypatch.setenv("FUSED_RNN_CUDA_MAX_GROUPS", "1")
     assert not _differs_from_clean(install, simulate.CSRC, B=70, T=3)
+
+
+# ------------------------------------------------------------------------------ batch groups
+@pytest.mark.parametrize("mode", ["LSTM", "GRU"])
+def test_batch_groups_split_the_batch_not_the_math(install, monkeypatch, mode):
+    """B=70 (padded to 96) on 4 SMs: by default 3 groups of 32 rows, each block owning all 37
+    units; with FUSED_RNN_CUDA_MAX_GROUPS=1, 4 blocks of 10 units over both chunks. Same
+    results up to the order of fp32 sums (the K split differs)."""
+    results = {}
+    for groups in ("1", "8"):
+        monkeypatch.setenv("FUSED_RNN_CUDA_MAX_GROUPS", groups)
+        sim = install(sms=4)
+        results[groups] = _layer(mode, "fp32", B=70, T=3)
+        results[groups + "-plans"] = {(d, pl["groups"], pl["blocks"]) for d, _, pl in sim.launches}
+    assert results["1-plans"] == {("forward", 1, 4), ("backward", 1, 4)}
+    assert results["8-plans"] == {("forward", 3, 3), ("backward", 3, 3)}
+    for i, (a, b) in enumerate(zip(results["1"], results["8"])):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5, msg=lambda m, i=i: f"{i}: {m}")
+
+
+def test_max_groups_setting_is_checked(install, monkeypatch):
+    install(sms=4)
+    monkeypatch.setenv("FUSED_RNN_CUDA_MAX_GROUPS", "0")
+    with pytest.raises(ValueError, match="FUSED_RNN_CUDA_MAX_GROUPS must be an integer >= 1"):
+        _layer("GRU", "fp32")

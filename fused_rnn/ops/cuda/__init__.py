@@ -14,7 +14,10 @@ this module          what :mod:`fused_rnn.backends` asks for: ``unavailable_reas
 Kernel design: one cooperative launch per chunk and direction; block b owns hidden units
 [b*U, (b+1)*U) with all their gates, keeps their slice of W_hh in shared memory for the whole
 chunk, and exchanges h_t through a double-buffered global (L2) buffer with one ``grid.sync()``
-per step. bf16/fp16 use tensor cores (WMMA) with fp32 accumulation; fp32 uses TF32 tensor cores
+per step. At larger batch the grid is split into batch groups when shared memory allows (each
+block then holds a larger W_hh slice and reads only its group's rows of the exchange buffer;
+``FUSED_RNN_CUDA_MAX_GROUPS``, default 8, 1 turns it off). bf16/fp16 use tensor cores (WMMA) with
+fp32 accumulation; fp32 uses TF32 tensor cores
 exactly when ``torch.backends.cudnn.allow_tf32`` is true (as nn.LSTM does), else plain fp32 FMA.
 The LSTM cell state and every activation saved for backward are fp32. Size limits (largest H
 that fits on chip, H100 / A100): ``fused_rnn.ops.cuda.plan``. Not supported (falls back to

@@ -23,6 +23,8 @@ op's autograd can only save its inputs and outputs.
 
 from __future__ import annotations
 
+import os
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -35,6 +37,20 @@ from fused_rnn.ops.reference import GATES, compute_dtype
 
 def _to(t: Tensor | None, dtype: torch.dtype) -> Tensor | None:
     return None if t is None else t.to(dtype)
+
+
+def max_groups() -> int:
+    """The most batch groups a launch may use (plan.h: batch groups), from
+    ``FUSED_RNN_CUDA_MAX_GROUPS`` (default 8; 1 turns grouping off). Read at every call so a
+    benchmark can compare settings in one process; it changes the partition, not the math."""
+    raw = os.environ.get("FUSED_RNN_CUDA_MAX_GROUPS", "8")
+    try:
+        value = int(raw)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise ValueError(f"FUSED_RNN_CUDA_MAX_GROUPS must be an integer >= 1, got {raw!r}")
+    return value
 
 
 def _lengths32(lengths: Tensor | None, device: torch.device) -> Tensor | None:
@@ -99,6 +115,7 @@ def _layer_forward_impl(
         reverse,
         allow_tf32,
         save,
+        max_groups(),
     )
     gates = xproj if save else x.new_empty((0,), dtype=cd)
     return y, h_n, c_n, gates, aux
@@ -230,6 +247,7 @@ def _layer_backward_impl(
             _lengths32(lengths, x.device),
             reverse,
             allow_tf32,
+            max_groups(),
         )
         # GRU: the recurrent side of the n gate is r * dn (b_hn sits inside r * (.)).
         dgh = torch.cat([dgx[..., : 2 * H], dghn], dim=-1) if mode == "GRU" else dgx

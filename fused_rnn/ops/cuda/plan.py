@@ -48,7 +48,7 @@ GPUS = {"H100": (132, 227 * 1024), "A100": (108, 163 * 1024)}
 
 PLAN_FIELDS = (
     "units", "blocks", "m_rows", "m_pad", "k", "k_pad", "ldw", "slots", "slot_floats",
-    "w_bytes", "smem_bytes",
+    "w_bytes", "smem_bytes", "groups", "group_blocks",
 )
 
 
@@ -65,6 +65,8 @@ class Plan:
     slot_floats: int
     w_bytes: int
     smem_bytes: int
+    groups: int  # batch groups (plan.h); block b serves group b // group_blocks
+    group_blocks: int  # blocks per group = ceil(H / units)
 
     def as_tuple(self) -> tuple[int, ...]:
         return tuple(getattr(self, f) for f in PLAN_FIELDS)
@@ -86,11 +88,13 @@ def plan_units(cell: int, math: int, hidden: int, max_blocks: int) -> int:
     return min(u, _round_up(hidden, granule))
 
 
-def make_plan(cell: int, math: int, hidden: int, backward: bool, max_blocks: int) -> Plan:
+def make_plan(cell: int, math: int, hidden: int, backward: bool, max_blocks: int,
+              groups: int = 1) -> Plan:
     g = GATES[cell]
     wm, wn, wk, elem, skew = TILE_SHAPES[math]
-    units = plan_units(cell, math, hidden, max_blocks)
-    blocks = _ceil_div(hidden, units)
+    units = plan_units(cell, math, hidden, max(max_blocks // groups, 1))
+    group_blocks = _ceil_div(hidden, units)
+    blocks = groups * group_blocks
     m_rows = units if backward else g * units
     m_pad = m_rows if math == MATHS["fma"] else _round_up(m_rows, wm)
     k = g * hidden if backward else hidden
@@ -101,7 +105,8 @@ def make_plan(cell: int, math: int, hidden: int, backward: bool, max_blocks: int
     slots = max(tasks, K_WARPS)
     slot_floats = wm * (wn + K_SLOT_PAD)
     smem = w_bytes + slots * slot_floats * 4
-    return Plan(units, blocks, m_rows, m_pad, k, k_pad, ldw, slots, slot_floats, w_bytes, smem)
+    return Plan(units, blocks, m_rows, m_pad, k, k_pad, ldw, slots, slot_floats, w_bytes, smem,
+                groups, group_blocks)
 
 
 def choose_math(is_16bit: bool, allow_tf32: bool, cell: int, hidden: int, backward: bool,
@@ -113,6 +118,21 @@ def choose_math(is_16bit: bool, allow_tf32: bool, cell: int, hidden: int, backwa
     if allow_tf32 and make_plan(cell, tf32, hidden, backward, max_blocks).smem_bytes <= smem_limit:
         return tf32
     return MATHS["fma"]
+
+
+def choose_groups(cell: int, math: int, hidden: int, backward: bool, max_blocks: int,
+                  smem_limit: int, batch_pad: int, max_groups: int) -> int:
+    """The largest batch-group count that divides B_pad / 32 and fits (plan.h)."""
+    tiles = batch_pad // K_BATCH_PAD
+    best = 1
+    g = 2
+    while g <= min(max_groups, tiles) and g <= max_blocks:
+        if tiles % g == 0:
+            p = make_plan(cell, math, hidden, backward, max_blocks, g)
+            if p.smem_bytes <= smem_limit and p.blocks <= max_blocks:
+                best = g
+        g += 1
+    return best
 
 
 def fits(cell: int, is_16bit: bool, allow_tf32: bool, hidden: int, num_sms: int,

@@ -36,16 +36,19 @@ cudaError_t dispatch(Cell cell, int dtype, Math math, F&& f) {
 
 // binding.cpp's checked_plan on the simulated device. Returns false (and sets g_error) when the
 // binding would refuse.
-bool checked_plan(int cell, int dtype, int allow_tf32, int hidden, bool backward, Math* math,
-                  Plan* plan) {
+bool checked_plan(int cell, int dtype, int allow_tf32, int hidden, bool backward, int batch_pad,
+                  int max_groups, Math* math, Plan* plan) {
   const cudasim::Config& c = cudasim::config();
-  if (cell < 0 || cell > 3 || dtype < 0 || dtype > 2 || hidden <= 0) {
-    g_error = "bad cell, dtype or hidden size";
+  if (cell < 0 || cell > 3 || dtype < 0 || dtype > 2 || hidden <= 0 || max_groups < 1 ||
+      batch_pad <= 0 || batch_pad % fused_rnn::kBatchPad != 0) {
+    g_error = "bad cell, dtype, hidden size, batch padding or max_groups";
     return false;
   }
   *math = fused_rnn::choose_math(dtype != 0, allow_tf32 != 0, static_cast<Cell>(cell), hidden,
                                  backward, c.sms, c.smem_optin);
-  *plan = fused_rnn::make_plan(static_cast<Cell>(cell), *math, hidden, backward, c.sms);
+  const int groups = fused_rnn::choose_groups(static_cast<Cell>(cell), *math, hidden, backward,
+                                              c.sms, c.smem_optin, batch_pad, max_groups);
+  *plan = fused_rnn::make_plan(static_cast<Cell>(cell), *math, hidden, backward, c.sms, groups);
   if (plan->smem_bytes > c.smem_optin) {
     g_error = "hidden size needs more shared memory than the device allows";
     return false;
@@ -80,34 +83,44 @@ int sim_configure(int sms, int smem_optin, int smem_per_sm, int order, uint64_t 
 
 const char* sim_last_error() { return g_error.c_str(); }
 
-// out[0..11]: math, then Plan's fields in declaration order (units .. smem_bytes).
-int sim_plan(int cell, int dtype, int allow_tf32, int hidden, int backward, int* out) {
+// out[0..13]: math, then Plan's fields in declaration order (units .. group_blocks).
+int sim_plan(int cell, int dtype, int allow_tf32, int hidden, int backward, int batch_pad,
+             int max_groups, int* out) {
   Math math;
   Plan p;
-  if (!checked_plan(cell, dtype, allow_tf32, hidden, backward != 0, &math, &p)) return 1;
+  if (!checked_plan(cell, dtype, allow_tf32, hidden, backward != 0, batch_pad, max_groups, &math,
+                    &p))
+    return 1;
   const int v[] = {static_cast<int>(math), p.units, p.blocks, p.m_rows, p.m_pad, p.k, p.k_pad,
-                   p.ldw, p.slots, p.slot_floats, p.w_bytes, p.smem_bytes};
-  for (int i = 0; i < 12; ++i) out[i] = v[i];
+                   p.ldw, p.slots, p.slot_floats, p.w_bytes, p.smem_bytes, p.groups,
+                   p.group_blocks};
+  for (int i = 0; i < 14; ++i) out[i] = v[i];
   return 0;
 }
 
-// binding.cpp's plan_info: make_plan as compiled here, for any math and grid limit.
-int sim_make_plan(int cell, int math, int hidden, int backward, int max_blocks, int* out) {
-  if (cell < 0 || cell > 3 || math < 0 || math > 2 || hidden <= 0 || max_blocks <= 0) return 1;
+// binding.cpp's plan_info: make_plan as compiled here, for any math, grid limit and groups.
+int sim_make_plan(int cell, int math, int hidden, int backward, int max_blocks, int groups,
+                  int* out) {
+  if (cell < 0 || cell > 3 || math < 0 || math > 2 || hidden <= 0 || max_blocks <= 0 ||
+      groups < 1 || groups > max_blocks)
+    return 1;
   const Plan p = fused_rnn::make_plan(static_cast<Cell>(cell), static_cast<Math>(math), hidden,
-                                      backward != 0, max_blocks);
+                                      backward != 0, max_blocks, groups);
   const int v[] = {p.units, p.blocks, p.m_rows, p.m_pad, p.k, p.k_pad, p.ldw, p.slots,
-                   p.slot_floats, p.w_bytes, p.smem_bytes};
-  for (int i = 0; i < 11; ++i) out[i] = v[i];
+                   p.slot_floats, p.w_bytes, p.smem_bytes, p.groups, p.group_blocks};
+  for (int i = 0; i < 13; ++i) out[i] = v[i];
   return 0;
 }
 
 int sim_forward(int cell, int dtype, int allow_tf32, int steps, int batch, int hidden,
-                int batch_pad, int reverse, int save, const void* w_hh, const float* b_hh,
-                const int* lengths, float* xproj, void* hbuf, float* cbuf, void* y, float* aux) {
+                int batch_pad, int reverse, int save, int max_groups, const void* w_hh,
+                const float* b_hh, const int* lengths, float* xproj, void* hbuf, float* cbuf,
+                void* y, float* aux) {
   fused_rnn::FwdParams p{};
   Math math;
-  if (!checked_plan(cell, dtype, allow_tf32, hidden, false, &math, &p.plan)) return 1;
+  if (!checked_plan(cell, dtype, allow_tf32, hidden, false, batch_pad, max_groups, &math,
+                    &p.plan))
+    return 1;
   p.steps = steps;
   p.batch = batch;
   p.hidden = hidden;
@@ -129,13 +142,15 @@ int sim_forward(int cell, int dtype, int allow_tf32, int steps, int batch, int h
 }
 
 int sim_backward(int cell, int dtype, int allow_tf32, int steps, int batch, int hidden,
-                 int batch_pad, int reverse, const void* w_hh, const int* lengths,
-                 const void* dy, const float* gates, const float* aux, const float* c0,
-                 const void* hprev, void* dgbuf, float* dh_carry, float* dc_carry, float* dgx,
-                 float* dghn, float* dh0) {
+                 int batch_pad, int reverse, int max_groups, const void* w_hh,
+                 const int* lengths, const void* dy, const float* gates, const float* aux,
+                 const float* c0, const void* hprev, void* dgbuf, float* dh_carry,
+                 float* dc_carry, float* dgx, float* dghn, float* dh0) {
   fused_rnn::BwdParams p{};
   Math math;
-  if (!checked_plan(cell, dtype, allow_tf32, hidden, true, &math, &p.plan)) return 1;
+  if (!checked_plan(cell, dtype, allow_tf32, hidden, true, batch_pad, max_groups, &math,
+                    &p.plan))
+    return 1;
   p.steps = steps;
   p.batch = batch;
   p.hidden = hidden;
