@@ -14,8 +14,6 @@
 #include <cuda_fp16.h>
 
 #include <algorithm>
-#include <type_traits>
-#include <utility>
 #include <vector>
 
 #include "fused_rnn.h"
@@ -86,12 +84,18 @@ DeviceInfo device_attributes(int index) {
   return d;
 }
 
-// The math (plan.h: choose_math) and launch plan, checked against this device's shared memory.
+fused_rnn::Storage storage_of(c10::ScalarType st) {
+  return st == at::kBFloat16 ? fused_rnn::Storage::kBFloat16
+       : st == at::kHalf     ? fused_rnn::Storage::kFloat16
+                             : fused_rnn::Storage::kFloat32;
+}
+
+// The math and launch plan (plan.h: select_plan), checked against this device's shared memory.
 // The Python side refuses unsupported sizes before getting here (unsupported_reason); this is
 // the backstop.
-std::pair<Math, Plan> checked_plan(Cell cell, c10::ScalarType st, bool allow_tf32, int64_t hidden,
-                                   bool backward, const at::Device& dev, int64_t batch_pad,
-                                   int64_t max_groups) {
+fused_rnn::Selection checked_plan(Cell cell, c10::ScalarType st, bool allow_tf32, int64_t hidden,
+                                  bool backward, const at::Device& dev, int64_t batch_pad,
+                                  int64_t max_groups) {
   const DeviceInfo d = device_attributes(dev.index());
   TORCH_CHECK(d.major >= 8, "fused_rnn CUDA backend: needs compute capability >= 8.0, got ",
               d.major, ".", d.minor);
@@ -99,43 +103,18 @@ std::pair<Math, Plan> checked_plan(Cell cell, c10::ScalarType st, bool allow_tf3
               " does not support cooperative launches");
   TORCH_CHECK(hidden > 0 && hidden <= (1 << 20), "fused_rnn CUDA backend: bad hidden size ",
               hidden);
-  const int h = static_cast<int>(hidden);
   TORCH_CHECK(max_groups >= 1, "fused_rnn CUDA backend: max_groups must be >= 1, got ",
               max_groups);
-  const Math math =
-      fused_rnn::choose_math(st != at::kFloat, allow_tf32, cell, h, backward, d.sms, d.smem_optin);
-  const int groups = fused_rnn::choose_groups(
-      cell, math, h, backward, d.sms, d.smem_optin, static_cast<int>(batch_pad),
+  const fused_rnn::Selection sel = fused_rnn::select_plan(
+      cell, st != at::kFloat, allow_tf32, static_cast<int>(hidden), backward, d.sms,
+      d.smem_optin, static_cast<int>(batch_pad),
       static_cast<int>(std::min<int64_t>(max_groups, 1 << 16)));
-  const Plan plan = fused_rnn::make_plan(cell, math, h, backward, d.sms, groups);
+  const Plan& plan = sel.plan;
   TORCH_CHECK(plan.smem_bytes <= d.smem_optin, "fused_rnn CUDA backend: hidden_size=", hidden,
               " needs ", plan.smem_bytes, " bytes of shared memory per block (", plan.blocks,
               " blocks of ", plan.units, " units, ", backward ? "backward" : "forward",
               "); this GPU allows ", d.smem_optin);
-  return {math, plan};
-}
-
-template <typename T> struct Tag { using type = T; };
-
-// Calls f(integral_constant<Cell>, Tag<storage type>, integral_constant<Math>) for the runtime
-// (cell, dtype, math): one instantiation per combination, all built once (plan.h: shapes are
-// runtime arguments).
-template <typename F>
-cudaError_t dispatch(Cell cell, c10::ScalarType st, Math math, F&& f) {
-  auto by_type = [&](auto c) -> cudaError_t {
-    if (st == at::kBFloat16)
-      return f(c, Tag<__nv_bfloat16>{}, std::integral_constant<Math, Math::kWmma16>{});
-    if (st == at::kHalf) return f(c, Tag<__half>{}, std::integral_constant<Math, Math::kWmma16>{});
-    if (math == Math::kTf32) return f(c, Tag<float>{}, std::integral_constant<Math, Math::kTf32>{});
-    return f(c, Tag<float>{}, std::integral_constant<Math, Math::kFma>{});
-  };
-  switch (cell) {
-    case Cell::kLSTM: return by_type(std::integral_constant<Cell, Cell::kLSTM>{});
-    case Cell::kGRU: return by_type(std::integral_constant<Cell, Cell::kGRU>{});
-    case Cell::kRNNTanh: return by_type(std::integral_constant<Cell, Cell::kRNNTanh>{});
-    case Cell::kRNNRelu: return by_type(std::integral_constant<Cell, Cell::kRNNRelu>{});
-  }
-  return cudaErrorInvalidValue;
+  return sel;
 }
 
 // Forward over a chunk. xproj (T, B, G*H) fp32 = x W_ih^T + b_ih, overwritten with the
@@ -168,10 +147,9 @@ std::vector<at::Tensor> forward(int64_t mode, at::Tensor xproj, at::Tensor h0,
 
   const c10::cuda::CUDAGuard guard(dev);
   const int64_t B_pad = fused_rnn::round_up(static_cast<int>(B), fused_rnn::kBatchPad);
-  const std::pair<Math, Plan> mp =
+  const fused_rnn::Selection sel =
       checked_plan(cell, st, allow_tf32, H, /*backward=*/false, dev, B_pad, max_groups);
-  const Math math = mp.first;
-  const Plan& plan = mp.second;
+  const Plan& plan = sel.plan;
   at::Tensor hbuf = at::zeros({2, B_pad, plan.k_pad}, h0.options());
   hbuf[0].narrow(0, 0, B).narrow(1, 0, H).copy_(h0);
   at::Tensor cbuf = cell == Cell::kLSTM ? c0->to(at::kFloat).contiguous().clone()
@@ -199,10 +177,11 @@ std::vector<at::Tensor> forward(int64_t mode, at::Tensor xproj, at::Tensor h0,
   p.aux = has_aux ? aux.data_ptr<float>() : nullptr;
 
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(dev.index()).stream();
-  FRNN_CHECK_CUDA(dispatch(cell, st, math, [&](auto c, auto tag, auto m) {
+  const auto launch = [&](auto c, auto tag, auto m) {
     using T_ = typename decltype(tag)::type;
     return fused_rnn::launch_forward<decltype(c)::value, T_, decltype(m)::value>(p, stream);
-  }));
+  };
+  FRNN_CHECK_CUDA(fused_rnn::dispatch(cell, storage_of(st), sel.math, launch));
   at::Tensor h_n = hbuf[T % 2].narrow(0, 0, B).narrow(1, 0, H).contiguous();
   at::Tensor c_n = cell == Cell::kLSTM ? cbuf.to(st) : at::empty({0}, h0.options());
   return {y, h_n, c_n, aux};
@@ -242,10 +221,9 @@ std::vector<at::Tensor> backward(int64_t mode, at::Tensor dy, at::Tensor dh_n,
 
   const c10::cuda::CUDAGuard guard(dev);
   const int64_t B_pad = fused_rnn::round_up(static_cast<int>(B), fused_rnn::kBatchPad);
-  const std::pair<Math, Plan> mp =
+  const fused_rnn::Selection sel =
       checked_plan(cell, st, allow_tf32, H, /*backward=*/true, dev, B_pad, max_groups);
-  const Math math = mp.first;
-  const Plan& plan = mp.second;
+  const Plan& plan = sel.plan;
   at::Tensor dgbuf = at::zeros({2, B_pad, plan.k_pad}, dy.options());
   at::Tensor dh_carry = dh_n.clone();
   at::Tensor dc_carry = cell == Cell::kLSTM ? dc_n->clone() : at::empty({0}, dh_n.options());
@@ -276,10 +254,11 @@ std::vector<at::Tensor> backward(int64_t mode, at::Tensor dy, at::Tensor dh_n,
   p.dh0 = dh0.data_ptr<float>();
 
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(dev.index()).stream();
-  FRNN_CHECK_CUDA(dispatch(cell, st, math, [&](auto c, auto tag, auto m) {
+  const auto launch = [&](auto c, auto tag, auto m) {
     using T_ = typename decltype(tag)::type;
     return fused_rnn::launch_backward<decltype(c)::value, T_, decltype(m)::value>(p, stream);
-  }));
+  };
+  FRNN_CHECK_CUDA(fused_rnn::dispatch(cell, storage_of(st), sel.math, launch));
   return {dgx, dghn, dh0, dc_carry};
 }
 

@@ -8,11 +8,16 @@
 // and every saved activation are fp32 (the precision contract of fused_rnn/ops/reference.py).
 #pragma once
 
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
 #include "plan.h"
 
 namespace fused_rnn {
+
+// The storage dtype of a launch (the binding maps torch's dtypes to these).
+enum class Storage : int { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2 };
 
 struct FwdParams {
   Plan plan;                // make_plan(cell, math, H, /*backward=*/false, num_sms)
@@ -59,5 +64,29 @@ cudaError_t launch_forward(const FwdParams& p, cudaStream_t stream);
 
 template <Cell C, typename T, Math M>
 cudaError_t launch_backward(const BwdParams& p, cudaStream_t stream);
+
+template <auto V> struct Constant { static constexpr decltype(V) value = V; };
+template <typename T> struct Tag { using type = T; };
+
+// Calls f(Constant<cell>, Tag<storage type>, Constant<math>) for the runtime (cell, storage,
+// math): one instantiation per combination, all compiled once (shapes are runtime arguments).
+// 16-bit storage always runs kWmma16; fp32 runs kTf32 or kFma.
+template <typename F>
+cudaError_t dispatch(Cell cell, Storage st, Math math, F&& f) {
+  auto by_type = [&](auto c) -> cudaError_t {
+    if (st == Storage::kBFloat16)
+      return f(c, Tag<__nv_bfloat16>{}, Constant<Math::kWmma16>{});
+    if (st == Storage::kFloat16) return f(c, Tag<__half>{}, Constant<Math::kWmma16>{});
+    if (math == Math::kTf32) return f(c, Tag<float>{}, Constant<Math::kTf32>{});
+    return f(c, Tag<float>{}, Constant<Math::kFma>{});
+  };
+  switch (cell) {
+    case Cell::kLSTM: return by_type(Constant<Cell::kLSTM>{});
+    case Cell::kGRU: return by_type(Constant<Cell::kGRU>{});
+    case Cell::kRNNTanh: return by_type(Constant<Cell::kRNNTanh>{});
+    case Cell::kRNNRelu: return by_type(Constant<Cell::kRNNRelu>{});
+  }
+  return cudaErrorInvalidValue;
+}
 
 }  // namespace fused_rnn

@@ -155,4 +155,21 @@ FRNN_HD constexpr int choose_groups(Cell cell, Math math, int hidden, bool backw
   return best;
 }
 
+// What a launch runs with, chosen in one place for the binding (and the CPU simulator):
+// the math (choose_math), the batch groups (choose_groups) and the plan. smem_bytes may still
+// exceed smem_limit when H is too large; the caller refuses that.
+struct Selection {
+  Math math;
+  Plan plan;
+};
+FRNN_HD constexpr Selection select_plan(Cell cell, bool is_16bit, bool allow_tf32, int hidden,
+                                        bool backward, int max_blocks, int smem_limit,
+                                        int batch_pad, int max_groups) {
+  const Math math =
+      choose_math(is_16bit, allow_tf32, cell, hidden, backward, max_blocks, smem_limit);
+  const int groups = choose_groups(cell, math, hidden, backward, max_blocks, smem_limit,
+                                   batch_pad, max_groups);
+  return Selection{math, make_plan(cell, math, hidden, backward, max_blocks, groups)};
+}
+
 }  // namespace fused_rnn

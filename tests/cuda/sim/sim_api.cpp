@@ -16,40 +16,19 @@ namespace {
 
 std::string g_error;  // the last entry point's failure
 
-// dtype codes: 0 float32, 1 float16, 2 bfloat16 (simulate.py's DTYPE_CODES)
-template <typename F>
-cudaError_t dispatch(Cell cell, int dtype, Math math, F&& f) {
-  auto by_type = [&](auto c) -> cudaError_t {
-    if (dtype == 2) return f(c, __nv_bfloat16{}, std::integral_constant<Math, Math::kWmma16>{});
-    if (dtype == 1) return f(c, __half{}, std::integral_constant<Math, Math::kWmma16>{});
-    if (math == Math::kTf32) return f(c, 0.f, std::integral_constant<Math, Math::kTf32>{});
-    return f(c, 0.f, std::integral_constant<Math, Math::kFma>{});
-  };
-  switch (cell) {
-    case Cell::kLSTM: return by_type(std::integral_constant<Cell, Cell::kLSTM>{});
-    case Cell::kGRU: return by_type(std::integral_constant<Cell, Cell::kGRU>{});
-    case Cell::kRNNTanh: return by_type(std::integral_constant<Cell, Cell::kRNNTanh>{});
-    case Cell::kRNNRelu: return by_type(std::integral_constant<Cell, Cell::kRNNRelu>{});
-  }
-  return cudaErrorInvalidValue;
-}
-
-// binding.cpp's checked_plan on the simulated device. Returns false (and sets g_error) when the
-// binding would refuse.
+// binding.cpp's checked_plan on the simulated device (dtype codes are fused_rnn::Storage's).
+// Returns false (and sets g_error) when the binding would refuse.
 bool checked_plan(int cell, int dtype, int allow_tf32, int hidden, bool backward, int batch_pad,
-                  int max_groups, Math* math, Plan* plan) {
+                  int max_groups, fused_rnn::Selection* sel) {
   const cudasim::Config& c = cudasim::config();
   if (cell < 0 || cell > 3 || dtype < 0 || dtype > 2 || hidden <= 0 || max_groups < 1 ||
       batch_pad <= 0 || batch_pad % fused_rnn::kBatchPad != 0) {
     g_error = "bad cell, dtype, hidden size, batch padding or max_groups";
     return false;
   }
-  *math = fused_rnn::choose_math(dtype != 0, allow_tf32 != 0, static_cast<Cell>(cell), hidden,
-                                 backward, c.sms, c.smem_optin);
-  const int groups = fused_rnn::choose_groups(static_cast<Cell>(cell), *math, hidden, backward,
-                                              c.sms, c.smem_optin, batch_pad, max_groups);
-  *plan = fused_rnn::make_plan(static_cast<Cell>(cell), *math, hidden, backward, c.sms, groups);
-  if (plan->smem_bytes > c.smem_optin) {
+  *sel = fused_rnn::select_plan(static_cast<Cell>(cell), dtype != 0, allow_tf32 != 0, hidden,
+                                backward, c.sms, c.smem_optin, batch_pad, max_groups);
+  if (sel->plan.smem_bytes > c.smem_optin) {
     g_error = "hidden size needs more shared memory than the device allows";
     return false;
   }
@@ -86,12 +65,11 @@ const char* sim_last_error() { return g_error.c_str(); }
 // out[0..13]: math, then Plan's fields in declaration order (units .. group_blocks).
 int sim_plan(int cell, int dtype, int allow_tf32, int hidden, int backward, int batch_pad,
              int max_groups, int* out) {
-  Math math;
-  Plan p;
-  if (!checked_plan(cell, dtype, allow_tf32, hidden, backward != 0, batch_pad, max_groups, &math,
-                    &p))
+  fused_rnn::Selection sel{};
+  if (!checked_plan(cell, dtype, allow_tf32, hidden, backward != 0, batch_pad, max_groups, &sel))
     return 1;
-  const int v[] = {static_cast<int>(math), p.units, p.blocks, p.m_rows, p.m_pad, p.k, p.k_pad,
+  const Plan& p = sel.plan;
+  const int v[] = {static_cast<int>(sel.math), p.units, p.blocks, p.m_rows, p.m_pad, p.k, p.k_pad,
                    p.ldw, p.slots, p.slot_floats, p.w_bytes, p.smem_bytes, p.groups,
                    p.group_blocks};
   for (int i = 0; i < 14; ++i) out[i] = v[i];
@@ -117,10 +95,10 @@ int sim_forward(int cell, int dtype, int allow_tf32, int steps, int batch, int h
                 const float* b_hh, const int* lengths, float* xproj, void* hbuf, float* cbuf,
                 void* y, float* aux) {
   fused_rnn::FwdParams p{};
-  Math math;
-  if (!checked_plan(cell, dtype, allow_tf32, hidden, false, batch_pad, max_groups, &math,
-                    &p.plan))
+  fused_rnn::Selection sel{};
+  if (!checked_plan(cell, dtype, allow_tf32, hidden, false, batch_pad, max_groups, &sel))
     return 1;
+  p.plan = sel.plan;
   p.steps = steps;
   p.batch = batch;
   p.hidden = hidden;
@@ -135,10 +113,12 @@ int sim_forward(int cell, int dtype, int allow_tf32, int steps, int batch, int h
   p.cbuf = cbuf;
   p.y = y;
   p.aux = aux;
-  return finish(dispatch(static_cast<Cell>(cell), dtype, math, [&](auto c, auto tag, auto m) {
-    return fused_rnn::launch_forward<decltype(c)::value, decltype(tag), decltype(m)::value>(
-        p, nullptr);
-  }));
+  const auto launch = [&](auto c, auto tag, auto m) {
+    using T = typename decltype(tag)::type;
+    return fused_rnn::launch_forward<decltype(c)::value, T, decltype(m)::value>(p, nullptr);
+  };
+  return finish(fused_rnn::dispatch(static_cast<Cell>(cell), static_cast<fused_rnn::Storage>(dtype),
+                                    sel.math, launch));
 }
 
 int sim_backward(int cell, int dtype, int allow_tf32, int steps, int batch, int hidden,
@@ -147,10 +127,10 @@ int sim_backward(int cell, int dtype, int allow_tf32, int steps, int batch, int 
                  const float* c0, const void* hprev, void* dgbuf, float* dh_carry,
                  float* dc_carry, float* dgx, float* dghn, float* dh0) {
   fused_rnn::BwdParams p{};
-  Math math;
-  if (!checked_plan(cell, dtype, allow_tf32, hidden, true, batch_pad, max_groups, &math,
-                    &p.plan))
+  fused_rnn::Selection sel{};
+  if (!checked_plan(cell, dtype, allow_tf32, hidden, true, batch_pad, max_groups, &sel))
     return 1;
+  p.plan = sel.plan;
   p.steps = steps;
   p.batch = batch;
   p.hidden = hidden;
@@ -169,10 +149,12 @@ int sim_backward(int cell, int dtype, int allow_tf32, int steps, int batch, int 
   p.dgx = dgx;
   p.dghn = dghn;
   p.dh0 = dh0;
-  return finish(dispatch(static_cast<Cell>(cell), dtype, math, [&](auto c, auto tag, auto m) {
-    return fused_rnn::launch_backward<decltype(c)::value, decltype(tag), decltype(m)::value>(
-        p, nullptr);
-  }));
+  const auto launch = [&](auto c, auto tag, auto m) {
+    using T = typename decltype(tag)::type;
+    return fused_rnn::launch_backward<decltype(c)::value, T, decltype(m)::value>(p, nullptr);
+  };
+  return finish(fused_rnn::dispatch(static_cast<Cell>(cell), static_cast<fused_rnn::Storage>(dtype),
+                                    sel.math, launch));
 }
 
 }  // extern "C"
