@@ -4,7 +4,26 @@ from __future__ import annotations
 
 import torch
 
+import fused_rnn.ops.cuda as cuda_backend
+from fused_rnn.ops.cuda import _ext, ops
 from fused_rnn.ops.reference import GATES
+
+
+def install_standin(monkeypatch, ext):
+    """Make the CUDA backend run ``ext`` (cudasim's Simulator or the Emulator) on CPU tensors:
+    the ops get CPU kernels (their real implementations), the extension is ``ext``, and
+    configurations are sized as if on CUDA device 0 (``ext.device_info``). Returns ``ext``."""
+    if "cpu" not in ops.cuda_layer._backend_fns:
+        ops.cuda_layer.register_kernel("cpu")(ops._layer_forward_impl)
+        ops.cuda_layer_backward.register_kernel("cpu")(ops._layer_backward_impl)
+    monkeypatch.setattr(_ext, "extension", lambda: ext)
+    monkeypatch.setattr(_ext, "unavailable_reason", lambda device: None)
+    real = cuda_backend.unsupported_reason
+    monkeypatch.setattr(
+        cuda_backend, "unsupported_reason",
+        lambda kind, **cfg: real(kind, **{**cfg, "device": torch.device("cuda", 0)}),
+    )
+    return ext
 
 
 def rel(a: torch.Tensor, b: torch.Tensor) -> float:

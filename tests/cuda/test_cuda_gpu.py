@@ -27,7 +27,7 @@ import warnings
 
 import pytest
 import torch
-from cases import layer_inputs, run_layer
+from cases import install_standin, layer_inputs, run_layer
 from cases import rel as _rel
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
@@ -53,27 +53,14 @@ gpu_only = pytest.mark.skipif(STANDIN is not None, reason=f"needs a GPU (stand-i
 @pytest.fixture(autouse=True)
 def cuda_ext(monkeypatch):
     """The real extension (must load on a GPU machine), or a CPU stand-in (see above)."""
-    if STANDIN:
-        if "cpu" not in ops.cuda_layer._backend_fns:
-            ops.cuda_layer.register_kernel("cpu")(ops._layer_forward_impl)
-            ops.cuda_layer_backward.register_kernel("cpu")(ops._layer_backward_impl)
-        if STANDIN == "sim":
-            from simulate import Simulator
+    if STANDIN == "sim":
+        from simulate import Simulator
 
-            emu = Simulator(sms=8, sanitize=SIM == "asan")
-        else:
-            from emulate import Emulator
+        return install_standin(monkeypatch, Simulator(sms=8, sanitize=SIM == "asan"))
+    if STANDIN == "emulate":
+        from emulate import Emulator
 
-            emu = Emulator(sms=8)
-        monkeypatch.setattr(_ext, "extension", lambda: emu)
-        monkeypatch.setattr(_ext, "unavailable_reason", lambda device: None)
-        # CPU tensors stand in for CUDA ones: size the configuration as if on the device.
-        real = cuda_backend.unsupported_reason
-        monkeypatch.setattr(
-            cuda_backend, "unsupported_reason",
-            lambda kind, **cfg: real(kind, **{**cfg, "device": torch.device("cuda", 0)}),
-        )
-        return emu
+        return install_standin(monkeypatch, Emulator(sms=8))
     reason = cuda_backend.unavailable_reason(torch.device("cuda"))
     assert reason is None, f"a GPU is present but the CUDA backend is unavailable: {reason}"
     return _ext.extension()

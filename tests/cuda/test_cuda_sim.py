@@ -26,10 +26,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from cases import layer_inputs, run_layer
+from cases import install_standin, layer_inputs, run_layer
 
 import fused_rnn.ops.cuda as cuda_backend
-from fused_rnn.ops.cuda import _ext, ops
 from fused_rnn.ops.reference import MODES
 
 simulate = pytest.importorskip("simulate")
@@ -38,28 +37,10 @@ if simulate.unavailable_reason():
 
 ROOT = Path(__file__).resolve().parents[2]
 
-# The ops' implementations for CPU tensors (see test_cuda_emulation.py).
-if "cpu" not in ops.cuda_layer._backend_fns:
-    ops.cuda_layer.register_kernel("cpu")(ops._layer_forward_impl)
-    ops.cuda_layer_backward.register_kernel("cpu")(ops._layer_backward_impl)
-
-
 @pytest.fixture
 def install(monkeypatch):
-    """Installs a Simulator as the extension; returns a function making and installing one."""
-
-    def make(**kwargs):
-        sim = simulate.Simulator(**kwargs)
-        monkeypatch.setattr(_ext, "extension", lambda: sim)
-        monkeypatch.setattr(_ext, "unavailable_reason", lambda device: None)
-        real = cuda_backend.unsupported_reason
-        monkeypatch.setattr(
-            cuda_backend, "unsupported_reason",
-            lambda kind, **cfg: real(kind, **{**cfg, "device": torch.device("cuda", 0)}),
-        )
-        return sim
-
-    return make
+    """Returns a function that makes a Simulator and installs it as the extension."""
+    return lambda **kwargs: install_standin(monkeypatch, simulate.Simulator(**kwargs))
 
 
 DTYPES = {"fp32": (torch.float32, False), "tf32": (torch.float32, True),
