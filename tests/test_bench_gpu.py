@@ -1,0 +1,51 @@
+"""benchmarks/bench_gpu.py --dry-run: the GPU benchmark script itself, on the CPU (Triton
+interpreter, aten's RNN standing in for cuDNN). Checks the rows, variants and report files, not
+speed."""
+
+from __future__ import annotations
+
+import csv
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _run(tmp_path, *extra):
+    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(ROOT)}
+    r = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "bench_gpu.py"), "--dry-run", "--modes", "GRU",
+         "--dtypes", "fp32", "--passes", "fwd", "--out-dir", str(tmp_path), *extra],
+        capture_output=True, text=True, env=env, timeout=300, check=False,
+    )
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    md = sorted(tmp_path.glob("*-cpu-dryrun.md"))
+    rows = list(csv.DictReader(open(sorted(tmp_path.glob("*-cpu-dryrun.csv"))[0])))
+    return md[0].read_text(), rows
+
+
+def test_dry_run_rows_variants_and_report(tmp_path):
+    text, rows = _run(tmp_path, "--shapes", "D1,D3", "--backends", "triton,cuda,cuda-g1")
+    got = {(r["shape"], r["backend"]) for r in rows}
+    # cuda-g1 (cuda without batch groups) only where the batch spans two 32-row tiles (D3: B=40)
+    assert got == {("D1", "torch.nn (cpu)"), ("D1", "triton"), ("D1", "cuda"),
+                   ("D3", "torch.nn (cpu)"), ("D3", "triton"), ("D3", "cuda"),
+                   ("D3", "cuda-g1")}
+    by = {(r["shape"], r["backend"]): r for r in rows}
+    for shape in ("D1", "D3"):
+        assert float(by[shape, "triton"]["ms"]) > 0
+        assert float(by[shape, "triton"]["x_cudnn_same_dtype"]) > 0
+        assert float(by[shape, "triton"]["max_abs_dy"]) < 1e-4  # same math as the stand-in
+        # no GPU here: the CUDA rows say why instead of timing anything
+        assert by[shape, "cuda"]["ms"] == "" and "unavailable" in by[shape, "cuda"]["note"]
+    assert "unavailable" in by["D3", "cuda-g1"]["note"]
+    assert "**Dry run**" in text and "| GRU | D3 |" in text
+
+
+def test_time_budget_skips_rows_but_writes_the_report(tmp_path):
+    text, rows = _run(tmp_path, "--shapes", "D3", "--backends", "cuda,cuda-g1",
+                      "--time-budget", "0")
+    assert rows == []
+    assert "Skipped after the time budget (0 s): GRU-D3-fp32, GRU-D3-fp32 (cuda-g1)" in text
