@@ -43,23 +43,40 @@ def case(mode, T, B, I, H, dtype, tf32, tol, reverse, gen) -> str | None:
     b_ih, b_hh = r(G * H, s=0.3), r(G * H, s=0.3)
     lengths = torch.randint(1, T + 1, (B,), generator=gen)
     lengths[0] = T
-    leaves = [t for t in (x, h0, c0, w_ih, w_hh, b_ih, b_hh) if t is not None]
+    args = [x, h0, c0, w_ih, w_hh, b_ih, b_hh]
     cots = None
     results = []
-    for fn in (cuda_backend.rnn_layer, reference.rnn_layer):
-        y, h, c = fn(mode, x, h0, c0, w_ih, w_hh, b_ih, b_hh, None, lengths.to(dev), reverse)
+    # The reference runs on CPU copies: under compute-sanitizer only the CUDA backend's kernels
+    # (and its few GEMMs) run on the GPU, which keeps the instrumented run short.
+    for fn, where in ((cuda_backend.rnn_layer, dev), (reference.rnn_layer, "cpu")):
+        ls = [None if t is None else t.detach().to(where).requires_grad_() for t in args]
+        y, h, c = fn(mode, *ls, None, lengths.to(where), reverse)
         outs = [o for o in (y, h, c) if o is not None]
         if cots is None:
-            cots = [torch.randn(o.shape, generator=gen).to(dev, dtype) for o in outs]
-        grads = torch.autograd.grad(outs, leaves, cots)
-        results.append([o.detach().float() for o in outs] + [g.float() for g in grads])
-    if dev == "cuda":
-        torch.cuda.synchronize()  # surface asynchronous kernel errors here
+            cots = [torch.randn(o.shape, generator=gen).to(dtype) for o in outs]
+        grads = torch.autograd.grad(outs, [t for t in ls if t is not None],
+                                    [g.to(where) for g in cots])
+        results.append([o.detach().float().cpu() for o in outs] + [g.float().cpu() for g in grads])
+        if where == "cuda":
+            torch.cuda.synchronize()  # surface asynchronous kernel errors here
     for i, (a, b) in enumerate(zip(*results)):
         err = float((a - b).norm() / b.norm().clamp_min(1e-12))
         if not torch.isfinite(a).all() or err > tol:
             return f"{mode} T{T}-B{B}-H{H} {dtype} tf32={tf32} rev={reverse}: tensor {i} err {err:.3g}"
     return None
+
+
+def with_max_groups(value: str, fn, *args):
+    """fn(*args) with FUSED_RNN_CUDA_MAX_GROUPS=value, restoring the environment after."""
+    saved = os.environ.get("FUSED_RNN_CUDA_MAX_GROUPS")
+    os.environ["FUSED_RNN_CUDA_MAX_GROUPS"] = value
+    try:
+        return fn(*args)
+    finally:
+        if saved is None:
+            os.environ.pop("FUSED_RNN_CUDA_MAX_GROUPS", None)
+        else:
+            os.environ["FUSED_RNN_CUDA_MAX_GROUPS"] = saved
 
 
 def main() -> int:
@@ -83,8 +100,8 @@ def main() -> int:
                     # batch groups (plan.h) on and off: B=70 is 3 groups of one chunk, or
                     # 2 chunks per block
                     for groups in ("8", "1"):
-                        os.environ["FUSED_RNN_CUDA_MAX_GROUPS"] = groups
-                        why = case(mode, T, B, I, H, dtype, tf32, tol, reverse, gen)
+                        why = with_max_groups(groups, case, mode, T, B, I, H, dtype, tf32, tol,
+                                              reverse, gen)
                         n += 1
                         if why:
                             failures.append(f"{why} (max groups {groups})")

@@ -15,6 +15,8 @@ to the storage type, everything else fp32).
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 from emulate import Emulator
@@ -252,4 +254,6 @@ def test_sanitize_script_dry_run(emulate, monkeypatch):
     monkeypatch.setattr(mod, "DEVICE", "cpu")
     monkeypatch.setattr(ext_mod, "unavailable_reason", lambda device: None)
     monkeypatch.setattr("sys.argv", ["sanitize_cuda.py"])
+    before = os.environ.get("FUSED_RNN_CUDA_MAX_GROUPS")
     assert mod.main() == 0
+    assert os.environ.get("FUSED_RNN_CUDA_MAX_GROUPS") == before  # no leak into later tests
