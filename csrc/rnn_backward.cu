@@ -100,6 +100,30 @@ __device__ __forceinline__ void backward_point(const BwdParams& p, const float* 
   }
 }
 
+// L2 prefetch of what backward_point reads from HBM at forward step t for this block's units
+// and the group's batch rows [n_begin, n_end): the saved activations of every gate, dy, and
+// aux (LSTM c_t, GRU W_hn h + b_hn) and hprev (GRU). (LSTM's c_{t-1} is the next step's aux.)
+template <Cell C, typename T>
+__device__ __forceinline__ void prefetch_step(const BwdParams& p, int t, int n_begin, int n_end,
+                                              int u0, int nu) {
+  constexpr int G = gates_of(C);
+  constexpr int kRuns = G + 1 + (C == Cell::kLSTM || C == Cell::kGRU) + (C == Cell::kGRU);
+  const int runs = (n_end - n_begin) * kRuns;
+  for (int i = threadIdx.x; i < runs; i += kThreads) {
+    const int b = n_begin + i / kRuns, r = i % kRuns;
+    const size_t tb = (size_t)t * p.batch + b;
+    if (r < G) {
+      prefetch_run(p.gates + tb * G * p.hidden + (size_t)r * p.hidden + u0, nu);
+    } else if (r == G) {
+      prefetch_run(static_cast<const T*>(p.dy) + tb * p.hidden + u0, nu);
+    } else if (r == G + 1) {
+      prefetch_run(p.aux + tb * p.hidden + u0, nu);
+    } else {
+      prefetch_run(static_cast<const T*>(p.hprev) + tb * p.hidden + u0, nu);
+    }
+  }
+}
+
 template <Cell C, typename T, Math M>
 __global__ void __launch_bounds__(kThreads) rnn_backward_kernel(const BwdParams p) {
   using W = typename WType<T, M>::type;
@@ -116,6 +140,9 @@ __global__ void __launch_bounds__(kThreads) rnn_backward_kernel(const BwdParams 
   load_w_backward<W, M>(sw, p.plan, static_cast<const T*>(p.w_hh), p.hidden, u0);
   __syncthreads();
 
+  // The forward step of backward iteration s (s < T).
+  const auto step_of = [&](int s) { return p.reverse ? s : p.steps - 1 - s; };
+  prefetch_step<C, T>(p, step_of(0), n_begin, n_end, u0, nu);
   cg::grid_group grid = cg::this_grid();
   const size_t buf = (size_t)p.batch_pad * p.plan.k_pad;
   for (int s = 0; s <= p.steps; ++s) {
@@ -132,7 +159,10 @@ __global__ void __launch_bounds__(kThreads) rnn_backward_kernel(const BwdParams 
       }
       __syncthreads();
     }
-    if (s < p.steps) grid.sync();
+    if (s < p.steps) {
+      if (s + 1 < p.steps) prefetch_step<C, T>(p, step_of(s + 1), n_begin, n_end, u0, nu);
+      grid.sync();
+    }
   }
 }
 

@@ -102,6 +102,28 @@ __device__ __forceinline__ unsigned char* dynamic_smem() {
 __device__ __forceinline__ unsigned char* dynamic_smem() { return ::cudasim::dynamic_smem(); }
 #endif
 
+// ---- L2 prefetch -----------------------------------------------------------------------------
+// The epilogue's per-step inputs (x W_ih^T, saved activations, dy, ...) are written or read once
+// and live in HBM; read cold they would add a DRAM round trip to every step's critical path.
+// Each step asks L2 for the next step's, which then arrive during the grid sync and the matmul.
+// A hint only: results do not depend on it. (cudasim checks the address is readable instead.)
+__device__ __forceinline__ void prefetch_l2(const void* p) {
+#ifndef __CUDA_SIM__
+  asm volatile("prefetch.global.L2 [%0];" ::"l"(__cvta_generic_to_global(p)));
+#else
+  ::cudasim::prefetch(p);
+#endif
+}
+
+// Prefetches the elements [p, p + n) (n > 0): every 128-byte line they touch.
+template <typename T>
+__device__ __forceinline__ void prefetch_run(const T* p, int n) {
+  const char* first = reinterpret_cast<const char*>(p);
+  const char* last = reinterpret_cast<const char*>(p + n - 1);
+  for (const char* q = first; q < last; q += 128) prefetch_l2(q);
+  prefetch_l2(last);
+}
+
 // ---- the per-chunk matmul ---------------------------------------------------------------------
 // Where the fp32 partial results of one chunk live in the scratch slots.
 struct ChunkLayout {

@@ -160,8 +160,8 @@ MUTANTS = {
     "single-buffer": ("rnn_forward.cu", "T* hout = static_cast<T*>(p.hbuf) + ((s + 1) & 1) * buf;",
                       "T* hout = const_cast<T*>(hin);"),
     # steps of different blocks overlap
-    "no-grid-sync-forward": ("rnn_forward.cu", "if (s + 1 < p.steps) grid.sync();", "(void)grid;"),
-    "no-grid-sync-backward": ("rnn_backward.cu", "if (s < p.steps) grid.sync();", "(void)grid;"),
+    "no-grid-sync-forward": ("rnn_forward.cu", "      grid.sync();", "      (void)grid;"),
+    "no-grid-sync-backward": ("rnn_backward.cu", "      grid.sync();", "      (void)grid;"),
 }
 
 
@@ -190,10 +190,22 @@ def test_misaligned_wmma_stride_is_reported(install, tmp_path):
         _layer("LSTM", "bf16")
 
 
-def test_out_of_bounds_write_is_caught_by_the_sanitizer(tmp_path):
-    """The epilogue run over the batch padding rows writes y past its end: ASan aborts."""
-    csrc = _mutant(tmp_path, "rnn_forward.cu", "const int nb = imin(ncols, p.batch - n0);",
-                   "const int nb = ncols;")
+OUT_OF_BOUNDS = {
+    # the epilogue run over the batch padding rows: reads x W_ih^T (then writes y) past the end
+    "epilogue": ("const int nb = imin(ncols, p.batch - n0);", "const int nb = ncols;",
+                 "READ of size 4"),
+    # the L2 prefetch also issued after the last step reads x W_ih^T of a step that is not there
+    "prefetch": ("    if (s + 1 < p.steps) {\n      prefetch_step<C>(",
+                 "    prefetch_step<C>(p, p.reverse ? t - 1 : t + 1, n_begin, n_end, u0, nu);\n"
+                 "    if (s + 1 < p.steps) {\n      prefetch_step<C>(", "READ of size 1"),
+}
+
+
+@pytest.mark.parametrize("name", list(OUT_OF_BOUNDS))
+def test_out_of_bounds_access_is_caught_by_the_sanitizer(tmp_path, name):
+    """A mutant of the forward kernel that touches memory past a tensor's end: ASan aborts."""
+    old, new, access = OUT_OF_BOUNDS[name]
+    csrc = _mutant(tmp_path, "rnn_forward.cu", old, new)
     simulate.build(sanitize=True, csrc=csrc)
     code = (
         "import torch, simulate\n"
@@ -208,7 +220,7 @@ def test_out_of_bounds_write_is_caught_by_the_sanitizer(tmp_path):
                        env=simulate.asan_env(), capture_output=True, text=True, timeout=300,
                        check=False)
     assert r.returncode != 0 and "AddressSanitizer" in r.stderr, (r.stdout + r.stderr)[-3000:]
-    assert "heap-buffer-overflow" in r.stderr
+    assert "heap-buffer-overflow" in r.stderr and access in r.stderr
 
 
 def test_clean_sources_pass_the_mutation_harness(install, monkeypatch):

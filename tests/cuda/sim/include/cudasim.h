@@ -61,6 +61,8 @@ namespace cudasim {
 void block_barrier(const char* file, int line);  // __syncthreads
 void grid_barrier();                              // cooperative_groups grid sync
 unsigned char* dynamic_smem();                    // this block's dynamic shared memory
+// prefetch.global.L2: a hint on a GPU; here the address must be readable (ASan checks it).
+inline void prefetch(const void* p) { (void)*static_cast<const volatile unsigned char*>(p); }
 }  // namespace cudasim
 
 #define __syncthreads() ::cudasim::block_barrier(__FILE__, __LINE__)
