@@ -54,7 +54,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--backends", default="triton",
                    help="comma-separated fused_rnn backends to time against cuDNN (triton,cuda); "
-                        "cuda-g1 is cuda without batch groups (FUSED_RNN_CUDA_MAX_GROUPS=1)")
+                        "variants: cuda-g1 is cuda without batch groups, cuda-direct cuda without "
+                        "X staging (FUSED_RNN_CUDA_MAX_GROUPS=1, FUSED_RNN_CUDA_STAGE_K=0)")
     p.add_argument("--modes", default="LSTM,GRU", help="comma-separated: LSTM,GRU")
     p.add_argument("--dtypes", default="fp32,bf16,fp16", help="comma-separated: fp32,bf16,fp16")
     p.add_argument("--shapes", default=None, help="comma-separated shape names (default: all)")
@@ -68,7 +69,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--dry-run", action="store_true",
                    help="CPU + Triton interpreter at tiny shapes: checks the script, not speed")
     args = p.parse_args(argv)
-    args.backends = _split(args.backends, ("triton", "cuda", "cuda-g1", "reference"), "backend")
+    args.backends = _split(args.backends, ("triton", "cuda", *VARIANTS, "reference"), "backend")
     args.modes = _split(args.modes, ("LSTM", "GRU"), "mode")
     args.dtypes = _split(args.dtypes, tuple(DTYPE_NAMES), "dtype")
     args.passes = _split(args.passes, ("fwd", "fwd+bwd"), "pass")
@@ -159,7 +160,8 @@ def passes(model, x, cot):
 
 
 # Backend variants: (fused_rnn backend, environment while it builds and runs).
-VARIANTS = {"cuda-g1": ("cuda", {"FUSED_RNN_CUDA_MAX_GROUPS": "1"})}
+VARIANTS = {"cuda-g1": ("cuda", {"FUSED_RNN_CUDA_MAX_GROUPS": "1"}),
+            "cuda-direct": ("cuda", {"FUSED_RNN_CUDA_STAGE_K": "0"})}
 
 
 def measure(args, timer, device, mode, shape, dtype_name, backend) -> list[dict]:

@@ -66,17 +66,25 @@ def case(mode, T, B, I, H, dtype, tf32, tol, reverse, gen) -> str | None:
     return None
 
 
-def with_max_groups(value: str, fn, *args):
-    """fn(*args) with FUSED_RNN_CUDA_MAX_GROUPS=value, restoring the environment after."""
-    saved = os.environ.get("FUSED_RNN_CUDA_MAX_GROUPS")
-    os.environ["FUSED_RNN_CUDA_MAX_GROUPS"] = value
+PARTITIONS = (
+    {"FUSED_RNN_CUDA_MAX_GROUPS": "8", "FUSED_RNN_CUDA_STAGE_K": "auto"},
+    {"FUSED_RNN_CUDA_MAX_GROUPS": "1", "FUSED_RNN_CUDA_STAGE_K": "16"},
+    {"FUSED_RNN_CUDA_MAX_GROUPS": "1", "FUSED_RNN_CUDA_STAGE_K": "0"},
+)
+
+
+def with_env(env: dict[str, str], fn, *args):
+    """fn(*args) with the variables of ``env`` set, restoring the environment after."""
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
     try:
         return fn(*args)
     finally:
-        if saved is None:
-            os.environ.pop("FUSED_RNN_CUDA_MAX_GROUPS", None)
-        else:
-            os.environ["FUSED_RNN_CUDA_MAX_GROUPS"] = saved
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 def main() -> int:
@@ -97,14 +105,14 @@ def main() -> int:
         for T, B, I, H in SHAPES if full else SHAPES[:1]:
             for dtype, tf32, tol in DTYPES if full else DTYPES[::2]:
                 for reverse in (False, True) if full else (mode in ("GRU", "RNN_RELU"),):
-                    # batch groups (plan.h) on and off: B=70 is 3 groups of one chunk, or
-                    # 2 chunks per block
-                    for groups in ("8", "1"):
-                        why = with_max_groups(groups, case, mode, T, B, I, H, dtype, tf32, tol,
-                                              reverse, gen)
+                    # partitions (plan.h): B=70 as 3 batch groups with X staged whole, as 2
+                    # chunks per block staged 16 K-columns at a time, and unstaged
+                    for env in PARTITIONS:
+                        why = with_env(env, case, mode, T, B, I, H, dtype, tf32, tol, reverse,
+                                       gen)
                         n += 1
                         if why:
-                            failures.append(f"{why} (max groups {groups})")
+                            failures.append(f"{why} ({env})")
     for f in failures:
         print("FAIL", f, file=sys.stderr)
     print(f"sanitize_cuda: {n - len(failures)}/{n} cases match the reference")

@@ -50,6 +50,7 @@ constexpr int kBatchPad = 32;    // exchange-buffer rows (batch) are padded to t
 constexpr int kKPad = 16;        // exchange-buffer columns (K) are padded to this (max wk)
 constexpr int kChunkCols = 64;   // batch columns per matmul+epilogue chunk (bounds scratch smem)
 constexpr int kSlotPad = 4;      // fp32 row padding of a scratch slot (bank spread, 16 B aligned)
+constexpr int kMinStageK = 64;   // a smaller stage slice is not worth its barriers (see Plan)
 
 FRNN_HD constexpr int gates_of(Cell c) {
   return c == Cell::kLSTM ? 4 : (c == Cell::kGRU ? 3 : 1);
@@ -92,6 +93,13 @@ struct Plan {
   int smem_bytes;   // total dynamic shared memory per block
   int groups;       // batch groups (block b serves group b / group_blocks)
   int group_blocks; // blocks per group = ceil(H / units)
+  // Staging: each chunk's X is copied from global memory/L2 into shared memory, K-slice by
+  // K-slice of stage_k columns, by all threads at once (many loads in flight) before the MMAs
+  // read it, instead of every warp reading its operand from L2 one k-step after another.
+  // stage_k = 0: no staging (the MMAs read X from global memory directly).
+  int stage_rows;   // rows of the stage buffer (the most batch columns of a chunk)
+  int stage_k;      // K columns per slice (a multiple of kKPad), 0 = off
+  int stage_ld;     // row stride of the stage buffer in elements (16 bytes of skew)
 };
 
 // units: at least ceil(H / max_blocks) so the grid fits in max_blocks (one block per SM: the
@@ -104,9 +112,11 @@ FRNN_HD constexpr int plan_units(Cell cell, Math math, int hidden, int max_block
   return imin(u, round_up(hidden, granule));
 }
 
-// groups must divide B_pad / kBatchPad (choose_groups) and be at most max_blocks.
+// groups must divide B_pad / kBatchPad (choose_groups) and be at most max_blocks; stage_rows
+// and stage_k come from choose_stage (0, 0: no staging).
 FRNN_HD constexpr Plan make_plan(Cell cell, Math math, int hidden, bool backward,
-                                 int max_blocks, int groups = 1) {
+                                 int max_blocks, int groups = 1, int stage_rows = 0,
+                                 int stage_k = 0) {
   const int g = gates_of(cell);
   const TileShape ts = tile_shape(math);
   const int units = plan_units(cell, math, hidden, imax(max_blocks / groups, 1));
@@ -121,9 +131,11 @@ FRNN_HD constexpr Plan make_plan(Cell cell, Math math, int hidden, bool backward
   const int tasks = ceil_div(m_pad, ts.wm) * (kChunkCols / ts.wn);
   const int slots = imax(tasks, kWarps);
   const int slot_floats = ts.wm * (ts.wn + kSlotPad);
-  const int smem = w_bytes + slots * slot_floats * 4;
-  return Plan{units, blocks, m_rows, m_pad, k, k_pad, ldw,
-              slots, slot_floats, w_bytes, smem, groups, group_blocks};
+  const int stage_ld = stage_k > 0 ? stage_k + 16 / ts.elem_bytes : 0;
+  const int stage_bytes = stage_k > 0 ? round_up(stage_rows * stage_ld * ts.elem_bytes, 128) : 0;
+  const int smem = w_bytes + slots * slot_floats * 4 + stage_bytes;
+  return Plan{units, blocks, m_rows, m_pad, k, k_pad, ldw, slots, slot_floats, w_bytes,
+              smem, groups, group_blocks, stage_k > 0 ? stage_rows : 0, stage_k, stage_ld};
 }
 
 // The math a kernel uses. TF32 is a permission (torch.backends.cudnn.allow_tf32), not a
@@ -155,6 +167,22 @@ FRNN_HD constexpr int choose_groups(Cell cell, Math math, int hidden, bool backw
   return best;
 }
 
+// The stage slice for a plan without staging (`base`): as many K columns as the shared memory
+// left over allows, all of K if it fits, at most max_stage_k; none if that would be fewer than
+// kMinStageK columns (unless K itself is shorter) or max_stage_k is 0. A cap below kMinStageK is
+// honoured (tests use it to force several slices).
+FRNN_HD constexpr int choose_stage_k(const Plan& base, Math math, int stage_rows, int smem_limit,
+                                     int max_stage_k) {
+  const TileShape ts = tile_shape(math);
+  const int avail = smem_limit - base.smem_bytes;
+  if (max_stage_k < kKPad || avail <= 0) return 0;
+  int k = (avail / (stage_rows * ts.elem_bytes) - 16 / ts.elem_bytes) / kKPad * kKPad;
+  while (k > 0 && round_up(stage_rows * (k + 16 / ts.elem_bytes) * ts.elem_bytes, 128) > avail)
+    k -= kKPad;
+  if (k < imin(kMinStageK, base.k_pad)) return 0;
+  return imin(imin(k, base.k_pad), max_stage_k / kKPad * kKPad);
+}
+
 // What a launch runs with, chosen in one place for the binding (and the CPU simulator):
 // the math (choose_math), the batch groups (choose_groups) and the plan. smem_bytes may still
 // exceed smem_limit when H is too large; the caller refuses that.
@@ -164,12 +192,16 @@ struct Selection {
 };
 FRNN_HD constexpr Selection select_plan(Cell cell, bool is_16bit, bool allow_tf32, int hidden,
                                         bool backward, int max_blocks, int smem_limit,
-                                        int batch_pad, int max_groups) {
+                                        int batch_pad, int max_groups, int max_stage_k) {
   const Math math =
       choose_math(is_16bit, allow_tf32, cell, hidden, backward, max_blocks, smem_limit);
   const int groups = choose_groups(cell, math, hidden, backward, max_blocks, smem_limit,
                                    batch_pad, max_groups);
-  return Selection{math, make_plan(cell, math, hidden, backward, max_blocks, groups)};
+  const Plan base = make_plan(cell, math, hidden, backward, max_blocks, groups);
+  const int rows = imin(kChunkCols, batch_pad / groups);
+  const int stage_k = choose_stage_k(base, math, rows, smem_limit, max_stage_k);
+  return Selection{math, make_plan(cell, math, hidden, backward, max_blocks, groups, rows,
+                                   stage_k)};
 }
 
 }  // namespace fused_rnn

@@ -130,6 +130,8 @@ __global__ void __launch_bounds__(kThreads) rnn_backward_kernel(const BwdParams 
   unsigned char* smem = dynamic_smem();
   W* sw = reinterpret_cast<W*>(smem);
   float* sc = reinterpret_cast<float*>(smem + p.plan.w_bytes);
+  W* stage = reinterpret_cast<W*>(smem + p.plan.w_bytes +  // X slices (plan.stage_k > 0)
+                                  (size_t)p.plan.slots * p.plan.slot_floats * 4);
 
   // Block -> (batch group, unit slice); the group's batch rows are [n_begin, n_end).
   const int group = blockIdx.x / p.plan.group_blocks;
@@ -150,7 +152,7 @@ __global__ void __launch_bounds__(kThreads) rnn_backward_kernel(const BwdParams 
     T* dout = static_cast<T*>(p.dgbuf) + ((s + 1) & 1) * buf;
     for (int n0 = n_begin; n0 < n_end; n0 += kChunkCols) {
       const int ncols = imin(kChunkCols, n_begin + group_rows - n0);
-      const ChunkLayout L = chunk_matmul<W, M>(sw, p.plan, din, n0, ncols, sc);
+      const ChunkLayout L = chunk_matmul<W, M>(sw, p.plan, din, n0, ncols, sc, stage);
       __syncthreads();
       const int nb = imin(ncols, p.batch - n0);
       for (int idx = threadIdx.x; idx < nb * p.plan.units; idx += kThreads) {

@@ -153,11 +153,14 @@ template <typename T, Math M> struct TileMma;
 template <typename T>
 struct TileMma<T, Math::kWmma16> {
   static __device__ __forceinline__ void run(const T* sw, int ldw, const T* x, int ldx, int kb,
-                                             int ke, float* slot) {
+                                             int ke, float* slot, bool accumulate) {
     wmma::fragment<wmma::matrix_a, 8, 32, 16, T, wmma::row_major> a;
     wmma::fragment<wmma::matrix_b, 8, 32, 16, T, wmma::col_major> b;
     wmma::fragment<wmma::accumulator, 8, 32, 16, float> acc;
-    wmma::fill_fragment(acc, 0.f);
+    if (accumulate)
+      wmma::load_matrix_sync(acc, slot, 32 + kSlotPad, wmma::mem_row_major);
+    else
+      wmma::fill_fragment(acc, 0.f);
     for (int kk = kb; kk < ke; ++kk) {
       wmma::load_matrix_sync(a, sw + kk * 16, ldw);
       // X^T as a col-major K x N operand is X row-major: element (k, n) at x[n * ldx + k].
@@ -171,11 +174,14 @@ struct TileMma<T, Math::kWmma16> {
 template <>
 struct TileMma<float, Math::kTf32> {
   static __device__ __forceinline__ void run(const float* sw, int ldw, const float* x, int ldx,
-                                             int kb, int ke, float* slot) {
+                                             int kb, int ke, float* slot, bool accumulate) {
     wmma::fragment<wmma::matrix_a, 16, 16, 8, wmma::precision::tf32, wmma::row_major> a;
     wmma::fragment<wmma::matrix_b, 16, 16, 8, wmma::precision::tf32, wmma::col_major> b;
     wmma::fragment<wmma::accumulator, 16, 16, 8, float> acc;
-    wmma::fill_fragment(acc, 0.f);
+    if (accumulate)
+      wmma::load_matrix_sync(acc, slot, 16 + kSlotPad, wmma::mem_row_major);
+    else
+      wmma::fill_fragment(acc, 0.f);
     for (int kk = kb; kk < ke; ++kk) {
       wmma::load_matrix_sync(a, sw + kk * 8, ldw);  // already TF32-rounded (prepare_w)
       wmma::load_matrix_sync(b, x + kk * 8, ldx);
@@ -193,11 +199,11 @@ template <>
 struct TileMma<float, Math::kFma> {
   static __device__ __forceinline__ void run(const float* sw, int ldw, int rows_left,
                                              const float* x, int ldx, int kb, int ke,
-                                             float* slot) {
+                                             float* slot, bool accumulate) {
     const int lane = threadIdx.x & 31;
     float acc[8];
 #pragma unroll
-    for (int c = 0; c < 8; ++c) acc[c] = 0.f;
+    for (int c = 0; c < 8; ++c) acc[c] = accumulate ? slot[lane * (8 + kSlotPad) + c] : 0.f;
     if (lane < rows_left) {
       const float* wr = sw + (size_t)lane * ldw;
       for (int kk = kb; kk < ke; ++kk) {
@@ -215,32 +221,82 @@ struct TileMma<float, Math::kFma> {
   }
 };
 
+// All threads copy rows [0, rows) x columns [0, cols) of `src` (row stride ld_src) into `dst`
+// (row stride ld_dst) in 16-byte vectors, kBatch loads in flight per thread before any store.
+// cols * sizeof(T) and both strides (in bytes) are multiples of 16, the pointers 16-aligned.
+template <typename T>
+__device__ __forceinline__ void stage_copy(T* dst, int ld_dst, const T* src, int ld_src,
+                                           int rows, int cols) {
+  constexpr int kVec = 16 / sizeof(T);
+  constexpr int kBatch = 8;
+  const int per_row = cols / kVec;
+  const int total = rows * per_row;
+  for (int base = threadIdx.x; base < total; base += kThreads * kBatch) {
+    uint4 v[kBatch];
+#pragma unroll
+    for (int j = 0; j < kBatch; ++j) {
+      const int i = base + j * kThreads;
+      if (i < total)
+        v[j] = *reinterpret_cast<const uint4*>(src + (size_t)(i / per_row) * ld_src +
+                                               (i % per_row) * kVec);
+    }
+#pragma unroll
+    for (int j = 0; j < kBatch; ++j) {
+      const int i = base + j * kThreads;
+      if (i < total)
+        *reinterpret_cast<uint4*>(dst + (size_t)(i / per_row) * ld_dst + (i % per_row) * kVec) =
+            v[j];
+    }
+  }
+}
+
+// One (tile, K-slice) task: W rows of tile mf against X rows of tile nf over k-steps [kb, ke).
+template <typename T, Math M>
+__device__ __forceinline__ void run_task(const T* wt, const Plan& pl, int rows_left, const T* xt,
+                                         int ldx, int kb, int ke, float* slot, bool accumulate) {
+  if constexpr (M == Math::kFma) {
+    TileMma<T, M>::run(wt, pl.ldw, rows_left, xt, ldx, kb, ke, slot, accumulate);
+  } else {
+    (void)rows_left;
+    TileMma<T, M>::run(wt, pl.ldw, xt, ldx, kb, ke, slot, accumulate);
+  }
+}
+
 // out = W_slice * X[n0 : n0 + ncols]^T for one chunk, into the scratch slots. ncols is a multiple
-// of kBatchPad (X rows past the batch are zero padding). Warps take (tile, K-slice) tasks
-// round-robin. Must be followed by __syncthreads() before the slots are read.
+// of kBatchPad (X rows past the batch are zero padding). Warps take (tile, K-split) tasks
+// round-robin; a task's K range is split the same way in every stage slice, so its slot sums
+// the slices (loaded back from the slot after the first). Must be followed by __syncthreads()
+// before the slots are read; with staging it synchronises the block itself (uniformly).
 // x is deliberately not `const __restrict__`: other blocks write it during the kernel, so the
 // compiler must not route these loads through the non-coherent read-only path (ld.global.nc).
 template <typename T, Math M>
 __device__ ChunkLayout chunk_matmul(const T* sw, const Plan& pl, const T* x, int n0, int ncols,
-                                    float* sc) {
+                                    float* sc, T* stage) {
   constexpr TileShape ts = tile_shape(M);
   const int mfr = ceil_div(pl.m_pad, ts.wm);
   const int nfr = ncols / ts.wn;
   const int tiles = mfr * nfr;
-  const int ksteps = pl.k_pad / ts.wk;
-  const int ksplit = tiles < kWarps ? imin(kWarps / tiles, ksteps) : 1;
+  const int slice_k = pl.stage_k > 0 ? pl.stage_k : pl.k_pad;
+  const int ksplit = tiles < kWarps ? imin(kWarps / tiles, slice_k / ts.wk) : 1;
   const int warp = threadIdx.x >> 5;
-  for (int task = warp; task < tiles * ksplit; task += kWarps) {
-    const int tile = task / ksplit, ks = task % ksplit;
-    const int mf = tile / nfr, nf = tile % nfr;
-    const int kb = ks * ksteps / ksplit, ke = (ks + 1) * ksteps / ksplit;
-    const T* xt = x + (size_t)(n0 + nf * ts.wn) * pl.k_pad;
-    const T* wt = sw + (size_t)mf * ts.wm * pl.ldw;
-    float* slot = sc + (size_t)task * pl.slot_floats;
-    if constexpr (M == Math::kFma) {
-      TileMma<T, M>::run(wt, pl.ldw, pl.m_rows - mf * ts.wm, xt, pl.k_pad, kb, ke, slot);
-    } else {
-      TileMma<T, M>::run(wt, pl.ldw, xt, pl.k_pad, kb, ke, slot);
+  for (int k0 = 0; k0 < pl.k_pad; k0 += slice_k) {
+    const int ksteps = imin(slice_k, pl.k_pad - k0) / ts.wk;
+    const T* xs = x + (size_t)n0 * pl.k_pad + k0;  // X rows of this chunk, from column k0
+    int ldx = pl.k_pad;
+    if (pl.stage_k > 0) {
+      if (k0 > 0) __syncthreads();  // every warp is done with the previous slice
+      stage_copy(stage, pl.stage_ld, xs, pl.k_pad, ncols, ksteps * ts.wk);
+      __syncthreads();
+      xs = stage;
+      ldx = pl.stage_ld;
+    }
+    for (int task = warp; task < tiles * ksplit; task += kWarps) {
+      const int tile = task / ksplit, ks = task % ksplit;
+      const int mf = tile / nfr, nf = tile % nfr;
+      const int kb = ks * ksteps / ksplit, ke = (ks + 1) * ksteps / ksplit;
+      run_task<T, M>(sw + (size_t)mf * ts.wm * pl.ldw + k0, pl, pl.m_rows - mf * ts.wm,
+                     xs + (size_t)nf * ts.wn * ldx, ldx, kb, ke,
+                     sc + (size_t)task * pl.slot_floats, k0 > 0);
     }
   }
   return ChunkLayout{nfr, ksplit};

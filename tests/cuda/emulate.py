@@ -17,6 +17,10 @@ same arguments, allocations and results, and computes them the way the kernels d
   exchange buffer, every real (b, u) is written exactly once, and nothing reads the buffer
   being written (which is what makes one grid.sync() per step enough).
 
+It models the unstaged matmul (``plan.stage_k == 0``: the MMAs read X from global memory);
+``max_stage_k`` is accepted and ignored. Staging changes only where X is read from and the
+order of the K sums, which cudasim (``simulate.py``) checks by running the kernels themselves.
+
 It does not run the CUDA code: it checks the design and its index arithmetic, which the CUDA
 code must then match line by line (the names here are the kernel's names).
 
@@ -170,7 +174,7 @@ class Emulator:
 
     # ------------------------------------------------------------------ forward
     def forward(self, mode, xproj, h0, c0, w_hh, b_hh, lengths, reverse, allow_tf32, save,
-                max_groups):
+                max_groups, max_stage_k=0):
         cell = int(mode)
         G = P.GATES[cell]
         T, B, GH = xproj.shape
@@ -283,7 +287,7 @@ class Emulator:
 
     # ------------------------------------------------------------------ backward
     def backward(self, mode, dy, dh_n, dc_n, w_hh, gates, aux, c0, hprev, lengths, reverse,
-                 allow_tf32, max_groups):
+                 allow_tf32, max_groups, max_stage_k=0):
         cell = int(mode)
         G = P.GATES[cell]
         T, B, H = dy.shape

@@ -35,7 +35,8 @@ GXX = shutil.which("g++")
 DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 ORDERS = {"ascending": 0, "descending": 1, "shuffle": 2}
 PLAN_FIELDS = ("math", "units", "blocks", "m_rows", "m_pad", "k", "k_pad", "ldw", "slots",
-               "slot_floats", "w_bytes", "smem_bytes", "groups", "group_blocks")
+               "slot_floats", "w_bytes", "smem_bytes", "groups", "group_blocks", "stage_rows",
+               "stage_k", "stage_ld")
 BATCH_PAD = 32  # plan.h kBatchPad
 
 _FLAGS = ["-std=c++20", "-g", "-fPIC", "-Wall", "-Wextra", "-Werror", "-Wno-unknown-pragmas",
@@ -111,10 +112,10 @@ def _load(sanitize: bool, csrc: Path) -> ctypes.CDLL:
             i, u64, p, fp = ctypes.c_int, ctypes.c_uint64, ctypes.c_void_p, ctypes.c_void_p
             lib.sim_configure.argtypes = [i, i, i, i, u64]
             lib.sim_last_error.restype = ctypes.c_char_p
-            lib.sim_plan.argtypes = [i] * 7 + [ctypes.POINTER(ctypes.c_int)]
-            lib.sim_make_plan.argtypes = [i] * 6 + [ctypes.POINTER(ctypes.c_int)]
-            lib.sim_forward.argtypes = [i] * 10 + [p, fp, p, fp, p, fp, p, fp]
-            lib.sim_backward.argtypes = [i] * 9 + [p] * 13
+            lib.sim_plan.argtypes = [i] * 8 + [ctypes.POINTER(ctypes.c_int)]
+            lib.sim_make_plan.argtypes = [i] * 8 + [ctypes.POINTER(ctypes.c_int)]
+            lib.sim_forward.argtypes = [i] * 11 + [p, fp, p, fp, p, fp, p, fp]
+            lib.sim_backward.argtypes = [i] * 10 + [p] * 13
             _libs[key] = lib
         return _libs[key]
 
@@ -142,9 +143,10 @@ class Simulator:
         return [self.sms, self.smem_optin, 9, 0, 1]
 
     def plan_info(self, cell: int, math: int, hidden: int, backward: bool, max_blocks: int,
-                  groups: int = 1):
+                  groups: int = 1, stage_rows: int = 0, stage_k: int = 0):
         out = (ctypes.c_int * (len(PLAN_FIELDS) - 1))()
-        if self.lib.sim_make_plan(cell, math, hidden, int(backward), max_blocks, groups, out):
+        if self.lib.sim_make_plan(cell, math, hidden, int(backward), max_blocks, groups,
+                                  stage_rows, stage_k, out):
             raise RuntimeError("cudasim: bad plan arguments")
         return list(out)
 
@@ -153,12 +155,13 @@ class Simulator:
                                self.seed)
 
     def plan(self, cell: int, dtype: torch.dtype, allow_tf32: bool, hidden: int,
-             backward: bool, batch: int = 1, max_groups: int = 1) -> dict:
+             backward: bool, batch: int = 1, max_groups: int = 1,
+             max_stage_k: int = 1 << 30) -> dict:
         self._configure()
         out = (ctypes.c_int * len(PLAN_FIELDS))()
         b_pad = -(-batch // BATCH_PAD) * BATCH_PAD
         if self.lib.sim_plan(cell, DTYPE_CODES[dtype], int(allow_tf32), hidden, int(backward),
-                             b_pad, max_groups, out):
+                             b_pad, max_groups, max_stage_k, out):
             raise RuntimeError(f"cudasim: {self.lib.sim_last_error().decode()}")
         return dict(zip(PLAN_FIELDS, out))
 
@@ -177,7 +180,7 @@ class Simulator:
 
     # The allocations below are binding.cpp's, line for line.
     def forward(self, mode, xproj, h0, c0, w_hh, b_hh, lengths, reverse, allow_tf32, save,
-                max_groups):
+                max_groups, max_stage_k):
         cell = int(mode)
         T, B, _ = xproj.shape
         H = h0.shape[1]
@@ -189,7 +192,7 @@ class Simulator:
                                    (b_hh, "b_hh", torch.float32, (G * H,)),
                                    (lengths, "lengths", torch.int32, (B,))):
             self._expect(t, name, dt, shape)
-        pl = self.plan(cell, st, allow_tf32, H, False, B, max_groups)
+        pl = self.plan(cell, st, allow_tf32, H, False, B, max_groups, max_stage_k)
         self.launches.append(("forward", cell, pl))
         B_pad = -(-B // BATCH_PAD) * BATCH_PAD
         hbuf = torch.zeros(2, B_pad, pl["k_pad"], dtype=st)
@@ -201,14 +204,14 @@ class Simulator:
         self._configure()
         self._check(self.lib.sim_forward(
             cell, DTYPE_CODES[st], int(allow_tf32), T, B, H, B_pad, int(reverse), int(save),
-            max_groups, _ptr(w_hh), _ptr(b_hh), _ptr(lengths), _ptr(xproj), _ptr(hbuf), _ptr(cbuf), _ptr(y),
-            _ptr(aux)))
+            max_groups, max_stage_k, _ptr(w_hh), _ptr(b_hh), _ptr(lengths), _ptr(xproj),
+            _ptr(hbuf), _ptr(cbuf), _ptr(y), _ptr(aux)))
         h_n = hbuf[T % 2, :B, :H].contiguous()
         c_n = cbuf.to(st) if cell == 0 else torch.empty(0, dtype=st)
         return [y, h_n, c_n, aux]
 
     def backward(self, mode, dy, dh_n, dc_n, w_hh, gates, aux, c0, hprev, lengths, reverse,
-                 allow_tf32, max_groups):
+                 allow_tf32, max_groups, max_stage_k):
         cell = int(mode)
         G = (4, 3, 1, 1)[cell]
         T, B, H = dy.shape
@@ -225,7 +228,7 @@ class Simulator:
             self._expect(aux, "aux", f32, (T, B, H))
         if cell == 1:
             self._expect(hprev, "hprev", st, (T, B, H))
-        pl = self.plan(cell, st, allow_tf32, H, True, B, max_groups)
+        pl = self.plan(cell, st, allow_tf32, H, True, B, max_groups, max_stage_k)
         self.launches.append(("backward", cell, pl))
         B_pad = -(-B // BATCH_PAD) * BATCH_PAD
         dgbuf = torch.zeros(2, B_pad, pl["k_pad"], dtype=st)
@@ -237,7 +240,7 @@ class Simulator:
         self._configure()
         self._check(self.lib.sim_backward(
             cell, DTYPE_CODES[st], int(allow_tf32), T, B, H, B_pad, int(reverse), max_groups,
-            _ptr(w_hh),
+            max_stage_k, _ptr(w_hh),
             _ptr(lengths), _ptr(dy), _ptr(gates), _ptr(aux) if cell in (0, 1) else None,
             _ptr(c0) if cell == 0 else None, _ptr(hprev) if cell == 1 else None, _ptr(dgbuf),
             _ptr(dh_carry), _ptr(dc_carry), _ptr(dgx), _ptr(dghn), _ptr(dh0)))

@@ -147,13 +147,26 @@ int main() {
   const int hs[] = {1, 5, 37, 64, 100, 256, 512, 768, 1000, 1024, 1300, 1740, 2048, 3000};
   const int sms[] = {1, 3, 4, 108, 132};
   const int groups[] = {1, 2, 3};
+  const int stages[][2] = {{0, 0}, {32, 64}, {64, 1024}};
   for (int c = 0; c < 4; ++c) for (int m = 0; m < 3; ++m) for (int h : hs) for (int s : sms)
-    for (int bw = 0; bw < 2; ++bw) for (int g : groups) {
+    for (int bw = 0; bw < 2; ++bw) for (int g : groups) for (const auto& st : stages) {
       if (g > s) continue;
-      const Plan p = make_plan(static_cast<Cell>(c), static_cast<Math>(m), h, bw, s, g);
-      std::printf("%d %d %d %d %d %d %d %d %d %d %d %d %d %d %d %d %d %d %d\n", c, m, h, s, bw,
-                  g, p.units, p.blocks, p.m_rows, p.m_pad, p.k, p.k_pad, p.ldw, p.slots,
-                  p.slot_floats, p.w_bytes, p.smem_bytes, p.groups, p.group_blocks);
+      const Plan p = make_plan(static_cast<Cell>(c), static_cast<Math>(m), h, bw, s, g, st[0],
+                               st[1]);
+      std::printf("%d %d %d %d %d %d %d %d %d %d %d %d %d %d %d %d %d %d %d %d %d %d %d %d\n",
+                  c, m, h, s, bw, g, st[0], st[1], p.units, p.blocks, p.m_rows, p.m_pad, p.k,
+                  p.k_pad, p.ldw, p.slots, p.slot_floats, p.w_bytes, p.smem_bytes, p.groups,
+                  p.group_blocks, p.stage_rows, p.stage_k, p.stage_ld);
+    }
+  const int caps[] = {0, 16, 1 << 30};
+  const int bpads2[] = {32, 96, 256};
+  for (int c = 0; c < 4; ++c) for (int h : hs) for (int bw = 0; bw < 2; ++bw)
+    for (int is16 = 0; is16 < 2; ++is16) for (int bp : bpads2) for (int cap : caps) {
+      const Selection sel = select_plan(static_cast<Cell>(c), is16, true, h, bw, 132, 227 * 1024,
+                                        bp, 8, cap);
+      std::printf("S %d %d %d %d %d %d %d %d %d %d %d\n", c, h, bw, is16, bp, cap,
+                  static_cast<int>(sel.math), sel.plan.groups, sel.plan.stage_rows,
+                  sel.plan.stage_k, sel.plan.smem_bytes);
     }
   const int bpads[] = {32, 64, 96, 128, 256};
   for (int c = 0; c < 4; ++c) for (int m = 0; m < 3; ++m) for (int h : hs) for (int bp : bpads)
@@ -178,7 +191,7 @@ def test_plan_header_matches_python_mirror(tmp_path):
     src.write_text(_PLAN_HARNESS)
     exe = tmp_path / "plan_harness"
     subprocess.run(
-        [GXX, "-std=c++17", "-Wall", "-Werror", f"-I{CSRC}", str(src), "-o", str(exe)],
+        [GXX, "-std=c++20", "-Wall", "-Werror", f"-I{CSRC}", str(src), "-o", str(exe)],
         check=True, timeout=120,
     )
     out = subprocess.run([str(exe)], capture_output=True, text=True, check=True).stdout
@@ -191,9 +204,13 @@ def test_plan_header_matches_python_mirror(tmp_path):
         elif f[0] == "G":
             c, m, h, bp, bw, g = map(int, f[1:])
             assert g == P.choose_groups(c, m, h, bool(bw), 132, 227 * 1024, bp, 8), line
+        elif f[0] == "S":
+            c, h, bw, is16, bp, cap, *rest = map(int, f[1:])
+            math, p = P.select_plan(c, bool(is16), True, h, bool(bw), 132, 227 * 1024, bp, 8, cap)
+            assert tuple(rest) == (math, p.groups, p.stage_rows, p.stage_k, p.smem_bytes), line
         else:
-            c, m, h, s, bw, g, *rest = map(int, f)
-            assert tuple(rest) == P.make_plan(c, m, h, bool(bw), s, g).as_tuple(), line
+            c, m, h, s, bw, g, rows, sk, *rest = map(int, f)
+            assert tuple(rest) == P.make_plan(c, m, h, bool(bw), s, g, rows, sk).as_tuple(), line
         n += 1
     assert n > 1000
 

@@ -74,11 +74,17 @@ def _run(fn, mode, leaves, dtype, lens, reverse, cots):
     return run_layer(fn, mode, leaves, dtype, lens, reverse, cots, DEVICE)
 
 
-# (T, B, I, H, FUSED_RNN_CUDA_MAX_GROUPS): B=70 runs as batch groups of one chunk each and,
-# ungrouped, as two batch chunks per block (plan.h).
-SHAPES = {"T5-B3-I7-H37": (5, 3, 7, 37, "8"), "T1-B1-I4-H16": (1, 1, 4, 16, "8"),
-          "T7-B70-I9-H24": (7, 70, 9, 24, "8"), "T7-B70-I9-H24-ungrouped": (7, 70, 9, 24, "1"),
-          "T16-B16-I32-H256": (16, 16, 32, 256, "8")}
+# (T, B, I, H, environment). Defaults: batch groups and X staging as the plan chooses (plan.h).
+# B=70 runs as 3 batch groups of one chunk, or ungrouped as two chunks per block; "slices16"
+# stages K 16 columns at a time (several slices per chunk), "direct" does not stage.
+UNGROUPED = {"FUSED_RNN_CUDA_MAX_GROUPS": "1"}
+SHAPES = {"T5-B3-I7-H37": (5, 3, 7, 37, {}), "T1-B1-I4-H16": (1, 1, 4, 16, {}),
+          "T5-B3-I7-H37-slices16": (5, 3, 7, 37, {"FUSED_RNN_CUDA_STAGE_K": "16"}),
+          "T7-B70-I9-H24": (7, 70, 9, 24, {}),
+          "T7-B70-I9-H24-ungrouped": (7, 70, 9, 24, UNGROUPED),
+          "T7-B70-I9-H24-ungrouped-direct": (7, 70, 9, 24,
+                                             {**UNGROUPED, "FUSED_RNN_CUDA_STAGE_K": "0"}),
+          "T16-B16-I32-H256": (16, 16, 32, 256, {})}
 # dtype, cudnn.allow_tf32, floor for outputs, floor for gradients
 DTYPES = {
     "fp32": (torch.float32, False, 1e-5, 2e-5),
@@ -97,8 +103,9 @@ def test_matches_reference(monkeypatch, mode, dt, shape, variant):
         pytest.skip(f"too slow on the CPU ({STANDIN})")
     dtype, tf32, floor_out, floor_grad = DTYPES[dt]
     monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", tf32)
-    T, B, I, H, max_groups = SHAPES[shape]
-    monkeypatch.setenv("FUSED_RNN_CUDA_MAX_GROUPS", max_groups)
+    T, B, I, H, env = SHAPES[shape]
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
     lengths, reverse = variant.startswith("lengths"), variant.endswith("rev")
     leaves, lens, cots = _inputs(mode, T, B, I, H, dtype, 0, lengths)
     ours = _run(cuda_backend.rnn_layer, mode, leaves, dtype, lens, reverse, cots)
@@ -211,9 +218,11 @@ def test_plan_matches_python_mirror(cuda_ext):
         for math in range(3):
             for h in (1, 37, 256, 1000, 1024):
                 for bw in (False, True):
-                    for groups in (1, 2, 4):
-                        got = tuple(cuda_ext.plan_info(cell, math, h, bw, 132, groups))
-                        assert got == P.make_plan(cell, math, h, bw, 132, groups).as_tuple()
+                    for groups, rows, stage_k in ((1, 0, 0), (2, 32, 64), (4, 64, 1024)):
+                        got = tuple(cuda_ext.plan_info(cell, math, h, bw, 132, groups, rows,
+                                                       stage_k))
+                        want = P.make_plan(cell, math, h, bw, 132, groups, rows, stage_k)
+                        assert got == want.as_tuple()
 
 
 @gpu_only

@@ -6,7 +6,7 @@ checks a GPU run would make with compute-sanitizer, made here without one.
 * memcheck: a part of ``test_cuda_gpu.py`` in a process built with AddressSanitizer and UBSan,
   so an out-of-bounds access to a tensor or to shared memory, or a misaligned vector load,
   aborts it;
-* batch groups (plan.h) partition the batch without changing the results;
+* batch groups and X staging (plan.h) change the partition, not the results;
 * the launch path of ``rnn_common.cuh`` (opt-in shared memory, co-residency check) meets a
   device that refuses;
 * mutation tests: copies of ``csrc/`` with one deliberate bug each (a missing barrier, a
@@ -60,15 +60,22 @@ def _layer(mode, dt, T=4, B=3, I=5, H=37, lengths=True, reverse=True, seed=0):
 
 
 # ---------------------------------------------------------------------------------- racecheck
-@pytest.mark.parametrize("groups", ["1", "8"], ids=["ungrouped", "grouped"])
+# (FUSED_RNN_CUDA_MAX_GROUPS, FUSED_RNN_CUDA_STAGE_K)
+PARTITIONS = {"ungrouped-direct": ("1", "0"), "grouped-staged": ("8", "auto"),
+              "ungrouped-slices16": ("1", "16")}
+
+
+@pytest.mark.parametrize("partition", list(PARTITIONS))
 @pytest.mark.parametrize("dt", list(DTYPES))
 @pytest.mark.parametrize("mode", MODES)
-def test_results_do_not_depend_on_thread_order(install, monkeypatch, mode, dt, groups):
+def test_results_do_not_depend_on_thread_order(install, monkeypatch, mode, dt, partition):
     """A race (a thread reading what another writes between the same two barriers) makes the
     result depend on which runs first; four orders must agree bit for bit. B=70: ungrouped,
-    two batch chunks per block; grouped, three batch groups of one chunk. H=37 over 4 SMs gives
-    a ragged last block."""
+    two batch chunks per block; grouped, three batch groups of one chunk; X read directly,
+    staged whole, or staged 16 columns at a time. H=37 over 4 SMs gives a ragged last block."""
+    groups, stage_k = PARTITIONS[partition]
     monkeypatch.setenv("FUSED_RNN_CUDA_MAX_GROUPS", groups)
+    monkeypatch.setenv("FUSED_RNN_CUDA_STAGE_K", stage_k)
     runs = []
     for order, seed in (("ascending", 0), ("descending", 0), ("shuffle", 1), ("shuffle", 2)):
         install(sms=4, order=order, seed=seed)
@@ -119,7 +126,8 @@ def test_cooperative_grid_that_cannot_be_co_resident_is_refused(install):
 
 def test_shared_memory_beyond_the_opt_in_limit_is_refused(install):
     sim = install(sms=4)
-    need = sim.plan(1, torch.float32, False, 37, False)["smem_bytes"]
+    # without staging, which only takes what is left over
+    need = sim.plan(1, torch.float32, False, 37, False, max_stage_k=0)["smem_bytes"]
     sim = install(sms=4, smem_optin=need - 16)
     with pytest.raises(RuntimeError, match="shared memory"):
         sim.plan(1, torch.float32, False, 37, False)
@@ -149,8 +157,8 @@ def _differs_from_clean(install, csrc, mode="GRU", dt="bf16", **shape):
 
 MUTANTS = {
     # the epilogue reads the scratch slots before the other warps have written them
-    "no-barrier-after-matmul": ("rnn_forward.cu", """ChunkLayout L = chunk_matmul<W, M>(sw, p.plan, hin, n0, ncols, sc);
-      __syncthreads();""", "ChunkLayout L = chunk_matmul<W, M>(sw, p.plan, hin, n0, ncols, sc);"),
+    "no-barrier-after-matmul": ("rnn_forward.cu", """ChunkLayout L = chunk_matmul<W, M>(sw, p.plan, hin, n0, ncols, sc, stage);
+      __syncthreads();""", "ChunkLayout L = chunk_matmul<W, M>(sw, p.plan, hin, n0, ncols, sc, stage);"),
     # the next chunk's matmul overwrites slots the epilogue is still reading
     "no-barrier-after-epilogue": ("rnn_backward.cu", """backward_point<C, T, M>(p, sc, L, s, n0 + n, n, j, u0 + j, dout);
       }
@@ -165,10 +173,25 @@ MUTANTS = {
 }
 
 
-@pytest.mark.parametrize("name", list(MUTANTS))
+STAGE_MUTANTS = {
+    # the next K slice is copied into the stage while other warps still read the previous one
+    "no-barrier-between-slices": ("rnn_common.cuh", "      if (k0 > 0) __syncthreads();", ""),
+    # the MMAs read the stage before every thread has copied its part
+    "no-barrier-after-stage-copy": ("rnn_common.cuh", """ncols, ksteps * ts.wk);
+      __syncthreads();""", "ncols, ksteps * ts.wk);"),
+}
+
+
+@pytest.mark.parametrize("name", list(MUTANTS) + list(STAGE_MUTANTS))
 def test_races_are_caught(install, monkeypatch, tmp_path, name):
     monkeypatch.setenv("FUSED_RNN_CUDA_MAX_GROUPS", "1")  # two batch chunks per block
-    file, old, new = MUTANTS[name]
+    if name in STAGE_MUTANTS:
+        monkeypatch.setenv("FUSED_RNN_CUDA_STAGE_K", "16")  # several K slices per chunk
+    if name == "no-barrier-after-epilogue":
+        # with staging the next chunk's stage copy ends in a barrier before any slot is written;
+        # unstaged, only this barrier keeps the next matmul off the slots being read
+        monkeypatch.setenv("FUSED_RNN_CUDA_STAGE_K", "0")
+    file, old, new = {**MUTANTS, **STAGE_MUTANTS}[name]
     csrc = _mutant(tmp_path, file, old, new)
     assert _differs_from_clean(install, csrc, B=70, T=3), f"mutant {name} went unnoticed"
 
@@ -213,7 +236,7 @@ def test_out_of_bounds_access_is_caught_by_the_sanitizer(tmp_path, name):
         "T, B, H = 2, 3, 37\n"
         "x = torch.randn(T, B, 3 * H); h0 = torch.randn(B, H)\n"
         "w = torch.randn(3 * H, H) * 0.1\n"
-        "sim.forward(1, x, h0, None, w, None, None, False, False, True, 1)\n"
+        "sim.forward(1, x, h0, None, w, None, None, False, False, True, 1, 1 << 30)\n"
         "print('no error')\n"
     )
     r = subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).parent,
@@ -223,10 +246,25 @@ def test_out_of_bounds_access_is_caught_by_the_sanitizer(tmp_path, name):
     assert "heap-buffer-overflow" in r.stderr and access in r.stderr
 
 
-def test_clean_sources_pass_the_mutation_harness(install, monkeypatch):
+@pytest.mark.parametrize("stage_k", ["auto", "16"])
+def test_clean_sources_pass_the_mutation_harness(install, monkeypatch, stage_k):
     """The harness itself: the unmutated sources are not flagged."""
     monkeypatch.setenv("FUSED_RNN_CUDA_MAX_GROUPS", "1")
+    monkeypatch.setenv("FUSED_RNN_CUDA_STAGE_K", stage_k)
     assert not _differs_from_clean(install, simulate.CSRC, B=70, T=3)
+
+
+def test_staging_plans_and_settings(install, monkeypatch):
+    """auto stages all of K when it fits; a cap gives several slices; 0 turns staging off;
+    anything else is refused with the rule."""
+    for setting, want in (("auto", {48, 160}), ("16", {16}), ("0", {0})):
+        monkeypatch.setenv("FUSED_RNN_CUDA_STAGE_K", setting)
+        sim = install(sms=4)
+        _layer("LSTM", "bf16")
+        assert {pl["stage_k"] for _, _, pl in sim.launches} == want, setting
+    monkeypatch.setenv("FUSED_RNN_CUDA_STAGE_K", "24")
+    with pytest.raises(ValueError, match="positive multiple of 16"):
+        _layer("LSTM", "bf16")
 
 
 # ------------------------------------------------------------------------------ batch groups

@@ -53,6 +53,25 @@ def max_groups() -> int:
     return value
 
 
+def max_stage_k() -> int:
+    """The most K columns per X staging slice (plan.h: staging), from
+    ``FUSED_RNN_CUDA_STAGE_K``: ``auto`` (default: as many as fit), ``0`` (no staging: the MMAs
+    read h from global memory) or a positive multiple of 16. Read at every call, like
+    :func:`max_groups`; it changes the summation order of the recurrent matmul, not the math."""
+    raw = os.environ.get("FUSED_RNN_CUDA_STAGE_K", "auto")
+    if raw == "auto":
+        return 1 << 30
+    try:
+        value = int(raw)
+    except ValueError:
+        value = -1
+    if value < 0 or value % 16:
+        raise ValueError(
+            f"FUSED_RNN_CUDA_STAGE_K must be 'auto', 0 or a positive multiple of 16, got {raw!r}"
+        )
+    return value
+
+
 def _lengths32(lengths: Tensor | None, device: torch.device) -> Tensor | None:
     if lengths is None:
         return None
@@ -116,6 +135,7 @@ def _layer_forward_impl(
         allow_tf32,
         save,
         max_groups(),
+        max_stage_k(),
     )
     gates = xproj if save else x.new_empty((0,), dtype=cd)
     return y, h_n, c_n, gates, aux
@@ -248,6 +268,7 @@ def _layer_backward_impl(
             reverse,
             allow_tf32,
             max_groups(),
+            max_stage_k(),
         )
         # GRU: the recurrent side of the n gate is r * dn (b_hn sits inside r * (.)).
         dgh = torch.cat([dgx[..., : 2 * H], dghn], dim=-1) if mode == "GRU" else dgx

@@ -39,6 +39,7 @@ K_BATCH_PAD = 32
 K_K_PAD = 16
 K_CHUNK_COLS = 64
 K_SLOT_PAD = 4
+K_MIN_STAGE_K = 64
 
 # (wm, wn, wk, elem_bytes, w_skew) per math, as tile_shape() in plan.h.
 TILE_SHAPES = {0: (8, 32, 16, 2, 8), 1: (16, 16, 8, 4, 4), 2: (32, 8, 4, 4, 1)}
@@ -48,7 +49,7 @@ GPUS = {"H100": (132, 227 * 1024), "A100": (108, 163 * 1024)}
 
 PLAN_FIELDS = (
     "units", "blocks", "m_rows", "m_pad", "k", "k_pad", "ldw", "slots", "slot_floats",
-    "w_bytes", "smem_bytes", "groups", "group_blocks",
+    "w_bytes", "smem_bytes", "groups", "group_blocks", "stage_rows", "stage_k", "stage_ld",
 )
 
 
@@ -67,6 +68,9 @@ class Plan:
     smem_bytes: int
     groups: int  # batch groups (plan.h); block b serves group b // group_blocks
     group_blocks: int  # blocks per group = ceil(H / units)
+    stage_rows: int  # X staging in shared memory (plan.h): rows, K per slice (0: off), stride
+    stage_k: int
+    stage_ld: int
 
     def as_tuple(self) -> tuple[int, ...]:
         return tuple(getattr(self, f) for f in PLAN_FIELDS)
@@ -89,7 +93,7 @@ def plan_units(cell: int, math: int, hidden: int, max_blocks: int) -> int:
 
 
 def make_plan(cell: int, math: int, hidden: int, backward: bool, max_blocks: int,
-              groups: int = 1) -> Plan:
+              groups: int = 1, stage_rows: int = 0, stage_k: int = 0) -> Plan:
     g = GATES[cell]
     wm, wn, wk, elem, skew = TILE_SHAPES[math]
     units = plan_units(cell, math, hidden, max(max_blocks // groups, 1))
@@ -104,9 +108,11 @@ def make_plan(cell: int, math: int, hidden: int, backward: bool, max_blocks: int
     tasks = _ceil_div(m_pad, wm) * (K_CHUNK_COLS // wn)
     slots = max(tasks, K_WARPS)
     slot_floats = wm * (wn + K_SLOT_PAD)
-    smem = w_bytes + slots * slot_floats * 4
+    stage_ld = stage_k + 16 // elem if stage_k > 0 else 0
+    stage_bytes = _round_up(stage_rows * stage_ld * elem, 128) if stage_k > 0 else 0
+    smem = w_bytes + slots * slot_floats * 4 + stage_bytes
     return Plan(units, blocks, m_rows, m_pad, k, k_pad, ldw, slots, slot_floats, w_bytes, smem,
-                groups, group_blocks)
+                groups, group_blocks, stage_rows if stage_k > 0 else 0, stage_k, stage_ld)
 
 
 def choose_math(is_16bit: bool, allow_tf32: bool, cell: int, hidden: int, backward: bool,
@@ -133,6 +139,34 @@ def choose_groups(cell: int, math: int, hidden: int, backward: bool, max_blocks:
                 best = g
         g += 1
     return best
+
+
+def choose_stage_k(base: Plan, math: int, stage_rows: int, smem_limit: int,
+                   max_stage_k: int) -> int:
+    """K columns per X staging slice (plan.h choose_stage_k); 0: no staging."""
+    elem = TILE_SHAPES[math][3]
+    avail = smem_limit - base.smem_bytes
+    if max_stage_k < K_K_PAD or avail <= 0:
+        return 0
+    k = (avail // (stage_rows * elem) - 16 // elem) // K_K_PAD * K_K_PAD
+    while k > 0 and _round_up(stage_rows * (k + 16 // elem) * elem, 128) > avail:
+        k -= K_K_PAD
+    if k < min(K_MIN_STAGE_K, base.k_pad):
+        return 0
+    return min(k, base.k_pad, max_stage_k // K_K_PAD * K_K_PAD)
+
+
+def select_plan(cell: int, is_16bit: bool, allow_tf32: bool, hidden: int, backward: bool,
+                max_blocks: int, smem_limit: int, batch_pad: int, max_groups: int,
+                max_stage_k: int) -> tuple[int, Plan]:
+    """(math, plan) as plan.h select_plan chooses them."""
+    math = choose_math(is_16bit, allow_tf32, cell, hidden, backward, max_blocks, smem_limit)
+    groups = choose_groups(cell, math, hidden, backward, max_blocks, smem_limit, batch_pad,
+                           max_groups)
+    base = make_plan(cell, math, hidden, backward, max_blocks, groups)
+    rows = min(K_CHUNK_COLS, batch_pad // groups)
+    stage_k = choose_stage_k(base, math, rows, smem_limit, max_stage_k)
+    return math, make_plan(cell, math, hidden, backward, max_blocks, groups, rows, stage_k)
 
 
 def fits(cell: int, is_16bit: bool, allow_tf32: bool, hidden: int, num_sms: int,

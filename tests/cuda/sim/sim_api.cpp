@@ -19,15 +19,16 @@ std::string g_error;  // the last entry point's failure
 // binding.cpp's checked_plan on the simulated device (dtype codes are fused_rnn::Storage's).
 // Returns false (and sets g_error) when the binding would refuse.
 bool checked_plan(int cell, int dtype, int allow_tf32, int hidden, bool backward, int batch_pad,
-                  int max_groups, fused_rnn::Selection* sel) {
+                  int max_groups, int max_stage_k, fused_rnn::Selection* sel) {
   const cudasim::Config& c = cudasim::config();
   if (cell < 0 || cell > 3 || dtype < 0 || dtype > 2 || hidden <= 0 || max_groups < 1 ||
-      batch_pad <= 0 || batch_pad % fused_rnn::kBatchPad != 0) {
+      batch_pad <= 0 || batch_pad % fused_rnn::kBatchPad != 0 || max_stage_k < 0) {
     g_error = "bad cell, dtype, hidden size, batch padding or max_groups";
     return false;
   }
   *sel = fused_rnn::select_plan(static_cast<Cell>(cell), dtype != 0, allow_tf32 != 0, hidden,
-                                backward, c.sms, c.smem_optin, batch_pad, max_groups);
+                                backward, c.sms, c.smem_optin, batch_pad, max_groups,
+                                max_stage_k);
   if (sel->plan.smem_bytes > c.smem_optin) {
     g_error = "hidden size needs more shared memory than the device allows";
     return false;
@@ -62,41 +63,46 @@ int sim_configure(int sms, int smem_optin, int smem_per_sm, int order, uint64_t 
 
 const char* sim_last_error() { return g_error.c_str(); }
 
-// out[0..13]: math, then Plan's fields in declaration order (units .. group_blocks).
+// out[0..16]: math, then Plan's fields in declaration order (units .. stage_ld).
 int sim_plan(int cell, int dtype, int allow_tf32, int hidden, int backward, int batch_pad,
-             int max_groups, int* out) {
+             int max_groups, int max_stage_k, int* out) {
   fused_rnn::Selection sel{};
-  if (!checked_plan(cell, dtype, allow_tf32, hidden, backward != 0, batch_pad, max_groups, &sel))
+  if (!checked_plan(cell, dtype, allow_tf32, hidden, backward != 0, batch_pad, max_groups,
+                    max_stage_k, &sel))
     return 1;
   const Plan& p = sel.plan;
   const int v[] = {static_cast<int>(sel.math), p.units, p.blocks, p.m_rows, p.m_pad, p.k, p.k_pad,
                    p.ldw, p.slots, p.slot_floats, p.w_bytes, p.smem_bytes, p.groups,
-                   p.group_blocks};
-  for (int i = 0; i < 14; ++i) out[i] = v[i];
+                   p.group_blocks, p.stage_rows, p.stage_k, p.stage_ld};
+  for (int i = 0; i < 17; ++i) out[i] = v[i];
   return 0;
 }
 
 // binding.cpp's plan_info: make_plan as compiled here, for any math, grid limit and groups.
 int sim_make_plan(int cell, int math, int hidden, int backward, int max_blocks, int groups,
-                  int* out) {
+                  int stage_rows, int stage_k, int* out) {
   if (cell < 0 || cell > 3 || math < 0 || math > 2 || hidden <= 0 || max_blocks <= 0 ||
       groups < 1 || groups > max_blocks)
     return 1;
   const Plan p = fused_rnn::make_plan(static_cast<Cell>(cell), static_cast<Math>(math), hidden,
-                                      backward != 0, max_blocks, groups);
-  const int v[] = {p.units, p.blocks, p.m_rows, p.m_pad, p.k, p.k_pad, p.ldw, p.slots,
-                   p.slot_floats, p.w_bytes, p.smem_bytes, p.groups, p.group_blocks};
-  for (int i = 0; i < 13; ++i) out[i] = v[i];
+                                      backward != 0, max_blocks, groups, stage_rows, stage_k);
+  const int v[] = {p.units,       p.blocks,      p.m_rows,     p.m_pad,      p.k,
+                   p.k_pad,       p.ldw,         p.slots,      p.slot_floats, p.w_bytes,
+                   p.smem_bytes,  p.groups,      p.group_blocks, p.stage_rows, p.stage_k,
+                   p.stage_ld};
+  for (int i = 0; i < 16; ++i) out[i] = v[i];
   return 0;
 }
 
 int sim_forward(int cell, int dtype, int allow_tf32, int steps, int batch, int hidden,
-                int batch_pad, int reverse, int save, int max_groups, const void* w_hh,
+                int batch_pad, int reverse, int save, int max_groups, int max_stage_k,
+                const void* w_hh,
                 const float* b_hh, const int* lengths, float* xproj, void* hbuf, float* cbuf,
                 void* y, float* aux) {
   fused_rnn::FwdParams p{};
   fused_rnn::Selection sel{};
-  if (!checked_plan(cell, dtype, allow_tf32, hidden, false, batch_pad, max_groups, &sel))
+  if (!checked_plan(cell, dtype, allow_tf32, hidden, false, batch_pad, max_groups, max_stage_k,
+                    &sel))
     return 1;
   p.plan = sel.plan;
   p.steps = steps;
@@ -122,13 +128,14 @@ int sim_forward(int cell, int dtype, int allow_tf32, int steps, int batch, int h
 }
 
 int sim_backward(int cell, int dtype, int allow_tf32, int steps, int batch, int hidden,
-                 int batch_pad, int reverse, int max_groups, const void* w_hh,
+                 int batch_pad, int reverse, int max_groups, int max_stage_k, const void* w_hh,
                  const int* lengths, const void* dy, const float* gates, const float* aux,
                  const float* c0, const void* hprev, void* dgbuf, float* dh_carry,
                  float* dc_carry, float* dgx, float* dghn, float* dh0) {
   fused_rnn::BwdParams p{};
   fused_rnn::Selection sel{};
-  if (!checked_plan(cell, dtype, allow_tf32, hidden, true, batch_pad, max_groups, &sel))
+  if (!checked_plan(cell, dtype, allow_tf32, hidden, true, batch_pad, max_groups, max_stage_k,
+                    &sel))
     return 1;
   p.plan = sel.plan;
   p.steps = steps;

@@ -50,6 +50,9 @@ struct dim3 {
 struct alignas(16) float4 {
   float x, y, z, w;
 };
+struct alignas(16) uint4 {
+  unsigned x, y, z, w;
+};
 
 extern thread_local dim3 threadIdx;
 extern thread_local dim3 blockIdx;
@@ -224,6 +227,15 @@ void store_matrix_sync(float* p, const fragment<accumulator, M, N, K, float>& f,
     for (int c = 0; c < N; ++c)
       (layout == mem_row_major ? p[(size_t)r * ldm + c] : p[(size_t)c * ldm + r]) =
           f.x[r * N + c];
+}
+
+template <int M, int N, int K>
+void load_matrix_sync(fragment<accumulator, M, N, K, float>& f, const float* p, unsigned ldm,
+                      layout_t layout) {
+  check_pointer(p, ldm * sizeof(float), "load_matrix_sync");
+  for (int r = 0; r < M; ++r)
+    for (int c = 0; c < N; ++c)
+      f.x[r * N + c] = layout == mem_row_major ? p[(size_t)r * ldm + c] : p[(size_t)c * ldm + r];
 }
 
 template <int M, int N, int K>
