@@ -35,6 +35,7 @@ import sys
 import time
 import warnings
 from pathlib import Path
+from unittest import mock
 
 SHAPES = {  # name: (B, T, H), from ANCHORS.md
     "S1": (16, 1024, 768),
@@ -168,16 +169,8 @@ def measure(args, timer, device, mode, shape, dtype_name, backend) -> list[dict]
     """Rows for one (mode, shape, dtype, backend); backend None = cuDNN (torch.nn)."""
     if backend in VARIANTS:
         real, env = VARIANTS[backend]
-        saved = {k: os.environ.get(k) for k in env}
-        os.environ.update(env)
-        try:
+        with mock.patch.dict(os.environ, env):  # restored afterwards
             rows = measure(args, timer, device, mode, shape, dtype_name, real)
-        finally:
-            for k, v in saved.items():
-                if v is None:
-                    os.environ.pop(k, None)
-                else:
-                    os.environ[k] = v
         for r in rows:
             r["backend"] = backend
         return rows
