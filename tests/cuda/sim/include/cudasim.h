@@ -4,14 +4,15 @@
 // <cooperative_groups.h>; this directory's headers of those names all include this file, so
 // `g++ -I tests/cuda/sim/include` compiles csrc/*.cu as plain C++20.
 //
-// Execution model (runtime.cpp): every CUDA thread of a launch is an OS thread, but only one
-// runs at a time. A scheduler hands a baton to one thread, which runs until its next barrier
-// (__syncthreads, grid.sync) or its end, then hands it back. Between two barriers the threads
+// Execution model (runtime.cpp): every CUDA thread of a launch is a fiber with its own stack,
+// and one runs at a time. The scheduler switches to a thread, which runs until its next barrier
+// (__syncthreads, grid.sync) or its end, then switches back. Between two barriers the threads
 // therefore run one after another in an order the scheduler picks (ascending, descending or a
-// seeded shuffle): a kernel whose result depends on that order has a race, so running it under
-// several orders and comparing bit for bit is a race check. Barrier misuse (a block or grid
-// barrier not reached by every thread, threads of one block waiting at different barriers)
-// aborts with a message instead of hanging.
+// seeded shuffle), and blocks are released from their barriers one at a time, so they drift
+// apart as far as grid.sync allows. A kernel whose result depends on that order has a race, so
+// running it under several orders and comparing bit for bit is a race check. Barrier misuse (a
+// block or grid barrier not reached by every thread, threads of one block waiting at different
+// barriers) fails the launch with a message instead of hanging.
 //
 // What is checked beyond the results (an abort names the rule):
 //   * dynamic shared memory is allocated at exactly the launch's size, filled with 0xFF (NaN)
@@ -20,7 +21,8 @@
 //   * WMMA pointers must be 32-byte aligned and ldm a multiple of 16 bytes (the PTX rule);
 //   * a cooperative grid must fit on the device at once (occupancy from shared memory);
 //   * built with -fsanitize=address,undefined, out-of-bounds accesses to global memory (torch
-//     tensors under LD_PRELOAD=libasan) and to shared memory, and misaligned float4 loads.
+//     tensors under LD_PRELOAD=libasan) and to shared memory, and misaligned float4 loads;
+//   * every L2 prefetch address must be readable (it becomes a one-byte read).
 //
 // Numerics: WMMA multiplies the stored bf16/fp16 operands exactly and accumulates in fp32, in
 // k order; TF32 operands are truncated to 10 mantissa bits as the tensor cores do (the kernels
