@@ -293,10 +293,10 @@ def write_report(rows: list[dict], env: dict, args, skipped: list[str]) -> tuple
 
 def short_table(rows: list[dict]) -> str:
     """The fwd+bwd ratios only, for the end of the GPU script's log."""
-    out = ["cell  shape dtype backend  fwd+bwd ms  x cuDNN(same)  x cuDNN fp16  note"]
+    out = ["cell  shape dtype backend     fwd+bwd ms  x cuDNN(same)  x cuDNN fp16  note"]
     for r in rows:
         if r.get("pass") == "fwd+bwd" and r["backend"] not in ("cudnn", "torch.nn (cpu)"):
-            out.append(f"{r['cell']:5s} {r['shape']:5s} {r['dtype']:5s} {r['backend']:8s} "
+            out.append(f"{r['cell']:5s} {r['shape']:5s} {r['dtype']:5s} {r['backend']:11s} "
                        f"{_fmt(r.get('ms')):>10s}  {_fmt(r.get('x_cudnn_same_dtype')):>13s}  "
                        f"{_fmt(r.get('x_cudnn_fp16')):>12s}  {r.get('note', '')[:60]}")
     return "\n".join(out)
