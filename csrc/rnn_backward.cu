@@ -101,16 +101,16 @@ __device__ __forceinline__ void backward_point(const BwdParams& p, const float* 
 }
 
 // L2 prefetch of what backward_point reads from HBM at forward step t for this block's units
-// and the group's batch rows [n_begin, n_end): the saved activations of every gate, dy, and
+// and its group's batch rows: the saved activations of every gate, dy, and
 // aux (LSTM c_t, GRU W_hn h + b_hn) and hprev (GRU). (LSTM's c_{t-1} is the next step's aux.)
-template <Cell C, typename T>
-__device__ __forceinline__ void prefetch_step(const BwdParams& p, int t, int n_begin, int n_end,
-                                              int u0, int nu) {
+template <Cell C, typename T, typename W>
+__device__ __forceinline__ void prefetch_step(const BwdParams& p, int t, const BlockState<W>& bs) {
   constexpr int G = gates_of(C);
   constexpr int kRuns = G + 1 + (C == Cell::kLSTM || C == Cell::kGRU) + (C == Cell::kGRU);
-  const int runs = (n_end - n_begin) * kRuns;
+  const int runs = (bs.n_end - bs.n_begin) * kRuns;
+  const int u0 = bs.u0, nu = bs.nu;
   for (int i = threadIdx.x; i < runs; i += kThreads) {
-    const int b = n_begin + i / kRuns, r = i % kRuns;
+    const int b = bs.n_begin + i / kRuns, r = i % kRuns;
     const size_t tb = (size_t)t * p.batch + b;
     if (r < G) {
       prefetch_run(p.gates + tb * G * p.hidden + (size_t)r * p.hidden + u0, nu);
@@ -127,42 +127,23 @@ __device__ __forceinline__ void prefetch_step(const BwdParams& p, int t, int n_b
 template <Cell C, typename T, Math M>
 __global__ void __launch_bounds__(kThreads) rnn_backward_kernel(const BwdParams p) {
   using W = typename WType<T, M>::type;
-  unsigned char* smem = dynamic_smem();
-  W* sw = reinterpret_cast<W*>(smem);
-  float* sc = reinterpret_cast<float*>(smem + p.plan.w_bytes);
-  W* stage = reinterpret_cast<W*>(smem + p.plan.w_bytes +  // X slices (plan.stage_k > 0)
-                                  (size_t)p.plan.slots * p.plan.slot_floats * 4);
-
-  // Block -> (batch group, unit slice); the group's batch rows are [n_begin, n_end).
-  const int group = blockIdx.x / p.plan.group_blocks;
-  const int u0 = (blockIdx.x % p.plan.group_blocks) * p.plan.units;
-  const int nu = imin(p.plan.units, p.hidden - u0);
-  const int group_rows = p.batch_pad / p.plan.groups;  // a multiple of kBatchPad
-  const int n_begin = group * group_rows, n_end = imin(n_begin + group_rows, p.batch);
-  load_w_backward<W, M>(sw, p.plan, static_cast<const T*>(p.w_hh), p.hidden, u0);
+  const BlockState<W> bs = block_state<W>(p.plan, p.hidden, p.batch, p.batch_pad);
+  load_w_backward<W, M>(bs.sw, p.plan, static_cast<const T*>(p.w_hh), p.hidden, bs.u0);
   __syncthreads();
 
   // The forward step of backward iteration s (s < T).
   const auto step_of = [&](int s) { return p.reverse ? s : p.steps - 1 - s; };
-  prefetch_step<C, T>(p, step_of(0), n_begin, n_end, u0, nu);
+  prefetch_step<C, T>(p, step_of(0), bs);
   cg::grid_group grid = cg::this_grid();
   const size_t buf = (size_t)p.batch_pad * p.plan.k_pad;
   for (int s = 0; s <= p.steps; ++s) {
     const T* din = static_cast<const T*>(p.dgbuf) + (s & 1) * buf;
     T* dout = static_cast<T*>(p.dgbuf) + ((s + 1) & 1) * buf;
-    for (int n0 = n_begin; n0 < n_end; n0 += kChunkCols) {
-      const int ncols = imin(kChunkCols, n_begin + group_rows - n0);
-      const ChunkLayout L = chunk_matmul<W, M>(sw, p.plan, din, n0, ncols, sc, stage);
-      __syncthreads();
-      const int nb = imin(ncols, p.batch - n0);
-      for (int idx = threadIdx.x; idx < nb * p.plan.units; idx += kThreads) {
-        const int j = idx % p.plan.units, n = idx / p.plan.units;
-        if (j < nu) backward_point<C, T, M>(p, sc, L, s, n0 + n, n, j, u0 + j, dout);
-      }
-      __syncthreads();
-    }
+    block_step<W, M>(bs, p.plan, p.batch, din, [&](const ChunkLayout& L, int b, int n, int j) {
+      backward_point<C, T, M>(p, bs.sc, L, s, b, n, j, bs.u0 + j, dout);
+    });
     if (s < p.steps) {
-      if (s + 1 < p.steps) prefetch_step<C, T>(p, step_of(s + 1), n_begin, n_end, u0, nu);
+      if (s + 1 < p.steps) prefetch_step<C, T>(p, step_of(s + 1), bs);
       grid.sync();
     }
   }
@@ -175,17 +156,6 @@ cudaError_t launch_backward(const BwdParams& p, cudaStream_t stream) {
   return detail::launch_cooperative(detail::rnn_backward_kernel<C, T, M>, p, stream);
 }
 
-#define FRNN_INSTANTIATE_BWD(C)                                                              \
-  template cudaError_t launch_backward<C, __nv_bfloat16, Math::kWmma16>(const BwdParams&,    \
-                                                                        cudaStream_t);       \
-  template cudaError_t launch_backward<C, __half, Math::kWmma16>(const BwdParams&,           \
-                                                                 cudaStream_t);              \
-  template cudaError_t launch_backward<C, float, Math::kTf32>(const BwdParams&, cudaStream_t); \
-  template cudaError_t launch_backward<C, float, Math::kFma>(const BwdParams&, cudaStream_t);
-
-FRNN_INSTANTIATE_BWD(Cell::kLSTM)
-FRNN_INSTANTIATE_BWD(Cell::kGRU)
-FRNN_INSTANTIATE_BWD(Cell::kRNNTanh)
-FRNN_INSTANTIATE_BWD(Cell::kRNNRelu)
+FRNN_INSTANTIATE(launch_backward, BwdParams)
 
 }  // namespace fused_rnn

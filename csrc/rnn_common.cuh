@@ -302,6 +302,55 @@ __device__ ChunkLayout chunk_matmul(const T* sw, const Plan& pl, const T* x, int
   return ChunkLayout{nfr, ksplit};
 }
 
+// ---- one block's share of the grid ----------------------------------------------------------------
+// Shared memory (W slice | scratch slots | X stage) and the partition (plan.h): block b owns units
+// [u0, u0 + nu) of batch group b / group_blocks, whose rows are [n_begin, n_end).
+template <typename W>
+struct BlockState {
+  W* sw;           // the W slice
+  float* sc;       // the scratch slots
+  W* stage;        // the X stage slices (plan.stage_k > 0)
+  int u0, nu;      // nu > 0
+  int group_rows;  // rows per batch group, a multiple of kBatchPad (padding included)
+  int n_begin, n_end;
+};
+
+template <typename W>
+__device__ __forceinline__ BlockState<W> block_state(const Plan& pl, int hidden, int batch,
+                                                     int batch_pad) {
+  unsigned char* smem = dynamic_smem();
+  BlockState<W> b;
+  b.sw = reinterpret_cast<W*>(smem);
+  b.sc = reinterpret_cast<float*>(smem + pl.w_bytes);
+  b.stage = reinterpret_cast<W*>(smem + pl.w_bytes + (size_t)pl.slots * pl.slot_floats * 4);
+  const int group = blockIdx.x / pl.group_blocks;
+  b.u0 = (blockIdx.x % pl.group_blocks) * pl.units;
+  b.nu = imin(pl.units, hidden - b.u0);
+  b.group_rows = batch_pad / pl.groups;
+  b.n_begin = group * b.group_rows;
+  b.n_end = imin(b.n_begin + b.group_rows, batch);
+  return b;
+}
+
+// One step of this block, both directions: for each batch chunk of its group, the recurrent
+// matmul against the exchange buffer x, then point(L, b, n, j) for every real batch row
+// b = n0 + n and owned unit u0 + j. All threads call it (it synchronises the block).
+template <typename W, Math M, typename Point>
+__device__ __forceinline__ void block_step(const BlockState<W>& bs, const Plan& pl, int batch,
+                                           const W* x, Point&& point) {
+  for (int n0 = bs.n_begin; n0 < bs.n_end; n0 += kChunkCols) {
+    const int ncols = imin(kChunkCols, bs.n_begin + bs.group_rows - n0);
+    const ChunkLayout L = chunk_matmul<W, M>(bs.sw, pl, x, n0, ncols, bs.sc, bs.stage);
+    __syncthreads();
+    const int nb = imin(ncols, batch - n0);
+    for (int idx = threadIdx.x; idx < nb * pl.units; idx += kThreads) {
+      const int j = idx % pl.units, n = idx / pl.units;
+      if (j < bs.nu) point(L, n0 + n, n, j);
+    }
+    __syncthreads();  // the slots are reused by the next chunk (unstaged: nothing else orders it)
+  }
+}
+
 // ---- launch ------------------------------------------------------------------------------------
 // Cooperative launch of `kernel` with one Params argument, after checking co-residency with the
 // occupancy API (a cooperative grid larger than what fits deadlocks on grid.sync otherwise; the
@@ -327,4 +376,17 @@ cudaError_t launch_cooperative(void (*kernel)(Params), const Params& p, cudaStre
 }
 
 }  // namespace detail
+// Explicit instantiations of LAUNCH (launch_forward or launch_backward) for every cell, storage
+// type and math (fused_rnn.h: dispatch).
+#define FRNN_INSTANTIATE_CELL(LAUNCH, PARAMS, C)                                               \
+  template cudaError_t LAUNCH<C, __nv_bfloat16, Math::kWmma16>(const PARAMS&, cudaStream_t);   \
+  template cudaError_t LAUNCH<C, __half, Math::kWmma16>(const PARAMS&, cudaStream_t);          \
+  template cudaError_t LAUNCH<C, float, Math::kTf32>(const PARAMS&, cudaStream_t);             \
+  template cudaError_t LAUNCH<C, float, Math::kFma>(const PARAMS&, cudaStream_t);
+#define FRNN_INSTANTIATE(LAUNCH, PARAMS)                \
+  FRNN_INSTANTIATE_CELL(LAUNCH, PARAMS, Cell::kLSTM)    \
+  FRNN_INSTANTIATE_CELL(LAUNCH, PARAMS, Cell::kGRU)     \
+  FRNN_INSTANTIATE_CELL(LAUNCH, PARAMS, Cell::kRNNTanh) \
+  FRNN_INSTANTIATE_CELL(LAUNCH, PARAMS, Cell::kRNNRelu)
+
 }  // namespace fused_rnn

@@ -82,57 +82,37 @@ __device__ __forceinline__ void forward_point(const FwdParams& p, const float* s
 }
 
 // L2 prefetch of what forward_point reads from HBM at step t: x W_ih^T + b_ih of this block's
-// units, every gate, for the group's batch rows [n_begin, n_end).
-template <Cell C>
-__device__ __forceinline__ void prefetch_step(const FwdParams& p, int t, int n_begin, int n_end,
-                                              int u0, int nu) {
+// units, every gate, for its group's batch rows.
+template <Cell C, typename W>
+__device__ __forceinline__ void prefetch_step(const FwdParams& p, int t, const BlockState<W>& bs) {
   constexpr int G = gates_of(C);
-  const int runs = (n_end - n_begin) * G;
+  const int runs = (bs.n_end - bs.n_begin) * G;
   for (int i = threadIdx.x; i < runs; i += kThreads) {
-    const int b = n_begin + i / G, g = i % G;
-    prefetch_run(p.xproj + ((size_t)t * p.batch + b) * G * p.hidden + (size_t)g * p.hidden + u0,
-                 nu);
+    const int b = bs.n_begin + i / G, g = i % G;
+    prefetch_run(
+        p.xproj + ((size_t)t * p.batch + b) * G * p.hidden + (size_t)g * p.hidden + bs.u0, bs.nu);
   }
 }
 
 template <Cell C, typename T, Math M>
 __global__ void __launch_bounds__(kThreads) rnn_forward_kernel(const FwdParams p) {
   using W = typename WType<T, M>::type;
-  unsigned char* smem = dynamic_smem();
-  W* sw = reinterpret_cast<W*>(smem);
-  float* sc = reinterpret_cast<float*>(smem + p.plan.w_bytes);
-  W* stage = reinterpret_cast<W*>(smem + p.plan.w_bytes +  // X slices (plan.stage_k > 0)
-                                  (size_t)p.plan.slots * p.plan.slot_floats * 4);
-
-  // Block -> (batch group, unit slice); the group's batch rows are [n_begin, n_end).
-  const int group = blockIdx.x / p.plan.group_blocks;
-  const int u0 = (blockIdx.x % p.plan.group_blocks) * p.plan.units;
-  const int nu = imin(p.plan.units, p.hidden - u0);  // units this block owns (> 0)
-  const int group_rows = p.batch_pad / p.plan.groups;  // a multiple of kBatchPad
-  const int n_begin = group * group_rows, n_end = imin(n_begin + group_rows, p.batch);
-  load_w_forward<W, M>(sw, p.plan, static_cast<const T*>(p.w_hh), p.hidden, gates_of(C), u0);
+  const BlockState<W> bs = block_state<W>(p.plan, p.hidden, p.batch, p.batch_pad);
+  load_w_forward<W, M>(bs.sw, p.plan, static_cast<const T*>(p.w_hh), p.hidden, gates_of(C), bs.u0);
   __syncthreads();
 
-  prefetch_step<C>(p, p.reverse ? p.steps - 1 : 0, n_begin, n_end, u0, nu);
+  prefetch_step<C>(p, p.reverse ? p.steps - 1 : 0, bs);
   cg::grid_group grid = cg::this_grid();
   const size_t buf = (size_t)p.batch_pad * p.plan.k_pad;
   for (int s = 0; s < p.steps; ++s) {
     const int t = p.reverse ? p.steps - 1 - s : s;
     const T* hin = static_cast<const T*>(p.hbuf) + (s & 1) * buf;
     T* hout = static_cast<T*>(p.hbuf) + ((s + 1) & 1) * buf;
-    for (int n0 = n_begin; n0 < n_end; n0 += kChunkCols) {
-      const int ncols = imin(kChunkCols, n_begin + group_rows - n0);
-      const ChunkLayout L = chunk_matmul<W, M>(sw, p.plan, hin, n0, ncols, sc, stage);
-      __syncthreads();
-      const int nb = imin(ncols, p.batch - n0);
-      for (int idx = threadIdx.x; idx < nb * p.plan.units; idx += kThreads) {
-        const int j = idx % p.plan.units, n = idx / p.plan.units;
-        if (j < nu) forward_point<C, T, M>(p, sc, L, t, n0 + n, n, j, u0 + j, hin, hout);
-      }
-      __syncthreads();  // the slots are reused by the next chunk
-    }
+    block_step<W, M>(bs, p.plan, p.batch, hin, [&](const ChunkLayout& L, int b, int n, int j) {
+      forward_point<C, T, M>(p, bs.sc, L, t, b, n, j, bs.u0 + j, hin, hout);
+    });
     if (s + 1 < p.steps) {
-      prefetch_step<C>(p, p.reverse ? t - 1 : t + 1, n_begin, n_end, u0, nu);
+      prefetch_step<C>(p, p.reverse ? t - 1 : t + 1, bs);
       grid.sync();
     }
   }
@@ -145,16 +125,6 @@ cudaError_t launch_forward(const FwdParams& p, cudaStream_t stream) {
   return detail::launch_cooperative(detail::rnn_forward_kernel<C, T, M>, p, stream);
 }
 
-#define FRNN_INSTANTIATE_FWD(C)                                                             \
-  template cudaError_t launch_forward<C, __nv_bfloat16, Math::kWmma16>(const FwdParams&,    \
-                                                                       cudaStream_t);       \
-  template cudaError_t launch_forward<C, __half, Math::kWmma16>(const FwdParams&, cudaStream_t); \
-  template cudaError_t launch_forward<C, float, Math::kTf32>(const FwdParams&, cudaStream_t); \
-  template cudaError_t launch_forward<C, float, Math::kFma>(const FwdParams&, cudaStream_t);
-
-FRNN_INSTANTIATE_FWD(Cell::kLSTM)
-FRNN_INSTANTIATE_FWD(Cell::kGRU)
-FRNN_INSTANTIATE_FWD(Cell::kRNNTanh)
-FRNN_INSTANTIATE_FWD(Cell::kRNNRelu)
+FRNN_INSTANTIATE(launch_forward, FwdParams)
 
 }  // namespace fused_rnn

@@ -157,13 +157,12 @@ def _differs_from_clean(install, csrc, mode="GRU", dt="bf16", **shape):
 
 MUTANTS = {
     # the epilogue reads the scratch slots before the other warps have written them
-    "no-barrier-after-matmul": ("rnn_forward.cu", """ChunkLayout L = chunk_matmul<W, M>(sw, p.plan, hin, n0, ncols, sc, stage);
-      __syncthreads();""", "ChunkLayout L = chunk_matmul<W, M>(sw, p.plan, hin, n0, ncols, sc, stage);"),
+    "no-barrier-after-matmul": ("rnn_common.cuh", """bs.sc, bs.stage);
+    __syncthreads();""", "bs.sc, bs.stage);"),
     # the next chunk's matmul overwrites slots the epilogue is still reading
-    "no-barrier-after-epilogue": ("rnn_backward.cu", """backward_point<C, T, M>(p, sc, L, s, n0 + n, n, j, u0 + j, dout);
-      }
-      __syncthreads();""", """backward_point<C, T, M>(p, sc, L, s, n0 + n, n, j, u0 + j, dout);
-      }"""),
+    "no-barrier-after-epilogue": ("rnn_common.cuh",
+                                  "    __syncthreads();  // the slots are reused by the next chunk",
+                                  "    // (removed)"),
     # one exchange buffer: blocks overwrite h_{t-1} that other blocks have not read yet
     "single-buffer": ("rnn_forward.cu", "T* hout = static_cast<T*>(p.hbuf) + ((s + 1) & 1) * buf;",
                       "T* hout = const_cast<T*>(hin);"),
@@ -197,7 +196,7 @@ def test_races_are_caught(install, monkeypatch, tmp_path, name):
 
 
 def test_a_thread_leaving_before_a_barrier_is_reported(install, tmp_path):
-    site = "  const int group = blockIdx.x / p.plan.group_blocks;"
+    site = "  const BlockState<W> bs = block_state<W>(p.plan, p.hidden, p.batch, p.batch_pad);"
     csrc = _mutant(tmp_path, "rnn_forward.cu", site, "  if (threadIdx.x == 5) return;\n" + site)
     install(sms=4, csrc=csrc)
     with pytest.raises(RuntimeError, match=r"__syncthreads\(\) at .* is not reached by block 0 "
@@ -215,20 +214,20 @@ def test_misaligned_wmma_stride_is_reported(install, tmp_path):
 
 OUT_OF_BOUNDS = {
     # the epilogue run over the batch padding rows: reads x W_ih^T (then writes y) past the end
-    "epilogue": ("const int nb = imin(ncols, p.batch - n0);", "const int nb = ncols;",
-                 "READ of size 4"),
+    "epilogue": ("rnn_common.cuh", "const int nb = imin(ncols, batch - n0);",
+                 "const int nb = ncols + 0 * batch;", "READ of size 4"),
     # the L2 prefetch also issued after the last step reads x W_ih^T of a step that is not there
-    "prefetch": ("    if (s + 1 < p.steps) {\n      prefetch_step<C>(",
-                 "    prefetch_step<C>(p, p.reverse ? t - 1 : t + 1, n_begin, n_end, u0, nu);\n"
+    "prefetch": ("rnn_forward.cu", "    if (s + 1 < p.steps) {\n      prefetch_step<C>(",
+                 "    prefetch_step<C>(p, p.reverse ? t - 1 : t + 1, bs);\n"
                  "    if (s + 1 < p.steps) {\n      prefetch_step<C>(", "READ of size 1"),
 }
 
 
 @pytest.mark.parametrize("name", list(OUT_OF_BOUNDS))
 def test_out_of_bounds_access_is_caught_by_the_sanitizer(tmp_path, name):
-    """A mutant of the forward kernel that touches memory past a tensor's end: ASan aborts."""
-    old, new, access = OUT_OF_BOUNDS[name]
-    csrc = _mutant(tmp_path, "rnn_forward.cu", old, new)
+    """A mutant kernel that touches memory past a tensor's end: ASan aborts."""
+    file, old, new, access = OUT_OF_BOUNDS[name]
+    csrc = _mutant(tmp_path, file, old, new)
     simulate.build(sanitize=True, csrc=csrc)
     code = (
         "import torch, simulate\n"
