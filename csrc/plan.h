@@ -67,26 +67,39 @@ struct TileShape {
   int wk;          // K per MMA / FMA step
   int elem_bytes;  // bytes per W element in shared memory
   int w_skew;      // extra elements per W row in shared memory (bank spread; keeps alignment)
+  int row_granule; // W-slice rows held in shared memory are padded to a multiple of this
 };
+
+// The W slice's layout in shared memory (element (r, k) of the M x K slice):
+//   row-major (kWmma16, kFma): r * ldw + k, ldw = K_pad + w_skew;
+//   k-blocked (kTf32):         (k / wk) * ldw + r * wk + k % wk, ldw = m_pad * wk: one
+//     contiguous m_pad x 8 row-major block per 8-wide k-step. A 16-row TF32 fragment of block
+//     kk is then 16 consecutive 8-float rows (ldm 8), so m_pad only needs to be a multiple of
+//     8: where it is not a multiple of 16, the last tile's rows m_pad .. m_pad+7 are the first
+//     rows of block kk+1 (after the last block, a zeroed tail). A row of A only reaches the same
+//     row of the output, and output rows >= m_rows are never read, so these rows change nothing.
+//     (Row-major TF32 had to pad the slice to 16 rows: at H = 1024 the LSTM backward slice,
+//     8 rows x 4096, then did not fit and fp32 fell back to FMA, ~7x less arithmetic rate.)
+FRNN_HD constexpr bool k_blocked(Math m) { return m == Math::kTf32; }
 
 FRNN_HD constexpr TileShape tile_shape(Math m) {
   // Alignment: WMMA pointers must be 32-byte aligned and ldm a multiple of 16 bytes. With
-  // K padded to 16 and the skews below every fragment origin used by the kernels is aligned.
-  // FMA: an odd row stride (K_pad + 1 floats) makes lanes reading one column each (stride ldw)
-  // hit 32 different banks.
-  return m == Math::kWmma16 ? TileShape{8, 32, 16, 2, 8}
-       : m == Math::kTf32   ? TileShape{16, 16, 8, 4, 4}
-                            : TileShape{32, 8, 4, 4, 1};
+  // K padded to 16, the skews below and 8-row TF32 blocks every fragment origin used by the
+  // kernels is aligned. FMA: an odd row stride (K_pad + 1 floats) makes lanes reading one
+  // column each (stride ldw) hit 32 different banks.
+  return m == Math::kWmma16 ? TileShape{8, 32, 16, 2, 8, 8}
+       : m == Math::kTf32   ? TileShape{16, 16, 8, 4, 0, 8}
+                            : TileShape{32, 8, 4, 4, 1, 1};
 }
 
 struct Plan {
   int units;        // hidden units per block (the last block may own fewer)
   int blocks;       // grid size = ceil(H / units); all co-resident (cooperative launch)
   int m_rows;       // W-slice rows actually used: G*units (forward) or units (backward)
-  int m_pad;        // rows held in shared memory (padded to the tile height; FMA: unpadded)
+  int m_pad;        // rows held in shared memory (m_rows padded to the row granule)
   int k;            // reduction length: H (forward) or G*H (backward)
   int k_pad;        // k padded to kKPad: row stride of the exchange buffer
-  int ldw;          // row stride of the W slice in shared memory, in elements
+  int ldw;          // W slice, in elements: row stride (row-major) or k-block stride (kTf32)
   int slots;        // fp32 scratch slots (one per (tile, K-slice) of a chunk)
   int slot_floats;  // floats per slot: wm * (wn + kSlotPad)
   int w_bytes;      // shared memory for the W slice (rounded to 128 bytes)
@@ -103,11 +116,11 @@ struct Plan {
 };
 
 // units: at least ceil(H / max_blocks) so the grid fits in max_blocks (one block per SM: the
-// slices are large), rounded up so that the forward tile rows G*units fill whole MMA tiles.
+// slices are large), rounded up so that the forward slice rows G*units need no padding rows.
 FRNN_HD constexpr int plan_units(Cell cell, Math math, int hidden, int max_blocks) {
   const int g = gates_of(cell);
   const TileShape ts = tile_shape(math);
-  const int granule = math == Math::kFma ? 1 : ts.wm / gcd(ts.wm, g);
+  const int granule = ts.row_granule / gcd(ts.row_granule, g);
   const int u = round_up(imax(ceil_div(hidden, max_blocks), 1), granule);
   return imin(u, round_up(hidden, granule));
 }
@@ -123,11 +136,14 @@ FRNN_HD constexpr Plan make_plan(Cell cell, Math math, int hidden, bool backward
   const int group_blocks = ceil_div(hidden, units);
   const int blocks = groups * group_blocks;
   const int m_rows = backward ? units : g * units;
-  const int m_pad = math == Math::kFma ? m_rows : round_up(m_rows, ts.wm);
+  const int m_pad = round_up(m_rows, ts.row_granule);
   const int k = backward ? g * hidden : hidden;
   const int k_pad = round_up(k, kKPad);
-  const int ldw = k_pad + ts.w_skew;
-  const int w_bytes = round_up(m_pad * ldw * ts.elem_bytes, 128);
+  const int ldw = k_blocked(math) ? m_pad * ts.wk : k_pad + ts.w_skew;
+  // k-blocked: the last block's tiles read round_up(m_pad, wm) - m_pad rows past it (the tail).
+  const int w_elems = k_blocked(math) ? m_pad * k_pad + (round_up(m_pad, ts.wm) - m_pad) * ts.wk
+                                      : m_pad * ldw;
+  const int w_bytes = round_up(w_elems * ts.elem_bytes, 128);
   const int tasks = ceil_div(m_pad, ts.wm) * (kChunkCols / ts.wn);
   const int slots = imax(tasks, kWarps);
   const int slot_floats = ts.wm * (ts.wn + kSlotPad);
@@ -139,9 +155,9 @@ FRNN_HD constexpr Plan make_plan(Cell cell, Math math, int hidden, bool backward
 }
 
 // The math a kernel uses. TF32 is a permission (torch.backends.cudnn.allow_tf32), not a
-// requirement: where the TF32 tiles (16 rows) would pad the W slice past the shared memory
-// limit -- the backward slice has only `units` rows -- the plain fp32 FMA kernel, which needs no
-// row padding, runs instead. Forward and backward choose independently.
+// requirement: where the TF32 plan would not fit in shared memory (its W slice is at most 7 rows
+// larger than the FMA one; its scratch slots smaller), the plain fp32 FMA kernel runs instead.
+// Forward and backward choose independently.
 FRNN_HD constexpr Math choose_math(bool is_16bit, bool allow_tf32, Cell cell, int hidden,
                                    bool backward, int max_blocks, int smem_limit) {
   if (is_16bit) return Math::kWmma16;

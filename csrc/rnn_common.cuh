@@ -57,21 +57,37 @@ __device__ __forceinline__ float prepare_w<float, Math::kTf32>(float v) {
   return wmma::__float_to_tf32(v);
 }
 
+// Element (r, k) of the W slice in shared memory (plan.h: row-major, or k-blocked for kTf32).
+template <Math M>
+__device__ __forceinline__ size_t w_index(const Plan& pl, int r, int k) {
+  constexpr TileShape ts = tile_shape(M);
+  if constexpr (k_blocked(M))
+    return (size_t)(k / ts.wk) * pl.ldw + r * ts.wk + k % ts.wk;
+  else
+    return (size_t)r * pl.ldw + k;
+}
+
+// Zeroes the whole W region (padding rows and columns feed the MMA; the k-blocked tail is read
+// by the last tiles) before the slice is written. Ends with __syncthreads().
+template <typename T>
+__device__ void zero_w(T* sw, const Plan& pl) {
+  uint4* p = reinterpret_cast<uint4*>(sw);  // w_bytes is a multiple of 128
+  for (int i = threadIdx.x; i < pl.w_bytes / 16; i += blockDim.x) p[i] = make_uint4(0, 0, 0, 0);
+  __syncthreads();
+}
+
 // Forward slice: local row r = g*units + j <-> W_hh row g*H + u0 + j (gate-major), K = H.
-// Rows of units past H, padding rows and padding columns are zero (they feed the MMA).
+// Rows of units past H, padding rows and padding columns stay zero (they feed the MMA).
 template <typename T, Math M>
 __device__ void load_w_forward(T* sw, const Plan& pl, const T* __restrict__ w, int hidden,
                                int g_count, int u0) {
-  const int total = pl.m_pad * pl.ldw;
+  zero_w(sw, pl);
+  const int total = pl.m_rows * hidden;
   for (int idx = threadIdx.x; idx < total; idx += blockDim.x) {
-    const int r = idx / pl.ldw, k = idx % pl.ldw;
-    T v = from_float<T>(0.f);
-    if (r < pl.m_rows && k < hidden) {
-      const int g = r / pl.units, j = r % pl.units;
-      if (g < g_count && u0 + j < hidden)
-        v = prepare_w<T, M>(w[(size_t)(g * hidden + u0 + j) * hidden + k]);
-    }
-    sw[idx] = v;
+    const int r = idx / hidden, k = idx % hidden;
+    const int g = r / pl.units, j = r % pl.units;
+    if (g < g_count && u0 + j < hidden)
+      sw[w_index<M>(pl, r, k)] = prepare_w<T, M>(w[(size_t)(g * hidden + u0 + j) * hidden + k]);
   }
 }
 
@@ -80,13 +96,11 @@ __device__ void load_w_forward(T* sw, const Plan& pl, const T* __restrict__ w, i
 template <typename T, Math M>
 __device__ void load_w_backward(T* sw, const Plan& pl, const T* __restrict__ w, int hidden,
                                 int u0) {
-  const int total = pl.m_pad * pl.ldw;
+  zero_w(sw, pl);
+  const int total = pl.m_rows * pl.k;
   for (int idx = threadIdx.x; idx < total; idx += blockDim.x) {
-    const int j = idx % pl.m_pad, k = idx / pl.m_pad;
-    T v = from_float<T>(0.f);
-    if (j < pl.m_rows && u0 + j < hidden && k < pl.k)
-      v = prepare_w<T, M>(w[(size_t)k * hidden + u0 + j]);
-    sw[(size_t)j * pl.ldw + k] = v;
+    const int j = idx % pl.m_rows, k = idx / pl.m_rows;
+    if (u0 + j < hidden) sw[w_index<M>(pl, j, k)] = prepare_w<T, M>(w[(size_t)k * hidden + u0 + j]);
   }
 }
 
@@ -171,6 +185,7 @@ struct TileMma<T, Math::kWmma16> {
   }
 };
 
+// sw: the tile's 16 x 8 block of k-step 0 (k-blocked layout); k-step kk is ldw floats further.
 template <>
 struct TileMma<float, Math::kTf32> {
   static __device__ __forceinline__ void run(const float* sw, int ldw, const float* x, int ldx,
@@ -183,7 +198,7 @@ struct TileMma<float, Math::kTf32> {
     else
       wmma::fill_fragment(acc, 0.f);
     for (int kk = kb; kk < ke; ++kk) {
-      wmma::load_matrix_sync(a, sw + kk * 8, ldw);  // already TF32-rounded (prepare_w)
+      wmma::load_matrix_sync(a, sw + (size_t)kk * ldw, 8);  // already TF32-rounded (prepare_w)
       wmma::load_matrix_sync(b, x + kk * 8, ldx);
 #pragma unroll
       for (int i = 0; i < b.num_elements; ++i) b.x[i] = wmma::__float_to_tf32(b.x[i]);
@@ -294,7 +309,7 @@ __device__ ChunkLayout chunk_matmul(const T* sw, const Plan& pl, const T* x, int
       const int tile = task / ksplit, ks = task % ksplit;
       const int mf = tile / nfr, nf = tile % nfr;
       const int kb = ks * ksteps / ksplit, ke = (ks + 1) * ksteps / ksplit;
-      run_task<T, M>(sw + (size_t)mf * ts.wm * pl.ldw + k0, pl, pl.m_rows - mf * ts.wm,
+      run_task<T, M>(sw + w_index<M>(pl, mf * ts.wm, k0), pl, pl.m_rows - mf * ts.wm,
                      xs + (size_t)nf * ts.wn * ldx, ldx, kb, ke,
                      sc + (size_t)task * pl.slot_floats, k0 > 0);
     }

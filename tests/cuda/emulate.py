@@ -70,10 +70,11 @@ class Emulator:
         assert (B_pad // P.K_BATCH_PAD) % groups == 0
         pl = P.make_plan(cell, math, H, backward, self.sms, groups)
         assert pl.smem_bytes <= self.smem_optin, "binding's checked_plan would refuse this"
-        wm, wn, wk, elem, skew = P.TILE_SHAPES[math]
-        assert pl.m_pad * pl.ldw * elem <= pl.w_bytes and pl.w_bytes % 128 == 0
+        wm, wn, wk, elem, skew, _ = P.TILE_SHAPES[math]
+        assert pl.w_bytes % 128 == 0
         if math != P.MATHS["fma"]:
-            assert (pl.ldw * elem) % 16 == 0, "WMMA ldm must be a multiple of 16 bytes"
+            ldm = wk if P.k_blocked(math) else pl.ldw
+            assert (ldm * elem) % 16 == 0, "WMMA ldm must be a multiple of 16 bytes"
         assert ((wn + P.K_SLOT_PAD) * 4) % 16 == 0
         assert pl.blocks <= self.sms, "cooperative grid larger than one block per SM"
         assert pl.blocks == pl.groups * pl.group_blocks
@@ -99,29 +100,49 @@ class Emulator:
     def _cd(st: torch.dtype) -> torch.dtype:
         return torch.float64 if st == torch.float64 else torch.float32
 
-    # load_w_forward: local row r = g*units + j <-> W_hh row g*H + u0 + j.
+    # The W slice as the kernels hold it: a flat buffer of w_bytes in plan.h's layout
+    # (row-major, or k-blocked for TF32), built from the logical m_rows x k slice `w_rows`.
     @staticmethod
-    def _load_w_forward(w, pl: P.Plan, H: int, G: int, u0: int, math: int, cd) -> torch.Tensor:
-        sw = torch.zeros(pl.m_pad, pl.ldw, dtype=cd)
+    def _w_index(pl: P.Plan, math: int, r, k):
+        wk = P.TILE_SHAPES[math][2]
+        return (k // wk) * pl.ldw + r * wk + k % wk if P.k_blocked(math) else r * pl.ldw + k
+
+    @classmethod
+    def _w_flat(cls, w_rows, pl: P.Plan, math: int, cd) -> torch.Tensor:
+        elem = P.TILE_SHAPES[math][3]
+        flat = torch.zeros(pl.w_bytes // elem, dtype=cd)
+        r = torch.arange(pl.m_rows)[:, None]
+        k = torch.arange(w_rows.shape[1])[None, :]
+        idx = cls._w_index(pl, math, r, k)
+        assert int(idx.max()) < flat.numel(), "the W slice overflows w_bytes"
+        flat[idx] = _tf32(w_rows) if math == P.MATHS["tf32"] else w_rows
+        return flat
+
+    # load_w_forward: local row r = g*units + j <-> W_hh row g*H + u0 + j.
+    @classmethod
+    def _load_w_forward(cls, w, pl: P.Plan, H: int, G: int, u0: int, math: int, cd):
+        rows = torch.zeros(pl.m_rows, H, dtype=cd)
         for r in range(pl.m_rows):
             g, j = r // pl.units, r % pl.units
             if g < G and u0 + j < H:
-                sw[r, :H] = w[g * H + u0 + j, :H].to(cd)
-        return _tf32(sw) if math == P.MATHS["tf32"] else sw
+                rows[r] = w[g * H + u0 + j, :H].to(cd)
+        return cls._w_flat(rows, pl, math, cd)
 
     # load_w_backward: local row j <-> column u0 + j of W_hh, K = G*H.
-    @staticmethod
-    def _load_w_backward(w, pl: P.Plan, H: int, u0: int, math: int, cd) -> torch.Tensor:
-        sw = torch.zeros(pl.m_pad, pl.ldw, dtype=cd)
+    @classmethod
+    def _load_w_backward(cls, w, pl: P.Plan, H: int, u0: int, math: int, cd):
+        rows = torch.zeros(pl.m_rows, pl.k, dtype=cd)
         for j in range(pl.m_rows):
             if u0 + j < H:
-                sw[j, : pl.k] = w[: pl.k, u0 + j].to(cd)
-        return _tf32(sw) if math == P.MATHS["tf32"] else sw
+                rows[j] = w[: pl.k, u0 + j].to(cd)
+        return cls._w_flat(rows, pl, math, cd)
 
-    @staticmethod
-    def _chunk_matmul(sw, pl: P.Plan, x, n0: int, ncols: int, math: int, cd):
-        """Returns (flat slots, nfr, ksplit) as chunk_matmul leaves them in shared memory."""
-        wm, wn, wk, elem, _ = P.TILE_SHAPES[math]
+    @classmethod
+    def _chunk_matmul(cls, sw, pl: P.Plan, x, n0: int, ncols: int, math: int, cd):
+        """Returns (flat slots, nfr, ksplit) as chunk_matmul leaves them in shared memory.
+        sw is the flat W buffer (_w_flat); a tile reads its wm rows through _w_index, so rows
+        past m_pad come from wherever the layout puts them (TF32: the next k-block)."""
+        wm, wn, wk, elem = P.TILE_SHAPES[math][:4]
         assert ncols % P.K_BATCH_PAD == 0 and n0 + ncols <= x.shape[0]
         mfr = -(-pl.m_pad // wm)
         nfr = ncols // wn
@@ -139,18 +160,19 @@ class Emulator:
             slot_off = pl.w_bytes + task * pl.slot_floats * 4
             if not is_fma:  # WMMA fragment origins must be 32-byte aligned
                 for kk in range(kb, ke):
-                    assert ((r0 * pl.ldw + kk * wk) * elem) % 32 == 0
+                    assert (cls._w_index(pl, math, r0, kk * wk) * elem) % 32 == 0
                     assert ((c0 * pl.k_pad + kk * wk) * elem) % 32 == 0
                 assert slot_off % 32 == 0
             else:  # float4 loads of x
                 assert (c0 * pl.k_pad * 4) % 16 == 0 and (kb * wk * 4) % 16 == 0
-            rows = sw[r0 : r0 + wm, kb * wk : ke * wk]
-            if is_fma:  # lanes past m_rows are guarded: they contribute zeros
-                full = torch.zeros(wm, (ke - kb) * wk, dtype=cd)
-                full[: rows.shape[0]] = rows
-                full[max(0, pl.m_rows - r0):] = 0
-                rows = full
-            assert rows.shape == (wm, (ke - kb) * wk), "read outside the W slice"
+            r = torch.arange(r0, r0 + wm)[:, None]
+            if is_fma:  # lanes past m_rows are guarded: they read nothing and contribute zeros
+                r = r.clamp(max=pl.m_rows - 1)
+            idx = cls._w_index(pl, math, r, torch.arange(kb * wk, ke * wk)[None, :])
+            assert int(idx.max()) < sw.numel(), "read outside the W slice"
+            rows = sw[idx]
+            if is_fma:
+                rows[max(0, pl.m_rows - r0):] = 0
             xt = x[c0 : c0 + wn, kb * wk : ke * wk].to(cd)
             if math == P.MATHS["tf32"]:
                 xt = _tf32(xt)
@@ -163,6 +185,7 @@ class Emulator:
     def _gather(sc, pl: P.Plan, math: int, nfr: int, ksplit: int, m, n):
         """gather<M>() for index tensors m, n."""
         wm, wn = P.TILE_SHAPES[math][:2]
+        assert m.numel() == 0 or int(m.max()) < pl.m_rows, "an output row the kernels discard"
         tile = (m // wm) * nfr + n // wn
         p = tile * ksplit * pl.slot_floats + (m % wm) * (wn + P.K_SLOT_PAD) + n % wn
         acc = torch.zeros(m.shape, dtype=sc.dtype)

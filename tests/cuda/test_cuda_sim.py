@@ -26,9 +26,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from cases import install_standin, layer_inputs, run_layer
+from cases import install_standin, layer_inputs, rel, run_layer
 
 import fused_rnn.ops.cuda as cuda_backend
+from fused_rnn.ops import reference
 from fused_rnn.ops.reference import MODES
 
 simulate = pytest.importorskip("simulate")
@@ -264,6 +265,32 @@ def test_staging_plans_and_settings(install, monkeypatch):
     monkeypatch.setenv("FUSED_RNN_CUDA_STAGE_K", "24")
     with pytest.raises(ValueError, match="positive multiple of 16"):
         _layer("LSTM", "bf16")
+
+
+# -------------------------------------------------------------------- k-blocked TF32 slices
+@pytest.mark.parametrize("stage_k", ["auto", "16"])
+@pytest.mark.parametrize("mode", MODES)
+def test_tf32_tiles_past_an_8_row_slice_change_nothing(install, monkeypatch, mode, stage_k):
+    """TF32 keeps the W slice k-blocked (plan.h) with rows padded to 8, not 16: the last tile of
+    an 8-mod-16-row slice reads the next k-block's first rows (or the zero tail) as its rows
+    8..15. Those reach only output rows the epilogue never reads. H=16 on 2 SMs gives such
+    slices in every cell (asserted); the results must match the float64 reference as TF32
+    allows, with X read whole or in 16-column stage slices (k0 > 0 offsets into the blocks)."""
+    monkeypatch.setenv("FUSED_RNN_CUDA_STAGE_K", stage_k)
+    sim = install(sms=2)
+    H = 16
+    ours = _layer(mode, "tf32", H=H, B=5, T=4)
+    aliased = [d for d, _, pl in sim.launches if pl["m_pad"] % 16 == 8]
+    assert aliased, "no 8-mod-16-row TF32 slice was exercised"
+    assert all(math == 1 for math in (pl["math"] for _, _, pl in sim.launches))
+    leaves, lens, cots = layer_inputs(mode, 4, 5, 5, H, 0, True)
+    exact = run_layer(reference.rnn_layer, mode, leaves, torch.float64, lens, True, cots, "cpu")
+    n_out = 3 if mode == "LSTM" else 2
+    for i, (a, e) in enumerate(zip(ours, exact)):
+        assert torch.isfinite(a).all(), i
+        # TF32 operands (10-bit mantissa); relu' flips where a pre-activation rounds across 0.
+        floor = 5e-3 if i < n_out else (0.15 if mode == "RNN_RELU" else 1e-2)
+        assert rel(a, e) <= floor, (i, rel(a, e), aliased)
 
 
 # ------------------------------------------------------------------------------ batch groups
