@@ -41,7 +41,7 @@ enum class Cell : int { kLSTM = 0, kGRU = 1, kRNNTanh = 2, kRNNRelu = 3 };
 //            m8 (not m16) halves the padding of small per-block row counts (backward M = units).
 //   kTf32:   fp32 storage, operands rounded to TF32 on tensor cores, WMMA m16n16k8, fp32 acc;
 //            used exactly when torch.backends.cudnn.allow_tf32 is true (what nn.LSTM does).
-//   kFma:    fp32 storage, plain fp32 FMA (one W row per lane, 8 batch columns per thread).
+//   kFma:    fp32 storage, plain fp32 FMA (8 x 32 tiles: one W row, 8 batch columns a thread).
 enum class Math : int { kWmma16 = 0, kTf32 = 1, kFma = 2 };
 
 constexpr int kThreads = 256;
@@ -85,11 +85,11 @@ FRNN_HD constexpr bool k_blocked(Math m) { return m == Math::kTf32; }
 FRNN_HD constexpr TileShape tile_shape(Math m) {
   // Alignment: WMMA pointers must be 32-byte aligned and ldm a multiple of 16 bytes. With
   // K padded to 16, the skews below and 8-row TF32 blocks every fragment origin used by the
-  // kernels is aligned. FMA: an odd row stride (K_pad + 1 floats) makes lanes reading one
-  // column each (stride ldw) hit 32 different banks.
+  // kernels is aligned. FMA: 16-byte loads of 8 W rows at once; a row stride of 4 or 20 mod 32
+  // floats (K_pad + 4) puts them in distinct banks.
   return m == Math::kWmma16 ? TileShape{8, 32, 16, 2, 8, 8}
        : m == Math::kTf32   ? TileShape{16, 16, 8, 4, 0, 8}
-                            : TileShape{32, 8, 4, 4, 1, 1};
+                            : TileShape{8, 32, 4, 4, 4, 1};
 }
 
 struct Plan {
@@ -155,8 +155,8 @@ FRNN_HD constexpr Plan make_plan(Cell cell, Math math, int hidden, bool backward
 }
 
 // The math a kernel uses. TF32 is a permission (torch.backends.cudnn.allow_tf32), not a
-// requirement: where the TF32 plan would not fit in shared memory (its W slice is at most 7 rows
-// larger than the FMA one; its scratch slots smaller), the plain fp32 FMA kernel runs instead.
+// requirement: where the TF32 plan would not fit in shared memory (its W slice has up to 7 more
+// rows than the FMA one, its scratch slots are larger), the plain fp32 FMA kernel runs instead.
 // Forward and backward choose independently.
 FRNN_HD constexpr Math choose_math(bool is_16bit, bool allow_tf32, Cell cell, int hidden,
                                    bool backward, int max_blocks, int smem_limit) {

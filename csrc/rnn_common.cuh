@@ -208,31 +208,38 @@ struct TileMma<float, Math::kTf32> {
   }
 };
 
-// Plain fp32: lane l computes W row (tile row l) against 8 batch rows; 8 independent
-// accumulators per thread hide FMA latency. The x reads are warp-uniform (broadcast) float4s.
+// Plain fp32, an 8 x 32 tile per warp: lane l computes W row r = l % 8 of the tile against the
+// batch columns q, q + 4, ..., q + 28 (q = l / 8), 8 independent accumulators per thread. Every
+// lane has work even when the slice has only 8 rows (the backward slice at large H), and each
+// load instruction touches 8 W rows or 4 consecutive X rows: distinct banks (ldw and the X
+// strides are 4 or 20 mod 32 floats), so 16-byte loads without conflicts.
 template <>
 struct TileMma<float, Math::kFma> {
   static __device__ __forceinline__ void run(const float* sw, int ldw, int rows_left,
                                              const float* x, int ldx, int kb, int ke,
                                              float* slot, bool accumulate) {
     const int lane = threadIdx.x & 31;
+    const int r = lane & 7, q = lane >> 3;
+    float* out = slot + r * (32 + kSlotPad) + q;  // column q + 4c at out[4c]
     float acc[8];
 #pragma unroll
-    for (int c = 0; c < 8; ++c) acc[c] = accumulate ? slot[lane * (8 + kSlotPad) + c] : 0.f;
-    if (lane < rows_left) {
-      const float* wr = sw + (size_t)lane * ldw;
+    for (int c = 0; c < 8; ++c) acc[c] = accumulate ? out[4 * c] : 0.f;
+    if (r < rows_left) {  // rows past the slice are not in shared memory: never read
+      const float* wr = sw + (size_t)r * ldw;
+      const float* xq = x + (size_t)q * ldx;
+#pragma unroll 2  // the next k-step's 9 loads overlap this one's 32 FMAs; no spills (ptxas -v)
       for (int kk = kb; kk < ke; ++kk) {
         const int k = kk * 4;
-        const float w0 = wr[k], w1 = wr[k + 1], w2 = wr[k + 2], w3 = wr[k + 3];
+        const float4 w = *reinterpret_cast<const float4*>(wr + k);
 #pragma unroll
         for (int c = 0; c < 8; ++c) {
-          const float4 h = *reinterpret_cast<const float4*>(x + (size_t)c * ldx + k);
-          acc[c] = fmaf(w3, h.w, fmaf(w2, h.z, fmaf(w1, h.y, fmaf(w0, h.x, acc[c]))));
+          const float4 h = *reinterpret_cast<const float4*>(xq + (size_t)(4 * c) * ldx + k);
+          acc[c] = fmaf(w.w, h.w, fmaf(w.z, h.z, fmaf(w.y, h.y, fmaf(w.x, h.x, acc[c]))));
         }
       }
     }
 #pragma unroll
-    for (int c = 0; c < 8; ++c) slot[lane * (8 + kSlotPad) + c] = acc[c];
+    for (int c = 0; c < 8; ++c) out[4 * c] = acc[c];
   }
 };
 

@@ -94,8 +94,10 @@ __device__ __forceinline__ void prefetch_step(const FwdParams& p, int t, const B
   }
 }
 
+// One block per SM by design (the W slice fills shared memory): minBlocks 1 lets ptxas use up
+// to 255 registers a thread instead of spilling (it capped some fp32 kernels at 128 on sm_80).
 template <Cell C, typename T, Math M>
-__global__ void __launch_bounds__(kThreads) rnn_forward_kernel(const FwdParams p) {
+__global__ void __launch_bounds__(kThreads, 1) rnn_forward_kernel(const FwdParams p) {
   using W = typename WType<T, M>::type;
   const BlockState<W> bs = block_state<W>(p.plan, p.hidden, p.batch, p.batch_pad);
   load_w_forward<W, M>(bs.sw, p.plan, static_cast<const T*>(p.w_hh), p.hidden, gates_of(C), bs.u0);

@@ -163,7 +163,9 @@ class Emulator:
                     assert (cls._w_index(pl, math, r0, kk * wk) * elem) % 32 == 0
                     assert ((c0 * pl.k_pad + kk * wk) * elem) % 32 == 0
                 assert slot_off % 32 == 0
-            else:  # float4 loads of x
+            else:  # float4 loads of W rows and of x
+                assert (pl.ldw * 4) % 16 == 0
+                assert (cls._w_index(pl, math, r0, kb * wk) * 4) % 16 == 0
                 assert (c0 * pl.k_pad * 4) % 16 == 0 and (kb * wk * 4) % 16 == 0
             r = torch.arange(r0, r0 + wm)[:, None]
             if is_fma:  # lanes past m_rows are guarded: they read nothing and contribute zeros

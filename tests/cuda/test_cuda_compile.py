@@ -97,6 +97,7 @@ def nvcc_results(tmp_path_factory):
         cmd = [
             NVCC, "-c", "-std=c++20", "-O3", "--expt-relaxed-constexpr",
             f"-gencode=arch=compute_{arch},code=sm_{arch}", "-Werror", "all-warnings",
+            "-Xptxas", "-v",  # per-kernel registers and spills, for test_kernels_do_not_spill
             f"-I{CSRC}", str(f), "-o", str(out / f"{f.stem}_sm{arch}.o"),
         ]
         r = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
@@ -112,6 +113,30 @@ def nvcc_results(tmp_path_factory):
 def test_nvcc_compiles(nvcc_results, name, arch):
     rc, log = nvcc_results[(name, arch)]
     assert rc == 0, f"nvcc failed for {name} sm_{arch}:\n{log[-4000:]}"
+
+
+_PTXAS_ENTRY = re.compile(r"Compiling entry function '(\w+)' for 'sm_(\d+)'")
+_PTXAS_SPILL = re.compile(r"(\d+) bytes stack frame, (\d+) bytes spill stores, "
+                          r"(\d+) bytes spill loads")
+
+
+@pytest.mark.parametrize("arch", ARCHS, ids=lambda a: f"sm{a}")
+@pytest.mark.parametrize("name", [f.name for f in CU_FILES])
+def test_kernels_do_not_spill(nvcc_results, name, arch):
+    """ptxas -v: no kernel spills registers to local memory (a spill in the per-step loop
+    would put a memory round trip on the sequential path). Every instantiation is listed."""
+    rc, log = nvcc_results[(name, arch)]
+    assert rc == 0, f"nvcc failed for {name} sm_{arch}"
+    kernels = 0
+    current = None
+    for line in log.splitlines():
+        if m := _PTXAS_ENTRY.search(line):
+            current = m.group(1)
+            kernels += 1
+        elif (m := _PTXAS_SPILL.search(line)) and current is not None:
+            assert m.groups() == ("0", "0", "0"), f"{current} sm_{arch}: {line.strip()}"
+            current = None
+    assert kernels == 16, f"expected 4 cells x 4 (type, math) kernels, ptxas listed {kernels}"
 
 
 def test_binding_syntax_against_torch_headers(tmp_path):
