@@ -8,7 +8,8 @@ backend named in ``--backends``. Ratios are cuDNN time / ours (> 1: we are faste
 cuDNN in the same dtype and against cuDNN fp16 (cuDNN's fastest mode). ``max|dy|`` is the
 largest difference between our output and cuDNN's on the timed inputs (a guard against timing
 something wrong). fp32 runs with TF32 as ``torch.backends.cudnn.allow_tf32`` says (default on,
-as in ANCHORS.md); the header records it.
+as in ANCHORS.md); the header records it. ``fp32-strict`` runs fp32 with it off, for cuDNN and
+for us alike (our plain-fp32 FMA kernels; ANCHORS.md has cuDNN's figures for S1-S3).
 
 Writes ``<out-dir>/<date>-<gpu>.md`` (versions, commit, table) and a ``.csv`` next to it.
 
@@ -46,7 +47,8 @@ SHAPES = {  # name: (B, T, H), from ANCHORS.md
     "S6": (128, 64, 256),
 }
 DRY_SHAPES = {"D1": (3, 4, 16), "D2": (2, 3, 37), "D3": (40, 2, 16)}
-DTYPE_NAMES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
+DTYPE_NAMES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16",
+               "fp32-strict": "float32"}  # fp32 with cudnn.allow_tf32 off (cuDNN's and ours)
 COLUMNS = ["cell", "shape", "BxTxH", "dtype", "backend", "pass", "ms", "us_per_step",
            "x_cudnn_same_dtype", "x_cudnn_fp16", "peak_MiB", "max_abs_dy", "note"]
 
@@ -58,7 +60,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "variants: cuda-g1 is cuda without batch groups, cuda-direct cuda without "
                         "X staging (FUSED_RNN_CUDA_MAX_GROUPS=1, FUSED_RNN_CUDA_STAGE_K=0)")
     p.add_argument("--modes", default="LSTM,GRU", help="comma-separated: LSTM,GRU")
-    p.add_argument("--dtypes", default="fp32,bf16,fp16", help="comma-separated: fp32,bf16,fp16")
+    p.add_argument("--dtypes", default="fp32,bf16,fp16",
+                   help="comma-separated: fp32,bf16,fp16,fp32-strict (fp32 without TF32, for "
+                        "cuDNN and ours: the plain-fp32 FMA kernels)")
     p.add_argument("--shapes", default=None, help="comma-separated shape names (default: all)")
     p.add_argument("--passes", default="fwd,fwd+bwd", help="comma-separated: fwd,fwd+bwd")
     p.add_argument("--warmup-ms", type=float, default=30.0, help="do_bench warm-up time")
@@ -167,10 +171,23 @@ VARIANTS = {"cuda-g1": ("cuda", {"FUSED_RNN_CUDA_MAX_GROUPS": "1"}),
 
 def measure(args, timer, device, mode, shape, dtype_name, backend) -> list[dict]:
     """Rows for one (mode, shape, dtype, backend); backend None = cuDNN (torch.nn)."""
+    if dtype_name == "fp32-strict":
+        import torch
+
+        prev = torch.backends.cudnn.allow_tf32
+        torch.backends.cudnn.allow_tf32 = False
+        try:
+            return _measure(args, timer, device, mode, shape, dtype_name, backend)
+        finally:
+            torch.backends.cudnn.allow_tf32 = prev
+    return _measure(args, timer, device, mode, shape, dtype_name, backend)
+
+
+def _measure(args, timer, device, mode, shape, dtype_name, backend) -> list[dict]:
     if backend in VARIANTS:
         real, env = VARIANTS[backend]
         with mock.patch.dict(os.environ, env):  # restored afterwards
-            rows = measure(args, timer, device, mode, shape, dtype_name, real)
+            rows = _measure(args, timer, device, mode, shape, dtype_name, real)
         for r in rows:
             r["backend"] = backend
         return rows

@@ -49,3 +49,16 @@ def test_time_budget_skips_rows_but_writes_the_report(tmp_path):
                       "--time-budget", "0")
     assert rows == []
     assert "Skipped after the time budget (0 s): GRU-D3-fp32, GRU-D3-fp32 (cuda-g1)" in text
+
+
+def test_strict_fp32_rows_compare_like_with_like(tmp_path):
+    """fp32-strict (TF32 off for cuDNN and ours) is its own dtype: its ratio is against the
+    stand-in in fp32-strict, and the setting is restored afterwards (the header still says on)."""
+    text, rows = _run(tmp_path, "--shapes", "D1", "--backends", "triton",
+                      "--dtypes", "fp32-strict,fp32")
+    by = {(r["dtype"], r["backend"]): r for r in rows}
+    assert set(by) == {(d, b) for d in ("fp32", "fp32-strict")
+                       for b in ("torch.nn (cpu)", "triton")}
+    assert float(by["fp32-strict", "triton"]["x_cudnn_same_dtype"]) > 0
+    assert float(by["fp32-strict", "triton"]["max_abs_dy"]) < 1e-4
+    assert "cudnn.allow_tf32=True" in text
