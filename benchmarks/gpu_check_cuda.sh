@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # CUDA backend check on a GPU machine: build the extension, run its GPU tests, then
-# compute-sanitizer (memcheck, racecheck, synccheck) on a small workload. Exit status is
+# phase timings (benchmarks/profile_cuda.py), compute-sanitizer (memcheck, racecheck, synccheck)
+# on a small workload. Exit status is
 # non-zero if any step fails; every step still runs so one GPU session reports everything.
 #
 #   benchmarks/gpu_check_cuda.sh [LOG_DIR]      # logs to LOG_DIR (default: a temp dir)
@@ -38,7 +39,11 @@ raise SystemExit(r is not None)
 # 2. The GPU tests (the no-GPU checks -- tests/cuda/test_cuda_compile.py and the CPU emulation --
 #    run in CI and need no GPU time).
 step gpu_tests timeout 300 python -m pytest tests/cuda/test_cuda_gpu.py -q -ra -p no:cacheprovider
-# 3. compute-sanitizer on a small case; no caching allocator so out-of-bounds accesses cannot
+# 3. Phase timings (where a step's time goes) on S1-S6, LSTM and GRU, fp32 and bf16; the table
+#    goes to benchmarks/results/<date>-<gpu>-phases.md and is printed here.
+step phases timeout 150 python benchmarks/profile_cuda.py --dtypes fp32,bf16
+grep '^| ' "$LOG_DIR/cuda_phases.log" || true
+# 4. compute-sanitizer on a small case; no caching allocator so out-of-bounds accesses cannot
 #    land inside another tensor's block.
 SAN="$(command -v compute-sanitizer || true)"
 for cand in "${CUDA_HOME:-/usr/local/cuda}/bin/compute-sanitizer" \

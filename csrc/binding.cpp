@@ -69,6 +69,18 @@ const int* lengths_ptr(const c10::optional<at::Tensor>& lengths, const at::Devic
   return lengths->data_ptr<int>();
 }
 
+// The optional phase-timing buffer (fused_rnn.h: kProfSlots int64 per block), or nullptr.
+long long* prof_ptr(const c10::optional<at::Tensor>& prof, const at::Device& dev,
+                    const Plan& plan) {
+  if (!prof.has_value() || !prof->defined()) return nullptr;
+  TORCH_CHECK(prof->device() == dev && prof->scalar_type() == at::kLong && prof->is_contiguous(),
+              "fused_rnn CUDA backend: prof must be a contiguous int64 tensor on ", dev);
+  TORCH_CHECK(prof->numel() >= static_cast<int64_t>(plan.blocks) * fused_rnn::kProfSlots,
+              "fused_rnn CUDA backend: prof needs ", plan.blocks, " x ", fused_rnn::kProfSlots,
+              " elements for this launch, got ", prof->numel());
+  return reinterpret_cast<long long*>(prof->data_ptr<int64_t>());
+}
+
 struct DeviceInfo {
   int sms, smem_optin, major, minor, cooperative;
 };
@@ -127,7 +139,8 @@ std::vector<at::Tensor> forward(int64_t mode, at::Tensor xproj, at::Tensor h0,
                                 c10::optional<at::Tensor> c0, at::Tensor w_hh,
                                 c10::optional<at::Tensor> b_hh,
                                 c10::optional<at::Tensor> lengths, bool reverse, bool allow_tf32,
-                                bool save, int64_t max_groups, int64_t max_stage_k) {
+                                bool save, int64_t max_groups, int64_t max_stage_k,
+                                c10::optional<at::Tensor> prof) {
   const Cell cell = cell_of(mode);
   const int64_t G = fused_rnn::gates_of(cell);
   TORCH_CHECK(xproj.is_cuda(), "fused_rnn CUDA backend: inputs must be CUDA tensors, got ",
@@ -179,6 +192,7 @@ std::vector<at::Tensor> forward(int64_t mode, at::Tensor xproj, at::Tensor h0,
   p.cbuf = cbuf.defined() ? cbuf.data_ptr<float>() : nullptr;
   p.y = y.data_ptr();
   p.aux = has_aux ? aux.data_ptr<float>() : nullptr;
+  p.prof = prof_ptr(prof, dev, plan);
 
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(dev.index()).stream();
   const auto launch = [&](auto c, auto tag, auto m) {
@@ -200,7 +214,8 @@ std::vector<at::Tensor> backward(int64_t mode, at::Tensor dy, at::Tensor dh_n,
                                  at::Tensor gates, c10::optional<at::Tensor> aux,
                                  c10::optional<at::Tensor> c0, c10::optional<at::Tensor> hprev,
                                  c10::optional<at::Tensor> lengths, bool reverse,
-                                 bool allow_tf32, int64_t max_groups, int64_t max_stage_k) {
+                                 bool allow_tf32, int64_t max_groups, int64_t max_stage_k,
+                                 c10::optional<at::Tensor> prof) {
   const Cell cell = cell_of(mode);
   const int64_t G = fused_rnn::gates_of(cell);
   TORCH_CHECK(dy.is_cuda(), "fused_rnn CUDA backend: inputs must be CUDA tensors, got ",
@@ -257,6 +272,7 @@ std::vector<at::Tensor> backward(int64_t mode, at::Tensor dy, at::Tensor dh_n,
   p.dgx = dgx.data_ptr<float>();
   p.dghn = cell == Cell::kGRU ? dghn.data_ptr<float>() : nullptr;
   p.dh0 = dh0.data_ptr<float>();
+  p.prof = prof_ptr(prof, dev, plan);
 
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(dev.index()).stream();
   const auto launch = [&](auto c, auto tag, auto m) {
@@ -297,11 +313,12 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("forward", &forward, "persistent forward over a chunk", py::arg("mode"), py::arg("xproj"),
         py::arg("h0"), py::arg("c0"), py::arg("w_hh"), py::arg("b_hh"), py::arg("lengths"),
         py::arg("reverse"), py::arg("allow_tf32"), py::arg("save"), py::arg("max_groups"),
-        py::arg("max_stage_k"));
+        py::arg("max_stage_k"), py::arg("prof") = py::none());
   m.def("backward", &backward, "persistent backward over a chunk", py::arg("mode"),
         py::arg("dy"), py::arg("dh_n"), py::arg("dc_n"), py::arg("w_hh"), py::arg("gates"),
         py::arg("aux"), py::arg("c0"), py::arg("hprev"), py::arg("lengths"), py::arg("reverse"),
-        py::arg("allow_tf32"), py::arg("max_groups"), py::arg("max_stage_k"));
+        py::arg("allow_tf32"), py::arg("max_groups"), py::arg("max_stage_k"),
+        py::arg("prof") = py::none());
   m.def("plan_info", &plan_info, "launch plan (units, blocks, ..., groups, group_blocks)",
         py::arg("mode"), py::arg("math"), py::arg("hidden"), py::arg("backward"),
         py::arg("max_blocks"), py::arg("groups") = 1, py::arg("stage_rows") = 0,

@@ -19,6 +19,21 @@ namespace fused_rnn {
 // The storage dtype of a launch (the binding maps torch's dtypes to these).
 enum class Storage : int { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2 };
 
+// Optional per-block phase timing (FwdParams/BwdParams::prof): thread 0 of each block writes
+// kProfSlots int64 at prof[blockIdx.x * kProfSlots]: the clock64() cycles spent in each Phase,
+// then the total cycles (their sum), the total nanoseconds (%globaltimer, to convert cycles),
+// and the number of steps. A phase runs from the previous mark to its own (rnn_common.cuh
+// PhaseClock), so waiting at a barrier counts towards the phase that ends there.
+enum Phase : int {
+  kPhaseLoad = 0,      // W slice into shared memory
+  kPhaseCopy = 1,      // X stage copies (0 when unstaged)
+  kPhaseMma = 2,       // the recurrent matmul, up to the slowest warp
+  kPhaseEpilogue = 3,  // the cell math and stores, up to the slowest thread
+  kPhaseSync = 4,      // L2 prefetch issue + grid.sync (the wait for the slowest block)
+  kPhases = 5,
+};
+constexpr int kProfSlots = kPhases + 3;
+
 struct FwdParams {
   Plan plan;                // make_plan(cell, math, H, /*backward=*/false, num_sms)
   int steps, batch, hidden, batch_pad;
@@ -35,6 +50,7 @@ struct FwdParams {
   void* y;                  // (T, B, H) storage out
   float* aux;               // when save: LSTM c_t after step t (the carried value on masked
                             //   steps), GRU W_hn h_{t-1} + b_hn; (T, B, H) fp32; else nullptr
+  long long* prof;          // (>= blocks, kProfSlots) int64 phase timings, or nullptr (off)
 };
 
 struct BwdParams {
@@ -54,6 +70,7 @@ struct BwdParams {
   float* dgx;               // (T, B, G*H) fp32 out: gradient of the input-side pre-activations
   float* dghn;              // (T, B, H) fp32 out (GRU): gradient of W_hn h + b_hn, else nullptr
   float* dh0;               // (B, H) fp32 out
+  long long* prof;          // (>= blocks, kProfSlots) int64 phase timings, or nullptr (off)
 };
 
 // Launch one cooperative grid for the whole chunk on `stream`. Returns the first CUDA error

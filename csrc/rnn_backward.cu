@@ -130,8 +130,10 @@ template <Cell C, typename T, Math M>
 __global__ void __launch_bounds__(kThreads, 1) rnn_backward_kernel(const BwdParams p) {
   using W = typename WType<T, M>::type;
   const BlockState<W> bs = block_state<W>(p.plan, p.hidden, p.batch, p.batch_pad);
+  PhaseClock clk(p.prof);
   load_w_backward<W, M>(bs.sw, p.plan, static_cast<const T*>(p.w_hh), p.hidden, bs.u0);
   __syncthreads();
+  clk.mark(kPhaseLoad);
 
   // The forward step of backward iteration s (s < T).
   const auto step_of = [&](int s) { return p.reverse ? s : p.steps - 1 - s; };
@@ -141,14 +143,17 @@ __global__ void __launch_bounds__(kThreads, 1) rnn_backward_kernel(const BwdPara
   for (int s = 0; s <= p.steps; ++s) {
     const T* din = static_cast<const T*>(p.dgbuf) + (s & 1) * buf;
     T* dout = static_cast<T*>(p.dgbuf) + ((s + 1) & 1) * buf;
-    block_step<W, M>(bs, p.plan, p.batch, din, [&](const ChunkLayout& L, int b, int n, int j) {
+    block_step<W, M>(bs, p.plan, p.batch, din, clk,
+                     [&](const ChunkLayout& L, int b, int n, int j) {
       backward_point<C, T, M>(p, bs.sc, L, s, b, n, j, bs.u0 + j, dout);
     });
     if (s < p.steps) {
       if (s + 1 < p.steps) prefetch_step<C, T>(p, step_of(s + 1), bs);
       grid.sync();
+      clk.mark(kPhaseSync);
     }
   }
+  clk.finish();
 }
 
 }  // namespace detail

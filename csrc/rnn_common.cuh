@@ -138,6 +138,53 @@ __device__ __forceinline__ void prefetch_run(const T* p, int n) {
   prefetch_l2(last);
 }
 
+// ---- optional phase timing ---------------------------------------------------------------------
+__device__ __forceinline__ long long global_ns() {
+#ifndef __CUDA_SIM__
+  unsigned long long t;
+  asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
+  return static_cast<long long>(t);
+#else
+  return ::cudasim::global_ns();
+#endif
+}
+
+// Thread 0 of each block times the phases of fused_rnn.h's Phase enum when the launch has a prof
+// buffer; otherwise every call is one uniform branch. Every mark ends one phase and starts the
+// next, so the phases add up to the total exactly.
+struct PhaseClock {
+  long long* out;  // this block's kProfSlots, or nullptr
+  long long acc[kPhases];
+  long long start, last, start_ns;
+  int steps;
+
+  __device__ explicit PhaseClock(long long* prof)
+      : out(prof != nullptr && threadIdx.x == 0 ? prof + (size_t)blockIdx.x * kProfSlots
+                                                : nullptr),
+        acc{}, start(0), last(0), start_ns(0), steps(0) {
+    if (out != nullptr) {
+      start_ns = global_ns();
+      start = last = clock64();
+    }
+  }
+  __device__ __forceinline__ void mark(Phase phase) {
+    if (out != nullptr) {
+      const long long now = clock64();
+      acc[phase] += now - last;
+      last = now;
+    }
+  }
+  __device__ __forceinline__ void step() { steps += out != nullptr; }
+  __device__ __forceinline__ void finish() {
+    if (out == nullptr) return;
+#pragma unroll
+    for (int i = 0; i < kPhases; ++i) out[i] = acc[i];
+    out[kPhases] = last - start;
+    out[kPhases + 1] = global_ns() - start_ns;
+    out[kPhases + 2] = steps;
+  }
+};
+
 // ---- the per-chunk matmul ---------------------------------------------------------------------
 // Where the fp32 partial results of one chunk live in the scratch slots.
 struct ChunkLayout {
@@ -293,7 +340,7 @@ __device__ __forceinline__ void run_task(const T* wt, const Plan& pl, int rows_l
 // compiler must not route these loads through the non-coherent read-only path (ld.global.nc).
 template <typename T, Math M>
 __device__ ChunkLayout chunk_matmul(const T* sw, const Plan& pl, const T* x, int n0, int ncols,
-                                    float* sc, T* stage) {
+                                    float* sc, T* stage, PhaseClock& clk) {
   constexpr TileShape ts = tile_shape(M);
   const int mfr = ceil_div(pl.m_pad, ts.wm);
   const int nfr = ncols / ts.wn;
@@ -307,8 +354,10 @@ __device__ ChunkLayout chunk_matmul(const T* sw, const Plan& pl, const T* x, int
     int ldx = pl.k_pad;
     if (pl.stage_k > 0) {
       if (k0 > 0) __syncthreads();  // every warp is done with the previous slice
+      clk.mark(kPhaseMma);
       stage_copy(stage, pl.stage_ld, xs, pl.k_pad, ncols, ksteps * ts.wk);
       __syncthreads();
+      clk.mark(kPhaseCopy);
       xs = stage;
       ldx = pl.stage_ld;
     }
@@ -359,18 +408,21 @@ __device__ __forceinline__ BlockState<W> block_state(const Plan& pl, int hidden,
 // b = n0 + n and owned unit u0 + j. All threads call it (it synchronises the block).
 template <typename W, Math M, typename Point>
 __device__ __forceinline__ void block_step(const BlockState<W>& bs, const Plan& pl, int batch,
-                                           const W* x, Point&& point) {
+                                           const W* x, PhaseClock& clk, Point&& point) {
   for (int n0 = bs.n_begin; n0 < bs.n_end; n0 += kChunkCols) {
     const int ncols = imin(kChunkCols, bs.n_begin + bs.group_rows - n0);
-    const ChunkLayout L = chunk_matmul<W, M>(bs.sw, pl, x, n0, ncols, bs.sc, bs.stage);
+    const ChunkLayout L = chunk_matmul<W, M>(bs.sw, pl, x, n0, ncols, bs.sc, bs.stage, clk);
     __syncthreads();
+    clk.mark(kPhaseMma);
     const int nb = imin(ncols, batch - n0);
     for (int idx = threadIdx.x; idx < nb * pl.units; idx += kThreads) {
       const int j = idx % pl.units, n = idx / pl.units;
       if (j < bs.nu) point(L, n0 + n, n, j);
     }
     __syncthreads();  // the slots are reused by the next chunk (unstaged: nothing else orders it)
+    clk.mark(kPhaseEpilogue);
   }
+  clk.step();
 }
 
 // ---- launch ------------------------------------------------------------------------------------

@@ -100,8 +100,10 @@ template <Cell C, typename T, Math M>
 __global__ void __launch_bounds__(kThreads, 1) rnn_forward_kernel(const FwdParams p) {
   using W = typename WType<T, M>::type;
   const BlockState<W> bs = block_state<W>(p.plan, p.hidden, p.batch, p.batch_pad);
+  PhaseClock clk(p.prof);
   load_w_forward<W, M>(bs.sw, p.plan, static_cast<const T*>(p.w_hh), p.hidden, gates_of(C), bs.u0);
   __syncthreads();
+  clk.mark(kPhaseLoad);
 
   prefetch_step<C>(p, p.reverse ? p.steps - 1 : 0, bs);
   cg::grid_group grid = cg::this_grid();
@@ -110,14 +112,17 @@ __global__ void __launch_bounds__(kThreads, 1) rnn_forward_kernel(const FwdParam
     const int t = p.reverse ? p.steps - 1 - s : s;
     const T* hin = static_cast<const T*>(p.hbuf) + (s & 1) * buf;
     T* hout = static_cast<T*>(p.hbuf) + ((s + 1) & 1) * buf;
-    block_step<W, M>(bs, p.plan, p.batch, hin, [&](const ChunkLayout& L, int b, int n, int j) {
+    block_step<W, M>(bs, p.plan, p.batch, hin, clk,
+                     [&](const ChunkLayout& L, int b, int n, int j) {
       forward_point<C, T, M>(p, bs.sc, L, t, b, n, j, bs.u0 + j, hin, hout);
     });
     if (s + 1 < p.steps) {
       prefetch_step<C>(p, p.reverse ? t - 1 : t + 1, bs);
       grid.sync();
+      clk.mark(kPhaseSync);
     }
   }
+  clk.finish();
 }
 
 }  // namespace detail

@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from fused_rnn.ops.cuda import _ext
+from fused_rnn.ops.cuda import _ext, profile
 from fused_rnn.ops.common import grad_like, previous_hidden, register_autocast
 from fused_rnn.ops.cuda.plan import CELLS
 from fused_rnn.ops.reference import GATES, compute_dtype
@@ -136,6 +136,7 @@ def _layer_forward_impl(
         save,
         max_groups(),
         max_stage_k(),
+        profile.buffer("forward", mode, dtype, T, B, H, x.device),
     )
     gates = xproj if save else x.new_empty((0,), dtype=cd)
     return y, h_n, c_n, gates, aux
@@ -269,6 +270,7 @@ def _layer_backward_impl(
             allow_tf32,
             max_groups(),
             max_stage_k(),
+            profile.buffer("backward", mode, dtype, T, B, H, x.device),
         )
         # GRU: the recurrent side of the n gate is r * dn (b_hn sits inside r * (.)).
         dgh = torch.cat([dgx[..., : 2 * H], dghn], dim=-1) if mode == "GRU" else dgx

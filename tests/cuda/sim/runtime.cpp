@@ -274,6 +274,11 @@ void grid_barrier() { yield(State::kAtGridBarrier); }
 
 unsigned char* dynamic_smem() { return g_launch->smem[blockIdx.x]; }
 
+long long tick() {
+  static long long ticks = 0;  // fibers of one launch share one OS thread
+  return ++ticks;
+}
+
 void configure(const Config& c) { g_config = c; }
 const Config& config() { return g_config; }
 const std::string& last_message() { return g_last_message; }

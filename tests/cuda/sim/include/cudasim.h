@@ -67,11 +67,16 @@ namespace cudasim {
 void block_barrier(const char* file, int line);  // __syncthreads
 void grid_barrier();                              // cooperative_groups grid sync
 unsigned char* dynamic_smem();                    // this block's dynamic shared memory
+// clock64() and %globaltimer: one shared counter, +1 per read (monotonic; durations are counts
+// of clock reads, not time).
+long long tick();
+inline long long global_ns() { return tick(); }
 // prefetch.global.L2: a hint on a GPU; here the address must be readable (ASan checks it).
 inline void prefetch(const void* p) { (void)*static_cast<const volatile unsigned char*>(p); }
 }  // namespace cudasim
 
 #define __syncthreads() ::cudasim::block_barrier(__FILE__, __LINE__)
+inline long long clock64() { return ::cudasim::tick(); }
 
 // ---- runtime API (the subset launch_cooperative uses) ----------------------------------------
 enum cudaError_t {

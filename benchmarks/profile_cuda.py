@@ -1,0 +1,148 @@
+"""Where the CUDA kernels' time goes, per step: phase timings (fused_rnn/ops/cuda/profile.py).
+
+For each cell, shape and dtype: one warm-up forward+backward, then one recorded. Every launch
+reports microseconds per step for the X stage copies, the recurrent matmul, the epilogue and
+the grid sync (mean over blocks; ``sync max`` is the slowest block's wait), plus the W load and
+the kernel's wall time. Together with bench_gpu.py's totals this says what bounds a step: the
+L2 read of the exchange (copy), the tensor cores (mma), the cell math (epilogue) or the barrier.
+
+    python benchmarks/profile_cuda.py [--modes LSTM,GRU] [--dtypes fp32,bf16] [--shapes S1,S3]
+    python benchmarks/profile_cuda.py --sim   # the kernels on cudasim (CPU), tiny shapes
+
+Writes ``<out-dir>/<date>-<gpu>-phases.md`` and prints the table. ``--sim`` checks the script:
+its clock counts clock reads, not time, so its numbers mean nothing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import re
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_gpu import DRY_SHAPES, DTYPE_NAMES, SHAPES, environment  # noqa: E402
+
+COLUMNS = ("cell", "shape", "dtype", "pass", "blocks", "copy", "mma", "epilogue", "sync",
+           "sync max", "load", "kernel")
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--modes", default="LSTM,GRU")
+    p.add_argument("--dtypes", default="fp32,bf16,fp16")
+    p.add_argument("--shapes", default=None, help="comma-separated names (default: all)")
+    p.add_argument("--sim", action="store_true", help="cudasim on the CPU, tiny shapes")
+    p.add_argument("--out-dir", default=None,
+                   help="default benchmarks/results (--sim: a temp dir)")
+    args = p.parse_args(argv)
+    args.table = DRY_SHAPES if args.sim else SHAPES
+    args.modes = args.modes.split(",")
+    args.dtypes = args.dtypes.split(",")
+    args.shapes = args.shapes.split(",") if args.shapes else list(args.table)
+    for name, got, allowed in (("mode", args.modes, ("LSTM", "GRU")),
+                               ("dtype", args.dtypes, tuple(DTYPE_NAMES)),
+                               ("shape", args.shapes, tuple(args.table))):
+        bad = [g for g in got if g not in allowed]
+        if bad:
+            p.error(f"unknown {name}(s) {bad}; choose from {', '.join(allowed)}")
+    if args.out_dir is None:
+        args.out_dir = (Path("/tmp/fused_rnn_profile_sim") if args.sim
+                        else ROOT / "benchmarks" / "results")
+    args.out_dir = Path(args.out_dir)
+    return args
+
+
+def profile_one(mode: str, B: int, T: int, H: int, dtype_name: str, device: str) -> list[dict]:
+    import torch
+
+    import fused_rnn
+    from fused_rnn.ops.cuda import profile
+
+    dtype = getattr(torch, DTYPE_NAMES[dtype_name])
+    prev = torch.backends.cudnn.allow_tf32
+    torch.backends.cudnn.allow_tf32 = dtype_name != "fp32-strict"
+    try:
+        torch.manual_seed(0)
+        cls = {"LSTM": fused_rnn.LSTM, "GRU": fused_rnn.GRU}[mode]
+        model = cls(H, H, batch_first=True, backend="cuda").to(device, dtype)
+        x = torch.randn(B, T, H, device=device, dtype=dtype)
+        cot = torch.randn(B, T, H, device=device, dtype=dtype)
+        model(x)[0].backward(cot)  # warm-up
+        with profile.recording() as launches:
+            model(x)[0].backward(cot)
+        if device == "cuda":
+            torch.cuda.synchronize()
+    finally:
+        torch.backends.cudnn.allow_tf32 = prev
+    return [profile.summarize(launch) for launch in launches]
+
+
+def _row(mode, shape, dtype_name, s: dict) -> list[str]:
+    def us(key):
+        return f"{s[key]:.2f}" if key in s else ""
+
+    direction = {"forward": "fwd", "backward": "bwd"}[s["direction"]]
+    return [mode, shape, dtype_name, direction, str(s["blocks"]), us("copy_us"),
+            us("mma_us"), us("epilogue_us"), us("sync_us"), us("sync_max_us"), us("load_us"),
+            us("kernel_us")]
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    import torch
+
+    if args.sim:
+        import pytest
+
+        sys.path.insert(0, str(ROOT / "tests" / "cuda"))
+        from cases import install_standin
+        from simulate import Simulator, unavailable_reason
+
+        if unavailable_reason():
+            print(f"cudasim unavailable: {unavailable_reason()}")
+            return 1
+        patch = pytest.MonkeyPatch()
+        install_standin(patch, Simulator(sms=4))
+        device = "cpu"
+    else:
+        if not torch.cuda.is_available():
+            print("no GPU: use --sim to check the script on the CPU")
+            return 1
+        device = "cuda"
+    rows, failed = [], []
+    for mode in args.modes:
+        for shape in args.shapes:
+            B, T, H = args.table[shape]
+            for dtype_name in args.dtypes:
+                try:
+                    for s in profile_one(mode, B, T, H, dtype_name, device):
+                        rows.append(_row(mode, f"{shape} {B}x{T}x{H}", dtype_name, s))
+                except Exception as e:  # keep going: one failure must not cost the rest
+                    failed.append(f"{mode}-{shape}-{dtype_name}: {type(e).__name__}: {e}"[:300])
+    env = environment(device, argparse.Namespace())
+    lines = [f"# CUDA kernel phases, {env['gpu']}", ""]
+    lines += [f"- {k}: {v}" for k, v in env.items()]
+    lines += ["", "µs per step (mean over blocks) for copy, mma, epilogue, sync and sync max "
+              "(the slowest block's wait); µs per launch for load (W into shared memory) and "
+              "kernel (wall time).", ""]
+    if args.sim:
+        lines += ["**cudasim**: the clock counts clock reads; these numbers mean nothing.", ""]
+    lines += ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
+    lines += ["| " + " | ".join(r) + " |" for r in rows]
+    if failed:
+        lines += ["", "Failed:", *[f"- {f}" for f in failed]]
+    text = "\n".join(lines) + "\n"
+    args.out_dir.mkdir(parents=True, exist_ok=True)
+    gpu = "cpu-sim" if args.sim else re.sub(r"[^A-Za-z0-9]+", "-", env["gpu"]).strip("-")
+    path = args.out_dir / f"{dt.date.today().isoformat()}-{gpu}-phases.md"
+    path.write_text(text)
+    print(text)
+    print(f"wrote {path}")
+    return 1 if failed or not rows else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,104 @@
+"""Where a persistent kernel's time goes: per-phase timings of the CUDA backend's launches.
+
+::
+
+    from fused_rnn.ops.cuda import profile
+
+    with profile.recording() as launches:
+        lstm(x)[0].backward(g)          # any use of backend="cuda"
+    torch.cuda.synchronize()
+    for launch in launches:
+        print(profile.summarize(launch))
+
+Inside ``recording()`` every launch gets an int64 buffer (``prof``). Thread 0 of each block
+fills it with the ``clock64()`` cycles it spent in each phase of ``csrc/fused_rnn.h``'s
+``Phase``:
+
+- ``load``: the W slice into shared memory;
+- ``copy``: X stage copies;
+- ``mma``: the recurrent matmul, up to the slowest warp;
+- ``epilogue``: the cell math and stores;
+- ``sync``: the L2 prefetch issue and ``grid.sync()``, i.e. the wait for the slowest block.
+
+It also writes the total cycles, the total nanoseconds (``%globaltimer``, which converts cycles
+to time) and the number of steps.
+
+Outside ``recording()`` the kernels take one uniform branch per phase mark and write nothing.
+Recording is meant for eager runs: the buffers are allocated per launch, which CUDA graph
+capture would freeze.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+
+PHASES = ("load", "copy", "mma", "epilogue", "sync")  # fused_rnn.h Phase, in order
+PROF_SLOTS = len(PHASES) + 3  # + total cycles, total ns, steps (fused_rnn.h kProfSlots)
+MAX_BLOCKS = 1024  # rows per buffer; a grid never has more blocks than the GPU has SMs
+
+
+@dataclass
+class Launch:
+    """One kernel launch recorded by :func:`recording`."""
+
+    direction: str  # "forward" or "backward"
+    mode: str
+    dtype: torch.dtype
+    steps: int
+    batch: int
+    hidden: int
+    prof: torch.Tensor  # (MAX_BLOCKS, PROF_SLOTS) int64; rows of blocks that ran are non-zero
+
+
+_recording: list[Launch] | None = None
+
+
+@contextmanager
+def recording() -> Iterator[list[Launch]]:
+    """Record every CUDA-backend launch in this block (nestable; the inner one collects)."""
+    global _recording
+    previous, _recording = _recording, []
+    try:
+        yield _recording
+    finally:
+        _recording = previous
+
+
+def buffer(direction: str, mode: str, dtype: torch.dtype, steps: int, batch: int, hidden: int,
+           device: torch.device) -> torch.Tensor | None:
+    """The ``prof`` argument for one launch: None unless recording."""
+    if _recording is None:
+        return None
+    prof = torch.zeros(MAX_BLOCKS, PROF_SLOTS, dtype=torch.int64, device=device)
+    _recording.append(Launch(direction, mode, dtype, steps, batch, hidden, prof))
+    return prof
+
+
+def summarize(launch: Launch) -> dict:
+    """Microseconds per step of each per-step phase (``copy_us`` .. ``sync_us``, mean over
+    blocks), the slowest block's sync wait per step, and for the whole launch the W load
+    (``load_us``) and the kernel's wall time (``kernel_us``). Synchronise the device first."""
+    p = launch.prof.cpu()
+    n = len(PHASES)
+    ran = p[p[:, n] > 0]
+    out = {"direction": launch.direction, "mode": launch.mode,
+           "dtype": str(launch.dtype).removeprefix("torch."),
+           "BxTxH": f"{launch.batch}x{launch.steps}x{launch.hidden}", "blocks": ran.shape[0]}
+    if ran.shape[0] == 0:
+        return out  # nothing recorded (the launch did not run the CUDA kernels)
+    cycles = ran[:, :n].double()
+    total, ns, steps = ran[:, n].double(), ran[:, n + 1].double(), int(ran[:, n + 2].max())
+    assert torch.equal(cycles.sum(1), total), "phases must add up to the total"
+    us_per_cycle = float(ns.sum() / total.sum()) / 1e3
+    per_step = max(steps, 1)
+    for i, name in enumerate(PHASES):
+        out[f"{name}_us"] = float(cycles[:, i].mean()) * us_per_cycle / (1 if i == 0 else per_step)
+    out["sync_max_us"] = float(cycles[:, PHASES.index("sync")].max()) * us_per_cycle / per_step
+    out["kernel_us"] = float(ns.mean()) / 1e3
+    out["steps"] = steps
+    out["ghz"] = 1e-3 / us_per_cycle
+    return out
