@@ -332,15 +332,20 @@ __device__ __forceinline__ void run_task(const T* wt, const Plan& pl, int rows_l
 }
 
 // out = W_slice * X[n0 : n0 + ncols]^T for one chunk, into the scratch slots. ncols is a multiple
-// of kBatchPad (X rows past the batch are zero padding). Warps take (tile, K-split) tasks
-// round-robin; a task's K range is split the same way in every stage slice, so its slot sums
-// the slices (loaded back from the slot after the first). Must be followed by __syncthreads()
-// before the slots are read; with staging it synchronises the block itself (uniformly).
+// of kBatchPad (X rows past the batch are zero padding); the first nreal rows are real. Warps
+// take (tile, K-split) tasks round-robin; a task's K range is split the same way in every stage
+// slice, so its slot sums the slices (loaded back from the slot after the first). Must be
+// followed by __syncthreads() before the slots are read; with staging it synchronises the block
+// itself (uniformly).
+// Staging copies only the nreal real rows: X row n reaches only output column n, and the
+// epilogue reads no column past the batch, so the stage rows after them may hold anything (an
+// earlier slice's rows, or never-written shared memory). At B = 16 that halves the copy, at
+// B = 8 quarters it.
 // x is deliberately not `const __restrict__`: other blocks write it during the kernel, so the
 // compiler must not route these loads through the non-coherent read-only path (ld.global.nc).
 template <typename T, Math M>
 __device__ ChunkLayout chunk_matmul(const T* sw, const Plan& pl, const T* x, int n0, int ncols,
-                                    float* sc, T* stage, PhaseClock& clk) {
+                                    int nreal, float* sc, T* stage, PhaseClock& clk) {
   constexpr TileShape ts = tile_shape(M);
   const int mfr = ceil_div(pl.m_pad, ts.wm);
   const int nfr = ncols / ts.wn;
@@ -355,7 +360,7 @@ __device__ ChunkLayout chunk_matmul(const T* sw, const Plan& pl, const T* x, int
     if (pl.stage_k > 0) {
       if (k0 > 0) __syncthreads();  // every warp is done with the previous slice
       clk.mark(kPhaseMma);
-      stage_copy(stage, pl.stage_ld, xs, pl.k_pad, ncols, ksteps * ts.wk);
+      stage_copy(stage, pl.stage_ld, xs, pl.k_pad, nreal, ksteps * ts.wk);
       __syncthreads();
       clk.mark(kPhaseCopy);
       xs = stage;
@@ -411,10 +416,10 @@ __device__ __forceinline__ void block_step(const BlockState<W>& bs, const Plan& 
                                            const W* x, PhaseClock& clk, Point&& point) {
   for (int n0 = bs.n_begin; n0 < bs.n_end; n0 += kChunkCols) {
     const int ncols = imin(kChunkCols, bs.n_begin + bs.group_rows - n0);
-    const ChunkLayout L = chunk_matmul<W, M>(bs.sw, pl, x, n0, ncols, bs.sc, bs.stage, clk);
+    const int nb = imin(ncols, batch - n0);  // real batch rows of this chunk (n0 < n_end)
+    const ChunkLayout L = chunk_matmul<W, M>(bs.sw, pl, x, n0, ncols, nb, bs.sc, bs.stage, clk);
     __syncthreads();
     clk.mark(kPhaseMma);
-    const int nb = imin(ncols, batch - n0);
     for (int idx = threadIdx.x; idx < nb * pl.units; idx += kThreads) {
       const int j = idx % pl.units, n = idx / pl.units;
       if (j < bs.nu) point(L, n0 + n, n, j);

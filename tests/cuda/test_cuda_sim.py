@@ -178,9 +178,12 @@ MUTANTS = {
 STAGE_MUTANTS = {
     # the next K slice is copied into the stage while other warps still read the previous one
     "no-barrier-between-slices": ("rnn_common.cuh", "      if (k0 > 0) __syncthreads();", ""),
+    # the last real batch row of a chunk is not staged (the MMAs read a stale row for it)
+    "real-row-not-staged": ("rnn_common.cuh", "xs, pl.k_pad, nreal, ksteps * ts.wk);",
+                            "xs, pl.k_pad, nreal - 1, ksteps * ts.wk);"),
     # the MMAs read the stage before every thread has copied its part
-    "no-barrier-after-stage-copy": ("rnn_common.cuh", """ncols, ksteps * ts.wk);
-      __syncthreads();""", "ncols, ksteps * ts.wk);"),
+    "no-barrier-after-stage-copy": ("rnn_common.cuh", """nreal, ksteps * ts.wk);
+      __syncthreads();""", "nreal, ksteps * ts.wk);"),
 }
 
 
