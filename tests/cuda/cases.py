@@ -5,17 +5,20 @@ from __future__ import annotations
 import torch
 
 import fused_rnn.ops.cuda as cuda_backend
+from fused_rnn.ops.common import register_autocast
 from fused_rnn.ops.cuda import _ext, ops
 from fused_rnn.ops.reference import GATES
 
 
 def install_standin(monkeypatch, ext):
     """Make the CUDA backend run ``ext`` (cudasim's Simulator or the Emulator) on CPU tensors:
-    the ops get CPU kernels (their real implementations), the extension is ``ext``, and
+    the ops get CPU kernels (their real implementations) and CPU autocast (the CUDA rule), the
+    extension is ``ext``, and
     configurations are sized as if on CUDA device 0 (``ext.device_info``). Returns ``ext``."""
     if "cpu" not in ops.cuda_layer._backend_fns:
         ops.cuda_layer.register_kernel("cpu")(ops._layer_forward_impl)
         ops.cuda_layer_backward.register_kernel("cpu")(ops._layer_backward_impl)
+        register_autocast(ops.cuda_layer, "cpu")  # the op's CUDA autocast rule, for CPU autocast
     monkeypatch.setattr(_ext, "extension", lambda: ext)
     monkeypatch.setattr(_ext, "unavailable_reason", lambda device: None)
     real = cuda_backend.unsupported_reason

@@ -276,11 +276,11 @@ def test_cuda_graph_capture_and_replay():
         assert torch.equal(a, b), f"output {i} differs between graph replay and eager"
 
 
-@gpu_only
 def test_autocast_runs_in_the_autocast_dtype():
     leaves, _, _ = _inputs("GRU", 4, 3, 5, 24, torch.float32, 5, False)
     x, h0, _, w_ih, w_hh, b_ih, b_hh = [t.to(DEVICE) if t is not None else None for t in leaves]
-    with torch.autocast("cuda", dtype=torch.bfloat16):
+    x, h0, w_ih, w_hh, b_ih, b_hh = (t.float() for t in (x, h0, w_ih, w_hh, b_ih, b_hh))
+    with torch.autocast(DEVICE, dtype=torch.bfloat16):
         y, h, _ = functional.rnn_layer("GRU", x, h0, None, w_ih, w_hh, b_ih, b_hh,
                                        backend="cuda")
         # the op itself casts too (its autocast rule), whatever dtype the region asks for
@@ -292,11 +292,10 @@ def test_autocast_runs_in_the_autocast_dtype():
     assert _rel(y, ry) < 2e-2 and torch.equal(y, y2)
 
 
-@gpu_only
 @pytest.mark.no_nan_fill
-def test_torch_compile_fullgraph():
+def test_torch_compile_fullgraph(cuda_ext):
     leaves, _, _ = _inputs("LSTM", 4, 3, 5, 16, torch.float32, 6, False)
-    x, h0, c0, w_ih, w_hh, b_ih, b_hh = [t.to(DEVICE) for t in leaves]
+    x, h0, c0, w_ih, w_hh, b_ih, b_hh = [t.to(DEVICE, torch.float32) for t in leaves]
 
     def f(x, h0, c0):
         y, h, c = cuda_backend.rnn_layer("LSTM", x, h0, c0, w_ih, w_hh, b_ih, b_hh)
@@ -305,3 +304,5 @@ def test_torch_compile_fullgraph():
     torch._dynamo.reset()
     compiled = torch.compile(f, fullgraph=True)
     torch.testing.assert_close(compiled(x, h0, c0), f(x, h0, c0), rtol=1e-5, atol=1e-5)
+    if STANDIN:  # the stand-in really ran (the kernels take fp32/fp16/bf16, not float64)
+        assert [d for d, *_ in cuda_ext.launches] == ["forward"] * 2
