@@ -10,15 +10,28 @@ from fused_rnn.ops.cuda import _ext, ops
 from fused_rnn.ops.reference import GATES
 
 
+_cpu_autocast = False
+
+
+def register_cpu_kernels() -> None:
+    """The ops' implementations for CPU tensors, and their CUDA autocast rule for CPU autocast
+    (once per process). Without an installed stand-in the implementations raise the backend's
+    "unavailable" RuntimeError, so registering them changes nothing for other tests."""
+    global _cpu_autocast
+    if "cpu" not in ops.cuda_layer._backend_fns:
+        ops.cuda_layer.register_kernel("cpu")(ops._layer_forward_impl)
+        ops.cuda_layer_backward.register_kernel("cpu")(ops._layer_backward_impl)
+    if not _cpu_autocast:
+        register_autocast(ops.cuda_layer, "cpu")
+        _cpu_autocast = True
+
+
 def install_standin(monkeypatch, ext):
     """Make the CUDA backend run ``ext`` (cudasim's Simulator or the Emulator) on CPU tensors:
     the ops get CPU kernels (their real implementations) and CPU autocast (the CUDA rule), the
     extension is ``ext``, and
     configurations are sized as if on CUDA device 0 (``ext.device_info``). Returns ``ext``."""
-    if "cpu" not in ops.cuda_layer._backend_fns:
-        ops.cuda_layer.register_kernel("cpu")(ops._layer_forward_impl)
-        ops.cuda_layer_backward.register_kernel("cpu")(ops._layer_backward_impl)
-        register_autocast(ops.cuda_layer, "cpu")  # the op's CUDA autocast rule, for CPU autocast
+    register_cpu_kernels()
     monkeypatch.setattr(_ext, "extension", lambda: ext)
     monkeypatch.setattr(_ext, "unavailable_reason", lambda device: None)
     real = cuda_backend.unsupported_reason

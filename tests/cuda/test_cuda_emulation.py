@@ -20,6 +20,7 @@ import re
 
 import pytest
 import torch
+from cases import register_cpu_kernels
 from emulate import Emulator
 
 import fused_rnn.ops.cuda as cuda_backend
@@ -28,11 +29,7 @@ from fused_rnn.ops.cuda import _ext, ops
 from fused_rnn.ops.cuda import plan as P
 from fused_rnn.ops.reference import GATES, MODES
 
-# The ops' implementations for CPU tensors. On a machine without the extension they raise the
-# backend's "unavailable" RuntimeError, so registering them changes nothing for other tests.
-if "cpu" not in ops.cuda_layer._backend_fns:
-    ops.cuda_layer.register_kernel("cpu")(ops._layer_forward_impl)
-    ops.cuda_layer_backward.register_kernel("cpu")(ops._layer_backward_impl)
+register_cpu_kernels()
 
 
 @pytest.fixture
