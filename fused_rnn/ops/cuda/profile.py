@@ -80,7 +80,9 @@ def buffer(direction: str, mode: str, dtype: torch.dtype, steps: int, batch: int
 
 def summarize(launch: Launch) -> dict:
     """Microseconds per step of each per-step phase (``copy_us`` .. ``sync_us``, mean over
-    blocks), the slowest block's sync wait per step, and for the whole launch the W load
+    blocks), the shortest sync wait per step (``sync_min_us``: the block that arrives last
+    waits only for the barrier itself, so mean - min is time spent waiting for slower blocks),
+    and for the whole launch the W load
     (``load_us``) and the kernel's wall time (``kernel_us``). Synchronise the device first."""
     p = launch.prof.cpu()
     n = len(PHASES)
@@ -97,7 +99,7 @@ def summarize(launch: Launch) -> dict:
     per_step = max(steps, 1)
     for i, name in enumerate(PHASES):
         out[f"{name}_us"] = float(cycles[:, i].mean()) * us_per_cycle / (1 if i == 0 else per_step)
-    out["sync_max_us"] = float(cycles[:, PHASES.index("sync")].max()) * us_per_cycle / per_step
+    out["sync_min_us"] = float(cycles[:, PHASES.index("sync")].min()) * us_per_cycle / per_step
     out["kernel_us"] = float(ns.mean()) / 1e3
     out["steps"] = steps
     out["ghz"] = 1e-3 / us_per_cycle
