@@ -51,6 +51,7 @@ struct FwdParams {
   float* aux;               // when save: LSTM c_t after step t (the carried value on masked
                             //   steps), GRU W_hn h_{t-1} + b_hn; (T, B, H) fp32; else nullptr
   long long* prof;          // (>= blocks, kProfSlots) int64 phase timings, or nullptr (off)
+  bool stage_async;         // X staging copies with cp.async (else through registers)
 };
 
 struct BwdParams {
@@ -71,6 +72,7 @@ struct BwdParams {
   float* dghn;              // (T, B, H) fp32 out (GRU): gradient of W_hn h + b_hn, else nullptr
   float* dh0;               // (B, H) fp32 out
   long long* prof;          // (>= blocks, kProfSlots) int64 phase timings, or nullptr (off)
+  bool stage_async;         // X staging copies with cp.async (else through registers)
 };
 
 // Launch one cooperative grid for the whole chunk on `stream`. Returns the first CUDA error

@@ -290,16 +290,47 @@ struct TileMma<float, Math::kFma> {
   }
 };
 
+// ---- asynchronous copies (cp.async, sm_80+) ---------------------------------------------------
+// 16 bytes from global memory to shared memory without passing through registers; complete (and
+// visible to this thread) after cp_async_wait_all(), to the block after a __syncthreads() that
+// follows it. .cg: cached in L2 only (the exchange buffer is rewritten by other SMs every step).
+__device__ __forceinline__ void cp_async16(void* smem, const void* gmem) {
+#ifndef __CUDA_SIM__
+  const unsigned s = static_cast<unsigned>(__cvta_generic_to_shared(smem));
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(s), "l"(gmem) : "memory");
+#else
+  ::cudasim::cp_async(smem, gmem, 16);
+#endif
+}
+__device__ __forceinline__ void cp_async_wait_all() {
+#ifndef __CUDA_SIM__
+  asm volatile("cp.async.wait_all;\n" ::: "memory");
+#else
+  ::cudasim::cp_async_wait_all();
+#endif
+}
+
 // All threads copy rows [0, rows) x columns [0, cols) of `src` (row stride ld_src) into `dst`
-// (row stride ld_dst) in 16-byte vectors, kBatch loads in flight per thread before any store.
-// cols * sizeof(T) and both strides (in bytes) are multiples of 16, the pointers 16-aligned.
+// (row stride ld_dst) in 16-byte vectors. cols * sizeof(T) and both strides (in bytes) are
+// multiples of 16, the pointers 16-aligned. Followed by __syncthreads() before anyone reads dst.
+//   async (default): every copy of the thread issued at once with cp.async, then waited for: as
+//     many bytes in flight as the memory system takes, no registers held;
+//   otherwise: through registers, kBatch loads in flight per thread before any store
+//     (FUSED_RNN_CUDA_STAGE_ASYNC=0, kept to measure the difference).
 template <typename T>
 __device__ __forceinline__ void stage_copy(T* dst, int ld_dst, const T* src, int ld_src,
-                                           int rows, int cols) {
+                                           int rows, int cols, bool async) {
   constexpr int kVec = 16 / sizeof(T);
   constexpr int kBatch = 8;
   const int per_row = cols / kVec;
   const int total = rows * per_row;
+  if (async) {
+    for (int i = threadIdx.x; i < total; i += kThreads)
+      cp_async16(dst + (size_t)(i / per_row) * ld_dst + (i % per_row) * kVec,
+                 src + (size_t)(i / per_row) * ld_src + (i % per_row) * kVec);
+    cp_async_wait_all();
+    return;
+  }
   for (int base = threadIdx.x; base < total; base += kThreads * kBatch) {
     uint4 v[kBatch];
 #pragma unroll
@@ -345,7 +376,8 @@ __device__ __forceinline__ void run_task(const T* wt, const Plan& pl, int rows_l
 // compiler must not route these loads through the non-coherent read-only path (ld.global.nc).
 template <typename T, Math M>
 __device__ ChunkLayout chunk_matmul(const T* sw, const Plan& pl, const T* x, int n0, int ncols,
-                                    int nreal, float* sc, T* stage, PhaseClock& clk) {
+                                    int nreal, float* sc, T* stage, bool async,
+                                    PhaseClock& clk) {
   constexpr TileShape ts = tile_shape(M);
   const int mfr = ceil_div(pl.m_pad, ts.wm);
   const int nfr = ncols / ts.wn;
@@ -360,7 +392,7 @@ __device__ ChunkLayout chunk_matmul(const T* sw, const Plan& pl, const T* x, int
     if (pl.stage_k > 0) {
       if (k0 > 0) __syncthreads();  // every warp is done with the previous slice
       clk.mark(kPhaseMma);
-      stage_copy(stage, pl.stage_ld, xs, pl.k_pad, nreal, ksteps * ts.wk);
+      stage_copy(stage, pl.stage_ld, xs, pl.k_pad, nreal, ksteps * ts.wk, async);
       __syncthreads();
       clk.mark(kPhaseCopy);
       xs = stage;
@@ -389,11 +421,12 @@ struct BlockState {
   int u0, nu;      // nu > 0
   int group_rows;  // rows per batch group, a multiple of kBatchPad (padding included)
   int n_begin, n_end;
+  bool async_copy;  // stage with cp.async (stage_copy)
 };
 
 template <typename W>
 __device__ __forceinline__ BlockState<W> block_state(const Plan& pl, int hidden, int batch,
-                                                     int batch_pad) {
+                                                     int batch_pad, bool async_copy) {
   unsigned char* smem = dynamic_smem();
   BlockState<W> b;
   b.sw = reinterpret_cast<W*>(smem);
@@ -405,6 +438,7 @@ __device__ __forceinline__ BlockState<W> block_state(const Plan& pl, int hidden,
   b.group_rows = batch_pad / pl.groups;
   b.n_begin = group * b.group_rows;
   b.n_end = imin(b.n_begin + b.group_rows, batch);
+  b.async_copy = async_copy;
   return b;
 }
 
@@ -417,7 +451,8 @@ __device__ __forceinline__ void block_step(const BlockState<W>& bs, const Plan& 
   for (int n0 = bs.n_begin; n0 < bs.n_end; n0 += kChunkCols) {
     const int ncols = imin(kChunkCols, bs.n_begin + bs.group_rows - n0);
     const int nb = imin(ncols, batch - n0);  // real batch rows of this chunk (n0 < n_end)
-    const ChunkLayout L = chunk_matmul<W, M>(bs.sw, pl, x, n0, ncols, nb, bs.sc, bs.stage, clk);
+    const ChunkLayout L =
+        chunk_matmul<W, M>(bs.sw, pl, x, n0, ncols, nb, bs.sc, bs.stage, bs.async_copy, clk);
     __syncthreads();
     clk.mark(kPhaseMma);
     for (int idx = threadIdx.x; idx < nb * pl.units; idx += kThreads) {

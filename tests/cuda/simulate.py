@@ -116,8 +116,8 @@ def _load(sanitize: bool, csrc: Path) -> ctypes.CDLL:
             lib.sim_last_error.restype = ctypes.c_char_p
             lib.sim_plan.argtypes = [i] * 8 + [ctypes.POINTER(ctypes.c_int)]
             lib.sim_make_plan.argtypes = [i] * 8 + [ctypes.POINTER(ctypes.c_int)]
-            lib.sim_forward.argtypes = [i] * 11 + [p, fp, p, fp, p, fp, p, fp, p]
-            lib.sim_backward.argtypes = [i] * 10 + [p] * 14
+            lib.sim_forward.argtypes = [i] * 11 + [p, fp, p, fp, p, fp, p, fp, p, i]
+            lib.sim_backward.argtypes = [i] * 10 + [p] * 14 + [i]
             _libs[key] = lib
         return _libs[key]
 
@@ -189,7 +189,7 @@ class Simulator:
         return _ptr(prof)
 
     def forward(self, mode, xproj, h0, c0, w_hh, b_hh, lengths, reverse, allow_tf32, save,
-                max_groups, max_stage_k, prof=None):
+                max_groups, max_stage_k, prof=None, stage_async=True):
         cell = int(mode)
         T, B, _ = xproj.shape
         H = h0.shape[1]
@@ -214,13 +214,13 @@ class Simulator:
         self._check(self.lib.sim_forward(
             cell, DTYPE_CODES[st], int(allow_tf32), T, B, H, B_pad, int(reverse), int(save),
             max_groups, max_stage_k, _ptr(w_hh), _ptr(b_hh), _ptr(lengths), _ptr(xproj),
-            _ptr(hbuf), _ptr(cbuf), _ptr(y), _ptr(aux), self._prof(prof, pl)))
+            _ptr(hbuf), _ptr(cbuf), _ptr(y), _ptr(aux), self._prof(prof, pl), int(stage_async)))
         h_n = hbuf[T % 2, :B, :H].contiguous()
         c_n = cbuf.to(st) if cell == 0 else torch.empty(0, dtype=st)
         return [y, h_n, c_n, aux]
 
     def backward(self, mode, dy, dh_n, dc_n, w_hh, gates, aux, c0, hprev, lengths, reverse,
-                 allow_tf32, max_groups, max_stage_k, prof=None):
+                 allow_tf32, max_groups, max_stage_k, prof=None, stage_async=True):
         cell = int(mode)
         G = (4, 3, 1, 1)[cell]
         T, B, H = dy.shape
@@ -253,5 +253,5 @@ class Simulator:
             _ptr(lengths), _ptr(dy), _ptr(gates), _ptr(aux) if cell in (0, 1) else None,
             _ptr(c0) if cell == 0 else None, _ptr(hprev) if cell == 1 else None, _ptr(dgbuf),
             _ptr(dh_carry), _ptr(dc_carry), _ptr(dgx), _ptr(dghn), _ptr(dh0),
-            self._prof(prof, pl)))
+            self._prof(prof, pl), int(stage_async)))
         return [dgx, dghn, dh0, dc_carry]

@@ -160,8 +160,8 @@ def _differs_from_clean(install, csrc, mode="GRU", dt="bf16", **shape):
 
 MUTANTS = {
     # the epilogue reads the scratch slots before the other warps have written them
-    "no-barrier-after-matmul": ("rnn_common.cuh", """bs.sc, bs.stage, clk);
-    __syncthreads();""", "bs.sc, bs.stage, clk);"),
+    "no-barrier-after-matmul": ("rnn_common.cuh", """bs.async_copy, clk);
+    __syncthreads();""", "bs.async_copy, clk);"),
     # the next chunk's matmul overwrites slots the epilogue is still reading
     "no-barrier-after-epilogue": ("rnn_common.cuh",
                                   "    __syncthreads();  // the slots are reused by the next chunk",
@@ -179,11 +179,11 @@ STAGE_MUTANTS = {
     # the next K slice is copied into the stage while other warps still read the previous one
     "no-barrier-between-slices": ("rnn_common.cuh", "      if (k0 > 0) __syncthreads();", ""),
     # the last real batch row of a chunk is not staged (the MMAs read a stale row for it)
-    "real-row-not-staged": ("rnn_common.cuh", "xs, pl.k_pad, nreal, ksteps * ts.wk);",
-                            "xs, pl.k_pad, nreal - 1, ksteps * ts.wk);"),
+    "real-row-not-staged": ("rnn_common.cuh", "xs, pl.k_pad, nreal, ksteps * ts.wk, async);",
+                            "xs, pl.k_pad, nreal - 1, ksteps * ts.wk, async);"),
     # the MMAs read the stage before every thread has copied its part
-    "no-barrier-after-stage-copy": ("rnn_common.cuh", """nreal, ksteps * ts.wk);
-      __syncthreads();""", "nreal, ksteps * ts.wk);"),
+    "no-barrier-after-stage-copy": ("rnn_common.cuh", """nreal, ksteps * ts.wk, async);
+      __syncthreads();""", "nreal, ksteps * ts.wk, async);"),
 }
 
 
@@ -202,7 +202,7 @@ def test_races_are_caught(install, monkeypatch, tmp_path, name):
 
 
 def test_a_thread_leaving_before_a_barrier_is_reported(install, tmp_path):
-    site = "  const BlockState<W> bs = block_state<W>(p.plan, p.hidden, p.batch, p.batch_pad);"
+    site = "  const BlockState<W> bs =\n      block_state<W>("
     csrc = _mutant(tmp_path, "rnn_forward.cu", site, "  if (threadIdx.x == 5) return;\n" + site)
     install(sms=4, csrc=csrc)
     with pytest.raises(RuntimeError, match=r"__syncthreads\(\) at .* is not reached by block 0 "
@@ -273,6 +273,38 @@ def test_staging_plans_and_settings(install, monkeypatch):
     monkeypatch.setenv("FUSED_RNN_CUDA_STAGE_K", "24")
     with pytest.raises(ValueError, match="positive multiple of 16"):
         _layer("LSTM", "bf16")
+
+
+# ------------------------------------------------------------------ cp.async stage copies
+@pytest.mark.parametrize("mode,dt", [("LSTM", "bf16"), ("GRU", "tf32"), ("RNN_RELU", "fp32"),
+                                     ("RNN_TANH", "fp16")])
+def test_stage_copy_async_and_through_registers_agree_bit_for_bit(install, monkeypatch, mode,
+                                                                  dt):
+    """FUSED_RNN_CUDA_STAGE_ASYNC=1 (cp.async, the default) and 0 (registers) move the same
+    bytes: identical results, with X staged whole and in 16-column slices. cudasim completes a
+    cp.async only at the issuing thread's wait, so a read before it would see NaN."""
+    for stage_k in ("auto", "16"):
+        monkeypatch.setenv("FUSED_RNN_CUDA_STAGE_K", stage_k)
+        runs = {}
+        for setting in ("1", "0"):
+            monkeypatch.setenv("FUSED_RNN_CUDA_STAGE_ASYNC", setting)
+            install(sms=4, order="shuffle", seed=3)
+            runs[setting] = _layer(mode, dt, B=70, T=3)
+        for i, (a, b) in enumerate(zip(runs["1"], runs["0"])):
+            assert torch.equal(a, b), (stage_k, i)
+    monkeypatch.setenv("FUSED_RNN_CUDA_STAGE_ASYNC", "yes")
+    with pytest.raises(ValueError, match="FUSED_RNN_CUDA_STAGE_ASYNC must be 0 or 1"):
+        _layer(mode, dt)
+
+
+def test_cp_async_without_its_wait_is_reported(install, tmp_path):
+    """A mutant that never waits for its cp.async copies: the copies never land (cudasim
+    completes them at the wait) and the launch fails naming the threads that left them."""
+    csrc = _mutant(tmp_path, "rnn_common.cuh", "    cp_async_wait_all();\n    return;",
+                   "    return;")
+    install(sms=4, csrc=csrc)
+    with pytest.raises(RuntimeError, match="cp.async copies never waited for"):
+        _layer("GRU", "bf16")
 
 
 # -------------------------------------------------------------------- k-blocked TF32 slices

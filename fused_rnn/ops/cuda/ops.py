@@ -72,6 +72,17 @@ def max_stage_k() -> int:
     return value
 
 
+def stage_async() -> bool:
+    """How X is copied into the stage (plan.h: staging), from ``FUSED_RNN_CUDA_STAGE_ASYNC``:
+    ``1`` (default: cp.async, every copy in flight at once, no registers) or ``0`` (through
+    registers, 8 loads in flight per thread). Read at every call, like :func:`max_groups`; the
+    results are bit for bit the same."""
+    raw = os.environ.get("FUSED_RNN_CUDA_STAGE_ASYNC", "1")
+    if raw not in ("0", "1"):
+        raise ValueError(f"FUSED_RNN_CUDA_STAGE_ASYNC must be 0 or 1, got {raw!r}")
+    return raw == "1"
+
+
 def _lengths32(lengths: Tensor | None, device: torch.device) -> Tensor | None:
     if lengths is None:
         return None
@@ -137,6 +148,7 @@ def _layer_forward_impl(
         max_groups(),
         max_stage_k(),
         profile.buffer("forward", mode, dtype, T, B, H, x.device),
+        stage_async(),
     )
     gates = xproj if save else x.new_empty((0,), dtype=cd)
     return y, h_n, c_n, gates, aux
@@ -271,6 +283,7 @@ def _layer_backward_impl(
             max_groups(),
             max_stage_k(),
             profile.buffer("backward", mode, dtype, T, B, H, x.device),
+            stage_async(),
         )
         # GRU: the recurrent side of the n gate is r * dn (b_hn sits inside r * (.)).
         dgh = torch.cat([dgx[..., : 2 * H], dghn], dim=-1) if mode == "GRU" else dgx

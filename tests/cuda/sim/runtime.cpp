@@ -10,8 +10,10 @@
 
 #include <algorithm>
 #include <cstdarg>
+#include <cstdint>
 #include <cstdio>
 #include <cstdlib>
+#include <cstring>
 #include <map>
 #include <mutex>
 #include <numeric>
@@ -62,6 +64,12 @@ struct Thread {
   const char* file = nullptr;  // where it waits at a block barrier
   int line = 0;
   unsigned char* stack = nullptr;
+  struct Copy {
+    void* dst;
+    const void* src;
+    size_t bytes;
+  };
+  std::vector<Copy> in_flight;  // cp.async copies issued and not yet waited for
 };
 
 struct Launch {
@@ -132,6 +140,12 @@ void fiber_main() {
   try {
     if (!L->aborting) L->invoke(L->func, L->args);
   } catch (const Abort&) {
+  }
+  if (!g_current->in_flight.empty() && L->error.empty()) {
+    char buf[160];
+    std::snprintf(buf, sizeof buf, "block %u thread %u exited with %zu cp.async copies never "
+                  "waited for", g_current->block, g_current->tid, g_current->in_flight.size());
+    L->error = buf;
   }
   g_current->state = State::kDone;
   switch_to_scheduler(true);
@@ -273,6 +287,20 @@ void block_barrier(const char* file, int line) {
 void grid_barrier() { yield(State::kAtGridBarrier); }
 
 unsigned char* dynamic_smem() { return g_launch->smem[blockIdx.x]; }
+
+// cp.async: the copy happens at the issuing thread's wait, the latest moment the hardware may
+// complete it, so a read before the wait (or before the barrier after it) sees the old bytes.
+void cp_async(void* dst, const void* src, size_t bytes) {
+  if (reinterpret_cast<uintptr_t>(dst) % bytes != 0 || reinterpret_cast<uintptr_t>(src) % bytes != 0)
+    fail("cp.async of %zu bytes needs %zu-byte aligned addresses (dst %p, src %p)", bytes, bytes,
+         dst, src);
+  g_current->in_flight.push_back({dst, src, bytes});
+}
+
+void cp_async_wait_all() {
+  for (const Thread::Copy& c : g_current->in_flight) std::memcpy(c.dst, c.src, c.bytes);
+  g_current->in_flight.clear();
+}
 
 long long tick() {
   static long long ticks = 0;  // fibers of one launch share one OS thread

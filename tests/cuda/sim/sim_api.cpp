@@ -98,7 +98,7 @@ int sim_forward(int cell, int dtype, int allow_tf32, int steps, int batch, int h
                 int batch_pad, int reverse, int save, int max_groups, int max_stage_k,
                 const void* w_hh,
                 const float* b_hh, const int* lengths, float* xproj, void* hbuf, float* cbuf,
-                void* y, float* aux, long long* prof) {
+                void* y, float* aux, long long* prof, int stage_async) {
   fused_rnn::FwdParams p{};
   fused_rnn::Selection sel{};
   if (!checked_plan(cell, dtype, allow_tf32, hidden, false, batch_pad, max_groups, max_stage_k,
@@ -120,6 +120,7 @@ int sim_forward(int cell, int dtype, int allow_tf32, int steps, int batch, int h
   p.y = y;
   p.aux = aux;
   p.prof = prof;
+  p.stage_async = stage_async != 0;
   const auto launch = [&](auto c, auto tag, auto m) {
     using T = typename decltype(tag)::type;
     return fused_rnn::launch_forward<decltype(c)::value, T, decltype(m)::value>(p, nullptr);
@@ -132,7 +133,8 @@ int sim_backward(int cell, int dtype, int allow_tf32, int steps, int batch, int 
                  int batch_pad, int reverse, int max_groups, int max_stage_k, const void* w_hh,
                  const int* lengths, const void* dy, const float* gates, const float* aux,
                  const float* c0, const void* hprev, void* dgbuf, float* dh_carry,
-                 float* dc_carry, float* dgx, float* dghn, float* dh0, long long* prof) {
+                 float* dc_carry, float* dgx, float* dghn, float* dh0, long long* prof,
+                 int stage_async) {
   fused_rnn::BwdParams p{};
   fused_rnn::Selection sel{};
   if (!checked_plan(cell, dtype, allow_tf32, hidden, true, batch_pad, max_groups, max_stage_k,
@@ -149,7 +151,6 @@ int sim_backward(int cell, int dtype, int allow_tf32, int steps, int batch, int 
   p.dy = dy;
   p.gates = gates;
   p.aux = aux;
-  p.prof = prof;
   p.c0 = c0;
   p.hprev = hprev;
   p.dgbuf = dgbuf;
@@ -159,6 +160,7 @@ int sim_backward(int cell, int dtype, int allow_tf32, int steps, int batch, int 
   p.dghn = dghn;
   p.dh0 = dh0;
   p.prof = prof;
+  p.stage_async = stage_async != 0;
   const auto launch = [&](auto c, auto tag, auto m) {
     using T = typename decltype(tag)::type;
     return fused_rnn::launch_backward<decltype(c)::value, T, decltype(m)::value>(p, nullptr);
