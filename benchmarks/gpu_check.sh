@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
 # One command for a lent GPU (~8 minutes on an H100): GPU tests, benchmarks, short table last.
 #
-#   benchmarks/gpu_check.sh [--backends triton,cuda,cuda-g1,cuda-direct,cuda-regcopy] [--dry-run]
-#                    (default: all five; cuda-g1 = cuda without batch groups, cuda-direct =
-#                     cuda without X staging, cuda-regcopy = cuda staging through registers
-#                     instead of cp.async: variants timed after the main rows, to measure them)
+#   benchmarks/gpu_check.sh [--backends triton,cuda,cuda-g1,cuda-direct,cuda-nopipe,cuda-regcopy] [--dry-run]
+#                    (default: all six; cuda-g1 = cuda without batch groups, cuda-direct =
+#                     cuda without X staging, cuda-nopipe = one stage buffer, cuda-regcopy =
+#                     staging through registers: variants timed after the main rows)
 #
 # 0. with cuda in --backends: benchmarks/gpu_check_cuda.sh builds the extension once, runs
 #    tests/cuda's GPU tests, the kernels' phase timings (profile_cuda.py) and compute-sanitizer
@@ -23,14 +23,14 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
-BACKENDS=triton,cuda,cuda-g1,cuda-direct,cuda-regcopy
+BACKENDS=triton,cuda,cuda-g1,cuda-direct,cuda-nopipe,cuda-regcopy
 DRY=0
 while [[ $# -gt 0 ]]; do
   case "$1" in
     --backends) BACKENDS="$2"; shift 2 ;;
     --backends=*) BACKENDS="${1#*=}"; shift ;;
     --dry-run) DRY=1; shift ;;
-    *) echo "usage: $0 [--backends triton,cuda,cuda-g1,cuda-direct,cuda-regcopy] [--dry-run]" >&2; exit 2 ;;
+    *) echo "usage: $0 [--backends triton,cuda,cuda-g1,cuda-direct,cuda-nopipe,cuda-regcopy] [--dry-run]" >&2; exit 2 ;;
   esac
 done
 

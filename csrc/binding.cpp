@@ -81,6 +81,13 @@ long long* prof_ptr(const c10::optional<at::Tensor>& prof, const at::Device& dev
   return reinterpret_cast<long long*>(prof->data_ptr<int64_t>());
 }
 
+int checked_stage_copy(int64_t mode) {
+  TORCH_CHECK(mode >= fused_rnn::kStageRegisters && mode <= fused_rnn::kStagePipelined,
+              "fused_rnn CUDA backend: stage_copy must be 0 (registers), 1 (cp.async) or 2 ",
+              "(pipelined cp.async), got ", mode);
+  return static_cast<int>(mode);
+}
+
 struct DeviceInfo {
   int sms, smem_optin, major, minor, cooperative;
 };
@@ -140,7 +147,7 @@ std::vector<at::Tensor> forward(int64_t mode, at::Tensor xproj, at::Tensor h0,
                                 c10::optional<at::Tensor> b_hh,
                                 c10::optional<at::Tensor> lengths, bool reverse, bool allow_tf32,
                                 bool save, int64_t max_groups, int64_t max_stage_k,
-                                c10::optional<at::Tensor> prof, bool stage_async) {
+                                c10::optional<at::Tensor> prof, int64_t stage_copy) {
   const Cell cell = cell_of(mode);
   const int64_t G = fused_rnn::gates_of(cell);
   TORCH_CHECK(xproj.is_cuda(), "fused_rnn CUDA backend: inputs must be CUDA tensors, got ",
@@ -193,7 +200,7 @@ std::vector<at::Tensor> forward(int64_t mode, at::Tensor xproj, at::Tensor h0,
   p.y = y.data_ptr();
   p.aux = has_aux ? aux.data_ptr<float>() : nullptr;
   p.prof = prof_ptr(prof, dev, plan);
-  p.stage_async = stage_async;
+  p.stage_copy = checked_stage_copy(stage_copy);
 
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(dev.index()).stream();
   const auto launch = [&](auto c, auto tag, auto m) {
@@ -216,7 +223,7 @@ std::vector<at::Tensor> backward(int64_t mode, at::Tensor dy, at::Tensor dh_n,
                                  c10::optional<at::Tensor> c0, c10::optional<at::Tensor> hprev,
                                  c10::optional<at::Tensor> lengths, bool reverse,
                                  bool allow_tf32, int64_t max_groups, int64_t max_stage_k,
-                                 c10::optional<at::Tensor> prof, bool stage_async) {
+                                 c10::optional<at::Tensor> prof, int64_t stage_copy) {
   const Cell cell = cell_of(mode);
   const int64_t G = fused_rnn::gates_of(cell);
   TORCH_CHECK(dy.is_cuda(), "fused_rnn CUDA backend: inputs must be CUDA tensors, got ",
@@ -274,7 +281,7 @@ std::vector<at::Tensor> backward(int64_t mode, at::Tensor dy, at::Tensor dh_n,
   p.dghn = cell == Cell::kGRU ? dghn.data_ptr<float>() : nullptr;
   p.dh0 = dh0.data_ptr<float>();
   p.prof = prof_ptr(prof, dev, plan);
-  p.stage_async = stage_async;
+  p.stage_copy = checked_stage_copy(stage_copy);
 
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(dev.index()).stream();
   const auto launch = [&](auto c, auto tag, auto m) {
@@ -315,12 +322,12 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("forward", &forward, "persistent forward over a chunk", py::arg("mode"), py::arg("xproj"),
         py::arg("h0"), py::arg("c0"), py::arg("w_hh"), py::arg("b_hh"), py::arg("lengths"),
         py::arg("reverse"), py::arg("allow_tf32"), py::arg("save"), py::arg("max_groups"),
-        py::arg("max_stage_k"), py::arg("prof") = py::none(), py::arg("stage_async") = true);
+        py::arg("max_stage_k"), py::arg("prof") = py::none(), py::arg("stage_copy") = 2);
   m.def("backward", &backward, "persistent backward over a chunk", py::arg("mode"),
         py::arg("dy"), py::arg("dh_n"), py::arg("dc_n"), py::arg("w_hh"), py::arg("gates"),
         py::arg("aux"), py::arg("c0"), py::arg("hprev"), py::arg("lengths"), py::arg("reverse"),
         py::arg("allow_tf32"), py::arg("max_groups"), py::arg("max_stage_k"),
-        py::arg("prof") = py::none(), py::arg("stage_async") = true);
+        py::arg("prof") = py::none(), py::arg("stage_copy") = 2);
   m.def("plan_info", &plan_info, "launch plan (units, blocks, ..., groups, group_blocks)",
         py::arg("mode"), py::arg("math"), py::arg("hidden"), py::arg("backward"),
         py::arg("max_blocks"), py::arg("groups") = 1, py::arg("stage_rows") = 0,

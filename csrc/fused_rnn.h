@@ -34,6 +34,13 @@ enum Phase : int {
 };
 constexpr int kProfSlots = kPhases + 3;
 
+// How X is copied into the stage (plan.h staging; rnn_common.cuh chunk_matmul).
+enum StageCopy : int {
+  kStageRegisters = 0,  // loads into registers, then stores (8 x 16 B in flight per thread)
+  kStageAsync = 1,      // cp.async, all of a slice in flight at once, then the matmul
+  kStagePipelined = 2,  // cp.async into two half-width buffers: slice s+1 lands during s's matmul
+};
+
 struct FwdParams {
   Plan plan;                // make_plan(cell, math, H, /*backward=*/false, num_sms)
   int steps, batch, hidden, batch_pad;
@@ -51,7 +58,7 @@ struct FwdParams {
   float* aux;               // when save: LSTM c_t after step t (the carried value on masked
                             //   steps), GRU W_hn h_{t-1} + b_hn; (T, B, H) fp32; else nullptr
   long long* prof;          // (>= blocks, kProfSlots) int64 phase timings, or nullptr (off)
-  bool stage_async;         // X staging copies with cp.async (else through registers)
+  int stage_copy;           // StageCopy: how X is copied into the stage
 };
 
 struct BwdParams {
@@ -72,7 +79,7 @@ struct BwdParams {
   float* dghn;              // (T, B, H) fp32 out (GRU): gradient of W_hn h + b_hn, else nullptr
   float* dh0;               // (B, H) fp32 out
   long long* prof;          // (>= blocks, kProfSlots) int64 phase timings, or nullptr (off)
-  bool stage_async;         // X staging copies with cp.async (else through registers)
+  int stage_copy;           // StageCopy: how X is copied into the stage
 };
 
 // Launch one cooperative grid for the whole chunk on `stream`. Returns the first CUDA error

@@ -302,35 +302,48 @@ __device__ __forceinline__ void cp_async16(void* smem, const void* gmem) {
   ::cudasim::cp_async(smem, gmem, 16);
 #endif
 }
-__device__ __forceinline__ void cp_async_wait_all() {
+// Closes the group of this thread's cp.async copies issued since the last commit.
+__device__ __forceinline__ void cp_async_commit() {
 #ifndef __CUDA_SIM__
-  asm volatile("cp.async.wait_all;\n" ::: "memory");
+  asm volatile("cp.async.commit_group;\n" ::: "memory");
 #else
-  ::cudasim::cp_async_wait_all();
+  ::cudasim::cp_async_commit();
+#endif
+}
+// Waits until at most N of this thread's committed groups are still in flight.
+template <int N>
+__device__ __forceinline__ void cp_async_wait() {
+#ifndef __CUDA_SIM__
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
+#else
+  ::cudasim::cp_async_wait(N);
 #endif
 }
 
 // All threads copy rows [0, rows) x columns [0, cols) of `src` (row stride ld_src) into `dst`
 // (row stride ld_dst) in 16-byte vectors. cols * sizeof(T) and both strides (in bytes) are
 // multiples of 16, the pointers 16-aligned. Followed by __syncthreads() before anyone reads dst.
-//   async (default): every copy of the thread issued at once with cp.async, then waited for: as
-//     many bytes in flight as the memory system takes, no registers held;
-//   otherwise: through registers, kBatch loads in flight per thread before any store
-//     (FUSED_RNN_CUDA_STAGE_ASYNC=0, kept to measure the difference).
+// stage_issue: every copy of the thread issued at once with cp.async and committed as one group
+// (the caller waits); stage_copy_registers: kBatch loads in flight per thread before any store.
 template <typename T>
-__device__ __forceinline__ void stage_copy(T* dst, int ld_dst, const T* src, int ld_src,
-                                           int rows, int cols, bool async) {
+__device__ __forceinline__ void stage_issue(T* dst, int ld_dst, const T* src, int ld_src,
+                                            int rows, int cols) {
+  constexpr int kVec = 16 / sizeof(T);
+  const int per_row = cols / kVec;
+  const int total = rows * per_row;
+  for (int i = threadIdx.x; i < total; i += kThreads)
+    cp_async16(dst + (size_t)(i / per_row) * ld_dst + (i % per_row) * kVec,
+               src + (size_t)(i / per_row) * ld_src + (i % per_row) * kVec);
+  cp_async_commit();
+}
+
+template <typename T>
+__device__ __forceinline__ void stage_copy_registers(T* dst, int ld_dst, const T* src,
+                                                     int ld_src, int rows, int cols) {
   constexpr int kVec = 16 / sizeof(T);
   constexpr int kBatch = 8;
   const int per_row = cols / kVec;
   const int total = rows * per_row;
-  if (async) {
-    for (int i = threadIdx.x; i < total; i += kThreads)
-      cp_async16(dst + (size_t)(i / per_row) * ld_dst + (i % per_row) * kVec,
-                 src + (size_t)(i / per_row) * ld_src + (i % per_row) * kVec);
-    cp_async_wait_all();
-    return;
-  }
   for (int base = threadIdx.x; base < total; base += kThreads * kBatch) {
     uint4 v[kBatch];
 #pragma unroll
@@ -372,30 +385,54 @@ __device__ __forceinline__ void run_task(const T* wt, const Plan& pl, int rows_l
 // epilogue reads no column past the batch, so the stage rows after them may hold anything (an
 // earlier slice's rows, or never-written shared memory). At B = 16 that halves the copy, at
 // B = 8 quarters it.
+// Pipelined staging (kStagePipelined, when stage_k is a multiple of 32) splits the stage's
+// columns into two buffers of stage_k / 2: slice s + 1 is issued into the other buffer before
+// slice s is waited for, so it lands while slice s is multiplied. Slice s + 1 reuses the buffer
+// of slice s - 1, which every warp has finished with at the barrier that opens iteration s.
 // x is deliberately not `const __restrict__`: other blocks write it during the kernel, so the
 // compiler must not route these loads through the non-coherent read-only path (ld.global.nc).
 template <typename T, Math M>
 __device__ ChunkLayout chunk_matmul(const T* sw, const Plan& pl, const T* x, int n0, int ncols,
-                                    int nreal, float* sc, T* stage, bool async,
-                                    PhaseClock& clk) {
+                                    int nreal, float* sc, T* stage, int copy, PhaseClock& clk) {
   constexpr TileShape ts = tile_shape(M);
   const int mfr = ceil_div(pl.m_pad, ts.wm);
   const int nfr = ncols / ts.wn;
   const int tiles = mfr * nfr;
-  const int slice_k = pl.stage_k > 0 ? pl.stage_k : pl.k_pad;
+  const bool staged = pl.stage_k > 0;
+  const bool pipe = staged && copy == kStagePipelined && pl.stage_k % (2 * kKPad) == 0;
+  const int slice_k = !staged ? pl.k_pad : pipe ? pl.stage_k / 2 : pl.stage_k;
+  const int slices = ceil_div(pl.k_pad, slice_k);
   const int ksplit = tiles < kWarps ? imin(kWarps / tiles, slice_k / ts.wk) : 1;
   const int warp = threadIdx.x >> 5;
-  for (int k0 = 0; k0 < pl.k_pad; k0 += slice_k) {
-    const int ksteps = imin(slice_k, pl.k_pad - k0) / ts.wk;
-    const T* xs = x + (size_t)n0 * pl.k_pad + k0;  // X rows of this chunk, from column k0
+  const T* xc = x + (size_t)n0 * pl.k_pad;  // X rows of this chunk
+  const auto cols_of = [&](int s) { return imin(slice_k, pl.k_pad - s * slice_k); };
+  if (pipe) stage_issue(stage, pl.stage_ld, xc, pl.k_pad, nreal, cols_of(0));
+  for (int s = 0; s < slices; ++s) {
+    const int k0 = s * slice_k;
+    const int ksteps = cols_of(s) / ts.wk;
+    const T* xs = xc + k0;
     int ldx = pl.k_pad;
-    if (pl.stage_k > 0) {
-      if (k0 > 0) __syncthreads();  // every warp is done with the previous slice
+    if (staged) {
+      if (s > 0) __syncthreads();  // every warp is done with slice s - 1 (and its buffer)
       clk.mark(kPhaseMma);
-      stage_copy(stage, pl.stage_ld, xs, pl.k_pad, nreal, ksteps * ts.wk, async);
-      __syncthreads();
+      T* buf = stage + (pipe ? (s & 1) * slice_k : 0);
+      if (pipe) {
+        if (s + 1 < slices) {
+          stage_issue(stage + ((s + 1) & 1) * slice_k, pl.stage_ld, xc + k0 + slice_k,
+                      pl.k_pad, nreal, cols_of(s + 1));
+          cp_async_wait<1>();  // slice s has landed (for this thread); s + 1 may be in flight
+        } else {
+          cp_async_wait<0>();
+        }
+      } else if (copy == kStageRegisters) {
+        stage_copy_registers(buf, pl.stage_ld, xs, pl.k_pad, nreal, ksteps * ts.wk);
+      } else {
+        stage_issue(buf, pl.stage_ld, xs, pl.k_pad, nreal, ksteps * ts.wk);
+        cp_async_wait<0>();
+      }
+      __syncthreads();  // ... and for every thread
       clk.mark(kPhaseCopy);
-      xs = stage;
+      xs = buf;
       ldx = pl.stage_ld;
     }
     for (int task = warp; task < tiles * ksplit; task += kWarps) {
@@ -404,7 +441,7 @@ __device__ ChunkLayout chunk_matmul(const T* sw, const Plan& pl, const T* x, int
       const int kb = ks * ksteps / ksplit, ke = (ks + 1) * ksteps / ksplit;
       run_task<T, M>(sw + w_index<M>(pl, mf * ts.wm, k0), pl, pl.m_rows - mf * ts.wm,
                      xs + (size_t)nf * ts.wn * ldx, ldx, kb, ke,
-                     sc + (size_t)task * pl.slot_floats, k0 > 0);
+                     sc + (size_t)task * pl.slot_floats, s > 0);
     }
   }
   return ChunkLayout{nfr, ksplit};
@@ -421,12 +458,12 @@ struct BlockState {
   int u0, nu;      // nu > 0
   int group_rows;  // rows per batch group, a multiple of kBatchPad (padding included)
   int n_begin, n_end;
-  bool async_copy;  // stage with cp.async (stage_copy)
+  int copy;        // StageCopy (fused_rnn.h)
 };
 
 template <typename W>
 __device__ __forceinline__ BlockState<W> block_state(const Plan& pl, int hidden, int batch,
-                                                     int batch_pad, bool async_copy) {
+                                                     int batch_pad, int copy) {
   unsigned char* smem = dynamic_smem();
   BlockState<W> b;
   b.sw = reinterpret_cast<W*>(smem);
@@ -438,7 +475,7 @@ __device__ __forceinline__ BlockState<W> block_state(const Plan& pl, int hidden,
   b.group_rows = batch_pad / pl.groups;
   b.n_begin = group * b.group_rows;
   b.n_end = imin(b.n_begin + b.group_rows, batch);
-  b.async_copy = async_copy;
+  b.copy = copy;
   return b;
 }
 
@@ -452,7 +489,7 @@ __device__ __forceinline__ void block_step(const BlockState<W>& bs, const Plan& 
     const int ncols = imin(kChunkCols, bs.n_begin + bs.group_rows - n0);
     const int nb = imin(ncols, batch - n0);  // real batch rows of this chunk (n0 < n_end)
     const ChunkLayout L =
-        chunk_matmul<W, M>(bs.sw, pl, x, n0, ncols, nb, bs.sc, bs.stage, bs.async_copy, clk);
+        chunk_matmul<W, M>(bs.sw, pl, x, n0, ncols, nb, bs.sc, bs.stage, bs.copy, clk);
     __syncthreads();
     clk.mark(kPhaseMma);
     for (int idx = threadIdx.x; idx < nb * pl.units; idx += kThreads) {

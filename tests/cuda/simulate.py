@@ -112,7 +112,7 @@ def _load(sanitize: bool, csrc: Path) -> ctypes.CDLL:
         if key not in _libs:
             lib = ctypes.CDLL(str(build(sanitize, csrc)))
             i, u64, p, fp = ctypes.c_int, ctypes.c_uint64, ctypes.c_void_p, ctypes.c_void_p
-            lib.sim_configure.argtypes = [i, i, i, i, u64]
+            lib.sim_configure.argtypes = [i, i, i, i, u64, i]
             lib.sim_last_error.restype = ctypes.c_char_p
             lib.sim_plan.argtypes = [i] * 8 + [ctypes.POINTER(ctypes.c_int)]
             lib.sim_make_plan.argtypes = [i] * 8 + [ctypes.POINTER(ctypes.c_int)]
@@ -130,13 +130,16 @@ class Simulator:
     """Stands in for the compiled extension; see the module docstring.
 
     sms: the simulated device's SM count (the plans spread H over at most that many blocks);
-    order: which thread runs first between barriers ("ascending", "descending", "shuffle").
+    order: which thread runs first between barriers ("ascending", "descending", "shuffle");
+    cp_async: when a cp.async lands, "late" (when its group is waited for) or "early" (when it
+    is issued): the two extremes the hardware allows.
     """
 
     def __init__(self, sms: int = 4, order: str = "ascending", seed: int = 0,
                  smem_optin: int = 227 * 1024, smem_per_sm: int = 228 * 1024,
-                 sanitize: bool = False, csrc: Path = CSRC):
-        self.sms, self.order, self.seed = sms, order, seed
+                 sanitize: bool = False, csrc: Path = CSRC, cp_async: str = "late"):
+        assert cp_async in ("late", "early"), cp_async
+        self.sms, self.order, self.seed, self.cp_async = sms, order, seed, cp_async
         self.smem_optin, self.smem_per_sm = smem_optin, smem_per_sm
         self.lib = _load(sanitize, Path(csrc))
         self.launches: list[tuple[str, int, dict]] = []  # (direction, cell, plan)
@@ -154,7 +157,7 @@ class Simulator:
 
     def _configure(self) -> None:
         self.lib.sim_configure(self.sms, self.smem_optin, self.smem_per_sm, ORDERS[self.order],
-                               self.seed)
+                               self.seed, int(self.cp_async == "early"))
 
     def plan(self, cell: int, dtype: torch.dtype, allow_tf32: bool, hidden: int,
              backward: bool, batch: int = 1, max_groups: int = 1,
@@ -189,7 +192,7 @@ class Simulator:
         return _ptr(prof)
 
     def forward(self, mode, xproj, h0, c0, w_hh, b_hh, lengths, reverse, allow_tf32, save,
-                max_groups, max_stage_k, prof=None, stage_async=True):
+                max_groups, max_stage_k, prof=None, stage_copy=2):
         cell = int(mode)
         T, B, _ = xproj.shape
         H = h0.shape[1]
@@ -214,13 +217,13 @@ class Simulator:
         self._check(self.lib.sim_forward(
             cell, DTYPE_CODES[st], int(allow_tf32), T, B, H, B_pad, int(reverse), int(save),
             max_groups, max_stage_k, _ptr(w_hh), _ptr(b_hh), _ptr(lengths), _ptr(xproj),
-            _ptr(hbuf), _ptr(cbuf), _ptr(y), _ptr(aux), self._prof(prof, pl), int(stage_async)))
+            _ptr(hbuf), _ptr(cbuf), _ptr(y), _ptr(aux), self._prof(prof, pl), int(stage_copy)))
         h_n = hbuf[T % 2, :B, :H].contiguous()
         c_n = cbuf.to(st) if cell == 0 else torch.empty(0, dtype=st)
         return [y, h_n, c_n, aux]
 
     def backward(self, mode, dy, dh_n, dc_n, w_hh, gates, aux, c0, hprev, lengths, reverse,
-                 allow_tf32, max_groups, max_stage_k, prof=None, stage_async=True):
+                 allow_tf32, max_groups, max_stage_k, prof=None, stage_copy=2):
         cell = int(mode)
         G = (4, 3, 1, 1)[cell]
         T, B, H = dy.shape
@@ -253,5 +256,5 @@ class Simulator:
             _ptr(lengths), _ptr(dy), _ptr(gates), _ptr(aux) if cell in (0, 1) else None,
             _ptr(c0) if cell == 0 else None, _ptr(hprev) if cell == 1 else None, _ptr(dgbuf),
             _ptr(dh_carry), _ptr(dc_carry), _ptr(dgx), _ptr(dghn), _ptr(dh0),
-            self._prof(prof, pl), int(stage_async)))
+            self._prof(prof, pl), int(stage_copy)))
         return [dgx, dghn, dh0, dc_carry]

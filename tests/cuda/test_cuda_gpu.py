@@ -76,10 +76,12 @@ def _run(fn, mode, leaves, dtype, lens, reverse, cots):
 
 # (T, B, I, H, environment). Defaults: batch groups and X staging as the plan chooses (plan.h).
 # B=70 runs as 3 batch groups of one chunk, or ungrouped as two chunks per block; "slices16"
-# stages K 16 columns at a time (several slices per chunk), "direct" does not stage.
+# stages K 16 columns at a time (several slices per chunk, one buffer), "slices32" 32 at a time
+# (the pipelined copy: two buffers of 16), "direct" does not stage.
 UNGROUPED = {"FUSED_RNN_CUDA_MAX_GROUPS": "1"}
 SHAPES = {"T5-B3-I7-H37": (5, 3, 7, 37, {}), "T1-B1-I4-H16": (1, 1, 4, 16, {}),
           "T5-B3-I7-H37-slices16": (5, 3, 7, 37, {"FUSED_RNN_CUDA_STAGE_K": "16"}),
+          "T5-B3-I7-H37-slices32": (5, 3, 7, 37, {"FUSED_RNN_CUDA_STAGE_K": "32"}),
           "T7-B70-I9-H24": (7, 70, 9, 24, {}),
           "T7-B70-I9-H24-ungrouped": (7, 70, 9, 24, UNGROUPED),
           "T7-B70-I9-H24-ungrouped-direct": (7, 70, 9, 24,

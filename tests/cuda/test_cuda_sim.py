@@ -64,8 +64,9 @@ def _layer(mode, dt, T=4, B=3, I=5, H=37, lengths=True, reverse=True, seed=0):
 
 # ---------------------------------------------------------------------------------- racecheck
 # (FUSED_RNN_CUDA_MAX_GROUPS, FUSED_RNN_CUDA_STAGE_K)
+# slices16: one stage buffer, several slices; slices32: the pipelined copy's two 16-column buffers.
 PARTITIONS = {"ungrouped-direct": ("1", "0"), "grouped-staged": ("8", "auto"),
-              "ungrouped-slices16": ("1", "16")}
+              "ungrouped-slices16": ("1", "16"), "ungrouped-slices32": ("1", "32")}
 
 
 @pytest.mark.parametrize("partition", list(PARTITIONS))
@@ -73,15 +74,17 @@ PARTITIONS = {"ungrouped-direct": ("1", "0"), "grouped-staged": ("8", "auto"),
 @pytest.mark.parametrize("mode", MODES)
 def test_results_do_not_depend_on_thread_order(install, monkeypatch, mode, dt, partition):
     """A race (a thread reading what another writes between the same two barriers) makes the
-    result depend on which runs first; four orders must agree bit for bit. B=70: ungrouped,
+    result depend on which runs first; four orders must agree bit for bit, with cp.async copies
+    landing as late and as early as the hardware allows. B=70: ungrouped,
     two batch chunks per block; grouped, three batch groups of one chunk; X read directly,
     staged whole, or staged 16 columns at a time. H=37 over 4 SMs gives a ragged last block."""
     groups, stage_k = PARTITIONS[partition]
     monkeypatch.setenv("FUSED_RNN_CUDA_MAX_GROUPS", groups)
     monkeypatch.setenv("FUSED_RNN_CUDA_STAGE_K", stage_k)
     runs = []
-    for order, seed in (("ascending", 0), ("descending", 0), ("shuffle", 1), ("shuffle", 2)):
-        install(sms=4, order=order, seed=seed)
+    for order, seed, cp_async in (("ascending", 0, "late"), ("descending", 0, "early"),
+                                  ("shuffle", 1, "late"), ("shuffle", 2, "early")):
+        install(sms=4, order=order, seed=seed, cp_async=cp_async)
         runs.append(_layer(mode, dt, B=70, T=3))
     for other in runs[1:]:
         for i, (a, b) in enumerate(zip(runs[0], other)):
@@ -152,16 +155,16 @@ def _differs_from_clean(install, csrc, mode="GRU", dt="bf16", **shape):
     install(sms=4)
     clean = _layer(mode, dt, **shape)
     results = []
-    for order in ("ascending", "descending"):
-        install(sms=4, order=order, csrc=csrc)
+    for order, cp_async in (("ascending", "late"), ("descending", "early")):
+        install(sms=4, order=order, csrc=csrc, cp_async=cp_async)
         results.append(_layer(mode, dt, **shape))
     return any(not torch.equal(a, b) for run in results for a, b in zip(run, clean))
 
 
 MUTANTS = {
     # the epilogue reads the scratch slots before the other warps have written them
-    "no-barrier-after-matmul": ("rnn_common.cuh", """bs.async_copy, clk);
-    __syncthreads();""", "bs.async_copy, clk);"),
+    "no-barrier-after-matmul": ("rnn_common.cuh", """bs.copy, clk);
+    __syncthreads();""", "bs.copy, clk);"),
     # the next chunk's matmul overwrites slots the epilogue is still reading
     "no-barrier-after-epilogue": ("rnn_common.cuh",
                                   "    __syncthreads();  // the slots are reused by the next chunk",
@@ -177,21 +180,27 @@ MUTANTS = {
 
 STAGE_MUTANTS = {
     # the next K slice is copied into the stage while other warps still read the previous one
-    "no-barrier-between-slices": ("rnn_common.cuh", "      if (k0 > 0) __syncthreads();", ""),
+    "no-barrier-between-slices": ("rnn_common.cuh", "      if (s > 0) __syncthreads();", ""),
     # the last real batch row of a chunk is not staged (the MMAs read a stale row for it)
-    "real-row-not-staged": ("rnn_common.cuh", "xs, pl.k_pad, nreal, ksteps * ts.wk, async);",
-                            "xs, pl.k_pad, nreal - 1, ksteps * ts.wk, async);"),
+    "real-row-not-staged": ("rnn_common.cuh", """  const int total = rows * per_row;
+  for (int i = threadIdx.x; i < total; i += kThreads)
+    cp_async16(""", """  const int total = (rows - 1) * per_row;
+  for (int i = threadIdx.x; i < total; i += kThreads)
+    cp_async16("""),
     # the MMAs read the stage before every thread has copied its part
-    "no-barrier-after-stage-copy": ("rnn_common.cuh", """nreal, ksteps * ts.wk, async);
-      __syncthreads();""", "nreal, ksteps * ts.wk, async);"),
+    "no-barrier-after-stage-copy": ("rnn_common.cuh",
+                                    "      __syncthreads();  // ... and for every thread", ""),
 }
+# Stage mutants run with one buffer (16-column slices) and pipelined (two 16-column buffers).
+STAGE_CASES = [f"{name}@{k}" for name in STAGE_MUTANTS for k in ("16", "32")]
 
 
-@pytest.mark.parametrize("name", list(MUTANTS) + list(STAGE_MUTANTS))
+@pytest.mark.parametrize("name", list(MUTANTS) + STAGE_CASES)
 def test_races_are_caught(install, monkeypatch, tmp_path, name):
     monkeypatch.setenv("FUSED_RNN_CUDA_MAX_GROUPS", "1")  # two batch chunks per block
-    if name in STAGE_MUTANTS:
-        monkeypatch.setenv("FUSED_RNN_CUDA_STAGE_K", "16")  # several K slices per chunk
+    if "@" in name:
+        name, stage_k = name.split("@")
+        monkeypatch.setenv("FUSED_RNN_CUDA_STAGE_K", stage_k)  # several K slices per chunk
     if name == "no-barrier-after-epilogue":
         # with staging the next chunk's stage copy ends in a barrier before any slot is written;
         # unstaged, only this barrier keeps the next matmul off the slots being read
@@ -254,7 +263,7 @@ def test_out_of_bounds_access_is_caught_by_the_sanitizer(tmp_path, name):
     assert access in r.stderr
 
 
-@pytest.mark.parametrize("stage_k", ["auto", "16"])
+@pytest.mark.parametrize("stage_k", ["auto", "16", "32"])
 def test_clean_sources_pass_the_mutation_harness(install, monkeypatch, stage_k):
     """The harness itself: the unmutated sources are not flagged."""
     monkeypatch.setenv("FUSED_RNN_CUDA_MAX_GROUPS", "1")
@@ -278,33 +287,41 @@ def test_staging_plans_and_settings(install, monkeypatch):
 # ------------------------------------------------------------------ cp.async stage copies
 @pytest.mark.parametrize("mode,dt", [("LSTM", "bf16"), ("GRU", "tf32"), ("RNN_RELU", "fp32"),
                                      ("RNN_TANH", "fp16")])
-def test_stage_copy_async_and_through_registers_agree_bit_for_bit(install, monkeypatch, mode,
-                                                                  dt):
-    """FUSED_RNN_CUDA_STAGE_ASYNC=1 (cp.async, the default) and 0 (registers) move the same
-    bytes: identical results, with X staged whole and in 16-column slices. cudasim completes a
-    cp.async only at the issuing thread's wait, so a read before it would see NaN."""
-    for stage_k in ("auto", "16"):
+def test_stage_copy_modes_move_the_same_bytes(install, monkeypatch, mode, dt):
+    """FUSED_RNN_CUDA_STAGE_COPY: ``registers`` and ``async`` (cp.async, one buffer) give the
+    same bits; ``pipelined`` (the default: two half-width buffers) multiplies narrower slices,
+    so only the order of fp32 K sums differs. X staged whole and in several slices; cudasim
+    completes a cp.async only when its group is waited for, so an early read would see NaN."""
+    for stage_k in ("auto", "32"):
         monkeypatch.setenv("FUSED_RNN_CUDA_STAGE_K", stage_k)
         runs = {}
-        for setting in ("1", "0"):
-            monkeypatch.setenv("FUSED_RNN_CUDA_STAGE_ASYNC", setting)
+        for setting in ("registers", "async", "pipelined"):
+            monkeypatch.setenv("FUSED_RNN_CUDA_STAGE_COPY", setting)
             install(sms=4, order="shuffle", seed=3)
             runs[setting] = _layer(mode, dt, B=70, T=3)
-        for i, (a, b) in enumerate(zip(runs["1"], runs["0"])):
-            assert torch.equal(a, b), (stage_k, i)
-    monkeypatch.setenv("FUSED_RNN_CUDA_STAGE_ASYNC", "yes")
-    with pytest.raises(ValueError, match="FUSED_RNN_CUDA_STAGE_ASYNC must be 0 or 1"):
+        close = 1e-5 if dt in ("fp32", "tf32") else 1e-2
+        for i, (r, a, p) in enumerate(zip(runs["registers"], runs["async"], runs["pipelined"])):
+            assert torch.equal(r, a), (stage_k, i)
+            assert rel(p, a) <= close, (stage_k, i, rel(p, a))
+    monkeypatch.setenv("FUSED_RNN_CUDA_STAGE_COPY", "yes")
+    with pytest.raises(ValueError, match="FUSED_RNN_CUDA_STAGE_COPY must be one of registers"):
         _layer(mode, dt)
 
 
-def test_cp_async_without_its_wait_is_reported(install, tmp_path):
-    """A mutant that never waits for its cp.async copies: the copies never land (cudasim
-    completes them at the wait) and the launch fails naming the threads that left them."""
-    csrc = _mutant(tmp_path, "rnn_common.cuh", "    cp_async_wait_all();\n    return;",
-                   "    return;")
+def test_pipelined_copy_without_its_waits(install, monkeypatch, tmp_path):
+    """Mutants of the pipelined copy: without the wait for slice s the matmul reads a slice that
+    has not landed (the results change); without the last wait the copies are never retired
+    and the launch fails naming the thread."""
+    monkeypatch.setenv("FUSED_RNN_CUDA_STAGE_K", "32")
+    monkeypatch.setenv("FUSED_RNN_CUDA_MAX_GROUPS", "1")
+    csrc = _mutant(tmp_path / "a", "rnn_common.cuh", "          cp_async_wait<1>();", "")
+    assert _differs_from_clean(install, csrc, B=70, T=3), "missing wait<1> went unnoticed"
+    csrc = _mutant(tmp_path / "b", "rnn_common.cuh", """        } else {
+          cp_async_wait<0>();
+        }""", """        }""")
     install(sms=4, csrc=csrc)
     with pytest.raises(RuntimeError, match="cp.async copies never waited for"):
-        _layer("GRU", "bf16")
+        _layer("GRU", "bf16", B=70, T=3)
 
 
 # -------------------------------------------------------------------- k-blocked TF32 slices

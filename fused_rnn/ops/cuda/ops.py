@@ -72,15 +72,22 @@ def max_stage_k() -> int:
     return value
 
 
-def stage_async() -> bool:
-    """How X is copied into the stage (plan.h: staging), from ``FUSED_RNN_CUDA_STAGE_ASYNC``:
-    ``1`` (default: cp.async, every copy in flight at once, no registers) or ``0`` (through
-    registers, 8 loads in flight per thread). Read at every call, like :func:`max_groups`; the
-    results are bit for bit the same."""
-    raw = os.environ.get("FUSED_RNN_CUDA_STAGE_ASYNC", "1")
-    if raw not in ("0", "1"):
-        raise ValueError(f"FUSED_RNN_CUDA_STAGE_ASYNC must be 0 or 1, got {raw!r}")
-    return raw == "1"
+STAGE_COPIES = {"registers": 0, "async": 1, "pipelined": 2}  # fused_rnn.h StageCopy
+
+
+def stage_copy() -> int:
+    """How X is copied into the stage (plan.h: staging), from ``FUSED_RNN_CUDA_STAGE_COPY``:
+    ``pipelined`` (default: cp.async into two half-width buffers, the next slice landing during
+    this one's matmul), ``async`` (cp.async, one buffer) or ``registers`` (8 loads in flight per
+    thread). Read at every call, like :func:`max_groups`. The pipelined copy multiplies slices
+    half as wide, which changes the order of the fp32 K sums (not the math); the other two give
+    the same bits."""
+    raw = os.environ.get("FUSED_RNN_CUDA_STAGE_COPY", "pipelined")
+    if raw not in STAGE_COPIES:
+        raise ValueError(
+            f"FUSED_RNN_CUDA_STAGE_COPY must be one of {', '.join(STAGE_COPIES)}, got {raw!r}"
+        )
+    return STAGE_COPIES[raw]
 
 
 def _lengths32(lengths: Tensor | None, device: torch.device) -> Tensor | None:
@@ -148,7 +155,7 @@ def _layer_forward_impl(
         max_groups(),
         max_stage_k(),
         profile.buffer("forward", mode, dtype, T, B, H, x.device),
-        stage_async(),
+        stage_copy(),
     )
     gates = xproj if save else x.new_empty((0,), dtype=cd)
     return y, h_n, c_n, gates, aux
@@ -283,7 +290,7 @@ def _layer_backward_impl(
             max_groups(),
             max_stage_k(),
             profile.buffer("backward", mode, dtype, T, B, H, x.device),
-            stage_async(),
+            stage_copy(),
         )
         # GRU: the recurrent side of the n gate is r * dn (b_hn sits inside r * (.)).
         dgh = torch.cat([dgx[..., : 2 * H], dghn], dim=-1) if mode == "GRU" else dgx

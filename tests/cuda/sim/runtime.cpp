@@ -9,6 +9,7 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <deque>
 #include <cstdarg>
 #include <cstdint>
 #include <cstdio>
@@ -67,9 +68,10 @@ struct Thread {
   struct Copy {
     void* dst;
     const void* src;
-    size_t bytes;
+    size_t bytes;  // 0: already landed (Config::cp_async_early)
   };
-  std::vector<Copy> in_flight;  // cp.async copies issued and not yet waited for
+  std::vector<Copy> open;                 // cp.async copies issued since the last commit
+  std::deque<std::vector<Copy>> groups;   // committed groups, oldest first, not yet waited for
 };
 
 struct Launch {
@@ -141,10 +143,10 @@ void fiber_main() {
     if (!L->aborting) L->invoke(L->func, L->args);
   } catch (const Abort&) {
   }
-  if (!g_current->in_flight.empty() && L->error.empty()) {
+  if ((!g_current->open.empty() || !g_current->groups.empty()) && L->error.empty()) {
     char buf[160];
-    std::snprintf(buf, sizeof buf, "block %u thread %u exited with %zu cp.async copies never "
-                  "waited for", g_current->block, g_current->tid, g_current->in_flight.size());
+    std::snprintf(buf, sizeof buf, "block %u thread %u exited with cp.async copies never "
+                  "waited for", g_current->block, g_current->tid);
     L->error = buf;
   }
   g_current->state = State::kDone;
@@ -288,18 +290,35 @@ void grid_barrier() { yield(State::kAtGridBarrier); }
 
 unsigned char* dynamic_smem() { return g_launch->smem[blockIdx.x]; }
 
-// cp.async: the copy happens at the issuing thread's wait, the latest moment the hardware may
-// complete it, so a read before the wait (or before the barrier after it) sees the old bytes.
+// cp.async may land any time between its issue and the wait_group that retires its group. The
+// two extremes are simulated (Config::cp_async_early): at the wait, so a read before it (or
+// before the barrier after it) sees the old bytes; or at the issue, so a buffer still being read
+// by other threads is overwritten at once. A correct kernel gives the same bits either way.
+// Copies not yet committed to a group are never retired by a wait.
 void cp_async(void* dst, const void* src, size_t bytes) {
   if (reinterpret_cast<uintptr_t>(dst) % bytes != 0 || reinterpret_cast<uintptr_t>(src) % bytes != 0)
     fail("cp.async of %zu bytes needs %zu-byte aligned addresses (dst %p, src %p)", bytes, bytes,
          dst, src);
-  g_current->in_flight.push_back({dst, src, bytes});
+  if (g_config.cp_async_early) {
+    std::memcpy(dst, src, bytes);
+    g_current->open.push_back({dst, src, 0});
+  } else {
+    g_current->open.push_back({dst, src, bytes});
+  }
 }
 
-void cp_async_wait_all() {
-  for (const Thread::Copy& c : g_current->in_flight) std::memcpy(c.dst, c.src, c.bytes);
-  g_current->in_flight.clear();
+void cp_async_commit() {
+  g_current->groups.push_back(std::move(g_current->open));
+  g_current->open.clear();
+}
+
+void cp_async_wait(int pending) {
+  auto& groups = g_current->groups;
+  while (groups.size() > static_cast<size_t>(pending)) {
+    for (const Thread::Copy& c : groups.front())
+      if (c.bytes != 0) std::memcpy(c.dst, c.src, c.bytes);
+    groups.pop_front();
+  }
 }
 
 long long tick() {

@@ -50,13 +50,15 @@ int finish(cudaError_t err) {
 
 extern "C" {
 
-int sim_configure(int sms, int smem_optin, int smem_per_sm, int order, uint64_t seed) {
+int sim_configure(int sms, int smem_optin, int smem_per_sm, int order, uint64_t seed,
+                  int cp_async_early) {
   cudasim::Config c;
   c.sms = sms;
   c.smem_optin = smem_optin;
   c.smem_per_sm = smem_per_sm;
   c.order = order;
   c.seed = seed;
+  c.cp_async_early = cp_async_early != 0;
   cudasim::configure(c);
   return 0;
 }
@@ -98,7 +100,7 @@ int sim_forward(int cell, int dtype, int allow_tf32, int steps, int batch, int h
                 int batch_pad, int reverse, int save, int max_groups, int max_stage_k,
                 const void* w_hh,
                 const float* b_hh, const int* lengths, float* xproj, void* hbuf, float* cbuf,
-                void* y, float* aux, long long* prof, int stage_async) {
+                void* y, float* aux, long long* prof, int stage_copy) {
   fused_rnn::FwdParams p{};
   fused_rnn::Selection sel{};
   if (!checked_plan(cell, dtype, allow_tf32, hidden, false, batch_pad, max_groups, max_stage_k,
@@ -120,7 +122,7 @@ int sim_forward(int cell, int dtype, int allow_tf32, int steps, int batch, int h
   p.y = y;
   p.aux = aux;
   p.prof = prof;
-  p.stage_async = stage_async != 0;
+  p.stage_copy = stage_copy;
   const auto launch = [&](auto c, auto tag, auto m) {
     using T = typename decltype(tag)::type;
     return fused_rnn::launch_forward<decltype(c)::value, T, decltype(m)::value>(p, nullptr);
@@ -134,7 +136,7 @@ int sim_backward(int cell, int dtype, int allow_tf32, int steps, int batch, int 
                  const int* lengths, const void* dy, const float* gates, const float* aux,
                  const float* c0, const void* hprev, void* dgbuf, float* dh_carry,
                  float* dc_carry, float* dgx, float* dghn, float* dh0, long long* prof,
-                 int stage_async) {
+                 int stage_copy) {
   fused_rnn::BwdParams p{};
   fused_rnn::Selection sel{};
   if (!checked_plan(cell, dtype, allow_tf32, hidden, true, batch_pad, max_groups, max_stage_k,
@@ -160,7 +162,7 @@ int sim_backward(int cell, int dtype, int allow_tf32, int steps, int batch, int 
   p.dghn = dghn;
   p.dh0 = dh0;
   p.prof = prof;
-  p.stage_async = stage_async != 0;
+  p.stage_copy = stage_copy;
   const auto launch = [&](auto c, auto tag, auto m) {
     using T = typename decltype(tag)::type;
     return fused_rnn::launch_backward<decltype(c)::value, T, decltype(m)::value>(p, nullptr);

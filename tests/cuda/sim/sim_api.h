@@ -14,6 +14,7 @@ struct Config {
   int smem_per_sm = 228 * 1024;      // shared memory per SM, for occupancy (H100)
   int order = kOrderAscending;       // which thread runs first between two barriers
   uint64_t seed = 0;                 // for kOrderShuffle
+  bool cp_async_early = false;       // a cp.async lands when issued (else when waited for)
 };
 
 void configure(const Config& c);

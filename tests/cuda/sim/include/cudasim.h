@@ -71,7 +71,8 @@ unsigned char* dynamic_smem();                    // this block's dynamic shared
 // of clock reads, not time).
 long long tick();
 void cp_async(void* dst, const void* src, size_t bytes);  // cp.async.cg (see runtime.cpp)
-void cp_async_wait_all();
+void cp_async_commit();                                   // cp.async.commit_group
+void cp_async_wait(int pending);                          // cp.async.wait_group pending
 inline long long global_ns() { return tick(); }
 // prefetch.global.L2: a hint on a GPU; here the address must be readable (ASan checks it).
 inline void prefetch(const void* p) { (void)*static_cast<const volatile unsigned char*>(p); }
