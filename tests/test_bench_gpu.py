@@ -62,3 +62,30 @@ def test_strict_fp32_rows_compare_like_with_like(tmp_path):
     assert float(by["fp32-strict", "triton"]["x_cudnn_same_dtype"]) > 0
     assert float(by["fp32-strict", "triton"]["max_abs_dy"]) < 1e-4
     assert "cudnn.allow_tf32=True" in text
+
+
+def _gpu_check(tmp_path, *args):
+    out = tmp_path / "out"
+    out.mkdir(exist_ok=True)
+    env = {**os.environ, "OUT": str(out)}
+    env.pop("TRITON_INTERPRET", None)  # the script sets it itself for --dry-run
+    r = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu_check.sh"), "--dry-run", *args],
+                       capture_output=True, text=True, env=env, timeout=600, check=False)
+    return r.returncode, r.stdout + r.stderr
+
+
+def test_gpu_check_dry_run_runs_every_step(tmp_path):
+    """benchmarks/gpu_check.sh --dry-run: every step, in order, and a clean exit."""
+    rc, log = _gpu_check(tmp_path)
+    assert rc == 0 and log.rstrip().endswith("status 0"), log[-3000:]
+    steps = [line.split(" (")[0] for line in log.splitlines()
+             if line.startswith("=== ") and not line.startswith("=== ==")]
+    assert steps == ["=== environment", "=== benchmarks", "=== gpu-marked tests",
+                     "=== Triton test suite", "=== fwd+bwd summary"], steps
+
+
+def test_gpu_check_stops_starting_steps_at_its_budget(tmp_path):
+    """With the budget spent, later steps are skipped, said so, and the exit status is 1."""
+    rc, log = _gpu_check(tmp_path, "--budget", "0")
+    assert rc == 1 and "SKIPPED (the time budget is spent)" in log, log[-3000:]
+    assert "benchmarks SKIPPED" in log and "Triton test suite SKIPPED" in log

@@ -1,0 +1,27 @@
+# Sourced by gpu_check.sh and gpu_check_cuda.sh: one deadline for the whole GPU check, and
+# collection of what it produced. A lent device runs one command for at most 10 minutes and
+# returns only the files under $OUT, so the scripts stop starting steps near the deadline and
+# copy their results to $OUT after every step (a command killed at its limit loses nothing).
+#
+# FRNN_DEADLINE: epoch seconds after which no step starts (set once, by the outermost script);
+# FRNN_STAMP: a file created at the start, so result files newer than it are this run's.
+
+# Seconds left before the deadline.
+frnn_left() { echo $(( ${FRNN_DEADLINE:-99999999999} - $(date +%s) )); }
+
+# The timeout for a step that wants WANT seconds: WANT, or what is left less 5 s; 0 when fewer
+# than 20 s are left (the step is then skipped).
+frnn_limit() {
+  local left=$(( $(frnn_left) - 5 ))
+  if (( left < 20 )); then echo 0; elif (( left < $1 )); then echo "$left"; else echo "$1"; fi
+}
+
+# Copies this run's files under benchmarks/results and a tarball of LOG_DIR (if given) to $OUT.
+frnn_collect() {
+  [[ -n "${OUT:-}" && -d "${OUT:-}" && -n "${FRNN_STAMP:-}" && -e "${FRNN_STAMP:-}" ]] || return 0
+  find benchmarks/results -type f -newer "$FRNN_STAMP" -exec cp {} "$OUT"/ \;
+  if [[ -n "${1:-}" && -d "$1" && -n "$(ls -A "$1")" ]]; then
+    tar -czf "$OUT/cuda_logs.tar.gz" -C "$1" . 2>/dev/null
+  fi
+  return 0
+}
