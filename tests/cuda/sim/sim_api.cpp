@@ -46,6 +46,29 @@ int finish(cudaError_t err) {
   return static_cast<int>(err);
 }
 
+// The launch fields FwdParams and BwdParams share, and the plan (binding.cpp checks and fills
+// the same); false when the plan is refused (sim_last_error says why).
+template <typename Params>
+bool fill_common(Params& p, fused_rnn::Selection& sel, int cell, int dtype, int allow_tf32,
+                 int steps, int batch, int hidden, int batch_pad, int reverse, bool backward,
+                 int max_groups, int max_stage_k, const void* w_hh, const int* lengths,
+                 long long* prof, int stage_copy) {
+  if (!checked_plan(cell, dtype, allow_tf32, hidden, backward, batch_pad, max_groups,
+                    max_stage_k, &sel))
+    return false;
+  p.plan = sel.plan;
+  p.steps = steps;
+  p.batch = batch;
+  p.hidden = hidden;
+  p.batch_pad = batch_pad;
+  p.reverse = reverse != 0;
+  p.w_hh = w_hh;
+  p.lengths = lengths;
+  p.prof = prof;
+  p.stage_copy = stage_copy;
+  return true;
+}
+
 }  // namespace
 
 extern "C" {
@@ -103,26 +126,16 @@ int sim_forward(int cell, int dtype, int allow_tf32, int steps, int batch, int h
                 void* y, float* aux, long long* prof, int stage_copy) {
   fused_rnn::FwdParams p{};
   fused_rnn::Selection sel{};
-  if (!checked_plan(cell, dtype, allow_tf32, hidden, false, batch_pad, max_groups, max_stage_k,
-                    &sel))
+  if (!fill_common(p, sel, cell, dtype, allow_tf32, steps, batch, hidden, batch_pad, reverse,
+                   false, max_groups, max_stage_k, w_hh, lengths, prof, stage_copy))
     return 1;
-  p.plan = sel.plan;
-  p.steps = steps;
-  p.batch = batch;
-  p.hidden = hidden;
-  p.batch_pad = batch_pad;
-  p.reverse = reverse != 0;
   p.save = save != 0;
-  p.w_hh = w_hh;
   p.b_hh = b_hh;
-  p.lengths = lengths;
   p.xproj = xproj;
   p.hbuf = hbuf;
   p.cbuf = cbuf;
   p.y = y;
   p.aux = aux;
-  p.prof = prof;
-  p.stage_copy = stage_copy;
   const auto launch = [&](auto c, auto tag, auto m) {
     using T = typename decltype(tag)::type;
     return fused_rnn::launch_forward<decltype(c)::value, T, decltype(m)::value>(p, nullptr);
@@ -139,17 +152,9 @@ int sim_backward(int cell, int dtype, int allow_tf32, int steps, int batch, int 
                  int stage_copy) {
   fused_rnn::BwdParams p{};
   fused_rnn::Selection sel{};
-  if (!checked_plan(cell, dtype, allow_tf32, hidden, true, batch_pad, max_groups, max_stage_k,
-                    &sel))
+  if (!fill_common(p, sel, cell, dtype, allow_tf32, steps, batch, hidden, batch_pad, reverse,
+                   true, max_groups, max_stage_k, w_hh, lengths, prof, stage_copy))
     return 1;
-  p.plan = sel.plan;
-  p.steps = steps;
-  p.batch = batch;
-  p.hidden = hidden;
-  p.batch_pad = batch_pad;
-  p.reverse = reverse != 0;
-  p.w_hh = w_hh;
-  p.lengths = lengths;
   p.dy = dy;
   p.gates = gates;
   p.aux = aux;
@@ -161,8 +166,6 @@ int sim_backward(int cell, int dtype, int allow_tf32, int steps, int batch, int 
   p.dgx = dgx;
   p.dghn = dghn;
   p.dh0 = dh0;
-  p.prof = prof;
-  p.stage_copy = stage_copy;
   const auto launch = [&](auto c, auto tag, auto m) {
     using T = typename decltype(tag)::type;
     return fused_rnn::launch_backward<decltype(c)::value, T, decltype(m)::value>(p, nullptr);
