@@ -57,11 +57,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--backends", default="triton",
                    help="comma-separated fused_rnn backends to time against cuDNN (triton,cuda); "
-                        "variants: cuda-g1 is cuda without batch groups, cuda-direct cuda without "
-                        "X staging, cuda-nopipe cuda with one stage buffer (cp.async, no "
-                        "overlap), cuda-regcopy cuda staging through registers "
-                        "(FUSED_RNN_CUDA_MAX_GROUPS=1, FUSED_RNN_CUDA_STAGE_K=0, "
-                        "FUSED_RNN_CUDA_STAGE_COPY=async|registers)")
+                        "variants: cuda-p1 is cuda without K parts, cuda-g1 cuda without batch "
+                        "groups, cuda-direct cuda without X staging, cuda-nopipe cuda with one "
+                        "stage buffer (cp.async, no overlap), cuda-regcopy cuda staging through "
+                        "registers (FUSED_RNN_CUDA_K_PARTS=1, FUSED_RNN_CUDA_MAX_GROUPS=1, "
+                        "FUSED_RNN_CUDA_STAGE_K=0, FUSED_RNN_CUDA_STAGE_COPY=async|registers)")
     p.add_argument("--modes", default="LSTM,GRU", help="comma-separated: LSTM,GRU")
     p.add_argument("--dtypes", default="fp32,bf16,fp16",
                    help="comma-separated: fp32,bf16,fp16,fp32-strict (fp32 without TF32, for "
@@ -168,7 +168,8 @@ def passes(model, x, cot):
 
 
 # Backend variants: (fused_rnn backend, environment while it builds and runs).
-VARIANTS = {"cuda-g1": ("cuda", {"FUSED_RNN_CUDA_MAX_GROUPS": "1"}),
+VARIANTS = {"cuda-p1": ("cuda", {"FUSED_RNN_CUDA_K_PARTS": "1"}),
+            "cuda-g1": ("cuda", {"FUSED_RNN_CUDA_MAX_GROUPS": "1"}),
             "cuda-direct": ("cuda", {"FUSED_RNN_CUDA_STAGE_K": "0"}),
             "cuda-nopipe": ("cuda", {"FUSED_RNN_CUDA_STAGE_COPY": "async"}),
             "cuda-regcopy": ("cuda", {"FUSED_RNN_CUDA_STAGE_COPY": "registers"})}

@@ -2,11 +2,12 @@
 # One command for a lent GPU (about 9.5 minutes at most): GPU tests, benchmarks, phase timings,
 # compute-sanitizer, short table last.
 #
-#   benchmarks/gpu_check.sh [--backends triton,cuda,cuda-g1,cuda-direct,cuda-nopipe,cuda-regcopy]
-#                           [--budget SECONDS] [--dry-run]
-#                    (default: all six; cuda-g1 = cuda without batch groups, cuda-direct =
-#                     cuda without X staging, cuda-nopipe = one stage buffer, cuda-regcopy =
-#                     staging through registers: variants timed after the main rows)
+#   benchmarks/gpu_check.sh [--backends LIST] [--budget SECONDS] [--dry-run]
+#                    (default triton,cuda,cuda-p1,cuda-g1,cuda-direct,cuda-nopipe,cuda-regcopy;
+#                     cuda-p1 = cuda without K parts, cuda-g1 = without batch groups,
+#                     cuda-direct = without X staging, cuda-nopipe = one stage buffer,
+#                     cuda-regcopy = staging through registers: variants timed after the main
+#                     rows, in this order)
 #
 # In order of value, each step only if time is left before the deadline (--budget seconds from
 # the start, default 570: a lent device runs one command for at most 10 minutes):
@@ -30,7 +31,7 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
-BACKENDS=triton,cuda,cuda-g1,cuda-direct,cuda-nopipe,cuda-regcopy
+BACKENDS=triton,cuda,cuda-p1,cuda-g1,cuda-direct,cuda-nopipe,cuda-regcopy
 BUDGET=570
 DRY=0
 USAGE="usage: $0 [--backends LIST] [--budget SECONDS] [--dry-run]"

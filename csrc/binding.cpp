@@ -114,7 +114,7 @@ fused_rnn::Storage storage_of(c10::ScalarType st) {
 // the backstop.
 fused_rnn::Selection checked_plan(Cell cell, c10::ScalarType st, bool allow_tf32, int64_t hidden,
                                   bool backward, const at::Device& dev, int64_t batch_pad,
-                                  int64_t max_groups, int64_t max_stage_k) {
+                                  int64_t max_groups, int64_t max_stage_k, int64_t k_parts) {
   const DeviceInfo d = device_attributes(dev.index());
   TORCH_CHECK(d.major >= 8, "fused_rnn CUDA backend: needs compute capability >= 8.0, got ",
               d.major, ".", d.minor);
@@ -126,17 +126,27 @@ fused_rnn::Selection checked_plan(Cell cell, c10::ScalarType st, bool allow_tf32
               max_groups);
   TORCH_CHECK(max_stage_k >= 0, "fused_rnn CUDA backend: max_stage_k must be >= 0, got ",
               max_stage_k);
+  TORCH_CHECK(k_parts >= 0, "fused_rnn CUDA backend: k_parts must be >= 0 (0: auto), got ",
+              k_parts);
   const fused_rnn::Selection sel = fused_rnn::select_plan(
       cell, st != at::kFloat, allow_tf32, static_cast<int>(hidden), backward, d.sms,
       d.smem_optin, static_cast<int>(batch_pad),
       static_cast<int>(std::min<int64_t>(max_groups, 1 << 16)),
-      static_cast<int>(std::min<int64_t>(max_stage_k, 1 << 30)));
+      static_cast<int>(std::min<int64_t>(max_stage_k, 1 << 30)),
+      static_cast<int>(std::min<int64_t>(k_parts, 1 << 16)));
   const Plan& plan = sel.plan;
   TORCH_CHECK(plan.smem_bytes <= d.smem_optin, "fused_rnn CUDA backend: hidden_size=", hidden,
               " needs ", plan.smem_bytes, " bytes of shared memory per block (", plan.blocks,
               " blocks of ", plan.units, " units, ", backward ? "backward" : "forward",
               "); this GPU allows ", d.smem_optin);
   return sel;
+}
+
+// The K parts' partial sums (plan.h): (parts, B_pad, part_ld) fp32 scratch, or undefined without
+// parts. Every element the kernels read they wrote earlier in the same step, so no zeroing.
+at::Tensor part_buffer(const Plan& plan, int64_t batch_pad, const at::TensorOptions& f32) {
+  if (plan.parts == 1) return at::Tensor();
+  return at::empty({plan.parts, batch_pad, plan.part_ld}, f32);
 }
 
 // Forward over a chunk. xproj (T, B, G*H) fp32 = x W_ih^T + b_ih, overwritten with the
@@ -147,7 +157,8 @@ std::vector<at::Tensor> forward(int64_t mode, at::Tensor xproj, at::Tensor h0,
                                 c10::optional<at::Tensor> b_hh,
                                 c10::optional<at::Tensor> lengths, bool reverse, bool allow_tf32,
                                 bool save, int64_t max_groups, int64_t max_stage_k,
-                                c10::optional<at::Tensor> prof, int64_t stage_copy) {
+                                c10::optional<at::Tensor> prof, int64_t stage_copy,
+                                int64_t k_parts) {
   const Cell cell = cell_of(mode);
   const int64_t G = fused_rnn::gates_of(cell);
   TORCH_CHECK(xproj.is_cuda(), "fused_rnn CUDA backend: inputs must be CUDA tensors, got ",
@@ -172,7 +183,7 @@ std::vector<at::Tensor> forward(int64_t mode, at::Tensor xproj, at::Tensor h0,
   const int64_t B_pad = fused_rnn::round_up(static_cast<int>(B), fused_rnn::kBatchPad);
   const fused_rnn::Selection sel =
       checked_plan(cell, st, allow_tf32, H, /*backward=*/false, dev, B_pad, max_groups,
-                   max_stage_k);
+                   max_stage_k, k_parts);
   const Plan& plan = sel.plan;
   at::Tensor hbuf = at::zeros({2, B_pad, plan.k_pad}, h0.options());
   hbuf[0].narrow(0, 0, B).narrow(1, 0, H).copy_(h0);
@@ -201,6 +212,8 @@ std::vector<at::Tensor> forward(int64_t mode, at::Tensor xproj, at::Tensor h0,
   p.aux = has_aux ? aux.data_ptr<float>() : nullptr;
   p.prof = prof_ptr(prof, dev, plan);
   p.stage_copy = checked_stage_copy(stage_copy);
+  const at::Tensor part = part_buffer(plan, B_pad, xproj.options());
+  p.part = part.defined() ? part.data_ptr<float>() : nullptr;
 
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(dev.index()).stream();
   const auto launch = [&](auto c, auto tag, auto m) {
@@ -223,7 +236,8 @@ std::vector<at::Tensor> backward(int64_t mode, at::Tensor dy, at::Tensor dh_n,
                                  c10::optional<at::Tensor> c0, c10::optional<at::Tensor> hprev,
                                  c10::optional<at::Tensor> lengths, bool reverse,
                                  bool allow_tf32, int64_t max_groups, int64_t max_stage_k,
-                                 c10::optional<at::Tensor> prof, int64_t stage_copy) {
+                                 c10::optional<at::Tensor> prof, int64_t stage_copy,
+                                int64_t k_parts) {
   const Cell cell = cell_of(mode);
   const int64_t G = fused_rnn::gates_of(cell);
   TORCH_CHECK(dy.is_cuda(), "fused_rnn CUDA backend: inputs must be CUDA tensors, got ",
@@ -250,7 +264,7 @@ std::vector<at::Tensor> backward(int64_t mode, at::Tensor dy, at::Tensor dh_n,
   const int64_t B_pad = fused_rnn::round_up(static_cast<int>(B), fused_rnn::kBatchPad);
   const fused_rnn::Selection sel =
       checked_plan(cell, st, allow_tf32, H, /*backward=*/true, dev, B_pad, max_groups,
-                   max_stage_k);
+                   max_stage_k, k_parts);
   const Plan& plan = sel.plan;
   at::Tensor dgbuf = at::zeros({2, B_pad, plan.k_pad}, dy.options());
   at::Tensor dh_carry = dh_n.clone();
@@ -282,6 +296,8 @@ std::vector<at::Tensor> backward(int64_t mode, at::Tensor dy, at::Tensor dh_n,
   p.dh0 = dh0.data_ptr<float>();
   p.prof = prof_ptr(prof, dev, plan);
   p.stage_copy = checked_stage_copy(stage_copy);
+  const at::Tensor part = part_buffer(plan, B_pad, gates.options());
+  p.part = part.defined() ? part.data_ptr<float>() : nullptr;
 
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(dev.index()).stream();
   const auto launch = [&](auto c, auto tag, auto m) {
@@ -296,16 +312,18 @@ std::vector<at::Tensor> backward(int64_t mode, at::Tensor dy, at::Tensor dh_n,
 // this C++ arithmetic with the Python mirror (fused_rnn/ops/cuda/plan.py).
 std::vector<int64_t> plan_info(int64_t mode, int64_t math, int64_t hidden, bool backward,
                                int64_t max_blocks, int64_t groups, int64_t stage_rows,
-                               int64_t stage_k) {
+                               int64_t stage_k, int64_t parts) {
   TORCH_CHECK(math >= 0 && math <= 2, "fused_rnn CUDA backend: math code must be 0, 1 or 2");
   TORCH_CHECK(groups >= 1 && groups <= max_blocks, "fused_rnn CUDA backend: bad groups");
+  TORCH_CHECK(parts >= 1 && parts <= max_blocks, "fused_rnn CUDA backend: bad parts");
   const Plan p = fused_rnn::make_plan(cell_of(mode), static_cast<Math>(math),
                                       static_cast<int>(hidden), backward,
                                       static_cast<int>(max_blocks), static_cast<int>(groups),
-                                      static_cast<int>(stage_rows), static_cast<int>(stage_k));
+                                      static_cast<int>(stage_rows), static_cast<int>(stage_k),
+                                      static_cast<int>(parts));
   return {p.units, p.blocks, p.m_rows, p.m_pad, p.k, p.k_pad, p.ldw, p.slots, p.slot_floats,
           p.w_bytes, p.smem_bytes, p.groups, p.group_blocks, p.stage_rows, p.stage_k,
-          p.stage_ld};
+          p.stage_ld, p.parts, p.k_part, p.part_ld};
 }
 
 // (SM count, opt-in shared memory per block in bytes, major, minor, cooperative launch) of a
@@ -322,15 +340,16 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("forward", &forward, "persistent forward over a chunk", py::arg("mode"), py::arg("xproj"),
         py::arg("h0"), py::arg("c0"), py::arg("w_hh"), py::arg("b_hh"), py::arg("lengths"),
         py::arg("reverse"), py::arg("allow_tf32"), py::arg("save"), py::arg("max_groups"),
-        py::arg("max_stage_k"), py::arg("prof") = py::none(), py::arg("stage_copy") = 2);
+        py::arg("max_stage_k"), py::arg("prof") = py::none(), py::arg("stage_copy") = 2,
+        py::arg("k_parts") = 1);
   m.def("backward", &backward, "persistent backward over a chunk", py::arg("mode"),
         py::arg("dy"), py::arg("dh_n"), py::arg("dc_n"), py::arg("w_hh"), py::arg("gates"),
         py::arg("aux"), py::arg("c0"), py::arg("hprev"), py::arg("lengths"), py::arg("reverse"),
         py::arg("allow_tf32"), py::arg("max_groups"), py::arg("max_stage_k"),
-        py::arg("prof") = py::none(), py::arg("stage_copy") = 2);
+        py::arg("prof") = py::none(), py::arg("stage_copy") = 2, py::arg("k_parts") = 1);
   m.def("plan_info", &plan_info, "launch plan (units, blocks, ..., groups, group_blocks)",
         py::arg("mode"), py::arg("math"), py::arg("hidden"), py::arg("backward"),
         py::arg("max_blocks"), py::arg("groups") = 1, py::arg("stage_rows") = 0,
-        py::arg("stage_k") = 0);
+        py::arg("stage_k") = 0, py::arg("parts") = 1);
   m.def("device_info", &device_info, "(num_sms, smem_optin, major, minor, cooperative)");
 }

@@ -59,6 +59,8 @@ struct FwdParams {
                             //   steps), GRU W_hn h_{t-1} + b_hn; (T, B, H) fp32; else nullptr
   long long* prof;          // (>= blocks, kProfSlots) int64 phase timings, or nullptr (off)
   int stage_copy;           // StageCopy: how X is copied into the stage
+  float* part;              // plan.parts > 1: (parts, B_pad, plan.part_ld) fp32 scratch (the
+                            //   K parts' partial sums, plan.h); else nullptr
 };
 
 struct BwdParams {
@@ -80,6 +82,7 @@ struct BwdParams {
   float* dh0;               // (B, H) fp32 out
   long long* prof;          // (>= blocks, kProfSlots) int64 phase timings, or nullptr (off)
   int stage_copy;           // StageCopy: how X is copied into the stage
+  float* part;              // as FwdParams::part
 };
 
 // Launch one cooperative grid for the whole chunk on `stream`. Returns the first CUDA error

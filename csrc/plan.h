@@ -51,6 +51,11 @@ constexpr int kKPad = 16;        // exchange-buffer columns (K) are padded to th
 constexpr int kChunkCols = 64;   // batch columns per matmul+epilogue chunk (bounds scratch smem)
 constexpr int kSlotPad = 4;      // fp32 row padding of a scratch slot (bank spread, 16 B aligned)
 constexpr int kMinStageK = 64;   // a smaller stage slice is not worth its barriers (see Plan)
+constexpr int kMinPartK = 64;    // K columns per part below which K parts are not considered
+// The fixed cost of K parts, in bytes of exchange reads per block (choose_parts): one more
+// grid.sync() (1.1 us on an H100, ANCHORS.md) and the dependent L2 round trip of the partial
+// sums after it, about 2 us in all, at roughly 60 GB/s of L2 reads per SM with every SM reading.
+constexpr int kPartFixedBytes = 128 * 1024;
 
 FRNN_HD constexpr int gates_of(Cell c) {
   return c == Cell::kLSTM ? 4 : (c == Cell::kGRU ? 3 : 1);
@@ -113,7 +118,15 @@ struct Plan {
   int stage_rows;   // rows of the stage buffer (the most batch columns of a chunk)
   int stage_k;      // K columns per slice (a multiple of kKPad), 0 = off
   int stage_ld;     // row stride of the stage buffer in elements (16 bytes of skew)
+  // K parts (see the top of this file); parts = 1: none (k_part = k_pad, part_ld = 0).
+  int parts;        // blocks per team; divides group_blocks
+  int k_part;       // K columns per team rank (a multiple of kKPad); rank r: [r*k_part, ...)
+  int part_ld;      // floats per batch row of the partial buffer: (group_blocks/parts)*m_rows
 };
+
+// Team rows: forward local row r = g * team_units + jt <-> W_hh row g*H + team_u0 + jt;
+// backward r = jt <-> column team_u0 + jt (team_units = parts*units, jt < team_units).
+FRNN_HD constexpr int team_units(const Plan& p) { return p.parts * p.units; }
 
 // units: at least ceil(H / max_blocks) so the grid fits in max_blocks (one block per SM: the
 // slices are large), rounded up so that the forward slice rows G*units need no padding rows.
@@ -126,22 +139,24 @@ FRNN_HD constexpr int plan_units(Cell cell, Math math, int hidden, int max_block
 }
 
 // groups must divide B_pad / kBatchPad (choose_groups) and be at most max_blocks; stage_rows
-// and stage_k come from choose_stage (0, 0: no staging).
+// and stage_k come from choose_stage (0, 0: no staging); parts must divide group_blocks and
+// leave every rank some K (choose_parts).
 FRNN_HD constexpr Plan make_plan(Cell cell, Math math, int hidden, bool backward,
                                  int max_blocks, int groups = 1, int stage_rows = 0,
-                                 int stage_k = 0) {
+                                 int stage_k = 0, int parts = 1) {
   const int g = gates_of(cell);
   const TileShape ts = tile_shape(math);
   const int units = plan_units(cell, math, hidden, imax(max_blocks / groups, 1));
   const int group_blocks = ceil_div(hidden, units);
   const int blocks = groups * group_blocks;
-  const int m_rows = backward ? units : g * units;
+  const int m_rows = parts * (backward ? units : g * units);
   const int m_pad = round_up(m_rows, ts.row_granule);
   const int k = backward ? g * hidden : hidden;
   const int k_pad = round_up(k, kKPad);
-  const int ldw = k_blocked(math) ? m_pad * ts.wk : k_pad + ts.w_skew;
+  const int k_part = parts > 1 ? round_up(ceil_div(k_pad, parts), kKPad) : k_pad;
+  const int ldw = k_blocked(math) ? m_pad * ts.wk : k_part + ts.w_skew;
   // k-blocked: the last block's tiles read round_up(m_pad, wm) - m_pad rows past it (the tail).
-  const int w_elems = k_blocked(math) ? m_pad * k_pad + (round_up(m_pad, ts.wm) - m_pad) * ts.wk
+  const int w_elems = k_blocked(math) ? m_pad * k_part + (round_up(m_pad, ts.wm) - m_pad) * ts.wk
                                       : m_pad * ldw;
   const int w_bytes = round_up(w_elems * ts.elem_bytes, 128);
   const int tasks = ceil_div(m_pad, ts.wm) * (kChunkCols / ts.wn);
@@ -151,7 +166,8 @@ FRNN_HD constexpr Plan make_plan(Cell cell, Math math, int hidden, bool backward
   const int stage_bytes = stage_k > 0 ? round_up(stage_rows * stage_ld * ts.elem_bytes, 128) : 0;
   const int smem = w_bytes + slots * slot_floats * 4 + stage_bytes;
   return Plan{units, blocks, m_rows, m_pad, k, k_pad, ldw, slots, slot_floats, w_bytes,
-              smem, groups, group_blocks, stage_k > 0 ? stage_rows : 0, stage_k, stage_ld};
+              smem, groups, group_blocks, stage_k > 0 ? stage_rows : 0, stage_k, stage_ld,
+              parts, k_part, parts > 1 ? group_blocks / parts * m_rows : 0};
 }
 
 // The math a kernel uses. TF32 is a permission (torch.backends.cudnn.allow_tf32), not a
@@ -183,6 +199,42 @@ FRNN_HD constexpr int choose_groups(Cell cell, Math math, int hidden, bool backw
   return best;
 }
 
+// Bytes one block moves per step for the recurrent matmul's input, by plan.h's model: the
+// exchange-buffer columns it reads for `rows` batch rows, plus with K parts the partial sums
+// it writes and reads (fp32, all team rows) and kPartFixedBytes for the extra grid sync.
+FRNN_HD constexpr long long step_bytes(const Plan& p, Math math, int rows) {
+  const long long reads = (long long)rows * p.k_part * tile_shape(math).elem_bytes;
+  return p.parts == 1 ? reads : reads + 2LL * p.m_rows * rows * 4 + kPartFixedBytes;
+}
+
+// The number of K parts, among the powers of two that divide group_blocks, leave the last rank
+// some K and fit in smem_limit without staging:
+// k_parts = 0 (auto): the one with the fewest step_bytes, up to kMaxAutoParts (ties: fewer) and
+//   with at least kMinPartK columns per rank;
+// k_parts > 0: the largest one <= k_parts (1: none).
+constexpr int kMaxAutoParts = 8;
+FRNN_HD constexpr int choose_parts(Cell cell, Math math, int hidden, bool backward,
+                                   int max_blocks, int smem_limit, int batch_pad, int groups,
+                                   int k_parts) {
+  const int rows = batch_pad / groups;
+  const int cap = k_parts == 0 ? kMaxAutoParts : k_parts;
+  int best = 1;
+  long long best_bytes =
+      step_bytes(make_plan(cell, math, hidden, backward, max_blocks, groups), math, rows);
+  for (int parts = 2; parts <= cap && parts <= max_blocks; parts *= 2) {
+    const Plan p = make_plan(cell, math, hidden, backward, max_blocks, groups, 0, 0, parts);
+    if (p.group_blocks % parts != 0 || (k_parts == 0 && p.k_part < kMinPartK) ||
+        (parts - 1) * p.k_part >= p.k_pad || p.smem_bytes > smem_limit)
+      continue;
+    const long long bytes = step_bytes(p, math, rows);
+    if (k_parts > 0 || bytes < best_bytes) {
+      best = parts;
+      best_bytes = bytes;
+    }
+  }
+  return best;
+}
+
 // The stage slice for a plan without staging (`base`): as many K columns as the shared memory
 // left over allows, all of K if it fits, at most max_stage_k; none if that would be fewer than
 // kMinStageK columns (unless K itself is shorter) or max_stage_k is 0. A cap below kMinStageK is
@@ -195,8 +247,8 @@ FRNN_HD constexpr int choose_stage_k(const Plan& base, Math math, int stage_rows
   int k = (avail / (stage_rows * ts.elem_bytes) - 16 / ts.elem_bytes) / kKPad * kKPad;
   while (k > 0 && round_up(stage_rows * (k + 16 / ts.elem_bytes) * ts.elem_bytes, 128) > avail)
     k -= kKPad;
-  if (k < imin(kMinStageK, base.k_pad)) return 0;
-  return imin(imin(k, base.k_pad), max_stage_k / kKPad * kKPad);
+  if (k < imin(kMinStageK, base.k_part)) return 0;
+  return imin(imin(k, base.k_part), max_stage_k / kKPad * kKPad);
 }
 
 // What a launch runs with, chosen in one place for the binding (and the CPU simulator):
@@ -208,16 +260,19 @@ struct Selection {
 };
 FRNN_HD constexpr Selection select_plan(Cell cell, bool is_16bit, bool allow_tf32, int hidden,
                                         bool backward, int max_blocks, int smem_limit,
-                                        int batch_pad, int max_groups, int max_stage_k) {
+                                        int batch_pad, int max_groups, int max_stage_k,
+                                        int k_parts = 1) {
   const Math math =
       choose_math(is_16bit, allow_tf32, cell, hidden, backward, max_blocks, smem_limit);
   const int groups = choose_groups(cell, math, hidden, backward, max_blocks, smem_limit,
                                    batch_pad, max_groups);
-  const Plan base = make_plan(cell, math, hidden, backward, max_blocks, groups);
+  const int parts = choose_parts(cell, math, hidden, backward, max_blocks, smem_limit,
+                                 batch_pad, groups, k_parts);
+  const Plan base = make_plan(cell, math, hidden, backward, max_blocks, groups, 0, 0, parts);
   const int rows = imin(kChunkCols, batch_pad / groups);
   const int stage_k = choose_stage_k(base, math, rows, smem_limit, max_stage_k);
   return Selection{math, make_plan(cell, math, hidden, backward, max_blocks, groups, rows,
-                                   stage_k)};
+                                   stage_k, parts)};
 }
 
 }  // namespace fused_rnn

@@ -19,6 +19,8 @@
 //      recurrent-side dgates rounded to the storage type (the next tensor-core operand) ->
 //      dgbuf[(s + 1) % 2]; the carries (GRU z*dh, LSTM dc) stay in fp32 buffers of this block;
 //   3. grid.sync() (not after the last iteration). At s = T the epilogue writes dh0 instead.
+// With K parts (plan.h) step 1 is split across a team of blocks along K = G*H and their partial
+// sums meet in p.part after one more grid.sync() (rnn_common.cuh block_step).
 // Padding steps (t >= lengths[b]) pass dh and dc through untouched and write zero dgates.
 #include "rnn_common.cuh"
 
@@ -27,13 +29,14 @@ namespace detail {
 
 namespace cg = cooperative_groups;
 
-template <Cell C, typename T, Math M>
-__device__ __forceinline__ void backward_point(const BwdParams& p, const float* sc, ChunkLayout L,
-                                               int s, int b, int n, int j, int u, T* dout) {
+// dh_rec: the recurrent matmul's output for (b, u), the gradient reaching h through W_hh.
+template <Cell C, typename T>
+__device__ __forceinline__ void backward_point(const BwdParams& p, float dh_rec, int s, int b,
+                                               int u, T* dout) {
   constexpr int G = gates_of(C);
   const int H = p.hidden, Tn = p.steps;
   const size_t bh = (size_t)b * H + u;
-  const float dh_in = gather<M>(sc, p.plan, L, j, n) + p.dh_carry[bh];
+  const float dh_in = dh_rec + p.dh_carry[bh];
   if (s == Tn) {  // past the first forward step: what is left is the gradient of h0
     p.dh0[bh] = dh_in;
     return;
@@ -132,7 +135,8 @@ __global__ void __launch_bounds__(kThreads, 1) rnn_backward_kernel(const BwdPara
   const BlockState<W> bs =
       block_state<W>(p.plan, p.hidden, p.batch, p.batch_pad, p.stage_copy);
   PhaseClock clk(p.prof);
-  load_w_backward<W, M>(bs.sw, p.plan, static_cast<const T*>(p.w_hh), p.hidden, bs.u0);
+  load_w_backward<W, M>(bs.sw, p.plan, static_cast<const T*>(p.w_hh), p.hidden, bs.team_u0,
+                        bs.k0);
   __syncthreads();
   clk.mark(kPhaseLoad);
 
@@ -144,9 +148,9 @@ __global__ void __launch_bounds__(kThreads, 1) rnn_backward_kernel(const BwdPara
   for (int s = 0; s <= p.steps; ++s) {
     const T* din = static_cast<const T*>(p.dgbuf) + (s & 1) * buf;
     T* dout = static_cast<T*>(p.dgbuf) + ((s + 1) & 1) * buf;
-    block_step<W, M>(bs, p.plan, p.batch, din, clk,
-                     [&](const ChunkLayout& L, int b, int n, int j) {
-      backward_point<C, T, M>(p, bs.sc, L, s, b, n, j, bs.u0 + j, dout);
+    block_step<W, M>(bs, p.plan, p.batch, p.batch_pad, din, p.part, grid, clk,
+                     [&](int b, int j, auto&& rec) {
+      backward_point<C, T>(p, rec(0), s, b, bs.u0 + j, dout);
     });
     if (s < p.steps) {
       if (s + 1 < p.steps) prefetch_step<C, T>(p, step_of(s + 1), bs);

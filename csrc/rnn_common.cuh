@@ -76,31 +76,37 @@ __device__ void zero_w(T* sw, const Plan& pl) {
   __syncthreads();
 }
 
-// Forward slice: local row r = g*units + j <-> W_hh row g*H + u0 + j (gate-major), K = H.
-// Rows of units past H, padding rows and padding columns stay zero (they feed the MMA).
+// Forward slice: local row r = g*team_units + jt <-> W_hh row g*H + team_u0 + jt (gate-major),
+// columns [k0, k0 + k_part) of K = H (plan.h: K parts; without them team_units = units,
+// team_u0 = u0, k0 = 0). Rows of units past H, padding rows and columns past H stay zero
+// (they feed the MMA).
 template <typename T, Math M>
 __device__ void load_w_forward(T* sw, const Plan& pl, const T* __restrict__ w, int hidden,
-                               int g_count, int u0) {
+                               int g_count, int team_u0, int k0) {
   zero_w(sw, pl);
-  const int total = pl.m_rows * hidden;
+  const int tu = team_units(pl);
+  const int total = pl.m_rows * pl.k_part;
   for (int idx = threadIdx.x; idx < total; idx += blockDim.x) {
-    const int r = idx / hidden, k = idx % hidden;
-    const int g = r / pl.units, j = r % pl.units;
-    if (g < g_count && u0 + j < hidden)
-      sw[w_index<M>(pl, r, k)] = prepare_w<T, M>(w[(size_t)(g * hidden + u0 + j) * hidden + k]);
+    const int r = idx / pl.k_part, kk = idx % pl.k_part;
+    const int g = r / tu, j = r % tu;
+    if (g < g_count && team_u0 + j < hidden && k0 + kk < hidden)
+      sw[w_index<M>(pl, r, kk)] =
+          prepare_w<T, M>(w[(size_t)(g * hidden + team_u0 + j) * hidden + k0 + kk]);
   }
 }
 
-// Backward slice: local row j <-> column u0 + j of W_hh (transposed), K = G*H.
-// Consecutive threads take consecutive j, so each global read is `units` contiguous elements.
+// Backward slice: local row j <-> column team_u0 + j of W_hh (transposed), columns
+// [k0, k0 + k_part) of K = G*H. Consecutive threads take consecutive j, so each global read is
+// `m_rows` contiguous elements.
 template <typename T, Math M>
 __device__ void load_w_backward(T* sw, const Plan& pl, const T* __restrict__ w, int hidden,
-                                int u0) {
+                                int team_u0, int k0) {
   zero_w(sw, pl);
-  const int total = pl.m_rows * pl.k;
+  const int total = pl.m_rows * pl.k_part;
   for (int idx = threadIdx.x; idx < total; idx += blockDim.x) {
-    const int j = idx % pl.m_rows, k = idx / pl.m_rows;
-    if (u0 + j < hidden) sw[w_index<M>(pl, j, k)] = prepare_w<T, M>(w[(size_t)k * hidden + u0 + j]);
+    const int j = idx % pl.m_rows, kk = idx / pl.m_rows;
+    if (team_u0 + j < hidden && k0 + kk < pl.k)
+      sw[w_index<M>(pl, j, kk)] = prepare_w<T, M>(w[(size_t)(k0 + kk) * hidden + team_u0 + j]);
   }
 }
 
@@ -375,8 +381,10 @@ __device__ __forceinline__ void run_task(const T* wt, const Plan& pl, int rows_l
   }
 }
 
-// out = W_slice * X[n0 : n0 + ncols]^T for one chunk, into the scratch slots. ncols is a multiple
-// of kBatchPad (X rows past the batch are zero padding); the first nreal rows are real. Warps
+// out = W_slice * X[n0 : n0 + ncols, 0 : klen]^T for one chunk, into the scratch slots. x points
+// at this block's first K column (k0, plan.h K parts) of the exchange buffer, whose row stride
+// stays pl.k_pad; klen is a multiple of kKPad. ncols is a multiple of kBatchPad (X rows past the
+// batch are zero padding); the first nreal rows are real. Warps
 // take (tile, K-split) tasks round-robin; a task's K range is split the same way in every stage
 // slice, so its slot sums the slices (loaded back from the slot after the first). Must be
 // followed by __syncthreads() before the slots are read; with staging it synchronises the block
@@ -392,20 +400,21 @@ __device__ __forceinline__ void run_task(const T* wt, const Plan& pl, int rows_l
 // x is deliberately not `const __restrict__`: other blocks write it during the kernel, so the
 // compiler must not route these loads through the non-coherent read-only path (ld.global.nc).
 template <typename T, Math M>
-__device__ ChunkLayout chunk_matmul(const T* sw, const Plan& pl, const T* x, int n0, int ncols,
-                                    int nreal, float* sc, T* stage, int copy, PhaseClock& clk) {
+__device__ ChunkLayout chunk_matmul(const T* sw, const Plan& pl, const T* x, int klen, int n0,
+                                    int ncols, int nreal, float* sc, T* stage, int copy,
+                                    PhaseClock& clk) {
   constexpr TileShape ts = tile_shape(M);
   const int mfr = ceil_div(pl.m_pad, ts.wm);
   const int nfr = ncols / ts.wn;
   const int tiles = mfr * nfr;
   const bool staged = pl.stage_k > 0;
   const bool pipe = staged && copy == kStagePipelined && pl.stage_k % (2 * kKPad) == 0;
-  const int slice_k = !staged ? pl.k_pad : pipe ? pl.stage_k / 2 : pl.stage_k;
-  const int slices = ceil_div(pl.k_pad, slice_k);
+  const int slice_k = !staged ? klen : pipe ? pl.stage_k / 2 : pl.stage_k;
+  const int slices = ceil_div(klen, slice_k);
   const int ksplit = tiles < kWarps ? imin(kWarps / tiles, slice_k / ts.wk) : 1;
   const int warp = threadIdx.x >> 5;
   const T* xc = x + (size_t)n0 * pl.k_pad;  // X rows of this chunk
-  const auto cols_of = [&](int s) { return imin(slice_k, pl.k_pad - s * slice_k); };
+  const auto cols_of = [&](int s) { return imin(slice_k, klen - s * slice_k); };
   if (pipe) stage_issue(stage, pl.stage_ld, xc, pl.k_pad, nreal, cols_of(0));
   for (int s = 0; s < slices; ++s) {
     const int k0 = s * slice_k;
@@ -449,7 +458,9 @@ __device__ ChunkLayout chunk_matmul(const T* sw, const Plan& pl, const T* x, int
 
 // ---- one block's share of the grid ----------------------------------------------------------------
 // Shared memory (W slice | scratch slots | X stage) and the partition (plan.h): block b owns units
-// [u0, u0 + nu) of batch group b / group_blocks, whose rows are [n_begin, n_end).
+// [u0, u0 + nu) of batch group b / group_blocks, whose rows are [n_begin, n_end). With K parts
+// its unit slice i = b % group_blocks is rank i % parts of team i / parts: the team's units start
+// at team_u0, and this block multiplies K columns [k0, k0 + klen).
 template <typename W>
 struct BlockState {
   W* sw;           // the W slice
@@ -459,6 +470,9 @@ struct BlockState {
   int group_rows;  // rows per batch group, a multiple of kBatchPad (padding included)
   int n_begin, n_end;
   int copy;        // StageCopy (fused_rnn.h)
+  int team, rank;  // K parts (team = slice, rank = 0 without them)
+  int team_u0;     // first unit of the team
+  int k0, klen;    // this block's K columns (klen > 0, a multiple of kKPad)
 };
 
 template <typename W>
@@ -470,33 +484,76 @@ __device__ __forceinline__ BlockState<W> block_state(const Plan& pl, int hidden,
   b.sc = reinterpret_cast<float*>(smem + pl.w_bytes);
   b.stage = reinterpret_cast<W*>(smem + pl.w_bytes + (size_t)pl.slots * pl.slot_floats * 4);
   const int group = blockIdx.x / pl.group_blocks;
-  b.u0 = (blockIdx.x % pl.group_blocks) * pl.units;
+  const int slice = blockIdx.x % pl.group_blocks;
+  b.u0 = slice * pl.units;
   b.nu = imin(pl.units, hidden - b.u0);
   b.group_rows = batch_pad / pl.groups;
   b.n_begin = group * b.group_rows;
   b.n_end = imin(b.n_begin + b.group_rows, batch);
   b.copy = copy;
+  b.team = slice / pl.parts;
+  b.rank = slice % pl.parts;
+  b.team_u0 = b.team * team_units(pl);
+  b.k0 = b.rank * pl.k_part;
+  b.klen = imin(pl.k_part, pl.k_pad - b.k0);
   return b;
 }
 
 // One step of this block, both directions: for each batch chunk of its group, the recurrent
-// matmul against the exchange buffer x, then point(L, b, n, j) for every real batch row
-// b = n0 + n and owned unit u0 + j. All threads call it (it synchronises the block).
+// matmul against the exchange buffer x, then point(b, j, rec) for every real batch row b and
+// owned unit u0 + j, where rec(g) is the matmul's output for gate g of that (b, j) (forward: the
+// team row g*team_units + rank*units + j; backward: g = 0). All threads call it (it synchronises
+// the block).
+// With K parts (part != nullptr) the matmul of all chunks comes first: each chunk's sums for
+// every team row go to part[rank][b][team*m_rows + row]; then grid.sync() (every rank's partials
+// are written and visible), and the points read rec(g) as the sum of the parts' partials in rank
+// order. The buffer is reused next step only after the step's closing grid.sync(), so one copy
+// is enough.
 template <typename W, Math M, typename Point>
 __device__ __forceinline__ void block_step(const BlockState<W>& bs, const Plan& pl, int batch,
-                                           const W* x, PhaseClock& clk, Point&& point) {
+                                           int batch_pad, const W* x, float* part,
+                                           cooperative_groups::grid_group& grid, PhaseClock& clk,
+                                           Point&& point) {
+  const int own = bs.rank * pl.units;  // this block's first row among the team's units
+  const int tu = team_units(pl);
   for (int n0 = bs.n_begin; n0 < bs.n_end; n0 += kChunkCols) {
     const int ncols = imin(kChunkCols, bs.n_begin + bs.group_rows - n0);
     const int nb = imin(ncols, batch - n0);  // real batch rows of this chunk (n0 < n_end)
-    const ChunkLayout L =
-        chunk_matmul<W, M>(bs.sw, pl, x, n0, ncols, nb, bs.sc, bs.stage, bs.copy, clk);
+    const ChunkLayout L = chunk_matmul<W, M>(bs.sw, pl, x + bs.k0, bs.klen, n0, ncols, nb,
+                                             bs.sc, bs.stage, bs.copy, clk);
     __syncthreads();
     clk.mark(kPhaseMma);
-    for (int idx = threadIdx.x; idx < nb * pl.units; idx += kThreads) {
-      const int j = idx % pl.units, n = idx / pl.units;
-      if (j < bs.nu) point(L, n0 + n, n, j);
+    if (part == nullptr) {
+      for (int idx = threadIdx.x; idx < nb * pl.units; idx += kThreads) {
+        const int j = idx % pl.units, n = idx / pl.units;
+        if (j < bs.nu)
+          point(n0 + n, j, [&](int g) { return gather<M>(bs.sc, pl, L, g * tu + own + j, n); });
+      }
+    } else {
+      float* out = part + (size_t)bs.rank * batch_pad * pl.part_ld + (size_t)bs.team * pl.m_rows;
+      for (int idx = threadIdx.x; idx < nb * pl.m_rows; idx += kThreads) {
+        const int m = idx % pl.m_rows, n = idx / pl.m_rows;
+        out[(size_t)(n0 + n) * pl.part_ld + m] = gather<M>(bs.sc, pl, L, m, n);
+      }
     }
     __syncthreads();  // the slots are reused by the next chunk (unstaged: nothing else orders it)
+    clk.mark(kPhaseEpilogue);
+  }
+  if (part != nullptr) {
+    grid.sync();
+    clk.mark(kPhaseSync);
+    const float* in = part + (size_t)bs.team * pl.m_rows + own;
+    const size_t rank_stride = (size_t)batch_pad * pl.part_ld;
+    for (int idx = threadIdx.x; idx < (bs.n_end - bs.n_begin) * pl.units; idx += kThreads) {
+      const int j = idx % pl.units, b = bs.n_begin + idx / pl.units;
+      if (j < bs.nu)
+        point(b, j, [&](int g) {
+          const float* p = in + (size_t)b * pl.part_ld + g * tu + j;
+          float acc = 0.f;
+          for (int r = 0; r < pl.parts; ++r) acc += p[r * rank_stride];
+          return acc;
+        });
+    }
     clk.mark(kPhaseEpilogue);
   }
   clk.step();

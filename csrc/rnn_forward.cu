@@ -13,6 +13,9 @@
 //      ended step s, i.e. finished reading it.
 // Reads of hbuf after grid.sync() need no volatile/ld.cg: grid.sync() is a gpu-scope
 // release/acquire barrier in the CUDA memory model (it fences and invalidates stale L1 lines).
+// With K parts (plan.h) step 1 multiplies only this block's K columns for all of its team's
+// units, writes the partial sums to p.part and waits at one more grid.sync(); step 2 then adds
+// the team's partials for its own units (rnn_common.cuh block_step).
 #include "rnn_common.cuh"
 
 namespace fused_rnn {
@@ -20,13 +23,12 @@ namespace detail {
 
 namespace cg = cooperative_groups;
 
-// One (batch row b, unit u) of step t. acc(g) is the recurrent pre-activation of gate g
+// One (batch row b, unit u) of step t. rec(g) is the recurrent pre-activation of gate g
 // (without bias). State and outputs are only ever touched by the thread owning (b, u) in this
 // block, so there is no intra-block hazard across steps.
-template <Cell C, typename T, Math M>
-__device__ __forceinline__ void forward_point(const FwdParams& p, const float* sc, ChunkLayout L,
-                                              int t, int b, int n, int j, int u, const T* hin,
-                                              T* hout) {
+template <Cell C, typename T, typename Rec>
+__device__ __forceinline__ void forward_point(const FwdParams& p, int t, int b, int u,
+                                              Rec&& rec, const T* hin, T* hout) {
   constexpr int G = gates_of(C);
   const int H = p.hidden;
   const size_t bu = (size_t)b * p.plan.k_pad + u;         // exchange buffer
@@ -47,8 +49,7 @@ __device__ __forceinline__ void forward_point(const FwdParams& p, const float* s
   float hh[G];
 #pragma unroll
   for (int g = 0; g < G; ++g) {
-    hh[g] = gather<M>(sc, p.plan, L, g * p.plan.units + j, n) +
-            (p.b_hh != nullptr ? p.b_hh[g * H + u] : 0.f);
+    hh[g] = rec(g) + (p.b_hh != nullptr ? p.b_hh[g * H + u] : 0.f);
     pre[g] = xg[(size_t)g * H] + hh[g];
   }
   float h;
@@ -102,7 +103,8 @@ __global__ void __launch_bounds__(kThreads, 1) rnn_forward_kernel(const FwdParam
   const BlockState<W> bs =
       block_state<W>(p.plan, p.hidden, p.batch, p.batch_pad, p.stage_copy);
   PhaseClock clk(p.prof);
-  load_w_forward<W, M>(bs.sw, p.plan, static_cast<const T*>(p.w_hh), p.hidden, gates_of(C), bs.u0);
+  load_w_forward<W, M>(bs.sw, p.plan, static_cast<const T*>(p.w_hh), p.hidden, gates_of(C),
+                       bs.team_u0, bs.k0);
   __syncthreads();
   clk.mark(kPhaseLoad);
 
@@ -113,9 +115,9 @@ __global__ void __launch_bounds__(kThreads, 1) rnn_forward_kernel(const FwdParam
     const int t = p.reverse ? p.steps - 1 - s : s;
     const T* hin = static_cast<const T*>(p.hbuf) + (s & 1) * buf;
     T* hout = static_cast<T*>(p.hbuf) + ((s + 1) & 1) * buf;
-    block_step<W, M>(bs, p.plan, p.batch, hin, clk,
-                     [&](const ChunkLayout& L, int b, int n, int j) {
-      forward_point<C, T, M>(p, bs.sc, L, t, b, n, j, bs.u0 + j, hin, hout);
+    block_step<W, M>(bs, p.plan, p.batch, p.batch_pad, hin, p.part, grid, clk,
+                     [&](int b, int j, auto&& rec) {
+      forward_point<C, T>(p, t, b, bs.u0 + j, rec, hin, hout);
     });
     if (s + 1 < p.steps) {
       prefetch_step<C>(p, p.reverse ? t - 1 : t + 1, bs);

@@ -38,7 +38,7 @@ DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 ORDERS = {"ascending": 0, "descending": 1, "shuffle": 2}
 PLAN_FIELDS = ("math", "units", "blocks", "m_rows", "m_pad", "k", "k_pad", "ldw", "slots",
                "slot_floats", "w_bytes", "smem_bytes", "groups", "group_blocks", "stage_rows",
-               "stage_k", "stage_ld")
+               "stage_k", "stage_ld", "parts", "k_part", "part_ld")
 BATCH_PAD = 32  # plan.h kBatchPad
 
 _FLAGS = ["-std=c++20", "-g", "-fPIC", "-Wall", "-Wextra", "-Werror", "-Wno-unknown-pragmas",
@@ -114,10 +114,10 @@ def _load(sanitize: bool, csrc: Path) -> ctypes.CDLL:
             i, u64, p, fp = ctypes.c_int, ctypes.c_uint64, ctypes.c_void_p, ctypes.c_void_p
             lib.sim_configure.argtypes = [i, i, i, i, u64, i]
             lib.sim_last_error.restype = ctypes.c_char_p
-            lib.sim_plan.argtypes = [i] * 8 + [ctypes.POINTER(ctypes.c_int)]
-            lib.sim_make_plan.argtypes = [i] * 8 + [ctypes.POINTER(ctypes.c_int)]
-            lib.sim_forward.argtypes = [i] * 11 + [p, fp, p, fp, p, fp, p, fp, p, i]
-            lib.sim_backward.argtypes = [i] * 10 + [p] * 14 + [i]
+            lib.sim_plan.argtypes = [i] * 9 + [ctypes.POINTER(ctypes.c_int)]
+            lib.sim_make_plan.argtypes = [i] * 9 + [ctypes.POINTER(ctypes.c_int)]
+            lib.sim_forward.argtypes = [i] * 12 + [p, fp, p, fp, p, fp, p, fp, p, i, fp]
+            lib.sim_backward.argtypes = [i] * 11 + [p] * 14 + [i, fp]
             _libs[key] = lib
         return _libs[key]
 
@@ -148,10 +148,10 @@ class Simulator:
         return [self.sms, self.smem_optin, 9, 0, 1]
 
     def plan_info(self, cell: int, math: int, hidden: int, backward: bool, max_blocks: int,
-                  groups: int = 1, stage_rows: int = 0, stage_k: int = 0):
+                  groups: int = 1, stage_rows: int = 0, stage_k: int = 0, parts: int = 1):
         out = (ctypes.c_int * (len(PLAN_FIELDS) - 1))()
         if self.lib.sim_make_plan(cell, math, hidden, int(backward), max_blocks, groups,
-                                  stage_rows, stage_k, out):
+                                  stage_rows, stage_k, parts, out):
             raise RuntimeError("cudasim: bad plan arguments")
         return list(out)
 
@@ -161,12 +161,12 @@ class Simulator:
 
     def plan(self, cell: int, dtype: torch.dtype, allow_tf32: bool, hidden: int,
              backward: bool, batch: int = 1, max_groups: int = 1,
-             max_stage_k: int = 1 << 30) -> dict:
+             max_stage_k: int = 1 << 30, k_parts: int = 1) -> dict:
         self._configure()
         out = (ctypes.c_int * len(PLAN_FIELDS))()
         b_pad = -(-batch // BATCH_PAD) * BATCH_PAD
         if self.lib.sim_plan(cell, DTYPE_CODES[dtype], int(allow_tf32), hidden, int(backward),
-                             b_pad, max_groups, max_stage_k, out):
+                             b_pad, max_groups, max_stage_k, k_parts, out):
             raise RuntimeError(f"cudasim: {self.lib.sim_last_error().decode()}")
         return dict(zip(PLAN_FIELDS, out))
 
@@ -191,8 +191,15 @@ class Simulator:
             assert prof.numel() >= pl["blocks"] * PROF_SLOTS, "prof too small for this launch"
         return _ptr(prof)
 
+    @staticmethod
+    def _part(pl: dict, B_pad: int):
+        """binding.cpp's part_buffer(): the K parts' partial sums, unzeroed, or None."""
+        if pl["parts"] == 1:
+            return None
+        return torch.empty(pl["parts"], B_pad, pl["part_ld"], dtype=torch.float32)
+
     def forward(self, mode, xproj, h0, c0, w_hh, b_hh, lengths, reverse, allow_tf32, save,
-                max_groups, max_stage_k, prof=None, stage_copy=2):
+                max_groups, max_stage_k, prof=None, stage_copy=2, k_parts=1):
         cell = int(mode)
         T, B, _ = xproj.shape
         H = h0.shape[1]
@@ -204,7 +211,7 @@ class Simulator:
                                    (b_hh, "b_hh", torch.float32, (G * H,)),
                                    (lengths, "lengths", torch.int32, (B,))):
             self._expect(t, name, dt, shape)
-        pl = self.plan(cell, st, allow_tf32, H, False, B, max_groups, max_stage_k)
+        pl = self.plan(cell, st, allow_tf32, H, False, B, max_groups, max_stage_k, k_parts)
         self.launches.append(("forward", cell, pl))
         B_pad = -(-B // BATCH_PAD) * BATCH_PAD
         hbuf = torch.zeros(2, B_pad, pl["k_pad"], dtype=st)
@@ -213,17 +220,19 @@ class Simulator:
         y = torch.empty(T, B, H, dtype=st)
         has_aux = save and cell in (0, 1)
         aux = torch.empty((T, B, H) if has_aux else (0,), dtype=torch.float32)
+        part = self._part(pl, B_pad)
         self._configure()
         self._check(self.lib.sim_forward(
             cell, DTYPE_CODES[st], int(allow_tf32), T, B, H, B_pad, int(reverse), int(save),
-            max_groups, max_stage_k, _ptr(w_hh), _ptr(b_hh), _ptr(lengths), _ptr(xproj),
-            _ptr(hbuf), _ptr(cbuf), _ptr(y), _ptr(aux), self._prof(prof, pl), int(stage_copy)))
+            max_groups, max_stage_k, k_parts, _ptr(w_hh), _ptr(b_hh), _ptr(lengths),
+            _ptr(xproj), _ptr(hbuf), _ptr(cbuf), _ptr(y), _ptr(aux), self._prof(prof, pl),
+            int(stage_copy), _ptr(part)))
         h_n = hbuf[T % 2, :B, :H].contiguous()
         c_n = cbuf.to(st) if cell == 0 else torch.empty(0, dtype=st)
         return [y, h_n, c_n, aux]
 
     def backward(self, mode, dy, dh_n, dc_n, w_hh, gates, aux, c0, hprev, lengths, reverse,
-                 allow_tf32, max_groups, max_stage_k, prof=None, stage_copy=2):
+                 allow_tf32, max_groups, max_stage_k, prof=None, stage_copy=2, k_parts=1):
         cell = int(mode)
         G = (4, 3, 1, 1)[cell]
         T, B, H = dy.shape
@@ -240,7 +249,7 @@ class Simulator:
             self._expect(aux, "aux", f32, (T, B, H))
         if cell == 1:
             self._expect(hprev, "hprev", st, (T, B, H))
-        pl = self.plan(cell, st, allow_tf32, H, True, B, max_groups, max_stage_k)
+        pl = self.plan(cell, st, allow_tf32, H, True, B, max_groups, max_stage_k, k_parts)
         self.launches.append(("backward", cell, pl))
         B_pad = -(-B // BATCH_PAD) * BATCH_PAD
         dgbuf = torch.zeros(2, B_pad, pl["k_pad"], dtype=st)
@@ -249,12 +258,13 @@ class Simulator:
         dgx = torch.empty(T, B, G * H)
         dghn = torch.empty((T, B, H) if cell == 1 else (0,))
         dh0 = torch.empty(B, H)
+        part = self._part(pl, B_pad)
         self._configure()
         self._check(self.lib.sim_backward(
             cell, DTYPE_CODES[st], int(allow_tf32), T, B, H, B_pad, int(reverse), max_groups,
-            max_stage_k, _ptr(w_hh),
+            max_stage_k, k_parts, _ptr(w_hh),
             _ptr(lengths), _ptr(dy), _ptr(gates), _ptr(aux) if cell in (0, 1) else None,
             _ptr(c0) if cell == 0 else None, _ptr(hprev) if cell == 1 else None, _ptr(dgbuf),
             _ptr(dh_carry), _ptr(dc_carry), _ptr(dgx), _ptr(dghn), _ptr(dh0),
-            self._prof(prof, pl), int(stage_copy)))
+            self._prof(prof, pl), int(stage_copy), _ptr(part)))
         return [dgx, dghn, dh0, dc_carry]

@@ -173,32 +173,43 @@ int main() {
   const int sms[] = {1, 3, 4, 108, 132};
   const int groups[] = {1, 2, 3};
   const int stages[][2] = {{0, 0}, {32, 64}, {64, 1024}};
+  const int parts[] = {1, 2, 4};
   for (int c = 0; c < 4; ++c) for (int m = 0; m < 3; ++m) for (int h : hs) for (int s : sms)
-    for (int bw = 0; bw < 2; ++bw) for (int g : groups) for (const auto& st : stages) {
-      if (g > s) continue;
+    for (int bw = 0; bw < 2; ++bw) for (int g : groups) for (const auto& st : stages)
+    for (int pt : parts) {
+      if (g > s || pt > s) continue;
       const Plan p = make_plan(static_cast<Cell>(c), static_cast<Math>(m), h, bw, s, g, st[0],
-                               st[1]);
-      std::printf("%d %d %d %d %d %d %d %d %d %d %d %d %d %d %d %d %d %d %d %d %d %d %d %d\n",
-                  c, m, h, s, bw, g, st[0], st[1], p.units, p.blocks, p.m_rows, p.m_pad, p.k,
+                               st[1], pt);
+      std::printf("%d %d %d %d %d %d %d %d %d %d %d %d %d %d %d %d %d %d %d %d %d %d %d %d %d "
+                  "%d %d %d %d\n",
+                  c, m, h, s, bw, g, st[0], st[1], pt, p.units, p.blocks, p.m_rows, p.m_pad, p.k,
                   p.k_pad, p.ldw, p.slots, p.slot_floats, p.w_bytes, p.smem_bytes, p.groups,
-                  p.group_blocks, p.stage_rows, p.stage_k, p.stage_ld);
+                  p.group_blocks, p.stage_rows, p.stage_k, p.stage_ld, p.parts, p.k_part,
+                  p.part_ld, static_cast<int>(step_bytes(p, static_cast<Math>(m), 64)));
     }
   const int caps[] = {0, 16, 1 << 30};
   const int bpads2[] = {32, 96, 256};
+  const int kparts[] = {0, 1, 4};
   for (int c = 0; c < 4; ++c) for (int h : hs) for (int bw = 0; bw < 2; ++bw)
-    for (int is16 = 0; is16 < 2; ++is16) for (int bp : bpads2) for (int cap : caps) {
+    for (int is16 = 0; is16 < 2; ++is16) for (int bp : bpads2) for (int cap : caps)
+    for (int kp : kparts) {
       const Selection sel = select_plan(static_cast<Cell>(c), is16, true, h, bw, 132, 227 * 1024,
-                                        bp, 8, cap);
-      std::printf("S %d %d %d %d %d %d %d %d %d %d %d\n", c, h, bw, is16, bp, cap,
+                                        bp, 8, cap, kp);
+      std::printf("S %d %d %d %d %d %d %d %d %d %d %d %d %d\n", c, h, bw, is16, bp, cap, kp,
                   static_cast<int>(sel.math), sel.plan.groups, sel.plan.stage_rows,
-                  sel.plan.stage_k, sel.plan.smem_bytes);
+                  sel.plan.stage_k, sel.plan.smem_bytes, sel.plan.parts);
     }
   const int bpads[] = {32, 64, 96, 128, 256};
   for (int c = 0; c < 4; ++c) for (int m = 0; m < 3; ++m) for (int h : hs) for (int bp : bpads)
-    for (int bw = 0; bw < 2; ++bw)
+    for (int bw = 0; bw < 2; ++bw) {
       std::printf("G %d %d %d %d %d %d\n", c, m, h, bp, bw,
                   choose_groups(static_cast<Cell>(c), static_cast<Math>(m), h, bw, 132,
                                 227 * 1024, bp, 8));
+      for (int kp : kparts)
+        std::printf("P %d %d %d %d %d %d %d\n", c, m, h, bp, bw, kp,
+                    choose_parts(static_cast<Cell>(c), static_cast<Math>(m), h, bw, 132,
+                                 227 * 1024, bp, 1, kp));
+    }
   for (int c = 0; c < 4; ++c) for (int h : hs) for (int bw = 0; bw < 2; ++bw)
     for (int tf = 0; tf < 2; ++tf)
       std::printf("M %d %d %d %d %d\n", c, h, bw, tf,
@@ -221,23 +232,31 @@ def test_plan_header_matches_python_mirror(tmp_path):
     )
     out = subprocess.run([str(exe)], capture_output=True, text=True, check=True).stdout
     n = 0
+    kinds = set()
     for line in out.splitlines():
         f = line.split()
+        kinds.add(f[0] if f[0].isalpha() else "plan")
         if f[0] == "M":
             c, h, bw, tf, m = map(int, f[1:])
             assert m == P.choose_math(False, bool(tf), c, h, bool(bw), 132, 227 * 1024), line
         elif f[0] == "G":
             c, m, h, bp, bw, g = map(int, f[1:])
             assert g == P.choose_groups(c, m, h, bool(bw), 132, 227 * 1024, bp, 8), line
+        elif f[0] == "P":
+            c, m, h, bp, bw, kp, parts = map(int, f[1:])
+            assert parts == P.choose_parts(c, m, h, bool(bw), 132, 227 * 1024, bp, 1, kp), line
         elif f[0] == "S":
-            c, h, bw, is16, bp, cap, *rest = map(int, f[1:])
-            math, p = P.select_plan(c, bool(is16), True, h, bool(bw), 132, 227 * 1024, bp, 8, cap)
-            assert tuple(rest) == (math, p.groups, p.stage_rows, p.stage_k, p.smem_bytes), line
+            c, h, bw, is16, bp, cap, kp, *rest = map(int, f[1:])
+            math, p = P.select_plan(c, bool(is16), True, h, bool(bw), 132, 227 * 1024, bp, 8, cap,
+                                    kp)
+            want = (math, p.groups, p.stage_rows, p.stage_k, p.smem_bytes, p.parts)
+            assert tuple(rest) == want, line
         else:
-            c, m, h, s, bw, g, rows, sk, *rest = map(int, f)
-            assert tuple(rest) == P.make_plan(c, m, h, bool(bw), s, g, rows, sk).as_tuple(), line
+            c, m, h, s, bw, g, rows, sk, pt, *rest = map(int, f)
+            p = P.make_plan(c, m, h, bool(bw), s, g, rows, sk, pt)
+            assert tuple(rest) == (*p.as_tuple(), P.step_bytes(p, m, 64)), line
         n += 1
-    assert n > 1000
+    assert n > 1000 and kinds == {"plan", "S", "G", "P", "M"}
 
 
 def _run_py(code: str, **env) -> subprocess.CompletedProcess:

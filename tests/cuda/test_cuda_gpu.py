@@ -77,7 +77,10 @@ def _run(fn, mode, leaves, dtype, lens, reverse, cots):
 # (T, B, I, H, environment). Defaults: batch groups and X staging as the plan chooses (plan.h).
 # B=70 runs as 3 batch groups of one chunk, or ungrouped as two chunks per block; "slices16"
 # stages K 16 columns at a time (several slices per chunk, one buffer), "slices32" 32 at a time
-# (the pipelined copy: two buffers of 16), "direct" does not stage.
+# (the pipelined copy: two buffers of 16), "direct" does not stage. "partsN" forces N K parts
+# (plan.h: teams of N blocks split K and exchange partial sums): H=60 gives 8 blocks on cudasim's
+# 8 SMs with a ragged last one (30 blocks of 2 units, teams of 2, on a 132-SM GPU for LSTM and
+# RNN), H=256 teams of 4 on both.
 UNGROUPED = {"FUSED_RNN_CUDA_MAX_GROUPS": "1"}
 SHAPES = {"T5-B3-I7-H37": (5, 3, 7, 37, {}), "T1-B1-I4-H16": (1, 1, 4, 16, {}),
           "T5-B3-I7-H37-slices16": (5, 3, 7, 37, {"FUSED_RNN_CUDA_STAGE_K": "16"}),
@@ -86,7 +89,10 @@ SHAPES = {"T5-B3-I7-H37": (5, 3, 7, 37, {}), "T1-B1-I4-H16": (1, 1, 4, 16, {}),
           "T7-B70-I9-H24-ungrouped": (7, 70, 9, 24, UNGROUPED),
           "T7-B70-I9-H24-ungrouped-direct": (7, 70, 9, 24,
                                              {**UNGROUPED, "FUSED_RNN_CUDA_STAGE_K": "0"}),
-          "T16-B16-I32-H256": (16, 16, 32, 256, {})}
+          "T7-B70-I9-H60-ungrouped-parts4": (7, 70, 9, 60,
+                                             {**UNGROUPED, "FUSED_RNN_CUDA_K_PARTS": "4"}),
+          "T16-B16-I32-H256": (16, 16, 32, 256, {}),
+          "T16-B16-I32-H256-parts4": (16, 16, 32, 256, {"FUSED_RNN_CUDA_K_PARTS": "4"})}
 # dtype, cudnn.allow_tf32, floor for outputs, floor for gradients
 DTYPES = {
     "fp32": (torch.float32, False, 1e-5, 2e-5),
@@ -101,7 +107,7 @@ DTYPES = {
 @pytest.mark.parametrize("dt", list(DTYPES))
 @pytest.mark.parametrize("mode", MODES)
 def test_matches_reference(monkeypatch, mode, dt, shape, variant):
-    if STANDIN == "emulate" and shape == "T16-B16-I32-H256":
+    if STANDIN == "emulate" and shape.startswith("T16-B16-I32-H256"):
         pytest.skip(f"too slow on the CPU ({STANDIN})")
     dtype, tf32, floor_out, floor_grad = DTYPES[dt]
     monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", tf32)
@@ -220,10 +226,11 @@ def test_plan_matches_python_mirror(cuda_ext):
         for math in range(3):
             for h in (1, 37, 256, 1000, 1024):
                 for bw in (False, True):
-                    for groups, rows, stage_k in ((1, 0, 0), (2, 32, 64), (4, 64, 1024)):
+                    for groups, rows, stage_k, parts in ((1, 0, 0, 1), (2, 32, 64, 2),
+                                                         (4, 64, 1024, 4)):
                         got = tuple(cuda_ext.plan_info(cell, math, h, bw, 132, groups, rows,
-                                                       stage_k))
-                        want = P.make_plan(cell, math, h, bw, 132, groups, rows, stage_k)
+                                                       stage_k, parts))
+                        want = P.make_plan(cell, math, h, bw, 132, groups, rows, stage_k, parts)
                         assert got == want.as_tuple()
 
 

@@ -63,10 +63,13 @@ def _layer(mode, dt, T=4, B=3, I=5, H=37, lengths=True, reverse=True, seed=0):
 
 
 # ---------------------------------------------------------------------------------- racecheck
-# (FUSED_RNN_CUDA_MAX_GROUPS, FUSED_RNN_CUDA_STAGE_K)
-# slices16: one stage buffer, several slices; slices32: the pipelined copy's two 16-column buffers.
-PARTITIONS = {"ungrouped-direct": ("1", "0"), "grouped-staged": ("8", "auto"),
-              "ungrouped-slices16": ("1", "16"), "ungrouped-slices32": ("1", "32")}
+# (FUSED_RNN_CUDA_MAX_GROUPS, FUSED_RNN_CUDA_STAGE_K, FUSED_RNN_CUDA_K_PARTS, H)
+# slices16: one stage buffer, several slices; slices32: the pipelined copy's two 16-column buffers;
+# parts2: teams of two blocks split K (H=60: 4 blocks of 16 units for every cell and math).
+PARTITIONS = {"ungrouped-direct": ("1", "0", "1", 37), "grouped-staged": ("8", "auto", "1", 37),
+              "ungrouped-slices16": ("1", "16", "1", 37),
+              "ungrouped-slices32": ("1", "32", "1", 37),
+              "ungrouped-parts2-slices16": ("1", "16", "2", 60)}
 
 
 @pytest.mark.parametrize("partition", list(PARTITIONS))
@@ -77,15 +80,18 @@ def test_results_do_not_depend_on_thread_order(install, monkeypatch, mode, dt, p
     result depend on which runs first; four orders must agree bit for bit, with cp.async copies
     landing as late and as early as the hardware allows. B=70: ungrouped,
     two batch chunks per block; grouped, three batch groups of one chunk; X read directly,
-    staged whole, or staged 16 columns at a time. H=37 over 4 SMs gives a ragged last block."""
-    groups, stage_k = PARTITIONS[partition]
+    staged whole, or staged 16 columns at a time; K split over two blocks. H=37 over 4 SMs
+    gives a ragged last block."""
+    groups, stage_k, parts, H = PARTITIONS[partition]
     monkeypatch.setenv("FUSED_RNN_CUDA_MAX_GROUPS", groups)
     monkeypatch.setenv("FUSED_RNN_CUDA_STAGE_K", stage_k)
+    monkeypatch.setenv("FUSED_RNN_CUDA_K_PARTS", parts)
     runs = []
     for order, seed, cp_async in (("ascending", 0, "late"), ("descending", 0, "early"),
                                   ("shuffle", 1, "late"), ("shuffle", 2, "early")):
-        install(sms=4, order=order, seed=seed, cp_async=cp_async)
-        runs.append(_layer(mode, dt, B=70, T=3))
+        sim = install(sms=4, order=order, seed=seed, cp_async=cp_async)
+        runs.append(_layer(mode, dt, B=70, T=3, H=H))
+        assert {pl["parts"] for _, _, pl in sim.launches} == {int(parts)}
     for other in runs[1:]:
         for i, (a, b) in enumerate(zip(runs[0], other)):
             assert torch.equal(a, b), f"tensor {i} depends on the thread order"
@@ -176,6 +182,15 @@ MUTANTS = {
     "no-grid-sync-forward": ("rnn_forward.cu", "      grid.sync();", "      (void)grid;"),
     "no-grid-sync-backward": ("rnn_backward.cu", "      grid.sync();", "      (void)grid;"),
 }
+# K parts (run with FUSED_RNN_CUDA_K_PARTS=2, H=60): a block adds its team's partial sums
+# before the other ranks have written them
+PART_MUTANTS = {
+    "no-grid-sync-parts": ("rnn_common.cuh", "    grid.sync();\n    clk.mark(kPhaseSync);",
+                           "    (void)grid;\n    clk.mark(kPhaseSync);"),
+    # the partials of the last rank are left out of the sum
+    "parts-sum-short": ("rnn_common.cuh", "for (int r = 0; r < pl.parts; ++r)",
+                        "for (int r = 0; r < pl.parts - 1; ++r)"),
+}
 
 
 STAGE_MUTANTS = {
@@ -195,9 +210,13 @@ STAGE_MUTANTS = {
 STAGE_CASES = [f"{name}@{k}" for name in STAGE_MUTANTS for k in ("16", "32")]
 
 
-@pytest.mark.parametrize("name", list(MUTANTS) + STAGE_CASES)
+@pytest.mark.parametrize("name", list(MUTANTS) + STAGE_CASES + list(PART_MUTANTS))
 def test_races_are_caught(install, monkeypatch, tmp_path, name):
     monkeypatch.setenv("FUSED_RNN_CUDA_MAX_GROUPS", "1")  # two batch chunks per block
+    shape = dict(B=70, T=3)
+    if name in PART_MUTANTS:
+        monkeypatch.setenv("FUSED_RNN_CUDA_K_PARTS", "2")
+        shape["H"] = 60
     if "@" in name:
         name, stage_k = name.split("@")
         monkeypatch.setenv("FUSED_RNN_CUDA_STAGE_K", stage_k)  # several K slices per chunk
@@ -205,9 +224,9 @@ def test_races_are_caught(install, monkeypatch, tmp_path, name):
         # with staging the next chunk's stage copy ends in a barrier before any slot is written;
         # unstaged, only this barrier keeps the next matmul off the slots being read
         monkeypatch.setenv("FUSED_RNN_CUDA_STAGE_K", "0")
-    file, old, new = {**MUTANTS, **STAGE_MUTANTS}[name]
+    file, old, new = {**MUTANTS, **STAGE_MUTANTS, **PART_MUTANTS}[name]
     csrc = _mutant(tmp_path, file, old, new)
-    assert _differs_from_clean(install, csrc, B=70, T=3), f"mutant {name} went unnoticed"
+    assert _differs_from_clean(install, csrc, **shape), f"mutant {name} went unnoticed"
 
 
 def test_a_thread_leaving_before_a_barrier_is_reported(install, tmp_path):
@@ -429,3 +448,46 @@ def test_max_groups_setting_is_checked(install, monkeypatch):
     monkeypatch.setenv("FUSED_RNN_CUDA_MAX_GROUPS", "0")
     with pytest.raises(ValueError, match="FUSED_RNN_CUDA_MAX_GROUPS must be an integer >= 1"):
         _layer("GRU", "fp32")
+
+
+# --------------------------------------------------------------------------------- K parts
+@pytest.mark.parametrize("mode,dt", [("LSTM", "tf32"), ("GRU", "bf16"), ("RNN_RELU", "fp32")])
+def test_k_parts_split_k_not_the_math(install, monkeypatch, mode, dt):
+    """FUSED_RNN_CUDA_K_PARTS: 8 SMs, H=60, B=40 (two batch groups of 4 blocks, the last block of
+    each owning 12 of its 16 units): without parts, in teams of 2 and of 4 blocks that split K
+    and add their partial sums. Same results up to the order of fp32 sums."""
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", dt == "tf32")
+    runs = {}
+    for parts in ("1", "2", "4"):
+        monkeypatch.setenv("FUSED_RNN_CUDA_K_PARTS", parts)
+        sim = install(sms=8)
+        runs[parts] = _layer(mode, dt, B=40, T=3, H=60)
+        plans = {(d, pl["groups"], pl["blocks"], pl["parts"]) for d, _, pl in sim.launches}
+        assert plans == {("forward", 2, 8, int(parts)), ("backward", 2, 8, int(parts))}, plans
+    tol = {"tf32": 2e-3, "bf16": 2e-2, "fp32": 1e-5}[dt]
+    for parts in ("2", "4"):
+        for i, (a, b) in enumerate(zip(runs["1"], runs[parts])):
+            torch.testing.assert_close(a, b, rtol=tol, atol=tol,
+                                       msg=lambda m, i=i, p=parts: f"parts {p}, tensor {i}: {m}")
+
+
+def test_k_parts_auto_and_setting(install, monkeypatch):
+    """auto keeps small launches whole (the extra grid sync would cost more than the reads it
+    saves) and splits S4's fp32 LSTM backward 8 ways (by plan.h's byte model); a count that the
+    unit slices do not divide falls back to the largest power of two that does; bad values are
+    refused."""
+    monkeypatch.delenv("FUSED_RNN_CUDA_K_PARTS", raising=False)
+    sim = install(sms=4)
+    _layer("LSTM", "bf16")
+    assert {pl["parts"] for _, _, pl in sim.launches} == {1}
+    sim = install(sms=132)
+    plan = sim.plan(0, torch.float32, True, 1024, True, batch=256, max_groups=8, k_parts=0)
+    assert (plan["parts"], plan["k_part"], plan["m_rows"]) == (8, 512, 64)
+    monkeypatch.setenv("FUSED_RNN_CUDA_K_PARTS", "3")  # 4 unit slices: teams of 2
+    sim = install(sms=4)
+    _layer("LSTM", "bf16", H=60)
+    assert {pl["parts"] for _, _, pl in sim.launches} == {2}
+    for bad in ("0", "-2", "two"):
+        monkeypatch.setenv("FUSED_RNN_CUDA_K_PARTS", bad)
+        with pytest.raises(ValueError, match="FUSED_RNN_CUDA_K_PARTS must be an integer >= 1"):
+            _layer("GRU", "fp32")

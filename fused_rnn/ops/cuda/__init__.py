@@ -16,9 +16,13 @@ Kernel design: one cooperative launch per chunk and direction; block b owns hidd
 chunk, and exchanges h_t through a double-buffered global (L2) buffer with one ``grid.sync()``
 per step. At larger batch the grid is split into batch groups when shared memory allows (each
 block then holds a larger W_hh slice and reads only its group's rows of the exchange buffer;
-``FUSED_RNN_CUDA_MAX_GROUPS``, default 8, 1 turns it off). Each batch chunk of h is staged into
-shared memory by the whole block before the MMAs read it (``FUSED_RNN_CUDA_STAGE_K``: ``auto``,
-``0`` off, or K columns per slice). bf16/fp16 use tensor cores (WMMA) with fp32 accumulation; fp32 uses TF32 tensor cores
+``FUSED_RNN_CUDA_MAX_GROUPS``, default 8, 1 turns it off). Where shared memory leaves no room
+for groups, K parts cut the same reads: teams of 2-8 blocks share one slice of units, each
+multiplying 1/P of the exchange buffer's columns, and add their fp32 partial sums after one more
+grid sync per step (``FUSED_RNN_CUDA_K_PARTS``: ``auto`` by a byte model in ``plan.h``, or a
+count; 1 turns it off). Each batch chunk of h is staged into shared memory by the whole block
+before the MMAs read it (``FUSED_RNN_CUDA_STAGE_K``: ``auto``, ``0`` off, or K columns per
+slice). bf16/fp16 use tensor cores (WMMA) with fp32 accumulation; fp32 uses TF32 tensor cores
 exactly when ``torch.backends.cudnn.allow_tf32`` is true (as nn.LSTM does), else plain fp32 FMA.
 The LSTM cell state and every activation saved for backward are fp32. Size limits (largest H
 that fits on chip, H100 / A100): ``fused_rnn.ops.cuda.plan``. Not supported (falls back to

@@ -39,18 +39,32 @@ def _to(t: Tensor | None, dtype: torch.dtype) -> Tensor | None:
     return None if t is None else t.to(dtype)
 
 
-def max_groups() -> int:
-    """The most batch groups a launch may use (plan.h: batch groups), from
-    ``FUSED_RNN_CUDA_MAX_GROUPS`` (default 8; 1 turns grouping off). Read at every call so a
-    benchmark can compare settings in one process; it changes the partition, not the math."""
-    raw = os.environ.get("FUSED_RNN_CUDA_MAX_GROUPS", "8")
+def _count_setting(name: str, default: str) -> int:
+    raw = os.environ.get(name, default)
     try:
         value = int(raw)
     except ValueError:
         value = 0
     if value < 1:
-        raise ValueError(f"FUSED_RNN_CUDA_MAX_GROUPS must be an integer >= 1, got {raw!r}")
+        raise ValueError(f"{name} must be an integer >= 1, got {raw!r}")
     return value
+
+
+def max_groups() -> int:
+    """The most batch groups a launch may use (plan.h: batch groups), from
+    ``FUSED_RNN_CUDA_MAX_GROUPS`` (default 8; 1 turns grouping off). Read at every call so a
+    benchmark can compare settings in one process; it changes the partition, not the math."""
+    return _count_setting("FUSED_RNN_CUDA_MAX_GROUPS", "8")
+
+
+def k_parts() -> int:
+    """K parts (plan.h: several blocks share one unit slice's matmul, each over part of K), from
+    ``FUSED_RNN_CUDA_K_PARTS``: ``auto`` (default: the plan picks 1, 2, 4 or 8 by the bytes each
+    block moves per step) or a positive integer N (the largest power of two <= N that the size
+    allows; 1 turns them off). Read at every call, like :func:`max_groups`; it changes the order
+    of the fp32 K sums, not the math."""
+    raw = os.environ.get("FUSED_RNN_CUDA_K_PARTS", "auto")
+    return 0 if raw == "auto" else _count_setting("FUSED_RNN_CUDA_K_PARTS", raw)
 
 
 def max_stage_k() -> int:
@@ -156,6 +170,7 @@ def _layer_forward_impl(
         max_stage_k(),
         profile.buffer("forward", mode, dtype, T, B, H, x.device),
         stage_copy(),
+        k_parts(),
     )
     gates = xproj if save else x.new_empty((0,), dtype=cd)
     return y, h_n, c_n, gates, aux
@@ -291,6 +306,7 @@ def _layer_backward_impl(
             max_stage_k(),
             profile.buffer("backward", mode, dtype, T, B, H, x.device),
             stage_copy(),
+            k_parts(),
         )
         # GRU: the recurrent side of the n gate is r * dn (b_hn sits inside r * (.)).
         dgh = torch.cat([dgx[..., : 2 * H], dghn], dim=-1) if mode == "GRU" else dgx

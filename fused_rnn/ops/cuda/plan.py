@@ -42,6 +42,8 @@ K_K_PAD = 16
 K_CHUNK_COLS = 64
 K_SLOT_PAD = 4
 K_MIN_STAGE_K = 64
+K_MIN_PART_K = 64
+K_PART_FIXED_BYTES = 128 * 1024
 
 # (wm, wn, wk, elem_bytes, w_skew, row_granule) per math, as tile_shape() in plan.h.
 TILE_SHAPES = {0: (8, 32, 16, 2, 8, 8), 1: (16, 16, 8, 4, 0, 8), 2: (8, 32, 4, 4, 4, 1)}
@@ -57,6 +59,7 @@ GPUS = {"H100": (132, 227 * 1024), "A100": (108, 163 * 1024)}
 PLAN_FIELDS = (
     "units", "blocks", "m_rows", "m_pad", "k", "k_pad", "ldw", "slots", "slot_floats",
     "w_bytes", "smem_bytes", "groups", "group_blocks", "stage_rows", "stage_k", "stage_ld",
+    "parts", "k_part", "part_ld",
 )
 
 
@@ -78,6 +81,9 @@ class Plan:
     stage_rows: int  # X staging in shared memory (plan.h): rows, K per slice (0: off), stride
     stage_k: int
     stage_ld: int
+    parts: int  # K parts (plan.h): blocks per team sharing one matmul along K; 1 = none
+    k_part: int  # K columns per team rank
+    part_ld: int  # floats per batch row of the partial buffer (0 without parts)
 
     def as_tuple(self) -> tuple[int, ...]:
         return tuple(getattr(self, f) for f in PLAN_FIELDS)
@@ -100,21 +106,22 @@ def plan_units(cell: int, math: int, hidden: int, max_blocks: int) -> int:
 
 
 def make_plan(cell: int, math: int, hidden: int, backward: bool, max_blocks: int,
-              groups: int = 1, stage_rows: int = 0, stage_k: int = 0) -> Plan:
+              groups: int = 1, stage_rows: int = 0, stage_k: int = 0, parts: int = 1) -> Plan:
     g = GATES[cell]
     wm, wn, wk, elem, skew, row_granule = TILE_SHAPES[math]
     units = plan_units(cell, math, hidden, max(max_blocks // groups, 1))
     group_blocks = _ceil_div(hidden, units)
     blocks = groups * group_blocks
-    m_rows = units if backward else g * units
+    m_rows = parts * (units if backward else g * units)
     m_pad = _round_up(m_rows, row_granule)
     k = g * hidden if backward else hidden
     k_pad = _round_up(k, K_K_PAD)
+    k_part = _round_up(_ceil_div(k_pad, parts), K_K_PAD) if parts > 1 else k_pad
     if k_blocked(math):  # ldw: k-block stride; the last block's tiles read a tail past it
         ldw = m_pad * wk
-        w_elems = m_pad * k_pad + (_round_up(m_pad, wm) - m_pad) * wk
+        w_elems = m_pad * k_part + (_round_up(m_pad, wm) - m_pad) * wk
     else:
-        ldw = k_pad + skew
+        ldw = k_part + skew
         w_elems = m_pad * ldw
     w_bytes = _round_up(w_elems * elem, 128)
     tasks = _ceil_div(m_pad, wm) * (K_CHUNK_COLS // wn)
@@ -124,7 +131,8 @@ def make_plan(cell: int, math: int, hidden: int, backward: bool, max_blocks: int
     stage_bytes = _round_up(stage_rows * stage_ld * elem, 128) if stage_k > 0 else 0
     smem = w_bytes + slots * slot_floats * 4 + stage_bytes
     return Plan(units, blocks, m_rows, m_pad, k, k_pad, ldw, slots, slot_floats, w_bytes, smem,
-                groups, group_blocks, stage_rows if stage_k > 0 else 0, stage_k, stage_ld)
+                groups, group_blocks, stage_rows if stage_k > 0 else 0, stage_k, stage_ld,
+                parts, k_part, group_blocks // parts * m_rows if parts > 1 else 0)
 
 
 def choose_math(is_16bit: bool, allow_tf32: bool, cell: int, hidden: int, backward: bool,
@@ -153,6 +161,37 @@ def choose_groups(cell: int, math: int, hidden: int, backward: bool, max_blocks:
     return best
 
 
+def step_bytes(p: Plan, math: int, rows: int) -> int:
+    """Bytes one block moves per step for the recurrent matmul's input (plan.h step_bytes)."""
+    reads = rows * p.k_part * TILE_SHAPES[math][3]
+    return reads if p.parts == 1 else reads + 2 * p.m_rows * rows * 4 + K_PART_FIXED_BYTES
+
+
+K_MAX_AUTO_PARTS = 8
+
+
+def choose_parts(cell: int, math: int, hidden: int, backward: bool, max_blocks: int,
+                 smem_limit: int, batch_pad: int, groups: int, k_parts: int) -> int:
+    """The number of K parts (plan.h choose_parts): among the powers of two that divide
+    group_blocks and fit, the one with the fewest step_bytes up to 8 (k_parts = 0, auto), or the
+    largest one <= k_parts."""
+    rows = batch_pad // groups
+    cap = K_MAX_AUTO_PARTS if k_parts == 0 else k_parts
+    best = 1
+    best_bytes = step_bytes(make_plan(cell, math, hidden, backward, max_blocks, groups), math,
+                            rows)
+    parts = 2
+    while parts <= cap and parts <= max_blocks:
+        p = make_plan(cell, math, hidden, backward, max_blocks, groups, 0, 0, parts)
+        if (p.group_blocks % parts == 0 and (k_parts > 0 or p.k_part >= K_MIN_PART_K)
+                and (parts - 1) * p.k_part < p.k_pad and p.smem_bytes <= smem_limit):
+            b = step_bytes(p, math, rows)
+            if k_parts > 0 or b < best_bytes:
+                best, best_bytes = parts, b
+        parts *= 2
+    return best
+
+
 def choose_stage_k(base: Plan, math: int, stage_rows: int, smem_limit: int,
                    max_stage_k: int) -> int:
     """K columns per X staging slice (plan.h choose_stage_k); 0: no staging."""
@@ -163,22 +202,25 @@ def choose_stage_k(base: Plan, math: int, stage_rows: int, smem_limit: int,
     k = (avail // (stage_rows * elem) - 16 // elem) // K_K_PAD * K_K_PAD
     while k > 0 and _round_up(stage_rows * (k + 16 // elem) * elem, 128) > avail:
         k -= K_K_PAD
-    if k < min(K_MIN_STAGE_K, base.k_pad):
+    if k < min(K_MIN_STAGE_K, base.k_part):
         return 0
-    return min(k, base.k_pad, max_stage_k // K_K_PAD * K_K_PAD)
+    return min(k, base.k_part, max_stage_k // K_K_PAD * K_K_PAD)
 
 
 def select_plan(cell: int, is_16bit: bool, allow_tf32: bool, hidden: int, backward: bool,
                 max_blocks: int, smem_limit: int, batch_pad: int, max_groups: int,
-                max_stage_k: int) -> tuple[int, Plan]:
+                max_stage_k: int, k_parts: int = 1) -> tuple[int, Plan]:
     """(math, plan) as plan.h select_plan chooses them."""
     math = choose_math(is_16bit, allow_tf32, cell, hidden, backward, max_blocks, smem_limit)
     groups = choose_groups(cell, math, hidden, backward, max_blocks, smem_limit, batch_pad,
                            max_groups)
-    base = make_plan(cell, math, hidden, backward, max_blocks, groups)
+    parts = choose_parts(cell, math, hidden, backward, max_blocks, smem_limit, batch_pad,
+                         groups, k_parts)
+    base = make_plan(cell, math, hidden, backward, max_blocks, groups, 0, 0, parts)
     rows = min(K_CHUNK_COLS, batch_pad // groups)
     stage_k = choose_stage_k(base, math, rows, smem_limit, max_stage_k)
-    return math, make_plan(cell, math, hidden, backward, max_blocks, groups, rows, stage_k)
+    return math, make_plan(cell, math, hidden, backward, max_blocks, groups, rows, stage_k,
+                           parts)
 
 
 def fits(cell: int, is_16bit: bool, allow_tf32: bool, hidden: int, num_sms: int,
