@@ -3,8 +3,8 @@
 For each cell, shape and dtype: one warm-up forward+backward, then one recorded. Every launch
 reports microseconds per step for the X stage copies, the recurrent matmul, the epilogue and
 the grid sync (mean over blocks; ``sync min`` is the last-arriving block's wait, about the
-barrier's own cost, so sync - sync min is waiting for slower blocks), plus the W load and
-the kernel's wall time. Together with bench_gpu.py's totals this says what bounds a step: the
+barrier's own cost, so sync - sync min is waiting for slower blocks), the K parts' second
+grid sync where the plan has parts, plus the W load and the kernel's wall time. Together with bench_gpu.py's totals this says what bounds a step: the
 L2 read of the exchange (copy), the tensor cores (mma), the cell math (epilogue) or the barrier.
 
     python benchmarks/profile_cuda.py [--modes LSTM,GRU] [--dtypes fp32,bf16] [--shapes S1,S3]
@@ -27,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_gpu import DRY_SHAPES, DTYPE_NAMES, SHAPES, environment  # noqa: E402
 
 COLUMNS = ("cell", "shape", "dtype", "pass", "blocks", "copy", "mma", "epilogue", "sync",
-           "sync min", "load", "kernel")
+           "sync min", "parts", "load", "kernel")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -87,8 +87,8 @@ def _row(mode, shape, dtype_name, s: dict) -> list[str]:
 
     direction = {"forward": "fwd", "backward": "bwd"}[s["direction"]]
     return [mode, shape, dtype_name, direction, str(s["blocks"]), us("copy_us"),
-            us("mma_us"), us("epilogue_us"), us("sync_us"), us("sync_min_us"), us("load_us"),
-            us("kernel_us")]
+            us("mma_us"), us("epilogue_us"), us("sync_us"), us("sync_min_us"), us("parts_us"),
+            us("load_us"), us("kernel_us")]
 
 
 def main(argv=None) -> int:
@@ -126,8 +126,9 @@ def main(argv=None) -> int:
     env = environment(device, argparse.Namespace())
     lines = [f"# CUDA kernel phases, {env['gpu']}", ""]
     lines += [f"- {k}: {v}" for k, v in env.items()]
-    lines += ["", "µs per step (mean over blocks) for copy, mma, epilogue, sync, and sync min "
-              "(the last-arriving block's wait: about the barrier's own cost); µs per launch "
+    lines += ["", "µs per step (mean over blocks) for copy, mma, epilogue, sync, sync min "
+              "(the last-arriving block's wait: about the barrier's own cost) and parts (the "
+              "K parts' second grid sync per step, 0 without them); µs per launch "
               "for load (W into shared memory) and "
               "kernel (wall time).", ""]
     if args.sim:

@@ -30,7 +30,8 @@ enum Phase : int {
   kPhaseMma = 2,       // the recurrent matmul, up to the slowest warp
   kPhaseEpilogue = 3,  // the cell math and stores, up to the slowest thread
   kPhaseSync = 4,      // L2 prefetch issue + grid.sync (the wait for the slowest block)
-  kPhases = 5,
+  kPhaseParts = 5,     // K parts: the grid.sync after the partial sums (0 without parts)
+  kPhases = 6,
 };
 constexpr int kProfSlots = kPhases + 3;
 

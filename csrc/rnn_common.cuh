@@ -541,7 +541,7 @@ __device__ __forceinline__ void block_step(const BlockState<W>& bs, const Plan& 
   }
   if (part != nullptr) {
     grid.sync();
-    clk.mark(kPhaseSync);
+    clk.mark(kPhaseParts);
     const float* in = part + (size_t)bs.team * pl.m_rows + own;
     const size_t rank_stride = (size_t)batch_pad * pl.part_ld;
     for (int idx = threadIdx.x; idx < (bs.n_end - bs.n_begin) * pl.units; idx += kThreads) {

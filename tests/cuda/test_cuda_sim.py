@@ -185,8 +185,8 @@ MUTANTS = {
 # K parts (run with FUSED_RNN_CUDA_K_PARTS=2, H=60): a block adds its team's partial sums
 # before the other ranks have written them
 PART_MUTANTS = {
-    "no-grid-sync-parts": ("rnn_common.cuh", "    grid.sync();\n    clk.mark(kPhaseSync);",
-                           "    (void)grid;\n    clk.mark(kPhaseSync);"),
+    "no-grid-sync-parts": ("rnn_common.cuh", "    grid.sync();\n    clk.mark(kPhaseParts);",
+                           "    (void)grid;\n    clk.mark(kPhaseParts);"),
     # the partials of the last rank are left out of the sum
     "parts-sum-short": ("rnn_common.cuh", "for (int r = 0; r < pl.parts; ++r)",
                         "for (int r = 0; r < pl.parts - 1; ++r)"),
@@ -370,19 +370,22 @@ def test_tf32_tiles_past_an_8_row_slice_change_nothing(install, monkeypatch, mod
 
 
 # --------------------------------------------------------------------------- phase timing
-@pytest.mark.parametrize("stage_k", ["auto", "0"])
+@pytest.mark.parametrize("stage_k,parts", [("auto", "1"), ("0", "1"), ("auto", "2")])
 @pytest.mark.parametrize("mode,dt", [("LSTM", "bf16"), ("GRU", "fp32"), ("RNN_TANH", "tf32")])
 def test_phase_timing_records_every_block_and_changes_nothing(install, monkeypatch, mode, dt,
-                                                              stage_k):
+                                                              stage_k, parts):
     """profile.recording(): every launch gets a buffer that each block's thread 0 fills
     (phases adding up to the total, as many steps as the kernel ran, stage copies only when
-    staged), and the results are bit for bit those of an unrecorded run."""
+    staged, the partial-sum sync only with K parts), and the results are bit for bit those of
+    an unrecorded run."""
     monkeypatch.setenv("FUSED_RNN_CUDA_STAGE_K", stage_k)
     monkeypatch.setenv("FUSED_RNN_CUDA_MAX_GROUPS", "1")  # two batch chunks per block
+    monkeypatch.setenv("FUSED_RNN_CUDA_K_PARTS", parts)
+    H = 60 if parts != "1" else 37  # 4 unit slices for every cell (teams of 2)
     sim = install(sms=4)
-    plain = _layer(mode, dt, B=70, T=3)
+    plain = _layer(mode, dt, B=70, T=3, H=H)
     with profile.recording() as launches:
-        timed = _layer(mode, dt, B=70, T=3)
+        timed = _layer(mode, dt, B=70, T=3, H=H)
     for i, (a, b) in enumerate(zip(plain, timed)):
         assert torch.equal(a, b), f"tensor {i} changed under recording"
     assert [ln.direction for ln in launches] == ["forward", "backward"]
@@ -396,6 +399,8 @@ def test_phase_timing_records_every_block_and_changes_nothing(install, monkeypat
         assert row["load_us"] > 0
         assert (row["copy_us"] > 0) == (plans[launch.direction]["stage_k"] > 0)
         assert (plans[launch.direction]["stage_k"] > 0) == (stage_k == "auto")
+        assert plans[launch.direction]["parts"] == int(parts)
+        assert (row["parts_us"] > 0) == (parts != "1")
         rows_used = (launch.prof[:, len(profile.PHASES)] > 0).sum()
         assert rows_used == blocks and not launch.prof[blocks:].any(), "only the grid writes"
 

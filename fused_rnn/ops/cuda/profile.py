@@ -18,7 +18,9 @@ fills it with the ``clock64()`` cycles it spent in each phase of ``csrc/fused_rn
 - ``copy``: X stage copies;
 - ``mma``: the recurrent matmul, up to the slowest warp;
 - ``epilogue``: the cell math and stores;
-- ``sync``: the L2 prefetch issue and ``grid.sync()``, i.e. the wait for the slowest block.
+- ``sync``: the L2 prefetch issue and ``grid.sync()``, i.e. the wait for the slowest block;
+- ``parts``: with K parts (``csrc/plan.h``), the second ``grid.sync()`` of a step, after the
+  partial sums are written (0 without parts).
 
 It also writes the total cycles, the total nanoseconds (``%globaltimer``, which converts cycles
 to time) and the number of steps.
@@ -36,7 +38,7 @@ from dataclasses import dataclass
 
 import torch
 
-PHASES = ("load", "copy", "mma", "epilogue", "sync")  # fused_rnn.h Phase, in order
+PHASES = ("load", "copy", "mma", "epilogue", "sync", "parts")  # fused_rnn.h Phase, in order
 PROF_SLOTS = len(PHASES) + 3  # + total cycles, total ns, steps (fused_rnn.h kProfSlots)
 MAX_BLOCKS = 1024  # rows per buffer; a grid never has more blocks than the GPU has SMs
 
@@ -79,7 +81,7 @@ def buffer(direction: str, mode: str, dtype: torch.dtype, steps: int, batch: int
 
 
 def summarize(launch: Launch) -> dict:
-    """Microseconds per step of each per-step phase (``copy_us`` .. ``sync_us``, mean over
+    """Microseconds per step of each per-step phase (``copy_us`` .. ``parts_us``, mean over
     blocks), the shortest sync wait per step (``sync_min_us``: the block that arrives last
     waits only for the barrier itself, so mean - min is time spent waiting for slower blocks),
     and for the whole launch the W load
