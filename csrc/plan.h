@@ -209,15 +209,16 @@ FRNN_HD constexpr long long step_bytes(const Plan& p, Math math, int rows) {
 
 // The number of K parts, among the powers of two that divide group_blocks, leave the last rank
 // some K and fit in smem_limit without staging:
-// k_parts = 0 (auto): the one with the fewest step_bytes, up to kMaxAutoParts (ties: fewer) and
-//   with at least kMinPartK columns per rank;
-// k_parts > 0: the largest one <= k_parts (1: none).
-constexpr int kMaxAutoParts = 8;
+// k_parts = 0 (auto): the one with the fewest step_bytes (ties: fewer) and with at least
+//   kMinPartK columns per rank;
+// k_parts > 0: the largest one <= k_parts (1: none);
+// never more than kMaxParts (the kernels add the partials in one unrolled pass).
+constexpr int kMaxParts = 8;
 FRNN_HD constexpr int choose_parts(Cell cell, Math math, int hidden, bool backward,
                                    int max_blocks, int smem_limit, int batch_pad, int groups,
                                    int k_parts) {
   const int rows = batch_pad / groups;
-  const int cap = k_parts == 0 ? kMaxAutoParts : k_parts;
+  const int cap = k_parts == 0 ? kMaxParts : imin(k_parts, kMaxParts);
   int best = 1;
   long long best_bytes =
       step_bytes(make_plan(cell, math, hidden, backward, max_blocks, groups), math, rows);

@@ -548,9 +548,16 @@ __device__ __forceinline__ void block_step(const BlockState<W>& bs, const Plan& 
       const int j = idx % pl.units, b = bs.n_begin + idx / pl.units;
       if (j < bs.nu)
         point(b, j, [&](int g) {
+          // All loads first (unrolled, predicated), so they are in flight together; then the
+          // sum in rank order.
           const float* p = in + (size_t)b * pl.part_ld + g * tu + j;
+          float v[kMaxParts];
+#pragma unroll
+          for (int r = 0; r < kMaxParts; ++r) v[r] = r < pl.parts ? p[r * rank_stride] : 0.f;
           float acc = 0.f;
-          for (int r = 0; r < pl.parts; ++r) acc += p[r * rank_stride];
+#pragma unroll
+          for (int r = 0; r < kMaxParts; ++r)
+            if (r < pl.parts) acc += v[r];
           return acc;
         });
     }

@@ -188,8 +188,8 @@ PART_MUTANTS = {
     "no-grid-sync-parts": ("rnn_common.cuh", "    grid.sync();\n    clk.mark(kPhaseParts);",
                            "    (void)grid;\n    clk.mark(kPhaseParts);"),
     # the partials of the last rank are left out of the sum
-    "parts-sum-short": ("rnn_common.cuh", "for (int r = 0; r < pl.parts; ++r)",
-                        "for (int r = 0; r < pl.parts - 1; ++r)"),
+    "parts-sum-short": ("rnn_common.cuh", "if (r < pl.parts) acc += v[r];",
+                        "if (r < pl.parts - 1) acc += v[r];"),
 }
 
 
@@ -479,8 +479,8 @@ def test_k_parts_split_k_not_the_math(install, monkeypatch, mode, dt):
 def test_k_parts_auto_and_setting(install, monkeypatch):
     """auto keeps small launches whole (the extra grid sync would cost more than the reads it
     saves) and splits S4's fp32 LSTM backward 8 ways (by plan.h's byte model); a count that the
-    unit slices do not divide falls back to the largest power of two that does; bad values are
-    refused."""
+    unit slices do not divide falls back to the largest power of two that does, and no count
+    goes past 8; bad values are refused."""
     monkeypatch.delenv("FUSED_RNN_CUDA_K_PARTS", raising=False)
     sim = install(sms=4)
     _layer("LSTM", "bf16")
@@ -488,6 +488,8 @@ def test_k_parts_auto_and_setting(install, monkeypatch):
     sim = install(sms=132)
     plan = sim.plan(0, torch.float32, True, 1024, True, batch=256, max_groups=8, k_parts=0)
     assert (plan["parts"], plan["k_part"], plan["m_rows"]) == (8, 512, 64)
+    plan = sim.plan(0, torch.float32, True, 1024, True, batch=256, max_groups=8, k_parts=64)
+    assert plan["parts"] == 8  # kMaxParts: the kernels add at most 8 partials
     monkeypatch.setenv("FUSED_RNN_CUDA_K_PARTS", "3")  # 4 unit slices: teams of 2
     sim = install(sms=4)
     _layer("LSTM", "bf16", H=60)

@@ -60,8 +60,8 @@ def max_groups() -> int:
 def k_parts() -> int:
     """K parts (plan.h: several blocks share one unit slice's matmul, each over part of K), from
     ``FUSED_RNN_CUDA_K_PARTS``: ``auto`` (default: the plan picks 1, 2, 4 or 8 by the bytes each
-    block moves per step) or a positive integer N (the largest power of two <= N that the size
-    allows; 1 turns them off). Read at every call, like :func:`max_groups`; it changes the order
+    block moves per step) or a positive integer N (the largest power of two <= min(N, 8) that
+    the size allows; 1 turns them off). Read at every call, like :func:`max_groups`; it changes the order
     of the fp32 K sums, not the math."""
     raw = os.environ.get("FUSED_RNN_CUDA_K_PARTS", "auto")
     return 0 if raw == "auto" else _count_setting("FUSED_RNN_CUDA_K_PARTS", raw)

@@ -167,16 +167,16 @@ def step_bytes(p: Plan, math: int, rows: int) -> int:
     return reads if p.parts == 1 else reads + 2 * p.m_rows * rows * 4 + K_PART_FIXED_BYTES
 
 
-K_MAX_AUTO_PARTS = 8
+K_MAX_PARTS = 8
 
 
 def choose_parts(cell: int, math: int, hidden: int, backward: bool, max_blocks: int,
                  smem_limit: int, batch_pad: int, groups: int, k_parts: int) -> int:
     """The number of K parts (plan.h choose_parts): among the powers of two that divide
-    group_blocks and fit, the one with the fewest step_bytes up to 8 (k_parts = 0, auto), or the
-    largest one <= k_parts."""
+    group_blocks and fit, at most 8: the one with the fewest step_bytes (k_parts = 0, auto), or
+    the largest one <= k_parts."""
     rows = batch_pad // groups
-    cap = K_MAX_AUTO_PARTS if k_parts == 0 else k_parts
+    cap = K_MAX_PARTS if k_parts == 0 else min(k_parts, K_MAX_PARTS)
     best = 1
     best_bytes = step_bytes(make_plan(cell, math, hidden, backward, max_blocks, groups), math,
                             rows)
