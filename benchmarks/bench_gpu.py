@@ -175,6 +175,32 @@ VARIANTS = {"cuda-p1": ("cuda", {"FUSED_RNN_CUDA_K_PARTS": "1"}),
             "cuda-regcopy": ("cuda", {"FUSED_RNN_CUDA_STAGE_COPY": "registers"})}
 
 
+def _variant_is_moot(backend, mode, shape, dtype_name, device) -> bool:
+    """True when a variant would run exactly cuda's plans: cuda-g1 at B_pad = 32 (one batch
+    group either way); on a GPU, cuda-p1 where no launch of cuda's has K parts (plan.py)."""
+    B, _, H = shape
+    if backend == "cuda-g1":
+        return B <= 32
+    if backend != "cuda-p1" or device != "cuda":
+        return False
+    import torch
+
+    from fused_rnn.ops.cuda import ops
+    from fused_rnn.ops.cuda import plan as P
+
+    props = torch.cuda.get_device_properties(torch.cuda.current_device())
+    smem = getattr(props, "shared_memory_per_block_optin", None)
+    if not smem:
+        return False
+    is16 = dtype_name in ("bf16", "fp16")
+    tf32 = dtype_name == "fp32" and torch.backends.cudnn.allow_tf32
+    b_pad = -(-B // P.K_BATCH_PAD) * P.K_BATCH_PAD
+    return all(
+        P.select_plan(P.CELLS[mode], is16, tf32, H, bw, props.multi_processor_count, smem, b_pad,
+                      ops.max_groups(), ops.max_stage_k(), 0)[1].parts == 1
+        for bw in (False, True))
+
+
 def measure(args, timer, device, mode, shape, dtype_name, backend) -> list[dict]:
     """Rows for one (mode, shape, dtype, backend); backend None = cuDNN (torch.nn)."""
     if dtype_name == "fp32-strict":
@@ -351,9 +377,10 @@ def main(argv=None) -> int:
                 for dtype_name in args.dtypes:
                     label = f"{mode}-{shape}-{dtype_name}"
                     todo = [b for b in round_backends
-                            if not (b == "cuda-g1" and args.shape_table[shape][0] <= 32)]
+                            if not _variant_is_moot(b, mode, args.shape_table[shape], dtype_name,
+                                                    device)]
                     if not todo:
-                        continue  # cuda-g1 at B_pad = 32: one batch group either way
+                        continue  # only variants that would time the same kernels as cuda
                     if time.monotonic() - start > args.time_budget:
                         skipped.append(label + ("" if None in round_backends else
                                                 f" ({','.join(todo)})"))

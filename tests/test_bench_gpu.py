@@ -89,3 +89,32 @@ def test_gpu_check_stops_starting_steps_at_its_budget(tmp_path):
     rc, log = _gpu_check(tmp_path, "--budget", "0")
     assert rc == 1 and "SKIPPED (the time budget is spent)" in log, log[-3000:]
     assert "benchmarks SKIPPED" in log and "Triton test suite SKIPPED" in log
+
+
+def test_k_parts_variant_runs_only_where_cuda_has_parts(monkeypatch):
+    """cuda-p1 (cuda with FUSED_RNN_CUDA_K_PARTS=1) is timed only where one of cuda's launches
+    has K parts by the plan; here against a stand-in for an H100's device properties."""
+    import types
+
+    import torch
+
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        import bench_gpu
+    finally:
+        sys.path.pop(0)
+    props = types.SimpleNamespace(multi_processor_count=132,
+                                  shared_memory_per_block_optin=227 * 1024)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda i: props)
+    monkeypatch.delenv("FUSED_RNN_CUDA_MAX_GROUPS", raising=False)
+    monkeypatch.delenv("FUSED_RNN_CUDA_STAGE_K", raising=False)
+    moot = {(mode, name, dt): bench_gpu._variant_is_moot("cuda-p1", mode, bench_gpu.SHAPES[name],
+                                                          dt, "cuda")
+            for mode in ("LSTM", "GRU") for name in ("S4", "S5", "S6")
+            for dt in ("fp32", "bf16")}
+    assert not moot["LSTM", "S4", "fp32"] and not moot["GRU", "S4", "fp32"]
+    assert all(moot[mode, name, dt] for mode in ("LSTM", "GRU") for name in ("S5", "S6")
+               for dt in ("fp32", "bf16"))
+    assert not bench_gpu._variant_is_moot("cuda-p1", "LSTM", (256, 1, 1024), "fp32", "cpu")
+    assert bench_gpu._variant_is_moot("cuda-g1", "LSTM", (16, 1, 768), "bf16", "cpu")
