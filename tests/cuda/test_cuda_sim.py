@@ -65,11 +65,13 @@ def _layer(mode, dt, T=4, B=3, I=5, H=37, lengths=True, reverse=True, seed=0):
 # ---------------------------------------------------------------------------------- racecheck
 # (FUSED_RNN_CUDA_MAX_GROUPS, FUSED_RNN_CUDA_STAGE_K, FUSED_RNN_CUDA_K_PARTS, H)
 # slices16: one stage buffer, several slices; slices32: the pipelined copy's two 16-column buffers;
-# parts2: teams of two blocks split K (H=60: 4 blocks of 16 units for every cell and math).
+# parts2: teams of two blocks split K (H=60: 4 blocks of 16 units for every cell and math), with
+# one stage buffer or pipelined.
 PARTITIONS = {"ungrouped-direct": ("1", "0", "1", 37), "grouped-staged": ("8", "auto", "1", 37),
               "ungrouped-slices16": ("1", "16", "1", 37),
               "ungrouped-slices32": ("1", "32", "1", 37),
-              "ungrouped-parts2-slices16": ("1", "16", "2", 60)}
+              "ungrouped-parts2-slices16": ("1", "16", "2", 60),
+              "ungrouped-parts2-slices32": ("1", "32", "2", 60)}
 
 
 @pytest.mark.parametrize("partition", list(PARTITIONS))
