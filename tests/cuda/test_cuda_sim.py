@@ -500,3 +500,22 @@ def test_k_parts_auto_and_setting(install, monkeypatch):
         monkeypatch.setenv("FUSED_RNN_CUDA_K_PARTS", bad)
         with pytest.raises(ValueError, match="FUSED_RNN_CUDA_K_PARTS must be an integer >= 1"):
             _layer("GRU", "fp32")
+
+
+@pytest.mark.parametrize("dt", ["tf32", "bf16"])
+def test_k_parts_in_teams_of_8_over_four_batch_chunks(install, monkeypatch, dt):
+    """S4's structure at a size cudasim can run: B=256 (four 64-row chunks per block, no batch
+    groups), 16 blocks in two teams of 8 (the most parts there are), X staged. LSTM against
+    the same launch without parts, up to the order of fp32 sums."""
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", dt == "tf32")
+    monkeypatch.setenv("FUSED_RNN_CUDA_MAX_GROUPS", "1")
+    runs = {}
+    for parts in ("1", "8"):
+        monkeypatch.setenv("FUSED_RNN_CUDA_K_PARTS", parts)
+        sim = install(sms=16)
+        runs[parts] = _layer("LSTM", dt, B=256, T=2, I=8, H=128, lengths=False)
+        assert [(d, pl["blocks"], pl["parts"], pl["stage_k"] > 0) for d, _, pl in sim.launches] \
+            == [("forward", 16, int(parts), True), ("backward", 16, int(parts), True)]
+    tol = 2e-3 if dt == "tf32" else 2e-2
+    for i, (a, b) in enumerate(zip(runs["1"], runs["8"])):
+        torch.testing.assert_close(a, b, rtol=tol, atol=tol, msg=lambda m, i=i: f"tensor {i}: {m}")
