@@ -175,30 +175,46 @@ VARIANTS = {"cuda-p1": ("cuda", {"FUSED_RNN_CUDA_K_PARTS": "1"}),
             "cuda-regcopy": ("cuda", {"FUSED_RNN_CUDA_STAGE_COPY": "registers"})}
 
 
-def _variant_is_moot(backend, mode, shape, dtype_name, device) -> bool:
-    """True when a variant would run exactly cuda's plans: cuda-g1 at B_pad = 32 (one batch
-    group either way); on a GPU, cuda-p1 where no launch of cuda's has K parts (plan.py)."""
-    B, _, H = shape
-    if backend == "cuda-g1":
-        return B <= 32
-    if backend != "cuda-p1" or device != "cuda":
-        return False
+def _cuda_plans(mode, shape, dtype_name) -> list | None:
+    """The forward and backward launch plans the cuda backend takes for this row under the
+    current environment (plan.py, the mirror of plan.h), from this GPU's SM count and opt-in
+    shared memory; None without a GPU or those properties."""
     import torch
 
+    try:
+        props = torch.cuda.get_device_properties(torch.cuda.current_device())
+    except (AssertionError, RuntimeError):
+        return None
+    smem = getattr(props, "shared_memory_per_block_optin", None)
+    if not smem:
+        return None
     from fused_rnn.ops.cuda import ops
     from fused_rnn.ops.cuda import plan as P
 
-    props = torch.cuda.get_device_properties(torch.cuda.current_device())
-    smem = getattr(props, "shared_memory_per_block_optin", None)
-    if not smem:
-        return False
+    B, _, H = shape
     is16 = dtype_name in ("bf16", "fp16")
     tf32 = dtype_name == "fp32" and torch.backends.cudnn.allow_tf32
     b_pad = -(-B // P.K_BATCH_PAD) * P.K_BATCH_PAD
-    return all(
-        P.select_plan(P.CELLS[mode], is16, tf32, H, bw, props.multi_processor_count, smem, b_pad,
-                      ops.max_groups(), ops.max_stage_k(), 0)[1].parts == 1
-        for bw in (False, True))
+    return [P.select_plan(P.CELLS[mode], is16, tf32, H, bw, props.multi_processor_count, smem,
+                          b_pad, ops.max_groups(), ops.max_stage_k(), ops.k_parts())[1]
+            for bw in (False, True)]
+
+
+def _plan_note(plans) -> str:
+    """'plan fwd g1 p4 k224, bwd g1 p8 k304': batch groups, K parts, stage K columns."""
+    return "plan " + ", ".join(f"{d} g{p.groups} p{p.parts} k{p.stage_k}"
+                               for d, p in zip(("fwd", "bwd"), plans))
+
+
+def _variant_is_moot(backend, mode, shape, dtype_name, device) -> bool:
+    """True when a variant would run exactly cuda's plans: cuda-g1 at B_pad = 32 (one batch
+    group either way); on a GPU, cuda-p1 where no launch of cuda's has K parts (plan.py)."""
+    if backend == "cuda-g1":
+        return shape[0] <= 32
+    if backend != "cuda-p1" or device != "cuda":
+        return False
+    plans = _cuda_plans(mode, shape, dtype_name)
+    return plans is not None and all(p.parts == 1 for p in plans)
 
 
 def measure(args, timer, device, mode, shape, dtype_name, backend) -> list[dict]:
@@ -246,10 +262,14 @@ def _measure(args, timer, device, mode, shape, dtype_name, backend) -> list[dict
         return [dict(base, **{"pass": p, "note": f"{type(e).__name__}: {e}"[:200]}) for p in args.passes]
     rows = []
     fns = passes(model, x, cot)
+    plans = _cuda_plans(mode, (B, T, H), dtype_name) if backend == "cuda" and device == "cuda" \
+        else None
     for p in args.passes:
         ms = timer(fns[p])
         rows.append(dict(base, **{"pass": p, "ms": ms, "us_per_step": 1e3 * ms / T,
                                   "peak_MiB": peak_mib(fns[p], device), "_y": y.detach()}))
+        if plans is not None:
+            rows[-1]["note"] = _plan_note(plans)
     return rows
 
 
