@@ -31,7 +31,15 @@ DTYPES = [(torch.float32, False, 1e-4), (torch.float32, True, 2e-2), (torch.bflo
 
 
 def case(mode, T, B, I, H, dtype, tf32, tol, reverse, gen) -> str | None:
+    prev = torch.backends.cudnn.allow_tf32
     torch.backends.cudnn.allow_tf32 = tf32
+    try:  # a caller in the same process (the dry-run test) keeps its own setting
+        return _case(mode, T, B, I, H, dtype, tf32, tol, reverse, gen)
+    finally:
+        torch.backends.cudnn.allow_tf32 = prev
+
+
+def _case(mode, T, B, I, H, dtype, tf32, tol, reverse, gen) -> str | None:
     G = GATES[mode]
     dev = DEVICE
 

@@ -105,6 +105,7 @@ def test_k_parts_variant_runs_only_where_cuda_has_parts(monkeypatch):
         sys.path.pop(0)
     props = types.SimpleNamespace(multi_processor_count=132,
                                   shared_memory_per_block_optin=227 * 1024)
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", True)  # fp32 rows: TF32 as in torch
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
     monkeypatch.setattr(torch.cuda, "get_device_properties", lambda i: props)
     monkeypatch.delenv("FUSED_RNN_CUDA_MAX_GROUPS", raising=False)
