@@ -12,7 +12,8 @@
 # In order of value, each step only if time is left before the deadline (--budget seconds from
 # the start, default 570: a lent device runs one command for at most 10 minutes):
 # 1. with cuda in --backends: benchmarks/gpu_check_cuda.sh --part tests builds the extension
-#    once and runs tests/cuda's GPU tests;
+#    once and runs tests/cuda's GPU tests; if a K-parts test fails, the steps below run with
+#    K parts off (FUSED_RNN_CUDA_K_PARTS=1), so the table still times kernels that passed;
 # 2. bench_gpu.py: S1-S6 x LSTM/GRU x fp32/bf16/fp16, fwd and fwd+bwd, against cuDNN in the
 #    same process; writes benchmarks/results/<date>-<gpu>.md and .csv (time-budgeted, so the
 #    script always finishes);
@@ -82,6 +83,10 @@ if [[ $HAS_CUDA == 1 ]]; then
   step "CUDA backend: build, GPU tests"
   benchmarks/gpu_check_cuda.sh --part tests "$CUDA_LOGS" || status=1
   PYTEST_IGNORE=(--ignore=tests/cuda)   # run by gpu_check_cuda.sh
+  if frnn_parts_failed "$CUDA_LOGS/cuda_gpu_tests.log"; then
+    echo "cuda: K parts FAILED GPU tests; everything below runs with FUSED_RNN_CUDA_K_PARTS=1"
+    export FUSED_RNN_CUDA_K_PARTS=1
+  fi
 fi
 
 step "benchmarks (backends: $BACKENDS)"

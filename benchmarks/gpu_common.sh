@@ -25,3 +25,10 @@ frnn_collect() {
   fi
   return 0
 }
+
+# True when the pytest log LOG (-ra) reports a failed K-parts test (a test id with "parts"):
+# gpu_check.sh then times the rest with FUSED_RNN_CUDA_K_PARTS=1, so that one GPU session still
+# yields a valid table for the kernels that passed.
+frnn_parts_failed() {
+  [[ -f "$1" ]] && grep -qE '^FAILED [^ ]*parts' "$1"
+}

@@ -122,3 +122,24 @@ def test_k_parts_variant_runs_only_where_cuda_has_parts(monkeypatch):
     # cuda's rows name their plans: batch groups, K parts and stage K columns per direction
     plans = bench_gpu._cuda_plans("LSTM", bench_gpu.SHAPES["S4"], "fp32")
     assert bench_gpu._plan_note(plans) == "plan fwd g1 p4 k224, bwd g1 p8 k304"
+
+
+def test_gpu_check_turns_k_parts_off_when_their_gpu_tests_fail(tmp_path):
+    """gpu_common.sh frnn_parts_failed: a failed test id with "parts" in pytest's -ra summary,
+    and nothing else, makes gpu_check.sh time the rest without K parts."""
+    logs = {
+        "parts": "FAILED tests/cuda/test_cuda_gpu.py::test_matches_reference[LSTM-bf16-"
+                 "T16-B16-I32-H256-parts4-dense-fwd] - AssertionError\n",
+        "other": "FAILED tests/cuda/test_cuda_gpu.py::test_opcheck[GRU] - AssertionError\n"
+                 "PASSED tests/cuda/test_cuda_gpu.py::test_x[parts4]\n",
+        "clean": "520 passed in 80.0s\n",
+    }
+    got = {}
+    for name, text in logs.items():
+        (tmp_path / name).write_text(text)
+        r = subprocess.run(["bash", "-c", f'source "{ROOT}/benchmarks/gpu_common.sh" && '
+                            f'frnn_parts_failed "{tmp_path / name}"'], check=False)
+        got[name] = r.returncode == 0
+    missing = subprocess.run(["bash", "-c", f'source "{ROOT}/benchmarks/gpu_common.sh" && '
+                              f'frnn_parts_failed "{tmp_path / "none"}"'], check=False)
+    assert got == {"parts": True, "other": False, "clean": False} and missing.returncode != 0
