@@ -24,10 +24,10 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_gpu import DRY_SHAPES, DTYPE_NAMES, SHAPES, environment  # noqa: E402
+from bench_gpu import DRY_SHAPES, DTYPE_NAMES, SHAPES, _cuda_plans, environment  # noqa: E402
 
-COLUMNS = ("cell", "shape", "dtype", "pass", "blocks", "copy", "mma", "epilogue", "sync",
-           "sync min", "parts", "load", "kernel")
+COLUMNS = ("cell", "shape", "dtype", "pass", "blocks", "plan", "copy", "mma", "epilogue",
+           "sync", "sync min", "parts", "load", "kernel")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -81,12 +81,15 @@ def profile_one(mode: str, B: int, T: int, H: int, dtype_name: str, device: str)
     return [profile.summarize(launch) for launch in launches]
 
 
-def _row(mode, shape, dtype_name, s: dict) -> list[str]:
+def _row(mode, shape, dtype_name, s: dict, plans=None) -> list[str]:
+    """plans: cuda's (forward, backward) plans for this row (bench_gpu._cuda_plans), or None."""
     def us(key):
         return f"{s[key]:.2f}" if key in s else ""
 
     direction = {"forward": "fwd", "backward": "bwd"}[s["direction"]]
-    return [mode, shape, dtype_name, direction, str(s["blocks"]), us("copy_us"),
+    plan = plans[direction == "bwd"] if plans else None
+    plan = f"g{plan.groups} p{plan.parts} k{plan.stage_k}" if plan else ""
+    return [mode, shape, dtype_name, direction, str(s["blocks"]), plan, us("copy_us"),
             us("mma_us"), us("epilogue_us"), us("sync_us"), us("sync_min_us"), us("parts_us"),
             us("load_us"), us("kernel_us")]
 
@@ -119,8 +122,9 @@ def main(argv=None) -> int:
             B, T, H = args.table[shape]
             for dtype_name in args.dtypes:
                 try:
+                    plans = _cuda_plans(mode, (B, T, H), dtype_name) if device == "cuda" else None
                     for s in profile_one(mode, B, T, H, dtype_name, device):
-                        rows.append(_row(mode, f"{shape} {B}x{T}x{H}", dtype_name, s))
+                        rows.append(_row(mode, f"{shape} {B}x{T}x{H}", dtype_name, s, plans))
                 except Exception as e:  # keep going: one failure must not cost the rest
                     failed.append(f"{mode}-{shape}-{dtype_name}: {type(e).__name__}: {e}"[:300])
     env = environment(device, argparse.Namespace())
@@ -130,7 +134,8 @@ def main(argv=None) -> int:
               "(the last-arriving block's wait: about the barrier's own cost) and parts (the "
               "K parts' second grid sync per step, 0 without them); µs per launch "
               "for load (W into shared memory) and "
-              "kernel (wall time).", ""]
+              "kernel (wall time). plan: batch groups g, K parts p, stage K columns k (0: X "
+              "read unstaged), from the plan mirror on this GPU.", ""]
     if args.sim:
         lines += ["**cudasim**: the clock counts clock reads; these numbers mean nothing.", ""]
     lines += ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]

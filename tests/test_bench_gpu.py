@@ -122,6 +122,14 @@ def test_k_parts_variant_runs_only_where_cuda_has_parts(monkeypatch):
     # cuda's rows name their plans: batch groups, K parts and stage K columns per direction
     plans = bench_gpu._cuda_plans("LSTM", bench_gpu.SHAPES["S4"], "fp32")
     assert bench_gpu._plan_note(plans) == "plan fwd g1 p4 k224, bwd g1 p8 k304"
+    # and so do profile_cuda.py's phase rows, per direction
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        import profile_cuda
+    finally:
+        sys.path.pop(0)
+    row = profile_cuda._row("LSTM", "S4", "fp32", {"direction": "backward", "blocks": 128}, plans)
+    assert row[profile_cuda.COLUMNS.index("plan")] == "g1 p8 k304"
 
 
 def test_gpu_check_turns_k_parts_off_when_their_gpu_tests_fail(tmp_path):
