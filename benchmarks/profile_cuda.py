@@ -4,8 +4,9 @@ For each cell, shape and dtype: one warm-up forward+backward, then one recorded.
 reports microseconds per step for the X stage copies, the recurrent matmul, the epilogue and
 the grid sync (mean over blocks; ``sync min`` is the last-arriving block's wait, about the
 barrier's own cost, so sync - sync min is waiting for slower blocks), the K parts' second
-grid sync where the plan has parts, plus the W load and the kernel's wall time. Together with bench_gpu.py's totals this says what bounds a step: the
-L2 read of the exchange (copy), the tensor cores (mma), the cell math (epilogue) or the barrier.
+grid sync where the plan has parts, plus the W load and the kernel's wall time, and each
+launch's plan. Together with bench_gpu.py's totals this says what bounds a step: the L2 read of
+the exchange (copy), the tensor cores (mma), the cell math (epilogue) or the barrier.
 
     python benchmarks/profile_cuda.py [--modes LSTM,GRU] [--dtypes fp32,bf16] [--shapes S1,S3]
     python benchmarks/profile_cuda.py --sim   # the kernels on cudasim (CPU), tiny shapes

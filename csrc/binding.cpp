@@ -237,7 +237,7 @@ std::vector<at::Tensor> backward(int64_t mode, at::Tensor dy, at::Tensor dh_n,
                                  c10::optional<at::Tensor> lengths, bool reverse,
                                  bool allow_tf32, int64_t max_groups, int64_t max_stage_k,
                                  c10::optional<at::Tensor> prof, int64_t stage_copy,
-                                int64_t k_parts) {
+                                 int64_t k_parts) {
   const Cell cell = cell_of(mode);
   const int64_t G = fused_rnn::gates_of(cell);
   TORCH_CHECK(dy.is_cuda(), "fused_rnn CUDA backend: inputs must be CUDA tensors, got ",

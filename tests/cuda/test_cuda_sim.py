@@ -498,7 +498,8 @@ def test_k_parts_auto_and_setting(install, monkeypatch):
     assert {pl["parts"] for _, _, pl in sim.launches} == {2}
     for bad in ("0", "-2", "two"):
         monkeypatch.setenv("FUSED_RNN_CUDA_K_PARTS", bad)
-        with pytest.raises(ValueError, match="FUSED_RNN_CUDA_K_PARTS must be an integer >= 1"):
+        with pytest.raises(ValueError,
+                           match="FUSED_RNN_CUDA_K_PARTS must be 'auto' or an integer >= 1"):
             _layer("GRU", "fp32")
 
 

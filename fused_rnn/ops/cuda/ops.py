@@ -39,14 +39,14 @@ def _to(t: Tensor | None, dtype: torch.dtype) -> Tensor | None:
     return None if t is None else t.to(dtype)
 
 
-def _count_setting(name: str, default: str) -> int:
+def _count_setting(name: str, default: str, accepted: str = "an integer >= 1") -> int:
     raw = os.environ.get(name, default)
     try:
         value = int(raw)
     except ValueError:
         value = 0
     if value < 1:
-        raise ValueError(f"{name} must be an integer >= 1, got {raw!r}")
+        raise ValueError(f"{name} must be {accepted}, got {raw!r}")
     return value
 
 
@@ -61,10 +61,12 @@ def k_parts() -> int:
     """K parts (plan.h: several blocks share one unit slice's matmul, each over part of K), from
     ``FUSED_RNN_CUDA_K_PARTS``: ``auto`` (default: the plan picks 1, 2, 4 or 8 by the bytes each
     block moves per step) or a positive integer N (the largest power of two <= min(N, 8) that
-    the size allows; 1 turns them off). Read at every call, like :func:`max_groups`; it changes the order
-    of the fp32 K sums, not the math."""
+    the size allows; 1 turns them off). Returns 0 for auto. Read at every call, like
+    :func:`max_groups`; it changes the order of the fp32 K sums, not the math."""
     raw = os.environ.get("FUSED_RNN_CUDA_K_PARTS", "auto")
-    return 0 if raw == "auto" else _count_setting("FUSED_RNN_CUDA_K_PARTS", raw)
+    if raw == "auto":
+        return 0
+    return _count_setting("FUSED_RNN_CUDA_K_PARTS", raw, "'auto' or an integer >= 1")
 
 
 def max_stage_k() -> int:
