@@ -79,8 +79,8 @@ def _run(fn, mode, leaves, dtype, lens, reverse, cots):
 # stages K 16 columns at a time (several slices per chunk, one buffer), "slices32" 32 at a time
 # (the pipelined copy: two buffers of 16), "direct" does not stage. "partsN" forces N K parts
 # (plan.h: teams of N blocks split K and exchange partial sums): H=60 gives 8 blocks on cudasim's
-# 8 SMs with a ragged last one (30 blocks of 2 units, teams of 2, on a 132-SM GPU for LSTM and
-# RNN), H=256 teams of 4 on both.
+# 8 SMs with a ragged last one (on a 132-SM GPU: LSTM bf16/fp16/TF32 30 blocks in teams of 2,
+# everything else teams of 4), H=256 teams of 4 on both.
 UNGROUPED = {"FUSED_RNN_CUDA_MAX_GROUPS": "1"}
 SHAPES = {"T5-B3-I7-H37": (5, 3, 7, 37, {}), "T1-B1-I4-H16": (1, 1, 4, 16, {}),
           "T5-B3-I7-H37-slices16": (5, 3, 7, 37, {"FUSED_RNN_CUDA_STAGE_K": "16"}),
