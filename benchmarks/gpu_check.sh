@@ -23,6 +23,10 @@
 # 5. the rest of the Triton test suite on the GPU (compiled kernels, no interpreter) with the
 #    time left; each Triton kernel variant compiles once, which is most of its run time;
 # 6. the benchmark's short fwd+bwd table again, last.
+# It needs no install: it runs this checkout (PYTHONPATH) under $PYTHON (default python3), so on a
+# machine that cannot reach a package index (the lent GPU) the whole command is just
+# `benchmarks/gpu_check.sh`; `pip install -e .` there fails, since its build isolation fetches
+# setuptools.
 # With $OUT set (the lent-device machine returns only what is under it), this run's result files
 # and the CUDA step logs are copied there after every step, so a command killed at its limit
 # still returns what it measured.
@@ -76,7 +80,7 @@ run_for() {
 
 step "environment"
 [[ $DRY == 1 ]] || nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader || status=1
-python -c "import torch, triton; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__, 'gpu', torch.cuda.get_device_name() if torch.cuda.is_available() else None)" || status=1
+"$PYTHON" -c "import torch, triton, fused_rnn; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__, 'gpu', torch.cuda.get_device_name() if torch.cuda.is_available() else None); print('fused_rnn from', fused_rnn.__file__)" || status=1
 
 PYTEST_IGNORE=()
 if [[ $HAS_CUDA == 1 ]]; then
@@ -96,7 +100,7 @@ if [[ "$limit" == 0 ]]; then
 else
   # bench_gpu.py stops starting rows after --time-budget; the timeout is the backstop.
   [[ $DRY == 1 ]] || BENCH_ARGS+=(--time-budget $(( limit > 90 ? limit - 70 : limit / 2 )))
-  timeout "$limit" python benchmarks/bench_gpu.py --backends "$BACKENDS" "${BENCH_ARGS[@]}" 2>&1 | tee "$LOG"
+  timeout "$limit" "$PYTHON" benchmarks/bench_gpu.py --backends "$BACKENDS" "${BENCH_ARGS[@]}" 2>&1 | tee "$LOG"
   [[ ${PIPESTATUS[0]} == 0 ]] || status=1
 fi
 frnn_collect "$CUDA_LOGS"
@@ -107,11 +111,11 @@ if [[ $HAS_CUDA == 1 ]]; then
 fi
 
 step "gpu-marked tests"
-run_for "gpu-marked tests" 120 python -m pytest tests -m gpu -q -p no:cacheprovider -rs --durations=5 "${PYTEST_IGNORE[@]}"
+run_for "gpu-marked tests" 120 "$PYTHON" -m pytest tests -m gpu -q -p no:cacheprovider -rs --durations=5 "${PYTEST_IGNORE[@]}"
 frnn_collect "$CUDA_LOGS"
 
 step "Triton test suite"
-run_for "Triton test suite" 90 python -m pytest tests/triton -q -p no:cacheprovider -x -m "not gpu" --durations=5 "${SUITE_ARGS[@]}"
+run_for "Triton test suite" 90 "$PYTHON" -m pytest tests/triton -q -p no:cacheprovider -x -m "not gpu" --durations=5 "${SUITE_ARGS[@]}"
 
 step "fwd+bwd summary (from the benchmark; full table in the .md it wrote)"
 sed -n '/^wrote /p; /^cell  shape/,$p' "$LOG"

@@ -44,7 +44,7 @@ step() {  # step NAME SECONDS CMD...: run with a timeout (clamped to the deadlin
 # must not eat the whole GPU session.
 if [[ "$PART" != extra ]]; then
   # 1. Build (or load the ahead-of-time build) once, so later steps do not race to build it.
-  step build 420 python -c "
+  step build 420 "$PYTHON" -c "
 import torch
 from fused_rnn.ops import cuda
 r = cuda.unavailable_reason(torch.device('cuda'))
@@ -54,12 +54,12 @@ raise SystemExit(r is not None)
 "
   # 2. The GPU tests (the no-GPU checks -- tests/cuda/test_cuda_compile.py and the CPU
   #    emulation -- run in CI and need no GPU time).
-  step gpu_tests 300 python -m pytest tests/cuda/test_cuda_gpu.py -q -ra -p no:cacheprovider
+  step gpu_tests 300 "$PYTHON" -m pytest tests/cuda/test_cuda_gpu.py -q -ra -p no:cacheprovider
 fi
 if [[ "$PART" != tests ]]; then
   # 3. Phase timings (where a step's time goes) on S1-S6, LSTM and GRU, fp32 and bf16; the
   #    table goes to benchmarks/results/<date>-<gpu>-phases.md and is printed here.
-  step phases 150 python benchmarks/profile_cuda.py --dtypes fp32,bf16
+  step phases 150 "$PYTHON" benchmarks/profile_cuda.py --dtypes fp32,bf16
   grep '^| ' "$LOG_DIR/cuda_phases.log" 2>/dev/null || true
   # 4. compute-sanitizer on a small case; no caching allocator so out-of-bounds accesses cannot
   #    land inside another tensor's block.
@@ -77,7 +77,7 @@ if [[ "$PART" != tests ]]; then
     fi
     for tool in memcheck racecheck synccheck; do
       step "sanitizer_$tool" 240 env PYTORCH_NO_CUDA_MEMORY_CACHING=1 \
-        "$SAN" --tool "$tool" "${FILTER[@]}" --error-exitcode 1 python benchmarks/sanitize_cuda.py
+        "$SAN" --tool "$tool" "${FILTER[@]}" --error-exitcode 1 "$PYTHON" benchmarks/sanitize_cuda.py
     done
   else
     echo "cuda: compute-sanitizer not found (it ships with the CUDA toolkit); sanitizer steps FAILED"

@@ -5,6 +5,10 @@
 #
 # FRNN_DEADLINE: epoch seconds after which no step starts (set once, by the outermost script);
 # FRNN_STAMP: a file created at the start, so result files newer than it are this run's.
+# PYTHON: the interpreter every step runs (default python3: on the lent GPU machine that is the
+# one that holds PyTorch, and a bare `python` may not exist).
+
+PYTHON="${PYTHON:-python3}"
 
 # Seconds left before the deadline.
 frnn_left() { echo $(( ${FRNN_DEADLINE:-99999999999} - $(date +%s) )); }

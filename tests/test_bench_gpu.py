@@ -82,6 +82,8 @@ def test_gpu_check_dry_run_runs_every_step(tmp_path):
              if line.startswith("=== ") and not line.startswith("=== ==")]
     assert steps == ["=== environment", "=== benchmarks", "=== gpu-marked tests",
                      "=== Triton test suite", "=== fwd+bwd summary"], steps
+    # It runs this checkout, installed or not (a lent GPU machine cannot pip install -e .).
+    assert f"fused_rnn from {ROOT / 'fused_rnn' / '__init__.py'}" in log, log[:3000]
 
 
 def test_gpu_check_stops_starting_steps_at_its_budget(tmp_path):
