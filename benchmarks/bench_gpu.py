@@ -19,7 +19,9 @@ Writes ``<out-dir>/<date>-<gpu>.md`` (versions, commit, table) and a ``.csv`` ne
 ``--dry-run`` exercises everything but the GPU: argument parsing, module set-up, timing loop,
 table and CSV writing, on tiny shapes with the Triton interpreter and aten's CPU RNN standing in
 for cuDNN. Its numbers mean nothing. ``--time-budget`` stops starting new rows after that many
-seconds (the remaining rows are listed as skipped), so the GPU script always finishes.
+seconds (the remaining rows are listed as skipped), so the GPU script always finishes. Rows
+are timed in rounds over all configurations: cuDNN with the first backend named, then the other
+backends, then the variants; so name first the backend whose table matters most.
 """
 
 from __future__ import annotations
@@ -372,6 +374,16 @@ def short_table(rows: list[dict]) -> str:
 
 
 # --------------------------------------------------------------------------- main
+def rounds(backends: list[str]) -> list[list]:
+    """The order rows are timed in, one round over every configuration at a time: cuDNN (None)
+    and the first backend named; then the other backends; then the variants (cuda-p1, ...).
+    Under --time-budget a later round never costs an earlier one a configuration, so the first
+    backend named gets its full table against cuDNN first."""
+    primary = [b for b in backends if b not in VARIANTS]
+    variants = [b for b in backends if b in VARIANTS]
+    return [r for r in ([None, *primary[:1]], primary[1:], variants) if r]
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     if args.dry_run:
@@ -387,11 +399,7 @@ def main(argv=None) -> int:
     env = environment(device, args)
     start = time.monotonic()
     rows, skipped = [], []
-    # First cuDNN and the backends for every configuration; variants (cuda-g1) only after that,
-    # with the time left, so they never cost a configuration its main rows.
-    primary = [b for b in args.backends if b not in VARIANTS]
-    variants = [b for b in args.backends if b in VARIANTS]
-    for round_backends in ([None, *primary], variants):
+    for round_backends in rounds(args.backends):
         for mode in args.modes:
             for shape in args.shapes:
                 for dtype_name in args.dtypes:

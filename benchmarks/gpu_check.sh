@@ -1,13 +1,14 @@
 #!/usr/bin/env bash
-# One command for a lent GPU (about 9.5 minutes at most): GPU tests, benchmarks, phase timings,
-# compute-sanitizer, short table last.
+# One command for a lent GPU (about 9.5 minutes at most): GPU tests, benchmarks, compute-sanitizer,
+# phase timings, short table last.
 #
 #   benchmarks/gpu_check.sh [--backends LIST] [--budget SECONDS] [--dry-run]
-#                    (default triton,cuda,cuda-p1,cuda-g1,cuda-direct,cuda-nopipe,cuda-regcopy;
-#                     cuda-p1 = cuda without K parts, cuda-g1 = without batch groups,
-#                     cuda-direct = without X staging, cuda-nopipe = one stage buffer,
-#                     cuda-regcopy = staging through registers: variants timed after the main
-#                     rows, in this order)
+#                    (default cuda,triton,cuda-p1,cuda-g1,cuda-direct,cuda-nopipe,cuda-regcopy;
+#                     the first backend is timed with cuDNN over every configuration before
+#                     the others start; cuda-p1 = cuda without K parts, cuda-g1 = without batch
+#                     groups, cuda-direct = without X staging, cuda-nopipe = one stage buffer,
+#                     cuda-regcopy = staging through registers: variants timed last, in this
+#                     order)
 #
 # In order of value, each step only if time is left before the deadline (--budget seconds from
 # the start, default 570: a lent device runs one command for at most 10 minutes):
@@ -17,8 +18,8 @@
 # 2. bench_gpu.py: S1-S6 x LSTM/GRU x fp32/bf16/fp16, fwd and fwd+bwd, against cuDNN in the
 #    same process; writes benchmarks/results/<date>-<gpu>.md and .csv (time-budgeted, so the
 #    script always finishes);
-# 3. with cuda: gpu_check_cuda.sh --part extra: the kernels' phase timings (profile_cuda.py)
-#    and compute-sanitizer (memcheck, racecheck, synccheck);
+# 3. with cuda: gpu_check_cuda.sh --part extra: compute-sanitizer (memcheck, racecheck,
+#    synccheck), then the kernels' phase timings (profile_cuda.py);
 # 4. the other gpu-marked tests (pytest -m gpu);
 # 5. the rest of the Triton test suite on the GPU (compiled kernels, no interpreter) with the
 #    time left; each Triton kernel variant compiles once, which is most of its run time;
@@ -36,7 +37,7 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
-BACKENDS=triton,cuda,cuda-p1,cuda-g1,cuda-direct,cuda-nopipe,cuda-regcopy
+BACKENDS=cuda,triton,cuda-p1,cuda-g1,cuda-direct,cuda-nopipe,cuda-regcopy
 BUDGET=570
 DRY=0
 USAGE="usage: $0 [--backends LIST] [--budget SECONDS] [--dry-run]"
@@ -106,7 +107,7 @@ fi
 frnn_collect "$CUDA_LOGS"
 
 if [[ $HAS_CUDA == 1 ]]; then
-  step "CUDA backend: phase timings, compute-sanitizer"
+  step "CUDA backend: compute-sanitizer, phase timings"
   benchmarks/gpu_check_cuda.sh --part extra "$CUDA_LOGS" || status=1
 fi
 

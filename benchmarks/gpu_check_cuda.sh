@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # CUDA backend check on a GPU machine, in two parts so that gpu_check.sh can benchmark in between:
 #   tests: build the extension, run its GPU tests;
-#   extra: phase timings (benchmarks/profile_cuda.py), then compute-sanitizer (memcheck,
-#          racecheck, synccheck) on a small workload.
+#   extra: compute-sanitizer (memcheck, racecheck, synccheck) on a small workload, then phase
+#          timings (benchmarks/profile_cuda.py).
 #
 #   benchmarks/gpu_check_cuda.sh [--part tests|extra|all] [LOG_DIR]   # logs to LOG_DIR
 #
@@ -57,11 +57,8 @@ raise SystemExit(r is not None)
   step gpu_tests 300 "$PYTHON" -m pytest tests/cuda/test_cuda_gpu.py -q -ra -p no:cacheprovider
 fi
 if [[ "$PART" != tests ]]; then
-  # 3. Phase timings (where a step's time goes) on S1-S6, LSTM and GRU, fp32 and bf16; the
-  #    table goes to benchmarks/results/<date>-<gpu>-phases.md and is printed here.
-  step phases 150 "$PYTHON" benchmarks/profile_cuda.py --dtypes fp32,bf16
-  grep '^| ' "$LOG_DIR/cuda_phases.log" 2>/dev/null || true
-  # 4. compute-sanitizer on a small case; no caching allocator so out-of-bounds accesses cannot
+  # 3. compute-sanitizer on a small case (a clean run is part of the bar, so it comes
+  #    before the diagnostics); no caching allocator so out-of-bounds accesses cannot
   #    land inside another tensor's block.
   SAN="$(command -v compute-sanitizer || true)"
   for cand in "${CUDA_HOME:-/usr/local/cuda}/bin/compute-sanitizer" \
@@ -83,6 +80,10 @@ if [[ "$PART" != tests ]]; then
     echo "cuda: compute-sanitizer not found (it ships with the CUDA toolkit); sanitizer steps FAILED"
     status=1
   fi
+  # 4. Phase timings (where a step's time goes) on S1-S6, LSTM and GRU, fp32 and bf16; the
+  #    table goes to benchmarks/results/<date>-<gpu>-phases.md and is printed here.
+  step phases 150 "$PYTHON" benchmarks/profile_cuda.py --dtypes fp32,bf16
+  grep '^| ' "$LOG_DIR/cuda_phases.log" 2>/dev/null || true
 fi
 echo "cuda: logs in $LOG_DIR"
 exit $status

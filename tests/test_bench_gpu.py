@@ -51,6 +51,20 @@ def test_time_budget_skips_rows_but_writes_the_report(tmp_path):
     assert "Skipped after the time budget (0 s): GRU-D3-fp32, GRU-D3-fp32 (cuda-g1)" in text
 
 
+def test_rounds_put_cudnn_and_the_first_backend_first():
+    """Under a time budget the first backend named (cuda in gpu_check.sh) gets its whole table
+    against cuDNN before any other backend or variant starts."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        import bench_gpu
+    finally:
+        sys.path.pop(0)
+    assert bench_gpu.rounds(["cuda", "triton", "cuda-p1", "cuda-g1"]) == [
+        [None, "cuda"], ["triton"], ["cuda-p1", "cuda-g1"]]
+    assert bench_gpu.rounds(["triton"]) == [[None, "triton"]]
+    assert bench_gpu.rounds(["cuda-g1", "cuda"]) == [[None, "cuda"], ["cuda-g1"]]
+
+
 def test_strict_fp32_rows_compare_like_with_like(tmp_path):
     """fp32-strict (TF32 off for cuDNN and ours) is its own dtype: its ratio is against the
     stand-in in fp32-strict, and the setting is restored afterwards (the header still says on)."""
