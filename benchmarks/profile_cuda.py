@@ -21,6 +21,7 @@ import argparse
 import datetime as dt
 import re
 import sys
+import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -37,6 +38,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--dtypes", default="fp32,bf16,fp16")
     p.add_argument("--shapes", default=None, help="comma-separated names (default: all)")
     p.add_argument("--sim", action="store_true", help="cudasim on the CPU, tiny shapes")
+    p.add_argument("--time-budget", type=float, default=float("inf"),
+                   help="seconds after which no new configuration is started (the rest are "
+                        "listed as skipped and the exit status is 1), so that a caller's "
+                        "timeout never costs the table")
     p.add_argument("--out-dir", default=None,
                    help="default benchmarks/results (--sim: a temp dir)")
     args = p.parse_args(argv)
@@ -117,11 +122,15 @@ def main(argv=None) -> int:
             print("no GPU: use --sim to check the script on the CPU")
             return 1
         device = "cuda"
-    rows, failed = [], []
+    rows, failed, skipped = [], [], []
+    start = time.monotonic()
     for mode in args.modes:
         for shape in args.shapes:
             B, T, H = args.table[shape]
             for dtype_name in args.dtypes:
+                if time.monotonic() - start > args.time_budget:
+                    skipped.append(f"{mode}-{shape}-{dtype_name}")
+                    continue
                 try:
                     plans = _cuda_plans(mode, (B, T, H), dtype_name) if device == "cuda" else None
                     for s in profile_one(mode, B, T, H, dtype_name, device):
@@ -143,6 +152,9 @@ def main(argv=None) -> int:
     lines += ["| " + " | ".join(r) + " |" for r in rows]
     if failed:
         lines += ["", "Failed:", *[f"- {f}" for f in failed]]
+    if skipped:
+        lines += ["", f"Skipped after the time budget ({args.time_budget:.0f} s): "
+                  + ", ".join(skipped)]
     text = "\n".join(lines) + "\n"
     args.out_dir.mkdir(parents=True, exist_ok=True)
     gpu = "cpu-sim" if args.sim else re.sub(r"[^A-Za-z0-9]+", "-", env["gpu"]).strip("-")
@@ -150,7 +162,7 @@ def main(argv=None) -> int:
     path.write_text(text)
     print(text)
     print(f"wrote {path}")
-    return 1 if failed or not rows else 0
+    return 1 if failed or skipped or not rows else 0
 
 
 if __name__ == "__main__":

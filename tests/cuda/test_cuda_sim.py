@@ -422,6 +422,20 @@ def test_profile_script_on_cudasim(tmp_path):
     assert "mean nothing" in md.read_text() and "Failed" not in md.read_text()
 
 
+def test_profile_script_time_budget_still_writes_the_table(tmp_path):
+    """--time-budget 0: no configuration starts, the table says which were skipped, and the
+    exit status is 1 (gpu_check_cuda.sh passes a budget inside its step's timeout)."""
+    r = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "profile_cuda.py"), "--sim", "--modes", "GRU",
+         "--shapes", "D1", "--dtypes", "fp32,bf16", "--out-dir", str(tmp_path),
+         "--time-budget", "0"],
+        capture_output=True, text=True, timeout=600, check=False,
+    )
+    assert r.returncode == 1, (r.stdout + r.stderr)[-3000:]
+    (md,) = tmp_path.glob("*-cpu-sim-phases.md")
+    assert "Skipped after the time budget (0 s): GRU-D1-fp32, GRU-D1-bf16" in md.read_text()
+
+
 def test_phase_timing_is_off_outside_recording(install):
     install(sms=4)
     assert profile.buffer("forward", "GRU", torch.float32, 1, 1, 1, torch.device("cpu")) is None
