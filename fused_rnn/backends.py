@@ -7,7 +7,7 @@ reference   plain PyTorch (``fused_rnn/ops/reference.py``): every device and dty
 torch       PyTorch's own RNN kernels (aten on the CPU, cuDNN on a GPU) for the whole stack
 triton      fused Triton kernels (a CUDA GPU, or the CPU under ``TRITON_INTERPRET=1``)
 cuda        persistent CUDA C++ kernels from ``csrc/`` (a CUDA GPU and a built extension)
-auto        the fastest backend verified for the configuration (see ``resolve``)
+auto        the fastest backend verified for the configuration (``resolve_stack``)
 =========== ===================================================================================
 
 A kernel backend that cannot take a configuration (size, dtype, device) falls back to the next
@@ -17,6 +17,7 @@ something it was not verified for.
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import os
 import sys
@@ -86,13 +87,82 @@ def require(name: str, device: torch.device | str | None = None) -> None:
         raise RuntimeError(f"fused_rnn backend {name!r} is unavailable: {reason}")
 
 
-def resolve_stack(name: str, device: torch.device) -> str:
+@dataclasses.dataclass(frozen=True)
+class AutoRule:
+    """Configurations of a layer stack where ``auto`` runs a kernel backend instead of
+    PyTorch's own kernels.
+
+    A rule is added to :data:`AUTO_RULES` only from a committed GPU run (``evidence``: its file
+    under ``benchmarks/results/``) in which the backend passed its GPU tests and beat cuDNN on
+    these configurations. Ranges are inclusive; ``dtypes`` is the dtype the cells compute in
+    (autocast's where autocast is on).
+    """
+
+    backend: str
+    modes: frozenset[str]
+    dtypes: frozenset[torch.dtype]
+    hidden: tuple[int, int]
+    batch: tuple[int, int]
+    evidence: str
+    layers: tuple[int, int] = (1, 1)
+    bidirectional: bool = False  # whether bidirectional stacks are included
+    device_type: str = "cuda"
+
+    def __post_init__(self) -> None:
+        if self.backend not in KERNEL_BACKENDS:
+            raise ValueError(f"an AutoRule names a kernel backend {KERNEL_BACKENDS}, "
+                             f"not {self.backend!r}")
+        if not self.evidence:
+            raise ValueError("an AutoRule needs its evidence: the results file it comes from")
+
+    def matches(self, device_type: str, mode: str, dtype: torch.dtype, hidden_size: int,
+                batch: int, num_layers: int, bidirectional: bool) -> bool:
+        return (device_type == self.device_type and mode in self.modes and dtype in self.dtypes
+                and self.hidden[0] <= hidden_size <= self.hidden[1]
+                and self.batch[0] <= batch <= self.batch[1]
+                and self.layers[0] <= num_layers <= self.layers[1]
+                and (self.bidirectional or not bidirectional))
+
+
+# First match wins. None yet: no kernel backend has passed its GPU tests on a real GPU.
+AUTO_RULES: tuple[AutoRule, ...] = ()
+
+
+# Eager even under torch.compile, like unavailable_reason: it probes the machine.
+@torch.compiler.assume_constant_result
+def _auto_kernel(device: torch.device, mode: str, dtype: torch.dtype, hidden_size: int,
+                 proj_size: int, batch: int, num_layers: int, bidirectional: bool,
+                 input_size: int, has_lengths: bool) -> str | None:
+    """The kernel backend ``auto`` takes for this stack, or None (PyTorch's kernels): the first
+    rule that matches, names an available backend, and whose backend takes every layer."""
+    for rule in AUTO_RULES:
+        if not rule.matches(device.type, mode, dtype, hidden_size, batch, num_layers,
+                            bidirectional):
+            continue
+        if unavailable_reason(rule.backend, device) is not None:
+            continue
+        mod = _kernel_module(rule.backend)
+        # Layers past the first take the stack's output width as their input size.
+        widths = {input_size, (proj_size or hidden_size) * (2 if bidirectional else 1)}
+        if all(mod.unsupported_reason("layer", mode=mode, device=device, dtype=dtype,
+                                      input_size=i, hidden_size=hidden_size,
+                                      proj_size=proj_size, has_lengths=has_lengths) is None
+               for i in (widths if num_layers > 1 else {input_size})):
+            return rule.backend
+    return None
+
+
+def resolve_stack(name: str, device: torch.device, **stack) -> str:
     """The backend a whole module call runs on.
 
-    ``auto`` picks PyTorch's own kernels (aten on the CPU, cuDNN on a GPU) for now: they are
-    torch.nn's math exactly, they are what the CPU target is measured against, and no fused
-    backend has yet passed its GPU tests on a real GPU (DESIGN.md: only a backend with
-    recorded GPU results in ``benchmarks/results/`` may be chosen by ``auto``).
+    ``stack`` describes the call for ``auto``: mode, dtype (the compute dtype), hidden_size,
+    proj_size, batch, num_layers, bidirectional, input_size, has_lengths.
+
+    ``auto`` runs a kernel backend where a rule of :data:`AUTO_RULES` says so, and PyTorch's
+    own kernels (aten on the CPU, cuDNN on a GPU) everywhere else: they are torch.nn's math
+    exactly and what the targets are measured against. A rule comes only from recorded GPU
+    results (DESIGN.md), and there are none yet. ``auto`` never falls back to the reference:
+    a rule applies only where its backend takes every layer of the stack.
 
     Under ``torch.compile`` on the CPU, ``auto`` traces the reference math instead: inductor
     lowers aten's fused CPU LSTM to ``mkldnn_rnn_layer`` and then fails to run it (torch
@@ -102,7 +172,12 @@ def resolve_stack(name: str, device: torch.device) -> str:
     """
     check_name(name)
     if name == "auto":
-        if torch.compiler.is_compiling() and torch.device(device).type == "cpu":
+        device = torch.device(device)
+        if stack and AUTO_RULES:
+            kernel = _auto_kernel(device, **{**stack, "batch": int(stack["batch"])})
+            if kernel is not None:
+                return kernel
+        if torch.compiler.is_compiling() and device.type == "cpu":
             return "reference"
         return "torch"
     require(name, device)

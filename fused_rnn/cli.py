@@ -270,6 +270,14 @@ def _precision(name: str, device: torch.device):
     }[name]
 
 
+def _auto_resolves_to(rnn, device: torch.device, precision: str, batch: int) -> str:
+    """The backend ``backend="auto"`` runs for the fused_rnn stack ``rnn`` in ``precision``
+    with ``batch`` rows per process (fused_rnn.backends.resolve_stack)."""
+    param_dtype, ac_dtype, _ = _precision(precision, device)
+    return _backends.resolve_stack(
+        "auto", device, **rnn.stack_config(device, ac_dtype or param_dtype, batch))
+
+
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -710,7 +718,8 @@ def _train(args, cfg, d, device, corpus, splits, ckpt, param_dtype, ac_dtype, us
 
     impl = ("torch.nn." + model.rnn.__class__.__name__ if args.torch_nn else
             f"fused_rnn.{model.rnn.__class__.__name__} backend {args.backend}"
-            + (f" (→ {_backends.resolve_stack(args.backend, device)})" if args.backend == "auto" else ""))
+            + (f" (→ {_auto_resolves_to(model.rnn, device, cfg['precision'], local)})"
+               if args.backend == "auto" else ""))
     n_train, n_val = splits.train.numel(), splits.val.numel()
     tok_per_step = cfg["batch_size"] * cfg["bptt"]
     say(f"corpus: {corpus.description}")
@@ -1076,6 +1085,9 @@ def _cmd_bench(args) -> int:
     for p in precisions:
         _precision(p, device)  # raises CLIError for bf16 on a GPU without it
 
+    vocab_size = len(splits.vocab)
+    base_cfg = dict(cell=args.cell, hidden_size=H, layers=args.layers, embedding_size=None,
+                    dropout=0.0, tie_weights=False)
     notes = []
     available = fused_rnn.available_backends(device)
     if args.backends is None:
@@ -1084,7 +1096,9 @@ def _cmd_bench(args) -> int:
             names.remove("triton")
             notes.append("triton runs on the CPU only through its interpreter; not timed "
                          "(pass --backends triton to include it)")
-        auto_to = _backends.resolve_stack("auto", device)
+        probe = _build_model(base_cfg, vocab_size, False, "auto").rnn
+        auto_to = {_auto_resolves_to(probe, device, p, B) for p in precisions}
+        auto_to = auto_to.pop() if len(auto_to) == 1 else None  # differs by precision
         if auto_to not in names:
             names.insert(0, "auto")
         else:
@@ -1102,10 +1116,7 @@ def _cmd_bench(args) -> int:
             names.append(n)
     impls = [("torch.nn", None)] + [(f"fused_rnn:{n}", n) for n in names]
 
-    vocab_size = len(splits.vocab)
     torch.manual_seed(args.seed)
-    base_cfg = dict(cell=args.cell, hidden_size=H, layers=args.layers, embedding_size=None,
-                    dropout=0.0, tie_weights=False)
     init_state = _build_model(base_cfg, vocab_size, True, "auto").state_dict()
 
     print(f"bench: {args.layers}-layer {args.cell.upper()} H={H}, B={B}, T={T}, {warmup} warm-up "

@@ -256,7 +256,9 @@ class _RNNStack(nn.Module):
         h0 = _apply_permutation(h0, sorted_indices)
         c0 = None if c0 is None else _apply_permutation(c0, sorted_indices)
 
-        backend = backends.resolve_stack(self.backend, ref.device)
+        backend = backends.resolve_stack(
+            self.backend, ref.device, **self.stack_config(ref.device, ref.dtype, batch, packed)
+        )
         if backend == "torch":
             y, h_n, c_n = self._torch_stack(input, h0, c0, packed)
         else:
@@ -295,6 +297,18 @@ class _RNNStack(nn.Module):
         else:
             out = y
         return out, ((h_n, c_n) if is_lstm else h_n)
+
+    def stack_config(self, device: torch.device, dtype: torch.dtype, batch: int,
+                     packed: bool = False) -> dict:
+        """What ``backend="auto"`` decides on (backends.resolve_stack) for a call with input of
+        ``dtype`` on ``device`` and ``batch`` rows: under autocast the cells compute in its
+        dtype."""
+        return dict(
+            mode=self.mode, dtype=functional._autocast_dtype(torch.device(device)) or dtype,
+            hidden_size=self.hidden_size, proj_size=self.proj_size, batch=batch,
+            num_layers=self.num_layers, bidirectional=self.bidirectional,
+            input_size=self.input_size, has_lengths=packed,
+        )
 
     def _torch_stack(self, input, h0, c0, packed):
         """The whole stack through PyTorch's own kernels (aten on CPU, cuDNN on GPU).

@@ -103,3 +103,125 @@ def test_auto_under_compile_traces_reference_on_cpu_only(monkeypatch):
     assert backends.resolve_stack("auto", torch.device("cpu")) == "reference"
     # inductor keeps cuDNN's RNN as an extern kernel, so a GPU stays on it
     assert backends.resolve_stack("auto", torch.device("cuda")) == "torch"
+
+
+# --------------------------------------------------------------------------- auto rules
+def _fake_kernel(calls, unsupported=lambda config: None, available=True):
+    """A stand-in kernel backend that computes with the reference and counts its calls."""
+    from fused_rnn.ops import reference
+
+    def rnn_layer(*args, **kwargs):
+        calls.append(args[0])
+        return reference.rnn_layer(*args, **kwargs)
+
+    return types.SimpleNamespace(
+        unavailable_reason=lambda device: None if available else "not here",
+        unsupported_reason=lambda kind, **config: unsupported(config),
+        rnn_layer=rnn_layer,
+    )
+
+
+def _cpu_rule(**kw):
+    args = dict(backend="triton", modes=frozenset({"LSTM"}), dtypes=frozenset({torch.float32}),
+                hidden=(8, 64), batch=(1, 16), evidence="a test", device_type="cpu")
+    return backends.AutoRule(**{**args, **kw})
+
+
+def test_auto_rules_pick_a_kernel_backend_only_where_they_match(monkeypatch):
+    calls = []
+    monkeypatch.setattr(backends, "_kernel_module", lambda name: _fake_kernel(calls))
+    monkeypatch.setattr(backends, "AUTO_RULES", (_cpu_rule(),))
+    torch.manual_seed(0)
+
+    def run(cls=fused_rnn.LSTM, H=16, B=3, dtype=torch.float32, **kw):
+        calls.clear()
+        m = cls(4, H, backend="auto", **kw).to(dtype)
+        ref = getattr(torch.nn, cls.__name__)(4, H, **kw).to(dtype)
+        ref.load_state_dict(m.state_dict())
+        x = torch.randn(5, B, 4, dtype=dtype)
+        torch.testing.assert_close(m(x)[0], ref(x)[0])
+        return bool(calls)
+
+    assert run(), "inside the rule: the kernel backend"
+    assert not run(H=65) and not run(B=17) and not run(cls=fused_rnn.GRU)
+    assert not run(num_layers=2) and not run(bidirectional=True)
+    assert not run(dtype=torch.float64)
+    monkeypatch.setattr(backends, "AUTO_RULES", (_cpu_rule(layers=(1, 2), bidirectional=True),))
+    assert run(num_layers=2, bidirectional=True)
+
+
+def test_auto_rules_see_the_autocast_dtype(monkeypatch):
+    calls = []
+    monkeypatch.setattr(backends, "_kernel_module", lambda name: _fake_kernel(calls))
+    lstm = fused_rnn.LSTM(4, 16, backend="auto")
+    x = torch.randn(5, 3, 4)
+    for dtypes, expect in (({torch.float32}, False), ({torch.bfloat16}, True)):
+        monkeypatch.setattr(backends, "AUTO_RULES", (_cpu_rule(dtypes=frozenset(dtypes)),))
+        calls.clear()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            y = lstm(x)[0]
+        assert y.dtype == torch.bfloat16 and bool(calls) == expect
+
+
+def test_auto_rules_never_fall_back_to_the_reference(monkeypatch):
+    """A rule applies only where its backend is available and takes every layer of the stack;
+    otherwise auto runs PyTorch's kernels, silently (no fallback warning, no reference)."""
+    monkeypatch.setattr(backends, "_warned", set())
+    H = 16
+    for fake, stack in (
+        (lambda c: _fake_kernel(c, available=False), {}),
+        (lambda c: _fake_kernel(c, unsupported=lambda cfg: "no" if cfg["proj_size"] else None),
+         dict(proj_size=8)),
+        # the second layer of a bidirectional stack takes 2H inputs
+        (lambda c: _fake_kernel(c, unsupported=lambda cfg: "no" if cfg["input_size"] == 2 * H
+                                else None), dict(num_layers=2, bidirectional=True)),
+    ):
+        calls = []
+        monkeypatch.setattr(backends, "_kernel_module", lambda name, f=fake, c=calls: f(c))
+        monkeypatch.setattr(backends, "AUTO_RULES",
+                            (_cpu_rule(layers=(1, 2), bidirectional=True),))
+        config = dict(mode="LSTM", dtype=torch.float32, hidden_size=H, proj_size=0, batch=3,
+                      num_layers=1, bidirectional=False, input_size=4, has_lengths=False)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            got = backends.resolve_stack("auto", torch.device("cpu"), **{**config, **stack})
+        assert got == "torch" and calls == [], stack
+    # the same stacks without the obstacle take the rule's backend
+    monkeypatch.setattr(backends, "_kernel_module", lambda name: _fake_kernel([]))
+    assert backends.resolve_stack("auto", torch.device("cpu"), **{**config, **stack}) == "triton"
+
+
+def test_auto_rule_needs_a_kernel_backend_and_evidence():
+    with pytest.raises(ValueError, match="kernel backend"):
+        _cpu_rule(backend="torch")
+    with pytest.raises(ValueError, match="evidence"):
+        _cpu_rule(evidence="")
+
+
+def test_committed_auto_rules_cite_gpu_results():
+    """auto chooses a kernel backend only from a committed GPU run (DESIGN.md): every rule
+    names a results file under benchmarks/results/ that has rows of its backend."""
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    for rule in backends.AUTO_RULES:
+        path = root / rule.evidence
+        assert rule.evidence.startswith("benchmarks/results/") and path.is_file(), rule
+        assert f"| {rule.backend} |" in path.read_text(), rule
+        assert rule.device_type == "cuda", rule
+
+
+def test_auto_rules_under_torch_compile_fullgraph(monkeypatch):
+    """The rule lookup runs eagerly while dynamo traces (it probes the machine), so a stack
+    that a rule sends to a kernel backend still compiles as one graph."""
+    calls = []
+    fake = _fake_kernel(calls)  # made outside the traced code
+    monkeypatch.setattr(backends, "_kernel_module", lambda name: fake)
+    monkeypatch.setattr(backends, "AUTO_RULES", (_cpu_rule(),))
+    torch._dynamo.reset()
+    lstm = fused_rnn.LSTM(4, 16, backend="auto")
+    x = torch.randn(5, 3, 4)
+    compiled = torch.compile(lstm, fullgraph=True, backend="eager")
+    torch.testing.assert_close(compiled(x)[0], lstm(x)[0])
+    assert calls == ["LSTM", "LSTM"], "traced once through the rule's backend, then eager"
+    torch._dynamo.reset()

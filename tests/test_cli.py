@@ -381,6 +381,38 @@ def test_bench_flags_a_backend_that_disagrees(capsys, tmp_path, text_file, monke
     assert any("fused_rnn:torch" in r and r.rstrip(" |").endswith("ok") for r in rows)
 
 
+def test_bench_times_auto_where_a_rule_sends_it_to_a_kernel(capsys, tmp_path, text_file,
+                                                           monkeypatch):
+    """With an auto rule for fp32 only (backends.AUTO_RULES), auto runs a kernel backend in
+    fp32 and PyTorch's kernels under amp-bf16: it is its own implementation, timed in both."""
+    import types
+
+    from fused_rnn import backends
+
+    calls = []
+
+    def layer(*a, **k):
+        calls.append(a[0])
+        return reference_ops.rnn_layer(*a, **k)
+
+    fake = types.SimpleNamespace(unavailable_reason=lambda device: None,
+                                 unsupported_reason=lambda kind, **config: None, rnn_layer=layer)
+    real = backends._kernel_module
+    monkeypatch.setattr(backends, "_kernel_module",
+                        lambda name: fake if name == "triton" else real(name))
+    monkeypatch.setattr(backends, "AUTO_RULES", (backends.AutoRule(
+        backend="triton", modes=frozenset({"LSTM"}), dtypes=frozenset({torch.float32}),
+        hidden=(16, 16), batch=(4, 4), evidence="a test", device_type="cpu"),))
+    out = tmp_path / "results"
+    rc, stdout, err = run(capsys, *BENCH_TINY, "--text", text_file, "--out", out)
+    assert rc == 0, err
+    rows = [ln for ln in stdout.splitlines() if "fused_rnn:auto" in ln]
+    assert [r.split("|")[1].strip() for r in rows] == ["fp32", "amp-bf16"], stdout
+    assert all(r.rstrip(" |").endswith("ok") for r in rows), stdout
+    assert calls and set(calls) == {"LSTM"}, "fp32's auto ran the rule's backend"
+    assert "resolves to" not in err + stdout
+
+
 # --------------------------------------------------------------------------- DDP
 def _free_port() -> int:
     with socket.socket() as s:
