@@ -114,6 +114,19 @@ class AutoRule:
                              f"not {self.backend!r}")
         if not self.evidence:
             raise ValueError("an AutoRule needs its evidence: the results file it comes from")
+        from fused_rnn.ops.reference import MODES
+
+        if not self.modes or not set(self.modes) <= set(MODES):
+            raise ValueError(f"an AutoRule's modes are some of {MODES}, not {self.modes!r}")
+        floats = {torch.float32, torch.float16, torch.bfloat16}
+        if not self.dtypes or not set(self.dtypes) <= floats:
+            raise ValueError(f"an AutoRule's dtypes are some of float32, float16 and bfloat16, "
+                             f"not {self.dtypes!r}")
+        for what in ("hidden", "batch", "layers"):
+            lo, hi = getattr(self, what)
+            if not 1 <= lo <= hi:
+                raise ValueError(f"an AutoRule's {what} range must satisfy 1 <= low <= high, "
+                                 f"got {(lo, hi)}")
 
     def matches(self, device_type: str, mode: str, dtype: torch.dtype, hidden_size: int,
                 batch: int, num_layers: int, bidirectional: bool) -> bool:

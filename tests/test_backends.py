@@ -196,6 +196,14 @@ def test_auto_rule_needs_a_kernel_backend_and_evidence():
         _cpu_rule(backend="torch")
     with pytest.raises(ValueError, match="evidence"):
         _cpu_rule(evidence="")
+    with pytest.raises(ValueError, match="modes"):
+        _cpu_rule(modes=frozenset({"lstm"}))  # the op's names: LSTM, GRU, RNN_TANH, RNN_RELU
+    with pytest.raises(ValueError, match="dtypes"):
+        _cpu_rule(dtypes=frozenset({torch.float64}))
+    with pytest.raises(ValueError, match="hidden range"):
+        _cpu_rule(hidden=(64, 8))
+    with pytest.raises(ValueError, match="batch range"):
+        _cpu_rule(batch=(0, 8))
 
 
 def test_committed_auto_rules_cite_gpu_results():
