@@ -302,6 +302,18 @@ def test_missing_nvcc_is_explained(monkeypatch):
     assert why and "nvcc was not found" in why and "FUSED_RNN_BUILD_CUDA=1" in why
 
 
+def test_missing_host_compiler_is_explained(monkeypatch):
+    monkeypatch.delenv("TORCH_CUDA_ARCH_LIST", raising=False)
+    monkeypatch.setattr(_ext, "_find_nvcc", lambda: "/opt/fake/nvcc")
+    monkeypatch.setattr(_ext, "_nvcc_version", lambda nvcc: None)
+    monkeypatch.setenv("CXX", "no-such-compiler-here")
+    why = _ext.jit_obstacle()
+    assert why and "no host C++ compiler" in why and "'no-such-compiler-here'" in why
+    monkeypatch.delenv("CXX")
+    if shutil.which("c++"):  # this machine has one: the same checks pass it
+        assert "C++ compiler" not in (_ext.jit_obstacle() or "")
+
+
 def test_cuda_version_mismatch_is_explained(monkeypatch):
     monkeypatch.delenv("TORCH_CUDA_ARCH_LIST", raising=False)
     monkeypatch.setattr(_ext, "_find_nvcc", lambda: "/opt/fake/nvcc")

@@ -13,8 +13,8 @@ Two ways to get it:
   directory (default ``~/.cache/fused_rnn/cuda_ext/<versions>``); ``FUSED_RNN_CUDA_VERBOSE=1``
   shows the compiler output.
 
-Nothing here raises at import: every obstacle (CPU-only torch, no GPU, no nvcc, mismatched CUDA
-versions, an empty ``TORCH_CUDA_ARCH_LIST``, a failed build) becomes a sentence returned by
+Nothing here raises at import: every obstacle (CPU-only torch, no GPU, no nvcc, no host C++
+compiler, mismatched CUDA versions, an empty ``TORCH_CUDA_ARCH_LIST``, a failed build) becomes a sentence returned by
 :func:`unavailable_reason`, and :func:`extension` raises it as a ``RuntimeError``.
 """
 
@@ -100,6 +100,11 @@ def _find_nvcc() -> str | None:
     return shutil.which("nvcc")
 
 
+def _find_cxx() -> str | None:
+    """The host C++ compiler torch's JIT build runs (``$CXX``, default ``c++``), or None."""
+    return shutil.which(os.environ.get("CXX", "c++"))
+
+
 def jit_obstacle() -> str | None:
     """Why a JIT build cannot even start here, or None."""
     arch = os.environ.get("TORCH_CUDA_ARCH_LIST")
@@ -122,6 +127,12 @@ def jit_obstacle() -> str | None:
                 f"nvcc {ver[0]}.{ver[1]} ({nvcc}) does not match the CUDA {torch_cuda} this torch "
                 f"was built with (the major versions must agree); {BUILD_HINT}"
             )
+    if _find_cxx() is None:
+        return (
+            f"no host C++ compiler: {os.environ.get('CXX', 'c++')!r} (from $CXX, default c++) is "
+            f"not on PATH, and both the binding and nvcc need one; install g++ or set CXX; "
+            f"{BUILD_HINT}"
+        )
     from torch.utils import cpp_extension
 
     if not cpp_extension.is_ninja_available():
