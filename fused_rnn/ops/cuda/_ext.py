@@ -14,8 +14,9 @@ Two ways to get it:
   shows the compiler output.
 
 Nothing here raises at import: every obstacle (CPU-only torch, no GPU, no nvcc, no host C++
-compiler, mismatched CUDA versions, an empty ``TORCH_CUDA_ARCH_LIST``, a failed build) becomes a sentence returned by
-:func:`unavailable_reason`, and :func:`extension` raises it as a ``RuntimeError``.
+compiler, mismatched CUDA versions, an empty ``TORCH_CUDA_ARCH_LIST``, a failed build) becomes a
+sentence returned by :func:`unavailable_reason`, and :func:`extension` raises it as a
+``RuntimeError``.
 """
 
 from __future__ import annotations
