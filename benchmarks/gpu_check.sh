@@ -21,10 +21,12 @@
 #    script always finishes);
 # 3. with cuda: gpu_check_cuda.sh --part extra: compute-sanitizer (memcheck, racecheck,
 #    synccheck), then the kernels' phase timings (profile_cuda.py);
-# 4. the other gpu-marked tests (pytest -m gpu);
-# 5. the rest of the Triton test suite on the GPU (compiled kernels, no interpreter) with the
+# 4. the main job's benchmark (fused-rnn bench: char-LM truncated-BPTT training against
+#    torch.nn, fp32/bf16/AMP; fails if a backend's validation loss disagrees);
+# 5. the other gpu-marked tests (pytest -m gpu);
+# 6. the rest of the Triton test suite on the GPU (compiled kernels, no interpreter) with the
 #    time left; each Triton kernel variant compiles once, which is most of its run time;
-# 6. the benchmark's short fwd+bwd table again, last.
+# 7. the benchmark's short fwd+bwd table again, last.
 # It needs no install: it runs this checkout (PYTHONPATH) under $PYTHON (default python3), so on a
 # machine that cannot reach a package index (the lent GPU) the whole command is just
 # `benchmarks/gpu_check.sh`; `pip install -e .` there fails, since its build isolation fetches
@@ -111,6 +113,21 @@ if [[ $HAS_CUDA == 1 ]]; then
   step "CUDA backend: compute-sanitizer, phase timings"
   benchmarks/gpu_check_cuda.sh --part extra "$CUDA_LOGS" || status=1
 fi
+
+# The main job end to end: the char-LM's truncated-BPTT training on torch.nn (cuDNN) and on
+# each backend named (variants aside), same data and seed; it exits 1 if a backend's validation
+# loss after the same steps disagrees with torch.nn's (fused_rnn/cli.py BENCH_TOLERANCE).
+step "main-job bench (fused-rnn bench)"
+PRIMARY="$(tr ',' '\n' <<<"$BACKENDS" | grep -v '^cuda-' | paste -sd, -)"
+if [[ $DRY == 1 ]]; then
+  CHARLM_ARGS=(--device cpu --backends reference --precisions fp32 --hidden-size 16
+               --batch-size 4 --bptt 8 --steps 3 --warmup 1 --val-chunks 2 --threads 1
+               --out "${TMPDIR:-/tmp}/fused_rnn_charlm_dryrun")
+else
+  CHARLM_ARGS=(--device cuda --backends "$PRIMARY")
+fi
+run_for "main-job bench" 90 "$PYTHON" -m fused_rnn.cli bench "${CHARLM_ARGS[@]}" 2>&1
+frnn_collect "$CUDA_LOGS"
 
 step "gpu-marked tests"
 run_for "gpu-marked tests" 120 "$PYTHON" -m pytest tests -m gpu -q -p no:cacheprovider -rs --durations=5 "${PYTEST_IGNORE[@]}"

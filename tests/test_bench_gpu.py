@@ -94,8 +94,9 @@ def test_gpu_check_dry_run_runs_every_step(tmp_path):
     assert rc == 0 and log.rstrip().endswith("status 0"), log[-3000:]
     steps = [line.split(" (")[0] for line in log.splitlines()
              if line.startswith("=== ") and not line.startswith("=== ==")]
-    assert steps == ["=== environment", "=== benchmarks", "=== gpu-marked tests",
-                     "=== Triton test suite", "=== fwd+bwd summary"], steps
+    assert steps == ["=== environment", "=== benchmarks", "=== main-job bench",
+                     "=== gpu-marked tests", "=== Triton test suite", "=== fwd+bwd summary"], steps
+    assert "fused_rnn:reference" in log and "main-job bench SKIPPED" not in log
     # It runs this checkout, installed or not (a lent GPU machine cannot pip install -e .).
     assert f"fused_rnn from {ROOT / 'fused_rnn' / '__init__.py'}" in log, log[:3000]
 
@@ -105,6 +106,7 @@ def test_gpu_check_stops_starting_steps_at_its_budget(tmp_path):
     rc, log = _gpu_check(tmp_path, "--budget", "0")
     assert rc == 1 and "SKIPPED (the time budget is spent)" in log, log[-3000:]
     assert "benchmarks SKIPPED" in log and "Triton test suite SKIPPED" in log
+    assert "main-job bench SKIPPED" in log
 
 
 def test_k_parts_variant_runs_only_where_cuda_has_parts(monkeypatch):
