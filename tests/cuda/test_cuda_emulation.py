@@ -243,7 +243,7 @@ def test_documented_limits_match_the_plan():
     assert table["H100"]["LSTM"]["bf16/fp16"] >= 1024  # ANCHORS.md's shapes all fit
 
 
-def test_sanitize_script_dry_run(emulate, monkeypatch):
+def test_sanitize_script_dry_run(emulate, monkeypatch, capsys):
     """benchmarks/sanitize_cuda.py (run under compute-sanitizer on a GPU) works end to end."""
     import importlib.util
 
@@ -262,3 +262,7 @@ def test_sanitize_script_dry_run(emulate, monkeypatch):
     assert mod.main() == 0
     # no leak into later tests (the TF32 flag once did: later plans then took the FMA math)
     assert ([os.environ.get(k) for k in names], torch.backends.cudnn.allow_tf32) == before
+    # out of time: no case starts, none counts as checked, and the status says so
+    monkeypatch.setattr("sys.argv", ["sanitize_cuda.py", "--time-budget", "-1"])
+    assert mod.main() == 1
+    assert "0/0 cases match the reference; 32 not checked" in capsys.readouterr().out
