@@ -335,3 +335,30 @@ def test_build_dir_is_per_torch_and_cuda_version(monkeypatch):
 
 def test_sources_are_found_from_the_package():
     assert _ext.sources_dir() == CSRC
+
+
+def test_preflight_script_reports_binding_mismatches(monkeypatch):
+    """benchmarks/preflight_jit.py (run by hand with a CUDA build of torch, no GPU needed):
+    without one it says what it needs; its call check passes a binding that stops at the
+    device check and reports one whose signature does not fit ops.py's call."""
+    import importlib.util
+    import types
+
+    path = Path(__file__).resolve().parents[2] / "benchmarks" / "preflight_jit.py"
+    spec = importlib.util.spec_from_file_location("preflight_jit", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    if torch.version.cuda is None:
+        assert mod.main() == 2
+
+    def device_check(*args, **kwargs):
+        raise RuntimeError("fused_rnn CUDA backend: inputs must be CUDA tensors, got cpu")
+
+    def too_few_parameters(mode, xproj, h0, c0, w_hh, b_hh, lengths, reverse):
+        raise AssertionError("not reached")
+
+    fits = types.SimpleNamespace(forward=device_check, backward=device_check)
+    assert mod.check_calls(fits) == []
+    broken = types.SimpleNamespace(forward=too_few_parameters, backward=device_check)
+    problems = mod.check_calls(broken)
+    assert len(problems) == 8 and all("forward" in p for p in problems), problems
