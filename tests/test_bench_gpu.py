@@ -169,3 +169,57 @@ def test_gpu_check_turns_k_parts_off_when_their_gpu_tests_fail(tmp_path):
     missing = subprocess.run(["bash", "-c", f'source "{ROOT}/benchmarks/gpu_common.sh" && '
                               f'frnn_parts_failed "{tmp_path / "none"}"'], check=False)
     assert got == {"parts": True, "other": False, "clean": False} and missing.returncode != 0
+
+
+def test_auto_rules_from_a_gpu_table(tmp_path, capsys):
+    """benchmarks/auto_rules.py: a rule per (cell, dtype) only where the backend beat cuDNN by
+    the margin on every shape of the table, spanning those shapes; the printed code builds
+    valid AutoRules; everything else is listed with the rows that stopped it."""
+    import torch
+
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        import auto_rules
+        import bench_gpu
+    finally:
+        sys.path.pop(0)
+    from fused_rnn.backends import AutoRule
+
+    ratios = {  # (cell, dtype): {shape: cuda's ratio to cuDNN, None = no cuda row}
+        ("LSTM", "bf16"): {s: 3.0 for s in bench_gpu.SHAPES},
+        ("LSTM", "fp32"): {**{s: 2.0 for s in bench_gpu.SHAPES}, "S4": 0.9},
+        ("GRU", "fp16"): {**{s: 5.0 for s in bench_gpu.SHAPES}, "S6": None},
+        ("GRU", "bf16"): {**{s: 4.0 for s in bench_gpu.SHAPES}, "S2": 1.02},
+    }
+    rows = []
+    for (cell, dtype), by_shape in ratios.items():
+        for shape, (B, T, H) in bench_gpu.SHAPES.items():
+            base = dict(gpu="NVIDIA H200", cell=cell, shape=shape, BxTxH=f"{B}x{T}x{H}",
+                        dtype=dtype, ms="1.0")
+            for p in ("fwd", "fwd+bwd"):
+                rows.append(dict(base, backend="cudnn", **{"pass": p}, x_cudnn_same_dtype="1"))
+                if by_shape[shape] is not None:
+                    rows.append(dict(base, backend="cuda", **{"pass": p},
+                                     x_cudnn_same_dtype=str(by_shape[shape])))
+                # a variant that wins everywhere must not count
+                rows.append(dict(base, backend="cuda-p1", **{"pass": p}, x_cudnn_same_dtype="9"))
+    path = tmp_path / "2026-12-01-NVIDIA-H200.csv"
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]) + ["note"], extrasaction="ignore")
+        w.writeheader()
+        w.writerows(rows)
+    assert auto_rules.main([str(path)]) == 0
+    out = capsys.readouterr().out
+    ns = {"AutoRule": AutoRule, "torch": torch}
+    exec(out, ns)  # the printed rules are valid code that builds AutoRules
+    (rule,) = ns["AUTO_RULES"]
+    assert rule.backend == "cuda" and rule.modes == {"LSTM"} and rule.dtypes == {torch.bfloat16}
+    assert rule.hidden == (256, 1024) and rule.batch == (8, 256)
+    assert rule.evidence == "benchmarks/results/2026-12-01-NVIDIA-H200.md"
+    assert "LSTM fp32: no rule; S4: 0.90x cuDNN" in out
+    assert "GRU fp16: no rule; S6: no cuda row" in out
+    assert "GRU bf16: no rule; S2: 1.02x cuDNN (< 1.05)" in out
+    # a dry run's table is refused: its times mean nothing
+    dry = tmp_path / "dry.csv"
+    dry.write_text("gpu,cell\n\"none (dry run on the CPU, Triton interpreter)\",LSTM\n")
+    assert auto_rules.main([str(dry)]) == 2
