@@ -103,7 +103,7 @@ if [[ "$limit" == 0 ]]; then
   echo "benchmarks SKIPPED (the time budget is spent)"; status=1
 else
   # bench_gpu.py stops starting rows after --time-budget; the timeout is the backstop.
-  [[ $DRY == 1 ]] || BENCH_ARGS+=(--time-budget $(( limit > 90 ? limit - 70 : limit / 2 )))
+  [[ $DRY == 1 ]] || BENCH_ARGS+=(--time-budget "$(frnn_inner_budget 210 70)")
   timeout "$limit" "$PYTHON" benchmarks/bench_gpu.py --backends "$BACKENDS" "${BENCH_ARGS[@]}" 2>&1 | tee "$LOG"
   [[ ${PIPESTATUS[0]} == 0 ]] || status=1
 fi

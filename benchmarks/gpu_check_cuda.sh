@@ -75,10 +75,9 @@ if [[ "$PART" != tests ]]; then
     # Each tool's script stops starting cases 20 s before its step's timeout, so a slow tool
     # (racecheck) still reports which cases it checked.
     for tool in memcheck racecheck synccheck; do
-      limit=$(frnn_limit 240)
       step "sanitizer_$tool" 240 env PYTORCH_NO_CUDA_MEMORY_CACHING=1 \
         "$SAN" --tool "$tool" "${FILTER[@]}" --error-exitcode 1 "$PYTHON" \
-        benchmarks/sanitize_cuda.py --time-budget $(( limit > 40 ? limit - 20 : limit / 2 ))
+        benchmarks/sanitize_cuda.py --time-budget "$(frnn_inner_budget 240 20)"
     done
   else
     echo "cuda: compute-sanitizer not found (it ships with the CUDA toolkit); sanitizer steps FAILED"
@@ -87,9 +86,8 @@ if [[ "$PART" != tests ]]; then
   # 4. Phase timings (where a step's time goes) on S1-S6, LSTM and GRU, fp32 and bf16; the
   #    table goes to benchmarks/results/<date>-<gpu>-phases.md and is printed here.
   #    It stops starting configurations 20 s before its timeout, so it always writes the table.
-  limit=$(frnn_limit 150)
   step phases 150 "$PYTHON" benchmarks/profile_cuda.py --dtypes fp32,bf16 \
-    --time-budget $(( limit > 40 ? limit - 20 : limit / 2 ))
+    --time-budget "$(frnn_inner_budget 150 20)"
   grep '^| ' "$LOG_DIR/cuda_phases.log" 2>/dev/null || true
 fi
 echo "cuda: logs in $LOG_DIR"

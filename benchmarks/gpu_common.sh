@@ -20,6 +20,15 @@ frnn_limit() {
   if (( left < 20 )); then echo 0; elif (( left < $1 )); then echo "$left"; else echo "$1"; fi
 }
 
+# The --time-budget for a script run as a step that wants WANT seconds: its timeout less MARGIN
+# (half the timeout when that is short), so the script stops starting work and still writes its
+# report before the timeout kills it.
+frnn_inner_budget() {
+  local limit
+  limit=$(frnn_limit "$1")
+  echo $(( limit > 2 * $2 ? limit - $2 : limit / 2 ))
+}
+
 # Copies this run's files under benchmarks/results and a tarball of LOG_DIR (if given) to $OUT.
 frnn_collect() {
   [[ -n "${OUT:-}" && -d "${OUT:-}" && -n "${FRNN_STAMP:-}" && -e "${FRNN_STAMP:-}" ]] || return 0

@@ -223,3 +223,18 @@ def test_auto_rules_from_a_gpu_table(tmp_path, capsys):
     dry = tmp_path / "dry.csv"
     dry.write_text("gpu,cell\n\"none (dry run on the CPU, Triton interpreter)\",LSTM\n")
     assert auto_rules.main([str(dry)]) == 2
+
+
+def test_inner_budget_leaves_time_to_write_the_report():
+    """gpu_common.sh frnn_inner_budget WANT MARGIN: the --time-budget a script gets inside its
+    step's timeout: the timeout less MARGIN, half of a short one, 0 when the step is skipped."""
+    def budget(left, want, margin):
+        r = subprocess.run(["bash", "-c", f'source "{ROOT}/benchmarks/gpu_common.sh" && '
+                            f'FRNN_DEADLINE=$(( $(date +%s) + {left} )) && '
+                            f'frnn_inner_budget {want} {margin}'],
+                           capture_output=True, text=True, check=True)
+        return int(r.stdout)
+
+    assert budget(1000, 210, 70) == 140  # the step's own limit, less the margin
+    assert budget(105, 210, 70) in (49, 50)  # clamped to the deadline less 5 s: half of it
+    assert budget(10, 210, 70) == 0  # fewer than 20 s left: the step is skipped
