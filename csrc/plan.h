@@ -276,4 +276,26 @@ FRNN_HD constexpr Selection select_plan(Cell cell, bool is_16bit, bool allow_tf3
                                    stage_k, parts)};
 }
 
+// The grid cap (FUSED_RNN_CUDA_MAX_BLOCKS; block_cap 0 = none). By default a launch spreads H
+// over up to one block per SM (max_blocks), the thinnest slices. Fewer, fatter blocks pay a
+// cheaper grid.sync() and read the exchange buffer fewer times per step, while each block's
+// warps take more of the matmul (fewer K splits), so which wins is a measurement. With a cap the
+// plan is selected for the fewest blocks >= block_cap whose plan fits in smem_limit with the
+// same math as without the cap (a cap never trades TF32 for FMA); at worst that is the uncapped
+// plan. A scan, since shared memory is not monotone in the block count (padding): at most
+// max_blocks selections on the host per launch, microseconds.
+FRNN_HD constexpr Selection select_plan_capped(Cell cell, bool is_16bit, bool allow_tf32,
+                                               int hidden, bool backward, int max_blocks,
+                                               int smem_limit, int batch_pad, int max_groups,
+                                               int max_stage_k, int k_parts, int block_cap) {
+  const Selection full = select_plan(cell, is_16bit, allow_tf32, hidden, backward, max_blocks,
+                                     smem_limit, batch_pad, max_groups, max_stage_k, k_parts);
+  for (int b = imax(block_cap, 1); block_cap > 0 && b < max_blocks; ++b) {
+    const Selection s = select_plan(cell, is_16bit, allow_tf32, hidden, backward, b, smem_limit,
+                                    batch_pad, max_groups, max_stage_k, k_parts);
+    if (s.math == full.math && s.plan.smem_bytes <= smem_limit) return s;
+  }
+  return full;
+}
+
 }  // namespace fused_rnn

@@ -114,10 +114,10 @@ def _load(sanitize: bool, csrc: Path) -> ctypes.CDLL:
             i, u64, p, fp = ctypes.c_int, ctypes.c_uint64, ctypes.c_void_p, ctypes.c_void_p
             lib.sim_configure.argtypes = [i, i, i, i, u64, i]
             lib.sim_last_error.restype = ctypes.c_char_p
-            lib.sim_plan.argtypes = [i] * 9 + [ctypes.POINTER(ctypes.c_int)]
+            lib.sim_plan.argtypes = [i] * 10 + [ctypes.POINTER(ctypes.c_int)]
             lib.sim_make_plan.argtypes = [i] * 9 + [ctypes.POINTER(ctypes.c_int)]
-            lib.sim_forward.argtypes = [i] * 12 + [p, fp, p, fp, p, fp, p, fp, p, i, fp]
-            lib.sim_backward.argtypes = [i] * 11 + [p] * 14 + [i, fp]
+            lib.sim_forward.argtypes = [i] * 13 + [p, fp, p, fp, p, fp, p, fp, p, i, fp]
+            lib.sim_backward.argtypes = [i] * 12 + [p] * 14 + [i, fp]
             _libs[key] = lib
         return _libs[key]
 
@@ -161,12 +161,12 @@ class Simulator:
 
     def plan(self, cell: int, dtype: torch.dtype, allow_tf32: bool, hidden: int,
              backward: bool, batch: int = 1, max_groups: int = 1,
-             max_stage_k: int = 1 << 30, k_parts: int = 1) -> dict:
+             max_stage_k: int = 1 << 30, k_parts: int = 1, max_blocks: int = 0) -> dict:
         self._configure()
         out = (ctypes.c_int * len(PLAN_FIELDS))()
         b_pad = -(-batch // BATCH_PAD) * BATCH_PAD
         if self.lib.sim_plan(cell, DTYPE_CODES[dtype], int(allow_tf32), hidden, int(backward),
-                             b_pad, max_groups, max_stage_k, k_parts, out):
+                             b_pad, max_groups, max_stage_k, k_parts, max_blocks, out):
             raise RuntimeError(f"cudasim: {self.lib.sim_last_error().decode()}")
         return dict(zip(PLAN_FIELDS, out))
 
@@ -199,7 +199,7 @@ class Simulator:
         return torch.empty(pl["parts"], B_pad, pl["part_ld"], dtype=torch.float32)
 
     def forward(self, mode, xproj, h0, c0, w_hh, b_hh, lengths, reverse, allow_tf32, save,
-                max_groups, max_stage_k, prof=None, stage_copy=2, k_parts=1):
+                max_groups, max_stage_k, prof=None, stage_copy=2, k_parts=1, max_blocks=0):
         cell = int(mode)
         T, B, _ = xproj.shape
         H = h0.shape[1]
@@ -211,7 +211,8 @@ class Simulator:
                                    (b_hh, "b_hh", torch.float32, (G * H,)),
                                    (lengths, "lengths", torch.int32, (B,))):
             self._expect(t, name, dt, shape)
-        pl = self.plan(cell, st, allow_tf32, H, False, B, max_groups, max_stage_k, k_parts)
+        pl = self.plan(cell, st, allow_tf32, H, False, B, max_groups, max_stage_k, k_parts,
+                       max_blocks)
         self.launches.append(("forward", cell, pl))
         B_pad = -(-B // BATCH_PAD) * BATCH_PAD
         hbuf = torch.zeros(2, B_pad, pl["k_pad"], dtype=st)
@@ -224,7 +225,7 @@ class Simulator:
         self._configure()
         self._check(self.lib.sim_forward(
             cell, DTYPE_CODES[st], int(allow_tf32), T, B, H, B_pad, int(reverse), int(save),
-            max_groups, max_stage_k, k_parts, _ptr(w_hh), _ptr(b_hh), _ptr(lengths),
+            max_groups, max_stage_k, k_parts, max_blocks, _ptr(w_hh), _ptr(b_hh), _ptr(lengths),
             _ptr(xproj), _ptr(hbuf), _ptr(cbuf), _ptr(y), _ptr(aux), self._prof(prof, pl),
             int(stage_copy), _ptr(part)))
         h_n = hbuf[T % 2, :B, :H].contiguous()
@@ -232,7 +233,8 @@ class Simulator:
         return [y, h_n, c_n, aux]
 
     def backward(self, mode, dy, dh_n, dc_n, w_hh, gates, aux, c0, hprev, lengths, reverse,
-                 allow_tf32, max_groups, max_stage_k, prof=None, stage_copy=2, k_parts=1):
+                 allow_tf32, max_groups, max_stage_k, prof=None, stage_copy=2, k_parts=1,
+                 max_blocks=0):
         cell = int(mode)
         G = (4, 3, 1, 1)[cell]
         T, B, H = dy.shape
@@ -249,7 +251,8 @@ class Simulator:
             self._expect(aux, "aux", f32, (T, B, H))
         if cell == 1:
             self._expect(hprev, "hprev", st, (T, B, H))
-        pl = self.plan(cell, st, allow_tf32, H, True, B, max_groups, max_stage_k, k_parts)
+        pl = self.plan(cell, st, allow_tf32, H, True, B, max_groups, max_stage_k, k_parts,
+                       max_blocks)
         self.launches.append(("backward", cell, pl))
         B_pad = -(-B // BATCH_PAD) * BATCH_PAD
         dgbuf = torch.zeros(2, B_pad, pl["k_pad"], dtype=st)
@@ -262,7 +265,7 @@ class Simulator:
         self._configure()
         self._check(self.lib.sim_backward(
             cell, DTYPE_CODES[st], int(allow_tf32), T, B, H, B_pad, int(reverse), max_groups,
-            max_stage_k, k_parts, _ptr(w_hh),
+            max_stage_k, k_parts, max_blocks, _ptr(w_hh),
             _ptr(lengths), _ptr(dy), _ptr(gates), _ptr(aux) if cell in (0, 1) else None,
             _ptr(c0) if cell == 0 else None, _ptr(hprev) if cell == 1 else None, _ptr(dgbuf),
             _ptr(dh_carry), _ptr(dc_carry), _ptr(dgx), _ptr(dghn), _ptr(dh0),

@@ -199,6 +199,17 @@ int main() {
                   static_cast<int>(sel.math), sel.plan.groups, sel.plan.stage_rows,
                   sel.plan.stage_k, sel.plan.smem_bytes, sel.plan.parts);
     }
+  const int hs3[] = {5, 256, 768, 1024, 1740, 3000};
+  const int blockcaps[] = {0, 1, 32, 100};
+  const int bpads3[] = {32, 256};
+  for (int c = 0; c < 4; ++c) for (int h : hs3) for (int bw = 0; bw < 2; ++bw)
+    for (int is16 = 0; is16 < 2; ++is16) for (int bp : bpads3) for (int bc : blockcaps) {
+      const Selection sel = select_plan_capped(static_cast<Cell>(c), is16, true, h, bw, 132,
+                                               227 * 1024, bp, 8, 1 << 30, 0, bc);
+      std::printf("C %d %d %d %d %d %d %d %d %d %d %d %d %d\n", c, h, bw, is16, bp, bc,
+                  static_cast<int>(sel.math), sel.plan.blocks, sel.plan.units, sel.plan.groups,
+                  sel.plan.parts, sel.plan.stage_k, sel.plan.smem_bytes);
+    }
   const int bpads[] = {32, 64, 96, 128, 256};
   for (int c = 0; c < 4; ++c) for (int m = 0; m < 3; ++m) for (int h : hs) for (int bp : bpads)
     for (int bw = 0; bw < 2; ++bw) {
@@ -233,6 +244,7 @@ def test_plan_header_matches_python_mirror(tmp_path):
     out = subprocess.run([str(exe)], capture_output=True, text=True, check=True).stdout
     n = 0
     kinds = set()
+    capped = {}
     for line in out.splitlines():
         f = line.split()
         kinds.add(f[0] if f[0].isalpha() else "plan")
@@ -251,12 +263,27 @@ def test_plan_header_matches_python_mirror(tmp_path):
                                     kp)
             want = (math, p.groups, p.stage_rows, p.stage_k, p.smem_bytes, p.parts)
             assert tuple(rest) == want, line
+        elif f[0] == "C":
+            c, h, bw, is16, bp, bc, *rest = map(int, f[1:])
+            math, p = P.select_plan_capped(c, bool(is16), True, h, bool(bw), 132, 227 * 1024, bp,
+                                           8, 1 << 30, 0, bc)
+            want = (math, p.blocks, p.units, p.groups, p.parts, p.stage_k, p.smem_bytes)
+            assert tuple(rest) == want, line
+            capped[(c, h, bw, is16, bp, bc)] = (p.blocks, p.smem_bytes)
         else:
             c, m, h, s, bw, g, rows, sk, pt, *rest = map(int, f)
             p = P.make_plan(c, m, h, bool(bw), s, g, rows, sk, pt)
             assert tuple(rest) == (*p.as_tuple(), P.step_bytes(p, m, 64)), line
         n += 1
-    assert n > 1000 and kinds == {"plan", "S", "G", "P", "M"}
+    assert n > 1000 and kinds == {"plan", "S", "G", "P", "M", "C"}
+    # The grid cap: every capped plan fits where the uncapped one does; small sizes take the
+    # cap (H=5 even one block), large ones more blocks than it.
+    for (*key, bc), (blocks, smem) in capped.items():
+        assert smem <= 227 * 1024 or capped[(*key, 0)] == (blocks, smem), (key, bc)
+    assert capped[(0, 5, 0, 1, 32, 1)][0] == 1
+    assert capped[(0, 256, 1, 1, 32, 32)][0] == 32
+    assert capped[(0, 256, 0, 1, 32, 0)][0] == 128
+    assert capped[(0, 1024, 0, 1, 32, 32)][0] > 32
 
 
 def _run_py(code: str, **env) -> subprocess.CompletedProcess:

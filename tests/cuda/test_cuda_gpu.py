@@ -80,11 +80,13 @@ def _run(fn, mode, leaves, dtype, lens, reverse, cots):
 # (the pipelined copy: two buffers of 16), "direct" does not stage. "partsN" forces N K parts
 # (plan.h: teams of N blocks split K and exchange partial sums): H=60 gives 8 blocks on cudasim's
 # 8 SMs with a ragged last one (on a 132-SM GPU: LSTM bf16/fp16/TF32 30 blocks in teams of 2,
-# everything else teams of 4), H=256 teams of 4 on both.
+# everything else teams of 4), H=256 teams of 4 on both. "blocks2" caps the grid at 2 blocks
+# (FUSED_RNN_CUDA_MAX_BLOCKS; every cell's H=37 fits in two), each owning 19-24 units.
 UNGROUPED = {"FUSED_RNN_CUDA_MAX_GROUPS": "1"}
 SHAPES = {"T5-B3-I7-H37": (5, 3, 7, 37, {}), "T1-B1-I4-H16": (1, 1, 4, 16, {}),
           "T5-B3-I7-H37-slices16": (5, 3, 7, 37, {"FUSED_RNN_CUDA_STAGE_K": "16"}),
           "T5-B3-I7-H37-slices32": (5, 3, 7, 37, {"FUSED_RNN_CUDA_STAGE_K": "32"}),
+          "T5-B3-I7-H37-blocks2": (5, 3, 7, 37, {"FUSED_RNN_CUDA_MAX_BLOCKS": "2"}),
           "T7-B70-I9-H24": (7, 70, 9, 24, {}),
           "T7-B70-I9-H24-ungrouped": (7, 70, 9, 24, UNGROUPED),
           "T7-B70-I9-H24-ungrouped-direct": (7, 70, 9, 24,

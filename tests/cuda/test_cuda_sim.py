@@ -31,6 +31,7 @@ from cases import install_standin, layer_inputs, rel, run_layer
 
 import fused_rnn.ops.cuda as cuda_backend
 from fused_rnn.ops import reference
+from fused_rnn.ops.cuda import plan as P
 from fused_rnn.ops.cuda import profile
 from fused_rnn.ops.reference import MODES
 
@@ -469,6 +470,48 @@ def test_max_groups_setting_is_checked(install, monkeypatch):
     monkeypatch.setenv("FUSED_RNN_CUDA_MAX_GROUPS", "0")
     with pytest.raises(ValueError, match="FUSED_RNN_CUDA_MAX_GROUPS must be an integer >= 1"):
         _layer("GRU", "fp32")
+
+
+# ------------------------------------------------------------------------------- grid cap
+@pytest.mark.parametrize("mode,dt", [("LSTM", "bf16"), ("GRU", "tf32"), ("RNN_TANH", "fp32")])
+def test_max_blocks_caps_the_grid_not_the_math(install, monkeypatch, mode, dt):
+    """FUSED_RNN_CUDA_MAX_BLOCKS: H=60 on 8 SMs spreads over 8 blocks of 8 units by default;
+    capped at 2 or 3 the same launch runs on that many blocks of 20-32 units (fewer K splits
+    per warp). Same results up to the order of fp32 sums."""
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", dt == "tf32")
+    runs, blocks = {}, {}
+    for cap in ("auto", "2", "3"):
+        monkeypatch.setenv("FUSED_RNN_CUDA_MAX_BLOCKS", cap)
+        sim = install(sms=8)
+        runs[cap] = _layer(mode, dt, B=5, T=3, H=60)
+        blocks[cap] = {(d, pl["blocks"]) for d, _, pl in sim.launches}
+    assert blocks["2"] == {("forward", 2), ("backward", 2)}
+    assert blocks["3"] == {("forward", 3), ("backward", 3)}
+    assert all(n > 3 for _, n in blocks["auto"]), blocks["auto"]
+    tol = {"tf32": 2e-3, "bf16": 2e-2, "fp32": 1e-5}[dt]
+    for cap in ("2", "3"):
+        for i, (a, b) in enumerate(zip(runs["auto"], runs[cap])):
+            torch.testing.assert_close(a, b, rtol=tol, atol=tol,
+                                       msg=lambda m, i=i, c=cap: f"cap {c}, tensor {i}: {m}")
+
+
+def test_max_blocks_cap_rises_to_what_fits_and_is_checked(install, monkeypatch):
+    """A cap the W_hh slices cannot fit under takes the fewest blocks that fit, with the
+    uncapped math (TF32 stays TF32); bad values are refused."""
+    sim = install(sms=132)
+    full = sim.plan(0, torch.float32, True, 1024, False, batch=64, max_groups=8)
+    capped = sim.plan(0, torch.float32, True, 1024, False, batch=64, max_groups=8, max_blocks=1)
+    assert full["math"] == capped["math"] == P.MATHS["tf32"]
+    assert full["blocks"] == 128 and 1 < capped["blocks"] < 128
+    assert capped["smem_bytes"] <= 227 * 1024
+    fewer = sim.plan(0, torch.float32, True, 1024, False, batch=64, max_groups=8,
+                     max_blocks=capped["blocks"] - 1)
+    assert fewer["blocks"] == capped["blocks"]
+    for bad in ("0", "-1", "many"):
+        monkeypatch.setenv("FUSED_RNN_CUDA_MAX_BLOCKS", bad)
+        with pytest.raises(ValueError,
+                           match="FUSED_RNN_CUDA_MAX_BLOCKS must be 'auto' or an integer >= 1"):
+            _layer("GRU", "fp32")
 
 
 # --------------------------------------------------------------------------------- K parts

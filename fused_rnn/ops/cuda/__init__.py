@@ -22,7 +22,9 @@ multiplying 1/P of the exchange buffer's columns, and add their fp32 partial sum
 grid sync per step (``FUSED_RNN_CUDA_K_PARTS``: ``auto`` by a byte model in ``plan.h``, or a
 count; 1 turns it off). Each batch chunk of h is staged into shared memory by the whole block
 before the MMAs read it (``FUSED_RNN_CUDA_STAGE_K``: ``auto``, ``0`` off, or K columns per
-slice). bf16/fp16 use tensor cores (WMMA) with fp32 accumulation; fp32 uses TF32 tensor cores
+slice). ``FUSED_RNN_CUDA_MAX_BLOCKS`` caps the grid (default ``auto``: up to one block per SM;
+fewer, fatter blocks trade a cheaper grid sync for more matmul per block; a cap the W_hh slices
+do not fit under is raised to the fewest blocks that fit). bf16/fp16 use tensor cores (WMMA) with fp32 accumulation; fp32 uses TF32 tensor cores
 exactly when ``torch.backends.cudnn.allow_tf32`` is true (as nn.LSTM does), else plain fp32 FMA.
 The LSTM cell state and every activation saved for backward are fp32. Size limits (largest H
 that fits on chip, H100 / A100): ``fused_rnn.ops.cuda.plan``. Not supported (falls back to

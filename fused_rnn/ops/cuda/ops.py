@@ -69,6 +69,18 @@ def k_parts() -> int:
     return _count_setting("FUSED_RNN_CUDA_K_PARTS", raw, "'auto' or an integer >= 1")
 
 
+def max_blocks() -> int:
+    """The grid cap (plan.h: select_plan_capped), from ``FUSED_RNN_CUDA_MAX_BLOCKS``: ``auto``
+    (default: H spread over up to one block per SM) or a positive integer N (the fewest blocks
+    >= N whose W_hh slices fit in shared memory with the same math; where none does, one block
+    per SM). Returns 0 for auto. Read at every call, like :func:`max_groups`; it changes the
+    partition and the order of the fp32 K sums, not the math."""
+    raw = os.environ.get("FUSED_RNN_CUDA_MAX_BLOCKS", "auto")
+    if raw == "auto":
+        return 0
+    return _count_setting("FUSED_RNN_CUDA_MAX_BLOCKS", raw, "'auto' or an integer >= 1")
+
+
 def max_stage_k() -> int:
     """The most K columns per X staging slice (plan.h: staging), from
     ``FUSED_RNN_CUDA_STAGE_K``: ``auto`` (default: as many as fit), ``0`` (no staging: the MMAs
@@ -173,6 +185,7 @@ def _layer_forward_impl(
         profile.buffer("forward", mode, dtype, T, B, H, x.device),
         stage_copy(),
         k_parts(),
+        max_blocks(),
     )
     gates = xproj if save else x.new_empty((0,), dtype=cd)
     return y, h_n, c_n, gates, aux
@@ -309,6 +322,7 @@ def _layer_backward_impl(
             profile.buffer("backward", mode, dtype, T, B, H, x.device),
             stage_copy(),
             k_parts(),
+            max_blocks(),
         )
         # GRU: the recurrent side of the n gate is r * dn (b_hn sits inside r * (.)).
         dgh = torch.cat([dgx[..., : 2 * H], dghn], dim=-1) if mode == "GRU" else dgx

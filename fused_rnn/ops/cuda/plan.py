@@ -223,6 +223,23 @@ def select_plan(cell: int, is_16bit: bool, allow_tf32: bool, hidden: int, backwa
                            parts)
 
 
+def select_plan_capped(cell: int, is_16bit: bool, allow_tf32: bool, hidden: int,
+                       backward: bool, max_blocks: int, smem_limit: int, batch_pad: int,
+                       max_groups: int, max_stage_k: int, k_parts: int,
+                       block_cap: int) -> tuple[int, Plan]:
+    """(math, plan) under a grid cap (plan.h select_plan_capped; block_cap 0 = none): the
+    fewest blocks >= block_cap whose plan fits with the uncapped plan's math, else that plan."""
+    full = select_plan(cell, is_16bit, allow_tf32, hidden, backward, max_blocks, smem_limit,
+                       batch_pad, max_groups, max_stage_k, k_parts)
+    if block_cap > 0:
+        for b in range(max(block_cap, 1), max_blocks):
+            s = select_plan(cell, is_16bit, allow_tf32, hidden, backward, b, smem_limit,
+                            batch_pad, max_groups, max_stage_k, k_parts)
+            if s[0] == full[0] and s[1].smem_bytes <= smem_limit:
+                return s
+    return full
+
+
 def fits(cell: int, is_16bit: bool, allow_tf32: bool, hidden: int, num_sms: int,
          smem_optin: int) -> str | None:
     """None when the forward and the backward plan fit, else why not."""

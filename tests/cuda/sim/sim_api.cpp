@@ -19,17 +19,18 @@ std::string g_error;  // the last entry point's failure
 // binding.cpp's checked_plan on the simulated device (dtype codes are fused_rnn::Storage's).
 // Returns false (and sets g_error) when the binding would refuse.
 bool checked_plan(int cell, int dtype, int allow_tf32, int hidden, bool backward, int batch_pad,
-                  int max_groups, int max_stage_k, int k_parts, fused_rnn::Selection* sel) {
+                  int max_groups, int max_stage_k, int k_parts, int max_blocks,
+                  fused_rnn::Selection* sel) {
   const cudasim::Config& c = cudasim::config();
   if (cell < 0 || cell > 3 || dtype < 0 || dtype > 2 || hidden <= 0 || max_groups < 1 ||
       batch_pad <= 0 || batch_pad % fused_rnn::kBatchPad != 0 || max_stage_k < 0 ||
-      k_parts < 0) {
-    g_error = "bad cell, dtype, hidden size, batch padding, max_groups or k_parts";
+      k_parts < 0 || max_blocks < 0) {
+    g_error = "bad cell, dtype, hidden size, batch padding, max_groups, k_parts or max_blocks";
     return false;
   }
-  *sel = fused_rnn::select_plan(static_cast<Cell>(cell), dtype != 0, allow_tf32 != 0, hidden,
-                                backward, c.sms, c.smem_optin, batch_pad, max_groups,
-                                max_stage_k, k_parts);
+  *sel = fused_rnn::select_plan_capped(static_cast<Cell>(cell), dtype != 0, allow_tf32 != 0,
+                                       hidden, backward, c.sms, c.smem_optin, batch_pad,
+                                       max_groups, max_stage_k, k_parts, max_blocks);
   if (sel->plan.smem_bytes > c.smem_optin) {
     g_error = "hidden size needs more shared memory than the device allows";
     return false;
@@ -52,10 +53,11 @@ int finish(cudaError_t err) {
 template <typename Params>
 bool fill_common(Params& p, fused_rnn::Selection& sel, int cell, int dtype, int allow_tf32,
                  int steps, int batch, int hidden, int batch_pad, int reverse, bool backward,
-                 int max_groups, int max_stage_k, int k_parts, const void* w_hh,
-                 const int* lengths, long long* prof, int stage_copy, float* part) {
+                 int max_groups, int max_stage_k, int k_parts, int max_blocks,
+                 const void* w_hh, const int* lengths, long long* prof, int stage_copy,
+                 float* part) {
   if (!checked_plan(cell, dtype, allow_tf32, hidden, backward, batch_pad, max_groups,
-                    max_stage_k, k_parts, &sel))
+                    max_stage_k, k_parts, max_blocks, &sel))
     return false;
   p.plan = sel.plan;
   p.steps = steps;
@@ -96,10 +98,10 @@ const char* sim_last_error() { return g_error.c_str(); }
 
 // out[0..19]: math, then Plan's fields in declaration order (units .. part_ld).
 int sim_plan(int cell, int dtype, int allow_tf32, int hidden, int backward, int batch_pad,
-             int max_groups, int max_stage_k, int k_parts, int* out) {
+             int max_groups, int max_stage_k, int k_parts, int max_blocks, int* out) {
   fused_rnn::Selection sel{};
   if (!checked_plan(cell, dtype, allow_tf32, hidden, backward != 0, batch_pad, max_groups,
-                    max_stage_k, k_parts, &sel))
+                    max_stage_k, k_parts, max_blocks, &sel))
     return 1;
   const Plan& p = sel.plan;
   const int v[] = {static_cast<int>(sel.math), p.units, p.blocks, p.m_rows, p.m_pad, p.k, p.k_pad,
@@ -129,13 +131,15 @@ int sim_make_plan(int cell, int math, int hidden, int backward, int max_blocks, 
 
 int sim_forward(int cell, int dtype, int allow_tf32, int steps, int batch, int hidden,
                 int batch_pad, int reverse, int save, int max_groups, int max_stage_k,
-                int k_parts, const void* w_hh, const float* b_hh, const int* lengths,
+                int k_parts, int max_blocks, const void* w_hh, const float* b_hh,
+                const int* lengths,
                 float* xproj, void* hbuf, float* cbuf, void* y, float* aux, long long* prof,
                 int stage_copy, float* part) {
   fused_rnn::FwdParams p{};
   fused_rnn::Selection sel{};
   if (!fill_common(p, sel, cell, dtype, allow_tf32, steps, batch, hidden, batch_pad, reverse,
-                   false, max_groups, max_stage_k, k_parts, w_hh, lengths, prof, stage_copy,
+                   false, max_groups, max_stage_k, k_parts, max_blocks, w_hh, lengths, prof,
+                   stage_copy,
                    part))
     return 1;
   p.save = save != 0;
@@ -155,14 +159,15 @@ int sim_forward(int cell, int dtype, int allow_tf32, int steps, int batch, int h
 
 int sim_backward(int cell, int dtype, int allow_tf32, int steps, int batch, int hidden,
                  int batch_pad, int reverse, int max_groups, int max_stage_k, int k_parts,
-                 const void* w_hh, const int* lengths, const void* dy, const float* gates,
+                 int max_blocks, const void* w_hh, const int* lengths, const void* dy, const float* gates,
                  const float* aux, const float* c0, const void* hprev, void* dgbuf,
                  float* dh_carry, float* dc_carry, float* dgx, float* dghn, float* dh0,
                  long long* prof, int stage_copy, float* part) {
   fused_rnn::BwdParams p{};
   fused_rnn::Selection sel{};
   if (!fill_common(p, sel, cell, dtype, allow_tf32, steps, batch, hidden, batch_pad, reverse,
-                   true, max_groups, max_stage_k, k_parts, w_hh, lengths, prof, stage_copy,
+                   true, max_groups, max_stage_k, k_parts, max_blocks, w_hh, lengths, prof,
+                   stage_copy,
                    part))
     return 1;
   p.dy = dy;
