@@ -139,7 +139,17 @@ def test_k_parts_variant_runs_only_where_cuda_has_parts(monkeypatch):
     assert bench_gpu._variant_is_moot("cuda-g1", "LSTM", (16, 1, 768), "bf16", "cpu")
     # cuda's rows name their plans: batch groups, K parts and stage K columns per direction
     plans = bench_gpu._cuda_plans("LSTM", bench_gpu.SHAPES["S4"], "fp32")
-    assert bench_gpu._plan_note(plans) == "plan fwd g1 p4 k224, bwd g1 p8 k304"
+    assert bench_gpu._plan_note(plans) == "plan fwd b128 g1 p4 k224, bwd b128 g1 p8 k304"
+    # cuda-b32 (at most 32 blocks where H's W_hh fits in them) runs where that changes a plan:
+    # not GRU at S5 (already 32 blocks of the 8-unit granule), yes LSTM there (128 blocks of 2
+    # units); at S4 in bf16 LSTM's slices do not fit in 32 blocks, so the cap rises to 43.
+    assert bench_gpu._variant_is_moot("cuda-b32", "GRU", bench_gpu.SHAPES["S5"], "bf16", "cuda")
+    assert not bench_gpu._variant_is_moot("cuda-b32", "LSTM", bench_gpu.SHAPES["S5"], "bf16",
+                                          "cuda")
+    monkeypatch.setenv("FUSED_RNN_CUDA_MAX_BLOCKS", "32")
+    assert bench_gpu._plan_note(bench_gpu._cuda_plans("LSTM", bench_gpu.SHAPES["S4"], "bf16")) \
+        == "plan fwd b43 g1 p1 k0, bwd b43 g1 p1 k192"
+    monkeypatch.delenv("FUSED_RNN_CUDA_MAX_BLOCKS")
     # and so do profile_cuda.py's phase rows, per direction
     sys.path.insert(0, str(ROOT / "benchmarks"))
     try:
