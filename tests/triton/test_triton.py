@@ -517,6 +517,32 @@ def test_compile_fullgraph_matches_eager():
         torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
 
 
+
+@pytest.mark.no_nan_fill  # export traces like dynamo: not through the conftest's torch.empty
+def test_export_with_a_dynamic_sequence_length(tmp_path):
+    """torch.export keeps the registered ops in the graph, so T can stay symbolic (torch.nn's
+    own LSTM specializes it); the program saved and loaded runs another T like eager."""
+    from torch.export import Dim
+
+    torch.manual_seed(0)
+    model = _TinyModel().to(DEVICE).eval()
+    x = torch.randn(3, 5, 4, device=DEVICE)
+    state = (torch.randn(2, 3, 8, device=DEVICE), torch.randn(2, 3, 8, device=DEVICE))
+    T = Dim("T", min=2, max=256)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)  # no silent fallback to the reference
+        ep = torch.export.export(model, (x, state), dynamic_shapes=({1: T}, (None, None)))
+    targets = {str(n.target) for n in ep.graph.nodes if n.op == "call_function"}
+    assert {"fused_rnn.triton_layer.default", "fused_rnn.triton_cell.default"} <= targets
+    torch.export.save(ep, tmp_path / "tiny.pt2")
+    loaded = torch.export.load(tmp_path / "tiny.pt2").module()
+    x9 = torch.randn(3, 9, 4, device=DEVICE)
+    with torch.no_grad():
+        want = model(x9, state)
+        got = loaded(x9, state)
+    for a, b in zip(torch.utils._pytree.tree_leaves(got), torch.utils._pytree.tree_leaves(want)):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
+
 # --------------------------------------------------------------------------- GPU only
 @pytest.mark.gpu
 def test_gpu_kernels_are_compiled_not_interpreted():
