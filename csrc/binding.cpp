@@ -109,14 +109,15 @@ fused_rnn::Storage storage_of(c10::ScalarType st) {
                              : fused_rnn::Storage::kFloat32;
 }
 
-// The math and launch plan (plan.h: select_plan_capped; max_blocks 0 = one block per SM),
+// The math and launch plan (plan.h: select_plan_capped; max_blocks 0 = one block per SM; with
+// cluster > 0 on sm_90+, select_plan_clustered first: *clustered says whether it found one),
 // checked against this device's shared memory.
 // The Python side refuses unsupported sizes before getting here (unsupported_reason); this is
 // the backstop.
 fused_rnn::Selection checked_plan(Cell cell, c10::ScalarType st, bool allow_tf32, int64_t hidden,
                                   bool backward, const at::Device& dev, int64_t batch_pad,
                                   int64_t max_groups, int64_t max_stage_k, int64_t k_parts,
-                                  int64_t max_blocks) {
+                                  int64_t max_blocks, int64_t cluster, bool* clustered) {
   const DeviceInfo d = device_attributes(dev.index());
   TORCH_CHECK(d.major >= 8, "fused_rnn CUDA backend: needs compute capability >= 8.0, got ",
               d.major, ".", d.minor);
@@ -133,13 +134,26 @@ fused_rnn::Selection checked_plan(Cell cell, c10::ScalarType st, bool allow_tf32
   TORCH_CHECK(max_blocks >= 0,
               "fused_rnn CUDA backend: max_blocks must be >= 0 (0: one block per SM), got ",
               max_blocks);
-  const fused_rnn::Selection sel = fused_rnn::select_plan_capped(
-      cell, st != at::kFloat, allow_tf32, static_cast<int>(hidden), backward, d.sms,
-      d.smem_optin, static_cast<int>(batch_pad),
-      static_cast<int>(std::min<int64_t>(max_groups, 1 << 16)),
-      static_cast<int>(std::min<int64_t>(max_stage_k, 1 << 30)),
-      static_cast<int>(std::min<int64_t>(k_parts, 1 << 16)),
-      static_cast<int>(std::min<int64_t>(max_blocks, 1 << 16)));
+  TORCH_CHECK(cluster >= 0 && cluster <= 16,
+              "fused_rnn CUDA backend: cluster must be 0 (off) or 1..16 blocks, got ", cluster);
+  const int groups_cap = static_cast<int>(std::min<int64_t>(max_groups, 1 << 16));
+  const int stage_cap = static_cast<int>(std::min<int64_t>(max_stage_k, 1 << 30));
+  const int parts_cap = static_cast<int>(std::min<int64_t>(k_parts, 1 << 16));
+  fused_rnn::Selection sel{};
+  *clustered = false;
+  if (cluster > 0 && d.major >= 9) {
+    const fused_rnn::ClusterSelection cs = fused_rnn::select_plan_clustered(
+        cell, st != at::kFloat, allow_tf32, static_cast<int>(hidden), backward, d.sms,
+        d.smem_optin, static_cast<int>(batch_pad), groups_cap, stage_cap, parts_cap,
+        static_cast<int>(cluster));
+    *clustered = cs.found;
+    sel = cs.sel;
+  }
+  if (!*clustered)
+    sel = fused_rnn::select_plan_capped(
+        cell, st != at::kFloat, allow_tf32, static_cast<int>(hidden), backward, d.sms,
+        d.smem_optin, static_cast<int>(batch_pad), groups_cap, stage_cap, parts_cap,
+        static_cast<int>(std::min<int64_t>(max_blocks, 1 << 16)));
   const Plan& plan = sel.plan;
   TORCH_CHECK(plan.smem_bytes <= d.smem_optin, "fused_rnn CUDA backend: hidden_size=", hidden,
               " needs ", plan.smem_bytes, " bytes of shared memory per block (", plan.blocks,
@@ -164,7 +178,7 @@ std::vector<at::Tensor> forward(int64_t mode, at::Tensor xproj, at::Tensor h0,
                                 c10::optional<at::Tensor> lengths, bool reverse, bool allow_tf32,
                                 bool save, int64_t max_groups, int64_t max_stage_k,
                                 c10::optional<at::Tensor> prof, int64_t stage_copy,
-                                int64_t k_parts, int64_t max_blocks) {
+                                int64_t k_parts, int64_t max_blocks, int64_t cluster) {
   const Cell cell = cell_of(mode);
   const int64_t G = fused_rnn::gates_of(cell);
   TORCH_CHECK(xproj.is_cuda(), "fused_rnn CUDA backend: inputs must be CUDA tensors, got ",
@@ -187,9 +201,10 @@ std::vector<at::Tensor> forward(int64_t mode, at::Tensor xproj, at::Tensor h0,
 
   const c10::cuda::CUDAGuard guard(dev);
   const int64_t B_pad = fused_rnn::round_up(static_cast<int>(B), fused_rnn::kBatchPad);
+  bool clustered = false;
   const fused_rnn::Selection sel =
       checked_plan(cell, st, allow_tf32, H, /*backward=*/false, dev, B_pad, max_groups,
-                   max_stage_k, k_parts, max_blocks);
+                   max_stage_k, k_parts, max_blocks, cluster, &clustered);
   const Plan& plan = sel.plan;
   at::Tensor hbuf = at::zeros({2, B_pad, plan.k_pad}, h0.options());
   hbuf[0].narrow(0, 0, B).narrow(1, 0, H).copy_(h0);
@@ -218,6 +233,7 @@ std::vector<at::Tensor> forward(int64_t mode, at::Tensor xproj, at::Tensor h0,
   p.aux = has_aux ? aux.data_ptr<float>() : nullptr;
   p.prof = prof_ptr(prof, dev, plan);
   p.stage_copy = checked_stage_copy(stage_copy);
+  p.cluster = clustered ? 1 : 0;
   const at::Tensor part = part_buffer(plan, B_pad, xproj.options());
   p.part = part.defined() ? part.data_ptr<float>() : nullptr;
 
@@ -243,7 +259,7 @@ std::vector<at::Tensor> backward(int64_t mode, at::Tensor dy, at::Tensor dh_n,
                                  c10::optional<at::Tensor> lengths, bool reverse,
                                  bool allow_tf32, int64_t max_groups, int64_t max_stage_k,
                                  c10::optional<at::Tensor> prof, int64_t stage_copy,
-                                 int64_t k_parts, int64_t max_blocks) {
+                                 int64_t k_parts, int64_t max_blocks, int64_t cluster) {
   const Cell cell = cell_of(mode);
   const int64_t G = fused_rnn::gates_of(cell);
   TORCH_CHECK(dy.is_cuda(), "fused_rnn CUDA backend: inputs must be CUDA tensors, got ",
@@ -268,9 +284,10 @@ std::vector<at::Tensor> backward(int64_t mode, at::Tensor dy, at::Tensor dh_n,
 
   const c10::cuda::CUDAGuard guard(dev);
   const int64_t B_pad = fused_rnn::round_up(static_cast<int>(B), fused_rnn::kBatchPad);
+  bool clustered = false;
   const fused_rnn::Selection sel =
       checked_plan(cell, st, allow_tf32, H, /*backward=*/true, dev, B_pad, max_groups,
-                   max_stage_k, k_parts, max_blocks);
+                   max_stage_k, k_parts, max_blocks, cluster, &clustered);
   const Plan& plan = sel.plan;
   at::Tensor dgbuf = at::zeros({2, B_pad, plan.k_pad}, dy.options());
   at::Tensor dh_carry = dh_n.clone();
@@ -302,6 +319,7 @@ std::vector<at::Tensor> backward(int64_t mode, at::Tensor dy, at::Tensor dh_n,
   p.dh0 = dh0.data_ptr<float>();
   p.prof = prof_ptr(prof, dev, plan);
   p.stage_copy = checked_stage_copy(stage_copy);
+  p.cluster = clustered ? 1 : 0;
   const at::Tensor part = part_buffer(plan, B_pad, gates.options());
   p.part = part.defined() ? part.data_ptr<float>() : nullptr;
 
@@ -347,16 +365,18 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("h0"), py::arg("c0"), py::arg("w_hh"), py::arg("b_hh"), py::arg("lengths"),
         py::arg("reverse"), py::arg("allow_tf32"), py::arg("save"), py::arg("max_groups"),
         py::arg("max_stage_k"), py::arg("prof") = py::none(), py::arg("stage_copy") = 2,
-        py::arg("k_parts") = 1, py::arg("max_blocks") = 0);
+        py::arg("k_parts") = 1, py::arg("max_blocks") = 0, py::arg("cluster") = 0);
   m.def("backward", &backward, "persistent backward over a chunk", py::arg("mode"),
         py::arg("dy"), py::arg("dh_n"), py::arg("dc_n"), py::arg("w_hh"), py::arg("gates"),
         py::arg("aux"), py::arg("c0"), py::arg("hprev"), py::arg("lengths"), py::arg("reverse"),
         py::arg("allow_tf32"), py::arg("max_groups"), py::arg("max_stage_k"),
         py::arg("prof") = py::none(), py::arg("stage_copy") = 2, py::arg("k_parts") = 1,
-        py::arg("max_blocks") = 0);
+        py::arg("max_blocks") = 0, py::arg("cluster") = 0);
   m.def("plan_info", &plan_info, "launch plan (units, blocks, ..., groups, group_blocks)",
         py::arg("mode"), py::arg("math"), py::arg("hidden"), py::arg("backward"),
         py::arg("max_blocks"), py::arg("groups") = 1, py::arg("stage_rows") = 0,
         py::arg("stage_k") = 0, py::arg("parts") = 1);
   m.def("device_info", &device_info, "(num_sms, smem_optin, major, minor, cooperative)");
+  m.def("cluster_launches", [] { return fused_rnn::cluster_launches; },
+        "launches so far that ran as clusters (cluster mode, not its cooperative fallback)");
 }

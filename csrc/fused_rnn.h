@@ -62,6 +62,10 @@ struct FwdParams {
   int stage_copy;           // StageCopy: how X is copied into the stage
   float* part;              // plan.parts > 1: (parts, B_pad, plan.part_ld) fp32 scratch (the
                             //   K parts' partial sums, plan.h); else nullptr
+  int cluster;              // 0: one cooperative grid, steps end at grid.sync(); else cluster
+                            //   mode (plan.h select_plan_clustered, sm_90+): each batch group
+                            //   is one cluster of plan.group_blocks blocks and steps end at
+                            //   the cluster's barrier
 };
 
 struct BwdParams {
@@ -84,13 +88,20 @@ struct BwdParams {
   long long* prof;          // (>= blocks, kProfSlots) int64 phase timings, or nullptr (off)
   int stage_copy;           // StageCopy: how X is copied into the stage
   float* part;              // as FwdParams::part
+  int cluster;              // as FwdParams::cluster
 };
 
-// Launch one cooperative grid for the whole chunk on `stream`. Returns the first CUDA error
+// Launch the whole chunk on `stream`: one cooperative grid, or with p.cluster one launch of
+// plan.groups clusters (falling back to the cooperative grid, same plan and same results, where
+// the device cannot hold all the clusters at once). Returns the first CUDA error
 // (cudaErrorCooperativeLaunchTooLarge when the grid cannot be co-resident). T is the storage
 // type (float, __half, __nv_bfloat16); explicit instantiations live in the .cu files.
 template <Cell C, typename T, Math M>
 cudaError_t launch_forward(const FwdParams& p, cudaStream_t stream);
+
+// How many launches so far ran as clusters (cluster mode, not its cooperative fallback): lets
+// tests see which one ran. Host-side, not synchronised (a diagnostic).
+inline long long cluster_launches = 0;
 
 template <Cell C, typename T, Math M>
 cudaError_t launch_backward(const BwdParams& p, cudaStream_t stream);

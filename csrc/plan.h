@@ -298,4 +298,36 @@ FRNN_HD constexpr Selection select_plan_capped(Cell cell, bool is_16bit, bool al
   return full;
 }
 
+// Cluster mode (FUSED_RNN_CUDA_CLUSTER, sm_90+): batch groups never exchange data, so when each
+// group's blocks form one thread-block cluster, the step barrier can be the cluster's hardware
+// barrier instead of grid.sync() across the whole chip, and the groups need not even be
+// co-resident with each other. This picks, among the group counts choose_groups allows (most
+// first), the first whose plan spreads each group over at most cluster_max blocks, fits in
+// smem_limit and keeps the uncapped plan's math: plan.groups clusters of plan.group_blocks
+// blocks. found = false when no group count does (the caller then runs the grid plan).
+struct ClusterSelection {
+  bool found;
+  Selection sel;
+};
+FRNN_HD constexpr ClusterSelection select_plan_clustered(Cell cell, bool is_16bit,
+                                                         bool allow_tf32, int hidden,
+                                                         bool backward, int max_blocks,
+                                                         int smem_limit, int batch_pad,
+                                                         int max_groups, int max_stage_k,
+                                                         int k_parts, int cluster_max) {
+  const Selection full = select_plan(cell, is_16bit, allow_tf32, hidden, backward, max_blocks,
+                                     smem_limit, batch_pad, max_groups, max_stage_k, k_parts);
+  const int tiles = batch_pad / kBatchPad;
+  for (int g = imin(imin(max_groups, tiles), max_blocks); g >= 1 && cluster_max >= 1; --g) {
+    if (tiles % g != 0) continue;
+    const Selection s =
+        select_plan(cell, is_16bit, allow_tf32, hidden, backward, imin(max_blocks, g * cluster_max),
+                    smem_limit, batch_pad, g, max_stage_k, k_parts);
+    if (s.math == full.math && s.plan.groups == g && s.plan.group_blocks <= cluster_max &&
+        s.plan.smem_bytes <= smem_limit)
+      return ClusterSelection{true, s};
+  }
+  return ClusterSelection{false, full};
+}
+
 }  // namespace fused_rnn

@@ -22,12 +22,12 @@
 // With K parts (plan.h) step 1 is split across a team of blocks along K = G*H and their partial
 // sums meet in p.part after one more grid.sync() (rnn_common.cuh block_step).
 // Padding steps (t >= lengths[b]) pass dh and dc through untouched and write zero dgates.
+// Cluster mode (BwdParams::cluster): each grid.sync() becomes the barrier of the block's cluster,
+// its batch group (rnn_common.cuh StepBarrier).
 #include "rnn_common.cuh"
 
 namespace fused_rnn {
 namespace detail {
-
-namespace cg = cooperative_groups;
 
 // dh_rec: the recurrent matmul's output for (b, u), the gradient reaching h through W_hh.
 template <Cell C, typename T>
@@ -143,18 +143,18 @@ __global__ void __launch_bounds__(kThreads, 1) rnn_backward_kernel(const BwdPara
   // The forward step of backward iteration s (s < T).
   const auto step_of = [&](int s) { return p.reverse ? s : p.steps - 1 - s; };
   prefetch_step<C, T>(p, step_of(0), bs);
-  cg::grid_group grid = cg::this_grid();
+  const StepBarrier bar{p.cluster != 0};
   const size_t buf = (size_t)p.batch_pad * p.plan.k_pad;
   for (int s = 0; s <= p.steps; ++s) {
     const T* din = static_cast<const T*>(p.dgbuf) + (s & 1) * buf;
     T* dout = static_cast<T*>(p.dgbuf) + ((s + 1) & 1) * buf;
-    block_step<W, M>(bs, p.plan, p.batch, p.batch_pad, din, p.part, grid, clk,
+    block_step<W, M>(bs, p.plan, p.batch, p.batch_pad, din, p.part, bar, clk,
                      [&](int b, int j, auto&& rec) {
       backward_point<C, T>(p, rec(0), s, b, bs.u0 + j, dout);
     });
     if (s < p.steps) {
       if (s + 1 < p.steps) prefetch_step<C, T>(p, step_of(s + 1), bs);
-      grid.sync();
+      bar.sync();
       clk.mark(kPhaseSync);
     }
   }
@@ -165,7 +165,7 @@ __global__ void __launch_bounds__(kThreads, 1) rnn_backward_kernel(const BwdPara
 
 template <Cell C, typename T, Math M>
 cudaError_t launch_backward(const BwdParams& p, cudaStream_t stream) {
-  return detail::launch_cooperative(detail::rnn_backward_kernel<C, T, M>, p, stream);
+  return detail::launch_chunk(detail::rnn_backward_kernel<C, T, M>, p, stream);
 }
 
 FRNN_INSTANTIATE(launch_backward, BwdParams)

@@ -456,6 +456,26 @@ __device__ ChunkLayout chunk_matmul(const T* sw, const Plan& pl, const T* x, int
   return ChunkLayout{nfr, ksplit};
 }
 
+// ---- the step barrier ------------------------------------------------------------------------
+// grid.sync() over the cooperative grid, or in cluster mode the barrier of this block's cluster,
+// which holds exactly its batch group: everything a block reads from the exchange and partial
+// buffers was written by blocks of its own group. Both are release/acquire barriers (gpu and
+// cluster scope), so reads after them see every write before them by the blocks they span.
+struct StepBarrier {
+  bool cluster;
+  __device__ __forceinline__ void sync() const {
+    if (cluster) {
+#if defined(__CUDA_SIM__) || !defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 900
+      cooperative_groups::this_cluster().sync();
+#else
+      __trap();  // clusters need sm_90; the binding selects cluster mode only there
+#endif
+    } else {
+      cooperative_groups::this_grid().sync();
+    }
+  }
+};
+
 // ---- one block's share of the grid ----------------------------------------------------------------
 // Shared memory (W slice | scratch slots | X stage) and the partition (plan.h): block b owns units
 // [u0, u0 + nu) of batch group b / group_blocks, whose rows are [n_begin, n_end). With K parts
@@ -505,14 +525,14 @@ __device__ __forceinline__ BlockState<W> block_state(const Plan& pl, int hidden,
 // team row g*team_units + rank*units + j; backward: g = 0). All threads call it (it synchronises
 // the block).
 // With K parts (part != nullptr) the matmul of all chunks comes first: each chunk's sums for
-// every team row go to part[rank][b][team*m_rows + row]; then grid.sync() (every rank's partials
-// are written and visible), and the points read rec(g) as the sum of the parts' partials in rank
-// order. The buffer is reused next step only after the step's closing grid.sync(), so one copy
-// is enough.
+// every team row go to part[rank][b][team*m_rows + row]; then the step barrier (every rank's
+// partials are written and visible; a team lies within one batch group), and the points read
+// rec(g) as the sum of the parts' partials in rank order. The buffer is reused next step only
+// after the step's closing barrier, so one copy is enough.
 template <typename W, Math M, typename Point>
 __device__ __forceinline__ void block_step(const BlockState<W>& bs, const Plan& pl, int batch,
                                            int batch_pad, const W* x, float* part,
-                                           cooperative_groups::grid_group& grid, PhaseClock& clk,
+                                           const StepBarrier& bar, PhaseClock& clk,
                                            Point&& point) {
   const int own = bs.rank * pl.units;  // this block's first row among the team's units
   const int tu = team_units(pl);
@@ -540,7 +560,7 @@ __device__ __forceinline__ void block_step(const BlockState<W>& bs, const Plan& 
     clk.mark(kPhaseEpilogue);
   }
   if (part != nullptr) {
-    grid.sync();
+    bar.sync();
     clk.mark(kPhaseParts);
     const float* in = part + (size_t)bs.team * pl.m_rows + own;
     const size_t rank_stride = (size_t)batch_pad * pl.part_ld;
@@ -588,6 +608,62 @@ cudaError_t launch_cooperative(void (*kernel)(Params), const Params& p, cudaStre
                                             dim3(p.plan.blocks), dim3(kThreads), args,
                                             p.plan.smem_bytes, stream));
   return cudaGetLastError();
+}
+
+// Cluster mode (p.cluster): plan.groups clusters of plan.group_blocks blocks in one ordinary
+// (not cooperative) launch; clusters never wait for each other. *launched = false, and nothing
+// runs, where the device cannot hold every cluster at once (or refuses the cluster shape):
+// a second wave of clusters would serialise batch groups, so the caller then runs the same plan
+// as one cooperative grid, with the same results.
+template <typename Params>
+cudaError_t launch_clusters(void (*kernel)(Params), const Params& p, cudaStream_t stream,
+                            bool* launched) {
+  *launched = false;
+  const void* fn = reinterpret_cast<const void*>(kernel);
+  FRNN_CUDA_TRY(
+      cudaFuncSetAttribute(fn, cudaFuncAttributeMaxDynamicSharedMemorySize, p.plan.smem_bytes));
+  if (p.plan.group_blocks > 8 &&  // past the portable cluster size (H100: up to 16)
+      cudaFuncSetAttribute(fn, cudaFuncAttributeNonPortableClusterSizeAllowed, 1) != cudaSuccess) {
+    (void)cudaGetLastError();
+    return cudaSuccess;
+  }
+  cudaLaunchAttribute attr[1];
+  attr[0].id = cudaLaunchAttributeClusterDimension;
+  attr[0].val.clusterDim.x = static_cast<unsigned>(p.plan.group_blocks);
+  attr[0].val.clusterDim.y = 1;
+  attr[0].val.clusterDim.z = 1;
+  cudaLaunchConfig_t cfg = {};
+  cfg.gridDim = dim3(p.plan.blocks);
+  cfg.blockDim = dim3(kThreads);
+  cfg.dynamicSmemBytes = static_cast<size_t>(p.plan.smem_bytes);
+  cfg.stream = stream;
+  cfg.attrs = attr;
+  cfg.numAttrs = 1;
+  int clusters = 0;
+  if (cudaOccupancyMaxActiveClusters(&clusters, fn, &cfg) != cudaSuccess) {
+    (void)cudaGetLastError();
+    return cudaSuccess;
+  }
+  if (clusters < p.plan.groups) return cudaSuccess;
+  void* args[] = {const_cast<Params*>(&p)};
+  FRNN_CUDA_TRY(cudaLaunchKernelExC(&cfg, fn, args));
+  *launched = true;
+  ++cluster_launches;
+  return cudaGetLastError();
+}
+
+// One chunk: as clusters where p.cluster asks and the device holds them, else cooperatively.
+template <typename Params>
+cudaError_t launch_chunk(void (*kernel)(Params), const Params& p, cudaStream_t stream) {
+  if (p.cluster != 0) {
+    bool launched = false;
+    FRNN_CUDA_TRY(launch_clusters(kernel, p, stream, &launched));
+    if (launched) return cudaSuccess;
+    Params grid = p;
+    grid.cluster = 0;
+    return launch_cooperative(kernel, grid, stream);
+  }
+  return launch_cooperative(kernel, p, stream);
 }
 
 }  // namespace detail

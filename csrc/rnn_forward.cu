@@ -16,12 +16,12 @@
 // With K parts (plan.h) step 1 multiplies only this block's K columns for all of its team's
 // units, writes the partial sums to p.part and waits at one more grid.sync(); step 2 then adds
 // the team's partials for its own units (rnn_common.cuh block_step).
+// Cluster mode (FwdParams::cluster) replaces each grid.sync() by the barrier of the block's
+// cluster, which is its batch group: groups share nothing, so the argument above holds per group.
 #include "rnn_common.cuh"
 
 namespace fused_rnn {
 namespace detail {
-
-namespace cg = cooperative_groups;
 
 // One (batch row b, unit u) of step t. rec(g) is the recurrent pre-activation of gate g
 // (without bias). State and outputs are only ever touched by the thread owning (b, u) in this
@@ -109,19 +109,19 @@ __global__ void __launch_bounds__(kThreads, 1) rnn_forward_kernel(const FwdParam
   clk.mark(kPhaseLoad);
 
   prefetch_step<C>(p, p.reverse ? p.steps - 1 : 0, bs);
-  cg::grid_group grid = cg::this_grid();
+  const StepBarrier bar{p.cluster != 0};
   const size_t buf = (size_t)p.batch_pad * p.plan.k_pad;
   for (int s = 0; s < p.steps; ++s) {
     const int t = p.reverse ? p.steps - 1 - s : s;
     const T* hin = static_cast<const T*>(p.hbuf) + (s & 1) * buf;
     T* hout = static_cast<T*>(p.hbuf) + ((s + 1) & 1) * buf;
-    block_step<W, M>(bs, p.plan, p.batch, p.batch_pad, hin, p.part, grid, clk,
+    block_step<W, M>(bs, p.plan, p.batch, p.batch_pad, hin, p.part, bar, clk,
                      [&](int b, int j, auto&& rec) {
       forward_point<C, T>(p, t, b, bs.u0 + j, rec, hin, hout);
     });
     if (s + 1 < p.steps) {
       prefetch_step<C>(p, p.reverse ? t - 1 : t + 1, bs);
-      grid.sync();
+      bar.sync();
       clk.mark(kPhaseSync);
     }
   }
@@ -132,7 +132,7 @@ __global__ void __launch_bounds__(kThreads, 1) rnn_forward_kernel(const FwdParam
 
 template <Cell C, typename T, Math M>
 cudaError_t launch_forward(const FwdParams& p, cudaStream_t stream) {
-  return detail::launch_cooperative(detail::rnn_forward_kernel<C, T, M>, p, stream);
+  return detail::launch_chunk(detail::rnn_forward_kernel<C, T, M>, p, stream);
 }
 
 FRNN_INSTANTIATE(launch_forward, FwdParams)

@@ -38,7 +38,7 @@ DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 ORDERS = {"ascending": 0, "descending": 1, "shuffle": 2}
 PLAN_FIELDS = ("math", "units", "blocks", "m_rows", "m_pad", "k", "k_pad", "ldw", "slots",
                "slot_floats", "w_bytes", "smem_bytes", "groups", "group_blocks", "stage_rows",
-               "stage_k", "stage_ld", "parts", "k_part", "part_ld")
+               "stage_k", "stage_ld", "parts", "k_part", "part_ld", "cluster")
 BATCH_PAD = 32  # plan.h kBatchPad
 
 _FLAGS = ["-std=c++20", "-g", "-fPIC", "-Wall", "-Wextra", "-Werror", "-Wno-unknown-pragmas",
@@ -112,12 +112,13 @@ def _load(sanitize: bool, csrc: Path) -> ctypes.CDLL:
         if key not in _libs:
             lib = ctypes.CDLL(str(build(sanitize, csrc)))
             i, u64, p, fp = ctypes.c_int, ctypes.c_uint64, ctypes.c_void_p, ctypes.c_void_p
-            lib.sim_configure.argtypes = [i, i, i, i, u64, i]
+            lib.sim_configure.argtypes = [i, i, i, i, u64, i, i]
             lib.sim_last_error.restype = ctypes.c_char_p
-            lib.sim_plan.argtypes = [i] * 10 + [ctypes.POINTER(ctypes.c_int)]
+            lib.sim_cluster_launches.restype = ctypes.c_longlong
+            lib.sim_plan.argtypes = [i] * 11 + [ctypes.POINTER(ctypes.c_int)]
             lib.sim_make_plan.argtypes = [i] * 9 + [ctypes.POINTER(ctypes.c_int)]
-            lib.sim_forward.argtypes = [i] * 13 + [p, fp, p, fp, p, fp, p, fp, p, i, fp]
-            lib.sim_backward.argtypes = [i] * 12 + [p] * 14 + [i, fp]
+            lib.sim_forward.argtypes = [i] * 14 + [p, fp, p, fp, p, fp, p, fp, p, i, fp]
+            lib.sim_backward.argtypes = [i] * 13 + [p] * 14 + [i, fp]
             _libs[key] = lib
         return _libs[key]
 
@@ -132,15 +133,19 @@ class Simulator:
     sms: the simulated device's SM count (the plans spread H over at most that many blocks);
     order: which thread runs first between barriers ("ascending", "descending", "shuffle");
     cp_async: when a cp.async lands, "late" (when its group is waited for) or "early" (when it
-    is issued): the two extremes the hardware allows.
+    is issued): the two extremes the hardware allows;
+    max_clusters: how many clusters the device holds at once (cluster mode; negative: by
+    occupancy, sms / cluster size).
     """
 
     def __init__(self, sms: int = 4, order: str = "ascending", seed: int = 0,
                  smem_optin: int = 227 * 1024, smem_per_sm: int = 228 * 1024,
-                 sanitize: bool = False, csrc: Path = CSRC, cp_async: str = "late"):
+                 sanitize: bool = False, csrc: Path = CSRC, cp_async: str = "late",
+                 max_clusters: int = -1):
         assert cp_async in ("late", "early"), cp_async
         self.sms, self.order, self.seed, self.cp_async = sms, order, seed, cp_async
         self.smem_optin, self.smem_per_sm = smem_optin, smem_per_sm
+        self.max_clusters = max_clusters
         self.lib = _load(sanitize, Path(csrc))
         self.launches: list[tuple[str, int, dict]] = []  # (direction, cell, plan)
 
@@ -149,7 +154,7 @@ class Simulator:
 
     def plan_info(self, cell: int, math: int, hidden: int, backward: bool, max_blocks: int,
                   groups: int = 1, stage_rows: int = 0, stage_k: int = 0, parts: int = 1):
-        out = (ctypes.c_int * (len(PLAN_FIELDS) - 1))()
+        out = (ctypes.c_int * (len(PLAN_FIELDS) - 2))()  # Plan's fields: no math, no cluster
         if self.lib.sim_make_plan(cell, math, hidden, int(backward), max_blocks, groups,
                                   stage_rows, stage_k, parts, out):
             raise RuntimeError("cudasim: bad plan arguments")
@@ -157,16 +162,22 @@ class Simulator:
 
     def _configure(self) -> None:
         self.lib.sim_configure(self.sms, self.smem_optin, self.smem_per_sm, ORDERS[self.order],
-                               self.seed, int(self.cp_async == "early"))
+                               self.seed, int(self.cp_async == "early"), self.max_clusters)
+
+    def cluster_launches(self) -> int:
+        """Launches so far (in this process) that ran as clusters, not their fallback."""
+        return int(self.lib.sim_cluster_launches())
 
     def plan(self, cell: int, dtype: torch.dtype, allow_tf32: bool, hidden: int,
              backward: bool, batch: int = 1, max_groups: int = 1,
-             max_stage_k: int = 1 << 30, k_parts: int = 1, max_blocks: int = 0) -> dict:
+             max_stage_k: int = 1 << 30, k_parts: int = 1, max_blocks: int = 0,
+             cluster: int = 0) -> dict:
         self._configure()
         out = (ctypes.c_int * len(PLAN_FIELDS))()
         b_pad = -(-batch // BATCH_PAD) * BATCH_PAD
         if self.lib.sim_plan(cell, DTYPE_CODES[dtype], int(allow_tf32), hidden, int(backward),
-                             b_pad, max_groups, max_stage_k, k_parts, max_blocks, out):
+                             b_pad, max_groups, max_stage_k, k_parts, max_blocks, cluster,
+                             out):
             raise RuntimeError(f"cudasim: {self.lib.sim_last_error().decode()}")
         return dict(zip(PLAN_FIELDS, out))
 
@@ -199,7 +210,8 @@ class Simulator:
         return torch.empty(pl["parts"], B_pad, pl["part_ld"], dtype=torch.float32)
 
     def forward(self, mode, xproj, h0, c0, w_hh, b_hh, lengths, reverse, allow_tf32, save,
-                max_groups, max_stage_k, prof=None, stage_copy=2, k_parts=1, max_blocks=0):
+                max_groups, max_stage_k, prof=None, stage_copy=2, k_parts=1, max_blocks=0,
+                cluster=0):
         cell = int(mode)
         T, B, _ = xproj.shape
         H = h0.shape[1]
@@ -212,7 +224,7 @@ class Simulator:
                                    (lengths, "lengths", torch.int32, (B,))):
             self._expect(t, name, dt, shape)
         pl = self.plan(cell, st, allow_tf32, H, False, B, max_groups, max_stage_k, k_parts,
-                       max_blocks)
+                       max_blocks, cluster)
         self.launches.append(("forward", cell, pl))
         B_pad = -(-B // BATCH_PAD) * BATCH_PAD
         hbuf = torch.zeros(2, B_pad, pl["k_pad"], dtype=st)
@@ -225,7 +237,8 @@ class Simulator:
         self._configure()
         self._check(self.lib.sim_forward(
             cell, DTYPE_CODES[st], int(allow_tf32), T, B, H, B_pad, int(reverse), int(save),
-            max_groups, max_stage_k, k_parts, max_blocks, _ptr(w_hh), _ptr(b_hh), _ptr(lengths),
+            max_groups, max_stage_k, k_parts, max_blocks, cluster, _ptr(w_hh), _ptr(b_hh),
+            _ptr(lengths),
             _ptr(xproj), _ptr(hbuf), _ptr(cbuf), _ptr(y), _ptr(aux), self._prof(prof, pl),
             int(stage_copy), _ptr(part)))
         h_n = hbuf[T % 2, :B, :H].contiguous()
@@ -234,7 +247,7 @@ class Simulator:
 
     def backward(self, mode, dy, dh_n, dc_n, w_hh, gates, aux, c0, hprev, lengths, reverse,
                  allow_tf32, max_groups, max_stage_k, prof=None, stage_copy=2, k_parts=1,
-                 max_blocks=0):
+                 max_blocks=0, cluster=0):
         cell = int(mode)
         G = (4, 3, 1, 1)[cell]
         T, B, H = dy.shape
@@ -252,7 +265,7 @@ class Simulator:
         if cell == 1:
             self._expect(hprev, "hprev", st, (T, B, H))
         pl = self.plan(cell, st, allow_tf32, H, True, B, max_groups, max_stage_k, k_parts,
-                       max_blocks)
+                       max_blocks, cluster)
         self.launches.append(("backward", cell, pl))
         B_pad = -(-B // BATCH_PAD) * BATCH_PAD
         dgbuf = torch.zeros(2, B_pad, pl["k_pad"], dtype=st)
@@ -265,7 +278,7 @@ class Simulator:
         self._configure()
         self._check(self.lib.sim_backward(
             cell, DTYPE_CODES[st], int(allow_tf32), T, B, H, B_pad, int(reverse), max_groups,
-            max_stage_k, k_parts, max_blocks, _ptr(w_hh),
+            max_stage_k, k_parts, max_blocks, cluster, _ptr(w_hh),
             _ptr(lengths), _ptr(dy), _ptr(gates), _ptr(aux) if cell in (0, 1) else None,
             _ptr(c0) if cell == 0 else None, _ptr(hprev) if cell == 1 else None, _ptr(dgbuf),
             _ptr(dh_carry), _ptr(dc_carry), _ptr(dgx), _ptr(dghn), _ptr(dh0),

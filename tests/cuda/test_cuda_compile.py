@@ -202,6 +202,7 @@ int main() {
   const int hs3[] = {5, 256, 768, 1024, 1740, 3000};
   const int blockcaps[] = {0, 1, 32, 100};
   const int bpads3[] = {32, 256};
+  const int cmaxes[] = {8, 16};
   for (int c = 0; c < 4; ++c) for (int h : hs3) for (int bw = 0; bw < 2; ++bw)
     for (int is16 = 0; is16 < 2; ++is16) for (int bp : bpads3) for (int bc : blockcaps) {
       const Selection sel = select_plan_capped(static_cast<Cell>(c), is16, true, h, bw, 132,
@@ -209,6 +210,15 @@ int main() {
       std::printf("C %d %d %d %d %d %d %d %d %d %d %d %d %d\n", c, h, bw, is16, bp, bc,
                   static_cast<int>(sel.math), sel.plan.blocks, sel.plan.units, sel.plan.groups,
                   sel.plan.parts, sel.plan.stage_k, sel.plan.smem_bytes);
+    }
+  for (int c = 0; c < 4; ++c) for (int h : hs3) for (int bw = 0; bw < 2; ++bw)
+    for (int is16 = 0; is16 < 2; ++is16) for (int bp : bpads3) for (int cm : cmaxes) {
+      const ClusterSelection cs = select_plan_clustered(
+          static_cast<Cell>(c), is16, true, h, bw, 132, 227 * 1024, bp, 8, 1 << 30, 0, cm);
+      std::printf("L %d %d %d %d %d %d %d %d %d %d %d %d %d %d\n", c, h, bw, is16, bp, cm,
+                  static_cast<int>(cs.found), static_cast<int>(cs.sel.math), cs.sel.plan.blocks,
+                  cs.sel.plan.groups, cs.sel.plan.group_blocks, cs.sel.plan.parts,
+                  cs.sel.plan.stage_k, cs.sel.plan.smem_bytes);
     }
   const int bpads[] = {32, 64, 96, 128, 256};
   for (int c = 0; c < 4; ++c) for (int m = 0; m < 3; ++m) for (int h : hs) for (int bp : bpads)
@@ -244,7 +254,7 @@ def test_plan_header_matches_python_mirror(tmp_path):
     out = subprocess.run([str(exe)], capture_output=True, text=True, check=True).stdout
     n = 0
     kinds = set()
-    capped = {}
+    capped, clustered = {}, {}
     for line in out.splitlines():
         f = line.split()
         kinds.add(f[0] if f[0].isalpha() else "plan")
@@ -263,6 +273,14 @@ def test_plan_header_matches_python_mirror(tmp_path):
                                     kp)
             want = (math, p.groups, p.stage_rows, p.stage_k, p.smem_bytes, p.parts)
             assert tuple(rest) == want, line
+        elif f[0] == "L":
+            c, h, bw, is16, bp, cm, *rest = map(int, f[1:])
+            found, math, p = P.select_plan_clustered(c, bool(is16), True, h, bool(bw), 132,
+                                                     227 * 1024, bp, 8, 1 << 30, 0, cm)
+            want = (int(found), math, p.blocks, p.groups, p.group_blocks, p.parts, p.stage_k,
+                    p.smem_bytes)
+            assert tuple(rest) == want, line
+            clustered[(c, h, bw, is16, bp, cm)] = (found, p.groups, p.group_blocks)
         elif f[0] == "C":
             c, h, bw, is16, bp, bc, *rest = map(int, f[1:])
             math, p = P.select_plan_capped(c, bool(is16), True, h, bool(bw), 132, 227 * 1024, bp,
@@ -275,7 +293,15 @@ def test_plan_header_matches_python_mirror(tmp_path):
             p = P.make_plan(c, m, h, bool(bw), s, g, rows, sk, pt)
             assert tuple(rest) == (*p.as_tuple(), P.step_bytes(p, m, 64)), line
         n += 1
-    assert n > 1000 and kinds == {"plan", "S", "G", "P", "M", "C"}
+    assert n > 1000 and kinds == {"plan", "S", "G", "P", "M", "C", "L"}
+    # Cluster mode: LSTM bf16 at H=256 as one cluster of 8 blocks (B_pad 32) or 8 (B_pad 256);
+    # LSTM's H=1024 fits in no cluster of 16; a found plan never puts more than cluster_max blocks in
+    # a group.
+    assert clustered[(0, 256, 0, 1, 32, 8)] == (True, 1, 8)
+    assert clustered[(0, 256, 0, 1, 256, 8)] == (True, 8, 8)
+    assert not any(found for (c, h, *_), (found, *_) in clustered.items() if (c, h) == (0, 1024))
+    assert all(blocks <= key[-1] for key, (found, _, blocks) in clustered.items() if found)
+
     # The grid cap: every capped plan fits where the uncapped one does; small sizes take the
     # cap (H=5 even one block), large ones more blocks than it.
     for (*key, bc), (blocks, smem) in capped.items():

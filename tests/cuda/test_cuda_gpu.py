@@ -82,6 +82,8 @@ def _run(fn, mode, leaves, dtype, lens, reverse, cots):
 # 8 SMs with a ragged last one (on a 132-SM GPU: LSTM bf16/fp16/TF32 30 blocks in teams of 2,
 # everything else teams of 4), H=256 teams of 4 on both. "blocks2" caps the grid at 2 blocks
 # (FUSED_RNN_CUDA_MAX_BLOCKS; every cell's H=37 fits in two), each owning 19-24 units.
+# "cluster8" runs the three batch groups as thread-block clusters of at most 8 blocks, each step
+# ending at the cluster barrier (FUSED_RNN_CUDA_CLUSTER; sm_90, else the grid plan).
 UNGROUPED = {"FUSED_RNN_CUDA_MAX_GROUPS": "1"}
 SHAPES = {"T5-B3-I7-H37": (5, 3, 7, 37, {}), "T1-B1-I4-H16": (1, 1, 4, 16, {}),
           "T5-B3-I7-H37-slices16": (5, 3, 7, 37, {"FUSED_RNN_CUDA_STAGE_K": "16"}),
@@ -89,6 +91,7 @@ SHAPES = {"T5-B3-I7-H37": (5, 3, 7, 37, {}), "T1-B1-I4-H16": (1, 1, 4, 16, {}),
           "T5-B3-I7-H37-blocks2": (5, 3, 7, 37, {"FUSED_RNN_CUDA_MAX_BLOCKS": "2"}),
           "T7-B70-I9-H24": (7, 70, 9, 24, {}),
           "T7-B70-I9-H24-ungrouped": (7, 70, 9, 24, UNGROUPED),
+          "T7-B70-I9-H24-cluster8": (7, 70, 9, 24, {"FUSED_RNN_CUDA_CLUSTER": "8"}),
           "T7-B70-I9-H24-ungrouped-direct": (7, 70, 9, 24,
                                              {**UNGROUPED, "FUSED_RNN_CUDA_STAGE_K": "0"}),
           "T7-B70-I9-H60-ungrouped-parts4": (7, 70, 9, 60,
@@ -234,6 +237,31 @@ def test_plan_matches_python_mirror(cuda_ext):
                                                        stage_k, parts))
                         want = P.make_plan(cell, math, h, bw, 132, groups, rows, stage_k, parts)
                         assert got == want.as_tuple()
+
+
+@pytest.mark.skipif(STANDIN == "emulate", reason="the emulation has no clusters")
+@pytest.mark.parametrize("size", [8, 16])
+def test_cluster_mode_launches_clusters(cuda_ext, monkeypatch, size):
+    """FUSED_RNN_CUDA_CLUSTER=8 (portable) and 16 (non-portable, H100): LSTM bf16 at B=16,
+    H=256 (S5's width) runs forward and backward as one cluster, not the cooperative fallback,
+    and agrees with the grid plan and the reference."""
+    if STANDIN is None and torch.cuda.get_device_capability()[0] < 9:
+        pytest.skip(f"thread-block clusters need sm_90, this GPU is "
+                    f"sm_{''.join(map(str, torch.cuda.get_device_capability()))}")
+    mode, dtype = "LSTM", torch.bfloat16
+    leaves, lens, cots = _inputs(mode, 8, 16, 32, 256, dtype, 0, False)
+    monkeypatch.delenv("FUSED_RNN_CUDA_CLUSTER", raising=False)
+    grid = _run(cuda_backend.rnn_layer, mode, leaves, dtype, lens, False, cots)
+    monkeypatch.setenv("FUSED_RNN_CUDA_CLUSTER", str(size))
+    before = cuda_ext.cluster_launches()
+    ours = _run(cuda_backend.rnn_layer, mode, leaves, dtype, lens, False, cots)
+    assert cuda_ext.cluster_launches() - before == 2, "forward and backward should be clusters"
+    exact = _run(reference.rnn_layer, mode, leaves, torch.float64, lens, False, cots)
+    same = _run(reference.rnn_layer, mode, leaves, dtype, lens, False, cots)
+    for i, (a, g, s, e) in enumerate(zip(ours, grid, same, exact, strict=True)):
+        floor = DTYPES["bf16"][2] if i < 3 else DTYPES["bf16"][3]
+        assert _rel(a, e) <= max(2 * _rel(s, e), floor), (i, _rel(a, e), _rel(s, e))
+        torch.testing.assert_close(a, g, rtol=2e-2, atol=2e-2, msg=lambda m, i=i: f"{i}: {m}")
 
 
 @gpu_only

@@ -192,14 +192,20 @@ MUTANTS = {
     "single-buffer": ("rnn_forward.cu", "T* hout = static_cast<T*>(p.hbuf) + ((s + 1) & 1) * buf;",
                       "T* hout = const_cast<T*>(hin);"),
     # steps of different blocks overlap
-    "no-grid-sync-forward": ("rnn_forward.cu", "      grid.sync();", "      (void)grid;"),
-    "no-grid-sync-backward": ("rnn_backward.cu", "      grid.sync();", "      (void)grid;"),
+    "no-grid-sync-forward": ("rnn_forward.cu", "      bar.sync();", "      (void)bar;"),
+    "no-grid-sync-backward": ("rnn_backward.cu", "      bar.sync();", "      (void)bar;"),
+}
+# cluster mode (run with FUSED_RNN_CUDA_CLUSTER=4: the 4 blocks as one cluster): the cluster
+# barrier does nothing
+CLUSTER_MUTANTS = {
+    "no-cluster-sync": ("rnn_common.cuh", "      cooperative_groups::this_cluster().sync();",
+                        "      (void)0;"),
 }
 # K parts (run with FUSED_RNN_CUDA_K_PARTS=2, H=60): a block adds its team's partial sums
 # before the other ranks have written them
 PART_MUTANTS = {
-    "no-grid-sync-parts": ("rnn_common.cuh", "    grid.sync();\n    clk.mark(kPhaseParts);",
-                           "    (void)grid;\n    clk.mark(kPhaseParts);"),
+    "no-grid-sync-parts": ("rnn_common.cuh", "    bar.sync();\n    clk.mark(kPhaseParts);",
+                           "    (void)bar;\n    clk.mark(kPhaseParts);"),
     # the partials of the last rank are left out of the sum
     "parts-sum-short": ("rnn_common.cuh", "if (r < pl.parts) acc += v[r];",
                         "if (r < pl.parts - 1) acc += v[r];"),
@@ -223,13 +229,16 @@ STAGE_MUTANTS = {
 STAGE_CASES = [f"{name}@{k}" for name in STAGE_MUTANTS for k in ("16", "32")]
 
 
-@pytest.mark.parametrize("name", list(MUTANTS) + STAGE_CASES + list(PART_MUTANTS))
+@pytest.mark.parametrize("name", list(MUTANTS) + STAGE_CASES + list(PART_MUTANTS)
+                         + list(CLUSTER_MUTANTS))
 def test_races_are_caught(install, monkeypatch, tmp_path, name):
     monkeypatch.setenv("FUSED_RNN_CUDA_MAX_GROUPS", "1")  # two batch chunks per block
     shape = dict(B=70, T=3)
     if name in PART_MUTANTS:
         monkeypatch.setenv("FUSED_RNN_CUDA_K_PARTS", "2")
         shape["H"] = 60
+    if name in CLUSTER_MUTANTS:
+        monkeypatch.setenv("FUSED_RNN_CUDA_CLUSTER", "4")
     if "@" in name:
         name, stage_k = name.split("@")
         monkeypatch.setenv("FUSED_RNN_CUDA_STAGE_K", stage_k)  # several K slices per chunk
@@ -237,7 +246,7 @@ def test_races_are_caught(install, monkeypatch, tmp_path, name):
         # with staging the next chunk's stage copy ends in a barrier before any slot is written;
         # unstaged, only this barrier keeps the next matmul off the slots being read
         monkeypatch.setenv("FUSED_RNN_CUDA_STAGE_K", "0")
-    file, old, new = {**MUTANTS, **STAGE_MUTANTS, **PART_MUTANTS}[name]
+    file, old, new = {**MUTANTS, **STAGE_MUTANTS, **PART_MUTANTS, **CLUSTER_MUTANTS}[name]
     csrc = _mutant(tmp_path, file, old, new)
     assert _differs_from_clean(install, csrc, **shape), f"mutant {name} went unnoticed"
 
@@ -517,6 +526,69 @@ def test_max_blocks_cap_rises_to_what_fits_and_is_checked(install, monkeypatch):
         monkeypatch.setenv("FUSED_RNN_CUDA_MAX_BLOCKS", bad)
         with pytest.raises(ValueError,
                            match="FUSED_RNN_CUDA_MAX_BLOCKS must be 'auto' or an integer >= 1"):
+            _layer("GRU", "fp32")
+
+
+# ---------------------------------------------------------------------------- cluster mode
+# (MAX_GROUPS, K_PARTS, B, H, cluster size): on 8 SMs each gives the grid plan itself in cluster
+# mode, so the results must be the same bits. "groups3": B=70 as three batch groups of two
+# blocks (30 units each); "groups2-parts2": B=40 as two groups of four blocks in teams of two
+# that split K (the parts' barrier is then the cluster's too).
+CLUSTERS = {"groups3": ("8", "1", 70, 60, 2), "groups2-parts2": ("8", "2", 40, 60, 4)}
+
+
+@pytest.mark.parametrize("case", list(CLUSTERS))
+@pytest.mark.parametrize("mode,dt", [("LSTM", "bf16"), ("GRU", "tf32"), ("RNN_RELU", "fp32")])
+def test_cluster_mode_gives_the_grid_plans_bits(install, monkeypatch, mode, dt, case):
+    """FUSED_RNN_CUDA_CLUSTER: each batch group runs as one cluster whose steps end at the
+    cluster barrier, and cudasim lets a cluster run to its end before the next starts (a read
+    across groups, or a grid.sync left in, would change the bits or fail the launch). Four
+    thread and cluster orders, cp.async early and late, against the cooperative grid."""
+    groups, parts, B, H, size = CLUSTERS[case]
+    monkeypatch.setenv("FUSED_RNN_CUDA_MAX_GROUPS", groups)
+    monkeypatch.setenv("FUSED_RNN_CUDA_K_PARTS", parts)
+    monkeypatch.delenv("FUSED_RNN_CUDA_CLUSTER", raising=False)
+    sim = install(sms=8)
+    grid = _layer(mode, dt, B=B, T=3, H=H)
+    grid_plans = [pl for _, _, pl in sim.launches]
+    assert all(pl["cluster"] == 0 for pl in grid_plans)
+    monkeypatch.setenv("FUSED_RNN_CUDA_CLUSTER", str(size))
+    for order, seed, cp_async in (("ascending", 0, "late"), ("descending", 0, "early"),
+                                  ("shuffle", 1, "late"), ("shuffle", 2, "early")):
+        sim = install(sms=8, order=order, seed=seed, cp_async=cp_async)
+        before = sim.cluster_launches()
+        run = _layer(mode, dt, B=B, T=3, H=H)
+        assert sim.cluster_launches() - before == 2  # forward and backward ran as clusters
+        plans = [pl for _, _, pl in sim.launches]
+        assert all(pl["cluster"] == 1 and pl["group_blocks"] <= size for pl in plans)
+        assert [{**pl, "cluster": 0} for pl in plans] == grid_plans
+        for i, (a, b) in enumerate(zip(grid, run, strict=True)):
+            assert torch.equal(a, b), f"{order}/{cp_async}: tensor {i} differs from the grid's"
+
+
+def test_cluster_mode_falls_back_to_the_grid(install, monkeypatch):
+    """Where the device cannot hold every cluster at once, the same plan runs as one cooperative
+    grid (same bits); where no group fits in a cluster of the size asked, the grid plan runs;
+    bad values are refused."""
+    monkeypatch.setenv("FUSED_RNN_CUDA_MAX_GROUPS", "8")
+    monkeypatch.setenv("FUSED_RNN_CUDA_CLUSTER", "2")
+    sim = install(sms=8)
+    want = _layer("GRU", "fp32", B=70, T=3, H=60)
+    sim = install(sms=8, max_clusters=2)  # three groups: one cluster too many
+    before = sim.cluster_launches()
+    got = _layer("GRU", "fp32", B=70, T=3, H=60)
+    assert sim.cluster_launches() == before
+    assert all(pl["cluster"] == 1 for _, _, pl in sim.launches)  # chosen, then not launched
+    for a, b in zip(want, got, strict=True):
+        assert torch.equal(a, b)
+    # LSTM TF32 at H=200 needs all 8 SMs' shared memory (fewer blocks would mean FMA)
+    for size, clustered in ((1, 0), (4, 0), (8, 1)):
+        plan = sim.plan(0, torch.float32, True, 200, False, batch=8, cluster=size)
+        assert (plan["cluster"], plan["blocks"], plan["math"]) == (clustered, 8, P.MATHS["tf32"])
+    for bad in ("0", "17", "on"):
+        monkeypatch.setenv("FUSED_RNN_CUDA_CLUSTER", bad)
+        with pytest.raises(ValueError,
+                           match="FUSED_RNN_CUDA_CLUSTER must be 'off' or an integer 1..16"):
             _layer("GRU", "fp32")
 
 

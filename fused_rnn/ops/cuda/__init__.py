@@ -24,10 +24,13 @@ count; 1 turns it off). Each batch chunk of h is staged into shared memory by th
 before the MMAs read it (``FUSED_RNN_CUDA_STAGE_K``: ``auto``, ``0`` off, or K columns per
 slice). ``FUSED_RNN_CUDA_MAX_BLOCKS`` caps the grid (default ``auto``: up to one block per SM;
 fewer, fatter blocks trade a cheaper grid sync for more matmul per block; a cap the W_hh slices
-do not fit under is raised to the fewest blocks that fit). bf16/fp16 use tensor cores (WMMA) with fp32 accumulation; fp32 uses TF32 tensor cores
-exactly when ``torch.backends.cudnn.allow_tf32`` is true (as nn.LSTM does), else plain fp32 FMA.
-The LSTM cell state and every activation saved for backward are fp32. Size limits (largest H
-that fits on chip, H100 / A100): ``fused_rnn.ops.cuda.plan``. Not supported (falls back to
+do not fit under is raised to the fewest blocks that fit). ``FUSED_RNN_CUDA_CLUSTER`` (``off``,
+or 1..16 on sm_90) runs each batch group that fits on that many blocks as a thread-block
+cluster whose steps end at the cluster barrier instead of ``grid.sync()``. bf16/fp16 use
+tensor cores (WMMA) with fp32 accumulation; fp32 uses TF32 tensor cores exactly when
+``torch.backends.cudnn.allow_tf32`` is true (as nn.LSTM does), else plain fp32 FMA. The LSTM
+cell state and every activation saved for backward are fp32. Size limits (largest H that fits on
+chip, H100 / A100): ``fused_rnn.ops.cuda.plan``. Not supported (falls back to
 Triton): LSTM projections (``proj_size > 0``), float64, GPUs older than sm_80.
 
 Importing this module never needs a GPU, nvcc or the compiled extension.

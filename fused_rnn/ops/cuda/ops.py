@@ -81,6 +81,26 @@ def max_blocks() -> int:
     return _count_setting("FUSED_RNN_CUDA_MAX_BLOCKS", raw, "'auto' or an integer >= 1")
 
 
+def cluster() -> int:
+    """Cluster mode (plan.h select_plan_clustered), from ``FUSED_RNN_CUDA_CLUSTER``: ``off``
+    (default) or N in 1..16: where each batch group fits on at most N blocks, the groups run as
+    thread-block clusters and every step ends at the cluster's barrier instead of a grid-wide
+    sync (sm_90+; more than 8 is a non-portable cluster size, which H100 allows). Elsewhere, and
+    where the device cannot hold all the clusters at once, the grid plan runs. Returns 0 for
+    off. Read at every call, like :func:`max_groups`; a plan found this way may differ from
+    the grid plan, which changes the order of the fp32 K sums, not the math."""
+    raw = os.environ.get("FUSED_RNN_CUDA_CLUSTER", "off")
+    if raw == "off":
+        return 0
+    try:
+        value = int(raw)
+    except ValueError:
+        value = 0
+    if not 1 <= value <= 16:
+        raise ValueError(f"FUSED_RNN_CUDA_CLUSTER must be 'off' or an integer 1..16, got {raw!r}")
+    return value
+
+
 def max_stage_k() -> int:
     """The most K columns per X staging slice (plan.h: staging), from
     ``FUSED_RNN_CUDA_STAGE_K``: ``auto`` (default: as many as fit), ``0`` (no staging: the MMAs
@@ -186,6 +206,7 @@ def _layer_forward_impl(
         stage_copy(),
         k_parts(),
         max_blocks(),
+        cluster(),
     )
     gates = xproj if save else x.new_empty((0,), dtype=cd)
     return y, h_n, c_n, gates, aux
@@ -323,6 +344,7 @@ def _layer_backward_impl(
             stage_copy(),
             k_parts(),
             max_blocks(),
+            cluster(),
         )
         # GRU: the recurrent side of the n gate is r * dn (b_hn sits inside r * (.)).
         dgh = torch.cat([dgx[..., : 2 * H], dghn], dim=-1) if mode == "GRU" else dgx

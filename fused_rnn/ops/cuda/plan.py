@@ -28,7 +28,7 @@ Triton, then to the reference.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from math import gcd
 
 CELLS = {"LSTM": 0, "GRU": 1, "RNN_TANH": 2, "RNN_RELU": 3}
@@ -84,6 +84,9 @@ class Plan:
     parts: int  # K parts (plan.h): blocks per team sharing one matmul along K; 1 = none
     k_part: int  # K columns per team rank
     part_ld: int  # floats per batch row of the partial buffer (0 without parts)
+    # Not a plan.h field: the launch runs as clusters (select_plan_clustered found this plan;
+    # the binding's FwdParams/BwdParams::cluster). Left out of as_tuple().
+    clustered: bool = False
 
     def as_tuple(self) -> tuple[int, ...]:
         return tuple(getattr(self, f) for f in PLAN_FIELDS)
@@ -238,6 +241,29 @@ def select_plan_capped(cell: int, is_16bit: bool, allow_tf32: bool, hidden: int,
             if s[0] == full[0] and s[1].smem_bytes <= smem_limit:
                 return s
     return full
+
+
+def select_plan_clustered(cell: int, is_16bit: bool, allow_tf32: bool, hidden: int,
+                          backward: bool, max_blocks: int, smem_limit: int, batch_pad: int,
+                          max_groups: int, max_stage_k: int, k_parts: int,
+                          cluster_max: int) -> tuple[bool, int, Plan]:
+    """(found, math, plan) for cluster mode (plan.h select_plan_clustered): the most batch
+    groups whose plan puts each group on at most cluster_max blocks, fits and keeps the
+    uncapped math; else (False, the grid plan)."""
+    full = select_plan(cell, is_16bit, allow_tf32, hidden, backward, max_blocks, smem_limit,
+                       batch_pad, max_groups, max_stage_k, k_parts)
+    tiles = batch_pad // K_BATCH_PAD
+    g = min(max_groups, tiles, max_blocks)
+    while g >= 1 and cluster_max >= 1:
+        if tiles % g == 0:
+            math, p = select_plan(cell, is_16bit, allow_tf32, hidden, backward,
+                                  min(max_blocks, g * cluster_max), smem_limit, batch_pad, g,
+                                  max_stage_k, k_parts)
+            if (math == full[0] and p.groups == g and p.group_blocks <= cluster_max
+                    and p.smem_bytes <= smem_limit):
+                return True, math, replace(p, clustered=True)
+        g -= 1
+    return False, *full
 
 
 def fits(cell: int, is_16bit: bool, allow_tf32: bool, hidden: int, num_sms: int,

@@ -42,7 +42,7 @@ namespace {
 
 struct Abort {};  // unwinds a simulated thread when its launch fails
 
-enum class State { kRunnable, kAtBlockBarrier, kAtGridBarrier, kDone };
+enum class State { kRunnable, kAtBlockBarrier, kAtGridBarrier, kAtClusterBarrier, kDone };
 
 constexpr size_t kStackBytes = 256 * 1024;  // per fiber (ASan frames are large)
 
@@ -79,6 +79,8 @@ struct Launch {
   const void* func = nullptr;
   void** args = nullptr;
   dim3 grid, block;
+  bool cooperative = false;  // cudaLaunchCooperativeKernel: grid.sync() allowed
+  unsigned cluster = 0;      // blocks per cluster (cudaLaunchKernelExC), 0 = no clusters
   std::vector<unsigned char*> smem;  // one allocation of exactly `smem_bytes` per block
   std::vector<Thread> threads;
   bool aborting = false;
@@ -103,6 +105,10 @@ std::map<const void*, void (*)(const void*, void**)>& registry() {
   return r;
 }
 std::map<const void*, int>& max_dynamic_smem() {
+  static std::map<const void*, int> m;
+  return m;
+}
+std::map<const void*, int>& non_portable_clusters() {
   static std::map<const void*, int> m;
   return m;
 }
@@ -212,7 +218,9 @@ bool resolve_barriers(Launch& L, std::mt19937_64& rng) {
         if (first[k].state != State::kAtBlockBarrier)
           fail("__syncthreads() at %s:%d is not reached by block %u thread %u (%s)",
                waiting->file, waiting->line, b, k,
-               first[k].state == State::kDone ? "it exited" : "it waits at grid.sync()");
+               first[k].state == State::kDone            ? "it exited"
+               : first[k].state == State::kAtGridBarrier ? "it waits at grid.sync()"
+                                                         : "it waits at cluster.sync()");
     }
     for (unsigned k = 1; k < per_block; ++k)
       if (first[k].line != first->line || std::strcmp(first[k].file, first->file) != 0)
@@ -227,6 +235,31 @@ bool resolve_barriers(Launch& L, std::mt19937_64& rng) {
     Thread* first = &L.threads[(size_t)pick * per_block];
     for (unsigned k = 0; k < per_block; ++k) first[k].state = State::kRunnable;
     return true;
+  }
+  if (L.cluster > 0) {  // one cluster at a time, like blocks: clusters never wait for each other
+    std::vector<unsigned> ready_clusters;
+    const size_t per_cluster = (size_t)L.cluster * per_block;
+    for (unsigned c = 0; c < L.grid.x / L.cluster; ++c) {
+      const Thread* first = &L.threads[c * per_cluster];
+      size_t at = 0;
+      for (size_t k = 0; k < per_cluster; ++k) at += first[k].state == State::kAtClusterBarrier;
+      if (at == per_cluster) {
+        ready_clusters.push_back(c);
+      } else if (at > 0) {
+        for (size_t k = 0; k < per_cluster; ++k)
+          if (first[k].state == State::kDone)
+            fail("cluster.sync() is not reached by %s of cluster %u (it exited)",
+                 describe(L, c * per_cluster + k).c_str(), c);
+      }
+    }
+    if (!ready_clusters.empty()) {
+      unsigned pick = ready_clusters.front();
+      if (g_config.order == kOrderDescending) pick = ready_clusters.back();
+      if (g_config.order == kOrderShuffle) pick = ready_clusters[rng() % ready_clusters.size()];
+      for (size_t k = 0; k < per_cluster; ++k)
+        L.threads[pick * per_cluster + k].state = State::kRunnable;
+      return true;
+    }
   }
   size_t at_grid = 0, done = 0;
   for (const Thread& t : L.threads) {
@@ -286,7 +319,15 @@ void block_barrier(const char* file, int line) {
   yield(State::kAtBlockBarrier);
 }
 
-void grid_barrier() { yield(State::kAtGridBarrier); }
+void grid_barrier() {
+  if (!g_launch->cooperative) fail("grid.sync() in a launch that is not cooperative");
+  yield(State::kAtGridBarrier);
+}
+
+void cluster_barrier() {
+  if (g_launch->cluster == 0) fail("cluster.sync() in a launch without clusters");
+  yield(State::kAtClusterBarrier);
+}
 
 unsigned char* dynamic_smem() { return g_launch->smem[blockIdx.x]; }
 
@@ -367,6 +408,10 @@ cudaError_t cudaDeviceGetAttribute(int* value, cudaDeviceAttr attr, int device) 
 }
 
 cudaError_t cudaFuncSetAttribute(const void* func, cudaFuncAttribute attr, int value) {
+  if (attr == cudaFuncAttributeNonPortableClusterSizeAllowed) {
+    cudasim::non_portable_clusters()[func] = value;
+    return cudaSuccess;
+  }
   if (attr != cudaFuncAttributeMaxDynamicSharedMemorySize) return cudaErrorInvalidValue;
   if (value < 0 || value > g_config.smem_optin) return cudaErrorInvalidValue;
   cudasim::max_dynamic_smem()[func] = value;
@@ -384,10 +429,13 @@ cudaError_t cudaOccupancyMaxActiveBlocksPerMultiprocessorImpl(int* blocks, const
   return cudaSuccess;
 }
 
-cudaError_t cudaLaunchCooperativeKernel(const void* func, dim3 grid, dim3 block, void** args,
-                                        size_t smem, cudaStream_t stream) {
-  (void)stream;
-  using namespace cudasim;
+namespace cudasim {
+namespace {
+
+// Runs one launch to its end (both launch APIs): checks shared memory, sets up the fibers and
+// schedules them.
+cudaError_t run_launch(const void* func, dim3 grid, dim3 block, void** args, size_t smem,
+                       bool cooperative, unsigned cluster) {
   g_last_message.clear();
   auto reg = registry().find(func);
   if (reg == registry().end()) return t_last_error = cudaErrorInvalidValue;
@@ -398,8 +446,10 @@ cudaError_t cudaLaunchCooperativeKernel(const void* func, dim3 grid, dim3 block,
     return t_last_error = cudaErrorInvalidValue;
   int per_sm = 0;
   cudaOccupancyMaxActiveBlocksPerMultiprocessorImpl(&per_sm, func, (int)block.x, smem);
-  if ((long)per_sm * g_config.sms < (long)grid.x)
+  if (cooperative && (long)per_sm * g_config.sms < (long)grid.x)
     return t_last_error = cudaErrorCooperativeLaunchTooLarge;
+  if (cluster > 0 && (long)per_sm * g_config.sms < (long)cluster)
+    return t_last_error = cudaErrorClusterOutOfResources;
 
   std::lock_guard<std::mutex> lock(g_launch_mutex);
   Launch L;
@@ -408,6 +458,8 @@ cudaError_t cudaLaunchCooperativeKernel(const void* func, dim3 grid, dim3 block,
   L.args = args;
   L.grid = grid;
   L.block = block;
+  L.cooperative = cooperative;
+  L.cluster = cluster;
   for (unsigned b = 0; b < grid.x; ++b) {
     void* p = nullptr;
     if (posix_memalign(&p, 128, std::max<size_t>(smem, 1)) != 0) std::abort();
@@ -440,6 +492,54 @@ cudaError_t cudaLaunchCooperativeKernel(const void* func, dim3 grid, dim3 block,
   return cudaSuccess;
 }
 
+// The cluster size a launch config asks for (0: none); false if it is malformed.
+bool cluster_of(const cudaLaunchConfig_t* config, const void* func, unsigned* cluster) {
+  *cluster = 0;
+  for (unsigned i = 0; i < config->numAttrs; ++i) {
+    const cudaLaunchAttribute& a = config->attrs[i];
+    if (a.id != cudaLaunchAttributeClusterDimension) return false;  // nothing else is modelled
+    if (a.val.clusterDim.y != 1 || a.val.clusterDim.z != 1 || a.val.clusterDim.x == 0)
+      return false;
+    *cluster = a.val.clusterDim.x;
+  }
+  auto np = non_portable_clusters().find(func);
+  const unsigned limit = np != non_portable_clusters().end() && np->second ? 16 : 8;
+  return *cluster <= limit && (*cluster == 0 || config->gridDim.x % *cluster == 0);
+}
+
+}  // namespace
+}  // namespace cudasim
+
+cudaError_t cudaLaunchCooperativeKernel(const void* func, dim3 grid, dim3 block, void** args,
+                                        size_t smem, cudaStream_t stream) {
+  (void)stream;
+  return cudasim::run_launch(func, grid, block, args, smem, /*cooperative=*/true, 0);
+}
+
+cudaError_t cudaLaunchKernelExC(const cudaLaunchConfig_t* config, const void* func,
+                                void** args) {
+  unsigned cluster = 0;
+  if (!cudasim::cluster_of(config, func, &cluster))
+    return cudasim::t_last_error = cudaErrorInvalidValue;
+  return cudasim::run_launch(func, config->gridDim, config->blockDim, args,
+                             config->dynamicSmemBytes, /*cooperative=*/false, cluster);
+}
+
+cudaError_t cudaOccupancyMaxActiveClusters(int* clusters, const void* func,
+                                           const cudaLaunchConfig_t* config) {
+  unsigned cluster = 0;
+  if (!cudasim::cluster_of(config, func, &cluster) || cluster == 0) return cudaErrorInvalidValue;
+  if (g_config.max_clusters >= 0) {
+    *clusters = g_config.max_clusters;
+    return cudaSuccess;
+  }
+  int per_sm = 0;
+  cudaOccupancyMaxActiveBlocksPerMultiprocessorImpl(&per_sm, func, (int)config->blockDim.x,
+                                                    config->dynamicSmemBytes);
+  *clusters = per_sm * g_config.sms / static_cast<int>(cluster);
+  return cudaSuccess;
+}
+
 cudaError_t cudaGetLastError() {
   const cudaError_t e = cudasim::t_last_error;
   cudasim::t_last_error = cudaSuccess;
@@ -453,6 +553,7 @@ const char* cudaGetErrorName(cudaError_t err) {
     case cudaErrorNotSupported: return "cudaErrorNotSupported";
     case cudaErrorCooperativeLaunchTooLarge: return "cudaErrorCooperativeLaunchTooLarge";
     case cudaErrorLaunchFailure: return "cudaErrorLaunchFailure";
+    case cudaErrorClusterOutOfResources: return "cudaErrorClusterOutOfResources";
   }
   return "cudaErrorUnknown";
 }

@@ -20,17 +20,27 @@ std::string g_error;  // the last entry point's failure
 // Returns false (and sets g_error) when the binding would refuse.
 bool checked_plan(int cell, int dtype, int allow_tf32, int hidden, bool backward, int batch_pad,
                   int max_groups, int max_stage_k, int k_parts, int max_blocks,
-                  fused_rnn::Selection* sel) {
+                  int cluster_max, fused_rnn::Selection* sel, bool* clustered) {
   const cudasim::Config& c = cudasim::config();
   if (cell < 0 || cell > 3 || dtype < 0 || dtype > 2 || hidden <= 0 || max_groups < 1 ||
       batch_pad <= 0 || batch_pad % fused_rnn::kBatchPad != 0 || max_stage_k < 0 ||
-      k_parts < 0 || max_blocks < 0) {
-    g_error = "bad cell, dtype, hidden size, batch padding, max_groups, k_parts or max_blocks";
+      k_parts < 0 || max_blocks < 0 || cluster_max < 0 || cluster_max > 16) {
+    g_error = "bad cell, dtype, hidden size, batch padding, max_groups, k_parts, max_blocks or "
+              "cluster";
     return false;
   }
-  *sel = fused_rnn::select_plan_capped(static_cast<Cell>(cell), dtype != 0, allow_tf32 != 0,
-                                       hidden, backward, c.sms, c.smem_optin, batch_pad,
-                                       max_groups, max_stage_k, k_parts, max_blocks);
+  *clustered = false;
+  if (cluster_max > 0) {  // the simulated device is sm_90
+    const fused_rnn::ClusterSelection cs = fused_rnn::select_plan_clustered(
+        static_cast<Cell>(cell), dtype != 0, allow_tf32 != 0, hidden, backward, c.sms,
+        c.smem_optin, batch_pad, max_groups, max_stage_k, k_parts, cluster_max);
+    *clustered = cs.found;
+    *sel = cs.sel;
+  }
+  if (!*clustered)
+    *sel = fused_rnn::select_plan_capped(static_cast<Cell>(cell), dtype != 0, allow_tf32 != 0,
+                                         hidden, backward, c.sms, c.smem_optin, batch_pad,
+                                         max_groups, max_stage_k, k_parts, max_blocks);
   if (sel->plan.smem_bytes > c.smem_optin) {
     g_error = "hidden size needs more shared memory than the device allows";
     return false;
@@ -53,12 +63,14 @@ int finish(cudaError_t err) {
 template <typename Params>
 bool fill_common(Params& p, fused_rnn::Selection& sel, int cell, int dtype, int allow_tf32,
                  int steps, int batch, int hidden, int batch_pad, int reverse, bool backward,
-                 int max_groups, int max_stage_k, int k_parts, int max_blocks,
+                 int max_groups, int max_stage_k, int k_parts, int max_blocks, int cluster_max,
                  const void* w_hh, const int* lengths, long long* prof, int stage_copy,
                  float* part) {
+  bool clustered = false;
   if (!checked_plan(cell, dtype, allow_tf32, hidden, backward, batch_pad, max_groups,
-                    max_stage_k, k_parts, max_blocks, &sel))
+                    max_stage_k, k_parts, max_blocks, cluster_max, &sel, &clustered))
     return false;
+  p.cluster = clustered ? 1 : 0;
   p.plan = sel.plan;
   p.steps = steps;
   p.batch = batch;
@@ -82,7 +94,7 @@ bool fill_common(Params& p, fused_rnn::Selection& sel, int cell, int dtype, int 
 extern "C" {
 
 int sim_configure(int sms, int smem_optin, int smem_per_sm, int order, uint64_t seed,
-                  int cp_async_early) {
+                  int cp_async_early, int max_clusters) {
   cudasim::Config c;
   c.sms = sms;
   c.smem_optin = smem_optin;
@@ -90,25 +102,29 @@ int sim_configure(int sms, int smem_optin, int smem_per_sm, int order, uint64_t 
   c.order = order;
   c.seed = seed;
   c.cp_async_early = cp_async_early != 0;
+  c.max_clusters = max_clusters;
   cudasim::configure(c);
   return 0;
 }
 
 const char* sim_last_error() { return g_error.c_str(); }
 
-// out[0..19]: math, then Plan's fields in declaration order (units .. part_ld).
+// out[0..20]: math, then Plan's fields in declaration order (units .. part_ld), then 1 in
+// cluster mode.
 int sim_plan(int cell, int dtype, int allow_tf32, int hidden, int backward, int batch_pad,
-             int max_groups, int max_stage_k, int k_parts, int max_blocks, int* out) {
+             int max_groups, int max_stage_k, int k_parts, int max_blocks, int cluster_max,
+             int* out) {
   fused_rnn::Selection sel{};
+  bool clustered = false;
   if (!checked_plan(cell, dtype, allow_tf32, hidden, backward != 0, batch_pad, max_groups,
-                    max_stage_k, k_parts, max_blocks, &sel))
+                    max_stage_k, k_parts, max_blocks, cluster_max, &sel, &clustered))
     return 1;
   const Plan& p = sel.plan;
   const int v[] = {static_cast<int>(sel.math), p.units, p.blocks, p.m_rows, p.m_pad, p.k, p.k_pad,
                    p.ldw, p.slots, p.slot_floats, p.w_bytes, p.smem_bytes, p.groups,
                    p.group_blocks, p.stage_rows, p.stage_k, p.stage_ld, p.parts, p.k_part,
-                   p.part_ld};
-  for (int i = 0; i < 20; ++i) out[i] = v[i];
+                   p.part_ld, static_cast<int>(clustered)};
+  for (int i = 0; i < 21; ++i) out[i] = v[i];
   return 0;
 }
 
@@ -131,14 +147,16 @@ int sim_make_plan(int cell, int math, int hidden, int backward, int max_blocks, 
 
 int sim_forward(int cell, int dtype, int allow_tf32, int steps, int batch, int hidden,
                 int batch_pad, int reverse, int save, int max_groups, int max_stage_k,
-                int k_parts, int max_blocks, const void* w_hh, const float* b_hh,
+                int k_parts, int max_blocks, int cluster_max, const void* w_hh,
+                const float* b_hh,
                 const int* lengths,
                 float* xproj, void* hbuf, float* cbuf, void* y, float* aux, long long* prof,
                 int stage_copy, float* part) {
   fused_rnn::FwdParams p{};
   fused_rnn::Selection sel{};
   if (!fill_common(p, sel, cell, dtype, allow_tf32, steps, batch, hidden, batch_pad, reverse,
-                   false, max_groups, max_stage_k, k_parts, max_blocks, w_hh, lengths, prof,
+                   false, max_groups, max_stage_k, k_parts, max_blocks, cluster_max, w_hh,
+                   lengths, prof,
                    stage_copy,
                    part))
     return 1;
@@ -159,14 +177,15 @@ int sim_forward(int cell, int dtype, int allow_tf32, int steps, int batch, int h
 
 int sim_backward(int cell, int dtype, int allow_tf32, int steps, int batch, int hidden,
                  int batch_pad, int reverse, int max_groups, int max_stage_k, int k_parts,
-                 int max_blocks, const void* w_hh, const int* lengths, const void* dy, const float* gates,
+                 int max_blocks, int cluster_max, const void* w_hh, const int* lengths, const void* dy, const float* gates,
                  const float* aux, const float* c0, const void* hprev, void* dgbuf,
                  float* dh_carry, float* dc_carry, float* dgx, float* dghn, float* dh0,
                  long long* prof, int stage_copy, float* part) {
   fused_rnn::BwdParams p{};
   fused_rnn::Selection sel{};
   if (!fill_common(p, sel, cell, dtype, allow_tf32, steps, batch, hidden, batch_pad, reverse,
-                   true, max_groups, max_stage_k, k_parts, max_blocks, w_hh, lengths, prof,
+                   true, max_groups, max_stage_k, k_parts, max_blocks, cluster_max, w_hh,
+                   lengths, prof,
                    stage_copy,
                    part))
     return 1;
@@ -188,5 +207,8 @@ int sim_backward(int cell, int dtype, int allow_tf32, int steps, int batch, int 
   return finish(fused_rnn::dispatch(static_cast<Cell>(cell), static_cast<fused_rnn::Storage>(dtype),
                                     sel.math, launch));
 }
+
+// How many launches ran as clusters (fused_rnn.h cluster_launches).
+long long sim_cluster_launches() { return fused_rnn::cluster_launches; }
 
 }  // extern "C"

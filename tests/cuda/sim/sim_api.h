@@ -15,6 +15,7 @@ struct Config {
   int order = kOrderAscending;       // which thread runs first between two barriers
   uint64_t seed = 0;                 // for kOrderShuffle
   bool cp_async_early = false;       // a cp.async lands when issued (else when waited for)
+  int max_clusters = -1;             // clusters that fit at once (< 0: by occupancy)
 };
 
 void configure(const Config& c);

@@ -6,13 +6,15 @@
 //
 // Execution model (runtime.cpp): every CUDA thread of a launch is a fiber with its own stack,
 // and one runs at a time. The scheduler switches to a thread, which runs until its next barrier
-// (__syncthreads, grid.sync) or its end, then switches back. Between two barriers the threads
-// therefore run one after another in an order the scheduler picks (ascending, descending or a
-// seeded shuffle), and blocks are released from their barriers one at a time, so they drift
-// apart as far as grid.sync allows. A kernel whose result depends on that order has a race, so
-// running it under several orders and comparing bit for bit is a race check. Barrier misuse (a
-// block or grid barrier not reached by every thread, threads of one block waiting at different
-// barriers) fails the launch with a message instead of hanging.
+// (__syncthreads, grid.sync, cluster.sync) or its end, then switches back. Between two barriers
+// the threads therefore run one after another in an order the scheduler picks (ascending,
+// descending or a seeded shuffle), and blocks (clusters) are released from their barriers one at
+// a time, so they drift apart as far as grid.sync (cluster.sync) allows: in a cluster launch
+// one cluster may run to its end before another starts. A kernel whose result depends on that
+// order has a race, so running it under several orders and comparing bit for bit is a race
+// check. Barrier misuse (a block, grid or cluster barrier not reached by every thread it spans,
+// threads of one block waiting at different barriers, grid.sync outside a cooperative launch,
+// cluster.sync outside a cluster launch) fails the launch with a message instead of hanging.
 //
 // What is checked beyond the results (an abort names the rule):
 //   * dynamic shared memory is allocated at exactly the launch's size, filled with 0xFF (NaN)
@@ -66,6 +68,7 @@ namespace cudasim {
 [[noreturn]] void fail(const char* fmt, ...);
 void block_barrier(const char* file, int line);  // __syncthreads
 void grid_barrier();                              // cooperative_groups grid sync
+void cluster_barrier();                           // cooperative_groups cluster sync
 unsigned char* dynamic_smem();                    // this block's dynamic shared memory
 // clock64() and %globaltimer: one shared counter, +1 per read (monotonic; durations are counts
 // of clock reads, not time).
@@ -81,13 +84,14 @@ inline void prefetch(const void* p) { (void)*static_cast<const volatile unsigned
 #define __syncthreads() ::cudasim::block_barrier(__FILE__, __LINE__)
 inline long long clock64() { return ::cudasim::tick(); }
 
-// ---- runtime API (the subset launch_cooperative uses) ----------------------------------------
+// ---- runtime API (the subset launch_cooperative and launch_clusters use) ----------------------
 enum cudaError_t {
   cudaSuccess = 0,
   cudaErrorInvalidValue = 1,
   cudaErrorNotSupported = 801,
   cudaErrorCooperativeLaunchTooLarge = 720,
   cudaErrorLaunchFailure = 719,
+  cudaErrorClusterOutOfResources = 908,
 };
 enum cudaDeviceAttr {
   cudaDevAttrMultiProcessorCount = 16,
@@ -96,9 +100,30 @@ enum cudaDeviceAttr {
   cudaDevAttrComputeCapabilityMajor = 75,
   cudaDevAttrComputeCapabilityMinor = 76,
 };
-enum cudaFuncAttribute { cudaFuncAttributeMaxDynamicSharedMemorySize = 8 };
+enum cudaFuncAttribute {
+  cudaFuncAttributeMaxDynamicSharedMemorySize = 8,
+  cudaFuncAttributeNonPortableClusterSizeAllowed = 12,
+};
+enum cudaLaunchAttributeID { cudaLaunchAttributeCooperative = 2, cudaLaunchAttributeClusterDimension = 4 };
+union cudaLaunchAttributeValue {
+  int cooperative;
+  struct {
+    unsigned int x, y, z;
+  } clusterDim;
+};
+struct cudaLaunchAttribute {
+  cudaLaunchAttributeID id;
+  cudaLaunchAttributeValue val;
+};
 struct CUstream_st;
 using cudaStream_t = CUstream_st*;
+struct cudaLaunchConfig_t {
+  dim3 gridDim, blockDim;
+  size_t dynamicSmemBytes;
+  cudaStream_t stream;
+  cudaLaunchAttribute* attrs;
+  unsigned int numAttrs;
+};
 
 cudaError_t cudaGetDevice(int* device);
 cudaError_t cudaDeviceGetAttribute(int* value, cudaDeviceAttr attr, int device);
@@ -113,6 +138,12 @@ cudaError_t cudaOccupancyMaxActiveBlocksPerMultiprocessor(int* blocks, Kernel fu
 }
 cudaError_t cudaLaunchCooperativeKernel(const void* func, dim3 grid, dim3 block, void** args,
                                         size_t smem, cudaStream_t stream);
+// Cluster launches: a cluster of at most 8 blocks (16 with the non-portable attribute), the
+// grid a multiple of it; how many clusters fit at once is Config::max_clusters, or by
+// occupancy (sms / cluster size, shared memory permitting) when that is negative.
+cudaError_t cudaLaunchKernelExC(const cudaLaunchConfig_t* config, const void* func, void** args);
+cudaError_t cudaOccupancyMaxActiveClusters(int* clusters, const void* func,
+                                           const cudaLaunchConfig_t* config);
 cudaError_t cudaGetLastError();
 const char* cudaGetErrorName(cudaError_t err);
 
@@ -145,6 +176,10 @@ struct grid_group {
   void sync() const { ::cudasim::grid_barrier(); }
 };
 inline grid_group this_grid() { return grid_group{}; }
+struct cluster_group {
+  void sync() const { ::cudasim::cluster_barrier(); }
+};
+inline cluster_group this_cluster() { return cluster_group{}; }
 }  // namespace cooperative_groups
 
 // ---- WMMA -------------------------------------------------------------------------------------
