@@ -59,11 +59,15 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--backends", default="triton",
                    help="comma-separated fused_rnn backends to time against cuDNN (triton,cuda); "
-                        "variants: cuda-p1 is cuda without K parts, cuda-b32 cuda on at most 32 "
+                        "variants: cuda-p1 is cuda without K parts, cuda-cl16 and cuda-cl8 cuda "
+                        "with each batch group as a thread-block cluster of at most 16 or 8 "
+                        "blocks where one fits (sm_90), "
+                        "cuda-b32 cuda on at most 32 "
                         "blocks where they fit, cuda-g1 cuda without batch groups, cuda-direct "
                         "cuda without X staging, cuda-nopipe cuda with one stage buffer "
                         "(cp.async, no overlap), cuda-regcopy cuda staging through registers "
-                        "(FUSED_RNN_CUDA_K_PARTS=1, FUSED_RNN_CUDA_MAX_BLOCKS=32, "
+                        "(FUSED_RNN_CUDA_K_PARTS=1, FUSED_RNN_CUDA_CLUSTER=16|8, "
+                        "FUSED_RNN_CUDA_MAX_BLOCKS=32, "
                         "FUSED_RNN_CUDA_MAX_GROUPS=1, FUSED_RNN_CUDA_STAGE_K=0, "
                         "FUSED_RNN_CUDA_STAGE_COPY=async|registers)")
     p.add_argument("--modes", default="LSTM,GRU", help="comma-separated: LSTM,GRU")
@@ -173,6 +177,8 @@ def passes(model, x, cot):
 
 # Backend variants: (fused_rnn backend, environment while it builds and runs).
 VARIANTS = {"cuda-p1": ("cuda", {"FUSED_RNN_CUDA_K_PARTS": "1"}),
+            "cuda-cl16": ("cuda", {"FUSED_RNN_CUDA_CLUSTER": "16"}),
+            "cuda-cl8": ("cuda", {"FUSED_RNN_CUDA_CLUSTER": "8"}),
             "cuda-b32": ("cuda", {"FUSED_RNN_CUDA_MAX_BLOCKS": "32"}),
             "cuda-g1": ("cuda", {"FUSED_RNN_CUDA_MAX_GROUPS": "1"}),
             "cuda-direct": ("cuda", {"FUSED_RNN_CUDA_STAGE_K": "0"}),
@@ -200,27 +206,37 @@ def _cuda_plans(mode, shape, dtype_name) -> list | None:
     is16 = dtype_name in ("bf16", "fp16")
     tf32 = dtype_name == "fp32" and torch.backends.cudnn.allow_tf32
     b_pad = -(-B // P.K_BATCH_PAD) * P.K_BATCH_PAD
-    return [P.select_plan_capped(P.CELLS[mode], is16, tf32, H, bw, props.multi_processor_count,
-                                 smem, b_pad, ops.max_groups(), ops.max_stage_k(), ops.k_parts(),
-                                 ops.max_blocks())[1]
-            for bw in (False, True)]
+    sms = props.multi_processor_count
+    args = (P.CELLS[mode], is16, tf32, H)
+    knobs = (b_pad, ops.max_groups(), ops.max_stage_k(), ops.k_parts())
+    plans = []
+    for bw in (False, True):
+        if ops.cluster() and getattr(props, "major", 0) >= 9:  # as the binding's checked_plan
+            found, _, plan = P.select_plan_clustered(*args, bw, sms, smem, *knobs, ops.cluster())
+            if found:
+                plans.append(plan)
+                continue
+        plans.append(P.select_plan_capped(*args, bw, sms, smem, *knobs, ops.max_blocks())[1])
+    return plans
 
 
 def _plan_note(plans) -> str:
     """'plan fwd b128 g1 p4 k224, bwd b128 g1 p8 k304': blocks, batch groups, K parts, stage K
-    columns."""
+    columns, and ' cl' where the groups run as clusters."""
     return "plan " + ", ".join(f"{d} b{p.blocks} g{p.groups} p{p.parts} k{p.stage_k}"
+                               f"{' cl' if p.clustered else ''}"
                                for d, p in zip(("fwd", "bwd"), plans))
 
 
 def _variant_is_moot(backend, mode, shape, dtype_name, device) -> bool:
     """True when a variant would run exactly cuda's plans: cuda-g1 at B_pad = 32 (one batch
-    group either way); on a GPU, cuda-p1 and cuda-b32 where their setting leaves both of cuda's
-    launch plans as they are (plan.py: no K parts; H already on at most 32 blocks, or a cap
-    that H's W_hh does not fit under rising back to them)."""
+    group either way); on a GPU, cuda-p1, cuda-b32 and cuda-cl* where their setting leaves both
+    of cuda's launch plans as they are (plan.py: no K parts; H already on at most 32 blocks, or
+    a cap that H's W_hh does not fit under rising back to them; no batch group fitting in a
+    cluster of that size)."""
     if backend == "cuda-g1":
         return shape[0] <= 32
-    if backend not in ("cuda-p1", "cuda-b32") or device != "cuda":
+    if backend not in ("cuda-p1", "cuda-b32", "cuda-cl8", "cuda-cl16") or device != "cuda":
         return False
     plans = _cuda_plans(mode, shape, dtype_name)
     with mock.patch.dict(os.environ, VARIANTS[backend][1]):

@@ -94,7 +94,8 @@ def _row(mode, shape, dtype_name, s: dict, plans=None) -> list[str]:
 
     direction = {"forward": "fwd", "backward": "bwd"}[s["direction"]]
     plan = plans[direction == "bwd"] if plans else None
-    plan = f"g{plan.groups} p{plan.parts} k{plan.stage_k}" if plan else ""
+    plan = (f"g{plan.groups} p{plan.parts} k{plan.stage_k}{' cl' if plan.clustered else ''}"
+            if plan else "")
     return [mode, shape, dtype_name, direction, str(s["blocks"]), plan, us("copy_us"),
             us("mma_us"), us("epilogue_us"), us("sync_us"), us("sync_min_us"), us("parts_us"),
             us("load_us"), us("kernel_us")]
@@ -145,7 +146,8 @@ def main(argv=None) -> int:
               "K parts' second grid sync per step, 0 without them); µs per launch "
               "for load (W into shared memory) and "
               "kernel (wall time). plan: batch groups g, K parts p, stage K columns k (0: X "
-              "read unstaged), from the plan mirror on this GPU.", ""]
+              "read unstaged), cl where the groups run as clusters (their sync is the "
+              "cluster barrier), from the plan mirror on this GPU.", ""]
     if args.sim:
         lines += ["**cudasim**: the clock counts clock reads; these numbers mean nothing.", ""]
     lines += ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]

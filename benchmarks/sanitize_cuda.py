@@ -76,14 +76,16 @@ def _case(mode, T, B, I, H, dtype, tf32, tol, reverse, gen) -> str | None:
     return None
 
 
-# (environment, H instead of the shape's): the last runs K parts in teams of 4 (plan.h), which
-# needs an even number of unit slices: H=64 gives 8 to 64 blocks on an H100, whatever the cell.
+# (environment, H instead of the shape's): the fourth runs K parts in teams of 4 (plan.h), which
+# needs an even number of unit slices: H=64 gives 8 to 64 blocks on an H100, whatever the cell;
+# the last runs the batch groups as thread-block clusters (sm_90; elsewhere the grid plan).
 PARTITIONS = (
     ({"FUSED_RNN_CUDA_MAX_GROUPS": "8", "FUSED_RNN_CUDA_STAGE_K": "auto"}, None),
     ({"FUSED_RNN_CUDA_MAX_GROUPS": "1", "FUSED_RNN_CUDA_STAGE_K": "16"}, None),
     ({"FUSED_RNN_CUDA_MAX_GROUPS": "1", "FUSED_RNN_CUDA_STAGE_K": "0"}, None),
     ({"FUSED_RNN_CUDA_MAX_GROUPS": "1", "FUSED_RNN_CUDA_STAGE_K": "16",
       "FUSED_RNN_CUDA_K_PARTS": "4"}, 64),
+    ({"FUSED_RNN_CUDA_MAX_GROUPS": "8", "FUSED_RNN_CUDA_CLUSTER": "8"}, None),
 )
 
 
@@ -112,7 +114,8 @@ def main() -> int:
             for dtype, tf32, tol in DTYPES if full else DTYPES[::2]:
                 for reverse in (False, True) if full else (mode in ("GRU", "RNN_RELU"),):
                     # partitions (plan.h): B=70 as 3 batch groups with X staged whole, as 2
-                    # chunks per block staged 16 K-columns at a time, unstaged, and in K parts
+                    # chunks per block staged 16 K-columns at a time, unstaged, in K parts, and
+                    # as 3 clusters
                     for env, h in PARTITIONS:
                         if time.monotonic() - start > args.time_budget:
                             unchecked += 1

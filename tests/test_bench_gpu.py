@@ -122,7 +122,7 @@ def test_k_parts_variant_runs_only_where_cuda_has_parts(monkeypatch):
     finally:
         sys.path.pop(0)
     props = types.SimpleNamespace(multi_processor_count=132,
-                                  shared_memory_per_block_optin=227 * 1024)
+                                  shared_memory_per_block_optin=227 * 1024, major=9)
     monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", True)  # fp32 rows: TF32 as in torch
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
     monkeypatch.setattr(torch.cuda, "get_device_properties", lambda i: props)
@@ -150,6 +150,15 @@ def test_k_parts_variant_runs_only_where_cuda_has_parts(monkeypatch):
     assert bench_gpu._plan_note(bench_gpu._cuda_plans("LSTM", bench_gpu.SHAPES["S4"], "bf16")) \
         == "plan fwd b43 g1 p1 k0, bwd b43 g1 p1 k192"
     monkeypatch.delenv("FUSED_RNN_CUDA_MAX_BLOCKS")
+    # cuda-cl8 (batch groups as clusters of at most 8 blocks) runs where a group fits in one:
+    # S5 and S6, not S3's H=1024; the note marks clustered launches.
+    assert not bench_gpu._variant_is_moot("cuda-cl8", "LSTM", bench_gpu.SHAPES["S6"], "bf16",
+                                          "cuda")
+    assert bench_gpu._variant_is_moot("cuda-cl8", "LSTM", bench_gpu.SHAPES["S3"], "bf16", "cuda")
+    monkeypatch.setenv("FUSED_RNN_CUDA_CLUSTER", "8")
+    assert bench_gpu._plan_note(bench_gpu._cuda_plans("LSTM", bench_gpu.SHAPES["S6"], "bf16")) \
+        == "plan fwd b32 g4 p1 k256 cl, bwd b32 g4 p1 k1024 cl"
+    monkeypatch.delenv("FUSED_RNN_CUDA_CLUSTER")
     # and so do profile_cuda.py's phase rows, per direction
     sys.path.insert(0, str(ROOT / "benchmarks"))
     try:
