@@ -18,7 +18,8 @@
 # also hold the machine's start and, after a fix, a second, shorter run to confirm it):
 # 1. with cuda in --backends: benchmarks/gpu_check_cuda.sh --part tests builds the extension
 #    once and runs tests/cuda's GPU tests; if a K-parts test fails, the steps below run with
-#    K parts off (FUSED_RNN_CUDA_K_PARTS=1), so the table still times kernels that passed;
+#    K parts off (FUSED_RNN_CUDA_K_PARTS=1), so the table still times kernels that passed; if
+#    a cluster-mode test fails, the cluster variants are left out of the bench;
 # 2. bench_gpu.py: S1-S6 x LSTM/GRU x fp32/bf16/fp16, fwd and fwd+bwd, against cuDNN in the
 #    same process; writes benchmarks/results/<date>-<gpu>.md and .csv (time-budgeted, so the
 #    script always finishes);
@@ -97,6 +98,10 @@ if [[ $HAS_CUDA == 1 ]]; then
   if frnn_parts_failed "$CUDA_LOGS/cuda_gpu_tests.log"; then
     echo "cuda: K parts FAILED GPU tests; everything below runs with FUSED_RNN_CUDA_K_PARTS=1"
     export FUSED_RNN_CUDA_K_PARTS=1
+  fi
+  if frnn_cluster_failed "$CUDA_LOGS/cuda_gpu_tests.log"; then
+    BACKENDS=$(frnn_without_clusters "$BACKENDS")
+    echo "cuda: cluster mode FAILED GPU tests; the bench leaves out its variants: $BACKENDS"
   fi
 fi
 

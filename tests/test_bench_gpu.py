@@ -188,6 +188,15 @@ def test_gpu_check_turns_k_parts_off_when_their_gpu_tests_fail(tmp_path):
     missing = subprocess.run(["bash", "-c", f'source "{ROOT}/benchmarks/gpu_common.sh" && '
                               f'frnn_parts_failed "{tmp_path / "none"}"'], check=False)
     assert got == {"parts": True, "other": False, "clean": False} and missing.returncode != 0
+    # and a failed cluster-mode test drops the cluster variants from the bench
+    (tmp_path / "cluster").write_text(
+        "FAILED tests/cuda/test_cuda_gpu.py::test_cluster_mode_launches_clusters[16] - assert\n")
+    script = (f'source "{ROOT}/benchmarks/gpu_common.sh" && '
+              f'frnn_cluster_failed "{tmp_path / "cluster"}" && '
+              f'! frnn_cluster_failed "{tmp_path / "parts"}" && '
+              'frnn_without_clusters cuda,triton,cuda-p1,cuda-cl16,cuda-cl8,cuda-b32')
+    r = subprocess.run(["bash", "-c", script], capture_output=True, text=True, check=False)
+    assert r.returncode == 0 and r.stdout.strip() == "cuda,triton,cuda-p1,cuda-b32", r
 
 
 def test_auto_rules_from_a_gpu_table(tmp_path, capsys):
