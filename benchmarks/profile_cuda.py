@@ -9,6 +9,7 @@ launch's plan. Together with bench_gpu.py's totals this says what bounds a step:
 the exchange (copy), the tensor cores (mma), the cell math (epilogue) or the barrier.
 
     python benchmarks/profile_cuda.py [--modes LSTM,GRU] [--dtypes fp32,bf16] [--shapes S1,S3]
+        [--variants cuda-cl8,cuda-cl16 --variant-shapes S5,S6]   # also under those settings
     python benchmarks/profile_cuda.py --sim   # the kernels on cudasim (CPU), tiny shapes
 
 Writes ``<out-dir>/<date>-<gpu>-phases.md`` and prints the table. ``--sim`` checks the script:
@@ -19,17 +20,26 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
+import os
 import re
 import sys
 import time
 from pathlib import Path
+from unittest import mock
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_gpu import DRY_SHAPES, DTYPE_NAMES, SHAPES, _cuda_plans, environment  # noqa: E402
+from bench_gpu import (  # noqa: E402
+    DRY_SHAPES,
+    DTYPE_NAMES,
+    SHAPES,
+    VARIANTS,
+    _cuda_plans,
+    environment,
+)
 
 COLUMNS = ("cell", "shape", "dtype", "pass", "blocks", "plan", "copy", "mma", "epilogue",
-           "sync", "sync min", "parts", "load", "kernel")
+           "sync", "sync min", "parts", "load", "kernel", "run")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -38,6 +48,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--dtypes", default="fp32,bf16,fp16")
     p.add_argument("--shapes", default=None, help="comma-separated names (default: all)")
     p.add_argument("--sim", action="store_true", help="cudasim on the CPU, tiny shapes")
+    p.add_argument("--variants", default="",
+                   help="comma-separated bench_gpu.py variants (e.g. cuda-cl8) also timed, after "
+                        "cuda, on --variant-shapes; their rows name them in the run column")
+    p.add_argument("--variant-shapes", default=None,
+                   help="comma-separated shapes for --variants (default: --shapes)")
     p.add_argument("--time-budget", type=float, default=float("inf"),
                    help="seconds after which no new configuration is started (the rest are "
                         "listed as skipped and the exit status is 1), so that a caller's "
@@ -49,9 +64,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     args.modes = args.modes.split(",")
     args.dtypes = args.dtypes.split(",")
     args.shapes = args.shapes.split(",") if args.shapes else list(args.table)
+    args.variants = [v for v in args.variants.split(",") if v]
+    args.variant_shapes = (args.variant_shapes.split(",") if args.variant_shapes
+                           else list(args.shapes))
     for name, got, allowed in (("mode", args.modes, ("LSTM", "GRU")),
                                ("dtype", args.dtypes, tuple(DTYPE_NAMES)),
-                               ("shape", args.shapes, tuple(args.table))):
+                               ("shape", args.shapes + args.variant_shapes, tuple(args.table)),
+                               ("variant", args.variants, tuple(VARIANTS))):
         bad = [g for g in got if g not in allowed]
         if bad:
             p.error(f"unknown {name}(s) {bad}; choose from {', '.join(allowed)}")
@@ -87,7 +106,7 @@ def profile_one(mode: str, B: int, T: int, H: int, dtype_name: str, device: str)
     return [profile.summarize(launch) for launch in launches]
 
 
-def _row(mode, shape, dtype_name, s: dict, plans=None) -> list[str]:
+def _row(mode, shape, dtype_name, s: dict, plans=None, run="cuda") -> list[str]:
     """plans: cuda's (forward, backward) plans for this row (bench_gpu._cuda_plans), or None."""
     def us(key):
         return f"{s[key]:.2f}" if key in s else ""
@@ -98,7 +117,7 @@ def _row(mode, shape, dtype_name, s: dict, plans=None) -> list[str]:
             if plan else "")
     return [mode, shape, dtype_name, direction, str(s["blocks"]), plan, us("copy_us"),
             us("mma_us"), us("epilogue_us"), us("sync_us"), us("sync_min_us"), us("parts_us"),
-            us("load_us"), us("kernel_us")]
+            us("load_us"), us("kernel_us"), run]
 
 
 def main(argv=None) -> int:
@@ -125,19 +144,27 @@ def main(argv=None) -> int:
         device = "cuda"
     rows, failed, skipped = [], [], []
     start = time.monotonic()
-    for mode in args.modes:
-        for shape in args.shapes:
-            B, T, H = args.table[shape]
-            for dtype_name in args.dtypes:
-                if time.monotonic() - start > args.time_budget:
-                    skipped.append(f"{mode}-{shape}-{dtype_name}")
-                    continue
-                try:
-                    plans = _cuda_plans(mode, (B, T, H), dtype_name) if device == "cuda" else None
-                    for s in profile_one(mode, B, T, H, dtype_name, device):
-                        rows.append(_row(mode, f"{shape} {B}x{T}x{H}", dtype_name, s, plans))
-                except Exception as e:  # keep going: one failure must not cost the rest
-                    failed.append(f"{mode}-{shape}-{dtype_name}: {type(e).__name__}: {e}"[:300])
+    runs = [("cuda", {}, args.shapes)] + [(v, VARIANTS[v][1], args.variant_shapes)
+                                          for v in args.variants]
+    for run, env, shapes in runs:
+        label = "" if run == "cuda" else f"{run}-"
+        with mock.patch.dict(os.environ, env):  # restored afterwards
+            for mode in args.modes:
+                for shape in shapes:
+                    B, T, H = args.table[shape]
+                    for dtype_name in args.dtypes:
+                        what = f"{label}{mode}-{shape}-{dtype_name}"
+                        if time.monotonic() - start > args.time_budget:
+                            skipped.append(what)
+                            continue
+                        try:
+                            plans = (_cuda_plans(mode, (B, T, H), dtype_name)
+                                     if device == "cuda" else None)
+                            for s in profile_one(mode, B, T, H, dtype_name, device):
+                                rows.append(_row(mode, f"{shape} {B}x{T}x{H}", dtype_name, s,
+                                                 plans, run))
+                        except Exception as e:  # keep going: one failure must not cost the rest
+                            failed.append(f"{what}: {type(e).__name__}: {e}"[:300])
     env = environment(device, argparse.Namespace())
     lines = [f"# CUDA kernel phases, {env['gpu']}", ""]
     lines += [f"- {k}: {v}" for k, v in env.items()]
@@ -147,7 +174,8 @@ def main(argv=None) -> int:
               "for load (W into shared memory) and "
               "kernel (wall time). plan: batch groups g, K parts p, stage K columns k (0: X "
               "read unstaged), cl where the groups run as clusters (their sync is the "
-              "cluster barrier), from the plan mirror on this GPU.", ""]
+              "cluster barrier), from the plan mirror on this GPU. run: cuda, or the "
+              "bench variant (its environment) the row was timed under.", ""]
     if args.sim:
         lines += ["**cudasim**: the clock counts clock reads; these numbers mean nothing.", ""]
     lines += ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]

@@ -429,16 +429,19 @@ def test_phase_timing_records_every_block_and_changes_nothing(install, monkeypat
 
 def test_profile_script_on_cudasim(tmp_path):
     """benchmarks/profile_cuda.py --sim: a forward and a backward row per configuration, and
-    the table written where asked."""
+    the table written where asked; --variants adds rows timed under a bench variant's
+    settings, named in the run column."""
     r = subprocess.run(
         [sys.executable, str(ROOT / "benchmarks" / "profile_cuda.py"), "--sim", "--modes", "GRU",
-         "--shapes", "D1,D3", "--dtypes", "fp32", "--out-dir", str(tmp_path)],
+         "--shapes", "D1,D3", "--dtypes", "fp32", "--out-dir", str(tmp_path),
+         "--variants", "cuda-cl8", "--variant-shapes", "D1"],
         capture_output=True, text=True, timeout=600, check=False,
     )
     assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
     (md,) = tmp_path.glob("*-cpu-sim-phases.md")
     rows = [line for line in md.read_text().splitlines() if line.startswith("| GRU |")]
-    assert [row.split(" | ")[3] for row in rows] == ["fwd", "bwd", "fwd", "bwd"]
+    assert [row.split(" | ")[3] for row in rows] == ["fwd", "bwd", "fwd", "bwd", "fwd", "bwd"]
+    assert [row.split(" | ")[-1].rstrip(" |") for row in rows] == ["cuda"] * 4 + ["cuda-cl8"] * 2
     assert "mean nothing" in md.read_text() and "Failed" not in md.read_text()
 
 
