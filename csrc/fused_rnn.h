@@ -29,8 +29,9 @@ enum Phase : int {
   kPhaseCopy = 1,      // X stage copies (0 when unstaged)
   kPhaseMma = 2,       // the recurrent matmul, up to the slowest warp
   kPhaseEpilogue = 3,  // the cell math and stores, up to the slowest thread
-  kPhaseSync = 4,      // L2 prefetch issue + grid.sync (the wait for the slowest block)
-  kPhaseParts = 5,     // K parts: the grid.sync after the partial sums (0 without parts)
+  kPhaseSync = 4,      // L2 prefetch issue + the step barrier (grid.sync, or the cluster's in
+                       //   cluster mode): the wait for the slowest block
+  kPhaseParts = 5,     // K parts: the barrier after the partial sums (0 without parts)
   kPhases = 6,
 };
 constexpr int kProfSlots = kPhases + 3;

@@ -18,9 +18,10 @@ fills it with the ``clock64()`` cycles it spent in each phase of ``csrc/fused_rn
 - ``copy``: X stage copies;
 - ``mma``: the recurrent matmul, up to the slowest warp;
 - ``epilogue``: the cell math and stores;
-- ``sync``: the L2 prefetch issue and ``grid.sync()``, i.e. the wait for the slowest block;
-- ``parts``: with K parts (``csrc/plan.h``), the second ``grid.sync()`` of a step, after the
-  partial sums are written (0 without parts).
+- ``sync``: the L2 prefetch issue and the step barrier (``grid.sync()``, or in cluster mode the
+  cluster's), i.e. the wait for the slowest block;
+- ``parts``: with K parts (``csrc/plan.h``), the second barrier of a step, after the partial
+  sums are written (0 without parts).
 
 It also writes the total cycles, the total nanoseconds (``%globaltimer``, which converts cycles
 to time) and the number of steps.
