@@ -83,7 +83,9 @@ def _run(fn, mode, leaves, dtype, lens, reverse, cots):
 # everything else teams of 4), H=256 teams of 4 on both. "blocks2" caps the grid at 2 blocks
 # (FUSED_RNN_CUDA_MAX_BLOCKS; every cell's H=37 fits in two), each owning 19-24 units.
 # "cluster8" runs the three batch groups as thread-block clusters of at most 8 blocks, each step
-# ending at the cluster barrier (FUSED_RNN_CUDA_CLUSTER; sm_90, else the grid plan).
+# ending at the cluster barrier (FUSED_RNN_CUDA_CLUSTER; sm_90, else the grid plan); "-direct"
+# reads h with plain loads after it (no cp.async.cg staging), "-parts4" adds K parts in teams of
+# 4 within each cluster (plain loads of the partial sums after the cluster barrier).
 UNGROUPED = {"FUSED_RNN_CUDA_MAX_GROUPS": "1"}
 SHAPES = {"T5-B3-I7-H37": (5, 3, 7, 37, {}), "T1-B1-I4-H16": (1, 1, 4, 16, {}),
           "T5-B3-I7-H37-slices16": (5, 3, 7, 37, {"FUSED_RNN_CUDA_STAGE_K": "16"}),
@@ -92,6 +94,10 @@ SHAPES = {"T5-B3-I7-H37": (5, 3, 7, 37, {}), "T1-B1-I4-H16": (1, 1, 4, 16, {}),
           "T7-B70-I9-H24": (7, 70, 9, 24, {}),
           "T7-B70-I9-H24-ungrouped": (7, 70, 9, 24, UNGROUPED),
           "T7-B70-I9-H24-cluster8": (7, 70, 9, 24, {"FUSED_RNN_CUDA_CLUSTER": "8"}),
+          "T7-B70-I9-H24-cluster8-direct": (7, 70, 9, 24, {"FUSED_RNN_CUDA_CLUSTER": "8",
+                                                           "FUSED_RNN_CUDA_STAGE_K": "0"}),
+          "T7-B70-I9-H60-cluster8-parts4": (7, 70, 9, 60, {"FUSED_RNN_CUDA_CLUSTER": "8",
+                                                           "FUSED_RNN_CUDA_K_PARTS": "4"}),
           "T7-B70-I9-H24-ungrouped-direct": (7, 70, 9, 24,
                                              {**UNGROUPED, "FUSED_RNN_CUDA_STAGE_K": "0"}),
           "T7-B70-I9-H60-ungrouped-parts4": (7, 70, 9, 60,
