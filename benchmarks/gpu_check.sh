@@ -83,7 +83,7 @@ run_for() {
   local name="$1" limit
   limit=$(frnn_limit "$2"); shift 2
   if [[ "$limit" == 0 ]]; then echo "$name SKIPPED (the time budget is spent)"; status=1; return; fi
-  timeout "$limit" "$@" || status=1
+  timeout -k 10 "$limit" "$@" || status=1
 }
 
 step "environment"
@@ -112,7 +112,7 @@ if [[ "$limit" == 0 ]]; then
 else
   # bench_gpu.py stops starting rows after --time-budget; the timeout is the backstop.
   [[ $DRY == 1 ]] || BENCH_ARGS+=(--time-budget "$(frnn_inner_budget 210 70)")
-  timeout "$limit" "$PYTHON" benchmarks/bench_gpu.py --backends "$BACKENDS" "${BENCH_ARGS[@]}" 2>&1 | tee "$LOG"
+  timeout -k 10 "$limit" "$PYTHON" benchmarks/bench_gpu.py --backends "$BACKENDS" "${BENCH_ARGS[@]}" 2>&1 | tee "$LOG"
   [[ ${PIPESTATUS[0]} == 0 ]] || status=1
 fi
 frnn_collect "$CUDA_LOGS"

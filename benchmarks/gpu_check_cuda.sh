@@ -30,7 +30,7 @@ step() {  # step NAME SECONDS CMD...: run with a timeout (clamped to the deadlin
     status=1
     return
   fi
-  if timeout "$limit" "$@" >"$LOG_DIR/cuda_$name.log" 2>&1; then
+  if timeout -k 10 "$limit" "$@" >"$LOG_DIR/cuda_$name.log" 2>&1; then
     echo "cuda: $name ok ($((SECONDS - t0)) s)"
   else
     echo "cuda: $name FAILED ($((SECONDS - t0)) s, limit $limit s); last lines of $LOG_DIR/cuda_$name.log:"
@@ -41,7 +41,7 @@ step() {  # step NAME SECONDS CMD...: run with a timeout (clamped to the deadlin
 }
 
 # Every step has a timeout: a persistent kernel that deadlocked (a grid that was not co-resident)
-# must not eat the whole GPU session.
+# must not eat the whole GPU session. A step that ignores the TERM is killed 10 s later.
 if [[ "$PART" != extra ]]; then
   # 1. Build (or load the ahead-of-time build) once, so later steps do not race to build it.
   step build 420 "$PYTHON" -c "
