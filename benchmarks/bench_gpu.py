@@ -37,6 +37,7 @@ import subprocess
 import sys
 import time
 import warnings
+from dataclasses import replace
 from pathlib import Path
 from unittest import mock
 
@@ -61,12 +62,14 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="comma-separated fused_rnn backends to time against cuDNN (triton,cuda); "
                         "variants: cuda-p1 is cuda without K parts, cuda-cl16 and cuda-cl8 cuda "
                         "with each batch group as a thread-block cluster of at most 16 or 8 "
-                        "blocks where one fits (sm_90), "
+                        "blocks where one fits (sm_90), cuda-tc cuda with K-parts teams as "
+                        "clusters (sm_90), "
                         "cuda-b32 cuda on at most 32 "
                         "blocks where they fit, cuda-g1 cuda without batch groups, cuda-direct "
                         "cuda without X staging, cuda-nopipe cuda with one stage buffer "
                         "(cp.async, no overlap), cuda-regcopy cuda staging through registers "
                         "(FUSED_RNN_CUDA_K_PARTS=1, FUSED_RNN_CUDA_CLUSTER=16|8, "
+                        "FUSED_RNN_CUDA_TEAM_CLUSTERS=on, "
                         "FUSED_RNN_CUDA_MAX_BLOCKS=32, "
                         "FUSED_RNN_CUDA_MAX_GROUPS=1, FUSED_RNN_CUDA_STAGE_K=0, "
                         "FUSED_RNN_CUDA_STAGE_COPY=async|registers)")
@@ -179,6 +182,7 @@ def passes(model, x, cot):
 VARIANTS = {"cuda-p1": ("cuda", {"FUSED_RNN_CUDA_K_PARTS": "1"}),
             "cuda-cl16": ("cuda", {"FUSED_RNN_CUDA_CLUSTER": "16"}),
             "cuda-cl8": ("cuda", {"FUSED_RNN_CUDA_CLUSTER": "8"}),
+            "cuda-tc": ("cuda", {"FUSED_RNN_CUDA_TEAM_CLUSTERS": "on"}),
             "cuda-b32": ("cuda", {"FUSED_RNN_CUDA_MAX_BLOCKS": "32"}),
             "cuda-g1": ("cuda", {"FUSED_RNN_CUDA_MAX_GROUPS": "1"}),
             "cuda-direct": ("cuda", {"FUSED_RNN_CUDA_STAGE_K": "0"}),
@@ -216,15 +220,23 @@ def _cuda_plans(mode, shape, dtype_name) -> list | None:
             if found:
                 plans.append(plan)
                 continue
-        plans.append(P.select_plan_capped(*args, bw, sms, smem, *knobs, ops.max_blocks())[1])
+        plan = P.select_plan_capped(*args, bw, sms, smem, *knobs, ops.max_blocks())[1]
+        if ops.team_clusters() and getattr(props, "major", 0) >= 9 and plan.parts > 1:
+            plan = replace(plan, cluster=P.CLUSTER_TEAMS)
+        plans.append(plan)
     return plans
+
+
+# The plan notes' marks for FwdParams::cluster (fused_rnn.h ClusterMode): none, batch groups as
+# clusters, K-parts teams as clusters.
+CLUSTER_MARKS = ("", " cl", " tc")
 
 
 def _plan_note(plans) -> str:
     """'plan fwd b128 g1 p4 k224, bwd b128 g1 p8 k304': blocks, batch groups, K parts, stage K
-    columns, and ' cl' where the groups run as clusters."""
+    columns, and ' cl' where the groups run as clusters (' tc': the K-parts teams)."""
     return "plan " + ", ".join(f"{d} b{p.blocks} g{p.groups} p{p.parts} k{p.stage_k}"
-                               f"{' cl' if p.clustered else ''}"
+                               f"{CLUSTER_MARKS[p.cluster]}"
                                for d, p in zip(("fwd", "bwd"), plans))
 
 
@@ -233,10 +245,11 @@ def _variant_is_moot(backend, mode, shape, dtype_name, device) -> bool:
     group either way); on a GPU, cuda-p1, cuda-b32 and cuda-cl* where their setting leaves both
     of cuda's launch plans as they are (plan.py: no K parts; H already on at most 32 blocks, or
     a cap that H's W_hh does not fit under rising back to them; no batch group fitting in a
-    cluster of that size)."""
+    cluster of that size; no K parts to make teams of)."""
     if backend == "cuda-g1":
         return shape[0] <= 32
-    if backend not in ("cuda-p1", "cuda-b32", "cuda-cl8", "cuda-cl16") or device != "cuda":
+    if backend not in ("cuda-p1", "cuda-b32", "cuda-cl8", "cuda-cl16", "cuda-tc") \
+            or device != "cuda":
         return False
     plans = _cuda_plans(mode, shape, dtype_name)
     with mock.patch.dict(os.environ, VARIANTS[backend][1]):

@@ -46,9 +46,9 @@ frnn_parts_failed() {
   [[ -f "$1" ]] && grep -qE '^FAILED [^ ]*parts' "$1"
 }
 
-# True when LOG reports a failed cluster-mode test (a test id with "cluster"): gpu_check.sh then
-# drops the cluster variants (cuda-cl16, cuda-cl8) from the bench rather than time a mode that
-# gave wrong results.
+# True when LOG reports a failed cluster test (a test id with "cluster"): gpu_check.sh then
+# drops the cluster variants (cuda-cl16, cuda-cl8, cuda-tc) from the bench rather than time a
+# mode that gave wrong results.
 frnn_cluster_failed() {
   [[ -f "$1" ]] && grep -qE '^FAILED [^ ]*cluster' "$1"
 }
@@ -57,6 +57,6 @@ frnn_cluster_failed() {
 frnn_without_clusters() {
   local out=() all b
   IFS=, read -ra all <<< "$1"
-  for b in "${all[@]}"; do [[ "$b" == cuda-cl* ]] || out+=("$b"); done
+  for b in "${all[@]}"; do [[ "$b" == cuda-cl* || "$b" == cuda-tc ]] || out+=("$b"); done
   (IFS=,; echo "${out[*]}")
 }

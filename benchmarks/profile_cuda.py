@@ -30,6 +30,7 @@ from unittest import mock
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_gpu import (  # noqa: E402
+    CLUSTER_MARKS,
     DRY_SHAPES,
     DTYPE_NAMES,
     SHAPES,
@@ -113,7 +114,7 @@ def _row(mode, shape, dtype_name, s: dict, plans=None, run="cuda") -> list[str]:
 
     direction = {"forward": "fwd", "backward": "bwd"}[s["direction"]]
     plan = plans[direction == "bwd"] if plans else None
-    plan = (f"g{plan.groups} p{plan.parts} k{plan.stage_k}{' cl' if plan.clustered else ''}"
+    plan = (f"g{plan.groups} p{plan.parts} k{plan.stage_k}{CLUSTER_MARKS[plan.cluster]}"
             if plan else "")
     return [mode, shape, dtype_name, direction, str(s["blocks"]), plan, us("copy_us"),
             us("mma_us"), us("epilogue_us"), us("sync_us"), us("sync_min_us"), us("parts_us"),
@@ -174,7 +175,8 @@ def main(argv=None) -> int:
               "for load (W into shared memory) and "
               "kernel (wall time). plan: batch groups g, K parts p, stage K columns k (0: X "
               "read unstaged), cl where the groups run as clusters (their sync is the "
-              "cluster barrier), from the plan mirror on this GPU. run: cuda, or the "
+              "cluster barrier), tc where the K-parts teams do (their parts sync is), from "
+              "the plan mirror on this GPU. run: cuda, or the "
               "bench variant (its environment) the row was timed under.", ""]
     if args.sim:
         lines += ["**cudasim**: the clock counts clock reads; these numbers mean nothing.", ""]

@@ -110,14 +110,17 @@ fused_rnn::Storage storage_of(c10::ScalarType st) {
 }
 
 // The math and launch plan (plan.h: select_plan_capped; max_blocks 0 = one block per SM; with
-// cluster > 0 on sm_90+, select_plan_clustered first: *clustered says whether it found one),
-// checked against this device's shared memory.
+// cluster > 0 on sm_90+, select_plan_clustered first), checked against this device's shared
+// memory, and which blocks form clusters (*mode, fused_rnn.h ClusterMode): the batch groups
+// where select_plan_clustered found a plan, else with team_clusters on sm_90+ the K-parts teams
+// of a plan with parts.
 // The Python side refuses unsupported sizes before getting here (unsupported_reason); this is
 // the backstop.
 fused_rnn::Selection checked_plan(Cell cell, c10::ScalarType st, bool allow_tf32, int64_t hidden,
                                   bool backward, const at::Device& dev, int64_t batch_pad,
                                   int64_t max_groups, int64_t max_stage_k, int64_t k_parts,
-                                  int64_t max_blocks, int64_t cluster, bool* clustered) {
+                                  int64_t max_blocks, int64_t cluster, bool team_clusters,
+                                  int* mode) {
   const DeviceInfo d = device_attributes(dev.index());
   TORCH_CHECK(d.major >= 8, "fused_rnn CUDA backend: needs compute capability >= 8.0, got ",
               d.major, ".", d.minor);
@@ -140,20 +143,22 @@ fused_rnn::Selection checked_plan(Cell cell, c10::ScalarType st, bool allow_tf32
   const int stage_cap = static_cast<int>(std::min<int64_t>(max_stage_k, 1 << 30));
   const int parts_cap = static_cast<int>(std::min<int64_t>(k_parts, 1 << 16));
   fused_rnn::Selection sel{};
-  *clustered = false;
+  *mode = fused_rnn::kClusterNone;
   if (cluster > 0 && d.major >= 9) {
     const fused_rnn::ClusterSelection cs = fused_rnn::select_plan_clustered(
         cell, st != at::kFloat, allow_tf32, static_cast<int>(hidden), backward, d.sms,
         d.smem_optin, static_cast<int>(batch_pad), groups_cap, stage_cap, parts_cap,
         static_cast<int>(cluster));
-    *clustered = cs.found;
+    if (cs.found) *mode = fused_rnn::kClusterGroups;
     sel = cs.sel;
   }
-  if (!*clustered)
+  if (*mode == fused_rnn::kClusterNone) {
     sel = fused_rnn::select_plan_capped(
         cell, st != at::kFloat, allow_tf32, static_cast<int>(hidden), backward, d.sms,
         d.smem_optin, static_cast<int>(batch_pad), groups_cap, stage_cap, parts_cap,
         static_cast<int>(std::min<int64_t>(max_blocks, 1 << 16)));
+    if (team_clusters && d.major >= 9 && sel.plan.parts > 1) *mode = fused_rnn::kClusterTeams;
+  }
   const Plan& plan = sel.plan;
   TORCH_CHECK(plan.smem_bytes <= d.smem_optin, "fused_rnn CUDA backend: hidden_size=", hidden,
               " needs ", plan.smem_bytes, " bytes of shared memory per block (", plan.blocks,
@@ -178,7 +183,8 @@ std::vector<at::Tensor> forward(int64_t mode, at::Tensor xproj, at::Tensor h0,
                                 c10::optional<at::Tensor> lengths, bool reverse, bool allow_tf32,
                                 bool save, int64_t max_groups, int64_t max_stage_k,
                                 c10::optional<at::Tensor> prof, int64_t stage_copy,
-                                int64_t k_parts, int64_t max_blocks, int64_t cluster) {
+                                int64_t k_parts, int64_t max_blocks, int64_t cluster,
+                                bool team_clusters) {
   const Cell cell = cell_of(mode);
   const int64_t G = fused_rnn::gates_of(cell);
   TORCH_CHECK(xproj.is_cuda(), "fused_rnn CUDA backend: inputs must be CUDA tensors, got ",
@@ -201,10 +207,11 @@ std::vector<at::Tensor> forward(int64_t mode, at::Tensor xproj, at::Tensor h0,
 
   const c10::cuda::CUDAGuard guard(dev);
   const int64_t B_pad = fused_rnn::round_up(static_cast<int>(B), fused_rnn::kBatchPad);
-  bool clustered = false;
+  int cluster_mode = fused_rnn::kClusterNone;
   const fused_rnn::Selection sel =
       checked_plan(cell, st, allow_tf32, H, /*backward=*/false, dev, B_pad, max_groups,
-                   max_stage_k, k_parts, max_blocks, cluster, &clustered);
+                   max_stage_k, k_parts, max_blocks, cluster, team_clusters,
+                   &cluster_mode);
   const Plan& plan = sel.plan;
   at::Tensor hbuf = at::zeros({2, B_pad, plan.k_pad}, h0.options());
   hbuf[0].narrow(0, 0, B).narrow(1, 0, H).copy_(h0);
@@ -233,7 +240,7 @@ std::vector<at::Tensor> forward(int64_t mode, at::Tensor xproj, at::Tensor h0,
   p.aux = has_aux ? aux.data_ptr<float>() : nullptr;
   p.prof = prof_ptr(prof, dev, plan);
   p.stage_copy = checked_stage_copy(stage_copy);
-  p.cluster = clustered ? 1 : 0;
+  p.cluster = cluster_mode;
   const at::Tensor part = part_buffer(plan, B_pad, xproj.options());
   p.part = part.defined() ? part.data_ptr<float>() : nullptr;
 
@@ -259,7 +266,8 @@ std::vector<at::Tensor> backward(int64_t mode, at::Tensor dy, at::Tensor dh_n,
                                  c10::optional<at::Tensor> lengths, bool reverse,
                                  bool allow_tf32, int64_t max_groups, int64_t max_stage_k,
                                  c10::optional<at::Tensor> prof, int64_t stage_copy,
-                                 int64_t k_parts, int64_t max_blocks, int64_t cluster) {
+                                 int64_t k_parts, int64_t max_blocks, int64_t cluster,
+                                 bool team_clusters) {
   const Cell cell = cell_of(mode);
   const int64_t G = fused_rnn::gates_of(cell);
   TORCH_CHECK(dy.is_cuda(), "fused_rnn CUDA backend: inputs must be CUDA tensors, got ",
@@ -284,10 +292,11 @@ std::vector<at::Tensor> backward(int64_t mode, at::Tensor dy, at::Tensor dh_n,
 
   const c10::cuda::CUDAGuard guard(dev);
   const int64_t B_pad = fused_rnn::round_up(static_cast<int>(B), fused_rnn::kBatchPad);
-  bool clustered = false;
+  int cluster_mode = fused_rnn::kClusterNone;
   const fused_rnn::Selection sel =
       checked_plan(cell, st, allow_tf32, H, /*backward=*/true, dev, B_pad, max_groups,
-                   max_stage_k, k_parts, max_blocks, cluster, &clustered);
+                   max_stage_k, k_parts, max_blocks, cluster, team_clusters,
+                   &cluster_mode);
   const Plan& plan = sel.plan;
   at::Tensor dgbuf = at::zeros({2, B_pad, plan.k_pad}, dy.options());
   at::Tensor dh_carry = dh_n.clone();
@@ -319,7 +328,7 @@ std::vector<at::Tensor> backward(int64_t mode, at::Tensor dy, at::Tensor dh_n,
   p.dh0 = dh0.data_ptr<float>();
   p.prof = prof_ptr(prof, dev, plan);
   p.stage_copy = checked_stage_copy(stage_copy);
-  p.cluster = clustered ? 1 : 0;
+  p.cluster = cluster_mode;
   const at::Tensor part = part_buffer(plan, B_pad, gates.options());
   p.part = part.defined() ? part.data_ptr<float>() : nullptr;
 
@@ -365,13 +374,14 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("h0"), py::arg("c0"), py::arg("w_hh"), py::arg("b_hh"), py::arg("lengths"),
         py::arg("reverse"), py::arg("allow_tf32"), py::arg("save"), py::arg("max_groups"),
         py::arg("max_stage_k"), py::arg("prof") = py::none(), py::arg("stage_copy") = 2,
-        py::arg("k_parts") = 1, py::arg("max_blocks") = 0, py::arg("cluster") = 0);
+        py::arg("k_parts") = 1, py::arg("max_blocks") = 0, py::arg("cluster") = 0,
+        py::arg("team_clusters") = false);
   m.def("backward", &backward, "persistent backward over a chunk", py::arg("mode"),
         py::arg("dy"), py::arg("dh_n"), py::arg("dc_n"), py::arg("w_hh"), py::arg("gates"),
         py::arg("aux"), py::arg("c0"), py::arg("hprev"), py::arg("lengths"), py::arg("reverse"),
         py::arg("allow_tf32"), py::arg("max_groups"), py::arg("max_stage_k"),
         py::arg("prof") = py::none(), py::arg("stage_copy") = 2, py::arg("k_parts") = 1,
-        py::arg("max_blocks") = 0, py::arg("cluster") = 0);
+        py::arg("max_blocks") = 0, py::arg("cluster") = 0, py::arg("team_clusters") = false);
   m.def("plan_info", &plan_info, "launch plan (units, blocks, ..., groups, group_blocks)",
         py::arg("mode"), py::arg("math"), py::arg("hidden"), py::arg("backward"),
         py::arg("max_blocks"), py::arg("groups") = 1, py::arg("stage_rows") = 0,

@@ -37,6 +37,17 @@ enum Phase : int {
 constexpr int kProfSlots = kPhases + 3;
 
 // How X is copied into the stage (plan.h staging; rnn_common.cuh chunk_matmul).
+// Which blocks form thread-block clusters (sm_90+), and so which barriers are the cluster's:
+//   kClusterNone:   one cooperative grid; the step barrier and the K parts' barrier are both
+//                   grid.sync();
+//   kClusterGroups: each batch group is one cluster of plan.group_blocks blocks (plan.h
+//                   select_plan_clustered) in an ordinary launch; both barriers are the
+//                   cluster's (groups share nothing);
+//   kClusterTeams:  each K-parts team is one cluster of plan.parts blocks in a cooperative
+//                   launch; the step barrier stays grid.sync(), the parts' barrier (the team
+//                   adding its partial sums) becomes the cluster's.
+enum ClusterMode : int { kClusterNone = 0, kClusterGroups = 1, kClusterTeams = 2 };
+
 enum StageCopy : int {
   kStageRegisters = 0,  // loads into registers, then stores (8 x 16 B in flight per thread)
   kStageAsync = 1,      // cp.async, all of a slice in flight at once, then the matmul
@@ -63,10 +74,8 @@ struct FwdParams {
   int stage_copy;           // StageCopy: how X is copied into the stage
   float* part;              // plan.parts > 1: (parts, B_pad, plan.part_ld) fp32 scratch (the
                             //   K parts' partial sums, plan.h); else nullptr
-  int cluster;              // 0: one cooperative grid, steps end at grid.sync(); else cluster
-                            //   mode (plan.h select_plan_clustered, sm_90+): each batch group
-                            //   is one cluster of plan.group_blocks blocks and steps end at
-                            //   the cluster's barrier
+  int cluster;              // ClusterMode: kClusterNone (one cooperative grid, every barrier a
+                            //   grid.sync()), kClusterGroups or kClusterTeams (sm_90+)
 };
 
 struct BwdParams {
@@ -92,16 +101,16 @@ struct BwdParams {
   int cluster;              // as FwdParams::cluster
 };
 
-// Launch the whole chunk on `stream`: one cooperative grid, or with p.cluster one launch of
-// plan.groups clusters (falling back to the cooperative grid, same plan and same results, where
-// the device cannot hold all the clusters at once). Returns the first CUDA error
+// Launch the whole chunk on `stream`: one cooperative grid, or with p.cluster the clusters it
+// names (falling back to the plain cooperative grid, same plan and same results, where the
+// device cannot hold them all at once or refuses the launch). Returns the first CUDA error
 // (cudaErrorCooperativeLaunchTooLarge when the grid cannot be co-resident). T is the storage
 // type (float, __half, __nv_bfloat16); explicit instantiations live in the .cu files.
 template <Cell C, typename T, Math M>
 cudaError_t launch_forward(const FwdParams& p, cudaStream_t stream);
 
-// How many launches so far ran as clusters (cluster mode, not its cooperative fallback): lets
-// tests see which one ran. Host-side, not synchronised (a diagnostic).
+// How many launches so far ran with clusters (either ClusterMode, not the cooperative
+// fallback): lets tests see which one ran. Host-side, not synchronised (a diagnostic).
 inline long long cluster_launches = 0;
 
 template <Cell C, typename T, Math M>

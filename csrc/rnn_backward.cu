@@ -22,8 +22,7 @@
 // With K parts (plan.h) step 1 is split across a team of blocks along K = G*H and their partial
 // sums meet in p.part after one more grid.sync() (rnn_common.cuh block_step).
 // Padding steps (t >= lengths[b]) pass dh and dc through untouched and write zero dgates.
-// Cluster mode (BwdParams::cluster): each grid.sync() becomes the barrier of the block's cluster,
-// its batch group (rnn_common.cuh StepBarrier).
+// With clusters (BwdParams::cluster): as in rnn_forward.cu (rnn_common.cuh StepBarrier).
 #include "rnn_common.cuh"
 
 namespace fused_rnn {
@@ -143,7 +142,7 @@ __global__ void __launch_bounds__(kThreads, 1) rnn_backward_kernel(const BwdPara
   // The forward step of backward iteration s (s < T).
   const auto step_of = [&](int s) { return p.reverse ? s : p.steps - 1 - s; };
   prefetch_step<C, T>(p, step_of(0), bs);
-  const StepBarrier bar{p.cluster != 0};
+  const StepBarrier bar{p.cluster};
   const size_t buf = (size_t)p.batch_pad * p.plan.k_pad;
   for (int s = 0; s <= p.steps; ++s) {
     const T* din = static_cast<const T*>(p.dgbuf) + (s & 1) * buf;

@@ -456,23 +456,32 @@ __device__ ChunkLayout chunk_matmul(const T* sw, const Plan& pl, const T* x, int
   return ChunkLayout{nfr, ksplit};
 }
 
-// ---- the step barrier ------------------------------------------------------------------------
-// grid.sync() over the cooperative grid, or in cluster mode the barrier of this block's cluster,
-// which holds exactly its batch group: everything a block reads from the exchange and partial
-// buffers was written by blocks of its own group. Both are release/acquire barriers (gpu and
-// cluster scope), so reads after them see every write before them by the blocks they span.
-struct StepBarrier {
-  bool cluster;
-  __device__ __forceinline__ void sync() const {
-    if (cluster) {
+// ---- the barriers -----------------------------------------------------------------------------
+// grid.sync() over the cooperative grid, or the barrier of this block's cluster (ClusterMode,
+// fused_rnn.h): with kClusterGroups the cluster is its batch group, and everything a block reads
+// from the exchange and partial buffers was written by blocks of its own group; with
+// kClusterTeams it is its K-parts team, whose partial sums are all the parts' barrier orders.
+// Both are release/acquire barriers (gpu and cluster scope), so reads after them see every
+// write before them by the blocks they span.
+__device__ __forceinline__ void cluster_sync() {
 #if defined(__CUDA_SIM__) || !defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 900
-      cooperative_groups::this_cluster().sync();
+  cooperative_groups::this_cluster().sync();
 #else
-      __trap();  // clusters need sm_90; the binding selects cluster mode only there
+  __trap();  // clusters need sm_90; the binding selects them only there
 #endif
-    } else {
-      cooperative_groups::this_grid().sync();
-    }
+}
+
+struct StepBarrier {
+  int cluster;  // ClusterMode
+  // The end of a step.
+  __device__ __forceinline__ void sync() const {
+    if (cluster == kClusterGroups) cluster_sync();
+    else cooperative_groups::this_grid().sync();
+  }
+  // After a K-parts team's partial sums are written.
+  __device__ __forceinline__ void parts_sync() const {
+    if (cluster != kClusterNone) cluster_sync();
+    else cooperative_groups::this_grid().sync();
   }
 };
 
@@ -525,7 +534,7 @@ __device__ __forceinline__ BlockState<W> block_state(const Plan& pl, int hidden,
 // team row g*team_units + rank*units + j; backward: g = 0). All threads call it (it synchronises
 // the block).
 // With K parts (part != nullptr) the matmul of all chunks comes first: each chunk's sums for
-// every team row go to part[rank][b][team*m_rows + row]; then the step barrier (every rank's
+// every team row go to part[rank][b][team*m_rows + row]; then the parts' barrier (every rank's
 // partials are written and visible; a team lies within one batch group), and the points read
 // rec(g) as the sum of the parts' partials in rank order. The buffer is reused next step only
 // after the step's closing barrier, so one copy is enough.
@@ -560,7 +569,7 @@ __device__ __forceinline__ void block_step(const BlockState<W>& bs, const Plan& 
     clk.mark(kPhaseEpilogue);
   }
   if (part != nullptr) {
-    bar.sync();
+    bar.parts_sync();
     clk.mark(kPhaseParts);
     const float* in = part + (size_t)bs.team * pl.m_rows + own;
     const size_t rank_stride = (size_t)batch_pad * pl.part_ld;
@@ -610,57 +619,76 @@ cudaError_t launch_cooperative(void (*kernel)(Params), const Params& p, cudaStre
   return cudaGetLastError();
 }
 
-// Cluster mode (p.cluster): plan.groups clusters of plan.group_blocks blocks in one ordinary
-// (not cooperative) launch; clusters never wait for each other. *launched = false, and nothing
-// runs, where the device cannot hold every cluster at once (or refuses the cluster shape):
-// a second wave of clusters would serialise batch groups, so the caller then runs the same plan
-// as one cooperative grid, with the same results.
+// A launch with clusters (p.cluster, fused_rnn.h ClusterMode): kClusterGroups, plan.groups
+// clusters of plan.group_blocks blocks in an ordinary launch (clusters never wait for each
+// other); kClusterTeams, clusters of plan.parts blocks in a cooperative launch. *launched =
+// false, and nothing runs, where the device cannot hold every cluster (every block, for a
+// cooperative grid) at once, or refuses the cluster shape or the launch: the caller then runs
+// the same plan as a plain cooperative grid, with the same results.
 template <typename Params>
 cudaError_t launch_clusters(void (*kernel)(Params), const Params& p, cudaStream_t stream,
                             bool* launched) {
   *launched = false;
+  const bool teams = p.cluster == kClusterTeams;
+  const int size = teams ? p.plan.parts : p.plan.group_blocks;
+  const int needed = p.plan.blocks / size;
   const void* fn = reinterpret_cast<const void*>(kernel);
   FRNN_CUDA_TRY(
       cudaFuncSetAttribute(fn, cudaFuncAttributeMaxDynamicSharedMemorySize, p.plan.smem_bytes));
-  if (p.plan.group_blocks > 8 &&  // past the portable cluster size (H100: up to 16)
+  if (teams) {  // a cooperative grid must be co-resident (as launch_cooperative checks)
+    int device = 0, sms = 0, per_sm = 0;
+    FRNN_CUDA_TRY(cudaGetDevice(&device));
+    FRNN_CUDA_TRY(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
+    FRNN_CUDA_TRY(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kThreads,
+                                                                p.plan.smem_bytes));
+    if (per_sm * sms < p.plan.blocks) return cudaSuccess;
+  }
+  if (size > 8 &&  // past the portable cluster size (H100: up to 16)
       cudaFuncSetAttribute(fn, cudaFuncAttributeNonPortableClusterSizeAllowed, 1) != cudaSuccess) {
     (void)cudaGetLastError();
     return cudaSuccess;
   }
-  cudaLaunchAttribute attr[1];
+  cudaLaunchAttribute attr[2];
   attr[0].id = cudaLaunchAttributeClusterDimension;
-  attr[0].val.clusterDim.x = static_cast<unsigned>(p.plan.group_blocks);
+  attr[0].val.clusterDim.x = static_cast<unsigned>(size);
   attr[0].val.clusterDim.y = 1;
   attr[0].val.clusterDim.z = 1;
+  attr[1].id = cudaLaunchAttributeCooperative;
+  attr[1].val.cooperative = 1;
   cudaLaunchConfig_t cfg = {};
   cfg.gridDim = dim3(p.plan.blocks);
   cfg.blockDim = dim3(kThreads);
   cfg.dynamicSmemBytes = static_cast<size_t>(p.plan.smem_bytes);
   cfg.stream = stream;
   cfg.attrs = attr;
-  cfg.numAttrs = 1;
+  cfg.numAttrs = 1;  // the cluster shape alone for the occupancy query
   int clusters = 0;
   if (cudaOccupancyMaxActiveClusters(&clusters, fn, &cfg) != cudaSuccess) {
     (void)cudaGetLastError();
     return cudaSuccess;
   }
-  if (clusters < p.plan.groups) return cudaSuccess;
+  if (clusters < needed) return cudaSuccess;
+  cfg.numAttrs = teams ? 2 : 1;
   void* args[] = {const_cast<Params*>(&p)};
-  FRNN_CUDA_TRY(cudaLaunchKernelExC(&cfg, fn, args));
+  if (cudaLaunchKernelExC(&cfg, fn, args) != cudaSuccess) {  // refused: nothing was launched
+    (void)cudaGetLastError();
+    return cudaSuccess;
+  }
   *launched = true;
   ++cluster_launches;
   return cudaGetLastError();
 }
 
-// One chunk: as clusters where p.cluster asks and the device holds them, else cooperatively.
+// One chunk: with the clusters p.cluster asks for where the device takes them, else as a plain
+// cooperative grid.
 template <typename Params>
 cudaError_t launch_chunk(void (*kernel)(Params), const Params& p, cudaStream_t stream) {
-  if (p.cluster != 0) {
+  if (p.cluster != kClusterNone) {
     bool launched = false;
     FRNN_CUDA_TRY(launch_clusters(kernel, p, stream, &launched));
     if (launched) return cudaSuccess;
     Params grid = p;
-    grid.cluster = 0;
+    grid.cluster = kClusterNone;
     return launch_cooperative(kernel, grid, stream);
   }
   return launch_cooperative(kernel, p, stream);

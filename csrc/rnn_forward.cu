@@ -16,8 +16,9 @@
 // With K parts (plan.h) step 1 multiplies only this block's K columns for all of its team's
 // units, writes the partial sums to p.part and waits at one more grid.sync(); step 2 then adds
 // the team's partials for its own units (rnn_common.cuh block_step).
-// Cluster mode (FwdParams::cluster) replaces each grid.sync() by the barrier of the block's
-// cluster, which is its batch group: groups share nothing, so the argument above holds per group.
+// With clusters (FwdParams::cluster, fused_rnn.h ClusterMode) a grid.sync() becomes the barrier
+// of the block's cluster: every one if the cluster is its batch group (groups share nothing, so
+// the argument above holds per group), the K parts' one if it is its team.
 #include "rnn_common.cuh"
 
 namespace fused_rnn {
@@ -109,7 +110,7 @@ __global__ void __launch_bounds__(kThreads, 1) rnn_forward_kernel(const FwdParam
   clk.mark(kPhaseLoad);
 
   prefetch_step<C>(p, p.reverse ? p.steps - 1 : 0, bs);
-  const StepBarrier bar{p.cluster != 0};
+  const StepBarrier bar{p.cluster};
   const size_t buf = (size_t)p.batch_pad * p.plan.k_pad;
   for (int s = 0; s < p.steps; ++s) {
     const int t = p.reverse ? p.steps - 1 - s : s;

@@ -151,7 +151,8 @@ def test_k_parts_variant_runs_only_where_cuda_has_parts(monkeypatch):
         == "plan fwd b43 g1 p1 k0, bwd b43 g1 p1 k192"
     monkeypatch.delenv("FUSED_RNN_CUDA_MAX_BLOCKS")
     # cuda-cl8 (batch groups as clusters of at most 8 blocks) runs where a group fits in one:
-    # S5 and S6, not S3's H=1024; the note marks clustered launches.
+    # S5 and S6, not S3's H=1024; the note marks clustered launches. cuda-tc (K-parts teams as
+    # clusters) runs where a launch has parts: S4, not S5.
     assert not bench_gpu._variant_is_moot("cuda-cl8", "LSTM", bench_gpu.SHAPES["S6"], "bf16",
                                           "cuda")
     assert bench_gpu._variant_is_moot("cuda-cl8", "LSTM", bench_gpu.SHAPES["S3"], "bf16", "cuda")
@@ -159,6 +160,12 @@ def test_k_parts_variant_runs_only_where_cuda_has_parts(monkeypatch):
     assert bench_gpu._plan_note(bench_gpu._cuda_plans("LSTM", bench_gpu.SHAPES["S6"], "bf16")) \
         == "plan fwd b32 g4 p1 k256 cl, bwd b32 g4 p1 k1024 cl"
     monkeypatch.delenv("FUSED_RNN_CUDA_CLUSTER")
+    assert not bench_gpu._variant_is_moot("cuda-tc", "LSTM", bench_gpu.SHAPES["S4"], "fp32", "cuda")
+    assert bench_gpu._variant_is_moot("cuda-tc", "LSTM", bench_gpu.SHAPES["S5"], "fp32", "cuda")
+    monkeypatch.setenv("FUSED_RNN_CUDA_TEAM_CLUSTERS", "on")
+    assert bench_gpu._plan_note(bench_gpu._cuda_plans("LSTM", bench_gpu.SHAPES["S4"], "fp32")) \
+        == "plan fwd b128 g1 p4 k224 tc, bwd b128 g1 p8 k304 tc"
+    monkeypatch.delenv("FUSED_RNN_CUDA_TEAM_CLUSTERS")
     # and so do profile_cuda.py's phase rows, per direction
     sys.path.insert(0, str(ROOT / "benchmarks"))
     try:
@@ -194,7 +201,7 @@ def test_gpu_check_turns_k_parts_off_when_their_gpu_tests_fail(tmp_path):
     script = (f'source "{ROOT}/benchmarks/gpu_common.sh" && '
               f'frnn_cluster_failed "{tmp_path / "cluster"}" && '
               f'! frnn_cluster_failed "{tmp_path / "parts"}" && '
-              'frnn_without_clusters cuda,triton,cuda-p1,cuda-cl16,cuda-cl8,cuda-b32')
+              'frnn_without_clusters cuda,triton,cuda-p1,cuda-cl16,cuda-cl8,cuda-tc,cuda-b32')
     r = subprocess.run(["bash", "-c", script], capture_output=True, text=True, check=False)
     assert r.returncode == 0 and r.stdout.strip() == "cuda,triton,cuda-p1,cuda-b32", r
 

@@ -85,7 +85,10 @@ def _run(fn, mode, leaves, dtype, lens, reverse, cots):
 # "cluster8" runs the three batch groups as thread-block clusters of at most 8 blocks, each step
 # ending at the cluster barrier (FUSED_RNN_CUDA_CLUSTER; sm_90, else the grid plan); "-direct"
 # reads h with plain loads after it (no cp.async.cg staging), "-parts4" adds K parts in teams of
-# 4 within each cluster (plain loads of the partial sums after the cluster barrier).
+# 4 within each cluster (plain loads of the partial sums after the cluster barrier);
+# "teamclusters4" runs K-parts teams of 4 as clusters of the cooperative grid
+# (FUSED_RNN_CUDA_TEAM_CLUSTERS; its id says "cluster", not "parts", so that a failure there
+# makes gpu_check.sh drop the cluster variants rather than turn K parts off).
 UNGROUPED = {"FUSED_RNN_CUDA_MAX_GROUPS": "1"}
 SHAPES = {"T5-B3-I7-H37": (5, 3, 7, 37, {}), "T1-B1-I4-H16": (1, 1, 4, 16, {}),
           "T5-B3-I7-H37-slices16": (5, 3, 7, 37, {"FUSED_RNN_CUDA_STAGE_K": "16"}),
@@ -98,6 +101,9 @@ SHAPES = {"T5-B3-I7-H37": (5, 3, 7, 37, {}), "T1-B1-I4-H16": (1, 1, 4, 16, {}),
                                                            "FUSED_RNN_CUDA_STAGE_K": "0"}),
           "T7-B70-I9-H60-cluster8-parts4": (7, 70, 9, 60, {"FUSED_RNN_CUDA_CLUSTER": "8",
                                                            "FUSED_RNN_CUDA_K_PARTS": "4"}),
+          "T7-B70-I9-H60-ungrouped-teamclusters4": (7, 70, 9, 60,
+                                                  {**UNGROUPED, "FUSED_RNN_CUDA_K_PARTS": "4",
+                                                   "FUSED_RNN_CUDA_TEAM_CLUSTERS": "on"}),
           "T7-B70-I9-H24-ungrouped-direct": (7, 70, 9, 24,
                                              {**UNGROUPED, "FUSED_RNN_CUDA_STAGE_K": "0"}),
           "T7-B70-I9-H60-ungrouped-parts4": (7, 70, 9, 60,
@@ -245,12 +251,18 @@ def test_plan_matches_python_mirror(cuda_ext):
                         assert got == want.as_tuple()
 
 
+CLUSTER_SETTINGS = {"groups8": {"FUSED_RNN_CUDA_CLUSTER": "8"},
+                    "groups16": {"FUSED_RNN_CUDA_CLUSTER": "16"},
+                    "teams4": {"FUSED_RNN_CUDA_K_PARTS": "4", "FUSED_RNN_CUDA_TEAM_CLUSTERS": "on"}}
+
+
 @pytest.mark.skipif(STANDIN == "emulate", reason="the emulation has no clusters")
-@pytest.mark.parametrize("size", [8, 16])
-def test_cluster_mode_launches_clusters(cuda_ext, monkeypatch, size):
-    """FUSED_RNN_CUDA_CLUSTER=8 (portable) and 16 (non-portable, H100): LSTM bf16 at B=16,
-    H=256 (S5's width) runs forward and backward as one cluster, not the cooperative fallback,
-    and agrees with the grid plan and the reference."""
+@pytest.mark.parametrize("setting", list(CLUSTER_SETTINGS))
+def test_cluster_mode_launches_clusters(cuda_ext, monkeypatch, setting):
+    """LSTM bf16 at B=16, H=256 (S5's width) runs forward and backward with clusters, not the
+    cooperative fallback, and agrees with the grid plan and the reference: as one cluster of 8
+    (portable) or 16 (non-portable, H100) blocks, or with K-parts teams of 4 as clusters of the
+    cooperative grid."""
     if STANDIN is None and torch.cuda.get_device_capability()[0] < 9:
         pytest.skip(f"thread-block clusters need sm_90, this GPU is "
                     f"sm_{''.join(map(str, torch.cuda.get_device_capability()))}")
@@ -258,7 +270,8 @@ def test_cluster_mode_launches_clusters(cuda_ext, monkeypatch, size):
     leaves, lens, cots = _inputs(mode, 8, 16, 32, 256, dtype, 0, False)
     monkeypatch.delenv("FUSED_RNN_CUDA_CLUSTER", raising=False)
     grid = _run(cuda_backend.rnn_layer, mode, leaves, dtype, lens, False, cots)
-    monkeypatch.setenv("FUSED_RNN_CUDA_CLUSTER", str(size))
+    for key, value in CLUSTER_SETTINGS[setting].items():
+        monkeypatch.setenv(key, value)
     before = cuda_ext.cluster_launches()
     ours = _run(cuda_backend.rnn_layer, mode, leaves, dtype, lens, False, cots)
     assert cuda_ext.cluster_launches() - before == 2, "forward and backward should be clusters"

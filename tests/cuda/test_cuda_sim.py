@@ -195,16 +195,16 @@ MUTANTS = {
     "no-grid-sync-forward": ("rnn_forward.cu", "      bar.sync();", "      (void)bar;"),
     "no-grid-sync-backward": ("rnn_backward.cu", "      bar.sync();", "      (void)bar;"),
 }
-# cluster mode (run with FUSED_RNN_CUDA_CLUSTER=4: the 4 blocks as one cluster): the cluster
-# barrier does nothing
-CLUSTER_MUTANTS = {
-    "no-cluster-sync": ("rnn_common.cuh", "      cooperative_groups::this_cluster().sync();",
-                        "      (void)0;"),
-}
+# clusters: the cluster barrier does nothing, with the 4 blocks as one cluster
+# (FUSED_RNN_CUDA_CLUSTER=4), or with K-parts teams of 2 as clusters of a cooperative grid
+# (FUSED_RNN_CUDA_TEAM_CLUSTERS=on)
+_NO_CLUSTER_SYNC = ("rnn_common.cuh", "  cooperative_groups::this_cluster().sync();", "  (void)0;")
+CLUSTER_MUTANTS = {"no-cluster-sync-groups": _NO_CLUSTER_SYNC,
+                   "no-cluster-sync-teams": _NO_CLUSTER_SYNC}
 # K parts (run with FUSED_RNN_CUDA_K_PARTS=2, H=60): a block adds its team's partial sums
 # before the other ranks have written them
 PART_MUTANTS = {
-    "no-grid-sync-parts": ("rnn_common.cuh", "    bar.sync();\n    clk.mark(kPhaseParts);",
+    "no-grid-sync-parts": ("rnn_common.cuh", "    bar.parts_sync();\n    clk.mark(kPhaseParts);",
                            "    (void)bar;\n    clk.mark(kPhaseParts);"),
     # the partials of the last rank are left out of the sum
     "parts-sum-short": ("rnn_common.cuh", "if (r < pl.parts) acc += v[r];",
@@ -234,11 +234,13 @@ STAGE_CASES = [f"{name}@{k}" for name in STAGE_MUTANTS for k in ("16", "32")]
 def test_races_are_caught(install, monkeypatch, tmp_path, name):
     monkeypatch.setenv("FUSED_RNN_CUDA_MAX_GROUPS", "1")  # two batch chunks per block
     shape = dict(B=70, T=3)
-    if name in PART_MUTANTS:
+    if name in PART_MUTANTS or name == "no-cluster-sync-teams":
         monkeypatch.setenv("FUSED_RNN_CUDA_K_PARTS", "2")
         shape["H"] = 60
-    if name in CLUSTER_MUTANTS:
+    if name == "no-cluster-sync-groups":
         monkeypatch.setenv("FUSED_RNN_CUDA_CLUSTER", "4")
+    if name == "no-cluster-sync-teams":
+        monkeypatch.setenv("FUSED_RNN_CUDA_TEAM_CLUSTERS", "on")
     if "@" in name:
         name, stage_k = name.split("@")
         monkeypatch.setenv("FUSED_RNN_CUDA_STAGE_K", stage_k)  # several K slices per chunk
@@ -567,6 +569,36 @@ def test_cluster_mode_gives_the_grid_plans_bits(install, monkeypatch, mode, dt, 
         assert [{**pl, "cluster": 0} for pl in plans] == grid_plans
         for i, (a, b) in enumerate(zip(grid, run, strict=True)):
             assert torch.equal(a, b), f"{order}/{cp_async}: tensor {i} differs from the grid's"
+
+
+@pytest.mark.parametrize("mode,dt", [("LSTM", "tf32"), ("GRU", "bf16")])
+def test_team_clusters_give_the_grid_plans_bits(install, monkeypatch, mode, dt):
+    """FUSED_RNN_CUDA_TEAM_CLUSTERS=on: K-parts teams of 2 (H=60, B=40: two batch groups of four
+    blocks) as clusters of a cooperative grid; the partial sums meet at the team's barrier,
+    each step still ends at grid.sync(). Same plan, same bits as the plain grid, in four
+    orders; forward and backward both ran with clusters."""
+    monkeypatch.setenv("FUSED_RNN_CUDA_K_PARTS", "2")
+    monkeypatch.delenv("FUSED_RNN_CUDA_TEAM_CLUSTERS", raising=False)
+    install(sms=8)
+    grid = _layer(mode, dt, B=40, T=3, H=60)
+    monkeypatch.setenv("FUSED_RNN_CUDA_TEAM_CLUSTERS", "on")
+    for order, seed, cp_async in (("ascending", 0, "late"), ("descending", 0, "early"),
+                                  ("shuffle", 1, "late"), ("shuffle", 2, "early")):
+        sim = install(sms=8, order=order, seed=seed, cp_async=cp_async)
+        before = sim.cluster_launches()
+        run = _layer(mode, dt, B=40, T=3, H=60)
+        assert sim.cluster_launches() - before == 2
+        assert [(pl["cluster"], pl["parts"]) for _, _, pl in sim.launches] == [(2, 2), (2, 2)]
+        for i, (a, b) in enumerate(zip(grid, run, strict=True)):
+            assert torch.equal(a, b), f"{order}/{cp_async}: tensor {i} differs from the grid's"
+    # without K parts there is no team: the plain grid runs
+    monkeypatch.setenv("FUSED_RNN_CUDA_K_PARTS", "1")
+    sim = install(sms=8)
+    _layer(mode, dt, B=40, T=3, H=60)
+    assert {pl["cluster"] for _, _, pl in sim.launches} == {0}
+    monkeypatch.setenv("FUSED_RNN_CUDA_TEAM_CLUSTERS", "yes")
+    with pytest.raises(ValueError, match="FUSED_RNN_CUDA_TEAM_CLUSTERS must be 'off' or 'on'"):
+        _layer(mode, dt)
 
 
 def test_cluster_mode_falls_back_to_the_grid(install, monkeypatch):

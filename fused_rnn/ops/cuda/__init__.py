@@ -26,7 +26,9 @@ slice). ``FUSED_RNN_CUDA_MAX_BLOCKS`` caps the grid (default ``auto``: up to one
 fewer, fatter blocks trade a cheaper grid sync for more matmul per block; a cap the W_hh slices
 do not fit under is raised to the fewest blocks that fit). ``FUSED_RNN_CUDA_CLUSTER`` (``off``,
 or 1..16 on sm_90) runs each batch group that fits on that many blocks as a thread-block
-cluster whose steps end at the cluster barrier instead of ``grid.sync()``. bf16/fp16 use
+cluster whose steps end at the cluster barrier instead of ``grid.sync()``;
+``FUSED_RNN_CUDA_TEAM_CLUSTERS=on`` makes each K-parts team a cluster, whose barrier then
+replaces the parts' second ``grid.sync()`` of a step. bf16/fp16 use
 tensor cores (WMMA) with fp32 accumulation; fp32 uses TF32 tensor cores exactly when
 ``torch.backends.cudnn.allow_tf32`` is true (as nn.LSTM does), else plain fp32 FMA. The LSTM
 cell state and every activation saved for backward are fp32. Size limits (largest H that fits on

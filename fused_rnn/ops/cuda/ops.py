@@ -101,6 +101,19 @@ def cluster() -> int:
     return value
 
 
+def team_clusters() -> bool:
+    """K-parts teams as thread-block clusters (fused_rnn.h kClusterTeams), from
+    ``FUSED_RNN_CUDA_TEAM_CLUSTERS``: ``off`` (default) or ``on``: where a launch has K parts and
+    cluster mode did not take it, each team of 2-8 blocks is one cluster of a cooperative grid,
+    and the barrier after the partial sums is the team's instead of a second ``grid.sync()``
+    (sm_90+; elsewhere, or where the device refuses, the plain grid). Same plan, same bits.
+    Read at every call, like :func:`max_groups`."""
+    raw = os.environ.get("FUSED_RNN_CUDA_TEAM_CLUSTERS", "off")
+    if raw not in ("off", "on"):
+        raise ValueError(f"FUSED_RNN_CUDA_TEAM_CLUSTERS must be 'off' or 'on', got {raw!r}")
+    return raw == "on"
+
+
 def max_stage_k() -> int:
     """The most K columns per X staging slice (plan.h: staging), from
     ``FUSED_RNN_CUDA_STAGE_K``: ``auto`` (default: as many as fit), ``0`` (no staging: the MMAs
@@ -207,6 +220,7 @@ def _layer_forward_impl(
         k_parts(),
         max_blocks(),
         cluster(),
+        team_clusters(),
     )
     gates = xproj if save else x.new_empty((0,), dtype=cd)
     return y, h_n, c_n, gates, aux
@@ -345,6 +359,7 @@ def _layer_backward_impl(
             k_parts(),
             max_blocks(),
             cluster(),
+            team_clusters(),
         )
         # GRU: the recurrent side of the n gate is r * dn (b_hn sits inside r * (.)).
         dgh = torch.cat([dgx[..., : 2 * H], dghn], dim=-1) if mode == "GRU" else dgx

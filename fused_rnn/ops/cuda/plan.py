@@ -84,9 +84,10 @@ class Plan:
     parts: int  # K parts (plan.h): blocks per team sharing one matmul along K; 1 = none
     k_part: int  # K columns per team rank
     part_ld: int  # floats per batch row of the partial buffer (0 without parts)
-    # Not a plan.h field: the launch runs as clusters (select_plan_clustered found this plan;
-    # the binding's FwdParams/BwdParams::cluster). Left out of as_tuple().
-    clustered: bool = False
+    # Not a plan.h field: which blocks of the launch form clusters (fused_rnn.h ClusterMode,
+    # FwdParams/BwdParams::cluster): CLUSTER_GROUPS where select_plan_clustered found this
+    # plan, CLUSTER_TEAMS for K-parts teams. Left out of as_tuple().
+    cluster: int = 0
 
     def as_tuple(self) -> tuple[int, ...]:
         return tuple(getattr(self, f) for f in PLAN_FIELDS)
@@ -171,6 +172,7 @@ def step_bytes(p: Plan, math: int, rows: int) -> int:
 
 
 K_MAX_PARTS = 8
+CLUSTER_NONE, CLUSTER_GROUPS, CLUSTER_TEAMS = 0, 1, 2  # fused_rnn.h ClusterMode
 
 
 def choose_parts(cell: int, math: int, hidden: int, backward: bool, max_blocks: int,
@@ -261,7 +263,7 @@ def select_plan_clustered(cell: int, is_16bit: bool, allow_tf32: bool, hidden: i
                                   max_stage_k, k_parts)
             if (math == full[0] and p.groups == g and p.group_blocks <= cluster_max
                     and p.smem_bytes <= smem_limit):
-                return True, math, replace(p, clustered=True)
+                return True, math, replace(p, cluster=CLUSTER_GROUPS)
         g -= 1
     return False, *full
 

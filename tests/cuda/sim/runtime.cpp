@@ -492,11 +492,18 @@ cudaError_t run_launch(const void* func, dim3 grid, dim3 block, void** args, siz
   return cudaSuccess;
 }
 
-// The cluster size a launch config asks for (0: none); false if it is malformed.
-bool cluster_of(const cudaLaunchConfig_t* config, const void* func, unsigned* cluster) {
+// The cluster size a launch config asks for (0: none) and whether it is cooperative; false if
+// it is malformed.
+bool cluster_of(const cudaLaunchConfig_t* config, const void* func, unsigned* cluster,
+                bool* cooperative) {
   *cluster = 0;
+  *cooperative = false;
   for (unsigned i = 0; i < config->numAttrs; ++i) {
     const cudaLaunchAttribute& a = config->attrs[i];
+    if (a.id == cudaLaunchAttributeCooperative) {
+      *cooperative = a.val.cooperative != 0;
+      continue;
+    }
     if (a.id != cudaLaunchAttributeClusterDimension) return false;  // nothing else is modelled
     if (a.val.clusterDim.y != 1 || a.val.clusterDim.z != 1 || a.val.clusterDim.x == 0)
       return false;
@@ -519,16 +526,19 @@ cudaError_t cudaLaunchCooperativeKernel(const void* func, dim3 grid, dim3 block,
 cudaError_t cudaLaunchKernelExC(const cudaLaunchConfig_t* config, const void* func,
                                 void** args) {
   unsigned cluster = 0;
-  if (!cudasim::cluster_of(config, func, &cluster))
+  bool cooperative = false;
+  if (!cudasim::cluster_of(config, func, &cluster, &cooperative))
     return cudasim::t_last_error = cudaErrorInvalidValue;
   return cudasim::run_launch(func, config->gridDim, config->blockDim, args,
-                             config->dynamicSmemBytes, /*cooperative=*/false, cluster);
+                             config->dynamicSmemBytes, cooperative, cluster);
 }
 
 cudaError_t cudaOccupancyMaxActiveClusters(int* clusters, const void* func,
                                            const cudaLaunchConfig_t* config) {
   unsigned cluster = 0;
-  if (!cudasim::cluster_of(config, func, &cluster) || cluster == 0) return cudaErrorInvalidValue;
+  bool cooperative = false;
+  if (!cudasim::cluster_of(config, func, &cluster, &cooperative) || cluster == 0)
+    return cudaErrorInvalidValue;
   if (g_config.max_clusters >= 0) {
     *clusters = g_config.max_clusters;
     return cudaSuccess;

@@ -20,7 +20,7 @@ std::string g_error;  // the last entry point's failure
 // Returns false (and sets g_error) when the binding would refuse.
 bool checked_plan(int cell, int dtype, int allow_tf32, int hidden, bool backward, int batch_pad,
                   int max_groups, int max_stage_k, int k_parts, int max_blocks,
-                  int cluster_max, fused_rnn::Selection* sel, bool* clustered) {
+                  int cluster_max, int team_clusters, fused_rnn::Selection* sel, int* mode) {
   const cudasim::Config& c = cudasim::config();
   if (cell < 0 || cell > 3 || dtype < 0 || dtype > 2 || hidden <= 0 || max_groups < 1 ||
       batch_pad <= 0 || batch_pad % fused_rnn::kBatchPad != 0 || max_stage_k < 0 ||
@@ -29,18 +29,20 @@ bool checked_plan(int cell, int dtype, int allow_tf32, int hidden, bool backward
               "cluster";
     return false;
   }
-  *clustered = false;
+  *mode = fused_rnn::kClusterNone;
   if (cluster_max > 0) {  // the simulated device is sm_90
     const fused_rnn::ClusterSelection cs = fused_rnn::select_plan_clustered(
         static_cast<Cell>(cell), dtype != 0, allow_tf32 != 0, hidden, backward, c.sms,
         c.smem_optin, batch_pad, max_groups, max_stage_k, k_parts, cluster_max);
-    *clustered = cs.found;
+    if (cs.found) *mode = fused_rnn::kClusterGroups;
     *sel = cs.sel;
   }
-  if (!*clustered)
+  if (*mode == fused_rnn::kClusterNone) {
     *sel = fused_rnn::select_plan_capped(static_cast<Cell>(cell), dtype != 0, allow_tf32 != 0,
                                          hidden, backward, c.sms, c.smem_optin, batch_pad,
                                          max_groups, max_stage_k, k_parts, max_blocks);
+    if (team_clusters != 0 && sel->plan.parts > 1) *mode = fused_rnn::kClusterTeams;
+  }
   if (sel->plan.smem_bytes > c.smem_optin) {
     g_error = "hidden size needs more shared memory than the device allows";
     return false;
@@ -64,13 +66,13 @@ template <typename Params>
 bool fill_common(Params& p, fused_rnn::Selection& sel, int cell, int dtype, int allow_tf32,
                  int steps, int batch, int hidden, int batch_pad, int reverse, bool backward,
                  int max_groups, int max_stage_k, int k_parts, int max_blocks, int cluster_max,
-                 const void* w_hh, const int* lengths, long long* prof, int stage_copy,
-                 float* part) {
-  bool clustered = false;
+                 int team_clusters, const void* w_hh, const int* lengths, long long* prof,
+                 int stage_copy, float* part) {
+  int mode = fused_rnn::kClusterNone;
   if (!checked_plan(cell, dtype, allow_tf32, hidden, backward, batch_pad, max_groups,
-                    max_stage_k, k_parts, max_blocks, cluster_max, &sel, &clustered))
+                    max_stage_k, k_parts, max_blocks, cluster_max, team_clusters, &sel, &mode))
     return false;
-  p.cluster = clustered ? 1 : 0;
+  p.cluster = mode;
   p.plan = sel.plan;
   p.steps = steps;
   p.batch = batch;
@@ -109,21 +111,21 @@ int sim_configure(int sms, int smem_optin, int smem_per_sm, int order, uint64_t 
 
 const char* sim_last_error() { return g_error.c_str(); }
 
-// out[0..20]: math, then Plan's fields in declaration order (units .. part_ld), then 1 in
-// cluster mode.
+// out[0..20]: math, then Plan's fields in declaration order (units .. part_ld), then the
+// ClusterMode.
 int sim_plan(int cell, int dtype, int allow_tf32, int hidden, int backward, int batch_pad,
              int max_groups, int max_stage_k, int k_parts, int max_blocks, int cluster_max,
-             int* out) {
+             int team_clusters, int* out) {
   fused_rnn::Selection sel{};
-  bool clustered = false;
+  int mode = fused_rnn::kClusterNone;
   if (!checked_plan(cell, dtype, allow_tf32, hidden, backward != 0, batch_pad, max_groups,
-                    max_stage_k, k_parts, max_blocks, cluster_max, &sel, &clustered))
+                    max_stage_k, k_parts, max_blocks, cluster_max, team_clusters, &sel, &mode))
     return 1;
   const Plan& p = sel.plan;
   const int v[] = {static_cast<int>(sel.math), p.units, p.blocks, p.m_rows, p.m_pad, p.k, p.k_pad,
                    p.ldw, p.slots, p.slot_floats, p.w_bytes, p.smem_bytes, p.groups,
                    p.group_blocks, p.stage_rows, p.stage_k, p.stage_ld, p.parts, p.k_part,
-                   p.part_ld, static_cast<int>(clustered)};
+                   p.part_ld, mode};
   for (int i = 0; i < 21; ++i) out[i] = v[i];
   return 0;
 }
@@ -147,7 +149,8 @@ int sim_make_plan(int cell, int math, int hidden, int backward, int max_blocks, 
 
 int sim_forward(int cell, int dtype, int allow_tf32, int steps, int batch, int hidden,
                 int batch_pad, int reverse, int save, int max_groups, int max_stage_k,
-                int k_parts, int max_blocks, int cluster_max, const void* w_hh,
+                int k_parts, int max_blocks, int cluster_max, int team_clusters,
+                const void* w_hh,
                 const float* b_hh,
                 const int* lengths,
                 float* xproj, void* hbuf, float* cbuf, void* y, float* aux, long long* prof,
@@ -155,7 +158,8 @@ int sim_forward(int cell, int dtype, int allow_tf32, int steps, int batch, int h
   fused_rnn::FwdParams p{};
   fused_rnn::Selection sel{};
   if (!fill_common(p, sel, cell, dtype, allow_tf32, steps, batch, hidden, batch_pad, reverse,
-                   false, max_groups, max_stage_k, k_parts, max_blocks, cluster_max, w_hh,
+                   false, max_groups, max_stage_k, k_parts, max_blocks, cluster_max,
+                   team_clusters, w_hh,
                    lengths, prof,
                    stage_copy,
                    part))
@@ -177,14 +181,15 @@ int sim_forward(int cell, int dtype, int allow_tf32, int steps, int batch, int h
 
 int sim_backward(int cell, int dtype, int allow_tf32, int steps, int batch, int hidden,
                  int batch_pad, int reverse, int max_groups, int max_stage_k, int k_parts,
-                 int max_blocks, int cluster_max, const void* w_hh, const int* lengths, const void* dy, const float* gates,
+                 int max_blocks, int cluster_max, int team_clusters, const void* w_hh, const int* lengths, const void* dy, const float* gates,
                  const float* aux, const float* c0, const void* hprev, void* dgbuf,
                  float* dh_carry, float* dc_carry, float* dgx, float* dghn, float* dh0,
                  long long* prof, int stage_copy, float* part) {
   fused_rnn::BwdParams p{};
   fused_rnn::Selection sel{};
   if (!fill_common(p, sel, cell, dtype, allow_tf32, steps, batch, hidden, batch_pad, reverse,
-                   true, max_groups, max_stage_k, k_parts, max_blocks, cluster_max, w_hh,
+                   true, max_groups, max_stage_k, k_parts, max_blocks, cluster_max,
+                   team_clusters, w_hh,
                    lengths, prof,
                    stage_copy,
                    part))

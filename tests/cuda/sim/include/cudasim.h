@@ -139,8 +139,9 @@ cudaError_t cudaOccupancyMaxActiveBlocksPerMultiprocessor(int* blocks, Kernel fu
 cudaError_t cudaLaunchCooperativeKernel(const void* func, dim3 grid, dim3 block, void** args,
                                         size_t smem, cudaStream_t stream);
 // Cluster launches: a cluster of at most 8 blocks (16 with the non-portable attribute), the
-// grid a multiple of it; how many clusters fit at once is Config::max_clusters, or by
-// occupancy (sms / cluster size, shared memory permitting) when that is negative.
+// grid a multiple of it, cooperative (grid.sync() allowed) with cudaLaunchAttributeCooperative;
+// how many clusters fit at once is Config::max_clusters, or by occupancy (sms / cluster size,
+// shared memory permitting) when that is negative.
 cudaError_t cudaLaunchKernelExC(const cudaLaunchConfig_t* config, const void* func, void** args);
 cudaError_t cudaOccupancyMaxActiveClusters(int* clusters, const void* func,
                                            const cudaLaunchConfig_t* config);
