@@ -648,7 +648,7 @@ cudaError_t launch_clusters(void (*kernel)(Params), const Params& p, cudaStream_
     (void)cudaGetLastError();
     return cudaSuccess;
   }
-  cudaLaunchAttribute attr[2];
+  cudaLaunchAttribute attr[2] = {};
   attr[0].id = cudaLaunchAttributeClusterDimension;
   attr[0].val.clusterDim.x = static_cast<unsigned>(size);
   attr[0].val.clusterDim.y = 1;

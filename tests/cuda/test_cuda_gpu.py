@@ -251,26 +251,31 @@ def test_plan_matches_python_mirror(cuda_ext):
                         assert got == want.as_tuple()
 
 
-CLUSTER_SETTINGS = {"groups8": {"FUSED_RNN_CUDA_CLUSTER": "8"},
-                    "groups16": {"FUSED_RNN_CUDA_CLUSTER": "16"},
-                    "teams4": {"FUSED_RNN_CUDA_K_PARTS": "4", "FUSED_RNN_CUDA_TEAM_CLUSTERS": "on"}}
+# (environment, H). Team clusters at H=64: 32 blocks of 2 units on an H100, 8 teams of 4, few
+# enough clusters that any sm_90 part holds them all at once (128 blocks in clusters of 8 may
+# not fit: clusters must sit within one GPC, and then the launch falls back to the plain grid).
+CLUSTER_SETTINGS = {"groups8": ({"FUSED_RNN_CUDA_CLUSTER": "8"}, 256),
+                    "groups16": ({"FUSED_RNN_CUDA_CLUSTER": "16"}, 256),
+                    "teams4": ({"FUSED_RNN_CUDA_K_PARTS": "4",
+                                "FUSED_RNN_CUDA_TEAM_CLUSTERS": "on"}, 64)}
 
 
 @pytest.mark.skipif(STANDIN == "emulate", reason="the emulation has no clusters")
 @pytest.mark.parametrize("setting", list(CLUSTER_SETTINGS))
 def test_cluster_mode_launches_clusters(cuda_ext, monkeypatch, setting):
-    """LSTM bf16 at B=16, H=256 (S5's width) runs forward and backward with clusters, not the
-    cooperative fallback, and agrees with the grid plan and the reference: as one cluster of 8
-    (portable) or 16 (non-portable, H100) blocks, or with K-parts teams of 4 as clusters of the
-    cooperative grid."""
+    """LSTM bf16 at B=16 runs forward and backward with clusters, not the cooperative fallback,
+    and agrees with the grid plan and the reference: at H=256 (S5's width) as one cluster of 8
+    (portable) or 16 (non-portable, H100) blocks, at H=64 with K-parts teams of 4 as clusters
+    of the cooperative grid."""
     if STANDIN is None and torch.cuda.get_device_capability()[0] < 9:
         pytest.skip(f"thread-block clusters need sm_90, this GPU is "
                     f"sm_{''.join(map(str, torch.cuda.get_device_capability()))}")
     mode, dtype = "LSTM", torch.bfloat16
-    leaves, lens, cots = _inputs(mode, 8, 16, 32, 256, dtype, 0, False)
+    env, H = CLUSTER_SETTINGS[setting]
+    leaves, lens, cots = _inputs(mode, 8, 16, 32, H, dtype, 0, False)
     monkeypatch.delenv("FUSED_RNN_CUDA_CLUSTER", raising=False)
     grid = _run(cuda_backend.rnn_layer, mode, leaves, dtype, lens, False, cots)
-    for key, value in CLUSTER_SETTINGS[setting].items():
+    for key, value in env.items():
         monkeypatch.setenv(key, value)
     before = cuda_ext.cluster_launches()
     ours = _run(cuda_backend.rnn_layer, mode, leaves, dtype, lens, False, cots)
