@@ -37,7 +37,6 @@ import subprocess
 import sys
 import time
 import warnings
-from dataclasses import replace
 from pathlib import Path
 from unittest import mock
 
@@ -210,21 +209,11 @@ def _cuda_plans(mode, shape, dtype_name) -> list | None:
     is16 = dtype_name in ("bf16", "fp16")
     tf32 = dtype_name == "fp32" and torch.backends.cudnn.allow_tf32
     b_pad = -(-B // P.K_BATCH_PAD) * P.K_BATCH_PAD
-    sms = props.multi_processor_count
-    args = (P.CELLS[mode], is16, tf32, H)
-    knobs = (b_pad, ops.max_groups(), ops.max_stage_k(), ops.k_parts())
-    plans = []
-    for bw in (False, True):
-        if ops.cluster() and getattr(props, "major", 0) >= 9:  # as the binding's checked_plan
-            found, _, plan = P.select_plan_clustered(*args, bw, sms, smem, *knobs, ops.cluster())
-            if found:
-                plans.append(plan)
-                continue
-        plan = P.select_plan_capped(*args, bw, sms, smem, *knobs, ops.max_blocks())[1]
-        if ops.team_clusters() and getattr(props, "major", 0) >= 9 and plan.parts > 1:
-            plan = replace(plan, cluster=P.CLUSTER_TEAMS)
-        plans.append(plan)
-    return plans
+    return [P.choose_launch(P.CELLS[mode], is16, tf32, H, bw, props.multi_processor_count, smem,
+                            b_pad, ops.max_groups(), ops.max_stage_k(), ops.k_parts(),
+                            ops.max_blocks(), ops.cluster(), ops.team_clusters(),
+                            getattr(props, "major", 0) >= 9)[1]
+            for bw in (False, True)]
 
 
 # The plan notes' marks for FwdParams::cluster (fused_rnn.h ClusterMode): none, batch groups as

@@ -109,11 +109,8 @@ fused_rnn::Storage storage_of(c10::ScalarType st) {
                              : fused_rnn::Storage::kFloat32;
 }
 
-// The math and launch plan (plan.h: select_plan_capped; max_blocks 0 = one block per SM; with
-// cluster > 0 on sm_90+, select_plan_clustered first), checked against this device's shared
-// memory, and which blocks form clusters (*mode, fused_rnn.h ClusterMode): the batch groups
-// where select_plan_clustered found a plan, else with team_clusters on sm_90+ the K-parts teams
-// of a plan with parts.
+// The math, the launch plan and which blocks form clusters (*mode, ClusterMode): plan.h
+// choose_launch for this device, checked against its shared memory.
 // The Python side refuses unsupported sizes before getting here (unsupported_reason); this is
 // the backstop.
 fused_rnn::Selection checked_plan(Cell cell, c10::ScalarType st, bool allow_tf32, int64_t hidden,
@@ -142,23 +139,13 @@ fused_rnn::Selection checked_plan(Cell cell, c10::ScalarType st, bool allow_tf32
   const int groups_cap = static_cast<int>(std::min<int64_t>(max_groups, 1 << 16));
   const int stage_cap = static_cast<int>(std::min<int64_t>(max_stage_k, 1 << 30));
   const int parts_cap = static_cast<int>(std::min<int64_t>(k_parts, 1 << 16));
-  fused_rnn::Selection sel{};
-  *mode = fused_rnn::kClusterNone;
-  if (cluster > 0 && d.major >= 9) {
-    const fused_rnn::ClusterSelection cs = fused_rnn::select_plan_clustered(
-        cell, st != at::kFloat, allow_tf32, static_cast<int>(hidden), backward, d.sms,
-        d.smem_optin, static_cast<int>(batch_pad), groups_cap, stage_cap, parts_cap,
-        static_cast<int>(cluster));
-    if (cs.found) *mode = fused_rnn::kClusterGroups;
-    sel = cs.sel;
-  }
-  if (*mode == fused_rnn::kClusterNone) {
-    sel = fused_rnn::select_plan_capped(
-        cell, st != at::kFloat, allow_tf32, static_cast<int>(hidden), backward, d.sms,
-        d.smem_optin, static_cast<int>(batch_pad), groups_cap, stage_cap, parts_cap,
-        static_cast<int>(std::min<int64_t>(max_blocks, 1 << 16)));
-    if (team_clusters && d.major >= 9 && sel.plan.parts > 1) *mode = fused_rnn::kClusterTeams;
-  }
+  const fused_rnn::LaunchChoice choice = fused_rnn::choose_launch(
+      cell, st != at::kFloat, allow_tf32, static_cast<int>(hidden), backward, d.sms,
+      d.smem_optin, static_cast<int>(batch_pad), groups_cap, stage_cap, parts_cap,
+      static_cast<int>(std::min<int64_t>(max_blocks, 1 << 16)), static_cast<int>(cluster),
+      team_clusters, /*has_clusters=*/d.major >= 9);
+  const fused_rnn::Selection& sel = choice.sel;
+  *mode = choice.cluster;
   const Plan& plan = sel.plan;
   TORCH_CHECK(plan.smem_bytes <= d.smem_optin, "fused_rnn CUDA backend: hidden_size=", hidden,
               " needs ", plan.smem_bytes, " bytes of shared memory per block (", plan.blocks,

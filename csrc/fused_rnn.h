@@ -37,17 +37,6 @@ enum Phase : int {
 constexpr int kProfSlots = kPhases + 3;
 
 // How X is copied into the stage (plan.h staging; rnn_common.cuh chunk_matmul).
-// Which blocks form thread-block clusters (sm_90+), and so which barriers are the cluster's:
-//   kClusterNone:   one cooperative grid; the step barrier and the K parts' barrier are both
-//                   grid.sync();
-//   kClusterGroups: each batch group is one cluster of plan.group_blocks blocks (plan.h
-//                   select_plan_clustered) in an ordinary launch; both barriers are the
-//                   cluster's (groups share nothing);
-//   kClusterTeams:  each K-parts team is one cluster of plan.parts blocks in a cooperative
-//                   launch; the step barrier stays grid.sync(), the parts' barrier (the team
-//                   adding its partial sums) becomes the cluster's.
-enum ClusterMode : int { kClusterNone = 0, kClusterGroups = 1, kClusterTeams = 2 };
-
 enum StageCopy : int {
   kStageRegisters = 0,  // loads into registers, then stores (8 x 16 B in flight per thread)
   kStageAsync = 1,      // cp.async, all of a slice in flight at once, then the matmul

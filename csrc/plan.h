@@ -330,4 +330,42 @@ FRNN_HD constexpr ClusterSelection select_plan_clustered(Cell cell, bool is_16bi
   return ClusterSelection{false, full};
 }
 
+// Which blocks form thread-block clusters (sm_90+), and so which barriers are the cluster's:
+//   kClusterNone:   one cooperative grid; the step barrier and the K parts' barrier are both
+//                   grid.sync();
+//   kClusterGroups: each batch group is one cluster of plan.group_blocks blocks (plan.h
+//                   select_plan_clustered) in an ordinary launch; both barriers are the
+//                   cluster's (groups share nothing);
+//   kClusterTeams:  each K-parts team is one cluster of plan.parts blocks in a cooperative
+//                   launch; the step barrier stays grid.sync(), the parts' barrier (the team
+//                   adding its partial sums) becomes the cluster's.
+enum ClusterMode : int { kClusterNone = 0, kClusterGroups = 1, kClusterTeams = 2 };
+
+// What a launch runs with, every setting applied: binding.cpp's checked_plan and cudasim's
+// (tests/cuda/sim/sim_api.cpp) call this one function. cluster_max > 0 (FUSED_RNN_CUDA_CLUSTER)
+// tries select_plan_clustered first; otherwise select_plan_capped (max_blocks 0 = no cap) and,
+// with team_clusters (FUSED_RNN_CUDA_TEAM_CLUSTERS) and K parts, teams as clusters. Clusters
+// only where has_clusters (sm_90+).
+struct LaunchChoice {
+  Selection sel;
+  int cluster;  // ClusterMode
+};
+FRNN_HD constexpr LaunchChoice choose_launch(Cell cell, bool is_16bit, bool allow_tf32,
+                                             int hidden, bool backward, int sms, int smem_limit,
+                                             int batch_pad, int max_groups, int max_stage_k,
+                                             int k_parts, int max_blocks, int cluster_max,
+                                             bool team_clusters, bool has_clusters) {
+  if (has_clusters && cluster_max > 0) {
+    const ClusterSelection cs =
+        select_plan_clustered(cell, is_16bit, allow_tf32, hidden, backward, sms, smem_limit,
+                              batch_pad, max_groups, max_stage_k, k_parts, cluster_max);
+    if (cs.found) return LaunchChoice{cs.sel, kClusterGroups};
+  }
+  const Selection sel = select_plan_capped(cell, is_16bit, allow_tf32, hidden, backward, sms,
+                                           smem_limit, batch_pad, max_groups, max_stage_k,
+                                           k_parts, max_blocks);
+  const bool teams = has_clusters && team_clusters && sel.plan.parts > 1;
+  return LaunchChoice{sel, teams ? kClusterTeams : kClusterNone};
+}
+
 }  // namespace fused_rnn

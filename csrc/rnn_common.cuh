@@ -458,7 +458,7 @@ __device__ ChunkLayout chunk_matmul(const T* sw, const Plan& pl, const T* x, int
 
 // ---- the barriers -----------------------------------------------------------------------------
 // grid.sync() over the cooperative grid, or the barrier of this block's cluster (ClusterMode,
-// fused_rnn.h): with kClusterGroups the cluster is its batch group, and everything a block reads
+// plan.h): with kClusterGroups the cluster is its batch group, and everything a block reads
 // from the exchange and partial buffers was written by blocks of its own group; with
 // kClusterTeams it is its K-parts team, whose partial sums are all the parts' barrier orders.
 // Both are release/acquire barriers (gpu and cluster scope), so reads after them see every
@@ -619,7 +619,7 @@ cudaError_t launch_cooperative(void (*kernel)(Params), const Params& p, cudaStre
   return cudaGetLastError();
 }
 
-// A launch with clusters (p.cluster, fused_rnn.h ClusterMode): kClusterGroups, plan.groups
+// A launch with clusters (p.cluster, plan.h ClusterMode): kClusterGroups, plan.groups
 // clusters of plan.group_blocks blocks in an ordinary launch (clusters never wait for each
 // other); kClusterTeams, clusters of plan.parts blocks in a cooperative launch. *launched =
 // false, and nothing runs, where the device cannot hold every cluster (every block, for a

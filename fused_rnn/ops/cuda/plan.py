@@ -84,9 +84,8 @@ class Plan:
     parts: int  # K parts (plan.h): blocks per team sharing one matmul along K; 1 = none
     k_part: int  # K columns per team rank
     part_ld: int  # floats per batch row of the partial buffer (0 without parts)
-    # Not a plan.h field: which blocks of the launch form clusters (fused_rnn.h ClusterMode,
-    # FwdParams/BwdParams::cluster): CLUSTER_GROUPS where select_plan_clustered found this
-    # plan, CLUSTER_TEAMS for K-parts teams. Left out of as_tuple().
+    # Not a plan.h field: which blocks of the launch form clusters (plan.h ClusterMode,
+    # FwdParams/BwdParams::cluster; choose_launch sets it). Left out of as_tuple().
     cluster: int = 0
 
     def as_tuple(self) -> tuple[int, ...]:
@@ -172,7 +171,7 @@ def step_bytes(p: Plan, math: int, rows: int) -> int:
 
 
 K_MAX_PARTS = 8
-CLUSTER_NONE, CLUSTER_GROUPS, CLUSTER_TEAMS = 0, 1, 2  # fused_rnn.h ClusterMode
+CLUSTER_NONE, CLUSTER_GROUPS, CLUSTER_TEAMS = 0, 1, 2  # plan.h ClusterMode
 
 
 def choose_parts(cell: int, math: int, hidden: int, backward: bool, max_blocks: int,
@@ -266,6 +265,25 @@ def select_plan_clustered(cell: int, is_16bit: bool, allow_tf32: bool, hidden: i
                 return True, math, replace(p, cluster=CLUSTER_GROUPS)
         g -= 1
     return False, *full
+
+
+def choose_launch(cell: int, is_16bit: bool, allow_tf32: bool, hidden: int, backward: bool,
+                  sms: int, smem_limit: int, batch_pad: int, max_groups: int, max_stage_k: int,
+                  k_parts: int, max_blocks: int, cluster_max: int, team_clusters: bool,
+                  has_clusters: bool) -> tuple[int, Plan]:
+    """(math, plan) a launch runs with, every setting applied (plan.h choose_launch); the plan's
+    ``cluster`` says which blocks form clusters."""
+    if has_clusters and cluster_max > 0:
+        found, math, p = select_plan_clustered(cell, is_16bit, allow_tf32, hidden, backward, sms,
+                                               smem_limit, batch_pad, max_groups, max_stage_k,
+                                               k_parts, cluster_max)
+        if found:
+            return math, p
+    math, p = select_plan_capped(cell, is_16bit, allow_tf32, hidden, backward, sms, smem_limit,
+                                 batch_pad, max_groups, max_stage_k, k_parts, max_blocks)
+    if has_clusters and team_clusters and p.parts > 1:
+        p = replace(p, cluster=CLUSTER_TEAMS)
+    return math, p
 
 
 def fits(cell: int, is_16bit: bool, allow_tf32: bool, hidden: int, num_sms: int,

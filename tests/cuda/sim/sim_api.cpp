@@ -29,20 +29,12 @@ bool checked_plan(int cell, int dtype, int allow_tf32, int hidden, bool backward
               "cluster";
     return false;
   }
-  *mode = fused_rnn::kClusterNone;
-  if (cluster_max > 0) {  // the simulated device is sm_90
-    const fused_rnn::ClusterSelection cs = fused_rnn::select_plan_clustered(
-        static_cast<Cell>(cell), dtype != 0, allow_tf32 != 0, hidden, backward, c.sms,
-        c.smem_optin, batch_pad, max_groups, max_stage_k, k_parts, cluster_max);
-    if (cs.found) *mode = fused_rnn::kClusterGroups;
-    *sel = cs.sel;
-  }
-  if (*mode == fused_rnn::kClusterNone) {
-    *sel = fused_rnn::select_plan_capped(static_cast<Cell>(cell), dtype != 0, allow_tf32 != 0,
-                                         hidden, backward, c.sms, c.smem_optin, batch_pad,
-                                         max_groups, max_stage_k, k_parts, max_blocks);
-    if (team_clusters != 0 && sel->plan.parts > 1) *mode = fused_rnn::kClusterTeams;
-  }
+  const fused_rnn::LaunchChoice choice = fused_rnn::choose_launch(
+      static_cast<Cell>(cell), dtype != 0, allow_tf32 != 0, hidden, backward, c.sms, c.smem_optin,
+      batch_pad, max_groups, max_stage_k, k_parts, max_blocks, cluster_max, team_clusters != 0,
+      /*has_clusters=*/true);  // the simulated device is sm_90
+  *sel = choice.sel;
+  *mode = choice.cluster;
   if (sel->plan.smem_bytes > c.smem_optin) {
     g_error = "hidden size needs more shared memory than the device allows";
     return false;
