@@ -6,6 +6,7 @@ turn batch-first, unbatched and packed inputs into this form.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Sequence
 
 import torch
@@ -22,9 +23,17 @@ def _check_mode(mode: str) -> None:
 
 
 def _autocast_dtype(device: torch.device) -> torch.dtype | None:
-    if torch.is_autocast_enabled(device.type):
+    # Devices autocast has no key for (meta, lazy) never autocast; asking would raise.
+    if torch.amp.is_autocast_available(device.type) and torch.is_autocast_enabled(device.type):
         return torch.get_autocast_dtype(device.type)
     return None
+
+
+def _autocast_off(device: torch.device):
+    """A region with autocast off on ``device``'s type (nothing to do where it has none)."""
+    if torch.amp.is_autocast_available(device.type):
+        return torch.autocast(device.type, enabled=False)
+    return contextlib.nullcontext()
 
 
 def _to(dtype: torch.dtype | None, *ts: Tensor | None):

@@ -28,8 +28,21 @@ def _apply_permutation(t: Tensor, permutation: Tensor | None, dim: int = 1) -> T
     return t if permutation is None else t.index_select(dim, permutation)
 
 
+def _refuse_torchscript(self: nn.Module):
+    """``torch.jit.script`` calls this first. The backends are torch.library ops chosen in
+    Python, which TorchScript cannot compile; without this it fails deep in the frontend."""
+    name = type(self).__name__
+    raise RuntimeError(
+        f"fused_rnn.{name} cannot be compiled by TorchScript (torch.jit.script). Use "
+        f"torch.compile or torch.export instead, or script a "
+        f"torch.nn.{name} with this module's state_dict loaded (the two are interchangeable)."
+    )
+
+
 class _RNNStack(nn.Module):
     """Parameters, layers, directions, dropout, packing and hx defaults for all three RNNs."""
+
+    __prepare_scriptable__ = _refuse_torchscript
 
     def __init__(
         self,
@@ -331,7 +344,7 @@ class _RNNStack(nn.Module):
             "RNN_TANH": torch._VF.rnn_tanh,
             "RNN_RELU": torch._VF.rnn_relu,
         }[self.mode]
-        with torch.autocast(data.device.type, enabled=False):
+        with functional._autocast_off(data.device):
             if packed:
                 res = fn(data, input.batch_sizes, hx, w, *args)
             else:
@@ -473,6 +486,8 @@ class RNN(_RNNStack):
 
 class _CellBase(nn.Module):
     """Parameters and argument checks shared by the three cells (as torch.nn.RNNCellBase)."""
+
+    __prepare_scriptable__ = _refuse_torchscript
 
     def __init__(self, mode, input_size, hidden_size, bias, device, dtype, backend):
         super().__init__()

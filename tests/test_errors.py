@@ -125,3 +125,11 @@ def test_module_on_other_device_is_rejected():
     lstm = fused_rnn.LSTM(4, 6, backend="reference", device="meta")
     with pytest.raises(RuntimeError, match="same device"):
         lstm(torch.randn(5, 3, 4))
+
+
+@pytest.mark.parametrize("cls", [fused_rnn.GRU, fused_rnn.LSTMCell])
+def test_torchscript_is_refused_clearly(cls):
+    """torch.jit.script would otherwise fail deep in its frontend with a message about
+    getattr; say what works instead."""
+    with pytest.raises(RuntimeError, match=r"TorchScript.*torch\.compile or torch\.export"):
+        torch.jit.script(torch.nn.Sequential(cls(4, 6)))

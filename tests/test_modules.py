@@ -210,6 +210,45 @@ def test_cell_parameters_match(cell):
         assert ours.bias_ih is None if not bias else ours.bias_ih.shape == ref.bias_ih.shape
 
 
+@pytest.mark.parametrize("backend", ["reference", "auto"])
+@pytest.mark.parametrize("cell", list(CELLS) + ["lstm_proj"])
+def test_meta_device_forward_and_deferred_init(cell, backend):
+    """Shape inference on the meta device, and deferred initialisation (build on meta,
+    ``to_empty``, ``reset_parameters``), as with torch.nn."""
+    kw = {"proj_size": 3} if cell == "lstm_proj" else {}
+    nn_cls, our_cls, extra = CELLS["lstm" if cell == "lstm_proj" else cell]
+    for form in ({}, {"bidirectional": True, "batch_first": True}):
+        ref = nn_cls(4, 6, 2, **extra, **kw, **form, device="meta")
+        ours = our_cls(4, 6, 2, **extra, **kw, **form, device="meta", backend=backend)
+        for shape in ((5, 3, 4), (5, 4)):
+            x = torch.randn(*shape, device="meta")
+            want = outputs_of(ref(x))
+            got = outputs_of(ours(x))
+            assert [t.shape for t in got] == [t.shape for t in want]
+            assert all(t.device.type == "meta" for t in got)
+    with torch.device("meta"):
+        ours = our_cls(4, 6, 2, **extra, **kw, backend=backend)
+    ours = ours.to_empty(device="cpu")
+    ours.reset_parameters()
+    ref = nn_cls(4, 6, 2, **extra, **kw)
+    ref.load_state_dict(ours.state_dict())
+    x = torch.randn(5, 3, 4)
+    assert_close_list(outputs_of(ours(x)), outputs_of(ref(x)), 1e-6, 1e-5, "outputs")
+
+
+@pytest.mark.parametrize("cell", list(STEP_CELLS))
+def test_cell_meta_device_forward(cell):
+    nn_cls, our_cls, extra = STEP_CELLS[cell]
+    ref = nn_cls(4, 6, **extra, device="meta")
+    ours = our_cls(4, 6, **extra, device="meta")
+    for shape in ((3, 4), (4,)):
+        x = torch.randn(*shape, device="meta")
+        want, got = ref(x), ours(x)
+        want = list(want) if isinstance(want, tuple) else [want]
+        got = list(got) if isinstance(got, tuple) else [got]
+        assert [t.shape for t in got] == [t.shape for t in want]
+
+
 # ----------------------------------------------------------------------------- dropout
 @pytest.mark.parametrize("backend", ["reference", "auto"])
 @pytest.mark.parametrize("cell", list(CELLS))
