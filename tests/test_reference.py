@@ -56,6 +56,26 @@ def test_rnn_layer_gradcheck_fp64(mode, P, bias, reverse, lengths):
     assert torch.autograd.gradcheck(f, tuple(inp[n] for n in names))
 
 
+@pytest.mark.parametrize("mode,P,lengths", [
+    pytest.param(mode, P, lengths, id=f"{mode}-P{P}-{'len' if lengths else 'full'}")
+    for mode in MODES for P in ((0, 2) if mode == "LSTM" else (0,)) for lengths in (None, (3, 1))
+])
+def test_rnn_layer_gradgradcheck_fp64(mode, P, lengths):
+    """The reference is plain differentiable PyTorch, so double backward works; it is what
+    the kernel backends' refusal of double backward sends users to."""
+    inp = _layer_inputs(mode, P=P)
+    names = [k for k, v in inp.items() if v is not None]
+    lens = None if lengths is None else torch.tensor(lengths)
+
+    def f(*tensors):
+        kw = dict(inp)
+        kw.update(zip(names, tensors))
+        y, h, c = reference.rnn_layer(mode, **kw, lengths=lens)
+        return (y, h) if c is None else (y, h, c)
+
+    assert torch.autograd.gradgradcheck(f, tuple(inp[n] for n in names))
+
+
 @pytest.mark.parametrize("mode", MODES)
 def test_rnn_cell_gradcheck_fp64(mode):
     inp = _layer_inputs(mode)

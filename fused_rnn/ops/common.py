@@ -1,7 +1,8 @@
 """Pieces shared by the kernel backends' registered ops (Triton and CUDA).
 
 Only backend-independent glue lives here: when to save for backward, placeholder gradients for
-absent inputs, rebuilding h_{t-1} from the outputs, and the autocast rule.
+absent inputs, rebuilding h_{t-1} from the outputs, the autocast rule, and the refusal of
+double backward.
 """
 
 from __future__ import annotations
@@ -63,3 +64,27 @@ def register_autocast(op, device_type: str) -> None:
             return op._opoverload(*(cast(a) for a in args))
 
     op._lib.impl(op._name, kernel, key, with_keyset=True)
+
+
+def refuse_double_backward(backward_op, backend: str) -> None:
+    """Give a backward op a derivative that refuses, clearly.
+
+    The backward kernels have no derivative of their own, so double backward (a gradient
+    penalty, Hessian-vector products) cannot go through them, as it cannot through torch.nn's
+    cuDNN RNNs. Without this, PyTorch's error names an internal op and asks for an autograd
+    formula; this one says what to do instead. First-order gradients are unaffected: the op's
+    autograd kernel only records it when grad mode is on during backward (create_graph=True).
+    """
+
+    def setup_context(ctx, inputs, output):
+        pass
+
+    def backward(ctx, *grads):
+        raise NotImplementedError(
+            f"double backward is not supported by fused_rnn's {backend!r} backend: its backward "
+            f"is a fused kernel with no derivative of its own (torch.nn's cuDNN RNNs refuse it "
+            f"too). Run the forward that needs it with backend=\"reference\", which computes "
+            f"the same math with differentiable PyTorch ops."
+        )
+
+    backward_op.register_autograd(backward, setup_context=setup_context)

@@ -197,6 +197,16 @@ def test_empty_chunk_needs_no_kernel(emulate):
         torch.testing.assert_close(a, b)
 
 
+def test_double_backward_is_refused_clearly(emulate):
+    emulate(sms=2)
+    leaves, _, _ = _inputs("LSTM", 3, 2, 4, 8, torch.float32, 0)
+    x = leaves[0].clone().requires_grad_(True)
+    y, _, _ = cuda_backend.rnn_layer("LSTM", x, *leaves[1:], None, None, False)
+    (gx,) = torch.autograd.grad(y.pow(2).sum(), x, create_graph=True)
+    with pytest.raises(NotImplementedError, match="double backward.*'cuda'.*backend=\"reference\""):
+        torch.autograd.grad(gx.pow(2).sum(), x)
+
+
 def test_cell_is_a_one_step_layer(emulate):
     emulate(sms=2)
     leaves, _, _ = _inputs("GRU", 1, 3, 4, 8, torch.float64, 0)

@@ -471,6 +471,27 @@ def test_opcheck_cell_and_backward(mode):
                           (*plain[:8], h1, gates, state, torch.randn_like(h1), dc))
 
 
+@pytest.mark.parametrize("cls,shape", [(fused_rnn.LSTM, (3, 2, 4)), (fused_rnn.GRUCell, (2, 4))],
+                         ids=["layer", "cell"])
+def test_double_backward_is_refused_clearly(cls, shape):
+    """create_graph=True still gives first-order gradients; differentiating them again raises
+    our message (not PyTorch's "no autograd formula" for an internal op)."""
+    torch.manual_seed(0)
+    m = cls(4, 5, backend="triton").to(DEVICE)
+    x = torch.randn(*shape, device=DEVICE, requires_grad=True)
+    out = m(x)
+    y = out[0] if isinstance(out, tuple) else out
+    (gx,) = torch.autograd.grad(y.pow(2).sum(), x, create_graph=True)
+    ref = cls(4, 5, backend="reference").to(DEVICE)
+    ref.load_state_dict(m.state_dict())
+    out_ref = ref(x)
+    y_ref = out_ref[0] if isinstance(out_ref, tuple) else out_ref
+    (gx_ref,) = torch.autograd.grad(y_ref.pow(2).sum(), x)
+    torch.testing.assert_close(gx, gx_ref, rtol=1e-5, atol=1e-6)
+    with pytest.raises(NotImplementedError, match="double backward.*'triton'.*backend=\"reference\""):
+        torch.autograd.grad(gx.pow(2).sum(), x)
+
+
 @pytest.mark.parametrize("autocast_dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
 def test_autocast_computes_in_the_autocast_dtype(autocast_dtype):
     args = _layer_args("LSTM", grad=False)

@@ -30,7 +30,12 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from fused_rnn.ops.cuda import _ext, profile
-from fused_rnn.ops.common import grad_like, previous_hidden, register_autocast
+from fused_rnn.ops.common import (
+    grad_like,
+    previous_hidden,
+    refuse_double_backward,
+    register_autocast,
+)
 from fused_rnn.ops.cuda.plan import CELLS
 from fused_rnn.ops.reference import GATES, compute_dtype
 
@@ -393,6 +398,8 @@ def _(mode, x, h0, c0, w_ih, w_hh, b_ih, b_hh, lengths, reverse, allow_tf32, y, 
         grad_like(b_hh, x),
     )
 
+
+refuse_double_backward(cuda_layer_backward, "cuda")
 
 # --------------------------------------------------------------------------- autocast
 register_autocast(cuda_layer, "cuda")

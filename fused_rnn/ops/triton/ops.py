@@ -22,7 +22,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from fused_rnn.ops.common import grad_like, register_autocast
+from fused_rnn.ops.common import grad_like, refuse_double_backward, register_autocast
 from fused_rnn.ops.reference import GATES
 from fused_rnn.ops.triton import launch
 
@@ -274,6 +274,9 @@ def _(mode, x, h, c, w_ih, w_hh, b_ih, b_hh, h1, gates, state, dh1, dc1):
         grad_like(b_hh, x),
     )
 
+
+for _op in (triton_layer_backward, triton_cell_backward):
+    refuse_double_backward(_op, "triton")
 
 # --------------------------------------------------------------------------- autocast
 for _op in (triton_layer, triton_cell):
