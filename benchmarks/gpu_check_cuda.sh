@@ -2,7 +2,8 @@
 # CUDA backend check on a GPU machine, in two parts so that gpu_check.sh can benchmark in between:
 #   tests: build the extension, run its GPU tests;
 #   extra: compute-sanitizer (memcheck, racecheck, synccheck) on a small workload, then phase
-#          timings (benchmarks/profile_cuda.py).
+#          timings (benchmarks/profile_cuda.py), then the step primitives alone
+#          (benchmarks/microbench.cu).
 #
 #   benchmarks/gpu_check_cuda.sh [--part tests|extra|all] [LOG_DIR]   # logs to LOG_DIR
 #
@@ -93,6 +94,15 @@ if [[ "$PART" != tests ]]; then
     --variants cuda-cl8,cuda-tc --variant-shapes S1,S5,S6 \
     --time-budget "$(frnn_inner_budget 150 20)"
   grep '^| ' "$LOG_DIR/cuda_phases.log" 2>/dev/null || true
+  # 5. The step primitives alone (benchmarks/microbench.cu, ~15 s with its build): grid.sync,
+  #    cluster.sync at 2-16 blocks, and an exchange of 4-192 KB per block through L2 or through
+  #    distributed shared memory, each checked for wrong words first. Its table goes to the
+  #    logs (microbench.md) and is printed here; it prices the leads in NOTES.md.
+  NVCC="$(command -v nvcc || echo "${CUDA_HOME:-/usr/local/cuda}/bin/nvcc")"
+  MB_BIN="${TMPDIR:-/tmp}/fused_rnn_microbench"
+  step microbench 60 bash -c "'$NVCC' -O3 -std=c++17 -arch=sm_90 -o '$MB_BIN' \
+    benchmarks/microbench.cu && '$MB_BIN' '$LOG_DIR/microbench.md'"
+  grep '^| ' "$LOG_DIR/cuda_microbench.log" 2>/dev/null || true
 fi
 echo "cuda: logs in $LOG_DIR"
 exit $status

@@ -31,6 +31,7 @@ from fused_rnn.ops.cuda import plan as P
 ROOT = Path(__file__).resolve().parents[2]
 CSRC = ROOT / "csrc"
 CU_FILES = sorted(CSRC.glob("*.cu"))
+MICROBENCH_FLAGS = ["-O3", "-std=c++17", "-arch=sm_90"]
 ARCHS = ("80", "90")
 CUDA_HEADERS = {
     "cuda_runtime.h", "cuda_bf16.h", "cuda_fp16.h", "mma.h", "cooperative_groups.h",
@@ -137,6 +138,19 @@ def test_kernels_do_not_spill(nvcc_results, name, arch):
             assert m.groups() == ("0", "0", "0"), f"{current} sm_{arch}: {line.strip()}"
             current = None
     assert kernels == 16, f"expected 4 cells x 4 (type, math) kernels, ptxas listed {kernels}"
+
+
+def test_microbench_builds_for_sm90(tmp_path):
+    """benchmarks/microbench.cu (the step primitives, timed by gpu_check_cuda.sh) builds into a
+    program, warning-free, with the command the GPU script uses."""
+    if NVCC is None:
+        pytest.skip("nvcc not found (PATH, CUDA_HOME): cannot compile-check the microbench")
+    src = CSRC.parent / "benchmarks" / "microbench.cu"
+    cmd = [NVCC, *MICROBENCH_FLAGS, "-Werror", "all-warnings", str(src), "-o", str(tmp_path / "mb")]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stdout + r.stderr
+    script = (CSRC.parent / "benchmarks" / "gpu_check_cuda.sh").read_text()
+    assert " ".join(MICROBENCH_FLAGS) in script, "gpu_check_cuda.sh builds it with other flags"
 
 
 def test_binding_syntax_against_torch_headers(tmp_path):

@@ -1,0 +1,402 @@
+// Microbenchmarks of the primitives a persistent RNN step is built from, on the GPU at hand.
+//
+// Every estimate in benchmarks/NOTES.md rests on a few per-step costs that nothing in this
+// project has measured yet: a chip-wide barrier (ANCHORS.md has grid.sync() on an H100 only),
+// a thread-block cluster's barrier, the read of an exchange buffer from L2 into shared memory,
+// and, for the distributed-shared-memory lead, writing it into the peers' shared memory instead.
+// This program times each of them alone, in a loop of steps, so the NOTES estimates (and the
+// S1 and S5 leads) can be priced before any kernel is written for them.
+//
+//   nvcc -O3 -std=c++17 -arch=sm_90 -o microbench benchmarks/microbench.cu
+//   ./microbench [TABLE.md]        # prints a markdown table, and writes it to TABLE.md
+//
+// What each row times, per step, with one 256-thread block per SM and one kernel launch per
+// measurement (the launch itself is subtracted: a run of 0 steps is timed too):
+// - grid.sync: the cooperative grid's barrier, alone;
+// - cluster.sync c=N: the barrier of clusters of N blocks, as many clusters as the chip holds;
+// - exchange grid X: the step of the persistent kernels today. Each block writes its share of
+//   an X-byte buffer to global memory (double-buffered by step parity), grid.sync(), then every
+//   block copies all X bytes into its shared memory with cp.async (16 B each) and waits;
+// - exchange cluster-global c=N X: the same, with each cluster of N exchanging its own buffer
+//   and the cluster's barrier (cluster mode, FUSED_RNN_CUDA_CLUSTER);
+// - exchange dsmem c=N X: each block writes its share straight into every peer's shared memory
+//   (double-buffered), then the cluster's barrier; the data is then already on chip.
+// Before timing, every exchange runs a checked pass: each block compares every word it received
+// with the value its writer stored for that step, and the table's "errors" column counts the
+// mismatches (it must be 0: a nonzero count means a visibility bug in this program or the
+// memory model is not what the kernels rely on).
+//
+// Host code uses the C++ standard library; this is a benchmark program, not part of csrc/.
+#include <cooperative_groups.h>
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <cstdio>
+#include <cstdlib>
+#include <string>
+#include <vector>
+
+namespace cg = cooperative_groups;
+
+#define CHECK(call)                                                                      \
+  do {                                                                                   \
+    cudaError_t err_ = (call);                                                           \
+    if (err_ != cudaSuccess) {                                                           \
+      std::fprintf(stderr, "%s:%d: %s failed: %s\n", __FILE__, __LINE__, #call,           \
+                   cudaGetErrorString(err_));                                            \
+      std::exit(1);                                                                      \
+    }                                                                                    \
+  } while (0)
+
+constexpr int kThreads = 256;
+
+// The word a writer stores at index i of the step-s buffer of launch `salt` (0 for timed
+// launches, a fresh number for each checked one): a check can tell steps, places and launches
+// apart, so what an earlier launch left in memory cannot pass for this one's data.
+__device__ __forceinline__ uint32_t expected_word(uint32_t salt, int step, uint32_t i) {
+  return salt * 0xC2B2AE35u + static_cast<uint32_t>(step) * 0x9E3779B1u + i * 0x85EBCA6Bu + 1u;
+}
+
+// The 16-byte chunks [first, last) that member `rank` of `members` writes of an n16-chunk buffer.
+__device__ __forceinline__ void share(uint32_t n16, uint32_t rank, uint32_t members,
+                                      uint32_t* first, uint32_t* last) {
+  *first = static_cast<uint32_t>((uint64_t)n16 * rank / members);
+  *last = static_cast<uint32_t>((uint64_t)n16 * (rank + 1) / members);
+}
+
+__device__ __forceinline__ uint4 chunk_value(uint32_t salt, int step, uint32_t c) {
+  return make_uint4(expected_word(salt, step, 4 * c), expected_word(salt, step, 4 * c + 1),
+                    expected_word(salt, step, 4 * c + 2), expected_word(salt, step, 4 * c + 3));
+}
+
+// Counts the words of the n16-chunk shared buffer that differ from step s's values.
+__device__ void check_buffer(const uint4* buf, uint32_t n16, uint32_t salt, int step,
+                             unsigned* errors) {
+  unsigned bad = 0;
+  for (uint32_t c = threadIdx.x; c < n16; c += blockDim.x) {
+    const uint4 v = buf[c], e = chunk_value(salt, step, c);
+    bad += (v.x != e.x) + (v.y != e.y) + (v.z != e.z) + (v.w != e.w);
+  }
+  if (bad) atomicAdd(errors, bad);
+}
+
+__device__ __forceinline__ void cp_async16(void* smem, const void* gmem) {
+  const unsigned s = static_cast<unsigned>(__cvta_generic_to_shared(smem));
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(s), "l"(gmem) : "memory");
+}
+
+__device__ __forceinline__ void cp_async_wait_all() {
+  asm volatile("cp.async.commit_group;\ncp.async.wait_group 0;\n" ::: "memory");
+}
+
+// ---- barriers alone ------------------------------------------------------------------------
+
+__global__ void __launch_bounds__(kThreads, 1) grid_sync_kernel(int steps) {
+  cg::grid_group grid = cg::this_grid();
+  for (int s = 0; s < steps; ++s) grid.sync();
+}
+
+__global__ void __launch_bounds__(kThreads, 1) cluster_sync_kernel(int steps) {
+  cg::cluster_group cluster = cg::this_cluster();
+  for (int s = 0; s < steps; ++s) cluster.sync();
+}
+
+// ---- exchanges -----------------------------------------------------------------------------
+
+// Global exchange: `members` blocks (the grid, or one cluster) share an X-byte buffer (n16
+// chunks) per step parity in `exchange`, a pair per cluster; every member then copies the whole
+// buffer into shared memory. A nonzero `salt` checks every copied word.
+template <bool kCluster>
+__global__ void __launch_bounds__(kThreads, 1)
+    exchange_global_kernel(uint4* exchange, uint32_t n16, int steps, uint32_t salt,
+                           unsigned* errors) {
+  extern __shared__ uint4 stage[];
+  uint32_t rank, members, group;
+  if constexpr (kCluster) {
+    cg::cluster_group cluster = cg::this_cluster();
+    rank = cluster.block_rank();
+    members = cluster.num_blocks();
+    group = blockIdx.x / members;
+  } else {
+    rank = blockIdx.x;
+    members = gridDim.x;
+    group = 0;
+  }
+  uint32_t first, last;
+  share(n16, rank, members, &first, &last);
+  for (int s = 0; s < steps; ++s) {
+    uint4* buf = exchange + ((size_t)group * 2 + (s & 1)) * n16;
+    for (uint32_t c = first + threadIdx.x; c < last; c += blockDim.x)
+      buf[c] = chunk_value(salt, s, c);
+    if constexpr (kCluster) {
+      cg::this_cluster().sync();
+    } else {
+      cg::this_grid().sync();
+    }
+    for (uint32_t c = threadIdx.x; c < n16; c += blockDim.x) cp_async16(stage + c, buf + c);
+    cp_async_wait_all();
+    __syncthreads();
+    if (salt) check_buffer(stage, n16, salt, s, errors);
+    __syncthreads();  // the stage is rewritten next step
+  }
+}
+
+// DSMEM exchange: each member writes its share of the step's buffer into the shared memory of
+// every block of its cluster (itself included), two buffers deep, then the cluster's barrier.
+// A buffer written at step s is rewritten at step s + 2, after every member has passed the
+// barrier of step s + 1, which it reaches only after reading the buffer at step s.
+__global__ void __launch_bounds__(kThreads, 1)
+    exchange_dsmem_kernel(uint32_t n16, int steps, uint32_t salt, unsigned* errors) {
+  extern __shared__ uint4 bufs[];  // 2 x n16
+  cg::cluster_group cluster = cg::this_cluster();
+  const uint32_t rank = cluster.block_rank(), members = cluster.num_blocks();
+  uint32_t first, last;
+  share(n16, rank, members, &first, &last);
+  cluster.sync();  // every peer has started: its shared memory exists before anyone writes it
+  for (int s = 0; s < steps; ++s) {
+    uint4* local = bufs + (size_t)(s & 1) * n16;
+    for (uint32_t peer = 0; peer < members; ++peer) {
+      // Start at a different peer in each block, so the blocks do not all write to one SM.
+      const uint32_t p = (peer + rank) % members;
+      uint4* remote = cluster.map_shared_rank(local, p);
+      for (uint32_t c = first + threadIdx.x; c < last; c += blockDim.x)
+        remote[c] = chunk_value(salt, s, c);
+    }
+    cluster.sync();
+    if (salt) check_buffer(local, n16, salt, s, errors);
+  }
+  // No trailing barrier is needed before exiting: the last remote write precedes the last
+  // step's barrier, and a block's shared memory must outlive only its peers' accesses.
+}
+
+// ---- host ----------------------------------------------------------------------------------
+
+struct Row {
+  std::string what;
+  int blocks;
+  long bytes;  // per block per step: what it reads (global) or receives (dsmem)
+  double us;   // per step
+  long errors; // -1: not checked
+  std::string note;
+};
+
+// Median over `reps` of (time of `steps` steps - time of 0 steps) / steps, in microseconds.
+template <class Launch>
+double time_per_step(Launch launch, int steps, int reps = 5) {
+  cudaEvent_t a, b;
+  CHECK(cudaEventCreate(&a));
+  CHECK(cudaEventCreate(&b));
+  auto run = [&](int n) {
+    CHECK(cudaEventRecord(a));
+    launch(n);
+    CHECK(cudaEventRecord(b));
+    CHECK(cudaEventSynchronize(b));
+    float ms = 0;
+    CHECK(cudaEventElapsedTime(&ms, a, b));
+    return 1000.0 * ms;
+  };
+  run(steps);  // warm-up
+  std::vector<double> per;
+  for (int r = 0; r < reps; ++r) {
+    const double full = run(steps), empty = run(0);
+    per.push_back((full - empty) / steps);
+  }
+  std::sort(per.begin(), per.end());
+  CHECK(cudaEventDestroy(a));
+  CHECK(cudaEventDestroy(b));
+  return per[per.size() / 2];
+}
+
+// Runs launch(steps, salt) once, checked, with a salt no earlier launch used, and returns the
+// number of words its blocks received wrong.
+template <class Launch>
+long checked_errors(Launch launch, unsigned* errors) {
+  static uint32_t salt = 0;
+  CHECK(cudaMemset(errors, 0, sizeof(unsigned)));
+  launch(50, ++salt);
+  CHECK(cudaDeviceSynchronize());
+  unsigned bad = 0;
+  CHECK(cudaMemcpy(&bad, errors, sizeof bad, cudaMemcpyDeviceToHost));
+  return static_cast<long>(bad);
+}
+
+void launch_cooperative(const void* kernel, int blocks, size_t smem, void** args) {
+  CHECK(cudaLaunchCooperativeKernel(kernel, blocks, kThreads, args, smem, 0));
+  CHECK(cudaGetLastError());
+}
+
+cudaLaunchConfig_t cluster_config(int clusters, int size, size_t smem, cudaLaunchAttribute* attr) {
+  cudaLaunchConfig_t cfg = {};
+  cfg.gridDim = dim3(clusters * size);
+  cfg.blockDim = dim3(kThreads);
+  cfg.dynamicSmemBytes = smem;
+  attr[0].id = cudaLaunchAttributeClusterDimension;
+  attr[0].val.clusterDim.x = size;
+  attr[0].val.clusterDim.y = 1;
+  attr[0].val.clusterDim.z = 1;
+  cfg.attrs = attr;
+  cfg.numAttrs = 1;
+  return cfg;
+}
+
+// How many clusters of `size` blocks the device holds at once with `smem` bytes each (0: none).
+int max_clusters(const void* kernel, int size, size_t smem) {
+  if (size > 8 &&
+      cudaFuncSetAttribute(kernel, cudaFuncAttributeNonPortableClusterSizeAllowed, 1) !=
+          cudaSuccess) {
+    cudaGetLastError();
+    return 0;
+  }
+  cudaLaunchAttribute attr[1];
+  cudaLaunchConfig_t cfg = cluster_config(1, size, smem, attr);
+  int n = 0;
+  if (cudaOccupancyMaxActiveClusters(&n, kernel, &cfg) != cudaSuccess) {
+    cudaGetLastError();
+    return 0;
+  }
+  return n;
+}
+
+void allow_smem(const void* kernel, size_t smem) {
+  CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                             static_cast<int>(smem)));
+}
+
+int main(int argc, char** argv) {
+  int dev = 0;
+  CHECK(cudaGetDevice(&dev));
+  cudaDeviceProp prop;
+  CHECK(cudaGetDeviceProperties(&prop, dev));
+  const int sms = prop.multiProcessorCount;
+  const size_t smem_max = prop.sharedMemPerBlockOptin;
+  std::vector<Row> rows;
+  unsigned* errors = nullptr;
+  CHECK(cudaMalloc(&errors, sizeof(unsigned)));
+  const int steps = 2000;
+
+  // grid.sync at one and two blocks per SM (ANCHORS.md: 1.12 and 1.30 us on an H100).
+  for (int per_sm : {1, 2}) {
+    int fit = 0;
+    CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(
+        &fit, (const void*)grid_sync_kernel, kThreads, 0));
+    if (fit < per_sm) continue;
+    const int blocks = per_sm * sms;
+    const double us = time_per_step([&](int n) {
+      void* args[] = {&n};
+      launch_cooperative((const void*)grid_sync_kernel, blocks, 0, args);
+    }, steps);
+    rows.push_back({"grid.sync", blocks, 0, us, -1, per_sm == 1 ? "1 block/SM" : "2 blocks/SM"});
+  }
+
+  const bool clusters_ok = prop.major >= 9;
+  const int cluster_sizes[] = {2, 4, 8, 16};
+  if (clusters_ok) {
+    for (int c : cluster_sizes) {
+      const int n = max_clusters((const void*)cluster_sync_kernel, c, 0);
+      if (n == 0) {
+        rows.push_back({"cluster.sync c=" + std::to_string(c), 0, 0, 0, -1, "not launchable"});
+        continue;
+      }
+      const int clusters = std::min(n, (sms / c));
+      const double us = time_per_step([&](int k) {
+        cudaLaunchAttribute attr[1];
+        cudaLaunchConfig_t cfg = cluster_config(clusters, c, 0, attr);
+        CHECK(cudaLaunchKernelEx(&cfg, cluster_sync_kernel, k));
+      }, steps);
+      rows.push_back({"cluster.sync c=" + std::to_string(c), clusters * c, 0, us, -1,
+                      std::to_string(clusters) + " clusters"});
+    }
+  }
+
+  // Exchange sizes per block per step: S5's h (8 x 256 x 2 B = 4 KB) up to S1's backward
+  // dgates (16 x 3072 x 2 B = 96 KB) and beyond.
+  const long sizes[] = {4 << 10, 16 << 10, 48 << 10, 96 << 10, 192 << 10};
+  uint4* exchange = nullptr;
+  CHECK(cudaMalloc(&exchange, (size_t)2 * sms * (192 << 10)));  // 2 parities x groups x X
+
+  for (long x : sizes) {
+    const uint32_t n16 = static_cast<uint32_t>(x / 16);
+    if ((size_t)x > smem_max) continue;
+    const void* k = (const void*)exchange_global_kernel<false>;
+    allow_smem(k, x);
+    int fit = 0;
+    CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&fit, k, kThreads, x));
+    if (fit < 1) continue;
+    auto launch = [&](int n, uint32_t salt) {
+      uint32_t n16v = n16;
+      void* args[] = {&exchange, &n16v, &n, &salt, &errors};
+      launch_cooperative(k, sms, x, args);
+    };
+    const long bad = checked_errors(launch, errors);
+    const double us = time_per_step([&](int n) { launch(n, 0); }, steps);
+    rows.push_back({"exchange grid", sms, x, us, bad, "write share, grid.sync, cp.async all"});
+  }
+
+  if (clusters_ok) {
+    for (int c : {4, 8, 16}) {
+      for (long x : sizes) {
+        const uint32_t n16 = static_cast<uint32_t>(x / 16);
+        for (int dsmem = 0; dsmem < 2; ++dsmem) {
+          const size_t smem = dsmem ? 2 * (size_t)x : (size_t)x;
+          if (smem > smem_max) continue;
+          const void* k = dsmem ? (const void*)exchange_dsmem_kernel
+                                : (const void*)exchange_global_kernel<true>;
+          allow_smem(k, smem);
+          const int n = max_clusters(k, c, smem);
+          const std::string what = std::string(dsmem ? "exchange dsmem" : "exchange cluster-global") +
+                                   " c=" + std::to_string(c);
+          if (n == 0) {
+            rows.push_back({what, 0, x, 0, -1, "not launchable"});
+            continue;
+          }
+          const int clusters = std::min(n, sms / c);
+          auto launch = [&](int steps_, uint32_t salt) {
+            cudaLaunchAttribute attr[1];
+            cudaLaunchConfig_t cfg = cluster_config(clusters, c, smem, attr);
+            if (dsmem) {
+              CHECK(cudaLaunchKernelEx(&cfg, exchange_dsmem_kernel, n16, steps_, salt, errors));
+            } else {
+              CHECK(cudaLaunchKernelEx(&cfg, exchange_global_kernel<true>, exchange, n16, steps_,
+                                       salt, errors));
+            }
+          };
+          const long bad = checked_errors(launch, errors);
+          const double us = time_per_step([&](int s) { launch(s, 0); }, steps);
+          rows.push_back({what, clusters * c, x, us, bad, std::to_string(clusters) + " clusters"});
+        }
+      }
+    }
+  }
+  CHECK(cudaFree(exchange));
+  CHECK(cudaFree(errors));
+
+  std::string table;
+  char line[512];
+  std::snprintf(line, sizeof line,
+                "# Step primitives on %s (%d SMs, cc %d.%d), %d steps per timing, median of 5\n\n"
+                "| primitive | blocks | KB per block per step | us per step | errors | note |\n"
+                "|---|---|---|---|---|---|\n",
+                prop.name, sms, prop.major, prop.minor, steps);
+  table += line;
+  long total_errors = 0;
+  for (const Row& r : rows) {
+    std::snprintf(line, sizeof line, "| %s | %d | %g | %.3f | %s | %s |\n", r.what.c_str(),
+                  r.blocks, r.bytes / 1024.0, r.us,
+                  r.errors < 0 ? "-" : std::to_string(r.errors).c_str(), r.note.c_str());
+    table += line;
+    if (r.errors > 0) total_errors += r.errors;
+  }
+  std::fputs(table.c_str(), stdout);
+  if (argc > 1) {
+    FILE* f = std::fopen(argv[1], "w");
+    if (!f) {
+      std::perror(argv[1]);
+      return 1;
+    }
+    std::fputs(table.c_str(), f);
+    std::fclose(f);
+  }
+  if (total_errors) std::fprintf(stderr, "microbench: %ld mismatched words\n", total_errors);
+  return total_errors ? 1 : 0;
+}
