@@ -2,9 +2,10 @@
 
 2-layer LSTM and GRU, B=32, T=64, input = hidden = 256, fp32. Runs alternate (ours, nn, ours,
 nn, ...) so that machine noise hits both alike; the reported figure is the median of the
-per-pair ratios ours/nn (target: <= 1.1).
+per-pair ratios ours/nn (target: <= 1.1). With ``--compile`` ours runs under
+``torch.compile(fullgraph=True)`` (torch.nn stays eager: its RNNs graph-break).
 
-    python benchmarks/bench_cpu.py [--reps 15] [--csv out.csv]
+    python benchmarks/bench_cpu.py [--reps 15] [--compile] [--csv out.csv]
 """
 
 from __future__ import annotations
@@ -29,13 +30,17 @@ def fwd_bwd_time(model, x, h, cot) -> float:
     return time.perf_counter() - t0
 
 
-def bench(cell: str, B: int, T: int, H: int, layers: int, reps: int, backend: str) -> dict:
+def bench(cell: str, B: int, T: int, H: int, layers: int, reps: int, backend: str,
+          compile_ours: bool = False) -> dict:
     nn_cls = {"lstm": torch.nn.LSTM, "gru": torch.nn.GRU}[cell]
     our_cls = {"lstm": fused_rnn.LSTM, "gru": fused_rnn.GRU}[cell]
     torch.manual_seed(0)
     ref = nn_cls(H, H, layers, batch_first=True)
     ours = our_cls(H, H, layers, batch_first=True, backend=backend)
     ours.load_state_dict(ref.state_dict())
+    if compile_ours:
+        torch._dynamo.reset()
+        ours = torch.compile(ours, fullgraph=True)
     x = torch.randn(B, T, H)
     h0 = torch.randn(layers, B, H)
     h = (h0, torch.randn(layers, B, H)) if cell == "lstm" else h0
@@ -56,7 +61,8 @@ def bench(cell: str, B: int, T: int, H: int, layers: int, reps: int, backend: st
         ref_t.append(b)
         ratios.append(a / b)
     return {
-        "cell": cell, "B": B, "T": T, "H": H, "layers": layers, "backend": backend,
+        "cell": cell, "B": B, "T": T, "H": H, "layers": layers,
+        "backend": backend + (", compiled" if compile_ours else ""),
         "ours_ms": 1e3 * statistics.median(ours_t), "nn_ms": 1e3 * statistics.median(ref_t),
         "ratio": statistics.median(ratios),
     }
@@ -70,11 +76,13 @@ def main(argv=None) -> int:
     p.add_argument("--T", type=int, default=64)
     p.add_argument("--H", type=int, default=256)
     p.add_argument("--layers", type=int, default=2)
+    p.add_argument("--compile", action="store_true",
+                   help="ours under torch.compile(fullgraph=True); torch.nn eager")
     p.add_argument("--csv", default=None)
     p.add_argument("--max-ratio", type=float, default=None, help="exit 1 if any ratio exceeds this")
     a = p.parse_args(argv)
     print(f"# torch {torch.__version__}, {torch.get_num_threads()} threads, {platform.processor() or platform.machine()}")
-    rows = [bench(c, a.B, a.T, a.H, a.layers, a.reps, a.backend) for c in ("lstm", "gru")]
+    rows = [bench(c, a.B, a.T, a.H, a.layers, a.reps, a.backend, a.compile) for c in ("lstm", "gru")]
     print("| cell | B×T×H, layers | backend | ours ms | torch.nn ms | ratio ours/nn (median) |")
     print("|---|---|---|---|---|---|")
     for r in rows:

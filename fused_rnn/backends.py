@@ -177,11 +177,11 @@ def resolve_stack(name: str, device: torch.device, **stack) -> str:
     results (DESIGN.md), and there are none yet. ``auto`` never falls back to the reference:
     a rule applies only where its backend takes every layer of the stack.
 
-    Under ``torch.compile`` on the CPU, ``auto`` traces the reference math instead: inductor
-    lowers aten's fused CPU LSTM to ``mkldnn_rnn_layer`` and then fails to run it (torch
-    2.13), while the reference's plain ops compile into fused loops. On a GPU inductor keeps
-    cuDNN's RNN as an extern kernel (``make_fallback(aten._cudnn_rnn)``), so ``auto`` stays
-    on it there (not yet run on a GPU).
+    Under ``torch.compile`` on the CPU the ``torch`` backend runs layer by layer
+    (:func:`torch_runs_per_layer`): compiled whole, aten's CPU LSTM is unrolled into per-step
+    ops for training, and inductor fails on it with dynamic shapes, autocast or dropout (torch
+    2.13). On a GPU inductor keeps cuDNN's RNN as an extern kernel
+    (``make_fallback(aten._cudnn_rnn)``), so the stack stays whole there (not yet run on a GPU).
     """
     check_name(name)
     if name == "auto":
@@ -190,11 +190,18 @@ def resolve_stack(name: str, device: torch.device, **stack) -> str:
             kernel = _auto_kernel(device, **{**stack, "batch": int(stack["batch"])})
             if kernel is not None:
                 return kernel
-        if torch.compiler.is_compiling() and device.type == "cpu":
-            return "reference"
         return "torch"
     require(name, device)
     return name
+
+
+def torch_runs_per_layer(device: torch.device) -> bool:
+    """Whether the ``torch`` backend runs a stack layer by layer (``functional.rnn``) rather
+    than whole (``torch._VF``): under ``torch.compile`` on the CPU. Each LSTM layer is then
+    aten's oneDNN kernel as one registered op (:mod:`fused_rnn.ops.aten_cpu`, eager's results
+    bit for bit), and GRU/RNN layers (and LSTMs it cannot take) the reference math, which
+    inductor compiles into fused loops."""
+    return torch.compiler.is_compiling() and torch.device(device).type == "cpu"
 
 
 _warned: set[tuple[str, str]] = set()

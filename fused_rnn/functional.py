@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from fused_rnn import backends
+from fused_rnn.ops import aten_cpu
 from fused_rnn.ops.reference import GATES, MODES
 
 
@@ -76,8 +77,10 @@ def rnn_layer(
     or None; lengths: (B,) or None (rows with ``t >= lengths[b]`` keep their state and output
     zeros). Returns y: (T, B, P), h_n: (B, P), c_n: (B, H) or None.
 
-    ``backend`` is "reference", "triton" or "cuda" ("auto" and "torch" mean "reference" at
-    this level: PyTorch's kernels work on whole stacks, see :func:`rnn`).
+    ``backend`` is "reference", "triton" or "cuda", or "auto"/"torch": PyTorch's own kernel
+    where one runs a single layer as a registered op (an LSTM on the CPU without projection or
+    lengths, in fp32/bf16: aten's oneDNN layer, :mod:`fused_rnn.ops.aten_cpu`), else the
+    reference math.
 
     Examples::
 
@@ -93,8 +96,11 @@ def rnn_layer(
     ac = _autocast_dtype(x.device)
     if ac is not None:
         x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr = _to(ac, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr)
-    name = backend if backend in backends.KERNEL_BACKENDS else "reference"
-    impl = backends.kernel_impl(name, "layer", **_config(mode, x, w_hh, w_hr, lengths))
+    if backend in ("auto", "torch") and aten_cpu.unsupported_reason(mode, x, w_hr, lengths) is None:
+        impl = aten_cpu
+    else:
+        name = backend if backend in backends.KERNEL_BACKENDS else "reference"
+        impl = backends.kernel_impl(name, "layer", **_config(mode, x, w_hh, w_hr, lengths))
     return impl.rnn_layer(mode, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, reverse)
 
 

@@ -272,7 +272,7 @@ class _RNNStack(nn.Module):
         backend = backends.resolve_stack(
             self.backend, ref.device, **self.stack_config(ref.device, ref.dtype, batch, packed)
         )
-        if backend == "torch":
+        if backend == "torch" and not backends.torch_runs_per_layer(ref.device):
             y, h_n, c_n = self._torch_stack(input, h0, c0, packed)
         else:
             lengths = None

@@ -1,0 +1,177 @@
+"""aten's oneDNN LSTM layer on the CPU as registered ops, for the ``torch`` backend under
+``torch.compile``.
+
+In eager mode the ``torch`` backend hands the whole stack to ``torch._VF.lstm``, which on the
+CPU runs each layer and direction through ``aten::mkldnn_rnn_layer`` (oneDNN) and its
+backward. ``torch.compile`` cannot keep that: for training, PyTorch's decomposition unrolls the
+LSTM into per-step ops (about 2.2x slower than eager at 32x64x256), and inductor's lowering of
+``mkldnn_rnn_layer`` fails with dynamic shapes, autocast or dropout (torch 2.13). Wrapped as
+custom ops, the same two aten kernels stay one opaque node each in the compiled graph, with
+the sequence length symbolic:
+
+======================================== =======================================================
+``fused_rnn::aten_lstm_layer``            one layer, one direction: (y, h_n, c_n, workspace)
+``fused_rnn::aten_lstm_layer_backward``   its gradients, from the forward's workspace
+======================================== =======================================================
+
+The results are eager ``nn.LSTM``'s on the CPU, bit for bit (same kernels, same arguments).
+Used for LSTM layers without projection or lengths, in fp32 or bf16, where PyTorch has oneDNN
+enabled; :func:`unsupported_reason` says why not otherwise, and the caller then uses the
+reference math (which inductor compiles well for GRU and RNN layers).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from fused_rnn.ops.common import refuse_double_backward
+
+_MODE_LSTM = 2  # oneDNN's (ideep's) rnn_kind for LSTM, as aten passes it
+
+
+@torch.compiler.assume_constant_result
+def _onednn_enabled() -> bool:
+    return torch.backends.mkldnn.is_available() and torch._C._get_mkldnn_enabled()
+
+
+def unsupported_reason(mode: str, x: Tensor, w_hr: Tensor | None,
+                       lengths: Tensor | None) -> str | None:
+    """Why these ops cannot run a layer (None when they can)."""
+    if mode != "LSTM":
+        return f"{mode} is not an LSTM"
+    if x.device.type != "cpu":
+        return f"the input is on {x.device.type}, not the CPU"
+    if x.dtype not in (torch.float32, torch.bfloat16):
+        return f"oneDNN's LSTM takes fp32 and bf16, not {x.dtype}"
+    if w_hr is not None:
+        return "oneDNN's LSTM has no projection (proj_size)"
+    if lengths is not None:
+        return "packed sequences (lengths) are not supported"
+    if not _onednn_enabled():
+        return "PyTorch's oneDNN (mkldnn) backend is unavailable or disabled"
+    return None
+
+
+def _biases(w_ih: Tensor, b_ih: Tensor | None, b_hh: Tensor | None) -> tuple[Tensor, Tensor]:
+    if b_ih is None:  # has_biases=False: the kernel ignores them, but takes tensors
+        z = w_ih.new_zeros(w_ih.shape[0])
+        return z, z
+    return b_ih, b_hh
+
+
+@torch.library.custom_op("fused_rnn::aten_lstm_layer", mutates_args=(), device_types="cpu")
+def aten_lstm_layer(
+    x: Tensor,
+    h0: Tensor,
+    c0: Tensor,
+    w_ih: Tensor,
+    w_hh: Tensor,
+    b_ih: Tensor | None,
+    b_hh: Tensor | None,
+    reverse: bool,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(y (T, B, H), h_n (B, H), c_n (B, H), workspace (uint8, kernel-defined size))."""
+    bi, bh = _biases(w_ih, b_ih, b_hh)
+    # The kernel writes the workspace its backward needs only with grad mode on; a custom op
+    # runs below autograd with it off, and nothing here requires grad, so no graph is built.
+    with torch.enable_grad():
+        y, h, c, ws = torch.ops.aten.mkldnn_rnn_layer.default(
+            x.contiguous(), w_ih, w_hh, bi, bh, h0.contiguous(), c0.contiguous(), reverse, [],
+            _MODE_LSTM, w_hh.shape[1], 1, b_ih is not None, False, False, True,
+        )
+    return y.contiguous(), h.contiguous(), c.contiguous(), ws
+
+
+@aten_lstm_layer.register_fake
+def _(x, h0, c0, w_ih, w_hh, b_ih, b_hh, reverse):
+    n = torch.library.get_ctx().new_dynamic_size()  # oneDNN decides the workspace's size
+    return (
+        x.new_empty((x.shape[0], x.shape[1], w_hh.shape[1])),
+        h0.new_empty(h0.shape),
+        c0.new_empty(c0.shape),
+        x.new_empty((n,), dtype=torch.uint8),
+    )
+
+
+@torch.library.custom_op(
+    "fused_rnn::aten_lstm_layer_backward", mutates_args=(), device_types="cpu"
+)
+def aten_lstm_layer_backward(
+    x: Tensor,
+    h0: Tensor,
+    c0: Tensor,
+    w_ih: Tensor,
+    w_hh: Tensor,
+    b_ih: Tensor | None,
+    b_hh: Tensor | None,
+    reverse: bool,
+    y: Tensor,
+    h_n: Tensor,
+    c_n: Tensor,
+    workspace: Tensor,
+    dy: Tensor,
+    dh_n: Tensor,
+    dc_n: Tensor,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """(dx, dh0, dc0, dw_ih, dw_hh, db_ih, db_hh), each in its input's dtype; the bias
+    gradients are empty without biases."""
+    bi, bh = _biases(w_ih, b_ih, b_hh)
+    dx, dw_ih, dw_hh, db_ih, db_hh, dh0, dc0 = torch.ops.aten.mkldnn_rnn_layer_backward.default(
+        x.contiguous(), w_ih, w_hh, bi, bh, h0.contiguous(), c0.contiguous(), y, h_n, c_n,
+        dy, dh_n, dc_n, reverse, _MODE_LSTM, w_hh.shape[1], 1, b_ih is not None, True, False,
+        [], False, workspace,
+    )
+    # The kernel returns fp32 gradients for bf16 inputs (as aten's autograd formula casts).
+    if b_ih is None:
+        db_ih, db_hh = x.new_empty((0,)), x.new_empty((0,))
+    else:
+        db_ih, db_hh = db_ih.to(b_ih.dtype), db_hh.to(b_hh.dtype)
+    grads = (dx.to(x.dtype), dh0.to(h0.dtype), dc0.to(c0.dtype), dw_ih.to(w_ih.dtype),
+             dw_hh.to(w_hh.dtype), db_ih, db_hh)
+    return tuple(g.contiguous() for g in grads)
+
+
+@aten_lstm_layer_backward.register_fake
+def _(x, h0, c0, w_ih, w_hh, b_ih, b_hh, reverse, y, h_n, c_n, workspace, dy, dh_n, dc_n):
+    def grad(t):  # contiguous, like the kernel's, whatever the input's strides
+        return x.new_empty((0,)) if t is None else t.new_empty(t.shape)
+
+    return tuple(grad(t) for t in (x, h0, c0, w_ih, w_hh, b_ih, b_hh))
+
+
+def _setup(ctx, inputs, output):
+    x, h0, c0, w_ih, w_hh, b_ih, b_hh, reverse = inputs
+    y, h_n, c_n, workspace = output
+    ctx.mark_non_differentiable(workspace)
+    ctx.reverse, ctx.has_bias = reverse, b_ih is not None
+    biases = (b_ih, b_hh) if ctx.has_bias else ()
+    ctx.save_for_backward(x, h0, c0, w_ih, w_hh, *biases, y, h_n, c_n, workspace)
+
+
+def _backward(ctx, dy, dh_n, dc_n, _dworkspace):
+    saved = list(ctx.saved_tensors)
+    x, h0, c0, w_ih, w_hh = saved[:5]
+    b_ih, b_hh = saved[5:7] if ctx.has_bias else (None, None)
+    y, h_n, c_n, workspace = saved[-4:]
+    dy = torch.zeros_like(y) if dy is None else dy
+    dh_n = torch.zeros_like(h_n) if dh_n is None else dh_n
+    dc_n = torch.zeros_like(c_n) if dc_n is None else dc_n
+    dx, dh0, dc0, dw_ih, dw_hh, db_ih, db_hh = aten_lstm_layer_backward(
+        x, h0, c0, w_ih, w_hh, b_ih, b_hh, ctx.reverse, y, h_n, c_n, workspace, dy, dh_n, dc_n
+    )
+    if not ctx.has_bias:
+        db_ih = db_hh = None
+    return dx, dh0, dc0, dw_ih, dw_hh, db_ih, db_hh, None
+
+
+aten_lstm_layer.register_autograd(_backward, setup_context=_setup)
+refuse_double_backward(aten_lstm_layer_backward, "torch")
+
+
+def rnn_layer(mode, x, h0, c0, w_ih, w_hh, b_ih=None, b_hh=None, w_hr=None, lengths=None,
+              reverse=False):
+    """:func:`fused_rnn.ops.reference.rnn_layer`'s signature; only where
+    :func:`unsupported_reason` is None."""
+    y, h_n, c_n, _ = aten_lstm_layer(x, h0, c0, w_ih, w_hh, b_ih, b_hh, reverse)
+    return y, h_n, c_n

@@ -1,0 +1,203 @@
+"""The ``torch`` backend's per-layer LSTM op on the CPU (fused_rnn/ops/aten_cpu.py): aten's
+oneDNN kernels as registered ops, used under torch.compile, where they must give eager
+nn.LSTM's results bit for bit and keep the sequence length symbolic."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import fused_rnn
+from fused_rnn import backends
+from fused_rnn.ops import aten_cpu, reference
+
+pytestmark = pytest.mark.skipif(
+    aten_cpu.unsupported_reason("LSTM", torch.zeros(1), None, None) is not None,
+    reason="PyTorch's oneDNN backend is unavailable or disabled here",
+)
+
+
+def _layer_inputs(T, B, I, H, dtype, bias=True, seed=0):
+    g = torch.Generator().manual_seed(seed)
+
+    def r(*shape, scale=0.5):
+        return (scale * torch.randn(*shape, generator=g)).to(dtype).requires_grad_()
+
+    return [r(T, B, I), r(B, H), r(B, H), r(4 * H, I), r(4 * H, H),
+            r(4 * H) if bias else None, r(4 * H) if bias else None]
+
+
+def _run(layer, inputs, reverse, cot):
+    y, h, c = layer("LSTM", *inputs, None, None, reverse)
+    loss = sum((o.float() * g).sum() for o, g in zip((y, h, c), cot))
+    present = [t for t in inputs if t is not None]
+    return [y, h, c], list(torch.autograd.grad(loss, present))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "nobias"])
+@pytest.mark.parametrize("reverse", [False, True], ids=["fwd", "rev"])
+def test_layer_is_eager_nn_lstm_bit_for_bit(dtype, bias, reverse):
+    """Same kernels, same arguments: eager nn.LSTM's direction (forward, or the reverse one of
+    a bidirectional LSTM) gives the same bits, outputs and every gradient."""
+    T, B, I, H = 6, 3, 5, 7
+    inputs = _layer_inputs(T, B, I, H, dtype, bias)
+    g = torch.Generator().manual_seed(1)
+    cot = [torch.randn(T, B, H, generator=g), torch.randn(B, H, generator=g),
+           torch.randn(B, H, generator=g)]
+    outs, grads = _run(aten_cpu.rnn_layer, inputs, reverse, cot)
+
+    nn_lstm = torch.nn.LSTM(I, H, bias=bias, bidirectional=reverse).to(dtype)
+    x, h0, c0, w_ih, w_hh, b_ih, b_hh = inputs
+    suffix = "_reverse" if reverse else ""
+    d = 1 if reverse else 0
+    with torch.no_grad():
+        for name, t in (("weight_ih", w_ih), ("weight_hh", w_hh), ("bias_ih", b_ih),
+                        ("bias_hh", b_hh)):
+            if t is not None:
+                getattr(nn_lstm, f"{name}_l0{suffix}").copy_(t)
+    hx = torch.zeros(2 if reverse else 1, B, H, dtype=dtype)
+    cx = torch.zeros_like(hx)
+    hx[d], cx[d] = h0.detach(), c0.detach()
+    hx.requires_grad_(), cx.requires_grad_()
+    xr = x.detach().requires_grad_()
+    y, (h_n, c_n) = nn_lstm(xr, (hx, cx))
+    y = y[..., d * H:(d + 1) * H]
+    loss = sum((o.float() * g).sum() for o, g in zip((y, h_n[d], c_n[d]), cot))
+    loss.backward()
+    params = [getattr(nn_lstm, f"{n}_l0{suffix}") for n in ("weight_ih", "weight_hh")]
+    if bias:
+        params += [getattr(nn_lstm, f"{n}_l0{suffix}") for n in ("bias_ih", "bias_hh")]
+    want_outs = [y, h_n[d], c_n[d]]
+    want_grads = [xr.grad, hx.grad[d], cx.grad[d]] + [p.grad for p in params]
+    for a, b in zip(outs + grads, want_outs + want_grads):
+        assert a.dtype == b.dtype and torch.equal(a, b)
+
+    # And against the reference math: the same function, to rounding.
+    r_outs, r_grads = _run(reference.rnn_layer, inputs, reverse, cot)
+    tol = {"atol": 1e-5, "rtol": 1e-4} if dtype == torch.float32 else {"atol": 5e-2, "rtol": 5e-2}
+    for a, b in zip(outs + grads, r_outs + r_grads):
+        torch.testing.assert_close(a.float(), b.float(), **tol)
+
+
+def test_unsupported_reasons():
+    x = torch.zeros(2, 1, 3)
+    assert aten_cpu.unsupported_reason("LSTM", x, None, None) is None
+    assert "GRU" in aten_cpu.unsupported_reason("GRU", x, None, None)
+    assert "float64" in aten_cpu.unsupported_reason("LSTM", x.double(), None, None)
+    assert "projection" in aten_cpu.unsupported_reason("LSTM", x, torch.zeros(2, 4), None)
+    assert "lengths" in aten_cpu.unsupported_reason("LSTM", x, None, torch.tensor([2]))
+    assert "meta" in aten_cpu.unsupported_reason("LSTM", x.to("meta"), None, None)
+
+
+@pytest.mark.parametrize("test_utils", ["test_schema", "test_autograd_registration",
+                                        "test_faketensor"])
+def test_opcheck(test_utils):
+    """opcheck's aot_dispatch tests compare every output of two runs, and the workspace's
+    bytes are the kernel's scratch (not all written, different each run); its size is only
+    known at run time. The compiled tests below check that path on the real outputs.
+
+    The backward skips test_schema: aten's backward kernel writes scratch into the workspace
+    it is given (so does eager nn.LSTM's). Declaring it mutated would copy it (tens of MB per
+    layer) on every backward; instead test_backward_twice_gives_the_same_gradients shows the
+    writes do not change what a second backward computes."""
+    inputs = _layer_inputs(4, 3, 5, 6, torch.float32)
+    torch.library.opcheck(torch.ops.fused_rnn.aten_lstm_layer.default, (*inputs, False),
+                          test_utils=test_utils)
+    if test_utils == "test_schema":
+        return
+    with torch.no_grad():
+        y, h, c, ws = aten_cpu.aten_lstm_layer(*inputs, False)
+    detached = [t.detach() for t in inputs]
+    torch.library.opcheck(
+        torch.ops.fused_rnn.aten_lstm_layer_backward.default,
+        (*detached, False, y, h, c, ws, torch.randn_like(y), torch.randn_like(h),
+         torch.randn_like(c)),
+        test_utils=test_utils,
+    )
+
+
+def test_backward_twice_gives_the_same_gradients():
+    """retain_graph: the second backward reads the workspace the first one wrote scratch into."""
+    inputs = _layer_inputs(5, 3, 4, 6, torch.float32)
+    y, h, c = aten_cpu.rnn_layer("LSTM", *inputs)
+    g = [torch.randn_like(t) for t in (y, h, c)]
+    first = torch.autograd.grad((y, h, c), inputs, g, retain_graph=True)
+    second = torch.autograd.grad((y, h, c), inputs, g)
+    for a, b in zip(first, second):
+        assert torch.equal(a, b)
+
+
+def test_torch_runs_per_layer_under_compile_on_the_cpu_only(monkeypatch):
+    cpu = torch.device("cpu")
+    assert not backends.torch_runs_per_layer(cpu)
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    assert backends.resolve_stack("auto", cpu) == "torch"
+    assert backends.torch_runs_per_layer(cpu)
+    # inductor keeps cuDNN's RNN as an extern kernel, so on a GPU the stack stays whole
+    assert backends.resolve_stack("auto", torch.device("cuda")) == "torch"
+    assert not backends.torch_runs_per_layer(torch.device("cuda"))
+
+
+def _loss_and_grads(fn, model, x, state):
+    model.zero_grad()
+    x = x.detach().requires_grad_()
+    y, (h, c) = fn(x, state)
+    loss = (y * 1.5).sin().sum() + (h * 2).cos().sum() + (c * 3).sin().sum()
+    loss.backward()
+    return [y, h, c, x.grad] + [p.grad for p in model.parameters()]
+
+
+@pytest.mark.no_nan_fill
+@pytest.mark.parametrize("backend", ["auto", "torch"])
+def test_compiled_module_is_eager_nn_lstm_bit_for_bit(backend):
+    """torch.compile(fullgraph=True) of a 2-layer bidirectional batch-first LSTM runs each
+    layer through the op: eager nn.LSTM's bits, outputs and gradients."""
+    torch.manual_seed(0)
+    ref = torch.nn.LSTM(5, 7, num_layers=2, bidirectional=True, batch_first=True)
+    ours = fused_rnn.LSTM(5, 7, num_layers=2, bidirectional=True, batch_first=True,
+                          backend=backend)
+    ours.load_state_dict(ref.state_dict())
+    x = torch.randn(3, 6, 5)
+    state = (torch.randn(4, 3, 7), torch.randn(4, 3, 7))
+    torch._dynamo.reset()
+    compiled = torch.compile(ours, fullgraph=True)
+    got = _loss_and_grads(compiled, ours, x, state)
+    want = _loss_and_grads(ref, ref, x, state)
+    for a, b in zip(got, want):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.no_nan_fill
+def test_compiled_dynamic_sequence_length_dropout_and_autocast():
+    """What inductor's own lowering of aten's CPU LSTM fails on (torch 2.13): a symbolic
+    sequence length, dropout between layers, and autocast."""
+    torch.manual_seed(0)
+    ref = torch.nn.LSTM(4, 6, num_layers=2)
+    ours = fused_rnn.LSTM(4, 6, num_layers=2)
+    ours.load_state_dict(ref.state_dict())
+    torch._dynamo.reset()
+    compiled = torch.compile(ours, fullgraph=True, dynamic=True)
+    for T in (3, 8):
+        x = torch.randn(T, 2, 4)
+        state = (torch.zeros(2, 2, 6), torch.zeros(2, 2, 6))
+        for a, b in zip(_loss_and_grads(compiled, ours, x, state),
+                        _loss_and_grads(ref, ref, x, state)):
+            assert torch.equal(a, b)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y_c, _ = compiled(torch.randn(5, 2, 4))
+    assert y_c.dtype == torch.bfloat16
+
+    dropped = fused_rnn.LSTM(4, 6, num_layers=2, dropout=0.5).train()
+    torch._dynamo.reset()
+    y, _ = torch.compile(dropped, fullgraph=True)(torch.randn(5, 2, 4))
+    y.sum().backward()
+    assert all(p.grad is not None for p in dropped.parameters())
+
+
+def test_double_backward_is_refused_clearly():
+    inputs = _layer_inputs(3, 2, 4, 5, torch.float32)
+    y, _, _ = aten_cpu.rnn_layer("LSTM", *inputs)
+    (gx,) = torch.autograd.grad(y.pow(2).sum(), inputs[0], create_graph=True)
+    with pytest.raises(NotImplementedError, match="double backward.*'torch'"):
+        torch.autograd.grad(gx.sum(), inputs[0])
