@@ -4,7 +4,8 @@
 In eager mode the ``torch`` backend hands the whole stack to ``torch._VF.lstm``, which on the
 CPU runs each layer and direction through ``aten::mkldnn_rnn_layer`` (oneDNN) and its
 backward. ``torch.compile`` cannot keep that: for training, PyTorch's decomposition unrolls the
-LSTM into per-step ops (about 2.2x slower than eager at 32x64x256), and inductor's lowering of
+LSTM into per-step ops (1.78x eager's time, fwd+bwd, 2 layers at 32x64x256 on 2 cores:
+``benchmarks/results/2026-11-28-cpu-compile.md``), and inductor's lowering of
 ``mkldnn_rnn_layer`` fails with dynamic shapes, autocast or dropout (torch 2.13). Wrapped as
 custom ops, the same two aten kernels stay one opaque node each in the compiled graph, with
 the sequence length symbolic:

@@ -1,4 +1,4 @@
-"""Pieces shared by the kernel backends' registered ops (Triton and CUDA).
+"""Pieces shared by the registered ops (Triton, CUDA, and aten's CPU LSTM in ``aten_cpu``).
 
 Only backend-independent glue lives here: when to save for backward, placeholder gradients for
 absent inputs, rebuilding h_{t-1} from the outputs, the autocast rule, and the refusal of
