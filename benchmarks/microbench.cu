@@ -8,7 +8,10 @@
 // S1 and S5 leads) can be priced before any kernel is written for them.
 //
 //   nvcc -O3 -std=c++17 -arch=sm_90 -o microbench benchmarks/microbench.cu
-//   ./microbench [TABLE.md]        # prints a markdown table, and writes it to TABLE.md
+//   ./microbench [--check-only] [TABLE.md]   # prints a markdown table, and writes it to TABLE.md
+//
+// --check-only runs the checked passes alone (a few steps, no timing): that is how CI runs the
+// program on the CPU, under cudasim (tests/cuda/sim), in several thread orders.
 //
 // What each row times, per step, with one 256-thread block per SM and one kernel launch per
 // measurement (the launch itself is subtracted: a run of 0 steps is timed too):
@@ -27,6 +30,7 @@
 // memory model is not what the kernels rely on).
 //
 // Host code uses the C++ standard library; this is a benchmark program, not part of csrc/.
+// The few device intrinsics cudasim models differently are behind __CUDA_SIM__.
 #include <cooperative_groups.h>
 #include <cuda_runtime.h>
 
@@ -35,6 +39,7 @@
 #include <cstdio>
 #include <cstdlib>
 #include <string>
+#include <utility>
 #include <vector>
 
 namespace cg = cooperative_groups;
@@ -81,13 +86,32 @@ __device__ void check_buffer(const uint4* buf, uint32_t n16, uint32_t salt, int 
   if (bad) atomicAdd(errors, bad);
 }
 
+template <typename T>
+__device__ __forceinline__ T* dynamic_smem() {
+#ifdef __CUDA_SIM__
+  return reinterpret_cast<T*>(::cudasim::dynamic_smem());
+#else
+  extern __shared__ __align__(16) unsigned char smem[];
+  return reinterpret_cast<T*>(smem);
+#endif
+}
+
 __device__ __forceinline__ void cp_async16(void* smem, const void* gmem) {
+#ifdef __CUDA_SIM__
+  ::cudasim::cp_async(smem, gmem, 16);
+#else
   const unsigned s = static_cast<unsigned>(__cvta_generic_to_shared(smem));
   asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(s), "l"(gmem) : "memory");
+#endif
 }
 
 __device__ __forceinline__ void cp_async_wait_all() {
+#ifdef __CUDA_SIM__
+  ::cudasim::cp_async_commit();
+  ::cudasim::cp_async_wait(0);
+#else
   asm volatile("cp.async.commit_group;\ncp.async.wait_group 0;\n" ::: "memory");
+#endif
 }
 
 // ---- barriers alone ------------------------------------------------------------------------
@@ -111,7 +135,7 @@ template <bool kCluster>
 __global__ void __launch_bounds__(kThreads, 1)
     exchange_global_kernel(uint4* exchange, uint32_t n16, int steps, uint32_t salt,
                            unsigned* errors) {
-  extern __shared__ uint4 stage[];
+  uint4* stage = dynamic_smem<uint4>();
   uint32_t rank, members, group;
   if constexpr (kCluster) {
     cg::cluster_group cluster = cg::this_cluster();
@@ -148,7 +172,7 @@ __global__ void __launch_bounds__(kThreads, 1)
 // barrier of step s + 1, which it reaches only after reading the buffer at step s.
 __global__ void __launch_bounds__(kThreads, 1)
     exchange_dsmem_kernel(uint32_t n16, int steps, uint32_t salt, unsigned* errors) {
-  extern __shared__ uint4 bufs[];  // 2 x n16
+  uint4* bufs = dynamic_smem<uint4>();  // 2 x n16
   cg::cluster_group cluster = cg::this_cluster();
   const uint32_t rank = cluster.block_rank(), members = cluster.num_blocks();
   uint32_t first, last;
@@ -172,12 +196,14 @@ __global__ void __launch_bounds__(kThreads, 1)
 
 // ---- host ----------------------------------------------------------------------------------
 
+std::string clusters_note(int n) { return std::to_string(n) + (n == 1 ? " cluster" : " clusters"); }
+
 struct Row {
   std::string what;
   int blocks;
-  long bytes;  // per block per step: what it reads (global) or receives (dsmem)
-  double us;   // per step
-  long errors; // -1: not checked
+  long bytes;   // per block per step: what it reads (global) or receives (dsmem)
+  double us;    // per step; negative: not timed (--check-only)
+  long errors;  // -1: not checked
   std::string note;
 };
 
@@ -211,33 +237,38 @@ double time_per_step(Launch launch, int steps, int reps = 5) {
 // Runs launch(steps, salt) once, checked, with a salt no earlier launch used, and returns the
 // number of words its blocks received wrong.
 template <class Launch>
-long checked_errors(Launch launch, unsigned* errors) {
+long checked_errors(Launch launch, int steps, unsigned* errors) {
   static uint32_t salt = 0;
   CHECK(cudaMemset(errors, 0, sizeof(unsigned)));
-  launch(50, ++salt);
+  launch(steps, ++salt);
   CHECK(cudaDeviceSynchronize());
   unsigned bad = 0;
   CHECK(cudaMemcpy(&bad, errors, sizeof bad, cudaMemcpyDeviceToHost));
   return static_cast<long>(bad);
 }
 
-void launch_cooperative(const void* kernel, int blocks, size_t smem, void** args) {
-  CHECK(cudaLaunchCooperativeKernel(kernel, blocks, kThreads, args, smem, 0));
-  CHECK(cudaGetLastError());
-}
-
-cudaLaunchConfig_t cluster_config(int clusters, int size, size_t smem, cudaLaunchAttribute* attr) {
+// One launch of `blocks` blocks, cooperative (grid.sync allowed) or in clusters of `cluster`.
+template <typename... Exp, typename... Act>
+void launch(void (*kernel)(Exp...), int blocks, bool cooperative, int cluster, size_t smem,
+            Act&&... args) {
+  cudaLaunchAttribute attr[1] = {};
+  if (cooperative) {
+    attr[0].id = cudaLaunchAttributeCooperative;
+    attr[0].val.cooperative = 1;
+  } else {
+    attr[0].id = cudaLaunchAttributeClusterDimension;
+    attr[0].val.clusterDim.x = static_cast<unsigned>(cluster);
+    attr[0].val.clusterDim.y = 1;
+    attr[0].val.clusterDim.z = 1;
+  }
   cudaLaunchConfig_t cfg = {};
-  cfg.gridDim = dim3(clusters * size);
+  cfg.gridDim = dim3(blocks);
   cfg.blockDim = dim3(kThreads);
   cfg.dynamicSmemBytes = smem;
-  attr[0].id = cudaLaunchAttributeClusterDimension;
-  attr[0].val.clusterDim.x = size;
-  attr[0].val.clusterDim.y = 1;
-  attr[0].val.clusterDim.z = 1;
   cfg.attrs = attr;
   cfg.numAttrs = 1;
-  return cfg;
+  CHECK(cudaLaunchKernelEx(&cfg, kernel, std::forward<Act>(args)...));
+  CHECK(cudaGetLastError());
 }
 
 // How many clusters of `size` blocks the device holds at once with `smem` bytes each (0: none).
@@ -248,8 +279,17 @@ int max_clusters(const void* kernel, int size, size_t smem) {
     cudaGetLastError();
     return 0;
   }
-  cudaLaunchAttribute attr[1];
-  cudaLaunchConfig_t cfg = cluster_config(1, size, smem, attr);
+  cudaLaunchAttribute attr[1] = {};
+  attr[0].id = cudaLaunchAttributeClusterDimension;
+  attr[0].val.clusterDim.x = static_cast<unsigned>(size);
+  attr[0].val.clusterDim.y = 1;
+  attr[0].val.clusterDim.z = 1;
+  cudaLaunchConfig_t cfg = {};
+  cfg.gridDim = dim3(size);
+  cfg.blockDim = dim3(kThreads);
+  cfg.dynamicSmemBytes = smem;
+  cfg.attrs = attr;
+  cfg.numAttrs = 1;
   int n = 0;
   if (cudaOccupancyMaxActiveClusters(&n, kernel, &cfg) != cudaSuccess) {
     cudaGetLastError();
@@ -264,6 +304,18 @@ void allow_smem(const void* kernel, size_t smem) {
 }
 
 int main(int argc, char** argv) {
+  bool check_only = false;
+  const char* table_path = nullptr;
+  for (int i = 1; i < argc; ++i) {
+    if (std::string(argv[i]) == "--check-only") {
+      check_only = true;
+    } else if (argv[i][0] == '-' || table_path != nullptr) {
+      std::fprintf(stderr, "usage: %s [--check-only] [TABLE.md]\n", argv[0]);
+      return 2;
+    } else {
+      table_path = argv[i];
+    }
+  }
   int dev = 0;
   CHECK(cudaGetDevice(&dev));
   cudaDeviceProp prop;
@@ -274,6 +326,18 @@ int main(int argc, char** argv) {
   unsigned* errors = nullptr;
   CHECK(cudaMalloc(&errors, sizeof(unsigned)));
   const int steps = 2000;
+  // Checked steps: enough for each double buffer to be rewritten twice.
+  const int check_steps = check_only ? 6 : 50;
+  // The time of `steps` steps of launch(n), or -1 (not timed) with --check-only, where the
+  // launch still runs, for 2 steps, so its setup is exercised.
+  auto timed = [&](auto&& launch_steps) {
+    if (check_only) {
+      launch_steps(2);
+      CHECK(cudaDeviceSynchronize());
+      return -1.0;
+    }
+    return time_per_step(launch_steps, steps);
+  };
 
   // grid.sync at one and two blocks per SM (ANCHORS.md: 1.12 and 1.30 us on an H100).
   for (int per_sm : {1, 2}) {
@@ -282,30 +346,23 @@ int main(int argc, char** argv) {
         &fit, (const void*)grid_sync_kernel, kThreads, 0));
     if (fit < per_sm) continue;
     const int blocks = per_sm * sms;
-    const double us = time_per_step([&](int n) {
-      void* args[] = {&n};
-      launch_cooperative((const void*)grid_sync_kernel, blocks, 0, args);
-    }, steps);
+    const double us = timed([&](int n) { launch(grid_sync_kernel, blocks, true, 0, 0, n); });
     rows.push_back({"grid.sync", blocks, 0, us, -1, per_sm == 1 ? "1 block/SM" : "2 blocks/SM"});
   }
 
   const bool clusters_ok = prop.major >= 9;
-  const int cluster_sizes[] = {2, 4, 8, 16};
   if (clusters_ok) {
-    for (int c : cluster_sizes) {
+    for (int c : {2, 4, 8, 16}) {
       const int n = max_clusters((const void*)cluster_sync_kernel, c, 0);
       if (n == 0) {
-        rows.push_back({"cluster.sync c=" + std::to_string(c), 0, 0, 0, -1, "not launchable"});
+        rows.push_back({"cluster.sync c=" + std::to_string(c), 0, 0, -1, -1, "not launchable"});
         continue;
       }
-      const int clusters = std::min(n, (sms / c));
-      const double us = time_per_step([&](int k) {
-        cudaLaunchAttribute attr[1];
-        cudaLaunchConfig_t cfg = cluster_config(clusters, c, 0, attr);
-        CHECK(cudaLaunchKernelEx(&cfg, cluster_sync_kernel, k));
-      }, steps);
+      const int clusters = std::min(n, sms / c);
+      const double us =
+          timed([&](int k) { launch(cluster_sync_kernel, clusters * c, false, c, 0, k); });
       rows.push_back({"cluster.sync c=" + std::to_string(c), clusters * c, 0, us, -1,
-                      std::to_string(clusters) + " clusters"});
+                      clusters_note(clusters)});
     }
   }
 
@@ -323,13 +380,11 @@ int main(int argc, char** argv) {
     int fit = 0;
     CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&fit, k, kThreads, x));
     if (fit < 1) continue;
-    auto launch = [&](int n, uint32_t salt) {
-      uint32_t n16v = n16;
-      void* args[] = {&exchange, &n16v, &n, &salt, &errors};
-      launch_cooperative(k, sms, x, args);
+    auto run = [&](int n, uint32_t salt) {
+      launch(exchange_global_kernel<false>, sms, true, 0, x, exchange, n16, n, salt, errors);
     };
-    const long bad = checked_errors(launch, errors);
-    const double us = time_per_step([&](int n) { launch(n, 0); }, steps);
+    const long bad = checked_errors(run, check_steps, errors);
+    const double us = timed([&](int n) { run(n, 0); });
     rows.push_back({"exchange grid", sms, x, us, bad, "write share, grid.sync, cp.async all"});
   }
 
@@ -347,23 +402,21 @@ int main(int argc, char** argv) {
           const std::string what = std::string(dsmem ? "exchange dsmem" : "exchange cluster-global") +
                                    " c=" + std::to_string(c);
           if (n == 0) {
-            rows.push_back({what, 0, x, 0, -1, "not launchable"});
+            rows.push_back({what, 0, x, -1, -1, "not launchable"});
             continue;
           }
           const int clusters = std::min(n, sms / c);
-          auto launch = [&](int steps_, uint32_t salt) {
-            cudaLaunchAttribute attr[1];
-            cudaLaunchConfig_t cfg = cluster_config(clusters, c, smem, attr);
+          auto run = [&](int steps_, uint32_t salt) {
             if (dsmem) {
-              CHECK(cudaLaunchKernelEx(&cfg, exchange_dsmem_kernel, n16, steps_, salt, errors));
+              launch(exchange_dsmem_kernel, clusters * c, false, c, smem, n16, steps_, salt, errors);
             } else {
-              CHECK(cudaLaunchKernelEx(&cfg, exchange_global_kernel<true>, exchange, n16, steps_,
-                                       salt, errors));
+              launch(exchange_global_kernel<true>, clusters * c, false, c, smem, exchange, n16,
+                     steps_, salt, errors);
             }
           };
-          const long bad = checked_errors(launch, errors);
-          const double us = time_per_step([&](int s) { launch(s, 0); }, steps);
-          rows.push_back({what, clusters * c, x, us, bad, std::to_string(clusters) + " clusters"});
+          const long bad = checked_errors(run, check_steps, errors);
+          const double us = timed([&](int s) { run(s, 0); });
+          rows.push_back({what, clusters * c, x, us, bad, clusters_note(clusters)});
         }
       }
     }
@@ -374,24 +427,27 @@ int main(int argc, char** argv) {
   std::string table;
   char line[512];
   std::snprintf(line, sizeof line,
-                "# Step primitives on %s (%d SMs, cc %d.%d), %d steps per timing, median of 5\n\n"
+                "# Step primitives on %s (%d SMs, cc %d.%d), %s\n\n"
                 "| primitive | blocks | KB per block per step | us per step | errors | note |\n"
                 "|---|---|---|---|---|---|\n",
-                prop.name, sms, prop.major, prop.minor, steps);
+                prop.name, sms, prop.major, prop.minor,
+                check_only ? "checked passes only (not timed)"
+                           : "2000 steps per timing, median of 5");
   table += line;
   long total_errors = 0;
   for (const Row& r : rows) {
-    std::snprintf(line, sizeof line, "| %s | %d | %g | %.3f | %s | %s |\n", r.what.c_str(),
-                  r.blocks, r.bytes / 1024.0, r.us,
+    const std::string us = r.us < 0 ? "-" : std::to_string(r.us).substr(0, 6);
+    std::snprintf(line, sizeof line, "| %s | %d | %g | %s | %s | %s |\n", r.what.c_str(),
+                  r.blocks, r.bytes / 1024.0, us.c_str(),
                   r.errors < 0 ? "-" : std::to_string(r.errors).c_str(), r.note.c_str());
     table += line;
     if (r.errors > 0) total_errors += r.errors;
   }
   std::fputs(table.c_str(), stdout);
-  if (argc > 1) {
-    FILE* f = std::fopen(argv[1], "w");
+  if (table_path != nullptr) {
+    FILE* f = std::fopen(table_path, "w");
     if (!f) {
-      std::perror(argv[1]);
+      std::perror(table_path);
       return 1;
     }
     std::fputs(table.c_str(), f);

@@ -82,12 +82,27 @@ struct Launch {
   bool cooperative = false;  // cudaLaunchCooperativeKernel: grid.sync() allowed
   unsigned cluster = 0;      // blocks per cluster (cudaLaunchKernelExC), 0 = no clusters
   std::vector<unsigned char*> smem;  // one allocation of exactly `smem_bytes` per block
+  size_t smem_bytes = 0;
   std::vector<Thread> threads;
   bool aborting = false;
   std::string error;  // first failure
 };
 
-Config g_config;
+// The defaults, or for a standalone program (which cannot call configure) the environment:
+// CUDASIM_SMS, CUDASIM_ORDER (ascending, descending, shuffle), CUDASIM_CP_ASYNC_EARLY=1.
+Config config_from_environment() {
+  Config c;
+  if (const char* v = std::getenv("CUDASIM_SMS")) c.sms = std::atoi(v);
+  if (const char* v = std::getenv("CUDASIM_ORDER")) {
+    const std::string o = v;
+    c.order = o == "descending" ? kOrderDescending : o == "shuffle" ? kOrderShuffle
+                                                                     : kOrderAscending;
+  }
+  if (const char* v = std::getenv("CUDASIM_CP_ASYNC_EARLY")) c.cp_async_early = v[0] == '1';
+  return c;
+}
+
+Config g_config = config_from_environment();
 std::mutex g_launch_mutex;  // one launch at a time (the scheduler state is global)
 Launch* g_launch = nullptr;
 Thread* g_current = nullptr;  // the running fiber
@@ -331,6 +346,23 @@ void cluster_barrier() {
 
 unsigned char* dynamic_smem() { return g_launch->smem[blockIdx.x]; }
 
+unsigned cluster_num_blocks() {
+  if (g_launch->cluster == 0) fail("a cluster_group in a launch without clusters");
+  return g_launch->cluster;
+}
+
+unsigned cluster_block_rank() { return blockIdx.x % cluster_num_blocks(); }
+
+void* cluster_map_shared(const void* p, unsigned rank) {
+  const unsigned size = cluster_num_blocks();
+  if (rank >= size) fail("map_shared_rank: rank %u in a cluster of %u blocks", rank, size);
+  const unsigned char* own = g_launch->smem[blockIdx.x];
+  const auto* q = static_cast<const unsigned char*>(p);
+  if (q < own || q >= own + g_launch->smem_bytes)
+    fail("map_shared_rank: %p is not in this block's dynamic shared memory", p);
+  return g_launch->smem[blockIdx.x - blockIdx.x % size + rank] + (q - own);
+}
+
 // cp.async may land any time between its issue and the wait_group that retires its group. The
 // two extremes are simulated (Config::cp_async_early): at the wait, so a read before it (or
 // before the barrier after it) sees the old bytes; or at the issue, so a buffer still being read
@@ -460,6 +492,7 @@ cudaError_t run_launch(const void* func, dim3 grid, dim3 block, void** args, siz
   L.block = block;
   L.cooperative = cooperative;
   L.cluster = cluster;
+  L.smem_bytes = smem;
   for (unsigned b = 0; b < grid.x; ++b) {
     void* p = nullptr;
     if (posix_memalign(&p, 128, std::max<size_t>(smem, 1)) != 0) std::abort();
@@ -554,6 +587,76 @@ cudaError_t cudaGetLastError() {
   const cudaError_t e = cudasim::t_last_error;
   cudasim::t_last_error = cudaSuccess;
   return e;
+}
+
+cudaError_t cudaGetDeviceProperties(cudaDeviceProp* prop, int device) {
+  if (device != 0) return cudaErrorInvalidValue;
+  *prop = cudaDeviceProp{};
+  std::snprintf(prop->name, sizeof prop->name, "cudasim");
+  prop->multiProcessorCount = g_config.sms;
+  prop->sharedMemPerBlockOptin = static_cast<size_t>(g_config.smem_optin);
+  prop->major = 9;
+  prop->minor = 0;
+  return cudaSuccess;
+}
+
+cudaError_t cudaMallocBytes(void** p, size_t bytes) {
+  *p = std::malloc(std::max<size_t>(bytes, 1));
+  return *p ? cudaSuccess : cudaErrorInvalidValue;
+}
+
+cudaError_t cudaFree(void* p) {
+  std::free(p);
+  return cudaSuccess;
+}
+
+cudaError_t cudaMemset(void* p, int value, size_t bytes) {
+  std::memset(p, value, bytes);
+  return cudaSuccess;
+}
+
+cudaError_t cudaMemcpy(void* dst, const void* src, size_t bytes, cudaMemcpyKind kind) {
+  (void)kind;
+  std::memcpy(dst, src, bytes);
+  return cudaSuccess;
+}
+
+cudaError_t cudaDeviceSynchronize() { return cudaSuccess; }
+
+const char* cudaGetErrorString(cudaError_t err) {
+  if (err == cudaErrorLaunchFailure && !cudasim::g_last_message.empty())
+    return cudasim::g_last_message.c_str();
+  return cudaGetErrorName(err);
+}
+
+struct CUevent_st {
+  long long tick = 0;
+};
+
+cudaError_t cudaEventCreate(cudaEvent_t* event) {
+  *event = new CUevent_st;
+  return cudaSuccess;
+}
+
+cudaError_t cudaEventRecord(cudaEvent_t event, cudaStream_t stream) {
+  (void)stream;
+  event->tick = cudasim::tick();
+  return cudaSuccess;
+}
+
+cudaError_t cudaEventSynchronize(cudaEvent_t event) {
+  (void)event;
+  return cudaSuccess;
+}
+
+cudaError_t cudaEventElapsedTime(float* ms, cudaEvent_t start, cudaEvent_t end) {
+  *ms = static_cast<float>(end->tick - start->tick);
+  return cudaSuccess;
+}
+
+cudaError_t cudaEventDestroy(cudaEvent_t event) {
+  delete event;
+  return cudaSuccess;
 }
 
 const char* cudaGetErrorName(cudaError_t err) {

@@ -1,4 +1,5 @@
-// cudasim: just enough of CUDA to run csrc/'s kernels, unchanged, on the CPU.
+// cudasim: just enough of CUDA to run csrc/'s kernels, unchanged, on the CPU (and the
+// standalone benchmarks/microbench.cu, host code included: tests/cuda/test_microbench.py).
 //
 // The kernel sources include <cuda_runtime.h>, <cuda_bf16.h>, <cuda_fp16.h>, <mma.h> and
 // <cooperative_groups.h>; this directory's headers of those names all include this file, so
@@ -35,7 +36,9 @@
 #include <cstddef>
 #include <cstdint>
 #include <cstring>
+#include <tuple>
 #include <type_traits>
+#include <utility>
 
 // ---- keywords ------------------------------------------------------------------------------
 #define __global__
@@ -77,12 +80,33 @@ void cp_async(void* dst, const void* src, size_t bytes);  // cp.async.cg (see ru
 void cp_async_commit();                                   // cp.async.commit_group
 void cp_async_wait(int pending);                          // cp.async.wait_group pending
 inline long long global_ns() { return tick(); }
+// Thread-block clusters: this block's rank, the cluster's size, and a peer's copy of a pointer
+// into this block's dynamic shared memory (cluster_group::map_shared_rank, DSMEM).
+unsigned cluster_block_rank();
+unsigned cluster_num_blocks();
+void* cluster_map_shared(const void* p, unsigned rank);
+void register_kernel(const void* func, void (*invoke)(const void* func, void** args));
+// How to call a kernel of parameter types A... with a launch's argument array.
+template <typename... A, size_t... I>
+void invoke_unpacked(const void* f, void** args, std::index_sequence<I...>) {
+  reinterpret_cast<void (*)(A...)>(const_cast<void*>(f))(*static_cast<std::decay_t<A>*>(args[I])...);
+}
+template <typename... A>
+void invoke_args(const void* f, void** args) {
+  invoke_unpacked<A...>(f, args, std::index_sequence_for<A...>{});
+}
 // prefetch.global.L2: a hint on a GPU; here the address must be readable (ASan checks it).
 inline void prefetch(const void* p) { (void)*static_cast<const volatile unsigned char*>(p); }
 }  // namespace cudasim
 
 #define __syncthreads() ::cudasim::block_barrier(__FILE__, __LINE__)
 inline long long clock64() { return ::cudasim::tick(); }
+// One fiber runs at a time and switches only at barriers, so a plain add is atomic here.
+inline unsigned atomicAdd(unsigned* p, unsigned v) {
+  const unsigned old = *p;
+  *p = old + v;
+  return old;
+}
 
 // ---- runtime API (the subset launch_cooperative and launch_clusters use) ----------------------
 enum cudaError_t {
@@ -148,6 +172,56 @@ cudaError_t cudaOccupancyMaxActiveClusters(int* clusters, const void* func,
 cudaError_t cudaGetLastError();
 const char* cudaGetErrorName(cudaError_t err);
 
+// The typed launch (any kernel signature): registers how to call the kernel, then launches it.
+template <typename... Exp, typename... Act>
+cudaError_t cudaLaunchKernelEx(const cudaLaunchConfig_t* config, void (*kernel)(Exp...),
+                               Act&&... args) {
+  const void* func = reinterpret_cast<const void*>(kernel);
+  ::cudasim::register_kernel(func, &::cudasim::invoke_args<Exp...>);
+  std::tuple<std::decay_t<Exp>...> values(std::forward<Act>(args)...);
+  return std::apply(
+      [&](auto&... v) {
+        void* ptrs[] = {static_cast<void*>(&v)...};
+        return cudaLaunchKernelExC(config, func, ptrs);
+      },
+      values);
+}
+
+// ---- what a standalone program adds (benchmarks/microbench.cu's host code) -------------------
+// Launches run to their end before they return, so memory calls and events need no ordering;
+// "device" memory is host memory; an event records cudasim's clock (durations are counts).
+struct cudaDeviceProp {
+  char name[256];
+  int multiProcessorCount;
+  size_t sharedMemPerBlockOptin;
+  int major, minor;
+};
+enum cudaMemcpyKind {
+  cudaMemcpyHostToHost = 0,
+  cudaMemcpyHostToDevice = 1,
+  cudaMemcpyDeviceToHost = 2,
+  cudaMemcpyDeviceToDevice = 3,
+  cudaMemcpyDefault = 4,
+};
+struct CUevent_st;
+using cudaEvent_t = CUevent_st*;
+cudaError_t cudaGetDeviceProperties(cudaDeviceProp* prop, int device);
+cudaError_t cudaMallocBytes(void** p, size_t bytes);
+template <typename T>
+cudaError_t cudaMalloc(T** p, size_t bytes) {
+  return cudaMallocBytes(reinterpret_cast<void**>(p), bytes);
+}
+cudaError_t cudaFree(void* p);
+cudaError_t cudaMemset(void* p, int value, size_t bytes);
+cudaError_t cudaMemcpy(void* dst, const void* src, size_t bytes, cudaMemcpyKind kind);
+cudaError_t cudaDeviceSynchronize();
+const char* cudaGetErrorString(cudaError_t err);  // a failed launch: cudasim's message
+cudaError_t cudaEventCreate(cudaEvent_t* event);
+cudaError_t cudaEventRecord(cudaEvent_t event, cudaStream_t stream = nullptr);
+cudaError_t cudaEventSynchronize(cudaEvent_t event);
+cudaError_t cudaEventElapsedTime(float* ms, cudaEvent_t start, cudaEvent_t end);
+cudaError_t cudaEventDestroy(cudaEvent_t event);
+
 // ---- fp16 / bf16 -----------------------------------------------------------------------------
 struct __half {
   _Float16 v;
@@ -179,6 +253,12 @@ struct grid_group {
 inline grid_group this_grid() { return grid_group{}; }
 struct cluster_group {
   void sync() const { ::cudasim::cluster_barrier(); }
+  unsigned block_rank() const { return ::cudasim::cluster_block_rank(); }
+  unsigned num_blocks() const { return ::cudasim::cluster_num_blocks(); }
+  template <typename T>
+  T* map_shared_rank(T* p, unsigned rank) const {
+    return static_cast<T*>(::cudasim::cluster_map_shared(p, rank));
+  }
 };
 inline cluster_group this_cluster() { return cluster_group{}; }
 }  // namespace cooperative_groups
