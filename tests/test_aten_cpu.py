@@ -102,12 +102,13 @@ def test_opcheck(test_utils):
     layer) on every backward; instead test_backward_twice_gives_the_same_gradients shows the
     writes do not change what a second backward computes."""
     inputs = _layer_inputs(4, 3, 5, 6, torch.float32)
-    torch.library.opcheck(torch.ops.fused_rnn.aten_lstm_layer.default, (*inputs, False),
-                          test_utils=test_utils)
+    for train in (True, False):
+        torch.library.opcheck(torch.ops.fused_rnn.aten_lstm_layer.default,
+                              (*inputs, False, train), test_utils=test_utils)
     if test_utils == "test_schema":
         return
     with torch.no_grad():
-        y, h, c, ws = aten_cpu.aten_lstm_layer(*inputs, False)
+        y, h, c, ws = aten_cpu.aten_lstm_layer(*inputs, False, True)
     detached = [t.detach() for t in inputs]
     torch.library.opcheck(
         torch.ops.fused_rnn.aten_lstm_layer_backward.default,
@@ -195,6 +196,36 @@ def test_compiled_dynamic_sequence_length_dropout_and_autocast():
     y, _ = torch.compile(dropped, fullgraph=True)(torch.randn(5, 2, 4))
     y.sum().backward()
     assert all(p.grad is not None for p in dropped.parameters())
+
+
+@pytest.mark.no_nan_fill
+def test_compiled_inference_is_eager_nn_lstm_bit_for_bit():
+    torch.manual_seed(0)
+    ref = torch.nn.LSTM(4, 6, 2).eval()
+    ours = fused_rnn.LSTM(4, 6, 2).eval()
+    ours.load_state_dict(ref.state_dict())
+    torch._dynamo.reset()
+    compiled = torch.compile(ours, fullgraph=True, dynamic=True)
+    for T in (3, 7):
+        x = torch.randn(T, 2, 4)
+        with torch.no_grad():
+            got, want = compiled(x), ref(x)
+        for a, b in zip(torch.utils._pytree.tree_leaves(got),
+                        torch.utils._pytree.tree_leaves(want)):
+            assert torch.equal(a, b)
+
+
+def test_inference_keeps_no_workspace_and_matches_training_outputs():
+    inputs = _layer_inputs(4, 3, 5, 6, torch.float32)
+    with torch.no_grad():
+        y, h, c, ws = aten_cpu.aten_lstm_layer(*inputs, False, False)
+    y_t, h_t, c_t, ws_t = aten_cpu.aten_lstm_layer(*inputs, False, True)
+    assert ws.numel() == 0 and ws_t.numel() > 0
+    for a, b in zip((y, h, c), (y_t, h_t, c_t)):
+        assert torch.equal(a, b)
+    with pytest.raises(RuntimeError, match="train=False"):
+        out = aten_cpu.aten_lstm_layer(*inputs, False, False)
+        out[0].sum().backward()
 
 
 def test_double_backward_is_refused_clearly():

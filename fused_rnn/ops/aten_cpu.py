@@ -12,7 +12,8 @@ custom ops, the same two aten kernels stay one opaque node each in the compiled 
 the sequence length symbolic:
 
 ======================================== =======================================================
-``fused_rnn::aten_lstm_layer``            one layer, one direction: (y, h_n, c_n, workspace)
+``fused_rnn::aten_lstm_layer``            one layer, one direction: (y, h_n, c_n, workspace;
+                                         the workspace only when training)
 ``fused_rnn::aten_lstm_layer_backward``   its gradients, from the forward's workspace
 ======================================== =======================================================
 
@@ -27,7 +28,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from fused_rnn.ops.common import refuse_double_backward
+from fused_rnn.ops.common import needs_grad, refuse_double_backward
 
 _MODE_LSTM = 2  # oneDNN's (ideep's) rnn_kind for LSTM, as aten passes it
 
@@ -72,22 +73,27 @@ def aten_lstm_layer(
     b_ih: Tensor | None,
     b_hh: Tensor | None,
     reverse: bool,
+    train: bool,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """(y (T, B, H), h_n (B, H), c_n (B, H), workspace (uint8, kernel-defined size))."""
+    """(y (T, B, H), h_n (B, H), c_n (B, H), workspace (uint8, kernel-defined size; empty
+    unless ``train``, which the backward needs))."""
     bi, bh = _biases(w_ih, b_ih, b_hh)
     # The kernel writes the workspace its backward needs only with grad mode on; a custom op
     # runs below autograd with it off, and nothing here requires grad, so no graph is built.
-    with torch.enable_grad():
+    with torch.set_grad_enabled(train):
         y, h, c, ws = torch.ops.aten.mkldnn_rnn_layer.default(
             x.contiguous(), w_ih, w_hh, bi, bh, h0.contiguous(), c0.contiguous(), reverse, [],
-            _MODE_LSTM, w_hh.shape[1], 1, b_ih is not None, False, False, True,
+            _MODE_LSTM, w_hh.shape[1], 1, b_ih is not None, False, False, train,
         )
+    if ws is None:  # inference: no workspace (a custom op returns tensors only)
+        ws = x.new_empty((0,), dtype=torch.uint8)
     return y.contiguous(), h.contiguous(), c.contiguous(), ws
 
 
 @aten_lstm_layer.register_fake
-def _(x, h0, c0, w_ih, w_hh, b_ih, b_hh, reverse):
-    n = torch.library.get_ctx().new_dynamic_size()  # oneDNN decides the workspace's size
+def _(x, h0, c0, w_ih, w_hh, b_ih, b_hh, reverse, train):
+    # oneDNN decides the workspace's size
+    n = torch.library.get_ctx().new_dynamic_size() if train else 0
     return (
         x.new_empty((x.shape[0], x.shape[1], w_hh.shape[1])),
         h0.new_empty(h0.shape),
@@ -143,15 +149,20 @@ def _(x, h0, c0, w_ih, w_hh, b_ih, b_hh, reverse, y, h_n, c_n, workspace, dy, dh
 
 
 def _setup(ctx, inputs, output):
-    x, h0, c0, w_ih, w_hh, b_ih, b_hh, reverse = inputs
+    x, h0, c0, w_ih, w_hh, b_ih, b_hh, reverse, train = inputs
     y, h_n, c_n, workspace = output
     ctx.mark_non_differentiable(workspace)
-    ctx.reverse, ctx.has_bias = reverse, b_ih is not None
+    ctx.reverse, ctx.has_bias, ctx.train = reverse, b_ih is not None, train
     biases = (b_ih, b_hh) if ctx.has_bias else ()
     ctx.save_for_backward(x, h0, c0, w_ih, w_hh, *biases, y, h_n, c_n, workspace)
 
 
 def _backward(ctx, dy, dh_n, dc_n, _dworkspace):
+    if not ctx.train:
+        raise RuntimeError(
+            "fused_rnn::aten_lstm_layer was called with train=False (inference) and cannot be "
+            "differentiated; call fused_rnn.ops.aten_cpu.rnn_layer, which sets it when needed"
+        )
     saved = list(ctx.saved_tensors)
     x, h0, c0, w_ih, w_hh = saved[:5]
     b_ih, b_hh = saved[5:7] if ctx.has_bias else (None, None)
@@ -164,7 +175,7 @@ def _backward(ctx, dy, dh_n, dc_n, _dworkspace):
     )
     if not ctx.has_bias:
         db_ih = db_hh = None
-    return dx, dh0, dc0, dw_ih, dw_hh, db_ih, db_hh, None
+    return dx, dh0, dc0, dw_ih, dw_hh, db_ih, db_hh, None, None
 
 
 aten_lstm_layer.register_autograd(_backward, setup_context=_setup)
@@ -175,5 +186,6 @@ def rnn_layer(mode, x, h0, c0, w_ih, w_hh, b_ih=None, b_hh=None, w_hr=None, leng
               reverse=False):
     """:func:`fused_rnn.ops.reference.rnn_layer`'s signature; only where
     :func:`unsupported_reason` is None."""
-    y, h_n, c_n, _ = aten_lstm_layer(x, h0, c0, w_ih, w_hh, b_ih, b_hh, reverse)
+    train = needs_grad(x, h0, c0, w_ih, w_hh, b_ih, b_hh)
+    y, h_n, c_n, _ = aten_lstm_layer(x, h0, c0, w_ih, w_hh, b_ih, b_hh, reverse, train)
     return y, h_n, c_n
