@@ -208,14 +208,14 @@ struct Row {
 };
 
 // Median over `reps` of (time of `steps` steps - time of 0 steps) / steps, in microseconds.
-template <class Launch>
-double time_per_step(Launch launch, int steps, int reps = 5) {
+template <class Steps>
+double time_per_step(Steps run_steps, int steps, int reps = 5) {
   cudaEvent_t a, b;
   CHECK(cudaEventCreate(&a));
   CHECK(cudaEventCreate(&b));
   auto run = [&](int n) {
     CHECK(cudaEventRecord(a));
-    launch(n);
+    run_steps(n);
     CHECK(cudaEventRecord(b));
     CHECK(cudaEventSynchronize(b));
     float ms = 0;
@@ -234,32 +234,31 @@ double time_per_step(Launch launch, int steps, int reps = 5) {
   return per[per.size() / 2];
 }
 
-// Runs launch(steps, salt) once, checked, with a salt no earlier launch used, and returns the
-// number of words its blocks received wrong.
-template <class Launch>
-long checked_errors(Launch launch, int steps, unsigned* errors) {
+// Runs run_steps(steps, salt) once, checked, with a salt no earlier launch used, and returns
+// the number of words its blocks received wrong.
+template <class Steps>
+long checked_errors(Steps run_steps, int steps, unsigned* errors) {
   static uint32_t salt = 0;
   CHECK(cudaMemset(errors, 0, sizeof(unsigned)));
-  launch(steps, ++salt);
+  run_steps(steps, ++salt);
   CHECK(cudaDeviceSynchronize());
   unsigned bad = 0;
   CHECK(cudaMemcpy(&bad, errors, sizeof bad, cudaMemcpyDeviceToHost));
   return static_cast<long>(bad);
 }
 
-// One launch of `blocks` blocks, cooperative (grid.sync allowed) or in clusters of `cluster`.
-template <typename... Exp, typename... Act>
-void launch(void (*kernel)(Exp...), int blocks, bool cooperative, int cluster, size_t smem,
-            Act&&... args) {
-  cudaLaunchAttribute attr[1] = {};
-  if (cooperative) {
-    attr[0].id = cudaLaunchAttributeCooperative;
-    attr[0].val.cooperative = 1;
+// A launch of `blocks` blocks with one attribute: cooperative (cluster 0: grid.sync allowed) or
+// clusters of `cluster` blocks. `attr` must outlive the returned config.
+cudaLaunchConfig_t launch_config(int blocks, int cluster, size_t smem, cudaLaunchAttribute* attr) {
+  *attr = {};
+  if (cluster == 0) {
+    attr->id = cudaLaunchAttributeCooperative;
+    attr->val.cooperative = 1;
   } else {
-    attr[0].id = cudaLaunchAttributeClusterDimension;
-    attr[0].val.clusterDim.x = static_cast<unsigned>(cluster);
-    attr[0].val.clusterDim.y = 1;
-    attr[0].val.clusterDim.z = 1;
+    attr->id = cudaLaunchAttributeClusterDimension;
+    attr->val.clusterDim.x = static_cast<unsigned>(cluster);
+    attr->val.clusterDim.y = 1;
+    attr->val.clusterDim.z = 1;
   }
   cudaLaunchConfig_t cfg = {};
   cfg.gridDim = dim3(blocks);
@@ -267,6 +266,14 @@ void launch(void (*kernel)(Exp...), int blocks, bool cooperative, int cluster, s
   cfg.dynamicSmemBytes = smem;
   cfg.attrs = attr;
   cfg.numAttrs = 1;
+  return cfg;
+}
+
+// One launch: cooperative when `cluster` is 0, else in clusters of `cluster` blocks.
+template <typename... Exp, typename... Act>
+void launch(void (*kernel)(Exp...), int blocks, int cluster, size_t smem, Act&&... args) {
+  cudaLaunchAttribute attr;
+  const cudaLaunchConfig_t cfg = launch_config(blocks, cluster, smem, &attr);
   CHECK(cudaLaunchKernelEx(&cfg, kernel, std::forward<Act>(args)...));
   CHECK(cudaGetLastError());
 }
@@ -279,17 +286,8 @@ int max_clusters(const void* kernel, int size, size_t smem) {
     cudaGetLastError();
     return 0;
   }
-  cudaLaunchAttribute attr[1] = {};
-  attr[0].id = cudaLaunchAttributeClusterDimension;
-  attr[0].val.clusterDim.x = static_cast<unsigned>(size);
-  attr[0].val.clusterDim.y = 1;
-  attr[0].val.clusterDim.z = 1;
-  cudaLaunchConfig_t cfg = {};
-  cfg.gridDim = dim3(size);
-  cfg.blockDim = dim3(kThreads);
-  cfg.dynamicSmemBytes = smem;
-  cfg.attrs = attr;
-  cfg.numAttrs = 1;
+  cudaLaunchAttribute attr;
+  const cudaLaunchConfig_t cfg = launch_config(size, size, smem, &attr);
   int n = 0;
   if (cudaOccupancyMaxActiveClusters(&n, kernel, &cfg) != cudaSuccess) {
     cudaGetLastError();
@@ -346,7 +344,7 @@ int main(int argc, char** argv) {
         &fit, (const void*)grid_sync_kernel, kThreads, 0));
     if (fit < per_sm) continue;
     const int blocks = per_sm * sms;
-    const double us = timed([&](int n) { launch(grid_sync_kernel, blocks, true, 0, 0, n); });
+    const double us = timed([&](int n) { launch(grid_sync_kernel, blocks, 0, 0, n); });
     rows.push_back({"grid.sync", blocks, 0, us, -1, per_sm == 1 ? "1 block/SM" : "2 blocks/SM"});
   }
 
@@ -360,7 +358,7 @@ int main(int argc, char** argv) {
       }
       const int clusters = std::min(n, sms / c);
       const double us =
-          timed([&](int k) { launch(cluster_sync_kernel, clusters * c, false, c, 0, k); });
+          timed([&](int k) { launch(cluster_sync_kernel, clusters * c, c, 0, k); });
       rows.push_back({"cluster.sync c=" + std::to_string(c), clusters * c, 0, us, -1,
                       clusters_note(clusters)});
     }
@@ -381,7 +379,7 @@ int main(int argc, char** argv) {
     CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&fit, k, kThreads, x));
     if (fit < 1) continue;
     auto run = [&](int n, uint32_t salt) {
-      launch(exchange_global_kernel<false>, sms, true, 0, x, exchange, n16, n, salt, errors);
+      launch(exchange_global_kernel<false>, sms, 0, x, exchange, n16, n, salt, errors);
     };
     const long bad = checked_errors(run, check_steps, errors);
     const double us = timed([&](int n) { run(n, 0); });
@@ -408,9 +406,9 @@ int main(int argc, char** argv) {
           const int clusters = std::min(n, sms / c);
           auto run = [&](int steps_, uint32_t salt) {
             if (dsmem) {
-              launch(exchange_dsmem_kernel, clusters * c, false, c, smem, n16, steps_, salt, errors);
+              launch(exchange_dsmem_kernel, clusters * c, c, smem, n16, steps_, salt, errors);
             } else {
-              launch(exchange_global_kernel<true>, clusters * c, false, c, smem, exchange, n16,
+              launch(exchange_global_kernel<true>, clusters * c, c, smem, exchange, n16,
                      steps_, salt, errors);
             }
           };
