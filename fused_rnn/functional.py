@@ -77,10 +77,10 @@ def rnn_layer(
     or None; lengths: (B,) or None (rows with ``t >= lengths[b]`` keep their state and output
     zeros). Returns y: (T, B, P), h_n: (B, P), c_n: (B, H) or None.
 
-    ``backend`` is "reference", "triton" or "cuda", or "auto"/"torch": PyTorch's own kernel
-    where one runs a single layer as a registered op (an LSTM on the CPU without projection or
-    lengths, in fp32/bf16: aten's oneDNN layer, :mod:`fused_rnn.ops.aten_cpu`), else the
-    reference math.
+    ``backend`` is "reference", "triton" or "cuda", or "auto"/"torch": under ``torch.compile``
+    on the CPU, an LSTM layer without projection or lengths, in fp32/bf16, is aten's oneDNN
+    kernel as one registered op (:mod:`fused_rnn.ops.aten_cpu`); otherwise these mean the
+    reference math at this level (PyTorch's kernels run whole stacks, see :func:`rnn`).
 
     Examples::
 
@@ -96,7 +96,8 @@ def rnn_layer(
     ac = _autocast_dtype(x.device)
     if ac is not None:
         x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr = _to(ac, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr)
-    if backend in ("auto", "torch") and aten_cpu.unsupported_reason(mode, x, w_hr, lengths) is None:
+    if (backend in ("auto", "torch") and backends.torch_runs_per_layer(x.device)
+            and aten_cpu.unsupported_reason(mode, x, w_hr, lengths) is None):
         impl = aten_cpu
     else:
         name = backend if backend in backends.KERNEL_BACKENDS else "reference"

@@ -228,6 +228,20 @@ def test_inference_keeps_no_workspace_and_matches_training_outputs():
         out[0].sum().backward()
 
 
+def test_eager_functional_stays_on_the_reference():
+    """Outside torch.compile the op is not used at the layer level: eager calls keep the
+    differentiable reference (double backward works, as with eager nn.LSTM), and modules hand
+    whole stacks to aten."""
+    from fused_rnn import functional
+
+    inputs = _layer_inputs(3, 2, 4, 5, torch.float32)
+    y, _, _ = functional.rnn_layer("LSTM", *inputs, backend="torch")
+    assert "aten_lstm_layer" not in type(y.grad_fn).__name__
+    (gx,) = torch.autograd.grad(y.pow(2).sum(), inputs[0], create_graph=True)
+    (ggx,) = torch.autograd.grad(gx.pow(2).sum(), inputs[0])
+    assert torch.isfinite(ggx).all()
+
+
 def test_double_backward_is_refused_clearly():
     inputs = _layer_inputs(3, 2, 4, 5, torch.float32)
     y, _, _ = aten_cpu.rnn_layer("LSTM", *inputs)
