@@ -273,3 +273,22 @@ def test_inner_budget_leaves_time_to_write_the_report():
     assert budget(1000, 210, 70) == 140  # the step's own limit, less the margin
     assert budget(105, 210, 70) in (49, 50)  # clamped to the deadline less 5 s: half of it
     assert budget(10, 210, 70) == 0  # fewer than 20 s left: the step is skipped
+
+
+def test_sanitizer_that_refuses_the_device_is_named_and_skipped(tmp_path):
+    """Under gVisor compute-sanitizer answers "Device not supported" (the device docs): the
+    script says so once and skips the other tools instead of failing each in turn."""
+    fake = tmp_path / "bin" / "compute-sanitizer"
+    fake.parent.mkdir()
+    fake.write_text('#!/bin/bash\necho "========= Error: Device not supported"\nexit 1\n')
+    fake.chmod(0o755)
+    logs = tmp_path / "logs"
+    env = {**os.environ, "PATH": f"{fake.parent}:{os.environ['PATH']}"}
+    r = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu_check_cuda.sh"), "--part", "extra",
+                        str(logs)], capture_output=True, text=True, env=env, timeout=300,
+                       check=False)
+    assert r.returncode != 0
+    assert "compute-sanitizer cannot use this machine's GPU" in r.stdout
+    assert (logs / "cuda_sanitizer_memcheck.log").is_file()
+    assert not (logs / "cuda_sanitizer_racecheck.log").exists()
+    assert not (logs / "cuda_sanitizer_synccheck.log").exists()
