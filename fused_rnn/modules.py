@@ -206,6 +206,43 @@ class _RNNStack(nn.Module):
                 f"hidden state dtype ({h.dtype}) does not match input dtype ({input.dtype})"
             )
 
+    # ---------------------------------------------- nn.RNNBase's public helpers, for subclasses
+    # Code that subclasses nn.LSTM/GRU/RNN (its own forward) calls these; same results and
+    # exceptions as torch.nn (check_input also rejects a device mismatch).
+    def check_input(self, input: Tensor, batch_sizes: Tensor | None) -> None:
+        self._check_input(input, packed=batch_sizes is not None)
+
+    def get_expected_hidden_size(self, input: Tensor,
+                                 batch_sizes: Tensor | None) -> tuple[int, int, int]:
+        if batch_sizes is not None:
+            batch = int(batch_sizes[0])
+        else:
+            batch = input.size(0) if self.batch_first else input.size(1)
+        size = self.proj_size if self.proj_size > 0 else self.hidden_size
+        return (self.num_layers * (2 if self.bidirectional else 1), batch, size)
+
+    def check_hidden_size(self, hx: Tensor, expected_hidden_size: tuple[int, int, int],
+                          msg: str = "Expected hidden size {}, got {}") -> None:
+        if hx.size() != expected_hidden_size:
+            raise RuntimeError(msg.format(expected_hidden_size, list(hx.size())))
+
+    def check_forward_args(self, input: Tensor, hidden, batch_sizes: Tensor | None) -> None:
+        self.check_input(input, batch_sizes)
+        expected = self.get_expected_hidden_size(input, batch_sizes)
+        if self.mode != "LSTM":
+            self.check_hidden_size(hidden, expected)
+            return
+        self.check_hidden_size(hidden[0], expected, "Expected hidden[0] size {}, got {}")
+        self.check_hidden_size(hidden[1], self.get_expected_cell_size(input, batch_sizes),
+                               "Expected hidden[1] size {}, got {}")
+
+    def permute_hidden(self, hx, permutation: Tensor | None):
+        if permutation is None:
+            return hx
+        if self.mode == "LSTM":
+            return _apply_permutation(hx[0], permutation), _apply_permutation(hx[1], permutation)
+        return _apply_permutation(hx, permutation)
+
     # ---------------------------------------------------------------- forward
     def _forward(self, input, hx):
         """Shared forward. hx: Tensor (GRU/RNN), tuple (LSTM) or None."""
@@ -389,6 +426,11 @@ class LSTM(_RNNStack):
             "LSTM", input_size, hidden_size, num_layers, bias, batch_first, dropout,
             bidirectional, proj_size, device, dtype, backend=backend,
         )
+
+    def get_expected_cell_size(self, input: Tensor,
+                               batch_sizes: Tensor | None) -> tuple[int, int, int]:
+        layers, batch, _ = self.get_expected_hidden_size(input, batch_sizes)
+        return (layers, batch, self.hidden_size)
 
     def forward(self, input, hx: tuple[Tensor, Tensor] | None = None):
         return self._forward(input, hx)

@@ -249,6 +249,50 @@ def test_cell_meta_device_forward(cell):
         assert [t.shape for t in got] == [t.shape for t in want]
 
 
+def _outcome(method, *args):
+    """What a call gives: its result, or the type of the error it raises."""
+    try:
+        return method(*args)
+    except (RuntimeError, ValueError, TypeError) as e:
+        return type(e)
+
+
+@pytest.mark.parametrize("cell", list(CELLS) + ["lstm_proj"])
+def test_rnnbase_public_helpers_match_torch_nn(cell):
+    """check_input, get_expected_hidden_size (and _cell_size), check_hidden_size,
+    check_forward_args and permute_hidden: what subclasses of nn.LSTM/GRU/RNN call."""
+    kw = {"proj_size": 3} if cell == "lstm_proj" else {}
+    nn_cls, our_cls, extra = CELLS["lstm" if cell == "lstm_proj" else cell]
+    lstm = nn_cls is torch.nn.LSTM
+    P = 3 if kw else 6
+    for form in ({}, {"batch_first": True, "bidirectional": True}):
+        ref = nn_cls(4, 6, 2, **extra, **kw, **form)
+        ours = our_cls(4, 6, 2, **extra, **kw, **form)
+        L = 4 if form else 2
+        x = torch.randn(3, 5, 4)
+        B = 3 if form else 5
+        cases = [(x, None), (torch.randn(7, 4), torch.tensor([3, 2, 2])),
+                 (torch.randn(3, 5, 7), None), (torch.randn(3, 4), None), (x.double(), None)]
+        for inp, bs in cases:
+            assert _outcome(ours.check_input, inp, bs) == _outcome(ref.check_input, inp, bs)
+            if inp.dim() >= 2 and inp.dtype == torch.float32 and inp.size(-1) == 4:
+                assert ours.get_expected_hidden_size(inp, bs) == ref.get_expected_hidden_size(inp, bs)
+                if lstm:
+                    assert ours.get_expected_cell_size(inp, bs) == ref.get_expected_cell_size(inp, bs)
+        for h in (torch.zeros(L, B, P), torch.zeros(L, B, P + 1)):
+            hidden = (h, torch.zeros(L, B, 6)) if lstm else h
+            args = (x, hidden, None)
+            assert _outcome(ours.check_forward_args, *args) == _outcome(ref.check_forward_args, *args)
+            args = (h, (L, B, P))
+            assert _outcome(ours.check_hidden_size, *args) == _outcome(ref.check_hidden_size, *args)
+        h = torch.randn(L, 5, P)
+        hidden = (h, torch.randn(L, 5, 6)) if lstm else h
+        for perm in (None, torch.tensor([2, 0, 1, 4, 3])):
+            a, b = ours.permute_hidden(hidden, perm), ref.permute_hidden(hidden, perm)
+            for u, v in zip(a if lstm else (a,), b if lstm else (b,)):
+                assert torch.equal(u, v)
+
+
 # ----------------------------------------------------------------------------- dropout
 @pytest.mark.parametrize("backend", ["reference", "auto"])
 @pytest.mark.parametrize("cell", list(CELLS))
