@@ -1,7 +1,8 @@
 """CUDA backend checks that need no GPU (they run in CI).
 
 * every ``.cu`` compiles with ``nvcc -c`` for sm_80 and sm_90 (each file once per arch, in
-  parallel; nothing cached across runs), with warnings as errors;
+  parallel; nothing cached across runs), with warnings as errors, no register spills, and
+  no load through the non-coherent path (ld.global.nc) in the PTX;
 * the kernel sources include only CUDA headers (and each other); torch lives in binding.cpp only;
 * binding.cpp passes ``g++ -fsyntax-only`` against torch's headers from the CPU wheel;
 * ``csrc/plan.h`` compiled by g++ gives the same plans as its Python mirror;
@@ -95,24 +96,28 @@ def nvcc_results(tmp_path_factory):
 
     def compile_one(job):
         f, arch = job
+        keep = out / f"keep_{f.stem}_sm{arch}"  # nvcc's intermediates, one folder per job
+        keep.mkdir()
         cmd = [
             NVCC, "-c", "-std=c++20", "-O3", "--expt-relaxed-constexpr",
             f"-gencode=arch=compute_{arch},code=sm_{arch}", "-Werror", "all-warnings",
             "-Xptxas", "-v",  # per-kernel registers and spills, for test_kernels_do_not_spill
+            "-keep", "-keep-dir", str(keep),  # the .ptx, for test_no_noncoherent_loads
             f"-I{CSRC}", str(f), "-o", str(out / f"{f.stem}_sm{arch}.o"),
         ]
         r = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
-        return job, r.returncode, r.stdout + r.stderr
+        ptx = keep / f"{f.stem}.ptx"
+        return job, r.returncode, r.stdout + r.stderr, ptx.read_text() if ptx.is_file() else None
 
     jobs = [(f, a) for f in CU_FILES for a in ARCHS]
     with ThreadPoolExecutor(max_workers=2) as pool:
-        return {(f.name, a): (rc, log) for (f, a), rc, log in pool.map(compile_one, jobs)}
+        return {(f.name, a): (rc, log, ptx) for (f, a), rc, log, ptx in pool.map(compile_one, jobs)}
 
 
 @pytest.mark.parametrize("arch", ARCHS, ids=lambda a: f"sm{a}")
 @pytest.mark.parametrize("name", [f.name for f in CU_FILES])
 def test_nvcc_compiles(nvcc_results, name, arch):
-    rc, log = nvcc_results[(name, arch)]
+    rc, log, _ = nvcc_results[(name, arch)]
     assert rc == 0, f"nvcc failed for {name} sm_{arch}:\n{log[-4000:]}"
 
 
@@ -126,7 +131,7 @@ _PTXAS_SPILL = re.compile(r"(\d+) bytes stack frame, (\d+) bytes spill stores, "
 def test_kernels_do_not_spill(nvcc_results, name, arch):
     """ptxas -v: no kernel spills registers to local memory (a spill in the per-step loop
     would put a memory round trip on the sequential path). Every instantiation is listed."""
-    rc, log = nvcc_results[(name, arch)]
+    rc, log, _ = nvcc_results[(name, arch)]
     assert rc == 0, f"nvcc failed for {name} sm_{arch}"
     kernels = 0
     current = None
@@ -138,6 +143,51 @@ def test_kernels_do_not_spill(nvcc_results, name, arch):
             assert m.groups() == ("0", "0", "0"), f"{current} sm_{arch}: {line.strip()}"
             current = None
     assert kernels == 16, f"expected 4 cells x 4 (type, math) kernels, ptxas listed {kernels}"
+
+
+_PTX_ENTRY = re.compile(r"^\.visible \.entry (\w+)\(", re.M)
+
+
+@pytest.mark.parametrize("arch", ARCHS, ids=lambda a: f"sm{a}")
+@pytest.mark.parametrize("name", [f.name for f in CU_FILES])
+def test_no_noncoherent_loads(nvcc_results, name, arch):
+    """No kernel reads global memory through the non-coherent path (``ld.global.nc``, what
+    ``__ldg`` or a ``const __restrict__`` pointer can turn into). That path may serve stale
+    data for memory written during the kernel, and h, dgates, the K-part partial sums and the
+    team buffers are written by other blocks every step and read after a grid or cluster
+    barrier. cudasim runs threads one at a time with one coherent memory, so only the PTX can
+    show this. (Inputs written before the launch, the weights and x W_ih^T, could legally take
+    ``.nc``; the test allows none, so a future ``__ldg`` has to be argued for here.)"""
+    rc, _, ptx = nvcc_results[(name, arch)]
+    assert rc == 0, f"nvcc failed for {name} sm_{arch}"
+    assert ptx is not None, "nvcc -keep left no .ptx"
+    entries = _PTX_ENTRY.findall(ptx)
+    assert len(entries) == 16, f"expected 16 kernels in the PTX, found {len(entries)}"
+    assert ptx.count("ld.global") > 100, "the PTX has (almost) no global loads: wrong file?"
+    bad = _noncoherent_loads(ptx)
+    assert not bad, f"{name} sm_{arch}: {len(bad)} non-coherent loads, e.g. {bad[:3]}"
+
+
+def _noncoherent_loads(ptx: str) -> list[str]:
+    return [line.strip() for line in ptx.splitlines() if "ld.global.nc" in line]
+
+
+def test_noncoherent_load_check_catches_ldg(tmp_path):
+    """The check above can fail: GRU's forward reading h_{t-1} (written by other blocks at the
+    previous step) through ``__ldg`` puts ld.global.nc into the PTX."""
+    if NVCC is None:
+        pytest.skip("nvcc not found (PATH, CUDA_HOME): cannot compile-check the .cu files")
+    mutant = tmp_path / "csrc"
+    shutil.copytree(CSRC, mutant)
+    src = mutant / "rnn_forward.cu"
+    text = src.read_text()
+    assert text.count("to_float(hin[bu])") == 1, "the mutant's target line moved"
+    src.write_text(text.replace("to_float(hin[bu])", "to_float(__ldg(&hin[bu]))"))
+    cmd = [NVCC, "-ptx", "-std=c++20", "-O3", "--expt-relaxed-constexpr", "-arch=sm_90",
+           f"-I{mutant}", str(src), "-o", str(tmp_path / "m.ptx")]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert _noncoherent_loads((tmp_path / "m.ptx").read_text())
 
 
 def test_microbench_builds_for_sm90(tmp_path):
