@@ -27,6 +27,7 @@ import warnings
 
 import pytest
 import torch
+import training_checks
 from cases import install_standin, layer_inputs, run_layer
 from cases import rel as _rel
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
@@ -369,3 +370,47 @@ def test_torch_compile_fullgraph(cuda_ext):
     torch.testing.assert_close(compiled(x, h0, c0), f(x, h0, c0), rtol=1e-5, atol=1e-5)
     if STANDIN:  # the stand-in really ran (the kernels take fp32/fp16/bf16, not float64)
         assert [d for d, *_ in cuda_ext.launches] == ["forward"] * 2
+
+
+# ---------------------------------------------------------------- around the layers: training
+# The shared bodies are in tests/training_checks.py. On the CPU stand-in one cell each (a
+# compile or a simulated launch is slow there); on a GPU both.
+TRAIN_CELLS = ["LSTM"] if STANDIN else ["LSTM", "GRU"]
+
+
+@pytest.fixture
+def _fp32_exact(monkeypatch):
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
+
+
+def _ran_the_kernels(ext, before: int) -> None:
+    """On the stand-in: the layers ran our kernels (no fallback), forward and backward."""
+    if STANDIN:
+        kinds = {d for d, *_ in ext.launches[before:]}
+        assert kinds == {"forward", "backward"}, f"stand-in launches: {sorted(kinds)}"
+
+
+@pytest.mark.parametrize("cell", TRAIN_CELLS)
+def test_ddp_training_matches_one_process(cell, tmp_path, cuda_ext, _fp32_exact):
+    before = len(getattr(cuda_ext, "launches", ()))
+    training_checks.check_ddp_matches_one_process(cell, "cuda", DEVICE, tmp_path)
+    _ran_the_kernels(cuda_ext, before)
+
+
+@pytest.mark.parametrize("cell", TRAIN_CELLS)
+def test_amp_training_tracks_torch_nn(cell, cuda_ext, _fp32_exact):
+    before = len(getattr(cuda_ext, "launches", ()))
+    training_checks.check_amp_tracks_torch_nn(cell, "cuda", DEVICE)
+    _ran_the_kernels(cuda_ext, before)
+
+
+@pytest.mark.no_nan_fill
+@pytest.mark.parametrize("cell", TRAIN_CELLS)
+def test_compiled_training_matches_eager(cell, cuda_ext, _fp32_exact):
+    """On a GPU with mode="reduce-overhead": the compiled model's CUDA graphs replay the
+    kernels."""
+    torch._dynamo.reset()
+    before = len(getattr(cuda_ext, "launches", ()))
+    training_checks.check_compiled_training_matches_eager(cell, "cuda", DEVICE)
+    _ran_the_kernels(cuda_ext, before)

@@ -18,6 +18,7 @@ import warnings
 
 import pytest
 import torch
+import training_checks
 from torch.nn.utils.rnn import pack_padded_sequence
 
 import fused_rnn
@@ -650,3 +651,39 @@ def test_gpu_cuda_graph_capture_and_replay(path):
     eager = _layer_step(mode, path, static, lens, gy)
     for i, (a, b) in enumerate(zip(captured, eager)):
         assert torch.equal(a, b), f"output {i} differs between graph replay and eager"
+
+
+# --------------------------------------------------------------------------- training loops
+# The shared bodies are in tests/training_checks.py. Under the interpreter one cell (slow
+# there); on a GPU both.
+TRAIN_CELLS = ["LSTM"] if launch.interpreting() else ["LSTM", "GRU"]
+
+
+def _takes_every_layer(cell, dtype=torch.float32):
+    """The Triton kernels take both layers of the checks' stack (so nothing falls back)."""
+    for input_size in (training_checks.I, training_checks.H):
+        assert tr.unsupported_reason(
+            "layer", mode=cell, device=torch.device(DEVICE), dtype=dtype, input_size=input_size,
+            hidden_size=training_checks.H, proj_size=0, has_lengths=False) is None
+
+
+@pytest.mark.parametrize("cell", TRAIN_CELLS)
+def test_ddp_training_matches_one_process(cell, tmp_path):
+    _takes_every_layer(cell)
+    training_checks.check_ddp_matches_one_process(cell, "triton", DEVICE, tmp_path)
+
+
+@pytest.mark.parametrize("cell", TRAIN_CELLS)
+def test_amp_training_tracks_torch_nn(cell):
+    _takes_every_layer(cell, training_checks.amp_dtype(DEVICE))
+    training_checks.check_amp_tracks_torch_nn(cell, "triton", DEVICE)
+
+
+@pytest.mark.no_nan_fill
+@pytest.mark.parametrize("cell", TRAIN_CELLS)
+def test_compiled_training_matches_eager(cell):
+    """On a GPU with mode="reduce-overhead": the compiled model's CUDA graphs replay the
+    kernels."""
+    _takes_every_layer(cell)
+    torch._dynamo.reset()
+    training_checks.check_compiled_training_matches_eager(cell, "triton", DEVICE)
