@@ -61,13 +61,15 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="comma-separated fused_rnn backends to time against cuDNN (triton,cuda); "
                         "variants: cuda-p1 is cuda without K parts, cuda-cl16 and cuda-cl8 cuda "
                         "with each batch group as a thread-block cluster of at most 16 or 8 "
-                        "blocks where one fits (sm_90), cuda-tc cuda with K-parts teams as "
-                        "clusters (sm_90), "
+                        "blocks where one fits (sm_90), cuda-cl16ds cuda-cl16 exchanging through "
+                        "distributed shared memory where that fits, cuda-tc cuda with K-parts "
+                        "teams as clusters (sm_90), "
                         "cuda-b32 cuda on at most 32 "
                         "blocks where they fit, cuda-g1 cuda without batch groups, cuda-direct "
                         "cuda without X staging, cuda-nopipe cuda with one stage buffer "
                         "(cp.async, no overlap), cuda-regcopy cuda staging through registers "
                         "(FUSED_RNN_CUDA_K_PARTS=1, FUSED_RNN_CUDA_CLUSTER=16|8, "
+                        "FUSED_RNN_CUDA_CLUSTER_EXCHANGE=dsmem, "
                         "FUSED_RNN_CUDA_TEAM_CLUSTERS=on, "
                         "FUSED_RNN_CUDA_MAX_BLOCKS=32, "
                         "FUSED_RNN_CUDA_MAX_GROUPS=1, FUSED_RNN_CUDA_STAGE_K=0, "
@@ -180,6 +182,8 @@ def passes(model, x, cot):
 # Backend variants: (fused_rnn backend, environment while it builds and runs).
 VARIANTS = {"cuda-p1": ("cuda", {"FUSED_RNN_CUDA_K_PARTS": "1"}),
             "cuda-cl16": ("cuda", {"FUSED_RNN_CUDA_CLUSTER": "16"}),
+            "cuda-cl16ds": ("cuda", {"FUSED_RNN_CUDA_CLUSTER": "16",
+                                     "FUSED_RNN_CUDA_CLUSTER_EXCHANGE": "dsmem"}),
             "cuda-cl8": ("cuda", {"FUSED_RNN_CUDA_CLUSTER": "8"}),
             "cuda-tc": ("cuda", {"FUSED_RNN_CUDA_TEAM_CLUSTERS": "on"}),
             "cuda-b32": ("cuda", {"FUSED_RNN_CUDA_MAX_BLOCKS": "32"}),
@@ -212,18 +216,19 @@ def _cuda_plans(mode, shape, dtype_name) -> list | None:
     return [P.choose_launch(P.CELLS[mode], is16, tf32, H, bw, props.multi_processor_count, smem,
                             b_pad, ops.max_groups(), ops.max_stage_k(), ops.k_parts(),
                             ops.max_blocks(), ops.cluster(), ops.team_clusters(),
-                            getattr(props, "major", 0) >= 9)[1]
+                            getattr(props, "major", 0) >= 9, ops.cluster_exchange_dsmem())[1]
             for bw in (False, True)]
 
 
 # The plan notes' marks for FwdParams::cluster (fused_rnn.h ClusterMode): none, batch groups as
-# clusters, K-parts teams as clusters.
-CLUSTER_MARKS = ("", " cl", " tc")
+# clusters, K-parts teams as clusters, batch groups as clusters exchanging through DSMEM.
+CLUSTER_MARKS = ("", " cl", " tc", " ds")
 
 
 def _plan_note(plans) -> str:
     """'plan fwd b128 g1 p4 k224, bwd b128 g1 p8 k304': blocks, batch groups, K parts, stage K
-    columns, and ' cl' where the groups run as clusters (' tc': the K-parts teams)."""
+    columns, and ' cl' where the groups run as clusters (' tc': the K-parts teams; ' ds':
+    groups as clusters exchanging through distributed shared memory)."""
     return "plan " + ", ".join(f"{d} b{p.blocks} g{p.groups} p{p.parts} k{p.stage_k}"
                                f"{CLUSTER_MARKS[p.cluster]}"
                                for d, p in zip(("fwd", "bwd"), plans))
@@ -234,15 +239,18 @@ def _variant_is_moot(backend, mode, shape, dtype_name, device) -> bool:
     group either way); on a GPU, cuda-p1, cuda-b32 and cuda-cl* where their setting leaves both
     of cuda's launch plans as they are (plan.py: no K parts; H already on at most 32 blocks, or
     a cap that H's W_hh does not fit under rising back to them; no batch group fitting in a
-    cluster of that size; no K parts to make teams of)."""
+    cluster of that size; no K parts to make teams of); cuda-cl16ds where neither launch would
+    exchange through distributed shared memory (it would only repeat cuda-cl16)."""
     if backend == "cuda-g1":
         return shape[0] <= 32
-    if backend not in ("cuda-p1", "cuda-b32", "cuda-cl8", "cuda-cl16", "cuda-tc") \
+    if backend not in ("cuda-p1", "cuda-b32", "cuda-cl8", "cuda-cl16", "cuda-cl16ds", "cuda-tc") \
             or device != "cuda":
         return False
     plans = _cuda_plans(mode, shape, dtype_name)
     with mock.patch.dict(os.environ, VARIANTS[backend][1]):
         varied = _cuda_plans(mode, shape, dtype_name)
+    if backend == "cuda-cl16ds":
+        return varied is not None and all(p.cluster != 3 for p in varied)
     return plans is not None and plans == varied
 
 

@@ -3,11 +3,13 @@
 # phase timings, short table last.
 #
 #   benchmarks/gpu_check.sh [--backends LIST] [--budget SECONDS] [--dry-run]
-#                    (default cuda,triton,cuda-p1,cuda-cl16,cuda-cl8,cuda-tc,cuda-b32,cuda-g1,
-#                     cuda-direct,cuda-nopipe,cuda-regcopy; the first backend is timed with
-#                     cuDNN over every configuration before the others start; cuda-p1 = cuda
-#                     without K parts, cuda-cl16/cuda-cl8 = batch groups as thread-block
-#                     clusters of at most 16/8 blocks where one fits (sm_90), cuda-tc = K-parts
+#                    (default cuda,triton,cuda-p1,cuda-cl16,cuda-cl16ds,cuda-cl8,cuda-tc,
+#                     cuda-b32,cuda-g1,cuda-direct,cuda-nopipe,cuda-regcopy; the first backend
+#                     is timed with cuDNN over every configuration before the others start;
+#                     cuda-p1 = cuda without K parts, cuda-cl16/cuda-cl8 = batch groups as
+#                     thread-block clusters of at most 16/8 blocks where one fits (sm_90),
+#                     cuda-cl16ds = cuda-cl16 exchanging through distributed shared memory
+#                     where that fits, cuda-tc = K-parts
 #                     teams as clusters (sm_90), cuda-b32 = on at
 #                     most 32 blocks where they fit, cuda-g1 = without batch
 #                     groups, cuda-direct = without X staging, cuda-nopipe = one stage buffer,
@@ -45,7 +47,7 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
-BACKENDS=cuda,triton,cuda-p1,cuda-cl16,cuda-cl8,cuda-tc,cuda-b32,cuda-g1,cuda-direct,cuda-nopipe,cuda-regcopy
+BACKENDS=cuda,triton,cuda-p1,cuda-cl16,cuda-cl16ds,cuda-cl8,cuda-tc,cuda-b32,cuda-g1,cuda-direct,cuda-nopipe,cuda-regcopy
 BUDGET=480
 DRY=0
 USAGE="usage: $0 [--backends LIST] [--budget SECONDS] [--dry-run]"

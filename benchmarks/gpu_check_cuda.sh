@@ -94,12 +94,14 @@ if [[ "$PART" != tests ]]; then
   fi
   # 4. Phase timings (where a step's time goes) on S1-S6, LSTM and GRU, fp32 and bf16, then
   #    with clusters on S1, S5 and S6: batch groups as clusters of 8 (cuda-cl8, S5/S6: its sync
-  #    min column is the cluster barrier's own cost, which nothing has measured yet) and K-parts
-  #    teams as clusters (cuda-tc, S1: its parts column); the table goes to
+  #    min column is the cluster barrier's own cost, which nothing has measured yet), the same
+  #    with 16 exchanging through distributed shared memory (cuda-cl16ds, S5/S6: its copy
+  #    column is 0, the mirror is local) and K-parts teams as clusters (cuda-tc, S1: its parts
+  #    column); the table goes to
   #    benchmarks/results/<date>-<gpu>-phases.md and is printed here.
   #    It stops starting configurations 20 s before its timeout, so it always writes the table.
   step phases 150 "$PYTHON" benchmarks/profile_cuda.py --dtypes fp32,bf16 \
-    --variants cuda-cl8,cuda-tc --variant-shapes S1,S5,S6 \
+    --variants cuda-cl8,cuda-cl16ds,cuda-tc --variant-shapes S1,S5,S6 \
     --time-budget "$(frnn_inner_budget 150 20)"
   grep '^| ' "$LOG_DIR/cuda_phases.log" 2>/dev/null || true
   # 5. The step primitives alone (benchmarks/microbench.cu, ~15 s with its build): grid.sync,

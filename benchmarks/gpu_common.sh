@@ -47,7 +47,7 @@ frnn_parts_failed() {
 }
 
 # True when LOG reports a failed cluster test (a test id with "cluster"): gpu_check.sh then
-# drops the cluster variants (cuda-cl16, cuda-cl8, cuda-tc) from the bench rather than time a
+# drops the cluster variants (cuda-cl16, cuda-cl16ds, cuda-cl8, cuda-tc) from the bench rather than time a
 # mode that gave wrong results.
 frnn_cluster_failed() {
   [[ -f "$1" ]] && grep -qE '^FAILED [^ ]*cluster' "$1"

@@ -117,7 +117,7 @@ fused_rnn::Selection checked_plan(Cell cell, c10::ScalarType st, bool allow_tf32
                                   bool backward, const at::Device& dev, int64_t batch_pad,
                                   int64_t max_groups, int64_t max_stage_k, int64_t k_parts,
                                   int64_t max_blocks, int64_t cluster, bool team_clusters,
-                                  int* mode) {
+                                  bool dsmem, int* mode) {
   const DeviceInfo d = device_attributes(dev.index());
   TORCH_CHECK(d.major >= 8, "fused_rnn CUDA backend: needs compute capability >= 8.0, got ",
               d.major, ".", d.minor);
@@ -143,7 +143,7 @@ fused_rnn::Selection checked_plan(Cell cell, c10::ScalarType st, bool allow_tf32
       cell, st != at::kFloat, allow_tf32, static_cast<int>(hidden), backward, d.sms,
       d.smem_optin, static_cast<int>(batch_pad), groups_cap, stage_cap, parts_cap,
       static_cast<int>(std::min<int64_t>(max_blocks, 1 << 16)), static_cast<int>(cluster),
-      team_clusters, /*has_clusters=*/d.major >= 9);
+      team_clusters, /*has_clusters=*/d.major >= 9, dsmem);
   const fused_rnn::Selection& sel = choice.sel;
   *mode = choice.cluster;
   const Plan& plan = sel.plan;
@@ -171,7 +171,7 @@ std::vector<at::Tensor> forward(int64_t mode, at::Tensor xproj, at::Tensor h0,
                                 bool save, int64_t max_groups, int64_t max_stage_k,
                                 c10::optional<at::Tensor> prof, int64_t stage_copy,
                                 int64_t k_parts, int64_t max_blocks, int64_t cluster,
-                                bool team_clusters) {
+                                bool team_clusters, bool dsmem) {
   const Cell cell = cell_of(mode);
   const int64_t G = fused_rnn::gates_of(cell);
   TORCH_CHECK(xproj.is_cuda(), "fused_rnn CUDA backend: inputs must be CUDA tensors, got ",
@@ -197,7 +197,7 @@ std::vector<at::Tensor> forward(int64_t mode, at::Tensor xproj, at::Tensor h0,
   int cluster_mode = fused_rnn::kClusterNone;
   const fused_rnn::Selection sel =
       checked_plan(cell, st, allow_tf32, H, /*backward=*/false, dev, B_pad, max_groups,
-                   max_stage_k, k_parts, max_blocks, cluster, team_clusters,
+                   max_stage_k, k_parts, max_blocks, cluster, team_clusters, dsmem,
                    &cluster_mode);
   const Plan& plan = sel.plan;
   at::Tensor hbuf = at::zeros({2, B_pad, plan.k_pad}, h0.options());
@@ -254,7 +254,7 @@ std::vector<at::Tensor> backward(int64_t mode, at::Tensor dy, at::Tensor dh_n,
                                  bool allow_tf32, int64_t max_groups, int64_t max_stage_k,
                                  c10::optional<at::Tensor> prof, int64_t stage_copy,
                                  int64_t k_parts, int64_t max_blocks, int64_t cluster,
-                                 bool team_clusters) {
+                                 bool team_clusters, bool dsmem) {
   const Cell cell = cell_of(mode);
   const int64_t G = fused_rnn::gates_of(cell);
   TORCH_CHECK(dy.is_cuda(), "fused_rnn CUDA backend: inputs must be CUDA tensors, got ",
@@ -282,7 +282,7 @@ std::vector<at::Tensor> backward(int64_t mode, at::Tensor dy, at::Tensor dh_n,
   int cluster_mode = fused_rnn::kClusterNone;
   const fused_rnn::Selection sel =
       checked_plan(cell, st, allow_tf32, H, /*backward=*/true, dev, B_pad, max_groups,
-                   max_stage_k, k_parts, max_blocks, cluster, team_clusters,
+                   max_stage_k, k_parts, max_blocks, cluster, team_clusters, dsmem,
                    &cluster_mode);
   const Plan& plan = sel.plan;
   at::Tensor dgbuf = at::zeros({2, B_pad, plan.k_pad}, dy.options());
@@ -362,13 +362,14 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("reverse"), py::arg("allow_tf32"), py::arg("save"), py::arg("max_groups"),
         py::arg("max_stage_k"), py::arg("prof") = py::none(), py::arg("stage_copy") = 2,
         py::arg("k_parts") = 1, py::arg("max_blocks") = 0, py::arg("cluster") = 0,
-        py::arg("team_clusters") = false);
+        py::arg("team_clusters") = false, py::arg("dsmem") = false);
   m.def("backward", &backward, "persistent backward over a chunk", py::arg("mode"),
         py::arg("dy"), py::arg("dh_n"), py::arg("dc_n"), py::arg("w_hh"), py::arg("gates"),
         py::arg("aux"), py::arg("c0"), py::arg("hprev"), py::arg("lengths"), py::arg("reverse"),
         py::arg("allow_tf32"), py::arg("max_groups"), py::arg("max_stage_k"),
         py::arg("prof") = py::none(), py::arg("stage_copy") = 2, py::arg("k_parts") = 1,
-        py::arg("max_blocks") = 0, py::arg("cluster") = 0, py::arg("team_clusters") = false);
+        py::arg("max_blocks") = 0, py::arg("cluster") = 0, py::arg("team_clusters") = false,
+        py::arg("dsmem") = false);
   m.def("plan_info", &plan_info, "launch plan (units, blocks, ..., groups, group_blocks)",
         py::arg("mode"), py::arg("math"), py::arg("hidden"), py::arg("backward"),
         py::arg("max_blocks"), py::arg("groups") = 1, py::arg("stage_rows") = 0,

@@ -339,13 +339,36 @@ FRNN_HD constexpr ClusterSelection select_plan_clustered(Cell cell, bool is_16bi
 //   kClusterTeams:  each K-parts team is one cluster of plan.parts blocks in a cooperative
 //                   launch; the step barrier stays grid.sync(), the parts' barrier (the team
 //                   adding its partial sums) becomes the cluster's.
-enum ClusterMode : int { kClusterNone = 0, kClusterGroups = 1, kClusterTeams = 2 };
+//   kClusterGroupsDsmem: as kClusterGroups, and the exchange never leaves the cluster: each
+//                   block keeps its group's exchange rows in shared memory (two buffers,
+//                   mirror_bytes each) and writes what it computes straight into its peers'
+//                   copies (distributed shared memory), so the matmul reads X locally with no
+//                   copy from L2 (plan.h choose_launch; rnn_common.cuh Exchange).
+enum ClusterMode : int {
+  kClusterNone = 0, kClusterGroups = 1, kClusterTeams = 2, kClusterGroupsDsmem = 3
+};
+
+// The shared-memory mirror of kClusterGroupsDsmem: per buffer, the group's exchange rows
+// (batch_pad / groups of them) with a row stride of k_pad plus 16 bytes (bank spread, like the
+// stage; keeps every fragment origin 32-byte aligned), rounded to 128 bytes.
+FRNN_HD constexpr int mirror_ld(const Plan& p, Math math) {
+  return p.k_pad + 16 / tile_shape(math).elem_bytes;
+}
+FRNN_HD constexpr int mirror_bytes(const Plan& p, Math math, int batch_pad) {
+  return round_up(batch_pad / p.groups * mirror_ld(p, math) * tile_shape(math).elem_bytes, 128);
+}
 
 // What a launch runs with, every setting applied: binding.cpp's checked_plan and cudasim's
 // (tests/cuda/sim/sim_api.cpp) call this one function. cluster_max > 0 (FUSED_RNN_CUDA_CLUSTER)
 // tries select_plan_clustered first; otherwise select_plan_capped (max_blocks 0 = no cap) and,
 // with team_clusters (FUSED_RNN_CUDA_TEAM_CLUSTERS) and K parts, teams as clusters. Clusters
 // only where has_clusters (sm_90+).
+// dsmem (FUSED_RNN_CUDA_CLUSTER_EXCHANGE=dsmem) turns a cluster-groups launch into
+// kClusterGroupsDsmem where the same group count also fits without staging and without K parts
+// with the two mirrors added: the plan is selected with max_stage_k = 0 and k_parts = 1 (the
+// mirror is the stage: X is local already), and its smem_bytes include the mirrors, which start
+// where the stage would (after the W slice and the scratch slots). Elsewhere the
+// cluster-groups launch runs as without dsmem.
 struct LaunchChoice {
   Selection sel;
   int cluster;  // ClusterMode
@@ -354,11 +377,24 @@ FRNN_HD constexpr LaunchChoice choose_launch(Cell cell, bool is_16bit, bool allo
                                              int hidden, bool backward, int sms, int smem_limit,
                                              int batch_pad, int max_groups, int max_stage_k,
                                              int k_parts, int max_blocks, int cluster_max,
-                                             bool team_clusters, bool has_clusters) {
+                                             bool team_clusters, bool has_clusters,
+                                             bool dsmem = false) {
   if (has_clusters && cluster_max > 0) {
     const ClusterSelection cs =
         select_plan_clustered(cell, is_16bit, allow_tf32, hidden, backward, sms, smem_limit,
                               batch_pad, max_groups, max_stage_k, k_parts, cluster_max);
+    if (cs.found && dsmem) {
+      const ClusterSelection ds =
+          select_plan_clustered(cell, is_16bit, allow_tf32, hidden, backward, sms, smem_limit,
+                                batch_pad, cs.sel.plan.groups, 0, 1, cluster_max);
+      Plan p = ds.sel.plan;
+      const int mirrors = 2 * mirror_bytes(p, ds.sel.math, batch_pad);
+      if (ds.found && p.groups == cs.sel.plan.groups && p.parts == 1 && p.stage_k == 0 &&
+          p.smem_bytes + mirrors <= smem_limit) {
+        p.smem_bytes += mirrors;
+        return LaunchChoice{Selection{ds.sel.math, p}, kClusterGroupsDsmem};
+      }
+    }
     if (cs.found) return LaunchChoice{cs.sel, kClusterGroups};
   }
   const Selection sel = select_plan_capped(cell, is_16bit, allow_tf32, hidden, backward, sms,

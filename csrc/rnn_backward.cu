@@ -22,7 +22,10 @@
 // With K parts (plan.h) step 1 is split across a team of blocks along K = G*H and their partial
 // sums meet in p.part after one more grid.sync() (rnn_common.cuh block_step).
 // Padding steps (t >= lengths[b]) pass dh and dc through untouched and write zero dgates.
-// With clusters (BwdParams::cluster): as in rnn_forward.cu (rnn_common.cuh StepBarrier).
+// With clusters (BwdParams::cluster): as in rnn_forward.cu (rnn_common.cuh StepBarrier and
+// Exchange). The dgates of iteration T - 1 are read by iteration T, so every iteration that
+// writes them publishes to the peers; iteration T only writes dh0, after the last barrier, and
+// touches no peer.
 #include "rnn_common.cuh"
 
 namespace fused_rnn {
@@ -31,7 +34,7 @@ namespace detail {
 // dh_rec: the recurrent matmul's output for (b, u), the gradient reaching h through W_hh.
 template <Cell C, typename T>
 __device__ __forceinline__ void backward_point(const BwdParams& p, float dh_rec, int s, int b,
-                                               int u, T* dout) {
+                                               int u, const ExchangeStep<T>& ex) {
   constexpr int G = gates_of(C);
   const int H = p.hidden, Tn = p.steps;
   const size_t bh = (size_t)b * H + u;
@@ -43,14 +46,13 @@ __device__ __forceinline__ void backward_point(const BwdParams& p, float dh_rec,
   const int t = p.reverse ? s : Tn - 1 - s;
   const size_t tbh = ((size_t)t * p.batch + b) * H + u;
   const size_t tg = ((size_t)t * p.batch + b) * G * H + u;  // gate g at tg + g * H
-  const size_t bd = (size_t)b * p.plan.k_pad + u;          // gate g at bd + g * H
 
   if (p.lengths != nullptr && t >= p.lengths[b]) {  // padding step: y[t] is a constant zero
     p.dh_carry[bh] = dh_in;
 #pragma unroll
     for (int g = 0; g < G; ++g) {
       p.dgx[tg + (size_t)g * H] = 0.f;
-      dout[bd + (size_t)g * H] = from_float<T>(0.f);
+      ex.put(b, u + g * H, from_float<T>(0.f));
     }
     if (C == Cell::kGRU) p.dghn[tbh] = 0.f;
     return;
@@ -98,7 +100,7 @@ __device__ __forceinline__ void backward_point(const BwdParams& p, float dh_rec,
 #pragma unroll
   for (int g = 0; g < G; ++g) {
     p.dgx[tg + (size_t)g * H] = dg[g];
-    dout[bd + (size_t)g * H] = from_float<T>(dgr[g]);
+    ex.put(b, u + g * H, from_float<T>(dgr[g]));
   }
 }
 
@@ -143,13 +145,15 @@ __global__ void __launch_bounds__(kThreads, 1) rnn_backward_kernel(const BwdPara
   const auto step_of = [&](int s) { return p.reverse ? s : p.steps - 1 - s; };
   prefetch_step<C, T>(p, step_of(0), bs);
   const StepBarrier bar{p.cluster};
-  const size_t buf = (size_t)p.batch_pad * p.plan.k_pad;
+  const Exchange<T> ex =
+      make_exchange<T, M>(p.dgbuf, p.plan, p.batch_pad, p.cluster, bs.stage, bs.n_begin);
+  ex.init(/*load_global=*/false);  // dsmem: zeroed mirrors (iteration 0 reads zeros)
   for (int s = 0; s <= p.steps; ++s) {
-    const T* din = static_cast<const T*>(p.dgbuf) + (s & 1) * buf;
-    T* dout = static_cast<T*>(p.dgbuf) + ((s + 1) & 1) * buf;
-    block_step<W, M>(bs, p.plan, p.batch, p.batch_pad, din, p.part, bar, clk,
+    // Iteration T, the last, writes only dh0 (no put); T - 1's dgates are read by T.
+    const ExchangeStep<T> xs = ex.step(s, s == p.steps);
+    block_step<W, M>(bs, p.plan, p.batch, p.batch_pad, xs.in, xs.ld, xs.row0, p.part, bar, clk,
                      [&](int b, int j, auto&& rec) {
-      backward_point<C, T>(p, rec(0), s, b, bs.u0 + j, dout);
+      backward_point<C, T>(p, rec(0), s, b, bs.u0 + j, xs);
     });
     if (s < p.steps) {
       if (s + 1 < p.steps) prefetch_step<C, T>(p, step_of(s + 1), bs);

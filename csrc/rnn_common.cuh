@@ -382,8 +382,10 @@ __device__ __forceinline__ void run_task(const T* wt, const Plan& pl, int rows_l
 }
 
 // out = W_slice * X[n0 : n0 + ncols, 0 : klen]^T for one chunk, into the scratch slots. x points
-// at this block's first K column (k0, plan.h K parts) of the exchange buffer, whose row stride
-// stays pl.k_pad; klen is a multiple of kKPad. ncols is a multiple of kBatchPad (X rows past the
+// at this block's first K column (k0, plan.h K parts) of batch row row0 of the exchange buffer
+// (global memory, row0 = 0, row stride pl.k_pad; or the shared-memory mirror of
+// kClusterGroupsDsmem, row0 = the group's first row, row stride mirror_ld, never staged); klen
+// is a multiple of kKPad. ncols is a multiple of kBatchPad (X rows past the
 // batch are zero padding); the first nreal rows are real. Warps
 // take (tile, K-split) tasks round-robin; a task's K range is split the same way in every stage
 // slice, so its slot sums the slices (loaded back from the slot after the first). Must be
@@ -400,9 +402,9 @@ __device__ __forceinline__ void run_task(const T* wt, const Plan& pl, int rows_l
 // x is deliberately not `const __restrict__`: other blocks write it during the kernel, so the
 // compiler must not route these loads through the non-coherent read-only path (ld.global.nc).
 template <typename T, Math M>
-__device__ ChunkLayout chunk_matmul(const T* sw, const Plan& pl, const T* x, int klen, int n0,
-                                    int ncols, int nreal, float* sc, T* stage, int copy,
-                                    PhaseClock& clk) {
+__device__ ChunkLayout chunk_matmul(const T* sw, const Plan& pl, const T* x, int ld_x, int row0,
+                                    int klen, int n0, int ncols, int nreal, float* sc, T* stage,
+                                    int copy, PhaseClock& clk) {
   constexpr TileShape ts = tile_shape(M);
   const int mfr = ceil_div(pl.m_pad, ts.wm);
   const int nfr = ncols / ts.wn;
@@ -413,30 +415,30 @@ __device__ ChunkLayout chunk_matmul(const T* sw, const Plan& pl, const T* x, int
   const int slices = ceil_div(klen, slice_k);
   const int ksplit = tiles < kWarps ? imin(kWarps / tiles, slice_k / ts.wk) : 1;
   const int warp = threadIdx.x >> 5;
-  const T* xc = x + (size_t)n0 * pl.k_pad;  // X rows of this chunk
+  const T* xc = x + (size_t)(n0 - row0) * ld_x;  // X rows of this chunk
   const auto cols_of = [&](int s) { return imin(slice_k, klen - s * slice_k); };
-  if (pipe) stage_issue(stage, pl.stage_ld, xc, pl.k_pad, nreal, cols_of(0));
+  if (pipe) stage_issue(stage, pl.stage_ld, xc, ld_x, nreal, cols_of(0));
   for (int s = 0; s < slices; ++s) {
     const int k0 = s * slice_k;
     const int ksteps = cols_of(s) / ts.wk;
     const T* xs = xc + k0;
-    int ldx = pl.k_pad;
+    int ldx = ld_x;
     if (staged) {
       if (s > 0) __syncthreads();  // every warp is done with slice s - 1 (and its buffer)
       clk.mark(kPhaseMma);
       T* buf = stage + (pipe ? (s & 1) * slice_k : 0);
       if (pipe) {
         if (s + 1 < slices) {
-          stage_issue(stage + ((s + 1) & 1) * slice_k, pl.stage_ld, xc + k0 + slice_k,
-                      pl.k_pad, nreal, cols_of(s + 1));
+          stage_issue(stage + ((s + 1) & 1) * slice_k, pl.stage_ld, xc + k0 + slice_k, ld_x,
+                      nreal, cols_of(s + 1));
           cp_async_wait<1>();  // slice s has landed (for this thread); s + 1 may be in flight
         } else {
           cp_async_wait<0>();
         }
       } else if (copy == kStageRegisters) {
-        stage_copy_registers(buf, pl.stage_ld, xs, pl.k_pad, nreal, ksteps * ts.wk);
+        stage_copy_registers(buf, pl.stage_ld, xs, ld_x, nreal, ksteps * ts.wk);
       } else {
-        stage_issue(buf, pl.stage_ld, xs, pl.k_pad, nreal, ksteps * ts.wk);
+        stage_issue(buf, pl.stage_ld, xs, ld_x, nreal, ksteps * ts.wk);
         cp_async_wait<0>();
       }
       __syncthreads();  // ... and for every thread
@@ -461,6 +463,8 @@ __device__ ChunkLayout chunk_matmul(const T* sw, const Plan& pl, const T* x, int
 // plan.h): with kClusterGroups the cluster is its batch group, and everything a block reads
 // from the exchange and partial buffers was written by blocks of its own group; with
 // kClusterTeams it is its K-parts team, whose partial sums are all the parts' barrier orders.
+// With kClusterGroupsDsmem the cluster is the batch group too, and what it orders includes the
+// peers' writes into this block's shared memory (Exchange).
 // Both are release/acquire barriers (gpu and cluster scope), so reads after them see every
 // write before them by the blocks they span.
 __device__ __forceinline__ void cluster_sync() {
@@ -475,7 +479,7 @@ struct StepBarrier {
   int cluster;  // ClusterMode
   // The end of a step.
   __device__ __forceinline__ void sync() const {
-    if (cluster == kClusterGroups) cluster_sync();
+    if (cluster == kClusterGroups || cluster == kClusterGroupsDsmem) cluster_sync();
     else cooperative_groups::this_grid().sync();
   }
   // After a K-parts team's partial sums are written.
@@ -529,7 +533,8 @@ __device__ __forceinline__ BlockState<W> block_state(const Plan& pl, int hidden,
 }
 
 // One step of this block, both directions: for each batch chunk of its group, the recurrent
-// matmul against the exchange buffer x, then point(b, j, rec) for every real batch row b and
+// matmul against the exchange buffer x (row stride ld_x from batch row row0, as chunk_matmul
+// takes it), then point(b, j, rec) for every real batch row b and
 // owned unit u0 + j, where rec(g) is the matmul's output for gate g of that (b, j) (forward: the
 // team row g*team_units + rank*units + j; backward: g = 0). All threads call it (it synchronises
 // the block).
@@ -540,16 +545,16 @@ __device__ __forceinline__ BlockState<W> block_state(const Plan& pl, int hidden,
 // after the step's closing barrier, so one copy is enough.
 template <typename W, Math M, typename Point>
 __device__ __forceinline__ void block_step(const BlockState<W>& bs, const Plan& pl, int batch,
-                                           int batch_pad, const W* x, float* part,
-                                           const StepBarrier& bar, PhaseClock& clk,
+                                           int batch_pad, const W* x, int ld_x, int row0,
+                                           float* part, const StepBarrier& bar, PhaseClock& clk,
                                            Point&& point) {
   const int own = bs.rank * pl.units;  // this block's first row among the team's units
   const int tu = team_units(pl);
   for (int n0 = bs.n_begin; n0 < bs.n_end; n0 += kChunkCols) {
     const int ncols = imin(kChunkCols, bs.n_begin + bs.group_rows - n0);
     const int nb = imin(ncols, batch - n0);  // real batch rows of this chunk (n0 < n_end)
-    const ChunkLayout L = chunk_matmul<W, M>(bs.sw, pl, x + bs.k0, bs.klen, n0, ncols, nb,
-                                             bs.sc, bs.stage, bs.copy, clk);
+    const ChunkLayout L = chunk_matmul<W, M>(bs.sw, pl, x + bs.k0, ld_x, row0, bs.klen, n0,
+                                             ncols, nb, bs.sc, bs.stage, bs.copy, clk);
     __syncthreads();
     clk.mark(kPhaseMma);
     if (part == nullptr) {
@@ -595,6 +600,118 @@ __device__ __forceinline__ void block_step(const BlockState<W>& bs, const Plan& 
   clk.step();
 }
 
+// ---- the exchange buffer: global memory, or the cluster's shared memory ----------------------------
+// Where step s reads X (h_{s-1} forward, the dgates backward) and where its epilogue publishes
+// X for step s + 1. Two buffers, alternating: step s reads buffer s % 2 and writes buffer
+// (s + 1) % 2, so one barrier per step suffices (see rnn_forward.cu).
+//   global (every mode but kClusterGroupsDsmem): the (2, B_pad, k_pad) buffer in global
+//     memory/L2; element (b, k) of a buffer at b * k_pad + k;
+//   dsmem (kClusterGroupsDsmem): each block holds its group's rows in two mirrors in shared
+//     memory (where the stage would be; plan.h mirror_ld, mirror_bytes; element (b, k) at
+//     (b - row0) * ld + k) and a step's put() stores each element into the same place in every
+//     peer of the cluster (the cluster is the group), itself included: the matmul then reads X
+//     from its own shared memory, with no copy from L2. init() zeroes the mirrors (and loads
+//     mirror 0 from global buffer 0) and ends at the cluster's barrier, so no peer writes into a
+//     mirror before it is initialised. No block may write into a peer after the last barrier
+//     (the peer may have exited), so the last step's view stores locally only; the forward
+//     then copies its own units to global memory (finish(), for h_n).
+// A step's view: what the epilogue needs, few registers (the FMA kernels run at 255).
+template <typename T>
+struct ExchangeStep {
+  const T* in;  // buffer s % 2
+  T* out;       // buffer (s + 1) % 2 (this block's copy in dsmem)
+  int ld;       // row stride of both
+  int row0;     // batch row of their first row
+  int peers;    // dsmem: blocks to store into (ranks 0 .. peers - 1); 0: a plain store to out
+  __device__ size_t at(int b, int k) const { return (size_t)(b - row0) * ld + k; }
+  __device__ __forceinline__ void put(int b, int k, T v) const {
+    T* dst = out + at(b, k);
+    if (peers == 0) {
+      *dst = v;
+    } else {
+#if defined(__CUDA_SIM__) || !defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 900
+      const auto cluster = cooperative_groups::this_cluster();
+      for (int r = 0; r < peers; ++r) *cluster.map_shared_rank(dst, r) = v;
+#else
+      __trap();  // clusters need sm_90; the binding selects them only there
+#endif
+    }
+  }
+};
+
+template <typename T>
+struct Exchange {
+  T* global;          // the (2, B_pad, k_pad) buffer
+  size_t global_buf;  // B_pad * k_pad
+  int k_pad;
+  bool dsmem;
+  T* mirror;          // this block's mirrors (dsmem)
+  int ld;             // mirror row stride (dsmem)
+  size_t mirror_buf;  // elements per mirror (dsmem)
+  int row0;           // the group's first batch row (dsmem)
+  int rows;           // the group's rows, padding included (dsmem)
+  int peers;          // blocks in the cluster (dsmem)
+
+  // Step s's view; `last`: no step reads what it writes inside the kernel.
+  __device__ ExchangeStep<T> step(int s, bool last) const {
+    if (!dsmem)
+      return {global + (s & 1) * global_buf, global + ((s + 1) & 1) * global_buf, k_pad, 0, 0};
+    return {mirror + (s & 1) * mirror_buf, mirror + ((s + 1) & 1) * mirror_buf, ld, row0,
+            last ? 0 : peers};
+  }
+  // dsmem: zero both mirrors, copy the group's rows of global buffer 0 into mirror 0 (with
+  // load_global; the backward's buffer 0 is zeros), then the cluster's barrier. All threads
+  // call it.
+  __device__ void init(bool load_global) const {
+    if (!dsmem) return;
+    uint4* z = reinterpret_cast<uint4*>(mirror);  // mirror_bytes is a multiple of 128
+    const size_t words = 2 * mirror_buf * sizeof(T) / 16;
+    for (size_t i = threadIdx.x; i < words; i += kThreads) z[i] = make_uint4(0, 0, 0, 0);
+    __syncthreads();
+    if (load_global) {
+      constexpr int kVec = 16 / sizeof(T);
+      const int per_row = k_pad / kVec;  // k_pad * sizeof(T) is a multiple of 32 bytes
+      for (int i = threadIdx.x; i < rows * per_row; i += kThreads) {
+        const int r = i / per_row, c = (i % per_row) * kVec;
+        *reinterpret_cast<uint4*>(mirror + (size_t)r * ld + c) =
+            *reinterpret_cast<const uint4*>(global + (size_t)(row0 + r) * k_pad + c);
+      }
+      __syncthreads();
+    }
+    cluster_sync();
+  }
+  // dsmem, after the last step s = steps - 1: this block's units [u0, u0 + nu) of the real rows
+  // [row0, n_end) go from its copy of buffer steps % 2 (written by its own threads only, at the
+  // last step) to global buffer steps % 2, where the caller reads h_n.
+  __device__ void finish(int steps, int n_end, int u0, int nu) const {
+    if (!dsmem) return;
+    __syncthreads();
+    const T* src = mirror + (steps & 1) * mirror_buf;
+    T* dst = global + (steps & 1) * global_buf;
+    for (int i = threadIdx.x; i < (n_end - row0) * nu; i += kThreads) {
+      const int b = row0 + i / nu, u = u0 + i % nu;
+      dst[(size_t)b * k_pad + u] = src[(size_t)(b - row0) * ld + u];
+    }
+  }
+};
+
+template <typename T, Math M>
+__device__ __forceinline__ Exchange<T> make_exchange(void* global, const Plan& pl, int batch_pad,
+                                                    int cluster, T* mirror, int row0) {
+  Exchange<T> e;
+  e.global = static_cast<T*>(global);
+  e.global_buf = (size_t)batch_pad * pl.k_pad;
+  e.k_pad = pl.k_pad;
+  e.dsmem = cluster == kClusterGroupsDsmem;
+  e.mirror = mirror;
+  e.ld = mirror_ld(pl, M);
+  e.mirror_buf = (size_t)mirror_bytes(pl, M, batch_pad) / sizeof(T);
+  e.row0 = row0;
+  e.rows = batch_pad / pl.groups;
+  e.peers = pl.group_blocks;
+  return e;
+}
+
 // ---- launch ------------------------------------------------------------------------------------
 // Cooperative launch of `kernel` with one Params argument, after checking co-residency with the
 // occupancy API (a cooperative grid larger than what fits deadlocks on grid.sync otherwise; the
@@ -629,7 +746,7 @@ template <typename Params>
 cudaError_t launch_clusters(void (*kernel)(Params), const Params& p, cudaStream_t stream,
                             bool* launched) {
   *launched = false;
-  const bool teams = p.cluster == kClusterTeams;
+  const bool teams = p.cluster == kClusterTeams;  // else kClusterGroups(Dsmem): one a group
   const int size = teams ? p.plan.parts : p.plan.group_blocks;
   const int needed = p.plan.blocks / size;
   const void* fn = reinterpret_cast<const void*>(kernel);

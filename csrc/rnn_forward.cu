@@ -18,7 +18,10 @@
 // the team's partials for its own units (rnn_common.cuh block_step).
 // With clusters (FwdParams::cluster, fused_rnn.h ClusterMode) a grid.sync() becomes the barrier
 // of the block's cluster: every one if the cluster is its batch group (groups share nothing, so
-// the argument above holds per group), the K parts' one if it is its team.
+// the argument above holds per group), the K parts' one if it is its team. With
+// kClusterGroupsDsmem hbuf is replaced, within the cluster, by copies in every block's shared
+// memory that each block writes into directly (rnn_common.cuh Exchange); the double-buffering
+// argument is the same, per group.
 #include "rnn_common.cuh"
 
 namespace fused_rnn {
@@ -29,16 +32,17 @@ namespace detail {
 // block, so there is no intra-block hazard across steps.
 template <Cell C, typename T, typename Rec>
 __device__ __forceinline__ void forward_point(const FwdParams& p, int t, int b, int u,
-                                              Rec&& rec, const T* hin, T* hout) {
+                                              Rec&& rec, const ExchangeStep<T>& ex) {
   constexpr int G = gates_of(C);
   const int H = p.hidden;
-  const size_t bu = (size_t)b * p.plan.k_pad + u;         // exchange buffer
+  const T* hin = ex.in;
+  const size_t bu = ex.at(b, u);                          // h_{t-1} at hin[bu]
   const size_t tbu = ((size_t)t * p.batch + b) * H + u;   // (T, B, H) tensors
   float* xg = p.xproj + ((size_t)t * p.batch + b) * G * H + u;  // gate g at xg[g * H]
   T* y = static_cast<T*>(p.y);
 
   if (p.lengths != nullptr && t >= p.lengths[b]) {  // padding step: keep state, output zero
-    hout[bu] = hin[bu];
+    ex.put(b, u, hin[bu]);
     y[tbu] = from_float<T>(0.f);
     // aux is written on every step so no output element is left uninitialised: LSTM keeps
     // the carried c (backward reads it as the next step's c_{t-1}), GRU's value is unused.
@@ -79,7 +83,7 @@ __device__ __forceinline__ void forward_point(const FwdParams& p, int t, int b, 
     if (p.save) xg[0] = h;  // activation before rounding: what tanh'/relu' need
   }
   const T hs = from_float<T>(h);
-  hout[bu] = hs;
+  ex.put(b, u, hs);
   y[tbu] = hs;
 }
 
@@ -111,14 +115,16 @@ __global__ void __launch_bounds__(kThreads, 1) rnn_forward_kernel(const FwdParam
 
   prefetch_step<C>(p, p.reverse ? p.steps - 1 : 0, bs);
   const StepBarrier bar{p.cluster};
-  const size_t buf = (size_t)p.batch_pad * p.plan.k_pad;
+  // W == T for every (storage, math) pair (WType), so the mirror lives in the stage's place.
+  const Exchange<T> ex =
+      make_exchange<T, M>(p.hbuf, p.plan, p.batch_pad, p.cluster, bs.stage, bs.n_begin);
+  ex.init(/*load_global=*/true);  // dsmem: h0 into the mirrors (else nothing)
   for (int s = 0; s < p.steps; ++s) {
     const int t = p.reverse ? p.steps - 1 - s : s;
-    const T* hin = static_cast<const T*>(p.hbuf) + (s & 1) * buf;
-    T* hout = static_cast<T*>(p.hbuf) + ((s + 1) & 1) * buf;
-    block_step<W, M>(bs, p.plan, p.batch, p.batch_pad, hin, p.part, bar, clk,
+    const ExchangeStep<T> xs = ex.step(s, s + 1 == p.steps);
+    block_step<W, M>(bs, p.plan, p.batch, p.batch_pad, xs.in, xs.ld, xs.row0, p.part, bar, clk,
                      [&](int b, int j, auto&& rec) {
-      forward_point<C, T>(p, t, b, bs.u0 + j, rec, hin, hout);
+      forward_point<C, T>(p, t, b, bs.u0 + j, rec, xs);
     });
     if (s + 1 < p.steps) {
       prefetch_step<C>(p, p.reverse ? t - 1 : t + 1, bs);
@@ -126,6 +132,7 @@ __global__ void __launch_bounds__(kThreads, 1) rnn_forward_kernel(const FwdParam
       clk.mark(kPhaseSync);
     }
   }
+  ex.finish(p.steps, bs.n_end, bs.u0, bs.nu);  // dsmem: h_T of this block's units to hbuf
   clk.finish();
 }
 

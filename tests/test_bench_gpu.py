@@ -160,6 +160,21 @@ def test_k_parts_variant_runs_only_where_cuda_has_parts(monkeypatch):
     assert bench_gpu._plan_note(bench_gpu._cuda_plans("LSTM", bench_gpu.SHAPES["S6"], "bf16")) \
         == "plan fwd b32 g4 p1 k256 cl, bwd b32 g4 p1 k1024 cl"
     monkeypatch.delenv("FUSED_RNN_CUDA_CLUSTER")
+    # cuda-cl16ds (cuda-cl16 exchanging through distributed shared memory) runs where a launch
+    # would: S5 in 16-bit, both directions ("ds"); not S3 (no cluster); in fp32 (TF32) at S5
+    # only the forward, as the backward's mirrors do not fit next to its W_hh slice.
+    assert not bench_gpu._variant_is_moot("cuda-cl16ds", "LSTM", bench_gpu.SHAPES["S5"], "bf16",
+                                          "cuda")
+    assert bench_gpu._variant_is_moot("cuda-cl16ds", "LSTM", bench_gpu.SHAPES["S3"], "bf16",
+                                      "cuda")
+    monkeypatch.setenv("FUSED_RNN_CUDA_CLUSTER", "16")
+    monkeypatch.setenv("FUSED_RNN_CUDA_CLUSTER_EXCHANGE", "dsmem")
+    assert bench_gpu._plan_note(bench_gpu._cuda_plans("LSTM", bench_gpu.SHAPES["S5"], "bf16")) \
+        == "plan fwd b16 g1 p1 k0 ds, bwd b16 g1 p1 k0 ds"
+    assert bench_gpu._plan_note(bench_gpu._cuda_plans("LSTM", bench_gpu.SHAPES["S5"], "fp32")) \
+        == "plan fwd b16 g1 p1 k0 ds, bwd b16 g1 p1 k1024 cl"
+    monkeypatch.delenv("FUSED_RNN_CUDA_CLUSTER")
+    monkeypatch.delenv("FUSED_RNN_CUDA_CLUSTER_EXCHANGE")
     assert not bench_gpu._variant_is_moot("cuda-tc", "LSTM", bench_gpu.SHAPES["S4"], "fp32", "cuda")
     assert bench_gpu._variant_is_moot("cuda-tc", "LSTM", bench_gpu.SHAPES["S5"], "fp32", "cuda")
     monkeypatch.setenv("FUSED_RNN_CUDA_TEAM_CLUSTERS", "on")
@@ -201,7 +216,8 @@ def test_gpu_check_turns_k_parts_off_when_their_gpu_tests_fail(tmp_path):
     script = (f'source "{ROOT}/benchmarks/gpu_common.sh" && '
               f'frnn_cluster_failed "{tmp_path / "cluster"}" && '
               f'! frnn_cluster_failed "{tmp_path / "parts"}" && '
-              'frnn_without_clusters cuda,triton,cuda-p1,cuda-cl16,cuda-cl8,cuda-tc,cuda-b32')
+              'frnn_without_clusters cuda,triton,cuda-p1,cuda-cl16,cuda-cl16ds,cuda-cl8,cuda-tc,'
+              'cuda-b32')
     r = subprocess.run(["bash", "-c", script], capture_output=True, text=True, check=False)
     assert r.returncode == 0 and r.stdout.strip() == "cuda,triton,cuda-p1,cuda-b32", r
 

@@ -25,8 +25,9 @@ order of the K sums, which cudasim (``simulate.py``) checks by running the kerne
 ignored: the emulation models one block per unit slice over all of K (``parts = 1``); K parts
 split that sum across blocks, which cudasim checks by running the kernels. So is
 ``max_blocks`` (the grid cap): the emulation spreads H over ``sms`` blocks, and a cap is only a
-different block count, which the tests get by setting ``sms``; and ``cluster`` and
-``team_clusters`` (clusters): the emulation has no barriers to swap, so it runs the grid plan.
+different block count, which the tests get by setting ``sms``; and ``cluster``,
+``team_clusters`` and ``dsmem`` (clusters, and where the exchange lives): the emulation has no
+barriers to swap and no memories to tell apart, so it runs the grid plan.
 
 It does not run the CUDA code: it checks the design and its index arithmetic, which the CUDA
 code must then match line by line (the names here are the kernel's names).
@@ -207,7 +208,7 @@ class Emulator:
     # ------------------------------------------------------------------ forward
     def forward(self, mode, xproj, h0, c0, w_hh, b_hh, lengths, reverse, allow_tf32, save,
                 max_groups, max_stage_k=0, prof=None, stage_copy=2, k_parts=1, max_blocks=0,
-                cluster=0, team_clusters=False):
+                cluster=0, team_clusters=False, dsmem=False):
         cell = int(mode)
         G = P.GATES[cell]
         T, B, GH = xproj.shape
@@ -321,7 +322,7 @@ class Emulator:
     # ------------------------------------------------------------------ backward
     def backward(self, mode, dy, dh_n, dc_n, w_hh, gates, aux, c0, hprev, lengths, reverse,
                  allow_tf32, max_groups, max_stage_k=0, prof=None, stage_copy=2, k_parts=1,
-                 max_blocks=0, cluster=0, team_clusters=False):
+                 max_blocks=0, cluster=0, team_clusters=False, dsmem=False):
         cell = int(mode)
         G = P.GATES[cell]
         T, B, H = dy.shape

@@ -115,10 +115,10 @@ def _load(sanitize: bool, csrc: Path) -> ctypes.CDLL:
             lib.sim_configure.argtypes = [i, i, i, i, u64, i, i]
             lib.sim_last_error.restype = ctypes.c_char_p
             lib.sim_cluster_launches.restype = ctypes.c_longlong
-            lib.sim_plan.argtypes = [i] * 12 + [ctypes.POINTER(ctypes.c_int)]
+            lib.sim_plan.argtypes = [i] * 13 + [ctypes.POINTER(ctypes.c_int)]
             lib.sim_make_plan.argtypes = [i] * 9 + [ctypes.POINTER(ctypes.c_int)]
-            lib.sim_forward.argtypes = [i] * 15 + [p, fp, p, fp, p, fp, p, fp, p, i, fp]
-            lib.sim_backward.argtypes = [i] * 14 + [p] * 14 + [i, fp]
+            lib.sim_forward.argtypes = [i] * 16 + [p, fp, p, fp, p, fp, p, fp, p, i, fp]
+            lib.sim_backward.argtypes = [i] * 15 + [p] * 14 + [i, fp]
             _libs[key] = lib
         return _libs[key]
 
@@ -171,13 +171,13 @@ class Simulator:
     def plan(self, cell: int, dtype: torch.dtype, allow_tf32: bool, hidden: int,
              backward: bool, batch: int = 1, max_groups: int = 1,
              max_stage_k: int = 1 << 30, k_parts: int = 1, max_blocks: int = 0,
-             cluster: int = 0, team_clusters: bool = False) -> dict:
+             cluster: int = 0, team_clusters: bool = False, dsmem: bool = False) -> dict:
         self._configure()
         out = (ctypes.c_int * len(PLAN_FIELDS))()
         b_pad = -(-batch // BATCH_PAD) * BATCH_PAD
         if self.lib.sim_plan(cell, DTYPE_CODES[dtype], int(allow_tf32), hidden, int(backward),
                              b_pad, max_groups, max_stage_k, k_parts, max_blocks, cluster,
-                             int(team_clusters), out):
+                             int(team_clusters), int(dsmem), out):
             raise RuntimeError(f"cudasim: {self.lib.sim_last_error().decode()}")
         return dict(zip(PLAN_FIELDS, out))
 
@@ -211,7 +211,7 @@ class Simulator:
 
     def forward(self, mode, xproj, h0, c0, w_hh, b_hh, lengths, reverse, allow_tf32, save,
                 max_groups, max_stage_k, prof=None, stage_copy=2, k_parts=1, max_blocks=0,
-                cluster=0, team_clusters=False):
+                cluster=0, team_clusters=False, dsmem=False):
         cell = int(mode)
         T, B, _ = xproj.shape
         H = h0.shape[1]
@@ -224,7 +224,7 @@ class Simulator:
                                    (lengths, "lengths", torch.int32, (B,))):
             self._expect(t, name, dt, shape)
         pl = self.plan(cell, st, allow_tf32, H, False, B, max_groups, max_stage_k, k_parts,
-                       max_blocks, cluster, team_clusters)
+                       max_blocks, cluster, team_clusters, dsmem)
         self.launches.append(("forward", cell, pl))
         B_pad = -(-B // BATCH_PAD) * BATCH_PAD
         hbuf = torch.zeros(2, B_pad, pl["k_pad"], dtype=st)
@@ -238,7 +238,7 @@ class Simulator:
         self._check(self.lib.sim_forward(
             cell, DTYPE_CODES[st], int(allow_tf32), T, B, H, B_pad, int(reverse), int(save),
             max_groups, max_stage_k, k_parts, max_blocks, cluster, int(team_clusters),
-            _ptr(w_hh), _ptr(b_hh),
+            int(dsmem), _ptr(w_hh), _ptr(b_hh),
             _ptr(lengths),
             _ptr(xproj), _ptr(hbuf), _ptr(cbuf), _ptr(y), _ptr(aux), self._prof(prof, pl),
             int(stage_copy), _ptr(part)))
@@ -248,7 +248,7 @@ class Simulator:
 
     def backward(self, mode, dy, dh_n, dc_n, w_hh, gates, aux, c0, hprev, lengths, reverse,
                  allow_tf32, max_groups, max_stage_k, prof=None, stage_copy=2, k_parts=1,
-                 max_blocks=0, cluster=0, team_clusters=False):
+                 max_blocks=0, cluster=0, team_clusters=False, dsmem=False):
         cell = int(mode)
         G = (4, 3, 1, 1)[cell]
         T, B, H = dy.shape
@@ -266,7 +266,7 @@ class Simulator:
         if cell == 1:
             self._expect(hprev, "hprev", st, (T, B, H))
         pl = self.plan(cell, st, allow_tf32, H, True, B, max_groups, max_stage_k, k_parts,
-                       max_blocks, cluster, team_clusters)
+                       max_blocks, cluster, team_clusters, dsmem)
         self.launches.append(("backward", cell, pl))
         B_pad = -(-B // BATCH_PAD) * BATCH_PAD
         dgbuf = torch.zeros(2, B_pad, pl["k_pad"], dtype=st)
@@ -279,7 +279,7 @@ class Simulator:
         self._configure()
         self._check(self.lib.sim_backward(
             cell, DTYPE_CODES[st], int(allow_tf32), T, B, H, B_pad, int(reverse), max_groups,
-            max_stage_k, k_parts, max_blocks, cluster, int(team_clusters), _ptr(w_hh),
+            max_stage_k, k_parts, max_blocks, cluster, int(team_clusters), int(dsmem), _ptr(w_hh),
             _ptr(lengths), _ptr(dy), _ptr(gates), _ptr(aux) if cell in (0, 1) else None,
             _ptr(c0) if cell == 0 else None, _ptr(hprev) if cell == 1 else None, _ptr(dgbuf),
             _ptr(dh_carry), _ptr(dc_carry), _ptr(dgx), _ptr(dghn), _ptr(dh0),

@@ -285,16 +285,18 @@ int main() {
                   cs.sel.plan.stage_k, cs.sel.plan.smem_bytes);
     }
   // choose_launch: every setting at once (caps, clusters, teams, with and without sm_90)
-  const int launch_knobs[][5] = {{0, 0, 0, 1, 1}, {0, 32, 0, 0, 1}, {0, 0, 8, 0, 1},
-                                 {0, 0, 0, 1, 0}, {4, 0, 16, 1, 1}, {0, 0, 8, 1, 0}};
+  const int launch_knobs[][6] = {{0, 0, 0, 1, 1, 0}, {0, 32, 0, 0, 1, 0}, {0, 0, 8, 0, 1, 0},
+                                 {0, 0, 0, 1, 0, 0}, {4, 0, 16, 1, 1, 0}, {0, 0, 8, 1, 0, 0},
+                                 {0, 0, 8, 0, 1, 1}, {0, 0, 16, 0, 1, 1}, {4, 32, 16, 1, 0, 1}};
   for (int c = 0; c < 4; ++c) for (int h : hs3) for (int bw = 0; bw < 2; ++bw)
     for (int bp : bpads3) for (const auto& kn : launch_knobs) {
       const LaunchChoice lc = choose_launch(static_cast<Cell>(c), true, true, h, bw, 132,
                                             227 * 1024, bp, 8, 1 << 30, kn[0], kn[1], kn[2],
-                                            kn[3] != 0, kn[4] != 0);
-      std::printf("X %d %d %d %d %d %d %d %d %d %d %d %d %d %d %d\n", c, h, bw, bp, kn[0], kn[1],
-                  kn[2], kn[3], kn[4], static_cast<int>(lc.sel.math), lc.sel.plan.blocks,
-                  lc.sel.plan.groups, lc.sel.plan.parts, lc.sel.plan.smem_bytes, lc.cluster);
+                                            kn[3] != 0, kn[4] != 0, kn[5] != 0);
+      std::printf("X %d %d %d %d %d %d %d %d %d %d %d %d %d %d %d %d %d\n", c, h, bw, bp, kn[0],
+                  kn[1], kn[2], kn[3], kn[4], kn[5], static_cast<int>(lc.sel.math),
+                  lc.sel.plan.blocks, lc.sel.plan.groups, lc.sel.plan.parts,
+                  lc.sel.plan.stage_k, lc.sel.plan.smem_bytes, lc.cluster);
     }
   const int bpads[] = {32, 64, 96, 128, 256};
   for (int c = 0; c < 4; ++c) for (int m = 0; m < 3; ++m) for (int h : hs) for (int bp : bpads)
@@ -358,11 +360,12 @@ def test_plan_header_matches_python_mirror(tmp_path):
             assert tuple(rest) == want, line
             clustered[(c, h, bw, is16, bp, cm)] = (found, p.groups, p.group_blocks)
         elif f[0] == "X":
-            c, h, bw, bp, kp, mb, cm, tc, hc, *rest = map(int, f[1:])
+            c, h, bw, bp, kp, mb, cm, tc, hc, ds, *rest = map(int, f[1:])
             math, p = P.choose_launch(c, True, True, h, bool(bw), 132, 227 * 1024, bp, 8, 1 << 30,
-                                      kp, mb, cm, bool(tc), bool(hc))
-            assert tuple(rest) == (math, p.blocks, p.groups, p.parts, p.smem_bytes, p.cluster), line
-            launches[(c, h, bw, bp, kp, mb, cm, tc, hc)] = p.cluster
+                                      kp, mb, cm, bool(tc), bool(hc), bool(ds))
+            assert tuple(rest) == (math, p.blocks, p.groups, p.parts, p.stage_k, p.smem_bytes,
+                                   p.cluster), line
+            launches[(c, h, bw, bp, kp, mb, cm, tc, hc, ds)] = p.cluster
         elif f[0] == "C":
             c, h, bw, is16, bp, bc, *rest = map(int, f[1:])
             math, p = P.select_plan_capped(c, bool(is16), True, h, bool(bw), 132, 227 * 1024, bp,
@@ -378,9 +381,17 @@ def test_plan_header_matches_python_mirror(tmp_path):
     assert n > 1000 and kinds == {"plan", "S", "G", "P", "M", "C", "L", "X"}
     # choose_launch: no clusters without sm_90; teams only with K parts (S4-like LSTM at H=1024,
     # B_pad 256, auto parts: the backward has them); groups where one fits
-    assert not any(mode for key, mode in launches.items() if key[-1] == 0)
-    assert launches[(0, 1024, 1, 256, 0, 0, 0, 1, 1)] == P.CLUSTER_TEAMS
-    assert launches[(0, 256, 0, 32, 0, 0, 8, 0, 1)] == P.CLUSTER_GROUPS
+    assert not any(mode for key, mode in launches.items() if key[-2] == 0)
+    assert launches[(0, 1024, 1, 256, 0, 0, 0, 1, 1, 0)] == P.CLUSTER_TEAMS
+    assert launches[(0, 256, 0, 32, 0, 0, 8, 0, 1, 0)] == P.CLUSTER_GROUPS
+    # dsmem: S5/S6-like LSTM (H=256, 16-bit) in both directions with clusters of 16 (and 8);
+    # never without a cluster-groups launch to turn into one (S3-like H=1024 fits no cluster)
+    for bw in (0, 1):
+        for bp in (32, 256):
+            for cm in (8, 16):
+                assert launches[(0, 256, bw, bp, 0, 0, cm, 0, 1, 1)] == P.CLUSTER_GROUPS_DSMEM
+    assert launches[(0, 1024, 0, 32, 0, 0, 16, 0, 1, 1)] == P.CLUSTER_NONE
+    assert all(mode != P.CLUSTER_GROUPS_DSMEM for key, mode in launches.items() if not key[-1])
     # Cluster mode: LSTM bf16 at H=256 as one cluster of 8 blocks (B_pad 32) or 8 (B_pad 256);
     # LSTM's H=1024 fits in no cluster of 16; a found plan never puts more than cluster_max blocks in
     # a group.

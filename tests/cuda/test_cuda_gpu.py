@@ -87,7 +87,9 @@ def _run(fn, mode, leaves, dtype, lens, reverse, cots):
 # ending at the cluster barrier (FUSED_RNN_CUDA_CLUSTER; sm_90, else the grid plan); "-direct"
 # reads h with plain loads after it (no cp.async.cg staging), "-parts4" adds K parts in teams of
 # 4 within each cluster (plain loads of the partial sums after the cluster barrier);
-# "teamclusters4" runs K-parts teams of 4 as clusters of the cooperative grid
+# "-dsmem" keeps each cluster's exchange in its blocks' shared memory, written by the peers
+# directly (FUSED_RNN_CUDA_CLUSTER_EXCHANGE=dsmem); "teamclusters4" runs K-parts teams of 4 as
+# clusters of the cooperative grid
 # (FUSED_RNN_CUDA_TEAM_CLUSTERS; its id says "cluster", not "parts", so that a failure there
 # makes gpu_check.sh drop the cluster variants rather than turn K parts off).
 UNGROUPED = {"FUSED_RNN_CUDA_MAX_GROUPS": "1"}
@@ -102,6 +104,9 @@ SHAPES = {"T5-B3-I7-H37": (5, 3, 7, 37, {}), "T1-B1-I4-H16": (1, 1, 4, 16, {}),
                                                            "FUSED_RNN_CUDA_STAGE_K": "0"}),
           "T7-B70-I9-H60-cluster8-parts4": (7, 70, 9, 60, {"FUSED_RNN_CUDA_CLUSTER": "8",
                                                            "FUSED_RNN_CUDA_K_PARTS": "4"}),
+          "T7-B70-I9-H24-cluster8-dsmem": (7, 70, 9, 24,
+                                           {"FUSED_RNN_CUDA_CLUSTER": "8",
+                                            "FUSED_RNN_CUDA_CLUSTER_EXCHANGE": "dsmem"}),
           "T7-B70-I9-H60-ungrouped-teamclusters4": (7, 70, 9, 60,
                                                   {**UNGROUPED, "FUSED_RNN_CUDA_K_PARTS": "4",
                                                    "FUSED_RNN_CUDA_TEAM_CLUSTERS": "on"}),
@@ -257,6 +262,8 @@ def test_plan_matches_python_mirror(cuda_ext):
 # not fit: clusters must sit within one GPC, and then the launch falls back to the plain grid).
 CLUSTER_SETTINGS = {"groups8": ({"FUSED_RNN_CUDA_CLUSTER": "8"}, 256),
                     "groups16": ({"FUSED_RNN_CUDA_CLUSTER": "16"}, 256),
+                    "groups16-dsmem": ({"FUSED_RNN_CUDA_CLUSTER": "16",
+                                        "FUSED_RNN_CUDA_CLUSTER_EXCHANGE": "dsmem"}, 256),
                     "teams4": ({"FUSED_RNN_CUDA_K_PARTS": "4",
                                 "FUSED_RNN_CUDA_TEAM_CLUSTERS": "on"}, 64)}
 
@@ -266,8 +273,9 @@ CLUSTER_SETTINGS = {"groups8": ({"FUSED_RNN_CUDA_CLUSTER": "8"}, 256),
 def test_cluster_mode_launches_clusters(cuda_ext, monkeypatch, setting):
     """LSTM bf16 at B=16 runs forward and backward with clusters, not the cooperative fallback,
     and agrees with the grid plan and the reference: at H=256 (S5's width) as one cluster of 8
-    (portable) or 16 (non-portable, H100) blocks, at H=64 with K-parts teams of 4 as clusters
-    of the cooperative grid."""
+    (portable) or 16 (non-portable, H100) blocks, the latter also exchanging through
+    distributed shared memory, at H=64 with K-parts teams of 4 as clusters of the cooperative
+    grid."""
     if STANDIN is None and torch.cuda.get_device_capability()[0] < 9:
         pytest.skip(f"thread-block clusters need sm_90, this GPU is "
                     f"sm_{''.join(map(str, torch.cuda.get_device_capability()))}")

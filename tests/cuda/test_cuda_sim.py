@@ -189,8 +189,9 @@ MUTANTS = {
                                   "    __syncthreads();  // the slots are reused by the next chunk",
                                   "    // (removed)"),
     # one exchange buffer: blocks overwrite h_{t-1} that other blocks have not read yet
-    "single-buffer": ("rnn_forward.cu", "T* hout = static_cast<T*>(p.hbuf) + ((s + 1) & 1) * buf;",
-                      "T* hout = const_cast<T*>(hin);"),
+    "single-buffer": ("rnn_common.cuh",
+                      "global + ((s + 1) & 1) * global_buf, k_pad, 0, 0};",
+                      "global + (s & 1) * global_buf, k_pad, 0, 0};"),
     # steps of different blocks overlap
     "no-grid-sync-forward": ("rnn_forward.cu", "      bar.sync();", "      (void)bar;"),
     "no-grid-sync-backward": ("rnn_backward.cu", "      bar.sync();", "      (void)bar;"),
@@ -201,6 +202,22 @@ MUTANTS = {
 _NO_CLUSTER_SYNC = ("rnn_common.cuh", "  cooperative_groups::this_cluster().sync();", "  (void)0;")
 CLUSTER_MUTANTS = {"no-cluster-sync-groups": _NO_CLUSTER_SYNC,
                    "no-cluster-sync-teams": _NO_CLUSTER_SYNC}
+# The exchange through distributed shared memory (FUSED_RNN_CUDA_CLUSTER=4,
+# FUSED_RNN_CUDA_CLUSTER_EXCHANGE=dsmem: the 4 blocks as one cluster, each with the mirrors).
+DSMEM_MUTANTS = {
+    # a block writes into a peer's mirror before the peer has zeroed it
+    "dsmem-no-init-barrier": ("rnn_common.cuh", "    }\n    cluster_sync();\n  }\n  // dsmem, after",
+                              "    }\n  }\n  // dsmem, after"),
+    # each block stores only into its own mirror
+    "dsmem-own-copy-only": ("rnn_common.cuh",
+                            "for (int r = 0; r < peers; ++r) *cluster.map_shared_rank(dst, r) = v;",
+                            "*dst = v; (void)cluster;"),
+    # one mirror: a block overwrites X a slower peer has not read yet
+    "dsmem-single-mirror": ("rnn_common.cuh", "mirror + ((s + 1) & 1) * mirror_buf, ld, row0,",
+                            "mirror + (s & 1) * mirror_buf, ld, row0,"),
+    # h_n is left in shared memory: the caller reads a stale global buffer
+    "dsmem-no-finish": ("rnn_forward.cu", "  ex.finish(p.steps, bs.n_end, bs.u0, bs.nu);", ""),
+}
 # K parts (run with FUSED_RNN_CUDA_K_PARTS=2, H=60): a block adds its team's partial sums
 # before the other ranks have written them
 PART_MUTANTS = {
@@ -230,15 +247,17 @@ STAGE_CASES = [f"{name}@{k}" for name in STAGE_MUTANTS for k in ("16", "32")]
 
 
 @pytest.mark.parametrize("name", list(MUTANTS) + STAGE_CASES + list(PART_MUTANTS)
-                         + list(CLUSTER_MUTANTS))
+                         + list(CLUSTER_MUTANTS) + list(DSMEM_MUTANTS))
 def test_races_are_caught(install, monkeypatch, tmp_path, name):
     monkeypatch.setenv("FUSED_RNN_CUDA_MAX_GROUPS", "1")  # two batch chunks per block
     shape = dict(B=70, T=3)
     if name in PART_MUTANTS or name == "no-cluster-sync-teams":
         monkeypatch.setenv("FUSED_RNN_CUDA_K_PARTS", "2")
         shape["H"] = 60
-    if name == "no-cluster-sync-groups":
+    if name == "no-cluster-sync-groups" or name in DSMEM_MUTANTS:
         monkeypatch.setenv("FUSED_RNN_CUDA_CLUSTER", "4")
+    if name in DSMEM_MUTANTS:
+        monkeypatch.setenv("FUSED_RNN_CUDA_CLUSTER_EXCHANGE", "dsmem")
     if name == "no-cluster-sync-teams":
         monkeypatch.setenv("FUSED_RNN_CUDA_TEAM_CLUSTERS", "on")
     if "@" in name:
@@ -248,7 +267,8 @@ def test_races_are_caught(install, monkeypatch, tmp_path, name):
         # with staging the next chunk's stage copy ends in a barrier before any slot is written;
         # unstaged, only this barrier keeps the next matmul off the slots being read
         monkeypatch.setenv("FUSED_RNN_CUDA_STAGE_K", "0")
-    file, old, new = {**MUTANTS, **STAGE_MUTANTS, **PART_MUTANTS, **CLUSTER_MUTANTS}[name]
+    file, old, new = {**MUTANTS, **STAGE_MUTANTS, **PART_MUTANTS, **CLUSTER_MUTANTS,
+                      **DSMEM_MUTANTS}[name]
     csrc = _mutant(tmp_path, file, old, new)
     assert _differs_from_clean(install, csrc, **shape), f"mutant {name} went unnoticed"
 
@@ -599,6 +619,64 @@ def test_team_clusters_give_the_grid_plans_bits(install, monkeypatch, mode, dt):
     monkeypatch.setenv("FUSED_RNN_CUDA_TEAM_CLUSTERS", "yes")
     with pytest.raises(ValueError, match="FUSED_RNN_CUDA_TEAM_CLUSTERS must be 'off' or 'on'"):
         _layer(mode, dt)
+
+
+# (MAX_GROUPS, B, H, cluster size, the plan's groups): "groups3": B=70 as three batch groups
+# (clusters) of two blocks; "one-cluster": B=40 as one group of all 8 blocks (8 peers).
+DSMEM_CASES = {"groups3": ("8", 70, 60, 2, 3), "one-cluster": ("1", 40, 60, 8, 1)}
+
+
+@pytest.mark.parametrize("case", list(DSMEM_CASES))
+@pytest.mark.parametrize("mode,dt", [("LSTM", "bf16"), ("GRU", "tf32"), ("RNN_RELU", "fp32")])
+def test_dsmem_exchange_gives_the_global_exchanges_bits(install, monkeypatch, mode, dt, case):
+    """FUSED_RNN_CUDA_CLUSTER_EXCHANGE=dsmem: the same plan as cluster mode without staging
+    or K parts (FUSED_RNN_CUDA_STAGE_K=0, FUSED_RNN_CUDA_K_PARTS=1), its exchange in the
+    blocks' shared memory instead of global memory: the same bits, forward (h_n included) and
+    backward, with lengths and in reverse, in four thread and cluster orders."""
+    groups, B, H, size, want_groups = DSMEM_CASES[case]
+    monkeypatch.setenv("FUSED_RNN_CUDA_MAX_GROUPS", groups)
+    monkeypatch.setenv("FUSED_RNN_CUDA_CLUSTER", str(size))
+    monkeypatch.setenv("FUSED_RNN_CUDA_STAGE_K", "0")
+    monkeypatch.setenv("FUSED_RNN_CUDA_K_PARTS", "1")
+    monkeypatch.delenv("FUSED_RNN_CUDA_CLUSTER_EXCHANGE", raising=False)
+    sim = install(sms=8)
+    base = _layer(mode, dt, B=B, T=3, H=H)
+    base_plans = [pl for _, _, pl in sim.launches]
+    assert [(pl["cluster"], pl["groups"]) for pl in base_plans] == [(1, want_groups)] * 2
+    monkeypatch.setenv("FUSED_RNN_CUDA_CLUSTER_EXCHANGE", "dsmem")
+    monkeypatch.setenv("FUSED_RNN_CUDA_STAGE_K", "auto")  # dsmem plans never stage
+    monkeypatch.setenv("FUSED_RNN_CUDA_K_PARTS", "auto")  # ... nor split K
+    for order, seed in (("ascending", 0), ("descending", 0), ("shuffle", 1), ("shuffle", 2)):
+        sim = install(sms=8, order=order, seed=seed)
+        before = sim.cluster_launches()
+        run = _layer(mode, dt, B=B, T=3, H=H)
+        assert sim.cluster_launches() - before == 2
+        plans = [pl for _, _, pl in sim.launches]
+        assert [pl["cluster"] for pl in plans] == [3, 3]
+        for pl, bp in zip(plans, base_plans):
+            assert pl["smem_bytes"] > bp["smem_bytes"]  # the two mirrors
+            assert {**pl, "cluster": 1, "smem_bytes": 0} == {**bp, "smem_bytes": 0}
+        for i, (a, b) in enumerate(zip(base, run, strict=True)):
+            assert torch.equal(a, b), f"{order}: tensor {i} differs from the global exchange's"
+    monkeypatch.setenv("FUSED_RNN_CUDA_CLUSTER_EXCHANGE", "l2")
+    with pytest.raises(ValueError, match="FUSED_RNN_CUDA_CLUSTER_EXCHANGE must be 'global' or"):
+        _layer(mode, dt)
+
+
+def test_dsmem_needs_cluster_mode_and_room(install, monkeypatch):
+    """Without FUSED_RNN_CUDA_CLUSTER the setting changes nothing; where the mirrors do not
+    fit next to the W slice, cluster mode exchanges through global memory."""
+    monkeypatch.setenv("FUSED_RNN_CUDA_CLUSTER_EXCHANGE", "dsmem")
+    sim = install(sms=8)
+    assert sim.plan(0, torch.bfloat16, False, 60, False, batch=40, dsmem=True)["cluster"] == 0
+    assert sim.plan(0, torch.bfloat16, False, 60, False, batch=40, cluster=8,
+                    dsmem=True)["cluster"] == 3
+    # one byte short of room for the mirrors: the global exchange (with its stage)
+    need = sim.plan(0, torch.bfloat16, False, 60, False, batch=40, cluster=8,
+                    dsmem=True)["smem_bytes"]
+    sim = install(sms=8, smem_optin=need - 1)
+    plan = sim.plan(0, torch.bfloat16, False, 60, False, batch=40, cluster=8, dsmem=True)
+    assert plan["cluster"] == 1 and plan["stage_k"] > 0
 
 
 def test_cluster_mode_falls_back_to_the_grid(install, monkeypatch):

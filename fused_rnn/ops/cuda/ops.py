@@ -119,6 +119,23 @@ def team_clusters() -> bool:
     return raw == "on"
 
 
+def cluster_exchange_dsmem() -> bool:
+    """How cluster mode's groups exchange h (forward) and the dgates (backward), from
+    ``FUSED_RNN_CUDA_CLUSTER_EXCHANGE``: ``global`` (default: through global memory/L2, copied
+    into shared memory before the matmul) or ``dsmem``: every block keeps its group's exchange
+    rows in its own shared memory and writes what it computes straight into its peers' copies
+    (distributed shared memory, fused_rnn.h kClusterGroupsDsmem), where that fits without
+    staging and without K parts; elsewhere the ``global`` exchange runs. Only with
+    ``FUSED_RNN_CUDA_CLUSTER``. The plan is the one cluster mode picks with
+    ``FUSED_RNN_CUDA_STAGE_K=0`` and ``FUSED_RNN_CUDA_K_PARTS=1``, and the results are that
+    plan's bit for bit. Read at every call, like :func:`max_groups`."""
+    raw = os.environ.get("FUSED_RNN_CUDA_CLUSTER_EXCHANGE", "global")
+    if raw not in ("global", "dsmem"):
+        raise ValueError(
+            f"FUSED_RNN_CUDA_CLUSTER_EXCHANGE must be 'global' or 'dsmem', got {raw!r}")
+    return raw == "dsmem"
+
+
 def max_stage_k() -> int:
     """The most K columns per X staging slice (plan.h: staging), from
     ``FUSED_RNN_CUDA_STAGE_K``: ``auto`` (default: as many as fit), ``0`` (no staging: the MMAs
@@ -226,6 +243,7 @@ def _layer_forward_impl(
         max_blocks(),
         cluster(),
         team_clusters(),
+        cluster_exchange_dsmem(),
     )
     gates = xproj if save else x.new_empty((0,), dtype=cd)
     return y, h_n, c_n, gates, aux
@@ -365,6 +383,7 @@ def _layer_backward_impl(
             max_blocks(),
             cluster(),
             team_clusters(),
+            cluster_exchange_dsmem(),
         )
         # GRU: the recurrent side of the n gate is r * dn (b_hn sits inside r * (.)).
         dgh = torch.cat([dgx[..., : 2 * H], dghn], dim=-1) if mode == "GRU" else dgx

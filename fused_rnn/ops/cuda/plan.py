@@ -171,7 +171,7 @@ def step_bytes(p: Plan, math: int, rows: int) -> int:
 
 
 K_MAX_PARTS = 8
-CLUSTER_NONE, CLUSTER_GROUPS, CLUSTER_TEAMS = 0, 1, 2  # plan.h ClusterMode
+CLUSTER_NONE, CLUSTER_GROUPS, CLUSTER_TEAMS, CLUSTER_GROUPS_DSMEM = 0, 1, 2, 3  # plan.h ClusterMode
 
 
 def choose_parts(cell: int, math: int, hidden: int, backward: bool, max_blocks: int,
@@ -267,16 +267,36 @@ def select_plan_clustered(cell: int, is_16bit: bool, allow_tf32: bool, hidden: i
     return False, *full
 
 
+def mirror_ld(p: Plan, math: int) -> int:
+    """Row stride of the distributed-shared-memory mirror (plan.h mirror_ld)."""
+    return p.k_pad + 16 // TILE_SHAPES[math][3]
+
+
+def mirror_bytes(p: Plan, math: int, batch_pad: int) -> int:
+    """One shared-memory copy of a batch group's exchange rows (plan.h mirror_bytes)."""
+    return _round_up(batch_pad // p.groups * mirror_ld(p, math) * TILE_SHAPES[math][3], 128)
+
+
 def choose_launch(cell: int, is_16bit: bool, allow_tf32: bool, hidden: int, backward: bool,
                   sms: int, smem_limit: int, batch_pad: int, max_groups: int, max_stage_k: int,
                   k_parts: int, max_blocks: int, cluster_max: int, team_clusters: bool,
-                  has_clusters: bool) -> tuple[int, Plan]:
+                  has_clusters: bool, dsmem: bool = False) -> tuple[int, Plan]:
     """(math, plan) a launch runs with, every setting applied (plan.h choose_launch); the plan's
-    ``cluster`` says which blocks form clusters."""
+    ``cluster`` says which blocks form clusters, and whether they exchange through distributed
+    shared memory (CLUSTER_GROUPS_DSMEM; its smem_bytes then include the two mirrors)."""
     if has_clusters and cluster_max > 0:
         found, math, p = select_plan_clustered(cell, is_16bit, allow_tf32, hidden, backward, sms,
                                                smem_limit, batch_pad, max_groups, max_stage_k,
                                                k_parts, cluster_max)
+        if found and dsmem:
+            ds_found, ds_math, d = select_plan_clustered(
+                cell, is_16bit, allow_tf32, hidden, backward, sms, smem_limit, batch_pad,
+                p.groups, 0, 1, cluster_max)
+            mirrors = 2 * mirror_bytes(d, ds_math, batch_pad)
+            if (ds_found and d.groups == p.groups and d.parts == 1 and d.stage_k == 0
+                    and d.smem_bytes + mirrors <= smem_limit):
+                return ds_math, replace(d, smem_bytes=d.smem_bytes + mirrors,
+                                        cluster=CLUSTER_GROUPS_DSMEM)
         if found:
             return math, p
     math, p = select_plan_capped(cell, is_16bit, allow_tf32, hidden, backward, sms, smem_limit,

@@ -20,7 +20,8 @@ std::string g_error;  // the last entry point's failure
 // Returns false (and sets g_error) when the binding would refuse.
 bool checked_plan(int cell, int dtype, int allow_tf32, int hidden, bool backward, int batch_pad,
                   int max_groups, int max_stage_k, int k_parts, int max_blocks,
-                  int cluster_max, int team_clusters, fused_rnn::Selection* sel, int* mode) {
+                  int cluster_max, int team_clusters, int dsmem, fused_rnn::Selection* sel,
+                  int* mode) {
   const cudasim::Config& c = cudasim::config();
   if (cell < 0 || cell > 3 || dtype < 0 || dtype > 2 || hidden <= 0 || max_groups < 1 ||
       batch_pad <= 0 || batch_pad % fused_rnn::kBatchPad != 0 || max_stage_k < 0 ||
@@ -32,7 +33,7 @@ bool checked_plan(int cell, int dtype, int allow_tf32, int hidden, bool backward
   const fused_rnn::LaunchChoice choice = fused_rnn::choose_launch(
       static_cast<Cell>(cell), dtype != 0, allow_tf32 != 0, hidden, backward, c.sms, c.smem_optin,
       batch_pad, max_groups, max_stage_k, k_parts, max_blocks, cluster_max, team_clusters != 0,
-      /*has_clusters=*/true);  // the simulated device is sm_90
+      /*has_clusters=*/true, dsmem != 0);  // the simulated device is sm_90
   *sel = choice.sel;
   *mode = choice.cluster;
   if (sel->plan.smem_bytes > c.smem_optin) {
@@ -58,11 +59,12 @@ template <typename Params>
 bool fill_common(Params& p, fused_rnn::Selection& sel, int cell, int dtype, int allow_tf32,
                  int steps, int batch, int hidden, int batch_pad, int reverse, bool backward,
                  int max_groups, int max_stage_k, int k_parts, int max_blocks, int cluster_max,
-                 int team_clusters, const void* w_hh, const int* lengths, long long* prof,
-                 int stage_copy, float* part) {
+                 int team_clusters, int dsmem, const void* w_hh, const int* lengths,
+                 long long* prof, int stage_copy, float* part) {
   int mode = fused_rnn::kClusterNone;
   if (!checked_plan(cell, dtype, allow_tf32, hidden, backward, batch_pad, max_groups,
-                    max_stage_k, k_parts, max_blocks, cluster_max, team_clusters, &sel, &mode))
+                    max_stage_k, k_parts, max_blocks, cluster_max, team_clusters, dsmem, &sel,
+                    &mode))
     return false;
   p.cluster = mode;
   p.plan = sel.plan;
@@ -107,11 +109,12 @@ const char* sim_last_error() { return g_error.c_str(); }
 // ClusterMode.
 int sim_plan(int cell, int dtype, int allow_tf32, int hidden, int backward, int batch_pad,
              int max_groups, int max_stage_k, int k_parts, int max_blocks, int cluster_max,
-             int team_clusters, int* out) {
+             int team_clusters, int dsmem, int* out) {
   fused_rnn::Selection sel{};
   int mode = fused_rnn::kClusterNone;
   if (!checked_plan(cell, dtype, allow_tf32, hidden, backward != 0, batch_pad, max_groups,
-                    max_stage_k, k_parts, max_blocks, cluster_max, team_clusters, &sel, &mode))
+                    max_stage_k, k_parts, max_blocks, cluster_max, team_clusters, dsmem, &sel,
+                    &mode))
     return 1;
   const Plan& p = sel.plan;
   const int v[] = {static_cast<int>(sel.math), p.units, p.blocks, p.m_rows, p.m_pad, p.k, p.k_pad,
@@ -141,7 +144,7 @@ int sim_make_plan(int cell, int math, int hidden, int backward, int max_blocks, 
 
 int sim_forward(int cell, int dtype, int allow_tf32, int steps, int batch, int hidden,
                 int batch_pad, int reverse, int save, int max_groups, int max_stage_k,
-                int k_parts, int max_blocks, int cluster_max, int team_clusters,
+                int k_parts, int max_blocks, int cluster_max, int team_clusters, int dsmem,
                 const void* w_hh,
                 const float* b_hh,
                 const int* lengths,
@@ -151,7 +154,7 @@ int sim_forward(int cell, int dtype, int allow_tf32, int steps, int batch, int h
   fused_rnn::Selection sel{};
   if (!fill_common(p, sel, cell, dtype, allow_tf32, steps, batch, hidden, batch_pad, reverse,
                    false, max_groups, max_stage_k, k_parts, max_blocks, cluster_max,
-                   team_clusters, w_hh,
+                   team_clusters, dsmem, w_hh,
                    lengths, prof,
                    stage_copy,
                    part))
@@ -173,7 +176,8 @@ int sim_forward(int cell, int dtype, int allow_tf32, int steps, int batch, int h
 
 int sim_backward(int cell, int dtype, int allow_tf32, int steps, int batch, int hidden,
                  int batch_pad, int reverse, int max_groups, int max_stage_k, int k_parts,
-                 int max_blocks, int cluster_max, int team_clusters, const void* w_hh, const int* lengths, const void* dy, const float* gates,
+                 int max_blocks, int cluster_max, int team_clusters, int dsmem,
+                 const void* w_hh, const int* lengths, const void* dy, const float* gates,
                  const float* aux, const float* c0, const void* hprev, void* dgbuf,
                  float* dh_carry, float* dc_carry, float* dgx, float* dghn, float* dh0,
                  long long* prof, int stage_copy, float* part) {
@@ -181,7 +185,7 @@ int sim_backward(int cell, int dtype, int allow_tf32, int steps, int batch, int 
   fused_rnn::Selection sel{};
   if (!fill_common(p, sel, cell, dtype, allow_tf32, steps, batch, hidden, batch_pad, reverse,
                    true, max_groups, max_stage_k, k_parts, max_blocks, cluster_max,
-                   team_clusters, w_hh,
+                   team_clusters, dsmem, w_hh,
                    lengths, prof,
                    stage_copy,
                    part))
