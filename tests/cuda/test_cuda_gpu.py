@@ -387,9 +387,13 @@ TRAIN_CELLS = ["LSTM"] if STANDIN else ["LSTM", "GRU"]
 
 
 @pytest.fixture
-def _fp32_exact(monkeypatch):
-    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
-    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
+def _fp32_exact():
+    """TF32 off for cuDNN and cuBLAS (saved and restored by hand: the cuBLAS flag is a
+    property of a module object, which monkeypatch cannot undo)."""
+    old = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    yield
+    torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = old
 
 
 def _ran_the_kernels(ext, before: int) -> None:
