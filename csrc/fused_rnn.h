@@ -64,7 +64,9 @@ struct FwdParams {
   float* part;              // plan.parts > 1: (parts, B_pad, plan.part_ld) fp32 scratch (the
                             //   K parts' partial sums, plan.h); else nullptr
   int cluster;              // ClusterMode: kClusterNone (one cooperative grid, every barrier a
-                            //   grid.sync()), kClusterGroups or kClusterTeams (sm_90+)
+                            //   grid.sync()), kClusterGroups, kClusterGroupsDsmem (hbuf then
+                            //   holds only h0 and h_T; rnn_common.cuh Exchange) or
+                            //   kClusterTeams (sm_90+)
 };
 
 struct BwdParams {
