@@ -14,6 +14,7 @@
 #include <cuda_fp16.h>
 
 #include <algorithm>
+#include <climits>
 #include <vector>
 
 #include "fused_rnn.h"
@@ -161,6 +162,13 @@ at::Tensor part_buffer(const Plan& plan, int64_t batch_pad, const at::TensorOpti
   return at::empty({plan.parts, batch_pad, plan.part_ld}, f32);
 }
 
+// The kernels count steps and batch rows in int (FwdParams, BwdParams; ops.py checks first).
+void check_counts(int64_t T, int64_t B) {
+  TORCH_CHECK(T <= INT_MAX && B <= INT_MAX - fused_rnn::kBatchPad,
+              "fused_rnn CUDA backend: at most ", INT_MAX, " steps and ",
+              INT_MAX - fused_rnn::kBatchPad, " batch rows per launch, got T=", T, ", B=", B);
+}
+
 // Forward over a chunk. xproj (T, B, G*H) fp32 = x W_ih^T + b_ih, overwritten with the
 // activations when `save`. Returns {y (T,B,H), h_n (B,H), c_n (B,H) or empty, aux (T,B,H) fp32
 // or empty} (aux: LSTM c_t, GRU W_hn h + b_hn; only when save).
@@ -190,6 +198,7 @@ std::vector<at::Tensor> forward(int64_t mode, at::Tensor xproj, at::Tensor h0,
   if (b_hh.has_value() && b_hh->defined()) check(*b_hh, "b_hh", dev, at::kFloat, {G * H});
   if (cell == Cell::kLSTM)
     check(required(c0, "c0", "for LSTM"), "c0", dev, st, {B, H});
+  check_counts(T, B);
   TORCH_CHECK(T * B * G * H < (int64_t(1) << 62), "fused_rnn CUDA backend: sizes too large");
 
   const c10::cuda::CUDAGuard guard(dev);
@@ -262,6 +271,8 @@ std::vector<at::Tensor> backward(int64_t mode, at::Tensor dy, at::Tensor dh_n,
   TORCH_CHECK(dy.dim() == 3, "fused_rnn CUDA backend: dy must be (T, B, H), got ", dy.sizes());
   const int64_t T = dy.size(0), B = dy.size(1), H = dy.size(2);
   TORCH_CHECK(T > 0 && B > 0, "fused_rnn CUDA backend: empty chunks are handled in Python");
+  check_counts(T, B);
+  TORCH_CHECK(T * B * G * H < (int64_t(1) << 62), "fused_rnn CUDA backend: sizes too large");
   const at::Device dev = dy.device();
   const c10::ScalarType st = dy.scalar_type();
   check_dtype(st);

@@ -713,6 +713,21 @@ __device__ __forceinline__ Exchange<T> make_exchange(void* global, const Plan& p
 }
 
 // ---- launch ------------------------------------------------------------------------------------
+// Lets `fn` use all the shared memory the device opts in to, and returns its attributes. The
+// limit is set to the device's maximum, never to a plan's bytes: the attribute belongs to the
+// function, process-wide, so two host threads launching one kernel with different plans could
+// otherwise interleave set, set, launch, and the larger plan's launch would be refused. The
+// plan's own bytes go to the occupancy queries and the launch (binding.cpp has checked them
+// against the opt-in limit).
+inline cudaError_t allow_optin_smem(const void* fn, cudaFuncAttributes* attrs) {
+  int device = 0, optin = 0;
+  FRNN_CUDA_TRY(cudaGetDevice(&device));
+  FRNN_CUDA_TRY(cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
+  FRNN_CUDA_TRY(cudaFuncGetAttributes(attrs, fn));
+  return cudaFuncSetAttribute(fn, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                              optin - static_cast<int>(attrs->sharedSizeBytes));
+}
+
 // Cooperative launch of `kernel` with one Params argument, after checking co-residency with the
 // occupancy API (a cooperative grid larger than what fits deadlocks on grid.sync otherwise; the
 // runtime also refuses it, but this gives the clearer error).
@@ -723,9 +738,8 @@ cudaError_t launch_cooperative(void (*kernel)(Params), const Params& p, cudaStre
   FRNN_CUDA_TRY(cudaDeviceGetAttribute(&coop, cudaDevAttrCooperativeLaunch, device));
   if (!coop) return cudaErrorNotSupported;
   FRNN_CUDA_TRY(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
-  FRNN_CUDA_TRY(cudaFuncSetAttribute(reinterpret_cast<const void*>(kernel),
-                                     cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                     p.plan.smem_bytes));
+  cudaFuncAttributes attrs{};
+  FRNN_CUDA_TRY(allow_optin_smem(reinterpret_cast<const void*>(kernel), &attrs));
   FRNN_CUDA_TRY(
       cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kThreads, p.plan.smem_bytes));
   if (per_sm * sms < p.plan.blocks) return cudaErrorCooperativeLaunchTooLarge;
@@ -740,8 +754,9 @@ cudaError_t launch_cooperative(void (*kernel)(Params), const Params& p, cudaStre
 // clusters of plan.group_blocks blocks in an ordinary launch (clusters never wait for each
 // other); kClusterTeams, clusters of plan.parts blocks in a cooperative launch. *launched =
 // false, and nothing runs, where the device cannot hold every cluster (every block, for a
-// cooperative grid) at once, or refuses the cluster shape or the launch: the caller then runs
-// the same plan as a plain cooperative grid, with the same results.
+// cooperative grid) at once, or refuses the cluster shape or the launch, and where the kernels
+// were compiled without sm_90 code: the caller then runs the same plan as a plain cooperative
+// grid, with the same results.
 template <typename Params>
 cudaError_t launch_clusters(void (*kernel)(Params), const Params& p, cudaStream_t stream,
                             bool* launched) {
@@ -750,8 +765,12 @@ cudaError_t launch_clusters(void (*kernel)(Params), const Params& p, cudaStream_
   const int size = teams ? p.plan.parts : p.plan.group_blocks;
   const int needed = p.plan.blocks / size;
   const void* fn = reinterpret_cast<const void*>(kernel);
-  FRNN_CUDA_TRY(
-      cudaFuncSetAttribute(fn, cudaFuncAttributeMaxDynamicSharedMemorySize, p.plan.smem_bytes));
+  cudaFuncAttributes attrs{};
+  FRNN_CUDA_TRY(allow_optin_smem(fn, &attrs));
+  // An extension built without sm_90 code (TORCH_CUDA_ARCH_LIST="8.0+PTX", say) runs on an
+  // sm_90 device as PTX compiled for sm_80, where the kernels' cluster branches are compiled
+  // out and trap: the plain grid runs instead.
+  if (attrs.ptxVersion < 90) return cudaSuccess;
   if (teams) {  // a cooperative grid must be co-resident (as launch_cooperative checks)
     int device = 0, sms = 0, per_sm = 0;
     FRNN_CUDA_TRY(cudaGetDevice(&device));

@@ -112,7 +112,7 @@ def _load(sanitize: bool, csrc: Path) -> ctypes.CDLL:
         if key not in _libs:
             lib = ctypes.CDLL(str(build(sanitize, csrc)))
             i, u64, p, fp = ctypes.c_int, ctypes.c_uint64, ctypes.c_void_p, ctypes.c_void_p
-            lib.sim_configure.argtypes = [i, i, i, i, u64, i, i]
+            lib.sim_configure.argtypes = [i, i, i, i, u64, i, i, i]
             lib.sim_last_error.restype = ctypes.c_char_p
             lib.sim_cluster_launches.restype = ctypes.c_longlong
             lib.sim_plan.argtypes = [i] * 13 + [ctypes.POINTER(ctypes.c_int)]
@@ -135,17 +135,19 @@ class Simulator:
     cp_async: when a cp.async lands, "late" (when its group is waited for) or "early" (when it
     is issued): the two extremes the hardware allows;
     max_clusters: how many clusters the device holds at once (cluster mode; negative: by
-    occupancy, sms / cluster size).
+    occupancy, sms / cluster size);
+    ptx_version: the architecture the kernels report being compiled for (cudaFuncGetAttributes'
+    ptxVersion; 80: an extension built without sm_90 code, running on the sm_90 device).
     """
 
     def __init__(self, sms: int = 4, order: str = "ascending", seed: int = 0,
                  smem_optin: int = 227 * 1024, smem_per_sm: int = 228 * 1024,
                  sanitize: bool = False, csrc: Path = CSRC, cp_async: str = "late",
-                 max_clusters: int = -1):
+                 max_clusters: int = -1, ptx_version: int = 90):
         assert cp_async in ("late", "early"), cp_async
         self.sms, self.order, self.seed, self.cp_async = sms, order, seed, cp_async
         self.smem_optin, self.smem_per_sm = smem_optin, smem_per_sm
-        self.max_clusters = max_clusters
+        self.max_clusters, self.ptx_version = max_clusters, ptx_version
         self.lib = _load(sanitize, Path(csrc))
         self.launches: list[tuple[str, int, dict]] = []  # (direction, cell, plan)
 
@@ -162,7 +164,8 @@ class Simulator:
 
     def _configure(self) -> None:
         self.lib.sim_configure(self.sms, self.smem_optin, self.smem_per_sm, ORDERS[self.order],
-                               self.seed, int(self.cp_async == "early"), self.max_clusters)
+                               self.seed, int(self.cp_async == "early"), self.max_clusters,
+                               self.ptx_version)
 
     def cluster_launches(self) -> int:
         """Launches so far (in this process) that ran as clusters, not their fallback."""

@@ -31,6 +31,7 @@ from cases import install_standin, layer_inputs, rel, run_layer
 
 import fused_rnn.ops.cuda as cuda_backend
 from fused_rnn.ops import reference
+from fused_rnn.ops.cuda import ops
 from fused_rnn.ops.cuda import plan as P
 from fused_rnn.ops.cuda import profile
 from fused_rnn.ops.reference import MODES
@@ -157,6 +158,25 @@ def test_shared_memory_beyond_the_opt_in_limit_is_refused(install):
     sim = install(sms=4, smem_optin=need - 16)
     with pytest.raises(RuntimeError, match="shared memory"):
         sim.plan(1, torch.float32, False, 37, False)
+
+
+@pytest.mark.parametrize("T,B", [(2**31, 1), (1, 2**31 - 32)])
+def test_a_chunk_the_kernels_cannot_count_is_refused(install, T, B):
+    """The kernels count steps and batch rows in int32: a longer chunk or a wider batch is
+    refused with the limits, before anything is allocated (zero-stride inputs here; on an
+    H200 such a chunk fits in memory). One step or row fewer is taken."""
+    install(sms=4)
+    H = 8
+
+    def inputs(T, B):
+        x = torch.zeros(1, 1, 5).expand(T, B, 5)
+        return x, torch.zeros(1, H).expand(B, H), torch.zeros(3 * H, 5), torch.zeros(3 * H, H)
+
+    x, h0, w_ih, w_hh = inputs(T, B)
+    with pytest.raises(RuntimeError, match=rf"at most {2**31 - 1} steps and {2**31 - 33} batch "
+                                           rf"rows per launch, got T={T}, B={B}"):
+        cuda_backend.rnn_layer("GRU", x, h0, None, w_ih, w_hh)
+    ops.check_counts(min(T, ops.MAX_STEPS), min(B, ops.MAX_ROWS))  # the limits themselves pass
 
 
 # ---------------------------------------------------------------------------------- mutations
@@ -701,6 +721,38 @@ def test_cluster_mode_falls_back_to_the_grid(install, monkeypatch):
         with pytest.raises(ValueError,
                            match="FUSED_RNN_CUDA_CLUSTER must be 'off' or an integer 1..16"):
             _layer("GRU", "fp32")
+
+
+# (the settings, B, H) of one launch per cluster mode: batch groups, teams, the DSMEM exchange
+NO_SM90_CASES = {
+    "groups": ({"FUSED_RNN_CUDA_MAX_GROUPS": "8", "FUSED_RNN_CUDA_CLUSTER": "2"}, 70, 60),
+    "teams": ({"FUSED_RNN_CUDA_K_PARTS": "2", "FUSED_RNN_CUDA_TEAM_CLUSTERS": "on"}, 40, 60),
+    "dsmem": ({"FUSED_RNN_CUDA_MAX_GROUPS": "1", "FUSED_RNN_CUDA_CLUSTER": "8",
+               "FUSED_RNN_CUDA_CLUSTER_EXCHANGE": "dsmem"}, 40, 60),
+}
+
+
+@pytest.mark.parametrize("case", list(NO_SM90_CASES))
+def test_a_build_without_sm90_code_runs_the_grid(install, monkeypatch, case):
+    """An extension built without sm_90 code (TORCH_CUDA_ARCH_LIST="8.0+PTX") runs on an H100 as
+    compute_80 PTX, where csrc's cluster branches are __trap() (cudasim fails any cluster
+    instruction when the kernels report ptxVersion < 90). Cluster settings then run the same
+    plan as the plain grid, with the same bits, and no launch uses clusters."""
+    env, B, H = NO_SM90_CASES[case]
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    sim = install(sms=8)
+    before = sim.cluster_launches()
+    clustered = _layer("LSTM", "bf16", B=B, T=3, H=H)
+    assert sim.cluster_launches() - before == 2  # the device takes these clusters
+    plans = [pl for _, _, pl in sim.launches]
+    sim = install(sms=8, ptx_version=80)
+    before = sim.cluster_launches()
+    got = _layer("LSTM", "bf16", B=B, T=3, H=H)
+    assert sim.cluster_launches() == before
+    assert [pl for _, _, pl in sim.launches] == plans  # chosen, then run as the grid
+    for i, (a, b) in enumerate(zip(clustered, got, strict=True)):
+        assert torch.equal(a, b), f"tensor {i} differs from the clustered launch's"
 
 
 # --------------------------------------------------------------------------------- K parts

@@ -36,7 +36,7 @@ from fused_rnn.ops.common import (
     refuse_double_backward,
     register_autocast,
 )
-from fused_rnn.ops.cuda.plan import CELLS
+from fused_rnn.ops.cuda.plan import CELLS, K_BATCH_PAD
 from fused_rnn.ops.reference import GATES, compute_dtype
 
 
@@ -179,6 +179,22 @@ def _lengths32(lengths: Tensor | None, device: torch.device) -> Tensor | None:
     return lengths.to(device=device, dtype=torch.int32).contiguous()
 
 
+# The kernels count steps and batch rows in int32 (binding.cpp: check_counts; batch rows are
+# padded to a multiple of plan.K_BATCH_PAD).
+MAX_STEPS = 2**31 - 1
+MAX_ROWS = 2**31 - 1 - K_BATCH_PAD
+
+
+def check_counts(T: int, B: int) -> None:
+    """A clear error, before anything is allocated, for a chunk the kernels cannot count."""
+    if T > MAX_STEPS or B > MAX_ROWS:
+        raise RuntimeError(
+            f"fused_rnn CUDA backend: at most {MAX_STEPS} steps and {MAX_ROWS} batch rows per "
+            f"launch, got T={T}, B={B}; split the sequence into chunks (truncated BPTT) or the "
+            "batch into parts"
+        )
+
+
 def saved_shapes(mode: str, T: int, B: int, H: int, save: bool):
     """Shapes of (gates, aux): the fp32 activations and the per-unit extra (LSTM c_t, GRU
     W_hn h + b_hn) that backward reads; empty for inference."""
@@ -207,6 +223,7 @@ def _layer_forward_impl(
     Weights are used in x's dtype (the storage type of the kernel), as nn.LSTM requires anyway.
     """
     T, B, _ = x.shape
+    check_counts(T, B)
     G, H = GATES[mode], w_hh.shape[1]
     dtype = x.dtype
     g_shape, a_shape = saved_shapes(mode, T, B, H, save)

@@ -339,7 +339,15 @@ void grid_barrier() {
   yield(State::kAtGridBarrier);
 }
 
+// Kernels compiled for an architecture before sm_90 (Config::ptx_version) have no cluster
+// instructions: csrc's cluster branches are __trap() there, which kills the context.
+void require_cluster_code(const char* what) {
+  if (g_config.ptx_version < 90)
+    fail("%s in a kernel compiled for compute_%d (csrc traps there)", what, g_config.ptx_version);
+}
+
 void cluster_barrier() {
+  require_cluster_code("cluster.sync()");
   if (g_launch->cluster == 0) fail("cluster.sync() in a launch without clusters");
   yield(State::kAtClusterBarrier);
 }
@@ -347,6 +355,7 @@ void cluster_barrier() {
 unsigned char* dynamic_smem() { return g_launch->smem[blockIdx.x]; }
 
 unsigned cluster_num_blocks() {
+  require_cluster_code("a cluster_group");
   if (g_launch->cluster == 0) fail("a cluster_group in a launch without clusters");
   return g_launch->cluster;
 }
@@ -447,6 +456,16 @@ cudaError_t cudaFuncSetAttribute(const void* func, cudaFuncAttribute attr, int v
   if (attr != cudaFuncAttributeMaxDynamicSharedMemorySize) return cudaErrorInvalidValue;
   if (value < 0 || value > g_config.smem_optin) return cudaErrorInvalidValue;
   cudasim::max_dynamic_smem()[func] = value;
+  return cudaSuccess;
+}
+
+cudaError_t cudaFuncGetAttributes(cudaFuncAttributes* attr, const void* func) {
+  *attr = cudaFuncAttributes{};
+  attr->ptxVersion = g_config.ptx_version;
+  attr->binaryVersion = 90;  // the simulated device is sm_90 (PTX is JIT-compiled for it)
+  auto it = cudasim::max_dynamic_smem().find(func);
+  attr->maxDynamicSharedSizeBytes =
+      it == cudasim::max_dynamic_smem().end() ? cudasim::kDefaultDynamicSmem : it->second;
   return cudaSuccess;
 }
 

@@ -90,7 +90,7 @@ bool fill_common(Params& p, fused_rnn::Selection& sel, int cell, int dtype, int 
 extern "C" {
 
 int sim_configure(int sms, int smem_optin, int smem_per_sm, int order, uint64_t seed,
-                  int cp_async_early, int max_clusters) {
+                  int cp_async_early, int max_clusters, int ptx_version) {
   cudasim::Config c;
   c.sms = sms;
   c.smem_optin = smem_optin;
@@ -99,6 +99,7 @@ int sim_configure(int sms, int smem_optin, int smem_per_sm, int order, uint64_t 
   c.seed = seed;
   c.cp_async_early = cp_async_early != 0;
   c.max_clusters = max_clusters;
+  c.ptx_version = ptx_version;
   cudasim::configure(c);
   return 0;
 }

@@ -16,6 +16,7 @@ struct Config {
   uint64_t seed = 0;                 // for kOrderShuffle
   bool cp_async_early = false;       // a cp.async lands when issued (else when waited for)
   int max_clusters = -1;             // clusters that fit at once (< 0: by occupancy)
+  int ptx_version = 90;              // cudaFuncGetAttributes' ptxVersion (the build's arch)
 };
 
 void configure(const Config& c);

@@ -141,6 +141,13 @@ struct cudaLaunchAttribute {
 };
 struct CUstream_st;
 using cudaStream_t = CUstream_st*;
+// The fields of the real struct that csrc reads: the virtual architecture the function was
+// compiled for (major*10+minor: a build without sm_90 code reports 80 on an H100, where the
+// cluster branches are compiled out) and its static shared memory (csrc has none).
+struct cudaFuncAttributes {
+  size_t sharedSizeBytes;
+  int binaryVersion, ptxVersion, maxDynamicSharedSizeBytes;
+};
 struct cudaLaunchConfig_t {
   dim3 gridDim, blockDim;
   size_t dynamicSmemBytes;
@@ -152,6 +159,7 @@ struct cudaLaunchConfig_t {
 cudaError_t cudaGetDevice(int* device);
 cudaError_t cudaDeviceGetAttribute(int* value, cudaDeviceAttr attr, int device);
 cudaError_t cudaFuncSetAttribute(const void* func, cudaFuncAttribute attr, int value);
+cudaError_t cudaFuncGetAttributes(cudaFuncAttributes* attr, const void* func);
 cudaError_t cudaOccupancyMaxActiveBlocksPerMultiprocessorImpl(int* blocks, const void* func,
                                                               int block_size, size_t smem);
 template <typename Kernel>
