@@ -23,7 +23,11 @@
 // - exchange cluster-global c=N X: the same, with each cluster of N exchanging its own buffer
 //   and the cluster's barrier (cluster mode, FUSED_RNN_CUDA_CLUSTER);
 // - exchange dsmem c=N X: each block writes its share straight into every peer's shared memory
-//   (double-buffered), then the cluster's barrier; the data is then already on chip.
+//   (double-buffered), then the cluster's barrier; the data is then already on chip;
+// - exchange dsmem-mbarrier c=N X: the same writes as st.async, each of which counts its bytes
+//   off an mbarrier in the receiving block; a block waits on its own mbarrier until the whole
+//   step has landed. No cluster barrier in the step: on sm_90 every cluster.sync() compiles to
+//   a GPU-wide fence (MEMBAR.ALL.GPU) before the barrier itself, this step has none.
 // Before timing, every exchange runs a checked pass: each block compares every word it received
 // with the value its writer stored for that step, and the table's "errors" column counts the
 // mismatches (it must be 0: a nonzero count means a visibility bug in this program or the
@@ -114,6 +118,68 @@ __device__ __forceinline__ void cp_async_wait_all() {
 #endif
 }
 
+// mbarriers and st.async (sm_90): an mbarrier's phase completes when its pending arrivals and
+// its transaction count (bytes announced by arrive.expect_tx, less the bytes st.async delivered
+// to it) both reach zero; try_wait.parity returns once the phase of that parity has completed.
+__device__ __forceinline__ uint32_t smem_u32(const void* p) {
+#ifdef __CUDA_SIM__
+  (void)p;
+  return 0;
+#else
+  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
+#endif
+}
+
+__device__ __forceinline__ void mbar_init(uint64_t* bar, unsigned count) {
+#ifdef __CUDA_SIM__
+  ::cudasim::mbarrier_init(bar, count);
+#else
+  asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n"
+               "fence.mbarrier_init.release.cluster;\n" ::"r"(smem_u32(bar)), "r"(count)
+               : "memory");
+#endif
+}
+
+__device__ __forceinline__ void mbar_arrive_expect_tx(uint64_t* bar, unsigned bytes) {
+#ifdef __CUDA_SIM__
+  ::cudasim::mbarrier_arrive_expect_tx(bar, bytes);
+#else
+  asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" ::"r"(smem_u32(bar)),
+               "r"(bytes) : "memory");
+#endif
+}
+
+__device__ __forceinline__ void mbar_wait_parity(uint64_t* bar, unsigned parity) {
+#ifdef __CUDA_SIM__
+  ::cudasim::mbarrier_wait_parity(bar, parity);
+#else
+  asm volatile("{\n.reg .pred done;\nWAIT:\n"
+               "mbarrier.try_wait.parity.shared::cta.b64 done, [%0], %1;\n"
+               "@!done bra WAIT;\n}\n" ::"r"(smem_u32(bar)), "r"(parity) : "memory");
+#endif
+}
+
+// Stores v at `dst` in the shared memory of cluster block `rank` (dst and bar are this block's
+// addresses of the same places) and counts its 16 bytes off that block's mbarrier `bar`.
+__device__ __forceinline__ void st_async16(const cg::cluster_group& cluster, uint4* dst,
+                                           const uint4& v, uint64_t* bar, unsigned rank) {
+#ifdef __CUDA_SIM__
+  ::cudasim::st_async(cluster.map_shared_rank(dst, rank), &v, 16,
+                      cluster.map_shared_rank(bar, rank));
+#else
+  (void)cluster;
+  uint32_t remote_dst, remote_bar;
+  asm volatile("mapa.shared::cluster.u32 %0, %1, %2;\n" : "=r"(remote_dst)
+               : "r"(smem_u32(dst)), "r"(rank));
+  asm volatile("mapa.shared::cluster.u32 %0, %1, %2;\n" : "=r"(remote_bar)
+               : "r"(smem_u32(bar)), "r"(rank));
+  asm volatile(
+      "st.async.shared::cluster.mbarrier::complete_tx::bytes.v4.b32 [%0], {%1, %2, %3, %4}, "
+      "[%5];\n" ::"r"(remote_dst), "r"(v.x), "r"(v.y), "r"(v.z), "r"(v.w), "r"(remote_bar)
+      : "memory");
+#endif
+}
+
 // ---- barriers alone ------------------------------------------------------------------------
 
 __global__ void __launch_bounds__(kThreads, 1) grid_sync_kernel(int steps) {
@@ -194,6 +260,42 @@ __global__ void __launch_bounds__(kThreads, 1)
   // step's barrier, and a block's shared memory must outlive only its peers' accesses.
 }
 
+// DSMEM exchange with mbarriers: as exchange_dsmem_kernel, but each 16-byte store is an
+// st.async that counts its bytes off the receiving block's mbarrier for that buffer, and a
+// block waits on its own mbarrier (the whole step landed) instead of at the cluster's barrier.
+// Two buffers, each with its mbarrier. A peer rewrites a buffer (step s + 2) only after it has
+// received this block's step s + 1 share, which this block sends after it has read its step s
+// buffer (the __syncthreads ending each step); in the RNN kernels the same order comes from
+// the recurrence itself, as step s + 1 needs all of step s.
+__global__ void __launch_bounds__(kThreads, 1)
+    exchange_mbarrier_kernel(uint32_t n16, int steps, uint32_t salt, unsigned* errors) {
+  uint4* bufs = dynamic_smem<uint4>();  // 2 x n16, then the two mbarriers
+  uint64_t* bars = reinterpret_cast<uint64_t*>(bufs + 2 * (size_t)n16);
+  cg::cluster_group cluster = cg::this_cluster();
+  const uint32_t rank = cluster.block_rank(), members = cluster.num_blocks();
+  uint32_t first, last;
+  share(n16, rank, members, &first, &last);
+  if (threadIdx.x == 0) {
+    mbar_init(&bars[0], 1);
+    mbar_init(&bars[1], 1);
+  }
+  cluster.sync();  // every peer's mbarriers exist and are initialised before anyone sends
+  for (int s = 0; s < steps; ++s) {
+    const int b = s & 1;
+    uint4* local = bufs + (size_t)b * n16;
+    if (threadIdx.x == 0) mbar_arrive_expect_tx(&bars[b], n16 * 16);
+    for (uint32_t peer = 0; peer < members; ++peer) {
+      const uint32_t p = (peer + rank) % members;
+      for (uint32_t c = first + threadIdx.x; c < last; c += blockDim.x)
+        st_async16(cluster, local + c, chunk_value(salt, s, c), &bars[b], p);
+    }
+    mbar_wait_parity(&bars[b], (s >> 1) & 1);
+    if (salt) check_buffer(local, n16, salt, s, errors);
+    __syncthreads();  // this step's buffer is read before this block sends the next step
+  }
+  // No trailing barrier: every byte sent to a block lands before that block's last wait ends.
+}
+
 // ---- host ----------------------------------------------------------------------------------
 
 std::string clusters_note(int n) { return std::to_string(n) + (n == 1 ? " cluster" : " clusters"); }
@@ -201,7 +303,7 @@ std::string clusters_note(int n) { return std::to_string(n) + (n == 1 ? " cluste
 struct Row {
   std::string what;
   int blocks;
-  long bytes;   // per block per step: what it reads (global) or receives (dsmem)
+  long bytes;   // per block per step: what it reads (global) or receives (DSMEM)
   double us;    // per step; negative: not timed (--check-only)
   long errors;  // -1: not checked
   std::string note;
@@ -390,26 +492,31 @@ int main(int argc, char** argv) {
     for (int c : {4, 8, 16}) {
       for (long x : sizes) {
         const uint32_t n16 = static_cast<uint32_t>(x / 16);
-        for (int dsmem = 0; dsmem < 2; ++dsmem) {
-          const size_t smem = dsmem ? 2 * (size_t)x : (size_t)x;
+        // 0: through global memory, 1: DSMEM and the cluster barrier, 2: DSMEM and mbarriers
+        for (int kind = 0; kind < 3; ++kind) {
+          const size_t smem = kind == 0 ? (size_t)x : 2 * (size_t)x + (kind == 2 ? 16 : 0);
           if (smem > smem_max) continue;
-          const void* k = dsmem ? (const void*)exchange_dsmem_kernel
-                                : (const void*)exchange_global_kernel<true>;
+          const void* k = kind == 0   ? (const void*)exchange_global_kernel<true>
+                          : kind == 1 ? (const void*)exchange_dsmem_kernel
+                                      : (const void*)exchange_mbarrier_kernel;
           allow_smem(k, smem);
           const int n = max_clusters(k, c, smem);
-          const std::string what = std::string(dsmem ? "exchange dsmem" : "exchange cluster-global") +
-                                   " c=" + std::to_string(c);
+          const char* names[] = {"exchange cluster-global", "exchange dsmem",
+                                 "exchange dsmem-mbarrier"};
+          const std::string what = std::string(names[kind]) + " c=" + std::to_string(c);
           if (n == 0) {
             rows.push_back({what, 0, x, -1, -1, "not launchable"});
             continue;
           }
           const int clusters = std::min(n, sms / c);
           auto run = [&](int steps_, uint32_t salt) {
-            if (dsmem) {
-              launch(exchange_dsmem_kernel, clusters * c, c, smem, n16, steps_, salt, errors);
-            } else {
+            if (kind == 0) {
               launch(exchange_global_kernel<true>, clusters * c, c, smem, exchange, n16,
                      steps_, salt, errors);
+            } else if (kind == 1) {
+              launch(exchange_dsmem_kernel, clusters * c, c, smem, n16, steps_, salt, errors);
+            } else {
+              launch(exchange_mbarrier_kernel, clusters * c, c, smem, n16, steps_, salt, errors);
             }
           };
           const long bad = checked_errors(run, check_steps, errors);

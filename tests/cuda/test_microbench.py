@@ -1,7 +1,7 @@
 """``benchmarks/microbench.cu`` on the CPU: its kernels and host code built against cudasim
 (``sim/``) and run with ``--check-only``, so the program that prices the NOTES leads on the first
 GPU call has already run here, in several thread orders, and its word-for-word check is shown to
-catch a missing barrier or a single-buffered exchange."""
+catch a missing barrier or wait, a single-buffered exchange or a short mbarrier count."""
 
 from __future__ import annotations
 
@@ -21,9 +21,9 @@ FLAGS = ["-std=c++20", "-O2", "-Wall", "-Wextra", "-Werror", "-Wno-unknown-pragm
 
 pytestmark = pytest.mark.skipif(GXX is None, reason="g++ is not on PATH (needed for cudasim)")
 
-# 5 sizes through the grid, 5 (global) + 4 (DSMEM: two 192 KB buffers do not fit) per cluster
-# size 4, 8 and 16 on a 16-SM simulated device.
-EXCHANGE_ROWS = 5 + 3 * (5 + 4)
+# 5 sizes through the grid, 5 (global) + 4 (DSMEM) + 4 (DSMEM with mbarriers; two 192 KB buffers
+# do not fit) per cluster size 4, 8 and 16 on a 16-SM simulated device.
+EXCHANGE_ROWS = 5 + 3 * (5 + 4 + 4)
 
 
 def _build(source: Path, out: Path) -> Path:
@@ -59,31 +59,44 @@ def test_checked_passes_on_cudasim(clean_exe, tmp_path, order, early):
     assert all(row[4] == "0" for row in exchanges), table.read_text()
     assert not any("not launchable" in row[5] for row in rows), table.read_text()
     assert {row[0] for row in rows} >= {"grid.sync", "cluster.sync c=16",
-                                        "exchange dsmem c=16", "exchange cluster-global c=4"}
+                                        "exchange dsmem c=16", "exchange cluster-global c=4",
+                                        "exchange dsmem-mbarrier c=16"}
 
 
+MISMATCH = "mismatched words"  # the program's own check
+# (site, replacement, what must be reported)
 MUTANTS = {
     # The DSMEM step's barrier: a block checks its buffer before its peers have written it.
     "dsmem-no-barrier": ("    cluster.sync();\n    if (salt) check_buffer(local",
-                         "    if (salt) check_buffer(local"),
+                         "    if (salt) check_buffer(local", MISMATCH),
     # One DSMEM buffer: a fast block writes step s+1 while a peer still checks step s.
-    "dsmem-one-buffer": ("uint4* local = bufs + (size_t)(s & 1) * n16;", "uint4* local = bufs;"),
+    "dsmem-one-buffer": ("uint4* local = bufs + (size_t)(s & 1) * n16;", "uint4* local = bufs;",
+                         MISMATCH),
     # The grid exchange without its grid.sync: a block copies shares not yet written.
-    "grid-no-sync": ("      cg::this_grid().sync();\n", ""),
+    "grid-no-sync": ("      cg::this_grid().sync();\n", "", MISMATCH),
+    # An mbarrier that expects one 16-byte chunk too few: its phase completes before the step's
+    # last chunk lands (or, in another order, a later phase never completes).
+    "mbarrier-short-expect": ("mbar_arrive_expect_tx(&bars[b], n16 * 16);",
+                              "mbar_arrive_expect_tx(&bars[b], (n16 - 1) * 16);", MISMATCH),
+    # No wait for the step to land: besides reading early, thread 0 arrives on a barrier whose
+    # phase two steps back has not completed, which cudasim refuses (undefined on a GPU).
+    "mbarrier-no-wait": ("    mbar_wait_parity(&bars[b], (s >> 1) & 1);\n", "",
+                         "more arrivals than its count in one phase"),
 }
-# Not a mutant here: the global exchanges with one buffer. Their copy ends at a block barrier
-# before the next step's writes, and cudasim releases a block barrier only when no thread can
-# run, so every block has copied before any writes again; the race needs a GPU to show.
+# Not mutants here: the global exchanges and the mbarrier exchange with one buffer. Each step
+# ends at a block barrier before the next step's writes, and cudasim releases a block barrier
+# only when no thread can run, so every block has read before any writes again; those races
+# need a GPU to show.
 
 
 @pytest.mark.parametrize("name", list(MUTANTS))
 def test_the_check_catches_a_broken_exchange(tmp_path, name):
-    old, new = MUTANTS[name]
+    old, new, expect = MUTANTS[name]
     text = SOURCE.read_text()
     assert text.count(old) == 1, f"mutant {name}: its site is gone from microbench.cu"
     mutant = tmp_path / "microbench.cu"
     mutant.write_text(text.replace(old, new))
     exe = _build(mutant, tmp_path / "microbench")
     results = [_run(exe, tmp_path, order)[0] for order in ("ascending", "descending")]
-    assert any(r.returncode == 1 and "mismatched words" in r.stderr for r in results), (
+    assert any(r.returncode == 1 and expect in r.stderr for r in results), (
         f"mutant {name} went unnoticed: " + " / ".join(r.stdout[-300:] for r in results))

@@ -42,7 +42,9 @@ namespace {
 
 struct Abort {};  // unwinds a simulated thread when its launch fails
 
-enum class State { kRunnable, kAtBlockBarrier, kAtGridBarrier, kAtClusterBarrier, kDone };
+enum class State {
+  kRunnable, kAtBlockBarrier, kAtGridBarrier, kAtClusterBarrier, kAtMbarrier, kDone
+};
 
 constexpr size_t kStackBytes = 256 * 1024;  // per fiber (ASan frames are large)
 
@@ -72,6 +74,19 @@ struct Thread {
   };
   std::vector<Copy> open;                 // cp.async copies issued since the last commit
   std::deque<std::vector<Copy>> groups;   // committed groups, oldest first, not yet waited for
+  const void* wait_bar = nullptr;         // kAtMbarrier: the mbarrier and the phase parity
+  unsigned wait_parity = 0;               // it waits for
+};
+
+// An mbarrier (sm_90) in dynamic shared memory: a phase completes when its pending arrivals
+// and its transaction count (bytes announced by expect_tx, less the bytes st.async delivered)
+// both reach zero. st.async data lands at its issue, or, as cp.async's late extreme, only when
+// the phase it counts towards completes (Config::cp_async_early).
+struct Mbarrier {
+  unsigned count = 0, pending = 0;
+  long tx = 0;
+  unsigned phases = 0;  // completed so far; the current phase's parity is phases & 1
+  std::vector<std::pair<void*, std::vector<unsigned char>>> landing;
 };
 
 struct Launch {
@@ -84,6 +99,7 @@ struct Launch {
   std::vector<unsigned char*> smem;  // one allocation of exactly `smem_bytes` per block
   size_t smem_bytes = 0;
   std::vector<Thread> threads;
+  std::map<const void*, Mbarrier> mbarriers;
   bool aborting = false;
   std::string error;  // first failure
 };
@@ -226,6 +242,9 @@ bool resolve_barriers(Launch& L, std::mt19937_64& rng) {
     size_t at_block = 0;
     for (unsigned k = 0; k < per_block; ++k) at_block += first[k].state == State::kAtBlockBarrier;
     if (at_block == 0) continue;
+    bool mbar_waits = false;  // the block is not ready, but may become so once a phase completes
+    for (unsigned k = 0; k < per_block; ++k) mbar_waits |= first[k].state == State::kAtMbarrier;
+    if (mbar_waits) continue;
     if (at_block != per_block) {
       const Thread* waiting = first;
       while (waiting->state != State::kAtBlockBarrier) ++waiting;
@@ -285,6 +304,13 @@ bool resolve_barriers(Launch& L, std::mt19937_64& rng) {
   if (at_grid == L.threads.size()) {
     for (Thread& t : L.threads) t.state = State::kRunnable;
     return true;
+  }
+  for (size_t i = 0; i < L.threads.size(); ++i) {
+    const Thread& t = L.threads[i];
+    if (t.state != State::kAtMbarrier) continue;
+    const Mbarrier& m = L.mbarriers.at(t.wait_bar);
+    fail("%s waits for an mbarrier phase that never completes (%u arrivals and %ld bytes "
+         "missing): a deadlock", describe(L, i).c_str(), m.pending, m.tx);
   }
   for (size_t i = 0; i < L.threads.size(); ++i)
     if (L.threads[i].state == State::kDone)
@@ -401,6 +427,94 @@ void cp_async_wait(int pending) {
       if (c.bytes != 0) std::memcpy(c.dst, c.src, c.bytes);
     groups.pop_front();
   }
+}
+
+namespace {
+
+// The block whose dynamic shared memory holds [p, p + bytes), or -1.
+long smem_block(const void* p, size_t bytes) {
+  const auto* q = static_cast<const unsigned char*>(p);
+  for (size_t b = 0; b < g_launch->smem.size(); ++b)
+    if (q >= g_launch->smem[b] && q + bytes <= g_launch->smem[b] + g_launch->smem_bytes)
+      return static_cast<long>(b);
+  return -1;
+}
+
+Mbarrier& mbarrier_at(const void* bar, const char* what) {
+  auto it = g_launch->mbarriers.find(bar);
+  if (it == g_launch->mbarriers.end()) fail("%s: %p is not an initialised mbarrier", what, bar);
+  return it->second;
+}
+
+// Completes the current phase if nothing is pending: lands its st.async data and releases the
+// threads that wait for it.
+void complete_if_done(const void* bar, Mbarrier& m) {
+  if (m.tx <= -(1L << 20) || m.tx >= (1L << 20))
+    fail("mbarrier %p: transaction count %ld outside the hardware's range", bar, m.tx);
+  if (m.pending != 0 || m.tx != 0) return;
+  for (auto& [dst, bytes] : m.landing) std::memcpy(dst, bytes.data(), bytes.size());
+  m.landing.clear();
+  const unsigned parity = m.phases & 1;
+  ++m.phases;
+  m.pending = m.count;
+  for (Thread& t : g_launch->threads)
+    if (t.state == State::kAtMbarrier && t.wait_bar == bar && t.wait_parity == parity)
+      t.state = State::kRunnable;
+}
+
+}  // namespace
+
+void mbarrier_init(void* bar, unsigned count) {
+  if (reinterpret_cast<uintptr_t>(bar) % 8 != 0 || smem_block(bar, 8) != (long)blockIdx.x)
+    fail("mbarrier.init: %p is not an 8-byte aligned word of this block's shared memory", bar);
+  if (count == 0) fail("mbarrier.init with an arrival count of 0");
+  Mbarrier& m = g_launch->mbarriers[bar];
+  m = Mbarrier{};
+  m.count = m.pending = count;
+}
+
+void mbarrier_arrive_expect_tx(void* bar, unsigned bytes) {
+  if (smem_block(bar, 8) != (long)blockIdx.x)
+    fail("mbarrier.arrive.expect_tx: %p is not in this block's shared memory", bar);
+  Mbarrier& m = mbarrier_at(bar, "mbarrier.arrive.expect_tx");
+  if (m.pending == 0) fail("mbarrier %p: more arrivals than its count in one phase", bar);
+  m.tx += bytes;
+  --m.pending;
+  complete_if_done(bar, m);
+}
+
+void mbarrier_wait_parity(const void* bar, unsigned parity) {
+  if (smem_block(bar, 8) != (long)blockIdx.x)
+    fail("mbarrier.try_wait: %p is not in this block's shared memory", bar);
+  const Mbarrier& m = mbarrier_at(bar, "mbarrier.try_wait");
+  if ((m.phases & 1) != (parity & 1)) return;  // the phase of that parity has completed
+  g_current->wait_bar = bar;
+  g_current->wait_parity = parity & 1;
+  yield(State::kAtMbarrier);
+}
+
+void st_async(void* dst, const void* src, size_t bytes, void* bar) {
+  const unsigned size = cluster_num_blocks();
+  const unsigned first = blockIdx.x - blockIdx.x % size;
+  const long to = smem_block(dst, bytes);
+  if (to < (long)first || to >= (long)(first + size) || smem_block(bar, 8) != to)
+    fail("st.async: %p (%zu bytes) and its mbarrier %p must lie in one shared memory of this "
+         "block's cluster", dst, bytes, bar);
+  if (reinterpret_cast<uintptr_t>(dst) % bytes != 0)
+    fail("st.async of %zu bytes to a misaligned address %p", bytes, dst);
+  bool exited = true;
+  for (unsigned k = 0; k < g_launch->block.x; ++k)
+    exited &= g_launch->threads[(size_t)to * g_launch->block.x + k].state == State::kDone;
+  if (exited) fail("st.async into the shared memory of block %ld, which has exited", to);
+  Mbarrier& m = mbarrier_at(bar, "st.async");
+  if (g_config.cp_async_early) {
+    std::memcpy(dst, src, bytes);
+  } else {
+    const auto* b = static_cast<const unsigned char*>(src);
+    m.landing.emplace_back(dst, std::vector<unsigned char>(b, b + bytes));
+  }
+  m.tx -= static_cast<long>(bytes);
+  complete_if_done(bar, m);
 }
 
 long long tick() {

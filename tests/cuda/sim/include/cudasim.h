@@ -85,6 +85,14 @@ inline long long global_ns() { return tick(); }
 unsigned cluster_block_rank();
 unsigned cluster_num_blocks();
 void* cluster_map_shared(const void* p, unsigned rank);
+// mbarriers with transaction counts, and st.async into a peer's shared memory (sm_90; only
+// benchmarks/microbench.cu uses them): init, arrive.expect_tx, try_wait.parity in a loop (the
+// thread waits until the phase of that parity completes), st.async.mbarrier::complete_tx
+// (dst and bar both in one block of the cluster, e.g. from map_shared_rank).
+void mbarrier_init(void* bar, unsigned count);
+void mbarrier_arrive_expect_tx(void* bar, unsigned bytes);
+void mbarrier_wait_parity(const void* bar, unsigned parity);
+void st_async(void* dst, const void* src, size_t bytes, void* bar);
 void register_kernel(const void* func, void (*invoke)(const void* func, void** args));
 // How to call a kernel of parameter types A... with a launch's argument array.
 template <typename... A, size_t... I>
