@@ -72,6 +72,22 @@ def _nan_fill_empty(request, monkeypatch):
     yield
 
 
+FP32_PRECISION_KEYS = [("generic", "all"), ("cuda", "all"), ("cuda", "conv"), ("cuda", "rnn"),
+                       ("cuda", "matmul")]
+
+
+@pytest.fixture
+def fp32_precision_restored():
+    """Saves torch's per-operator fp32 precision settings (torch >= 2.9) and restores them."""
+    get = getattr(torch._C, "_get_fp32_precision_getter", None)
+    if get is None:
+        pytest.skip(f"torch {torch.__version__} has no per-operator fp32 precision")
+    saved = [(key, get(*key)) for key in FP32_PRECISION_KEYS]
+    yield
+    for key, value in saved:
+        torch._C._set_fp32_precision_setter(*key, value)
+
+
 def pytest_report_header(config):
     import fused_rnn
 

@@ -226,3 +226,37 @@ def test_auto_rules_under_torch_compile_fullgraph(monkeypatch):
     torch.testing.assert_close(compiled(x)[0], lstm(x)[0])
     assert calls == ["LSTM", "LSTM"], "traced once through the rule's backend, then eager"
     torch._dynamo.reset()
+
+
+# --------------------------------------------------------------------------- the TF32 rule
+@pytest.mark.parametrize("rnn,conv,cudnn_all,want", [
+    ("ieee", "tf32", "none", False),  # conv and RNN differ: the legacy flag raises
+    ("tf32", "ieee", "none", True),
+    ("none", "tf32", "tf32", True),   # "none" inherits cuDNN's setting
+    ("none", "none", "none", False),  # what torch.backends.cudnn.allow_tf32 = False sets
+])
+def test_tf32_follows_cudnn_rnn_precision(fp32_precision_restored, rnn, conv, cudnn_all, want):
+    """TF32 for fp32 exactly where cuDNN's RNNs may use it. With the per-operator settings of
+    torch >= 2.9 that is ``torch.backends.cudnn.rnn.fp32_precision``; the legacy
+    ``torch.backends.cudnn.allow_tf32`` raises once conv and RNN differ, so reading it would
+    break every kernel call of a user who set them apart."""
+    from fused_rnn.ops.common import cudnn_rnn_tf32
+
+    torch.backends.cudnn.fp32_precision = cudnn_all
+    torch.backends.cudnn.conv.fp32_precision = conv
+    torch.backends.cudnn.rnn.fp32_precision = rnn
+    assert cudnn_rnn_tf32() is want
+    if rnn != conv and "none" not in (rnn, conv):
+        with pytest.raises(RuntimeError, match="different TF32 flags"):
+            torch.backends.cudnn.allow_tf32  # noqa: B018 (the read is what raises)
+
+
+def test_tf32_rule_reads_the_legacy_flag(monkeypatch):
+    """On a torch without per-operator precision, the legacy flag decides."""
+    from fused_rnn.ops import common
+
+    legacy = types.SimpleNamespace(allow_tf32=False)
+    monkeypatch.setattr(common.torch.backends, "cudnn", legacy)
+    assert common.cudnn_rnn_tf32() is False
+    legacy.allow_tf32 = True
+    assert common.cudnn_rnn_tf32() is True

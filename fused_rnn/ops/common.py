@@ -1,14 +1,28 @@
 """Pieces shared by the registered ops (Triton, CUDA, and aten's CPU LSTM in ``aten_cpu``).
 
 Only backend-independent glue lives here: when to save for backward, placeholder gradients for
-absent inputs, rebuilding h_{t-1} from the outputs, the autocast rule, and the refusal of
-double backward.
+absent inputs, rebuilding h_{t-1} from the outputs, the autocast rule, the refusal of double
+backward, and when fp32 may use TF32.
 """
 
 from __future__ import annotations
 
 import torch
 from torch import Tensor
+
+
+def cudnn_rnn_tf32() -> bool:
+    """Whether cuDNN's RNNs may use TF32 for fp32 data now, i.e. what nn.LSTM does on a GPU.
+
+    torch >= 2.9 sets TF32 per operator (``torch.backends.cudnn.rnn.fp32_precision``, whose
+    getter resolves an inherited "none"); the legacy ``torch.backends.cudnn.allow_tf32`` that
+    maps onto it raises once conv and RNN precision differ, so it is read only on a torch
+    without the new setting. dynamo traces both reads (and guards on them)."""
+    rnn = getattr(torch.backends.cudnn, "rnn", None)
+    precision = getattr(rnn, "fp32_precision", None)
+    if precision is None:
+        return bool(torch.backends.cudnn.allow_tf32)
+    return precision == "tf32"
 
 
 def needs_grad(*ts: Tensor | None) -> bool:

@@ -179,6 +179,21 @@ def test_a_chunk_the_kernels_cannot_count_is_refused(install, T, B):
     ops.check_counts(min(T, ops.MAX_STEPS), min(B, ops.MAX_ROWS))  # the limits themselves pass
 
 
+@pytest.mark.parametrize("rnn,conv,math", [("ieee", "tf32", "fma"), ("tf32", "ieee", "tf32")])
+def test_fp32_math_follows_cudnn_rnn_precision(install, fp32_precision_restored, rnn, conv,
+                                               math):
+    """fp32 runs on TF32 tensor cores exactly where cuDNN's RNNs may use TF32, read from the
+    per-operator setting (torch >= 2.9) even where conv differs and the legacy flag raises."""
+    torch.backends.cudnn.conv.fp32_precision = conv
+    torch.backends.cudnn.rnn.fp32_precision = rnn
+    sim = install(sms=4)
+    g = torch.Generator().manual_seed(0)
+    x, h0 = torch.randn(2, 3, 5, generator=g), torch.randn(3, 8, generator=g)
+    w_ih, w_hh = torch.randn(24, 5, generator=g), torch.randn(24, 8, generator=g)
+    cuda_backend.rnn_layer("GRU", x, h0, None, w_ih, w_hh)
+    assert [pl["math"] for _, _, pl in sim.launches] == [P.MATHS[math]]
+
+
 # ---------------------------------------------------------------------------------- mutations
 def _mutant(tmp_path: Path, file: str, old: str, new: str) -> Path:
     """A copy of csrc/ with exactly one occurrence of ``old`` in ``file`` replaced."""

@@ -227,6 +227,41 @@ def test_non_contiguous_inputs(path):
         torch.testing.assert_close(a, b, atol=0, rtol=0)
 
 
+@pytest.mark.parametrize("path", PATHS)
+def test_strided_incoming_gradients(path):
+    """The gradients of h_n and c_n may arrive strided (the gradient of ``h_n.t()`` is a
+    transposed view): the backward kernels update those carries in place, row-major, so they
+    must get a row-major copy, not a clone that keeps the strides. Same gradients, bit for bit,
+    as for contiguous copies of the same cotangents."""
+    mode, B, T, I, H = "LSTM", 3, 4, 5, 6
+    inputs = make_inputs(mode, B, T, I, H, seed=7)
+    dy, dh, dc = layer_cotangents(mode, B, T, H, H, seed=8)
+    strided = [dy, dh.t().contiguous().t(), dc.t().contiguous().t()]
+    assert not strided[1].is_contiguous() and not strided[2].is_contiguous()
+    ours, _ = layer_fns(mode, path=path)
+    _, got = outputs_and_grads(ours, inputs, torch.float32, strided)
+    _, want = outputs_and_grads(ours, inputs, torch.float32, [dy, dh, dc])
+    for i, (a, b) in enumerate(zip(got, want, strict=True)):
+        torch.testing.assert_close(a, b, atol=0, rtol=0, msg=lambda m, i=i: f"tensor {i}: {m}")
+
+
+def test_per_operator_tf32_settings_are_read_not_refused(fp32_precision_restored):
+    """A user of torch's per-operator precision API (cuDNN conv and RNN set apart, which makes
+    the legacy ``cudnn.allow_tf32`` getter raise) can still train on the Triton backend; the
+    launcher's TF32 switch for its GEMMs leaves the matmul setting as it found it."""
+    torch.backends.cudnn.conv.fp32_precision = "tf32"
+    torch.backends.cudnn.rnn.fp32_precision = "ieee"
+    matmul_before = torch.backends.cuda.matmul.fp32_precision
+    inputs = make_inputs("GRU", 3, 4, 5, 6, seed=9)
+    ours, ref = layer_fns("GRU")
+    _, got = outputs_and_grads(ours, inputs, torch.float32, layer_cotangents("GRU", 3, 4, 6, 6))
+    _, want = outputs_and_grads(ref, inputs, torch.float32, layer_cotangents("GRU", 3, 4, 6, 6))
+    for a, b in zip(got, want, strict=True):
+        torch.testing.assert_close(a, b, atol=2e-5, rtol=1e-4)
+    assert torch.backends.cuda.matmul.fp32_precision == matmul_before
+    assert launch._fp32_dot_precision() == "ieee"
+
+
 def test_inference_saves_nothing_and_matches_training_outputs():
     inputs = {k: None if v is None else v.to(DEVICE) for k, v in make_inputs("GRU", 3, 4, 4, 8).items()}
     train = ops.triton_layer("GRU", *inputs.values(), None, False, True, "auto")
@@ -620,6 +655,28 @@ def test_gpu_two_runs_are_bitwise_identical(mode, path):
     second = _layer_step(mode, path, inputs, lens, gy)
     for i, (a, b) in enumerate(zip(first, second)):
         assert torch.equal(a, b), f"output {i} differs between two runs"
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("path", PATHS)
+def test_gpu_tensors_off_the_current_device(path):
+    """Triton launches on the current device; the launchers make the tensors' device current,
+    so a layer on cuda:1 while cuda:0 is current gives cuda:0's results, bit for bit."""
+    if torch.cuda.device_count() < 2:
+        pytest.skip(f"needs two GPUs; this machine has {torch.cuda.device_count()}")
+    B, T, I, H = 4, 5, 8, 16
+    inputs = make_inputs("LSTM", B, T, I, H, seed=10)
+    results = []
+    for dev in ("cuda:0", "cuda:1"):
+        args = [None if v is None else v.to(dev) for v in inputs.values()]
+        with torch.cuda.device(0):
+            y, h, c, gates, state = ops.triton_layer("LSTM", *args, None, False, True, path)
+            grads = ops.triton_layer_backward(
+                "LSTM", *args, None, False, y, gates, state, torch.ones_like(y), None, None,
+                path)
+        results.append([t.cpu() for t in (y, h, c, *grads) if t.numel()])
+    for a, b in zip(*results, strict=True):
+        assert torch.equal(a, b)
 
 
 @pytest.mark.gpu

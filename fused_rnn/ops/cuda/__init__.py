@@ -30,7 +30,8 @@ cluster whose steps end at the cluster barrier instead of ``grid.sync()``;
 ``FUSED_RNN_CUDA_TEAM_CLUSTERS=on`` makes each K-parts team a cluster, whose barrier then
 replaces the parts' second ``grid.sync()`` of a step. bf16/fp16 use
 tensor cores (WMMA) with fp32 accumulation; fp32 uses TF32 tensor cores exactly when
-``torch.backends.cudnn.allow_tf32`` is true (as nn.LSTM does), else plain fp32 FMA. The LSTM
+cuDNN's RNNs may (``torch.backends.cudnn.allow_tf32``, or ``cudnn.rnn.fp32_precision``; as
+nn.LSTM does), else plain fp32 FMA. The LSTM
 cell state and every activation saved for backward are fp32. Size limits (largest H that fits on
 chip, H100 / A100): ``fused_rnn.ops.cuda.plan``. Not supported (falls back to
 Triton): LSTM projections (``proj_size > 0``), float64, GPUs older than sm_80.
@@ -44,7 +45,7 @@ import torch
 from torch import Tensor
 
 from fused_rnn.ops.cuda import _ext, plan
-from fused_rnn.ops.common import needs_grad
+from fused_rnn.ops.common import cudnn_rnn_tf32, needs_grad
 from fused_rnn.ops.reference import MODES
 
 _SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -97,7 +98,7 @@ def unsupported_reason(
     sms, smem_optin = _device_limits(device)
     cell = plan.CELLS[mode]
     return plan.fits(
-        cell, dtype != torch.float32, torch.backends.cudnn.allow_tf32, hidden_size, sms,
+        cell, dtype != torch.float32, cudnn_rnn_tf32(), hidden_size, sms,
         smem_optin,
     )
 
@@ -121,7 +122,7 @@ def rnn_layer(
     b_ih, b_hh: (G*H,) or None; w_hr must be None (no projections); lengths: (B,) or None.
     Returns y: (T, B, H), h_n: (B, H), c_n: (B, H) or None, in x's dtype.
 
-    fp32 matmuls use TF32 exactly when ``torch.backends.cudnn.allow_tf32`` is true.
+    fp32 matmuls use TF32 exactly when cuDNN's RNNs may (``common.cudnn_rnn_tf32``).
     """
     from fused_rnn.ops.cuda import ops
 
@@ -130,7 +131,7 @@ def rnn_layer(
     save = needs_grad(x, h0, c0, w_ih, w_hh, b_ih, b_hh)
     y, h_n, c_n, _, _ = ops.cuda_layer(
         mode, x, h0, c0 if mode == "LSTM" else None, w_ih, w_hh, b_ih, b_hh, lengths, reverse,
-        save, torch.backends.cudnn.allow_tf32,
+        save, cudnn_rnn_tf32(),
     )
     return y, h_n, (c_n if mode == "LSTM" else None)
 

@@ -204,7 +204,7 @@ def _step_fwd_kernel(
     G: tl.constexpr = 4 if MODE == LSTM else (3 if MODE == GRU else 1)
     pid_b = tl.program_id(0)
     pid_h = tl.program_id(1)
-    offs_b = pid_b * BLOCK_B + tl.arange(0, BLOCK_B)
+    offs_b = (pid_b * BLOCK_B + tl.arange(0, BLOCK_B)).to(tl.int64)  # B*G*H may pass 2^31
     offs_j = pid_h * BLOCK_H + tl.arange(0, BLOCK_H)
     mask = (offs_b < B)[:, None] & (offs_j < H)[None, :]
     GH = G * H
@@ -325,7 +325,7 @@ def _step_bwd_kernel(
     G: tl.constexpr = 4 if MODE == LSTM else (3 if MODE == GRU else 1)
     pid_b = tl.program_id(0)
     pid_h = tl.program_id(1)
-    offs_b = pid_b * BLOCK_B + tl.arange(0, BLOCK_B)
+    offs_b = (pid_b * BLOCK_B + tl.arange(0, BLOCK_B)).to(tl.int64)  # B*G*H may pass 2^31
     offs_j = pid_h * BLOCK_H + tl.arange(0, BLOCK_H)
     mask = (offs_b < B)[:, None] & (offs_j < H)[None, :]
     GH = G * H
@@ -446,7 +446,7 @@ def _persistent_fwd_kernel(
     G: tl.constexpr = 4 if MODE == LSTM else (3 if MODE == GRU else 1)
     GH = G * H
     pid = tl.program_id(0)
-    offs_b = pid * BLOCK_B + tl.arange(0, BLOCK_B)
+    offs_b = (pid * BLOCK_B + tl.arange(0, BLOCK_B)).to(tl.int64)
     offs_j = tl.arange(0, BLOCK_H)
     offs_p = tl.arange(0, BLOCK_P)
     mask_h = (offs_b < B)[:, None] & (offs_j < H)[None, :]
@@ -478,7 +478,7 @@ def _persistent_fwd_kernel(
             t = T - 1 - s
         else:
             t = s
-        row = (t * B + offs_b).to(tl.int64)
+        row = t.to(tl.int64) * B + offs_b  # T*B may pass 2^31: multiply in int64
         gx = gx_ptr + row[:, None] * GH + offs_j[None, :]
         st = save_ptr + row[:, None] * H + offs_j[None, :]
         if MODE == LSTM:
@@ -576,7 +576,7 @@ def _persistent_bwd_kernel(
     G: tl.constexpr = 4 if MODE == LSTM else (3 if MODE == GRU else 1)
     GH = G * H
     pid = tl.program_id(0)
-    offs_b = pid * BLOCK_B + tl.arange(0, BLOCK_B)
+    offs_b = (pid * BLOCK_B + tl.arange(0, BLOCK_B)).to(tl.int64)
     offs_j = tl.arange(0, BLOCK_H)
     offs_p = tl.arange(0, BLOCK_P)
     mask_h = (offs_b < B)[:, None] & (offs_j < H)[None, :]
@@ -604,7 +604,7 @@ def _persistent_bwd_kernel(
             t = s
         else:
             t = T - 1 - s
-        row = (t * B + offs_b).to(tl.int64)
+        row = t.to(tl.int64) * B + offs_b  # T*B may pass 2^31: multiply in int64
         tile_h = row[:, None] * H + offs_j[None, :]
         tile_g = row[:, None] * GH + offs_j[None, :]
         tile_p = row[:, None] * P + offs_p[None, :]

@@ -27,13 +27,14 @@ Inference (``save=False``) writes none of it.
 from __future__ import annotations
 
 import contextlib
+import functools
 
 import torch
 import torch.nn.functional as F
 import triton
 from torch import Tensor
 
-from fused_rnn.ops.common import previous_hidden
+from fused_rnn.ops.common import cudnn_rnn_tf32, previous_hidden
 from fused_rnn.ops.reference import GATES
 from fused_rnn.ops.triton import kernels
 
@@ -67,26 +68,37 @@ def _pow2(n: int, lo: int = 16) -> int:
 
 def _fp32_dot_precision() -> str:
     """tl.dot input_precision for fp32 operands: TF32 exactly when cuDNN's RNNs may use it."""
-    return "tf32" if torch.backends.cudnn.allow_tf32 and not interpreting() else "ieee"
+    return "tf32" if cudnn_rnn_tf32() and not interpreting() else "ieee"
 
 
 @contextlib.contextmanager
 def _gemm_tf32(dtype: torch.dtype):
     """Set TF32 for the time-parallel fp32 GEMMs (torch), on CUDA only.
 
-    fp32 data: TF32 iff ``torch.backends.cudnn.allow_tf32`` (what nn.LSTM does). fp16/bf16 data:
-    always, because those values are exactly representable in TF32, so the forward products
-    are exact (the reference's fp32 math) at tensor-core speed; in backward the fp32 dgates are
-    rounded to TF32, finer than the storage dtype the recurrent dot already rounds them to.
-    Global flag, restored on exit: these GEMMs run inside an opaque custom op.
+    fp32 data: TF32 iff cuDNN's RNNs may use it (:func:`cudnn_rnn_tf32`, what nn.LSTM does).
+    fp16/bf16 data: always, because those values are exactly representable in TF32, so the
+    forward products are exact (the reference's fp32 math) at tensor-core speed; in backward the
+    fp32 dgates are rounded to TF32, finer than the storage dtype the recurrent dot already
+    rounds them to. A global flag, restored on exit (these GEMMs run inside an opaque custom
+    op; another host thread's matmuls in that window see it too). Set through the per-operator
+    API where torch has it: reading the legacy flag raises once a user has set the new one.
     """
-    want = dtype != torch.float32 or torch.backends.cudnn.allow_tf32
-    old = torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = want
+    want = dtype != torch.float32 or cudnn_rnn_tf32()
+    matmul = torch.backends.cuda.matmul
+    if getattr(matmul, "fp32_precision", None) is None:  # torch < 2.9
+        old = matmul.allow_tf32
+        matmul.allow_tf32 = want
+        try:
+            yield
+        finally:
+            matmul.allow_tf32 = old
+        return
+    old = matmul.fp32_precision
+    matmul.fp32_precision = "tf32" if want else "ieee"
     try:
         yield
     finally:
-        torch.backends.cuda.matmul.allow_tf32 = old
+        matmul.fp32_precision = old
 
 
 def choose_path(mode: str, hidden_size: int, proj_size: int, path: str = "auto") -> str:
@@ -123,6 +135,23 @@ def _empty0(like: Tensor, dtype: torch.dtype | None = None) -> Tensor:
 
 
 # --------------------------------------------------------------------------- forward
+def _on_tensor_device(launcher):
+    """Runs ``launcher(mode, x, ...)`` with x's CUDA device current. Triton launches on the
+    current device and its current stream, not on the tensors' device (and torch.library adds no
+    device guard): with tensors on cuda:1 while cuda:0 is current, the kernels would run on the
+    wrong GPU with the other GPU's pointers, unordered against the GEMMs on cuda:1's stream."""
+
+    @functools.wraps(launcher)
+    def launch_on_device(mode, x, *args, **kwargs):
+        if x.device.type != "cuda":
+            return launcher(mode, x, *args, **kwargs)
+        with torch.cuda.device(x.device):
+            return launcher(mode, x, *args, **kwargs)
+
+    return launch_on_device
+
+
+@_on_tensor_device
 def layer_forward(
     mode: str,
     x: Tensor,
@@ -220,6 +249,7 @@ def layer_forward(
 
 
 # --------------------------------------------------------------------------- backward
+@_on_tensor_device
 def layer_backward(
     mode: str,
     x: Tensor,
@@ -263,10 +293,14 @@ def layer_backward(
     w_hr_s = None if w_hr is None else w_hr.to(dtype).contiguous()
     lengths = None if lengths is None else lengths.to(dev).contiguous()
     dy = torch.zeros((T, B, P), dtype=torch.float32, device=dev) if dy is None else dy.contiguous()
-    dh = torch.zeros((B, P), device=dev) if dh_n is None else dh_n.float().clone()
+    # Fresh row-major copies: the kernels update them in place, and an incoming gradient may be
+    # strided (the gradient of h.t() arrives transposed; clone() would keep its strides).
+    rows = torch.contiguous_format
+    dh = torch.zeros((B, P), device=dev) if dh_n is None else dh_n.float().clone(memory_format=rows)
     dc = None
     if is_lstm:
-        dc = torch.zeros((B, H), device=dev) if dc_n is None or dc_n.numel() == 0 else dc_n.float().clone()
+        dc = (torch.zeros((B, H), device=dev) if dc_n is None or dc_n.numel() == 0
+              else dc_n.float().clone(memory_format=rows))
     hprev = previous_hidden(y, h0.to(dtype), lengths, reverse).contiguous()
     cprev = _shift_prev(state, c0.float(), reverse).contiguous() if is_lstm else None
     dg = torch.empty((T, B, G * H), dtype=torch.float32, device=dev)
