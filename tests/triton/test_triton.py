@@ -449,13 +449,14 @@ def test_missing_triton_is_a_reason_not_an_import_error():
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="with a GPU the other tests compile for real")
 def test_every_launched_variant_compiles_for_sm90(tmp_path):
-    """The real Triton compiler (to cubin, bundled ptxas) on what the interpreter only ran."""
+    """The real Triton compiler (to cubin, bundled ptxas) on what the interpreter only ran:
+    every variant fits the shared memory of a block and spills at most a few registers."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["TRITON_CACHE_DIR"] = str(tmp_path)  # compile for real, not from a cache
     res = subprocess.run([sys.executable, "-m", "fused_rnn.ops.triton.compile_check", "--quick"],
                          capture_output=True, text=True, env=env, timeout=600)
     assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-4000:]
-    assert "compiled 88 kernel variants for sm_90" in res.stdout, res.stdout[-2000:]
+    assert "compiled 172 kernel variants for sm_90" in res.stdout, res.stdout[-2000:]
 
 
 # --------------------------------------------------------------------------- torch.library

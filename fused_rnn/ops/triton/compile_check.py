@@ -8,7 +8,10 @@ tensors: every ``kernel[grid](...)`` compiles exactly the specialisation a GPU r
 launches nothing (outputs are garbage, which is fine: only compilation is checked).
 
 It catches what the interpreter cannot: code the real compiler rejects (constexpr misuse,
-layouts, dot shapes, types), before a GPU is lent. It does not check that results are right.
+layouts, dot shapes, types), and variants that would fail or slow down on the device: more
+shared memory than a block may have, or registers spilled to local memory (the cubin's stack
+frame, read with the bundled ``cuobjdump``), before a GPU is lent. It does not check that
+results are right.
 
     python -m fused_rnn.ops.triton.compile_check [--arch 90] [--quick]
 
@@ -60,21 +63,34 @@ def _install_fake_driver(arch: int) -> None:
 _PERSISTENT_H = {"LSTM": 64, "GRU": 64, "RNN_TANH": 128, "RNN_RELU": 128}
 # Shared memory per block (opt-in maximum), bytes: sm_80 164 KB, sm_90 227 KB.
 SMEM_LIMIT = {80: 163 * 1024, 86: 99 * 1024, 89: 99 * 1024, 90: 227 * 1024}
+# Local memory per thread (spilled registers) a variant may use. On sm_90 four fp32 persistent
+# variants spill a few registers (8-16 bytes: LSTM H=64 forward, RNN H=128 forward, GRU H=64
+# backward without TF32); what this catches is the hundreds of bytes to kilobytes that a bad
+# tile or warp layout costs (the step kernels at BLOCK_K=64 with 4 warps: up to 320 bytes;
+# LSTM with a 16-wide projection: 4-13 KB).
+SPILL_LIMIT = 32
 
 
 def _configs(quick: bool):
-    """(mode, dtype, path, H, proj, lengths, reverse, bias): every constexpr the launchers set."""
+    """(mode, dtype, path, H, proj, lengths, reverse, bias, B, tf32): every constexpr the
+    launchers set. B=33 takes the step kernels' 32-row batch tiles; tf32=False (cuDNN's RNNs
+    without TF32, as the GPU tests run) compiles fp32 dots with ieee precision."""
     import torch
 
     dtypes = [torch.float32, torch.bfloat16] + ([] if quick else [torch.float16])
     for mode, dtype, path in itertools.product(("LSTM", "GRU", "RNN_TANH", "RNN_RELU"), dtypes,
                                                ("persistent", "step")):
         H = _PERSISTENT_H[mode] if path == "persistent" else 37
-        yield mode, dtype, path, H, 0, True, True, True
+        yield mode, dtype, path, H, 0, True, True, True, 3, True
         if mode == "LSTM":
-            yield mode, dtype, path, H, 32 if path == "persistent" else 5, True, False, True
+            for proj in ((32, 16) if path == "persistent" else (5,)):
+                yield mode, dtype, path, H, proj, True, False, True, 3, True
+        if path == "step":
+            yield mode, dtype, path, H, 0, True, True, True, 33, True
+        if dtype == torch.float32:
+            yield mode, dtype, path, H, 0, True, True, True, 3, False
         if not quick:
-            yield mode, dtype, path, H, 0, False, False, False  # no lengths, no bias
+            yield mode, dtype, path, H, 0, False, False, False, 3, True  # no lengths, no bias
 
 
 def run(arch: int = 90, quick: bool = False, verbose: bool = False) -> int:
@@ -90,10 +106,13 @@ def run(arch: int = 90, quick: bool = False, verbose: bool = False) -> int:
     from fused_rnn.ops.reference import GATES
     from fused_rnn.ops.triton import kernels, launch
 
-    for mode, dtype, path, H, proj, lengths, reverse, bias in _configs(quick):
+    names = ("_step_fwd_kernel", "_step_bwd_kernel", "_persistent_fwd_kernel", "_persistent_bwd_kernel")
+    labels = {}  # id(compiled kernel) -> the configuration that first compiled it
+    for mode, dtype, path, H, proj, lengths, reverse, bias, B, tf32 in _configs(quick):
         if path == "persistent":  # the largest sizes "auto" sends there
             assert launch.choose_path(mode, H, proj) == path, "_PERSISTENT_H is out of date"
-        B, T, I = 3, 2, 4
+        torch.backends.cudnn.allow_tf32 = tf32
+        T, I = 2, 4
         P = proj or H
         G = GATES[mode]
         t0 = time.perf_counter()
@@ -102,16 +121,19 @@ def run(arch: int = 90, quick: bool = False, verbose: bool = False) -> int:
         w_ih, w_hh = torch.randn(G * H, I, dtype=dtype), torch.randn(G * H, P, dtype=dtype)
         b = torch.randn(G * H, dtype=dtype) if bias else None
         w_hr = torch.randn(P, H, dtype=dtype) if proj else None
-        lens = torch.tensor([2, 1, 2]) if lengths else None
+        lens = torch.arange(B) % T + 1 if lengths else None
         for save in (False, True):
             y, _, _, gates, state = launch.layer_forward(
                 mode, x, h0, c0, w_ih, w_hh, b, b, w_hr, lens, reverse, save, path)
         launch.layer_backward(mode, x, h0, c0, w_ih, w_hh, b, b, w_hr, lens, reverse, y, gates,
                               state, torch.randn_like(y), None, None, path)
+        label = (f"{mode} {str(dtype)[6:]} {path} H={H} proj={proj} lengths={lengths} "
+                 f"bias={bias} B={B} tf32={tf32}")
+        for n in names:
+            for k in getattr(kernels, n).device_caches[0][0].values():
+                labels.setdefault(id(k), label)
         if verbose:
-            print(f"{mode:8s} {str(dtype):15s} {path:10s} H={H} proj={proj} lengths={lengths} "
-                  f"bias={bias}: {time.perf_counter() - t0:.1f}s", flush=True)
-    names = ("_step_fwd_kernel", "_step_bwd_kernel", "_persistent_fwd_kernel", "_persistent_bwd_kernel")
+            print(f"{label}: {time.perf_counter() - t0:.1f}s", flush=True)
     compiled = [(n, k) for n in names for k in getattr(kernels, n).device_caches[0][0].values()]
     limit = SMEM_LIMIT.get(arch)
     worst = max(compiled, key=lambda nk: nk[1].metadata.shared)
@@ -121,7 +143,37 @@ def run(arch: int = 90, quick: bool = False, verbose: bool = False) -> int:
     too_big = [(n, k.metadata.shared) for n, k in compiled if limit and k.metadata.shared > limit]
     if too_big:
         raise RuntimeError(f"kernels over the {limit}-byte shared-memory limit of sm_{arch}: {too_big}")
+    stacks = [(n, labels[id(k)], _stack_bytes(k)) for n, k in compiled]
+    if verbose:
+        for n, label, stack in stacks:
+            if stack:
+                print(f"{n} ({label}): {stack} bytes of local memory per thread")
+    spilled = [entry for entry in stacks if entry[2] > SPILL_LIMIT]
+    if spilled:
+        raise RuntimeError(f"kernels spilling more than {SPILL_LIMIT} bytes per thread to local "
+                           f"memory on sm_{arch}: {spilled}")
     return len(compiled)
+
+
+def _stack_bytes(kernel) -> int:
+    """The cubin's per-thread stack frame (bytes of local memory: register spills), from the
+    ``cuobjdump`` that ships with Triton."""
+    import re
+    import subprocess
+    import tempfile
+
+    import triton
+
+    tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(kernel.asm["cubin"])
+        f.flush()
+        out = subprocess.run([tool, "--dump-resource-usage", f.name], capture_output=True,
+                             text=True, check=True).stdout
+    stacks = [int(m) for m in re.findall(r"STACK:(\d+)", out)]
+    if not stacks:
+        raise RuntimeError(f"cuobjdump reported no resource usage:\n{out}")
+    return max(stacks)
 
 
 def main(argv=None) -> int:

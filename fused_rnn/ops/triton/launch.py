@@ -45,14 +45,16 @@ PATHS = ("auto", "persistent", "step")
 # to powers of two): LSTM H=64, GRU H=64, RNN H=128, LSTM H=64 with P=32. The compiler stages W
 # in shared memory once, before the time loop; compiled for sm_90 (compile_check.py, no GPU
 # needed), the largest of these needs 143 KB of shared memory (LSTM H=64 fp32, backward)
-# against 227 KB per block (164 KB on an A100), with <= 126 registers and no spills. LSTM
-# H=128 would need 246-418 KB. Larger layers take the per-step path until a multi-program
+# against 227 KB per block (164 KB on an A100), with at most 16 bytes of spilled registers per
+# thread (compile_check fails a variant past 32). LSTM H=128 would need 246-418 KB. Larger layers take the per-step path until a multi-program
 # persistent form (W split across SMs, grid barrier) exists. Speed: not measured yet.
 PERSISTENT_MAX_W_ELEMS = 16 * 1024
 
-# Tiles of the per-step kernels: tl.dot wants every dimension >= 16.
+# Tiles of the per-step kernels: tl.dot wants every dimension >= 16. K slices of 32 and 8 warps:
+# with 64 and 4 warps, LSTM's four gate accumulators and W tiles took 255 registers and spilled
+# up to 320 bytes per thread on sm_90 (compile_check now fails such a variant).
 STEP_BLOCK_H = 32
-STEP_BLOCK_K = 64
+STEP_BLOCK_K = 32
 
 
 def interpreting() -> bool:
@@ -101,6 +103,13 @@ def _gemm_tf32(dtype: torch.dtype):
         matmul.fp32_precision = old
 
 
+def _persistent_block_p(P: int, proj: bool) -> int:
+    """BLOCK_P of the persistent kernels. A projection narrower than 32 is padded to 32: with
+    N = 16 the compiler lays a (16, 16) dot out as 8 warps over 16 rows, all computing the same
+    tile, and LSTM H = 65-128 with P <= 16 then spilled 4-13 KB per thread on sm_90."""
+    return _pow2(P, 32 if proj else 16)
+
+
 def choose_path(mode: str, hidden_size: int, proj_size: int, path: str = "auto") -> str:
     """"persistent" when one program can hold W_hh (and W_hr) in registers, else "step"."""
     if path not in PATHS:
@@ -109,7 +118,8 @@ def choose_path(mode: str, hidden_size: int, proj_size: int, path: str = "auto")
         return path
     H = hidden_size
     P = proj_size or hidden_size
-    elems = GATES[mode] * _pow2(H) * _pow2(P) + (_pow2(H) * _pow2(P) if proj_size else 0)
+    block_p = _persistent_block_p(P, bool(proj_size))
+    elems = GATES[mode] * _pow2(H) * block_p + (_pow2(H) * block_p if proj_size else 0)
     return "persistent" if elems <= PERSISTENT_MAX_W_ELEMS else "step"
 
 
@@ -210,7 +220,7 @@ def layer_forward(
             gx, h0, dummy if c is None else c, w_hh, dummy if b_hh is None else b_hh,
             dummy if w_hr is None else w_hr, dummy if lengths is None else lengths,
             y, h_n, dummy if c_n is None else c_n, dummy if state is None else state,
-            T, B, H, P, REVERSE=reverse, BLOCK_B=block_b, BLOCK_H=_pow2(H), BLOCK_P=_pow2(P),
+            T, B, H, P, REVERSE=reverse, BLOCK_B=block_b, BLOCK_H=_pow2(H), BLOCK_P=_persistent_block_p(P, proj),
             num_warps=8, **common,
         )
     else:
@@ -227,7 +237,7 @@ def layer_forward(
                 dummy if lengths is None else lengths, t, h_out, m if proj else y[t],
                 dummy if state is None else state[t], B, H, P,
                 BLOCK_B=block_b, BLOCK_H=block_h, BLOCK_K=min(STEP_BLOCK_K, _pow2(P)),
-                num_warps=4, **common,
+                num_warps=8, **common,
             )
             if proj:
                 # h_t needs every hidden unit of m_t: one small GEMM per step in torch.
@@ -318,7 +328,7 @@ def layer_backward(
             dummy if lengths is None else lengths, dg, dummy if dghn is None else dghn,
             dummy if dhnew is None else dhnew, dh0, dummy if dc0 is None else dc0,
             T, B, H, P, MODE=MODE_ID[mode], HAS_PROJ=proj, HAS_LEN=lengths is not None,
-            REVERSE=reverse, BLOCK_B=block_b, BLOCK_H=_pow2(H), BLOCK_P=_pow2(P),
+            REVERSE=reverse, BLOCK_B=block_b, BLOCK_H=_pow2(H), BLOCK_P=_persistent_block_p(P, proj),
             INTERPRET=interp, PRECISION=prec, num_warps=8,
         )
     else:
@@ -353,7 +363,7 @@ def layer_backward(
                 dummy if dghn is None else dghn[t], B, H,
                 MODE=MODE_ID[mode], HAS_LEN=lengths is not None, FUSE=not proj,
                 BLOCK_B=block_b, BLOCK_H=block_h, BLOCK_K=min(STEP_BLOCK_K, _pow2(H)),
-                INTERPRET=interp, PRECISION=prec, num_warps=4,
+                INTERPRET=interp, PRECISION=prec, num_warps=8,
             )
             t_next = t
         # dh_0: what the first step in time sends back through W_hh, plus the carry.
