@@ -262,6 +262,41 @@ def test_per_operator_tf32_settings_are_read_not_refused(fp32_precision_restored
     assert launch._fp32_dot_precision() == "ieee"
 
 
+def test_persistent_kernels_the_device_cannot_hold_fall_back_to_steps(monkeypatch):
+    """Triton refuses a kernel at its first launch when the device has too little shared memory
+    for it (an sm_86/89 GPU: 99 KB per block; LSTM H=64 fp32 backward needs 143 KB). Where
+    "auto" chose the persistent kernels, the step kernels then run, with the step path's
+    results bit for bit and one warning; a path asked for by name raises."""
+    from triton.runtime.errors import OutOfResources
+
+    class Refused:
+        def __getitem__(self, grid):
+            def launch_(*args, **kwargs):
+                raise OutOfResources(146 * 1024, 99 * 1024, "shared memory")
+            return launch_
+
+    mode, B, T, I, H = "LSTM", 3, 4, 5, 8
+    assert launch.choose_path(mode, H, 0) == "persistent"
+    inputs = make_inputs(mode, B, T, I, H, seed=11)
+    cots = layer_cotangents(mode, B, T, H, H, seed=12)
+    step, _ = layer_fns(mode, path="step")
+    _, want = outputs_and_grads(step, inputs, torch.float32, cots)
+    monkeypatch.setattr(launch.kernels, "_persistent_fwd_kernel", Refused())
+    monkeypatch.setattr(launch.kernels, "_persistent_bwd_kernel", Refused())
+    monkeypatch.setattr(launch, "_refused", set())
+    auto, _ = layer_fns(mode, path="auto")
+    with pytest.warns(RuntimeWarning, match="cannot run the persistent forward kernel"):
+        _, got = outputs_and_grads(auto, inputs, torch.float32, cots)
+    for a, b in zip(got, want, strict=True):
+        assert torch.equal(a, b)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)  # said once
+        outputs_and_grads(auto, inputs, torch.float32, cots)
+    forced, _ = layer_fns(mode, path="persistent")
+    with pytest.raises(OutOfResources):
+        outputs_and_grads(forced, inputs, torch.float32, cots)
+
+
 def test_inference_saves_nothing_and_matches_training_outputs():
     inputs = {k: None if v is None else v.to(DEVICE) for k, v in make_inputs("GRU", 3, 4, 4, 8).items()}
     train = ops.triton_layer("GRU", *inputs.values(), None, False, True, "auto")

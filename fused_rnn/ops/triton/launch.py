@@ -28,11 +28,13 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import warnings
 
 import torch
 import torch.nn.functional as F
 import triton
 from torch import Tensor
+from triton.runtime.errors import OutOfResources
 
 from fused_rnn.ops.common import cudnn_rnn_tf32, previous_hidden
 from fused_rnn.ops.reference import GATES
@@ -108,6 +110,23 @@ def _persistent_block_p(P: int, proj: bool) -> int:
     N = 16 the compiler lays a (16, 16) dot out as 8 warps over 16 rows, all computing the same
     tile, and LSTM H = 65-128 with P <= 16 then spilled 4-13 KB per thread on sm_90."""
     return _pow2(P, 32 if proj else 16)
+
+
+_refused: set[tuple[str, str]] = set()
+
+
+def _persistent_refused(kernel: str, requested: str, err: OutOfResources) -> None:
+    """The device cannot hold a persistent kernel (Triton refuses it at its first launch: an
+    sm_86/89 GPU's 99 KB of shared memory per block, say, against the 143 KB of LSTM H=64 fp32
+    backward): where "auto" chose the path, the step kernels run instead, with a warning the
+    first time; a path asked for by name is an error."""
+    if requested != "auto":
+        raise err
+    key = (kernel, str(err))
+    if key not in _refused:
+        _refused.add(key)
+        warnings.warn(f"fused_rnn triton: the device cannot run {kernel} ({err}); running the "
+                      "per-step kernels instead", RuntimeWarning, stacklevel=4)
 
 
 def choose_path(mode: str, hidden_size: int, proj_size: int, path: str = "auto") -> str:
@@ -192,7 +211,7 @@ def layer_forward(
     P = w_hh.shape[1]
     is_lstm = mode == "LSTM"
     proj = w_hr is not None
-    path = choose_path(mode, H, P if proj else 0, path)
+    requested, path = path, choose_path(mode, H, P if proj else 0, path)
     interp = interpreting()
     prec = _fp32_dot_precision()
 
@@ -216,14 +235,18 @@ def layer_forward(
         block_b = 16
         h_n = torch.empty((B, P), dtype=dtype, device=dev)
         c_n = torch.empty((B, H), dtype=torch.float32, device=dev) if is_lstm else None
-        kernels._persistent_fwd_kernel[(triton.cdiv(B, block_b),)](
-            gx, h0, dummy if c is None else c, w_hh, dummy if b_hh is None else b_hh,
-            dummy if w_hr is None else w_hr, dummy if lengths is None else lengths,
-            y, h_n, dummy if c_n is None else c_n, dummy if state is None else state,
-            T, B, H, P, REVERSE=reverse, BLOCK_B=block_b, BLOCK_H=_pow2(H), BLOCK_P=_persistent_block_p(P, proj),
-            num_warps=8, **common,
-        )
-    else:
+        try:  # refused before it runs, if at all: gx and c are still untouched
+            kernels._persistent_fwd_kernel[(triton.cdiv(B, block_b),)](
+                gx, h0, dummy if c is None else c, w_hh, dummy if b_hh is None else b_hh,
+                dummy if w_hr is None else w_hr, dummy if lengths is None else lengths,
+                y, h_n, dummy if c_n is None else c_n, dummy if state is None else state,
+                T, B, H, P, REVERSE=reverse, BLOCK_B=block_b, BLOCK_H=_pow2(H),
+                BLOCK_P=_persistent_block_p(P, proj), num_warps=8, **common,
+            )
+        except OutOfResources as err:
+            _persistent_refused("the persistent forward kernel", requested, err)
+            path = "step"
+    if path == "step":
         grid, block_b, block_h = _step_grid(B, H)
         w_hr_f = None if w_hr is None else w_hr.float()
         m = torch.empty((B, H), dtype=torch.float32, device=dev) if proj else None
@@ -293,7 +316,7 @@ def layer_backward(
     P = w_hh.shape[1]
     is_lstm, is_gru = mode == "LSTM", mode == "GRU"
     proj = w_hr is not None
-    path = choose_path(mode, H, P if proj else 0, path)
+    requested, path = path, choose_path(mode, H, P if proj else 0, path)
     interp = interpreting()
     prec = _fp32_dot_precision()
     if gates.numel() != T * B * G * H:
@@ -322,16 +345,21 @@ def layer_backward(
         block_b = 16
         dh0 = torch.empty((B, P), dtype=torch.float32, device=dev)
         dc0 = torch.empty((B, H), dtype=torch.float32, device=dev) if is_lstm else None
-        kernels._persistent_bwd_kernel[(triton.cdiv(B, block_b),)](
-            gates, state if state.numel() else dummy, dummy if cprev is None else cprev, hprev,
-            dy, dh, dummy if dc is None else dc, w_hh_s, dummy if w_hr_s is None else w_hr_s,
-            dummy if lengths is None else lengths, dg, dummy if dghn is None else dghn,
-            dummy if dhnew is None else dhnew, dh0, dummy if dc0 is None else dc0,
-            T, B, H, P, MODE=MODE_ID[mode], HAS_PROJ=proj, HAS_LEN=lengths is not None,
-            REVERSE=reverse, BLOCK_B=block_b, BLOCK_H=_pow2(H), BLOCK_P=_persistent_block_p(P, proj),
-            INTERPRET=interp, PRECISION=prec, num_warps=8,
-        )
-    else:
+        try:  # refused before it runs, if at all: the carries dh and dc are still untouched
+            kernels._persistent_bwd_kernel[(triton.cdiv(B, block_b),)](
+                gates, state if state.numel() else dummy, dummy if cprev is None else cprev,
+                hprev, dy, dh, dummy if dc is None else dc, w_hh_s,
+                dummy if w_hr_s is None else w_hr_s, dummy if lengths is None else lengths, dg,
+                dummy if dghn is None else dghn, dummy if dhnew is None else dhnew, dh0,
+                dummy if dc0 is None else dc0, T, B, H, P, MODE=MODE_ID[mode], HAS_PROJ=proj,
+                HAS_LEN=lengths is not None, REVERSE=reverse, BLOCK_B=block_b,
+                BLOCK_H=_pow2(H), BLOCK_P=_persistent_block_p(P, proj), INTERPRET=interp,
+                PRECISION=prec, num_warps=8,
+            )
+        except OutOfResources as err:
+            _persistent_refused("the persistent backward kernel", requested, err)
+            path = "step"
+    if path == "step":
         grid, block_b, block_h = _step_grid(B, H)
         w_hh_f = w_hh_s.float()
         w_hr_f = None if w_hr_s is None else w_hr_s.float()
