@@ -13,8 +13,9 @@ Kernels (``MODE``: 0 LSTM, 1 GRU, 2 RNN_TANH, 3 RNN_RELU; G gates, H hidden, P =
                             tile from the previous backward step's dgates (matmul over K = G*H),
                             then the gate gradients and ``dc_{t-1}``.
 ``_persistent_fwd_kernel``  a whole chunk, grid (B tiles,): one program owns *all* hidden units
-``_persistent_bwd_kernel``  of its batch rows, keeps W_hh (and W_hr) in registers for the whole
-                            chunk and carries h, c (dh, dc) in registers from step to step. No
+``_persistent_bwd_kernel``  of its batch rows, keeps W_hh (and W_hr) on chip for the whole
+                            chunk (the compiler stages them in shared memory once, before the
+                            time loop) and carries h, c (dh, dc) in registers from step to step. No
                             other program ever reads its state, so there is no grid barrier
                             (and nothing that could deadlock the interpreter, which runs
                             programs one after another). Used where W fits on chip.
@@ -103,7 +104,7 @@ def _load_tile(ptr, rows, cols, stride, n_rows, n_cols):
 @triton.jit
 def _load_w(ptr, rows, cols, stride, n_rows, n_cols):
     """Like ``_load_tile`` but kept in the storage dtype: weights feed tl.dot as they are, and
-    in the persistent kernels they stay in registers for the whole chunk (half the space)."""
+    in the persistent kernels they stay on chip for the whole chunk (half the space)."""
     mask = (rows < n_rows)[:, None] & (cols < n_cols)[None, :]
     return tl.load(ptr + rows[:, None] * stride + cols[None, :], mask=mask, other=0.0)
 

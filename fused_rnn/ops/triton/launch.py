@@ -4,9 +4,9 @@ The split (DESIGN.md): the input projection ``x W_ih^T + b_ih`` for all T steps 
 GEMM; only the recurrence runs in our kernels, on one of two paths:
 
 ``persistent``  one launch per chunk and direction (``_persistent_fwd_kernel``): one program per
-                16 batch rows owns all hidden units, W_hh (and W_hr) stay in registers for the
-                whole chunk, h and c never leave the chip between steps. Taken when W fits the
-                register budget below.
+                16 batch rows owns all hidden units, W_hh (and W_hr) stay on chip for the
+                whole chunk (staged in shared memory once), h and c never leave the chip between
+                steps. Taken when W fits the budget below.
 ``step``        one launch per step (``_step_fwd_kernel``), grid (batch tiles, hidden tiles),
                 any size; W_hh is re-read from L2 every step.
 
@@ -130,7 +130,7 @@ def _persistent_refused(kernel: str, requested: str, err: OutOfResources) -> Non
 
 
 def choose_path(mode: str, hidden_size: int, proj_size: int, path: str = "auto") -> str:
-    """"persistent" when one program can hold W_hh (and W_hr) in registers, else "step"."""
+    """"persistent" when one program can hold W_hh (and W_hr) on chip, else "step"."""
     if path not in PATHS:
         raise ValueError(f"unknown path {path!r}; expected one of {PATHS}")
     if path != "auto":
