@@ -713,19 +713,18 @@ __device__ __forceinline__ Exchange<T> make_exchange(void* global, const Plan& p
 }
 
 // ---- launch ------------------------------------------------------------------------------------
-// Lets `fn` use all the shared memory the device opts in to, and returns its attributes. The
-// limit is set to the device's maximum, never to a plan's bytes: the attribute belongs to the
-// function, process-wide, so two host threads launching one kernel with different plans could
-// otherwise interleave set, set, launch, and the larger plan's launch would be refused. The
-// plan's own bytes go to the occupancy queries and the launch (binding.cpp has checked them
-// against the opt-in limit).
-inline cudaError_t allow_optin_smem(const void* fn, cudaFuncAttributes* attrs) {
+// Lets `fn` use all the shared memory the device opts in to. The limit is set to the device's
+// maximum, never to a plan's bytes: the attribute belongs to the function, process-wide, so two
+// host threads launching one kernel with different plans could otherwise interleave set, set,
+// launch, and the larger plan's launch would be refused. The plan's own bytes go to the
+// occupancy queries and the launch (binding.cpp has checked them against the opt-in limit).
+// All of a kernel's shared memory is the one dynamic array (`smem` above; a test checks that
+// csrc declares no static __shared__), so the whole opt-in limit may be dynamic.
+inline cudaError_t allow_optin_smem(const void* fn) {
   int device = 0, optin = 0;
   FRNN_CUDA_TRY(cudaGetDevice(&device));
   FRNN_CUDA_TRY(cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
-  FRNN_CUDA_TRY(cudaFuncGetAttributes(attrs, fn));
-  return cudaFuncSetAttribute(fn, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                              optin - static_cast<int>(attrs->sharedSizeBytes));
+  return cudaFuncSetAttribute(fn, cudaFuncAttributeMaxDynamicSharedMemorySize, optin);
 }
 
 // Cooperative launch of `kernel` with one Params argument, after checking co-residency with the
@@ -738,8 +737,7 @@ cudaError_t launch_cooperative(void (*kernel)(Params), const Params& p, cudaStre
   FRNN_CUDA_TRY(cudaDeviceGetAttribute(&coop, cudaDevAttrCooperativeLaunch, device));
   if (!coop) return cudaErrorNotSupported;
   FRNN_CUDA_TRY(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
-  cudaFuncAttributes attrs{};
-  FRNN_CUDA_TRY(allow_optin_smem(reinterpret_cast<const void*>(kernel), &attrs));
+  FRNN_CUDA_TRY(allow_optin_smem(reinterpret_cast<const void*>(kernel)));
   FRNN_CUDA_TRY(
       cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kThreads, p.plan.smem_bytes));
   if (per_sm * sms < p.plan.blocks) return cudaErrorCooperativeLaunchTooLarge;
@@ -765,8 +763,9 @@ cudaError_t launch_clusters(void (*kernel)(Params), const Params& p, cudaStream_
   const int size = teams ? p.plan.parts : p.plan.group_blocks;
   const int needed = p.plan.blocks / size;
   const void* fn = reinterpret_cast<const void*>(kernel);
+  FRNN_CUDA_TRY(allow_optin_smem(fn));
   cudaFuncAttributes attrs{};
-  FRNN_CUDA_TRY(allow_optin_smem(fn, &attrs));
+  FRNN_CUDA_TRY(cudaFuncGetAttributes(&attrs, fn));
   // An extension built without sm_90 code (TORCH_CUDA_ARCH_LIST="8.0+PTX", say) runs on an
   // sm_90 device as PTX compiled for sm_80, where the kernels' cluster branches are compiled
   // out and trap: the plain grid runs instead.

@@ -145,6 +145,28 @@ def test_kernels_do_not_spill(nvcc_results, name, arch):
     assert kernels == 16, f"expected 4 cells x 4 (type, math) kernels, ptxas listed {kernels}"
 
 
+_PTXAS_USED = re.compile(r"Used \d+ registers(.*)$")
+
+
+@pytest.mark.parametrize("arch", ARCHS, ids=lambda a: f"sm{a}")
+@pytest.mark.parametrize("name", [f.name for f in CU_FILES])
+def test_kernels_have_no_static_shared_memory(nvcc_results, name, arch):
+    """ptxas -v reports "N bytes smem" for static shared memory: there is none, so the launch
+    code may give the dynamic array the device's whole opt-in limit (rnn_common.cuh:
+    allow_optin_smem), which would be refused if a static array took part of it."""
+    rc, log, _ = nvcc_results[(name, arch)]
+    assert rc == 0, f"nvcc failed for {name} sm_{arch}"
+    current, kernels = None, 0
+    for line in log.splitlines():
+        if m := _PTXAS_ENTRY.search(line):
+            current = m.group(1)
+        elif (m := _PTXAS_USED.search(line)) and current is not None:
+            kernels += 1
+            assert "bytes smem" not in m.group(1), f"{current} sm_{arch}: {line.strip()}"
+            current = None
+    assert kernels == 16, f"expected 4 cells x 4 (type, math) kernels, ptxas listed {kernels}"
+
+
 _PTX_ENTRY = re.compile(r"^\.visible \.entry (\w+)\(", re.M)
 
 
