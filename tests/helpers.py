@@ -68,3 +68,24 @@ def assert_close_list(actual, expected, atol, rtol, what=""):
         assert a is not None, f"{what}[{i}]: missing"
         assert a.shape == e.shape, f"{what}[{i}]: shape {tuple(a.shape)} vs {tuple(e.shape)}"
         torch.testing.assert_close(a, e, atol=atol, rtol=rtol, msg=lambda m: f"{what}[{i}]: {m}")
+
+
+def record_gemm_precision(monkeypatch) -> list[str]:
+    """From now on, each fp32 GEMM a backend issues through ``F.linear``, ``@`` or ``torch.mm``
+    appends the cuBLAS precision set when it ran (``torch.backends.cuda.matmul.fp32_precision``,
+    torch >= 2.9) to the returned list: the setting is only read by cuBLAS on a GPU, so on the
+    CPU this is how a test sees which one a GPU would have used."""
+    seen: list[str] = []
+
+    def wrap(fn):
+        def recorded(*args, **kwargs):
+            if any(isinstance(a, torch.Tensor) and a.dtype == torch.float32 for a in args[:2]):
+                seen.append(torch.backends.cuda.matmul.fp32_precision)
+            return fn(*args, **kwargs)
+
+        return recorded
+
+    monkeypatch.setattr(torch.nn.functional, "linear", wrap(torch.nn.functional.linear))
+    monkeypatch.setattr(torch.Tensor, "__matmul__", wrap(torch.Tensor.__matmul__))
+    monkeypatch.setattr(torch, "mm", wrap(torch.mm))
+    return seen

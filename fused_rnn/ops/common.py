@@ -2,10 +2,12 @@
 
 Only backend-independent glue lives here: when to save for backward, placeholder gradients for
 absent inputs, rebuilding h_{t-1} from the outputs, the autocast rule, the refusal of double
-backward, and when fp32 may use TF32.
+backward, and when fp32 may use TF32 (in the kernels and in the time-parallel GEMMs).
 """
 
 from __future__ import annotations
+
+import contextlib
 
 import torch
 from torch import Tensor
@@ -23,6 +25,51 @@ def cudnn_rnn_tf32() -> bool:
     if precision is None:
         return bool(torch.backends.cudnn.allow_tf32)
     return precision == "tf32"
+
+
+
+def gemms_use_tf32(dtype: torch.dtype, fp32_tf32: bool) -> bool:
+    """Whether a backend's time-parallel fp32 GEMMs (the input projection for all steps, dx,
+    dW_ih, dW_hh) may run on TF32 tensor cores, for layer data of ``dtype``.
+
+    fp32 data: exactly when its recurrence may (``fp32_tf32``, :func:`cudnn_rnn_tf32` at the
+    call), which is what cuDNN does for the whole of nn.LSTM. fp16/bf16 data: always. Their
+    values are exact in TF32 (10-bit mantissa), so the forward products are the reference's
+    fp32 ones; in backward the fp32 pre-activation gradients are rounded to TF32, no coarser
+    than the storage dtype the recurrent matmul already rounds them to. Left to torch's default
+    (strict fp32, CUDA cores), the four GEMMs of a 256x128x1024 LSTM layer are ~1.1 TFLOP, about
+    20 ms at the H100's ~55 TFLOP/s of fp32, against cuDNN's 7.9 ms for the whole bf16 layer
+    (ANCHORS.md); on TF32 tensor cores, a few ms (an estimate, not measured).
+    """
+    return dtype != torch.float32 or fp32_tf32
+
+
+@contextlib.contextmanager
+def tf32_gemms(enabled: bool):
+    """cuBLAS fp32 GEMMs on TF32 (``enabled``) or strict fp32 inside the block, then as before.
+
+    torch has no per-call switch, so this sets the process-wide matmul precision and restores
+    it on exit; it writes nothing where the setting already agrees. The GEMMs it covers run
+    inside an opaque custom op, so a graph captured or compiled around the op keeps the choice
+    made here. Another host thread's fp32 matmuls inside the window see the setting too.
+    Set through the per-operator API where torch has it (>= 2.9): reading the legacy flag
+    raises once a user has set the new one.
+    """
+    matmul = torch.backends.cuda.matmul
+    if getattr(matmul, "fp32_precision", None) is None:  # torch < 2.9
+        old, new = matmul.allow_tf32, bool(enabled)
+        name = "allow_tf32"
+    else:
+        old, new = matmul.fp32_precision, "tf32" if enabled else "ieee"
+        name = "fp32_precision"
+    if old == new:
+        yield
+        return
+    setattr(matmul, name, new)
+    try:
+        yield
+    finally:
+        setattr(matmul, name, old)
 
 
 def needs_grad(*ts: Tensor | None) -> bool:

@@ -28,6 +28,7 @@ from pathlib import Path
 import pytest
 import torch
 from cases import install_standin, layer_inputs, rel, run_layer
+from helpers import record_gemm_precision
 
 import fused_rnn.ops.cuda as cuda_backend
 from fused_rnn.ops import reference
@@ -192,6 +193,32 @@ def test_fp32_math_follows_cudnn_rnn_precision(install, fp32_precision_restored,
     w_ih, w_hh = torch.randn(24, 5, generator=g), torch.randn(24, 8, generator=g)
     cuda_backend.rnn_layer("GRU", x, h0, None, w_ih, w_hh)
     assert [pl["math"] for _, _, pl in sim.launches] == [P.MATHS[math]]
+
+
+@pytest.mark.parametrize("dt,rnn,want", [("fp32", "ieee", "ieee"), ("fp32", "tf32", "tf32"),
+                                          ("bf16", "ieee", "tf32"), ("fp16", "ieee", "tf32")])
+def test_time_parallel_gemms_use_tf32_like_cudnn(install, monkeypatch, fp32_precision_restored,
+                                                  dt, rnn, want):
+    """The projection, dx, dW_ih and dW_hh GEMMs (cuBLAS through torch) run on TF32 where
+    cuDNN's whole RNN would for fp32, and always for fp16/bf16 data (exact in TF32), whatever
+    torch's matmul setting; the setting is left as it was. Strict fp32 GEMMs cost more than
+    cuDNN's whole layer at 256x128x1024 (common.gemms_use_tf32)."""
+    torch.backends.cudnn.rnn.fp32_precision = rnn
+    torch.backends.cuda.matmul.fp32_precision = "ieee" if want == "tf32" else "tf32"
+    before = torch.backends.cuda.matmul.fp32_precision
+    install(sms=4)
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[dt]
+    g = torch.Generator().manual_seed(0)
+    x, h0, c0 = (torch.randn(s, generator=g).to(dtype).requires_grad_()
+                 for s in ((3, 2, 5), (2, 8), (2, 8)))
+    w_ih, w_hh = (torch.randn(s, generator=g).to(dtype).requires_grad_()
+                  for s in ((32, 5), (32, 8)))
+    seen = record_gemm_precision(monkeypatch)
+    y, h_n, c_n = cuda_backend.rnn_layer("LSTM", x, h0, c0, w_ih, w_hh)
+    assert seen == [want], "the input projection"
+    (y.float().sum() + h_n.float().sum() + c_n.float().sum()).backward()
+    assert seen == [want] * 4, "the projection, then dx, dW_ih and dW_hh"
+    assert torch.backends.cuda.matmul.fp32_precision == before
 
 
 # ---------------------------------------------------------------------------------- mutations

@@ -19,6 +19,7 @@ import warnings
 import pytest
 import torch
 import training_checks
+from helpers import record_gemm_precision
 from torch.nn.utils.rnn import pack_padded_sequence
 
 import fused_rnn
@@ -260,6 +261,27 @@ def test_per_operator_tf32_settings_are_read_not_refused(fp32_precision_restored
         torch.testing.assert_close(a, b, atol=2e-5, rtol=1e-4)
     assert torch.backends.cuda.matmul.fp32_precision == matmul_before
     assert launch._fp32_dot_precision() == "ieee"
+
+
+@pytest.mark.parametrize("path", ["persistent", "step"])
+@pytest.mark.parametrize("dt,rnn,want", [("fp32", "ieee", "ieee"), ("fp32", "tf32", "tf32"),
+                                          ("bf16", "ieee", "tf32")])
+def test_torch_gemms_use_tf32_like_cudnn(monkeypatch, fp32_precision_restored, path, dt, rnn,
+                                         want):
+    """The launcher's cuBLAS GEMMs (projection, dx, dW_ih, dW_hh, and the step path's last
+    dh_0 product) run on TF32 where cuDNN's RNN would for fp32 and always for 16-bit data,
+    whatever torch's matmul setting (common.gemms_use_tf32), which is left as it was."""
+    torch.backends.cudnn.rnn.fp32_precision = rnn
+    torch.backends.cuda.matmul.fp32_precision = "ieee" if want == "tf32" else "tf32"
+    before = torch.backends.cuda.matmul.fp32_precision
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[dt]
+    inputs = make_inputs("GRU", 2, 3, 4, 8, seed=3)
+    ours, _ = layer_fns("GRU", path=path)
+    seen = record_gemm_precision(monkeypatch)
+    outputs_and_grads(ours, inputs, dtype, layer_cotangents("GRU", 2, 3, 8, 8))
+    assert len(seen) == (5 if path == "step" else 4), seen
+    assert set(seen) == {want}
+    assert torch.backends.cuda.matmul.fp32_precision == before
 
 
 def test_persistent_kernels_the_device_cannot_hold_fall_back_to_steps(monkeypatch):

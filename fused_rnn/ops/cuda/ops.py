@@ -7,7 +7,8 @@ formula and an autocast rule.
 =================================== ==========================================================
 
 The split of work (DESIGN.md): the input projection ``x W_ih^T + b_ih`` for all T steps is one
-fp32 GEMM here (cuBLAS through torch); the recurrence is one persistent cooperative kernel
+fp32 GEMM here (cuBLAS through torch, on TF32 tensor cores where ``common.gemms_use_tf32``
+allows); the recurrence is one persistent cooperative kernel
 (``csrc/rnn_forward.cu``); backward is one persistent kernel for the reverse-time recurrence
 (``csrc/rnn_backward.cu``) that yields the pre-activation gradients of every step, after which
 dx, dW_ih, dW_hh and the bias gradients are time-parallel GEMMs/reductions here again.
@@ -31,10 +32,12 @@ from torch import Tensor
 
 from fused_rnn.ops.cuda import _ext, profile
 from fused_rnn.ops.common import (
+    gemms_use_tf32,
     grad_like,
     previous_hidden,
     refuse_double_backward,
     register_autocast,
+    tf32_gemms,
 )
 from fused_rnn.ops.cuda.plan import CELLS, K_BATCH_PAD
 from fused_rnn.ops.reference import GATES, compute_dtype
@@ -237,9 +240,10 @@ def _layer_forward_impl(
         )
     ext = _ext.extension()
     cd = compute_dtype(dtype)  # fp32 (fp64 only reaches here in the CPU emulation tests)
-    # One GEMM for all T steps in the compute dtype, like the reference (TF32 only if torch's
-    # matmul flag says so).
-    xproj = F.linear(x.to(cd), w_ih.to(cd), _to(b_ih, cd)).contiguous()
+    # One GEMM for all T steps in the compute dtype, like the reference; on TF32 tensor cores
+    # for 16-bit data, and for fp32 where the recurrence may use TF32 (common.gemms_use_tf32).
+    with tf32_gemms(gemms_use_tf32(dtype, allow_tf32)):
+        xproj = F.linear(x.to(cd), w_ih.to(cd), _to(b_ih, cd)).contiguous()
     assert xproj.shape == (T, B, G * H)
     y, h_n, c_n, aux = ext.forward(
         CELLS[mode],
@@ -406,9 +410,10 @@ def _layer_backward_impl(
         dgh = torch.cat([dgx[..., : 2 * H], dghn], dim=-1) if mode == "GRU" else dgx
     dgx2 = dgx.reshape(T * B, G * H)
     dgh2 = dgh.reshape(T * B, G * H)
-    dx = (dgx2 @ w_ih.to(cd)).reshape(T, B, I).to(dtype)
-    dw_ih = (dgx2.t() @ x.reshape(T * B, I).to(cd)).to(w_ih.dtype)
-    dw_hh = (dgh2.t() @ hprev.reshape(T * B, H).to(cd)).to(w_hh.dtype)
+    with tf32_gemms(gemms_use_tf32(dtype, allow_tf32)):  # as the forward's projection
+        dx = (dgx2 @ w_ih.to(cd)).reshape(T, B, I).to(dtype)
+        dw_ih = (dgx2.t() @ x.reshape(T * B, I).to(cd)).to(w_ih.dtype)
+        dw_hh = (dgh2.t() @ hprev.reshape(T * B, H).to(cd)).to(w_hh.dtype)
     # Absent inputs get distinct empty tensors: custom-op outputs may not alias each other.
     db_ih = x.new_empty((0,)) if b_ih is None else dgx2.sum(0).to(b_ih.dtype)
     db_hh = x.new_empty((0,)) if b_hh is None else dgh2.sum(0).to(b_hh.dtype)

@@ -26,7 +26,6 @@ Inference (``save=False``) writes none of it.
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import warnings
 
@@ -36,7 +35,12 @@ import triton
 from torch import Tensor
 from triton.runtime.errors import OutOfResources
 
-from fused_rnn.ops.common import cudnn_rnn_tf32, previous_hidden
+from fused_rnn.ops.common import (
+    cudnn_rnn_tf32,
+    gemms_use_tf32,
+    previous_hidden,
+    tf32_gemms,
+)
 from fused_rnn.ops.reference import GATES
 from fused_rnn.ops.triton import kernels
 
@@ -75,34 +79,10 @@ def _fp32_dot_precision() -> str:
     return "tf32" if cudnn_rnn_tf32() and not interpreting() else "ieee"
 
 
-@contextlib.contextmanager
 def _gemm_tf32(dtype: torch.dtype):
-    """Set TF32 for the time-parallel fp32 GEMMs (torch), on CUDA only.
-
-    fp32 data: TF32 iff cuDNN's RNNs may use it (:func:`cudnn_rnn_tf32`, what nn.LSTM does).
-    fp16/bf16 data: always, because those values are exactly representable in TF32, so the
-    forward products are exact (the reference's fp32 math) at tensor-core speed; in backward the
-    fp32 dgates are rounded to TF32, finer than the storage dtype the recurrent dot already
-    rounds them to. A global flag, restored on exit (these GEMMs run inside an opaque custom
-    op; another host thread's matmuls in that window see it too). Set through the per-operator
-    API where torch has it: reading the legacy flag raises once a user has set the new one.
-    """
-    want = dtype != torch.float32 or cudnn_rnn_tf32()
-    matmul = torch.backends.cuda.matmul
-    if getattr(matmul, "fp32_precision", None) is None:  # torch < 2.9
-        old = matmul.allow_tf32
-        matmul.allow_tf32 = want
-        try:
-            yield
-        finally:
-            matmul.allow_tf32 = old
-        return
-    old = matmul.fp32_precision
-    matmul.fp32_precision = "tf32" if want else "ieee"
-    try:
-        yield
-    finally:
-        matmul.fp32_precision = old
+    """TF32 or not for the time-parallel GEMMs (torch) of ``dtype`` data, as
+    :func:`common.gemms_use_tf32` says (on CUDA only: cuBLAS's setting)."""
+    return tf32_gemms(gemms_use_tf32(dtype, cudnn_rnn_tf32()))
 
 
 def _persistent_block_p(P: int, proj: bool) -> int:
@@ -433,5 +413,5 @@ def _rec_grad(dg_t: Tensor, dghn_t: Tensor | None, w_hh_f: Tensor, mode: str, dt
     if dghn_t is not None:  # GRU: the hh side of the n gate differs
         H = dghn_t.shape[1]
         dg_t = torch.cat([dg_t[:, : 2 * H], dghn_t], dim=1)
-    with _gemm_tf32(torch.float32):
+    with _gemm_tf32(dtype):  # both operands hold ``dtype`` values: exact in TF32 for fp16/bf16
         return dg_t.to(dtype).float() @ w_hh_f
