@@ -6,6 +6,8 @@
   (dynamo would trace our wrapper instead of the real factory).
 * ``gpu`` marks tests that need a CUDA GPU; they are skipped without one, with the reason.
 * Without a GPU, ``TRITON_INTERPRET=1`` (Triton kernels run on the CPU, slowly).
+* Inductor's on-disk cache is a fresh directory per test run: its key does not cover our ops'
+  fake kernels, so a compiled graph cached under an earlier version of one would be reused.
 """
 
 from __future__ import annotations
@@ -20,6 +22,12 @@ import torch
 # any test module (or the report header below) can import the kernels.
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+
+# Read when torch._inductor is first imported (by the first torch.compile), so set here too.
+if "TORCHINDUCTOR_CACHE_DIR" not in os.environ:
+    import tempfile
+
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix="fused_rnn_inductor_")
 
 _real_empty = torch.empty
 _real_empty_like = torch.empty_like

@@ -78,9 +78,12 @@ def needs_grad(*ts: Tensor | None) -> bool:
 
 
 def grad_like(t: Tensor | None, like: Tensor) -> Tensor:
-    """A fake-kernel gradient shaped like ``t``, or an empty (0,) stand-in for an absent ``t``
-    (custom ops return Tensors, not None)."""
-    return like.new_empty((0,)) if t is None else torch.empty_like(t)
+    """A fake-kernel gradient shaped like ``t`` and contiguous, whatever ``t``'s strides (the
+    backward kernels write contiguous gradients; ``empty_like`` would copy the strides of a
+    ``batch_first`` input's transposed view, and torch.compile checks them against the real
+    op's), or an empty (0,) stand-in for an absent ``t`` (custom ops return Tensors, not
+    None)."""
+    return like.new_empty((0,)) if t is None else t.new_empty(t.shape)
 
 
 def previous_hidden(y: Tensor, h0: Tensor, lengths: Tensor | None, reverse: bool) -> Tensor:

@@ -179,6 +179,37 @@ def test_opcheck(mode):
     torch.library.opcheck(torch.ops.fused_rnn.cuda_layer.default, args)
 
 
+def _strided(t: torch.Tensor) -> torch.Tensor:
+    """``t``'s values in a transposed layout (a batch_first input's view, say), not contiguous."""
+    if t.dim() < 2:
+        return t
+    return t.transpose(0, 1).contiguous().transpose(0, 1)
+
+
+@pytest.mark.no_nan_fill
+@pytest.mark.parametrize("T", [4, 0])
+@pytest.mark.parametrize("mode", MODES)
+def test_opcheck_strided_inputs_and_backward(mode, T):
+    """Both ops, fake against real, with every input in a transposed layout (a batch_first
+    model's x is one): the gradients come back contiguous from both, which torch.compile
+    checks (a fake that copied x's strides failed every compiled batch_first model)."""
+    leaves, lens, _ = _inputs(mode, max(T, 1), 3, 5, 24, torch.float32, 2, False)
+    x, h0, c0, w_ih, w_hh, b_ih, b_hh = [
+        None if t is None else _strided(t.to(DEVICE, torch.float32)) for t in leaves
+    ]
+    x = x[:T]
+    assert (T == 0 or not x.is_contiguous()) and not h0.is_contiguous()
+    args = (mode, x, h0, c0, w_ih, w_hh, b_ih, b_hh, None, False, True, False)
+    torch.library.opcheck(torch.ops.fused_rnn.cuda_layer.default, args)
+    y, h_n, c_n, gates, aux = ops.cuda_layer(*args)
+    g = torch.Generator().manual_seed(3)
+    dy, dh_n, dc_n = (_strided(torch.randn(t.shape, generator=g).to(DEVICE))
+                      for t in (y, h_n, h_n))
+    bargs = (mode, x, h0, c0, w_ih, w_hh, b_ih, b_hh, None, False, False, y, gates, aux,
+             dy, dh_n, dc_n if mode == "LSTM" else None)
+    torch.library.opcheck(torch.ops.fused_rnn.cuda_layer_backward.default, bargs)
+
+
 @pytest.mark.parametrize("cell", ["LSTM", "GRU", "RNN"])
 def test_nn_module_drop_in(monkeypatch, cell):
     """fused_rnn.<cell>(backend="cuda") vs torch.nn (cuDNN): 2 layers, bidirectional, packed."""
@@ -378,6 +409,38 @@ def test_torch_compile_fullgraph(cuda_ext):
     torch.testing.assert_close(compiled(x, h0, c0), f(x, h0, c0), rtol=1e-5, atol=1e-5)
     if STANDIN:  # the stand-in really ran (the kernels take fp32/fp16/bf16, not float64)
         assert [d for d, *_ in cuda_ext.launches] == ["forward"] * 2
+
+
+
+@pytest.mark.no_nan_fill  # dynamo would trace the conftest's torch.empty wrapper
+def test_compiled_batch_first_model_matches_eager(cuda_ext):
+    """Embedding -> LSTM(batch_first) -> Linear, compiled with Inductor: the layer's input is a
+    transposed view that needs its gradient, the case where the fake and real backward must
+    agree on strides (Inductor asserts them)."""
+    torch.manual_seed(0)
+    emb, head = torch.nn.Embedding(11, 6), torch.nn.Linear(8, 11)
+    rnn = fused_rnn.LSTM(6, 8, batch_first=True, backend="cuda")
+    model = torch.nn.ModuleList([emb, rnn, head]).to(DEVICE)
+    tokens = torch.randint(0, 11, (3, 5), device=DEVICE)
+    state = (torch.randn(1, 3, 8, device=DEVICE), torch.randn(1, 3, 8, device=DEVICE))
+
+    def forward(tokens, state):
+        y, state = rnn(emb(tokens), state)
+        return head(y), state
+
+    def run(fn):
+        model.zero_grad()
+        logits, (h, c) = fn(tokens, state)
+        (logits.sin().sum() + h.square().sum() + c.cos().sum()).backward()
+        return [logits.detach(), h.detach(), c.detach()] + [p.grad.clone() for p in model.parameters()]
+
+    before = len(cuda_ext.launches) if STANDIN else 0
+    torch._dynamo.reset()
+    compiled = run(torch.compile(forward, fullgraph=True))
+    for a, b in zip(compiled, run(forward), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    if STANDIN:  # both runs went through the kernels, forward and backward
+        assert [d for d, *_ in cuda_ext.launches[before:]] == ["forward", "backward"] * 2
 
 
 # ---------------------------------------------------------------- around the layers: training

@@ -524,10 +524,18 @@ def test_every_launched_variant_compiles_for_sm90(tmp_path):
 
 
 # --------------------------------------------------------------------------- torch.library
-def _layer_args(mode, proj=0, lengths=False, reverse=False, path="auto", bias=True, grad=True):
+def _transposed_layout(t: torch.Tensor) -> torch.Tensor:
+    """``t``'s values, dims 0 and 1 in memory swapped (a batch_first input's view, say)."""
+    return t.transpose(0, 1).contiguous().transpose(0, 1) if t.dim() >= 2 else t
+
+
+def _layer_args(mode, proj=0, lengths=False, reverse=False, path="auto", bias=True, grad=True,
+                strided=False):
     B, T, I, H = 2, 3, 4, 8
     inp = make_inputs(mode, B, T, I, H, proj=proj, bias=bias, seed=10)
-    inp = {k: None if v is None else v.to(DEVICE).requires_grad_(grad) for k, v in inp.items()}
+    layout = _transposed_layout if strided else (lambda t: t)
+    inp = {k: None if v is None else layout(v.to(DEVICE)).requires_grad_(grad)
+           for k, v in inp.items()}
     lens = torch.tensor([3, 1], device=DEVICE) if lengths else None
     return (mode, *inp.values(), lens, reverse, True, path)
 
@@ -546,9 +554,14 @@ def test_opcheck_layer(cfg):
     torch.library.opcheck(torch.ops.fused_rnn.triton_layer.default, _layer_args(**cfg))
 
 
+@pytest.mark.parametrize("strided", [False, True], ids=["contiguous", "strided"])
 @pytest.mark.parametrize("cfg", [OPCHECK_LAYERS[0], OPCHECK_LAYERS[2]])
-def test_opcheck_layer_backward(cfg):
-    args = _layer_args(**cfg, grad=False)
+def test_opcheck_layer_backward(cfg, strided):
+    """Strided: every input in a transposed layout (a batch_first model's x is one). The
+    gradients come back contiguous from the kernels and from the fake alike, which Inductor
+    checks (a fake that copied x's strides failed compiled batch_first models)."""
+    args = _layer_args(**cfg, grad=False, strided=strided)
+    assert not strided or not args[1].is_contiguous()
     mode, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lens, reverse, _, path = args
     y, h_n, c_n, gates, state = ops.triton_layer(*args)
     g = torch.Generator().manual_seed(11)
@@ -560,9 +573,10 @@ def test_opcheck_layer_backward(cfg):
     )
 
 
+@pytest.mark.parametrize("strided", [False, True], ids=["contiguous", "strided"])
 @pytest.mark.parametrize("mode", ["LSTM", "GRU"])
-def test_opcheck_cell_and_backward(mode):
-    _, x, h0, c0, w_ih, w_hh, b_ih, b_hh, _, _, _, _, _ = _layer_args(mode)
+def test_opcheck_cell_and_backward(mode, strided):
+    _, x, h0, c0, w_ih, w_hh, b_ih, b_hh, _, _, _, _, _ = _layer_args(mode, strided=strided)
     args = (mode, x[0], h0, c0, w_ih, w_hh, b_ih, b_hh, True)
     torch.library.opcheck(torch.ops.fused_rnn.triton_cell.default, args)
     plain = tuple(a.detach() if isinstance(a, torch.Tensor) else a for a in args)
@@ -622,14 +636,18 @@ class _TinyModel(torch.nn.Module):
 def test_compile_fullgraph_matches_eager():
     torch.manual_seed(0)
     model = _TinyModel().to(DEVICE)
-    x = torch.randn(3, 5, 4, device=DEVICE)
+    # x needs its gradient: the batch_first layer's input is then a transposed view whose
+    # gradient Inductor checks against the fake's strides.
+    x = torch.randn(3, 5, 4, device=DEVICE, requires_grad=True)
     state = (torch.randn(2, 3, 8, device=DEVICE), torch.randn(2, 3, 8, device=DEVICE))
 
     def run(fn):
         model.zero_grad()
+        x.grad = None
         out, (h, c) = fn(x, state)
         (out.sin().sum() + (h * 2).cos().sum() + c.square().sum()).backward()
-        return [out.detach(), h.detach(), c.detach()] + [p.grad.clone() for p in model.parameters()]
+        return ([out.detach(), h.detach(), c.detach(), x.grad.clone()]
+                + [p.grad.clone() for p in model.parameters()])
 
     torch._dynamo.reset()
     with warnings.catch_warnings():

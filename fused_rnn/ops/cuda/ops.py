@@ -233,8 +233,9 @@ def _layer_forward_impl(
     if T == 0 or B == 0:
         return (
             x.new_zeros((T, B, H)),
-            h0.to(dtype, copy=True),
-            c0.to(dtype, copy=True) if mode == "LSTM" else x.new_empty((0,)),
+            h0.to(dtype, copy=True, memory_format=torch.contiguous_format),
+            c0.to(dtype, copy=True, memory_format=torch.contiguous_format)
+            if mode == "LSTM" else x.new_empty((0,)),
             x.new_zeros(g_shape, dtype=compute_dtype(dtype)),
             x.new_zeros(a_shape, dtype=compute_dtype(dtype)),
         )
@@ -430,11 +431,11 @@ cuda_layer_backward = torch.library.custom_op(
 def _(mode, x, h0, c0, w_ih, w_hh, b_ih, b_hh, lengths, reverse, allow_tf32, y, gates, aux,
       dy, dh_n, dc_n):
     return (
-        torch.empty_like(x),
-        torch.empty_like(h0),
+        grad_like(x, x),
+        grad_like(h0, x),
         grad_like(c0 if mode == "LSTM" else None, x),
-        torch.empty_like(w_ih),
-        torch.empty_like(w_hh),
+        grad_like(w_ih, x),
+        grad_like(w_hh, x),
         grad_like(b_ih, x),
         grad_like(b_hh, x),
     )

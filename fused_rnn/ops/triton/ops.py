@@ -166,11 +166,11 @@ def triton_layer_backward(
 def _(mode, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, reverse, y, gates, state,
       dy, dh_n, dc_n, path):
     return (
-        torch.empty_like(x),
-        torch.empty_like(h0),
+        grad_like(x, x),
+        grad_like(h0, x),
         grad_like(c0 if mode == "LSTM" else None, x),
-        torch.empty_like(w_ih),
-        torch.empty_like(w_hh),
+        grad_like(w_ih, x),
+        grad_like(w_hh, x),
         grad_like(b_ih, x),
         grad_like(b_hh, x),
         grad_like(w_hr, x),
@@ -265,11 +265,11 @@ def triton_cell_backward(
 @triton_cell_backward.register_fake
 def _(mode, x, h, c, w_ih, w_hh, b_ih, b_hh, h1, gates, state, dh1, dc1):
     return (
-        torch.empty_like(x),
-        torch.empty_like(h),
+        grad_like(x, x),
+        grad_like(h, x),
         grad_like(c if mode == "LSTM" else None, x),
-        torch.empty_like(w_ih),
-        torch.empty_like(w_hh),
+        grad_like(w_ih, x),
+        grad_like(w_hh, x),
         grad_like(b_ih, x),
         grad_like(b_hh, x),
     )
