@@ -25,9 +25,12 @@ using fused_rnn::Cell;
 using fused_rnn::Math;
 using fused_rnn::Plan;
 
+// On failure the runtime's per-thread error is cleared too (as c10's checks do), so that the
+// next successful call, ours or torch's, does not report this one again.
 #define FRNN_CHECK_CUDA(expr)                                                                \
   do {                                                                                       \
     const cudaError_t err_ = (expr);                                                         \
+    if (err_ != cudaSuccess) (void)cudaGetLastError();                                       \
     TORCH_CHECK(err_ == cudaSuccess, "fused_rnn CUDA backend: ", #expr, " failed: ",         \
                 cudaGetErrorName(err_), " (", cudaGetErrorString(err_), ")",                 \
                 err_ == cudaErrorCooperativeLaunchTooLarge                                   \

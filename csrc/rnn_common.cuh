@@ -742,10 +742,10 @@ cudaError_t launch_cooperative(void (*kernel)(Params), const Params& p, cudaStre
       cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kThreads, p.plan.smem_bytes));
   if (per_sm * sms < p.plan.blocks) return cudaErrorCooperativeLaunchTooLarge;
   void* args[] = {const_cast<Params*>(&p)};
-  FRNN_CUDA_TRY(cudaLaunchCooperativeKernel(reinterpret_cast<const void*>(kernel),
-                                            dim3(p.plan.blocks), dim3(kThreads), args,
-                                            p.plan.smem_bytes, stream));
-  return cudaGetLastError();
+  // The launch API returns its own errors. cudaGetLastError() here would also return (and
+  // clear) an error some earlier call of someone else's left pending, as if this launch failed.
+  return cudaLaunchCooperativeKernel(reinterpret_cast<const void*>(kernel), dim3(p.plan.blocks),
+                                     dim3(kThreads), args, p.plan.smem_bytes, stream);
 }
 
 // A launch with clusters (p.cluster, plan.h ClusterMode): kClusterGroups, plan.groups
@@ -811,7 +811,7 @@ cudaError_t launch_clusters(void (*kernel)(Params), const Params& p, cudaStream_
   }
   *launched = true;
   ++cluster_launches;
-  return cudaGetLastError();
+  return cudaSuccess;  // the launch's own errors came back from cudaLaunchKernelExC
 }
 
 // One chunk: with the clusters p.cluster asks for where the device takes them, else as a plain

@@ -114,6 +114,7 @@ def _load(sanitize: bool, csrc: Path) -> ctypes.CDLL:
             i, u64, p, fp = ctypes.c_int, ctypes.c_uint64, ctypes.c_void_p, ctypes.c_void_p
             lib.sim_configure.argtypes = [i, i, i, i, u64, i, i, i]
             lib.sim_last_error.restype = ctypes.c_char_p
+            lib.sim_set_cuda_error.argtypes = [i]
             lib.sim_cluster_launches.restype = ctypes.c_longlong
             lib.sim_plan.argtypes = [i] * 13 + [ctypes.POINTER(ctypes.c_int)]
             lib.sim_make_plan.argtypes = [i] * 9 + [ctypes.POINTER(ctypes.c_int)]

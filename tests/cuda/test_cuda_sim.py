@@ -152,6 +152,26 @@ def test_cooperative_grid_that_cannot_be_co_resident_is_refused(install):
         _layer("LSTM", "bf16")
 
 
+@pytest.mark.parametrize("clusters", [False, True], ids=["grid", "clusters"])
+def test_an_error_left_pending_by_someone_else_is_not_reported_as_ours(install, monkeypatch,
+                                                                       clusters):
+    """The launch API returns a launch's own errors. An error that an earlier runtime call of
+    another library left pending in cudaGetLastError (cudaErrorInvalidValue here) is not read
+    back after our good launches, which would fail them (and clear the other's error)."""
+    B, H = 3, 37
+    if clusters:
+        env, B, H = NO_SM90_CASES["groups"]
+        for k, v in env.items():
+            monkeypatch.setenv(k, v)
+    sim = install(sms=8)
+    before = sim.cluster_launches()
+    sim.lib.sim_set_cuda_error(1)  # cudaErrorInvalidValue
+    outs = _layer("LSTM", "bf16", B=B, T=3, H=H)
+    assert all(torch.isfinite(t).all() for t in outs)
+    assert [d for d, *_ in sim.launches] == ["forward", "backward"]
+    assert sim.cluster_launches() - before == (2 if clusters else 0)
+
+
 def test_shared_memory_beyond_the_opt_in_limit_is_refused(install):
     sim = install(sms=4)
     # without staging, which only takes what is left over

@@ -525,6 +525,7 @@ long long tick() {
 void configure(const Config& c) { g_config = c; }
 const Config& config() { return g_config; }
 const std::string& last_message() { return g_last_message; }
+void set_last_error(int code) { t_last_error = static_cast<cudaError_t>(code); }
 
 void register_kernel(const void* func, void (*invoke)(const void*, void**)) {
   registry()[func] = invoke;

@@ -106,6 +106,8 @@ int sim_configure(int sms, int smem_optin, int smem_per_sm, int order, uint64_t 
 
 const char* sim_last_error() { return g_error.c_str(); }
 
+void sim_set_cuda_error(int code) { cudasim::set_last_error(code); }
+
 // out[0..20]: math, then Plan's fields in declaration order (units .. part_ld), then the
 // ClusterMode.
 int sim_plan(int cell, int dtype, int allow_tf32, int hidden, int backward, int batch_pad,

@@ -22,6 +22,9 @@ struct Config {
 void configure(const Config& c);
 const Config& config();
 const std::string& last_message();  // why the last launch failed ("" if it did not)
+// Leaves `code` pending in this thread's cudaGetLastError, as a failed runtime call of someone
+// else's (torch's, say) would.
+void set_last_error(int code);
 
 // Called at load time by the kernel translation units: how to call `func` with its args.
 void register_kernel(const void* func, void (*invoke)(const void* func, void** args));
