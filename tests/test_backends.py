@@ -260,3 +260,35 @@ def test_tf32_rule_reads_the_legacy_flag(monkeypatch):
     assert common.cudnn_rnn_tf32() is False
     legacy.allow_tf32 = True
     assert common.cudnn_rnn_tf32() is True
+
+
+def test_tf32_gemm_windows_of_two_threads_do_not_interleave(fp32_precision_restored):
+    """Autograd runs backward on one thread per GPU: two layers' TF32 windows (one wanting
+    TF32, one strict fp32) must each see only their own setting throughout, and leave the
+    process on the setting it had before."""
+    import threading
+    import time
+
+    from fused_rnn.ops.common import tf32_gemms
+
+    matmul = torch.backends.cuda.matmul
+    matmul.fp32_precision = "ieee"
+    seen = {True: [], False: []}
+    inside = threading.Event()
+
+    def window(enabled):
+        with tf32_gemms(enabled):
+            inside.set()
+            for _ in range(5):
+                seen[enabled].append(matmul.fp32_precision)
+                time.sleep(0.01)
+
+    first = threading.Thread(target=window, args=(True,))
+    first.start()
+    assert inside.wait(5)
+    second = threading.Thread(target=window, args=(False,))
+    second.start()
+    first.join(5)
+    second.join(5)
+    assert seen == {True: ["tf32"] * 5, False: ["ieee"] * 5}
+    assert matmul.fp32_precision == "ieee"

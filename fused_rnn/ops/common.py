@@ -8,6 +8,7 @@ backward, and when fp32 may use TF32 (in the kernels and in the time-parallel GE
 from __future__ import annotations
 
 import contextlib
+import threading
 
 import torch
 from torch import Tensor
@@ -44,6 +45,9 @@ def gemms_use_tf32(dtype: torch.dtype, fp32_tf32: bool) -> bool:
     return dtype != torch.float32 or fp32_tf32
 
 
+_tf32_lock = threading.RLock()
+
+
 @contextlib.contextmanager
 def tf32_gemms(enabled: bool):
     """cuBLAS fp32 GEMMs on TF32 (``enabled``) or strict fp32 inside the block, then as before.
@@ -51,25 +55,29 @@ def tf32_gemms(enabled: bool):
     torch has no per-call switch, so this sets the process-wide matmul precision and restores
     it on exit; it writes nothing where the setting already agrees. The GEMMs it covers run
     inside an opaque custom op, so a graph captured or compiled around the op keeps the choice
-    made here. Another host thread's fp32 matmuls inside the window see the setting too.
-    Set through the per-operator API where torch has it (>= 2.9): reading the legacy flag
-    raises once a user has set the new one.
+    made here. Our windows are serialized by a lock: autograd runs backward on one thread per
+    GPU, and two layers' windows interleaving their saves and restores could run each other's
+    GEMMs in the wrong precision and leave the process on the wrong one. Another library's
+    fp32 matmuls on another thread inside a window still see the setting. Set through the
+    per-operator API where torch has it (>= 2.9): reading the legacy flag raises once a user
+    has set the new one.
     """
     matmul = torch.backends.cuda.matmul
-    if getattr(matmul, "fp32_precision", None) is None:  # torch < 2.9
-        old, new = matmul.allow_tf32, bool(enabled)
-        name = "allow_tf32"
-    else:
-        old, new = matmul.fp32_precision, "tf32" if enabled else "ieee"
-        name = "fp32_precision"
-    if old == new:
-        yield
-        return
-    setattr(matmul, name, new)
-    try:
-        yield
-    finally:
-        setattr(matmul, name, old)
+    with _tf32_lock:
+        if getattr(matmul, "fp32_precision", None) is None:  # torch < 2.9
+            old, new = matmul.allow_tf32, bool(enabled)
+            name = "allow_tf32"
+        else:
+            old, new = matmul.fp32_precision, "tf32" if enabled else "ieee"
+            name = "fp32_precision"
+        if old == new:
+            yield
+            return
+        setattr(matmul, name, new)
+        try:
+            yield
+        finally:
+            setattr(matmul, name, old)
 
 
 def needs_grad(*ts: Tensor | None) -> bool:
