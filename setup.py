@@ -40,12 +40,32 @@ class BuildPyWithCsrc(build_py):
                 shutil.copy2(f, dst / f.name)
 
 
+def _buildinfo():
+    """fused_rnn/ops/cuda/buildinfo.py, loaded by path (the package cannot be imported yet)."""
+    import importlib.util
+
+    path = ROOT / "fused_rnn" / "ops" / "cuda" / "buildinfo.py"
+    spec = importlib.util.spec_from_file_location("fused_rnn_buildinfo", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
 def cuda_extension():
     """(ext_modules, cmdclass) for the ahead-of-time CUDA build, or nothing without the flag."""
     if os.environ.get("FUSED_RNN_BUILD_CUDA", "0") != "1":
         return [], {}
     from torch.utils.cpp_extension import BuildExtension, CUDAExtension
 
+    info = _buildinfo()
+    arch = os.environ.get("TORCH_CUDA_ARCH_LIST")
+    if arch is not None:  # the kernels need sm_80+, and nvcc fails the build on older entries
+        kept, dropped = info.filter_arch_list(arch)
+        if not kept:
+            raise SystemExit(f"TORCH_CUDA_ARCH_LIST={arch!r}: the CUDA kernels need 8.0 or newer")
+        if dropped:
+            print(f"fused_rnn: building for {';'.join(kept)}, not {', '.join(dropped)} (< 8.0)")
+            os.environ["TORCH_CUDA_ARCH_LIST"] = ";".join(kept)
     sources = sorted(
         f"{CSRC}/{f.name}" for f in (ROOT / CSRC).iterdir() if f.suffix in (".cu", ".cpp")
     )
@@ -55,7 +75,7 @@ def cuda_extension():
         include_dirs=[str(ROOT / CSRC)],
         # Same flags as the JIT build (fused_rnn/ops/cuda/_ext.py).
         extra_compile_args={
-            "cxx": ["-O3", "-std=c++20"],
+            "cxx": ["-O3", "-std=c++20", f"-DFRNN_SOURCE_HASH={info.source_hash(ROOT / CSRC)}"],
             "nvcc": ["-O3", "-std=c++20", "--expt-relaxed-constexpr", "-lineinfo"],
         },
     )

@@ -367,10 +367,30 @@ std::vector<int64_t> device_info(int64_t index) {
   return {d.sms, d.smem_optin, d.major, d.minor, d.cooperative};
 }
 
+// (0, binary version, PTX version) where the build has code device `index` can run, else
+// (the CUDA error code, 0, 0): fused_rnn.h kernel_image, on that device.
+std::vector<int64_t> kernel_image(int64_t index) {
+  TORCH_CHECK(index >= 0 && index < c10::cuda::device_count(),
+              "fused_rnn CUDA backend: no CUDA device ", index);
+  const c10::cuda::CUDAGuard guard(static_cast<c10::DeviceIndex>(index));
+  int binary = 0, ptx = 0;
+  const cudaError_t err = fused_rnn::kernel_image(&binary, &ptx);
+  return {static_cast<int64_t>(err), binary, ptx};
+}
+
 }  // namespace
+
+// The digest of csrc/ this was built from (fused_rnn/ops/cuda/buildinfo.py source_hash, passed
+// by both builds as -DFRNN_SOURCE_HASH=h...): the loader refuses a build from other sources.
+#ifndef FRNN_SOURCE_HASH
+#define FRNN_SOURCE_HASH unknown
+#endif
+#define FRNN_STR2(x) #x
+#define FRNN_STR(x) FRNN_STR2(x)
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "fused_rnn persistent CUDA kernels (see csrc/)";
+  m.attr("source_hash") = FRNN_STR(FRNN_SOURCE_HASH);
   m.def("forward", &forward, "persistent forward over a chunk", py::arg("mode"), py::arg("xproj"),
         py::arg("h0"), py::arg("c0"), py::arg("w_hh"), py::arg("b_hh"), py::arg("lengths"),
         py::arg("reverse"), py::arg("allow_tf32"), py::arg("save"), py::arg("max_groups"),
@@ -389,6 +409,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("max_blocks"), py::arg("groups") = 1, py::arg("stage_rows") = 0,
         py::arg("stage_k") = 0, py::arg("parts") = 1);
   m.def("device_info", &device_info, "(num_sms, smem_optin, major, minor, cooperative)");
+  m.def("kernel_image", &kernel_image,
+        "(cuda error code, binary version, ptx version) of the code device `index` would run");
   m.def("cluster_launches", [] { return fused_rnn::cluster_launches; },
         "launches so far that ran as clusters (cluster mode, not its cooperative fallback)");
 }

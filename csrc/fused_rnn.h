@@ -107,6 +107,13 @@ inline long long cluster_launches = 0;
 template <Cell C, typename T, Math M>
 cudaError_t launch_backward(const BwdParams& p, cudaStream_t stream);
 
+// Whether the extension holds code the current device can run: cudaFuncGetAttributes of one
+// kernel, which fails (cudaErrorNoKernelImageForDevice) where the build had neither SASS for
+// the device's architecture nor PTX it can compile (TORCH_CUDA_ARCH_LIST="8.0" on an H100, or
+// "8.0;9.0" on a newer GPU). On success, the versions of the code it would run (e.g. 90, 90).
+// The error is cleared before returning: a missing image is an answer here, not a fault.
+cudaError_t kernel_image(int* binary_version, int* ptx_version);
+
 template <auto V> struct Constant { static constexpr decltype(V) value = V; };
 template <typename T> struct Tag { using type = T; };
 

@@ -143,6 +143,20 @@ cudaError_t launch_forward(const FwdParams& p, cudaStream_t stream) {
   return detail::launch_chunk(detail::rnn_forward_kernel<C, T, M>, p, stream);
 }
 
+cudaError_t kernel_image(int* binary_version, int* ptx_version) {
+  cudaFuncAttributes attrs{};
+  const cudaError_t err = cudaFuncGetAttributes(
+      &attrs, reinterpret_cast<const void*>(
+                  detail::rnn_forward_kernel<Cell::kLSTM, float, Math::kFma>));
+  if (err != cudaSuccess) {
+    (void)cudaGetLastError();
+    return err;
+  }
+  *binary_version = attrs.binaryVersion;
+  *ptx_version = attrs.ptxVersion;
+  return cudaSuccess;
+}
+
 FRNN_INSTANTIATE(launch_forward, FwdParams)
 
 }  // namespace fused_rnn

@@ -20,6 +20,7 @@ import shutil
 import subprocess
 import sys
 import sysconfig
+import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -535,3 +536,141 @@ def test_preflight_script_reports_binding_mismatches(monkeypatch):
     broken = types.SimpleNamespace(forward=too_few_parameters, backward=device_check)
     problems = mod.check_calls(broken)
     assert len(problems) == 8 and all("forward" in p for p in problems), problems
+
+
+# ------------------------------------------------------------------ what a build is made from
+@pytest.mark.parametrize("value,kept,dropped", [
+    ("7.5 8.0 8.6 9.0+PTX", ["8.0", "8.6", "9.0+PTX"], ["7.5"]),
+    ("8.0;9.0a", ["8.0", "9.0a"], []),
+    ("Turing;Ampere;Hopper+PTX", ["Ampere", "Hopper+PTX"], ["Turing"]),
+    ("6.1;7.0", [], ["6.1", "7.0"]),
+])
+def test_arch_list_keeps_what_the_kernels_can_be_built_for(value, kept, dropped):
+    from fused_rnn.ops.cuda.buildinfo import filter_arch_list
+
+    assert filter_arch_list(value) == (kept, dropped)
+
+
+def test_an_arch_list_older_than_sm80_is_filtered_or_explained(monkeypatch):
+    """nvcc fails the whole build on an sm_75 entry (no TF32 WMMA, no bf16): it is left out of
+    the build's list, and a list with nothing newer is explained before building."""
+    monkeypatch.setenv("TORCH_CUDA_ARCH_LIST", "7.5 8.0 9.0+PTX")
+    assert _ext.build_arch_list() == ("8.0;9.0+PTX", ["7.5"])
+    assert "8.0_9.0+PTX" in _ext.build_dir().name
+    monkeypatch.setenv("TORCH_CUDA_ARCH_LIST", "7.0;7.5")
+    why = _ext.jit_obstacle()
+    assert why and "names no architecture the kernels support" in why
+
+
+def test_unset_arch_list_skips_a_visible_gpu_older_than_sm80(monkeypatch):
+    """Unset, torch builds for every visible GPU; an sm_75 one beside an H100 would fail the
+    build for both, so the list becomes the sm_80+ ones."""
+    monkeypatch.delenv("TORCH_CUDA_ARCH_LIST", raising=False)
+    caps = {0: (7, 5), 1: (9, 0), 2: (8, 0)}
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: len(caps))
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda i: caps[i])
+    assert _ext.build_arch_list() == ("8.0;9.0+PTX", ["7.5"])
+    caps[0] = (8, 6)
+    assert _ext.build_arch_list() == (None, [])  # torch's own default
+
+
+def test_the_machine_check_does_not_judge_gpu0_and_a_device_check_judges_its_gpu(monkeypatch):
+    """With an sm_75 GPU 0 and an H100 as GPU 1, the backend is available on GPU 1."""
+    caps = {0: (7, 5), 1: (9, 0)}
+    monkeypatch.setattr(torch.version, "cuda", "13.0")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda i: caps[i])
+    assert _ext._platform_obstacle(None) is None
+    assert _ext._platform_obstacle(torch.device("cuda", 1)) is None
+    why = _ext._platform_obstacle(torch.device("cuda", 0))
+    assert why and "GPU 0 has compute capability 7.5" in why
+
+
+def test_a_gpu_the_build_has_no_code_for_gets_a_reason(monkeypatch):
+    """A build without the device's architecture (TORCH_CUDA_ARCH_LIST="8.0" on an H100) loads,
+    then every launch would fail: the binding's kernel_image probe says so first, per device,
+    and the backend falls back with the reason."""
+    import types
+
+    calls = []
+
+    def kernel_image(index):
+        calls.append(index)
+        return [209, 0, 0] if index == 1 else [0, 90, 90]  # cudaErrorNoKernelImageForDevice
+
+    fake = types.SimpleNamespace(kernel_image=kernel_image, __name__="fake_ext")
+    monkeypatch.setattr(_ext, "_platform_obstacle", lambda device: None)
+    monkeypatch.setattr(_ext, "_ext", fake)
+    monkeypatch.setattr(_ext, "_failure", None)
+    monkeypatch.setattr(_ext, "_images", {})
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda i: (10, 0))
+    assert _ext.unavailable_reason(None) is None
+    assert _ext.unavailable_reason(torch.device("cuda", 0)) is None
+    why = _ext.unavailable_reason(torch.device("cuda", 1))
+    assert why and "holds no code for GPU 1 (compute capability 10.0" in why
+    assert "TORCH_CUDA_ARCH_LIST" in why
+    assert _ext.unavailable_reason(torch.device("cuda", 1)) == why
+    assert calls == [0, 1], "probed once per device"
+
+
+def test_a_prebuilt_extension_from_other_sources_is_not_used(monkeypatch):
+    """An ahead-of-time .so left in an editable checkout across a git pull was built from other
+    csrc/: it is refused with a warning (and built again just in time); one built from these
+    sources is used."""
+    import types
+
+    from fused_rnn.ops.cuda.buildinfo import source_hash
+
+    mod = types.SimpleNamespace(source_hash="h0123456789abcdef", __file__="/x/_cuda_ext.so")
+    monkeypatch.setattr(_ext.importlib, "import_module", lambda name: mod)
+    with pytest.warns(RuntimeWarning, match="built from other sources"):
+        assert _ext._prebuilt() is None
+    mod.source_hash = source_hash(CSRC)
+    assert _ext._prebuilt() is mod
+
+
+def test_source_hash_follows_every_source_and_header(tmp_path):
+    from fused_rnn.ops.cuda.buildinfo import HEADERS, SOURCES, source_hash
+
+    shutil.copytree(CSRC, tmp_path / "csrc")
+    base = source_hash(tmp_path / "csrc")
+    assert base == source_hash(CSRC) and base.startswith("h") and len(base) == 17
+    for name in SOURCES + HEADERS:
+        f = tmp_path / "csrc" / name
+        text = f.read_text()
+        f.write_text(text + "\n")
+        assert source_hash(tmp_path / "csrc") != base, name
+        f.write_text(text)
+
+
+def test_a_build_killed_midway_does_not_block_the_next(tmp_path):
+    """torch's loader waits without a timeout while its lock file exists; a builder killed
+    mid-build leaves it. Under fused_rnn's flock no live builder holds it, so it is removed
+    (with a warning) and the build proceeds."""
+    (tmp_path / "lock").write_text("")
+    with pytest.warns(RuntimeWarning, match="did not finish"):
+        with _ext._build_lock(tmp_path):
+            assert not (tmp_path / "lock").exists()
+    with _ext._build_lock(tmp_path):  # nothing left behind, nothing to say
+        pass
+
+
+def test_the_build_lock_excludes_another_process(tmp_path):
+    """A second process waits for the first builder's flock, and gets it once released."""
+    code = (
+        "import sys, time\n"
+        "from pathlib import Path\n"
+        "from fused_rnn.ops.cuda import _ext\n"
+        "print('waiting', flush=True)\n"
+        "with _ext._build_lock(Path(sys.argv[1])):\n"
+        "    print(time.time(), flush=True)\n"
+    )
+    with _ext._build_lock(tmp_path):
+        proc = subprocess.Popen([sys.executable, "-c", code, str(tmp_path)],
+                                stdout=subprocess.PIPE, text=True)
+        assert proc.stdout.readline().strip() == "waiting"
+        time.sleep(1.0)
+        assert proc.poll() is None, "the second builder did not wait"
+        released = time.time()
+    got = float(proc.stdout.readline())
+    assert proc.wait(timeout=60) == 0 and got >= released

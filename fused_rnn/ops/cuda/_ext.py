@@ -6,12 +6,21 @@ Two ways to get it:
   ``fused_rnn._cuda_ext`` (setup.py; torch must already be installed, hence no isolation);
 * otherwise just in time, on the first use of the CUDA backend on a GPU machine:
   ``torch.utils.cpp_extension.load`` compiles ``csrc/`` with ninja into a build directory that
-  is specific to the torch version, its CUDA version, the Python version and the target
-  architectures, so a cache is never reused across them. One build serves every shape (shapes
-  are runtime arguments). torch's loader holds a file lock (baton) in the build directory, so
-  two processes starting at once build it once. ``FUSED_RNN_CUDA_BUILD_DIR`` overrides the
-  directory (default ``~/.cache/fused_rnn/cuda_ext/<versions>``); ``FUSED_RNN_CUDA_VERBOSE=1``
-  shows the compiler output.
+  is specific to the torch version, its CUDA version, the Python version, the target
+  architectures and the sources (``buildinfo.source_hash``), so a cache is never reused across
+  them. One build serves every shape (shapes are runtime arguments). Two processes starting at
+  once build it once: the first holds an ``flock`` on the build directory (released by the
+  kernel if the process dies), the second waits for it and loads the result; torch's own lock
+  file, left behind by a builder killed mid-build, is removed under that lock instead of
+  hanging every later process. ``FUSED_RNN_CUDA_BUILD_DIR`` overrides the directory (default
+  ``~/.cache/fused_rnn/cuda_ext/<versions>``); ``FUSED_RNN_CUDA_VERBOSE=1`` shows the compiler
+  output.
+
+Only sm_80 and newer are built: older entries of ``TORCH_CUDA_ARCH_LIST`` are dropped with a
+warning (nvcc would fail the whole build on them). A prebuilt extension from other sources than
+``csrc/`` (a stale ``.so`` in an editable checkout) is refused with a warning and built again;
+a GPU the loaded build has no code for gets a reason (and the call falls back), not a failure
+at launch.
 
 Nothing here raises at import: every obstacle (CPU-only torch, no GPU, no nvcc, no host C++
 compiler, mismatched CUDA versions, an empty ``TORCH_CUDA_ARCH_LIST``, a failed build) becomes a
@@ -21,6 +30,7 @@ sentence returned by :func:`unavailable_reason`, and :func:`extension` raises it
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import os
 import re
@@ -28,13 +38,13 @@ import shutil
 import subprocess
 import sys
 import threading
+import warnings
 from pathlib import Path
 from types import ModuleType
 
 import torch
 
-SOURCES = ("binding.cpp", "rnn_forward.cu", "rnn_backward.cu")
-HEADERS = ("plan.h", "fused_rnn.h", "rnn_common.cuh")
+from fused_rnn.ops.cuda.buildinfo import HEADERS, SOURCES, filter_arch_list, source_hash
 PREBUILT = "fused_rnn._cuda_ext"
 JIT_NAME = "fused_rnn_cuda_ext"
 NVCC_FLAGS = ("-O3", "-std=c++20", "--expt-relaxed-constexpr", "-lineinfo")
@@ -47,6 +57,7 @@ BUILD_HINT = (
 _lock = threading.Lock()
 _ext: ModuleType | None = None
 _failure: str | None = None  # why loading failed (cached: a failed build is not retried)
+_images: dict[int, str | None] = {}  # device index -> why the build has no code for it
 
 
 def sources_dir() -> Path | None:
@@ -59,8 +70,25 @@ def sources_dir() -> Path | None:
     return None
 
 
-def _arch_tag() -> str:
+def build_arch_list() -> tuple[str | None, list[str]]:
+    """(the ``TORCH_CUDA_ARCH_LIST`` to build with, None for torch's default; the entries left
+    out as older than sm_80). Unset, torch builds for every visible GPU: if one is older than
+    sm_80, the list is set to the visible sm_80+ ones (the newest with PTX, as torch does)."""
     arch = os.environ.get("TORCH_CUDA_ARCH_LIST")
+    if arch is not None:
+        kept, dropped = filter_arch_list(arch)
+        return (";".join(kept) if dropped else arch), dropped
+    caps = sorted({torch.cuda.get_device_capability(i) for i in range(torch.cuda.device_count())})
+    new = [c for c in caps if c >= (8, 0)]
+    if len(new) == len(caps) or not new:
+        return None, []
+    entries = [f"{a}.{b}" for a, b in new]
+    entries[-1] += "+PTX"
+    return ";".join(entries), [f"{a}.{b}" for a, b in caps if (a, b) < (8, 0)]
+
+
+def _arch_tag() -> str:
+    arch, _ = build_arch_list()
     if arch:
         return "arch" + re.sub(r"[^0-9A-Za-z.+]+", "_", arch)
     caps = sorted({torch.cuda.get_device_capability(i) for i in range(torch.cuda.device_count())})
@@ -68,13 +96,15 @@ def _arch_tag() -> str:
 
 
 def build_dir() -> Path:
-    """Per torch/CUDA/Python/architecture build directory for the JIT build."""
+    """Per torch/CUDA/Python/architecture/sources build directory for the JIT build."""
     override = os.environ.get("FUSED_RNN_CUDA_BUILD_DIR")
     if override:
         return Path(override)
+    src = sources_dir()
     tag = (
         f"torch{torch.__version__}-cu{torch.version.cuda}-"
         f"py{sys.version_info[0]}{sys.version_info[1]}-{_arch_tag()}"
+        f"-{source_hash(src) if src is not None else 'nosrc'}"
     )
     tag = re.sub(r"[^0-9A-Za-z.+_-]+", "_", tag)
     root = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"))
@@ -114,6 +144,11 @@ def jit_obstacle() -> str | None:
             "TORCH_CUDA_ARCH_LIST is set but empty, so there is no architecture to compile for; "
             "unset it (to target the visible GPUs) or set it, e.g. TORCH_CUDA_ARCH_LIST='8.0;9.0'"
         )
+    if arch is not None and not filter_arch_list(arch)[0]:
+        return (
+            f"TORCH_CUDA_ARCH_LIST={arch!r} names no architecture the kernels support (they need "
+            "8.0 or newer); add one, e.g. TORCH_CUDA_ARCH_LIST='8.0;9.0'"
+        )
     if sources_dir() is None:
         return f"the CUDA sources ({', '.join(SOURCES)}) were not found next to the package"
     nvcc = _find_nvcc()
@@ -141,6 +176,55 @@ def jit_obstacle() -> str | None:
     return None
 
 
+@contextlib.contextmanager
+def _build_lock(bdir: Path):
+    """One builder per build directory across processes: an ``flock`` the kernel releases when
+    its holder dies. torch's loader keeps its own lock file (a "baton") in the directory and
+    waits, without a timeout, for whoever holds it; a builder killed mid-build (SIGKILL, or a
+    SIGTERM from a job's time limit) leaves that file behind, and every later process would
+    wait forever. Under our lock no live builder can hold it, so a leftover one is removed."""
+    try:
+        import fcntl
+    except ImportError:  # not POSIX: torch's baton alone
+        yield
+        return
+    with open(bdir / "fused_rnn_build.lock", "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            baton = bdir / "lock"
+            if baton.exists():
+                warnings.warn(
+                    f"fused_rnn: removing {baton}, left by a build of the CUDA extension that "
+                    "did not finish (killed?); building again", RuntimeWarning, stacklevel=4,
+                )
+                baton.unlink(missing_ok=True)
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+@contextlib.contextmanager
+def _arch_list_for_build():
+    """``TORCH_CUDA_ARCH_LIST`` as :func:`build_arch_list` says, for the build only."""
+    arch, dropped = build_arch_list()
+    if dropped:
+        warnings.warn(
+            f"fused_rnn: building the CUDA extension for {arch} only: {', '.join(dropped)} "
+            "predate the kernels' sm_80 minimum (nvcc would fail the build on them)",
+            RuntimeWarning, stacklevel=4,
+        )
+    old = os.environ.get("TORCH_CUDA_ARCH_LIST")
+    if arch is not None:
+        os.environ["TORCH_CUDA_ARCH_LIST"] = arch
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop("TORCH_CUDA_ARCH_LIST", None)
+        else:
+            os.environ["TORCH_CUDA_ARCH_LIST"] = old
+
+
 def _jit_build() -> ModuleType:
     from torch.utils import cpp_extension
 
@@ -148,15 +232,16 @@ def _jit_build() -> ModuleType:
     assert src is not None
     bdir = build_dir()
     bdir.mkdir(parents=True, exist_ok=True)
-    return cpp_extension.load(
-        name=JIT_NAME,
-        sources=[str(src / f) for f in SOURCES],
-        extra_include_paths=[str(src)],
-        extra_cflags=list(CXX_FLAGS),
-        extra_cuda_cflags=list(NVCC_FLAGS),
-        build_directory=str(bdir),
-        verbose=os.environ.get("FUSED_RNN_CUDA_VERBOSE", "0") == "1",
-    )
+    with _build_lock(bdir), _arch_list_for_build():
+        return cpp_extension.load(
+            name=JIT_NAME,
+            sources=[str(src / f) for f in SOURCES],
+            extra_include_paths=[str(src)],
+            extra_cflags=[*CXX_FLAGS, f"-DFRNN_SOURCE_HASH={source_hash(src)}"],
+            extra_cuda_cflags=list(NVCC_FLAGS),
+            build_directory=str(bdir),
+            verbose=os.environ.get("FUSED_RNN_CUDA_VERBOSE", "0") == "1",
+        )
 
 
 def _platform_obstacle(device: torch.device | None) -> str | None:
@@ -169,7 +254,9 @@ def _platform_obstacle(device: torch.device | None) -> str | None:
         return f"the CUDA kernels run on CUDA devices, not {device.type}"
     if not torch.cuda.is_available():
         return "no CUDA GPU is visible (torch.cuda.is_available() is False)"
-    index = 0 if device is None or device.index is None else device.index
+    if device is None:  # the machine, not a device: any GPU may be the one used
+        return None
+    index = torch.cuda.current_device() if device.index is None else device.index
     major, minor = torch.cuda.get_device_capability(index)
     if major < 8:
         return (
@@ -179,11 +266,31 @@ def _platform_obstacle(device: torch.device | None) -> str | None:
     return None
 
 
-def _load() -> tuple[ModuleType | None, str | None]:
+def _prebuilt() -> ModuleType | None:
+    """The ahead-of-time build, if it is installed and was built from these sources."""
     try:
-        return importlib.import_module(PREBUILT), None
+        mod = importlib.import_module(PREBUILT)
     except ImportError:
-        pass
+        return None
+    src = sources_dir()
+    if src is None:  # nothing to compare with (or to build from)
+        return mod
+    built, want = getattr(mod, "source_hash", "unknown"), source_hash(src)
+    if built != want:
+        warnings.warn(
+            f"fused_rnn: the prebuilt {PREBUILT} ({mod.__file__}) was built from other sources "
+            f"than {src} ({built}, not {want}); building them just in time instead. Rebuild it "
+            "(FUSED_RNN_BUILD_CUDA=1 pip install --no-build-isolation -e .) or delete it.",
+            RuntimeWarning, stacklevel=4,
+        )
+        return None
+    return mod
+
+
+def _load() -> tuple[ModuleType | None, str | None]:
+    mod = _prebuilt()
+    if mod is not None:
+        return mod, None
     obstacle = jit_obstacle()
     if obstacle is not None:
         return None, obstacle
@@ -210,7 +317,27 @@ def unavailable_reason(device: torch.device | None) -> str | None:
     with _lock:
         if _ext is None and _failure is None:
             _ext, _failure = _load()
-    return _failure
+        if _failure is not None or device is None:
+            return _failure
+        index = torch.cuda.current_device() if device.index is None else device.index
+        if index not in _images:
+            _images[index] = _image_obstacle(_ext, index)
+        return _images[index]
+
+
+def _image_obstacle(ext: ModuleType, index: int) -> str | None:
+    """Why the loaded build has no code GPU ``index`` can run (built for other architectures),
+    or None."""
+    err, _, _ = ext.kernel_image(index)
+    if err == 0:
+        return None
+    major, minor = torch.cuda.get_device_capability(index)
+    return (
+        f"the CUDA extension ({getattr(ext, '__file__', ext.__name__)}) holds no code for GPU "
+        f"{index} (compute capability {major}.{minor}; CUDA error {err}): it was built for "
+        f"other architectures. Rebuild it with {major}.{minor} in TORCH_CUDA_ARCH_LIST (or "
+        "unset it, to build for the visible GPUs)"
+    )
 
 
 def extension() -> ModuleType:
