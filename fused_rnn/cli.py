@@ -1060,6 +1060,10 @@ def _device_name(device: torch.device) -> str:
 
 
 def _git_commit() -> str:
+    """The checkout's commit; FRNN_COMMIT when set (the lent GPU gets the tree without .git,
+    so its command passes the hash)."""
+    if os.environ.get("FRNN_COMMIT"):
+        return os.environ["FRNN_COMMIT"]
     try:
         r = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
                            text=True, timeout=5, cwd=os.path.dirname(os.path.abspath(__file__)))

@@ -487,3 +487,14 @@ def test_torchrun_two_ranks_train_like_one_process(capsys, tmp_path, text_file):
     ckpt = torch.load(tmp_path / "ddp" / "checkpoint.pt", weights_only=True)
     assert ckpt["world_size"] == 2 and ckpt["step"] == 6 and len(ckpt["rng"]) == 2
     assert ckpt["hidden"][0].shape[1] == 4, "the hidden state of both ranks' rows"
+
+
+def test_bench_commit_comes_from_frnn_commit_where_git_is_absent(monkeypatch):
+    """The lent GPU gets the checkout without .git: its command passes FRNN_COMMIT, which the
+    bench report then names."""
+    from fused_rnn import cli
+
+    monkeypatch.setenv("FRNN_COMMIT", "0123abc")
+    assert cli._git_commit() == "0123abc"
+    monkeypatch.delenv("FRNN_COMMIT")
+    assert cli._git_commit() != "0123abc"
