@@ -1,86 +1,177 @@
 #!/usr/bin/env bash
-# CUDA backend check on a GPU machine, in two parts so that gpu_check.sh can benchmark in between:
-#   tests: build the extension, run its GPU tests;
-#   extra: compute-sanitizer (memcheck, racecheck, synccheck) on a small workload, then phase
-#          timings (benchmarks/profile_cuda.py), then the step primitives alone
-#          (benchmarks/microbench.cu).
+# CUDA backend check on a GPU machine, in parts so that gpu_check.sh can benchmark in between
+# and run the most valuable checks first:
+#   build:      build (or load) the extension once, so later steps do not race to build it;
+#   gpu_tests:  tests/cuda/test_cuda_gpu.py without the slow integration tests;
+#   memcheck, racecheck, synccheck: compute-sanitizer on a small workload (sanitize_cuda.py);
+#   phases:     phase timings (benchmarks/profile_cuda.py);
+#   microbench: the step primitives alone (benchmarks/microbench.cu);
+#   slow_tests: test_cuda_gpu.py's slow integration tests (torch.compile, DDP, AMP training).
 #
-#   benchmarks/gpu_check_cuda.sh [--part tests|extra|all] [LOG_DIR]   # logs to LOG_DIR
+#   benchmarks/gpu_check_cuda.sh [--part PART[,PART...]] [LOG_DIR]   # logs to LOG_DIR
 #
+# PART is one of the above, or tests (build,gpu_tests), extra (memcheck,racecheck,synccheck,
+# phases,microbench) or all (every part, the default); parts run in the order above.
 # Exit status is non-zero if any step fails or is skipped for time; every step that fits still
 # runs so one GPU session reports everything. Steps share gpu_check.sh's deadline
-# (benchmarks/gpu_common.sh) and copy their logs to $OUT after each step. Not timed on a GPU
-# yet; the JIT build (first run only; FUSED_RNN_CUDA_BUILD_DIR moves its cache) and the three
-# sanitizer runs dominate.
+# (benchmarks/gpu_common.sh) and copy their logs to $OUT after each step. Every step has a
+# timeout: a persistent kernel that deadlocked (a grid that was not co-resident) must not eat the
+# whole GPU session; a step that ignores the TERM is killed 10 s later.
+# After a failed build (LOG_DIR/cuda_build.log without "CUDA backend: available on") the steps
+# that load the extension are skipped. After failed or hung cluster-mode GPU tests, or with
+# FRNN_NO_CLUSTERS=1, the phase timings leave the cluster variants out and sanitize_cuda.py its
+# cluster case.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 source benchmarks/gpu_common.sh
 PART=all
-if [[ "${1:-}" == "--part" ]]; then PART="$2"; shift 2; fi
-[[ "$PART" == tests || "$PART" == extra || "$PART" == all ]] || {
-  echo "usage: $0 [--part tests|extra|all] [LOG_DIR]" >&2; exit 2; }
+if [[ "${1:-}" == "--part" ]]; then PART="${2:-}"; shift 2; fi
+KNOWN=build,gpu_tests,memcheck,racecheck,synccheck,phases,microbench,slow_tests
+case "$PART" in
+  tests) STEPS=build,gpu_tests ;;
+  extra) STEPS=memcheck,racecheck,synccheck,phases,microbench ;;
+  all) STEPS=$KNOWN ;;
+  *) STEPS=$PART ;;
+esac
+IFS=, read -ra _parts <<< "$STEPS"
+[[ ${#_parts[@]} -gt 0 ]] || _parts=("")
+for _p in "${_parts[@]}"; do
+  [[ ",$KNOWN," == *",$_p,"* ]] || {
+    echo "usage: $0 [--part tests|extra|all|PART[,PART...]] [LOG_DIR]; PART: $KNOWN" >&2; exit 2; }
+done
+wants() { [[ ",$STEPS," == *",$1,"* ]]; }
 LOG_DIR="${1:-$(mktemp -d)}"
 mkdir -p "$LOG_DIR"
 status=0
-step() {  # step NAME SECONDS CMD...: run with a timeout (clamped to the deadline), log, report
+STEP_RC=0
+# step NAME SECONDS CMD...: run with a timeout (clamped to the deadline), log to
+# LOG_DIR/cuda_NAME.log, report; STEP_RC is CMD's exit status (124/137: timed out).
+step() {
   local name="$1" want="$2"; shift 2
-  local limit t0=$SECONDS
+  local limit t0=$SECONDS log="$LOG_DIR/cuda_$name.log" idle
   limit=$(frnn_limit "$want")
   if [[ "$limit" == 0 ]]; then
     echo "cuda: $name SKIPPED (the time budget is spent)"
-    status=1
+    status=1; STEP_RC=1
     return
   fi
-  if timeout -k 10 "$limit" "$@" >"$LOG_DIR/cuda_$name.log" 2>&1; then
+  timeout -k 10 "$limit" "$@" >"$log" 2>&1
+  STEP_RC=$?
+  if [[ $STEP_RC == 0 ]]; then
     echo "cuda: $name ok ($((SECONDS - t0)) s)"
   else
-    echo "cuda: $name FAILED ($((SECONDS - t0)) s, limit $limit s); last lines of $LOG_DIR/cuda_$name.log:"
-    tail -n 30 "$LOG_DIR/cuda_$name.log"
+    if [[ $STEP_RC == 124 || $STEP_RC == 137 ]]; then
+      # How long the log had been quiet when the timeout struck: a pytest -v run writes a line
+      # per test, so a long silence is a hang in the test that started last (gpu_common.sh
+      # frnn_unfinished_test), a short one a run cut off while still making progress.
+      idle=$(( $(date +%s) - $(stat -c %Y "$log" 2>/dev/null || date +%s) ))
+      if (( idle >= 30 )); then
+        echo "gpu_check: no output for $idle s when the step's timeout ($limit s) ended it" >>"$log"
+      else
+        echo "gpu_check: cut off while still making progress (output $idle s before the step's timeout, $limit s)" >>"$log"
+      fi
+    fi
+    echo "cuda: $name FAILED ($((SECONDS - t0)) s, limit $limit s, exit $STEP_RC); last lines of $log:"
+    tail -n 30 "$log"
     status=1
   fi
   frnn_collect "$LOG_DIR"
 }
+# skip_if_no_build NAME...: true (and says so) when the build failed, so NAME cannot load it.
+skip_if_no_build() {
+  if frnn_build_failed "$LOG_DIR"; then
+    echo "cuda: $* SKIPPED (the CUDA build failed: see $LOG_DIR/cuda_build.log)"
+    status=1
+    return 0
+  fi
+  return 1
+}
 
-# Every step has a timeout: a persistent kernel that deadlocked (a grid that was not co-resident)
-# must not eat the whole GPU session. A step that ignores the TERM is killed 10 s later.
-if [[ "$PART" != extra ]]; then
-  # 1. Build (or load the ahead-of-time build) once, so later steps do not race to build it.
-  step build 420 "$PYTHON" -c "
+if wants build; then
+  # A lock file that torch's loader left in the build directory when a build was killed (a
+  # step's timeout, an earlier call on this machine) makes every later load wait forever. Nothing
+  # else builds while this runs, so one found here is stale: the build step removes it first,
+  # and it is removed again after a build that failed or was killed.
+  step build 180 "$PYTHON" -c "
 import torch
+from fused_rnn.ops.cuda import _ext
+try:
+    lock = _ext.build_dir() / 'lock'
+    print('build dir:', lock.parent, flush=True)
+    if lock.exists():
+        lock.unlink()
+        print('removed a stale build lock', lock, flush=True)
+except Exception as e:  # no GPU to name the directory by: the load below says why
+    print('build dir: unknown (' + type(e).__name__ + ': ' + str(e) + ')', flush=True)
 from fused_rnn.ops import cuda
 r = cuda.unavailable_reason(torch.device('cuda'))
 print('torch', torch.__version__, 'cuda', torch.version.cuda)
 print('CUDA backend:', r or 'available on ' + torch.cuda.get_device_name())
 raise SystemExit(r is not None)
 "
-  # 2. The GPU tests (the no-GPU checks -- tests/cuda/test_cuda_compile.py and the CPU
-  #    emulation -- run in CI and need no GPU time).
-  step gpu_tests 300 "$PYTHON" -m pytest tests/cuda/test_cuda_gpu.py -q -ra -p no:cacheprovider
+  if frnn_build_failed "$LOG_DIR"; then   # it ran (not skipped for time) and failed
+    bdir=$(sed -n 's/^build dir: //p' "$LOG_DIR/cuda_build.log" 2>/dev/null | head -n 1)
+    if [[ -z "$bdir" || "$bdir" == unknown* ]]; then
+      bdir=$(timeout 60 "$PYTHON" -c "from fused_rnn.ops.cuda import _ext; print(_ext.build_dir())" 2>/dev/null | tail -n 1)
+    fi
+    if [[ -n "$bdir" && -e "$bdir/lock" ]]; then
+      rm -f "$bdir/lock" && echo "cuda: removed $bdir/lock, left by the build that did not finish"
+    fi
+    echo "cuda: the build FAILED; the steps that load the extension are skipped"
+  fi
 fi
-if [[ "$PART" != tests ]]; then
-  # 3. compute-sanitizer on a small case (a clean run is part of the issue's bar, so it comes
-  #    before the diagnostics); no caching allocator so out-of-bounds accesses cannot
-  #    land inside another tensor's block.
+if wants gpu_tests && ! skip_if_no_build gpu_tests; then
+  # The GPU tests (the no-GPU checks -- tests/cuda/test_cuda_compile.py and the CPU emulation --
+  # run in CI and need no GPU time). -v names each test as it starts, so a hang is found in the
+  # log (gpu_common.sh frnn_unfinished_test); pytest-timeout, where installed, ends a test
+  # after 60 s (and with it the run: a stuck kernel cannot be interrupted). The slow
+  # integration tests wait for slow_tests, after the bench.
+  step gpu_tests 150 "$PYTHON" -m pytest tests/cuda/test_cuda_gpu.py -v -ra -p no:cacheprovider \
+    $(frnn_pytest_timeout 60) -k "not ($FRNN_SLOW_TESTS)"
+  echo "cuda: GPU tests: $(frnn_tests_summary "$LOG_DIR/cuda_gpu_tests.log")"
+  # for the parts that follow in this run (gpu_check.sh, which runs them later, does the same)
+  if [[ "$STEPS" != *gpu_tests ]]; then frnn_apply_test_results "$LOG_DIR/cuda_gpu_tests.log"; fi
+fi
+
+# compute-sanitizer on a small case (a clean run is part of the issue's bar); no caching
+# allocator so out-of-bounds accesses cannot land inside another tensor's block.
+if wants memcheck || wants racecheck || wants synccheck; then
   SAN="$(command -v compute-sanitizer || true)"
   for cand in "${CUDA_HOME:-/usr/local/cuda}/bin/compute-sanitizer" \
               "${CUDA_HOME:-/usr/local/cuda}/compute-sanitizer/compute-sanitizer"; do
     [[ -n "$SAN" ]] || { [[ -x "$cand" ]] && SAN="$cand"; }
   done
-  if [[ -n "$SAN" ]]; then
+  if skip_if_no_build compute-sanitizer; then
+    :
+  elif [[ -z "$SAN" ]]; then
+    echo "cuda: compute-sanitizer not found (it ships with the CUDA toolkit); sanitizer steps FAILED"
+    status=1
+  else
     # Instrument only our kernels (rnn_forward_kernel / rnn_backward_kernel) where this
     # compute-sanitizer can filter by kernel name: torch's own kernels need no checking here.
     FILTER=()
     if "$SAN" --help 2>/dev/null | grep -q -- '--kernel-name'; then
       FILTER=(--kernel-name kns=rnn_)
     fi
-    # Each tool's script stops starting cases 20 s before its step's timeout, so a slow tool
-    # (racecheck) still reports which cases it checked.
+    [[ "${FRNN_NO_CLUSTERS:-0}" == 1 ]] && \
+      echo "cuda: FRNN_NO_CLUSTERS=1: compute-sanitizer leaves the cluster case out"
+    # memcheck gets the quick subset for up to 90 s; racecheck and synccheck (slower per case)
+    # a small case set: one cell, every partition. Each script stops starting cases 15-20 s
+    # before its step's timeout, so a slow tool still reports which cases it checked.
     for tool in memcheck racecheck synccheck; do
-      step "sanitizer_$tool" 240 env PYTORCH_NO_CUDA_MEMORY_CACHING=1 \
-        "$SAN" --tool "$tool" "${FILTER[@]}" --error-exitcode 1 "$PYTHON" \
-        benchmarks/sanitize_cuda.py --time-budget "$(frnn_inner_budget 240 20)"
+      wants "$tool" || continue
       # The device docs (KINDS.md) saw compute-sanitizer refuse the GPU under the gVisor
       # runtime: then no tool can run here, and it says nothing about our kernels.
+      if grep -ls "Device not supported" "$LOG_DIR"/cuda_sanitizer_*.log >/dev/null 2>&1; then
+        echo "cuda: sanitizer_$tool SKIPPED: compute-sanitizer cannot use this machine's GPU" \
+             "(\"Device not supported\" in an earlier sanitizer log)"
+        continue
+      fi
+      if [[ $tool == memcheck ]]; then want=90 margin=20 cases=(); else want=60 margin=15 cases=(--cases 10); fi
+      step "sanitizer_$tool" "$want" env PYTORCH_NO_CUDA_MEMORY_CACHING=1 \
+        "$SAN" --tool "$tool" ${FILTER[@]+"${FILTER[@]}"} --error-exitcode 1 "$PYTHON" \
+        benchmarks/sanitize_cuda.py --time-budget "$(frnn_inner_budget "$want" "$margin")" \
+        ${cases[@]+"${cases[@]}"}
       if grep -q "Device not supported" "$LOG_DIR/cuda_sanitizer_$tool.log" 2>/dev/null; then
         echo "cuda: compute-sanitizer cannot use this machine's GPU (\"Device not supported\":" \
              "the gVisor runtime, see the device docs); the other tools are skipped, and a" \
@@ -88,31 +179,44 @@ if [[ "$PART" != tests ]]; then
         break
       fi
     done
-  else
-    echo "cuda: compute-sanitizer not found (it ships with the CUDA toolkit); sanitizer steps FAILED"
-    status=1
   fi
-  # 4. Phase timings (where a step's time goes) on S1-S6, LSTM and GRU, fp32 and bf16, then
-  #    with clusters on S1, S5 and S6: batch groups as clusters of 8 (cuda-cl8, S5/S6: its sync
-  #    min column is the cluster barrier's own cost, which nothing has measured yet), the same
-  #    with 16 exchanging through distributed shared memory (cuda-cl16ds, S5/S6: its copy
-  #    column is 0, the mirror is local) and K-parts teams as clusters (cuda-tc, S1: its parts
-  #    column); the table goes to
-  #    benchmarks/results/<date>-<gpu>-phases.md and is printed here.
-  #    It stops starting configurations 20 s before its timeout, so it always writes the table.
-  step phases 150 "$PYTHON" benchmarks/profile_cuda.py --dtypes fp32,bf16 \
-    --variants cuda-cl8,cuda-cl16ds,cuda-tc --variant-shapes S1,S5,S6 \
-    --time-budget "$(frnn_inner_budget 150 20)"
+fi
+
+# Phase timings (where a step's time goes) on S1-S6, LSTM and GRU, fp32 and bf16, then with
+# clusters on S1, S5 and S6: batch groups as clusters of 8 (cuda-cl8, S5/S6: its sync min column
+# is the cluster barrier's own cost, which nothing has measured yet), the same with 16
+# exchanging through distributed shared memory (cuda-cl16ds, S5/S6: its copy column is 0, the
+# mirror is local) and K-parts teams as clusters (cuda-tc, S1: its parts column); the table goes
+# to benchmarks/results/<date>-<gpu>-phases.md (rewritten after each configuration) and is
+# printed here. It stops starting configurations 15 s before its timeout.
+if wants phases && ! skip_if_no_build phases; then
+  VARIANTS=(--variants cuda-cl8,cuda-cl16ds,cuda-tc --variant-shapes S1,S5,S6)
+  if [[ "${FRNN_NO_CLUSTERS:-0}" == 1 ]]; then
+    echo "cuda: FRNN_NO_CLUSTERS=1: the phase timings leave the cluster variants out"
+    VARIANTS=()
+  fi
+  step phases 75 "$PYTHON" benchmarks/profile_cuda.py --dtypes fp32,bf16 ${VARIANTS[@]+"${VARIANTS[@]}"} \
+    --time-budget "$(frnn_inner_budget 75 15)"
   grep '^| ' "$LOG_DIR/cuda_phases.log" 2>/dev/null || true
-  # 5. The step primitives alone (benchmarks/microbench.cu, ~15 s with its build): grid.sync,
-  #    cluster.sync at 2-16 blocks, and an exchange of 4-192 KB per block through L2 or through
-  #    distributed shared memory, each checked for wrong words first. Its table goes to the
-  #    logs (microbench.md) and is printed here; it prices the leads in NOTES.md.
+fi
+
+# The step primitives alone (benchmarks/microbench.cu, ~15 s with its build): grid.sync,
+# cluster.sync at 2-16 blocks, and an exchange of 4-192 KB per block through L2 or through
+# distributed shared memory, each checked for wrong words first. Its table goes to the logs
+# (microbench.md) and is printed here; it prices the leads in NOTES.md.
+if wants microbench; then
   NVCC="$(command -v nvcc || echo "${CUDA_HOME:-/usr/local/cuda}/bin/nvcc")"
   MB_BIN="${TMPDIR:-/tmp}/fused_rnn_microbench"
   step microbench 60 bash -c "'$NVCC' -O3 -std=c++17 -arch=sm_90 -o '$MB_BIN' \
     benchmarks/microbench.cu && '$MB_BIN' '$LOG_DIR/microbench.md'"
   grep '^| ' "$LOG_DIR/cuda_microbench.log" 2>/dev/null || true
+fi
+
+# The slow integration tests (torch.compile, DDP, AMP training), each allowed 120 s.
+if wants slow_tests && ! skip_if_no_build slow_tests; then
+  step gpu_tests_slow 150 "$PYTHON" -m pytest tests/cuda/test_cuda_gpu.py -v -ra \
+    -p no:cacheprovider $(frnn_pytest_timeout 120) -k "$FRNN_SLOW_TESTS"
+  echo "cuda: slow GPU tests: $(frnn_tests_summary "$LOG_DIR/cuda_gpu_tests_slow.log")"
 fi
 echo "cuda: logs in $LOG_DIR"
 exit $status

@@ -7,17 +7,24 @@
 # FRNN_STAMP: a file created at the start, so result files newer than it are this run's.
 # PYTHON: the interpreter every step runs (default python3: on the lent GPU machine that is the
 # one that holds PyTorch, and a bare `python` may not exist).
+# FRNN_NO_CLUSTERS=1 (exported by gpu_check.sh when a cluster-mode GPU test failed or hung):
+# the later steps leave the cluster configurations out (gpu_check_cuda.sh's phase variants,
+# sanitize_cuda.py's cluster case, profile_cuda.py's cluster variants), saying so.
 
 PYTHON="${PYTHON:-python3}"
+
+# The slow integration tests of tests/cuda/test_cuda_gpu.py (torch.compile, DDP, AMP training):
+# deselected from the first GPU-test step (-k "not (...)"), run after the bench (-k "...").
+FRNN_SLOW_TESTS="compile or ddp or amp or training"
 
 # Seconds left before the deadline.
 frnn_left() { echo $(( ${FRNN_DEADLINE:-99999999999} - $(date +%s) )); }
 
 # The timeout for a step that wants WANT seconds: WANT, or what is left less 5 s; 0 when fewer
-# than 20 s are left (the step is then skipped).
+# than MIN (default 20) seconds are left (the step is then skipped).
 frnn_limit() {
-  local left=$(( $(frnn_left) - 5 ))
-  if (( left < 20 )); then echo 0; elif (( left < $1 )); then echo "$left"; else echo "$1"; fi
+  local left=$(( $(frnn_left) - 5 )) min="${2:-20}"
+  if (( left < min )); then echo 0; elif (( left < $1 )); then echo "$left"; else echo "$1"; fi
 }
 
 # The --time-budget for a script run as a step that wants WANT seconds: its timeout less MARGIN
@@ -29,28 +36,111 @@ frnn_inner_budget() {
   echo $(( limit > 2 * $2 ? limit - $2 : limit / 2 ))
 }
 
-# Copies this run's files under benchmarks/results and a tarball of LOG_DIR (if given) to $OUT.
+# Copies this run's files under benchmarks/results (not a half-written *.tmp) and a tarball of
+# LOG_DIR (if given) to $OUT. The tarball is made elsewhere and moved in, so a command killed
+# while it is written still returns the previous one.
 frnn_collect() {
   [[ -n "${OUT:-}" && -d "${OUT:-}" && -n "${FRNN_STAMP:-}" && -e "${FRNN_STAMP:-}" ]] || return 0
-  find benchmarks/results -type f -newer "$FRNN_STAMP" -exec cp {} "$OUT"/ \;
+  find benchmarks/results -type f -newer "$FRNN_STAMP" ! -name '*.tmp' ! -name '.*' \
+    -exec cp {} "$OUT"/ \;
   if [[ -n "${1:-}" && -d "$1" && -n "$(ls -A "$1")" ]]; then
-    tar -czf "$OUT/cuda_logs.tar.gz" -C "$1" . 2>/dev/null
+    local tmp
+    tmp="$(mktemp -t fused_rnn_cuda_logs.XXXXXX)" || return 0
+    tar -czf "$tmp" -C "$1" . 2>/dev/null; chmod 644 "$tmp"
+    mv -f "$tmp" "$OUT/cuda_logs.tar.gz" 2>/dev/null || rm -f "$tmp"
   fi
   return 0
 }
 
-# True when the pytest log LOG (-ra) reports a failed K-parts test (a test id with "parts"):
+# The flags that give every test of a pytest run at most SECONDS (pytest-timeout, thread method:
+# a test stuck in a CUDA call gets its stacks dumped and the run ends at once, instead of the
+# step's timeout killing it silently); nothing where pytest-timeout is not installed.
+frnn_pytest_timeout() {
+  if "$PYTHON" -c "import pytest_timeout" >/dev/null 2>&1; then
+    echo "--timeout=$1 --timeout-method=thread"
+  fi
+}
+
+# True when LOG_DIR/cuda_build.log (gpu_check_cuda.sh's build step) says the extension loaded.
+frnn_build_ok() {
+  [[ -f "$1/cuda_build.log" ]] && grep -q '^CUDA backend: available on' "$1/cuda_build.log"
+}
+
+# True when LOG_DIR holds a build log without that line: the build ran and failed (no log: it
+# did not run here, e.g. gpu_check_cuda.sh --part extra on its own).
+frnn_build_failed() {
+  [[ -f "$1/cuda_build.log" ]] && ! frnn_build_ok "$1"
+}
+
+# The id of the test that LOG (pytest -v) shows started but never finished, when that is a
+# failure of that test: pytest-timeout ended it ("+++ Timeout +++" on its line), the process
+# died in it (a crash), or the step's timeout found the log idle (a hang; gpu_check_cuda.sh
+# notes which). Prints nothing and returns 1 when every started test has a result, when the
+# step's time limit only cut off a run that was still making progress, or without a log.
+frnn_unfinished_test() {
+  [[ -f "$1" ]] || return 1
+  local last
+  last=$(grep -aE '^tests/[^ ]*::[^ ]+' "$1" | tail -n 1)
+  [[ -n "$last" ]] || return 1
+  if [[ "$last" =~ ^[^\ ]+\ +(PASSED|FAILED|ERROR|SKIPPED|XFAIL|XPASS) ]]; then return 1; fi
+  grep -q '^gpu_check: cut off while still making progress' "$1" && return 1
+  echo "${last%% *}"
+}
+
+# The ids of LOG's failed, errored and unfinished tests (-ra summary and -v result lines), one a
+# line.
+frnn_bad_tests() {
+  [[ -f "$1" ]] || return 0
+  {
+    grep -aoE '^(FAILED|ERROR) [^ ]+::[^ ]+' "$1" | sed -E 's/^[A-Z]+ //'
+    grep -aoE '^tests/[^ ]*::[^ ]+ +(FAILED|ERROR)' "$1" | sed -E 's/ +[A-Z]+$//'
+    frnn_unfinished_test "$1"
+  } | sort -u
+}
+
+# True when LOG reports a failed, crashed or hung K-parts test (a test id with "parts"):
 # gpu_check.sh then times the rest with FUSED_RNN_CUDA_K_PARTS=1, so that one GPU session still
 # yields a valid table for the kernels that passed.
 frnn_parts_failed() {
-  [[ -f "$1" ]] && grep -qE '^FAILED [^ ]*parts' "$1"
+  [[ -f "$1" ]] && frnn_bad_tests "$1" | grep -q 'parts'
 }
 
-# True when LOG reports a failed cluster test (a test id with "cluster"): gpu_check.sh then
-# drops the cluster variants (cuda-cl16, cuda-cl16ds, cuda-cl8, cuda-tc) from the bench rather than time a
-# mode that gave wrong results.
+# True when LOG reports a failed, crashed or hung cluster test (a test id with "cluster"):
+# gpu_check.sh then drops the cluster variants (cuda-cl16, cuda-cl16ds, cuda-cl8, cuda-tc) from
+# the bench rather than time a mode that gave wrong results, and exports FRNN_NO_CLUSTERS=1.
 frnn_cluster_failed() {
-  [[ -f "$1" ]] && grep -qE '^FAILED [^ ]*cluster' "$1"
+  [[ -f "$1" ]] && frnn_bad_tests "$1" | grep -q 'cluster'
+}
+
+# One line on a GPU-test run from its log LOG (pytest -v -ra): pytest's summary ("805 passed,
+# 6 deselected in 80.1s", plus the first failed ids), "timed out: <id> (...)" when a test hung
+# or crashed the run, "cut off at the step's time limit (...)", or "not run" without a log.
+frnn_tests_summary() {
+  if [[ ! -f "$1" ]]; then echo "not run"; return 0; fi
+  local line bad n passed failed hung
+  line=$(grep -aE '^(=+ )?([0-9]+ (passed|failed|errors?|skipped|deselected|xfailed|xpassed|warnings?)|no tests ran).* in [0-9.]+s' "$1" \
+         | tail -n 1 | sed -E 's/^=+ //; s/ =+$//')
+  passed=$(grep -acE '^tests/[^ ]*::[^ ]+ +PASSED' "$1")
+  failed=$(grep -acE '^tests/[^ ]*::[^ ]+ +(FAILED|ERROR)' "$1")
+  if hung=$(frnn_unfinished_test "$1"); then
+    if grep -q '+ Timeout +' "$1"; then line="timed out: $hung"
+    elif grep -q '^gpu_check: no output for' "$1"; then line="timed out: $hung (hung)"
+    else line="crashed in: $hung"; fi
+    line="$line (after $passed passed, $failed failed)"
+  elif [[ -z "$line" ]]; then
+    if grep -q '^gpu_check: cut off while still making progress' "$1"; then
+      line="cut off at the step's time limit ($passed passed, $failed failed so far)"
+    else
+      line="no pytest summary ($passed passed, $failed failed)"
+    fi
+  fi
+  bad=$(frnn_bad_tests "$1" | grep -vxF "${hung:-}" | sed 's/^.*:://')
+  if [[ -n "$bad" ]]; then
+    n=$(wc -l <<<"$bad")
+    line="$line; failed: $(head -n 3 <<<"$bad" | paste -sd, - | sed 's/,/, /g')"
+    (( n > 3 )) && line="$line (+$(( n - 3 )) more)"
+  fi
+  echo "$line"
 }
 
 # LIST (comma-separated backends) without the cluster variants.
@@ -59,4 +149,35 @@ frnn_without_clusters() {
   IFS=, read -ra all <<< "$1"
   for b in "${all[@]}"; do [[ "$b" == cuda-cl* || "$b" == cuda-tc ]] || out+=("$b"); done
   (IFS=,; echo "${out[*]}")
+}
+
+# LIST without cuda and its variants (cuda-*): after a failed build.
+frnn_without_cuda() {
+  local out=() all b
+  IFS=, read -ra all <<< "$1"
+  for b in "${all[@]}"; do [[ "$b" == cuda || "$b" == cuda-* ]] || out+=("$b"); done
+  (IFS=,; echo "${out[*]}")
+}
+
+# After the GPU tests (their log LOG): K parts off (FUSED_RNN_CUDA_K_PARTS=1) if a K-parts test
+# failed or hung, FRNN_NO_CLUSTERS=1 if a cluster test did; says so. Run in the calling shell
+# (not a subshell), so the exports reach the later steps.
+frnn_apply_test_results() {
+  if frnn_parts_failed "$1"; then
+    echo "cuda: K parts FAILED GPU tests; everything below runs with FUSED_RNN_CUDA_K_PARTS=1"
+    export FUSED_RNN_CUDA_K_PARTS=1
+  fi
+  if frnn_cluster_failed "$1"; then
+    echo "cuda: cluster mode FAILED GPU tests; the steps below leave the cluster configurations" \
+         "out (FRNN_NO_CLUSTERS=1)"
+    export FRNN_NO_CLUSTERS=1
+  fi
+  # A hang in a test of neither (the default path, say) would hang the bench's cuda rows too,
+  # and every row after them: FRNN_CUDA_HUNG=1 tells gpu_check.sh to leave cuda out.
+  local hung
+  if hung=$(frnn_unfinished_test "$1") && [[ "$hung" != *parts* && "$hung" != *cluster* ]]; then
+    echo "cuda: $hung hung or crashed; the bench leaves out cuda and its variants, and the" \
+         "later CUDA steps are skipped"
+    FRNN_CUDA_HUNG=1
+  fi
 }

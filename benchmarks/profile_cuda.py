@@ -12,20 +12,27 @@ the exchange (copy), the tensor cores (mma), the cell math (epilogue) or the bar
         [--variants cuda-cl8,cuda-cl16 --variant-shapes S5,S6]   # also under those settings
     python benchmarks/profile_cuda.py --sim   # the kernels on cudasim (CPU), tiny shapes
 
-Writes ``<out-dir>/<date>-<gpu>-phases.md`` and prints the table. ``--sim`` checks the script:
-its clock counts clock reads, not time, so its numbers mean nothing.
+Writes ``<out-dir>/<date>-<gpu>-phases.md`` and prints the table. The file is rewritten (a
+temporary file, then a rename) before and after each configuration, so a run killed at its
+caller's timeout -- or stuck in a kernel -- still leaves the rows it measured and names the
+configuration it was on. ``--sim`` checks the script: its clock counts clock reads, not time,
+so its numbers mean nothing. With FRNN_NO_CLUSTERS=1 (gpu_check.sh sets it when a cluster-mode
+GPU test failed or hung) the cluster variants are left out, and the table says so.
 """
 
 from __future__ import annotations
 
-import argparse
-import datetime as dt
-import os
-import re
-import sys
 import time
-from pathlib import Path
-from unittest import mock
+
+_T0 = time.monotonic()  # --time-budget counts from here: the imports are part of the run
+
+import argparse  # noqa: E402
+import datetime as dt  # noqa: E402
+import os  # noqa: E402
+import re  # noqa: E402
+import sys  # noqa: E402
+from pathlib import Path  # noqa: E402
+from unittest import mock  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -121,8 +128,53 @@ def _row(mode, shape, dtype_name, s: dict, plans=None, run="cuda") -> list[str]:
             us("load_us"), us("kernel_us"), run]
 
 
-def main(argv=None) -> int:
+CLUSTER_KEYS = ("FUSED_RNN_CUDA_CLUSTER", "FUSED_RNN_CUDA_TEAM_CLUSTERS")
+
+
+def _write(path: Path, text: str) -> None:
+    """Replace path's content at once: a reader (or a kill) never sees half a table."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def _render(args, env: dict, rows, failed, skipped, left_out, running=None) -> str:
+    """The phases table; running: (what, done, total) while a configuration is under way."""
+    lines = [f"# CUDA kernel phases, {env['gpu']}", ""]
+    lines += [f"- {k}: {v}" for k, v in env.items()]
+    lines += ["", "µs per step (mean over blocks) for copy, mma, epilogue, sync, sync min "
+              "(the last-arriving block's wait: about the barrier's own cost) and parts (the "
+              "K parts' second grid sync per step, 0 without them); µs per launch "
+              "for load (W into shared memory) and "
+              "kernel (wall time). plan: batch groups g, K parts p, stage K columns k (0: X "
+              "read unstaged), cl where the groups run as clusters (their sync is the "
+              "cluster barrier), tc where the K-parts teams do (their parts sync is), from "
+              "the plan mirror on this GPU. run: cuda, or the "
+              "bench variant (its environment) the row was timed under.", ""]
+    if args.sim:
+        lines += ["**cudasim**: the clock counts clock reads; these numbers mean nothing.", ""]
+    if running is not None:
+        what, done, total = running
+        lines += [f"**Incomplete**: {done} of {total} configurations done; this file was written "
+                  f"before {what} started and the run did not finish (killed at its caller's "
+                  "timeout, or stuck in that configuration).", ""]
+    lines += ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
+    lines += ["| " + " | ".join(r) + " |" for r in rows]
+    if failed:
+        lines += ["", "Failed:", *[f"- {f}" for f in failed]]
+    if skipped:
+        lines += ["", f"Skipped after the time budget ({args.time_budget:.0f} s): "
+                  + ", ".join(skipped)]
+    if left_out:
+        lines += ["", "Left out (FRNN_NO_CLUSTERS=1: the cluster-mode GPU tests failed or hung): "
+                  + ", ".join(left_out)]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None, start: float | None = None) -> int:
+    """start: time.monotonic() the --time-budget counts from (default: now)."""
     args = parse_args(argv)
+    start = time.monotonic() if start is None else start
     import torch
 
     if args.sim:
@@ -143,59 +195,45 @@ def main(argv=None) -> int:
             print("no GPU: use --sim to check the script on the CPU")
             return 1
         device = "cuda"
-    rows, failed, skipped = [], [], []
-    start = time.monotonic()
+    rows, failed, skipped, left_out = [], [], [], []
+    variants = args.variants
+    if os.environ.get("FRNN_NO_CLUSTERS") == "1":
+        left_out = [v for v in variants if any(k in VARIANTS[v][1] for k in CLUSTER_KEYS)]
+        variants = [v for v in variants if v not in left_out]
+        if left_out:
+            print(f"FRNN_NO_CLUSTERS=1: leaving out the cluster variants {', '.join(left_out)}",
+                  flush=True)
     runs = [("cuda", {}, args.shapes)] + [(v, VARIANTS[v][1], args.variant_shapes)
-                                          for v in args.variants]
-    for run, env, shapes in runs:
-        label = "" if run == "cuda" else f"{run}-"
-        with mock.patch.dict(os.environ, env):  # restored afterwards
-            for mode in args.modes:
-                for shape in shapes:
-                    B, T, H = args.table[shape]
-                    for dtype_name in args.dtypes:
-                        what = f"{label}{mode}-{shape}-{dtype_name}"
-                        if time.monotonic() - start > args.time_budget:
-                            skipped.append(what)
-                            continue
-                        try:
-                            plans = (_cuda_plans(mode, (B, T, H), dtype_name)
-                                     if device == "cuda" else None)
-                            for s in profile_one(mode, B, T, H, dtype_name, device):
-                                rows.append(_row(mode, f"{shape} {B}x{T}x{H}", dtype_name, s,
-                                                 plans, run))
-                        except Exception as e:  # keep going: one failure must not cost the rest
-                            failed.append(f"{what}: {type(e).__name__}: {e}"[:300])
-    env = environment(device, argparse.Namespace())
-    lines = [f"# CUDA kernel phases, {env['gpu']}", ""]
-    lines += [f"- {k}: {v}" for k, v in env.items()]
-    lines += ["", "µs per step (mean over blocks) for copy, mma, epilogue, sync, sync min "
-              "(the last-arriving block's wait: about the barrier's own cost) and parts (the "
-              "K parts' second grid sync per step, 0 without them); µs per launch "
-              "for load (W into shared memory) and "
-              "kernel (wall time). plan: batch groups g, K parts p, stage K columns k (0: X "
-              "read unstaged), cl where the groups run as clusters (their sync is the "
-              "cluster barrier), tc where the K-parts teams do (their parts sync is), from "
-              "the plan mirror on this GPU. run: cuda, or the "
-              "bench variant (its environment) the row was timed under.", ""]
-    if args.sim:
-        lines += ["**cudasim**: the clock counts clock reads; these numbers mean nothing.", ""]
-    lines += ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
-    lines += ["| " + " | ".join(r) + " |" for r in rows]
-    if failed:
-        lines += ["", "Failed:", *[f"- {f}" for f in failed]]
-    if skipped:
-        lines += ["", f"Skipped after the time budget ({args.time_budget:.0f} s): "
-                  + ", ".join(skipped)]
-    text = "\n".join(lines) + "\n"
+                                          for v in variants]
+    configs = [(run, env, mode, shape, dtype_name)
+               for run, env, shapes in runs for mode in args.modes for shape in shapes
+               for dtype_name in args.dtypes]
+    env_info = environment(device, argparse.Namespace())
     args.out_dir.mkdir(parents=True, exist_ok=True)
-    gpu = "cpu-sim" if args.sim else re.sub(r"[^A-Za-z0-9]+", "-", env["gpu"]).strip("-")
+    gpu = "cpu-sim" if args.sim else re.sub(r"[^A-Za-z0-9]+", "-", env_info["gpu"]).strip("-")
     path = args.out_dir / f"{dt.date.today().isoformat()}-{gpu}-phases.md"
-    path.write_text(text)
+    for i, (run, env, mode, shape, dtype_name) in enumerate(configs):
+        label = "" if run == "cuda" else f"{run}-"
+        what = f"{label}{mode}-{shape}-{dtype_name}"
+        if time.monotonic() - start > args.time_budget:
+            skipped.append(what)
+            continue
+        _write(path, _render(args, env_info, rows, failed, skipped, left_out,
+                             running=(what, i, len(configs))))
+        B, T, H = args.table[shape]
+        with mock.patch.dict(os.environ, env):  # restored afterwards
+            try:
+                plans = _cuda_plans(mode, (B, T, H), dtype_name) if device == "cuda" else None
+                for s in profile_one(mode, B, T, H, dtype_name, device):
+                    rows.append(_row(mode, f"{shape} {B}x{T}x{H}", dtype_name, s, plans, run))
+            except Exception as e:  # keep going: one failure must not cost the rest
+                failed.append(f"{what}: {type(e).__name__}: {e}"[:300])
+    text = _render(args, env_info, rows, failed, skipped, left_out)
+    _write(path, text)
     print(text)
     print(f"wrote {path}")
     return 1 if failed or skipped or not rows else 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(start=_T0))

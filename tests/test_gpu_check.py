@@ -1,0 +1,351 @@
+"""The orchestration of the one GPU call (benchmarks/gpu_check.sh, gpu_check_cuda.sh,
+gpu_common.sh, sanitize_cuda.py, profile_cuda.py), checked without a GPU: pytest -v logs of
+hung tests, a failed build, FRNN_NO_CLUSTERS, and tables written while a run is under way.
+
+The end-to-end tests run gpu_check.sh for real with a stand-in for ``$PYTHON`` (and for
+nvidia-smi, compute-sanitizer and nvcc) that logs every command it is given, so the order of the
+steps and what each one is passed can be read back; each takes a few seconds.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import subprocess
+import sys
+import tarfile
+import time
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+COMMON = ROOT / "benchmarks" / "gpu_common.sh"
+ID = "tests/cuda/test_cuda_gpu.py::"
+
+
+def _common(tmp_path, script: str) -> subprocess.CompletedProcess:
+    return subprocess.run(["bash", "-c", f'source "{COMMON}" && {script}'], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=60, check=False)
+
+
+def _hung_log(tmp_path, test_id: str, timeout_plugin: bool) -> Path:
+    """A real pytest -v log of a run whose test `test_id` hangs and is ended: by
+    pytest-timeout's thread method where ``timeout_plugin`` (its banner written as the plugin
+    writes it, then the process exits), else by a SIGTERM like a step's timeout (no summary
+    either way)."""
+    tests = tmp_path / "tests" / "cuda"
+    tests.mkdir(parents=True, exist_ok=True)
+    (tests / "test_cuda_gpu.py").write_text(
+        "import os, signal, sys, pytest\n"
+        "@pytest.mark.parametrize('s', ['T5-B3-I7-H37', 'T16-B16-I32-H256-parts4'])\n"
+        "def test_matches_reference(s): pass\n"
+        f"@pytest.mark.parametrize('setting', ['{test_id}'])\n"
+        "def test_cluster_mode_launches_clusters(request, setting):\n"
+        f"    if {timeout_plugin}:\n"
+        "        request.config.pluginmanager.getplugin('capturemanager')"
+        ".suspend_global_capture(in_=True)\n"
+        "        sys.stderr.write('+' * 35 + ' Timeout ' + '+' * 35 + '\\n')\n"
+        "        sys.stderr.flush()\n"
+        "        os._exit(1)\n"
+        "    os.kill(os.getpid(), signal.SIGTERM)\n")
+    log = tmp_path / "cuda_gpu_tests.log"
+    with open(log, "w") as f:
+        subprocess.run([sys.executable, "-m", "pytest", "tests/cuda/test_cuda_gpu.py", "-v", "-ra",
+                        "-p", "no:cacheprovider"], cwd=tmp_path, stdout=f,
+                       stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"},
+                       timeout=120, check=False)
+    return log
+
+
+@pytest.mark.parametrize("timeout_plugin", [True, False], ids=["pytest-timeout", "killed"])
+def test_a_hung_cluster_test_is_found_in_the_v_log(tmp_path, timeout_plugin):
+    """A hang leaves no FAILED line (no summary at all): the test that started last without a
+    result counts as failed, so the cluster configurations are dropped, not timed."""
+    log = _hung_log(tmp_path, "groups8", timeout_plugin)
+    hung = f"{ID}test_cluster_mode_launches_clusters[groups8]"
+    assert "FAILED" not in log.read_text() and hung in log.read_text()
+    r = _common(tmp_path, f'frnn_unfinished_test "{log}"')
+    assert r.returncode == 0 and r.stdout.strip() == hung, (r, log.read_text())
+    r = _common(tmp_path, f'frnn_cluster_failed "{log}" && ! frnn_parts_failed "{log}" && '
+                          f'frnn_tests_summary "{log}"')
+    assert r.returncode == 0, (r, log.read_text())
+    want = "timed out: " if timeout_plugin else "crashed in: "
+    assert r.stdout.strip() == f"{want}{hung} (after 2 passed, 0 failed)", r.stdout
+    # a run cut off by its step's limit while tests still finished is not a failure of the test
+    # that was running (gpu_check_cuda.sh appends this line when the log was not idle)
+    with open(log, "a") as f:
+        f.write("\ngpu_check: cut off while still making progress (output 2 s before ...)\n")
+    r = _common(tmp_path, f'frnn_cluster_failed "{log}"; echo "rc=$?"; frnn_tests_summary "{log}"')
+    assert r.stdout.splitlines()[0] == "rc=1", r
+    assert r.stdout.splitlines()[1].startswith("cut off at the step's time limit (2 passed"), r
+
+
+def test_failed_results_in_the_v_lines_count_without_a_summary(tmp_path):
+    """-v result lines (FAILED/ERROR) count even when the run died before its -ra summary; a
+    complete run's summary is the one line the bench gets."""
+    log = tmp_path / "log"
+    log.write_text(f"{ID}test_a[x-parts4] FAILED  [ 10%]\n{ID}test_b PASSED  [ 20%]\n"
+                   f"{ID}test_c[cluster8] ERROR  [ 30%]\n{ID}test_d PASSED  [ 40%]\n")
+    r = _common(tmp_path, f'frnn_parts_failed "{log}" && frnn_cluster_failed "{log}" && '
+                          f'! frnn_unfinished_test "{log}" && frnn_tests_summary "{log}"')
+    assert r.returncode == 0, r
+    assert r.stdout.strip() == ("no pytest summary (2 passed, 2 failed); failed: test_a[x-parts4], "
+                                "test_c[cluster8]"), r.stdout
+    done = tmp_path / "done"
+    done.write_text(f"{ID}test_b PASSED  [100%]\n\n"
+                    "=========== 800 passed, 7 deselected in 81.20s (0:01:21) ============\n")
+    r = _common(tmp_path, f'! frnn_bad_tests "{done}" | grep -q . && frnn_tests_summary "{done}" '
+                          f'&& frnn_tests_summary "{tmp_path}/missing"')
+    assert r.stdout.splitlines() == ["800 passed, 7 deselected in 81.20s (0:01:21)", "not run"], r
+
+
+def test_without_cuda_and_clusters_and_the_build_marker(tmp_path):
+    r = _common(tmp_path, "frnn_without_cuda cuda,triton,cuda-p1,torch,cuda-cl8 && "
+                          "frnn_without_clusters cuda,triton,cuda-cl16ds,cuda-tc,cuda-g1")
+    assert r.stdout.splitlines() == ["triton,torch", "cuda,triton,cuda-g1"], r
+    (tmp_path / "ok").mkdir()
+    (tmp_path / "ok" / "cuda_build.log").write_text("torch 2.11\nCUDA backend: available on H200\n")
+    (tmp_path / "bad").mkdir()
+    (tmp_path / "bad" / "cuda_build.log").write_text("CUDA backend: the JIT build failed\n")
+    r = _common(tmp_path, "frnn_build_ok ok && ! frnn_build_failed ok && ! frnn_build_ok bad && "
+                          "frnn_build_failed bad && ! frnn_build_ok none && ! frnn_build_failed none")
+    assert r.returncode == 0, r
+
+
+# ------------------------------------------------------------------ gpu_check.sh end to end
+FAKE_PYTHON = r"""#!/bin/bash
+# Logs each call ("python ARGS | FRNN_GPU_TESTS=... FRNN_NO_CLUSTERS=... K_PARTS=..."), then
+# plays the part the test asks for ($FAKE_MODE: build-fails, cluster-hangs,
+# default-hangs).
+echo "python $* | FRNN_GPU_TESTS=${FRNN_GPU_TESTS:-} FRNN_NO_CLUSTERS=${FRNN_NO_CLUSTERS:-} K_PARTS=${FUSED_RNN_CUDA_K_PARTS:-}" >> "$FAKE_CALLS"
+case "$*" in
+  *"import pytest_timeout"*) exit 0 ;;
+  *"_ext.build_dir()"*"unavailable_reason"*)
+    echo "build dir: $FAKE_BUILD_DIR"
+    if [[ $FAKE_MODE == build-fails ]]; then echo "CUDA backend: the JIT build failed"; exit 1; fi
+    echo "CUDA backend: available on NVIDIA H200"; exit 0 ;;
+  *"unavailable_reason as why"*) echo "${@: -1}"; exit 0 ;;
+  *"-m pytest tests/cuda/test_cuda_gpu.py"*"-k not ("*)
+    echo "tests/cuda/test_cuda_gpu.py::test_matches_reference[LSTM-fp32-T5] PASSED [ 1%]"
+    if [[ $FAKE_MODE == cluster-hangs ]]; then
+      echo "tests/cuda/test_cuda_gpu.py::test_cluster_mode_launches_clusters[groups8] +++++ Timeout +++++"
+      exit 1
+    fi
+    if [[ $FAKE_MODE == default-hangs ]]; then
+      echo "tests/cuda/test_cuda_gpu.py::test_matches_reference[GRU-bf16-T5] +++++ Timeout +++++"
+      exit 1
+    fi
+    echo "===== 1 passed, 8 deselected in 1.00s ====="; exit 0 ;;
+  *benchmarks/bench_gpu.py*) echo "cell  shape  fake row"; exit 0 ;;
+esac
+exit 0
+"""
+
+
+def _gpu_check(tmp_path, mode: str) -> tuple[int, str, list[str], Path]:
+    bin_ = tmp_path / "bin"
+    bin_.mkdir()
+    for name, text in (("python", FAKE_PYTHON),
+                       ("nvidia-smi", "#!/bin/bash\necho 'NVIDIA H200, 580, 143771 MiB'\n"),
+                       ("compute-sanitizer", "#!/bin/bash\n[[ $1 == --help ]] && exit 0\n"
+                                             "echo \"compute-sanitizer $* | FRNN_NO_CLUSTERS="
+                                             "${FRNN_NO_CLUSTERS:-}\" >> \"$FAKE_CALLS\"\n"),
+                       ("nvcc", "#!/bin/bash\nexit 1\n")):
+        (bin_ / name).write_text(text)
+        (bin_ / name).chmod(0o755)
+    build_dir = tmp_path / "build"
+    build_dir.mkdir()
+    (build_dir / "lock").write_text("")  # left by a killed build
+    out = tmp_path / "out"
+    out.mkdir()
+    calls = tmp_path / "calls"
+    env = {**os.environ, "PATH": f"{bin_}:{os.environ['PATH']}", "PYTHON": str(bin_ / "python"),
+           "FAKE_CALLS": str(calls), "FAKE_MODE": mode, "FAKE_BUILD_DIR": str(build_dir),
+           "OUT": str(out), "CUDA_HOME": str(tmp_path / "no-cuda"), "FRNN_COMMIT": "abc123"}
+    for k in ("FRNN_NO_CLUSTERS", "FUSED_RNN_CUDA_K_PARTS", "FRNN_GPU_CHECK_LOGS",
+              "FRNN_GPU_TESTS", "FRNN_DEADLINE"):
+        env.pop(k, None)
+    r = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu_check.sh"), "--backends",
+                        "cuda,triton,cuda-p1,cuda-cl8,cuda-tc,cuda-g1"], capture_output=True,
+                       text=True, env=env, timeout=120, check=False)
+    return r.returncode, r.stdout + r.stderr, calls.read_text().splitlines(), out
+
+
+def _tar_names(out: Path) -> set[str]:
+    with tarfile.open(out / "cuda_logs.tar.gz") as t:
+        return {Path(n).name for n in t.getnames()}
+
+
+def test_a_failed_build_drops_cuda_and_its_later_steps(tmp_path):
+    rc, log, calls, out = _gpu_check(tmp_path, "build-fails")
+    assert rc == 1 and log.rstrip().endswith("status 1"), log[-3000:]
+    assert not (tmp_path / "build" / "lock").exists(), "the stale build lock stays"
+    assert "the build did not succeed" in log and "gpu_tests SKIPPED (the CUDA build failed" in log
+    (bench,) = [c for c in calls if "bench_gpu.py" in c]
+    assert "--backends triton " in bench, bench
+    assert "FRNN_GPU_TESTS=not run (the CUDA build failed)" in bench
+    # no later step loads the extension: no GPU tests, sanitizer, phases or slow tests
+    for c in calls:
+        assert "test_cuda_gpu.py" not in c and "sanitize_cuda" not in c, c
+        assert "profile_cuda" not in c and "compute-sanitizer" not in c, c
+    (charlm,) = [c for c in calls if "fused_rnn.cli bench" in c]
+    assert "--backends triton " in charlm, charlm
+    assert {"gpu_check.log", "bench.log", "cuda_build.log"} <= _tar_names(out)
+
+
+def test_a_hung_cluster_test_keeps_every_later_step_off_clusters(tmp_path):
+    rc, log, calls, out = _gpu_check(tmp_path, "cluster-hangs")
+    assert rc == 1, log[-3000:]
+    order = [i for i, c in enumerate(calls) if "-m pytest tests/cuda/test_cuda_gpu.py" in c
+             or "bench_gpu.py" in c or "profile_cuda.py" in c or "fused_rnn.cli bench" in c]
+    first, bench, phases, charlm, slow = (calls[i] for i in order)
+    # 1. the GPU tests: -v, 60 s a test (pytest-timeout "is installed"), the slow ones deselected
+    assert "-v" in first.split() and "--timeout=60 --timeout-method=thread" in first, first
+    assert "-k not (compile or ddp or amp or training)" in first, first
+    # 2. the bench: no cluster variants, told how the GPU tests went
+    assert "--backends cuda,triton,cuda-p1,cuda-g1 " in bench, bench
+    hung = "tests/cuda/test_cuda_gpu.py::test_cluster_mode_launches_clusters[groups8]"
+    assert f"FRNN_GPU_TESTS=timed out: {hung} (after 1 passed, 0 failed)" in bench, bench
+    # 3. later steps: FRNN_NO_CLUSTERS=1, no cluster variants in the phase timings
+    assert "FRNN_NO_CLUSTERS=1" in phases and "--variants" not in phases, phases
+    assert "FRNN_NO_CLUSTERS=1" in charlm and "--backends cuda,triton " in charlm, charlm
+    sanitizer = [c for c in calls if c.startswith("compute-sanitizer")]
+    assert [c.split()[2] for c in sanitizer] == ["memcheck", "racecheck", "synccheck"], sanitizer
+    assert "--cases" not in sanitizer[0] and "--cases 10" in sanitizer[1], sanitizer
+    assert all(c.endswith("FRNN_NO_CLUSTERS=1") for c in sanitizer), sanitizer
+    # 4. the slow tests after the bench, with a longer per-test timeout
+    assert "-k compile or ddp or amp or training" in slow and "--timeout=120" in slow, slow
+    assert "cluster mode FAILED GPU tests" in log
+    assert {"gpu_check.log", "bench.log", "cuda_gpu_tests.log",
+            "cuda_gpu_tests_slow.log"} <= _tar_names(out)
+    # the bench's rows are in the log that comes back, not only in the output's tail
+    assert "cell  shape  fake row" in (log.split("fwd+bwd summary")[1])
+
+
+def test_a_hang_outside_parts_and_clusters_leaves_cuda_out_of_the_bench(tmp_path):
+    """A GPU test of the default path that hangs would hang the bench's cuda rows, and with them
+    every row after (Triton's): cuda and its variants leave the bench, and the later CUDA steps
+    (which would hang the same way) are skipped."""
+    rc, log, calls, out = _gpu_check(tmp_path, "default-hangs")
+    assert rc == 1, log[-3000:]
+    (bench,) = [c for c in calls if "bench_gpu.py" in c]
+    assert "--backends triton " in bench, bench
+    assert "FRNN_GPU_TESTS=timed out: tests/cuda/test_cuda_gpu.py::test_matches_reference" in bench
+    for c in calls:
+        assert "sanitize_cuda" not in c and "profile_cuda" not in c, c
+        assert not c.startswith("compute-sanitizer"), c
+    assert "hung or crashed; the bench leaves out cuda" in log
+
+
+# ------------------------------------------------------------------------ sanitize_cuda.py
+def _sanitize_module(monkeypatch):
+    path = ROOT / "benchmarks" / "sanitize_cuda.py"
+    spec = importlib.util.spec_from_file_location("sanitize_cuda_under_test", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    monkeypatch.setattr(mod.cuda_backend, "unavailable_reason", lambda device: None)
+    seen = []
+
+    def case(mode, T, B, I, H, *rest):  # records the partition each case runs under
+        seen.append({k: os.environ.get(k) for k in ("FUSED_RNN_CUDA_CLUSTER",
+                                                    "FUSED_RNN_CUDA_K_PARTS")})
+
+    monkeypatch.setattr(mod, "case", case)
+    return mod, seen
+
+
+def test_sanitizer_leaves_clusters_and_forced_k_parts_out_when_told(monkeypatch, capsys):
+    monkeypatch.delenv("FRNN_NO_CLUSTERS", raising=False)
+    monkeypatch.delenv("FUSED_RNN_CUDA_K_PARTS", raising=False)
+    monkeypatch.delenv("FUSED_RNN_CUDA_CLUSTER", raising=False)
+    mod, seen = _sanitize_module(monkeypatch)
+    monkeypatch.setattr("sys.argv", ["sanitize_cuda.py"])
+    assert mod.main() == 0 and len(seen) == 40
+    assert sum(s["FUSED_RNN_CUDA_CLUSTER"] == "8" for s in seen) == 8
+    seen.clear()
+    monkeypatch.setenv("FRNN_NO_CLUSTERS", "1")
+    assert mod.main() == 0 and len(seen) == 32
+    assert not any(s["FUSED_RNN_CUDA_CLUSTER"] for s in seen)
+    out = capsys.readouterr().out
+    assert "left out: the case" in out
+    assert "32/32 cases match the reference; 1 partition(s) left out" in out
+    seen.clear()
+    monkeypatch.setenv("FUSED_RNN_CUDA_K_PARTS", "1")  # gpu_check.sh: K parts failed their tests
+    assert mod.main() == 0 and len(seen) == 24
+    assert all(s["FUSED_RNN_CUDA_K_PARTS"] == "1" for s in seen)
+    # a small case set for the slow tools: the first N, one cell across the partitions
+    seen.clear()
+    monkeypatch.delenv("FRNN_NO_CLUSTERS")
+    monkeypatch.delenv("FUSED_RNN_CUDA_K_PARTS")
+    monkeypatch.setattr("sys.argv", ["sanitize_cuda.py", "--cases", "5"])
+    assert mod.main() == 0 and len(seen) == 5
+    assert [s["FUSED_RNN_CUDA_CLUSTER"] for s in seen] == [None] * 4 + ["8"]
+    # the time budget counts from the given start (the script's: before importing torch)
+    seen.clear()
+    monkeypatch.setattr("sys.argv", ["sanitize_cuda.py", "--time-budget", "30"])
+    assert mod.main(start=time.monotonic() - 60) == 1 and seen == []
+    assert "0/0 cases match the reference; 40 not checked" in capsys.readouterr().out
+
+
+# ------------------------------------------------------------------------- profile_cuda.py
+@pytest.fixture
+def profile_cuda(monkeypatch):
+    import torch
+
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        import profile_cuda as mod
+    finally:
+        sys.path.pop(0)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(mod, "environment", lambda device, args: {"gpu": "Fake GPU 1"})
+    monkeypatch.setattr(mod, "_cuda_plans", lambda *a: None)
+    return mod
+
+
+def test_phase_table_is_on_disk_after_each_configuration(profile_cuda, monkeypatch, tmp_path):
+    """A run killed (or stuck) in its third configuration leaves the first two's rows and names
+    the one it was on."""
+    calls = []
+
+    def profile_one(mode, B, T, H, dtype_name, device):
+        calls.append(os.environ.get("FUSED_RNN_CUDA_MAX_GROUPS"))
+        if len(calls) == 3:
+            raise KeyboardInterrupt  # what a kill looks like from here: nothing after it runs
+        return [{"direction": "forward", "blocks": 4, "mma_us": 1.0}]
+
+    monkeypatch.setattr(profile_cuda, "profile_one", profile_one)
+    monkeypatch.delenv("FUSED_RNN_CUDA_MAX_GROUPS", raising=False)
+    with pytest.raises(KeyboardInterrupt):
+        profile_cuda.main(["--modes", "GRU", "--shapes", "S5,S6", "--dtypes", "fp32",
+                           "--variants", "cuda-g1", "--variant-shapes", "S5",
+                           "--out-dir", str(tmp_path)])
+    (md,) = tmp_path.glob("*-Fake-GPU-1-phases.md")
+    text = md.read_text()
+    assert text.count("| GRU | S") == 2, text
+    assert "**Incomplete**: 2 of 3 configurations done" in text and "cuda-g1-GRU-S5-fp32" in text
+    assert calls == [None, None, "1"] and not list(tmp_path.glob("*.tmp"))
+
+
+def test_phase_timings_leave_cluster_variants_out_when_told(profile_cuda, monkeypatch, tmp_path):
+    runs = []
+    monkeypatch.setattr(profile_cuda, "profile_one", lambda *a: runs.append(
+        (os.environ.get("FUSED_RNN_CUDA_CLUSTER"), os.environ.get("FUSED_RNN_CUDA_MAX_GROUPS")))
+        or [{"direction": "backward", "blocks": 2}])
+    monkeypatch.setenv("FRNN_NO_CLUSTERS", "1")
+    monkeypatch.delenv("FUSED_RNN_CUDA_CLUSTER", raising=False)
+    monkeypatch.delenv("FUSED_RNN_CUDA_MAX_GROUPS", raising=False)
+    assert profile_cuda.main(["--modes", "LSTM", "--shapes", "S5", "--dtypes", "bf16",
+                              "--variants", "cuda-cl8,cuda-tc,cuda-g1",
+                              "--out-dir", str(tmp_path)]) == 0
+    assert runs == [(None, None), (None, "1")]
+    (md,) = tmp_path.glob("*-phases.md")
+    text = md.read_text()
+    assert "Left out (FRNN_NO_CLUSTERS=1" in text and "cuda-cl8, cuda-tc" in text
+    assert "Incomplete" not in text
+    # the time budget counts from the given start (the script's: before its imports)
+    assert profile_cuda.main(["--modes", "LSTM", "--shapes", "S5", "--dtypes", "bf16",
+                              "--time-budget", "30", "--out-dir", str(tmp_path)],
+                             start=time.monotonic() - 60) == 1
+    assert "Skipped after the time budget (30 s): LSTM-S5-bf16" in md.read_text()
