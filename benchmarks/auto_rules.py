@@ -2,13 +2,17 @@
 
 Reads the CSV that ``bench_gpu.py`` wrote on a GPU and prints, as Python, the rules under which
 ``backend="auto"`` would take a kernel backend: one rule per (cell, dtype) where the backend was
-faster than cuDNN in the same dtype, fwd+bwd, by at least ``--margin`` on **every** shape the
-table has for that cell and dtype. The rule's hidden and batch ranges span those shapes (so it
-also covers the sizes between them, one layer, unidirectional: what the table measured). A
-(cell, dtype) with any slower, missing or failed row gets no rule, and the script says which
-rows stopped it. Paste the output into ``fused_rnn/backends.py`` only after the backend's GPU
-tests have passed at the table's commit (DESIGN.md); the evidence each rule cites is the table's
-``.md``, which ``tests/test_backends.py`` requires to be committed.
+faster than cuDNN in the same dtype, fwd+bwd, by at least ``--margin`` on **every** shape S1-S6
+(all must be in the table, timed, and pass the check against cuDNN). The rule's hidden and batch
+ranges span those shapes (so it also covers the sizes between them, one layer, unidirectional:
+what the table measured). A (cell, dtype) with any slower, missing, skipped, failed or unchecked
+row gets no rule, and the script says which rows stopped it. The whole table is refused (exit
+2, no rules) when it is a dry run, when its ``gpu_tests`` (gpu_check.sh's summary of the CUDA
+GPU tests) does not show them passed, or when the run set ``FUSED_RNN_<BACKEND>_*`` for the
+backend (its rows then timed other kernels than ``auto`` would run). Paste the output into
+``fused_rnn/backends.py`` only after the backend's GPU tests have passed at the table's commit
+(DESIGN.md); the evidence each rule cites is the table's ``.md``, which ``tests/test_backends.py``
+requires to be committed.
 
     python benchmarks/auto_rules.py benchmarks/results/<date>-<gpu>.csv [--backend cuda]
 
@@ -20,52 +24,107 @@ from __future__ import annotations
 
 import argparse
 import csv
+import re
 import sys
 from collections import defaultdict
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_gpu import SHAPES  # noqa: E402
+
 DTYPES = {"fp32": "torch.float32", "bf16": "torch.bfloat16", "fp16": "torch.float16"}
 BASELINE = "cudnn"
+# Settings that do not change what a kernel computes or how fast (where the build goes, how
+# loud it is); any other FUSED_RNN_<BACKEND>_* in the table's overrides refuses its rules.
+HARMLESS = {"FUSED_RNN_CUDA_BUILD_DIR", "FUSED_RNN_CUDA_VERBOSE"}
+
+
+# A clean pytest summary and nothing else: "805 passed, 6 deselected in 80.12s" (pytest adds
+# " (0:01:20)" past a minute). Anything more (gpu_check.sh appends "; failed: <ids>", or says
+# "timed out: ...", "crashed in: ...", "not run (...)") or any other count (failed, errors,
+# rerun) is not a pass.
+CLEAN = re.compile(r"(\d+ (passed|skipped|deselected|xfailed|xpassed|warnings?), )*"
+                   r"\d+ (passed|skipped|deselected|xfailed|xpassed|warnings?) in [0-9.]+s"
+                   r"( \(\d+:\d\d:\d\d\))?")
+
+
+def tests_passed(summary: str) -> bool:
+    """Whether gpu_check.sh's one-line GPU-test summary shows the tests run and passed."""
+    summary = summary.strip()
+    return bool(CLEAN.fullmatch(summary) and re.search(r"(^|, )[1-9]\d* passed", summary))
+
+
+def refusal(rows: list[dict], backend: str) -> str | None:
+    """Why no rule at all may come from this table for ``backend``, or None."""
+    if not rows:
+        return "the table has no rows"
+    env = rows[0]
+    if "none (dry run" in env.get("gpu", ""):
+        return "a dry run on the CPU: its times mean nothing"
+    tests = env.get("gpu_tests")
+    if tests is None:
+        return "no gpu_tests column: written by a bench_gpu.py that did not record the GPU tests"
+    if not tests_passed(tests):
+        return f"the CUDA GPU tests did not pass: gpu_tests = {tests!r}"
+    prefix = f"FUSED_RNN_{backend.upper()}_"
+    forced = [kv for kv in (env.get("overrides") or "").split()
+              if kv.startswith(prefix) and kv.split("=")[0] not in HARMLESS]
+    if forced:
+        return (f"the run set {' '.join(forced)} for every {backend} row, so they timed other "
+                f"kernels than backend={backend!r} runs by default")
+    return None
 
 
 def propose(rows: list[dict], backend: str, margin: float) -> tuple[list[dict], list[str]]:
     """(rules, reasons): rules as dicts (cell, dtype, hidden, batch, ratios) and, for every
     (cell, dtype) without one, why not."""
-    by_key: dict[tuple[str, str], list[dict]] = defaultdict(list)
-    shapes: dict[tuple[str, str], set[str]] = defaultdict(set)
+    ours: dict[tuple[str, str], dict[str, dict]] = defaultdict(dict)
+    cudnn: dict[tuple[str, str], dict[str, dict]] = defaultdict(dict)
+    other_passes: dict[tuple[str, str, str], list[dict]] = defaultdict(list)
     for r in rows:
-        if r.get("pass") != "fwd+bwd" or r.get("dtype") not in DTYPES:
+        if r.get("dtype") not in DTYPES:
             continue
         key = (r["cell"], r["dtype"])
-        if r["backend"] == BASELINE:
-            shapes[key].add(r["shape"])
+        if r.get("pass") != "fwd+bwd":
+            if r["backend"] == backend:  # a forward that failed while timed stops it too
+                other_passes[(*key, r["shape"])].append(r)
+        elif r["backend"] == BASELINE:
+            cudnn[key][r["shape"]] = r
         elif r["backend"] == backend:
-            by_key[key].append(r)
+            ours[key][r["shape"]] = r
     rules, reasons = [], []
-    for key in sorted(set(shapes) | set(by_key)):
+    for key in sorted(set(cudnn) | set(ours)):
         cell, dtype = key
-        ours = {r["shape"]: r for r in by_key.get(key, [])}
         stops = []
-        for shape in sorted(shapes.get(key, set()) | set(ours)):
-            r = ours.get(shape)
+        for shape in SHAPES:  # every shape, measured and checked on both sides
+            base, r = cudnn[key].get(shape), ours[key].get(shape)
             ratio = (r or {}).get("x_cudnn_same_dtype") or ""
-            if r is None:
+            if base is None and r is None:
+                stops.append(f"{shape}: not in the table")
+            elif r is None:
                 stops.append(f"{shape}: no {backend} row")
-            elif not ratio:
+            elif base is None or not base.get("ms"):
+                why = (base or {}).get("note") or "no row"
+                stops.append(f"{shape}: no cuDNN time ({why[:80]})")
+            elif not r.get("ms") or not ratio:
                 stops.append(f"{shape}: not timed ({(r.get('note') or 'no ratio')[:80]})")
+            elif r.get("check") != "ok":
+                stops.append(f"{shape}: check {(r.get('check') or 'not run')[:80]}")
             elif float(ratio) < margin:
                 stops.append(f"{shape}: {float(ratio):.2f}x cuDNN (< {margin:g})")
-        if not ours or key not in shapes:
-            stops.append("no cuDNN baseline" if ours else f"no {backend} rows")
+            else:  # fwd+bwd passed: the same configuration's forward must have run too
+                stops += [f"{shape}: {o['pass']} not timed ({(o.get('note') or '')[:80]})"
+                          for o in other_passes[(cell, dtype, shape)] if not o.get("ms")]
         if stops:
             reasons.append(f"{cell} {dtype}: no rule; " + "; ".join(stops))
             continue
-        dims = [tuple(int(v) for v in r["BxTxH"].split("x")) for r in ours.values()]
-        ratios = [float(r["x_cudnn_same_dtype"]) for r in ours.values()]
+        got = [ours[key][s] for s in SHAPES]
+        dims = [tuple(int(v) for v in r["BxTxH"].split("x")) for r in got]
+        ratios = [float(r["x_cudnn_same_dtype"]) for r in got]
         rules.append(dict(cell=cell, dtype=dtype,
                           hidden=(min(d[2] for d in dims), max(d[2] for d in dims)),
                           batch=(min(d[0] for d in dims), max(d[0] for d in dims)),
-                          ratios=(min(ratios), max(ratios)), shapes=sorted(ours)))
+                          ratios=(min(ratios), max(ratios)), shapes=list(SHAPES)))
     return rules, reasons
 
 
@@ -94,8 +153,10 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     with open(args.csv, newline="") as f:
         rows = list(csv.DictReader(f))
-    if rows and "none (dry run" in rows[0].get("gpu", ""):
-        print(f"{args.csv} is a dry run on the CPU: its times mean nothing", file=sys.stderr)
+    why = refusal(rows, args.backend)
+    if why:
+        print(f"# {args.csv.name}: no rules for {args.backend}: {why}")
+        print(f"{args.csv} refused: {why}", file=sys.stderr)
         return 2
     md = args.csv.with_suffix(".md")
     root = Path(__file__).resolve().parent.parent

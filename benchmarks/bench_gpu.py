@@ -3,15 +3,25 @@
 One layer, input size = hidden size, ``batch_first``, shapes S1-S6 of ``ANCHORS.md``, LSTM and
 GRU, fp32 / bf16 / fp16. For every row: forward ("fwd", a training forward: parameters require
 grad) and forward+backward ("fwd+bwd", ``y.backward(g)`` with a random cotangent), median time
-from ``triton.testing.do_bench`` (warm-up first, L2 flushed between runs), for cuDNN and each
-backend named in ``--backends``. Ratios are cuDNN time / ours (> 1: we are faster), against
-cuDNN in the same dtype and against cuDNN fp16 (cuDNN's fastest mode). ``max|dy|`` is the
-largest difference between our output and cuDNN's on the timed inputs (a guard against timing
-something wrong). fp32 runs with TF32 as ``torch.backends.cudnn.allow_tf32`` says (default on,
-as in ANCHORS.md); the header records it. ``fp32-strict`` runs fp32 with it off, for cuDNN and
-for us alike (our plain-fp32 FMA kernels; ANCHORS.md has cuDNN's figures for S1-S3).
+from ``triton.testing.do_bench`` (warm-up first, L2 flushed between runs, at least 5 runs), for
+cuDNN and each backend named in ``--backends``. Ratios are cuDNN time / ours (> 1: we are
+faster), against cuDNN in the same dtype and against cuDNN fp16 (cuDNN's fastest mode).
+fp32 runs with TF32 as ``torch.backends.cudnn.allow_tf32`` says (default on, as in ANCHORS.md);
+the header records it. ``fp32-strict`` runs fp32 with it off, for cuDNN and for us alike (our
+plain-fp32 FMA kernels; ANCHORS.md has cuDNN's figures for S1-S3).
 
-Writes ``<out-dir>/<date>-<gpu>.md`` (versions, commit, table) and a ``.csv`` next to it.
+Before a row is timed, one forward+backward (x, h0 and c0 requiring grad, synchronized) is
+compared with cuDNN's on the same inputs and weights: ``check`` is "ok" when y, dx, dh0, dc0
+(LSTM) and dW_hh are all finite and within ``TOLERANCE`` of cuDNN's by relative norm error
+(``max rel err``, the largest of them), else "FAIL: " and which; ``max abs Δy`` is the largest
+difference in y. A row whose build, check pass or timing raises says why in its note and the
+run goes on.
+
+Writes ``<out-dir>/<date>-<gpu>.md`` (versions, commit, ``FUSED_RNN_*`` settings, the CUDA GPU
+tests' summary from ``$FRNN_GPU_TESTS``, table) and a ``.csv`` next to it, both rewritten after
+every backend's rows, so a run killed at its limit (or hung in a kernel) leaves what it
+measured. ``$FRNN_COMMIT``, where set, names the commit (a lent GPU gets the tree without
+``.git``).
 
     python benchmarks/bench_gpu.py --backends triton,cuda [--modes LSTM,GRU] [--shapes S1,S3]
     python benchmarks/bench_gpu.py --dry-run   # CPU, Triton interpreter, tiny shapes
@@ -19,9 +29,10 @@ Writes ``<out-dir>/<date>-<gpu>.md`` (versions, commit, table) and a ``.csv`` ne
 ``--dry-run`` exercises everything but the GPU: argument parsing, module set-up, timing loop,
 table and CSV writing, on tiny shapes with the Triton interpreter and aten's CPU RNN standing in
 for cuDNN. Its numbers mean nothing. ``--time-budget`` stops starting new rows after that many
-seconds (the remaining rows are listed as skipped), so the GPU script always finishes. Rows
-are timed in rounds over all configurations: cuDNN with the first backend named, then the other
-backends, then the variants; so name first the backend whose table matters most.
+seconds (the rest are listed as skipped, and written to the CSV as "skipped: time"), so the GPU
+script always finishes. Rows are timed in rounds over all configurations: cuDNN with the first
+backend named, then the other backends, then the variants; so name first the backend whose
+table matters most. Within a round, configurations go by need (``PRIORITY``).
 """
 
 from __future__ import annotations
@@ -29,6 +40,8 @@ from __future__ import annotations
 import argparse
 import csv
 import datetime as dt
+import io
+import math
 import os
 import platform
 import re
@@ -51,8 +64,24 @@ SHAPES = {  # name: (B, T, H), from ANCHORS.md
 DRY_SHAPES = {"D1": (3, 4, 16), "D2": (2, 3, 37), "D3": (40, 2, 16)}
 DTYPE_NAMES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16",
                "fp32-strict": "float32"}  # fp32 with cudnn.allow_tf32 off (cuDNN's and ours)
-COLUMNS = ["cell", "shape", "BxTxH", "dtype", "backend", "pass", "ms", "us_per_step",
-           "x_cudnn_same_dtype", "x_cudnn_fp16", "peak_MiB", "max_abs_dy", "note"]
+COLUMNS = ["cell", "shape", "BxTxH", "dtype", "backend", "pass", "ms", "us_per_step", "reps",
+           "x_cudnn_same_dtype", "x_cudnn_fp16", "peak_MiB", "max_abs_dy", "max_rel_err", "check",
+           "note"]
+HEAD = ["cell", "shape", "B×T×H", "dtype", "backend", "pass", "ms", "µs/step", "reps",
+        "× cuDNN same dtype", "× cuDNN fp16", "peak MiB", "max abs Δy", "max rel err vs cuDNN",
+        "check", "note"]  # the .md's names for COLUMNS (no "|" in them: it splits a cell)
+# The order configurations are timed in, within each round: first the (cell, dtype)s the
+# speed targets decide (LSTM fp32/bf16, GRU in every dtype), each over all its shapes, so a cut
+# for time leaves whole (cell, dtype)s (auto_rules.py needs every shape); then LSTM fp16
+# (cuDNN's persistent fast case, no target of its own); then fp32-strict.
+PRIORITY = [("LSTM", "fp32"), ("LSTM", "bf16"), ("GRU", "fp32"), ("GRU", "bf16"),
+            ("GRU", "fp16"), ("LSTM", "fp16"), ("LSTM", "fp32-strict"), ("GRU", "fp32-strict")]
+# The largest relative norm error ||ours - cuDNN|| / ||cuDNN|| of y, dx, dh0, dc0 or dW_hh that
+# passes the check. These catch wrong kernels (a missed step, a race, a wrong index: errors of
+# order 1, or NaN), not rounding: two correct implementations differ far less (fp32 ~1e-6,
+# TF32 ~1e-3, bf16 ~1e-2). fp32 rows use the strict bound when TF32 is off.
+TOLERANCE = {"fp32-strict": 1e-3, "fp32": 2e-2, "fp16": 2e-2, "bf16": 1e-1}
+MIN_REPS = 5  # do_bench runs per row at least (S1 fp32 cuDNN, ~48 ms, would get 3 in 150 ms)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -113,24 +142,41 @@ def _split(value: str, allowed: tuple[str, ...], what: str) -> list[str]:
 
 # --------------------------------------------------------------------------- timing
 class Timer:
-    """Median milliseconds of ``fn()``: triton's do_bench on a GPU, perf_counter on the CPU."""
+    """(median milliseconds of ``fn()``, runs timed): triton's do_bench on a GPU, perf_counter on
+    the CPU."""
 
     def __init__(self, device: str, warmup_ms: float, rep_ms: float):
         self.device, self.warmup_ms, self.rep_ms = device, warmup_ms, rep_ms
 
-    def __call__(self, fn) -> float:
+    def __call__(self, fn) -> tuple[float, int | None]:
         if self.device == "cuda":
+            import torch
             import triton.testing
 
-            return float(triton.testing.do_bench(fn, warmup=self.warmup_ms, rep=self.rep_ms,
-                                                 return_mode="median"))
+            # do_bench runs fn for rep ms by its own estimate, so a slow row would get fewer
+            # than MIN_REPS runs: one call timed here (after an untimed one, which takes any
+            # first-call cost) sets rep to cover them, with room for its estimate's L2 flush.
+            fn()
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            torch.cuda.synchronize()
+            rep = max(self.rep_ms, (MIN_REPS + 2) * start.elapsed_time(end))
+            try:
+                times = triton.testing.do_bench(fn, warmup=self.warmup_ms, rep=rep,
+                                                return_mode="all")
+            except AssertionError:  # a Triton without return_mode="all" (asserted before any run)
+                return float(triton.testing.do_bench(fn, warmup=self.warmup_ms, rep=rep,
+                                                     return_mode="median")), None
+            return float(statistics.median(times)), len(times)
         fn()  # warm-up (compiles / interprets once)
         times = []
-        for _ in range(3):
+        for _ in range(MIN_REPS):
             t0 = time.perf_counter()
             fn()
             times.append(1e3 * (time.perf_counter() - t0))
-        return statistics.median(times)
+        return statistics.median(times), len(times)
 
 
 def peak_mib(fn, device: str) -> float | None:
@@ -177,6 +223,76 @@ def passes(model, x, cot):
         model(x)[0].backward(cot)
 
     return {"fwd": fwd, "fwd+bwd": fwd_bwd}
+
+
+def probe(model, mode: str, x, cot, device: str) -> dict:
+    """One forward+backward with the cotangent, x, h0 (and c0) requiring grad: y, dx, dh0, dc0
+    and dW_hh on the host, for the check against cuDNN. It synchronizes, so that an error the
+    device raises late (or a backward that fails) stops this row here, not inside do_bench."""
+    import torch
+
+    B, _, H = x.shape
+    g = torch.Generator().manual_seed(2)  # the same h0 and c0 on both sides, never zeros
+    x = x.detach().clone().requires_grad_()
+    h0 = (0.5 * torch.randn(1, B, H, generator=g)).to(device, x.dtype).requires_grad_()
+    c0 = (0.5 * torch.randn(1, B, H, generator=g)).to(device, x.dtype).requires_grad_() \
+        if mode == "LSTM" else None
+    model.zero_grad(set_to_none=True)
+    y = model(x, h0 if c0 is None else (h0, c0))[0]
+    y.backward(cot)
+    if device == "cuda":
+        torch.cuda.synchronize()
+    got = {"y": y, "dx": x.grad, "dh0": h0.grad, **({} if c0 is None else {"dc0": c0.grad}),
+           "dW_hh": model.weight_hh_l0.grad}
+    got = {k: None if t is None else t.detach().cpu() for k, t in got.items()}
+    model.zero_grad(set_to_none=True)
+    return got
+
+
+def tolerance(dtype_name: str) -> float:
+    """TOLERANCE for this row: fp32 without TF32 (fp32-strict, or TF32 turned off) is strict."""
+    import torch
+
+    strict = dtype_name == "fp32" and not torch.backends.cudnn.allow_tf32
+    return TOLERANCE["fp32-strict" if strict else dtype_name]
+
+
+def compare(got: dict, ref: dict | None, tol: float) -> tuple[float | None, float | None, str]:
+    """(max abs Δy, largest relative norm error, check) of probe tensors against cuDNN's
+    (``ref``; None: cuDNN's own row, checked for finite values only), in fp64."""
+    import torch
+
+    dy, worst, fails = None, 0.0, []
+    for name, a in got.items():
+        if a is None:
+            fails.append(f"{name} missing")
+            continue
+        if not torch.isfinite(a).all():  # NaN or inf never passes
+            fails.append(f"{name} not finite")
+            worst = math.inf
+            continue
+        if ref is None:
+            continue
+        b = ref.get(name)
+        if b is None or b.shape != a.shape or not torch.isfinite(b).all():
+            fails.append(f"cuDNN's {name} missing or not finite")
+            continue
+        b = b.double()
+        d = a.double() - b
+        diff, ref_norm = d.norm().item(), b.norm().item()
+        err = diff / ref_norm if ref_norm > 0 else (0.0 if diff == 0 else math.inf)
+        worst = max(worst, err)
+        if name == "y":
+            dy = d.abs().max().item()
+        if not err <= tol:
+            fails.append(f"{name} {err:.2g} > {tol:g}")
+    return dy, (worst if ref is not None else None), ("FAIL: " + ", ".join(fails) if fails
+                                                      else "ok" if ref is not None else "reference")
+
+
+def _one_line(e: BaseException, limit: int = 300) -> str:
+    """An error as one line (a JIT build failure or a CUDA error spans many)."""
+    return " ".join(f"{type(e).__name__}: {e}".split())[:limit]
 
 
 # Backend variants: (fused_rnn backend, environment while it builds and runs).
@@ -254,25 +370,38 @@ def _variant_is_moot(backend, mode, shape, dtype_name, device) -> bool:
     return plans is not None and plans == varied
 
 
-def measure(args, timer, device, mode, shape, dtype_name, backend) -> list[dict]:
-    """Rows for one (mode, shape, dtype, backend); backend None = cuDNN (torch.nn)."""
+def _moot(*args) -> bool:
+    """_variant_is_moot, False where it cannot tell (the row then runs and says what failed)."""
+    try:
+        return _variant_is_moot(*args)
+    except Exception:
+        return False
+
+
+def measure(args, timer, device, mode, shape, dtype_name, backend, refs) -> list[dict]:
+    """Rows for one (mode, shape, dtype, backend); backend None = cuDNN (torch.nn), whose
+    probe tensors go to ``refs`` for the other backends' checks."""
     if dtype_name == "fp32-strict":
         import torch
 
         prev = torch.backends.cudnn.allow_tf32
         torch.backends.cudnn.allow_tf32 = False
         try:
-            return _measure(args, timer, device, mode, shape, dtype_name, backend)
+            return _measure(args, timer, device, mode, shape, dtype_name, backend, refs)
         finally:
             torch.backends.cudnn.allow_tf32 = prev
-    return _measure(args, timer, device, mode, shape, dtype_name, backend)
+    return _measure(args, timer, device, mode, shape, dtype_name, backend, refs)
 
 
-def _measure(args, timer, device, mode, shape, dtype_name, backend) -> list[dict]:
+def _label(backend: str | None, device: str) -> str:
+    return backend or ("cudnn" if device == "cuda" else "torch.nn (cpu)")
+
+
+def _measure(args, timer, device, mode, shape, dtype_name, backend, refs) -> list[dict]:
     if backend in VARIANTS:
         real, env = VARIANTS[backend]
         with mock.patch.dict(os.environ, env):  # restored afterwards
-            rows = _measure(args, timer, device, mode, shape, dtype_name, real)
+            rows = _measure(args, timer, device, mode, shape, dtype_name, real, refs)
         for r in rows:
             r["backend"] = backend
         return rows
@@ -282,8 +411,8 @@ def _measure(args, timer, device, mode, shape, dtype_name, backend) -> list[dict
     dtype = getattr(torch, DTYPE_NAMES[dtype_name])
     import fused_rnn.backends
 
-    name = backend or ("cudnn" if device == "cuda" else "torch.nn (cpu)")
-    base = dict(cell=mode, shape=shape, BxTxH=f"{B}x{T}x{H}", dtype=dtype_name, backend=name)
+    base = dict(cell=mode, shape=shape, BxTxH=f"{B}x{T}x{H}", dtype=dtype_name,
+                backend=_label(backend, device))
     try:
         model, x, cot = build(mode, B, T, H, dtype, device, backend)
         # Fallback warnings are once per reason per process; forget the earlier ones so that
@@ -291,22 +420,45 @@ def _measure(args, timer, device, mode, shape, dtype_name, backend) -> list[dict
         fused_rnn.backends._warned.clear()
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            y = model(x)[0]
+            got = probe(model, mode, x, cot, device)
         fell_back = [str(w.message) for w in caught if "falling back" in str(w.message)]
         if fell_back:  # never time the reference under our name
             return [dict(base, **{"pass": p, "note": fell_back[0]}) for p in args.passes]
-    except Exception as e:  # a backend that cannot run here: say why, keep going
-        return [dict(base, **{"pass": p, "note": f"{type(e).__name__}: {e}"[:200]}) for p in args.passes]
-    rows = []
+        key = (mode, shape, dtype_name)
+        if backend is None:
+            refs[key] = got
+            dy, err, check = compare(got, None, 0.0)
+        elif key in refs:
+            dy, err, check = compare(got, refs[key], tolerance(dtype_name))
+        else:
+            dy, err, check = None, None, "no cuDNN reference"
+        del got
+    except Exception as e:  # a backend that cannot run here, or fails: say why, keep going
+        return [dict(base, **{"pass": p, "note": _one_line(e)}) for p in args.passes]
     fns = passes(model, x, cot)
-    plans = _cuda_plans(mode, (B, T, H), dtype_name) if backend == "cuda" and device == "cuda" \
-        else None
+    plan = []
+    if backend == "cuda" and device == "cuda":
+        try:
+            plans = _cuda_plans(mode, (B, T, H), dtype_name)
+            plan = [_plan_note(plans)] if plans is not None else []
+        except Exception as e:  # the plan mirror failing costs the note, not the row
+            plan = [f"plan: {_one_line(e, 120)}"]
+    rows = []
     for p in args.passes:
-        ms = timer(fns[p])
-        rows.append(dict(base, **{"pass": p, "ms": ms, "us_per_step": 1e3 * ms / T,
-                                  "peak_MiB": peak_mib(fns[p], device), "_y": y.detach()}))
-        if plans is not None:
-            rows[-1]["note"] = _plan_note(plans)
+        row = dict(base, **{"pass": p, "max_abs_dy": dy, "max_rel_err": err, "check": check})
+        notes = list(plan)
+        try:
+            ms, reps = timer(fns[p])
+            peak = peak_mib(fns[p], device)
+        except Exception as e:  # recorded; the next pass, backend and row still run
+            notes.append(_one_line(e))
+        else:
+            row.update(ms=ms, us_per_step=1e3 * ms / T, reps=reps, peak_MiB=peak)
+            if reps is not None and reps < MIN_REPS:
+                notes.append(f"only {reps} runs timed")
+        if notes:
+            row["note"] = "; ".join(notes)
+        rows.append(row)
     return rows
 
 
@@ -323,8 +475,6 @@ def add_ratios(rows: list[dict]) -> None:
         fp16 = base.get((r["cell"], r["shape"], r["pass"], "fp16"))
         r["x_cudnn_same_dtype"] = same["ms"] / r["ms"] if same else None
         r["x_cudnn_fp16"] = fp16["ms"] / r["ms"] if fp16 else None
-        if same is not None and r is not same and "_y" in r and "_y" in same:
-            r["max_abs_dy"] = (r["_y"].float() - same["_y"].float()).abs().max().item()
 
 
 # --------------------------------------------------------------------------- report
@@ -346,65 +496,117 @@ def environment(device: str, args) -> dict:
     else:
         env["gpu"] = "none (dry run on the CPU, Triton interpreter)"
     env["tf32"] = f"cudnn.allow_tf32={torch.backends.cudnn.allow_tf32}"
-    root = Path(__file__).resolve().parent.parent
-    try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True,
-                                text=True, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
-                               capture_output=True, text=True).stdout.strip()
-        env["commit"] = commit + (" (+ uncommitted changes)" if dirty else "")
-    except (OSError, subprocess.CalledProcessError):
-        env["commit"] = "unknown (no git)"
+    env["commit"] = commit()
+    # What auto_rules.py must see: settings that changed the kernels for the whole run (e.g.
+    # gpu_check.sh's FUSED_RNN_CUDA_K_PARTS=1 after a failed K-parts test; a variant's own
+    # setting is its row label), and gpu_check.sh's summary of the CUDA GPU tests.
+    env["overrides"] = " ".join(f"{k}={v}" for k, v in sorted(os.environ.items())
+                                if k.startswith("FUSED_RNN_")) or "none"
+    env["gpu_tests"] = " ".join(os.environ.get("FRNN_GPU_TESTS", "").split()) or "not run"
     env["command"] = "python " + " ".join([Path(sys.argv[0]).name] + sys.argv[1:])
     return env
+
+
+def commit() -> str:
+    """$FRNN_COMMIT where set (a lent GPU gets the tree without .git), else git's HEAD."""
+    pinned = os.environ.get("FRNN_COMMIT", "").strip()
+    if pinned:
+        return pinned
+    root = Path(__file__).resolve().parent.parent
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True,
+                              text=True, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
+                               capture_output=True, text=True).stdout.strip()
+        return head + (" (+ uncommitted changes)" if dirty else "")
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown (no git)"
 
 
 def _fmt(v, digits=3) -> str:
     if v is None or v == "":
         return ""
     if isinstance(v, float):
+        if not math.isfinite(v):
+            return str(v)
         return f"{v:.{digits}g}" if abs(v) < 1e-2 else f"{v:.{digits}f}".rstrip("0").rstrip(".")
     return str(v)
 
 
-def write_report(rows: list[dict], env: dict, args, skipped: list[str]) -> tuple[Path, Path]:
-    args.out_dir.mkdir(parents=True, exist_ok=True)
+def _md_cell(v) -> str:
+    """One table cell: a newline or an unescaped "|" in a note would break the row."""
+    return " ".join(_fmt(v).split()).replace("|", "\\|")
+
+
+def report_paths(env: dict, args) -> tuple[Path, Path]:
+    """The .md and .csv, named once per run (the date of its start)."""
     gpu = re.sub(r"[^A-Za-z0-9]+", "-", env["gpu"].split(" (")[0]).strip("-") or "cpu"
-    stem = f"{dt.date.today().isoformat()}-{'cpu-dryrun' if args.dry_run else gpu}"
-    md, csv_path = args.out_dir / f"{stem}.md", args.out_dir / f"{stem}.csv"
-    with open(csv_path, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(env) + COLUMNS, extrasaction="ignore")
-        w.writeheader()
-        for r in rows:
-            w.writerow({**env, **{k: r.get(k, "") for k in COLUMNS}})
+    stem = f"{env['date'][:10]}-{'cpu-dryrun' if args.dry_run else gpu}"
+    return args.out_dir / f"{stem}.md", args.out_dir / f"{stem}.csv"
+
+
+def _replace(path: Path, text: str) -> None:
+    """Write to a temporary file and rename it over ``path``: a kill leaves the last whole one."""
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w", newline="") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
+def write_report(rows: list[dict], env: dict, args, skipped: list[str],
+                 paths: tuple[Path, Path]) -> tuple[Path, Path]:
+    md, csv_path = paths
+    args.out_dir.mkdir(parents=True, exist_ok=True)
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=list(env) + COLUMNS, extrasaction="ignore")
+    w.writeheader()
+    for r in rows:  # skipped rows too: auto_rules.py must see what was not measured
+        w.writerow({**env, **{k: r.get(k, "") for k in COLUMNS}})
+    _replace(csv_path, buf.getvalue())
     lines = [f"# GPU benchmark: fused_rnn vs cuDNN ({env['date']})", ""]
     if args.dry_run:
         lines += ["**Dry run** on the CPU under the Triton interpreter at tiny shapes: checks the "
                   "script only; the numbers mean nothing.", ""]
-    lines += [f"- {k}: {v}" for k, v in env.items()] + [
-        "- timing: " + ("time.perf_counter median of 3 after a warm-up" if args.dry_run else
-                        "triton.testing.do_bench median (warm-up, L2 flushed)")
+    lines += [f"- {k}: {_md_cell(v)}" for k, v in env.items()] + [
+        "- timing: " + (f"time.perf_counter median of {MIN_REPS} after a warm-up" if args.dry_run
+                        else f"triton.testing.do_bench median (warm-up, L2 flushed, at least "
+                             f"{MIN_REPS} runs)")
         + "; one layer, input size = hidden size, batch_first; ratio = cuDNN ms / ours "
-        "(> 1: faster)", ""]
-    head = ["cell", "shape", "B×T×H", "dtype", "backend", "pass", "ms", "µs/step",
-            "× cuDNN same dtype", "× cuDNN fp16", "peak MiB", "max|Δy| vs cuDNN", "note"]
-    lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+        "(> 1: faster)",
+        "- check: one fwd+bwd (x, h0, c0 requiring grad) against cuDNN's on the same inputs: "
+        "y, dx, dh0, dc0 (LSTM), dW_hh finite and within relative norm error "
+        + ", ".join(f"{v:g} ({k})" for k, v in TOLERANCE.items())
+        + " (fp32 without TF32: the fp32-strict bound); max abs Δy: the largest |Δy|", ""]
+    lines += ["| " + " | ".join(HEAD) + " |", "|" + "---|" * len(HEAD)]
     for r in rows:
-        lines.append("| " + " | ".join(_fmt(r.get(k)) for k in COLUMNS) + " |")
+        if not r.get("_skipped"):
+            lines.append("| " + " | ".join(_md_cell(r.get(k)) for k in COLUMNS) + " |")
     if skipped:
         lines += ["", f"Skipped after the time budget ({args.time_budget:.0f} s): " + ", ".join(skipped)]
-    md.write_text("\n".join(lines) + "\n")
+    _replace(md, "\n".join(lines) + "\n")
     return md, csv_path
+
+
+def save(rows: list[dict], env: dict, args, skipped: list[str], paths) -> None:
+    """Ratios and both files, after every backend's rows: what was measured survives a later
+    hang, kill or sticky CUDA error."""
+    try:
+        add_ratios(rows)
+    except Exception as e:  # the times are still worth writing
+        print(f"ratios not computed: {_one_line(e)}", flush=True)
+    write_report(rows, env, args, skipped, paths)
 
 
 def short_table(rows: list[dict]) -> str:
     """The fwd+bwd ratios only, for the end of the GPU script's log."""
-    out = ["cell  shape dtype backend     fwd+bwd ms  x cuDNN(same)  x cuDNN fp16  note"]
+    out = ["cell  shape dtype backend     fwd+bwd ms  x cuDNN(same)  x cuDNN fp16  check  note"]
     for r in rows:
-        if r.get("pass") == "fwd+bwd" and r["backend"] not in ("cudnn", "torch.nn (cpu)"):
+        if r.get("pass") == "fwd+bwd" and r["backend"] not in ("cudnn", "torch.nn (cpu)") \
+                and not r.get("_skipped"):
             out.append(f"{r['cell']:5s} {r['shape']:5s} {r['dtype']:5s} {r['backend']:11s} "
                        f"{_fmt(r.get('ms')):>10s}  {_fmt(r.get('x_cudnn_same_dtype')):>13s}  "
-                       f"{_fmt(r.get('x_cudnn_fp16')):>12s}  {r.get('note', '')[:60]}")
+                       f"{_fmt(r.get('x_cudnn_fp16')):>12s}  {r.get('check') or '-'}  "
+                       f"{r.get('note', '')[:60]}")
     return "\n".join(out)
 
 
@@ -417,6 +619,12 @@ def rounds(backends: list[str]) -> list[list]:
     primary = [b for b in backends if b not in VARIANTS]
     variants = [b for b in backends if b in VARIANTS]
     return [r for r in ([None, *primary[:1]], primary[1:], variants) if r]
+
+
+def configurations(args) -> list[tuple[str, str, str]]:
+    """(mode, shape, dtype) in PRIORITY order, each (mode, dtype) over all its shapes."""
+    return [(mode, shape, dtype_name) for mode, dtype_name in PRIORITY
+            if mode in args.modes and dtype_name in args.dtypes for shape in args.shapes]
 
 
 def main(argv=None) -> int:
@@ -432,34 +640,38 @@ def main(argv=None) -> int:
         return 2
     timer = Timer(device, args.warmup_ms, args.rep_ms)
     env = environment(device, args)
+    paths = report_paths(env, args)
     start = time.monotonic()
-    rows, skipped = [], []
+    rows, skipped, refs = [], [], {}
     for round_backends in rounds(args.backends):
-        for mode in args.modes:
-            for shape in args.shapes:
-                for dtype_name in args.dtypes:
-                    label = f"{mode}-{shape}-{dtype_name}"
-                    todo = [b for b in round_backends
-                            if not _variant_is_moot(b, mode, args.shape_table[shape], dtype_name,
-                                                    device)]
-                    if not todo:
-                        continue  # only variants that would time the same kernels as cuda
-                    if time.monotonic() - start > args.time_budget:
-                        skipped.append(label + ("" if None in round_backends else
-                                                f" ({','.join(todo)})"))
-                        continue
-                    for backend in todo:
-                        t0 = time.monotonic()
-                        new = measure(args, timer, device, mode, shape, dtype_name, backend)
-                        rows += new
-                        for r in new:
-                            print(f"{label:18s} {r['backend']:14s} {r['pass']:8s} "
-                                  f"{_fmt(r.get('ms')):>9s} ms  {r.get('note', '')[:80]}"
-                                  f"  [{time.monotonic() - t0:.1f}s]", flush=True)
-                    if device == "cuda":
-                        torch.cuda.empty_cache()
-    add_ratios(rows)
-    md, csv_path = write_report(rows, env, args, skipped)
+        for mode, shape, dtype_name in configurations(args):
+            B, T, H = args.shape_table[shape]
+            label = f"{mode}-{shape}-{dtype_name}"
+            todo = [b for b in round_backends if not _moot(b, mode, (B, T, H), dtype_name, device)]
+            if not todo:
+                continue  # only variants that would time the same kernels as cuda
+            if time.monotonic() - start > args.time_budget:
+                skipped.append(label + ("" if None in round_backends else f" ({','.join(todo)})"))
+                rows += [dict(cell=mode, shape=shape, BxTxH=f"{B}x{T}x{H}", dtype=dtype_name,
+                              backend=_label(b, device), note="skipped: time", _skipped=True,
+                              **{"pass": p}) for b in todo for p in args.passes]
+                continue
+            for backend in todo:
+                t0 = time.monotonic()
+                new = measure(args, timer, device, mode, shape, dtype_name, backend, refs)
+                rows += new
+                for r in new:
+                    print(f"{label:18s} {r['backend']:14s} {r['pass']:8s} "
+                          f"{_fmt(r.get('ms')):>9s} ms  {r.get('check') or '-':6.40s}  "
+                          f"{r.get('note', '')[:80]}  [{time.monotonic() - t0:.1f}s]", flush=True)
+                save(rows, env, args, skipped, paths)  # before the next backend can hang
+            if device == "cuda":
+                try:
+                    torch.cuda.empty_cache()
+                except Exception as e:  # a sticky CUDA error: the next rows will say so too
+                    print(f"empty_cache: {_one_line(e)}", flush=True)
+    save(rows, env, args, skipped, paths)
+    md, csv_path = paths
     print(f"\nwrote {md}\nwrote {csv_path}\n")
     print(short_table(rows))
     return 0

@@ -6,24 +6,48 @@ from __future__ import annotations
 
 import csv
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _run(tmp_path, *extra):
-    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(ROOT)}
+def _import(name):
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        return __import__(name)
+    finally:
+        sys.path.pop(0)
+
+
+def _run(tmp_path, *extra, env=None):
+    # The dry run sees only the FRNN_* and FUSED_RNN_* settings a test gives it.
+    base = {k: v for k, v in os.environ.items() if not k.startswith(("FRNN_", "FUSED_RNN_"))}
+    env = {**base, "TRITON_INTERPRET": "1", "PYTHONPATH": str(ROOT), **(env or {})}
     r = subprocess.run(
         [sys.executable, str(ROOT / "benchmarks" / "bench_gpu.py"), "--dry-run", "--modes", "GRU",
          "--dtypes", "fp32", "--passes", "fwd", "--out-dir", str(tmp_path), *extra],
         capture_output=True, text=True, env=env, timeout=300, check=False,
     )
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
-    md = sorted(tmp_path.glob("*-cpu-dryrun.md"))
-    rows = list(csv.DictReader(open(sorted(tmp_path.glob("*-cpu-dryrun.csv"))[0])))
-    return md[0].read_text(), rows
+    return _read(tmp_path)
+
+
+def _read(out_dir):
+    (md,) = sorted(out_dir.glob("*-cpu-dryrun.md"))
+    (path,) = sorted(out_dir.glob("*-cpu-dryrun.csv"))
+    with open(path, newline="") as f:
+        return md.read_text(), list(csv.DictReader(f))
+
+
+def _md_table(text):
+    """The .md table as lists of cells, split where a "|" is not escaped."""
+    return [[c.strip() for c in re.split(r"(?<!\\)\|", line)[1:-1]]
+            for line in text.splitlines() if line.startswith("|")]
 
 
 def test_dry_run_rows_variants_and_report(tmp_path):
@@ -38,17 +62,41 @@ def test_dry_run_rows_variants_and_report(tmp_path):
         assert float(by[shape, "triton"]["ms"]) > 0
         assert float(by[shape, "triton"]["x_cudnn_same_dtype"]) > 0
         assert float(by[shape, "triton"]["max_abs_dy"]) < 1e-4  # same math as the stand-in
+        # checked against the stand-in (fwd+bwd with h0), timed MIN_REPS times
+        assert by[shape, "triton"]["check"] == "ok"
+        assert float(by[shape, "triton"]["max_rel_err"]) < 1e-5
+        assert by[shape, "triton"]["reps"] == "5"
+        assert by[shape, "torch.nn (cpu)"]["check"] == "reference"
         # no GPU here: the CUDA rows say why instead of timing anything
         assert by[shape, "cuda"]["ms"] == "" and "unavailable" in by[shape, "cuda"]["note"]
     assert "unavailable" in by["D3", "cuda-g1"]["note"]
     assert "**Dry run**" in text and "| GRU | D3 |" in text
+    table = _md_table(text)  # a cell per column in every row, the delimiter row included
+    assert len(table) == 2 + len(rows) and all(len(r) == len(table[0]) for r in table), table[:2]
 
 
 def test_time_budget_skips_rows_but_writes_the_report(tmp_path):
-    text, rows = _run(tmp_path, "--shapes", "D3", "--backends", "cuda,cuda-g1",
+    """Skipped configurations are listed in the .md and written to the CSV as "skipped: time"
+    (auto_rules.py must see that a shape was not measured), in the order they would have run:
+    by need (PRIORITY), each (cell, dtype) over all its shapes, the first round first."""
+    text, rows = _run(tmp_path, "--shapes", "D1,D3", "--backends", "cuda,cuda-g1",
+                      "--modes", "LSTM,GRU", "--dtypes", "fp16,fp32-strict,bf16,fp32",
                       "--time-budget", "0")
-    assert rows == []
-    assert "Skipped after the time budget (0 s): GRU-D3-fp32, GRU-D3-fp32 (cuda-g1)" in text
+    assert "Skipped after the time budget (0 s): LSTM-D1-fp32, LSTM-D3-fp32, " in text
+    assert all(r["note"] == "skipped: time" and r["ms"] == "" and r["check"] == ""
+               for r in rows)
+    first = [(r["cell"], r["dtype"], r["shape"]) for r in rows if r["backend"] == "cuda"]
+    assert first == [(c, d, s) for c, d in (("LSTM", "fp32"), ("LSTM", "bf16"), ("GRU", "fp32"),
+                                            ("GRU", "bf16"), ("GRU", "fp16"), ("LSTM", "fp16"),
+                                            ("LSTM", "fp32-strict"), ("GRU", "fp32-strict"))
+                     for s in ("D1", "D3")]
+    # cuDNN and the first backend over every configuration, then the variant (D3 only: B=40)
+    labels = [r["backend"] for r in rows]
+    assert labels[:4] == ["torch.nn (cpu)", "cuda"] * 2
+    assert labels.index("cuda-g1") == 2 * len(first)
+    assert {r["shape"] for r in rows if r["backend"] == "cuda-g1"} == {"D3"}
+    # the .md lists them once, not as table rows
+    assert _md_table(text)[2:] == []
 
 
 def test_rounds_put_cudnn_and_the_first_backend_first():
@@ -222,43 +270,65 @@ def test_gpu_check_turns_k_parts_off_when_their_gpu_tests_fail(tmp_path):
     assert r.returncode == 0 and r.stdout.strip() == "cuda,triton,cuda-p1,cuda-b32", r
 
 
+def _gpu_table(tmp_path, cases, gpu_tests="520 passed, 4 skipped in 80.0s", overrides="none"):
+    """A GPU table as bench_gpu.py writes it (write_report), from cases: {(cell, dtype): {shape:
+    cuda's ratio to cuDNN, (ratio, check), None = no cuda row, "skipped" = skipped for time,
+    "absent" = no row at all, "fwd failed" = 3x fwd+bwd but the forward's timing raised}}; a
+    cuda-p1 variant wins 9x everywhere (it must not count)."""
+    import argparse
+
+    bench_gpu = _import("bench_gpu")
+    env = dict(bench_gpu.environment("cpu", None), gpu="NVIDIA H200", gpu_tests=gpu_tests,
+               overrides=overrides)
+    rows = []
+    for (cell, dtype), by_shape in cases.items():
+        for shape, (B, T, H) in bench_gpu.SHAPES.items():
+            v = by_shape[shape]
+            if v == "absent":
+                continue
+            base = dict(cell=cell, shape=shape, BxTxH=f"{B}x{T}x{H}", dtype=dtype)
+            for p in ("fwd", "fwd+bwd"):
+                rows.append(dict(base, backend="cudnn", ms=1.0, check="reference", **{"pass": p}))
+                if v == "skipped":
+                    rows.append(dict(base, backend="cuda", note="skipped: time", _skipped=True,
+                                     **{"pass": p}))
+                elif v == "fwd failed" and p == "fwd":
+                    rows.append(dict(base, backend="cuda", check="ok", **{"pass": p},
+                                     note="RuntimeError: CUDA error: unspecified launch failure"))
+                elif v is not None:
+                    ratio, check = v if isinstance(v, tuple) else (3.0 if v == "fwd failed"
+                                                                   else v, "ok")
+                    rows.append(dict(base, backend="cuda", ms=1.0 / ratio, check=check,
+                                     max_rel_err=1e-3, **{"pass": p}))
+                rows.append(dict(base, backend="cuda-p1", ms=1.0 / 9, check="ok", **{"pass": p}))
+    bench_gpu.add_ratios(rows)
+    paths = (tmp_path / "2026-12-01-NVIDIA-H200.md", tmp_path / "2026-12-01-NVIDIA-H200.csv")
+    bench_gpu.write_report(rows, env, argparse.Namespace(out_dir=tmp_path, dry_run=False,
+                                                         time_budget=float("inf")), [], paths)
+    return paths[1]
+
+
 def test_auto_rules_from_a_gpu_table(tmp_path, capsys):
     """benchmarks/auto_rules.py: a rule per (cell, dtype) only where the backend beat cuDNN by
-    the margin on every shape of the table, spanning those shapes; the printed code builds
-    valid AutoRules; everything else is listed with the rows that stopped it."""
+    the margin on every shape S1-S6, each timed and checked against cuDNN, spanning those
+    shapes; the printed code builds valid AutoRules; everything else is listed with the rows
+    that stopped it."""
     import torch
 
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    try:
-        import auto_rules
-        import bench_gpu
-    finally:
-        sys.path.pop(0)
+    auto_rules = _import("auto_rules")
+    bench_gpu = _import("bench_gpu")
     from fused_rnn.backends import AutoRule
 
-    ratios = {  # (cell, dtype): {shape: cuda's ratio to cuDNN, None = no cuda row}
-        ("LSTM", "bf16"): {s: 3.0 for s in bench_gpu.SHAPES},
-        ("LSTM", "fp32"): {**{s: 2.0 for s in bench_gpu.SHAPES}, "S4": 0.9},
-        ("GRU", "fp16"): {**{s: 5.0 for s in bench_gpu.SHAPES}, "S6": None},
-        ("GRU", "bf16"): {**{s: 4.0 for s in bench_gpu.SHAPES}, "S2": 1.02},
-    }
-    rows = []
-    for (cell, dtype), by_shape in ratios.items():
-        for shape, (B, T, H) in bench_gpu.SHAPES.items():
-            base = dict(gpu="NVIDIA H200", cell=cell, shape=shape, BxTxH=f"{B}x{T}x{H}",
-                        dtype=dtype, ms="1.0")
-            for p in ("fwd", "fwd+bwd"):
-                rows.append(dict(base, backend="cudnn", **{"pass": p}, x_cudnn_same_dtype="1"))
-                if by_shape[shape] is not None:
-                    rows.append(dict(base, backend="cuda", **{"pass": p},
-                                     x_cudnn_same_dtype=str(by_shape[shape])))
-                # a variant that wins everywhere must not count
-                rows.append(dict(base, backend="cuda-p1", **{"pass": p}, x_cudnn_same_dtype="9"))
-    path = tmp_path / "2026-12-01-NVIDIA-H200.csv"
-    with open(path, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(rows[0]) + ["note"], extrasaction="ignore")
-        w.writeheader()
-        w.writerows(rows)
+    every = dict.fromkeys(bench_gpu.SHAPES, 3.0)
+    path = _gpu_table(tmp_path, {
+        ("LSTM", "bf16"): every,
+        ("LSTM", "fp32"): {**every, "S4": 0.9},
+        ("GRU", "fp16"): {**every, "S6": None},
+        ("GRU", "bf16"): {**every, "S2": 1.02},
+        # fast but wrong, and a shape cut for time
+        ("GRU", "fp32"): {**every, "S3": (3.0, "FAIL: dx 0.5 > 0.02"), "S5": "skipped"},
+        ("LSTM", "fp16"): {**every, "S5": "absent", "S1": "fwd failed"},  # a shape missing
+    })
     assert auto_rules.main([str(path)]) == 0
     out = capsys.readouterr().out
     ns = {"AutoRule": AutoRule, "torch": torch}
@@ -270,10 +340,244 @@ def test_auto_rules_from_a_gpu_table(tmp_path, capsys):
     assert "LSTM fp32: no rule; S4: 0.90x cuDNN" in out
     assert "GRU fp16: no rule; S6: no cuda row" in out
     assert "GRU bf16: no rule; S2: 1.02x cuDNN (< 1.05)" in out
+    assert ("GRU fp32: no rule; S3: check FAIL: dx 0.5 > 0.02; S5: not timed (skipped: time)"
+            in out)
+    assert ("LSTM fp16: no rule; S1: fwd not timed (RuntimeError: CUDA error: unspecified "
+            "launch failure); S5: not in the table") in out
     # a dry run's table is refused: its times mean nothing
     dry = tmp_path / "dry.csv"
     dry.write_text("gpu,cell\n\"none (dry run on the CPU, Triton interpreter)\",LSTM\n")
     assert auto_rules.main([str(dry)]) == 2
+
+
+@pytest.mark.parametrize("gpu_tests, overrides, backend, refused", [
+    ("not run", "none", "cuda", "did not pass"),
+    ("3 failed, 517 passed in 80.0s", "none", "cuda", "did not pass"),
+    ("517 passed, 2 errors in 80.0s", "none", "cuda", "did not pass"),
+    ("no tests ran in 0.5s", "none", "cuda", "did not pass"),
+    ("4 skipped in 0.5s", "none", "cuda", "did not pass"),
+    # gpu_check.sh's other one-line results (gpu_common.sh frnn_tests_summary)
+    ("805 passed, 6 deselected in 80.1s; failed: test_a[parts4]", "none", "cuda", "did not pass"),
+    ("timed out: test_b (after 300 passed, 0 failed)", "none", "cuda", "did not pass"),
+    ("not run (the CUDA build failed)", "none", "cuda", "did not pass"),
+    ("805 passed, 1 rerun in 80.1s", "none", "cuda", "did not pass"),
+    ("520 passed, 2 xfailed, 4 skipped, 6 deselected, 1 warning in 80.0s", "none", "cuda", None),
+    ("805 passed, 6 deselected in 80.12s (0:01:20)", "none", "cuda", None),
+    # K parts forced off for the whole run after a failed test: not what auto would run
+    ("519 passed in 80.0s", "FUSED_RNN_CUDA_K_PARTS=1", "cuda", "FUSED_RNN_CUDA_K_PARTS=1"),
+    ("519 passed in 80.0s", "FUSED_RNN_CUDA_K_PARTS=1", "triton", None),
+    ("519 passed in 80.0s", "FUSED_RNN_CUDA_BUILD_DIR=/tmp/ext", "cuda", None),
+])
+def test_auto_rules_refuse_untested_or_overridden_tables(tmp_path, capsys, gpu_tests, overrides,
+                                                         backend, refused):
+    """No rule at all from a table whose CUDA GPU tests did not pass (or did not run), or for
+    a backend whose rows all ran under a FUSED_RNN_<BACKEND>_* setting; the reason is printed."""
+    auto_rules = _import("auto_rules")
+    bench_gpu = _import("bench_gpu")
+    path = _gpu_table(tmp_path, {("LSTM", "bf16"): dict.fromkeys(bench_gpu.SHAPES, 3.0)},
+                      gpu_tests=gpu_tests, overrides=overrides)
+    rc = auto_rules.main([str(path), "--backend", backend])
+    out = capsys.readouterr().out
+    if refused:
+        assert rc == 2 and "AutoRule(" not in out and refused in out, out
+    else:
+        assert rc == 0 and ("AutoRule(" in out) == (backend == "cuda"), out
+    # a table from before these columns cannot show its tests passed
+    old = tmp_path / "old.csv"
+    old.write_text("gpu,cell,shape\nNVIDIA H200,LSTM,S1\n")
+    assert auto_rules.main([str(old)]) == 2
+    assert "no gpu_tests column" in capsys.readouterr().out
+
+
+def test_header_records_overrides_gpu_tests_and_commit(tmp_path):
+    """The FUSED_RNN_* settings of the run, gpu_check.sh's GPU-test summary ($FRNN_GPU_TESTS)
+    and $FRNN_COMMIT (the device gets no .git) go into the .md header and every CSV row."""
+    text, rows = _run(tmp_path, "--shapes", "D1", "--backends", "reference", env={
+        "FUSED_RNN_CUDA_K_PARTS": "1", "FRNN_GPU_TESTS": "520 passed, 4 skipped in 80.0s\n",
+        "FRNN_COMMIT": "4522454 (+ uncommitted changes)"})
+    assert "- overrides: FUSED_RNN_CUDA_K_PARTS=1\n" in text
+    assert "- gpu_tests: 520 passed, 4 skipped in 80.0s\n" in text
+    assert "- commit: 4522454 (+ uncommitted changes)\n" in text
+    assert rows and all(r["overrides"] == "FUSED_RNN_CUDA_K_PARTS=1" and
+                        r["gpu_tests"] == "520 passed, 4 skipped in 80.0s" and
+                        r["commit"] == "4522454 (+ uncommitted changes)" for r in rows)
+    text, rows = _run(tmp_path, "--shapes", "D1", "--backends", "reference")
+    assert "- overrides: none\n" in text and "- gpu_tests: not run\n" in text
+    assert rows[0]["commit"] != "4522454 (+ uncommitted changes)"
+
+
+# --------------------------------------------------------------------------- in-process runs
+def _main(monkeypatch, tmp_path, *extra):
+    """bench_gpu.main --dry-run on the reference backend, in this process (so a test can
+    break a piece of it), under GRU fp32 on D1 unless extra says otherwise."""
+    bench_gpu = _import("bench_gpu")
+    monkeypatch.setenv("TRITON_INTERPRET", "1")  # main sets it; put back after the test
+    for k in list(os.environ):
+        if k.startswith(("FRNN_", "FUSED_RNN_")):
+            monkeypatch.delenv(k)
+    assert bench_gpu.main(["--dry-run", "--backends", "reference", "--modes", "GRU", "--dtypes",
+                           "fp32", "--shapes", "D1", "--out-dir", str(tmp_path), *extra]) == 0
+    return _read(tmp_path)
+
+
+def _hook_backward(monkeypatch, backward):
+    """bench_gpu.build, with the fused model's output passing its gradient through
+    backward(grad, n): n counts the backward calls since the model was built."""
+    import torch
+
+    bench_gpu = _import("bench_gpu")
+    real = getattr(bench_gpu.build, "__wrapped__", bench_gpu.build)  # not an earlier hook's
+
+    def build(mode, B, T, H, dtype, device, backend):
+        model, x, cot = real(mode, B, T, H, dtype, device, backend)
+        if backend is None:
+            return model, x, cot
+        calls = []
+
+        class Hook(torch.autograd.Function):
+            @staticmethod
+            def forward(ctx, y):
+                return y.clone()
+
+            @staticmethod
+            def backward(ctx, g):
+                calls.append(1)
+                return backward(g, len(calls))
+
+        inner = model.forward
+        model.forward = lambda x, hx=None: (Hook.apply(inner(x, hx)[0]), None)
+        return model, x, cot
+
+    build.__wrapped__ = real
+    monkeypatch.setattr(bench_gpu, "build", build)
+    return bench_gpu
+
+
+ERROR = ("CUDA error: an illegal memory access was encountered\nCUDA kernel errors might be "
+         "asynchronously reported | so the stack trace below might be incorrect.")
+
+
+def test_a_failing_backward_is_a_note_and_the_run_goes_on(monkeypatch, tmp_path):
+    """A backward that raises (in the check's fwd+bwd, or later while timed) is one line in its
+    row's note; the other rows, shapes and backends are still timed and written, and the .md
+    table keeps one cell per column."""
+    def fail(g, n):
+        raise RuntimeError(ERROR)
+
+    _hook_backward(monkeypatch, fail)
+    text, rows = _main(monkeypatch, tmp_path, "--shapes", "D1,D3", "--passes", "fwd,fwd+bwd")
+    by = {(r["shape"], r["backend"], r["pass"]): r for r in rows}
+    assert len(by) == 8
+    for shape in ("D1", "D3"):
+        for p in ("fwd", "fwd+bwd"):
+            assert float(by[shape, "torch.nn (cpu)", p]["ms"]) > 0
+            ours = by[shape, "reference", p]
+            assert ours["ms"] == "" and ours["check"] == ""
+            assert ours["note"].startswith("RuntimeError: CUDA error: an illegal memory access "
+                                           "was encountered CUDA kernel errors"), ours["note"]
+    table = _md_table(text)
+    assert len(table) == 2 + 8 and all(len(r) == len(table[0]) for r in table), table
+    assert "max abs Δy" in table[0] and "reported \\| so the" in text
+
+    # the check's pass works, the timed fwd+bwd then fails: the forward is still timed
+    def fail_later(g, n):
+        if n > 1:
+            raise RuntimeError(ERROR)
+        return g
+
+    _hook_backward(monkeypatch, fail_later)
+    text, rows = _main(monkeypatch, tmp_path, "--shapes", "D1,D3", "--passes", "fwd,fwd+bwd")
+    by = {(r["shape"], r["backend"], r["pass"]): r for r in rows}
+    for shape in ("D1", "D3"):
+        assert by[shape, "reference", "fwd"]["check"] == "ok"
+        assert float(by[shape, "reference", "fwd"]["ms"]) > 0
+        assert by[shape, "reference", "fwd+bwd"]["ms"] == ""
+        assert "illegal memory access" in by[shape, "reference", "fwd+bwd"]["note"]
+
+
+@pytest.mark.parametrize("backward, failed", [
+    (lambda g, n: 2 * g, "FAIL: dx 1 > 0.02, dh0 1 > 0.02, dW_hh 1 > 0.02"),
+    (lambda g, n: g * float("nan"), "FAIL: dx not finite, dh0 not finite, dW_hh not finite"),
+])
+def test_wrong_or_nan_gradients_fail_the_check(monkeypatch, tmp_path, backward, failed):
+    """A backward that is fast but wrong (here: twice the gradient, or NaN) fails the check
+    against cuDNN's gradients, though its y matches; the row is still timed."""
+    _hook_backward(monkeypatch, backward)
+    text, rows = _main(monkeypatch, tmp_path, "--passes", "fwd,fwd+bwd")
+    ours = [r for r in rows if r["backend"] == "reference"]
+    assert len(ours) == 2 and all(r["check"] == failed for r in ours), ours
+    assert all(float(r["max_abs_dy"]) < 1e-5 and float(r["ms"]) > 0 for r in ours)
+    assert float(ours[0]["max_rel_err"]) == pytest.approx(float("inf") if "finite" in failed
+                                                          else 1.0, rel=1e-6)
+    assert f"| {failed} |" in text
+
+
+def test_the_table_is_written_after_every_backend(monkeypatch, tmp_path, capsys):
+    """A run killed in our backend's second configuration (a kernel that hangs until the GPU
+    step's timeout) leaves the rows before it, ratios included, and cuDNN's row of that same
+    configuration, in both files; a failure computing the ratios still writes the times."""
+    bench_gpu = _import("bench_gpu")
+    real = bench_gpu.measure
+
+    def measure(args, timer, device, mode, shape, dtype_name, backend, refs):
+        if shape == "D3" and backend == "reference":
+            raise KeyboardInterrupt  # as the step's timeout would stop it
+        return real(args, timer, device, mode, shape, dtype_name, backend, refs)
+
+    monkeypatch.setattr(bench_gpu, "measure", measure)
+    with pytest.raises(KeyboardInterrupt):
+        _main(monkeypatch, tmp_path, "--shapes", "D1,D3")
+    text, rows = _read(tmp_path)
+    assert [(r["shape"], r["backend"], r["pass"]) for r in rows] == [
+        (s, b, p) for s, b in (("D1", "torch.nn (cpu)"), ("D1", "reference"),
+                               ("D3", "torch.nn (cpu)")) for p in ("fwd", "fwd+bwd")]
+    assert float(rows[3]["x_cudnn_same_dtype"]) > 0 and "| GRU | D3 |" in text
+    assert not list(tmp_path.glob("*.tmp"))
+    monkeypatch.setattr(bench_gpu, "measure", real)
+
+    def broken(rows):
+        raise RuntimeError("CUDA error: unspecified launch failure")
+
+    monkeypatch.setattr(bench_gpu, "add_ratios", broken)
+    text, rows = _main(monkeypatch, tmp_path, "--shapes", "D1,D3")
+    assert len(rows) == 8 and all(float(r["ms"]) > 0 and r["x_cudnn_same_dtype"] == ""
+                                  for r in rows)
+    assert "ratios not computed: RuntimeError: CUDA error" in capsys.readouterr().out
+
+
+def test_slow_rows_are_timed_at_least_five_times(monkeypatch):
+    """do_bench repeats for rep ms by its own estimate; a 48 ms row (S1 fp32 cuDNN) would get
+    3 runs in 150 ms. The timer raises rep so that it gets MIN_REPS (here against a stand-in
+    for do_bench that counts as it does, its L2 flush included, and for CUDA events)."""
+    import torch
+    import triton.testing
+
+    bench_gpu = _import("bench_gpu")
+
+    per_call = [48.0]  # ms of fn
+
+    class Event:
+        def __init__(self, enable_timing=False):
+            pass
+
+        def record(self):
+            pass
+
+        def elapsed_time(self, end):
+            return per_call[0]
+
+    def do_bench(fn, warmup, rep, return_mode):
+        assert return_mode == "all"
+        estimate = per_call[0] + 0.1  # the L2 flush is inside do_bench's estimate
+        return [per_call[0]] * max(1, int(rep / estimate))
+
+    monkeypatch.setattr(torch.cuda, "Event", Event)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda: None)
+    monkeypatch.setattr(triton.testing, "do_bench", do_bench)
+    ms, reps = bench_gpu.Timer("cuda", 30.0, 150.0)(lambda: None)
+    assert ms == 48.0 and bench_gpu.MIN_REPS <= reps <= bench_gpu.MIN_REPS + 2
+    per_call[0] = 0.4
+    assert bench_gpu.Timer("cuda", 30.0, 150.0)(lambda: None)[1] == 300  # rep as asked
 
 
 def test_inner_budget_leaves_time_to_write_the_report():
