@@ -156,6 +156,37 @@ def test_matches_reference(monkeypatch, mode, dt, shape, variant):
         assert err <= max(2 * err_ref, floor), (i, err, err_ref)
 
 
+def _round_to_tf32(t):
+    """fp32 values rounded to TF32's 10-bit mantissa (to nearest), as tensor cores read them."""
+    if not isinstance(t, torch.Tensor) or t.dtype != torch.float32:
+        return t
+    bits = t.contiguous().view(torch.int32)
+    return ((bits + 0x1000) & ~0x1FFF).view(torch.float32).view(t.shape)
+
+
+@pytest.mark.skipif(not STANDIN, reason="on a GPU cuBLAS rounds to TF32 itself")
+@pytest.mark.parametrize("dt", ["tf32", "bf16", "fp16"])
+@pytest.mark.parametrize("mode", MODES)
+def test_matches_reference_with_tf32_gemms(monkeypatch, mode, dt):
+    """The accuracy test, with the time-parallel GEMMs' operands rounded to TF32 as a GPU's
+    cuBLAS would (common.gemms_use_tf32: always for 16-bit data, for fp32 where cuDNN's RNN
+    may): the CPU stand-in's GEMMs are exact, so this is how the CPU sees the GPU's error."""
+    seen = []
+
+    def tf32(fn):
+        def gemm(*args):
+            if torch.backends.cuda.matmul.fp32_precision != "tf32":
+                return fn(*args)
+            seen.append(fn)
+            return fn(*(_round_to_tf32(a) for a in args[:2]), *args[2:])
+        return gemm
+
+    monkeypatch.setattr(torch.nn.functional, "linear", tf32(torch.nn.functional.linear))
+    monkeypatch.setattr(torch.Tensor, "__matmul__", tf32(torch.Tensor.__matmul__))
+    test_matches_reference(monkeypatch, mode, dt, "T5-B3-I7-H37", "lengths-rev")
+    assert len(seen) == 4, "the projection, dx, dW_ih and dW_hh ran on TF32"
+
+
 @pytest.mark.parametrize("dt", ["fp32", "bf16"])
 @pytest.mark.parametrize("mode", MODES)
 def test_bitwise_reproducible(monkeypatch, mode, dt):
