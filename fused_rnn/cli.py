@@ -261,6 +261,14 @@ def _precision(name: str, device: torch.device):
     """(parameter dtype, autocast dtype or None, use a GradScaler)."""
     if name in ("bf16", "amp-bf16") and device.type == "cuda" and not torch.cuda.is_bf16_supported():
         raise CLIError(f"--precision {name}: this GPU does not support bfloat16")
+    if name == "fp16":
+        # Measured: the loss is not finite by step 2 of the default job, whatever the lr.
+        raise CLIError(
+            "--precision fp16 would keep the parameters and Adam's moments in fp16, where the "
+            "squared gradients underflow and Adam's eps (1e-8) rounds to 0, so training diverges "
+            "within a few steps; use amp-fp16 (fp32 parameters, fp16 compute, a GradScaler on "
+            "a GPU) or bf16"
+        )
     return {
         "fp32": (torch.float32, None, False),
         "bf16": (torch.bfloat16, None, False),
@@ -1119,6 +1127,10 @@ def _cmd_bench(args) -> int:
                 raise CLIError(f"--backends {n}: unavailable here ({reason})")
             names.append(n)
     impls = [("torch.nn", None)] + [(f"fused_rnn:{n}", n) for n in names]
+    if device.type == "cuda" and "amp-bf16" in precisions:
+        notes.append("torch.nn's amp-bf16 row computes its RNN in fp16: torch's autocast rule "
+                     "for cuDNN RNNs casts to half whatever the autocast dtype; fused_rnn's rows "
+                     "(its 'torch' backend on cuDNN too) compute in bf16")
 
     torch.manual_seed(args.seed)
     init_state = _build_model(base_cfg, vocab_size, True, "auto").state_dict()

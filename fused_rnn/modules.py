@@ -363,8 +363,11 @@ class _RNNStack(nn.Module):
     def _torch_stack(self, input, h0, c0, packed):
         """The whole stack through PyTorch's own kernels (aten on CPU, cuDNN on GPU).
 
-        Under autocast every cell runs in the autocast dtype, as all of torch.nn's RNNs do on
-        CUDA (on the CPU nn.LSTM does, nn.GRU/RNN would silently stay fp32).
+        Under autocast every cell runs in the autocast dtype. torch.nn's own rules differ: on
+        CUDA its cuDNN RNNs run in fp16 under any autocast dtype (torch's autocast wrapper of
+        ``_cudnn_rnn`` casts to half; checked on torch 2.11), so an ``amp-bf16`` nn.LSTM
+        computes in fp16; on the CPU nn.LSTM follows the autocast dtype and nn.GRU/RNN stay
+        fp32. We follow the dtype the region asked for, on every device and cell.
         """
         w = self._flat_weights
         data = input.data if packed else input

@@ -498,3 +498,13 @@ def test_bench_commit_comes_from_frnn_commit_where_git_is_absent(monkeypatch):
     assert cli._git_commit() == "0123abc"
     monkeypatch.delenv("FRNN_COMMIT")
     assert cli._git_commit() != "0123abc"
+
+
+@pytest.mark.parametrize("command", ["train", "bench"])
+def test_pure_fp16_is_refused_with_the_precision_that_works(capsys, tmp_path, command):
+    """fp16 parameters under Adam diverge within a few steps (squared gradients underflow, eps
+    rounds to 0): the CLI says so and names amp-fp16, before any work."""
+    flag = "--precision" if command == "train" else "--precisions"
+    rc, _, err = run(capsys, command, "--out", tmp_path, flag, "fp16")
+    assert rc == 2 and "amp-fp16" in err and "underflow" in err, err
+    assert len(err.strip().splitlines()) == 1

@@ -326,9 +326,10 @@ def test_dropout_randomness_in_training():
 @pytest.mark.parametrize("backend", ["reference", "auto"])
 @pytest.mark.parametrize("cell", list(CELLS))
 def test_cpu_autocast_follows_torch_nn(cell, backend):
-    """Under autocast every cell computes in the autocast dtype, as nn.LSTM does (on CUDA all
-    of torch.nn's RNNs do; on the CPU nn.GRU ignores autocast and stays fp32 — we do not copy
-    that inconsistency). Values agree with torch.nn to bf16 rounding."""
+    """Under autocast every cell computes in the autocast dtype, as nn.LSTM does on the CPU (on
+    the CPU nn.GRU ignores autocast and stays fp32, and on CUDA torch.nn's cuDNN RNNs run fp16
+    whatever the autocast dtype — we copy neither). Values agree with torch.nn to bf16
+    rounding."""
     ref, ours = make_pair(cell, 4, 6, 2, backend=backend)
     x = torch.randn(5, 3, 4)
     with torch.autocast("cpu", dtype=torch.bfloat16):

@@ -118,9 +118,10 @@ def previous_hidden(y: Tensor, h0: Tensor, lengths: Tensor | None, reverse: bool
 
 
 def register_autocast(op, device_type: str) -> None:
-    """Autocast like nn.LSTM: floating inputs on ``device_type`` are cast to the *current*
-    autocast dtype (fp16 or bf16, whichever the region asked for), then the op runs with
-    autocast off. (``torch.library.register_autocast`` fixes one dtype at registration.)"""
+    """Autocast: floating inputs on ``device_type`` are cast to the *current* autocast dtype
+    (fp16 or bf16, whichever the region asked for), then the op runs with autocast off.
+    (``torch.library.register_autocast`` fixes one dtype at registration; torch's own rule for
+    cuDNN RNNs fixes fp16 even in a bf16 region, which we do not copy: modules.py.)"""
     key = "Autocast" + torch._C._dispatch_key_for_device(device_type)
     keyset = torch._C.DispatchKeySet(getattr(torch._C.DispatchKey, key))
 
