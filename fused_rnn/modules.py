@@ -13,6 +13,7 @@ import numbers
 import warnings
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
 
@@ -376,22 +377,49 @@ class _RNNStack(nn.Module):
             w = [t.to(ac) for t in w]
             data, h0 = data.to(ac), h0.to(ac)
             c0 = None if c0 is None else c0.to(ac)
-        args = (self.bias, self.num_layers, self.dropout, self.training, self.bidirectional)
-        hx = (h0, c0) if self.mode == "LSTM" else h0
         fn = {
             "LSTM": torch._VF.lstm,
             "GRU": torch._VF.gru,
             "RNN_TANH": torch._VF.rnn_tanh,
             "RNN_RELU": torch._VF.rnn_relu,
         }[self.mode]
-        with functional._autocast_off(data.device):
+
+        def run(data, h0, c0, w, layers, dropout):
+            hx = (h0, c0) if self.mode == "LSTM" else h0
+            args = (self.bias, layers, dropout, self.training, self.bidirectional)
             if packed:
                 res = fn(data, input.batch_sizes, hx, w, *args)
             else:
                 res = fn(data, hx, w, *args, self.batch_first)
-        if self.mode == "LSTM":
-            return res[0], res[1], res[2]
-        return res[0], res[1], None
+            return res[0], res[1], (res[2] if self.mode == "LSTM" else None)
+
+        with functional._autocast_off(data.device):
+            if not _dropout_outside_torch_rng(data.device, self.dropout, self.training,
+                                              self.num_layers):
+                return run(data, h0, c0, w, self.num_layers, self.dropout)
+            # One layer a call, the dropout between them drawn from torch's generator.
+            D = 2 if self.bidirectional else 1
+            k = len(w) // (self.num_layers * D)  # tensors per layer and direction
+            hs, cs = [], []
+            for layer in range(self.num_layers):
+                if layer:
+                    data = F.dropout(data, self.dropout, training=True)
+                rows = slice(layer * D, (layer + 1) * D)
+                data, h, c = run(data, h0[rows], None if c0 is None else c0[rows],
+                                 w[layer * D * k:(layer + 1) * D * k], 1, 0.0)
+                hs.append(h)
+                cs.append(c)
+            return data, torch.cat(hs), (torch.cat(cs) if self.mode == "LSTM" else None)
+
+
+def _dropout_outside_torch_rng(device: torch.device, dropout: float, training: bool,
+                               num_layers: int) -> bool:
+    """Whether PyTorch's whole-stack kernel would draw its between-layer dropout from a state
+    torch's generator does not hold: cuDNN keeps its own dropout state, seeded once a process,
+    which ``torch.cuda.get_rng_state`` neither saves nor restores. Such a stack runs one layer
+    a call instead, with ``F.dropout`` between, so a seeded or resumed run repeats its masks
+    (``fused-rnn train --resume``). aten's CPU kernel draws from torch's generator already."""
+    return device.type == "cuda" and dropout > 0 and training and num_layers > 1
 
 
 class LSTM(_RNNStack):

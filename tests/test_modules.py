@@ -7,7 +7,7 @@ import itertools
 import pytest
 import torch
 from helpers import CELLS, STEP_CELLS, assert_close_list, make_packed, make_pair, outputs_of, seq_lengths
-from torch.nn.utils.rnn import PackedSequence
+from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence
 
 import fused_rnn
 
@@ -340,3 +340,45 @@ def test_cpu_autocast_follows_torch_nn(cell, backend):
     for a, b in zip(got, want):
         assert a.dtype == torch.bfloat16
         torch.testing.assert_close(a.float(), b.float(), atol=2e-2, rtol=2e-2)
+
+
+@pytest.mark.parametrize("packed", [False, True], ids=["padded", "packed"])
+@pytest.mark.parametrize("cell", ["lstm", "gru", "rnn_relu"])
+def test_stack_dropout_one_layer_a_call_matches_the_whole_stack(monkeypatch, cell, packed):
+    """On a GPU, cuDNN draws a stack's between-layer dropout from its own state, which torch's
+    RNG state does not hold (an exact --resume would repeat nothing); such a stack then runs
+    one cuDNN call a layer with F.dropout between. aten's CPU kernel draws its dropout from
+    torch's generator the same way, so forced on the CPU the per-layer path must give the
+    whole-stack results bit for bit: same masks, outputs, states and gradients."""
+    from fused_rnn import modules
+
+    _, cls, kw = CELLS[cell]
+    torch.manual_seed(0)
+    rnn = cls(4, 6, num_layers=3, dropout=0.5, bidirectional=True, batch_first=True,
+              backend="torch", **kw)
+    x = torch.randn(3, 5, 4)
+    lengths = torch.tensor([5, 2, 4])
+
+    def run():
+        torch.manual_seed(7)
+        rnn.zero_grad()
+        inp = pack_padded_sequence(x, lengths, batch_first=True, enforce_sorted=False) \
+            if packed else x
+        out, state = rnn(inp)
+        outs = [out.data if packed else out] + list(state if cell == "lstm" else [state])
+        sum((o * (i + 1)).sin().sum() for i, o in enumerate(outs)).backward()
+        return [o.detach() for o in outs] + [p.grad.clone() for p in rnn.parameters()]
+
+    real = modules._dropout_outside_torch_rng
+    assert real(torch.device("cuda"), 0.5, True, 3)
+    assert not real(torch.device("cuda"), 0.5, False, 3)  # eval: no dropout
+    assert not real(torch.device("cuda"), 0.5, True, 1)  # one layer: no dropout between
+    assert not real(torch.device("cpu"), 0.5, True, 3)  # aten: torch's generator already
+    whole = run()
+    calls = []
+    monkeypatch.setattr(modules, "_dropout_outside_torch_rng",
+                        lambda *a: calls.append(a) or True)
+    per_layer = run()
+    assert calls, "the per-layer path ran"
+    for i, (a, b) in enumerate(zip(per_layer, whole, strict=True)):
+        assert torch.equal(a, b), f"tensor {i} differs"
