@@ -205,6 +205,15 @@ def torch_runs_per_layer(device: torch.device) -> bool:
 
 
 _warned: set[tuple[str, str]] = set()
+# Every fallback taken, (from, reason, to) -> how many times: the warning says it once a
+# process, and a benchmark row labelled with a backend must be able to tell whether it ran.
+_fallbacks: dict[tuple[str, str, str], int] = {}
+
+
+def fallback_counts() -> dict[tuple[str, str, str], int]:
+    """A copy of the fallbacks taken so far in this process: (backend, reason, the backend it
+    handed over to) -> times (a layer or cell call each)."""
+    return dict(_fallbacks)
 
 
 def _warn_once(name: str, reason: str, to: str) -> None:
@@ -234,6 +243,7 @@ def kernel_impl(name: str, kind: str, **config) -> ModuleType:
             if reason is None:
                 return mod
         nxt = _FALLBACK[name]
+        _fallbacks[(name, reason, nxt)] = _fallbacks.get((name, reason, nxt), 0) + 1
         _warn_once(name, reason, nxt)
         name = nxt
     from fused_rnn.ops import reference

@@ -1148,6 +1148,7 @@ def _cmd_bench(args) -> int:
             self.times: list[float] = []
             self.peak = None
             self.state = None
+            self.fallbacks: set[str] = set()  # what ran instead of the named backend, and why
             try:
                 torch.manual_seed(args.seed)
                 model = _build_model(base_cfg, vocab_size, backend is None, backend or "auto")
@@ -1174,12 +1175,16 @@ def _cmd_bench(args) -> int:
                     if device.type == "cuda":
                         torch.cuda.reset_peak_memory_stats(device)
                         base = torch.cuda.memory_allocated(device)
+                    before = _backends.fallback_counts()
                     t0 = time.perf_counter()
                     _, self.state, _ = train_chunk(self.model, chunk, self.state, self.opt,
                                                    clip=1.0, autocast_dtype=self.ac_dtype,
                                                    scaler=self.scaler)
                     _sync(device)
                     dt = time.perf_counter() - t0
+                    for (frm, why, to), n in _backends.fallback_counts().items():
+                        if n > before.get((frm, why, to), 0):
+                            self.fallbacks.add(f"{frm} -> {to}: {why}")
                     mem = None
                     if device.type == "cuda":
                         mem = (torch.cuda.max_memory_allocated(device) - base) / 2**20
@@ -1205,6 +1210,7 @@ def _cmd_bench(args) -> int:
                     self.fail(e)
             if row["error"]:
                 row.update(ms_per_step=None, tokens_per_s=None, peak_mib=None, val_loss=None)
+            row["fallback"] = "; ".join(sorted(self.fallbacks))
             self.model = self.opt = self.train = self.state = None
             return row
 
@@ -1294,7 +1300,8 @@ def _cmd_bench(args) -> int:
             f"| {r['precision']} | {r['impl']} | {f(r['ms_per_step'], '.2f')} | "
             f"{f(r['tokens_per_s'], ',.0f')} | {f(r['speedup'], '.2f') + ('×' if r['speedup'] is not None else '')} | "
             f"{f(r['peak_mib'], '.1f')} | {f(r['val_loss'], '.5f')} | {f(r['delta'], '+.2e')} | "
-            f"{r['check']}{': ' + r['error'] if r['error'] else ''} |"
+            f"{r['check']}{': ' + r['error'] if r['error'] else ''}"
+            f"{'; ran partly elsewhere (' + r['fallback'] + ')' if r.get('fallback') else ''} |"
         )
     md = "\n".join(lines) + "\n"
     os.makedirs(args.out, exist_ok=True)
@@ -1304,12 +1311,12 @@ def _cmd_bench(args) -> int:
         w = csv.writer(fh, lineterminator="\n")
         w.writerow(["device", "torch", "cell", "layers", "hidden", "batch", "bptt", "steps",
                     "precision", "impl", "ms_per_step", "tokens_per_s", "speedup_vs_torch_nn",
-                    "peak_mib", "val_loss", "delta_vs_torch_nn", "check", "error"])
+                    "peak_mib", "val_loss", "delta_vs_torch_nn", "check", "error", "fallback"])
         for r in results:
             w.writerow([_device_name(device), torch.__version__, args.cell, args.layers, H, B, T,
                         steps, r["precision"], r["impl"], r["ms_per_step"], r["tokens_per_s"],
                         r["speedup"], r["peak_mib"], r["val_loss"], r["delta"], r["check"],
-                        r["error"]])
+                        r["error"], r.get("fallback", "")])
     written = [stem + ".md", stem + ".csv"]
     try:
         from matplotlib.backends.backend_agg import FigureCanvasAgg

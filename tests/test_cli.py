@@ -413,6 +413,34 @@ def test_bench_times_auto_where_a_rule_sends_it_to_a_kernel(capsys, tmp_path, te
     assert "resolves to" not in err + stdout
 
 
+def test_bench_rows_say_when_their_backend_handed_layers_over(capsys, tmp_path, text_file,
+                                                             monkeypatch):
+    """A backend that refuses the model's layers falls back (warning once a process): its row
+    must say so, every time, or a table labelled with it would time another backend."""
+    import types
+
+    from fused_rnn import backends
+
+    fake = types.SimpleNamespace(unavailable_reason=lambda device: None,
+                                 unsupported_reason=lambda kind, **config: "a test's refusal")
+    real = backends._kernel_module
+    monkeypatch.setattr(backends, "_kernel_module",
+                        lambda name: fake if name == "triton" else real(name))
+    out = tmp_path / "results"
+    rc, stdout, err = run(capsys, *BENCH_TINY, "--text", text_file, "--out", out,
+                          "--backends", "triton,reference", "--precisions", "fp32")
+    assert rc == 0, err
+    rows = {ln.split("|")[2].strip(): ln for ln in stdout.splitlines() if ln.startswith("| fp32")}
+    said = "ran partly elsewhere (triton -> reference: a test's refusal)"
+    assert said in rows["fused_rnn:triton"], rows
+    assert "elsewhere" not in rows["fused_rnn:reference"] + rows["torch.nn"]
+    (csv_path,) = out.glob("*.csv")
+    with open(csv_path, newline="") as f:
+        fallback = {r["impl"]: r["fallback"] for r in csv.DictReader(f)}
+    assert fallback == {"torch.nn": "", "fused_rnn:triton": "triton -> reference: a test's refusal",
+                        "fused_rnn:reference": ""}
+
+
 # --------------------------------------------------------------------------- DDP
 def _free_port() -> int:
     with socket.socket() as s:
