@@ -130,6 +130,7 @@ class _RNNStack(nn.Module):
                 self._flat_weights_names.extend(names)
                 self._all_weights.append(names)
         self.reset_parameters()
+        self.flatten_parameters()
 
     def reset_parameters(self) -> None:
         stdv = 1.0 / math.sqrt(self.hidden_size) if self.hidden_size > 0 else 0
@@ -137,7 +138,37 @@ class _RNNStack(nn.Module):
             nn.init.uniform_(weight, -stdv, stdv)
 
     def flatten_parameters(self) -> None:
-        """Accepted for compatibility with torch.nn; nothing needs flattening here."""
+        """Lay the parameters out in one buffer, in cuDNN's order, as ``nn.RNNBase`` does.
+
+        Only on a GPU, with cuDNN usable for the weights' dtype; elsewhere a no-op. The
+        ``torch`` backend (and so ``auto`` wherever no rule picks a kernel) hands the weights
+        to cuDNN, which otherwise copies them into such a buffer at every call and warns. The
+        parameters stay separate, contiguous tensors (views into the buffer), which is all the
+        kernel backends need. Called on construction and after ``.to()``/``.cuda()``/``.half()``.
+        """
+        w = self._flat_weights
+        if not _cudnn_can_flatten(w):
+            return
+        import torch.backends.cudnn.rnn as cudnn_rnn
+
+        with torch.cuda.device_of(w[0]), torch.no_grad():
+            if torch._use_cudnn_rnn_flatten_weight():
+                torch._cudnn_rnn_flatten_weight(
+                    w,
+                    len(self._all_weights[0]),  # tensors per layer and direction
+                    self.input_size,
+                    cudnn_rnn.get_cudnn_mode(self.mode),
+                    self.hidden_size,
+                    self.proj_size,
+                    self.num_layers,
+                    self.batch_first,
+                    bool(self.bidirectional),
+                )
+
+    def _apply(self, fn, recurse=True):
+        ret = super()._apply(fn, recurse)
+        self.flatten_parameters()  # .to()/.cuda()/.half() made new tensors
+        return ret
 
     @property
     def _flat_weights(self) -> list[Tensor]:
@@ -410,6 +441,18 @@ class _RNNStack(nn.Module):
                 hs.append(h)
                 cs.append(c)
             return data, torch.cat(hs), (torch.cat(cs) if self.mode == "LSTM" else None)
+
+
+def _cudnn_can_flatten(weights: list[Tensor]) -> bool:
+    """nn.RNNBase.flatten_parameters' conditions: CUDA tensors of one dtype that cuDNN takes,
+    none aliasing another."""
+    if not weights or not all(isinstance(w, Tensor) for w in weights):
+        return False
+    dtype = weights[0].dtype
+    if any(w.dtype != dtype or not w.is_cuda or not torch.backends.cudnn.is_acceptable(w)
+           for w in weights):
+        return False
+    return len({w.data_ptr() for w in weights}) == len(weights)
 
 
 def _dropout_outside_torch_rng(device: torch.device, dropout: float, training: bool,

@@ -192,8 +192,82 @@ def test_parameters_init_and_state_dict_both_ways(cell):
     ref2.load_state_dict(ours2.state_dict())
     x = torch.randn(4, 2, 5)
     assert_close_list(outputs_of(ours2(x)), outputs_of(ref2(x)), 1e-6, 1e-5, "outputs")
-    ours2.flatten_parameters()  # accepted no-op
+    before = [p.data_ptr() for p in ours2.parameters()]
+    ours2.flatten_parameters()  # on the CPU a no-op, as torch.nn's
+    assert [p.data_ptr() for p in ours2.parameters()] == before
     assert [len(w) for w in ours2.all_weights] == [len(w) for w in ref2.all_weights]
+
+
+@pytest.mark.parametrize("cell,kw", [
+    ("lstm", {"proj_size": 3, "num_layers": 2, "bidirectional": True}),
+    ("gru", {"bias": False, "batch_first": True}),
+    ("rnn_relu", {"num_layers": 3}),
+], ids=["lstm_proj", "gru_nobias", "rnn_relu"])
+def test_flatten_parameters_asks_cudnn_for_nn_rnnbase_layout(monkeypatch, cell, kw):
+    """Where cuDNN takes the weights (a GPU), they are laid out in one buffer as nn.RNNBase
+    lays them, on construction and after ``.to()``: the same call with the same arguments.
+    On the CPU the eligibility check is forced and the call recorded."""
+    import torch.backends.cudnn.rnn as cudnn_rnn
+
+    from fused_rnn import modules
+
+    calls = []
+    monkeypatch.setattr(modules, "_cudnn_can_flatten", lambda weights: True)
+    monkeypatch.setattr(torch, "_use_cudnn_rnn_flatten_weight", lambda: True)
+    monkeypatch.setattr(torch, "_cudnn_rnn_flatten_weight", lambda *a: calls.append(a))
+    # The CPU build has no cuDNN enum; what matters is that the module's mode goes through it.
+    monkeypatch.setattr(cudnn_rnn, "get_cudnn_mode", lambda mode: ("cudnn mode of", mode))
+    nn_cls, our_cls, extra = CELLS[cell]
+    ours = our_cls(5, 6, **extra, **kw)
+    ours.double()
+    assert len(calls) == 2
+    ref = nn_cls(5, 6, **extra, **kw)
+    for call in calls:
+        weights, *args = call
+        assert [w.shape for w in weights] == [w.shape for w in ref._flat_weights]
+        num_weights = (4 if ref.bias else 2) + (1 if ref.proj_size > 0 else 0)  # nn's formula
+        assert args == [num_weights, ref.input_size, cudnn_rnn.get_cudnn_mode(ref.mode),
+                        ref.hidden_size, ref.proj_size, ref.num_layers, ref.batch_first,
+                        bool(ref.bidirectional)]
+    # The second call got the module's new (fp64) parameters themselves, in order.
+    assert all(a is b for a, b in zip(calls[1][0], ours.parameters()))
+    assert all(w.dtype == torch.float64 for w in calls[1][0])
+
+
+def test_cudnn_flattening_is_refused_off_the_gpu():
+    from fused_rnn.modules import _cudnn_can_flatten
+
+    assert not _cudnn_can_flatten([torch.zeros(2), torch.zeros(3)])
+    assert not _cudnn_can_flatten([])
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("cell", list(CELLS) + ["lstm_proj"])
+def test_torch_backend_gives_cudnn_one_weight_buffer(cell):
+    """On a GPU the parameters live in one buffer, as nn's do, so cuDNN neither copies them at
+    every call nor warns; results and gradients are nn's; ``.half()`` lays them out again."""
+    import warnings
+
+    kw = {"proj_size": 4} if cell == "lstm_proj" else {}
+    cell = "lstm" if cell == "lstm_proj" else cell
+    ref, ours = make_pair(cell, 5, 8, num_layers=2, bidirectional=True, backend="torch", **kw)
+    ref, ours = ref.cuda(), ours.cuda()
+    for dtype in (torch.float32, torch.float16):
+        ref, ours = ref.to(dtype), ours.to(dtype)
+        assert len({p.untyped_storage().data_ptr() for p in ours.parameters()}) == 1
+        x = torch.randn(7, 3, 5, device="cuda", dtype=dtype)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            got = outputs_of(ours(x))
+        assert not [w for w in caught if "contiguous chunk" in str(w.message)], caught
+        want = outputs_of(ref(x))
+        for a, b in zip(got, want):
+            assert torch.equal(a, b)
+        sum(t.float().sum() for t in got).backward()
+        sum(t.float().sum() for t in want).backward()
+        for (name, a), b in zip(ours.named_parameters(), ref.parameters()):
+            torch.testing.assert_close(a.grad, b.grad, msg=name)
+        ours.zero_grad(), ref.zero_grad()
 
 
 @pytest.mark.parametrize("cell", list(STEP_CELLS))
