@@ -26,6 +26,8 @@
 #include "sim_api.h"
 
 #if defined(__SANITIZE_ADDRESS__)
+#include <dlfcn.h>
+#include <sanitizer/asan_interface.h>
 #include <sanitizer/common_interface_defs.h>
 #define CUDASIM_ASAN 1
 #else
@@ -150,17 +152,38 @@ constexpr int kDefaultDynamicSmem = 48 * 1024;
 constexpr int kMaxThreadsPerSm = 2048;
 constexpr int kReservedSmemPerBlock = 1024;
 
+#if CUDASIM_ASAN
+// ASan's swapcontext interceptor clears the shadow of the target's whole stack (32 KB for a
+// fiber's 256 KB) before and after every switch. That was most of the sanitized suite's time,
+// and it unpoisons the live frames of the fiber switched to. The switches are announced to ASan
+// (__sanitizer_start/finish_switch_fiber), so libc's own swapcontext is called instead, found
+// through libc's handle, which the interceptor does not cover; init_fiber clears each stack's
+// shadow once a launch instead.
+using SwapContext = int (*)(ucontext_t*, const ucontext_t*);
+SwapContext libc_swapcontext() {
+  static const SwapContext fn = [] {
+    void* libc = dlopen("libc.so.6", RTLD_NOW | RTLD_NOLOAD);
+    void* sym = libc ? dlsym(libc, "swapcontext") : nullptr;
+    return sym ? reinterpret_cast<SwapContext>(sym) : &swapcontext;
+  }();
+  return fn;
+}
+#define CUDASIM_SWAPCONTEXT libc_swapcontext()
+#else
+#define CUDASIM_SWAPCONTEXT swapcontext
+#endif
+
 // Fiber -> scheduler. `finished`: the fiber will never run again.
 void switch_to_scheduler(bool finished) {
 #if CUDASIM_ASAN
   void* fake = nullptr;
   __sanitizer_start_switch_fiber(finished ? nullptr : &fake, g_scheduler_stack,
                                  g_scheduler_stack_size);
-  swapcontext(&g_current->ctx, &g_scheduler_ctx);
+  CUDASIM_SWAPCONTEXT(&g_current->ctx, &g_scheduler_ctx);
   __sanitizer_finish_switch_fiber(fake, nullptr, nullptr);
 #else
   (void)finished;
-  swapcontext(&g_current->ctx, &g_scheduler_ctx);
+  CUDASIM_SWAPCONTEXT(&g_current->ctx, &g_scheduler_ctx);
 #endif
 }
 
@@ -198,6 +221,10 @@ __attribute__((noinline)) void init_fiber(Thread& t, unsigned char* stack) {
   t.ctx.uc_stack.ss_sp = t.stack;
   t.ctx.uc_stack.ss_size = kStackBytes;
   t.ctx.uc_link = nullptr;
+#if CUDASIM_ASAN
+  // Frames a finished (or unwound) fiber never returned from may have left poisoned redzones.
+  __asan_unpoison_memory_region(t.stack, kStackBytes);
+#endif
   makecontext(&t.ctx, fiber_main, 0);
 }
 
@@ -212,10 +239,10 @@ void run_one(Launch& L, size_t i) {
 #if CUDASIM_ASAN
   void* fake = nullptr;
   __sanitizer_start_switch_fiber(&fake, t.stack, kStackBytes);
-  swapcontext(&g_scheduler_ctx, &t.ctx);
+  CUDASIM_SWAPCONTEXT(&g_scheduler_ctx, &t.ctx);
   __sanitizer_finish_switch_fiber(fake, nullptr, nullptr);
 #else
-  swapcontext(&g_scheduler_ctx, &t.ctx);
+  CUDASIM_SWAPCONTEXT(&g_scheduler_ctx, &t.ctx);
 #endif
   g_current = nullptr;
 }
