@@ -97,7 +97,7 @@ setup(
         "train": ["matplotlib"],
         # The CI set: Triton 3.6 is what the lent GPU machines run, and its CPU interpreter
         # needs numpy < 2.4 (DESIGN.md).
-        "test": ["pytest", "expecttest", "matplotlib", "triton==3.6.0", "numpy<2.4"],
+        "test": ["pytest", "pytest-xdist", "expecttest", "matplotlib", "triton==3.6.0", "numpy<2.4"],
     },
     entry_points={"console_scripts": ["fused-rnn=fused_rnn.cli:main"]},
     ext_modules=EXT_MODULES,
