@@ -5,6 +5,7 @@
   Tests that trace with ``torch.compile`` opt out with ``@pytest.mark.no_nan_fill``
   (dynamo would trace our wrapper instead of the real factory).
 * ``gpu`` marks tests that need a CUDA GPU; they are skipped without one, with the reason.
+* ``slow`` marks the few tests that take minutes on 2 cores; they are collected first.
 * Without a GPU, ``TRITON_INTERPRET=1`` (Triton kernels run on the CPU, slowly).
 * Inductor's on-disk cache is a fresh directory per test run: its key does not cover our ops'
   fake kernels, so a compiled graph cached under an earlier version of one would be reused.
@@ -63,6 +64,10 @@ def pytest_configure(config):
 
 
 def pytest_collection_modifyitems(config, items):
+    # Longest first: tests marked ``slow`` (minutes on 2 cores: the sanitized cudasim run, the
+    # big compile checks) start at once, so that with pytest-xdist (the README's command) they
+    # do not end up last on one worker while the other idles. Stable: the rest keep their order.
+    items[:] = sorted(items, key=lambda item: item.get_closest_marker("slow") is None)
     if torch.cuda.is_available():
         return
     skip = pytest.mark.skip(reason="needs a CUDA GPU; none is visible (torch.cuda.is_available() is False)")

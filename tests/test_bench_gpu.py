@@ -136,6 +136,7 @@ def _gpu_check(tmp_path, *args):
     return r.returncode, r.stdout + r.stderr
 
 
+@pytest.mark.slow
 def test_gpu_check_dry_run_runs_every_step(tmp_path):
     """benchmarks/gpu_check.sh --dry-run: every step, in order, and a clean exit."""
     rc, log = _gpu_check(tmp_path)

@@ -226,6 +226,7 @@ def test_microbench_builds_for_sm90(tmp_path):
     assert " ".join(MICROBENCH_FLAGS) in script, "gpu_check_cuda.sh builds it with other flags"
 
 
+@pytest.mark.slow
 def test_binding_syntax_against_torch_headers(tmp_path):
     """g++ -fsyntax-only of binding.cpp with torch's (CPU wheel) and CUDA's headers."""
     if GXX is None:

@@ -113,6 +113,7 @@ def test_results_do_not_depend_on_thread_order(install, monkeypatch, mode, dt, p
 
 
 # ---------------------------------------------------------------------------------- memcheck
+@pytest.mark.slow
 def test_gpu_suite_under_address_sanitizer(tmp_path):
     """test_cuda_gpu.py's small cases in a process with ASan/UBSan loaded and the kernels
     built with them: clean, and the sanitizer is really armed (a canary must trip it)."""

@@ -511,6 +511,7 @@ def test_missing_triton_is_a_reason_not_an_import_error():
     assert "pip install triton" in res.stdout and "raised: fused_rnn backend 'triton' is unavailable" in res.stdout
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(torch.cuda.is_available(), reason="with a GPU the other tests compile for real")
 def test_every_launched_variant_compiles_for_sm90(tmp_path):
     """The real Triton compiler (to cubin, bundled ptxas) on what the interpreter only ran:
