@@ -48,7 +48,7 @@ _SANITIZE = ["-O1", "-fno-omit-frame-pointer", "-fsanitize=address,undefined",
 _UNITS = [("kernels.cpp", []), ("kernels.cpp", ["-DFRNN_SIM_BACKWARD"]), ("runtime.cpp", []),
           ("sim_api.cpp", [])]
 _lock = threading.Lock()
-_libs: dict[tuple[bool, str], ctypes.CDLL] = {}
+_libs: dict[tuple[bool, str, bool], ctypes.CDLL] = {}
 
 
 def unavailable_reason() -> str | None:
@@ -60,10 +60,34 @@ def _sources(csrc: Path) -> list[Path]:
         csrc / "plan.h", csrc / "fused_rnn.h"]
 
 
-def build(sanitize: bool = False, csrc: Path = CSRC) -> Path:
+def _compile_unit(flags: list[str], i: int, csrc: Path, objs: Path, work: Path) -> Path:
+    """One translation unit's object, from the cache when the same source was compiled before.
+
+    The key is the preprocessed text with the kernel directory's path taken out, so a mutant
+    copy of csrc/ (test_cuda_sim.py) recompiles only the units its change reaches; the others
+    come from the clean build (their file names in messages and debug info are the clean
+    copy's).
+    """
+    src, extra = _UNITS[i]
+    cmd = [GXX, *flags, *extra, str(SIM / src)]
+    pre = subprocess.run([*cmd, "-E"], check=True, capture_output=True).stdout
+    h = hashlib.sha256(" ".join(cmd).replace(str(csrc), "<csrc>").encode() + b"\0")
+    h.update(pre.replace(str(csrc).encode(), b"<csrc>"))
+    obj = objs / f"{h.hexdigest()[:24]}.o"
+    if not obj.is_file():
+        tmp = work / f"{i}.o"
+        subprocess.run([*cmd, "-c", "-o", str(tmp)], check=True, capture_output=True)
+        objs.mkdir(parents=True, exist_ok=True)
+        os.replace(tmp, obj)  # atomic: concurrent builders both succeed
+    return obj
+
+
+def build(sanitize: bool = False, csrc: Path = CSRC, ucontext: bool = False) -> Path:
     """Compile (if not cached) and return the shared library's path. ``csrc``: the kernel
-    sources (another directory lets tests run deliberately broken copies)."""
+    sources (another directory lets tests run deliberately broken copies); ``ucontext``: switch
+    fibers with swapcontext, the runtime's portable path (runtime.cpp), not its x86-64 one."""
     flags = _FLAGS + [f"-I{csrc}"] + (_SANITIZE if sanitize else ["-O2"])
+    flags += ["-DCUDASIM_UCONTEXT"] if ucontext else []
     h = hashlib.sha256(" ".join(flags).encode())
     for src in _sources(csrc):
         h.update(src.name.encode() + b"\0" + src.read_bytes())
@@ -72,24 +96,19 @@ def build(sanitize: bool = False, csrc: Path = CSRC) -> Path:
     lib = out / "libcudasim.so"
     if lib.is_file():
         return lib
-    work = Path(tempfile.mkdtemp(prefix="build-", dir=root if root.exists() else None))
+    root.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix="build-", dir=root))
     try:
-        def compile_unit(i: int) -> Path:
-            src, extra = _UNITS[i]
-            obj = work / f"{i}.o"
-            subprocess.run([GXX, *flags, *extra, "-c", str(SIM / src), "-o", str(obj)],
-                           check=True, capture_output=True, text=True)
-            return obj
-
         with ThreadPoolExecutor(max_workers=2) as pool:
-            objs = list(pool.map(compile_unit, range(len(_UNITS))))
+            objs = list(pool.map(lambda i: _compile_unit(flags, i, csrc, root / "objects", work),
+                                 range(len(_UNITS))))
         tmp = work / "libcudasim.so"
         subprocess.run([GXX, *flags, "-shared", *map(str, objs), "-o", str(tmp), "-lpthread"],
-                       check=True, capture_output=True, text=True)
+                       check=True, capture_output=True)
         out.mkdir(parents=True, exist_ok=True)
         os.replace(tmp, lib)  # atomic: concurrent builders both succeed
     except subprocess.CalledProcessError as e:
-        raise RuntimeError(f"cudasim build failed:\n{e.stderr}") from e
+        raise RuntimeError(f"cudasim build failed:\n{e.stderr.decode(errors='replace')}") from e
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return lib
@@ -106,11 +125,11 @@ def asan_env() -> dict[str, str]:
     return env
 
 
-def _load(sanitize: bool, csrc: Path) -> ctypes.CDLL:
-    key = (sanitize, str(csrc))
+def _load(sanitize: bool, csrc: Path, ucontext: bool = False) -> ctypes.CDLL:
+    key = (sanitize, str(csrc), ucontext)
     with _lock:
         if key not in _libs:
-            lib = ctypes.CDLL(str(build(sanitize, csrc)))
+            lib = ctypes.CDLL(str(build(sanitize, csrc, ucontext)))
             i, u64, p, fp = ctypes.c_int, ctypes.c_uint64, ctypes.c_void_p, ctypes.c_void_p
             lib.sim_configure.argtypes = [i, i, i, i, u64, i, i, i]
             lib.sim_last_error.restype = ctypes.c_char_p
@@ -138,18 +157,19 @@ class Simulator:
     max_clusters: how many clusters the device holds at once (cluster mode; negative: by
     occupancy, sms / cluster size);
     ptx_version: the architecture the kernels report being compiled for (cudaFuncGetAttributes'
-    ptxVersion; 80: an extension built without sm_90 code, running on the sm_90 device).
+    ptxVersion; 80: an extension built without sm_90 code, running on the sm_90 device);
+    ucontext: the runtime built with its portable fiber switch (see :func:`build`).
     """
 
     def __init__(self, sms: int = 4, order: str = "ascending", seed: int = 0,
                  smem_optin: int = 227 * 1024, smem_per_sm: int = 228 * 1024,
                  sanitize: bool = False, csrc: Path = CSRC, cp_async: str = "late",
-                 max_clusters: int = -1, ptx_version: int = 90):
+                 max_clusters: int = -1, ptx_version: int = 90, ucontext: bool = False):
         assert cp_async in ("late", "early"), cp_async
         self.sms, self.order, self.seed, self.cp_async = sms, order, seed, cp_async
         self.smem_optin, self.smem_per_sm = smem_optin, smem_per_sm
         self.max_clusters, self.ptx_version = max_clusters, ptx_version
-        self.lib = _load(sanitize, Path(csrc))
+        self.lib = _load(sanitize, Path(csrc), ucontext)
         self.launches: list[tuple[str, int, dict]] = []  # (direction, cell, plan)
 
     def device_info(self, index: int):

@@ -19,6 +19,7 @@ accuracy tests against the reference).
 
 from __future__ import annotations
 
+import platform
 import re
 import shutil
 import subprocess
@@ -110,6 +111,28 @@ def test_results_do_not_depend_on_thread_order(install, monkeypatch, mode, dt, p
     for other in runs[1:]:
         for i, (a, b) in enumerate(zip(runs[0], other)):
             assert torch.equal(a, b), f"tensor {i} depends on the thread order"
+
+
+def _defines_symbol(lib_path, name: str) -> bool:
+    nm = subprocess.run(["nm", str(lib_path)], capture_output=True, text=True, check=True)
+    return any(line.split()[-1] == name for line in nm.stdout.splitlines() if line.strip())
+
+
+@pytest.mark.skipif(platform.machine() != "x86_64" or not shutil.which("nm"),
+                    reason="the hand-written fiber switch is x86-64 only; nm reads the library")
+@pytest.mark.parametrize("order,seed", [("descending", 0), ("shuffle", 5)])
+def test_both_fiber_switches_give_the_same_bits(install, order, seed):
+    """runtime.cpp switches fibers with a few instructions on x86-64 and with swapcontext
+    elsewhere (CUDASIM_UCONTEXT here): the two runtimes give the same bits. The first library
+    must really hold the hand-written switch, and the second not."""
+    assert _defines_symbol(simulate.build(), "cudasim_switch")
+    assert not _defines_symbol(simulate.build(ucontext=True), "cudasim_switch")
+    runs = []
+    for ucontext in (False, True):
+        install(sms=4, order=order, seed=seed, ucontext=ucontext)
+        runs.append(_layer("LSTM", "bf16", B=70, T=3))
+    for i, (a, b) in enumerate(zip(*runs, strict=True)):
+        assert torch.equal(a, b), f"tensor {i} differs between the fiber switches"
 
 
 # ---------------------------------------------------------------------------------- memcheck

@@ -1,9 +1,13 @@
 // cudasim runtime: the device, the launch and the scheduler (see include/cudasim.h).
 //
-// Simulated threads are fibers (ucontext) on the calling OS thread, each with its own stack
-// (reused across launches, a guard page below it). The scheduler switches to one fiber, which
-// runs until its next barrier or its end and switches back. Under AddressSanitizer every switch
-// is announced to it (__sanitizer_start/finish_switch_fiber) so it tracks the right stack.
+// Simulated threads are fibers on the calling OS thread, each with its own stack (reused across
+// launches, a guard page below it). The scheduler switches to one fiber, which runs until its
+// next barrier or its end and switches back. Under AddressSanitizer every switch is announced to
+// it (__sanitizer_start/finish_switch_fiber) so it tracks the right stack.
+//
+// A switch on x86-64 is the few instructions below (Context); elsewhere, or with
+// -DCUDASIM_UCONTEXT, it is ucontext's swapcontext, which also saves and restores the signal
+// mask: two system calls per switch, ~10% of a simulated launch and more under a sandbox.
 #include <sys/mman.h>
 #include <ucontext.h>
 #include <unistd.h>
@@ -62,8 +66,79 @@ struct Stack {  // mmap'd once, reused by every launch; the lowest page is a gua
   }
 };
 
+#if defined(__x86_64__) && !defined(CUDASIM_UCONTEXT)
+// A suspended context is its stack pointer. cudasim_switch(&from, to) pushes the callee-saved
+// registers (SysV: rbx, rbp, r12-r15) and the SSE and x87 control words, stores rsp in *from,
+// loads `to` and pops the same from there. Nothing else survives a call, so this is all a
+// switch at a function call has to keep; the signal mask is never changed by the kernels.
+extern "C" __attribute__((visibility("hidden"))) void cudasim_switch(void** from, void* to);
+asm(R"(
+  .text
+  .p2align 4
+  .globl cudasim_switch
+  .hidden cudasim_switch
+  .type cudasim_switch, @function
+cudasim_switch:
+  pushq %rbp
+  pushq %rbx
+  pushq %r12
+  pushq %r13
+  pushq %r14
+  pushq %r15
+  subq $8, %rsp
+  stmxcsr (%rsp)
+  fnstcw 4(%rsp)
+  movq %rsp, (%rdi)
+  movq %rsi, %rsp
+  ldmxcsr (%rsp)
+  fldcw 4(%rsp)
+  addq $8, %rsp
+  popq %r15
+  popq %r14
+  popq %r13
+  popq %r12
+  popq %rbx
+  popq %rbp
+  ret
+  .size cudasim_switch, .-cudasim_switch
+)");
+
+struct Context {
+  void* sp = nullptr;
+  // A fresh context on [stack, stack + bytes) that starts in entry(), as if called: the
+  // frame cudasim_switch pops (control words as now, registers zero, so the frame-pointer
+  // chain ends), entry's address to return to, and a null return address for entry itself.
+  void init(unsigned char* stack, size_t bytes, void (*entry)()) {
+    auto* top = reinterpret_cast<uint64_t*>(stack + bytes);  // 16-byte aligned
+    uint64_t* f = top - 9;
+    uint32_t mxcsr;
+    uint16_t fpucw;
+    asm volatile("stmxcsr %0" : "=m"(mxcsr));
+    asm volatile("fnstcw %0" : "=m"(fpucw));
+    f[0] = mxcsr | static_cast<uint64_t>(fpucw) << 32;
+    for (int i = 1; i <= 6; ++i) f[i] = 0;  // r15, r14, r13, r12, rbx, rbp
+    f[7] = reinterpret_cast<uint64_t>(entry);
+    f[8] = 0;  // entry starts with rsp = top - 8, as after a call from an aligned frame
+    sp = f;
+  }
+};
+inline void switch_context(Context* from, Context* to) { cudasim_switch(&from->sp, to->sp); }
+#else
+struct Context {
+  ucontext_t uc{};
+  void init(unsigned char* stack, size_t bytes, void (*entry)()) {
+    getcontext(&uc);
+    uc.uc_stack.ss_sp = stack;
+    uc.uc_stack.ss_size = bytes;
+    uc.uc_link = nullptr;
+    makecontext(&uc, entry, 0);
+  }
+};
+void switch_context(Context* from, Context* to);  // below: swapcontext, libc's under ASan
+#endif
+
 struct Thread {
-  ucontext_t ctx{};
+  Context ctx;
   State state = State::kRunnable;
   unsigned block = 0, tid = 0;
   const char* file = nullptr;  // where it waits at a block barrier
@@ -124,7 +199,7 @@ Config g_config = config_from_environment();
 std::mutex g_launch_mutex;  // one launch at a time (the scheduler state is global)
 Launch* g_launch = nullptr;
 Thread* g_current = nullptr;  // the running fiber
-ucontext_t g_scheduler_ctx;
+Context g_scheduler_ctx;
 #if CUDASIM_ASAN
 const void* g_scheduler_stack = nullptr;  // the calling thread's stack, as ASan reports it
 size_t g_scheduler_stack_size = 0;
@@ -152,13 +227,13 @@ constexpr int kDefaultDynamicSmem = 48 * 1024;
 constexpr int kMaxThreadsPerSm = 2048;
 constexpr int kReservedSmemPerBlock = 1024;
 
+#if !defined(__x86_64__) || defined(CUDASIM_UCONTEXT)
 #if CUDASIM_ASAN
 // ASan's swapcontext interceptor clears the shadow of the target's whole stack (32 KB for a
-// fiber's 256 KB) before and after every switch. That was most of the sanitized suite's time,
-// and it unpoisons the live frames of the fiber switched to. The switches are announced to ASan
-// (__sanitizer_start/finish_switch_fiber), so libc's own swapcontext is called instead, found
-// through libc's handle, which the interceptor does not cover; init_fiber clears each stack's
-// shadow once a launch instead.
+// fiber's 256 KB) before and after every switch, and it unpoisons the live frames of the fiber
+// switched to. The switches are announced to ASan (__sanitizer_start/finish_switch_fiber), so
+// libc's own swapcontext is called instead, found through libc's handle, which the interceptor
+// does not cover; init_fiber clears each stack's shadow once a launch instead.
 using SwapContext = int (*)(ucontext_t*, const ucontext_t*);
 SwapContext libc_swapcontext() {
   static const SwapContext fn = [] {
@@ -168,9 +243,10 @@ SwapContext libc_swapcontext() {
   }();
   return fn;
 }
-#define CUDASIM_SWAPCONTEXT libc_swapcontext()
+void switch_context(Context* from, Context* to) { libc_swapcontext()(&from->uc, &to->uc); }
 #else
-#define CUDASIM_SWAPCONTEXT swapcontext
+void switch_context(Context* from, Context* to) { swapcontext(&from->uc, &to->uc); }
+#endif
 #endif
 
 // Fiber -> scheduler. `finished`: the fiber will never run again.
@@ -179,11 +255,11 @@ void switch_to_scheduler(bool finished) {
   void* fake = nullptr;
   __sanitizer_start_switch_fiber(finished ? nullptr : &fake, g_scheduler_stack,
                                  g_scheduler_stack_size);
-  CUDASIM_SWAPCONTEXT(&g_current->ctx, &g_scheduler_ctx);
+  switch_context(&g_current->ctx, &g_scheduler_ctx);
   __sanitizer_finish_switch_fiber(fake, nullptr, nullptr);
 #else
   (void)finished;
-  CUDASIM_SWAPCONTEXT(&g_current->ctx, &g_scheduler_ctx);
+  switch_context(&g_current->ctx, &g_scheduler_ctx);
 #endif
 }
 
@@ -214,18 +290,15 @@ void fiber_main() {
   std::abort();  // never resumed
 }
 
-// A separate function: getcontext returns twice, which may clobber a caller's locals.
+// A separate function: getcontext (the ucontext build) returns twice, which may clobber a
+// caller's locals.
 __attribute__((noinline)) void init_fiber(Thread& t, unsigned char* stack) {
   t.stack = stack;
-  getcontext(&t.ctx);
-  t.ctx.uc_stack.ss_sp = t.stack;
-  t.ctx.uc_stack.ss_size = kStackBytes;
-  t.ctx.uc_link = nullptr;
 #if CUDASIM_ASAN
   // Frames a finished (or unwound) fiber never returned from may have left poisoned redzones.
   __asan_unpoison_memory_region(t.stack, kStackBytes);
 #endif
-  makecontext(&t.ctx, fiber_main, 0);
+  t.ctx.init(t.stack, kStackBytes, fiber_main);
 }
 
 // Runs thread i until its next barrier or its end.
@@ -239,10 +312,10 @@ void run_one(Launch& L, size_t i) {
 #if CUDASIM_ASAN
   void* fake = nullptr;
   __sanitizer_start_switch_fiber(&fake, t.stack, kStackBytes);
-  CUDASIM_SWAPCONTEXT(&g_scheduler_ctx, &t.ctx);
+  switch_context(&g_scheduler_ctx, &t.ctx);
   __sanitizer_finish_switch_fiber(fake, nullptr, nullptr);
 #else
-  CUDASIM_SWAPCONTEXT(&g_scheduler_ctx, &t.ctx);
+  switch_context(&g_scheduler_ctx, &t.ctx);
 #endif
   g_current = nullptr;
 }
