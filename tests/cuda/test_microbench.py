@@ -26,8 +26,17 @@ pytestmark = pytest.mark.skipif(GXX is None, reason="g++ is not on PATH (needed 
 EXCHANGE_ROWS = 5 + 3 * (5 + 4 + 4)
 
 
-def _build(source: Path, out: Path) -> Path:
-    subprocess.run([GXX, *FLAGS, "-x", "c++", str(source), str(SIM / "runtime.cpp"), "-o",
+@pytest.fixture(scope="module")
+def runtime_obj(tmp_path_factory):
+    """cudasim's runtime, compiled once for every program of this module."""
+    obj = tmp_path_factory.mktemp("cudasim") / "runtime.o"
+    subprocess.run([GXX, *FLAGS, "-c", str(SIM / "runtime.cpp"), "-o", str(obj)], check=True,
+                   capture_output=True, text=True)
+    return obj
+
+
+def _build(source: Path, runtime: Path, out: Path) -> Path:
+    subprocess.run([GXX, *FLAGS, "-x", "c++", str(source), "-x", "none", str(runtime), "-o",
                     str(out), "-lpthread"], check=True, capture_output=True, text=True)
     return out
 
@@ -42,8 +51,8 @@ def _run(exe: Path, tmp: Path, order: str, early: bool = False):
 
 
 @pytest.fixture(scope="module")
-def clean_exe(tmp_path_factory):
-    return _build(SOURCE, tmp_path_factory.mktemp("microbench") / "microbench")
+def clean_exe(tmp_path_factory, runtime_obj):
+    return _build(SOURCE, runtime_obj, tmp_path_factory.mktemp("microbench") / "microbench")
 
 
 @pytest.mark.parametrize("order,early", [("ascending", False), ("descending", True),
@@ -90,13 +99,13 @@ MUTANTS = {
 
 
 @pytest.mark.parametrize("name", list(MUTANTS))
-def test_the_check_catches_a_broken_exchange(tmp_path, name):
+def test_the_check_catches_a_broken_exchange(tmp_path, runtime_obj, name):
     old, new, expect = MUTANTS[name]
     text = SOURCE.read_text()
     assert text.count(old) == 1, f"mutant {name}: its site is gone from microbench.cu"
     mutant = tmp_path / "microbench.cu"
     mutant.write_text(text.replace(old, new))
-    exe = _build(mutant, tmp_path / "microbench")
+    exe = _build(mutant, runtime_obj, tmp_path / "microbench")
     results = [_run(exe, tmp_path, order)[0] for order in ("ascending", "descending")]
     assert any(r.returncode == 1 and expect in r.stderr for r in results), (
         f"mutant {name} went unnoticed: " + " / ".join(r.stdout[-300:] for r in results))
