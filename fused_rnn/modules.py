@@ -113,6 +113,9 @@ class _RNNStack(nn.Module):
         num_dir = 2 if bidirectional else 1
         self._flat_weights_names: list[str] = []
         self._all_weights: list[list[str]] = []
+        # The weights' order in cuDNN's buffer, when flatten_parameters laid them out in one
+        # (a GPU); the torch backend then lays out casts and single layers the same way.
+        self._cudnn_order: list[int] | None = None
         for layer in range(num_layers):
             for direction in range(num_dir):
                 layer_in = input_size if layer == 0 else real_hidden * num_dir
@@ -145,8 +148,13 @@ class _RNNStack(nn.Module):
         to cuDNN, which otherwise copies them into such a buffer at every call and warns. The
         parameters stay separate, contiguous tensors (views into the buffer), which is all the
         kernel backends need. Called on construction and after ``.to()``/``.cuda()``/``.half()``.
+
+        The order the buffer holds them in is kept: what the ``torch`` backend hands cuDNN
+        in another buffer (casts under autocast; one layer at a time when dropout between
+        layers runs outside cuDNN) is laid out the same way, so cuDNN takes that in place too.
         """
         w = self._flat_weights
+        self._cudnn_order = None
         if not _cudnn_can_flatten(w):
             return
         import torch.backends.cudnn.rnn as cudnn_rnn
@@ -164,6 +172,7 @@ class _RNNStack(nn.Module):
                     self.batch_first,
                     bool(self.bidirectional),
                 )
+        self._cudnn_order = _buffer_order(self._flat_weights)
 
     def _apply(self, fn, recurse=True):
         ret = super()._apply(fn, recurse)
@@ -404,8 +413,8 @@ class _RNNStack(nn.Module):
         w = self._flat_weights
         data = input.data if packed else input
         ac = functional._autocast_dtype(data.device)
+        order = getattr(self, "_cudnn_order", None)  # absent in modules pickled before it
         if ac is not None:
-            w = [t.to(ac) for t in w]
             data, h0 = data.to(ac), h0.to(ac)
             c0 = None if c0 is None else c0.to(ac)
         fn = {
@@ -427,8 +436,13 @@ class _RNNStack(nn.Module):
         with functional._autocast_off(data.device):
             if not _dropout_outside_torch_rng(data.device, self.dropout, self.training,
                                               self.num_layers):
+                if ac is not None:  # one buffer, as cuDNN's, or one cast per weight
+                    w = (_in_one_buffer(w, order, ac) if order is not None
+                         else [t.to(ac) for t in w])
                 return run(data, h0, c0, w, self.num_layers, self.dropout)
-            # One layer a call, the dropout between them drawn from torch's generator.
+            # One layer a call, the dropout between them drawn from torch's generator. Each
+            # layer's weights go to cuDNN at the start of a buffer of their own, as it takes
+            # them without a copy (layer 0's is the module's buffer, where no cast is needed).
             D = 2 if self.bidirectional else 1
             k = len(w) // (self.num_layers * D)  # tensors per layer and direction
             hs, cs = [], []
@@ -436,8 +450,15 @@ class _RNNStack(nn.Module):
                 if layer:
                     data = F.dropout(data, self.dropout, training=True)
                 rows = slice(layer * D, (layer + 1) * D)
-                data, h, c = run(data, h0[rows], None if c0 is None else c0[rows],
-                                 w[layer * D * k:(layer + 1) * D * k], 1, 0.0)
+                first = layer * D * k
+                lw = w[first:first + D * k]
+                sub = (None if order is None else
+                       [i - first for i in order if first <= i < first + D * k])
+                if sub is not None and (layer or ac is not None):
+                    lw = _in_one_buffer(lw, sub, ac or lw[0].dtype)
+                elif ac is not None:
+                    lw = [t.to(ac) for t in lw]
+                data, h, c = run(data, h0[rows], None if c0 is None else c0[rows], lw, 1, 0.0)
                 hs.append(h)
                 cs.append(c)
             return data, torch.cat(hs), (torch.cat(cs) if self.mode == "LSTM" else None)
@@ -453,6 +474,46 @@ def _cudnn_can_flatten(weights: list[Tensor]) -> bool:
            for w in weights):
         return False
     return len({w.data_ptr() for w in weights}) == len(weights)
+
+
+def _buffer_order(weights: list[Tensor]) -> list[int] | None:
+    """The weights' indices in the order they lie in one buffer, when they tile it from its
+    start without gaps (as flatten_parameters lays them out); None when they do not."""
+    if not weights or any(not w.is_contiguous() for w in weights):
+        return None
+    storage = weights[0].untyped_storage().data_ptr()
+    if any(w.untyped_storage().data_ptr() != storage for w in weights):
+        return None
+    order = sorted(range(len(weights)), key=lambda i: weights[i].storage_offset())
+    offset = 0
+    for i in order:
+        if weights[i].storage_offset() != offset:
+            return None
+        offset += weights[i].numel()
+    return order
+
+
+# Zeros after the weights in a buffer of ours: cuDNN takes a buffer at least as long as its
+# weight space (cudnnGetRNNWeightSpaceSize), which may round the weights' total up.
+_BUFFER_SLACK = 1024
+
+
+def _in_one_buffer(weights: list[Tensor], order: list[int], dtype: torch.dtype) -> list[Tensor]:
+    """``weights`` in ``dtype``, copied into one new buffer in ``order`` (their order in
+    cuDNN's layout, from :func:`_buffer_order`) and returned as views into it, so that cuDNN
+    uses them in place: no second copy, and no warning about weights outside "a single
+    contiguous chunk of memory". One cat and one cast, both differentiable: each view's
+    gradient reaches its weight."""
+    parts = [weights[i].reshape(-1) for i in order]
+    parts.append(weights[0].new_zeros(_BUFFER_SLACK))
+    flat = torch.cat(parts)
+    if flat.dtype != dtype:
+        flat = flat.to(dtype)
+    views = flat.split([t.numel() for t in parts])
+    out: list[Tensor | None] = [None] * len(weights)
+    for i, v in zip(order, views):
+        out[i] = v.view(weights[i].shape)
+    return out
 
 
 def _dropout_outside_torch_rng(device: torch.device, dropout: float, training: bool,

@@ -241,6 +241,107 @@ def test_cudnn_flattening_is_refused_off_the_gpu():
     assert not _cudnn_can_flatten([])
 
 
+def test_weights_copied_into_one_buffer_are_views_in_its_order_with_gradients():
+    """_in_one_buffer: casts of the weights laid out in the given order from the start of one
+    new buffer (with room after them), whose gradients reach each weight as one cast per
+    weight would give them."""
+    from fused_rnn.modules import _BUFFER_SLACK, _buffer_order, _in_one_buffer
+
+    g = torch.Generator().manual_seed(0)
+    shapes = [(12, 5), (12, 3), (12,), (12,), (3, 3)]
+    weights = [torch.randn(s, generator=g, requires_grad=True) for s in shapes]
+    order = [1, 0, 4, 3, 2]
+    views = _in_one_buffer(weights, order, torch.bfloat16)
+    assert _buffer_order(views) == order
+    assert views[0].untyped_storage().nbytes() == 2 * (sum(w.numel() for w in weights)
+                                                       + _BUFFER_SLACK)
+    cots = [torch.randn(s, generator=g) for s in shapes]
+    sum((v.float() * c).sum() for v, c in zip(views, cots)).backward()
+    got = [w.grad.clone() for w in weights]
+    for w in weights:
+        w.grad = None
+    sum((w.to(torch.bfloat16).float() * c).sum() for w, c in zip(weights, cots)).backward()
+    for i, (v, w, a) in enumerate(zip(views, weights, got)):
+        assert v.dtype == torch.bfloat16 and torch.equal(v, w.to(torch.bfloat16)), i
+        assert torch.equal(a, w.grad), i
+    # weights that do not tile one buffer from its start have no order
+    assert _buffer_order(weights) is None
+    assert _buffer_order(views[1:]) is None  # the first lies at offset 0, outside the list
+
+
+def _fake_cudnn_flatten(calls):
+    """Stands in for torch._cudnn_rnn_flatten_weight on the CPU: lays the weights out in one
+    buffer, each layer and direction's matrices after its biases (an order unlike the list's,
+    so that the order is seen to be followed), with a few elements to spare at the end."""
+    def flatten(weights, per_dir, *args):
+        calls.append(per_dir)
+        order = [g + j for g in range(0, len(weights), per_dir)
+                 for j in sorted(range(per_dir), key=lambda j: weights[g + j].dim())]
+        buf = torch.zeros(sum(w.numel() for w in weights) + 7, dtype=weights[0].dtype)
+        offset = 0
+        for i in order:
+            w = weights[i]
+            buf[offset:offset + w.numel()] = w.reshape(-1)
+            w.set_(buf.untyped_storage(), offset, w.shape)
+            offset += w.numel()
+        return buf
+    return flatten
+
+
+@pytest.mark.parametrize("case", ["autocast", "layer-a-call", "layer-a-call-autocast"])
+def test_torch_backend_hands_cudnn_weights_in_one_buffer(monkeypatch, case):
+    """Where the parameters were laid out in cuDNN's buffer (a GPU; here a stand-in), the torch
+    backend keeps what it hands cuDNN in that layout: under autocast, the casts in one new
+    buffer; a stack run one layer a call (dropout between layers in training), each layer at
+    the start of a buffer, layer 0 in the module's own when no cast is needed. Otherwise
+    cuDNN copies them at every call and warns. Outputs and gradients are those of the same
+    module without the layout, bit for bit."""
+    from fused_rnn import modules
+    from fused_rnn.modules import _buffer_order
+
+    calls = []
+    monkeypatch.setattr(modules, "_cudnn_can_flatten", lambda weights: True)
+    monkeypatch.setattr(torch, "_use_cudnn_rnn_flatten_weight", lambda: True)
+    monkeypatch.setattr(torch, "_cudnn_rnn_flatten_weight", _fake_cudnn_flatten(calls))
+    import torch.backends.cudnn.rnn as cudnn_rnn
+    monkeypatch.setattr(cudnn_rnn, "get_cudnn_mode", lambda mode: mode)
+    layer_a_call = case.startswith("layer-a-call")
+    monkeypatch.setattr(modules, "_dropout_outside_torch_rng", lambda *a: layer_a_call)
+    kw = {"num_layers": 2, "bidirectional": True, "proj_size": 3,
+          "dropout": 0.5 if layer_a_call else 0}
+    torch.manual_seed(0)
+    ours = fused_rnn.LSTM(4, 6, **kw, backend="torch")
+    assert calls == [5] and ours._cudnn_order is not None
+    plain = fused_rnn.LSTM(4, 6, **kw, backend="torch")
+    plain.load_state_dict(ours.state_dict())
+    plain._cudnn_order = None  # the per-weight path
+    buffer = ours.weight_ih_l0.untyped_storage().data_ptr()
+
+    handed = []
+    real_lstm = torch._VF.lstm
+    monkeypatch.setattr(torch._VF, "lstm", lambda x, hx, w, *a: handed.append(w) or
+                        real_lstm(x, hx, w, *a))
+    x = torch.randn(5, 2, 4)
+    autocast = case.endswith("autocast")
+    results = []
+    for module in (ours, plain):
+        torch.manual_seed(1)  # the same dropout masks
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            out = outputs_of(module(x))
+        sum(o.float().sum() for o in out).backward()
+        results.append((out, [p.grad for p in module.parameters()]))
+    for a, b in zip(*(outs + grads for outs, grads in results)):
+        assert torch.equal(a, b)
+
+    calls_of_ours = handed[:len(handed) // 2]
+    assert len(calls_of_ours) == (2 if layer_a_call else 1)
+    for n, w in enumerate(calls_of_ours):
+        assert _buffer_order(w) is not None, f"call {n}: not one buffer from its start"
+        assert all(t.dtype == (torch.bfloat16 if autocast else torch.float32) for t in w)
+        own = w[0].untyped_storage().data_ptr() == buffer
+        assert own == (n == 0 and not autocast), n
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("cell", list(CELLS) + ["lstm_proj"])
 def test_torch_backend_gives_cudnn_one_weight_buffer(cell):
@@ -268,6 +369,46 @@ def test_torch_backend_gives_cudnn_one_weight_buffer(cell):
         for (name, a), b in zip(ours.named_parameters(), ref.parameters()):
             torch.testing.assert_close(a.grad, b.grad, msg=name)
         ours.zero_grad(), ref.zero_grad()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("case", ["autocast-fp16", "autocast-bf16", "layer-a-call",
+                                  "layer-a-call-autocast-fp16"])
+@pytest.mark.parametrize("cell", ["lstm", "gru", "lstm_proj"])
+def test_torch_backend_keeps_cudnn_from_copying_weights(cell, case):
+    """On a GPU, under autocast and with the stack run one layer a call (dropout between
+    layers in training), cuDNN gets its weights in one buffer laid out as its own: no
+    "contiguous chunk" warning, and the results of the per-weight path (where cuDNN copies
+    them), bit for bit, with its gradients."""
+    import copy
+    import warnings
+
+    kw = {"proj_size": 4} if cell == "lstm_proj" else {}
+    _, our_cls, extra = CELLS["lstm" if cell == "lstm_proj" else cell]
+    dropout = 0.5 if case.startswith("layer-a-call") else 0.0
+    torch.manual_seed(0)
+    ours = our_cls(5, 8, **extra, **kw, num_layers=2, bidirectional=True, dropout=dropout,
+                   backend="torch").cuda()
+    assert ours._cudnn_order is not None
+    plain = copy.deepcopy(ours)  # parameters cloned one by one: not one buffer
+    plain._cudnn_order = None
+    dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(case.rsplit("-", 1)[-1])
+    x = torch.randn(7, 3, 5, device="cuda")
+    results = []
+    for module in (ours, plain):
+        torch.manual_seed(1)  # the same dropout masks
+        with warnings.catch_warnings(record=True) as caught, torch.autocast(
+                "cuda", dtype=dtype or torch.float16, enabled=dtype is not None):
+            warnings.simplefilter("always")
+            out = outputs_of(module(x))
+        if module is ours:
+            assert not [w for w in caught if "contiguous chunk" in str(w.message)], caught
+        sum(o.float().sum() for o in out).backward()
+        results.append((out, [p.grad for p in module.parameters()]))
+    for a, b in zip(results[0][0], results[1][0]):
+        assert torch.equal(a, b)
+    for (name, _), a, b in zip(ours.named_parameters(), results[0][1], results[1][1]):
+        torch.testing.assert_close(a, b, msg=name)
 
 
 @pytest.mark.parametrize("cell", list(STEP_CELLS))
