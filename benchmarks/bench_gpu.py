@@ -14,8 +14,10 @@ Before a row is timed, one forward+backward (x, h0 and c0 requiring grad, synchr
 compared with cuDNN's on the same inputs and weights: ``check`` is "ok" when y, dx, dh0, dc0
 (LSTM) and dW_hh are all finite and within ``TOLERANCE`` of cuDNN's by relative norm error
 (``max rel err``, the largest of them), else "FAIL: " and which; ``max abs Δy`` is the largest
-difference in y. A row whose build, check pass or timing raises says why in its note and the
-run goes on.
+difference in y. The timed passes call ``model(x)`` with no initial state, so the check also
+wants that forward's y bit for bit equal to one with an explicit zero state (the state the
+module makes for itself). A row whose build, check pass or timing raises says why in its note
+and the run goes on.
 
 Writes ``<out-dir>/<date>-<gpu>.md`` (versions, commit, ``FUSED_RNN_*`` settings, the CUDA GPU
 tests' summary from ``$FRNN_GPU_TESTS``, table) and a ``.csv`` next to it, both rewritten after
@@ -251,6 +253,20 @@ def probe(model, mode: str, x, cot, device: str) -> dict:
     return got
 
 
+def zero_state_differs(model, mode: str, x) -> bool:
+    """Whether ``model(x)``, the call the passes time (no h0), gives another y than the same
+    call with an explicit zero h0 (and c0): the check above runs with a random state, so this
+    ties the timed path to the checked one."""
+    import torch
+
+    B, _, H = x.shape
+    with torch.no_grad():
+        zero = torch.zeros(1, B, H, device=x.device, dtype=x.dtype)
+        implicit = model(x)[0]
+        explicit = model(x, (zero, zero.clone()) if mode == "LSTM" else zero)[0]
+    return not torch.equal(implicit, explicit)
+
+
 def tolerance(dtype_name: str) -> float:
     """TOLERANCE for this row: fp32 without TF32 (fp32-strict, or TF32 turned off) is strict."""
     import torch
@@ -435,6 +451,9 @@ def _measure(args, timer, device, mode, shape, dtype_name, backend, refs) -> lis
         else:
             dy, err, check = None, None, "no cuDNN reference"
         del got
+        if backend is not None and zero_state_differs(model, mode, x):
+            failed = "y without h0 is not y with a zero h0"
+            check = f"{check}, {failed}" if check.startswith("FAIL") else f"FAIL: {failed}"
     except Exception as e:  # a backend that cannot run here, or fails: say why, keep going
         return [dict(base, **{"pass": p, "note": _one_line(e)}) for p in args.passes]
     fns = passes(model, x, cot)

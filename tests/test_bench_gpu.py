@@ -158,6 +158,50 @@ def test_gpu_check_stops_starting_steps_at_its_budget(tmp_path):
     assert "main-job bench SKIPPED" in log
 
 
+@pytest.mark.parametrize("mode", ["LSTM", "GRU"])
+def test_a_timed_path_unlike_the_checked_one_fails_the_check(monkeypatch, mode):
+    """The rows are timed as ``model(x)`` (no initial state) and checked with a random one: a
+    module whose stateless call does not start from zeros must fail its row's check."""
+    import torch
+
+    import fused_rnn
+
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        import bench_gpu
+    finally:
+        sys.path.pop(0)
+    base = {"LSTM": fused_rnn.LSTM, "GRU": fused_rnn.GRU}[mode]
+
+    class StartsFromHalves(base):
+        def forward(self, x, hx=None):
+            if hx is None:
+                h = torch.full((1, x.shape[0], self.hidden_size), 0.5, dtype=x.dtype)
+                hx = (h, h.clone()) if mode == "LSTM" else h
+            return super().forward(x, hx)
+
+    args = bench_gpu.parse_args(["--dry-run", "--backends", "reference", "--modes", mode,
+                                 "--dtypes", "fp32", "--passes", "fwd"])
+    def timer(fn):
+        fn()
+        return 1.0, 5
+
+    checks = {}
+    for name, cls in (("plain", base), ("broken", StartsFromHalves)):
+        def build(mode_, B, T, H, dtype, device, backend, cls=cls):
+            torch.manual_seed(0)
+            model = cls(H, H, batch_first=True, backend=backend)
+            g = torch.Generator().manual_seed(1)
+            return model, torch.randn(B, T, H, generator=g), torch.randn(B, T, H, generator=g)
+
+        monkeypatch.setattr(bench_gpu, "build", build)
+        (row,) = bench_gpu.measure(args, timer, "cpu", mode, "D1", "fp32", "reference", {})
+        checks[name] = row["check"]
+        assert row["ms"] == 1.0
+    assert checks == {"plain": "no cuDNN reference",
+                      "broken": "FAIL: y without h0 is not y with a zero h0"}
+
+
 def test_k_parts_variant_runs_only_where_cuda_has_parts(monkeypatch):
     """cuda-p1 (cuda with FUSED_RNN_CUDA_K_PARTS=1) is timed only where one of cuda's launches
     has K parts by the plan; here against a stand-in for an H100's device properties."""
