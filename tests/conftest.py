@@ -9,6 +9,7 @@
 * Without a GPU, ``TRITON_INTERPRET=1`` (Triton kernels run on the CPU, slowly).
 * Inductor's on-disk cache is a fresh directory per test run: its key does not cover our ops'
   fake kernels, so a compiled graph cached under an earlier version of one would be reused.
+* One intra-op thread per test process (and its children), unless ``OMP_NUM_THREADS`` is set.
 """
 
 from __future__ import annotations
@@ -23,6 +24,15 @@ import torch
 # any test module (or the report header below) can import the kernels.
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+
+# The tests' tensors are tiny. With two pytest-xdist workers on two cores, each worker's
+# OpenMP threads spin at every parallel region waiting for a core the other worker holds: with
+# torch's default (one thread a core) 624 cudasim cases took 85 s on this repo's 2-core
+# machine, and 27 s on one thread each. The environment variable reaches the child processes
+# (the sanitized suite, the scripts); this process is already initialised, hence the call.
+if "OMP_NUM_THREADS" not in os.environ:
+    os.environ["OMP_NUM_THREADS"] = "1"
+    torch.set_num_threads(1)
 
 # Read when torch._inductor is first imported (by the first torch.compile), so set here too.
 if "TORCHINDUCTOR_CACHE_DIR" not in os.environ:
