@@ -17,3 +17,11 @@ def test_one_intra_op_thread_here_and_in_child_processes():
     child = subprocess.run([sys.executable, "-c", "import torch; print(torch.get_num_threads())"],
                            capture_output=True, text=True, check=True, timeout=120)
     assert int(child.stdout) == want
+
+
+def test_what_collection_made_is_out_of_the_garbage_collectors_way():
+    """Frozen after collection (conftest.pytest_collection_finish): full collections no longer
+    walk torch's and the test items' objects."""
+    import gc
+
+    assert gc.get_freeze_count() > 100_000
