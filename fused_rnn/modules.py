@@ -417,6 +417,7 @@ class _RNNStack(nn.Module):
         if ac is not None:
             data, h0 = data.to(ac), h0.to(ac)
             c0 = None if c0 is None else c0.to(ac)
+        cast = ac if ac is not None and any(t.dtype != ac for t in w) else None
         fn = {
             "LSTM": torch._VF.lstm,
             "GRU": torch._VF.gru,
@@ -436,13 +437,13 @@ class _RNNStack(nn.Module):
         with functional._autocast_off(data.device):
             if not _dropout_outside_torch_rng(data.device, self.dropout, self.training,
                                               self.num_layers):
-                if ac is not None:  # one buffer, as cuDNN's, or one cast per weight
-                    w = (_in_one_buffer(w, order, ac) if order is not None
-                         else [t.to(ac) for t in w])
+                if cast is not None:  # one buffer, as cuDNN's, or one cast per weight
+                    w = (_in_one_buffer(w, order, cast) if order is not None
+                         else [t.to(cast) for t in w])
                 return run(data, h0, c0, w, self.num_layers, self.dropout)
             # One layer a call, the dropout between them drawn from torch's generator. Each
             # layer's weights go to cuDNN at the start of a buffer of their own, as it takes
-            # them without a copy (layer 0's is the module's buffer, where no cast is needed).
+            # them without a copy (layer 0's is the module's buffer where no cast is needed).
             D = 2 if self.bidirectional else 1
             k = len(w) // (self.num_layers * D)  # tensors per layer and direction
             hs, cs = [], []
@@ -454,10 +455,10 @@ class _RNNStack(nn.Module):
                 lw = w[first:first + D * k]
                 sub = (None if order is None else
                        [i - first for i in order if first <= i < first + D * k])
-                if sub is not None and (layer or ac is not None):
-                    lw = _in_one_buffer(lw, sub, ac or lw[0].dtype)
-                elif ac is not None:
-                    lw = [t.to(ac) for t in lw]
+                if sub is not None and (layer or cast is not None):
+                    lw = _in_one_buffer(lw, sub, cast or lw[0].dtype)
+                elif cast is not None:
+                    lw = [t.to(cast) for t in lw]
                 data, h, c = run(data, h0[rows], None if c0 is None else c0[rows], lw, 1, 0.0)
                 hs.append(h)
                 cs.append(c)

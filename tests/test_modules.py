@@ -288,14 +288,16 @@ def _fake_cudnn_flatten(calls):
     return flatten
 
 
-@pytest.mark.parametrize("case", ["autocast", "layer-a-call", "layer-a-call-autocast"])
+@pytest.mark.parametrize("case", ["autocast", "layer-a-call", "layer-a-call-autocast",
+                                  "bf16-autocast", "bf16-layer-a-call-autocast"])
 def test_torch_backend_hands_cudnn_weights_in_one_buffer(monkeypatch, case):
     """Where the parameters were laid out in cuDNN's buffer (a GPU; here a stand-in), the torch
     backend keeps what it hands cuDNN in that layout: under autocast, the casts in one new
     buffer; a stack run one layer a call (dropout between layers in training), each layer at
     the start of a buffer, layer 0 in the module's own when no cast is needed. Otherwise
-    cuDNN copies them at every call and warns. Outputs and gradients are those of the same
-    module without the layout, bit for bit."""
+    cuDNN copies them at every call and warns. A module already in the autocast dtype (bf16-*)
+    needs no cast, so its own buffer is handed on. Outputs and gradients are those of the
+    same module without the layout, bit for bit."""
     from fused_rnn import modules
     from fused_rnn.modules import _buffer_order
 
@@ -314,6 +316,10 @@ def test_torch_backend_hands_cudnn_weights_in_one_buffer(monkeypatch, case):
     assert calls == [5] and ours._cudnn_order is not None
     plain = fused_rnn.LSTM(4, 6, **kw, backend="torch")
     plain.load_state_dict(ours.state_dict())
+    in_bf16 = case.startswith("bf16")
+    if in_bf16:
+        ours, plain = ours.bfloat16(), plain.bfloat16()  # flattened again
+        assert calls == [5] * 4 and ours._cudnn_order is not None
     plain._cudnn_order = None  # the per-weight path
     buffer = ours.weight_ih_l0.untyped_storage().data_ptr()
 
@@ -339,7 +345,7 @@ def test_torch_backend_hands_cudnn_weights_in_one_buffer(monkeypatch, case):
         assert _buffer_order(w) is not None, f"call {n}: not one buffer from its start"
         assert all(t.dtype == (torch.bfloat16 if autocast else torch.float32) for t in w)
         own = w[0].untyped_storage().data_ptr() == buffer
-        assert own == (n == 0 and not autocast), n
+        assert own == (n == 0 and (in_bf16 or not autocast)), n
 
 
 @pytest.mark.gpu
@@ -373,7 +379,7 @@ def test_torch_backend_gives_cudnn_one_weight_buffer(cell):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("case", ["autocast-fp16", "autocast-bf16", "layer-a-call",
-                                  "layer-a-call-autocast-fp16"])
+                                  "layer-a-call-autocast-fp16", "half-module-autocast-fp16"])
 @pytest.mark.parametrize("cell", ["lstm", "gru", "lstm_proj"])
 def test_torch_backend_keeps_cudnn_from_copying_weights(cell, case):
     """On a GPU, under autocast and with the stack run one layer a call (dropout between
@@ -389,6 +395,8 @@ def test_torch_backend_keeps_cudnn_from_copying_weights(cell, case):
     torch.manual_seed(0)
     ours = our_cls(5, 8, **extra, **kw, num_layers=2, bidirectional=True, dropout=dropout,
                    backend="torch").cuda()
+    if case.startswith("half-module"):  # already in the autocast dtype: no cast, no copy
+        ours = ours.half()
     assert ours._cudnn_order is not None
     plain = copy.deepcopy(ours)  # parameters cloned one by one: not one buffer
     plain._cudnn_order = None
