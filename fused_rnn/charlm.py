@@ -20,7 +20,7 @@ import torch
 from torch import Tensor, nn
 
 import fused_rnn
-from fused_rnn.tbptt import State, run_rnn
+from fused_rnn.tbptt import Resets, State, run_rnn
 
 __all__ = ["CELLS", "CharLM", "Vocab"]
 
@@ -82,7 +82,8 @@ class CharLM(nn.Module):
     rnn_kwargs: extra keyword arguments for it, e.g. ``{"backend": "triton"}``.
 
     ``forward(tokens, state=None, reset=None)``: tokens (T, B) long; state as the recurrent
-    class takes it; reset (T, B) bool or None (see :func:`fused_rnn.tbptt.run_rnn`).
+    class takes it; reset a :class:`~fused_rnn.tbptt.Resets`, a (T, B) bool mask or None
+    (see :func:`fused_rnn.tbptt.run_rnn`).
     Returns logits (T, B, vocab_size) and the new state.
     """
 
@@ -137,7 +138,7 @@ class CharLM(nn.Module):
         else:
             nn.init.uniform_(self.decoder.weight, -0.1, 0.1)
 
-    def forward(self, tokens: Tensor, state: State = None, reset: Tensor | None = None):
+    def forward(self, tokens: Tensor, state: State = None, reset: Resets | Tensor | None = None):
         x = self.drop(self.encoder(tokens))
         out, state = run_rnn(self.rnn, x, state, reset)
         return self.decoder(self.drop(out)), state

@@ -46,6 +46,7 @@ from torch import Tensor, nn
 
 __all__ = [
     "Chunk",
+    "Resets",
     "StreamBatcher",
     "atomic_save",
     "detach_state",
@@ -84,20 +85,65 @@ def state_rows(state: State, rows: slice) -> State:
 
 
 # --------------------------------------------------------------------------- the data
+class Resets:
+    """The document starts inside one chunk: a mask for the device, its steps for the host.
+
+    mask: (T, B) bool, True where the state entering step t of row b must be zero.
+    steps: the t at which some row is True, ascending. :func:`run_rnn` cuts the chunk there,
+    and knowing them on the host spares it reading a GPU mask back (a host sync per chunk).
+
+    ``Resets(mask)`` reads the steps from the mask (one sync if the mask is on a GPU; none
+    on the CPU). ``Resets.from_host(host_mask, mask)`` takes them from a CPU copy of the
+    same mask; that is how :class:`StreamBatcher` builds them. A CPU mask is checked
+    against the steps it is given.
+    """
+
+    __slots__ = ("mask", "steps")
+
+    def __init__(self, mask: Tensor, steps: tuple[int, ...] | None = None) -> None:
+        if mask.dim() != 2 or mask.dtype != torch.bool:
+            raise ValueError(
+                f"a reset mask must be (T, B) bool, got {mask.dtype} of shape {tuple(mask.shape)}"
+            )
+        if steps is None or mask.device.type == "cpu":
+            found = tuple(torch.nonzero(mask.any(1)).flatten().tolist())
+            if steps is not None and tuple(steps) != found:
+                raise ValueError(f"reset steps {tuple(steps)} do not match the mask's {found}")
+            steps = found
+        steps = tuple(int(t) for t in steps)
+        if any(not 0 <= t < mask.shape[0] for t in steps) or list(steps) != sorted(set(steps)):
+            raise ValueError(
+                f"reset steps must be ascending, distinct and in [0, {mask.shape[0]}), "
+                f"got {steps}"
+            )
+        self.mask = mask
+        self.steps = steps
+
+    @classmethod
+    def from_host(cls, host_mask: Tensor, mask: Tensor) -> Resets:
+        """``mask`` (on any device) with its steps read from ``host_mask``, a CPU copy."""
+        if host_mask.device.type != "cpu" or host_mask.shape != mask.shape:
+            raise ValueError("host_mask must be a CPU tensor of the mask's shape")
+        return cls(mask, tuple(torch.nonzero(host_mask.any(1)).flatten().tolist()))
+
+    def __repr__(self) -> str:
+        return f"Resets(steps={self.steps}, mask={tuple(self.mask.shape)} on {self.mask.device})"
+
+
 @dataclass
 class Chunk:
     """One TBPTT chunk, time-major.
 
-    x: (T, B) inputs; y: (T, B) targets (``y[t] = x[t+1]`` within a stream); reset: (T, B)
-    bool, True where the token ``x[t]`` starts a new document so the state entering step t
-    must be zero, or None when no row starts a document in this chunk; start: the stream
-    position of ``x[0]``; first: True for the first chunk of an epoch (no state to carry:
-    the previous chunk ended at the other end of the streams).
+    x: (T, B) inputs; y: (T, B) targets (``y[t] = x[t+1]`` within a stream); reset:
+    :class:`Resets` marking where the token ``x[t]`` starts a new document so the state
+    entering step t must be zero, or None when no row starts a document in this chunk;
+    start: the stream position of ``x[0]``; first: True for the first chunk of an epoch
+    (no state to carry: the previous chunk ended at the other end of the streams).
     """
 
     x: Tensor
     y: Tensor
-    reset: Tensor | None
+    reset: Resets | None
     start: int
     first: bool
 
@@ -186,10 +232,13 @@ class StreamBatcher:
             if boundaries.shape != tokens.shape:
                 raise ValueError("boundaries must have the shape of tokens")
             b = boundaries.cpu().bool()[index[rows]].t().contiguous()  # (n+1, local)
-            # Host-side: which positions have any reset, so chunks without one skip the mask.
+            # Kept on the host too: chunks without a reset skip the mask, and the cut steps
+            # of those with one come from here, not from reading the device mask back.
+            self._host_resets = b
             self._any_reset = b.any(1)
             self._resets = b.to(device)
         else:
+            self._host_resets = None
             self._any_reset = None
             self._resets = None
         self.generator = torch.Generator().manual_seed(seed)
@@ -215,7 +264,7 @@ class StreamBatcher:
         y = self.streams[start + 1 : end + 1]
         reset = None
         if self._any_reset is not None and bool(self._any_reset[start:end].any()):
-            reset = self._resets[start:end]
+            reset = Resets.from_host(self._host_resets[start:end], self._resets[start:end])
         chunk = Chunk(x=x, y=y, reset=reset, start=start, first=start == 0)
         self.pos = end
         if self.pos >= n:
@@ -254,26 +303,34 @@ class StreamBatcher:
 
 
 # --------------------------------------------------------------------------- the model side
-def run_rnn(rnn: nn.Module, x: Tensor, state: State, reset: Tensor | None = None):
+def run_rnn(rnn: nn.Module, x: Tensor, state: State, reset: Resets | Tensor | None = None):
     """Run a time-major recurrent module over one chunk, zeroing state at document starts.
 
     rnn: any module with nn.LSTM's interface and ``batch_first=False``; x: (T, B, I);
-    state: as the module takes it (None = zeros); reset: (T, B) bool or None, True where
-    the state entering step t of row b must be zero. The chunk is cut at the steps where
-    some row resets, each piece one call of ``rnn`` (so the fused whole-chunk kernels still
-    run; documents are long against a chunk, so there are few cuts). Returns (out, state).
+    state: as the module takes it (None = zeros); reset: :class:`Resets`, or its (T, B)
+    bool mask alone, or None: True where the state entering step t of row b must be zero.
+    The chunk is cut at the steps where some row resets, each piece one call of ``rnn`` (so
+    the fused whole-chunk kernels still run; documents are long against a chunk, so there
+    are few cuts). A bare GPU mask costs one host sync to find the cuts; :class:`Resets`
+    carries them. Returns (out, state).
     """
     if reset is None:
         return rnn(x, state)
-    cuts = torch.nonzero(reset.any(1)).flatten().tolist()  # one host sync, only here
+    if not isinstance(reset, Resets):
+        reset = Resets(reset)
+    if reset.mask.shape != x.shape[:2]:
+        raise ValueError(
+            f"reset mask {tuple(reset.mask.shape)} does not match the input's (T, B) "
+            f"{tuple(x.shape[:2])}"
+        )
     outs = []
     begin = 0
-    for t in cuts:
+    for t in reset.steps:
         if t > begin:
             out, state = rnn(x[begin:t], state)
             outs.append(out)
             begin = t
-        state = mask_state(state, ~reset[t])
+        state = mask_state(state, ~reset.mask[t])
     out, state = rnn(x[begin:], state)
     outs.append(out)
     return (outs[0] if len(outs) == 1 else torch.cat(outs, 0)), state

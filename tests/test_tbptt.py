@@ -15,6 +15,7 @@ import torch
 import fused_rnn
 from fused_rnn.charlm import CharLM, Vocab
 from fused_rnn.tbptt import (
+    Resets,
     StreamBatcher,
     atomic_save,
     detach_state,
@@ -102,7 +103,8 @@ def test_boundary_mask_marks_document_starts():
     for c in batcher.epoch():
         if c.reset is None:
             continue
-        for t, b in torch.nonzero(c.reset).tolist():
+        assert c.reset.steps == tuple(torch.nonzero(c.reset.mask.any(1)).flatten().tolist())
+        for t, b in torch.nonzero(c.reset.mask).tolist():
             marked.append(int(c.x[t, b]))
     assert sorted(marked) == [0, 13, 30]
 
@@ -223,6 +225,60 @@ def test_reset_zeroes_state_of_that_row_at_that_step(name, cls, kwargs):
     fresh2, _ = rnn(x[:, 2:3])
     torch.testing.assert_close(out[:, 2:3], fresh2, rtol=1e-5, atol=1e-6)
     assert not torch.allclose(out[4:, 1], plain[4:, 1])  # the reset did change something
+
+
+def _mask_and_resets():
+    reset = torch.zeros(9, 3, dtype=torch.bool)
+    reset[[0, 4, 4, 7], [2, 0, 1, 1]] = True
+    return reset, Resets(reset)
+
+
+def test_resets_carry_the_steps_and_give_the_bare_masks_results_bit_for_bit():
+    rnn = _make_rnn(fused_rnn.LSTM, {})
+    x = torch.randn(9, 3, 3)
+    state = (torch.randn(2, 3, 5), torch.randn(2, 3, 5))
+    mask, resets = _mask_and_resets()
+    assert resets.steps == (0, 4, 7)
+    a, (ha, ca) = run_rnn(rnn, x, state, mask)
+    b, (hb, cb) = run_rnn(rnn, x, state, resets)
+    assert torch.equal(a, b) and torch.equal(ha, hb) and torch.equal(ca, cb)
+
+
+def test_run_rnn_with_resets_never_reads_the_mask_on_the_host():
+    # A meta tensor has no data: anything that reads the mask's values back (the host sync
+    # a GPU mask would cost) raises. With the steps known the chunk still runs, in 4 pieces.
+    mask, _ = _mask_and_resets()
+    meta = mask.to("meta")
+    with pytest.raises(Exception, match="meta"):
+        meta.tolist()
+    calls = []
+
+    class Counting(torch.nn.Module):
+        def forward(self, x, state):
+            calls.append(x.shape[0])
+            return x * 2, state if state is not None else torch.zeros(1, x.shape[1], 1, device="meta")
+
+    out, state = run_rnn(Counting(), torch.empty(9, 3, 1, device="meta"), None,
+                         Resets(meta, (0, 4, 7)))
+    assert calls == [4, 3, 2] and out.shape == (9, 3, 1) and state.device.type == "meta"
+
+
+def test_resets_refuse_what_they_cannot_hold():
+    mask, _ = _mask_and_resets()
+    with pytest.raises(ValueError, match=r"\(T, B\) bool"):
+        Resets(mask.long())
+    with pytest.raises(ValueError, match=r"\(T, B\) bool"):
+        Resets(mask[0])
+    with pytest.raises(ValueError, match="do not match"):
+        Resets(mask, (0, 4))  # a CPU mask is checked against the steps it is given
+    meta = mask.to("meta")
+    for bad in [(4, 0), (0, 0), (9,), (-1,)]:
+        with pytest.raises(ValueError, match="ascending, distinct"):
+            Resets(meta, bad)
+    with pytest.raises(ValueError, match="CPU tensor"):
+        Resets.from_host(meta, meta)
+    with pytest.raises(ValueError, match="does not match the input"):
+        run_rnn(torch.nn.GRU(3, 5), torch.randn(8, 3, 3), None, Resets(mask))
 
 
 def test_mask_state_keeps_gradients_of_kept_rows():
