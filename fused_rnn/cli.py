@@ -24,6 +24,7 @@ import datetime
 import hashlib
 import importlib.util
 import io
+import json
 import math
 import os
 import platform
@@ -31,6 +32,7 @@ import random
 import re
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import dataclass
 
@@ -1045,7 +1047,56 @@ def _bench_parser(sub) -> None:
                    help="validation chunks for the loss check (default: %(default)s)")
     p.add_argument("--out", default=os.path.join("benchmarks", "results"), metavar="DIR",
                    help="where the .md/.csv/.png go (default: %(default)s)")
+    # For the bench's own recovery from a fault (see _bench_in_fresh_process), not for users.
+    p.add_argument("--skip", action="append", default=[], metavar="IMPL@PRECISION",
+                   help=argparse.SUPPRESS)
+    p.add_argument("--rows-json", metavar="FILE", help=argparse.SUPPRESS)
     p.set_defaults(func=_cmd_bench)
+
+
+# The test hook for the recovery below: FRNN_BENCH_FAULT="IMPL@PRECISION[,...]" makes those
+# rows fail at their first timed step as if a kernel had faulted and taken the CUDA context
+# with it, so that the recovery is exercised without a GPU.
+_FAULT_ENV = "FRNN_BENCH_FAULT"
+
+
+def _context_lost(device: torch.device) -> bool:
+    """Whether ``device`` is unusable in this process after an error. A kernel fault (an
+    illegal address, say) is sticky: every later CUDA call of the process fails with it."""
+    if device.type != "cuda":
+        return False
+    try:
+        torch.ones(1, device=device).add_(1).item()
+        return False
+    except Exception:  # noqa: BLE001 (whatever the error, the device cannot run work)
+        return True
+
+
+def _bench_in_fresh_process(args, precisions: list[str], done: set[str],
+                            labels: list[str]) -> list[dict]:
+    """The rows of ``precisions`` not in ``done`` ("IMPL@PRECISION"), trained by a new
+    ``fused-rnn bench`` process with this one's arguments; it writes them to a JSON file.
+    Where that process fails to, its rows say so."""
+    with tempfile.TemporaryDirectory(prefix="fused_rnn_bench_") as tmp:
+        out = os.path.join(tmp, "rows.json")
+        cmd = [sys.executable, "-m", "fused_rnn.cli", *args.argv,
+               "--precisions", ",".join(precisions), "--out", tmp, "--rows-json", out]
+        for s in sorted(done):
+            cmd += ["--skip", s]
+        print(f"fused-rnn bench: the rest in a fresh process: {' '.join(cmd[3:])}",
+              file=sys.stderr)
+        rc = None
+        try:
+            rc = subprocess.run(cmd, check=False).returncode  # it prints to stderr only
+            with open(out) as fh:
+                return json.load(fh)
+        except (OSError, ValueError) as e:
+            status = "" if rc is None else f"exit {rc}: "
+            why = (f"not run: the fresh process for the rows after the fault failed "
+                   f"({status}{type(e).__name__}: {e})")
+    return [{"impl": label, "precision": p, "error": why, "ms_per_step": None,
+             "tokens_per_s": None, "peak_mib": None, "val_loss": None, "fallback": ""}
+            for p in precisions for label in labels if f"{label}@{p}" not in done]
 
 
 def _split(n: int, parts: int) -> list[range]:
@@ -1139,6 +1190,8 @@ def _cmd_bench(args) -> int:
           f"+ {steps} timed steps in {rounds} rounds, Adam lr {args.lr:g}, seed {args.seed}; {device} "
           f"({_device_name(device)}); corpus {corpus.description}", file=sys.stderr)
 
+    faults = set(filter(None, os.environ.get(_FAULT_ENV, "").split(",")))
+
     class _Run:
         """One implementation in one precision: its model, optimizer, data and timings."""
 
@@ -1149,6 +1202,7 @@ def _cmd_bench(args) -> int:
             self.peak = None
             self.state = None
             self.fallbacks: set[str] = set()  # what ran instead of the named backend, and why
+            self.injected = f"{label}@{prec}" in faults  # the test hook: fail as a fault would
             try:
                 torch.manual_seed(args.seed)
                 model = _build_model(base_cfg, vocab_size, backend is None, backend or "auto")
@@ -1170,6 +1224,8 @@ def _cmd_bench(args) -> int:
                 if self.row["error"]:
                     return
                 try:
+                    if self.injected and timed:
+                        raise RuntimeError(f"a fault injected by {_FAULT_ENV}")
                     chunk = self.train.next_chunk()
                     _sync(device)
                     if device.type == "cuda":
@@ -1214,6 +1270,132 @@ def _cmd_bench(args) -> int:
             self.model = self.opt = self.train = self.state = None
             return row
 
+    now = datetime.datetime.now()  # names the files, which every write replaces
+
+    def say(row: dict) -> None:
+        msg = (f"FAILED ({row['error']})" if row["error"] else
+               f"{row['ms_per_step']:.1f} ms/step, val loss {row['val_loss']:.4f}")
+        print(f"  {row['precision']:8s} {row['impl']:22s} {msg}", file=sys.stderr)
+
+    def write_tables(results: list[dict], final: bool) -> bool:
+        """Check ``results`` against torch.nn and write the table (and at the end the plot).
+
+        Written after every precision too, so that a run cut short by a timeout leaves the
+        precisions it finished. Returns whether every row is clean."""
+        # Agreement and speed, against torch.nn in the same precision.
+        ok = True
+        for row in results:
+            base = next((r for r in results
+                         if r["impl"] == "torch.nn" and r["precision"] == row["precision"]), None)
+            tol = BENCH_TOLERANCE[row["precision"]]
+            if row["error"]:
+                row["check"], ok = "ERROR", False
+                row["delta"] = row["speedup"] = None
+                continue
+            if base is None or base["error"]:
+                row["delta"] = row["speedup"] = None
+                row["check"] = "no baseline"
+                continue
+            row["delta"] = row["val_loss"] - base["val_loss"]
+            row["speedup"] = row["tokens_per_s"] / base["tokens_per_s"]
+            good = abs(row["delta"]) <= tol and math.isfinite(row["val_loss"])
+            row["check"] = "ok" if good else f"MISMATCH (> {tol:g})"
+            ok &= good
+
+        def f(v, fmt):
+            return "n/a" if v is None else format(v, fmt)
+
+        dev_tag = "cpu" if device.type == "cpu" else re.sub(r"[^a-z0-9]+", "-", _device_name(device).lower()).strip("-")
+        stem = os.path.join(args.out, f"{now:%Y-%m-%d}-{dev_tag}-charlm-bench")
+        mem_col = "step peak GPU mem (MiB)" if device.type == "cuda" else "peak mem"
+        lines = [
+            f"# Character-LM truncated-BPTT training: fused_rnn vs torch.nn ({'CPU' if device.type == 'cpu' else _device_name(device)})",
+            "",
+            f"- {now:%Y-%m-%d %H:%M}, commit {_git_commit()}, torch {torch.__version__}"
+            + (f", CUDA {torch.version.cuda}, cuDNN {torch.backends.cudnn.version()}" if device.type == "cuda" else "")
+            + f", device {device} ({_device_name(device)}"
+            + (f", {torch.get_num_threads()} thread{'s' if torch.get_num_threads() != 1 else ''}; load average {load_before} before, "
+               f"{_load_avg()} after: other processes on these cores slow every row)"
+               if device.type == "cpu" else ")"),
+            f"- model: embedding → {args.layers}-layer {args.cell.upper()} (hidden {H}) → linear, "
+            f"vocab {vocab_size}; B={B} streams × T={T} steps per chunk ({B * T:,} tokens/step); "
+            f"Adam lr {args.lr:g}, clip 1.0; same initial weights, data and seed for every row",
+            f"- {warmup} warm-up steps, then {steps} timed steps (each synchronised) in {rounds} "
+            f"round{'s' if rounds > 1 else ''}: every implementation of a precision trains side by "
+            f"side, each running its block of steps in turn; ms/step is the median step (forward, "
+            f"backward, clipping, Adam step), tokens/s = B×T / that median",
+            f"- val loss: mean cross-entropy (nats) over {args.val_chunks} validation chunks after "
+            f"all {warmup + steps} steps; it must agree with torch.nn in the same precision within "
+            + ", ".join(f"{p} {BENCH_TOLERANCE[p]:g}" for p in precisions),
+            ("- memory: the largest growth of torch.cuda.max_memory_allocated within one timed "
+             "step over what was allocated before it (activations, workspace, gradients; "
+             "parameters and Adam state are the same for every row)" if device.type == "cuda" else
+             "- memory: n/a on the CPU: PyTorch keeps no per-step peak there, and the resident "
+             "set does not grow in a step once the allocator holds memory freed by earlier steps "
+             "(measured: 0.0 MiB for every row), so it says nothing about an implementation"),
+            f"- corpus: {corpus.description}",
+        ] + [f"- note: {n}" for n in notes] + ([] if final else [
+            (f"- INCOMPLETE: written after "
+             f"{', '.join(sorted({r['precision'] for r in results}, key=precisions.index))}; "
+             "the run had not finished the other precisions (see its log)")]) + [
+            "",
+            f"| precision | implementation | ms/step | tokens/s | vs torch.nn | {mem_col} | val loss | Δ vs torch.nn | check |",
+            "|---|---|---|---|---|---|---|---|---|",
+        ]
+        for r in results:
+            lines.append(
+                f"| {r['precision']} | {r['impl']} | {f(r['ms_per_step'], '.2f')} | "
+                f"{f(r['tokens_per_s'], ',.0f')} | {f(r['speedup'], '.2f') + ('×' if r['speedup'] is not None else '')} | "
+                f"{f(r['peak_mib'], '.1f')} | {f(r['val_loss'], '.5f')} | {f(r['delta'], '+.2e')} | "
+                f"{r['check']}{': ' + r['error'] if r['error'] else ''}"
+                f"{'; ran partly elsewhere (' + r['fallback'] + ')' if r.get('fallback') else ''} |"
+            )
+        md = "\n".join(lines) + "\n"
+        os.makedirs(args.out, exist_ok=True)
+        with open(stem + ".md", "w") as fh:
+            fh.write(md)
+        with open(stem + ".csv", "w", newline="") as fh:
+            w = csv.writer(fh, lineterminator="\n")
+            w.writerow(["device", "torch", "cell", "layers", "hidden", "batch", "bptt", "steps",
+                        "precision", "impl", "ms_per_step", "tokens_per_s", "speedup_vs_torch_nn",
+                        "peak_mib", "val_loss", "delta_vs_torch_nn", "check", "error", "fallback"])
+            for r in results:
+                w.writerow([_device_name(device), torch.__version__, args.cell, args.layers, H, B, T,
+                            steps, r["precision"], r["impl"], r["ms_per_step"], r["tokens_per_s"],
+                            r["speedup"], r["peak_mib"], r["val_loss"], r["delta"], r["check"],
+                            r["error"], r.get("fallback", "")])
+        if not final:
+            return ok
+        written = [stem + ".md", stem + ".csv"]
+        try:
+            from matplotlib.backends.backend_agg import FigureCanvasAgg
+            from matplotlib.figure import Figure
+
+            fig = Figure(figsize=(7, 4), dpi=110)
+            FigureCanvasAgg(fig)
+            ax = fig.add_subplot()
+            labels = [label for label, _ in impls]
+            width = 0.8 / max(len(precisions), 1)
+            for j, prec in enumerate(precisions):
+                ys = [next(((r["tokens_per_s"] or 0) for r in results
+                            if r["impl"] == label and r["precision"] == prec), 0) for label in labels]
+                ax.bar([i + (j - (len(precisions) - 1) / 2) * width for i in range(len(labels))],
+                       ys, width, label=prec)
+            ax.set_xticks(range(len(labels)), labels, fontsize=8)
+            ax.set_ylabel("training tokens/s")
+            ax.set_title(f"char-LM TBPTT, {args.cell.upper()} H={H} B={B} T={T}, "
+                         f"{_device_name(device) if device.type == 'cuda' else 'CPU'}", fontsize=9)
+            ax.legend(fontsize=8)
+            ax.grid(axis="y", alpha=0.3)
+            fig.tight_layout()
+            fig.savefig(stem + ".png")
+            written.append(stem + ".png")
+        except ImportError:
+            print("note: matplotlib is not installed; skipped the plot", file=sys.stderr)
+        print(md)
+        print("wrote " + ", ".join(written), file=sys.stderr)
+        return ok
+
     # A throwaway run first, so that the first row does not pay for first-call set-up
     # (thread pools, allocator growth, lazy imports) that later rows get for free.
     _Run("torch.nn", None, precisions[0]).steps(2, timed=False)
@@ -1222,129 +1404,55 @@ def _cmd_bench(args) -> int:
     # steps in rounds (each implementation runs a block of consecutive steps per round), so
     # that on a shared machine the others' load falls on every row alike.
     blocks = [len(r) for r in _split(steps, rounds)]
-    results = []
-    for prec in precisions:
-        runs = [_Run(label, backend, prec) for label, backend in impls]
-        for run in runs:
-            run.steps(warmup, timed=False)
-        for n in blocks:
+    skip = set(args.skip)
+    order = {label: i for i, (label, _) in enumerate(impls)}
+
+    def side_by_side(runs) -> _Run | None:
+        """Train ``runs`` side by side; the run whose error took the device with it, if any."""
+        for n, timed in [(warmup, False)] + [(n, True) for n in blocks]:
             for run in runs:
-                run.steps(n, timed=True)
-        for run in runs:
+                had = bool(run.row["error"])
+                run.steps(n, timed)
+                if not had and run.row["error"] and (run.injected or _context_lost(device)):
+                    return run
+        return None
+
+    results: list[dict] = []
+    for i, prec in enumerate(precisions):
+        runs = [_Run(label, backend, prec) for label, backend in impls
+                if f"{label}@{prec}" not in skip]
+        culprit = side_by_side(runs)
+        for run in runs if culprit is None else []:
             row = run.finish()
+            if row["error"] and _context_lost(device):  # a fault in the validation pass
+                culprit = run
+                break
             results.append(row)
-            msg = (f"FAILED ({row['error']})" if row["error"] else
-                   f"{row['ms_per_step']:.1f} ms/step, val loss {row['val_loss']:.4f}")
-            print(f"  {prec:8s} {row['impl']:22s} {msg}", file=sys.stderr)
+            say(row)
+        if culprit is None:
+            del runs
+            if not args.rows_json:
+                write_tables(results, final=False)
+            continue
+        # A kernel fault is sticky: every later CUDA call in this process fails. The rows
+        # not done yet (this precision's others, the later precisions) run in a fresh process.
+        row = culprit.finish()
+        row["error"] += ("; it took the CUDA context with it: the rows after it ran in a "
+                         "fresh process")
+        results.append(row)
+        say(row)
         del runs
-
-    # Agreement and speed, against torch.nn in the same precision.
-    ok = True
-    for row in results:
-        base = next(r for r in results if r["impl"] == "torch.nn" and r["precision"] == row["precision"])
-        tol = BENCH_TOLERANCE[row["precision"]]
-        if row["error"]:
-            row["check"], ok = "ERROR", False
-            row["delta"] = row["speedup"] = None
-            continue
-        if base["error"]:
-            row["delta"] = row["speedup"] = None
-            row["check"] = "no baseline"
-            continue
-        row["delta"] = row["val_loss"] - base["val_loss"]
-        row["speedup"] = row["tokens_per_s"] / base["tokens_per_s"]
-        good = abs(row["delta"]) <= tol and math.isfinite(row["val_loss"])
-        row["check"] = "ok" if good else f"MISMATCH (> {tol:g})"
-        ok &= good
-
-    def f(v, fmt):
-        return "n/a" if v is None else format(v, fmt)
-
-    now = datetime.datetime.now()
-    dev_tag = "cpu" if device.type == "cpu" else re.sub(r"[^a-z0-9]+", "-", _device_name(device).lower()).strip("-")
-    stem = os.path.join(args.out, f"{now:%Y-%m-%d}-{dev_tag}-charlm-bench")
-    mem_col = "step peak GPU mem (MiB)" if device.type == "cuda" else "peak mem"
-    lines = [
-        f"# Character-LM truncated-BPTT training: fused_rnn vs torch.nn ({'CPU' if device.type == 'cpu' else _device_name(device)})",
-        "",
-        f"- {now:%Y-%m-%d %H:%M}, commit {_git_commit()}, torch {torch.__version__}"
-        + (f", CUDA {torch.version.cuda}, cuDNN {torch.backends.cudnn.version()}" if device.type == "cuda" else "")
-        + f", device {device} ({_device_name(device)}"
-        + (f", {torch.get_num_threads()} thread{'s' if torch.get_num_threads() != 1 else ''}; load average {load_before} before, "
-           f"{_load_avg()} after: other processes on these cores slow every row)"
-           if device.type == "cpu" else ")"),
-        f"- model: embedding → {args.layers}-layer {args.cell.upper()} (hidden {H}) → linear, "
-        f"vocab {vocab_size}; B={B} streams × T={T} steps per chunk ({B * T:,} tokens/step); "
-        f"Adam lr {args.lr:g}, clip 1.0; same initial weights, data and seed for every row",
-        f"- {warmup} warm-up steps, then {steps} timed steps (each synchronised) in {rounds} "
-        f"round{'s' if rounds > 1 else ''}: every implementation of a precision trains side by "
-        f"side, each running its block of steps in turn; ms/step is the median step (forward, "
-        f"backward, clipping, Adam step), tokens/s = B×T / that median",
-        f"- val loss: mean cross-entropy (nats) over {args.val_chunks} validation chunks after "
-        f"all {warmup + steps} steps; it must agree with torch.nn in the same precision within "
-        + ", ".join(f"{p} {BENCH_TOLERANCE[p]:g}" for p in precisions),
-        ("- memory: the largest growth of torch.cuda.max_memory_allocated within one timed "
-         "step over what was allocated before it (activations, workspace, gradients; "
-         "parameters and Adam state are the same for every row)" if device.type == "cuda" else
-         "- memory: n/a on the CPU: PyTorch keeps no per-step peak there, and the resident "
-         "set does not grow in a step once the allocator holds memory freed by earlier steps "
-         "(measured: 0.0 MiB for every row), so it says nothing about an implementation"),
-        f"- corpus: {corpus.description}",
-    ] + [f"- note: {n}" for n in notes] + [
-        "",
-        f"| precision | implementation | ms/step | tokens/s | vs torch.nn | {mem_col} | val loss | Δ vs torch.nn | check |",
-        "|---|---|---|---|---|---|---|---|---|",
-    ]
-    for r in results:
-        lines.append(
-            f"| {r['precision']} | {r['impl']} | {f(r['ms_per_step'], '.2f')} | "
-            f"{f(r['tokens_per_s'], ',.0f')} | {f(r['speedup'], '.2f') + ('×' if r['speedup'] is not None else '')} | "
-            f"{f(r['peak_mib'], '.1f')} | {f(r['val_loss'], '.5f')} | {f(r['delta'], '+.2e')} | "
-            f"{r['check']}{': ' + r['error'] if r['error'] else ''}"
-            f"{'; ran partly elsewhere (' + r['fallback'] + ')' if r.get('fallback') else ''} |"
-        )
-    md = "\n".join(lines) + "\n"
-    os.makedirs(args.out, exist_ok=True)
-    with open(stem + ".md", "w") as fh:
-        fh.write(md)
-    with open(stem + ".csv", "w", newline="") as fh:
-        w = csv.writer(fh, lineterminator="\n")
-        w.writerow(["device", "torch", "cell", "layers", "hidden", "batch", "bptt", "steps",
-                    "precision", "impl", "ms_per_step", "tokens_per_s", "speedup_vs_torch_nn",
-                    "peak_mib", "val_loss", "delta_vs_torch_nn", "check", "error", "fallback"])
-        for r in results:
-            w.writerow([_device_name(device), torch.__version__, args.cell, args.layers, H, B, T,
-                        steps, r["precision"], r["impl"], r["ms_per_step"], r["tokens_per_s"],
-                        r["speedup"], r["peak_mib"], r["val_loss"], r["delta"], r["check"],
-                        r["error"], r.get("fallback", "")])
-    written = [stem + ".md", stem + ".csv"]
-    try:
-        from matplotlib.backends.backend_agg import FigureCanvasAgg
-        from matplotlib.figure import Figure
-
-        fig = Figure(figsize=(7, 4), dpi=110)
-        FigureCanvasAgg(fig)
-        ax = fig.add_subplot()
-        labels = [label for label, _ in impls]
-        width = 0.8 / max(len(precisions), 1)
-        for j, prec in enumerate(precisions):
-            ys = [next((r["tokens_per_s"] or 0) for r in results
-                       if r["impl"] == label and r["precision"] == prec) for label in labels]
-            ax.bar([i + (j - (len(precisions) - 1) / 2) * width for i in range(len(labels))],
-                   ys, width, label=prec)
-        ax.set_xticks(range(len(labels)), labels, fontsize=8)
-        ax.set_ylabel("training tokens/s")
-        ax.set_title(f"char-LM TBPTT, {args.cell.upper()} H={H} B={B} T={T}, "
-                     f"{_device_name(device) if device.type == 'cuda' else 'CPU'}", fontsize=9)
-        ax.legend(fontsize=8)
-        ax.grid(axis="y", alpha=0.3)
-        fig.tight_layout()
-        fig.savefig(stem + ".png")
-        written.append(stem + ".png")
-    except ImportError:
-        print("note: matplotlib is not installed; skipped the plot", file=sys.stderr)
-    print(md)
-    print("wrote " + ", ".join(written), file=sys.stderr)
+        if not args.rows_json:
+            write_tables(results, final=False)
+        done = skip | {f"{r['impl']}@{r['precision']}" for r in results}
+        results += _bench_in_fresh_process(args, precisions[i:], done, [label for label, _ in impls])
+        break
+    results.sort(key=lambda r: (precisions.index(r["precision"]), order[r["impl"]]))
+    if args.rows_json:  # a fresh process's rows, for the process that started it
+        with open(args.rows_json, "w") as fh:
+            json.dump(results, fh)
+        return 0
+    ok = write_tables(results, final=True)
     if not ok:
         print("fused-rnn bench: error: some rows failed or disagree with torch.nn "
               "(see the check column)", file=sys.stderr)
@@ -1367,7 +1475,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``fused-rnn`` console script; returns the exit status."""
+    argv = [str(a) for a in (sys.argv[1:] if argv is None else argv)]
     args = build_parser().parse_args(argv)
+    args.argv = argv  # as given: the bench reruns itself with it after a fault
     try:
         return args.func(args)
     except CLIError as e:

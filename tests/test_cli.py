@@ -517,6 +517,75 @@ def test_torchrun_two_ranks_train_like_one_process(capsys, tmp_path, text_file):
     assert ckpt["hidden"][0].shape[1] == 4, "the hidden state of both ranks' rows"
 
 
+def _bench_rows(out) -> dict:
+    (csv_path,) = out.glob("*.csv")
+    with open(csv_path, newline="") as f:
+        return {(r["precision"], r["impl"]): r for r in csv.DictReader(f)}
+
+
+def test_bench_reruns_the_rows_after_a_fault_that_takes_the_device_in_a_fresh_process(
+        capsys, tmp_path, text_file, monkeypatch):
+    """A CUDA kernel fault is sticky: every later call of the process fails. The bench must
+    give the faulting row its error and train every row not done yet in a new process, with
+    the same results as a run without the fault (FRNN_BENCH_FAULT stands in for the fault)."""
+    args = [*BENCH_TINY, "--text", text_file, "--backends", "reference,torch",
+            "--precisions", "fp32,amp-bf16"]
+    rc, _, err = run(capsys, *args, "--out", tmp_path / "clean")
+    assert rc == 0, err
+    clean = _bench_rows(tmp_path / "clean")
+    monkeypatch.setenv("FRNN_BENCH_FAULT", "fused_rnn:reference@fp32")
+    rc, stdout, err = run(capsys, *args, "--out", tmp_path / "faulted")
+    assert rc == 1 and "in a fresh process" in err, stdout + err
+    rows = _bench_rows(tmp_path / "faulted")
+    assert list(rows) == list(clean)  # every row, in the same order
+    bad = rows[("fp32", "fused_rnn:reference")]
+    assert bad["check"] == "ERROR" and "FRNN_BENCH_FAULT" in bad["error"], bad
+    assert "the rows after it ran in a fresh process" in bad["error"]
+    for key, row in rows.items():
+        if key != ("fp32", "fused_rnn:reference"):
+            assert row["check"] == "ok" and row["val_loss"] == clean[key]["val_loss"], (key, row)
+    assert "INCOMPLETE" not in (tmp_path / "faulted" / next(
+        n for n in os.listdir(tmp_path / "faulted") if n.endswith(".md"))).read_text()
+
+
+def test_bench_says_which_rows_a_failed_fresh_process_left_undone(capsys, tmp_path,
+                                                                   text_file, monkeypatch):
+    monkeypatch.setenv("FRNN_BENCH_FAULT", "torch.nn@fp32")
+    # One that cannot start, one that starts and writes nothing.
+    for python, said in [("/nonexistent/python", "FileNotFoundError"), ("false", "exit 1")]:
+        monkeypatch.setattr(cli.sys, "executable", python)
+        out = tmp_path / said.split()[0]
+        rc, stdout, err = run(capsys, *BENCH_TINY, "--text", text_file, "--backends", "torch",
+                              "--precisions", "fp32,amp-bf16", "--out", out)
+        assert rc == 1, stdout + err
+        rows = _bench_rows(out)
+        assert [k for k, r in rows.items() if r["check"] == "ERROR"] == list(rows), rows
+        undone = [k for k, r in rows.items()
+                  if "fresh process for the rows after the fault failed" in r["error"]
+                  and said in r["error"]]
+        assert undone == [("fp32", "fused_rnn:torch"), ("amp-bf16", "torch.nn"),
+                          ("amp-bf16", "fused_rnn:torch")], rows
+
+
+def test_bench_writes_its_table_after_every_precision(capsys, tmp_path, text_file,
+                                                     monkeypatch):
+    """A run cut short (the GPU script's timeout) keeps the precisions it finished."""
+    def interrupted_in_bf16(*a, autocast_dtype=None, **k):
+        if autocast_dtype == torch.bfloat16:
+            raise KeyboardInterrupt
+        return train_chunk(*a, autocast_dtype=autocast_dtype, **k)
+
+    monkeypatch.setattr(cli, "train_chunk", interrupted_in_bf16)
+    rc, _, err = run(capsys, *BENCH_TINY, "--text", text_file, "--backends", "reference",
+                     "--precisions", "fp32,amp-bf16", "--out", tmp_path)
+    assert rc == 130, err
+    rows = _bench_rows(tmp_path)
+    assert list(rows) == [("fp32", "torch.nn"), ("fp32", "fused_rnn:reference")]
+    assert all(r["check"] == "ok" for r in rows.values()), rows
+    (md,) = tmp_path.glob("*.md")
+    assert "- INCOMPLETE: written after fp32; the run had not finished" in md.read_text()
+
+
 def test_bench_commit_comes_from_frnn_commit_where_git_is_absent(monkeypatch):
     """The lent GPU gets the checkout without .git: its command passes FRNN_COMMIT, which the
     bench report then names."""
