@@ -1007,6 +1007,17 @@ def _cmd_sample(args) -> int:
 # fp32: rounding differences grow through a few Adam steps to ~1e-4 nats at the defaults;
 # bf16/fp16 round every matmul input to 8/11 bits, measured differences ~1e-2.
 BENCH_TOLERANCE = {"fp32": 2e-3, "bf16": 6e-2, "fp16": 3e-2, "amp-bf16": 6e-2, "amp-fp16": 3e-2}
+# The first-steps check, sharper than the loss: from the same initial weights, the logits of
+# the second chunk (state carried from the first) step by step, and the gradients of its loss
+# parameter by parameter, must match torch.nn's by relative norm error. The bounds are
+# bench_gpu.py's: they catch wrong math, not rounding. Measured on the CPU at the GPU defaults
+# (H=1024, B=64, T=128) against torch.nn: correct fp32 2e-7 (logits) and 1e-6 (gradients),
+# correct amp-bf16 5e-3 and 4e-3; a backend that drops the carried state 0.55 on the logits,
+# one with dW_hh halved 0.5 on weight_hh_l0. Both moved the validation loss after the bench's
+# training by only ~0.02, inside the 16-bit loss tolerance.
+FIRST_STEPS_TOLERANCE = {"fp32": 2e-2, "bf16": 1e-1, "fp16": 2e-2, "amp-bf16": 1e-1,
+                         "amp-fp16": 2e-2}
+FIRST_STEPS_STRICT = 1e-3  # fp32 where nothing uses TF32: the CPU, or cuDNN with TF32 off
 BENCH_DEFAULTS = {
     "cpu": dict(hidden_size=128, batch_size=16, bptt=64, steps=10, warmup=3, rounds=5,
                 precisions=["fp32", "amp-bf16"]),
@@ -1097,6 +1108,47 @@ def _bench_in_fresh_process(args, precisions: list[str], done: set[str],
     return [{"impl": label, "precision": p, "error": why, "ms_per_step": None,
              "tokens_per_s": None, "peak_mib": None, "val_loss": None, "fallback": ""}
             for p in precisions for label in labels if f"{label}@{p}" not in done]
+
+
+def _first_steps(model, batcher: StreamBatcher, ac_dtype) -> tuple[torch.Tensor, dict]:
+    """The first-steps probe of ``model`` at its current weights: the logits (T, B, V) of
+    ``batcher``'s second chunk, entered with the state the first chunk leaves, and the
+    gradients of that chunk's loss, all in fp32. The loss is scaled by 2**12 for the backward
+    (exact in binary floating point) so that fp16's gradients do not underflow, as a
+    GradScaler would. Leaves no gradients behind and the random number generators as found."""
+    device = batcher.streams.device
+    first, second = batcher.next_chunk(), batcher.next_chunk()
+    params = dict(model.named_parameters())
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        with torch.autocast(device.type, dtype=ac_dtype or torch.float32,
+                            enabled=ac_dtype is not None):
+            with torch.no_grad():
+                _, state = model(first.x, None, first.reset)
+            logits, _ = model(second.x, state, second.reset)
+            loss = torch.nn.functional.cross_entropy(logits.float().flatten(0, 1),
+                                                     second.y.flatten())
+        grads = torch.autograd.grad(loss * 2**12, list(params.values()))
+    return logits.detach().float(), {n: g.float() / 2**12 for n, g in zip(params, grads)}
+
+
+def _first_steps_tolerance(precision: str, device: torch.device) -> float:
+    if precision == "fp32" and (device.type == "cpu" or not torch.backends.cudnn.allow_tf32):
+        return FIRST_STEPS_STRICT
+    return FIRST_STEPS_TOLERANCE[precision]
+
+
+def _first_steps_error(got, ref) -> tuple[float, float, str]:
+    """(largest relative error of a step's logits, largest of a parameter's gradient, that
+    parameter's name) of one :func:`_first_steps` probe against another, in fp64."""
+    (logits, grads), (ref_logits, ref_grads) = got, ref
+    d = (logits.double() - ref_logits.double()).flatten(1).norm(dim=1)
+    out = (d / ref_logits.double().flatten(1).norm(dim=1)).max().item()
+    errs = {}
+    for n, g in ref_grads.items():
+        diff, norm = (grads[n].double() - g.double()).norm().item(), g.double().norm().item()
+        errs[n] = diff / norm if norm else (0.0 if diff == 0 else math.inf)
+    worst = max(errs, key=lambda n: errs[n] if errs[n] == errs[n] else math.inf)  # NaN first
+    return out, errs[worst], worst
 
 
 def _split(n: int, parts: int) -> list[range]:
@@ -1215,6 +1267,19 @@ def _cmd_bench(args) -> int:
             except Exception as e:
                 self.fail(e)
 
+        def first_steps(self, ref) -> None:
+            """The first-steps probe at the initial weights, against torch.nn's (``ref``)."""
+            if self.row["error"] or ref is None:
+                return
+            try:
+                batcher = StreamBatcher(splits.train, B, T, boundaries=splits.train_bounds,
+                                        device=device)
+                got = _first_steps(self.model, batcher, self.ac_dtype)
+                self.row.update(zip(("first_logits_err", "first_grad_err", "first_grad_param"),
+                                    _first_steps_error(got, ref)))
+            except Exception as e:
+                self.fail(e)
+
         def fail(self, e: Exception) -> None:
             self.row["error"] = f"{type(e).__name__}: {e}".splitlines()[0][:200]
 
@@ -1298,12 +1363,27 @@ def _cmd_bench(args) -> int:
                 continue
             row["delta"] = row["val_loss"] - base["val_loss"]
             row["speedup"] = row["tokens_per_s"] / base["tokens_per_s"]
-            good = abs(row["delta"]) <= tol and math.isfinite(row["val_loss"])
-            row["check"] = "ok" if good else f"MISMATCH (> {tol:g})"
-            ok &= good
+            wrong = []
+            if not (abs(row["delta"]) <= tol and math.isfinite(row["val_loss"])):
+                wrong.append(f"loss Δ > {tol:g}")
+            first_tol = _first_steps_tolerance(row["precision"], device)
+            if row.get("first_logits_err") is not None:
+                if not row["first_logits_err"] <= first_tol:
+                    wrong.append(f"first-steps logits {row['first_logits_err']:.1e} > {first_tol:g}")
+                if not row["first_grad_err"] <= first_tol:
+                    wrong.append(f"first-steps grad of {row['first_grad_param']} "
+                                 f"{row['first_grad_err']:.1e} > {first_tol:g}")
+            row["check"] = "ok" if not wrong else f"MISMATCH ({'; '.join(wrong)})"
+            ok &= not wrong
 
         def f(v, fmt):
             return "n/a" if v is None else format(v, fmt)
+
+        def first(r):
+            if r.get("first_logits_err") is None:
+                return "n/a"
+            return (f"{r['first_logits_err']:.1e}, {r['first_grad_err']:.1e} "
+                    f"({r['first_grad_param']})")
 
         dev_tag = "cpu" if device.type == "cpu" else re.sub(r"[^a-z0-9]+", "-", _device_name(device).lower()).strip("-")
         stem = os.path.join(args.out, f"{now:%Y-%m-%d}-{dev_tag}-charlm-bench")
@@ -1327,6 +1407,12 @@ def _cmd_bench(args) -> int:
             f"- val loss: mean cross-entropy (nats) over {args.val_chunks} validation chunks after "
             f"all {warmup + steps} steps; it must agree with torch.nn in the same precision within "
             + ", ".join(f"{p} {BENCH_TOLERANCE[p]:g}" for p in precisions),
+            "- first steps: from the initial weights, the logits of the second chunk (entered "
+            "with the state the first leaves) and the gradients of its loss, against torch.nn's "
+            "by relative norm error: the worst step's logits, then the worst parameter's "
+            "gradient (named); within "
+            + ", ".join(f"{p} {_first_steps_tolerance(p, device):g}" for p in precisions)
+            + " (bounds for wrong math, not rounding)",
             ("- memory: the largest growth of torch.cuda.max_memory_allocated within one timed "
              "step over what was allocated before it (activations, workspace, gradients; "
              "parameters and Adam state are the same for every row)" if device.type == "cuda" else
@@ -1339,15 +1425,15 @@ def _cmd_bench(args) -> int:
              f"{', '.join(sorted({r['precision'] for r in results}, key=precisions.index))}; "
              "the run had not finished the other precisions (see its log)")]) + [
             "",
-            f"| precision | implementation | ms/step | tokens/s | vs torch.nn | {mem_col} | val loss | Δ vs torch.nn | check |",
-            "|---|---|---|---|---|---|---|---|---|",
+            f"| precision | implementation | ms/step | tokens/s | vs torch.nn | {mem_col} | val loss | Δ vs torch.nn | first steps: logits, grad | check |",
+            "|---|---|---|---|---|---|---|---|---|---|",
         ]
         for r in results:
             lines.append(
                 f"| {r['precision']} | {r['impl']} | {f(r['ms_per_step'], '.2f')} | "
                 f"{f(r['tokens_per_s'], ',.0f')} | {f(r['speedup'], '.2f') + ('×' if r['speedup'] is not None else '')} | "
                 f"{f(r['peak_mib'], '.1f')} | {f(r['val_loss'], '.5f')} | {f(r['delta'], '+.2e')} | "
-                f"{r['check']}{': ' + r['error'] if r['error'] else ''}"
+                f"{first(r)} | {r['check']}{': ' + r['error'] if r['error'] else ''}"
                 f"{'; ran partly elsewhere (' + r['fallback'] + ')' if r.get('fallback') else ''} |"
             )
         md = "\n".join(lines) + "\n"
@@ -1358,12 +1444,15 @@ def _cmd_bench(args) -> int:
             w = csv.writer(fh, lineterminator="\n")
             w.writerow(["device", "torch", "cell", "layers", "hidden", "batch", "bptt", "steps",
                         "precision", "impl", "ms_per_step", "tokens_per_s", "speedup_vs_torch_nn",
-                        "peak_mib", "val_loss", "delta_vs_torch_nn", "check", "error", "fallback"])
+                        "peak_mib", "val_loss", "delta_vs_torch_nn", "first_logits_err",
+                        "first_grad_err", "first_grad_param", "check", "error", "fallback"])
             for r in results:
                 w.writerow([_device_name(device), torch.__version__, args.cell, args.layers, H, B, T,
                             steps, r["precision"], r["impl"], r["ms_per_step"], r["tokens_per_s"],
-                            r["speedup"], r["peak_mib"], r["val_loss"], r["delta"], r["check"],
-                            r["error"], r.get("fallback", "")])
+                            r["speedup"], r["peak_mib"], r["val_loss"], r["delta"],
+                            r.get("first_logits_err"), r.get("first_grad_err"),
+                            r.get("first_grad_param"), r["check"], r["error"],
+                            r.get("fallback", "")])
         if not final:
             return ok
         written = [stem + ".md", stem + ".csv"]
@@ -1407,21 +1496,43 @@ def _cmd_bench(args) -> int:
     skip = set(args.skip)
     order = {label: i for i, (label, _) in enumerate(impls)}
 
-    def side_by_side(runs) -> _Run | None:
-        """Train ``runs`` side by side; the run whose error took the device with it, if any."""
-        for n, timed in [(warmup, False)] + [(n, True) for n in blocks]:
+    def reference_probe(prec: str):
+        """torch.nn's first-steps probe in ``prec`` (None, said, if it fails)."""
+        try:
+            param_dtype, ac_dtype, _ = _precision(prec, device)
+            model = _build_model(base_cfg, vocab_size, True, "auto")
+            model.load_state_dict(init_state)
+            model.to(device=device, dtype=param_dtype)
+            batcher = StreamBatcher(splits.train, B, T, boundaries=splits.train_bounds,
+                                    device=device)
+            return _first_steps(model, batcher, ac_dtype)
+        except Exception as e:
+            print(f"  {prec:8s} torch.nn's first-steps probe failed ({type(e).__name__}: {e}); "
+                  "this precision's rows are checked by their loss only", file=sys.stderr)
+            return None
+
+    def side_by_side(runs, ref) -> _Run | None:
+        """Probe, then train ``runs`` side by side; the run whose error took the device with
+        it, if any."""
+        for n, timed in [(None, False), (warmup, False)] + [(n, True) for n in blocks]:
             for run in runs:
                 had = bool(run.row["error"])
-                run.steps(n, timed)
+                if n is None:
+                    if run.row["impl"] != "torch.nn":
+                        run.first_steps(ref)
+                else:
+                    run.steps(n, timed)
                 if not had and run.row["error"] and (run.injected or _context_lost(device)):
                     return run
         return None
 
     results: list[dict] = []
     for i, prec in enumerate(precisions):
+        ref = reference_probe(prec)
         runs = [_Run(label, backend, prec) for label, backend in impls
                 if f"{label}@{prec}" not in skip]
-        culprit = side_by_side(runs)
+        culprit = side_by_side(runs, ref)
+        ref = None
         for run in runs if culprit is None else []:
             row = run.finish()
             if row["error"] and _context_lost(device):  # a fault in the validation pass

@@ -381,6 +381,44 @@ def test_bench_flags_a_backend_that_disagrees(capsys, tmp_path, text_file, monke
     assert any("fused_rnn:torch" in r and r.rstrip(" |").endswith("ok") for r in rows)
 
 
+class _HalfGradient(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, w):
+        return w.view_as(w)
+
+    @staticmethod
+    def backward(ctx, g):
+        return g * 0.5
+
+
+@pytest.mark.parametrize("broken", ["drops-the-carried-state", "halves-dW_hh"])
+def test_bench_first_steps_catch_what_the_loss_lets_through(capsys, tmp_path, text_file,
+                                                            monkeypatch, broken):
+    """Two wrong backends whose final loss stays within the 16-bit tolerance (measured: they
+    move it by ~1e-4 to 2e-2): the first-steps check must flag each, naming what is wrong."""
+    real = reference_ops.rnn_layer
+
+    def layer(mode, x, h0, c0, w_ih, w_hh, *a, **k):
+        if broken == "drops-the-carried-state":
+            h0, c0 = torch.zeros_like(h0), (None if c0 is None else torch.zeros_like(c0))
+        else:
+            w_hh = _HalfGradient.apply(w_hh)
+        return real(mode, x, h0, c0, w_ih, w_hh, *a, **k)
+
+    monkeypatch.setattr(reference_ops, "rnn_layer", layer)
+    rc, stdout, err = run(capsys, *BENCH_TINY, "--text", text_file, "--out", tmp_path,
+                          "--backends", "reference,torch", "--precisions", "amp-bf16")
+    assert rc == 1 and "disagree" in err, stdout + err
+    rows = _bench_rows(tmp_path)
+    check = rows[("amp-bf16", "fused_rnn:reference")]["check"]
+    assert check.startswith("MISMATCH") and "loss" not in check, check
+    said = ("first-steps logits" if broken == "drops-the-carried-state"
+            else "first-steps grad of rnn.weight_hh_l0 5.0e-01")
+    assert said in check, check
+    assert rows[("amp-bf16", "fused_rnn:torch")]["check"] == "ok"
+    assert float(rows[("amp-bf16", "fused_rnn:torch")]["first_grad_err"]) == 0.0
+
+
 def test_bench_times_auto_where_a_rule_sends_it_to_a_kernel(capsys, tmp_path, text_file,
                                                            monkeypatch):
     """With an auto rule for fp32 only (backends.AUTO_RULES), auto runs a kernel backend in
