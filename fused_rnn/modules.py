@@ -187,10 +187,12 @@ class _RNNStack(nn.Module):
     def all_weights(self) -> list[list[nn.Parameter]]:
         return [[getattr(self, n) for n in names] for names in self._all_weights]
 
-    def _layer_weights(self) -> list[tuple[Tensor | None, ...]]:
+    def _layer_weights(self, flat: list[Tensor]) -> list[tuple[Tensor | None, ...]]:
+        """``flat`` (``_flat_weights``, fetched once per call) as per-layer tuples."""
+        by_name = dict(zip(self._flat_weights_names, flat))
         out = []
         for names in self._all_weights:
-            w = {n.split("_l")[0]: getattr(self, n) for n in names}
+            w = {n.split("_l")[0]: by_name[n] for n in names}
             out.append(tuple(w.get(k) for k in ("weight_ih", "weight_hh", "bias_ih", "bias_hh", "weight_hr")))
         return out
 
@@ -213,8 +215,10 @@ class _RNNStack(nn.Module):
         return s
 
     # ---------------------------------------------------------------- argument checks
-    def _check_input(self, input: Tensor, packed: bool) -> None:
-        w = self._flat_weights[0]
+    def _check_input(self, input: Tensor, packed: bool, w: Tensor | None = None) -> None:
+        """w: the first weight as this call uses it (default: fetched here)."""
+        if w is None:
+            w = getattr(self, self._flat_weights_names[0])
         if input.dtype != w.dtype and not torch._C._is_any_autocast_enabled():
             raise ValueError(
                 f"RNN input dtype ({input.dtype}) does not match weight dtype ({w.dtype}). "
@@ -287,6 +291,9 @@ class _RNNStack(nn.Module):
     # ---------------------------------------------------------------- forward
     def _forward(self, input, hx):
         """Shared forward. hx: Tensor (GRU/RNN), tuple (LSTM) or None."""
+        # Every weight is read once a call: a parametrized weight (weight dropout, weight
+        # norm) is computed once, and that value is what the checks and the kernels see.
+        flat = self._flat_weights
         is_lstm = self.mode == "LSTM"
         num_dir = 2 if self.bidirectional else 1
         real_hidden = self.proj_size if self.proj_size > 0 else self.hidden_size
@@ -295,7 +302,7 @@ class _RNNStack(nn.Module):
         sorted_indices = unsorted_indices = batch_sizes = None
         if packed:
             data, batch_sizes, sorted_indices, unsorted_indices = input
-            self._check_input(data, packed=True)
+            self._check_input(data, packed=True, w=flat[0])
             batch = int(batch_sizes[0])
             ref = data
         else:
@@ -308,7 +315,7 @@ class _RNNStack(nn.Module):
             batch_dim = 0 if self.batch_first else 1
             if not is_batched:
                 input = input.unsqueeze(batch_dim)
-            self._check_input(input, packed=False)
+            self._check_input(input, packed=False, w=flat[0])
             batch = input.size(batch_dim)
             ref = input
             if hx is not None:
@@ -351,7 +358,7 @@ class _RNNStack(nn.Module):
             self.backend, ref.device, **self.stack_config(ref.device, ref.dtype, batch, packed)
         )
         if backend == "torch" and not backends.torch_runs_per_layer(ref.device):
-            y, h_n, c_n = self._torch_stack(input, h0, c0, packed)
+            y, h_n, c_n = self._torch_stack(input, h0, c0, packed, flat)
         else:
             lengths = None
             if packed:
@@ -364,7 +371,7 @@ class _RNNStack(nn.Module):
                 x,
                 h0,
                 c0,
-                self._layer_weights(),
+                self._layer_weights(flat),
                 num_layers=self.num_layers,
                 bidirectional=self.bidirectional,
                 dropout=self.dropout,
@@ -401,16 +408,16 @@ class _RNNStack(nn.Module):
             input_size=self.input_size, has_lengths=packed,
         )
 
-    def _torch_stack(self, input, h0, c0, packed):
+    def _torch_stack(self, input, h0, c0, packed, w):
         """The whole stack through PyTorch's own kernels (aten on CPU, cuDNN on GPU).
 
         Under autocast every cell runs in the autocast dtype. torch.nn's own rules differ: on
         CUDA its cuDNN RNNs run in fp16 under any autocast dtype (torch's autocast wrapper of
         ``_cudnn_rnn`` casts to half; checked on torch 2.11), so an ``amp-bf16`` nn.LSTM
         computes in fp16; on the CPU nn.LSTM follows the autocast dtype and nn.GRU/RNN stay
-        fp32. We follow the dtype the region asked for, on every device and cell.
+        fp32. We follow the dtype the region asked for, on every device and cell. w: the
+        call's ``_flat_weights``.
         """
-        w = self._flat_weights
         data = input.data if packed else input
         ac = functional._autocast_dtype(data.device)
         order = getattr(self, "_cudnn_order", None)  # absent in modules pickled before it
@@ -720,7 +727,9 @@ class _CellBase(nn.Module):
         is_batched = input.dim() == 2
         if not is_batched:
             input = input.unsqueeze(0)
-        w = self.weight_ih
+        # Each weight read once a call (a parametrized one is computed once; see _forward).
+        w_ih, w_hh, b_ih, b_hh = self.weight_ih, self.weight_hh, self.bias_ih, self.bias_hh
+        w = w_ih
         if input.dtype != w.dtype and not torch._C._is_any_autocast_enabled():
             raise RuntimeError(
                 f"{cls}: input dtype ({input.dtype}) does not match weight dtype ({w.dtype})"
@@ -761,10 +770,10 @@ class _CellBase(nn.Module):
             input,
             hs[0],
             hs[1] if is_lstm else None,
-            self.weight_ih,
-            self.weight_hh,
-            self.bias_ih,
-            self.bias_hh,
+            w_ih,
+            w_hh,
+            b_ih,
+            b_hh,
             backend=backend,
         )
         if not is_batched:

@@ -605,3 +605,70 @@ def test_stack_dropout_one_layer_a_call_matches_the_whole_stack(monkeypatch, cel
     assert calls, "the per-layer path ran"
     for i, (a, b) in enumerate(zip(per_layer, whole, strict=True)):
         assert torch.equal(a, b), f"tensor {i} differs"
+
+
+class _ScaleOnEachCall(torch.nn.Module):
+    """A parametrization whose value changes at every evaluation (1.1×, 1.2×, ...): a module
+    that computed it twice in one call would mix two weights, or check one and run another."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls = 0
+
+    def forward(self, w):
+        self.calls += 1
+        return w * (1 + 0.1 * self.calls)
+
+
+@pytest.mark.parametrize("backend", ["reference", "torch", "auto"])
+@pytest.mark.parametrize("form", ["padded", "packed"])
+@pytest.mark.parametrize("cell", list(CELLS))
+def test_a_parametrized_weight_is_computed_once_a_call(cell, form, backend):
+    """Weight dropout (AWD-LSTM) and weight norm are parametrizations: one value per call,
+    used by the checks and the kernels alike, with the gradient reaching the original."""
+    from torch.nn.utils import parametrize
+
+    ref, ours = make_pair(cell, 4, 6, num_layers=2, backend=backend)
+    scales = {name: _ScaleOnEachCall() for name in ("weight_ih_l0", "weight_hh_l0")}
+    for name, scale in scales.items():
+        parametrize.register_parametrization(ours, name, scale)
+        scale.calls = 0  # registering evaluates it once
+        with torch.no_grad():
+            getattr(ref, name).mul_(1.1)  # what the first evaluation gives
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(5, 3, 4, generator=g)
+    lengths = torch.tensor([5, 2, 4])
+
+    def run(module):
+        inp = make_packed(x, lengths, False, enforce_sorted=False) if form == "packed" else x
+        out = module(inp)
+        sum(t.sum() for t in outputs_of(out)).backward()
+        return outputs_of(out)
+
+    assert_close_list(run(ours), run(ref), atol=2e-5, rtol=1e-4, what=f"{cell} {form}")
+    assert {n: s.calls for n, s in scales.items()} == dict.fromkeys(scales, 1)
+    for name in scales:
+        original = getattr(ours.parametrizations, name).original
+        torch.testing.assert_close(original.grad, 1.1 * getattr(ref, name).grad,
+                                   atol=2e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("backend", ["reference", "auto"])
+@pytest.mark.parametrize("cell", list(STEP_CELLS))
+def test_a_parametrized_cell_weight_is_computed_once_a_call(cell, backend):
+    from torch.nn.utils import parametrize
+
+    ref, ours = make_pair(cell, 4, 6, backend=backend, step=True)
+    scales = {name: _ScaleOnEachCall() for name in ("weight_ih", "weight_hh")}
+    for name, scale in scales.items():
+        parametrize.register_parametrization(ours, name, scale)
+        scale.calls = 0  # registering evaluates it once
+        with torch.no_grad():
+            getattr(ref, name).mul_(1.1)
+    x = torch.randn(3, 4, generator=torch.Generator().manual_seed(1))
+    def run(module):
+        out = module(x)
+        return list(out) if isinstance(out, tuple) else [out]
+
+    assert_close_list(run(ours), run(ref), atol=2e-5, rtol=1e-4, what=cell)
+    assert {n: s.calls for n, s in scales.items()} == dict.fromkeys(scales, 1)
