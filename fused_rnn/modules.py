@@ -15,6 +15,7 @@ import warnings
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.nn.utils import parametrize
 from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
 
 from fused_rnn import backends, functional
@@ -153,8 +154,10 @@ class _RNNStack(nn.Module):
         in another buffer (casts under autocast; one layer at a time when dropout between
         layers runs outside cuDNN) is laid out the same way, so cuDNN takes that in place too.
         """
-        w = self._flat_weights
         self._cudnn_order = None
+        if any(parametrize.is_parametrized(self, n) for n in self._flat_weights_names):
+            return  # computed anew at every call: nothing stays in a buffer (cuDNN copies)
+        w = self._flat_weights
         if not _cudnn_can_flatten(w):
             return
         import torch.backends.cudnn.rnn as cudnn_rnn

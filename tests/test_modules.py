@@ -234,6 +234,29 @@ def test_flatten_parameters_asks_cudnn_for_nn_rnnbase_layout(monkeypatch, cell, 
     assert all(w.dtype == torch.float64 for w in calls[1][0])
 
 
+def test_flatten_parameters_leaves_a_parametrized_module_alone(monkeypatch):
+    """A parametrized weight is computed at every call: there is nothing to keep in a
+    buffer, and flattening would run the parametrization (and draw its random numbers)."""
+    from torch.nn.utils import parametrize
+
+    from fused_rnn import modules
+
+    calls = []
+    monkeypatch.setattr(modules, "_cudnn_can_flatten", lambda weights: True)
+    monkeypatch.setattr(torch, "_use_cudnn_rnn_flatten_weight", lambda: True)
+    monkeypatch.setattr(torch, "_cudnn_rnn_flatten_weight", lambda *a: calls.append(a))
+    import torch.backends.cudnn.rnn as cudnn_rnn
+
+    monkeypatch.setattr(cudnn_rnn, "get_cudnn_mode", lambda mode: mode)
+    lstm = fused_rnn.LSTM(3, 4)
+    assert len(calls) == 1  # the stand-in works: a plain module is flattened
+    scale = _ScaleOnEachCall()
+    parametrize.register_parametrization(lstm, "weight_hh_l0", scale)
+    scale.calls = 0
+    lstm.double()
+    assert len(calls) == 1 and scale.calls == 0 and lstm._cudnn_order is None
+
+
 def test_cudnn_flattening_is_refused_off_the_gpu():
     from fused_rnn.modules import _cudnn_can_flatten
 
