@@ -42,6 +42,7 @@ import torch.distributed as dist
 import fused_rnn
 from fused_rnn import backends as _backends
 from fused_rnn.charlm import CELLS, CharLM, Vocab
+from fused_rnn.ops.common import cudnn_rnn_tf32
 from fused_rnn.tbptt import StreamBatcher, atomic_save, bits, evaluate, train_chunk
 
 __all__ = ["main", "load_default_corpus", "DEFAULT_CORPUS_MODULES"]
@@ -1065,9 +1066,10 @@ def _bench_parser(sub) -> None:
     p.set_defaults(func=_cmd_bench)
 
 
-# The test hook for the recovery below: FRNN_BENCH_FAULT="IMPL@PRECISION[,...]" makes those
-# rows fail at their first timed step as if a kernel had faulted and taken the CUDA context
-# with it, so that the recovery is exercised without a GPU.
+# The test hook for the recovery below: FRNN_BENCH_FAULT="IMPL@PRECISION[:validate][,...]"
+# makes those rows fail at their first timed step (or in their validation pass) as if a
+# kernel had faulted and taken the CUDA context with it, so that the recovery is exercised
+# without a GPU.
 _FAULT_ENV = "FRNN_BENCH_FAULT"
 
 
@@ -1084,14 +1086,18 @@ def _context_lost(device: torch.device) -> bool:
 
 
 def _bench_in_fresh_process(args, precisions: list[str], done: set[str],
-                            labels: list[str]) -> list[dict]:
+                            backends: list[str]) -> list[dict]:
     """The rows of ``precisions`` not in ``done`` ("IMPL@PRECISION"), trained by a new
-    ``fused-rnn bench`` process with this one's arguments; it writes them to a JSON file.
-    Where that process fails to, its rows say so."""
+    ``fused-rnn bench`` process with this one's arguments and fused_rnn ``backends`` (this
+    process's list: the default one depends on the precisions); it writes them to a JSON
+    file. Where that process fails to, its rows say so."""
+    labels = ["torch.nn"] + [f"fused_rnn:{n}" for n in backends]
     with tempfile.TemporaryDirectory(prefix="fused_rnn_bench_") as tmp:
         out = os.path.join(tmp, "rows.json")
         cmd = [sys.executable, "-m", "fused_rnn.cli", *args.argv,
                "--precisions", ",".join(precisions), "--out", tmp, "--rows-json", out]
+        if backends:
+            cmd += ["--backends", ",".join(backends)]
         for s in sorted(done):
             cmd += ["--skip", s]
         print(f"fused-rnn bench: the rest in a fresh process: {' '.join(cmd[3:])}",
@@ -1100,7 +1106,7 @@ def _bench_in_fresh_process(args, precisions: list[str], done: set[str],
         try:
             rc = subprocess.run(cmd, check=False).returncode  # it prints to stderr only
             with open(out) as fh:
-                return json.load(fh)
+                return [r for r in json.load(fh) if r["impl"] in labels]
         except (OSError, ValueError) as e:
             status = "" if rc is None else f"exit {rc}: "
             why = (f"not run: the fresh process for the rows after the fault failed "
@@ -1132,7 +1138,7 @@ def _first_steps(model, batcher: StreamBatcher, ac_dtype) -> tuple[torch.Tensor,
 
 
 def _first_steps_tolerance(precision: str, device: torch.device) -> float:
-    if precision == "fp32" and (device.type == "cpu" or not torch.backends.cudnn.allow_tf32):
+    if precision == "fp32" and (device.type == "cpu" or not cudnn_rnn_tf32()):
         return FIRST_STEPS_STRICT
     return FIRST_STEPS_TOLERANCE[precision]
 
@@ -1148,7 +1154,7 @@ def _first_steps_error(got, ref) -> tuple[float, float, str]:
         diff, norm = (grads[n].double() - g.double()).norm().item(), g.double().norm().item()
         errs[n] = diff / norm if norm else (0.0 if diff == 0 else math.inf)
     worst = max(errs, key=lambda n: errs[n] if errs[n] == errs[n] else math.inf)  # NaN first
-    return out, errs[worst], worst
+    return out, errs[worst], (worst if errs[worst] != 0 else "")
 
 
 def _split(n: int, parts: int) -> list[range]:
@@ -1242,7 +1248,12 @@ def _cmd_bench(args) -> int:
           f"+ {steps} timed steps in {rounds} rounds, Adam lr {args.lr:g}, seed {args.seed}; {device} "
           f"({_device_name(device)}); corpus {corpus.description}", file=sys.stderr)
 
-    faults = set(filter(None, os.environ.get(_FAULT_ENV, "").split(",")))
+    faults = {}  # "IMPL@PRECISION" -> the phase to fail in (IMPL has a colon of its own)
+    for fault in filter(None, os.environ.get(_FAULT_ENV, "").split(",")):
+        row, _, phase = fault.rpartition(":")
+        if phase not in ("train", "validate"):
+            row, phase = fault, "train"
+        faults[row] = phase
 
     class _Run:
         """One implementation in one precision: its model, optimizer, data and timings."""
@@ -1254,7 +1265,7 @@ def _cmd_bench(args) -> int:
             self.peak = None
             self.state = None
             self.fallbacks: set[str] = set()  # what ran instead of the named backend, and why
-            self.injected = f"{label}@{prec}" in faults  # the test hook: fail as a fault would
+            self.injected = faults.get(f"{label}@{prec}")  # the test hook: fail as a fault would
             try:
                 torch.manual_seed(args.seed)
                 model = _build_model(base_cfg, vocab_size, backend is None, backend or "auto")
@@ -1289,7 +1300,7 @@ def _cmd_bench(args) -> int:
                 if self.row["error"]:
                     return
                 try:
-                    if self.injected and timed:
+                    if self.injected == "train" and timed:
                         raise RuntimeError(f"a fault injected by {_FAULT_ENV}")
                     chunk = self.train.next_chunk()
                     _sync(device)
@@ -1320,6 +1331,8 @@ def _cmd_bench(args) -> int:
             row = self.row
             if not row["error"]:
                 try:
+                    if self.injected == "validate":
+                        raise RuntimeError(f"a fault injected by {_FAULT_ENV}")
                     val = StreamBatcher(splits.val, B, T, boundaries=splits.val_bounds,
                                         device=device)
                     total, count = evaluate(self.model, val, max_chunks=args.val_chunks,
@@ -1382,8 +1395,8 @@ def _cmd_bench(args) -> int:
         def first(r):
             if r.get("first_logits_err") is None:
                 return "n/a"
-            return (f"{r['first_logits_err']:.1e}, {r['first_grad_err']:.1e} "
-                    f"({r['first_grad_param']})")
+            named = f" ({r['first_grad_param']})" if r.get("first_grad_param") else ""
+            return f"{r['first_logits_err']:.1e}, {r['first_grad_err']:.1e}{named}"
 
         dev_tag = "cpu" if device.type == "cpu" else re.sub(r"[^a-z0-9]+", "-", _device_name(device).lower()).strip("-")
         stem = os.path.join(args.out, f"{now:%Y-%m-%d}-{dev_tag}-charlm-bench")
@@ -1514,6 +1527,9 @@ def _cmd_bench(args) -> int:
     def side_by_side(runs, ref) -> _Run | None:
         """Probe, then train ``runs`` side by side; the run whose error took the device with
         it, if any."""
+        for run in runs:  # a fault while building (moving the model to the device)
+            if run.row["error"] and _context_lost(device):
+                return run
         for n, timed in [(None, False), (warmup, False)] + [(n, True) for n in blocks]:
             for run in runs:
                 had = bool(run.row["error"])
@@ -1529,34 +1545,49 @@ def _cmd_bench(args) -> int:
     results: list[dict] = []
     for i, prec in enumerate(precisions):
         ref = reference_probe(prec)
+        if ref is None and _context_lost(device):
+            # cuDNN itself faulted: the baseline is gone, and a fresh process would fault the
+            # same way; every row left says so.
+            why = "not run: torch.nn's first-steps probe took the CUDA context with it"
+            results += [{"impl": label, "precision": p, "error": why, "ms_per_step": None,
+                         "tokens_per_s": None, "peak_mib": None, "val_loss": None,
+                         "fallback": ""}
+                        for p in precisions[i:] for label, _ in impls
+                        if f"{label}@{p}" not in skip]
+            break
         runs = [_Run(label, backend, prec) for label, backend in impls
                 if f"{label}@{prec}" not in skip]
         culprit = side_by_side(runs, ref)
         ref = None
+        finished = []
         for run in runs if culprit is None else []:
             row = run.finish()
-            if row["error"] and _context_lost(device):  # a fault in the validation pass
+            if row["error"] and (run.injected or _context_lost(device)):  # in validation
                 culprit = run
                 break
-            results.append(row)
-            say(row)
+            finished.append(row)
         if culprit is None:
+            for row in finished:
+                results.append(row)
+                say(row)
             del runs
             if not args.rows_json:
                 write_tables(results, final=False)
             continue
-        # A kernel fault is sticky: every later CUDA call in this process fails. The rows
-        # not done yet (this precision's others, the later precisions) run in a fresh process.
+        # A kernel fault is sticky: every later CUDA call in this process fails. The faulting
+        # row keeps its error; this precision's other rows (all of them, so that they are
+        # timed side by side in one process) and the later precisions' run in a fresh one.
         row = culprit.finish()
-        row["error"] += ("; it took the CUDA context with it: the rows after it ran in a "
-                         "fresh process")
+        row["error"] += ("; it took the CUDA context with it: the other rows of this "
+                         "precision and the later precisions ran in a fresh process")
         results.append(row)
         say(row)
-        del runs
+        del runs, finished
         if not args.rows_json:
             write_tables(results, final=False)
         done = skip | {f"{r['impl']}@{r['precision']}" for r in results}
-        results += _bench_in_fresh_process(args, precisions[i:], done, [label for label, _ in impls])
+        results += _bench_in_fresh_process(args, precisions[i:], done,
+                                           [backend for _, backend in impls if backend])
         break
     results.sort(key=lambda r: (precisions.index(r["precision"]), order[r["impl"]]))
     if args.rows_json:  # a fresh process's rows, for the process that started it

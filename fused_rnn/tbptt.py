@@ -126,6 +126,9 @@ class Resets:
             raise ValueError("host_mask must be a CPU tensor of the mask's shape")
         return cls(mask, tuple(torch.nonzero(host_mask.any(1)).flatten().tolist()))
 
+    def __reduce__(self):  # every pickle protocol (slots alone need 2+); checked again
+        return (Resets, (self.mask, self.steps))
+
     def __repr__(self) -> str:
         return f"Resets(steps={self.steps}, mask={tuple(self.mask.shape)} on {self.mask.device})"
 

@@ -416,7 +416,8 @@ def test_bench_first_steps_catch_what_the_loss_lets_through(capsys, tmp_path, te
             else "first-steps grad of rnn.weight_hh_l0 5.0e-01")
     assert said in check, check
     assert rows[("amp-bf16", "fused_rnn:torch")]["check"] == "ok"
-    assert float(rows[("amp-bf16", "fused_rnn:torch")]["first_grad_err"]) == 0.0
+    exact = rows[("amp-bf16", "fused_rnn:torch")]
+    assert float(exact["first_grad_err"]) == 0.0 and exact["first_grad_param"] == ""
 
 
 def test_bench_times_auto_where_a_rule_sends_it_to_a_kernel(capsys, tmp_path, text_file,
@@ -578,12 +579,40 @@ def test_bench_reruns_the_rows_after_a_fault_that_takes_the_device_in_a_fresh_pr
     assert list(rows) == list(clean)  # every row, in the same order
     bad = rows[("fp32", "fused_rnn:reference")]
     assert bad["check"] == "ERROR" and "FRNN_BENCH_FAULT" in bad["error"], bad
-    assert "the rows after it ran in a fresh process" in bad["error"]
+    assert "the other rows of this precision and the later precisions ran in a fresh" in bad["error"]
     for key, row in rows.items():
         if key != ("fp32", "fused_rnn:reference"):
             assert row["check"] == "ok" and row["val_loss"] == clean[key]["val_loss"], (key, row)
     assert "INCOMPLETE" not in (tmp_path / "faulted" / next(
         n for n in os.listdir(tmp_path / "faulted") if n.endswith(".md"))).read_text()
+    # A fault in the validation pass, after torch.nn's row finished: that row is trained again
+    # in the fresh process too, so that the precision's rows are timed side by side.
+    monkeypatch.setenv("FRNN_BENCH_FAULT", "fused_rnn:reference@fp32:validate")
+    rc, stdout, err = run(capsys, *args, "--out", tmp_path / "in-validation")
+    rows = _bench_rows(tmp_path / "in-validation")
+    assert rc == 1 and list(rows) == list(clean), stdout + err
+    assert "FRNN_BENCH_FAULT" in rows[("fp32", "fused_rnn:reference")]["error"]
+    assert not any(ln.split()[:2] == ["fp32", "torch.nn"] for ln in err.splitlines()), err
+    for key, row in rows.items():
+        if key != ("fp32", "fused_rnn:reference"):
+            assert row["check"] == "ok" and row["val_loss"] == clean[key]["val_loss"], (key, row)
+
+
+def test_bench_says_so_when_torch_nn_itself_takes_the_device(capsys, tmp_path, text_file,
+                                                             monkeypatch):
+    """No baseline and no fresh process (it would fault the same way): every row says why."""
+    def faulting(*a, **k):
+        raise RuntimeError("CUDA error: an illegal memory access was encountered")
+
+    monkeypatch.setattr(cli, "_first_steps", faulting)
+    monkeypatch.setattr(cli, "_context_lost", lambda device: True)
+    rc, stdout, err = run(capsys, *BENCH_TINY, "--text", text_file, "--backends", "torch",
+                          "--precisions", "fp32,amp-bf16", "--out", tmp_path)
+    assert rc == 1 and "first-steps probe failed" in err, stdout + err
+    rows = _bench_rows(tmp_path)
+    assert len(rows) == 4 and all(
+        r["check"] == "ERROR" and "torch.nn's first-steps probe took the CUDA context" in r["error"]
+        for r in rows.values()), rows
 
 
 def test_bench_says_which_rows_a_failed_fresh_process_left_undone(capsys, tmp_path,

@@ -263,6 +263,17 @@ def test_run_rnn_with_resets_never_reads_the_mask_on_the_host():
     assert calls == [4, 3, 2] and out.shape == (9, 3, 1) and state.device.type == "meta"
 
 
+def test_resets_pickle_and_copy():
+    import copy
+
+    mask, resets = _mask_and_resets()
+    for proto in range(pickle.HIGHEST_PROTOCOL + 1):
+        back = pickle.loads(pickle.dumps(resets, protocol=proto))
+        assert back.steps == resets.steps and torch.equal(back.mask, mask)
+    deep = copy.deepcopy(resets)
+    assert deep.steps == (0, 4, 7) and torch.equal(deep.mask, mask)
+
+
 def test_resets_refuse_what_they_cannot_hold():
     mask, _ = _mask_and_resets()
     with pytest.raises(ValueError, match=r"\(T, B\) bool"):
