@@ -17,12 +17,14 @@ Examples::
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.nn.utils import parametrize
 
 import fused_rnn
 from fused_rnn.tbptt import Resets, State, run_rnn
 
-__all__ = ["CELLS", "CharLM", "Vocab"]
+__all__ = ["CELLS", "CharLM", "Vocab", "WeightDrop"]
 
 CELLS = ("lstm", "gru", "rnn")
 
@@ -40,6 +42,46 @@ _CELL_OF = {
     nn.GRU: nn.GRUCell,
     nn.RNN: nn.RNNCell,
 }
+
+
+def _step_cell_class(rnn: nn.Module):
+    # isinstance, not type(): a parametrized module's class is a subclass made for it.
+    return next((cell for layer, cell in _CELL_OF.items() if isinstance(rnn, layer)), None)
+
+
+class WeightDrop(nn.Module):
+    """DropConnect on a weight, AWD-LSTM's regulariser of the recurrent weights, as a
+    ``torch.nn.utils.parametrize`` parametrization: in training each element is zeroed with
+    probability ``p`` (the rest scaled by 1/(1-p)); in eval the weight is unchanged.
+
+    One mask a call of the module; :class:`CharLM` keeps one mask for a whole chunk, however
+    many calls document starts cut it into. The kernels see an ordinary weight, so every
+    backend runs it.
+
+    Examples::
+
+        >>> import torch, fused_rnn
+        >>> from torch.nn.utils import parametrize
+        >>> lstm = fused_rnn.LSTM(4, 8)
+        >>> _ = parametrize.register_parametrization(lstm, "weight_hh_l0", WeightDrop(0.5))
+        >>> _ = torch.manual_seed(0)
+        >>> dropped = (lstm.weight_hh_l0 == 0).float().mean().item()
+        >>> 0.3 < dropped < 0.7, torch.equal(lstm.eval().weight_hh_l0,
+        ...                                  lstm.parametrizations.weight_hh_l0.original)
+        (True, True)
+    """
+
+    def __init__(self, p: float) -> None:
+        super().__init__()
+        if not 0.0 <= p <= 1.0:  # as nn.Dropout
+            raise ValueError(f"weight dropout probability has to be between 0 and 1, but got {p}")
+        self.p = p
+
+    def forward(self, weight: Tensor) -> Tensor:
+        return F.dropout(weight, self.p, self.training)
+
+    def extra_repr(self) -> str:
+        return f"p={self.p}"
 
 
 class Vocab:
@@ -78,6 +120,8 @@ class CharLM(nn.Module):
     vocab_size: number of characters; cell: "lstm", "gru" or "rnn" (tanh); embedding_size:
     defaults to ``hidden_size`` with ``tie_weights`` (required then) else 64; dropout: on the
     embeddings, between recurrent layers and on the last layer's output (training only);
+    weight_drop: AWD-LSTM's DropConnect on every layer's ``weight_hh`` (:class:`WeightDrop`;
+    one mask a chunk; training only; 0 = off, and the state_dict keys are then torch.nn's);
     rnn_class: a class with nn.LSTM's constructor (default: fused_rnn's class for ``cell``);
     rnn_kwargs: extra keyword arguments for it, e.g. ``{"backend": "triton"}``.
 
@@ -97,6 +141,7 @@ class CharLM(nn.Module):
         embedding_size: int | None = None,
         dropout: float = 0.0,
         tie_weights: bool = False,
+        weight_drop: float = 0.0,
         rnn_class=None,
         rnn_kwargs: dict | None = None,
     ) -> None:
@@ -118,6 +163,7 @@ class CharLM(nn.Module):
             embedding_size=embedding_size,
             dropout=dropout,
             tie_weights=tie_weights,
+            weight_drop=weight_drop,
         )
         self.cell = cell
         self.encoder = nn.Embedding(vocab_size, embedding_size)
@@ -130,6 +176,10 @@ class CharLM(nn.Module):
             dropout=dropout if num_layers > 1 else 0.0,
             **(rnn_kwargs or {}),
         )
+        if weight_drop:
+            drop = WeightDrop(weight_drop)  # checks the range
+            for name in [n for n, _ in self.rnn.named_parameters() if n.startswith("weight_hh")]:
+                parametrize.register_parametrization(self.rnn, name, WeightDrop(drop.p))
         self.decoder = nn.Linear(hidden_size, vocab_size)
         nn.init.uniform_(self.encoder.weight, -0.1, 0.1)
         nn.init.zeros_(self.decoder.bias)
@@ -140,7 +190,11 @@ class CharLM(nn.Module):
 
     def forward(self, tokens: Tensor, state: State = None, reset: Resets | Tensor | None = None):
         x = self.drop(self.encoder(tokens))
-        out, state = run_rnn(self.rnn, x, state, reset)
+        if parametrize.is_parametrized(self.rnn):
+            with parametrize.cached():  # one weight-dropout mask for all the chunk's pieces
+                out, state = run_rnn(self.rnn, x, state, reset)
+        else:
+            out, state = run_rnn(self.rnn, x, state, reset)
         return self.decoder(self.drop(out)), state
 
     # ---------------------------------------------------------------- one step at a time
@@ -148,10 +202,12 @@ class CharLM(nn.Module):
         """One cell module per layer, sharing the layer's parameters (no copies).
 
         For fused_rnn layers these are fused_rnn cells with the layer's backend: the fused
-        single-step path. Kept in a plain list, so they add nothing to the state_dict.
+        single-step path. Kept in a plain list, so they add nothing to the state_dict. A
+        parametrized weight (weight dropout) is taken as it is computed now, detached: call
+        this in eval mode, after training, as generation does.
         """
         rnn = self.rnn
-        cell_class = _CELL_OF.get(type(rnn))
+        cell_class = _step_cell_class(rnn)
         if cell_class is None:
             raise TypeError(f"no single-step cell known for {type(rnn).__name__}")
         if getattr(rnn, "bidirectional", False) or getattr(rnn, "proj_size", 0):
@@ -169,7 +225,11 @@ class CharLM(nn.Module):
                               dtype=p.dtype, **kwargs)
             for name in ("weight_ih", "weight_hh", "bias_ih", "bias_hh"):
                 if rnn.bias or name.startswith("weight"):
-                    setattr(cell, name, getattr(rnn, f"{name}_l{layer}"))
+                    value = getattr(rnn, f"{name}_l{layer}")
+                    if not isinstance(value, nn.Parameter):  # computed by a parametrization
+                        delattr(cell, name)
+                        value = value.detach()
+                    setattr(cell, name, value)
             cells.append(cell)
         return cells
 

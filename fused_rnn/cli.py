@@ -69,6 +69,7 @@ RUN_DEFAULTS = {
     "embedding_size": None,
     "dropout": 0.0,
     "tie_weights": False,
+    "weight_drop": 0.0,
     "batch_size": 32,
     "bptt": 128,
     "variable_bptt": False,
@@ -512,6 +513,9 @@ def _train_parser(sub) -> None:
     g.add_argument("--dropout", type=_float_in(0.0, 1.0), default=None, help="default: 0")
     g.add_argument("--tie-weights", action="store_const", const=True, default=None,
                    help="share the embedding and output weights")
+    g.add_argument("--weight-drop", type=_float_in(0.0, 1.0), default=None,
+                   help="AWD-LSTM's DropConnect on the recurrent weights: the probability of "
+                   "zeroing each element of weight_hh, one mask a chunk (default: 0)")
     g.add_argument("--batch-size", type=_int_at_least(1), default=None,
                    help="number of parallel streams, global under torchrun (default: 32)")
     g.add_argument("--bptt", type=_int_at_least(1), default=None, help="chunk length (default: 128)")
@@ -557,6 +561,7 @@ def _resolve_run_config(args, ckpt: dict | None, corpus_sha: str) -> dict:
         cfg["corpus_sha256"] = corpus_sha
         return cfg
     cfg = dict(ckpt["run"])
+    cfg.setdefault("weight_drop", 0.0)  # checkpoints from before --weight-drop
     if cfg["corpus_sha256"] != corpus_sha:
         raise CLIError(
             f"--resume: the checkpoint was trained on a different text (sha256 "
@@ -658,6 +663,7 @@ def _build_model(cfg: dict, vocab_size: int, torch_nn: bool, backend: str) -> Ch
         embedding_size=cfg["embedding_size"],
         dropout=cfg["dropout"],
         tie_weights=cfg["tie_weights"],
+        weight_drop=cfg.get("weight_drop", 0.0),
         rnn_class=rnn_class,
         rnn_kwargs=kwargs,
     )
@@ -727,8 +733,9 @@ def _train(args, cfg, d, device, corpus, splits, ckpt, param_dtype, ac_dtype, us
 
         train_model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
 
-    impl = ("torch.nn." + model.rnn.__class__.__name__ if args.torch_nn else
-            f"fused_rnn.{model.rnn.__class__.__name__} backend {args.backend}"
+    rnn_name = {"lstm": "LSTM", "gru": "GRU", "rnn": "RNN"}[cfg["cell"]]
+    impl = (f"torch.nn.{rnn_name}" if args.torch_nn else
+            f"fused_rnn.{rnn_name} backend {args.backend}"
             + (f" (→ {_auto_resolves_to(model.rnn, device, cfg['precision'], local)})"
                if args.backend == "auto" else ""))
     n_train, n_val = splits.train.numel(), splits.val.numel()
@@ -737,7 +744,10 @@ def _train(args, cfg, d, device, corpus, splits, ckpt, param_dtype, ac_dtype, us
     say(f"vocabulary {len(splits.vocab)} characters; {n_train:,} training and {n_val:,} "
         f"validation characters")
     say(f"model: {cfg['layers']}-layer {cfg['cell'].upper()}, hidden {cfg['hidden_size']}, "
-        f"embedding {model.config['embedding_size']}, {model.num_parameters():,} parameters; "
+        f"embedding {model.config['embedding_size']}, {model.num_parameters():,} parameters"
+        + "".join(f", {what} {cfg[key]:g}" for key, what in
+                  (("dropout", "dropout"), ("weight_drop", "weight dropout")) if cfg[key])
+        + "; "
         f"{impl}; {device} {cfg['precision']}"
         + (f", {torch.get_num_threads()} thread{'s' if torch.get_num_threads() != 1 else ''}"
            if device.type == "cpu" else "")

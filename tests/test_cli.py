@@ -150,9 +150,11 @@ def test_train_without_matplotlib_skips_the_plot_with_a_note(capsys, tmp_path, t
 
 
 def test_resume_gives_the_same_losses_as_an_uninterrupted_run(capsys, tmp_path, text_file):
-    # Dropout, random chunk lengths, two layers, GRU: RNG, data position and state all matter.
+    # Dropout, weight dropout, random chunk lengths, two layers, GRU: RNG, data position and
+    # state all matter.
     args = ["--text", text_file, *TINY, "--cell", "gru", "--layers", "2", "--dropout", "0.3",
-            "--variable-bptt", "--ckpt-every", 4, "--eval-every", 4, "--log-every", 3]
+            "--weight-drop", "0.3", "--variable-bptt", "--ckpt-every", 4, "--eval-every", 4,
+            "--log-every", 3]
     rc, _, err = run(capsys, "train", *args, "--out", tmp_path / "a", "--steps", 12)
     assert rc == 0, err
     rc, _, err = run(capsys, "train", *args, "--out", tmp_path / "b", "--steps", 6)
@@ -168,6 +170,30 @@ def test_resume_gives_the_same_losses_as_an_uninterrupted_run(capsys, tmp_path, 
                      "--hidden-size", 32)
     assert rc == 2 and "--hidden-size 16, not 32" in err
     assert torch.load(tmp_path / "b" / "checkpoint.pt", weights_only=True)["threads"] == 1
+
+
+def test_weight_drop_trains_samples_and_old_checkpoints_resume(capsys, tmp_path, text_file):
+    out = tmp_path / "wd"
+    rc, stdout, err = run(capsys, "train", "--text", text_file, "--out", out, *TINY,
+                          "--weight-drop", "0.5", "--steps", 4)
+    assert rc == 0 and "weight dropout 0.5" in stdout, stdout + err
+    ckpt = torch.load(out / "checkpoint.pt", weights_only=True)
+    assert "rnn.parametrizations.weight_hh_l0.original" in ckpt["model"]
+    rc, text, err = run(capsys, "sample", "--checkpoint", out / "checkpoint.pt", "--length", 20,
+                        "--seed", 0)
+    assert rc == 0 and len(text.rstrip("\n")) >= 20, err
+    # A checkpoint written before --weight-drop existed has no such key: it resumes as 0.
+    plain = tmp_path / "plain"
+    rc, _, err = run(capsys, "train", "--text", text_file, "--out", plain, *TINY, "--steps", 2)
+    assert rc == 0, err
+    ckpt = torch.load(plain / "checkpoint.pt", weights_only=True)
+    del ckpt["run"]["weight_drop"], ckpt["model_config"]["weight_drop"]
+    torch.save(ckpt, plain / "checkpoint.pt")
+    rc, _, err = run(capsys, "train", "--out", plain, "--resume", "--steps", 3)
+    assert rc == 0, err
+    rc, _, err = run(capsys, "train", "--out", plain, "--resume", "--steps", 4,
+                     "--weight-drop", "0.2")
+    assert rc == 2 and "--weight-drop 0.0, not 0.2" in err
 
 
 def test_cosine_schedule_decays_to_a_tenth_at_the_last_step(capsys, tmp_path, text_file):

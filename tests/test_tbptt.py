@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import fused_rnn
-from fused_rnn.charlm import CharLM, Vocab
+from fused_rnn.charlm import CharLM, Vocab, WeightDrop
 from fused_rnn.tbptt import (
     Resets,
     StreamBatcher,
@@ -350,6 +350,52 @@ def test_step_through_cells_equals_layer_forward(cell, torch_nn):
         outs.append(out)
     torch.testing.assert_close(torch.stack(outs), logits, rtol=1e-5, atol=1e-6)
     assert set(model.state_dict()) == set(CharLM(13, cell=cell, hidden_size=12, num_layers=2).state_dict())
+
+
+@pytest.mark.parametrize("torch_nn", [False, True], ids=["fused", "nn"])
+def test_weight_drop_is_one_mask_a_chunk_in_training_only(monkeypatch, torch_nn):
+    """AWD-LSTM's DropConnect: one mask per weight_hh for the whole chunk, even when document
+    starts cut it into several calls of the layer; gradients reach the kept elements only."""
+    rnn_class = torch.nn.LSTM if torch_nn else None
+    drawn = []
+    real = WeightDrop.forward
+
+    def recording(self, w):
+        out = real(self, w)
+        drawn.append(out.detach().clone())
+        return out
+
+    torch.manual_seed(0)
+    model = CharLM(13, hidden_size=12, num_layers=2, weight_drop=0.5, rnn_class=rnn_class)
+    tokens = torch.randint(0, 13, (9, 3))
+    mask = torch.zeros(9, 3, dtype=torch.bool)
+    mask[[3, 6], [0, 2]] = True  # two document starts: three calls of the layer
+    monkeypatch.setattr(WeightDrop, "forward", recording)
+    logits, _ = model(tokens, None, Resets(mask))
+    assert len(drawn) == 2, "one mask per layer for the chunk"
+    # The same chunk through a model without weight drop, holding the masked weights.
+    plain = CharLM(13, hidden_size=12, num_layers=2, rnn_class=rnn_class)
+    state = {k.replace("parametrizations.", "").replace(".original", ""): v
+             for k, v in model.state_dict().items()}
+    plain.load_state_dict(state)
+    with torch.no_grad():
+        plain.rnn.weight_hh_l0.copy_(drawn[-2])
+        plain.rnn.weight_hh_l1.copy_(drawn[-1])
+    torch.testing.assert_close(logits, plain(tokens, None, mask)[0], rtol=0, atol=0)
+    logits.sum().backward()
+    grad = model.rnn.parametrizations.weight_hh_l0.original.grad
+    assert torch.all(grad[drawn[-2] == 0] == 0) and grad[drawn[-2] != 0].abs().sum() > 0
+    model.eval()
+    plain.load_state_dict(state)
+    torch.testing.assert_close(model(tokens)[0], plain.eval()(tokens)[0], rtol=0, atol=0)
+    cells = model.step_cells()  # computed weights, taken as they are in eval
+    step_state, outs = None, []
+    for t in range(9):
+        out, step_state = model.step(tokens[t], step_state, cells)
+        outs.append(out)
+    torch.testing.assert_close(torch.stack(outs), model(tokens)[0], rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="between 0 and 1"):
+        CharLM(13, hidden_size=12, weight_drop=1.5)
 
 
 def test_weight_tying_and_injected_class():
