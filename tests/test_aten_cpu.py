@@ -248,3 +248,25 @@ def test_double_backward_is_refused_clearly():
     (gx,) = torch.autograd.grad(y.pow(2).sum(), inputs[0], create_graph=True)
     with pytest.raises(NotImplementedError, match="double backward.*'torch'"):
         torch.autograd.grad(gx.sum(), inputs[0])
+
+
+def test_without_fullgraph_the_layer_op_breaks_the_graph_as_documented(monkeypatch):
+    """The workspace's size is oneDNN's (data-dependent for the compiler): a plain compile
+    breaks the graph at the op, with eager's results; capturing dynamic output shapes (which
+    fullgraph=True does) keeps it in. The README says so; this pins it."""
+    from torch._dynamo.utils import counters
+
+    torch.manual_seed(0)
+    lstm = fused_rnn.LSTM(4, 6)
+    x = torch.randn(5, 2, 4)
+    want = lstm(x)[0]
+    for capture, breaks in [(False, 1), (True, 0)]:
+        monkeypatch.setattr(torch._dynamo.config, "capture_dynamic_output_shape_ops", capture)
+        torch._dynamo.reset()
+        counters.clear()
+        got = torch.compile(lstm, backend="eager")(x)[0]
+        assert torch.equal(got, want)
+        reasons = [r for r in counters["graph_break"] if "aten_lstm_layer" in r]
+        assert len(reasons) == breaks, dict(counters["graph_break"])
+    torch._dynamo.reset()
+
