@@ -182,7 +182,7 @@ fi
 
 # The main job end to end: the char-LM's truncated-BPTT training on torch.nn (cuDNN) and on
 # each backend named (variants aside), same data and seed; it exits 1 if a backend's validation
-# loss after the same steps disagrees with torch.nn's (fused_rnn/cli.py BENCH_TOLERANCE). It
+# loss after the same steps disagrees with torch.nn's (fused_rnn/bench.py BENCH_TOLERANCE). It
 # rewrites its table after each precision (a timeout keeps those done, marked INCOMPLETE), and
 # a row whose fault takes the CUDA context with it costs only that row: the bench trains the
 # rows not done yet in a fresh process. It starts only with 60 s left.

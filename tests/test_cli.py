@@ -21,7 +21,7 @@ import pytest
 import torch
 
 import fused_rnn.ops.reference as reference_ops
-from fused_rnn import cli
+from fused_rnn import bench, cli
 from fused_rnn.charlm import CharLM
 from fused_rnn.cli import main
 from fused_rnn.tbptt import StreamBatcher, train_chunk
@@ -630,8 +630,8 @@ def test_bench_says_so_when_torch_nn_itself_takes_the_device(capsys, tmp_path, t
     def faulting(*a, **k):
         raise RuntimeError("CUDA error: an illegal memory access was encountered")
 
-    monkeypatch.setattr(cli, "_first_steps", faulting)
-    monkeypatch.setattr(cli, "_context_lost", lambda device: True)
+    monkeypatch.setattr(bench, "_first_steps", faulting)
+    monkeypatch.setattr(bench, "_context_lost", lambda device: True)
     rc, stdout, err = run(capsys, *BENCH_TINY, "--text", text_file, "--backends", "torch",
                           "--precisions", "fp32,amp-bf16", "--out", tmp_path)
     assert rc == 1 and "first-steps probe failed" in err, stdout + err
@@ -646,7 +646,7 @@ def test_bench_says_which_rows_a_failed_fresh_process_left_undone(capsys, tmp_pa
     monkeypatch.setenv("FRNN_BENCH_FAULT", "torch.nn@fp32")
     # One that cannot start, one that starts and writes nothing.
     for python, said in [("/nonexistent/python", "FileNotFoundError"), ("false", "exit 1")]:
-        monkeypatch.setattr(cli.sys, "executable", python)
+        monkeypatch.setattr(bench.sys, "executable", python)
         out = tmp_path / said.split()[0]
         rc, stdout, err = run(capsys, *BENCH_TINY, "--text", text_file, "--backends", "torch",
                               "--precisions", "fp32,amp-bf16", "--out", out)
@@ -668,7 +668,7 @@ def test_bench_writes_its_table_after_every_precision(capsys, tmp_path, text_fil
             raise KeyboardInterrupt
         return train_chunk(*a, autocast_dtype=autocast_dtype, **k)
 
-    monkeypatch.setattr(cli, "train_chunk", interrupted_in_bf16)
+    monkeypatch.setattr(bench, "train_chunk", interrupted_in_bf16)
     rc, _, err = run(capsys, *BENCH_TINY, "--text", text_file, "--backends", "reference",
                      "--precisions", "fp32,amp-bf16", "--out", tmp_path)
     assert rc == 130, err
@@ -682,12 +682,10 @@ def test_bench_writes_its_table_after_every_precision(capsys, tmp_path, text_fil
 def test_bench_commit_comes_from_frnn_commit_where_git_is_absent(monkeypatch):
     """The lent GPU gets the checkout without .git: its command passes FRNN_COMMIT, which the
     bench report then names."""
-    from fused_rnn import cli
-
     monkeypatch.setenv("FRNN_COMMIT", "0123abc")
-    assert cli._git_commit() == "0123abc"
+    assert bench._git_commit() == "0123abc"
     monkeypatch.delenv("FRNN_COMMIT")
-    assert cli._git_commit() != "0123abc"
+    assert bench._git_commit() != "0123abc"
 
 
 @pytest.mark.parametrize("command", ["train", "bench"])
