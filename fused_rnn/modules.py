@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import math
 import numbers
+import operator
 import warnings
+import weakref
 
 import torch
 import torch.nn.functional as F
@@ -84,11 +86,14 @@ class _RNNStack(nn.Module):
             if not isinstance(value, bool):
                 raise TypeError(f"{name} should be of type bool, got: {type(value).__name__}")
         for name, value in (("input_size", input_size), ("hidden_size", hidden_size)):
-            if not isinstance(value, int) or isinstance(value, bool):
+            if not isinstance(value, int):
                 raise TypeError(f"{name} should be of type int, got: {type(value).__name__}")
             if value <= 0:
                 raise ValueError(f"{name} must be greater than zero")
-        if not isinstance(num_layers, int) or num_layers <= 0:
+        # torch.nn takes any integer here (a numpy int, a 0-d tensor) and refuses others with
+        # a TypeError; the kernels get a Python int.
+        num_layers, proj_size = operator.index(num_layers), operator.index(proj_size)
+        if num_layers <= 0:
             raise ValueError("num_layers must be greater than zero")
         if proj_size < 0:
             raise ValueError(
@@ -99,8 +104,8 @@ class _RNNStack(nn.Module):
         self.backend = backends.check_name(backend)
 
         self.mode = mode
-        self.input_size = input_size
-        self.hidden_size = hidden_size
+        self.input_size = int(input_size)
+        self.hidden_size = int(hidden_size)
         self.num_layers = num_layers
         self.bias = bias
         self.batch_first = batch_first
@@ -184,7 +189,30 @@ class _RNNStack(nn.Module):
 
     @property
     def _flat_weights(self) -> list[Tensor]:
-        return [getattr(self, n) for n in self._flat_weights_names]
+        """The weights as this call sees them, read from their attributes each time (so a
+        weight assigned, deleted and set again, or swapped by ``functional_call``, is seen)."""
+        return [getattr(self, n, None) for n in self._flat_weights_names]
+
+    @_flat_weights.setter
+    def _flat_weights(self, value) -> None:
+        raise AttributeError(
+            "fused_rnn modules read their weights from the attributes named in "
+            "_flat_weights_names at every call; assign those (e.g. "
+            f"setattr(module, {self._flat_weights_names[0]!r}, w)) instead of _flat_weights"
+        )
+
+    # nn.RNNBase keeps _flat_weights as a list that these refresh; code written for it (weight
+    # dropout wrappers, pruning) calls them after swapping weights. Here there is nothing to
+    # refresh: _flat_weights reads the attributes.
+    def _init_flat_weights(self) -> None:
+        self.flatten_parameters()
+
+    def _update_flat_weights(self) -> None:
+        pass
+
+    @property
+    def _flat_weight_refs(self) -> list:
+        return [None if w is None else weakref.ref(w) for w in self._flat_weights]
 
     @property
     def all_weights(self) -> list[list[nn.Parameter]]:
@@ -240,6 +268,28 @@ class _RNNStack(nn.Module):
                 f"input.size(-1) must be equal to input_size. Expected {self.input_size}, "
                 f"got {input.size(-1)}"
             )
+
+    def _check_weights(self, flat: list) -> None:
+        """Every weight a tensor, all of one dtype (autocast casts them) and on one device:
+        what PyTorch's kernels require (torch.nn raises the same exception types)."""
+        first = flat[0]
+        for name, w in zip(self._flat_weights_names, flat):
+            if not isinstance(w, Tensor):
+                raise TypeError(
+                    f"{type(self).__name__}: weight {name} is {type(w).__name__}, not a tensor "
+                    f"(a module built with bias={self.bias} uses every weight in "
+                    "_flat_weights_names)"
+                )
+            if w.dtype != first.dtype and not torch._C._is_any_autocast_enabled():
+                raise RuntimeError(
+                    f"{type(self).__name__}: weight {name} is {w.dtype} but "
+                    f"{self._flat_weights_names[0]} is {first.dtype}; all weights need one dtype"
+                )
+            if w.device != first.device:
+                raise RuntimeError(
+                    f"{type(self).__name__}: weight {name} is on {w.device} but "
+                    f"{self._flat_weights_names[0]} is on {first.device}"
+                )
 
     def _check_hidden(self, h: Tensor, expected: tuple[int, ...], msg: str, input: Tensor) -> None:
         if tuple(h.size()) != expected:
@@ -297,6 +347,7 @@ class _RNNStack(nn.Module):
         # Every weight is read once a call: a parametrized weight (weight dropout, weight
         # norm) is computed once, and that value is what the checks and the kernels see.
         flat = self._flat_weights
+        self._check_weights(flat)
         is_lstm = self.mode == "LSTM"
         num_dir = 2 if self.bidirectional else 1
         real_hidden = self.proj_size if self.proj_size > 0 else self.hidden_size
@@ -319,15 +370,14 @@ class _RNNStack(nn.Module):
             if not is_batched:
                 input = input.unsqueeze(batch_dim)
             self._check_input(input, packed=False, w=flat[0])
+            if not torch.jit.is_tracing() and input.size(1 - batch_dim) == 0:  # as aten's
+                raise RuntimeError("Expected sequence length to be larger than 0 in RNN")
             batch = input.size(batch_dim)
             ref = input
             if hx is not None:
+                self._check_hx_structure(hx)
                 hs = hx if is_lstm else (hx,)
                 want = 3 if is_batched else 2
-                if not isinstance(hs, (tuple, list)) or len(hs) != (2 if is_lstm else 1):
-                    raise TypeError(
-                        "hx must be a tuple (h_0, c_0) for LSTM" if is_lstm else "hx must be a Tensor"
-                    )
                 if any(h.dim() != want for h in hs):
                     kind = "batched 3-D" if is_batched else "unbatched 2-D"
                     dims = ", ".join(f"{h.dim()}-D" for h in hs)
@@ -345,12 +395,12 @@ class _RNNStack(nn.Module):
             h0 = torch.zeros(h_shape, dtype=ref.dtype, device=ref.device)
             c0 = torch.zeros(c_shape, dtype=ref.dtype, device=ref.device) if is_lstm else None
         elif is_lstm:
-            if not isinstance(hx, (tuple, list)) or len(hx) != 2:
-                raise TypeError("hx must be a tuple (h_0, c_0) for LSTM")
+            self._check_hx_structure(hx)
             h0, c0 = hx
             self._check_hidden(h0, h_shape, "Expected hidden[0] size {}, got {}", ref)
             self._check_hidden(c0, c_shape, "Expected hidden[1] size {}, got {}", ref)
         else:
+            self._check_hx_structure(hx)
             h0, c0 = hx, None
             self._check_hidden(h0, h_shape, "Expected hidden size {}, got {}", ref)
         # Caller's batch order -> the packed (sorted) order.
@@ -398,6 +448,25 @@ class _RNNStack(nn.Module):
         else:
             out = y
         return out, ((h_n, c_n) if is_lstm else h_n)
+
+    def _check_hx_structure(self, hx) -> None:
+        """hx is (h_0, c_0) for LSTM, one tensor otherwise. torch.nn's errors for other
+        structures come from wherever they first break (an IndexError for a 1-tuple, an
+        AttributeError for a tuple given to a GRU); these say what is wrong, as TypeError for
+        the wrong kind and RuntimeError for the wrong count (nn's "lstm expects two hidden
+        states")."""
+        name = _MODE_NAMES[self.mode]
+        if self.mode == "LSTM":
+            if not isinstance(hx, (tuple, list)):
+                raise TypeError(f"{name}: hx must be a tuple (h_0, c_0), got {type(hx).__name__}")
+            if len(hx) != 2:
+                raise RuntimeError(f"{name}: hx must be a tuple (h_0, c_0) of two tensors, got "
+                                   f"{len(hx)}")
+            if not all(isinstance(h, Tensor) for h in hx):
+                raise TypeError(f"{name}: hx must be a tuple (h_0, c_0) of two tensors, got "
+                                f"({', '.join(type(h).__name__ for h in hx)})")
+        elif not isinstance(hx, Tensor):
+            raise TypeError(f"{name}: hx must be a tensor (h_0), got {type(hx).__name__}")
 
     def stack_config(self, device: torch.device, dtype: torch.dtype, batch: int,
                      packed: bool = False) -> dict:
@@ -537,6 +606,30 @@ def _dropout_outside_torch_rng(device: torch.device, dropout: float, training: b
     return device.type == "cuda" and dropout > 0 and training and num_layers > 1
 
 
+def _stack_args(input_size, hidden_size, num_layers=1, bias=True, batch_first=False,
+                dropout=0.0, bidirectional=False, proj_size=0, device=None, dtype=None) -> dict:
+    """torch.nn.RNNBase's arguments after ``mode``, by name: the positional order that
+    nn.GRU and nn.RNN pass on (``proj_size`` included)."""
+    return dict(input_size=input_size, hidden_size=hidden_size, num_layers=num_layers,
+                bias=bias, batch_first=batch_first, dropout=dropout,
+                bidirectional=bidirectional, proj_size=proj_size, device=device, dtype=dtype)
+
+
+def _no_proj_size_args(name: str, args: tuple, kwargs: dict) -> dict:
+    """GRU's and RNN's arguments: torch.nn's refuses ``proj_size`` by keyword; positionally a
+    0 is taken and another value refused (nn.GRU would build projection weights it cannot
+    use)."""
+    if "proj_size" in kwargs:
+        raise ValueError("proj_size argument is only supported for LSTM, not RNN or GRU")
+    try:
+        bound = _stack_args(*args, **kwargs)
+    except TypeError as e:  # too many arguments, or an unknown keyword
+        raise TypeError(str(e).replace("_stack_args()", f"{name}()")) from None
+    if bound["proj_size"] != 0:
+        raise ValueError("proj_size argument is only supported for LSTM, not RNN or GRU")
+    return bound
+
+
 class LSTM(_RNNStack):
     r"""Drop-in ``torch.nn.LSTM`` with a keyword-only ``backend``.
 
@@ -585,6 +678,11 @@ class LSTM(_RNNStack):
 class GRU(_RNNStack):
     r"""Drop-in ``torch.nn.GRU`` with a keyword-only ``backend``.
 
+    Arguments, in torch.nn's positional order: ``input_size, hidden_size, num_layers=1,
+    bias=True, batch_first=False, dropout=0.0, bidirectional=False, proj_size=0`` (0 only;
+    by keyword it is refused, as by torch.nn) ``, device=None, dtype=None``. Inputs ``input``
+    as :class:`LSTM`'s, ``h_0``: (L*D, B, H); outputs ``output, h_n``.
+
     Examples::
 
         >>> import torch, fused_rnn
@@ -594,29 +692,8 @@ class GRU(_RNNStack):
         ((5, 3, 40), (2, 3, 20))
     """
 
-    def __init__(
-        self,
-        input_size: int,
-        hidden_size: int,
-        num_layers: int = 1,
-        bias: bool = True,
-        batch_first: bool = False,
-        dropout: float = 0.0,
-        bidirectional: bool = False,
-        device=None,
-        dtype=None,
-        *,
-        backend: str = "auto",
-        **kwargs,
-    ) -> None:
-        if "proj_size" in kwargs:
-            raise ValueError("proj_size argument is only supported for LSTM, not RNN or GRU")
-        if kwargs:
-            raise TypeError(f"GRU got unexpected keyword arguments {sorted(kwargs)}")
-        super().__init__(
-            "GRU", input_size, hidden_size, num_layers, bias, batch_first, dropout,
-            bidirectional, 0, device, dtype, backend=backend,
-        )
+    def __init__(self, *args, backend: str = "auto", **kwargs) -> None:
+        super().__init__("GRU", **_no_proj_size_args("GRU", args, kwargs), backend=backend)
 
     def forward(self, input, hx: Tensor | None = None):
         return self._forward(input, hx)
@@ -624,6 +701,11 @@ class GRU(_RNNStack):
 
 class RNN(_RNNStack):
     r"""Drop-in ``torch.nn.RNN`` (tanh or relu) with a keyword-only ``backend``.
+
+    Arguments, in torch.nn's positional order: ``input_size, hidden_size, num_layers=1,
+    nonlinearity="tanh", bias=True, batch_first=False, dropout=0.0, bidirectional=False,
+    proj_size=0`` (0 only) ``, device=None, dtype=None``. The nonlinearity is fixed when the
+    module is built, as in torch.nn.RNN.
 
     Examples::
 
@@ -634,26 +716,12 @@ class RNN(_RNNStack):
         ((5, 3, 20), (2, 3, 20))
     """
 
-    def __init__(
-        self,
-        input_size: int,
-        hidden_size: int,
-        num_layers: int = 1,
-        nonlinearity: str = "tanh",
-        bias: bool = True,
-        batch_first: bool = False,
-        dropout: float = 0.0,
-        bidirectional: bool = False,
-        device=None,
-        dtype=None,
-        *,
-        backend: str = "auto",
-        **kwargs,
-    ) -> None:
-        if "proj_size" in kwargs:
-            raise ValueError("proj_size argument is only supported for LSTM, not RNN or GRU")
-        if kwargs:
-            raise TypeError(f"RNN got unexpected keyword arguments {sorted(kwargs)}")
+    def __init__(self, *args, backend: str = "auto", **kwargs) -> None:
+        # nonlinearity is the fourth positional argument, as in torch.nn.RNN.
+        if len(args) > 3:
+            nonlinearity, args = args[3], args[:3] + args[4:]
+        else:
+            nonlinearity = kwargs.pop("nonlinearity", "tanh")
         if nonlinearity == "tanh":
             mode = "RNN_TANH"
         elif nonlinearity == "relu":
@@ -663,10 +731,7 @@ class RNN(_RNNStack):
                 f"Unknown nonlinearity '{nonlinearity}'. Select from 'tanh' or 'relu'."
             )
         self.nonlinearity = nonlinearity
-        super().__init__(
-            mode, input_size, hidden_size, num_layers, bias, batch_first, dropout,
-            bidirectional, 0, device, dtype, backend=backend,
-        )
+        super().__init__(mode, **_no_proj_size_args("RNN", args, kwargs), backend=backend)
 
     def forward(self, input, hx: Tensor | None = None):
         return self._forward(input, hx)
@@ -679,11 +744,12 @@ class _CellBase(nn.Module):
 
     def __init__(self, mode, input_size, hidden_size, bias, device, dtype, backend):
         super().__init__()
+        # As torch.nn's cells: any integer (a numpy int too), zero included; a negative size
+        # is torch.empty's RuntimeError there, said plainly here.
+        input_size, hidden_size = operator.index(input_size), operator.index(hidden_size)
         for name, value in (("input_size", input_size), ("hidden_size", hidden_size)):
-            if not isinstance(value, int) or isinstance(value, bool):
-                raise TypeError(f"{name} should be of type int, got: {type(value).__name__}")
-            if value <= 0:
-                raise ValueError(f"{name} must be greater than zero")
+            if value < 0:
+                raise RuntimeError(f"{name} must be at least zero, got {value}")
         self.backend = backends.check_name(backend)
         self.mode = mode
         self.input_size = input_size
@@ -716,11 +782,25 @@ class _CellBase(nn.Module):
             s += f", backend={self.backend!r}"
         return s
 
+    def _call_mode(self) -> str:
+        return self.mode
+
     def _step(self, input: Tensor, hx):
         cls = type(self).__name__
-        is_lstm = self.mode == "LSTM"
+        mode = self._call_mode()
+        is_lstm = mode == "LSTM"
         if input.dim() not in (1, 2):
             raise ValueError(f"{cls}: Expected input to be 1D or 2D, got {input.dim()}D instead")
+        if hx is not None:  # torch.nn's types: TypeError for the wrong kind, RuntimeError for
+            if is_lstm:     # a tuple of another length ("lstm_cell expects two hidden states")
+                if not isinstance(hx, (tuple, list)):
+                    raise TypeError(f"{cls}: hx must be a tuple (h_0, c_0), got "
+                                    f"{type(hx).__name__}")
+                if len(hx) != 2:
+                    raise RuntimeError(f"{cls}: hx must be a tuple (h_0, c_0) of two tensors, "
+                                       f"got {len(hx)}")
+            if not all(isinstance(h, Tensor) for h in (hx if is_lstm else (hx,))):
+                raise TypeError(f"{cls}: hx must be {'two tensors' if is_lstm else 'a tensor'}")
         hs = None if hx is None else (tuple(hx) if is_lstm else (hx,))
         if hs is not None:
             for idx, h in enumerate(hs):
@@ -733,6 +813,15 @@ class _CellBase(nn.Module):
         # Each weight read once a call (a parametrized one is computed once; see _forward).
         w_ih, w_hh, b_ih, b_hh = self.weight_ih, self.weight_hh, self.bias_ih, self.bias_hh
         w = w_ih
+        for name, t in (("weight_hh", w_hh), ("bias_ih", b_ih), ("bias_hh", b_hh)):
+            if t is None:  # a bias set to None is left out, as by torch.nn
+                continue
+            if t.dtype != w.dtype and not torch._C._is_any_autocast_enabled():
+                raise RuntimeError(f"{cls}: {name} is {t.dtype} but weight_ih is {w.dtype}; "
+                                   "all weights need one dtype")
+            if t.device != w.device:
+                raise RuntimeError(f"{cls}: {name} is on {t.device} but weight_ih is on "
+                                   f"{w.device}")
         if input.dtype != w.dtype and not torch._C._is_any_autocast_enabled():
             raise RuntimeError(
                 f"{cls}: input dtype ({input.dtype}) does not match weight dtype ({w.dtype})"
@@ -769,7 +858,7 @@ class _CellBase(nn.Module):
                 )
         backend = backends.resolve_stack(self.backend, input.device)
         h1, c1 = functional.rnn_cell(
-            self.mode,
+            mode,
             input,
             hs[0],
             hs[1] if is_lstm else None,
@@ -836,11 +925,19 @@ class RNNCell(_CellBase):
     def __init__(self, input_size: int, hidden_size: int, bias: bool = True,
                  nonlinearity: str = "tanh", device=None, dtype=None, *,
                  backend: str = "auto") -> None:
-        if nonlinearity not in ("tanh", "relu"):
+        if nonlinearity not in ("tanh", "relu"):  # torch.nn's fails only at the first call
             raise ValueError(f"Unknown nonlinearity: {nonlinearity}")
         self.nonlinearity = nonlinearity
         mode = "RNN_TANH" if nonlinearity == "tanh" else "RNN_RELU"
         super().__init__(mode, input_size, hidden_size, bias, device, dtype, backend)
+
+    def _call_mode(self) -> str:
+        # Read at every call, as torch.nn.RNNCell does: setting .nonlinearity afterwards counts.
+        if self.nonlinearity == "tanh":
+            return "RNN_TANH"
+        if self.nonlinearity == "relu":
+            return "RNN_RELU"
+        raise RuntimeError(f"Unknown nonlinearity: {self.nonlinearity}")
 
     def forward(self, input: Tensor, hx: Tensor | None = None):
         return self._step(input, hx)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import types
 import warnings
 
@@ -96,6 +97,17 @@ def test_cuda_falls_back_through_triton(monkeypatch):
         impl = backends.kernel_impl("cuda", "layer", mode="GRU", device=torch.device("cpu"))
     assert impl.__name__ == "fused_rnn.ops.reference"
     assert seen == ["cuda", "triton"]
+
+
+@pytest.mark.parametrize("name", ["triton", "cuda"])
+@pytest.mark.parametrize("sizes", [(0, 6), (4, 0)], ids=["input0", "hidden0"])
+def test_kernels_hand_zero_sizes_to_the_reference(name, sizes):
+    """torch.nn's cells may have input_size or hidden_size 0; no kernel launches for that."""
+    module = importlib.import_module(f"fused_rnn.ops.{name}")
+    reason = module.unsupported_reason(
+        "cell", mode="LSTM", device=torch.device("cuda", 0), dtype=torch.float32,
+        input_size=sizes[0], hidden_size=sizes[1], proj_size=0, has_lengths=False)
+    assert reason and "size of 0" in reason
 
 
 # --------------------------------------------------------------------------- auto rules

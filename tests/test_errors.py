@@ -24,6 +24,21 @@ BAD_CONSTRUCTORS = [
     ("lstm", (4, 6), {"proj_size": 6}),
     ("gru", (4, 6), {"proj_size": 2}),
     ("rnn_tanh", (4, 6), {"proj_size": 2}),
+    ("gru", (4, 6), {"proj_size": 0}),  # refused by keyword even when 0, as by torch.nn
+    ("lstm", (4, 6), {"num_layers": 2.0}),
+    ("gru", (4, 6), {"num_layers": None}),
+    ("lstm", (4, 6), {"proj_size": 1.0}),
+    ("gru", (4, 6), {"hidden": 6}),
+    ("rnn_tanh", (4, 6), {"hidden": 6}),
+    ("gru", (4, 6, 1, True, False, 0.0, False, 0, "cpu", None, "extra"), {}),
+]
+
+# Cells take what torch.nn's take (any integer size, zero too); these fail there and here.
+BAD_CELL_CONSTRUCTORS = [
+    ("lstm", (-1, 6), {}),
+    ("gru", (4, -2), {}),
+    ("rnn_tanh", (4, 6.0), {}),
+    ("lstm", (None, 6), {}),
 ]
 
 
@@ -35,6 +50,16 @@ def test_bad_constructor_args(cell, args, kwargs):
     with pytest.raises(want.type) as got:
         our_cls(*args, **extra, **kwargs)
     assert str(got.value), "error message must not be empty"
+
+
+@pytest.mark.parametrize("cell,args,kwargs", BAD_CELL_CONSTRUCTORS, ids=lambda v: repr(v))
+def test_bad_cell_constructor_args(cell, args, kwargs):
+    nn_cls, our_cls, extra = STEP_CELLS[cell]
+    with pytest.raises(Exception) as want:
+        nn_cls(*args, **extra, **kwargs)
+    with pytest.raises(want.type) as got:
+        our_cls(*args, **extra, **kwargs)
+    assert str(got.value)
 
 
 def test_bad_nonlinearity():
@@ -74,6 +99,64 @@ def _bad_forward_cases():
         yield cell, "hx-3d-for-unbatched", lambda c: (torch.randn(5, 4), _h(c, 1, 1, 6))
         yield cell, "hx-dtype-mismatch", lambda c: (torch.randn(5, 3, 4), _h(c, 1, 3, 6, dtype=torch.float64))
     yield "lstm", "cx-wrong-shape", lambda c: (torch.randn(5, 3, 4), _h(c, 1, 3, 6, c_shape=(1, 3, 5)))
+    for cell in CELLS:
+        yield cell, "no-steps", lambda c: (torch.randn(0, 3, 4),)
+        yield cell, "no-steps-unbatched", lambda c: (torch.randn(0, 4),)
+    yield "lstm", "hx-three-tensors", lambda c: (torch.randn(5, 3, 4), (*_h(c, 1, 3, 6), torch.zeros(1, 3, 6)))
+    yield "lstm", "hx-one-stacked-tensor", lambda c: (torch.randn(5, 3, 4), torch.stack(_h(c, 1, 3, 6)))
+
+
+def _broken_weight_cases():
+    """A module whose weights PyTorch's kernels refuse (torch.nn's types; the reference
+    backend ran them before)."""
+    def no_bias(m):
+        del m._parameters["bias_ih_l0"]
+        m.bias_ih_l0 = None
+
+    def fp64_weight(m):
+        m.weight_hh_l0 = torch.nn.Parameter(m.weight_hh_l0.detach().double())
+
+    for cell in CELLS:
+        yield cell, "bias-none", no_bias
+        yield cell, "one-fp64-weight", fp64_weight
+
+
+@pytest.mark.parametrize("cell,case,breaks", list(_broken_weight_cases()),
+                         ids=lambda v: v if isinstance(v, str) else "")
+@pytest.mark.parametrize("backend", ["reference", "auto"])
+def test_broken_weights_are_refused(cell, case, breaks, backend):
+    nn_cls, our_cls, extra = CELLS[cell]
+    ref, ours = nn_cls(4, 6, **extra), our_cls(4, 6, **extra, backend=backend)
+    breaks(ref)
+    breaks(ours)
+    x = torch.randn(5, 3, 4)
+    with pytest.raises(Exception) as want:
+        ref(x)
+    with pytest.raises(want.type, match="_l0"):
+        ours(x)
+
+
+@pytest.mark.parametrize("hx,kind,said", [
+    ("one", IndexError, "two tensors, got 1"), ("none", IndexError, "two tensors, got 0"),
+])
+def test_lstm_hx_of_the_wrong_length_says_so(hx, kind, said):
+    """torch.nn fails on a 0- or 1-tuple with an IndexError from indexing it; ours says what
+    is wrong, as the RuntimeError nn gives a 3-tuple ("lstm expects two hidden states")."""
+    h = torch.zeros(1, 3, 6)
+    given = (h,) if hx == "one" else ()
+    with pytest.raises(kind):
+        torch.nn.LSTM(4, 6)(torch.randn(5, 3, 4), given)
+    with pytest.raises(RuntimeError, match=said):
+        fused_rnn.LSTM(4, 6)(torch.randn(5, 3, 4), given)
+
+
+def test_gru_hx_tuple_says_so():
+    """torch.nn.GRU fails on a tuple hx with an AttributeError ('tuple' has no 'dim')."""
+    h = torch.zeros(1, 3, 6)
+    with pytest.raises(AttributeError):
+        torch.nn.GRU(4, 6)(torch.randn(5, 3, 4), (h,))
+    with pytest.raises(TypeError, match="hx must be a tensor"):
+        fused_rnn.GRU(4, 6)(torch.randn(5, 3, 4), (h,))
 
 
 @pytest.mark.parametrize("cell,case,make", list(_bad_forward_cases()), ids=lambda v: v if isinstance(v, str) else "")
@@ -105,6 +188,13 @@ def _bad_cell_cases():
         yield cell, "hx-hidden-mismatch", lambda hx=hx: (torch.randn(2, 5), hx(2, 7))
         yield cell, "hx-3d", lambda hx=hx, lstm=lstm: (
             torch.randn(2, 5), (torch.zeros(1, 2, 6),) * 2 if lstm else torch.zeros(1, 2, 6))
+        if lstm:
+            h = torch.zeros(2, 6)
+            yield cell, "hx-empty", lambda h=h: (torch.randn(2, 5), ())
+            yield cell, "hx-one", lambda h=h: (torch.randn(2, 5), (h,))
+            yield cell, "hx-three", lambda h=h: (torch.randn(2, 5), (h, h, h))
+            yield cell, "hx-tensor", lambda h=h: (torch.randn(2, 5), h)
+            yield cell, "hx-stacked", lambda h=h: (torch.randn(2, 5), torch.stack([h, h]))
 
 
 @pytest.mark.parametrize("cell,case,make", list(_bad_cell_cases()), ids=lambda v: v if isinstance(v, str) else "")
@@ -119,6 +209,19 @@ def test_bad_cell_inputs(cell, case, make, backend):
     with pytest.raises(want.type) as got:
         ours(*args)
     assert str(got.value)
+
+
+@pytest.mark.parametrize("backend", ["reference", "auto"])
+@pytest.mark.parametrize("cell", list(STEP_CELLS))
+def test_cell_with_weights_of_two_dtypes_is_refused(cell, backend):
+    nn_cls, our_cls, extra = STEP_CELLS[cell]
+    ref, ours = nn_cls(5, 6, **extra), our_cls(5, 6, **extra, backend=backend)
+    for m in (ref, ours):
+        m.weight_hh = torch.nn.Parameter(m.weight_hh.detach().double())
+    with pytest.raises(Exception) as want:
+        ref(torch.randn(2, 5))
+    with pytest.raises(want.type, match="weight_hh"):
+        ours(torch.randn(2, 5))
 
 
 def test_module_on_other_device_is_rejected():

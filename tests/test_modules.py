@@ -695,3 +695,132 @@ def test_a_parametrized_cell_weight_is_computed_once_a_call(cell, backend):
 
     assert_close_list(run(ours), run(ref), atol=2e-5, rtol=1e-4, what=cell)
     assert {n: s.calls for n, s in scales.items()} == dict.fromkeys(scales, 1)
+
+
+# ------------------------------------------------------------------ corners of torch.nn's API
+def _grad_run(m, x):
+    """Outputs of ``m(x)`` (a stack's or a cell's) and the gradients of ``x`` and of every
+    parameter, from fixed random cotangents."""
+    out = m(x)
+    if isinstance(m, (fused_rnn.LSTMCell, torch.nn.LSTMCell)):
+        outs = list(out)
+    elif isinstance(out, torch.Tensor):
+        outs = [out]
+    else:
+        outs = outputs_of(out)
+    gen = torch.Generator().manual_seed(7)
+    cot = [torch.randn(o.shape, generator=gen, dtype=o.dtype) for o in outs]
+    leaves = ([x] if x.requires_grad else []) + list(m.parameters())
+    grads = torch.autograd.grad(outs, leaves, cot)
+    return [o.detach() for o in outs], list(grads)
+
+
+@pytest.mark.parametrize("backend", ["reference", "auto"])
+def test_rnn_cell_reads_its_nonlinearity_at_every_call(backend):
+    """torch.nn.RNNCell reads ``.nonlinearity`` at each call: a cell built tanh and set to
+    relu computes relu (and an unknown name fails at the call)."""
+    ref, ours = make_pair("rnn_tanh", 4, 6, backend=backend, step=True)
+    x = torch.randn(3, 4)
+    for m in (ref, ours):
+        m.nonlinearity = "relu"
+    got, want = ours(x), ref(x)
+    assert (want >= 0).all() and torch.equal(got, want)
+    for m in (ref, ours):
+        m.nonlinearity = "sigmoid"
+        with pytest.raises(RuntimeError, match="Unknown nonlinearity: sigmoid"):
+            m(x)
+
+
+def test_integer_like_arguments_and_positional_order_as_torch_nn():
+    """What torch.nn's constructors accept, ours accept with the same meaning: numpy and 0-d
+    tensor integers, every argument positionally (GRU/RNN have ``proj_size`` before
+    ``device``, RNN ``nonlinearity`` fourth), and cells of size zero."""
+    np = pytest.importorskip("numpy")
+    cases = [
+        ("lstm", (4, 6, np.int64(2)), {}),
+        ("gru", (4, 6, torch.tensor(2)), {}),
+        ("lstm", (4, 6, 1, True, False, 0.0, True, 3, "cpu", torch.float64), {}),
+        ("gru", (4, 6, 2, True, True, 0.0, False, 0, "cpu", torch.float64), {}),
+        ("rnn_relu", (4, 6, 2, "relu", False, False, 0.0, True, 0, "cpu", torch.float64), {}),
+    ]
+    for cell, args, kwargs in cases:
+        nn_cls, our_cls, _ = CELLS[cell]  # nonlinearity, if any, is in args
+        torch.manual_seed(0)
+        ref = nn_cls(*args, **kwargs)
+        ours = our_cls(*args, **kwargs)
+        assert repr(ours) == repr(ref), (cell, args)
+        ours.load_state_dict(ref.state_dict())
+        x = torch.randn(5, 3, 4, dtype=ref.weight_ih_l0.dtype)
+        if ref.batch_first:
+            x = x.transpose(0, 1)
+        assert_close_list(outputs_of(ours(x)), outputs_of(ref(x)), 1e-6, 1e-5, str(args))
+    for cell in STEP_CELLS:
+        nn_cls, our_cls, extra = STEP_CELLS[cell]
+        for size in [(np.int64(4), np.int64(6)), (0, 6), (4, 0)]:
+            torch.manual_seed(0)
+            ref, ours = nn_cls(*size, **extra), our_cls(*size, **extra)
+            ours.load_state_dict(ref.state_dict())
+            x = torch.randn(3, int(size[0]))
+            want, got = ref(x), ours(x)
+            assert_close_list(list(got) if cell == "lstm" else [got],
+                              list(want) if cell == "lstm" else [want], 0, 0, f"{cell} {size}")
+
+
+@pytest.mark.parametrize("backend", ["reference", "auto"])
+@pytest.mark.parametrize("cell", list(CELLS))
+def test_weight_swapping_written_for_nn_rnnbase_works(cell, backend):
+    """Weight-dropout wrappers written for nn.RNNBase (AWD-LSTM's and its descendants) take a
+    weight out of ``_parameters``, set a computed tensor in its place before each call and
+    call ``_update_flat_weights``/``_init_flat_weights``/``flatten_parameters``: the same
+    results as torch.nn doing the same. Assigning ``_flat_weights`` itself, which would be
+    silently ignored here, is refused."""
+    ref, ours = make_pair(cell, 4, 6, 2, backend=backend)
+    x = torch.randn(5, 3, 4)
+    for m in (ref, ours):
+        raw = m._parameters.pop("weight_hh_l0")
+        m.register_parameter("weight_hh_l0_raw", raw)
+        m.weight_hh_l0 = raw * 0.5  # a plain tensor, computed from the raw weight
+        m._update_flat_weights()
+        m._init_flat_weights()
+        m.flatten_parameters()
+        assert m._flat_weight_refs[1]() is m.weight_hh_l0
+    got, want = _grad_run(ours, x), _grad_run(ref, x)
+    assert_close_list(got[0], want[0], 1e-6, 1e-5, "outputs")
+    assert_close_list(got[1], want[1], 1e-6, 1e-5, "grads")
+    with pytest.raises(AttributeError, match="_flat_weights_names"):
+        ours._flat_weights = list(ref._flat_weights)
+
+
+@pytest.mark.parametrize("backend", ["reference", "auto"])
+@pytest.mark.parametrize("cell", ["lstm", "gru", "rnn_tanh"])
+@pytest.mark.parametrize("step", [False, True], ids=["stack", "cell"])
+def test_complex_modules_match_torch_nn(cell, step, backend):
+    """torch.nn computes complex RNNs (tanh and sigmoid have complex forms); so does every
+    backend here (the reference computes in the complex dtype; kernels hand it over)."""
+    kw = {} if step else {"num_layers": 2, "bidirectional": True}
+    ref, ours = make_pair(cell, 3, 4, backend=backend, step=step, dtype=torch.complex128, **kw)
+    x = torch.randn(*((2,) if step else (5, 2)), 3, dtype=torch.complex128, requires_grad=True)
+    want = _grad_run(ref, x)
+    got = _grad_run(ours, x)
+    assert want[0][0].dtype == torch.complex128 and want[0][0].imag.abs().max() > 0.01
+    assert_close_list(got[0], want[0], 1e-12, 1e-10, "outputs")
+    assert_close_list(got[1], want[1], 1e-12, 1e-10, "grads")
+
+
+@pytest.mark.parametrize("backend", ["reference", "auto"])
+def test_complex_relu_is_refused_as_by_torch_nn(backend):
+    ours = fused_rnn.RNN(3, 4, nonlinearity="relu", dtype=torch.complex64, backend=backend)
+    with pytest.raises(NotImplementedError):
+        torch.nn.RNN(3, 4, nonlinearity="relu", dtype=torch.complex64)(
+            torch.randn(5, 2, 3, dtype=torch.complex64))
+    with pytest.raises(NotImplementedError):
+        ours(torch.randn(5, 2, 3, dtype=torch.complex64))
+
+
+def test_jit_trace_of_the_reference_time_loop_warns():
+    """torch.jit.trace unrolls the reference backend's time loop: the traced module is for
+    one sequence length and gives wrong results for another without an error, so tracing it
+    says so. (nn.LSTM, and ``auto`` here, trace as one op with any length.)"""
+    lstm = fused_rnn.LSTM(4, 6, backend="reference")
+    with pytest.warns(torch.jit.TracerWarning, match="sequences of length 5 only"):
+        torch.jit.trace(lstm, torch.randn(5, 3, 4), check_trace=False)

@@ -23,6 +23,8 @@ state stays at h0 until the row's last real step, exactly like packed cuDNN/aten
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -32,8 +34,11 @@ GATES = {"LSTM": 4, "GRU": 3, "RNN_TANH": 1, "RNN_RELU": 1}
 
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    """fp64 stays fp64; fp32, fp16 and bf16 are computed in fp32."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
+    """fp64 stays fp64 and complex stays complex (torch.nn computes complex RNNs too); fp32,
+    fp16 and bf16 are computed in fp32."""
+    if dtype in (torch.float64, torch.complex64, torch.complex128):
+        return dtype
+    return torch.float32
 
 
 def cell_update(mode: str, gx: Tensor, gh: Tensor, h: Tensor, c: Tensor | None):
@@ -58,6 +63,9 @@ def cell_update(mode: str, gx: Tensor, gh: Tensor, h: Tensor, c: Tensor | None):
     if mode == "RNN_TANH":
         return torch.tanh(gx + gh), None
     if mode == "RNN_RELU":
+        if gx.is_complex():  # as torch.nn: relu has no complex form
+            raise NotImplementedError("RNN with nonlinearity='relu' is not defined for complex "
+                                      "numbers; use nonlinearity='tanh'")
         return torch.relu(gx + gh), None
     raise ValueError(f"unknown mode {mode!r}; expected one of {MODES}")
 
@@ -89,6 +97,13 @@ def rnn_layer(
     dtype = x.dtype
     cd = compute_dtype(dtype)
     T = x.shape[0]
+    if torch.jit.is_tracing():
+        warnings.warn(
+            f"fused_rnn: torch.jit.trace records the reference backend's time loop step by "
+            f"step, so the traced module takes sequences of length {T} only: another length "
+            f"gives wrong results, with no error. Trace a module on backend='auto' (PyTorch's "
+            f"kernels, one op per stack), or use torch.export or torch.compile.",
+            torch.jit.TracerWarning, stacklevel=2)
     gx_all = F.linear(x.to(cd), w_ih.to(cd), _cast(b_ih, cd))  # (T, B, G*H): one GEMM
     w_hh_c, b_hh_c, w_hr_c = w_hh.to(cd), _cast(b_hh, cd), _cast(w_hr, cd)
     h = h0.to(cd)

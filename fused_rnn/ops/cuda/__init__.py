@@ -90,6 +90,8 @@ def unsupported_reason(
         return f"dtype {dtype} (the CUDA kernels take float32, float16 and bfloat16)"
     if proj_size:
         return "LSTM projections (proj_size > 0) are not implemented by the CUDA kernels"
+    if hidden_size == 0 or input_size == 0:  # torch.nn's cells allow it
+        return "a size of 0 (input_size or hidden_size): nothing for a kernel to compute"
     if device.type != "cuda":
         return f"the CUDA kernels run on CUDA devices, not {device.type}"
     reason = unavailable_reason(device)

@@ -106,6 +106,8 @@ def unsupported_reason(
         return f"unknown kind {kind!r}"
     if proj_size and mode != "LSTM":
         return "a projection (proj_size) exists only for LSTM"
+    if hidden_size == 0 or input_size == 0:  # torch.nn's cells allow it
+        return "a size of 0 (input_size or hidden_size): nothing for a kernel to compute"
     # Row offsets inside the per-step kernels are int32: (B, G*H) planes must fit.
     if 4 * hidden_size * max(input_size, hidden_size) >= 2**31:
         return f"hidden_size {hidden_size} is too large for int32 offsets"
