@@ -217,7 +217,7 @@ def _configure(args) -> Bench:
     corpus = load_text_file(args.text) if args.text else load_default_corpus()
     splits = split_corpus(corpus, 0.05, 100_000, B)
     for p in precisions:
-        _precision(p, device)  # raises CLIError for bf16 on a GPU without it
+        _precision(p, device, "--precisions")  # CLIError for fp16, or bf16 where unsupported
     base_cfg = dict(cell=args.cell, hidden_size=args.hidden_size or dflt["hidden_size"],
                     layers=args.layers, embedding_size=None, dropout=0.0, tie_weights=False)
     notes: list[str] = []
@@ -328,6 +328,7 @@ class _Run:
         self.row = {"impl": label, "precision": prec, "error": ""}
         self.param_dtype, self.ac_dtype, use_scaler = _precision(prec, bench.device)
         self.times: list[float] = []
+        self.tokens: list[int] = []  # of each timed step: B x T, less where a stream ends
         self.peak = None
         self.state = None
         self.fallbacks: set[str] = set()  # what ran instead of the named backend, and why
@@ -384,6 +385,7 @@ class _Run:
                         self.fallbacks.add(f"{frm} -> {to}: {why}")
                 if timed:
                     self.times.append(dt)
+                    self.tokens.append(chunk.num_tokens)
                     if device.type == "cuda":
                         mem = (torch.cuda.max_memory_allocated(device) - base) / 2**20
                         self.peak = max(self.peak or 0.0, mem)
@@ -401,7 +403,8 @@ class _Run:
                                         max_chunks=self.bench.args.val_chunks,
                                         autocast_dtype=self.ac_dtype)
                 med = sorted(self.times)[len(self.times) // 2]
-                row.update(ms_per_step=1000 * med, tokens_per_s=self.bench.B * self.bench.T / med,
+                tokens = sum(self.tokens) / len(self.tokens)
+                row.update(ms_per_step=1000 * med, tokens_per_s=tokens / med,
                            peak_mib=self.peak, val_loss=total / count)
             except Exception as e:
                 self.fail(e)
@@ -528,7 +531,8 @@ def _markdown(bench: Bench, results: list[dict], final: bool) -> str:
         (f"- {bench.warmup} warm-up steps, then {bench.steps} timed steps (each synchronised) in "
          f"{bench.rounds} round{'s' if bench.rounds > 1 else ''}: every implementation of a "
          "precision trains side by side, each running its block of steps in turn; ms/step is "
-         "the median step (forward, backward, clipping, Adam step), tokens/s = B×T / that median"),
+         "the median step (forward, backward, clipping, Adam step), tokens/s = the mean tokens "
+         "of a timed step (B×T, less where a chunk meets the end of the streams) / that median"),
         f"- val loss: mean cross-entropy (nats) over {args.val_chunks} validation chunks after "
         f"all {bench.warmup + bench.steps} steps; it must agree with torch.nn in the same "
         "precision within " + ", ".join(f"{p} {BENCH_TOLERANCE[p]:g}" for p in precisions),

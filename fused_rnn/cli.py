@@ -27,6 +27,7 @@ import math
 import os
 import random
 import sys
+import tempfile
 import time
 from dataclasses import dataclass
 
@@ -75,6 +76,7 @@ RUN_DEFAULTS = {
     "max_val_chars": 100_000,
     "precision": "fp32",
 }
+VARIABLE_BPTT_MIN = 5  # AWD-LSTM's shortest chunk (StreamBatcher's min_length)
 INTERVAL_DEFAULTS = {"eval_every": 100, "ckpt_every": 200, "log_every": 25}
 PRECISIONS = ("fp32", "bf16", "fp16", "amp-bf16", "amp-fp16")
 
@@ -110,12 +112,24 @@ def _float_in(lo: float, hi: float = math.inf, lo_open: bool = False):
             v = float(s)
         except ValueError:
             raise argparse.ArgumentTypeError(f"expected a number, got {s!r}") from None
-        if not (lo < v if lo_open else lo <= v) or not v <= hi or math.isnan(v):
-            rng = f"{'(' if lo_open else '['}{lo}, {hi}]"
-            raise argparse.ArgumentTypeError(f"must be in {rng}, got {s}")
+        if not (lo < v if lo_open else lo <= v) or not v <= hi or not math.isfinite(v):
+            rng = (f"a finite number {'>' if lo_open else '>='} {lo:g}" if hi == math.inf else
+                   f"in {'(' if lo_open else '['}{lo:g}, {hi:g}]")
+            raise argparse.ArgumentTypeError(f"must be {rng}, got {s}")
         return v
 
     return parse
+
+
+def _seed(s: str) -> int:
+    """A seed torch.manual_seed takes: an integer in [-2**63, 2**64)."""
+    try:
+        v = int(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {s!r}") from None
+    if not -(2**63) <= v < 2**64:
+        raise argparse.ArgumentTypeError(f"must be in [-2**63, 2**64), got {s}")
+    return v
 
 
 def _csv_list(choices):
@@ -229,7 +243,9 @@ def split_corpus(corpus: Corpus, val_frac: float, max_val_chars: int, batch_size
         raise CLIError(
             f"text too short: {n:,} characters give {n_train:,} for training and {n_val:,} "
             f"for validation; --batch-size {batch_size} needs at least {need} of each "
-            f"(use a longer text, a smaller --batch-size or a larger --val-frac)"
+            f"(use a longer text or a smaller --batch-size"
+            + (", or a larger --max-val-chars" if n_val == max_val_chars and n_val < need
+               else ", or a larger --val-frac" if n_val < need else "") + ")"
         )
     ids = torch.tensor([vocab.index[c] for c in corpus.text], dtype=torch.long)
     bounds = torch.zeros(n, dtype=torch.bool)
@@ -254,24 +270,25 @@ def _device(name: str, local_rank: int = 0) -> torch.device:
     return torch.device(name)
 
 
-def _precision(name: str, device: torch.device):
-    """(parameter dtype, autocast dtype or None, use a GradScaler)."""
+def _precision(name: str, device: torch.device, flag: str = "--precision"):
+    """(parameter dtype, autocast dtype or None, use a GradScaler); ``flag`` names the
+    option in errors."""
     if name in ("bf16", "amp-bf16") and device.type == "cuda" and not torch.cuda.is_bf16_supported():
-        raise CLIError(f"--precision {name}: this GPU does not support bfloat16")
+        raise CLIError(f"{flag} {name}: this GPU does not support bfloat16")
     if name == "fp16":
         # Measured: the loss is not finite by step 2 of the default job, whatever the lr.
         raise CLIError(
-            "--precision fp16 would keep the parameters and Adam's moments in fp16, where the "
+            f"{flag} fp16 would keep the parameters and Adam's moments in fp16, where the "
             "squared gradients underflow and Adam's eps (1e-8) rounds to 0, so training diverges "
-            "within a few steps; use amp-fp16 (fp32 parameters, fp16 compute, a GradScaler on "
-            "a GPU) or bf16"
+            "within a few steps; use amp-fp16 (fp32 parameters, fp16 compute, a GradScaler) "
+            "or bf16"
         )
     return {
         "fp32": (torch.float32, None, False),
         "bf16": (torch.bfloat16, None, False),
         "fp16": (torch.float16, None, False),
         "amp-bf16": (torch.float32, torch.bfloat16, False),
-        "amp-fp16": (torch.float32, torch.float16, device.type == "cuda"),
+        "amp-fp16": (torch.float32, torch.float16, True),
     }[name]
 
 
@@ -513,7 +530,8 @@ def _train_parser(sub) -> None:
                    help="number of parallel streams, global under torchrun (default: 32)")
     g.add_argument("--bptt", type=_int_at_least(1), default=None, help="chunk length (default: 128)")
     g.add_argument("--variable-bptt", action="store_const", const=True, default=None,
-                   help="AWD-LSTM's randomised chunk lengths (lr scaled by length/bptt)")
+                   help="AWD-LSTM's randomised chunk lengths (lr scaled by length/bptt; the "
+                   "lengths have noise of std 5 and are at least 5, so --bptt must be too)")
     g.add_argument("--lr", type=_float_in(0.0, lo_open=True), default=None,
                    help="Adam's peak learning rate (default: 5e-3)")
     g.add_argument("--lr-schedule", choices=("cosine", "constant"), default=None,
@@ -522,7 +540,7 @@ def _train_parser(sub) -> None:
     g.add_argument("--clip", type=_float_in(0.0), default=None,
                    help="gradient-norm clip, 0 = off (default: 1.0)")
     g.add_argument("--weight-decay", type=_float_in(0.0), default=None, help="default: 0")
-    g.add_argument("--seed", type=int, default=None, help="default: 0")
+    g.add_argument("--seed", type=_seed, default=None, help="default: 0")
     g.add_argument("--val-frac", type=_float_in(0.0, 0.5, lo_open=True), default=None,
                    help="fraction of the text held out for validation, taken from its end (default: 0.05)")
     g.add_argument("--max-val-chars", type=_int_at_least(1), default=None,
@@ -561,6 +579,9 @@ def _resolve_run_config(args, ckpt: dict | None, corpus_sha: str) -> dict:
             f"{cfg['corpus_sha256'][:12]}, this one {corpus_sha[:12]})"
         )
     for k, v in given.items():
+        built = cfg["hidden_size"] if cfg["tie_weights"] else 64  # embedding_size None's value
+        if k == "embedding_size" and cfg[k] is None and v == built:
+            continue
         if cfg[k] != v:
             flag = "--" + k.replace("_", "-")
             raise CLIError(
@@ -568,6 +589,39 @@ def _resolve_run_config(args, ckpt: dict | None, corpus_sha: str) -> dict:
                 "(drop the flag to continue it, or train into a new --out)"
             )
     return cfg
+
+
+def _check_writable(out: str, ckpt_path: str) -> None:
+    """Refuse, before any training, an --out that cannot hold the run's files (the final
+    checkpoint would fail after all the work)."""
+    try:
+        os.makedirs(out, exist_ok=True)
+        if os.path.isdir(ckpt_path):
+            raise CLIError(f"--out {out}: {ckpt_path} is a directory; the checkpoint cannot "
+                           "be written there")
+        with tempfile.NamedTemporaryFile(dir=out, prefix=".fused_rnn_write_test."):
+            pass
+    except OSError as e:
+        raise CLIError(f"--out {out}: cannot write there ({e.strerror or e})") from None
+
+
+def _lock_out_dir(out: str):
+    """An exclusive lock on --out for this run (an open file; closing it releases the lock,
+    and so does the process's death). A second ``train`` on the same directory is refused
+    instead of writing the same log and checkpoint. None where flock does not exist."""
+    try:
+        import fcntl
+    except ImportError:  # not a POSIX system
+        return None
+    path = os.path.join(out, ".lock")
+    fh = open(path, "a")  # noqa: SIM115 (held open for the whole run)
+    try:
+        fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        fh.close()
+        raise CLIError(f"--out {out} is in use by another fused-rnn train (it holds {path}); "
+                       "wait for it or pass another --out") from None
+    return fh
 
 
 def _busy_machine_threads() -> int:
@@ -594,6 +648,12 @@ def _cmd_train(args) -> int:
     log_path = os.path.join(out, "log.csv")
     plot_path = os.path.join(out, "loss.png")
 
+    if args.resume and args.overwrite:
+        raise CLIError("--resume continues the run in --out and --overwrite starts a new one "
+                       "there; pass one of them")
+    if args.torch_nn and args.backend != "auto":
+        raise CLIError(f"--torch-nn trains torch.nn's modules, which have no backend; drop "
+                       f"--backend {args.backend} or --torch-nn")
     ckpt = None
     if args.resume:
         if not os.path.exists(ckpt_path):
@@ -607,6 +667,9 @@ def _cmd_train(args) -> int:
     text_path = args.text
     if text_path is None and ckpt is not None and ckpt["corpus"]["source"] != "default":
         text_path = ckpt["corpus"]["source"]
+        if not os.path.exists(text_path):
+            raise CLIError(f"--resume: the checkpoint's text {text_path} is gone; pass --text "
+                           "with where it is now (its sha256 is checked)")
     corpus = load_text_file(text_path) if text_path is not None else load_default_corpus()
     cfg = _resolve_run_config(args, ckpt, corpus.sha256)
     if cfg["batch_size"] % d.world:
@@ -616,6 +679,11 @@ def _cmd_train(args) -> int:
         )
     if cfg["tie_weights"] and cfg["embedding_size"] not in (None, cfg["hidden_size"]):
         raise CLIError("--tie-weights needs --embedding-size equal to --hidden-size")
+    if cfg["variable_bptt"] and cfg["bptt"] < VARIABLE_BPTT_MIN:
+        raise CLIError(f"--variable-bptt draws chunk lengths of at least {VARIABLE_BPTT_MIN} "
+                       f"around --bptt; --bptt {cfg['bptt']} is shorter than that")
+    if d.rank == 0:
+        _check_writable(out, ckpt_path)
     for k, v in INTERVAL_DEFAULTS.items():  # not part of the run: may change on --resume
         if getattr(args, k) is None:
             setattr(args, k, (ckpt or {}).get("intervals", {}).get(k, v))
@@ -633,13 +701,23 @@ def _cmd_train(args) -> int:
         except RuntimeError as e:
             raise CLIError(str(e)) from None
 
-    _init_dist(d, device)
+    lock = _lock_out_dir(out) if d.rank == 0 else None
     try:
+        if ckpt is None and d.rank == 0:
+            # --overwrite: the old run's files go now, not at this run's first checkpoint: a
+            # run stopped before it would leave the old checkpoint beside the new log, and
+            # --resume would continue the old run.
+            for path in (ckpt_path, log_path, plot_path):
+                if os.path.exists(path):
+                    os.unlink(path)
+        _init_dist(d, device)
         return _train(args, cfg, d, device, corpus, splits, ckpt, param_dtype, ac_dtype,
                       use_scaler, ckpt_path, log_path, plot_path)
     finally:
         if d.enabled and dist.is_initialized():
             dist.destroy_process_group()
+        if lock is not None:
+            lock.close()
 
 
 def _build_model(cfg: dict, vocab_size: int, torch_nn: bool, backend: str) -> CharLM:
@@ -749,6 +827,9 @@ def _train(args, cfg, d, device, corpus, splits, ckpt, param_dtype, ac_dtype, us
         f"({tok_per_step:,} tokens/step), Adam lr {cfg['lr']:g} ({cfg['lr_schedule']}), "
         f"clip {cfg['clip']:g}; "
         f"output in {args.out}" + (f"; resuming at step {step}" if ckpt is not None else ""))
+    if batcher.steps_per_stream < cfg["bptt"]:
+        say(f"note: each stream holds only {batcher.steps_per_stream} steps of the text, fewer "
+            f"than --bptt {cfg['bptt']}: every chunk is that short or shorter")
 
     def validate() -> float:
         total, count = evaluate(model, val, autocast_dtype=ac_dtype)
@@ -764,12 +845,28 @@ def _train(args, cfg, d, device, corpus, splits, ckpt, param_dtype, ac_dtype, us
         rows.extend(pending)
         pending.clear()
 
+    saved_step = None if ckpt is None else ckpt["step"]
+
+    def kept() -> str:
+        return ("no checkpoint was written" if saved_step is None else
+                f"{ckpt_path} (step {saved_step}) is kept")
+
     def save() -> None:
+        nonlocal saved_step
+        # A finite loss at step s says nothing of step s's update: check what is saved.
+        # (The parameters are the same on every rank, so every rank stops here alike.)
+        bad = next((n for n, p in model.named_parameters() if not torch.isfinite(p).all()), None)
+        if bad is not None:
+            raise CLIError(
+                f"the weights are not finite after step {step} ({bad}; precision "
+                f"{cfg['precision']}, lr {cfg['lr']:g}); {kept()}. Try a lower --lr or an "
+                "amp-* --precision")
         hidden = _gather_state(state, d)
         rng = [_rng_state(device)]
         if d.enabled:
             rng = [None] * d.world
             dist.all_gather_object(rng, _rng_state(device))
+        saved_step = step
         if not d.main:
             return
         atomic_save(
@@ -816,6 +913,7 @@ def _train(args, cfg, d, device, corpus, splits, ckpt, param_dtype, ac_dtype, us
     t_run = time.perf_counter()
     while step < args.steps:
         t0 = time.perf_counter()
+        epoch = batcher.epoch_index  # the chunk's epoch: next_chunk may wrap to the next
         chunk = batcher.next_chunk()
         lr = _lr_at(cfg, step, args.steps)
         if cfg["variable_bptt"]:  # AWD-LSTM: a shorter chunk takes a smaller step
@@ -829,7 +927,7 @@ def _train(args, cfg, d, device, corpus, splits, ckpt, param_dtype, ac_dtype, us
         step += 1
         n_tok = chunk.num_tokens * d.world
         tokens_seen += n_tok
-        losses.append((step, loss, gnorm, lr, tokens_seen, batcher.epoch_index))
+        losses.append((step, loss, gnorm, lr, tokens_seen, epoch))
         boundary = (step % args.log_every == 0 or step % args.eval_every == 0
                     or step % args.ckpt_every == 0 or step == args.steps)
         if boundary:
@@ -849,8 +947,7 @@ def _train(args, cfg, d, device, corpus, splits, ckpt, param_dtype, ac_dtype, us
             bad = losses[int((~torch.isfinite(vals)).nonzero()[0])][0]
             raise CLIError(
                 f"the training loss is not finite at step {bad} (precision {cfg['precision']}, "
-                f"lr {cfg['lr']:g}); the last good checkpoint is kept. Try a lower --lr or an "
-                "amp-* --precision"
+                f"lr {cfg['lr']:g}); {kept()}. Try a lower --lr or an amp-* --precision"
             )
         tok_s = window_tokens / max(window_time, 1e-9)
         for (s, _, gn, lr_s, tok, ep), v in zip(losses, vals.tolist()):
@@ -937,7 +1034,7 @@ def _sample_parser(sub) -> None:
                    help="softmax temperature (default: %(default)s)")
     p.add_argument("--top-k", type=_int_at_least(0), default=0,
                    help="sample among the k likeliest characters only; 0 = all (default)")
-    p.add_argument("--seed", type=int, default=None, help="random seed (default: fresh randomness)")
+    p.add_argument("--seed", type=_seed, default=None, help="random seed (default: fresh randomness)")
     p.add_argument("--device", default="cpu", choices=("auto", "cpu", "cuda"), help="default: %(default)s")
     p.add_argument("--backend", default="auto", choices=fused_rnn.BACKENDS, help="default: %(default)s")
     p.set_defaults(func=_cmd_sample)
@@ -963,7 +1060,10 @@ def generate(model: CharLM, vocab: Vocab, prime: str, length: int, *, temperatur
         tok = ids[-1:]
         for _ in range(length):
             logits, state = model.step(tok, state, cells)
-            logits = logits[0].float().cpu() / temperature
+            logits = logits[0].double().cpu()
+            # The largest logit first, so a tiny temperature tends to greedy decoding
+            # instead of overflowing (inf - inf in the softmax).
+            logits = (logits - logits.max()) / temperature
             if 0 < top_k < logits.numel():
                 kth = torch.topk(logits, top_k).values[-1]
                 logits = logits.masked_fill(logits < kth, -math.inf)
@@ -1037,4 +1137,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # Run the imported module's main, not this __main__ copy's: fused_rnn.bench imports
+    # fused_rnn.cli, and its CLIError must be the class main() catches.
+    from fused_rnn.cli import main as _main
+
+    sys.exit(_main())

@@ -205,6 +205,12 @@ class StreamBatcher:
             raise ValueError(f"tokens must be 1-D, got shape {tuple(tokens.shape)}")
         if batch_size < 1 or bptt < 1:
             raise ValueError(f"batch_size and bptt must be positive, got {batch_size}, {bptt}")
+        if world_size < 1:
+            raise ValueError(f"world_size must be positive, got {world_size}")
+        if variable_length and not 1 <= min_length <= bptt:
+            raise ValueError(
+                f"variable_length draws lengths of at least min_length around bptt: "
+                f"min_length must be in [1, bptt], got {min_length} with bptt {bptt}")
         if batch_size % world_size != 0:
             raise ValueError(
                 f"batch_size {batch_size} (the global number of streams) must be divisible "

@@ -254,7 +254,10 @@ def _bad_inputs(tmp_path):
     (tmp_path / "garbage.pt").write_bytes(b"not a checkpoint at all" * 10)
     (tmp_path / "occupied").mkdir()
     torch.save({"step": 1}, tmp_path / "occupied" / "checkpoint.pt")
+    (tmp_path / "ok.txt").write_text(_tiny_text())
+    (tmp_path / "dir-checkpoint" / "checkpoint.pt").mkdir(parents=True)
     t = ["train", "--out", tmp_path / "run", *TINY]
+    ok = ["train", "--text", tmp_path / "ok.txt", *TINY]
     return {
         "missing-text": (t + ["--text", tmp_path / "nope.txt"], "no such file"),
         "empty-text": (t + ["--text", tmp_path / "empty.txt"], "empty"),
@@ -272,9 +275,19 @@ def _bad_inputs(tmp_path):
         "sample-missing": (["sample", "--checkpoint", tmp_path / "nope.pt"], "no checkpoint"),
         "sample-garbage": (["sample", "--checkpoint", tmp_path / "garbage.pt"], "not a readable checkpoint"),
         "sample-no-checkpoint-arg": (["sample"], "required"),
-        "sample-zero-temperature": (["sample", "--checkpoint", "x", "--temperature", "0"], "must be in"),
+        "sample-zero-temperature": (["sample", "--checkpoint", "x", "--temperature", "0"], "must be"),
         "bench-unknown-backend": (["bench", "--backends", "fast"], "invalid choice"),
         "no-subcommand": ([], "required"),
+        "resume-and-overwrite": (t + ["--resume", "--overwrite"], "pass one of them"),
+        "torch-nn-with-backend": (t + ["--torch-nn", "--backend", "reference"], "no backend"),
+        "infinite-lr": (t + ["--lr", "inf"], "finite"),
+        "seed-out-of-range": (t + ["--seed", str(2**70)], "2**64"),
+        "variable-bptt-too-short": (ok + ["--out", tmp_path / "r1", "--variable-bptt",
+                                          "--bptt", "3"], "at least 5"),
+        "out-not-a-directory": (ok + ["--out", tmp_path / "ok.txt" / "sub"], "cannot write"),
+        "checkpoint-is-a-directory": (ok + ["--out", tmp_path / "dir-checkpoint", "--overwrite"],
+                                      "is a directory"),
+        "bench-fp16": (["bench", "--precisions", "fp16"], "--precisions fp16"),
     }
 
 
@@ -282,7 +295,10 @@ BAD_IDS = ["missing-text", "empty-text", "blank-text", "non-utf8", "too-short", 
            "negative-steps", "non-integer-steps", "unknown-cell", "bad-dropout",
            "resume-nothing", "run-exists", "foreign-checkpoint", "sample-missing",
            "sample-garbage", "sample-no-checkpoint-arg", "sample-zero-temperature",
-           "bench-unknown-backend", "no-subcommand"]
+           "bench-unknown-backend", "no-subcommand", "resume-and-overwrite",
+           "torch-nn-with-backend", "infinite-lr", "seed-out-of-range",
+           "variable-bptt-too-short", "out-not-a-directory", "checkpoint-is-a-directory",
+           "bench-fp16"]
 
 
 @pytest.mark.parametrize("case", BAD_IDS)
@@ -306,6 +322,108 @@ def test_bad_input_through_the_console_script(tmp_path, case):
     assert r.returncode == 2, r.stderr
     assert len(r.stderr.strip().splitlines()) == 1 and expect in r.stderr
     assert "Traceback" not in r.stderr
+
+
+def test_bad_input_through_python_m_is_one_line_too(tmp_path):
+    """``python -m fused_rnn.cli`` runs cli.py as __main__; the bench's errors (raised by
+    fused_rnn.bench, which imports fused_rnn.cli) must still be the one-line kind."""
+    r = subprocess.run([sys.executable, "-m", "fused_rnn.cli", "bench", "--precisions", "fp16"],
+                       capture_output=True, text=True, env=_env(), timeout=120, check=False)
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1 and "--precisions fp16" in r.stderr
+
+
+# --------------------------------------------------------------------------- one run, one --out
+def test_overwrite_removes_the_old_run_before_training(capsys, tmp_path, text_file, monkeypatch):
+    """A run started with --overwrite and stopped before its first checkpoint must not leave
+    the old run's checkpoint beside its own log, for --resume to continue the wrong run."""
+    out = tmp_path / "run"
+    rc, _, err = run(capsys, "train", "--text", text_file, "--out", out, *TINY, "--steps", 4)
+    assert rc == 0 and (out / "checkpoint.pt").exists(), err
+
+    def interrupted(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, "train_chunk", interrupted)
+    rc, _, err = run(capsys, "train", "--text", text_file, "--out", out, *TINY, "--steps", 4,
+                     "--cell", "gru", "--overwrite")
+    assert rc == 130, err
+    assert not (out / "checkpoint.pt").exists()
+    rc, _, err = run(capsys, "train", "--out", out, "--resume")
+    assert rc == 2 and "no checkpoint" in err, err
+
+
+def test_a_second_train_on_the_same_out_is_refused(capsys, tmp_path, text_file):
+    fcntl = pytest.importorskip("fcntl")
+    out = tmp_path / "run"
+    out.mkdir()
+    with open(out / ".lock", "a") as held:  # what a running train holds
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        rc, _, err = run(capsys, "train", "--text", text_file, "--out", out, *TINY, "--steps", 2)
+    assert rc == 2 and "in use by another fused-rnn train" in err, err
+    assert not (out / "log.csv").exists()
+    rc, _, err = run(capsys, "train", "--text", text_file, "--out", out, *TINY, "--steps", 2)
+    assert rc == 0, err  # the lock went with its holder
+
+
+def test_weights_that_are_not_finite_are_not_saved(capsys, tmp_path, text_file, monkeypatch):
+    """The loss of step s is computed before step s's update: a finite loss does not make the
+    weights saved after it finite. The checkpoint kept is the last one with finite weights."""
+    calls = []
+
+    def blows_up_at_step_3(model, *a, **k):
+        out = train_chunk(model, *a, **k)
+        calls.append(1)
+        if len(calls) == 3:
+            with torch.no_grad():
+                next(model.parameters()).fill_(float("inf"))
+        return out
+
+    monkeypatch.setattr(cli, "train_chunk", blows_up_at_step_3)
+    out = tmp_path / "run"
+    rc, _, err = run(capsys, "train", "--text", text_file, "--out", out, *TINY, "--steps", 5,
+                     "--ckpt-every", 1, "--log-every", 1)
+    assert rc == 2 and "weights are not finite after step 3" in err and "(step 2) is kept" in err
+    assert torch.load(out / "checkpoint.pt", weights_only=False)["step"] == 2
+
+
+def test_log_rows_carry_the_epoch_of_their_chunk(capsys, tmp_path):
+    """The chunk that ends an epoch belongs to it, not to the next."""
+    text = tmp_path / "short.txt"
+    text.write_text(_tiny_text(12))
+    out = tmp_path / "run"
+    rc, _, err = run(capsys, "train", "--text", text, "--out", out, *TINY, "--steps", 40,
+                     "--log-every", 1, "--val-frac", "0.2")
+    assert rc == 0, err
+    rows = [r for r in _log(out / "log.csv") if r["train_loss"]]
+    epochs = [int(r["epoch"]) for r in rows]
+    per_epoch = epochs.count(0)
+    assert per_epoch > 1 and max(epochs) >= 2
+    assert epochs == [i // per_epoch for i in range(len(epochs))]  # equal runs, 0 first
+
+
+def test_resume_takes_the_default_embedding_size_spelled_out_and_says_a_text_moved(
+        capsys, tmp_path, text_file):
+    out = tmp_path / "run"
+    rc, _, err = run(capsys, "train", "--text", text_file, "--out", out, *TINY, "--steps", 2)
+    assert rc == 0, err
+    rc, _, err = run(capsys, "train", "--out", out, "--resume", "--steps", 3,
+                     "--embedding-size", 64)
+    assert rc == 0, err
+    moved = tmp_path / "moved.txt"
+    text_file.rename(moved)
+    rc, _, err = run(capsys, "train", "--out", out, "--resume", "--steps", 4)
+    assert rc == 2 and "is gone; pass --text" in err, err
+    rc, _, err = run(capsys, "train", "--out", out, "--resume", "--steps", 4, "--text", moved)
+    assert rc == 0, err
+
+
+def test_amp_fp16_on_the_cpu_trains_with_a_grad_scaler(capsys, tmp_path, text_file):
+    out = tmp_path / "run"
+    rc, _, err = run(capsys, "train", "--text", text_file, "--out", out, *TINY, "--steps", 3,
+                     "--precision", "amp-fp16")
+    assert rc == 0, err
+    assert torch.load(out / "checkpoint.pt", weights_only=False)["scaler"]["scale"] > 0
 
 
 # --------------------------------------------------------------------------- sample
@@ -357,6 +475,15 @@ def test_sample_top_k_1_is_greedy_and_matches_the_layer_path(capsys, trained):
             logits, _ = model(torch.tensor(ids).view(-1, 1))
             ids.append(int(logits[-1, 0].argmax()))
     assert out1.rstrip("\n") == "".join(chars[i] for i in ids)
+
+
+def test_sample_at_a_tiny_temperature_is_greedy(capsys, trained):
+    """logits / 1e-39 overflow; the largest logit is taken off first, so the limit holds."""
+    argv = ["sample", "--checkpoint", trained, "--prime", "alpha", "--length", 30, "--seed", 1]
+    rc, tiny, err = run(capsys, *argv, "--temperature", "1e-39")
+    assert rc == 0, err
+    rc, greedy, err = run(capsys, *argv, "--top-k", 1)
+    assert rc == 0 and tiny == greedy, (tiny, greedy, err)
 
 
 def test_sample_rejects_prime_characters_outside_the_vocabulary(capsys, trained):
@@ -677,6 +804,20 @@ def test_bench_writes_its_table_after_every_precision(capsys, tmp_path, text_fil
     assert all(r["check"] == "ok" for r in rows.values()), rows
     (md,) = tmp_path.glob("*.md")
     assert "- INCOMPLETE: written after fp32; the run had not finished" in md.read_text()
+
+
+def test_bench_tokens_per_s_counts_the_tokens_a_step_trained(capsys, tmp_path):
+    """With --bptt longer than the streams, a step trains fewer than B x T tokens."""
+    text = tmp_path / "short.txt"
+    text.write_text(_tiny_text(6))
+    rc, _, err = run(capsys, "bench", "--text", text, "--hidden-size", 8, "--batch-size", 2,
+                     "--bptt", 1000, "--steps", 2, "--warmup", 0, "--rounds", 1,
+                     "--val-chunks", 1, "--backends", "torch", "--precisions", "fp32",
+                     "--out", tmp_path)
+    assert rc == 0, err
+    for row in _bench_rows(tmp_path).values():
+        tokens = float(row["tokens_per_s"]) * float(row["ms_per_step"]) / 1000
+        assert 2 <= tokens < 2 * 1000 / 10, row  # the streams hold < 200 steps
 
 
 def test_bench_commit_comes_from_frnn_commit_where_git_is_absent(monkeypatch):

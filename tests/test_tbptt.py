@@ -414,3 +414,14 @@ def test_vocab_roundtrip_and_missing():
     assert v.missing("hex!x") == ["x", "!"]
     with pytest.raises(KeyError):
         v.encode("x")
+
+
+@pytest.mark.parametrize("kwargs,said", [
+    ({"variable_length": True, "min_length": 0}, "min_length must be in"),
+    ({"variable_length": True, "bptt": 3}, "min_length must be in"),
+    ({"world_size": 0}, "world_size must be positive"),
+])
+def test_stream_batcher_refuses_settings_that_give_empty_chunks(kwargs, said):
+    args = {"batch_size": 2, "bptt": 8, **kwargs}
+    with pytest.raises(ValueError, match=said):
+        StreamBatcher(torch.arange(100), **args)
