@@ -15,6 +15,7 @@ from torch import Tensor
 
 from fused_rnn import backends
 from fused_rnn.ops import aten_cpu
+from fused_rnn.ops.common import check_rnn_args
 from fused_rnn.ops.reference import GATES, MODES
 
 
@@ -100,6 +101,7 @@ def rnn_layer(
     """
     _check_mode(mode)
     backends.check_name(backend)
+    check_rnn_args(mode, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths)
     ac = _autocast_dtype(x.device)
     if ac is not None:
         x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr = _to(ac, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr)
@@ -127,6 +129,7 @@ def rnn_cell(
     """One step. x: (B, I); h: (B, H); c: (B, H) for LSTM else None. Returns (h', c')."""
     _check_mode(mode)
     backends.check_name(backend)
+    check_rnn_args(mode, x, h, c, w_ih, w_hh, b_ih, b_hh, step=True)
     ac = _autocast_dtype(x.device)
     if ac is not None:
         x, h, c, w_ih, w_hh, b_ih, b_hh = _to(ac, x, h, c, w_ih, w_hh, b_ih, b_hh)
@@ -170,6 +173,17 @@ def rnn(
     Returns y: (T, B, D*P), h_n: (L*D, B, P), c_n: (L*D, B, H) or None.
     """
     num_dir = 2 if bidirectional else 1
+    n = num_layers * num_dir
+    if num_layers < 1:
+        raise ValueError(f"rnn: num_layers must be at least 1, got {num_layers}")
+    if not 0 <= dropout <= 1:
+        raise ValueError(f"rnn: dropout must be in [0, 1], got {dropout}")
+    if len(weights) != n:
+        raise ValueError(f"rnn: {num_layers} layers x {num_dir} directions need {n} weight "
+                         f"tuples, got {len(weights)}")
+    for name, t in (("hx", hx), ("cx", cx)):
+        if t is not None and (t.dim() != 3 or t.shape[0] != n):
+            raise RuntimeError(f"rnn: {name} must be ({n}, B, size), got {tuple(t.shape)}")
     layer_input = x
     h_n: list[Tensor] = []
     c_n: list[Tensor] = []

@@ -236,3 +236,77 @@ def test_torchscript_is_refused_clearly(cls):
     getattr; say what works instead."""
     with pytest.raises(RuntimeError, match=r"TorchScript.*torch\.compile or torch\.export"):
         torch.jit.script(torch.nn.Sequential(cls(4, 6)))
+
+
+# ------------------------------------------------------------------ the functional API
+def _layer_args(mode="LSTM", T=3, B=3, I=4, H=8):
+    G = {"LSTM": 4, "GRU": 3, "RNN_TANH": 1}[mode]
+    g = torch.Generator().manual_seed(0)
+    return dict(x=torch.randn(T, B, I, generator=g), h0=torch.randn(B, H, generator=g),
+                c0=torch.randn(B, H, generator=g) if mode == "LSTM" else None,
+                w_ih=torch.randn(G * H, I, generator=g), w_hh=torch.randn(G * H, H, generator=g),
+                b_ih=torch.randn(G * H, generator=g), b_hh=torch.randn(G * H, generator=g))
+
+
+# (name, mode, change to the arguments, exception): each would have the Triton kernels read
+# or write out of bounds, or return a wrong answer; every backend refuses it first.
+BAD_LAYER_ARGS = [
+    ("h0-short-batch", "GRU", lambda a: {"h0": a["h0"][:2]}, RuntimeError),
+    ("h0-1d", "GRU", lambda a: {"h0": a["h0"][0]}, RuntimeError),
+    ("c0-one-row", "LSTM", lambda a: {"c0": a["c0"][:1]}, RuntimeError),
+    ("c0-missing", "LSTM", lambda a: {"c0": None}, ValueError),
+    ("c0-for-gru", "GRU", lambda a: {"c0": a["h0"]}, ValueError),
+    ("w_hh-columns", "RNN_TANH", lambda a: {"w_hh": a["w_hh"][:, :6]}, RuntimeError),
+    ("w_hh-rows", "LSTM", lambda a: {"w_hh": torch.randn(33, 8)}, RuntimeError),
+    ("b_hh-short", "LSTM", lambda a: {"b_hh": a["b_hh"][:31]}, RuntimeError),
+    ("b_hh-scalar", "GRU", lambda a: {"b_hh": a["b_hh"][:1]}, RuntimeError),
+    ("lengths-short", "GRU", lambda a: {"lengths": torch.tensor([3, 2])}, RuntimeError),
+    ("lengths-float", "GRU", lambda a: {"lengths": torch.tensor([3.0, 2.0, 1.0])}, TypeError),
+    ("w_hr-for-gru", "GRU", lambda a: {"w_hr": torch.randn(8, 8)}, ValueError),
+    ("w_hr-transposed", "LSTM", lambda a: {"w_hh": torch.randn(32, 4),
+                                           "h0": torch.randn(3, 4), "w_hr": torch.randn(8, 4)},
+     RuntimeError),
+    ("w_hh-on-meta", "GRU", lambda a: {"w_hh": a["w_hh"].to("meta")}, RuntimeError),
+    ("x-integer", "GRU", lambda a: {"x": a["x"].long()}, TypeError),
+    ("x-2d", "GRU", lambda a: {"x": a["x"][0]}, RuntimeError),
+]
+
+
+@pytest.mark.parametrize("name,mode,change,exc", BAD_LAYER_ARGS, ids=[c[0] for c in BAD_LAYER_ARGS])
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_functional_layer_refuses_arguments_of_the_wrong_shape(name, mode, change, exc, backend,
+                                                               monkeypatch):
+    from fused_rnn import backends, functional
+
+    if backends.unavailable_reason(backend, torch.device("cpu")):
+        pytest.skip(f"backend {backend}: {backends.unavailable_reason(backend, torch.device('cpu'))}")
+    launched = []
+    if backend == "triton":
+        from fused_rnn.ops.triton import launch
+
+        real = launch.layer_forward
+        monkeypatch.setattr(launch, "layer_forward", lambda *a, **k: launched.append(1) or real(*a, **k))
+    a = _layer_args(mode)
+    a.update(change(a))
+    lengths, w_hr = a.pop("lengths", None), a.pop("w_hr", None)
+    with pytest.raises(exc, match="rnn_layer"):
+        functional.rnn_layer(mode, a["x"], a["h0"], a["c0"], a["w_ih"], a["w_hh"], a["b_ih"],
+                             a["b_hh"], w_hr, lengths=lengths, backend=backend)
+    assert not launched
+
+
+def test_functional_cell_and_stack_refuse_arguments_of_the_wrong_shape():
+    from fused_rnn import functional
+
+    a = _layer_args("LSTM")
+    with pytest.raises(RuntimeError, match="rnn_cell: c0 must have shape"):
+        functional.rnn_cell("LSTM", a["x"][0], a["h0"], a["c0"][:1], a["w_ih"], a["w_hh"])
+    with pytest.raises(RuntimeError, match="rnn_cell: h0 must have shape"):
+        functional.rnn_cell("GRU", a["x"][0, :2], a["h0"], None, a["w_ih"][:24], a["w_hh"][:24])
+    w = [(a["w_ih"], a["w_hh"], a["b_ih"], a["b_hh"], None)]
+    for kw, said in [({"num_layers": 0}, "num_layers"), ({"dropout": -0.5}, "dropout"),
+                     ({"hx": a["h0"][None].repeat(2, 1, 1)}, "hx must be")]:
+        args = {"num_layers": 1, "bidirectional": False, "hx": a["h0"][None], **kw}
+        hx = args.pop("hx")
+        with pytest.raises((ValueError, RuntimeError), match=said):
+            functional.rnn("LSTM", a["x"], hx, a["c0"][None], w, backend="reference", **args)

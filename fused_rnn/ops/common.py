@@ -161,3 +161,61 @@ def refuse_double_backward(backward_op, backend: str) -> None:
         )
 
     backward_op.register_autograd(backward, setup_context=setup_context)
+
+
+_GATES = {"LSTM": 4, "GRU": 3, "RNN_TANH": 1, "RNN_RELU": 1}
+
+
+def check_rnn_args(mode: str, x: Tensor, h: Tensor, c: Tensor | None, w_ih: Tensor,
+                   w_hh: Tensor, b_ih: Tensor | None, b_hh: Tensor | None,
+                   w_hr: Tensor | None = None, lengths: Tensor | None = None,
+                   *, step: bool = False) -> None:
+    """Every shape, kind and device the layer (``step=False``: x (T, B, I)) or cell (x (B, I))
+    contract names, checked before any backend runs: the kernels index h, c, the biases,
+    w_hr and lengths with sizes taken from x and w_hh, so a tensor of another shape would be
+    read or written out of bounds. Raises ValueError for a wrong structure, RuntimeError
+    for a wrong shape or device, TypeError for a wrong kind."""
+    if mode not in _GATES:
+        raise ValueError(f"unknown mode {mode!r}; expected one of {tuple(_GATES)}")
+    where = "rnn_cell" if step else "rnn_layer"
+    named = {"x": x, "h0": h, "w_ih": w_ih, "w_hh": w_hh}
+    for name, t in named.items():
+        if not isinstance(t, Tensor):
+            raise TypeError(f"{where}: {name} must be a tensor, got {type(t).__name__}")
+    for name, t in (("c0", c), ("b_ih", b_ih), ("b_hh", b_hh), ("w_hr", w_hr),
+                    ("lengths", lengths)):
+        if t is not None and not isinstance(t, Tensor):
+            raise TypeError(f"{where}: {name} must be a tensor or None, got {type(t).__name__}")
+    if not (x.is_floating_point() or x.is_complex()):
+        raise TypeError(f"{where}: x must be floating point, got {x.dtype}")
+    if x.dim() != (2 if step else 3):
+        raise RuntimeError(f"{where}: x must be {'(B, I)' if step else '(T, B, I)'}, got shape "
+                           f"{tuple(x.shape)}")
+    if mode == "LSTM" and c is None:
+        raise ValueError(f"{where}: LSTM needs c0 (the cell state), got None")
+    if mode != "LSTM" and c is not None:
+        raise ValueError(f"{where}: c0 is for LSTM only; mode {mode} takes None")
+    if w_hr is not None and mode != "LSTM":
+        raise ValueError(f"{where}: w_hr (a projection) is for LSTM only; mode {mode} takes None")
+    G = _GATES[mode]
+    if w_hh.dim() != 2 or w_hh.shape[0] % G:
+        raise RuntimeError(f"{where}: w_hh must be ({G}*H, P) for {mode}, got shape "
+                           f"{tuple(w_hh.shape)}")
+    H = w_hh.shape[0] // G
+    P = H if w_hr is None else w_hh.shape[1]  # a projection: w_hh's columns, w_hr's rows
+    B, I = x.shape[-2], x.shape[-1]
+    want = {"w_hh": (G * H, P), "w_ih": (G * H, I), "h0": (B, P), "c0": (B, H),
+            "b_ih": (G * H,), "b_hh": (G * H,), "w_hr": (P, H), "lengths": (B,)}
+    given = {"w_hh": w_hh, "w_ih": w_ih, "h0": h, "c0": c, "b_ih": b_ih, "b_hh": b_hh,
+             "w_hr": w_hr, "lengths": lengths}
+    for name, t in given.items():
+        if t is None:
+            continue
+        if tuple(t.shape) != want[name]:
+            raise RuntimeError(f"{where}: {name} must have shape {want[name]} (B={B}, I={I}, "
+                               f"H={H}, P={P}), got {tuple(t.shape)}")
+        if t.device != x.device:
+            raise RuntimeError(f"{where}: {name} is on {t.device} but x is on {x.device}")
+    if lengths is not None and (lengths.is_floating_point() or lengths.is_complex()
+                                or lengths.dtype == torch.bool):
+        raise TypeError(f"{where}: lengths must be an integer tensor, got {lengths.dtype}")

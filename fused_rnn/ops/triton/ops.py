@@ -22,7 +22,12 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from fused_rnn.ops.common import grad_like, refuse_double_backward, register_autocast
+from fused_rnn.ops.common import (
+    check_rnn_args,
+    grad_like,
+    refuse_double_backward,
+    register_autocast,
+)
 from fused_rnn.ops.reference import GATES
 from fused_rnn.ops.triton import launch
 
@@ -47,6 +52,7 @@ def triton_layer(
     path: str,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """(y (T,B,P), h_n (B,P), c_n (B,H) or empty, gates (T,B,G*H) fp32, state (T,B,H) fp32)."""
+    check_rnn_args(mode, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths)
     return launch.layer_forward(
         mode, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, reverse, save, path
     )
@@ -61,6 +67,7 @@ def _saved_shapes(mode: str, T: int, B: int, H: int, save: bool):
 
 @triton_layer.register_fake
 def _(mode, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, reverse, save, path):
+    check_rnn_args(mode, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths)
     T, B, _ = x.shape
     H = w_hh.shape[0] // GATES[mode]
     P = w_hh.shape[1]
@@ -191,6 +198,7 @@ def triton_cell(
     save: bool,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """(h' (B,H), c' (B,H) or empty, gates (1,B,G*H) fp32, state (1,B,H) fp32): one fused step."""
+    check_rnn_args(mode, x, h, c, w_ih, w_hh, b_ih, b_hh, step=True)
     _, h1, c1, gates, state = launch.layer_forward(
         mode, x[None], h, c, w_ih, w_hh, b_ih, b_hh, None, None, False, save, "step"
     )
@@ -199,6 +207,7 @@ def triton_cell(
 
 @triton_cell.register_fake
 def _(mode, x, h, c, w_ih, w_hh, b_ih, b_hh, save):
+    check_rnn_args(mode, x, h, c, w_ih, w_hh, b_ih, b_hh, step=True)
     B = x.shape[0]
     H = w_hh.shape[0] // GATES[mode]
     g_shape, s_shape = _saved_shapes(mode, 1, B, H, save)
