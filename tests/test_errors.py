@@ -42,24 +42,16 @@ BAD_CELL_CONSTRUCTORS = [
 ]
 
 
-@pytest.mark.parametrize("cell,args,kwargs", BAD_CONSTRUCTORS, ids=lambda v: repr(v))
-def test_bad_constructor_args(cell, args, kwargs):
-    nn_cls, our_cls, extra = CELLS[cell]
+@pytest.mark.parametrize("step,cell,args,kwargs",
+                         [(False, *c) for c in BAD_CONSTRUCTORS]
+                         + [(True, *c) for c in BAD_CELL_CONSTRUCTORS], ids=lambda v: repr(v))
+def test_bad_constructor_args(step, cell, args, kwargs):
+    nn_cls, our_cls, extra = (STEP_CELLS if step else CELLS)[cell]
     with pytest.raises(Exception) as want:
         nn_cls(*args, **extra, **kwargs)
     with pytest.raises(want.type) as got:
         our_cls(*args, **extra, **kwargs)
     assert str(got.value), "error message must not be empty"
-
-
-@pytest.mark.parametrize("cell,args,kwargs", BAD_CELL_CONSTRUCTORS, ids=lambda v: repr(v))
-def test_bad_cell_constructor_args(cell, args, kwargs):
-    nn_cls, our_cls, extra = STEP_CELLS[cell]
-    with pytest.raises(Exception) as want:
-        nn_cls(*args, **extra, **kwargs)
-    with pytest.raises(want.type) as got:
-        our_cls(*args, **extra, **kwargs)
-    assert str(got.value)
 
 
 def test_bad_nonlinearity():
