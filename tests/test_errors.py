@@ -302,3 +302,17 @@ def test_functional_cell_and_stack_refuse_arguments_of_the_wrong_shape():
         hx = args.pop("hx")
         with pytest.raises((ValueError, RuntimeError), match=said):
             functional.rnn("LSTM", a["x"], hx, a["c0"][None], w, backend="reference", **args)
+
+
+def test_cuda_layer_op_checks_its_arguments_too():
+    """The CUDA op (its fake here, on meta tensors) refuses what the kernels would index out of
+    bounds, before the binding's own checks."""
+    import fused_rnn.ops.cuda.ops  # noqa: F401 (registers the op)
+
+    a = {k: (None if v is None else v.to("meta")) for k, v in _layer_args("LSTM").items()}
+    op = torch.ops.fused_rnn.cuda_layer
+    op("LSTM", a["x"], a["h0"], a["c0"], a["w_ih"], a["w_hh"], a["b_ih"], a["b_hh"], None,
+       False, False, False)  # the right shapes pass
+    with pytest.raises(RuntimeError, match="c0 must have shape"):
+        op("LSTM", a["x"], a["h0"], a["c0"][:1], a["w_ih"], a["w_hh"], a["b_ih"], a["b_hh"],
+           None, False, False, False)

@@ -32,6 +32,7 @@ from torch import Tensor
 
 from fused_rnn.ops.cuda import _ext, profile
 from fused_rnn.ops.common import (
+    check_rnn_args,
     gemms_use_tf32,
     grad_like,
     previous_hidden,
@@ -225,6 +226,7 @@ def _layer_forward_impl(
 
     Weights are used in x's dtype (the storage type of the kernel), as nn.LSTM requires anyway.
     """
+    check_rnn_args(mode, x, h0, c0, w_ih, w_hh, b_ih, b_hh, None, lengths)
     T, B, _ = x.shape
     check_counts(T, B)
     G, H = GATES[mode], w_hh.shape[1]
@@ -280,6 +282,7 @@ cuda_layer = torch.library.custom_op(
 
 @cuda_layer.register_fake
 def _(mode, x, h0, c0, w_ih, w_hh, b_ih, b_hh, lengths, reverse, save, allow_tf32):
+    check_rnn_args(mode, x, h0, c0, w_ih, w_hh, b_ih, b_hh, None, lengths)
     T, B, _ = x.shape
     H = w_hh.shape[1]
     g_shape, a_shape = saved_shapes(mode, T, B, H, save)
