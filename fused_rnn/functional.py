@@ -15,7 +15,7 @@ from torch import Tensor
 
 from fused_rnn import backends
 from fused_rnn.ops import aten_cpu
-from fused_rnn.ops.common import check_rnn_args
+from fused_rnn.ops.common import autocast_eligible, check_rnn_args
 from fused_rnn.ops.reference import GATES, MODES
 
 
@@ -45,10 +45,19 @@ def _autocast_off(device: torch.device):
     return contextlib.nullcontext()
 
 
+def compute_dtype(device: torch.device, dtype: torch.dtype) -> torch.dtype:
+    """The dtype the cells compute in for data of ``dtype`` on ``device``: the autocast
+    region's where it casts ``dtype``, else ``dtype``."""
+    ac = _autocast_dtype(device)
+    eligible = dtype.is_floating_point and dtype != torch.float64
+    return ac if ac is not None and eligible else dtype
+
+
 def _to(dtype: torch.dtype | None, *ts: Tensor | None):
+    """Autocast's cast: eligible tensors (not fp64, not complex) to ``dtype``."""
     if dtype is None:
         return ts
-    return tuple(None if t is None else t.to(dtype) for t in ts)
+    return tuple(t.to(dtype) if autocast_eligible(t) else t for t in ts)
 
 
 def _config(mode: str, x: Tensor, w_hh: Tensor, w_hr: Tensor | None, lengths) -> dict:

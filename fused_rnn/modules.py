@@ -21,11 +21,21 @@ from torch.nn.utils import parametrize
 from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
 
 from fused_rnn import backends, functional
+from fused_rnn.ops.common import autocast_eligible
 from fused_rnn.ops.reference import GATES
 
 __all__ = ["LSTM", "GRU", "RNN", "LSTMCell", "GRUCell", "RNNCell"]
 
 _MODE_NAMES = {"LSTM": "LSTM", "GRU": "GRU", "RNN_TANH": "RNN", "RNN_RELU": "RNN"}
+
+
+def _dtypes_differ(a: Tensor, b: Tensor) -> bool:
+    """Two dtypes a call cannot mix: different, unless an autocast region will cast both to its
+    own (it casts floating tensors other than fp64; fp64 and complex keep theirs)."""
+    if a.dtype == b.dtype:
+        return False
+    return not (torch._C._is_any_autocast_enabled() and autocast_eligible(a)
+                and autocast_eligible(b))
 
 
 def _apply_permutation(t: Tensor, permutation: Tensor | None, dim: int = 1) -> Tensor:
@@ -250,7 +260,7 @@ class _RNNStack(nn.Module):
         """w: the first weight as this call uses it (default: fetched here)."""
         if w is None:
             w = getattr(self, self._flat_weights_names[0])
-        if input.dtype != w.dtype and not torch._C._is_any_autocast_enabled():
+        if _dtypes_differ(input, w):
             raise ValueError(
                 f"RNN input dtype ({input.dtype}) does not match weight dtype ({w.dtype}). "
                 f"Convert input: input.to({w.dtype}), or convert model: model.to({input.dtype})"
@@ -280,7 +290,7 @@ class _RNNStack(nn.Module):
                     f"(a module built with bias={self.bias} uses every weight in "
                     "_flat_weights_names)"
                 )
-            if w.dtype != first.dtype and not torch._C._is_any_autocast_enabled():
+            if _dtypes_differ(w, first):
                 raise RuntimeError(
                     f"{type(self).__name__}: weight {name} is {w.dtype} but "
                     f"{self._flat_weights_names[0]} is {first.dtype}; all weights need one dtype"
@@ -299,7 +309,7 @@ class _RNNStack(nn.Module):
                 f"Input and hidden tensors are not at the same device, found input tensor at "
                 f"{input.device} and hidden tensor at {h.device}"
             )
-        if h.dtype != input.dtype and not torch._C._is_any_autocast_enabled():
+        if _dtypes_differ(h, input):
             raise RuntimeError(
                 f"hidden state dtype ({h.dtype}) does not match input dtype ({input.dtype})"
             )
@@ -474,7 +484,7 @@ class _RNNStack(nn.Module):
         ``dtype`` on ``device`` and ``batch`` rows: under autocast the cells compute in its
         dtype."""
         return dict(
-            mode=self.mode, dtype=functional._autocast_dtype(torch.device(device)) or dtype,
+            mode=self.mode, dtype=functional.compute_dtype(torch.device(device), dtype),
             hidden_size=self.hidden_size, proj_size=self.proj_size, batch=batch,
             num_layers=self.num_layers, bidirectional=self.bidirectional,
             input_size=self.input_size, has_lengths=packed,
@@ -486,13 +496,15 @@ class _RNNStack(nn.Module):
         Under autocast every cell runs in the autocast dtype. torch.nn's own rules differ: on
         CUDA its cuDNN RNNs run in fp16 under any autocast dtype (torch's autocast wrapper of
         ``_cudnn_rnn`` casts to half; checked on torch 2.11), so an ``amp-bf16`` nn.LSTM
-        computes in fp16; on the CPU nn.LSTM follows the autocast dtype and nn.GRU/RNN stay
-        fp32. We follow the dtype the region asked for, on every device and cell. w: the
+        computes in fp16; on the CPU nn.LSTM/RNN follow the autocast dtype and nn.GRU stays
+        fp32 (torch 2.13). fp64 and complex data are not cast, as in torch. We follow the dtype the region asked for, on every device and cell. w: the
         call's ``_flat_weights``.
         """
         data = input.data if packed else input
         ac = functional._autocast_dtype(data.device)
         order = getattr(self, "_cudnn_order", None)  # absent in modules pickled before it
+        if ac is not None and not autocast_eligible(data):
+            ac = None  # fp64 and complex stay as they are, as in torch.nn
         if ac is not None:
             data, h0 = data.to(ac), h0.to(ac)
             c0 = None if c0 is None else c0.to(ac)
@@ -816,13 +828,13 @@ class _CellBase(nn.Module):
         for name, t in (("weight_hh", w_hh), ("bias_ih", b_ih), ("bias_hh", b_hh)):
             if t is None:  # a bias set to None is left out, as by torch.nn
                 continue
-            if t.dtype != w.dtype and not torch._C._is_any_autocast_enabled():
+            if _dtypes_differ(t, w):
                 raise RuntimeError(f"{cls}: {name} is {t.dtype} but weight_ih is {w.dtype}; "
                                    "all weights need one dtype")
             if t.device != w.device:
                 raise RuntimeError(f"{cls}: {name} is on {t.device} but weight_ih is on "
                                    f"{w.device}")
-        if input.dtype != w.dtype and not torch._C._is_any_autocast_enabled():
+        if _dtypes_differ(input, w):
             raise RuntimeError(
                 f"{cls}: input dtype ({input.dtype}) does not match weight dtype ({w.dtype})"
             )
@@ -852,7 +864,7 @@ class _CellBase(nn.Module):
                 )
             if h.device != input.device:
                 raise RuntimeError(f"{cls}: hidden{idx} is on {h.device}, input on {input.device}")
-            if h.dtype != input.dtype and not torch._C._is_any_autocast_enabled():
+            if _dtypes_differ(h, input):
                 raise RuntimeError(
                     f"{cls}: hidden{idx} dtype ({h.dtype}) does not match input dtype ({input.dtype})"
                 )

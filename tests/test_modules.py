@@ -824,3 +824,31 @@ def test_jit_trace_of_the_reference_time_loop_warns():
     lstm = fused_rnn.LSTM(4, 6, backend="reference")
     with pytest.warns(torch.jit.TracerWarning, match="sequences of length 5 only"):
         torch.jit.trace(lstm, torch.randn(5, 3, 4), check_trace=False)
+
+
+@pytest.mark.parametrize("backend", ["auto", "reference"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.complex64])
+@pytest.mark.parametrize("cls", ["LSTM", "GRU", "RNN", "GRUCell"])
+def test_autocast_leaves_fp64_and_complex_modules_alone(cls, dtype, backend):
+    """Autocast casts floating tensors other than fp64, as torch's own rule: an fp64 or
+    complex module computes in its dtype inside a bf16 region (before, it was cast to bf16
+    and a complex one lost its imaginary part), as torch.nn's does."""
+    torch.manual_seed(0)
+    m = getattr(fused_rnn, cls)(3, 4, backend=backend, dtype=dtype)
+    x = torch.randn(*((5, 2, 3) if cls != "GRUCell" else (2, 3)), dtype=dtype)
+    def out():
+        return m(x)[0] if cls != "GRUCell" else m(x)
+
+    want = out()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = out()
+    assert got.dtype == dtype
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+def test_autocast_does_not_hide_an_fp64_input_to_an_fp32_module():
+    m = fused_rnn.GRU(3, 4)
+    with torch.autocast("cpu", dtype=torch.bfloat16), pytest.raises(ValueError, match="dtype"):
+        m(torch.randn(5, 2, 3, dtype=torch.float64))
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # fp32 and bf16 mix: autocast casts
+        assert m(torch.randn(5, 2, 3, dtype=torch.bfloat16))[0].dtype == torch.bfloat16

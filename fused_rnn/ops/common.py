@@ -117,6 +117,12 @@ def previous_hidden(y: Tensor, h0: Tensor, lengths: Tensor | None, reverse: bool
     return torch.where(valid[..., None], shifted, h0e)
 
 
+def autocast_eligible(t) -> bool:
+    """Whether autocast casts ``t``: a floating tensor other than fp64 (torch's own rule; fp64
+    and complex tensors keep their dtype in an autocast region)."""
+    return isinstance(t, Tensor) and t.is_floating_point() and t.dtype != torch.float64
+
+
 def register_autocast(op, device_type: str) -> None:
     """Autocast: floating inputs on ``device_type`` are cast to the *current* autocast dtype
     (fp16 or bf16, whichever the region asked for), then the op runs with autocast off.
@@ -129,7 +135,7 @@ def register_autocast(op, device_type: str) -> None:
         dtype = torch.get_autocast_dtype(device_type)
 
         def cast(a):
-            if isinstance(a, Tensor) and a.is_floating_point() and a.device.type == device_type:
+            if autocast_eligible(a) and a.device.type == device_type:
                 return a.to(dtype)
             return a
 
