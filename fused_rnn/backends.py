@@ -228,6 +228,20 @@ def _warn_once(name: str, reason: str, to: str) -> None:
         )
 
 
+def _transform_reason() -> str | None:
+    """Why a kernel backend cannot run inside a ``torch.func`` transform, or None outside one.
+
+    The fused ops carry a backward formula only. Under ``torch.func.jvp``/``jacfwd`` torch
+    gives such an op a zero tangent without an error, and ``grad``/``jacrev`` fail inside
+    torch; the reference is plain torch code, which every transform handles."""
+    if torch.compiler.is_compiling():
+        return None
+    if torch._C._functorch.peek_interpreter_stack() is None:
+        return None
+    return ("inside a torch.func transform (jvp, jacfwd, grad, jacrev, vmap): the fused ops "
+            "have no forward-mode or functorch rules")
+
+
 def kernel_impl(name: str, kind: str, **config) -> ModuleType:
     """The module implementing ``kind`` ("layer" or "cell") for ``name`` and this config.
 
@@ -239,7 +253,7 @@ def kernel_impl(name: str, kind: str, **config) -> ModuleType:
         reason = unavailable_reason(name, config.get("device"))
         if reason is None:
             mod = _kernel_module(name)
-            reason = mod.unsupported_reason(kind, **config)
+            reason = mod.unsupported_reason(kind, **config) or _transform_reason()
             if reason is None:
                 return mod
         nxt = _FALLBACK[name]

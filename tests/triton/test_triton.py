@@ -449,6 +449,37 @@ def test_fp64_falls_back_to_reference_with_a_warning(monkeypatch):
     torch.testing.assert_close(y, ref(x)[0], atol=0, rtol=0)
 
 
+@pytest.mark.parametrize("transform", ["jvp", "grad"])
+@pytest.mark.parametrize("cls", ["GRU", "GRUCell"])
+def test_torch_func_transforms_run_the_reference(monkeypatch, transform, cls):
+    """The fused ops have a backward formula only: under torch.func.jvp torch gave them a zero
+    tangent without an error, and func.grad failed inside torch. Inside a transform the call
+    falls back to the reference, with the reason, and the result is nn's."""
+    from fused_rnn import backends
+
+    monkeypatch.setattr(backends, "_warned", set())
+    torch.manual_seed(0)
+    ours = getattr(fused_rnn, cls)(3, 4, backend="triton").to(DEVICE)
+    nn_mod = getattr(torch.nn, cls)(3, 4).to(DEVICE)
+    nn_mod.load_state_dict(ours.state_dict())
+    x = torch.randn(*((5, 2, 3) if cls == "GRU" else (2, 3)), device=DEVICE)
+    v = torch.randn_like(x)
+
+    def f(m):
+        return lambda inp: (m(inp)[0] if cls == "GRU" else m(inp))
+
+    def run(m):
+        if transform == "jvp":
+            return torch.func.jvp(f(m), (x,), (v,))[1]
+        return torch.func.grad(lambda inp: f(m)(inp).square().sum())(x)
+
+    with pytest.warns(RuntimeWarning, match="torch.func transform.*falling back to 'reference'"):
+        got = run(ours)
+    want = run(nn_mod)
+    assert want.abs().max() > 1e-3
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
 # --------------------------------------------------------------------------- availability
 def test_available_here():
     assert tr.unavailable_reason(None) is None
