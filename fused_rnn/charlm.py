@@ -169,6 +169,9 @@ class CharLM(nn.Module):
         self.encoder = nn.Embedding(vocab_size, embedding_size)
         self.drop = nn.Dropout(dropout)
         rnn_class = rnn_class or _fused_class(cell)
+        if (rnn_kwargs or {}).get("batch_first"):
+            raise ValueError("CharLM: rnn_kwargs batch_first=True is not supported (the model "
+                             "is time-major: tokens are (T, B))")
         self.rnn = rnn_class(
             embedding_size,
             hidden_size,

@@ -323,6 +323,11 @@ def run_rnn(rnn: nn.Module, x: Tensor, state: State, reset: Resets | Tensor | No
     are few cuts). A bare GPU mask costs one host sync to find the cuts; :class:`Resets`
     carries them. Returns (out, state).
     """
+    if getattr(rnn, "batch_first", False):
+        raise ValueError(
+            f"run_rnn: {type(rnn).__name__} has batch_first=True; the chunks are time-major "
+            "(T, B), so it would run its recurrence across the batch"
+        )
     if reset is None:
         return rnn(x, state)
     if not isinstance(reset, Resets):
@@ -377,6 +382,9 @@ def train_chunk(
     the gradients for the caller). Returns (loss, detached state, gradient norm or None);
     the loss is a detached 0-d tensor (no host sync here).
     """
+    if clip is not None and not (isinstance(clip, (int, float)) and math.isfinite(clip)
+                                 and clip >= 0):
+        raise ValueError(f"train_chunk: clip must be a finite number >= 0 or None, got {clip!r}")
     if chunk.first:
         state = None
     if optimizer is not None:

@@ -425,3 +425,24 @@ def test_stream_batcher_refuses_settings_that_give_empty_chunks(kwargs, said):
     args = {"batch_size": 2, "bptt": 8, **kwargs}
     with pytest.raises(ValueError, match=said):
         StreamBatcher(torch.arange(100), **args)
+
+
+@pytest.mark.parametrize("clip", [-1.0, float("nan"), float("inf"), "1"])
+def test_train_chunk_refuses_a_bad_clip(clip):
+    """A negative clip flipped the gradient and NaN made every weight NaN; now refused."""
+    model = CharLM(7, cell="gru", hidden_size=4)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    chunk = StreamBatcher(torch.randint(0, 7, (50,)), 2, 10).next_chunk()
+    before = [p.detach().clone() for p in model.parameters()]
+    with pytest.raises(ValueError, match="clip"):
+        train_chunk(model, chunk, None, opt, clip=clip)
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters(), strict=True))
+
+
+def test_a_batch_first_rnn_is_refused():
+    """Chunks are time-major: a batch_first module would run its recurrence across the batch."""
+    with pytest.raises(ValueError, match="batch_first"):
+        CharLM(7, cell="gru", hidden_size=4, rnn_kwargs={"batch_first": True})
+    rnn = torch.nn.GRU(3, 4, batch_first=True)
+    with pytest.raises(ValueError, match="batch_first"):
+        run_rnn(rnn, torch.randn(5, 2, 3), None)
