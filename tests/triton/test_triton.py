@@ -357,6 +357,26 @@ def test_cell_matches_reference(mode, bias, dtype, eps):
     check_against_fp64(ours, ref, cell_inputs, dtype, eps, [torch.randn(B, H, generator=g) for _ in range(2)])
 
 
+@pytest.mark.parametrize("mode", ["RNN_TANH", "GRU", "LSTM"])
+def test_tanh_keeps_its_relative_accuracy_near_zero(mode):
+    """tanh was 2*sigmoid(2x)-1: right to 1e-7 absolute, but 6% off relative for inputs near
+    1e-5 (and 100% near 1e-8), so small activations lost their digits against torch.nn."""
+    G = {"LSTM": 4, "GRU": 3, "RNN_TANH": 1}[mode]
+    B, I, H = 2, 3, 5
+    g = torch.Generator().manual_seed(3)
+    for scale in (1e-2, 1e-5, 1e-8):
+        args = dict(x=torch.randn(B, I, generator=g) * scale, h=torch.zeros(B, H),
+                    c=torch.randn(B, H, generator=g) * scale if mode == "LSTM" else None,
+                    w_ih=torch.randn(G * H, I, generator=g), w_hh=torch.randn(G * H, H, generator=g))
+        args = {k: None if v is None else v.to(DEVICE) for k, v in args.items()}
+        h, c = tr.rnn_cell(mode, **args)
+        h64, c64 = reference.rnn_cell(mode, **{k: None if v is None else v.double()
+                                               for k, v in args.items()})
+        torch.testing.assert_close(h.double(), h64, rtol=2e-5, atol=0, msg=f"{mode} {scale}")
+        if mode == "LSTM":
+            torch.testing.assert_close(c.double(), c64, rtol=2e-5, atol=0)
+
+
 # --------------------------------------------------------------------------- modules vs torch.nn
 def _module_pair(nn_cls, our_cls, *args, **kw):
     torch.manual_seed(0)

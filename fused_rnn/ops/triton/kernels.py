@@ -60,8 +60,19 @@ def _sigmoid(x):
 
 @triton.jit
 def _tanh(x):
-    # No libdevice under the interpreter; this is exact to ~1 ulp of fp32 away from 0.
-    return 2.0 * _sigmoid(2.0 * x) - 1.0
+    # No libdevice under the interpreter. 2*sigmoid(2x)-1 is within ~1 ulp of 1 everywhere, but
+    # near 0 that is a large relative error (inputs of 1e-5 came out 6% off). Below |x| = 0.25
+    # the odd Taylor series to x^11 is used instead: its first dropped term is under 1e-10.
+    # (Evaluated on x clamped to that range, so large inputs do not overflow it.)
+    xs = tl.minimum(tl.maximum(x, -0.25), 0.25)
+    x2 = xs * xs
+    p = -1382.0 / 155925.0
+    p = p * x2 + 62.0 / 2835.0
+    p = p * x2 - 17.0 / 315.0
+    p = p * x2 + 2.0 / 15.0
+    p = p * x2 - 1.0 / 3.0
+    small = xs + xs * x2 * p
+    return tl.where(tl.abs(x) < 0.25, small, 2.0 * _sigmoid(2.0 * x) - 1.0)
 
 
 @triton.jit
