@@ -365,9 +365,10 @@ def test_tanh_keeps_its_relative_accuracy_near_zero(mode):
     B, I, H = 2, 3, 5
     g = torch.Generator().manual_seed(3)
     for scale in (1e-2, 1e-5, 1e-8):
-        args = dict(x=torch.randn(B, I, generator=g) * scale, h=torch.zeros(B, H),
-                    c=torch.randn(B, H, generator=g) * scale if mode == "LSTM" else None,
-                    w_ih=torch.randn(G * H, I, generator=g), w_hh=torch.randn(G * H, H, generator=g))
+        args = {"x": torch.randn(B, I, generator=g) * scale, "h": torch.zeros(B, H),
+                "c": torch.randn(B, H, generator=g) * scale if mode == "LSTM" else None,
+                "w_ih": torch.randn(G * H, I, generator=g),
+                "w_hh": torch.randn(G * H, H, generator=g)}
         args = {k: None if v is None else v.to(DEVICE) for k, v in args.items()}
         h, c = tr.rnn_cell(mode, **args)
         h64, c64 = reference.rnn_cell(mode, **{k: None if v is None else v.double()
