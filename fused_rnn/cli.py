@@ -1048,6 +1048,15 @@ def generate(model: CharLM, vocab: Vocab, prime: str, length: int, *, temperatur
     each character is one step through the model's cells (the fused single-step path),
     sharing the layers' weights and carrying their state.
     """
+    if not prime:
+        raise ValueError("generate: prime must hold at least one character")
+    if isinstance(length, bool) or not isinstance(length, int) or length < 0:
+        raise ValueError(f"generate: length must be an int >= 0, got {length!r}")
+    if not (isinstance(temperature, (int, float)) and math.isfinite(temperature)
+            and temperature > 0):
+        raise ValueError(f"generate: temperature must be a finite number > 0, got {temperature!r}")
+    if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 0:
+        raise ValueError(f"generate: top_k must be an int >= 0 (0: no limit), got {top_k!r}")
     device = next(model.parameters()).device
     ids = vocab.encode(prime).to(device)
     model.eval()

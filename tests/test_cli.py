@@ -837,3 +837,23 @@ def test_pure_fp16_is_refused_with_the_precision_that_works(capsys, tmp_path, co
     rc, _, err = run(capsys, command, "--out", tmp_path, flag, "fp16")
     assert rc == 2 and "amp-fp16" in err and "underflow" in err, err
     assert len(err.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("kw,match", [({"prime": ""}, "prime"), ({"length": -1}, "length"),
+                                      ({"temperature": 0.0}, "temperature"),
+                                      ({"temperature": -1.0}, "temperature"),
+                                      ({"temperature": float("nan")}, "temperature"),
+                                      ({"top_k": -2}, "top_k")])
+def test_generate_refuses_bad_arguments(kw, match):
+    """The Python API checks what the CLI's parser checks: before, an empty prime raised an
+    IndexError, a negative length returned the prime, and a negative temperature sampled the
+    inverted distribution."""
+    from fused_rnn.charlm import Vocab
+
+    vocab = Vocab("abc")
+    model = CharLM(len(vocab), cell="gru", hidden_size=4)
+    args = {"prime": "ab", "length": 3, "temperature": 1.0, "top_k": 0} | kw
+    with pytest.raises(ValueError, match=match):
+        cli.generate(model, vocab, args["prime"], args["length"],
+                     temperature=args["temperature"], top_k=args["top_k"])
+    assert len(cli.generate(model, vocab, "ab", 3)) == 5
