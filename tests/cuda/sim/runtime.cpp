@@ -14,6 +14,7 @@
 
 #include <algorithm>
 #include <deque>
+#include <cerrno>
 #include <cstdarg>
 #include <cstdint>
 #include <cstdio>
@@ -60,8 +61,16 @@ struct Stack {  // mmap'd once, reused by every launch; the lowest page is a gua
     const size_t page = static_cast<size_t>(sysconf(_SC_PAGESIZE));
     void* p = mmap(nullptr, kStackBytes + page, PROT_READ | PROT_WRITE,
                    MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
-    if (p == MAP_FAILED) std::abort();
-    mprotect(p, page, PROT_NONE);
+    // Two mappings a simulated thread (stack and guard page): a launch of 128 blocks of 256
+    // threads passes Linux's default vm.max_map_count (65530). Say so instead of dying quietly.
+    if (p == MAP_FAILED || mprotect(p, page, PROT_NONE) != 0) {
+      std::fprintf(stderr,
+                   "cudasim: cannot map another %zu KiB thread stack (%s); a launch of about "
+                   "128 blocks of 256 threads passes the default vm.max_map_count: simulate a "
+                   "device with fewer SMs\n",
+                   kStackBytes / 1024, std::strerror(errno));
+      std::abort();
+    }
     base = static_cast<unsigned char*>(p) + page;
   }
 };
