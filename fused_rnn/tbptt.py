@@ -75,8 +75,15 @@ def detach_state(state: State) -> State:
 
 
 def mask_state(state: State, keep: Tensor) -> State:
-    """Zero the batch rows where ``keep`` (B,) is False; state tensors are (L*D, B, H)."""
-    return _map(state, lambda s: s * keep.view(1, -1, 1).to(s.dtype))
+    """Zero the batch rows where ``keep`` (B,) is False; state tensors are (L*D, B, H).
+
+    A select, not a product with the mask: a dropped row that holds inf or NaN (a diverged
+    stream) still comes out zero, as a fresh document's state must.
+    """
+    if keep.dtype != torch.bool:
+        raise TypeError(f"mask_state: keep must be a bool tensor, got {keep.dtype}")
+    keep = keep.view(1, -1, 1)
+    return _map(state, lambda s: torch.where(keep, s, s.new_zeros(())))
 
 
 def state_rows(state: State, rows: slice) -> State:

@@ -300,6 +300,15 @@ def test_mask_state_keeps_gradients_of_kept_rows():
     assert torch.equal(h.grad[:, 1], torch.zeros(2, 4)) and h.grad[:, 0].abs().sum() > 0
 
 
+def test_mask_state_zeroes_rows_that_hold_inf_or_nan():
+    h = torch.randn(1, 3, 4)
+    h[0, 1, 0], h[0, 1, 1] = float("inf"), float("nan")
+    masked = mask_state(h, torch.tensor([True, False, True]))
+    assert torch.equal(masked[0, 1], torch.zeros(4)) and torch.equal(masked[:, 0], h[:, 0])
+    with pytest.raises(TypeError, match="bool"):
+        mask_state(h, torch.tensor([1.0, 0.0, 1.0]))
+
+
 # --------------------------------------------------------------------------- evaluate, save
 def test_evaluate_leaves_training_state_alone():
     torch.manual_seed(0)
