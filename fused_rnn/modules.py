@@ -124,30 +124,18 @@ class _RNNStack(nn.Module):
         self.proj_size = proj_size
 
         factory = {"device": device, "dtype": dtype}
-        gate_size = GATES[mode] * hidden_size
-        real_hidden = proj_size if proj_size > 0 else hidden_size
-        num_dir = 2 if bidirectional else 1
         self._flat_weights_names: list[str] = []
         self._all_weights: list[list[str]] = []
         # The weights' order in cuDNN's buffer, when flatten_parameters laid them out in one
         # (a GPU); the torch backend then lays out casts and single layers the same way.
         self._cudnn_order: list[int] | None = None
-        for layer in range(num_layers):
-            for direction in range(num_dir):
-                layer_in = input_size if layer == 0 else real_hidden * num_dir
-                suffix = "_reverse" if direction == 1 else ""
-                shapes = [("weight_ih", (gate_size, layer_in)), ("weight_hh", (gate_size, real_hidden))]
-                if bias:
-                    shapes += [("bias_ih", (gate_size,)), ("bias_hh", (gate_size,))]
-                if proj_size > 0:
-                    shapes += [("weight_hr", (proj_size, hidden_size))]
-                names = []
-                for base, shape in shapes:
-                    name = f"{base}_l{layer}{suffix}"
-                    setattr(self, name, nn.Parameter(torch.empty(shape, **factory)))
-                    names.append(name)
-                self._flat_weights_names.extend(names)
-                self._all_weights.append(names)
+        for layer_shapes in self._weight_shapes():
+            for name, shape in layer_shapes:
+                setattr(self, name, nn.Parameter(torch.empty(shape, **factory)))
+            names = [name for name, _ in layer_shapes]
+            self._flat_weights_names.extend(names)
+            self._all_weights.append(names)
+        self._flat_weight_shapes = [shape for layer in self._weight_shapes() for _, shape in layer]
         self.reset_parameters()
         self.flatten_parameters()
 
@@ -155,6 +143,35 @@ class _RNNStack(nn.Module):
         stdv = 1.0 / math.sqrt(self.hidden_size) if self.hidden_size > 0 else 0
         for weight in self.parameters():
             nn.init.uniform_(weight, -stdv, stdv)
+
+    def __setstate__(self, state: dict) -> None:
+        """Unpickling: what a module pickled by an older version, or a torch.nn module
+        unpickled as this class, lacks gets its default."""
+        super().__setstate__(state)
+        self.__dict__.setdefault("backend", "auto")
+        self.__dict__.setdefault("_cudnn_order", None)
+        if "_flat_weight_shapes" not in self.__dict__:
+            self._flat_weight_shapes = [s for layer in self._weight_shapes() for _, s in layer]
+
+    def _weight_shapes(self) -> list[list[tuple[str, tuple[int, ...]]]]:
+        """(name, shape) of every weight, one list per layer and direction, in torch.nn's
+        names and order."""
+        gate_size = GATES[self.mode] * self.hidden_size
+        real_hidden = self.proj_size if self.proj_size > 0 else self.hidden_size
+        num_dir = 2 if self.bidirectional else 1
+        out = []
+        for layer in range(self.num_layers):
+            for direction in range(num_dir):
+                layer_in = self.input_size if layer == 0 else real_hidden * num_dir
+                shapes = [("weight_ih", (gate_size, layer_in)),
+                          ("weight_hh", (gate_size, real_hidden))]
+                if self.bias:
+                    shapes += [("bias_ih", (gate_size,)), ("bias_hh", (gate_size,))]
+                if self.proj_size > 0:
+                    shapes += [("weight_hr", (self.proj_size, self.hidden_size))]
+                suffix = "_reverse" if direction == 1 else ""
+                out.append([(f"{base}_l{layer}{suffix}", shape) for base, shape in shapes])
+        return out
 
     def flatten_parameters(self) -> None:
         """Lay the parameters out in one buffer, in cuDNN's order, as ``nn.RNNBase`` does.
@@ -280,15 +297,22 @@ class _RNNStack(nn.Module):
             )
 
     def _check_weights(self, flat: list) -> None:
-        """Every weight a tensor, all of one dtype (autocast casts them) and on one device:
-        what PyTorch's kernels require (torch.nn raises the same exception types)."""
+        """Every weight a tensor of its shape, all of one dtype (autocast casts them) and on
+        one device: what PyTorch's kernels require (torch.nn raises the same exception types;
+        for a wrong shape, aten's CPU LSTM reads and writes out of bounds instead)."""
         first = flat[0]
-        for name, w in zip(self._flat_weights_names, flat):
+        for name, w, shape in zip(self._flat_weights_names, flat, self._flat_weight_shapes):
             if not isinstance(w, Tensor):
                 raise TypeError(
                     f"{type(self).__name__}: weight {name} is {type(w).__name__}, not a tensor "
                     f"(a module built with bias={self.bias} uses every weight in "
                     "_flat_weights_names)"
+                )
+            if tuple(w.shape) != shape:
+                raise RuntimeError(
+                    f"{type(self).__name__}: weight {name} has shape {tuple(w.shape)}, expected "
+                    f"{shape} (input_size={self.input_size}, hidden_size={self.hidden_size}, "
+                    f"proj_size={self.proj_size})"
                 )
             if _dtypes_differ(w, first):
                 raise RuntimeError(
@@ -502,7 +526,7 @@ class _RNNStack(nn.Module):
         """
         data = input.data if packed else input
         ac = functional._autocast_dtype(data.device)
-        order = getattr(self, "_cudnn_order", None)  # absent in modules pickled before it
+        order = self._cudnn_order
         if ac is not None and not autocast_eligible(data):
             ac = None  # fp64 and complex stay as they are, as in torch.nn
         if ac is not None:
@@ -783,6 +807,15 @@ class _CellBase(nn.Module):
         stdv = 1.0 / math.sqrt(self.hidden_size) if self.hidden_size > 0 else 0
         for weight in self.parameters():
             nn.init.uniform_(weight, -stdv, stdv)
+
+    def __setstate__(self, state: dict) -> None:
+        """Unpickling: what a cell pickled by an older version, or a torch.nn cell unpickled
+        as this class, lacks gets its default."""
+        super().__setstate__(state)
+        self.__dict__.setdefault("backend", "auto")
+        if "mode" not in self.__dict__:  # torch.nn's cells have no mode
+            self.mode = ("LSTM" if isinstance(self, LSTMCell) else
+                         "GRU" if isinstance(self, GRUCell) else "RNN_TANH")
 
     def extra_repr(self) -> str:
         s = f"{self.input_size}, {self.hidden_size}"

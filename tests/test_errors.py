@@ -128,6 +128,39 @@ def test_broken_weights_are_refused(cell, case, breaks, backend):
         ours(x)
 
 
+# (name, constructor kwargs, weight, its wrong shape as a function of G*H). torch.nn does not
+# check these: aten's CPU LSTM reads and writes past the weights (garbage gradients, heap
+# corruption), its GRU/RNN fail in a GEMM or broadcast a bias.
+WRONG_WEIGHT_SHAPES = [
+    ("hh-wider", {}, "weight_hh_l0", lambda g: (g, 7)),
+    ("hh-narrower", {}, "weight_hh_l0", lambda g: (g, 5)),
+    ("ih-fewer-rows", {}, "weight_ih_l0", lambda g: (g - 1, 4)),
+    ("bias-one", {}, "bias_hh_l0", lambda g: (1,)),
+    ("bias-2d", {}, "bias_ih_l0", lambda g: (1, g)),
+    ("layer1-reverse", {"num_layers": 2, "bidirectional": True}, "weight_ih_l1_reverse",
+     lambda g: (g, 6)),
+]
+
+
+@pytest.mark.parametrize("name,kwargs,weight,shape", WRONG_WEIGHT_SHAPES,
+                         ids=[c[0] for c in WRONG_WEIGHT_SHAPES])
+@pytest.mark.parametrize("cell", list(CELLS))
+@pytest.mark.parametrize("backend", ["reference", "auto", "torch"])
+def test_weights_of_the_wrong_shape_are_refused(name, kwargs, weight, shape, cell, backend):
+    _, our_cls, extra = CELLS[cell]
+    m = our_cls(4, 6, **extra, **kwargs, backend=backend)
+    m._parameters[weight].data = torch.randn(shape(getattr(m, weight).shape[0]))
+    with pytest.raises(RuntimeError, match=rf"weight {weight} has shape .* expected"):
+        m(torch.randn(5, 3, 4))
+
+
+def test_lstm_projection_weight_of_the_wrong_shape_is_refused():
+    m = fused_rnn.LSTM(4, 6, proj_size=3)
+    m.weight_hr_l0.data = torch.randn(3, 5)
+    with pytest.raises(RuntimeError, match=r"weight_hr_l0 has shape \(3, 5\), expected \(3, 6\)"):
+        m(torch.randn(5, 3, 4))
+
+
 @pytest.mark.parametrize("hx,kind,said", [
     ("one", IndexError, "two tensors, got 1"), ("none", IndexError, "two tensors, got 0"),
 ])

@@ -164,6 +164,30 @@ def test_cells_match_torch_nn(cell, bias, form, dtype, atol, rtol, backend):
 
 
 # ----------------------------------------------------------------------------- parameters
+@pytest.mark.parametrize("cell", list(CELLS) + [f"{c}_cell" for c in STEP_CELLS])
+def test_a_torch_nn_pickle_unpickles_as_ours(cell):
+    """A whole-model checkpoint of torch.nn modules loaded with the classes remapped to ours
+    (the usual way to swap implementations in a pickled model) runs as nn did."""
+    import io
+    import pickle
+
+    is_cell = cell.endswith("_cell")
+    key = cell[: -len("_cell")] if is_cell else cell
+    nn_cls, our_cls, extra = (STEP_CELLS if is_cell else CELLS)[key]
+    ref = nn_cls(3, 5, **extra) if is_cell else nn_cls(3, 5, 2, **extra)
+
+    class Remap(pickle.Unpickler):
+        def find_class(self, module, name):
+            if module.startswith("torch.nn.modules.rnn"):
+                return our_cls
+            return super().find_class(module, name)
+
+    ours = Remap(io.BytesIO(pickle.dumps(ref))).load()
+    assert type(ours) is our_cls and ours.backend == "auto"
+    x = torch.randn(2, 3) if is_cell else torch.randn(4, 2, 3)
+    assert_close_list(outputs_of(ours(x)), outputs_of(ref(x)), 0, 0, "outputs")
+
+
 @pytest.mark.parametrize("cell", list(CELLS) + ["lstm_proj"])
 def test_parameters_init_and_state_dict_both_ways(cell):
     kw = {"proj_size": 4} if cell == "lstm_proj" else {}
