@@ -178,7 +178,8 @@ def rnn(
 
     x: (T, B, I); hx: (L*D, B, P); cx: (L*D, B, H) for LSTM else None; ``weights[l*D + d]`` is
     ``(w_ih, w_hh, b_ih, b_hh, w_hr)`` (absent ones None). Dropout is applied to every layer's
-    output but the last, in training mode only, as torch.nn does.
+    output but the last, in training mode only, as torch.nn does; with ``lengths``, to the
+    steps inside the lengths only (see :func:`_dropout`).
     Returns y: (T, B, D*P), h_n: (L*D, B, P), c_n: (L*D, B, H) or None.
     """
     num_dir = 2 if bidirectional else 1
@@ -221,5 +222,17 @@ def rnn(
                 c_n.append(c)
         layer_input = outs[0] if num_dir == 1 else torch.cat(outs, dim=2)
         if dropout > 0 and training and layer < num_layers - 1:
-            layer_input = F.dropout(layer_input, dropout, training=True)
+            layer_input = _dropout(layer_input, dropout, lengths)
     return layer_input, torch.stack(h_n), (torch.stack(c_n) if c_n else None)
+
+
+def _dropout(y: Tensor, p: float, lengths: Tensor | None) -> Tensor:
+    """Dropout between layers. torch.nn applies it to a packed sequence's data: the steps
+    inside each row's length, time-major. Drawing over those elements in that order gives
+    nn's masks for the same seed (and leaves the generator where nn leaves it) when the rows
+    are sorted by length, longest first, as the modules pass them. The steps past a length
+    stay zero. (Boolean indexing: one device sync a layer on a GPU.)"""
+    if lengths is None:
+        return F.dropout(y, p, training=True)
+    valid = torch.arange(y.shape[0], device=y.device)[:, None] < lengths.to(y.device)[None, :]
+    return y.index_put((valid,), F.dropout(y[valid], p, training=True))

@@ -593,6 +593,23 @@ def test_dropout_randomness_in_training():
     assert torch.equal(a, b) and not torch.equal(a, c)
 
 
+@pytest.mark.parametrize("cell", list(CELLS))
+def test_packed_dropout_draws_torch_nns_masks(cell):
+    """Per-layer backends drop out a packed input's steps as torch.nn drops its packed data:
+    same seed, same masks, and the generator left where nn leaves it."""
+    ref, ours = make_pair(cell, 3, 4, 3, dropout=0.5, bidirectional=True, backend="reference")
+    x = torch.randn(5, 3, 3)
+    packed = pack_padded_sequence(x, torch.tensor([2, 5, 3]), enforce_sorted=False)
+    results = []
+    for m in (ref, ours):
+        torch.manual_seed(1)
+        out, state = m(packed)
+        results.append((outputs_of((out.data, state)), torch.rand(3)))
+    (want, want_next), (got, got_next) = results
+    assert_close_list(got, want, 1e-6, 1e-5, "outputs")
+    assert torch.equal(got_next, want_next)
+
+
 @pytest.mark.parametrize("backend", ["reference", "auto"])
 @pytest.mark.parametrize("cell", list(CELLS))
 def test_cpu_autocast_follows_torch_nn(cell, backend):
