@@ -37,7 +37,7 @@ import torch.distributed as dist
 import fused_rnn
 from fused_rnn import backends as _backends
 from fused_rnn.charlm import CELLS, CharLM, Vocab
-from fused_rnn.tbptt import StreamBatcher, atomic_save, bits, evaluate, train_chunk
+from fused_rnn.tbptt import StreamBatcher, atomic_save, bits, eval_mode, evaluate, train_chunk
 
 __all__ = ["main", "load_default_corpus", "DEFAULT_CORPUS_MODULES"]
 
@@ -1025,8 +1025,9 @@ def _row(**kw) -> dict:
 # --------------------------------------------------------------------------- sample
 def _sample_parser(sub) -> None:
     p = sub.add_parser("sample", help="generate text from a checkpoint, one character at a time",
-                       description="Generate text one character at a time through the fused "
-                       "single-step (cell) path.")
+                       description="Generate text one character at a time through the "
+                       "single-step cells (--backend; auto runs PyTorch's cell kernels, triton "
+                       "and cuda the fused ones).")
     p.add_argument("--checkpoint", required=True, metavar="PATH", help="…/checkpoint.pt from train")
     p.add_argument("--prime", default=None, help="text to start from (default: a newline)")
     p.add_argument("--length", type=_int_at_least(0), default=500, help="characters to generate (default: %(default)s)")
@@ -1045,8 +1046,9 @@ def generate(model: CharLM, vocab: Vocab, prime: str, length: int, *, temperatur
     """``prime`` followed by ``length`` sampled characters.
 
     The prime (but its last character) goes through the recurrent layers as one chunk; then
-    each character is one step through the model's cells (the fused single-step path),
-    sharing the layers' weights and carrying their state.
+    each character is one step through the model's cells (:meth:`CharLM.step_cells`, on the
+    layers' backend), sharing the layers' weights and carrying their state. The model is in
+    eval mode meanwhile, and every submodule's mode is restored after.
     """
     if not prime:
         raise ValueError("generate: prime must hold at least one character")
@@ -1059,9 +1061,8 @@ def generate(model: CharLM, vocab: Vocab, prime: str, length: int, *, temperatur
         raise ValueError(f"generate: top_k must be an int >= 0 (0: no limit), got {top_k!r}")
     device = next(model.parameters()).device
     ids = vocab.encode(prime).to(device)
-    model.eval()
     out = []
-    with torch.no_grad():
+    with torch.no_grad(), eval_mode(model):
         state = None
         if ids.numel() > 1:
             _, state = model(ids[:-1].view(-1, 1), None)

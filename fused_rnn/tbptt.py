@@ -15,7 +15,8 @@ The pieces:
   zeroing rows at the document boundaries inside it.
 - :func:`train_chunk` is one TBPTT step: forward, mean cross-entropy, backward, gradient
   clipping by norm, optimizer step; it returns the loss and the detached state to carry.
-- :func:`evaluate` is the mean cross-entropy over a whole stream, state carried.
+- :func:`evaluate` is the mean cross-entropy over a whole stream, state carried, in
+  :func:`eval_mode`.
 - :func:`atomic_save` writes a checkpoint that a crash cannot leave half-written.
 
 Examples::
@@ -34,6 +35,7 @@ Examples::
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import tempfile
@@ -50,6 +52,7 @@ __all__ = [
     "StreamBatcher",
     "atomic_save",
     "detach_state",
+    "eval_mode",
     "evaluate",
     "mask_state",
     "run_rnn",
@@ -427,11 +430,15 @@ def evaluate(
     """Mean cross-entropy (nats) over one epoch of ``batcher`` from its start, state carried.
 
     Returns (summed loss, token count) over this process's rows, so that ranks can
-    all-reduce both; the mean is their ratio. The model is put in eval mode and back.
+    all-reduce both; the mean is their ratio. The model is in eval mode meanwhile
+    (:func:`eval_mode`: every submodule's mode is restored after).
     Nothing here draws random numbers, so evaluating does not change a training run.
     """
-    was_training = model.training
-    model.eval()
+    with eval_mode(model):
+        return _evaluate(model, batcher, max_chunks, autocast_dtype)
+
+
+def _evaluate(model, batcher, max_chunks, autocast_dtype) -> tuple[float, int]:
     saved = batcher.state_dict()
     batcher.pos = 0
     total = torch.zeros((), dtype=torch.float64, device=batcher.streams.device)
@@ -446,8 +453,21 @@ def evaluate(
             count += chunk.num_tokens
     finally:
         batcher.load_state_dict(saved)
-        model.train(was_training)
     return float(total), count
+
+
+@contextlib.contextmanager
+def eval_mode(model: nn.Module):
+    """``model.eval()`` for the block, then every submodule back in the mode it was in (not
+    ``model.train(was_training)``, which would also switch on a submodule that the caller had
+    put in eval mode, e.g. a frozen dropout or batch norm)."""
+    modes = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        yield model
+    finally:
+        for m, training in modes:
+            m.training = training
 
 
 def bits(nats: float) -> float:

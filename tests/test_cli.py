@@ -857,3 +857,16 @@ def test_generate_refuses_bad_arguments(kw, match):
         cli.generate(model, vocab, args["prime"], args["length"],
                      temperature=args["temperature"], top_k=args["top_k"])
     assert len(cli.generate(model, vocab, "ab", 3)) == 5
+
+
+def test_generate_leaves_every_submodule_in_its_mode():
+    from fused_rnn.charlm import Vocab
+
+    vocab = Vocab("abc")
+    model = CharLM(len(vocab), cell="gru", hidden_size=4, num_layers=2, dropout=0.5)
+    model.train()
+    frozen = next(m for m in model.modules() if isinstance(m, torch.nn.Dropout))
+    frozen.eval()
+    cli.generate(model, vocab, "ab", 3)
+    assert model.training and not frozen.training
+    assert all(m.training for m in model.modules() if m is not frozen)

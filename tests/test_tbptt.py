@@ -19,6 +19,7 @@ from fused_rnn.tbptt import (
     StreamBatcher,
     atomic_save,
     detach_state,
+    eval_mode,
     evaluate,
     mask_state,
     run_rnn,
@@ -310,6 +311,20 @@ def test_mask_state_zeroes_rows_that_hold_inf_or_nan():
 
 
 # --------------------------------------------------------------------------- evaluate, save
+def test_evaluate_restores_each_submodules_mode():
+    """A submodule the caller put in eval mode (a frozen dropout) stays there: evaluate used
+    to end with model.train(True), which switched it back on."""
+    model = CharLM(9, hidden_size=8, num_layers=2, dropout=0.5)
+    frozen = next(m for m in model.modules() if isinstance(m, torch.nn.Dropout))
+    frozen.eval()
+    evaluate(model, StreamBatcher(torch.randint(0, 9, (100,)), 2, 10), max_chunks=1)
+    assert model.training and not frozen.training
+    model.eval()
+    with eval_mode(model):
+        assert not any(m.training for m in model.modules())
+    assert not model.training
+
+
 def test_evaluate_leaves_training_state_alone():
     torch.manual_seed(0)
     model = CharLM(9, hidden_size=8, num_layers=2, dropout=0.5)
