@@ -268,9 +268,9 @@ class StreamBatcher:
     def _next_length(self) -> int:
         if not self.variable_length:
             return self.bptt
-        g = self.generator
-        base = self.bptt if torch.rand((), generator=g).item() < 0.95 else self.bptt / 2
-        length = int(base + 5.0 * torch.randn((), generator=g).item())
+        g, f32 = self.generator, torch.float32  # fp32 draws whatever the default dtype
+        base = self.bptt if torch.rand((), generator=g, dtype=f32).item() < 0.95 else self.bptt / 2
+        length = int(base + 5.0 * torch.randn((), generator=g, dtype=f32).item())
         return max(self.min_length, min(length, self.bptt + 20))
 
     def next_chunk(self) -> Chunk:

@@ -293,6 +293,20 @@ def test_resets_refuse_what_they_cannot_hold():
         run_rnn(torch.nn.GRU(3, 5), torch.randn(8, 3, 3), None, Resets(mask))
 
 
+def test_variable_lengths_do_not_depend_on_the_default_dtype():
+    def lengths():
+        b = StreamBatcher(torch.arange(2000), 2, 20, variable_length=True, seed=3)
+        return [b.next_chunk().x.shape[0] for _ in range(20)]
+
+    want = lengths()
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        assert lengths() == want
+    finally:
+        torch.set_default_dtype(old)
+
+
 def test_mask_state_keeps_gradients_of_kept_rows():
     h = torch.randn(2, 3, 4, requires_grad=True)
     masked = mask_state((h, h * 2), torch.tensor([True, False, True]))
