@@ -21,10 +21,11 @@ import dataclasses
 import importlib
 import os
 import sys
-import warnings
 from types import ModuleType
 
 import torch
+
+from fused_rnn.ops.common import warn_at_caller
 
 BACKENDS = ("auto", "reference", "torch", "triton", "cuda")
 KERNEL_BACKENDS = ("triton", "cuda")
@@ -217,15 +218,15 @@ def fallback_counts() -> dict[tuple[str, str, str], int]:
 
 
 def _warn_once(name: str, reason: str, to: str) -> None:
+    """Once a process per (backend, reason). Marked as said only once the warning returns: a
+    filter that turns it into an exception raises at every such call, not just the first."""
     key = (name, reason)
     if key not in _warned:
-        _warned.add(key)
-        warnings.warn(
+        warn_at_caller(
             f"fused_rnn: backend {name!r} cannot take this call ({reason}); "
-            f"falling back to {to!r}",
-            RuntimeWarning,
-            stacklevel=4,
+            f"falling back to {to!r}"
         )
+        _warned.add(key)
 
 
 def _transform_reason() -> str | None:
@@ -257,8 +258,8 @@ def kernel_impl(name: str, kind: str, **config) -> ModuleType:
             if reason is None:
                 return mod
         nxt = _FALLBACK[name]
-        _fallbacks[(name, reason, nxt)] = _fallbacks.get((name, reason, nxt), 0) + 1
         _warn_once(name, reason, nxt)
+        _fallbacks[(name, reason, nxt)] = _fallbacks.get((name, reason, nxt), 0) + 1
         name = nxt
     from fused_rnn.ops import reference
 

@@ -83,6 +83,29 @@ def test_fallback_warns_once_and_uses_reference(monkeypatch):
     assert calls[0]["dtype"] == torch.float32 and calls[0]["has_lengths"] is False
 
 
+def test_fallback_warning_points_at_the_callers_line_and_raises_under_an_error_filter(monkeypatch):
+    """The warning names the line that called the module (not fused_rnn's internals), and
+    under an "error" filter every such call raises, not only the first, and counts no
+    fallback (it did not run)."""
+    fake = types.SimpleNamespace(unavailable_reason=lambda device: None,
+                                 unsupported_reason=lambda kind, **config: "a test reason")
+    monkeypatch.setattr(backends, "_kernel_module", lambda name: fake)
+    monkeypatch.setattr(backends, "_warned", set())
+    monkeypatch.setattr(backends, "_fallbacks", {})
+    lstm = fused_rnn.LSTM(4, 6, backend="triton")
+    x = torch.randn(3, 2, 4)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for _ in range(2):
+            with pytest.raises(RuntimeWarning, match="a test reason"):
+                lstm(x)
+    assert backends.fallback_counts() == {}
+    with pytest.warns(RuntimeWarning, match="a test reason") as record:
+        lstm(x)
+    assert record[0].filename == __file__
+    assert sum(backends.fallback_counts().values()) == 1
+
+
 def test_cuda_falls_back_through_triton(monkeypatch):
     seen = []
 
@@ -304,3 +327,37 @@ def test_tf32_gemm_windows_of_two_threads_do_not_interleave(fp32_precision_resto
     second.join(5)
     assert seen == {True: ["tf32"] * 5, False: ["ieee"] * 5}
     assert matmul.fp32_precision == "ieee"
+
+
+def test_a_child_forked_inside_another_threads_tf32_window_can_open_its_own():
+    """fork() copies the window lock in the state another thread left it: held, by a thread
+    the child does not have. The child gets a fresh lock instead of waiting forever."""
+    import multiprocessing
+    import threading
+
+    from fused_rnn.ops import common
+
+    def child():
+        with common.tf32_gemms(True):
+            pass
+
+    held, release = threading.Event(), threading.Event()
+
+    def hold():
+        with common._tf32_lock:
+            held.set()
+            release.wait(30)
+
+    holder = threading.Thread(target=hold)
+    holder.start()
+    try:
+        assert held.wait(5)
+        proc = multiprocessing.get_context("fork").Process(target=child)
+        proc.start()
+        proc.join(30)
+        if proc.is_alive():
+            proc.kill()
+        assert proc.exitcode == 0, "the forked child hung on the TF32 window lock"
+    finally:
+        release.set()
+        holder.join(5)

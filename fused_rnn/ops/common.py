@@ -8,7 +8,10 @@ backward, and when fp32 may use TF32 (in the kernels and in the time-parallel GE
 from __future__ import annotations
 
 import contextlib
+import os
+import sys
 import threading
+import warnings
 
 import torch
 from torch import Tensor
@@ -48,6 +51,16 @@ def gemms_use_tf32(dtype: torch.dtype, fp32_tf32: bool) -> bool:
 _tf32_lock = threading.RLock()
 
 
+def _fresh_tf32_lock() -> None:
+    # A child forked while another thread held the lock would otherwise wait on it forever.
+    global _tf32_lock
+    _tf32_lock = threading.RLock()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_fresh_tf32_lock)
+
+
 @contextlib.contextmanager
 def tf32_gemms(enabled: bool):
     """cuBLAS fp32 GEMMs on TF32 (``enabled``) or strict fp32 inside the block, then as before.
@@ -78,6 +91,24 @@ def tf32_gemms(enabled: bool):
             yield
         finally:
             setattr(matmul, name, old)
+
+
+_INTERNAL_DIRS = (
+    os.path.dirname(os.path.dirname(os.path.abspath(__file__))) + os.sep,  # fused_rnn/
+    os.path.dirname(os.path.abspath(torch.__file__)) + os.sep,  # torch/
+)
+
+
+def warn_at_caller(message: str, category: type[Warning] = RuntimeWarning) -> None:
+    """``warnings.warn`` attributed to the first frame outside fused_rnn and torch: the user's
+    line that called the module or function, whatever the depth of the code that noticed."""
+    if torch.compiler.is_compiling():  # dynamo does not trace frame walks
+        warnings.warn(message, category, stacklevel=2)
+        return
+    frame, level = sys._getframe(1), 2
+    while frame is not None and frame.f_code.co_filename.startswith(_INTERNAL_DIRS):
+        frame, level = frame.f_back, level + 1
+    warnings.warn(message, category, stacklevel=level - 1 if frame is None else level)
 
 
 def needs_grad(*ts: Tensor | None) -> bool:

@@ -21,6 +21,8 @@ import subprocess
 import sys
 import sysconfig
 import time
+import types
+import warnings
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -654,6 +656,35 @@ def test_a_build_killed_midway_does_not_block_the_next(tmp_path):
             assert not (tmp_path / "lock").exists()
     with _ext._build_lock(tmp_path):  # nothing left behind, nothing to say
         pass
+
+
+def test_a_warning_made_an_error_stops_one_build_and_is_not_kept_as_a_failure(tmp_path,
+                                                                               monkeypatch):
+    """Under an "error" filter the leftover lock file is still removed (the next build finds
+    nothing in its way), and the loader passes the warning on rather than keeping it as the
+    reason the backend is unavailable for the rest of the process."""
+    (tmp_path / "lock").write_text("")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with pytest.raises(RuntimeWarning, match="did not finish"):
+            with _ext._build_lock(tmp_path):
+                pytest.fail("the build ran under an error filter")
+    assert not (tmp_path / "lock").exists()
+
+    def build():
+        warnings.warn("a compiler notice", UserWarning)
+        return types.ModuleType("built")
+
+    monkeypatch.setattr(_ext, "_prebuilt", lambda: None)
+    monkeypatch.setattr(_ext, "jit_obstacle", lambda: None)
+    monkeypatch.setattr(_ext, "_jit_build", build)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with pytest.raises(UserWarning, match="a compiler notice"):
+            _ext._load()
+    with pytest.warns(UserWarning):
+        mod, failure = _ext._load()
+    assert mod.__name__ == "built" and failure is None
 
 
 def test_the_build_lock_excludes_another_process(tmp_path):

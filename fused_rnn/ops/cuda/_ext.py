@@ -38,12 +38,12 @@ import shutil
 import subprocess
 import sys
 import threading
-import warnings
 from pathlib import Path
 from types import ModuleType
 
 import torch
 
+from fused_rnn.ops.common import warn_at_caller
 from fused_rnn.ops.cuda.buildinfo import HEADERS, SOURCES, filter_arch_list, source_hash
 PREBUILT = "fused_rnn._cuda_ext"
 JIT_NAME = "fused_rnn_cuda_ext"
@@ -193,11 +193,13 @@ def _build_lock(bdir: Path):
         try:
             baton = bdir / "lock"
             if baton.exists():
-                warnings.warn(
-                    f"fused_rnn: removing {baton}, left by a build of the CUDA extension that "
-                    "did not finish (killed?); building again", RuntimeWarning, stacklevel=4,
-                )
+                # Removed before the warning: a filter that makes warnings errors stops this
+                # build, and the next one then finds nothing in its way.
                 baton.unlink(missing_ok=True)
+                warn_at_caller(
+                    f"fused_rnn: removed {baton}, left by a build of the CUDA extension that "
+                    "did not finish (killed?); building again"
+                )
             yield
         finally:
             fcntl.flock(f, fcntl.LOCK_UN)
@@ -208,10 +210,9 @@ def _arch_list_for_build():
     """``TORCH_CUDA_ARCH_LIST`` as :func:`build_arch_list` says, for the build only."""
     arch, dropped = build_arch_list()
     if dropped:
-        warnings.warn(
+        warn_at_caller(
             f"fused_rnn: building the CUDA extension for {arch} only: {', '.join(dropped)} "
-            "predate the kernels' sm_80 minimum (nvcc would fail the build on them)",
-            RuntimeWarning, stacklevel=4,
+            "predate the kernels' sm_80 minimum (nvcc would fail the build on them)"
         )
     old = os.environ.get("TORCH_CUDA_ARCH_LIST")
     if arch is not None:
@@ -277,11 +278,10 @@ def _prebuilt() -> ModuleType | None:
         return mod
     built, want = getattr(mod, "source_hash", "unknown"), source_hash(src)
     if built != want:
-        warnings.warn(
+        warn_at_caller(
             f"fused_rnn: the prebuilt {PREBUILT} ({mod.__file__}) was built from other sources "
             f"than {src} ({built}, not {want}); building them just in time instead. Rebuild it "
-            "(FUSED_RNN_BUILD_CUDA=1 pip install --no-build-isolation -e .) or delete it.",
-            RuntimeWarning, stacklevel=4,
+            "(FUSED_RNN_BUILD_CUDA=1 pip install --no-build-isolation -e .) or delete it."
         )
         return None
     return mod
@@ -296,6 +296,8 @@ def _load() -> tuple[ModuleType | None, str | None]:
         return None, obstacle
     try:
         return _jit_build(), None
+    except Warning:  # a warning made an error by a filter: the caller's to see, not a failure
+        raise  # to keep (nothing is cached, so the next call tries again)
     except Exception as e:  # noqa: BLE001 -- a failed build becomes a reason, not a crash
         lines = str(e).strip().splitlines()
         tail = "\n".join(lines[-15:])

@@ -27,7 +27,6 @@ Inference (``save=False``) writes none of it.
 from __future__ import annotations
 
 import functools
-import warnings
 
 import torch
 import torch.nn.functional as F
@@ -40,6 +39,7 @@ from fused_rnn.ops.common import (
     gemms_use_tf32,
     previous_hidden,
     tf32_gemms,
+    warn_at_caller,
 )
 from fused_rnn.ops.reference import GATES
 from fused_rnn.ops.triton import kernels
@@ -104,9 +104,9 @@ def _persistent_refused(kernel: str, requested: str, err: OutOfResources) -> Non
         raise err
     key = (kernel, str(err))
     if key not in _refused:
+        warn_at_caller(f"fused_rnn triton: the device cannot run {kernel} ({err}); running the "
+                       "per-step kernels instead")
         _refused.add(key)
-        warnings.warn(f"fused_rnn triton: the device cannot run {kernel} ({err}); running the "
-                      "per-step kernels instead", RuntimeWarning, stacklevel=4)
 
 
 def choose_path(mode: str, hidden_size: int, proj_size: int, path: str = "auto") -> str:
@@ -308,11 +308,12 @@ def layer_backward(
     dy = torch.zeros((T, B, P), dtype=torch.float32, device=dev) if dy is None else dy.contiguous()
     # Fresh row-major copies: the kernels update them in place, and an incoming gradient may be
     # strided (the gradient of h.t() arrives transposed; clone() would keep its strides).
-    rows = torch.contiguous_format
-    dh = torch.zeros((B, P), device=dev) if dh_n is None else dh_n.float().clone(memory_format=rows)
+    rows, f32 = torch.contiguous_format, torch.float32
+    dh = (torch.zeros((B, P), dtype=f32, device=dev) if dh_n is None
+          else dh_n.float().clone(memory_format=rows))
     dc = None
     if is_lstm:
-        dc = (torch.zeros((B, H), device=dev) if dc_n is None or dc_n.numel() == 0
+        dc = (torch.zeros((B, H), dtype=f32, device=dev) if dc_n is None or dc_n.numel() == 0
               else dc_n.float().clone(memory_format=rows))
     hprev = previous_hidden(y, h0.to(dtype), lengths, reverse).contiguous()
     cprev = _shift_prev(state, c0.float(), reverse).contiguous() if is_lstm else None
