@@ -230,17 +230,21 @@ def _warn_once(name: str, reason: str, to: str) -> None:
 
 
 def _transform_reason() -> str | None:
-    """Why a kernel backend cannot run inside a ``torch.func`` transform, or None outside one.
+    """Why a kernel backend cannot run inside a ``torch.func`` transform or a forward-mode AD
+    region (``torch.autograd.forward_ad``), or None outside them.
 
     The fused ops carry a backward formula only. Under ``torch.func.jvp``/``jacfwd`` torch
     gives such an op a zero tangent without an error, and ``grad``/``jacrev`` fail inside
     torch; the reference is plain torch code, which every transform handles."""
     if torch.compiler.is_compiling():
         return None
-    if torch._C._functorch.peek_interpreter_stack() is None:
-        return None
-    return ("inside a torch.func transform (jvp, jacfwd, grad, jacrev, vmap): the fused ops "
-            "have no forward-mode or functorch rules")
+    if torch._C._functorch.peek_interpreter_stack() is not None:
+        return ("inside a torch.func transform (jvp, jacfwd, grad, jacrev, vmap): the fused ops "
+                "have no forward-mode or functorch rules")
+    if getattr(torch.autograd.forward_ad, "_current_level", -1) >= 0:
+        return ("inside torch.autograd.forward_ad.dual_level(): the fused ops have no "
+                "forward-mode rule")
+    return None
 
 
 def kernel_impl(name: str, kind: str, **config) -> ModuleType:

@@ -20,7 +20,7 @@ from torch import Tensor, nn
 from torch.nn.utils import parametrize
 from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
 
-from fused_rnn import backends, functional
+from fused_rnn import backends, functional, fx
 from fused_rnn.ops.common import autocast_eligible
 from fused_rnn.ops.reference import GATES
 
@@ -378,6 +378,7 @@ class _RNNStack(nn.Module):
     # ---------------------------------------------------------------- forward
     def _forward(self, input, hx):
         """Shared forward. hx: Tensor (GRU/RNN), tuple (LSTM) or None."""
+        fx.refuse_proxy(self, input, hx)
         # Every weight is read once a call: a parametrized weight (weight dropout, weight
         # norm) is computed once, and that value is what the checks and the kernels see.
         flat = self._flat_weights
@@ -832,6 +833,7 @@ class _CellBase(nn.Module):
 
     def _step(self, input: Tensor, hx):
         cls = type(self).__name__
+        fx.refuse_proxy(self, input, hx)
         mode = self._call_mode()
         is_lstm = mode == "LSTM"
         if input.dim() not in (1, 2):

@@ -893,3 +893,35 @@ def test_autocast_does_not_hide_an_fp64_input_to_an_fp32_module():
         m(torch.randn(5, 2, 3, dtype=torch.float64))
     with torch.autocast("cpu", dtype=torch.bfloat16):  # fp32 and bf16 mix: autocast casts
         assert m(torch.randn(5, 2, 3, dtype=torch.bfloat16))[0].dtype == torch.bfloat16
+
+
+# ----------------------------------------------------------------------------- torch.fx
+class _FxNet(torch.nn.Module):
+    def __init__(self, rnn):
+        super().__init__()
+        self.rnn = rnn
+        self.head = torch.nn.Linear(6, 2)
+
+    def forward(self, x):
+        out = self.rnn(x)
+        return self.head(out[0] if isinstance(self.rnn, _STACKS) else out)
+
+
+_STACKS = (fused_rnn.LSTM, fused_rnn.GRU, fused_rnn.RNN)
+
+
+@pytest.mark.parametrize("cls", [fused_rnn.LSTM, fused_rnn.GRU, fused_rnn.RNN,
+                                 fused_rnn.GRUCell, fused_rnn.RNNCell])
+def test_fx_symbolic_trace_keeps_our_modules_as_leaves(cls):
+    """torch.fx keeps nn.LSTM as a call_module node (it is in torch.nn) and traces into other
+    modules, which fails on ours; fused_rnn.fx.symbolic_trace keeps ours as leaves too, and
+    plain torch.fx says to use it."""
+    import fused_rnn.fx
+
+    net = _FxNet(cls(4, 6))
+    x = torch.randn(3, 2, 4) if cls in _STACKS else torch.randn(2, 4)
+    gm = fused_rnn.fx.symbolic_trace(net)
+    assert [n.target for n in gm.graph.nodes if n.op == "call_module"] == ["rnn", "head"]
+    torch.testing.assert_close(gm(x), net(x), atol=0, rtol=0)
+    with pytest.raises(TypeError, match=r"fused_rnn\.fx\.symbolic_trace"):
+        torch.fx.symbolic_trace(net)

@@ -112,7 +112,12 @@ def warn_at_caller(message: str, category: type[Warning] = RuntimeWarning) -> No
 
 
 def needs_grad(*ts: Tensor | None) -> bool:
-    """Save for backward only when autograd will ask for it (inference writes no gates)."""
+    """Save for backward only when autograd will ask for it (inference writes no gates).
+
+    Always under ``torch.jit.trace``: the trace records the choice as a constant, and the
+    traced program may run with gradients later whatever the mode it was traced in."""
+    if torch.jit.is_tracing():
+        return True
     return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in ts)
 
 

@@ -470,7 +470,7 @@ def test_fp64_falls_back_to_reference_with_a_warning(monkeypatch):
     torch.testing.assert_close(y, ref(x)[0], atol=0, rtol=0)
 
 
-@pytest.mark.parametrize("transform", ["jvp", "grad"])
+@pytest.mark.parametrize("transform", ["jvp", "grad", "forward_ad"])
 @pytest.mark.parametrize("cls", ["GRU", "GRUCell"])
 def test_torch_func_transforms_run_the_reference(monkeypatch, transform, cls):
     """The fused ops have a backward formula only: under torch.func.jvp torch gave them a zero
@@ -492,9 +492,14 @@ def test_torch_func_transforms_run_the_reference(monkeypatch, transform, cls):
     def run(m):
         if transform == "jvp":
             return torch.func.jvp(f(m), (x,), (v,))[1]
+        if transform == "forward_ad":  # dual tensors, outside torch.func
+            fwad = torch.autograd.forward_ad
+            with fwad.dual_level():
+                return fwad.unpack_dual(f(m)(fwad.make_dual(x, v))).tangent
         return torch.func.grad(lambda inp: f(m)(inp).square().sum())(x)
 
-    with pytest.warns(RuntimeWarning, match="torch.func transform.*falling back to 'reference'"):
+    said = "dual_level" if transform == "forward_ad" else "torch.func transform"
+    with pytest.warns(RuntimeWarning, match=f"{said}.*falling back to 'reference'"):
         got = run(ours)
     want = run(nn_mod)
     assert want.abs().max() > 1e-3
@@ -880,3 +885,20 @@ def test_compiled_training_matches_eager(cell):
     _takes_every_layer(cell)
     torch._dynamo.reset()
     training_checks.check_compiled_training_matches_eager(cell, "triton", DEVICE)
+
+
+def test_jit_trace_records_an_op_that_can_train():
+    """torch.jit.trace records the op's save flag as a constant. Traced without gradients (or
+    in check_trace's second run) it used to bake in "no saved gates", so the trace differed
+    between runs and the traced module could not be trained."""
+    f = fused_rnn.GRU(3, 4, backend="triton").to(DEVICE)
+    x = torch.randn(3, 2, 3, device=DEVICE)
+    with torch.no_grad():
+        traced = torch.jit.trace(f, (x,))  # check_trace on: both runs must record one graph
+    y, _ = traced(x)
+    y.square().sum().backward()
+    want = [p.grad.clone() for p in f.parameters()]
+    f.zero_grad()
+    f(x)[0].square().sum().backward()
+    for a, b in zip(want, [p.grad for p in f.parameters()]):
+        torch.testing.assert_close(a, b, atol=0, rtol=0)
