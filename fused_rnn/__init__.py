@@ -10,6 +10,7 @@ Examples::
 """
 
 from fused_rnn.backends import BACKENDS, available_backends, backend_report
+from fused_rnn.convert import from_torch_nn, to_torch_nn
 from fused_rnn.modules import GRU, LSTM, RNN, GRUCell, LSTMCell, RNNCell
 
 __version__ = "0.1.0"
@@ -24,4 +25,6 @@ __all__ = [
     "RNNCell",
     "available_backends",
     "backend_report",
+    "from_torch_nn",
+    "to_torch_nn",
 ]

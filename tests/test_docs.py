@@ -21,7 +21,8 @@ MODULES = ["fused_rnn"] + sorted(
 # Modules whose docstrings promise runnable examples (a doctest count of 0 there means they
 # were lost, e.g. by a formatting change that doctest no longer recognises).
 DOCUMENTED = {"fused_rnn", "fused_rnn.modules", "fused_rnn.functional", "fused_rnn.tbptt",
-              "fused_rnn.charlm", "fused_rnn.backends", "fused_rnn.fx"}
+              "fused_rnn.charlm", "fused_rnn.backends", "fused_rnn.fx",
+              "fused_rnn.convert"}
 
 
 @pytest.mark.parametrize("name", MODULES)

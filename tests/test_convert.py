@@ -1,0 +1,102 @@
+"""fused_rnn.convert: torch.nn's RNN modules swapped for ours in a model, and back."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import fused_rnn
+from fused_rnn.convert import from_torch_nn, to_torch_nn
+
+
+class Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lstm = nn.LSTM(4, 6, num_layers=2, bidirectional=True, proj_size=3, dropout=0.25)
+        self.inner = nn.Sequential(nn.GRU(6, 5, batch_first=True), nn.RNN(5, 4, nonlinearity="relu",
+                                                                          bias=False))
+        self.cells = nn.ModuleList([nn.LSTMCell(4, 3), nn.GRUCell(4, 3),
+                                    nn.RNNCell(4, 3, nonlinearity="relu")])
+
+    def forward(self, x):
+        y, _ = self.lstm(x)
+        z, _ = self.inner[0](y.transpose(0, 1))
+        z, _ = self.inner[1](z)
+        outs = [z.sum()]
+        for cell in self.cells:
+            out = cell(x[0])
+            outs.append((out[0] if isinstance(out, tuple) else out).sum())
+        return torch.stack(outs)
+
+
+KINDS = ["lstm", "inner.0", "inner.1", "cells.0", "cells.1", "cells.2"]
+
+
+@pytest.mark.parametrize("backend", ["reference", "auto"])
+def test_from_torch_nn_swaps_every_rnn_and_keeps_its_parameters(backend):
+    torch.manual_seed(0)
+    model = Net().eval()
+    x = torch.randn(5, 2, 4)
+    want = model(x)
+    params = dict(model.named_parameters())
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    assert from_torch_nn(model, backend=backend) is model
+    for name in KINDS:
+        m = model.get_submodule(name)
+        assert type(m).__module__ == "fused_rnn.modules" and m.backend == backend, name
+        assert not m.training
+    assert model.inner[1].nonlinearity == "relu" and model.cells[2].nonlinearity == "relu"
+    assert model.lstm.proj_size == 3 and model.lstm.dropout == 0.25 and model.inner[0].batch_first
+    assert model.inner[1].bias is False
+    assert all(p is params[n] for n, p in model.named_parameters())  # the same objects
+    assert list(dict(model.named_parameters())) == list(params)
+    torch.testing.assert_close(model(x), want, atol=1e-6, rtol=1e-5)
+    model(x).sum().backward()
+    before = model.lstm.weight_hh_l0.detach().clone()
+    opt.step()  # the optimizer built before the swap trains the swapped modules
+    assert not torch.equal(model.lstm.weight_hh_l0, before)
+
+
+def test_to_torch_nn_reverses_it_and_quantize_dynamic_then_finds_the_lstm():
+    torch.manual_seed(0)
+    model = from_torch_nn(Net().eval())
+    x = torch.randn(5, 2, 4)
+    want = model(x)
+    assert to_torch_nn(model) is model
+    for name in KINDS:
+        assert type(model.get_submodule(name)).__module__ == "torch.nn.modules.rnn", name
+    torch.testing.assert_close(model(x), want, atol=1e-6, rtol=1e-5)
+    q = torch.ao.quantization.quantize_dynamic(nn.Sequential(to_torch_nn(fused_rnn.LSTM(4, 6))),
+                                               {nn.LSTM}, dtype=torch.qint8)
+    assert "quantized" in type(q[0]).__module__
+
+
+def test_a_module_itself_is_returned_converted():
+    lstm = nn.LSTM(3, 4)
+    ours = from_torch_nn(lstm)
+    assert isinstance(ours, fused_rnn.LSTM) and ours.weight_ih_l0 is lstm.weight_ih_l0
+    back = to_torch_nn(ours)
+    assert type(back) is nn.LSTM and back.weight_ih_l0 is lstm.weight_ih_l0
+    x = torch.randn(2, 1, 3)
+    torch.testing.assert_close(back(x)[0], lstm(x)[0], atol=0, rtol=0)
+
+
+def test_subclasses_stay_and_hooked_or_parametrized_modules_are_refused():
+    class MyLSTM(nn.LSTM):
+        pass
+
+    model = nn.Sequential(MyLSTM(3, 4))
+    assert type(from_torch_nn(model)[0]) is MyLSTM
+    hooked = nn.Sequential(nn.GRU(3, 4))
+    hooked[0].register_forward_hook(lambda *a: None)
+    with pytest.raises(ValueError, match=r"cannot swap 0 \(GRU\): it has _forward_hooks"):
+        from_torch_nn(hooked)
+    param = nn.Sequential(nn.Linear(2, 2), nn.LSTM(3, 4))
+    torch.nn.utils.parametrizations.weight_norm(param[1], "weight_hh_l0")
+    with pytest.raises(ValueError, match="parametrizations"):
+        from_torch_nn(param)
+    with pytest.raises(ValueError, match="unknown backend"):
+        from_torch_nn(nn.LSTM(3, 4), backend="fast")
+    with pytest.raises(TypeError, match="nn.Module"):
+        to_torch_nn(object())
