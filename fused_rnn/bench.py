@@ -41,11 +41,13 @@ from fused_rnn.cli import (
     Splits,
     _auto_resolves_to,
     _build_model,
+    _check_writable,
     _csv_list,
     _device,
     _float_in,
     _int_at_least,
     _precision,
+    _seed,
     _sync,
     load_default_corpus,
     load_text_file,
@@ -109,13 +111,14 @@ def add_parser(sub) -> None:
                    "implementation runs its block of steps in turn (CPU 5: fair on a shared "
                    "machine; GPU 1: each runs all its steps back to back)")
     p.add_argument("--lr", type=_float_in(0.0, lo_open=True), default=3e-3)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=_seed, default=0)
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     p.add_argument("--backends", type=_csv_list(fused_rnn.BACKENDS), default=None,
                    help="fused_rnn backends, comma-separated (default: every available one; "
                    "'auto' only where it differs from the others; triton on the CPU only if asked)")
     p.add_argument("--precisions", type=_csv_list(PRECISIONS), default=None,
-                   help="CPU: fp32,amp-bf16; GPU: fp32,bf16,amp-fp16,amp-bf16")
+                   help="CPU: fp32,amp-bf16; GPU: fp32,bf16,amp-fp16,amp-bf16 (fp16 is "
+                   "refused, as by train)")
     p.add_argument("--threads", type=_int_at_least(1), default=None,
                    help="CPU threads (torch.set_num_threads; default: PyTorch's choice)")
     p.add_argument("--val-chunks", type=_int_at_least(1), default=4,
@@ -207,6 +210,7 @@ def _injected_faults() -> dict[str, str]:
 
 
 def _configure(args) -> Bench:
+    _check_writable(args.out)  # before any work: the report is written after each precision
     if args.threads:
         torch.set_num_threads(args.threads)
     device = _device(args.device)

@@ -7,8 +7,8 @@ Subcommands::
     fused-rnn bench  [--out DIR] [--backends ...] [--precisions ...] ...   (fused_rnn/bench.py)
 
 ``train`` without ``--text`` trains on an embedded corpus every machine has: the source of a
-fixed, sorted list of Python standard-library modules (identical for one Python minor
-version; its size and sha256 are printed). Under ``torchrun --nproc_per_node=N -m
+fixed, sorted list of Python standard-library modules (identical for one Python version;
+patch releases change a few modules; its size and sha256 are printed). Under ``torchrun --nproc_per_node=N -m
 fused_rnn.cli train ...`` it trains with DistributedDataParallel (nccl on GPUs, gloo on
 CPUs); ``--batch-size`` is then the global number of streams, split between the ranks, so
 N ranks compute what one process computes with the whole batch.
@@ -545,14 +545,17 @@ def _train_parser(sub) -> None:
                    help="fraction of the text held out for validation, taken from its end (default: 0.05)")
     g.add_argument("--max-val-chars", type=_int_at_least(1), default=None,
                    help="cap on validation characters (default: 100000)")
-    g.add_argument("--precision", choices=PRECISIONS, default=None, help="default: fp32")
+    g.add_argument("--precision", choices=PRECISIONS, default=None,
+                   help="default: fp32 (fp16 is refused: Adam's moments underflow in fp16 "
+                   "parameters; use amp-fp16)")
     r = p.add_argument_group("running")
     r.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     r.add_argument("--backend", default="auto", choices=fused_rnn.BACKENDS,
                    help="fused_rnn backend (default: %(default)s)")
     r.add_argument("--threads", type=_int_at_least(1), default=None,
                    help="CPU threads (default: PyTorch's choice, less the cores that the load "
-                   "average says other processes hold: waiting on preempted threads is ~10x slower)")
+                   "average says other processes hold: on a busy 2-core machine 2 threads "
+                   "ran ~15x slower than 1)")
     r.add_argument("--torch-nn", action="store_true",
                    help="use torch.nn's LSTM/GRU/RNN instead of fused_rnn's (for comparison)")
     r.add_argument("--eval-every", type=_int_at_least(1), default=None,
@@ -591,12 +594,12 @@ def _resolve_run_config(args, ckpt: dict | None, corpus_sha: str) -> dict:
     return cfg
 
 
-def _check_writable(out: str, ckpt_path: str) -> None:
+def _check_writable(out: str, ckpt_path: str | None = None) -> None:
     """Refuse, before any training, an --out that cannot hold the run's files (the final
-    checkpoint would fail after all the work)."""
+    checkpoint or report would fail after all the work)."""
     try:
         os.makedirs(out, exist_ok=True)
-        if os.path.isdir(ckpt_path):
+        if ckpt_path is not None and os.path.isdir(ckpt_path):
             raise CLIError(f"--out {out}: {ckpt_path} is a directory; the checkpoint cannot "
                            "be written there")
         with tempfile.NamedTemporaryFile(dir=out, prefix=".fused_rnn_write_test."):

@@ -97,7 +97,8 @@ def rnn_layer(
     ``backend`` is "reference", "triton" or "cuda", or "auto"/"torch": under ``torch.compile``
     on the CPU, an LSTM layer without projection or lengths, in fp32/bf16, is aten's oneDNN
     kernel as one registered op (:mod:`fused_rnn.ops.aten_cpu`); otherwise these mean the
-    reference math at this level (PyTorch's kernels run whole stacks, see :func:`rnn`).
+    reference math at this level, and in :func:`rnn` too. PyTorch's whole-stack kernels
+    (aten, cuDNN) are the modules': ``fused_rnn.LSTM(..., backend="torch")``.
 
     Examples::
 
@@ -174,7 +175,8 @@ def rnn(
     lengths: Tensor | None = None,
     backend: str = "reference",
 ) -> tuple[Tensor, Tensor, Tensor | None]:
-    """A stack of layers, time-major, through per-layer ops.
+    """A stack of layers, time-major, through per-layer ops (:func:`rnn_layer`, whose
+    ``backend`` this takes: "auto"/"torch" are the reference math here, see there).
 
     x: (T, B, I); hx: (L*D, B, P); cx: (L*D, B, H) for LSTM else None; ``weights[l*D + d]`` is
     ``(w_ih, w_hh, b_ih, b_hh, w_hr)`` (absent ones None). Dropout is applied to every layer's

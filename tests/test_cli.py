@@ -839,6 +839,23 @@ def test_pure_fp16_is_refused_with_the_precision_that_works(capsys, tmp_path, co
     assert len(err.strip().splitlines()) == 1
 
 
+@pytest.mark.parametrize("case", ["seed-too-large", "seed-too-small", "out-is-a-file"])
+def test_bench_refuses_a_bad_seed_or_out_before_any_work(capsys, tmp_path, case):
+    """Both gave a traceback: the seed at the first manual_seed, the --out only after the
+    first precision had been trained."""
+    out = tmp_path / "results"
+    args = ["--out", out, "--steps", "1", "--warmup", "0", "--hidden-size", "8"]
+    if case == "out-is-a-file":
+        out.write_text("")
+    else:
+        args += ["--seed", "9" * 25 if case == "seed-too-large" else "-" + "9" * 20]
+    t0 = time.perf_counter()
+    rc, _, err = run(capsys, "bench", *args)
+    assert rc == 2 and len(err.strip().splitlines()) == 1, err
+    assert ("--seed" in err) if case.startswith("seed") else ("cannot write" in err)
+    assert time.perf_counter() - t0 < 20
+
+
 @pytest.mark.parametrize("kw,match", [({"prime": ""}, "prime"), ({"length": -1}, "length"),
                                       ({"temperature": 0.0}, "temperature"),
                                       ({"temperature": -1.0}, "temperature"),
