@@ -217,16 +217,21 @@ def fallback_counts() -> dict[tuple[str, str, str], int]:
     return dict(_fallbacks)
 
 
-def _warn_once(name: str, reason: str, to: str) -> None:
-    """Once a process per (backend, reason). Marked as said only once the warning returns: a
-    filter that turns it into an exception raises at every such call, not just the first."""
+# Eager under torch.compile too (dynamo cannot trace warnings.warn, and fullgraph would fail
+# on it): the warning is given once, while the graph is traced.
+@torch.compiler.assume_constant_result
+def _warn_once(name: str, reason: str, to: str) -> bool:
+    """Once a process per (backend, reason); True when it warned. Marked as said only once
+    the warning returns: a filter that turns it into an exception raises at every such call,
+    not just the first."""
     key = (name, reason)
-    if key not in _warned:
-        warn_at_caller(
-            f"fused_rnn: backend {name!r} cannot take this call ({reason}); "
-            f"falling back to {to!r}"
-        )
-        _warned.add(key)
+    if key in _warned:
+        return False
+    warn_at_caller(
+        f"fused_rnn: backend {name!r} cannot take this call ({reason}); falling back to {to!r}"
+    )
+    _warned.add(key)
+    return True
 
 
 def _transform_reason() -> str | None:

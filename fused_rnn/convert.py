@@ -8,8 +8,11 @@ does the reverse (for tools that look for torch.nn's classes, such as
 training mode is the old one's.
 
 Only modules of exactly those classes are swapped: a subclass has its own ``forward`` or
-state, which a swap would lose, and stays as it is. A module with hooks or parametrizations is
-refused (they belong to that module object); swap first, then add them.
+state, which a swap would lose, and stays as it is. A module held in several places becomes one
+new module held in the same places. Buffers and the public attributes a user set on a module
+come along. A module with hooks or parametrizations is refused (they belong to that module
+object), and so is the module inside a ``torch.compile`` wrapper (its compiled forward would
+keep the old one); swap first, then add them or compile.
 
 Examples::
 
@@ -25,6 +28,8 @@ Examples::
 """
 
 from __future__ import annotations
+
+import warnings
 
 import torch
 from torch import nn
@@ -44,6 +49,8 @@ _PAIRS = [
 ]
 _TO_OURS = {a: b for a, b in _PAIRS}
 _TO_NN = {b: a for a, b in _PAIRS}
+# fused_rnn's own settings, which torch.nn's modules do not have.
+_CONFIG = {"backend", "mode"}
 _HOOKS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks",
           "_state_dict_hooks", "_state_dict_pre_hooks", "_load_state_dict_pre_hooks",
           "_load_state_dict_post_hooks")
@@ -70,16 +77,34 @@ def _class(m: nn.Module) -> type:
     return type(m).__bases__[0] if parametrize.is_parametrized(m) else type(m)
 
 
+def _compiled(m: nn.Module) -> bool:
+    from torch._dynamo.eval_frame import OptimizedModule
+
+    return isinstance(m, OptimizedModule)
+
+
 def _swap(model: nn.Module, table: dict, extra: dict) -> nn.Module:
     if not isinstance(model, nn.Module):
         raise TypeError(f"expected an nn.Module, got {type(model).__name__}")
     if _class(model) in table:
         return _converted(model, table[_class(model)], extra, "the model")
+    # A module held in several places (tied encoder/decoder) becomes one new module held in
+    # the same places: named_modules() lists it once, so each parent's slots are walked.
+    new: dict[int, nn.Module] = {}
     for parent_name, parent in list(model.named_modules()):
-        for name, child in list(parent.named_children()):
-            if _class(child) in table:
-                where = f"{parent_name}.{name}" if parent_name else name
-                setattr(parent, name, _converted(child, table[_class(child)], extra, where))
+        for name, child in list(parent._modules.items()):
+            if child is None or _class(child) not in table:
+                continue
+            where = f"{parent_name}.{name}" if parent_name else name
+            if _compiled(parent):
+                raise ValueError(
+                    f"cannot swap {where}: it is the module torch.compile wrapped, whose "
+                    f"compiled forward would keep running the old one; swap before compiling "
+                    f"(torch.compile(fused_rnn.from_torch_nn(m)))"
+                )
+            if id(child) not in new:
+                new[id(child)] = _converted(child, table[_class(child)], extra, where)
+            setattr(parent, name, new[id(child)])
     return model
 
 
@@ -100,7 +125,10 @@ def _converted(old: nn.Module, cls: type, extra: dict, where: str) -> nn.Module:
                       dropout=old.dropout, bidirectional=old.bidirectional)
         if old.proj_size:
             kwargs["proj_size"] = old.proj_size
-    with torch.device("meta"):  # no initialisation work: every parameter is replaced below
+    with torch.device("meta"), warnings.catch_warnings():
+        # No initialisation work: every parameter is replaced below. The old module already
+        # gave the warnings its arguments call for (dropout with one layer).
+        warnings.simplefilter("ignore", UserWarning)
         new = cls(old.input_size, old.hidden_size, **kwargs, **extra)
     names = [n for n, _ in new.named_parameters()]
     params = dict(old.named_parameters())
@@ -109,8 +137,12 @@ def _converted(old: nn.Module, cls: type, extra: dict, where: str) -> nn.Module:
                          f"{cls.__name__}'s {sorted(names)}")
     for name in names:
         setattr(new, name, params[name])
-    for name, buf in old.named_buffers():
-        new.register_buffer(name, buf)
+    for name, buf in old.named_buffers(recurse=False):
+        new.register_buffer(name, buf, persistent=name not in old._non_persistent_buffers_set)
+    # Attributes a user set on the module (a tag, a flag): public names the new one lacks.
+    for key, value in vars(old).items():
+        if not key.startswith("_") and key not in vars(new) and key not in _CONFIG:
+            setattr(new, key, value)
     new.train(old.training)
     if hasattr(new, "flatten_parameters"):
         new.flatten_parameters()  # on a GPU, the weights into cuDNN's one buffer, as nn does

@@ -233,7 +233,15 @@ def _dropout(y: Tensor, p: float, lengths: Tensor | None) -> Tensor:
     inside each row's length, time-major. Drawing over those elements in that order gives
     nn's masks for the same seed (and leaves the generator where nn leaves it) when the rows
     are sorted by length, longest first, as the modules pass them. The steps past a length
-    stay zero. (Boolean indexing: one device sync a layer on a GPU.)"""
+    stay zero. (Boolean indexing: one device sync a layer on a GPU.)
+
+    Under ``torch.compile`` the whole padded output is dropped out instead, with the steps
+    past the lengths kept zero: the packed draw's data-dependent size would break the graph,
+    and compiled dropout does not draw torch.nn's eager masks anyway."""
+    if lengths is not None and torch.compiler.is_compiling():
+        steps = torch.arange(y.shape[0], device=y.device)[:, None]
+        valid = (steps < lengths.to(y.device)[None, :]).unsqueeze(-1)
+        return torch.where(valid, F.dropout(y, p, training=True), y.new_zeros(()))
     if lengths is None:
         return F.dropout(y, p, training=True)
     valid = torch.arange(y.shape[0], device=y.device)[:, None] < lengths.to(y.device)[None, :]

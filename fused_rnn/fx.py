@@ -49,6 +49,11 @@ class Tracer(torch.fx.Tracer):
 def symbolic_trace(root: nn.Module, concrete_args: dict[str, Any] | None = None
                    ) -> torch.fx.GraphModule:
     """``torch.fx.symbolic_trace`` with fused_rnn's modules kept as leaves (:class:`Tracer`)."""
+    if isinstance(root, nn.Module) and is_fused_rnn_module(root):
+        raise TypeError(
+            f"fused_rnn.{type(root).__name__} is a leaf for torch.fx, so it cannot be the root "
+            "of a trace (nor can nn.LSTM): trace a module that calls it"
+        )
     tracer = Tracer()
     graph = tracer.trace(root, concrete_args)
     name = root.__class__.__name__ if isinstance(root, nn.Module) else root.__name__

@@ -135,7 +135,6 @@ class _RNNStack(nn.Module):
             names = [name for name, _ in layer_shapes]
             self._flat_weights_names.extend(names)
             self._all_weights.append(names)
-        self._flat_weight_shapes = [shape for layer in self._weight_shapes() for _, shape in layer]
         self.reset_parameters()
         self.flatten_parameters()
 
@@ -150,8 +149,7 @@ class _RNNStack(nn.Module):
         super().__setstate__(state)
         self.__dict__.setdefault("backend", "auto")
         self.__dict__.setdefault("_cudnn_order", None)
-        if "_flat_weight_shapes" not in self.__dict__:
-            self._flat_weight_shapes = [s for layer in self._weight_shapes() for _, s in layer]
+        self.__dict__.setdefault("proj_size", 0)  # torch.nn before 1.8 had none
 
     def _weight_shapes(self) -> list[list[tuple[str, tuple[int, ...]]]]:
         """(name, shape) of every weight, one list per layer and direction, in torch.nn's
@@ -301,7 +299,9 @@ class _RNNStack(nn.Module):
         one device: what PyTorch's kernels require (torch.nn raises the same exception types;
         for a wrong shape, aten's CPU LSTM reads and writes out of bounds instead)."""
         first = flat[0]
-        for name, w, shape in zip(self._flat_weights_names, flat, self._flat_weight_shapes):
+        # From the settings as they are now: nn lets a user change input_size and the weights.
+        shapes = [shape for layer in self._weight_shapes() for _, shape in layer]
+        for name, w, shape in zip(self._flat_weights_names, flat, shapes):
             if not isinstance(w, Tensor):
                 raise TypeError(
                     f"{type(self).__name__}: weight {name} is {type(w).__name__}, not a tensor "

@@ -458,16 +458,21 @@ def _evaluate(model, batcher, max_chunks, autocast_dtype) -> tuple[float, int]:
 
 @contextlib.contextmanager
 def eval_mode(model: nn.Module):
-    """``model.eval()`` for the block, then every submodule back in the mode it was in (not
-    ``model.train(was_training)``, which would also switch on a submodule that the caller had
-    put in eval mode, e.g. a frozen dropout or batch norm)."""
-    modes = [(m, m.training) for m in model.modules()]
+    """``model.eval()`` for the block, then every submodule back in the mode it was in.
+
+    ``model.train(was_training)`` alone would also switch on a submodule the caller had put
+    in eval mode (a frozen dropout or batch norm). Modes are restored through ``train()``,
+    parents before children, so a module that overrides it (a LoRA layer that merges its
+    update in eval mode) sees every switch."""
+    modes = [(m, m.training) for m in model.modules()]  # parents before children
     model.eval()
     try:
         yield model
     finally:
-        for m, training in modes:
-            m.training = training
+        model.train(modes[0][1])
+        for m, training in modes[1:]:
+            if m.training != training:
+                m.train(training)
 
 
 def bits(nats: float) -> float:

@@ -106,6 +106,22 @@ def test_fallback_warning_points_at_the_callers_line_and_raises_under_an_error_f
     assert sum(backends.fallback_counts().values()) == 1
 
 
+def test_a_warning_from_inside_a_context_manager_points_at_the_caller():
+    import contextlib
+
+    from fused_rnn.ops.common import warn_at_caller
+
+    @contextlib.contextmanager
+    def noticing():
+        warn_at_caller("a notice")
+        yield
+
+    with pytest.warns(RuntimeWarning, match="a notice") as record:
+        with noticing():
+            pass
+    assert record[0].filename == __file__
+
+
 def test_cuda_falls_back_through_triton(monkeypatch):
     seen = []
 

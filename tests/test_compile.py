@@ -69,3 +69,30 @@ def test_export_save_load_matches_eager(tmp_path, cell, backend):
         got, want = loaded(other, state), model(other, state)
     for a, b in zip(torch.utils._pytree.tree_leaves(got), torch.utils._pytree.tree_leaves(want)):
         torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
+
+
+def test_dropout_with_lengths_stays_in_one_graph():
+    """Eager draws dropout over the steps inside the lengths (torch.nn's packed masks), whose
+    count depends on the data; compiled, it drops out the padded output instead and keeps the
+    steps past the lengths zero, in one graph."""
+    from fused_rnn import functional
+
+    torch.manual_seed(0)
+    T, B, H, L = 4, 3, 3, 2
+    ws = [(torch.randn(3 * H, H) * 0.5, torch.randn(3 * H, H) * 0.5, None, None, None)
+          for _ in range(L)]
+    lengths = torch.tensor([4, 2, 1])
+
+    def f(x):
+        return functional.rnn("GRU", x, torch.zeros(L, B, H), None, ws, num_layers=L,
+                              bidirectional=False, dropout=1.0, training=True, lengths=lengths)[0]
+
+    x = torch.randn(T, B, H)
+    explained = torch._dynamo.explain(f)(x)
+    assert explained.graph_count == 1 and explained.graph_break_count == 0
+    torch._dynamo.reset()
+    y = torch.compile(f, fullgraph=True, backend="eager")(x)
+    # dropout=1 before the last layer: what it sees is zero, so its output is that of a zero
+    # input, eager and compiled alike; steps past the lengths are zero.
+    torch.testing.assert_close(y, f(x), atol=0, rtol=0)
+    assert torch.equal(y[2:, 1], torch.zeros(2, H)) and torch.equal(y[1:, 2], torch.zeros(3, H))

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 from torch import nn
@@ -100,3 +102,43 @@ def test_subclasses_stay_and_hooked_or_parametrized_modules_are_refused():
         from_torch_nn(nn.LSTM(3, 4), backend="fast")
     with pytest.raises(TypeError, match="nn.Module"):
         to_torch_nn(object())
+
+
+def test_a_module_in_two_places_becomes_one_module_in_both():
+    class Tied(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.enc = nn.GRU(3, 3)
+            self.dec = self.enc
+            self.other = nn.Sequential(self.enc)
+
+    model = from_torch_nn(Tied())
+    assert isinstance(model.enc, fused_rnn.GRU) and model.dec is model.enc
+    assert model.other[0] is model.enc
+    to_torch_nn(model)
+    assert type(model.enc) is nn.GRU and model.dec is model.enc and model.other[0] is model.enc
+
+
+def test_buffers_attributes_and_warnings_come_along_as_they_were():
+    rnn = nn.LSTM(3, 4, dropout=0.3)  # warns here, once
+    rnn.register_buffer("scratch", torch.zeros(2), persistent=False)
+    rnn.register_buffer("count", torch.ones(1))
+    rnn.tag = "encoder"
+    model = nn.Sequential(rnn)
+    saved = model.state_dict()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        from_torch_nn(model)
+    assert isinstance(model[0], fused_rnn.LSTM) and model[0].tag == "encoder"
+    assert list(model.state_dict()) == list(saved)  # scratch stays out of it
+    model.load_state_dict(saved)
+    assert not hasattr(to_torch_nn(fused_rnn.LSTMCell(2, 3)), "mode")
+
+
+def test_the_module_inside_a_torch_compile_wrapper_is_refused():
+    compiled = torch.compile(nn.GRU(3, 4))
+    with pytest.raises(ValueError, match="swap before compiling"):
+        from_torch_nn(compiled)
+    parent = torch.compile(nn.Sequential(nn.GRU(3, 4)))  # a compiled parent is fine
+    from_torch_nn(parent)
+    assert isinstance(parent._orig_mod[0], fused_rnn.GRU)

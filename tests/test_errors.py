@@ -154,6 +154,19 @@ def test_weights_of_the_wrong_shape_are_refused(name, kwargs, weight, shape, cel
         m(torch.randn(5, 3, 4))
 
 
+def test_weights_are_checked_against_the_sizes_as_they_are_now():
+    """nn lets a user change input_size and swap in weights of the new size; the check follows
+    the settings at the call, not those the module was built with."""
+    ref, ours = torch.nn.LSTM(3, 4), fused_rnn.LSTM(3, 4)
+    ours.load_state_dict(ref.state_dict())
+    w = torch.randn(16, 5)
+    for m in (ref, ours):
+        m.input_size = 5
+        m.weight_ih_l0 = torch.nn.Parameter(w.clone())
+    x = torch.randn(2, 1, 5)
+    torch.testing.assert_close(ours(x)[0], ref(x)[0])
+
+
 def test_lstm_projection_weight_of_the_wrong_shape_is_refused():
     m = fused_rnn.LSTM(4, 6, proj_size=3)
     m.weight_hr_l0.data = torch.randn(3, 5)

@@ -339,6 +339,30 @@ def test_evaluate_restores_each_submodules_mode():
     assert not model.training
 
 
+def test_eval_mode_switches_modes_through_train():
+    """A module that overrides train() (a LoRA layer merging its update in eval mode) must see
+    the switch back; writing .training directly skipped it."""
+    calls = []
+
+    class Merging(torch.nn.Linear):
+        def train(self, mode=True):
+            calls.append(mode)
+            return super().train(mode)
+
+    outer = torch.nn.Sequential(torch.nn.Sequential(Merging(2, 2)), torch.nn.Dropout(0.5))
+    outer[0].eval()  # a frozen part: eval inside a training model
+    outer.training = True
+    with eval_mode(outer):
+        assert calls[-1] is False
+    assert calls[-1] is False and not outer[0].training and not outer[0][0].training
+    assert outer.training and outer[1].training
+    outer[0].train()
+    calls.clear()
+    with eval_mode(outer):
+        pass
+    assert calls == [False, True] and all(m.training for m in outer.modules())
+
+
 def test_evaluate_leaves_training_state_alone():
     torch.manual_seed(0)
     model = CharLM(9, hidden_size=8, num_layers=2, dropout=0.5)

@@ -96,12 +96,14 @@ def tf32_gemms(enabled: bool):
 _INTERNAL_DIRS = (
     os.path.dirname(os.path.dirname(os.path.abspath(__file__))) + os.sep,  # fused_rnn/
     os.path.dirname(os.path.abspath(torch.__file__)) + os.sep,  # torch/
+    os.path.abspath(contextlib.__file__),  # the frames of @contextmanager blocks
 )
 
 
 def warn_at_caller(message: str, category: type[Warning] = RuntimeWarning) -> None:
-    """``warnings.warn`` attributed to the first frame outside fused_rnn and torch: the user's
-    line that called the module or function, whatever the depth of the code that noticed."""
+    """``warnings.warn`` attributed to the first frame outside fused_rnn, torch and
+    contextlib: the user's line that called the module or function, whatever the depth of the
+    code that noticed."""
     if torch.compiler.is_compiling():  # dynamo does not trace frame walks
         warnings.warn(message, category, stacklevel=2)
         return

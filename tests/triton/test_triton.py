@@ -887,6 +887,22 @@ def test_compiled_training_matches_eager(cell):
     training_checks.check_compiled_training_matches_eager(cell, "triton", DEVICE)
 
 
+def test_a_fallback_under_torch_compile_fullgraph_warns_once_and_compiles(monkeypatch):
+    """dynamo cannot trace warnings.warn: the fallback's warning failed every fullgraph
+    compile of a configuration the kernels refuse (fp64 here). It is given while tracing."""
+    from fused_rnn import backends
+
+    monkeypatch.setattr(backends, "_warned", set())
+    m = fused_rnn.GRU(2, 3, backend="triton").double().to(DEVICE)
+    ref = fused_rnn.GRU(2, 3, backend="reference").double().to(DEVICE)
+    ref.load_state_dict(m.state_dict())
+    x = torch.randn(3, 2, 2, dtype=torch.float64, device=DEVICE)
+    torch._dynamo.reset()
+    with pytest.warns(RuntimeWarning, match="float64.*falling back to 'reference'"):
+        y = torch.compile(m, fullgraph=True, backend="eager")(x)[0]
+    torch.testing.assert_close(y, ref(x)[0], atol=0, rtol=0)
+
+
 def test_jit_trace_records_an_op_that_can_train():
     """torch.jit.trace records the op's save flag as a constant. Traced without gradients (or
     in check_trace's second run) it used to bake in "no saved gates", so the trace differed
