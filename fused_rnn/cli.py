@@ -37,7 +37,14 @@ import torch.distributed as dist
 import fused_rnn
 from fused_rnn import backends as _backends
 from fused_rnn.charlm import CELLS, CharLM, Vocab
-from fused_rnn.tbptt import StreamBatcher, atomic_save, bits, eval_mode, evaluate, train_chunk
+from fused_rnn.tbptt import (
+    StreamBatcher,
+    atomic_save,
+    bits,
+    eval_mode,
+    evaluate,
+    train_chunk,
+)
 
 __all__ = ["main", "load_default_corpus", "DEFAULT_CORPUS_MODULES"]
 

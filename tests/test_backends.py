@@ -116,9 +116,8 @@ def test_a_warning_from_inside_a_context_manager_points_at_the_caller():
         warn_at_caller("a notice")
         yield
 
-    with pytest.warns(RuntimeWarning, match="a notice") as record:
-        with noticing():
-            pass
+    with pytest.warns(RuntimeWarning, match="a notice") as record, noticing():
+        pass
     assert record[0].filename == __file__
 
 

@@ -666,9 +666,8 @@ def test_a_warning_made_an_error_stops_one_build_and_is_not_kept_as_a_failure(tm
     (tmp_path / "lock").write_text("")
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        with pytest.raises(RuntimeWarning, match="did not finish"):
-            with _ext._build_lock(tmp_path):
-                pytest.fail("the build ran under an error filter")
+        with pytest.raises(RuntimeWarning, match="did not finish"), _ext._build_lock(tmp_path):
+            pytest.fail("the build ran under an error filter")
     assert not (tmp_path / "lock").exists()
 
     def build():
