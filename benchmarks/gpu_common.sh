@@ -80,7 +80,10 @@ frnn_build_failed() {
 frnn_unfinished_test() {
   [[ -f "$1" ]] || return 1
   local last
-  last=$(grep -aE '^tests/[^ ]*::[^ ]+' "$1" | tail -n 1)
+  # Test lines only until pytest's closing sections: the warnings summary heads each entry
+  # with a test id on a line of its own, which is not a test left running.
+  last=$(awk '/^=+ (warnings summary|short test summary info|FAILURES|ERRORS|PASSES) =+$/ {exit}
+              {print}' "$1" | grep -aE '^tests/[^ ]*::[^ ]+' | tail -n 1)
   [[ -n "$last" ]] || return 1
   if [[ "$last" =~ ^[^\ ]+\ +(PASSED|FAILED|ERROR|SKIPPED|XFAIL|XPASS) ]]; then return 1; fi
   grep -q '^gpu_check: cut off while still making progress' "$1" && return 1

@@ -100,6 +100,29 @@ def test_failed_results_in_the_v_lines_count_without_a_summary(tmp_path):
     assert r.stdout.splitlines() == ["800 passed, 7 deselected in 81.20s (0:01:21)", "not run"], r
 
 
+def test_a_warning_in_a_passing_run_is_not_a_test_left_running(tmp_path):
+    """pytest's warnings summary heads each entry with the test's id on a line of its own. It
+    was read as the last test started and never finished: a run where every test passed
+    became "crashed in", and cuda left the bench."""
+    tests = tmp_path / "tests" / "cuda"
+    tests.mkdir(parents=True)
+    (tests / "test_cuda_gpu.py").write_text(
+        "import warnings, pytest\n"
+        "def test_a(): pass\n"
+        "@pytest.mark.parametrize('k', ['parts4', 'cluster8'])\n"
+        "def test_b(k): warnings.warn(f'deprecated {k}', UserWarning)\n")
+    log = tmp_path / "cuda_gpu_tests.log"
+    with open(log, "w") as f:
+        subprocess.run([sys.executable, "-m", "pytest", "tests/cuda/test_cuda_gpu.py", "-v", "-ra",
+                        "-p", "no:cacheprovider"], cwd=tmp_path, stdout=f,
+                       stderr=subprocess.STDOUT, timeout=120, check=False)
+    assert "warnings summary" in log.read_text()
+    r = _common(tmp_path, f'! frnn_unfinished_test "{log}" && ! frnn_parts_failed "{log}" && '
+                          f'! frnn_cluster_failed "{log}" && frnn_tests_summary "{log}"')
+    assert r.returncode == 0, (r, log.read_text())
+    assert r.stdout.startswith("3 passed, 2 warnings in "), r.stdout
+
+
 def test_without_cuda_and_clusters_and_the_build_marker(tmp_path):
     r = _common(tmp_path, "frnn_without_cuda cuda,triton,cuda-p1,torch,cuda-cl8 && "
                           "frnn_without_clusters cuda,triton,cuda-cl16ds,cuda-tc,cuda-g1")
