@@ -2,22 +2,26 @@
 
 Reads the CSV that ``bench_gpu.py`` wrote on a GPU and prints, as Python, the rules under which
 ``backend="auto"`` would take a kernel backend: one rule per (cell, dtype) where the backend was
-faster than cuDNN in the same dtype, fwd+bwd, by at least ``--margin`` on **every** shape S1-S6
-(all must be in the table, timed, and pass the check against cuDNN). The rule's hidden and batch
+faster than cuDNN in the same dtype, fwd+bwd and fwd alike (a rule sends inference calls too),
+by at least ``--margin`` on **every** shape S1-S6 (all must be in the table, timed, and pass the
+check against cuDNN). fp32 rules say whether they hold with TF32 on (``fp32`` rows of a table
+run with it, the default) or off (``fp32-strict`` rows). The rule's hidden and batch
 ranges span those shapes (so it also covers the sizes between them, one layer, unidirectional:
 what the table measured). A (cell, dtype) with any slower, missing, skipped, failed or unchecked
 row gets no rule, and the script says which rows stopped it. The whole table is refused (exit
-2, no rules) when it is a dry run, when its ``gpu_tests`` (gpu_check.sh's summary of the CUDA
-GPU tests) does not show them passed, or when the run set ``FUSED_RNN_<BACKEND>_*`` for the
-backend (its rows then timed other kernels than ``auto`` would run). Paste the output into
+2, no rules) when it is a dry run, when its commit is not a clean, known one, when the
+backend's GPU tests are not shown passed (for cuda the table's ``gpu_tests``, gpu_check.sh's
+summary of the CUDA GPU tests; for triton the Triton suite's summary line, given with
+``--triton-tests``), or when the run set ``FUSED_RNN_<BACKEND>_*`` for the backend (its rows
+then timed other kernels than ``auto`` would run). Paste the output into
 ``fused_rnn/backends.py`` only after the backend's GPU tests have passed at the table's commit
 (DESIGN.md); the evidence each rule cites is the table's ``.md``, which ``tests/test_backends.py``
 requires to be committed.
 
     python benchmarks/auto_rules.py benchmarks/results/<date>-<gpu>.csv [--backend cuda]
+    python benchmarks/auto_rules.py <csv> --backend triton --triton-tests "<summary line>"
 
-Rows of variants (``cuda-p1``, ...) and ``fp32-strict`` (TF32 off) are not used: a rule keys on
-the dtype alone, and fp32 runs with TF32 as PyTorch's default allows.
+Rows of variants (``cuda-p1``, ...) are not used: a rule is for what ``auto`` runs by default.
 """
 
 from __future__ import annotations
@@ -32,7 +36,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_gpu import SHAPES  # noqa: E402
 
-DTYPES = {"fp32": "torch.float32", "bf16": "torch.bfloat16", "fp16": "torch.float16"}
+DTYPES = {"fp32": "torch.float32", "bf16": "torch.bfloat16", "fp16": "torch.float16",
+          "fp32-strict": "torch.float32"}
 BASELINE = "cudnn"
 # Settings that do not change what a kernel computes or how fast (where the build goes, how
 # loud it is); any other FUSED_RNN_<BACKEND>_* in the table's overrides refuses its rules.
@@ -54,18 +59,33 @@ def tests_passed(summary: str) -> bool:
     return bool(CLEAN.fullmatch(summary) and re.search(r"(^|, )[1-9]\d* passed", summary))
 
 
-def refusal(rows: list[dict], backend: str) -> str | None:
-    """Why no rule at all may come from this table for ``backend``, or None."""
+def refusal(rows: list[dict], backend: str, triton_tests: str | None = None) -> str | None:
+    """Why no rule at all may come from this table for ``backend``, or None.
+
+    The table records the CUDA GPU tests (``gpu_tests``); gpu_check.sh runs the Triton suite
+    on the GPU after the bench, so for triton its summary line is given (``triton_tests``)."""
     if not rows:
         return "the table has no rows"
     env = rows[0]
     if "none (dry run" in env.get("gpu", ""):
         return "a dry run on the CPU: its times mean nothing"
-    tests = env.get("gpu_tests")
-    if tests is None:
-        return "no gpu_tests column: written by a bench_gpu.py that did not record the GPU tests"
-    if not tests_passed(tests):
-        return f"the CUDA GPU tests did not pass: gpu_tests = {tests!r}"
+    commit = (env.get("commit") or "").strip()
+    if not re.fullmatch(r"[0-9a-f]{7,40}", commit):
+        return (f"the table's commit is {commit!r}: a rule needs the commit the run measured, "
+                "clean (FRNN_COMMIT of a committed tree)")
+    if backend == "triton":
+        if triton_tests is None:
+            return ("the table records the CUDA GPU tests only: give the summary line of the "
+                    "Triton suite gpu_check.sh ran on the GPU with --triton-tests")
+        if not tests_passed(triton_tests):
+            return f"the Triton GPU tests did not pass: {triton_tests!r}"
+    else:
+        tests = env.get("gpu_tests")
+        if tests is None:
+            return ("no gpu_tests column: written by a bench_gpu.py that did not record the "
+                    "GPU tests")
+        if not tests_passed(tests):
+            return f"the CUDA GPU tests did not pass: gpu_tests = {tests!r}"
     prefix = f"FUSED_RNN_{backend.upper()}_"
     forced = [kv for kv in (env.get("overrides") or "").split()
               if kv.startswith(prefix) and kv.split("=")[0] not in HARMLESS]
@@ -75,9 +95,19 @@ def refusal(rows: list[dict], backend: str) -> str | None:
     return None
 
 
+def _tf32(rows: list[dict], dtype: str) -> bool | None:
+    """The rule's tf32 for rows of ``dtype``: "fp32" rows ran with TF32 as the header says,
+    "fp32-strict" rows without; None for 16-bit dtypes."""
+    if dtype == "fp32-strict":
+        return False
+    if dtype == "fp32":
+        return "allow_tf32=True" in (rows[0].get("tf32") or "")
+    return None
+
+
 def propose(rows: list[dict], backend: str, margin: float) -> tuple[list[dict], list[str]]:
-    """(rules, reasons): rules as dicts (cell, dtype, hidden, batch, ratios) and, for every
-    (cell, dtype) without one, why not."""
+    """(rules, reasons): rules as dicts (cell, dtype, tf32, hidden, batch, ratios) and, for
+    every (cell, dtype) without one, why not."""
     ours: dict[tuple[str, str], dict[str, dict]] = defaultdict(dict)
     cudnn: dict[tuple[str, str], dict[str, dict]] = defaultdict(dict)
     other_passes: dict[tuple[str, str, str], list[dict]] = defaultdict(list)
@@ -112,16 +142,26 @@ def propose(rows: list[dict], backend: str, margin: float) -> tuple[list[dict], 
                 stops.append(f"{shape}: check {(r.get('check') or 'not run')[:80]}")
             elif float(ratio) < margin:
                 stops.append(f"{shape}: {float(ratio):.2f}x cuDNN (< {margin:g})")
-            else:  # fwd+bwd passed: the same configuration's forward must have run too
-                stops += [f"{shape}: {o['pass']} not timed ({(o.get('note') or '')[:80]})"
-                          for o in other_passes[(cell, dtype, shape)] if not o.get("ms")]
+            else:  # fwd+bwd won: the same configuration's forward must win too (a rule
+                # also sends inference calls, forward only, to the backend)
+                for o in other_passes[(cell, dtype, shape)]:
+                    o_ratio = o.get("x_cudnn_same_dtype") or ""
+                    if not o.get("ms") or not o_ratio:
+                        stops.append(f"{shape}: {o['pass']} not timed "
+                                     f"({(o.get('note') or '')[:80]})")
+                    elif o.get("check") != "ok":
+                        stops.append(f"{shape}: {o['pass']} check "
+                                     f"{(o.get('check') or 'not run')[:80]}")
+                    elif float(o_ratio) < margin:
+                        stops.append(f"{shape}: {o['pass']} {float(o_ratio):.2f}x cuDNN "
+                                     f"(< {margin:g})")
         if stops:
             reasons.append(f"{cell} {dtype}: no rule; " + "; ".join(stops))
             continue
         got = [ours[key][s] for s in SHAPES]
         dims = [tuple(int(v) for v in r["BxTxH"].split("x")) for r in got]
         ratios = [float(r["x_cudnn_same_dtype"]) for r in got]
-        rules.append(dict(cell=cell, dtype=dtype,
+        rules.append(dict(cell=cell, dtype=dtype, tf32=_tf32(rows, dtype),
                           hidden=(min(d[2] for d in dims), max(d[2] for d in dims)),
                           batch=(min(d[0] for d in dims), max(d[0] for d in dims)),
                           ratios=(min(ratios), max(ratios)), shapes=list(SHAPES)))
@@ -131,12 +171,13 @@ def propose(rows: list[dict], backend: str, margin: float) -> tuple[list[dict], 
 def as_python(rules: list[dict], backend: str, evidence: str) -> str:
     lines = ["AUTO_RULES: tuple[AutoRule, ...] = ("]
     for r in rules:
+        tf32 = "" if r.get("tf32") is None else f" tf32={r['tf32']},"
         lines += [
             f"    # fwd+bwd {r['ratios'][0]:.2f}-{r['ratios'][1]:.2f}x cuDNN in {r['dtype']} on "
-            f"{', '.join(r['shapes'])}",
+            f"{', '.join(r['shapes'])} (fwd too)",
             f"    AutoRule(backend={backend!r}, modes=frozenset({{{r['cell']!r}}}), "
             f"dtypes=frozenset({{{DTYPES[r['dtype']]}}}),",
-            f"             hidden={r['hidden']}, batch={r['batch']},",
+            f"             hidden={r['hidden']}, batch={r['batch']},{tf32}",
             f"             evidence={evidence!r}),",
         ]
     lines.append(")")
@@ -147,13 +188,16 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("csv", type=Path, help="a bench_gpu.py CSV from a GPU run")
     ap.add_argument("--backend", default="cuda", choices=("cuda", "triton"))
+    ap.add_argument("--triton-tests", metavar="SUMMARY",
+                    help="for --backend triton: the pytest summary line of the Triton suite "
+                         "that gpu_check.sh ran on the GPU (the table records the CUDA tests)")
     ap.add_argument("--margin", type=float, default=1.05,
                     help="the least cuDNN time / ours on every shape (default %(default)s: "
                          "wins within timing noise do not count)")
     args = ap.parse_args(argv)
     with open(args.csv, newline="") as f:
         rows = list(csv.DictReader(f))
-    why = refusal(rows, args.backend)
+    why = refusal(rows, args.backend, args.triton_tests)
     if why:
         print(f"# {args.csv.name}: no rules for {args.backend}: {why}")
         print(f"{args.csv} refused: {why}", file=sys.stderr)

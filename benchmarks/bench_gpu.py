@@ -11,9 +11,11 @@ the header records it. ``fp32-strict`` runs fp32 with it off, for cuDNN and for 
 plain-fp32 FMA kernels; ANCHORS.md has cuDNN's figures for S1-S3).
 
 Before a row is timed, one forward+backward (x, h0 and c0 requiring grad, synchronized) is
-compared with cuDNN's on the same inputs and weights: ``check`` is "ok" when y, dx, dh0, dc0
-(LSTM) and dW_hh are all finite and within ``TOLERANCE`` of cuDNN's by relative norm error
-(``max rel err``, the largest of them), else "FAIL: " and which; ``max abs Δy`` is the largest
+compared with cuDNN's on the same inputs and weights, with gradients flowing in through y,
+h_n and c_n: ``check`` is "ok" when y, h_n, c_n, dx, dh0, dc0 (LSTM), dW_hh, dW_ih and the
+bias gradients are all finite and within ``TOLERANCE`` of cuDNN's by relative norm error
+(``max rel err``, the largest of them), each batch row and time step too (``SLICED``, a looser
+bound), else "FAIL: " and which; ``max abs Δy`` is the largest
 difference in y. The timed passes call ``model(x)`` with no initial state, so the check also
 wants that forward's y bit for bit equal to one with an explicit zero state (the state the
 module makes for itself). A row whose build, check pass or timing raises says why in its note
@@ -73,11 +75,12 @@ HEAD = ["cell", "shape", "B×T×H", "dtype", "backend", "pass", "ms", "µs/step"
         "× cuDNN same dtype", "× cuDNN fp16", "peak MiB", "max abs Δy", "max rel err vs cuDNN",
         "check", "note"]  # the .md's names for COLUMNS (no "|" in them: it splits a cell)
 # The order configurations are timed in, within each round: first the (cell, dtype)s the
-# speed targets decide (LSTM fp32/bf16, GRU in every dtype), each over all its shapes, so a cut
-# for time leaves whole (cell, dtype)s (auto_rules.py needs every shape); then LSTM fp16
-# (cuDNN's persistent fast case, no target of its own); then fp32-strict.
-PRIORITY = [("LSTM", "fp32"), ("LSTM", "bf16"), ("GRU", "fp32"), ("GRU", "bf16"),
-            ("GRU", "fp16"), ("LSTM", "fp16"), ("LSTM", "fp32-strict"), ("GRU", "fp32-strict")]
+# speed targets decide, each over all its shapes, so a cut for time leaves whole (cell,
+# dtype)s (auto_rules.py needs every shape): LSTM fp32/bf16, then LSTM fp16 (cuDNN's fp16 LSTM
+# is the baseline of the LSTM bf16/fp16 target, ANCHORS.md: without it those rows have no
+# x_cudnn_fp16), then GRU in every dtype; then fp32-strict.
+PRIORITY = [("LSTM", "fp32"), ("LSTM", "bf16"), ("LSTM", "fp16"), ("GRU", "fp32"),
+            ("GRU", "bf16"), ("GRU", "fp16"), ("LSTM", "fp32-strict"), ("GRU", "fp32-strict")]
 # The largest relative norm error ||ours - cuDNN|| / ||cuDNN|| of y, dx, dh0, dc0 or dW_hh that
 # passes the check. These catch wrong kernels (a missed step, a race, a wrong index: errors of
 # order 1, or NaN), not rounding: two correct implementations differ far less (fp32 ~1e-6,
@@ -240,12 +243,19 @@ def probe(model, mode: str, x, cot, device: str) -> dict:
     c0 = (0.5 * torch.randn(1, B, H, generator=g)).to(device, x.dtype).requires_grad_() \
         if mode == "LSTM" else None
     model.zero_grad(set_to_none=True)
-    y = model(x, h0 if c0 is None else (h0, c0))[0]
-    y.backward(cot)
+    y, state = model(x, h0 if c0 is None else (h0, c0))
+    h_n, c_n = state if c0 is not None else (state, None)
+    # Gradients flow in through h_n and c_n too, as in truncated BPTT (the next chunk's).
+    outs = [t for t in (y, h_n, c_n) if t is not None]
+    cots = [cot] + [(0.5 * torch.randn(t.shape, generator=g)).to(device, t.dtype)
+                    for t in outs[1:]]
+    torch.autograd.backward(outs, cots)
     if device == "cuda":
         torch.cuda.synchronize()
-    got = {"y": y, "dx": x.grad, "dh0": h0.grad, **({} if c0 is None else {"dc0": c0.grad}),
-           "dW_hh": model.weight_hh_l0.grad}
+    got = {"y": y, "h_n": h_n, **({} if c0 is None else {"c_n": c_n}),
+           "dx": x.grad, "dh0": h0.grad, **({} if c0 is None else {"dc0": c0.grad}),
+           "dW_hh": model.weight_hh_l0.grad, "dW_ih": model.weight_ih_l0.grad,
+           "db_hh": model.bias_hh_l0.grad, "db_ih": model.bias_ih_l0.grad}
     # On the device: compare() runs there (fp64 norms of a 134 MB dx at S4 take the host's
     # cores ~0.2 s each; the device, microseconds). cuDNN's are kept on the host, below.
     got = {k: None if t is None else t.detach().clone() for k, t in got.items()}
@@ -260,10 +270,12 @@ def zero_state_differs(model, mode: str, x) -> bool:
     import torch
 
     B, _, H = x.shape
-    with torch.no_grad():
-        zero = torch.zeros(1, B, H, device=x.device, dtype=x.dtype)
-        implicit = model(x)[0]
-        explicit = model(x, (zero, zero.clone()) if mode == "LSTM" else zero)[0]
+    # With gradients on, as the timed passes run (under no_grad the kernels take their
+    # inference path, which saves nothing for backward).
+    zero = torch.zeros(1, B, H, device=x.device, dtype=x.dtype)
+    implicit = model(x)[0].detach()
+    explicit = model(x, (zero, zero.clone()) if mode == "LSTM" else zero)[0].detach()
+    model.zero_grad(set_to_none=True)
     return not torch.equal(implicit, explicit)
 
 
@@ -275,9 +287,33 @@ def tolerance(dtype_name: str) -> float:
     return TOLERANCE["fp32-strict" if strict else dtype_name]
 
 
+# Each tensor is also checked slice by slice along its batch rows and time steps (which
+# dimensions, by name: y and dx are (B, T, H), the states (1, B, H)): a wrong row or a missed
+# step among many moves the whole tensor's error by little. Slices get SLICE_FACTOR times the
+# bound (rounding differs more in a small slice, and grows along the sequence), at most 0.5;
+# a wrong slice is off by order 1. A slice's norm counts at least SLICE_FLOOR times the
+# average slice norm, so that vanishing ones (a gradient that died out) are not divided by ~0.
+SLICED = {"y": (0, 1), "dx": (0, 1), "h_n": (1,), "c_n": (1,), "dh0": (1,), "dc0": (1,)}
+SLICE_FACTOR, SLICE_CAP, SLICE_FLOOR = 4.0, 0.5, 0.01
+
+
+def slice_error(d, b, dim: int) -> float:
+    """The largest relative norm error of the slices of ``d`` (ours - cuDNN's) and ``b``
+    (cuDNN's) along ``dim``."""
+    n = b.shape[dim]
+    dn = d.transpose(0, dim).reshape(n, -1).norm(dim=1)
+    bn = b.transpose(0, dim).reshape(n, -1).norm(dim=1)
+    floor = SLICE_FLOOR * b.norm() / math.sqrt(n)
+    if floor == 0:
+        return 0.0 if dn.max().item() == 0 else math.inf
+    return (dn / bn.clamp_min(floor)).max().item()
+
+
 def compare(got: dict, ref: dict | None, tol: float) -> tuple[float | None, float | None, str]:
     """(max abs Δy, largest relative norm error, check) of probe tensors against cuDNN's
-    (``ref``; None: cuDNN's own row, checked for finite values only), in fp64."""
+    (``ref``; None: cuDNN's own row, checked for finite values only), in fp64: each tensor as
+    a whole within ``tol``, and its batch rows and time steps (SLICED) within
+    SLICE_FACTOR * ``tol`` (at most SLICE_CAP)."""
     import torch
 
     dy, worst, fails = None, 0.0, []
@@ -304,6 +340,14 @@ def compare(got: dict, ref: dict | None, tol: float) -> tuple[float | None, floa
             dy = d.abs().max().item()
         if not err <= tol:
             fails.append(f"{name} {err:.2g} > {tol:g}")
+            continue
+        slice_tol = min(SLICE_FACTOR * tol, SLICE_CAP)
+        for dim in SLICED.get(name, ()):
+            serr = slice_error(d, b, dim)
+            if not serr <= slice_tol:
+                what = "batch row" if dim == SLICED[name][0] else "time step"
+                fails.append(f"{name} {serr:.2g} > {slice_tol:g} in a {what}")
+                break
     return dy, (worst if ref is not None else None), ("FAIL: " + ", ".join(fails) if fails
                                                       else "ok" if ref is not None else "reference")
 
@@ -468,6 +512,7 @@ def _measure(args, timer, device, mode, shape, dtype_name, backend, refs) -> lis
     for p in args.passes:
         row = dict(base, **{"pass": p, "max_abs_dy": dy, "max_rel_err": err, "check": check})
         notes = list(plan)
+        fallbacks = fused_rnn.backends.fallback_counts()
         try:
             ms, reps = timer(fns[p])
             peak = peak_mib(fns[p], device)
@@ -477,6 +522,10 @@ def _measure(args, timer, device, mode, shape, dtype_name, backend, refs) -> lis
             row.update(ms=ms, us_per_step=1e3 * ms / T, reps=reps, peak_MiB=peak)
             if reps is not None and reps < MIN_REPS:
                 notes.append(f"only {reps} runs timed")
+        if backend is not None and fused_rnn.backends.fallback_counts() != fallbacks:
+            # The check's pass ran the kernels, a timed call did not: not ours that was timed.
+            fell = "a timed call fell back to another backend"
+            row["check"] = f"{check}, {fell}" if check.startswith("FAIL") else f"FAIL: {fell}"
         if notes:
             row["note"] = "; ".join(notes)
         rows.append(row)
@@ -594,10 +643,13 @@ def write_report(rows: list[dict], env: dict, args, skipped: list[str],
                              f"{MIN_REPS} runs)")
         + "; one layer, input size = hidden size, batch_first; ratio = cuDNN ms / ours "
         "(> 1: faster)",
-        "- check: one fwd+bwd (x, h0, c0 requiring grad) against cuDNN's on the same inputs: "
-        "y, dx, dh0, dc0 (LSTM), dW_hh finite and within relative norm error "
+        "- check: one fwd+bwd (x, h0, c0 requiring grad; gradients into y, h_n, c_n) against "
+        "cuDNN's on the same inputs: y, h_n, c_n, dx, dh0, dc0 (LSTM), dW_hh, dW_ih, db_hh, "
+        "db_ih finite and within relative norm error "
         + ", ".join(f"{v:g} ({k})" for k, v in TOLERANCE.items())
-        + " (fp32 without TF32: the fp32-strict bound); max abs Δy: the largest |Δy|", ""]
+        + f" (fp32 without TF32: the fp32-strict bound), each batch row and time step of y, "
+        f"dx and the states within {SLICE_FACTOR:g}x that (at most {SLICE_CAP:g}); "
+        "max abs Δy: the largest |Δy|", ""]
     lines += ["| " + " | ".join(HEAD) + " |", "|" + "---|" * len(HEAD)]
     for r in rows:
         if not r.get("_skipped"):
@@ -695,6 +747,12 @@ def main(argv=None) -> int:
     md, csv_path = paths
     print(f"\nwrote {md}\nwrote {csv_path}\n")
     print(short_table(rows))
+    failed = sorted({f"{r['backend']} {r['cell']} {r['shape']} {r['dtype']}" for r in rows
+                     if str(r.get("check") or "").startswith("FAIL")})
+    if failed:  # every row is still in the table; the run as a whole did not pass
+        print(f"{len(failed)} configurations failed the check against cuDNN: "
+              + "; ".join(failed), flush=True)
+        return 1
     return 0
 
 

@@ -111,8 +111,8 @@ raise SystemExit(r is not None)
 "
   if frnn_build_failed "$LOG_DIR"; then   # it ran (not skipped for time) and failed
     bdir=$(sed -n 's/^build dir: //p' "$LOG_DIR/cuda_build.log" 2>/dev/null | head -n 1)
-    if [[ -z "$bdir" || "$bdir" == unknown* ]]; then
-      bdir=$(timeout 60 "$PYTHON" -c "from fused_rnn.ops.cuda import _ext; print(_ext.build_dir())" 2>/dev/null | tail -n 1)
+    if [[ ( -z "$bdir" || "$bdir" == unknown* ) && "$(frnn_limit 30 10)" != 0 ]]; then
+      bdir=$(timeout "$(frnn_limit 30 10)" "$PYTHON" -c "from fused_rnn.ops.cuda import _ext; print(_ext.build_dir())" 2>/dev/null | tail -n 1)
     fi
     if [[ -n "$bdir" && -e "$bdir/lock" ]]; then
       rm -f "$bdir/lock" && echo "cuda: removed $bdir/lock, left by the build that did not finish"

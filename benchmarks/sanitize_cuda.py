@@ -140,7 +140,8 @@ def main(start: float | None = None) -> int:
     n = unchecked = 0
     for mode in MODES:
         for T, B, I, H in SHAPES if full else SHAPES[:1]:
-            for dtype, tf32, tol in DTYPES if full else DTYPES[::2]:
+            # the quick subset: TF32 (fp32's default on a GPU) and bf16 tiles
+            for dtype, tf32, tol in DTYPES if full else DTYPES[1:]:
                 for reverse in (False, True) if full else (mode in ("GRU", "RNN_RELU"),):
                     # partitions (plan.h): B=70 as 3 batch groups with X staged whole, as 2
                     # chunks per block staged 16 K-columns at a time, unstaged, in K parts, and

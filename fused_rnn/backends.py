@@ -108,6 +108,10 @@ class AutoRule:
     layers: tuple[int, int] = (1, 1)
     bidirectional: bool = False  # whether bidirectional stacks are included
     device_type: str = "cuda"
+    # For fp32: True, the rule holds only while cuDNN's RNNs may use TF32 (the default, and
+    # what an "fp32" row measures with it on); False, only while they may not ("fp32-strict"
+    # rows: the plain-fp32 kernels against strict cuDNN); None, either way.
+    tf32: bool | None = None
 
     def __post_init__(self) -> None:
         if self.backend not in KERNEL_BACKENDS:
@@ -123,6 +127,9 @@ class AutoRule:
         if not self.dtypes or not set(self.dtypes) <= floats:
             raise ValueError(f"an AutoRule's dtypes are some of float32, float16 and bfloat16, "
                              f"not {self.dtypes!r}")
+        if self.tf32 is not None and torch.float32 not in self.dtypes:
+            raise ValueError("an AutoRule's tf32 setting applies to float32, which its dtypes "
+                             "do not include")
         for what in ("hidden", "batch", "layers"):
             lo, hi = getattr(self, what)
             if not 1 <= lo <= hi:
@@ -130,8 +137,10 @@ class AutoRule:
                                  f"got {(lo, hi)}")
 
     def matches(self, device_type: str, mode: str, dtype: torch.dtype, hidden_size: int,
-                batch: int, num_layers: int, bidirectional: bool) -> bool:
+                batch: int, num_layers: int, bidirectional: bool, tf32: bool = True) -> bool:
+        """tf32: whether cuDNN's RNNs may use TF32 now (``ops.common.cudnn_rnn_tf32``)."""
         return (device_type == self.device_type and mode in self.modes and dtype in self.dtypes
+                and (dtype != torch.float32 or self.tf32 is None or self.tf32 == tf32)
                 and self.hidden[0] <= hidden_size <= self.hidden[1]
                 and self.batch[0] <= batch <= self.batch[1]
                 and self.layers[0] <= num_layers <= self.layers[1]
@@ -149,9 +158,12 @@ def _auto_kernel(device: torch.device, mode: str, dtype: torch.dtype, hidden_siz
                  input_size: int, has_lengths: bool) -> str | None:
     """The kernel backend ``auto`` takes for this stack, or None (PyTorch's kernels): the first
     rule that matches, names an available backend, and whose backend takes every layer."""
+    from fused_rnn.ops.common import cudnn_rnn_tf32
+
+    tf32 = cudnn_rnn_tf32()
     for rule in AUTO_RULES:
         if not rule.matches(device.type, mode, dtype, hidden_size, batch, num_layers,
-                            bidirectional):
+                            bidirectional, tf32):
             continue
         if unavailable_reason(rule.backend, device) is not None:
             continue
