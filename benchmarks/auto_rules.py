@@ -5,7 +5,8 @@ Reads the CSV that ``bench_gpu.py`` wrote on a GPU and prints, as Python, the ru
 faster than cuDNN in the same dtype, fwd+bwd and fwd alike (a rule sends inference calls too),
 by at least ``--margin`` on **every** shape S1-S6 (all must be in the table, timed, and pass the
 check against cuDNN). fp32 rules say whether they hold with TF32 on (``fp32`` rows of a table
-run with it, the default) or off (``fp32-strict`` rows). The rule's hidden and batch
+run with it, the default) or off (``fp32-strict`` rows), and every rule holds only on GPUs of
+the table's compute capability. The rule's hidden and batch
 ranges span those shapes (so it also covers the sizes between them, one layer, unidirectional:
 what the table measured). A (cell, dtype) with any slower, missing, skipped, failed or unchecked
 row gets no rule, and the script says which rows stopped it. The whole table is refused (exit
@@ -69,6 +70,9 @@ def refusal(rows: list[dict], backend: str, triton_tests: str | None = None) -> 
     env = rows[0]
     if "none (dry run" in env.get("gpu", ""):
         return "a dry run on the CPU: its times mean nothing"
+    if not re.fullmatch(r"\d+\.\d+", (env.get("capability") or "").strip()):
+        return ("no compute capability in the table: a rule holds on the kind of GPU it was "
+                "measured on")
     commit = (env.get("commit") or "").strip()
     if not re.fullmatch(r"[0-9a-f]{7,40}", commit):
         return (f"the table's commit is {commit!r}: a rule needs the commit the run measured, "
@@ -168,7 +172,8 @@ def propose(rows: list[dict], backend: str, margin: float) -> tuple[list[dict], 
     return rules, reasons
 
 
-def as_python(rules: list[dict], backend: str, evidence: str) -> str:
+def as_python(rules: list[dict], backend: str, evidence: str, capability: str) -> str:
+    major, minor = (int(v) for v in capability.split("."))
     lines = ["AUTO_RULES: tuple[AutoRule, ...] = ("]
     for r in rules:
         tf32 = "" if r.get("tf32") is None else f" tf32={r['tf32']},"
@@ -177,7 +182,8 @@ def as_python(rules: list[dict], backend: str, evidence: str) -> str:
             f"{', '.join(r['shapes'])} (fwd too)",
             f"    AutoRule(backend={backend!r}, modes=frozenset({{{r['cell']!r}}}), "
             f"dtypes=frozenset({{{DTYPES[r['dtype']]}}}),",
-            f"             hidden={r['hidden']}, batch={r['batch']},{tf32}",
+            f"             hidden={r['hidden']}, batch={r['batch']},{tf32} "
+            f"capability=({major}, {minor}),",
             f"             evidence={evidence!r}),",
         ]
     lines.append(")")
@@ -209,7 +215,7 @@ def main(argv=None) -> int:
     except ValueError:
         evidence = f"benchmarks/results/{md.name}"
     rules, reasons = propose(rows, args.backend, args.margin)
-    print(as_python(rules, args.backend, evidence))
+    print(as_python(rules, args.backend, evidence, rows[0]["capability"].strip()))
     for r in reasons:
         print("#", r)
     print(f"# {len(rules)} rules from {args.csv.name}; paste them only if the {args.backend} "

@@ -561,6 +561,8 @@ def environment(device: str, args) -> dict:
         env["triton"] = "not installed"
     if device == "cuda":
         env["gpu"] = torch.cuda.get_device_name()
+        major, minor = torch.cuda.get_device_capability()
+        env["capability"] = f"{major}.{minor}"  # auto_rules.py keys its rules on it
         env["cuda"] = torch.version.cuda
         env["cudnn"] = str(torch.backends.cudnn.version())
     else:

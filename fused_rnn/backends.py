@@ -112,6 +112,9 @@ class AutoRule:
     # what an "fp32" row measures with it on); False, only while they may not ("fp32-strict"
     # rows: the plain-fp32 kernels against strict cuDNN); None, either way.
     tf32: bool | None = None
+    # The compute capability of the GPU the rule was measured on; it holds on that kind of GPU
+    # only (the kernels' plans follow its SM count and shared memory). None: any.
+    capability: tuple[int, int] | None = None
 
     def __post_init__(self) -> None:
         if self.backend not in KERNEL_BACKENDS:
@@ -137,9 +140,12 @@ class AutoRule:
                                  f"got {(lo, hi)}")
 
     def matches(self, device_type: str, mode: str, dtype: torch.dtype, hidden_size: int,
-                batch: int, num_layers: int, bidirectional: bool, tf32: bool = True) -> bool:
-        """tf32: whether cuDNN's RNNs may use TF32 now (``ops.common.cudnn_rnn_tf32``)."""
+                batch: int, num_layers: int, bidirectional: bool, tf32: bool = True,
+                capability: tuple[int, int] | None = None) -> bool:
+        """tf32: whether cuDNN's RNNs may use TF32 now (``ops.common.cudnn_rnn_tf32``);
+        capability: the device's compute capability."""
         return (device_type == self.device_type and mode in self.modes and dtype in self.dtypes
+                and (self.capability is None or self.capability == capability)
                 and (dtype != torch.float32 or self.tf32 is None or self.tf32 == tf32)
                 and self.hidden[0] <= hidden_size <= self.hidden[1]
                 and self.batch[0] <= batch <= self.batch[1]
@@ -161,9 +167,12 @@ def _auto_kernel(device: torch.device, mode: str, dtype: torch.dtype, hidden_siz
     from fused_rnn.ops.common import cudnn_rnn_tf32
 
     tf32 = cudnn_rnn_tf32()
+    capability = None
+    if device.type == "cuda" and torch.cuda.is_available():
+        capability = tuple(torch.cuda.get_device_capability(device))
     for rule in AUTO_RULES:
         if not rule.matches(device.type, mode, dtype, hidden_size, batch, num_layers,
-                            bidirectional, tf32):
+                            bidirectional, tf32, capability):
             continue
         if unavailable_reason(rule.backend, device) is not None:
             continue

@@ -324,7 +324,8 @@ def _gpu_table(tmp_path, cases, gpu_tests="520 passed, 4 skipped in 80.0s", over
 
     bench_gpu = _import("bench_gpu")
     env = dict(bench_gpu.environment("cpu", None), gpu="NVIDIA H200", gpu_tests=gpu_tests,
-               overrides=overrides, commit="0123abc", tf32="cudnn.allow_tf32=True")
+               overrides=overrides, commit="0123abc", tf32="cudnn.allow_tf32=True",
+               capability="9.0")
     rows = []
     for (cell, dtype), by_shape in cases.items():
         for shape, (B, T, H) in bench_gpu.SHAPES.items():
@@ -380,7 +381,9 @@ def test_auto_rules_from_a_gpu_table(tmp_path, capsys):
     exec(out, ns)  # the printed rules are valid code that builds AutoRules
     (rule,) = ns["AUTO_RULES"]
     assert rule.backend == "cuda" and rule.modes == {"LSTM"} and rule.dtypes == {torch.bfloat16}
-    assert rule.hidden == (256, 1024) and rule.batch == (8, 256)
+    assert rule.hidden == (256, 1024) and rule.batch == (8, 256) and rule.capability == (9, 0)
+    args = ("cuda", "LSTM", torch.bfloat16, 512, 64, 1, False, True)
+    assert rule.matches(*args, (9, 0)) and not rule.matches(*args, (8, 0))
     assert rule.evidence == "benchmarks/results/2026-12-01-NVIDIA-H200.md"
     assert "LSTM fp32: no rule; S4: 0.90x cuDNN" in out
     assert "GRU fp16: no rule; S6: no cuda row" in out
@@ -430,7 +433,7 @@ def test_auto_rules_refuse_untested_or_overridden_tables(tmp_path, capsys, gpu_t
         assert rc == 0 and ("AutoRule(" in out) == (backend == "cuda"), out
     # a table from before these columns cannot show its tests passed
     old = tmp_path / "old.csv"
-    old.write_text("gpu,cell,shape,commit\nNVIDIA H200,LSTM,S1,0123abc\n")
+    old.write_text("gpu,cell,shape,commit,capability\nNVIDIA H200,LSTM,S1,0123abc,9.0\n")
     assert auto_rules.main([str(old)]) == 2
     assert "no gpu_tests column" in capsys.readouterr().out
 
@@ -500,8 +503,8 @@ def test_auto_rules_need_the_forward_to_win_and_say_which_tf32(tmp_path, capsys)
     assert strict.dtypes == tf32.dtypes == {torch.float32}
     assert (strict.tf32, tf32.tf32) == (False, True)
     args = ("cuda", "LSTM", torch.float32, 512, 64, 1, False)
-    assert tf32.matches(*args, True) and not tf32.matches(*args, False)
-    assert strict.matches(*args, False) and not strict.matches(*args, True)
+    assert tf32.matches(*args, True, (9, 0)) and not tf32.matches(*args, False, (9, 0))
+    assert strict.matches(*args, False, (9, 0)) and not strict.matches(*args, True, (9, 0))
     assert AutoRule("cuda", frozenset({"GRU"}), frozenset({torch.bfloat16}), (1, 9), (1, 9),
                     "x").matches("cuda", "GRU", torch.bfloat16, 5, 5, 1, False, False)
     with pytest.raises(ValueError, match="tf32"):
