@@ -34,9 +34,8 @@ def _hung_log(tmp_path, test_id: str, timeout_plugin: bool) -> Path:
     pytest-timeout's thread method where ``timeout_plugin`` (its banner written as the plugin
     writes it, then the process exits), else by a SIGTERM like a step's timeout (no summary
     either way)."""
-    tests = tmp_path / "tests" / "cuda"
-    tests.mkdir(parents=True, exist_ok=True)
-    (tests / "test_cuda_gpu.py").write_text(
+    return _pytest_log(
+        tmp_path,
         "import os, signal, sys, pytest\n"
         "@pytest.mark.parametrize('s', ['T5-B3-I7-H37', 'T16-B16-I32-H256-parts4'])\n"
         "def test_matches_reference(s): pass\n"
@@ -49,6 +48,13 @@ def _hung_log(tmp_path, test_id: str, timeout_plugin: bool) -> Path:
         "        sys.stderr.flush()\n"
         "        os._exit(1)\n"
         "    os.kill(os.getpid(), signal.SIGTERM)\n")
+
+
+def _pytest_log(tmp_path, source: str) -> Path:
+    """The pytest -v -ra log of ``source`` run as tests/cuda/test_cuda_gpu.py under tmp_path."""
+    tests = tmp_path / "tests" / "cuda"
+    tests.mkdir(parents=True, exist_ok=True)
+    (tests / "test_cuda_gpu.py").write_text(source)
     log = tmp_path / "cuda_gpu_tests.log"
     with open(log, "w") as f:
         subprocess.run([sys.executable, "-m", "pytest", "tests/cuda/test_cuda_gpu.py", "-v", "-ra",
@@ -104,18 +110,10 @@ def test_a_warning_in_a_passing_run_is_not_a_test_left_running(tmp_path):
     """pytest's warnings summary heads each entry with the test's id on a line of its own. It
     was read as the last test started and never finished: a run where every test passed
     became "crashed in", and cuda left the bench."""
-    tests = tmp_path / "tests" / "cuda"
-    tests.mkdir(parents=True)
-    (tests / "test_cuda_gpu.py").write_text(
-        "import warnings, pytest\n"
-        "def test_a(): pass\n"
-        "@pytest.mark.parametrize('k', ['parts4', 'cluster8'])\n"
-        "def test_b(k): warnings.warn(f'deprecated {k}', UserWarning)\n")
-    log = tmp_path / "cuda_gpu_tests.log"
-    with open(log, "w") as f:
-        subprocess.run([sys.executable, "-m", "pytest", "tests/cuda/test_cuda_gpu.py", "-v", "-ra",
-                        "-p", "no:cacheprovider"], cwd=tmp_path, stdout=f,
-                       stderr=subprocess.STDOUT, timeout=120, check=False)
+    log = _pytest_log(tmp_path, "import warnings, pytest\n"
+                                "def test_a(): pass\n"
+                                "@pytest.mark.parametrize('k', ['parts4', 'cluster8'])\n"
+                                "def test_b(k): warnings.warn(f'deprecated {k}', UserWarning)\n")
     assert "warnings summary" in log.read_text()
     r = _common(tmp_path, f'! frnn_unfinished_test "{log}" && ! frnn_parts_failed "{log}" && '
                           f'! frnn_cluster_failed "{log}" && frnn_tests_summary "{log}"')
