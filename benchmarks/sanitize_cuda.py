@@ -140,8 +140,11 @@ def main(start: float | None = None) -> int:
     n = unchecked = 0
     for mode in MODES:
         for T, B, I, H in SHAPES if full else SHAPES[:1]:
-            # the quick subset: TF32 (fp32's default on a GPU) and bf16 tiles
-            for dtype, tf32, tol in DTYPES if full else DTYPES[1:]:
+            # The quick subset: the TF32 (fp32's default on a GPU) and bf16 tiles. RNN_RELU
+            # touches the same memory as RNN_TANH, and in TF32 its unbounded activations let
+            # ReLU masks flip beyond the bound (0.037 in the emulation): strict fp32 there.
+            quick = DTYPES[::2] if mode == "RNN_RELU" else DTYPES[1:]
+            for dtype, tf32, tol in DTYPES if full else quick:
                 for reverse in (False, True) if full else (mode in ("GRU", "RNN_RELU"),):
                     # partitions (plan.h): B=70 as 3 batch groups with X staged whole, as 2
                     # chunks per block staged 16 K-columns at a time, unstaged, in K parts, and
