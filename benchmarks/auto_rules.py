@@ -6,8 +6,8 @@ faster than cuDNN in the same dtype, fwd+bwd and fwd alike (a rule sends inferen
 by at least ``--margin`` on **every** shape S1-S6 (all must be in the table, timed, and pass the
 check against cuDNN). fp32 rules say whether they hold with TF32 on (``fp32`` rows of a table
 run with it, the default) or off (``fp32-strict`` rows), and every rule holds only on GPUs of
-the table's compute capability. The rule's hidden and batch
-ranges span those shapes (so it also covers the sizes between them, one layer, unidirectional:
+the table's compute capability and for the sequence lengths the shapes span. The rule's hidden, batch and
+steps ranges span those shapes (so it also covers the sizes between them, one layer, unidirectional:
 what the table measured). A (cell, dtype) with any slower, missing, skipped, failed or unchecked
 row gets no rule, and the script says which rows stopped it. The whole table is refused (exit
 2, no rules) when it is a dry run, when its commit is not a clean, known one, when the
@@ -168,6 +168,7 @@ def propose(rows: list[dict], backend: str, margin: float) -> tuple[list[dict], 
         rules.append(dict(cell=cell, dtype=dtype, tf32=_tf32(rows, dtype),
                           hidden=(min(d[2] for d in dims), max(d[2] for d in dims)),
                           batch=(min(d[0] for d in dims), max(d[0] for d in dims)),
+                          steps=(min(d[1] for d in dims), max(d[1] for d in dims)),
                           ratios=(min(ratios), max(ratios)), shapes=list(SHAPES)))
     return rules, reasons
 
@@ -182,8 +183,8 @@ def as_python(rules: list[dict], backend: str, evidence: str, capability: str) -
             f"{', '.join(r['shapes'])} (fwd too)",
             f"    AutoRule(backend={backend!r}, modes=frozenset({{{r['cell']!r}}}), "
             f"dtypes=frozenset({{{DTYPES[r['dtype']]}}}),",
-            f"             hidden={r['hidden']}, batch={r['batch']},{tf32} "
-            f"capability=({major}, {minor}),",
+            f"             hidden={r['hidden']}, batch={r['batch']}, steps={r['steps']},{tf32}",
+            f"             capability=({major}, {minor}),",
             f"             evidence={evidence!r}),",
         ]
     lines.append(")")

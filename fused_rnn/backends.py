@@ -115,6 +115,9 @@ class AutoRule:
     # The compute capability of the GPU the rule was measured on; it holds on that kind of GPU
     # only (the kernels' plans follow its SM count and shared memory). None: any.
     capability: tuple[int, int] | None = None
+    # The sequence lengths (steps a call) measured: a short chunk pays a launch and W_hh's
+    # load for few steps, so a win at T=64..1024 says nothing about T=4.
+    steps: tuple[int, int] = (1, 2**31 - 1)
 
     def __post_init__(self) -> None:
         if self.backend not in KERNEL_BACKENDS:
@@ -133,7 +136,7 @@ class AutoRule:
         if self.tf32 is not None and torch.float32 not in self.dtypes:
             raise ValueError("an AutoRule's tf32 setting applies to float32, which its dtypes "
                              "do not include")
-        for what in ("hidden", "batch", "layers"):
+        for what in ("hidden", "batch", "layers", "steps"):
             lo, hi = getattr(self, what)
             if not 1 <= lo <= hi:
                 raise ValueError(f"an AutoRule's {what} range must satisfy 1 <= low <= high, "
@@ -141,11 +144,13 @@ class AutoRule:
 
     def matches(self, device_type: str, mode: str, dtype: torch.dtype, hidden_size: int,
                 batch: int, num_layers: int, bidirectional: bool, tf32: bool = True,
-                capability: tuple[int, int] | None = None) -> bool:
+                capability: tuple[int, int] | None = None, steps: int | None = None) -> bool:
         """tf32: whether cuDNN's RNNs may use TF32 now (``ops.common.cudnn_rnn_tf32``);
-        capability: the device's compute capability."""
+        capability: the device's compute capability; steps: the call's sequence length
+        (None: not known, not checked)."""
         return (device_type == self.device_type and mode in self.modes and dtype in self.dtypes
                 and (self.capability is None or self.capability == capability)
+                and (steps is None or self.steps[0] <= steps <= self.steps[1])
                 and (dtype != torch.float32 or self.tf32 is None or self.tf32 == tf32)
                 and self.hidden[0] <= hidden_size <= self.hidden[1]
                 and self.batch[0] <= batch <= self.batch[1]
@@ -161,7 +166,7 @@ AUTO_RULES: tuple[AutoRule, ...] = ()
 @torch.compiler.assume_constant_result
 def _auto_kernel(device: torch.device, mode: str, dtype: torch.dtype, hidden_size: int,
                  proj_size: int, batch: int, num_layers: int, bidirectional: bool,
-                 input_size: int, has_lengths: bool) -> str | None:
+                 input_size: int, has_lengths: bool, steps: int | None = None) -> str | None:
     """The kernel backend ``auto`` takes for this stack, or None (PyTorch's kernels): the first
     rule that matches, names an available backend, and whose backend takes every layer."""
     from fused_rnn.ops.common import cudnn_rnn_tf32
@@ -172,7 +177,7 @@ def _auto_kernel(device: torch.device, mode: str, dtype: torch.dtype, hidden_siz
         capability = tuple(torch.cuda.get_device_capability(device))
     for rule in AUTO_RULES:
         if not rule.matches(device.type, mode, dtype, hidden_size, batch, num_layers,
-                            bidirectional, tf32, capability):
+                            bidirectional, tf32, capability, steps):
             continue
         if unavailable_reason(rule.backend, device) is not None:
             continue
@@ -191,7 +196,8 @@ def resolve_stack(name: str, device: torch.device, **stack) -> str:
     """The backend a whole module call runs on.
 
     ``stack`` describes the call for ``auto``: mode, dtype (the compute dtype), hidden_size,
-    proj_size, batch, num_layers, bidirectional, input_size, has_lengths.
+    proj_size, batch, num_layers, bidirectional, input_size, has_lengths, and steps (the
+    sequence length; optional).
 
     ``auto`` runs a kernel backend where a rule of :data:`AUTO_RULES` says so, and PyTorch's
     own kernels (aten on the CPU, cuDNN on a GPU) everywhere else: they are torch.nn's math
@@ -209,7 +215,9 @@ def resolve_stack(name: str, device: torch.device, **stack) -> str:
     if name == "auto":
         device = torch.device(device)
         if stack and AUTO_RULES:
-            kernel = _auto_kernel(device, **{**stack, "batch": int(stack["batch"])})
+            steps = stack.get("steps")
+            kernel = _auto_kernel(device, **{**stack, "batch": int(stack["batch"]),
+                                             "steps": None if steps is None else int(steps)})
             if kernel is not None:
                 return kernel
         return "torch"

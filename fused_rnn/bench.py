@@ -185,7 +185,8 @@ def _backend_names(args, device: torch.device, base_cfg: dict, vocab_size: int,
         notes.append("triton runs on the CPU only through its interpreter; not timed "
                      "(pass --backends triton to include it)")
     probe = _build_model(base_cfg, vocab_size, False, "auto").rnn
-    auto_to = {_auto_resolves_to(probe, device, p, B) for p in precisions}
+    T = args.bptt or BENCH_DEFAULTS["cuda" if device.type == "cuda" else "cpu"]["bptt"]
+    auto_to = {_auto_resolves_to(probe, device, p, B, T) for p in precisions}
     auto_to = auto_to.pop() if len(auto_to) == 1 else None  # differs by precision
     if auto_to not in names:
         names.insert(0, "auto")

@@ -299,12 +299,15 @@ def _precision(name: str, device: torch.device, flag: str = "--precision"):
     }[name]
 
 
-def _auto_resolves_to(rnn, device: torch.device, precision: str, batch: int) -> str:
+def _auto_resolves_to(rnn, device: torch.device, precision: str, batch: int,
+                      steps: int | None = None) -> str:
     """The backend ``backend="auto"`` runs for the fused_rnn stack ``rnn`` in ``precision``
-    with ``batch`` rows per process (fused_rnn.backends.resolve_stack)."""
+    with ``batch`` rows per process and chunks of ``steps`` (fused_rnn.backends.resolve_stack;
+    a chunk cut shorter at a document boundary can resolve otherwise)."""
     param_dtype, ac_dtype, _ = _precision(precision, device)
     return _backends.resolve_stack(
-        "auto", device, **rnn.stack_config(device, ac_dtype or param_dtype, batch))
+        "auto", device,
+        **rnn.stack_config(device, ac_dtype or param_dtype, batch, steps=steps))
 
 
 def _sync(device: torch.device) -> None:
@@ -817,7 +820,7 @@ def _train(args, cfg, d, device, corpus, splits, ckpt, param_dtype, ac_dtype, us
     rnn_name = {"lstm": "LSTM", "gru": "GRU", "rnn": "RNN"}[cfg["cell"]]
     impl = (f"torch.nn.{rnn_name}" if args.torch_nn else
             f"fused_rnn.{rnn_name} backend {args.backend}"
-            + (f" (→ {_auto_resolves_to(model.rnn, device, cfg['precision'], local)})"
+            + (f" (→ {_auto_resolves_to(model.rnn, device, cfg['precision'], local, cfg['bptt'])})"
                if args.backend == "auto" else ""))
     n_train, n_val = splits.train.numel(), splits.val.numel()
     tok_per_step = cfg["batch_size"] * cfg["bptt"]

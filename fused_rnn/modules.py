@@ -442,8 +442,10 @@ class _RNNStack(nn.Module):
         h0 = _apply_permutation(h0, sorted_indices)
         c0 = None if c0 is None else _apply_permutation(c0, sorted_indices)
 
+        steps = batch_sizes.size(0) if packed else input.size(1 - batch_dim)
         backend = backends.resolve_stack(
-            self.backend, ref.device, **self.stack_config(ref.device, ref.dtype, batch, packed)
+            self.backend, ref.device,
+            **self.stack_config(ref.device, ref.dtype, batch, packed, steps),
         )
         if backend == "torch" and not backends.torch_runs_per_layer(ref.device):
             y, h_n, c_n = self._torch_stack(input, h0, c0, packed, flat)
@@ -504,15 +506,15 @@ class _RNNStack(nn.Module):
             raise TypeError(f"{name}: hx must be a tensor (h_0), got {type(hx).__name__}")
 
     def stack_config(self, device: torch.device, dtype: torch.dtype, batch: int,
-                     packed: bool = False) -> dict:
+                     packed: bool = False, steps: int | None = None) -> dict:
         """What ``backend="auto"`` decides on (backends.resolve_stack) for a call with input of
-        ``dtype`` on ``device`` and ``batch`` rows: under autocast the cells compute in its
-        dtype."""
+        ``dtype`` on ``device``, ``batch`` rows and ``steps`` time steps (None: not known):
+        under autocast the cells compute in its dtype."""
         return dict(
             mode=self.mode, dtype=functional.compute_dtype(torch.device(device), dtype),
             hidden_size=self.hidden_size, proj_size=self.proj_size, batch=batch,
             num_layers=self.num_layers, bidirectional=self.bidirectional,
-            input_size=self.input_size, has_lengths=packed,
+            input_size=self.input_size, has_lengths=packed, steps=steps,
         )
 
     def _torch_stack(self, input, h0, c0, packed, w):

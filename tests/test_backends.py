@@ -191,6 +191,11 @@ def test_auto_rules_pick_a_kernel_backend_only_where_they_match(monkeypatch):
     assert not run(dtype=torch.float64)
     monkeypatch.setattr(backends, "AUTO_RULES", (_cpu_rule(layers=(1, 2), bidirectional=True),))
     assert run(num_layers=2, bidirectional=True)
+    # the sequence lengths the rule was measured on (x has 5 steps; packed: its longest)
+    monkeypatch.setattr(backends, "AUTO_RULES", (_cpu_rule(steps=(6, 64)),))
+    assert not run()
+    monkeypatch.setattr(backends, "AUTO_RULES", (_cpu_rule(steps=(5, 5)),))
+    assert run() and run(batch_first=True) is False  # batch_first: 5 rows of 3 steps
 
 
 def test_auto_rules_see_the_autocast_dtype(monkeypatch):

@@ -382,8 +382,10 @@ def test_auto_rules_from_a_gpu_table(tmp_path, capsys):
     (rule,) = ns["AUTO_RULES"]
     assert rule.backend == "cuda" and rule.modes == {"LSTM"} and rule.dtypes == {torch.bfloat16}
     assert rule.hidden == (256, 1024) and rule.batch == (8, 256) and rule.capability == (9, 0)
+    assert rule.steps == (64, 1024)
     args = ("cuda", "LSTM", torch.bfloat16, 512, 64, 1, False, True)
     assert rule.matches(*args, (9, 0)) and not rule.matches(*args, (8, 0))
+    assert rule.matches(*args, (9, 0), 64) and not rule.matches(*args, (9, 0), 8)
     assert rule.evidence == "benchmarks/results/2026-12-01-NVIDIA-H200.md"
     assert "LSTM fp32: no rule; S4: 0.90x cuDNN" in out
     assert "GRU fp16: no rule; S6: no cuda row" in out
@@ -498,7 +500,7 @@ def test_auto_rules_need_the_forward_to_win_and_say_which_tf32(tmp_path, capsys)
     out = capsys.readouterr().out
     assert "GRU bf16: no rule; S3: fwd 0.50x cuDNN (< 1.05)" in out
     ns = {"AutoRule": AutoRule, "torch": torch}
-    exec(out, ns)
+    exec(out, ns)  # noqa: S102 -- the printed rules are the code under test
     strict, tf32 = sorted(ns["AUTO_RULES"], key=lambda r: r.tf32)
     assert strict.dtypes == tf32.dtypes == {torch.float32}
     assert (strict.tf32, tf32.tf32) == (False, True)
@@ -626,10 +628,10 @@ def test_a_failing_backward_is_a_note_and_the_run_goes_on(monkeypatch, tmp_path)
 
 
 @pytest.mark.parametrize("backward, failed", [
-    (lambda g, n: 2 * g, "FAIL: dx 0.99 > 0.02, dh0 1 > 0.02, dW_hh 1 > 0.02, dW_ih 0.97 > 0.02, "
-                         "db_hh 0.95 > 0.02, db_ih 0.88 > 0.02"),
-    (lambda g, n: g * float("nan"), "FAIL: dx not finite, dh0 not finite, dW_hh not finite, "
-                                    "dW_ih not finite, db_hh not finite, db_ih not finite"),
+    (lambda g, n: 2 * g, ("FAIL: dx 0.99 > 0.02, dh0 1 > 0.02, dW_hh 1 > 0.02, "
+                          "dW_ih 0.97 > 0.02, db_hh 0.95 > 0.02, db_ih 0.88 > 0.02")),
+    (lambda g, n: g * float("nan"), ("FAIL: dx not finite, dh0 not finite, dW_hh not finite, "
+                                     "dW_ih not finite, db_hh not finite, db_ih not finite")),
 ])
 def test_wrong_or_nan_gradients_fail_the_check(monkeypatch, tmp_path, backward, failed):
     """A backward that is fast but wrong (here: twice the gradient that comes in through y,
@@ -661,7 +663,7 @@ def test_a_row_that_falls_back_while_timed_fails_its_check(monkeypatch, tmp_path
         return real(name, kind, **config)
 
     monkeypatch.setattr(backends, "kernel_impl", flaky)
-    text, rows = _main(monkeypatch, tmp_path, "--passes", "fwd,fwd+bwd")
+    _, rows = _main(monkeypatch, tmp_path, "--passes", "fwd,fwd+bwd")
     ours = [r for r in rows if r["backend"] == "reference"]
     assert ours and all(r["check"] == "FAIL: a timed call fell back to another backend"
                         for r in ours), ours
