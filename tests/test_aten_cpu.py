@@ -250,7 +250,7 @@ def test_double_backward_is_refused_clearly():
         torch.autograd.grad(gx.sum(), inputs[0])
 
 
-def test_without_fullgraph_the_layer_op_breaks_the_graph_as_documented(monkeypatch):
+def test_without_fullgraph_the_layer_op_breaks_the_graph_as_documented():
     """The workspace's size is oneDNN's (data-dependent for the compiler): a plain compile
     breaks the graph at the op, with eager's results; capturing dynamic output shapes (which
     fullgraph=True does) keeps it in. The README says so; this pins it."""
@@ -261,10 +261,13 @@ def test_without_fullgraph_the_layer_op_breaks_the_graph_as_documented(monkeypat
     x = torch.randn(5, 2, 4)
     want = lstm(x)[0]
     for capture, breaks in [(False, 1), (True, 0)]:
-        monkeypatch.setattr(torch._dynamo.config, "capture_dynamic_output_shape_ops", capture)
-        torch._dynamo.reset()
-        counters.clear()
-        got = torch.compile(lstm, backend="eager")(x)[0]
+        # torch's own patch, which restores by setting. Once (CI at d564500) a later
+        # torch.export on the same worker found this entry hidden ("... does not exist"),
+        # which only a delete of it does; the cause was not found (NOTES, sixteenth session).
+        with torch._dynamo.config.patch(capture_dynamic_output_shape_ops=capture):
+            torch._dynamo.reset()
+            counters.clear()
+            got = torch.compile(lstm, backend="eager")(x)[0]
         assert torch.equal(got, want)
         reasons = [r for r in counters["graph_break"] if "aten_lstm_layer" in r]
         assert len(reasons) == breaks, dict(counters["graph_break"])
