@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import gc
 import hashlib
 import importlib.util
 import io
@@ -347,6 +348,23 @@ def _init_dist(d: _Dist, device: torch.device) -> None:
         dist.init_process_group("nccl", device_id=device)
     else:
         dist.init_process_group("gloo")
+
+
+def _destroy_process_group() -> None:
+    """``dist.destroy_process_group()``, after the DDP wrappers are gone. Drop yours first.
+
+    A DDP Reducer holds its process group. If the Reducer lets go of a gloo group last, then
+    ``~ProcessGroupGloo`` joins the gloo worker threads with the GIL held. A worker may at that
+    moment be freeing a finished backward's allreduce. Since torch 2.13 that work's
+    thread-local state holds a Python object (backward stashes its ``contextvars`` context
+    there), whose release waits for the GIL: a deadlock. It hung one CI run, and a loop of
+    short DDP trainings in about one of 100. Freed while the group is still registered, the
+    Reducer is not the last; the registry's Python reference is, and its destructor joins
+    the workers with the GIL released. ``gc.collect()`` frees wrappers held in reference
+    cycles (DDP is one in a process that has not imported torch._dynamo).
+    """
+    gc.collect()
+    dist.destroy_process_group()
 
 
 def _all_sum(values: list[float], device: torch.device, d: _Dist) -> list[float]:
@@ -728,7 +746,7 @@ def _cmd_train(args) -> int:
                       use_scaler, ckpt_path, log_path, plot_path)
     finally:
         if d.enabled and dist.is_initialized():
-            dist.destroy_process_group()
+            _destroy_process_group()
         if lock is not None:
             lock.close()
 
