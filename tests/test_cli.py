@@ -713,8 +713,7 @@ def test_short_ddp_trainings_tear_down_without_deadlock():
     machine, within 300 trainings (~1 in 100); with the helper and the wrapper dropped first
     it finishes (300 in ~4 s)."""
     r = subprocess.run([sys.executable, "-c", _DDP_TEARDOWN_LOOP, "300"], check=False,
-                       capture_output=True,
-                       text=True, timeout=120)
+                       capture_output=True, text=True, timeout=120)
     assert r.returncode == 0 and r.stdout.strip() == "done", r.stderr[-2000:]
 
 
