@@ -93,7 +93,8 @@ __device__ __forceinline__ void backward_point(const BwdParams& p, float dh_rec,
     carry = dh * z;
   } else {
     const float act = a[0];
-    dg[0] = C == Cell::kRNNTanh ? dh * (1.f - act * act) : (act > 0.f ? dh : 0.f);
+    // relu': torch's rule on the result, zero where act <= 0, so a NaN act passes dh through.
+    dg[0] = C == Cell::kRNNTanh ? dh * (1.f - act * act) : (act <= 0.f ? 0.f : dh);
     dgr[0] = dg[0];
   }
   p.dh_carry[bh] = carry;

@@ -79,7 +79,8 @@ __device__ __forceinline__ void forward_point(const FwdParams& p, int t, int b, 
       p.aux[tbu] = hh[2];
     }
   } else {
-    h = C == Cell::kRNNTanh ? tanhf(pre[0]) : fmaxf(pre[0], 0.f);
+    // relu as torch computes it: NaN stays NaN (fmaxf(NaN, 0) is 0), -0 stays -0.
+    h = C == Cell::kRNNTanh ? tanhf(pre[0]) : (pre[0] < 0.f ? 0.f : pre[0]);
     if (p.save) xg[0] = h;  // activation before rounding: what tanh'/relu' need
   }
   const T hs = from_float<T>(h);

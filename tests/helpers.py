@@ -89,3 +89,77 @@ def record_gemm_precision(monkeypatch) -> list[str]:
     monkeypatch.setattr(torch.Tensor, "__matmul__", wrap(torch.Tensor.__matmul__))
     monkeypatch.setattr(torch, "mm", wrap(torch.mm))
     return seen
+
+
+# Where one non-finite value goes in: (what, its index). H=5 pads every kernel tile, and a
+# padded lane that turns NaN (inf * 0 in the matmul) reaches every unit at the next step.
+NON_FINITE_CASES = {
+    "inf-in-h0": ("h0", (0, 1, 2), float("inf")),
+    "nan-in-x": ("x", (1, 0, 0), float("nan")),
+    "inf-in-dy": ("dy", (1, 1, 2), float("inf")),
+}
+
+
+def non_finite_params(proj: bool = True) -> list:
+    """(cell, case, proj_size, packed) for :func:`check_non_finite_like_torch_nn`; with
+    ``proj``, LSTM with a projection too."""
+    import pytest
+
+    return [pytest.param(cell, case, p, packed,
+                         id=f"{cell}-{case}{'-proj' if p else ''}{'-packed' if packed else ''}")
+            for cell in CELLS for case in NON_FINITE_CASES for packed in (False, True)
+            for p in ((0, 3) if proj and cell == "lstm" else (0,))]
+
+
+def check_non_finite_like_torch_nn(cell: str, backend: str, device, case: str,
+                                   proj_size: int = 0, packed: bool = False) -> None:
+    """One inf or NaN in h0, x or the output's gradient: the outputs and every gradient have
+    torch.nn's NaN and inf entries, and its values elsewhere (fp32, T=3, B=2, H=5). With an
+    inf in the output's gradient, only which entries are finite must match: where torch.nn's
+    are non-finite, inf or NaN depends on how a backward arranges its products (0 * inf), and
+    the Triton kernels' GRU backward gives inf at some entries where autograd gives NaN."""
+    where, index, value = NON_FINITE_CASES[case]
+    T, B, I, H = 3, 2, 4, 5
+    kw = {"proj_size": proj_size} if proj_size else {}
+    ref, ours = make_pair(cell, I, H, backend=backend, **kw)
+    ref, ours = ref.to(device), ours.to(device)
+    P = proj_size or H
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(T, B, I, generator=g)
+    hx = [torch.randn(1, B, P, generator=g) * 0.5]
+    if cell == "lstm":
+        hx.append(torch.randn(1, B, H, generator=g) * 0.5)
+    dy = torch.randn(T, B, P, generator=g)
+    {"x": x, "h0": hx[0], "dy": dy}[where][index] = value
+    lengths = torch.tensor([T, T - 1])
+
+    def run(module):
+        xs = x.to(device).requires_grad_()
+        hs = [h.to(device).requires_grad_() for h in hx]
+        inp = pack_padded_sequence(xs, lengths) if packed else xs
+        y, state = module(inp, tuple(hs) if cell == "lstm" else hs[0])
+        y = y.data if packed else y
+        d = (pack_padded_sequence(dy, lengths).data if packed else dy).to(device)
+        states = list(state) if cell == "lstm" else [state]
+        torch.autograd.backward([y, *states], [d, *[torch.ones_like(s) for s in states]])
+        grads = [xs.grad, *[h.grad for h in hs], *[p.grad for p in module.parameters()]]
+        return [t.detach().cpu() for t in (y, *states, *grads)]
+
+    tf32 = torch.backends.cudnn.allow_tf32
+    torch.backends.cudnn.allow_tf32 = False  # fp32 on a GPU (and cudasim) as on the CPU
+    try:
+        want, got = run(ref), run(ours)
+    finally:
+        torch.backends.cudnn.allow_tf32 = tf32
+    names = ["y", *(["h_n", "c_n"] if cell == "lstm" else ["h_n"]), "dx",
+             *(["dh0", "dc0"] if cell == "lstm" else ["dh0"]), *[n for n, _ in ref.named_parameters()]]
+    tests = ((("finite", torch.isfinite),) if where == "dy" else
+             (("NaN", torch.isnan), ("inf", torch.isinf)))
+    for name, a, e in zip(names, got, want, strict=True):
+        for kind, test in tests:
+            assert torch.equal(test(a), test(e)), (
+                f"{name}: {kind} at {test(a).nonzero().tolist()[:6]}, torch.nn has them at "
+                f"{test(e).nonzero().tolist()[:6]}")
+        finite = torch.isfinite(e)
+        torch.testing.assert_close(a[finite], e[finite], atol=1e-5, rtol=1e-4,
+                                   msg=lambda m, name=name: f"{name}: {m}")

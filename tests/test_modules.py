@@ -6,7 +6,17 @@ import itertools
 
 import pytest
 import torch
-from helpers import CELLS, STEP_CELLS, assert_close_list, make_packed, make_pair, outputs_of, seq_lengths
+from helpers import (
+    CELLS,
+    STEP_CELLS,
+    assert_close_list,
+    check_non_finite_like_torch_nn,
+    make_packed,
+    make_pair,
+    non_finite_params,
+    outputs_of,
+    seq_lengths,
+)
 from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence
 
 import fused_rnn
@@ -110,6 +120,15 @@ def test_odd_sizes(cell, B, T, H, backend):
     ref, ours = make_pair(cell, 13, H, 2, backend=backend, dtype=torch.float64, **kwargs)
     x = torch.randn(T, B, 13, dtype=torch.float64)
     assert_close_list(outputs_of(ours(x)), outputs_of(ref(x)), 1e-10, 1e-8, "outputs")
+
+
+@pytest.mark.parametrize("backend", ["reference", "auto"])
+@pytest.mark.parametrize("cell,case,proj,packed", non_finite_params())
+def test_non_finite_values_go_where_torch_nn_puts_them(cell, case, proj, packed, backend):
+    """The reference ran rows past their length on their carried state and discarded the
+    result: with an inf in that state, the zero gradient of the discarded branch made NaN
+    where torch.nn, which skips those rows, has none."""
+    check_non_finite_like_torch_nn(cell, backend, "cpu", case, proj, packed)
 
 
 @pytest.mark.parametrize("cell", list(CELLS))

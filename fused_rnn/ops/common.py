@@ -138,8 +138,9 @@ def previous_hidden(y: Tensor, h0: Tensor, lengths: Tensor | None, reverse: bool
     The previous step's output, or h0 where the previous step is out of range or padding
     (``t_prev >= lengths[b]``): a row's real steps are contiguous in processing order, so the
     step before a real one was either real or the row had not started (the reverse direction
-    of a packed row starts from h0 at its own last step). Values at padding steps do not
-    matter: their dgates are zero.
+    of a packed row starts from h0 at its own last step). At padding steps (``t >=
+    lengths[b]``) it is zero: their dgates are zero, but dW_hh = dgates^T h_prev would add
+    0 * inf = NaN for a row whose carried state holds an inf (torch.nn skips those steps).
     """
     T = y.shape[0]
     h0e = h0.to(y.dtype)[None]
@@ -151,8 +152,10 @@ def previous_hidden(y: Tensor, h0: Tensor, lengths: Tensor | None, reverse: bool
     t = torch.arange(T, device=y.device)
     tp = t + 1 if reverse else t - 1
     valid = (tp >= 0) & (tp < T)
-    valid = valid[:, None] & (tp[:, None] < lengths.to(y.device)[None, :])
-    return torch.where(valid[..., None], shifted, h0e)
+    lengths = lengths.to(y.device)[None, :]
+    valid = valid[:, None] & (tp[:, None] < lengths)
+    real = t[:, None] < lengths
+    return torch.where(real[..., None], torch.where(valid[..., None], shifted, h0e), 0)
 
 
 def autocast_eligible(t) -> bool:

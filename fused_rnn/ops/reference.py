@@ -114,8 +114,15 @@ def rnn_layer(
         mask_all = (steps_idx < lengths.to(x.device).unsqueeze(0)).unsqueeze(2)  # (T, B, 1)
     ys: list[Tensor | None] = [None] * T
     for t in (range(T - 1, -1, -1) if reverse else range(T)):
-        gh = F.linear(h, w_hh_c, b_hh_c)
-        h_new, c_new = cell_update(mode, gx_all[t], gh, h, c)
+        h_in, c_in = h, c
+        if mask_all is not None:
+            # Rows past their length compute on zeros: their result is discarded below, and the
+            # zero gradient of a discarded branch times an inf in their carried state would be
+            # NaN (torch.nn does not compute those rows at all).
+            h_in = torch.where(mask_all[t], h, torch.zeros_like(h))
+            c_in = None if c is None else torch.where(mask_all[t], c, torch.zeros_like(c))
+        gh = F.linear(h_in, w_hh_c, b_hh_c)
+        h_new, c_new = cell_update(mode, gx_all[t], gh, h_in, c_in)
         if w_hr_c is not None:
             h_new = F.linear(h_new, w_hr_c)
         # Round h to the storage dtype: it is y_t and the next step's matmul operand.

@@ -45,6 +45,11 @@ from fused_rnn.ops.cuda import plan as P
 _CODES = {0: "LSTM", 1: "GRU", 2: "RNN_TANH", 3: "RNN_RELU"}
 
 
+def _same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Bit for bit (torch.equal says a NaN differs from itself)."""
+    return torch.equal(a.contiguous().view(torch.uint8), b.contiguous().view(torch.uint8))
+
+
 def _tf32(t: torch.Tensor) -> torch.Tensor:
     """Round fp32 to TF32 (10 mantissa bits), nearest (ties away), like __float_to_tf32."""
     if t.dtype != torch.float32:
@@ -260,7 +265,7 @@ class Emulator:
             owner = self._owner(pl, B, B_pad, torch.arange(H) // pl.units)
             assert bool((writer[:B, :H] == owner).all())
             assert bool((writer[B:, :] == -1).all()) and bool((writer[:, H:] == -1).all())
-            assert torch.equal(hin, hin_before), "the buffer being read was written"
+            assert _same_bits(hin, hin_before), "the buffer being read was written"
         h_n = hbuf[T % 2, :B, :H].clone()
         c_n = cbuf.to(st) if cell == 0 else torch.empty(0, dtype=st)
         if save:
@@ -312,7 +317,7 @@ class Emulator:
                     xflat[xg + g * H] = v
                 auxflat[tbu] = hh[2]
         else:
-            h = torch.tanh(pre[0]) if cell == 2 else torch.clamp_min(pre[0], 0)
+            h = torch.tanh(pre[0]) if cell == 2 else torch.relu(pre[0])
             if save:
                 xflat[xg] = h
         hs = h.to(st)
@@ -371,7 +376,7 @@ class Emulator:
                 owner = self._owner(pl, B, B_pad, (torch.arange(G * H) % H) // pl.units)
                 assert bool((writer[:B, : G * H] == owner).all())
                 assert bool((writer[B:, :] == -1).all()) and bool((writer[:, G * H:] == -1).all())
-            assert torch.equal(din, din_before), "the buffer being read was written"
+            assert _same_bits(din, din_before), "the buffer being read was written"
         dc0 = dc_carry if cell == 0 else torch.empty(0, dtype=cd)
         return [dgx, dghn, dh0, dc0]
 
@@ -424,7 +429,7 @@ class Emulator:
             carry = dh * z
         else:
             act = a[tg]
-            dg = [dh * (1 - act * act)] if cell == 2 else [torch.where(act > 0, dh, torch.zeros_like(dh))]
+            dg = [dh * (1 - act * act)] if cell == 2 else [torch.where(act <= 0, torch.zeros_like(dh), dh)]
             dgr = dg
         c["dh_carry"][b, u] = carry
         for g in range(G):

@@ -30,6 +30,7 @@ import torch
 import training_checks
 from cases import install_standin, layer_inputs, run_layer
 from cases import rel as _rel
+from helpers import check_non_finite_like_torch_nn, non_finite_params
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 import fused_rnn
@@ -274,6 +275,13 @@ def test_nn_module_drop_in(monkeypatch, cell):
         outs.append([y.detach(), *[h.detach() for h in hs], *grads])
     for i, (a, b) in enumerate(zip(*outs)):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5, msg=lambda s: f"tensor {i}: {s}")
+
+
+@pytest.mark.parametrize("cell,case,proj,packed", non_finite_params(proj=False))
+def test_non_finite_values_go_where_torch_nn_puts_them(cell, case, proj, packed):
+    """relu(NaN) was 0 (fmaxf) and its gradient 0, where torch gives NaN and passes the
+    gradient; a packed row's inf state put 0 * inf = NaN into dW_hh through its padding steps."""
+    check_non_finite_like_torch_nn(cell, "cuda", DEVICE, case, proj, packed)
 
 
 def test_projection_falls_back_with_a_reason():

@@ -19,7 +19,11 @@ import warnings
 import pytest
 import torch
 import training_checks
-from helpers import record_gemm_precision
+from helpers import (
+    check_non_finite_like_torch_nn,
+    non_finite_params,
+    record_gemm_precision,
+)
 from torch.nn.utils.rnn import pack_padded_sequence
 
 import fused_rnn
@@ -901,6 +905,38 @@ def test_a_fallback_under_torch_compile_fullgraph_warns_once_and_compiles(monkey
     with pytest.warns(RuntimeWarning, match="float64.*falling back to 'reference'"):
         y = torch.compile(m, fullgraph=True, backend="eager")(x)[0]
     torch.testing.assert_close(y, ref(x)[0], atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("cell,case,proj,packed", non_finite_params())
+def test_non_finite_values_go_where_torch_nn_puts_them(cell, case, proj, packed, path,
+                                                       monkeypatch):
+    """One inf in h0 used to turn a whole batch row NaN from the next step on (the persistent
+    kernel: H < 16 pads the tile, inf * 0 = NaN in the padded lanes, then NaN * 0 in every
+    unit); relu(NaN) was 0 on a GPU (tl.maximum) and its gradient 0 (torch passes it); a
+    packed row's inf state put 0 * inf = NaN into dW_hh through its padding steps."""
+    if path == "step":  # what the modules choose for layers too big to hold on chip
+        monkeypatch.setattr(launch, "PERSISTENT_MAX_W_ELEMS", 0)
+    check_non_finite_like_torch_nn(cell, "triton", DEVICE, case, proj, packed)
+
+
+def test_relu_cell_passes_a_nan_like_torch_nn():
+    """The single-step kernel's relu (RNNCell): relu(NaN) is NaN and its gradient passes
+    through, as in torch."""
+    torch.manual_seed(0)
+    ref = torch.nn.RNNCell(3, 4, nonlinearity="relu").to(DEVICE)
+    ours = fused_rnn.RNNCell(3, 4, nonlinearity="relu", backend="triton").to(DEVICE)
+    ours.load_state_dict(ref.state_dict())
+    got, want = [], []
+    for module, out in ((ref, want), (ours, got)):
+        x = torch.tensor([[float("nan"), 0.5, -0.5], [0.1, 0.2, 0.3]], device=DEVICE,
+                         requires_grad=True)
+        h = torch.zeros(2, 4, device=DEVICE, requires_grad=True)
+        y = module(x, h)
+        y.sum().backward()
+        out += [y.detach(), x.grad, h.grad, *[p.grad for p in module.parameters()]]
+    for a, e in zip(got, want, strict=True):
+        torch.testing.assert_close(a, e, atol=1e-6, rtol=1e-5, equal_nan=True)
 
 
 def test_jit_trace_records_an_op_that_can_train():

@@ -76,6 +76,20 @@ def _tanh(x):
 
 
 @triton.jit
+def _relu(x):
+    # torch.relu's values: NaN stays NaN and -0.0 stays -0.0. tl.maximum(x, 0.0) does not: on
+    # a GPU its default NaN rule returns the other operand, so relu(NaN) would be 0.
+    return tl.where(x < 0.0, 0.0, x)
+
+
+@triton.jit
+def _relu_bwd(a, da):
+    # torch's rule (threshold_backward on the result a): zero where a <= 0, else da, so a NaN
+    # result passes the gradient through as it does in torch.
+    return tl.where(a <= 0.0, 0.0, da)
+
+
+@triton.jit
 def _round(x, DTYPE: tl.constexpr, INTERPRET: tl.constexpr):
     """``x`` rounded to ``DTYPE`` to nearest, ties to even (what ``.to`` does on the GPU).
 
@@ -281,7 +295,7 @@ def _step_fwd_kernel(
         if MODE == RNN_TANH:
             h_new = _tanh(pre)
         else:
-            h_new = tl.maximum(pre, 0.0)
+            h_new = _relu(pre)
         if SAVE:
             tl.store(gx, h_new, mask=mask)  # the activation before rounding: tanh'/relu' need it
 
@@ -409,7 +423,7 @@ def _step_bwd_kernel(
         if MODE == RNN_TANH:
             d_pre = dm * (1.0 - a * a)
         else:
-            d_pre = tl.where(a > 0.0, dm, 0.0)
+            d_pre = _relu_bwd(a, dm)
         if HAS_LEN:
             d_pre = tl.where(active, d_pre, 0.0)
         tl.store(dg_ptr + gtile, d_pre, mask=mask)
@@ -511,7 +525,9 @@ def _persistent_fwd_kernel(
                 tl.store(gx + 3 * H, o, mask=mask_h)
                 tl.store(st, c, mask=mask_h)
             if HAS_PROJ:
-                # m stays fp32 as in the reference: the projection dot is an fp32 dot.
+                # m stays fp32 as in the reference: the projection dot is an fp32 dot. Its
+                # padded lanes are zeroed first (see below: an inf would make them NaN).
+                h_new = tl.where(mask_h, h_new, 0.0)
                 h_new = _mm(h_new, wr, tl.float32, INTERPRET, PRECISION)
         elif MODE == GRU:
             hn = _mm(h, w2, OPERAND, INTERPRET, PRECISION) + b2
@@ -534,11 +550,14 @@ def _persistent_fwd_kernel(
             if MODE == RNN_TANH:
                 h_new = _tanh(pre)
             else:
-                h_new = tl.maximum(pre, 0.0)
+                h_new = _relu(pre)
             if SAVE:
                 tl.store(gx, h_new, mask=mask_h)
-        # Round to the storage dtype: h_t is y_t and the next step's matmul operand.
+        # Round to the storage dtype: h_t is y_t and the next step's matmul operand. The tile's
+        # padded lanes (past H or P) are kept zero: W's padding is zero, but one inf in h makes
+        # inf * 0 = NaN there, and the next step's matmul would add NaN * 0 into every unit.
         h_new = _round(h_new, y_ptr.dtype.element_ty, INTERPRET).to(tl.float32)
+        h_new = tl.where(mask_p, h_new, 0.0)
         yt = y_ptr + row[:, None] * P + offs_p[None, :]
         if HAS_LEN:
             active = (t < lens)[:, None]
@@ -686,7 +705,7 @@ def _persistent_bwd_kernel(
             if MODE == RNN_TANH:
                 d_pre = dm * (1.0 - a * a)
             else:
-                d_pre = tl.where(a > 0.0, dm, 0.0)
+                d_pre = _relu_bwd(a, dm)
             if HAS_LEN:
                 d_pre = tl.where(active, d_pre, 0.0)
             tl.store(dg_ptr + tile_g, d_pre, mask=mask_h)
