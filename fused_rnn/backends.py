@@ -221,6 +221,10 @@ def resolve_stack(name: str, device: torch.device, **stack) -> str:
             if kernel is not None:
                 return kernel
         return "torch"
+    if torch.device(device).type == "meta":
+        # Meta tensors carry shapes, no values: the reference math gives torch.nn's shapes
+        # for any backend, with no kernel to run and so none to be available.
+        return "reference"
     require(name, device)
     return name
 
@@ -286,8 +290,12 @@ def kernel_impl(name: str, kind: str, **config) -> ModuleType:
 
     ``name`` is "reference", "triton" or "cuda". A kernel backend that rejects the
     configuration (its ``unsupported_reason`` returns a string) hands over to the next one in
-    the fallback chain, warning once per reason.
+    the fallback chain, warning once per reason. On the meta device (shapes only) it is the
+    reference, without a warning: no kernel runs there.
     """
+    device = config.get("device")
+    if device is not None and torch.device(device).type == "meta":
+        name = "reference"
     while name in KERNEL_BACKENDS:
         reason = unavailable_reason(name, config.get("device"))
         if reason is None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import warnings
 
 import pytest
 import torch
@@ -529,11 +530,30 @@ def test_meta_device_forward_and_deferred_init(cell, backend):
     assert_close_list(outputs_of(ours(x)), outputs_of(ref(x)), 1e-6, 1e-5, "outputs")
 
 
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
+@pytest.mark.parametrize("cell", list(CELLS))
+def test_meta_device_forward_on_kernel_backends(cell, backend):
+    """Meta tensors carry shapes only: every backend infers them (through the reference math),
+    whether or not its kernels can run here, with no fallback warning. It used to raise that
+    the backend is unavailable on meta."""
+    nn_cls, our_cls, extra = CELLS[cell]
+    ref = nn_cls(4, 6, 2, **extra, device="meta")
+    ours = our_cls(4, 6, 2, **extra, device="meta", backend=backend)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for shape in ((5, 3, 4), (5, 4)):
+            x = torch.randn(*shape, device="meta")
+            got, want = outputs_of(ours(x)), outputs_of(ref(x))
+            assert [t.shape for t in got] == [t.shape for t in want]
+            assert all(t.device.type == "meta" for t in got)
+
+
+@pytest.mark.parametrize("backend", ["auto", "triton", "cuda"])
 @pytest.mark.parametrize("cell", list(STEP_CELLS))
-def test_cell_meta_device_forward(cell):
+def test_cell_meta_device_forward(cell, backend):
     nn_cls, our_cls, extra = STEP_CELLS[cell]
     ref = nn_cls(4, 6, **extra, device="meta")
-    ours = our_cls(4, 6, **extra, device="meta")
+    ours = our_cls(4, 6, **extra, device="meta", backend=backend)
     for shape in ((3, 4), (4,)):
         x = torch.randn(*shape, device="meta")
         want, got = ref(x), ours(x)
