@@ -267,15 +267,19 @@ def _warn_once(name: str, reason: str, to: str) -> bool:
     return True
 
 
+# Eager under torch.compile too: dynamo cannot trace the functorch stack, and while it traces
+# a transform (a compiled jacfwd, vmap, grad) the stack holds that transform's levels, so the
+# answer is right for the graph being built.
+@torch.compiler.assume_constant_result
 def _transform_reason() -> str | None:
     """Why a kernel backend cannot run inside a ``torch.func`` transform or a forward-mode AD
     region (``torch.autograd.forward_ad``), or None outside them.
 
     The fused ops carry a backward formula only. Under ``torch.func.jvp``/``jacfwd`` torch
-    gives such an op a zero tangent without an error, and ``grad``/``jacrev`` fail inside
-    torch; the reference is plain torch code, which every transform handles."""
-    if torch.compiler.is_compiling():
-        return None
+    gives such an op a zero tangent without an error, and ``grad``/``jacrev``/``vmap`` fail
+    inside torch; the reference is plain torch code, which every transform handles. (Under
+    ``torch.compile`` this check used to be skipped: a compiled jacfwd or jvp came out all
+    zeros.)"""
     if torch._C._functorch.peek_interpreter_stack() is not None:
         return ("inside a torch.func transform (jvp, jacfwd, grad, jacrev, vmap): the fused ops "
                 "have no forward-mode or functorch rules")

@@ -3,6 +3,8 @@ torch.export exports them."""
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 
@@ -96,3 +98,32 @@ def test_dropout_with_lengths_stays_in_one_graph():
     # input, eager and compiled alike; steps past the lengths are zero.
     torch.testing.assert_close(y, f(x), atol=0, rtol=0)
     assert torch.equal(y[2:, 1], torch.zeros(2, H)) and torch.equal(y[1:, 2], torch.zeros(3, H))
+
+
+@pytest.mark.no_nan_fill
+@pytest.mark.parametrize("backend", ["auto", "torch", "triton"])
+def test_compiled_torch_func_transforms_match_the_reference(backend):
+    """Inside a compiled torch.func transform the ops (aten's LSTM layer op, the kernels'),
+    which have a backward formula only, hand over to the reference as they do in eager mode.
+    A compiled jacfwd or jvp used to be all zeros, with no error; grad failed."""
+    from torch.func import functional_call, grad, jacfwd, jvp
+
+    torch.manual_seed(0)
+    ours = fused_rnn.LSTM(3, 4, backend=backend)
+    ref = fused_rnn.LSTM(3, 4, backend="reference")
+    ref.load_state_dict(ours.state_dict())
+    x, v = torch.randn(2, 2, 3), torch.randn(2, 2, 3)
+    params = {k: p.detach() for k, p in ours.named_parameters()}
+
+    def transforms(m):
+        return (jacfwd(lambda x: m(x)[0])(x), jvp(lambda x: m(x)[0], (x,), (v,))[1],
+                grad(lambda p: functional_call(m, p, (x,))[0].sin().sum())(params)["weight_hh_l0"])
+
+    want = transforms(ref)
+    torch._dynamo.reset()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # triton's fallback, said once
+        got = torch.compile(transforms, backend="eager", fullgraph=True)(ours)
+    for a, e in zip(got, want, strict=True):
+        assert e.abs().max() > 0
+        torch.testing.assert_close(a, e, atol=1e-6, rtol=1e-5)
