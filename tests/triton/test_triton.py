@@ -744,6 +744,24 @@ def test_export_with_a_dynamic_sequence_length(tmp_path):
         got = loaded(x9, state)
     for a, b in zip(torch.utils._pytree.tree_leaves(got), torch.utils._pytree.tree_leaves(want)):
         torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
+    # In a fresh process that only imported fused_rnn: the ops used to be registered at the
+    # backend's first use, so the load failed to resolve fused_rnn::triton_layer.
+    torch.save((x9, state), tmp_path / "inputs.pt")
+    code = (f"import torch, fused_rnn\n"
+            f"x, state = torch.load({str(tmp_path / 'inputs.pt')!r})\n"
+            f"with torch.no_grad():\n"
+            f"    out = torch.export.load({str(tmp_path / 'tiny.pt2')!r}).module()(x, state)\n"
+            f"torch.save(out, {str(tmp_path / 'out.pt')!r})\n")
+    res = _run_python(code, env_drop=())
+    assert res.returncode == 0, res.stderr[-3000:]
+    fresh = torch.load(tmp_path / "out.pt")
+    for a, b in zip(torch.utils._pytree.tree_leaves(fresh), torch.utils._pytree.tree_leaves(want)):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
+    if DEVICE == "cpu":  # where the kernels cannot run, the op says why (not triton's driver error)
+        res = _run_python(code)
+        assert res.returncode != 0
+        assert "fused_rnn backend 'triton' is unavailable: Triton kernels need a CUDA GPU" in res.stderr
+
 
 # --------------------------------------------------------------------------- GPU only
 @pytest.mark.gpu

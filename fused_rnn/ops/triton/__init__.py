@@ -83,7 +83,9 @@ def _interpreter_on() -> bool:
 
 
 def _load_ops():
-    from fused_rnn.ops.triton import ops
+    # The ops are registered when fused_rnn is imported; the kernels are defined here, at the
+    # first check that finds them usable (or at an op's first call, for a loaded program).
+    from fused_rnn.ops.triton import launch, ops  # noqa: F401
 
     return ops
 

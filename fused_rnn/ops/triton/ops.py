@@ -29,9 +29,23 @@ from fused_rnn.ops.common import (
     register_autocast,
 )
 from fused_rnn.ops.reference import GATES
-from fused_rnn.ops.triton import launch
 
 _OPT = (Tensor, type(None))
+
+
+def _launch(device: torch.device):
+    """The launchers, imported at the first call: this module is imported with ``fused_rnn``
+    (so that a saved program calling these ops loads in a fresh process) on machines without
+    triton too, and ``@triton.jit`` reads TRITON_INTERPRET when the kernels are defined. A
+    call the kernels cannot run raises the backend's "unavailable" error."""
+    from fused_rnn.ops import triton as backend
+
+    reason = backend.unavailable_reason(device)
+    if reason is not None:
+        raise RuntimeError(f"fused_rnn backend 'triton' is unavailable: {reason}")
+    from fused_rnn.ops.triton import launch
+
+    return launch
 
 
 # --------------------------------------------------------------------------- layer
@@ -53,7 +67,7 @@ def triton_layer(
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """(y (T,B,P), h_n (B,P), c_n (B,H) or empty, gates (T,B,G*H) fp32, state (T,B,H) fp32)."""
     check_rnn_args(mode, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths)
-    return launch.layer_forward(
+    return _launch(x.device).layer_forward(
         mode, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, reverse, save, path
     )
 
@@ -163,7 +177,7 @@ def triton_layer_backward(
     path: str,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """(dx, dh0, dc0, dw_ih, dw_hh, db_ih, db_hh, dw_hr); empty where the input is absent."""
-    return launch.layer_backward(
+    return _launch(x.device).layer_backward(
         mode, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, reverse,
         y, gates, state, dy, dh_n, dc_n, path,
     )
@@ -199,7 +213,7 @@ def triton_cell(
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """(h' (B,H), c' (B,H) or empty, gates (1,B,G*H) fp32, state (1,B,H) fp32): one fused step."""
     check_rnn_args(mode, x, h, c, w_ih, w_hh, b_ih, b_hh, step=True)
-    _, h1, c1, gates, state = launch.layer_forward(
+    _, h1, c1, gates, state = _launch(x.device).layer_forward(
         mode, x[None], h, c, w_ih, w_hh, b_ih, b_hh, None, None, False, save, "step"
     )
     return h1, c1, gates, state
@@ -264,7 +278,7 @@ def triton_cell_backward(
     dc1: Tensor | None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """(dx, dh, dc, dw_ih, dw_hh, db_ih, db_hh); empty where the input is absent."""
-    dx, dh, dc, dw_ih, dw_hh, db_ih, db_hh, _ = launch.layer_backward(
+    dx, dh, dc, dw_ih, dw_hh, db_ih, db_hh, _ = _launch(x.device).layer_backward(
         mode, x[None], h, c, w_ih, w_hh, b_ih, b_hh, None, None, False,
         h1[None], gates, state, None, dh1, dc1, "step",
     )
