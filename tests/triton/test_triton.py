@@ -586,6 +586,23 @@ def test_every_launched_variant_compiles_for_sm90(tmp_path):
 
 
 # --------------------------------------------------------------------------- torch.library
+@pytest.mark.parametrize("device", [DEVICE, "meta"])
+@pytest.mark.parametrize("op", ["layer", "cell"])
+def test_ops_refuse_a_dtype_the_kernels_do_not_take(op, device):
+    """Called directly with float64, the op used to return float64 computed in fp32 (and
+    gradcheck failed); its kernel and its fake now refuse it."""
+    d = dict(device=device, dtype=torch.float64)
+    h, c, w_ih, w_hh = (torch.randn(2, 3, **d), torch.randn(2, 3, **d), torch.randn(12, 2, **d),
+                        torch.randn(12, 3, **d))
+    with pytest.raises(TypeError, match=f"fused_rnn::triton_{op} takes float32, float16 and "
+                                        f"bfloat16 inputs, not torch.float64"):
+        if op == "layer":
+            ops.triton_layer("LSTM", torch.randn(3, 2, 2, **d), h, c, w_ih, w_hh, None, None,
+                             None, None, False, False, "auto")
+        else:
+            ops.triton_cell("LSTM", torch.randn(2, 2, **d), h, c, w_ih, w_hh, None, None, False)
+
+
 def _transposed_layout(t: torch.Tensor) -> torch.Tensor:
     """``t``'s values, dims 0 and 1 in memory swapped (a batch_first input's view, say)."""
     return t.transpose(0, 1).contiguous().transpose(0, 1) if t.dim() >= 2 else t

@@ -29,8 +29,18 @@ from fused_rnn.ops.common import (
     register_autocast,
 )
 from fused_rnn.ops.reference import GATES
+from fused_rnn.ops.triton import _SUPPORTED_DTYPES
 
 _OPT = (Tensor, type(None))
+
+
+def _check_dtype(op: str, x: Tensor) -> None:
+    # The kernels compute in fp32 with storage in x's dtype: an fp64 call would come back fp64
+    # computed in fp32. The modules and fused_rnn.functional never send one (they fall back).
+    if x.dtype not in _SUPPORTED_DTYPES:
+        raise TypeError(f"fused_rnn::{op} takes float32, float16 and bfloat16 inputs, not "
+                        f"{x.dtype} (the modules and fused_rnn.functional run other dtypes on "
+                        f"the reference)")
 
 
 def _launch(device: torch.device):
@@ -67,6 +77,7 @@ def triton_layer(
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """(y (T,B,P), h_n (B,P), c_n (B,H) or empty, gates (T,B,G*H) fp32, state (T,B,H) fp32)."""
     check_rnn_args(mode, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths)
+    _check_dtype("triton_layer", x)
     return _launch(x.device).layer_forward(
         mode, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, reverse, save, path
     )
@@ -82,6 +93,7 @@ def _saved_shapes(mode: str, T: int, B: int, H: int, save: bool):
 @triton_layer.register_fake
 def _(mode, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, reverse, save, path):
     check_rnn_args(mode, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths)
+    _check_dtype("triton_layer", x)
     T, B, _ = x.shape
     H = w_hh.shape[0] // GATES[mode]
     P = w_hh.shape[1]
@@ -213,6 +225,7 @@ def triton_cell(
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """(h' (B,H), c' (B,H) or empty, gates (1,B,G*H) fp32, state (1,B,H) fp32): one fused step."""
     check_rnn_args(mode, x, h, c, w_ih, w_hh, b_ih, b_hh, step=True)
+    _check_dtype("triton_cell", x)
     _, h1, c1, gates, state = _launch(x.device).layer_forward(
         mode, x[None], h, c, w_ih, w_hh, b_ih, b_hh, None, None, False, save, "step"
     )
@@ -222,6 +235,7 @@ def triton_cell(
 @triton_cell.register_fake
 def _(mode, x, h, c, w_ih, w_hh, b_ih, b_hh, save):
     check_rnn_args(mode, x, h, c, w_ih, w_hh, b_ih, b_hh, step=True)
+    _check_dtype("triton_cell", x)
     B = x.shape[0]
     H = w_hh.shape[0] // GATES[mode]
     g_shape, s_shape = _saved_shapes(mode, 1, B, H, save)
