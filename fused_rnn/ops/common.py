@@ -123,6 +123,16 @@ def needs_grad(*ts: Tensor | None) -> bool:
     return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in ts)
 
 
+def refuse_unsaved(op: str) -> None:
+    """The backward of a call that saved nothing (``save=False``, chosen by
+    :func:`needs_grad`): say how to get one that did."""
+    raise RuntimeError(
+        f"fused_rnn::{op} ran with save=False (no gradients were needed when it was called or "
+        f"traced) and cannot be differentiated. A program made by torch.export or "
+        f"torch.compile under torch.no_grad() keeps that choice: export it with gradients "
+        f"enabled to train it. Called directly, pass save=True.")
+
+
 def grad_like(t: Tensor | None, like: Tensor) -> Tensor:
     """A fake-kernel gradient shaped like ``t`` and contiguous, whatever ``t``'s strides (the
     backward kernels write contiguous gradients; ``empty_like`` would copy the strides of a

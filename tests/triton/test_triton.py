@@ -591,7 +591,7 @@ def test_every_launched_variant_compiles_for_sm90(tmp_path):
 def test_ops_refuse_a_dtype_the_kernels_do_not_take(op, device):
     """Called directly with float64, the op used to return float64 computed in fp32 (and
     gradcheck failed); its kernel and its fake now refuse it."""
-    d = dict(device=device, dtype=torch.float64)
+    d = {"device": device, "dtype": torch.float64}
     h, c, w_ih, w_hh = (torch.randn(2, 3, **d), torch.randn(2, 3, **d), torch.randn(12, 2, **d),
                         torch.randn(12, 3, **d))
     with pytest.raises(TypeError, match=f"fused_rnn::triton_{op} takes float32, float16 and "
@@ -778,6 +778,19 @@ def test_export_with_a_dynamic_sequence_length(tmp_path):
         res = _run_python(code)
         assert res.returncode != 0
         assert "fused_rnn backend 'triton' is unavailable: Triton kernels need a CUDA GPU" in res.stderr
+
+
+def test_a_program_exported_without_gradients_says_how_to_get_one_that_trains():
+    """Exported under no_grad, the op records save=False (an inference program saves no
+    gates); its backward then named a function an exported program's user cannot call."""
+    m = fused_rnn.GRU(3, 4, backend="triton").to(DEVICE)
+    x = torch.randn(4, 2, 3, device=DEVICE)
+    with torch.no_grad():
+        inference = torch.export.export(m, (x,)).module()
+    with pytest.raises(RuntimeError, match="under torch.no_grad.. keeps that choice: export it "
+                                           "with gradients enabled to train it"):
+        inference(x)[0].sum().backward()
+    torch.export.export(m, (x,)).module()(x)[0].sum().backward()  # with gradients: it trains
 
 
 # --------------------------------------------------------------------------- GPU only

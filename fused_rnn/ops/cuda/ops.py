@@ -37,6 +37,7 @@ from fused_rnn.ops.common import (
     grad_like,
     previous_hidden,
     refuse_double_backward,
+    refuse_unsaved,
     register_autocast,
     tf32_gemms,
 )
@@ -327,10 +328,7 @@ def _unpack(ctx):
 
 def _layer_backward(ctx, dy, dh_n, dc_n, _dgates, _daux):
     if not ctx.save:
-        raise RuntimeError(
-            "fused_rnn::cuda_layer ran with save=False (inference) and cannot be differentiated; "
-            "call fused_rnn.ops.cuda.rnn_layer, which sets save when autograd needs it"
-        )
+        refuse_unsaved("cuda_layer")
     x, h0, c0, w_ih, w_hh, b_ih, b_hh, lengths, y, gates, aux = _unpack(ctx)
     dx, dh0, dc0, dw_ih, dw_hh, db_ih, db_hh = torch.ops.fused_rnn.cuda_layer_backward(
         ctx.mode, x, h0, c0, w_ih, w_hh, b_ih, b_hh, lengths, ctx.reverse, ctx.allow_tf32,

@@ -26,6 +26,7 @@ from fused_rnn.ops.common import (
     check_rnn_args,
     grad_like,
     refuse_double_backward,
+    refuse_unsaved,
     register_autocast,
 )
 from fused_rnn.ops.reference import GATES
@@ -141,10 +142,7 @@ def _none_if_absent(grads, present):
 
 def _layer_backward(ctx, dy, dh_n, dc_n, _dgates, _dstate):
     if not ctx.save:
-        raise RuntimeError(
-            "fused_rnn::triton_layer was called with save=False (inference) and cannot be "
-            "differentiated; call fused_rnn.ops.triton.rnn_layer, which sets save when needed"
-        )
+        refuse_unsaved("triton_layer")
     (x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths), (y, gates, state) = _unpack(ctx, 3)
     if dc_n is None or mode_has_no_c(ctx.mode):
         dc_n = None
@@ -260,7 +258,7 @@ def _cell_setup(ctx, inputs, output):
 
 def _cell_backward(ctx, dh1, dc1, _dgates, _dstate):
     if not ctx.save:
-        raise RuntimeError("fused_rnn::triton_cell was called with save=False (inference)")
+        refuse_unsaved("triton_cell")
     (x, h, c, w_ih, w_hh, b_ih, b_hh, _, _), (h1, gates, state) = _unpack(ctx, 3)
     if mode_has_no_c(ctx.mode):
         dc1 = None
