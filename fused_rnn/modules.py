@@ -143,6 +143,13 @@ class _RNNStack(nn.Module):
         for weight in self.parameters():
             nn.init.uniform_(weight, -stdv, stdv)
 
+    def __setattr__(self, name: str, value) -> None:
+        # ``m.backend = ...`` is checked where it is written; a bad name used to surface at the
+        # next call, under torch.compile(fullgraph=True) as dynamo's "Observed exception".
+        if name == "backend":
+            value = backends.check_name(value)
+        super().__setattr__(name, value)
+
     def __setstate__(self, state: dict) -> None:
         """Unpickling: what a module pickled by an older version, or a torch.nn module
         unpickled as this class, lacks gets its default."""
@@ -810,6 +817,13 @@ class _CellBase(nn.Module):
         stdv = 1.0 / math.sqrt(self.hidden_size) if self.hidden_size > 0 else 0
         for weight in self.parameters():
             nn.init.uniform_(weight, -stdv, stdv)
+
+    def __setattr__(self, name: str, value) -> None:
+        # ``m.backend = ...`` is checked where it is written; a bad name used to surface at the
+        # next call, under torch.compile(fullgraph=True) as dynamo's "Observed exception".
+        if name == "backend":
+            value = backends.check_name(value)
+        super().__setattr__(name, value)
 
     def __setstate__(self, state: dict) -> None:
         """Unpickling: what a cell pickled by an older version, or a torch.nn cell unpickled

@@ -54,6 +54,18 @@ def test_bad_constructor_args(step, cell, args, kwargs):
     assert str(got.value), "error message must not be empty"
 
 
+@pytest.mark.parametrize("cls", [fused_rnn.LSTM, fused_rnn.GRUCell])
+def test_a_bad_backend_is_refused_where_it_is_assigned(cls):
+    """``m.backend = "bogus"`` used to be accepted and fail at the next call (under
+    torch.compile(fullgraph=True) as dynamo's "Observed exception")."""
+    m = cls(2, 3, backend="reference")
+    with pytest.raises(ValueError, match="unknown backend 'bogus'; valid backends are"):
+        m.backend = "bogus"
+    assert m.backend == "reference"
+    m.backend = "auto"
+    assert m.backend == "auto"
+
+
 def test_bad_nonlinearity():
     for cls in (torch.nn.RNN, fused_rnn.RNN):
         with pytest.raises(ValueError, match="nonlinearity"):
