@@ -172,6 +172,12 @@ class CharLM(nn.Module):
         if (rnn_kwargs or {}).get("batch_first"):
             raise ValueError("CharLM: rnn_kwargs batch_first=True is not supported (the model "
                              "is time-major: tokens are (T, B))")
+        for key, why in (("bidirectional", "a language model predicts from the past only"),
+                         ("proj_size", "the decoder reads hidden_size features"),
+                         ("dropout", "CharLM's own dropout= sets it between layers")):
+            if (rnn_kwargs or {}).get(key):
+                raise ValueError(f"CharLM: rnn_kwargs {key}={rnn_kwargs[key]!r} is not "
+                                 f"supported ({why})")
         self.rnn = rnn_class(
             embedding_size,
             hidden_size,

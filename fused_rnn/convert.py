@@ -119,7 +119,10 @@ def _converted(old: nn.Module, cls: type, extra: dict, where: str) -> nn.Module:
     is_cell = not hasattr(old, "num_layers")
     kwargs = {"bias": old.bias}
     if hasattr(old, "nonlinearity"):
-        kwargs["nonlinearity"] = old.nonlinearity
+        # A layer computes by its mode, fixed when built (a later change of .nonlinearity does
+        # nothing in nn.RNN or here); a cell reads .nonlinearity at each call.
+        kwargs["nonlinearity"] = (old.nonlinearity if is_cell else
+                                  "relu" if old.mode == "RNN_RELU" else "tanh")
     if not is_cell:
         kwargs.update(num_layers=old.num_layers, batch_first=old.batch_first,
                       dropout=old.dropout, bidirectional=old.bidirectional)

@@ -85,8 +85,17 @@ def mask_state(state: State, keep: Tensor) -> State:
     """
     if keep.dtype != torch.bool:
         raise TypeError(f"mask_state: keep must be a bool tensor, got {keep.dtype}")
-    keep = keep.view(1, -1, 1)
-    return _map(state, lambda s: torch.where(keep, s, s.new_zeros(())))
+    if keep.dim() != 1:
+        raise ValueError(f"mask_state: keep must be 1-D (B,), got shape {tuple(keep.shape)}")
+
+    def select(s: Tensor) -> Tensor:
+        # torch.where would broadcast a state of another batch size (or unbatched) silently.
+        if s.dim() != 3 or s.shape[1] != keep.numel():
+            raise ValueError(f"mask_state: state tensors must be (L*D, B, H) with B = "
+                             f"{keep.numel()} (keep's length), got {tuple(s.shape)}")
+        return torch.where(keep.view(1, -1, 1), s, s.new_zeros(()))
+
+    return _map(state, select)
 
 
 def state_rows(state: State, rows: slice) -> State:
@@ -213,6 +222,8 @@ class StreamBatcher:
     ) -> None:
         if tokens.dim() != 1:
             raise ValueError(f"tokens must be 1-D, got shape {tuple(tokens.shape)}")
+        if tokens.is_floating_point() or tokens.is_complex() or tokens.dtype == torch.bool:
+            raise TypeError(f"tokens must be an integer tensor, got {tokens.dtype}")
         if batch_size < 1 or bptt < 1:
             raise ValueError(f"batch_size and bptt must be positive, got {batch_size}, {bptt}")
         if world_size < 1:
@@ -245,7 +256,9 @@ class StreamBatcher:
         rows = slice(rank * local, (rank + 1) * local)
         # index[b, t] = b*n + t: stream b's position t, overlapping the next stream by one.
         index = torch.arange(batch_size)[:, None] * n + torch.arange(n + 1)[None, :]
-        tokens = tokens.cpu()
+        # int64: what nn.Embedding and cross_entropy's targets take (a uint8 or int32 corpus
+        # failed there, chunks later).
+        tokens = tokens.cpu().long()
         self.streams = tokens[index[rows]].t().contiguous().to(device)  # (n+1, local)
         if boundaries is not None:
             if boundaries.shape != tokens.shape:
@@ -347,6 +360,12 @@ def run_rnn(rnn: nn.Module, x: Tensor, state: State, reset: Resets | Tensor | No
             f"reset mask {tuple(reset.mask.shape)} does not match the input's (T, B) "
             f"{tuple(x.shape[:2])}"
         )
+    if getattr(rnn, "bidirectional", False) and any(t > 0 for t in reset.steps):
+        raise ValueError(
+            f"run_rnn: {type(rnn).__name__} is bidirectional, and a document starts inside "
+            "the chunk: cut there, the reverse direction of every row would start at the cut "
+            "instead of the chunk's end"
+        )
     outs = []
     begin = 0
     for t in reset.steps:
@@ -395,6 +414,10 @@ def train_chunk(
     if clip is not None and not (isinstance(clip, (int, float)) and math.isfinite(clip)
                                  and clip >= 0):
         raise ValueError(f"train_chunk: clip must be a finite number >= 0 or None, got {clip!r}")
+    if clip and optimizer is None:
+        raise ValueError("train_chunk: clip is applied to the optimizer's parameters before its "
+                         "step; with optimizer=None the gradients are left to the caller, so "
+                         "clip them there (clip=None)")
     if chunk.first:
         state = None
     if optimizer is not None:
@@ -491,6 +514,11 @@ def atomic_save(obj, path: str | os.PathLike) -> None:
     directory = os.path.dirname(os.path.abspath(path))
     fd, tmp = tempfile.mkstemp(dir=directory, prefix="." + os.path.basename(path) + ".", suffix=".tmp")
     try:
+        # mkstemp's file is 0600; the checkpoint gets the mode a plain torch.save would give
+        # it (0666 less the umask), so that a group sharing the run directory can read it.
+        umask = os.umask(0)
+        os.umask(umask)
+        os.fchmod(fd, 0o666 & ~umask)
         with os.fdopen(fd, "wb") as f:
             torch.save(obj, f)
             f.flush()

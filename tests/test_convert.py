@@ -142,3 +142,18 @@ def test_the_module_inside_a_torch_compile_wrapper_is_refused():
     parent = torch.compile(nn.Sequential(nn.GRU(3, 4)))  # a compiled parent is fine
     from_torch_nn(parent)
     assert isinstance(parent._orig_mod[0], fused_rnn.GRU)
+
+
+@pytest.mark.parametrize("direction", ["from", "to"])
+def test_a_layer_keeps_the_function_its_mode_computes(direction):
+    """An RNN layer computes by the mode it was built with; a later change of .nonlinearity
+    does nothing there. The swap took the attribute, so it changed the function."""
+    torch.manual_seed(0)
+    old = nn.RNN(3, 4) if direction == "from" else fused_rnn.RNN(3, 4)
+    old.nonlinearity = "relu"  # still computes tanh
+    x = torch.randn(4, 2, 3)
+    want = old(x)[0]
+    model = nn.Sequential(old)
+    (from_torch_nn if direction == "from" else to_torch_nn)(model)
+    assert type(model[0]) is not type(old)
+    torch.testing.assert_close(model[0](x)[0], want, atol=1e-6, rtol=1e-5)

@@ -508,3 +508,78 @@ def test_a_batch_first_rnn_is_refused():
     rnn = torch.nn.GRU(3, 4, batch_first=True)
     with pytest.raises(ValueError, match="batch_first"):
         run_rnn(rnn, torch.randn(5, 2, 3), None)
+
+
+# ------------------------------------------------------------- found by a review (session 17)
+def test_run_rnn_refuses_a_bidirectional_module_across_a_document_start():
+    """Cut at a document start, the reverse direction of every row started at the cut, not at
+    the chunk's end: rows without a reset came out other than ``rnn(x)``, with no error."""
+    rnn = fused_rnn.GRU(3, 4, bidirectional=True, backend="reference")
+    x = torch.randn(6, 2, 3)
+    reset = torch.zeros(6, 2, dtype=torch.bool)
+    reset[3, 1] = True
+    with pytest.raises(ValueError, match="bidirectional, and a document starts inside"):
+        run_rnn(rnn, x, None, reset)
+    reset = torch.zeros(6, 2, dtype=torch.bool)
+    reset[0, 1] = True  # at the chunk's first step there is no cut: allowed, and exact
+    h = torch.randn(2, 2, 4)
+    out, _ = run_rnn(rnn, x, h, reset)
+    torch.testing.assert_close(out, rnn(x, mask_state(h, torch.tensor([True, False])))[0])
+
+
+@pytest.mark.parametrize("state,keep", [
+    pytest.param(torch.randn(2, 1, 4), torch.tensor([True, False, True]), id="batch-1-state"),
+    pytest.param(torch.randn(2, 4), torch.tensor([False]), id="unbatched-state"),
+    pytest.param(torch.randn(2, 3, 4), torch.tensor(True), id="0-d-keep"),
+])
+def test_mask_state_refuses_shapes_it_would_broadcast(state, keep):
+    """torch.where broadcast them: a (L, 1, H) state came back (L, B, H), through run_rnn too."""
+    with pytest.raises(ValueError, match="mask_state: "):
+        mask_state(state, keep)
+
+
+@pytest.mark.parametrize("dtype", [torch.int32, torch.uint8, torch.int16])
+def test_stream_batcher_takes_any_integer_tokens(dtype):
+    """A uint8 (byte-level) or int32 corpus failed later, in nn.Embedding or cross_entropy."""
+    tokens = torch.randint(0, 11, (100,))
+    got = StreamBatcher(tokens.to(dtype), 2, 5).next_chunk()
+    want = StreamBatcher(tokens, 2, 5).next_chunk()
+    assert got.x.dtype == got.y.dtype == torch.int64
+    assert torch.equal(got.x, want.x) and torch.equal(got.y, want.y)
+    model = CharLM(11, hidden_size=8)
+    train_chunk(model, got, None, torch.optim.SGD(model.parameters(), 0.1))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bool])
+def test_stream_batcher_refuses_tokens_that_are_not_integers(dtype):
+    with pytest.raises(TypeError, match="tokens must be an integer tensor"):
+        StreamBatcher(torch.zeros(100, dtype=dtype), 2, 5)
+
+
+def test_train_chunk_refuses_clip_without_an_optimizer():
+    """clip was ignored with optimizer=None (the gradients came back unclipped)."""
+    model = CharLM(5, hidden_size=4)
+    chunk = StreamBatcher(torch.randint(0, 5, (60,)), 2, 5).next_chunk()
+    with pytest.raises(ValueError, match="with optimizer=None the gradients are left"):
+        train_chunk(model, chunk, None, None, clip=1e-6)
+    train_chunk(model, chunk, None, None)  # no clip: the gradients are the caller's
+
+
+def test_atomic_save_gives_the_mode_torch_save_would(tmp_path):
+    """mkstemp's 0600 used to survive the rename: others in a group could not read it."""
+    old = os.umask(0o022)
+    try:
+        atomic_save({"a": 1}, tmp_path / "a.pt")
+        torch.save({"a": 1}, tmp_path / "b.pt")
+    finally:
+        os.umask(old)
+    modes = [os.stat(tmp_path / n).st_mode & 0o777 for n in ("a.pt", "b.pt")]
+    assert modes == [0o644, 0o644]
+
+
+@pytest.mark.parametrize("kwargs", [{"proj_size": 4}, {"bidirectional": True}, {"dropout": 0.1}])
+def test_charlm_refuses_rnn_kwargs_it_cannot_work_with(kwargs):
+    """proj_size and bidirectional failed at the first forward with a shape mismatch in the
+    decoder; dropout with a duplicate keyword."""
+    with pytest.raises(ValueError, match=f"rnn_kwargs {next(iter(kwargs))}="):
+        CharLM(8, hidden_size=8, rnn_kwargs=kwargs)
