@@ -161,6 +161,9 @@ class Chunk:
     entering step t must be zero, or None when no row starts a document in this chunk;
     start: the stream position of ``x[0]``; first: True for the first chunk of an epoch
     (no state to carry: the previous chunk ended at the other end of the streams).
+
+    ``x`` and ``y`` are views of the batcher's streams (no copy a chunk): write to a clone,
+    or an in-place edit changes the other and every later epoch.
     """
 
     x: Tensor
