@@ -400,12 +400,18 @@ class _Progress:
             f"loss {loss:.3f} ({bits(loss):.3f} bpc) | {tok_s / 1000:.1f}k tok/s | "
             f"eta {_fmt_time(eta_s)}"
         )
-        if self.tty:
-            sys.stderr.write("\r" + line.ljust(self.width))
-            self.width = len(line)
-        else:
-            sys.stderr.write(line + "\n")
-        sys.stderr.flush()
+        try:
+            if self.tty:
+                sys.stderr.write("\r" + line.ljust(self.width))
+                self.width = len(line)
+            else:
+                sys.stderr.write(line + "\n")
+            sys.stderr.flush()
+        except BrokenPipeError:  # stderr's reader is gone (2>&1 | head): no more progress
+            self.enabled = False
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, sys.stderr.fileno())
+            os.close(devnull)
 
     def clear(self) -> None:
         if self.enabled and self.tty and self.width:
@@ -447,9 +453,12 @@ def _write_log(path: str, rows: list[dict]) -> None:
     w.writeheader()
     w.writerows(rows)
     tmp = path + ".tmp"
-    with open(tmp, "w", newline="") as f:
-        f.write(buf.getvalue())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "w", newline="") as f:
+            f.write(buf.getvalue())
+        os.replace(tmp, path)
+    except OSError as e:
+        raise CLIError(f"could not write {path} ({type(e).__name__}: {e})") from None
 
 
 def _plot_log(rows: list[dict], path: str, title: str) -> str | None:
@@ -516,6 +525,61 @@ def _gather_state(state, d: _Dist):
     return out[0] if isinstance(state, torch.Tensor) else tuple(out)
 
 
+def _write_or_say(path: str, kept, write) -> None:
+    """``write()``, with a failure (a full disk, a lost mount) said in one line: which file,
+    why, and which checkpoint is kept. torch.save reports a short write as a RuntimeError."""
+    try:
+        write()
+    except (OSError, RuntimeError) as e:
+        why = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise CLIError(f"could not write {path} ({type(e).__name__}: {why}); {kept()}") from None
+
+
+def _print_or_drop(*args, **kwargs) -> None:
+    """print, except that once stdout's reader is gone (``| head``, a dead ``tee``) the run
+    goes on and its output goes nowhere: a progress line is not worth a crashed run."""
+    try:
+        print(*args, **kwargs)
+        sys.stdout.flush()
+    except BrokenPipeError:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())  # so that the exit's flush does not fail too
+        os.close(devnull)
+
+
+def _file_identity(path: str) -> tuple | None:
+    """What tells a rewritten file from the one read: (inode, size, mtime), or None if gone.
+    (atomic_save replaces the file, so a new checkpoint has a new inode.)"""
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return None
+    return st.st_ino, st.st_size, st.st_mtime_ns
+
+
+def _resolve_running_flags(args, ckpt: dict | None, say) -> None:
+    """--steps, --backend and --torch-nn: given, or the checkpoint's on --resume (a resumed
+    run keeps what it trained with), or the defaults. Overriding the implementation of a
+    resumed run is allowed, with a note: its rounding differs."""
+    saved = ckpt or {}
+    if args.steps is None:
+        args.steps = saved.get("steps", 1000)
+    elif "steps" in saved and args.steps != saved["steps"] and saved.get("run", {}).get(
+            "lr_schedule") == "cosine":
+        say(f"note: the cosine schedule now spans --steps {args.steps}, the checkpoint's "
+              f"{saved['steps']}: the learning rate jumps at the resumed step")
+    if args.torch_nn is None:  # an explicit --backend means fused_rnn's modules
+        args.torch_nn = False if args.backend is not None else bool(saved.get("torch_nn", False))
+    if args.backend is None:
+        args.backend = "auto" if args.torch_nn else saved.get("backend", "auto")
+    if "backend" in saved:
+        before = "torch.nn" if saved.get("torch_nn") else f"backend {saved['backend']}"
+        now = "torch.nn" if args.torch_nn else f"backend {args.backend}"
+        if before != now:
+            say(f"note: the checkpoint trained on {before}, this run on {now}: the losses "
+                  "will differ from an uninterrupted run by rounding")
+
+
 def _load_checkpoint(path: str) -> dict:
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
@@ -537,8 +601,9 @@ def _train_parser(sub) -> None:
                    help="UTF-8 training text (default: the embedded Python standard-library corpus)")
     p.add_argument("--out", default="runs/charlm", metavar="DIR",
                    help="output directory: checkpoint.pt, log.csv, loss.png (default: %(default)s)")
-    p.add_argument("--steps", type=_int_at_least(0), default=1000,
-                   help="total training steps (one chunk each; default: %(default)s)")
+    p.add_argument("--steps", type=_int_at_least(0), default=None,
+                   help="total training steps (one chunk each; default: 1000, or the "
+                   "checkpoint's total on --resume)")
     p.add_argument("--resume", action="store_true",
                    help="continue DIR/checkpoint.pt exactly (same losses as an uninterrupted run)")
     p.add_argument("--overwrite", action="store_true", help="start afresh even if DIR has a checkpoint")
@@ -578,14 +643,15 @@ def _train_parser(sub) -> None:
                    "parameters; use amp-fp16)")
     r = p.add_argument_group("running")
     r.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
-    r.add_argument("--backend", default="auto", choices=fused_rnn.BACKENDS,
-                   help="fused_rnn backend (default: %(default)s)")
+    r.add_argument("--backend", default=None, choices=fused_rnn.BACKENDS,
+                   help="fused_rnn backend (default: auto, or the checkpoint's on --resume)")
     r.add_argument("--threads", type=_int_at_least(1), default=None,
                    help="CPU threads (default: PyTorch's choice, less the cores that the load "
                    "average says other processes hold: on a busy 2-core machine 2 threads "
                    "ran ~15x slower than 1)")
-    r.add_argument("--torch-nn", action="store_true",
-                   help="use torch.nn's LSTM/GRU/RNN instead of fused_rnn's (for comparison)")
+    r.add_argument("--torch-nn", action=argparse.BooleanOptionalAction, default=None,
+                   help="use torch.nn's LSTM/GRU/RNN instead of fused_rnn's (for comparison; "
+                   "default: no, or the checkpoint's on --resume)")
     r.add_argument("--eval-every", type=_int_at_least(1), default=None,
                    help="validate every N steps (default: 100, or the checkpoint's)")
     r.add_argument("--ckpt-every", type=_int_at_least(1), default=None,
@@ -682,19 +748,22 @@ def _cmd_train(args) -> int:
     if args.resume and args.overwrite:
         raise CLIError("--resume continues the run in --out and --overwrite starts a new one "
                        "there; pass one of them")
-    if args.torch_nn and args.backend != "auto":
+    if args.torch_nn and args.backend not in (None, "auto"):
         raise CLIError(f"--torch-nn trains torch.nn's modules, which have no backend; drop "
                        f"--backend {args.backend} or --torch-nn")
     ckpt = None
+    ckpt_stat = None
     if args.resume:
         if not os.path.exists(ckpt_path):
             raise CLIError(f"--resume: no checkpoint at {ckpt_path}")
+        ckpt_stat = _file_identity(ckpt_path)
         ckpt = _load_checkpoint(ckpt_path)
     elif os.path.exists(ckpt_path) and not args.overwrite:
         raise CLIError(
             f"{ckpt_path} exists; pass --resume to continue it, --overwrite to start "
             "afresh, or another --out"
         )
+    _resolve_running_flags(args, ckpt, say=print if d.rank == 0 else (lambda *a: None))
     text_path = args.text
     if text_path is None and ckpt is not None and ckpt["corpus"]["source"] != "default":
         text_path = ckpt["corpus"]["source"]
@@ -734,6 +803,15 @@ def _cmd_train(args) -> int:
 
     lock = _lock_out_dir(out) if d.rank == 0 else None
     try:
+        # Checked above before the (slow) corpus load; another run may have written or
+        # advanced the checkpoint since, and then released the lock.
+        if d.rank == 0 and ckpt is None and not args.overwrite and os.path.exists(ckpt_path):
+            raise CLIError(f"{ckpt_path} was written by another run while this one started; "
+                           "pass --resume to continue it, --overwrite to start afresh, or "
+                           "another --out")
+        if d.rank == 0 and ckpt is not None and _file_identity(ckpt_path) != ckpt_stat:
+            raise CLIError(f"--resume: {ckpt_path} changed while this run started (another "
+                           "run wrote it); run again to continue from the new one")
         if ckpt is None and d.rank == 0:
             # --overwrite: the old run's files go now, not at this run's first checkpoint: a
             # run stopped before it would leave the old checkpoint beside the new log, and
@@ -773,7 +851,7 @@ def _build_model(cfg: dict, vocab_size: int, torch_nn: bool, backend: str) -> Ch
 
 def _train(args, cfg, d, device, corpus, splits, ckpt, param_dtype, ac_dtype, use_scaler,
            ckpt_path, log_path, plot_path) -> int:
-    say = print if d.main else (lambda *a, **k: None)
+    say = _print_or_drop if d.main else (lambda *a, **k: None)
     if d.main:
         os.makedirs(args.out, exist_ok=True)
         for name in os.listdir(args.out):  # temp files of a run killed while saving
@@ -871,8 +949,10 @@ def _train(args, cfg, d, device, corpus, splits, ckpt, param_dtype, ac_dtype, us
         if not pending:
             return
         if d.main:
-            with open(log_path, "a", newline="") as f:
-                csv.DictWriter(f, LOG_FIELDS, lineterminator="\n").writerows(pending)
+            def append():
+                with open(log_path, "a", newline="") as f:
+                    csv.DictWriter(f, LOG_FIELDS, lineterminator="\n").writerows(pending)
+            _write_or_say(log_path, kept, append)
         rows.extend(pending)
         pending.clear()
 
@@ -897,10 +977,10 @@ def _train(args, cfg, d, device, corpus, splits, ckpt, param_dtype, ac_dtype, us
         if d.enabled:
             rng = [None] * d.world
             dist.all_gather_object(rng, _rng_state(device))
-        saved_step = step
         if not d.main:
+            saved_step = step
             return
-        atomic_save(
+        _write_or_say(ckpt_path, kept, lambda: atomic_save(
             {
                 "format": CHECKPOINT_FORMAT,
                 "step": step,
@@ -920,10 +1000,14 @@ def _train(args, cfg, d, device, corpus, splits, ckpt, param_dtype, ac_dtype, us
                 "world_size": d.world,
                 "intervals": {k: getattr(args, k) for k in INTERVAL_DEFAULTS},
                 "threads": args.threads,
+                "steps": args.steps,
+                "backend": args.backend,
+                "torch_nn": args.torch_nn,
                 "versions": {"torch": str(torch.__version__), "fused_rnn": str(fused_rnn.__version__)},
             },
             ckpt_path,
-        )
+        ))
+        saved_step = step
 
     pending: list[dict] = []
     first_val = None

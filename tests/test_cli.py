@@ -920,3 +920,113 @@ def test_generate_leaves_every_submodule_in_its_mode():
     cli.generate(model, vocab, "ab", 3)
     assert model.training and not frozen.training
     assert all(m.training for m in model.modules() if m is not frozen)
+
+
+# ------------------------------------------------------------- found by a review (session 17)
+def test_resume_keeps_the_runs_own_steps_and_implementation(capsys, tmp_path, text_file):
+    """--resume without --steps trained to the default 1000 (a 1500-step cosine run then
+    followed two schedules), and a resumed run switched to the default backend (or from
+    torch.nn to fused_rnn) without a word."""
+    args = ["--text", text_file, *TINY, "--out", tmp_path / "r"]
+    rc, _, err = run(capsys, "train", *args, "--steps", 3, "--backend", "reference")
+    assert rc == 0, err
+    rc, out, err = run(capsys, "train", *args, "--resume")
+    assert rc == 0, err
+    assert "nothing to train: the run is at step 3 of --steps 3" in out
+    assert "fused_rnn.LSTM backend reference" in out and "note:" not in out
+    rc, out, err = run(capsys, "train", *args, "--resume", "--steps", 4, "--backend", "auto")
+    assert rc == 0, err
+    assert ("note: the checkpoint trained on backend reference, this run on backend auto"
+            in out)
+    rc, _, err = run(capsys, "train", *args[:-2], "--out", tmp_path / "n", "--steps", 2,
+                     "--torch-nn")
+    assert rc == 0, err
+    rc, out, err = run(capsys, "train", *args[:-2], "--out", tmp_path / "n", "--resume",
+                       "--steps", 3)
+    assert rc == 0, err
+    assert "torch.nn.LSTM" in out and "note:" not in out
+
+
+def test_resume_with_other_steps_of_a_cosine_run_says_the_schedule_jumps(capsys, tmp_path,
+                                                                         text_file):
+    args = ["--text", text_file, *TINY, "--out", tmp_path / "r", "--lr-schedule", "cosine"]
+    assert run(capsys, "train", *args, "--steps", 2)[0] == 0
+    rc, out, err = run(capsys, "train", *args[:-2], "--resume", "--steps", 3)
+    assert rc == 0, err
+    assert "note: the cosine schedule now spans --steps 3, the checkpoint's 2" in out
+
+
+def test_a_checkpoint_written_while_a_run_starts_is_not_deleted(capsys, tmp_path, text_file,
+                                                                monkeypatch):
+    """The 'checkpoint exists' check ran before the lock; a run that finished meanwhile
+    had its checkpoint, log and plot deleted by a plain train (no --overwrite)."""
+    out = tmp_path / "r"
+    real = cli.split_corpus
+
+    def another_run_finishes_meanwhile(*a, **k):
+        out.mkdir(exist_ok=True)
+        (out / "checkpoint.pt").write_bytes(b"the other run's")
+        return real(*a, **k)
+
+    monkeypatch.setattr(cli, "split_corpus", another_run_finishes_meanwhile)
+    rc, _, err = run(capsys, "train", "--text", text_file, *TINY, "--out", out, "--steps", 1)
+    assert rc == 2 and "was written by another run while this one started" in err
+    assert (out / "checkpoint.pt").read_bytes() == b"the other run's"
+
+
+def test_a_checkpoint_replaced_while_a_resume_starts_is_not_overwritten(capsys, tmp_path,
+                                                                        text_file, monkeypatch):
+    args = ["--text", text_file, *TINY, "--out", tmp_path / "r"]
+    assert run(capsys, "train", *args, "--steps", 1)[0] == 0
+    ckpt = tmp_path / "r" / "checkpoint.pt"
+    real = cli.split_corpus
+
+    def another_run_saves_meanwhile(*a, **k):
+        data = ckpt.read_bytes()
+        ckpt.unlink()
+        ckpt.write_bytes(data)  # a new file, as atomic_save's rename makes
+        return real(*a, **k)
+
+    monkeypatch.setattr(cli, "split_corpus", another_run_saves_meanwhile)
+    rc, _, err = run(capsys, "train", *args, "--resume", "--steps", 2)
+    assert rc == 2 and "changed while this run started" in err
+
+
+@pytest.mark.parametrize("what", ["checkpoint", "log"])
+def test_a_failed_write_is_one_line(capsys, tmp_path, text_file, monkeypatch, what):
+    """A full disk gave a 33-line traceback (torch.save's short write is a RuntimeError)."""
+    real_writer = csv.DictWriter
+
+    class FullDisk(real_writer):
+        def writerows(self, rows):
+            if rows:  # the log's rows, appended as the run goes
+                raise OSError(28, "No space left on device")
+            super().writerows(rows)
+
+    def full(*a, **k):
+        raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 16832")
+
+    if what == "checkpoint":
+        monkeypatch.setattr(cli, "atomic_save", full)
+    else:
+        monkeypatch.setattr(cli.csv, "DictWriter", FullDisk)
+    rc, _, err = run(capsys, "train", "--text", text_file, *TINY, "--out", tmp_path / "r",
+                     "--steps", 2, "--log-every", 1)
+    assert rc == 2, err
+    line = err.strip().splitlines()[-1]
+    why = "unexpected pos" if what == "checkpoint" else "No space left on device"
+    assert line.startswith("fused-rnn train: error: could not write ") and why in line
+    assert line.endswith("no checkpoint was written")
+
+
+def test_a_closed_stdout_does_not_stop_training(tmp_path, text_file):
+    """`fused-rnn train ... | head -1` died of BrokenPipeError at the second line, before any
+    checkpoint; the run now goes on and writes its files."""
+    out = tmp_path / "r"
+    p = subprocess.Popen([sys.executable, "-m", "fused_rnn.cli", "train", "--text", str(text_file),
+                          *TINY, "--out", str(out), "--steps", "20", "--log-every", "1"],
+                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    p.stdout.readline()
+    p.stdout.close()
+    assert p.wait(timeout=120) == 0
+    assert (out / "checkpoint.pt").exists()
