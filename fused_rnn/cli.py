@@ -589,8 +589,15 @@ def _load_checkpoint(path: str) -> dict:
         raise CLIError(f"{path} is a directory; pass the checkpoint file (…/checkpoint.pt)") from None
     except Exception as e:  # torn, foreign or not a torch file at all
         raise CLIError(f"{path} is not a readable checkpoint ({type(e).__name__})") from None
-    if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
+    fmt = ckpt.get("format") if isinstance(ckpt, dict) else None
+    if isinstance(fmt, str) and fmt.startswith("fused_rnn.charlm/") and fmt != CHECKPOINT_FORMAT:
+        raise CLIError(f"{path} was written by another version of fused-rnn (format {fmt}; "
+                       f"this one reads {CHECKPOINT_FORMAT})")
+    if fmt != CHECKPOINT_FORMAT:
         raise CLIError(f"{path} is not a fused-rnn character-model checkpoint")
+    missing = [k for k in ("step", "run", "model_config", "vocab", "model") if k not in ckpt]
+    if missing:
+        raise CLIError(f"{path} is incomplete: it has no {', '.join(missing)}")
     return ckpt
 
 
@@ -1201,7 +1208,10 @@ def generate(model: CharLM, vocab: Vocab, prime: str, length: int, *, temperatur
 def _cmd_sample(args) -> int:
     device = _device(args.device)
     ckpt = _load_checkpoint(args.checkpoint)
-    vocab = Vocab(ckpt["vocab"])
+    try:
+        vocab = Vocab(ckpt["vocab"])
+    except (TypeError, ValueError) as e:
+        raise CLIError(f"{args.checkpoint} has a broken vocabulary ({e})") from None
     prime = args.prime
     if not prime:
         prime = "\n" if "\n" in vocab.index else vocab.chars[0]
@@ -1214,8 +1224,17 @@ def _cmd_sample(args) -> int:
         _backends.require(args.backend, device)
     except RuntimeError as e:
         raise CLIError(str(e)) from None
-    model = CharLM(**ckpt["model_config"], rnn_kwargs={"backend": args.backend})
-    model.load_state_dict(ckpt["model"])
+    try:
+        vocab_size = ckpt["model_config"].get("vocab_size")
+        if vocab_size != len(vocab):
+            raise ValueError(f"its model predicts {vocab_size} characters, its vocabulary has "
+                             f"{len(vocab)}")
+        model = CharLM(**ckpt["model_config"], rnn_kwargs={"backend": args.backend})
+        model.load_state_dict(ckpt["model"])
+    except (TypeError, ValueError, KeyError, RuntimeError, AttributeError) as e:
+        why = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise CLIError(f"{args.checkpoint} does not hold a model this version can build "
+                       f"({type(e).__name__}: {why})") from None
     model.to(device)
     gen = torch.Generator()
     if args.seed is not None:

@@ -1030,3 +1030,22 @@ def test_a_closed_stdout_does_not_stop_training(tmp_path, text_file):
     p.stdout.close()
     assert p.wait(timeout=120) == 0
     assert (out / "checkpoint.pt").exists()
+
+
+@pytest.mark.parametrize("damage,said", [
+    (lambda c: c.pop("vocab"), "is incomplete: it has no vocab"),
+    (lambda c: c["model_config"].update(new_option=1), "does not hold a model this version can build"),
+    (lambda c: c.update(vocab=c["vocab"][:-1]), "its model predicts"),
+    (lambda c: c["model"].pop("decoder.bias"), "does not hold a model this version can build"),
+    (lambda c: c.update(format="fused_rnn.charlm/2"), "written by another version of fused-rnn"),
+], ids=["no-vocab", "unknown-config", "short-vocab", "missing-weight", "newer-format"])
+def test_sample_says_what_is_wrong_with_a_checkpoint(capsys, tmp_path, text_file, damage, said):
+    """A checkpoint of the right format but other contents gave a traceback (KeyError,
+    TypeError, load_state_dict's RuntimeError), or sampled from a vocabulary one short."""
+    out = tmp_path / "r"
+    assert run(capsys, "train", "--text", text_file, *TINY, "--out", out, "--steps", 1)[0] == 0
+    ckpt = torch.load(out / "checkpoint.pt", weights_only=True)
+    damage(ckpt)
+    torch.save(ckpt, out / "checkpoint.pt")
+    rc, _, err = run(capsys, "sample", "--checkpoint", out / "checkpoint.pt", "--length", 5)
+    assert rc == 2 and said in err and len(err.strip().splitlines()) == 1, err
