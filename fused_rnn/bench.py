@@ -220,7 +220,7 @@ def _configure(args) -> Bench:
     steps = args.steps or dflt["steps"]
     precisions = args.precisions or list(dflt["precisions"])
     corpus = load_text_file(args.text) if args.text else load_default_corpus()
-    splits = split_corpus(corpus, 0.05, 100_000, B)
+    splits = split_corpus(corpus, 0.05, 100_000, B, split_flags=False)
     for p in precisions:
         _precision(p, device, "--precisions")  # CLIError for fp16, or bf16 where unsupported
     base_cfg = dict(cell=args.cell, hidden_size=args.hidden_size or dflt["hidden_size"],

@@ -240,20 +240,25 @@ class Splits:
     val_bounds: torch.Tensor
 
 
-def split_corpus(corpus: Corpus, val_frac: float, max_val_chars: int, batch_size: int) -> Splits:
-    """Encode; the last ``val_frac`` (at most ``max_val_chars``) is validation."""
+def split_corpus(corpus: Corpus, val_frac: float, max_val_chars: int, batch_size: int,
+                 *, split_flags: bool = True) -> Splits:
+    """Encode; the last ``val_frac`` (at most ``max_val_chars``) is validation.
+    ``split_flags``: whether the caller has --val-frac and --max-val-chars to suggest."""
     vocab = Vocab.from_text(corpus.text)
     n = len(corpus.text)
     n_val = min(int(n * val_frac), max_val_chars)
     n_train = n - n_val
     need = batch_size + 1
     if n_val < need or n_train < need:
+        hint = ""
+        if split_flags and n_val < need and n - need >= need:  # a larger split could help
+            hint = (", or a larger --max-val-chars" if n_val == max_val_chars
+                    else ", or a larger --val-frac" if int(n * 0.5) >= need else "")
         raise CLIError(
-            f"text too short: {n:,} characters give {n_train:,} for training and {n_val:,} "
-            f"for validation; --batch-size {batch_size} needs at least {need} of each "
-            f"(use a longer text or a smaller --batch-size"
-            + (", or a larger --max-val-chars" if n_val == max_val_chars and n_val < need
-               else ", or a larger --val-frac" if n_val < need else "") + ")"
+            f"text too short: {n:,} character{'s' if n != 1 else ''} give{'' if n != 1 else 's'} "
+            f"{n_train:,} for training and {n_val:,} for validation; --batch-size {batch_size} "
+            f"needs at least {need} of each (use a longer text or a smaller --batch-size"
+            f"{hint})"
         )
     ids = torch.tensor([vocab.index[c] for c in corpus.text], dtype=torch.long)
     bounds = torch.zeros(n, dtype=torch.bool)

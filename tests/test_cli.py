@@ -1049,3 +1049,17 @@ def test_sample_says_what_is_wrong_with_a_checkpoint(capsys, tmp_path, text_file
     torch.save(ckpt, out / "checkpoint.pt")
     rc, _, err = run(capsys, "sample", "--checkpoint", out / "checkpoint.pt", "--length", 5)
     assert rc == 2 and said in err and len(err.strip().splitlines()) == 1, err
+
+
+@pytest.mark.parametrize("n,batch,flags,hint", [
+    (200, 8, True, ", or a larger --val-frac)"),
+    (200, 8, False, "smaller --batch-size)"),  # the bench has no --val-frac to suggest
+    (1, 8, True, "smaller --batch-size)"),  # no split of one character can help
+    (40, 30, True, "smaller --batch-size)"),
+])
+def test_too_short_text_suggests_only_what_can_help(n, batch, flags, hint):
+    corpus = cli.Corpus("ab" * (n // 2) + "a" * (n % 2), [0], "t", "t")
+    with pytest.raises(cli.CLIError) as e:
+        cli.split_corpus(corpus, 0.01, 100_000, batch, split_flags=flags)
+    assert str(e.value).endswith(hint), str(e.value)
+    assert ("1 character gives" in str(e.value)) == (n == 1)
