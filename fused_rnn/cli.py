@@ -27,8 +27,10 @@ import io
 import math
 import os
 import random
+import signal
 import sys
 import tempfile
+import threading
 import time
 from dataclasses import dataclass
 
@@ -91,6 +93,15 @@ PRECISIONS = ("fp32", "bf16", "fp16", "amp-bf16", "amp-fp16")
 
 class CLIError(Exception):
     """A problem with the user's input: printed as one line, exit status 2."""
+
+
+class _Terminated(KeyboardInterrupt):
+    """SIGTERM (``timeout``, a batch scheduler), stopping a run as Ctrl-C does: the last
+    checkpoint is kept and the run resumes exactly. Exit status 143."""
+
+
+def _raise_terminated(signum, frame):
+    raise _Terminated()
 
 
 class _Parser(argparse.ArgumentParser):
@@ -832,8 +843,16 @@ def _cmd_train(args) -> int:
                 if os.path.exists(path):
                     os.unlink(path)
         _init_dist(d, device)
-        return _train(args, cfg, d, device, corpus, splits, ckpt, param_dtype, ac_dtype,
-                      use_scaler, ckpt_path, log_path, plot_path)
+        # SIGTERM stops the run as Ctrl-C does (in-process callers off the main thread keep
+        # theirs: only the main thread may set handlers).
+        on_main = threading.current_thread() is threading.main_thread()
+        previous = signal.signal(signal.SIGTERM, _raise_terminated) if on_main else None
+        try:
+            return _train(args, cfg, d, device, corpus, splits, ckpt, param_dtype, ac_dtype,
+                          use_scaler, ckpt_path, log_path, plot_path)
+        finally:
+            if on_main:
+                signal.signal(signal.SIGTERM, previous)
     finally:
         if d.enabled and dist.is_initialized():
             _destroy_process_group()
@@ -969,13 +988,20 @@ def _train(args, cfg, d, device, corpus, splits, ckpt, param_dtype, ac_dtype, us
         pending.clear()
 
     saved_step = None if ckpt is None else ckpt["step"]
+    saving = None  # the step being written, while atomic_save runs
 
     def kept() -> str:
+        if saving is not None:  # stopped inside the write: the rename may have happened
+            was = "no checkpoint" if saved_step is None else f"step {saved_step}"
+            return (f"{ckpt_path} is kept, stopped while writing step {saving} (it holds that "
+                    f"step or {was})")
         return ("no checkpoint was written" if saved_step is None else
                 f"{ckpt_path} (step {saved_step}) is kept")
 
+    args.kept = kept  # for main()'s message if the run is interrupted
+
     def save() -> None:
-        nonlocal saved_step
+        nonlocal saved_step, saving
         # A finite loss at step s says nothing of step s's update: check what is saved.
         # (The parameters are the same on every rank, so every rank stops here alike.)
         bad = next((n for n, p in model.named_parameters() if not torch.isfinite(p).all()), None)
@@ -992,7 +1018,9 @@ def _train(args, cfg, d, device, corpus, splits, ckpt, param_dtype, ac_dtype, us
         if not d.main:
             saved_step = step
             return
-        _write_or_say(ckpt_path, kept, lambda: atomic_save(
+        kept_before = kept()  # what a failed write leaves: atomic_save keeps the old file
+        saving = step
+        _write_or_say(ckpt_path, lambda: kept_before, lambda: atomic_save(
             {
                 "format": CHECKPOINT_FORMAT,
                 "step": step,
@@ -1019,7 +1047,7 @@ def _train(args, cfg, d, device, corpus, splits, ckpt, param_dtype, ac_dtype, us
             },
             ckpt_path,
         ))
-        saved_step = step
+        saved_step, saving = step, None
 
     pending: list[dict] = []
     first_val = None
@@ -1280,9 +1308,14 @@ def main(argv: list[str] | None = None) -> int:
     except CLIError as e:
         print(f"fused-rnn {args.command}: error: {e}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print(f"\nfused-rnn {args.command}: interrupted", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as e:
+        word, status = ("terminated", 143) if isinstance(e, _Terminated) else ("interrupted", 130)
+        kept = getattr(args, "kept", None)
+        said = "" if kept is None else f"; {kept()}" + (
+            f": continue it with fused-rnn train --resume --out {args.out}"
+            if "is kept" in kept() else "")
+        print(f"\nfused-rnn {args.command}: {word}{said}", file=sys.stderr)
+        return status
 
 
 if __name__ == "__main__":

@@ -1063,3 +1063,25 @@ def test_too_short_text_suggests_only_what_can_help(n, batch, flags, hint):
         cli.split_corpus(corpus, 0.01, 100_000, batch, split_flags=flags)
     assert str(e.value).endswith(hint), str(e.value)
     assert ("1 character gives" in str(e.value)) == (n == 1)
+
+
+@pytest.mark.parametrize("sig,status,word", [("SIGTERM", 143, "terminated"),
+                                             ("SIGINT", 130, "interrupted")])
+def test_a_stopped_run_says_which_checkpoint_is_kept_and_how_to_resume(tmp_path, text_file, sig,
+                                                                       status, word):
+    """SIGTERM (timeout, a scheduler) killed the run silently (status -15); Ctrl-C said only
+    "interrupted". Both now stop the same way, naming the checkpoint kept."""
+    out = tmp_path / "r"
+    p = subprocess.Popen([sys.executable, "-m", "fused_rnn.cli", "train", "--text", str(text_file),
+                          *TINY, "--out", str(out), "--steps", "1000000", "--ckpt-every", "1"],
+                         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while not (out / "checkpoint.pt").exists() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    p.send_signal(getattr(signal, sig))
+    _, err = p.communicate(timeout=120)
+    assert p.returncode == status, err[-2000:]
+    last = err.strip().splitlines()[-1]
+    assert last.startswith(f"fused-rnn train: {word}; {out / 'checkpoint.pt'}") and (
+        "is kept" in last and
+        last.endswith(f": continue it with fused-rnn train --resume --out {out}")), last
