@@ -711,14 +711,16 @@ def _resolve_run_config(args, ckpt: dict | None, corpus_sha: str) -> dict:
     return cfg
 
 
-def _check_writable(out: str, ckpt_path: str | None = None) -> None:
+def _check_writable(out: str, *files: str) -> None:
     """Refuse, before any training, an --out that cannot hold the run's files (the final
-    checkpoint or report would fail after all the work)."""
+    checkpoint or report would fail after all the work), or where one of ``files`` is a
+    directory."""
     try:
         os.makedirs(out, exist_ok=True)
-        if ckpt_path is not None and os.path.isdir(ckpt_path):
-            raise CLIError(f"--out {out}: {ckpt_path} is a directory; the checkpoint cannot "
-                           "be written there")
+        for path in files:
+            if os.path.isdir(path):
+                raise CLIError(f"--out {out}: {path} is a directory; the run's file cannot "
+                               "be written there")
         with tempfile.NamedTemporaryFile(dir=out, prefix=".fused_rnn_write_test."):
             pass
     except OSError as e:
@@ -806,7 +808,7 @@ def _cmd_train(args) -> int:
         raise CLIError(f"--variable-bptt draws chunk lengths of at least {VARIABLE_BPTT_MIN} "
                        f"around --bptt; --bptt {cfg['bptt']} is shorter than that")
     if d.rank == 0:
-        _check_writable(out, ckpt_path)
+        _check_writable(out, ckpt_path, log_path, plot_path)
     for k, v in INTERVAL_DEFAULTS.items():  # not part of the run: may change on --resume
         if getattr(args, k) is None:
             setattr(args, k, (ckpt or {}).get("intervals", {}).get(k, v))

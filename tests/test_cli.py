@@ -256,6 +256,7 @@ def _bad_inputs(tmp_path):
     torch.save({"step": 1}, tmp_path / "occupied" / "checkpoint.pt")
     (tmp_path / "ok.txt").write_text(_tiny_text())
     (tmp_path / "dir-checkpoint" / "checkpoint.pt").mkdir(parents=True)
+    (tmp_path / "dir-log" / "log.csv").mkdir(parents=True)  # its unlink was a traceback
     t = ["train", "--out", tmp_path / "run", *TINY]
     ok = ["train", "--text", tmp_path / "ok.txt", *TINY]
     return {
@@ -287,6 +288,7 @@ def _bad_inputs(tmp_path):
         "out-not-a-directory": (ok + ["--out", tmp_path / "ok.txt" / "sub"], "cannot write"),
         "checkpoint-is-a-directory": (ok + ["--out", tmp_path / "dir-checkpoint", "--overwrite"],
                                       "is a directory"),
+        "log-is-a-directory": (ok + ["--out", tmp_path / "dir-log"], "log.csv is a directory"),
         "bench-fp16": (["bench", "--precisions", "fp16"], "--precisions fp16"),
     }
 
@@ -298,7 +300,7 @@ BAD_IDS = ["missing-text", "empty-text", "blank-text", "non-utf8", "too-short", 
            "bench-unknown-backend", "no-subcommand", "resume-and-overwrite",
            "torch-nn-with-backend", "infinite-lr", "seed-out-of-range",
            "variable-bptt-too-short", "out-not-a-directory", "checkpoint-is-a-directory",
-           "bench-fp16"]
+           "log-is-a-directory", "bench-fp16"]
 
 
 @pytest.mark.parametrize("case", BAD_IDS)
