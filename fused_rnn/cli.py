@@ -19,6 +19,7 @@ Bad input exits with status 2 and one line on stderr (no traceback).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import gc
 import hashlib
@@ -102,6 +103,26 @@ class _Terminated(KeyboardInterrupt):
 
 def _raise_terminated(signum, frame):
     raise _Terminated()
+
+
+@contextlib.contextmanager
+def _signals_deferred():
+    """Ctrl-C and SIGTERM wait for the end of the block, then are delivered again. A
+    KeyboardInterrupt inside torch.save's writer came out as a RuntimeError ("unexpected
+    pos"): the run then reported a failed write, not the interrupt."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    got: list[int] = []
+    old = {s: signal.signal(s, lambda signum, frame: got.append(signum))
+           for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for s, handler in old.items():
+            signal.signal(s, handler)
+    if got:
+        signal.raise_signal(got[0])
 
 
 class _Parser(argparse.ArgumentParser):
@@ -1022,34 +1043,35 @@ def _train(args, cfg, d, device, corpus, splits, ckpt, param_dtype, ac_dtype, us
             return
         kept_before = kept()  # what a failed write leaves: atomic_save keeps the old file
         saving = step
-        _write_or_say(ckpt_path, lambda: kept_before, lambda: atomic_save(
-            {
-                "format": CHECKPOINT_FORMAT,
-                "step": step,
-                "tokens": tokens_seen,
-                "elapsed_s": elapsed,
-                "run": cfg,
-                "model_config": model.config,
-                "vocab": splits.vocab.chars,
-                "corpus": {"source": corpus.source, "description": corpus.description,
-                           "sha256": corpus.sha256},
-                "model": model.state_dict(),
-                "optimizer": optimizer.state_dict(),
-                "scaler": scaler.state_dict() if scaler is not None else None,
-                "data": batcher.state_dict(),
-                "hidden": hidden,
-                "rng": rng,
-                "world_size": d.world,
-                "intervals": {k: getattr(args, k) for k in INTERVAL_DEFAULTS},
-                "threads": args.threads,
-                "steps": args.steps,
-                "backend": args.backend,
-                "torch_nn": args.torch_nn,
-                "versions": {"torch": str(torch.__version__), "fused_rnn": str(fused_rnn.__version__)},
-            },
-            ckpt_path,
-        ))
-        saved_step, saving = step, None
+        with _signals_deferred():
+            _write_or_say(ckpt_path, lambda: kept_before, lambda: atomic_save(
+                {
+                    "format": CHECKPOINT_FORMAT,
+                    "step": step,
+                    "tokens": tokens_seen,
+                    "elapsed_s": elapsed,
+                    "run": cfg,
+                    "model_config": model.config,
+                    "vocab": splits.vocab.chars,
+                    "corpus": {"source": corpus.source, "description": corpus.description,
+                               "sha256": corpus.sha256},
+                    "model": model.state_dict(),
+                    "optimizer": optimizer.state_dict(),
+                    "scaler": scaler.state_dict() if scaler is not None else None,
+                    "data": batcher.state_dict(),
+                    "hidden": hidden,
+                    "rng": rng,
+                    "world_size": d.world,
+                    "intervals": {k: getattr(args, k) for k in INTERVAL_DEFAULTS},
+                    "threads": args.threads,
+                    "steps": args.steps,
+                    "backend": args.backend,
+                    "torch_nn": args.torch_nn,
+                    "versions": {"torch": str(torch.__version__), "fused_rnn": str(fused_rnn.__version__)},
+                },
+                ckpt_path,
+            ))
+            saved_step, saving = step, None
 
     pending: list[dict] = []
     first_val = None
