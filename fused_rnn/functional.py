@@ -124,7 +124,11 @@ def rnn_layer(
     else:
         name = backend if backend in backends.KERNEL_BACKENDS else "reference"
         impl = backends.kernel_impl(name, "layer", **_config(mode, x, w_hh, w_hr, lengths))
-    return impl.rnn_layer(mode, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, reverse)
+    # With the inputs cast, autocast is off inside: the reference's GEMMs then accumulate and
+    # return fp32 as the kernels' ops (autocast off, ops.common.register_autocast) do, rather
+    # than gates rounded to the autocast dtype.
+    with _autocast_off(x.device) if ac is not None else contextlib.nullcontext():
+        return impl.rnn_layer(mode, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, reverse)
 
 
 def rnn_cell(
@@ -149,7 +153,8 @@ def rnn_cell(
     if backend in ("auto", "torch"):
         return _torch_cell(mode, x, h, c, w_ih, w_hh, b_ih, b_hh)
     impl = backends.kernel_impl(backend, "cell", **_config(mode, x, w_hh, None, None))
-    return impl.rnn_cell(mode, x, h, c, w_ih, w_hh, b_ih, b_hh)
+    with _autocast_off(x.device) if ac is not None else contextlib.nullcontext():  # as above
+        return impl.rnn_cell(mode, x, h, c, w_ih, w_hh, b_ih, b_hh)
 
 
 def _torch_cell(mode, x, h, c, w_ih, w_hh, b_ih, b_hh):

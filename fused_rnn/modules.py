@@ -403,9 +403,11 @@ class _RNNStack(nn.Module):
             ref = data
         else:
             if input.dim() not in (2, 3):
+                # torch.nn's wording, which differs by class ("tensor" in RNN's only)
+                what = "D tensor" if self.mode.startswith("RNN") else "D"
                 raise ValueError(
                     f"{_MODE_NAMES[self.mode]}: Expected input to be 2D or 3D, got "
-                    f"{input.dim()}D tensor instead"
+                    f"{input.dim()}{what} instead"
                 )
             is_batched = input.dim() == 3
             batch_dim = 0 if self.batch_first else 1
@@ -422,10 +424,11 @@ class _RNNStack(nn.Module):
                 want = 3 if is_batched else 2
                 if any(h.dim() != want for h in hs):
                     kind = "batched 3-D" if is_batched else "unbatched 2-D"
-                    dims = ", ".join(f"{h.dim()}-D" for h in hs)
+                    dims = ", ".join(f"{h.dim()}-D" for h in hs)  # torch.nn's wording:
+                    got = f"({dims}) tensors" if is_lstm else f"{dims} tensor"
                     raise RuntimeError(
                         f"For {kind} input, hx{' and cx' if is_lstm else ''} should also be "
-                        f"{want}-D but got ({dims}) tensor{'s' if is_lstm else ''}"
+                        f"{want}-D but got {got}"
                     )
                 if not is_batched:
                     hs = tuple(h.unsqueeze(1) for h in hs)
@@ -831,8 +834,10 @@ class _CellBase(nn.Module):
         super().__setstate__(state)
         self.__dict__.setdefault("backend", "auto")
         if "mode" not in self.__dict__:  # torch.nn's cells have no mode
+            relu = getattr(self, "nonlinearity", "tanh") == "relu"
             self.mode = ("LSTM" if isinstance(self, LSTMCell) else
-                         "GRU" if isinstance(self, GRUCell) else "RNN_TANH")
+                         "GRU" if isinstance(self, GRUCell) else
+                         "RNN_RELU" if relu else "RNN_TANH")
 
     def extra_repr(self) -> str:
         s = f"{self.input_size}, {self.hidden_size}"

@@ -54,6 +54,16 @@ def test_bad_constructor_args(step, cell, args, kwargs):
     assert str(got.value), "error message must not be empty"
 
 
+@pytest.mark.parametrize("cls", [fused_rnn.LSTMCell, fused_rnn.GRUCell, fused_rnn.RNNCell])
+def test_a_negative_cell_size_names_the_argument(cls):
+    """torch.nn fails inside torch.empty ("negative dimension -6: [-6, 4]"); the cells say
+    which size is wrong, with the same exception type."""
+    with pytest.raises(RuntimeError, match="input_size must be at least zero, got -1"):
+        cls(-1, 4)
+    with pytest.raises(RuntimeError, match="hidden_size must be at least zero, got -2"):
+        cls(3, -2)
+
+
 @pytest.mark.parametrize("cls", [fused_rnn.LSTM, fused_rnn.GRUCell])
 def test_a_bad_backend_is_refused_where_it_is_assigned(cls):
     """``m.backend = "bogus"`` used to be accepted and fail at the next call (under
@@ -209,6 +219,24 @@ def test_gru_hx_tuple_says_so():
         fused_rnn.GRU(4, 6)(torch.randn(5, 3, 4), (h,))
 
 
+# Where torch.nn's message comes from deep inside aten, ours says what is wrong in the module's
+# terms instead (the exception type stays nn's): an LSTM or LSTMCell hx that is not a pair (nn:
+# "lstm_cell expects two hidden states", or the binding's "argument 'hx' (position 2)" and
+# "lstm() received an invalid combination of arguments"), and an hx whose dtype
+# differs from the input's (nn on the CPU: "get_mkldnn_dtype: unsupported data type").
+OWN_MESSAGES = {"hx-empty", "hx-one", "hx-three", "hx-tensor", "hx-stacked", "hx-dtype-mismatch",
+                "hx-three-tensors", "hx-one-stacked-tensor"}
+
+
+def _assert_same_message(got, want, case):
+    """Our error is torch.nn's, word for word, except in the cases above, where it must still
+    say something."""
+    if case in OWN_MESSAGES:
+        assert str(got) and str(got) != str(want)
+    else:
+        assert str(got) == str(want)
+
+
 @pytest.mark.parametrize("cell,case,make", list(_bad_forward_cases()), ids=lambda v: v if isinstance(v, str) else "")
 @pytest.mark.parametrize("backend", ["reference", "auto"])
 def test_bad_forward_inputs(cell, case, make, backend):
@@ -221,7 +249,7 @@ def test_bad_forward_inputs(cell, case, make, backend):
         ref(*args)
     with pytest.raises(want.type) as got:
         ours(*args)
-    assert str(got.value)
+    _assert_same_message(got.value, want.value, case)
 
 
 def _bad_cell_cases():
@@ -258,7 +286,7 @@ def test_bad_cell_inputs(cell, case, make, backend):
         ref(*args)
     with pytest.raises(want.type) as got:
         ours(*args)
-    assert str(got.value)
+    _assert_same_message(got.value, want.value, case)
 
 
 @pytest.mark.parametrize("backend", ["reference", "auto"])
@@ -319,6 +347,11 @@ BAD_LAYER_ARGS = [
     ("w_hh-on-meta", "GRU", lambda a: {"w_hh": a["w_hh"].to("meta")}, RuntimeError),
     ("x-integer", "GRU", lambda a: {"x": a["x"].long()}, TypeError),
     ("x-2d", "GRU", lambda a: {"x": a["x"][0]}, RuntimeError),
+    # without a projection w_hh is (G*H, H), even where h0 agrees with other columns
+    ("w_hh-and-h0-columns", "LSTM", lambda a: {"w_hh": a["w_hh"][:, :6], "h0": a["h0"][:, :6]},
+     RuntimeError),
+    ("b_ih-list", "GRU", lambda a: {"b_ih": a["b_ih"].tolist()}, TypeError),
+    ("lengths-list", "GRU", lambda a: {"lengths": [3, 2, 1]}, TypeError),
 ]
 
 
@@ -355,11 +388,14 @@ def test_functional_cell_and_stack_refuse_arguments_of_the_wrong_shape():
         functional.rnn_cell("GRU", a["x"][0, :2], a["h0"], None, a["w_ih"][:24], a["w_hh"][:24])
     w = [(a["w_ih"], a["w_hh"], a["b_ih"], a["b_hh"], None)]
     for kw, said in [({"num_layers": 0}, "num_layers"), ({"dropout": -0.5}, "dropout"),
-                     ({"hx": a["h0"][None].repeat(2, 1, 1)}, "hx must be")]:
-        args = {"num_layers": 1, "bidirectional": False, "hx": a["h0"][None], **kw}
-        hx = args.pop("hx")
+                     ({"hx": a["h0"][None].repeat(2, 1, 1)}, "hx must be"),
+                     ({"weights": w * 2}, "weight tuples")]:  # one layer, two tuples
+        args = {"num_layers": 1, "bidirectional": False, "hx": a["h0"][None], "weights": w,
+                **kw}
+        hx, weights = args.pop("hx"), args.pop("weights")
         with pytest.raises((ValueError, RuntimeError), match=said):
-            functional.rnn("LSTM", a["x"], hx, a["c0"][None], w, backend="reference", **args)
+            functional.rnn("LSTM", a["x"], hx, a["c0"][None], weights, backend="reference",
+                           **args)
 
 
 def test_cuda_layer_op_checks_its_arguments_too():

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import itertools
 import warnings
 
@@ -21,6 +22,7 @@ from helpers import (
 from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence
 
 import fused_rnn
+from fused_rnn import functional
 
 # dtype, atol, rtol — fp32 tolerances cover summation-order differences over T steps and
 # two layers; fp64 must agree to rounding.
@@ -208,6 +210,7 @@ def test_a_torch_nn_pickle_unpickles_as_ours(cell):
     if not is_cell:
         ref.proj_size = 0
     assert type(ours) is our_cls and ours.backend == "auto"
+    assert ours.mode == our_cls(3, 5, **extra).mode  # RNN_RELU for a relu RNNCell
     x = torch.randn(2, 3) if is_cell else torch.randn(4, 2, 3)
     assert_close_list(outputs_of(ours(x)), outputs_of(ref(x)), 0, 0, "outputs")
 
@@ -598,6 +601,10 @@ def test_rnnbase_public_helpers_match_torch_nn(cell):
             assert _outcome(ours.check_forward_args, *args) == _outcome(ref.check_forward_args, *args)
             args = (h, (L, B, P))
             assert _outcome(ours.check_hidden_size, *args) == _outcome(ref.check_hidden_size, *args)
+        if lstm:  # the cell state's size is checked too
+            args = (x, (torch.zeros(L, B, P), torch.zeros(L, B, 7)), None)
+            assert _outcome(ref.check_forward_args, *args) is RuntimeError
+            assert _outcome(ours.check_forward_args, *args) is RuntimeError
         h = torch.randn(L, 5, P)
         hidden = (h, torch.randn(L, 5, 6)) if lstm else h
         for perm in (None, torch.tensor([2, 0, 1, 4, 3])):
@@ -670,6 +677,49 @@ def test_cpu_autocast_follows_torch_nn(cell, backend):
     for a, b in zip(got, want):
         assert a.dtype == torch.bfloat16
         torch.testing.assert_close(a.float(), b.float(), atol=2e-2, rtol=2e-2)
+    # and exactly what the same module computes on bf16 data and weights outside autocast
+    ours16 = copy.deepcopy(ours).bfloat16()
+    assert_close_list(got, outputs_of(ours16(x.bfloat16())), 0, 0, "autocast vs bf16")
+
+
+@pytest.mark.parametrize("backend", ["reference", "auto"])
+@pytest.mark.parametrize("cell", list(STEP_CELLS))
+def test_cpu_autocast_cells_compute_in_the_autocast_dtype(cell, backend):
+    """The single-step cells follow autocast as the stacks do (torch.nn's LSTMCell and GRUCell
+    stay fp32 on the CPU, where autocast has no rule for them): bf16 out, and the values of
+    the same cell run on bf16 inputs."""
+    _, cls, extra = STEP_CELLS[cell]
+    torch.manual_seed(0)
+    m = cls(3, 4, backend=backend, **extra)
+    x, h = torch.randn(2, 3), torch.randn(2, 4)
+    hx = (h, torch.randn(2, 4)) if cell == "lstm" else h
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = _cell_outputs(m(x, hx))
+    m16 = cls(3, 4, backend=backend, dtype=torch.bfloat16, **extra)
+    m16.load_state_dict(m.state_dict())
+    hx16 = tuple(t.bfloat16() for t in hx) if cell == "lstm" else hx.bfloat16()
+    want = _cell_outputs(m16(x.bfloat16(), hx16))
+    assert [t.dtype for t in got] == [torch.bfloat16] * len(got)
+    assert_close_list(got, want, 0, 0, "autocast vs bf16")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("cell", list(STEP_CELLS))
+def test_auto_cells_are_torch_nns_kernels_bit_for_bit(cell, dtype):
+    """``auto``'s cells run PyTorch's own cell kernels: the same bits as torch.nn's cells in
+    every dtype (the reference math differs from them by bf16 rounding)."""
+    nn_cls, cls, extra = STEP_CELLS[cell]
+    torch.manual_seed(0)
+    ref = nn_cls(7, 33, dtype=dtype, **extra)
+    ours = cls(7, 33, dtype=dtype, **extra)
+    ours.load_state_dict(ref.state_dict())
+    x, h = torch.randn(5, 7, dtype=dtype), torch.randn(5, 33, dtype=dtype)
+    hx = (h, torch.randn(5, 33, dtype=dtype)) if cell == "lstm" else h
+    assert_close_list(_cell_outputs(ours(x, hx)), _cell_outputs(ref(x, hx)), 0, 0, "cells")
+
+
+def _cell_outputs(out) -> list[torch.Tensor]:
+    return list(out) if isinstance(out, tuple) else [out]
 
 
 @pytest.mark.parametrize("packed", [False, True], ids=["padded", "packed"])
@@ -833,6 +883,8 @@ def test_integer_like_arguments_and_positional_order_as_torch_nn():
         ref = nn_cls(*args, **kwargs)
         ours = our_cls(*args, **kwargs)
         assert repr(ours) == repr(ref), (cell, args)
+        ours.backend = "reference"  # a backend other than the default is shown
+        assert repr(ours) == repr(ref)[:-1] + ", backend='reference')", (cell, args)
         ours.load_state_dict(ref.state_dict())
         x = torch.randn(5, 3, 4, dtype=ref.weight_ih_l0.dtype)
         if ref.batch_first:
@@ -926,6 +978,9 @@ def test_autocast_leaves_fp64_and_complex_modules_alone(cls, dtype, backend):
     want = out()
     with torch.autocast("cpu", dtype=torch.bfloat16):
         got = out()
+        assert functional.compute_dtype(x.device, dtype) == dtype  # what backend="auto" sees
+        if cls != "GRUCell":
+            assert m.stack_config(x.device, dtype, 2)["dtype"] == dtype
     assert got.dtype == dtype
     torch.testing.assert_close(got, want, rtol=0, atol=0)
 
