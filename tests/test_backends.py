@@ -121,6 +121,22 @@ def test_a_warning_from_inside_a_context_manager_points_at_the_caller():
     assert record[0].filename == __file__
 
 
+@pytest.mark.parametrize("name", ["triton", "cuda"])
+def test_functional_layer_on_meta_infers_shapes_without_a_fallback(monkeypatch, name):
+    """No kernel runs on meta tensors, on any machine: the reference infers the shapes, and
+    that is not a fallback (no warning, nothing counted)."""
+    monkeypatch.setattr(backends, "_warned", set())
+    monkeypatch.setattr(backends, "_fallbacks", {})
+    m = {"device": "meta"}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        y, h, _ = functional.rnn_layer("GRU", torch.randn(5, 3, 4, **m), torch.zeros(3, 8, **m),
+                                       None, torch.randn(24, 4, **m), torch.randn(24, 8, **m),
+                                       backend=name)
+    assert (y.shape, h.shape, y.device.type) == ((5, 3, 8), (3, 8), "meta")
+    assert not backends.fallback_counts()
+
+
 def test_cuda_falls_back_through_triton(monkeypatch):
     seen = []
 
@@ -347,6 +363,22 @@ def test_tf32_gemm_windows_of_two_threads_do_not_interleave(fp32_precision_resto
     second.join(5)
     assert seen == {True: ["tf32"] * 5, False: ["ieee"] * 5}
     assert matmul.fp32_precision == "ieee"
+
+
+@pytest.mark.parametrize("before", ["ieee", "tf32"])
+def test_a_tf32_window_restores_the_setting_it_found(fp32_precision_restored, before):
+    """On leaving, normally or by an exception, the process gets back the setting it had."""
+    from fused_rnn.ops.common import tf32_gemms
+
+    matmul = torch.backends.cuda.matmul
+    matmul.fp32_precision = before
+    for enabled in (True, False):
+        with tf32_gemms(enabled):
+            assert matmul.fp32_precision == ("tf32" if enabled else "ieee")
+        assert matmul.fp32_precision == before
+        with pytest.raises(KeyError), tf32_gemms(enabled):
+            raise KeyError
+        assert matmul.fp32_precision == before
 
 
 def test_a_child_forked_inside_another_threads_tf32_window_can_open_its_own():

@@ -100,6 +100,10 @@ def test_subclasses_stay_and_hooked_or_parametrized_modules_are_refused():
         from_torch_nn(param)
     with pytest.raises(ValueError, match="unknown backend"):
         from_torch_nn(nn.LSTM(3, 4), backend="fast")
+    extra = nn.LSTM(3, 4)  # a parameter ours would not have: refused, not dropped
+    extra.register_parameter("scale", nn.Parameter(torch.ones(4)))
+    with pytest.raises(ValueError, match="parameters"):
+        from_torch_nn(nn.Sequential(extra))
     with pytest.raises(TypeError, match="nn.Module"):
         to_torch_nn(object())
 

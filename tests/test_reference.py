@@ -151,6 +151,28 @@ def test_low_precision_contract(mode, dtype, factor, floor):
     assert err_ours <= factor * err_torch + floor, (err_ours, err_torch)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("mode", MODES)
+def test_low_precision_is_fp32_math_rounded_once_a_step(mode, dtype):
+    """The contract itself, exactly: in bf16/fp16 each step is the fp32 computation on the
+    stored (rounded) values, and only h (the output) is rounded to the dtype, after each step;
+    the LSTM cell state stays fp32 between steps. The error bound above cannot tell this from
+    computing in the low dtype, or from an h kept in fp32 between steps."""
+    inp = {k: (None if v is None else v.detach().to(dtype))
+           for k, v in _layer_inputs(mode, B=3, T=6, I=5, H=8).items()}
+    y, h_n, c_n = reference.rnn_layer(mode, **inp)
+    f32 = {k: (None if v is None else v.float()) for k, v in inp.items()}
+    h, c = f32["h0"], f32["c0"]
+    for t in range(6):
+        step = {**f32, "x": f32["x"][t:t + 1], "h0": h, "c0": c}
+        _, h, c = reference.rnn_layer(mode, **step)
+        assert torch.equal(y[t], h.to(dtype)), (mode, t)
+        h = h.to(dtype).float()
+    assert torch.equal(h_n, h.to(dtype))
+    if mode == "LSTM":
+        assert torch.equal(c_n, c.to(dtype))
+
+
 def test_empty_sequence():
     inp = {k: (None if v is None else v.detach()) for k, v in _layer_inputs("GRU", T=0).items()}
     y, h, _ = reference.rnn_layer("GRU", **inp)
