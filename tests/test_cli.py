@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import csv
 import importlib.util
+import itertools
+import math
 import os
 import shutil
 import signal
@@ -24,7 +26,7 @@ import fused_rnn.ops.reference as reference_ops
 from fused_rnn import bench, cli
 from fused_rnn.charlm import CharLM
 from fused_rnn.cli import main
-from fused_rnn.tbptt import StreamBatcher, train_chunk
+from fused_rnn.tbptt import StreamBatcher, eval_mode, train_chunk
 
 # matplotlib is the "train" extra; CI installs only "test", so the plots are checked if possible.
 HAVE_MPL = importlib.util.find_spec("matplotlib") is not None
@@ -1087,3 +1089,304 @@ def test_a_stopped_run_says_which_checkpoint_is_kept_and_how_to_resume(tmp_path,
     assert last.startswith(f"fused-rnn train: {word}; {out / 'checkpoint.pt'}") and (
         "is kept" in last and
         last.endswith(f": continue it with fused-rnn train --resume --out {out}")), last
+
+
+# ------------------------------------------------------------- found by mutation testing
+def test_train_carries_the_state_clips_logs_bits_and_applies_weight_decay(capsys, tmp_path,
+                                                                         text_file):
+    """One short run: the checkpoint holds the carried LSTM state; every row has a grad norm
+    (--clip 1) and train_bpc = train_loss / ln 2 (each rounded to 6 decimals); elapsed_s at
+    each flush; the last step validates (off --eval-every), and its val_bpc is the saved
+    model's mean cross-entropy over the whole validation streams, in bits; --weight-decay
+    reaches Adam. --clip 0 logs no grad norm."""
+    out = tmp_path / "run"
+    rc, _, err = run(capsys, "train", "--text", text_file, "--out", out, *TINY, "--steps", 4,
+                     "--log-every", 2, "--weight-decay", 0.25)
+    assert rc == 0, err
+    rows = _log(out / "log.csv")
+    ckpt = torch.load(out / "checkpoint.pt", weights_only=True)
+    h, c = ckpt["hidden"]
+    assert h.shape == c.shape == (1, 4, 16) and h.abs().min() > 0 and c.abs().min() > 0
+    assert ckpt["optimizer"]["param_groups"][0]["weight_decay"] == 0.25
+    assert all(r["grad_norm"] for r in rows[1:])
+    for r in rows[1:]:
+        assert float(r["train_bpc"]) == pytest.approx(float(r["train_loss"]) / math.log(2),
+                                                      rel=0, abs=1.3e-6), r
+    assert [r["step"] for r in rows if r["elapsed_s"]] == ["0", "2", "4"]
+    assert float(rows[2]["elapsed_s"]) < float(rows[4]["elapsed_s"])
+    assert [r["step"] for r in rows if r["val_bpc"]] == ["0", "4"]
+    # The last val_bpc, recomputed: one forward over each validation stream.
+    model = CharLM(**ckpt["model_config"])
+    model.load_state_dict(ckpt["model"])
+    run_cfg = ckpt["run"]
+    splits = cli.split_corpus(cli.load_text_file(str(text_file)), run_cfg["val_frac"],
+                              run_cfg["max_val_chars"], 4)
+    whole = StreamBatcher(splits.val, 4, 10**9).next_chunk()
+    with torch.no_grad():
+        logits, _ = model.eval()(whole.x)
+    nats = torch.nn.functional.cross_entropy(logits.flatten(0, 1), whole.y.flatten()).item()
+    assert float(rows[-1]["val_bpc"]) == pytest.approx(nats / math.log(2), rel=1e-5)
+    rc, _, err = run(capsys, "train", "--text", text_file, "--out", tmp_path / "noclip", *TINY,
+                     "--steps", 2, "--clip", 0)
+    assert rc == 0, err
+    assert not any(r["grad_norm"] for r in _log(tmp_path / "noclip" / "log.csv"))
+
+
+def test_variable_bptt_scales_the_lr_by_the_chunk_length(capsys, tmp_path, text_file):
+    """AWD-LSTM: a chunk of length L takes lr * L / bptt (L from the tokens column)."""
+    out = tmp_path / "run"
+    rc, _, err = run(capsys, "train", "--text", text_file, "--out", out, *TINY, "--steps", 8,
+                     "--variable-bptt", "--lr", 0.01, "--log-every", 1)
+    assert rc == 0, err
+    rows = _log(out / "log.csv")
+    lengths = [(int(b["tokens"]) - int(a["tokens"])) // 4 for a, b in itertools.pairwise(rows)]
+    assert len(set(lengths)) > 1
+    assert [r["lr"] for r in rows[1:]] == [f"{0.01 * n / 16:.6g}" for n in lengths]
+
+
+def test_resume_continues_the_scaler_clock_threads_and_log_and_refuses_another_text(
+        capsys, tmp_path, text_file):
+    """--resume of an amp-fp16 run: the GradScaler's state ends as in an uninterrupted run;
+    elapsed_s goes on from the checkpoint's (set to 1000 s here); the run's --threads is
+    kept; log rows written after the checkpoint (a run killed between a flush and a save)
+    are dropped; a killed save's temp file is removed. A changed text is refused."""
+    base = ["--text", text_file, *TINY[:-2], "--precision", "amp-fp16"]
+    rc, _, err = run(capsys, "train", *base, "--threads", 1, "--out", tmp_path / "whole",
+                     "--steps", 6)
+    assert rc == 0, err
+    out = tmp_path / "part"
+    rc, _, err = run(capsys, "train", *base, "--threads", 2, "--out", out, "--steps", 3)
+    assert rc == 0, err
+    first = torch.load(out / "checkpoint.pt", weights_only=True)
+    first["elapsed_s"] = 1000.0  # far beyond the resumed steps' own time
+    torch.save(first, out / "checkpoint.pt")
+    rows = _log(out / "log.csv")
+    with open(out / "log.csv", "a", newline="") as f:  # steps 4, 5 logged, then killed
+        w = csv.DictWriter(f, list(rows[0]), lineterminator="\n")
+        w.writerows({**rows[-1], "step": s, "val_bpc": ""} for s in (4, 5))
+    (out / ".checkpoint.pt.x1y2.tmp").write_bytes(b"torn")
+    t0 = time.monotonic()
+    rc, _, err = run(capsys, "train", "--out", out, "--resume", "--steps", 6)
+    wall = time.monotonic() - t0
+    assert rc == 0, err
+    ckpt = torch.load(out / "checkpoint.pt", weights_only=True)
+    whole = torch.load(tmp_path / "whole" / "checkpoint.pt", weights_only=True)
+    assert ckpt["scaler"] == whole["scaler"]
+    assert 1000.0 < ckpt["elapsed_s"] < 1000.0 + wall and ckpt["threads"] == 2
+    assert [int(r["step"]) for r in _log(out / "log.csv")] == list(range(7))
+    assert not (out / ".checkpoint.pt.x1y2.tmp").exists()
+    with open(text_file, "a") as f:
+        f.write("alpha beta.\n")
+    rc, _, err = run(capsys, "train", "--out", out, "--resume", "--steps", 7)
+    assert rc == 2 and "different text" in err, err
+
+
+def test_validation_is_the_texts_end_and_document_starts_reach_both_batchers(
+        capsys, tmp_path, monkeypatch):
+    """split_corpus: validation is exactly the last int(n * val_frac) characters, training the
+    rest, in order; each split's reset boundaries are its document starts. train gives those
+    boundaries to the training and the validation batcher."""
+    docs = ["alpha beta gamma\n" * 30, "delta lstm gru\n" * 40, "tensor step loss\n" * 25,
+            "x y z\n" * 60]
+    text = "".join(docs)
+    starts = [sum(map(len, docs[:i])) for i in range(len(docs))]
+    corpus = cli.Corpus(text, starts, "four documents", "default")
+    s = cli.split_corpus(corpus, 0.3, 10**6, 4)
+    n_val = int(len(text) * 0.3)
+    n_train = len(text) - n_val
+    assert s.val.numel() == n_val
+    assert torch.equal(torch.cat([s.train, s.val]),
+                       torch.tensor([s.vocab.index[c] for c in text]))
+    assert s.train_bounds.nonzero().flatten().tolist() == [p for p in starts if p < n_train]
+    assert s.val_bounds.nonzero().flatten().tolist() == [p - n_train for p in starts
+                                                         if p >= n_train] != []
+    given = []
+
+    class Spy(StreamBatcher):
+        def __init__(self, tokens, *a, boundaries=None, **k):
+            given.append(None if boundaries is None else boundaries.nonzero().flatten().tolist())
+            super().__init__(tokens, *a, boundaries=boundaries, **k)
+
+    monkeypatch.setattr(cli, "StreamBatcher", Spy)
+    monkeypatch.setattr(cli, "load_default_corpus", lambda: corpus)
+    rc, _, err = run(capsys, "train", "--out", tmp_path / "run", "--hidden-size", 8,
+                     "--batch-size", 4, "--bptt", 8, "--steps", 1, "--threads", 1,
+                     "--val-frac", 0.3)
+    assert rc == 0, err
+    assert given == [s.train_bounds.nonzero().flatten().tolist(),
+                     s.val_bounds.nonzero().flatten().tolist()]
+
+
+def test_log_tokens_count_the_short_chunk_that_ends_an_epoch(capsys, tmp_path):
+    """tokens adds the tokens each chunk trained: at the end of epoch 0, B x n, not a
+    multiple of B x bptt."""
+    text = tmp_path / "short.txt"
+    text.write_text(_tiny_text(12))
+    out = tmp_path / "run"
+    rc, _, err = run(capsys, "train", "--text", text, "--out", out, *TINY, "--steps", 8,
+                     "--log-every", 1, "--val-frac", "0.2")
+    assert rc == 0, err
+    n = torch.load(out / "checkpoint.pt", weights_only=True)["data"]["steps_per_stream"]
+    assert n % 16 and n < 8 * 16  # the epoch ends within the run, with a short chunk
+    epoch0 = [r for r in _log(out / "log.csv")[1:] if r["epoch"] == "0"]
+    assert int(epoch0[-1]["tokens"]) == 4 * n
+
+
+def test_a_training_loss_that_is_not_finite_stops_the_run_naming_its_step(
+        capsys, tmp_path, text_file, monkeypatch):
+    """A NaN loss at step 3 stops the run at the next log boundary (step 4), naming step 3."""
+    calls = []
+
+    def nan_loss_at_step_3(*a, **k):
+        loss, state, gnorm = train_chunk(*a, **k)
+        calls.append(1)
+        return (torch.tensor(float("nan")) if len(calls) == 3 else loss), state, gnorm
+
+    monkeypatch.setattr(cli, "train_chunk", nan_loss_at_step_3)
+    rc, _, err = run(capsys, "train", "--text", text_file, "--out", tmp_path / "run", *TINY,
+                     "--steps", 8, "--log-every", 4)
+    assert rc == 2 and "training loss is not finite at step 3" in err, err
+
+
+def test_resume_across_epochs_gives_the_same_log(capsys, tmp_path):
+    """A run stopped at step 14 (in epoch 1, with random chunk lengths and dropout) and
+    resumed gives the uninterrupted run's rows, epoch column included."""
+    text = tmp_path / "short.txt"
+    text.write_text(_tiny_text(12))
+    args = ["--text", text, *TINY, "--val-frac", "0.2", "--eval-every", 5, "--log-every", 1,
+            "--ckpt-every", 7, "--dropout", "0.3", "--variable-bptt", "--layers", "2"]
+    rc, _, err = run(capsys, "train", *args, "--out", tmp_path / "a", "--steps", 30)
+    assert rc == 0, err
+    rc, _, err = run(capsys, "train", *args, "--out", tmp_path / "b", "--steps", 14)
+    assert rc == 0, err
+    rc, _, err = run(capsys, "train", "--out", tmp_path / "b", "--resume", "--steps", 30)
+    assert rc == 0, err
+    a, b = _log(tmp_path / "a" / "log.csv"), _log(tmp_path / "b" / "log.csv")
+    assert {r["epoch"] for r in a[1:]} >= {"0", "1", "2"}
+    assert _losses(a) == _losses(b) and _vals(a, 5) == _vals(b, 5)
+
+
+def test_seed_picks_the_initial_weights(capsys, tmp_path, text_file):
+    """--seed sets the initial weights too, not only dropout and chunk lengths."""
+    weights = []
+    for i, seed in enumerate((0, 1, 1)):
+        out = tmp_path / f"s{i}"
+        rc, _, err = run(capsys, "train", "--text", text_file, "--out", out, *TINY, "--steps", 0,
+                         "--seed", seed)
+        assert rc == 0, err
+        weights.append(torch.load(out / "checkpoint.pt", weights_only=True)["model"]
+                       ["encoder.weight"])
+    assert not torch.equal(weights[0], weights[1]) and torch.equal(weights[1], weights[2])
+
+
+def test_overwrite_removes_the_old_runs_plot_too(capsys, tmp_path, text_file, monkeypatch):
+    """An --overwrite run stopped before its first flush leaves nothing of the old run: no
+    checkpoint, and no loss.png beside the new log."""
+    out = tmp_path / "run"
+    rc, _, err = run(capsys, "train", "--text", text_file, "--out", out, *TINY, "--steps", 1)
+    assert rc == 0, err
+    (out / "loss.png").write_bytes(b"the old run's plot")  # also without matplotlib
+
+    def interrupted(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, "train_chunk", interrupted)
+    rc, _, err = run(capsys, "train", "--text", text_file, "--out", out, *TINY, "--steps", 1,
+                     "--overwrite")
+    assert rc == 130, err
+    assert not (out / "loss.png").exists() and not (out / "checkpoint.pt").exists()
+
+
+def test_bf16_precision_trains_bf16_parameters(capsys, tmp_path, text_file):
+    """--precision bf16 casts the model: every saved tensor is bf16."""
+    rc, _, err = run(capsys, "train", "--text", text_file, "--out", tmp_path / "r", *TINY,
+                     "--steps", 1, "--precision", "bf16")
+    assert rc == 0, err
+    ckpt = torch.load(tmp_path / "r" / "checkpoint.pt", weights_only=True)
+    assert {v.dtype for v in ckpt["model"].values()} == {torch.bfloat16}
+
+
+def test_threads_sets_torchs_intra_op_threads_for_the_run(capsys, tmp_path, text_file,
+                                                         monkeypatch):
+    """--threads is applied (torch.set_num_threads), not only recorded in the checkpoint."""
+    seen = []
+
+    def spy(*a, **k):
+        seen.append(torch.get_num_threads())
+        return train_chunk(*a, **k)
+
+    monkeypatch.setattr(cli, "train_chunk", spy)
+    assert torch.get_num_threads() == 1  # the autouse fixture's
+    rc, _, err = run(capsys, "train", "--text", text_file, "--out", tmp_path / "r",
+                     *TINY[:-2], "--steps", 2, "--threads", 2)
+    assert rc == 0, err
+    assert seen == [2, 2]
+
+
+def test_generate_feeds_the_prime_once_and_each_character_back_in_eval_mode():
+    """Greedy generation equals greedy whole-sequence forwards: the prime's last character
+    goes through the model once, each generated character is fed back, and a model left in
+    training mode generates without dropout (the global RNG does not matter). The weights
+    are scaled up so that the output depends sharply on the state."""
+    from fused_rnn.charlm import Vocab
+
+    vocab = Vocab("\t abcdefgh")
+    torch.manual_seed(0)
+    model = CharLM(len(vocab), cell="gru", hidden_size=32, num_layers=2, dropout=0.5)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.mul_(8)
+
+    def greedy_by_layers(prime, n):
+        ids = vocab.encode(prime).tolist()
+        with torch.no_grad(), eval_mode(model):
+            for _ in range(n):
+                logits, _ = model(torch.tensor(ids).view(-1, 1))
+                ids.append(int(logits[-1, 0].argmax()))
+        return vocab.decode(ids)
+
+    for prime in ["a", "ab", "hgf", "cab da", "eeee"]:
+        model.train()
+        torch.manual_seed(1)
+        a = cli.generate(model, vocab, prime, 12, top_k=1)
+        torch.manual_seed(2)
+        b = cli.generate(model, vocab, prime, 12, top_k=1)
+        assert a == b == greedy_by_layers(prime, 12), prime
+        assert model.training
+
+
+def test_sample_primes_with_a_newline_and_without_seed_differs(capsys, tmp_path):
+    """The default prime is a newline where the vocabulary has one (here '\\t' sorts first);
+    without --seed each sample draws fresh randomness (80 characters at temperature 2: the
+    same text twice by chance is out of the question)."""
+    text = tmp_path / "tabs.txt"
+    text.write_text("\tab cd ef\n" * 300)
+    out = tmp_path / "run"
+    rc, _, err = run(capsys, "train", "--text", text, "--out", out, "--hidden-size", 8,
+                     "--batch-size", 4, "--bptt", 8, "--steps", 2, "--threads", 1)
+    assert rc == 0, err
+    argv = ["sample", "--checkpoint", out / "checkpoint.pt", "--length", 80, "--temperature", 2]
+    rc, s1, err = run(capsys, *argv)
+    assert rc == 0, err
+    rc, s2, err = run(capsys, *argv)
+    assert rc == 0, err
+    assert s1.startswith("\n") and s2.startswith("\n") and s1 != s2
+
+
+@pytest.mark.parametrize("sig", ["SIGINT", "SIGTERM"])
+def test_signals_deferred_holds_a_signal_back_to_the_end_of_the_block(sig):
+    """Ctrl-C and SIGTERM inside the block (a checkpoint's write) neither interrupt it nor
+    are lost: they are delivered again when it ends."""
+    # The handlers a train runs under (a test runner's worker may ignore SIGINT).
+    old = {signal.SIGINT: signal.signal(signal.SIGINT, signal.default_int_handler),
+           signal.SIGTERM: signal.signal(signal.SIGTERM, cli._raise_terminated)}
+    reached = False
+    try:
+        with (pytest.raises(KeyboardInterrupt if sig == "SIGINT" else cli._Terminated),
+              cli._signals_deferred()):
+            os.kill(os.getpid(), getattr(signal, sig))
+            reached = True
+    finally:
+        for s, handler in old.items():
+            signal.signal(s, handler)
+    assert reached

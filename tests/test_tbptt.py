@@ -6,6 +6,7 @@ must treat both the same (the benchmark compares them).
 
 from __future__ import annotations
 
+import math
 import os
 import pickle
 
@@ -583,3 +584,208 @@ def test_charlm_refuses_rnn_kwargs_it_cannot_work_with(kwargs):
     decoder; dropout with a duplicate keyword."""
     with pytest.raises(ValueError, match=f"rnn_kwargs {next(iter(kwargs))}="):
         CharLM(8, hidden_size=8, rnn_kwargs=kwargs)
+
+
+# ------------------------------------------------------------- found by mutation testing
+def test_train_chunk_clips_the_unscaled_gradient_under_a_grad_scaler():
+    """With a GradScaler the gradients are unscaled before the clip: the reported norm is the
+    true one and the step's norm is clip. A power-of-two scale is exact, so both runs agree
+    bit for bit with the run without a scaler."""
+    def one_step(scaler):
+        torch.manual_seed(0)
+        model = CharLM(9, hidden_size=8)
+        before = [p.detach().clone() for p in model.parameters()]
+        opt = torch.optim.SGD(model.parameters(), lr=1.0)
+        tokens = torch.randint(0, 9, (200,), generator=torch.Generator().manual_seed(1))
+        chunk = StreamBatcher(tokens, 2, 10).next_chunk()
+        _, _, norm = train_chunk(model, chunk, None, opt, clip=1e-3, scaler=scaler)
+        step = torch.cat([(p.detach() - b).flatten() for p, b in zip(model.parameters(), before)])
+        return norm, step
+
+    norm, step = one_step(None)
+    scaled_norm, scaled_step = one_step(torch.amp.GradScaler("cpu", init_scale=2.0**16))
+    assert norm > 1e-3
+    assert torch.equal(scaled_norm, norm) and torch.equal(scaled_step, step)
+    torch.testing.assert_close(scaled_step.norm(), torch.tensor(1e-3), rtol=1e-3, atol=0)
+
+
+def test_evaluate_is_the_mean_cross_entropy_of_whole_streams_with_state_carried():
+    """evaluate's (total, count) over chunks of 7 (the last one short) equals one forward over
+    each row's whole stream: the state is carried, each chunk weighs its own tokens, and the
+    loss summed is the mean per token times the tokens."""
+    torch.manual_seed(0)
+    V = 11
+    model = CharLM(V, cell="gru", hidden_size=8)
+    tokens = torch.randint(0, V, (103,))
+    whole = StreamBatcher(tokens, 3, 10_000).next_chunk()  # n = 34 steps a stream
+    with torch.no_grad():
+        logits, _ = model.eval()(whole.x)
+        want = torch.nn.functional.cross_entropy(logits.flatten(0, 1), whole.y.flatten(),
+                                                 reduction="sum").item()
+    model.train()
+    total, count = evaluate(model, StreamBatcher(tokens, 3, 7))  # chunks of 7, 7, 7, 7, 6
+    assert count == 3 * 34
+    assert total == pytest.approx(want, rel=1e-6)
+
+
+def test_evaluate_max_chunks_evaluates_exactly_that_many_chunks():
+    """The bench's --val-chunks: max_chunks=k is k chunks, not k + 1."""
+    model = CharLM(9, hidden_size=8)
+    batcher = StreamBatcher(torch.randint(0, 9, (301,)), 2, 10)
+    for k in (1, 2, 5):
+        assert evaluate(model, batcher, max_chunks=k)[1] == k * 2 * 10
+
+
+def test_evaluate_without_autocast_dtype_is_fp32_inside_a_callers_autocast():
+    """autocast_dtype=None turns autocast off for the forward: a caller's bf16 region does not
+    leak in (its rounding would change the validation loss)."""
+    torch.manual_seed(0)
+    model = CharLM(11, hidden_size=16)
+    batcher = StreamBatcher(torch.randint(0, 11, (301,)), 3, 10)
+    plain = evaluate(model, batcher)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert evaluate(model, batcher) == plain
+        assert evaluate(model, batcher, autocast_dtype=torch.bfloat16) != plain  # control
+
+
+def test_bits_converts_nats_to_bits():
+    """The CLI's *_bpc columns are bits(nats)."""
+    from fused_rnn.tbptt import bits
+
+    assert bits(math.log(2)) == pytest.approx(1.0, rel=1e-15)
+    assert bits(math.log(256)) == pytest.approx(8.0, rel=1e-15)
+
+
+def test_a_document_start_at_any_position_is_marked_once():
+    """Each position in turn holds the only document start, the last step of a chunk
+    included: exactly that token is marked (one start beyond B*n is in no stream)."""
+    N, B, T = 61, 2, 5  # n = 30 steps a stream, chunks of 5
+    for pos in range(N - 1):
+        bounds = torch.zeros(N, dtype=torch.bool)
+        bounds[pos] = True
+        marked = []
+        for c in StreamBatcher(torch.arange(N), B, T, boundaries=bounds).epoch():
+            if c.reset is not None:
+                marked += [int(c.x[t, b]) for t, b in torch.nonzero(c.reset.mask).tolist()]
+        assert marked == ([pos] if pos < B * 30 else []), pos
+
+
+@pytest.mark.parametrize("name,cls,kwargs", RNNS, ids=RNN_IDS)
+def test_resets_at_step_1_and_at_adjacent_steps_match_a_step_by_step_run(name, cls, kwargs):
+    """run_rnn cuts the chunk at every reset step, one-step pieces between adjacent cuts
+    included: the same as stepping and zeroing each reset row's state before its step."""
+    rnn = _make_rnn(cls, kwargs)
+    T, B = 8, 3
+    x = torch.randn(T, B, 3)
+    mask = torch.zeros(T, B, dtype=torch.bool)
+    mask[[1, 2, 3, 6, 7], [0, 1, 2, 0, 1]] = True
+    h0 = torch.randn(2, B, 5)
+    state = (h0, torch.randn(2, B, 5)) if isinstance(rnn, (torch.nn.LSTM, fused_rnn.LSTM)) else h0
+    out, _ = run_rnn(rnn, x, state, mask)
+    want = []
+    for t in range(T):
+        state = mask_state(state, ~mask[t])
+        o, state = rnn(x[t : t + 1], state)
+        want.append(o)
+    torch.testing.assert_close(out, torch.cat(want), rtol=1e-5, atol=1e-6)
+
+
+def test_batcher_state_restores_the_epoch_and_refuses_another_layout():
+    """A resumed batcher continues in the saved epoch; a state of another bptt is refused."""
+    tokens = torch.arange(101)
+    a = StreamBatcher(tokens, 4, 7)
+    for _ in range(5):  # 25 steps a stream, 4 chunks an epoch: into epoch 1
+        a.next_chunk()
+    b = StreamBatcher(tokens, 4, 7)
+    b.load_state_dict(a.state_dict())
+    assert (b.epoch_index, b.pos) == (1, 7)
+    with pytest.raises(ValueError, match="bptt"):
+        StreamBatcher(tokens, 4, 8).load_state_dict(a.state_dict())
+
+
+def test_variable_lengths_are_clamped_and_halved_one_time_in_twenty():
+    """AWD-LSTM's lengths: bptt (p 0.95) or bptt/2, plus N(0, 5) noise, clamped to
+    [min_length, bptt + 20]. bptt + 20 is 4 sigma above bptt (p ~3e-5 a draw): 300k draws
+    reach both clamps. The share of halved chunks: 0.05, within 6 sigma for 2000 chunks."""
+    b = StreamBatcher(torch.arange(1000), 2, 8, variable_length=True, min_length=6, seed=0)
+    lengths = [b._next_length() for _ in range(300_000)]
+    assert (min(lengths), max(lengths)) == (6, 28)
+    b = StreamBatcher(torch.arange(1_000_000), 2, 100, variable_length=True, seed=0)
+    n = 2000
+    short = sum(b.next_chunk().x.shape[0] < 75 for _ in range(n)) / n
+    assert abs(short - 0.05) < 6 * math.sqrt(0.05 * 0.95 / n), short
+
+
+def test_ranks_get_the_reset_masks_of_their_own_rows():
+    """Under DDP the ranks' reset masks side by side are the one-process mask."""
+    N = 503
+    bounds = torch.zeros(N, dtype=torch.bool)
+    bounds[[0, 37, 100, 260, 261, 400, 480]] = True
+    whole = StreamBatcher(torch.arange(N), 6, 8, boundaries=bounds)
+    parts = [StreamBatcher(torch.arange(N), 6, 8, boundaries=bounds, rank=r, world_size=3)
+             for r in range(3)]
+
+    def mask(c):
+        return c.reset.mask if c.reset is not None else torch.zeros_like(c.x, dtype=torch.bool)
+
+    resets = 0
+    for _ in range(whole.steps_per_stream // 8 + 1):
+        c = whole.next_chunk()
+        assert torch.equal(torch.cat([mask(p.next_chunk()) for p in parts], 1), mask(c))
+        resets += int(mask(c).sum())
+    assert resets == 7  # every start lies in the inputs, tokens [0, 6 * 83)
+
+
+# --------------------------------------------------------------------------- the model (more)
+def test_charlm_dropout_acts_on_embeddings_between_layers_and_on_the_output():
+    """dropout=p zeroes a share p of the embeddings and of the last layer's output (each kept
+    element scaled by 1/(1-p)), and is the RNN's inter-layer dropout; weight_drop=p zeroes a
+    share p of weight_hh. Shares within 6 sigma. None of it in eval mode. Without tied
+    weights the embeddings are 64 wide."""
+    torch.manual_seed(0)
+    p = 0.5
+    model = CharLM(50, cell="lstm", hidden_size=64, num_layers=2, dropout=p, weight_drop=p)
+    seen = {}
+    model.rnn.register_forward_hook(lambda m, inp, out: seen.__setitem__("rnn_in", inp[0]))
+    model.decoder.register_forward_hook(lambda m, inp, out: seen.__setitem__("dec_in", inp[0]))
+    tokens = torch.randint(0, 50, (40, 8))
+    model.train()
+    model(tokens)
+
+    def zeros(t):
+        return (t == 0).double().mean().item()
+
+    def near_p(t):
+        return abs(zeros(t) - p) < 6 * math.sqrt(p * (1 - p) / t.numel())
+
+    emb = model.encoder(tokens)
+    kept = seen["rnn_in"] != 0
+    assert near_p(seen["rnn_in"]) and torch.equal(seen["rnn_in"][kept], emb[kept] / (1 - p))
+    assert near_p(seen["dec_in"])
+    assert model.rnn.dropout == p
+    assert near_p(model.rnn.weight_hh_l0)
+    model.eval()
+    model(tokens)
+    assert torch.equal(seen["rnn_in"], model.encoder(tokens))
+    assert torch.equal(model.rnn.weight_hh_l0,
+                       model.rnn.parametrizations.weight_hh_l0.original)
+    assert CharLM(50, hidden_size=16).encoder.embedding_dim == 64
+    assert CharLM(50, hidden_size=16, tie_weights=True).encoder.embedding_dim == 16
+
+
+@pytest.mark.parametrize("torch_nn", [False, True], ids=["fused", "nn"])
+def test_step_through_cells_keeps_a_relu_rnns_nonlinearity(torch_nn):
+    """step_cells of a ReLU RNN are ReLU cells: stepping equals the layer forward."""
+    rnn_class = torch.nn.RNN if torch_nn else None
+    kw = {"nonlinearity": "relu"} | ({} if torch_nn else {"backend": "reference"})
+    torch.manual_seed(0)
+    model = CharLM(7, cell="rnn", hidden_size=6, num_layers=2, rnn_class=rnn_class,
+                   rnn_kwargs=kw).eval()
+    tokens = torch.randint(0, 7, (5, 2))
+    with torch.no_grad():
+        full, _ = model(tokens)
+        cells, state, outs = model.step_cells(), None, []
+        for t in range(5):
+            logits, state = model.step(tokens[t], state, cells)
+            outs.append(logits)
+    torch.testing.assert_close(torch.stack(outs), full, rtol=1e-5, atol=1e-6)
