@@ -110,6 +110,15 @@ FP32_PRECISION_KEYS = [("generic", "all"), ("cuda", "all"), ("cuda", "conv"), ("
 
 
 @pytest.fixture
+def one_thread():
+    """One intra-op thread for the test, restored after."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture
 def fp32_precision_restored():
     """Saves torch's per-operator fp32 precision settings (torch >= 2.9) and restores them."""
     get = getattr(torch._C, "_get_fp32_precision_getter", None)

@@ -13,14 +13,7 @@ from test_cli import BENCH_TINY, _bench_rows, _tiny_text, run
 import fused_rnn
 from fused_rnn import bench
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """As in test_cli.py: tiny models, one intra-op thread."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # as in test_cli.py
 
 
 @pytest.fixture

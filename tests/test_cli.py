@@ -56,13 +56,8 @@ def text_file(tmp_path):
 TINY = ["--hidden-size", "16", "--batch-size", "4", "--bptt", "16", "--threads", "1"]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models run fastest on one thread, and far more steadily on a busy machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+# Tiny models run fastest on one thread, and far more steadily on a busy machine.
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def run(capsys, *argv):
@@ -404,6 +399,11 @@ def test_log_rows_carry_the_epoch_of_their_chunk(capsys, tmp_path):
     per_epoch = epochs.count(0)
     assert per_epoch > 1 and max(epochs) >= 2
     assert epochs == [i // per_epoch for i in range(len(epochs))]  # equal runs, 0 first
+    # tokens adds what each chunk trained: at the end of epoch 0, B x n, which is not a
+    # multiple of B x bptt (the epoch ends with a short chunk)
+    n = torch.load(out / "checkpoint.pt", weights_only=True)["data"]["steps_per_stream"]
+    assert n % 16
+    assert int(rows[per_epoch - 1]["tokens"]) == 4 * n
 
 
 def test_resume_takes_the_default_embedding_size_spelled_out_and_says_a_text_moved(
@@ -1215,21 +1215,6 @@ def test_validation_is_the_texts_end_and_document_starts_reach_both_batchers(
     assert rc == 0, err
     assert given == [s.train_bounds.nonzero().flatten().tolist(),
                      s.val_bounds.nonzero().flatten().tolist()]
-
-
-def test_log_tokens_count_the_short_chunk_that_ends_an_epoch(capsys, tmp_path):
-    """tokens adds the tokens each chunk trained: at the end of epoch 0, B x n, not a
-    multiple of B x bptt."""
-    text = tmp_path / "short.txt"
-    text.write_text(_tiny_text(12))
-    out = tmp_path / "run"
-    rc, _, err = run(capsys, "train", "--text", text, "--out", out, *TINY, "--steps", 8,
-                     "--log-every", 1, "--val-frac", "0.2")
-    assert rc == 0, err
-    n = torch.load(out / "checkpoint.pt", weights_only=True)["data"]["steps_per_stream"]
-    assert n % 16 and n < 8 * 16  # the epoch ends within the run, with a short chunk
-    epoch0 = [r for r in _log(out / "log.csv")[1:] if r["epoch"] == "0"]
-    assert int(epoch0[-1]["tokens"]) == 4 * n
 
 
 def test_a_training_loss_that_is_not_finite_stops_the_run_naming_its_step(
