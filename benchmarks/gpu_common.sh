@@ -97,7 +97,7 @@ frnn_bad_tests() {
   {
     grep -aoE '^(FAILED|ERROR) [^ ]+::[^ ]+' "$1" | sed -E 's/^[A-Z]+ //'
     grep -aoE '^tests/[^ ]*::[^ ]+ +(FAILED|ERROR)' "$1" | sed -E 's/ +[A-Z]+$//'
-    frnn_unfinished_test "$1"
+    frnn_unfinished_test "$1" || true  # 1 when no test hung: not a failure of this list
   } | sort -u
 }
 
@@ -105,14 +105,22 @@ frnn_bad_tests() {
 # gpu_check.sh then times the rest with FUSED_RNN_CUDA_K_PARTS=1, so that one GPU session still
 # yields a valid table for the kernels that passed.
 frnn_parts_failed() {
-  [[ -f "$1" ]] && frnn_bad_tests "$1" | grep -q 'parts'
+  [[ -f "$1" ]] || return 1
+  # The list is taken whole first: under pipefail a producer's status, or the SIGPIPE grep -q
+  # can give it by exiting early, would decide the pipeline instead of grep.
+  local bad
+  bad=$(frnn_bad_tests "$1")
+  grep -q 'parts' <<<"$bad"
 }
 
 # True when LOG reports a failed, crashed or hung cluster test (a test id with "cluster"):
 # gpu_check.sh then drops the cluster variants (cuda-cl16, cuda-cl16ds, cuda-cl8, cuda-tc) from
 # the bench rather than time a mode that gave wrong results, and exports FRNN_NO_CLUSTERS=1.
 frnn_cluster_failed() {
-  [[ -f "$1" ]] && frnn_bad_tests "$1" | grep -q 'cluster'
+  [[ -f "$1" ]] || return 1
+  local bad
+  bad=$(frnn_bad_tests "$1")  # as above
+  grep -q 'cluster' <<<"$bad"
 }
 
 # One line on a GPU-test run from its log LOG (pytest -v -ra): pytest's summary ("805 passed,

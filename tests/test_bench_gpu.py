@@ -514,6 +514,75 @@ def test_auto_rules_need_the_forward_to_win_and_say_which_tf32(tmp_path, capsys)
                  tf32=True)
 
 
+def _edit_table(path, edit):
+    """Rewrites the CSV at path with edit(row) applied to every row (in place)."""
+    with open(path, newline="") as f:
+        reader = csv.DictReader(f)
+        fields, rows = reader.fieldnames, list(reader)
+    for r in rows:
+        edit(r)
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=fields)
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def test_auto_rules_stop_at_any_unchecked_or_slow_row_of_either_pass(tmp_path, capsys):
+    """A forward that failed its check or won by less than the margin, a fwd+bwd row whose
+    check is not "ok" (no cuDNN reference), or a cuDNN row without a time stops the rule."""
+    auto_rules = _import("auto_rules")
+    bench_gpu = _import("bench_gpu")
+    every = dict.fromkeys(bench_gpu.SHAPES, 3.0)
+    cases = [("LSTM", "bf16"), ("LSTM", "fp16"), ("GRU", "bf16"), ("GRU", "fp16"),
+             ("GRU", "fp32")]
+    path = _gpu_table(tmp_path, dict.fromkeys(cases, every))
+
+    def edit(r):
+        where = (r["cell"], r["dtype"], r["shape"], r["backend"], r["pass"])
+        if where == ("LSTM", "bf16", "S2", "cuda", "fwd"):
+            r["check"] = "FAIL: y 0.5 > 0.1"
+        elif where == ("LSTM", "fp16", "S4", "cuda", "fwd"):
+            r["x_cudnn_same_dtype"] = "1.02"  # faster than cuDNN, within the margin
+        elif where == ("GRU", "bf16", "S6", "cuda", "fwd+bwd"):
+            r["check"] = "no cuDNN reference"
+        elif where == ("GRU", "fp16", "S1", "cudnn", "fwd+bwd"):
+            r["ms"], r["note"] = "", "RuntimeError: out of memory"
+    _edit_table(path, edit)
+    assert auto_rules.main([str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "AutoRule(" in out and "{'GRU'}), dtypes=frozenset({torch.float32})" in out, out
+    assert out.count("AutoRule(") == 1, out
+    assert "LSTM bf16: no rule; S2: fwd check FAIL: y 0.5 > 0.1" in out
+    assert "LSTM fp16: no rule; S4: fwd 1.02x cuDNN (< 1.05)" in out
+    assert "GRU bf16: no rule; S6: check no cuDNN reference" in out
+    assert "GRU fp16: no rule; S1: no cuDNN time (RuntimeError: out of memory)" in out
+
+
+def test_auto_rules_take_tf32_and_capability_from_the_table(tmp_path, capsys):
+    """An fp32 rule of a table run with TF32 off says tf32=False; a table without a compute
+    capability is refused (a rule holds on the kind of GPU it was measured on)."""
+    import torch
+
+    auto_rules = _import("auto_rules")
+    bench_gpu = _import("bench_gpu")
+    from fused_rnn.backends import AutoRule
+
+    path = _gpu_table(tmp_path, {("LSTM", "fp32"): dict.fromkeys(bench_gpu.SHAPES, 3.0)})
+    _edit_table(path, lambda r: r.update(tf32="cudnn.allow_tf32=False", capability="8.6"))
+    assert auto_rules.main([str(path)]) == 0
+    ns = {"AutoRule": AutoRule, "torch": torch}
+    exec(capsys.readouterr().out, ns)  # noqa: S102 -- the printed rules are the code under test
+    (rule,) = ns["AUTO_RULES"]
+    assert rule.tf32 is False and rule.capability == (8, 6)
+    _edit_table(path, lambda r: r.update(capability=""))
+    assert auto_rules.main([str(path)]) == 2
+    assert "no compute capability" in capsys.readouterr().out
+    # a dry run's table, however complete otherwise, is refused
+    _edit_table(path, lambda r: r.update(capability="9.0", gpu="none (dry run on the CPU)"))
+    assert auto_rules.main([str(path)]) == 2
+    assert "a dry run on the CPU" in capsys.readouterr().out
+
+
 def test_header_records_overrides_gpu_tests_and_commit(tmp_path):
     """The FUSED_RNN_* settings of the run, gpu_check.sh's GPU-test summary ($FRNN_GPU_TESTS)
     and $FRNN_COMMIT (the device gets no .git) go into the .md header and every CSV row."""
@@ -727,6 +796,130 @@ def test_the_table_is_written_after_every_backend(monkeypatch, tmp_path, capsys)
     assert len(rows) == 8 and all(float(r["ms"]) > 0 and r["x_cudnn_same_dtype"] == ""
                                   for r in rows)
     assert "ratios not computed: RuntimeError: CUDA error" in capsys.readouterr().out
+
+
+def test_ratios_are_cudnn_over_ours_in_the_same_pass():
+    """x_cudnn_* = cuDNN ms / ours (> 1: we are faster), against cuDNN's row of the same pass
+    in the same dtype and in fp16; none where cuDNN has no such row."""
+    bench_gpu = _import("bench_gpu")
+    base = {"cell": "LSTM", "shape": "S1"}
+    rows = [dict(base, backend="cudnn", dtype="fp32", ms=2.0, **{"pass": "fwd"}),
+            dict(base, backend="cudnn", dtype="fp32", ms=6.0, **{"pass": "fwd+bwd"}),
+            dict(base, backend="cudnn", dtype="fp16", ms=1.0, **{"pass": "fwd"}),
+            dict(base, backend="cudnn", dtype="fp16", ms=4.0, note="x", **{"pass": "fwd+bwd"}),
+            dict(base, backend="cuda", dtype="fp32", ms=1.0, **{"pass": "fwd"}),
+            dict(base, backend="cuda", dtype="fp32", ms=12.0, **{"pass": "fwd+bwd"}),
+            dict(base, backend="cuda", dtype="bf16", ms=0.5, **{"pass": "fwd"})]
+    bench_gpu.add_ratios(rows)
+    got = [(r["x_cudnn_same_dtype"], r["x_cudnn_fp16"]) for r in rows[4:]]
+    assert got == [(2.0, 1.0), (0.5, 4.0 / 12.0), (None, 2.0)], got
+
+
+def test_fp32_strict_runs_with_tf32_off_and_the_strict_bound(monkeypatch):
+    """fp32-strict rows run with cudnn.allow_tf32 off (restored afterwards) and are checked
+    within TOLERANCE["fp32-strict"]; fp32 rows with TF32 on get the looser fp32 bound."""
+    import torch
+
+    bench_gpu = _import("bench_gpu")
+    seen = []
+    monkeypatch.setattr(bench_gpu, "_measure", lambda *a: seen.append(
+        (a[5], torch.backends.cudnn.allow_tf32, bench_gpu.tolerance(a[5]))) or [])
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", True)
+    for dtype_name in ("fp32-strict", "fp32", "bf16"):
+        bench_gpu.measure(None, None, "cpu", "LSTM", "S1", dtype_name, "cuda", {})
+    assert seen == [("fp32-strict", False, 1e-3), ("fp32", True, 2e-2), ("bf16", True, 1e-1)]
+    assert torch.backends.cudnn.allow_tf32 is True
+    torch.backends.cudnn.allow_tf32 = False  # TF32 turned off for the whole run: strict fp32
+    assert bench_gpu.tolerance("fp32") == 1e-3 and bench_gpu.tolerance("fp16") == 2e-2
+
+
+def test_gpu_header_names_capability_tf32_and_a_dirty_commit(monkeypatch):
+    """On a GPU the header records the compute capability (auto_rules.py keys its rules on it)
+    and TF32 as set; without $FRNN_COMMIT, git's HEAD, marked when the tree has changes."""
+    import subprocess as sp
+
+    import torch
+
+    bench_gpu = _import("bench_gpu")
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "NVIDIA H200")
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: (9, 0))
+    monkeypatch.setattr(torch.backends.cudnn, "version", lambda: 90100)
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
+    monkeypatch.delenv("FRNN_COMMIT", raising=False)
+    answers = {"rev-parse": "0123abc\n", "status": " M fused_rnn/backends.py\n"}
+    monkeypatch.setattr(bench_gpu.subprocess, "run", lambda cmd, **kw: sp.CompletedProcess(
+        cmd, 0, stdout=answers[cmd[1]], stderr=""))
+    env = bench_gpu.environment("cuda", None)
+    assert env["gpu"] == "NVIDIA H200" and env["capability"] == "9.0"
+    assert env["tf32"] == "cudnn.allow_tf32=False"
+    assert env["commit"] == "0123abc (+ uncommitted changes)"
+    answers["status"] = ""
+    assert bench_gpu.commit() == "0123abc"
+
+
+def test_the_shapes_are_those_of_the_anchors():
+    """S1-S6 (B, T, H) as ANCHORS.md names them: the rules' ranges and the notes' plans are
+    read off these."""
+    bench_gpu = _import("bench_gpu")
+    assert bench_gpu.SHAPES == {"S1": (16, 1024, 768), "S2": (64, 100, 512),
+                                "S3": (64, 128, 1024), "S4": (256, 128, 1024),
+                                "S5": (8, 256, 256), "S6": (128, 64, 256)}
+
+
+def test_compare_checks_dx_rows_shapes_and_vanishing_slices():
+    """compare(): a wrong batch row of dx fails as y's would; a tensor of another shape than
+    cuDNN's fails; max abs Δy is y's; a row whose reference is small (but above the floor) is
+    measured against itself, not against the average row; the whole tensor has its own bound."""
+    import torch
+
+    bench_gpu = _import("bench_gpu")
+    g = torch.Generator().manual_seed(0)
+    ref = {"y": torch.randn(64, 8, 16, generator=g), "dx": torch.randn(64, 8, 16, generator=g)}
+    bad = {k: v.clone() for k, v in ref.items()}
+    bad["dx"][5] = 0
+    bad["y"][0, 0, 0] += 0.25
+    dy, err, check = bench_gpu.compare(bad, ref, 0.2)
+    assert check == "FAIL: dx 1 > 0.5 in a batch row", check
+    assert dy == pytest.approx(0.25) and err < 0.2
+    assert bench_gpu.compare({"y": ref["y"][:, :4]}, ref, 0.2)[2] == \
+        "FAIL: cuDNN's y missing or not finite"
+    small = {"y": ref["y"].clone()}
+    small["y"][3] *= 0.1  # a row at a tenth of the others' norm
+    off = {"y": small["y"].clone()}
+    off["y"][3] *= 1.6  # 60% off in that row: 6% of an average row
+    assert bench_gpu.compare(off, small, 0.1)[2] == "FAIL: y 0.6 > 0.4 in a batch row"
+    # evenly off by 1.5x the bound: every slice passes its looser one, the whole tensor not
+    assert bench_gpu.compare({"y": ref["y"] * 1.15}, {"y": ref["y"]}, 0.1)[2] == \
+        "FAIL: y 0.15 > 0.1"
+
+
+def test_a_probe_that_falls_back_is_never_timed_as_ours(monkeypatch, tmp_path):
+    """A backend that hands the check's call to another (a fallback warning, once a process
+    per reason) is not timed under its name, in every row, not only the first to warn."""
+    from fused_rnn import backends
+
+    bench_gpu = _import("bench_gpu")
+    real = bench_gpu.build
+    monkeypatch.setattr(backends, "_warned", set())
+    monkeypatch.setattr(backends, "_fallbacks", {})
+
+    def build(mode, B, T, H, dtype, device, backend):
+        model, x, cot = real(mode, B, T, H, dtype, device, backend)
+        if backend is not None:
+            inner = model.forward
+
+            def forward(x, hx=None):
+                backends._warn_once("reference", "a test's reason", "torch")
+                return inner(x, hx)
+
+            model.forward = forward
+        return model, x, cot
+
+    monkeypatch.setattr(bench_gpu, "build", build)
+    _, rows = _main(monkeypatch, tmp_path, "--shapes", "D1,D3")
+    ours = [r for r in rows if r["backend"] == "reference"]
+    assert len(ours) == 4 and all(r["ms"] == "" and "falling back to 'torch'" in r["note"]
+                                  for r in ours), ours
 
 
 def test_slow_rows_are_timed_at_least_five_times(monkeypatch):

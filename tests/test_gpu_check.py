@@ -121,6 +121,25 @@ def test_a_warning_in_a_passing_run_is_not_a_test_left_running(tmp_path):
     assert r.stdout.startswith("3 passed, 2 warnings in "), r.stdout
 
 
+def test_a_skipped_last_test_is_not_a_test_left_running(tmp_path):
+    """A run whose last test was skipped (its -v line says SKIPPED) finished: the summary is
+    pytest's, and no test counts as hung or crashed; an ERROR counts as a failure."""
+    log = _pytest_log(tmp_path, "import pytest\n"
+                                "def test_a(): pass\n"
+                                "@pytest.mark.skip(reason='needs two GPUs')\n"
+                                "def test_b(): pass\n")
+    r = _common(tmp_path, f'! frnn_unfinished_test "{log}" && frnn_tests_summary "{log}"')
+    assert r.returncode == 0, (r, log.read_text())
+    assert r.stdout.startswith("1 passed, 1 skipped in "), r.stdout
+    # a K-parts test that errored (in its setup, say) counts as failed, like a FAILED one
+    (tmp_path / "errored.log").write_text(
+        f"ERROR {ID}test_matches_reference[LSTM-bf16-T16-parts4] - RuntimeError: CUDA error\n"
+        "1 passed, 1 error in 2.00s\n")
+    r = _common(tmp_path, 'frnn_parts_failed errored.log && frnn_tests_summary errored.log')
+    assert r.returncode == 0 and r.stdout.strip().endswith(
+        "; failed: test_matches_reference[LSTM-bf16-T16-parts4]"), r
+
+
 def test_without_cuda_and_clusters_and_the_build_marker(tmp_path):
     r = _common(tmp_path, "frnn_without_cuda cuda,triton,cuda-p1,torch,cuda-cl8 && "
                           "frnn_without_clusters cuda,triton,cuda-cl16ds,cuda-tc,cuda-g1")
@@ -138,7 +157,7 @@ def test_without_cuda_and_clusters_and_the_build_marker(tmp_path):
 FAKE_PYTHON = r"""#!/bin/bash
 # Logs each call ("python ARGS | FRNN_GPU_TESTS=... FRNN_NO_CLUSTERS=... K_PARTS=..."), then
 # plays the part the test asks for ($FAKE_MODE: build-fails, cluster-hangs,
-# default-hangs).
+# default-hangs, parts-fail, bench-fails).
 echo "python $* | FRNN_GPU_TESTS=${FRNN_GPU_TESTS:-} FRNN_NO_CLUSTERS=${FRNN_NO_CLUSTERS:-} K_PARTS=${FUSED_RNN_CUDA_K_PARTS:-}" >> "$FAKE_CALLS"
 case "$*" in
   *"import pytest_timeout"*) exit 0 ;;
@@ -157,14 +176,20 @@ case "$*" in
       echo "tests/cuda/test_cuda_gpu.py::test_matches_reference[GRU-bf16-T5] +++++ Timeout +++++"
       exit 1
     fi
+    if [[ $FAKE_MODE == parts-fail ]]; then
+      echo "tests/cuda/test_cuda_gpu.py::test_matches_reference[LSTM-bf16-T16-parts4] FAILED [ 2%]"
+      echo "FAILED tests/cuda/test_cuda_gpu.py::test_matches_reference[LSTM-bf16-T16-parts4] - x"
+      echo "===== 1 failed, 1 passed, 8 deselected in 1.00s ====="; exit 1
+    fi
     echo "===== 1 passed, 8 deselected in 1.00s ====="; exit 0 ;;
-  *benchmarks/bench_gpu.py*) echo "cell  shape  fake row"; exit 0 ;;
+  *benchmarks/bench_gpu.py*) echo "cell  shape  fake row"; [[ $FAKE_MODE != bench-fails ]]; exit ;;
 esac
 exit 0
 """
 
 
-def _gpu_check(tmp_path, mode: str) -> tuple[int, str, list[str], Path]:
+def _gpu_check(tmp_path, mode: str, backends: str = "cuda,triton,cuda-p1,cuda-cl8,cuda-tc,cuda-g1",
+               extra: tuple[str, ...] = ()) -> tuple[int, str, list[str], Path]:
     bin_ = tmp_path / "bin"
     bin_.mkdir()
     for name, text in (("python", FAKE_PYTHON),
@@ -188,7 +213,7 @@ def _gpu_check(tmp_path, mode: str) -> tuple[int, str, list[str], Path]:
               "FRNN_GPU_TESTS", "FRNN_DEADLINE"):
         env.pop(k, None)
     r = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu_check.sh"), "--backends",
-                        "cuda,triton,cuda-p1,cuda-cl8,cuda-tc,cuda-g1"], capture_output=True,
+                        backends, *extra], capture_output=True,
                        text=True, env=env, timeout=120, check=False)
     return r.returncode, r.stdout + r.stderr, calls.read_text().splitlines(), out
 
@@ -259,6 +284,81 @@ def test_a_hang_outside_parts_and_clusters_leaves_cuda_out_of_the_bench(tmp_path
     assert "hung or crashed; the bench leaves out cuda" in log
 
 
+@pytest.mark.parametrize("failed,parts,cluster", [
+    ("test_matches_reference[LSTM-bf16-T16-parts4]", 0, 1),
+    ("test_cluster_mode_launches_clusters[8]", 1, 0),
+    ("test_opcheck[GRU]", 1, 1),
+])
+def test_failed_parts_or_cluster_tests_are_seen_under_pipefail(tmp_path, failed, parts, cluster):
+    """gpu_check.sh runs with pipefail: a finished, failed test must still count (before, the
+    'no test hung' status of the last helper in frnn_bad_tests made both checks false)."""
+    log = tmp_path / "log"
+    log.write_text(f"FAILED tests/cuda/test_cuda_gpu.py::{failed} - x\n1 failed, 1 passed in 1.00s\n")
+    script = (f"set -uo pipefail; source {ROOT / 'benchmarks' / 'gpu_common.sh'}; "
+              f"frnn_parts_failed {log}; echo $?; frnn_cluster_failed {log}; echo $?")
+    r = subprocess.run(["bash", "-c", script], capture_output=True, text=True, check=True)
+    assert r.stdout.split() == [str(parts), str(cluster)], r.stdout + r.stderr
+
+
+def test_a_failed_k_parts_test_times_everything_after_without_k_parts(tmp_path):
+    """A failed K-parts GPU test: cuda stays in the bench, but it and every later step run with
+    FUSED_RNN_CUDA_K_PARTS=1, and the bench records the failure in its gpu_tests."""
+    rc, log, calls, _ = _gpu_check(tmp_path, "parts-fail")
+    assert rc == 1, log[-3000:]
+    (bench,) = [c for c in calls if "bench_gpu.py" in c]
+    assert "--backends cuda,triton,cuda-p1,cuda-cl8,cuda-tc,cuda-g1 " in bench, bench
+    assert bench.endswith("K_PARTS=1"), bench
+    assert ("FRNN_GPU_TESTS=1 failed, 1 passed, 8 deselected in 1.00s; failed: "
+            "test_matches_reference[LSTM-bf16-T16-parts4] ") in bench, bench
+    later = [c for c in calls if "profile_cuda" in c or "fused_rnn.cli bench" in c]
+    assert len(later) == 2 and all(c.endswith("K_PARTS=1") for c in later), later
+    assert "K parts FAILED GPU tests" in log
+
+
+def test_a_failing_bench_fails_the_run(tmp_path):
+    """Without cuda every step passes here and the run exits 0; a bench that exits non-zero (a
+    row failed its check against cuDNN), or a step skipped for time, makes the status 1."""
+    rc, log, calls, _ = _gpu_check(tmp_path, "ok", backends="triton")
+    assert rc == 0 and log.rstrip().endswith("status 0"), log[-3000:]
+    # the bench stops starting rows in time to write its table (its step's timeout less 70 s)
+    assert any("bench_gpu.py --backends triton --time-budget " in c for c in calls), calls
+    (tmp_path / "again").mkdir()
+    rc, log, _, _ = _gpu_check(tmp_path / "again", "bench-fails", backends="triton")
+    assert rc == 1 and log.rstrip().endswith("status 1"), log[-3000:]
+    # a step skipped for time fails the run too (30 s: the bench runs, the main job's does not)
+    (tmp_path / "late").mkdir()
+    rc, log, calls, _ = _gpu_check(tmp_path / "late", "ok", backends="triton",
+                                   extra=("--budget", "30"))
+    assert rc == 1 and "main-job bench SKIPPED (the time budget is spent)" in log, log[-3000:]
+    assert any("bench_gpu.py" in c for c in calls) and "benchmarks SKIPPED" not in log
+
+
+def test_collect_copies_only_this_runs_finished_results(tmp_path):
+    """frnn_collect: the result files written since the run started (not older ones, not a
+    half-written *.tmp) and a tarball of the logs go to $OUT."""
+    results = tmp_path / "benchmarks" / "results"
+    results.mkdir(parents=True)
+    old = results / "2026-01-01-NVIDIA-H200.md"
+    old.write_text("an earlier run\n")
+    os.utime(old, (time.time() - 3600, time.time() - 3600))
+    stamp = tmp_path / "stamp"
+    stamp.write_text("")
+    os.utime(stamp, (time.time() - 60, time.time() - 60))
+    for name in ("2026-12-03-NVIDIA-H200.md", "2026-12-03-NVIDIA-H200.csv.tmp"):
+        (results / name).write_text("this run\n")
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    (logs / "bench.log").write_text("rows\n")
+    out = tmp_path / "out"
+    out.mkdir()
+    r = _common(tmp_path, f'OUT="{out}" FRNN_STAMP="{stamp}" frnn_collect "{logs}"')
+    assert r.returncode == 0, r
+    assert sorted(p.name for p in out.iterdir()) == ["2026-12-03-NVIDIA-H200.md",
+                                                     "cuda_logs.tar.gz"]
+    assert _tar_names(out) - {""} == {"bench.log"}
+    assert oct((out / "cuda_logs.tar.gz").stat().st_mode)[-3:] == "644"
+
+
 # ------------------------------------------------------------------------ sanitize_cuda.py
 def _sanitize_module(monkeypatch):
     path = ROOT / "benchmarks" / "sanitize_cuda.py"
@@ -307,6 +407,36 @@ def test_sanitizer_leaves_clusters_and_forced_k_parts_out_when_told(monkeypatch,
     monkeypatch.setattr("sys.argv", ["sanitize_cuda.py", "--time-budget", "30"])
     assert mod.main(start=time.monotonic() - 60) == 1 and seen == []
     assert "0/0 cases match the reference; 40 not checked" in capsys.readouterr().out
+
+
+def test_sanitizer_quick_subset_and_a_failing_case(monkeypatch, capsys):
+    """The quick subset: the first shape, TF32 and bf16 (RNN_RELU: strict fp32 and bf16), one
+    direction per cell (reversed for GRU and RNN_RELU); a case that does not match the
+    reference makes the exit status 1 and is named."""
+    import torch
+
+    monkeypatch.delenv("FRNN_NO_CLUSTERS", raising=False)
+    monkeypatch.delenv("FUSED_RNN_CUDA_K_PARTS", raising=False)
+    mod, _ = _sanitize_module(monkeypatch)
+    runs = set()
+
+    def case(mode, T, B, I, H, dtype, tf32, tol, reverse, gen):
+        runs.add((mode, (T, B, I), dtype, tf32, reverse))
+        return "wrong" if (mode, dtype, H) == ("GRU", torch.bfloat16, 64) else None
+
+    monkeypatch.setattr(mod, "case", case)
+    monkeypatch.setattr("sys.argv", ["sanitize_cuda.py"])
+    assert mod.main() == 1
+    captured = capsys.readouterr()
+    assert "FAIL wrong ({'FUSED_RNN_CUDA_MAX_GROUPS': '1'" in captured.err
+    assert "sanitize_cuda: 39/40 cases match the reference" in captured.out
+    dtypes = {m: {(d, t) for mm, _, d, t, _ in runs if mm == m} for m in mod.MODES}
+    assert dtypes == {m: ({(torch.float32, False), (torch.bfloat16, False)} if m == "RNN_RELU"
+                          else {(torch.float32, True), (torch.bfloat16, False)})
+                      for m in mod.MODES}
+    assert {(m, r) for m, _, _, _, r in runs} == {(m, m in ("GRU", "RNN_RELU"))
+                                                  for m in mod.MODES}
+    assert {s for _, s, _, _, _ in runs} == {mod.SHAPES[0][:3]}
 
 
 # ------------------------------------------------------------------------- profile_cuda.py
