@@ -289,6 +289,19 @@ int main() {
                   static_cast<int>(sel.math), sel.plan.groups, sel.plan.stage_rows,
                   sel.plan.stage_k, sel.plan.smem_bytes, sel.plan.parts);
     }
+  // small grids: K parts' empty-last-part guard and staging narrower than K_MIN_STAGE_K
+  const int small_hs[] = {1, 5, 37, 64};
+  const int small_kparts[] = {0, 2, 4};
+  const int small_grids[][2] = {{2, 227 * 1024}, {8, 99 * 1024}};
+  for (int c = 0; c < 4; ++c) for (int h : small_hs) for (int bw = 0; bw < 2; ++bw)
+    for (int is16 = 0; is16 < 2; ++is16) for (int bp : bpads2) for (int kp : small_kparts)
+    for (const auto& sg : small_grids) {
+      const Selection sel = select_plan(static_cast<Cell>(c), is16, true, h, bw, sg[0], sg[1],
+                                        bp, 8, 1 << 30, kp);
+      std::printf("Q %d %d %d %d %d %d %d %d %d %d %d %d %d %d\n", c, h, bw, is16, bp, kp,
+                  sg[0], sg[1], static_cast<int>(sel.math), sel.plan.groups, sel.plan.stage_k,
+                  sel.plan.smem_bytes, sel.plan.parts, sel.plan.k_part);
+    }
   const int hs3[] = {5, 256, 768, 1024, 1740, 3000};
   const int blockcaps[] = {0, 1, 32, 100};
   const int bpads3[] = {32, 256};
@@ -377,6 +390,12 @@ def test_plan_header_matches_python_mirror(tmp_path):
                                     kp)
             want = (math, p.groups, p.stage_rows, p.stage_k, p.smem_bytes, p.parts)
             assert tuple(rest) == want, line
+        elif f[0] == "Q":
+            c, h, bw, is16, bp, kp, sms, smem, *rest = map(int, f[1:])
+            math, p = P.select_plan(c, bool(is16), True, h, bool(bw), sms, smem, bp, 8, 1 << 30,
+                                    kp)
+            want = (math, p.groups, p.stage_k, p.smem_bytes, p.parts, p.k_part)
+            assert tuple(rest) == want, line
         elif f[0] == "L":
             c, h, bw, is16, bp, cm, *rest = map(int, f[1:])
             found, math, p = P.select_plan_clustered(c, bool(is16), True, h, bool(bw), 132,
@@ -404,7 +423,7 @@ def test_plan_header_matches_python_mirror(tmp_path):
             p = P.make_plan(c, m, h, bool(bw), s, g, rows, sk, pt)
             assert tuple(rest) == (*p.as_tuple(), P.step_bytes(p, m, 64)), line
         n += 1
-    assert n > 1000 and kinds == {"plan", "S", "G", "P", "M", "C", "L", "X"}
+    assert n > 1000 and kinds == {"plan", "S", "Q", "G", "P", "M", "C", "L", "X"}
     # choose_launch: no clusters without sm_90; teams only with K parts (S4-like LSTM at H=1024,
     # B_pad 256, auto parts: the backward has them); groups where one fits
     assert not any(mode for key, mode in launches.items() if key[-2] == 0)
@@ -547,6 +566,7 @@ def test_preflight_script_reports_binding_mismatches(monkeypatch):
     ("8.0;9.0a", ["8.0", "9.0a"], []),
     ("Turing;Ampere;Hopper+PTX", ["Ampere", "Hopper+PTX"], ["Turing"]),
     ("6.1;7.0", [], ["6.1", "7.0"]),
+    ("Turing+PTX;Ampere", ["Ampere"], ["Turing+PTX"]),  # +PTX does not make an old arch new
 ])
 def test_arch_list_keeps_what_the_kernels_can_be_built_for(value, kept, dropped):
     from fused_rnn.ops.cuda.buildinfo import filter_arch_list
@@ -705,3 +725,78 @@ def test_the_build_lock_excludes_another_process(tmp_path):
         released = time.time()
     got = float(proc.stdout.readline())
     assert proc.wait(timeout=60) == 0 and got >= released
+
+
+def test_build_dir_is_per_python_and_sources(monkeypatch, tmp_path):
+    """The JIT cache key also holds the Python version and the sources' hash: an edited csrc/
+    gets a fresh build directory instead of ninja's view of a stale one."""
+    from fused_rnn.ops.cuda.buildinfo import source_hash
+
+    monkeypatch.delenv("FUSED_RNN_CUDA_BUILD_DIR", raising=False)
+    monkeypatch.setenv("TORCH_CUDA_ARCH_LIST", "9.0")
+    d = _ext.build_dir().name
+    assert f"py{sys.version_info[0]}{sys.version_info[1]}-" in d
+    assert d.endswith(source_hash(CSRC))
+    shutil.copytree(CSRC, tmp_path / "csrc")
+    (tmp_path / "csrc" / "plan.h").write_text((CSRC / "plan.h").read_text() + "\n")
+    monkeypatch.setattr(_ext, "sources_dir", lambda: tmp_path / "csrc")
+    assert _ext.build_dir().name != d
+
+
+def test_the_build_sets_the_filtered_arch_list_and_restores_it(monkeypatch):
+    """During the build TORCH_CUDA_ARCH_LIST is the sm_80+ list (with a warning naming what was
+    dropped); afterwards the user's value, or its absence, is back."""
+    monkeypatch.setenv("TORCH_CUDA_ARCH_LIST", "7.5;8.0")
+    with pytest.warns(RuntimeWarning, match="for 8.0 only: 7.5 predate"), \
+            _ext._arch_list_for_build():
+        assert os.environ["TORCH_CUDA_ARCH_LIST"] == "8.0"
+    assert os.environ["TORCH_CUDA_ARCH_LIST"] == "7.5;8.0"
+    monkeypatch.delenv("TORCH_CUDA_ARCH_LIST")
+    caps = {0: (7, 5), 1: (9, 0)}
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: len(caps))
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda i: caps[i])
+    with pytest.warns(RuntimeWarning, match="for 9.0\\+PTX only"), \
+            _ext._arch_list_for_build():
+        assert os.environ["TORCH_CUDA_ARCH_LIST"] == "9.0+PTX"
+    assert "TORCH_CUDA_ARCH_LIST" not in os.environ
+    caps[1] = (7, 0)  # nothing sm_80+ visible: torch's default, nothing to drop
+    assert _ext.build_arch_list() == (None, [])
+
+
+def test_a_newer_nvcc_than_torchs_cuda_is_explained(monkeypatch):
+    """The major versions must agree either way: nvcc 13 with a CUDA 12 torch is refused too;
+    the same major with another minor is not."""
+    monkeypatch.delenv("TORCH_CUDA_ARCH_LIST", raising=False)
+    monkeypatch.setattr(_ext, "_find_nvcc", lambda: "/opt/fake/nvcc")
+    monkeypatch.setattr(_ext, "_find_cxx", lambda: "/usr/bin/c++")
+    monkeypatch.setattr(torch.version, "cuda", "12.8")
+    monkeypatch.setattr(_ext, "_nvcc_version", lambda nvcc: (13, 0))
+    why = _ext.jit_obstacle()
+    assert why and "nvcc 13.0" in why and "CUDA 12.8" in why
+    monkeypatch.setattr(_ext, "_nvcc_version", lambda nvcc: (12, 4))
+    assert "does not match" not in (_ext.jit_obstacle() or "")
+
+
+def test_a_prebuilt_extension_without_sources_to_compare_is_used(monkeypatch):
+    """A wheel without csrc/ next to the package has nothing to build from: its prebuilt
+    extension is used as it is (no source hash check)."""
+    mod = types.SimpleNamespace(source_hash="h0123456789abcdef", __file__="/x/_cuda_ext.so")
+    monkeypatch.setattr(_ext.importlib, "import_module", lambda name: mod)
+    monkeypatch.setattr(_ext, "sources_dir", lambda: None)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert _ext._prebuilt() is mod
+
+
+def test_platform_check_takes_sm80_and_newer(monkeypatch):
+    """sm_80 (A100) is the minimum: 8.0 and 8.6 pass, 7.5 gets the capability reason."""
+    caps = {0: (8, 0), 1: (8, 6), 2: (7, 5)}
+    monkeypatch.setattr(torch.version, "cuda", "13.0")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda i: caps[i])
+    assert _ext._platform_obstacle(torch.device("cuda", 0)) is None
+    assert _ext._platform_obstacle(torch.device("cuda", 1)) is None
+    why = _ext._platform_obstacle(torch.device("cuda", 2))
+    assert why and "GPU 2 has compute capability 7.5; the kernels need 8.0" in why
+    why = _ext._platform_obstacle(torch.device("cpu"))
+    assert why and "not cpu" in why

@@ -277,3 +277,126 @@ def test_sanitize_script_dry_run(emulate, monkeypatch, capsys):
     monkeypatch.setattr("sys.argv", ["sanitize_cuda.py", "--time-budget", "-1"])
     assert mod.main() == 1
     assert "0/0 cases match the reference; 40 not checked" in capsys.readouterr().out
+
+
+def test_what_the_ops_hand_the_extension(emulate, monkeypatch):
+    """The extension gets contiguous h0/c0/w_hh/dy, int32 lengths, cuDNN's TF32 choice for fp32,
+    and save=False under no_grad (it trusts all of these; binding.cpp only checks them)."""
+    emu = emulate(sms=2)
+    seen = {}
+
+    def record(name, fn):
+        def wrapped(*args, **kwargs):
+            seen.setdefault(name, []).append(args)
+            return fn(*args, **kwargs)
+        return wrapped
+
+    monkeypatch.setattr(emu, "forward", record("forward", emu.forward))
+    monkeypatch.setattr(emu, "backward", record("backward", emu.backward))
+    leaves, lens, _ = _inputs("LSTM", 4, 3, 5, 8, torch.float32, 0, lengths=True)
+    x, h0, c0, w_ih, w_hh, b_ih, b_hh = leaves
+    h0, c0 = h0.t().contiguous().t(), c0.t().contiguous().t()  # (B, H) views, column-major
+    w_hh = w_hh.t().contiguous().t()
+    assert not (h0.is_contiguous() or c0.is_contiguous() or w_hh.is_contiguous())
+    assert lens.dtype == torch.int64
+    for allow in (False, True):
+        seen.clear()
+        monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", allow)
+        xg = x.clone().requires_grad_(True)
+        y, _, _ = cuda_backend.rnn_layer("LSTM", xg, h0, c0, w_ih, w_hh, b_ih, b_hh, None, lens,
+                                         True)
+        # dy arrives as the transpose of a contiguous (B, T, H) gradient: not contiguous
+        (y.transpose(0, 1) * torch.randn(3, 4, 8)).sum().backward()
+        (fwd,), (bwd,) = seen["forward"], seen["backward"]
+        _, _, fh0, fc0, fw_hh, _, flens, frev, ftf32, fsave = fwd[:10]
+        assert all(t.is_contiguous() for t in (fh0, fc0, fw_hh))
+        assert flens.dtype == torch.int32 and flens.is_contiguous()
+        assert torch.equal(flens.long(), lens)
+        assert (frev, ftf32, fsave) == (True, allow, True)
+        bdy, bw_hh, blens, brev, btf32 = bwd[1], bwd[4], bwd[9], bwd[10], bwd[11]
+        assert bdy.is_contiguous() and bw_hh.is_contiguous()
+        assert blens.dtype == torch.int32 and (brev, btf32) == (True, allow)
+    seen.clear()
+    with torch.no_grad():
+        cuda_backend.rnn_layer("LSTM", x, h0, c0, w_ih, w_hh, b_ih, b_hh, None, lens, False)
+    assert seen["forward"][0][9] is False  # save
+
+
+def test_saved_activations_are_not_differentiable(emulate):
+    """The forward's extra outputs (gates, aux) are marked non-differentiable; y, h_n, c_n are
+    not."""
+    emulate(sms=2)
+    leaves, _, _ = _inputs("GRU", 3, 2, 4, 8, torch.float32, 0)
+    leaves = [None if t is None else t.requires_grad_(True) for t in leaves]
+    y, h_n, c_n, gates, aux = ops.cuda_layer("GRU", *leaves, None, False, True, False)
+    assert gates.numel() and aux.numel()
+    assert not gates.requires_grad and not aux.requires_grad
+    assert y.requires_grad and h_n.requires_grad and c_n.numel() == 0
+
+
+def test_unsupported_reason_before_the_device(emulate, monkeypatch):
+    """An unknown kind, a size of 0 (either one), a non-CUDA device and an unavailable backend
+    are refused with a reason; the limits are read from the device asked about (its index)."""
+    emu = emulate(sms=132, smem_optin=227 * 1024)
+    asked = []
+    info = emu.device_info
+    emu.device_info = lambda index: (asked.append(index), info(index))[1]
+    cfg = {"mode": "GRU", "dtype": torch.float16, "proj_size": 0, "has_lengths": False}
+    cuda = torch.device("cuda", 1)
+    for I, H in ((0, 8), (8, 0)):
+        why = cuda_backend.unsupported_reason("layer", device=cuda, input_size=I, hidden_size=H,
+                                              **cfg)
+        assert why and "size of 0" in why
+    why = cuda_backend.unsupported_reason("layer", device=torch.device("cpu"), input_size=8,
+                                          hidden_size=8, **cfg)
+    assert why and "not cpu" in why
+    assert asked == []
+    assert cuda_backend.unsupported_reason("cell", device=cuda, input_size=8, hidden_size=8,
+                                           **cfg) is None
+    assert asked == [1]
+    why = cuda_backend.unsupported_reason("step", device=cuda, input_size=8, hidden_size=8, **cfg)
+    assert why and "unknown kind 'step'" in why
+    monkeypatch.setattr(_ext, "unavailable_reason", lambda device: "no GPU here")
+    assert cuda_backend.unsupported_reason("layer", device=cuda, input_size=8, hidden_size=8,
+                                           **cfg) == "no GPU here"
+    assert asked == [1]
+
+
+def test_time_parallel_gemms_follow_the_recurrence_math(emulate, monkeypatch):
+    """The input projection and the dx/dW GEMMs run under TF32 for fp32 exactly when cuDNN's
+    RNNs may, and always for 16-bit data (common.gemms_use_tf32)."""
+    import contextlib
+
+    emulate(sms=2)
+    windows = []
+
+    @contextlib.contextmanager
+    def record(enabled):
+        windows.append(enabled)
+        yield
+
+    monkeypatch.setattr(ops, "tf32_gemms", record)
+    for allow, dtype, want in ((False, torch.float32, False), (True, torch.float32, True),
+                               (False, torch.bfloat16, True)):
+        windows.clear()
+        monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", allow)
+        _compare("GRU", 2, 2, 3, 16, dtype, False, False)
+        assert windows == [want, want]  # forward projection, backward GEMMs
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_fake_outputs_match_the_real_ones_in_16_bit(emulate, mode):
+    """The fake kernel (torch.compile's view of the op) gives every output the real one's shape
+    and dtype, including the fp32 saved activations of bf16 data."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    emulate(sms=2)
+    leaves, lens, _ = _inputs(mode, 3, 2, 4, 8, torch.bfloat16, 0, lengths=True)
+    for save in (True, False):
+        args = (mode, *leaves, lens, False, save, False)
+        real = ops.cuda_layer(*args)
+        with FakeTensorMode() as fm:
+            fake_args = [fm.from_tensor(a) if isinstance(a, torch.Tensor) else a for a in args]
+            fake = ops.cuda_layer(*fake_args)
+        assert [(t.shape, t.dtype) for t in fake] == [(t.shape, t.dtype) for t in real]
+        assert real[3].dtype == torch.float32 and (real[3].numel() > 0) == save
