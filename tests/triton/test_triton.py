@@ -1002,3 +1002,89 @@ def test_jit_trace_records_an_op_that_can_train():
     f(x)[0].square().sum().backward()
     for a, b in zip(want, [p.grad for p in f.parameters()]):
         torch.testing.assert_close(a, b, atol=0, rtol=0)
+
+
+# --------------------------------------------------------------------------- found by mutation testing
+def test_unsupported_reasons_for_projection_kind_and_int32_offsets():
+    """A projection on a non-LSTM mode, an unknown kind, and planes whose row offsets would
+    pass int32 (4*H*max(I, H) >= 2**31, in either operand) are refused with a reason."""
+    def reason(kind="layer", mode="LSTM", I=4, H=8, P=0):
+        return tr.unsupported_reason(kind, mode=mode, device=torch.device(DEVICE),
+                                     dtype=torch.float32, input_size=I, hidden_size=H,
+                                     proj_size=P, has_lengths=False)
+
+    assert reason(P=4) is None
+    for mode in ("GRU", "RNN_TANH", "RNN_RELU"):
+        assert "proj_size" in reason(mode=mode, P=4)
+    assert "unknown kind" in reason(kind="stack")
+    # the input side: 4 * 2**14 * 2**15 == 2**31 exactly is refused, one less input column is not
+    assert "int32" in reason(I=2**15, H=2**14)
+    assert reason(I=2**15 - 1, H=2**14) is None
+    # the recurrent side alone: 4 * 23171**2 >= 2**31 > 4 * 23170**2
+    assert "int32" in reason(I=1, H=23171)
+    assert reason(I=1, H=23170) is None
+
+
+def test_path_choice_counts_the_projection_and_its_padding():
+    """The persistent budget holds W_hr too, and a projection narrower than 32 is padded to 32
+    (BLOCK_P): LSTM H=64 with P=64 no longer fits (20480 > 16384 elements), nor H=128 with
+    P=16 (padded: 20480); H=64 with P=32 does (10240)."""
+    assert launch._persistent_block_p(8, True) == 32
+    assert launch._persistent_block_p(8, False) == 16
+    assert launch.choose_path("LSTM", 64, 32) == "persistent"
+    assert launch.choose_path("LSTM", 64, 64) == "step"
+    assert launch.choose_path("LSTM", 128, 16) == "step"
+
+
+def test_backward_op_returns_each_gradient_in_its_inputs_dtype():
+    """Called directly (as a compiled graph does, with no autograd engine to cast), the
+    backward op returns every gradient in its input's dtype, bf16 here, not the kernels' fp32."""
+    args = list(_layer_args("LSTM", proj=3, grad=False))
+    for i in range(1, 9):
+        args[i] = args[i].to(torch.bfloat16)
+    mode, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lens, reverse, _, path = args
+    y, h_n, c_n, gates, state = ops.triton_layer(*args)
+    grads = ops.triton_layer_backward(mode, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lens,
+                                      reverse, y, gates, state, torch.ones_like(y),
+                                      torch.ones_like(h_n), torch.ones_like(c_n), path)
+    for g, t in zip(grads, (x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr), strict=True):
+        assert g.dtype == torch.bfloat16 and g.shape == t.shape
+        assert torch.isfinite(g).all() and g.abs().sum() > 0
+
+
+@pytest.mark.parametrize("only", ["b_ih", "b_hh", "c0", "w_hr"])
+def test_one_trainable_input_is_enough_to_save_for_backward(only):
+    """rnn_layer and rnn_cell save the gates when any one input needs a gradient, a bias (or
+    c0, or W_hr) alone included, and then give that input the reference's gradient."""
+    inputs = make_inputs("LSTM", 2, 3, 4, 5, proj=3 if only == "w_hr" else 0, seed=13)
+    dev = {k: None if v is None else v.to(DEVICE) for k, v in inputs.items()}
+    leaf = dev[only].requires_grad_()
+    cell = {"x": dev["x"][0], "h": dev["h0"], "c": dev["c0"], "w_ih": dev["w_ih"],
+            "w_hh": dev["w_hh"], "b_ih": dev["b_ih"], "b_hh": dev["b_hh"]}
+    grads = []
+    for impl in (tr, reference):
+        losses = [impl.rnn_layer("LSTM", **dev)[0].square().sum()]
+        if only != "w_hr":
+            losses.append(sum(t.square().sum() for t in impl.rnn_cell("LSTM", **cell)))
+        grads.append([torch.autograd.grad(loss, leaf)[0] for loss in losses])
+    for got, want in zip(*grads, strict=True):
+        torch.testing.assert_close(got, want, atol=2e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("path,other", [("auto", "_step"), ("persistent", "_step"),
+                                        ("step", "_persistent")])
+def test_forward_and_backward_run_only_their_paths_kernels(monkeypatch, path, other):
+    """A layer that fits on chip (LSTM H=8) runs the persistent kernels both ways under "auto"
+    and "persistent", and "step" runs only the per-step kernels: none of the other path's
+    kernels is launched, in the forward or in the backward."""
+    class Forbidden:
+        def __getitem__(self, grid):
+            raise AssertionError(f"{path!r} launched a {other} kernel")
+
+    interpreting = launch.interpreting()  # it asks the kernel objects replaced below
+    monkeypatch.setattr(launch, "interpreting", lambda: interpreting)
+    for kernel in ("fwd", "bwd"):
+        monkeypatch.setattr(launch.kernels, f"{other}_{kernel}_kernel", Forbidden())
+    inputs = make_inputs("LSTM", 2, 3, 4, 8, seed=14)
+    ours, _ = layer_fns("LSTM", path=path)
+    outputs_and_grads(ours, inputs, torch.float32, layer_cotangents("LSTM", 2, 3, 8, 8))
