@@ -148,6 +148,8 @@ def propose(rows: list[dict], backend: str, margin: float) -> tuple[list[dict], 
                 stops.append(f"{shape}: {float(ratio):.2f}x cuDNN (< {margin:g})")
             else:  # fwd+bwd won: the same configuration's forward must win too (a rule
                 # also sends inference calls, forward only, to the backend)
+                if not any(o["pass"] == "fwd" for o in other_passes[(cell, dtype, shape)]):
+                    stops.append(f"{shape}: no fwd row (a rule also sends forward-only calls)")
                 for o in other_passes[(cell, dtype, shape)]:
                     o_ratio = o.get("x_cudnn_same_dtype") or ""
                     if not o.get("ms") or not o_ratio:

@@ -558,6 +558,26 @@ def test_auto_rules_stop_at_any_unchecked_or_slow_row_of_either_pass(tmp_path, c
     assert "GRU fp16: no rule; S1: no cuDNN time (RuntimeError: out of memory)" in out
 
 
+def test_auto_rules_need_a_forward_row_for_every_shape(tmp_path, capsys):
+    """A table from a bench run without the forward pass (--passes fwd+bwd) cannot show that
+    forward-only calls are faster, and a rule sends those too: no rule from it."""
+    auto_rules = _import("auto_rules")
+    bench_gpu = _import("bench_gpu")
+    path = _gpu_table(tmp_path, {("GRU", "bf16"): dict.fromkeys(bench_gpu.SHAPES, 3.0)})
+    with open(path, newline="") as f:
+        rows = list(csv.DictReader(f))
+    fields = list(rows[0])
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=fields)
+        writer.writeheader()
+        writer.writerows(r for r in rows if (r["shape"], r["backend"], r["pass"])
+                         != ("S5", "cuda", "fwd"))
+    assert auto_rules.main([str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "AutoRule(" not in out, out
+    assert "GRU bf16: no rule; S5: no fwd row" in out, out
+
+
 def test_auto_rules_take_tf32_and_capability_from_the_table(tmp_path, capsys):
     """An fp32 rule of a table run with TF32 off says tf32=False; a table without a compute
     capability is refused (a rule holds on the kind of GPU it was measured on)."""
