@@ -751,7 +751,7 @@ def _torchrun(args, out):
         ["torchrun", "--nnodes=1", "--nproc_per_node=2", "--master_addr=127.0.0.1",
          f"--master_port={_free_port()}", "-m", "fused_rnn.cli", *map(str, args),
          "--out", str(out)],
-        capture_output=True, text=True, env=_env(), timeout=240,
+        capture_output=True, text=True, env=_env(), timeout=240, check=False,
     )
     assert r.returncode == 0, r.stderr[-3000:]
 
