@@ -3,8 +3,9 @@
 Reads the CSV that ``bench_gpu.py`` wrote on a GPU and prints, as Python, the rules under which
 ``backend="auto"`` would take a kernel backend: one rule per (cell, dtype) where the backend was
 faster than cuDNN in the same dtype, fwd+bwd and fwd alike (a rule sends inference calls too),
-by at least ``--margin`` on **every** shape S1-S6 (all must be in the table, timed, and pass the
-check against cuDNN). fp32 rules say whether they hold with TF32 on (``fp32`` rows of a table
+by at least ``--margin`` on **every** shape S1-S6 (all must be in the table, timed at least
+``MIN_REPS`` times on both sides, and pass the check against cuDNN, whose own outputs must be
+finite). fp32 rules say whether they hold with TF32 on (``fp32`` rows of a table
 run with it, the default) or off (``fp32-strict`` rows), and every rule holds only on GPUs of
 the table's compute capability and for the sequence lengths the shapes span. The rule's hidden, batch and
 steps ranges span those shapes (so it also covers the sizes between them, one layer, unidirectional:
@@ -35,7 +36,7 @@ from collections import defaultdict
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_gpu import SHAPES  # noqa: E402
+from bench_gpu import MIN_REPS, SHAPES  # noqa: E402
 
 DTYPES = {"fp32": "torch.float32", "bf16": "torch.bfloat16", "fp16": "torch.float16",
           "fp32-strict": "torch.float32"}
@@ -109,12 +110,27 @@ def _tf32(rows: list[dict], dtype: str) -> bool | None:
     return None
 
 
+def _doubts(r: dict, base: dict, what: str) -> list[str]:
+    """Why a timed, checked row of ours and its cuDNN row (same cell, dtype, shape and pass)
+    are not evidence, beyond the ratio: cuDNN's own check (its outputs finite) not passed, or
+    either side timed fewer than MIN_REPS times (bench_gpu.py notes "only N runs timed")."""
+    why = []
+    if base.get("check") != "reference":
+        why.append(f"{what}cuDNN's check {(base.get('check') or 'not run')[:80]}")
+    for side, row in (("ours", r), ("cuDNN's", base)):
+        reps = str(row.get("reps") or "").strip()
+        if reps.isdigit() and int(reps) < MIN_REPS:
+            why.append(f"{what}{side} timed {reps} times (< {MIN_REPS})")
+    return why
+
+
 def propose(rows: list[dict], backend: str, margin: float) -> tuple[list[dict], list[str]]:
     """(rules, reasons): rules as dicts (cell, dtype, tf32, hidden, batch, ratios) and, for
     every (cell, dtype) without one, why not."""
     ours: dict[tuple[str, str], dict[str, dict]] = defaultdict(dict)
     cudnn: dict[tuple[str, str], dict[str, dict]] = defaultdict(dict)
     other_passes: dict[tuple[str, str, str], list[dict]] = defaultdict(list)
+    other_cudnn: dict[tuple[str, str, str, str], dict] = {}
     for r in rows:
         if r.get("dtype") not in DTYPES:
             continue
@@ -122,6 +138,8 @@ def propose(rows: list[dict], backend: str, margin: float) -> tuple[list[dict], 
         if r.get("pass") != "fwd+bwd":
             if r["backend"] == backend:  # a forward that failed while timed stops it too
                 other_passes[(*key, r["shape"])].append(r)
+            elif r["backend"] == BASELINE:
+                other_cudnn[(*key, r["shape"], r["pass"])] = r
         elif r["backend"] == BASELINE:
             cudnn[key][r["shape"]] = r
         elif r["backend"] == backend:
@@ -146,6 +164,8 @@ def propose(rows: list[dict], backend: str, margin: float) -> tuple[list[dict], 
                 stops.append(f"{shape}: check {(r.get('check') or 'not run')[:80]}")
             elif float(ratio) < margin:
                 stops.append(f"{shape}: {float(ratio):.2f}x cuDNN (< {margin:g})")
+            elif _doubts(r, base, ""):
+                stops += [f"{shape}: {why}" for why in _doubts(r, base, "")]
             else:  # fwd+bwd won: the same configuration's forward must win too (a rule
                 # also sends inference calls, forward only, to the backend)
                 if not any(o["pass"] == "fwd" for o in other_passes[(cell, dtype, shape)]):
@@ -161,6 +181,9 @@ def propose(rows: list[dict], backend: str, margin: float) -> tuple[list[dict], 
                     elif float(o_ratio) < margin:
                         stops.append(f"{shape}: {o['pass']} {float(o_ratio):.2f}x cuDNN "
                                      f"(< {margin:g})")
+                    else:
+                        o_base = other_cudnn.get((cell, dtype, shape, o["pass"]), {})
+                        stops += [f"{shape}: {why}" for why in _doubts(o, o_base, f"{o['pass']} ")]
         if stops:
             reasons.append(f"{cell} {dtype}: no rule; " + "; ".join(stops))
             continue

@@ -558,6 +558,65 @@ def test_auto_rules_stop_at_any_unchecked_or_slow_row_of_either_pass(tmp_path, c
     assert "GRU fp16: no rule; S1: no cuDNN time (RuntimeError: out of memory)" in out
 
 
+def test_auto_rules_stop_at_a_cudnn_row_not_finite_or_a_row_timed_too_few_times(tmp_path,
+                                                                                capsys):
+    """A win over a cuDNN row whose own outputs were not finite, or over a row of either side
+    timed fewer than MIN_REPS times ("only N runs timed"), is not evidence for a rule, in
+    either pass. MIN_REPS runs, or a count the timer could not give (older Triton), are."""
+    auto_rules = _import("auto_rules")
+    bench_gpu = _import("bench_gpu")
+    every = dict.fromkeys(bench_gpu.SHAPES, 3.0)
+    cases = [("LSTM", "bf16"), ("LSTM", "fp16"), ("GRU", "bf16"), ("GRU", "fp16"),
+             ("GRU", "fp32"), ("RNN", "fp32")]
+    path = _gpu_table(tmp_path, dict.fromkeys(cases, every))
+    few = str(bench_gpu.MIN_REPS - 1)
+
+    def edit(r):
+        where = (r["cell"], r["dtype"], r["shape"], r["backend"], r["pass"])
+        if where == ("LSTM", "bf16", "S3", "cudnn", "fwd+bwd"):
+            r["check"] = "FAIL: y not finite"
+        elif where in {("LSTM", "fp16", "S5", "cuda", "fwd+bwd"),
+                       ("GRU", "bf16", "S2", "cudnn", "fwd")}:
+            r["reps"] = few
+        elif where == ("GRU", "fp16", "S4", "cudnn", "fwd"):
+            r["check"] = "FAIL: h_n not finite"
+        elif (r["cell"], r["dtype"]) == ("GRU", "fp32"):
+            r["reps"] = str(bench_gpu.MIN_REPS)
+        # RNN fp32: no reps at all, as a Triton without return_mode="all" leaves them
+    _edit_table(path, edit)
+    assert auto_rules.main([str(path)]) == 0
+    out = capsys.readouterr().out
+    assert out.count("AutoRule(") == 2, out
+    assert "{'GRU'}), dtypes=frozenset({torch.float32})" in out, out
+    assert "{'RNN'}), dtypes=frozenset({torch.float32})" in out, out
+    assert "LSTM bf16: no rule; S3: cuDNN's check FAIL: y not finite" in out, out
+    assert f"LSTM fp16: no rule; S5: ours timed {few} times (< 5)" in out, out
+    assert f"GRU bf16: no rule; S2: fwd cuDNN's timed {few} times (< 5)" in out, out
+    assert "GRU fp16: no rule; S4: fwd cuDNN's check FAIL: h_n not finite" in out, out
+
+
+def test_a_row_timed_fewer_than_min_reps_times_says_so(monkeypatch):
+    """bench_gpu's timer asks for MIN_REPS runs; where it got fewer, the row's note says how
+    many (auto_rules.py reads the count). None (a Triton that cannot say) gets no note."""
+    import torch
+
+    bench_gpu = _import("bench_gpu")
+    args = bench_gpu.parse_args(["--dry-run", "--backends", "reference", "--modes", "GRU",
+                                 "--dtypes", "fp32", "--passes", "fwd"])
+    notes = {}
+    for reps in (bench_gpu.MIN_REPS - 1, bench_gpu.MIN_REPS, None):
+        def timer(fn, reps=reps):
+            fn()
+            return 2.0, reps
+
+        torch.manual_seed(0)
+        (row,) = bench_gpu.measure(args, timer, "cpu", "GRU", "D1", "fp32", "reference", {})
+        assert row["ms"] == 2.0 and row["reps"] == reps
+        notes[reps] = row.get("note")
+    assert notes == {bench_gpu.MIN_REPS - 1: f"only {bench_gpu.MIN_REPS - 1} runs timed",
+                     bench_gpu.MIN_REPS: None, None: None}
+
+
 def test_auto_rules_need_a_forward_row_for_every_shape(tmp_path, capsys):
     """A table from a bench run without the forward pass (--passes fwd+bwd) cannot show that
     forward-only calls are faster, and a rule sends those too: no rule from it."""
