@@ -267,6 +267,28 @@ def test_per_operator_tf32_settings_are_read_not_refused(fp32_precision_restored
     assert launch._fp32_dot_precision() == "ieee"
 
 
+@pytest.mark.skipif(DEVICE == "cuda", reason="bit-identity holds in the interpreter, where a "
+                    "tl.dot and a torch matmul sum alike; compiled, they sum in other orders")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("mode,proj", [("LSTM", 3), ("LSTM", 0), ("RNN_TANH", 0)],
+                         ids=["LSTM-proj", "LSTM", "RNN_TANH"])
+def test_step_backward_rounds_dgates_as_the_persistent_kernel_does(mode, proj, dtype):
+    """In 16-bit both backward paths round each step's dgates to the storage dtype before they
+    go back through W_hh: in the kernels, and in the step path's torch products (every step's
+    with a projection, the last step's dh_0 without one). Unrounded, the paths' gradients part
+    by up to 5e-3 of their largest; rounded, they are the same bit for bit. (GRU's two paths
+    add the n gate's hh part in different orders, and part by fp32 rounding.)"""
+    B, T, I, H = 3, 4, 4, 16
+    inputs = make_inputs(mode, B, T, I, H, proj=proj)
+    cots = layer_cotangents(mode, B, T, H, proj or H)
+    got = {}
+    for path in ("persistent", "step"):
+        ours, _ = layer_fns(mode, path=path)
+        names, got[path] = outputs_and_grads(ours, inputs, dtype, cots)
+    for name, a, b in zip(names, got["persistent"], got["step"], strict=True):
+        assert torch.equal(a, b), f"{name}: {(a - b).abs().max().item():.3g}"
+
+
 @pytest.mark.parametrize("path", ["persistent", "step"])
 @pytest.mark.parametrize("dt,rnn,want", [("fp32", "ieee", "ieee"), ("fp32", "tf32", "tf32"),
                                           ("bf16", "ieee", "tf32")])
