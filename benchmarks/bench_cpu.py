@@ -6,6 +6,9 @@ per-pair ratios ours/nn (target: <= 1.1). With ``--compile`` ours runs under
 ``torch.compile(fullgraph=True)`` (torch.nn stays eager: its RNNs graph-break).
 
     python benchmarks/bench_cpu.py [--reps 15] [--compile] [--csv out.csv]
+
+Before timing, each cell's output and parameter gradients must match torch.nn's (relative norm
+error 1e-4), or the script stops: a ratio is only worth reading when both compute the same.
 """
 
 from __future__ import annotations
@@ -30,6 +33,24 @@ def fwd_bwd_time(model, x, h, cot) -> float:
     return time.perf_counter() - t0
 
 
+def check_same(ours, ref, x, h, cot, tol: float = 1e-4) -> None:
+    """A ratio means something only if both compute the same: y and every parameter's
+    gradient within ``tol`` of torch.nn's by relative norm error, or SystemExit."""
+    ys = []
+    for m in (ours, ref):
+        m.zero_grad(set_to_none=True)
+        y, _ = m(x, h)
+        y.backward(cot)
+        ys.append(y.detach())
+    pairs = [("y", *ys)] + [(f"grad {n}", p.grad, q.grad) for (n, p), q in
+                            zip(ours.named_parameters(), ref.parameters(), strict=True)]
+    for name, a, b in pairs:
+        err = ((a - b).norm() / b.norm().clamp_min(1e-30)).item() if a is not None else None
+        if err is None or not err <= tol:
+            raise SystemExit(f"bench_cpu: {name} differs from torch.nn's (relative error "
+                             f"{err}, tolerance {tol:g}): not timed")
+
+
 def bench(cell: str, B: int, T: int, H: int, layers: int, reps: int, backend: str,
           compile_ours: bool = False) -> dict:
     nn_cls = {"lstm": torch.nn.LSTM, "gru": torch.nn.GRU}[cell]
@@ -48,6 +69,7 @@ def bench(cell: str, B: int, T: int, H: int, layers: int, reps: int, backend: st
     for _ in range(3):  # warm-up both
         fwd_bwd_time(ours, x, h, cot)
         fwd_bwd_time(ref, x, h, cot)
+    check_same(ours, ref, x, h, cot)
     ours_t, ref_t, ratios = [], [], []
     for i in range(reps):
         # alternate which goes first so neither always runs on a warmer cache
@@ -68,14 +90,21 @@ def bench(cell: str, B: int, T: int, H: int, layers: int, reps: int, backend: st
     }
 
 
+def _positive(text: str) -> int:
+    n = int(text)
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, not {n}")
+    return n
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--reps", type=int, default=15)
+    p.add_argument("--reps", type=_positive, default=15)
     p.add_argument("--backend", default="auto")
-    p.add_argument("--B", type=int, default=32)
-    p.add_argument("--T", type=int, default=64)
-    p.add_argument("--H", type=int, default=256)
-    p.add_argument("--layers", type=int, default=2)
+    p.add_argument("--B", type=_positive, default=32)
+    p.add_argument("--T", type=_positive, default=64)
+    p.add_argument("--H", type=_positive, default=256)
+    p.add_argument("--layers", type=_positive, default=2)
     p.add_argument("--compile", action="store_true",
                    help="ours under torch.compile(fullgraph=True); torch.nn eager")
     p.add_argument("--csv", default=None)

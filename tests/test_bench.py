@@ -77,3 +77,63 @@ def test_first_steps_logits_error_is_the_worst_steps():
     grads = {"w": torch.ones(3)}
     err, grad_err, name = bench._first_steps_error((got, grads), (ref, grads))
     assert err == pytest.approx(0.5, rel=1e-6) and grad_err == 0 and name == ""
+
+
+# --------------------------------------------------------------------------- bench_cpu.py
+def _bench_cpu():
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    try:
+        import bench_cpu
+    finally:
+        sys.path.pop(0)
+    return bench_cpu
+
+
+def test_bench_cpu_times_both_writes_its_csv_and_gates_on_the_ratio(tmp_path, capsys,
+                                                                     monkeypatch):
+    """benchmarks/bench_cpu.py (README's CPU benchmark) at a tiny size: one row per cell,
+    each checked against torch.nn before it is timed, and --max-ratio failing the run."""
+    import csv
+
+    bench_cpu = _bench_cpu()
+    checked = []
+    real_check = bench_cpu.check_same
+    monkeypatch.setattr(bench_cpu, "check_same",
+                        lambda ours, *a: checked.append(type(ours).__name__) or real_check(ours, *a))
+    tiny = ["--reps", "2", "--B", "2", "--T", "3", "--H", "8", "--layers", "2"]
+    assert bench_cpu.main([*tiny, "--csv", str(tmp_path / "t.csv")]) == 0
+    with open(tmp_path / "t.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert [r["cell"] for r in rows] == ["lstm", "gru"]
+    for r in rows:
+        assert float(r["ours_ms"]) > 0 and float(r["nn_ms"]) > 0 and float(r["ratio"]) > 0
+    assert "| lstm | 2×3×8, 2 | auto |" in capsys.readouterr().out
+    assert checked == ["LSTM", "GRU"]
+    assert bench_cpu.main([*tiny, "--max-ratio", "0"]) == 1
+    assert "FAIL: a ratio exceeds 0" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        bench_cpu.main([*tiny[:-2], "--layers", "0"])
+    assert "--layers: must be at least 1, not 0" in capsys.readouterr().err
+
+
+def test_bench_cpu_refuses_to_time_a_model_that_computes_otherwise():
+    bench_cpu = _bench_cpu()
+    torch.manual_seed(0)
+    ref = torch.nn.GRU(4, 5)
+    same = fused_rnn.GRU(4, 5, backend="reference")
+    same.load_state_dict(ref.state_dict())
+    x, h, cot = torch.randn(3, 2, 4), torch.randn(1, 2, 5), torch.randn(3, 2, 5)
+    bench_cpu.check_same(same, ref, x, h, cot)  # the same weights: passes
+    with torch.no_grad():
+        same.bias_hh_l0[0] += 1e-2  # y moves by about 1e-3: past the tolerance
+    with pytest.raises(SystemExit, match="y differs from torch.nn's"):
+        bench_cpu.check_same(same, ref, x, h, cot)
+    with torch.no_grad():
+        same.bias_hh_l0[0] -= 1e-2
+    bench_cpu.check_same(same, ref, x, h, cot)
+    same.weight_hh_l0.register_hook(lambda g: g * 1.01)  # the same y, another gradient
+    with pytest.raises(SystemExit, match="grad weight_hh_l0 differs from torch.nn's"):
+        bench_cpu.check_same(same, ref, x, h, cot)
