@@ -757,7 +757,8 @@ def _torchrun(args, out):
 
 
 @pytest.mark.skipif(shutil.which("torchrun") is None, reason="torchrun is not on PATH")
-def test_torchrun_resume_continues_each_ranks_rows_and_draws_exactly(tmp_path, text_file):
+def test_torchrun_resume_continues_each_ranks_rows_and_draws_exactly(capsys, tmp_path,
+                                                                      text_file):
     """Two ranks stopped at step 3 and resumed to 6 end with the weights of two ranks that ran
     6 steps through: each rank takes back its own rows of the carried state, its own data
     position and its own dropout draws. Rank 0's rows on every rank moves the losses by only
@@ -767,7 +768,14 @@ def test_torchrun_resume_continues_each_ranks_rows_and_draws_exactly(tmp_path, t
             "--eval-every", "3", "--ckpt-every", "3", "--log-every", "1"]
     _torchrun([*args, "--steps", "6"], tmp_path / "whole")
     _torchrun([*args, "--steps", "3"], tmp_path / "split")
+    shutil.copytree(tmp_path / "split", tmp_path / "one")
     _torchrun(["train", "--resume", "--steps", "6"], tmp_path / "split")
+    # One process may resume what two wrote: all 4 rows of the state, other dropout draws.
+    rc, stdout, err = run(capsys, "train", "--out", tmp_path / "one", "--resume", "--steps", 4)
+    assert rc == 0, err
+    assert "the checkpoint was written by 2 processes, this run has 1" in stdout + err
+    one = torch.load(tmp_path / "one" / "checkpoint.pt", weights_only=True)
+    assert one["world_size"] == 1 and one["step"] == 4 and one["hidden"][0].shape[1] == 4
     whole, split = _log(tmp_path / "whole" / "log.csv"), _log(tmp_path / "split" / "log.csv")
     assert len(whole) == 7 and _losses(split) == _losses(whole)
     a, b = (torch.load(tmp_path / run / "checkpoint.pt", weights_only=True)
