@@ -79,6 +79,45 @@ def test_first_steps_logits_error_is_the_worst_steps():
     assert err == pytest.approx(0.5, rel=1e-6) and grad_err == 0 and name == ""
 
 
+def test_bench_refuses_a_named_backend_this_machine_cannot_run(capsys, tmp_path, text_file):
+    rc, _, err = run(capsys, *BENCH_TINY, "--text", text_file, "--out", tmp_path,
+                     "--backends", "reference,cuda", "--precisions", "fp32")
+    assert rc == 2 and "--backends cuda: unavailable here (" in err, err
+    assert not list(tmp_path.glob("*.csv")), "refused before any row ran"
+
+
+@pytest.mark.parametrize("where", ["build", "first steps"])
+def test_a_row_that_cannot_be_built_or_probed_is_an_error_and_the_rest_run(capsys, tmp_path,
+                                                                          text_file,
+                                                                          monkeypatch, where):
+    """A backend whose model fails to build, or whose first-steps probe raises, gets its
+    error in its row (check ERROR, exit 1); torch.nn's row and the others still run."""
+    real_build, real_probe = bench._build_model, bench._first_steps
+
+    def build(cfg, vocab_size, torch_nn, backend):
+        if where == "build" and not torch_nn and backend == "reference":
+            raise RuntimeError("no kernel for this shape")
+        return real_build(cfg, vocab_size, torch_nn, backend)
+
+    def probe(model, *a):
+        rnn = model.rnn
+        if where == "first steps" and isinstance(rnn, fused_rnn.LSTM) and rnn.backend == "reference":
+            raise RuntimeError("no kernel for this shape")
+        return real_probe(model, *a)
+
+    monkeypatch.setattr(bench, "_build_model", build)
+    monkeypatch.setattr(bench, "_first_steps", probe)
+    rc, stdout, err = run(capsys, *BENCH_TINY, "--text", text_file, "--out", tmp_path,
+                          "--backends", "reference,torch", "--precisions", "fp32")
+    assert rc == 1, stdout + err
+    rows = _bench_rows(tmp_path)
+    bad = rows[("fp32", "fused_rnn:reference")]
+    assert bad["check"] == "ERROR" and bad["error"] == "RuntimeError: no kernel for this shape"
+    assert not bad["tokens_per_s"], "an errored row is not timed"
+    for key in (("fp32", "torch.nn"), ("fp32", "fused_rnn:torch")):
+        assert rows[key]["check"] == "ok" and not rows[key]["error"], rows[key]
+
+
 # --------------------------------------------------------------------------- bench_cpu.py
 def _bench_cpu():
     import sys
