@@ -287,6 +287,11 @@ def _bad_inputs(tmp_path):
                                       "is a directory"),
         "log-is-a-directory": (ok + ["--out", tmp_path / "dir-log"], "log.csv is a directory"),
         "bench-fp16": (["bench", "--precisions", "fp16"], "--precisions fp16"),
+        "sample-a-directory": (["sample", "--checkpoint", tmp_path], "is a directory; pass the "
+                               "checkpoint file"),
+        "tie-weights-other-embedding": (ok + ["--out", tmp_path / "r2", "--tie-weights",
+                                              "--embedding-size", "8"],
+                                        "--tie-weights needs --embedding-size equal"),
     }
 
 
@@ -297,7 +302,8 @@ BAD_IDS = ["missing-text", "empty-text", "blank-text", "non-utf8", "too-short", 
            "bench-unknown-backend", "no-subcommand", "resume-and-overwrite",
            "torch-nn-with-backend", "infinite-lr", "seed-out-of-range",
            "variable-bptt-too-short", "out-not-a-directory", "checkpoint-is-a-directory",
-           "log-is-a-directory", "bench-fp16"]
+           "log-is-a-directory", "bench-fp16", "sample-a-directory",
+           "tie-weights-other-embedding"]
 
 
 @pytest.mark.parametrize("case", BAD_IDS)
