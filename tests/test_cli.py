@@ -287,8 +287,8 @@ def _bad_inputs(tmp_path):
                                       "is a directory"),
         "log-is-a-directory": (ok + ["--out", tmp_path / "dir-log"], "log.csv is a directory"),
         "bench-fp16": (["bench", "--precisions", "fp16"], "--precisions fp16"),
-        "sample-a-directory": (["sample", "--checkpoint", tmp_path], "is a directory; pass the "
-                               "checkpoint file"),
+        "sample-a-directory": (["sample", "--checkpoint", tmp_path],
+                               "is a directory; pass the checkpoint file"),
         "tie-weights-other-embedding": (ok + ["--out", tmp_path / "r2", "--tie-weights",
                                               "--embedding-size", "8"],
                                         "--tie-weights needs --embedding-size equal"),
