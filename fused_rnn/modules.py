@@ -859,8 +859,12 @@ class _CellBase(nn.Module):
         is_lstm = mode == "LSTM"
         if input.dim() not in (1, 2):
             raise ValueError(f"{cls}: Expected input to be 1D or 2D, got {input.dim()}D instead")
-        if hx is not None:  # torch.nn's types: TypeError for the wrong kind, RuntimeError for
-            if is_lstm:     # a tuple of another length ("lstm_cell expects two hidden states")
+        # torch.nn's types: TypeError for the wrong kind of hx, RuntimeError for a tuple of
+        # another length ("lstm_cell expects two hidden states"). Where torch.nn fails by
+        # accident (an AttributeError on .dim() of a None or a list), a TypeError that says
+        # what hx must be.
+        if hx is not None:
+            if is_lstm:
                 if not isinstance(hx, (tuple, list)):
                     raise TypeError(f"{cls}: hx must be a tuple (h_0, c_0), got "
                                     f"{type(hx).__name__}")

@@ -117,6 +117,13 @@ def _bad_forward_cases():
         yield cell, "no-steps", lambda c: (torch.randn(0, 3, 4),)
         yield cell, "no-steps-unbatched", lambda c: (torch.randn(0, 4),)
     yield "lstm", "hx-three-tensors", lambda c: (torch.randn(5, 3, 4), (*_h(c, 1, 3, 6), torch.zeros(1, 3, 6)))
+    # "meta" stands in for a second device on the CPU
+    for cell in CELLS:
+        yield cell, "hx-on-another-device", lambda c: (
+            torch.randn(5, 3, 4), (torch.zeros(1, 3, 6, device="meta"), torch.zeros(1, 3, 6))
+            if c == "lstm" else torch.zeros(1, 3, 6, device="meta"))
+    yield "lstm", "cx-on-another-device", lambda c: (
+        torch.randn(5, 3, 4), (torch.zeros(1, 3, 6), torch.zeros(1, 3, 6, device="meta")))
     yield "lstm", "hx-one-stacked-tensor", lambda c: (torch.randn(5, 3, 4), torch.stack(_h(c, 1, 3, 6)))
 
 
@@ -308,6 +315,122 @@ def test_module_on_other_device_is_rejected():
         lstm(torch.randn(5, 3, 4))
 
 
+# ------------------------------------------------------------------ devices, dtypes, hx kinds
+# "meta" stands in for a second device on the CPU: each check below comes before any kernel.
+@pytest.mark.parametrize("weight", ["weight_hh_l0", "bias_ih_l0", "weight_ih_l1"])
+@pytest.mark.parametrize("cell", list(CELLS))
+@pytest.mark.parametrize("backend", ["reference", "auto"])
+def test_a_weight_on_another_device_is_refused(weight, cell, backend):
+    """torch.nn compares each weight with the input ("not at the same device"); ours names the
+    weight and compares it with the first."""
+    nn_cls, our_cls, extra = CELLS[cell]
+    ref, ours = nn_cls(4, 6, 2, **extra), our_cls(4, 6, 2, **extra, backend=backend)
+    for m in (ref, ours):
+        setattr(m, weight, torch.nn.Parameter(getattr(m, weight).detach().to("meta")))
+    x = torch.randn(5, 3, 4)
+    with pytest.raises(Exception) as want:
+        ref(x)
+    with pytest.raises(want.type, match=rf"weight {weight} is on meta but weight_ih_l0 is on cpu"):
+        ours(x)
+
+
+def _cell_device_and_dtype_cases():
+    """(cell, case, what to move to meta, the call's arguments, what ours says). torch.nn fails
+    in aten on each ("not on the expected device", "mat1 and mat2 must have the same dtype")."""
+    x, h = torch.randn(2, 5), torch.zeros(2, 6)
+    for cell in STEP_CELLS:
+        lstm = cell == "lstm"
+
+        def hx(first, lstm=lstm):
+            return (first, h) if lstm else first
+
+        for bias in ("bias_ih", "bias_hh"):
+            yield cell, f"{bias}-on-meta", bias, (x,), f"{bias} is on meta but weight_ih is on cpu"
+        yield cell, "input-fp64", None, (x.double(),), (
+            r"input dtype \(torch.float64\) does not match weight dtype \(torch.float32\)")
+        yield cell, "input-on-meta", None, (x.to("meta"),), (
+            "input is on meta but the parameters are on cpu")
+        yield cell, "parameters-on-meta", "all", (x,), "input is on cpu but the parameters are on meta"
+        yield cell, "hx-on-meta", None, (x, hx(h.to("meta"))), "hidden0 is on meta, input on cpu"
+        yield cell, "hx-fp64", None, (x, hx(h.double())), (
+            r"hidden0 dtype \(torch.float64\) does not match input dtype \(torch.float32\)")
+        if lstm:
+            yield cell, "cx-on-meta", None, (x, (h, h.to("meta"))), "hidden1 is on meta, input on cpu"
+
+
+@pytest.mark.parametrize("cell,case,moved,args,said", list(_cell_device_and_dtype_cases()),
+                         ids=lambda v: v if isinstance(v, str) else "")
+@pytest.mark.parametrize("backend", ["reference", "auto"])
+def test_cell_inputs_and_weights_on_another_device_or_dtype(cell, case, moved, args, said,
+                                                             backend):
+    """torch.nn's exception type, with what is where said in the cell's terms."""
+    nn_cls, our_cls, extra = STEP_CELLS[cell]
+    ref, ours = nn_cls(5, 6, **extra), our_cls(5, 6, **extra, backend=backend)
+    for m in (ref, ours):
+        if moved == "all":
+            m.to("meta")
+        elif moved:
+            setattr(m, moved, torch.nn.Parameter(getattr(m, moved).detach().to("meta")))
+    with pytest.raises(Exception) as want:
+        ref(*args)
+    with pytest.raises(want.type, match=f"{type(ours).__name__}: {said}"):
+        ours(*args)
+
+
+@pytest.mark.parametrize("hx", ["none", "list"])
+def test_lstm_hx_of_non_tensors_says_so(hx):
+    """torch.nn fails on ``(h, None)`` with an AttributeError ('NoneType' has no 'dim'); ours
+    says what is wrong, as the TypeError for an hx that is not a tuple."""
+    h = torch.zeros(1, 3, 6)
+    given = (h, None if hx == "none" else h.tolist())
+    with pytest.raises(AttributeError):
+        torch.nn.LSTM(4, 6)(torch.randn(5, 3, 4), given)
+    kind = "NoneType" if hx == "none" else "list"
+    with pytest.raises(TypeError, match=rf"two tensors, got \(Tensor, {kind}\)"):
+        fused_rnn.LSTM(4, 6, backend="reference")(torch.randn(5, 3, 4), given)
+
+
+@pytest.mark.parametrize("cell,hx", [("lstm", "none-in-pair"), ("lstm", "list"), ("gru", "list"),
+                                     ("rnn_relu", "str")])
+def test_cell_hx_of_non_tensors_says_so(cell, hx):
+    """torch.nn's cells fail with an AttributeError (no 'dim'); ours with a TypeError."""
+    nn_cls, our_cls, extra = STEP_CELLS[cell]
+    h = torch.zeros(2, 6)
+    given = {"none-in-pair": (h, None), "list": h.tolist(), "str": "h"}[hx]
+    if cell == "lstm" and hx != "none-in-pair":
+        given = (h, given)
+    with pytest.raises(AttributeError):
+        nn_cls(5, 6, **extra)(torch.randn(2, 5), given)
+    said = "two tensors" if cell == "lstm" else "a tensor"
+    with pytest.raises(TypeError, match=f"{our_cls.__name__}: hx must be {said}"):
+        our_cls(5, 6, **extra, backend="reference")(torch.randn(2, 5), given)
+
+
+@pytest.mark.parametrize("cell", ["gru", "rnn_tanh"])
+def test_a_positional_proj_size_is_refused_by_gru_and_rnn(cell):
+    """torch.nn builds a GRU/RNN given proj_size positionally (eighth for GRU, ninth for RNN)
+    and fails at its first call ("Expected hidden size (1, 3, 2)"); ours refuses it at once,
+    as nn does by keyword. A positional 0 is taken by both."""
+    nn_cls, our_cls, _ = CELLS[cell]
+    head = (4, 6, 1) + (("tanh",) if cell == "rnn_tanh" else ())
+    args = head + (True, False, 0.0, False, 2)
+    with pytest.raises(RuntimeError, match="Expected hidden size"):
+        nn_cls(*args)(torch.randn(5, 3, 4))
+    with pytest.raises(ValueError, match="proj_size argument is only supported for LSTM"):
+        our_cls(*args)
+    assert our_cls(*args[:-1], 0).proj_size == 0
+
+
+def test_repr_shows_dropout_and_a_cells_bias_and_nonlinearity():
+    """As torch.nn's: a layer's dropout, a cell's bias=False and nonlinearity=relu."""
+    for make in (lambda m: m.LSTM(4, 6, 2, dropout=0.25),
+                 lambda m: m.RNNCell(4, 6, bias=False, nonlinearity="relu"),
+                 lambda m: m.GRUCell(4, 6, bias=False)):
+        assert repr(make(fused_rnn)) == repr(make(torch.nn))
+    assert "dropout=0.25" in repr(fused_rnn.GRU(4, 6, 2, dropout=0.25))
+    assert "bias=False, nonlinearity=relu" in repr(fused_rnn.RNNCell(4, 6, False, "relu"))
+
+
 @pytest.mark.parametrize("cls", [fused_rnn.GRU, fused_rnn.LSTMCell])
 def test_torchscript_is_refused_clearly(cls):
     """torch.jit.script would otherwise fail deep in its frontend with a message about
@@ -352,6 +475,8 @@ BAD_LAYER_ARGS = [
      RuntimeError),
     ("b_ih-list", "GRU", lambda a: {"b_ih": a["b_ih"].tolist()}, TypeError),
     ("lengths-list", "GRU", lambda a: {"lengths": [3, 2, 1]}, TypeError),
+    ("x-list", "GRU", lambda a: {"x": a["x"].tolist()}, TypeError),
+    ("w_hh-array", "LSTM", lambda a: {"w_hh": a["w_hh"].numpy()}, TypeError),
 ]
 
 
@@ -396,6 +521,24 @@ def test_functional_cell_and_stack_refuse_arguments_of_the_wrong_shape():
         with pytest.raises((ValueError, RuntimeError), match=said):
             functional.rnn("LSTM", a["x"], hx, a["c0"][None], weights, backend="reference",
                            **args)
+
+
+def test_functional_refuses_an_unknown_mode():
+    """Before anything else (a bad backend name too); the kernels' ops check it again (here
+    the CUDA op's fake, on meta tensors)."""
+    import fused_rnn.ops.cuda.ops  # noqa: F401 (registers the op)
+    from fused_rnn import functional
+
+    a = _layer_args("GRU")
+    with pytest.raises(ValueError, match=r"unknown mode 'LSTMP'; expected one of \('LSTM'"):
+        functional.rnn_layer("LSTMP", a["x"], a["h0"], None, a["w_ih"], a["w_hh"],
+                             backend="bogus")
+    with pytest.raises(ValueError, match="unknown mode 'gru'"):
+        functional.rnn_cell("gru", a["x"][0], a["h0"], None, a["w_ih"], a["w_hh"])
+    m = {k: (None if v is None else v.to("meta")) for k, v in a.items()}
+    with pytest.raises(ValueError, match=r"unknown mode 'LSTMP'; expected one of \('LSTM'"):
+        torch.ops.fused_rnn.cuda_layer("LSTMP", m["x"], m["h0"], None, m["w_ih"], m["w_hh"],
+                                       m["b_ih"], m["b_hh"], None, False, False, False)
 
 
 def test_cuda_layer_op_checks_its_arguments_too():

@@ -24,6 +24,7 @@ from fused_rnn.tbptt import (
     evaluate,
     mask_state,
     run_rnn,
+    state_rows,
     train_chunk,
 )
 
@@ -789,3 +790,61 @@ def test_step_through_cells_keeps_a_relu_rnns_nonlinearity(torch_nn):
             logits, state = model.step(tokens[t], state, cells)
             outs.append(logits)
     torch.testing.assert_close(torch.stack(outs), full, rtol=1e-5, atol=1e-6)
+
+
+# ------------------------------------------------------ raise statements no test reached (coverage)
+@pytest.mark.parametrize("tokens,kwargs,said", [
+    pytest.param(torch.arange(100).view(10, 10), {}, r"tokens must be 1-D, got shape \(10, 10\)",
+                 id="2-d-tokens"),
+    pytest.param(torch.arange(100), {"batch_size": 0}, "batch_size and bptt must be positive, got 0",
+                 id="no-streams"),
+    pytest.param(torch.arange(100), {"bptt": 0}, "batch_size and bptt must be positive, got 2, 0",
+                 id="no-steps"),
+    pytest.param(torch.arange(100), {"rank": 2, "world_size": 2},
+                 "rank 2 out of range for world size 2", id="rank-past-the-end"),
+    pytest.param(torch.arange(100), {"rank": -1, "world_size": 2},
+                 "rank -1 out of range for world size 2", id="negative-rank"),
+    pytest.param(torch.arange(4), {"batch_size": 4},
+                 r"4 tokens are too few for 4 streams \(need at least 5\)", id="too-few-tokens"),
+    pytest.param(torch.arange(100), {"boundaries": torch.zeros(99, dtype=torch.bool)},
+                 "boundaries must have the shape of tokens", id="boundaries-shorter"),
+    pytest.param(torch.arange(100), {"boundaries": torch.zeros(1, 100, dtype=torch.bool)},
+                 "boundaries must have the shape of tokens", id="boundaries-2-d"),
+])
+def test_stream_batcher_refuses_a_bad_layout(tokens, kwargs, said):
+    """Each refused before any stream is cut, saying which argument is wrong."""
+    args = {"batch_size": 2, "bptt": 8, **kwargs}
+    with pytest.raises(ValueError, match=said):
+        StreamBatcher(tokens, **args)
+
+
+def test_state_rows_and_the_resets_repr():
+    """state_rows takes batch rows (dim 1) of every state tensor; a Resets shows its steps."""
+    h = torch.arange(24.0).view(2, 3, 4)
+    assert torch.equal(state_rows(h, slice(1, 3)), h[:, 1:3])
+    got = state_rows((h, h + 1), slice(0, 1))
+    assert isinstance(got, tuple) and [tuple(t.shape) for t in got] == [(2, 1, 4)] * 2
+    assert torch.equal(got[1], h[:, :1] + 1)
+    assert state_rows(None, slice(0, 1)) is None
+    _, resets = _mask_and_resets()
+    assert repr(resets) == f"Resets(steps=(0, 4, 7), mask={tuple(resets.mask.shape)} on cpu)"
+
+
+def test_charlm_refuses_what_it_cannot_build_or_step():
+    """An unknown cell or vocabulary, and step-by-step generation through a stack without a
+    single-step cell (a plain RNNBase), bidirectional, or with proj_size."""
+    import functools
+
+    assert repr(WeightDrop(0.25)) == "WeightDrop(p=0.25)"
+    for chars in ("ba", "abca", "aab"):
+        with pytest.raises(ValueError, match="sorted, distinct characters"):
+            Vocab(chars)
+    with pytest.raises(ValueError, match="unknown cell 'transformer'; expected one of lstm, gru"):
+        CharLM(5, cell="transformer")
+    model = CharLM(5, hidden_size=4, rnn_class=functools.partial(torch.nn.RNNBase, "LSTM"))
+    with pytest.raises(TypeError, match="no single-step cell known for RNNBase"):
+        model.step_cells()
+    for kw in ({"bidirectional": True}, {"proj_size": 2}):
+        model = CharLM(5, hidden_size=4, rnn_class=functools.partial(fused_rnn.LSTM, **kw))
+        with pytest.raises(ValueError, match="needs a unidirectional stack, no proj_size"):
+            model.step_cells()
