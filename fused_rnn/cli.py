@@ -512,12 +512,14 @@ def _plot_log(rows: list[dict], path: str, title: str) -> str | None:
     ax = fig.add_subplot()
     if tr:
         xs, ys = zip(*tr)
-        ax.plot(xs, ys, color="tab:blue", alpha=0.25, lw=0.8, label="train (per chunk)")
+        one = "o" if len(xs) == 1 else None  # a line through one point draws nothing
+        ax.plot(xs, ys, color="tab:blue", alpha=0.25, lw=0.8, marker=one,
+                label="train (per chunk)")
         ema, sm = 0.0, []
         for k, y in enumerate(ys, 1):  # debiased exponential moving average
             ema = 0.95 * ema + 0.05 * y
             sm.append(ema / (1 - 0.95**k))
-        ax.plot(xs, sm, color="tab:blue", lw=1.5, label="train (smoothed)")
+        ax.plot(xs, sm, color="tab:blue", lw=1.5, marker=one, label="train (smoothed)")
     if va:
         xs, ys = zip(*va)
         ax.plot(xs, ys, "o-", color="tab:orange", lw=1.5, ms=4, label="validation")

@@ -146,6 +146,25 @@ def test_train_without_matplotlib_skips_the_plot_with_a_note(capsys, tmp_path, t
     assert "matplotlib is not installed" in stdout and not (out / "loss.png").exists()
 
 
+@pytest.mark.skipif(not HAVE_MPL, reason="matplotlib is not installed")
+def test_the_plot_of_a_one_step_run_marks_its_points(monkeypatch, tmp_path):
+    """A line through one point draws nothing: a one-step run's train series get markers
+    (longer runs stay plain lines; validation always has markers)."""
+    from matplotlib.figure import Figure
+
+    saved = []
+    monkeypatch.setattr(Figure, "savefig", lambda fig, path: saved.append(fig))
+    for steps in (1, 3):
+        rows = [dict(step=str(s), train_bpc="" if s == 0 else "4.5", val_bpc="5.0")
+                for s in range(steps + 1)]
+        assert cli._plot_log(rows, str(tmp_path / "loss.png"), "t") is None
+    markers = [[(ln.get_label(), ln.get_marker()) for ln in fig.axes[0].lines] for fig in saved]
+    assert markers == [
+        [("train (per chunk)", "o"), ("train (smoothed)", "o"), ("validation", "o")],
+        [("train (per chunk)", "None"), ("train (smoothed)", "None"), ("validation", "o")],
+    ]
+
+
 def test_resume_gives_the_same_losses_as_an_uninterrupted_run(capsys, tmp_path, text_file):
     # Dropout, weight dropout, random chunk lengths, two layers, GRU: RNG, data position and
     # state all matter.
