@@ -155,7 +155,7 @@ def test_the_plot_of_a_one_step_run_marks_its_points(monkeypatch, tmp_path):
     saved = []
     monkeypatch.setattr(Figure, "savefig", lambda fig, path: saved.append(fig))
     for steps in (1, 3):
-        rows = [dict(step=str(s), train_bpc="" if s == 0 else "4.5", val_bpc="5.0")
+        rows = [{"step": str(s), "train_bpc": "" if s == 0 else "4.5", "val_bpc": "5.0"}
                 for s in range(steps + 1)]
         assert cli._plot_log(rows, str(tmp_path / "loss.png"), "t") is None
     markers = [[(ln.get_label(), ln.get_marker()) for ln in fig.axes[0].lines] for fig in saved]
