@@ -2,7 +2,7 @@
 // allocates outputs and workspaces, fills the params structs of fused_rnn.h, and launches on the
 // current stream of the tensors' device. Kernels (.cu) see only raw pointers.
 //
-// Called from fused_rnn/ops/cuda/__init__.py, which computes x W_ih^T + b_ih and the
+// Called from fused_rnn/ops/cuda/ops.py, which computes x W_ih^T + b_ih and the
 // time-parallel gradient GEMMs with torch and makes inputs contiguous and of the right dtype.
 #include <torch/extension.h>
 
@@ -404,7 +404,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("prof") = py::none(), py::arg("stage_copy") = 2, py::arg("k_parts") = 1,
         py::arg("max_blocks") = 0, py::arg("cluster") = 0, py::arg("team_clusters") = false,
         py::arg("dsmem") = false);
-  m.def("plan_info", &plan_info, "launch plan (units, blocks, ..., groups, group_blocks)",
+  m.def("plan_info", &plan_info, "launch plan (units, blocks, ..., parts, k_part, part_ld)",
         py::arg("mode"), py::arg("math"), py::arg("hidden"), py::arg("backward"),
         py::arg("max_blocks"), py::arg("groups") = 1, py::arg("stage_rows") = 0,
         py::arg("stage_k") = 0, py::arg("parts") = 1);

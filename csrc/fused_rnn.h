@@ -44,7 +44,7 @@ enum StageCopy : int {
 };
 
 struct FwdParams {
-  Plan plan;                // make_plan(cell, math, H, /*backward=*/false, num_sms)
+  Plan plan;                // plan.h choose_launch(..., /*backward=*/false, ...)
   int steps, batch, hidden, batch_pad;
   bool reverse;             // process t = T-1 .. 0
   bool save;                // write what backward needs (activations, aux)
@@ -70,7 +70,7 @@ struct FwdParams {
 };
 
 struct BwdParams {
-  Plan plan;                // make_plan(cell, math, H, /*backward=*/true, num_sms)
+  Plan plan;                // plan.h choose_launch(..., /*backward=*/true, ...)
   int steps, batch, hidden, batch_pad;
   bool reverse;             // direction of the forward pass being differentiated
   const void* w_hh;         // (G*H, H) storage
@@ -100,7 +100,7 @@ struct BwdParams {
 template <Cell C, typename T, Math M>
 cudaError_t launch_forward(const FwdParams& p, cudaStream_t stream);
 
-// How many launches so far ran with clusters (either ClusterMode, not the cooperative
+// How many launches so far ran with clusters (any ClusterMode but kClusterNone, not the cooperative
 // fallback): lets tests see which one ran. Host-side, not synchronised (a diagnostic).
 inline long long cluster_launches = 0;
 

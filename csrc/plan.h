@@ -40,7 +40,8 @@ enum class Cell : int { kLSTM = 0, kGRU = 1, kRNNTanh = 2, kRNNRelu = 3 };
 //   kWmma16: bf16/fp16 operands on tensor cores, WMMA m8n32k16 (M = W rows, N = batch), fp32 acc.
 //            m8 (not m16) halves the padding of small per-block row counts (backward M = units).
 //   kTf32:   fp32 storage, operands rounded to TF32 on tensor cores, WMMA m16n16k8, fp32 acc;
-//            used exactly when torch.backends.cudnn.allow_tf32 is true (what nn.LSTM does).
+//            used only when torch.backends.cudnn.allow_tf32 is true (what nn.LSTM does) and
+//            its plan fits (choose_math).
 //   kFma:    fp32 storage, plain fp32 FMA (8 x 32 tiles: one W row, 8 batch columns a thread).
 enum class Math : int { kWmma16 = 0, kTf32 = 1, kFma = 2 };
 
@@ -99,8 +100,8 @@ FRNN_HD constexpr TileShape tile_shape(Math m) {
 
 struct Plan {
   int units;        // hidden units per block (the last block may own fewer)
-  int blocks;       // grid size = ceil(H / units); all co-resident (cooperative launch)
-  int m_rows;       // W-slice rows actually used: G*units (forward) or units (backward)
+  int blocks;       // grid size = groups * group_blocks; all co-resident (cooperative launch)
+  int m_rows;       // W-slice rows used: parts * (G*units (forward) or units (backward))
   int m_pad;        // rows held in shared memory (m_rows padded to the row granule)
   int k;            // reduction length: H (forward) or G*H (backward)
   int k_pad;        // k padded to kKPad: row stride of the exchange buffer
@@ -118,7 +119,7 @@ struct Plan {
   int stage_rows;   // rows of the stage buffer (the most batch columns of a chunk)
   int stage_k;      // K columns per slice (a multiple of kKPad), 0 = off
   int stage_ld;     // row stride of the stage buffer in elements (16 bytes of skew)
-  // K parts (see the top of this file); parts = 1: none (k_part = k_pad, part_ld = 0).
+  // K parts (choose_parts, team_units); parts = 1: none (k_part = k_pad, part_ld = 0).
   int parts;        // blocks per team; divides group_blocks
   int k_part;       // K columns per team rank (a multiple of kKPad); rank r: [r*k_part, ...)
   int part_ld;      // floats per batch row of the partial buffer: (group_blocks/parts)*m_rows
@@ -139,7 +140,7 @@ FRNN_HD constexpr int plan_units(Cell cell, Math math, int hidden, int max_block
 }
 
 // groups must divide B_pad / kBatchPad (choose_groups) and be at most max_blocks; stage_rows
-// and stage_k come from choose_stage (0, 0: no staging); parts must divide group_blocks and
+// and stage_k come from choose_stage_k (0, 0: no staging); parts must divide group_blocks and
 // leave every rank some K (choose_parts).
 FRNN_HD constexpr Plan make_plan(Cell cell, Math math, int hidden, bool backward,
                                  int max_blocks, int groups = 1, int stage_rows = 0,

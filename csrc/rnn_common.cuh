@@ -213,8 +213,8 @@ __device__ __forceinline__ float gather(const float* sc, const Plan& pl, ChunkLa
 }
 
 // One (tile, K-slice) task. sw: W slice (shared); x: exchange-buffer rows of this tile
-// (global, row stride pl.k_pad); steps [kb, ke) in units of wk; result -> slot (row-major,
-// ld wn + kSlotPad).
+// (global memory, the stage or the dsmem mirror; row stride ldx); steps [kb, ke) in units of
+// wk; result -> slot (row-major, ld wn + kSlotPad).
 template <typename T, Math M> struct TileMma;
 
 template <typename T>

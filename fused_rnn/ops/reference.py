@@ -6,7 +6,8 @@ Everything here is ordinary differentiable PyTorch, so autograd gives the gradie
 
 Precision contract (the one every kernel implements):
 
-* fp64 inputs are computed in fp64, everything else in fp32 ("compute dtype");
+* fp64 and complex inputs are computed in their own dtype, everything else in fp32
+  ("compute dtype");
 * the input projection ``x W_ih^T + b_ih`` is one GEMM over all T steps, kept in the
   compute dtype;
 * the LSTM cell state ``c`` is carried in the compute dtype for the whole chunk;

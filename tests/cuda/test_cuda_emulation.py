@@ -162,7 +162,8 @@ def test_storage_dtypes(emulate, monkeypatch, mode, lengths, dtype, allow_tf32, 
 
 
 def test_math_choice_follows_allow_tf32(emulate, monkeypatch):
-    """fp32 runs the TF32 tiles exactly when cudnn.allow_tf32 is set; 16-bit runs WMMA16."""
+    """fp32 runs the TF32 tiles when cudnn.allow_tf32 is set (at a size whose TF32 plan fits)
+    and FMA when it is not; 16-bit runs WMMA16."""
     for allow, dtype, want in (
         (True, torch.float32, "tf32"), (False, torch.float32, "fma"),
         (True, torch.bfloat16, "wmma16"), (False, torch.float16, "wmma16"),

@@ -29,9 +29,9 @@ or 1..16 on sm_90) runs each batch group that fits on that many blocks as a thre
 cluster whose steps end at the cluster barrier instead of ``grid.sync()``;
 ``FUSED_RNN_CUDA_TEAM_CLUSTERS=on`` makes each K-parts team a cluster, whose barrier then
 replaces the parts' second ``grid.sync()`` of a step. bf16/fp16 use
-tensor cores (WMMA) with fp32 accumulation; fp32 uses TF32 tensor cores exactly when
+tensor cores (WMMA) with fp32 accumulation; fp32 uses TF32 tensor cores only when
 cuDNN's RNNs may (``torch.backends.cudnn.allow_tf32``, or ``cudnn.rnn.fp32_precision``; as
-nn.LSTM does), else plain fp32 FMA. The LSTM
+nn.LSTM does) and the TF32 plan fits (``plan.h`` choose_math), else plain fp32 FMA. The LSTM
 cell state and every activation saved for backward are fp32. Size limits (largest H that fits on
 chip, H100 / A100): ``fused_rnn.ops.cuda.plan``. Not supported (falls back to
 Triton): LSTM projections (``proj_size > 0``), float64, GPUs older than sm_80.
@@ -124,7 +124,8 @@ def rnn_layer(
     b_ih, b_hh: (G*H,) or None; w_hr must be None (no projections); lengths: (B,) or None.
     Returns y: (T, B, H), h_n: (B, H), c_n: (B, H) or None, in x's dtype.
 
-    fp32 matmuls use TF32 exactly when cuDNN's RNNs may (``common.cudnn_rnn_tf32``).
+    fp32 matmuls use TF32 only when cuDNN's RNNs may (``common.cudnn_rnn_tf32``): the GEMMs
+    always then, the recurrence where its TF32 plan fits (``plan.h`` choose_math).
     """
     from fused_rnn.ops.cuda import ops
 

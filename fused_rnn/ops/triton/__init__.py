@@ -110,7 +110,8 @@ def unsupported_reason(
         return "a projection (proj_size) exists only for LSTM"
     if hidden_size == 0 or input_size == 0:  # torch.nn's cells allow it
         return "a size of 0 (input_size or hidden_size): nothing for a kernel to compute"
-    # Row offsets inside the per-step kernels are int32: (B, G*H) planes must fit.
+    # Weight offsets inside the kernels are int32 (batch-row offsets are int64): W_hh
+    # (G*H, P) must fit.
     if 4 * hidden_size * max(input_size, hidden_size) >= 2**31:
         return f"hidden_size {hidden_size} is too large for int32 offsets"
     return None

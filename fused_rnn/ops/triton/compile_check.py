@@ -61,11 +61,11 @@ def _install_fake_driver(arch: int) -> None:
 # The largest hidden size the "auto" rule sends to the persistent kernel, per mode: their
 # shared-memory footprint is the one to check against the GPU's limit.
 _PERSISTENT_H = {"LSTM": 64, "GRU": 64, "RNN_TANH": 128, "RNN_RELU": 128}
-# Shared memory per block (opt-in maximum), bytes: sm_80 164 KB, sm_90 227 KB.
+# Shared memory per block (opt-in maximum), bytes: sm_80 163 KB, sm_90 227 KB.
 SMEM_LIMIT = {80: 163 * 1024, 86: 99 * 1024, 89: 99 * 1024, 90: 227 * 1024}
-# Local memory per thread (spilled registers) a variant may use. On sm_90 four fp32 persistent
-# variants spill a few registers (8-16 bytes: LSTM H=64 forward, RNN H=128 forward, GRU H=64
-# backward without TF32); what this catches is the hundreds of bytes to kilobytes that a bad
+# Local memory per thread (spilled registers) a variant may use. On sm_90 two fp32 persistent
+# variants spill a few registers (8-16 bytes: LSTM H=64 forward, GRU H=64 backward without
+# TF32); what this catches is the hundreds of bytes to kilobytes that a bad
 # tile or warp layout costs (the step kernels at BLOCK_K=64 with 4 warps: up to 320 bytes;
 # LSTM with a 16-wide projection: 4-13 KB).
 SPILL_LIMIT = 32

@@ -51,7 +51,7 @@ PATHS = ("auto", "persistent", "step")
 # to powers of two): LSTM H=64, GRU H=64, RNN H=128, LSTM H=64 with P=32. The compiler stages W
 # in shared memory once, before the time loop; compiled for sm_90 (compile_check.py, no GPU
 # needed), the largest of these needs 143 KB of shared memory (LSTM H=64 fp32, backward)
-# against 227 KB per block (164 KB on an A100), with at most 16 bytes of spilled registers per
+# against 227 KB per block (163 KB on an A100), with at most 16 bytes of spilled registers per
 # thread (compile_check fails a variant past 32). LSTM H=128 would need 246-418 KB. Larger layers take the per-step path until a multi-program
 # persistent form (W split across SMs, grid barrier) exists. Speed: not measured yet.
 PERSISTENT_MAX_W_ELEMS = 16 * 1024
