@@ -202,14 +202,17 @@ def resolve_stack(name: str, device: torch.device, **stack) -> str:
     ``auto`` runs a kernel backend where a rule of :data:`AUTO_RULES` says so, and PyTorch's
     own kernels (aten on the CPU, cuDNN on a GPU) everywhere else: they are torch.nn's math
     exactly and what the targets are measured against. A rule comes only from recorded GPU
-    results (DESIGN.md), and there are none yet. ``auto`` never falls back to the reference:
-    a rule applies only where its backend takes every layer of the stack.
+    results (DESIGN.md), and there are none yet. ``auto`` never falls back to the reference
+    (except inside a ``torch.func`` transform, as every kernel backend does): a rule applies
+    only where its backend takes every layer of the stack.
 
     Under ``torch.compile`` on the CPU the ``torch`` backend runs layer by layer
     (:func:`torch_runs_per_layer`): compiled whole, aten's CPU LSTM is unrolled into per-step
-    ops for training, and inductor fails on it with dynamic shapes, autocast or dropout (torch
-    2.13). On a GPU inductor keeps cuDNN's RNN as an extern kernel
-    (``make_fallback(aten._cudnn_rnn)``), so the stack stays whole there (not yet run on a GPU).
+    ops where a layer's input requires grad, and inductor fails on the oneDNN op the other
+    layers keep when their weights require grad (even at static shapes in fp32), and with
+    dynamic shapes, autocast or dropout (torch 2.13). On a GPU inductor keeps cuDNN's RNN as an
+    extern kernel (``make_fallback(aten._cudnn_rnn)``), so the stack stays whole there (not yet
+    run on a GPU).
     """
     check_name(name)
     if name == "auto":
@@ -276,10 +279,10 @@ def _transform_reason() -> str | None:
     region (``torch.autograd.forward_ad``), or None outside them.
 
     The fused ops carry a backward formula only. Under ``torch.func.jvp``/``jacfwd`` torch
-    gives such an op a zero tangent without an error, and ``grad``/``jacrev``/``vmap`` fail
-    inside torch; the reference is plain torch code, which every transform handles. (Under
-    ``torch.compile`` this check used to be skipped: a compiled jacfwd or jvp came out all
-    zeros.)"""
+    gives such an op a zero tangent without an error, ``grad``/``jacrev`` fail inside torch,
+    and ``vmap`` runs it once per sample (torch's fallback, with a warning); the reference is
+    plain torch code, which every transform handles. (Under ``torch.compile`` this check used
+    to be skipped: a compiled jacfwd or jvp came out all zeros.)"""
     if torch._C._functorch.peek_interpreter_stack() is not None:
         return ("inside a torch.func transform (jvp, jacfwd, grad, jacrev, vmap): the fused ops "
                 "have no forward-mode or functorch rules")

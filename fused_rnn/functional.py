@@ -116,7 +116,7 @@ def rnn_layer(
     if ac is not None:
         x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr = _to(ac, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr)
     # aten's op has a backward formula only, as the kernels' ops: inside a torch.func
-    # transform it would give zero tangents (jvp, jacfwd) or fail (grad, vmap).
+    # transform it would give zero tangents (jvp, jacfwd) or fail (grad, jacrev).
     if (backend in ("auto", "torch") and backends.torch_runs_per_layer(x.device)
             and aten_cpu.unsupported_reason(mode, x, w_hr, lengths) is None
             and backends._transform_reason() is None):

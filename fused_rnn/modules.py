@@ -2,8 +2,8 @@
 
 Same constructor arguments, parameter names, shapes, order and initialisation as torch.nn,
 so state_dicts move both ways, plus a keyword-only ``backend``. The classes derive from
-``nn.Module``, not ``nn.RNNBase``: dynamo deliberately graph-breaks on ``RNNBase`` subclasses,
-and these modules are meant to be traced by ``torch.compile(fullgraph=True)``.
+``nn.Module``, not ``nn.LSTM``/``GRU``/``RNN``: dynamo deliberately graph-breaks on those and
+their subclasses, and these modules are meant to be traced by ``torch.compile(fullgraph=True)``.
 """
 
 from __future__ import annotations
@@ -630,7 +630,7 @@ _BUFFER_SLACK = 1024
 def _in_one_buffer(weights: list[Tensor], order: list[int], dtype: torch.dtype) -> list[Tensor]:
     """``weights`` in ``dtype``, copied into one new buffer in ``order`` (their order in
     cuDNN's layout, from :func:`_buffer_order`) and returned as views into it, so that cuDNN
-    uses them in place: no second copy, and no warning about weights outside "a single
+    uses them in place: no second copy, and no warning about weights "not part of single
     contiguous chunk of memory". One cat and one cast, both differentiable: each view's
     gradient reaches its weight."""
     parts = [weights[i].reshape(-1) for i in order]
@@ -859,10 +859,10 @@ class _CellBase(nn.Module):
         is_lstm = mode == "LSTM"
         if input.dim() not in (1, 2):
             raise ValueError(f"{cls}: Expected input to be 1D or 2D, got {input.dim()}D instead")
-        # torch.nn's types: TypeError for the wrong kind of hx, RuntimeError for a tuple of
-        # another length ("lstm_cell expects two hidden states"). Where torch.nn fails by
-        # accident (an AttributeError on .dim() of a None or a list), a TypeError that says
-        # what hx must be.
+        # torch.nn's types where it means them: RuntimeError for a tuple of another length
+        # ("lstm_cell expects two hidden states"), TypeError for a tensor given to an LSTMCell.
+        # Where torch.nn fails by accident (an AttributeError on .dim() of a None, a list or a
+        # tuple, the GRU and RNN cells' only error), a TypeError that says what hx must be.
         if hx is not None:
             if is_lstm:
                 if not isinstance(hx, (tuple, list)):

@@ -15,8 +15,8 @@ The pieces:
   zeroing rows at the document boundaries inside it.
 - :func:`train_chunk` is one TBPTT step: forward, mean cross-entropy, backward, gradient
   clipping by norm, optimizer step; it returns the loss and the detached state to carry.
-- :func:`evaluate` is the mean cross-entropy over a whole stream, state carried, in
-  :func:`eval_mode`.
+- :func:`evaluate` sums the cross-entropy over a whole stream and counts its tokens (the
+  mean is their ratio), state carried, in :func:`eval_mode`.
 - :func:`atomic_save` writes a checkpoint that a crash cannot leave half-written.
 
 Examples::
@@ -458,7 +458,8 @@ def evaluate(
     Returns (summed loss, token count) over this process's rows, so that ranks can
     all-reduce both; the mean is their ratio. The model is in eval mode meanwhile
     (:func:`eval_mode`: every submodule's mode is restored after).
-    Nothing here draws random numbers, so evaluating does not change a training run.
+    Nothing here draws from torch's generators (a variable-length batcher's own is restored
+    after), so evaluating does not change a training run.
     """
     with eval_mode(model):
         return _evaluate(model, batcher, max_chunks, autocast_dtype)

@@ -3,8 +3,9 @@
 
 In eager mode the ``torch`` backend hands the whole stack to ``torch._VF.lstm``, which on the
 CPU runs each layer and direction through ``aten::mkldnn_rnn_layer`` (oneDNN) and its
-backward. ``torch.compile`` cannot keep that: for training, PyTorch's decomposition unrolls the
-LSTM into per-step ops, and inductor's lowering of ``mkldnn_rnn_layer`` fails with dynamic
+backward. ``torch.compile`` cannot keep that: PyTorch's decomposition unrolls a layer whose
+input requires grad into per-step ops, and inductor fails on the ``mkldnn_rnn_layer`` the other
+layers keep when their weights require grad (even at static shapes in fp32), and with dynamic
 shapes, autocast or dropout (torch 2.13). Unrolled per-step math is slow here: the traced
 reference took 1.78x eager's time (fwd+bwd, 2 layers at 32x64x256 on 2 cores), these ops 1.05x
 (``benchmarks/results/2026-11-28-cpu-compile.md``). Wrapped as
