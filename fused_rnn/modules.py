@@ -101,8 +101,10 @@ class _RNNStack(nn.Module):
             if value <= 0:
                 raise ValueError(f"{name} must be greater than zero")
         # torch.nn takes any integer here (a numpy int, a 0-d tensor) and refuses others with
-        # a TypeError; the kernels get a Python int.
-        num_layers, proj_size = operator.index(num_layers), operator.index(proj_size)
+        # a TypeError; the kernels get a Python int. proj_size is only compared before it
+        # sizes a weight, so torch.nn also takes a False or a 0.0 (no projection) and refuses
+        # other bools and floats by their value first (ValueError) or at the weight (TypeError).
+        num_layers = operator.index(num_layers)
         if num_layers <= 0:
             raise ValueError("num_layers must be greater than zero")
         if proj_size < 0:
@@ -111,6 +113,9 @@ class _RNNStack(nn.Module):
             )
         if proj_size >= hidden_size:
             raise ValueError("proj_size has to be smaller than hidden_size")
+        if isinstance(proj_size, (bool, float)) and proj_size != 0:
+            raise TypeError(f"proj_size must be an integer, got {proj_size!r}")
+        proj_size = 0 if isinstance(proj_size, (bool, float)) else operator.index(proj_size)
         self.backend = backends.check_name(backend)
 
         self.mode = mode

@@ -28,6 +28,11 @@ BAD_CONSTRUCTORS = [
     ("lstm", (4, 6), {"num_layers": 2.0}),
     ("gru", (4, 6), {"num_layers": None}),
     ("lstm", (4, 6), {"proj_size": 1.0}),
+    ("lstm", (4, 6), {"proj_size": True}),  # torch.nn: TypeError at the weight
+    ("lstm", (4, 6), {"proj_size": -1.0}),  # ValueError before it
+    ("lstm", (4, 6), {"proj_size": 6.0}),
+    ("lstm", (4, 6), {"proj_size": "2"}),
+    ("lstm", (4, 6), {"proj_size": None}),
     ("gru", (4, 6), {"hidden": 6}),
     ("rnn_tanh", (4, 6), {"hidden": 6}),
     ("gru", (4, 6, 1, True, False, 0.0, False, 0, "cpu", None, "extra"), {}),

@@ -873,6 +873,9 @@ def test_integer_like_arguments_and_positional_order_as_torch_nn():
     cases = [
         ("lstm", (4, 6, np.int64(2)), {}),
         ("gru", (4, 6, torch.tensor(2)), {}),
+        ("lstm", (4, 6), {"proj_size": 0.0}),  # no projection, as False
+        ("lstm", (4, 6), {"proj_size": False}),
+        ("lstm", (4, 6), {"proj_size": np.int64(3)}),
         ("lstm", (4, 6, 1, True, False, 0.0, True, 3, "cpu", torch.float64), {}),
         ("gru", (4, 6, 2, True, True, 0.0, False, 0, "cpu", torch.float64), {}),
         ("rnn_relu", (4, 6, 2, "relu", False, False, 0.0, True, 0, "cpu", torch.float64), {}),
