@@ -125,8 +125,8 @@ def _doubts(r: dict, base: dict, what: str) -> list[str]:
 
 
 def propose(rows: list[dict], backend: str, margin: float) -> tuple[list[dict], list[str]]:
-    """(rules, reasons): rules as dicts (cell, dtype, tf32, hidden, batch, ratios) and, for
-    every (cell, dtype) without one, why not."""
+    """(rules, reasons): rules as dicts (cell, dtype, tf32, hidden, batch, steps, ratios,
+    shapes) and, for every (cell, dtype) without one, why not."""
     ours: dict[tuple[str, str], dict[str, dict]] = defaultdict(dict)
     cudnn: dict[tuple[str, str], dict[str, dict]] = defaultdict(dict)
     other_passes: dict[tuple[str, str, str], list[dict]] = defaultdict(list)

@@ -1,7 +1,7 @@
 """CPU benchmark: fused_rnn (backend "auto") against torch.nn, fwd+bwd, in one process.
 
-2-layer LSTM and GRU, B=32, T=64, input = hidden = 256, fp32. Runs alternate (ours, nn, ours,
-nn, ...) so that machine noise hits both alike; the reported figure is the median of the
+2-layer LSTM and GRU, B=32, T=64, input = hidden = 256, fp32. Runs come in pairs (ours, nn;
+nn, ours; ...) so that machine noise hits both alike; the reported figure is the median of the
 per-pair ratios ours/nn (target: <= 1.1). With ``--compile`` ours runs under
 ``torch.compile(fullgraph=True)`` (torch.nn stays eager: its RNNs graph-break).
 

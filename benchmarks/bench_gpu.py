@@ -81,10 +81,11 @@ HEAD = ["cell", "shape", "B×T×H", "dtype", "backend", "pass", "ms", "µs/step"
 # x_cudnn_fp16), then GRU in every dtype; then fp32-strict.
 PRIORITY = [("LSTM", "fp32"), ("LSTM", "bf16"), ("LSTM", "fp16"), ("GRU", "fp32"),
             ("GRU", "bf16"), ("GRU", "fp16"), ("LSTM", "fp32-strict"), ("GRU", "fp32-strict")]
-# The largest relative norm error ||ours - cuDNN|| / ||cuDNN|| of y, dx, dh0, dc0 or dW_hh that
-# passes the check. These catch wrong kernels (a missed step, a race, a wrong index: errors of
-# order 1, or NaN), not rounding: two correct implementations differ far less (fp32 ~1e-6,
-# TF32 ~1e-3, bf16 ~1e-2). fp32 rows use the strict bound when TF32 is off.
+# The largest relative norm error ||ours - cuDNN|| / ||cuDNN|| of any probe tensor (y, h_n,
+# c_n, dx, dh0, dc0, dW_hh, dW_ih, db_hh, db_ih) that passes the check. These catch wrong
+# kernels (a missed step, a race, a wrong index: errors of order 1, or NaN), not rounding: two
+# correct implementations differ far less (fp32 ~1e-6, TF32 ~1e-3, bf16 ~1e-2). fp32 rows use
+# the strict bound when TF32 is off.
 TOLERANCE = {"fp32-strict": 1e-3, "fp32": 2e-2, "fp16": 2e-2, "bf16": 1e-1}
 MIN_REPS = 5  # do_bench runs per row at least (S1 fp32 cuDNN, ~48 ms, would get 3 in 150 ms)
 
@@ -231,9 +232,10 @@ def passes(model, x, cot):
 
 
 def probe(model, mode: str, x, cot, device: str) -> dict:
-    """One forward+backward with the cotangent, x, h0 (and c0) requiring grad: y, dx, dh0, dc0
-    and dW_hh (on the device), for the check against cuDNN. It synchronizes, so that an error
-    the device raises late (or a backward that fails) stops this row here, not in do_bench."""
+    """One forward+backward with the cotangent, x, h0 (and c0) requiring grad: y, h_n, c_n, dx,
+    dh0, dc0, dW_hh, dW_ih, db_hh and db_ih (on the device), for the check against cuDNN. It
+    synchronizes, so that an error the device raises late (or a backward that fails) stops this
+    row here, not in do_bench."""
     import torch
 
     B, _, H = x.shape
@@ -414,11 +416,12 @@ def _plan_note(plans) -> str:
 
 def _variant_is_moot(backend, mode, shape, dtype_name, device) -> bool:
     """True when a variant would run exactly cuda's plans: cuda-g1 at B_pad = 32 (one batch
-    group either way); on a GPU, cuda-p1, cuda-b32 and cuda-cl* where their setting leaves both
-    of cuda's launch plans as they are (plan.py: no K parts; H already on at most 32 blocks, or
-    a cap that H's W_hh does not fit under rising back to them; no batch group fitting in a
-    cluster of that size; no K parts to make teams of); cuda-cl16ds where neither launch would
-    exchange through distributed shared memory (it would only repeat cuda-cl16)."""
+    group either way); on a GPU, cuda-p1, cuda-b32, cuda-cl8, cuda-cl16 and cuda-tc where their
+    setting leaves both of cuda's launch plans as they are (plan.py: no K parts; H already on at
+    most 32 blocks, or a cap that H's W_hh does not fit under rising back to them; no batch
+    group fitting in a cluster of that size; no K parts to make teams of); cuda-cl16ds where
+    neither launch would exchange through distributed shared memory (it would only repeat
+    cuda-cl16)."""
     if backend == "cuda-g1":
         return shape[0] <= 32
     if backend not in ("cuda-p1", "cuda-b32", "cuda-cl8", "cuda-cl16", "cuda-cl16ds", "cuda-tc") \

@@ -37,13 +37,13 @@
 # 3. with cuda: compute-sanitizer memcheck (at most 90 s), then the kernels' phase timings
 #    (profile_cuda.py, at most 75 s);
 # 4. the main job's benchmark (fused-rnn bench: char-LM truncated-BPTT training against
-#    torch.nn; fails if a backend's validation loss disagrees; only with 60 s left);
+#    torch.nn; fails if a backend's validation loss disagrees; only with 65 s left);
 # 5. with cuda: compute-sanitizer racecheck and synccheck on a small case (at most 60 s each),
 #    then the step primitives (microbench.cu);
 # 6. the slow CUDA GPU tests (torch.compile, DDP, AMP training), then the other gpu-marked
 #    tests (pytest -m gpu);
-# 7. the rest of the Triton test suite on the GPU (compiled kernels, no interpreter) with the
-#    time left; each Triton kernel variant compiles once, which is most of its run time;
+# 7. the rest of the Triton test suite on the GPU (compiled kernels, no interpreter), at most
+#    90 s; each Triton kernel variant compiles once, which is most of its run time;
 # 8. the benchmark's short fwd+bwd table again, last.
 # With a budget of 420 s, steps 1-2 take about 300 s; what follows runs as far as time allows.
 # It needs no install: it runs this checkout (PYTHONPATH) under $PYTHON (default python3), so on a
@@ -108,7 +108,7 @@ fi
 status=0
 step() { echo; echo "=== $* ($(date +%T), $(frnn_left) s left)"; }
 # run_for NAME SECONDS [--min SECONDS] CMD...: CMD under a timeout clamped to the deadline, or
-# skipped when fewer than --min seconds (default 20) are left.
+# skipped when that timeout would be under --min seconds (default 20; frnn_limit).
 run_for() {
   local name="$1" want="$2" min=20 limit
   shift 2
@@ -185,7 +185,7 @@ fi
 # loss after the same steps disagrees with torch.nn's (fused_rnn/bench.py BENCH_TOLERANCE). It
 # rewrites its table after each precision (a timeout keeps those done, marked INCOMPLETE), and
 # a row whose fault takes the CUDA context with it costs only that row: the bench trains the
-# rows not done yet in a fresh process. It starts only with 60 s left.
+# rows not done yet in a fresh process. It starts only with 65 s left (a 60 s timeout).
 step "main-job bench (fused-rnn bench)"
 PRIMARY="$(tr ',' '\n' <<<"$BACKENDS" | grep -v '^cuda-' | paste -sd, -)"
 if [[ $DRY == 1 ]]; then

@@ -20,8 +20,8 @@ FRNN_SLOW_TESTS="compile or ddp or amp or training"
 # Seconds left before the deadline.
 frnn_left() { echo $(( ${FRNN_DEADLINE:-99999999999} - $(date +%s) )); }
 
-# The timeout for a step that wants WANT seconds: WANT, or what is left less 5 s; 0 when fewer
-# than MIN (default 20) seconds are left (the step is then skipped).
+# The timeout for a step that wants WANT seconds: WANT, or what is left less 5 s; 0 when that
+# is under MIN (default 20) seconds, i.e. with under MIN + 5 s left (the step is then skipped).
 frnn_limit() {
   local left=$(( $(frnn_left) - 5 )) min="${2:-20}"
   if (( left < min )); then echo 0; elif (( left < $1 )); then echo "$left"; else echo "$1"; fi
@@ -124,8 +124,9 @@ frnn_cluster_failed() {
 }
 
 # One line on a GPU-test run from its log LOG (pytest -v -ra): pytest's summary ("805 passed,
-# 6 deselected in 80.1s", plus the first failed ids), "timed out: <id> (...)" when a test hung
-# or crashed the run, "cut off at the step's time limit (...)", or "not run" without a log.
+# 6 deselected in 80.1s", plus the first failed ids), "timed out: <id> (...)" when a test hung,
+# "crashed in: <id> (...)" when one crashed the run, "cut off at the step's time limit (...)",
+# or "not run" without a log.
 frnn_tests_summary() {
   if [[ ! -f "$1" ]]; then echo "not run"; return 0; fi
   local line bad n passed failed hung

@@ -694,7 +694,7 @@ def _train_parser(sub) -> None:
     r.add_argument("--threads", type=_int_at_least(1), default=None,
                    help="CPU threads (default: PyTorch's choice, less the cores that the load "
                    "average says other processes hold: on a busy 2-core machine 2 threads "
-                   "ran ~15x slower than 1)")
+                   "ran ~15x slower than 1; or the checkpoint's on --resume)")
     r.add_argument("--torch-nn", action=argparse.BooleanOptionalAction, default=None,
                    help="use torch.nn's LSTM/GRU/RNN instead of fused_rnn's (for comparison; "
                    "default: no, or the checkpoint's on --resume)")
