@@ -17,8 +17,8 @@
 # (benchmarks/gpu_common.sh) and copy their logs to $OUT after each step. Every step has a
 # timeout: a persistent kernel that deadlocked (a grid that was not co-resident) must not eat the
 # whole GPU session; a step that ignores the TERM is killed 10 s later.
-# After a failed build (LOG_DIR/cuda_build.log without "CUDA backend: available on") the steps
-# that load the extension are skipped. After failed or hung cluster-mode GPU tests, or with
+# After a failed build (LOG_DIR/cuda_build.log without "CUDA backend: available on"), or a GPU
+# test of the default path that hung or crashed, the steps that load the extension are skipped. After failed or hung cluster-mode GPU tests, or with
 # FRNN_NO_CLUSTERS=1, the phase timings leave the cluster variants out and sanitize_cuda.py its
 # cluster case.
 set -uo pipefail
@@ -77,10 +77,17 @@ step() {
   fi
   frnn_collect "$LOG_DIR"
 }
-# skip_if_no_build NAME...: true (and says so) when the build failed, so NAME cannot load it.
-skip_if_no_build() {
+# skip_if_kernels_unusable NAME...: true (and says so) when the build failed, so NAME cannot
+# load the extension, or when a GPU test of the default path hung or crashed earlier in this
+# run (FRNN_CUDA_HUNG, set by frnn_apply_test_results), so NAME would run the kernels that hung.
+skip_if_kernels_unusable() {
   if frnn_build_failed "$LOG_DIR"; then
     echo "cuda: $* SKIPPED (the CUDA build failed: see $LOG_DIR/cuda_build.log)"
+    status=1
+    return 0
+  fi
+  if [[ "${FRNN_CUDA_HUNG:-0}" == 1 ]]; then
+    echo "cuda: $* SKIPPED (a GPU test hung or crashed: see $LOG_DIR/cuda_gpu_tests.log)"
     status=1
     return 0
   fi
@@ -120,7 +127,7 @@ raise SystemExit(r is not None)
     echo "cuda: the build FAILED; the steps that load the extension are skipped"
   fi
 fi
-if wants gpu_tests && ! skip_if_no_build gpu_tests; then
+if wants gpu_tests && ! skip_if_kernels_unusable gpu_tests; then
   # The GPU tests (the no-GPU checks -- tests/cuda/test_cuda_compile.py and the CPU emulation --
   # run in CI and need no GPU time). -v names each test as it starts, so a hang is found in the
   # log (gpu_common.sh frnn_unfinished_test); pytest-timeout, where installed, ends a test
@@ -141,7 +148,7 @@ if wants memcheck || wants racecheck || wants synccheck; then
               "${CUDA_HOME:-/usr/local/cuda}/compute-sanitizer/compute-sanitizer"; do
     [[ -n "$SAN" ]] || { [[ -x "$cand" ]] && SAN="$cand"; }
   done
-  if skip_if_no_build compute-sanitizer; then
+  if skip_if_kernels_unusable compute-sanitizer; then
     :
   elif [[ -z "$SAN" ]]; then
     echo "cuda: compute-sanitizer not found (it ships with the CUDA toolkit); sanitizer steps FAILED"
@@ -189,7 +196,7 @@ fi
 # mirror is local) and K-parts teams as clusters (cuda-tc, S1: its parts column); the table goes
 # to benchmarks/results/<date>-<gpu>-phases.md (rewritten after each configuration) and is
 # printed here. It stops starting configurations 15 s before its timeout.
-if wants phases && ! skip_if_no_build phases; then
+if wants phases && ! skip_if_kernels_unusable phases; then
   VARIANTS=(--variants cuda-cl8,cuda-cl16ds,cuda-tc --variant-shapes S1,S5,S6)
   if [[ "${FRNN_NO_CLUSTERS:-0}" == 1 ]]; then
     echo "cuda: FRNN_NO_CLUSTERS=1: the phase timings leave the cluster variants out"
@@ -213,7 +220,7 @@ if wants microbench; then
 fi
 
 # The slow integration tests (torch.compile, DDP, AMP training), each allowed 120 s.
-if wants slow_tests && ! skip_if_no_build slow_tests; then
+if wants slow_tests && ! skip_if_kernels_unusable slow_tests; then
   step gpu_tests_slow 150 "$PYTHON" -m pytest tests/cuda/test_cuda_gpu.py -v -ra \
     -p no:cacheprovider $(frnn_pytest_timeout 120) -k "$FRNN_SLOW_TESTS"
   echo "cuda: slow GPU tests: $(frnn_tests_summary "$LOG_DIR/cuda_gpu_tests_slow.log")"

@@ -185,7 +185,8 @@ frnn_apply_test_results() {
     export FRNN_NO_CLUSTERS=1
   fi
   # A hang in a test of neither (the default path, say) would hang the bench's cuda rows too,
-  # and every row after them: FRNN_CUDA_HUNG=1 tells gpu_check.sh to leave cuda out.
+  # and every row after them: FRNN_CUDA_HUNG=1 tells gpu_check.sh to leave cuda out, and
+  # gpu_check_cuda.sh, run alone, to skip its later steps that load the extension.
   local hung
   if hung=$(frnn_unfinished_test "$1") && [[ "$hung" != *parts* && "$hung" != *cluster* ]]; then
     echo "cuda: $hung hung or crashed; the bench leaves out cuda and its variants, and the" \

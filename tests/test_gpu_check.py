@@ -189,7 +189,10 @@ exit 0
 
 
 def _gpu_check(tmp_path, mode: str, backends: str = "cuda,triton,cuda-p1,cuda-cl8,cuda-tc,cuda-g1",
-               extra: tuple[str, ...] = ()) -> tuple[int, str, list[str], Path]:
+               extra: tuple[str, ...] = (), cuda_alone: tuple[str, ...] | None = None,
+               ) -> tuple[int, str, list[str], Path]:
+    """gpu_check.sh with stand-ins for python, nvidia-smi, compute-sanitizer and nvcc that log
+    each call; with ``cuda_alone``, gpu_check_cuda.sh run by itself with those arguments."""
     bin_ = tmp_path / "bin"
     bin_.mkdir()
     for name, text in (("python", FAKE_PYTHON),
@@ -212,9 +215,11 @@ def _gpu_check(tmp_path, mode: str, backends: str = "cuda,triton,cuda-p1,cuda-cl
     for k in ("FRNN_NO_CLUSTERS", "FUSED_RNN_CUDA_K_PARTS", "FRNN_GPU_CHECK_LOGS",
               "FRNN_GPU_TESTS", "FRNN_DEADLINE"):
         env.pop(k, None)
-    r = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu_check.sh"), "--backends",
-                        backends, *extra], capture_output=True,
-                       text=True, env=env, timeout=120, check=False)
+    argv = ([str(ROOT / "benchmarks" / "gpu_check.sh"), "--backends", backends, *extra]
+            if cuda_alone is None else [str(ROOT / "benchmarks" / "gpu_check_cuda.sh"),
+                                        *cuda_alone])
+    r = subprocess.run(["bash", *argv], capture_output=True, text=True, env=env, timeout=120,
+                       check=False)
     return r.returncode, r.stdout + r.stderr, calls.read_text().splitlines(), out
 
 
@@ -282,6 +287,23 @@ def test_a_hang_outside_parts_and_clusters_leaves_cuda_out_of_the_bench(tmp_path
         assert "sanitize_cuda" not in c and "profile_cuda" not in c, c
         assert not c.startswith("compute-sanitizer"), c
     assert "hung or crashed; the bench leaves out cuda" in log
+
+
+def test_run_alone_the_cuda_script_skips_what_would_load_kernels_that_hung(tmp_path):
+    """gpu_check_cuda.sh --part all, by itself: after a GPU test of the default path hangs,
+    the sanitizer, the phase timings and the slow tests (which load the same kernels) are
+    skipped and said so; the microbench (its own program) still runs."""
+    rc, log, calls, _ = _gpu_check(tmp_path, "default-hangs",
+                                   cuda_alone=("--part", "all", str(tmp_path / "logs")))
+    assert rc == 1, log[-3000:]
+    assert "hung or crashed; the bench leaves out cuda" in log, log[-3000:]
+    for c in calls:
+        assert "sanitize_cuda" not in c and "profile_cuda" not in c, c
+        assert not c.startswith("compute-sanitizer"), c
+        assert "-k compile or ddp or amp or training" not in c, c
+    for name in ("compute-sanitizer", "phases", "slow_tests"):
+        assert f"cuda: {name} SKIPPED (a GPU test hung or crashed" in log, (name, log[-3000:])
+    assert "cuda: microbench FAILED" in log, log[-3000:]  # it ran (the stand-in nvcc fails)
 
 
 @pytest.mark.parametrize("failed,parts,cluster", [
