@@ -14,8 +14,8 @@ same arguments, allocations and results, and computes them the way the kernels d
   over the (n, j) loop), the double-buffered exchange, the carries and the lengths rules;
 * checks of what the CUDA code assumes: WMMA/float4 pointer alignment, shared-memory bounds,
   and the grid-level protocol -- within a step each block writes only its own units of the
-  exchange buffer, every real (b, u) is written exactly once, and nothing reads the buffer
-  being written (which is what makes one grid.sync() per step enough).
+  exchange buffer, every real (b, u) is written exactly once, and nothing writes the buffer
+  being read (which is what makes one grid.sync() per step enough).
 
 It models the unstaged matmul (``plan.stage_k == 0``: the MMAs read X from global memory);
 ``max_stage_k`` is accepted and ignored. Staging changes only where X is read from and the
@@ -33,7 +33,7 @@ It does not run the CUDA code: it checks the design and its index arithmetic, wh
 code must then match line by line (the names here are the kernel's names).
 
 Storage dtype float64 is allowed here (the kernels refuse it) so that the partition and the
-formulas can be checked against the reference to 1e-12; ``math`` forces a tile shape.
+formulas can be checked against the reference to 1e-10; ``math`` forces a tile shape.
 """
 
 from __future__ import annotations
@@ -97,8 +97,8 @@ class Emulator:
 
     @staticmethod
     def _blocks(pl: P.Plan, H: int, B: int, B_pad: int):
-        """(block, unit slice index, u0, units owned, chunk starts) as the kernels derive them
-        from blockIdx.x: group = b / group_blocks, slice = b % group_blocks."""
+        """(block, unit slice index, u0, units owned, chunks as (n0, ncols)) as the kernels
+        derive them from blockIdx.x: group = b / group_blocks, slice = b % group_blocks."""
         rows = B_pad // pl.groups
         for blk in range(pl.blocks):
             q, ub = divmod(blk, pl.group_blocks)

@@ -6,8 +6,8 @@ real Python glue (``fused_rnn.ops.cuda``). Unlike ``emulate.py``, which re-imple
 kernels' arithmetic in torch, this compiles ``rnn_forward.cu`` and ``rnn_backward.cu`` with g++
 against small stand-ins for the CUDA headers and runs every CUDA thread of a launch (see
 ``sim/include/cudasim.h`` for what is modelled and checked). What it cannot see: the real
-tensor-core fragment layouts, the memory model of a GPU (the scheduler runs one thread at a
-time), performance.
+tensor-core fragment layouts and accumulation, CUDA's expf/tanhf (glibc's run here), the memory
+model of a GPU (the scheduler runs one thread at a time), performance.
 
 The library is built once per source hash into ``$FUSED_RNN_SIM_BUILD_DIR`` (default: a folder
 under the system temp dir); ``sanitize=True`` builds it with AddressSanitizer and UBSan, which

@@ -6,8 +6,9 @@ a skip.
 
 Without a GPU the same tests run on a CPU stand-in (the tests that need CUDA itself skip):
 
-* by default (or ``FUSED_RNN_CUDA_SIM=1``) the kernels of ``csrc/`` themselves, compiled with g++
-  against cudasim (``simulate.py``, ``sim/``), every CUDA thread of every launch executed;
+* by default where g++ is on PATH (or ``FUSED_RNN_CUDA_SIM=1``) the kernels of ``csrc/``
+  themselves, compiled with g++ against cudasim (``simulate.py``, ``sim/``), every CUDA thread
+  of every launch executed (without g++ the default is ``0``, below);
   ``FUSED_RNN_CUDA_SIM=asan`` does so with AddressSanitizer and UBSan (the process must start
   with ``simulate.asan_env()``; ``test_cuda_sim.py`` runs a part of this file that way);
 * ``FUSED_RNN_CUDA_EMULATE=1``: their torch emulation (``emulate.py``) instead;

@@ -336,8 +336,8 @@ std::string describe(const Launch& L, size_t i) {
   return buf;
 }
 
-// Called when no thread can run. Releases one block barrier (or the grid barrier when every
-// thread waits there). Returns false when all threads are done.
+// Called when no thread can run. Releases one block barrier (else one cluster's barrier, else
+// the grid barrier when every thread waits there). Returns false when all threads are done.
 //
 // One block at a time, picked by the order (first, last or random): the released block runs
 // on to its next barrier while the others wait, so blocks drift apart as far as the grid
