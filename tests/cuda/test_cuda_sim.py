@@ -409,6 +409,25 @@ def test_a_thread_leaving_before_a_barrier_is_reported(install, tmp_path):
         _layer("RNN_TANH", "fp32")
 
 
+@pytest.mark.parametrize("order", ["ascending", "descending"])
+def test_a_store_into_a_peer_that_has_exited_is_reported(install, monkeypatch, tmp_path, order):
+    """The dsmem exchange's last step stores locally only: after the last barrier a peer may
+    have exited and its shared memory be gone. Stored into the peers too, the results are the
+    same (h_n comes from each block's own units), so only cudasim's check of what an exited
+    block's shared memory holds at the launch's end can see it."""
+    monkeypatch.setenv("FUSED_RNN_CUDA_MAX_GROUPS", "1")
+    monkeypatch.setenv("FUSED_RNN_CUDA_CLUSTER", "4")
+    monkeypatch.setenv("FUSED_RNN_CUDA_CLUSTER_EXCHANGE", "dsmem")
+    install(sms=4, order=order)
+    _layer("GRU", "bf16", B=70, T=3)  # the clean kernels pass the check
+    csrc = _mutant(tmp_path, "rnn_common.cuh", "            last ? 0 : peers};",
+                   "            last ? peers : peers};")
+    install(sms=4, order=order, csrc=csrc)
+    with pytest.raises(RuntimeError, match=r"the shared memory of block \d+ was written .* after "
+                                           r"the block exited"):
+        _layer("GRU", "bf16", B=70, T=3)
+
+
 def test_misaligned_wmma_stride_is_reported(install, tmp_path):
     """A scratch-slot row of 34 floats (136 bytes) breaks WMMA's 16-byte ldm rule."""
     csrc = _mutant(tmp_path, "plan.h", "constexpr int kSlotPad = 4;", "constexpr int kSlotPad = 2;")

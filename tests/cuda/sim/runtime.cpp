@@ -186,6 +186,10 @@ struct Launch {
   size_t smem_bytes = 0;
   std::vector<Thread> threads;
   std::map<const void*, Mbarrier> mbarriers;
+  // Cluster launches: each block's shared memory as it was when its last thread exited. A
+  // peer may not write there after that (on a GPU the memory is gone); the launch's end
+  // compares (exited_smem_check).
+  std::vector<std::vector<unsigned char>> exited_smem;
   bool aborting = false;
   std::string error;  // first failure
 };
@@ -231,6 +235,7 @@ std::map<const void*, int>& non_portable_clusters() {
 }
 thread_local cudaError_t t_last_error = cudaSuccess;
 std::string g_last_message;
+std::string g_kernel_failure;  // a cluster launch's own failure, until kernel_failure() takes it
 
 constexpr int kDefaultDynamicSmem = 48 * 1024;
 constexpr int kMaxThreadsPerSm = 2048;
@@ -295,8 +300,32 @@ void fiber_main() {
     L->error = buf;
   }
   g_current->state = State::kDone;
+  if (L->cluster > 0) {  // the block's last thread out: keep its shared memory as it is now
+    const size_t first = (size_t)g_current->block * L->block.x;
+    bool all = true;
+    for (size_t k = 0; k < L->block.x && all; ++k) all = L->threads[first + k].state == State::kDone;
+    if (all) {
+      const unsigned char* m = L->smem[g_current->block];
+      L->exited_smem[g_current->block].assign(m, m + L->smem_bytes);
+    }
+  }
   switch_to_scheduler(true);
   std::abort();  // never resumed
+}
+
+// A write into a cluster peer's shared memory after the peer exited changed what the peer
+// left: the first such block, as the launch's error.
+void exited_smem_check(Launch& L) {
+  for (size_t b = 0; b < L.exited_smem.size() && L.error.empty(); ++b) {
+    const std::vector<unsigned char>& was = L.exited_smem[b];
+    if (was.empty() || std::memcmp(was.data(), L.smem[b], was.size()) == 0) continue;
+    size_t at = 0;
+    while (was[at] == L.smem[b][at]) ++at;
+    char buf[200];
+    std::snprintf(buf, sizeof buf, "the shared memory of block %zu was written (byte %zu) after "
+                  "the block exited: a cluster peer stored into it too late", b, at);
+    L.error = buf;
+  }
 }
 
 // A separate function: getcontext (the ucontext build) returns twice, which may clobber a
@@ -634,6 +663,11 @@ long long tick() {
 void configure(const Config& c) { g_config = c; }
 const Config& config() { return g_config; }
 const std::string& last_message() { return g_last_message; }
+std::string kernel_failure() {
+  std::string f;
+  f.swap(g_kernel_failure);
+  return f;
+}
 void set_last_error(int code) { t_last_error = static_cast<cudaError_t>(code); }
 
 void register_kernel(const void* func, void (*invoke)(const void*, void**)) {
@@ -736,6 +770,7 @@ cudaError_t run_launch(const void* func, dim3 grid, dim3 block, void** args, siz
   L.cooperative = cooperative;
   L.cluster = cluster;
   L.smem_bytes = smem;
+  if (cluster > 0) L.exited_smem.resize(grid.x);
   for (unsigned b = 0; b < grid.x; ++b) {
     void* p = nullptr;
     if (posix_memalign(&p, 128, std::max<size_t>(smem, 1)) != 0) std::abort();
@@ -761,6 +796,7 @@ cudaError_t run_launch(const void* func, dim3 grid, dim3 block, void** args, siz
     for (size_t i = 0; i < n; ++i)
       if (L.threads[i].state != State::kDone) run_one(L, i);
   }
+  exited_smem_check(L);
   for (unsigned char* p : L.smem) std::free(p);
   g_launch = nullptr;
   g_last_message = L.error;
@@ -805,8 +841,18 @@ cudaError_t cudaLaunchKernelExC(const cudaLaunchConfig_t* config, const void* fu
   bool cooperative = false;
   if (!cudasim::cluster_of(config, func, &cluster, &cooperative))
     return cudasim::t_last_error = cudaErrorInvalidValue;
-  return cudasim::run_launch(func, config->gridDim, config->blockDim, args,
-                             config->dynamicSmemBytes, cooperative, cluster);
+  const cudaError_t e = cudasim::run_launch(func, config->gridDim, config->blockDim, args,
+                                            config->dynamicSmemBytes, cooperative, cluster);
+  // A launch that ran and failed inside (a broken rule, not a refusal before it ran) returns
+  // success, as on a GPU, where a kernel's own failure comes back only at a later
+  // synchronization: the launcher would take an error here for a refusal and rerun the plan
+  // as a plain grid, hiding the failure. sim_api's entry points report it (kernel_failure).
+  if (e == cudaErrorLaunchFailure) {
+    cudasim::g_kernel_failure = cudasim::g_last_message;
+    cudasim::t_last_error = cudaSuccess;
+    return cudaSuccess;
+  }
+  return e;
 }
 
 cudaError_t cudaOccupancyMaxActiveClusters(int* clusters, const void* func,
@@ -864,7 +910,15 @@ cudaError_t cudaMemcpy(void* dst, const void* src, size_t bytes, cudaMemcpyKind 
   return cudaSuccess;
 }
 
-cudaError_t cudaDeviceSynchronize() { return cudaSuccess; }
+// A kernel's own failure from an earlier cudaLaunchKernelExC, as a synchronization reports it.
+static cudaError_t pending_kernel_failure() {
+  std::string f = cudasim::kernel_failure();
+  if (f.empty()) return cudaSuccess;
+  cudasim::g_last_message = f;
+  return cudasim::t_last_error = cudaErrorLaunchFailure;
+}
+
+cudaError_t cudaDeviceSynchronize() { return pending_kernel_failure(); }
 
 const char* cudaGetErrorString(cudaError_t err) {
   if (err == cudaErrorLaunchFailure && !cudasim::g_last_message.empty())
@@ -889,7 +943,7 @@ cudaError_t cudaEventRecord(cudaEvent_t event, cudaStream_t stream) {
 
 cudaError_t cudaEventSynchronize(cudaEvent_t event) {
   (void)event;
-  return cudaSuccess;
+  return pending_kernel_failure();
 }
 
 cudaError_t cudaEventElapsedTime(float* ms, cudaEvent_t start, cudaEvent_t end) {

@@ -44,6 +44,11 @@ bool checked_plan(int cell, int dtype, int allow_tf32, int hidden, bool backward
 }
 
 int finish(cudaError_t err) {
+  const std::string failed = cudasim::kernel_failure();  // the stream's sync, on a GPU
+  if (err == cudaSuccess && !failed.empty()) {
+    g_error = std::string(cudaGetErrorName(cudaErrorLaunchFailure)) + ": " + failed;
+    return static_cast<int>(cudaErrorLaunchFailure);
+  }
   if (err == cudaSuccess) {
     g_error.clear();
     return 0;

@@ -22,6 +22,9 @@ struct Config {
 void configure(const Config& c);
 const Config& config();
 const std::string& last_message();  // why the last launch failed ("" if it did not)
+// Why a cluster launch that returned success failed inside ("" if none did since the last
+// call); cleared by the call. (On a GPU that failure comes back at the next synchronization.)
+std::string kernel_failure();
 // Leaves `code` pending in this thread's cudaGetLastError, as a failed runtime call of someone
 // else's (torch's, say) would.
 void set_last_error(int code);

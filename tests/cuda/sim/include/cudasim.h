@@ -25,7 +25,12 @@
 //   * a cooperative grid must fit on the device at once (occupancy from shared memory);
 //   * built with -fsanitize=address,undefined, out-of-bounds accesses to global memory (torch
 //     tensors under LD_PRELOAD=libasan) and to shared memory, and misaligned float4 loads;
-//   * every L2 prefetch address must be readable (it becomes a one-byte read).
+//   * every L2 prefetch address must be readable (it becomes a one-byte read);
+//   * in a cluster launch, a block's shared memory must be as it was when the block exited at
+//     the launch's end (a peer that stores into it after it exited, which on a GPU is gone).
+// A cudaLaunchKernelExC launch that ran and broke a rule returns success, as on a GPU, and the
+// failure comes back at the next synchronization (or sim_api's entry point): an error from the
+// launch call would read as a refusal, and the launcher would rerun the plan as a plain grid.
 //
 // Numerics: WMMA multiplies the stored bf16/fp16 operands exactly and accumulates in fp32, in
 // k order; TF32 operands are truncated to 10 mantissa bits as the tensor cores do (the kernels
