@@ -50,7 +50,9 @@ def rel(a: torch.Tensor, b: torch.Tensor) -> float:
 
 def layer_inputs(mode, T, B, I, H, seed, lengths):
     """(leaves, lengths or None, cotangents) in float64 on the CPU; the leaves are
-    x, h0, c0 (None unless LSTM), w_ih, w_hh, b_ih, b_hh, with x non-contiguous."""
+    x, h0, c0 (None unless LSTM), w_ih, w_hh, b_ih, b_hh, with x non-contiguous (run_layer's
+    cast to another dtype or device copies it contiguous; test_cuda_gpu.py's opcheck test
+    passes strided inputs to the ops)."""
     g = torch.Generator().manual_seed(seed)
     G = GATES[mode]
 
