@@ -159,7 +159,9 @@ def test_matches_reference(monkeypatch, mode, dt, shape, variant):
 
 
 def _round_to_tf32(t):
-    """fp32 values rounded to TF32's 10-bit mantissa (to nearest), as tensor cores read them."""
+    """fp32 values rounded to TF32's 10-bit mantissa (to nearest): the stand-in for cuBLAS's
+    TF32 GEMMs. Whether those round or truncate (PyTorch's notes: tensor cores read the first
+    10 mantissa bits) is not known here; the two differ by at most one TF32 ulp an operand."""
     if not isinstance(t, torch.Tensor) or t.dtype != torch.float32:
         return t
     bits = t.contiguous().view(torch.int32)
