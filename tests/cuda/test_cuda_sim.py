@@ -887,6 +887,70 @@ def test_a_build_without_sm90_code_runs_the_grid(install, monkeypatch, case):
         assert torch.equal(a, b), f"tensor {i} differs from the clustered launch's"
 
 
+# Calls a GPU may refuse although the queries before them said yes (sim_api.h Refuse), each
+# with (the settings, B, H) that reach it and the line of rnn_common.cuh that clears its error.
+REFUSALS = {
+    "cluster-launch": (4, NO_SM90_CASES["groups"],
+                       "    return cudaSuccess;\n  }\n  *launched = true;"),
+    "cluster-occupancy": (2, NO_SM90_CASES["groups"],
+                          "    return cudaSuccess;\n  }\n  if (clusters < needed)"),
+    "non-portable-size": (1, ({"FUSED_RNN_CUDA_MAX_GROUPS": "1", "FUSED_RNN_CUDA_CLUSTER": "16"},
+                              40, 60), "    return cudaSuccess;\n  }\n  cudaLaunchAttribute"),
+}
+
+
+@pytest.mark.parametrize("refused", list(REFUSALS))
+def test_a_refused_cluster_launch_runs_the_grid_and_leaves_no_error(install, monkeypatch,
+                                                                    tmp_path, refused):
+    """launch_clusters' refusal paths, which a GPU takes where another process holds SMs (or
+    has no non-portable cluster sizes) and cudasim took never: the plan runs as the plain grid,
+    same bits, and the refusal's error, which the runtime also leaves pending in
+    cudaGetLastError, is cleared. Left pending, torch's next launch check raises it on a GPU
+    from another operation; sim_api's entry points report it (a mutant without the clear)."""
+    calls, (env, B, H), site = REFUSALS[refused]
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    sms = 16 if refused == "non-portable-size" else 8
+    sims = [install(sms=sms)]
+    before = sims[0].cluster_launches()
+    clustered = _layer("LSTM", "bf16", B=B, T=3, H=H)
+    assert sims[0].cluster_launches() - before == 2  # the device takes these clusters
+    plans = [pl for _, _, pl in sims[0].launches]
+    old = "    (void)cudaGetLastError();\n" + site
+    csrc = _mutant(tmp_path, "rnn_common.cuh", old, site)
+    try:
+        sims[0].lib.sim_refuse(calls)
+        got = _layer("LSTM", "bf16", B=B, T=3, H=H)
+        assert sims[0].cluster_launches() == before + 2
+        assert [pl for _, _, pl in sims[0].launches[2:]] == plans  # chosen, run as the grid
+        for i, (a, b) in enumerate(zip(clustered, got, strict=True)):
+            assert torch.equal(a, b), f"tensor {i} differs from the clustered launch's"
+        sims.append(install(sms=sms, csrc=csrc))
+        sims[1].lib.sim_refuse(calls)
+        with pytest.raises(RuntimeError, match="left pending in cudaGetLastError"):
+            _layer("LSTM", "bf16", B=B, T=3, H=H)
+    finally:
+        for sim in sims:
+            sim.lib.sim_refuse(0)
+
+
+def test_occupancy_is_asked_after_the_shared_memory_limit_is_raised(install, tmp_path):
+    """CUDA's occupancy calculator counts no block that needs more dynamic shared memory than
+    the kernel's MaxDynamicSharedMemorySize (48 KiB until allow_optin_smem raises it), and
+    cudasim's follows it: launch_cooperative asked before raising it reads a plan over 48 KiB
+    as not co-resident and refuses it (cudasim used to answer by the SM's memory alone)."""
+    sim = install(sms=2)
+    assert sim.plan(0, torch.float32, False, 48, False)["smem_bytes"] > 48 * 1024
+    assert all(torch.isfinite(t).all() for t in _layer("LSTM", "fp32", H=48))
+    raise_limit = "  FRNN_CUDA_TRY(allow_optin_smem(reinterpret_cast<const void*>(kernel)));\n"
+    query = ("  FRNN_CUDA_TRY(\n      cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, "
+             "kernel, kThreads, p.plan.smem_bytes));\n")
+    install(sms=2, csrc=_mutant(tmp_path, "rnn_common.cuh", raise_limit + query,
+                                query + raise_limit))
+    with pytest.raises(RuntimeError, match="cudaErrorCooperativeLaunchTooLarge"):
+        _layer("LSTM", "fp32", H=48)
+
+
 # --------------------------------------------------------------------------------- K parts
 @pytest.mark.parametrize("mode,dt", [("LSTM", "tf32"), ("GRU", "bf16"), ("RNN_RELU", "fp32")])
 def test_k_parts_split_k_not_the_math(install, monkeypatch, mode, dt):

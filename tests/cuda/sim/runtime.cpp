@@ -233,7 +233,11 @@ std::map<const void*, int>& non_portable_clusters() {
   static std::map<const void*, int> m;
   return m;
 }
+// Every runtime call that fails leaves its error here, as the CUDA runtime does (not sticky:
+// cudaGetLastError returns and clears it); a successful call leaves it as it was.
 thread_local cudaError_t t_last_error = cudaSuccess;
+cudaError_t failed(cudaError_t e) { return t_last_error = e; }
+unsigned g_refuse = 0;  // refuse(): the calls a GPU may refuse that this device refuses
 std::string g_last_message;
 std::string g_kernel_failure;  // a cluster launch's own failure, until kernel_failure() takes it
 
@@ -669,6 +673,7 @@ std::string kernel_failure() {
   return f;
 }
 void set_last_error(int code) { t_last_error = static_cast<cudaError_t>(code); }
+void refuse(unsigned calls) { g_refuse = calls; }
 
 void register_kernel(const void* func, void (*invoke)(const void*, void**)) {
   registry()[func] = invoke;
@@ -695,7 +700,7 @@ cudaError_t cudaGetDevice(int* device) {
 }
 
 cudaError_t cudaDeviceGetAttribute(int* value, cudaDeviceAttr attr, int device) {
-  if (device != 0) return cudaErrorInvalidValue;
+  if (device != 0) return cudasim::failed(cudaErrorInvalidValue);
   switch (attr) {
     case cudaDevAttrMultiProcessorCount: *value = g_config.sms; return cudaSuccess;
     case cudaDevAttrCooperativeLaunch: *value = 1; return cudaSuccess;
@@ -703,16 +708,19 @@ cudaError_t cudaDeviceGetAttribute(int* value, cudaDeviceAttr attr, int device) 
     case cudaDevAttrComputeCapabilityMajor: *value = 9; return cudaSuccess;
     case cudaDevAttrComputeCapabilityMinor: *value = 0; return cudaSuccess;
   }
-  return cudaErrorInvalidValue;
+  return cudasim::failed(cudaErrorInvalidValue);
 }
 
 cudaError_t cudaFuncSetAttribute(const void* func, cudaFuncAttribute attr, int value) {
   if (attr == cudaFuncAttributeNonPortableClusterSizeAllowed) {
+    if (cudasim::g_refuse & cudasim::kRefuseNonPortableClusters)
+      return cudasim::failed(cudaErrorNotSupported);
     cudasim::non_portable_clusters()[func] = value;
     return cudaSuccess;
   }
-  if (attr != cudaFuncAttributeMaxDynamicSharedMemorySize) return cudaErrorInvalidValue;
-  if (value < 0 || value > g_config.smem_optin) return cudaErrorInvalidValue;
+  if (attr != cudaFuncAttributeMaxDynamicSharedMemorySize)
+    return cudasim::failed(cudaErrorInvalidValue);
+  if (value < 0 || value > g_config.smem_optin) return cudasim::failed(cudaErrorInvalidValue);
   cudasim::max_dynamic_smem()[func] = value;
   return cudaSuccess;
 }
@@ -729,12 +737,18 @@ cudaError_t cudaFuncGetAttributes(cudaFuncAttributes* attr, const void* func) {
 
 cudaError_t cudaOccupancyMaxActiveBlocksPerMultiprocessorImpl(int* blocks, const void* func,
                                                               int block_size, size_t smem) {
-  if (block_size <= 0 || block_size > 1024) return cudaErrorInvalidValue;
+  if (block_size <= 0 || block_size > 1024) return cudasim::failed(cudaErrorInvalidValue);
   const int by_threads = cudasim::kMaxThreadsPerSm / block_size;
   const size_t per_block = smem + cudasim::kReservedSmemPerBlock;
   const int by_smem = static_cast<int>((size_t)g_config.smem_per_sm / per_block);
-  (void)func;
   *blocks = std::min(by_threads, by_smem);
+  // More dynamic shared memory than the function's MaxDynamicSharedMemorySize (48 KiB unless
+  // raised): no block fits, as the CUDA occupancy calculator says (0 blocks, not an error), so
+  // a query made before the attribute is raised reads as "does not fit".
+  auto attr = cudasim::max_dynamic_smem().find(func);
+  if (smem > (size_t)(attr == cudasim::max_dynamic_smem().end() ? cudasim::kDefaultDynamicSmem
+                                                                  : attr->second))
+    *blocks = 0;
   return cudaSuccess;
 }
 
@@ -841,6 +855,9 @@ cudaError_t cudaLaunchKernelExC(const cudaLaunchConfig_t* config, const void* fu
   bool cooperative = false;
   if (!cudasim::cluster_of(config, func, &cluster, &cooperative))
     return cudasim::t_last_error = cudaErrorInvalidValue;
+  if (cluster > 0 && (cudasim::g_refuse & cudasim::kRefuseClusterLaunches))
+    return cudasim::failed(cooperative ? cudaErrorCooperativeLaunchTooLarge
+                                       : cudaErrorClusterOutOfResources);
   const cudaError_t e = cudasim::run_launch(func, config->gridDim, config->blockDim, args,
                                             config->dynamicSmemBytes, cooperative, cluster);
   // A launch that ran and failed inside (a broken rule, not a refusal before it ran) returns
@@ -859,8 +876,9 @@ cudaError_t cudaOccupancyMaxActiveClusters(int* clusters, const void* func,
                                            const cudaLaunchConfig_t* config) {
   unsigned cluster = 0;
   bool cooperative = false;
-  if (!cudasim::cluster_of(config, func, &cluster, &cooperative) || cluster == 0)
-    return cudaErrorInvalidValue;
+  if (!cudasim::cluster_of(config, func, &cluster, &cooperative) || cluster == 0 ||
+      (cudasim::g_refuse & cudasim::kRefuseClusterOccupancy))
+    return cudasim::failed(cudaErrorInvalidValue);
   if (g_config.max_clusters >= 0) {
     *clusters = g_config.max_clusters;
     return cudaSuccess;
@@ -878,8 +896,10 @@ cudaError_t cudaGetLastError() {
   return e;
 }
 
+cudaError_t cudaPeekAtLastError() { return cudasim::t_last_error; }
+
 cudaError_t cudaGetDeviceProperties(cudaDeviceProp* prop, int device) {
-  if (device != 0) return cudaErrorInvalidValue;
+  if (device != 0) return cudasim::failed(cudaErrorInvalidValue);
   *prop = cudaDeviceProp{};
   std::snprintf(prop->name, sizeof prop->name, "cudasim");
   prop->multiProcessorCount = g_config.sms;

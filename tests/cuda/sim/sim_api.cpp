@@ -43,11 +43,23 @@ bool checked_plan(int cell, int dtype, int allow_tf32, int hidden, bool backward
   return true;
 }
 
-int finish(cudaError_t err) {
+// binding.cpp's FRNN_CHECK_CUDA after the launch, and what follows it on a GPU. `pending`: the
+// error left pending in cudaGetLastError when the entry point was called (someone else's).
+int finish(cudaError_t err, cudaError_t pending) {
   const std::string failed = cudasim::kernel_failure();  // the stream's sync, on a GPU
+  if (err != cudaSuccess) (void)cudaGetLastError();       // FRNN_CHECK_CUDA clears it
   if (err == cudaSuccess && !failed.empty()) {
     g_error = std::string(cudaGetErrorName(cudaErrorLaunchFailure)) + ": " + failed;
     return static_cast<int>(cudaErrorLaunchFailure);
+  }
+  // A call that returned success must not leave an error of its own pending (a refusal it
+  // took for one and did not clear): torch's next kernel launch check (cudaGetLastError)
+  // would raise it, from another operation.
+  const cudaError_t left = cudaPeekAtLastError();
+  if (err == cudaSuccess && left != cudaSuccess && left != pending) {
+    g_error = std::string(cudaGetErrorName(left)) + " left pending in cudaGetLastError by a "
+              "launch that succeeded (torch's next launch check would raise it)";
+    return static_cast<int>(left);
   }
   if (err == cudaSuccess) {
     g_error.clear();
@@ -113,6 +125,9 @@ const char* sim_last_error() { return g_error.c_str(); }
 
 void sim_set_cuda_error(int code) { cudasim::set_last_error(code); }
 
+// The calls the device refuses from now on (sim_api.h Refuse; 0: none).
+void sim_refuse(int calls) { cudasim::refuse(static_cast<unsigned>(calls)); }
+
 // out[0..20]: math, then Plan's fields in declaration order (units .. part_ld), then the
 // ClusterMode.
 int sim_plan(int cell, int dtype, int allow_tf32, int hidden, int backward, int batch_pad,
@@ -158,6 +173,7 @@ int sim_forward(int cell, int dtype, int allow_tf32, int steps, int batch, int h
                 const int* lengths,
                 float* xproj, void* hbuf, float* cbuf, void* y, float* aux, long long* prof,
                 int stage_copy, float* part) {
+  const cudaError_t pending = cudaPeekAtLastError();
   fused_rnn::FwdParams p{};
   fused_rnn::Selection sel{};
   if (!fill_common(p, sel, cell, dtype, allow_tf32, steps, batch, hidden, batch_pad, reverse,
@@ -179,7 +195,7 @@ int sim_forward(int cell, int dtype, int allow_tf32, int steps, int batch, int h
     return fused_rnn::launch_forward<decltype(c)::value, T, decltype(m)::value>(p, nullptr);
   };
   return finish(fused_rnn::dispatch(static_cast<Cell>(cell), static_cast<fused_rnn::Storage>(dtype),
-                                    sel.math, launch));
+                                    sel.math, launch), pending);
 }
 
 int sim_backward(int cell, int dtype, int allow_tf32, int steps, int batch, int hidden,
@@ -189,6 +205,7 @@ int sim_backward(int cell, int dtype, int allow_tf32, int steps, int batch, int 
                  const float* aux, const float* c0, const void* hprev, void* dgbuf,
                  float* dh_carry, float* dc_carry, float* dgx, float* dghn, float* dh0,
                  long long* prof, int stage_copy, float* part) {
+  const cudaError_t pending = cudaPeekAtLastError();
   fused_rnn::BwdParams p{};
   fused_rnn::Selection sel{};
   if (!fill_common(p, sel, cell, dtype, allow_tf32, steps, batch, hidden, batch_pad, reverse,
@@ -214,7 +231,7 @@ int sim_backward(int cell, int dtype, int allow_tf32, int steps, int batch, int 
     return fused_rnn::launch_backward<decltype(c)::value, T, decltype(m)::value>(p, nullptr);
   };
   return finish(fused_rnn::dispatch(static_cast<Cell>(cell), static_cast<fused_rnn::Storage>(dtype),
-                                    sel.math, launch));
+                                    sel.math, launch), pending);
 }
 
 // How many launches ran as clusters (fused_rnn.h cluster_launches).

@@ -28,6 +28,16 @@ std::string kernel_failure();
 // Leaves `code` pending in this thread's cudaGetLastError, as a failed runtime call of someone
 // else's (torch's, say) would.
 void set_last_error(int code);
+// Calls a GPU may refuse even where the queries before them said yes (another process holding
+// SMs, a device without non-portable cluster sizes), refused here from now on (0: none), so
+// that csrc's paths for those refusals run: each refused call fails with an error, which it
+// also leaves pending in cudaGetLastError, as a GPU does.
+enum Refuse : unsigned {
+  kRefuseNonPortableClusters = 1,  // cudaFuncSetAttribute(NonPortableClusterSizeAllowed)
+  kRefuseClusterOccupancy = 2,     // cudaOccupancyMaxActiveClusters
+  kRefuseClusterLaunches = 4,      // cudaLaunchKernelExC with a cluster dimension
+};
+void refuse(unsigned calls);
 
 // Called at load time by the kernel translation units: how to call `func` with its args.
 void register_kernel(const void* func, void (*invoke)(const void* func, void** args));

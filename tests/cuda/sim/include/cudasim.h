@@ -22,7 +22,13 @@
 //     bytes, and its size must fit the kernel's MaxDynamicSharedMemorySize attribute (48 KiB
 //     unless raised) and the device's opt-in limit, as on a GPU;
 //   * WMMA pointers must be 32-byte aligned and ldm a multiple of 16 bytes (the PTX rule);
-//   * a cooperative grid must fit on the device at once (occupancy from shared memory);
+//   * a cooperative grid must fit on the device at once (occupancy from shared memory; a block
+//     needing more dynamic shared memory than the kernel's attribute allows counts as none, as
+//     in CUDA's occupancy calculator, so a query before the limit is raised says "no room");
+//   * a failed runtime call leaves its error pending in cudaGetLastError, as CUDA's do, and
+//     sim_api's entry points fail when one that succeeded left an error of its own pending
+//     (torch's next launch check would raise it); sim_refuse makes the device refuse the
+//     cluster calls a GPU may refuse, so the launcher's fallbacks run here too;
 //   * built with -fsanitize=address,undefined, out-of-bounds accesses to global memory (torch
 //     tensors under LD_PRELOAD=libasan) and to shared memory, and misaligned float4 loads;
 //   * every L2 prefetch address must be readable (it becomes a one-byte read);
@@ -192,6 +198,7 @@ cudaError_t cudaLaunchKernelExC(const cudaLaunchConfig_t* config, const void* fu
 cudaError_t cudaOccupancyMaxActiveClusters(int* clusters, const void* func,
                                            const cudaLaunchConfig_t* config);
 cudaError_t cudaGetLastError();
+cudaError_t cudaPeekAtLastError();
 const char* cudaGetErrorName(cudaError_t err);
 
 // The typed launch (any kernel signature): registers how to call the kernel, then launches it.
