@@ -453,12 +453,13 @@ int main(int argc, char** argv) {
   const bool clusters_ok = prop.major >= 9;
   if (clusters_ok) {
     for (int c : {2, 4, 8, 16}) {
-      const int n = max_clusters((const void*)cluster_sync_kernel, c, 0);
-      if (n == 0) {
+      // At most sms / c clusters: one block per SM, as the RNN kernels run (none on a device
+      // with fewer SMs than the cluster, whatever the occupancy query says).
+      const int clusters = std::min(max_clusters((const void*)cluster_sync_kernel, c, 0), sms / c);
+      if (clusters == 0) {
         rows.push_back({"cluster.sync c=" + std::to_string(c), 0, 0, -1, -1, "not launchable"});
         continue;
       }
-      const int clusters = std::min(n, sms / c);
       const double us =
           timed([&](int k) { launch(cluster_sync_kernel, clusters * c, c, 0, k); });
       rows.push_back({"cluster.sync c=" + std::to_string(c), clusters * c, 0, us, -1,
@@ -500,15 +501,14 @@ int main(int argc, char** argv) {
                           : kind == 1 ? (const void*)exchange_dsmem_kernel
                                       : (const void*)exchange_mbarrier_kernel;
           allow_smem(k, smem);
-          const int n = max_clusters(k, c, smem);
+          const int clusters = std::min(max_clusters(k, c, smem), sms / c);  // as above
           const char* names[] = {"exchange cluster-global", "exchange dsmem",
                                  "exchange dsmem-mbarrier"};
           const std::string what = std::string(names[kind]) + " c=" + std::to_string(c);
-          if (n == 0) {
+          if (clusters == 0) {
             rows.push_back({what, 0, x, -1, -1, "not launchable"});
             continue;
           }
-          const int clusters = std::min(n, sms / c);
           auto run = [&](int steps_, uint32_t salt) {
             if (kind == 0) {
               launch(exchange_global_kernel<true>, clusters * c, c, smem, exchange, n16,

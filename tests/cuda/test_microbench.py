@@ -72,6 +72,23 @@ def test_checked_passes_on_cudasim(clean_exe, tmp_path, order, early):
                                         "exchange dsmem-mbarrier c=16"}
 
 
+def test_clusters_larger_than_the_device_are_not_launchable(clean_exe, tmp_path):
+    """On 4 SMs clusters of 8 and 16 do not fit: their rows say so, and the others still run
+    (before, the cluster count min(occupancy, sms / c) came to 0, and a launch of 0 blocks
+    ended the whole program)."""
+    env = {**os.environ, "CUDASIM_SMS": "4", "CUDASIM_ORDER": "ascending"}
+    table = tmp_path / "table.md"
+    r = subprocess.run([str(clean_exe), "--check-only", str(table)], env=env,
+                       capture_output=True, text=True, timeout=300, check=False)
+    assert r.returncode == 0, r.stdout + r.stderr
+    rows = [[c.strip() for c in line.split("|")[1:-1]] for line in table.read_text().splitlines()
+            if line.startswith("| ") and not line.startswith("| primitive")]
+    big = [row for row in rows if row[0].endswith(("c=8", "c=16"))]
+    assert big and all(row[1] == "0" and row[5] == "not launchable" for row in big), rows
+    exchanges = [r for r in rows if r[0].startswith("exchange") and r[0].endswith("c=4")]
+    assert [r[4] for r in exchanges] == ["0"] * 13, rows
+
+
 MISMATCH = "mismatched words"  # the program's own check
 # (site, replacement, what must be reported)
 MUTANTS = {
