@@ -7,11 +7,14 @@ kernels' arithmetic in torch, this compiles ``rnn_forward.cu`` and ``rnn_backwar
 against small stand-ins for the CUDA headers and runs every CUDA thread of a launch (see
 ``sim/include/cudasim.h`` for what is modelled and checked). What it cannot see: the real
 tensor-core fragment layouts and accumulation, CUDA's expf/tanhf (glibc's run here), the memory
-model of a GPU (the scheduler runs one thread at a time), performance.
+model of a GPU beyond its barriers (the scheduler runs one thread at a time; the ThreadSanitizer
+build checks that every conflicting pair of accesses is ordered by a barrier), performance.
 
 The library is built once per source hash into ``$FUSED_RNN_SIM_BUILD_DIR`` (default: a folder
-under the system temp dir); ``sanitize=True`` builds it with AddressSanitizer and UBSan, which
-only works in a process started with ``LD_PRELOAD`` of libasan (see :func:`asan_env`).
+under the system temp dir). ``sanitize="address"`` builds it with AddressSanitizer and UBSan,
+``sanitize="thread"`` with its kernels under ThreadSanitizer (``sim/runtime.cpp``: CUDASIM_TSAN);
+either only works in a process started with ``LD_PRELOAD`` of the sanitizer's runtime (see
+:func:`sanitizer_env`).
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ from __future__ import annotations
 import ctypes
 import hashlib
 import os
+import platform
 import shutil
 import subprocess
 import tempfile
@@ -43,12 +47,20 @@ BATCH_PAD = 32  # plan.h kBatchPad
 
 _FLAGS = ["-std=c++20", "-g", "-fPIC", "-Wall", "-Wextra", "-Werror", "-Wno-unknown-pragmas",
           f"-I{SIM / 'include'}", f"-I{SIM}"]
-_SANITIZE = ["-O1", "-fno-omit-frame-pointer", "-fsanitize=address,undefined",
-             "-fno-sanitize-recover=undefined"]
+# The flags of each build. Under "thread" only the kernels' units are instrumented (_TSAN_UNITS):
+# the runtime's bookkeeping is shared by every simulated thread by design, and it announces the
+# kernels' synchronization and copies to TSan itself.
+SANITIZERS = {
+    "": ["-O2"],
+    "address": ["-O1", "-fno-omit-frame-pointer", "-fsanitize=address,undefined",
+                "-fno-sanitize-recover=undefined"],
+    "thread": ["-O1", "-fno-omit-frame-pointer", "-DCUDASIM_TSAN=1"],
+}
+_TSAN_UNITS = ("kernels.cpp",)
 _UNITS = [("kernels.cpp", []), ("kernels.cpp", ["-DFRNN_SIM_BACKWARD"]), ("runtime.cpp", []),
           ("sim_api.cpp", [])]
 _lock = threading.Lock()
-_libs: dict[tuple[bool, str, bool], ctypes.CDLL] = {}
+_libs: dict[tuple[str, str, bool], ctypes.CDLL] = {}
 
 
 def unavailable_reason() -> str | None:
@@ -60,7 +72,14 @@ def _sources(csrc: Path) -> list[Path]:
         csrc / "plan.h", csrc / "fused_rnn.h"]
 
 
-def _compile_unit(flags: list[str], i: int, csrc: Path, objs: Path, work: Path) -> Path:
+def _compiler_env() -> dict[str, str]:
+    """The environment for g++: without a sanitizer preloaded (a process started with
+    sanitizer_env() that builds a library must not run the compiler under it)."""
+    return {k: v for k, v in os.environ.items() if k != "LD_PRELOAD"}
+
+
+def _compile_unit(flags: list[str], i: int, csrc: Path, objs: Path, work: Path,
+                  sanitize: str = "") -> Path:
     """One translation unit's object, from the cache when the same source was compiled before.
 
     The key is the preprocessed text with the kernel directory's path taken out, so a mutant
@@ -69,24 +88,31 @@ def _compile_unit(flags: list[str], i: int, csrc: Path, objs: Path, work: Path) 
     copy's).
     """
     src, extra = _UNITS[i]
+    if sanitize == "thread" and src in _TSAN_UNITS:
+        extra = [*extra, "-fsanitize=thread"]
     cmd = [GXX, *flags, *extra, str(SIM / src)]
-    pre = subprocess.run([*cmd, "-E"], check=True, capture_output=True).stdout
+    pre = subprocess.run([*cmd, "-E"], check=True, capture_output=True,
+                         env=_compiler_env()).stdout
     h = hashlib.sha256(" ".join(cmd).replace(str(csrc), "<csrc>").encode() + b"\0")
     h.update(pre.replace(str(csrc).encode(), b"<csrc>"))
     obj = objs / f"{h.hexdigest()[:24]}.o"
     if not obj.is_file():
         tmp = work / f"{i}.o"
-        subprocess.run([*cmd, "-c", "-o", str(tmp)], check=True, capture_output=True)
+        subprocess.run([*cmd, "-c", "-o", str(tmp)], check=True, capture_output=True,
+                       env=_compiler_env())
         objs.mkdir(parents=True, exist_ok=True)
         os.replace(tmp, obj)  # atomic: concurrent builders both succeed
     return obj
 
 
-def build(sanitize: bool = False, csrc: Path = CSRC, ucontext: bool = False) -> Path:
-    """Compile (if not cached) and return the shared library's path. ``csrc``: the kernel
-    sources (another directory lets tests run deliberately broken copies); ``ucontext``: switch
-    fibers with swapcontext, the runtime's portable path (runtime.cpp), not its x86-64 one."""
-    flags = _FLAGS + [f"-I{csrc}"] + (_SANITIZE if sanitize else ["-O2"])
+def build(sanitize: str = "", csrc: Path = CSRC, ucontext: bool = False) -> Path:
+    """Compile (if not cached) and return the shared library's path. ``sanitize``: "",
+    "address" or "thread" (see the module docstring); ``csrc``: the kernel sources (another
+    directory lets tests run deliberately broken copies); ``ucontext``: switch fibers with
+    swapcontext, the runtime's portable path (runtime.cpp), not its x86-64 one."""
+    if sanitize not in SANITIZERS:
+        raise ValueError(f"sanitize must be one of {sorted(SANITIZERS)}, not {sanitize!r}")
+    flags = _FLAGS + [f"-I{csrc}"] + SANITIZERS[sanitize]
     flags += ["-DCUDASIM_UCONTEXT"] if ucontext else []
     h = hashlib.sha256(" ".join(flags).encode())
     for src in _sources(csrc):
@@ -100,11 +126,13 @@ def build(sanitize: bool = False, csrc: Path = CSRC, ucontext: bool = False) -> 
     work = Path(tempfile.mkdtemp(prefix="build-", dir=root))
     try:
         with ThreadPoolExecutor(max_workers=2) as pool:
-            objs = list(pool.map(lambda i: _compile_unit(flags, i, csrc, root / "objects", work),
-                                 range(len(_UNITS))))
+            objs = list(pool.map(
+                lambda i: _compile_unit(flags, i, csrc, root / "objects", work, sanitize),
+                range(len(_UNITS))))
         tmp = work / "libcudasim.so"
-        subprocess.run([GXX, *flags, "-shared", *map(str, objs), "-o", str(tmp), "-lpthread"],
-                       check=True, capture_output=True)
+        link = ["-fsanitize=thread"] if sanitize == "thread" else []
+        subprocess.run([GXX, *flags, *link, "-shared", *map(str, objs), "-o", str(tmp),
+                        "-lpthread"], check=True, capture_output=True, env=_compiler_env())
         out.mkdir(parents=True, exist_ok=True)
         os.replace(tmp, lib)  # atomic: concurrent builders both succeed
     except subprocess.CalledProcessError as e:
@@ -114,18 +142,43 @@ def build(sanitize: bool = False, csrc: Path = CSRC, ucontext: bool = False) -> 
     return lib
 
 
-def asan_env() -> dict[str, str]:
-    """Environment for a subprocess that loads the sanitized library."""
-    libasan = subprocess.run([GXX, "-print-file-name=libasan.so"], capture_output=True,
-                             text=True, check=True).stdout.strip()
+# ThreadSanitizer's options for every run: the first report ends the process with this code.
+TSAN_OPTIONS = "halt_on_error=1:exitcode=66:history_size=4"
+TSAN_EXIT_CODE = 66
+
+
+def sanitizer_missing(sanitize: str) -> str | None:
+    """Why a ``sanitize`` build cannot run here, or None."""
+    if sanitize == "thread" and platform.machine() != "x86_64":
+        return "cudasim's ThreadSanitizer build is only tried on x86-64"
+    lib = {"address": "libasan.so", "thread": "libtsan.so"}[sanitize]
+    path = subprocess.run([GXX, f"-print-file-name={lib}"], capture_output=True, text=True,
+                          check=False).stdout.strip() if GXX else ""
+    return None if Path(path).is_file() else f"g++ has no {lib} (the {sanitize} sanitizer)"
+
+
+def sanitizer_env(sanitize: str = "address") -> dict[str, str]:
+    """Environment for a subprocess (``sys.executable`` itself: a shell script between, such as
+    a pyenv shim, would start under the sanitizer too) that loads a sanitized library.
+
+    Under "thread", the process's first race report ends it (TSAN_EXIT_CODE), and torch keeps to
+    one thread: its own threads synchronize in ways TSan cannot see, and their copies would
+    read as races with the kernels."""
+    lib = {"address": "libasan.so", "thread": "libtsan.so"}[sanitize]
+    path = subprocess.run([GXX, f"-print-file-name={lib}"], capture_output=True,
+                          text=True, check=True).stdout.strip()
     env = dict(os.environ)
-    env["LD_PRELOAD"] = libasan
-    env["ASAN_OPTIONS"] = "detect_leaks=0:alloc_dealloc_mismatch=0:abort_on_error=1"
-    env["UBSAN_OPTIONS"] = "print_stacktrace=1:halt_on_error=1"
+    env["LD_PRELOAD"] = path
+    if sanitize == "address":
+        env["ASAN_OPTIONS"] = "detect_leaks=0:alloc_dealloc_mismatch=0:abort_on_error=1"
+        env["UBSAN_OPTIONS"] = "print_stacktrace=1:halt_on_error=1"
+    else:
+        env["TSAN_OPTIONS"] = TSAN_OPTIONS
+        env["OMP_NUM_THREADS"] = "1"
     return env
 
 
-def _load(sanitize: bool, csrc: Path, ucontext: bool = False) -> ctypes.CDLL:
+def _load(sanitize: str, csrc: Path, ucontext: bool = False) -> ctypes.CDLL:
     key = (sanitize, str(csrc), ucontext)
     with _lock:
         if key not in _libs:
@@ -158,12 +211,14 @@ class Simulator:
     occupancy, sms / cluster size);
     ptx_version: the architecture the kernels report being compiled for (cudaFuncGetAttributes'
     ptxVersion; 80: an extension built without sm_90 code, running on the sm_90 device);
+    sanitize: "", "address" or "thread": the build (see :func:`build`; the process must have
+    started with :func:`sanitizer_env`);
     ucontext: the runtime built with its portable fiber switch (see :func:`build`).
     """
 
     def __init__(self, sms: int = 4, order: str = "ascending", seed: int = 0,
                  smem_optin: int = 227 * 1024, smem_per_sm: int = 228 * 1024,
-                 sanitize: bool = False, csrc: Path = CSRC, cp_async: str = "late",
+                 sanitize: str = "", csrc: Path = CSRC, cp_async: str = "late",
                  max_clusters: int = -1, ptx_version: int = 90, ucontext: bool = False):
         assert cp_async in ("late", "early"), cp_async
         self.sms, self.order, self.seed, self.cp_async = sms, order, seed, cp_async

@@ -10,7 +10,9 @@ Without a GPU the same tests run on a CPU stand-in (the tests that need CUDA its
   themselves, compiled with g++ against cudasim (``simulate.py``, ``sim/``), every CUDA thread
   of every launch executed (without g++ the default is ``0``, below);
   ``FUSED_RNN_CUDA_SIM=asan`` does so with AddressSanitizer and UBSan (the process must start
-  with ``simulate.asan_env()``; ``test_cuda_sim.py`` runs a part of this file that way);
+  with ``simulate.sanitizer_env("address")``; ``test_cuda_sim.py`` runs a part of this file
+  that way), ``FUSED_RNN_CUDA_SIM=tsan`` with the kernels under ThreadSanitizer (start with
+  ``simulate.sanitizer_env("thread")``; by hand: 330 of this file's cases took 15 minutes);
 * ``FUSED_RNN_CUDA_EMULATE=1``: their torch emulation (``emulate.py``) instead;
 * ``FUSED_RNN_CUDA_SIM=0``: nothing; the tests skip as GPU-only.
 
@@ -47,7 +49,7 @@ SIM = os.environ.get(
     "FUSED_RNN_CUDA_SIM", "0" if torch.cuda.is_available() or not shutil.which("g++") else "1"
 )
 EMULATE = os.environ.get("FUSED_RNN_CUDA_EMULATE", "0") == "1"
-STANDIN = "emulate" if EMULATE else "sim" if SIM in ("1", "asan") else None
+STANDIN = "emulate" if EMULATE else "sim" if SIM in ("1", "asan", "tsan") else None
 DEVICE = "cpu" if STANDIN else "cuda"
 pytestmark = [] if STANDIN else [pytest.mark.gpu]
 gpu_only = pytest.mark.skipif(STANDIN is not None, reason=f"needs a GPU (stand-in: {STANDIN})")
@@ -59,7 +61,8 @@ def cuda_ext(monkeypatch):
     if STANDIN == "sim":
         from simulate import Simulator
 
-        return install_standin(monkeypatch, Simulator(sms=8, sanitize=SIM == "asan"))
+        sanitize = {"asan": "address", "tsan": "thread"}.get(SIM, "")
+        return install_standin(monkeypatch, Simulator(sms=8, sanitize=sanitize))
     if STANDIN == "emulate":
         from emulate import Emulator
 

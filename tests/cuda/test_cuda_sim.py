@@ -3,6 +3,8 @@ checks a GPU run would make with compute-sanitizer, made here without one.
 
 * racecheck: every output bit for bit the same whichever thread runs first between barriers
   (ascending, descending, shuffled);
+* racecheck by happens-before: the kernels under ThreadSanitizer (``tsan_run.py``), which names
+  two unordered accesses even where no result shows them;
 * memcheck: a part of ``test_cuda_gpu.py`` in a process built with AddressSanitizer and UBSan,
   so an out-of-bounds access to a tensor or to shared memory, or a misaligned vector load,
   aborts it;
@@ -19,6 +21,7 @@ accuracy tests against the reference).
 
 from __future__ import annotations
 
+import json
 import platform
 import re
 import shutil
@@ -161,11 +164,11 @@ def test_both_fiber_switches_give_the_same_bits(install, order, seed):
 def test_gpu_suite_under_address_sanitizer(tmp_path):
     """test_cuda_gpu.py's small cases in a process with ASan/UBSan loaded and the kernels
     built with them: clean, and the sanitizer is really armed (a canary must trip it)."""
-    simulate.build(sanitize=True)
-    env = {**simulate.asan_env(), "FUSED_RNN_CUDA_SIM": "asan"}
+    simulate.build(sanitize="address")
+    env = {**simulate.sanitizer_env("address"), "FUSED_RNN_CUDA_SIM": "asan"}
     canary = subprocess.run(
         [sys.executable, "-c",
-         "import ctypes, simulate; simulate.Simulator(sanitize=True);"
+         "import ctypes, simulate; simulate.Simulator(sanitize='address');"
          "b = ctypes.create_string_buffer(8); import torch; t = torch.empty(3);"
          "ctypes.memmove(ctypes.c_void_p(t.data_ptr()), b, 16)"],
         cwd=Path(__file__).parent, env=env, capture_output=True, text=True, timeout=300,
@@ -456,10 +459,10 @@ def test_out_of_bounds_access_is_caught_by_the_sanitizer(tmp_path, name):
     """A mutant kernel that touches memory past a tensor's end: ASan aborts."""
     file, old, new, access = OUT_OF_BOUNDS[name]
     csrc = _mutant(tmp_path, file, old, new)
-    simulate.build(sanitize=True, csrc=csrc)
+    simulate.build(sanitize="address", csrc=csrc)
     code = (
         "import torch, simulate\n"
-        f"sim = simulate.Simulator(sms=4, sanitize=True, csrc={str(csrc)!r})\n"
+        f"sim = simulate.Simulator(sms=4, sanitize='address', csrc={str(csrc)!r})\n"
         "T, B, H = 2, 3, 37\n"
         "x = torch.randn(T, B, 3 * H); h0 = torch.randn(B, H)\n"
         "w = torch.randn(3 * H, H) * 0.1\n"
@@ -467,13 +470,85 @@ def test_out_of_bounds_access_is_caught_by_the_sanitizer(tmp_path, name):
         "print('no error')\n"
     )
     r = subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).parent,
-                       env=simulate.asan_env(), capture_output=True, text=True, timeout=300,
-                       check=False)
+                       env=simulate.sanitizer_env("address"), capture_output=True, text=True,
+                       timeout=300, check=False)
     assert r.returncode != 0 and "AddressSanitizer" in r.stderr, (r.stdout + r.stderr)[-3000:]
     # Past the end of a tensor: into ASan's redzone, or (far past it, as the epilogue mutant
     # reads whole padding rows) into a block that was freed; both abort with this access.
     assert re.search(r"AddressSanitizer: heap-(buffer-overflow|use-after-free)", r.stderr)
     assert access in r.stderr
+
+
+# ---------------------------------------------------------- racecheck by happens-before (TSan)
+# The kernels built with ThreadSanitizer, each simulated thread a TSan fiber whose only
+# happens-before edges are CUDA's (the launch, the block, cluster and grid barriers, mbarrier
+# phases; sim/runtime.cpp, CUDASIM_TSAN), run by tsan_run.py in a process of its own. TSan then
+# names any two accesses to the same bytes, one a write, by threads no barrier orders, in shared,
+# distributed shared and global memory: a race whether or not the results show it, which the
+# thread-order check above needs them to.
+needs_tsan = pytest.mark.skipif(simulate.sanitizer_missing("thread") is not None,
+                                reason=str(simulate.sanitizer_missing("thread")))
+
+
+def _run_under_tsan(csrc: Path, cp_async: str, names: list[str]) -> tuple[int, str, dict]:
+    """tsan_run.py on ``csrc``: its exit code, stderr, and what each configuration ran."""
+    simulate.build(sanitize="thread", csrc=csrc)  # here, so a build error reads as one
+    r = subprocess.run([sys.executable, str(Path(__file__).parent / "tsan_run.py"), str(csrc),
+                        cp_async, *names], cwd=Path(__file__).parent,
+                       env=simulate.sanitizer_env("thread"), capture_output=True, text=True,
+                       timeout=900, check=False)
+    ran = {m[1]: json.loads(m[2])
+           for m in re.finditer(r"^ran (\S+) (.*)$", r.stdout, re.MULTILINE)}
+    return r.returncode, r.stderr, ran
+
+
+@pytest.mark.slow
+@needs_tsan
+@pytest.mark.parametrize("cp_async", ["late", "early"])
+def test_no_data_race_under_thread_sanitizer(cp_async):
+    """Every partition and launch mode, forward and backward, cp.async landing late and early:
+    no race reported, and each configuration ran the plan it names (clusters as clusters)."""
+    import tsan_run
+
+    code, err, ran = _run_under_tsan(ROOT / "csrc", cp_async, list(tsan_run.CONFIGS))
+    assert code == 0 and "ThreadSanitizer" not in err, err[-6000:]
+    assert list(ran) == list(tsan_run.CONFIGS)
+    for name, (*_, want) in tsan_run.CONFIGS.items():
+        plans = ran[name]["plans"]
+        assert len(plans) == 2, (name, plans)  # forward and backward
+        assert all({k: pl[k] for k in want} == want for pl in plans), (name, plans)
+        assert ran[name]["cluster_launches"] == (2 if want["cluster"] else 0), (name, ran[name])
+
+
+# (mutation, the configuration it runs in): each a race TSan must name, with a frame in the
+# mutated sources. The first changes no result in any thread order or configuration the checks
+# above run (iteration 0 of the backward multiplies the W slice by the zeroed exchange buffer,
+# so W read before or after its load gives the same zeros): only a race detector sees it.
+TSAN_MUTANTS = {
+    "no-barrier-after-w-load-backward": (
+        ("rnn_backward.cu", "bs.k0);\n  __syncthreads();", "bs.k0);"), "direct"),
+    "no-barrier-after-matmul": (MUTANTS["no-barrier-after-matmul"], "direct"),
+    "no-grid-sync-forward": (MUTANTS["no-grid-sync-forward"], "grouped-staged"),
+    "no-barrier-after-stage-copy": (STAGE_MUTANTS["no-barrier-after-stage-copy"], "slices32"),
+    "dsmem-single-mirror": (DSMEM_MUTANTS["dsmem-single-mirror"], "dsmem-one-cluster"),
+}
+
+
+@pytest.mark.slow
+@needs_tsan
+@pytest.mark.parametrize("name", list(TSAN_MUTANTS))
+def test_races_are_named_by_thread_sanitizer(tmp_path, name):
+    (file, old, new), config = TSAN_MUTANTS[name]
+    csrc = _mutant(tmp_path, file, old, new)
+    code, err, ran = _run_under_tsan(csrc, "late", [config])
+    assert code == simulate.TSAN_EXIT_CODE, (code, err[-4000:])
+    assert "WARNING: ThreadSanitizer: data race" in err, err[-4000:]
+    report = err[err.index("WARNING: ThreadSanitizer"):err.index("SUMMARY: ThreadSanitizer")]
+    # both racing accesses are the kernels' (the stacks below the first two frames)
+    now, before = report.split("\n\n")[0], report.split("\n\n")[1]
+    assert "Previous" in before and all("fused_rnn::detail::" in a for a in (now, before)), report
+    assert re.search(r"Thread T\d+ 'block \d+ thread \d+'", report), report  # fiber names
+    assert not ran  # the first report ends the process
 
 
 @pytest.mark.parametrize("stage_k", ["auto", "16", "32"])

@@ -1,7 +1,9 @@
 """``benchmarks/microbench.cu`` on the CPU: its kernels and host code built against cudasim
 (``sim/``) and run with ``--check-only``, so the program that prices the NOTES leads on the first
 GPU call has already run here, in several thread orders, and its word-for-word check is shown to
-catch a missing barrier or wait, a single-buffered exchange or a short mbarrier count."""
+catch a missing barrier or wait, a single-buffered exchange or a short mbarrier count. Built with
+ThreadSanitizer, its clean passes report no race, and the two single-buffered exchanges no thread
+order can show are named as races."""
 
 from __future__ import annotations
 
@@ -11,6 +13,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
+import simulate
 
 ROOT = Path(__file__).resolve().parents[2]
 SOURCE = ROOT / "benchmarks" / "microbench.cu"
@@ -113,8 +116,8 @@ MUTANTS = {
 }
 # Not mutants here: the global exchanges and the mbarrier exchange with one buffer. Each step
 # ends at a block barrier before the next step's writes, and cudasim releases a block barrier
-# only when no thread can run, so every block has read before any writes again; those races
-# need a GPU to show.
+# only when no thread can run, so every block has read before any writes again: no thread order
+# shows those races. ThreadSanitizer does (TSAN_MUTANTS below).
 
 
 @pytest.mark.parametrize("name", list(MUTANTS))
@@ -128,3 +131,79 @@ def test_the_check_catches_a_broken_exchange(tmp_path, runtime_obj, name):
     results = [_run(exe, tmp_path, order)[0] for order in ("ascending", "descending")]
     assert any(r.returncode == 1 and expect in r.stderr for r in results), (
         f"mutant {name} went unnoticed: " + " / ".join(r.stdout[-300:] for r in results))
+
+
+# ---------------------------------------------------------------- under ThreadSanitizer
+# The program with -fsanitize=thread, cudasim's runtime with CUDASIM_TSAN (every simulated
+# thread a TSan fiber ordered only by barriers and mbarrier phases; sim/runtime.cpp). On 4 SMs:
+# a launch of 16 blocks of 256 threads would pass TSan's 8128 live threads, and 4 SMs run every
+# kind of exchange (clusters of 4) in a fifth of the time 12 take.
+needs_tsan = pytest.mark.skipif(simulate.sanitizer_missing("thread") is not None,
+                                reason=str(simulate.sanitizer_missing("thread")))
+TSAN_FLAGS = [f for f in FLAGS if f != "-O2"] + ["-O1", "-g"]
+
+
+@pytest.fixture(scope="module")
+def tsan_runtime_obj(tmp_path_factory):
+    obj = tmp_path_factory.mktemp("cudasim-tsan") / "runtime.o"
+    subprocess.run([GXX, *TSAN_FLAGS, "-DCUDASIM_TSAN=1", "-c", str(SIM / "runtime.cpp"), "-o",
+                    str(obj)], check=True, capture_output=True, text=True)
+    return obj
+
+
+def _run_tsan(source: Path, runtime: Path, tmp: Path):
+    exe = tmp / "microbench-tsan"
+    subprocess.run([GXX, *TSAN_FLAGS, "-fsanitize=thread", "-x", "c++", str(source), "-x", "none",
+                    str(runtime), "-o", str(exe), "-lpthread"], check=True, capture_output=True,
+                   text=True)
+    env = {**os.environ, "CUDASIM_SMS": "4", "CUDASIM_ORDER": "ascending",
+           "TSAN_OPTIONS": simulate.TSAN_OPTIONS}
+    table = tmp / "table-tsan.md"
+    r = subprocess.run([str(exe), "--check-only", str(table)], env=env, capture_output=True,
+                       text=True, timeout=600, check=False)
+    return r, table
+
+
+@pytest.mark.slow
+@needs_tsan
+def test_checked_passes_under_thread_sanitizer(tmp_path, tsan_runtime_obj):
+    r, table = _run_tsan(SOURCE, tsan_runtime_obj, tmp_path)
+    assert r.returncode == 0 and "ThreadSanitizer" not in r.stderr, r.stderr[-4000:]
+    text = table.read_text()
+    for kind in ("exchange grid", "exchange cluster-global c=4", "exchange dsmem c=4",
+                 "exchange dsmem-mbarrier c=4"):
+        rows = [line for line in text.splitlines() if line.startswith(f"| {kind} |")]
+        assert len(rows) >= 4 and all(row.split("|")[5].strip() == "0" for row in rows), text
+
+
+TSAN_MUTANTS = {
+    # The grid exchange with one buffer: a block writes step s + 1's share while a slower block
+    # still copies step s's.
+    "global-one-buffer": ("    uint4* buf = exchange + ((size_t)group * 2 + (s & 1)) * n16;",
+                          "    uint4* buf = exchange + (size_t)group * 2 * n16;"),
+    # The mbarrier exchange with one buffer: a peer's st.async of step s + 1 lands while this
+    # block still checks step s.
+    "mbarrier-one-buffer": ("    uint4* local = bufs + (size_t)b * n16;",
+                            "    uint4* local = bufs;"),
+}
+
+
+@needs_tsan
+@pytest.mark.parametrize("name", list(TSAN_MUTANTS))
+def test_thread_sanitizer_names_races_no_thread_order_shows(tmp_path, runtime_obj,
+                                                            tsan_runtime_obj, name):
+    old, new = TSAN_MUTANTS[name]
+    text = SOURCE.read_text()
+    assert text.count(old) == 1, f"mutant {name}: its site is gone from microbench.cu"
+    mutant = tmp_path / "microbench.cu"
+    mutant.write_text(text.replace(old, new))
+    # the program's own check passes it in cudasim's thread orders ...
+    exe = _build(mutant, runtime_obj, tmp_path / "plain")
+    for order in ("ascending", "descending"):
+        r, _ = _run(exe, tmp_path, order)
+        assert r.returncode == 0, f"{order} shows it now: make it a MUTANTS entry\n{r.stderr}"
+    # ... ThreadSanitizer names it, with the mutant's line
+    r, _ = _run_tsan(mutant, tsan_runtime_obj, tmp_path)
+    assert r.returncode == simulate.TSAN_EXIT_CODE, r.stderr[-4000:]
+    assert "WARNING: ThreadSanitizer: data race" in r.stderr, r.stderr[-4000:]
+    assert f"{mutant}:" in r.stderr, r.stderr[-4000:]

@@ -39,6 +39,27 @@
 #define CUDASIM_ASAN 0
 #endif
 
+// The ThreadSanitizer build (-DCUDASIM_TSAN=1; simulate.py): the kernels are compiled with
+// -fsanitize=thread, this file is not (its bookkeeping is shared by every fiber and is not the
+// kernels' memory). Each simulated thread is a TSan fiber, every switch is made without
+// synchronizing (__tsan_switch_to_fiber_no_sync), and the only happens-before edges are the
+// ones CUDA gives: the launch's start and end, __syncthreads, grid.sync, cluster.sync and
+// mbarrier phases (tsan_arrive / tsan_depart). TSan then reports any two accesses to the same
+// bytes, one a write, by different threads with no barrier between them: a race whichever
+// order they run in, lost updates (read-modify-write) included, in shared and global memory.
+#if defined(CUDASIM_TSAN) && CUDASIM_TSAN
+#include <sanitizer/tsan_interface.h>
+extern "C" {
+void __tsan_read_range(void* addr, unsigned long size);
+void __tsan_write_range(void* addr, unsigned long size);
+void __tsan_ignore_thread_begin();
+void __tsan_ignore_thread_end();
+}
+#else
+#undef CUDASIM_TSAN
+#define CUDASIM_TSAN 0
+#endif
+
 thread_local dim3 threadIdx;
 thread_local dim3 blockIdx;
 thread_local dim3 blockDim;
@@ -162,6 +183,9 @@ struct Thread {
   std::deque<std::vector<Copy>> groups;   // committed groups, oldest first, not yet waited for
   const void* wait_bar = nullptr;         // kAtMbarrier: the mbarrier and the phase parity
   unsigned wait_parity = 0;               // it waits for
+  void* tsan_fiber = nullptr;             // CUDASIM_TSAN: this thread's TSan context
+  char tsan_name[40] = {};                // ... and its name in TSan's reports
+  unsigned barriers_passed[3] = {};       // CUDASIM_TSAN: block, cluster, grid barriers so far
 };
 
 // An mbarrier (sm_90) in dynamic shared memory: a phase completes when its pending arrivals
@@ -190,6 +214,11 @@ struct Launch {
   // peer may not write there after that (on a GPU the memory is gone); the launch's end
   // compares (exited_smem_check).
   std::vector<std::vector<unsigned char>> exited_smem;
+  // CUDASIM_TSAN's synchronization objects (only their addresses matter): the launch's start
+  // and end, and two a barrier (block, cluster, grid), used alternately: a thread that has
+  // passed barrier k and arrives at k + 1 must not give its new writes to a thread still on
+  // its way out of barrier k.
+  std::vector<unsigned char> sync;
   bool aborting = false;
   std::string error;  // first failure
 };
@@ -213,6 +242,9 @@ std::mutex g_launch_mutex;  // one launch at a time (the scheduler state is glob
 Launch* g_launch = nullptr;
 Thread* g_current = nullptr;  // the running fiber
 Context g_scheduler_ctx;
+#if CUDASIM_TSAN
+void* g_scheduler_fiber = nullptr;  // the calling thread's TSan context
+#endif
 #if CUDASIM_ASAN
 const void* g_scheduler_stack = nullptr;  // the calling thread's stack, as ASan reports it
 size_t g_scheduler_stack_size = 0;
@@ -269,6 +301,9 @@ void switch_context(Context* from, Context* to) { swapcontext(&from->uc, &to->uc
 
 // Fiber -> scheduler. `finished`: the fiber will never run again.
 void switch_to_scheduler(bool finished) {
+#if CUDASIM_TSAN
+  __tsan_switch_to_fiber(g_scheduler_fiber, __tsan_switch_to_fiber_no_sync);
+#endif
 #if CUDASIM_ASAN
   void* fake = nullptr;
   __sanitizer_start_switch_fiber(finished ? nullptr : &fake, g_scheduler_stack,
@@ -288,11 +323,49 @@ void yield(State s) {
   if (g_launch->aborting) throw Abort{};
 }
 
+// CUDASIM_TSAN: the synchronization objects of the launch (Launch::sync).
+enum SyncObject : size_t { kSyncStart = 0, kSyncEnd = 1, kSyncBarriers = 2 };
+enum BarrierKind : unsigned { kBlockBarrier = 0, kClusterBarrier = 1, kGridBarrier = 2 };
+size_t sync_objects(const Launch& L) {
+  const size_t clusters = L.cluster > 0 ? L.grid.x / L.cluster : 0;
+  return kSyncBarriers + 2 * (L.grid.x + clusters + 1);
+}
+#if CUDASIM_TSAN
+// The object of the current thread's next barrier of this kind (for its block, cluster or
+// the grid), of the two that alternate.
+void* barrier_object(BarrierKind kind) {
+  Launch& L = *g_launch;
+  const size_t clusters = L.cluster > 0 ? L.grid.x / L.cluster : 0;
+  const unsigned b = g_current->block;
+  const size_t which = kind == kBlockBarrier     ? b
+                       : kind == kClusterBarrier ? L.grid.x + b / L.cluster
+                                                 : L.grid.x + clusters;
+  return &L.sync[kSyncBarriers + 2 * which + (g_current->barriers_passed[kind] & 1)];
+}
+#endif
+// Waits at a barrier of this kind: what this thread wrote before it happens before what every
+// thread of the barrier does after it.
+void barrier_wait(BarrierKind kind, State s) {
+#if CUDASIM_TSAN
+  void* obj = barrier_object(kind);
+  __tsan_release(obj);
+  yield(s);
+  __tsan_acquire(obj);
+  ++g_current->barriers_passed[kind];
+#else
+  (void)kind;
+  yield(s);
+#endif
+}
+
 void fiber_main() {
 #if CUDASIM_ASAN
   __sanitizer_finish_switch_fiber(nullptr, &g_scheduler_stack, &g_scheduler_stack_size);
 #endif
   Launch* L = g_launch;
+#if CUDASIM_TSAN
+  __tsan_acquire(&L->sync[kSyncStart]);  // the launch's arguments and inputs
+#endif
   try {
     if (!L->aborting) L->invoke(L->func, L->args);
   } catch (const Abort&) {
@@ -310,9 +383,18 @@ void fiber_main() {
     for (size_t k = 0; k < L->block.x && all; ++k) all = L->threads[first + k].state == State::kDone;
     if (all) {
       const unsigned char* m = L->smem[g_current->block];
+#if CUDASIM_TSAN
+      __tsan_ignore_thread_begin();  // the simulator's snapshot, not the kernel's read
+#endif
       L->exited_smem[g_current->block].assign(m, m + L->smem_bytes);
+#if CUDASIM_TSAN
+      __tsan_ignore_thread_end();
+#endif
     }
   }
+#if CUDASIM_TSAN
+  __tsan_release(&L->sync[kSyncEnd]);  // the launch's outputs, to the host
+#endif
   switch_to_scheduler(true);
   std::abort();  // never resumed
 }
@@ -341,6 +423,11 @@ __attribute__((noinline)) void init_fiber(Thread& t, unsigned char* stack) {
   __asan_unpoison_memory_region(t.stack, kStackBytes);
 #endif
   t.ctx.init(t.stack, kStackBytes, fiber_main);
+#if CUDASIM_TSAN
+  t.tsan_fiber = __tsan_create_fiber(0);
+  std::snprintf(t.tsan_name, sizeof t.tsan_name, "block %u thread %u", t.block, t.tid);
+  __tsan_set_fiber_name(t.tsan_fiber, t.tsan_name);
+#endif
 }
 
 // Runs thread i until its next barrier or its end.
@@ -351,6 +438,9 @@ void run_one(Launch& L, size_t i) {
   blockIdx = dim3(t.block);
   blockDim = L.block;
   gridDim = L.grid;
+#if CUDASIM_TSAN
+  __tsan_switch_to_fiber(t.tsan_fiber, __tsan_switch_to_fiber_no_sync);
+#endif
 #if CUDASIM_ASAN
   void* fake = nullptr;
   __sanitizer_start_switch_fiber(&fake, t.stack, kStackBytes);
@@ -499,12 +589,12 @@ void fail(const char* fmt, ...) {
 void block_barrier(const char* file, int line) {
   g_current->file = file;
   g_current->line = line;
-  yield(State::kAtBlockBarrier);
+  barrier_wait(kBlockBarrier, State::kAtBlockBarrier);
 }
 
 void grid_barrier() {
   if (!g_launch->cooperative) fail("grid.sync() in a launch that is not cooperative");
-  yield(State::kAtGridBarrier);
+  barrier_wait(kGridBarrier, State::kAtGridBarrier);
 }
 
 // Kernels compiled for an architecture before sm_90 (Config::ptx_version) have no cluster
@@ -517,7 +607,7 @@ void require_cluster_code(const char* what) {
 void cluster_barrier() {
   require_cluster_code("cluster.sync()");
   if (g_launch->cluster == 0) fail("cluster.sync() in a launch without clusters");
-  yield(State::kAtClusterBarrier);
+  barrier_wait(kClusterBarrier, State::kAtClusterBarrier);
 }
 
 unsigned char* dynamic_smem() { return g_launch->smem[blockIdx.x]; }
@@ -540,6 +630,29 @@ void* cluster_map_shared(const void* p, unsigned rank) {
   return g_launch->smem[blockIdx.x - blockIdx.x % size + rank] + (q - own);
 }
 
+// CUDASIM_TSAN: the simulator's own heap bookkeeping that a simulated thread does (mbarrier
+// state: a node allocated by one thread, st.async data freed by the thread that completes the
+// phase) is not the kernel's memory; while one of these lives, TSan ignores that thread's
+// accesses, allocations included.
+struct Bookkeeping {
+#if CUDASIM_TSAN
+  Bookkeeping() { __tsan_ignore_thread_begin(); }
+  ~Bookkeeping() { __tsan_ignore_thread_end(); }
+  Bookkeeping(const Bookkeeping&) = delete;
+  Bookkeeping& operator=(const Bookkeeping&) = delete;
+#endif
+};
+
+// A copy the running thread makes (cp.async, st.async): under CUDASIM_TSAN its read and
+// write are that thread's, whether or not libc's memcpy is intercepted.
+static void copy_as_thread(void* dst, const void* src, size_t bytes) {
+#if CUDASIM_TSAN
+  __tsan_read_range(const_cast<void*>(src), bytes);
+  __tsan_write_range(dst, bytes);
+#endif
+  std::memcpy(dst, src, bytes);
+}
+
 // cp.async may land any time between its issue and the wait_group that retires its group. The
 // two extremes are simulated (Config::cp_async_early): at the wait, so a read before it (or
 // before the barrier after it) sees the old bytes; or at the issue, so a buffer still being read
@@ -550,7 +663,7 @@ void cp_async(void* dst, const void* src, size_t bytes) {
     fail("cp.async of %zu bytes needs %zu-byte aligned addresses (dst %p, src %p)", bytes, bytes,
          dst, src);
   if (g_config.cp_async_early) {
-    std::memcpy(dst, src, bytes);
+    copy_as_thread(dst, src, bytes);
     g_current->open.push_back({dst, src, 0});
   } else {
     g_current->open.push_back({dst, src, bytes});
@@ -566,7 +679,7 @@ void cp_async_wait(int pending) {
   auto& groups = g_current->groups;
   while (groups.size() > static_cast<size_t>(pending)) {
     for (const Thread::Copy& c : groups.front())
-      if (c.bytes != 0) std::memcpy(c.dst, c.src, c.bytes);
+      if (c.bytes != 0) copy_as_thread(c.dst, c.src, c.bytes);
     groups.pop_front();
   }
 }
@@ -582,6 +695,23 @@ long smem_block(const void* p, size_t bytes) {
   return -1;
 }
 
+// CUDASIM_TSAN: an arrival (or st.async) on `bar` in the phase of this parity happens before
+// what a thread waiting for that phase does after its wait.
+void mbarrier_release(const void* bar, unsigned parity) {
+#if CUDASIM_TSAN
+  __tsan_release(const_cast<char*>(static_cast<const char*>(bar)) + (parity & 1));
+#else
+  (void)bar, (void)parity;
+#endif
+}
+void mbarrier_acquire(const void* bar, unsigned parity) {
+#if CUDASIM_TSAN
+  __tsan_acquire(const_cast<char*>(static_cast<const char*>(bar)) + (parity & 1));
+#else
+  (void)bar, (void)parity;
+#endif
+}
+
 Mbarrier& mbarrier_at(const void* bar, const char* what) {
   auto it = g_launch->mbarriers.find(bar);
   if (it == g_launch->mbarriers.end()) fail("%s: %p is not an initialised mbarrier", what, bar);
@@ -594,8 +724,11 @@ void complete_if_done(const void* bar, Mbarrier& m) {
   if (m.tx <= -(1L << 20) || m.tx >= (1L << 20))
     fail("mbarrier %p: transaction count %ld outside the hardware's range", bar, m.tx);
   if (m.pending != 0 || m.tx != 0) return;
-  for (auto& [dst, bytes] : m.landing) std::memcpy(dst, bytes.data(), bytes.size());
-  m.landing.clear();
+  for (auto& [dst, bytes] : m.landing) copy_as_thread(dst, bytes.data(), bytes.size());
+  {
+    [[maybe_unused]] const Bookkeeping b;
+    m.landing.clear();
+  }
   const unsigned parity = m.phases & 1;
   ++m.phases;
   m.pending = m.count;
@@ -610,6 +743,7 @@ void mbarrier_init(void* bar, unsigned count) {
   if (reinterpret_cast<uintptr_t>(bar) % 8 != 0 || smem_block(bar, 8) != (long)blockIdx.x)
     fail("mbarrier.init: %p is not an 8-byte aligned word of this block's shared memory", bar);
   if (count == 0) fail("mbarrier.init with an arrival count of 0");
+  [[maybe_unused]] const Bookkeeping b;
   Mbarrier& m = g_launch->mbarriers[bar];
   m = Mbarrier{};
   m.count = m.pending = count;
@@ -620,19 +754,23 @@ void mbarrier_arrive_expect_tx(void* bar, unsigned bytes) {
     fail("mbarrier.arrive.expect_tx: %p is not in this block's shared memory", bar);
   Mbarrier& m = mbarrier_at(bar, "mbarrier.arrive.expect_tx");
   if (m.pending == 0) fail("mbarrier %p: more arrivals than its count in one phase", bar);
+  const unsigned parity = m.phases & 1;
   m.tx += bytes;
   --m.pending;
   complete_if_done(bar, m);
+  mbarrier_release(bar, parity);
 }
 
 void mbarrier_wait_parity(const void* bar, unsigned parity) {
   if (smem_block(bar, 8) != (long)blockIdx.x)
     fail("mbarrier.try_wait: %p is not in this block's shared memory", bar);
   const Mbarrier& m = mbarrier_at(bar, "mbarrier.try_wait");
-  if ((m.phases & 1) != (parity & 1)) return;  // the phase of that parity has completed
-  g_current->wait_bar = bar;
-  g_current->wait_parity = parity & 1;
-  yield(State::kAtMbarrier);
+  if ((m.phases & 1) == (parity & 1)) {  // else the phase of that parity has completed
+    g_current->wait_bar = bar;
+    g_current->wait_parity = parity & 1;
+    yield(State::kAtMbarrier);
+  }
+  mbarrier_acquire(bar, parity);
 }
 
 void st_async(void* dst, const void* src, size_t bytes, void* bar) {
@@ -649,14 +787,20 @@ void st_async(void* dst, const void* src, size_t bytes, void* bar) {
     exited &= g_launch->threads[(size_t)to * g_launch->block.x + k].state == State::kDone;
   if (exited) fail("st.async into the shared memory of block %ld, which has exited", to);
   Mbarrier& m = mbarrier_at(bar, "st.async");
+  const unsigned parity = m.phases & 1;
   if (g_config.cp_async_early) {
-    std::memcpy(dst, src, bytes);
+    copy_as_thread(dst, src, bytes);
   } else {
+#if CUDASIM_TSAN
+    __tsan_read_range(const_cast<void*>(src), bytes);  // read now, written when it lands
+#endif
+    [[maybe_unused]] const Bookkeeping keep;
     const auto* b = static_cast<const unsigned char*>(src);
     m.landing.emplace_back(dst, std::vector<unsigned char>(b, b + bytes));
   }
   m.tx -= static_cast<long>(bytes);
   complete_if_done(bar, m);
+  mbarrier_release(bar, parity);
 }
 
 long long tick() {
@@ -785,6 +929,7 @@ cudaError_t run_launch(const void* func, dim3 grid, dim3 block, void** args, siz
   L.cluster = cluster;
   L.smem_bytes = smem;
   if (cluster > 0) L.exited_smem.resize(grid.x);
+  L.sync.resize(sync_objects(L));
   for (unsigned b = 0; b < grid.x; ++b) {
     void* p = nullptr;
     if (posix_memalign(&p, 128, std::max<size_t>(smem, 1)) != 0) std::abort();
@@ -801,6 +946,10 @@ cudaError_t run_launch(const void* func, dim3 grid, dim3 block, void** args, siz
     init_fiber(t, stacks()[i].base);
   }
   g_launch = &L;
+#if CUDASIM_TSAN
+  g_scheduler_fiber = __tsan_get_current_fiber();
+  __tsan_release(&L.sync[kSyncStart]);
+#endif
   try {
     schedule(L);
   } catch (const Abort&) {  // a barrier rule broken (found by the scheduler)
@@ -810,6 +959,10 @@ cudaError_t run_launch(const void* func, dim3 grid, dim3 block, void** args, siz
     for (size_t i = 0; i < n; ++i)
       if (L.threads[i].state != State::kDone) run_one(L, i);
   }
+#if CUDASIM_TSAN
+  __tsan_acquire(&L.sync[kSyncEnd]);
+  for (Thread& t : L.threads) __tsan_destroy_fiber(t.tsan_fiber);
+#endif
   exited_smem_check(L);
   for (unsigned char* p : L.smem) std::free(p);
   g_launch = nullptr;

@@ -34,6 +34,10 @@
 //   * every L2 prefetch address must be readable (it becomes a one-byte read);
 //   * in a cluster launch, a block's shared memory must be as it was when the block exited at
 //     the launch's end (a peer that stores into it after it exited, which on a GPU is gone).
+//   * built with -DCUDASIM_TSAN=1 and the kernels with -fsanitize=thread (simulate.py), every
+//     simulated thread is a ThreadSanitizer fiber ordered only by the launch, the barriers and
+//     mbarrier phases: two accesses to the same bytes, one a write, that no barrier orders are
+//     reported as a data race with both stacks (runtime.cpp), in any memory the kernels touch.
 // A cudaLaunchKernelExC launch that ran and broke a rule returns success, as on a GPU, and the
 // failure comes back at the next synchronization (or sim_api's entry point): an error from the
 // launch call would read as a refusal, and the launcher would rerun the plan as a plain grid.
@@ -51,6 +55,12 @@
 #include <tuple>
 #include <type_traits>
 #include <utility>
+
+// ThreadSanitizer's switch for accesses it must not count (CUDASIM_TSAN; see prefetch, WarpAccess).
+#if defined(__SANITIZE_THREAD__)
+extern "C" void __tsan_ignore_thread_begin();
+extern "C" void __tsan_ignore_thread_end();
+#endif
 
 // ---- keywords ------------------------------------------------------------------------------
 #define __global__
@@ -115,18 +125,24 @@ template <typename... A>
 void invoke_args(const void* f, void** args) {
   invoke_unpacked<A...>(f, args, std::index_sequence_for<A...>{});
 }
-// prefetch.global.L2: a hint on a GPU; here the address must be readable (ASan checks it).
-inline void prefetch(const void* p) { (void)*static_cast<const volatile unsigned char*>(p); }
+// prefetch.global.L2: a hint on a GPU; here the address must be readable (ASan checks it). It
+// reads nothing a thread sees, so ThreadSanitizer does not count it as a read.
+inline void prefetch(const void* p) {
+#if defined(__SANITIZE_THREAD__)
+  __tsan_ignore_thread_begin();
+#endif
+  (void)*static_cast<const volatile unsigned char*>(p);
+#if defined(__SANITIZE_THREAD__)
+  __tsan_ignore_thread_end();
+#endif
+}
 }  // namespace cudasim
 
 #define __syncthreads() ::cudasim::block_barrier(__FILE__, __LINE__)
 inline long long clock64() { return ::cudasim::tick(); }
-// One fiber runs at a time and switches only at barriers, so a plain add is atomic here.
-inline unsigned atomicAdd(unsigned* p, unsigned v) {
-  const unsigned old = *p;
-  *p = old + v;
-  return old;
-}
+// One fiber runs at a time and switches only at barriers, so any add is atomic here; this one
+// is also atomic to ThreadSanitizer (CUDASIM_TSAN), which reports plain adds of two threads.
+inline unsigned atomicAdd(unsigned* p, unsigned v) { return __atomic_fetch_add(p, v, __ATOMIC_RELAXED); }
 
 // ---- runtime API (the subset launch_cooperative and launch_clusters use) ----------------------
 enum cudaError_t {
@@ -358,6 +374,22 @@ struct fragment {
 
 inline bool is_lane0() { return (threadIdx.x & 31u) == 0; }
 
+// Under ThreadSanitizer (CUDASIM_TSAN) a warp's WMMA accesses to memory are lane 0's: lane 0
+// alone stores a tile here, so the other lanes' loads of it would read as races with lane 0
+// that the real layout, where each lane loads the elements it stored, does not have. Any other
+// thread's access to the tile is still checked against lane 0's.
+struct WarpAccess {
+#if defined(__SANITIZE_THREAD__)
+  const bool other_lane = !is_lane0();
+  WarpAccess() {
+    if (other_lane) __tsan_ignore_thread_begin();
+  }
+  ~WarpAccess() {
+    if (other_lane) __tsan_ignore_thread_end();
+  }
+#endif
+};
+
 inline float to_f(float v) { return v; }
 inline float to_f(__half v) { return __half2float(v); }
 inline float to_f(__nv_bfloat16 v) { return __bfloat162float(v); }
@@ -384,6 +416,7 @@ template <typename Use, int M, int N, int K, typename T, typename Layout, typena
 void load_matrix_sync(fragment<Use, M, N, K, T, Layout>& f, const P* p, unsigned ldm) {
   using F = fragment<Use, M, N, K, T, Layout>;
   check_pointer(p, ldm * sizeof(P), "load_matrix_sync");
+  [[maybe_unused]] const WarpAccess warp;
   constexpr bool row = std::is_same_v<Layout, row_major>;
   for (int r = 0; r < F::rows; ++r)
     for (int c = 0; c < F::cols; ++c) {
@@ -408,6 +441,7 @@ template <int M, int N, int K>
 void load_matrix_sync(fragment<accumulator, M, N, K, float>& f, const float* p, unsigned ldm,
                       layout_t layout) {
   check_pointer(p, ldm * sizeof(float), "load_matrix_sync");
+  [[maybe_unused]] const WarpAccess warp;
   for (int r = 0; r < M; ++r)
     for (int c = 0; c < N; ++c)
       f.x[r * N + c] = layout == mem_row_major ? p[(size_t)r * ldm + c] : p[(size_t)c * ldm + r];
