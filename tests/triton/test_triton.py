@@ -268,17 +268,28 @@ def test_per_operator_tf32_settings_are_read_not_refused(fp32_precision_restored
     assert launch._fp32_dot_precision() == "ieee"
 
 
-@pytest.mark.skipif(DEVICE == "cuda", reason="bit-identity holds in the interpreter, where a "
-                    "tl.dot and a torch matmul sum alike; compiled, they sum in other orders")
+def _storage_ulps(a: torch.Tensor, b: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """|a - b| elementwise in units in the last place of ``dtype`` at the larger magnitude."""
+    mantissa = {torch.float16: 10, torch.bfloat16: 7}[dtype]
+    mag = torch.maximum(a.abs(), b.abs()).clamp_min(torch.finfo(dtype).smallest_normal)
+    return (a - b).abs() / torch.exp2(torch.floor(torch.log2(mag)) - mantissa)
+
+
+@pytest.mark.skipif(DEVICE == "cuda", reason="in the interpreter a tl.dot and a torch matmul both "
+                    "sum in fp32 on the CPU; compiled, the kernels' tensor-core sums differ more")
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
 @pytest.mark.parametrize("mode,proj", [("LSTM", 3), ("LSTM", 0), ("RNN_TANH", 0)],
                          ids=["LSTM-proj", "LSTM", "RNN_TANH"])
 def test_step_backward_rounds_dgates_as_the_persistent_kernel_does(mode, proj, dtype):
     """In 16-bit both backward paths round each step's dgates to the storage dtype before they
     go back through W_hh: in the kernels, and in the step path's torch products (every step's
-    with a projection, the last step's dh_0 without one). Unrounded, the paths' gradients part
-    by up to 5e-3 of their largest; rounded, they are the same bit for bit. (GRU's two paths
-    add the n gate's hh part in different orders, and part by fp32 rounding.)"""
+    with a projection, the last step's dh_0 without one). What is left between them is the
+    order of two fp32 sums (the interpreter's tl.dot is numpy's, the step path's product is
+    torch's, and which kernels those run depends on the CPU), which can flip the 16-bit rounding
+    of an element: on a Sapphire Rapids Xeon one element of one case parts by one storage ulp,
+    on the machine that wrote this test none did. Unrounded, the paths part by 3 to 8 ulps in
+    12 to 41 elements of every case. (GRU's two paths add the n gate's hh part in different
+    orders, and part by fp32 rounding throughout.)"""
     B, T, I, H = 3, 4, 4, 16
     inputs = make_inputs(mode, B, T, I, H, proj=proj)
     cots = layer_cotangents(mode, B, T, H, proj or H)
@@ -286,8 +297,12 @@ def test_step_backward_rounds_dgates_as_the_persistent_kernel_does(mode, proj, d
     for path in ("persistent", "step"):
         ours, _ = layer_fns(mode, path=path)
         names, got[path] = outputs_and_grads(ours, inputs, dtype, cots)
+    differing = 0
     for name, a, b in zip(names, got["persistent"], got["step"], strict=True):
-        assert torch.equal(a, b), f"{name}: {(a - b).abs().max().item():.3g}"
+        ulps = _storage_ulps(a, b, dtype)
+        assert ulps.max() <= 1, f"{name}: {ulps.max().item():.3g} ulps apart"
+        differing += int((a != b).sum())
+    assert differing <= 2, f"{differing} elements differ between the paths"
 
 
 @pytest.mark.parametrize("path", ["persistent", "step"])
