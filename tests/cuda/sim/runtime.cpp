@@ -697,18 +697,14 @@ long smem_block(const void* p, size_t bytes) {
 
 // CUDASIM_TSAN: an arrival (or st.async) on `bar` in the phase of this parity happens before
 // what a thread waiting for that phase does after its wait.
-void mbarrier_release(const void* bar, unsigned parity) {
+enum class PhaseSide { kArrive, kWait };
+void mbarrier_sync(const void* bar, unsigned parity, PhaseSide side) {
 #if CUDASIM_TSAN
-  __tsan_release(const_cast<char*>(static_cast<const char*>(bar)) + (parity & 1));
+  void* obj = const_cast<char*>(static_cast<const char*>(bar)) + (parity & 1);
+  if (side == PhaseSide::kArrive) __tsan_release(obj);
+  else __tsan_acquire(obj);
 #else
-  (void)bar, (void)parity;
-#endif
-}
-void mbarrier_acquire(const void* bar, unsigned parity) {
-#if CUDASIM_TSAN
-  __tsan_acquire(const_cast<char*>(static_cast<const char*>(bar)) + (parity & 1));
-#else
-  (void)bar, (void)parity;
+  (void)bar, (void)parity, (void)side;
 #endif
 }
 
@@ -758,7 +754,7 @@ void mbarrier_arrive_expect_tx(void* bar, unsigned bytes) {
   m.tx += bytes;
   --m.pending;
   complete_if_done(bar, m);
-  mbarrier_release(bar, parity);
+  mbarrier_sync(bar, parity, PhaseSide::kArrive);
 }
 
 void mbarrier_wait_parity(const void* bar, unsigned parity) {
@@ -770,7 +766,7 @@ void mbarrier_wait_parity(const void* bar, unsigned parity) {
     g_current->wait_parity = parity & 1;
     yield(State::kAtMbarrier);
   }
-  mbarrier_acquire(bar, parity);
+  mbarrier_sync(bar, parity, PhaseSide::kWait);
 }
 
 void st_async(void* dst, const void* src, size_t bytes, void* bar) {
@@ -800,7 +796,7 @@ void st_async(void* dst, const void* src, size_t bytes, void* bar) {
   }
   m.tx -= static_cast<long>(bytes);
   complete_if_done(bar, m);
-  mbarrier_release(bar, parity);
+  mbarrier_sync(bar, parity, PhaseSide::kArrive);
 }
 
 long long tick() {
