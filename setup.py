@@ -97,7 +97,8 @@ setup(
         "train": ["matplotlib"],
         # The CI set: Triton 3.6 is what the lent GPU machines run, and its CPU interpreter
         # needs numpy < 2.4 (DESIGN.md).
-        "test": ["pytest", "pytest-xdist", "expecttest", "matplotlib", "triton==3.6.0", "numpy<2.4"],
+        "test": ["pytest", "pytest-xdist", "expecttest", "matplotlib", "triton==3.6.0", "numpy<2.4",
+                 "onnx", "onnxscript", "onnxruntime"],
     },
     entry_points={"console_scripts": ["fused-rnn=fused_rnn.cli:main"]},
     ext_modules=EXT_MODULES,
