@@ -225,7 +225,8 @@ class Simulator:
         self.smem_optin, self.smem_per_sm = smem_optin, smem_per_sm
         self.max_clusters, self.ptx_version = max_clusters, ptx_version
         self.lib = _load(sanitize, Path(csrc), ucontext)
-        self.launches: list[tuple[str, int, dict]] = []  # (direction, cell, plan)
+        # (direction, cell, plan with the launch's stage_copy added)
+        self.launches: list[tuple[str, int, dict]] = []
 
     def device_info(self, index: int):
         return [self.sms, self.smem_optin, 9, 0, 1]
@@ -304,7 +305,7 @@ class Simulator:
             self._expect(t, name, dt, shape)
         pl = self.plan(cell, st, allow_tf32, H, False, B, max_groups, max_stage_k, k_parts,
                        max_blocks, cluster, team_clusters, dsmem)
-        self.launches.append(("forward", cell, pl))
+        self.launches.append(("forward", cell, {**pl, "stage_copy": int(stage_copy)}))
         B_pad = -(-B // BATCH_PAD) * BATCH_PAD
         hbuf = torch.zeros(2, B_pad, pl["k_pad"], dtype=st)
         hbuf[0, :B, :H] = h0
@@ -346,7 +347,7 @@ class Simulator:
             self._expect(hprev, "hprev", st, (T, B, H))
         pl = self.plan(cell, st, allow_tf32, H, True, B, max_groups, max_stage_k, k_parts,
                        max_blocks, cluster, team_clusters, dsmem)
-        self.launches.append(("backward", cell, pl))
+        self.launches.append(("backward", cell, {**pl, "stage_copy": int(stage_copy)}))
         B_pad = -(-B // BATCH_PAD) * BATCH_PAD
         dgbuf = torch.zeros(2, B_pad, pl["k_pad"], dtype=st)
         dh_carry = dh_n.clone()

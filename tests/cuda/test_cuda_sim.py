@@ -531,6 +531,9 @@ TSAN_MUTANTS = {
     "no-grid-sync-forward": (MUTANTS["no-grid-sync-forward"], "grouped-staged"),
     "no-barrier-after-stage-copy": (STAGE_MUTANTS["no-barrier-after-stage-copy"], "slices32"),
     "dsmem-single-mirror": (DSMEM_MUTANTS["dsmem-single-mirror"], "dsmem-one-cluster"),
+    # the next slice copied through registers while other warps still read the stage
+    "no-barrier-between-slices-registers": (STAGE_MUTANTS["no-barrier-between-slices"],
+                                            "parts2-registers"),
 }
 
 

@@ -36,13 +36,23 @@ CONFIGS = {
                  {"cluster": 0, "parts": 1, "groups": 1, "stage_k": 16}),
     # the pipelined copy's two 16-column buffers
     "slices32": ("LSTM", "fp16", 37, 4, {"MAX_GROUPS": "1", "STAGE_K": "32"},
-                 {"cluster": 0, "parts": 1, "groups": 1, "stage_k": 32}),
+                 {"cluster": 0, "parts": 1, "groups": 1, "stage_k": 32, "stage_copy": 2}),
     # teams of two blocks split K (partial sums through global memory and grid.sync)
     "parts2": ("GRU", "bf16", 60, 4, {"MAX_GROUPS": "1", "STAGE_K": "16", "K_PARTS": "2"},
                {"cluster": 0, "parts": 2, "stage_k": 16}),
     "parts2-pipelined": ("LSTM", "tf32", 60, 4,
                          {"MAX_GROUPS": "1", "STAGE_K": "32", "K_PARTS": "2"},
                          {"cluster": 0, "parts": 2, "stage_k": 32}),
+    # the other two ways of copying X into the stage (plan.h staging; the default is pipelined)
+    "slices32-async": ("GRU", "fp16", 37, 4,
+                       {"MAX_GROUPS": "1", "STAGE_K": "32", "STAGE_COPY": "async"},
+                       {"cluster": 0, "parts": 1, "stage_k": 32, "stage_copy": 1}),
+    "parts2-registers": ("LSTM", "bf16", 60, 4, {"MAX_GROUPS": "1", "STAGE_K": "16",
+                                                 "K_PARTS": "2", "STAGE_COPY": "registers"},
+                         {"cluster": 0, "parts": 2, "stage_k": 16, "stage_copy": 0}),
+    "grouped-registers": ("RNN_RELU", "tf32", 37, 8, {"MAX_GROUPS": "8", "STAGE_K": "auto",
+                                                      "STAGE_COPY": "registers"},
+                          {"cluster": 0, "groups": 3, "stage_copy": 0}),
     # batch groups as thread-block clusters: the step barrier is the cluster's
     "cluster-groups": ("GRU", "bf16", 60, 8, {"MAX_GROUPS": "8", "CLUSTER": "4"},
                        {"cluster": 1, "parts": 1, "groups": 3, "group_blocks": 2}),
@@ -58,7 +68,8 @@ CONFIGS = {
                                                   "CLUSTER_EXCHANGE": "dsmem"},
                           {"cluster": 3, "groups": 1, "group_blocks": 4}),
 }
-SETTINGS = ("MAX_GROUPS", "STAGE_K", "K_PARTS", "CLUSTER", "CLUSTER_EXCHANGE", "TEAM_CLUSTERS")
+SETTINGS = ("MAX_GROUPS", "STAGE_K", "K_PARTS", "CLUSTER", "CLUSTER_EXCHANGE", "TEAM_CLUSTERS",
+            "STAGE_COPY")
 DTYPES = {"fp32": (torch.float32, False), "tf32": (torch.float32, True),
           "bf16": (torch.bfloat16, False), "fp16": (torch.float16, False)}
 
@@ -95,7 +106,8 @@ def main(argv: list[str]) -> None:
         leaves, lens, cots = layer_inputs(mode, 3, 70, 5, hidden, 0, True)
         before = sim.cluster_launches()
         run_layer(cuda_backend.rnn_layer, mode, leaves, dtype, lens, True, cots, "cpu")
-        plans = [{k: pl[k] for k in ("cluster", "parts", "groups", "group_blocks", "stage_k")}
+        plans = [{k: pl[k] for k in ("cluster", "parts", "groups", "group_blocks", "stage_k",
+                                     "stage_copy")}
                  for _, _, pl in sim.launches]
         ran = {"plans": plans, "cluster_launches": sim.cluster_launches() - before}
         print(f"ran {name} {json.dumps(ran)}", flush=True)
