@@ -368,6 +368,55 @@ def test_persistent_kernels_the_device_cannot_hold_fall_back_to_steps(monkeypatc
         outputs_and_grads(forced, inputs, torch.float32, cots)
 
 
+@pytest.mark.parametrize("version,want", [((3, 8), False), ((3, 9), True), ((4, 0), True)])
+def test_backward_known_to_abort_the_compiler_is_named(monkeypatch, version, want):
+    """Triton 3.9.0's LLVM aborts compiling one variant (launch.backward_aborts_compiler): the
+    persistent LSTM backward, fp32 IEEE dots, no projection, BLOCK_H 64. Only that one."""
+    monkeypatch.setattr(launch, "_triton_version", lambda: version)
+    f32 = torch.float32
+    assert launch.backward_aborts_compiler("LSTM", f32, "ieee", 64, False) is want
+    assert launch.backward_aborts_compiler("LSTM", f32, "ieee", 33, False) is want
+    assert not launch.backward_aborts_compiler("LSTM", f32, "ieee", 32, False)  # BLOCK_H 32
+    assert not launch.backward_aborts_compiler("LSTM", f32, "tf32", 64, False)
+    assert not launch.backward_aborts_compiler("LSTM", f32, "ieee", 64, True)  # projection
+    assert not launch.backward_aborts_compiler("LSTM", torch.bfloat16, "ieee", 64, False)
+    assert not launch.backward_aborts_compiler("GRU", f32, "ieee", 64, False)
+
+
+def test_triton_version_parsing(monkeypatch):
+    for text, want in [("3.6.0", (3, 6)), ("3.9.0+git1a2b", (3, 9)), ("3.10.1", (3, 10)),
+                       ("4.0.0rc1", (4, 0)), ("3.9", (3, 9))]:
+        monkeypatch.setattr(launch.triton, "__version__", text)
+        assert launch._triton_version() == want, text
+
+
+def test_backward_that_would_abort_the_compiler_takes_the_step_path(monkeypatch):
+    """Where the installed Triton would abort on the persistent backward, "auto" runs the step
+    backward on what the persistent forward saved (no persistent backward launch), with the
+    step path's gradients; that path asked for by name raises a clear error instead of letting
+    the compiler take the process down."""
+
+    class Refused:
+        def __getitem__(self, grid):
+            raise AssertionError("the persistent backward kernel was launched")
+
+    mode, B, T, I, H = "LSTM", 2, 2, 3, 40
+    assert launch.choose_path(mode, H, 0) == "persistent"
+    inputs = make_inputs(mode, B, T, I, H, seed=5)
+    cots = layer_cotangents(mode, B, T, H, H, seed=6)
+    step, _ = layer_fns(mode, path="step")
+    _, want = outputs_and_grads(step, inputs, torch.float32, cots)
+    monkeypatch.setattr(launch, "_triton_version", lambda: (3, 9))
+    monkeypatch.setattr(launch.kernels, "_persistent_bwd_kernel", Refused())
+    auto, _ = layer_fns(mode, path="auto")
+    _, got = outputs_and_grads(auto, inputs, torch.float32, cots)
+    for a, b in zip(got, want, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
+    forced, _ = layer_fns(mode, path="persistent")
+    with pytest.raises(RuntimeError, match=r"aborts the process compiling the persistent LSTM"):
+        outputs_and_grads(forced, inputs, torch.float32, cots)
+
+
 def test_inference_saves_nothing_and_matches_training_outputs():
     inputs = {k: None if v is None else v.to(DEVICE) for k, v in make_inputs("GRU", 3, 4, 4, 8).items()}
     train = ops.triton_layer("GRU", *inputs.values(), None, False, True, "auto")

@@ -125,10 +125,16 @@ def run(arch: int = 90, quick: bool = False, verbose: bool = False) -> int:
         for save in (False, True):
             y, _, _, gates, state = launch.layer_forward(
                 mode, x, h0, c0, w_ih, w_hh, b, b, w_hr, lens, reverse, save, path)
+        # "auto" for the persistent backward is that path, except where the installed Triton
+        # would abort compiling it (launch.backward_aborts_compiler): the step path then.
         launch.layer_backward(mode, x, h0, c0, w_ih, w_hh, b, b, w_hr, lens, reverse, y, gates,
-                              state, torch.randn_like(y), None, None, path)
+                              state, torch.randn_like(y), None, None,
+                              "auto" if path == "persistent" else path)
         label = (f"{mode} {str(dtype)[6:]} {path} H={H} proj={proj} lengths={lengths} "
                  f"bias={bias} B={B} tf32={tf32}")
+        if path == "persistent" and launch.backward_aborts_compiler(
+                mode, dtype, launch._fp32_dot_precision(), H, bool(proj)):
+            label += " (backward on the step path: this Triton aborts on the persistent one)"
         for n in names:
             for k in getattr(kernels, n).device_caches[0][0].values():
                 labels.setdefault(id(k), label)

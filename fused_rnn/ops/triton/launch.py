@@ -122,6 +122,26 @@ def choose_path(mode: str, hidden_size: int, proj_size: int, path: str = "auto")
     return "persistent" if elems <= PERSISTENT_MAX_W_ELEMS else "step"
 
 
+def _triton_version() -> tuple[int, int]:
+    """(major, minor) of the installed Triton ("3.9.0+git1234" -> (3, 9))."""
+    major, minor = (triton.__version__.split("+")[0].split(".") + ["0"])[:2]
+    return int(major), int("".join(ch for ch in minor if ch.isdigit()) or 0)
+
+
+def backward_aborts_compiler(mode: str, dtype: torch.dtype, precision: str, hidden_size: int,
+                             proj: bool) -> bool:
+    """Whether Triton's compiler would abort the process on the persistent backward kernel.
+
+    Triton 3.9.0's LLVM fails an assertion in its SLP vectorizer (an abort, not an exception)
+    compiling the persistent LSTM backward with fp32 IEEE dots (TF32 off), no projection, at
+    BLOCK_H 64 (H 33..64); every other variant compiles, and 3.6, 3.7.1 and 3.8.0 compile this
+    one (``compile_check`` on the CPU, each hidden size in steps of 8). On 3.9 and later that
+    backward takes the step path, which reads the same saved tensors (the two backward paths
+    agree to an ulp), until a Triton release is checked to compile it."""
+    return (mode == "LSTM" and dtype == torch.float32 and precision == "ieee" and not proj
+            and _pow2(hidden_size) == 64 and _triton_version() >= (3, 9))
+
+
 def _step_grid(B: int, H: int) -> tuple[tuple[int, int], int, int]:
     block_b = 16 if B <= 16 else 32
     block_h = min(STEP_BLOCK_H, _pow2(H))
@@ -299,6 +319,13 @@ def layer_backward(
     requested, path = path, choose_path(mode, H, P if proj else 0, path)
     interp = interpreting()
     prec = _fp32_dot_precision()
+    if path == "persistent" and backward_aborts_compiler(mode, dtype, prec, H, proj):
+        if requested != "auto":
+            raise RuntimeError(
+                f"Triton {triton.__version__} aborts the process compiling the persistent LSTM "
+                f"backward kernel with fp32 IEEE dots at hidden_size {H} (an LLVM assertion); "
+                f"use path='auto' or 'step', TF32, or Triton 3.6-3.8")
+        path = "step"
     if gates.numel() != T * B * G * H:
         raise RuntimeError("fused_rnn triton backward: the forward did not save its gates")
 
