@@ -373,6 +373,7 @@ def test_backward_known_to_abort_the_compiler_is_named(monkeypatch, version, wan
     """Triton 3.9.0's LLVM aborts compiling one variant (launch.backward_aborts_compiler): the
     persistent LSTM backward, fp32 IEEE dots, no projection, BLOCK_H 64. Only that one."""
     monkeypatch.setattr(launch, "_triton_version", lambda: version)
+    monkeypatch.setattr(launch, "_llvm_compiles", lambda: True)
     f32 = torch.float32
     assert launch.backward_aborts_compiler("LSTM", f32, "ieee", 64, False) is want
     assert launch.backward_aborts_compiler("LSTM", f32, "ieee", 33, False) is want
@@ -381,6 +382,8 @@ def test_backward_known_to_abort_the_compiler_is_named(monkeypatch, version, wan
     assert not launch.backward_aborts_compiler("LSTM", f32, "ieee", 64, True)  # projection
     assert not launch.backward_aborts_compiler("LSTM", torch.bfloat16, "ieee", 64, False)
     assert not launch.backward_aborts_compiler("GRU", f32, "ieee", 64, False)
+    monkeypatch.setattr(launch, "_llvm_compiles", lambda: False)  # the interpreter: no LLVM
+    assert not launch.backward_aborts_compiler("LSTM", f32, "ieee", 64, False)
 
 
 def test_triton_version_parsing(monkeypatch):
@@ -407,6 +410,7 @@ def test_backward_that_would_abort_the_compiler_takes_the_step_path(monkeypatch)
     step, _ = layer_fns(mode, path="step")
     _, want = outputs_and_grads(step, inputs, torch.float32, cots)
     monkeypatch.setattr(launch, "_triton_version", lambda: (3, 9))
+    monkeypatch.setattr(launch, "_llvm_compiles", lambda: True)  # as if compiled for a GPU
     monkeypatch.setattr(launch.kernels, "_persistent_bwd_kernel", Refused())
     auto, _ = layer_fns(mode, path="auto")
     _, got = outputs_and_grads(auto, inputs, torch.float32, cots)
