@@ -95,10 +95,12 @@ setup(
     extras_require={
         "triton": ["triton>=3.2"],
         "train": ["matplotlib"],
-        # The CI set: Triton 3.6 is what the lent GPU machines run, and its CPU interpreter
-        # needs numpy < 2.4 (DESIGN.md).
-        "test": ["pytest", "pytest-xdist", "expecttest", "matplotlib", "triton==3.6.0", "numpy<2.4",
-                 "onnx", "onnxscript", "onnxruntime"],
+        # Triton 3.6 to 3.8 pass tests/triton: CI and README command 1 pin 3.6.0, what the lent
+        # GPU machines run, whose CPU interpreter needs numpy < 2.4 (DESIGN.md); torch 2.13's
+        # CUDA wheels require 3.7.1, so a pin here would fight them. 3.9.0 fails the sm_90
+        # compile check (a step kernel spills 88 bytes; benchmarks/NOTES.md).
+        "test": ["pytest", "pytest-xdist", "expecttest", "matplotlib", "triton>=3.6,<3.9",
+                 "numpy<2.4", "onnx", "onnxscript", "onnxruntime"],
     },
     entry_points={"console_scripts": ["fused-rnn=fused_rnn.cli:main"]},
     ext_modules=EXT_MODULES,
