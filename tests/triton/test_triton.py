@@ -326,6 +326,17 @@ def test_torch_gemms_use_tf32_like_cudnn(monkeypatch, fp32_precision_restored, p
     assert torch.backends.cuda.matmul.fp32_precision == before
 
 
+def _persistent_case_on_the_step_path(mode, B, T, I, H, seed):
+    """fp32 inputs and cotangents of a layer "auto" sends to the persistent kernels, and the
+    step path's outputs and gradients for them."""
+    assert launch.choose_path(mode, H, 0) == "persistent"
+    inputs = make_inputs(mode, B, T, I, H, seed=seed)
+    cots = layer_cotangents(mode, B, T, H, H, seed=seed + 1)
+    step, _ = layer_fns(mode, path="step")
+    _, want = outputs_and_grads(step, inputs, torch.float32, cots)
+    return inputs, cots, want
+
+
 def test_persistent_kernels_the_device_cannot_hold_fall_back_to_steps(monkeypatch):
     """Triton refuses a kernel at its first launch when the device has too little shared memory
     for it (an sm_86/89 GPU: 99 KB per block; LSTM H=64 fp32 backward needs 143 KB). Where
@@ -339,12 +350,8 @@ def test_persistent_kernels_the_device_cannot_hold_fall_back_to_steps(monkeypatc
                 raise OutOfResources(146 * 1024, 99 * 1024, "shared memory")
             return launch_
 
-    mode, B, T, I, H = "LSTM", 3, 4, 5, 8
-    assert launch.choose_path(mode, H, 0) == "persistent"
-    inputs = make_inputs(mode, B, T, I, H, seed=11)
-    cots = layer_cotangents(mode, B, T, H, H, seed=12)
-    step, _ = layer_fns(mode, path="step")
-    _, want = outputs_and_grads(step, inputs, torch.float32, cots)
+    mode = "LSTM"
+    inputs, cots, want = _persistent_case_on_the_step_path(mode, 3, 4, 5, 8, seed=11)
     auto, _ = layer_fns(mode, path="auto")
     # an sm_86 GPU holds LSTM H=64 fp32's persistent forward (80 KB), not its backward (143 KB):
     # the step backward then takes what the persistent forward saved
@@ -403,12 +410,8 @@ def test_backward_that_would_abort_the_compiler_takes_the_step_path(monkeypatch)
         def __getitem__(self, grid):
             raise AssertionError("the persistent backward kernel was launched")
 
-    mode, B, T, I, H = "LSTM", 2, 2, 3, 40
-    assert launch.choose_path(mode, H, 0) == "persistent"
-    inputs = make_inputs(mode, B, T, I, H, seed=5)
-    cots = layer_cotangents(mode, B, T, H, H, seed=6)
-    step, _ = layer_fns(mode, path="step")
-    _, want = outputs_and_grads(step, inputs, torch.float32, cots)
+    mode = "LSTM"
+    inputs, cots, want = _persistent_case_on_the_step_path(mode, 2, 2, 3, 40, seed=5)
     monkeypatch.setattr(launch, "_triton_version", lambda: (3, 9))
     monkeypatch.setattr(launch, "_llvm_compiles", lambda: True)  # as if compiled for a GPU
     monkeypatch.setattr(launch.kernels, "_persistent_bwd_kernel", Refused())
