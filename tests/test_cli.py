@@ -1142,7 +1142,12 @@ def test_a_stopped_run_says_which_checkpoint_is_kept_and_how_to_resume(tmp_path,
     """SIGTERM (timeout, a scheduler) killed the run silently (status -15); Ctrl-C said only
     "interrupted". Both now stop the same way, naming the checkpoint kept."""
     out = tmp_path / "r"
-    p = subprocess.Popen([sys.executable, "-m", "fused_rnn.cli", "train", "--text", str(text_file),
+    # Ctrl-C's handler in the child, as Python installs it in a terminal's foreground job: a
+    # test run started in the background by a shell without job control inherits SIGINT
+    # ignored, and Python then leaves it ignored (a CI run timed out on that).
+    entry = ("import runpy, signal; signal.signal(signal.SIGINT, signal.default_int_handler); "
+             "runpy.run_module('fused_rnn.cli', run_name='__main__', alter_sys=True)")
+    p = subprocess.Popen([sys.executable, "-c", entry, "train", "--text", str(text_file),
                           *TINY, "--out", str(out), "--steps", "1000000", "--ckpt-every", "1"],
                          stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 120
