@@ -227,8 +227,22 @@ class _RNNStack(nn.Module):
     @property
     def _flat_weights(self) -> list[Tensor]:
         """The weights as this call sees them, read from their attributes each time (so a
-        weight assigned, deleted and set again, or swapped by ``functional_call``, is seen)."""
-        return [getattr(self, n, None) for n in self._flat_weights_names]
+        weight assigned, deleted and set again, or swapped by ``functional_call``, is seen).
+        No ``getattr`` default: with one, dynamo guards on the attribute, and evaluating that
+        guard before each compiled call computed a parametrized weight once more (a second
+        dropout mask drawn, outside ``parametrize.cached()``; NOTES, twenty-second session).
+        A deleted weight's AttributeError would come out of this property as a missing
+        ``_flat_weights`` (``nn.Module.__getattr__``), so it is said as a TypeError."""
+        flat = []
+        for name in self._flat_weights_names:
+            try:
+                flat.append(getattr(self, name))
+            except AttributeError as e:
+                raise TypeError(
+                    f"{type(self).__name__}: weight {name} is missing (a module built with "
+                    f"bias={self.bias} uses every weight in _flat_weights_names)"
+                ) from e
+        return flat
 
     @_flat_weights.setter
     def _flat_weights(self, value) -> None:

@@ -127,3 +127,45 @@ def test_compiled_torch_func_transforms_match_the_reference(backend):
     for a, e in zip(got, want, strict=True):
         assert e.abs().max() > 0
         torch.testing.assert_close(a, e, atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.no_nan_fill
+@pytest.mark.parametrize("cell", ["lstm", "gru"])
+def test_plain_compile_of_weight_dropout_draws_what_eager_draws(cell):
+    """A plain torch.compile of CharLM(weight_drop>0) in training, with document starts that
+    cut the chunk into three calls of the layer: one mask per layer a chunk, the same masks as
+    eager from the same seed (inductor's random ops falling back to eager's), so the same
+    logits and gradients, and the generator left where eager leaves it.
+
+    The modules read their weights with ``getattr(module, name, None)`` until the twenty-second
+    session: dynamo then guarded on the attribute, and evaluating that guard before each call
+    computed the parametrization (one more dropout of every ``weight_hh``, outside
+    ``parametrize.cached()``), so the compiled run drew other masks; for an LSTM, whose layer op
+    breaks the graph, dynamo failed ("Guard failed on the same frame it was created")."""
+    import copy
+
+    from fused_rnn.charlm import CharLM
+    from fused_rnn.tbptt import Resets
+
+    torch.manual_seed(0)
+    model = CharLM(13, cell=cell, hidden_size=12, num_layers=2, weight_drop=0.5, dropout=0.0)
+    twin = copy.deepcopy(model)
+    tokens = torch.randint(0, 13, (9, 3))
+    mask = torch.zeros(9, 3, dtype=torch.bool)
+    mask[[3, 6], [0, 2]] = True
+    torch._dynamo.reset()
+    with torch._inductor.config.patch(fallback_random=True):
+        compiled = torch.compile(twin)
+        for step in range(2):  # the first call compiles, the second runs what was compiled
+            torch.manual_seed(10 + step)
+            got, _ = compiled(tokens, None, Resets(mask))
+            rng_got = torch.get_rng_state()
+            torch.manual_seed(10 + step)
+            want, _ = model(tokens, None, Resets(mask))
+            assert torch.equal(rng_got, torch.get_rng_state()), f"step {step}: other draws"
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+            got.sin().sum().backward()
+            want.sin().sum().backward()
+            for (name, a), b in zip(twin.named_parameters(), model.parameters()):
+                torch.testing.assert_close(a.grad, b.grad, rtol=1e-5, atol=1e-6, msg=name)
+    torch._dynamo.reset()

@@ -162,6 +162,19 @@ def test_broken_weights_are_refused(cell, case, breaks, backend):
         ours(x)
 
 
+@pytest.mark.parametrize("cell", list(CELLS))
+def test_a_deleted_weight_is_named(cell):
+    """torch.nn keeps running on a deleted weight (its list of weights still holds it); ours
+    reads the attributes at each call and names the missing one, rather than the
+    ``_flat_weights`` that nn.Module.__getattr__ would blame for the property's
+    AttributeError."""
+    _, our_cls, extra = CELLS[cell]
+    m = our_cls(4, 6, **extra)
+    del m.bias_ih_l0
+    with pytest.raises(TypeError, match="weight bias_ih_l0 is missing"):
+        m(torch.randn(5, 3, 4))
+
+
 # (name, constructor kwargs, weight, its wrong shape as a function of G*H). torch.nn does not
 # check these: aten's CPU LSTM reads and writes past the weights (garbage gradients, heap
 # corruption), its GRU/RNN fail in a GEMM or broadcast a bias.
