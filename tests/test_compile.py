@@ -1,5 +1,5 @@
-"""torch.compile(fullgraph=True) traces models built on our modules (nn.LSTM cannot), and
-torch.export exports them."""
+"""torch.compile traces models built on our modules (fullgraph=True, which nn.LSTM cannot; plain;
+around DistributedDataParallel), and torch.export exports them."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import warnings
 
 import pytest
 import torch
+import training_checks
 
 import fused_rnn
 
@@ -168,4 +169,14 @@ def test_plain_compile_of_weight_dropout_draws_what_eager_draws(cell):
             want.sin().sum().backward()
             for (name, a), b in zip(twin.named_parameters(), model.parameters()):
                 torch.testing.assert_close(a.grad, b.grad, rtol=1e-5, atol=1e-6, msg=name)
+    torch._dynamo.reset()
+
+
+@pytest.mark.no_nan_fill
+@pytest.mark.parametrize("cell", ["LSTM", "GRU"])
+def test_compiled_ddp_training_matches_eager(cell, tmp_path):
+    """torch.compile of a DistributedDataParallel-wrapped model (one gloo rank) on ``auto``:
+    truncated BPTT with clipping, to the eager bare model's losses and weights."""
+    torch._dynamo.reset()
+    training_checks.check_ddp_matches_one_process(cell, "auto", "cpu", tmp_path, compiled=True)
     torch._dynamo.reset()

@@ -6,7 +6,7 @@ gradient norm clipped, SGD. Each check takes the backend and the device, so the 
 on a GPU (the compiled kernels) and on the CPU stand-ins (Triton's interpreter, cudasim):
 
 * :func:`check_ddp_matches_one_process`: DistributedDataParallel (one rank: gloo on the CPU,
-  nccl on a GPU) trains to the same bits as the bare model;
+  nccl on a GPU) trains to the same bits as the bare model, and compiled, to its losses;
 * :func:`check_amp_tracks_torch_nn`: autocast (fp16 on a GPU, bf16 on the CPU) with a
   GradScaler; our losses stay as close to the fp32 run as ``torch.nn``'s do under the same
   autocast (FlashAttention's rule: at most twice torch.nn's error, plus a small floor);
@@ -91,7 +91,10 @@ def train(model: nn.Module, data, *, autocast_dtype=None, scaler=None, lr=0.05) 
     return losses
 
 
-def check_ddp_matches_one_process(cell: str, backend: str, device, tmp_path) -> None:
+def check_ddp_matches_one_process(cell: str, backend: str, device, tmp_path,
+                                  compiled: bool = False) -> None:
+    """``compiled``: ``torch.compile`` of the DDP-wrapped model (dynamo's DDP optimizer cuts
+    the graph at the gradient buckets), to the eager losses and weights within rounding."""
     device = torch.device(device)
     data = chunks(device)
     bare = make_model(cell, backend, device)
@@ -103,10 +106,15 @@ def check_ddp_matches_one_process(cell: str, backend: str, device, tmp_path) -> 
         wrapped = make_model(cell, backend, device)
         ddp = DistributedDataParallel(
             wrapped, device_ids=[device.index or 0] if device.type == "cuda" else None)
-        got = train(ddp, data)
+        got = train(torch.compile(ddp) if compiled else ddp, data)
         del ddp  # before the group: see _destroy_process_group (gloo's teardown can deadlock)
     finally:
         _destroy_process_group()
+    if compiled:
+        torch.testing.assert_close(torch.tensor(got), torch.tensor(want), rtol=1e-5, atol=1e-6)
+        for (name, a), b in zip(wrapped.named_parameters(), bare.parameters()):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=name)
+        return
     assert got == want, f"losses under DDP {got} != without {want}"
     for (name, a), b in zip(wrapped.named_parameters(), bare.parameters()):
         assert torch.equal(a, b), f"{name} differs after training under DDP"

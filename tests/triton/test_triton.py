@@ -1017,6 +1017,17 @@ def test_ddp_training_matches_one_process(cell, tmp_path):
     training_checks.check_ddp_matches_one_process(cell, "triton", DEVICE, tmp_path)
 
 
+@pytest.mark.no_nan_fill
+@pytest.mark.parametrize("cell", TRAIN_CELLS)
+def test_compiled_ddp_training_matches_eager(cell, tmp_path):
+    """torch.compile of the DDP-wrapped model: the ops stay opaque nodes between the graph
+    pieces dynamo's DDP optimizer cuts at the gradient buckets."""
+    _takes_every_layer(cell)
+    torch._dynamo.reset()
+    training_checks.check_ddp_matches_one_process(cell, "triton", DEVICE, tmp_path, compiled=True)
+    torch._dynamo.reset()
+
+
 @pytest.mark.parametrize("cell", TRAIN_CELLS)
 def test_amp_training_tracks_torch_nn(cell):
     _takes_every_layer(cell, training_checks.amp_dtype(DEVICE))
