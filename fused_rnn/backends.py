@@ -202,9 +202,11 @@ def resolve_stack(name: str, device: torch.device, **stack) -> str:
     ``auto`` runs a kernel backend where a rule of :data:`AUTO_RULES` says so, and PyTorch's
     own kernels (aten on the CPU, cuDNN on a GPU) everywhere else: they are torch.nn's math
     exactly and what the targets are measured against. A rule comes only from recorded GPU
-    results (DESIGN.md), and there are none yet. ``auto`` never falls back to the reference
-    (except inside a ``torch.func`` transform, as every kernel backend does): a rule applies
-    only where its backend takes every layer of the stack.
+    results (DESIGN.md), and there are none yet. ``auto`` runs the reference only where
+    nothing else works: inside ``vmap`` or forward-mode AD in eager mode, where PyTorch's
+    kernels fail (:func:`torch_kernels_reason`), and inside any ``torch.func`` transform
+    where a rule chose a kernel backend (which falls back, as every kernel backend does). A
+    rule applies only where its backend takes every layer of the stack.
 
     Under ``torch.compile`` on the CPU the ``torch`` backend runs layer by layer
     (:func:`torch_runs_per_layer`): compiled whole, aten's CPU LSTM is unrolled into per-step
@@ -223,6 +225,10 @@ def resolve_stack(name: str, device: torch.device, **stack) -> str:
                                              "steps": None if steps is None else int(steps)})
             if kernel is not None:
                 return kernel
+        # Under torch.compile the CPU stack runs per layer, where the layer ops make this
+        # choice themselves (_transform_reason); the interpreter stack is eager's to read.
+        if not torch.compiler.is_compiling() and torch_kernels_reason() is not None:
+            return "reference"
         return "torch"
     if torch.device(device).type == "meta":
         # Meta tensors carry shapes, no values: the reference math gives torch.nn's shapes
@@ -289,6 +295,26 @@ def _transform_reason() -> str | None:
     if getattr(torch.autograd.forward_ad, "_current_level", -1) >= 0:
         return ("inside torch.autograd.forward_ad.dual_level(): the fused ops have no "
                 "forward-mode rule")
+    return None
+
+
+def torch_kernels_reason() -> str | None:
+    """Why PyTorch's own RNN kernels, which ``auto`` runs in eager mode, fail where this call
+    is made (None where they work): inside ``torch.func.vmap`` (aten's RNN ops have no
+    batching rule; under ``vmap(grad)`` its GRU and RNN cells fail on a shape), or under
+    forward-mode AD (``jvp``, ``jacfwd``, ``forward_ad``: oneDNN's LSTM and cuDNN's RNNs have no
+    forward-mode rule). ``torch.nn``'s modules fail there. ``auto`` then runs the reference,
+    which every transform handles; ``torch`` runs PyTorch's kernels as asked. Backward-mode
+    transforms (``grad``, ``jacrev``) keep PyTorch's kernels, which work there."""
+    if torch._C._functorch.peek_interpreter_stack() is not None:
+        keys = {ci.key() for ci in torch._C._functorch.get_interpreter_stack()}
+        transforms = torch._C._functorch.TransformType
+        if transforms.Vmap in keys:
+            return "inside torch.func.vmap, where PyTorch's RNN kernels have no batching rule"
+        if transforms.Jvp in keys:
+            return "under forward-mode AD, which PyTorch's RNN kernels do not support"
+    if getattr(torch.autograd.forward_ad, "_current_level", -1) >= 0:
+        return "under forward-mode AD, which PyTorch's RNN kernels do not support"
     return None
 
 

@@ -413,3 +413,103 @@ def test_a_child_forked_inside_another_threads_tf32_window_can_open_its_own():
     finally:
         release.set()
         holder.join(5)
+
+
+# ------------------------------------------------------------ torch.func on auto
+_MODULES = {"LSTM": (fused_rnn.LSTM, torch.nn.LSTM), "GRU": (fused_rnn.GRU, torch.nn.GRU),
+            "RNN": (fused_rnn.RNN, torch.nn.RNN), "LSTMCell": (fused_rnn.LSTMCell, torch.nn.LSTMCell),
+            "GRUCell": (fused_rnn.GRUCell, torch.nn.GRUCell),
+            "RNNCell": (fused_rnn.RNNCell, torch.nn.RNNCell)}
+
+
+def _first(out):
+    return out[0] if isinstance(out, tuple) else out
+
+
+def _transform(name, f, x):
+    from torch.func import grad, jacfwd, jvp, vmap
+
+    batch_dim = 0 if x.dim() == 2 else 1  # a cell's batch is dim 0, a layer's dim 1 (time-major)
+    if name == "vmap":
+        return vmap(f, in_dims=batch_dim, out_dims=batch_dim)(x)
+    if name == "vmap(grad)":  # per-sample gradients
+        return vmap(grad(lambda x: f(x).pow(2).sum()), in_dims=batch_dim, out_dims=batch_dim)(x)
+    if name == "jvp":
+        return jvp(f, (x,), (torch.ones_like(x),))[1]
+    if name == "jacfwd":
+        return jacfwd(f)(x)
+    if name == "dual_level":
+        import torch.autograd.forward_ad as fwAD
+
+        with fwAD.dual_level():
+            return fwAD.unpack_dual(f(fwAD.make_dual(x, torch.ones_like(x)))).tangent
+    raise AssertionError(name)
+
+
+@pytest.mark.parametrize("transform", ["vmap", "vmap(grad)", "jvp", "jacfwd", "dual_level"])
+@pytest.mark.parametrize("kind", list(_MODULES))
+def test_auto_runs_the_reference_where_pytorch_kernels_fail(kind, transform):
+    """Inside vmap and forward-mode AD PyTorch's RNN kernels fail (torch.nn's modules with
+    them: no batching rule, no forward-mode rule for oneDNN's LSTM, a shape error in its GRU/RNN
+    cells under vmap(grad)); ``auto`` runs the reference there, to the reference's results,
+    and ``torch`` still runs PyTorch's kernels as asked."""
+    ours_cls, _ = _MODULES[kind]
+    torch.manual_seed(0)
+    ours = ours_cls(3, 4)
+    ref = ours_cls(3, 4, backend="reference")
+    ref.load_state_dict(ours.state_dict())
+    x = torch.randn(2, 3) if kind.endswith("Cell") else torch.randn(2, 2, 3)
+    got = _transform(transform, lambda x: _first(ours(x)), x)
+    want = _transform(transform, lambda x: _first(ref(x)), x)
+    assert want.abs().max() > 0
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("kind,transform,error", [
+    ("LSTM", "vmap", "Batching rule not implemented"),
+    ("GRU", "vmap(grad)", "doesn't match the broadcast shape"),
+    ("GRUCell", "vmap(grad)", "doesn't match the broadcast shape"),
+    ("LSTM", "jvp", "forward AD"),
+])
+def test_torch_backend_and_torch_nn_fail_alike(kind, transform, error):
+    ours_cls, nn_cls = _MODULES[kind]
+    x = torch.randn(2, 3) if kind.endswith("Cell") else torch.randn(2, 2, 3)
+    for module in (nn_cls(3, 4), ours_cls(3, 4, backend="torch")):
+        with pytest.raises(RuntimeError, match=error):
+            _transform(transform, lambda x: _first(module(x)), x)
+
+
+def test_backward_mode_transforms_keep_pytorch_kernels():
+    """grad and jacrev work with PyTorch's kernels: ``auto`` keeps them, torch.nn's bits."""
+    from torch.func import functional_call, grad
+
+    torch.manual_seed(0)
+    nn_lstm = torch.nn.LSTM(3, 4, 2)
+    ours = fused_rnn.LSTM(3, 4, 2)
+    ours.load_state_dict(nn_lstm.state_dict())
+    x = torch.randn(5, 2, 3)
+    params = {k: p.detach() for k, p in ours.named_parameters()}
+    got = grad(lambda p: functional_call(ours, p, (x,))[0].sin().sum())(params)
+    want = grad(lambda p: functional_call(nn_lstm, p, (x,))[0].sin().sum())(params)
+    for k in params:
+        assert torch.equal(got[k], want[k]), k
+
+
+def test_torch_kernels_reason_names_the_transform():
+    from torch.func import grad, jvp, vmap
+
+    seen = {}
+
+    def probe(key):
+        def f(x):
+            seen[key] = backends.torch_kernels_reason()
+            return x.sum()
+        return f
+
+    assert backends.torch_kernels_reason() is None
+    vmap(probe("vmap"))(torch.ones(2, 2))
+    vmap(grad(probe("vmap(grad)")))(torch.ones(2, 2))
+    grad(probe("grad"))(torch.ones(2))
+    jvp(probe("jvp"), (torch.ones(2),), (torch.ones(2),))
+    assert "vmap" in seen["vmap"] and "vmap" in seen["vmap(grad)"]
+    assert "forward-mode" in seen["jvp"] and seen["grad"] is None
