@@ -476,7 +476,7 @@ def test_torch_backend_and_torch_nn_fail_alike(kind, transform, error):
     x = torch.randn(2, 3) if kind.endswith("Cell") else torch.randn(2, 2, 3)
     for module in (nn_cls(3, 4), ours_cls(3, 4, backend="torch")):
         with pytest.raises(RuntimeError, match=error):
-            _transform(transform, lambda x: _first(module(x)), x)
+            _transform(transform, lambda x, m=module: _first(m(x)), x)
 
 
 def test_backward_mode_transforms_keep_pytorch_kernels():
