@@ -180,3 +180,37 @@ def test_compiled_ddp_training_matches_eager(cell, tmp_path):
     torch._dynamo.reset()
     training_checks.check_ddp_matches_one_process(cell, "auto", "cpu", tmp_path, compiled=True)
     torch._dynamo.reset()
+
+
+def test_compiled_calls_do_not_run_a_parametrization_in_python():
+    """A compiled call computes a parametrized weight in its graph only: the guards dynamo
+    checks before the call read no parametrized attribute (with ``getattr(m, name, None)`` one
+    did, and ran weight norm once more in Python every call)."""
+    import sys
+
+    from torch.nn.utils import parametrizations
+
+    m = fused_rnn.GRU(4, 8)
+    parametrizations.weight_norm(m, "weight_hh_l0")
+    code = type(m.parametrizations.weight_hh_l0[0]).forward.__code__
+    torch._dynamo.reset()
+    compiled = torch.compile(m, backend="eager")
+    x = torch.randn(3, 2, 4)
+    want = compiled(x)[0]  # compiles
+    calls = []
+
+    def profile(frame, event, arg):
+        if event == "call" and frame.f_code is code:
+            calls.append(frame)
+
+    previous = sys.getprofile()
+    sys.setprofile(profile)
+    try:
+        for _ in range(3):
+            got = compiled(x)[0]
+    finally:
+        sys.setprofile(previous)
+    torch._dynamo.reset()
+    assert not calls, f"weight norm ran {len(calls)} times in Python over 3 compiled calls"
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+    torch.testing.assert_close(got, m(x)[0], rtol=1e-5, atol=1e-6)
