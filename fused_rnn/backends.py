@@ -299,13 +299,15 @@ def _transform_reason() -> str | None:
 
 
 def torch_kernels_reason() -> str | None:
-    """Why PyTorch's own RNN kernels, which ``auto`` runs in eager mode, fail where this call
-    is made (None where they work): inside ``torch.func.vmap`` (aten's RNN ops have no
-    batching rule; under ``vmap(grad)`` its GRU and RNN cells fail on a shape), or under
-    forward-mode AD (``jvp``, ``jacfwd``, ``forward_ad``: oneDNN's LSTM and cuDNN's RNNs have no
-    forward-mode rule). ``torch.nn``'s modules fail there. ``auto`` then runs the reference,
-    which every transform handles; ``torch`` runs PyTorch's kernels as asked. Backward-mode
-    transforms (``grad``, ``jacrev``) keep PyTorch's kernels, which work there."""
+    """Why PyTorch's own RNN kernels, which ``auto`` runs in eager mode, may fail where this
+    call is made (None where they work): inside ``torch.func.vmap`` (aten's RNN layers and
+    LSTM cell have no batching rule; under ``vmap(grad)`` its GRU and RNN layers and cells
+    fail on a shape), or under forward-mode AD (``jvp``, ``jacfwd``, ``forward_ad``: oneDNN's
+    LSTM and cuDNN's RNNs have no forward-mode rule). ``torch.nn``'s modules fail there. Any
+    vmap or forward-mode level counts, whichever kernel the call would reach. ``auto`` then
+    runs the reference, which every transform handles; ``torch`` runs PyTorch's kernels as
+    asked. Backward-mode transforms (``grad``, ``jacrev``) keep PyTorch's kernels, which work
+    there."""
     if torch._C._functorch.peek_interpreter_stack() is not None:
         keys = {ci.key() for ci in torch._C._functorch.get_interpreter_stack()}
         transforms = torch._C._functorch.TransformType
