@@ -203,10 +203,9 @@ def resolve_stack(name: str, device: torch.device, **stack) -> str:
     own kernels (aten on the CPU, cuDNN on a GPU) everywhere else: they are torch.nn's math
     exactly and what the targets are measured against. A rule comes only from recorded GPU
     results (DESIGN.md), and there are none yet. ``auto`` runs the reference only where
-    nothing else works: inside ``vmap`` or forward-mode AD in eager mode, where PyTorch's
-    kernels fail (:func:`torch_kernels_reason`), and inside any ``torch.func`` transform
-    where a rule chose a kernel backend (which falls back, as every kernel backend does). A
-    rule applies only where its backend takes every layer of the stack.
+    PyTorch's kernels may fail: inside ``vmap`` or forward-mode AD in eager mode
+    (:func:`torch_kernels_reason`), and inside any ``torch.func`` transform under
+    ``torch.compile``. A rule applies only where its backend takes every layer of the stack.
 
     Under ``torch.compile`` on the CPU the ``torch`` backend runs layer by layer
     (:func:`torch_runs_per_layer`): compiled whole, aten's CPU LSTM is unrolled into per-step
@@ -225,9 +224,10 @@ def resolve_stack(name: str, device: torch.device, **stack) -> str:
                                              "steps": None if steps is None else int(steps)})
             if kernel is not None:
                 return kernel
-        # Under torch.compile the CPU stack runs per layer, where the layer ops make this
-        # choice themselves (_transform_reason); the interpreter stack is eager's to read.
-        if not torch.compiler.is_compiling() and torch_kernels_reason() is not None:
+        # Dynamo cannot read functorch's whole interpreter stack, only its top: compiled,
+        # any transform takes the reference (on the CPU the per-layer ops would anyway).
+        compiling = torch.compiler.is_compiling()
+        if (_transform_reason() if compiling else torch_kernels_reason()) is not None:
             return "reference"
         return "torch"
     if torch.device(device).type == "meta":

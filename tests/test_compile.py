@@ -214,3 +214,35 @@ def test_compiled_calls_do_not_run_a_parametrization_in_python():
     assert not calls, f"weight norm ran {len(calls)} times in Python over 3 compiled calls"
     torch.testing.assert_close(got, want, rtol=0, atol=0)
     torch.testing.assert_close(got, m(x)[0], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.no_nan_fill
+@pytest.mark.parametrize("whole_stack", [False, True], ids=["cpu-per-layer", "gpu-like-whole"])
+def test_compiled_vmap_ensemble_on_auto(monkeypatch, whole_stack):
+    """Model ensembling: torch.func.vmap over stacked weights, compiled (fullgraph). On the CPU
+    the compiled stack runs per layer; on a GPU it stays whole (cuDNN), which vmap cannot
+    batch, so ``auto`` takes the reference inside any transform when compiling. The GPU's
+    whole stack is imitated here by turning the per-layer path off."""
+    import copy
+
+    from torch.func import functional_call, stack_module_state, vmap
+
+    from fused_rnn import backends
+
+    if whole_stack:
+        monkeypatch.setattr(backends, "torch_runs_per_layer", lambda device: False)
+    torch.manual_seed(0)
+    models = [fused_rnn.LSTM(4, 8, 2) for _ in range(3)]
+    params, buffers = stack_module_state(models)
+    base = copy.deepcopy(models[0]).to("meta")
+    x = torch.randn(5, 2, 4)
+
+    def ensemble(p, b, x):
+        return vmap(lambda p, b, x: functional_call(base, (p, b), (x,))[0],
+                    in_dims=(0, 0, None))(p, b, x)
+
+    torch._dynamo.reset()
+    got = torch.compile(ensemble, fullgraph=True, backend="eager")(params, buffers, x)
+    torch._dynamo.reset()
+    want = torch.stack([m(x)[0] for m in models])
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
