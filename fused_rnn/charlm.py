@@ -199,8 +199,11 @@ class CharLM(nn.Module):
 
     def forward(self, tokens: Tensor, state: State = None, reset: Resets | Tensor | None = None):
         x = self.drop(self.encoder(tokens))
-        if parametrize.is_parametrized(self.rnn):
-            with parametrize.cached():  # one weight-dropout mask for all the chunk's pieces
+        # In training, one weight-dropout mask for all the chunk's pieces. In eval the dropout
+        # is the identity, and no cache lets torch.jit.trace and the ONNX exporter trace the
+        # model (parametrize refuses to trace inside cached()).
+        if self.training and parametrize.is_parametrized(self.rnn):
+            with parametrize.cached():
                 out, state = run_rnn(self.rnn, x, state, reset)
         else:
             out, state = run_rnn(self.rnn, x, state, reset)

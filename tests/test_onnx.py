@@ -192,3 +192,47 @@ def test_a_kernel_backend_fails_to_export_naming_its_op(tmp_path, dynamo):
             torch.onnx.export(model, example, dynamo=True)
         else:
             torch.onnx.export(model, example, str(tmp_path / "m.onnx"), dynamo=False)
+
+
+@pytest.mark.parametrize("cell", ["lstm", "gru"])
+def test_a_charlm_trained_with_weight_dropout_exports(tmp_path, cell):
+    """CharLM(weight_drop>0) in eval: the dropout is the identity, and the model traces (into
+    torch.jit.trace and the TorchScript-based exporter). It used to enter parametrize.cached()
+    in eval too, where tracing raises "Cannot trace a model while caching parametrizations"."""
+    from fused_rnn.charlm import CharLM
+
+    class Step(torch.nn.Module):
+        def __init__(self, lm):
+            super().__init__()
+            self.lm = lm
+
+        def forward(self, tokens, *state):
+            logits, new = self.lm(tokens, state if len(state) == 2 else state[0])
+            return (logits, *(new if isinstance(new, tuple) else (new,)))
+
+    torch.manual_seed(0)
+    lm = CharLM(11, cell=cell, hidden_size=8, num_layers=2, weight_drop=0.5)
+    opt = torch.optim.SGD(lm.parameters(), lr=0.5)
+    logits, _ = lm(torch.randint(0, 11, (6, 3)))  # one training step: the weights move
+    logits.logsumexp(-1).mean().backward()
+    opt.step()
+    model = Step(lm).eval()  # export restores the mode of the module it is given, recursively
+    layers = 2
+    state = ((torch.randn(layers, 3, 8), torch.randn(layers, 3, 8)) if cell == "lstm"
+             else (torch.randn(layers, 3, 8),))
+    example = (torch.randint(0, 11, (5, 3)), *state)
+    traced = torch.jit.trace(model, example, check_trace=False)
+    for a, b in zip(traced(*example), model(*example), strict=True):
+        torch.testing.assert_close(a, b, atol=0, rtol=0)
+    names = ["tokens"] + [f"state{i}" for i in range(len(state))]
+    out_names = ["logits"] + [f"new_state{i}" for i in range(len(state))]
+    dynamic = {"tokens": {0: "T", 1: "B"}, "logits": {0: "T", 1: "B"}}
+    dynamic.update({n: {1: "B"} for n in names[1:] + out_names[1:]})
+    path = tmp_path / "charlm.onnx"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(model, example, str(path), dynamo=False, input_names=names,
+                          output_names=out_names, dynamic_axes=dynamic)
+    for T, B in [(5, 3), (9, 2)]:
+        state = tuple(torch.randn(layers, B, 8) for _ in state)
+        _assert_matches_eager(model, path, (torch.randint(0, 11, (T, B)), *state))
