@@ -303,7 +303,8 @@ def torch_kernels_reason() -> str | None:
     call is made (None where they work): inside ``torch.func.vmap`` (aten's RNN layers and
     LSTM cell have no batching rule; under ``vmap(grad)`` its GRU and RNN layers and cells
     fail on a shape), or under forward-mode AD (``jvp``, ``jacfwd``, ``forward_ad``: oneDNN's
-    LSTM and cuDNN's RNNs have no forward-mode rule). ``torch.nn``'s modules fail there. Any
+    LSTM has no forward-mode rule, nor on a GPU PyTorch's fused GRU cell, nor, we expect,
+    cuDNN's RNNs; not run on a GPU). ``torch.nn``'s modules fail there. Any
     vmap or forward-mode level counts, whichever kernel the call would reach. ``auto`` then
     runs the reference, which every transform handles; ``torch`` runs PyTorch's kernels as
     asked. Backward-mode transforms (``grad``, ``jacrev``) keep PyTorch's kernels, which work
