@@ -907,16 +907,26 @@ class _CellBase(nn.Module):
         # Each weight read once a call (a parametrized one is computed once; see _forward).
         w_ih, w_hh, b_ih, b_hh = self.weight_ih, self.weight_hh, self.bias_ih, self.bias_hh
         w = w_ih
-        for name, t in (("weight_hh", w_hh), ("bias_ih", b_ih), ("bias_hh", b_hh)):
+        g = GATES[mode] * self.hidden_size
+        # Every check functional.rnn_cell makes is made here, in the module's terms, so the
+        # call below skips them: a cell is called once per token in generation, where this
+        # Python is a visible share of a step.
+        for name, t, shape in (("weight_ih", w_ih, (g, self.input_size)),
+                               ("weight_hh", w_hh, (g, self.hidden_size)),
+                               ("bias_ih", b_ih, (g,)), ("bias_hh", b_hh, (g,))):
             if t is None:  # a bias set to None is left out, as by torch.nn
                 continue
-            if _dtypes_differ(t, w):
+            if t.shape != shape:
+                raise RuntimeError(f"{cls}: weight {name} has shape {tuple(t.shape)}, expected "
+                                   f"{shape} (input_size={self.input_size}, "
+                                   f"hidden_size={self.hidden_size})")
+            if t.dtype != w.dtype and _dtypes_differ(t, w):
                 raise RuntimeError(f"{cls}: {name} is {t.dtype} but weight_ih is {w.dtype}; "
                                    "all weights need one dtype")
             if t.device != w.device:
                 raise RuntimeError(f"{cls}: {name} is on {t.device} but weight_ih is on "
                                    f"{w.device}")
-        if _dtypes_differ(input, w):
+        if input.dtype != w.dtype and _dtypes_differ(input, w):
             raise RuntimeError(
                 f"{cls}: input dtype ({input.dtype}) does not match weight dtype ({w.dtype})"
             )
@@ -928,6 +938,8 @@ class _CellBase(nn.Module):
             raise RuntimeError(
                 f"input has inconsistent input_size: got {input.size(1)} expected {self.input_size}"
             )
+        if not (input.is_floating_point() or input.is_complex()):
+            raise TypeError(f"{cls}: input must be floating point, got {input.dtype}")
         if hs is None:
             z = torch.zeros(input.size(0), self.hidden_size, dtype=input.dtype, device=input.device)
             hs = (z, z) if is_lstm else (z,)
@@ -946,12 +958,12 @@ class _CellBase(nn.Module):
                 )
             if h.device != input.device:
                 raise RuntimeError(f"{cls}: hidden{idx} is on {h.device}, input on {input.device}")
-            if _dtypes_differ(h, input):
+            if h.dtype != input.dtype and _dtypes_differ(h, input):
                 raise RuntimeError(
                     f"{cls}: hidden{idx} dtype ({h.dtype}) does not match input dtype ({input.dtype})"
                 )
         backend = backends.resolve_stack(self.backend, input.device)
-        h1, c1 = functional.rnn_cell(
+        h1, c1 = functional.checked_rnn_cell(
             mode,
             input,
             hs[0],

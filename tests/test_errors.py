@@ -201,6 +201,34 @@ def test_weights_of_the_wrong_shape_are_refused(name, kwargs, weight, shape, cel
         m(torch.randn(5, 3, 4))
 
 
+WRONG_CELL_WEIGHTS = [("hh-wider", "weight_hh", lambda g: (g, 7)),
+                      ("ih-fewer-rows", "weight_ih", lambda g: (g - 1, 5)),
+                      ("bias-one", "bias_hh", lambda g: (1,)),
+                      ("bias-2d", "bias_ih", lambda g: (1, g))]
+
+
+@pytest.mark.parametrize("name,weight,shape", WRONG_CELL_WEIGHTS,
+                         ids=[c[0] for c in WRONG_CELL_WEIGHTS])
+@pytest.mark.parametrize("cell", list(STEP_CELLS))
+@pytest.mark.parametrize("backend", ["reference", "auto", "torch", "triton"])
+def test_cell_weights_of_the_wrong_shape_are_refused(name, weight, shape, cell, backend):
+    """The cell modules make functional.rnn_cell's checks themselves and skip its own: a
+    weight swapped for one of another shape is still refused before any kernel runs."""
+    _, our_cls, extra = STEP_CELLS[cell]
+    m = our_cls(5, 6, **extra, backend=backend)
+    m._parameters[weight].data = torch.randn(shape(getattr(m, weight).shape[0]))
+    with pytest.raises(RuntimeError, match=rf"weight {weight} has shape .* expected"):
+        m(torch.randn(3, 5), None)
+
+
+def test_cell_of_integer_weights_says_input_must_be_floating():
+    m = fused_rnn.GRUCell(5, 6)
+    for name, p in list(m.named_parameters()):
+        setattr(m, name, torch.nn.Parameter(p.detach().long(), requires_grad=False))
+    with pytest.raises(TypeError, match="input must be floating point, got torch.int64"):
+        m(torch.ones(3, 5, dtype=torch.long))
+
+
 def test_weights_are_checked_against_the_sizes_as_they_are_now():
     """nn lets a user change input_size and swap in weights of the new size; the check follows
     the settings at the call, not those the module was built with."""
