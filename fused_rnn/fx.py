@@ -36,7 +36,7 @@ def is_fused_rnn_module(m: nn.Module) -> bool:
     """Whether ``m`` is one of fused_rnn's RNN or cell modules (or a subclass of one)."""
     from fused_rnn import modules
 
-    return isinstance(m, (modules._RNNStack, modules._CellBase))
+    return isinstance(m, modules._Recurrent)
 
 
 class Tracer(torch.fx.Tracer):

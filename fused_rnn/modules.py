@@ -54,10 +54,27 @@ def _refuse_torchscript(self: nn.Module):
     )
 
 
-class _RNNStack(nn.Module):
-    """Parameters, layers, directions, dropout, packing and hx defaults for all three RNNs."""
+class _Recurrent(nn.Module):
+    """What the layers and the cells share: torch.nn's initialisation, a ``backend`` checked
+    where it is set, and a clear refusal from TorchScript."""
 
     __prepare_scriptable__ = _refuse_torchscript
+
+    def reset_parameters(self) -> None:
+        stdv = 1.0 / math.sqrt(self.hidden_size) if self.hidden_size > 0 else 0
+        for weight in self.parameters():
+            nn.init.uniform_(weight, -stdv, stdv)
+
+    def __setattr__(self, name: str, value) -> None:
+        # ``m.backend = ...`` is checked where it is written; a bad name used to surface at the
+        # next call, under torch.compile(fullgraph=True) as dynamo's "Observed exception".
+        if name == "backend":
+            value = backends.check_name(value)
+        super().__setattr__(name, value)
+
+
+class _RNNStack(_Recurrent):
+    """Parameters, layers, directions, dropout, packing and hx defaults for all three RNNs."""
 
     def __init__(
         self,
@@ -143,18 +160,6 @@ class _RNNStack(nn.Module):
             self._all_weights.append(names)
         self.reset_parameters()
         self.flatten_parameters()
-
-    def reset_parameters(self) -> None:
-        stdv = 1.0 / math.sqrt(self.hidden_size) if self.hidden_size > 0 else 0
-        for weight in self.parameters():
-            nn.init.uniform_(weight, -stdv, stdv)
-
-    def __setattr__(self, name: str, value) -> None:
-        # ``m.backend = ...`` is checked where it is written; a bad name used to surface at the
-        # next call, under torch.compile(fullgraph=True) as dynamo's "Observed exception".
-        if name == "backend":
-            value = backends.check_name(value)
-        super().__setattr__(name, value)
 
     def __setstate__(self, state: dict) -> None:
         """Unpickling: what a module pickled by an older version, or a torch.nn module
@@ -808,10 +813,8 @@ class RNN(_RNNStack):
         return self._forward(input, hx)
 
 
-class _CellBase(nn.Module):
+class _CellBase(_Recurrent):
     """Parameters and argument checks shared by the three cells (as torch.nn.RNNCellBase)."""
-
-    __prepare_scriptable__ = _refuse_torchscript
 
     def __init__(self, mode, input_size, hidden_size, bias, device, dtype, backend):
         super().__init__()
@@ -837,18 +840,6 @@ class _CellBase(nn.Module):
             self.register_parameter("bias_ih", None)
             self.register_parameter("bias_hh", None)
         self.reset_parameters()
-
-    def reset_parameters(self) -> None:
-        stdv = 1.0 / math.sqrt(self.hidden_size) if self.hidden_size > 0 else 0
-        for weight in self.parameters():
-            nn.init.uniform_(weight, -stdv, stdv)
-
-    def __setattr__(self, name: str, value) -> None:
-        # ``m.backend = ...`` is checked where it is written; a bad name used to surface at the
-        # next call, under torch.compile(fullgraph=True) as dynamo's "Observed exception".
-        if name == "backend":
-            value = backends.check_name(value)
-        super().__setattr__(name, value)
 
     def __setstate__(self, state: dict) -> None:
         """Unpickling: what a cell pickled by an older version, or a torch.nn cell unpickled
