@@ -1,0 +1,165 @@
+"""Random module configurations against torch.nn: outputs and every gradient.
+
+The test grids (test_modules.py) cover each option at fixed small sizes; this draws the
+options and the sizes together, from a seed: cell, input/hidden sizes (1 included), layers,
+bias, batch_first, bidirectional, proj_size, dropout in eval mode, fp32 or fp64, and input that
+is batched, unbatched or packed (sorted or not), with or without hx, a batch of one and a
+sequence of one among them; the cells likewise. ``test_api_fuzz.py`` runs a few dozen seeds
+in the suite; by hand, for a sweep after a change:
+
+    python tests/api_fuzz.py BACKEND FIRST_SEED COUNT [DTYPE]
+
+prints each failing seed with its case and the error, then a count (exit code 1 if any).
+"""
+
+from __future__ import annotations
+
+import random
+import sys
+import warnings
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from helpers import CELLS, STEP_CELLS, assert_close_list, make_packed, outputs_of  # noqa: E402
+
+# As test_modules.py: fp32 covers summation-order differences, fp64 must agree to rounding.
+TOLERANCES = {torch.float64: (1e-10, 1e-8), torch.float32: (2e-5, 1e-4)}
+
+
+def draw(seed: int) -> dict:
+    """The case of ``seed``: a dict of plain values (printable, and all a run needs)."""
+    r = random.Random(seed)
+    cell = r.choice(list(CELLS))
+    case = dict(seed=seed, cell=cell, step=r.random() < 0.25, I=r.randint(1, 6),
+                H=r.randint(1, 7), B=r.choice([1, 1, 2, 3, 5]), bias=r.random() < 0.8,
+                dtype=r.choice(["float32", "float64"]), hx=r.random() < 0.6)
+    if case["step"]:
+        case["form"] = r.choice(["batched", "batched", "unbatched"])
+        return case
+    case.update(T=r.choice([1, 2, 3, 5, 8]), layers=r.choice([1, 1, 2, 3]),
+                bidirectional=r.random() < 0.4, batch_first=r.random() < 0.4,
+                form=r.choice(["batched", "batched", "unbatched", "packed_sorted",
+                               "packed_unsorted"]),
+                dropout=r.choice([0.0, 0.0, 0.4]))
+    case["proj"] = r.randint(1, case["H"] - 1) if cell == "lstm" and case["H"] > 1 \
+        and r.random() < 0.3 else 0
+    return case
+
+
+def _pair(case: dict, backend: str):
+    nn_cls, our_cls, extra = (STEP_CELLS if case["step"] else CELLS)[case["cell"]]
+    dtype = getattr(torch, case["dtype"])
+    kwargs = dict(bias=case["bias"], dtype=dtype, **extra)
+    if not case["step"]:
+        kwargs.update(num_layers=case["layers"], bidirectional=case["bidirectional"],
+                      batch_first=case["batch_first"], dropout=case["dropout"])
+        if case["proj"]:
+            kwargs["proj_size"] = case["proj"]
+    torch.manual_seed(case["seed"])
+    with warnings.catch_warnings():  # both warn of dropout with one layer, as they should
+        warnings.simplefilter("ignore", UserWarning)
+        ref = nn_cls(case["I"], case["H"], **kwargs)
+        ours = our_cls(case["I"], case["H"], **kwargs, backend=backend)
+    ours.load_state_dict(ref.state_dict())
+    # Dropout between layers is drawn from torch's generator in training (a test of its
+    # own, test_modules.py); here it must be off, as eval mode makes it.
+    for m in (ref, ours):
+        m.train(case.get("dropout", 0.0) == 0.0)
+    return ref, ours
+
+
+def _inputs(case: dict):
+    """(x, hx leaves, lengths) for the case, from its seed."""
+    g = torch.Generator().manual_seed(case["seed"] + 1)
+    dtype = getattr(torch, case["dtype"])
+    B, I, H = case["B"], case["I"], case["H"]
+    lstm = case["cell"] == "lstm"
+    if case["step"]:
+        x = torch.randn(B, I, generator=g, dtype=dtype)
+        hs = [torch.randn(B, H, generator=g, dtype=dtype) for _ in range(2 if lstm else 1)]
+        return x, hs, None
+    T, D = case["T"], 2 if case["bidirectional"] else 1
+    P = case["proj"] or H
+    x = torch.randn((B, T, I) if case["batch_first"] else (T, B, I), generator=g, dtype=dtype)
+    hs = [torch.randn(case["layers"] * D, B, P, generator=g, dtype=dtype)]
+    if lstm:
+        hs.append(torch.randn(case["layers"] * D, B, H, generator=g, dtype=dtype))
+    lengths = None
+    if case["form"].startswith("packed"):
+        lengths = torch.randint(1, T + 1, (B,), generator=g)
+        lengths[int(torch.randint(0, B, (1,), generator=g))] = T
+    return x, hs, lengths
+
+
+def _run(module, case: dict, x, hs, lengths):
+    lstm = case["cell"] == "lstm"
+    xi = x.clone().requires_grad_()
+    his = [h.clone().requires_grad_() for h in hs]
+    form = case["form"]
+    if form == "unbatched":
+        bdim = 0 if case["step"] else (0 if case["batch_first"] else 1)
+        xin = xi.select(bdim, 0)
+        hin = [h[0] if case["step"] else h[:, 0] for h in his]
+    elif form.startswith("packed"):
+        sorted_ = form == "packed_sorted"
+        xin = make_packed(xi, lengths, case["batch_first"], enforce_sorted=sorted_)
+        hin = list(his)
+        if sorted_:  # enforce_sorted=True: the caller sorted the batch, hx with it
+            order = torch.argsort(lengths, descending=True, stable=True)
+            hin = [h[:, order] for h in hin]
+    else:
+        xin, hin = xi, list(his)
+    leaves = [xi]
+    if case["hx"]:
+        out = module(xin, tuple(hin) if lstm else hin[0])
+        leaves += his
+    else:
+        out = module(xin)
+    if case["step"]:
+        outs = list(out) if lstm else [out]
+    else:
+        outs = outputs_of(out)
+    g = torch.Generator().manual_seed(case["seed"] + 2)
+    cots = [torch.randn(o.shape, generator=g, dtype=o.dtype) for o in outs]
+    torch.autograd.backward(outs, cots)
+    return outs, [t.grad for t in leaves] + [p.grad for p in module.parameters()]
+
+
+def check(seed: int, backend: str, dtype: str | None = None) -> dict:
+    """Run case ``seed`` on torch.nn and on ``backend``; raise AssertionError where they
+    differ. ``dtype`` ("float32"/"float64") replaces the drawn one (the Triton kernels take
+    no fp64). Returns the case."""
+    case = draw(seed)
+    if dtype is not None:
+        case["dtype"] = dtype
+    ref, ours = _pair(case, backend)
+    x, hs, lengths = _inputs(case)
+    outs_ref, grads_ref = _run(ref, case, x, hs, lengths)
+    outs, grads = _run(ours, case, x, hs, lengths)
+    atol, rtol = TOLERANCES[getattr(torch, case["dtype"])]
+    assert_close_list(outs, outs_ref, atol, rtol, f"seed {seed} outputs")
+    assert_close_list(grads, grads_ref, atol, rtol, f"seed {seed} grads")
+    return case
+
+
+def main(argv: list[str]) -> int:
+    if len(argv) not in (3, 4):
+        print(__doc__)
+        return 2
+    backend, first, count = argv[0], int(argv[1]), int(argv[2])
+    dtype = argv[3] if len(argv) == 4 else None
+    failed = 0
+    for seed in range(first, first + count):
+        try:
+            check(seed, backend, dtype)
+        except Exception as e:  # noqa: BLE001 - a sweep reports every kind of failure
+            failed += 1
+            print(f"seed {seed} FAILED {draw(seed)}\n  {type(e).__name__}: {e}")
+    print(f"{count} cases on {backend!r} from seed {first}: {failed} failed")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

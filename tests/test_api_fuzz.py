@@ -1,0 +1,38 @@
+"""A slice of the random-configuration sweep (api_fuzz.py) in the suite: each seed is one
+module, its sizes and options drawn together, against torch.nn, outputs and every gradient."""
+
+from __future__ import annotations
+
+import pytest
+from api_fuzz import check, draw
+
+from fused_rnn import backends
+
+
+@pytest.mark.parametrize("seed", range(40))
+@pytest.mark.parametrize("backend", ["reference", "auto", "torch"])
+@pytest.mark.filterwarnings("ignore:LSTM with projections is not supported with oneDNN")
+def test_random_configuration_matches_torch_nn(backend, seed):
+    check(seed, backend)
+
+
+@pytest.mark.parametrize("seed", range(100, 140))
+def test_random_configuration_matches_torch_nn_on_triton(seed):
+    """In fp32, which the kernels take: every case runs on them, none falls back."""
+    before = backends.fallback_counts()
+    check(seed, "triton", dtype="float32")
+    assert backends.fallback_counts() == before
+
+
+def test_the_draw_covers_what_it_claims():
+    """The seeds above reach each kind of case, so the slice is not all of one kind."""
+    cases = [draw(s) for s in range(40)]
+    layers = [c for c in cases if not c["step"]]
+    assert any(c["step"] for c in cases) and len(layers) > 20
+    assert {c["form"] for c in layers} == {"batched", "unbatched", "packed_sorted",
+                                           "packed_unsorted"}
+    assert {c["cell"] for c in cases} == {"lstm", "gru", "rnn_tanh", "rnn_relu"}
+    assert any(c["proj"] for c in layers) and any(c["bidirectional"] for c in layers)
+    assert any(c["B"] == 1 for c in cases) and any(c["T"] == 1 for c in layers)
+    assert any(c["dropout"] for c in layers) and any(c["layers"] == 3 for c in layers)
+    assert {c["dtype"] for c in cases} == {"float32", "float64"}
