@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from helpers import CELLS, STEP_CELLS, assert_close_list, make_packed, outputs_of  # noqa: E402
+from helpers import CELLS, STEP_CELLS, assert_close_list, make_packed, outputs_of
 
 # As test_modules.py: fp32 covers summation-order differences, fp64 must agree to rounding.
 TOLERANCES = {torch.float64: (1e-10, 1e-8), torch.float32: (2e-5, 1e-4)}
@@ -32,9 +32,9 @@ def draw(seed: int) -> dict:
     """The case of ``seed``: a dict of plain values (printable, and all a run needs)."""
     r = random.Random(seed)
     cell = r.choice(list(CELLS))
-    case = dict(seed=seed, cell=cell, step=r.random() < 0.25, I=r.randint(1, 6),
-                H=r.randint(1, 7), B=r.choice([1, 1, 2, 3, 5]), bias=r.random() < 0.8,
-                dtype=r.choice(["float32", "float64"]), hx=r.random() < 0.6)
+    case = {"seed": seed, "cell": cell, "step": r.random() < 0.25, "I": r.randint(1, 6),
+            "H": r.randint(1, 7), "B": r.choice([1, 1, 2, 3, 5]), "bias": r.random() < 0.8,
+            "dtype": r.choice(["float32", "float64"]), "hx": r.random() < 0.6}
     if case["step"]:
         case["form"] = r.choice(["batched", "batched", "unbatched"])
         return case
