@@ -10,6 +10,8 @@ in the suite; by hand, for a sweep after a change:
     python tests/api_fuzz.py BACKEND FIRST_SEED COUNT [DTYPE]
 
 prints each failing seed with its case and the error, then a count (exit code 1 if any).
+BACKEND may name a torch.compile backend after an @ (``auto@inductor``, ``triton@aot_eager``):
+our module then runs compiled, a fresh compile each case (seconds each on the CPU).
 """
 
 from __future__ import annotations
@@ -129,14 +131,19 @@ def _run(module, case: dict, x, hs, lengths):
 
 def check(seed: int, backend: str, dtype: str | None = None) -> dict:
     """Run case ``seed`` on torch.nn and on ``backend``; raise AssertionError where they
-    differ. ``dtype`` ("float32"/"float64") replaces the drawn one (the Triton kernels take
+    differ. ``backend`` may name a torch.compile backend after an @ ("auto@inductor",
+    "reference@aot_eager"): ours then runs compiled. ``dtype`` ("float32"/"float64") replaces the drawn one (the Triton kernels take
     no fp64). Returns the case."""
     case = draw(seed)
     if dtype is not None:
         case["dtype"] = dtype
+    backend, _, compiler = backend.partition("@")
     ref, ours = _pair(case, backend)
     x, hs, lengths = _inputs(case)
     outs_ref, grads_ref = _run(ref, case, x, hs, lengths)
+    if compiler:
+        torch._dynamo.reset()
+        ours = torch.compile(ours, backend=compiler)
     outs, grads = _run(ours, case, x, hs, lengths)
     atol, rtol = TOLERANCES[getattr(torch, case["dtype"])]
     assert_close_list(outs, outs_ref, atol, rtol, f"seed {seed} outputs")
