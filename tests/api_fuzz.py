@@ -4,7 +4,8 @@ The test grids (test_modules.py) cover each option at fixed small sizes; this dr
 options and the sizes together, from a seed: cell, input/hidden sizes (1 included), layers,
 bias, batch_first, bidirectional, proj_size, dropout in eval mode, fp32 or fp64, and input that
 is batched, unbatched or packed (sorted or not), with or without hx, a batch of one and a
-sequence of one among them; the cells likewise. ``test_api_fuzz.py`` runs a few dozen seeds
+sequence of one among them, and input and hx as strided views (not contiguous); the cells
+likewise. ``test_api_fuzz.py`` runs a few dozen seeds
 in the suite; by hand, for a sweep after a change:
 
     python tests/api_fuzz.py BACKEND FIRST_SEED COUNT [DTYPE]
@@ -16,13 +17,19 @@ our module then runs compiled, a fresh compile each case (seconds each on the CP
 
 from __future__ import annotations
 
+import os
 import random
 import sys
 import warnings
 from pathlib import Path
 
 import torch
+from torch import Tensor
 
+# As conftest.py: without a GPU the Triton kernels run under the interpreter, which Triton
+# reads when the kernels are defined (fused_rnn imports them).
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from helpers import CELLS, STEP_CELLS, assert_close_list, make_packed, outputs_of
 
@@ -36,7 +43,8 @@ def draw(seed: int) -> dict:
     cell = r.choice(list(CELLS))
     case = {"seed": seed, "cell": cell, "step": r.random() < 0.25, "I": r.randint(1, 6),
             "H": r.randint(1, 7), "B": r.choice([1, 1, 2, 3, 5]), "bias": r.random() < 0.8,
-            "dtype": r.choice(["float32", "float64"]), "hx": r.random() < 0.6}
+            "dtype": r.choice(["float32", "float64"]), "hx": r.random() < 0.6,
+            "strided": r.random() < 0.3}
     if case["step"]:
         case["form"] = r.choice(["batched", "batched", "unbatched"])
         return case
@@ -95,24 +103,35 @@ def _inputs(case: dict):
     return x, hs, lengths
 
 
+def _strided(t: Tensor) -> Tensor:
+    """``t``'s values in a view that is not contiguous: every other column of a wider buffer."""
+    wide = torch.full((*t.shape[:-1], 2 * t.shape[-1]), float("nan"), dtype=t.dtype)
+    wide[..., ::2] = t
+    return wide[..., ::2]
+
+
 def _run(module, case: dict, x, hs, lengths):
     lstm = case["cell"] == "lstm"
     xi = x.clone().requires_grad_()
     his = [h.clone().requires_grad_() for h in hs]
+    if case.get("strided"):  # the leaves stay contiguous; the module sees strided views
+        xi_in, his_in = _strided(xi), [_strided(h) for h in his]
+    else:
+        xi_in, his_in = xi, his
     form = case["form"]
     if form == "unbatched":
         bdim = 0 if case["step"] else (0 if case["batch_first"] else 1)
-        xin = xi.select(bdim, 0)
-        hin = [h[0] if case["step"] else h[:, 0] for h in his]
+        xin = xi_in.select(bdim, 0)
+        hin = [h[0] if case["step"] else h[:, 0] for h in his_in]
     elif form.startswith("packed"):
         sorted_ = form == "packed_sorted"
-        xin = make_packed(xi, lengths, case["batch_first"], enforce_sorted=sorted_)
-        hin = list(his)
+        xin = make_packed(xi_in, lengths, case["batch_first"], enforce_sorted=sorted_)
+        hin = list(his_in)
         if sorted_:  # enforce_sorted=True: the caller sorted the batch, hx with it
             order = torch.argsort(lengths, descending=True, stable=True)
             hin = [h[:, order] for h in hin]
     else:
-        xin, hin = xi, list(his)
+        xin, hin = xi_in, list(his_in)
     leaves = [xi]
     if case["hx"]:
         out = module(xin, tuple(hin) if lstm else hin[0])
@@ -163,7 +182,8 @@ def main(argv: list[str]) -> int:
             check(seed, backend, dtype)
         except Exception as e:  # noqa: BLE001 - a sweep reports every kind of failure
             failed += 1
-            print(f"seed {seed} FAILED {draw(seed)}\n  {type(e).__name__}: {e}")
+            case = {**draw(seed), **({"dtype": dtype} if dtype else {})}
+            print(f"seed {seed} FAILED {case}\n  {type(e).__name__}: {e}")
     print(f"{count} cases on {backend!r} from seed {first}: {failed} failed")
     return 1 if failed else 0
 
