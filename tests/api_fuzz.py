@@ -12,7 +12,9 @@ in the suite; by hand, for a sweep after a change:
 
 prints each failing seed with its case and the error, then a count (exit code 1 if any).
 BACKEND may name a torch.compile backend after an @ (``auto@inductor``, ``triton@aot_eager``):
-our module then runs compiled, a fresh compile each case (seconds each on the CPU).
+our module then runs compiled, a fresh compile each case (seconds each on the CPU). Without a
+GPU, ``cuda`` runs the CUDA kernels on cudasim with TF32 off (give DTYPE float32: they take no
+fp64).
 """
 
 from __future__ import annotations
@@ -170,12 +172,42 @@ def check(seed: int, backend: str, dtype: str | None = None) -> dict:
     return case
 
 
+def _cuda_tests_importable() -> None:
+    here = str(Path(__file__).resolve().parent / "cuda")
+    if here not in sys.path:
+        sys.path.insert(0, here)
+
+
+def cudasim_reason() -> str | None:
+    """Why cudasim cannot run here (None where it can)."""
+    _cuda_tests_importable()
+    from simulate import unavailable_reason
+
+    return unavailable_reason()
+
+
+def cuda_standin(monkeypatch) -> None:
+    """Without a GPU, ``cuda`` runs csrc/'s kernels on cudasim (tests/cuda/simulate.py, every
+    CUDA thread executed; needs g++), as test_cuda_gpu.py does, with TF32 off: fp32 then
+    compares to torch.nn at fp32's tolerance. ``monkeypatch``: pytest's."""
+    _cuda_tests_importable()
+    from cases import install_standin
+    from simulate import Simulator
+
+    install_standin(monkeypatch, Simulator(sms=8))
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
+
+
 def main(argv: list[str]) -> int:
     if len(argv) not in (3, 4):
         print(__doc__)
         return 2
     backend, first, count = argv[0], int(argv[1]), int(argv[2])
     dtype = argv[3] if len(argv) == 4 else None
+    if backend.partition("@")[0] == "cuda" and not torch.cuda.is_available():
+        import pytest
+
+        cuda_standin(pytest.MonkeyPatch())
     failed = 0
     for seed in range(first, first + count):
         try:
@@ -185,6 +217,10 @@ def main(argv: list[str]) -> int:
             case = {**draw(seed), **({"dtype": dtype} if dtype else {})}
             print(f"seed {seed} FAILED {case}\n  {type(e).__name__}: {e}")
     print(f"{count} cases on {backend!r} from seed {first}: {failed} failed")
+    from fused_rnn import backends
+
+    for (name, reason, to), calls in sorted(backends.fallback_counts().items()):
+        print(f"  fell back from {name!r} to {to!r} {calls} times: {reason}")
     return 1 if failed else 0
 
 

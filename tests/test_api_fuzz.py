@@ -4,7 +4,8 @@ module, its sizes and options drawn together, against torch.nn, outputs and ever
 from __future__ import annotations
 
 import pytest
-from api_fuzz import check, draw
+import torch
+from api_fuzz import check, cuda_standin, cudasim_reason, draw
 
 from fused_rnn import backends
 
@@ -22,6 +23,23 @@ def test_random_configuration_matches_torch_nn_on_triton(seed):
     before = backends.fallback_counts()
     check(seed, "triton", dtype="float32")
     assert backends.fallback_counts() == before
+
+
+@pytest.mark.parametrize("seed", range(200, 240))
+def test_random_configuration_matches_torch_nn_on_cuda(seed, monkeypatch):
+    """csrc/'s kernels, in fp32 with TF32 off: on a GPU the real ones, else on cudasim. Only
+    a projection falls back (the CUDA kernels have none)."""
+    if not torch.cuda.is_available():
+        reason = cudasim_reason()
+        if reason is not None:
+            pytest.skip(f"no GPU, and cudasim cannot run here: {reason}")
+        cuda_standin(monkeypatch)
+    else:
+        monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
+    before = backends.fallback_counts()
+    case = check(seed, "cuda", dtype="float32")
+    fell_back = backends.fallback_counts() != before
+    assert fell_back == (case.get("proj", 0) > 0)
 
 
 def test_the_draw_covers_what_it_claims():
