@@ -10,7 +10,8 @@ in the suite; by hand, for a sweep after a change:
 
     python tests/api_fuzz.py BACKEND FIRST_SEED COUNT [DTYPE]
 
-prints each failing seed with its case and the error, then a count (exit code 1 if any).
+prints each failing seed with its case and the error, then a count (exit code 1 if any). On a
+GPU machine the modules run on the GPU (TF32 off).
 BACKEND may name a torch.compile backend after an @ (``auto@inductor``, ``triton@aot_eager``):
 our module then runs compiled, a fresh compile each case (seconds each on the CPU). Without a
 GPU, ``cuda`` runs the CUDA kernels on cudasim with TF32 off (give DTYPE float32: they take no
@@ -107,7 +108,8 @@ def _inputs(case: dict):
 
 def _strided(t: Tensor) -> Tensor:
     """``t``'s values in a view that is not contiguous: every other column of a wider buffer."""
-    wide = torch.full((*t.shape[:-1], 2 * t.shape[-1]), float("nan"), dtype=t.dtype)
+    wide = torch.full((*t.shape[:-1], 2 * t.shape[-1]), float("nan"), dtype=t.dtype,
+                      device=t.device)
     wide[..., ::2] = t
     return wide[..., ::2]
 
@@ -145,22 +147,24 @@ def _run(module, case: dict, x, hs, lengths):
     else:
         outs = outputs_of(out)
     g = torch.Generator().manual_seed(case["seed"] + 2)
-    cots = [torch.randn(o.shape, generator=g, dtype=o.dtype) for o in outs]
+    cots = [torch.randn(o.shape, generator=g, dtype=o.dtype).to(o.device) for o in outs]
     torch.autograd.backward(outs, cots)
     return outs, [t.grad for t in leaves] + [p.grad for p in module.parameters()]
 
 
-def check(seed: int, backend: str, dtype: str | None = None) -> dict:
-    """Run case ``seed`` on torch.nn and on ``backend``; raise AssertionError where they
-    differ. ``backend`` may name a torch.compile backend after an @ ("auto@inductor",
-    "reference@aot_eager"): ours then runs compiled. ``dtype`` ("float32"/"float64") replaces the drawn one (the Triton kernels take
-    no fp64). Returns the case."""
+def check(seed: int, backend: str, dtype: str | None = None, device: str = "cpu") -> dict:
+    """Run case ``seed`` on torch.nn and on ``backend``, on ``device``; raise AssertionError
+    where they differ. ``backend`` may name a torch.compile backend after an @
+    ("auto@inductor", "reference@aot_eager"): ours then runs compiled. ``dtype``
+    ("float32"/"float64") replaces the drawn one (the kernels take no fp64). On a GPU, fp32
+    compares at fp32's tolerance with TF32 off only. Returns the case."""
     case = draw(seed)
     if dtype is not None:
         case["dtype"] = dtype
     backend, _, compiler = backend.partition("@")
-    ref, ours = _pair(case, backend)
-    x, hs, lengths = _inputs(case)
+    ref, ours = (m.to(device) for m in _pair(case, backend))
+    x, hs, lengths = _inputs(case)  # lengths stay on the CPU, as packing wants them
+    x, hs = x.to(device), [h.to(device) for h in hs]
     outs_ref, grads_ref = _run(ref, case, x, hs, lengths)
     if compiler:
         torch._dynamo.reset()
@@ -204,14 +208,16 @@ def main(argv: list[str]) -> int:
         return 2
     backend, first, count = argv[0], int(argv[1]), int(argv[2])
     dtype = argv[3] if len(argv) == 4 else None
-    if backend.partition("@")[0] == "cuda" and not torch.cuda.is_available():
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    if backend.partition("@")[0] == "cuda" and device == "cpu":
         import pytest
 
         cuda_standin(pytest.MonkeyPatch())
     failed = 0
     for seed in range(first, first + count):
         try:
-            check(seed, backend, dtype)
+            check(seed, backend, dtype, device)
         except Exception as e:  # noqa: BLE001 - a sweep reports every kind of failure
             failed += 1
             case = {**draw(seed), **({"dtype": dtype} if dtype else {})}

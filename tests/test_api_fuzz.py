@@ -17,27 +17,35 @@ def test_random_configuration_matches_torch_nn(backend, seed):
     check(seed, backend)
 
 
+# The kernel backends run on a GPU where there is one (TF32 off: fp32 at fp32's tolerance).
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+@pytest.fixture
+def no_tf32(monkeypatch):
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
+
+
 @pytest.mark.parametrize("seed", range(100, 140))
-def test_random_configuration_matches_torch_nn_on_triton(seed):
+def test_random_configuration_matches_torch_nn_on_triton(seed, no_tf32):
     """In fp32, which the kernels take: every case runs on them, none falls back."""
     before = backends.fallback_counts()
-    check(seed, "triton", dtype="float32")
+    check(seed, "triton", dtype="float32", device=DEVICE)
     assert backends.fallback_counts() == before
 
 
 @pytest.mark.parametrize("seed", range(200, 240))
-def test_random_configuration_matches_torch_nn_on_cuda(seed, monkeypatch):
+def test_random_configuration_matches_torch_nn_on_cuda(seed, monkeypatch, no_tf32):
     """csrc/'s kernels, in fp32 with TF32 off: on a GPU the real ones, else on cudasim. Only
     a projection falls back (the CUDA kernels have none)."""
-    if not torch.cuda.is_available():
+    if DEVICE == "cpu":
         reason = cudasim_reason()
         if reason is not None:
             pytest.skip(f"no GPU, and cudasim cannot run here: {reason}")
         cuda_standin(monkeypatch)
-    else:
-        monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
     before = backends.fallback_counts()
-    case = check(seed, "cuda", dtype="float32")
+    case = check(seed, "cuda", dtype="float32", device=DEVICE)
     fell_back = backends.fallback_counts() != before
     assert fell_back == (case.get("proj", 0) > 0)
 
