@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from api_fuzz import check, cuda_standin, cudasim_reason, draw
+from api_fuzz import check, check_low_precision, cuda_standin, cudasim_reason, draw
 
 from fused_rnn import backends
 
@@ -36,18 +36,37 @@ def test_random_configuration_matches_torch_nn_on_triton(seed, no_tf32):
 
 
 @pytest.mark.parametrize("seed", range(200, 240))
-def test_random_configuration_matches_torch_nn_on_cuda(seed, monkeypatch, no_tf32):
+@pytest.mark.parametrize("kernels", ["cuda"], indirect=True)
+def test_random_configuration_matches_torch_nn_on_cuda(seed, kernels):
     """csrc/'s kernels, in fp32 with TF32 off: on a GPU the real ones, else on cudasim. Only
     a projection falls back (the CUDA kernels have none)."""
-    if DEVICE == "cpu":
+    before = backends.fallback_counts()
+    case = check(seed, kernels, dtype="float32", device=DEVICE)
+    fell_back = backends.fallback_counts() != before
+    assert fell_back == (case.get("proj", 0) > 0)
+
+
+@pytest.fixture
+def kernels(request, monkeypatch, no_tf32):
+    """The kernel backend named by the test's parameter, ready to run (cudasim for cuda
+    without a GPU)."""
+    backend = request.param
+    if backend == "cuda" and DEVICE == "cpu":
         reason = cudasim_reason()
         if reason is not None:
             pytest.skip(f"no GPU, and cudasim cannot run here: {reason}")
         cuda_standin(monkeypatch)
-    before = backends.fallback_counts()
-    case = check(seed, "cuda", dtype="float32", device=DEVICE)
-    fell_back = backends.fallback_counts() != before
-    assert fell_back == (case.get("proj", 0) > 0)
+    return backend
+
+
+@pytest.mark.parametrize("dtype,seeds", [("bfloat16", range(300, 315)),
+                                         ("float16", range(400, 405))])
+@pytest.mark.parametrize("kernels", ["triton", "cuda"], indirect=True)
+def test_random_configuration_in_16_bits_is_as_accurate_as_the_reference(kernels, dtype, seeds):
+    """Within twice the reference's own error in the same dtype (or the dtype's floor),
+    both against fp64."""
+    for seed in seeds:
+        assert check_low_precision(seed, kernels, dtype, DEVICE) <= 1
 
 
 def test_the_draw_covers_what_it_claims():
