@@ -163,15 +163,14 @@ def checked_rnn_cell(mode, x, h, c, w_ih, w_hh, b_ih, b_hh, *, backend):
         return impl.rnn_cell(mode, x, h, c, w_ih, w_hh, b_ih, b_hh)
 
 
+_VF_CELL = {"GRU": "gru_cell", "RNN_TANH": "rnn_tanh_cell", "RNN_RELU": "rnn_relu_cell"}
+
+
 def _torch_cell(mode, x, h, c, w_ih, w_hh, b_ih, b_hh):
     if mode == "LSTM":
         h1, c1 = torch._VF.lstm_cell(x, (h, c), w_ih, w_hh, b_ih, b_hh)
         return h1, c1
-    fn = {
-        "GRU": torch._VF.gru_cell,
-        "RNN_TANH": torch._VF.rnn_tanh_cell,
-        "RNN_RELU": torch._VF.rnn_relu_cell,
-    }[mode]
+    fn = getattr(torch._VF, _VF_CELL[mode])  # one lookup: _VF's are not cheap
     return fn(x, h, w_ih, w_hh, b_ih, b_hh), None
 
 

@@ -28,6 +28,7 @@ from fused_rnn.ops.reference import GATES
 __all__ = ["LSTM", "GRU", "RNN", "LSTMCell", "GRUCell", "RNNCell"]
 
 _MODE_NAMES = {"LSTM": "LSTM", "GRU": "GRU", "RNN_TANH": "RNN", "RNN_RELU": "RNN"}
+_VF_LAYER = {"LSTM": "lstm", "GRU": "gru", "RNN_TANH": "rnn_tanh", "RNN_RELU": "rnn_relu"}
 
 
 def _dtypes_differ(a: Tensor, b: Tensor) -> bool:
@@ -572,12 +573,7 @@ class _RNNStack(_Recurrent):
             data, h0 = data.to(ac), h0.to(ac)
             c0 = None if c0 is None else c0.to(ac)
         cast = ac if ac is not None and any(t.dtype != ac for t in w) else None
-        fn = {
-            "LSTM": torch._VF.lstm,
-            "GRU": torch._VF.gru,
-            "RNN_TANH": torch._VF.rnn_tanh,
-            "RNN_RELU": torch._VF.rnn_relu,
-        }[self.mode]
+        fn = getattr(torch._VF, _VF_LAYER[self.mode])  # one lookup: _VF's are not cheap
 
         def run(data, h0, c0, w, layers, dropout):
             hx = (h0, c0) if self.mode == "LSTM" else h0
