@@ -888,6 +888,15 @@ class _CellBase(_Recurrent):
                 if h.dim() not in (1, 2):
                     which = f"hx[{idx}]" if is_lstm else "hidden"
                     raise ValueError(f"{cls}: Expected {which} to be 1D or 2D, got {h.dim()}D instead")
+            if any(h.dim() != input.dim() for h in hs):
+                # torch.nn's cells say something else here: a size mismatch of the state they
+                # unsqueezed (and nn.LSTMCell of hidden size 1 crashes, torch 2.13 CPU). These
+                # are the words of its layers.
+                kind = "batched 2-D" if input.dim() == 2 else "unbatched 1-D"
+                dims = ", ".join(f"{h.dim()}-D" for h in hs)
+                got = f"({dims}) tensors" if is_lstm else f"{dims} tensor"
+                raise RuntimeError(f"{cls}: for {kind} input, hx{' and cx' if is_lstm else ''} "
+                                   f"should also be {input.dim()}-D but got {got}")
         is_batched = input.dim() == 2
         if not is_batched:
             input = input.unsqueeze(0)

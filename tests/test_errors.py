@@ -221,6 +221,26 @@ def test_cell_weights_of_the_wrong_shape_are_refused(name, weight, shape, cell, 
         m(torch.randn(3, 5), None)
 
 
+@pytest.mark.parametrize("x_shape,h_shape,H", [((3,), (1, 1), 1), ((3,), (1, 4), 4),
+                                                ((3,), (2, 4), 4), ((2, 3), (4,), 4)],
+                         ids=["x1d-h2d-H1", "x1d-h2d", "x1d-h2d-B2", "x2d-h1d"])
+@pytest.mark.parametrize("cell", list(STEP_CELLS))
+@pytest.mark.parametrize("backend", ["reference", "auto", "torch", "triton"])
+def test_cell_input_and_hidden_of_different_dims_are_refused(cell, backend, x_shape, h_shape, H):
+    """Batched input with an unbatched state or the reverse. torch.nn's cells raise the
+    RuntimeError of a size mismatch of the state they unsqueezed ("hidden0 has inconsistent
+    hidden_size: got 1, expected 4"), and nn.LSTMCell of hidden size 1 crashes the process (a
+    segfault in aten's lstm_cell on x (I,) and h (1, 1), torch 2.13 CPU), so it is not run
+    here. Ours says what is wrong, in the words of torch.nn's layers."""
+    _, our_cls, extra = STEP_CELLS[cell]
+    m = our_cls(3, H, **extra, backend=backend)
+    h = torch.randn(h_shape)
+    kind = "batched 2-D" if len(x_shape) == 2 else "unbatched 1-D"
+    with pytest.raises(RuntimeError, match=rf"for {kind} input, hx.* should also be "
+                                           rf"{len(x_shape)}-D but got \(?{len(h_shape)}-D"):
+        m(torch.randn(x_shape), (h, h) if cell == "lstm" else h)
+
+
 def test_cell_of_integer_weights_says_input_must_be_floating():
     m = fused_rnn.GRUCell(5, 6)
     for name, p in list(m.named_parameters()):
