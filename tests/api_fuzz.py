@@ -5,13 +5,14 @@ options and the sizes together, from a seed: cell, input/hidden sizes (1 include
 bias, batch_first, bidirectional, proj_size, dropout in eval mode, fp32 or fp64, and input that
 is batched, unbatched or packed (sorted or not), with or without hx, a batch of one and a
 sequence of one among them, and input and hx as strided views (not contiguous); the cells
-likewise. ``test_api_fuzz.py`` runs a few dozen seeds
-in the suite; by hand, for a sweep after a change:
+likewise. ``test_api_fuzz.py`` runs a slice of it in the suite; by hand, for a sweep after a
+change:
 
     python tests/api_fuzz.py BACKEND FIRST_SEED COUNT [DTYPE]
 
 prints each failing seed with its case and the error, then a count (exit code 1 if any).
-DTYPE bfloat16 or float16 checks the kernel backends (triton, cuda) by FlashAttention's rule
+DTYPE ``bad`` instead gives each case every corruption of CORRUPTIONS in turn
+(check_bad_input: errors as torch.nn's, or its outputs). DTYPE bfloat16 or float16 checks the kernel backends (triton, cuda) by FlashAttention's rule
 instead (check_low_precision); PyTorch's own CPU kernels (auto, torch) round otherwise and
 are not held to it. On a
 GPU machine the modules run on the GPU (TF32 off).
@@ -221,6 +222,119 @@ def check_low_precision(seed: int, backend: str, dtype: str, device: str = "cpu"
     return worst
 
 
+# ------------------------------------------------------------------ bad input
+CORRUPTIONS = ("x_size", "x_more_dims", "x_fewer_dims", "x_integer", "x_other_dtype", "x_no_rows",
+               "x_no_steps", "x_nan", "h_rows", "h_layers", "h_size", "h_other_dtype",
+               "h_integer", "h_fewer_dims", "hx_count", "hx_kind", "hx_none", "c_size")
+
+
+def corrupt(case: dict, which: str, x: Tensor, hs: list[Tensor]):
+    """The case's (x, hx) with one thing made wrong (``which``, one of CORRUPTIONS), or None
+    where that does not apply to the case. Unbatched cases keep the unbatched shapes."""
+    lstm, step = case["cell"] == "lstm", case["step"]
+    if case["form"] == "unbatched":
+        bdim = 0 if step else (0 if case["batch_first"] else 1)
+        x, hs = x.select(bdim, 0), [h[0] if step else h[:, 0] for h in hs]
+    hs = list(hs)
+    i = case["seed"] % len(hs)  # which state tensor a state corruption hits
+    other = torch.float64 if x.dtype == torch.float32 else torch.float32
+    if which == "x_size":
+        x = torch.randn(*x.shape[:-1], x.shape[-1] + 1, dtype=x.dtype)
+    elif which == "x_more_dims":
+        x = x.unsqueeze(0)
+    elif which == "x_fewer_dims":
+        x = x.reshape(-1) if x.dim() == 2 else x[0]
+    elif which == "x_integer":
+        x = (x * 3).long()
+    elif which == "x_other_dtype":
+        x = x.to(other)
+    elif which == "x_no_rows" and case["form"] != "unbatched":
+        x = x.narrow(0 if step or case["batch_first"] else 1, 0, 0)
+    elif which == "x_no_steps" and not step:
+        x = x.narrow(x.dim() - 2 if case["form"] == "unbatched" or not case["batch_first"]
+                     else 1, 0, 0) if case["form"] != "unbatched" else x[:0]
+    elif which == "x_nan":
+        x = x.clone()
+        x.view(-1)[0] = float("nan")
+    elif which == "h_rows" and hs[i].dim() >= 2:
+        hs[i] = torch.cat([hs[i], hs[i]], hs[i].dim() - 2)
+    elif which == "h_layers" and not step:
+        hs[i] = torch.cat([hs[i], hs[i][:1]], 0)
+    elif which == "h_size":
+        hs[i] = torch.cat([hs[i], hs[i][..., :1]], -1)
+    elif which == "h_other_dtype":
+        hs[i] = hs[i].to(other)
+    elif which == "h_integer":
+        hs[i] = hs[i].long()
+    elif which == "h_fewer_dims":
+        hs[i] = hs[i][0]
+    elif which == "hx_count":
+        hs = hs + [hs[0]] if lstm else [hs[0], hs[0]]
+    elif which == "hx_kind":
+        return x, (hs[0] if lstm else tuple(hs))
+    elif which == "hx_none":
+        hs[i] = None
+    elif which == "c_size" and lstm:
+        hs[1] = torch.cat([hs[1], hs[1]], -1)
+    else:
+        return None
+    return x, (tuple(hs) if lstm or len(hs) != 1 else hs[0])
+
+
+def _call(module, x, hx):
+    try:
+        with torch.no_grad():
+            return module(x, hx), None
+    except Exception as e:  # noqa: BLE001 - comparing what each raises is the point
+        return None, e
+
+
+def check_bad_input(seed: int, backend: str, which: str) -> str:
+    """Case ``seed`` with one corruption, through torch.nn and ours, on the CPU in eval mode.
+
+    Where torch.nn raises, ours raises the same exception type; where torch.nn accepts, ours
+    gives its outputs. The differences README names: an hx of the wrong structure gets a
+    TypeError or RuntimeError that names hx, whatever torch.nn raised (its AttributeErrors and
+    IndexErrors come by accident); a state of another dtype than the input is refused
+    (torch.nn's CPU kernels compute in the wider one); a cell given batched input and an
+    unbatched state or the reverse says so, and torch.nn's is not run there (nn.LSTMCell of
+    hidden size 1 crashes the process). Returns what happened, for a summary."""
+    case = {**draw(seed), "hx": True}
+    if case["form"].startswith("packed"):
+        case["form"] = "batched"
+    ref, ours = _pair(case, backend)
+    x, hs, _ = _inputs(case)
+    got = corrupt(case, which, x, hs)
+    if got is None:
+        return "n/a"
+    x, hx = got
+    states = [h for h in (hx if isinstance(hx, tuple) else (hx,)) if isinstance(h, Tensor)]
+    where = f"seed {seed} {which}"
+    if case["step"] and x.dim() in (1, 2) and any(h.dim() in (1, 2) and h.dim() != x.dim()
+                                                  for h in states):
+        _, err = _call(ours, x, hx)
+        assert isinstance(err, RuntimeError) and "should also be" in str(err), (where, err)
+        return "refused (dims)"
+    out_ref, err_ref = _call(ref, x, hx)
+    out, err = _call(ours, x, hx)
+    if which.startswith("hx_") and (err_ref is not None or err is not None):
+        assert isinstance(err, (TypeError, RuntimeError)) and "hx" in str(err), (where, err)
+        return "refused (hx)"
+    if which in ("h_other_dtype", "h_integer") and err_ref is None:
+        assert isinstance(err, RuntimeError) and "dtype" in str(err), (where, err)
+        return "refused (state dtype)"
+    if err_ref is not None:
+        assert err is not None, f"{where}: torch.nn raised {err_ref!r}, ours did not"
+        assert type(err) is type(err_ref), f"{where}: torch.nn raised {err_ref!r}, ours {err!r}"
+        return "both raised"
+    assert err is None, f"{where}: torch.nn accepted, ours raised {err!r}"
+    flat = (lambda o: list(o) if isinstance(o, tuple) else [o]) if case["step"] else outputs_of
+    atol, rtol = TOLERANCES[getattr(torch, case["dtype"])]
+    for a, b in zip(flat(out), flat(out_ref)):
+        torch.testing.assert_close(a, b, atol=atol, rtol=rtol, equal_nan=True)
+    return "both accepted"
+
+
 def _cuda_tests_importable() -> None:
     here = str(Path(__file__).resolve().parent / "cuda")
     if here not in sys.path:
@@ -262,7 +376,10 @@ def main(argv: list[str]) -> int:
     failed = 0
     for seed in range(first, first + count):
         try:
-            if dtype in LOW_PRECISION_FLOORS:
+            if dtype == "bad":
+                for which in CORRUPTIONS:
+                    check_bad_input(seed, backend, which)
+            elif dtype in LOW_PRECISION_FLOORS:
                 check_low_precision(seed, backend, dtype, device)
             else:
                 check(seed, backend, dtype, device)

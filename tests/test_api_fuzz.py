@@ -5,7 +5,15 @@ from __future__ import annotations
 
 import pytest
 import torch
-from api_fuzz import check, check_low_precision, cuda_standin, cudasim_reason, draw
+from api_fuzz import (
+    CORRUPTIONS,
+    check,
+    check_bad_input,
+    check_low_precision,
+    cuda_standin,
+    cudasim_reason,
+    draw,
+)
 
 from fused_rnn import backends
 
@@ -67,6 +75,15 @@ def test_random_configuration_in_16_bits_is_as_accurate_as_the_reference(kernels
     both against fp64."""
     for seed in seeds:
         assert check_low_precision(seed, kernels, dtype, DEVICE) <= 1
+
+
+@pytest.mark.parametrize("which", CORRUPTIONS)
+@pytest.mark.parametrize("backend", ["auto", "triton"])
+def test_random_configuration_with_bad_input_fails_as_torch_nn_does(backend, which):
+    """Each corruption on 30 cases: torch.nn's exception type where it raises (README's
+    named differences aside), its outputs where it accepts, and never a crash."""
+    seen = {check_bad_input(seed, backend, which) for seed in range(30)}
+    assert seen != {"n/a"}, f"{which} applied to none of the 30 cases"
 
 
 def test_the_draw_covers_what_it_claims():
