@@ -4,8 +4,8 @@ The test grids (test_modules.py) cover each option at fixed small sizes; this dr
 options and the sizes together, from a seed: cell, input/hidden sizes (1 included), layers,
 bias, batch_first, bidirectional, proj_size, dropout in eval mode, fp32 or fp64, and input that
 is batched, unbatched or packed (sorted or not), with or without hx, a batch of one and a
-sequence of one among them, and input and hx as strided views (not contiguous); the cells
-likewise. ``test_api_fuzz.py`` runs a slice of it in the suite; by hand, for a sweep after a
+sequence of one among them, input and hx as strided views (not contiguous), and some inputs,
+states and parameters not requiring grad (frozen weights); the cells likewise. ``test_api_fuzz.py`` runs a slice of it in the suite; by hand, for a sweep after a
 change:
 
     python tests/api_fuzz.py BACKEND FIRST_SEED COUNT [DTYPE]
@@ -54,6 +54,7 @@ def draw(seed: int) -> dict:
             "strided": r.random() < 0.3}
     if case["step"]:
         case["form"] = r.choice(["batched", "batched", "unbatched"])
+        case["grads"] = _draw_grads(r)
         return case
     case.update(T=r.choice([1, 2, 3, 5, 8]), layers=r.choice([1, 1, 2, 3]),
                 bidirectional=r.random() < 0.4, batch_first=r.random() < 0.4,
@@ -62,7 +63,23 @@ def draw(seed: int) -> dict:
                 dropout=r.choice([0.0, 0.0, 0.4]))
     case["proj"] = r.randint(1, case["H"] - 1) if cell == "lstm" and case["H"] > 1 \
         and r.random() < 0.3 else 0
+    case["grads"] = _draw_grads(r)
     return case
+
+
+def _draw_grads(r: random.Random) -> str:
+    """Which tensors require grad: "all", or "some" (input, state and each parameter with
+    probability 1/2 each, from the case's seed: frozen weights, a constant input)."""
+    return r.choice(["all", "all", "all", "some"])
+
+
+def _requires_grad(case: dict, names: list[str]) -> dict[str, bool]:
+    """For each of ``names`` ("x", "h0", "h1", then the parameters in order), whether it
+    requires grad in this case."""
+    if case.get("grads", "all") == "all":
+        return dict.fromkeys(names, True)
+    r = random.Random(case["seed"] + 7)
+    return {name: r.random() < 0.5 for name in names}
 
 
 def _pair(case: dict, backend: str):
@@ -80,6 +97,11 @@ def _pair(case: dict, backend: str):
         ref = nn_cls(case["I"], case["H"], **kwargs)
         ours = our_cls(case["I"], case["H"], **kwargs, backend=backend)
     ours.load_state_dict(ref.state_dict())
+    names = [name for name, _ in ref.named_parameters()]
+    wants = _requires_grad(case, ["x", "h0", "h1", *names])
+    for m in (ref, ours):
+        for name, p in m.named_parameters():
+            p.requires_grad_(wants[name])
     # Dropout between layers is drawn from torch's generator in training (a test of its
     # own, test_modules.py); here it must be off, as eval mode makes it.
     for m in (ref, ours):
@@ -120,8 +142,9 @@ def _strided(t: Tensor) -> Tensor:
 
 def _run(module, case: dict, x, hs, lengths):
     lstm = case["cell"] == "lstm"
-    xi = x.clone().requires_grad_()
-    his = [h.clone().requires_grad_() for h in hs]
+    wants = _requires_grad(case, ["x", "h0", "h1"])
+    xi = x.clone().requires_grad_(wants["x"])
+    his = [h.clone().requires_grad_(wants[f"h{i}"]) for i, h in enumerate(hs)]
     if case.get("strided"):  # the leaves stay contiguous; the module sees strided views
         xi_in, his_in = _strided(xi), [_strided(h) for h in his]
     else:
@@ -152,7 +175,9 @@ def _run(module, case: dict, x, hs, lengths):
         outs = outputs_of(out)
     g = torch.Generator().manual_seed(case["seed"] + 2)
     cots = [torch.randn(o.shape, generator=g, dtype=o.dtype).to(o.device) for o in outs]
-    torch.autograd.backward(outs, cots)
+    pairs = [(o, c) for o, c in zip(outs, cots) if o.requires_grad]
+    if pairs:  # (nothing may require grad)
+        torch.autograd.backward(*zip(*pairs))
     return outs, [t.grad for t in leaves] + [p.grad for p in module.parameters()]
 
 

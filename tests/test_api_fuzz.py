@@ -99,3 +99,4 @@ def test_the_draw_covers_what_it_claims():
     assert any(c["dropout"] for c in layers) and any(c["layers"] == 3 for c in layers)
     assert {c["dtype"] for c in cases} == {"float32", "float64"}
     assert any(c["strided"] for c in cases) and not all(c["strided"] for c in cases)
+    assert {c["grads"] for c in cases} == {"all", "some"}
