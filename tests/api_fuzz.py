@@ -13,7 +13,8 @@ change:
 prints each failing seed with its case and the error, then a count (exit code 1 if any).
 DTYPE ``bad`` instead gives each case every corruption of CORRUPTIONS in turn
 (check_bad_input: errors as torch.nn's, or its outputs). DTYPE bfloat16 or float16 checks the kernel backends (triton, cuda) by FlashAttention's rule
-instead (check_low_precision); PyTorch's own CPU kernels (auto, torch) round otherwise and
+instead (check_low_precision), and amp-bfloat16 or amp-float16 the same under torch.autocast;
+PyTorch's own CPU kernels (auto, torch) round otherwise and
 are not held to it. On a
 GPU machine the modules run on the GPU (TF32 off).
 BACKEND may name a torch.compile backend after an @ (``auto@inductor``, ``triton@aot_eager``):
@@ -217,21 +218,27 @@ def _rel(a: Tensor, b: Tensor) -> float:
     return float((a - b).norm() / b.norm().clamp_min(1e-30))
 
 
-def check_low_precision(seed: int, backend: str, dtype: str, device: str = "cpu") -> float:
+def check_low_precision(seed: int, backend: str, dtype: str, device: str = "cpu",
+                        autocast: bool = False) -> float:
     """Case ``seed`` in ``dtype`` (bfloat16 or float16) on ``backend`` against the same module
     in fp64, by the rule above. The module is built in fp64 and cast, so all three runs have
-    the same weights and inputs up to the cast. Returns the largest error over its bound (at
-    most 1 where the case passes; AssertionError otherwise)."""
+    the same weights and inputs up to the cast. ``autocast``: module and data in fp32, the runs
+    but the fp64 one inside ``torch.autocast`` to ``dtype`` (outputs in ``dtype``, gradients
+    in fp32). Returns the largest error over its bound (at most 1 where the case passes;
+    AssertionError otherwise)."""
     floor_out, floor_grad = LOW_PRECISION_FLOORS[dtype]
+    low = getattr(torch, dtype)
     case = {**draw(seed), "dtype": "float64"}
     runs = {}
-    for name, b, d in (("exact", "reference", "float64"), ("same", "reference", dtype),
-                       ("ours", backend, dtype)):
-        dt = getattr(torch, d)
+    for name, b in (("exact", "reference"), ("same", "reference"), ("ours", backend)):
+        dt = torch.float64 if name == "exact" else torch.float32 if autocast else low
         module = _pair(case, b)[1].to(device, dt)
         x, hs, lengths = _inputs(case)
-        outs, grads = _run(module, case, x.to(device, dt), [h.to(device, dt) for h in hs],
-                           lengths)
+        region = torch.autocast(torch.device(device).type, dtype=low,
+                                enabled=autocast and name != "exact")
+        with region:
+            outs, grads = _run(module, case, x.to(device, dt), [h.to(device, dt) for h in hs],
+                               lengths)
         runs[name] = (len(outs), outs + grads)
     n_out = runs["exact"][0]
     worst = 0.0
@@ -239,7 +246,8 @@ def check_low_precision(seed: int, backend: str, dtype: str, device: str = "cpu"
         if e is None or not e.numel() or not e.any():
             assert a is None or not a.any(), f"seed {seed} tensor {i}: expected zeros or None"
             continue
-        assert a.dtype == getattr(torch, dtype) and torch.isfinite(a).all(), (seed, i)
+        want = low if i < n_out or not autocast else torch.float32
+        assert a.dtype == want and torch.isfinite(a).all(), (seed, i, a.dtype)
         bound = max(2 * _rel(s, e), floor_out if i < n_out else floor_grad)
         err = _rel(a, e)
         assert err <= bound, f"seed {seed} tensor {i}: error {err:.3g} > bound {bound:.3g}"
@@ -406,6 +414,8 @@ def main(argv: list[str]) -> int:
                     check_bad_input(seed, backend, which)
             elif dtype in LOW_PRECISION_FLOORS:
                 check_low_precision(seed, backend, dtype, device)
+            elif dtype and dtype.startswith("amp-"):
+                check_low_precision(seed, backend, dtype[4:], device, autocast=True)
             else:
                 check(seed, backend, dtype, device)
         except Exception as e:  # noqa: BLE001 - a sweep reports every kind of failure

@@ -67,14 +67,17 @@ def kernels(request, monkeypatch, no_tf32):
     return backend
 
 
-@pytest.mark.parametrize("dtype,seeds", [("bfloat16", range(300, 315)),
-                                         ("float16", range(400, 405))])
+@pytest.mark.parametrize("dtype,seeds,autocast", [("bfloat16", range(300, 315), False),
+                                                  ("float16", range(400, 405), False),
+                                                  ("bfloat16", range(500, 510), True)],
+                         ids=["bf16", "fp16", "amp-bf16"])
 @pytest.mark.parametrize("kernels", ["triton", "cuda"], indirect=True)
-def test_random_configuration_in_16_bits_is_as_accurate_as_the_reference(kernels, dtype, seeds):
+def test_random_configuration_in_16_bits_is_as_accurate_as_the_reference(kernels, dtype, seeds,
+                                                                         autocast):
     """Within twice the reference's own error in the same dtype (or the dtype's floor),
-    both against fp64."""
+    both against fp64; under autocast, the reference under autocast too."""
     for seed in seeds:
-        assert check_low_precision(seed, kernels, dtype, DEVICE) <= 1
+        assert check_low_precision(seed, kernels, dtype, DEVICE, autocast=autocast) <= 1
 
 
 @pytest.mark.parametrize("which", CORRUPTIONS)
