@@ -1,26 +1,32 @@
 """Random module configurations against torch.nn: outputs and every gradient.
 
 The test grids (test_modules.py) cover each option at fixed small sizes; this draws the
-options and the sizes together, from a seed: cell, input/hidden sizes (1 included), layers,
-bias, batch_first, bidirectional, proj_size, dropout in eval mode, fp32 or fp64, and input that
-is batched, unbatched or packed (sorted or not), with or without hx, a batch of one and a
-sequence of one among them, input and hx as strided views (not contiguous), and some inputs,
-states and parameters not requiring grad (frozen weights); the cells likewise. ``test_api_fuzz.py`` runs a slice of it in the suite; by hand, for a sweep after a
-change:
+options and the sizes together, from a seed: layer or cell module, cell, input/hidden sizes
+(1 included), layers, bias, batch_first, bidirectional, proj_size, dropout (off: eval mode),
+fp32 or fp64, input batched, unbatched or packed (sorted or not), with or without hx, a batch
+of one and a sequence of one among them, input and hx as strided views (not contiguous;
+packing copies the input, and the sorted packed form's reordering the state), and some
+inputs, states and parameters not requiring grad (frozen weights). ``test_api_fuzz.py`` runs
+a slice of it in the suite; by hand, for a sweep after a change:
 
     python tests/api_fuzz.py BACKEND FIRST_SEED COUNT [DTYPE]
 
-prints each failing seed with its case and the error, then a count (exit code 1 if any).
-DTYPE ``bad`` instead gives each case every corruption of CORRUPTIONS in turn
-(check_bad_input: errors as torch.nn's, or its outputs). DTYPE bfloat16 or float16 checks the kernel backends (triton, cuda) by FlashAttention's rule
-instead (check_low_precision), and amp-bfloat16 or amp-float16 the same under torch.autocast;
-PyTorch's own CPU kernels (auto, torch) round otherwise and
-are not held to it. On a
-GPU machine the modules run on the GPU (TF32 off).
+prints each failing seed with its case and the error, then a count and the fallbacks taken
+(exit code 1 if any case failed). DTYPE:
+
+* none, ``float32`` or ``float64``: :func:`check` (``float32`` for the kernel backends,
+  which take no fp64);
+* ``bfloat16``, ``float16``, ``amp-bfloat16``, ``amp-float16``: :func:`check_low_precision`,
+  FlashAttention's rule for the kernel backends (triton, cuda), in the dtype or under
+  ``torch.autocast``; PyTorch's own CPU kernels (auto, torch) round otherwise and are not
+  held to it;
+* ``bad`` or ``bad-float32``: :func:`check_bad_input`, every corruption of CORRUPTIONS in
+  turn: torch.nn's errors, or its outputs.
+
 BACKEND may name a torch.compile backend after an @ (``auto@inductor``, ``triton@aot_eager``):
-our module then runs compiled, a fresh compile each case (seconds each on the CPU). Without a
-GPU, ``cuda`` runs the CUDA kernels on cudasim with TF32 off (give DTYPE float32: they take no
-fp64).
+ours then runs compiled, a fresh compile each case (seconds each on the CPU). Without a GPU,
+``cuda`` runs the CUDA kernels on cudasim with TF32 off; on a GPU machine the modules run on
+the GPU (TF32 off).
 """
 
 from __future__ import annotations
@@ -218,6 +224,13 @@ def _rel(a: Tensor, b: Tensor) -> float:
     return float((a - b).norm() / b.norm().clamp_min(1e-30))
 
 
+def _to_reference() -> int:
+    """How many calls so far fell back to the reference backend."""
+    from fused_rnn import backends
+
+    return sum(n for (_, _, to), n in backends.fallback_counts().items() if to == "reference")
+
+
 def check_low_precision(seed: int, backend: str, dtype: str, device: str = "cpu",
                         autocast: bool = False) -> float:
     """Case ``seed`` in ``dtype`` (bfloat16 or float16) on ``backend`` against the same module
@@ -230,6 +243,7 @@ def check_low_precision(seed: int, backend: str, dtype: str, device: str = "cpu"
     low = getattr(torch, dtype)
     case = {**draw(seed), "dtype": "float64"}
     runs = {}
+    before = _to_reference()
     for name, b in (("exact", "reference"), ("same", "reference"), ("ours", backend)):
         dt = torch.float64 if name == "exact" else torch.float32 if autocast else low
         module = _pair(case, b)[1].to(device, dt)
@@ -240,11 +254,18 @@ def check_low_precision(seed: int, backend: str, dtype: str, device: str = "cpu"
             outs, grads = _run(module, case, x.to(device, dt), [h.to(device, dt) for h in hs],
                                lengths)
         runs[name] = (len(outs), outs + grads)
+    # Ours on the reference would be held to twice its own error: a test that cannot fail.
+    assert _to_reference() == before, f"seed {seed}: {backend} fell back to the reference"
     n_out = runs["exact"][0]
+    assert len(runs["ours"][1]) == len(runs["exact"][1]) and runs["ours"][0] == n_out, seed
     worst = 0.0
     for i, (a, s, e) in enumerate(zip(runs["ours"][1], runs["same"][1], runs["exact"][1])):
-        if e is None or not e.numel() or not e.any():
-            assert a is None or not a.any(), f"seed {seed} tensor {i}: expected zeros or None"
+        assert (a is None) == (e is None), f"seed {seed} tensor {i}: {a is None=}, {e is None=}"
+        if e is None:
+            continue
+        assert a.shape == e.shape, f"seed {seed} tensor {i}: {tuple(a.shape)} vs {tuple(e.shape)}"
+        if not e.numel() or not e.any():
+            assert not a.any(), f"seed {seed} tensor {i}: expected zeros"
             continue
         want = low if i < n_out or not autocast else torch.float32
         assert a.dtype == want and torch.isfinite(a).all(), (seed, i, a.dtype)
@@ -259,6 +280,7 @@ def check_low_precision(seed: int, backend: str, dtype: str, device: str = "cpu"
 CORRUPTIONS = ("x_size", "x_more_dims", "x_fewer_dims", "x_integer", "x_other_dtype", "x_no_rows",
                "x_no_steps", "x_nan", "h_rows", "h_layers", "h_size", "h_other_dtype",
                "h_integer", "h_fewer_dims", "hx_count", "hx_kind", "hx_none", "c_size")
+DTYPE_CORRUPTIONS = ("x_integer", "x_other_dtype", "h_other_dtype", "h_integer")
 
 
 def corrupt(case: dict, which: str, x: Tensor, hs: list[Tensor]):
@@ -283,13 +305,12 @@ def corrupt(case: dict, which: str, x: Tensor, hs: list[Tensor]):
         x = x.to(other)
     elif which == "x_no_rows" and case["form"] != "unbatched":
         x = x.narrow(0 if step or case["batch_first"] else 1, 0, 0)
-    elif which == "x_no_steps" and not step:
-        x = x.narrow(x.dim() - 2 if case["form"] == "unbatched" or not case["batch_first"]
-                     else 1, 0, 0) if case["form"] != "unbatched" else x[:0]
+    elif which == "x_no_steps" and not step:  # the time axis: (T, I), (T, B, I) or (B, T, I)
+        x = x.narrow(1 if case["batch_first"] and case["form"] != "unbatched" else 0, 0, 0)
     elif which == "x_nan":
         x = x.clone()
         x.view(-1)[0] = float("nan")
-    elif which == "h_rows" and hs[i].dim() >= 2:
+    elif which == "h_rows" and case["form"] != "unbatched":  # the batch axis: (B, H), (L, B, H)
         hs[i] = torch.cat([hs[i], hs[i]], hs[i].dim() - 2)
     elif which == "h_layers" and not step:
         hs[i] = torch.cat([hs[i], hs[i][:1]], 0)
@@ -305,7 +326,7 @@ def corrupt(case: dict, which: str, x: Tensor, hs: list[Tensor]):
         hs = hs + [hs[0]] if lstm else [hs[0], hs[0]]
     elif which == "hx_kind":
         return x, (hs[0] if lstm else tuple(hs))
-    elif which == "hx_none":
+    elif which == "hx_none" and lstm:  # (a GRU's or RNN's hx of None is no corruption)
         hs[i] = None
     elif which == "c_size" and lstm:
         hs[1] = torch.cat([hs[1], hs[1]], -1)
@@ -322,17 +343,23 @@ def _call(module, x, hx):
         return None, e
 
 
-def check_bad_input(seed: int, backend: str, which: str) -> str:
-    """Case ``seed`` with one corruption, through torch.nn and ours, on the CPU in eval mode.
+def check_bad_input(seed: int, backend: str, which: str, dtype: str | None = None) -> str:
+    """Case ``seed`` with one corruption, through torch.nn and ours, on the CPU without grad.
+    ``dtype`` replaces the drawn one (the Triton kernels take no fp64).
 
-    Where torch.nn raises, ours raises the same exception type; where torch.nn accepts, ours
-    gives its outputs. The differences README names: an hx of the wrong structure gets a
-    TypeError or RuntimeError that names hx, whatever torch.nn raised (its AttributeErrors and
-    IndexErrors come by accident); a state of another dtype than the input is refused
+    Where torch.nn raises, ours raises the same exception with the same message (a dtype
+    mismatch aside: torch.nn's words come from aten's matmul, ours name the dtypes); where
+    torch.nn accepts, ours gives its outputs. The differences README names: an hx of the
+    wrong structure gets a
+    TypeError or RuntimeError that names hx, whatever torch.nn did (its AttributeErrors and
+    IndexErrors come by accident, and an unbatched nn.LSTM drops the third tensor of a
+    3-tuple); a state of another dtype than the input is refused
     (torch.nn's CPU kernels compute in the wider one); a cell given batched input and an
     unbatched state or the reverse says so, and torch.nn's is not run there (nn.LSTMCell of
     hidden size 1 crashes the process). Returns what happened, for a summary."""
     case = {**draw(seed), "hx": True}
+    if dtype is not None:
+        case["dtype"] = dtype
     if case["form"].startswith("packed"):
         case["form"] = "batched"
     ref, ours = _pair(case, backend)
@@ -350,20 +377,26 @@ def check_bad_input(seed: int, backend: str, which: str) -> str:
         return "refused (dims)"
     out_ref, err_ref = _call(ref, x, hx)
     out, err = _call(ours, x, hx)
-    if which.startswith("hx_") and (err_ref is not None or err is not None):
+    if which.startswith("hx_"):  # never a valid hx; torch.nn.LSTM takes a 3-tuple unbatched
         assert isinstance(err, (TypeError, RuntimeError)) and "hx" in str(err), (where, err)
-        return "refused (hx)"
+        return "refused (hx)" if err_ref is not None else "refused (hx; torch.nn accepted)"
     if which in ("h_other_dtype", "h_integer") and err_ref is None:
         assert isinstance(err, RuntimeError) and "dtype" in str(err), (where, err)
         return "refused (state dtype)"
     if err_ref is not None:
         assert err is not None, f"{where}: torch.nn raised {err_ref!r}, ours did not"
         assert type(err) is type(err_ref), f"{where}: torch.nn raised {err_ref!r}, ours {err!r}"
+        if which in DTYPE_CORRUPTIONS:  # torch.nn's words come from aten's matmul here
+            assert "dtype" in str(err), (where, err)
+        else:
+            assert str(err) == str(err_ref), f"{where}: torch.nn said {err_ref}, ours {err}"
         return "both raised"
     assert err is None, f"{where}: torch.nn accepted, ours raised {err!r}"
     flat = (lambda o: list(o) if isinstance(o, tuple) else [o]) if case["step"] else outputs_of
     atol, rtol = TOLERANCES[getattr(torch, case["dtype"])]
-    for a, b in zip(flat(out), flat(out_ref)):
+    got, want = flat(out), flat(out_ref)
+    assert len(got) == len(want), f"{where}: {len(got)} outputs, torch.nn {len(want)}"
+    for a, b in zip(got, want):  # NaN input: NaN where torch.nn has NaN
         torch.testing.assert_close(a, b, atol=atol, rtol=rtol, equal_nan=True)
     return "both accepted"
 
@@ -409,9 +442,9 @@ def main(argv: list[str]) -> int:
     failed = 0
     for seed in range(first, first + count):
         try:
-            if dtype == "bad":
+            if dtype in ("bad", "bad-float32"):
                 for which in CORRUPTIONS:
-                    check_bad_input(seed, backend, which)
+                    check_bad_input(seed, backend, which, "float32" if "32" in dtype else None)
             elif dtype in LOW_PRECISION_FLOORS:
                 check_low_precision(seed, backend, dtype, device)
             elif dtype and dtype.startswith("amp-"):

@@ -283,6 +283,15 @@ def test_lstm_hx_of_the_wrong_length_says_so(hx, kind, said):
         fused_rnn.LSTM(4, 6)(torch.randn(5, 3, 4), given)
 
 
+def test_unbatched_lstm_hx_of_three_tensors_is_refused():
+    """An unbatched torch.nn.LSTM takes (h, c, anything) and drops the third; ours refuses it,
+    as torch.nn does for batched input."""
+    h = torch.zeros(1, 4)
+    torch.nn.LSTM(3, 4)(torch.randn(5, 3), (h, h, h))  # accepted there
+    with pytest.raises(RuntimeError, match=r"hx must be a tuple \(h_0, c_0\) of two tensors, got 3"):
+        fused_rnn.LSTM(3, 4)(torch.randn(5, 3), (h, h, h))
+
+
 def test_gru_hx_tuple_says_so():
     """torch.nn.GRU fails on a tuple hx with an AttributeError ('tuple' has no 'dim')."""
     h = torch.zeros(1, 3, 6)
