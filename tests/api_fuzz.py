@@ -424,7 +424,22 @@ def cuda_standin(monkeypatch) -> None:
     from simulate import Simulator
 
     install_standin(monkeypatch, Simulator(sms=8))
-    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
+    tf32_off(monkeypatch)
+
+
+def tf32_off(monkeypatch) -> None:
+    """No TF32 for fp32 (so fp32 compares at fp32's tolerance): cuDNN's RNNs, which the kernel
+    backends follow, and cuBLAS, which runs their time-parallel GEMMs. Through torch's new
+    per-operator settings where it has them: after those are used, its legacy ``allow_tf32``
+    flags raise (a mix of the two APIs), and set through the legacy flag, an undo leaves the
+    new ones changed."""
+    cudnn_rnn = getattr(torch.backends.cudnn, "rnn", None)
+    if getattr(cudnn_rnn, "fp32_precision", None) is None:  # torch < 2.9
+        monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
+        monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
+        return
+    monkeypatch.setattr(cudnn_rnn, "fp32_precision", "ieee")
+    monkeypatch.setattr(torch.backends.cuda.matmul, "fp32_precision", "ieee")
 
 
 def main(argv: list[str]) -> int:
@@ -434,10 +449,10 @@ def main(argv: list[str]) -> int:
     backend, first, count = argv[0], int(argv[1]), int(argv[2])
     dtype = argv[3] if len(argv) == 4 else None
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
-    if backend.partition("@")[0] == "cuda" and device == "cpu":
-        import pytest
+    import pytest
 
+    tf32_off(pytest.MonkeyPatch())
+    if backend.partition("@")[0] == "cuda" and device == "cpu":
         cuda_standin(pytest.MonkeyPatch())
     failed = 0
     for seed in range(first, first + count):

@@ -13,6 +13,7 @@ from api_fuzz import (
     cuda_standin,
     cudasim_reason,
     draw,
+    tf32_off,
 )
 
 from fused_rnn import backends
@@ -31,8 +32,7 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 @pytest.fixture
 def no_tf32(monkeypatch):
-    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
-    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
+    tf32_off(monkeypatch)
 
 
 @pytest.mark.parametrize("seed", range(100, 140))
