@@ -31,6 +31,7 @@ the GPU (TF32 off).
 
 from __future__ import annotations
 
+import contextlib
 import os
 import random
 import sys
@@ -417,29 +418,45 @@ def cudasim_reason() -> str | None:
 
 def cuda_standin(monkeypatch) -> None:
     """Without a GPU, ``cuda`` runs csrc/'s kernels on cudasim (tests/cuda/simulate.py, every
-    CUDA thread executed; needs g++), as test_cuda_gpu.py does, with TF32 off: fp32 then
-    compares to torch.nn at fp32's tolerance. ``monkeypatch``: pytest's."""
+    CUDA thread executed; needs g++), as test_cuda_gpu.py does. ``monkeypatch``: pytest's.
+    (Compare fp32 inside :func:`tf32_off`.)"""
     _cuda_tests_importable()
     from cases import install_standin
     from simulate import Simulator
 
     install_standin(monkeypatch, Simulator(sms=8))
-    tf32_off(monkeypatch)
 
 
-def tf32_off(monkeypatch) -> None:
-    """No TF32 for fp32 (so fp32 compares at fp32's tolerance): cuDNN's RNNs, which the kernel
-    backends follow, and cuBLAS, which runs their time-parallel GEMMs. Through torch's new
-    per-operator settings where it has them: after those are used, its legacy ``allow_tf32``
-    flags raise (a mix of the two APIs), and set through the legacy flag, an undo leaves the
-    new ones changed."""
-    cudnn_rnn = getattr(torch.backends.cudnn, "rnn", None)
-    if getattr(cudnn_rnn, "fp32_precision", None) is None:  # torch < 2.9
-        monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
-        monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
+@contextlib.contextmanager
+def tf32_off():
+    """No TF32 for fp32 inside (so fp32 compares at fp32's tolerance): cuDNN's RNNs, which the
+    kernel backends follow, and cuBLAS, which runs their time-parallel GEMMs; restored after.
+
+    Through torch's own getters and setters, not pytest's monkeypatch: pytest 9.2's undo
+    deletes an attribute that the instance's ``__dict__`` lacked, and these settings live
+    behind ``__getattr__`` (the undo failed, the rest of it was skipped, and cuDNN's RNN
+    precision stayed changed for the later tests of that worker). Through the per-operator
+    ``fp32_precision`` where torch has it: after that is used, its legacy ``allow_tf32`` flags
+    raise (a mix of the two APIs)."""
+    get = getattr(torch._C, "_get_fp32_precision_getter", None)
+    if get is None:  # torch < 2.9
+        cudnn, matmul = torch.backends.cudnn, torch.backends.cuda.matmul
+        saved = cudnn.allow_tf32, matmul.allow_tf32
+        cudnn.allow_tf32 = matmul.allow_tf32 = False
+        try:
+            yield
+        finally:
+            cudnn.allow_tf32, matmul.allow_tf32 = saved
         return
-    monkeypatch.setattr(cudnn_rnn, "fp32_precision", "ieee")
-    monkeypatch.setattr(torch.backends.cuda.matmul, "fp32_precision", "ieee")
+    keys = [("cuda", "rnn"), ("cuda", "matmul")]  # torch.backends.cudnn.rnn, .cuda.matmul
+    saved = [(key, get(*key)) for key in keys]
+    for key in keys:
+        torch._C._set_fp32_precision_setter(*key, "ieee")
+    try:
+        yield
+    finally:
+        for key, value in saved:
+            torch._C._set_fp32_precision_setter(*key, value)
 
 
 def main(argv: list[str]) -> int:
@@ -449,33 +466,38 @@ def main(argv: list[str]) -> int:
     backend, first, count = argv[0], int(argv[1]), int(argv[2])
     dtype = argv[3] if len(argv) == 4 else None
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    import pytest
-
-    tf32_off(pytest.MonkeyPatch())
     if backend.partition("@")[0] == "cuda" and device == "cpu":
+        import pytest
+
         cuda_standin(pytest.MonkeyPatch())
     failed = 0
-    for seed in range(first, first + count):
-        try:
-            if dtype in ("bad", "bad-float32"):
-                for which in CORRUPTIONS:
-                    check_bad_input(seed, backend, which, "float32" if "32" in dtype else None)
-            elif dtype in LOW_PRECISION_FLOORS:
-                check_low_precision(seed, backend, dtype, device)
-            elif dtype and dtype.startswith("amp-"):
-                check_low_precision(seed, backend, dtype[4:], device, autocast=True)
-            else:
-                check(seed, backend, dtype, device)
-        except Exception as e:  # noqa: BLE001 - a sweep reports every kind of failure
-            failed += 1
-            case = {**draw(seed), **({"dtype": dtype} if dtype else {})}
-            print(f"seed {seed} FAILED {case}\n  {type(e).__name__}: {e}")
+    with tf32_off():
+        for seed in range(first, first + count):
+            try:
+                _check_one(seed, backend, dtype, device)
+            except Exception as e:  # noqa: BLE001 - a sweep reports every kind of failure
+                failed += 1
+                case = {**draw(seed), **({"dtype": dtype} if dtype else {})}
+                print(f"seed {seed} FAILED {case}\n  {type(e).__name__}: {e}")
     print(f"{count} cases on {backend!r} from seed {first}: {failed} failed")
     from fused_rnn import backends
 
     for (name, reason, to), calls in sorted(backends.fallback_counts().items()):
         print(f"  fell back from {name!r} to {to!r} {calls} times: {reason}")
     return 1 if failed else 0
+
+
+def _check_one(seed: int, backend: str, dtype: str | None, device: str) -> None:
+    """Case ``seed`` by the check DTYPE names (the module docstring)."""
+    if dtype in ("bad", "bad-float32"):
+        for which in CORRUPTIONS:
+            check_bad_input(seed, backend, which, "float32" if dtype == "bad-float32" else None)
+    elif dtype in LOW_PRECISION_FLOORS:
+        check_low_precision(seed, backend, dtype, device)
+    elif dtype and dtype.startswith("amp-"):
+        check_low_precision(seed, backend, dtype[4:], device, autocast=True)
+    else:
+        check(seed, backend, dtype, device)
 
 
 if __name__ == "__main__":

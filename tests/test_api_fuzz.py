@@ -31,8 +31,9 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
 @pytest.fixture
-def no_tf32(monkeypatch):
-    tf32_off(monkeypatch)
+def no_tf32():
+    with tf32_off():
+        yield
 
 
 @pytest.mark.parametrize("seed", range(100, 140))
