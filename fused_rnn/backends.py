@@ -192,6 +192,13 @@ def _auto_kernel(device: torch.device, mode: str, dtype: torch.dtype, hidden_siz
     return None
 
 
+def reads_stack(name: str) -> bool:
+    """Whether :func:`resolve_stack` reads the description of a call (``stack``) for backend
+    ``name``: only ``auto`` does, and only once :data:`AUTO_RULES` holds a rule. Building it
+    costs a few microseconds a call, which a module skips where it is not read."""
+    return name == "auto" and bool(AUTO_RULES)
+
+
 def resolve_stack(name: str, device: torch.device, **stack) -> str:
     """The backend a whole module call runs on.
 

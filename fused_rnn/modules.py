@@ -479,10 +479,9 @@ class _RNNStack(_Recurrent):
         c0 = None if c0 is None else _apply_permutation(c0, sorted_indices)
 
         steps = batch_sizes.size(0) if packed else input.size(1 - batch_dim)
-        backend = backends.resolve_stack(
-            self.backend, ref.device,
-            **self.stack_config(ref.device, ref.dtype, batch, packed, steps),
-        )
+        stack = (self.stack_config(ref.device, ref.dtype, batch, packed, steps)
+                 if backends.reads_stack(self.backend) else {})
+        backend = backends.resolve_stack(self.backend, ref.device, **stack)
         if backend == "torch" and not backends.torch_runs_per_layer(ref.device):
             y, h_n, c_n = self._torch_stack(input, h0, c0, packed, flat)
         else:
