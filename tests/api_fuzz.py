@@ -282,6 +282,20 @@ CORRUPTIONS = ("x_size", "x_more_dims", "x_fewer_dims", "x_integer", "x_other_dt
                "x_no_steps", "x_nan", "h_rows", "h_layers", "h_size", "h_other_dtype",
                "h_integer", "h_fewer_dims", "hx_count", "hx_kind", "hx_none", "c_size")
 DTYPE_CORRUPTIONS = ("x_integer", "x_other_dtype", "h_other_dtype", "h_integer")
+# Packed input: where torch.nn checks less than for the same input unpacked, what ours raises
+# (torch.nn's exception for the fault where it does check). nn.LSTM checks nothing of packed
+# input (torch 2.13: its forward skips check_forward_args there), and accepts a state of the
+# wrong layer count or size; GRU and RNN reorder the state by the sort before they check it,
+# so they accept one with more rows than the batch (picking some) and report a 2-D state's
+# shape after reordering its last dim.
+PACKED_LAX = {"x_size": (RuntimeError, "input.size(-1) must be equal to input_size"),
+              "x_integer": (ValueError, "does not match weight dtype"),
+              "x_other_dtype": (ValueError, "does not match weight dtype"),
+              "h_rows": (RuntimeError, "Expected hidden"),
+              "h_layers": (RuntimeError, "Expected hidden"),
+              "h_size": (RuntimeError, "Expected hidden"),
+              "c_size": (RuntimeError, "Expected hidden"),
+              "h_fewer_dims": (RuntimeError, "Expected hidden")}
 
 
 def corrupt(case: dict, which: str, x: Tensor, hs: list[Tensor]):
@@ -348,7 +362,9 @@ def check_bad_input(seed: int, backend: str, which: str, dtype: str | None = Non
     """Case ``seed`` with one corruption, through torch.nn and ours, on the CPU without grad.
     ``dtype`` replaces the drawn one (the Triton kernels take no fp64).
 
-    Where torch.nn raises, ours raises the same exception with the same message (a dtype
+    Packed cases take the corruptions of the state and of the values (an input that cannot
+    be packed is not drawn). Where torch.nn raises, ours raises the same exception with the
+    same message (a dtype
     mismatch aside: torch.nn's words come from aten's matmul, ours name the dtypes); where
     torch.nn accepts, ours gives its outputs. The differences README names: an hx of the
     wrong structure gets a
@@ -357,18 +373,25 @@ def check_bad_input(seed: int, backend: str, which: str, dtype: str | None = Non
     3-tuple); a state of another dtype than the input is refused
     (torch.nn's CPU kernels compute in the wider one); a cell given batched input and an
     unbatched state or the reverse says so, and torch.nn's is not run there (nn.LSTMCell of
-    hidden size 1 crashes the process). Returns what happened, for a summary."""
+    hidden size 1 crashes the process); packed input of the wrong width, or a state with more
+    rows than its batch, is refused in the words torch.nn uses unpacked (torch.nn checks
+    neither when the input is packed: it may accept them, see PACKED_LAX). Returns what
+    happened, for a summary."""
     case = {**draw(seed), "hx": True}
     if dtype is not None:
         case["dtype"] = dtype
-    if case["form"].startswith("packed"):
-        case["form"] = "batched"
+    packed = case["form"].startswith("packed")
+    if packed and which in ("x_more_dims", "x_fewer_dims", "x_no_rows", "x_no_steps"):
+        return "n/a"  # no such input can be packed
     ref, ours = _pair(case, backend)
-    x, hs, _ = _inputs(case)
-    got = corrupt(case, which, x, hs)
+    x, hs, lengths = _inputs(case)
+    got = corrupt({**case, "form": "batched"} if packed else case, which, x, hs)
     if got is None:
         return "n/a"
     x, hx = got
+    if packed:  # (hx stays in the caller's order: the same for both, right or wrong)
+        x = make_packed(x, lengths, case["batch_first"],
+                        enforce_sorted=case["form"] == "packed_sorted")
     states = [h for h in (hx if isinstance(hx, tuple) else (hx,)) if isinstance(h, Tensor)]
     where = f"seed {seed} {which}"
     if case["step"] and x.dim() in (1, 2) and any(h.dim() in (1, 2) and h.dim() != x.dim()
@@ -376,8 +399,20 @@ def check_bad_input(seed: int, backend: str, which: str, dtype: str | None = Non
         _, err = _call(ours, x, hx)
         assert isinstance(err, RuntimeError) and "should also be" in str(err), (where, err)
         return "refused (dims)"
+    if packed and case["cell"] == "lstm" and which.startswith(("h_", "c_")):
+        # nn.LSTM checks nothing of a packed input's state, and some of these crash the
+        # process there (torch 2.13 CPU: h of 3 layers and c of 2 for a bidirectional layer,
+        # a segfault): not run. Ours refuses each, as torch.nn's GRU and RNN would.
+        _, err = _call(ours, x, hx)
+        kind, said = PACKED_LAX.get(which, (RuntimeError, "dtype"))
+        assert type(err) is kind and said in str(err), (where, err)
+        return "refused (packed LSTM state; nn not run)"
     out_ref, err_ref = _call(ref, x, hx)
     out, err = _call(ours, x, hx)
+    if packed and which in PACKED_LAX:
+        kind, said = PACKED_LAX[which]
+        assert type(err) is kind and said in str(err), (where, err)
+        return "refused (packed)" if err_ref is not None else "refused (packed; nn accepted)"
     if which.startswith("hx_"):  # never a valid hx; torch.nn.LSTM takes a 3-tuple unbatched
         assert isinstance(err, (TypeError, RuntimeError)) and "hx" in str(err), (where, err)
         return "refused (hx)" if err_ref is not None else "refused (hx; torch.nn accepted)"

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 from helpers import CELLS, STEP_CELLS
+from torch.nn.utils.rnn import pack_padded_sequence
 
 import fused_rnn
 
@@ -290,6 +293,28 @@ def test_unbatched_lstm_hx_of_three_tensors_is_refused():
     torch.nn.LSTM(3, 4)(torch.randn(5, 3), (h, h, h))  # accepted there
     with pytest.raises(RuntimeError, match=r"hx must be a tuple \(h_0, c_0\) of two tensors, got 3"):
         fused_rnn.LSTM(3, 4)(torch.randn(5, 3), (h, h, h))
+
+
+@pytest.mark.parametrize("cell", list(CELLS))
+@pytest.mark.parametrize("fault", ["width", "state-rows", "state-layers", "state-size"])
+@pytest.mark.parametrize("backend", ["reference", "auto", "triton"])
+def test_packed_input_is_checked_as_unpacked_input_is(cell, fault, backend):
+    """torch.nn checks less of packed input (torch 2.13): nn.LSTM's forward skips
+    check_forward_args for it, so it accepts an input of the wrong width or a state of the
+    wrong layer count (and with h of 3 layers and c of 2 on a bidirectional layer, segfaults);
+    GRU and RNN reorder the state by the sort before checking it, so a state with more rows
+    than the batch passes (some rows picked). Ours refuses each in torch.nn's unpacked words;
+    torch.nn is not run here."""
+    _, our_cls, extra = CELLS[cell]
+    m = our_cls(3, 4, **extra, bidirectional=True, backend=backend)
+    x = torch.randn(5, 2, 5 if fault == "width" else 3)
+    packed = pack_padded_sequence(x, torch.tensor([5, 3]), enforce_sorted=False)
+    shape = {"width": (2, 2, 4), "state-rows": (2, 4, 4), "state-layers": (3, 2, 4),
+             "state-size": (2, 2, 5)}[fault]
+    h = torch.randn(shape)
+    said = "input.size(-1) must be equal to input_size" if fault == "width" else "Expected hidden"
+    with pytest.raises(RuntimeError, match=re.escape(said)):
+        m(packed, (h, torch.randn(2, 2, 4)) if cell == "lstm" else h)
 
 
 def test_gru_hx_tuple_says_so():
