@@ -147,10 +147,10 @@ def rnn_cell(
     _check_mode(mode)
     backends.check_name(backend)
     check_rnn_args(mode, x, h, c, w_ih, w_hh, b_ih, b_hh, step=True)
-    return checked_rnn_cell(mode, x, h, c, w_ih, w_hh, b_ih, b_hh, backend=backend)
+    return _checked_rnn_cell(mode, x, h, c, w_ih, w_hh, b_ih, b_hh, backend=backend)
 
 
-def checked_rnn_cell(mode, x, h, c, w_ih, w_hh, b_ih, b_hh, *, backend):
+def _checked_rnn_cell(mode, x, h, c, w_ih, w_hh, b_ih, b_hh, *, backend):
     """:func:`rnn_cell` for a caller that has made all of its checks (the cell modules, in
     their own words): the kernels index every tensor with sizes taken from x and w_hh."""
     ac = _autocast_dtype(x.device)

@@ -958,7 +958,7 @@ class _CellBase(_Recurrent):
                     f"{cls}: hidden{idx} dtype ({h.dtype}) does not match input dtype ({input.dtype})"
                 )
         backend = backends.resolve_stack(self.backend, input.device)
-        h1, c1 = functional.checked_rnn_cell(
+        h1, c1 = functional._checked_rnn_cell(
             mode,
             input,
             hs[0],
