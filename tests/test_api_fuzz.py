@@ -81,6 +81,52 @@ def test_random_configuration_in_16_bits_is_as_accurate_as_the_reference(kernels
         assert check_low_precision(seed, kernels, dtype, DEVICE, autocast=autocast) <= 1
 
 
+class _Skewed(torch.autograd.Function):
+    """``t * out`` forward; backward hands on the incoming gradient times ``grad``: a kernel
+    with a small systematic error in its outputs, or in its gradients."""
+
+    @staticmethod
+    def forward(ctx, t, out, grad):
+        ctx.grad = grad
+        return t * out
+
+    @staticmethod
+    def backward(ctx, g):
+        return g * ctx.grad, None, None
+
+
+# Layers (tanh; relu packed and unbatched; GRU packed and unbatched; LSTM packed) and cells
+# (GRU; LSTM unbatched), each with every gradient asked for; relu's gradients are held to a
+# looser floor (api_fuzz.RELU_GRAD_FLOOR), so the fp16 gradient skew leaves its two out.
+SKEWED = (300, 301, 304, 305, 306, 309, 310, 312)
+SKEWED_NOT_RELU = (300, 304, 305, 309, 310, 312)
+
+
+@pytest.mark.parametrize("dtype,out,grad,seeds", [
+    ("bfloat16", 1.01, 1.0, SKEWED), ("bfloat16", 1.0, 1.08, SKEWED),
+    ("float16", 1.0025, 1.0, SKEWED), ("float16", 1.0, 1.015, SKEWED_NOT_RELU),
+], ids=["bf16-outputs-1%", "bf16-gradients-8%", "fp16-outputs-0.25%", "fp16-gradients-1.5%"])
+def test_the_16_bit_check_catches_a_kernel_slightly_off(monkeypatch, dtype, out, grad, seeds):
+    """check_low_precision fails a Triton backend whose first output (y, or the cell's h) is off
+    by a small factor, or whose gradients through it are. (Its gradient checks once passed
+    anything: the fp64 run drew other cotangents, torch.randn giving other values in fp64.)"""
+    from fused_rnn.ops import triton as impl
+
+    def skewed(real):
+        def call(*args):
+            first, *rest = real(*args)
+            return (_Skewed.apply(first, out, grad), *rest)
+
+        return call
+
+    for name in ("rnn_layer", "rnn_cell"):
+        monkeypatch.setattr(impl, name, skewed(getattr(impl, name)))
+    with tf32_off():
+        for seed in seeds:
+            with pytest.raises(AssertionError, match="error .* > bound"):
+                check_low_precision(seed, "triton", dtype, DEVICE)
+
+
 @pytest.mark.parametrize("which", CORRUPTIONS)
 @pytest.mark.parametrize("backend", ["auto", "triton"])
 def test_random_configuration_with_bad_input_fails_as_torch_nn_does(backend, which):
