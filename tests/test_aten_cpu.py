@@ -191,9 +191,20 @@ def test_compiled_dynamic_sequence_length_dropout_and_autocast():
     for a, b in zip(torch.utils._pytree.tree_leaves(got), torch.utils._pytree.tree_leaves(want)):
         assert a.dtype == torch.bfloat16 and torch.equal(a, b)
 
+    # Dropout in training: nn.LSTM's masks and scale from the same seed (inductor's random
+    # ops falling back to eager's draws), and different from eval.
+    ref_dropped = torch.nn.LSTM(4, 6, num_layers=2, dropout=0.5).train()
     dropped = fused_rnn.LSTM(4, 6, num_layers=2, dropout=0.5).train()
+    dropped.load_state_dict(ref_dropped.state_dict())
+    x = torch.randn(5, 2, 4)
     torch._dynamo.reset()
-    y, _ = torch.compile(dropped, fullgraph=True)(torch.randn(5, 2, 4))
+    with torch._inductor.config.patch(fallback_random=True):
+        compiled_dropped = torch.compile(dropped, fullgraph=True)
+        torch.manual_seed(3)
+        y, _ = compiled_dropped(x)
+    torch.manual_seed(3)
+    assert torch.equal(y, ref_dropped(x)[0])
+    assert not torch.equal(y, ref_dropped.eval()(x)[0])
     y.sum().backward()
     assert all(p.grad is not None for p in dropped.parameters())
 

@@ -100,6 +100,21 @@ def test_dropout_with_lengths_stays_in_one_graph():
     torch.testing.assert_close(y, f(x), atol=0, rtol=0)
     assert torch.equal(y[2:, 1], torch.zeros(2, H)) and torch.equal(y[1:, 2], torch.zeros(3, H))
 
+    # p=0.5 with every row at full length: the compiled branch (the whole padded output) then
+    # drops what eager's packed draw does, mask and scale alike (p=1 above passes any of both).
+    def g(x, p):
+        return functional.rnn("GRU", x, torch.zeros(L, B, H), None, ws, num_layers=L,
+                              bidirectional=False, dropout=p, training=True,
+                              lengths=torch.full((B,), T))[0]
+
+    torch._dynamo.reset()
+    compiled = torch.compile(g, fullgraph=True, backend="eager")
+    torch.manual_seed(5)
+    got = compiled(x, 0.5)
+    torch.manual_seed(5)
+    torch.testing.assert_close(got, g(x, 0.5), atol=0, rtol=0)
+    assert not torch.allclose(got, g(x, 0.0))
+
 
 @pytest.mark.no_nan_fill
 @pytest.mark.parametrize("backend", ["auto", "torch", "triton"])

@@ -643,6 +643,31 @@ def test_dropout_randomness_in_training():
     assert torch.equal(a, b) and not torch.equal(a, c)
 
 
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+@pytest.mark.parametrize("cell", list(CELLS))
+def test_dropout_draws_torch_nns_masks(cell, backend):
+    """Dropout between layers at p=0.5 on a padded (unpacked) batch, in training: from the same
+    seed, torch.nn's masks and scale (outputs and input gradients equal) and the generator
+    left where nn leaves it. (test_dropout_between_layers_training_only takes p=1, which any
+    mask and any scale pass.)"""
+    ref, ours = make_pair(cell, 3, 4, 3, dropout=0.5, bidirectional=True, backend=backend)
+    ref.train(), ours.train()
+    x = torch.randn(5, 3, 3)
+    results = []
+    for m in (ref, ours):
+        xi = x.clone().requires_grad_()
+        torch.manual_seed(1)
+        outs = outputs_of(m(xi))
+        nxt = torch.rand(3)
+        torch.autograd.backward(outs, [torch.ones_like(o) for o in outs])
+        results.append((outs, xi.grad, nxt))
+    (want, want_dx, want_next), (got, got_dx, got_next) = results
+    assert_close_list(got, want, 1e-6, 1e-5, "outputs")
+    torch.testing.assert_close(got_dx, want_dx, atol=1e-6, rtol=1e-5)
+    assert torch.equal(got_next, want_next)
+    assert not torch.allclose(got[0], outputs_of(ours.eval()(x))[0])  # dropout was on
+
+
 @pytest.mark.parametrize("cell", list(CELLS))
 def test_packed_dropout_draws_torch_nns_masks(cell):
     """Per-layer backends drop out a packed input's steps as torch.nn drops its packed data:
