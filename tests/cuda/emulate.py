@@ -63,6 +63,7 @@ class Emulator:
     def __init__(self, sms: int = 4, smem_optin: int = 227 * 1024, math: int | None = None):
         self.sms, self.smem_optin, self.math_override = sms, smem_optin, math
         self.launches: list[tuple[str, str, P.Plan]] = []  # (direction, mode, plan) per launch
+        self.maths: list[int] = []  # the math (P.MATHS) of each launch, in the same order
 
     def device_info(self, index: int):
         return [self.sms, self.smem_optin, 9, 0, 1]
@@ -93,6 +94,7 @@ class Emulator:
         assert pl.blocks == pl.groups * pl.group_blocks
         assert (pl.group_blocks - 1) * pl.units < H <= pl.group_blocks * pl.units
         self.launches.append(("backward" if backward else "forward", _CODES[cell], pl))
+        self.maths.append(math)
         return pl
 
     @staticmethod

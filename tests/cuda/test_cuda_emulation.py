@@ -172,7 +172,8 @@ def test_math_choice_follows_allow_tf32(emulate, monkeypatch):
         monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", allow)
         _compare("GRU", 2, 2, 3, 16, dtype, False, False)
         granule = P.TILE_SHAPES[P.MATHS[want]][5]
-        assert emu.launches
+        assert len(emu.launches) == 2  # forward and backward
+        assert emu.maths == [P.MATHS[want]] * 2, (allow, dtype, emu.maths)
         for _, _, pl in emu.launches:
             assert pl.m_pad == -(-pl.m_rows // granule) * granule
 
