@@ -107,7 +107,8 @@ SHAPES = {"T5-B3-I7-H37": (5, 3, 7, 37, {}), "T1-B1-I4-H16": (1, 1, 4, 16, {}),
           "T7-B70-I9-H24-cluster8": (7, 70, 9, 24, {"FUSED_RNN_CUDA_CLUSTER": "8"}),
           "T7-B70-I9-H24-cluster8-direct": (7, 70, 9, 24, {"FUSED_RNN_CUDA_CLUSTER": "8",
                                                            "FUSED_RNN_CUDA_STAGE_K": "0"}),
-          "T7-B70-I9-H60-cluster8-parts4": (7, 70, 9, 60, {"FUSED_RNN_CUDA_CLUSTER": "8",
+          # B=40: two batch groups of 4 blocks, K parts of 4 (at B=70 the plan takes parts=2)
+          "T7-B40-I9-H60-cluster8-parts4": (7, 40, 9, 60, {"FUSED_RNN_CUDA_CLUSTER": "8",
                                                            "FUSED_RNN_CUDA_K_PARTS": "4"}),
           "T7-B70-I9-H24-cluster8-dsmem": (7, 70, 9, 24,
                                            {"FUSED_RNN_CUDA_CLUSTER": "8",
@@ -130,11 +131,48 @@ DTYPES = {
 }
 
 
+def _assert_plan_named(shape: str, plans: list[dict]) -> None:
+    """Each launch (forward and backward) runs the partition ``shape``'s name says: batch
+    groups off for "ungrouped", X read directly for "direct", staged N columns a slice for
+    "slicesN", at most N blocks for "blocksN", K parts of N for "teamclustersN" and for
+    "partsN" (in one launch at least; a count is the largest team that may be taken),
+    cluster groups for "clusterN" (their blocks exchanging through DSMEM for "-dsmem", where
+    the mirrors fit), team clusters for "teamclusters"."""
+    assert len(plans) == 2, f"{shape}: {len(plans)} launches"
+    for pl in plans:
+        words = shape.split("-")[4:]
+        for word in words:
+            num = int("".join(c for c in word if c.isdigit()) or 0)
+            if word == "ungrouped":
+                assert pl["groups"] == 1, (shape, pl)
+            elif word == "direct":
+                assert pl["stage_k"] == 0, (shape, pl)
+            elif word.startswith("slices"):
+                assert pl["stage_k"] == num, (shape, pl)
+            elif word.startswith("blocks"):
+                assert pl["blocks"] <= num, (shape, pl)
+            elif word.startswith("parts"):  # the largest team <= N that fits, N somewhere
+                assert 1 < pl["parts"] <= num, (shape, pl)
+            elif word.startswith("teamclusters"):
+                assert pl["parts"] == num and pl["cluster"] == P.CLUSTER_TEAMS, (shape, pl)
+            elif word.startswith("cluster"):
+                want = ((P.CLUSTER_GROUPS, P.CLUSTER_GROUPS_DSMEM) if "dsmem" in words
+                        else (P.CLUSTER_GROUPS,))
+                assert pl["groups"] > 1 and pl["cluster"] in want, (shape, pl)
+            elif word != "dsmem":
+                raise AssertionError(f"{shape}: no rule for {word!r}")
+    for word in shape.split("-")[4:]:
+        if word.startswith("parts"):
+            assert any(pl["parts"] == int(word[5:]) for pl in plans), (shape, plans)
+        if word == "dsmem":
+            assert any(pl["cluster"] == P.CLUSTER_GROUPS_DSMEM for pl in plans), (shape, plans)
+
+
 @pytest.mark.parametrize("variant", ["dense-fwd", "lengths-rev", "lengths-fwd"])
 @pytest.mark.parametrize("shape", list(SHAPES))
 @pytest.mark.parametrize("dt", list(DTYPES))
 @pytest.mark.parametrize("mode", MODES)
-def test_matches_reference(monkeypatch, mode, dt, shape, variant):
+def test_matches_reference(cuda_ext, monkeypatch, mode, dt, shape, variant):
     if STANDIN == "emulate" and shape.startswith("T16-B16-I32-H256"):
         pytest.skip(f"too slow on the CPU ({STANDIN})")
     dtype, tf32, floor_out, floor_grad = DTYPES[dt]
@@ -144,7 +182,10 @@ def test_matches_reference(monkeypatch, mode, dt, shape, variant):
         monkeypatch.setenv(k, v)
     lengths, reverse = variant.startswith("lengths"), variant.endswith("rev")
     leaves, lens, cots = _inputs(mode, T, B, I, H, dtype, 0, lengths)
+    before = len(cuda_ext.launches) if STANDIN == "sim" else 0
     ours = _run(cuda_backend.rnn_layer, mode, leaves, dtype, lens, reverse, cots)
+    if STANDIN == "sim":  # the plan the shape's name promises (the settings are only asked)
+        _assert_plan_named(shape, [pl for _, _, pl in cuda_ext.launches[before:]])
     same = _run(reference.rnn_layer, mode, leaves, dtype, lens, reverse, cots)
     exact = _run(reference.rnn_layer, mode, leaves, torch.float64, lens, reverse, cots)
     n_out = 3 if mode == "LSTM" else 2
@@ -174,7 +215,7 @@ def _round_to_tf32(t):
 @pytest.mark.skipif(not STANDIN, reason="on a GPU cuBLAS rounds to TF32 itself")
 @pytest.mark.parametrize("dt", ["tf32", "bf16", "fp16"])
 @pytest.mark.parametrize("mode", MODES)
-def test_matches_reference_with_tf32_gemms(monkeypatch, mode, dt):
+def test_matches_reference_with_tf32_gemms(cuda_ext, monkeypatch, mode, dt):
     """The accuracy test, with the time-parallel GEMMs' operands rounded to TF32 as a GPU's
     cuBLAS would (common.gemms_use_tf32: always for 16-bit data, for fp32 where cuDNN's RNN
     may): the CPU stand-in's GEMMs are exact, so this is how the CPU sees the GPU's error."""
@@ -190,17 +231,28 @@ def test_matches_reference_with_tf32_gemms(monkeypatch, mode, dt):
 
     monkeypatch.setattr(torch.nn.functional, "linear", tf32(torch.nn.functional.linear))
     monkeypatch.setattr(torch.Tensor, "__matmul__", tf32(torch.Tensor.__matmul__))
-    test_matches_reference(monkeypatch, mode, dt, "T5-B3-I7-H37", "lengths-rev")
+    test_matches_reference(cuda_ext, monkeypatch, mode, dt, "T5-B3-I7-H37", "lengths-rev")
     assert len(seen) == 4, "the projection, dx, dW_ih and dW_hh ran on TF32"
 
 
 @pytest.mark.parametrize("dt", ["fp32", "bf16"])
 @pytest.mark.parametrize("mode", MODES)
 def test_bitwise_reproducible(monkeypatch, mode, dt):
+    """Two runs, the same bits. On cudasim the second runs its threads in another order, with
+    cp.async copies landing early (the same order twice could not tell a race); the emulation
+    has no threads."""
+    if STANDIN == "emulate":
+        pytest.skip("the emulation has no thread order to vary")
     dtype, tf32, *_ = DTYPES[dt]
     monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", tf32)
     leaves, lens, cots = _inputs(mode, 6, 37, 5, 29, dtype, 1, True)
     a = _run(cuda_backend.rnn_layer, mode, leaves, dtype, lens, True, cots)
+    if STANDIN == "sim":
+        from simulate import Simulator
+
+        sanitize = {"asan": "address", "tsan": "thread"}.get(SIM, "")
+        install_standin(monkeypatch, Simulator(sms=8, sanitize=sanitize, order="shuffle", seed=3,
+                                               cp_async="early"))
     b = _run(cuda_backend.rnn_layer, mode, leaves, dtype, lens, True, cots)
     for i, (u, v) in enumerate(zip(a, b)):
         assert torch.equal(u, v), f"tensor {i} differs between two identical runs"
