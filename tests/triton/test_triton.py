@@ -251,7 +251,7 @@ def test_strided_incoming_gradients(path):
         torch.testing.assert_close(a, b, atol=0, rtol=0, msg=lambda m, i=i: f"tensor {i}: {m}")
 
 
-def test_per_operator_tf32_settings_are_read_not_refused(fp32_precision_restored):
+def test_per_operator_tf32_settings_are_read_not_refused(fp32_precision_restored, monkeypatch):
     """A user of torch's per-operator precision API (cuDNN conv and RNN set apart, which makes
     the legacy ``cudnn.allow_tf32`` getter raise) can still train on the Triton backend; the
     launcher's TF32 switch for its GEMMs leaves the matmul setting as it found it."""
@@ -265,7 +265,13 @@ def test_per_operator_tf32_settings_are_read_not_refused(fp32_precision_restored
     for a, b in zip(got, want, strict=True):
         torch.testing.assert_close(a, b, atol=2e-5, rtol=1e-4)
     assert torch.backends.cuda.matmul.fp32_precision == matmul_before
+    # The kernels' dot precision follows the RNN setting, not conv's (compiled kernels: the
+    # interpreter always takes "ieee").
+    monkeypatch.setattr(launch, "interpreting", lambda: False)
     assert launch._fp32_dot_precision() == "ieee"
+    torch.backends.cudnn.conv.fp32_precision = "ieee"
+    torch.backends.cudnn.rnn.fp32_precision = "tf32"
+    assert launch._fp32_dot_precision() == "tf32"
 
 
 def _storage_ulps(a: torch.Tensor, b: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
