@@ -101,6 +101,9 @@ def test_layer_equals_repeated_cell(mode):
         hh, cc = reference.rnn_cell(mode, inp["x"][t], hh, cc, inp["w_ih"], inp["w_hh"], inp["b_ih"], inp["b_hh"])
         torch.testing.assert_close(y[t], hh, atol=1e-12, rtol=0)
     torch.testing.assert_close(h, hh, atol=1e-12, rtol=0)
+    assert (c is None) == (mode != "LSTM")
+    if c is not None:
+        torch.testing.assert_close(c, cc, atol=1e-12, rtol=0)
 
 
 @pytest.mark.parametrize("mode", MODES)
@@ -117,12 +120,15 @@ def test_lengths_hold_state_and_zero_outputs(mode):
         if c is not None:
             torch.testing.assert_close(c[b:b + 1], cb, atol=1e-12, rtol=0)
     # reverse: each row starts at its own last step
-    yr, hr, _ = reference.rnn_layer(mode, **inp, lengths=lengths, reverse=True)
+    yr, hr, cr = reference.rnn_layer(mode, **inp, lengths=lengths, reverse=True)
     for b, L in enumerate(lengths.tolist()):
         one = {k: (None if v is None else (v[:L, b:b + 1].flip(0) if k == "x" else v[b:b + 1] if k in ("h0", "c0") else v)) for k, v in inp.items()}
-        yb, hb, _ = reference.rnn_layer(mode, **one)
+        yb, hb, cb = reference.rnn_layer(mode, **one)
         torch.testing.assert_close(yr[:L, b:b + 1], yb.flip(0), atol=1e-12, rtol=0)
+        assert torch.all(yr[L:, b] == 0)
         torch.testing.assert_close(hr[b:b + 1], hb, atol=1e-12, rtol=0)
+        if cr is not None:
+            torch.testing.assert_close(cr[b:b + 1], cb, atol=1e-12, rtol=0)
 
 
 # Low precision: the reference's error against fp64 stays within the error of PyTorch's own
