@@ -231,11 +231,11 @@ def passes(model, x, cot):
     return {"fwd": fwd, "fwd+bwd": fwd_bwd}
 
 
-def probe(model, mode: str, x, cot, device: str) -> dict:
+def probe(model, mode: str, x, cot, device: str, backward: bool = True) -> dict:
     """One forward+backward with the cotangent, x, h0 (and c0) requiring grad: y, h_n, c_n, dx,
     dh0, dc0, dW_hh, dW_ih, db_hh and db_ih (on the device), for the check against cuDNN. It
     synchronizes, so that an error the device raises late (or a backward that fails) stops this
-    row here, not in do_bench."""
+    row here, not in do_bench. ``backward=False``: the forward's y, h_n and c_n only."""
     import torch
 
     B, _, H = x.shape
@@ -247,6 +247,11 @@ def probe(model, mode: str, x, cot, device: str) -> dict:
     model.zero_grad(set_to_none=True)
     y, state = model(x, h0 if c0 is None else (h0, c0))
     h_n, c_n = state if c0 is not None else (state, None)
+    if not backward:
+        if device == "cuda":
+            torch.cuda.synchronize()
+        got = {"y": y, "h_n": h_n, **({} if c0 is None else {"c_n": c_n})}
+        return {k: t.detach().clone() for k, t in got.items()}
     # Gradients flow in through h_n and c_n too, as in truncated BPTT (the next chunk's).
     outs = [t for t in (y, h_n, c_n) if t is not None]
     cots = [cot] + [(0.5 * torch.randn(t.shape, generator=g)).to(device, t.dtype)
@@ -516,6 +521,7 @@ def _measure(args, timer, device, mode, shape, dtype_name, backend, refs) -> lis
         row = dict(base, **{"pass": p, "max_abs_dy": dy, "max_rel_err": err, "check": check})
         notes = list(plan)
         fallbacks = fused_rnn.backends.fallback_counts()
+        row_check = check
         try:
             ms, reps = timer(fns[p])
             peak = peak_mib(fns[p], device)
@@ -525,14 +531,34 @@ def _measure(args, timer, device, mode, shape, dtype_name, backend, refs) -> lis
             row.update(ms=ms, us_per_step=1e3 * ms / T, reps=reps, peak_MiB=peak)
             if reps is not None and reps < MIN_REPS:
                 notes.append(f"only {reps} runs timed")
+            if backend is not None and key in refs and check == "ok":
+                # The timed calls were not the checked one: a kernel right on its first launch
+                # and wrong after (state left over from an earlier launch) is checked again,
+                # this pass's outputs, after its timing.
+                row_check = recheck(model, mode, x, cot, device, refs[key], dtype_name,
+                                    backward=p != "fwd")
         if backend is not None and fused_rnn.backends.fallback_counts() != fallbacks:
             # The check's pass ran the kernels, a timed call did not: not ours that was timed.
             fell = "a timed call fell back to another backend"
-            row["check"] = f"{check}, {fell}" if check.startswith("FAIL") else f"FAIL: {fell}"
+            row_check = (f"{row_check}, {fell}" if row_check.startswith("FAIL")
+                         else f"FAIL: {fell}")
+        row["check"] = row_check
         if notes:
             row["note"] = "; ".join(notes)
         rows.append(row)
     return rows
+
+
+def recheck(model, mode: str, x, cot, device: str, ref: dict, dtype_name: str,
+            backward: bool) -> str:
+    """The check against cuDNN's ``ref`` once more, after the timed calls: "ok", or
+    "FAIL: after timing, ..." (a probe that raises says so)."""
+    try:
+        again = probe(model, mode, x, cot, device, backward=backward)
+        _, _, check = compare(again, ref, tolerance(dtype_name))
+    except Exception as e:  # noqa: BLE001 - any failure of the kernels is the row's
+        check = f"FAIL: {_one_line(e)}"
+    return check if check == "ok" else "FAIL: after timing, " + check.removeprefix("FAIL: ")
 
 
 def add_ratios(rows: list[dict]) -> None:
@@ -757,8 +783,32 @@ def main(argv=None) -> int:
     if failed:  # every row is still in the table; the run as a whole did not pass
         print(f"{len(failed)} configurations failed the check against cuDNN: "
               + "; ".join(failed), flush=True)
-        return 1
-    return 0
+    unpassed = not_passed(rows, device)
+    if unpassed:
+        print(f"{len(unpassed)} rows were not measured, or ours not checked: "
+              + "; ".join(unpassed), flush=True)
+    return 1 if failed or unpassed else 0
+
+
+def not_passed(rows: list[dict], device: str) -> list[str]:
+    """On a GPU run, the rows that started and have no time (a build, probe or timing that
+    raised, or a probe that fell back) and the rows of ours with a time but no check against
+    cuDNN (its row failed): with these the run did not pass either, though no check failed.
+    Rows skipped for time are listed apart (the report's "skipped"); a dry run on the CPU,
+    where backends may be unavailable, is not judged."""
+    if device != "cuda":
+        return []
+    out = []
+    for r in rows:
+        if r.get("_skipped"):
+            continue
+        check = str(r.get("check") or "")
+        ours = r["backend"] not in ("cudnn", "torch.nn (cpu)")
+        if "ms" not in r or (ours and check != "ok" and not check.startswith("FAIL")):
+            why = r.get("note") or check or "not measured"
+            out.append(f"{r['backend']} {r['cell']} {r['shape']} {r['dtype']} {r['pass']} "
+                       f"({why[:80]})")
+    return out
 
 
 if __name__ == "__main__":

@@ -529,17 +529,20 @@ def _edit_table(path, edit):
 
 def test_auto_rules_stop_at_any_unchecked_or_slow_row_of_either_pass(tmp_path, capsys):
     """A forward that failed its check or won by less than the margin, a fwd+bwd row whose
-    check is not "ok" (no cuDNN reference), or a cuDNN row without a time stops the rule."""
+    check is not "ok" (no cuDNN reference) or whose ratio is NaN, or a cuDNN row without a
+    time stops the rule."""
     auto_rules = _import("auto_rules")
     bench_gpu = _import("bench_gpu")
     every = dict.fromkeys(bench_gpu.SHAPES, 3.0)
     cases = [("LSTM", "bf16"), ("LSTM", "fp16"), ("GRU", "bf16"), ("GRU", "fp16"),
-             ("GRU", "fp32")]
+             ("GRU", "fp32"), ("LSTM", "fp32")]
     path = _gpu_table(tmp_path, dict.fromkeys(cases, every))
 
     def edit(r):
         where = (r["cell"], r["dtype"], r["shape"], r["backend"], r["pass"])
-        if where == ("LSTM", "bf16", "S2", "cuda", "fwd"):
+        if where == ("LSTM", "fp32", "S3", "cuda", "fwd+bwd"):
+            r["x_cudnn_same_dtype"] = "nan"  # not a win (nan < margin is False)
+        elif where == ("LSTM", "bf16", "S2", "cuda", "fwd"):
             r["check"] = "FAIL: y 0.5 > 0.1"
         elif where == ("LSTM", "fp16", "S4", "cuda", "fwd"):
             r["x_cudnn_same_dtype"] = "1.02"  # faster than cuDNN, within the margin
@@ -556,6 +559,7 @@ def test_auto_rules_stop_at_any_unchecked_or_slow_row_of_either_pass(tmp_path, c
     assert "LSTM fp16: no rule; S4: fwd 1.02x cuDNN (< 1.05)" in out
     assert "GRU bf16: no rule; S6: check no cuDNN reference" in out
     assert "GRU fp16: no rule; S1: no cuDNN time (RuntimeError: out of memory)" in out
+    assert "LSTM fp32: no rule; S3: nanx cuDNN (< 1.05)" in out
 
 
 def test_auto_rules_stop_at_a_cudnn_row_not_finite_or_a_row_timed_too_few_times(tmp_path,
@@ -775,6 +779,37 @@ def test_a_failing_backward_is_a_note_and_the_run_goes_on(monkeypatch, tmp_path)
         assert "illegal memory access" in by[shape, "reference", "fwd+bwd"]["note"]
 
 
+def test_a_kernel_wrong_after_its_first_call_fails_the_check(monkeypatch, tmp_path):
+    """The check against cuDNN runs before the timing, on the first call; a kernel right then
+    and wrong on later calls (state left over from an earlier launch) fails it too: each pass
+    is checked again after its timed calls."""
+    import torch
+
+    bench_gpu = _import("bench_gpu")
+    real = bench_gpu.build
+
+    def build(mode, B, T, H, dtype, device, backend):
+        model, x, cot = real(mode, B, T, H, dtype, device, backend)
+        if backend is None:
+            return model, x, cot
+        inner, calls = model.forward, []
+
+        def forward(x, hx=None):
+            y, state = inner(x, hx)
+            calls.append(1)
+            return (y if len(calls) == 1 else y * torch.tensor(2.0, dtype=y.dtype)), state
+
+        model.forward = forward
+        return model, x, cot
+
+    monkeypatch.setattr(bench_gpu, "build", build)
+    _, rows = _main(monkeypatch, tmp_path, "--passes", "fwd,fwd+bwd")
+    ours = [r for r in rows if r["backend"] == "reference"]
+    assert len(ours) == 2 and all(float(r["ms"]) > 0 for r in ours), ours
+    for r in ours:
+        assert r["check"].startswith("FAIL: after timing, y "), r["check"]
+
+
 @pytest.mark.parametrize("backward, failed", [
     (lambda g, n: 2 * g, ("FAIL: dx 0.99 > 0.02, dh0 1 > 0.02, dW_hh 1 > 0.02, "
                           "dW_ih 0.97 > 0.02, db_hh 0.95 > 0.02, db_ih 0.88 > 0.02")),
@@ -892,6 +927,32 @@ def test_ratios_are_cudnn_over_ours_in_the_same_pass():
     bench_gpu.add_ratios(rows)
     got = [(r["x_cudnn_same_dtype"], r["x_cudnn_fp16"]) for r in rows[4:]]
     assert got == [(2.0, 1.0), (0.5, 4.0 / 12.0), (None, 2.0)], got
+    # fp32-strict (TF32 off on both sides) against cuDNN's fp32-strict row, not its fp32 one
+    strict = [dict(base, backend="cudnn", dtype="fp32", ms=3.0, **{"pass": "fwd"}),
+              dict(base, backend="cudnn", dtype="fp32-strict", ms=8.0, **{"pass": "fwd"}),
+              dict(base, backend="cuda", dtype="fp32-strict", ms=2.0, **{"pass": "fwd"})]
+    bench_gpu.add_ratios(strict)
+    assert strict[2]["x_cudnn_same_dtype"] == 4.0
+
+
+def test_a_gpu_run_with_rows_not_measured_or_not_checked_does_not_pass():
+    """On a GPU, main exits 1 for rows that started and have no time (a build or timing that
+    raised, a probe that fell back) and for rows of ours timed but not checked, as for a failed
+    check; rows skipped for time, and a dry run on the CPU, are not judged."""
+    bench_gpu = _import("bench_gpu")
+    base = {"cell": "GRU", "shape": "S2", "dtype": "bf16", "pass": "fwd"}
+    passed = [dict(base, backend="cudnn", ms=2.0, check="reference"),
+              dict(base, backend="cuda", ms=1.0, check="ok"),
+              dict(base, backend="triton", note="skipped: time", _skipped=True)]
+    assert bench_gpu.not_passed(passed, "cuda") == []
+    crashed = dict(base, backend="triton", note="RuntimeError: CUDA error: illegal address")
+    fell_back = dict(base, backend="cuda", note="cuda: falling back to triton: H too large")
+    unchecked = dict(base, backend="triton", ms=1.5, check="no cuDNN reference")
+    cudnn_failed = dict(base, backend="cudnn", note="RuntimeError: cuDNN error")
+    for row in (crashed, fell_back, unchecked, cudnn_failed):
+        got = bench_gpu.not_passed([*passed, row], "cuda")
+        assert len(got) == 1 and got[0].startswith(f"{row['backend']} GRU S2 bf16 fwd ("), got
+        assert bench_gpu.not_passed([*passed, row], "cpu") == []
 
 
 def test_fp32_strict_runs_with_tf32_off_and_the_strict_bound(monkeypatch):
@@ -1025,7 +1086,9 @@ def test_slow_rows_are_timed_at_least_five_times(monkeypatch):
     def do_bench(fn, warmup, rep, return_mode):
         assert return_mode == "all"
         estimate = per_call[0] + 0.1  # the L2 flush is inside do_bench's estimate
-        return [per_call[0]] * max(1, int(rep / estimate))
+        n = max(1, int(rep / estimate))
+        # one slow outlier and one fast one: the row's time is the median, not an extreme
+        return [3 * per_call[0], *[per_call[0]] * (n - 2), per_call[0] / 3][:n]
 
     monkeypatch.setattr(torch.cuda, "Event", Event)
     monkeypatch.setattr(torch.cuda, "synchronize", lambda: None)
