@@ -162,7 +162,7 @@ def propose(rows: list[dict], backend: str, margin: float) -> tuple[list[dict], 
                 stops.append(f"{shape}: not timed ({(r.get('note') or 'no ratio')[:80]})")
             elif r.get("check") != "ok":
                 stops.append(f"{shape}: check {(r.get('check') or 'not run')[:80]}")
-            elif float(ratio) < margin:
+            elif not float(ratio) >= margin:  # (a NaN ratio is no win either)
                 stops.append(f"{shape}: {float(ratio):.2f}x cuDNN (< {margin:g})")
             elif _doubts(r, base, ""):
                 stops += [f"{shape}: {why}" for why in _doubts(r, base, "")]
@@ -178,7 +178,7 @@ def propose(rows: list[dict], backend: str, margin: float) -> tuple[list[dict], 
                     elif o.get("check") != "ok":
                         stops.append(f"{shape}: {o['pass']} check "
                                      f"{(o.get('check') or 'not run')[:80]}")
-                    elif float(o_ratio) < margin:
+                    elif not float(o_ratio) >= margin:
                         stops.append(f"{shape}: {o['pass']} {float(o_ratio):.2f}x cuDNN "
                                      f"(< {margin:g})")
                     else:

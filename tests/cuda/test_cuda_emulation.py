@@ -279,6 +279,18 @@ def test_sanitize_script_dry_run(emulate, monkeypatch, capsys):
     monkeypatch.setattr("sys.argv", ["sanitize_cuda.py", "--time-budget", "-1"])
     assert mod.main() == 1
     assert "0/0 cases match the reference; 40 not checked" in capsys.readouterr().out
+    # a wrong result is a failure of the run, named (its check is what makes it a test)
+    real = cuda_backend.rnn_layer
+
+    def wrong(mode, x, *rest):
+        y, h, c = real(mode, x, *rest)
+        return y * 1.5, h, c
+
+    monkeypatch.setattr(cuda_backend, "rnn_layer", wrong)
+    monkeypatch.setattr("sys.argv", ["sanitize_cuda.py"])
+    assert mod.main() == 1
+    out = capsys.readouterr()
+    assert "tensor 0 err" in out.out + out.err, out
 
 
 def test_what_the_ops_hand_the_extension(emulate, monkeypatch):
