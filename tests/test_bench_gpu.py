@@ -779,6 +779,35 @@ def test_a_failing_backward_is_a_note_and_the_run_goes_on(monkeypatch, tmp_path)
         assert "illegal memory access" in by[shape, "reference", "fwd+bwd"]["note"]
 
 
+def test_one_steps_share_of_a_weight_gradient_missing_fails_the_check(monkeypatch, tmp_path):
+    """dW_hh short of one step's share (1/T of it here, as if one step's term were lost): at
+    T=64 that is inside the whole-tensor bound, on the extra probe of the first 4 steps a
+    quarter of it."""
+    bench_gpu = _import("bench_gpu")
+    monkeypatch.setitem(bench_gpu.DRY_SHAPES, "D9", (2, 64, 8))
+    real = bench_gpu.build
+
+    def build(mode, B, T, H, dtype, device, backend):
+        model, x, cot = real(mode, B, T, H, dtype, device, backend)
+        if backend is None:
+            return model, x, cot
+        inner, steps = model.forward, []
+
+        def forward(x, hx=None):
+            steps.append(x.shape[1])
+            return inner(x, hx)
+
+        model.forward = forward
+        model.weight_hh_l0.register_hook(lambda g: g * (1 - 1 / steps[-1]))
+        return model, x, cot
+
+    monkeypatch.setattr(bench_gpu, "build", build)
+    _, rows = _main(monkeypatch, tmp_path, "--shapes", "D9", "--passes", "fwd")
+    (ours,) = [r for r in rows if r["backend"] == "reference"]
+    assert ours["check"].startswith("FAIL: first 4 steps: dW_hh "), ours["check"]
+    assert "dW_ih" not in ours["check"] and float(ours["ms"]) > 0
+
+
 def test_a_kernel_wrong_after_its_first_call_fails_the_check(monkeypatch, tmp_path):
     """The check against cuDNN runs before the timing, on the first call; a kernel right then
     and wrong on later calls (state left over from an earlier launch) fails it too: each pass
