@@ -147,8 +147,10 @@ if [[ $HAS_CUDA == 1 ]]; then
       status=1
     fi
   else
-    # Every later process would try the build again (or wait on its lock): leave cuda out.
+    # Every later process would try the build again (or wait on its lock): leave cuda out,
+    # and out of the later pytest steps' header (tests/conftest.py).
     BACKENDS=$(frnn_without_cuda "$BACKENDS")
+    export FRNN_SKIP_CUDA_PROBE=1
     FRNN_GPU_TESTS="not run (the CUDA build failed)"
     echo "cuda: the build did not succeed (no \"CUDA backend: available on\" in cuda_build.log): the bench" \
          "leaves out cuda and its variants, and compute-sanitizer, the phase timings, the" \

@@ -194,6 +194,23 @@ def _run(module, case: dict, x, hs, lengths, cot_round: torch.dtype | None = Non
     return outs, [t.grad for t in leaves] + [p.grad for p in module.parameters()]
 
 
+@contextlib.contextmanager
+def _cudnn_off_in_eval(device, module):
+    """cuDNN's RNN backward refuses a module in eval mode ("cudnn RNN backward can only be
+    called in training mode"), which a case with dropout runs in: there, torch.nn (and ours on
+    auto/torch) take PyTorch's native CUDA kernels instead. Set and restored directly, not
+    through ``cudnn.flags()``, which would also reset TF32 through its legacy setter."""
+    if torch.device(device).type != "cuda" or module.training:
+        yield
+        return
+    prev = torch.backends.cudnn.enabled
+    torch.backends.cudnn.enabled = False
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.enabled = prev
+
+
 def check(seed: int, backend: str, dtype: str | None = None, device: str = "cpu") -> dict:
     """Run case ``seed`` on torch.nn and on ``backend``, on ``device``; raise AssertionError
     where they differ. ``backend`` may name a torch.compile backend after an @
@@ -207,11 +224,12 @@ def check(seed: int, backend: str, dtype: str | None = None, device: str = "cpu"
     ref, ours = (m.to(device) for m in _pair(case, backend))
     x, hs, lengths = _inputs(case)  # lengths stay on the CPU, as packing wants them
     x, hs = x.to(device), [h.to(device) for h in hs]
-    outs_ref, grads_ref = _run(ref, case, x, hs, lengths)
-    if compiler:
-        torch._dynamo.reset()
-        ours = torch.compile(ours, backend=compiler)
-    outs, grads = _run(ours, case, x, hs, lengths)
+    with _cudnn_off_in_eval(device, ref):
+        outs_ref, grads_ref = _run(ref, case, x, hs, lengths)
+        if compiler:
+            torch._dynamo.reset()
+            ours = torch.compile(ours, backend=compiler)
+        outs, grads = _run(ours, case, x, hs, lengths)
     atol, rtol = TOLERANCES[getattr(torch, case["dtype"])]
     assert_close_list(outs, outs_ref, atol, rtol, f"seed {seed} outputs")
     assert_close_list(grads, grads_ref, atol, rtol, f"seed {seed} grads")
