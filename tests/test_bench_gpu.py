@@ -779,29 +779,37 @@ def test_a_failing_backward_is_a_note_and_the_run_goes_on(monkeypatch, tmp_path)
         assert "illegal memory access" in by[shape, "reference", "fwd+bwd"]["note"]
 
 
-def test_one_steps_share_of_a_weight_gradient_missing_fails_the_check(monkeypatch, tmp_path):
-    """dW_hh short of one step's share (1/T of it here, as if one step's term were lost): at
-    T=64 that is inside the whole-tensor bound, on the extra probe of the first 4 steps a
-    quarter of it."""
+def _wrap_fused_forward(monkeypatch, wrap):
+    """bench_gpu.build with the fused model's forward replaced by ``wrap(forward, model)``."""
     bench_gpu = _import("bench_gpu")
-    monkeypatch.setitem(bench_gpu.DRY_SHAPES, "D9", (2, 64, 8))
     real = bench_gpu.build
 
     def build(mode, B, T, H, dtype, device, backend):
         model, x, cot = real(mode, B, T, H, dtype, device, backend)
-        if backend is None:
-            return model, x, cot
-        inner, steps = model.forward, []
+        if backend is not None:
+            model.forward = wrap(model.forward, model)
+        return model, x, cot
+
+    monkeypatch.setattr(bench_gpu, "build", build)
+    return bench_gpu
+
+
+def test_one_steps_share_of_a_weight_gradient_missing_fails_the_check(monkeypatch, tmp_path):
+    """dW_hh short of one step's share (1/T of it here, as if one step's term were lost): at
+    T=64 that is inside the whole-tensor bound, on the extra probe of the first 4 steps a
+    quarter of it."""
+    def wrap(inner, model):
+        steps = []
 
         def forward(x, hx=None):
             steps.append(x.shape[1])
             return inner(x, hx)
 
-        model.forward = forward
         model.weight_hh_l0.register_hook(lambda g: g * (1 - 1 / steps[-1]))
-        return model, x, cot
+        return forward
 
-    monkeypatch.setattr(bench_gpu, "build", build)
+    bench_gpu = _wrap_fused_forward(monkeypatch, wrap)
+    monkeypatch.setitem(bench_gpu.DRY_SHAPES, "D9", (2, 64, 8))
     _, rows = _main(monkeypatch, tmp_path, "--shapes", "D9", "--passes", "fwd")
     (ours,) = [r for r in rows if r["backend"] == "reference"]
     assert ours["check"].startswith("FAIL: first 4 steps: dW_hh "), ours["check"]
@@ -814,24 +822,17 @@ def test_a_kernel_wrong_after_its_first_call_fails_the_check(monkeypatch, tmp_pa
     is checked again after its timed calls."""
     import torch
 
-    bench_gpu = _import("bench_gpu")
-    real = bench_gpu.build
-
-    def build(mode, B, T, H, dtype, device, backend):
-        model, x, cot = real(mode, B, T, H, dtype, device, backend)
-        if backend is None:
-            return model, x, cot
-        inner, calls = model.forward, []
+    def wrap(inner, model):
+        calls = []
 
         def forward(x, hx=None):
             y, state = inner(x, hx)
             calls.append(1)
             return (y if len(calls) == 1 else y * torch.tensor(2.0, dtype=y.dtype)), state
 
-        model.forward = forward
-        return model, x, cot
+        return forward
 
-    monkeypatch.setattr(bench_gpu, "build", build)
+    _wrap_fused_forward(monkeypatch, wrap)
     _, rows = _main(monkeypatch, tmp_path, "--passes", "fwd,fwd+bwd")
     ours = [r for r in rows if r["backend"] == "reference"]
     assert len(ours) == 2 and all(float(r["ms"]) > 0 for r in ours), ours
