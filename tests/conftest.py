@@ -73,6 +73,8 @@ def pytest_configure(config):
     config.addinivalue_line("markers", "gpu: needs a CUDA GPU (skipped without one)")
     config.addinivalue_line("markers", "no_nan_fill: do not poison torch.empty in this test")
     config.addinivalue_line("markers", "slow: long-running test")
+    if not config.pluginmanager.hasplugin("timeout"):  # pytest-timeout's, where it is absent
+        config.addinivalue_line("markers", "timeout(seconds): pytest-timeout's limit (no-op)")
 
 
 def pytest_collection_modifyitems(config, items):

@@ -25,12 +25,15 @@ the recurrent dgates are a tensor-core operand in the storage dtype.
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import warnings
 
 import pytest
 import torch
 import training_checks
+from binding_refusals import BAD_BINDING_ARGS
+from binding_refusals import CASE_IDS as BINDING_CASE_IDS
 from cases import install_standin, layer_inputs, run_layer
 from cases import rel as _rel
 from helpers import check_non_finite_like_torch_nn, non_finite_params
@@ -437,63 +440,31 @@ def test_side_stream_and_second_device_guard():
         assert torch.equal(a, b)
 
 
-def _binding_args(mode, T=3, B=2, H=20, dtype=torch.float16):
-    """A valid (forward kwargs, backward kwargs) pair for the extension's own functions, on
-    the GPU: what ``ops.py`` hands them, before any check of ours."""
-    G = {"LSTM": 4, "GRU": 3, "RNN_TANH": 1}[mode]
+@pytest.fixture(scope="module")
+def binding_refusals():
+    """Every case of ``binding_refusals.BAD_BINDING_ARGS``, run in child processes."""
+    from binding_refusals import run_cases
 
-    def z(*shape, dt=torch.float32):
-        return torch.zeros(shape, device="cuda", dtype=dt)
-
-    lstm, gru = mode == "LSTM", mode == "GRU"
-    common = {"w_hh": z(G * H, H, dt=dtype), "reverse": False, "allow_tf32": False,
-              "lengths": torch.full((B,), T, device="cuda", dtype=torch.int32),
-              "max_groups": 1, "max_stage_k": 0}
-    fwd = {"mode": ops.CELLS[mode], "xproj": z(T, B, G * H), "h0": z(B, H, dt=dtype),
-           "c0": z(B, H, dt=dtype) if lstm else None, "b_hh": z(G * H), "save": True, **common}
-    bwd = {"mode": ops.CELLS[mode], "dy": z(T, B, H, dt=dtype), "dh_n": z(B, H),
-           "dc_n": z(B, H) if lstm else None, "gates": z(T, B, G * H),
-           "aux": z(T, B, H) if lstm or gru else None, "c0": z(B, H) if lstm else None,
-           "hprev": z(T, B, H, dt=dtype) if gru else None, **common}
-    return fwd, bwd
-
-
-# (cell, "forward"/"backward", argument, a bad value (from the valid args), what the error says)
-BAD_BINDING_ARGS = [
-    ("LSTM", "forward", "w_hh", lambda a: a["w_hh"][:-1], "w_hh must have shape"),
-    ("LSTM", "forward", "h0", lambda a: a["h0"].t().contiguous().t(), "h0 must be contiguous"),
-    ("LSTM", "forward", "c0", lambda a: None, "c0 is required for LSTM"),
-    ("LSTM", "forward", "c0", lambda a: a["c0"][:1], "c0 must have shape"),
-    ("GRU", "forward", "b_hh", lambda a: a["b_hh"].half(), "b_hh must be"),
-    ("GRU", "forward", "w_hh", lambda a: a["w_hh"].float(), "w_hh must be"),
-    ("RNN_TANH", "forward", "lengths", lambda a: a["lengths"].long(), "lengths must be"),
-    ("RNN_TANH", "forward", "h0", lambda a: a["h0"].cpu(), "h0 must be on"),
-    ("RNN_TANH", "forward", "mode", lambda a: 7, "mode code must be"),
-    ("RNN_TANH", "forward", "h0", lambda a: a["h0"].double(), "float32, float16 or bfloat16"),
-    ("LSTM", "backward", "dc_n", lambda a: None, "dc_n is required for LSTM"),
-    ("GRU", "backward", "hprev", lambda a: None, "hprev is required for GRU"),
-    ("GRU", "backward", "aux", lambda a: a["aux"][:, :1], "aux must have shape"),
-    ("LSTM", "backward", "gates", lambda a: a["gates"].half(), "gates must be"),
-    ("RNN_TANH", "backward", "dh_n", lambda a: a["dh_n"].t(), "dh_n must have shape"),
-]
+    return run_cases()
 
 
 @gpu_only
-@pytest.mark.parametrize("cell,fn,arg,bad,says", BAD_BINDING_ARGS,
-                         ids=[f"{c}-{f}-{a}-{i}" for i, (c, f, a, *_) in
-                              enumerate(BAD_BINDING_ARGS)])
-def test_binding_refuses_what_its_kernels_cannot_take(cuda_ext, cell, fn, arg, bad, says):
+@pytest.mark.timeout(600)  # the first case runs them all (and cuda-gdb, after a crash)
+@pytest.mark.parametrize("case", range(len(BAD_BINDING_ARGS)), ids=BINDING_CASE_IDS)
+def test_binding_refuses_what_its_kernels_cannot_take(binding_refusals, case):
     """``csrc/binding.cpp`` hands raw pointers to the kernels, so each wrong shape, dtype,
-    layout, device or missing tensor must stop there with a message naming it. ``ops.py``
-    never sends such a call, so only a direct call tests these checks; the valid call runs
-    first, so each refusal is the bad argument's."""
-    fwd, bwd = _binding_args(cell)
-    call = cuda_ext.forward if fn == "forward" else cuda_ext.backward
-    kwargs = fwd if fn == "forward" else bwd
-    call(**kwargs)
-    torch.cuda.synchronize()
-    with pytest.raises(RuntimeError, match=says):
-        call(**{**kwargs, arg: bad(kwargs)})
+    layout, device or missing tensor must stop there with a message naming it, never a crash.
+    ``ops.py`` never sends such a call, so only a direct call tests these checks; the valid
+    call runs first, so each refusal is the bad argument's. In child processes
+    (``binding_refusals.py``): a crash costs its case, with a native backtrace, not the run."""
+    says = BAD_BINDING_ARGS[case][-1]
+    got = binding_refusals[case]
+    assert "died" not in got, (
+        f"the call crashed instead of raising ({got['died']}):\n{got.get('backtrace', '')}\n"
+        f"stderr:\n{got['stderr']}")
+    assert "valid_failed" not in got, f"the valid call failed: {got['valid_failed']}"
+    assert not got.get("returned"), "the bad call returned instead of raising"
+    assert got["raised"] == "RuntimeError" and re.search(says, got["message"]), got
 
 
 @gpu_only

@@ -1,0 +1,179 @@
+"""The extension's own argument checks (``csrc/binding.cpp``), called directly with one bad
+argument each, in child processes: a check that crashes instead of raising (seen once on an
+H200, torch 2.11: a segmentation fault on the first refusal) costs its own case, not the pytest
+run and every GPU test after it.
+
+``python binding_refusals.py FIRST`` runs cases FIRST.. in order and prints one JSON line per
+event: ``{"start": i}`` before case i, then ``{"case": i, ...}`` with what happened: the valid
+call's failure, or the bad call's exception type and message (or that it returned). The parent
+(:func:`run_cases`) starts a child again after the case a child died in, and for the first
+such case runs that case alone under cuda-gdb (where there is one) for a native backtrace.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+
+import torch
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(os.path.dirname(HERE))
+
+
+def binding_args(mode, T=3, B=2, H=20, dtype=torch.float16):
+    """A valid (forward kwargs, backward kwargs) pair for the extension's own functions, on
+    the GPU: what ``ops.py`` hands them, before any check of ours."""
+    from fused_rnn.ops.cuda import ops
+
+    G = {"LSTM": 4, "GRU": 3, "RNN_TANH": 1}[mode]
+
+    def z(*shape, dt=torch.float32):
+        return torch.zeros(shape, device="cuda", dtype=dt)
+
+    lstm, gru = mode == "LSTM", mode == "GRU"
+    common = {"w_hh": z(G * H, H, dt=dtype), "reverse": False, "allow_tf32": False,
+              "lengths": torch.full((B,), T, device="cuda", dtype=torch.int32),
+              "max_groups": 1, "max_stage_k": 0}
+    fwd = {"mode": ops.CELLS[mode], "xproj": z(T, B, G * H), "h0": z(B, H, dt=dtype),
+           "c0": z(B, H, dt=dtype) if lstm else None, "b_hh": z(G * H), "save": True, **common}
+    bwd = {"mode": ops.CELLS[mode], "dy": z(T, B, H, dt=dtype), "dh_n": z(B, H),
+           "dc_n": z(B, H) if lstm else None, "gates": z(T, B, G * H),
+           "aux": z(T, B, H) if lstm or gru else None, "c0": z(B, H) if lstm else None,
+           "hprev": z(T, B, H, dt=dtype) if gru else None, **common}
+    return fwd, bwd
+
+
+# (cell, "forward"/"backward", argument, a bad value (from the valid args), what the error says)
+BAD_BINDING_ARGS = [
+    ("LSTM", "forward", "w_hh", lambda a: a["w_hh"][:-1], "w_hh must have shape"),
+    ("LSTM", "forward", "h0", lambda a: a["h0"].t().contiguous().t(), "h0 must be contiguous"),
+    ("LSTM", "forward", "c0", lambda a: None, "c0 is required for LSTM"),
+    ("LSTM", "forward", "c0", lambda a: a["c0"][:1], "c0 must have shape"),
+    ("GRU", "forward", "b_hh", lambda a: a["b_hh"].half(), "b_hh must be"),
+    ("GRU", "forward", "w_hh", lambda a: a["w_hh"].float(), "w_hh must be"),
+    ("RNN_TANH", "forward", "lengths", lambda a: a["lengths"].long(), "lengths must be"),
+    ("RNN_TANH", "forward", "h0", lambda a: a["h0"].cpu(), "h0 must be on"),
+    ("RNN_TANH", "forward", "mode", lambda a: 7, "mode code must be"),
+    ("RNN_TANH", "forward", "h0", lambda a: a["h0"].double(), "float32, float16 or bfloat16"),
+    ("LSTM", "backward", "dc_n", lambda a: None, "dc_n is required for LSTM"),
+    ("GRU", "backward", "hprev", lambda a: None, "hprev is required for GRU"),
+    ("GRU", "backward", "aux", lambda a: a["aux"][:, :1], "aux must have shape"),
+    ("LSTM", "backward", "gates", lambda a: a["gates"].half(), "gates must be"),
+    ("RNN_TANH", "backward", "dh_n", lambda a: a["dh_n"].t(), "dh_n must have shape"),
+]
+CASE_IDS = [f"{c}-{f}-{a}-{i}" for i, (c, f, a, *_) in enumerate(BAD_BINDING_ARGS)]
+
+
+def _emit(**event) -> None:
+    print(json.dumps(event), flush=True)
+
+
+def run_in_child(first: int, last: int) -> None:
+    """Cases first..last-1 in this process (the child's side)."""
+    from fused_rnn.ops.cuda import _ext
+
+    ext = _ext.extension()
+    for i in range(first, last):
+        cell, fn, arg, bad, _ = BAD_BINDING_ARGS[i]
+        _emit(start=i)
+        fwd, bwd = binding_args(cell)
+        call = ext.forward if fn == "forward" else ext.backward
+        kwargs = fwd if fn == "forward" else bwd
+        try:
+            call(**kwargs)
+            torch.cuda.synchronize()
+        except Exception as e:  # noqa: BLE001 (the valid call must run: said, not raised)
+            _emit(case=i, valid_failed=f"{type(e).__name__}: {e}")
+            continue
+        try:
+            call(**{**kwargs, arg: bad(kwargs)})
+        except Exception as e:  # noqa: BLE001 (what the binding raised is the result)
+            _emit(case=i, raised=type(e).__name__, message=str(e))
+        else:
+            _emit(case=i, returned=True)
+
+
+def _child_command(first: int, last: int) -> list[str]:
+    return [sys.executable, os.path.abspath(__file__), str(first), str(last)]
+
+
+def _how_it_died(returncode: int) -> str:
+    if returncode < 0:
+        try:
+            return f"killed by {signal.Signals(-returncode).name}"
+        except ValueError:
+            return f"killed by signal {-returncode}"
+    return f"exited with code {returncode}"
+
+
+def native_backtrace(case: int, timeout: float = 75) -> str:
+    """Case ``case`` alone under cuda-gdb (or gdb) in batch mode: the native stack where it
+    stops on a signal. Symbols (and so unwind tables) only of the libraries that can be on that
+    stack, not libtorch_cuda's or the CUDA libraries' (hundreds of MB to read); ``_ctypes`` and
+    ``libffi`` for the harness's own test."""
+    from torch.utils.cpp_extension import CUDA_HOME
+
+    gdb = (shutil.which("cuda-gdb") or (CUDA_HOME and shutil.which(
+        "cuda-gdb", path=os.path.join(CUDA_HOME, "bin"))) or shutil.which("gdb"))
+    if gdb is None:
+        return "(no cuda-gdb or gdb on PATH: no native backtrace)"
+    libs = ["fused_rnn", r"libc10\.so", "libtorch_cpu", "libtorch_python", r"libtorch\.so",
+            "libstdc", "libgcc", "libpython", r"libc\.so", "_ctypes", "libffi"]
+    cmd = [gdb, "-batch", "-nx", "-ex", "set auto-solib-add off", "-ex", "set pagination off",
+           "-ex", "run"]
+    for lib in libs:
+        cmd += ["-ex", f"sharedlibrary {lib}"]
+    cmd += ["-ex", "bt 40", "--args", *_child_command(case, case + 1)]
+    try:
+        out = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout,
+                             env=_child_env(), cwd=ROOT, check=False)
+    except subprocess.TimeoutExpired:
+        return f"({os.path.basename(gdb)} took over {timeout:.0f} s: no backtrace)"
+    text = out.stdout + out.stderr
+    at = text.find("received signal")
+    return (text[at - 200 if at > 200 else 0:] if at >= 0 else text)[-6000:]
+
+
+def _child_env() -> dict:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (ROOT, HERE, env.get("PYTHONPATH")) if p)
+    return env
+
+
+def run_cases(timeout: float = 240) -> dict[int, dict]:
+    """Every case, in child processes: {case: its event}; a case its child died in is
+    ``{"case": i, "died": how, "stderr": tail}``, the first such with ``"backtrace"``."""
+    results: dict[int, dict] = {}
+    first, n = 0, len(BAD_BINDING_ARGS)
+    backtrace_taken = False
+    while first < n:
+        proc = subprocess.run(_child_command(first, n), capture_output=True, text=True,
+                              timeout=timeout, env=_child_env(), cwd=ROOT, check=False)
+        started = None
+        for line in proc.stdout.splitlines():
+            if not line.startswith("{"):
+                continue
+            event = json.loads(line)
+            if "start" in event:
+                started = event["start"]
+            else:
+                results[event["case"]] = event
+        if proc.returncode == 0 and all(i in results for i in range(first, n)):
+            break
+        dead = started if started is not None and started not in results else first
+        results[dead] = {"case": dead, "died": _how_it_died(proc.returncode),
+                         "stderr": proc.stderr[-3000:]}
+        if not backtrace_taken:
+            backtrace_taken = True
+            results[dead]["backtrace"] = native_backtrace(dead)
+        first = dead + 1
+    return results
+
+
+if __name__ == "__main__":
+    run_in_child(int(sys.argv[1]), int(sys.argv[2]))

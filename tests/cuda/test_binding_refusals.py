@@ -1,0 +1,55 @@
+"""The child-process harness of the binding-refusal GPU test (``binding_refusals.py``), on the
+CPU: a child that crashes in one case costs that case, the cases after it still run, and the
+crashed case gets a native backtrace where a debugger is installed."""
+
+from __future__ import annotations
+
+import shutil
+import sys
+
+import binding_refusals as br
+import pytest
+
+# A stand-in child: case 3 dies of a segmentation fault (a null read), case 5 returns instead
+# of raising, the others raise a RuntimeError that names their case.
+FAKE_CHILD = r"""
+import ctypes, json, sys
+first, last = int(sys.argv[1]), int(sys.argv[2])
+for i in range(first, last):
+    print(json.dumps({"start": i}), flush=True)
+    if i == 3:
+        ctypes.string_at(0)
+    if i == 5:
+        print(json.dumps({"case": i, "returned": True}), flush=True)
+        continue
+    print(json.dumps({"case": i, "raised": "RuntimeError", "message": f"case {i}"}), flush=True)
+"""
+
+
+@pytest.fixture
+def fake_child(monkeypatch):
+    monkeypatch.setattr(br, "_child_command",
+                        lambda first, last: [sys.executable, "-c", FAKE_CHILD, str(first),
+                                             str(last)])
+    monkeypatch.setattr(br, "BAD_BINDING_ARGS", br.BAD_BINDING_ARGS[:8])
+
+
+def test_a_crash_costs_its_case_only(fake_child, monkeypatch):
+    monkeypatch.setattr(br, "native_backtrace", lambda case: f"backtrace of {case}")
+    results = br.run_cases(timeout=120)
+    assert sorted(results) == list(range(8))
+    assert results[3]["died"] == "killed by SIGSEGV"
+    assert results[3]["backtrace"] == "backtrace of 3"
+    assert results[5] == {"case": 5, "returned": True}
+    for i in (0, 1, 2, 4, 6, 7):
+        assert results[i] == {"case": i, "raised": "RuntimeError", "message": f"case {i}"}
+
+
+@pytest.mark.skipif(shutil.which("gdb") is None and shutil.which("cuda-gdb") is None,
+                    reason="no gdb or cuda-gdb on PATH")
+def test_the_crashed_case_gets_a_native_backtrace(fake_child):
+    """Under the debugger, the crashed case alone stops on the signal and prints its stack
+    (here: ctypes' string_at, called from Python)."""
+    trace = br.native_backtrace(3, timeout=120)
+    assert "SIGSEGV" in trace, trace
+    assert "#0" in trace and "string_at" in trace, trace
