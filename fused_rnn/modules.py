@@ -593,7 +593,9 @@ class _RNNStack(_Recurrent):
                 return run(data, h0, c0, w, self.num_layers, self.dropout)
             # One layer a call, the dropout between them drawn from torch's generator. Each
             # layer's weights go to cuDNN at the start of a buffer of their own, as it takes
-            # them without a copy (layer 0's is the module's buffer where no cast is needed).
+            # them without a copy. Layer 0's can stay in the module's buffer only where no cast
+            # is needed and they tile its start without a gap: cuDNN's layout need not keep a
+            # layer's tensors together (on an H200, torch 2.11, cuDNN 9.19, fp32 stacks warned).
             D = 2 if self.bidirectional else 1
             k = len(w) // (self.num_layers * D)  # tensors per layer and direction
             hs, cs = [], []
@@ -605,7 +607,8 @@ class _RNNStack(_Recurrent):
                 lw = w[first:first + D * k]
                 sub = (None if order is None else
                        [i - first for i in order if first <= i < first + D * k])
-                if sub is not None and (layer or cast is not None):
+                if sub is not None and (layer or cast is not None
+                                        or _buffer_order(lw) is None):
                     lw = _in_one_buffer(lw, sub, cast or lw[0].dtype)
                 elif cast is not None:
                     lw = [t.to(cast) for t in lw]
