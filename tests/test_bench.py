@@ -44,6 +44,30 @@ def test_bench_flags_a_validation_loss_off_by_more_than_the_tolerance(capsys, tm
     assert rows[("fp32", "fused_rnn:torch")]["check"] == "ok"
 
 
+def test_amp_bf16_loss_is_held_to_torch_nns_fp32_row_on_cuda():
+    """On CUDA torch.nn's amp-bf16 RNN computes in fp16 with no loss scaling (seen training
+    to 3.52 where every other row reached 2.73): an amp-bf16 row's loss is checked against
+    torch.nn's fp32 row there, its speed against torch.nn's amp-bf16 row; on the CPU, and
+    without an fp32 row, against its own precision's row."""
+    def rows(with_fp32=True):
+        made = [dict(impl=impl, precision=p, error="", val_loss=loss, tokens_per_s=tps)
+                for impl, p, loss, tps in [("torch.nn", "fp32", 2.7263, 100.0),
+                                           ("torch.nn", "amp-bf16", 3.5250, 200.0),
+                                           ("fused_rnn:x", "amp-bf16", 2.7266, 400.0)]
+                if with_fp32 or p != "fp32"]
+        return made, made[-1]
+
+    results, ours = rows()
+    assert bench._check(results, torch.device("cuda"))
+    assert ours["check"] == "ok" and ours["delta"] == pytest.approx(3e-4)
+    assert ours["speedup"] == 2.0
+    for results, ours in (rows(), rows(with_fp32=False)):
+        device = "cpu" if len(results) == 3 else "cuda"
+        assert not bench._check(results, torch.device(device))
+        assert ours["check"] == "MISMATCH (loss Δ > 0.06)", device
+        assert ours["delta"] == pytest.approx(2.7266 - 3.5250)
+
+
 def test_bench_validates_val_chunks_chunks_and_reports_speedup_over_torch_nn(capsys, tmp_path,
                                                                              text_file,
                                                                              monkeypatch):
