@@ -15,6 +15,7 @@
 
 #include <algorithm>
 #include <climits>
+#include <string>
 #include <vector>
 
 #include "fused_rnn.h"
@@ -38,9 +39,25 @@ using fused_rnn::Plan;
                     : "");                                                                   \
   } while (0)
 
+// Numbers in error messages go through std::to_string (num, dims), never an iostream. On the
+// lent H200 (torch 2.11, extension built there by its own g++) every refusal that streamed an
+// integer (a shape, a mode code) died of a segmentation fault inside the
+// std::ostream::_M_insert<long> that this library itself carried, instead of raising; refusals
+// of strings, dtypes and devices raised as they should (tests/cuda/binding_refusals.py).
+std::string num(int64_t v) { return std::to_string(v); }
+
+std::string dims(at::IntArrayRef sizes) {
+  std::string out = "[";
+  for (size_t i = 0; i < sizes.size(); ++i) {
+    if (i) out += ", ";
+    out += std::to_string(sizes[i]);
+  }
+  return out + "]";
+}
+
 Cell cell_of(int64_t mode) {
   TORCH_CHECK(mode >= 0 && mode <= 3, "fused_rnn CUDA backend: mode code must be 0 (LSTM), ",
-              "1 (GRU), 2 (RNN_TANH) or 3 (RNN_RELU), got ", mode);
+              "1 (GRU), 2 (RNN_TANH) or 3 (RNN_RELU), got ", num(mode));
   return static_cast<Cell>(mode);
 }
 
@@ -55,8 +72,8 @@ void check(const at::Tensor& t, const char* name, const at::Device& dev, c10::Sc
               " (like the other inputs), got ", t.device());
   TORCH_CHECK(t.scalar_type() == dtype, "fused_rnn CUDA backend: ", name, " must be ", dtype,
               ", got ", t.scalar_type());
-  TORCH_CHECK(t.sizes() == shape, "fused_rnn CUDA backend: ", name, " must have shape ", shape,
-              ", got ", t.sizes());
+  TORCH_CHECK(t.sizes() == shape, "fused_rnn CUDA backend: ", name, " must have shape ",
+              dims(shape), ", got ", dims(t.sizes()));
   TORCH_CHECK(t.is_contiguous(), "fused_rnn CUDA backend: ", name, " must be contiguous");
 }
 
@@ -80,15 +97,15 @@ long long* prof_ptr(const c10::optional<at::Tensor>& prof, const at::Device& dev
   TORCH_CHECK(prof->device() == dev && prof->scalar_type() == at::kLong && prof->is_contiguous(),
               "fused_rnn CUDA backend: prof must be a contiguous int64 tensor on ", dev);
   TORCH_CHECK(prof->numel() >= static_cast<int64_t>(plan.blocks) * fused_rnn::kProfSlots,
-              "fused_rnn CUDA backend: prof needs ", plan.blocks, " x ", fused_rnn::kProfSlots,
-              " elements for this launch, got ", prof->numel());
+              "fused_rnn CUDA backend: prof needs ", num(plan.blocks), " x ",
+              num(fused_rnn::kProfSlots), " elements for this launch, got ", num(prof->numel()));
   return reinterpret_cast<long long*>(prof->data_ptr<int64_t>());
 }
 
 int checked_stage_copy(int64_t mode) {
   TORCH_CHECK(mode >= fused_rnn::kStageRegisters && mode <= fused_rnn::kStagePipelined,
               "fused_rnn CUDA backend: stage_copy must be 0 (registers), 1 (cp.async) or 2 ",
-              "(pipelined cp.async), got ", mode);
+              "(pipelined cp.async), got ", num(mode));
   return static_cast<int>(mode);
 }
 
@@ -124,22 +141,23 @@ fused_rnn::Selection checked_plan(Cell cell, c10::ScalarType st, bool allow_tf32
                                   bool dsmem, int* mode) {
   const DeviceInfo d = device_attributes(dev.index());
   TORCH_CHECK(d.major >= 8, "fused_rnn CUDA backend: needs compute capability >= 8.0, got ",
-              d.major, ".", d.minor);
-  TORCH_CHECK(d.cooperative, "fused_rnn CUDA backend: device ", dev.index(),
+              num(d.major), ".", num(d.minor));
+  TORCH_CHECK(d.cooperative, "fused_rnn CUDA backend: device ", num(dev.index()),
               " does not support cooperative launches");
   TORCH_CHECK(hidden > 0 && hidden <= (1 << 20), "fused_rnn CUDA backend: bad hidden size ",
-              hidden);
+              num(hidden));
   TORCH_CHECK(max_groups >= 1, "fused_rnn CUDA backend: max_groups must be >= 1, got ",
-              max_groups);
+              num(max_groups));
   TORCH_CHECK(max_stage_k >= 0, "fused_rnn CUDA backend: max_stage_k must be >= 0, got ",
-              max_stage_k);
+              num(max_stage_k));
   TORCH_CHECK(k_parts >= 0, "fused_rnn CUDA backend: k_parts must be >= 0 (0: auto), got ",
-              k_parts);
+              num(k_parts));
   TORCH_CHECK(max_blocks >= 0,
               "fused_rnn CUDA backend: max_blocks must be >= 0 (0: one block per SM), got ",
-              max_blocks);
+              num(max_blocks));
   TORCH_CHECK(cluster >= 0 && cluster <= 16,
-              "fused_rnn CUDA backend: cluster must be 0 (off) or 1..16 blocks, got ", cluster);
+              "fused_rnn CUDA backend: cluster must be 0 (off) or 1..16 blocks, got ",
+              num(cluster));
   const int groups_cap = static_cast<int>(std::min<int64_t>(max_groups, 1 << 16));
   const int stage_cap = static_cast<int>(std::min<int64_t>(max_stage_k, 1 << 30));
   const int parts_cap = static_cast<int>(std::min<int64_t>(k_parts, 1 << 16));
@@ -151,10 +169,10 @@ fused_rnn::Selection checked_plan(Cell cell, c10::ScalarType st, bool allow_tf32
   const fused_rnn::Selection& sel = choice.sel;
   *mode = choice.cluster;
   const Plan& plan = sel.plan;
-  TORCH_CHECK(plan.smem_bytes <= d.smem_optin, "fused_rnn CUDA backend: hidden_size=", hidden,
-              " needs ", plan.smem_bytes, " bytes of shared memory per block (", plan.blocks,
-              " blocks of ", plan.units, " units, ", backward ? "backward" : "forward",
-              "); this GPU allows ", d.smem_optin);
+  TORCH_CHECK(plan.smem_bytes <= d.smem_optin, "fused_rnn CUDA backend: hidden_size=", num(hidden),
+              " needs ", num(plan.smem_bytes), " bytes of shared memory per block (",
+              num(plan.blocks), " blocks of ", num(plan.units), " units, ",
+              backward ? "backward" : "forward", "); this GPU allows ", num(d.smem_optin));
   return sel;
 }
 
@@ -168,8 +186,9 @@ at::Tensor part_buffer(const Plan& plan, int64_t batch_pad, const at::TensorOpti
 // The kernels count steps and batch rows in int (FwdParams, BwdParams; ops.py checks first).
 void check_counts(int64_t T, int64_t B) {
   TORCH_CHECK(T <= INT_MAX && B <= INT_MAX - fused_rnn::kBatchPad,
-              "fused_rnn CUDA backend: at most ", INT_MAX, " steps and ",
-              INT_MAX - fused_rnn::kBatchPad, " batch rows per launch, got T=", T, ", B=", B);
+              "fused_rnn CUDA backend: at most ", num(INT_MAX), " steps and ",
+              num(INT_MAX - fused_rnn::kBatchPad), " batch rows per launch, got T=", num(T),
+              ", B=", num(B));
 }
 
 // Forward over a chunk. xproj (T, B, G*H) fp32 = x W_ih^T + b_ih, overwritten with the
@@ -188,8 +207,9 @@ std::vector<at::Tensor> forward(int64_t mode, at::Tensor xproj, at::Tensor h0,
   TORCH_CHECK(xproj.is_cuda(), "fused_rnn CUDA backend: inputs must be CUDA tensors, got ",
               xproj.device());
   TORCH_CHECK(xproj.dim() == 3, "fused_rnn CUDA backend: xproj must be (T, B, G*H), got ",
-              xproj.sizes());
-  TORCH_CHECK(h0.dim() == 2, "fused_rnn CUDA backend: h0 must be (B, H), got ", h0.sizes());
+              dims(xproj.sizes()));
+  TORCH_CHECK(h0.dim() == 2, "fused_rnn CUDA backend: h0 must be (B, H), got ",
+              dims(h0.sizes()));
   const int64_t T = xproj.size(0), B = xproj.size(1), H = h0.size(1);
   TORCH_CHECK(T > 0 && B > 0, "fused_rnn CUDA backend: empty chunks are handled in Python");
   const at::Device dev = xproj.device();
@@ -271,7 +291,8 @@ std::vector<at::Tensor> backward(int64_t mode, at::Tensor dy, at::Tensor dh_n,
   const int64_t G = fused_rnn::gates_of(cell);
   TORCH_CHECK(dy.is_cuda(), "fused_rnn CUDA backend: inputs must be CUDA tensors, got ",
               dy.device());
-  TORCH_CHECK(dy.dim() == 3, "fused_rnn CUDA backend: dy must be (T, B, H), got ", dy.sizes());
+  TORCH_CHECK(dy.dim() == 3, "fused_rnn CUDA backend: dy must be (T, B, H), got ",
+              dims(dy.sizes()));
   const int64_t T = dy.size(0), B = dy.size(1), H = dy.size(2);
   TORCH_CHECK(T > 0 && B > 0, "fused_rnn CUDA backend: empty chunks are handled in Python");
   check_counts(T, B);
@@ -371,7 +392,7 @@ std::vector<int64_t> device_info(int64_t index) {
 // (the CUDA error code, 0, 0): fused_rnn.h kernel_image, on that device.
 std::vector<int64_t> kernel_image(int64_t index) {
   TORCH_CHECK(index >= 0 && index < c10::cuda::device_count(),
-              "fused_rnn CUDA backend: no CUDA device ", index);
+              "fused_rnn CUDA backend: no CUDA device ", num(index));
   const c10::cuda::CUDAGuard guard(static_cast<c10::DeviceIndex>(index));
   int binary = 0, ptx = 0;
   const cudaError_t err = fused_rnn::kernel_image(&binary, &ptx);

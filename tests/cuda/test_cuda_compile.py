@@ -358,6 +358,61 @@ int main() {
 """
 
 
+def _torch_check_messages(source: str) -> list[tuple[int, list[str]]]:
+    """(line, message arguments) of every TORCH_CHECK in C++ ``source``: the arguments after
+    the condition, split at top-level commas (string literals and nested calls kept whole)."""
+    calls = []
+    for m in re.finditer(r"\bTORCH_CHECK\(", source):
+        depth, i, args, start, in_str = 1, m.end(), [], m.end(), False
+        while depth:
+            c = source[i]
+            if in_str:
+                in_str = not (c == '"' and source[i - 1] != "\\")
+            elif c == '"':
+                in_str = True
+            elif c in "([{":
+                depth += 1
+            elif c in ")]}":
+                depth -= 1
+            elif c == "," and depth == 1:
+                args.append(source[start:i])
+                start = i + 1
+            i += 1
+        args.append(source[start:i - 1])
+        calls.append((source.count("\n", 0, m.start()) + 1,
+                      [" ".join(a.replace("\\\n", " ").split()) for a in args[1:]]))
+    return calls
+
+
+# What a TORCH_CHECK message in binding.cpp may stream besides string literals and num()/dims():
+# strings, dtypes (their names) and devices (printed by libc10 itself).
+STREAMABLE = {"name", "why", "dev", "dtype", "st", "t.device()", "t.scalar_type()",
+              "xproj.device()", "dy.device()", "#expr", "cudaGetErrorName(err_)",
+              "cudaGetErrorString(err_)", 'backward ? "backward" : "forward"'}
+
+
+def test_binding_streams_no_number_into_an_error_message():
+    """Every number in binding.cpp's error messages goes through ``num``/``dims``
+    (std::to_string): on the lent H200 each refusal that streamed an integer into TORCH_CHECK
+    crashed in the library's own copy of std::ostream::_M_insert<long> instead of raising."""
+    calls = _torch_check_messages((CSRC / "binding.cpp").read_text())
+    assert len(calls) > 30
+    bad = []
+    for line, args in calls:
+        for arg in args:
+            if (re.fullmatch(r'("([^"\\]|\\.)*"\s*)+', arg) or arg in STREAMABLE
+                    or re.fullmatch(r"(num|dims)\(.*\)", arg)
+                    or arg.startswith("err_ == cudaErrorCooperativeLaunchTooLarge")):
+                continue
+            bad.append(f"binding.cpp:{line}: {arg}")
+    assert not bad, "stream numbers through num()/dims():\n" + "\n".join(bad)
+
+
+def test_the_number_check_sees_a_streamed_integer():
+    calls = _torch_check_messages('TORCH_CHECK(a < b, "a=", num(a), ", b=", b, "x" "y");')
+    assert calls == [(1, ['"a="', "num(a)", '", b="', "b", '"x" "y"'])]
+
+
 def test_plan_header_matches_python_mirror(tmp_path):
     if GXX is None:
         pytest.skip("g++ not found: cannot compile csrc/plan.h")
