@@ -261,3 +261,39 @@ def test_compiled_vmap_ensemble_on_auto(monkeypatch, whole_stack):
     torch._dynamo.reset()
     want = torch.stack([m(x)[0] for m in models])
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
+def test_cuda_backends_device_check_runs_eagerly_under_fullgraph_compile(monkeypatch):
+    """The CUDA backend's configuration check, traced by dynamo, hands the device part to a
+    function evaluated eagerly (assume_constant_result): that part loads the extension under a
+    threading lock and asks it for the device's limits through pybind11, and dynamo traces
+    neither (on an H200, torch 2.11: fullgraph compile of an LSTM on backend="cuda" failed at
+    the lock). Here the extension is a stand-in with such a lock; the check's answer (the plan
+    fits, or at H=100000 it does not) must reach the graph."""
+    import threading
+    import types
+
+    from fused_rnn.ops import cuda as cuda_backend
+    from fused_rnn.ops.cuda import _ext
+
+    lock, asked = threading.Lock(), []
+
+    def unavailable_reason(device):
+        with lock:
+            asked.append(device)
+
+    monkeypatch.setattr(_ext, "unavailable_reason", unavailable_reason)
+    monkeypatch.setattr(_ext, "extension", lambda: types.SimpleNamespace(
+        device_info=lambda index: (132, 232448, 9, 0, 1)))
+
+    def f(x, hidden_size):
+        reason = cuda_backend.unsupported_reason(
+            "layer", mode="LSTM", device=torch.device("cuda", 0), dtype=torch.bfloat16,
+            input_size=8, hidden_size=hidden_size, proj_size=0, has_lengths=False)
+        return x + (1 if reason is None else 2)
+
+    for hidden_size, want in ((256, 1.0), (100_000, 2.0)):
+        torch._dynamo.reset()
+        out = torch.compile(f, fullgraph=True, backend="eager")(torch.zeros(2), hidden_size)
+        assert torch.equal(out, torch.full((2,), want)), hidden_size
+    assert asked == [torch.device("cuda", 0)] * 2

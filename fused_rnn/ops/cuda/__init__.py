@@ -94,15 +94,26 @@ def unsupported_reason(
         return "a size of 0 (input_size or hidden_size): nothing for a kernel to compute"
     if device.type != "cuda":
         return f"the CUDA kernels run on CUDA devices, not {device.type}"
+    return _device_reason(mode, device.index, dtype != torch.float32, cudnn_rnn_tf32(),
+                          hidden_size)
+
+
+# Evaluated eagerly even under torch.compile (dynamo bakes the answer into the graph): the
+# first call loads the extension under a threading lock and every call asks it for the
+# device's limits through pybind11, neither of which dynamo can trace (on an H200,
+# torch.compile(fullgraph=True) of a model on this backend failed at the lock).
+@torch.compiler.assume_constant_result
+def _device_reason(mode: str, index: int | None, half: bool, tf32: bool,
+                   hidden_size: int) -> str | None:
+    """Why CUDA device ``index`` (None: the current one) cannot run ``mode`` at
+    ``hidden_size`` (the extension cannot load or run there, or the plan does not fit), or
+    None."""
+    device = torch.device("cuda", index) if index is not None else torch.device("cuda")
     reason = unavailable_reason(device)
     if reason is not None:
         return reason
     sms, smem_optin = _device_limits(device)
-    cell = plan.CELLS[mode]
-    return plan.fits(
-        cell, dtype != torch.float32, cudnn_rnn_tf32(), hidden_size, sms,
-        smem_optin,
-    )
+    return plan.fits(plan.CELLS[mode], half, tf32, hidden_size, sms, smem_optin)
 
 
 def rnn_layer(
