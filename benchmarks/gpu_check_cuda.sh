@@ -114,6 +114,23 @@ from fused_rnn.ops import cuda
 r = cuda.unavailable_reason(torch.device('cuda'))
 print('torch', torch.__version__, 'cuda', torch.version.cuda)
 print('CUDA backend:', r or 'available on ' + torch.cuda.get_device_name())
+# What the build was made with, and which libstdc++ stream and locale code the library carries
+# itself (on the first H200 run its own std::ostream::_M_insert<long> crashed; csrc/binding.cpp
+# now streams no numbers): a finding for the notes, never a failure.
+import re, shutil, subprocess
+try:
+    cxx = subprocess.run(['c++', '--version'], capture_output=True, text=True, timeout=10)
+    print('host compiler:', (cxx.stdout.splitlines() or ['?'])[0])
+    so = getattr(_ext.extension(), '__file__', None) if r is None else None
+    if so and shutil.which('nm'):
+        nm = subprocess.run(['nm', '-C', '--defined-only', so], capture_output=True, text=True,
+                            timeout=30).stdout
+        own = sorted({m.group(0) for m in re.finditer(
+            r'std::(basic_ostream|num_put|codecvt|locale)[^(]*', nm)})
+        print('libstdc++ stream/locale code defined in', so + ':', len(own), 'symbols',
+              '; '.join(own[:8]))
+except Exception as e:  # a diagnostic only
+    print('host compiler / symbol check failed:', type(e).__name__, e)
 raise SystemExit(r is not None)
 "
   if frnn_build_failed "$LOG_DIR"; then   # it ran (not skipped for time) and failed

@@ -50,7 +50,8 @@ def test_amp_bf16_loss_is_held_to_torch_nns_fp32_row_on_cuda():
     torch.nn's fp32 row there, its speed against torch.nn's amp-bf16 row; on the CPU, and
     without an fp32 row, against its own precision's row."""
     def rows(with_fp32=True):
-        made = [dict(impl=impl, precision=p, error="", val_loss=loss, tokens_per_s=tps)
+        made = [{"impl": impl, "precision": p, "error": "", "val_loss": loss,
+                 "tokens_per_s": tps}
                 for impl, p, loss, tps in [("torch.nn", "fp32", 2.7263, 100.0),
                                            ("torch.nn", "amp-bf16", 3.5250, 200.0),
                                            ("fused_rnn:x", "amp-bf16", 2.7266, 400.0)]
