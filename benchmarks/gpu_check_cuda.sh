@@ -6,7 +6,9 @@
 #   memcheck, racecheck, synccheck: compute-sanitizer on a small workload (sanitize_cuda.py);
 #   phases:     phase timings (benchmarks/profile_cuda.py);
 #   microbench: the step primitives alone (benchmarks/microbench.cu);
-#   slow_tests: test_cuda_gpu.py's slow integration tests (torch.compile, DDP, AMP training).
+#   slow_tests: test_cuda_gpu.py's slow integration tests (torch.compile, DDP, AMP training);
+#   ncu:        Nsight Compute on the persistent kernels of LSTM fp32 at S1 and S4 (not in
+#               gpu_check.sh's order: a second, short call, `--part build,ncu`, about 2 min).
 #
 #   benchmarks/gpu_check_cuda.sh [--part PART[,PART...]] [LOG_DIR]   # logs to LOG_DIR
 #
@@ -26,7 +28,7 @@ cd "$(dirname "$0")/.."
 source benchmarks/gpu_common.sh
 PART=all
 if [[ "${1:-}" == "--part" ]]; then PART="${2:-}"; shift 2; fi
-KNOWN=build,gpu_tests,memcheck,racecheck,synccheck,phases,microbench,slow_tests
+KNOWN=build,gpu_tests,memcheck,racecheck,synccheck,phases,microbench,slow_tests,ncu
 case "$PART" in
   tests) STEPS=build,gpu_tests ;;
   extra) STEPS=memcheck,racecheck,synccheck,phases,microbench ;;
@@ -241,6 +243,29 @@ if wants slow_tests && ! skip_if_kernels_unusable slow_tests; then
   step gpu_tests_slow 150 "$PYTHON" -m pytest tests/cuda/test_cuda_gpu.py -v -ra \
     -p no:cacheprovider $(frnn_pytest_timeout 120) -k "$FRNN_SLOW_TESTS"
   echo "cuda: slow GPU tests: $(frnn_tests_summary "$LOG_DIR/cuda_gpu_tests_slow.log")"
+fi
+# Nsight Compute on the first forward and backward launch (profile_cuda.py's warm-up, no clock
+# reads) of LSTM fp32 at S1 and at S4, the shapes where the first H200 run's phase timings put
+# the matmul 30x and 16x off the tensor cores' rate: issue stalls, pipe use, shared-memory bank
+# conflicts, occupancy. --clock-control none leaves the card's clocks alone. The reports go to
+# LOG_DIR/cuda_ncu.log (the .md profile_cuda.py writes goes to LOG_DIR, not to the results).
+if wants ncu && ! skip_if_kernels_unusable ncu; then
+  NCU="$(command -v ncu || ls -d /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | tail -n 1 || true)"
+  if [[ -z "$NCU" ]]; then
+    echo "cuda: ncu SKIPPED (no ncu on PATH or under /opt/nvidia/nsight-compute)"
+    status=1
+  else
+    NCU_ARGS=(--clock-control none --target-processes all
+              --kernel-name "regex:rnn_(forward|backward)_kernel" --launch-count 2
+              --section SpeedOfLight --section WarpStateStats --section SchedulerStats
+              --section LaunchStats --section Occupancy --section MemoryWorkloadAnalysis_Tables)
+    step ncu 150 bash -c 'ncu=$1 py=$2 out=$3; shift 3
+      for shape in S1 S4; do
+        echo "=== ncu: LSTM fp32 $shape"
+        "$ncu" "$@" "$py" benchmarks/profile_cuda.py --modes LSTM --dtypes fp32 \
+          --shapes "$shape" --out-dir "$out" || exit
+      done' ncu-step "$NCU" "$PYTHON" "$LOG_DIR" "${NCU_ARGS[@]}"
+  fi
 fi
 echo "cuda: logs in $LOG_DIR"
 exit $status

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import shutil
 import subprocess
 import sys
 import tarfile
@@ -190,12 +191,14 @@ exit 0
 
 def _gpu_check(tmp_path, mode: str, backends: str = "cuda,triton,cuda-p1,cuda-cl8,cuda-tc,cuda-g1",
                extra: tuple[str, ...] = (), cuda_alone: tuple[str, ...] | None = None,
+               tools: tuple[tuple[str, str], ...] = (),
                ) -> tuple[int, str, list[str], Path]:
     """gpu_check.sh with stand-ins for python, nvidia-smi, compute-sanitizer and nvcc that log
-    each call; with ``cuda_alone``, gpu_check_cuda.sh run by itself with those arguments."""
+    each call; with ``cuda_alone``, gpu_check_cuda.sh run by itself with those arguments;
+    ``tools``: more stand-ins, (name, script)."""
     bin_ = tmp_path / "bin"
     bin_.mkdir()
-    for name, text in (("python", FAKE_PYTHON),
+    for name, text in (*tools, ("python", FAKE_PYTHON),
                        ("nvidia-smi", "#!/bin/bash\necho 'NVIDIA H200, 580, 143771 MiB'\n"),
                        ("compute-sanitizer", "#!/bin/bash\n[[ $1 == --help ]] && exit 0\n"
                                              "echo \"compute-sanitizer $* | FRNN_NO_CLUSTERS="
@@ -220,7 +223,8 @@ def _gpu_check(tmp_path, mode: str, backends: str = "cuda,triton,cuda-p1,cuda-cl
                                         *cuda_alone])
     r = subprocess.run(["bash", *argv], capture_output=True, text=True, env=env, timeout=120,
                        check=False)
-    return r.returncode, r.stdout + r.stderr, calls.read_text().splitlines(), out
+    made = calls.read_text().splitlines() if calls.exists() else []
+    return r.returncode, r.stdout + r.stderr, made, out
 
 
 def _tar_names(out: Path) -> set[str]:
@@ -522,3 +526,29 @@ def test_phase_timings_leave_cluster_variants_out_when_told(profile_cuda, monkey
                               "--time-budget", "30", "--out-dir", str(tmp_path)],
                              start=time.monotonic() - 60) == 1
     assert "Skipped after the time budget (30 s): LSTM-S5-bf16" in md.read_text()
+
+
+FAKE_NCU = "#!/bin/bash\necho \"ncu $*\" >> \"$FAKE_CALLS\"\n"
+
+
+def test_the_ncu_part_profiles_s1_and_s4_with_the_clocks_left_alone(tmp_path):
+    """gpu_check_cuda.sh --part ncu (a short second call on a lent GPU): Nsight Compute on the
+    persistent kernels' first two launches of LSTM fp32 at S1, then S4, through profile_cuda.py,
+    never touching the clocks; without ncu it says so and fails."""
+    rc, log, calls, _ = _gpu_check(tmp_path, "ok", tools=(("ncu", FAKE_NCU),),
+                                   cuda_alone=("--part", "ncu", str(tmp_path / "logs")))
+    assert rc == 0, log[-3000:]
+    ncu = [c for c in calls if c.startswith("ncu ")]
+    assert len(ncu) == 2, calls
+    for call, shape in zip(ncu, ("S1", "S4")):
+        assert "--clock-control none" in call and "--launch-count 2" in call, call
+        assert "regex:rnn_(forward|backward)_kernel" in call, call
+        assert call.endswith(f"benchmarks/profile_cuda.py --modes LSTM --dtypes fp32 --shapes "
+                             f"{shape} --out-dir {tmp_path / 'logs'}"), call
+    assert "cuda: ncu ok" in log
+
+    (tmp_path / "again").mkdir()
+    rc, log, calls, _ = _gpu_check(tmp_path / "again", "ok",
+                                   cuda_alone=("--part", "ncu", str(tmp_path / "logs2")))
+    if shutil.which("ncu") is None and not list(Path("/opt/nvidia").glob("nsight-compute/*/ncu")):
+        assert rc == 1 and "cuda: ncu SKIPPED (no ncu" in log, log[-3000:]
