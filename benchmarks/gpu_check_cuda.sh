@@ -44,6 +44,12 @@ done
 wants() { [[ ",$STEPS," == *",$1,"* ]]; }
 LOG_DIR="${1:-$(mktemp -d)}"
 mkdir -p "$LOG_DIR"
+# Run alone (not from gpu_check.sh, e.g. the short `--part build,ncu` call): a start stamp of its
+# own, without which frnn_collect copies nothing to $OUT and only the output's tail comes back.
+if [[ -z "${FRNN_STAMP:-}" || ! -e "${FRNN_STAMP:-}" ]]; then
+  FRNN_STAMP="$(mktemp -t fused_rnn_gpu_check_cuda_start.XXXXXX)"
+  export FRNN_STAMP
+fi
 status=0
 STEP_RC=0
 # step NAME SECONDS CMD...: run with a timeout (clamped to the deadline), log to
