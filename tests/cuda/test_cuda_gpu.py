@@ -116,13 +116,17 @@ SHAPES = {"T5-B3-I7-H37": (5, 3, 7, 37, {}), "T1-B1-I4-H16": (1, 1, 4, 16, {}),
           "T7-B70-I9-H24-cluster8-dsmem": (7, 70, 9, 24,
                                            {"FUSED_RNN_CUDA_CLUSTER": "8",
                                             "FUSED_RNN_CUDA_CLUSTER_EXCHANGE": "dsmem"}),
-          "T7-B70-I9-H60-ungrouped-teamclusters4": (7, 70, 9, 60,
-                                                  {**UNGROUPED, "FUSED_RNN_CUDA_K_PARTS": "4",
-                                                   "FUSED_RNN_CUDA_TEAM_CLUSTERS": "on"}),
+          # At most 8 blocks (the stand-in's SM count): on 132 SMs the plan takes teams of 2
+          # at H=60, not the 4 these names promise.
+          "T7-B70-I9-H60-ungrouped-teamclusters4-blocks8": (
+              7, 70, 9, 60, {**UNGROUPED, "FUSED_RNN_CUDA_K_PARTS": "4",
+                             "FUSED_RNN_CUDA_TEAM_CLUSTERS": "on",
+                             "FUSED_RNN_CUDA_MAX_BLOCKS": "8"}),
           "T7-B70-I9-H24-ungrouped-direct": (7, 70, 9, 24,
                                              {**UNGROUPED, "FUSED_RNN_CUDA_STAGE_K": "0"}),
-          "T7-B70-I9-H60-ungrouped-parts4": (7, 70, 9, 60,
-                                             {**UNGROUPED, "FUSED_RNN_CUDA_K_PARTS": "4"}),
+          "T7-B70-I9-H60-ungrouped-parts4-blocks8": (
+              7, 70, 9, 60, {**UNGROUPED, "FUSED_RNN_CUDA_K_PARTS": "4",
+                             "FUSED_RNN_CUDA_MAX_BLOCKS": "8"}),
           "T16-B16-I32-H256": (16, 16, 32, 256, {}),
           "T16-B16-I32-H256-parts4": (16, 16, 32, 256, {"FUSED_RNN_CUDA_K_PARTS": "4"})}
 # dtype, cudnn.allow_tf32, floor for outputs, floor for gradients
@@ -171,6 +175,47 @@ def _assert_plan_named(shape: str, plans: list[dict]) -> None:
             assert any(pl["cluster"] == P.CLUSTER_GROUPS_DSMEM for pl in plans), (shape, plans)
 
 
+PLAN_KEYS = ("groups", "stage_k", "blocks", "parts", "cluster")
+
+
+def _mirror_plans(mode, dtype, tf32, batch, hidden, device_info) -> list[dict]:
+    """The forward and backward plans of a call under the current settings, from plan.py (the
+    mirror of plan.h's choose_launch, checked against it on a GPU by
+    test_plan_matches_python_mirror) for a device of ``device_info`` (the extension's: SMs,
+    opt-in shared memory, major, ...). On a GPU, where no launch is recorded, what
+    _assert_plan_named checks."""
+    sms, smem, major = (int(v) for v in device_info[:3])
+    is16 = dtype != torch.float32
+    b_pad = -(-batch // P.K_BATCH_PAD) * P.K_BATCH_PAD
+    plans = []
+    for backward in (False, True):
+        _, pl = P.choose_launch(P.CELLS[mode], is16, tf32 and not is16, hidden, backward, sms,
+                                smem, b_pad, ops.max_groups(), ops.max_stage_k(), ops.k_parts(),
+                                ops.max_blocks(), ops.cluster(), ops.team_clusters(), major >= 9,
+                                ops.cluster_exchange_dsmem())
+        plans.append({k: getattr(pl, k) for k in PLAN_KEYS})
+    return plans
+
+
+def test_every_shape_keeps_its_name_on_a_132_sm_gpu(monkeypatch):
+    """What a GPU run of test_matches_reference tests is what each shape's name says, on an
+    H100's or H200's dimensions (132 SMs, 227 KB of shared memory a block, sm_90) as on the
+    stand-in's 8 SMs: on the H200, before the "-blocks8" settings, two "parts4" shapes took
+    teams of 2 in 16 bits and TF32."""
+    for shape, (_, B, _, H, env) in SHAPES.items():
+        for dt, (dtype, tf32, *_) in DTYPES.items():
+            for mode in MODES:
+                with monkeypatch.context() as m:
+                    for k, v in env.items():
+                        m.setenv(k, v)
+                    for sms in (132, 8):
+                        plans = _mirror_plans(mode, dtype, tf32, B, H, (sms, 232448, 9))
+                        try:
+                            _assert_plan_named(shape, plans)
+                        except AssertionError as e:
+                            raise AssertionError(f"{dt} {mode} on {sms} SMs: {e}") from None
+
+
 @pytest.mark.parametrize("variant", ["dense-fwd", "lengths-rev", "lengths-fwd"])
 @pytest.mark.parametrize("shape", list(SHAPES))
 @pytest.mark.parametrize("dt", list(DTYPES))
@@ -186,9 +231,23 @@ def test_matches_reference(cuda_ext, monkeypatch, mode, dt, shape, variant):
     lengths, reverse = variant.startswith("lengths"), variant.endswith("rev")
     leaves, lens, cots = _inputs(mode, T, B, I, H, dtype, 0, lengths)
     before = len(cuda_ext.launches) if STANDIN == "sim" else 0
+    if STANDIN is None:  # on a GPU: the plans from the mirror, the cluster launches counted
+        info = cuda_ext.device_info(torch.cuda.current_device())
+        plans = _mirror_plans(mode, dtype, tf32, B, H, info)
+        clustered = sum(pl["cluster"] != P.CLUSTER_NONE for pl in plans)
+        clusters_before = cuda_ext.cluster_launches()
     ours = _run(cuda_backend.rnn_layer, mode, leaves, dtype, lens, reverse, cots)
     if STANDIN == "sim":  # the plan the shape's name promises (the settings are only asked)
-        _assert_plan_named(shape, [pl for _, _, pl in cuda_ext.launches[before:]])
+        recorded = [pl for _, _, pl in cuda_ext.launches[before:]]
+        _assert_plan_named(shape, recorded)
+        info = cuda_ext.device_info(0)
+        assert _mirror_plans(mode, dtype, tf32, B, H, info) == [
+            {k: pl[k] for k in PLAN_KEYS} for pl in recorded]
+    elif STANDIN is None:
+        if info[2] >= 9 or "cluster" not in shape:  # no clusters before sm_90
+            _assert_plan_named(shape, plans)
+        # a cluster plan that fell back to the cooperative grid would pass the checks below
+        assert cuda_ext.cluster_launches() - clusters_before == clustered, (shape, plans)
     same = _run(reference.rnn_layer, mode, leaves, dtype, lens, reverse, cots)
     exact = _run(reference.rnn_layer, mode, leaves, torch.float64, lens, reverse, cots)
     n_out = 3 if mode == "LSTM" else 2
