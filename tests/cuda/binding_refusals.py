@@ -165,7 +165,12 @@ def run_cases(timeout: float = 240) -> dict[int, dict]:
                 results[event["case"]] = event
         if proc.returncode == 0 and all(i in results for i in range(first, n)):
             break
-        dead = started if started is not None and started not in results else first
+        if started is None:  # died before its first case (an import, the extension's load):
+            for i in range(first, n):  # the same for every case, so one child says it
+                results[i] = {"case": i, "died": _how_it_died(proc.returncode),
+                              "stderr": proc.stderr[-3000:]}
+            break
+        dead = started if started not in results else first
         results[dead] = {"case": dead, "died": _how_it_died(proc.returncode),
                          "stderr": proc.stderr[-3000:]}
         if not backtrace_taken:

@@ -53,3 +53,18 @@ def test_the_crashed_case_gets_a_native_backtrace(fake_child):
     trace = br.native_backtrace(3, timeout=120)
     assert "SIGSEGV" in trace, trace
     assert "#0" in trace and "string_at" in trace, trace
+
+
+def test_a_child_that_dies_before_its_first_case_is_run_once(monkeypatch, tmp_path):
+    """A child that cannot start (an import error, the extension failing to load) fails every
+    case with its reason, after one run, not one run per case."""
+    runs = tmp_path / "runs"
+    script = (f"import sys; open({str(runs)!r}, 'a').write('x');"
+              " sys.stderr.write('ImportError: no extension'); sys.exit(3)")
+    monkeypatch.setattr(br, "_child_command", lambda first, last: [sys.executable, "-c", script])
+    monkeypatch.setattr(br, "native_backtrace", lambda case: pytest.fail("no crash to trace"))
+    results = br.run_cases(timeout=120)
+    assert runs.read_text() == "x"
+    assert sorted(results) == list(range(len(br.BAD_BINDING_ARGS)))
+    for got in results.values():
+        assert got["died"] == "exited with code 3" and "no extension" in got["stderr"], got
