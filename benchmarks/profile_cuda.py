@@ -47,7 +47,7 @@ from bench_gpu import (  # noqa: E402
 )
 
 COLUMNS = ("cell", "shape", "dtype", "pass", "blocks", "plan", "copy", "mma", "epilogue",
-           "sync", "sync min", "parts", "load", "kernel", "run")
+           "sync", "sync min", "parts", "load", "kernel", "GHz", "run")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -125,7 +125,7 @@ def _row(mode, shape, dtype_name, s: dict, plans=None, run="cuda") -> list[str]:
             if plan else "")
     return [mode, shape, dtype_name, direction, str(s["blocks"]), plan, us("copy_us"),
             us("mma_us"), us("epilogue_us"), us("sync_us"), us("sync_min_us"), us("parts_us"),
-            us("load_us"), us("kernel_us"), run]
+            us("load_us"), us("kernel_us"), f"{s['ghz']:.3f}" if "ghz" in s else "", run]
 
 
 CLUSTER_KEYS = ("FUSED_RNN_CUDA_CLUSTER", "FUSED_RNN_CUDA_TEAM_CLUSTERS")
@@ -146,7 +146,9 @@ def _render(args, env: dict, rows, failed, skipped, left_out, running=None) -> s
               "(the last-arriving block's wait: about the barrier's own cost) and parts (the "
               "K parts' second grid sync per step, 0 without them); µs per launch "
               "for load (W into shared memory) and "
-              "kernel (wall time). plan: batch groups g, K parts p, stage K columns k (0: X "
+              "kernel (wall time); GHz: the SMs' clock over the launch (clock64 cycles over "
+              "globaltimer ns: the cycle counts' conversion, and whether the GPU ran at its "
+              "boost clock). plan: batch groups g, K parts p, stage K columns k (0: X "
               "read unstaged), cl where the groups run as clusters (their sync is the "
               "cluster barrier), tc where the K-parts teams do (their parts sync is), from "
               "the plan mirror on this GPU. run: cuda, or the "
