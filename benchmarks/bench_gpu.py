@@ -102,13 +102,15 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "cuda-b32 cuda on at most 32 "
                         "blocks where they fit, cuda-g1 cuda without batch groups, cuda-direct "
                         "cuda without X staging, cuda-nopipe cuda with one stage buffer "
-                        "(cp.async, no overlap), cuda-regcopy cuda staging through registers "
+                        "(cp.async, no overlap), cuda-regcopy cuda staging through registers, "
+                        "cuda-tb1 cuda multiplying one tile a warp at a time "
                         "(FUSED_RNN_CUDA_K_PARTS=1, FUSED_RNN_CUDA_CLUSTER=16|8, "
                         "FUSED_RNN_CUDA_CLUSTER_EXCHANGE=dsmem, "
                         "FUSED_RNN_CUDA_TEAM_CLUSTERS=on, "
                         "FUSED_RNN_CUDA_MAX_BLOCKS=32, "
                         "FUSED_RNN_CUDA_MAX_GROUPS=1, FUSED_RNN_CUDA_STAGE_K=0, "
-                        "FUSED_RNN_CUDA_STAGE_COPY=async|registers)")
+                        "FUSED_RNN_CUDA_STAGE_COPY=async|registers, "
+                        "FUSED_RNN_CUDA_TILE_BLOCK=1)")
     p.add_argument("--modes", default="LSTM,GRU", help="comma-separated: LSTM,GRU")
     p.add_argument("--dtypes", default="fp32,bf16,fp16",
                    help="comma-separated: fp32,bf16,fp16,fp32-strict (fp32 without TF32, for "
@@ -380,7 +382,8 @@ VARIANTS = {"cuda-p1": ("cuda", {"FUSED_RNN_CUDA_K_PARTS": "1"}),
             "cuda-g1": ("cuda", {"FUSED_RNN_CUDA_MAX_GROUPS": "1"}),
             "cuda-direct": ("cuda", {"FUSED_RNN_CUDA_STAGE_K": "0"}),
             "cuda-nopipe": ("cuda", {"FUSED_RNN_CUDA_STAGE_COPY": "async"}),
-            "cuda-regcopy": ("cuda", {"FUSED_RNN_CUDA_STAGE_COPY": "registers"})}
+            "cuda-regcopy": ("cuda", {"FUSED_RNN_CUDA_STAGE_COPY": "registers"}),
+            "cuda-tb1": ("cuda", {"FUSED_RNN_CUDA_TILE_BLOCK": "1"})}
 
 
 def _cuda_plans(mode, shape, dtype_name) -> list | None:

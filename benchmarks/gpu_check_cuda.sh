@@ -21,8 +21,7 @@
 # whole GPU session; a step that ignores the TERM is killed 10 s later.
 # After a failed build (LOG_DIR/cuda_build.log without "CUDA backend: available on"), or a GPU
 # test of the default path that hung or crashed, the steps that load the extension are skipped. After failed or hung cluster-mode GPU tests, or with
-# FRNN_NO_CLUSTERS=1, the phase timings leave the cluster variants out and sanitize_cuda.py its
-# cluster case.
+# FRNN_NO_CLUSTERS=1, sanitize_cuda.py leaves its cluster case out.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 source benchmarks/gpu_common.sh
@@ -214,19 +213,15 @@ if wants memcheck || wants racecheck || wants synccheck; then
   fi
 fi
 
-# Phase timings (where a step's time goes) on S1-S6, LSTM and GRU, fp32 and bf16, then with
-# clusters on S1, S5 and S6: batch groups as clusters of 8 (cuda-cl8, S5/S6: its sync min column
-# is the cluster barrier's own cost, which nothing has measured yet), the same with 16
-# exchanging through distributed shared memory (cuda-cl16ds, S5/S6: its copy column is 0, the
-# mirror is local) and K-parts teams as clusters (cuda-tc, S1: its parts column); the table goes
-# to benchmarks/results/<date>-<gpu>-phases.md (rewritten after each configuration) and is
-# printed here. It stops starting configurations 15 s before its timeout.
+# Phase timings (where a step's time goes) on S1-S6, LSTM and GRU, fp32 and bf16, then without
+# register blocking on S3 and S4 (cuda-tb1: one tile a warp at a time, where the default blocks
+# 2 or 4 tiles; its mma column against the default's is what blocking buys). The cluster variants
+# were timed on the H200 (2026-12-04-NVIDIA-H200-phases.md): profile_cuda.py --variants
+# cuda-cl8,cuda-cl16ds,cuda-tc --variant-shapes S1,S5,S6 repeats that. The table goes to
+# benchmarks/results/<date>-<gpu>-phases.md (rewritten after each configuration) and is printed
+# here. It stops starting configurations 15 s before its timeout.
 if wants phases && ! skip_if_kernels_unusable phases; then
-  VARIANTS=(--variants cuda-cl8,cuda-cl16ds,cuda-tc --variant-shapes S1,S5,S6)
-  if [[ "${FRNN_NO_CLUSTERS:-0}" == 1 ]]; then
-    echo "cuda: FRNN_NO_CLUSTERS=1: the phase timings leave the cluster variants out"
-    VARIANTS=()
-  fi
+  VARIANTS=(--variants cuda-tb1 --variant-shapes S3,S4)
   step phases 75 "$PYTHON" benchmarks/profile_cuda.py --dtypes fp32,bf16 ${VARIANTS[@]+"${VARIANTS[@]}"} \
     --time-budget "$(frnn_inner_budget 75 15)"
   grep '^| ' "$LOG_DIR/cuda_phases.log" 2>/dev/null || true

@@ -102,6 +102,12 @@ long long* prof_ptr(const c10::optional<at::Tensor>& prof, const at::Device& dev
   return reinterpret_cast<long long*>(prof->data_ptr<int64_t>());
 }
 
+int checked_tile_block(int64_t tiles) {
+  TORCH_CHECK(tiles == 1 || tiles == 2 || tiles == 4,
+              "fused_rnn CUDA backend: tile_block must be 1, 2 or 4, got ", num(tiles));
+  return static_cast<int>(tiles);
+}
+
 int checked_stage_copy(int64_t mode) {
   TORCH_CHECK(mode >= fused_rnn::kStageRegisters && mode <= fused_rnn::kStagePipelined,
               "fused_rnn CUDA backend: stage_copy must be 0 (registers), 1 (cp.async) or 2 ",
@@ -201,7 +207,7 @@ std::vector<at::Tensor> forward(int64_t mode, at::Tensor xproj, at::Tensor h0,
                                 bool save, int64_t max_groups, int64_t max_stage_k,
                                 c10::optional<at::Tensor> prof, int64_t stage_copy,
                                 int64_t k_parts, int64_t max_blocks, int64_t cluster,
-                                bool team_clusters, bool dsmem) {
+                                bool team_clusters, bool dsmem, int64_t tile_block) {
   const Cell cell = cell_of(mode);
   const int64_t G = fused_rnn::gates_of(cell);
   TORCH_CHECK(xproj.is_cuda(), "fused_rnn CUDA backend: inputs must be CUDA tensors, got ",
@@ -259,6 +265,7 @@ std::vector<at::Tensor> forward(int64_t mode, at::Tensor xproj, at::Tensor h0,
   p.aux = has_aux ? aux.data_ptr<float>() : nullptr;
   p.prof = prof_ptr(prof, dev, plan);
   p.stage_copy = checked_stage_copy(stage_copy);
+  p.tile_block = checked_tile_block(tile_block);
   p.cluster = cluster_mode;
   const at::Tensor part = part_buffer(plan, B_pad, xproj.options());
   p.part = part.defined() ? part.data_ptr<float>() : nullptr;
@@ -286,7 +293,7 @@ std::vector<at::Tensor> backward(int64_t mode, at::Tensor dy, at::Tensor dh_n,
                                  bool allow_tf32, int64_t max_groups, int64_t max_stage_k,
                                  c10::optional<at::Tensor> prof, int64_t stage_copy,
                                  int64_t k_parts, int64_t max_blocks, int64_t cluster,
-                                 bool team_clusters, bool dsmem) {
+                                 bool team_clusters, bool dsmem, int64_t tile_block) {
   const Cell cell = cell_of(mode);
   const int64_t G = fused_rnn::gates_of(cell);
   TORCH_CHECK(dy.is_cuda(), "fused_rnn CUDA backend: inputs must be CUDA tensors, got ",
@@ -350,6 +357,7 @@ std::vector<at::Tensor> backward(int64_t mode, at::Tensor dy, at::Tensor dh_n,
   p.dh0 = dh0.data_ptr<float>();
   p.prof = prof_ptr(prof, dev, plan);
   p.stage_copy = checked_stage_copy(stage_copy);
+  p.tile_block = checked_tile_block(tile_block);
   p.cluster = cluster_mode;
   const at::Tensor part = part_buffer(plan, B_pad, gates.options());
   p.part = part.defined() ? part.data_ptr<float>() : nullptr;
@@ -417,14 +425,14 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("reverse"), py::arg("allow_tf32"), py::arg("save"), py::arg("max_groups"),
         py::arg("max_stage_k"), py::arg("prof") = py::none(), py::arg("stage_copy") = 2,
         py::arg("k_parts") = 1, py::arg("max_blocks") = 0, py::arg("cluster") = 0,
-        py::arg("team_clusters") = false, py::arg("dsmem") = false);
+        py::arg("team_clusters") = false, py::arg("dsmem") = false, py::arg("tile_block") = 4);
   m.def("backward", &backward, "persistent backward over a chunk", py::arg("mode"),
         py::arg("dy"), py::arg("dh_n"), py::arg("dc_n"), py::arg("w_hh"), py::arg("gates"),
         py::arg("aux"), py::arg("c0"), py::arg("hprev"), py::arg("lengths"), py::arg("reverse"),
         py::arg("allow_tf32"), py::arg("max_groups"), py::arg("max_stage_k"),
         py::arg("prof") = py::none(), py::arg("stage_copy") = 2, py::arg("k_parts") = 1,
         py::arg("max_blocks") = 0, py::arg("cluster") = 0, py::arg("team_clusters") = false,
-        py::arg("dsmem") = false);
+        py::arg("dsmem") = false, py::arg("tile_block") = 4);
   m.def("plan_info", &plan_info, "launch plan (units, blocks, ..., parts, k_part, part_ld)",
         py::arg("mode"), py::arg("math"), py::arg("hidden"), py::arg("backward"),
         py::arg("max_blocks"), py::arg("groups") = 1, py::arg("stage_rows") = 0,

@@ -61,6 +61,8 @@ struct FwdParams {
                             //   steps), GRU W_hn h_{t-1} + b_hn; (T, B, H) fp32; else nullptr
   long long* prof;          // (>= blocks, kProfSlots) int64 phase timings, or nullptr (off)
   int stage_copy;           // StageCopy: how X is copied into the stage
+  int tile_block;           // 1, 2 or 4: the most output tiles a warp multiplies at once
+                            //   (plan.h tile_block; the results do not depend on it)
   float* part;              // plan.parts > 1: (parts, B_pad, plan.part_ld) fp32 scratch (the
                             //   K parts' partial sums, plan.h); else nullptr
   int cluster;              // ClusterMode: kClusterNone (one cooperative grid, every barrier a
@@ -88,6 +90,7 @@ struct BwdParams {
   float* dh0;               // (B, H) fp32 out
   long long* prof;          // (>= blocks, kProfSlots) int64 phase timings, or nullptr (off)
   int stage_copy;           // StageCopy: how X is copied into the stage
+  int tile_block;           // as FwdParams::tile_block
   float* part;              // as FwdParams::part
   int cluster;              // as FwdParams::cluster
 };

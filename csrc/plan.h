@@ -405,4 +405,36 @@ FRNN_HD constexpr LaunchChoice choose_launch(Cell cell, bool is_16bit, bool allo
   return LaunchChoice{sel, teams ? kClusterTeams : kClusterNone};
 }
 
+// Register blocking of a chunk's matmul (rnn_common.cuh chunk_matmul). A chunk has mfr x nfr
+// output tiles (W-row tiles x batch tiles). Unblocked, a warp multiplies one tile at a time: per
+// k-step it loads one A and one B fragment from shared memory for one MMA, and its MMAs form one
+// dependent chain. A block of bm x bn adjacent tiles loads bm A and bn B fragments for bm * bn
+// independent MMAs: fewer shared-memory loads per MMA, and chains that overlap. Each tile's K
+// order is the unblocked one, so blocking never changes a bit of the results.
+// Chosen per chunk: among 1x1, 2x1, 1x2 and 2x2 blocks (the ones that divide the tiles, at most
+// max_tiles tiles; the FMA path and max_tiles < 2 never block), the one whose busiest warp has
+// the fewest tiles to do, counting a block as its tiles; ties go to the larger block. A chunk with
+// fewer tiles than warps (which splits K across warps instead) is never blocked.
+struct TileBlock {
+  int bm, bn;  // tiles per block along W rows and along the batch
+};
+
+FRNN_HD constexpr TileBlock tile_block(Math math, int mfr, int nfr, int max_tiles) {
+  TileBlock best{1, 1};
+  if (math == Math::kFma || mfr * nfr < kWarps) return best;
+  int best_load = ceil_div(mfr * nfr, kWarps);
+  const TileBlock shapes[3] = {{2, 1}, {1, 2}, {2, 2}};
+  for (int i = 0; i < 3; ++i) {
+    const TileBlock b = shapes[i];
+    const int size = b.bm * b.bn;
+    if (size > max_tiles || mfr % b.bm != 0 || nfr % b.bn != 0) continue;
+    const int load = ceil_div((mfr / b.bm) * (nfr / b.bn), kWarps) * size;
+    if (load < best_load || (load == best_load && size > best.bm * best.bn)) {
+      best = b;
+      best_load = load;
+    }
+  }
+  return best;
+}
+
 }  // namespace fused_rnn

@@ -212,54 +212,124 @@ __device__ __forceinline__ float gather(const float* sc, const Plan& pl, ChunkLa
   return acc;
 }
 
-// One (tile, K-slice) task. sw: W slice (shared); x: exchange-buffer rows of this tile
-// (global memory, the stage or the dsmem mirror; row stride ldx); steps [kb, ke) in units of
-// wk; result -> slot (row-major, ld wn + kSlotPad).
-template <typename T, Math M> struct TileMma;
+// ---- tensor-core tiles (WMMA) --------------------------------------------------------------------
+// The fragments of one math and how a k-step's operands are loaded. load_a: the A operand of
+// k-step kk of the tile whose first W row is at sw (row-major, row stride ldw; or, for kTf32,
+// the tile's 16 x 8 block of k-step 0 in the k-blocked layout, k-step kk ldw floats further).
+// load_b: the B operand of k-step kk for the batch tile whose first X row is at x (row stride
+// ldx). X^T as a col-major K x N operand is X row-major: element (k, n) at x[n * ldx + k].
+template <typename T, Math M> struct WmmaOps;
 
 template <typename T>
-struct TileMma<T, Math::kWmma16> {
-  static __device__ __forceinline__ void run(const T* sw, int ldw, const T* x, int ldx, int kb,
-                                             int ke, float* slot, bool accumulate) {
-    wmma::fragment<wmma::matrix_a, 8, 32, 16, T, wmma::row_major> a;
-    wmma::fragment<wmma::matrix_b, 8, 32, 16, T, wmma::col_major> b;
-    wmma::fragment<wmma::accumulator, 8, 32, 16, float> acc;
-    if (accumulate)
-      wmma::load_matrix_sync(acc, slot, 32 + kSlotPad, wmma::mem_row_major);
-    else
-      wmma::fill_fragment(acc, 0.f);
-    for (int kk = kb; kk < ke; ++kk) {
-      wmma::load_matrix_sync(a, sw + kk * 16, ldw);
-      // X^T as a col-major K x N operand is X row-major: element (k, n) at x[n * ldx + k].
-      wmma::load_matrix_sync(b, x + kk * 16, ldx);
-      wmma::mma_sync(acc, a, b, acc);
-    }
-    wmma::store_matrix_sync(slot, acc, 32 + kSlotPad, wmma::mem_row_major);
+struct WmmaOps<T, Math::kWmma16> {
+  using A = wmma::fragment<wmma::matrix_a, 8, 32, 16, T, wmma::row_major>;
+  using B = wmma::fragment<wmma::matrix_b, 8, 32, 16, T, wmma::col_major>;
+  using C = wmma::fragment<wmma::accumulator, 8, 32, 16, float>;
+  static constexpr unsigned kLdSlot = 32 + kSlotPad;
+  static __device__ __forceinline__ void load_a(A& a, const T* sw, int ldw, int kk) {
+    wmma::load_matrix_sync(a, sw + kk * 16, ldw);
+  }
+  static __device__ __forceinline__ void load_b(B& b, const T* x, int ldx, int kk) {
+    wmma::load_matrix_sync(b, x + kk * 16, ldx);
   }
 };
 
-// sw: the tile's 16 x 8 block of k-step 0 (k-blocked layout); k-step kk is ldw floats further.
 template <>
-struct TileMma<float, Math::kTf32> {
-  static __device__ __forceinline__ void run(const float* sw, int ldw, const float* x, int ldx,
-                                             int kb, int ke, float* slot, bool accumulate) {
-    wmma::fragment<wmma::matrix_a, 16, 16, 8, wmma::precision::tf32, wmma::row_major> a;
-    wmma::fragment<wmma::matrix_b, 16, 16, 8, wmma::precision::tf32, wmma::col_major> b;
-    wmma::fragment<wmma::accumulator, 16, 16, 8, float> acc;
-    if (accumulate)
-      wmma::load_matrix_sync(acc, slot, 16 + kSlotPad, wmma::mem_row_major);
-    else
-      wmma::fill_fragment(acc, 0.f);
-    for (int kk = kb; kk < ke; ++kk) {
-      wmma::load_matrix_sync(a, sw + (size_t)kk * ldw, 8);  // already TF32-rounded (prepare_w)
-      wmma::load_matrix_sync(b, x + kk * 8, ldx);
+struct WmmaOps<float, Math::kTf32> {
+  using A = wmma::fragment<wmma::matrix_a, 16, 16, 8, wmma::precision::tf32, wmma::row_major>;
+  using B = wmma::fragment<wmma::matrix_b, 16, 16, 8, wmma::precision::tf32, wmma::col_major>;
+  using C = wmma::fragment<wmma::accumulator, 16, 16, 8, float>;
+  static constexpr unsigned kLdSlot = 16 + kSlotPad;
+  static __device__ __forceinline__ void load_a(A& a, const float* sw, int ldw, int kk) {
+    wmma::load_matrix_sync(a, sw + (size_t)kk * ldw, 8);  // already TF32-rounded (prepare_w)
+  }
+  static __device__ __forceinline__ void load_b(B& b, const float* x, int ldx, int kk) {
+    wmma::load_matrix_sync(b, x + kk * 8, ldx);
 #pragma unroll
-      for (int i = 0; i < b.num_elements; ++i) b.x[i] = wmma::__float_to_tf32(b.x[i]);
-      wmma::mma_sync(acc, a, b, acc);
-    }
-    wmma::store_matrix_sync(slot, acc, 16 + kSlotPad, wmma::mem_row_major);
+    for (int i = 0; i < b.num_elements; ++i) b.x[i] = wmma::__float_to_tf32(b.x[i]);
   }
 };
+
+// One tile over k-steps [kb, ke): W rows at sw times X rows at x, into slot (row-major,
+// ld kLdSlot; added to what it holds when `accumulate`). One dependent MMA chain.
+template <typename T, Math M>
+__device__ __forceinline__ void tile_mma(const T* sw, int ldw, const T* x, int ldx, int kb,
+                                         int ke, float* slot, bool accumulate) {
+  using Ops = WmmaOps<T, M>;
+  typename Ops::A a;
+  typename Ops::B b;
+  typename Ops::C acc;
+  if (accumulate)
+    wmma::load_matrix_sync(acc, slot, Ops::kLdSlot, wmma::mem_row_major);
+  else
+    wmma::fill_fragment(acc, 0.f);
+  for (int kk = kb; kk < ke; ++kk) {
+    Ops::load_a(a, sw, ldw, kk);
+    Ops::load_b(b, x, ldx, kk);
+    wmma::mma_sync(acc, a, b, acc);
+  }
+  wmma::store_matrix_sync(slot, acc, Ops::kLdSlot, wmma::mem_row_major);
+}
+
+// A block of BM x BN adjacent tiles over k-steps [kb, ke) (plan.h tile_block): tile (i, j)
+// multiplies the W rows at sw + i * a_step by the X rows at x + j * b_step, and its sum goes to
+// slot + i * slot_i + j * slot_j (row-major, ld kLdSlot), added to what the slot holds when
+// `accumulate`. Per k-step the warp loads BM A and BN B fragments and issues BM * BN independent
+// MMAs; the next k-step's fragments are loaded before this one's MMAs, so their shared-memory
+// latency overlaps the tensor cores' work. Each tile's products are summed in k order, as a
+// single tile's are: the results do not depend on BM and BN.
+template <typename T, Math M, int BM, int BN>
+__device__ __forceinline__ void block_mma(const T* sw, int ldw, size_t a_step, const T* x,
+                                          int ldx, size_t b_step, int kb, int ke, float* slot,
+                                          size_t slot_i, size_t slot_j, bool accumulate) {
+  using Ops = WmmaOps<T, M>;
+  typename Ops::C acc[BM][BN];
+#pragma unroll
+  for (int i = 0; i < BM; ++i)
+#pragma unroll
+    for (int j = 0; j < BN; ++j) {
+      if (accumulate)
+        wmma::load_matrix_sync(acc[i][j], slot + i * slot_i + j * slot_j, Ops::kLdSlot,
+                               wmma::mem_row_major);
+      else
+        wmma::fill_fragment(acc[i][j], 0.f);
+    }
+  typename Ops::A a0[BM], a1[BM];
+  typename Ops::B b0[BN], b1[BN];
+  const auto load = [&](typename Ops::A (&a)[BM], typename Ops::B (&b)[BN], int kk) {
+#pragma unroll
+    for (int i = 0; i < BM; ++i) Ops::load_a(a[i], sw + i * a_step, ldw, kk);
+#pragma unroll
+    for (int j = 0; j < BN; ++j) Ops::load_b(b[j], x + j * b_step, ldx, kk);
+  };
+  const auto mma = [&](const typename Ops::A (&a)[BM], const typename Ops::B (&b)[BN]) {
+#pragma unroll
+    for (int i = 0; i < BM; ++i)
+#pragma unroll
+      for (int j = 0; j < BN; ++j) wmma::mma_sync(acc[i][j], a[i], b[j], acc[i][j]);
+  };
+  // Two register sets, alternating: k-step kk + 1 loads while kk multiplies.
+  int kk = kb;
+  if (kk < ke) load(a0, b0, kk);
+  for (; kk + 1 < ke; kk += 2) {
+    load(a1, b1, kk + 1);
+    mma(a0, b0);
+    if (kk + 2 < ke) load(a0, b0, kk + 2);
+    mma(a1, b1);
+  }
+  if (kk < ke) mma(a0, b0);
+#pragma unroll
+  for (int i = 0; i < BM; ++i)
+#pragma unroll
+    for (int j = 0; j < BN; ++j)
+      wmma::store_matrix_sync(slot + i * slot_i + j * slot_j, acc[i][j], Ops::kLdSlot,
+                              wmma::mem_row_major);
+}
+
+// One (tile, K-slice) task of the FMA path. sw: W slice (shared); x: exchange-buffer rows of
+// this tile (global memory, the stage or the dsmem mirror; row stride ldx); steps [kb, ke) in
+// units of wk; result -> slot (row-major, ld wn + kSlotPad).
+template <typename T, Math M> struct TileMma;
 
 // Plain fp32, an 8 x 32 tile per warp: lane l computes W row r = l % 8 of the tile against the
 // batch columns q, q + 4, ..., q + 28 (q = l / 8), 8 independent accumulators per thread. Every
@@ -377,7 +447,27 @@ __device__ __forceinline__ void run_task(const T* wt, const Plan& pl, int rows_l
     TileMma<T, M>::run(wt, pl.ldw, rows_left, xt, ldx, kb, ke, slot, accumulate);
   } else {
     (void)rows_left;
-    TileMma<T, M>::run(wt, pl.ldw, xt, ldx, kb, ke, slot, accumulate);
+    tile_mma<T, M>(wt, pl.ldw, xt, ldx, kb, ke, slot, accumulate);
+  }
+}
+
+// The blocked tasks of one stage slice (ksplit = 1, plan.h tile_block): warps take blocks of
+// BM x BN tiles round-robin; tile (mf, nf) still writes slot mf * nfr + nf, as unblocked.
+template <typename T, Math M, int BM, int BN>
+__device__ __forceinline__ void run_blocks(const T* sw, const Plan& pl, const T* xs, int ldx,
+                                           int k0, int ksteps, int mfr, int nfr, float* sc,
+                                           bool accumulate) {
+  constexpr TileShape ts = tile_shape(M);
+  const int bnr = nfr / BN;
+  const int blocks = (mfr / BM) * bnr;
+  const size_t a_step = w_index<M>(pl, ts.wm, 0);  // from one W-row tile to the next
+  const size_t b_step = (size_t)ts.wn * ldx;      // from one batch tile to the next
+  for (int blk = threadIdx.x >> 5; blk < blocks; blk += kWarps) {
+    const int mf = blk / bnr * BM, nf = blk % bnr * BN;
+    block_mma<T, M, BM, BN>(sw + w_index<M>(pl, mf * ts.wm, k0), pl.ldw, a_step,
+                            xs + (size_t)nf * b_step, ldx, b_step, 0, ksteps,
+                            sc + (size_t)(mf * nfr + nf) * pl.slot_floats,
+                            (size_t)nfr * pl.slot_floats, pl.slot_floats, accumulate);
   }
 }
 
@@ -404,7 +494,7 @@ __device__ __forceinline__ void run_task(const T* wt, const Plan& pl, int rows_l
 template <typename T, Math M>
 __device__ ChunkLayout chunk_matmul(const T* sw, const Plan& pl, const T* x, int ld_x, int row0,
                                     int klen, int n0, int ncols, int nreal, float* sc, T* stage,
-                                    int copy, PhaseClock& clk) {
+                                    int copy, int max_tiles, PhaseClock& clk) {
   constexpr TileShape ts = tile_shape(M);
   const int mfr = ceil_div(pl.m_pad, ts.wm);
   const int nfr = ncols / ts.wn;
@@ -414,6 +504,7 @@ __device__ ChunkLayout chunk_matmul(const T* sw, const Plan& pl, const T* x, int
   const int slice_k = !staged ? klen : pipe ? pl.stage_k / 2 : pl.stage_k;
   const int slices = ceil_div(klen, slice_k);
   const int ksplit = tiles < kWarps ? imin(kWarps / tiles, slice_k / ts.wk) : 1;
+  const TileBlock tb = tile_block(M, mfr, nfr, max_tiles);  // 1 x 1 where ksplit > 1
   const int warp = threadIdx.x >> 5;
   const T* xc = x + (size_t)(n0 - row0) * ld_x;  // X rows of this chunk
   const auto cols_of = [&](int s) { return imin(slice_k, klen - s * slice_k); };
@@ -445,6 +536,17 @@ __device__ ChunkLayout chunk_matmul(const T* sw, const Plan& pl, const T* x, int
       clk.mark(kPhaseCopy);
       xs = buf;
       ldx = pl.stage_ld;
+    }
+    if constexpr (M != Math::kFma) {
+      if (tb.bm * tb.bn > 1) {
+        if (tb.bm == 2 && tb.bn == 2)
+          run_blocks<T, M, 2, 2>(sw, pl, xs, ldx, k0, ksteps, mfr, nfr, sc, s > 0);
+        else if (tb.bm == 2)
+          run_blocks<T, M, 2, 1>(sw, pl, xs, ldx, k0, ksteps, mfr, nfr, sc, s > 0);
+        else
+          run_blocks<T, M, 1, 2>(sw, pl, xs, ldx, k0, ksteps, mfr, nfr, sc, s > 0);
+        continue;
+      }
     }
     for (int task = warp; task < tiles * ksplit; task += kWarps) {
       const int tile = task / ksplit, ks = task % ksplit;
@@ -503,6 +605,7 @@ struct BlockState {
   int group_rows;  // rows per batch group, a multiple of kBatchPad (padding included)
   int n_begin, n_end;
   int copy;        // StageCopy (fused_rnn.h)
+  int max_tiles;   // the most tiles a warp multiplies at once (FwdParams::tile_block)
   int team, rank;  // K parts (team = slice, rank = 0 without them)
   int team_u0;     // first unit of the team
   int k0, klen;    // this block's K columns (klen > 0, a multiple of kKPad)
@@ -510,7 +613,8 @@ struct BlockState {
 
 template <typename W>
 __device__ __forceinline__ BlockState<W> block_state(const Plan& pl, int hidden, int batch,
-                                                     int batch_pad, int copy) {
+                                                     int batch_pad, int copy,
+                                                     int max_tiles) {
   unsigned char* smem = dynamic_smem();
   BlockState<W> b;
   b.sw = reinterpret_cast<W*>(smem);
@@ -524,6 +628,7 @@ __device__ __forceinline__ BlockState<W> block_state(const Plan& pl, int hidden,
   b.n_begin = group * b.group_rows;
   b.n_end = imin(b.n_begin + b.group_rows, batch);
   b.copy = copy;
+  b.max_tiles = max_tiles;
   b.team = slice / pl.parts;
   b.rank = slice % pl.parts;
   b.team_u0 = b.team * team_units(pl);
@@ -554,7 +659,8 @@ __device__ __forceinline__ void block_step(const BlockState<W>& bs, const Plan& 
     const int ncols = imin(kChunkCols, bs.n_begin + bs.group_rows - n0);
     const int nb = imin(ncols, batch - n0);  // real batch rows of this chunk (n0 < n_end)
     const ChunkLayout L = chunk_matmul<W, M>(bs.sw, pl, x + bs.k0, ld_x, row0, bs.klen, n0,
-                                             ncols, nb, bs.sc, bs.stage, bs.copy, clk);
+                                             ncols, nb, bs.sc, bs.stage, bs.copy, bs.max_tiles,
+                                             clk);
     __syncthreads();
     clk.mark(kPhaseMma);
     if (part == nullptr) {

@@ -65,6 +65,8 @@ BAD_BINDING_ARGS = [
     ("GRU", "backward", "aux", lambda a: a["aux"][:, :1], "aux must have shape"),
     ("LSTM", "backward", "gates", lambda a: a["gates"].half(), "gates must be"),
     ("RNN_TANH", "backward", "dh_n", lambda a: a["dh_n"].t(), "dh_n must have shape"),
+    ("LSTM", "forward", "tile_block", lambda a: 3, "tile_block must be 1, 2 or 4, got 3"),
+    ("GRU", "backward", "tile_block", lambda a: 0, "tile_block must be 1, 2 or 4, got 0"),
 ]
 CASE_IDS = [f"{c}-{f}-{a}-{i}" for i, (c, f, a, *_) in enumerate(BAD_BINDING_ARGS)]
 

@@ -27,7 +27,9 @@ split that sum across blocks, which cudasim checks by running the kernels. So is
 ``max_blocks`` (the grid cap): the emulation spreads H over ``sms`` blocks, and a cap is only a
 different block count, which the tests get by setting ``sms``; and ``cluster``,
 ``team_clusters`` and ``dsmem`` (clusters, and where the exchange lives): the emulation has no
-barriers to swap and no memories to tell apart, so it runs the grid plan.
+barriers to swap and no memories to tell apart, so it runs the grid plan. ``tile_block`` (register
+blocking of the matmul) is accepted and ignored: blocking keeps every tile's K order, so the
+sums it models are the same.
 
 It does not run the CUDA code: it checks the design and its index arithmetic, which the CUDA
 code must then match line by line (the names here are the kernel's names).
@@ -215,7 +217,7 @@ class Emulator:
     # ------------------------------------------------------------------ forward
     def forward(self, mode, xproj, h0, c0, w_hh, b_hh, lengths, reverse, allow_tf32, save,
                 max_groups, max_stage_k=0, prof=None, stage_copy=2, k_parts=1, max_blocks=0,
-                cluster=0, team_clusters=False, dsmem=False):
+                cluster=0, team_clusters=False, dsmem=False, tile_block=4):
         cell = int(mode)
         G = P.GATES[cell]
         T, B, GH = xproj.shape
@@ -329,7 +331,7 @@ class Emulator:
     # ------------------------------------------------------------------ backward
     def backward(self, mode, dy, dh_n, dc_n, w_hh, gates, aux, c0, hprev, lengths, reverse,
                  allow_tf32, max_groups, max_stage_k=0, prof=None, stage_copy=2, k_parts=1,
-                 max_blocks=0, cluster=0, team_clusters=False, dsmem=False):
+                 max_blocks=0, cluster=0, team_clusters=False, dsmem=False, tile_block=4):
         cell = int(mode)
         G = P.GATES[cell]
         T, B, H = dy.shape

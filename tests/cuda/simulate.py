@@ -190,8 +190,8 @@ def _load(sanitize: str, csrc: Path, ucontext: bool = False) -> ctypes.CDLL:
             lib.sim_cluster_launches.restype = ctypes.c_longlong
             lib.sim_plan.argtypes = [i] * 13 + [ctypes.POINTER(ctypes.c_int)]
             lib.sim_make_plan.argtypes = [i] * 9 + [ctypes.POINTER(ctypes.c_int)]
-            lib.sim_forward.argtypes = [i] * 16 + [p, fp, p, fp, p, fp, p, fp, p, i, fp]
-            lib.sim_backward.argtypes = [i] * 15 + [p] * 14 + [i, fp]
+            lib.sim_forward.argtypes = [i] * 16 + [p, fp, p, fp, p, fp, p, fp, p, i, i, fp]
+            lib.sim_backward.argtypes = [i] * 15 + [p] * 14 + [i, i, fp]
             _libs[key] = lib
         return _libs[key]
 
@@ -291,7 +291,7 @@ class Simulator:
 
     def forward(self, mode, xproj, h0, c0, w_hh, b_hh, lengths, reverse, allow_tf32, save,
                 max_groups, max_stage_k, prof=None, stage_copy=2, k_parts=1, max_blocks=0,
-                cluster=0, team_clusters=False, dsmem=False):
+                cluster=0, team_clusters=False, dsmem=False, tile_block=4):
         cell = int(mode)
         T, B, _ = xproj.shape
         H = h0.shape[1]
@@ -305,7 +305,8 @@ class Simulator:
             self._expect(t, name, dt, shape)
         pl = self.plan(cell, st, allow_tf32, H, False, B, max_groups, max_stage_k, k_parts,
                        max_blocks, cluster, team_clusters, dsmem)
-        self.launches.append(("forward", cell, {**pl, "stage_copy": int(stage_copy)}))
+        self.launches.append(("forward", cell, {**pl, "stage_copy": int(stage_copy),
+                                                "tile_block": int(tile_block)}))
         B_pad = -(-B // BATCH_PAD) * BATCH_PAD
         hbuf = torch.zeros(2, B_pad, pl["k_pad"], dtype=st)
         hbuf[0, :B, :H] = h0
@@ -321,14 +322,14 @@ class Simulator:
             int(dsmem), _ptr(w_hh), _ptr(b_hh),
             _ptr(lengths),
             _ptr(xproj), _ptr(hbuf), _ptr(cbuf), _ptr(y), _ptr(aux), self._prof(prof, pl),
-            int(stage_copy), _ptr(part)))
+            int(stage_copy), int(tile_block), _ptr(part)))
         h_n = hbuf[T % 2, :B, :H].contiguous()
         c_n = cbuf.to(st) if cell == 0 else torch.empty(0, dtype=st)
         return [y, h_n, c_n, aux]
 
     def backward(self, mode, dy, dh_n, dc_n, w_hh, gates, aux, c0, hprev, lengths, reverse,
                  allow_tf32, max_groups, max_stage_k, prof=None, stage_copy=2, k_parts=1,
-                 max_blocks=0, cluster=0, team_clusters=False, dsmem=False):
+                 max_blocks=0, cluster=0, team_clusters=False, dsmem=False, tile_block=4):
         cell = int(mode)
         G = (4, 3, 1, 1)[cell]
         T, B, H = dy.shape
@@ -347,7 +348,8 @@ class Simulator:
             self._expect(hprev, "hprev", st, (T, B, H))
         pl = self.plan(cell, st, allow_tf32, H, True, B, max_groups, max_stage_k, k_parts,
                        max_blocks, cluster, team_clusters, dsmem)
-        self.launches.append(("backward", cell, {**pl, "stage_copy": int(stage_copy)}))
+        self.launches.append(("backward", cell, {**pl, "stage_copy": int(stage_copy),
+                                                 "tile_block": int(tile_block)}))
         B_pad = -(-B // BATCH_PAD) * BATCH_PAD
         dgbuf = torch.zeros(2, B_pad, pl["k_pad"], dtype=st)
         dh_carry = dh_n.clone()
@@ -363,5 +365,5 @@ class Simulator:
             _ptr(lengths), _ptr(dy), _ptr(gates), _ptr(aux) if cell in (0, 1) else None,
             _ptr(c0) if cell == 0 else None, _ptr(hprev) if cell == 1 else None, _ptr(dgbuf),
             _ptr(dh_carry), _ptr(dc_carry), _ptr(dgx), _ptr(dghn), _ptr(dh0),
-            self._prof(prof, pl), int(stage_copy), _ptr(part)))
+            self._prof(prof, pl), int(stage_copy), int(tile_block), _ptr(part)))
         return [dgx, dghn, dh0, dc_carry]

@@ -348,6 +348,11 @@ int main() {
                     choose_parts(static_cast<Cell>(c), static_cast<Math>(m), h, bw, 132,
                                  227 * 1024, bp, 1, kp));
     }
+  for (int m = 0; m < 3; ++m) for (int mfr = 1; mfr <= 24; ++mfr) for (int nfr = 1; nfr <= 4; ++nfr)
+    for (int mt = 1; mt <= 4; mt *= 2) {
+      const TileBlock tb = tile_block(static_cast<Math>(m), mfr, nfr, mt);
+      std::printf("B %d %d %d %d %d %d\n", m, mfr, nfr, mt, tb.bm, tb.bn);
+    }
   for (int c = 0; c < 4; ++c) for (int h : hs) for (int bw = 0; bw < 2; ++bw)
     for (int tf = 0; tf < 2; ++tf)
       std::printf("M %d %d %d %d %d\n", c, h, bw, tf,
@@ -426,7 +431,7 @@ def test_plan_header_matches_python_mirror(tmp_path):
     out = subprocess.run([str(exe)], capture_output=True, text=True, check=True).stdout
     n = 0
     kinds = set()
-    capped, clustered, launches = {}, {}, {}
+    capped, clustered, launches, blockings = {}, {}, {}, {}
     for line in out.splitlines():
         f = line.split()
         kinds.add(f[0] if f[0].isalpha() else "plan")
@@ -459,6 +464,10 @@ def test_plan_header_matches_python_mirror(tmp_path):
                     p.smem_bytes)
             assert tuple(rest) == want, line
             clustered[(c, h, bw, is16, bp, cm)] = (found, p.groups, p.group_blocks)
+        elif f[0] == "B":
+            m, mfr, nfr, mt, bm, bn = map(int, f[1:])
+            assert (bm, bn) == P.tile_block(m, mfr, nfr, mt), line
+            blockings[(m, mfr, nfr, mt)] = (bm, bn)
         elif f[0] == "X":
             c, h, bw, bp, kp, mb, cm, tc, hc, ds, *rest = map(int, f[1:])
             math, p = P.choose_launch(c, True, True, h, bool(bw), 132, 227 * 1024, bp, 8, 1 << 30,
@@ -478,7 +487,17 @@ def test_plan_header_matches_python_mirror(tmp_path):
             p = P.make_plan(c, m, h, bool(bw), s, g, rows, sk, pt)
             assert tuple(rest) == (*p.as_tuple(), P.step_bytes(p, m, 64)), line
         n += 1
-    assert n > 1000 and kinds == {"plan", "S", "Q", "G", "P", "M", "C", "L", "X"}
+    assert n > 1000 and kinds == {"plan", "S", "Q", "G", "P", "M", "C", "L", "X", "B"}
+    # Register blocking: never on the FMA path, past max_tiles, or below one tile a warp; the
+    # S3/S4 chunks (16-bit 16 x 2 tiles, TF32 8 x 4) take 2 x 2, a chunk of 16 x 1 takes 2 x 1,
+    # 2 x 4 tiles (8: one a warp) none, 1 x 16... (one W-row tile) 1 x 2 where nfr allows.
+    assert all(bm * bn == 1 for (m, *_, mt), (bm, bn) in blockings.items() if m == 2 or mt == 1)
+    assert all(bm * bn <= mt for (*_, mt), (bm, bn) in blockings.items())
+    assert all(bm * bn == 1 for (_, mfr, nfr, _), (bm, bn) in blockings.items() if mfr * nfr < 8)
+    assert blockings[(0, 16, 2, 4)] == (2, 2) and blockings[(1, 8, 4, 4)] == (2, 2)
+    assert blockings[(0, 16, 2, 2)] == (2, 1) and blockings[(0, 16, 1, 4)] == (2, 1)
+    assert blockings[(1, 2, 4, 4)] == (1, 1) and blockings[(1, 1, 4, 4)] == (1, 1)
+    assert blockings[(0, 8, 2, 4)] == (2, 1) and blockings[(1, 3, 4, 4)] == (1, 2)
     # choose_launch: no clusters without sm_90; teams only with K parts (S4-like LSTM at H=1024,
     # B_pad 256, auto parts: the backward has them); groups where one fits
     assert not any(mode for key, mode in launches.items() if key[-2] == 0)

@@ -340,8 +340,10 @@ def _differs_from_clean(install, csrc, mode="GRU", dt="bf16", **shape):
 
 MUTANTS = {
     # the epilogue reads the scratch slots before the other warps have written them
-    "no-barrier-after-matmul": ("rnn_common.cuh", """bs.copy, clk);
-    __syncthreads();""", "bs.copy, clk);"),
+    "no-barrier-after-matmul": ("rnn_common.cuh", """bs.max_tiles,
+                                             clk);
+    __syncthreads();""", """bs.max_tiles,
+                                             clk);"""),
     # the next chunk's matmul overwrites slots the epilogue is still reading
     "no-barrier-after-epilogue": ("rnn_common.cuh",
                                   "    __syncthreads();  // the slots are reused by the next chunk",
@@ -598,6 +600,58 @@ def test_staging_plans_and_settings(install, monkeypatch):
     monkeypatch.setenv("FUSED_RNN_CUDA_STAGE_K", "24")
     with pytest.raises(ValueError, match="positive multiple of 16"):
         _layer("LSTM", "bf16")
+
+
+# ------------------------------------------------------------------ register blocking
+def _blockings(launches, batch: int) -> set[tuple[int, int]]:
+    """The (bm, bn) register blocking of every chunk of the recorded launches (plan.h
+    tile_block, from the plan and the launch's tile_block setting)."""
+    b_pad = -(-batch // P.K_BATCH_PAD) * P.K_BATCH_PAD
+    seen = set()
+    for _, _, pl in launches:
+        rows = b_pad // pl["groups"]
+        for n0 in range(0, rows, P.K_CHUNK_COLS):
+            mfr, nfr = P.chunk_tiles(pl["m_pad"], pl["math"], min(P.K_CHUNK_COLS, rows - n0))
+            seen.add(P.tile_block(pl["math"], mfr, nfr, pl["tile_block"]))
+    return seen
+
+
+# (mode, dtype, H, B, a blocking the default setting must use); one block (sms=1) holds all of
+# H, so the chunks have many W-row tiles. fp32 (the FMA path) never blocks.
+TILE_BLOCK_CASES = [("LSTM", "bf16", 60, 70, (2, 2)), ("LSTM", "tf32", 64, 70, (2, 2)),
+                    ("LSTM", "bf16", 16, 70, (2, 1)), ("LSTM", "tf32", 16, 70, (2, 1)),
+                    ("GRU", "fp16", 37, 33, (1, 2)), ("LSTM", "tf32", 37, 70, (1, 2)),
+                    ("GRU", "fp32", 37, 70, (1, 1))]
+
+
+@pytest.mark.parametrize("mode,dt,H,B,want", TILE_BLOCK_CASES)
+def test_tile_blocks_give_the_same_bits(install, monkeypatch, mode, dt, H, B, want):
+    """FUSED_RNN_CUDA_TILE_BLOCK (1, 2, 4): a warp multiplying a block of tiles sums each
+    tile's K in the order it would alone, so every output and gradient is the same bits with
+    any setting; and each setting does block (a blocking that silently fell back to single
+    tiles would pass the comparison)."""
+    runs, used = {}, {}
+    for setting in ("1", "2", "4"):
+        monkeypatch.setenv("FUSED_RNN_CUDA_TILE_BLOCK", setting)
+        sim = install(sms=1, order="shuffle", seed=5)
+        runs[setting] = _layer(mode, dt, B=B, T=3, H=H)
+        used[setting] = _blockings(sim.launches, B)
+    assert used["1"] == {(1, 1)}
+    assert all(bm * bn <= 2 for bm, bn in used["2"])
+    assert want in used["4"], used["4"]
+    if dt == "fp32":
+        assert used["4"] == {(1, 1)}
+    for setting in ("2", "4"):
+        for i, (a, b) in enumerate(zip(runs["1"], runs[setting], strict=True)):
+            assert torch.equal(a, b) or (a.isnan().all() and b.isnan().all()), (setting, i)
+    # ... and right: the emulation sums K in another order (unstaged), so to that tolerance.
+    install_standin(monkeypatch, Emulator(sms=1))
+    monkeypatch.delenv("FUSED_RNN_CUDA_TILE_BLOCK")
+    for i, (a, b) in enumerate(zip(runs["4"], _layer(mode, dt, B=B, T=3, H=H), strict=True)):
+        assert rel(a, b) <= PARTS_EMULATION_TOL[dt], f"tensor {i}: {rel(a, b):.2e}"
+    monkeypatch.setenv("FUSED_RNN_CUDA_TILE_BLOCK", "3")
+    with pytest.raises(ValueError, match="FUSED_RNN_CUDA_TILE_BLOCK must be 1, 2 or 4"):
+        _layer(mode, dt)
 
 
 # ------------------------------------------------------------------ cp.async stage copies

@@ -160,6 +160,19 @@ def max_stage_k() -> int:
     return value
 
 
+def tile_block() -> int:
+    """The most output tiles one warp multiplies at once in the recurrent matmul (plan.h
+    tile_block: register blocking), from ``FUSED_RNN_CUDA_TILE_BLOCK``: ``4`` (default), ``2`` or
+    ``1`` (off: one tile at a time). A block of tiles loads fewer operands per MMA from shared
+    memory and keeps several independent MMA chains in flight; it applies only where a chunk has
+    at least as many tiles as the block has warps. Every tile's K sum keeps its order, so the
+    results are the same bits whatever the setting. Read at every call, like :func:`max_groups`."""
+    raw = os.environ.get("FUSED_RNN_CUDA_TILE_BLOCK", "4")
+    if raw not in ("1", "2", "4"):
+        raise ValueError(f"FUSED_RNN_CUDA_TILE_BLOCK must be 1, 2 or 4, got {raw!r}")
+    return int(raw)
+
+
 STAGE_COPIES = {"registers": 0, "async": 1, "pipelined": 2}  # fused_rnn.h StageCopy
 
 
@@ -269,6 +282,7 @@ def _layer_forward_impl(
         cluster(),
         team_clusters(),
         cluster_exchange_dsmem(),
+        tile_block(),
     )
     gates = xproj if save else x.new_empty((0,), dtype=cd)
     return y, h_n, c_n, gates, aux
@@ -407,6 +421,7 @@ def _layer_backward_impl(
             cluster(),
             team_clusters(),
             cluster_exchange_dsmem(),
+            tile_block(),
         )
         # GRU: the recurrent side of the n gate is r * dn (b_hn sits inside r * (.)).
         dgh = torch.cat([dgx[..., : 2 * H], dghn], dim=-1) if mode == "GRU" else dgx

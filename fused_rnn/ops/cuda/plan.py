@@ -306,6 +306,29 @@ def choose_launch(cell: int, is_16bit: bool, allow_tf32: bool, hidden: int, back
     return math, p
 
 
+def tile_block(math: int, mfr: int, nfr: int, max_tiles: int) -> tuple[int, int]:
+    """(bm, bn): the register blocking of a chunk of mfr x nfr tiles (plan.h tile_block)."""
+    best = (1, 1)
+    if math == MATHS["fma"] or mfr * nfr < K_WARPS:
+        return best
+    best_load = _ceil_div(mfr * nfr, K_WARPS)
+    for bm, bn in ((2, 1), (1, 2), (2, 2)):
+        size = bm * bn
+        if size > max_tiles or mfr % bm or nfr % bn:
+            continue
+        load = _ceil_div((mfr // bm) * (nfr // bn), K_WARPS) * size
+        if load < best_load or (load == best_load and size > best[0] * best[1]):
+            best, best_load = (bm, bn), load
+    return best
+
+
+def chunk_tiles(m_pad: int, math: int, ncols: int) -> tuple[int, int]:
+    """(mfr, nfr): the output tiles of a chunk of ncols batch columns (chunk_matmul) for a
+    W slice of m_pad rows."""
+    wm, wn = TILE_SHAPES[math][:2]
+    return _ceil_div(m_pad, wm), ncols // wn
+
+
 def fits(cell: int, is_16bit: bool, allow_tf32: bool, hidden: int, num_sms: int,
          smem_optin: int) -> str | None:
     """None when the forward and the backward plan fit, else why not."""
