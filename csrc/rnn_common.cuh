@@ -471,12 +471,12 @@ __device__ __forceinline__ void run_blocks(const T* sw, const Plan& pl, const T*
   }
 }
 
-// out = W_slice * X[n0 : n0 + ncols, 0 : klen]^T for one chunk, into the scratch slots. x points
+// out = W_slice * X[n0 : n0 + nreal, 0 : klen]^T for one chunk, into the scratch slots. x points
 // at this block's first K column (k0, plan.h K parts) of batch row row0 of the exchange buffer
 // (global memory, row0 = 0, row stride pl.k_pad; or the shared-memory mirror of
 // kClusterGroupsDsmem, row0 = the group's first row, row stride mirror_ld, never staged); klen
-// is a multiple of kKPad. ncols is a multiple of kBatchPad (X rows past the
-// batch are zero padding); the first nreal rows are real. Warps
+// is a multiple of kKPad. The chunk has nreal real batch rows (of at most kChunkCols; the rows
+// after them, to the next multiple of kBatchPad, exist in the exchange buffer). Warps
 // take (tile, K-split) tasks round-robin; a task's K range is split the same way in every stage
 // slice, so its slot sums the slices (loaded back from the slot after the first). Must be
 // followed by __syncthreads() before the slots are read; with staging it synchronises the block
@@ -484,7 +484,9 @@ __device__ __forceinline__ void run_blocks(const T* sw, const Plan& pl, const T*
 // Staging copies only the nreal real rows: X row n reaches only output column n, and the
 // epilogue reads no column past the batch, so the stage rows after them may hold anything (an
 // earlier slice's rows, or never-written shared memory). At B = 16 that halves the copy, at
-// B = 8 quarters it.
+// B = 8 quarters it. For the same reason the matmul skips the batch tiles past the real rows:
+// nfr = ceil(nreal / wn), not the chunk's padded columns / wn. At B = 16 in TF32 (16-column tiles, 32 padded rows)
+// that halves the tiles, so each warp's share of K (ksplit) doubles and its chain halves.
 // Pipelined staging (kStagePipelined, when stage_k is a multiple of 32) splits the stage's
 // columns into two buffers of stage_k / 2: slice s + 1 is issued into the other buffer before
 // slice s is waited for, so it lands while slice s is multiplied. Slice s + 1 reuses the buffer
@@ -493,11 +495,11 @@ __device__ __forceinline__ void run_blocks(const T* sw, const Plan& pl, const T*
 // compiler must not route these loads through the non-coherent read-only path (ld.global.nc).
 template <typename T, Math M>
 __device__ ChunkLayout chunk_matmul(const T* sw, const Plan& pl, const T* x, int ld_x, int row0,
-                                    int klen, int n0, int ncols, int nreal, float* sc, T* stage,
+                                    int klen, int n0, int nreal, float* sc, T* stage,
                                     int copy, int max_tiles, PhaseClock& clk) {
   constexpr TileShape ts = tile_shape(M);
   const int mfr = ceil_div(pl.m_pad, ts.wm);
-  const int nfr = ncols / ts.wn;
+  const int nfr = ceil_div(nreal, ts.wn);  // tiles of real rows only (above)
   const int tiles = mfr * nfr;
   const bool staged = pl.stage_k > 0;
   const bool pipe = staged && copy == kStagePipelined && pl.stage_k % (2 * kKPad) == 0;
@@ -659,7 +661,7 @@ __device__ __forceinline__ void block_step(const BlockState<W>& bs, const Plan& 
     const int ncols = imin(kChunkCols, bs.n_begin + bs.group_rows - n0);
     const int nb = imin(ncols, batch - n0);  // real batch rows of this chunk (n0 < n_end)
     const ChunkLayout L = chunk_matmul<W, M>(bs.sw, pl, x + bs.k0, ld_x, row0, bs.klen, n0,
-                                             ncols, nb, bs.sc, bs.stage, bs.copy, bs.max_tiles,
+                                             nb, bs.sc, bs.stage, bs.copy, bs.max_tiles,
                                              clk);
     __syncthreads();
     clk.mark(kPhaseMma);

@@ -155,14 +155,14 @@ class Emulator:
         return cls._w_flat(rows, pl, math, cd)
 
     @classmethod
-    def _chunk_matmul(cls, sw, pl: P.Plan, x, n0: int, ncols: int, math: int, cd):
+    def _chunk_matmul(cls, sw, pl: P.Plan, x, n0: int, ncols: int, nreal: int, math: int, cd):
         """Returns (flat slots, nfr, ksplit) as chunk_matmul leaves them in shared memory.
         sw is the flat W buffer (_w_flat); a tile reads its wm rows through _w_index, so rows
-        past m_pad come from wherever the layout puts them (TF32: the next k-block)."""
+        past m_pad come from wherever the layout puts them (TF32: the next k-block). Only the
+        batch tiles holding the nreal real rows are multiplied."""
         wm, wn, wk, elem = P.TILE_SHAPES[math][:4]
-        assert ncols % P.K_BATCH_PAD == 0 and n0 + ncols <= x.shape[0]
-        mfr = -(-pl.m_pad // wm)
-        nfr = ncols // wn
+        assert ncols % P.K_BATCH_PAD == 0 and n0 + ncols <= x.shape[0] and 0 < nreal <= ncols
+        mfr, nfr = P.chunk_tiles(pl.m_pad, math, nreal)
         tiles = mfr * nfr
         ksteps = pl.k_pad // wk
         ksplit = min(P.K_WARPS // tiles, ksteps) if tiles < P.K_WARPS else 1
@@ -251,8 +251,9 @@ class Emulator:
             for blk, ub, u0, nu, chunks in self._blocks(pl, H, B, B_pad):
                 assert nu > 0
                 for n0, ncols in chunks:
-                    sc, nfr, ksplit = self._chunk_matmul(sws[ub], pl, hin, n0, ncols, math, cd)
                     nb = min(ncols, B - n0)
+                    sc, nfr, ksplit = self._chunk_matmul(sws[ub], pl, hin, n0, ncols, nb, math,
+                                                         cd)
                     idx = torch.arange(nb * pl.units)
                     j, n = idx % pl.units, idx // pl.units
                     keep = j < nu
@@ -363,8 +364,9 @@ class Emulator:
             writer = torch.full((B_pad, pl.k_pad), -1, dtype=torch.long)
             for blk, ub, u0, nu, chunks in self._blocks(pl, H, B, B_pad):
                 for n0, ncols in chunks:
-                    sc, nfr, ksplit = self._chunk_matmul(sws[ub], pl, din, n0, ncols, math, cd)
                     nb = min(ncols, B - n0)
+                    sc, nfr, ksplit = self._chunk_matmul(sws[ub], pl, din, n0, ncols, nb, math,
+                                                         cd)
                     idx = torch.arange(nb * pl.units)
                     j, n = idx % pl.units, idx // pl.units
                     keep = j < nu

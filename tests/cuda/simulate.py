@@ -188,6 +188,7 @@ def _load(sanitize: str, csrc: Path, ucontext: bool = False) -> ctypes.CDLL:
             lib.sim_last_error.restype = ctypes.c_char_p
             lib.sim_set_cuda_error.argtypes = [i]
             lib.sim_cluster_launches.restype = ctypes.c_longlong
+            lib.sim_mma_count.restype = ctypes.c_longlong
             lib.sim_plan.argtypes = [i] * 13 + [ctypes.POINTER(ctypes.c_int)]
             lib.sim_make_plan.argtypes = [i] * 9 + [ctypes.POINTER(ctypes.c_int)]
             lib.sim_forward.argtypes = [i] * 16 + [p, fp, p, fp, p, fp, p, fp, p, i, i, fp]
@@ -243,6 +244,10 @@ class Simulator:
         self.lib.sim_configure(self.sms, self.smem_optin, self.smem_per_sm, ORDERS[self.order],
                                self.seed, int(self.cp_async == "early"), self.max_clusters,
                                self.ptx_version)
+
+    def mma_count(self) -> int:
+        """wmma::mma_sync calls (one a warp) of every launch so far, in this process."""
+        return int(self.lib.sim_mma_count())
 
     def cluster_launches(self) -> int:
         """Launches so far (in this process) that ran as clusters, not their fallback."""

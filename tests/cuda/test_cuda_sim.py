@@ -31,7 +31,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from cases import install_standin, layer_inputs, rel, run_layer
+from cases import blockings, install_standin, layer_inputs, rel, run_layer
 from emulate import Emulator
 from helpers import record_gemm_precision
 
@@ -603,19 +603,6 @@ def test_staging_plans_and_settings(install, monkeypatch):
 
 
 # ------------------------------------------------------------------ register blocking
-def _blockings(launches, batch: int) -> set[tuple[int, int]]:
-    """The (bm, bn) register blocking of every chunk of the recorded launches (plan.h
-    tile_block, from the plan and the launch's tile_block setting)."""
-    b_pad = -(-batch // P.K_BATCH_PAD) * P.K_BATCH_PAD
-    seen = set()
-    for _, _, pl in launches:
-        rows = b_pad // pl["groups"]
-        for n0 in range(0, rows, P.K_CHUNK_COLS):
-            mfr, nfr = P.chunk_tiles(pl["m_pad"], pl["math"], min(P.K_CHUNK_COLS, rows - n0))
-            seen.add(P.tile_block(pl["math"], mfr, nfr, pl["tile_block"]))
-    return seen
-
-
 # (mode, dtype, H, B, a blocking the default setting must use); one block (sms=1) holds all of
 # H, so the chunks have many W-row tiles. fp32 (the FMA path) never blocks.
 TILE_BLOCK_CASES = [("LSTM", "bf16", 60, 70, (2, 2)), ("LSTM", "tf32", 64, 70, (2, 2)),
@@ -635,7 +622,7 @@ def test_tile_blocks_give_the_same_bits(install, monkeypatch, mode, dt, H, B, wa
         monkeypatch.setenv("FUSED_RNN_CUDA_TILE_BLOCK", setting)
         sim = install(sms=1, order="shuffle", seed=5)
         runs[setting] = _layer(mode, dt, B=B, T=3, H=H)
-        used[setting] = _blockings(sim.launches, B)
+        used[setting] = blockings(sim.launches, B)
     assert used["1"] == {(1, 1)}
     assert all(bm * bn <= 2 for bm, bn in used["2"])
     assert want in used["4"], used["4"]
@@ -652,6 +639,40 @@ def test_tile_blocks_give_the_same_bits(install, monkeypatch, mode, dt, H, B, wa
     monkeypatch.setenv("FUSED_RNN_CUDA_TILE_BLOCK", "3")
     with pytest.raises(ValueError, match="FUSED_RNN_CUDA_TILE_BLOCK must be 1, 2 or 4"):
         _layer(mode, dt)
+
+
+@pytest.mark.parametrize("dt,B", [("tf32", 16), ("tf32", 70), ("bf16", 8), ("tf32", 40),
+                                  ("bf16", 70)])
+def test_the_matmul_skips_batch_tiles_past_the_real_rows(install, dt, B):
+    """chunk_matmul multiplies the batch tiles that hold real rows, ceil(rows / wn) of them, not
+    the chunk's padded columns / wn: at B=16 in TF32 (16-column tiles, 32 padded rows) half the
+    MMAs. Counted: cudasim's mma_sync calls in one forward launch against the tiles the plan
+    mirror says each block multiplies (every tile over all of K, whatever the K split)."""
+    dtype, tf32 = DTYPES[dt]
+    sim = install(sms=4)
+    T, H, G = 2, 37, 4
+    g = torch.Generator().manual_seed(0)
+    xproj = torch.randn(T, B, G * H, generator=g)
+    h0, c0 = (torch.randn(B, H, generator=g).to(dtype) for _ in range(2))
+    w_hh = (torch.randn(G * H, H, generator=g) / 8).to(dtype)
+    before = sim.mma_count()
+    sim.forward(P.CELLS["LSTM"], xproj, h0, c0, w_hh, torch.zeros(G * H), None, False, tf32,
+                False, 8, 1 << 30, k_parts=1)
+    counted = sim.mma_count() - before
+    (_, _, pl), = sim.launches
+    rows = -(-B // P.K_BATCH_PAD) * P.K_BATCH_PAD // pl["groups"]
+    wk = P.TILE_SHAPES[pl["math"]][2]
+    want = padded = 0
+    for blk in range(pl["blocks"]):
+        begin = blk // pl["group_blocks"] * rows
+        for n0 in range(begin, min(begin + rows, B), P.K_CHUNK_COLS):
+            ncols = min(P.K_CHUNK_COLS, begin + rows - n0)
+            mfr, nfr = P.chunk_tiles(pl["m_pad"], pl["math"], min(ncols, B - n0))
+            want += mfr * nfr * (pl["k_pad"] // wk) * T
+            padded += mfr * P.chunk_tiles(pl["m_pad"], pl["math"], ncols)[1] * (pl["k_pad"] // wk) * T
+    assert counted == want, (counted, want, padded)
+    if (dt, B) in (("tf32", 16), ("tf32", 70)):
+        assert want < padded, (want, padded)
 
 
 # ------------------------------------------------------------------ cp.async stage copies

@@ -322,11 +322,11 @@ def tile_block(math: int, mfr: int, nfr: int, max_tiles: int) -> tuple[int, int]
     return best
 
 
-def chunk_tiles(m_pad: int, math: int, ncols: int) -> tuple[int, int]:
-    """(mfr, nfr): the output tiles of a chunk of ncols batch columns (chunk_matmul) for a
-    W slice of m_pad rows."""
+def chunk_tiles(m_pad: int, math: int, nreal: int) -> tuple[int, int]:
+    """(mfr, nfr): the output tiles chunk_matmul multiplies for a W slice of m_pad rows and a
+    chunk with nreal real batch rows (the tiles past them are skipped)."""
     wm, wn = TILE_SHAPES[math][:2]
-    return _ceil_div(m_pad, wm), ncols // wn
+    return _ceil_div(m_pad, wm), _ceil_div(nreal, wn)
 
 
 def fits(cell: int, is_16bit: bool, allow_tf32: bool, hidden: int, num_sms: int,

@@ -804,6 +804,12 @@ long long tick() {
   return ++ticks;
 }
 
+namespace {
+long long g_mma_count = 0;  // fibers share one OS thread (and this file is not instrumented)
+}  // namespace
+void count_mma() { ++g_mma_count; }
+long long mma_count() { return g_mma_count; }
+
 void configure(const Config& c) { g_config = c; }
 const Config& config() { return g_config; }
 const std::string& last_message() { return g_last_message; }

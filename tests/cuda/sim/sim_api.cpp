@@ -235,6 +235,9 @@ int sim_backward(int cell, int dtype, int allow_tf32, int steps, int batch, int 
                                     sel.math, launch), pending);
 }
 
+// How many wmma::mma_sync calls (one a warp) all launches so far made.
+long long sim_mma_count() { return cudasim::mma_count(); }
+
 // How many launches ran as clusters (fused_rnn.h cluster_launches).
 long long sim_cluster_launches() { return fused_rnn::cluster_launches; }
 

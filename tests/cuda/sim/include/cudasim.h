@@ -102,6 +102,10 @@ void cp_async(void* dst, const void* src, size_t bytes);  // cp.async.cg (see ru
 void cp_async_commit();                                   // cp.async.commit_group
 void cp_async_wait(int pending);                          // cp.async.wait_group pending
 inline long long global_ns() { return tick(); }
+// A warp's wmma::mma_sync (counted once, by lane 0): lets tests see how many tile products a
+// launch multiplied (mma_count()), which the results alone do not show for padding tiles.
+void count_mma();
+long long mma_count();
 // Thread-block clusters: this block's rank, the cluster's size, and a peer's copy of a pointer
 // into this block's dynamic shared memory (cluster_group::map_shared_rank, DSMEM).
 unsigned cluster_block_rank();
@@ -457,6 +461,7 @@ void mma_sync(fragment<accumulator, M, N, K, float>& d, const fragment<matrix_a,
               const fragment<matrix_b, M, N, K, T, LB>& b,
               const fragment<accumulator, M, N, K, float>& c) {
   if (!is_lane0()) return;
+  ::cudasim::count_mma();
   float av[M * K], bv[K * N];
   for (int i = 0; i < M * K; ++i) {
     if constexpr (std::is_same_v<T, precision::tf32>) av[i] = truncate_tf32(a.x[i]);
