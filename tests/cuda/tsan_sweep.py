@@ -7,7 +7,7 @@ Each seed draws a case: cell, dtype, H (partial last blocks), B (across the 16-r
 T, lengths, reverse, the simulated device (1-16 SMs; 227, 163, 99 or 48 KB of shared memory),
 the thread order, cp.async landing late or early, and each ``FUSED_RNN_CUDA_*`` plan setting
 drawn independently (groups, stage_k, K parts, clusters, DSMEM, team clusters, the stage copy,
-the grid cap). A case the backend refuses (``unsupported_reason``: H too large for the device)
+the grid cap, the register blocking). A case the backend refuses (``unsupported_reason``: H too large for the device)
 is listed as refused: backends.py would fall back. Each case runs forward and every gradient;
 the line ``done SEED`` gives the launched plans and the largest relative error against the
 fp64 reference (a floor is not checked: TF32 and 16-bit ReLU masks flip; test_cuda_gpu.py's
@@ -46,7 +46,7 @@ def draw(seed: int) -> dict:
         "STAGE_COPY": r.choice(["registers", "async", "pipelined", None]),
         "MAX_BLOCKS": r.choice(["auto", str(r.randint(1, sms)), None]),
     }
-    return {
+    case = {
         "mode": r.choice(MODES), "dtype": r.choice(["fp32", "tf32", "bf16", "fp16"]),
         "H": r.choice([1, 7, 16, 33, 37, 60, 64, 100, 130, 160, r.randint(1, 200)]),
         "B": r.choice([1, 3, 8, 16, 17, 33, 70, r.randint(1, 97)]), "T": r.randint(1, 5),
@@ -56,6 +56,11 @@ def draw(seed: int) -> dict:
         "cp_async": r.choice(["late", "early"]),
         "settings": {k: v for k, v in settings.items() if v is not None},
     }
+    # Drawn last, so the seeds before it was added still draw the same cases otherwise.
+    tile_block = r.choice(["1", "2", "4", None])
+    if tile_block is not None:
+        case["settings"]["TILE_BLOCK"] = tile_block
+    return case
 
 
 def run_cases(first: int, count: int) -> None:
@@ -63,7 +68,7 @@ def run_cases(first: int, count: int) -> None:
     sys.path[:0] = [str(HERE), str(HERE.parent)]
     import simulate
     import torch
-    from cases import install_standin, layer_inputs, rel, run_layer
+    from cases import blockings, install_standin, layer_inputs, rel, run_layer
     from tsan_run import DTYPES, SETTINGS, _Setattr
 
     import fused_rnn.ops.cuda as cuda_backend
@@ -78,7 +83,7 @@ def run_cases(first: int, count: int) -> None:
         sim = install_standin(_Setattr(), simulate.Simulator(
             sms=c["sms"], order=c["order"], seed=seed, smem_optin=c["smem_kb"] * 1024,
             smem_per_sm=(c["smem_kb"] + 1) * 1024, sanitize="thread", cp_async=c["cp_async"]))
-        for key in (*SETTINGS, "MAX_BLOCKS"):
+        for key in (*SETTINGS, "MAX_BLOCKS", "TILE_BLOCK"):
             os.environ.pop(f"FUSED_RNN_CUDA_{key}", None)
         os.environ.update({f"FUSED_RNN_CUDA_{k}": v for k, v in c["settings"].items()})
         dtype, tf32 = DTYPES[c["dtype"]]
@@ -96,8 +101,9 @@ def run_cases(first: int, count: int) -> None:
         want = run_layer(reference.rnn_layer, *args, torch.float64, lens, c["reverse"], cots,
                          "cpu")
         err = max(rel(a, b) for a, b in zip(got, want) if b.numel())
-        plans = [{k: pl[k] for k in ("blocks", "groups", "parts", "cluster", "stage_k",
-                                     "stage_copy")} for _, _, pl in sim.launches]
+        plans = [{**{k: launch[2][k] for k in ("blocks", "groups", "parts", "cluster",
+                                               "stage_k", "stage_copy")},
+                  "blocked": sorted(blockings([launch], c["B"]))} for launch in sim.launches]
         print(f"done {seed} rel {err:.2e} {json.dumps(plans)}", flush=True)
 
 
