@@ -609,30 +609,42 @@ TILE_BLOCK_CASES = [("LSTM", "bf16", 60, 70, (2, 2)), ("LSTM", "tf32", 64, 70, (
                     ("LSTM", "bf16", 16, 70, (2, 1)), ("LSTM", "tf32", 16, 70, (2, 1)),
                     ("GRU", "fp16", 37, 33, (1, 2)), ("LSTM", "tf32", 37, 70, (1, 2)),
                     ("GRU", "fp32", 37, 70, (1, 1))]
+# Every case with X staged and read straight from the exchange buffer; two on K-parts teams (4
+# SMs, teams of 2: a block's rows are its team's).
+TILE_BLOCK_SETTINGS = {"staged": (1, {}), "direct": (1, {"FUSED_RNN_CUDA_STAGE_K": "0"}),
+                       "parts2": (4, {"FUSED_RNN_CUDA_K_PARTS": "2",
+                                      "FUSED_RNN_CUDA_MAX_GROUPS": "1"})}
+TILE_BLOCK_RUNS = [(*case, partition) for partition in ("staged", "direct")
+                   for case in TILE_BLOCK_CASES] + [(*case, "parts2")
+                                                    for case in TILE_BLOCK_CASES[:2]]
 
 
-@pytest.mark.parametrize("mode,dt,H,B,want", TILE_BLOCK_CASES)
-def test_tile_blocks_give_the_same_bits(install, monkeypatch, mode, dt, H, B, want):
+@pytest.mark.parametrize("mode,dt,H,B,want,partition", TILE_BLOCK_RUNS)
+def test_tile_blocks_give_the_same_bits(install, monkeypatch, mode, dt, H, B, want, partition):
     """FUSED_RNN_CUDA_TILE_BLOCK (1, 2, 4): a warp multiplying a block of tiles sums each
     tile's K in the order it would alone, so every output and gradient is the same bits with
     any setting; and each setting does block (a blocking that silently fell back to single
     tiles would pass the comparison)."""
+    sms, env = TILE_BLOCK_SETTINGS[partition]
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
     runs, used = {}, {}
     for setting in ("1", "2", "4"):
         monkeypatch.setenv("FUSED_RNN_CUDA_TILE_BLOCK", setting)
-        sim = install(sms=1, order="shuffle", seed=5)
+        sim = install(sms=sms, order="shuffle", seed=5)
         runs[setting] = _layer(mode, dt, B=B, T=3, H=H)
         used[setting] = blockings(sim.launches, B)
+        if partition == "parts2":
+            assert {pl["parts"] for _, _, pl in sim.launches} == {2}
     assert used["1"] == {(1, 1)}
     assert all(bm * bn <= 2 for bm, bn in used["2"])
     assert want in used["4"], used["4"]
-    if dt == "fp32":
-        assert used["4"] == {(1, 1)}
+    assert (used["4"] == {(1, 1)}) == (dt == "fp32"), used["4"]
     for setting in ("2", "4"):
         for i, (a, b) in enumerate(zip(runs["1"], runs[setting], strict=True)):
-            assert torch.equal(a, b) or (a.isnan().all() and b.isnan().all()), (setting, i)
+            assert torch.equal(a, b), (setting, i)
     # ... and right: the emulation sums K in another order (unstaged), so to that tolerance.
-    install_standin(monkeypatch, Emulator(sms=1))
+    install_standin(monkeypatch, Emulator(sms=sms))
     monkeypatch.delenv("FUSED_RNN_CUDA_TILE_BLOCK")
     for i, (a, b) in enumerate(zip(runs["4"], _layer(mode, dt, B=B, T=3, H=H), strict=True)):
         assert rel(a, b) <= PARTS_EMULATION_TOL[dt], f"tensor {i}: {rel(a, b):.2e}"
