@@ -67,9 +67,15 @@ CONFIGS = {
     "dsmem-one-cluster": ("LSTM", "tf32", 60, 4, {"MAX_GROUPS": "1", "CLUSTER": "4",
                                                   "CLUSTER_EXCHANGE": "dsmem"},
                           {"cluster": 3, "groups": 1, "group_blocks": 4}),
+    # warps multiplying blocks of tiles (one block holds all of H: 2x2 and 2x1 forward, 2x1
+    # backward), X staged (pipelined) and read directly
+    "tile-blocks": ("LSTM", "bf16", 60, 1, {"MAX_GROUPS": "1", "TILE_BLOCK": "4"},
+                    {"cluster": 0, "parts": 1, "blocked": True}),
+    "tile-blocks-direct": ("LSTM", "tf32", 64, 1, {"MAX_GROUPS": "1", "STAGE_K": "0"},
+                           {"cluster": 0, "parts": 1, "stage_k": 0, "blocked": True}),
 }
 SETTINGS = ("MAX_GROUPS", "STAGE_K", "K_PARTS", "CLUSTER", "CLUSTER_EXCHANGE", "TEAM_CLUSTERS",
-            "STAGE_COPY")
+            "STAGE_COPY", "TILE_BLOCK")
 DTYPES = {"fp32": (torch.float32, False), "tf32": (torch.float32, True),
           "bf16": (torch.bfloat16, False), "fp16": (torch.float16, False)}
 
@@ -86,7 +92,7 @@ def main(argv: list[str]) -> None:
     here = Path(__file__).resolve().parent
     sys.path[:0] = [str(here), str(here.parent)]
     import simulate
-    from cases import install_standin, layer_inputs, run_layer
+    from cases import blockings, install_standin, layer_inputs, run_layer
 
     import fused_rnn.ops.cuda as cuda_backend
 
@@ -106,9 +112,9 @@ def main(argv: list[str]) -> None:
         leaves, lens, cots = layer_inputs(mode, 3, 70, 5, hidden, 0, True)
         before = sim.cluster_launches()
         run_layer(cuda_backend.rnn_layer, mode, leaves, dtype, lens, True, cots, "cpu")
-        plans = [{k: pl[k] for k in ("cluster", "parts", "groups", "group_blocks", "stage_k",
-                                     "stage_copy")}
-                 for _, _, pl in sim.launches]
+        plans = [{**{k: launch[2][k] for k in ("cluster", "parts", "groups", "group_blocks",
+                                               "stage_k", "stage_copy")},
+                  "blocked": blockings([launch], 70) != {(1, 1)}} for launch in sim.launches]
         ran = {"plans": plans, "cluster_launches": sim.cluster_launches() - before}
         print(f"ran {name} {json.dumps(ran)}", flush=True)
 

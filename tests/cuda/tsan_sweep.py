@@ -83,7 +83,7 @@ def run_cases(first: int, count: int) -> None:
         sim = install_standin(_Setattr(), simulate.Simulator(
             sms=c["sms"], order=c["order"], seed=seed, smem_optin=c["smem_kb"] * 1024,
             smem_per_sm=(c["smem_kb"] + 1) * 1024, sanitize="thread", cp_async=c["cp_async"]))
-        for key in (*SETTINGS, "MAX_BLOCKS", "TILE_BLOCK"):
+        for key in (*SETTINGS, "MAX_BLOCKS"):
             os.environ.pop(f"FUSED_RNN_CUDA_{key}", None)
         os.environ.update({f"FUSED_RNN_CUDA_{k}": v for k, v in c["settings"].items()})
         dtype, tf32 = DTYPES[c["dtype"]]
