@@ -390,6 +390,12 @@ def _cuda_plans(mode, shape, dtype_name) -> list | None:
     """The forward and backward launch plans the cuda backend takes for this row under the
     current environment (plan.py, the mirror of plan.h), from this GPU's SM count and opt-in
     shared memory; None without a GPU or those properties."""
+    launches = _cuda_launches(mode, shape, dtype_name)
+    return None if launches is None else [p for _, p in launches]
+
+
+def _cuda_launches(mode, shape, dtype_name) -> list | None:
+    """_cuda_plans with each plan's math: [(math, plan) forward, (math, plan) backward]."""
     import torch
 
     try:
@@ -409,7 +415,7 @@ def _cuda_plans(mode, shape, dtype_name) -> list | None:
     return [P.choose_launch(P.CELLS[mode], is16, tf32, H, bw, props.multi_processor_count, smem,
                             b_pad, ops.max_groups(), ops.max_stage_k(), ops.k_parts(),
                             ops.max_blocks(), ops.cluster(), ops.team_clusters(),
-                            getattr(props, "major", 0) >= 9, ops.cluster_exchange_dsmem())[1]
+                            getattr(props, "major", 0) >= 9, ops.cluster_exchange_dsmem())
             for bw in (False, True)]
 
 
@@ -434,9 +440,18 @@ def _variant_is_moot(backend, mode, shape, dtype_name, device) -> bool:
     most 32 blocks, or a cap that H's W_hh does not fit under rising back to them; no batch
     group fitting in a cluster of that size; no K parts to make teams of); cuda-cl16ds where
     neither launch would exchange through distributed shared memory (it would only repeat
-    cuda-cl16)."""
+    cuda-cl16); cuda-tb1 where no chunk of cuda's two launches has its tiles blocked (it would
+    time the same kernels)."""
     if backend == "cuda-g1":
         return shape[0] <= 32
+    if backend == "cuda-tb1" and device == "cuda":
+        from fused_rnn.ops.cuda import ops
+        from fused_rnn.ops.cuda import plan as P
+
+        launches = _cuda_launches(mode, shape, dtype_name)
+        return launches is not None and all(
+            P.chunk_blockings(p.m_pad, p.groups, math, shape[0], ops.tile_block()) == {(1, 1)}
+            for math, p in launches)
     if backend not in ("cuda-p1", "cuda-b32", "cuda-cl8", "cuda-cl16", "cuda-cl16ds", "cuda-tc") \
             or device != "cuda":
         return False

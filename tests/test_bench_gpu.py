@@ -274,6 +274,26 @@ def test_k_parts_variant_runs_only_where_cuda_has_parts(monkeypatch):
     assert bench_gpu._plan_note(bench_gpu._cuda_plans("LSTM", bench_gpu.SHAPES["S4"], "fp32")) \
         == "plan fwd b128 g1 p4 k224 tc, bwd b128 g1 p8 k304 tc"
     monkeypatch.delenv("FUSED_RNN_CUDA_TEAM_CLUSTERS")
+    # cuda-tb1 (one tile a warp at a time) runs where a launch blocks its tiles: S3's backward
+    # and S4 in 16 bits and TF32, but for GRU's S3 in TF32 (two batch groups and 4 K parts: 8
+    # tiles a chunk, one a warp); not S1, S2, S5, S6 (fewer tiles than warps), nor plain fp32
+    # (the FMA path never blocks), nor where FUSED_RNN_CUDA_TILE_BLOCK=1 already.
+    monkeypatch.delenv("FUSED_RNN_CUDA_TILE_BLOCK", raising=False)
+    tb1 = {(mode, name, dt): bench_gpu._variant_is_moot("cuda-tb1", mode, bench_gpu.SHAPES[name],
+                                                         dt, "cuda")
+           for mode in ("LSTM", "GRU") for name in bench_gpu.SHAPES
+           for dt in ("fp32", "bf16", "fp16")}
+    assert {key for key, moot in tb1.items() if not moot} == {
+        (mode, name, dt) for mode in ("LSTM", "GRU") for name in ("S3", "S4")
+        for dt in ("fp32", "bf16", "fp16")} - {("GRU", "S3", "fp32")}
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
+    assert bench_gpu._variant_is_moot("cuda-tb1", "LSTM", bench_gpu.SHAPES["S4"], "fp32", "cuda")
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", True)
+    monkeypatch.setenv("FUSED_RNN_CUDA_TILE_BLOCK", "1")
+    assert bench_gpu._variant_is_moot("cuda-tb1", "LSTM", bench_gpu.SHAPES["S4"], "bf16", "cuda")
+    monkeypatch.delenv("FUSED_RNN_CUDA_TILE_BLOCK")
+    assert not bench_gpu._variant_is_moot("cuda-tb1", "LSTM", bench_gpu.SHAPES["S4"], "bf16",
+                                          "cpu")
     # and so do profile_cuda.py's phase rows, per direction
     sys.path.insert(0, str(ROOT / "benchmarks"))
     try:

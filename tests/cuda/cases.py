@@ -88,14 +88,6 @@ def run_layer(fn, mode, leaves, dtype, lens, reverse, cots, device):
 
 def blockings(launches, batch: int) -> set[tuple[int, int]]:
     """The (bm, bn) register blocking of every chunk of a Simulator's recorded launches (plan.h
-    tile_block, from each launch's plan and tile_block setting; block_step's chunks)."""
-    b_pad = -(-batch // P.K_BATCH_PAD) * P.K_BATCH_PAD
-    seen = set()
-    for _, _, pl in launches:
-        rows = b_pad // pl["groups"]
-        for begin in range(0, min(b_pad, batch), rows):
-            for n0 in range(begin, min(begin + rows, batch), P.K_CHUNK_COLS):
-                nreal = min(P.K_CHUNK_COLS, begin + rows - n0, batch - n0)
-                mfr, nfr = P.chunk_tiles(pl["m_pad"], pl["math"], nreal)
-                seen.add(P.tile_block(pl["math"], mfr, nfr, pl["tile_block"]))
-    return seen
+    tile_block, from each launch's plan and tile_block setting)."""
+    return set().union(*(P.chunk_blockings(pl["m_pad"], pl["groups"], pl["math"], batch,
+                                           pl["tile_block"]) for _, _, pl in launches))

@@ -329,6 +329,21 @@ def chunk_tiles(m_pad: int, math: int, nreal: int) -> tuple[int, int]:
     return _ceil_div(m_pad, wm), _ceil_div(nreal, wn)
 
 
+def chunk_blockings(m_pad: int, groups: int, math: int, batch: int,
+                    max_tiles: int) -> set[tuple[int, int]]:
+    """The register blocking (tile_block) of every chunk a launch multiplies: per batch group,
+    its real rows kChunkCols at a time (rnn_common.cuh block_step), for a W slice of m_pad rows
+    and the launch's max_tiles."""
+    b_pad = _ceil_div(batch, K_BATCH_PAD) * K_BATCH_PAD
+    rows = b_pad // groups
+    seen = set()
+    for begin in range(0, min(b_pad, batch), rows):
+        for n0 in range(begin, min(begin + rows, batch), K_CHUNK_COLS):
+            mfr, nfr = chunk_tiles(m_pad, math, min(K_CHUNK_COLS, begin + rows - n0, batch - n0))
+            seen.add(tile_block(math, mfr, nfr, max_tiles))
+    return seen
+
+
 def fits(cell: int, is_16bit: bool, allow_tf32: bool, hidden: int, num_sms: int,
          smem_optin: int) -> str | None:
     """None when the forward and the backward plan fit, else why not."""
