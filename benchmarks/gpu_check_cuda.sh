@@ -7,7 +7,7 @@
 #   phases:     phase timings (benchmarks/profile_cuda.py);
 #   microbench: the step primitives alone (benchmarks/microbench.cu);
 #   slow_tests: test_cuda_gpu.py's slow integration tests (torch.compile, DDP, AMP training);
-#   ncu:        Nsight Compute on the persistent kernels of LSTM fp32 at S1 and S4 (not in
+#   ncu:        Nsight Compute on the persistent kernels of LSTM fp32 at S1, S4, S3 (not in
 #               gpu_check.sh's order: a second, short call, `--part build,ncu`, about 2 min).
 #
 #   benchmarks/gpu_check_cuda.sh [--part PART[,PART...]] [LOG_DIR]   # logs to LOG_DIR
@@ -247,7 +247,8 @@ if wants slow_tests && ! skip_if_kernels_unusable slow_tests; then
 fi
 # Nsight Compute on the first forward and backward launch (profile_cuda.py's warm-up, no clock
 # reads) of LSTM fp32 at S1 and at S4, the shapes where the first H200 run's phase timings put
-# the matmul 30x and 16x off the tensor cores' rate: issue stalls, pipe use, shared-memory bank
+# the matmul 30x and 16x off the tensor cores' rate, then at S3 (its forward: one tile a warp
+# over all of K; the other shape under cuDNN): issue stalls, pipe use, shared-memory bank
 # conflicts, occupancy. --clock-control none leaves the card's clocks alone. The reports go to
 # LOG_DIR/cuda_ncu.log (the .md profile_cuda.py writes goes to LOG_DIR, not to the results).
 if wants ncu && ! skip_if_kernels_unusable ncu; then
@@ -261,7 +262,7 @@ if wants ncu && ! skip_if_kernels_unusable ncu; then
               --section SpeedOfLight --section WarpStateStats --section SchedulerStats
               --section LaunchStats --section Occupancy --section MemoryWorkloadAnalysis_Tables)
     step ncu 150 bash -c 'ncu=$1 py=$2 out=$3; shift 3
-      for shape in S1 S4; do
+      for shape in S1 S4 S3; do
         echo "=== ncu: LSTM fp32 $shape"
         "$ncu" "$@" "$py" benchmarks/profile_cuda.py --modes LSTM --dtypes fp32 \
           --shapes "$shape" --out-dir "$out" || exit

@@ -532,17 +532,17 @@ def test_phase_timings_leave_cluster_variants_out_when_told(profile_cuda, monkey
 FAKE_NCU = "#!/bin/bash\necho \"ncu $*\" >> \"$FAKE_CALLS\"\n"
 
 
-def test_the_ncu_part_profiles_s1_and_s4_with_the_clocks_left_alone(tmp_path):
+def test_the_ncu_part_profiles_s1_s4_and_s3_with_the_clocks_left_alone(tmp_path):
     """gpu_check_cuda.sh --part ncu (a short second call on a lent GPU): Nsight Compute on the
-    persistent kernels' first two launches of LSTM fp32 at S1, then S4, through profile_cuda.py,
-    never touching the clocks; without ncu it says so and fails."""
+    persistent kernels' first two launches of LSTM fp32 at S1, then S4, then S3, through
+    profile_cuda.py, never touching the clocks; without ncu it says so and fails."""
     rc, log, calls, out = _gpu_check(tmp_path, "ok", tools=(("ncu", FAKE_NCU),),
                                      cuda_alone=("--part", "ncu", str(tmp_path / "logs")))
     assert rc == 0, log[-3000:]
     assert "cuda_ncu.log" in _tar_names(out)  # run alone, it still returns its logs in $OUT
     ncu = [c for c in calls if c.startswith("ncu ")]
-    assert len(ncu) == 2, calls
-    for call, shape in zip(ncu, ("S1", "S4")):
+    assert len(ncu) == 3, calls
+    for call, shape in zip(ncu, ("S1", "S4", "S3")):
         assert "--clock-control none" in call and "--launch-count 2" in call, call
         assert "regex:rnn_(forward|backward)_kernel" in call, call
         assert call.endswith(f"benchmarks/profile_cuda.py --modes LSTM --dtypes fp32 --shapes "
