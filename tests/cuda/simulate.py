@@ -253,6 +253,14 @@ class Simulator:
         """Launches so far (in this process) that ran as clusters, not their fallback."""
         return int(self.lib.sim_cluster_launches())
 
+    def release_stacks(self) -> None:
+        """Unmap this library's simulated-thread stacks (its next launch maps them again). A
+        library keeps them, two memory mappings each, while the process lives: a process that
+        loads many copies (mutants of csrc/) releases those it is done with, or it runs out of
+        mappings (vm.max_map_count)."""
+        if self.lib.sim_release_stacks() != 0:
+            raise RuntimeError("cudasim: release_stacks during a launch")
+
     def plan(self, cell: int, dtype: torch.dtype, allow_tf32: bool, hidden: int,
              backward: bool, batch: int = 1, max_groups: int = 1,
              max_stage_k: int = 1 << 30, k_parts: int = 1, max_blocks: int = 0,

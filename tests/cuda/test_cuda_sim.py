@@ -50,8 +50,20 @@ ROOT = Path(__file__).resolve().parents[2]
 
 @pytest.fixture
 def install(monkeypatch):
-    """Returns a function that makes a Simulator and installs it as the extension."""
-    return lambda **kwargs: install_standin(monkeypatch, simulate.Simulator(**kwargs))
+    """Returns a function that makes a Simulator and installs it as the extension. The stacks
+    of the mutant copies' libraries (csrc=) are released after the test (Simulator.release_stacks):
+    a worker loads dozens of them."""
+    mutants = []
+
+    def make(**kwargs):
+        sim = simulate.Simulator(**kwargs)
+        if "csrc" in kwargs:
+            mutants.append(sim)
+        return install_standin(monkeypatch, sim)
+
+    yield make
+    for sim in mutants:
+        sim.release_stacks()
 
 
 DTYPES = {"fp32": (torch.float32, False), "tf32": (torch.float32, True),
@@ -314,6 +326,27 @@ def test_time_parallel_gemms_use_tf32_like_cudnn(install, monkeypatch, fp32_prec
     (y.float().sum() + h_n.float().sum() + c_n.float().sum()).backward()
     assert seen == [want] * 4, "the projection, then dx, dW_ih and dW_hh"
     assert torch.backends.cuda.matmul.fp32_precision == before
+
+
+@pytest.mark.skipif(not Path("/proc/self/maps").is_file(), reason="counts /proc/self/maps")
+def test_released_stacks_are_unmapped_and_mapped_again(install):
+    """Simulator.release_stacks gives the simulated threads' stacks back (two mappings each, 256
+    threads a block of the largest launch); the next launch maps them again and gives the same
+    bits."""
+    sim = install(sms=4)
+    first = _layer("GRU", "bf16", B=70, T=2)
+
+    def maps() -> int:
+        return len(Path("/proc/self/maps").read_text().splitlines())
+
+    before = maps()
+    sim.release_stacks()
+    threads = 256 * max(pl["blocks"] for _, _, pl in sim.launches)
+    assert before - maps() >= 2 * threads
+    again = _layer("GRU", "bf16", B=70, T=2)
+    assert maps() >= before - 64  # mapped again (give or take the allocator's own)
+    for a, b in zip(first, again, strict=True):
+        assert torch.equal(a, b)
 
 
 # ---------------------------------------------------------------------------------- mutations

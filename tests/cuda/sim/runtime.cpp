@@ -76,8 +76,19 @@ enum class State {
 
 constexpr size_t kStackBytes = 256 * 1024;  // per fiber (ASan frames are large)
 
-struct Stack {  // mmap'd once, reused by every launch; the lowest page is a guard page
+// mmap'd once, reused by every launch (until release_stacks); the lowest page is a guard page.
+// Two mappings a stack, and every copy of this library a process loads (tests load mutant copies
+// of csrc/) keeps its own: a process of the suite comes near Linux's vm.max_map_count (65530)
+// unless the copies it is done with release theirs.
+struct Stack {
   unsigned char* base = nullptr;
+  static size_t page() { return static_cast<size_t>(sysconf(_SC_PAGESIZE)); }
+  Stack(const Stack&) = delete;
+  Stack& operator=(const Stack&) = delete;
+  Stack(Stack&& o) noexcept : base(o.base) { o.base = nullptr; }
+  ~Stack() {
+    if (base != nullptr) munmap(base - page(), kStackBytes + page());
+  }
   Stack() {
     const size_t page = static_cast<size_t>(sysconf(_SC_PAGESIZE));
     void* p = mmap(nullptr, kStackBytes + page, PROT_READ | PROT_WRITE,
@@ -820,6 +831,11 @@ std::string kernel_failure() {
 }
 void set_last_error(int code) { t_last_error = static_cast<cudaError_t>(code); }
 void refuse(unsigned calls) { g_refuse = calls; }
+bool release_stacks() {
+  if (g_launch != nullptr) return false;  // a fiber runs on them
+  stacks().clear();
+  return true;
+}
 
 void register_kernel(const void* func, void (*invoke)(const void*, void**)) {
   registry()[func] = invoke;

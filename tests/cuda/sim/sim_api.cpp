@@ -129,6 +129,10 @@ void sim_set_cuda_error(int code) { cudasim::set_last_error(code); }
 // The calls the device refuses from now on (sim_api.h Refuse; 0: none).
 void sim_refuse(int calls) { cudasim::refuse(static_cast<unsigned>(calls)); }
 
+// Gives the simulated threads' stacks back to the OS (runtime.cpp Stack): 0, or -1 during a
+// launch.
+int sim_release_stacks() { return cudasim::release_stacks() ? 0 : -1; }
+
 // out[0..20]: math, then Plan's fields in declaration order (units .. part_ld), then the
 // ClusterMode.
 int sim_plan(int cell, int dtype, int allow_tf32, int hidden, int backward, int batch_pad,

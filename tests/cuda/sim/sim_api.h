@@ -38,6 +38,9 @@ enum Refuse : unsigned {
   kRefuseClusterLaunches = 4,      // cudaLaunchKernelExC with a cluster dimension
 };
 void refuse(unsigned calls);
+// Unmaps the simulated threads' stacks (the next launch maps what it needs again); false, and
+// nothing done, during a launch.
+bool release_stacks();
 
 // Called at load time by the kernel translation units: how to call `func` with its args.
 void register_kernel(const void* func, void (*invoke)(const void* func, void** args));
