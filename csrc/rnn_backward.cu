@@ -31,81 +31,122 @@
 namespace fused_rnn {
 namespace detail {
 
-// dh_rec: the recurrent matmul's output for (b, u), the gradient reaching h through W_hh.
-template <Cell C, typename T>
-__device__ __forceinline__ void backward_point(const BwdParams& p, float dh_rec, int s, int b,
-                                               int u, const ExchangeStep<T>& ex) {
-  constexpr int G = gates_of(C);
-  const int H = p.hidden, Tn = p.steps;
-  const size_t bh = (size_t)b * H + u;
-  const float dh_in = dh_rec + p.dh_carry[bh];
-  if (s == Tn) {  // past the first forward step: what is left is the gradient of h0
-    p.dh0[bh] = dh_in;
-    return;
-  }
-  const int t = p.reverse ? s : Tn - 1 - s;
-  const size_t tbh = ((size_t)t * p.batch + b) * H + u;
-  const size_t tg = ((size_t)t * p.batch + b) * G * H + u;  // gate g at tg + g * H
+// The point (batch row b, unit u0 + j) of iteration s (rnn_common.cuh run_points: load, then
+// finish). rec(0) is the recurrent matmul's output there, dh_rec: the gradient reaching h
+// through W_hh. load reads everything the point needs; finish is the cell's backward and its
+// stores.
+template <Cell C, typename T, Math M>
+struct BackwardPoint {
+  static constexpr int G = gates_of(C);
+  static constexpr int kBatch = point_batch<T, M>();
+  struct In {
+    float dh_in;  // dh_rec + the carried dh
+    float dy;     // dy[t] (real steps)
+    float a[G];   // the saved activations
+    float aux;    // LSTM c_t; GRU W_hn h + b_hn
+    float cprev;  // LSTM c_{t-1}
+    float dc;     // LSTM: the carried dc
+    float hp;     // GRU: h_{t-1}
+    bool pad;     // a padding step of row b
+  };
+  const BwdParams& p;
+  const ExchangeStep<T>& ex;
+  int s, u0;
 
-  if (p.lengths != nullptr && t >= p.lengths[b]) {  // padding step: y[t] is a constant zero
-    p.dh_carry[bh] = dh_in;
+  // t of a real iteration (s < T): the forward step it differentiates.
+  __device__ __forceinline__ int step() const { return p.reverse ? s : p.steps - 1 - s; }
+
+  // Also what a padding step does not use: always readable, and loading it regardless keeps
+  // the loads free of the branch on lengths[b].
+  template <typename Rec>
+  __device__ __forceinline__ In load(int b, int j, Rec&& rec) const {
+    const int H = p.hidden, Tn = p.steps, u = u0 + j;
+    const size_t bh = (size_t)b * H + u;
+    In in{};
+    in.dh_in = rec(0) + p.dh_carry[bh];
+    if (s == Tn) return in;  // past the first forward step: only dh0 is left
+    const int t = step();
+    const size_t tbh = ((size_t)t * p.batch + b) * H + u;
+    const float* a = p.gates + ((size_t)t * p.batch + b) * G * H + u;  // gate g at a[g * H]
+    in.pad = p.lengths != nullptr && t >= p.lengths[b];
+    in.dy = to_float(static_cast<const T*>(p.dy)[tbh]);
+#pragma unroll
+    for (int g = 0; g < G; ++g) in.a[g] = a[(size_t)g * H];
+    if constexpr (C == Cell::kLSTM) {
+      in.aux = p.aux[tbh];
+      // c_{t-1}: the previous step's carried c (aux holds it on padding steps too) or c0.
+      const int tp = p.reverse ? t + 1 : t - 1;
+      in.cprev = (tp >= 0 && tp < Tn) ? p.aux[((size_t)tp * p.batch + b) * H + u] : p.c0[bh];
+      in.dc = p.dc_carry[bh];
+    } else if constexpr (C == Cell::kGRU) {
+      in.aux = p.aux[tbh];
+      in.hp = to_float(static_cast<const T*>(p.hprev)[tbh]);
+    }
+    return in;
+  }
+
+  __device__ __forceinline__ void finish(int b, int j, const In& in) const {
+    const int H = p.hidden, Tn = p.steps, u = u0 + j;
+    const size_t bh = (size_t)b * H + u;
+    if (s == Tn) {
+      p.dh0[bh] = in.dh_in;
+      return;
+    }
+    const int t = step();
+    const size_t tbh = ((size_t)t * p.batch + b) * H + u;
+    const size_t tg = ((size_t)t * p.batch + b) * G * H + u;  // gate g at tg + g * H
+    if (in.pad) {  // padding step: y[t] is a constant zero
+      p.dh_carry[bh] = in.dh_in;
+#pragma unroll
+      for (int g = 0; g < G; ++g) {
+        p.dgx[tg + (size_t)g * H] = 0.f;
+        ex.put(b, u + g * H, from_float<T>(0.f));
+      }
+      if (C == Cell::kGRU) p.dghn[tbh] = 0.f;
+      return;
+    }
+    const float dh = round_to<T>(in.dh_in + in.dy);
+    float dg[G];   // input side (dgx)
+    float dgr[G];  // recurrent side (the dgates W_hh multiplies)
+    float carry = 0.f;
+    if constexpr (C == Cell::kLSTM) {
+      const float i = in.a[0], f = in.a[1], gg = in.a[2], o = in.a[3];
+      const float tc = tanhf(in.aux);
+      const float dc = in.dc + dh * o * (1.f - tc * tc);
+      dg[0] = dc * gg * i * (1.f - i);
+      dg[1] = dc * in.cprev * f * (1.f - f);
+      dg[2] = dc * i * (1.f - gg * gg);
+      dg[3] = dh * tc * o * (1.f - o);
+      p.dc_carry[bh] = dc * f;
+#pragma unroll
+      for (int g = 0; g < 4; ++g) dgr[g] = dg[g];
+    } else if constexpr (C == Cell::kGRU) {
+      const float r = in.a[0], z = in.a[1], nn = in.a[2];
+      const float dn = dh * (1.f - z) * (1.f - nn * nn);
+      dg[0] = dn * in.aux * r * (1.f - r);
+      dg[1] = dh * (in.hp - nn) * z * (1.f - z);
+      dg[2] = dn;
+      dgr[0] = dg[0];
+      dgr[1] = dg[1];
+      dgr[2] = dn * r;
+      p.dghn[tbh] = dgr[2];
+      carry = dh * z;
+    } else {
+      const float act = in.a[0];
+      // relu': torch's rule on the result, zero where act <= 0, so a NaN act passes dh through.
+      dg[0] = C == Cell::kRNNTanh ? dh * (1.f - act * act) : (act <= 0.f ? 0.f : dh);
+      dgr[0] = dg[0];
+    }
+    p.dh_carry[bh] = carry;
 #pragma unroll
     for (int g = 0; g < G; ++g) {
-      p.dgx[tg + (size_t)g * H] = 0.f;
-      ex.put(b, u + g * H, from_float<T>(0.f));
+      p.dgx[tg + (size_t)g * H] = dg[g];
+      ex.put(b, u + g * H, from_float<T>(dgr[g]));
     }
-    if (C == Cell::kGRU) p.dghn[tbh] = 0.f;
-    return;
   }
-  const float dh = round_to<T>(dh_in + to_float(static_cast<const T*>(p.dy)[tbh]));
-  const float* a = p.gates + tg;
-  float dg[G];   // input side (dgx)
-  float dgr[G];  // recurrent side (the dgates W_hh multiplies)
-  float carry = 0.f;
-  if constexpr (C == Cell::kLSTM) {
-    const float i = a[0], f = a[(size_t)H], gg = a[(size_t)2 * H], o = a[(size_t)3 * H];
-    const float c = p.aux[tbh];
-    // c_{t-1}: the previous step's carried c (aux holds it on padding steps too) or c0.
-    const int tp = p.reverse ? t + 1 : t - 1;
-    const float cprev =
-        (tp >= 0 && tp < Tn) ? p.aux[((size_t)tp * p.batch + b) * H + u] : p.c0[bh];
-    const float tc = tanhf(c);
-    const float dc = p.dc_carry[bh] + dh * o * (1.f - tc * tc);
-    dg[0] = dc * gg * i * (1.f - i);
-    dg[1] = dc * cprev * f * (1.f - f);
-    dg[2] = dc * i * (1.f - gg * gg);
-    dg[3] = dh * tc * o * (1.f - o);
-    p.dc_carry[bh] = dc * f;
-#pragma unroll
-    for (int g = 0; g < 4; ++g) dgr[g] = dg[g];
-  } else if constexpr (C == Cell::kGRU) {
-    const float r = a[0], z = a[(size_t)H], nn = a[(size_t)2 * H];
-    const float hn = p.aux[tbh];
-    const float hp = to_float(static_cast<const T*>(p.hprev)[tbh]);
-    const float dn = dh * (1.f - z) * (1.f - nn * nn);
-    dg[0] = dn * hn * r * (1.f - r);
-    dg[1] = dh * (hp - nn) * z * (1.f - z);
-    dg[2] = dn;
-    dgr[0] = dg[0];
-    dgr[1] = dg[1];
-    dgr[2] = dn * r;
-    p.dghn[tbh] = dgr[2];
-    carry = dh * z;
-  } else {
-    const float act = a[0];
-    // relu': torch's rule on the result, zero where act <= 0, so a NaN act passes dh through.
-    dg[0] = C == Cell::kRNNTanh ? dh * (1.f - act * act) : (act <= 0.f ? 0.f : dh);
-    dgr[0] = dg[0];
-  }
-  p.dh_carry[bh] = carry;
-#pragma unroll
-  for (int g = 0; g < G; ++g) {
-    p.dgx[tg + (size_t)g * H] = dg[g];
-    ex.put(b, u + g * H, from_float<T>(dgr[g]));
-  }
-}
+};
 
-// L2 prefetch of what backward_point reads from HBM at forward step t for this block's units
+// L2 prefetch of what BackwardPoint reads from HBM at forward step t for this block's units
 // and its group's batch rows: the saved activations of every gate, dy, and
 // aux (LSTM c_t, GRU W_hn h + b_hn) and hprev (GRU). (LSTM's c_{t-1} is the next step's aux.)
 template <Cell C, typename T, typename W>
@@ -154,9 +195,7 @@ __global__ void __launch_bounds__(kThreads, 1) rnn_backward_kernel(const BwdPara
     // Iteration T, the last, writes only dh0 (no put); T - 1's dgates are read by T.
     const ExchangeStep<T> xs = ex.step(s, s == p.steps);
     block_step<W, M>(bs, p.plan, p.batch, p.batch_pad, xs.in, xs.ld, xs.row0, p.part, bar, clk,
-                     [&](int b, int j, auto&& rec) {
-      backward_point<C, T>(p, rec(0), s, b, bs.u0 + j, xs);
-    });
+                     BackwardPoint<C, T, M>{p, xs, s, bs.u0});
     if (s < p.steps) {
       if (s + 1 < p.steps) prefetch_step<C, T>(p, step_of(s + 1), bs);
       bar.sync();

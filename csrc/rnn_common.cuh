@@ -485,8 +485,9 @@ __device__ __forceinline__ void run_blocks(const T* sw, const Plan& pl, const T*
 // epilogue reads no column past the batch, so the stage rows after them may hold anything (an
 // earlier slice's rows, or never-written shared memory). At B = 16 that halves the copy, at
 // B = 8 quarters it. For the same reason the matmul skips the batch tiles past the real rows:
-// nfr = ceil(nreal / wn), not the chunk's padded columns / wn. At B = 16 in TF32 (16-column tiles, 32 padded rows)
-// that halves the tiles, so each warp's share of K (ksplit) doubles and its chain halves.
+// nfr = ceil(nreal / wn), not the chunk's padded columns / wn. At B = 16 in TF32 (16-column
+// tiles, 32 padded rows) that halves the tiles, so each warp's share of K (ksplit) doubles and
+// its chain halves.
 // Pipelined staging (kStagePipelined, when stage_k is a multiple of 32) splits the stage's
 // columns into two buffers of stage_k / 2: slice s + 1 is issued into the other buffer before
 // slice s is waited for, so it lands while slice s is multiplied. Slice s + 1 reuses the buffer
@@ -639,12 +640,56 @@ __device__ __forceinline__ BlockState<W> block_state(const Plan& pl, int hidden,
   return b;
 }
 
+// ---- the epilogue's points ---------------------------------------------------------------------
+// A point (one batch row and unit) is a few global loads (x W_ih^T, biases, the carried state,
+// ...), arithmetic on them, and stores. Run one after another, each point waited for its own
+// L2 round trip (two for LSTM's forward, whose load of c the compiler issued after the gate
+// math), as no load of the next point may pass this one's stores (the compiler cannot tell
+// they do not alias); at S4 a thread has 8 points a step. So a thread first loads a batch of
+// points (Point::load: every value a point reads, into registers), then finishes them
+// (Point::finish: the arithmetic and the stores, as for one point alone): one round trip a
+// batch. Same bits: each point's arithmetic is unchanged, and no point reads what another
+// writes (a (b, u) belongs to one thread; the exchange buffer a step reads and the state it
+// carries are written only by that thread or before the step's barrier).
+// Points a batch (Point::kBatch): as many as compile without spilling (test_kernels_do_not_spill;
+// nvcc 13.0, sm_80 and sm_90): 4; 2 in the FMA kernels; 1 in the fp16 kernels, at the register
+// limit already (WMMA's fp16 fragments of m8n32k16 hold 16 halves a lane, where bf16's A
+// fragment holds 4).
+template <typename T, Math M>
+constexpr int point_batch() {
+  return std::is_same_v<T, __half> ? 1 : std::is_same_v<T, float> && M == Math::kFma ? 2 : 4;
+}
+
+// Items [0, count) of the block: item idx is unit j = idx % units of batch row
+// b0 + idx / units, a point where j < nu; rec(b, j, g) is gate g's matmul output there. The
+// thread takes items threadIdx.x + i * kThreads.
+template <typename Point, typename Rec>
+__device__ __forceinline__ void run_points(const Point& pt, int count, int units, int nu, int b0,
+                                           Rec&& rec) {
+  constexpr int P = Point::kBatch;
+  for (int base = threadIdx.x; base < count; base += kThreads * P) {
+    typename Point::In in[P];
+#pragma unroll
+    for (int q = 0; q < P; ++q) {
+      const int idx = base + q * kThreads;
+      const int j = idx % units, b = b0 + idx / units;
+      if (idx < count && j < nu) in[q] = pt.load(b, j, [&](int g) { return rec(b, j, g); });
+    }
+#pragma unroll
+    for (int q = 0; q < P; ++q) {
+      const int idx = base + q * kThreads;
+      const int j = idx % units, b = b0 + idx / units;
+      if (idx < count && j < nu) pt.finish(b, j, in[q]);
+    }
+  }
+}
+
 // One step of this block, both directions: for each batch chunk of its group, the recurrent
 // matmul against the exchange buffer x (row stride ld_x from batch row row0, as chunk_matmul
-// takes it), then point(b, j, rec) for every real batch row b and
-// owned unit u0 + j, where rec(g) is the matmul's output for gate g of that (b, j) (forward: the
-// team row g*team_units + rank*units + j; backward: g = 0). All threads call it (it synchronises
-// the block).
+// takes it), then the point of every real batch row b and owned unit u0 + j (run_points:
+// point.load(b, j, rec), then point.finish(b, j, loaded)), where rec(g) is the matmul's output
+// for gate g of that (b, j) (forward: the team row g*team_units + rank*units + j; backward:
+// g = 0). All threads call it (it synchronises the block).
 // With K parts (part != nullptr) the matmul of all chunks comes first: each chunk's sums for
 // every team row go to part[rank][b][team*m_rows + row]; then the parts' barrier (every rank's
 // partials are written and visible; a team lies within one batch group), and the points read
@@ -654,7 +699,7 @@ template <typename W, Math M, typename Point>
 __device__ __forceinline__ void block_step(const BlockState<W>& bs, const Plan& pl, int batch,
                                            int batch_pad, const W* x, int ld_x, int row0,
                                            float* part, const StepBarrier& bar, PhaseClock& clk,
-                                           Point&& point) {
+                                           const Point& point) {
   const int own = bs.rank * pl.units;  // this block's first row among the team's units
   const int tu = team_units(pl);
   for (int n0 = bs.n_begin; n0 < bs.n_end; n0 += kChunkCols) {
@@ -666,11 +711,9 @@ __device__ __forceinline__ void block_step(const BlockState<W>& bs, const Plan& 
     __syncthreads();
     clk.mark(kPhaseMma);
     if (part == nullptr) {
-      for (int idx = threadIdx.x; idx < nb * pl.units; idx += kThreads) {
-        const int j = idx % pl.units, n = idx / pl.units;
-        if (j < bs.nu)
-          point(n0 + n, j, [&](int g) { return gather<M>(bs.sc, pl, L, g * tu + own + j, n); });
-      }
+      run_points(point, nb * pl.units, pl.units, bs.nu, n0, [&](int b, int j, int g) {
+        return gather<M>(bs.sc, pl, L, g * tu + own + j, b - n0);
+      });
     } else {
       float* out = part + (size_t)bs.rank * batch_pad * pl.part_ld + (size_t)bs.team * pl.m_rows;
       for (int idx = threadIdx.x; idx < nb * pl.m_rows; idx += kThreads) {
@@ -686,23 +729,20 @@ __device__ __forceinline__ void block_step(const BlockState<W>& bs, const Plan& 
     clk.mark(kPhaseParts);
     const float* in = part + (size_t)bs.team * pl.m_rows + own;
     const size_t rank_stride = (size_t)batch_pad * pl.part_ld;
-    for (int idx = threadIdx.x; idx < (bs.n_end - bs.n_begin) * pl.units; idx += kThreads) {
-      const int j = idx % pl.units, b = bs.n_begin + idx / pl.units;
-      if (j < bs.nu)
-        point(b, j, [&](int g) {
-          // All loads first (unrolled, predicated), so they are in flight together; then the
-          // sum in rank order.
-          const float* p = in + (size_t)b * pl.part_ld + g * tu + j;
-          float v[kMaxParts];
+    run_points(point, (bs.n_end - bs.n_begin) * pl.units, pl.units, bs.nu, bs.n_begin,
+               [&](int b, int j, int g) {
+      // All loads first (unrolled, predicated), so they are in flight together; then the sum
+      // in rank order.
+      const float* p = in + (size_t)b * pl.part_ld + g * tu + j;
+      float v[kMaxParts];
 #pragma unroll
-          for (int r = 0; r < kMaxParts; ++r) v[r] = r < pl.parts ? p[r * rank_stride] : 0.f;
-          float acc = 0.f;
+      for (int r = 0; r < kMaxParts; ++r) v[r] = r < pl.parts ? p[r * rank_stride] : 0.f;
+      float acc = 0.f;
 #pragma unroll
-          for (int r = 0; r < kMaxParts; ++r)
-            if (r < pl.parts) acc += v[r];
-          return acc;
-        });
-    }
+      for (int r = 0; r < kMaxParts; ++r)
+        if (r < pl.parts) acc += v[r];
+      return acc;
+    });
     clk.mark(kPhaseEpilogue);
   }
   clk.step();

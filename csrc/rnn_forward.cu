@@ -27,68 +27,97 @@
 namespace fused_rnn {
 namespace detail {
 
-// One (batch row b, unit u) of step t. rec(g) is the recurrent pre-activation of gate g
-// (without bias). State and outputs are only ever touched by the thread owning (b, u) in this
-// block, so there is no intra-block hazard across steps.
-template <Cell C, typename T, typename Rec>
-__device__ __forceinline__ void forward_point(const FwdParams& p, int t, int b, int u,
-                                              Rec&& rec, const ExchangeStep<T>& ex) {
-  constexpr int G = gates_of(C);
-  const int H = p.hidden;
-  const T* hin = ex.in;
-  const size_t bu = ex.at(b, u);                          // h_{t-1} at hin[bu]
-  const size_t tbu = ((size_t)t * p.batch + b) * H + u;   // (T, B, H) tensors
-  float* xg = p.xproj + ((size_t)t * p.batch + b) * G * H + u;  // gate g at xg[g * H]
-  T* y = static_cast<T*>(p.y);
+// The point (batch row b, unit u0 + j) of step t (rnn_common.cuh run_points: load, then
+// finish). load reads everything the point needs; finish is the cell, its stores and the
+// exchange. rec(g) is the recurrent pre-activation of gate g (without bias). State and outputs
+// are only ever touched by the thread owning (b, u) in this block, so there is no intra-block
+// hazard across steps.
+template <Cell C, typename T, Math M>
+struct ForwardPoint {
+  static constexpr int G = gates_of(C);
+  static constexpr int kBatch = point_batch<T, M>();
+  struct In {
+    float pre[G];  // x W_ih^T + b_ih + (W_hh h + b_hh), in the reference's order
+    float xn, hn;  // GRU: x W_in^T + b_in and W_hn h + b_hn, the n gate's two halves
+    float c;       // LSTM: c_{t-1} (this block's fp32 state)
+    T hin;         // h_{t-1} from the exchange buffer
+    bool pad;      // a padding step of row b
+  };
+  const FwdParams& p;
+  const ExchangeStep<T>& ex;
+  int t, u0;
 
-  if (p.lengths != nullptr && t >= p.lengths[b]) {  // padding step: keep state, output zero
-    ex.put(b, u, hin[bu]);
-    y[tbu] = from_float<T>(0.f);
-    // aux is written on every step so no output element is left uninitialised: LSTM keeps
-    // the carried c (backward reads it as the next step's c_{t-1}), GRU's value is unused.
-    if (C == Cell::kLSTM && p.save) p.aux[tbu] = p.cbuf[(size_t)b * H + u];
-    if (C == Cell::kGRU && p.save) p.aux[tbu] = 0.f;
-    return;
-  }
-  float pre[G];  // x W_ih^T + b_ih + (W_hh h + b_hh), in the reference's order
-  float hh[G];
+  // Also what a padding step does not use (the gates): always readable, and loading it
+  // regardless keeps the loads free of the branch on lengths[b]. The gates' sums are taken
+  // here (fewer values live until finish: the fp16 kernels are at the register limit).
+  template <typename Rec>
+  __device__ __forceinline__ In load(int b, int j, Rec&& rec) const {
+    const int H = p.hidden, u = u0 + j;
+    const float* xg = p.xproj + ((size_t)t * p.batch + b) * G * H + u;  // gate g at xg[g * H]
+    In in;
+    in.pad = p.lengths != nullptr && t >= p.lengths[b];
+    in.hin = ex.in[ex.at(b, u)];
 #pragma unroll
-  for (int g = 0; g < G; ++g) {
-    hh[g] = rec(g) + (p.b_hh != nullptr ? p.b_hh[g * H + u] : 0.f);
-    pre[g] = xg[(size_t)g * H] + hh[g];
-  }
-  float h;
-  if constexpr (C == Cell::kLSTM) {
-    const float i = sigmoidf(pre[0]), f = sigmoidf(pre[1]), gg = tanhf(pre[2]),
-                o = sigmoidf(pre[3]);
-    float* cp = p.cbuf + (size_t)b * H + u;
-    const float c = f * *cp + i * gg;
-    h = o * tanhf(c);
-    *cp = c;
-    if (p.save) {
-      xg[0] = i; xg[(size_t)H] = f; xg[(size_t)2 * H] = gg; xg[(size_t)3 * H] = o;
-      p.aux[tbu] = c;
+    for (int g = 0; g < G; ++g) {
+      const float hh = rec(g) + (p.b_hh != nullptr ? p.b_hh[g * H + u] : 0.f);
+      const float x = xg[(size_t)g * H];
+      in.pre[g] = x + hh;
+      if (C == Cell::kGRU && g == 2) {
+        in.xn = x;
+        in.hn = hh;
+      }
     }
-  } else if constexpr (C == Cell::kGRU) {
-    const float r = sigmoidf(pre[0]), z = sigmoidf(pre[1]);
-    const float nn = tanhf(xg[(size_t)2 * H] + r * hh[2]);  // b_hn inside r * (.)
-    const float hp = to_float(hin[bu]);
-    h = nn + z * (hp - nn);
-    if (p.save) {
-      xg[0] = r; xg[(size_t)H] = z; xg[(size_t)2 * H] = nn;
-      p.aux[tbu] = hh[2];
-    }
-  } else {
-    // relu as torch computes it: NaN stays NaN (fmaxf(NaN, 0) is 0), -0 stays -0.
-    h = C == Cell::kRNNTanh ? tanhf(pre[0]) : (pre[0] < 0.f ? 0.f : pre[0]);
-    if (p.save) xg[0] = h;  // activation before rounding: what tanh'/relu' need
+    in.c = C == Cell::kLSTM ? p.cbuf[(size_t)b * H + u] : 0.f;
+    return in;
   }
-  const T hs = from_float<T>(h);
-  ex.put(b, u, hs);
-  y[tbu] = hs;
-}
 
-// L2 prefetch of what forward_point reads from HBM at step t: x W_ih^T + b_ih of this block's
+  __device__ __forceinline__ void finish(int b, int j, const In& in) const {
+    const int H = p.hidden, u = u0 + j;
+    const size_t tbu = ((size_t)t * p.batch + b) * H + u;   // (T, B, H) tensors
+    float* xg = p.xproj + ((size_t)t * p.batch + b) * G * H + u;
+    T* y = static_cast<T*>(p.y);
+    if (in.pad) {  // padding step: keep state, output zero
+      ex.put(b, u, in.hin);
+      y[tbu] = from_float<T>(0.f);
+      // aux is written on every step so no output element is left uninitialised: LSTM keeps
+      // the carried c (backward reads it as the next step's c_{t-1}), GRU's value is unused.
+      if (C == Cell::kLSTM && p.save) p.aux[tbu] = in.c;
+      if (C == Cell::kGRU && p.save) p.aux[tbu] = 0.f;
+      return;
+    }
+    const float* pre = in.pre;
+    float h;
+    if constexpr (C == Cell::kLSTM) {
+      const float i = sigmoidf(pre[0]), f = sigmoidf(pre[1]), gg = tanhf(pre[2]),
+                  o = sigmoidf(pre[3]);
+      const float c = f * in.c + i * gg;
+      h = o * tanhf(c);
+      p.cbuf[(size_t)b * H + u] = c;
+      if (p.save) {
+        xg[0] = i; xg[(size_t)H] = f; xg[(size_t)2 * H] = gg; xg[(size_t)3 * H] = o;
+        p.aux[tbu] = c;
+      }
+    } else if constexpr (C == Cell::kGRU) {
+      const float r = sigmoidf(pre[0]), z = sigmoidf(pre[1]);
+      const float nn = tanhf(in.xn + r * in.hn);  // b_hn inside r * (.)
+      const float hp = to_float(in.hin);
+      h = nn + z * (hp - nn);
+      if (p.save) {
+        xg[0] = r; xg[(size_t)H] = z; xg[(size_t)2 * H] = nn;
+        p.aux[tbu] = in.hn;
+      }
+    } else {
+      // relu as torch computes it: NaN stays NaN (fmaxf(NaN, 0) is 0), -0 stays -0.
+      h = C == Cell::kRNNTanh ? tanhf(pre[0]) : (pre[0] < 0.f ? 0.f : pre[0]);
+      if (p.save) xg[0] = h;  // activation before rounding: what tanh'/relu' need
+    }
+    const T hs = from_float<T>(h);
+    ex.put(b, u, hs);
+    y[tbu] = hs;
+  }
+};
+
+// L2 prefetch of what ForwardPoint reads from HBM at step t: x W_ih^T + b_ih of this block's
 // units, every gate, for its group's batch rows.
 template <Cell C, typename W>
 __device__ __forceinline__ void prefetch_step(const FwdParams& p, int t, const BlockState<W>& bs) {
@@ -125,9 +154,7 @@ __global__ void __launch_bounds__(kThreads, 1) rnn_forward_kernel(const FwdParam
     const int t = p.reverse ? p.steps - 1 - s : s;
     const ExchangeStep<T> xs = ex.step(s, s + 1 == p.steps);
     block_step<W, M>(bs, p.plan, p.batch, p.batch_pad, xs.in, xs.ld, xs.row0, p.part, bar, clk,
-                     [&](int b, int j, auto&& rec) {
-      forward_point<C, T>(p, t, b, bs.u0 + j, rec, xs);
-    });
+                     ForwardPoint<C, T, M>{p, xs, t, bs.u0});
     if (s + 1 < p.steps) {
       prefetch_step<C>(p, p.reverse ? t - 1 : t + 1, bs);
       bar.sync();

@@ -198,7 +198,7 @@ def _noncoherent_loads(ptx: str) -> list[str]:
 
 
 def test_noncoherent_load_check_catches_ldg(tmp_path):
-    """The check above can fail: GRU's forward reading h_{t-1} (written by other blocks at the
+    """The check above can fail: the forward reading h_{t-1} (written by other blocks at the
     previous step) through ``__ldg`` puts ld.global.nc into the PTX."""
     if NVCC is None:
         pytest.skip("nvcc not found (PATH, CUDA_HOME): cannot compile-check the .cu files")
@@ -206,8 +206,9 @@ def test_noncoherent_load_check_catches_ldg(tmp_path):
     shutil.copytree(CSRC, mutant)
     src = mutant / "rnn_forward.cu"
     text = src.read_text()
-    assert text.count("to_float(hin[bu])") == 1, "the mutant's target line moved"
-    src.write_text(text.replace("to_float(hin[bu])", "to_float(__ldg(&hin[bu]))"))
+    site = "in.hin = ex.in[ex.at(b, u)];"
+    assert text.count(site) == 1, "the mutant's target line moved"
+    src.write_text(text.replace(site, "in.hin = __ldg(&ex.in[ex.at(b, u)]);"))
     cmd = [NVCC, "-ptx", "-std=c++20", "-O3", "--expt-relaxed-constexpr", "-arch=sm_90",
            f"-I{mutant}", str(src), "-o", str(tmp_path / "m.ptx")]
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=600)

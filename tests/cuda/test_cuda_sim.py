@@ -688,6 +688,49 @@ def test_tile_blocks_give_the_same_bits(install, monkeypatch, mode, dt, H, B, wa
         _layer(mode, dt)
 
 
+# ------------------------------------------------------------------ the epilogue's point batches
+_POINT_BATCH = ("rnn_common.cuh",
+                "  return std::is_same_v<T, __half> ? 1 : std::is_same_v<T, float> && M == Math::kFma"
+                " ? 2 : 4;", "  return 1;")
+
+
+# (environment, H) of each partition the points run in
+_POINT_PARTITIONS = {
+    "direct": ({"FUSED_RNN_CUDA_MAX_GROUPS": "1", "FUSED_RNN_CUDA_STAGE_K": "0"}, 37),
+    "grouped-staged": ({"FUSED_RNN_CUDA_MAX_GROUPS": "8"}, 37),
+    "parts2": ({"FUSED_RNN_CUDA_K_PARTS": "2", "FUSED_RNN_CUDA_MAX_GROUPS": "1"}, 60),
+    "dsmem": ({"FUSED_RNN_CUDA_CLUSTER": "4", "FUSED_RNN_CUDA_CLUSTER_EXCHANGE": "dsmem"}, 37)}
+
+
+def test_point_batches_give_the_same_bits(install, monkeypatch, tmp_path):
+    """A thread loads a batch of its epilogue points before it finishes any (rnn_common.cuh
+    run_points: 4 in 16 bits and TF32, 2 on the FMA path): every output and gradient is the
+    same bits as with one point at a time (a copy of csrc/ whose batches are 1), for every cell,
+    with padded rows (lengths) and both directions. B=70 over 4 SMs: up to three points a
+    thread and chunk, so batches are full, partial and, for some threads, missing; with K parts
+    the points add the partials of the team; with the exchange through the cluster's shared
+    memory they store into the peers. (One test, one mutant library: each library a process
+    loads keeps its own simulated-thread stacks, two memory mappings each, and the suite's
+    workers come near Linux's vm.max_map_count.)"""
+    one_at_a_time = _mutant(tmp_path, *_POINT_BATCH)
+    for partition, (env, H) in _POINT_PARTITIONS.items():
+        with monkeypatch.context() as m:
+            for key, value in env.items():
+                m.setenv(key, value)
+            for mode in MODES:
+                for dt in ("bf16", "tf32", "fp32"):
+                    install(sms=4, order="shuffle", seed=7)
+                    batched = _layer(mode, dt, B=70, T=3, H=H)
+                    sim = install(sms=4, order="shuffle", seed=7, csrc=one_at_a_time)
+                    single = _layer(mode, dt, B=70, T=3, H=H)
+                    if partition == "parts2":
+                        assert {pl["parts"] for _, _, pl in sim.launches} == {2}
+                    if partition == "dsmem":
+                        assert sim.cluster_launches() > 0
+                    for i, (a, b) in enumerate(zip(single, batched, strict=True)):
+                        assert torch.equal(a, b), (partition, mode, dt, i)
+
+
 @pytest.mark.parametrize("dt,B", [("tf32", 16), ("tf32", 70), ("bf16", 8), ("tf32", 40),
                                   ("bf16", 70)])
 def test_the_matmul_skips_batch_tiles_past_the_real_rows(install, dt, B):
