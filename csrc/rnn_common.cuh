@@ -199,7 +199,10 @@ struct ChunkLayout {
 };
 
 // out[m][n] for local W row m and chunk column n: the sum of the tile's K-slice partials, in
-// slice order (fixed order: bitwise reproducible).
+// slice order (fixed order: bitwise reproducible). ksplit <= kWarps (chunk_matmul), so the loop
+// is unrolled to kWarps, predicated: all its loads issue together, in a fraction of the code a
+// loop over ksplit compiles to (nvcc unrolled that 16 times with a remainder loop; the
+// epilogue inlines this once a gate and point of a batch).
 template <Math M>
 __device__ __forceinline__ float gather(const float* sc, const Plan& pl, ChunkLayout L, int m,
                                         int n) {
@@ -208,7 +211,9 @@ __device__ __forceinline__ float gather(const float* sc, const Plan& pl, ChunkLa
   const float* p = sc + (size_t)tile * L.ksplit * pl.slot_floats + (m % ts.wm) * (ts.wn + kSlotPad)
                    + n % ts.wn;
   float acc = 0.f;
-  for (int s = 0; s < L.ksplit; ++s) acc += p[(size_t)s * pl.slot_floats];
+#pragma unroll
+  for (int s = 0; s < kWarps; ++s)
+    if (s < L.ksplit) acc += p[(size_t)s * pl.slot_floats];
   return acc;
 }
 
