@@ -690,8 +690,9 @@ def test_tile_blocks_give_the_same_bits(install, monkeypatch, mode, dt, H, B, wa
 
 # ------------------------------------------------------------------ the epilogue's point batches
 _POINT_BATCH = ("rnn_common.cuh",
-                "  return std::is_same_v<T, __half> ? 1 : std::is_same_v<T, float> && M == Math::kFma"
-                " ? 2 : 4;", "  return 1;")
+                ("  return std::is_same_v<T, __half> ? 1 : "
+                 "std::is_same_v<T, float> && M == Math::kFma ? 2 : 4;"),
+                "  return 1;")
 
 
 # (environment, H) of each partition the points run in
