@@ -103,14 +103,15 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "blocks where they fit, cuda-g1 cuda without batch groups, cuda-direct "
                         "cuda without X staging, cuda-nopipe cuda with one stage buffer "
                         "(cp.async, no overlap), cuda-regcopy cuda staging through registers, "
-                        "cuda-tb1 cuda multiplying one tile a warp at a time "
+                        "cuda-tb1 cuda multiplying one tile a warp at a time, cuda-pb1 cuda "
+                        "finishing one point a thread at a time "
                         "(FUSED_RNN_CUDA_K_PARTS=1, FUSED_RNN_CUDA_CLUSTER=16|8, "
                         "FUSED_RNN_CUDA_CLUSTER_EXCHANGE=dsmem, "
                         "FUSED_RNN_CUDA_TEAM_CLUSTERS=on, "
                         "FUSED_RNN_CUDA_MAX_BLOCKS=32, "
                         "FUSED_RNN_CUDA_MAX_GROUPS=1, FUSED_RNN_CUDA_STAGE_K=0, "
                         "FUSED_RNN_CUDA_STAGE_COPY=async|registers, "
-                        "FUSED_RNN_CUDA_TILE_BLOCK=1)")
+                        "FUSED_RNN_CUDA_TILE_BLOCK=1, FUSED_RNN_CUDA_POINT_BATCH=1)")
     p.add_argument("--modes", default="LSTM,GRU", help="comma-separated: LSTM,GRU")
     p.add_argument("--dtypes", default="fp32,bf16,fp16",
                    help="comma-separated: fp32,bf16,fp16,fp32-strict (fp32 without TF32, for "
@@ -383,7 +384,8 @@ VARIANTS = {"cuda-p1": ("cuda", {"FUSED_RNN_CUDA_K_PARTS": "1"}),
             "cuda-direct": ("cuda", {"FUSED_RNN_CUDA_STAGE_K": "0"}),
             "cuda-nopipe": ("cuda", {"FUSED_RNN_CUDA_STAGE_COPY": "async"}),
             "cuda-regcopy": ("cuda", {"FUSED_RNN_CUDA_STAGE_COPY": "registers"}),
-            "cuda-tb1": ("cuda", {"FUSED_RNN_CUDA_TILE_BLOCK": "1"})}
+            "cuda-tb1": ("cuda", {"FUSED_RNN_CUDA_TILE_BLOCK": "1"}),
+            "cuda-pb1": ("cuda", {"FUSED_RNN_CUDA_POINT_BATCH": "1"})}
 
 
 def _cuda_plans(mode, shape, dtype_name) -> list | None:
@@ -440,8 +442,8 @@ def _variant_is_moot(backend, mode, shape, dtype_name, device) -> bool:
     most 32 blocks, or a cap that H's W_hh does not fit under rising back to them; no batch
     group fitting in a cluster of that size; no K parts to make teams of); cuda-cl16ds where
     neither launch would exchange through distributed shared memory (it would only repeat
-    cuda-cl16); cuda-tb1 where no chunk of cuda's two launches has its tiles blocked (it would
-    time the same kernels)."""
+    cuda-cl16); cuda-tb1 where no chunk of cuda's two launches has its tiles blocked, and cuda-pb1
+    where neither launch loads its points in batches (each would time the same code)."""
     if backend == "cuda-g1":
         return shape[0] <= 32
     if backend == "cuda-tb1" and device == "cuda":
@@ -452,6 +454,15 @@ def _variant_is_moot(backend, mode, shape, dtype_name, device) -> bool:
         return launches is not None and all(
             P.chunk_blockings(p.m_pad, p.groups, math, shape[0], ops.tile_block()) == {(1, 1)}
             for math, p in launches)
+    if backend == "cuda-pb1" and device == "cuda":
+        from fused_rnn.ops.cuda import ops
+        from fused_rnn.ops.cuda import plan as P
+
+        launches = _cuda_launches(mode, shape, dtype_name)
+        size = [P.point_batch_size(dtype_name in ("bf16", "fp16"), dtype_name == "fp16", math)
+                for math, _ in launches or []]
+        return launches is not None and (ops.point_batch() == 1 or not any(
+            P.point_batches(p, shape[0], n) for (_, p), n in zip(launches, size)))
     if backend not in ("cuda-p1", "cuda-b32", "cuda-cl8", "cuda-cl16", "cuda-cl16ds", "cuda-tc") \
             or device != "cuda":
         return False

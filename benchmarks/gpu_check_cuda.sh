@@ -215,13 +215,15 @@ fi
 
 # Phase timings (where a step's time goes) on S1-S6, LSTM and GRU, fp32 and bf16, then without
 # register blocking on S3 and S4 (cuda-tb1: one tile a warp at a time, where the default blocks
-# 2 or 4 tiles; its mma column against the default's is what blocking buys). The cluster variants
+# 2 or 4 tiles; its mma column against the default's is what blocking buys), and without the
+# epilogue's batches of points there (cuda-pb1: its epilogue column against the default's). The
+# cluster variants
 # were timed on the H200 (2026-12-04-NVIDIA-H200-phases.md): profile_cuda.py --variants
 # cuda-cl8,cuda-cl16ds,cuda-tc --variant-shapes S1,S5,S6 repeats that. The table goes to
 # benchmarks/results/<date>-<gpu>-phases.md (rewritten after each configuration) and is printed
 # here. It stops starting configurations 15 s before its timeout.
 if wants phases && ! skip_if_kernels_unusable phases; then
-  VARIANTS=(--variants cuda-tb1 --variant-shapes S3,S4)
+  VARIANTS=(--variants cuda-tb1,cuda-pb1 --variant-shapes S3,S4)
   step phases 75 "$PYTHON" benchmarks/profile_cuda.py --dtypes fp32,bf16 ${VARIANTS[@]+"${VARIANTS[@]}"} \
     --time-budget "$(frnn_inner_budget 75 15)"
   grep '^| ' "$LOG_DIR/cuda_phases.log" 2>/dev/null || true

@@ -108,6 +108,12 @@ int checked_tile_block(int64_t tiles) {
   return static_cast<int>(tiles);
 }
 
+int checked_point_batch(int64_t batch) {
+  TORCH_CHECK(batch == 0 || batch == 1,
+              "fused_rnn CUDA backend: point_batch must be 0 (batches) or 1, got ", num(batch));
+  return static_cast<int>(batch);
+}
+
 int checked_stage_copy(int64_t mode) {
   TORCH_CHECK(mode >= fused_rnn::kStageRegisters && mode <= fused_rnn::kStagePipelined,
               "fused_rnn CUDA backend: stage_copy must be 0 (registers), 1 (cp.async) or 2 ",
@@ -207,7 +213,8 @@ std::vector<at::Tensor> forward(int64_t mode, at::Tensor xproj, at::Tensor h0,
                                 bool save, int64_t max_groups, int64_t max_stage_k,
                                 c10::optional<at::Tensor> prof, int64_t stage_copy,
                                 int64_t k_parts, int64_t max_blocks, int64_t cluster,
-                                bool team_clusters, bool dsmem, int64_t tile_block) {
+                                bool team_clusters, bool dsmem, int64_t tile_block,
+                                int64_t point_batch) {
   const Cell cell = cell_of(mode);
   const int64_t G = fused_rnn::gates_of(cell);
   TORCH_CHECK(xproj.is_cuda(), "fused_rnn CUDA backend: inputs must be CUDA tensors, got ",
@@ -266,6 +273,7 @@ std::vector<at::Tensor> forward(int64_t mode, at::Tensor xproj, at::Tensor h0,
   p.prof = prof_ptr(prof, dev, plan);
   p.stage_copy = checked_stage_copy(stage_copy);
   p.tile_block = checked_tile_block(tile_block);
+  p.point_batch = checked_point_batch(point_batch);
   p.cluster = cluster_mode;
   const at::Tensor part = part_buffer(plan, B_pad, xproj.options());
   p.part = part.defined() ? part.data_ptr<float>() : nullptr;
@@ -293,7 +301,8 @@ std::vector<at::Tensor> backward(int64_t mode, at::Tensor dy, at::Tensor dh_n,
                                  bool allow_tf32, int64_t max_groups, int64_t max_stage_k,
                                  c10::optional<at::Tensor> prof, int64_t stage_copy,
                                  int64_t k_parts, int64_t max_blocks, int64_t cluster,
-                                 bool team_clusters, bool dsmem, int64_t tile_block) {
+                                 bool team_clusters, bool dsmem, int64_t tile_block,
+                                 int64_t point_batch) {
   const Cell cell = cell_of(mode);
   const int64_t G = fused_rnn::gates_of(cell);
   TORCH_CHECK(dy.is_cuda(), "fused_rnn CUDA backend: inputs must be CUDA tensors, got ",
@@ -358,6 +367,7 @@ std::vector<at::Tensor> backward(int64_t mode, at::Tensor dy, at::Tensor dh_n,
   p.prof = prof_ptr(prof, dev, plan);
   p.stage_copy = checked_stage_copy(stage_copy);
   p.tile_block = checked_tile_block(tile_block);
+  p.point_batch = checked_point_batch(point_batch);
   p.cluster = cluster_mode;
   const at::Tensor part = part_buffer(plan, B_pad, gates.options());
   p.part = part.defined() ? part.data_ptr<float>() : nullptr;
@@ -425,14 +435,15 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("reverse"), py::arg("allow_tf32"), py::arg("save"), py::arg("max_groups"),
         py::arg("max_stage_k"), py::arg("prof") = py::none(), py::arg("stage_copy") = 2,
         py::arg("k_parts") = 1, py::arg("max_blocks") = 0, py::arg("cluster") = 0,
-        py::arg("team_clusters") = false, py::arg("dsmem") = false, py::arg("tile_block") = 4);
+        py::arg("team_clusters") = false, py::arg("dsmem") = false, py::arg("tile_block") = 4,
+        py::arg("point_batch") = 0);
   m.def("backward", &backward, "persistent backward over a chunk", py::arg("mode"),
         py::arg("dy"), py::arg("dh_n"), py::arg("dc_n"), py::arg("w_hh"), py::arg("gates"),
         py::arg("aux"), py::arg("c0"), py::arg("hprev"), py::arg("lengths"), py::arg("reverse"),
         py::arg("allow_tf32"), py::arg("max_groups"), py::arg("max_stage_k"),
         py::arg("prof") = py::none(), py::arg("stage_copy") = 2, py::arg("k_parts") = 1,
         py::arg("max_blocks") = 0, py::arg("cluster") = 0, py::arg("team_clusters") = false,
-        py::arg("dsmem") = false, py::arg("tile_block") = 4);
+        py::arg("dsmem") = false, py::arg("tile_block") = 4, py::arg("point_batch") = 0);
   m.def("plan_info", &plan_info, "launch plan (units, blocks, ..., parts, k_part, part_ld)",
         py::arg("mode"), py::arg("math"), py::arg("hidden"), py::arg("backward"),
         py::arg("max_blocks"), py::arg("groups") = 1, py::arg("stage_rows") = 0,

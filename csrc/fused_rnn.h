@@ -63,6 +63,8 @@ struct FwdParams {
   int stage_copy;           // StageCopy: how X is copied into the stage
   int tile_block;           // 1, 2 or 4: the most output tiles a warp multiplies at once
                             //   (plan.h tile_block; the results do not depend on it)
+  int point_batch;          // 0: the epilogue loads points in batches (rnn_common.cuh
+                            //   run_points); 1: one at a time (the results do not depend on it)
   float* part;              // plan.parts > 1: (parts, B_pad, plan.part_ld) fp32 scratch (the
                             //   K parts' partial sums, plan.h); else nullptr
   int cluster;              // ClusterMode: kClusterNone (one cooperative grid, every barrier a
@@ -91,6 +93,7 @@ struct BwdParams {
   long long* prof;          // (>= blocks, kProfSlots) int64 phase timings, or nullptr (off)
   int stage_copy;           // StageCopy: how X is copied into the stage
   int tile_block;           // as FwdParams::tile_block
+  int point_batch;          // as FwdParams::point_batch
   float* part;              // as FwdParams::part
   int cluster;              // as FwdParams::cluster
 };

@@ -614,6 +614,7 @@ struct BlockState {
   int n_begin, n_end;
   int copy;        // StageCopy (fused_rnn.h)
   int max_tiles;   // the most tiles a warp multiplies at once (FwdParams::tile_block)
+  bool batch_points;  // run_points may load points in batches (FwdParams::point_batch == 0)
   int team, rank;  // K parts (team = slice, rank = 0 without them)
   int team_u0;     // first unit of the team
   int k0, klen;    // this block's K columns (klen > 0, a multiple of kKPad)
@@ -622,7 +623,7 @@ struct BlockState {
 template <typename W>
 __device__ __forceinline__ BlockState<W> block_state(const Plan& pl, int hidden, int batch,
                                                      int batch_pad, int copy,
-                                                     int max_tiles) {
+                                                     int max_tiles, int point_batch) {
   unsigned char* smem = dynamic_smem();
   BlockState<W> b;
   b.sw = reinterpret_cast<W*>(smem);
@@ -637,6 +638,7 @@ __device__ __forceinline__ BlockState<W> block_state(const Plan& pl, int hidden,
   b.n_end = imin(b.n_begin + b.group_rows, batch);
   b.copy = copy;
   b.max_tiles = max_tiles;
+  b.batch_points = point_batch == 0;
   b.team = slice / pl.parts;
   b.rank = slice % pl.parts;
   b.team_u0 = b.team * team_units(pl);
@@ -660,6 +662,10 @@ __device__ __forceinline__ BlockState<W> block_state(const Plan& pl, int hidden,
 // nvcc 13.0, sm_80 and sm_90): 4; 2 in the FMA kernels; 1 in the fp16 kernels, at the register
 // limit already (WMMA's fp16 fragments of m8n32k16 hold 16 halves a lane, where bf16's A
 // fragment holds 4).
+// A batch's code holds kBatch copies of the cell, so a warp takes it only while its lane 0 (which
+// has the most points left) has two or more; a warp with one point a thread (S1, S5, S6) runs
+// the one-point code, no larger than before batches. FwdParams::point_batch = 1 makes every warp
+// run the one-point code (the bench's cuda-pb1: the same bits, the epilogue without batches).
 template <typename T, Math M>
 constexpr int point_batch() {
   return std::is_same_v<T, __half> ? 1 : std::is_same_v<T, float> && M == Math::kFma ? 2 : 4;
@@ -667,25 +673,37 @@ constexpr int point_batch() {
 
 // Items [0, count) of the block: item idx is unit j = idx % units of batch row
 // b0 + idx / units, a point where j < nu; rec(b, j, g) is gate g's matmul output there. The
-// thread takes items threadIdx.x + i * kThreads.
+// thread takes items threadIdx.x + i * kThreads: in batches while `batch` and its warp's lane 0
+// has two or more left (a warp-uniform test), then one at a time.
 template <typename Point, typename Rec>
 __device__ __forceinline__ void run_points(const Point& pt, int count, int units, int nu, int b0,
-                                           Rec&& rec) {
+                                           bool batch, Rec&& rec) {
   constexpr int P = Point::kBatch;
-  for (int base = threadIdx.x; base < count; base += kThreads * P) {
-    typename Point::In in[P];
+  int base = threadIdx.x;
+  if constexpr (P > 1) {
+    const int lead = (threadIdx.x & ~31) - threadIdx.x;  // lane 0's item is base + lead
+    for (; batch && base + lead + kThreads < count; base += kThreads * P) {
+#ifdef __CUDA_SIM__
+      ::cudasim::count_point_batch();
+#endif
+      typename Point::In in[P];
 #pragma unroll
-    for (int q = 0; q < P; ++q) {
-      const int idx = base + q * kThreads;
-      const int j = idx % units, b = b0 + idx / units;
-      if (idx < count && j < nu) in[q] = pt.load(b, j, [&](int g) { return rec(b, j, g); });
-    }
+      for (int q = 0; q < P; ++q) {
+        const int idx = base + q * kThreads;
+        const int j = idx % units, b = b0 + idx / units;
+        if (idx < count && j < nu) in[q] = pt.load(b, j, [&](int g) { return rec(b, j, g); });
+      }
 #pragma unroll
-    for (int q = 0; q < P; ++q) {
-      const int idx = base + q * kThreads;
-      const int j = idx % units, b = b0 + idx / units;
-      if (idx < count && j < nu) pt.finish(b, j, in[q]);
+      for (int q = 0; q < P; ++q) {
+        const int idx = base + q * kThreads;
+        const int j = idx % units, b = b0 + idx / units;
+        if (idx < count && j < nu) pt.finish(b, j, in[q]);
+      }
     }
+  }
+  for (; base < count; base += kThreads) {
+    const int j = base % units, b = b0 + base / units;
+    if (j < nu) pt.finish(b, j, pt.load(b, j, [&](int g) { return rec(b, j, g); }));
   }
 }
 
@@ -716,7 +734,8 @@ __device__ __forceinline__ void block_step(const BlockState<W>& bs, const Plan& 
     __syncthreads();
     clk.mark(kPhaseMma);
     if (part == nullptr) {
-      run_points(point, nb * pl.units, pl.units, bs.nu, n0, [&](int b, int j, int g) {
+      run_points(point, nb * pl.units, pl.units, bs.nu, n0, bs.batch_points,
+                 [&](int b, int j, int g) {
         return gather<M>(bs.sc, pl, L, g * tu + own + j, b - n0);
       });
     } else {
@@ -735,7 +754,7 @@ __device__ __forceinline__ void block_step(const BlockState<W>& bs, const Plan& 
     const float* in = part + (size_t)bs.team * pl.m_rows + own;
     const size_t rank_stride = (size_t)batch_pad * pl.part_ld;
     run_points(point, (bs.n_end - bs.n_begin) * pl.units, pl.units, bs.nu, bs.n_begin,
-               [&](int b, int j, int g) {
+               bs.batch_points, [&](int b, int j, int g) {
       // All loads first (unrolled, predicated), so they are in flight together; then the sum
       // in rank order.
       const float* p = in + (size_t)b * pl.part_ld + g * tu + j;

@@ -294,6 +294,20 @@ def test_k_parts_variant_runs_only_where_cuda_has_parts(monkeypatch):
     monkeypatch.delenv("FUSED_RNN_CUDA_TILE_BLOCK")
     assert not bench_gpu._variant_is_moot("cuda-tb1", "LSTM", bench_gpu.SHAPES["S4"], "bf16",
                                           "cpu")
+    # cuda-pb1 (one point a thread at a time) runs where a launch batches its points: S3 and
+    # S4, where a thread has two or more points a step; not fp16 (batches of 1), nor where
+    # FUSED_RNN_CUDA_POINT_BATCH=1 already. fp32 without TF32 batches too (2 points).
+    monkeypatch.delenv("FUSED_RNN_CUDA_POINT_BATCH", raising=False)
+    pb1 = {(mode, name, dt): bench_gpu._variant_is_moot("cuda-pb1", mode, bench_gpu.SHAPES[name],
+                                                         dt, "cuda")
+           for mode in ("LSTM", "GRU") for name in bench_gpu.SHAPES
+           for dt in ("fp32", "bf16", "fp16", "fp32-strict")}
+    assert {key for key, moot in pb1.items() if not moot} == {
+        (mode, name, dt) for mode in ("LSTM", "GRU") for name in ("S3", "S4")
+        for dt in ("fp32", "bf16", "fp32-strict")}
+    monkeypatch.setenv("FUSED_RNN_CUDA_POINT_BATCH", "1")
+    assert bench_gpu._variant_is_moot("cuda-pb1", "LSTM", bench_gpu.SHAPES["S4"], "bf16", "cuda")
+    monkeypatch.delenv("FUSED_RNN_CUDA_POINT_BATCH")
     # and so do profile_cuda.py's phase rows, per direction
     sys.path.insert(0, str(ROOT / "benchmarks"))
     try:

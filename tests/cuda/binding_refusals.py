@@ -67,6 +67,10 @@ BAD_BINDING_ARGS = [
     ("RNN_TANH", "backward", "dh_n", lambda a: a["dh_n"].t(), "dh_n must have shape"),
     ("LSTM", "forward", "tile_block", lambda a: 3, "tile_block must be 1, 2 or 4, got 3"),
     ("GRU", "backward", "tile_block", lambda a: 0, "tile_block must be 1, 2 or 4, got 0"),
+    ("RNN_RELU", "forward", "point_batch", lambda a: 4,
+     "point_batch must be 0 (batches) or 1, got 4"),
+    ("LSTM", "backward", "point_batch", lambda a: -1,
+     "point_batch must be 0 (batches) or 1, got -1"),
 ]
 CASE_IDS = [f"{c}-{f}-{a}-{i}" for i, (c, f, a, *_) in enumerate(BAD_BINDING_ARGS)]
 

@@ -29,7 +29,8 @@ different block count, which the tests get by setting ``sms``; and ``cluster``,
 ``team_clusters`` and ``dsmem`` (clusters, and where the exchange lives): the emulation has no
 barriers to swap and no memories to tell apart, so it runs the grid plan. ``tile_block`` (register
 blocking of the matmul) is accepted and ignored: blocking keeps every tile's K order, so the
-sums it models are the same.
+sums it models are the same; so is ``point_batch`` (the epilogue's batches of points: each
+point's arithmetic is the same).
 
 It does not run the CUDA code: it checks the design and its index arithmetic, which the CUDA
 code must then match line by line (the names here are the kernel's names).
@@ -217,7 +218,8 @@ class Emulator:
     # ------------------------------------------------------------------ forward
     def forward(self, mode, xproj, h0, c0, w_hh, b_hh, lengths, reverse, allow_tf32, save,
                 max_groups, max_stage_k=0, prof=None, stage_copy=2, k_parts=1, max_blocks=0,
-                cluster=0, team_clusters=False, dsmem=False, tile_block=4):
+                cluster=0, team_clusters=False, dsmem=False, tile_block=4,
+                point_batch=0):
         cell = int(mode)
         G = P.GATES[cell]
         T, B, GH = xproj.shape
@@ -332,7 +334,8 @@ class Emulator:
     # ------------------------------------------------------------------ backward
     def backward(self, mode, dy, dh_n, dc_n, w_hh, gates, aux, c0, hprev, lengths, reverse,
                  allow_tf32, max_groups, max_stage_k=0, prof=None, stage_copy=2, k_parts=1,
-                 max_blocks=0, cluster=0, team_clusters=False, dsmem=False, tile_block=4):
+                 max_blocks=0, cluster=0, team_clusters=False, dsmem=False, tile_block=4,
+                 point_batch=0):
         cell = int(mode)
         G = P.GATES[cell]
         T, B, H = dy.shape

@@ -689,12 +689,6 @@ def test_tile_blocks_give_the_same_bits(install, monkeypatch, mode, dt, H, B, wa
 
 
 # ------------------------------------------------------------------ the epilogue's point batches
-_POINT_BATCH = ("rnn_common.cuh",
-                ("  return std::is_same_v<T, __half> ? 1 : "
-                 "std::is_same_v<T, float> && M == Math::kFma ? 2 : 4;"),
-                "  return 1;")
-
-
 # (environment, H) of each partition the points run in
 _POINT_PARTITIONS = {
     "direct": ({"FUSED_RNN_CUDA_MAX_GROUPS": "1", "FUSED_RNN_CUDA_STAGE_K": "0"}, 37),
@@ -703,33 +697,60 @@ _POINT_PARTITIONS = {
     "dsmem": ({"FUSED_RNN_CUDA_CLUSTER": "4", "FUSED_RNN_CUDA_CLUSTER_EXCHANGE": "dsmem"}, 37)}
 
 
-def test_point_batches_give_the_same_bits(install, monkeypatch, tmp_path):
+def _point_batches(launches, B, T, dt) -> int:
+    """plan.py's count of the batches of points of these launches (of DTYPES[dt], T steps: a
+    backward launch runs T + 1 iterations)."""
+    dtype = DTYPES[dt][0]
+    total = 0
+    for direction, _, pl in launches:
+        size = P.point_batch_size(dtype != torch.float32, dtype == torch.float16, pl["math"])
+        per_step = P.point_batches(P.Plan(**{k: pl[k] for k in P.PLAN_FIELDS}), B, size)
+        total += per_step * (T + (direction == "backward"))
+    return total
+
+
+def test_point_batches_give_the_same_bits(install, monkeypatch):
     """A thread loads a batch of its epilogue points before it finishes any (rnn_common.cuh
-    run_points: 4 in 16 bits and TF32, 2 on the FMA path): every output and gradient is the
-    same bits as with one point at a time (a copy of csrc/ whose batches are 1), for every cell,
-    with padded rows (lengths) and both directions. B=70 over 4 SMs: up to three points a
-    thread and chunk, so batches are full, partial and, for some threads, missing; with K parts
-    the points add the partials of the team; with the exchange through the cluster's shared
-    memory they store into the peers. (One test, one mutant library: each library a process
-    loads keeps its own simulated-thread stacks, two memory mappings each, and the suite's
-    workers come near Linux's vm.max_map_count.)"""
-    one_at_a_time = _mutant(tmp_path, *_POINT_BATCH)
+    run_points: 4 in 16 bits and TF32, 2 on the FMA path) where its warp has two or more points
+    a thread: every output and gradient is the same bits as with FUSED_RNN_CUDA_POINT_BATCH=1
+    (one point at a time, the other loop), for every cell, with padded rows (lengths) and both
+    directions. B=70 over 4 SMs: up to three points a thread and chunk, so batches are full,
+    partial and, for some threads, missing; with K parts the points add the partials of the
+    team; with the exchange through the cluster's shared memory they store into the peers.
+    cudasim counts the batches (one a thread): some at B=70 and B=27 (none with the setting at
+    1), none at B=8, where no thread has two points (the one-point code, as before batches),
+    and as many as plan.py's point_batches (which the bench's cuda-pb1 rule uses) says: a warp
+    batches while its lane 0 has two or more points left (at B=27, 270 points a chunk: warp 0
+    alone, though only 14 of its threads have a second point)."""
     for partition, (env, H) in _POINT_PARTITIONS.items():
         with monkeypatch.context() as m:
             for key, value in env.items():
                 m.setenv(key, value)
             for mode in MODES:
                 for dt in ("bf16", "tf32", "fp32"):
-                    install(sms=4, order="shuffle", seed=7)
-                    batched = _layer(mode, dt, B=70, T=3, H=H)
-                    sim = install(sms=4, order="shuffle", seed=7, csrc=one_at_a_time)
-                    single = _layer(mode, dt, B=70, T=3, H=H)
-                    if partition == "parts2":
-                        assert {pl["parts"] for _, _, pl in sim.launches} == {2}
-                    if partition == "dsmem":
-                        assert sim.cluster_launches() > 0
-                    for i, (a, b) in enumerate(zip(single, batched, strict=True)):
-                        assert torch.equal(a, b), (partition, mode, dt, i)
+                    for B in (70, 27, 8) if mode == "LSTM" else (70,):
+                        runs = {}
+                        for setting in ("auto", "1"):
+                            m.setenv("FUSED_RNN_CUDA_POINT_BATCH", setting)
+                            sim = install(sms=4, order="shuffle", seed=7)
+                            before = sim.point_batch_count()
+                            runs[setting] = _layer(mode, dt, B=B, T=3, H=H)
+                            batches = sim.point_batch_count() - before
+                            key = (partition, mode, dt, B, setting)
+                            if setting == "1":
+                                assert batches == 0, key
+                            else:
+                                assert (batches > 0) == (B != 8), (key, batches)
+                                assert batches == _point_batches(sim.launches, B, 3, dt), key
+                            if partition == "parts2":
+                                assert {pl["parts"] for _, _, pl in sim.launches} == {2}
+                            if partition == "dsmem":
+                                assert sim.cluster_launches() > 0
+                        for i, (a, b) in enumerate(zip(runs["1"], runs["auto"], strict=True)):
+                            assert torch.equal(a, b), (partition, mode, dt, B, i)
+    monkeypatch.setenv("FUSED_RNN_CUDA_POINT_BATCH", "4")
+    with pytest.raises(ValueError, match="FUSED_RNN_CUDA_POINT_BATCH must be 'auto' or 1"):
+        _layer("LSTM", "bf16")
 
 
 @pytest.mark.parametrize("dt,B", [("tf32", 16), ("tf32", 70), ("bf16", 8), ("tf32", 40),

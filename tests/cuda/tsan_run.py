@@ -75,7 +75,7 @@ CONFIGS = {
                            {"cluster": 0, "parts": 1, "stage_k": 0, "blocked": True}),
 }
 SETTINGS = ("MAX_GROUPS", "STAGE_K", "K_PARTS", "CLUSTER", "CLUSTER_EXCHANGE", "TEAM_CLUSTERS",
-            "STAGE_COPY", "TILE_BLOCK")
+            "STAGE_COPY", "TILE_BLOCK", "POINT_BATCH")
 DTYPES = {"fp32": (torch.float32, False), "tf32": (torch.float32, True),
           "bf16": (torch.bfloat16, False), "fp16": (torch.float16, False)}
 

@@ -60,6 +60,8 @@ def draw(seed: int) -> dict:
     tile_block = r.choice(["1", "2", "4", None])
     if tile_block is not None:
         case["settings"]["TILE_BLOCK"] = tile_block
+    if r.random() < 0.25:  # drawn after TILE_BLOCK, for the same reason
+        case["settings"]["POINT_BATCH"] = "1"
     return case
 
 

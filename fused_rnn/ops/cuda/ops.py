@@ -173,6 +173,20 @@ def tile_block() -> int:
     return int(raw)
 
 
+def point_batch() -> int:
+    """How the epilogue reads its points (rnn_common.cuh run_points), from
+    ``FUSED_RNN_CUDA_POINT_BATCH``: ``auto`` (default: where a thread has two or more points
+    (batch row, unit) a step, it loads the values of up to 4 of them (2 on the fp32 path without
+    TF32, 1 in fp16) before it computes any, one L2 round trip for all of them) or ``1`` (one
+    point at a time). Returns 0 for auto, as the kernels take it. Each point's arithmetic is the
+    same either way, so are the results, bit for bit. Read at every call, like
+    :func:`max_groups`."""
+    raw = os.environ.get("FUSED_RNN_CUDA_POINT_BATCH", "auto")
+    if raw not in ("auto", "1"):
+        raise ValueError(f"FUSED_RNN_CUDA_POINT_BATCH must be 'auto' or 1, got {raw!r}")
+    return 0 if raw == "auto" else 1
+
+
 STAGE_COPIES = {"registers": 0, "async": 1, "pipelined": 2}  # fused_rnn.h StageCopy
 
 
@@ -283,6 +297,7 @@ def _layer_forward_impl(
         team_clusters(),
         cluster_exchange_dsmem(),
         tile_block(),
+        point_batch(),
     )
     gates = xproj if save else x.new_empty((0,), dtype=cd)
     return y, h_n, c_n, gates, aux
@@ -422,6 +437,7 @@ def _layer_backward_impl(
             team_clusters(),
             cluster_exchange_dsmem(),
             tile_block(),
+            point_batch(),
         )
         # GRU: the recurrent side of the n gate is r * dn (b_hn sits inside r * (.)).
         dgh = torch.cat([dgx[..., : 2 * H], dghn], dim=-1) if mode == "GRU" else dgx

@@ -344,6 +344,39 @@ def chunk_blockings(m_pad: int, groups: int, math: int, batch: int,
     return seen
 
 
+def point_batch_size(is_16bit: bool, is_fp16: bool, math: int) -> int:
+    """Points a thread loads at once in the epilogue (rnn_common.cuh point_batch): 1 in fp16, 2
+    on the FMA path, else 4."""
+    if is_fp16:
+        return 1
+    return 2 if not is_16bit and math == MATHS["fma"] else 4
+
+
+def point_batches(p: Plan, batch: int, size: int) -> int:
+    """How many batches of points (one a thread and batch) a launch of plan p loads in a step,
+    over the grid (rnn_common.cuh run_points, point_batch 0): a thread takes batches of
+    ``size`` (point_batch_size) while its warp's lane 0 has two or more of the chunk's points
+    left. A chunk holds its batch rows x units points (a last block's missing units included),
+    and every block of a batch group runs its group's chunks; with K parts the points come once
+    a step, for the group's rows. 0: the launch finishes its points one at a time."""
+    if size <= 1:
+        return 0
+    b_pad = _ceil_div(batch, K_BATCH_PAD) * K_BATCH_PAD
+    rows = b_pad // p.groups
+    total = 0
+    for begin in range(0, min(b_pad, batch), rows):
+        end = min(begin + rows, batch)
+        if p.parts > 1:
+            counts = [(end - begin) * p.units]
+        else:
+            counts = [min(K_CHUNK_COLS, begin + rows - n0, batch - n0) * p.units
+                      for n0 in range(begin, end, K_CHUNK_COLS)]
+        for count in counts:
+            for lead in range(0, K_THREADS, 32):  # lane 0 of each warp: its 32 threads batch
+                total += 32 * max(0, _ceil_div(count - lead - K_THREADS, K_THREADS * size))
+    return total * p.group_blocks
+
+
 def fits(cell: int, is_16bit: bool, allow_tf32: bool, hidden: int, num_sms: int,
          smem_optin: int) -> str | None:
     """None when the forward and the backward plan fit, else why not."""

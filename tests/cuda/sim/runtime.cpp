@@ -820,6 +820,11 @@ long long g_mma_count = 0;  // fibers share one OS thread (and this file is not 
 }  // namespace
 void count_mma() { ++g_mma_count; }
 long long mma_count() { return g_mma_count; }
+namespace {
+long long g_point_batch_count = 0;  // as g_mma_count
+}  // namespace
+void count_point_batch() { ++g_point_batch_count; }
+long long point_batch_count() { return g_point_batch_count; }
 
 void configure(const Config& c) { g_config = c; }
 const Config& config() { return g_config; }

@@ -77,7 +77,8 @@ bool fill_common(Params& p, fused_rnn::Selection& sel, int cell, int dtype, int 
                  int steps, int batch, int hidden, int batch_pad, int reverse, bool backward,
                  int max_groups, int max_stage_k, int k_parts, int max_blocks, int cluster_max,
                  int team_clusters, int dsmem, const void* w_hh, const int* lengths,
-                 long long* prof, int stage_copy, int tile_block, float* part) {
+                 long long* prof, int stage_copy, int tile_block, int point_batch,
+                 float* part) {
   int mode = fused_rnn::kClusterNone;
   if (!checked_plan(cell, dtype, allow_tf32, hidden, backward, batch_pad, max_groups,
                     max_stage_k, k_parts, max_blocks, cluster_max, team_clusters, dsmem, &sel,
@@ -95,6 +96,7 @@ bool fill_common(Params& p, fused_rnn::Selection& sel, int cell, int dtype, int 
   p.prof = prof;
   p.stage_copy = stage_copy;
   p.tile_block = tile_block;
+  p.point_batch = point_batch;
   p.part = sel.plan.parts > 1 ? part : nullptr;
   if (sel.plan.parts > 1 && part == nullptr) {
     g_error = "the plan has K parts but no partial buffer was given";
@@ -177,7 +179,7 @@ int sim_forward(int cell, int dtype, int allow_tf32, int steps, int batch, int h
                 const float* b_hh,
                 const int* lengths,
                 float* xproj, void* hbuf, float* cbuf, void* y, float* aux, long long* prof,
-                int stage_copy, int tile_block, float* part) {
+                int stage_copy, int tile_block, int point_batch, float* part) {
   const cudaError_t pending = cudaPeekAtLastError();
   fused_rnn::FwdParams p{};
   fused_rnn::Selection sel{};
@@ -185,7 +187,7 @@ int sim_forward(int cell, int dtype, int allow_tf32, int steps, int batch, int h
                    false, max_groups, max_stage_k, k_parts, max_blocks, cluster_max,
                    team_clusters, dsmem, w_hh,
                    lengths, prof,
-                   stage_copy, tile_block,
+                   stage_copy, tile_block, point_batch,
                    part))
     return 1;
   p.save = save != 0;
@@ -209,7 +211,8 @@ int sim_backward(int cell, int dtype, int allow_tf32, int steps, int batch, int 
                  const void* w_hh, const int* lengths, const void* dy, const float* gates,
                  const float* aux, const float* c0, const void* hprev, void* dgbuf,
                  float* dh_carry, float* dc_carry, float* dgx, float* dghn, float* dh0,
-                 long long* prof, int stage_copy, int tile_block, float* part) {
+                 long long* prof, int stage_copy, int tile_block, int point_batch,
+                 float* part) {
   const cudaError_t pending = cudaPeekAtLastError();
   fused_rnn::BwdParams p{};
   fused_rnn::Selection sel{};
@@ -217,7 +220,7 @@ int sim_backward(int cell, int dtype, int allow_tf32, int steps, int batch, int 
                    true, max_groups, max_stage_k, k_parts, max_blocks, cluster_max,
                    team_clusters, dsmem, w_hh,
                    lengths, prof,
-                   stage_copy, tile_block,
+                   stage_copy, tile_block, point_batch,
                    part))
     return 1;
   p.dy = dy;
@@ -241,6 +244,9 @@ int sim_backward(int cell, int dtype, int allow_tf32, int steps, int batch, int 
 
 // How many wmma::mma_sync calls (one a warp) all launches so far made.
 long long sim_mma_count() { return cudasim::mma_count(); }
+
+// How many batches of points (one a thread and batch) all launches so far ran.
+long long sim_point_batch_count() { return cudasim::point_batch_count(); }
 
 // How many launches ran as clusters (fused_rnn.h cluster_launches).
 long long sim_cluster_launches() { return fused_rnn::cluster_launches; }

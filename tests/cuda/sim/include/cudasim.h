@@ -106,6 +106,10 @@ inline long long global_ns() { return tick(); }
 // launch multiplied (mma_count()), which the results alone do not show for padding tiles.
 void count_mma();
 long long mma_count();
+// A thread's batch of points in the epilogue (rnn_common.cuh run_points, one count a thread and
+// batch): lets tests see that a launch took the batched path, which the results do not show.
+void count_point_batch();
+long long point_batch_count();
 // Thread-block clusters: this block's rank, the cluster's size, and a peer's copy of a pointer
 // into this block's dynamic shared memory (cluster_group::map_shared_rank, DSMEM).
 unsigned cluster_block_rank();
