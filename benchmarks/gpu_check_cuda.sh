@@ -229,14 +229,16 @@ if wants phases && ! skip_if_kernels_unusable phases; then
   grep '^| ' "$LOG_DIR/cuda_phases.log" 2>/dev/null || true
 fi
 
-# The step primitives alone (benchmarks/microbench.cu, ~15 s with its build): grid.sync,
-# cluster.sync at 2-16 blocks, and an exchange of 4-192 KB per block through L2 or through
-# distributed shared memory, each checked for wrong words first. Its table goes to the logs
-# (microbench.md) and is printed here; it prices the leads in NOTES.md.
+# The step primitives alone (benchmarks/microbench.cu, ~40 s with its build): grid.sync,
+# cluster.sync at 2-16 blocks, an exchange of 4-192 KB per block through L2 or through
+# distributed shared memory, each checked for wrong words first, and passes through 8-256 KB of
+# straight-line code (what an instruction costs once a step's code outgrows the instruction
+# caches). Its table goes to the logs (microbench.md) and is printed here; it prices the leads
+# in NOTES.md.
 if wants microbench; then
   NVCC="$(command -v nvcc || echo "${CUDA_HOME:-/usr/local/cuda}/bin/nvcc")"
   MB_BIN="${TMPDIR:-/tmp}/fused_rnn_microbench"
-  step microbench 60 bash -c "'$NVCC' -O3 -std=c++17 -arch=sm_90 -o '$MB_BIN' \
+  step microbench 75 bash -c "'$NVCC' -O3 -std=c++17 -arch=sm_90 -o '$MB_BIN' \
     benchmarks/microbench.cu && '$MB_BIN' '$LOG_DIR/microbench.md'"
   grep '^| ' "$LOG_DIR/cuda_microbench.log" 2>/dev/null || true
 fi
@@ -250,8 +252,10 @@ fi
 # Nsight Compute on the first forward and backward launch (profile_cuda.py's warm-up, no clock
 # reads) of LSTM fp32 at S1 and at S4, the shapes where the first H200 run's phase timings put
 # the matmul 30x and 16x off the tensor cores' rate, then at S3 (its forward: one tile a warp
-# over all of K; the other shape under cuDNN): issue stalls, pipe use, shared-memory bank
-# conflicts, occupancy. --clock-control none leaves the card's clocks alone. The reports go to
+# over all of K; the other shape under cuDNN): issue stalls (no_instruction: instruction fetch),
+# the instructions executed (with the microbench's fetch rows: what fetching them costs), pipe
+# use, shared-memory bank conflicts, occupancy. --clock-control none leaves the card's clocks
+# alone. The reports go to
 # LOG_DIR/cuda_ncu.log (the .md profile_cuda.py writes goes to LOG_DIR, not to the results).
 if wants ncu && ! skip_if_kernels_unusable ncu; then
   NCU="$(command -v ncu || ls -d /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | tail -n 1 || true)"
@@ -262,7 +266,7 @@ if wants ncu && ! skip_if_kernels_unusable ncu; then
     NCU_ARGS=(--clock-control none --target-processes all
               --kernel-name "regex:rnn_(forward|backward)_kernel" --launch-count 2
               --section SpeedOfLight --section WarpStateStats --section SchedulerStats
-              --section LaunchStats --section Occupancy --section MemoryWorkloadAnalysis_Tables)
+              --section InstructionStats --section LaunchStats --section Occupancy --section MemoryWorkloadAnalysis_Tables)
     step ncu 150 bash -c 'ncu=$1 py=$2 out=$3; shift 3
       for shape in S1 S4 S3; do
         echo "=== ncu: LSTM fp32 $shape"

@@ -28,6 +28,9 @@
 //   off an mbarrier in the receiving block; a block waits on its own mbarrier until the whole
 //   step has landed. No cluster barrier in the step: on sm_90 every cluster.sync() compiles to
 //   a GPU-wide fence (MEMBAR.ALL.GPU) before the barrier itself, this step has none.
+// - fetch N KB: one pass through N KB of straight-line code (independent FFMAs) on every SM,
+//   with one warp and with eight warps an SM, and its cycles per instruction and warp: what an
+//   instruction costs once a step's code no longer fits in the instruction caches.
 // Before timing, every exchange runs a checked pass: each block compares every word it received
 // with the value its writer stored for that step, and the table's "errors" column counts the
 // mismatches (it must be 0: a nonzero count means a visibility bug in this program or the
@@ -296,6 +299,40 @@ __global__ void __launch_bounds__(kThreads, 1)
   // No trailing barrier: every byte sent to a block lands before that block's last wait ends.
 }
 
+// ---- instruction fetch ---------------------------------------------------------------------
+
+// A persistent kernel's step runs thousands of instructions of straight-line code once each
+// (the stage copy, the tiles' set-up, the epilogue's cell), not a loop that stays in the
+// instruction caches, and the RNN kernels are 100-200 KB of code each (sm_90). This kernel
+// prices that: `steps` passes through kInstr independent FFMAs (eight accumulators, so no
+// instruction waits on a result). While the pass fits in a cache it issues at the scheduler's
+// rate (one instruction a cycle: 1 cycle per instruction and warp with one warp an SM, 2 with
+// eight, two warps to each of the four schedulers); once it outgrows one, every pass fetches
+// its code again from the next level, and the cycles per instruction say what that costs.
+template <int kInstr>
+__global__ void __launch_bounds__(kThreads, 1)
+    fetch_kernel(int steps, float seed, float* out, long long* cycles) {
+  float acc[8];
+  for (int i = 0; i < 8; ++i) acc[i] = seed + static_cast<float>(i + threadIdx.x);
+  const float a = 1.0f + 1e-7f * seed, b = 1e-7f;
+  const long long start = clock64();
+  for (int s = 0; s < steps; ++s) {
+#pragma unroll
+    for (int i = 0; i < kInstr; ++i) {
+#ifdef __CUDA_SIM__
+      acc[i & 7] = fmaf(acc[i & 7], a, b);
+#else
+      asm volatile("fma.rn.f32 %0, %0, %1, %2;" : "+f"(acc[i & 7]) : "f"(a), "f"(b));
+#endif
+    }
+  }
+  const long long stop = clock64();
+  float sum = 0.f;
+  for (int i = 0; i < 8; ++i) sum += acc[i];
+  out[blockIdx.x * blockDim.x + threadIdx.x] = sum;  // keeps every FFMA
+  if (blockIdx.x == 0 && threadIdx.x == 0) *cycles = stop - start;
+}
+
 // ---- host ----------------------------------------------------------------------------------
 
 std::string clusters_note(int n) { return std::to_string(n) + (n == 1 ? " cluster" : " clusters"); }
@@ -376,6 +413,16 @@ template <typename... Exp, typename... Act>
 void launch(void (*kernel)(Exp...), int blocks, int cluster, size_t smem, Act&&... args) {
   cudaLaunchAttribute attr;
   const cudaLaunchConfig_t cfg = launch_config(blocks, cluster, smem, &attr);
+  CHECK(cudaLaunchKernelEx(&cfg, kernel, std::forward<Act>(args)...));
+  CHECK(cudaGetLastError());
+}
+
+// A plain launch (not cooperative, no clusters) of `blocks` blocks of `threads` threads.
+template <typename... Exp, typename... Act>
+void launch_plain(void (*kernel)(Exp...), int blocks, int threads, Act&&... args) {
+  cudaLaunchConfig_t cfg = {};
+  cfg.gridDim = dim3(blocks);
+  cfg.blockDim = dim3(threads);
   CHECK(cudaLaunchKernelEx(&cfg, kernel, std::forward<Act>(args)...));
   CHECK(cudaGetLastError());
 }
@@ -528,6 +575,47 @@ int main(int argc, char** argv) {
   }
   CHECK(cudaFree(exchange));
   CHECK(cudaFree(errors));
+
+  // Instruction fetch: passes of 512 to 16384 straight-line FFMAs (8 to 256 KB of code), with
+  // one warp and with eight warps an SM (fetch_kernel); "us per step" is one pass. The cycles
+  // come from clock64() around 200 passes in block 0's thread 0.
+  constexpr int kFetchPasses = 200;
+  float* fetch_out = nullptr;
+  long long* fetch_cycles = nullptr;
+  CHECK(cudaMalloc(&fetch_out, (size_t)sms * kThreads * sizeof(float)));
+  CHECK(cudaMalloc(&fetch_cycles, sizeof(long long)));
+  const auto fetch_rows = [&](auto kernel, int instr) {
+    for (int warps : {1, 8}) {
+      const auto run = [&](int n) {
+        launch_plain(kernel, sms, 32 * warps, n, 1.0f, fetch_out, fetch_cycles);
+      };
+      std::string note = warps == 1 ? "1 warp/SM" : std::to_string(warps) + " warps/SM";
+      double us = -1;
+      if (check_only) {
+        run(1);
+        CHECK(cudaDeviceSynchronize());
+      } else {
+        us = time_per_step(run, kFetchPasses);
+        run(kFetchPasses);
+        long long cycles = 0;
+        CHECK(cudaMemcpy(&cycles, fetch_cycles, sizeof cycles, cudaMemcpyDeviceToHost));
+        char buf[96];
+        std::snprintf(buf, sizeof buf, ", %.2f cycles per instruction and warp (ideal %d)",
+                      static_cast<double>(cycles) / (static_cast<double>(kFetchPasses) * instr),
+                      warps == 1 ? 1 : 2);
+        note += buf;
+      }
+      rows.push_back({"fetch " + std::to_string(instr * 16 / 1024) + " KB", sms, 0, us, -1, note});
+    }
+  };
+  fetch_rows(fetch_kernel<512>, 512);
+  fetch_rows(fetch_kernel<1024>, 1024);
+  fetch_rows(fetch_kernel<2048>, 2048);
+  fetch_rows(fetch_kernel<4096>, 4096);
+  fetch_rows(fetch_kernel<8192>, 8192);
+  fetch_rows(fetch_kernel<16384>, 16384);
+  CHECK(cudaFree(fetch_out));
+  CHECK(cudaFree(fetch_cycles));
 
   std::string table;
   char line[512];

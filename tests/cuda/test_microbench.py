@@ -73,6 +73,10 @@ def test_checked_passes_on_cudasim(clean_exe, tmp_path, order, early):
     assert {row[0] for row in rows} >= {"grid.sync", "cluster.sync c=16",
                                         "exchange dsmem c=16", "exchange cluster-global c=4",
                                         "exchange dsmem-mbarrier c=16"}
+    # the instruction-fetch passes ran (one pass each, untimed), 8 to 256 KB of code
+    fetches = [(row[0], row[5]) for row in rows if row[0].startswith("fetch ")]
+    assert fetches == [(f"fetch {kb} KB", warps) for kb in (8, 16, 32, 64, 128, 256)
+                       for warps in ("1 warp/SM", "8 warps/SM")], table.read_text()
 
 
 def test_clusters_larger_than_the_device_are_not_launchable(clean_exe, tmp_path):
