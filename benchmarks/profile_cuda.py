@@ -46,8 +46,8 @@ from bench_gpu import (  # noqa: E402
     environment,
 )
 
-COLUMNS = ("cell", "shape", "dtype", "pass", "blocks", "plan", "copy", "mma", "epilogue",
-           "sync", "sync min", "parts", "load", "kernel", "GHz", "run")
+COLUMNS = ("cell", "shape", "dtype", "pass", "blocks", "plan", "copy", "mma", "mma own",
+           "epilogue", "epi own", "sync", "sync min", "parts", "load", "kernel", "GHz", "run")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -124,7 +124,8 @@ def _row(mode, shape, dtype_name, s: dict, plans=None, run="cuda") -> list[str]:
     plan = (f"g{plan.groups} p{plan.parts} k{plan.stage_k}{CLUSTER_MARKS[plan.cluster]}"
             if plan else "")
     return [mode, shape, dtype_name, direction, str(s["blocks"]), plan, us("copy_us"),
-            us("mma_us"), us("epilogue_us"), us("sync_us"), us("sync_min_us"), us("parts_us"),
+            us("mma_us"), us("mma_own_us"), us("epilogue_us"), us("epilogue_own_us"),
+            us("sync_us"), us("sync_min_us"), us("parts_us"),
             us("load_us"), us("kernel_us"), f"{s['ghz']:.3f}" if "ghz" in s else "", run]
 
 
@@ -144,7 +145,9 @@ def _render(args, env: dict, rows, failed, skipped, left_out, running=None) -> s
     lines += [f"- {k}: {v}" for k, v in env.items()]
     lines += ["", "µs per step (mean over blocks) for copy, mma, epilogue, sync, sync min "
               "(the last-arriving block's wait: about the barrier's own cost) and parts (the "
-              "K parts' second grid sync per step, 0 without them); µs per launch "
+              "K parts' second grid sync per step, 0 without them); mma own and epi own: "
+              "thread 0's own share of mma and epilogue (its warp's MMA loops; its own points' "
+              "loads and cells), without the wait for the other warps and threads; µs per launch "
               "for load (W into shared memory) and "
               "kernel (wall time); GHz: the SMs' clock over the launch (clock64 cycles over "
               "globaltimer ns: the cycle counts' conversion, and whether the GPU ran at its "

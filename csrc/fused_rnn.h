@@ -23,7 +23,11 @@ enum class Storage : int { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2 };
 // kProfSlots int64 at prof[blockIdx.x * kProfSlots]: the clock64() cycles spent in each Phase,
 // then the total cycles (their sum), the total nanoseconds (%globaltimer, to convert cycles),
 // and the number of steps. A phase runs from the previous mark to its own (rnn_common.cuh
-// PhaseClock), so waiting at a barrier counts towards the phase that ends there.
+// PhaseClock), so waiting at a barrier counts towards the phase that ends there. Then two
+// spans inside phases, not added to the total: thread 0's cycles in its own warp's matmul tasks
+// (kProfMmaOwn: the MMA loops, without staging or the wait for the other warps) and in its own
+// epilogue points (kProfEpilogueOwn: their loads and cells, without the wait for the other
+// threads). A phase much longer than its own span is waiting, not working.
 enum Phase : int {
   kPhaseLoad = 0,      // W slice into shared memory
   kPhaseCopy = 1,      // X stage copies (0 when unstaged)
@@ -34,7 +38,9 @@ enum Phase : int {
   kPhaseParts = 5,     // K parts: the barrier after the partial sums (0 without parts)
   kPhases = 6,
 };
-constexpr int kProfSlots = kPhases + 3;
+constexpr int kProfMmaOwn = kPhases + 3;
+constexpr int kProfEpilogueOwn = kPhases + 4;
+constexpr int kProfSlots = kPhases + 5;
 
 // How X is copied into the stage (plan.h staging; rnn_common.cuh chunk_matmul).
 enum StageCopy : int {

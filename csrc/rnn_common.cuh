@@ -157,17 +157,19 @@ __device__ __forceinline__ long long global_ns() {
 
 // Thread 0 of each block times the phases of fused_rnn.h's Phase enum when the launch has a prof
 // buffer; otherwise every call is one uniform branch. Every mark ends one phase and starts the
-// next, so the phases add up to the total exactly.
+// next, so the phases add up to the total exactly. own_begin() / own_end(slot) time a span
+// inside a phase (kProfMmaOwn, kProfEpilogueOwn), outside that sum.
 struct PhaseClock {
   long long* out;  // this block's kProfSlots, or nullptr
   long long acc[kPhases];
   long long start, last, start_ns;
+  long long own[2], own_start;  // kProfMmaOwn, kProfEpilogueOwn
   int steps;
 
   __device__ explicit PhaseClock(long long* prof)
       : out(prof != nullptr && threadIdx.x == 0 ? prof + (size_t)blockIdx.x * kProfSlots
                                                 : nullptr),
-        acc{}, start(0), last(0), start_ns(0), steps(0) {
+        acc{}, start(0), last(0), start_ns(0), own{}, own_start(0), steps(0) {
     if (out != nullptr) {
       start_ns = global_ns();
       start = last = clock64();
@@ -180,6 +182,12 @@ struct PhaseClock {
       last = now;
     }
   }
+  __device__ __forceinline__ void own_begin() {
+    if (out != nullptr) own_start = clock64();
+  }
+  __device__ __forceinline__ void own_end(int slot) {
+    if (out != nullptr) own[slot - kProfMmaOwn] += clock64() - own_start;
+  }
   __device__ __forceinline__ void step() { steps += out != nullptr; }
   __device__ __forceinline__ void finish() {
     if (out == nullptr) return;
@@ -188,6 +196,8 @@ struct PhaseClock {
     out[kPhases] = last - start;
     out[kPhases + 1] = global_ns() - start_ns;
     out[kPhases + 2] = steps;
+    out[kProfMmaOwn] = own[0];
+    out[kProfEpilogueOwn] = own[1];
   }
 };
 
@@ -545,6 +555,7 @@ __device__ ChunkLayout chunk_matmul(const T* sw, const Plan& pl, const T* x, int
       xs = buf;
       ldx = pl.stage_ld;
     }
+    clk.own_begin();
     if constexpr (M != Math::kFma) {
       if (tb.bm * tb.bn > 1) {
         if (tb.bm == 2 && tb.bn == 2)
@@ -553,6 +564,7 @@ __device__ ChunkLayout chunk_matmul(const T* sw, const Plan& pl, const T* x, int
           run_blocks<T, M, 2, 1>(sw, pl, xs, ldx, k0, ksteps, mfr, nfr, sc, s > 0);
         else
           run_blocks<T, M, 1, 2>(sw, pl, xs, ldx, k0, ksteps, mfr, nfr, sc, s > 0);
+        clk.own_end(kProfMmaOwn);
         continue;
       }
     }
@@ -564,6 +576,7 @@ __device__ ChunkLayout chunk_matmul(const T* sw, const Plan& pl, const T* x, int
                      xs + (size_t)nf * ts.wn * ldx, ldx, kb, ke,
                      sc + (size_t)task * pl.slot_floats, s > 0);
     }
+    clk.own_end(kProfMmaOwn);
   }
   return ChunkLayout{nfr, ksplit};
 }
@@ -734,10 +747,12 @@ __device__ __forceinline__ void block_step(const BlockState<W>& bs, const Plan& 
     __syncthreads();
     clk.mark(kPhaseMma);
     if (part == nullptr) {
+      clk.own_begin();
       run_points(point, nb * pl.units, pl.units, bs.nu, n0, bs.batch_points,
                  [&](int b, int j, int g) {
         return gather<M>(bs.sc, pl, L, g * tu + own + j, b - n0);
       });
+      clk.own_end(kProfEpilogueOwn);
     } else {
       float* out = part + (size_t)bs.rank * batch_pad * pl.part_ld + (size_t)bs.team * pl.m_rows;
       for (int idx = threadIdx.x; idx < nb * pl.m_rows; idx += kThreads) {
@@ -753,6 +768,7 @@ __device__ __forceinline__ void block_step(const BlockState<W>& bs, const Plan& 
     clk.mark(kPhaseParts);
     const float* in = part + (size_t)bs.team * pl.m_rows + own;
     const size_t rank_stride = (size_t)batch_pad * pl.part_ld;
+    clk.own_begin();
     run_points(point, (bs.n_end - bs.n_begin) * pl.units, pl.units, bs.nu, bs.n_begin,
                bs.batch_points, [&](int b, int j, int g) {
       // All loads first (unrolled, predicated), so they are in flight together; then the sum
@@ -767,6 +783,7 @@ __device__ __forceinline__ void block_step(const BlockState<W>& bs, const Plan& 
         if (r < pl.parts) acc += v[r];
       return acc;
     });
+    clk.own_end(kProfEpilogueOwn);
     clk.mark(kPhaseEpilogue);
   }
   clk.step();

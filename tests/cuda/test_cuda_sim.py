@@ -880,6 +880,10 @@ def test_phase_timing_records_every_block_and_changes_nothing(install, monkeypat
         assert row["blocks"] == blocks > 1
         assert row["steps"] == (3 if launch.direction == "forward" else 4)
         assert row["mma_us"] > 0 and row["epilogue_us"] > 0 and row["sync_us"] > 0
+        # the own spans lie inside their phases (cudasim's clock counts clock reads: the
+        # phase's span holds the own span's reads and more)
+        assert 0 < row["mma_own_us"] < row["mma_us"], row
+        assert 0 < row["epilogue_own_us"] < row["epilogue_us"], row
         assert row["load_us"] > 0
         assert (row["copy_us"] > 0) == (plans[launch.direction]["stage_k"] > 0)
         assert (plans[launch.direction]["stage_k"] > 0) == (stage_k == "auto")

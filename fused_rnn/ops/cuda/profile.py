@@ -24,7 +24,10 @@ fills it with the ``clock64()`` cycles it spent in each phase of ``csrc/fused_rn
   sums are written (0 without parts).
 
 It also writes the total cycles, the total nanoseconds (``%globaltimer``, which converts cycles
-to time) and the number of steps.
+to time) and the number of steps, and two spans inside phases: thread 0's cycles in its own
+warp's matmul tasks (``mma_own``: the MMA loops alone, without staging or the wait for the other
+warps) and in its own epilogue points (``epilogue_own``: their loads and cells, without the wait
+for the other threads). A phase much longer than its own span is spent waiting.
 
 Outside ``recording()`` the kernels take one uniform branch per phase mark and write nothing.
 Recording is meant for eager runs: the buffers are allocated per launch, which CUDA graph
@@ -40,7 +43,10 @@ from dataclasses import dataclass
 import torch
 
 PHASES = ("load", "copy", "mma", "epilogue", "sync", "parts")  # fused_rnn.h Phase, in order
-PROF_SLOTS = len(PHASES) + 3  # + total cycles, total ns, steps (fused_rnn.h kProfSlots)
+# + total cycles, total ns, steps, then the spans mma_own and epilogue_own (fused_rnn.h
+# kProfSlots, kProfMmaOwn, kProfEpilogueOwn)
+PROF_SLOTS = len(PHASES) + 5
+OWN_SPANS = ("mma_own", "epilogue_own")
 MAX_BLOCKS = 1024  # rows per buffer; a grid never has more blocks than the GPU has SMs
 
 
@@ -83,7 +89,7 @@ def buffer(direction: str, mode: str, dtype: torch.dtype, steps: int, batch: int
 
 def summarize(launch: Launch) -> dict:
     """Microseconds per step of each per-step phase (``copy_us`` .. ``parts_us``, mean over
-    blocks), the shortest sync wait per step (``sync_min_us``: the block that arrives last
+    blocks) and of the spans ``mma_own_us`` and ``epilogue_own_us``, the shortest sync wait per step (``sync_min_us``: the block that arrives last
     waits only for the barrier itself, so mean - min is time spent waiting for slower blocks),
     and for the whole launch the W load
     (``load_us``) and the kernel's wall time (``kernel_us``). Synchronise the device first."""
@@ -103,6 +109,8 @@ def summarize(launch: Launch) -> dict:
     for i, name in enumerate(PHASES):
         out[f"{name}_us"] = float(cycles[:, i].mean()) * us_per_cycle / (1 if i == 0 else per_step)
     out["sync_min_us"] = float(cycles[:, PHASES.index("sync")].min()) * us_per_cycle / per_step
+    for i, name in enumerate(OWN_SPANS):
+        out[f"{name}_us"] = float(ran[:, n + 3 + i].double().mean()) * us_per_cycle / per_step
     out["kernel_us"] = float(ns.mean()) / 1e3
     out["steps"] = steps
     out["ghz"] = 1e-3 / us_per_cycle
