@@ -3,17 +3,18 @@ configurations. By hand, not in the test suite (about 20 cases a minute on one c
 
     python tests/cuda/tsan_sweep.py FIRST_SEED COUNT [LOG]
 
-Each seed draws a case: cell, dtype, H (partial last blocks), B (across the 16-row padding),
-T, lengths, reverse, the simulated device (1-16 SMs; 227, 163, 99 or 48 KB of shared memory),
-the thread order, cp.async landing late or early, and each ``FUSED_RNN_CUDA_*`` plan setting
-drawn independently (groups, stage_k, K parts, clusters, DSMEM, team clusters, the stage copy,
-the grid cap, the register blocking). A case the backend refuses (``unsupported_reason``: H too large for the device)
-is listed as refused: backends.py would fall back. Each case runs forward and every gradient;
-the line ``done SEED`` gives the launched plans and the largest relative error against the
-fp64 reference (a floor is not checked: TF32 and 16-bit ReLU masks flip; test_cuda_gpu.py's
-floors and the emulator are the accuracy checks). The cases run in child processes of 25,
-started with ``simulate.sanitizer_env("thread")``; a race report ends a child with exit code 66:
-its report goes to the log with the seed, and the sweep goes on after that seed.
+Each seed draws a case: cell, dtype, H (partial last blocks), B (across the 16-row padding), T,
+lengths, reverse, the simulated device (1-16 SMs; 227, 163, 99 or 48 KB of shared memory), the
+thread order, cp.async landing late or early, and each ``FUSED_RNN_CUDA_*`` plan setting drawn
+independently (groups, stage_k, K parts, clusters, DSMEM, team clusters, the stage copy, the grid
+cap, the register blocking, the epilogue's point batches). A case the backend refuses
+(``unsupported_reason``: H too large for the device) is listed as refused: backends.py would fall
+back. Each case runs forward and every gradient; the line ``done SEED`` gives the launched plans
+and the largest relative error against the fp64 reference (a floor is not checked: TF32 and 16-bit
+ReLU masks flip; test_cuda_gpu.py's floors and the emulator are the accuracy checks). The cases run
+in child processes of 25, started with ``simulate.sanitizer_env("thread")``; a race report ends a
+child with exit code 66: its report goes to the log with the seed, and the sweep goes on after that
+seed.
 """
 
 from __future__ import annotations
