@@ -100,6 +100,7 @@ def run_cases(first: int, count: int) -> None:
         leaves, lens, cots = layer_inputs(c["mode"], c["T"], c["B"], c["I"], c["H"], seed,
                                           c["lengths"])
         args = (c["mode"], leaves)
+        batches = sim.point_batch_count()
         got = run_layer(cuda_backend.rnn_layer, *args, dtype, lens, c["reverse"], cots, "cpu")
         want = run_layer(reference.rnn_layer, *args, torch.float64, lens, c["reverse"], cots,
                          "cpu")
@@ -107,7 +108,9 @@ def run_cases(first: int, count: int) -> None:
         plans = [{**{k: launch[2][k] for k in ("blocks", "groups", "parts", "cluster",
                                                "stage_k", "stage_copy")},
                   "blocked": sorted(blockings([launch], c["B"]))} for launch in sim.launches]
-        print(f"done {seed} rel {err:.2e} {json.dumps(plans)}", flush=True)
+        batches = sim.point_batch_count() - batches  # the epilogue's batches of points
+        print(f"done {seed} rel {err:.2e} {json.dumps(plans)} point_batches {batches}",
+              flush=True)
 
 
 def main(first: int, count: int, log_path: str) -> int:
