@@ -63,6 +63,8 @@ def draw(seed: int) -> dict:
         case["settings"]["TILE_BLOCK"] = tile_block
     if r.random() < 0.25:  # drawn after TILE_BLOCK, for the same reason
         case["settings"]["POINT_BATCH"] = "1"
+    if r.random() < 0.15:  # a larger batch: threads with several epilogue points (same reason)
+        case["B"] = r.choice([100, 160, 257])
     return case
 
 
