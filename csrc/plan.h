@@ -23,7 +23,8 @@
 // bounds a step. With `groups` = g > 1 the grid is g groups of `group_blocks` blocks; group q
 // serves batch rows [q * B_pad/g, (q+1) * B_pad/g) and each of its blocks owns g times more
 // units (its W slice is g times larger). Per step every block then reads 1/g of the exchange
-// buffer; the matmul work per block is unchanged. choose_groups takes the largest g that fits.
+// buffer; the matmul work per block is unchanged. choose_groups takes the largest g that fits;
+// select_plan takes fewer where that leaves no room for a stage of X.
 #pragma once
 
 #if defined(__CUDACC__)
@@ -253,17 +254,19 @@ FRNN_HD constexpr int choose_stage_k(const Plan& base, Math math, int stage_rows
   return imin(imin(k, base.k_part), max_stage_k / kKPad * kKPad);
 }
 
-// What a launch runs with, chosen in one place for the binding (and the CPU simulator):
-// the math (choose_math), the batch groups (choose_groups) and the plan. smem_bytes may still
-// exceed smem_limit when H is too large; the caller refuses that.
+// What a launch runs with is chosen in one place for the binding (and the CPU simulator):
+// select_plan below. smem_bytes may still exceed smem_limit when H is too large; the caller
+// refuses that.
 struct Selection {
   Math math;
   Plan plan;
 };
-FRNN_HD constexpr Selection select_plan(Cell cell, bool is_16bit, bool allow_tf32, int hidden,
-                                        bool backward, int max_blocks, int smem_limit,
-                                        int batch_pad, int max_groups, int max_stage_k,
-                                        int k_parts = 1) {
+
+// The plan with at most max_groups batch groups, each choice made in turn (see select_plan).
+FRNN_HD constexpr Selection select_plan_groups(Cell cell, bool is_16bit, bool allow_tf32,
+                                               int hidden, bool backward, int max_blocks,
+                                               int smem_limit, int batch_pad, int max_groups,
+                                               int max_stage_k, int k_parts) {
   const Math math =
       choose_math(is_16bit, allow_tf32, cell, hidden, backward, max_blocks, smem_limit);
   const int groups = choose_groups(cell, math, hidden, backward, max_blocks, smem_limit,
@@ -275,6 +278,37 @@ FRNN_HD constexpr Selection select_plan(Cell cell, bool is_16bit, bool allow_tf3
   const int stage_k = choose_stage_k(base, math, rows, smem_limit, max_stage_k);
   return Selection{math, make_plan(cell, math, hidden, backward, max_blocks, groups, rows,
                                    stage_k, parts)};
+}
+
+// A stage that takes a block's K part in at most kMaxStageSlices slices a chunk.
+constexpr int kMaxStageSlices = 3;
+FRNN_HD constexpr bool well_staged(const Plan& p) {
+  return p.stage_k > 0 && kMaxStageSlices * p.stage_k >= p.k_part;
+}
+
+// What a launch runs with: the math, then the most batch groups that fit, the K parts for
+// them, and a stage in what shared memory is left (select_plan_groups). More groups take more
+// shared memory for W, and where they leave too little for a stage, the X operand is read
+// without one (or in many thin slices). On the H200 (run 2, the cuda-direct rows) staging was
+// worth 1.2-1.6x at S3 and S4, with at most 3 slices a chunk, and two groups over one 1.05x at
+// most. So where the stage would be missing or take more than kMaxStageSlices slices a chunk,
+// and the stage_k cap (max_stage_k) allows a full one, fewer groups are tried, most first:
+// the first plan that is well staged runs; if none is, the plan with the most groups does.
+FRNN_HD constexpr Selection select_plan(Cell cell, bool is_16bit, bool allow_tf32, int hidden,
+                                        bool backward, int max_blocks, int smem_limit,
+                                        int batch_pad, int max_groups, int max_stage_k,
+                                        int k_parts = 1) {
+  const Selection most = select_plan_groups(cell, is_16bit, allow_tf32, hidden, backward,
+                                            max_blocks, smem_limit, batch_pad, max_groups,
+                                            max_stage_k, k_parts);
+  if (well_staged(most.plan) || max_stage_k < most.plan.k_part) return most;
+  for (int g = most.plan.groups - 1; g >= 1; --g) {
+    const Selection s = select_plan_groups(cell, is_16bit, allow_tf32, hidden, backward,
+                                           max_blocks, smem_limit, batch_pad, g, max_stage_k,
+                                           k_parts);
+    if (s.plan.groups == g && well_staged(s.plan)) return s;
+  }
+  return most;
 }
 
 // The grid cap (FUSED_RNN_CUDA_MAX_BLOCKS; block_cap 0 = none). By default a launch spreads H

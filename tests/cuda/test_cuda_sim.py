@@ -952,6 +952,30 @@ def test_batch_groups_split_the_batch_not_the_math(install, monkeypatch, mode):
     _assert_same_up_to_sum_order(results["1"], results["8"], "fp32", "groups")
 
 
+
+def test_groups_give_way_to_a_stage(install, monkeypatch):
+    """plan.h select_plan on a device with 48 KB of shared memory a block: GRU bf16 (H=37, B=70
+    padded to 96, 4 SMs) forward, with 3 batch groups, would hold all of W_hh in every block
+    and leave no room for a stage; it runs 1 group with all of K staged instead (the backward
+    stages with 3 groups and keeps them). With FUSED_RNN_CUDA_STAGE_K=0 (no stage wanted) the
+    most groups run, as before. The plans are the mirror's (plan.py choose_launch), and both
+    give the same results up to the order of the fp32 K sums."""
+    results, plans = {}, {}
+    for stage_k in ("auto", "0"):
+        monkeypatch.setenv("FUSED_RNN_CUDA_STAGE_K", stage_k)
+        sim = install(sms=4, smem_optin=48 * 1024, smem_per_sm=49 * 1024)
+        results[stage_k] = _layer("GRU", "bf16", B=70, T=3, H=37)
+        plans[stage_k] = {d: (pl["groups"], pl["stage_k"]) for d, _, pl in sim.launches}
+        for d, _, pl in sim.launches:
+            _, want = P.choose_launch(1, True, False, 37, d == "backward", 4, 48 * 1024, 96, 8,
+                                      ops.max_stage_k(), 0, 0, 0, False, True)
+            assert (pl["groups"], pl["stage_k"], pl["parts"]) == (
+                want.groups, want.stage_k, want.parts), (stage_k, d)
+    assert plans["auto"] == {"forward": (1, 48), "backward": (3, 112)}, plans
+    assert plans["0"] == {"forward": (3, 0), "backward": (3, 0)}, plans
+    _assert_same_up_to_sum_order(results["auto"], results["0"], "bf16", "stage over groups")
+
+
 def test_max_groups_setting_is_checked(install, monkeypatch):
     install(sms=4)
     monkeypatch.setenv("FUSED_RNN_CUDA_MAX_GROUPS", "0")

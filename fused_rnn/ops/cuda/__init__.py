@@ -16,7 +16,8 @@ Kernel design: one cooperative launch per chunk and direction; block b owns hidd
 chunk, and exchanges h_t through a double-buffered global (L2) buffer with one ``grid.sync()``
 per step. At larger batch the grid is split into batch groups when shared memory allows (each
 block then holds a larger W_hh slice and reads only its group's rows of the exchange buffer;
-``FUSED_RNN_CUDA_MAX_GROUPS``, default 8, 1 turns it off). Where shared memory leaves no room
+``FUSED_RNN_CUDA_MAX_GROUPS``, default 8, 1 turns it off), but never at the cost of the stage
+below: fewer groups run where the most would leave it no room. Where shared memory leaves no room
 for groups, K parts cut the same reads: teams of 2-8 blocks share one slice of units, each
 multiplying 1/P of the exchange buffer's columns, and add their fp32 partial sums after one more
 grid sync per step (``FUSED_RNN_CUDA_K_PARTS``: ``auto`` by a byte model in ``plan.h``, or a

@@ -211,10 +211,11 @@ def choose_stage_k(base: Plan, math: int, stage_rows: int, smem_limit: int,
     return min(k, base.k_part, max_stage_k // K_K_PAD * K_K_PAD)
 
 
-def select_plan(cell: int, is_16bit: bool, allow_tf32: bool, hidden: int, backward: bool,
-                max_blocks: int, smem_limit: int, batch_pad: int, max_groups: int,
-                max_stage_k: int, k_parts: int = 1) -> tuple[int, Plan]:
-    """(math, plan) as plan.h select_plan chooses them."""
+def select_plan_groups(cell: int, is_16bit: bool, allow_tf32: bool, hidden: int,
+                       backward: bool, max_blocks: int, smem_limit: int, batch_pad: int,
+                       max_groups: int, max_stage_k: int, k_parts: int) -> tuple[int, Plan]:
+    """(math, plan) with at most max_groups batch groups, each choice in turn (plan.h
+    select_plan_groups)."""
     math = choose_math(is_16bit, allow_tf32, cell, hidden, backward, max_blocks, smem_limit)
     groups = choose_groups(cell, math, hidden, backward, max_blocks, smem_limit, batch_pad,
                            max_groups)
@@ -225,6 +226,33 @@ def select_plan(cell: int, is_16bit: bool, allow_tf32: bool, hidden: int, backwa
     stage_k = choose_stage_k(base, math, rows, smem_limit, max_stage_k)
     return math, make_plan(cell, math, hidden, backward, max_blocks, groups, rows, stage_k,
                            parts)
+
+
+K_MAX_STAGE_SLICES = 3
+
+
+def well_staged(p: Plan) -> bool:
+    """The stage takes the block's K part in at most K_MAX_STAGE_SLICES slices (plan.h)."""
+    return p.stage_k > 0 and K_MAX_STAGE_SLICES * p.stage_k >= p.k_part
+
+
+def select_plan(cell: int, is_16bit: bool, allow_tf32: bool, hidden: int, backward: bool,
+                max_blocks: int, smem_limit: int, batch_pad: int, max_groups: int,
+                max_stage_k: int, k_parts: int = 1) -> tuple[int, Plan]:
+    """(math, plan) as plan.h select_plan chooses them: the most batch groups, unless that
+    leaves no room for a stage of X of at most K_MAX_STAGE_SLICES slices a chunk while fewer
+    groups would have one (and max_stage_k allows a full stage): then the most groups that
+    do."""
+    most = select_plan_groups(cell, is_16bit, allow_tf32, hidden, backward, max_blocks,
+                              smem_limit, batch_pad, max_groups, max_stage_k, k_parts)
+    if well_staged(most[1]) or max_stage_k < most[1].k_part:
+        return most
+    for g in range(most[1].groups - 1, 0, -1):
+        s = select_plan_groups(cell, is_16bit, allow_tf32, hidden, backward, max_blocks,
+                               smem_limit, batch_pad, g, max_stage_k, k_parts)
+        if s[1].groups == g and well_staged(s[1]):
+            return s
+    return most
 
 
 def select_plan_capped(cell: int, is_16bit: bool, allow_tf32: bool, hidden: int,
