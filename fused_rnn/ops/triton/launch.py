@@ -425,7 +425,7 @@ def layer_backward(
             m = gates[..., 3 * H:] * torch.tanh(state)
             dw_hr = dhnew.view(T * B, P).t() @ m.view(T * B, H)
     db_ih = dg2.sum(0)
-    db_hh = dgh2.sum(0)
+    db_hh = db_ih.clone() if dgh2 is dg2 else dgh2.sum(0)  # one read of dg outside GRU
 
     def out(grad, like):
         return _empty0(x) if like is None else grad.to(like.dtype)
