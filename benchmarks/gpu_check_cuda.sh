@@ -4,7 +4,8 @@
 #   build:      build (or load) the extension once, so later steps do not race to build it;
 #   gpu_tests:  tests/cuda/test_cuda_gpu.py without the slow integration tests;
 #   memcheck, racecheck, synccheck: compute-sanitizer on a small workload (sanitize_cuda.py);
-#   phases:     phase timings (benchmarks/profile_cuda.py);
+#   phases:     phase timings (benchmarks/profile_cuda.py), then the layer's time kernel by kernel
+#               (benchmarks/time_split.py);
 #   microbench: the step primitives alone (benchmarks/microbench.cu);
 #   slow_tests: test_cuda_gpu.py's slow integration tests (torch.compile, DDP, AMP training);
 #   ncu:        Nsight Compute on the persistent kernels of LSTM fp32 at S1, S4, S3 (not in
@@ -227,6 +228,13 @@ if wants phases && ! skip_if_kernels_unusable phases; then
   step phases 75 "$PYTHON" benchmarks/profile_cuda.py --dtypes fp32,bf16 ${VARIANTS[@]+"${VARIANTS[@]}"} \
     --time-budget "$(frnn_inner_budget 75 15)"
   grep '^| ' "$LOG_DIR/cuda_phases.log" 2>/dev/null || true
+  # Then the whole layer, ours and torch.nn's, kernel by kernel (benchmarks/time_split.py, a
+  # few seconds): how much of a fwd+bwd the recurrent kernels are, and what the rest is (the
+  # time-parallel GEMMs, conversions, sums), on S1-S6 in fp32 and bf16. Its table goes to
+  # benchmarks/results/<date>-<gpu>-split.md.
+  step split 40 "$PYTHON" benchmarks/time_split.py --dtypes fp32,bf16 \
+    --time-budget "$(frnn_inner_budget 40 10)"
+  grep '^| ' "$LOG_DIR/cuda_split.log" 2>/dev/null || true
 fi
 
 # The step primitives alone (benchmarks/microbench.cu, ~40 s with its build): grid.sync,

@@ -244,6 +244,7 @@ def test_a_failed_build_drops_cuda_and_its_later_steps(tmp_path):
     for c in calls:
         assert "test_cuda_gpu.py" not in c and "sanitize_cuda" not in c, c
         assert "profile_cuda" not in c and "compute-sanitizer" not in c, c
+        assert "time_split" not in c, c
     (charlm,) = [c for c in calls if "fused_rnn.cli bench" in c]
     assert "--backends triton " in charlm, charlm
     assert {"gpu_check.log", "bench.log", "cuda_build.log"} <= _tar_names(out)
@@ -265,6 +266,9 @@ def test_a_hung_cluster_test_keeps_every_later_step_off_clusters(tmp_path):
     # 3. later steps: FRNN_NO_CLUSTERS=1, no cluster variants in the phase timings
     assert "FRNN_NO_CLUSTERS=1" in phases and "--variants cuda-tb1,cuda-pb1 " in phases, phases
     assert "cuda-cl" not in phases and "cuda-tc" not in phases, phases
+    (split,) = [c for c in calls if "benchmarks/time_split.py" in c]  # right after the phases
+    assert calls.index(split) == calls.index(phases) + 1, calls
+    assert "--dtypes fp32,bf16 --time-budget " in split, split
     assert "FRNN_NO_CLUSTERS=1" in charlm and "--backends cuda,triton " in charlm, charlm
     sanitizer = [c for c in calls if c.startswith("compute-sanitizer")]
     assert [c.split()[2] for c in sanitizer] == ["memcheck", "racecheck", "synccheck"], sanitizer
@@ -290,7 +294,7 @@ def test_a_hang_outside_parts_and_clusters_leaves_cuda_out_of_the_bench(tmp_path
     assert "FRNN_GPU_TESTS=timed out: tests/cuda/test_cuda_gpu.py::test_matches_reference" in bench
     for c in calls:
         assert "sanitize_cuda" not in c and "profile_cuda" not in c, c
-        assert not c.startswith("compute-sanitizer"), c
+        assert "time_split" not in c and not c.startswith("compute-sanitizer"), c
     assert "hung or crashed; the bench leaves out cuda" in log
 
 
@@ -304,7 +308,7 @@ def test_run_alone_the_cuda_script_skips_what_would_load_kernels_that_hung(tmp_p
     assert "hung or crashed; the bench leaves out cuda" in log, log[-3000:]
     for c in calls:
         assert "sanitize_cuda" not in c and "profile_cuda" not in c, c
-        assert not c.startswith("compute-sanitizer"), c
+        assert "time_split" not in c and not c.startswith("compute-sanitizer"), c
         assert "-k compile or ddp or amp or training" not in c, c
     for name in ("compute-sanitizer", "phases", "slow_tests"):
         assert f"cuda: {name} SKIPPED (a GPU test hung or crashed" in log, (name, log[-3000:])
@@ -527,6 +531,107 @@ def test_phase_timings_leave_cluster_variants_out_when_told(profile_cuda, monkey
                               "--time-budget", "30", "--out-dir", str(tmp_path)],
                              start=time.monotonic() - 60) == 1
     assert "Skipped after the time budget (30 s): LSTM-S5-bf16" in md.read_text()
+
+
+
+# ------------------------------------------------------------------------- time_split.py
+@pytest.fixture
+def time_split():
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        import time_split as mod
+    finally:
+        sys.path.pop(0)
+    return mod
+
+
+def test_time_split_names_each_kernel_kind(time_split):
+    """Kernel names as the profiler gives them (ours are templates; cuBLAS's differ by
+    library version; cuDNN's hold RNN/LSTM/elemWise): ours first, GEMMs before cuDNN's RNN
+    kernels (a cuDNN GEMM is a GEMM), torch's pointwise and copy kernels together."""
+    names = {
+        "void fused_rnn::rnn_forward_kernel<(fused_rnn::Cell)0, __nv_bfloat16, "
+        "(fused_rnn::Math)0>(fused_rnn::FwdParams)": "recurrent",
+        "void fused_rnn::rnn_backward_kernel<(fused_rnn::Cell)1, float, (fused_rnn::Math)1>"
+        "(fused_rnn::BwdParams)": "recurrent",
+        "sm90_xmma_gemm_f32f32_tf32f32_f32_tn_n_tilesize128x128x32_warpgroupsize1x1x1":
+            "gemm",
+        "nvjet_tst_128x256_64x4_2x1_v_bz_coopA_TNT": "gemm",
+        "cutlass_80_tensorop_s1688gemm_128x128_32x3_nn_align4": "gemm",
+        "void RNN_blockPersist_fp_LSTM<__half, __half, float, 128, true>(...)": "cudnn rnn",
+        "void elemWiseRNNcell<float, float, float, (cudnnRNNMode_t)2>(...)": "cudnn rnn",
+        "void at::native::reduce_kernel<512, 1, at::native::ReduceOp<float, "
+        "at::native::func_wrapper_t<float, at::native::sum_functor>>>": "reduce",
+        "void at::native::vectorized_elementwise_kernel<4, at::native::direct_copy_kernel_cuda"
+        "(at::TensorIteratorBase&)::{lambda()#3}>": "elementwise",
+        "void at::native::(anonymous namespace)::CatArrayBatchedCopy<float, unsigned int, 3, "
+        "128, 1>": "elementwise",
+        "Memset (Device)": "elementwise",
+        "Memcpy DtoD (Device -> Device)": "elementwise",
+        "void some_other_kernel<int>()": "other",
+    }
+    assert {n: time_split.classify(n) for n in names} == names
+    by_cat, top = time_split.split([("nvjet_a", 300.0), ("Memset (Device)", 5.0),
+                                    ("nvjet_a", 100.0), ("void x()", 1.0),
+                                    ("void fused_rnn::rnn_forward_kernel<>()", 900.0)])
+    assert by_cat == {"recurrent": 0.9, "gemm": 0.4, "cudnn rnn": 0.0, "reduce": 0.0,
+                      "elementwise": 0.005, "other": 0.001}
+    assert [(n, k) for n, _, k in top] == [("void fused_rnn::rnn_forward_kernel<>()", 1),
+                                           ("nvjet_a", 2), ("Memset (Device)", 1),
+                                           ("void x()", 1)]
+
+
+def test_time_split_rows_and_a_kill(time_split, monkeypatch, tmp_path):
+    """One row per (cell, shape, dtype, backend), the categories and the time no kernel ran
+    (wall less the kernels); the table is on disk after each configuration, naming the one a
+    killed run was on."""
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(time_split, "environment", lambda device, args: {"gpu": "Fake GPU 1"})
+    calls = []
+
+    def measure(mode, B, T, H, dtype_name, backend, device):
+        calls.append((mode, B, dtype_name, backend))
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        by_cat, top = time_split.split([("void fused_rnn::rnn_backward_kernel<>()", 2000.0),
+                                        ("nvjet_b", 500.0)])
+        return {"wall": 3.0, "split": by_cat, "top": top}
+
+    monkeypatch.setattr(time_split, "measure", measure)
+    with pytest.raises(KeyboardInterrupt):
+        time_split.main(["--modes", "GRU", "--shapes", "S4", "--dtypes", "bf16,fp32",
+                         "--out-dir", str(tmp_path)])
+    assert calls == [("GRU", 256, "bf16", "cuda"), ("GRU", 256, "bf16", "cudnn"),
+                     ("GRU", 256, "fp32", "cuda")]
+    (md,) = tmp_path.glob("*-Fake-GPU-1-split.md")
+    text = md.read_text()
+    assert "| GRU | S4 256x128x1024 | bf16 | cuda | 3.000 | 2.000 | 0.500 | 0.000 | 0.000 | " \
+           "0.000 | 0.000 | 0.500 | void fused_rnn::rnn_backward_kernel<>() 2.000 (1); " \
+           "nvjet_b 0.500 (1) |" in text, text
+    assert text.count("| GRU | S4") == 2
+    assert "**Incomplete**: 2 of 4 configurations done" in text and "GRU-S4-fp32-cuda" in text
+    assert not list(tmp_path.glob("*.tmp"))
+
+
+def test_time_split_runs_on_cudasim(tmp_path):
+    """The script end to end on the CPU stand-in (what a GPU run does, but the profiler sees
+    CPU ops): every configuration gets a row, none fails."""
+    sys.path.insert(0, str(ROOT / "tests" / "cuda"))
+    try:
+        from simulate import unavailable_reason
+    finally:
+        sys.path.pop(0)
+    if unavailable_reason():
+        pytest.skip(f"cudasim unavailable: {unavailable_reason()}")
+    r = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "time_split.py"), "--sim",
+                        "--shapes", "D1,D3", "--out-dir", str(tmp_path)],
+                       capture_output=True, text=True, timeout=600, check=False)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    (md,) = tmp_path.glob("*-cpu-sim-split.md")
+    text = md.read_text()
+    assert text.count(" | cuda | ") == 8 and "Failed" not in text and "cudnn |" not in text
 
 
 FAKE_NCU = "#!/bin/bash\necho \"ncu $*\" >> \"$FAKE_CALLS\"\n"
