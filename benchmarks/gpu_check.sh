@@ -37,7 +37,8 @@
 #    same process; writes benchmarks/results/<date>-<gpu>.md and .csv (time-budgeted, so the
 #    script always finishes; its output also goes to bench.log in cuda_logs.tar.gz);
 # 3. with cuda: compute-sanitizer memcheck (at most 90 s), then the kernels' phase timings
-#    (profile_cuda.py, at most 75 s);
+#    (profile_cuda.py, at most 75 s) and the layer's time by kind of kernel (time_split.py,
+#    at most 40 s);
 # 4. the main job's benchmark (fused-rnn bench: char-LM truncated-BPTT training against
 #    torch.nn; fails if a backend's validation loss disagrees; only with 65 s left);
 # 5. with cuda: compute-sanitizer racecheck and synccheck on a small case (at most 60 s each),
