@@ -407,7 +407,7 @@ def _layer_backward_impl(
         dc_n = torch.zeros((B, H), **fcd) if dc_n is None else dc_n.to(cd).contiguous()
     if T == 0 or B == 0:
         dgx = torch.zeros((T, B, G * H), **fcd)
-        dgh = dgx
+        dghn = None
         dh0, dc0 = dh_n.clone(), (dc_n.clone() if is_lstm else None)
         hprev = y
     else:
@@ -439,21 +439,29 @@ def _layer_backward_impl(
             tile_block(),
             point_batch(),
         )
-        # GRU: the recurrent side of the n gate is r * dn (b_hn sits inside r * (.)).
-        dgh = torch.cat([dgx[..., : 2 * H], dghn], dim=-1) if mode == "GRU" else dgx
+    # The recurrent side's dgates are the input side's, but for GRU's n gate: r * dn (b_hn sits
+    # inside r * (.)), dghn. Its rows of dW_hh and db_hh come from dghn and the r, z rows from
+    # dgx, without copying both into one (T, B, 3H) fp32 tensor (403 MB at S4).
     dgx2 = dgx.reshape(T * B, G * H)
-    dgh2 = dgh.reshape(T * B, G * H)
+    dghn2 = dghn.reshape(T * B, H) if mode == "GRU" and dghn is not None else None
+    hprev2 = hprev.reshape(T * B, H).to(cd)
     with tf32_gemms(gemms_use_tf32(dtype, allow_tf32)):  # as the forward's projection
         dx = (dgx2 @ w_ih.to(cd)).reshape(T, B, I).to(dtype)
         dw_ih = (dgx2.t() @ x.reshape(T * B, I).to(cd)).to(w_ih.dtype)
-        dw_hh = (dgh2.t() @ hprev.reshape(T * B, H).to(cd)).to(w_hh.dtype)
-    # Absent inputs get distinct empty tensors: custom-op outputs may not alias each other.
-    # Outside GRU the two bias gradients are one sum over T*B rows of the (T, B, G*H) fp32
-    # dgates: read them once (at S3 that read is 134 MB) and copy the 4H result.
-    db_sum = dgx2.sum(0) if b_ih is not None or (b_hh is not None and dgh is dgx) else None
+        if dghn2 is None:
+            dw_hh = (dgx2.t() @ hprev2).to(w_hh.dtype)
+        else:
+            dw_hh = torch.cat([dgx2[:, : 2 * H].t() @ hprev2, dghn2.t() @ hprev2]).to(w_hh.dtype)
+    # Absent inputs get distinct empty tensors: custom-op outputs may not alias each other. The
+    # two bias gradients share one sum over the T*B rows of dgx (134 MB read at S3), copied.
+    db_sum = dgx2.sum(0) if b_ih is not None or b_hh is not None else None
     db_ih = x.new_empty((0,)) if b_ih is None else db_sum.to(b_ih.dtype)
-    db_hh = x.new_empty((0,)) if b_hh is None else (
-        db_sum.to(b_hh.dtype, copy=True) if dgh is dgx else dgh2.sum(0).to(b_hh.dtype))
+    if b_hh is None:
+        db_hh = x.new_empty((0,))
+    elif dghn2 is None:
+        db_hh = db_sum.to(b_hh.dtype, copy=True)
+    else:
+        db_hh = torch.cat([db_sum[: 2 * H], dghn2.sum(0)]).to(b_hh.dtype)
     dc0_out = dc0.to(c0.dtype) if (is_lstm and c0 is not None) else x.new_empty((0,))
     return dx, dh0.to(h0.dtype), dc0_out, dw_ih, dw_hh, db_ih, db_hh
 

@@ -414,18 +414,24 @@ def layer_backward(
         dh0, dc0 = dh, dc
 
     # Time-parallel part: every step's dgates at once.
+    # GRU's n gate: its rows of dW_hh and db_hh come from dghn, the r and z rows from dg,
+    # without copying both into one (T, B, 3H) tensor.
     dg2 = dg.view(T * B, G * H)
-    dgh2 = dg2 if not is_gru else torch.cat([dg[..., : 2 * H], dghn], dim=-1).view(T * B, G * H)
+    dghn2 = dghn.view(T * B, H) if is_gru else None
+    hprev2 = hprev.view(T * B, P).float()
     with _gemm_tf32(dtype):
         dx = (dg2 @ w_ih.float()).view(T, B, I)
         dw_ih = dg2.t() @ x.reshape(T * B, I).float()
-        dw_hh = dgh2.t() @ hprev.view(T * B, P).float()
+        if dghn2 is None:
+            dw_hh = dg2.t() @ hprev2
+        else:
+            dw_hh = torch.cat([dg2[:, : 2 * H].t() @ hprev2, dghn2.t() @ hprev2])
         if proj:
             # m_t = o_t * tanh(c_t), recomputed time-parallel from what the forward saved.
             m = gates[..., 3 * H:] * torch.tanh(state)
             dw_hr = dhnew.view(T * B, P).t() @ m.view(T * B, H)
-    db_ih = dg2.sum(0)
-    db_hh = db_ih.clone() if dgh2 is dg2 else dgh2.sum(0)  # one read of dg outside GRU
+    db_ih = dg2.sum(0)  # one read of dg for both bias gradients
+    db_hh = db_ih.clone() if dghn2 is None else torch.cat([db_ih[: 2 * H], dghn2.sum(0)])
 
     def out(grad, like):
         return _empty0(x) if like is None else grad.to(like.dtype)
