@@ -139,6 +139,17 @@ def _write(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
+def table_lines(columns, rows, failed, skipped, budget: float) -> list[str]:
+    """A markdown table of rows, then what failed and what the time budget left out."""
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(r) + " |" for r in rows]
+    if failed:
+        lines += ["", "Failed:", *[f"- {f}" for f in failed]]
+    if skipped:
+        lines += ["", f"Skipped after the time budget ({budget:.0f} s): " + ", ".join(skipped)]
+    return lines
+
+
 def _render(args, env: dict, rows, failed, skipped, left_out, running=None) -> str:
     """The phases table; running: (what, done, total) while a configuration is under way."""
     lines = [f"# CUDA kernel phases, {env['gpu']}", ""]
@@ -163,26 +174,20 @@ def _render(args, env: dict, rows, failed, skipped, left_out, running=None) -> s
         lines += [f"**Incomplete**: {done} of {total} configurations done; this file was written "
                   f"before {what} started and the run did not finish (killed at its caller's "
                   "timeout, or stuck in that configuration).", ""]
-    lines += ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
-    lines += ["| " + " | ".join(r) + " |" for r in rows]
-    if failed:
-        lines += ["", "Failed:", *[f"- {f}" for f in failed]]
-    if skipped:
-        lines += ["", f"Skipped after the time budget ({args.time_budget:.0f} s): "
-                  + ", ".join(skipped)]
+    lines += table_lines(COLUMNS, rows, failed, skipped, args.time_budget)
     if left_out:
         lines += ["", "Left out (FRNN_NO_CLUSTERS=1: the cluster-mode GPU tests failed or hung): "
                   + ", ".join(left_out)]
     return "\n".join(lines) + "\n"
 
 
-def main(argv=None, start: float | None = None) -> int:
-    """start: time.monotonic() the --time-budget counts from (default: now)."""
-    args = parse_args(argv)
-    start = time.monotonic() if start is None else start
+def open_device(sim: bool) -> str | None:
+    """Where a table runs: "cuda", or with ``sim`` "cpu" with cudasim installed as the
+    extension (for good: the process ends with the table); None, after saying why, where that
+    is not available. Shared with time_split.py."""
     import torch
 
-    if args.sim:
+    if sim:
         import pytest
 
         sys.path.insert(0, str(ROOT / "tests" / "cuda"))
@@ -191,15 +196,37 @@ def main(argv=None, start: float | None = None) -> int:
 
         if unavailable_reason():
             print(f"cudasim unavailable: {unavailable_reason()}")
-            return 1
-        patch = pytest.MonkeyPatch()
-        install_standin(patch, Simulator(sms=4))
-        device = "cpu"
-    else:
-        if not torch.cuda.is_available():
-            print("no GPU: use --sim to check the script on the CPU")
-            return 1
-        device = "cuda"
+            return None
+        install_standin(pytest.MonkeyPatch(), Simulator(sms=4))
+        return "cpu"
+    if not torch.cuda.is_available():
+        print("no GPU: use --sim to check the script on the CPU")
+        return None
+    return "cuda"
+
+
+def table_path(args, env_info: dict, kind: str) -> Path:
+    """``<out-dir>/<date>-<gpu>-<kind>.md`` (out-dir made if missing)."""
+    args.out_dir.mkdir(parents=True, exist_ok=True)
+    gpu = "cpu-sim" if args.sim else re.sub(r"[^A-Za-z0-9]+", "-", env_info["gpu"]).strip("-")
+    return args.out_dir / f"{dt.date.today().isoformat()}-{gpu}-{kind}.md"
+
+
+def finish(path: Path, text: str, ok: bool) -> int:
+    """Writes the final table, prints it and where it went; the exit status (1 unless ok)."""
+    _write(path, text)
+    print(text)
+    print(f"wrote {path}")
+    return 0 if ok else 1
+
+
+def main(argv=None, start: float | None = None) -> int:
+    """start: time.monotonic() the --time-budget counts from (default: now)."""
+    args = parse_args(argv)
+    start = time.monotonic() if start is None else start
+    device = open_device(args.sim)
+    if device is None:
+        return 1
     rows, failed, skipped, left_out = [], [], [], []
     variants = args.variants
     if os.environ.get("FRNN_NO_CLUSTERS") == "1":
@@ -214,9 +241,7 @@ def main(argv=None, start: float | None = None) -> int:
                for run, env, shapes in runs for mode in args.modes for shape in shapes
                for dtype_name in args.dtypes]
     env_info = environment(device, argparse.Namespace())
-    args.out_dir.mkdir(parents=True, exist_ok=True)
-    gpu = "cpu-sim" if args.sim else re.sub(r"[^A-Za-z0-9]+", "-", env_info["gpu"]).strip("-")
-    path = args.out_dir / f"{dt.date.today().isoformat()}-{gpu}-phases.md"
+    path = table_path(args, env_info, "phases")
     for i, (run, env, mode, shape, dtype_name) in enumerate(configs):
         label = "" if run == "cuda" else f"{run}-"
         what = f"{label}{mode}-{shape}-{dtype_name}"
@@ -233,11 +258,8 @@ def main(argv=None, start: float | None = None) -> int:
                     rows.append(_row(mode, f"{shape} {B}x{T}x{H}", dtype_name, s, plans, run))
             except Exception as e:  # keep going: one failure must not cost the rest
                 failed.append(f"{what}: {type(e).__name__}: {e}"[:300])
-    text = _render(args, env_info, rows, failed, skipped, left_out)
-    _write(path, text)
-    print(text)
-    print(f"wrote {path}")
-    return 1 if failed or skipped or not rows else 0
+    return finish(path, _render(args, env_info, rows, failed, skipped, left_out),
+                  ok=bool(rows) and not failed and not skipped)
 
 
 if __name__ == "__main__":

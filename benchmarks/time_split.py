@@ -28,7 +28,6 @@ import time
 _T0 = time.monotonic()  # --time-budget counts from here: the imports are part of the run
 
 import argparse
-import datetime as dt
 import re
 import statistics
 import sys
@@ -37,7 +36,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_gpu import DRY_SHAPES, DTYPE_NAMES, SHAPES, environment
-from profile_cuda import _write
+from profile_cuda import _write, finish, open_device, table_lines, table_path
 
 # (category, pattern on the kernel's name), first match wins. Ours first: our kernels' names
 # hold "rnn", as cuDNN's do. GEMM names differ by library and GPU (cuBLAS sm90_xmma_*,
@@ -171,13 +170,7 @@ def _render(args, env: dict, rows, failed, skipped, running=None) -> str:
         what, done, total = running
         lines += [(f"**Incomplete**: {done} of {total} configurations done; this file was "
                    f"written before {what} started and the run did not finish."), ""]
-    lines += ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
-    lines += ["| " + " | ".join(r) + " |" for r in rows]
-    if failed:
-        lines += ["", "Failed:", *[f"- {f}" for f in failed]]
-    if skipped:
-        lines += ["", f"Skipped after the time budget ({args.time_budget:.0f} s): "
-                  + ", ".join(skipped)]
+    lines += table_lines(COLUMNS, rows, failed, skipped, args.time_budget)
     return "\n".join(lines) + "\n"
 
 
@@ -219,32 +212,14 @@ def main(argv=None, start: float | None = None) -> int:
     """start: time.monotonic() the --time-budget counts from (default: now)."""
     args = parse_args(argv)
     start = time.monotonic() if start is None else start
-    import torch
-
-    if args.sim:
-        import pytest
-
-        sys.path.insert(0, str(ROOT / "tests" / "cuda"))
-        from cases import install_standin
-        from simulate import Simulator, unavailable_reason
-
-        if unavailable_reason():
-            print(f"cudasim unavailable: {unavailable_reason()}")
-            return 1
-        install_standin(pytest.MonkeyPatch(), Simulator(sms=4))
-        device = "cpu"
-    else:
-        if not torch.cuda.is_available():
-            print("no GPU: use --sim to check the script on the CPU")
-            return 1
-        device = "cuda"
+    device = open_device(args.sim)
+    if device is None:
+        return 1
     configs = [(mode, shape, dtype_name, backend) for mode in args.modes
                for shape in args.shapes for dtype_name in args.dtypes
                for backend in args.backends]
     env_info = environment(device, argparse.Namespace())
-    args.out_dir.mkdir(parents=True, exist_ok=True)
-    gpu = "cpu-sim" if args.sim else re.sub(r"[^A-Za-z0-9]+", "-", env_info["gpu"]).strip("-")
-    path = args.out_dir / f"{dt.date.today().isoformat()}-{gpu}-split.md"
+    path = table_path(args, env_info, "split")
     rows, failed, skipped = [], [], []
     for i, (mode, shape, dtype_name, backend) in enumerate(configs):
         what = f"{mode}-{shape}-{dtype_name}-{backend}"
@@ -259,11 +234,8 @@ def main(argv=None, start: float | None = None) -> int:
             rows.append(_row(mode, f"{shape} {B}x{T}x{H}", dtype_name, backend, m))
         except Exception as e:  # noqa: BLE001 (one failure must not cost the rest)
             failed.append(f"{what}: {type(e).__name__}: {e}"[:300])
-    text = _render(args, env_info, rows, failed, skipped)
-    _write(path, text)
-    print(text)
-    print(f"wrote {path}")
-    return 1 if failed or skipped or not rows else 0
+    return finish(path, _render(args, env_info, rows, failed, skipped),
+                  ok=bool(rows) and not failed and not skipped)
 
 
 if __name__ == "__main__":
