@@ -68,10 +68,16 @@ def kernels(request, monkeypatch, no_tf32):
     return backend
 
 
+# Seed 4442 (held out, then failed on both kernel backends): an LSTMCell of size 1 whose dh0
+# is four dgates cancelling to 1/100 of their size. The kernels round those dgates to the dtype
+# where they meet W_hh; the reference now does too (reference._RecurrentLinear), so its own
+# error, which the bound doubles, includes that rounding.
 @pytest.mark.parametrize("dtype,seeds,autocast", [("bfloat16", range(300, 315), False),
                                                   ("float16", range(400, 405), False),
-                                                  ("bfloat16", range(500, 510), True)],
-                         ids=["bf16", "fp16", "amp-bf16"])
+                                                  ("bfloat16", range(500, 510), True),
+                                                  ("bfloat16", (4442,), False),
+                                                  ("float16", (4442,), False)],
+                         ids=["bf16", "fp16", "amp-bf16", "bf16-cancelling", "fp16-cancelling"])
 @pytest.mark.parametrize("kernels", ["triton", "cuda"], indirect=True)
 def test_random_configuration_in_16_bits_is_as_accurate_as_the_reference(kernels, dtype, seeds,
                                                                          autocast):

@@ -179,6 +179,47 @@ def test_low_precision_is_fp32_math_rounded_once_a_step(mode, dtype):
         assert torch.equal(c_n, c.to(dtype))
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("cell", [False, True], ids=["layer", "cell"])
+def test_low_precision_backward_rounds_the_dgates_that_meet_w_hh(mode, dtype, cell):
+    """The backward half of the contract, exactly: the gradient of h W_hh^T + b_hh reaches the
+    gradient of h rounded to the dtype (the recurrent matmul's operand on tensor cores), and
+    dW_hh and db_hh unrounded. Checked on one step against the fp32 computation written out:
+    dh0 = bf16(dgh) @ W_hh, dW_hh = dgh^T h0, db_hh = sum(dgh). Where dgh cancels (api_fuzz
+    seed 4442: an LSTMCell of size 1, four dgates summing to 1/100 of their size) the rounding
+    before the sum is most of a 16-bit kernel's error in dh0, so the reference must make it."""
+    inp = {k: (None if v is None else v.detach().to(dtype))
+           for k, v in _layer_inputs(mode, B=3, T=1, I=5, H=8).items()}
+    leaves = {k: (None if v is None else v.clone().requires_grad_()) for k, v in inp.items()}
+    cot = torch.randn(3, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    cot = cot.to(dtype)
+    if cell:
+        h, _ = reference.rnn_cell(mode, leaves["x"][0], leaves["h0"], leaves["c0"],
+                                  leaves["w_ih"], leaves["w_hh"], leaves["b_ih"], leaves["b_hh"])
+    else:
+        h = reference.rnn_layer(mode, **leaves)[1]
+    h.backward(cot)
+    # The same step in fp32 with autograd stopped at gh: its gradient is dgh.
+    f32 = {k: (None if v is None else v.float()) for k, v in inp.items()}
+    gh = torch.nn.functional.linear(f32["h0"], f32["w_hh"], f32["b_hh"]).requires_grad_()
+    gx = torch.nn.functional.linear(f32["x"][0], f32["w_ih"], f32["b_ih"])
+    h32, _ = reference.cell_update(mode, gx, gh, f32["h0"], f32["c0"])
+    (dgh,) = torch.autograd.grad(h32.to(dtype).float(), gh, cot.float())
+    if mode != "RNN_RELU":  # relu' is 0 or 1: its dgh is the rounded cotangent, exact
+        assert dgh.to(dtype).float().ne(dgh).any(), "the rounding must matter here"
+    # dh0 also gets the pointwise path (GRU's z * h); the matmul's share is what differs.
+    direct = torch.autograd.grad(reference.cell_update(mode, gx, gh.detach(), f32["h0"]
+                                                       .requires_grad_(), f32["c0"])[0]
+                                 .to(dtype).float(), f32["h0"], cot.float(),
+                                 allow_unused=True)[0] if mode == "GRU" else 0
+    want_dh0 = (dgh.to(dtype).float() @ f32["w_hh"] + direct).to(dtype)
+    torch.testing.assert_close(leaves["h0"].grad, want_dh0, rtol=0, atol=0)
+    torch.testing.assert_close(leaves["w_hh"].grad, (dgh.t() @ f32["h0"]).to(dtype),
+                               rtol=0, atol=0)
+    torch.testing.assert_close(leaves["b_hh"].grad, dgh.sum(0).to(dtype), rtol=0, atol=0)
+
+
 def test_empty_sequence():
     inp = {k: (None if v is None else v.detach()) for k, v in _layer_inputs("GRU", T=0).items()}
     y, h, _ = reference.rnn_layer("GRU", **inp)

@@ -15,6 +15,10 @@ Precision contract (the one every kernel implements):
   output ``y_t`` and the operand of the next recurrent matmul, as on tensor cores), then
   promoted again for the matmul, so low-precision results only differ from a kernel by
   accumulation order;
+* in backward the same holds for the other operand of that matmul: the gradient of
+  ``h W_hh^T + b_hh`` meets W_hh (for the gradient of h) rounded to the input dtype, while
+  dW_hh and db_hh take it unrounded (time-parallel fp32 GEMMs) -- :class:`_RecurrentLinear`.
+  In fp32 and fp64 that rounding is the identity;
 * outputs are cast back to the input dtype.
 
 Variable lengths (packed sequences) are expressed as ``lengths`` (B,): at step t a row with
@@ -75,6 +79,44 @@ def _cast(t: Tensor | None, dtype: torch.dtype) -> Tensor | None:
     return None if t is None else t.to(dtype)
 
 
+class _RecurrentLinear(torch.autograd.Function):
+    """``h W_hh^T + b_hh`` in the compute dtype, differentiated as a 16-bit kernel does it:
+    the incoming gradient (the recurrent side's dgates) is W_hh's partner in the matmul that
+    gives the gradient of h, so on tensor cores it is rounded to the storage dtype first; the
+    weight and bias gradients sum it unrounded. Where the dgates cancel (a few terms summing to
+    much less than their size) that rounding, not the one of dh after the sum, is most of a
+    kernel's error, and the reference has to make it for its own error to be the kernel's."""
+
+    @staticmethod
+    def forward(h: Tensor, w: Tensor, b: Tensor | None, storage: torch.dtype) -> Tensor:
+        return F.linear(h, w, b)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output) -> None:
+        h, w, b, storage = inputs
+        ctx.save_for_backward(h, w)
+        ctx.storage, ctx.has_bias = storage, b is not None
+
+    @staticmethod
+    def backward(ctx, dg: Tensor):
+        h, w = ctx.saved_tensors
+        dh = dw = db = None
+        if ctx.needs_input_grad[0]:
+            dh = dg.to(ctx.storage).to(dg.dtype) @ w
+        if ctx.needs_input_grad[1]:
+            dw = dg.t() @ h
+        if ctx.has_bias and ctx.needs_input_grad[2]:
+            db = dg.sum(0)
+        return dh, dw, db, None
+
+
+def _recurrent_linear(h: Tensor, w: Tensor, b: Tensor | None, storage: torch.dtype) -> Tensor:
+    """gh = h W_hh^T + b_hh; 16-bit storage differentiates as :class:`_RecurrentLinear`."""
+    if storage in (torch.float16, torch.bfloat16):
+        return _RecurrentLinear.apply(h, w, b, storage)
+    return F.linear(h, w, b)
+
+
 def rnn_layer(
     mode: str,
     x: Tensor,
@@ -122,7 +164,7 @@ def rnn_layer(
             # NaN (torch.nn does not compute those rows at all).
             h_in = torch.where(mask_all[t], h, torch.zeros_like(h))
             c_in = None if c is None else torch.where(mask_all[t], c, torch.zeros_like(c))
-        gh = F.linear(h_in, w_hh_c, b_hh_c)
+        gh = _recurrent_linear(h_in, w_hh_c, b_hh_c, dtype)
         h_new, c_new = cell_update(mode, gx_all[t], gh, h_in, c_in)
         if w_hr_c is not None:
             h_new = F.linear(h_new, w_hr_c)
@@ -159,6 +201,6 @@ def rnn_cell(
     cd = compute_dtype(dtype)
     hc = h.to(cd)
     gx = F.linear(x.to(cd), w_ih.to(cd), _cast(b_ih, cd))
-    gh = F.linear(hc, w_hh.to(cd), _cast(b_hh, cd))
+    gh = _recurrent_linear(hc, w_hh.to(cd), _cast(b_hh, cd), dtype)
     h_new, c_new = cell_update(mode, gx, gh, hc, _cast(c, cd))
     return h_new.to(dtype), _cast(c_new, dtype)
