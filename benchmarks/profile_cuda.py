@@ -50,35 +50,34 @@ COLUMNS = ("cell", "shape", "dtype", "pass", "blocks", "plan", "copy", "mma", "m
            "epilogue", "epi own", "sync", "sync min", "parts", "load", "kernel", "GHz", "run")
 
 
-def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def table_parser(description: str, dtypes: str) -> argparse.ArgumentParser:
+    """The options every table script here takes: --modes, --dtypes, --shapes, --sim,
+    --time-budget, --out-dir (finish_args checks and completes them)."""
+    p = argparse.ArgumentParser(description=description)
     p.add_argument("--modes", default="LSTM,GRU")
-    p.add_argument("--dtypes", default="fp32,bf16,fp16")
+    p.add_argument("--dtypes", default=dtypes)
     p.add_argument("--shapes", default=None, help="comma-separated names (default: all)")
     p.add_argument("--sim", action="store_true", help="cudasim on the CPU, tiny shapes")
-    p.add_argument("--variants", default="",
-                   help="comma-separated bench_gpu.py variants (e.g. cuda-cl8) also timed, after "
-                        "cuda, on --variant-shapes; their rows name them in the run column")
-    p.add_argument("--variant-shapes", default=None,
-                   help="comma-separated shapes for --variants (default: --shapes)")
     p.add_argument("--time-budget", type=float, default=float("inf"),
                    help="seconds after which no new configuration is started (the rest are "
                         "listed as skipped and the exit status is 1), so that a caller's "
                         "timeout never costs the table")
     p.add_argument("--out-dir", default=None,
                    help="default benchmarks/results (--sim: a temp dir)")
-    args = p.parse_args(argv)
+    return p
+
+
+def finish_args(p: argparse.ArgumentParser, args: argparse.Namespace,
+                more=()) -> argparse.Namespace:
+    """table_parser's options as lists and paths, each name checked (and ``more``: (what,
+    given, allowed) triples of the script's own); an unknown one is the parser's error."""
     args.table = DRY_SHAPES if args.sim else SHAPES
     args.modes = args.modes.split(",")
     args.dtypes = args.dtypes.split(",")
     args.shapes = args.shapes.split(",") if args.shapes else list(args.table)
-    args.variants = [v for v in args.variants.split(",") if v]
-    args.variant_shapes = (args.variant_shapes.split(",") if args.variant_shapes
-                           else list(args.shapes))
     for name, got, allowed in (("mode", args.modes, ("LSTM", "GRU")),
                                ("dtype", args.dtypes, tuple(DTYPE_NAMES)),
-                               ("shape", args.shapes + args.variant_shapes, tuple(args.table)),
-                               ("variant", args.variants, tuple(VARIANTS))):
+                               ("shape", args.shapes, tuple(args.table)), *more):
         bad = [g for g in got if g not in allowed]
         if bad:
             p.error(f"unknown {name}(s) {bad}; choose from {', '.join(allowed)}")
@@ -87,6 +86,22 @@ def parse_args(argv=None) -> argparse.Namespace:
                         else ROOT / "benchmarks" / "results")
     args.out_dir = Path(args.out_dir)
     return args
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = table_parser(__doc__.split("\n\n")[0], "fp32,bf16,fp16")
+    p.add_argument("--variants", default="",
+                   help="comma-separated bench_gpu.py variants (e.g. cuda-cl8) also timed, after "
+                        "cuda, on --variant-shapes; their rows name them in the run column")
+    p.add_argument("--variant-shapes", default=None,
+                   help="comma-separated shapes for --variants (default: --shapes)")
+    args = p.parse_args(argv)
+    args.variants = [v for v in args.variants.split(",") if v]
+    table = DRY_SHAPES if args.sim else SHAPES
+    args.variant_shapes = (args.variant_shapes.split(",") if args.variant_shapes
+                           else (args.shapes.split(",") if args.shapes else list(table)))
+    return finish_args(p, args, (("variant shape", args.variant_shapes, tuple(table)),
+                                 ("variant", args.variants, tuple(VARIANTS))))
 
 
 def profile_one(mode: str, B: int, T: int, H: int, dtype_name: str, device: str) -> list[dict]:
@@ -220,11 +235,16 @@ def finish(path: Path, text: str, ok: bool) -> int:
     return 0 if ok else 1
 
 
+def begin(parse, argv, start: float | None):
+    """A table script's (args, start, device): its options, when --time-budget counts from
+    (``start``, default now) and open_device's answer (None: it said why; exit 1)."""
+    args = parse(argv)
+    return args, time.monotonic() if start is None else start, open_device(args.sim)
+
+
 def main(argv=None, start: float | None = None) -> int:
     """start: time.monotonic() the --time-budget counts from (default: now)."""
-    args = parse_args(argv)
-    start = time.monotonic() if start is None else start
-    device = open_device(args.sim)
+    args, start, device = begin(parse_args, argv, start)
     if device is None:
         return 1
     rows, failed, skipped, left_out = [], [], [], []

@@ -33,10 +33,17 @@ import statistics
 import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_gpu import DRY_SHAPES, DTYPE_NAMES, SHAPES, environment
-from profile_cuda import _write, finish, open_device, table_lines, table_path
+from bench_gpu import DTYPE_NAMES, environment
+from profile_cuda import (
+    _write,
+    begin,
+    finish,
+    finish_args,
+    table_lines,
+    table_parser,
+    table_path,
+)
 
 # (category, pattern on the kernel's name), first match wins. Ours first: our kernels' names
 # hold "rnn", as cuDNN's do. GEMM names differ by library and GPU (cuBLAS sm90_xmma_*,
@@ -175,44 +182,20 @@ def _render(args, env: dict, rows, failed, skipped, running=None) -> str:
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--modes", default="LSTM,GRU")
-    p.add_argument("--dtypes", default="fp32,bf16")
-    p.add_argument("--shapes", default=None, help="comma-separated names (default: all)")
+    p = table_parser(__doc__.split("\n\n")[0], "fp32,bf16")
     p.add_argument("--backends", default="cuda,cudnn",
                    help="cuda (ours) and/or cudnn (torch.nn); --sim: cuda only")
-    p.add_argument("--sim", action="store_true", help="cudasim on the CPU, tiny shapes")
-    p.add_argument("--time-budget", type=float, default=float("inf"),
-                   help="seconds after which no new configuration is started")
-    p.add_argument("--out-dir", default=None,
-                   help="default benchmarks/results (--sim: a temp dir)")
     args = p.parse_args(argv)
-    args.table = DRY_SHAPES if args.sim else SHAPES
-    args.modes = args.modes.split(",")
-    args.dtypes = args.dtypes.split(",")
-    args.shapes = args.shapes.split(",") if args.shapes else list(args.table)
     args.backends = args.backends.split(",")
-    for name, got, allowed in (("mode", args.modes, ("LSTM", "GRU")),
-                               ("dtype", args.dtypes, tuple(DTYPE_NAMES)),
-                               ("shape", args.shapes, tuple(args.table)),
-                               ("backend", args.backends, ("cuda", "cudnn"))):
-        bad = [g for g in got if g not in allowed]
-        if bad:
-            p.error(f"unknown {name}(s) {bad}; choose from {', '.join(allowed)}")
+    args = finish_args(p, args, (("backend", args.backends, ("cuda", "cudnn")),))
     if args.sim:
         args.backends = [b for b in args.backends if b == "cuda"]
-    if args.out_dir is None:
-        args.out_dir = (Path("/tmp/fused_rnn_profile_sim") if args.sim
-                        else ROOT / "benchmarks" / "results")
-    args.out_dir = Path(args.out_dir)
     return args
 
 
 def main(argv=None, start: float | None = None) -> int:
     """start: time.monotonic() the --time-budget counts from (default: now)."""
-    args = parse_args(argv)
-    start = time.monotonic() if start is None else start
-    device = open_device(args.sim)
+    args, start, device = begin(parse_args, argv, start)
     if device is None:
         return 1
     configs = [(mode, shape, dtype_name, backend) for mode in args.modes
