@@ -203,8 +203,8 @@ void check_counts(int64_t T, int64_t B) {
               ", B=", num(B));
 }
 
-// Forward over a chunk. xproj (T, B, G*H) fp32 = x W_ih^T + b_ih, overwritten with the
-// activations when `save`. Returns {y (T,B,H), h_n (B,H), c_n (B,H) or empty, aux (T,B,H) fp32
+// Forward over a chunk. xproj (T, B, G*H) fp32 = x W_ih^T + b_ih (or x W_ih^T alone, with b_ih
+// (G*H,) fp32 given: the kernel adds it), overwritten with the activations when `save`. Returns {y (T,B,H), h_n (B,H), c_n (B,H) or empty, aux (T,B,H) fp32
 // or empty} (aux: LSTM c_t, GRU W_hn h + b_hn; only when save).
 std::vector<at::Tensor> forward(int64_t mode, at::Tensor xproj, at::Tensor h0,
                                 c10::optional<at::Tensor> c0, at::Tensor w_hh,
@@ -214,7 +214,7 @@ std::vector<at::Tensor> forward(int64_t mode, at::Tensor xproj, at::Tensor h0,
                                 c10::optional<at::Tensor> prof, int64_t stage_copy,
                                 int64_t k_parts, int64_t max_blocks, int64_t cluster,
                                 bool team_clusters, bool dsmem, int64_t tile_block,
-                                int64_t point_batch) {
+                                int64_t point_batch, c10::optional<at::Tensor> b_ih) {
   const Cell cell = cell_of(mode);
   const int64_t G = fused_rnn::gates_of(cell);
   TORCH_CHECK(xproj.is_cuda(), "fused_rnn CUDA backend: inputs must be CUDA tensors, got ",
@@ -232,6 +232,7 @@ std::vector<at::Tensor> forward(int64_t mode, at::Tensor xproj, at::Tensor h0,
   check(h0, "h0", dev, st, {B, H});
   check(w_hh, "w_hh", dev, st, {G * H, H});
   if (b_hh.has_value() && b_hh->defined()) check(*b_hh, "b_hh", dev, at::kFloat, {G * H});
+  if (b_ih.has_value() && b_ih->defined()) check(*b_ih, "b_ih", dev, at::kFloat, {G * H});
   if (cell == Cell::kLSTM)
     check(required(c0, "c0", "for LSTM"), "c0", dev, st, {B, H});
   check_counts(T, B);
@@ -264,6 +265,7 @@ std::vector<at::Tensor> forward(int64_t mode, at::Tensor xproj, at::Tensor h0,
   p.save = save;
   p.w_hh = w_hh.data_ptr();
   p.b_hh = (b_hh.has_value() && b_hh->defined()) ? b_hh->data_ptr<float>() : nullptr;
+  p.b_ih = (b_ih.has_value() && b_ih->defined()) ? b_ih->data_ptr<float>() : nullptr;
   p.lengths = lengths_ptr(lengths, dev, B);
   p.xproj = xproj.data_ptr<float>();
   p.hbuf = hbuf.data_ptr();
@@ -291,8 +293,8 @@ std::vector<at::Tensor> forward(int64_t mode, at::Tensor xproj, at::Tensor h0,
 
 // Backward over a chunk (see rnn_backward.cu). dy (T,B,H) storage; dh_n, dc_n (B,H) fp32;
 // gates (T,B,G*H) and aux (T,B,H) fp32 from forward(save=true); c0 (B,H) fp32 (LSTM); hprev
-// (T,B,H) storage (GRU). Returns {dgx (T,B,G*H), dghn (T,B,H) (GRU) or empty, dh0, dc0 (B,H)
-// fp32; dc0 empty unless LSTM}.
+// (T,B,H) storage (GRU). Returns {dgx (T,B,G*H) and dghn (T,B,H) (GRU, else empty) in the
+// storage type, dh0, dc0 (B,H) fp32; dc0 empty unless LSTM}.
 std::vector<at::Tensor> backward(int64_t mode, at::Tensor dy, at::Tensor dh_n,
                                  c10::optional<at::Tensor> dc_n, at::Tensor w_hh,
                                  at::Tensor gates, c10::optional<at::Tensor> aux,
@@ -339,9 +341,9 @@ std::vector<at::Tensor> backward(int64_t mode, at::Tensor dy, at::Tensor dh_n,
   at::Tensor dgbuf = at::zeros({2, B_pad, plan.k_pad}, dy.options());
   at::Tensor dh_carry = dh_n.clone();
   at::Tensor dc_carry = cell == Cell::kLSTM ? dc_n->clone() : at::empty({0}, dh_n.options());
-  at::Tensor dgx = at::empty({T, B, G * H}, gates.options());
-  at::Tensor dghn = cell == Cell::kGRU ? at::empty({T, B, H}, gates.options())
-                                       : at::empty({0}, gates.options());
+  at::Tensor dgx = at::empty({T, B, G * H}, dy.options());
+  at::Tensor dghn = cell == Cell::kGRU ? at::empty({T, B, H}, dy.options())
+                                       : at::empty({0}, dy.options());
   at::Tensor dh0 = at::empty({B, H}, dh_n.options());
 
   fused_rnn::BwdParams p{};
@@ -361,8 +363,8 @@ std::vector<at::Tensor> backward(int64_t mode, at::Tensor dy, at::Tensor dh_n,
   p.dgbuf = dgbuf.data_ptr();
   p.dh_carry = dh_carry.data_ptr<float>();
   p.dc_carry = cell == Cell::kLSTM ? dc_carry.data_ptr<float>() : nullptr;
-  p.dgx = dgx.data_ptr<float>();
-  p.dghn = cell == Cell::kGRU ? dghn.data_ptr<float>() : nullptr;
+  p.dgx = dgx.data_ptr();
+  p.dghn = cell == Cell::kGRU ? dghn.data_ptr() : nullptr;
   p.dh0 = dh0.data_ptr<float>();
   p.prof = prof_ptr(prof, dev, plan);
   p.stage_copy = checked_stage_copy(stage_copy);
@@ -436,7 +438,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("max_stage_k"), py::arg("prof") = py::none(), py::arg("stage_copy") = 2,
         py::arg("k_parts") = 1, py::arg("max_blocks") = 0, py::arg("cluster") = 0,
         py::arg("team_clusters") = false, py::arg("dsmem") = false, py::arg("tile_block") = 4,
-        py::arg("point_batch") = 0);
+        py::arg("point_batch") = 0, py::arg("b_ih") = py::none());
   m.def("backward", &backward, "persistent backward over a chunk", py::arg("mode"),
         py::arg("dy"), py::arg("dh_n"), py::arg("dc_n"), py::arg("w_hh"), py::arg("gates"),
         py::arg("aux"), py::arg("c0"), py::arg("hprev"), py::arg("lengths"), py::arg("reverse"),

@@ -56,8 +56,11 @@ struct FwdParams {
   bool save;                // write what backward needs (activations, aux)
   const void* w_hh;         // (G*H, H) storage
   const float* b_hh;        // (G*H,) fp32 or nullptr
+  const float* b_ih;        // (G*H,) fp32, added to xproj in the epilogue, or nullptr (xproj
+                            //   holds it already)
   const int* lengths;       // (B,) int32 or nullptr; rows with t >= lengths[b] keep state, y = 0
-  float* xproj;             // (T, B, G*H) fp32: x W_ih^T + b_ih in; activations out when save
+  float* xproj;             // (T, B, G*H) fp32: x W_ih^T (+ b_ih unless b_ih is given) in;
+                            //   activations out when save
                             //   (LSTM i f g o, GRU r z n, RNN h before rounding)
   void* hbuf;               // (2, B_pad, ld) storage, zero-padded; [0] holds h0 on entry;
                             //   h_T ends in [T % 2]
@@ -93,8 +96,8 @@ struct BwdParams {
   void* dgbuf;              // (2, B_pad, ld) storage, zeros on entry: recurrent dgates exchange
   float* dh_carry;          // (B, H) fp32: dh_T in; scratch (gradient reaching h_{t-1} directly)
   float* dc_carry;          // (B, H) fp32: dc_T in, dc0 out (LSTM), else nullptr
-  float* dgx;               // (T, B, G*H) fp32 out: gradient of the input-side pre-activations
-  float* dghn;              // (T, B, H) fp32 out (GRU): gradient of W_hn h + b_hn, else nullptr
+  void* dgx;                // (T, B, G*H) storage out: gradient of the input-side pre-activations
+  void* dghn;               // (T, B, H) storage out (GRU): gradient of W_hn h + b_hn, else nullptr
   float* dh0;               // (B, H) fp32 out
   long long* prof;          // (>= blocks, kProfSlots) int64 phase timings, or nullptr (off)
   int stage_copy;           // StageCopy: how X is copied into the stage

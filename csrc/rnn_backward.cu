@@ -1,6 +1,6 @@
 // Persistent backward kernel: the reverse-time recurrence of one chunk and direction, in one
 // cooperative launch. It produces the pre-activation gradients of every step (dgx, plus dghn for
-// GRU) and dh0/dc0; dx, dW_ih, dW_hh and the bias gradients are time-parallel GEMMs/reductions
+// GRU, in the storage type) and dh0/dc0; dx, dW_ih, dW_hh and the bias gradients are time-parallel GEMMs/reductions
 // done afterwards by torch (cuBLAS).
 //
 // What forward saved, and why: the activated gates of every step (in place of x W_ih^T, so it
@@ -15,9 +15,11 @@
 //      recurrent matmul, with dgh_{s-1} read from dgbuf[s % 2] (zeros at s = 0);
 //   2. epilogue for (b, u): dh = dh_rec + carry (+ dy[t] on real steps), rounded to the storage
 //      type as the reference's autograd does (its h is cast to the storage type every step);
-//      cell backward from the saved activations -> dgx[t] (fp32, for the GEMMs) and the
-//      recurrent-side dgates rounded to the storage type (the next tensor-core operand) ->
-//      dgbuf[(s + 1) % 2]; the carries (GRU z*dh, LSTM dc) stay in fp32 buffers of this block;
+//      cell backward from the saved activations -> dgx[t] and the recurrent-side dgates
+//      (dgbuf[(s + 1) % 2], the next tensor-core operand; GRU also dghn[t]), all rounded to the
+//      storage type: every later use of them is a matmul operand (here, or the time-parallel
+//      GEMMs dx, dW_ih, dW_hh, on 16-bit tensor cores); the carries (GRU z*dh, LSTM dc) stay in
+//      fp32 buffers of this block;
 //   3. grid.sync() (not after the last iteration). At s = T the epilogue writes dh0 instead.
 // With K parts (plan.h) step 1 is split across a team of blocks along K = G*H and their partial
 // sums meet in p.part after one more grid.sync() (rnn_common.cuh block_step).
@@ -95,14 +97,15 @@ struct BackwardPoint {
     const int t = step();
     const size_t tbh = ((size_t)t * p.batch + b) * H + u;
     const size_t tg = ((size_t)t * p.batch + b) * G * H + u;  // gate g at tg + g * H
+    T* dgx = static_cast<T*>(p.dgx);
     if (in.pad) {  // padding step: y[t] is a constant zero
       p.dh_carry[bh] = in.dh_in;
 #pragma unroll
       for (int g = 0; g < G; ++g) {
-        p.dgx[tg + (size_t)g * H] = 0.f;
+        dgx[tg + (size_t)g * H] = from_float<T>(0.f);
         ex.put(b, u + g * H, from_float<T>(0.f));
       }
-      if (C == Cell::kGRU) p.dghn[tbh] = 0.f;
+      if (C == Cell::kGRU) static_cast<T*>(p.dghn)[tbh] = from_float<T>(0.f);
       return;
     }
     const float dh = round_to<T>(in.dh_in + in.dy);
@@ -129,7 +132,7 @@ struct BackwardPoint {
       dgr[0] = dg[0];
       dgr[1] = dg[1];
       dgr[2] = dn * r;
-      p.dghn[tbh] = dgr[2];
+      static_cast<T*>(p.dghn)[tbh] = from_float<T>(dgr[2]);
       carry = dh * z;
     } else {
       const float act = in.a[0];
@@ -140,7 +143,7 @@ struct BackwardPoint {
     p.dh_carry[bh] = carry;
 #pragma unroll
     for (int g = 0; g < G; ++g) {
-      p.dgx[tg + (size_t)g * H] = dg[g];
+      dgx[tg + (size_t)g * H] = from_float<T>(dg[g]);
       ex.put(b, u + g * H, from_float<T>(dgr[g]));
     }
   }

@@ -5,9 +5,10 @@
 // Per step t:
 //   1. gates_hh = W_slice * h_{t-1}^T for its batch rows (chunks of kChunkCols), h_{t-1} read
 //      from the exchange buffer hbuf[s % 2] in global memory/L2 (written by all blocks);
-//   2. the epilogue adds x W_ih^T + b_ih (precomputed by one cuBLAS GEMM) and b_hh, applies the
-//      cell, keeps c in an fp32 buffer that only this block touches, rounds h to the storage
-//      type and writes it to y[t] and to hbuf[(s + 1) % 2];
+//   2. the epilogue adds x W_ih^T (precomputed by one cuBLAS GEMM), b_ih (in that GEMM, or here
+//      where p.b_ih is given: the same fp32 sum) and b_hh, applies the cell, keeps c in an fp32
+//      buffer that only this block touches, rounds h to the storage type and writes it to y[t]
+//      and to hbuf[(s + 1) % 2];
 //   3. grid.sync(): hbuf[(s + 1) % 2] is complete. Double buffering makes one sync per step
 //      enough: step s+1 overwrites hbuf[s % 2] only after every block passed the sync that
 //      ended step s, i.e. finished reading it.
@@ -60,7 +61,10 @@ struct ForwardPoint {
 #pragma unroll
     for (int g = 0; g < G; ++g) {
       const float hh = rec(g) + (p.b_hh != nullptr ? p.b_hh[g * H + u] : 0.f);
-      const float x = xg[(size_t)g * H];
+      // x W_ih^T + b_ih, rounded once as the GEMM's bias epilogue would (no "+ 0.f" without
+      // b_ih: it would turn a -0 into +0).
+      const float x = p.b_ih != nullptr ? xg[(size_t)g * H] + p.b_ih[g * H + u]
+                                        : xg[(size_t)g * H];
       in.pre[g] = x + hh;
       if (C == Cell::kGRU && g == 2) {
         in.xn = x;

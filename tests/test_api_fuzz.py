@@ -70,7 +70,7 @@ def kernels(request, monkeypatch, no_tf32):
 
 # Seed 4442 (held out, then failed on both kernel backends): an LSTMCell of size 1 whose dh0
 # is four dgates cancelling to 1/100 of their size. The kernels round those dgates to the dtype
-# where they meet W_hh; the reference now does too (reference._RecurrentLinear), so its own
+# where they meet W_hh; the reference now does too (reference._Linear16), so its own
 # error, which the bound doubles, includes that rounding.
 @pytest.mark.parametrize("dtype,seeds,autocast", [("bfloat16", range(300, 315), False),
                                                   ("float16", range(400, 405), False),

@@ -182,13 +182,15 @@ def test_low_precision_is_fp32_math_rounded_once_a_step(mode, dtype):
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("cell", [False, True], ids=["layer", "cell"])
-def test_low_precision_backward_rounds_the_dgates_that_meet_w_hh(mode, dtype, cell):
-    """The backward half of the contract, exactly: the gradient of h W_hh^T + b_hh reaches the
-    gradient of h rounded to the dtype (the recurrent matmul's operand on tensor cores), and
-    dW_hh and db_hh unrounded. Checked on one step against the fp32 computation written out:
-    dh0 = bf16(dgh) @ W_hh, dW_hh = dgh^T h0, db_hh = sum(dgh). Where dgh cancels (api_fuzz
-    seed 4442: an LSTMCell of size 1, four dgates summing to 1/100 of their size) the rounding
-    before the sum is most of a 16-bit kernel's error in dh0, so the reference must make it."""
+def test_low_precision_backward_rounds_the_dgates_before_any_use(mode, dtype, cell):
+    """The backward half of the contract, exactly: the gradients of h W_hh^T + b_hh (dgh) and of
+    x W_ih^T + b_ih (dgx) are rounded to the dtype -- they are a matmul operand wherever they
+    are used, on 16-bit tensor cores -- and every gradient comes from the rounded values with
+    fp32 sums. Checked on one step against the fp32 computation written out: dh0 = bf16(dgh) @
+    W_hh, dW_hh = bf16(dgh)^T h0, db_hh = sum(bf16(dgh)), and the same for dx, dW_ih, db_ih
+    with dgx. Where dgh cancels (api_fuzz seed 4442: an LSTMCell of size 1, four dgates summing
+    to 1/100 of their size) the rounding before the sum is most of a 16-bit kernel's error in
+    dh0, so the reference must make it."""
     inp = {k: (None if v is None else v.detach().to(dtype))
            for k, v in _layer_inputs(mode, B=3, T=1, I=5, H=8).items()}
     leaves = {k: (None if v is None else v.clone().requires_grad_()) for k, v in inp.items()}
@@ -200,24 +202,28 @@ def test_low_precision_backward_rounds_the_dgates_that_meet_w_hh(mode, dtype, ce
     else:
         h = reference.rnn_layer(mode, **leaves)[1]
     h.backward(cot)
-    # The same step in fp32 with autograd stopped at gh: its gradient is dgh.
+    # The same step in fp32 with autograd stopped at gx and gh: their gradients are dgx, dgh.
     f32 = {k: (None if v is None else v.float()) for k, v in inp.items()}
     gh = torch.nn.functional.linear(f32["h0"], f32["w_hh"], f32["b_hh"]).requires_grad_()
-    gx = torch.nn.functional.linear(f32["x"][0], f32["w_ih"], f32["b_ih"])
+    gx = torch.nn.functional.linear(f32["x"][0], f32["w_ih"], f32["b_ih"]).requires_grad_()
     h32, _ = reference.cell_update(mode, gx, gh, f32["h0"], f32["c0"])
-    (dgh,) = torch.autograd.grad(h32.to(dtype).float(), gh, cot.float())
-    if mode != "RNN_RELU":  # relu' is 0 or 1: its dgh is the rounded cotangent, exact
+    dgx, dgh = torch.autograd.grad(h32.to(dtype).float(), (gx, gh), cot.float())
+    if mode != "RNN_RELU":  # relu' is 0 or 1: its dgates are the rounded cotangent, exact
         assert dgh.to(dtype).float().ne(dgh).any(), "the rounding must matter here"
+        assert dgx.to(dtype).float().ne(dgx).any(), "the rounding must matter here"
+    rdgx, rdgh = dgx.to(dtype).float(), dgh.to(dtype).float()
     # dh0 also gets the pointwise path (GRU's z * h); the matmul's share is what differs.
-    direct = torch.autograd.grad(reference.cell_update(mode, gx, gh.detach(), f32["h0"]
+    direct = torch.autograd.grad(reference.cell_update(mode, gx.detach(), gh.detach(), f32["h0"]
                                                        .requires_grad_(), f32["c0"])[0]
                                  .to(dtype).float(), f32["h0"], cot.float(),
                                  allow_unused=True)[0] if mode == "GRU" else 0
-    want_dh0 = (dgh.to(dtype).float() @ f32["w_hh"] + direct).to(dtype)
-    torch.testing.assert_close(leaves["h0"].grad, want_dh0, rtol=0, atol=0)
-    torch.testing.assert_close(leaves["w_hh"].grad, (dgh.t() @ f32["h0"]).to(dtype),
-                               rtol=0, atol=0)
-    torch.testing.assert_close(leaves["b_hh"].grad, dgh.sum(0).to(dtype), rtol=0, atol=0)
+    exact = {"rtol": 0, "atol": 0}
+    torch.testing.assert_close(leaves["h0"].grad, (rdgh @ f32["w_hh"] + direct).to(dtype), **exact)
+    torch.testing.assert_close(leaves["w_hh"].grad, (rdgh.t() @ f32["h0"]).to(dtype), **exact)
+    torch.testing.assert_close(leaves["b_hh"].grad, rdgh.sum(0).to(dtype), **exact)
+    torch.testing.assert_close(leaves["x"].grad[0], (rdgx @ f32["w_ih"]).to(dtype), **exact)
+    torch.testing.assert_close(leaves["w_ih"].grad, (rdgx.t() @ f32["x"][0]).to(dtype), **exact)
+    torch.testing.assert_close(leaves["b_ih"].grad, rdgx.sum(0).to(dtype), **exact)
 
 
 def test_empty_sequence():

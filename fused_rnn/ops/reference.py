@@ -8,16 +8,17 @@ Precision contract (the one every kernel implements):
 
 * fp64 and complex inputs are computed in their own dtype, everything else in fp32
   ("compute dtype");
-* the input projection ``x W_ih^T + b_ih`` is one GEMM over all T steps, kept in the
-  compute dtype;
+* the input projection ``x W_ih^T + b_ih`` is one GEMM over all T steps, its result kept in
+  the compute dtype;
 * the LSTM cell state ``c`` is carried in the compute dtype for the whole chunk;
 * the hidden state ``h`` is rounded to the input dtype after every step (it is the step's
   output ``y_t`` and the operand of the next recurrent matmul, as on tensor cores), then
   promoted again for the matmul, so low-precision results only differ from a kernel by
   accumulation order;
-* in backward the same holds for the other operand of that matmul: the gradient of
-  ``h W_hh^T + b_hh`` meets W_hh (for the gradient of h) rounded to the input dtype, while
-  dW_hh and db_hh take it unrounded (time-parallel fp32 GEMMs) -- :class:`_RecurrentLinear`.
+* in backward the same holds for the other operand of those matmuls: the gradients of the
+  pre-activations (``h W_hh^T + b_hh``, and ``x W_ih^T + b_ih``) are rounded to the input
+  dtype before any use -- the gradients of h and x, of the weights and of the biases all
+  come from the rounded values, as on 16-bit tensor cores, with fp32 sums (:class:`_Linear16`).
   In fp32 and fp64 that rounding is the identity;
 * outputs are cast back to the input dtype.
 
@@ -79,42 +80,45 @@ def _cast(t: Tensor | None, dtype: torch.dtype) -> Tensor | None:
     return None if t is None else t.to(dtype)
 
 
-class _RecurrentLinear(torch.autograd.Function):
-    """``h W_hh^T + b_hh`` in the compute dtype, differentiated as a 16-bit kernel does it:
-    the incoming gradient (the recurrent side's dgates) is W_hh's partner in the matmul that
-    gives the gradient of h, so on tensor cores it is rounded to the storage dtype first; the
-    weight and bias gradients sum it unrounded. Where the dgates cancel (a few terms summing to
-    much less than their size) that rounding, not the one of dh after the sum, is most of a
-    kernel's error, and the reference has to make it for its own error to be the kernel's."""
+class _Linear16(torch.autograd.Function):
+    """``a W^T + b`` in the compute dtype, differentiated as a 16-bit kernel does it: the incoming
+    gradient (a projection's dgates) is the operand of every matmul that uses it -- W for the
+    gradient of ``a``, ``a`` for the gradient of W -- so on tensor cores it is rounded to the
+    storage dtype first, and the gradients of ``a``, W and b are fp32 sums of the rounded values.
+    Where the dgates cancel (a few terms summing to much less than their size) that rounding, not
+    the one of the result after the sum, is most of a kernel's error, and the reference has to
+    make it for its own error to be the kernel's."""
 
     @staticmethod
-    def forward(h: Tensor, w: Tensor, b: Tensor | None, storage: torch.dtype) -> Tensor:
-        return F.linear(h, w, b)
+    def forward(a: Tensor, w: Tensor, b: Tensor | None, storage: torch.dtype) -> Tensor:
+        return F.linear(a, w, b)
 
     @staticmethod
     def setup_context(ctx, inputs, output) -> None:
-        h, w, b, storage = inputs
-        ctx.save_for_backward(h, w)
+        a, w, b, storage = inputs
+        ctx.save_for_backward(a, w)
         ctx.storage, ctx.has_bias = storage, b is not None
 
     @staticmethod
     def backward(ctx, dg: Tensor):
-        h, w = ctx.saved_tensors
-        dh = dw = db = None
+        a, w = ctx.saved_tensors
+        dg = dg.to(ctx.storage).to(dg.dtype)
+        da = dw = db = None
         if ctx.needs_input_grad[0]:
-            dh = dg.to(ctx.storage).to(dg.dtype) @ w
+            da = dg @ w
+        rows = dg.reshape(-1, dg.shape[-1])
         if ctx.needs_input_grad[1]:
-            dw = dg.t() @ h
+            dw = rows.t() @ a.reshape(-1, a.shape[-1])
         if ctx.has_bias and ctx.needs_input_grad[2]:
-            db = dg.sum(0)
-        return dh, dw, db, None
+            db = rows.sum(0)
+        return da, dw, db, None
 
 
-def _recurrent_linear(h: Tensor, w: Tensor, b: Tensor | None, storage: torch.dtype) -> Tensor:
-    """gh = h W_hh^T + b_hh; 16-bit storage differentiates as :class:`_RecurrentLinear`."""
+def _linear(a: Tensor, w: Tensor, b: Tensor | None, storage: torch.dtype) -> Tensor:
+    """a W^T + b; 16-bit storage differentiates as :class:`_Linear16`."""
     if storage in (torch.float16, torch.bfloat16):
-        return _RecurrentLinear.apply(h, w, b, storage)
-    return F.linear(h, w, b)
+        return _Linear16.apply(a, w, b, storage)
+    return F.linear(a, w, b)
 
 
 def rnn_layer(
@@ -147,7 +151,7 @@ def rnn_layer(
             f"gives wrong results, with no error. Trace a module on backend='auto' (PyTorch's "
             f"kernels, one op per stack), or use torch.export or torch.compile.",
             torch.jit.TracerWarning, stacklevel=2)
-    gx_all = F.linear(x.to(cd), w_ih.to(cd), _cast(b_ih, cd))  # (T, B, G*H): one GEMM
+    gx_all = _linear(x.to(cd), w_ih.to(cd), _cast(b_ih, cd), dtype)  # (T, B, G*H): one GEMM
     w_hh_c, b_hh_c, w_hr_c = w_hh.to(cd), _cast(b_hh, cd), _cast(w_hr, cd)
     h = h0.to(cd)
     c = _cast(c0, cd) if mode == "LSTM" else None
@@ -164,7 +168,7 @@ def rnn_layer(
             # NaN (torch.nn does not compute those rows at all).
             h_in = torch.where(mask_all[t], h, torch.zeros_like(h))
             c_in = None if c is None else torch.where(mask_all[t], c, torch.zeros_like(c))
-        gh = _recurrent_linear(h_in, w_hh_c, b_hh_c, dtype)
+        gh = _linear(h_in, w_hh_c, b_hh_c, dtype)
         h_new, c_new = cell_update(mode, gx_all[t], gh, h_in, c_in)
         if w_hr_c is not None:
             h_new = F.linear(h_new, w_hr_c)
@@ -200,7 +204,7 @@ def rnn_cell(
     dtype = x.dtype
     cd = compute_dtype(dtype)
     hc = h.to(cd)
-    gx = F.linear(x.to(cd), w_ih.to(cd), _cast(b_ih, cd))
-    gh = _recurrent_linear(hc, w_hh.to(cd), _cast(b_hh, cd), dtype)
+    gx = _linear(x.to(cd), w_ih.to(cd), _cast(b_ih, cd), dtype)
+    gh = _linear(hc, w_hh.to(cd), _cast(b_hh, cd), dtype)
     h_new, c_new = cell_update(mode, gx, gh, hc, _cast(c, cd))
     return h_new.to(dtype), _cast(c_new, dtype)

@@ -55,6 +55,7 @@ BAD_BINDING_ARGS = [
     ("LSTM", "forward", "c0", lambda a: None, "c0 is required for LSTM"),
     ("LSTM", "forward", "c0", lambda a: a["c0"][:1], "c0 must have shape"),
     ("GRU", "forward", "b_hh", lambda a: a["b_hh"].half(), "b_hh must be"),
+    ("LSTM", "forward", "b_ih", lambda a: a["b_hh"][:-1], "b_ih must have shape"),
     ("GRU", "forward", "w_hh", lambda a: a["w_hh"].float(), "w_hh must be"),
     ("RNN_TANH", "forward", "lengths", lambda a: a["lengths"].long(), "lengths must be"),
     ("RNN_TANH", "forward", "h0", lambda a: a["h0"].cpu(), "h0 must be on"),

@@ -219,7 +219,7 @@ class Emulator:
     def forward(self, mode, xproj, h0, c0, w_hh, b_hh, lengths, reverse, allow_tf32, save,
                 max_groups, max_stage_k=0, prof=None, stage_copy=2, k_parts=1, max_blocks=0,
                 cluster=0, team_clusters=False, dsmem=False, tile_block=4,
-                point_batch=0):
+                point_batch=0, b_ih=None):
         cell = int(mode)
         G = P.GATES[cell]
         T, B, GH = xproj.shape
@@ -238,6 +238,8 @@ class Emulator:
         has_aux = save and cell in (0, 1)
         aux = torch.full((T, B, H) if has_aux else (0,), float("nan"), dtype=cd)
         xp = xproj.to(cd).clone()  # the kernel updates xproj in place; emulate on a copy
+        if b_ih is not None:  # the epilogue's x W_ih^T + b_ih: one fp32 sum, as here
+            xp += b_ih.to(cd)
         xflat = xp.view(-1)
         yflat, auxflat = y.view(-1), aux.view(-1)
         bhh = None if b_hh is None else b_hh.to(cd)
@@ -348,8 +350,8 @@ class Emulator:
         dgbuf = torch.zeros(2, B_pad, pl.k_pad, dtype=st)
         dh_carry = dh_n.to(cd).clone()
         dc_carry = dc_n.to(cd).clone() if cell == 0 else None
-        dgx = torch.full((T, B, G * H), float("nan"), dtype=cd)
-        dghn = torch.full((T, B, H) if cell == 1 else (0,), float("nan"), dtype=cd)
+        dgx = torch.full((T, B, G * H), float("nan"), dtype=st)  # stored rounded (from_float<T>)
+        dghn = torch.full((T, B, H) if cell == 1 else (0,), float("nan"), dtype=st)
         dh0 = torch.full((B, H), float("nan"), dtype=cd)
         lens = None if lengths is None else lengths.long()
         sws = [self._load_w_backward(w_hh, pl, H, ub * pl.units, math, cd)
@@ -434,7 +436,7 @@ class Emulator:
             dn = dh * (1 - z) * (1 - nn * nn)
             dg = [dn * hn * r * (1 - r), dh * (hp - nn) * z * (1 - z), dn]
             dgr = [dg[0], dg[1], dn * r]
-            c["dghn"][tbh] = dgr[2]
+            c["dghn"][tbh] = dgr[2].to(st)
             carry = dh * z
         else:
             act = a[tg]
@@ -442,5 +444,5 @@ class Emulator:
             dgr = dg
         c["dh_carry"][b, u] = carry
         for g in range(G):
-            c["dgx"][tg + g * H] = dg[g]
+            c["dgx"][tg + g * H] = dg[g].to(st)
             dout[b, g * H + u] = dgr[g].to(st)

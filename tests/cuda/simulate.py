@@ -192,7 +192,7 @@ def _load(sanitize: str, csrc: Path, ucontext: bool = False) -> ctypes.CDLL:
             lib.sim_point_batch_count.restype = ctypes.c_longlong
             lib.sim_plan.argtypes = [i] * 13 + [ctypes.POINTER(ctypes.c_int)]
             lib.sim_make_plan.argtypes = [i] * 9 + [ctypes.POINTER(ctypes.c_int)]
-            lib.sim_forward.argtypes = [i] * 16 + [p, fp, p, fp, p, fp, p, fp, p, i, i, i, fp]
+            lib.sim_forward.argtypes = [i] * 16 + [p, fp, p, fp, p, fp, p, fp, p, i, i, i, fp, fp]
             lib.sim_backward.argtypes = [i] * 15 + [p] * 14 + [i, i, i, fp]
             _libs[key] = lib
         return _libs[key]
@@ -311,7 +311,7 @@ class Simulator:
     def forward(self, mode, xproj, h0, c0, w_hh, b_hh, lengths, reverse, allow_tf32, save,
                 max_groups, max_stage_k, prof=None, stage_copy=2, k_parts=1, max_blocks=0,
                 cluster=0, team_clusters=False, dsmem=False, tile_block=4,
-                point_batch=0):
+                point_batch=0, b_ih=None):
         cell = int(mode)
         T, B, _ = xproj.shape
         H = h0.shape[1]
@@ -321,6 +321,7 @@ class Simulator:
                                    (h0, "h0", st, (B, H)), (c0, "c0", st, (B, H)),
                                    (w_hh, "w_hh", st, (G * H, H)),
                                    (b_hh, "b_hh", torch.float32, (G * H,)),
+                                   (b_ih, "b_ih", torch.float32, (G * H,)),
                                    (lengths, "lengths", torch.int32, (B,))):
             self._expect(t, name, dt, shape)
         pl = self.plan(cell, st, allow_tf32, H, False, B, max_groups, max_stage_k, k_parts,
@@ -343,7 +344,7 @@ class Simulator:
             int(dsmem), _ptr(w_hh), _ptr(b_hh),
             _ptr(lengths),
             _ptr(xproj), _ptr(hbuf), _ptr(cbuf), _ptr(y), _ptr(aux), self._prof(prof, pl),
-            int(stage_copy), int(tile_block), int(point_batch), _ptr(part)))
+            int(stage_copy), int(tile_block), int(point_batch), _ptr(part), _ptr(b_ih)))
         h_n = hbuf[T % 2, :B, :H].contiguous()
         c_n = cbuf.to(st) if cell == 0 else torch.empty(0, dtype=st)
         return [y, h_n, c_n, aux]
@@ -377,8 +378,8 @@ class Simulator:
         dgbuf = torch.zeros(2, B_pad, pl["k_pad"], dtype=st)
         dh_carry = dh_n.clone()
         dc_carry = dc_n.clone() if cell == 0 else torch.empty(0)
-        dgx = torch.empty(T, B, G * H)
-        dghn = torch.empty((T, B, H) if cell == 1 else (0,))
+        dgx = torch.empty(T, B, G * H, dtype=st)
+        dghn = torch.empty((T, B, H) if cell == 1 else (0,), dtype=st)
         dh0 = torch.empty(B, H)
         part = self._part(pl, B_pad)
         self._configure()

@@ -299,6 +299,39 @@ def test_matches_reference_with_tf32_gemms(cuda_ext, monkeypatch, mode, dt):
         "the projection, dx, dW_ih and dW_hh ran on TF32"
 
 
+@pytest.mark.parametrize("setting", ops.GEMM_OPERANDS)
+@pytest.mark.parametrize("dt", ["bf16", "fp16"])
+def test_16_bit_gemms_form_exact_products_and_sum_in_fp32(monkeypatch, dt, setting):
+    """The time-parallel GEMMs of a 16-bit layer (ops._mm): on a GPU with
+    FUSED_RNN_CUDA_GEMMS=auto one cuBLAS GEMM on the 16-bit operands with an fp32 result
+    (torch.mm out_dtype), with ``fp32`` the operands promoted to fp32 on TF32 tensor cores;
+    on the CPU stand-in promoted. Either way every product is exact and the sums are fp32. The
+    operands are positive, so each result is the sum of its terms' sizes, and an fp32 sum of n
+    of them in any order, even truncating, is within 2 n 2^-24 (1.2e-4) of it relative; a result
+    or partial sums rounded to 16 bits would be up to 2^-9 (bf16) or 2^-12 (fp16) off."""
+    monkeypatch.setenv("FUSED_RNN_CUDA_GEMMS", setting)
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[dt]
+    g = torch.Generator().manual_seed(0)
+    n = 1000
+    a, b = (torch.randn(s, generator=g).abs().to(dtype).to(DEVICE) for s in ((256, n), (n, 192)))
+    out_dtypes = []
+    mm = torch.mm
+
+    def recording_mm(*args, **kwargs):
+        out_dtypes.append(kwargs.get("out_dtype"))
+        return mm(*args, **kwargs)
+
+    monkeypatch.setattr(torch, "mm", recording_mm)
+    with ops.tf32_gemms(True):
+        got = ops._mm(a, b.t().contiguous().t(), torch.float32)
+    assert got.dtype == torch.float32
+    exact = a.double() @ b.double()
+    err = ((got.double() - exact).abs() / exact).max().item()
+    assert err <= 2 * n * 2.0**-24, err
+    on_16_bit = STANDIN is None and setting == "auto"
+    assert out_dtypes == ([torch.float32] if on_16_bit else []), out_dtypes
+
+
 @pytest.mark.parametrize("dt", ["fp32", "bf16"])
 @pytest.mark.parametrize("mode", MODES)
 def test_bitwise_reproducible(monkeypatch, mode, dt):

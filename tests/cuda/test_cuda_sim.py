@@ -787,6 +787,34 @@ def test_the_matmul_skips_batch_tiles_past_the_real_rows(install, dt, B):
         assert want < padded, (want, padded)
 
 
+@pytest.mark.parametrize("dt", ["bf16", "tf32"])
+@pytest.mark.parametrize("mode", MODES)
+def test_the_kernel_adds_b_ih_as_the_gemm_would(install, mode, dt):
+    """16-bit layers hand the forward kernel x W_ih^T alone and b_ih apart (ops.py: torch has
+    no 16-bit GEMM with an fp32 bias and an fp32 result). The epilogue's one fp32 sum must give
+    the bits of b_ih added to xproj before the launch: every output, aux and the activations
+    saved over xproj."""
+    dtype, tf32 = DTYPES[dt]
+    sim = install(sms=4)
+    T, B, H, G = 3, 5, 37, reference.GATES[mode]
+    g = torch.Generator().manual_seed(0)
+    xw, b_ih = torch.randn(T, B, G * H, generator=g), torch.randn(G * H, generator=g)
+    h0, c0 = (torch.randn(B, H, generator=g).to(dtype) for _ in range(2))
+    w_hh = (torch.randn(G * H, H, generator=g) / 8).to(dtype)
+    b_hh = torch.randn(G * H, generator=g)
+
+    def run(xproj, **kw):
+        out = sim.forward(P.CELLS[mode], xproj, h0, c0 if mode == "LSTM" else None, w_hh, b_hh,
+                          None, False, tf32, True, 8, 1 << 30, **kw)
+        return [*out, xproj]
+
+    before = run(xw + b_ih)
+    after = run(xw.clone(), b_ih=b_ih)
+    for i, (u, v) in enumerate(zip(before, after, strict=True)):
+        assert torch.equal(u, v), f"tensor {i}"
+    assert not torch.equal(before[0], run(xw.clone())[0]), "b_ih must matter here"
+
+
 # ------------------------------------------------------------------ cp.async stage copies
 @pytest.mark.parametrize("mode,dt", [("LSTM", "bf16"), ("GRU", "tf32"), ("RNN_RELU", "fp32"),
                                      ("RNN_TANH", "fp16")])

@@ -32,8 +32,11 @@ cluster whose steps end at the cluster barrier instead of ``grid.sync()``;
 replaces the parts' second ``grid.sync()`` of a step. bf16/fp16 use
 tensor cores (WMMA) with fp32 accumulation; fp32 uses TF32 tensor cores only when
 cuDNN's RNNs may (``torch.backends.cudnn.allow_tf32``, or ``cudnn.rnn.fp32_precision``; as
-nn.LSTM does) and the TF32 plan fits (``plan.h`` choose_math), else plain fp32 FMA. The LSTM
-cell state and every activation saved for backward are fp32. Size limits (largest H that fits on
+nn.LSTM does) and the TF32 plan fits (``plan.h`` choose_math), else plain fp32 FMA. The
+time-parallel GEMMs of 16-bit layers take their 16-bit operands, with fp32 results
+(``FUSED_RNN_CUDA_GEMMS``: ``auto``, or ``fp32`` to promote them first). The LSTM cell state
+and every activation saved for backward are fp32; the dgates backward hands the GEMMs are in
+the storage dtype (the reference's contract). Size limits (largest H that fits on
 chip, H100 / A100): ``fused_rnn.ops.cuda.plan``. Not supported (falls back to
 Triton): LSTM projections (``proj_size > 0``), float64, GPUs older than sm_80.
 

@@ -7,11 +7,13 @@ formula and an autocast rule.
 =================================== ==========================================================
 
 The split of work (DESIGN.md): the input projection ``x W_ih^T + b_ih`` for all T steps is one
-fp32 GEMM here (cuBLAS through torch, on TF32 tensor cores where ``common.gemms_use_tf32``
-allows); the recurrence is one persistent cooperative kernel
+GEMM with an fp32 result here (cuBLAS through torch: for fp32 data on TF32 tensor cores where
+``common.gemms_use_tf32`` allows; for 16-bit data on its 16-bit operands, :func:`_mm`, with
+b_ih added by the kernel); the recurrence is one persistent cooperative kernel
 (``csrc/rnn_forward.cu``); backward is one persistent kernel for the reverse-time recurrence
-(``csrc/rnn_backward.cu``) that yields the pre-activation gradients of every step, after which
-dx, dW_ih, dW_hh and the bias gradients are time-parallel GEMMs/reductions here again.
+(``csrc/rnn_backward.cu``) that yields the pre-activation gradients of every step in the
+storage dtype, after which dx, dW_ih, dW_hh and the bias gradients are time-parallel
+GEMMs/reductions here again, with fp32 results.
 
 Registering the ops never needs the compiled extension: it is loaded by the CUDA kernels of the
 ops on first call (``_ext.extension()``), so importing works on any machine. The ops have no
@@ -205,6 +207,37 @@ def stage_copy() -> int:
     return STAGE_COPIES[raw]
 
 
+GEMM_OPERANDS = ("auto", "fp32")
+_SIXTEEN_BIT = (torch.float16, torch.bfloat16)
+# torch.mm(a, b, out_dtype=torch.float32) on fp16/bf16 operands (aten::mm.dtype, torch >= 2.8;
+# CUDA kernels only).
+_MM_OUT_DTYPE = hasattr(torch.ops.aten.mm, "dtype")
+
+
+def gemm_operands() -> str:
+    """How the time-parallel GEMMs of 16-bit layers take their operands, from
+    ``FUSED_RNN_CUDA_GEMMS``: ``auto`` (default: as they are stored, on 16-bit tensor cores with
+    an fp32 result, where torch can return one: CUDA, torch >= 2.8) or ``fp32`` (promoted to
+    fp32 first, on TF32 tensor cores). Every operand is a 16-bit value, exact in fp32 and in
+    TF32, so both form the same products and sum them in fp32: the results differ only by the
+    order of those sums. Read at every call, like :func:`max_groups`."""
+    raw = os.environ.get("FUSED_RNN_CUDA_GEMMS", "auto")
+    if raw not in GEMM_OPERANDS:
+        raise ValueError(
+            f"FUSED_RNN_CUDA_GEMMS must be one of {', '.join(GEMM_OPERANDS)}, got {raw!r}")
+    return raw
+
+
+def _mm(a: Tensor, b: Tensor, cd: torch.dtype) -> Tensor:
+    """a @ b in the compute dtype ``cd`` (fp32 but in the CPU emulation's fp64). Two operands of
+    one 16-bit dtype go to cuBLAS as they are (:func:`gemm_operands`); anything else is promoted
+    to ``cd`` first and runs under the caller's TF32 setting (``common.tf32_gemms``)."""
+    if (a.dtype == b.dtype and a.dtype in _SIXTEEN_BIT and a.is_cuda and _MM_OUT_DTYPE
+            and gemm_operands() == "auto"):
+        return torch.mm(a, b, out_dtype=cd)
+    return a.to(cd) @ b.to(cd)
+
+
 def _lengths32(lengths: Tensor | None, device: torch.device) -> Tensor | None:
     if lengths is None:
         return None
@@ -271,10 +304,17 @@ def _layer_forward_impl(
         )
     ext = _ext.extension()
     cd = compute_dtype(dtype)  # fp32 (fp64 only reaches here in the CPU emulation tests)
-    # One GEMM for all T steps in the compute dtype, like the reference; on TF32 tensor cores
-    # for 16-bit data, and for fp32 where the recurrence may use TF32 (common.gemms_use_tf32).
+    # One GEMM for all T steps with an fp32 result, like the reference; for fp32 data on TF32
+    # tensor cores where the recurrence may use TF32 (common.gemms_use_tf32). 16-bit data: x
+    # W_ih^T from the 16-bit operands (_mm), and the kernel adds b_ih to it, the same fp32 sum
+    # as a bias in the GEMM (torch has no 16-bit GEMM with an fp32 bias and result).
+    b_ih_kernel = None
     with tf32_gemms(gemms_use_tf32(dtype, allow_tf32)):
-        xproj = F.linear(x.to(cd), w_ih.to(cd), _to(b_ih, cd)).contiguous()
+        if dtype in _SIXTEEN_BIT:
+            xproj = _mm(x.reshape(T * B, -1), w_ih.t(), cd).view(T, B, G * H)
+            b_ih_kernel = _to(b_ih, cd)
+        else:
+            xproj = F.linear(x.to(cd), w_ih.to(cd), _to(b_ih, cd)).contiguous()
     assert xproj.shape == (T, B, G * H)
     y, h_n, c_n, aux = ext.forward(
         CELLS[mode],
@@ -298,6 +338,7 @@ def _layer_forward_impl(
         cluster_exchange_dsmem(),
         tile_block(),
         point_batch(),
+        b_ih_kernel,
     )
     gates = xproj if save else x.new_empty((0,), dtype=cd)
     return y, h_n, c_n, gates, aux
@@ -406,7 +447,7 @@ def _layer_backward_impl(
     if is_lstm:
         dc_n = torch.zeros((B, H), **fcd) if dc_n is None else dc_n.to(cd).contiguous()
     if T == 0 or B == 0:
-        dgx = torch.zeros((T, B, G * H), **fcd)
+        dgx = torch.zeros((T, B, G * H), device=x.device, dtype=dtype)
         dghn = None
         dh0, dc0 = dh_n.clone(), (dc_n.clone() if is_lstm else None)
         hprev = y
@@ -439,29 +480,32 @@ def _layer_backward_impl(
             tile_block(),
             point_batch(),
         )
+    # dgx (and dghn) come in the storage dtype, rounded as the recurrent matmul's operand is
+    # (reference.py: the contract), so the GEMMs below take 16-bit operands (_mm) and sum in fp32.
     # The recurrent side's dgates are the input side's, but for GRU's n gate: r * dn (b_hn sits
     # inside r * (.)), dghn. Its rows of dW_hh and db_hh come from dghn and the r, z rows from
-    # dgx, without copying both into one (T, B, 3H) fp32 tensor (403 MB at S4).
+    # dgx, without copying both into one (T, B, 3H) tensor (201 MB in bf16 at S4).
     dgx2 = dgx.reshape(T * B, G * H)
     dghn2 = dghn.reshape(T * B, H) if mode == "GRU" and dghn is not None else None
-    hprev2 = hprev.reshape(T * B, H).to(cd)
+    hprev2 = hprev.reshape(T * B, H)
     with tf32_gemms(gemms_use_tf32(dtype, allow_tf32)):  # as the forward's projection
-        dx = (dgx2 @ w_ih.to(cd)).reshape(T, B, I).to(dtype)
-        dw_ih = (dgx2.t() @ x.reshape(T * B, I).to(cd)).to(w_ih.dtype)
+        dx = _mm(dgx2, w_ih, cd).reshape(T, B, I).to(dtype)
+        dw_ih = _mm(dgx2.t(), x.reshape(T * B, I), cd).to(w_ih.dtype)
         if dghn2 is None:
-            dw_hh = (dgx2.t() @ hprev2).to(w_hh.dtype)
+            dw_hh = _mm(dgx2.t(), hprev2, cd).to(w_hh.dtype)
         else:
-            dw_hh = torch.cat([dgx2[:, : 2 * H].t() @ hprev2, dghn2.t() @ hprev2]).to(w_hh.dtype)
+            dw_hh = torch.cat([_mm(dgx2[:, : 2 * H].t(), hprev2, cd),
+                               _mm(dghn2.t(), hprev2, cd)]).to(w_hh.dtype)
     # Absent inputs get distinct empty tensors: custom-op outputs may not alias each other. The
-    # two bias gradients share one sum over the T*B rows of dgx (134 MB read at S3), copied.
-    db_sum = dgx2.sum(0) if b_ih is not None or b_hh is not None else None
+    # two bias gradients share one fp32 sum over the T*B rows of dgx (67 MB read at S3), copied.
+    db_sum = dgx2.sum(0, dtype=cd) if b_ih is not None or b_hh is not None else None
     db_ih = x.new_empty((0,)) if b_ih is None else db_sum.to(b_ih.dtype)
     if b_hh is None:
         db_hh = x.new_empty((0,))
     elif dghn2 is None:
         db_hh = db_sum.to(b_hh.dtype, copy=True)
     else:
-        db_hh = torch.cat([db_sum[: 2 * H], dghn2.sum(0)]).to(b_hh.dtype)
+        db_hh = torch.cat([db_sum[: 2 * H], dghn2.sum(0, dtype=cd)]).to(b_hh.dtype)
     dc0_out = dc0.to(c0.dtype) if (is_lstm and c0 is not None) else x.new_empty((0,))
     return dx, dh0.to(h0.dtype), dc0_out, dw_ih, dw_hh, db_ih, db_hh
 

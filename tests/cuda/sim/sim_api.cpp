@@ -179,7 +179,8 @@ int sim_forward(int cell, int dtype, int allow_tf32, int steps, int batch, int h
                 const float* b_hh,
                 const int* lengths,
                 float* xproj, void* hbuf, float* cbuf, void* y, float* aux, long long* prof,
-                int stage_copy, int tile_block, int point_batch, float* part) {
+                int stage_copy, int tile_block, int point_batch, float* part,
+                const float* b_ih) {
   const cudaError_t pending = cudaPeekAtLastError();
   fused_rnn::FwdParams p{};
   fused_rnn::Selection sel{};
@@ -192,6 +193,7 @@ int sim_forward(int cell, int dtype, int allow_tf32, int steps, int batch, int h
     return 1;
   p.save = save != 0;
   p.b_hh = b_hh;
+  p.b_ih = b_ih;
   p.xproj = xproj;
   p.hbuf = hbuf;
   p.cbuf = cbuf;
@@ -210,7 +212,7 @@ int sim_backward(int cell, int dtype, int allow_tf32, int steps, int batch, int 
                  int max_blocks, int cluster_max, int team_clusters, int dsmem,
                  const void* w_hh, const int* lengths, const void* dy, const float* gates,
                  const float* aux, const float* c0, const void* hprev, void* dgbuf,
-                 float* dh_carry, float* dc_carry, float* dgx, float* dghn, float* dh0,
+                 float* dh_carry, float* dc_carry, void* dgx, void* dghn, float* dh0,
                  long long* prof, int stage_copy, int tile_block, int point_batch,
                  float* part) {
   const cudaError_t pending = cudaPeekAtLastError();
