@@ -230,6 +230,9 @@ def test_k_parts_variant_runs_only_where_cuda_has_parts(monkeypatch):
                for dt in ("fp32", "bf16"))
     assert not bench_gpu._variant_is_moot("cuda-p1", "LSTM", (256, 1, 1024), "fp32", "cpu")
     assert bench_gpu._variant_is_moot("cuda-g1", "LSTM", (16, 1, 768), "bf16", "cpu")
+    # cuda-gemm32 changes only the 16-bit layers' GEMMs
+    assert [bench_gpu._variant_is_moot("cuda-gemm32", "GRU", bench_gpu.SHAPES["S3"], dt, "cuda")
+            for dt in ("fp32", "bf16", "fp16")] == [True, False, False]
     # cuda's rows name their plans: batch groups, K parts and stage K columns per direction
     plans = bench_gpu._cuda_plans("LSTM", bench_gpu.SHAPES["S4"], "fp32")
     assert bench_gpu._plan_note(plans) == "plan fwd b128 g1 p4 k224, bwd b128 g1 p8 k304"
