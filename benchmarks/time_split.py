@@ -2,8 +2,9 @@
 torch.nn's (cuDNN), each profiled once with torch.profiler after a warm-up.
 
 The recurrent kernels are one part of a layer's time. The rest is the time-parallel work around
-them: the input projection for all steps, dx, dW_ih and dW_hh (cuBLAS GEMMs, in fp32 or TF32 for
-every storage dtype: fused_rnn/ops/common.py gemms_use_tf32), the bias sums, the dtype
+them: the input projection for all steps, dx, dW_ih and dW_hh (cuBLAS GEMMs: fp32 or TF32 for
+fp32 layers, fused_rnn/ops/common.py gemms_use_tf32; on 16-bit operands with fp32 results for
+16-bit layers since run 2, fused_rnn/ops/cuda/ops.py _mm), the bias sums, the dtype
 conversions and copies. Run 2 on the H200 left about a quarter of LSTM S3 bf16's fwd+bwd (1.5
 of 5.8 ms) and a fifth of S4's outside the recurrent kernels, by subtraction (bench total less
 the phase table's kernel times, which were taken with the phase clock on). This table measures
