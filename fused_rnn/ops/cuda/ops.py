@@ -233,7 +233,7 @@ def _mm(a: Tensor, b: Tensor, cd: torch.dtype) -> Tensor:
     one 16-bit dtype go to cuBLAS as they are (:func:`gemm_operands`); anything else is promoted
     to ``cd`` first and runs under the caller's TF32 setting (``common.tf32_gemms``)."""
     if (a.dtype == b.dtype and a.dtype in _SIXTEEN_BIT and a.is_cuda and _MM_OUT_DTYPE
-            and gemm_operands() == "auto"):
+            and gemm_operands() == "auto" and a.shape[1] > 0):  # K = 0 (input_size 0): promoted
         return torch.mm(a, b, out_dtype=cd)
     return a.to(cd) @ b.to(cd)
 
