@@ -330,6 +330,9 @@ def test_16_bit_gemms_form_exact_products_and_sum_in_fp32(monkeypatch, dt, setti
     assert err <= 2 * n * 2.0**-24, err
     on_16_bit = STANDIN is None and setting == "auto"
     assert out_dtypes == ([torch.float32] if on_16_bit else []), out_dtypes
+    # ... and torch took it, here and in every GEMM this process ran before (ops._mm promotes
+    # a refused one, with a warning)
+    assert ops._mm_refused is None, ops._mm_refused
 
 
 @pytest.mark.parametrize("dt", ["fp32", "bf16"])

@@ -42,6 +42,7 @@ from fused_rnn.ops.common import (
     refuse_unsaved,
     register_autocast,
     tf32_gemms,
+    warn_at_caller,
 )
 from fused_rnn.ops.cuda.plan import CELLS, K_BATCH_PAD
 from fused_rnn.ops.reference import GATES, compute_dtype
@@ -228,13 +229,33 @@ def gemm_operands() -> str:
     return raw
 
 
+def _sixteen_bit_gemm(a: Tensor, b: Tensor) -> bool:
+    """Whether :func:`_mm` hands ``a`` and ``b`` to cuBLAS as they are."""
+    return (a.dtype == b.dtype and a.dtype in _SIXTEEN_BIT and a.is_cuda and _MM_OUT_DTYPE
+            and gemm_operands() == "auto" and a.shape[1] > 0)  # K = 0 (input_size 0): promoted
+
+
+_mm_refused: str | None = None  # what torch.mm(..., out_dtype=) raised first, if it ever did
+
+
 def _mm(a: Tensor, b: Tensor, cd: torch.dtype) -> Tensor:
     """a @ b in the compute dtype ``cd`` (fp32 but in the CPU emulation's fp64). Two operands of
     one 16-bit dtype go to cuBLAS as they are (:func:`gemm_operands`); anything else is promoted
-    to ``cd`` first and runs under the caller's TF32 setting (``common.tf32_gemms``)."""
-    if (a.dtype == b.dtype and a.dtype in _SIXTEEN_BIT and a.is_cuda and _MM_OUT_DTYPE
-            and gemm_operands() == "auto" and a.shape[1] > 0):  # K = 0 (input_size 0): promoted
-        return torch.mm(a, b, out_dtype=cd)
+    to ``cd`` first and runs under the caller's TF32 setting (``common.tf32_gemms``). Where torch
+    refuses the 16-bit GEMM (a layout its cuBLAS call does not take, say), that call is promoted
+    too, the same products, with a warning the first time."""
+    global _mm_refused
+    if _sixteen_bit_gemm(a, b):
+        try:
+            return torch.mm(a, b, out_dtype=cd)
+        except RuntimeError as e:
+            if _mm_refused is None:
+                _mm_refused = " ".join(f"{type(e).__name__}: {e}".split())[:300]
+                warn_at_caller(
+                    f"fused_rnn CUDA backend: torch.mm(..., out_dtype={cd}) refused "
+                    f"{tuple(a.shape)} x {tuple(b.shape)} {a.dtype} operands ({_mm_refused}); "
+                    "such GEMMs run on operands promoted to fp32 (TF32) instead, the same "
+                    "products, more slowly")
     return a.to(cd) @ b.to(cd)
 
 
