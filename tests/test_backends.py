@@ -11,6 +11,7 @@ import torch
 
 import fused_rnn
 from fused_rnn import backends, functional
+from fused_rnn.ops import common
 
 
 def test_unknown_backend_lists_valid_names():
@@ -513,3 +514,37 @@ def test_torch_kernels_reason_names_the_transform():
     jvp(probe("jvp"), (torch.ones(2),), (torch.ones(2),))
     assert "vmap" in seen["vmap"] and "vmap" in seen["vmap(grad)"]
     assert "forward-mode" in seen["jvp"] and seen["grad"] is None
+
+
+def test_a_refused_16_bit_gemm_is_promoted_with_one_warning(monkeypatch):
+    """Where torch.mm(..., out_dtype=) raises (common.mm_f32: a cuBLAS layout it does not take, on
+    some torch), that GEMM runs on promoted operands, the same products, and the first refusal is
+    said once, with torch's message."""
+    monkeypatch.setattr(common, "sixteen_bit_gemm", lambda a, b: True)
+    monkeypatch.setattr(common, "mm_refused", None)
+    calls = []
+
+    def refusing_mm(*args, **kwargs):
+        calls.append(kwargs.get("out_dtype"))
+        raise RuntimeError("CUDA error: CUBLAS_STATUS_NOT_SUPPORTED")
+
+    monkeypatch.setattr(torch, "mm", refusing_mm)
+    g = torch.Generator().manual_seed(0)
+    a, b = torch.randn(6, 5, generator=g).bfloat16(), torch.randn(5, 3, generator=g).bfloat16()
+    with pytest.warns(RuntimeWarning, match="refused .*CUBLAS_STATUS_NOT_SUPPORTED"):
+        got = common.mm_f32(a, b, torch.float32)
+    assert torch.equal(got, a.float() @ b.float())
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert torch.equal(common.mm_f32(a, b, torch.float32), got)
+    assert calls == [torch.float32, torch.float32]
+
+
+def test_mm_f32_without_sixteen_bit_never_asks_for_out_dtype(monkeypatch):
+    """``sixteen_bit=False`` (FUSED_RNN_CUDA_GEMMS=fp32) promotes even where the 16-bit GEMM
+    could run."""
+    monkeypatch.setattr(common, "sixteen_bit_gemm", lambda a, b: True)
+    monkeypatch.setattr(torch, "mm", lambda *a, **k: pytest.fail("torch.mm was called"))
+    a, b = torch.ones(2, 3, dtype=torch.float16), torch.ones(3, 4, dtype=torch.float16)
+    assert torch.equal(common.mm_f32(a, b, torch.float32, sixteen_bit=False),
+                       torch.full((2, 4), 3.0))

@@ -49,6 +49,44 @@ def gemms_use_tf32(dtype: torch.dtype, fp32_tf32: bool) -> bool:
     return dtype != torch.float32 or fp32_tf32
 
 
+SIXTEEN_BIT = (torch.float16, torch.bfloat16)
+# torch.mm(a, b, out_dtype=torch.float32) on fp16/bf16 operands (aten::mm.dtype, torch >= 2.8;
+# CUDA kernels only).
+_MM_OUT_DTYPE = hasattr(torch.ops.aten.mm, "dtype")
+
+
+def sixteen_bit_gemm(a: Tensor, b: Tensor) -> bool:
+    """Whether :func:`mm_f32` can hand ``a`` and ``b`` to cuBLAS as they are: one 16-bit dtype,
+    CUDA, a torch with ``mm(..., out_dtype=)``, and K > 0 (``input_size`` 0 is promoted)."""
+    return (a.dtype == b.dtype and a.dtype in SIXTEEN_BIT and a.is_cuda and _MM_OUT_DTYPE
+            and a.shape[1] > 0)
+
+
+mm_refused: str | None = None  # what torch.mm(..., out_dtype=) raised first, if it ever did
+
+
+def mm_f32(a: Tensor, b: Tensor, cd: torch.dtype, *, sixteen_bit: bool = True) -> Tensor:
+    """a @ b (2-D) in the compute dtype ``cd`` (fp32; fp64 only in the CPU emulation): the time-
+    parallel GEMMs around the recurrent kernels. Two operands of one 16-bit dtype go to cuBLAS
+    as they are, with an fp32 result (:func:`sixteen_bit_gemm`, unless ``sixteen_bit`` is
+    False); anything else is promoted to ``cd`` first and runs under the caller's TF32 setting
+    (:func:`tf32_gemms`). 16-bit values are exact in fp32 and in TF32, so both form the same
+    products and sum them in fp32. Where torch refuses the 16-bit GEMM (a layout its cuBLAS call
+    does not take, say), that call is promoted too, with a warning the first time."""
+    global mm_refused
+    if sixteen_bit and sixteen_bit_gemm(a, b):
+        try:
+            return torch.mm(a, b, out_dtype=cd)
+        except RuntimeError as e:
+            if mm_refused is None:
+                mm_refused = " ".join(f"{type(e).__name__}: {e}".split())[:300]
+                warn_at_caller(
+                    f"fused_rnn: torch.mm(..., out_dtype={cd}) refused {tuple(a.shape)} x "
+                    f"{tuple(b.shape)} {a.dtype} operands ({mm_refused}); such GEMMs run on "
+                    "operands promoted to fp32 (TF32) instead, the same products, more slowly")
+    return a.to(cd) @ b.to(cd)
+
+
 _tf32_lock = threading.RLock()
 
 

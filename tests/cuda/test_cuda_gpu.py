@@ -42,7 +42,7 @@ from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 import fused_rnn
 import fused_rnn.ops.cuda as cuda_backend
 from fused_rnn import functional
-from fused_rnn.ops import reference
+from fused_rnn.ops import common, reference
 from fused_rnn.ops.cuda import _ext, ops
 from fused_rnn.ops.cuda import plan as P
 from fused_rnn.ops.reference import MODES
@@ -330,9 +330,27 @@ def test_16_bit_gemms_form_exact_products_and_sum_in_fp32(monkeypatch, dt, setti
     assert err <= 2 * n * 2.0**-24, err
     on_16_bit = STANDIN is None and setting == "auto"
     assert out_dtypes == ([torch.float32] if on_16_bit else []), out_dtypes
-    # ... and torch took it, here and in every GEMM this process ran before (ops._mm promotes
-    # a refused one, with a warning)
-    assert ops._mm_refused is None, ops._mm_refused
+    # ... and torch took it, here and in every GEMM this process ran before (common.mm_f32
+    # promotes a refused one, with a warning)
+    assert common.mm_refused is None, common.mm_refused
+
+
+@pytest.mark.parametrize("mode", ["LSTM", "GRU"])
+def test_16_bit_layers_hand_every_gemm_16_bit_operands(cuda_ext, monkeypatch, mode):
+    """A bf16 layer's projection, dx, dW_ih and dW_hh (GRU's in two) all get bf16 operands
+    (ops._mm -> common.mm_f32: 16-bit tensor cores on a GPU): x and W_ih, and the dgates the
+    backward kernel wrote in the storage dtype, never fp32 copies."""
+    seen = []
+
+    def recording(a, b, cd, **kw):
+        seen.append((a.dtype, b.dtype, cd))
+        return common.mm_f32(a, b, cd, **kw)
+
+    monkeypatch.setattr(ops, "mm_f32", recording)
+    leaves, lens, cots = _inputs(mode, 4, 3, 5, 37, torch.bfloat16, 0, True)
+    _run(cuda_backend.rnn_layer, mode, leaves, torch.bfloat16, lens, True, cots)
+    bf16 = (torch.bfloat16, torch.bfloat16, torch.float32)
+    assert seen == [bf16] * (5 if mode == "GRU" else 4), seen
 
 
 @pytest.mark.parametrize("dt", ["fp32", "bf16"])

@@ -27,7 +27,6 @@ import re
 import shutil
 import subprocess
 import sys
-import warnings
 from pathlib import Path
 
 import pytest
@@ -814,30 +813,6 @@ def test_the_kernel_adds_b_ih_as_the_gemm_would(install, mode, dt):
     for i, (u, v) in enumerate(zip(before, after, strict=True)):
         assert torch.equal(u, v), f"tensor {i}"
     assert not torch.equal(before[0], run(xw.clone())[0]), "b_ih must matter here"
-
-
-def test_a_refused_16_bit_gemm_is_promoted_with_one_warning(monkeypatch):
-    """Where torch.mm(..., out_dtype=) raises (ops._mm: a cuBLAS layout it does not take, on some
-    torch), that GEMM runs on promoted operands, the same products, and the first refusal is
-    said once, with torch's message."""
-    monkeypatch.setattr(ops, "_sixteen_bit_gemm", lambda a, b: True)
-    monkeypatch.setattr(ops, "_mm_refused", None)
-    calls = []
-
-    def refusing_mm(*args, **kwargs):
-        calls.append(kwargs.get("out_dtype"))
-        raise RuntimeError("CUDA error: CUBLAS_STATUS_NOT_SUPPORTED")
-
-    monkeypatch.setattr(torch, "mm", refusing_mm)
-    g = torch.Generator().manual_seed(0)
-    a, b = torch.randn(6, 5, generator=g).bfloat16(), torch.randn(5, 3, generator=g).bfloat16()
-    with pytest.warns(RuntimeWarning, match="refused .*CUBLAS_STATUS_NOT_SUPPORTED"):
-        got = ops._mm(a, b, torch.float32)
-    assert torch.equal(got, a.float() @ b.float())
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
-        assert torch.equal(ops._mm(a, b, torch.float32), got)
-    assert calls == [torch.float32, torch.float32]
 
 
 # ------------------------------------------------------------------ cp.async stage copies

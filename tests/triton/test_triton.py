@@ -27,7 +27,7 @@ from helpers import (
 from torch.nn.utils.rnn import pack_padded_sequence
 
 import fused_rnn
-from fused_rnn.ops import reference
+from fused_rnn.ops import common, reference
 from fused_rnn.ops import triton as tr
 from fused_rnn.ops.triton import launch, ops
 
@@ -331,6 +331,26 @@ def test_torch_gemms_use_tf32_like_cudnn(monkeypatch, fp32_precision_restored, p
     assert len(seen) == (6 if path == "step" else 5), seen
     assert set(seen) == {want}
     assert torch.backends.cuda.matmul.fp32_precision == before
+
+
+@pytest.mark.parametrize("path", ["persistent", "step"])
+@pytest.mark.parametrize("mode", ["LSTM", "GRU"])
+def test_16_bit_gemms_of_backward_take_the_rounded_dgates(monkeypatch, mode, path):
+    """The contract (reference._Linear16): in 16-bit storage the dgates are rounded to the dtype
+    before any use, so the launcher hands dx, dW_ih and dW_hh (GRU's in two) 16-bit operands
+    (common.mm_f32: 16-bit tensor cores on a GPU), never the kernels' fp32 dgates."""
+    seen = []
+
+    def recording(a, b, cd, **kw):
+        seen.append((a.dtype, b.dtype, cd))
+        return common.mm_f32(a, b, cd, **kw)
+
+    monkeypatch.setattr(launch, "mm_f32", recording)
+    ours, _ = layer_fns(mode, path=path)
+    outputs_and_grads(ours, make_inputs(mode, 2, 3, 4, 8, seed=3), torch.bfloat16,
+                      layer_cotangents(mode, 2, 3, 8, 8))
+    bf16 = (torch.bfloat16, torch.bfloat16, torch.float32)
+    assert seen == [bf16] * (4 if mode == "GRU" else 3), seen
 
 
 def _persistent_case_on_the_step_path(mode, B, T, I, H, seed):

@@ -34,6 +34,7 @@ from torch import Tensor
 
 from fused_rnn.ops.cuda import _ext, profile
 from fused_rnn.ops.common import (
+    SIXTEEN_BIT,
     check_rnn_args,
     gemms_use_tf32,
     grad_like,
@@ -41,8 +42,8 @@ from fused_rnn.ops.common import (
     refuse_double_backward,
     refuse_unsaved,
     register_autocast,
+    mm_f32,
     tf32_gemms,
-    warn_at_caller,
 )
 from fused_rnn.ops.cuda.plan import CELLS, K_BATCH_PAD
 from fused_rnn.ops.reference import GATES, compute_dtype
@@ -209,10 +210,6 @@ def stage_copy() -> int:
 
 
 GEMM_OPERANDS = ("auto", "fp32")
-_SIXTEEN_BIT = (torch.float16, torch.bfloat16)
-# torch.mm(a, b, out_dtype=torch.float32) on fp16/bf16 operands (aten::mm.dtype, torch >= 2.8;
-# CUDA kernels only).
-_MM_OUT_DTYPE = hasattr(torch.ops.aten.mm, "dtype")
 
 
 def gemm_operands() -> str:
@@ -229,34 +226,11 @@ def gemm_operands() -> str:
     return raw
 
 
-def _sixteen_bit_gemm(a: Tensor, b: Tensor) -> bool:
-    """Whether :func:`_mm` hands ``a`` and ``b`` to cuBLAS as they are."""
-    return (a.dtype == b.dtype and a.dtype in _SIXTEEN_BIT and a.is_cuda and _MM_OUT_DTYPE
-            and gemm_operands() == "auto" and a.shape[1] > 0)  # K = 0 (input_size 0): promoted
-
-
-_mm_refused: str | None = None  # what torch.mm(..., out_dtype=) raised first, if it ever did
-
-
 def _mm(a: Tensor, b: Tensor, cd: torch.dtype) -> Tensor:
-    """a @ b in the compute dtype ``cd`` (fp32 but in the CPU emulation's fp64). Two operands of
-    one 16-bit dtype go to cuBLAS as they are (:func:`gemm_operands`); anything else is promoted
-    to ``cd`` first and runs under the caller's TF32 setting (``common.tf32_gemms``). Where torch
-    refuses the 16-bit GEMM (a layout its cuBLAS call does not take, say), that call is promoted
-    too, the same products, with a warning the first time."""
-    global _mm_refused
-    if _sixteen_bit_gemm(a, b):
-        try:
-            return torch.mm(a, b, out_dtype=cd)
-        except RuntimeError as e:
-            if _mm_refused is None:
-                _mm_refused = " ".join(f"{type(e).__name__}: {e}".split())[:300]
-                warn_at_caller(
-                    f"fused_rnn CUDA backend: torch.mm(..., out_dtype={cd}) refused "
-                    f"{tuple(a.shape)} x {tuple(b.shape)} {a.dtype} operands ({_mm_refused}); "
-                    "such GEMMs run on operands promoted to fp32 (TF32) instead, the same "
-                    "products, more slowly")
-    return a.to(cd) @ b.to(cd)
+    """a @ b in the compute dtype ``cd`` (fp32 but in the CPU emulation's fp64):
+    ``common.mm_f32``, on 16-bit operands as they are unless :func:`gemm_operands` says
+    ``fp32``."""
+    return mm_f32(a, b, cd, sixteen_bit=gemm_operands() == "auto")
 
 
 def _lengths32(lengths: Tensor | None, device: torch.device) -> Tensor | None:
@@ -331,7 +305,7 @@ def _layer_forward_impl(
     # as a bias in the GEMM (torch has no 16-bit GEMM with an fp32 bias and result).
     b_ih_kernel = None
     with tf32_gemms(gemms_use_tf32(dtype, allow_tf32)):
-        if dtype in _SIXTEEN_BIT:
+        if dtype in SIXTEEN_BIT:
             xproj = _mm(x.reshape(T * B, -1), w_ih.t(), cd).view(T, B, G * H)
             b_ih_kernel = _to(b_ih, cd)
         else:

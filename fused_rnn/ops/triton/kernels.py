@@ -23,10 +23,8 @@ Kernels (``MODE``: 0 LSTM, 1 GRU, 2 RNN_TANH, 3 RNN_RELU; G gates, H hidden, P =
 Precision (the contract of ``fused_rnn/ops/reference.py``): gate math, accumulators and the
 LSTM cell state in fp32; the recurrent matmul's operands are rounded to the storage dtype
 (h is rounded after every step anyway, as in the reference; in backward the dgates are rounded
-to the storage dtype before they meet W_hh, as the reference's ``_Linear16`` rounds them). The
-time-parallel GEMMs after this backward (dx, dW_ih, dW_hh) and the bias sums take the dgates
-unrounded, in fp32 (TF32): more precise than the contract, which rounds them there too, as the
-CUDA backend does for its 16-bit GEMMs. fp32 dots use TF32 only when the launcher passes ``PRECISION="tf32"``
+to the storage dtype before they meet W_hh, as the reference's ``_Linear16`` rounds them; the
+launcher rounds them so for the time-parallel GEMMs after this backward too). fp32 dots use TF32 only when the launcher passes ``PRECISION="tf32"``
 (``torch.backends.cudnn.allow_tf32``). Under ``TRITON_INTERPRET=1`` (``INTERPRET``) operands
 are promoted to fp32 *after* rounding, because the interpreter's ``tl.dot`` on bf16 is wrong;
 the numbers are the same as the tensor-core dot up to accumulation order.

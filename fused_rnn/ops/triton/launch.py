@@ -37,6 +37,7 @@ from triton.runtime.errors import OutOfResources
 from fused_rnn.ops.common import (
     cudnn_rnn_tf32,
     gemms_use_tf32,
+    mm_f32,
     previous_hidden,
     tf32_gemms,
     warn_at_caller,
@@ -413,25 +414,29 @@ def layer_backward(
             dh = dh + _rec_grad(dg[t_next], None if dghn is None else dghn[t_next], w_hh_f, mode, dtype)
         dh0, dc0 = dh, dc
 
-    # Time-parallel part: every step's dgates at once.
+    # Time-parallel part: every step's dgates at once, rounded to the storage dtype first (the
+    # contract, reference.py: they are a matmul operand wherever they are used), so 16-bit data
+    # multiplies 16-bit operands (common.mm_f32), with fp32 sums.
     # GRU's n gate: its rows of dW_hh and db_hh come from dghn, the r and z rows from dg,
     # without copying both into one (T, B, 3H) tensor.
-    dg2 = dg.view(T * B, G * H)
-    dghn2 = dghn.view(T * B, H) if is_gru else None
-    hprev2 = hprev.view(T * B, P).float()
+    dg2 = dg.view(T * B, G * H).to(dtype)
+    dghn2 = dghn.view(T * B, H).to(dtype) if is_gru else None
+    hprev2 = hprev.view(T * B, P)
     with _gemm_tf32(dtype):
-        dx = (dg2 @ w_ih.float()).view(T, B, I)
-        dw_ih = dg2.t() @ x.reshape(T * B, I).float()
+        dx = mm_f32(dg2, w_ih, f32).view(T, B, I)
+        dw_ih = mm_f32(dg2.t(), x.reshape(T * B, I), f32)
         if dghn2 is None:
-            dw_hh = dg2.t() @ hprev2
+            dw_hh = mm_f32(dg2.t(), hprev2, f32)
         else:
-            dw_hh = torch.cat([dg2[:, : 2 * H].t() @ hprev2, dghn2.t() @ hprev2])
+            dw_hh = torch.cat([mm_f32(dg2[:, : 2 * H].t(), hprev2, f32),
+                               mm_f32(dghn2.t(), hprev2, f32)])
         if proj:
             # m_t = o_t * tanh(c_t), recomputed time-parallel from what the forward saved.
             m = gates[..., 3 * H:] * torch.tanh(state)
             dw_hr = dhnew.view(T * B, P).t() @ m.view(T * B, H)
-    db_ih = dg2.sum(0)  # one read of dg for both bias gradients
-    db_hh = db_ih.clone() if dghn2 is None else torch.cat([db_ih[: 2 * H], dghn2.sum(0)])
+    db_ih = dg2.sum(0, dtype=f32)  # one read of dg for both bias gradients
+    db_hh = (db_ih.clone() if dghn2 is None
+             else torch.cat([db_ih[: 2 * H], dghn2.sum(0, dtype=f32)]))
 
     def out(grad, like):
         return _empty0(x) if like is None else grad.to(like.dtype)
