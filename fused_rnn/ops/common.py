@@ -38,10 +38,9 @@ def gemms_use_tf32(dtype: torch.dtype, fp32_tf32: bool) -> bool:
 
     fp32 data: exactly when its recurrence may (``fp32_tf32``, :func:`cudnn_rnn_tf32` at the
     call), which is what cuDNN does for the whole of nn.LSTM. fp16/bf16 data: always. Their
-    values are exact in TF32 (10-bit mantissa), so the forward products are the reference's
-    fp32 ones; in the Triton backend's backward the fp32 pre-activation gradients are rounded
-    to TF32, finer than the storage dtype the contract rounds them to (the CUDA backend's are
-    16-bit already, and its 16-bit GEMMs skip the promotion where torch can: cuda.ops._mm). Left to torch's default
+    operands are 16-bit values (x, the weights, h, and in backward the dgates rounded to the
+    storage dtype, as the contract says), exact in TF32 (10-bit mantissa), so the products are
+    the reference's fp32 ones; where torch can, :func:`mm_f32` skips the promotion altogether. Left to torch's default
     (strict fp32, CUDA cores), the four GEMMs of a 256x128x1024 LSTM layer are ~1.1 TFLOP, about
     20 ms at the H100's ~55 TFLOP/s of fp32, against cuDNN's 7.9 ms for the whole bf16 layer
     (ANCHORS.md); on TF32 tensor cores, a few ms (an estimate, not measured).
