@@ -76,6 +76,50 @@ __device__ void zero_w(T* sw, const Plan& pl) {
   __syncthreads();
 }
 
+// One element of a W slice copy: its value, and whether W has it (else it stays as zero_w left
+// it, and nothing is stored).
+template <typename T>
+struct WElem {
+  T v;
+  bool ok;
+};
+
+// Copies the (rows, cols) slice of W into shared memory: load(r, c) is element (r, c) (a
+// WElem), store(r, c, v) writes one W has. Thread t takes
+// the flat indices t, t + blockDim.x, ... of the row-major (rows, cols) space (stepped without a
+// division; consecutive threads read consecutive columns, contiguous in W), kWLoadBatch at a
+// time: every load of a batch is issued before its first store, so that many global round trips
+// are in flight per thread instead of one. (One at a time, as it was, the copy took 120-190 us
+// a launch at S3 and S4 in run 2's phase table: a few hundred dependent loads per thread.)
+constexpr int kWLoadBatch = 16;
+
+template <typename Load, typename Store>
+__device__ void copy_w_slice(int rows, int cols, Load&& load, Store&& store) {
+  using V = decltype(load(0, 0));
+  if (rows <= 0 || cols <= 0) return;
+  const int step_r = blockDim.x / cols, step_c = blockDim.x % cols;
+  int r = threadIdx.x / cols, c = threadIdx.x % cols;
+  while (r < rows) {
+    V v[kWLoadBatch];
+    int rs[kWLoadBatch], cs[kWLoadBatch];
+#pragma unroll
+    for (int i = 0; i < kWLoadBatch; ++i) {
+      rs[i] = r;
+      cs[i] = c;
+      v[i] = load(r < rows ? r : 0, c);  // a row past the end reads row 0 and stores nothing
+      r += step_r;
+      c += step_c;
+      if (c >= cols) {
+        c -= cols;
+        ++r;
+      }
+    }
+#pragma unroll
+    for (int i = 0; i < kWLoadBatch; ++i)
+      if (rs[i] < rows && v[i].ok) store(rs[i], cs[i], v[i].v);
+  }
+}
+
 // Forward slice: local row r = g*team_units + jt <-> W_hh row g*H + team_u0 + jt (gate-major),
 // columns [k0, k0 + k_part) of K = H (plan.h: K parts; without them team_units = units,
 // team_u0 = u0, k0 = 0). Rows of units past H, padding rows and columns past H stay zero
@@ -85,14 +129,22 @@ __device__ void load_w_forward(T* sw, const Plan& pl, const T* __restrict__ w, i
                                int g_count, int team_u0, int k0) {
   zero_w(sw, pl);
   const int tu = team_units(pl);
-  const int total = pl.m_rows * pl.k_part;
-  for (int idx = threadIdx.x; idx < total; idx += blockDim.x) {
-    const int r = idx / pl.k_part, kk = idx % pl.k_part;
-    const int g = r / tu, j = r % tu;
-    if (g < g_count && team_u0 + j < hidden && k0 + kk < hidden)
-      sw[w_index<M>(pl, r, kk)] =
-          prepare_w<T, M>(w[(size_t)(g * hidden + team_u0 + j) * hidden + k0 + kk]);
-  }
+  int row = -1, g = 0, j = 0;  // (g, j) of local row `row`: rows change every k_part elements
+  copy_w_slice(
+      pl.m_rows, pl.k_part,
+      [&](int r, int kk) {
+        if (r != row) {
+          row = r;
+          g = r / tu;
+          j = r % tu;
+        }
+        const bool ok = g < g_count && team_u0 + j < hidden && k0 + kk < hidden;
+        return WElem<T>{
+            ok ? prepare_w<T, M>(w[(size_t)(g * hidden + team_u0 + j) * hidden + k0 + kk])
+               : from_float<T>(0.f),
+            ok};
+      },
+      [&](int r, int kk, T v) { sw[w_index<M>(pl, r, kk)] = v; });
 }
 
 // Backward slice: local row j <-> column team_u0 + j of W_hh (transposed), columns
@@ -102,12 +154,15 @@ template <typename T, Math M>
 __device__ void load_w_backward(T* sw, const Plan& pl, const T* __restrict__ w, int hidden,
                                 int team_u0, int k0) {
   zero_w(sw, pl);
-  const int total = pl.m_rows * pl.k_part;
-  for (int idx = threadIdx.x; idx < total; idx += blockDim.x) {
-    const int j = idx % pl.m_rows, kk = idx / pl.m_rows;
-    if (team_u0 + j < hidden && k0 + kk < pl.k)
-      sw[w_index<M>(pl, j, kk)] = prepare_w<T, M>(w[(size_t)(k0 + kk) * hidden + team_u0 + j]);
-  }
+  copy_w_slice(
+      pl.k_part, pl.m_rows,
+      [&](int kk, int j) {
+        const bool ok = team_u0 + j < hidden && k0 + kk < pl.k;
+        return WElem<T>{
+            ok ? prepare_w<T, M>(w[(size_t)(k0 + kk) * hidden + team_u0 + j]) : from_float<T>(0.f),
+            ok};
+      },
+      [&](int kk, int j, T v) { sw[w_index<M>(pl, j, kk)] = v; });
 }
 
 // ---- dynamic shared memory -------------------------------------------------------------------

@@ -193,6 +193,24 @@ def test_no_noncoherent_loads(nvcc_results, name, arch):
     assert not bad, f"{name} sm_{arch}: {len(bad)} non-coherent loads, e.g. {bad[:3]}"
 
 
+@pytest.mark.parametrize("arch", ARCHS, ids=lambda a: f"sm{a}")
+@pytest.mark.parametrize("name", [f.name for f in CU_FILES])
+def test_w_slice_copy_keeps_its_loads_in_flight(nvcc_results, name, arch):
+    """Each kernel's first work after zeroing the W region (its first ``bar.sync``) is the W
+    slice copy (rnn_common.cuh copy_w_slice): kWLoadBatch = 16 global loads issued before the
+    first shared store, so 16 round trips overlap per thread. Copied one element at a time,
+    each store waiting for its load, the copy took 120-190 us a launch at S3 and S4 in run 2."""
+    rc, _, ptx = nvcc_results[(name, arch)]
+    assert rc == 0 and ptx is not None, f"nvcc failed for {name} sm_{arch}"
+    bodies = re.split(r"^\.visible \.entry ", ptx, flags=re.M)[1:]
+    assert len(bodies) == 16
+    for body in bodies:
+        lines = body[body.index("bar.sync"):].splitlines()[1:]
+        first_store = next(i for i, line in enumerate(lines) if "st.shared" in line)
+        loads = sum("ld.global" in line for line in lines[:first_store])
+        assert loads >= 16, f"{body[:body.index('(')]}: {loads} loads before the first store"
+
+
 def _noncoherent_loads(ptx: str) -> list[str]:
     return [line.strip() for line in ptx.splitlines() if "ld.global.nc" in line]
 

@@ -511,8 +511,8 @@ OUT_OF_BOUNDS = {
                  "    if (s + 1 < p.steps) {\n      prefetch_step<C>(", "READ of size 1"),
     # W_hh's slice loaded one hidden unit past the last: a row of W past its end (H=37 gives
     # the last block a ragged slice)
-    "w-rows": ("rnn_common.cuh", "team_u0 + j < hidden && k0 + kk < hidden)",
-               "team_u0 + j <= hidden && k0 + kk < hidden)", "READ of size"),
+    "w-rows": ("rnn_common.cuh", "team_u0 + j < hidden && k0 + kk < hidden;",
+               "team_u0 + j <= hidden && k0 + kk < hidden;", "READ of size"),
 }
 
 
