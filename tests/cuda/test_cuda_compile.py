@@ -202,7 +202,7 @@ def test_w_slice_copy_keeps_its_loads_in_flight(nvcc_results, name, arch):
     each store waiting for its load, the copy took 120-190 us a launch at S3 and S4 in run 2."""
     rc, _, ptx = nvcc_results[(name, arch)]
     assert rc == 0 and ptx is not None, f"nvcc failed for {name} sm_{arch}"
-    bodies = re.split(r"^\.visible \.entry ", ptx, flags=re.M)[1:]
+    bodies = re.split(r"^\.visible \.entry ", ptx, flags=re.MULTILINE)[1:]
     assert len(bodies) == 16
     for body in bodies:
         lines = body[body.index("bar.sync"):].splitlines()[1:]
