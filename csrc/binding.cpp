@@ -114,6 +114,13 @@ int checked_point_batch(int64_t batch) {
   return static_cast<int>(batch);
 }
 
+int checked_frag_loads(int64_t mode) {
+  TORCH_CHECK(mode == fused_rnn::kFragShared || mode == fused_rnn::kFragGeneric,
+              "fused_rnn CUDA backend: frag_loads must be 0 (shared) or 1 (generic), got ",
+              num(mode));
+  return static_cast<int>(mode);
+}
+
 int checked_stage_copy(int64_t mode) {
   TORCH_CHECK(mode >= fused_rnn::kStageRegisters && mode <= fused_rnn::kStagePipelined,
               "fused_rnn CUDA backend: stage_copy must be 0 (registers), 1 (cp.async) or 2 ",
@@ -214,7 +221,8 @@ std::vector<at::Tensor> forward(int64_t mode, at::Tensor xproj, at::Tensor h0,
                                 c10::optional<at::Tensor> prof, int64_t stage_copy,
                                 int64_t k_parts, int64_t max_blocks, int64_t cluster,
                                 bool team_clusters, bool dsmem, int64_t tile_block,
-                                int64_t point_batch, c10::optional<at::Tensor> b_ih) {
+                                int64_t point_batch, c10::optional<at::Tensor> b_ih,
+                                int64_t frag_loads) {
   const Cell cell = cell_of(mode);
   const int64_t G = fused_rnn::gates_of(cell);
   TORCH_CHECK(xproj.is_cuda(), "fused_rnn CUDA backend: inputs must be CUDA tensors, got ",
@@ -276,6 +284,7 @@ std::vector<at::Tensor> forward(int64_t mode, at::Tensor xproj, at::Tensor h0,
   p.stage_copy = checked_stage_copy(stage_copy);
   p.tile_block = checked_tile_block(tile_block);
   p.point_batch = checked_point_batch(point_batch);
+  p.frag_loads = checked_frag_loads(frag_loads);
   p.cluster = cluster_mode;
   const at::Tensor part = part_buffer(plan, B_pad, xproj.options());
   p.part = part.defined() ? part.data_ptr<float>() : nullptr;
@@ -304,7 +313,7 @@ std::vector<at::Tensor> backward(int64_t mode, at::Tensor dy, at::Tensor dh_n,
                                  c10::optional<at::Tensor> prof, int64_t stage_copy,
                                  int64_t k_parts, int64_t max_blocks, int64_t cluster,
                                  bool team_clusters, bool dsmem, int64_t tile_block,
-                                 int64_t point_batch) {
+                                 int64_t point_batch, int64_t frag_loads) {
   const Cell cell = cell_of(mode);
   const int64_t G = fused_rnn::gates_of(cell);
   TORCH_CHECK(dy.is_cuda(), "fused_rnn CUDA backend: inputs must be CUDA tensors, got ",
@@ -370,6 +379,7 @@ std::vector<at::Tensor> backward(int64_t mode, at::Tensor dy, at::Tensor dh_n,
   p.stage_copy = checked_stage_copy(stage_copy);
   p.tile_block = checked_tile_block(tile_block);
   p.point_batch = checked_point_batch(point_batch);
+  p.frag_loads = checked_frag_loads(frag_loads);
   p.cluster = cluster_mode;
   const at::Tensor part = part_buffer(plan, B_pad, gates.options());
   p.part = part.defined() ? part.data_ptr<float>() : nullptr;
@@ -438,14 +448,15 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("max_stage_k"), py::arg("prof") = py::none(), py::arg("stage_copy") = 2,
         py::arg("k_parts") = 1, py::arg("max_blocks") = 0, py::arg("cluster") = 0,
         py::arg("team_clusters") = false, py::arg("dsmem") = false, py::arg("tile_block") = 4,
-        py::arg("point_batch") = 0, py::arg("b_ih") = py::none());
+        py::arg("point_batch") = 0, py::arg("b_ih") = py::none(), py::arg("frag_loads") = 0);
   m.def("backward", &backward, "persistent backward over a chunk", py::arg("mode"),
         py::arg("dy"), py::arg("dh_n"), py::arg("dc_n"), py::arg("w_hh"), py::arg("gates"),
         py::arg("aux"), py::arg("c0"), py::arg("hprev"), py::arg("lengths"), py::arg("reverse"),
         py::arg("allow_tf32"), py::arg("max_groups"), py::arg("max_stage_k"),
         py::arg("prof") = py::none(), py::arg("stage_copy") = 2, py::arg("k_parts") = 1,
         py::arg("max_blocks") = 0, py::arg("cluster") = 0, py::arg("team_clusters") = false,
-        py::arg("dsmem") = false, py::arg("tile_block") = 4, py::arg("point_batch") = 0);
+        py::arg("dsmem") = false, py::arg("tile_block") = 4, py::arg("point_batch") = 0,
+        py::arg("frag_loads") = 0);
   m.def("plan_info", &plan_info, "launch plan (units, blocks, ..., parts, k_part, part_ld)",
         py::arg("mode"), py::arg("math"), py::arg("hidden"), py::arg("backward"),
         py::arg("max_blocks"), py::arg("groups") = 1, py::arg("stage_rows") = 0,

@@ -49,6 +49,12 @@ enum StageCopy : int {
   kStagePipelined = 2,  // cp.async into two half-width buffers: slice s+1 lands during s's matmul
 };
 
+// How the WMMA kernels load their operands and accumulators (rnn_common.cuh frag_load).
+enum FragLoads : int {
+  kFragShared = 0,   // the .shared forms wherever the data is in shared memory (ldmatrix, LDS)
+  kFragGeneric = 1,  // WMMA's generic forms everywhere (one generic load per register)
+};
+
 struct FwdParams {
   Plan plan;                // plan.h choose_launch(..., /*backward=*/false, ...)
   int steps, batch, hidden, batch_pad;
@@ -74,6 +80,8 @@ struct FwdParams {
                             //   (plan.h tile_block; the results do not depend on it)
   int point_batch;          // 0: the epilogue loads points in batches (rnn_common.cuh
                             //   run_points); 1: one at a time (the results do not depend on it)
+  int frag_loads;           // FragLoads: how the WMMA operands are loaded (the results do not
+                            //   depend on it)
   float* part;              // plan.parts > 1: (parts, B_pad, plan.part_ld) fp32 scratch (the
                             //   K parts' partial sums, plan.h); else nullptr
   int cluster;              // ClusterMode: kClusterNone (one cooperative grid, every barrier a
@@ -103,6 +111,7 @@ struct BwdParams {
   int stage_copy;           // StageCopy: how X is copied into the stage
   int tile_block;           // as FwdParams::tile_block
   int point_batch;          // as FwdParams::point_batch
+  int frag_loads;           // as FwdParams::frag_loads
   float* part;              // as FwdParams::part
   int cluster;              // as FwdParams::cluster
 };

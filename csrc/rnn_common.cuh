@@ -282,12 +282,164 @@ __device__ __forceinline__ float gather(const float* sc, const Plan& pl, ChunkLa
   return acc;
 }
 
+// ---- WMMA operands in shared memory ---------------------------------------------------------------
+// WMMA's load_matrix_sync / store_matrix_sync take generic pointers, and nvcc lowers them to one
+// generic load or store per 32-bit register (LD.E / ST.E, each with its own 64-bit address):
+// 10 of them per two HMMAs in a 16-bit k-step. The same PTX instructions exist with a .shared
+// state space; given the 32-bit shared address of the same data, ptxas turns the 16-bit operand
+// loads into ldmatrix (LDSM: 3 per two HMMAs) and the TF32 ones and the accumulators' loads and
+// stores into LDS / STS. Same instruction, same fragment layout, only the address space is
+// stated, so the fragments hold the same values and the MMAs give the same bits.
+// frag_load<Sh> / frag_store<Sh>: with Sh, p must point into this block's shared memory (the W
+// slice, the stage, the dsmem mirror, the scratch slots; cudasim checks every element's
+// address); without it, WMMA's generic forms (any memory: the exchange buffer in global memory
+// when X is not staged). FwdParams::frag_loads picks generic everywhere (the old code).
+#ifndef __CUDA_SIM__
+__device__ __forceinline__ unsigned smem_u32(const void* p) {
+  return static_cast<unsigned>(__cvta_generic_to_shared(p));
+}
+#define FRNN_LD2(op)                                                                    \
+  asm volatile(op " {%0,%1}, [%2], %3;" : "=r"(r[0]), "=r"(r[1]) : "r"(a), "r"(ldm) : "memory")
+#define FRNN_LD4(op)                                                                    \
+  asm volatile(op " {%0,%1,%2,%3}, [%4], %5;"                                           \
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])                         \
+               : "r"(a), "r"(ldm)                                                       \
+               : "memory")
+#define FRNN_LD8(op)                                                                    \
+  asm volatile(op " {%0,%1,%2,%3,%4,%5,%6,%7}, [%8], %9;"                               \
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]), "=r"(r[4]), "=r"(r[5]), \
+                 "=r"(r[6]), "=r"(r[7])                                                 \
+               : "r"(a), "r"(ldm)                                                       \
+               : "memory")
+#define FRNN_ST8(op)                                                                    \
+  asm volatile(op " [%0], {%1,%2,%3,%4,%5,%6,%7,%8}, %9;" ::"r"(a), "r"(r[0]), "r"(r[1]), \
+               "r"(r[2]), "r"(r[3]), "r"(r[4]), "r"(r[5]), "r"(r[6]), "r"(r[7]), "r"(ldm) \
+               : "memory")
+// The 32-bit registers of a fragment (WMMA's own loads write them through (int*)&frag too).
+template <typename F>
+__device__ __forceinline__ unsigned* frag_regs(F& f) {
+  return reinterpret_cast<unsigned*>(&f.x[0]);
+}
+template <typename F>
+__device__ __forceinline__ const unsigned* frag_regs(const F& f) {
+  return reinterpret_cast<const unsigned*>(&f.x[0]);
+}
+__device__ __forceinline__ void ptx_load(
+    wmma::fragment<wmma::matrix_a, 8, 32, 16, __nv_bfloat16, wmma::row_major>& f, unsigned a,
+    unsigned ldm) {
+  unsigned* r = frag_regs(f);
+  FRNN_LD2("wmma.load.a.sync.aligned.row.m8n32k16.shared.bf16");
+}
+__device__ __forceinline__ void ptx_load(
+    wmma::fragment<wmma::matrix_b, 8, 32, 16, __nv_bfloat16, wmma::col_major>& f, unsigned a,
+    unsigned ldm) {
+  unsigned* r = frag_regs(f);
+  FRNN_LD8("wmma.load.b.sync.aligned.col.m8n32k16.shared.bf16");
+}
+__device__ __forceinline__ void ptx_load(
+    wmma::fragment<wmma::matrix_a, 8, 32, 16, __half, wmma::row_major>& f, unsigned a,
+    unsigned ldm) {
+  unsigned* r = frag_regs(f);
+  FRNN_LD8("wmma.load.a.sync.aligned.row.m8n32k16.shared.f16");
+}
+__device__ __forceinline__ void ptx_load(
+    wmma::fragment<wmma::matrix_b, 8, 32, 16, __half, wmma::col_major>& f, unsigned a,
+    unsigned ldm) {
+  unsigned* r = frag_regs(f);
+  FRNN_LD8("wmma.load.b.sync.aligned.col.m8n32k16.shared.f16");
+}
+__device__ __forceinline__ void ptx_load(
+    wmma::fragment<wmma::matrix_a, 16, 16, 8, wmma::precision::tf32, wmma::row_major>& f,
+    unsigned a, unsigned ldm) {
+  unsigned* r = frag_regs(f);
+  FRNN_LD4("wmma.load.a.sync.aligned.row.m16n16k8.shared.tf32");
+}
+__device__ __forceinline__ void ptx_load(
+    wmma::fragment<wmma::matrix_b, 16, 16, 8, wmma::precision::tf32, wmma::col_major>& f,
+    unsigned a, unsigned ldm) {
+  unsigned* r = frag_regs(f);
+  FRNN_LD4("wmma.load.b.sync.aligned.col.m16n16k8.shared.tf32");
+}
+__device__ __forceinline__ void ptx_load(wmma::fragment<wmma::accumulator, 8, 32, 16, float>& f,
+                                         unsigned a, unsigned ldm) {
+  unsigned* r = frag_regs(f);
+  FRNN_LD8("wmma.load.c.sync.aligned.row.m8n32k16.shared.f32");
+}
+__device__ __forceinline__ void ptx_load(wmma::fragment<wmma::accumulator, 16, 16, 8, float>& f,
+                                         unsigned a, unsigned ldm) {
+  unsigned* r = frag_regs(f);
+  FRNN_LD8("wmma.load.c.sync.aligned.row.m16n16k8.shared.f32");
+}
+__device__ __forceinline__ void ptx_store(
+    unsigned a, const wmma::fragment<wmma::accumulator, 8, 32, 16, float>& f, unsigned ldm) {
+  const unsigned* r = frag_regs(f);
+  FRNN_ST8("wmma.store.d.sync.aligned.row.m8n32k16.shared.f32");
+}
+__device__ __forceinline__ void ptx_store(
+    unsigned a, const wmma::fragment<wmma::accumulator, 16, 16, 8, float>& f, unsigned ldm) {
+  const unsigned* r = frag_regs(f);
+  FRNN_ST8("wmma.store.d.sync.aligned.row.m16n16k8.shared.f32");
+}
+#undef FRNN_LD2
+#undef FRNN_LD4
+#undef FRNN_LD8
+#undef FRNN_ST8
+#endif
+
+// An A or B operand (row_major / col_major as the fragment says; ldm in elements).
+template <bool Sh, typename F, typename P>
+__device__ __forceinline__ void frag_load(F& f, const P* p, unsigned ldm) {
+  if constexpr (Sh) {
+#ifndef __CUDA_SIM__
+    ptx_load(f, smem_u32(p), ldm);
+#else
+    ::cudasim::load_shared(f, p, ldm);
+#endif
+  } else {
+    wmma::load_matrix_sync(f, p, ldm);
+  }
+}
+// An accumulator, row-major (ldm in floats): load and store.
+template <bool Sh, typename F>
+__device__ __forceinline__ void acc_load(F& f, const float* p, unsigned ldm) {
+  if constexpr (Sh) {
+#ifndef __CUDA_SIM__
+    ptx_load(f, smem_u32(p), ldm);
+#else
+    ::cudasim::load_shared(f, p, ldm);
+#endif
+  } else {
+    wmma::load_matrix_sync(f, p, ldm, wmma::mem_row_major);
+  }
+}
+template <bool Sh, typename F>
+__device__ __forceinline__ void acc_store(float* p, const F& f, unsigned ldm) {
+  if constexpr (Sh) {
+#ifndef __CUDA_SIM__
+    ptx_store(smem_u32(p), f, ldm);
+#else
+    ::cudasim::store_shared(p, f, ldm);
+#endif
+  } else {
+    wmma::store_matrix_sync(p, f, ldm, wmma::mem_row_major);
+  }
+}
+// Whether p is in this block's shared memory (decides Sh for X, once per slice).
+__device__ __forceinline__ bool in_shared(const void* p) {
+#ifndef __CUDA_SIM__
+  return __isShared(p) != 0;
+#else
+  return ::cudasim::is_shared(p);
+#endif
+}
+
 // ---- tensor-core tiles (WMMA) --------------------------------------------------------------------
 // The fragments of one math and how a k-step's operands are loaded. load_a: the A operand of
 // k-step kk of the tile whose first W row is at sw (row-major, row stride ldw; or, for kTf32,
 // the tile's 16 x 8 block of k-step 0 in the k-blocked layout, k-step kk ldw floats further).
 // load_b: the B operand of k-step kk for the batch tile whose first X row is at x (row stride
 // ldx). X^T as a col-major K x N operand is X row-major: element (k, n) at x[n * ldx + k].
+// Sh: the operands are in shared memory (frag_load).
 template <typename T, Math M> struct WmmaOps;
 
 template <typename T>
@@ -296,11 +448,13 @@ struct WmmaOps<T, Math::kWmma16> {
   using B = wmma::fragment<wmma::matrix_b, 8, 32, 16, T, wmma::col_major>;
   using C = wmma::fragment<wmma::accumulator, 8, 32, 16, float>;
   static constexpr unsigned kLdSlot = 32 + kSlotPad;
+  template <bool Sh>
   static __device__ __forceinline__ void load_a(A& a, const T* sw, int ldw, int kk) {
-    wmma::load_matrix_sync(a, sw + kk * 16, ldw);
+    frag_load<Sh>(a, sw + kk * 16, ldw);
   }
+  template <bool Sh>
   static __device__ __forceinline__ void load_b(B& b, const T* x, int ldx, int kk) {
-    wmma::load_matrix_sync(b, x + kk * 16, ldx);
+    frag_load<Sh>(b, x + kk * 16, ldx);
   }
 };
 
@@ -310,11 +464,13 @@ struct WmmaOps<float, Math::kTf32> {
   using B = wmma::fragment<wmma::matrix_b, 16, 16, 8, wmma::precision::tf32, wmma::col_major>;
   using C = wmma::fragment<wmma::accumulator, 16, 16, 8, float>;
   static constexpr unsigned kLdSlot = 16 + kSlotPad;
+  template <bool Sh>
   static __device__ __forceinline__ void load_a(A& a, const float* sw, int ldw, int kk) {
-    wmma::load_matrix_sync(a, sw + (size_t)kk * ldw, 8);  // already TF32-rounded (prepare_w)
+    frag_load<Sh>(a, sw + (size_t)kk * ldw, 8);  // already TF32-rounded (prepare_w)
   }
+  template <bool Sh>
   static __device__ __forceinline__ void load_b(B& b, const float* x, int ldx, int kk) {
-    wmma::load_matrix_sync(b, x + kk * 8, ldx);
+    frag_load<Sh>(b, x + kk * 8, ldx);
 #pragma unroll
     for (int i = 0; i < b.num_elements; ++i) b.x[i] = wmma::__float_to_tf32(b.x[i]);
   }
@@ -322,7 +478,7 @@ struct WmmaOps<float, Math::kTf32> {
 
 // One tile over k-steps [kb, ke): W rows at sw times X rows at x, into slot (row-major,
 // ld kLdSlot; added to what it holds when `accumulate`). One dependent MMA chain.
-template <typename T, Math M>
+template <typename T, Math M, bool Sh>
 __device__ __forceinline__ void tile_mma(const T* sw, int ldw, const T* x, int ldx, int kb,
                                          int ke, float* slot, bool accumulate) {
   using Ops = WmmaOps<T, M>;
@@ -330,15 +486,15 @@ __device__ __forceinline__ void tile_mma(const T* sw, int ldw, const T* x, int l
   typename Ops::B b;
   typename Ops::C acc;
   if (accumulate)
-    wmma::load_matrix_sync(acc, slot, Ops::kLdSlot, wmma::mem_row_major);
+    acc_load<Sh>(acc, slot, Ops::kLdSlot);
   else
     wmma::fill_fragment(acc, 0.f);
   for (int kk = kb; kk < ke; ++kk) {
-    Ops::load_a(a, sw, ldw, kk);
-    Ops::load_b(b, x, ldx, kk);
+    Ops::template load_a<Sh>(a, sw, ldw, kk);
+    Ops::template load_b<Sh>(b, x, ldx, kk);
     wmma::mma_sync(acc, a, b, acc);
   }
-  wmma::store_matrix_sync(slot, acc, Ops::kLdSlot, wmma::mem_row_major);
+  acc_store<Sh>(slot, acc, Ops::kLdSlot);
 }
 
 // A block of BM x BN adjacent tiles over k-steps [kb, ke) (plan.h tile_block): tile (i, j)
@@ -348,7 +504,7 @@ __device__ __forceinline__ void tile_mma(const T* sw, int ldw, const T* x, int l
 // MMAs; the next k-step's fragments are loaded before this one's MMAs, so their shared-memory
 // latency overlaps the tensor cores' work. Each tile's products are summed in k order, as a
 // single tile's are: the results do not depend on BM and BN.
-template <typename T, Math M, int BM, int BN>
+template <typename T, Math M, int BM, int BN, bool Sh>
 __device__ __forceinline__ void block_mma(const T* sw, int ldw, size_t a_step, const T* x,
                                           int ldx, size_t b_step, int kb, int ke, float* slot,
                                           size_t slot_i, size_t slot_j, bool accumulate) {
@@ -359,8 +515,7 @@ __device__ __forceinline__ void block_mma(const T* sw, int ldw, size_t a_step, c
 #pragma unroll
     for (int j = 0; j < BN; ++j) {
       if (accumulate)
-        wmma::load_matrix_sync(acc[i][j], slot + i * slot_i + j * slot_j, Ops::kLdSlot,
-                               wmma::mem_row_major);
+        acc_load<Sh>(acc[i][j], slot + i * slot_i + j * slot_j, Ops::kLdSlot);
       else
         wmma::fill_fragment(acc[i][j], 0.f);
     }
@@ -368,9 +523,9 @@ __device__ __forceinline__ void block_mma(const T* sw, int ldw, size_t a_step, c
   typename Ops::B b0[BN], b1[BN];
   const auto load = [&](typename Ops::A (&a)[BM], typename Ops::B (&b)[BN], int kk) {
 #pragma unroll
-    for (int i = 0; i < BM; ++i) Ops::load_a(a[i], sw + i * a_step, ldw, kk);
+    for (int i = 0; i < BM; ++i) Ops::template load_a<Sh>(a[i], sw + i * a_step, ldw, kk);
 #pragma unroll
-    for (int j = 0; j < BN; ++j) Ops::load_b(b[j], x + j * b_step, ldx, kk);
+    for (int j = 0; j < BN; ++j) Ops::template load_b<Sh>(b[j], x + j * b_step, ldx, kk);
   };
   const auto mma = [&](const typename Ops::A (&a)[BM], const typename Ops::B (&b)[BN]) {
 #pragma unroll
@@ -392,8 +547,7 @@ __device__ __forceinline__ void block_mma(const T* sw, int ldw, size_t a_step, c
   for (int i = 0; i < BM; ++i)
 #pragma unroll
     for (int j = 0; j < BN; ++j)
-      wmma::store_matrix_sync(slot + i * slot_i + j * slot_j, acc[i][j], Ops::kLdSlot,
-                              wmma::mem_row_major);
+      acc_store<Sh>(slot + i * slot_i + j * slot_j, acc[i][j], Ops::kLdSlot);
 }
 
 // One (tile, K-slice) task of the FMA path. sw: W slice (shared); x: exchange-buffer rows of
@@ -510,20 +664,20 @@ __device__ __forceinline__ void stage_copy_registers(T* dst, int ld_dst, const T
 }
 
 // One (tile, K-slice) task: W rows of tile mf against X rows of tile nf over k-steps [kb, ke).
-template <typename T, Math M>
+template <typename T, Math M, bool Sh>
 __device__ __forceinline__ void run_task(const T* wt, const Plan& pl, int rows_left, const T* xt,
                                          int ldx, int kb, int ke, float* slot, bool accumulate) {
   if constexpr (M == Math::kFma) {
     TileMma<T, M>::run(wt, pl.ldw, rows_left, xt, ldx, kb, ke, slot, accumulate);
   } else {
     (void)rows_left;
-    tile_mma<T, M>(wt, pl.ldw, xt, ldx, kb, ke, slot, accumulate);
+    tile_mma<T, M, Sh>(wt, pl.ldw, xt, ldx, kb, ke, slot, accumulate);
   }
 }
 
 // The blocked tasks of one stage slice (ksplit = 1, plan.h tile_block): warps take blocks of
 // BM x BN tiles round-robin; tile (mf, nf) still writes slot mf * nfr + nf, as unblocked.
-template <typename T, Math M, int BM, int BN>
+template <typename T, Math M, int BM, int BN, bool Sh>
 __device__ __forceinline__ void run_blocks(const T* sw, const Plan& pl, const T* xs, int ldx,
                                            int k0, int ksteps, int mfr, int nfr, float* sc,
                                            bool accumulate) {
@@ -534,10 +688,39 @@ __device__ __forceinline__ void run_blocks(const T* sw, const Plan& pl, const T*
   const size_t b_step = (size_t)ts.wn * ldx;      // from one batch tile to the next
   for (int blk = threadIdx.x >> 5; blk < blocks; blk += kWarps) {
     const int mf = blk / bnr * BM, nf = blk % bnr * BN;
-    block_mma<T, M, BM, BN>(sw + w_index<M>(pl, mf * ts.wm, k0), pl.ldw, a_step,
+    block_mma<T, M, BM, BN, Sh>(sw + w_index<M>(pl, mf * ts.wm, k0), pl.ldw, a_step,
                             xs + (size_t)nf * b_step, ldx, b_step, 0, ksteps,
                             sc + (size_t)(mf * nfr + nf) * pl.slot_floats,
                             (size_t)nfr * pl.slot_floats, pl.slot_floats, accumulate);
+  }
+}
+
+// The tasks of one slice: blocks of tiles where tb says so, else (tile, K-split) tasks
+// round-robin over the warps (chunk_matmul). Sh: X (xs) is in shared memory.
+template <typename T, Math M, bool Sh>
+__device__ __forceinline__ void slice_matmul(const T* sw, const Plan& pl, const T* xs, int ldx,
+                                             int k0, int ksteps, int mfr, int nfr, int ksplit,
+                                             TileBlock tb, float* sc, bool accumulate) {
+  constexpr TileShape ts = tile_shape(M);
+  if constexpr (M != Math::kFma) {
+    if (tb.bm * tb.bn > 1) {
+      if (tb.bm == 2 && tb.bn == 2)
+        run_blocks<T, M, 2, 2, Sh>(sw, pl, xs, ldx, k0, ksteps, mfr, nfr, sc, accumulate);
+      else if (tb.bm == 2)
+        run_blocks<T, M, 2, 1, Sh>(sw, pl, xs, ldx, k0, ksteps, mfr, nfr, sc, accumulate);
+      else
+        run_blocks<T, M, 1, 2, Sh>(sw, pl, xs, ldx, k0, ksteps, mfr, nfr, sc, accumulate);
+      return;
+    }
+  }
+  const int tiles = mfr * nfr;
+  for (int task = threadIdx.x >> 5; task < tiles * ksplit; task += kWarps) {
+    const int tile = task / ksplit, ks = task % ksplit;
+    const int mf = tile / nfr, nf = tile % nfr;
+    const int kb = ks * ksteps / ksplit, ke = (ks + 1) * ksteps / ksplit;
+    run_task<T, M, Sh>(sw + w_index<M>(pl, mf * ts.wm, k0), pl, pl.m_rows - mf * ts.wm,
+                       xs + (size_t)nf * ts.wn * ldx, ldx, kb, ke,
+                       sc + (size_t)task * pl.slot_floats, accumulate);
   }
 }
 
@@ -567,7 +750,8 @@ __device__ __forceinline__ void run_blocks(const T* sw, const Plan& pl, const T*
 template <typename T, Math M>
 __device__ ChunkLayout chunk_matmul(const T* sw, const Plan& pl, const T* x, int ld_x, int row0,
                                     int klen, int n0, int nreal, float* sc, T* stage,
-                                    int copy, int max_tiles, PhaseClock& clk) {
+                                    int copy, int max_tiles, bool frag_shared,
+                                    PhaseClock& clk) {
   constexpr TileShape ts = tile_shape(M);
   const int mfr = ceil_div(pl.m_pad, ts.wm);
   const int nfr = ceil_div(nreal, ts.wn);  // tiles of real rows only (above)
@@ -578,7 +762,6 @@ __device__ ChunkLayout chunk_matmul(const T* sw, const Plan& pl, const T* x, int
   const int slices = ceil_div(klen, slice_k);
   const int ksplit = tiles < kWarps ? imin(kWarps / tiles, slice_k / ts.wk) : 1;
   const TileBlock tb = tile_block(M, mfr, nfr, max_tiles);  // 1 x 1 where ksplit > 1
-  const int warp = threadIdx.x >> 5;
   const T* xc = x + (size_t)(n0 - row0) * ld_x;  // X rows of this chunk
   const auto cols_of = [&](int s) { return imin(slice_k, klen - s * slice_k); };
   if (pipe) stage_issue(stage, pl.stage_ld, xc, ld_x, nreal, cols_of(0));
@@ -611,26 +794,14 @@ __device__ ChunkLayout chunk_matmul(const T* sw, const Plan& pl, const T* x, int
       ldx = pl.stage_ld;
     }
     clk.own_begin();
-    if constexpr (M != Math::kFma) {
-      if (tb.bm * tb.bn > 1) {
-        if (tb.bm == 2 && tb.bn == 2)
-          run_blocks<T, M, 2, 2>(sw, pl, xs, ldx, k0, ksteps, mfr, nfr, sc, s > 0);
-        else if (tb.bm == 2)
-          run_blocks<T, M, 2, 1>(sw, pl, xs, ldx, k0, ksteps, mfr, nfr, sc, s > 0);
-        else
-          run_blocks<T, M, 1, 2>(sw, pl, xs, ldx, k0, ksteps, mfr, nfr, sc, s > 0);
-        clk.own_end(kProfMmaOwn);
-        continue;
-      }
-    }
-    for (int task = warp; task < tiles * ksplit; task += kWarps) {
-      const int tile = task / ksplit, ks = task % ksplit;
-      const int mf = tile / nfr, nf = tile % nfr;
-      const int kb = ks * ksteps / ksplit, ke = (ks + 1) * ksteps / ksplit;
-      run_task<T, M>(sw + w_index<M>(pl, mf * ts.wm, k0), pl, pl.m_rows - mf * ts.wm,
-                     xs + (size_t)nf * ts.wn * ldx, ldx, kb, ke,
-                     sc + (size_t)task * pl.slot_floats, s > 0);
-    }
+    // X is in shared memory when staged, or in the dsmem mirror: then every operand is (Sh;
+    // the FMA path loads its own, with plain loads).
+    bool sh = false;
+    if constexpr (M != Math::kFma) sh = frag_shared && (staged || in_shared(xs));
+    if (sh)
+      slice_matmul<T, M, true>(sw, pl, xs, ldx, k0, ksteps, mfr, nfr, ksplit, tb, sc, s > 0);
+    else
+      slice_matmul<T, M, false>(sw, pl, xs, ldx, k0, ksteps, mfr, nfr, ksplit, tb, sc, s > 0);
     clk.own_end(kProfMmaOwn);
   }
   return ChunkLayout{nfr, ksplit};
@@ -682,6 +853,7 @@ struct BlockState {
   int n_begin, n_end;
   int copy;        // StageCopy (fused_rnn.h)
   int max_tiles;   // the most tiles a warp multiplies at once (FwdParams::tile_block)
+  bool frag_shared;   // WMMA operands in shared memory through the .shared forms (frag_load)
   bool batch_points;  // run_points may load points in batches (FwdParams::point_batch == 0)
   int team, rank;  // K parts (team = slice, rank = 0 without them)
   int team_u0;     // first unit of the team
@@ -691,7 +863,8 @@ struct BlockState {
 template <typename W>
 __device__ __forceinline__ BlockState<W> block_state(const Plan& pl, int hidden, int batch,
                                                      int batch_pad, int copy,
-                                                     int max_tiles, int point_batch) {
+                                                     int max_tiles, int point_batch,
+                                                     int frag_loads) {
   unsigned char* smem = dynamic_smem();
   BlockState<W> b;
   b.sw = reinterpret_cast<W*>(smem);
@@ -706,6 +879,7 @@ __device__ __forceinline__ BlockState<W> block_state(const Plan& pl, int hidden,
   b.n_end = imin(b.n_begin + b.group_rows, batch);
   b.copy = copy;
   b.max_tiles = max_tiles;
+  b.frag_shared = frag_loads == kFragShared;
   b.batch_points = point_batch == 0;
   b.team = slice / pl.parts;
   b.rank = slice % pl.parts;
@@ -798,7 +972,7 @@ __device__ __forceinline__ void block_step(const BlockState<W>& bs, const Plan& 
     const int nb = imin(ncols, batch - n0);  // real batch rows of this chunk (n0 < n_end)
     const ChunkLayout L = chunk_matmul<W, M>(bs.sw, pl, x + bs.k0, ld_x, row0, bs.klen, n0,
                                              nb, bs.sc, bs.stage, bs.copy, bs.max_tiles,
-                                             clk);
+                                             bs.frag_shared, clk);
     __syncthreads();
     clk.mark(kPhaseMma);
     if (part == nullptr) {

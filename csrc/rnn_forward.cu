@@ -141,7 +141,7 @@ __global__ void __launch_bounds__(kThreads, 1) rnn_forward_kernel(const FwdParam
   using W = typename WType<T, M>::type;
   const BlockState<W> bs =
       block_state<W>(p.plan, p.hidden, p.batch, p.batch_pad, p.stage_copy,
-                     p.tile_block, p.point_batch);
+                     p.tile_block, p.point_batch, p.frag_loads);
   PhaseClock clk(p.prof);
   load_w_forward<W, M>(bs.sw, p.plan, static_cast<const T*>(p.w_hh), p.hidden, gates_of(C),
                        bs.team_u0, bs.k0);

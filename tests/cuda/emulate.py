@@ -30,7 +30,8 @@ different block count, which the tests get by setting ``sms``; and ``cluster``,
 barriers to swap and no memories to tell apart, so it runs the grid plan. ``tile_block`` (register
 blocking of the matmul) is accepted and ignored: blocking keeps every tile's K order, so the
 sums it models are the same; so is ``point_batch`` (the epilogue's batches of points: each
-point's arithmetic is the same).
+point's arithmetic is the same), and ``frag_loads`` (how the WMMA fragments are loaded: the same
+instructions in another address space, the same values).
 
 It does not run the CUDA code: it checks the design and its index arithmetic, which the CUDA
 code must then match line by line (the names here are the kernel's names).
@@ -219,7 +220,7 @@ class Emulator:
     def forward(self, mode, xproj, h0, c0, w_hh, b_hh, lengths, reverse, allow_tf32, save,
                 max_groups, max_stage_k=0, prof=None, stage_copy=2, k_parts=1, max_blocks=0,
                 cluster=0, team_clusters=False, dsmem=False, tile_block=4,
-                point_batch=0, b_ih=None):
+                point_batch=0, b_ih=None, frag_loads=0):
         cell = int(mode)
         G = P.GATES[cell]
         T, B, GH = xproj.shape
@@ -337,7 +338,7 @@ class Emulator:
     def backward(self, mode, dy, dh_n, dc_n, w_hh, gates, aux, c0, hprev, lengths, reverse,
                  allow_tf32, max_groups, max_stage_k=0, prof=None, stage_copy=2, k_parts=1,
                  max_blocks=0, cluster=0, team_clusters=False, dsmem=False, tile_block=4,
-                 point_batch=0):
+                 point_batch=0, frag_loads=0):
         cell = int(mode)
         G = P.GATES[cell]
         T, B, H = dy.shape

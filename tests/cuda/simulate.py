@@ -190,10 +190,13 @@ def _load(sanitize: str, csrc: Path, ucontext: bool = False) -> ctypes.CDLL:
             lib.sim_cluster_launches.restype = ctypes.c_longlong
             lib.sim_mma_count.restype = ctypes.c_longlong
             lib.sim_point_batch_count.restype = ctypes.c_longlong
+            lib.sim_frag_stores.restype = ctypes.c_longlong
+            lib.sim_frag_stores.argtypes = [i]
             lib.sim_plan.argtypes = [i] * 13 + [ctypes.POINTER(ctypes.c_int)]
             lib.sim_make_plan.argtypes = [i] * 9 + [ctypes.POINTER(ctypes.c_int)]
-            lib.sim_forward.argtypes = [i] * 16 + [p, fp, p, fp, p, fp, p, fp, p, i, i, i, fp, fp]
-            lib.sim_backward.argtypes = [i] * 15 + [p] * 14 + [i, i, i, fp]
+            lib.sim_forward.argtypes = [i] * 16 + [p, fp, p, fp, p, fp, p, fp, p, i, i, i, fp, fp,
+                                                   i]
+            lib.sim_backward.argtypes = [i] * 15 + [p] * 14 + [i, i, i, fp, i]
             _libs[key] = lib
         return _libs[key]
 
@@ -249,6 +252,11 @@ class Simulator:
     def mma_count(self) -> int:
         """wmma::mma_sync calls (one a warp) of every launch so far, in this process."""
         return int(self.lib.sim_mma_count())
+
+    def frag_stores(self) -> tuple[int, int]:
+        """(all, .shared): the accumulator stores (one a warp and tile) of every launch so far,
+        in this process, and those through the .shared form (rnn_common.cuh frag_load)."""
+        return int(self.lib.sim_frag_stores(0)), int(self.lib.sim_frag_stores(1))
 
     def point_batch_count(self) -> int:
         """Batches of points (one a thread and batch, rnn_common.cuh run_points) of every launch
@@ -311,7 +319,7 @@ class Simulator:
     def forward(self, mode, xproj, h0, c0, w_hh, b_hh, lengths, reverse, allow_tf32, save,
                 max_groups, max_stage_k, prof=None, stage_copy=2, k_parts=1, max_blocks=0,
                 cluster=0, team_clusters=False, dsmem=False, tile_block=4,
-                point_batch=0, b_ih=None):
+                point_batch=0, b_ih=None, frag_loads=0):
         cell = int(mode)
         T, B, _ = xproj.shape
         H = h0.shape[1]
@@ -328,7 +336,8 @@ class Simulator:
                        max_blocks, cluster, team_clusters, dsmem)
         self.launches.append(("forward", cell, {**pl, "stage_copy": int(stage_copy),
                                                 "tile_block": int(tile_block),
-                                                "point_batch": int(point_batch)}))
+                                                "point_batch": int(point_batch),
+                                                "frag_loads": int(frag_loads)}))
         B_pad = -(-B // BATCH_PAD) * BATCH_PAD
         hbuf = torch.zeros(2, B_pad, pl["k_pad"], dtype=st)
         hbuf[0, :B, :H] = h0
@@ -344,7 +353,8 @@ class Simulator:
             int(dsmem), _ptr(w_hh), _ptr(b_hh),
             _ptr(lengths),
             _ptr(xproj), _ptr(hbuf), _ptr(cbuf), _ptr(y), _ptr(aux), self._prof(prof, pl),
-            int(stage_copy), int(tile_block), int(point_batch), _ptr(part), _ptr(b_ih)))
+            int(stage_copy), int(tile_block), int(point_batch), _ptr(part), _ptr(b_ih),
+            int(frag_loads)))
         h_n = hbuf[T % 2, :B, :H].contiguous()
         c_n = cbuf.to(st) if cell == 0 else torch.empty(0, dtype=st)
         return [y, h_n, c_n, aux]
@@ -352,7 +362,7 @@ class Simulator:
     def backward(self, mode, dy, dh_n, dc_n, w_hh, gates, aux, c0, hprev, lengths, reverse,
                  allow_tf32, max_groups, max_stage_k, prof=None, stage_copy=2, k_parts=1,
                  max_blocks=0, cluster=0, team_clusters=False, dsmem=False, tile_block=4,
-                 point_batch=0):
+                 point_batch=0, frag_loads=0):
         cell = int(mode)
         G = (4, 3, 1, 1)[cell]
         T, B, H = dy.shape
@@ -373,7 +383,8 @@ class Simulator:
                        max_blocks, cluster, team_clusters, dsmem)
         self.launches.append(("backward", cell, {**pl, "stage_copy": int(stage_copy),
                                                  "tile_block": int(tile_block),
-                                                 "point_batch": int(point_batch)}))
+                                                 "point_batch": int(point_batch),
+                                                 "frag_loads": int(frag_loads)}))
         B_pad = -(-B // BATCH_PAD) * BATCH_PAD
         dgbuf = torch.zeros(2, B_pad, pl["k_pad"], dtype=st)
         dh_carry = dh_n.clone()
@@ -389,5 +400,6 @@ class Simulator:
             _ptr(lengths), _ptr(dy), _ptr(gates), _ptr(aux) if cell in (0, 1) else None,
             _ptr(c0) if cell == 0 else None, _ptr(hprev) if cell == 1 else None, _ptr(dgbuf),
             _ptr(dh_carry), _ptr(dc_carry), _ptr(dgx), _ptr(dghn), _ptr(dh0),
-            self._prof(prof, pl), int(stage_copy), int(tile_block), int(point_batch), _ptr(part)))
+            self._prof(prof, pl), int(stage_copy), int(tile_block), int(point_batch), _ptr(part),
+            int(frag_loads)))
         return [dgx, dghn, dh0, dc_carry]

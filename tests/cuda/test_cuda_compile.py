@@ -211,6 +211,52 @@ def test_w_slice_copy_keeps_its_loads_in_flight(nvcc_results, name, arch):
         assert loads >= 16, f"{body[:body.index('(')]}: {loads} loads before the first store"
 
 
+# The .shared forms each WMMA kernel must hold (rnn_common.cuh frag_load), by the kernel's math
+# and storage type in its mangled name: A and B operands, the accumulator's load and store.
+_SHARED_FRAGMENT_FORMS = {
+    "13__nv_bfloat16": ("wmma.load.a.sync.aligned.row.m8n32k16.shared.bf16",
+                        "wmma.load.b.sync.aligned.col.m8n32k16.shared.bf16",
+                        "wmma.load.c.sync.aligned.row.m8n32k16.shared.f32",
+                        "wmma.store.d.sync.aligned.row.m8n32k16.shared.f32"),
+    "6__half": ("wmma.load.a.sync.aligned.row.m8n32k16.shared.f16",
+                "wmma.load.b.sync.aligned.col.m8n32k16.shared.f16",
+                "wmma.load.c.sync.aligned.row.m8n32k16.shared.f32",
+                "wmma.store.d.sync.aligned.row.m8n32k16.shared.f32"),
+    "fLNS_4MathE1": ("wmma.load.a.sync.aligned.row.m16n16k8.shared.tf32",
+                     "wmma.load.b.sync.aligned.col.m16n16k8.shared.tf32",
+                     "wmma.load.c.sync.aligned.row.m16n16k8.shared.f32",
+                     "wmma.store.d.sync.aligned.row.m16n16k8.shared.f32")}
+
+
+@pytest.mark.parametrize("arch", ARCHS, ids=lambda a: f"sm{a}")
+@pytest.mark.parametrize("name", [f.name for f in CU_FILES])
+def test_wmma_kernels_load_fragments_from_shared_memory(nvcc_results, name, arch):
+    """Every tensor-core kernel holds the .shared forms of its WMMA loads and stores (which ptxas
+    turns into ldmatrix and LDS/STS) next to the generic ones (X read from L2 unstaged, and
+    FUSED_RNN_CUDA_FRAG_LOADS=generic), and the FMA kernels none: WMMA's own load_matrix_sync
+    compiles to the generic forms only, one generic load per register."""
+    rc, _, ptx = nvcc_results[(name, arch)]
+    assert rc == 0 and ptx is not None, f"nvcc failed for {name} sm_{arch}"
+    bodies = re.split(r"^\.visible \.entry ", ptx, flags=re.MULTILINE)[1:]
+    assert len(bodies) == 16
+    seen = 0
+    for body in bodies:
+        kernel = body[:body.index("(")]
+        shared = {line.split()[0] for line in body.splitlines()
+                  if line.strip().startswith("wmma.") and ".shared." in line}
+        generic = [line for line in body.splitlines()
+                   if line.strip().startswith("wmma.load") and ".shared." not in line]
+        forms = [f for key, f in _SHARED_FRAGMENT_FORMS.items() if key in kernel]
+        if "MathE2" in kernel:  # the FMA path: no WMMA at all
+            assert not shared and not generic, kernel
+            continue
+        assert len(forms) == 1, kernel
+        seen += 1
+        assert shared == set(forms[0]), f"{kernel}: {sorted(shared)}"
+        assert generic, f"{kernel}: no generic form left for X in global memory"
+    assert seen == 12, seen
+
+
 def _noncoherent_loads(ptx: str) -> list[str]:
     return [line.strip() for line in ptx.splitlines() if "ld.global.nc" in line]
 

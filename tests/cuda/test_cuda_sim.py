@@ -375,10 +375,8 @@ def _differs_from_clean(install, csrc, mode="GRU", dt="bf16", **shape):
 
 MUTANTS = {
     # the epilogue reads the scratch slots before the other warps have written them
-    "no-barrier-after-matmul": ("rnn_common.cuh", """bs.max_tiles,
-                                             clk);
-    __syncthreads();""", """bs.max_tiles,
-                                             clk);"""),
+    "no-barrier-after-matmul": ("rnn_common.cuh", """bs.frag_shared, clk);
+    __syncthreads();""", """bs.frag_shared, clk);"""),
     # the next chunk's matmul overwrites slots the epilogue is still reading
     "no-barrier-after-epilogue": ("rnn_common.cuh",
                                   "    __syncthreads();  // the slots are reused by the next chunk",
@@ -750,6 +748,59 @@ def test_point_batches_give_the_same_bits(install, monkeypatch):
                             assert torch.equal(a, b), (partition, mode, dt, B, i)
     monkeypatch.setenv("FUSED_RNN_CUDA_POINT_BATCH", "4")
     with pytest.raises(ValueError, match="FUSED_RNN_CUDA_POINT_BATCH must be 'auto' or 1"):
+        _layer("LSTM", "bf16")
+
+
+# ------------------------------------------------------------------ WMMA fragments in shared memory
+# (environment, sms, H, where X is: "shared" (staged, or the dsmem mirror) or "global"); one SM
+# holds all of H, so its chunks have many W-row tiles and multiply blocks of them.
+_FRAG_PARTITIONS = {
+    "staged": ({"FUSED_RNN_CUDA_MAX_GROUPS": "8"}, 4, 37, "shared"),
+    "staged-blocks": ({}, 1, 60, "shared"),
+    "pipelined-parts2": ({"FUSED_RNN_CUDA_K_PARTS": "2", "FUSED_RNN_CUDA_MAX_GROUPS": "1",
+                          "FUSED_RNN_CUDA_STAGE_K": "32"}, 4, 60, "shared"),
+    "dsmem": ({"FUSED_RNN_CUDA_CLUSTER": "4", "FUSED_RNN_CUDA_CLUSTER_EXCHANGE": "dsmem"}, 4, 37,
+              "shared"),
+    "direct": ({"FUSED_RNN_CUDA_STAGE_K": "0"}, 4, 37, "global"),
+    "direct-blocks": ({"FUSED_RNN_CUDA_STAGE_K": "0"}, 1, 60, "global")}
+
+
+@pytest.mark.parametrize("partition", list(_FRAG_PARTITIONS))
+def test_fragments_in_shared_memory_give_the_same_bits(install, monkeypatch, partition):
+    """FUSED_RNN_CUDA_FRAG_LOADS: by default the WMMA kernels load their fragments (W, the staged
+    or mirrored X, the scratch slots' accumulators) through the .shared forms of wmma.load and
+    wmma.store (rnn_common.cuh frag_load), and X from the exchange buffer in global memory (not
+    staged) through WMMA's generic ones, with W and the slots then generic too; `generic` is the
+    old code everywhere. The same instructions, so the same bits: every output and gradient,
+    every cell, bf16 / fp16 / TF32 (and the FMA path, which loads its own). cudasim checks that
+    every element a .shared form touches lies in the block's shared memory (a .shared access
+    elsewhere reads other shared memory on a GPU) and counts the accumulator stores of each
+    form: where X is in shared memory all of them take the .shared form, where it is in global
+    memory none do, and with `generic` none do."""
+    env, sms, H, where = _FRAG_PARTITIONS[partition]
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    for mode in MODES:
+        for dt in ("bf16", "fp16", "tf32", "fp32"):
+            runs = {}
+            for setting in ("shared", "generic"):
+                monkeypatch.setenv("FUSED_RNN_CUDA_FRAG_LOADS", setting)
+                sim = install(sms=sms, order="shuffle", seed=3)
+                before = sim.frag_stores()
+                runs[setting] = _layer(mode, dt, B=40, T=3, H=H)
+                total, shared = (a - b for a, b in zip(sim.frag_stores(), before, strict=True))
+                key = (partition, mode, dt, setting)
+                assert (total > 0) == (dt != "fp32"), (key, total)
+                want = total if setting == "shared" and where == "shared" else 0
+                assert shared == want, (key, total, shared)
+                if partition == "dsmem":
+                    assert sim.cluster_launches() > 0, key
+                if partition == "pipelined-parts2":
+                    assert {pl["parts"] for _, _, pl in sim.launches} == {2}, key
+            for i, (a, b) in enumerate(zip(runs["generic"], runs["shared"], strict=True)):
+                assert torch.equal(a, b), (partition, mode, dt, i)
+    monkeypatch.setenv("FUSED_RNN_CUDA_FRAG_LOADS", "ldmatrix")
+    with pytest.raises(ValueError, match="FUSED_RNN_CUDA_FRAG_LOADS must be one of shared, generic"):
         _layer("LSTM", "bf16")
 
 

@@ -191,6 +191,23 @@ def point_batch() -> int:
     return 0 if raw == "auto" else 1
 
 
+FRAG_LOADS = {"shared": 0, "generic": 1}  # fused_rnn.h FragLoads
+
+
+def frag_loads() -> int:
+    """How the recurrent matmul's WMMA fragments are loaded (rnn_common.cuh frag_load), from
+    ``FUSED_RNN_CUDA_FRAG_LOADS``: ``shared`` (default: where the operands are in shared memory,
+    the ``.shared`` forms of ``wmma.load``/``wmma.store``, which ptxas turns into ldmatrix and
+    LDS/STS) or ``generic`` (WMMA's generic forms everywhere: one generic load per register).
+    The same instructions in another address space: the results are the same bits. Read at
+    every call, like :func:`max_groups`."""
+    raw = os.environ.get("FUSED_RNN_CUDA_FRAG_LOADS", "shared")
+    if raw not in FRAG_LOADS:
+        raise ValueError(
+            f"FUSED_RNN_CUDA_FRAG_LOADS must be one of {', '.join(FRAG_LOADS)}, got {raw!r}")
+    return FRAG_LOADS[raw]
+
+
 STAGE_COPIES = {"registers": 0, "async": 1, "pipelined": 2}  # fused_rnn.h StageCopy
 
 
@@ -334,6 +351,7 @@ def _layer_forward_impl(
         tile_block(),
         point_batch(),
         b_ih_kernel,
+        frag_loads(),
     )
     gates = xproj if save else x.new_empty((0,), dtype=cd)
     return y, h_n, c_n, gates, aux
@@ -474,6 +492,7 @@ def _layer_backward_impl(
             cluster_exchange_dsmem(),
             tile_block(),
             point_batch(),
+            frag_loads(),
         )
     # dgx (and dghn) come in the storage dtype, rounded as the recurrent matmul's operand is
     # (reference.py: the contract), so the GEMMs below take 16-bit operands (_mm) and sum in fp32.

@@ -631,6 +631,19 @@ unsigned cluster_num_blocks() {
 
 unsigned cluster_block_rank() { return blockIdx.x % cluster_num_blocks(); }
 
+bool is_shared(const void* p) {
+  const unsigned char* own = g_launch->smem[blockIdx.x];
+  const auto* q = static_cast<const unsigned char*>(p);
+  return q >= own && q < own + g_launch->smem_bytes;
+}
+
+void require_shared(const void* p, size_t bytes, const char* what) {
+  const unsigned char* own = g_launch->smem[blockIdx.x];
+  const auto* q = static_cast<const unsigned char*>(p);
+  if (q < own || q + bytes > own + g_launch->smem_bytes)
+    fail("%s: %p is not in this block's dynamic shared memory", what, p);
+}
+
 void* cluster_map_shared(const void* p, unsigned rank) {
   const unsigned size = cluster_num_blocks();
   if (rank >= size) fail("map_shared_rank: rank %u in a cluster of %u blocks", rank, size);
@@ -820,6 +833,14 @@ long long g_mma_count = 0;  // fibers share one OS thread (and this file is not 
 }  // namespace
 void count_mma() { ++g_mma_count; }
 long long mma_count() { return g_mma_count; }
+namespace {
+long long g_frag_stores[2] = {0, 0};  // generic and .shared forms, as g_mma_count
+}  // namespace
+void count_frag_store(bool shared) { ++g_frag_stores[shared ? 1 : 0]; }
+long long frag_store_count(bool shared) {
+  // All stores (every one goes through store_matrix_sync), or the .shared ones.
+  return shared ? g_frag_stores[1] : g_frag_stores[0];
+}
 namespace {
 long long g_point_batch_count = 0;  // as g_mma_count
 }  // namespace

@@ -78,7 +78,7 @@ bool fill_common(Params& p, fused_rnn::Selection& sel, int cell, int dtype, int 
                  int max_groups, int max_stage_k, int k_parts, int max_blocks, int cluster_max,
                  int team_clusters, int dsmem, const void* w_hh, const int* lengths,
                  long long* prof, int stage_copy, int tile_block, int point_batch,
-                 float* part) {
+                 int frag_loads, float* part) {
   int mode = fused_rnn::kClusterNone;
   if (!checked_plan(cell, dtype, allow_tf32, hidden, backward, batch_pad, max_groups,
                     max_stage_k, k_parts, max_blocks, cluster_max, team_clusters, dsmem, &sel,
@@ -97,6 +97,7 @@ bool fill_common(Params& p, fused_rnn::Selection& sel, int cell, int dtype, int 
   p.stage_copy = stage_copy;
   p.tile_block = tile_block;
   p.point_batch = point_batch;
+  p.frag_loads = frag_loads;
   p.part = sel.plan.parts > 1 ? part : nullptr;
   if (sel.plan.parts > 1 && part == nullptr) {
     g_error = "the plan has K parts but no partial buffer was given";
@@ -180,7 +181,7 @@ int sim_forward(int cell, int dtype, int allow_tf32, int steps, int batch, int h
                 const int* lengths,
                 float* xproj, void* hbuf, float* cbuf, void* y, float* aux, long long* prof,
                 int stage_copy, int tile_block, int point_batch, float* part,
-                const float* b_ih) {
+                const float* b_ih, int frag_loads) {
   const cudaError_t pending = cudaPeekAtLastError();
   fused_rnn::FwdParams p{};
   fused_rnn::Selection sel{};
@@ -188,7 +189,7 @@ int sim_forward(int cell, int dtype, int allow_tf32, int steps, int batch, int h
                    false, max_groups, max_stage_k, k_parts, max_blocks, cluster_max,
                    team_clusters, dsmem, w_hh,
                    lengths, prof,
-                   stage_copy, tile_block, point_batch,
+                   stage_copy, tile_block, point_batch, frag_loads,
                    part))
     return 1;
   p.save = save != 0;
@@ -214,7 +215,7 @@ int sim_backward(int cell, int dtype, int allow_tf32, int steps, int batch, int 
                  const float* aux, const float* c0, const void* hprev, void* dgbuf,
                  float* dh_carry, float* dc_carry, void* dgx, void* dghn, float* dh0,
                  long long* prof, int stage_copy, int tile_block, int point_batch,
-                 float* part) {
+                 float* part, int frag_loads) {
   const cudaError_t pending = cudaPeekAtLastError();
   fused_rnn::BwdParams p{};
   fused_rnn::Selection sel{};
@@ -222,7 +223,7 @@ int sim_backward(int cell, int dtype, int allow_tf32, int steps, int batch, int 
                    true, max_groups, max_stage_k, k_parts, max_blocks, cluster_max,
                    team_clusters, dsmem, w_hh,
                    lengths, prof,
-                   stage_copy, tile_block, point_batch,
+                   stage_copy, tile_block, point_batch, frag_loads,
                    part))
     return 1;
   p.dy = dy;
@@ -246,6 +247,10 @@ int sim_backward(int cell, int dtype, int allow_tf32, int steps, int batch, int 
 
 // How many wmma::mma_sync calls (one a warp) all launches so far made.
 long long sim_mma_count() { return cudasim::mma_count(); }
+
+// How many accumulator stores (one a warp and tile) all launches so far made: all of them
+// (shared = 0), or those through the .shared form (shared = 1; rnn_common.cuh frag_load).
+long long sim_frag_stores(int shared) { return cudasim::frag_store_count(shared != 0); }
 
 // How many batches of points (one a thread and batch) all launches so far ran.
 long long sim_point_batch_count() { return cudasim::point_batch_count(); }

@@ -106,6 +106,11 @@ inline long long global_ns() { return tick(); }
 // launch multiplied (mma_count()), which the results alone do not show for padding tiles.
 void count_mma();
 long long mma_count();
+// A warp's accumulator store (wmma::store_matrix_sync, counted by lane 0), and of those the ones
+// through the .shared form (store_shared below): lets tests see which form a launch's matmuls
+// took, which the results do not show.
+void count_frag_store(bool shared);
+long long frag_store_count(bool shared);
 // A thread's batch of points in the epilogue (rnn_common.cuh run_points, one count a thread and
 // batch): lets tests see that a launch took the batched path, which the results do not show.
 void count_point_batch();
@@ -439,6 +444,7 @@ void store_matrix_sync(float* p, const fragment<accumulator, M, N, K, float>& f,
                        layout_t layout) {
   check_pointer(p, ldm * sizeof(float), "store_matrix_sync");
   if (!is_lane0()) return;
+  ::cudasim::count_frag_store(false);
   for (int r = 0; r < M; ++r)
     for (int c = 0; c < N; ++c)
       (layout == mem_row_major ? p[(size_t)r * ldm + c] : p[(size_t)c * ldm + r]) =
@@ -486,3 +492,39 @@ void mma_sync(fragment<accumulator, M, N, K, float>& d, const fragment<matrix_a,
 }
 }  // namespace wmma
 }  // namespace nvcuda
+
+// The .shared forms of wmma.load / wmma.store (rnn_common.cuh frag_load: the kernels' own PTX on
+// a GPU, where the address is the 32-bit shared address of the pointer): the same as WMMA's, but
+// every element the warp reads or writes must lie in this block's dynamic shared memory. On a
+// GPU an address outside it is not an error: it reads or writes some other shared memory.
+namespace cudasim {
+bool is_shared(const void* p);  // p is in this block's dynamic shared memory
+void require_shared(const void* p, size_t bytes, const char* what);
+template <typename F, typename P>
+void load_shared(F& f, const P* p, unsigned ldm) {
+  using Layout = typename F::layout;
+  constexpr bool row = std::is_same_v<Layout, nvcuda::wmma::row_major>;
+  for (int r = 0; r < F::rows; ++r)
+    for (int c = 0; c < F::cols; ++c)
+      require_shared(row ? p + (size_t)r * ldm + c : p + (size_t)c * ldm + r, sizeof(P),
+                     "wmma.load .shared");
+  nvcuda::wmma::load_matrix_sync(f, p, ldm);
+}
+template <int M, int N, int K>
+void load_shared(nvcuda::wmma::fragment<nvcuda::wmma::accumulator, M, N, K, float>& f,
+                 const float* p, unsigned ldm) {
+  for (int r = 0; r < M; ++r)
+    for (int c = 0; c < N; ++c)
+      require_shared(p + (size_t)r * ldm + c, sizeof(float), "wmma.load.c .shared");
+  nvcuda::wmma::load_matrix_sync(f, p, ldm, nvcuda::wmma::mem_row_major);
+}
+template <int M, int N, int K>
+void store_shared(float* p, const nvcuda::wmma::fragment<nvcuda::wmma::accumulator, M, N, K, float>& f,
+                  unsigned ldm) {
+  for (int r = 0; r < M; ++r)
+    for (int c = 0; c < N; ++c)
+      require_shared(p + (size_t)r * ldm + c, sizeof(float), "wmma.store.d .shared");
+  if (nvcuda::wmma::is_lane0()) count_frag_store(true);
+  nvcuda::wmma::store_matrix_sync(p, f, ldm, nvcuda::wmma::mem_row_major);
+}
+}  // namespace cudasim
