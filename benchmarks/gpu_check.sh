@@ -5,7 +5,7 @@
 #   FRNN_COMMIT=<hash> benchmarks/gpu_check.sh [--backends LIST] [--budget SECONDS] [--dry-run]
 #                    (default cuda,triton,cuda-tb1,cuda-pb1,cuda-p1,cuda-cl16,cuda-cl16ds,
 #                     cuda-cl8,cuda-tc,cuda-b32,cuda-g1,cuda-direct,cuda-nopipe,cuda-regcopy,
-#                     cuda-gemm32;
+#                     cuda-gemm32,cuda-genfrag;
 #                     the first backend is timed with cuDNN over every configuration before
 #                     the others start; cuda-tb1 = cuda multiplying one tile a warp at a time
 #                     (no register blocking), cuda-pb1 = cuda finishing one point a thread at
@@ -18,7 +18,9 @@
 #                     groups, cuda-direct = without X staging, cuda-nopipe = one stage buffer,
 #                     cuda-regcopy = staging through registers, cuda-gemm32 = the 16-bit
 #                     layers' time-parallel GEMMs on operands promoted to fp32 (TF32), as in
-#                     the first H200 runs: variants timed last, in this order)
+#                     the first H200 runs, cuda-genfrag = the WMMA fragments loaded through
+#                     generic addresses only, as in the first H200 runs: variants timed last,
+#                     in this order)
 # FRNN_COMMIT: the commit being run (the lent machine gets the working tree without .git, so the
 # caller evaluates `git rev-parse HEAD` where it has git and writes the literal hash into the
 # command); the bench records it, and FRNN_GPU_TESTS (exported here: one line on the CUDA GPU
@@ -76,7 +78,7 @@ CUDA_LOGS="$FRNN_GPU_CHECK_LOGS"
 unset FRNN_GPU_CHECK_LOGS   # not for the steps: a script they start tees its own output
 mkdir -p "$CUDA_LOGS"
 
-BACKENDS=cuda,triton,cuda-tb1,cuda-pb1,cuda-p1,cuda-cl16,cuda-cl16ds,cuda-cl8,cuda-tc,cuda-b32,cuda-g1,cuda-direct,cuda-nopipe,cuda-regcopy,cuda-gemm32
+BACKENDS=cuda,triton,cuda-tb1,cuda-pb1,cuda-p1,cuda-cl16,cuda-cl16ds,cuda-cl8,cuda-tc,cuda-b32,cuda-g1,cuda-direct,cuda-nopipe,cuda-regcopy,cuda-gemm32,cuda-genfrag
 BUDGET=420
 DRY=0
 USAGE="usage: $0 [--backends LIST] [--budget SECONDS] [--dry-run]"

@@ -233,6 +233,25 @@ def test_k_parts_variant_runs_only_where_cuda_has_parts(monkeypatch):
     # cuda-gemm32 changes only the 16-bit layers' GEMMs
     assert [bench_gpu._variant_is_moot("cuda-gemm32", "GRU", bench_gpu.SHAPES["S3"], dt, "cuda")
             for dt in ("fp32", "bf16", "fp16")] == [True, False, False]
+    # cuda-genfrag changes how tensor-core launches with X in shared memory load fragments: every
+    # benchmark row stages X (S4 forward GRU too, since groups give way to the stage), on
+    # the FMA path (fp32 without TF32) nothing does, and without staging nothing does either
+    assert not any(bench_gpu._variant_is_moot("cuda-genfrag", mode, bench_gpu.SHAPES[name], dt,
+                                              "cuda")
+                   for mode in ("LSTM", "GRU") for name in bench_gpu.SHAPES
+                   for dt in ("fp32", "bf16", "fp16"))
+    assert bench_gpu._variant_is_moot("cuda-genfrag", "LSTM", bench_gpu.SHAPES["S3"],
+                                      "fp32-strict", "cuda")
+    monkeypatch.setenv("FUSED_RNN_CUDA_STAGE_K", "0")
+    assert bench_gpu._variant_is_moot("cuda-genfrag", "GRU", bench_gpu.SHAPES["S3"], "bf16",
+                                      "cuda")
+    monkeypatch.setenv("FUSED_RNN_CUDA_CLUSTER", "16")
+    monkeypatch.setenv("FUSED_RNN_CUDA_CLUSTER_EXCHANGE", "dsmem")
+    assert not bench_gpu._variant_is_moot("cuda-genfrag", "GRU", bench_gpu.SHAPES["S5"], "bf16",
+                                          "cuda")
+    for key in ("FUSED_RNN_CUDA_STAGE_K", "FUSED_RNN_CUDA_CLUSTER",
+                "FUSED_RNN_CUDA_CLUSTER_EXCHANGE"):
+        monkeypatch.delenv(key)
     # cuda's rows name their plans: batch groups, K parts and stage K columns per direction
     plans = bench_gpu._cuda_plans("LSTM", bench_gpu.SHAPES["S4"], "fp32")
     assert bench_gpu._plan_note(plans) == "plan fwd b128 g1 p4 k224, bwd b128 g1 p8 k304"
