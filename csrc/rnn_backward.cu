@@ -13,8 +13,8 @@
 // Iteration s = 0 .. T (time t = the forward's s-th last step):
 //   1. dh_rec = W_cols^T-slice * dgh_{s-1}: the gradient reaching h_{t} through the next step's
 //      recurrent matmul, with dgh_{s-1} read from dgbuf[s % 2] (zeros at s = 0);
-//   2. epilogue for (b, u): dh = dh_rec + carry (+ dy[t] on real steps), rounded to the storage
-//      type as the reference's autograd does (its h is cast to the storage type every step);
+//   2. epilogue for (b, u): dh = dh_rec + carry (+ dy[t] on real steps), in fp32 (h is stored
+//      rounded, its gradient is not: reference.py _StoreH);
 //      cell backward from the saved activations -> dgx[t] and the recurrent-side dgates
 //      (dgbuf[(s + 1) % 2], the next tensor-core operand; GRU also dghn[t]), all rounded to the
 //      storage type: every later use of them is a matmul operand (here, or the time-parallel
@@ -108,7 +108,7 @@ struct BackwardPoint {
       if (C == Cell::kGRU) static_cast<T*>(p.dghn)[tbh] = from_float<T>(0.f);
       return;
     }
-    const float dh = round_to<T>(in.dh_in + in.dy);
+    const float dh = in.dh_in + in.dy;
     float dg[G];   // input side (dgx)
     float dgr[G];  // recurrent side (the dgates W_hh multiplies)
     float carry = 0.f;

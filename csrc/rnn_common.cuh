@@ -36,12 +36,6 @@ template <> __device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(f
   return __float2bfloat16_rn(v);
 }
 
-// Round to the storage type and back: what the reference does to h after every step (and what
-// its autograd therefore does to the gradient reaching h).
-template <typename T> __device__ __forceinline__ float round_to(float v) {
-  return to_float(from_float<T>(v));
-}
-
 // Accurate expf/tanhf (not the __expf intrinsics): results must match torch to rounding.
 __device__ __forceinline__ float sigmoidf(float x) { return 1.f / (1.f + expf(-x)); }
 

@@ -15,7 +15,9 @@ from torch import Tensor
 
 from fused_rnn import backends
 from fused_rnn.ops import aten_cpu
+from fused_rnn.ops.common import autocast_available as _autocast_available
 from fused_rnn.ops.common import autocast_eligible, check_rnn_args
+from fused_rnn.ops.common import autocast_off as _autocast_off
 from fused_rnn.ops.reference import GATES, MODES
 
 
@@ -24,25 +26,10 @@ def _check_mode(mode: str) -> None:
         raise ValueError(f"unknown mode {mode!r}; expected one of {MODES}")
 
 
-@torch.compiler.assume_constant_result
-def _autocast_available(device_type: str) -> bool:
-    """Whether autocast has a key for this device type (meta and lazy have none: asking them
-    whether autocast is enabled raises). A constant to dynamo: torch 2.11's cannot trace the
-    C function behind it, and fullgraph compiles would fail on it."""
-    return torch.amp.is_autocast_available(device_type)
-
-
 def _autocast_dtype(device: torch.device) -> torch.dtype | None:
     if _autocast_available(device.type) and torch.is_autocast_enabled(device.type):
         return torch.get_autocast_dtype(device.type)
     return None
-
-
-def _autocast_off(device: torch.device):
-    """A region with autocast off on ``device``'s type (nothing to do where it has none)."""
-    if _autocast_available(device.type):
-        return torch.autocast(device.type, enabled=False)
-    return contextlib.nullcontext()
 
 
 def compute_dtype(device: torch.device, dtype: torch.dtype) -> torch.dtype:

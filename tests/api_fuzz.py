@@ -148,11 +148,13 @@ def _strided(t: Tensor) -> Tensor:
     return wide[..., ::2]
 
 
-def _run(module, case: dict, x, hs, lengths, cot_round: torch.dtype | None = None):
+def _run(module, case: dict, x, hs, lengths, cot_round: torch.dtype | None = None,
+         backward_region=contextlib.nullcontext):
     """Outputs and gradients (inputs' then parameters') of ``module`` on the case's input,
     from cotangents drawn from the case's seed: drawn in fp64 and cast, since torch.randn's
     values for one seed differ across dtypes (from 16 elements on, CPU), and rounded through
-    ``cot_round`` first where given (an fp64 run standing for a 16-bit one)."""
+    ``cot_round`` first where given (an fp64 run standing for a 16-bit one). The backward runs
+    inside ``backward_region()`` (within the caller's region, if it has one)."""
     lstm = case["cell"] == "lstm"
     wants = _requires_grad(case, ["x", "h0", "h1"])
     xi = x.clone().requires_grad_(wants["x"])
@@ -190,7 +192,8 @@ def _run(module, case: dict, x, hs, lengths, cot_round: torch.dtype | None = Non
             .to(o.device, o.dtype) for o in outs]
     pairs = [(o, c) for o, c in zip(outs, cots) if o.requires_grad]
     if pairs:  # (nothing may require grad)
-        torch.autograd.backward(*zip(*pairs))
+        with backward_region():
+            torch.autograd.backward(*zip(*pairs))
     return outs, [t.grad for t in leaves] + [p.grad for p in module.parameters()]
 
 
@@ -318,6 +321,25 @@ def check_low_precision(seed: int, backend: str, dtype: str, device: str = "cpu"
         assert err <= bound, f"seed {seed} tensor {i}: error {err:.3g} > bound {bound:.3g}"
         worst = max(worst, err / bound)
     return worst
+
+
+def amp_backward_region_runs(seed: int, backend: str, dtype: str, device: str = "cpu"):
+    """Case ``seed`` on ``backend`` in fp32 under ``torch.autocast`` to ``dtype``, twice: the
+    backward inside the autocast region (as :func:`check_low_precision` runs it), then with
+    autocast off around it (as PyTorch's AMP recipe puts it). Returns both runs' outputs and
+    gradients."""
+    low = getattr(torch, dtype)
+    case = {**draw(seed), "dtype": "float32"}
+    runs = []
+    for region in (contextlib.nullcontext,
+                   lambda: torch.autocast(torch.device(device).type, enabled=False)):
+        module, (x, hs, lengths) = _pair(case, backend)[1], _inputs(case)
+        module = module.to(device, torch.float32)
+        with torch.autocast(torch.device(device).type, dtype=low):
+            outs, grads = _run(module, case, x.to(device), [h.to(device) for h in hs], lengths,
+                               cot_round=low, backward_region=region)
+        runs.append(outs + grads)
+    return runs
 
 
 # ------------------------------------------------------------------ bad input

@@ -212,6 +212,21 @@ def autocast_eligible(t) -> bool:
     return isinstance(t, Tensor) and t.is_floating_point() and t.dtype != torch.float64
 
 
+@torch.compiler.assume_constant_result
+def autocast_available(device_type: str) -> bool:
+    """Whether autocast has a key for this device type (meta and lazy have none: asking them
+    whether autocast is enabled raises). A constant to dynamo: torch 2.11's cannot trace the
+    C function behind it, and fullgraph compiles would fail on it."""
+    return torch.amp.is_autocast_available(device_type)
+
+
+def autocast_off(device: torch.device):
+    """A region with autocast off on ``device``'s type (nothing to do where it has none)."""
+    if autocast_available(device.type):
+        return torch.autocast(device.type, enabled=False)
+    return contextlib.nullcontext()
+
+
 def register_autocast(op, device_type: str) -> None:
     """Autocast: floating inputs on ``device_type`` are cast to the *current* autocast dtype
     (fp16 or bf16, whichever the region asked for), then the op runs with autocast off.
@@ -230,6 +245,22 @@ def register_autocast(op, device_type: str) -> None:
 
         with torch._C._ExcludeDispatchKeyGuard(keyset):
             return op._opoverload(*(cast(a) for a in args))
+
+    op._lib.impl(op._name, kernel, key, with_keyset=True)
+
+
+def register_autocast_off(op, device_type: str) -> None:
+    """Autocast for a backward op: its inputs as they are (the fp32 gates, states and sums it
+    needs), and the op runs with autocast off. Without it a backward run inside an autocast
+    region (``loss.backward()`` within ``torch.autocast``) would reach the op's torch GEMMs
+    with autocast on and round their fp32 results to the region's dtype, so the gradients would
+    depend on where the caller put ``backward()``."""
+    key = "Autocast" + torch._C._dispatch_key_for_device(device_type)
+    keyset = torch._C.DispatchKeySet(getattr(torch._C.DispatchKey, key))
+
+    def kernel(_keyset, *args):
+        with torch._C._ExcludeDispatchKeyGuard(keyset):
+            return op._opoverload(*args)
 
     op._lib.impl(op._name, kernel, key, with_keyset=True)
 

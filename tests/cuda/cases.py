@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 import fused_rnn.ops.cuda as cuda_backend
-from fused_rnn.ops.common import register_autocast
+from fused_rnn.ops.common import register_autocast, register_autocast_off
 from fused_rnn.ops.cuda import _ext, ops
 from fused_rnn.ops.cuda import plan as P
 from fused_rnn.ops.reference import GATES
@@ -15,7 +15,7 @@ _cpu_autocast = False
 
 
 def register_cpu_kernels() -> None:
-    """The ops' implementations for CPU tensors, and their CUDA autocast rule for CPU autocast
+    """The ops' implementations for CPU tensors, and their CUDA autocast rules for CPU autocast
     (once per process). Without an installed stand-in the implementations raise the backend's
     "unavailable" RuntimeError, so registering them changes nothing for other tests."""
     global _cpu_autocast
@@ -24,6 +24,7 @@ def register_cpu_kernels() -> None:
         ops.cuda_layer_backward.register_kernel("cpu")(ops._layer_backward_impl)
     if not _cpu_autocast:
         register_autocast(ops.cuda_layer, "cpu")
+        register_autocast_off(ops.cuda_layer_backward, "cpu")
         _cpu_autocast = True
 
 

@@ -413,7 +413,7 @@ class Emulator:
                 c["dghn"][tbh[pad]] = 0
             real = ~pad
             b, u, tbh, tg, dh_in = b[real], u[real], tbh[real], tg[real], dh_in[real]
-        dh = (dh_in + c["dy"][tbh].to(cd)).to(st).to(cd)  # round_to<T>
+        dh = dh_in + c["dy"][tbh].to(cd)  # fp32, unrounded (reference._StoreH)
         a = c["gates"]
         carry = torch.zeros_like(dh)
         if cell == 0:

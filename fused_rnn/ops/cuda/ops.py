@@ -42,6 +42,7 @@ from fused_rnn.ops.common import (
     refuse_double_backward,
     refuse_unsaved,
     register_autocast,
+    register_autocast_off,
     mm_f32,
     tf32_gemms,
 )
@@ -547,3 +548,4 @@ refuse_double_backward(cuda_layer_backward, "cuda")
 
 # --------------------------------------------------------------------------- autocast
 register_autocast(cuda_layer, "cuda")
+register_autocast_off(cuda_layer_backward, "cuda")

@@ -28,6 +28,7 @@ from fused_rnn.ops.common import (
     refuse_double_backward,
     refuse_unsaved,
     register_autocast,
+    register_autocast_off,
 )
 from fused_rnn.ops.reference import GATES
 from fused_rnn.ops.triton import _SUPPORTED_DTYPES
@@ -317,3 +318,6 @@ for _op in (triton_layer_backward, triton_cell_backward):
 for _op in (triton_layer, triton_cell):
     for _dev in ("cuda", "cpu"):
         register_autocast(_op, _dev)
+for _op in (triton_layer_backward, triton_cell_backward):
+    for _dev in ("cuda", "cpu"):
+        register_autocast_off(_op, _dev)
