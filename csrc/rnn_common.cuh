@@ -318,93 +318,70 @@ template <typename F>
 __device__ __forceinline__ const unsigned* frag_regs(const F& f) {
   return reinterpret_cast<const unsigned*>(&f.x[0]);
 }
-__device__ __forceinline__ void ptx_load(
-    wmma::fragment<wmma::matrix_a, 8, 32, 16, __nv_bfloat16, wmma::row_major>& f, unsigned a,
-    unsigned ldm) {
-  unsigned* r = frag_regs(f);
-  FRNN_LD2("wmma.load.a.sync.aligned.row.m8n32k16.shared.bf16");
-}
-__device__ __forceinline__ void ptx_load(
-    wmma::fragment<wmma::matrix_b, 8, 32, 16, __nv_bfloat16, wmma::col_major>& f, unsigned a,
-    unsigned ldm) {
-  unsigned* r = frag_regs(f);
-  FRNN_LD8("wmma.load.b.sync.aligned.col.m8n32k16.shared.bf16");
-}
-__device__ __forceinline__ void ptx_load(
-    wmma::fragment<wmma::matrix_a, 8, 32, 16, __half, wmma::row_major>& f, unsigned a,
-    unsigned ldm) {
-  unsigned* r = frag_regs(f);
-  FRNN_LD8("wmma.load.a.sync.aligned.row.m8n32k16.shared.f16");
-}
-__device__ __forceinline__ void ptx_load(
-    wmma::fragment<wmma::matrix_b, 8, 32, 16, __half, wmma::col_major>& f, unsigned a,
-    unsigned ldm) {
-  unsigned* r = frag_regs(f);
-  FRNN_LD8("wmma.load.b.sync.aligned.col.m8n32k16.shared.f16");
-}
-__device__ __forceinline__ void ptx_load(
-    wmma::fragment<wmma::matrix_a, 16, 16, 8, wmma::precision::tf32, wmma::row_major>& f,
-    unsigned a, unsigned ldm) {
-  unsigned* r = frag_regs(f);
-  FRNN_LD4("wmma.load.a.sync.aligned.row.m16n16k8.shared.tf32");
-}
-__device__ __forceinline__ void ptx_load(
-    wmma::fragment<wmma::matrix_b, 16, 16, 8, wmma::precision::tf32, wmma::col_major>& f,
-    unsigned a, unsigned ldm) {
-  unsigned* r = frag_regs(f);
-  FRNN_LD4("wmma.load.b.sync.aligned.col.m16n16k8.shared.tf32");
-}
-__device__ __forceinline__ void ptx_load(wmma::fragment<wmma::accumulator, 8, 32, 16, float>& f,
-                                         unsigned a, unsigned ldm) {
-  unsigned* r = frag_regs(f);
-  FRNN_LD8("wmma.load.c.sync.aligned.row.m8n32k16.shared.f32");
-}
-__device__ __forceinline__ void ptx_load(wmma::fragment<wmma::accumulator, 16, 16, 8, float>& f,
-                                         unsigned a, unsigned ldm) {
-  unsigned* r = frag_regs(f);
-  FRNN_LD8("wmma.load.c.sync.aligned.row.m16n16k8.shared.f32");
-}
-__device__ __forceinline__ void ptx_store(
-    unsigned a, const wmma::fragment<wmma::accumulator, 8, 32, 16, float>& f, unsigned ldm) {
+// One overload of ptx_load (operands, accumulators) or ptx_store per fragment type the kernels
+// use, each the PTX instruction of that type and shape with N registers.
+#define FRNN_PTX_LOAD(FRAG, N, OP)                                                 \
+  __device__ __forceinline__ void ptx_load(FRAG& f, unsigned a, unsigned ldm) {    \
+    unsigned* r = frag_regs(f);                                                    \
+    FRNN_LD##N(OP);                                                                \
+  }
+using FragBf16A = wmma::fragment<wmma::matrix_a, 8, 32, 16, __nv_bfloat16, wmma::row_major>;
+using FragBf16B = wmma::fragment<wmma::matrix_b, 8, 32, 16, __nv_bfloat16, wmma::col_major>;
+using FragF16A = wmma::fragment<wmma::matrix_a, 8, 32, 16, __half, wmma::row_major>;
+using FragF16B = wmma::fragment<wmma::matrix_b, 8, 32, 16, __half, wmma::col_major>;
+using FragTf32A =
+    wmma::fragment<wmma::matrix_a, 16, 16, 8, wmma::precision::tf32, wmma::row_major>;
+using FragTf32B =
+    wmma::fragment<wmma::matrix_b, 16, 16, 8, wmma::precision::tf32, wmma::col_major>;
+using FragAcc16 = wmma::fragment<wmma::accumulator, 8, 32, 16, float>;
+using FragAccTf32 = wmma::fragment<wmma::accumulator, 16, 16, 8, float>;
+FRNN_PTX_LOAD(FragBf16A, 2, "wmma.load.a.sync.aligned.row.m8n32k16.shared.bf16")
+FRNN_PTX_LOAD(FragBf16B, 8, "wmma.load.b.sync.aligned.col.m8n32k16.shared.bf16")
+FRNN_PTX_LOAD(FragF16A, 8, "wmma.load.a.sync.aligned.row.m8n32k16.shared.f16")
+FRNN_PTX_LOAD(FragF16B, 8, "wmma.load.b.sync.aligned.col.m8n32k16.shared.f16")
+FRNN_PTX_LOAD(FragTf32A, 4, "wmma.load.a.sync.aligned.row.m16n16k8.shared.tf32")
+FRNN_PTX_LOAD(FragTf32B, 4, "wmma.load.b.sync.aligned.col.m16n16k8.shared.tf32")
+FRNN_PTX_LOAD(FragAcc16, 8, "wmma.load.c.sync.aligned.row.m8n32k16.shared.f32")
+FRNN_PTX_LOAD(FragAccTf32, 8, "wmma.load.c.sync.aligned.row.m16n16k8.shared.f32")
+__device__ __forceinline__ void ptx_store(unsigned a, const FragAcc16& f, unsigned ldm) {
   const unsigned* r = frag_regs(f);
   FRNN_ST8("wmma.store.d.sync.aligned.row.m8n32k16.shared.f32");
 }
-__device__ __forceinline__ void ptx_store(
-    unsigned a, const wmma::fragment<wmma::accumulator, 16, 16, 8, float>& f, unsigned ldm) {
+__device__ __forceinline__ void ptx_store(unsigned a, const FragAccTf32& f, unsigned ldm) {
   const unsigned* r = frag_regs(f);
   FRNN_ST8("wmma.store.d.sync.aligned.row.m16n16k8.shared.f32");
 }
+#undef FRNN_PTX_LOAD
 #undef FRNN_LD2
 #undef FRNN_LD4
 #undef FRNN_LD8
 #undef FRNN_ST8
 #endif
 
+// The .shared form of a fragment's load (an operand, or an accumulator: row-major).
+template <typename F, typename P>
+__device__ __forceinline__ void shared_load(F& f, const P* p, unsigned ldm) {
+#ifndef __CUDA_SIM__
+  ptx_load(f, smem_u32(p), ldm);
+#else
+  ::cudasim::load_shared(f, p, ldm);
+#endif
+}
 // An A or B operand (row_major / col_major as the fragment says; ldm in elements).
 template <bool Sh, typename F, typename P>
 __device__ __forceinline__ void frag_load(F& f, const P* p, unsigned ldm) {
-  if constexpr (Sh) {
-#ifndef __CUDA_SIM__
-    ptx_load(f, smem_u32(p), ldm);
-#else
-    ::cudasim::load_shared(f, p, ldm);
-#endif
-  } else {
+  if constexpr (Sh)
+    shared_load(f, p, ldm);
+  else
     wmma::load_matrix_sync(f, p, ldm);
-  }
 }
 // An accumulator, row-major (ldm in floats): load and store.
 template <bool Sh, typename F>
 __device__ __forceinline__ void acc_load(F& f, const float* p, unsigned ldm) {
-  if constexpr (Sh) {
-#ifndef __CUDA_SIM__
-    ptx_load(f, smem_u32(p), ldm);
-#else
-    ::cudasim::load_shared(f, p, ldm);
-#endif
-  } else {
+  if constexpr (Sh)
+    shared_load(f, p, ldm);
+  else
     wmma::load_matrix_sync(f, p, ldm, wmma::mem_row_major);
-  }
 }
 template <bool Sh, typename F>
 __device__ __forceinline__ void acc_store(float* p, const F& f, unsigned ldm) {
