@@ -36,7 +36,7 @@ from collections import defaultdict
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_gpu import MIN_REPS, SHAPES  # noqa: E402
+from bench_gpu import MIN_REPS, SHAPES
 
 DTYPES = {"fp32": "torch.float32", "bf16": "torch.bfloat16", "fp16": "torch.float16",
           "fp32-strict": "torch.float32"}
@@ -204,10 +204,10 @@ def as_python(rules: list[dict], backend: str, evidence: str, capability: str) -
     for r in rules:
         tf32 = "" if r.get("tf32") is None else f" tf32={r['tf32']},"
         lines += [
-            f"    # fwd+bwd {r['ratios'][0]:.2f}-{r['ratios'][1]:.2f}x cuDNN in {r['dtype']} on "
-            f"{', '.join(r['shapes'])} (fwd too)",
-            f"    AutoRule(backend={backend!r}, modes=frozenset({{{r['cell']!r}}}), "
-            f"dtypes=frozenset({{{DTYPES[r['dtype']]}}}),",
+            (f"    # fwd+bwd {r['ratios'][0]:.2f}-{r['ratios'][1]:.2f}x cuDNN in {r['dtype']} on "
+             f"{', '.join(r['shapes'])} (fwd too)"),
+            (f"    AutoRule(backend={backend!r}, modes=frozenset({{{r['cell']!r}}}), "
+             f"dtypes=frozenset({{{DTYPES[r['dtype']]}}}),"),
             f"             hidden={r['hidden']}, batch={r['batch']}, steps={r['steps']},{tf32}",
             f"             capability=({major}, {minor}),",
             f"             evidence={evidence!r}),",

@@ -624,7 +624,7 @@ def recheck(model, mode: str, x, cot, device: str, ref: dict, dtype_name: str,
     try:
         again = probe(model, mode, x, cot, device, backward=backward)
         _, _, check = compare(again, ref, tolerance(dtype_name))
-    except Exception as e:  # noqa: BLE001 - any failure of the kernels is the row's
+    except Exception as e:  # any failure of the kernels is the row's
         check = f"FAIL: {_one_line(e)}"
     return check if check == "ok" else "FAIL: after timing, " + check.removeprefix("FAIL: ")
 
@@ -686,7 +686,7 @@ def commit() -> str:
         head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True,
                               text=True, check=True).stdout.strip()
         dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
-                               capture_output=True, text=True).stdout.strip()
+                               capture_output=True, check=False, text=True).stdout.strip()
         return head + (" (+ uncommitted changes)" if dirty else "")
     except (OSError, subprocess.CalledProcessError):
         return "unknown (no git)"
@@ -734,8 +734,8 @@ def write_report(rows: list[dict], env: dict, args, skipped: list[str],
     _replace(csv_path, buf.getvalue())
     lines = [f"# GPU benchmark: fused_rnn vs cuDNN ({env['date']})", ""]
     if args.dry_run:
-        lines += ["**Dry run** on the CPU under the Triton interpreter at tiny shapes: checks the "
-                  "script only; the numbers mean nothing.", ""]
+        lines += [("**Dry run** on the CPU under the Triton interpreter at tiny shapes: checks the "
+                   "script only; the numbers mean nothing."), ""]
     lines += [f"- {k}: {_md_cell(v)}" for k, v in env.items()] + [
         "- timing: " + (f"time.perf_counter median of {MIN_REPS} after a warm-up" if args.dry_run
                         else f"triton.testing.do_bench median (warm-up, L2 flushed, at least "

@@ -50,8 +50,9 @@ def check_calls(ext) -> list[str]:
             common = (mode, r(T, B, I), r(B, H), c0, r(G * H, I), r(G * H, H), r(G * H),
                       r(G * H), torch.tensor([T, T - 1]))
             calls = {
-                "forward": lambda: ops._layer_forward_impl(*common, False, True, True),
-                "backward": lambda: ops._layer_backward_impl(
+                "forward": lambda common=common: ops._layer_forward_impl(*common, False, True,
+                                                                         True),
+                "backward": lambda common=common, G=G: ops._layer_backward_impl(
                     *common, True, True, r(T, B, H), r(T, B, G * H), r(T, B, H), r(T, B, H),
                     None, None),
             }

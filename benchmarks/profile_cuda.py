@@ -26,17 +26,17 @@ import time
 
 _T0 = time.monotonic()  # --time-budget counts from here: the imports are part of the run
 
-import argparse  # noqa: E402
-import datetime as dt  # noqa: E402
-import os  # noqa: E402
-import re  # noqa: E402
-import sys  # noqa: E402
-from pathlib import Path  # noqa: E402
-from unittest import mock  # noqa: E402
+import argparse
+import datetime as dt
+import os
+import re
+import sys
+from pathlib import Path
+from unittest import mock
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_gpu import (  # noqa: E402
+from bench_gpu import (
     CLUSTER_MARKS,
     DRY_SHAPES,
     DTYPE_NAMES,
@@ -169,26 +169,26 @@ def _render(args, env: dict, rows, failed, skipped, left_out, running=None) -> s
     """The phases table; running: (what, done, total) while a configuration is under way."""
     lines = [f"# CUDA kernel phases, {env['gpu']}", ""]
     lines += [f"- {k}: {v}" for k, v in env.items()]
-    lines += ["", "µs per step (mean over blocks) for copy, mma, epilogue, sync, sync min "
-              "(the last-arriving block's wait: about the barrier's own cost) and parts (the "
-              "K parts' second grid sync per step, 0 without them); mma own and epi own: "
-              "thread 0's own share of mma and epilogue (its warp's MMA loops; its own points' "
-              "loads and cells), without the wait for the other warps and threads; µs per launch "
-              "for load (W into shared memory) and "
-              "kernel (wall time); GHz: the SMs' clock over the launch (clock64 cycles over "
-              "globaltimer ns: the cycle counts' conversion, and whether the GPU ran at its "
-              "boost clock). plan: batch groups g, K parts p, stage K columns k (0: X "
-              "read unstaged), cl where the groups run as clusters (their sync is the "
-              "cluster barrier), tc where the K-parts teams do (their parts sync is), from "
-              "the plan mirror on this GPU. run: cuda, or the "
-              "bench variant (its environment) the row was timed under.", ""]
+    legend = ("µs per step (mean over blocks) for copy, mma, epilogue, sync, sync min (the "
+              "last-arriving block's wait: about the barrier's own cost) and parts (the K parts' "
+              "second grid sync per step, 0 without them); mma own and epi own: thread 0's own "
+              "share of mma and epilogue (its warp's MMA loops; its own points' loads and cells), "
+              "without the wait for the other warps and threads; µs per launch for load (W into "
+              "shared memory) and kernel (wall time); GHz: the SMs' clock over the launch "
+              "(clock64 cycles over globaltimer ns: the cycle counts' conversion, and whether the "
+              "GPU ran at its boost clock). plan: batch groups g, K parts p, stage K columns k "
+              "(0: X read unstaged), cl where the groups run as clusters (their sync is the "
+              "cluster barrier), tc where the K-parts teams do (their parts sync is), from the "
+              "plan mirror on this GPU. run: cuda, or the bench variant (its environment) the row "
+              "was timed under.")
+    lines += ["", legend, ""]
     if args.sim:
         lines += ["**cudasim**: the clock counts clock reads; these numbers mean nothing.", ""]
     if running is not None:
         what, done, total = running
-        lines += [f"**Incomplete**: {done} of {total} configurations done; this file was written "
-                  f"before {what} started and the run did not finish (killed at its caller's "
-                  "timeout, or stuck in that configuration).", ""]
+        lines += [(f"**Incomplete**: {done} of {total} configurations done; this file was written "
+                   f"before {what} started and the run did not finish (killed at its caller's "
+                   "timeout, or stuck in that configuration)."), ""]
     lines += table_lines(COLUMNS, rows, failed, skipped, args.time_budget)
     if left_out:
         lines += ["", "Left out (FRNN_NO_CLUSTERS=1: the cluster-mode GPU tests failed or hung): "

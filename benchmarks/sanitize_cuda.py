@@ -20,11 +20,11 @@ import time
 
 _T0 = time.monotonic()  # --time-budget counts from here: importing torch is part of the run
 
-import os  # noqa: E402
-import sys  # noqa: E402
-from unittest import mock  # noqa: E402
+import os
+import sys
+from unittest import mock
 
-import torch  # noqa: E402
+import torch
 
 from fused_rnn.ops import cuda as cuda_backend
 from fused_rnn.ops import reference

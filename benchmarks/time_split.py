@@ -216,7 +216,7 @@ def main(argv=None, start: float | None = None) -> int:
         try:
             m = measure(mode, B, T, H, dtype_name, backend, device)
             rows.append(_row(mode, f"{shape} {B}x{T}x{H}", dtype_name, backend, m))
-        except Exception as e:  # noqa: BLE001 (one failure must not cost the rest)
+        except Exception as e:  # one failure must not cost the rest
             failed.append(f"{what}: {type(e).__name__}: {e}"[:300])
     return finish(path, _render(args, env_info, rows, failed, skipped),
                   ok=bool(rows) and not failed and not skipped)

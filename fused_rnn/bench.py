@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import csv
 import datetime
+import itertools
 import json
 import math
 import os
@@ -451,7 +452,7 @@ def _context_lost(device: torch.device) -> bool:
     try:
         torch.ones(1, device=device).add_(1).item()
         return False
-    except Exception:  # noqa: BLE001 (whatever the error, the device cannot run work)
+    except Exception:  # whatever the error, the device cannot run work
         return True
 
 
@@ -489,7 +490,7 @@ def _bench_in_fresh_process(args, precisions: list[str], done: set[str],
 def _split(n: int, parts: int) -> list[range]:
     """``range(n)`` cut into ``parts`` nearly equal consecutive pieces."""
     bounds = [round(i * n / parts) for i in range(parts + 1)]
-    return [range(a, b) for a, b in zip(bounds, bounds[1:])]
+    return [range(a, b) for a, b in itertools.pairwise(bounds)]
 
 
 def _load_avg() -> str:
@@ -512,7 +513,8 @@ def _git_commit() -> str:
         return os.environ["FRNN_COMMIT"]
     try:
         r = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
-                           text=True, timeout=5, cwd=os.path.dirname(os.path.abspath(__file__)))
+                           check=False, text=True, timeout=5,
+                           cwd=os.path.dirname(os.path.abspath(__file__)))
         return r.stdout.strip() or "unknown"
     except Exception:
         return "unknown"

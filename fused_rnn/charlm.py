@@ -225,7 +225,7 @@ class CharLM(nn.Module):
         if getattr(rnn, "bidirectional", False) or getattr(rnn, "proj_size", 0):
             raise ValueError("step-by-step generation needs a unidirectional stack, no proj_size")
         kwargs = {}
-        if isinstance(rnn, fused_rnn.RNN) or isinstance(rnn, nn.RNN):
+        if isinstance(rnn, (fused_rnn.RNN, nn.RNN)):
             kwargs["nonlinearity"] = rnn.nonlinearity
         if cell_class in (fused_rnn.LSTMCell, fused_rnn.GRUCell, fused_rnn.RNNCell):
             kwargs["backend"] = rnn.backend

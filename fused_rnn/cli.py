@@ -50,7 +50,7 @@ from fused_rnn.tbptt import (
     train_chunk,
 )
 
-__all__ = ["main", "load_default_corpus", "DEFAULT_CORPUS_MODULES"]
+__all__ = ["DEFAULT_CORPUS_MODULES", "load_default_corpus", "main"]
 
 CHECKPOINT_FORMAT = "fused_rnn.charlm/1"
 
@@ -230,7 +230,7 @@ def load_default_corpus() -> Corpus:
     corpus.description = (
         f"Python {v.major}.{v.minor} standard-library source, {len(parts)} modules "
         f"({', '.join(sorted(DEFAULT_CORPUS_MODULES)[:3])}, ..., "
-        f"{sorted(DEFAULT_CORPUS_MODULES)[-1]}), {len(text):,} characters, "
+        f"{max(DEFAULT_CORPUS_MODULES)}), {len(text):,} characters, "
         f"sha256 {corpus.sha256[:12]}"
     )
     return corpus
@@ -460,7 +460,7 @@ class _Progress:
 def _fmt_time(s: float) -> str:
     if not math.isfinite(s):
         return "?"
-    s = int(round(s))
+    s = round(s)
     return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}" if s >= 3600 else f"{s // 60}:{s % 60:02d}"
 
 

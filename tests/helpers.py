@@ -67,7 +67,8 @@ def assert_close_list(actual, expected, atol, rtol, what=""):
             continue
         assert a is not None, f"{what}[{i}]: missing"
         assert a.shape == e.shape, f"{what}[{i}]: shape {tuple(a.shape)} vs {tuple(e.shape)}"
-        torch.testing.assert_close(a, e, atol=atol, rtol=rtol, msg=lambda m: f"{what}[{i}]: {m}")
+        torch.testing.assert_close(a, e, atol=atol, rtol=rtol,
+                                   msg=lambda m, i=i: f"{what}[{i}]: {m}")
 
 
 def record_gemm_precision(monkeypatch) -> list[str]:

@@ -354,11 +354,11 @@ def test_gpu_check_turns_k_parts_off_when_their_gpu_tests_fail(tmp_path):
     got = {}
     for name, text in logs.items():
         (tmp_path / name).write_text(text)
-        r = subprocess.run(["bash", "-c", f'source "{ROOT}/benchmarks/gpu_common.sh" && '
-                            f'frnn_parts_failed "{tmp_path / name}"'], check=False)
+        cmd = f'source "{ROOT}/benchmarks/gpu_common.sh" && frnn_parts_failed "{tmp_path / name}"'
+        r = subprocess.run(["bash", "-c", cmd], check=False)
         got[name] = r.returncode == 0
-    missing = subprocess.run(["bash", "-c", f'source "{ROOT}/benchmarks/gpu_common.sh" && '
-                              f'frnn_parts_failed "{tmp_path / "none"}"'], check=False)
+    cmd = f'source "{ROOT}/benchmarks/gpu_common.sh" && frnn_parts_failed "{tmp_path / "none"}"'
+    missing = subprocess.run(["bash", "-c", cmd], check=False)
     assert got == {"parts": True, "other": False, "clean": False} and missing.returncode != 0
     # and a failed cluster-mode test drops the cluster variants from the bench
     (tmp_path / "cluster").write_text(
@@ -435,7 +435,7 @@ def test_auto_rules_from_a_gpu_table(tmp_path, capsys):
     assert auto_rules.main([str(path)]) == 0
     out = capsys.readouterr().out
     ns = {"AutoRule": AutoRule, "torch": torch}
-    exec(out, ns)  # the printed rules are valid code that builds AutoRules
+    exec(out, ns)  # noqa: S102 - the printed rules are valid code that builds AutoRules
     (rule,) = ns["AUTO_RULES"]
     assert rule.backend == "cuda" and rule.modes == {"LSTM"} and rule.dtypes == {torch.bfloat16}
     assert rule.hidden == (256, 1024) and rule.batch == (8, 256) and rule.capability == (9, 0)
@@ -1190,10 +1190,9 @@ def test_inner_budget_leaves_time_to_write_the_report():
     """gpu_common.sh frnn_inner_budget WANT MARGIN: the --time-budget a script gets inside its
     step's timeout: the timeout less MARGIN, half of a short one, 0 when the step is skipped."""
     def budget(left, want, margin):
-        r = subprocess.run(["bash", "-c", f'source "{ROOT}/benchmarks/gpu_common.sh" && '
-                            f'FRNN_DEADLINE=$(( $(date +%s) + {left} )) && '
-                            f'frnn_inner_budget {want} {margin}'],
-                           capture_output=True, text=True, check=True)
+        cmd = (f'source "{ROOT}/benchmarks/gpu_common.sh" && '
+               f'FRNN_DEADLINE=$(( $(date +%s) + {left} )) && frnn_inner_budget {want} {margin}')
+        r = subprocess.run(["bash", "-c", cmd], capture_output=True, text=True, check=True)
         return int(r.stdout)
 
     assert budget(1000, 210, 70) == 140  # the step's own limit, less the margin

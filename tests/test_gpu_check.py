@@ -200,9 +200,9 @@ def _gpu_check(tmp_path, mode: str, backends: str = "cuda,triton,cuda-p1,cuda-cl
     bin_.mkdir()
     for name, text in (*tools, ("python", FAKE_PYTHON),
                        ("nvidia-smi", "#!/bin/bash\necho 'NVIDIA H200, 580, 143771 MiB'\n"),
-                       ("compute-sanitizer", "#!/bin/bash\n[[ $1 == --help ]] && exit 0\n"
-                                             "echo \"compute-sanitizer $* | FRNN_NO_CLUSTERS="
-                                             "${FRNN_NO_CLUSTERS:-}\" >> \"$FAKE_CALLS\"\n"),
+                       ("compute-sanitizer", ("#!/bin/bash\n[[ $1 == --help ]] && exit 0\n"
+                                              "echo \"compute-sanitizer $* | FRNN_NO_CLUSTERS="
+                                              "${FRNN_NO_CLUSTERS:-}\" >> \"$FAKE_CALLS\"\n")),
                        ("nvcc", "#!/bin/bash\nexit 1\n")):
         (bin_ / name).write_text(text)
         (bin_ / name).chmod(0o755)
@@ -287,7 +287,7 @@ def test_a_hang_outside_parts_and_clusters_leaves_cuda_out_of_the_bench(tmp_path
     """A GPU test of the default path that hangs would hang the bench's cuda rows, and with them
     every row after (Triton's): cuda and its variants leave the bench, and the later CUDA steps
     (which would hang the same way) are skipped."""
-    rc, log, calls, out = _gpu_check(tmp_path, "default-hangs")
+    rc, log, calls, _out = _gpu_check(tmp_path, "default-hangs")
     assert rc == 1, log[-3000:]
     (bench,) = [c for c in calls if "bench_gpu.py" in c]
     assert "--backends triton " in bench, bench

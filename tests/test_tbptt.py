@@ -373,7 +373,7 @@ def test_evaluate_leaves_training_state_alone():
     saved = batcher.state_dict()
     rng = torch.get_rng_state()
     total1, count1 = evaluate(model, batcher)
-    total2, count2 = evaluate(model, batcher)
+    total2, _count2 = evaluate(model, batcher)
     assert model.training
     assert count1 == 2 * 149 and total1 == total2  # eval mode: no dropout, deterministic
     assert torch.equal(torch.get_rng_state(), rng)
@@ -405,7 +405,7 @@ def test_step_through_cells_equals_layer_forward(cell, torch_nn):
     torch.manual_seed(0)
     model = CharLM(13, cell=cell, hidden_size=12, num_layers=2, rnn_class=rnn_class).eval()
     tokens = torch.randint(0, 13, (8, 3))
-    logits, state = model(tokens)
+    logits, _state = model(tokens)
     cells = model.step_cells()
     assert all(c.weight_hh is getattr(model.rnn, f"weight_hh_l{i}") for i, c in enumerate(cells))
     step_state, outs = None, []

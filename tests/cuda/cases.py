@@ -10,7 +10,6 @@ from fused_rnn.ops.cuda import _ext, ops
 from fused_rnn.ops.cuda import plan as P
 from fused_rnn.ops.reference import GATES
 
-
 _cpu_autocast = False
 
 

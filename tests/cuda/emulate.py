@@ -88,7 +88,7 @@ class Emulator:
         assert (B_pad // P.K_BATCH_PAD) % groups == 0
         pl = P.make_plan(cell, math, H, backward, self.sms, groups)
         assert pl.smem_bytes <= self.smem_optin, "binding's checked_plan would refuse this"
-        wm, wn, wk, elem, skew, _ = P.TILE_SHAPES[math]
+        _wm, wn, wk, elem, _skew, _ = P.TILE_SHAPES[math]
         assert pl.w_bytes % 128 == 0
         if math != P.MATHS["fma"]:
             ldm = wk if P.k_blocked(math) else pl.ldw

@@ -109,9 +109,11 @@ def test_exact_math_every_tile_shape(emulate, mode, math, lengths, reverse):
     assert {d for d, *_ in emu.launches} == {"forward", "backward"}
     assert all(pl.blocks > 1 for *_, pl in emu.launches)  # ragged multi-block partitions
     for name, a, b in zip(NAMES_OUT, outs, routs):
-        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10, msg=lambda m: f"{name}: {m}")
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10,
+                                   msg=lambda m, name=name: f"{name}: {m}")
     for name, a, b in zip(_grad_names(mode), grads, rgrads):
-        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10, msg=lambda m: f"{name}: {m}")
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10,
+                                   msg=lambda m, name=name: f"{name}: {m}")
 
 
 # Odd shapes: T=1, B=1, H=1, H below the block count, B over one chunk (64) so the batch loop and
@@ -126,7 +128,8 @@ def test_exact_math_odd_shapes(emulate, mode, T, B, I, H, sms):
     emulate(sms=sms, math=P.MATHS["wmma16"])
     (outs, grads), (routs, rgrads) = _compare(mode, T, B, I, H, torch.float64, True, T % 2 == 1)
     for name, a, b in zip(NAMES_OUT + tuple(_grad_names(mode)), outs + grads, routs + rgrads):
-        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10, msg=lambda m: f"{name}: {m}")
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10,
+                                   msg=lambda m, name=name: f"{name}: {m}")
 
 
 def _rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -182,10 +185,10 @@ def test_inference_saves_nothing(emulate):
     emulate(sms=2)
     leaves, _, _ = _inputs("LSTM", 3, 2, 4, 8, torch.float32, 0)
     with torch.no_grad():
-        y, h, c, gates, aux = ops.cuda_layer(
+        y, _h, c, gates, aux = ops.cuda_layer(
             "LSTM", *leaves, None, False, False, False
         )
-        ry, rh, rc = reference.rnn_layer("LSTM", *leaves)
+        ry, _rh, rc = reference.rnn_layer("LSTM", *leaves)
     assert gates.numel() == 0 and aux.numel() == 0
     torch.testing.assert_close(y, ry, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(c, rc, rtol=1e-5, atol=1e-5)

@@ -401,7 +401,7 @@ def test_opcheck_strided_inputs_and_backward(mode, T):
     """Both ops, fake against real, with every input in a transposed layout (a batch_first
     model's x is one): the gradients come back contiguous from both, which torch.compile
     checks (a fake that copied x's strides failed every compiled batch_first model)."""
-    leaves, lens, _ = _inputs(mode, max(T, 1), 3, 5, 24, torch.float32, 2, False)
+    leaves, _lens, _ = _inputs(mode, max(T, 1), 3, 5, 24, torch.float32, 2, False)
     x, h0, c0, w_ih, w_hh, b_ih, b_hh = [
         None if t is None else _strided(t.to(DEVICE, torch.float32)) for t in leaves
     ]
@@ -409,7 +409,7 @@ def test_opcheck_strided_inputs_and_backward(mode, T):
     assert (T == 0 or not x.is_contiguous()) and not h0.is_contiguous()
     args = (mode, x, h0, c0, w_ih, w_hh, b_ih, b_hh, None, False, True, False)
     torch.library.opcheck(torch.ops.fused_rnn.cuda_layer.default, args)
-    y, h_n, c_n, gates, aux = ops.cuda_layer(*args)
+    y, h_n, _c_n, gates, aux = ops.cuda_layer(*args)
     g = torch.Generator().manual_seed(3)
     dy, dh_n, dc_n = (_strided(torch.randn(t.shape, generator=g).to(DEVICE))
                       for t in (y, h_n, h_n))
@@ -450,7 +450,8 @@ def test_nn_module_drop_in(monkeypatch, cell):
         grads = torch.autograd.grad(loss, list(m.parameters()))
         outs.append([y.detach(), *[h.detach() for h in hs], *grads])
     for i, (a, b) in enumerate(zip(*outs)):
-        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5, msg=lambda s: f"tensor {i}: {s}")
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5,
+                                   msg=lambda s, i=i: f"tensor {i}: {s}")
 
 
 @pytest.mark.parametrize("cell,case,proj,packed", non_finite_params(proj=False))
@@ -626,7 +627,7 @@ def test_autocast_runs_in_the_autocast_dtype():
     x, h0, _, w_ih, w_hh, b_ih, b_hh = [t.to(DEVICE) if t is not None else None for t in leaves]
     x, h0, w_ih, w_hh, b_ih, b_hh = (t.float() for t in (x, h0, w_ih, w_hh, b_ih, b_hh))
     with torch.autocast(DEVICE, dtype=torch.bfloat16):
-        y, h, _ = functional.rnn_layer("GRU", x, h0, None, w_ih, w_hh, b_ih, b_hh,
+        y, _h, _ = functional.rnn_layer("GRU", x, h0, None, w_ih, w_hh, b_ih, b_hh,
                                        backend="cuda")
         # the op itself casts too (its autocast rule), whatever dtype the region asks for
         y2, *_ = ops.cuda_layer("GRU", x, h0, None, w_ih, w_hh, b_ih, b_hh, None, False,

@@ -37,9 +37,8 @@ from helpers import record_gemm_precision
 
 import fused_rnn.ops.cuda as cuda_backend
 from fused_rnn.ops import reference
-from fused_rnn.ops.cuda import ops
+from fused_rnn.ops.cuda import ops, profile
 from fused_rnn.ops.cuda import plan as P
-from fused_rnn.ops.cuda import profile
 from fused_rnn.ops.reference import MODES
 
 simulate = pytest.importorskip("simulate")
@@ -205,9 +204,9 @@ def test_gpu_suite_under_address_sanitizer(tmp_path):
     env = {**simulate.sanitizer_env("address"), "FUSED_RNN_CUDA_SIM": "asan"}
     canary = subprocess.run(
         [sys.executable, "-c",
-         "import ctypes, simulate; simulate.Simulator(sanitize='address');"
-         "b = ctypes.create_string_buffer(8); import torch; t = torch.empty(3);"
-         "ctypes.memmove(ctypes.c_void_p(t.data_ptr()), b, 16)"],
+         ("import ctypes, simulate; simulate.Simulator(sanitize='address');"
+          "b = ctypes.create_string_buffer(8); import torch; t = torch.empty(3);"
+          "ctypes.memmove(ctypes.c_void_p(t.data_ptr()), b, 16)")],
         cwd=Path(__file__).parent, env=env, capture_output=True, text=True, timeout=300,
         check=False,
     )
@@ -217,8 +216,8 @@ def test_gpu_suite_under_address_sanitizer(tmp_path):
          str(Path(__file__).parent / "test_cuda_gpu.py"),
          # RNN_RELU is left out: it differs from RNN_TANH only in the activation, and so
          # touches exactly the same memory.
-         "-k", "((T5-B3 or T1-B1 or T7-B70) and (lengths-rev or dense-fwd) or largest)"
-               " and not (dsmem and dense-fwd) and not RNN_RELU"],
+         "-k", ("((T5-B3 or T1-B1 or T7-B70) and (lengths-rev or dense-fwd) or largest)"
+                " and not (dsmem and dense-fwd) and not RNN_RELU")],
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=1200, check=False,
     )
     tail = (r.stdout + r.stderr)[-4000:]
@@ -505,8 +504,8 @@ OUT_OF_BOUNDS = {
                  "const int nb = ncols + 0 * batch;", "READ of size 4"),
     # the L2 prefetch also issued after the last step reads x W_ih^T of a step that is not there
     "prefetch": ("rnn_forward.cu", "    if (s + 1 < p.steps) {\n      prefetch_step<C>(",
-                 "    prefetch_step<C>(p, p.reverse ? t - 1 : t + 1, bs);\n"
-                 "    if (s + 1 < p.steps) {\n      prefetch_step<C>(", "READ of size 1"),
+                 ("    prefetch_step<C>(p, p.reverse ? t - 1 : t + 1, bs);\n"
+                  "    if (s + 1 < p.steps) {\n      prefetch_step<C>("), "READ of size 1"),
     # W_hh's slice loaded one hidden unit past the last: a row of W past its end (H=37 gives
     # the last block a ragged slice)
     "w-rows": ("rnn_common.cuh", "team_u0 + j < hidden && k0 + kk < hidden;",

@@ -48,8 +48,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from fused_rnn.ops.cuda import _ext, plan
 from fused_rnn.ops.common import cudnn_rnn_tf32, needs_grad
+from fused_rnn.ops.cuda import _ext, plan
 from fused_rnn.ops.reference import MODES
 
 _SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)

@@ -45,6 +45,7 @@ import torch
 
 from fused_rnn.ops.common import warn_at_caller
 from fused_rnn.ops.cuda.buildinfo import HEADERS, SOURCES, filter_arch_list, source_hash
+
 PREBUILT = "fused_rnn._cuda_ext"
 JIT_NAME = "fused_rnn_cuda_ext"
 NVCC_FLAGS = ("-O3", "-std=c++20", "--expt-relaxed-constexpr", "-lineinfo")
@@ -113,7 +114,8 @@ def build_dir() -> Path:
 
 def _nvcc_version(nvcc: str) -> tuple[int, int] | None:
     try:
-        out = subprocess.run([nvcc, "--version"], capture_output=True, text=True, timeout=60)
+        out = subprocess.run([nvcc, "--version"], capture_output=True, check=False, text=True,
+                             timeout=60)
     except (OSError, subprocess.SubprocessError):
         return None
     m = re.search(r"release (\d+)\.(\d+)", out.stdout)
@@ -298,7 +300,7 @@ def _load() -> tuple[ModuleType | None, str | None]:
         return _jit_build(), None
     except Warning:  # a warning made an error by a filter: the caller's to see, not a failure
         raise  # to keep (nothing is cached, so the next call tries again)
-    except Exception as e:  # noqa: BLE001 -- a failed build becomes a reason, not a crash
+    except Exception as e:  # a failed build becomes a reason, not a crash
         lines = str(e).strip().splitlines()
         tail = "\n".join(lines[-15:])
         return None, (

@@ -32,20 +32,20 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from fused_rnn.ops.cuda import _ext, profile
 from fused_rnn.ops.common import (
     SIXTEEN_BIT,
     check_rnn_args,
     gemms_use_tf32,
     grad_like,
+    mm_f32,
     previous_hidden,
     refuse_double_backward,
     refuse_unsaved,
     register_autocast,
     register_autocast_off,
-    mm_f32,
     tf32_gemms,
 )
+from fused_rnn.ops.cuda import _ext, profile
 from fused_rnn.ops.cuda.plan import CELLS, K_BATCH_PAD
 from fused_rnn.ops.reference import GATES, compute_dtype
 
