@@ -21,6 +21,7 @@ from setuptools.command.build_py import build_py
 ROOT = Path(__file__).resolve().parent
 CSRC = "csrc"  # top-level, next to this file (paths relative, as setuptools wants)
 CSRC_SUFFIXES = (".h", ".cuh", ".cu", ".cpp")
+RUFF_VERSION = "0.17.6"  # the linter tests/test_lint.py runs (the "test" extra installs it)
 
 
 class BuildPyWithCsrc(build_py):
@@ -99,8 +100,9 @@ setup(
         # GPU machines run, whose CPU interpreter needs numpy < 2.4 (DESIGN.md); torch 2.13's
         # CUDA wheels require 3.7.1, so a pin here would fight them. 3.9.0 fails the sm_90
         # compile check (a step kernel spills 88 bytes; benchmarks/NOTES.md).
+        # ruff: pinned, since its default rule set (ruff.toml) changes between releases.
         "test": ["pytest", "pytest-xdist", "expecttest", "matplotlib", "triton>=3.6,<3.9",
-                 "numpy<2.4", "onnx", "onnxscript", "onnxruntime"],
+                 "numpy<2.4", "onnx", "onnxscript", "onnxruntime", f"ruff=={RUFF_VERSION}"],
     },
     entry_points={"console_scripts": ["fused-rnn=fused_rnn.cli:main"]},
     ext_modules=EXT_MODULES,
