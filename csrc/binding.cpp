@@ -115,9 +115,10 @@ int checked_point_batch(int64_t batch) {
 }
 
 int checked_frag_loads(int64_t mode) {
-  TORCH_CHECK(mode == fused_rnn::kFragShared || mode == fused_rnn::kFragGeneric,
-              "fused_rnn CUDA backend: frag_loads must be 0 (shared) or 1 (generic), got ",
-              num(mode));
+  TORCH_CHECK(mode == fused_rnn::kFragShared || mode == fused_rnn::kFragGeneric ||
+                  mode == fused_rnn::kFragMma,
+              "fused_rnn CUDA backend: frag_loads must be 0 (shared), 1 (generic) or 2 (mma), "
+              "got ", num(mode));
   return static_cast<int>(mode);
 }
 

@@ -53,6 +53,8 @@ enum StageCopy : int {
 enum FragLoads : int {
   kFragShared = 0,   // the .shared forms wherever the data is in shared memory (ldmatrix, LDS)
   kFragGeneric = 1,  // WMMA's generic forms everywhere (one generic load per register)
+  kFragMma = 2,      // TF32 with X in shared memory: mma.sync.m16n8k8 and ldmatrix
+                     //   (warp_mma.cuh) instead of WMMA m16n16k8; otherwise as kFragShared
 };
 
 struct FwdParams {
@@ -80,8 +82,9 @@ struct FwdParams {
                             //   (plan.h tile_block; the results do not depend on it)
   int point_batch;          // 0: the epilogue loads points in batches (rnn_common.cuh
                             //   run_points); 1: one at a time (the results do not depend on it)
-  int frag_loads;           // FragLoads: how the WMMA operands are loaded (the results do not
-                            //   depend on it)
+  int frag_loads;           // FragLoads: how the tensor-core operands are loaded (the results
+                            //   do not depend on it, on cudasim; kFragMma sums a TF32 tile's
+                            //   k-step in one MMA instead of two on a GPU)
   float* part;              // plan.parts > 1: (parts, B_pad, plan.part_ld) fp32 scratch (the
                             //   K parts' partial sums, plan.h); else nullptr
   int cluster;              // ClusterMode: kClusterNone (one cooperative grid, every barrier a

@@ -10,6 +10,7 @@
 #include <mma.h>
 
 #include "fused_rnn.h"
+#include "warp_mma.cuh"
 
 #define FRNN_CUDA_TRY(expr)                       \
   do {                                            \
@@ -411,10 +412,30 @@ __device__ __forceinline__ bool in_shared(const void* p) {
 // load_b: the B operand of k-step kk for the batch tile whose first X row is at x (row stride
 // ldx). X^T as a col-major K x N operand is X row-major: element (k, n) at x[n * ldx + k].
 // Sh: the operands are in shared memory (frag_load).
+// zero / load_c / store_c / mma: the accumulator's fill, its load from and store to a slot
+// (row-major, ld kLdSlot; Sh as frag_load) and one k-step's MMA.
 template <typename T, Math M> struct WmmaOps;
 
+template <typename C>
+struct WmmaAcc {
+  static __device__ __forceinline__ void zero(C& c) { wmma::fill_fragment(c, 0.f); }
+  template <bool Sh>
+  static __device__ __forceinline__ void load_c(C& c, const float* slot, unsigned ld) {
+    acc_load<Sh>(c, slot, ld);
+  }
+  template <bool Sh>
+  static __device__ __forceinline__ void store_c(float* slot, const C& c, unsigned ld) {
+    acc_store<Sh>(slot, c, ld);
+  }
+  template <typename A, typename B>
+  static __device__ __forceinline__ void mma(C& c, const A& a, const B& b) {
+    wmma::mma_sync(c, a, b, c);
+  }
+};
+
 template <typename T>
-struct WmmaOps<T, Math::kWmma16> {
+struct WmmaOps<T, Math::kWmma16>
+    : WmmaAcc<wmma::fragment<wmma::accumulator, 8, 32, 16, float>> {
   using A = wmma::fragment<wmma::matrix_a, 8, 32, 16, T, wmma::row_major>;
   using B = wmma::fragment<wmma::matrix_b, 8, 32, 16, T, wmma::col_major>;
   using C = wmma::fragment<wmma::accumulator, 8, 32, 16, float>;
@@ -430,7 +451,8 @@ struct WmmaOps<T, Math::kWmma16> {
 };
 
 template <>
-struct WmmaOps<float, Math::kTf32> {
+struct WmmaOps<float, Math::kTf32>
+    : WmmaAcc<wmma::fragment<wmma::accumulator, 16, 16, 8, float>> {
   using A = wmma::fragment<wmma::matrix_a, 16, 16, 8, wmma::precision::tf32, wmma::row_major>;
   using B = wmma::fragment<wmma::matrix_b, 16, 16, 8, wmma::precision::tf32, wmma::col_major>;
   using C = wmma::fragment<wmma::accumulator, 16, 16, 8, float>;
@@ -447,25 +469,99 @@ struct WmmaOps<float, Math::kTf32> {
   }
 };
 
+// The same 16 x 16 TF32 tile as two mma.sync.m16n8k8 a k-step (warp_mma.cuh; FragLoads
+// kFragMma): columns 0-7 and 8-15 of the tile, sharing A. Per k-step a lane loads A with one
+// ldmatrix.x4 from the k-blocked W slice (a k-step's 16 x 8 block is 16 rows of 8 floats, so the
+// four 8 x 4 matrices (rows 0-7 / 8-15, k 0-3 / 4-7) start at rows i and 8 + i, floats 0 and
+// 4), and B with one ldmatrix.x4 of X rows 0-7 and 8-15 (k 0-3 and 4-7): X must be in shared
+// memory (Sh; chunk_matmul takes WMMA's generic path where it is not). Its accumulator
+// elements are its own four a half (C below), loaded and stored with plain accesses: no lane
+// reads another's.
+struct MmaTf32Ops {
+  struct A {
+    unsigned r[4];
+  };
+  struct B {
+    unsigned r[4];  // b0, b1 of columns 0-7, then of columns 8-15
+  };
+  struct C {
+    float d[2][4];  // columns 0-7, 8-15; (g, 2t), (g, 2t + 1), (g + 8, 2t), (g + 8, 2t + 1)
+  };
+  static constexpr unsigned kLdSlot = WmmaOps<float, Math::kTf32>::kLdSlot;
+  template <bool Sh>
+  static __device__ __forceinline__ void load_a(A& a, const float* sw, int ldw, int kk) {
+    const int lane = threadIdx.x & 31, j = lane >> 3, i = lane & 7;
+    ldmatrix<4>(a.r, sw + (size_t)kk * ldw + (i + (j & 1) * 8) * 8 + (j >> 1) * 4);
+  }
+  template <bool Sh>
+  static __device__ __forceinline__ void load_b(B& b, const float* x, int ldx, int kk) {
+    static_assert(Sh, "the mma path reads X from shared memory");
+    const int lane = threadIdx.x & 31, j = lane >> 3, i = lane & 7;
+    ldmatrix<4>(b.r, x + (size_t)(i + (j >> 1) * 8) * ldx + kk * 8 + (j & 1) * 4);
+#pragma unroll
+    for (int q = 0; q < 4; ++q) b.r[q] = tf32_bits(__uint_as_float(b.r[q]));
+  }
+  static __device__ __forceinline__ void zero(C& c) {
+#pragma unroll
+    for (int h = 0; h < 2; ++h)
+#pragma unroll
+      for (int q = 0; q < 4; ++q) c.d[h][q] = 0.f;
+  }
+  // Element q of half h of this lane: row g + (q >> 1) * 8, column h * 8 + 2t + (q & 1).
+  static __device__ __forceinline__ size_t at(unsigned ld, int h, int q) {
+    const int lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
+    return (size_t)(g + (q >> 1) * 8) * ld + h * 8 + 2 * t + (q & 1);
+  }
+  template <bool Sh>
+  static __device__ __forceinline__ void load_c(C& c, const float* slot, unsigned ld) {
+#pragma unroll
+    for (int h = 0; h < 2; ++h)
+#pragma unroll
+      for (int q = 0; q < 4; q += 2) {
+        const float2 v = *reinterpret_cast<const float2*>(slot + at(ld, h, q));
+        c.d[h][q] = v.x;
+        c.d[h][q + 1] = v.y;
+      }
+  }
+  template <bool Sh>
+  static __device__ __forceinline__ void store_c(float* slot, const C& c, unsigned ld) {
+#pragma unroll
+    for (int h = 0; h < 2; ++h)
+#pragma unroll
+      for (int q = 0; q < 4; q += 2)
+        *reinterpret_cast<float2*>(slot + at(ld, h, q)) = make_float2(c.d[h][q], c.d[h][q + 1]);
+  }
+  static __device__ __forceinline__ void mma(C& c, const A& a, const B& b) {
+    const unsigned b0[2] = {b.r[0], b.r[1]}, b1[2] = {b.r[2], b.r[3]};
+    mma_tf32(c.d[0], a.r, b0);
+    mma_tf32(c.d[1], a.r, b1);
+  }
+};
+
+// The operations of math M for tile_mma / block_mma: WMMA, or for TF32 with Mma the mma.sync
+// path.
+template <typename T, Math M, bool Mma>
+using TileOps = std::conditional_t<Mma, MmaTf32Ops, WmmaOps<T, M>>;
+
 // One tile over k-steps [kb, ke): W rows at sw times X rows at x, into slot (row-major,
 // ld kLdSlot; added to what it holds when `accumulate`). One dependent MMA chain.
-template <typename T, Math M, bool Sh>
+template <typename T, Math M, bool Sh, bool Mma>
 __device__ __forceinline__ void tile_mma(const T* sw, int ldw, const T* x, int ldx, int kb,
                                          int ke, float* slot, bool accumulate) {
-  using Ops = WmmaOps<T, M>;
+  using Ops = TileOps<T, M, Mma>;
   typename Ops::A a;
   typename Ops::B b;
   typename Ops::C acc;
   if (accumulate)
-    acc_load<Sh>(acc, slot, Ops::kLdSlot);
+    Ops::template load_c<Sh>(acc, slot, Ops::kLdSlot);
   else
-    wmma::fill_fragment(acc, 0.f);
+    Ops::zero(acc);
   for (int kk = kb; kk < ke; ++kk) {
     Ops::template load_a<Sh>(a, sw, ldw, kk);
     Ops::template load_b<Sh>(b, x, ldx, kk);
-    wmma::mma_sync(acc, a, b, acc);
+    Ops::mma(acc, a, b);
   }
-  acc_store<Sh>(slot, acc, Ops::kLdSlot);
+  Ops::template store_c<Sh>(slot, acc, Ops::kLdSlot);
 }
 
 // A block of BM x BN adjacent tiles over k-steps [kb, ke) (plan.h tile_block): tile (i, j)
@@ -475,20 +571,20 @@ __device__ __forceinline__ void tile_mma(const T* sw, int ldw, const T* x, int l
 // MMAs; the next k-step's fragments are loaded before this one's MMAs, so their shared-memory
 // latency overlaps the tensor cores' work. Each tile's products are summed in k order, as a
 // single tile's are: the results do not depend on BM and BN.
-template <typename T, Math M, int BM, int BN, bool Sh>
+template <typename T, Math M, int BM, int BN, bool Sh, bool Mma>
 __device__ __forceinline__ void block_mma(const T* sw, int ldw, size_t a_step, const T* x,
                                           int ldx, size_t b_step, int kb, int ke, float* slot,
                                           size_t slot_i, size_t slot_j, bool accumulate) {
-  using Ops = WmmaOps<T, M>;
+  using Ops = TileOps<T, M, Mma>;
   typename Ops::C acc[BM][BN];
 #pragma unroll
   for (int i = 0; i < BM; ++i)
 #pragma unroll
     for (int j = 0; j < BN; ++j) {
       if (accumulate)
-        acc_load<Sh>(acc[i][j], slot + i * slot_i + j * slot_j, Ops::kLdSlot);
+        Ops::template load_c<Sh>(acc[i][j], slot + i * slot_i + j * slot_j, Ops::kLdSlot);
       else
-        wmma::fill_fragment(acc[i][j], 0.f);
+        Ops::zero(acc[i][j]);
     }
   typename Ops::A a0[BM], a1[BM];
   typename Ops::B b0[BN], b1[BN];
@@ -502,23 +598,34 @@ __device__ __forceinline__ void block_mma(const T* sw, int ldw, size_t a_step, c
 #pragma unroll
     for (int i = 0; i < BM; ++i)
 #pragma unroll
-      for (int j = 0; j < BN; ++j) wmma::mma_sync(acc[i][j], a[i], b[j], acc[i][j]);
+      for (int j = 0; j < BN; ++j) Ops::mma(acc[i][j], a[i], b[j]);
   };
-  // Two register sets, alternating: k-step kk + 1 loads while kk multiplies.
-  int kk = kb;
-  if (kk < ke) load(a0, b0, kk);
-  for (; kk + 1 < ke; kk += 2) {
-    load(a1, b1, kk + 1);
-    mma(a0, b0);
-    if (kk + 2 < ke) load(a0, b0, kk + 2);
-    mma(a1, b1);
+  if constexpr (Mma) {
+    // One register set, the loop unrolled twice (ptxas issues the next k-step's ldmatrix
+    // between this one's MMAs where registers allow): with the two sets below, LSTM and GRU's
+    // TF32 kernels spilled 24-136 bytes (ptxas -v, sm_80 and sm_90).
+#pragma unroll 2
+    for (int kk = kb; kk < ke; ++kk) {
+      load(a0, b0, kk);
+      mma(a0, b0);
+    }
+  } else {
+    // Two register sets, alternating: k-step kk + 1 loads while kk multiplies.
+    int kk = kb;
+    if (kk < ke) load(a0, b0, kk);
+    for (; kk + 1 < ke; kk += 2) {
+      load(a1, b1, kk + 1);
+      mma(a0, b0);
+      if (kk + 2 < ke) load(a0, b0, kk + 2);
+      mma(a1, b1);
+    }
+    if (kk < ke) mma(a0, b0);
   }
-  if (kk < ke) mma(a0, b0);
 #pragma unroll
   for (int i = 0; i < BM; ++i)
 #pragma unroll
     for (int j = 0; j < BN; ++j)
-      acc_store<Sh>(slot + i * slot_i + j * slot_j, acc[i][j], Ops::kLdSlot);
+      Ops::template store_c<Sh>(slot + i * slot_i + j * slot_j, acc[i][j], Ops::kLdSlot);
 }
 
 // One (tile, K-slice) task of the FMA path. sw: W slice (shared); x: exchange-buffer rows of
@@ -635,20 +742,20 @@ __device__ __forceinline__ void stage_copy_registers(T* dst, int ld_dst, const T
 }
 
 // One (tile, K-slice) task: W rows of tile mf against X rows of tile nf over k-steps [kb, ke).
-template <typename T, Math M, bool Sh>
+template <typename T, Math M, bool Sh, bool Mma>
 __device__ __forceinline__ void run_task(const T* wt, const Plan& pl, int rows_left, const T* xt,
                                          int ldx, int kb, int ke, float* slot, bool accumulate) {
   if constexpr (M == Math::kFma) {
     TileMma<T, M>::run(wt, pl.ldw, rows_left, xt, ldx, kb, ke, slot, accumulate);
   } else {
     (void)rows_left;
-    tile_mma<T, M, Sh>(wt, pl.ldw, xt, ldx, kb, ke, slot, accumulate);
+    tile_mma<T, M, Sh, Mma>(wt, pl.ldw, xt, ldx, kb, ke, slot, accumulate);
   }
 }
 
 // The blocked tasks of one stage slice (ksplit = 1, plan.h tile_block): warps take blocks of
 // BM x BN tiles round-robin; tile (mf, nf) still writes slot mf * nfr + nf, as unblocked.
-template <typename T, Math M, int BM, int BN, bool Sh>
+template <typename T, Math M, int BM, int BN, bool Sh, bool Mma>
 __device__ __forceinline__ void run_blocks(const T* sw, const Plan& pl, const T* xs, int ldx,
                                            int k0, int ksteps, int mfr, int nfr, float* sc,
                                            bool accumulate) {
@@ -659,7 +766,7 @@ __device__ __forceinline__ void run_blocks(const T* sw, const Plan& pl, const T*
   const size_t b_step = (size_t)ts.wn * ldx;      // from one batch tile to the next
   for (int blk = threadIdx.x >> 5; blk < blocks; blk += kWarps) {
     const int mf = blk / bnr * BM, nf = blk % bnr * BN;
-    block_mma<T, M, BM, BN, Sh>(sw + w_index<M>(pl, mf * ts.wm, k0), pl.ldw, a_step,
+    block_mma<T, M, BM, BN, Sh, Mma>(sw + w_index<M>(pl, mf * ts.wm, k0), pl.ldw, a_step,
                             xs + (size_t)nf * b_step, ldx, b_step, 0, ksteps,
                             sc + (size_t)(mf * nfr + nf) * pl.slot_floats,
                             (size_t)nfr * pl.slot_floats, pl.slot_floats, accumulate);
@@ -667,8 +774,9 @@ __device__ __forceinline__ void run_blocks(const T* sw, const Plan& pl, const T*
 }
 
 // The tasks of one slice: blocks of tiles where tb says so, else (tile, K-split) tasks
-// round-robin over the warps (chunk_matmul). Sh: X (xs) is in shared memory.
-template <typename T, Math M, bool Sh>
+// round-robin over the warps (chunk_matmul). Sh: X (xs) is in shared memory. Mma: the TF32
+// tiles through mma.sync (MmaTf32Ops).
+template <typename T, Math M, bool Sh, bool Mma>
 __device__ __forceinline__ void slice_matmul(const T* sw, const Plan& pl, const T* xs, int ldx,
                                              int k0, int ksteps, int mfr, int nfr, int ksplit,
                                              TileBlock tb, float* sc, bool accumulate) {
@@ -676,11 +784,11 @@ __device__ __forceinline__ void slice_matmul(const T* sw, const Plan& pl, const 
   if constexpr (M != Math::kFma) {
     if (tb.bm * tb.bn > 1) {
       if (tb.bm == 2 && tb.bn == 2)
-        run_blocks<T, M, 2, 2, Sh>(sw, pl, xs, ldx, k0, ksteps, mfr, nfr, sc, accumulate);
+        run_blocks<T, M, 2, 2, Sh, Mma>(sw, pl, xs, ldx, k0, ksteps, mfr, nfr, sc, accumulate);
       else if (tb.bm == 2)
-        run_blocks<T, M, 2, 1, Sh>(sw, pl, xs, ldx, k0, ksteps, mfr, nfr, sc, accumulate);
+        run_blocks<T, M, 2, 1, Sh, Mma>(sw, pl, xs, ldx, k0, ksteps, mfr, nfr, sc, accumulate);
       else
-        run_blocks<T, M, 1, 2, Sh>(sw, pl, xs, ldx, k0, ksteps, mfr, nfr, sc, accumulate);
+        run_blocks<T, M, 1, 2, Sh, Mma>(sw, pl, xs, ldx, k0, ksteps, mfr, nfr, sc, accumulate);
       return;
     }
   }
@@ -689,7 +797,7 @@ __device__ __forceinline__ void slice_matmul(const T* sw, const Plan& pl, const 
     const int tile = task / ksplit, ks = task % ksplit;
     const int mf = tile / nfr, nf = tile % nfr;
     const int kb = ks * ksteps / ksplit, ke = (ks + 1) * ksteps / ksplit;
-    run_task<T, M, Sh>(sw + w_index<M>(pl, mf * ts.wm, k0), pl, pl.m_rows - mf * ts.wm,
+    run_task<T, M, Sh, Mma>(sw + w_index<M>(pl, mf * ts.wm, k0), pl, pl.m_rows - mf * ts.wm,
                        xs + (size_t)nf * ts.wn * ldx, ldx, kb, ke,
                        sc + (size_t)task * pl.slot_floats, accumulate);
   }
@@ -721,7 +829,7 @@ __device__ __forceinline__ void slice_matmul(const T* sw, const Plan& pl, const 
 template <typename T, Math M>
 __device__ ChunkLayout chunk_matmul(const T* sw, const Plan& pl, const T* x, int ld_x, int row0,
                                     int klen, int n0, int nreal, float* sc, T* stage,
-                                    int copy, int max_tiles, bool frag_shared,
+                                    int copy, int max_tiles, int frag_loads,
                                     PhaseClock& clk) {
   constexpr TileShape ts = tile_shape(M);
   const int mfr = ceil_div(pl.m_pad, ts.wm);
@@ -766,13 +874,26 @@ __device__ ChunkLayout chunk_matmul(const T* sw, const Plan& pl, const T* x, int
     }
     clk.own_begin();
     // X is in shared memory when staged, or in the dsmem mirror: then every operand is (Sh;
-    // the FMA path loads its own, with plain loads).
+    // the FMA path loads its own, with plain loads). The generic forms (kFragGeneric) take
+    // Sh = false everywhere. kFragMma takes the mma.sync path for TF32 where X is in shared
+    // memory; elsewhere, and in 16 bits, it is kFragShared. (An mma.sync copy with plain loads
+    // of X from global memory spilled 8 bytes in LSTM's TF32 backward for sm_80, ptxas -v.)
     bool sh = false;
-    if constexpr (M != Math::kFma) sh = frag_shared && (staged || in_shared(xs));
-    if (sh)
-      slice_matmul<T, M, true>(sw, pl, xs, ldx, k0, ksteps, mfr, nfr, ksplit, tb, sc, s > 0);
-    else
-      slice_matmul<T, M, false>(sw, pl, xs, ldx, k0, ksteps, mfr, nfr, ksplit, tb, sc, s > 0);
+    if constexpr (M != Math::kFma)
+      sh = frag_loads != kFragGeneric && (staged || in_shared(xs));
+    bool mma = false;
+    if constexpr (M == Math::kTf32) mma = frag_loads == kFragMma && sh;
+    if (mma) {
+      if constexpr (M == Math::kTf32)  // no mma.sync copies of the other maths' loops
+        slice_matmul<T, M, true, true>(sw, pl, xs, ldx, k0, ksteps, mfr, nfr, ksplit, tb, sc,
+                                       s > 0);
+    } else if (sh) {
+      slice_matmul<T, M, true, false>(sw, pl, xs, ldx, k0, ksteps, mfr, nfr, ksplit, tb, sc,
+                                      s > 0);
+    } else {
+      slice_matmul<T, M, false, false>(sw, pl, xs, ldx, k0, ksteps, mfr, nfr, ksplit, tb, sc,
+                                       s > 0);
+    }
     clk.own_end(kProfMmaOwn);
   }
   return ChunkLayout{nfr, ksplit};
@@ -824,7 +945,7 @@ struct BlockState {
   int n_begin, n_end;
   int copy;        // StageCopy (fused_rnn.h)
   int max_tiles;   // the most tiles a warp multiplies at once (FwdParams::tile_block)
-  bool frag_shared;   // WMMA operands in shared memory through the .shared forms (frag_load)
+  int frag_loads;     // FragLoads (fused_rnn.h): how the matmul loads its operands
   bool batch_points;  // run_points may load points in batches (FwdParams::point_batch == 0)
   int team, rank;  // K parts (team = slice, rank = 0 without them)
   int team_u0;     // first unit of the team
@@ -850,7 +971,7 @@ __device__ __forceinline__ BlockState<W> block_state(const Plan& pl, int hidden,
   b.n_end = imin(b.n_begin + b.group_rows, batch);
   b.copy = copy;
   b.max_tiles = max_tiles;
-  b.frag_shared = frag_loads == kFragShared;
+  b.frag_loads = frag_loads;
   b.batch_points = point_batch == 0;
   b.team = slice / pl.parts;
   b.rank = slice % pl.parts;
@@ -943,7 +1064,7 @@ __device__ __forceinline__ void block_step(const BlockState<W>& bs, const Plan& 
     const int nb = imin(ncols, batch - n0);  // real batch rows of this chunk (n0 < n_end)
     const ChunkLayout L = chunk_matmul<W, M>(bs.sw, pl, x + bs.k0, ld_x, row0, bs.klen, n0,
                                              nb, bs.sc, bs.stage, bs.copy, bs.max_tiles,
-                                             bs.frag_shared, clk);
+                                             bs.frag_loads, clk);
     __syncthreads();
     clk.mark(kPhaseMma);
     if (part == nullptr) {

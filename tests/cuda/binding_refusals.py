@@ -72,10 +72,10 @@ BAD_BINDING_ARGS = [
      "point_batch must be 0 (batches) or 1, got 4"),
     ("LSTM", "backward", "point_batch", lambda a: -1,
      "point_batch must be 0 (batches) or 1, got -1"),
-    ("GRU", "forward", "frag_loads", lambda a: 2,
-     "frag_loads must be 0 (shared) or 1 (generic), got 2"),
+    ("GRU", "forward", "frag_loads", lambda a: 3,
+     "frag_loads must be 0 (shared), 1 (generic) or 2 (mma), got 3"),
     ("LSTM", "backward", "frag_loads", lambda a: -1,
-     "frag_loads must be 0 (shared) or 1 (generic), got -1"),
+     "frag_loads must be 0 (shared), 1 (generic) or 2 (mma), got -1"),
 ]
 CASE_IDS = [f"{c}-{f}-{a}-{i}" for i, (c, f, a, *_) in enumerate(BAD_BINDING_ARGS)]
 

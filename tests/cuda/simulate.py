@@ -190,6 +190,7 @@ def _load(sanitize: str, csrc: Path, ucontext: bool = False) -> ctypes.CDLL:
             lib.sim_cluster_launches.restype = ctypes.c_longlong
             lib.sim_mma_count.restype = ctypes.c_longlong
             lib.sim_point_batch_count.restype = ctypes.c_longlong
+            lib.sim_mma_sync_count.restype = ctypes.c_longlong
             lib.sim_frag_stores.restype = ctypes.c_longlong
             lib.sim_frag_stores.argtypes = [i]
             lib.sim_plan.argtypes = [i] * 13 + [ctypes.POINTER(ctypes.c_int)]
@@ -262,6 +263,11 @@ class Simulator:
         """Batches of points (one a thread and batch, rnn_common.cuh run_points) of every launch
         so far, in this process."""
         return int(self.lib.sim_point_batch_count())
+
+    def mma_sync_count(self) -> int:
+        """mma.sync instructions (one a warp; the TF32 mma path) of every launch so far, in this
+        process."""
+        return int(self.lib.sim_mma_sync_count())
 
     def cluster_launches(self) -> int:
         """Launches so far (in this process) that ran as clusters, not their fallback."""

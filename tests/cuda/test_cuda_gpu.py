@@ -127,6 +127,12 @@ SHAPES = {"T5-B3-I7-H37": (5, 3, 7, 37, {}), "T1-B1-I4-H16": (1, 1, 4, 16, {}),
           "T7-B70-I9-H60-ungrouped-parts4-blocks8": (
               7, 70, 9, 60, {**UNGROUPED, "FUSED_RNN_CUDA_K_PARTS": "4",
                              "FUSED_RNN_CUDA_MAX_BLOCKS": "8"}),
+          # The TF32 tiles through mma.sync and ldmatrix (FUSED_RNN_CUDA_FRAG_LOADS=mma): single
+          # tiles, and at H=60 over 2 blocks 8 x 4 tiles a chunk, multiplied in 2 x 2 blocks.
+          "T7-B70-I9-H24-mma": (7, 70, 9, 24, {"FUSED_RNN_CUDA_FRAG_LOADS": "mma"}),
+          "T7-B70-I9-H60-ungrouped-blocks2-mma": (
+              7, 70, 9, 60, {**UNGROUPED, "FUSED_RNN_CUDA_MAX_BLOCKS": "2",
+                             "FUSED_RNN_CUDA_FRAG_LOADS": "mma"}),
           "T16-B16-I32-H256": (16, 16, 32, 256, {}),
           "T16-B16-I32-H256-parts4": (16, 16, 32, 256, {"FUSED_RNN_CUDA_K_PARTS": "4"})}
 # dtype, cudnn.allow_tf32, floor for outputs, floor for gradients
@@ -166,7 +172,7 @@ def _assert_plan_named(shape: str, plans: list[dict]) -> None:
                 want = ((P.CLUSTER_GROUPS, P.CLUSTER_GROUPS_DSMEM) if "dsmem" in words
                         else (P.CLUSTER_GROUPS,))
                 assert pl["groups"] > 1 and pl["cluster"] in want, (shape, pl)
-            elif word != "dsmem":
+            elif word not in ("dsmem", "mma"):  # mma: how the tiles multiply, not the plan
                 raise AssertionError(f"{shape}: no rule for {word!r}")
     for word in shape.split("-")[4:]:
         if word.startswith("parts"):
@@ -216,10 +222,14 @@ def test_every_shape_keeps_its_name_on_a_132_sm_gpu(monkeypatch):
                             raise AssertionError(f"{dt} {mode} on {sms} SMs: {e}") from None
 
 
+# (mode, dt, shape): every combination, but the "-mma" shapes in TF32 only (the setting changes
+# nothing else).
+REFERENCE_CASES = [(mode, dt, shape) for mode in MODES for dt in DTYPES for shape in SHAPES
+                   if dt == "tf32" or not shape.endswith("-mma")]
+
+
 @pytest.mark.parametrize("variant", ["dense-fwd", "lengths-rev", "lengths-fwd"])
-@pytest.mark.parametrize("shape", list(SHAPES))
-@pytest.mark.parametrize("dt", list(DTYPES))
-@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("mode,dt,shape", REFERENCE_CASES)
 def test_matches_reference(cuda_ext, monkeypatch, mode, dt, shape, variant):
     if STANDIN == "emulate" and shape.startswith("T16-B16-I32-H256"):
         pytest.skip(f"too slow on the CPU ({STANDIN})")

@@ -374,8 +374,8 @@ def _differs_from_clean(install, csrc, mode="GRU", dt="bf16", **shape):
 
 MUTANTS = {
     # the epilogue reads the scratch slots before the other warps have written them
-    "no-barrier-after-matmul": ("rnn_common.cuh", """bs.frag_shared, clk);
-    __syncthreads();""", """bs.frag_shared, clk);"""),
+    "no-barrier-after-matmul": ("rnn_common.cuh", """bs.frag_loads, clk);
+    __syncthreads();""", """bs.frag_loads, clk);"""),
     # the next chunk's matmul overwrites slots the epilogue is still reading
     "no-barrier-after-epilogue": ("rnn_common.cuh",
                                   "    __syncthreads();  // the slots are reused by the next chunk",
@@ -801,6 +801,37 @@ def test_fragments_in_shared_memory_give_the_same_bits(install, monkeypatch, par
     monkeypatch.setenv("FUSED_RNN_CUDA_FRAG_LOADS", "ldmatrix")
     with pytest.raises(ValueError, match="FUSED_RNN_CUDA_FRAG_LOADS must be one of shared, generic"):
         _layer("LSTM", "bf16")
+
+
+@pytest.mark.parametrize("partition", list(_FRAG_PARTITIONS))
+def test_tf32_mma_sync_gives_the_wmma_bits(install, monkeypatch, partition):
+    """FUSED_RNN_CUDA_FRAG_LOADS=mma: the TF32 tiles as two mma.sync.m16n8k8 a k-step with
+    ldmatrix operands (rnn_common.cuh MmaTf32Ops) instead of WMMA m16n16k8. cudasim runs both
+    instructions as warp collectives in the PTX layouts (warp_mma_check.cu holds them to a plain
+    matmul, and on a GPU to the hardware) with the WMMA model's arithmetic, so every output and
+    gradient of every cell has the WMMA path's bits, in every partition: X staged or in the
+    dsmem mirror, single tiles, blocks of tiles, K parts. The count of mma.sync shows which path
+    ran: some in TF32 where X is in shared memory; none with `shared`, none where X is read from
+    global memory and none in bf16 (those take `shared`'s path under `mma`)."""
+    env, sms, H, where = _FRAG_PARTITIONS[partition]
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    for mode in MODES:
+        for dt in ("tf32", "bf16"):
+            if dt == "bf16" and mode != "GRU":
+                continue  # one cell shows the 16-bit kernels ignore the setting
+            runs = {}
+            for setting in ("shared", "mma"):
+                monkeypatch.setenv("FUSED_RNN_CUDA_FRAG_LOADS", setting)
+                sim = install(sms=sms, order="shuffle", seed=5)
+                before = sim.mma_sync_count()
+                runs[setting] = _layer(mode, dt, B=40, T=3, H=H)
+                issued = sim.mma_sync_count() - before
+                key = (partition, mode, dt, setting)
+                want = setting == "mma" and dt == "tf32" and where == "shared"
+                assert (issued > 0) == want, (key, issued)
+            for i, (a, b) in enumerate(zip(runs["shared"], runs["mma"], strict=True)):
+                assert torch.equal(a, b), (partition, mode, dt, i)
 
 
 @pytest.mark.parametrize("dt,B", [("tf32", 16), ("tf32", 70), ("bf16", 8), ("tf32", 40),

@@ -18,7 +18,7 @@ import re
 from pathlib import Path
 
 SOURCES = ("binding.cpp", "rnn_forward.cu", "rnn_backward.cu")
-HEADERS = ("plan.h", "fused_rnn.h", "rnn_common.cuh")
+HEADERS = ("plan.h", "fused_rnn.h", "rnn_common.cuh", "warp_mma.cuh")
 MIN_ARCH = (8, 0)
 # torch's named architectures (TORCH_CUDA_ARCH_LIST) older than sm_80.
 _OLD_NAMES = {"kepler", "kepler+tesla", "maxwell", "maxwell+tegra", "pascal", "volta", "turing"}

@@ -192,16 +192,20 @@ def point_batch() -> int:
     return 0 if raw == "auto" else 1
 
 
-FRAG_LOADS = {"shared": 0, "generic": 1}  # fused_rnn.h FragLoads
+FRAG_LOADS = {"shared": 0, "generic": 1, "mma": 2}  # fused_rnn.h FragLoads
 
 
 def frag_loads() -> int:
-    """How the recurrent matmul's WMMA fragments are loaded (rnn_common.cuh frag_load), from
-    ``FUSED_RNN_CUDA_FRAG_LOADS``: ``shared`` (default: where the operands are in shared memory,
-    the ``.shared`` forms of ``wmma.load``/``wmma.store``, which ptxas turns into ldmatrix and
-    LDS/STS) or ``generic`` (WMMA's generic forms everywhere: one generic load per register).
-    The same instructions in another address space: the results are the same bits. Read at
-    every call, like :func:`max_groups`."""
+    """How the recurrent matmul's tensor-core operands are loaded (rnn_common.cuh frag_load),
+    from ``FUSED_RNN_CUDA_FRAG_LOADS``: ``shared`` (default: where the operands are in shared
+    memory, the ``.shared`` forms of ``wmma.load``/``wmma.store``, which ptxas turns into
+    ldmatrix and LDS/STS), ``generic`` (WMMA's generic forms everywhere: one generic load per
+    register), or ``mma`` (the TF32 tiles as two ``mma.sync.m16n8k8`` a k-step with their
+    operands through ``ldmatrix``, warp_mma.cuh, instead of WMMA m16n16k8, where X is in shared
+    memory; elsewhere, and in the 16-bit kernels, as ``shared``). The first two are the same
+    instructions in another address space, the same bits; ``mma`` gives the same bits on
+    cudasim, and on a GPU may differ in the last bits of a TF32 sum (one MMA a k-step instead of
+    two chained). Read at every call, like :func:`max_groups`."""
     raw = os.environ.get("FUSED_RNN_CUDA_FRAG_LOADS", "shared")
     if raw not in FRAG_LOADS:
         raise ValueError(

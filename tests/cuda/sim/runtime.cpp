@@ -71,7 +71,7 @@ namespace {
 struct Abort {};  // unwinds a simulated thread when its launch fails
 
 enum class State {
-  kRunnable, kAtBlockBarrier, kAtGridBarrier, kAtClusterBarrier, kAtMbarrier, kDone
+  kRunnable, kAtBlockBarrier, kAtGridBarrier, kAtClusterBarrier, kAtMbarrier, kAtWarp, kDone
 };
 
 constexpr size_t kStackBytes = 256 * 1024;  // per fiber (ASan frames are large)
@@ -197,6 +197,19 @@ struct Thread {
   void* tsan_fiber = nullptr;             // CUDASIM_TSAN: this thread's TSan context
   char tsan_name[40] = {};                // ... and its name in TSan's reports
   unsigned barriers_passed[3] = {};       // CUDASIM_TSAN: block, cluster, grid barriers so far
+  unsigned warp_calls = 0;                // warp collectives (warp_exchange) so far
+  const char* warp_op = nullptr;          // kAtWarp: the collective it waits in
+};
+
+// One warp's collectives (warp_exchange): two buffers, used alternately by a lane's calls.
+// A lane released from call n may run on to call n + 1 (the other buffer) before a slower lane
+// has copied call n's data out; it cannot reach call n + 2 before every lane has arrived at
+// n + 1, by which time all have copied n's out.
+constexpr size_t kWarpBytes = 64;  // the most one lane contributes
+struct WarpExchange {
+  const char* op = nullptr;  // the collective of the lanes that have arrived
+  unsigned arrived = 0, departed = 0;
+  unsigned char data[32][kWarpBytes];
 };
 
 // An mbarrier (sm_90) in dynamic shared memory: a phase completes when its pending arrivals
@@ -221,6 +234,7 @@ struct Launch {
   size_t smem_bytes = 0;
   std::vector<Thread> threads;
   std::map<const void*, Mbarrier> mbarriers;
+  std::vector<WarpExchange> warps;  // two per warp of the grid (warp_exchange)
   // Cluster launches: each block's shared memory as it was when its last thread exited. A
   // peer may not write there after that (on a GPU the memory is gone); the launch's end
   // compares (exited_smem_check).
@@ -497,6 +511,7 @@ bool resolve_barriers(Launch& L, std::mt19937_64& rng) {
                waiting->file, waiting->line, b, k,
                first[k].state == State::kDone            ? "it exited"
                : first[k].state == State::kAtGridBarrier ? "it waits at grid.sync()"
+               : first[k].state == State::kAtWarp        ? "it waits in a warp collective"
                                                          : "it waits at cluster.sync()");
     }
     for (unsigned k = 1; k < per_block; ++k)
@@ -555,6 +570,10 @@ bool resolve_barriers(Launch& L, std::mt19937_64& rng) {
     fail("%s waits for an mbarrier phase that never completes (%u arrivals and %ld bytes "
          "missing): a deadlock", describe(L, i).c_str(), m.pending, m.tx);
   }
+  for (size_t i = 0; i < L.threads.size(); ++i)
+    if (L.threads[i].state == State::kAtWarp)
+      fail("%s waits in %s, which not every lane of its warp reaches: a deadlock on a GPU",
+           describe(L, i).c_str(), L.threads[i].warp_op);
   for (size_t i = 0; i < L.threads.size(); ++i)
     if (L.threads[i].state == State::kDone)
       fail("grid.sync() is not reached by %s (it exited)", describe(L, i).c_str());
@@ -622,6 +641,44 @@ void cluster_barrier() {
 }
 
 unsigned char* dynamic_smem() { return g_launch->smem[blockIdx.x]; }
+
+// A warp-synchronous all-gather (the .sync.aligned instructions: ldmatrix, mma.sync): every lane
+// of the warp must call it with the same op, as its next warp collective, and the block's
+// threads must fill whole warps. A lane deposits its `bytes`; the lanes that arrive first wait
+// (a fiber state the scheduler does not run) and the last one releases them, so no lane goes
+// on before all 32 have deposited. Each then copies all 32 deposits (lane l's at all + l *
+// bytes). The deposits pass through this file's memory, which ThreadSanitizer does not see: the
+// collective orders nothing between the lanes (nor do ldmatrix and mma.sync on a GPU).
+void warp_exchange(const char* op, const void* in, size_t bytes, void* all) {
+  Launch& L = *g_launch;
+  if (bytes > kWarpBytes) fail("%s: %zu bytes a lane (at most %zu)", op, bytes, kWarpBytes);
+  if (L.block.x % 32 != 0)
+    fail("%s needs whole warps; the block has %u threads", op, L.block.x);
+  const unsigned lane = g_current->tid % 32;
+  const size_t first = (size_t)g_current->block * L.block.x + (g_current->tid - lane);
+  const size_t warp = first / 32;
+  if (L.warps.empty()) L.warps.resize(L.threads.size() / 32 * 2);
+  WarpExchange& w = L.warps[2 * warp + (g_current->warp_calls++ & 1)];
+  if (w.arrived == 0) {
+    w.op = op;
+  } else if (std::strcmp(w.op, op) != 0) {
+    fail("block %u warp %zu: lanes in two different warp collectives at once (%s and %s)",
+         g_current->block, (first % L.block.x) / 32, w.op, op);
+  }
+  std::memcpy(w.data[lane], in, bytes);
+  if (++w.arrived < 32) {
+    g_current->warp_op = op;
+    yield(State::kAtWarp);
+  } else {
+    for (unsigned k = 0; k < 32; ++k) {
+      Thread& t = L.threads[first + k];
+      if (t.state == State::kAtWarp) t.state = State::kRunnable;
+    }
+  }
+  auto* out = static_cast<unsigned char*>(all);
+  for (unsigned k = 0; k < 32; ++k) std::memcpy(out + k * bytes, w.data[k], bytes);
+  if (++w.departed == 32) w.arrived = w.departed = 0;  // free for the lanes' call n + 2
+}
 
 unsigned cluster_num_blocks() {
   require_cluster_code("a cluster_group");
@@ -845,6 +902,11 @@ namespace {
 long long g_point_batch_count = 0;  // as g_mma_count
 }  // namespace
 void count_point_batch() { ++g_point_batch_count; }
+namespace {
+long long g_mma_sync_count = 0;  // as g_mma_count
+}  // namespace
+void count_mma_sync() { ++g_mma_sync_count; }
+long long mma_sync_count() { return g_mma_sync_count; }
 long long point_batch_count() { return g_point_batch_count; }
 
 void configure(const Config& c) { g_config = c; }

@@ -255,6 +255,9 @@ long long sim_frag_stores(int shared) { return cudasim::frag_store_count(shared 
 // How many batches of points (one a thread and batch) all launches so far ran.
 long long sim_point_batch_count() { return cudasim::point_batch_count(); }
 
+// How many mma.sync instructions (one a warp) all launches so far issued (the TF32 mma path).
+long long sim_mma_sync_count() { return cudasim::mma_sync_count(); }
+
 // How many launches ran as clusters (fused_rnn.h cluster_launches).
 long long sim_cluster_launches() { return fused_rnn::cluster_launches; }
 

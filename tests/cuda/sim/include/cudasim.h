@@ -79,6 +79,10 @@ struct dim3 {
 struct alignas(16) float4 {
   float x, y, z, w;
 };
+struct alignas(8) float2 {
+  float x, y;
+};
+inline float2 make_float2(float x, float y) { return {x, y}; }
 struct alignas(16) uint4 {
   unsigned x, y, z, w;
 };
@@ -279,6 +283,17 @@ cudaError_t cudaEventRecord(cudaEvent_t event, cudaStream_t stream = nullptr);
 cudaError_t cudaEventSynchronize(cudaEvent_t event);
 cudaError_t cudaEventElapsedTime(float* ms, cudaEvent_t start, cudaEvent_t end);
 cudaError_t cudaEventDestroy(cudaEvent_t event);
+
+inline unsigned __float_as_uint(float f) {
+  unsigned u;
+  std::memcpy(&u, &f, 4);
+  return u;
+}
+inline float __uint_as_float(unsigned u) {
+  float f;
+  std::memcpy(&f, &u, 4);
+  return f;
+}
 
 // ---- fp16 / bf16 -----------------------------------------------------------------------------
 struct __half {
@@ -526,5 +541,78 @@ void store_shared(float* p, const nvcuda::wmma::fragment<nvcuda::wmma::accumulat
       require_shared(p + (size_t)r * ldm + c, sizeof(float), "wmma.store.d .shared");
   if (nvcuda::wmma::is_lane0()) count_frag_store(true);
   nvcuda::wmma::store_matrix_sync(p, f, ldm, nvcuda::wmma::mem_row_major);
+}
+}  // namespace cudasim
+
+// ---- warp collectives: ldmatrix and mma.sync (rnn_common.cuh, the TF32 mma path) -------------
+// Unlike WMMA's fragments above, these hold what a GPU's lanes hold, in the PTX ISA's layouts,
+// so the kernels' lane arithmetic is what is tested. Each is a warp_exchange (runtime.cpp):
+// every lane of the warp must reach it, and a lane reads shared memory itself, at its arrival
+// (ThreadSanitizer and AddressSanitizer see that lane's read).
+namespace cudasim {
+void warp_exchange(const char* op, const void* in, size_t bytes, void* all);
+void count_mma_sync();  // lane 0 of each mma.sync (mma_sync_count: which path a launch took)
+long long mma_sync_count();
+
+// ldmatrix.sync.aligned.m8n8.x{N}.shared.b16: lane l < 8N supplies the address of row l % 8 of
+// matrix l / 8 (16 bytes, 16-byte aligned, in this block's shared memory); register j of lane
+// 4g + t receives 32-bit word t of row g of matrix j. An 8 x 8 b16 matrix is also an 8 x 4
+// matrix of 32-bit words: the form the TF32 operands take.
+template <int N>
+void ldmatrix(unsigned (&r)[N], const void* row) {
+  static_assert(N == 1 || N == 2 || N == 4, "ldmatrix takes 1, 2 or 4 matrices");
+  const unsigned lane = threadIdx.x % 32;
+  uint32_t mine[4] = {};
+  if (lane < 8u * N) {
+    if (reinterpret_cast<uintptr_t>(row) % 16 != 0)
+      fail("ldmatrix: lane %u's row address %p is not 16-byte aligned", lane, row);
+    require_shared(row, 16, "ldmatrix");
+    std::memcpy(mine, row, 16);
+  }
+  uint32_t all[32][4];
+  warp_exchange(N == 1 ? "ldmatrix.x1" : N == 2 ? "ldmatrix.x2" : "ldmatrix.x4", mine, 16, all);
+  for (int j = 0; j < N; ++j) r[j] = all[8 * j + lane / 4][lane % 4];
+}
+
+// mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32 {d}, {a}, {b}, {c}: D = A B + C for A
+// 16 x 8 (m, k), B 8 x 8 (k, n), C and D 16 x 8 fp32. Lane 4g + t holds a0 = A(g, t),
+// a1 = A(g + 8, t), a2 = A(g, t + 4), a3 = A(g + 8, t + 4); b0 = B(t, g), b1 = B(t + 4, g);
+// c0, c1 = C(g, 2t), C(g, 2t + 1) and c2, c3 = C(g + 8, 2t), C(g + 8, 2t + 1) (D likewise).
+// The operands are read as the tensor cores read fp32 bits (truncate_tf32) and each output sums
+// C and the exact products in k order in fp32: the arithmetic of the WMMA m16n16k8 model above,
+// so a tile computed either way has the same bits here.
+inline void mma_m16n8k8_tf32(float (&d)[4], const unsigned (&a)[4], const unsigned (&b)[2],
+                             const float (&c)[4]) {
+  struct Lane {
+    uint32_t a[4], b[2];
+  };
+  const Lane mine{{a[0], a[1], a[2], a[3]}, {b[0], b[1]}};
+  Lane all[32];
+  warp_exchange("mma.sync.m16n8k8.tf32", &mine, sizeof mine, all);
+  const unsigned lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
+  if (lane == 0) count_mma_sync();
+  const auto f = [](uint32_t bits) {
+    float v;
+    std::memcpy(&v, &bits, 4);
+    return nvcuda::wmma::truncate_tf32(v);
+  };
+  float A[16][8], B[8][8];
+  for (unsigned l = 0; l < 32; ++l) {
+    const unsigned gl = l / 4, tl = l % 4;
+    A[gl][tl] = f(all[l].a[0]);
+    A[gl + 8][tl] = f(all[l].a[1]);
+    A[gl][tl + 4] = f(all[l].a[2]);
+    A[gl + 8][tl + 4] = f(all[l].a[3]);
+    B[tl][gl] = f(all[l].b[0]);
+    B[tl + 4][gl] = f(all[l].b[1]);
+  }
+  float out[4];
+  for (int i = 0; i < 4; ++i) {
+    const unsigned m = g + (i >= 2 ? 8 : 0), n = 2 * t + (i & 1);
+    float acc = c[i];
+    for (int k = 0; k < 8; ++k) acc += A[m][k] * B[k][n];  // exact products
+    out[i] = acc;
+  }
+  for (int i = 0; i < 4; ++i) d[i] = out[i];
 }
 }  // namespace cudasim

@@ -1,0 +1,179 @@
+"""The TF32 mma path's register layouts (``csrc/warp_mma.cuh``, rnn_common.cuh ``MmaTf32Ops``).
+
+``tests/cuda/warp_mma_check.cu`` multiplies small integers (exact in TF32) through ldmatrix,
+mma.sync and the kernels' own tile loops and compares them with a plain matmul. Here it runs on
+cudasim, whose ldmatrix and mma.sync are warp collectives in the PTX ISA's layouts; it is shown
+to fail where the kernels' lane arithmetic or cudasim's model of the instructions is wrong; it
+compiles with nvcc; and on a GPU (``gpu`` mark) it runs there, which checks cudasim's model
+against the hardware. cudasim's rules for warp collectives (every lane reaches the same one) are
+checked with two small broken kernels."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+import torch
+from test_cuda_compile import NVCC
+from test_microbench import FLAGS, GXX, SIM
+
+ROOT = Path(__file__).resolve().parents[2]
+CSRC = ROOT / "csrc"
+CHECK = Path(__file__).with_name("warp_mma_check.cu")
+CHECKS = ("ldmatrix", "mma", "tiles")
+
+needs_gxx = pytest.mark.skipif(GXX is None, reason="g++ is not on PATH (needed for cudasim)")
+
+
+def _build(tmp: Path, source: Path, csrc: Path = CSRC, sim: Path = SIM) -> Path:
+    """The program against cudasim (its runtime from `sim`, the kernels' headers from `csrc`)."""
+    flags = [f if not f.startswith("-I") else f.replace(str(SIM), str(sim)) for f in FLAGS]
+    exe = tmp / "check"
+    subprocess.run([GXX, *flags, f"-I{csrc}", "-x", "c++", str(source), "-x", "none",
+                    str(sim / "runtime.cpp"), "-o", str(exe), "-lpthread"], check=True,
+                   capture_output=True, text=True)
+    return exe
+
+
+def _run(exe: Path) -> subprocess.CompletedProcess:
+    return subprocess.run([str(exe)], capture_output=True, text=True, timeout=300, check=False)
+
+
+def _lines(out: str) -> dict[str, str]:
+    return {line.split()[0]: line for line in out.splitlines() if line.strip()}
+
+
+@needs_gxx
+def test_the_layouts_hold_on_cudasim(tmp_path):
+    r = _run(_build(tmp_path, CHECK))
+    assert r.returncode == 0, r.stdout + r.stderr
+    lines = _lines(r.stdout)
+    assert set(lines) == set(CHECKS), r.stdout
+    assert all(" ok (" in line for line in lines.values()), r.stdout
+
+
+def _mutant_tree(tmp: Path, root: Path, rel: str, old: str, new: str) -> Path:
+    """A copy of `root` with `old` replaced once by `new` in file `rel`."""
+    copy = tmp / root.name
+    shutil.copytree(root, copy)
+    path = copy / rel
+    text = path.read_text()
+    assert text.count(old) == 1, (rel, old)
+    path.write_text(text.replace(old, new))
+    return copy
+
+
+# (where: "csrc" or "sim", file, old, new, the check that must fail)
+MUTANTS = {
+    # The kernels: A's four 8 x 4 matrices in the other order (a1 <-> a2).
+    "a-matrix-order": ("csrc", "rnn_common.cuh",
+                       "(i + (j & 1) * 8) * 8 + (j >> 1) * 4",
+                       "(i + (j >> 1) * 8) * 8 + (j & 1) * 4", "tiles"),
+    # The kernels: B's matrices with k and the column half swapped (b1 of columns 0-7 <->
+    # b0 of columns 8-15).
+    "b-matrix-order": ("csrc", "rnn_common.cuh",
+                       "(i + (j >> 1) * 8) * ldx + kk * 8 + (j & 1) * 4",
+                       "(i + (j & 1) * 8) * ldx + kk * 8 + (j >> 1) * 4", "tiles"),
+    # The kernels: the accumulator's columns as if a lane held 2 consecutive rows.
+    "c-columns": ("csrc", "rnn_common.cuh",
+                  "return (size_t)(g + (q >> 1) * 8) * ld + h * 8 + 2 * t + (q & 1);",
+                  "return (size_t)(g + (q & 1) * 8) * ld + h * 8 + 2 * t + (q >> 1);",
+                  "tiles"),
+    # cudasim's mma.sync: a1 and a2 swapped in its model of the A fragment.
+    "sim-mma-a": ("sim", "include/cudasim.h",
+                  "A[gl + 8][tl] = f(all[l].a[1]);\n    A[gl][tl + 4] = f(all[l].a[2]);",
+                  "A[gl + 8][tl] = f(all[l].a[2]);\n    A[gl][tl + 4] = f(all[l].a[1]);", "mma"),
+    # cudasim's ldmatrix: lane 4g + t given row t, word g.
+    "sim-ldmatrix": ("sim", "include/cudasim.h", "r[j] = all[8 * j + lane / 4][lane % 4];",
+                     "r[j] = all[8 * j + lane % 4][lane / 4 % 4];", "ldmatrix"),
+}
+
+
+@needs_gxx
+@pytest.mark.parametrize("name", list(MUTANTS))
+def test_a_wrong_layout_fails_the_check(tmp_path, name):
+    where, rel, old, new, fails = MUTANTS[name]
+    if where == "csrc":
+        exe = _build(tmp_path, CHECK, csrc=_mutant_tree(tmp_path, CSRC, rel, old, new))
+    else:
+        exe = _build(tmp_path, CHECK, sim=_mutant_tree(tmp_path, SIM, rel, old, new))
+    r = _run(exe)
+    assert r.returncode == 1, r.stdout + r.stderr
+    lines = _lines(r.stdout)
+    assert "FAIL" in lines[fails], r.stdout
+
+
+_MISUSE = r"""
+#include <cstdio>
+#include "rnn_common.cuh"
+namespace d = fused_rnn::detail;
+__global__ void kernel(float* out) {
+  const unsigned lane = threadIdx.x % 32;
+  const float* row = reinterpret_cast<const float*>(d::dynamic_smem()) + (lane % 16) * 4;
+  unsigned r[2] = {0, 0};
+  unsigned (&r1)[1] = reinterpret_cast<unsigned (&)[1]>(r);
+  if (MISUSE == 0 && lane < 16) {
+    d::ldmatrix<1>(r1, row);
+  } else if (MISUSE == 1) {
+    if (lane < 16) d::ldmatrix<1>(r1, row);
+    else d::ldmatrix<2>(r, row);
+  }
+  out[threadIdx.x] = static_cast<float>(r[0]);
+}
+int main() {
+  float* out = nullptr;
+  cudaMalloc(&out, 64 * sizeof(float));
+  cudaLaunchConfig_t cfg = {};
+  cfg.gridDim = dim3(1);
+  cfg.blockDim = dim3(64);
+  cfg.dynamicSmemBytes = 1024;
+  cudaLaunchKernelEx(&cfg, kernel, out);
+  const cudaError_t e = cudaDeviceSynchronize();
+  std::printf("%s\n", e == cudaSuccess ? "success" : cudaGetErrorString(e));
+  return 0;
+}
+"""
+
+
+@needs_gxx
+@pytest.mark.parametrize("misuse,message", [
+    (0, "waits in ldmatrix.x1, which not every lane of its warp reaches: a deadlock on a GPU"),
+    (1, "lanes in two different warp collectives at once (ldmatrix.x1 and ldmatrix.x2)")])
+def test_cudasim_refuses_a_collective_not_every_lane_reaches(tmp_path, misuse, message):
+    """On a GPU a .sync.aligned instruction that some lanes skip, or two different ones, hangs or
+    is undefined; cudasim fails the launch with the reason."""
+    src = tmp_path / "misuse.cu"
+    src.write_text(f"#define MISUSE {misuse}\n" + _MISUSE)
+    r = _run(_build(tmp_path, src))
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert message in r.stdout, r.stdout
+
+
+@pytest.mark.parametrize("arch", ["80", "90"])
+def test_the_check_compiles_for_the_gpus(tmp_path, arch):
+    if NVCC is None:
+        pytest.skip("nvcc not found (PATH, CUDA_HOME): cannot compile-check warp_mma_check.cu")
+    cmd = [NVCC, "-std=c++20", f"-arch=sm_{arch}", "-Werror", "all-warnings", f"-I{CSRC}",
+           str(CHECK), "-o", str(tmp_path / "check")]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=600, check=False)
+    assert r.returncode == 0, r.stdout + r.stderr
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_the_layouts_hold_on_this_gpu(tmp_path):
+    """The same program on the GPU: where cudasim's model of ldmatrix or mma.sync differs from
+    the hardware, or the kernels' lane arithmetic only agrees with the model, this fails."""
+    if NVCC is None:
+        pytest.skip("nvcc not found (PATH, CUDA_HOME): cannot build warp_mma_check.cu")
+    major, minor = torch.cuda.get_device_capability()
+    if major < 8:
+        pytest.skip(f"mma.sync TF32 needs sm_80, this GPU is sm_{major}{minor}")
+    exe = tmp_path / "check"
+    subprocess.run([NVCC, "-std=c++20", f"-arch=sm_{major}{minor}", f"-I{CSRC}", str(CHECK),
+                    "-o", str(exe)], check=True, capture_output=True, text=True, timeout=600)
+    r = _run(exe)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert set(_lines(r.stdout)) == set(CHECKS), r.stdout
