@@ -107,7 +107,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "finishing one point a thread at a time, cuda-gemm32 cuda with the "
                         "time-parallel GEMMs of 16-bit layers on operands promoted to fp32, "
                         "cuda-genfrag cuda loading its WMMA fragments through generic "
-                        "addresses only "
+                        "addresses only, cuda-mma cuda multiplying its TF32 tiles with "
+                        "mma.sync and ldmatrix "
                         "(FUSED_RNN_CUDA_K_PARTS=1, FUSED_RNN_CUDA_CLUSTER=16|8, "
                         "FUSED_RNN_CUDA_CLUSTER_EXCHANGE=dsmem, "
                         "FUSED_RNN_CUDA_TEAM_CLUSTERS=on, "
@@ -115,7 +116,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "FUSED_RNN_CUDA_MAX_GROUPS=1, FUSED_RNN_CUDA_STAGE_K=0, "
                         "FUSED_RNN_CUDA_STAGE_COPY=async|registers, "
                         "FUSED_RNN_CUDA_TILE_BLOCK=1, FUSED_RNN_CUDA_POINT_BATCH=1, "
-                        "FUSED_RNN_CUDA_GEMMS=fp32, FUSED_RNN_CUDA_FRAG_LOADS=generic)")
+                        "FUSED_RNN_CUDA_GEMMS=fp32, FUSED_RNN_CUDA_FRAG_LOADS=generic|mma)")
     p.add_argument("--modes", default="LSTM,GRU", help="comma-separated: LSTM,GRU")
     p.add_argument("--dtypes", default="fp32,bf16,fp16",
                    help="comma-separated: fp32,bf16,fp16,fp32-strict (fp32 without TF32, for "
@@ -391,7 +392,8 @@ VARIANTS = {"cuda-p1": ("cuda", {"FUSED_RNN_CUDA_K_PARTS": "1"}),
             "cuda-tb1": ("cuda", {"FUSED_RNN_CUDA_TILE_BLOCK": "1"}),
             "cuda-pb1": ("cuda", {"FUSED_RNN_CUDA_POINT_BATCH": "1"}),
             "cuda-gemm32": ("cuda", {"FUSED_RNN_CUDA_GEMMS": "fp32"}),
-            "cuda-genfrag": ("cuda", {"FUSED_RNN_CUDA_FRAG_LOADS": "generic"})}
+            "cuda-genfrag": ("cuda", {"FUSED_RNN_CUDA_FRAG_LOADS": "generic"}),
+            "cuda-mma": ("cuda", {"FUSED_RNN_CUDA_FRAG_LOADS": "mma"})}
 
 
 def _cuda_plans(mode, shape, dtype_name) -> list | None:
@@ -452,7 +454,8 @@ def _variant_is_moot(backend, mode, shape, dtype_name, device) -> bool:
     where neither launch loads its points in batches (each would time the same code);
     cuda-gemm32 on fp32 data (its GEMMs' operands are fp32 already); cuda-genfrag where neither
     launch has its X in shared memory (staged or the dsmem mirror) on tensor cores (both settings
-    then load every WMMA fragment with the generic forms, or run the FMA path)."""
+    then load every WMMA fragment with the generic forms, or run the FMA path); cuda-mma where
+    neither launch is a TF32 one with X in shared memory (the only launches it changes)."""
     if backend == "cuda-g1":
         return shape[0] <= 32
     if backend == "cuda-gemm32":
@@ -465,6 +468,13 @@ def _variant_is_moot(backend, mode, shape, dtype_name, device) -> bool:
         return launches is not None and (ops.frag_loads() == ops.FRAG_LOADS["generic"] or all(
             math == P.MATHS["fma"] or (p.stage_k == 0 and p.cluster != P.CLUSTER_GROUPS_DSMEM)
             for math, p in launches))
+    if backend == "cuda-mma" and device == "cuda":
+        from fused_rnn.ops.cuda import plan as P
+
+        launches = _cuda_launches(mode, shape, dtype_name)
+        return launches is not None and all(
+            math != P.MATHS["tf32"] or (p.stage_k == 0 and p.cluster != P.CLUSTER_GROUPS_DSMEM)
+            for math, p in launches)
     if backend == "cuda-tb1" and device == "cuda":
         from fused_rnn.ops.cuda import ops
         from fused_rnn.ops.cuda import plan as P

@@ -242,6 +242,12 @@ def test_k_parts_variant_runs_only_where_cuda_has_parts(monkeypatch):
                    for dt in ("fp32", "bf16", "fp16"))
     assert bench_gpu._variant_is_moot("cuda-genfrag", "LSTM", bench_gpu.SHAPES["S3"],
                                       "fp32-strict", "cuda")
+    # cuda-mma changes only TF32 launches with X in shared memory: every fp32 row, no 16-bit
+    # one, not fp32 without TF32 (the FMA path)
+    assert [bench_gpu._variant_is_moot("cuda-mma", mode, bench_gpu.SHAPES[name], dt, "cuda")
+            for mode in ("LSTM", "GRU") for name in bench_gpu.SHAPES
+            for dt in ("fp32", "bf16", "fp16", "fp32-strict")] == [False, True, True, True] * (
+                2 * len(bench_gpu.SHAPES))
     monkeypatch.setenv("FUSED_RNN_CUDA_STAGE_K", "0")
     assert bench_gpu._variant_is_moot("cuda-genfrag", "GRU", bench_gpu.SHAPES["S3"], "bf16",
                                       "cuda")
