@@ -73,9 +73,18 @@ CONFIGS = {
                     {"cluster": 0, "parts": 1, "blocked": True}),
     "tile-blocks-direct": ("LSTM", "tf32", 64, 1, {"MAX_GROUPS": "1", "STAGE_K": "0"},
                            {"cluster": 0, "parts": 1, "stage_k": 0, "blocked": True}),
+    # the TF32 tiles through mma.sync and ldmatrix (each lane reads its own rows of the stage
+    # and W; a lane's accumulator elements are its own): single tiles over three batch groups,
+    # and blocks of tiles
+    "mma-grouped": ("LSTM", "tf32", 37, 8, {"MAX_GROUPS": "8", "STAGE_K": "auto",
+                                            "FRAG_LOADS": "mma"},
+                    {"cluster": 0, "parts": 1, "groups": 3}),
+    "mma-tile-blocks": ("GRU", "tf32", 60, 1, {"MAX_GROUPS": "1", "TILE_BLOCK": "4",
+                                               "FRAG_LOADS": "mma"},
+                        {"cluster": 0, "parts": 1, "blocked": True}),
 }
 SETTINGS = ("MAX_GROUPS", "STAGE_K", "K_PARTS", "CLUSTER", "CLUSTER_EXCHANGE", "TEAM_CLUSTERS",
-            "STAGE_COPY", "TILE_BLOCK", "POINT_BATCH")
+            "STAGE_COPY", "TILE_BLOCK", "POINT_BATCH", "FRAG_LOADS")
 DTYPES = {"fp32": (torch.float32, False), "tf32": (torch.float32, True),
           "bf16": (torch.bfloat16, False), "fp16": (torch.float16, False)}
 

@@ -65,6 +65,9 @@ def draw(seed: int) -> dict:
         case["settings"]["POINT_BATCH"] = "1"
     if r.random() < 0.15:  # a larger batch: threads with several epilogue points (same reason)
         case["B"] = r.choice([100, 160, 257])
+    frag_loads = r.choice(["shared", "generic", "mma", "mma", None, None])  # last (same reason)
+    if frag_loads is not None:
+        case["settings"]["FRAG_LOADS"] = frag_loads
     return case
 
 

@@ -642,44 +642,6 @@ void cluster_barrier() {
 
 unsigned char* dynamic_smem() { return g_launch->smem[blockIdx.x]; }
 
-// A warp-synchronous all-gather (the .sync.aligned instructions: ldmatrix, mma.sync): every lane
-// of the warp must call it with the same op, as its next warp collective, and the block's
-// threads must fill whole warps. A lane deposits its `bytes`; the lanes that arrive first wait
-// (a fiber state the scheduler does not run) and the last one releases them, so no lane goes
-// on before all 32 have deposited. Each then copies all 32 deposits (lane l's at all + l *
-// bytes). The deposits pass through this file's memory, which ThreadSanitizer does not see: the
-// collective orders nothing between the lanes (nor do ldmatrix and mma.sync on a GPU).
-void warp_exchange(const char* op, const void* in, size_t bytes, void* all) {
-  Launch& L = *g_launch;
-  if (bytes > kWarpBytes) fail("%s: %zu bytes a lane (at most %zu)", op, bytes, kWarpBytes);
-  if (L.block.x % 32 != 0)
-    fail("%s needs whole warps; the block has %u threads", op, L.block.x);
-  const unsigned lane = g_current->tid % 32;
-  const size_t first = (size_t)g_current->block * L.block.x + (g_current->tid - lane);
-  const size_t warp = first / 32;
-  if (L.warps.empty()) L.warps.resize(L.threads.size() / 32 * 2);
-  WarpExchange& w = L.warps[2 * warp + (g_current->warp_calls++ & 1)];
-  if (w.arrived == 0) {
-    w.op = op;
-  } else if (std::strcmp(w.op, op) != 0) {
-    fail("block %u warp %zu: lanes in two different warp collectives at once (%s and %s)",
-         g_current->block, (first % L.block.x) / 32, w.op, op);
-  }
-  std::memcpy(w.data[lane], in, bytes);
-  if (++w.arrived < 32) {
-    g_current->warp_op = op;
-    yield(State::kAtWarp);
-  } else {
-    for (unsigned k = 0; k < 32; ++k) {
-      Thread& t = L.threads[first + k];
-      if (t.state == State::kAtWarp) t.state = State::kRunnable;
-    }
-  }
-  auto* out = static_cast<unsigned char*>(all);
-  for (unsigned k = 0; k < 32; ++k) std::memcpy(out + k * bytes, w.data[k], bytes);
-  if (++w.departed == 32) w.arrived = w.departed = 0;  // free for the lanes' call n + 2
-}
-
 unsigned cluster_num_blocks() {
   require_cluster_code("a cluster_group");
   if (g_launch->cluster == 0) fail("a cluster_group in a launch without clusters");
@@ -723,6 +685,50 @@ struct Bookkeeping {
   Bookkeeping& operator=(const Bookkeeping&) = delete;
 #endif
 };
+
+// A warp-synchronous all-gather (the .sync.aligned instructions: ldmatrix, mma.sync): every lane
+// of the warp must call it with the same op, as its next warp collective, and the block's
+// threads must fill whole warps. A lane deposits its `bytes`; the lanes that arrive first wait
+// (a fiber state the scheduler does not run) and the last one releases them, so no lane goes
+// on before all 32 have deposited. Each then copies all 32 deposits (lane l's at all + l *
+// bytes). The deposits pass through this file's memory, which ThreadSanitizer is told to
+// ignore (Bookkeeping): the collective orders nothing between the lanes (nor do ldmatrix and
+// mma.sync on a GPU).
+void warp_exchange(const char* op, const void* in, size_t bytes, void* all) {
+  Launch& L = *g_launch;
+  if (bytes > kWarpBytes) fail("%s: %zu bytes a lane (at most %zu)", op, bytes, kWarpBytes);
+  if (L.block.x % 32 != 0)
+    fail("%s needs whole warps; the block has %u threads", op, L.block.x);
+  const unsigned lane = g_current->tid % 32;
+  const size_t first = (size_t)g_current->block * L.block.x + (g_current->tid - lane);
+  const size_t warp = first / 32;
+  WarpExchange& w = L.warps[2 * warp + (g_current->warp_calls++ & 1)];
+  if (w.arrived == 0) {
+    w.op = op;
+  } else if (std::strcmp(w.op, op) != 0) {
+    fail("block %u warp %zu: lanes in two different warp collectives at once (%s and %s)",
+         g_current->block, (first % L.block.x) / 32, w.op, op);
+  }
+  {
+    [[maybe_unused]] const Bookkeeping sim;  // the exchange's own memory, not the kernel's
+    std::memcpy(w.data[lane], in, bytes);
+  }
+  if (++w.arrived < 32) {
+    g_current->warp_op = op;
+    yield(State::kAtWarp);
+  } else {
+    for (unsigned k = 0; k < 32; ++k) {
+      Thread& t = L.threads[first + k];
+      if (t.state == State::kAtWarp) t.state = State::kRunnable;
+    }
+  }
+  auto* out = static_cast<unsigned char*>(all);
+  {
+    [[maybe_unused]] const Bookkeeping sim;
+    for (unsigned k = 0; k < 32; ++k) std::memcpy(out + k * bytes, w.data[k], bytes);
+  }
+  if (++w.departed == 32) w.arrived = w.departed = 0;  // free for the lanes' call n + 2
+}
 
 // A copy the running thread makes (cp.async, st.async): under CUDASIM_TSAN its read and
 // write are that thread's, whether or not libc's memcpy is intercepted.
@@ -1045,6 +1051,7 @@ cudaError_t run_launch(const void* func, dim3 grid, dim3 block, void** args, siz
   const size_t n = (size_t)grid.x * block.x;
   while (stacks().size() < n) stacks().emplace_back();
   L.threads.resize(n);
+  L.warps.resize((n + 31) / 32 * 2);  // warp_exchange (allocated here, not by a fiber)
   for (size_t i = 0; i < n; ++i) {
     Thread& t = L.threads[i];
     t.block = static_cast<unsigned>(i / block.x);
