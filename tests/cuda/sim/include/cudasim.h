@@ -324,10 +324,7 @@ inline float __half2float(__half h) {
 }
 inline __half __float2half_rn(float f) { return __half{static_cast<_Float16>(f)}; }  // RNE
 inline float __bfloat162float(__nv_bfloat16 b) {
-  const uint32_t u = static_cast<uint32_t>(b.bits) << 16;
-  float f;
-  std::memcpy(&f, &u, 4);
-  return f;
+  return __uint_as_float(static_cast<uint32_t>(b.bits) << 16);
 }
 inline __nv_bfloat16 __float2bfloat16_rn(float f) {
   uint32_t u;
@@ -591,11 +588,7 @@ inline void mma_m16n8k8_tf32(float (&d)[4], const unsigned (&a)[4], const unsign
   warp_exchange("mma.sync.m16n8k8.tf32", &mine, sizeof mine, all);
   const unsigned lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
   if (lane == 0) count_mma_sync();
-  const auto f = [](uint32_t bits) {
-    float v;
-    std::memcpy(&v, &bits, 4);
-    return nvcuda::wmma::truncate_tf32(v);
-  };
+  const auto f = [](uint32_t bits) { return nvcuda::wmma::truncate_tf32(__uint_as_float(bits)); };
   float A[16][8], B[8][8];
   for (unsigned l = 0; l < 32; ++l) {
     const unsigned gl = l / 4, tl = l % 4;
