@@ -765,6 +765,29 @@ _FRAG_PARTITIONS = {
     "direct-blocks": ({"FUSED_RNN_CUDA_STAGE_K": "0"}, 1, 60, "global")}
 
 
+def _same_bits_under_each_frag_setting(install, monkeypatch, partition, cases, settings, seed,
+                                       count, check):
+    """For each (mode, dt) of `cases`, under the partition's environment: one layer per
+    FUSED_RNN_CUDA_FRAG_LOADS setting, every output and gradient the same bits under all of
+    them. `count(sim)` is a tuple of counters; `check(key, sim, grew)` is called after each
+    setting's layer with how much each grew during it, key = (partition, mode, dt, setting)."""
+    env, sms, H, _ = _FRAG_PARTITIONS[partition]
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    for mode, dt in cases:
+        runs = []
+        for setting in settings:
+            monkeypatch.setenv("FUSED_RNN_CUDA_FRAG_LOADS", setting)
+            sim = install(sms=sms, order="shuffle", seed=seed)
+            before = count(sim)
+            runs.append(_layer(mode, dt, B=40, T=3, H=H))
+            grew = tuple(a - b for a, b in zip(count(sim), before, strict=True))
+            check((partition, mode, dt, setting), sim, grew)
+        for other, setting in zip(runs[1:], settings[1:], strict=True):
+            for i, (a, b) in enumerate(zip(runs[0], other, strict=True)):
+                assert torch.equal(a, b), (partition, mode, dt, setting, i)
+
+
 @pytest.mark.parametrize("partition", list(_FRAG_PARTITIONS))
 def test_fragments_in_shared_memory_give_the_same_bits(install, monkeypatch, partition):
     """FUSED_RNN_CUDA_FRAG_LOADS: by default the WMMA kernels load their fragments (W, the staged
@@ -777,28 +800,23 @@ def test_fragments_in_shared_memory_give_the_same_bits(install, monkeypatch, par
     elsewhere reads other shared memory on a GPU) and counts the accumulator stores of each
     form: where X is in shared memory all of them take the .shared form, where it is in global
     memory none do, and with `generic` none do."""
-    env, sms, H, where = _FRAG_PARTITIONS[partition]
-    for key, value in env.items():
-        monkeypatch.setenv(key, value)
-    for mode in MODES:
-        for dt in ("bf16", "fp16", "tf32", "fp32"):
-            runs = {}
-            for setting in ("shared", "generic"):
-                monkeypatch.setenv("FUSED_RNN_CUDA_FRAG_LOADS", setting)
-                sim = install(sms=sms, order="shuffle", seed=3)
-                before = sim.frag_stores()
-                runs[setting] = _layer(mode, dt, B=40, T=3, H=H)
-                total, shared = (a - b for a, b in zip(sim.frag_stores(), before, strict=True))
-                key = (partition, mode, dt, setting)
-                assert (total > 0) == (dt != "fp32"), (key, total)
-                want = total if setting == "shared" and where == "shared" else 0
-                assert shared == want, (key, total, shared)
-                if partition == "dsmem":
-                    assert sim.cluster_launches() > 0, key
-                if partition == "pipelined-parts2":
-                    assert {pl["parts"] for _, _, pl in sim.launches} == {2}, key
-            for i, (a, b) in enumerate(zip(runs["generic"], runs["shared"], strict=True)):
-                assert torch.equal(a, b), (partition, mode, dt, i)
+    where = _FRAG_PARTITIONS[partition][3]
+
+    def check(key, sim, grew):
+        _, _, dt, setting = key
+        total, shared = grew
+        assert (total > 0) == (dt != "fp32"), (key, total)
+        want = total if setting == "shared" and where == "shared" else 0
+        assert shared == want, (key, total, shared)
+        if partition == "dsmem":
+            assert sim.cluster_launches() > 0, key
+        if partition == "pipelined-parts2":
+            assert {pl["parts"] for _, _, pl in sim.launches} == {2}, key
+
+    cases = [(mode, dt) for mode in MODES for dt in ("bf16", "fp16", "tf32", "fp32")]
+    _same_bits_under_each_frag_setting(install, monkeypatch, partition, cases,
+                                       ("shared", "generic"), 3, lambda sim: sim.frag_stores(),
+                                       check)
     monkeypatch.setenv("FUSED_RNN_CUDA_FRAG_LOADS", "ldmatrix")
     with pytest.raises(ValueError, match="FUSED_RNN_CUDA_FRAG_LOADS must be one of shared, generic"):
         _layer("LSTM", "bf16")
@@ -814,25 +832,17 @@ def test_tf32_mma_sync_gives_the_wmma_bits(install, monkeypatch, partition):
     dsmem mirror, single tiles, blocks of tiles, K parts. The count of mma.sync shows which path
     ran: some in TF32 where X is in shared memory; none with `shared`, none where X is read from
     global memory and none in bf16 (those take `shared`'s path under `mma`)."""
-    env, sms, H, where = _FRAG_PARTITIONS[partition]
-    for key, value in env.items():
-        monkeypatch.setenv(key, value)
-    for mode in MODES:
-        for dt in ("tf32", "bf16"):
-            if dt == "bf16" and mode != "GRU":
-                continue  # one cell shows the 16-bit kernels ignore the setting
-            runs = {}
-            for setting in ("shared", "mma"):
-                monkeypatch.setenv("FUSED_RNN_CUDA_FRAG_LOADS", setting)
-                sim = install(sms=sms, order="shuffle", seed=5)
-                before = sim.mma_sync_count()
-                runs[setting] = _layer(mode, dt, B=40, T=3, H=H)
-                issued = sim.mma_sync_count() - before
-                key = (partition, mode, dt, setting)
-                want = setting == "mma" and dt == "tf32" and where == "shared"
-                assert (issued > 0) == want, (key, issued)
-            for i, (a, b) in enumerate(zip(runs["shared"], runs["mma"], strict=True)):
-                assert torch.equal(a, b), (partition, mode, dt, i)
+    where = _FRAG_PARTITIONS[partition][3]
+
+    def check(key, sim, grew):
+        _, _, dt, setting = key
+        want = setting == "mma" and dt == "tf32" and where == "shared"
+        assert (grew[0] > 0) == want, (key, grew)
+
+    # one cell in bf16 shows the 16-bit kernels ignore the setting
+    cases = [(mode, "tf32") for mode in MODES] + [("GRU", "bf16")]
+    _same_bits_under_each_frag_setting(install, monkeypatch, partition, cases, ("shared", "mma"),
+                                       5, lambda sim: (sim.mma_sync_count(),), check)
 
 
 @pytest.mark.parametrize("dt,B", [("tf32", 16), ("tf32", 70), ("bf16", 8), ("tf32", 40),
