@@ -52,14 +52,29 @@ __device__ __forceinline__ float prepare_w<float, Math::kTf32>(float v) {
   return wmma::__float_to_tf32(v);
 }
 
-// Element (r, k) of the W slice in shared memory (plan.h: row-major, or k-blocked for kTf32).
+// Element (r, k) of a k-blocked TF32 W slice (plan.h; k-block stride ldw): row r of k-step
+// block k / 8 holds its 8 floats at r * 8. With `swizzle` (the mma.sync path, kFragMma), rows with
+// bit 2 set hold their two 16-byte halves swapped: MmaTf32Ops::load_a's ldmatrix reads 16 bytes
+// of 8 consecutive rows, 32 bytes apart, and unswizzled rows r and r + 4 share a bank group (a
+// 2-way conflict on every A load); swizzled, the 8 rows fill the 8 groups. WMMA's loads take one
+// row stride, so they read the unswizzled layout. Rows a multiple of 8 apart swizzle alike, so
+// tile origins (rows a multiple of 16) are the same either way.
+__device__ __forceinline__ size_t k_blocked_index(int ldw, int r, int k, bool swizzle) {
+  return (size_t)(k / 8) * ldw + r * 8 + ((k % 8) ^ (swizzle ? r & 4 : 0));
+}
+
+// Element (r, k) of the W slice in shared memory (plan.h: row-major, or k-blocked for kTf32,
+// swizzled for the mma path where `swizzle`).
 template <Math M>
-__device__ __forceinline__ size_t w_index(const Plan& pl, int r, int k) {
+__device__ __forceinline__ size_t w_index(const Plan& pl, int r, int k, bool swizzle = false) {
   constexpr TileShape ts = tile_shape(M);
-  if constexpr (k_blocked(M))
-    return (size_t)(k / ts.wk) * pl.ldw + r * ts.wk + k % ts.wk;
-  else
+  if constexpr (k_blocked(M)) {
+    static_assert(ts.wk == 8, "k_blocked_index takes 8-wide k-steps");
+    return k_blocked_index(pl.ldw, r, k, swizzle);
+  } else {
+    (void)swizzle;
     return (size_t)r * pl.ldw + k;
+  }
 }
 
 // Zeroes the whole W region (padding rows and columns feed the MMA; the k-blocked tail is read
@@ -121,7 +136,7 @@ __device__ void copy_w_slice(int rows, int cols, Load&& load, Store&& store) {
 // (they feed the MMA).
 template <typename T, Math M>
 __device__ void load_w_forward(T* sw, const Plan& pl, const T* __restrict__ w, int hidden,
-                               int g_count, int team_u0, int k0) {
+                               int g_count, int team_u0, int k0, bool swizzle) {
   zero_w(sw, pl);
   const int tu = team_units(pl);
   int row = -1, g = 0, j = 0;  // (g, j) of local row `row`: rows change every k_part elements
@@ -139,7 +154,7 @@ __device__ void load_w_forward(T* sw, const Plan& pl, const T* __restrict__ w, i
                : from_float<T>(0.f),
             ok};
       },
-      [&](int r, int kk, T v) { sw[w_index<M>(pl, r, kk)] = v; });
+      [&](int r, int kk, T v) { sw[w_index<M>(pl, r, kk, swizzle)] = v; });
 }
 
 // Backward slice: local row j <-> column team_u0 + j of W_hh (transposed), columns
@@ -147,7 +162,7 @@ __device__ void load_w_forward(T* sw, const Plan& pl, const T* __restrict__ w, i
 // `m_rows` contiguous elements.
 template <typename T, Math M>
 __device__ void load_w_backward(T* sw, const Plan& pl, const T* __restrict__ w, int hidden,
-                                int team_u0, int k0) {
+                                int team_u0, int k0, bool swizzle) {
   zero_w(sw, pl);
   copy_w_slice(
       pl.k_part, pl.m_rows,
@@ -157,7 +172,7 @@ __device__ void load_w_backward(T* sw, const Plan& pl, const T* __restrict__ w, 
             ok ? prepare_w<T, M>(w[(size_t)(k0 + kk) * hidden + team_u0 + j]) : from_float<T>(0.f),
             ok};
       },
-      [&](int kk, int j, T v) { sw[w_index<M>(pl, j, kk)] = v; });
+      [&](int kk, int j, T v) { sw[w_index<M>(pl, j, kk, swizzle)] = v; });
 }
 
 // ---- dynamic shared memory -------------------------------------------------------------------
@@ -473,8 +488,9 @@ struct WmmaOps<float, Math::kTf32>
 // kFragMma): columns 0-7 and 8-15 of the tile, sharing A. Per k-step a lane loads A with one
 // ldmatrix.x4 from the k-blocked W slice (a k-step's 16 x 8 block is 16 rows of 8 floats, so the
 // four 8 x 4 matrices (rows 0-7 / 8-15, k 0-3 / 4-7) start at rows i and 8 + i, floats 0 and
-// 4), and B with one ldmatrix.x4 of X rows 0-7 and 8-15 (k 0-3 and 4-7): X must be in shared
-// memory (Sh; chunk_matmul takes WMMA's generic path where it is not). Its accumulator
+// 4, the halves swizzled as k_blocked_index stores them), and B with one ldmatrix.x4 of X rows
+// 0-7 and 8-15 (k 0-3 and 4-7): X must be in shared memory (Sh; block_state keeps kFragMma
+// only where it is, so the W slice is swizzled exactly where this path runs). Its accumulator
 // elements are its own four a half (C below), loaded and stored with plain accesses: no lane
 // reads another's.
 struct MmaTf32Ops {
@@ -490,8 +506,10 @@ struct MmaTf32Ops {
   static constexpr unsigned kLdSlot = WmmaOps<float, Math::kTf32>::kLdSlot;
   template <bool Sh>
   static __device__ __forceinline__ void load_a(A& a, const float* sw, int ldw, int kk) {
+    // Row i + (j & 1) * 8, k half j >> 1, in the swizzled layout (k_blocked_index): the half
+    // flips where bit 2 of the row (of i) is set.
     const int lane = threadIdx.x & 31, j = lane >> 3, i = lane & 7;
-    ldmatrix<4>(a.r, sw + (size_t)kk * ldw + (i + (j & 1) * 8) * 8 + (j >> 1) * 4);
+    ldmatrix<4>(a.r, sw + (size_t)kk * ldw + (i + (j & 1) * 8) * 8 + ((j >> 1) ^ (i >> 2)) * 4);
   }
   template <bool Sh>
   static __device__ __forceinline__ void load_b(B& b, const float* x, int ldx, int kk) {
@@ -881,8 +899,10 @@ __device__ ChunkLayout chunk_matmul(const T* sw, const Plan& pl, const T* x, int
     bool sh = false;
     if constexpr (M != Math::kFma)
       sh = frag_loads != kFragGeneric && (staged || in_shared(xs));
+    // kFragMma is left only where X is in shared memory (block_state), and the W slice is then
+    // stored swizzled for MmaTf32Ops, which WMMA could not read: every slice takes the mma path.
     bool mma = false;
-    if constexpr (M == Math::kTf32) mma = frag_loads == kFragMma && sh;
+    if constexpr (M == Math::kTf32) mma = frag_loads == kFragMma;
     if (mma) {
       if constexpr (M == Math::kTf32)  // no mma.sync copies of the other maths' loops
         slice_matmul<T, M, true, true>(sw, pl, xs, ldx, k0, ksteps, mfr, nfr, ksplit, tb, sc,
@@ -946,17 +966,18 @@ struct BlockState {
   int copy;        // StageCopy (fused_rnn.h)
   int max_tiles;   // the most tiles a warp multiplies at once (FwdParams::tile_block)
   int frag_loads;     // FragLoads (fused_rnn.h): how the matmul loads its operands
+  bool w_swizzle;     // the W slice is stored for the mma path (k_blocked_index)
   bool batch_points;  // run_points may load points in batches (FwdParams::point_batch == 0)
   int team, rank;  // K parts (team = slice, rank = 0 without them)
   int team_u0;     // first unit of the team
   int k0, klen;    // this block's K columns (klen > 0, a multiple of kKPad)
 };
 
-template <typename W>
+template <typename W, Math M>
 __device__ __forceinline__ BlockState<W> block_state(const Plan& pl, int hidden, int batch,
                                                      int batch_pad, int copy,
                                                      int max_tiles, int point_batch,
-                                                     int frag_loads) {
+                                                     int frag_loads, int cluster) {
   unsigned char* smem = dynamic_smem();
   BlockState<W> b;
   b.sw = reinterpret_cast<W*>(smem);
@@ -971,7 +992,13 @@ __device__ __forceinline__ BlockState<W> block_state(const Plan& pl, int hidden,
   b.n_end = imin(b.n_begin + b.group_rows, batch);
   b.copy = copy;
   b.max_tiles = max_tiles;
-  b.frag_loads = frag_loads;
+  // The mma path needs X in shared memory: staged, or the dsmem mirror (a launch that fell back
+  // from clusters to the plain grid has cluster = kClusterNone, and reads X from global
+  // memory). Elsewhere, and in 16 bits and FMA, it is kFragShared.
+  const bool x_shared = pl.stage_k > 0 || cluster == kClusterGroupsDsmem;
+  b.frag_loads = frag_loads == kFragMma && !(M == Math::kTf32 && x_shared) ? kFragShared
+                                                                          : frag_loads;
+  b.w_swizzle = b.frag_loads == kFragMma;
   b.batch_points = point_batch == 0;
   b.team = slice / pl.parts;
   b.rank = slice % pl.parts;

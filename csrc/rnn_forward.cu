@@ -140,11 +140,11 @@ template <Cell C, typename T, Math M>
 __global__ void __launch_bounds__(kThreads, 1) rnn_forward_kernel(const FwdParams p) {
   using W = typename WType<T, M>::type;
   const BlockState<W> bs =
-      block_state<W>(p.plan, p.hidden, p.batch, p.batch_pad, p.stage_copy,
-                     p.tile_block, p.point_batch, p.frag_loads);
+      block_state<W, M>(p.plan, p.hidden, p.batch, p.batch_pad, p.stage_copy,
+                        p.tile_block, p.point_batch, p.frag_loads, p.cluster);
   PhaseClock clk(p.prof);
   load_w_forward<W, M>(bs.sw, p.plan, static_cast<const T*>(p.w_hh), p.hidden, gates_of(C),
-                       bs.team_u0, bs.k0);
+                       bs.team_u0, bs.k0, bs.w_swizzle);
   __syncthreads();
   clk.mark(kPhaseLoad);
 

@@ -31,7 +31,9 @@ barriers to swap and no memories to tell apart, so it runs the grid plan. ``tile
 blocking of the matmul) is accepted and ignored: blocking keeps every tile's K order, so the
 sums it models are the same; so is ``point_batch`` (the epilogue's batches of points: each
 point's arithmetic is the same), and ``frag_loads`` (how the WMMA fragments are loaded: the same
-instructions in another address space, the same values).
+instructions in another address space, the same values; under ``mma`` the TF32 tiles run as
+mma.sync over a W slice swizzled within each row's 8 floats of a k-step, which its loads undo:
+cudasim checks that path's bits against WMMA's).
 
 It does not run the CUDA code: it checks the design and its index arithmetic, which the CUDA
 code must then match line by line (the names here are the kernel's names).

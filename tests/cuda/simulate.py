@@ -191,6 +191,8 @@ def _load(sanitize: str, csrc: Path, ucontext: bool = False) -> ctypes.CDLL:
             lib.sim_mma_count.restype = ctypes.c_longlong
             lib.sim_point_batch_count.restype = ctypes.c_longlong
             lib.sim_mma_sync_count.restype = ctypes.c_longlong
+            lib.sim_ldmatrix_count.restype = ctypes.c_longlong
+            lib.sim_ldmatrix_count.argtypes = [i]
             lib.sim_frag_stores.restype = ctypes.c_longlong
             lib.sim_frag_stores.argtypes = [i]
             lib.sim_plan.argtypes = [i] * 13 + [ctypes.POINTER(ctypes.c_int)]
@@ -268,6 +270,12 @@ class Simulator:
         """mma.sync instructions (one a warp; the TF32 mma path) of every launch so far, in this
         process."""
         return int(self.lib.sim_mma_sync_count())
+
+    def ldmatrix_count(self) -> tuple[int, int]:
+        """(matrices, wavefronts) of every ldmatrix so far, in this process: the 8 x 8 matrices
+        read and the shared-memory passes they took (cudasim.h ldmatrix_wavefronts). Equal
+        where no read had a bank conflict."""
+        return int(self.lib.sim_ldmatrix_count(0)), int(self.lib.sim_ldmatrix_count(1))
 
     def cluster_launches(self) -> int:
         """Launches so far (in this process) that ran as clusters, not their fallback."""

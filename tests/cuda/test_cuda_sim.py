@@ -464,7 +464,7 @@ def test_races_are_caught(install, monkeypatch, tmp_path, name):
 
 
 def test_a_thread_leaving_before_a_barrier_is_reported(install, tmp_path):
-    site = "  const BlockState<W> bs =\n      block_state<W>("
+    site = "  const BlockState<W> bs =\n      block_state<W, M>("
     csrc = _mutant(tmp_path, "rnn_forward.cu", site, "  if (threadIdx.x == 5) return;\n" + site)
     install(sms=4, csrc=csrc)
     with pytest.raises(RuntimeError, match=r"__syncthreads\(\) at .* is not reached by block 0 "
@@ -586,7 +586,7 @@ def test_no_data_race_under_thread_sanitizer(cp_async):
 # so W read before or after its load gives the same zeros): only a race detector sees it.
 TSAN_MUTANTS = {
     "no-barrier-after-w-load-backward": (
-        ("rnn_backward.cu", "bs.k0);\n  __syncthreads();", "bs.k0);"), "direct"),
+        ("rnn_backward.cu", "bs.w_swizzle);\n  __syncthreads();", "bs.w_swizzle);"), "direct"),
     "no-barrier-after-matmul": (MUTANTS["no-barrier-after-matmul"], "direct"),
     "no-grid-sync-forward": (MUTANTS["no-grid-sync-forward"], "grouped-staged"),
     "no-barrier-after-stage-copy": (STAGE_MUTANTS["no-barrier-after-stage-copy"], "slices32"),
@@ -831,18 +831,27 @@ def test_tf32_mma_sync_gives_the_wmma_bits(install, monkeypatch, partition):
     gradient of every cell has the WMMA path's bits, in every partition: X staged or in the
     dsmem mirror, single tiles, blocks of tiles, K parts. The count of mma.sync shows which path
     ran: some in TF32 where X is in shared memory; none with `shared`, none where X is read from
-    global memory and none in bf16 (those take `shared`'s path under `mma`)."""
+    global memory and none in bf16 (those take `shared`'s path under `mma`).
+    Every ldmatrix read is free of bank conflicts (cudasim counts the shared-memory passes of
+    each of its 8 x 8 matrices): W's 16 x 8 k-step blocks are stored swizzled for it
+    (rnn_common.cuh w_index), and the stage and mirror rows are 16 bytes past a multiple of
+    128."""
     where = _FRAG_PARTITIONS[partition][3]
 
     def check(key, sim, grew):
         _, _, dt, setting = key
         want = setting == "mma" and dt == "tf32" and where == "shared"
-        assert (grew[0] > 0) == want, (key, grew)
+        mma_syncs, matrices, wavefronts = grew
+        assert (mma_syncs > 0) == want, (key, grew)
+        # a k-step: two ldmatrix.x4 (A, B) for two mma.sync; for eight in a 2 x 2 block, four
+        assert matrices >= 2 * mma_syncs and (matrices > 0) == want, (key, grew)
+        assert wavefronts == matrices, (key, grew)
 
     # one cell in bf16 shows the 16-bit kernels ignore the setting
     cases = [(mode, "tf32") for mode in MODES] + [("GRU", "bf16")]
     _same_bits_under_each_frag_setting(install, monkeypatch, partition, cases, ("shared", "mma"),
-                                       5, lambda sim: (sim.mma_sync_count(),), check)
+                                       5, lambda sim: (sim.mma_sync_count(), *sim.ldmatrix_count()),
+                                       check)
 
 
 @pytest.mark.parametrize("dt,B", [("tf32", 16), ("tf32", 70), ("bf16", 8), ("tf32", 40),

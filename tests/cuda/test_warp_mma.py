@@ -69,8 +69,15 @@ def _mutant_tree(tmp: Path, root: Path, rel: str, old: str, new: str) -> Path:
 MUTANTS = {
     # The kernels: A's four 8 x 4 matrices in the other order (a1 <-> a2).
     "a-matrix-order": ("csrc", "rnn_common.cuh",
-                       "(i + (j & 1) * 8) * 8 + (j >> 1) * 4",
-                       "(i + (j >> 1) * 8) * 8 + (j & 1) * 4", "tiles"),
+                       "(i + (j & 1) * 8) * 8 + ((j >> 1) ^ (i >> 2)) * 4",
+                       "(i + (j >> 1) * 8) * 8 + ((j & 1) ^ (i >> 2)) * 4", "tiles"),
+    # The kernels: A read without the swizzle the W slice is stored with, and the swizzle
+    # applied to the wrong rows when the slice is stored.
+    "a-unswizzled": ("csrc", "rnn_common.cuh", "((j >> 1) ^ (i >> 2)) * 4", "(j >> 1) * 4",
+                     "tiles"),
+    "w-swizzle-rows": ("csrc", "rnn_common.cuh", "(swizzle ? r & 4 : 0)",
+                       "(swizzle ? (r >> 1) & 4 : 0)",
+                       "tiles"),
     # The kernels: B's matrices with k and the column half swapped (b1 of columns 0-7 <->
     # b0 of columns 8-15).
     "b-matrix-order": ("csrc", "rnn_common.cuh",
@@ -86,8 +93,8 @@ MUTANTS = {
                   "A[gl + 8][tl] = f(all[l].a[1]);\n    A[gl][tl + 4] = f(all[l].a[2]);",
                   "A[gl + 8][tl] = f(all[l].a[2]);\n    A[gl][tl + 4] = f(all[l].a[1]);", "mma"),
     # cudasim's ldmatrix: lane 4g + t given row t, word g.
-    "sim-ldmatrix": ("sim", "include/cudasim.h", "r[j] = all[8 * j + lane / 4][lane % 4];",
-                     "r[j] = all[8 * j + lane % 4][lane / 4 % 4];", "ldmatrix"),
+    "sim-ldmatrix": ("sim", "include/cudasim.h", "r[j] = all[8 * j + lane / 4].row[lane % 4];",
+                     "r[j] = all[8 * j + lane % 4].row[lane / 4 % 4];", "ldmatrix"),
 }
 
 
@@ -149,6 +156,49 @@ def test_cudasim_refuses_a_collective_not_every_lane_reaches(tmp_path, misuse, m
     r = _run(_build(tmp_path, src))
     assert r.returncode == 0, r.stdout + r.stderr
     assert message in r.stdout, r.stdout
+
+
+_CONFLICTS = r"""
+#include <cstdio>
+#include "rnn_common.cuh"
+namespace d = fused_rnn::detail;
+__global__ void kernel(int stride) {
+  // Lane l's row (of matrix l / 8, row l % 8) is 16 bytes at l % 8 * stride, plus 512 bytes a
+  // matrix past the first.
+  const unsigned lane = threadIdx.x % 32;
+  unsigned r[4];
+  d::ldmatrix<4>(r, d::dynamic_smem() + lane / 8 * 512 + lane % 8 * stride);
+}
+int main() {
+  for (int stride : {16, 32, 64, 128, 144, 0, 48}) {
+    const long long before = cudasim::ldmatrix_count(true);
+    cudaLaunchConfig_t cfg = {};
+    cfg.gridDim = dim3(1);
+    cfg.blockDim = dim3(32);
+    cfg.dynamicSmemBytes = 4096;
+    cudaLaunchKernelEx(&cfg, kernel, stride);
+    if (cudaDeviceSynchronize() != cudaSuccess) return 1;
+    std::printf("%d %lld\n", stride, cudasim::ldmatrix_count(true) - before);
+  }
+  return 0;
+}
+"""
+
+
+@needs_gxx
+def test_cudasim_counts_the_bank_conflicts_of_ldmatrix(tmp_path):
+    """cudasim's wavefront count (cudasim.h ldmatrix_wavefronts, which test_cuda_sim.py holds the
+    mma path's loads to): a matrix's 8 rows of 16 bytes take one pass unless distinct rows share
+    a 16-byte bank group. Rows 16 or 144 bytes apart: 1 pass a matrix; 32: 2; 64: 4; 128: 8
+    (every row in one group); one address for all 8 rows: 1 (a broadcast); 48 bytes (3 groups
+    apart, odd): 1. Four matrices an ldmatrix.x4."""
+    src = tmp_path / "conflicts.cu"
+    src.write_text(_CONFLICTS)
+    r = _run(_build(tmp_path, src))
+    assert r.returncode == 0, r.stdout + r.stderr
+    got = dict(line.split() for line in r.stdout.splitlines())
+    want = {16: 1, 32: 2, 64: 4, 128: 8, 144: 1, 0: 1, 48: 1}
+    assert {int(k): int(v) for k, v in got.items()} == {k: 4 * v for k, v in want.items()}
 
 
 @pytest.mark.parametrize("arch", ["80", "90"])

@@ -14,7 +14,8 @@
 //   mma       mma_tf32 with each lane's registers built from A, B and C by the documented layout
 //             (no ldmatrix): D = A B + C;
 //   tiles     the kernels' own tile loops with the mma path (rnn_common.cuh tile_mma and
-//             block_mma with MmaTf32Ops): a 32-row W slice in the k-blocked layout times 32 X
+//             block_mma with MmaTf32Ops): a 32-row W slice in the k-blocked layout (swizzled
+//             for the mma path, rnn_common.cuh k_blocked_index) times 32 X
 //             rows (padded as the stage pads them) over 3 k-steps, two, then one more
 //             accumulated onto the slots.
 // The inputs are small integers: every product and sum is exact in TF32 and fp32, so the results
@@ -103,9 +104,9 @@ __global__ void tiles_kernel(const float* W, const float* X, float* out) {
   const int lane = threadIdx.x % 32, set = warp_set();
   const float* w = W + set * kM * kK;
   const float* x = X + set * kN * kK;
-  for (int i = lane; i < kM * kK; i += 32) {  // the k-blocked layout (rnn_common.cuh w_index)
+  for (int i = lane; i < kM * kK; i += 32) {  // k-blocked, swizzled as the mma path stores it
     const int r = i / kK, k = i % kK;
-    sw[(k / 8) * (kM * 8) + r * 8 + k % 8] = w[i];
+    sw[d::k_blocked_index(kM * 8, r, k, /*swizzle=*/true)] = w[i];
   }
   for (int i = lane; i < kN * kK; i += 32) sx[(i / kK) * kLdx + i % kK] = x[i];
   __syncthreads();  // every warp takes the same path

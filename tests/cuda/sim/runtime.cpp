@@ -913,6 +913,14 @@ long long g_mma_sync_count = 0;  // as g_mma_count
 }  // namespace
 void count_mma_sync() { ++g_mma_sync_count; }
 long long mma_sync_count() { return g_mma_sync_count; }
+namespace {
+long long g_ldmatrix[2] = {0, 0};  // matrices, wavefronts; as g_mma_count
+}  // namespace
+void count_ldmatrix(int matrices, int wavefronts) {
+  g_ldmatrix[0] += matrices;
+  g_ldmatrix[1] += wavefronts;
+}
+long long ldmatrix_count(bool wavefronts) { return g_ldmatrix[wavefronts ? 1 : 0]; }
 long long point_batch_count() { return g_point_batch_count; }
 
 void configure(const Config& c) { g_config = c; }

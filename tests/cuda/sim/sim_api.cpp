@@ -258,6 +258,11 @@ long long sim_point_batch_count() { return cudasim::point_batch_count(); }
 // How many mma.sync instructions (one a warp) all launches so far issued (the TF32 mma path).
 long long sim_mma_sync_count() { return cudasim::mma_sync_count(); }
 
+// The 8 x 8 matrices all ldmatrix instructions so far read (wavefronts = 0), or the
+// shared-memory wavefronts they took (wavefronts = 1; cudasim.h ldmatrix_wavefronts): equal
+// where no read had a bank conflict.
+long long sim_ldmatrix_count(int wavefronts) { return cudasim::ldmatrix_count(wavefronts != 0); }
+
 // How many launches ran as clusters (fused_rnn.h cluster_launches).
 long long sim_cluster_launches() { return fused_rnn::cluster_launches; }
 

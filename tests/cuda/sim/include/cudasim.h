@@ -550,6 +550,28 @@ namespace cudasim {
 void warp_exchange(const char* op, const void* in, size_t bytes, void* all);
 void count_mma_sync();  // lane 0 of each mma.sync (mma_sync_count: which path a launch took)
 long long mma_sync_count();
+// Lane 0 of each ldmatrix: its matrices and the shared-memory wavefronts they take (below).
+void count_ldmatrix(int matrices, int wavefronts);
+long long ldmatrix_count(bool wavefronts);  // matrices, or wavefronts, of every launch so far
+
+// The wavefronts one ldmatrix matrix takes: its 8 rows of 16 bytes are read in one pass unless
+// two distinct rows fall in the same 16-byte bank group (4 of the 32 four-byte banks, offset /
+// 16 % 8); rows at the same address are one read (broadcast). So the pass count is the largest
+// number of distinct rows in one bank group: 1 conflict-free, up to 8. Offsets are from the
+// block's shared memory, which starts on a 128-byte boundary (as the kernels declare it).
+inline int ldmatrix_wavefronts(const uint32_t (&offset)[8]) {
+  int most = 1;
+  for (int a = 0; a < 8; ++a) {
+    int same_group = 0;
+    for (int b = 0; b < 8; ++b) {
+      bool seen = false;  // a row already counted at the same address
+      for (int c = 0; c < b; ++c) seen = seen || offset[c] == offset[b];
+      same_group += !seen && offset[b] / 16 % 8 == offset[a] / 16 % 8;
+    }
+    most = same_group > most ? same_group : most;
+  }
+  return most;
+}
 
 // ldmatrix.sync.aligned.m8n8.x{N}.shared.b16: lane l < 8N supplies the address of row l % 8 of
 // matrix l / 8 (16 bytes, 16-byte aligned, in this block's shared memory); register j of lane
@@ -559,16 +581,31 @@ template <int N>
 void ldmatrix(unsigned (&r)[N], const void* row) {
   static_assert(N == 1 || N == 2 || N == 4, "ldmatrix takes 1, 2 or 4 matrices");
   const unsigned lane = threadIdx.x % 32;
-  uint32_t mine[4] = {};
+  struct Lane {
+    uint32_t row[4];  // the 16 bytes this lane addresses
+    uint32_t offset;  // their offset in the block's shared memory
+  };
+  Lane mine{};
   if (lane < 8u * N) {
     if (reinterpret_cast<uintptr_t>(row) % 16 != 0)
       fail("ldmatrix: lane %u's row address %p is not 16-byte aligned", lane, row);
     require_shared(row, 16, "ldmatrix");
-    std::memcpy(mine, row, 16);
+    std::memcpy(mine.row, row, 16);
+    mine.offset = static_cast<uint32_t>(static_cast<const unsigned char*>(row) - dynamic_smem());
   }
-  uint32_t all[32][4];
-  warp_exchange(N == 1 ? "ldmatrix.x1" : N == 2 ? "ldmatrix.x2" : "ldmatrix.x4", mine, 16, all);
-  for (int j = 0; j < N; ++j) r[j] = all[8 * j + lane / 4][lane % 4];
+  Lane all[32];
+  warp_exchange(N == 1 ? "ldmatrix.x1" : N == 2 ? "ldmatrix.x2" : "ldmatrix.x4", &mine,
+                sizeof mine, all);
+  for (int j = 0; j < N; ++j) r[j] = all[8 * j + lane / 4].row[lane % 4];
+  if (lane == 0) {
+    int wavefronts = 0;
+    for (int j = 0; j < N; ++j) {
+      uint32_t offset[8];
+      for (int i = 0; i < 8; ++i) offset[i] = all[8 * j + i].offset;
+      wavefronts += ldmatrix_wavefronts(offset);
+    }
+    count_ldmatrix(N, wavefronts);
+  }
 }
 
 // mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32 {d}, {a}, {b}, {c}: D = A B + C for A
