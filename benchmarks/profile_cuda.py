@@ -43,6 +43,7 @@ from bench_gpu import (
     SHAPES,
     VARIANTS,
     _cuda_plans,
+    _moot,
     environment,
 )
 
@@ -165,8 +166,9 @@ def table_lines(columns, rows, failed, skipped, budget: float) -> list[str]:
     return lines
 
 
-def _render(args, env: dict, rows, failed, skipped, left_out, running=None) -> str:
-    """The phases table; running: (what, done, total) while a configuration is under way."""
+def _render(args, env: dict, rows, failed, skipped, left_out, running=None, moot=()) -> str:
+    """The phases table; running: (what, done, total) while a configuration is under way;
+    moot: the variant configurations not timed because they would run cuda's code."""
     lines = [f"# CUDA kernel phases, {env['gpu']}", ""]
     lines += [f"- {k}: {v}" for k, v in env.items()]
     legend = ("µs per step (mean over blocks) for copy, mma, epilogue, sync, sync min (the "
@@ -193,6 +195,9 @@ def _render(args, env: dict, rows, failed, skipped, left_out, running=None) -> s
     if left_out:
         lines += ["", "Left out (FRNN_NO_CLUSTERS=1: the cluster-mode GPU tests failed or hung): "
                   + ", ".join(left_out)]
+    if moot:
+        lines += ["", "Not timed, as they would run exactly cuda's code (bench_gpu.py "
+                  "_variant_is_moot): " + ", ".join(moot)]
     return "\n".join(lines) + "\n"
 
 
@@ -260,6 +265,12 @@ def main(argv=None, start: float | None = None) -> int:
     configs = [(run, env, mode, shape, dtype_name)
                for run, env, shapes in runs for mode in args.modes for shape in shapes
                for dtype_name in args.dtypes]
+    # A variant where it changes nothing (cuda-mma in 16 bits, cuda-tb1 where no tile is
+    # blocked, ...) would only repeat cuda's row.
+    moot = [c for c in configs
+            if c[0] != "cuda" and _moot(c[0], c[2], args.table[c[3]], c[4], device)]
+    configs = [c for c in configs if c not in moot]
+    moot = [f"{run}-{mode}-{shape}-{dtype_name}" for run, _, mode, shape, dtype_name in moot]
     env_info = environment(device, argparse.Namespace())
     path = table_path(args, env_info, "phases")
     for i, (run, env, mode, shape, dtype_name) in enumerate(configs):
@@ -269,7 +280,7 @@ def main(argv=None, start: float | None = None) -> int:
             skipped.append(what)
             continue
         _write(path, _render(args, env_info, rows, failed, skipped, left_out,
-                             running=(what, i, len(configs))))
+                             running=(what, i, len(configs)), moot=moot))
         B, T, H = args.table[shape]
         with mock.patch.dict(os.environ, env):  # restored afterwards
             try:
@@ -278,7 +289,7 @@ def main(argv=None, start: float | None = None) -> int:
                     rows.append(_row(mode, f"{shape} {B}x{T}x{H}", dtype_name, s, plans, run))
             except Exception as e:  # keep going: one failure must not cost the rest
                 failed.append(f"{what}: {type(e).__name__}: {e}"[:300])
-    return finish(path, _render(args, env_info, rows, failed, skipped, left_out),
+    return finish(path, _render(args, env_info, rows, failed, skipped, left_out, moot=moot),
                   ok=bool(rows) and not failed and not skipped)
 
 

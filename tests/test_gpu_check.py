@@ -264,7 +264,7 @@ def test_a_hung_cluster_test_keeps_every_later_step_off_clusters(tmp_path):
     hung = "tests/cuda/test_cuda_gpu.py::test_cluster_mode_launches_clusters[groups8]"
     assert f"FRNN_GPU_TESTS=timed out: {hung} (after 1 passed, 0 failed)" in bench, bench
     # 3. later steps: FRNN_NO_CLUSTERS=1, no cluster variants in the phase timings
-    assert "FRNN_NO_CLUSTERS=1" in phases and "--variants cuda-tb1,cuda-pb1 " in phases, phases
+    assert "FRNN_NO_CLUSTERS=1" in phases and "--variants cuda-mma,cuda-tb1,cuda-pb1 " in phases, phases
     assert "cuda-cl" not in phases and "cuda-tc" not in phases, phases
     (split,) = [c for c in calls if "benchmarks/time_split.py" in c]  # right after the phases
     assert calls.index(split) == calls.index(phases) + 1, calls
@@ -486,6 +486,7 @@ def profile_cuda(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(mod, "environment", lambda device, args: {"gpu": "Fake GPU 1"})
     monkeypatch.setattr(mod, "_cuda_plans", lambda *a: None)
+    monkeypatch.setattr(mod, "_moot", lambda *a: False)  # the plans are the fake GPU's
     return mod
 
 
@@ -535,6 +536,30 @@ def test_phase_timings_leave_cluster_variants_out_when_told(profile_cuda, monkey
                              start=time.monotonic() - 60) == 1
     assert "Skipped after the time budget (30 s): LSTM-S5-bf16" in md.read_text()
 
+
+
+def test_phase_timings_skip_a_variant_where_it_changes_nothing(profile_cuda, monkeypatch,
+                                                                tmp_path):
+    """A variant that would run cuda's own code (bench_gpu.py _variant_is_moot: cuda-mma in
+    16 bits, say) is not timed again, and the table names it."""
+    runs, asked = [], []
+    monkeypatch.setattr(profile_cuda, "profile_one", lambda mode, B, T, H, dt, device: runs.append(
+        (os.environ.get("FUSED_RNN_CUDA_FRAG_LOADS"), dt)) or [{"direction": "forward",
+                                                                "blocks": 2}])
+
+    def moot(backend, mode, shape, dtype_name, device):
+        asked.append((backend, mode, shape, dtype_name, device))
+        return dtype_name == "bf16"
+
+    monkeypatch.setattr(profile_cuda, "_moot", moot)
+    monkeypatch.delenv("FUSED_RNN_CUDA_FRAG_LOADS", raising=False)
+    assert profile_cuda.main(["--modes", "LSTM", "--shapes", "S3", "--dtypes", "fp32,bf16",
+                              "--variants", "cuda-mma", "--out-dir", str(tmp_path)]) == 0
+    assert runs == [(None, "fp32"), (None, "bf16"), ("mma", "fp32")]
+    assert asked == [("cuda-mma", "LSTM", (64, 128, 1024), dt, "cuda") for dt in ("fp32", "bf16")]
+    (md,) = tmp_path.glob("*-phases.md")
+    assert "Not timed, as they would run exactly cuda's code" in md.read_text()
+    assert "cuda-mma-LSTM-S3-bf16" in md.read_text() and "Incomplete" not in md.read_text()
 
 
 # ------------------------------------------------------------------------- time_split.py
