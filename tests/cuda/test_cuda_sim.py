@@ -502,44 +502,69 @@ def test_misaligned_wmma_stride_is_reported(install, tmp_path):
         _layer("LSTM", "bf16")
 
 
+# Mutants that touch memory past a tensor's end, all in one copy of csrc/ so that one ASan
+# build serves them: each change is switched on by FRNN_OOB_MUTANT naming it (off, the copy
+# computes exactly what csrc/ does). (file, site, the site switched, what ASan reports.)
+_ON = 'frnn_oob_mutant("{}")'
 OUT_OF_BOUNDS = {
     # the epilogue run over the batch padding rows: reads x W_ih^T (then writes y) past the end
     "epilogue": ("rnn_common.cuh", "const int nb = imin(ncols, batch - n0);",
-                 "const int nb = ncols + 0 * batch;", "READ of size 4"),
+                 "const int nb = {on} ? ncols : imin(ncols, batch - n0);", "READ of size 4"),
     # the L2 prefetch also issued after the last step reads x W_ih^T of a step that is not there
     "prefetch": ("rnn_forward.cu", "    if (s + 1 < p.steps) {\n      prefetch_step<C>(",
-                 ("    prefetch_step<C>(p, p.reverse ? t - 1 : t + 1, bs);\n"
+                 ("    if ({on}) prefetch_step<C>(p, p.reverse ? t - 1 : t + 1, bs);\n"
                   "    if (s + 1 < p.steps) {\n      prefetch_step<C>("), "READ of size 1"),
     # W_hh's slice loaded one hidden unit past the last: a row of W past its end (H=37 gives
     # the last block a ragged slice)
     "w-rows": ("rnn_common.cuh", "team_u0 + j < hidden && k0 + kk < hidden;",
-               "team_u0 + j <= hidden && k0 + kk < hidden;", "READ of size"),
+               "(team_u0 + j < hidden || ({on} && team_u0 + j == hidden)) && k0 + kk < hidden;",
+               "READ of size"),
 }
+_OOB_SWITCH = """#include <cstdlib>
+#include <cstring>
+// test_cuda_sim.py: which out-of-bounds mutant this process runs (FRNN_OOB_MUTANT), if any.
+static inline bool frnn_oob_mutant(const char* name) {
+  static const char* const on = std::getenv("FRNN_OOB_MUTANT");
+  return on != nullptr && std::strcmp(on, name) == 0;
+}
+"""
+_OOB_SCRIPT = """import torch, simulate
+sim = simulate.Simulator(sms=4, sanitize='address', csrc={csrc!r})
+T, B, H = 2, 3, 37
+x = torch.randn(T, B, 3 * H); h0 = torch.randn(B, H)
+w = torch.randn(3 * H, H) * 0.1
+sim.forward(1, x, h0, None, w, None, None, False, False, True, 1, 1 << 30)
+print('no error')
+"""
 
 
-@pytest.mark.parametrize("name", list(OUT_OF_BOUNDS))
-def test_out_of_bounds_access_is_caught_by_the_sanitizer(tmp_path, name):
-    """A mutant kernel that touches memory past a tensor's end: ASan aborts."""
-    file, old, new, access = OUT_OF_BOUNDS[name]
-    csrc = _mutant(tmp_path, file, old, new)
+def test_out_of_bounds_access_is_caught_by_the_sanitizer(tmp_path):
+    """Mutant kernels that touch memory past a tensor's end: ASan aborts on each, and on
+    nothing with every mutant switched off (so what trips it is the mutation)."""
+    csrc = tmp_path / "csrc"
+    shutil.copytree(ROOT / "csrc", csrc)
+    common = csrc / "rnn_common.cuh"
+    common.write_text(_OOB_SWITCH + common.read_text())
+    for name, (file, old, new, _) in OUT_OF_BOUNDS.items():
+        text = (csrc / file).read_text()
+        assert text.count(old) == 1, f"mutation site not found once in {file}: {old!r}"
+        (csrc / file).write_text(text.replace(old, new.replace("{on}", _ON.format(name))))
     simulate.build(sanitize="address", csrc=csrc)
-    code = (
-        "import torch, simulate\n"
-        f"sim = simulate.Simulator(sms=4, sanitize='address', csrc={str(csrc)!r})\n"
-        "T, B, H = 2, 3, 37\n"
-        "x = torch.randn(T, B, 3 * H); h0 = torch.randn(B, H)\n"
-        "w = torch.randn(3 * H, H) * 0.1\n"
-        "sim.forward(1, x, h0, None, w, None, None, False, False, True, 1, 1 << 30)\n"
-        "print('no error')\n"
-    )
-    r = subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).parent,
-                       env=simulate.sanitizer_env("address"), capture_output=True, text=True,
-                       timeout=300, check=False)
-    assert r.returncode != 0 and "AddressSanitizer" in r.stderr, (r.stdout + r.stderr)[-3000:]
-    # Past the end of a tensor: into ASan's redzone, or (far past it, as the epilogue mutant
-    # reads whole padding rows) into a block that was freed; both abort with this access.
-    assert re.search(r"AddressSanitizer: heap-(buffer-overflow|use-after-free)", r.stderr)
-    assert access in r.stderr
+    script = _OOB_SCRIPT.format(csrc=str(csrc))
+    for name in [None, *OUT_OF_BOUNDS]:
+        env = {**simulate.sanitizer_env("address"), "FRNN_OOB_MUTANT": name or "none"}
+        r = subprocess.run([sys.executable, "-c", script], cwd=Path(__file__).parent, env=env,
+                           capture_output=True, text=True, timeout=300, check=False)
+        tail = f"mutant {name}:\n" + (r.stdout + r.stderr)[-3000:]
+        if name is None:
+            assert r.returncode == 0 and "no error" in r.stdout, tail
+            continue
+        assert r.returncode != 0 and "AddressSanitizer" in r.stderr, tail
+        # Past the end of a tensor: into ASan's redzone, or (far past it, as the epilogue
+        # mutant reads whole padding rows) into a block that was freed; both abort with this
+        # access.
+        assert re.search(r"AddressSanitizer: heap-(buffer-overflow|use-after-free)", r.stderr), tail
+        assert OUT_OF_BOUNDS[name][3] in r.stderr, tail
 
 
 # ---------------------------------------------------------- racecheck by happens-before (TSan)
