@@ -57,10 +57,11 @@ SANITIZERS = {
     "thread": ["-O1", "-fno-omit-frame-pointer", "-DCUDASIM_TSAN=1"],
 }
 _TSAN_UNITS = ("kernels.cpp",)
+_KERNEL_UNITS = ("kernels.cpp",)
 _UNITS = [("kernels.cpp", []), ("kernels.cpp", ["-DFRNN_SIM_BACKWARD"]), ("runtime.cpp", []),
           ("sim_api.cpp", [])]
 _lock = threading.Lock()
-_libs: dict[tuple[str, str, bool], ctypes.CDLL] = {}
+_libs: dict[tuple[str, str, bool, bool], ctypes.CDLL] = {}
 
 
 def unavailable_reason() -> str | None:
@@ -79,7 +80,7 @@ def _compiler_env() -> dict[str, str]:
 
 
 def _compile_unit(flags: list[str], i: int, csrc: Path, objs: Path, work: Path,
-                  sanitize: str = "") -> Path:
+                  sanitize: str = "", quick: bool = False) -> Path:
     """One translation unit's object, from the cache when the same source was compiled before.
 
     The key is the preprocessed text with the kernel directory's path taken out, so a mutant
@@ -90,6 +91,8 @@ def _compile_unit(flags: list[str], i: int, csrc: Path, objs: Path, work: Path,
     src, extra = _UNITS[i]
     if sanitize == "thread" and src in _TSAN_UNITS:
         extra = [*extra, "-fsanitize=thread"]
+    if quick and src in _KERNEL_UNITS:
+        extra = [*extra, "-O0"]  # after the build's own -O: the last one counts
     cmd = [GXX, *flags, *extra, str(SIM / src)]
     pre = subprocess.run([*cmd, "-E"], check=True, capture_output=True,
                          env=_compiler_env()).stdout
@@ -105,16 +108,21 @@ def _compile_unit(flags: list[str], i: int, csrc: Path, objs: Path, work: Path,
     return obj
 
 
-def build(sanitize: str = "", csrc: Path = CSRC, ucontext: bool = False) -> Path:
+def build(sanitize: str = "", csrc: Path = CSRC, ucontext: bool = False,
+          quick: bool = False) -> Path:
     """Compile (if not cached) and return the shared library's path. ``sanitize``: "",
     "address" or "thread" (see the module docstring); ``csrc``: the kernel sources (another
     directory lets tests run deliberately broken copies); ``ucontext``: switch fibers with
-    swapcontext, the runtime's portable path (runtime.cpp), not its x86-64 one."""
+    swapcontext, the runtime's portable path (runtime.cpp), not its x86-64 one; ``quick``:
+    the kernels' units compiled without optimization (-O0; the runtime keeps its own level).
+    The optimizer is most of a build, which a mutant copy of csrc/ run on a few tiny shapes
+    need not pay for. The results are the same bits: nothing reorders across the runtime's
+    calls, and no flag here lets g++ contract or reassociate floating point."""
     if sanitize not in SANITIZERS:
         raise ValueError(f"sanitize must be one of {sorted(SANITIZERS)}, not {sanitize!r}")
     flags = _FLAGS + [f"-I{csrc}"] + SANITIZERS[sanitize]
     flags += ["-DCUDASIM_UCONTEXT"] if ucontext else []
-    h = hashlib.sha256(" ".join(flags).encode())
+    h = hashlib.sha256(" ".join(flags).encode() + (b" quick" if quick else b""))
     for src in _sources(csrc):
         h.update(src.name.encode() + b"\0" + src.read_bytes())
     root = Path(os.environ.get("FUSED_RNN_SIM_BUILD_DIR", Path(tempfile.gettempdir()) / "fused_rnn_sim"))
@@ -127,7 +135,8 @@ def build(sanitize: str = "", csrc: Path = CSRC, ucontext: bool = False) -> Path
     try:
         with ThreadPoolExecutor(max_workers=2) as pool:
             objs = list(pool.map(
-                lambda i: _compile_unit(flags, i, csrc, root / "objects", work, sanitize),
+                lambda i: _compile_unit(flags, i, csrc, root / "objects", work, sanitize,
+                                        quick),
                 range(len(_UNITS))))
         tmp = work / "libcudasim.so"
         link = ["-fsanitize=thread"] if sanitize == "thread" else []
@@ -178,11 +187,12 @@ def sanitizer_env(sanitize: str = "address") -> dict[str, str]:
     return env
 
 
-def _load(sanitize: str, csrc: Path, ucontext: bool = False) -> ctypes.CDLL:
-    key = (sanitize, str(csrc), ucontext)
+def _load(sanitize: str, csrc: Path, ucontext: bool = False,
+          quick: bool = False) -> ctypes.CDLL:
+    key = (sanitize, str(csrc), ucontext, quick)
     with _lock:
         if key not in _libs:
-            lib = ctypes.CDLL(str(build(sanitize, csrc, ucontext)))
+            lib = ctypes.CDLL(str(build(sanitize, csrc, ucontext, quick)))
             i, u64, p, fp = ctypes.c_int, ctypes.c_uint64, ctypes.c_void_p, ctypes.c_void_p
             lib.sim_configure.argtypes = [i, i, i, i, u64, i, i, i]
             lib.sim_last_error.restype = ctypes.c_char_p
@@ -221,18 +231,20 @@ class Simulator:
     ptxVersion; 80: an extension built without sm_90 code, running on the sm_90 device);
     sanitize: "", "address" or "thread": the build (see :func:`build`; the process must have
     started with :func:`sanitizer_env`);
-    ucontext: the runtime built with its portable fiber switch (see :func:`build`).
+    ucontext: the runtime built with its portable fiber switch; quick: the kernels compiled
+    without optimization (both: see :func:`build`).
     """
 
     def __init__(self, sms: int = 4, order: str = "ascending", seed: int = 0,
                  smem_optin: int = 227 * 1024, smem_per_sm: int = 228 * 1024,
                  sanitize: str = "", csrc: Path = CSRC, cp_async: str = "late",
-                 max_clusters: int = -1, ptx_version: int = 90, ucontext: bool = False):
+                 max_clusters: int = -1, ptx_version: int = 90, ucontext: bool = False,
+                 quick: bool = False):
         assert cp_async in ("late", "early"), cp_async
         self.sms, self.order, self.seed, self.cp_async = sms, order, seed, cp_async
         self.smem_optin, self.smem_per_sm = smem_optin, smem_per_sm
         self.max_clusters, self.ptx_version = max_clusters, ptx_version
-        self.lib = _load(sanitize, Path(csrc), ucontext)
+        self.lib = _load(sanitize, Path(csrc), ucontext, quick)
         # (direction, cell, plan with the launch's stage_copy added)
         self.launches: list[tuple[str, int, dict]] = []
 

@@ -49,12 +49,15 @@ ROOT = Path(__file__).resolve().parents[2]
 
 @pytest.fixture
 def install(monkeypatch):
-    """Returns a function that makes a Simulator and installs it as the extension. The stacks
-    of the mutant copies' libraries (csrc=) are released after the test (Simulator.release_stacks):
-    a worker loads dozens of them."""
+    """Returns a function that makes a Simulator and installs it as the extension. Mutant
+    copies (csrc=) have their kernels compiled quick (-O0, simulate.build), unless the test asks
+    otherwise, and their libraries' stacks are released after the test
+    (Simulator.release_stacks): a worker loads dozens of them."""
     mutants = []
 
     def make(**kwargs):
+        if "csrc" in kwargs:
+            kwargs.setdefault("quick", True)
         sim = simulate.Simulator(**kwargs)
         if "csrc" in kwargs:
             mutants.append(sim)
@@ -529,7 +532,7 @@ static inline bool frnn_oob_mutant(const char* name) {
 }
 """
 _OOB_SCRIPT = """import torch, simulate
-sim = simulate.Simulator(sms=4, sanitize='address', csrc={csrc!r})
+sim = simulate.Simulator(sms=4, sanitize='address', csrc={csrc!r}, quick=True)
 T, B, H = 2, 3, 37
 x = torch.randn(T, B, 3 * H); h0 = torch.randn(B, H)
 w = torch.randn(3 * H, H) * 0.1
@@ -549,7 +552,7 @@ def test_out_of_bounds_access_is_caught_by_the_sanitizer(tmp_path):
         text = (csrc / file).read_text()
         assert text.count(old) == 1, f"mutation site not found once in {file}: {old!r}"
         (csrc / file).write_text(text.replace(old, new.replace("{on}", _ON.format(name))))
-    simulate.build(sanitize="address", csrc=csrc)
+    simulate.build(sanitize="address", csrc=csrc, quick=True)
     script = _OOB_SCRIPT.format(csrc=str(csrc))
     for name in [None, *OUT_OF_BOUNDS]:
         env = {**simulate.sanitizer_env("address"), "FRNN_OOB_MUTANT": name or "none"}
@@ -578,11 +581,14 @@ needs_tsan = pytest.mark.skipif(simulate.sanitizer_missing("thread") is not None
                                 reason=str(simulate.sanitizer_missing("thread")))
 
 
-def _run_under_tsan(csrc: Path, cp_async: str, names: list[str]) -> tuple[int, str, dict]:
-    """tsan_run.py on ``csrc``: its exit code, stderr, and what each configuration ran."""
-    simulate.build(sanitize="thread", csrc=csrc)  # here, so a build error reads as one
-    r = subprocess.run([sys.executable, str(Path(__file__).parent / "tsan_run.py"), str(csrc),
-                        cp_async, *names], cwd=Path(__file__).parent,
+def _run_under_tsan(csrc: Path, cp_async: str, names: list[str],
+                    quick: bool = False) -> tuple[int, str, dict]:
+    """tsan_run.py on ``csrc`` (``quick``: its kernels compiled at -O0, as for a mutant): its
+    exit code, stderr, and what each configuration ran."""
+    simulate.build(sanitize="thread", csrc=csrc, quick=quick)  # here: a build error reads as one
+    r = subprocess.run([sys.executable, str(Path(__file__).parent / "tsan_run.py"),
+                        *["--quick"] * quick, str(csrc), cp_async, *names],
+                       cwd=Path(__file__).parent,
                        env=simulate.sanitizer_env("thread"), capture_output=True, text=True,
                        timeout=900, check=False)
     ran = {m[1]: json.loads(m[2])
@@ -631,7 +637,7 @@ TSAN_MUTANTS = {
 def test_races_are_named_by_thread_sanitizer(tmp_path, name):
     (file, old, new), config = TSAN_MUTANTS[name]
     csrc = _mutant(tmp_path, file, old, new)
-    code, err, ran = _run_under_tsan(csrc, "late", [config])
+    code, err, ran = _run_under_tsan(csrc, "late", [config], quick=True)
     assert code == simulate.TSAN_EXIT_CODE, (code, err[-4000:])
     assert "WARNING: ThreadSanitizer: data race" in err, err[-4000:]
     report = err[err.index("WARNING: ThreadSanitizer"):err.index("SUMMARY: ThreadSanitizer")]
@@ -644,10 +650,23 @@ def test_races_are_named_by_thread_sanitizer(tmp_path, name):
 
 @pytest.mark.parametrize("stage_k", ["auto", "16", "32"])
 def test_clean_sources_pass_the_mutation_harness(install, monkeypatch, stage_k):
-    """The harness itself: the unmutated sources are not flagged."""
+    """The harness itself: the unmutated sources, compiled quick as mutants are, are not
+    flagged."""
     monkeypatch.setenv("FUSED_RNN_CUDA_MAX_GROUPS", "1")
     monkeypatch.setenv("FUSED_RNN_CUDA_STAGE_K", stage_k)
     assert not _differs_from_clean(install, simulate.CSRC, B=70, T=3)
+
+
+@pytest.mark.parametrize("dt", list(DTYPES))
+def test_a_quick_build_gives_the_same_bits(install, dt):
+    """The kernels compiled at -O0 (how mutants are built) compute exactly what the optimized
+    build does, in every cell and math path: a mutant's differing results are the mutation's."""
+    for mode in ("LSTM", "GRU", "RNN_TANH", "RNN_RELU"):
+        install(sms=4)
+        want = _layer(mode, dt, B=33)
+        install(sms=4, quick=True)
+        got = _layer(mode, dt, B=33)
+        assert all(torch.equal(a, b) for a, b in zip(got, want)), (mode, dt)
 
 
 def test_staging_plans_and_settings(install, monkeypatch):

@@ -1,8 +1,9 @@
 """Run layers (forward and every gradient) on cudasim's ThreadSanitizer build, in this process.
 
-    python tsan_run.py CSRC CP_ASYNC CONFIG...
+    python tsan_run.py [--quick] CSRC CP_ASYNC CONFIG...
 
-CONFIG is a name from ``CONFIGS``. The process must start with ``simulate.sanitizer_env("thread")``
+CONFIG is a name from ``CONFIGS``; ``--quick``: the library with the kernels compiled at -O0
+(``simulate.build``), as the tests build a mutant copy of csrc/. The process must start with ``simulate.sanitizer_env("thread")``
 (TSan loaded first, torch on one thread); its first race report ends it with exit code 66 and
 the report on stderr. ``test_cuda_sim.py`` runs it. After each configuration's layer, one line:
 ``ran NAME {json}`` with the plans it launched (the fields that tell the launch modes apart) and
@@ -97,7 +98,8 @@ class _Setattr:
 
 
 def main(argv: list[str]) -> None:
-    csrc, cp_async, *names = argv
+    quick = argv[0] == "--quick"  # the kernels compiled at -O0 (simulate.build): a mutant
+    csrc, cp_async, *names = argv[quick:]
     here = Path(__file__).resolve().parent
     sys.path[:0] = [str(here), str(here.parent)]
     import simulate
@@ -112,7 +114,8 @@ def main(argv: list[str]) -> None:
     for name in names:
         mode, dt, hidden, sms, settings, _ = CONFIGS[name]
         sim = install_standin(_Setattr(), simulate.Simulator(sms=sms, sanitize="thread",
-                                                             csrc=Path(csrc), cp_async=cp_async))
+                                                             csrc=Path(csrc), cp_async=cp_async,
+                                                             quick=quick))
         for key in SETTINGS:
             os.environ.pop(f"FUSED_RNN_CUDA_{key}", None)
         os.environ.update({f"FUSED_RNN_CUDA_{k}": v for k, v in settings.items()})
