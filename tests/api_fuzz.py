@@ -24,7 +24,8 @@ prints each failing seed with its case and the error, then a count and the fallb
   turn: torch.nn's errors, or its outputs.
 
 BACKEND may name a torch.compile backend after an @ (``auto@inductor``, ``triton@aot_eager``):
-ours then runs compiled, a fresh compile each case (seconds each on the CPU). Without a GPU,
+ours then runs compiled, a fresh compile each case (seconds each on the CPU), in every check but
+the bad-input one, which compares errors and runs eagerly. Without a GPU,
 ``cuda`` runs the CUDA kernels on cudasim with TF32 off; on a GPU machine the modules run on
 the GPU (TF32 off).
 """
@@ -275,8 +276,10 @@ def check_low_precision(seed: int, backend: str, dtype: str, device: str = "cpu"
     in fp64, by the rule above. The module is built in fp64 and rounded to ``dtype``, its
     inputs too, so all three runs compute from the same values. ``autocast``: module and data
     in fp32 (holding those values), the runs but the fp64 one inside ``torch.autocast`` to
-    ``dtype`` (outputs in ``dtype``, gradients in fp32). Returns the largest error over its
-    bound (at most 1 where the case passes; AssertionError otherwise)."""
+    ``dtype`` (outputs in ``dtype``, gradients in fp32). ``backend`` may name a torch.compile
+    backend after an @, as in :func:`check`: ours then runs compiled. Returns the largest error
+    over its bound (at most 1 where the case passes; AssertionError otherwise)."""
+    backend, _, compiler = backend.partition("@")
     floor_out, floor_grad = LOW_PRECISION_FLOORS[dtype]
     low = getattr(torch, dtype)
     handed = torch.float32 if autocast else low  # what module and data are in for the runs
@@ -290,6 +293,9 @@ def check_low_precision(seed: int, backend: str, dtype: str, device: str = "cpu"
         module, x, hs = module.to(low), x.to(low), [h.to(low) for h in hs]
         dt = torch.float64 if name == "exact" else handed
         module = module.to(device, dt)
+        if name == "ours" and compiler:
+            torch._dynamo.reset()
+            module = torch.compile(module, backend=compiler)
         region = torch.autocast(torch.device(device).type, dtype=low,
                                 enabled=autocast and name != "exact")
         with region:
@@ -565,6 +571,10 @@ def main(argv: list[str]) -> int:
         return 2
     backend, first, count = argv[0], int(argv[1]), int(argv[2])
     dtype = argv[3] if len(argv) == 4 else None
+    if "@" in backend and dtype in ("bad", "bad-float32"):
+        print(f"{backend!r}: the bad-input check runs eagerly only (torch.compile wraps the "
+              "errors it compares); name the backend without @")
+        return 2
     device = "cuda" if torch.cuda.is_available() else "cpu"
     if backend.partition("@")[0] == "cuda" and device == "cpu":
         import pytest

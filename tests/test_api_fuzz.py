@@ -96,6 +96,19 @@ def test_random_configuration_in_16_bits_is_as_accurate_as_the_reference(kernels
         assert check_low_precision(seed, kernels, dtype, DEVICE, autocast=autocast) <= 1
 
 
+@pytest.mark.parametrize("autocast", [False, True], ids=["bf16", "amp-bf16"])
+@pytest.mark.parametrize("kernels", ["cuda"], indirect=True)
+def test_the_16_bit_check_runs_ours_compiled_when_asked(kernels, autocast):
+    """``cuda@aot_eager``: the module under torch.compile (a graph is captured), held to the
+    same bound as eager."""
+    from torch._dynamo.utils import counters
+
+    counters.clear()
+    assert check_low_precision(300, f"{kernels}@aot_eager", "bfloat16", DEVICE,
+                               autocast=autocast) <= 1
+    assert counters["stats"]["unique_graphs"] >= 1
+
+
 # An LSTM with a projection (bidirectional; on cuda it falls back to triton), a 2-layer
 # bidirectional GRU, a GRU cell, a plain LSTM.
 @pytest.mark.parametrize("seed", [6522, 516, 503, 511])
