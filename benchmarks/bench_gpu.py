@@ -108,7 +108,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "time-parallel GEMMs of 16-bit layers on operands promoted to fp32, "
                         "cuda-genfrag cuda loading its WMMA fragments through generic "
                         "addresses only, cuda-mma cuda multiplying its TF32 tiles with "
-                        "mma.sync and ldmatrix "
+                        "mma.sync and ldmatrix, cuda-step cuda's per-step path (a cuBLAS "
+                        "GEMM and a launch of the cell a step, no W_hh on chip) "
                         "(FUSED_RNN_CUDA_K_PARTS=1, FUSED_RNN_CUDA_CLUSTER=16|8, "
                         "FUSED_RNN_CUDA_CLUSTER_EXCHANGE=dsmem, "
                         "FUSED_RNN_CUDA_TEAM_CLUSTERS=on, "
@@ -116,7 +117,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "FUSED_RNN_CUDA_MAX_GROUPS=1, FUSED_RNN_CUDA_STAGE_K=0, "
                         "FUSED_RNN_CUDA_STAGE_COPY=async|registers, "
                         "FUSED_RNN_CUDA_TILE_BLOCK=1, FUSED_RNN_CUDA_POINT_BATCH=1, "
-                        "FUSED_RNN_CUDA_GEMMS=fp32, FUSED_RNN_CUDA_FRAG_LOADS=generic|mma)")
+                        "FUSED_RNN_CUDA_GEMMS=fp32, FUSED_RNN_CUDA_FRAG_LOADS=generic|mma, "
+                        "FUSED_RNN_CUDA_PATH=step)")
     p.add_argument("--modes", default="LSTM,GRU", help="comma-separated: LSTM,GRU")
     p.add_argument("--dtypes", default="fp32,bf16,fp16",
                    help="comma-separated: fp32,bf16,fp16,fp32-strict (fp32 without TF32, for "
@@ -393,7 +395,8 @@ VARIANTS = {"cuda-p1": ("cuda", {"FUSED_RNN_CUDA_K_PARTS": "1"}),
             "cuda-pb1": ("cuda", {"FUSED_RNN_CUDA_POINT_BATCH": "1"}),
             "cuda-gemm32": ("cuda", {"FUSED_RNN_CUDA_GEMMS": "fp32"}),
             "cuda-genfrag": ("cuda", {"FUSED_RNN_CUDA_FRAG_LOADS": "generic"}),
-            "cuda-mma": ("cuda", {"FUSED_RNN_CUDA_FRAG_LOADS": "mma"})}
+            "cuda-mma": ("cuda", {"FUSED_RNN_CUDA_FRAG_LOADS": "mma"}),
+            "cuda-step": ("cuda", {"FUSED_RNN_CUDA_PATH": "step"})}
 
 
 def _cuda_plans(mode, shape, dtype_name) -> list | None:
@@ -590,7 +593,10 @@ def _measure(args, timer, device, mode, shape, dtype_name, backend, refs) -> lis
     plan = []
     if backend == "cuda" and device == "cuda":
         try:
-            plans = _cuda_plans(mode, (B, T, H), dtype_name)
+            from fused_rnn.ops.cuda import ops
+
+            plans = None if ops.cuda_path() == "step" else _cuda_plans(mode, (B, T, H),
+                                                                        dtype_name)
             plan = [_plan_note(plans)] if plans is not None else []
         except Exception as e:  # the plan mirror failing costs the note, not the row
             plan = [f"plan: {_one_line(e, 120)}"]

@@ -211,19 +211,36 @@ void check_counts(int64_t T, int64_t B) {
               ", B=", num(B));
 }
 
-// Forward over a chunk. xproj (T, B, G*H) fp32 = x W_ih^T + b_ih (or x W_ih^T alone, with b_ih
-// (G*H,) fp32 given: the kernel adds it), overwritten with the activations when `save`. Returns {y (T,B,H), h_n (B,H), c_n (B,H) or empty, aux (T,B,H) fp32
-// or empty} (aux: LSTM c_t, GRU W_hn h + b_hn; only when save).
-std::vector<at::Tensor> forward(int64_t mode, at::Tensor xproj, at::Tensor h0,
-                                c10::optional<at::Tensor> c0, at::Tensor w_hh,
-                                c10::optional<at::Tensor> b_hh,
-                                c10::optional<at::Tensor> lengths, bool reverse, bool allow_tf32,
-                                bool save, int64_t max_groups, int64_t max_stage_k,
-                                c10::optional<at::Tensor> prof, int64_t stage_copy,
-                                int64_t k_parts, int64_t max_blocks, int64_t cluster,
-                                bool team_clusters, bool dsmem, int64_t tile_block,
-                                int64_t point_batch, c10::optional<at::Tensor> b_ih,
-                                int64_t frag_loads) {
+// The persistent launch's fields of FwdParams or BwdParams: the plan and the checked settings.
+template <typename Params>
+void set_launch(Params& p, const Plan& plan, int64_t batch_pad, long long* prof,
+                int64_t stage_copy, int64_t tile_block, int64_t point_batch, int64_t frag_loads,
+                int cluster_mode, const at::Tensor& part) {
+  p.plan = plan;
+  p.batch_pad = static_cast<int>(batch_pad);
+  p.prof = prof;
+  p.stage_copy = checked_stage_copy(stage_copy);
+  p.tile_block = checked_tile_block(tile_block);
+  p.point_batch = checked_point_batch(point_batch);
+  p.frag_loads = checked_frag_loads(frag_loads);
+  p.cluster = cluster_mode;
+  p.part = part.defined() ? part.data_ptr<float>() : nullptr;
+}
+
+// ---- what forward() and forward_steps() share ------------------------------------------------
+// The sizes of a forward call, read off its checked tensors.
+struct FwdCall {
+  Cell cell;
+  int64_t G, T, B, H;
+  at::Device dev;
+  c10::ScalarType st;
+};
+
+// Checks a forward call's tensors (device, dtype, shape, contiguity) and sizes.
+FwdCall checked_forward(int64_t mode, const at::Tensor& xproj, const at::Tensor& h0,
+                        const c10::optional<at::Tensor>& c0, const at::Tensor& w_hh,
+                        const c10::optional<at::Tensor>& b_hh,
+                        const c10::optional<at::Tensor>& b_ih) {
   const Cell cell = cell_of(mode);
   const int64_t G = fused_rnn::gates_of(cell);
   TORCH_CHECK(xproj.is_cuda(), "fused_rnn CUDA backend: inputs must be CUDA tensors, got ",
@@ -246,75 +263,63 @@ std::vector<at::Tensor> forward(int64_t mode, at::Tensor xproj, at::Tensor h0,
     check(required(c0, "c0", "for LSTM"), "c0", dev, st, {B, H});
   check_counts(T, B);
   TORCH_CHECK(T * B * G * H < (int64_t(1) << 62), "fused_rnn CUDA backend: sizes too large");
+  return {cell, G, T, B, H, dev, st};
+}
 
-  const c10::cuda::CUDAGuard guard(dev);
-  const int64_t B_pad = fused_rnn::round_up(static_cast<int>(B), fused_rnn::kBatchPad);
-  int cluster_mode = fused_rnn::kClusterNone;
-  const fused_rnn::Selection sel =
-      checked_plan(cell, st, allow_tf32, H, /*backward=*/false, dev, B_pad, max_groups,
-                   max_stage_k, k_parts, max_blocks, cluster, team_clusters, dsmem,
-                   &cluster_mode);
-  const Plan& plan = sel.plan;
-  at::Tensor hbuf = at::zeros({2, B_pad, plan.k_pad}, h0.options());
-  hbuf[0].narrow(0, 0, B).narrow(1, 0, H).copy_(h0);
-  at::Tensor cbuf = cell == Cell::kLSTM ? c0->to(at::kFloat).contiguous().clone()
-                                        : at::Tensor();
-  at::Tensor y = at::empty({T, B, H}, h0.options());
-  const bool has_aux = save && (cell == Cell::kLSTM || cell == Cell::kGRU);
-  at::Tensor aux =
-      has_aux ? at::empty({T, B, H}, xproj.options()) : at::empty({0}, xproj.options());
+// The forward outputs both paths allocate the same way, and the params that point at them and
+// at the inputs (the caller sets the plan, the exchange buffer and the tuning fields).
+struct FwdOutputs {
+  at::Tensor cbuf, y, aux;
+  bool has_aux;  // aux is (T, B, H), else empty
+};
 
+FwdOutputs forward_outputs(const FwdCall& c, const at::Tensor& xproj, const at::Tensor& h0,
+                           const c10::optional<at::Tensor>& c0, bool save) {
+  FwdOutputs o;
+  o.cbuf = c.cell == Cell::kLSTM ? c0->to(at::kFloat).contiguous().clone() : at::Tensor();
+  o.y = at::empty({c.T, c.B, c.H}, h0.options());
+  o.has_aux = save && (c.cell == Cell::kLSTM || c.cell == Cell::kGRU);
+  o.aux = o.has_aux ? at::empty({c.T, c.B, c.H}, xproj.options())
+                    : at::empty({0}, xproj.options());
+  return o;
+}
+
+fused_rnn::FwdParams forward_params(const FwdCall& c, at::Tensor& xproj, const at::Tensor& w_hh,
+                                    const c10::optional<at::Tensor>& b_hh,
+                                    const c10::optional<at::Tensor>& b_ih,
+                                    const c10::optional<at::Tensor>& lengths, bool reverse,
+                                    bool save, FwdOutputs& o, at::Tensor& hbuf) {
   fused_rnn::FwdParams p{};
-  p.plan = plan;
-  p.steps = static_cast<int>(T);
-  p.batch = static_cast<int>(B);
-  p.hidden = static_cast<int>(H);
-  p.batch_pad = static_cast<int>(B_pad);
+  p.steps = static_cast<int>(c.T);
+  p.batch = static_cast<int>(c.B);
+  p.hidden = static_cast<int>(c.H);
   p.reverse = reverse;
   p.save = save;
   p.w_hh = w_hh.data_ptr();
   p.b_hh = (b_hh.has_value() && b_hh->defined()) ? b_hh->data_ptr<float>() : nullptr;
   p.b_ih = (b_ih.has_value() && b_ih->defined()) ? b_ih->data_ptr<float>() : nullptr;
-  p.lengths = lengths_ptr(lengths, dev, B);
+  p.lengths = lengths_ptr(lengths, c.dev, c.B);
   p.xproj = xproj.data_ptr<float>();
   p.hbuf = hbuf.data_ptr();
-  p.cbuf = cbuf.defined() ? cbuf.data_ptr<float>() : nullptr;
-  p.y = y.data_ptr();
-  p.aux = has_aux ? aux.data_ptr<float>() : nullptr;
-  p.prof = prof_ptr(prof, dev, plan);
-  p.stage_copy = checked_stage_copy(stage_copy);
-  p.tile_block = checked_tile_block(tile_block);
-  p.point_batch = checked_point_batch(point_batch);
-  p.frag_loads = checked_frag_loads(frag_loads);
-  p.cluster = cluster_mode;
-  const at::Tensor part = part_buffer(plan, B_pad, xproj.options());
-  p.part = part.defined() ? part.data_ptr<float>() : nullptr;
-
-  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(dev.index()).stream();
-  const auto launch = [&](auto c, auto tag, auto m) {
-    using T_ = typename decltype(tag)::type;
-    return fused_rnn::launch_forward<decltype(c)::value, T_, decltype(m)::value>(p, stream);
-  };
-  FRNN_CHECK_CUDA(fused_rnn::dispatch(cell, storage_of(st), sel.math, launch));
-  at::Tensor h_n = hbuf[T % 2].narrow(0, 0, B).narrow(1, 0, H).contiguous();
-  at::Tensor c_n = cell == Cell::kLSTM ? cbuf.to(st) : at::empty({0}, h0.options());
-  return {y, h_n, c_n, aux};
+  p.cbuf = o.cbuf.defined() ? o.cbuf.data_ptr<float>() : nullptr;
+  p.y = o.y.data_ptr();
+  p.aux = o.has_aux ? o.aux.data_ptr<float>() : nullptr;
+  return p;
 }
 
-// Backward over a chunk (see rnn_backward.cu). dy (T,B,H) storage; dh_n, dc_n (B,H) fp32;
-// gates (T,B,G*H) and aux (T,B,H) fp32 from forward(save=true); c0 (B,H) fp32 (LSTM); hprev
-// (T,B,H) storage (GRU). Returns {dgx (T,B,G*H) and dghn (T,B,H) (GRU, else empty) in the
-// storage type, dh0, dc0 (B,H) fp32; dc0 empty unless LSTM}.
-std::vector<at::Tensor> backward(int64_t mode, at::Tensor dy, at::Tensor dh_n,
-                                 c10::optional<at::Tensor> dc_n, at::Tensor w_hh,
-                                 at::Tensor gates, c10::optional<at::Tensor> aux,
-                                 c10::optional<at::Tensor> c0, c10::optional<at::Tensor> hprev,
-                                 c10::optional<at::Tensor> lengths, bool reverse,
-                                 bool allow_tf32, int64_t max_groups, int64_t max_stage_k,
-                                 c10::optional<at::Tensor> prof, int64_t stage_copy,
-                                 int64_t k_parts, int64_t max_blocks, int64_t cluster,
-                                 bool team_clusters, bool dsmem, int64_t tile_block,
-                                 int64_t point_batch, int64_t frag_loads) {
+// ---- what backward() and backward_steps() share ----------------------------------------------
+struct BwdCall {
+  Cell cell;
+  int64_t G, T, B, H;
+  at::Device dev;
+  c10::ScalarType st;
+};
+
+BwdCall checked_backward(int64_t mode, const at::Tensor& dy, const at::Tensor& dh_n,
+                         const c10::optional<at::Tensor>& dc_n, const at::Tensor& w_hh,
+                         const at::Tensor& gates, const c10::optional<at::Tensor>& aux,
+                         const c10::optional<at::Tensor>& c0,
+                         const c10::optional<at::Tensor>& hprev) {
   const Cell cell = cell_of(mode);
   const int64_t G = fused_rnn::gates_of(cell);
   TORCH_CHECK(dy.is_cuda(), "fused_rnn CUDA backend: inputs must be CUDA tensors, got ",
@@ -339,59 +344,209 @@ std::vector<at::Tensor> backward(int64_t mode, at::Tensor dy, at::Tensor dh_n,
     check(required(aux, "aux", "for LSTM and GRU (forward with save=True)"), "aux", dev,
           at::kFloat, {T, B, H});
   if (cell == Cell::kGRU) check(required(hprev, "hprev", "for GRU"), "hprev", dev, st, {T, B, H});
+  return {cell, G, T, B, H, dev, st};
+}
 
-  const c10::cuda::CUDAGuard guard(dev);
-  const int64_t B_pad = fused_rnn::round_up(static_cast<int>(B), fused_rnn::kBatchPad);
+struct BwdOutputs {
+  at::Tensor dh_carry, dc_carry, dgx, dghn, dh0;
+};
+
+BwdOutputs backward_outputs(const BwdCall& c, const at::Tensor& dy, const at::Tensor& dh_n,
+                            const c10::optional<at::Tensor>& dc_n) {
+  BwdOutputs o;
+  o.dh_carry = dh_n.clone();
+  o.dc_carry = c.cell == Cell::kLSTM ? dc_n->clone() : at::empty({0}, dh_n.options());
+  o.dgx = at::empty({c.T, c.B, c.G * c.H}, dy.options());
+  o.dghn = c.cell == Cell::kGRU ? at::empty({c.T, c.B, c.H}, dy.options())
+                                : at::empty({0}, dy.options());
+  o.dh0 = at::empty({c.B, c.H}, dh_n.options());
+  return o;
+}
+
+fused_rnn::BwdParams backward_params(const BwdCall& c, const at::Tensor& dy,
+                                     const at::Tensor& w_hh, const at::Tensor& gates,
+                                     const c10::optional<at::Tensor>& aux,
+                                     const c10::optional<at::Tensor>& c0,
+                                     const c10::optional<at::Tensor>& hprev,
+                                     const c10::optional<at::Tensor>& lengths, bool reverse,
+                                     BwdOutputs& o, at::Tensor& dgbuf) {
+  const bool lstm = c.cell == Cell::kLSTM, gru = c.cell == Cell::kGRU;
+  fused_rnn::BwdParams p{};
+  p.steps = static_cast<int>(c.T);
+  p.batch = static_cast<int>(c.B);
+  p.hidden = static_cast<int>(c.H);
+  p.reverse = reverse;
+  p.w_hh = w_hh.data_ptr();
+  p.lengths = lengths_ptr(lengths, c.dev, c.B);
+  p.dy = dy.data_ptr();
+  p.gates = gates.data_ptr<float>();
+  p.aux = (lstm || gru) ? aux->data_ptr<float>() : nullptr;
+  p.c0 = lstm ? c0->data_ptr<float>() : nullptr;
+  p.hprev = gru ? hprev->data_ptr() : nullptr;
+  p.dgbuf = dgbuf.data_ptr();
+  p.dh_carry = o.dh_carry.data_ptr<float>();
+  p.dc_carry = lstm ? o.dc_carry.data_ptr<float>() : nullptr;
+  p.dgx = o.dgx.data_ptr();
+  p.dghn = gru ? o.dghn.data_ptr() : nullptr;
+  p.dh0 = o.dh0.data_ptr<float>();
+  return p;
+}
+
+// Forward over a chunk. xproj (T, B, G*H) fp32 = x W_ih^T + b_ih (or x W_ih^T alone, with b_ih
+// (G*H,) fp32 given: the kernel adds it), overwritten with the activations when `save`. Returns
+// {y (T,B,H), h_n (B,H), c_n (B,H) or empty, aux (T,B,H) fp32 or empty} (aux: LSTM c_t, GRU
+// W_hn h + b_hn; only when save).
+std::vector<at::Tensor> forward(int64_t mode, at::Tensor xproj, at::Tensor h0,
+                                c10::optional<at::Tensor> c0, at::Tensor w_hh,
+                                c10::optional<at::Tensor> b_hh,
+                                c10::optional<at::Tensor> lengths, bool reverse, bool allow_tf32,
+                                bool save, int64_t max_groups, int64_t max_stage_k,
+                                c10::optional<at::Tensor> prof, int64_t stage_copy,
+                                int64_t k_parts, int64_t max_blocks, int64_t cluster,
+                                bool team_clusters, bool dsmem, int64_t tile_block,
+                                int64_t point_batch, c10::optional<at::Tensor> b_ih,
+                                int64_t frag_loads) {
+  const FwdCall c = checked_forward(mode, xproj, h0, c0, w_hh, b_hh, b_ih);
+  const c10::cuda::CUDAGuard guard(c.dev);
+  const int64_t B_pad = fused_rnn::round_up(static_cast<int>(c.B), fused_rnn::kBatchPad);
   int cluster_mode = fused_rnn::kClusterNone;
   const fused_rnn::Selection sel =
-      checked_plan(cell, st, allow_tf32, H, /*backward=*/true, dev, B_pad, max_groups,
+      checked_plan(c.cell, c.st, allow_tf32, c.H, /*backward=*/false, c.dev, B_pad, max_groups,
+                   max_stage_k, k_parts, max_blocks, cluster, team_clusters, dsmem,
+                   &cluster_mode);
+  const Plan& plan = sel.plan;
+  at::Tensor hbuf = at::zeros({2, B_pad, plan.k_pad}, h0.options());
+  hbuf[0].narrow(0, 0, c.B).narrow(1, 0, c.H).copy_(h0);
+  FwdOutputs o = forward_outputs(c, xproj, h0, c0, save);
+  fused_rnn::FwdParams p =
+      forward_params(c, xproj, w_hh, b_hh, b_ih, lengths, reverse, save, o, hbuf);
+  const at::Tensor part = part_buffer(plan, B_pad, xproj.options());
+  set_launch(p, plan, B_pad, prof_ptr(prof, c.dev, plan), stage_copy, tile_block, point_batch,
+             frag_loads, cluster_mode, part);
+
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(c.dev.index()).stream();
+  const auto launch = [&](auto cl, auto tag, auto m) {
+    using T_ = typename decltype(tag)::type;
+    return fused_rnn::launch_forward<decltype(cl)::value, T_, decltype(m)::value>(p, stream);
+  };
+  FRNN_CHECK_CUDA(fused_rnn::dispatch(c.cell, storage_of(c.st), sel.math, launch));
+  at::Tensor h_n = hbuf[c.T % 2].narrow(0, 0, c.B).narrow(1, 0, c.H).contiguous();
+  at::Tensor c_n = c.cell == Cell::kLSTM ? o.cbuf.to(c.st) : at::empty({0}, h0.options());
+  return {o.y, h_n, c_n, o.aux};
+}
+
+// Backward over a chunk (see rnn_backward.cu). dy (T,B,H) storage; dh_n, dc_n (B,H) fp32;
+// gates (T,B,G*H) and aux (T,B,H) fp32 from forward(save=true); c0 (B,H) fp32 (LSTM); hprev
+// (T,B,H) storage (GRU). Returns {dgx (T,B,G*H) and dghn (T,B,H) (GRU, else empty) in the
+// storage type, dh0, dc0 (B,H) fp32; dc0 empty unless LSTM}.
+std::vector<at::Tensor> backward(int64_t mode, at::Tensor dy, at::Tensor dh_n,
+                                 c10::optional<at::Tensor> dc_n, at::Tensor w_hh,
+                                 at::Tensor gates, c10::optional<at::Tensor> aux,
+                                 c10::optional<at::Tensor> c0, c10::optional<at::Tensor> hprev,
+                                 c10::optional<at::Tensor> lengths, bool reverse,
+                                 bool allow_tf32, int64_t max_groups, int64_t max_stage_k,
+                                 c10::optional<at::Tensor> prof, int64_t stage_copy,
+                                 int64_t k_parts, int64_t max_blocks, int64_t cluster,
+                                 bool team_clusters, bool dsmem, int64_t tile_block,
+                                 int64_t point_batch, int64_t frag_loads) {
+  const BwdCall c = checked_backward(mode, dy, dh_n, dc_n, w_hh, gates, aux, c0, hprev);
+  const c10::cuda::CUDAGuard guard(c.dev);
+  const int64_t B_pad = fused_rnn::round_up(static_cast<int>(c.B), fused_rnn::kBatchPad);
+  int cluster_mode = fused_rnn::kClusterNone;
+  const fused_rnn::Selection sel =
+      checked_plan(c.cell, c.st, allow_tf32, c.H, /*backward=*/true, c.dev, B_pad, max_groups,
                    max_stage_k, k_parts, max_blocks, cluster, team_clusters, dsmem,
                    &cluster_mode);
   const Plan& plan = sel.plan;
   at::Tensor dgbuf = at::zeros({2, B_pad, plan.k_pad}, dy.options());
-  at::Tensor dh_carry = dh_n.clone();
-  at::Tensor dc_carry = cell == Cell::kLSTM ? dc_n->clone() : at::empty({0}, dh_n.options());
-  at::Tensor dgx = at::empty({T, B, G * H}, dy.options());
-  at::Tensor dghn = cell == Cell::kGRU ? at::empty({T, B, H}, dy.options())
-                                       : at::empty({0}, dy.options());
-  at::Tensor dh0 = at::empty({B, H}, dh_n.options());
-
-  fused_rnn::BwdParams p{};
-  p.plan = plan;
-  p.steps = static_cast<int>(T);
-  p.batch = static_cast<int>(B);
-  p.hidden = static_cast<int>(H);
-  p.batch_pad = static_cast<int>(B_pad);
-  p.reverse = reverse;
-  p.w_hh = w_hh.data_ptr();
-  p.lengths = lengths_ptr(lengths, dev, B);
-  p.dy = dy.data_ptr();
-  p.gates = gates.data_ptr<float>();
-  p.aux = (cell == Cell::kLSTM || cell == Cell::kGRU) ? aux->data_ptr<float>() : nullptr;
-  p.c0 = cell == Cell::kLSTM ? c0->data_ptr<float>() : nullptr;
-  p.hprev = cell == Cell::kGRU ? hprev->data_ptr() : nullptr;
-  p.dgbuf = dgbuf.data_ptr();
-  p.dh_carry = dh_carry.data_ptr<float>();
-  p.dc_carry = cell == Cell::kLSTM ? dc_carry.data_ptr<float>() : nullptr;
-  p.dgx = dgx.data_ptr();
-  p.dghn = cell == Cell::kGRU ? dghn.data_ptr() : nullptr;
-  p.dh0 = dh0.data_ptr<float>();
-  p.prof = prof_ptr(prof, dev, plan);
-  p.stage_copy = checked_stage_copy(stage_copy);
-  p.tile_block = checked_tile_block(tile_block);
-  p.point_batch = checked_point_batch(point_batch);
-  p.frag_loads = checked_frag_loads(frag_loads);
-  p.cluster = cluster_mode;
+  BwdOutputs o = backward_outputs(c, dy, dh_n, dc_n);
+  fused_rnn::BwdParams p =
+      backward_params(c, dy, w_hh, gates, aux, c0, hprev, lengths, reverse, o, dgbuf);
   const at::Tensor part = part_buffer(plan, B_pad, gates.options());
-  p.part = part.defined() ? part.data_ptr<float>() : nullptr;
+  set_launch(p, plan, B_pad, prof_ptr(prof, c.dev, plan), stage_copy, tile_block, point_batch,
+             frag_loads, cluster_mode, part);
 
-  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(dev.index()).stream();
-  const auto launch = [&](auto c, auto tag, auto m) {
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(c.dev.index()).stream();
+  const auto launch = [&](auto cl, auto tag, auto m) {
     using T_ = typename decltype(tag)::type;
-    return fused_rnn::launch_backward<decltype(c)::value, T_, decltype(m)::value>(p, stream);
+    return fused_rnn::launch_backward<decltype(cl)::value, T_, decltype(m)::value>(p, stream);
   };
-  FRNN_CHECK_CUDA(fused_rnn::dispatch(cell, storage_of(st), sel.math, launch));
-  return {dgx, dghn, dh0, dc_carry};
+  FRNN_CHECK_CUDA(fused_rnn::dispatch(c.cell, storage_of(c.st), sel.math, launch));
+  return {o.dgx, o.dghn, o.dh0, o.dc_carry};
+}
+
+// ---- the per-step path (fused_rnn.h StepArgs) ---------------------------------------------
+// Each step: the recurrent matmul as one GEMM through torch (cuBLAS) with an fp32 result, then
+// one launch of the step's points. 16-bit operands go to cuBLAS as they are (aten::mm.dtype);
+// fp32 ones run as torch's fp32 GEMMs are set to (TF32 or not: ops.py sets it for the call).
+// Everything is queued on the current stream, so a CUDA graph can capture the whole loop.
+void step_mm(at::Tensor& out, const at::Tensor& a, const at::Tensor& b) {
+  if (a.scalar_type() == at::kFloat)
+    at::mm_out(out, a, b);
+  else
+    at::mm_out(out, a, b, at::kFloat);
+}
+
+// Forward over a chunk by steps: forward()'s arguments and results, without the tuning ones
+// (there is no plan). The exchange buffer is (2, B, H), no padding rows.
+std::vector<at::Tensor> forward_steps(int64_t mode, at::Tensor xproj, at::Tensor h0,
+                                      c10::optional<at::Tensor> c0, at::Tensor w_hh,
+                                      c10::optional<at::Tensor> b_hh,
+                                      c10::optional<at::Tensor> lengths, bool reverse, bool save,
+                                      c10::optional<at::Tensor> b_ih) {
+  const FwdCall c = checked_forward(mode, xproj, h0, c0, w_hh, b_hh, b_ih);
+  const c10::cuda::CUDAGuard guard(c.dev);
+  at::Tensor hbuf = at::empty({2, c.B, c.H}, h0.options());
+  hbuf[0].copy_(h0);
+  FwdOutputs o = forward_outputs(c, xproj, h0, c0, save);
+  fused_rnn::FwdParams p =
+      forward_params(c, xproj, w_hh, b_hh, b_ih, lengths, reverse, save, o, hbuf);
+  p.batch_pad = static_cast<int>(c.B);
+  at::Tensor rec = at::empty({c.B, c.G * c.H}, xproj.options());
+  const at::Tensor wt = w_hh.t();
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(c.dev.index()).stream();
+  for (int64_t s = 0; s < c.T; ++s) {
+    step_mm(rec, hbuf[s % 2], wt);
+    const auto launch = [&](auto cl, auto tag) {
+      using T_ = typename decltype(tag)::type;
+      return fused_rnn::launch_forward_step<decltype(cl)::value, T_>(
+          p, rec.data_ptr<float>(), static_cast<int>(s), stream);
+    };
+    FRNN_CHECK_CUDA(fused_rnn::dispatch_step(c.cell, storage_of(c.st), launch));
+  }
+  at::Tensor h_n = hbuf[c.T % 2].clone();
+  at::Tensor c_n = c.cell == Cell::kLSTM ? o.cbuf.to(c.st) : at::empty({0}, h0.options());
+  return {o.y, h_n, c_n, o.aux};
+}
+
+// Backward over a chunk by steps: backward()'s arguments and results, without the tuning ones.
+// The exchange buffer is (2, B, G*H); iteration 0's matmul output is zeros (nothing reaches h
+// through W_hh yet), so it runs no GEMM.
+std::vector<at::Tensor> backward_steps(int64_t mode, at::Tensor dy, at::Tensor dh_n,
+                                       c10::optional<at::Tensor> dc_n, at::Tensor w_hh,
+                                       at::Tensor gates, c10::optional<at::Tensor> aux,
+                                       c10::optional<at::Tensor> c0,
+                                       c10::optional<at::Tensor> hprev,
+                                       c10::optional<at::Tensor> lengths, bool reverse) {
+  const BwdCall c = checked_backward(mode, dy, dh_n, dc_n, w_hh, gates, aux, c0, hprev);
+  const c10::cuda::CUDAGuard guard(c.dev);
+  at::Tensor dgbuf = at::zeros({2, c.B, c.G * c.H}, dy.options());
+  BwdOutputs o = backward_outputs(c, dy, dh_n, dc_n);
+  fused_rnn::BwdParams p =
+      backward_params(c, dy, w_hh, gates, aux, c0, hprev, lengths, reverse, o, dgbuf);
+  p.batch_pad = static_cast<int>(c.B);
+  at::Tensor rec = at::zeros({c.B, c.H}, dh_n.options());
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(c.dev.index()).stream();
+  for (int64_t s = 0; s <= c.T; ++s) {
+    if (s > 0) step_mm(rec, dgbuf[s % 2], w_hh);
+    const auto launch = [&](auto cl, auto tag) {
+      using T_ = typename decltype(tag)::type;
+      return fused_rnn::launch_backward_step<decltype(cl)::value, T_>(
+          p, rec.data_ptr<float>(), static_cast<int>(s), stream);
+    };
+    FRNN_CHECK_CUDA(fused_rnn::dispatch_step(c.cell, storage_of(c.st), launch));
+  }
+  return {o.dgx, o.dghn, o.dh0, o.dc_carry};
 }
 
 // The plan for (mode, math code, H, direction) with `max_blocks` blocks: lets tests compare
@@ -458,6 +613,13 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("max_blocks") = 0, py::arg("cluster") = 0, py::arg("team_clusters") = false,
         py::arg("dsmem") = false, py::arg("tile_block") = 4, py::arg("point_batch") = 0,
         py::arg("frag_loads") = 0);
+  m.def("forward_steps", &forward_steps, "forward over a chunk by steps (a GEMM, a launch each)",
+        py::arg("mode"), py::arg("xproj"), py::arg("h0"), py::arg("c0"), py::arg("w_hh"),
+        py::arg("b_hh"), py::arg("lengths"), py::arg("reverse"), py::arg("save"),
+        py::arg("b_ih") = py::none());
+  m.def("backward_steps", &backward_steps, "backward over a chunk by steps", py::arg("mode"),
+        py::arg("dy"), py::arg("dh_n"), py::arg("dc_n"), py::arg("w_hh"), py::arg("gates"),
+        py::arg("aux"), py::arg("c0"), py::arg("hprev"), py::arg("lengths"), py::arg("reverse"));
   m.def("plan_info", &plan_info, "launch plan (units, blocks, ..., parts, k_part, part_ld)",
         py::arg("mode"), py::arg("math"), py::arg("hidden"), py::arg("backward"),
         py::arg("max_blocks"), py::arg("groups") = 1, py::arg("stage_rows") = 0,

@@ -134,6 +134,29 @@ inline long long cluster_launches = 0;
 template <Cell C, typename T, Math M>
 cudaError_t launch_backward(const BwdParams& p, cudaStream_t stream);
 
+// The per-step path (binding.cpp forward_steps/backward_steps; fused_rnn/ops/cuda/ops.py
+// cuda_path): no W_hh on chip and no grid barrier. Each step's recurrent matmul is a cuBLAS GEMM
+// (through torch) with an fp32 result `rec`, then one ordinary launch runs that step's points,
+// one thread a (batch row, unit): the persistent kernels' own ForwardPoint/BackwardPoint, so the
+// cell math, the rounding and what is saved are theirs. Stream order stands in for the barrier.
+//   forward:  rec (B, G*H) = h_{s-1} W_hh^T; the exchange buffer p.hbuf is (2, B, H) (row stride
+//             H, no padding rows); p.plan, the tuning fields and p.part are not used.
+//   backward: rec (B, H) = the dgates of iteration s-1 times W_hh (zeros at s = 0); p.dgbuf is
+//             (2, B, G*H); s runs 0 .. T as in the persistent kernel (s = T writes dh0).
+template <typename Params>
+struct StepArgs {
+  Params p;
+  const float* rec;
+  int s;  // the iteration (forward: t = reverse ? T-1-s : s)
+};
+
+template <Cell C, typename T>
+cudaError_t launch_forward_step(const FwdParams& p, const float* rec, int s, cudaStream_t stream);
+
+template <Cell C, typename T>
+cudaError_t launch_backward_step(const BwdParams& p, const float* rec, int s,
+                                 cudaStream_t stream);
+
 // Whether the extension holds code the current device can run: cudaFuncGetAttributes of one
 // kernel, which fails (cudaErrorNoKernelImageForDevice) where the build had neither SASS for
 // the device's architecture nor PTX it can compile (TORCH_CUDA_ARCH_LIST="8.0" on an H100, or
@@ -163,6 +186,13 @@ cudaError_t dispatch(Cell cell, Storage st, Math math, F&& f) {
     case Cell::kRNNRelu: return by_type(Constant<Cell::kRNNRelu>{});
   }
   return cudaErrorInvalidValue;
+}
+
+// Calls f(Constant<cell>, Tag<storage type>) for the runtime (cell, storage): the step launches,
+// whose points do not depend on the matmul's math.
+template <typename F>
+cudaError_t dispatch_step(Cell cell, Storage st, F&& f) {
+  return dispatch(cell, st, Math::kFma, [&](auto c, auto tag, auto) { return f(c, tag); });
 }
 
 }  // namespace fused_rnn

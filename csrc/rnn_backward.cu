@@ -208,6 +208,22 @@ __global__ void __launch_bounds__(kThreads, 1) rnn_backward_kernel(const BwdPara
   clk.finish();
 }
 
+// The per-step path's backward iteration s (fused_rnn.h StepArgs): one thread a point (b, u),
+// rec(0) = dh_rec from the iteration's GEMM. Every other value is BackwardPoint's, as in the
+// persistent kernel.
+template <Cell C, typename T>
+__global__ void __launch_bounds__(kStepThreads)
+    rnn_backward_step_kernel(const StepArgs<BwdParams> a) {
+  const BwdParams& p = a.p;
+  const long long idx = (long long)blockIdx.x * kStepThreads + threadIdx.x;
+  if (idx >= (long long)p.batch * p.hidden) return;
+  const int H = p.hidden, b = (int)(idx / H), u = (int)(idx % H);
+  const ExchangeStep<T> ex = step_exchange<T>(p.dgbuf, p.batch, gates_of(C) * H, a.s);
+  const BackwardPoint<C, T, kStepMath<T>> pt{p, ex, a.s, 0};
+  const float rec = a.rec[(size_t)b * H + u];
+  pt.finish(b, u, pt.load(b, u, [&](int) { return rec; }));
+}
+
 }  // namespace detail
 
 template <Cell C, typename T, Math M>
@@ -215,6 +231,14 @@ cudaError_t launch_backward(const BwdParams& p, cudaStream_t stream) {
   return detail::launch_chunk(detail::rnn_backward_kernel<C, T, M>, p, stream);
 }
 
+template <Cell C, typename T>
+cudaError_t launch_backward_step(const BwdParams& p, const float* rec, int s, cudaStream_t stream) {
+  return detail::launch_points(detail::rnn_backward_step_kernel<C, T>,
+                               StepArgs<BwdParams>{p, rec, s}, (long long)p.batch * p.hidden,
+                               stream);
+}
+
 FRNN_INSTANTIATE(launch_backward, BwdParams)
+FRNN_INSTANTIATE_STEP(launch_backward_step, BwdParams)
 
 }  // namespace fused_rnn

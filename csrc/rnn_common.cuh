@@ -1366,6 +1366,40 @@ cudaError_t launch_chunk(void (*kernel)(Params), const Params& p, cudaStream_t s
   return launch_cooperative(kernel, p, stream);
 }
 
+// ---- the per-step path (fused_rnn.h StepArgs) ---------------------------------------------
+constexpr int kStepThreads = 256;
+
+// The Point template's math for a step launch: it only sets Point::kBatch, which the step
+// kernels do not use (one point a thread).
+template <typename T>
+constexpr Math kStepMath = std::is_same_v<T, float> ? Math::kFma : Math::kWmma16;
+
+// The exchange buffer of iteration s, (2, B, ld) with no padding rows: read s % 2, write
+// (s + 1) % 2.
+template <typename T>
+__device__ __forceinline__ ExchangeStep<T> step_exchange(void* buf, int batch, int ld, int s) {
+  T* b = static_cast<T*>(buf);
+  const size_t one = (size_t)batch * ld;
+  return {b + (s & 1) * one, b + ((s + 1) & 1) * one, ld, 0, 0};
+}
+
+// An ordinary launch of `kernel` with one thread a point, `points` of them.
+template <typename Args>
+cudaError_t launch_points(void (*kernel)(Args), const Args& a, long long points,
+                          cudaStream_t stream) {
+  const long long blocks = (points + kStepThreads - 1) / kStepThreads;
+  if (points <= 0 || blocks > 0x7fffffffLL) return cudaErrorInvalidValue;
+  cudaLaunchConfig_t cfg = {};
+  cfg.gridDim = dim3(static_cast<unsigned>(blocks));
+  cfg.blockDim = dim3(kStepThreads);
+  cfg.dynamicSmemBytes = 0;
+  cfg.stream = stream;
+  cfg.attrs = nullptr;
+  cfg.numAttrs = 0;
+  void* args[] = {const_cast<Args*>(&a)};
+  return cudaLaunchKernelExC(&cfg, reinterpret_cast<const void*>(kernel), args);
+}
+
 }  // namespace detail
 // Explicit instantiations of LAUNCH (launch_forward or launch_backward) for every cell, storage
 // type and math (fused_rnn.h: dispatch).
@@ -1374,6 +1408,16 @@ cudaError_t launch_chunk(void (*kernel)(Params), const Params& p, cudaStream_t s
   template cudaError_t LAUNCH<C, __half, Math::kWmma16>(const PARAMS&, cudaStream_t);          \
   template cudaError_t LAUNCH<C, float, Math::kTf32>(const PARAMS&, cudaStream_t);             \
   template cudaError_t LAUNCH<C, float, Math::kFma>(const PARAMS&, cudaStream_t);
+// ... and of LAUNCH (launch_forward_step or launch_backward_step) for every cell and storage type.
+#define FRNN_INSTANTIATE_STEP_CELL(LAUNCH, PARAMS, C)                                       \
+  template cudaError_t LAUNCH<C, __nv_bfloat16>(const PARAMS&, const float*, int, cudaStream_t); \
+  template cudaError_t LAUNCH<C, __half>(const PARAMS&, const float*, int, cudaStream_t);        \
+  template cudaError_t LAUNCH<C, float>(const PARAMS&, const float*, int, cudaStream_t);
+#define FRNN_INSTANTIATE_STEP(LAUNCH, PARAMS)                \
+  FRNN_INSTANTIATE_STEP_CELL(LAUNCH, PARAMS, Cell::kLSTM)    \
+  FRNN_INSTANTIATE_STEP_CELL(LAUNCH, PARAMS, Cell::kGRU)     \
+  FRNN_INSTANTIATE_STEP_CELL(LAUNCH, PARAMS, Cell::kRNNTanh) \
+  FRNN_INSTANTIATE_STEP_CELL(LAUNCH, PARAMS, Cell::kRNNRelu)
 #define FRNN_INSTANTIATE(LAUNCH, PARAMS)                \
   FRNN_INSTANTIATE_CELL(LAUNCH, PARAMS, Cell::kLSTM)    \
   FRNN_INSTANTIATE_CELL(LAUNCH, PARAMS, Cell::kGRU)     \

@@ -169,11 +169,33 @@ __global__ void __launch_bounds__(kThreads, 1) rnn_forward_kernel(const FwdParam
   clk.finish();
 }
 
+// The per-step path's forward step s (fused_rnn.h StepArgs): one thread a point (b, u), rec(g)
+// from the step's GEMM. Every other value is ForwardPoint's, as in the persistent kernel.
+template <Cell C, typename T>
+__global__ void __launch_bounds__(kStepThreads)
+    rnn_forward_step_kernel(const StepArgs<FwdParams> a) {
+  const FwdParams& p = a.p;
+  const long long idx = (long long)blockIdx.x * kStepThreads + threadIdx.x;
+  if (idx >= (long long)p.batch * p.hidden) return;
+  const int H = p.hidden, b = (int)(idx / H), u = (int)(idx % H);
+  const ExchangeStep<T> ex = step_exchange<T>(p.hbuf, p.batch, H, a.s);
+  const ForwardPoint<C, T, kStepMath<T>> pt{p, ex, p.reverse ? p.steps - 1 - a.s : a.s, 0};
+  const float* rec = a.rec + (size_t)b * gates_of(C) * H + u;  // gate g at rec[g * H]
+  pt.finish(b, u, pt.load(b, u, [&](int g) { return rec[(size_t)g * H]; }));
+}
+
 }  // namespace detail
 
 template <Cell C, typename T, Math M>
 cudaError_t launch_forward(const FwdParams& p, cudaStream_t stream) {
   return detail::launch_chunk(detail::rnn_forward_kernel<C, T, M>, p, stream);
+}
+
+template <Cell C, typename T>
+cudaError_t launch_forward_step(const FwdParams& p, const float* rec, int s, cudaStream_t stream) {
+  return detail::launch_points(detail::rnn_forward_step_kernel<C, T>,
+                               StepArgs<FwdParams>{p, rec, s}, (long long)p.batch * p.hidden,
+                               stream);
 }
 
 cudaError_t kernel_image(int* binary_version, int* ptx_version) {
@@ -191,5 +213,6 @@ cudaError_t kernel_image(int* binary_version, int* ptx_version) {
 }
 
 FRNN_INSTANTIATE(launch_forward, FwdParams)
+FRNN_INSTANTIATE_STEP(launch_forward_step, FwdParams)
 
 }  // namespace fused_rnn

@@ -76,7 +76,18 @@ BAD_BINDING_ARGS = [
      "frag_loads must be 0 (shared), 1 (generic) or 2 (mma), got 3"),
     ("LSTM", "backward", "frag_loads", lambda a: -1,
      "frag_loads must be 0 (shared), 1 (generic) or 2 (mma), got -1"),
+    # The per-step path's entry points check their tensors as forward and backward do.
+    ("LSTM", "forward_steps", "w_hh", lambda a: a["w_hh"][:-1], "w_hh must have shape"),
+    ("GRU", "forward_steps", "b_hh", lambda a: a["b_hh"].half(), "b_hh must be"),
+    ("LSTM", "forward_steps", "c0", lambda a: None, "c0 is required for LSTM"),
+    ("GRU", "backward_steps", "hprev", lambda a: None, "hprev is required for GRU"),
+    ("RNN_TANH", "backward_steps", "gates", lambda a: a["gates"][:, :1], "gates must have shape"),
 ]
+# What the per-step entry points take of forward's and backward's arguments (no plan settings).
+STEP_ARGS = {"forward_steps": ("mode", "xproj", "h0", "c0", "w_hh", "b_hh", "lengths",
+                               "reverse", "save"),
+             "backward_steps": ("mode", "dy", "dh_n", "dc_n", "w_hh", "gates", "aux", "c0",
+                                "hprev", "lengths", "reverse")}
 CASE_IDS = [f"{c}-{f}-{a}-{i}" for i, (c, f, a, *_) in enumerate(BAD_BINDING_ARGS)]
 
 
@@ -93,8 +104,10 @@ def run_in_child(first: int, last: int) -> None:
         cell, fn, arg, bad, _ = BAD_BINDING_ARGS[i]
         _emit(start=i)
         fwd, bwd = binding_args(cell)
-        call = ext.forward if fn == "forward" else ext.backward
-        kwargs = fwd if fn == "forward" else bwd
+        call = getattr(ext, fn)
+        kwargs = fwd if fn.startswith("forward") else bwd
+        if fn in STEP_ARGS:
+            kwargs = {k: v for k, v in kwargs.items() if k in STEP_ARGS[fn]}
         try:
             call(**kwargs)
             torch.cuda.synchronize()

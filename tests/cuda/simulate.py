@@ -210,6 +210,8 @@ def _load(sanitize: str, csrc: Path, ucontext: bool = False,
             lib.sim_forward.argtypes = [i] * 16 + [p, fp, p, fp, p, fp, p, fp, p, i, i, i, fp, fp,
                                                    i]
             lib.sim_backward.argtypes = [i] * 15 + [p] * 14 + [i, i, i, fp, i]
+            lib.sim_forward_step.argtypes = [i] * 8 + [p] * 9
+            lib.sim_backward_step.argtypes = [i] * 7 + [p] * 13
             _libs[key] = lib
         return _libs[key]
 
@@ -247,6 +249,7 @@ class Simulator:
         self.lib = _load(sanitize, Path(csrc), ucontext, quick)
         # (direction, cell, plan with the launch's stage_copy added)
         self.launches: list[tuple[str, int, dict]] = []
+        self.step_gemm_precisions: list[str] = []
 
     def device_info(self, index: int):
         return [self.sms, self.smem_optin, 9, 0, 1]
@@ -327,6 +330,61 @@ class Simulator:
         if rc:
             raise RuntimeError(f"cudasim: {self.lib.sim_last_error().decode()}")
 
+    def _check_forward(self, mode, xproj, h0, c0, w_hh, b_hh, b_ih, lengths):
+        """binding.cpp's checked_forward: (cell, T, B, H, storage dtype)."""
+        cell = int(mode)
+        T, B, _ = xproj.shape
+        H = h0.shape[1]
+        st = h0.dtype
+        G = (4, 3, 1, 1)[cell]
+        for t, name, dt, shape in ((xproj, "xproj", torch.float32, (T, B, G * H)),
+                                   (h0, "h0", st, (B, H)), (c0, "c0", st, (B, H)),
+                                   (w_hh, "w_hh", st, (G * H, H)),
+                                   (b_hh, "b_hh", torch.float32, (G * H,)),
+                                   (b_ih, "b_ih", torch.float32, (G * H,)),
+                                   (lengths, "lengths", torch.int32, (B,))):
+            self._expect(t, name, dt, shape)
+        return cell, T, B, H, st
+
+    def _check_backward(self, mode, dy, dh_n, dc_n, w_hh, gates, aux, c0, hprev, lengths):
+        """binding.cpp's checked_backward: (cell, G, T, B, H, storage dtype)."""
+        cell = int(mode)
+        G = (4, 3, 1, 1)[cell]
+        T, B, H = dy.shape
+        st = dy.dtype
+        f32 = torch.float32
+        for t, name, dt, shape in ((dh_n, "dh_n", f32, (B, H)), (w_hh, "w_hh", st, (G * H, H)),
+                                   (gates, "gates", f32, (T, B, G * H)),
+                                   (lengths, "lengths", torch.int32, (B,))):
+            self._expect(t, name, dt, shape)
+        if cell == 0:
+            self._expect(dc_n, "dc_n", f32, (B, H))
+            self._expect(c0, "c0", f32, (B, H))
+        if cell in (0, 1):
+            self._expect(aux, "aux", f32, (T, B, H))
+        if cell == 1:
+            self._expect(hprev, "hprev", st, (T, B, H))
+        return cell, G, T, B, H, st
+
+    @staticmethod
+    def _forward_outputs(cell, T, B, H, st, c0, save):
+        """binding.cpp's forward_outputs: (cbuf, y, aux)."""
+        cbuf = c0.float().contiguous().clone() if cell == 0 else None
+        y = torch.empty(T, B, H, dtype=st)
+        has_aux = save and cell in (0, 1)
+        aux = torch.empty((T, B, H) if has_aux else (0,), dtype=torch.float32)
+        return cbuf, y, aux
+
+    @staticmethod
+    def _backward_outputs(cell, G, T, B, H, st, dh_n, dc_n):
+        """binding.cpp's backward_outputs: (dh_carry, dc_carry, dgx, dghn, dh0)."""
+        dh_carry = dh_n.clone()
+        dc_carry = dc_n.clone() if cell == 0 else torch.empty(0)
+        dgx = torch.empty(T, B, G * H, dtype=st)
+        dghn = torch.empty((T, B, H) if cell == 1 else (0,), dtype=st)
+        dh0 = torch.empty(B, H)
+        return dh_carry, dc_carry, dgx, dghn, dh0
+
     # The allocations below are binding.cpp's, line for line.
     def _prof(self, prof, pl: dict):
         """binding.cpp's prof_ptr(): an int64 buffer of at least blocks x PROF_SLOTS, or None."""
@@ -346,18 +404,7 @@ class Simulator:
                 max_groups, max_stage_k, prof=None, stage_copy=2, k_parts=1, max_blocks=0,
                 cluster=0, team_clusters=False, dsmem=False, tile_block=4,
                 point_batch=0, b_ih=None, frag_loads=0):
-        cell = int(mode)
-        T, B, _ = xproj.shape
-        H = h0.shape[1]
-        st = h0.dtype
-        G = (4, 3, 1, 1)[cell]
-        for t, name, dt, shape in ((xproj, "xproj", torch.float32, (T, B, G * H)),
-                                   (h0, "h0", st, (B, H)), (c0, "c0", st, (B, H)),
-                                   (w_hh, "w_hh", st, (G * H, H)),
-                                   (b_hh, "b_hh", torch.float32, (G * H,)),
-                                   (b_ih, "b_ih", torch.float32, (G * H,)),
-                                   (lengths, "lengths", torch.int32, (B,))):
-            self._expect(t, name, dt, shape)
+        cell, T, B, H, st = self._check_forward(mode, xproj, h0, c0, w_hh, b_hh, b_ih, lengths)
         pl = self.plan(cell, st, allow_tf32, H, False, B, max_groups, max_stage_k, k_parts,
                        max_blocks, cluster, team_clusters, dsmem)
         self.launches.append(("forward", cell, {**pl, "stage_copy": int(stage_copy),
@@ -367,10 +414,7 @@ class Simulator:
         B_pad = -(-B // BATCH_PAD) * BATCH_PAD
         hbuf = torch.zeros(2, B_pad, pl["k_pad"], dtype=st)
         hbuf[0, :B, :H] = h0
-        cbuf = c0.float().contiguous().clone() if cell == 0 else None
-        y = torch.empty(T, B, H, dtype=st)
-        has_aux = save and cell in (0, 1)
-        aux = torch.empty((T, B, H) if has_aux else (0,), dtype=torch.float32)
+        cbuf, y, aux = self._forward_outputs(cell, T, B, H, st, c0, save)
         part = self._part(pl, B_pad)
         self._configure()
         self._check(self.lib.sim_forward(
@@ -389,22 +433,8 @@ class Simulator:
                  allow_tf32, max_groups, max_stage_k, prof=None, stage_copy=2, k_parts=1,
                  max_blocks=0, cluster=0, team_clusters=False, dsmem=False, tile_block=4,
                  point_batch=0, frag_loads=0):
-        cell = int(mode)
-        G = (4, 3, 1, 1)[cell]
-        T, B, H = dy.shape
-        st = dy.dtype
-        f32 = torch.float32
-        for t, name, dt, shape in ((dh_n, "dh_n", f32, (B, H)), (w_hh, "w_hh", st, (G * H, H)),
-                                   (gates, "gates", f32, (T, B, G * H)),
-                                   (lengths, "lengths", torch.int32, (B,))):
-            self._expect(t, name, dt, shape)
-        if cell == 0:
-            self._expect(dc_n, "dc_n", f32, (B, H))
-            self._expect(c0, "c0", f32, (B, H))
-        if cell in (0, 1):
-            self._expect(aux, "aux", f32, (T, B, H))
-        if cell == 1:
-            self._expect(hprev, "hprev", st, (T, B, H))
+        cell, G, T, B, H, st = self._check_backward(mode, dy, dh_n, dc_n, w_hh, gates, aux, c0,
+                                                    hprev, lengths)
         pl = self.plan(cell, st, allow_tf32, H, True, B, max_groups, max_stage_k, k_parts,
                        max_blocks, cluster, team_clusters, dsmem)
         self.launches.append(("backward", cell, {**pl, "stage_copy": int(stage_copy),
@@ -413,11 +443,8 @@ class Simulator:
                                                  "frag_loads": int(frag_loads)}))
         B_pad = -(-B // BATCH_PAD) * BATCH_PAD
         dgbuf = torch.zeros(2, B_pad, pl["k_pad"], dtype=st)
-        dh_carry = dh_n.clone()
-        dc_carry = dc_n.clone() if cell == 0 else torch.empty(0)
-        dgx = torch.empty(T, B, G * H, dtype=st)
-        dghn = torch.empty((T, B, H) if cell == 1 else (0,), dtype=st)
-        dh0 = torch.empty(B, H)
+        dh_carry, dc_carry, dgx, dghn, dh0 = self._backward_outputs(cell, G, T, B, H, st, dh_n,
+                                                                    dc_n)
         part = self._part(pl, B_pad)
         self._configure()
         self._check(self.lib.sim_backward(
@@ -428,4 +455,53 @@ class Simulator:
             _ptr(dh_carry), _ptr(dc_carry), _ptr(dgx), _ptr(dghn), _ptr(dh0),
             self._prof(prof, pl), int(stage_copy), int(tile_block), int(point_batch), _ptr(part),
             int(frag_loads)))
+        return [dgx, dghn, dh0, dc_carry]
+
+    # The per-step path (binding.cpp forward_steps, backward_steps): the loop of GEMMs and step
+    # launches, line for line. Each step's GEMM is torch's on the CPU in fp32 (the 16-bit
+    # operands promoted: exact products, fp32 sums, as cuBLAS with an fp32 result forms them).
+    # The precision torch's fp32 GEMMs were set to (matmul.fp32_precision) at each fp32 step
+    # GEMM: what cuBLAS would have run them in on a GPU.
+    def _step_mm(self, a, b):
+        if a.dtype == torch.float32:
+            self.step_gemm_precisions.append(torch.backends.cuda.matmul.fp32_precision)
+        return a.float() @ b.float()
+
+    def forward_steps(self, mode, xproj, h0, c0, w_hh, b_hh, lengths, reverse, save, b_ih=None):
+        cell, T, B, H, st = self._check_forward(mode, xproj, h0, c0, w_hh, b_hh, b_ih, lengths)
+        self.launches.append(("forward_steps", cell, {"steps": T}))
+        hbuf = torch.empty(2, B, H, dtype=st)
+        hbuf[0] = h0
+        cbuf, y, aux = self._forward_outputs(cell, T, B, H, st, c0, save)
+        wt = w_hh.t()
+        self._configure()
+        for s in range(T):
+            rec = self._step_mm(hbuf[s % 2], wt).contiguous()
+            self._check(self.lib.sim_forward_step(
+                cell, DTYPE_CODES[st], T, B, H, int(reverse), int(save), s, _ptr(b_hh),
+                _ptr(b_ih), _ptr(lengths), _ptr(xproj), _ptr(hbuf), _ptr(cbuf), _ptr(y),
+                _ptr(aux), _ptr(rec)))
+        h_n = hbuf[T % 2].clone()
+        c_n = cbuf.to(st) if cell == 0 else torch.empty(0, dtype=st)
+        return [y, h_n, c_n, aux]
+
+    def backward_steps(self, mode, dy, dh_n, dc_n, w_hh, gates, aux, c0, hprev, lengths,
+                       reverse):
+        cell, G, T, B, H, st = self._check_backward(mode, dy, dh_n, dc_n, w_hh, gates, aux, c0,
+                                                    hprev, lengths)
+        self.launches.append(("backward_steps", cell, {"steps": T}))
+        dgbuf = torch.zeros(2, B, G * H, dtype=st)
+        dh_carry, dc_carry, dgx, dghn, dh0 = self._backward_outputs(cell, G, T, B, H, st, dh_n,
+                                                                    dc_n)
+        rec = torch.zeros(B, H)
+        self._configure()
+        for s in range(T + 1):
+            if s > 0:
+                rec = self._step_mm(dgbuf[s % 2], w_hh).contiguous()
+            self._check(self.lib.sim_backward_step(
+                cell, DTYPE_CODES[st], T, B, H, int(reverse), s, _ptr(lengths), _ptr(dy),
+                _ptr(gates), _ptr(aux) if cell in (0, 1) else None,
+                _ptr(c0) if cell == 0 else None, _ptr(hprev) if cell == 1 else None,
+                _ptr(dgbuf), _ptr(dh_carry), _ptr(dc_carry), _ptr(dgx), _ptr(dghn), _ptr(dh0),
+                _ptr(rec)))
         return [dgx, dghn, dh0, dc_carry]

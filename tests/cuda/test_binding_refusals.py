@@ -4,8 +4,10 @@ crashed case gets a native backtrace where a debugger is installed."""
 
 from __future__ import annotations
 
+import re
 import shutil
 import sys
+from pathlib import Path
 
 import binding_refusals as br
 import pytest
@@ -68,3 +70,20 @@ def test_a_child_that_dies_before_its_first_case_is_run_once(monkeypatch, tmp_pa
     assert sorted(results) == list(range(len(br.BAD_BINDING_ARGS)))
     for got in results.values():
         assert got["died"] == "exited with code 3" and "no extension" in got["stderr"], got
+
+
+def test_the_step_entry_points_take_what_the_cases_pass():
+    """The per-step cases call forward_steps/backward_steps with forward's/backward's valid
+    arguments cut to ``STEP_ARGS``: those are the binding's own argument names for them, in
+    order, and every bad argument a case swaps in is one of them."""
+    src = (Path(__file__).resolve().parents[2] / "csrc" / "binding.cpp").read_text()
+    for fn, names in br.STEP_ARGS.items():
+        m = re.search(rf'm\.def\("{fn}",(.*?)\);', src, re.DOTALL)
+        assert m, f"binding.cpp defines no {fn}"
+        declared = tuple(re.findall(r'py::arg\("(\w+)"\)', m.group(1)))
+        assert declared[:len(names)] == names and declared[len(names):] == ("b_ih",) * (
+            fn == "forward_steps"), (fn, declared)
+    steps = [(fn, arg) for _, fn, arg, *_ in br.BAD_BINDING_ARGS if fn in br.STEP_ARGS]
+    assert {fn for fn, _ in steps} == set(br.STEP_ARGS)
+    for fn, arg in steps:
+        assert arg in br.STEP_ARGS[fn], (fn, arg)

@@ -136,16 +136,20 @@ def test_kernels_do_not_spill(nvcc_results, name, arch):
     would put a memory round trip on the sequential path). Every instantiation is listed."""
     rc, log, _ = nvcc_results[(name, arch)]
     assert rc == 0, f"nvcc failed for {name} sm_{arch}"
-    kernels = 0
+    kernels, steps = 0, 0
     current = None
     for line in log.splitlines():
         if m := _PTXAS_ENTRY.search(line):
             current = m.group(1)
-            kernels += 1
+            if "_step_kernel" in current:  # the per-step path's launches (fused_rnn.h StepArgs)
+                steps += 1
+            else:
+                kernels += 1
         elif (m := _PTXAS_SPILL.search(line)) and current is not None:
             assert m.groups() == ("0", "0", "0"), f"{current} sm_{arch}: {line.strip()}"
             current = None
     assert kernels == 16, f"expected 4 cells x 4 (type, math) kernels, ptxas listed {kernels}"
+    assert steps == 12, f"expected 4 cells x 3 types of step kernels, ptxas listed {steps}"
 
 
 _PTXAS_USED = re.compile(r"Used \d+ registers(.*)$")
@@ -167,10 +171,23 @@ def test_kernels_have_no_static_shared_memory(nvcc_results, name, arch):
             kernels += 1
             assert "bytes smem" not in m.group(1), f"{current} sm_{arch}: {line.strip()}"
             current = None
-    assert kernels == 16, f"expected 4 cells x 4 (type, math) kernels, ptxas listed {kernels}"
+    assert kernels == KERNELS, f"expected {KERNELS} kernels (persistent and step), got {kernels}"
 
 
 _PTX_ENTRY = re.compile(r"^\.visible \.entry (\w+)\(", re.MULTILINE)
+# Per .cu file: 4 cells x 4 (storage, math) persistent kernels and 4 cells x 3 storage types of
+# the per-step path's kernels (fused_rnn.h StepArgs).
+KERNELS = 16 + 12
+
+
+def _persistent_bodies(ptx: str) -> list[str]:
+    """The PTX of each persistent kernel (its name first), checking that the file holds every
+    kernel: the step kernels, whose names say so, are left out."""
+    bodies = re.split(r"^\.visible \.entry ", ptx, flags=re.MULTILINE)[1:]
+    assert len(bodies) == KERNELS, len(bodies)
+    persistent = [b for b in bodies if "_step_kernel" not in b[:b.index("(")]]
+    assert len(persistent) == 16, len(persistent)
+    return persistent
 
 
 @pytest.mark.parametrize("arch", ARCHS, ids=lambda a: f"sm{a}")
@@ -187,7 +204,7 @@ def test_no_noncoherent_loads(nvcc_results, name, arch):
     assert rc == 0, f"nvcc failed for {name} sm_{arch}"
     assert ptx is not None, "nvcc -keep left no .ptx"
     entries = _PTX_ENTRY.findall(ptx)
-    assert len(entries) == 16, f"expected 16 kernels in the PTX, found {len(entries)}"
+    assert len(entries) == KERNELS, f"expected {KERNELS} kernels in the PTX, found {len(entries)}"
     assert ptx.count("ld.global") > 100, "the PTX has (almost) no global loads: wrong file?"
     bad = _noncoherent_loads(ptx)
     assert not bad, f"{name} sm_{arch}: {len(bad)} non-coherent loads, e.g. {bad[:3]}"
@@ -202,9 +219,7 @@ def test_w_slice_copy_keeps_its_loads_in_flight(nvcc_results, name, arch):
     each store waiting for its load, the copy took 120-190 us a launch at S3 and S4 in run 2."""
     rc, _, ptx = nvcc_results[(name, arch)]
     assert rc == 0 and ptx is not None, f"nvcc failed for {name} sm_{arch}"
-    bodies = re.split(r"^\.visible \.entry ", ptx, flags=re.MULTILINE)[1:]
-    assert len(bodies) == 16
-    for body in bodies:
+    for body in _persistent_bodies(ptx):
         lines = body[body.index("bar.sync"):].splitlines()[1:]
         first_store = next(i for i, line in enumerate(lines) if "st.shared" in line)
         loads = sum("ld.global" in line for line in lines[:first_store])
@@ -237,10 +252,8 @@ def test_wmma_kernels_load_fragments_from_shared_memory(nvcc_results, name, arch
     compiles to the generic forms only, one generic load per register."""
     rc, _, ptx = nvcc_results[(name, arch)]
     assert rc == 0 and ptx is not None, f"nvcc failed for {name} sm_{arch}"
-    bodies = re.split(r"^\.visible \.entry ", ptx, flags=re.MULTILINE)[1:]
-    assert len(bodies) == 16
     seen = 0
-    for body in bodies:
+    for body in _persistent_bodies(ptx):
         kernel = body[:body.index("(")]
         shared = {line.split()[0] for line in body.splitlines()
                   if line.strip().startswith("wmma.") and ".shared." in line}
@@ -255,6 +268,24 @@ def test_wmma_kernels_load_fragments_from_shared_memory(nvcc_results, name, arch
         assert shared == set(forms[0]), f"{kernel}: {sorted(shared)}"
         assert generic, f"{kernel}: no generic form left for X in global memory"
     assert seen == 12, seen
+
+
+@pytest.mark.parametrize("arch", ARCHS, ids=lambda a: f"sm{a}")
+@pytest.mark.parametrize("name", [f.name for f in CU_FILES])
+def test_step_kernels_hold_nothing_on_chip_and_wait_for_nobody(nvcc_results, name, arch):
+    """The per-step path's kernels (one thread a point, fused_rnn.h StepArgs) use no shared
+    memory and no barrier: a point reads and writes only its own (batch row, unit), and stream
+    order separates the steps. A barrier or shared array there would mean a point depends on
+    another thread of its launch."""
+    rc, _, ptx = nvcc_results[(name, arch)]
+    assert rc == 0 and ptx is not None, f"nvcc failed for {name} sm_{arch}"
+    bodies = re.split(r"^\.visible \.entry ", ptx, flags=re.MULTILINE)[1:]
+    steps = [b for b in bodies if "_step_kernel" in b[:b.index("(")]]
+    assert len(steps) == 12, len(steps)
+    for body in steps:
+        kernel = body[:body.index("(")]
+        for word in (".shared", "bar.sync", "barrier", "wmma.", "mma.sync"):
+            assert word not in body, f"{kernel}: {word}"
 
 
 def _noncoherent_loads(ptx: str) -> list[str]:

@@ -101,6 +101,7 @@ def _run(fn, mode, leaves, dtype, lens, reverse, cots):
 # (FUSED_RNN_CUDA_TEAM_CLUSTERS; its id says "cluster", not "parts", so that a failure there
 # makes gpu_check.sh drop the cluster variants rather than turn K parts off).
 UNGROUPED = {"FUSED_RNN_CUDA_MAX_GROUPS": "1"}
+STEP = {"FUSED_RNN_CUDA_PATH": "step"}
 SHAPES = {"T5-B3-I7-H37": (5, 3, 7, 37, {}), "T1-B1-I4-H16": (1, 1, 4, 16, {}),
           "T5-B3-I7-H37-slices16": (5, 3, 7, 37, {"FUSED_RNN_CUDA_STAGE_K": "16"}),
           "T5-B3-I7-H37-slices32": (5, 3, 7, 37, {"FUSED_RNN_CUDA_STAGE_K": "32"}),
@@ -133,6 +134,11 @@ SHAPES = {"T5-B3-I7-H37": (5, 3, 7, 37, {}), "T1-B1-I4-H16": (1, 1, 4, 16, {}),
           "T7-B70-I9-H60-ungrouped-blocks2-mma": (
               7, 70, 9, 60, {**UNGROUPED, "FUSED_RNN_CUDA_MAX_BLOCKS": "2",
                              "FUSED_RNN_CUDA_FRAG_LOADS": "mma"}),
+          # The per-step path (FUSED_RNN_CUDA_PATH=step): a GEMM and a launch of the cells'
+          # points a step, no plan.
+          "T5-B3-I7-H37-step": (5, 3, 7, 37, STEP),
+          "T1-B1-I4-H16-step": (1, 1, 4, 16, STEP),
+          "T7-B70-I9-H24-step": (7, 70, 9, 24, STEP),
           "T16-B16-I32-H256": (16, 16, 32, 256, {}),
           "T16-B16-I32-H256-parts4": (16, 16, 32, 256, {"FUSED_RNN_CUDA_K_PARTS": "4"})}
 # dtype, cudnn.allow_tf32, floor for outputs, floor for gradients
@@ -209,6 +215,8 @@ def test_every_shape_keeps_its_name_on_a_132_sm_gpu(monkeypatch):
     stand-in's 8 SMs: on the H200, before the "-blocks8" settings, two "parts4" shapes took
     teams of 2 in 16 bits and TF32."""
     for shape, (_, B, _, H, env) in SHAPES.items():
+        if shape.endswith("-step"):  # no plan
+            continue
         for dt, (dtype, tf32, *_) in DTYPES.items():
             for mode in MODES:
                 with monkeypatch.context() as m:
@@ -233,6 +241,9 @@ REFERENCE_CASES = [(mode, dt, shape) for mode in MODES for dt in DTYPES for shap
 def test_matches_reference(cuda_ext, monkeypatch, mode, dt, shape, variant):
     if STANDIN == "emulate" and shape.startswith("T16-B16-I32-H256"):
         pytest.skip(f"too slow on the CPU ({STANDIN})")
+    step = shape.endswith("-step")
+    if STANDIN == "emulate" and step:
+        pytest.skip("the emulation has no per-step path (cudasim runs its kernels)")
     dtype, tf32, floor_out, floor_grad = DTYPES[dt]
     monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", tf32)
     T, B, I, H, env = SHAPES[shape]
@@ -243,17 +254,20 @@ def test_matches_reference(cuda_ext, monkeypatch, mode, dt, shape, variant):
     before = len(cuda_ext.launches) if STANDIN == "sim" else 0
     if STANDIN is None:  # on a GPU: the plans from the mirror, the cluster launches counted
         info = cuda_ext.device_info(torch.cuda.current_device())
-        plans = _mirror_plans(mode, dtype, tf32, B, H, info)
+        plans = [] if step else _mirror_plans(mode, dtype, tf32, B, H, info)
         clustered = sum(pl["cluster"] != P.CLUSTER_NONE for pl in plans)
         clusters_before = cuda_ext.cluster_launches()
     ours = _run(cuda_backend.rnn_layer, mode, leaves, dtype, lens, reverse, cots)
-    if STANDIN == "sim":  # the plan the shape's name promises (the settings are only asked)
+    if STANDIN == "sim" and step:  # the per-step loops ran, and nothing else
+        assert [d for d, _, _ in cuda_ext.launches[before:]] == ["forward_steps",
+                                                                 "backward_steps"]
+    elif STANDIN == "sim":  # the plan the shape's name promises (the settings are only asked)
         recorded = [pl for _, _, pl in cuda_ext.launches[before:]]
         _assert_plan_named(shape, recorded)
         info = cuda_ext.device_info(0)
         assert _mirror_plans(mode, dtype, tf32, B, H, info) == [
             {k: pl[k] for k in PLAN_KEYS} for pl in recorded]
-    elif STANDIN is None:
+    elif STANDIN is None and not step:
         if info[2] >= 9 or "cluster" not in shape:  # no clusters before sm_90
             _assert_plan_named(shape, plans)
         # a cluster plan that fell back to the cooperative grid would pass the checks below
@@ -363,14 +377,16 @@ def test_16_bit_layers_hand_every_gemm_16_bit_operands(cuda_ext, monkeypatch, mo
     assert seen == [bf16] * (5 if mode == "GRU" else 4), seen
 
 
+@pytest.mark.parametrize("path", ops.CUDA_PATHS)
 @pytest.mark.parametrize("dt", ["fp32", "bf16"])
 @pytest.mark.parametrize("mode", MODES)
-def test_bitwise_reproducible(monkeypatch, mode, dt):
-    """Two runs, the same bits. On cudasim the second runs its threads in another order, with
-    cp.async copies landing early (the same order twice could not tell a race); the emulation
-    has no threads."""
+def test_bitwise_reproducible(monkeypatch, mode, dt, path):
+    """Two runs, the same bits, on either path (``ops.cuda_path``; the per-step one's GEMMs are
+    cuBLAS's). On cudasim the second runs its threads in another order, with cp.async copies
+    landing early (the same order twice could not tell a race); the emulation has no threads."""
     if STANDIN == "emulate":
         pytest.skip("the emulation has no thread order to vary")
+    monkeypatch.setenv("FUSED_RNN_CUDA_PATH", path)
     dtype, tf32, *_ = DTYPES[dt]
     monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", tf32)
     leaves, lens, cots = _inputs(mode, 6, 37, 5, 29, dtype, 1, True)
@@ -595,9 +611,12 @@ def test_binding_refuses_what_its_kernels_cannot_take(binding_refusals, case):
 
 @gpu_only
 @pytest.mark.no_nan_fill
-def test_cuda_graph_capture_and_replay():
-    """Forward and backward captured in one CUDA graph (cooperative launches are capturable)
-    and replayed on new inputs give the eager results bit for bit."""
+@pytest.mark.parametrize("path", ops.CUDA_PATHS)
+def test_cuda_graph_capture_and_replay(monkeypatch, path):
+    """Forward and backward captured in one CUDA graph (cooperative launches are capturable, and
+    so are the per-step path's GEMMs and launches) and replayed on new inputs give the eager
+    results bit for bit."""
+    monkeypatch.setenv("FUSED_RNN_CUDA_PATH", path)
     mode = "GRU"
     leaves, lens, cots = _inputs(mode, 5, 6, 7, 40, torch.bfloat16, 7, True)
     ls = [None if t is None else t.to(DEVICE, torch.bfloat16) for t in leaves]

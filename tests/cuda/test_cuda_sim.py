@@ -334,6 +334,79 @@ def test_time_parallel_gemms_use_tf32_like_cudnn(install, monkeypatch, fp32_prec
     assert torch.backends.cuda.matmul.fp32_precision == before
 
 
+# ----------------------------------------------------------------------- the per-step path
+# How far the per-step path may be from the persistent launch (elementwise): only the recurrent
+# matmul's fp32 K sums differ in order, which flips a storage ulp now and then in 16 bits.
+STEP_TOL = {"fp32": 1e-5, "bf16": 2e-2, "fp16": 2e-3}
+
+
+@pytest.mark.parametrize("dt", list(STEP_TOL))
+@pytest.mark.parametrize("mode", MODES)
+def test_the_step_path_runs_the_persistent_kernels_cells(install, monkeypatch, mode, dt):
+    """FUSED_RNN_CUDA_PATH=step (a GEMM, then a launch of the step's points, each step) against
+    the persistent launch: the same cell code (ForwardPoint, BackwardPoint), so every output and
+    gradient agrees up to the order of the matmul's sums; whichever thread runs first, the
+    same bits; and the step loops ran, not the persistent kernels. B=70 with lengths, reversed.
+    (TF32 is left out: cudasim's step GEMMs are torch's exact fp32 ones on the CPU; the test
+    below checks that they would run as TF32 on a GPU.)"""
+    install(sms=4)
+    base = _layer(mode, dt, B=70, T=3)
+    monkeypatch.setenv("FUSED_RNN_CUDA_PATH", "step")
+    runs = []
+    for order, seed in (("ascending", 0), ("descending", 0), ("shuffle", 1)):
+        sim = install(sms=4, order=order, seed=seed)
+        runs.append(_layer(mode, dt, B=70, T=3))
+        assert [d for d, _, _ in sim.launches] == ["forward_steps", "backward_steps"]
+    for other in runs[1:]:
+        for i, (a, b) in enumerate(zip(runs[0], other, strict=True)):
+            assert torch.equal(a, b), f"tensor {i} depends on the thread order"
+    tol = STEP_TOL[dt]
+    for i, (a, b) in enumerate(zip(base, runs[0], strict=True)):
+        torch.testing.assert_close(b, a, rtol=tol, atol=tol, msg=lambda m, i=i: f"tensor {i}: {m}")
+
+
+@pytest.mark.parametrize("rnn", ["ieee", "tf32"])
+def test_the_step_paths_gemms_follow_cudnn_rnn_precision(install, monkeypatch,
+                                                         fp32_precision_restored, rnn):
+    """fp32 data: every step GEMM (forward and backward) runs on TF32 exactly where cuDNN's RNN
+    may, whatever torch's matmul setting was, and that setting is left as it was."""
+    monkeypatch.setenv("FUSED_RNN_CUDA_PATH", "step")
+    torch.backends.cudnn.rnn.fp32_precision = rnn
+    torch.backends.cuda.matmul.fp32_precision = "ieee" if rnn == "tf32" else "tf32"
+    before = torch.backends.cuda.matmul.fp32_precision
+    sim = install(sms=4)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(3, 2, 5, generator=g, requires_grad=True)
+    h0 = torch.randn(2, 8, generator=g, requires_grad=True)
+    w_ih = torch.randn(24, 5, generator=g, requires_grad=True)
+    w_hh = torch.randn(24, 8, generator=g, requires_grad=True)
+    y, h_n, _ = cuda_backend.rnn_layer("GRU", x, h0, None, w_ih, w_hh)
+    (y.sum() + h_n.sum()).backward()
+    assert sim.step_gemm_precisions == [rnn] * (3 + 3)  # T forward, T backward (not at s = 0)
+    assert torch.backends.cuda.matmul.fp32_precision == before
+
+
+def test_the_step_path_takes_any_hidden_size_and_its_setting_is_checked(install, monkeypatch):
+    """Nothing of the per-step path lives in shared memory, so a hidden size no persistent plan
+    fits runs there (cudasim's device: 48 KB a block); a bad setting is refused by name."""
+    install(sms=2, smem_optin=48 * 1024, smem_per_sm=48 * 1024)
+    cfg = dict(mode="LSTM", device=torch.device("cuda", 0), dtype=torch.float32, input_size=4,
+               hidden_size=200, proj_size=0, has_lengths=False)
+    assert "shared memory" in (cuda_backend.unsupported_reason("layer", **cfg) or "")
+    monkeypatch.setenv("FUSED_RNN_CUDA_PATH", "step")
+    assert cuda_backend.unsupported_reason("layer", **cfg) is None
+    g = torch.Generator().manual_seed(0)
+    x, h0, c0 = torch.randn(2, 3, 4, generator=g), torch.zeros(3, 200), torch.zeros(3, 200)
+    w_ih, w_hh = torch.randn(800, 4, generator=g) * 0.1, torch.randn(800, 200, generator=g) * 0.05
+    ours = cuda_backend.rnn_layer("LSTM", x, h0, c0, w_ih, w_hh)
+    ref = reference.rnn_layer("LSTM", x, h0, c0, w_ih, w_hh)
+    for a, b in zip(ours, ref, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    monkeypatch.setenv("FUSED_RNN_CUDA_PATH", "steps")
+    with pytest.raises(ValueError, match="FUSED_RNN_CUDA_PATH must be one of persistent, step"):
+        ops.cuda_path()
+
+
 @pytest.mark.skipif(not Path("/proc/self/maps").is_file(), reason="counts /proc/self/maps")
 def test_released_stacks_are_unmapped_and_mapped_again(install):
     """Simulator.release_stacks gives the simulated threads' stacks back (two mappings each, 256

@@ -37,7 +37,9 @@ time-parallel GEMMs of 16-bit layers take their 16-bit operands, with fp32 resul
 (``FUSED_RNN_CUDA_GEMMS``: ``auto``, or ``fp32`` to promote them first). The LSTM cell state
 and every activation saved for backward are fp32; the dgates backward hands the GEMMs are in
 the storage dtype (the reference's contract). Size limits (largest H that fits on
-chip, H100 / A100): ``fused_rnn.ops.cuda.plan``. Not supported (falls back to
+chip, H100 / A100): ``fused_rnn.ops.cuda.plan``. ``FUSED_RNN_CUDA_PATH=step`` runs the
+recurrence without the persistent launch: a cuBLAS GEMM (through torch) and one plain launch of
+the same cell code a step (``ops.cuda_path``), with no size limit from shared memory. Not supported (falls back to
 Triton): LSTM projections (``proj_size > 0``), float64, GPUs older than sm_80.
 
 Importing this module never needs a GPU, nvcc or the compiled extension.
@@ -111,10 +113,12 @@ def _device_reason(mode: str, index: int | None, half: bool, tf32: bool,
                    hidden_size: int) -> str | None:
     """Why CUDA device ``index`` (None: the current one) cannot run ``mode`` at
     ``hidden_size`` (the extension cannot load or run there, or the plan does not fit), or
-    None."""
+    None. The per-step path (``ops.cuda_path``) keeps nothing on chip, so any size fits it."""
+    from fused_rnn.ops.cuda.ops import cuda_path
+
     device = torch.device("cuda", index) if index is not None else torch.device("cuda")
     reason = unavailable_reason(device)
-    if reason is not None:
+    if reason is not None or cuda_path() == "step":
         return reason
     sms, smem_optin = _device_limits(device)
     return plan.fits(plan.CELLS[mode], half, tf32, hidden_size, sms, smem_optin)

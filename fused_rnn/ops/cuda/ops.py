@@ -231,6 +231,24 @@ def stage_copy() -> int:
     return STAGE_COPIES[raw]
 
 
+CUDA_PATHS = ("persistent", "step")
+
+
+def cuda_path() -> str:
+    """How a chunk's recurrence runs, from ``FUSED_RNN_CUDA_PATH``: ``persistent`` (default: one
+    cooperative launch a chunk, W_hh on chip, one grid barrier a step) or ``step`` (binding.cpp
+    forward_steps: each step's recurrent matmul a cuBLAS GEMM through torch with an fp32 result,
+    then one plain launch of the persistent kernels' own cell code for that step's points; no
+    size limit from shared memory, no cooperative launch, two launches a step). Both run the
+    same cell arithmetic; the GEMMs sum K in their own order (fp32 on TF32 tensor cores where
+    the recurrence may use TF32). Read at every call, like :func:`max_groups`."""
+    raw = os.environ.get("FUSED_RNN_CUDA_PATH", "persistent")
+    if raw not in CUDA_PATHS:
+        raise ValueError(
+            f"FUSED_RNN_CUDA_PATH must be one of {', '.join(CUDA_PATHS)}, got {raw!r}")
+    return raw
+
+
 GEMM_OPERANDS = ("auto", "fp32")
 
 
@@ -259,6 +277,17 @@ def _lengths32(lengths: Tensor | None, device: torch.device) -> Tensor | None:
     if lengths is None:
         return None
     return lengths.to(device=device, dtype=torch.int32).contiguous()
+
+
+def _settings(direction: str, mode: str, dtype: torch.dtype, T: int, B: int, H: int,
+              device: torch.device) -> tuple:
+    """The persistent launch's settings, in the binding's order after ``save`` (forward) or
+    ``allow_tf32`` (backward) up to ``point_batch``: max_groups, max_stage_k, the phase-timing
+    buffer, stage_copy, k_parts, max_blocks, cluster, team_clusters, the dsmem exchange,
+    tile_block, point_batch."""
+    return (max_groups(), max_stage_k(), profile.buffer(direction, mode, dtype, T, B, H, device),
+            stage_copy(), k_parts(), max_blocks(), cluster(), team_clusters(),
+            cluster_exchange_dsmem(), tile_block(), point_batch())
 
 
 # The kernels count steps and batch rows in int32 (binding.cpp: check_counts; batch rows are
@@ -333,31 +362,18 @@ def _layer_forward_impl(
         else:
             xproj = F.linear(x.to(cd), w_ih.to(cd), _to(b_ih, cd)).contiguous()
     assert xproj.shape == (T, B, G * H)
-    y, h_n, c_n, aux = ext.forward(
-        CELLS[mode],
-        xproj,
-        h0.to(dtype).contiguous(),
-        c0.to(dtype).contiguous() if mode == "LSTM" else None,
-        w_hh.to(dtype).contiguous(),
-        None if b_hh is None else b_hh.to(cd).contiguous(),
-        _lengths32(lengths, x.device),
-        reverse,
-        allow_tf32,
-        save,
-        max_groups(),
-        max_stage_k(),
-        profile.buffer("forward", mode, dtype, T, B, H, x.device),
-        stage_copy(),
-        k_parts(),
-        max_blocks(),
-        cluster(),
-        team_clusters(),
-        cluster_exchange_dsmem(),
-        tile_block(),
-        point_batch(),
-        b_ih_kernel,
-        frag_loads(),
-    )
+    args = (CELLS[mode], xproj, h0.to(dtype).contiguous(),
+            c0.to(dtype).contiguous() if mode == "LSTM" else None, w_hh.to(dtype).contiguous(),
+            None if b_hh is None else b_hh.to(cd).contiguous(), _lengths32(lengths, x.device),
+            reverse)
+    if cuda_path() == "step":
+        # The steps' GEMMs in fp32 on TF32 exactly where the recurrence may use TF32.
+        with tf32_gemms(dtype == torch.float32 and allow_tf32):
+            y, h_n, c_n, aux = ext.forward_steps(*args, save, b_ih_kernel)
+    else:
+        y, h_n, c_n, aux = ext.forward(
+            *args, allow_tf32, save, *_settings("forward", mode, dtype, T, B, H, x.device),
+            b_ih=b_ih_kernel, frag_loads=frag_loads())
     gates = xproj if save else x.new_empty((0,), dtype=cd)
     return y, h_n, c_n, gates, aux
 
@@ -473,32 +489,17 @@ def _layer_backward_impl(
         ext = _ext.extension()
         dy = torch.zeros_like(y) if dy is None else dy.to(dtype).contiguous()
         hprev = previous_hidden(y, h0, lengths, reverse).contiguous()
-        dgx, dghn, dh0, dc0 = ext.backward(
-            CELLS[mode],
-            dy,
-            dh_n,
-            dc_n if is_lstm else None,
-            w_hh.to(dtype).contiguous(),
-            gates,
-            aux if mode in ("LSTM", "GRU") else None,
-            c0.to(cd).contiguous() if is_lstm else None,
-            hprev if mode == "GRU" else None,
-            _lengths32(lengths, x.device),
-            reverse,
-            allow_tf32,
-            max_groups(),
-            max_stage_k(),
-            profile.buffer("backward", mode, dtype, T, B, H, x.device),
-            stage_copy(),
-            k_parts(),
-            max_blocks(),
-            cluster(),
-            team_clusters(),
-            cluster_exchange_dsmem(),
-            tile_block(),
-            point_batch(),
-            frag_loads(),
-        )
+        args = (CELLS[mode], dy, dh_n, dc_n if is_lstm else None, w_hh.to(dtype).contiguous(),
+                gates, aux if mode in ("LSTM", "GRU") else None,
+                c0.to(cd).contiguous() if is_lstm else None, hprev if mode == "GRU" else None,
+                _lengths32(lengths, x.device), reverse)
+        if cuda_path() == "step":
+            with tf32_gemms(dtype == torch.float32 and allow_tf32):
+                dgx, dghn, dh0, dc0 = ext.backward_steps(*args)
+        else:
+            dgx, dghn, dh0, dc0 = ext.backward(
+                *args, allow_tf32, *_settings("backward", mode, dtype, T, B, H, x.device),
+                frag_loads=frag_loads())
     # dgx (and dghn) come in the storage dtype, rounded as the recurrent matmul's operand is
     # (reference.py: the contract), so the GEMMs below take 16-bit operands (_mm) and sum in fp32.
     # The recurrent side's dgates are the input side's, but for GRU's n gate: r * dn (b_hn sits

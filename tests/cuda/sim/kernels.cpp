@@ -3,10 +3,12 @@
 #ifdef FRNN_SIM_BACKWARD
 #include "rnn_backward.cu"  // from -I csrc (or a mutated copy)
 #define FRNN_SIM_KERNEL rnn_backward_kernel
+#define FRNN_SIM_STEP_KERNEL rnn_backward_step_kernel
 #define FRNN_SIM_PARAMS BwdParams
 #else
 #include "rnn_forward.cu"
 #define FRNN_SIM_KERNEL rnn_forward_kernel
+#define FRNN_SIM_STEP_KERNEL rnn_forward_step_kernel
 #define FRNN_SIM_PARAMS FwdParams
 #endif
 #include "sim_api.h"
@@ -25,6 +27,14 @@ void register_cell() {
   add(FRNN_SIM_KERNEL<C, __half, Math::kWmma16>);
   add(FRNN_SIM_KERNEL<C, float, Math::kTf32>);
   add(FRNN_SIM_KERNEL<C, float, Math::kFma>);
+  using detail::FRNN_SIM_STEP_KERNEL;  // the per-step path's launches (fused_rnn.h StepArgs)
+  auto add_step = [](auto kernel) {
+    cudasim::register_kernel(reinterpret_cast<const void*>(kernel),
+                             cudasim::invoke<StepArgs<FRNN_SIM_PARAMS>>);
+  };
+  add_step(FRNN_SIM_STEP_KERNEL<C, __nv_bfloat16>);
+  add_step(FRNN_SIM_STEP_KERNEL<C, __half>);
+  add_step(FRNN_SIM_STEP_KERNEL<C, float>);
 }
 
 const bool registered = [] {

@@ -106,6 +106,26 @@ bool fill_common(Params& p, fused_rnn::Selection& sel, int cell, int dtype, int 
   return true;
 }
 
+// The per-step entry points' own check (the persistent ones' is checked_plan's): false, and
+// g_error set, for a cell or dtype code out of range.
+bool valid_step(int cell, int dtype) {
+  if (cell >= 0 && cell <= 3 && dtype >= 0 && dtype <= 2) return true;
+  g_error = "bad cell or dtype";
+  return false;
+}
+
+// The fields both step launches fill alike (binding.cpp forward_params/backward_params; no
+// plan: the exchange buffer has no padding rows).
+template <typename Params>
+void fill_step(Params& p, int steps, int batch, int hidden, int reverse, const int* lengths) {
+  p.steps = steps;
+  p.batch = batch;
+  p.hidden = hidden;
+  p.batch_pad = batch;
+  p.reverse = reverse != 0;
+  p.lengths = lengths;
+}
+
 }  // namespace
 
 extern "C" {
@@ -243,6 +263,62 @@ int sim_backward(int cell, int dtype, int allow_tf32, int steps, int batch, int 
   };
   return finish(fused_rnn::dispatch(static_cast<Cell>(cell), static_cast<fused_rnn::Storage>(dtype),
                                     sel.math, launch), pending);
+}
+
+// binding.cpp forward_steps' launch of step s (the caller ran the step's GEMM into rec): the
+// params it fills, over buffers allocated as it allocates them (hbuf (2, B, H)).
+int sim_forward_step(int cell, int dtype, int steps, int batch, int hidden, int reverse,
+                     int save, int s, const float* b_hh, const float* b_ih, const int* lengths,
+                     float* xproj, void* hbuf, float* cbuf, void* y, float* aux,
+                     const float* rec) {
+  const cudaError_t pending = cudaPeekAtLastError();
+  if (!valid_step(cell, dtype)) return 1;
+  fused_rnn::FwdParams p{};
+  fill_step(p, steps, batch, hidden, reverse, lengths);
+  p.save = save != 0;
+  p.b_hh = b_hh;
+  p.b_ih = b_ih;
+  p.xproj = xproj;
+  p.hbuf = hbuf;
+  p.cbuf = cbuf;
+  p.y = y;
+  p.aux = aux;
+  const auto launch = [&](auto c, auto tag) {
+    using T = typename decltype(tag)::type;
+    return fused_rnn::launch_forward_step<decltype(c)::value, T>(p, rec, s, nullptr);
+  };
+  return finish(fused_rnn::dispatch_step(static_cast<Cell>(cell),
+                                         static_cast<fused_rnn::Storage>(dtype), launch),
+                pending);
+}
+
+// binding.cpp backward_steps' launch of iteration s (dgbuf (2, B, G*H)).
+int sim_backward_step(int cell, int dtype, int steps, int batch, int hidden, int reverse, int s,
+                      const int* lengths, const void* dy, const float* gates, const float* aux,
+                      const float* c0, const void* hprev, void* dgbuf, float* dh_carry,
+                      float* dc_carry, void* dgx, void* dghn, float* dh0, const float* rec) {
+  const cudaError_t pending = cudaPeekAtLastError();
+  if (!valid_step(cell, dtype)) return 1;
+  fused_rnn::BwdParams p{};
+  fill_step(p, steps, batch, hidden, reverse, lengths);
+  p.dy = dy;
+  p.gates = gates;
+  p.aux = aux;
+  p.c0 = c0;
+  p.hprev = hprev;
+  p.dgbuf = dgbuf;
+  p.dh_carry = dh_carry;
+  p.dc_carry = dc_carry;
+  p.dgx = dgx;
+  p.dghn = dghn;
+  p.dh0 = dh0;
+  const auto launch = [&](auto c, auto tag) {
+    using T = typename decltype(tag)::type;
+    return fused_rnn::launch_backward_step<decltype(c)::value, T>(p, rec, s, nullptr);
+  };
+  return finish(fused_rnn::dispatch_step(static_cast<Cell>(cell),
+                                         static_cast<fused_rnn::Storage>(dtype), launch),
+                pending);
 }
 
 // How many wmma::mma_sync calls (one a warp) all launches so far made.
