@@ -479,12 +479,23 @@ std::vector<at::Tensor> backward(int64_t mode, at::Tensor dy, at::Tensor dh_n,
 // Each step: the recurrent matmul as one GEMM through torch (cuBLAS) with an fp32 result, then
 // one launch of the step's points. 16-bit operands go to cuBLAS as they are (aten::mm.dtype);
 // fp32 ones run as torch's fp32 GEMMs are set to (TF32 or not: ops.py sets it for the call).
-// Everything is queued on the current stream, so a CUDA graph can capture the whole loop.
+// Where torch refuses the 16-bit GEMM (as common.mm_f32 allows for: some cuBLAS paths refuse
+// some layouts), the operands are promoted to fp32 instead, with a warning once: the same
+// exact products, summed in fp32, more slowly. Everything is queued on the current stream, so a
+// CUDA graph can capture the whole loop.
 void step_mm(at::Tensor& out, const at::Tensor& a, const at::Tensor& b) {
-  if (a.scalar_type() == at::kFloat)
+  if (a.scalar_type() == at::kFloat) {
     at::mm_out(out, a, b);
-  else
+    return;
+  }
+  try {
     at::mm_out(out, a, b, at::kFloat);
+  } catch (const c10::Error& e) {
+    TORCH_WARN_ONCE("fused_rnn CUDA backend: torch refused the per-step path's 16-bit GEMM (",
+                    e.what_without_backtrace(), "); its steps run on operands promoted to "
+                    "fp32 instead, the same products, more slowly");
+    at::mm_out(out, a.to(at::kFloat), b.to(at::kFloat));
+  }
 }
 
 // Forward over a chunk by steps: forward()'s arguments and results, without the tuning ones

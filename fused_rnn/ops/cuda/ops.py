@@ -367,8 +367,9 @@ def _layer_forward_impl(
             None if b_hh is None else b_hh.to(cd).contiguous(), _lengths32(lengths, x.device),
             reverse)
     if cuda_path() == "step":
-        # The steps' GEMMs in fp32 on TF32 exactly where the recurrence may use TF32.
-        with tf32_gemms(dtype == torch.float32 and allow_tf32):
+        # fp32 step GEMMs on TF32 exactly where the recurrence may use TF32 (16-bit operands
+        # are exact in TF32, should the binding have to promote them: gemms_use_tf32).
+        with tf32_gemms(gemms_use_tf32(dtype, allow_tf32)):
             y, h_n, c_n, aux = ext.forward_steps(*args, save, b_ih_kernel)
     else:
         y, h_n, c_n, aux = ext.forward(
@@ -494,7 +495,7 @@ def _layer_backward_impl(
                 c0.to(cd).contiguous() if is_lstm else None, hprev if mode == "GRU" else None,
                 _lengths32(lengths, x.device), reverse)
         if cuda_path() == "step":
-            with tf32_gemms(dtype == torch.float32 and allow_tf32):
+            with tf32_gemms(gemms_use_tf32(dtype, allow_tf32)):
                 dgx, dghn, dh0, dc0 = ext.backward_steps(*args)
         else:
             dgx, dghn, dh0, dc0 = ext.backward(
