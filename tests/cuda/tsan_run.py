@@ -83,9 +83,23 @@ CONFIGS = {
     "mma-tile-blocks": ("GRU", "tf32", 60, 1, {"MAX_GROUPS": "1", "TILE_BLOCK": "4",
                                                "FRAG_LOADS": "mma"},
                         {"cluster": 0, "parts": 1, "blocked": True}),
+    # the per-step path (FUSED_RNN_CUDA_PATH=step): one launch a step, one thread a point
+    "step": ("LSTM", "bf16", 37, 4, {"PATH": "step"}, {"path": "step", "cluster": 0}),
 }
 SETTINGS = ("MAX_GROUPS", "STAGE_K", "K_PARTS", "CLUSTER", "CLUSTER_EXCHANGE", "TEAM_CLUSTERS",
-            "STAGE_COPY", "TILE_BLOCK", "POINT_BATCH", "FRAG_LOADS")
+            "STAGE_COPY", "TILE_BLOCK", "POINT_BATCH", "FRAG_LOADS", "PATH")
+
+
+def launch_plans(sim, batch: int) -> list[dict]:
+    """What each launch of ``sim`` so far ran: the plan fields that tell the persistent launch
+    modes apart, or ``{"path": "step", "cluster": 0}`` for the per-step path's loops."""
+    from cases import blockings
+
+    return [{"path": "step", "cluster": 0} if kind.endswith("_steps") else
+            {**{k: pl[k] for k in ("cluster", "parts", "groups", "group_blocks", "stage_k",
+                                   "stage_copy")},
+             "blocked": blockings([(kind, cell, pl)], batch) != {(1, 1)}}
+            for kind, cell, pl in sim.launches]
 DTYPES = {"fp32": (torch.float32, False), "tf32": (torch.float32, True),
           "bf16": (torch.bfloat16, False), "fp16": (torch.float16, False)}
 
@@ -103,7 +117,7 @@ def main(argv: list[str]) -> None:
     here = Path(__file__).resolve().parent
     sys.path[:0] = [str(here), str(here.parent)]
     import simulate
-    from cases import blockings, install_standin, layer_inputs, run_layer
+    from cases import install_standin, layer_inputs, run_layer
 
     import fused_rnn.ops.cuda as cuda_backend
 
@@ -124,10 +138,7 @@ def main(argv: list[str]) -> None:
         leaves, lens, cots = layer_inputs(mode, 3, 70, 5, hidden, 0, True)
         before = sim.cluster_launches()
         run_layer(cuda_backend.rnn_layer, mode, leaves, dtype, lens, True, cots, "cpu")
-        plans = [{**{k: launch[2][k] for k in ("cluster", "parts", "groups", "group_blocks",
-                                               "stage_k", "stage_copy")},
-                  "blocked": blockings([launch], 70) != {(1, 1)}} for launch in sim.launches]
-        ran = {"plans": plans, "cluster_launches": sim.cluster_launches() - before}
+        ran = {"plans": launch_plans(sim, 70), "cluster_launches": sim.cluster_launches() - before}
         print(f"ran {name} {json.dumps(ran)}", flush=True)
 
 

@@ -68,6 +68,8 @@ def draw(seed: int) -> dict:
     frag_loads = r.choice(["shared", "generic", "mma", "mma", None, None])  # last (same reason)
     if frag_loads is not None:
         case["settings"]["FRAG_LOADS"] = frag_loads
+    if r.random() < 0.2:  # the per-step path (drawn last; swept from seed 6100 on)
+        case["settings"]["PATH"] = "step"
     return case
 
 
@@ -110,7 +112,8 @@ def run_cases(first: int, count: int) -> None:
         want = run_layer(reference.rnn_layer, *args, torch.float64, lens, c["reverse"], cots,
                          "cpu")
         err = max(rel(a, b) for a, b in zip(got, want) if b.numel())
-        plans = [{**{k: launch[2][k] for k in ("blocks", "groups", "parts", "cluster",
+        plans = [{"path": "step"} if launch[0].endswith("_steps") else
+                 {**{k: launch[2][k] for k in ("blocks", "groups", "parts", "cluster",
                                                "stage_k", "stage_copy")},
                   "blocked": sorted(blockings([launch], c["B"]))} for launch in sim.launches]
         batches = sim.point_batch_count() - batches  # the epilogue's batches of points
