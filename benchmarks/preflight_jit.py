@@ -7,9 +7,10 @@ CI has a CPU-only torch, so it checks binding.cpp's syntax only. With the GPU ma
 1. JIT-builds the extension exactly as first use on a GPU would (``_ext._jit_build``), for
    ``TORCH_CUDA_ARCH_LIST`` (default 9.0: with no GPU there is no architecture to detect);
 2. runs ``ops.py``'s forward and backward for every cell, with and without the phase-timing
-   buffer, against the compiled module on CPU tensors: each call must get through pybind11's
-   argument conversion and stop at the binding's own device check, so a mismatch between the
-   arguments ``ops.py`` passes and the binding's signature shows up here, not on the GPU;
+   buffer, and on the per-step path (``forward_steps``, ``backward_steps``), against the
+   compiled module on CPU tensors: each call must get through pybind11's argument conversion
+   and stop at the binding's own device check, so a mismatch between the arguments ``ops.py``
+   passes and the binding's signature shows up here, not on the GPU;
 3. compares the compiled ``plan_info`` with the Python mirror (``plan.py``) over a sweep.
 
     CUDA_HOME=/usr/local/cuda python benchmarks/preflight_jit.py
@@ -19,6 +20,7 @@ Exit status 0 when all three hold. Takes about 20 s on 2 cores (the build).
 
 from __future__ import annotations
 
+import itertools
 import os
 import sys
 import time
@@ -33,7 +35,8 @@ DEVICE_CHECK = "inputs must be CUDA tensors"
 
 
 def check_calls(ext) -> list[str]:
-    """ops.py's forward and backward against the compiled binding, on CPU tensors."""
+    """ops.py's forward and backward, on both paths (``ops.cuda_path``), against the compiled
+    binding, on CPU tensors."""
     problems = []
     real = _ext.extension
     _ext.extension = lambda: ext
@@ -56,9 +59,11 @@ def check_calls(ext) -> list[str]:
                     *common, True, True, r(T, B, H), r(T, B, G * H), r(T, B, H), r(T, B, H),
                     None, None),
             }
-            for name, call in calls.items():
-                for timed in (False, True):
-                    label = f"{mode} {name}{' (phase timing)' if timed else ''}"
+            for (name, call), path in itertools.product(calls.items(), ops.CUDA_PATHS):
+                os.environ["FUSED_RNN_CUDA_PATH"] = path
+                # phase timing: the persistent kernels only
+                for timed in (False, True) if path == "persistent" else (False,):
+                    label = f"{mode} {name} {path}{' (phase timing)' if timed else ''}"
                     try:
                         if timed:
                             with profile.recording():
@@ -73,6 +78,7 @@ def check_calls(ext) -> list[str]:
                         problems.append(f"{label}: {e}")
     finally:
         _ext.extension = real
+        os.environ.pop("FUSED_RNN_CUDA_PATH", None)
     return problems
 
 
@@ -112,7 +118,7 @@ def main() -> int:
           f"TORCH_CUDA_ARCH_LIST={os.environ['TORCH_CUDA_ARCH_LIST']}: {ext.__file__}")
     problems = check_calls(ext)
     print(f"calls: {'ok' if not problems else 'FAILED'} (forward and backward of "
-          f"{', '.join(MODES)}, with and without phase timing)")
+          f"{', '.join(MODES)}, persistent with and without phase timing, and by steps)")
     n, plan_problems = check_plans(ext)
     print(f"plans: {n - len(plan_problems)}/{n} equal to plan.py")
     for p in problems + plan_problems:
