@@ -232,10 +232,11 @@ if wants phases && ! skip_if_kernels_unusable phases; then
   grep '^| ' "$LOG_DIR/cuda_phases.log" 2>/dev/null || true
   # Then the whole layer, ours and torch.nn's, kernel by kernel (benchmarks/time_split.py, a
   # few seconds): how much of a fwd+bwd the recurrent kernels are, and what the rest is (the
-  # time-parallel GEMMs, conversions, sums), on S1-S6 in fp32 and bf16. Its table goes to
-  # benchmarks/results/<date>-<gpu>-split.md.
-  step split 40 "$PYTHON" benchmarks/time_split.py --dtypes fp32,bf16 \
-    --time-budget "$(frnn_inner_budget 40 10)"
+  # time-parallel GEMMs, conversions, sums), on S1-S6 in fp32 and bf16, and the same for the
+  # per-step path (cuda-step: its GEMMs, its step kernels and the gaps between launches). Its
+  # table goes to benchmarks/results/<date>-<gpu>-split.md.
+  step split 60 "$PYTHON" benchmarks/time_split.py --backends cuda,cuda-step,cudnn \
+    --dtypes fp32,bf16 --time-budget "$(frnn_inner_budget 60 10)"
   grep '^| ' "$LOG_DIR/cuda_split.log" 2>/dev/null || true
 fi
 

@@ -29,10 +29,12 @@ import time
 _T0 = time.monotonic()  # --time-budget counts from here: the imports are part of the run
 
 import argparse
+import os
 import re
 import statistics
 import sys
 from pathlib import Path
+from unittest import mock
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_gpu import DTYPE_NAMES, environment
@@ -50,7 +52,7 @@ from profile_cuda import (
 # hold "rnn", as cuDNN's do. GEMM names differ by library and GPU (cuBLAS sm90_xmma_*,
 # nvjet_*, cutlass_*, *gemm*); cuDNN's RNN kernels hold RNN, LSTM, GRU or elemWise.
 CATEGORIES = (
-    ("recurrent", re.compile(r"rnn_(forward|backward)_kernel")),
+    ("recurrent", re.compile(r"rnn_(forward|backward)(_step)?_kernel")),
     ("gemm", re.compile(r"gemm|xmma|nvjet|cutlass|cublas|wgmma", re.IGNORECASE)),
     ("cudnn rnn", re.compile(r"rnn|lstm|gru|elemwise|persist", re.IGNORECASE)),
     ("reduce", re.compile(r"reduce", re.IGNORECASE)),
@@ -99,12 +101,16 @@ def _device_events(prof, device: str) -> list[tuple[str, float]]:
 
 def measure(mode: str, B: int, T: int, H: int, dtype_name: str, backend: str,
             device: str) -> dict:
-    """One configuration on one backend ("cuda" or "cudnn": torch.nn): wall ms and the split."""
+    """One configuration on one backend ("cuda"; "cuda-step": ours on the per-step path,
+    FUSED_RNN_CUDA_PATH=step; "cudnn": torch.nn): wall ms and the split."""
     import torch
     from torch.profiler import ProfilerActivity, profile
 
     import fused_rnn
 
+    if backend == "cuda-step":
+        with mock.patch.dict(os.environ, {"FUSED_RNN_CUDA_PATH": "step"}):
+            return measure(mode, B, T, H, dtype_name, "cuda", device)
     dtype = getattr(torch, DTYPE_NAMES[dtype_name])
     prev = torch.backends.cudnn.allow_tf32
     torch.backends.cudnn.allow_tf32 = dtype_name != "fp32-strict"
@@ -165,11 +171,13 @@ def _render(args, env: dict, rows, failed, skipped, running=None) -> str:
     lines += ["", ("One layer (input size = hidden size, batch_first), forward then backward "
                    "from a random cotangent on y. wall ms: CUDA events, median of 3 unprofiled "
                    "runs; then the GPU time of one profiled run's kernels by category (ms): "
-                   "recurrent (ours: rnn_forward_kernel, rnn_backward_kernel), gemm (cuBLAS, "
+                   "recurrent (ours: rnn_forward_kernel, rnn_backward_kernel, and the "
+                   "per-step path's rnn_*_step_kernel), gemm (cuBLAS, "
                    "CUTLASS: the time-parallel GEMMs, and cuDNN's per-step ones), cudnn rnn "
                    "(cuDNN's RNN kernels), reduce (the bias sums), elementwise (conversions, "
                    "copies, fills, cat, torch's pointwise math), other; no kernel: wall less the kernels' sum (launch gaps and "
                    "host work; kernels that overlap make it smaller). backend cuda: ours; "
+                   "cuda-step: ours on the per-step path (its per-step GEMMs count as gemm); "
                    "cudnn: torch.nn."), ""]
     if args.sim:
         lines += [("**cudasim**: the profiler saw CPU ops, not kernels; these numbers mean "
@@ -185,12 +193,13 @@ def _render(args, env: dict, rows, failed, skipped, running=None) -> str:
 def parse_args(argv=None) -> argparse.Namespace:
     p = table_parser(__doc__.split("\n\n")[0], "fp32,bf16")
     p.add_argument("--backends", default="cuda,cudnn",
-                   help="cuda (ours) and/or cudnn (torch.nn); --sim: cuda only")
+                   help="cuda (ours), cuda-step (ours on the per-step path) and/or cudnn "
+                        "(torch.nn); --sim: ours only")
     args = p.parse_args(argv)
     args.backends = args.backends.split(",")
-    args = finish_args(p, args, (("backend", args.backends, ("cuda", "cudnn")),))
+    args = finish_args(p, args, (("backend", args.backends, ("cuda", "cuda-step", "cudnn")),))
     if args.sim:
-        args.backends = [b for b in args.backends if b == "cuda"]
+        args.backends = [b for b in args.backends if b != "cudnn"]
     return args
 
 

@@ -268,7 +268,7 @@ def test_a_hung_cluster_test_keeps_every_later_step_off_clusters(tmp_path):
     assert "cuda-cl" not in phases and "cuda-tc" not in phases, phases
     (split,) = [c for c in calls if "benchmarks/time_split.py" in c]  # right after the phases
     assert calls.index(split) == calls.index(phases) + 1, calls
-    assert "--dtypes fp32,bf16 --time-budget " in split, split
+    assert "--backends cuda,cuda-step,cudnn --dtypes fp32,bf16 --time-budget " in split, split
     assert "FRNN_NO_CLUSTERS=1" in charlm and "--backends cuda,triton " in charlm, charlm
     sanitizer = [c for c in calls if c.startswith("compute-sanitizer")]
     assert [c.split()[2] for c in sanitizer] == ["memcheck", "racecheck", "synccheck"], sanitizer
@@ -582,6 +582,8 @@ def test_time_split_names_each_kernel_kind(time_split):
         "(fused_rnn::Math)0>(fused_rnn::FwdParams)": "recurrent",
         "void fused_rnn::rnn_backward_kernel<(fused_rnn::Cell)1, float, (fused_rnn::Math)1>"
         "(fused_rnn::BwdParams)": "recurrent",
+        "void fused_rnn::detail::rnn_forward_step_kernel<(fused_rnn::Cell)0, __half>"
+        "(fused_rnn::StepArgs<fused_rnn::FwdParams>)": "recurrent",
         "sm90_xmma_gemm_f32f32_tf32f32_f32_tn_n_tilesize128x128x32_warpgroupsize1x1x1":
             "gemm",
         "nvjet_tst_128x256_64x4_2x1_v_bz_coopA_TNT": "gemm",
@@ -645,7 +647,7 @@ def test_time_split_rows_and_a_kill(time_split, monkeypatch, tmp_path):
 
 def test_time_split_runs_on_cudasim(tmp_path):
     """The script end to end on the CPU stand-in (what a GPU run does, but the profiler sees
-    CPU ops): every configuration gets a row, none fails."""
+    CPU ops): every configuration gets a row, none fails, on both of our paths."""
     sys.path.insert(0, str(ROOT / "tests" / "cuda"))
     try:
         from simulate import unavailable_reason
@@ -654,12 +656,14 @@ def test_time_split_runs_on_cudasim(tmp_path):
     if unavailable_reason():
         pytest.skip(f"cudasim unavailable: {unavailable_reason()}")
     r = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "time_split.py"), "--sim",
-                        "--shapes", "D1,D3", "--out-dir", str(tmp_path)],
+                        "--backends", "cuda,cuda-step,cudnn", "--shapes", "D1,D3",
+                        "--out-dir", str(tmp_path)],
                        capture_output=True, text=True, timeout=600, check=False)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     (md,) = tmp_path.glob("*-cpu-sim-split.md")
     text = md.read_text()
-    assert text.count(" | cuda | ") == 8 and "Failed" not in text and "cudnn |" not in text
+    assert text.count(" | cuda | ") == 8 and text.count(" | cuda-step | ") == 8, text
+    assert "Failed" not in text and "cudnn |" not in text, text
 
 
 FAKE_NCU = "#!/bin/bash\necho \"ncu $*\" >> \"$FAKE_CALLS\"\n"
