@@ -770,11 +770,15 @@ def test_preflight_script_reports_binding_mismatches(monkeypatch):
     def too_few_parameters(mode, xproj, h0, c0, w_hh, b_hh, lengths, reverse):
         raise AssertionError("not reached")
 
-    fits = types.SimpleNamespace(forward=device_check, backward=device_check)
+    fits = types.SimpleNamespace(forward=device_check, backward=device_check,
+                                 forward_steps=device_check, backward_steps=device_check)
     assert mod.check_calls(fits) == []
-    broken = types.SimpleNamespace(forward=too_few_parameters, backward=device_check)
-    problems = mod.check_calls(broken)
-    assert len(problems) == 8 and all("forward" in p for p in problems), problems
+    broken = types.SimpleNamespace(**{**vars(fits), "forward": too_few_parameters})
+    problems = mod.check_calls(broken)  # 4 cells, with and without phase timing
+    assert len(problems) == 8 and all("forward persistent" in p for p in problems), problems
+    broken = types.SimpleNamespace(**{**vars(fits), "backward_steps": too_few_parameters})
+    problems = mod.check_calls(broken)  # the per-step path has no phase timing
+    assert len(problems) == 4 and all("backward step" in p for p in problems), problems
 
 
 # ------------------------------------------------------------------ what a build is made from
