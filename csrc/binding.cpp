@@ -227,17 +227,37 @@ void set_launch(Params& p, const Plan& plan, int64_t batch_pad, long long* prof,
   p.part = part.defined() ? part.data_ptr<float>() : nullptr;
 }
 
-// ---- what forward() and forward_steps() share ------------------------------------------------
-// The sizes of a forward call, read off its checked tensors.
-struct FwdCall {
+// The sizes of a call (forward or backward, either path), read off its checked tensors.
+struct Call {
   Cell cell;
   int64_t G, T, B, H;
   at::Device dev;
   c10::ScalarType st;
 };
 
+// A persistent launch's plan: the selection, the padded batch and the cluster mode.
+struct Planned {
+  fused_rnn::Selection sel;
+  int64_t batch_pad;
+  int cluster_mode;
+};
+
+Planned planned(const Call& c, bool allow_tf32, bool backward, int64_t max_groups,
+                int64_t max_stage_k, int64_t k_parts, int64_t max_blocks, int64_t cluster,
+                bool team_clusters, bool dsmem) {
+  Planned p{};
+  p.batch_pad = fused_rnn::round_up(static_cast<int>(c.B), fused_rnn::kBatchPad);
+  p.cluster_mode = fused_rnn::kClusterNone;
+  p.sel = checked_plan(c.cell, c.st, allow_tf32, c.H, backward, c.dev, p.batch_pad, max_groups,
+                       max_stage_k, k_parts, max_blocks, cluster, team_clusters, dsmem,
+                       &p.cluster_mode);
+  return p;
+}
+
+// ---- what forward() and forward_steps() share ------------------------------------------------
+
 // Checks a forward call's tensors (device, dtype, shape, contiguity) and sizes.
-FwdCall checked_forward(int64_t mode, const at::Tensor& xproj, const at::Tensor& h0,
+Call checked_forward(int64_t mode, const at::Tensor& xproj, const at::Tensor& h0,
                         const c10::optional<at::Tensor>& c0, const at::Tensor& w_hh,
                         const c10::optional<at::Tensor>& b_hh,
                         const c10::optional<at::Tensor>& b_ih) {
@@ -273,7 +293,7 @@ struct FwdOutputs {
   bool has_aux;  // aux is (T, B, H), else empty
 };
 
-FwdOutputs forward_outputs(const FwdCall& c, const at::Tensor& xproj, const at::Tensor& h0,
+FwdOutputs forward_outputs(const Call& c, const at::Tensor& xproj, const at::Tensor& h0,
                            const c10::optional<at::Tensor>& c0, bool save) {
   FwdOutputs o;
   o.cbuf = c.cell == Cell::kLSTM ? c0->to(at::kFloat).contiguous().clone() : at::Tensor();
@@ -284,7 +304,7 @@ FwdOutputs forward_outputs(const FwdCall& c, const at::Tensor& xproj, const at::
   return o;
 }
 
-fused_rnn::FwdParams forward_params(const FwdCall& c, at::Tensor& xproj, const at::Tensor& w_hh,
+fused_rnn::FwdParams forward_params(const Call& c, at::Tensor& xproj, const at::Tensor& w_hh,
                                     const c10::optional<at::Tensor>& b_hh,
                                     const c10::optional<at::Tensor>& b_ih,
                                     const c10::optional<at::Tensor>& lengths, bool reverse,
@@ -308,14 +328,8 @@ fused_rnn::FwdParams forward_params(const FwdCall& c, at::Tensor& xproj, const a
 }
 
 // ---- what backward() and backward_steps() share ----------------------------------------------
-struct BwdCall {
-  Cell cell;
-  int64_t G, T, B, H;
-  at::Device dev;
-  c10::ScalarType st;
-};
 
-BwdCall checked_backward(int64_t mode, const at::Tensor& dy, const at::Tensor& dh_n,
+Call checked_backward(int64_t mode, const at::Tensor& dy, const at::Tensor& dh_n,
                          const c10::optional<at::Tensor>& dc_n, const at::Tensor& w_hh,
                          const at::Tensor& gates, const c10::optional<at::Tensor>& aux,
                          const c10::optional<at::Tensor>& c0,
@@ -351,7 +365,7 @@ struct BwdOutputs {
   at::Tensor dh_carry, dc_carry, dgx, dghn, dh0;
 };
 
-BwdOutputs backward_outputs(const BwdCall& c, const at::Tensor& dy, const at::Tensor& dh_n,
+BwdOutputs backward_outputs(const Call& c, const at::Tensor& dy, const at::Tensor& dh_n,
                             const c10::optional<at::Tensor>& dc_n) {
   BwdOutputs o;
   o.dh_carry = dh_n.clone();
@@ -363,7 +377,7 @@ BwdOutputs backward_outputs(const BwdCall& c, const at::Tensor& dy, const at::Te
   return o;
 }
 
-fused_rnn::BwdParams backward_params(const BwdCall& c, const at::Tensor& dy,
+fused_rnn::BwdParams backward_params(const Call& c, const at::Tensor& dy,
                                      const at::Tensor& w_hh, const at::Tensor& gates,
                                      const c10::optional<at::Tensor>& aux,
                                      const c10::optional<at::Tensor>& c0,
@@ -406,15 +420,14 @@ std::vector<at::Tensor> forward(int64_t mode, at::Tensor xproj, at::Tensor h0,
                                 bool team_clusters, bool dsmem, int64_t tile_block,
                                 int64_t point_batch, c10::optional<at::Tensor> b_ih,
                                 int64_t frag_loads) {
-  const FwdCall c = checked_forward(mode, xproj, h0, c0, w_hh, b_hh, b_ih);
+  const Call c = checked_forward(mode, xproj, h0, c0, w_hh, b_hh, b_ih);
   const c10::cuda::CUDAGuard guard(c.dev);
-  const int64_t B_pad = fused_rnn::round_up(static_cast<int>(c.B), fused_rnn::kBatchPad);
-  int cluster_mode = fused_rnn::kClusterNone;
-  const fused_rnn::Selection sel =
-      checked_plan(c.cell, c.st, allow_tf32, c.H, /*backward=*/false, c.dev, B_pad, max_groups,
-                   max_stage_k, k_parts, max_blocks, cluster, team_clusters, dsmem,
-                   &cluster_mode);
+  const Planned pl = planned(c, allow_tf32, /*backward=*/false, max_groups, max_stage_k, k_parts,
+                             max_blocks, cluster, team_clusters, dsmem);
+  const fused_rnn::Selection& sel = pl.sel;
   const Plan& plan = sel.plan;
+  const int64_t B_pad = pl.batch_pad;
+  const int cluster_mode = pl.cluster_mode;
   at::Tensor hbuf = at::zeros({2, B_pad, plan.k_pad}, h0.options());
   hbuf[0].narrow(0, 0, c.B).narrow(1, 0, c.H).copy_(h0);
   FwdOutputs o = forward_outputs(c, xproj, h0, c0, save);
@@ -449,15 +462,14 @@ std::vector<at::Tensor> backward(int64_t mode, at::Tensor dy, at::Tensor dh_n,
                                  int64_t k_parts, int64_t max_blocks, int64_t cluster,
                                  bool team_clusters, bool dsmem, int64_t tile_block,
                                  int64_t point_batch, int64_t frag_loads) {
-  const BwdCall c = checked_backward(mode, dy, dh_n, dc_n, w_hh, gates, aux, c0, hprev);
+  const Call c = checked_backward(mode, dy, dh_n, dc_n, w_hh, gates, aux, c0, hprev);
   const c10::cuda::CUDAGuard guard(c.dev);
-  const int64_t B_pad = fused_rnn::round_up(static_cast<int>(c.B), fused_rnn::kBatchPad);
-  int cluster_mode = fused_rnn::kClusterNone;
-  const fused_rnn::Selection sel =
-      checked_plan(c.cell, c.st, allow_tf32, c.H, /*backward=*/true, c.dev, B_pad, max_groups,
-                   max_stage_k, k_parts, max_blocks, cluster, team_clusters, dsmem,
-                   &cluster_mode);
+  const Planned pl = planned(c, allow_tf32, /*backward=*/true, max_groups, max_stage_k, k_parts,
+                             max_blocks, cluster, team_clusters, dsmem);
+  const fused_rnn::Selection& sel = pl.sel;
   const Plan& plan = sel.plan;
+  const int64_t B_pad = pl.batch_pad;
+  const int cluster_mode = pl.cluster_mode;
   at::Tensor dgbuf = at::zeros({2, B_pad, plan.k_pad}, dy.options());
   BwdOutputs o = backward_outputs(c, dy, dh_n, dc_n);
   fused_rnn::BwdParams p =
@@ -505,7 +517,7 @@ std::vector<at::Tensor> forward_steps(int64_t mode, at::Tensor xproj, at::Tensor
                                       c10::optional<at::Tensor> b_hh,
                                       c10::optional<at::Tensor> lengths, bool reverse, bool save,
                                       c10::optional<at::Tensor> b_ih) {
-  const FwdCall c = checked_forward(mode, xproj, h0, c0, w_hh, b_hh, b_ih);
+  const Call c = checked_forward(mode, xproj, h0, c0, w_hh, b_hh, b_ih);
   const c10::cuda::CUDAGuard guard(c.dev);
   at::Tensor hbuf = at::empty({2, c.B, c.H}, h0.options());
   hbuf[0].copy_(h0);
@@ -541,7 +553,7 @@ std::vector<at::Tensor> backward_steps(int64_t mode, at::Tensor dy, at::Tensor d
                                        c10::optional<at::Tensor> c0,
                                        c10::optional<at::Tensor> hprev,
                                        c10::optional<at::Tensor> lengths, bool reverse) {
-  const BwdCall c = checked_backward(mode, dy, dh_n, dc_n, w_hh, gates, aux, c0, hprev);
+  const Call c = checked_backward(mode, dy, dh_n, dc_n, w_hh, gates, aux, c0, hprev);
   const c10::cuda::CUDAGuard guard(c.dev);
   at::Tensor dgbuf = at::zeros({2, c.B, c.G * c.H}, dy.options());
   BwdOutputs o = backward_outputs(c, dy, dh_n, dc_n);

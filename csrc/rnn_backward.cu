@@ -215,9 +215,9 @@ template <Cell C, typename T>
 __global__ void __launch_bounds__(kStepThreads)
     rnn_backward_step_kernel(const StepArgs<BwdParams> a) {
   const BwdParams& p = a.p;
-  const long long idx = (long long)blockIdx.x * kStepThreads + threadIdx.x;
-  if (idx >= (long long)p.batch * p.hidden) return;
-  const int H = p.hidden, b = (int)(idx / H), u = (int)(idx % H);
+  int b, u;
+  if (!step_point(p.batch, p.hidden, &b, &u)) return;
+  const int H = p.hidden;
   const ExchangeStep<T> ex = step_exchange<T>(p.dgbuf, p.batch, gates_of(C) * H, a.s);
   const BackwardPoint<C, T, kStepMath<T>> pt{p, ex, a.s, 0};
   const float rec = a.rec[(size_t)b * H + u];

@@ -1383,6 +1383,15 @@ __device__ __forceinline__ ExchangeStep<T> step_exchange(void* buf, int batch, i
   return {b + (s & 1) * one, b + ((s + 1) & 1) * one, ld, 0, 0};
 }
 
+// A step launch's point for this thread: (batch row *b, unit *u), or false past the last one.
+__device__ __forceinline__ bool step_point(int batch, int hidden, int* b, int* u) {
+  const long long idx = (long long)blockIdx.x * kStepThreads + threadIdx.x;
+  if (idx >= (long long)batch * hidden) return false;
+  *b = (int)(idx / hidden);
+  *u = (int)(idx % hidden);
+  return true;
+}
+
 // An ordinary launch of `kernel` with one thread a point, `points` of them.
 template <typename Args>
 cudaError_t launch_points(void (*kernel)(Args), const Args& a, long long points,

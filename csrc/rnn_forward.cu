@@ -175,9 +175,9 @@ template <Cell C, typename T>
 __global__ void __launch_bounds__(kStepThreads)
     rnn_forward_step_kernel(const StepArgs<FwdParams> a) {
   const FwdParams& p = a.p;
-  const long long idx = (long long)blockIdx.x * kStepThreads + threadIdx.x;
-  if (idx >= (long long)p.batch * p.hidden) return;
-  const int H = p.hidden, b = (int)(idx / H), u = (int)(idx % H);
+  int b, u;
+  if (!step_point(p.batch, p.hidden, &b, &u)) return;
+  const int H = p.hidden;
   const ExchangeStep<T> ex = step_exchange<T>(p.hbuf, p.batch, H, a.s);
   const ForwardPoint<C, T, kStepMath<T>> pt{p, ex, p.reverse ? p.steps - 1 - a.s : a.s, 0};
   const float* rec = a.rec + (size_t)b * gates_of(C) * H + u;  // gate g at rec[g * H]

@@ -114,6 +114,14 @@ bool valid_step(int cell, int dtype) {
   return false;
 }
 
+// The step launch `launch` for the runtime (cell, storage), and finish()'s report of it.
+template <typename Launch>
+int run_step(int cell, int dtype, cudaError_t pending, Launch&& launch) {
+  return finish(fused_rnn::dispatch_step(static_cast<Cell>(cell),
+                                         static_cast<fused_rnn::Storage>(dtype), launch),
+                pending);
+}
+
 // The fields both step launches fill alike (binding.cpp forward_params/backward_params; no
 // plan: the exchange buffer has no padding rows).
 template <typename Params>
@@ -124,6 +132,36 @@ void fill_step(Params& p, int steps, int batch, int hidden, int reverse, const i
   p.batch_pad = batch;
   p.reverse = reverse != 0;
   p.lengths = lengths;
+}
+
+// The inputs and buffers of a forward launch, either path (binding.cpp forward_params).
+void fill_forward(fused_rnn::FwdParams& p, int save, const float* b_hh, const float* b_ih,
+                  float* xproj, void* hbuf, float* cbuf, void* y, float* aux) {
+  p.save = save != 0;
+  p.b_hh = b_hh;
+  p.b_ih = b_ih;
+  p.xproj = xproj;
+  p.hbuf = hbuf;
+  p.cbuf = cbuf;
+  p.y = y;
+  p.aux = aux;
+}
+
+// The inputs and buffers of a backward launch, either path (binding.cpp backward_params).
+void fill_backward(fused_rnn::BwdParams& p, const void* dy, const float* gates,
+                   const float* aux, const float* c0, const void* hprev, void* dgbuf,
+                   float* dh_carry, float* dc_carry, void* dgx, void* dghn, float* dh0) {
+  p.dy = dy;
+  p.gates = gates;
+  p.aux = aux;
+  p.c0 = c0;
+  p.hprev = hprev;
+  p.dgbuf = dgbuf;
+  p.dh_carry = dh_carry;
+  p.dc_carry = dc_carry;
+  p.dgx = dgx;
+  p.dghn = dghn;
+  p.dh0 = dh0;
 }
 
 }  // namespace
@@ -212,14 +250,7 @@ int sim_forward(int cell, int dtype, int allow_tf32, int steps, int batch, int h
                    stage_copy, tile_block, point_batch, frag_loads,
                    part))
     return 1;
-  p.save = save != 0;
-  p.b_hh = b_hh;
-  p.b_ih = b_ih;
-  p.xproj = xproj;
-  p.hbuf = hbuf;
-  p.cbuf = cbuf;
-  p.y = y;
-  p.aux = aux;
+  fill_forward(p, save, b_hh, b_ih, xproj, hbuf, cbuf, y, aux);
   const auto launch = [&](auto c, auto tag, auto m) {
     using T = typename decltype(tag)::type;
     return fused_rnn::launch_forward<decltype(c)::value, T, decltype(m)::value>(p, nullptr);
@@ -246,17 +277,7 @@ int sim_backward(int cell, int dtype, int allow_tf32, int steps, int batch, int 
                    stage_copy, tile_block, point_batch, frag_loads,
                    part))
     return 1;
-  p.dy = dy;
-  p.gates = gates;
-  p.aux = aux;
-  p.c0 = c0;
-  p.hprev = hprev;
-  p.dgbuf = dgbuf;
-  p.dh_carry = dh_carry;
-  p.dc_carry = dc_carry;
-  p.dgx = dgx;
-  p.dghn = dghn;
-  p.dh0 = dh0;
+  fill_backward(p, dy, gates, aux, c0, hprev, dgbuf, dh_carry, dc_carry, dgx, dghn, dh0);
   const auto launch = [&](auto c, auto tag, auto m) {
     using T = typename decltype(tag)::type;
     return fused_rnn::launch_backward<decltype(c)::value, T, decltype(m)::value>(p, nullptr);
@@ -275,21 +296,11 @@ int sim_forward_step(int cell, int dtype, int steps, int batch, int hidden, int 
   if (!valid_step(cell, dtype)) return 1;
   fused_rnn::FwdParams p{};
   fill_step(p, steps, batch, hidden, reverse, lengths);
-  p.save = save != 0;
-  p.b_hh = b_hh;
-  p.b_ih = b_ih;
-  p.xproj = xproj;
-  p.hbuf = hbuf;
-  p.cbuf = cbuf;
-  p.y = y;
-  p.aux = aux;
-  const auto launch = [&](auto c, auto tag) {
+  fill_forward(p, save, b_hh, b_ih, xproj, hbuf, cbuf, y, aux);
+  return run_step(cell, dtype, pending, [&](auto c, auto tag) {
     using T = typename decltype(tag)::type;
     return fused_rnn::launch_forward_step<decltype(c)::value, T>(p, rec, s, nullptr);
-  };
-  return finish(fused_rnn::dispatch_step(static_cast<Cell>(cell),
-                                         static_cast<fused_rnn::Storage>(dtype), launch),
-                pending);
+  });
 }
 
 // binding.cpp backward_steps' launch of iteration s (dgbuf (2, B, G*H)).
@@ -301,24 +312,11 @@ int sim_backward_step(int cell, int dtype, int steps, int batch, int hidden, int
   if (!valid_step(cell, dtype)) return 1;
   fused_rnn::BwdParams p{};
   fill_step(p, steps, batch, hidden, reverse, lengths);
-  p.dy = dy;
-  p.gates = gates;
-  p.aux = aux;
-  p.c0 = c0;
-  p.hprev = hprev;
-  p.dgbuf = dgbuf;
-  p.dh_carry = dh_carry;
-  p.dc_carry = dc_carry;
-  p.dgx = dgx;
-  p.dghn = dghn;
-  p.dh0 = dh0;
-  const auto launch = [&](auto c, auto tag) {
+  fill_backward(p, dy, gates, aux, c0, hprev, dgbuf, dh_carry, dc_carry, dgx, dghn, dh0);
+  return run_step(cell, dtype, pending, [&](auto c, auto tag) {
     using T = typename decltype(tag)::type;
     return fused_rnn::launch_backward_step<decltype(c)::value, T>(p, rec, s, nullptr);
-  };
-  return finish(fused_rnn::dispatch_step(static_cast<Cell>(cell),
-                                         static_cast<fused_rnn::Storage>(dtype), launch),
-                pending);
+  });
 }
 
 // How many wmma::mma_sync calls (one a warp) all launches so far made.
