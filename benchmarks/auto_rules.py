@@ -24,6 +24,17 @@ requires to be committed.
     python benchmarks/auto_rules.py <csv> --backend triton --triton-tests "<summary line>"
 
 Rows of variants (``cuda-p1``, ...) are not used: a rule is for what ``auto`` runs by default.
+
+``--paths`` proposes the CUDA backend's ``PATH_RULES`` (fused_rnn/ops/cuda/ops.py) instead:
+where ``FUSED_RNN_CUDA_PATH=auto`` (the default) runs a layer on the per-step path. It compares
+the ``cuda-step`` rows with the persistent kernel's (``cuda-persistent`` rows where the table
+has them, else ``cuda`` rows whose note shows a launch plan) and gives one rule per (cell,
+dtype): the batch and hidden ranges spanning the shapes where the per-step path was faster by
+the margin, forward and fwd+bwd, every check passed on both sides; and no rule where a shape
+inside those ranges did not show that (slower, missing, unchecked). The table's refusals are
+the cuda backend's.
+
+    python benchmarks/auto_rules.py <csv> --paths
 """
 
 from __future__ import annotations
@@ -198,22 +209,98 @@ def propose(rows: list[dict], backend: str, margin: float) -> tuple[list[dict], 
     return rules, reasons
 
 
-def as_python(rules: list[dict], backend: str, evidence: str, capability: str) -> str:
+def as_python(rules: list[dict], backend: str | None, evidence: str, capability: str) -> str:
+    """The rules as code to paste: AUTO_RULES for ``backend``, or (None) the CUDA backend's
+    PATH_RULES."""
     major, minor = (int(v) for v in capability.split("."))
-    lines = ["AUTO_RULES: tuple[AutoRule, ...] = ("]
+    if backend is None:
+        name, cls, head, against = "PATH_RULES", "PathRule", "", "the persistent kernel"
+    else:
+        name, cls, head, against = "AUTO_RULES", "AutoRule", f"backend={backend!r}, ", "cuDNN"
+    lines = [f"{name}: tuple[{cls}, ...] = ("]
     for r in rules:
         tf32 = "" if r.get("tf32") is None else f" tf32={r['tf32']},"
+        sizes = (f"batch={r['batch']}, hidden={r['hidden']}," if backend is None else
+                 f"hidden={r['hidden']}, batch={r['batch']}, steps={r['steps']},")
         lines += [
-            (f"    # fwd+bwd {r['ratios'][0]:.2f}-{r['ratios'][1]:.2f}x cuDNN in {r['dtype']} on "
-             f"{', '.join(r['shapes'])} (fwd too)"),
-            (f"    AutoRule(backend={backend!r}, modes=frozenset({{{r['cell']!r}}}), "
+            (f"    # fwd+bwd {r['ratios'][0]:.2f}-{r['ratios'][1]:.2f}x {against} in "
+             f"{r['dtype']} on {', '.join(r['shapes'])} (fwd too)"),
+            (f"    {cls}({head}modes=frozenset({{{r['cell']!r}}}), "
              f"dtypes=frozenset({{{DTYPES[r['dtype']]}}}),"),
-            f"             hidden={r['hidden']}, batch={r['batch']}, steps={r['steps']},{tf32}",
+            f"             {sizes}{tf32}",
             f"             capability=({major}, {minor}),",
             f"             evidence={evidence!r}),",
         ]
     lines.append(")")
     return "\n".join(lines)
+
+
+STEP, PERSISTENT = "cuda-step", "cuda-persistent"
+
+
+def _path_verdict(step: dict | None, pers: dict | None, base: str, margin: float):
+    """(ratio, None) where the per-step row ``step`` beat the persistent kernel's row ``pers``
+    (persistent ms / step ms >= margin), else (ratio or None, why not)."""
+    if step is None or pers is None:
+        return None, f"no {STEP if step is None else base} row"
+    if base == "cuda" and not (pers.get("note") or "").startswith("plan "):
+        return None, (f"the cuda row shows no persistent launch plan "
+                      f"({(pers.get('note') or 'no note')[:80]})")
+    for side, r in ((STEP, step), (base, pers)):
+        if not r.get("ms"):
+            return None, f"{side} not timed ({(r.get('note') or '')[:80]})"
+        if r.get("check") != "ok":
+            return None, f"{side} check {(r.get('check') or 'not run')[:80]}"
+        reps = str(r.get("reps") or "").strip()
+        if reps.isdigit() and int(reps) < MIN_REPS:
+            return None, f"{side} timed {reps} times (< {MIN_REPS})"
+    ratio = float(pers["ms"]) / float(step["ms"])
+    if not ratio >= margin:
+        return ratio, f"{ratio:.2f}x the persistent kernel (< {margin:g})"
+    return ratio, None
+
+
+def propose_paths(rows: list[dict], margin: float) -> tuple[list[dict], list[str]]:
+    """(rules, reasons) for the CUDA backend's PATH_RULES: rules as dicts (cell, dtype, tf32,
+    batch, hidden, ratios, shapes) and, for every (cell, dtype) with cuda-step rows and no rule,
+    why not."""
+    base = PERSISTENT if any(r.get("backend") == PERSISTENT for r in rows) else "cuda"
+    by: dict[tuple, dict] = {}
+    for r in rows:
+        if r.get("dtype") in DTYPES and r.get("backend") in (STEP, base):
+            by[(r["backend"], r["cell"], r["dtype"], r["shape"], r.get("pass"))] = r
+    rules, reasons = [], []
+    for cell, dtype in sorted({(k[1], k[2]) for k in by if k[0] == STEP}):
+        wins, losses, dims = {}, {}, {}
+        for shape in SHAPES:
+            ratios, whys = {}, []
+            for p in ("fwd", "fwd+bwd"):
+                step, pers = (by.get((b, cell, dtype, shape, p)) for b in (STEP, base))
+                for r in (step, pers):
+                    if r is not None and r.get("BxTxH"):
+                        dims[shape] = tuple(int(v) for v in r["BxTxH"].split("x"))
+                ratios[p], why = _path_verdict(step, pers, base, margin)
+                if why:
+                    whys.append(f"{p} {why}")
+            if whys:
+                losses[shape] = "; ".join(whys)
+            else:
+                wins[shape] = ratios["fwd+bwd"]
+        if not wins:
+            reasons.append(f"{cell} {dtype}: no rule; the per-step path won on no shape")
+            continue
+        b = (min(dims[s][0] for s in wins), max(dims[s][0] for s in wins))
+        h = (min(dims[s][2] for s in wins), max(dims[s][2] for s in wins))
+        inside = [s for s in SHAPES if s not in wins and (
+            s not in dims or (b[0] <= dims[s][0] <= b[1] and h[0] <= dims[s][2] <= h[1]))]
+        if inside:  # (a shape never measured may be anywhere: it stops the rule too)
+            reasons.append(f"{cell} {dtype}: no rule; the per-step path won on "
+                           f"{', '.join(wins)}, but not on " + "; ".join(
+                               f"{s} ({losses[s]})" for s in inside))
+            continue
+        rules.append(dict(cell=cell, dtype=dtype, tf32=_tf32(rows, dtype), batch=b, hidden=h,
+                          ratios=(min(wins.values()), max(wins.values())), shapes=list(wins)))
+    return rules, reasons
 
 
 def main(argv=None) -> int:
@@ -224,9 +311,15 @@ def main(argv=None) -> int:
                     help="for --backend triton: the pytest summary line of the Triton suite "
                          "that gpu_check.sh ran on the GPU (the table records the CUDA tests)")
     ap.add_argument("--margin", type=float, default=1.05,
-                    help="the least cuDNN time / ours on every shape (default %(default)s: "
-                         "wins within timing noise do not count)")
+                    help="the least cuDNN time / ours on every shape (--paths: the persistent "
+                         "kernel's time / the per-step path's on every shape a rule spans) "
+                         "(default %(default)s: wins within timing noise do not count)")
+    ap.add_argument("--paths", action="store_true",
+                    help="propose the CUDA backend's PATH_RULES (cuda-step against the "
+                         "persistent kernel) instead of AUTO_RULES")
     args = ap.parse_args(argv)
+    if args.paths and args.backend != "cuda":
+        ap.error("--paths compares the CUDA backend's two paths: no --backend triton")
     with open(args.csv, newline="") as f:
         rows = list(csv.DictReader(f))
     why = refusal(rows, args.backend, args.triton_tests)
@@ -240,12 +333,19 @@ def main(argv=None) -> int:
         evidence = md.resolve().relative_to(root).as_posix()
     except ValueError:
         evidence = f"benchmarks/results/{md.name}"
-    rules, reasons = propose(rows, args.backend, args.margin)
-    print(as_python(rules, args.backend, evidence, rows[0]["capability"].strip()))
+    capability = rows[0]["capability"].strip()
+    if args.paths:
+        rules, reasons = propose_paths(rows, args.margin)
+        print(as_python(rules, None, evidence, capability))
+        what = "path rules (fused_rnn/ops/cuda/ops.py PATH_RULES)"
+    else:
+        rules, reasons = propose(rows, args.backend, args.margin)
+        print(as_python(rules, args.backend, evidence, capability))
+        what = "rules"
     for r in reasons:
         print("#", r)
-    print(f"# {len(rules)} rules from {args.csv.name}; paste them only if the {args.backend} "
-          "GPU tests passed at that table's commit", file=sys.stderr)
+    print(f"# {len(rules)} {what} from {args.csv.name}; paste them only if the "
+          f"{args.backend} GPU tests passed at that table's commit", file=sys.stderr)
     return 0
 
 

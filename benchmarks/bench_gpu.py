@@ -109,7 +109,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "cuda-genfrag cuda loading its WMMA fragments through generic "
                         "addresses only, cuda-mma cuda multiplying its TF32 tiles with "
                         "mma.sync and ldmatrix, cuda-step cuda's per-step path (a cuBLAS "
-                        "GEMM and a launch of the cell a step, no W_hh on chip) "
+                        "GEMM and a launch of the cell a step, no W_hh on chip), "
+                        "cuda-persistent cuda's persistent kernel wherever its path rules "
+                        "would take the per-step one; every variant but cuda-step runs the "
+                        "persistent kernel "
                         "(FUSED_RNN_CUDA_K_PARTS=1, FUSED_RNN_CUDA_CLUSTER=16|8, "
                         "FUSED_RNN_CUDA_CLUSTER_EXCHANGE=dsmem, "
                         "FUSED_RNN_CUDA_TEAM_CLUSTERS=on, "
@@ -118,7 +121,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "FUSED_RNN_CUDA_STAGE_COPY=async|registers, "
                         "FUSED_RNN_CUDA_TILE_BLOCK=1, FUSED_RNN_CUDA_POINT_BATCH=1, "
                         "FUSED_RNN_CUDA_GEMMS=fp32, FUSED_RNN_CUDA_FRAG_LOADS=generic|mma, "
-                        "FUSED_RNN_CUDA_PATH=step)")
+                        "FUSED_RNN_CUDA_PATH=step|persistent)")
     p.add_argument("--modes", default="LSTM,GRU", help="comma-separated: LSTM,GRU")
     p.add_argument("--dtypes", default="fp32,bf16,fp16",
                    help="comma-separated: fp32,bf16,fp16,fp32-strict (fp32 without TF32, for "
@@ -396,7 +399,12 @@ VARIANTS = {"cuda-p1": ("cuda", {"FUSED_RNN_CUDA_K_PARTS": "1"}),
             "cuda-gemm32": ("cuda", {"FUSED_RNN_CUDA_GEMMS": "fp32"}),
             "cuda-genfrag": ("cuda", {"FUSED_RNN_CUDA_FRAG_LOADS": "generic"}),
             "cuda-mma": ("cuda", {"FUSED_RNN_CUDA_FRAG_LOADS": "mma"}),
-            "cuda-step": ("cuda", {"FUSED_RNN_CUDA_PATH": "step"})}
+            "cuda-step": ("cuda", {"FUSED_RNN_CUDA_PATH": "step"}),
+            "cuda-persistent": ("cuda", {"FUSED_RNN_CUDA_PATH": "persistent"})}
+# Every variant but cuda-step sets the persistent kernel up differently, so it runs that kernel
+# on every row, whatever the CUDA backend's path rules (ops.PATH_RULES) choose for plain cuda.
+for _, _env in VARIANTS.values():
+    _env.setdefault("FUSED_RNN_CUDA_PATH", "persistent")
 
 
 def _cuda_plans(mode, shape, dtype_name) -> list | None:
@@ -458,9 +466,21 @@ def _variant_is_moot(backend, mode, shape, dtype_name, device) -> bool:
     cuda-gemm32 on fp32 data (its GEMMs' operands are fp32 already); cuda-genfrag where neither
     launch has its X in shared memory (staged or the dsmem mirror) on tensor cores (both settings
     then load every WMMA fragment with the generic forms, or run the FMA path); cuda-mma where
-    neither launch is a TF32 one with X in shared memory (the only launches it changes)."""
+    neither launch is a TF32 one with X in shared memory (the only launches it changes);
+    cuda-persistent where cuda runs the persistent kernel anyway (no path rule, ops.PATH_RULES,
+    sends the row to the per-step path)."""
     if backend == "cuda-g1":
         return shape[0] <= 32
+    if backend == "cuda-persistent":
+        import torch
+
+        from fused_rnn.ops.common import cudnn_rnn_tf32
+        from fused_rnn.ops.cuda import ops
+
+        dtype = getattr(torch, DTYPE_NAMES[dtype_name])
+        tf32 = dtype_name != "fp32-strict" and cudnn_rnn_tf32()
+        return ops.cuda_path(mode, dtype, shape[0], shape[2], torch.device(device),
+                             tf32) == "persistent"
     if backend == "cuda-gemm32":
         return dtype_name not in ("bf16", "fp16")
     if backend == "cuda-genfrag" and device == "cuda":
@@ -593,11 +613,15 @@ def _measure(args, timer, device, mode, shape, dtype_name, backend, refs) -> lis
     plan = []
     if backend == "cuda" and device == "cuda":
         try:
+            from fused_rnn.ops.common import cudnn_rnn_tf32
             from fused_rnn.ops.cuda import ops
 
-            plans = None if ops.cuda_path() == "step" else _cuda_plans(mode, (B, T, H),
-                                                                        dtype_name)
-            plan = [_plan_note(plans)] if plans is not None else []
+            if ops.cuda_path(mode, dtype, B, H, torch.device(device),
+                             cudnn_rnn_tf32()) == "step":
+                plan = ["path step"]  # no launch plan: a GEMM and a launch a step
+            else:
+                plans = _cuda_plans(mode, (B, T, H), dtype_name)
+                plan = [_plan_note(plans)] if plans is not None else []
         except Exception as e:  # the plan mirror failing costs the note, not the row
             plan = [f"plan: {_one_line(e, 120)}"]
     rows = []

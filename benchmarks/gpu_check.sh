@@ -3,13 +3,16 @@
 # phase timings, short table last.
 #
 #   FRNN_COMMIT=<hash> benchmarks/gpu_check.sh [--backends LIST] [--budget SECONDS] [--dry-run]
-#                    (default cuda,triton,cuda-mma,cuda-step,cuda-tb1,cuda-pb1,cuda-p1,cuda-cl16,
-#                     cuda-cl16ds,cuda-cl8,cuda-tc,cuda-b32,cuda-g1,cuda-direct,cuda-nopipe,
+#                    (default cuda,triton,cuda-mma,cuda-step,cuda-persistent,cuda-tb1,cuda-pb1,
+#                     cuda-p1,cuda-cl16,cuda-cl16ds,cuda-cl8,cuda-tc,cuda-b32,cuda-g1,cuda-direct,cuda-nopipe,
 #                     cuda-regcopy,cuda-gemm32,cuda-genfrag;
 #                     the first backend is timed with cuDNN over every configuration before
 #                     the others start; cuda-mma = the TF32 tiles through mma.sync and
 #                     ldmatrix (fp32 rows only); cuda-step = the per-step path (a cuBLAS
 #                     GEMM and a launch of the cell a step, no W_hh on chip);
+#                     cuda-persistent = the persistent kernel on the rows where a path rule
+#                     (ops.PATH_RULES) sends plain cuda to the per-step path (none yet: no
+#                     rows);
 #                     cuda-tb1 = cuda multiplying one tile a warp
 #                     at a time
 #                     (no register blocking), cuda-pb1 = cuda finishing one point a thread at
@@ -82,7 +85,7 @@ CUDA_LOGS="$FRNN_GPU_CHECK_LOGS"
 unset FRNN_GPU_CHECK_LOGS   # not for the steps: a script they start tees its own output
 mkdir -p "$CUDA_LOGS"
 
-BACKENDS=cuda,triton,cuda-mma,cuda-step,cuda-tb1,cuda-pb1,cuda-p1,cuda-cl16,cuda-cl16ds,cuda-cl8,cuda-tc,cuda-b32,cuda-g1,cuda-direct,cuda-nopipe,cuda-regcopy,cuda-gemm32,cuda-genfrag
+BACKENDS=cuda,triton,cuda-mma,cuda-step,cuda-persistent,cuda-tb1,cuda-pb1,cuda-p1,cuda-cl16,cuda-cl16ds,cuda-cl8,cuda-tc,cuda-b32,cuda-g1,cuda-direct,cuda-nopipe,cuda-regcopy,cuda-gemm32,cuda-genfrag
 BUDGET=420
 DRY=0
 USAGE="usage: $0 [--backends LIST] [--budget SECONDS] [--dry-run]"

@@ -35,8 +35,8 @@ DEVICE_CHECK = "inputs must be CUDA tensors"
 
 
 def check_calls(ext) -> list[str]:
-    """ops.py's forward and backward, on both paths (``ops.cuda_path``), against the compiled
-    binding, on CPU tensors."""
+    """ops.py's forward and backward, on both paths (``ops.cuda_path_setting``), against the
+    compiled binding, on CPU tensors."""
     problems = []
     real = _ext.extension
     _ext.extension = lambda: ext
@@ -59,7 +59,7 @@ def check_calls(ext) -> list[str]:
                     *common, True, True, r(T, B, H), r(T, B, G * H), r(T, B, H), r(T, B, H),
                     None, None),
             }
-            for (name, call), path in itertools.product(calls.items(), ops.CUDA_PATHS):
+            for (name, call), path in itertools.product(calls.items(), ops.PATHS):
                 os.environ["FUSED_RNN_CUDA_PATH"] = path
                 # phase timing: the persistent kernels only
                 for timed in (False, True) if path == "persistent" else (False,):

@@ -51,6 +51,10 @@ COLUMNS = ("cell", "shape", "dtype", "pass", "blocks", "plan", "copy", "mma", "m
            "epilogue", "epi own", "sync", "sync min", "parts", "load", "kernel", "GHz", "run")
 
 
+# The variants that run the persistent kernel, whose phases these are: all but cuda-step.
+PHASED = tuple(v for v, (_, env) in VARIANTS.items() if env["FUSED_RNN_CUDA_PATH"] != "step")
+
+
 def table_parser(description: str, dtypes: str) -> argparse.ArgumentParser:
     """The options every table script here takes: --modes, --dtypes, --shapes, --sim,
     --time-budget, --out-dir (finish_args checks and completes them)."""
@@ -102,7 +106,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     args.variant_shapes = (args.variant_shapes.split(",") if args.variant_shapes
                            else (args.shapes.split(",") if args.shapes else list(table)))
     return finish_args(p, args, (("variant shape", args.variant_shapes, tuple(table)),
-                                 ("variant", args.variants, tuple(VARIANTS))))
+                                 ("variant", args.variants, PHASED)))
 
 
 def profile_one(mode: str, B: int, T: int, H: int, dtype_name: str, device: str) -> list[dict]:
@@ -260,8 +264,10 @@ def main(argv=None, start: float | None = None) -> int:
         if left_out:
             print(f"FRNN_NO_CLUSTERS=1: leaving out the cluster variants {', '.join(left_out)}",
                   flush=True)
-    runs = [("cuda", {}, args.shapes)] + [(v, VARIANTS[v][1], args.variant_shapes)
-                                          for v in variants]
+    # The phases are the persistent kernel's: plain cuda runs it here wherever its path rules
+    # (ops.PATH_RULES) would take the per-step path.
+    runs = [("cuda", {"FUSED_RNN_CUDA_PATH": "persistent"}, args.shapes)] + [
+        (v, VARIANTS[v][1], args.variant_shapes) for v in variants]
     configs = [(run, env, mode, shape, dtype_name)
                for run, env, shapes in runs for mode in args.modes for shape in shapes
                for dtype_name in args.dtypes]

@@ -25,7 +25,7 @@ from types import ModuleType
 
 import torch
 
-from fused_rnn.ops.common import warn_at_caller
+from fused_rnn.ops.common import check_measured_rule, warn_at_caller
 
 BACKENDS = ("auto", "reference", "torch", "triton", "cuda")
 KERNEL_BACKENDS = ("triton", "cuda")
@@ -123,24 +123,9 @@ class AutoRule:
         if self.backend not in KERNEL_BACKENDS:
             raise ValueError(f"an AutoRule names a kernel backend {KERNEL_BACKENDS}, "
                              f"not {self.backend!r}")
-        if not self.evidence:
-            raise ValueError("an AutoRule needs its evidence: the results file it comes from")
-        from fused_rnn.ops.reference import MODES
-
-        if not self.modes or not set(self.modes) <= set(MODES):
-            raise ValueError(f"an AutoRule's modes are some of {MODES}, not {self.modes!r}")
-        floats = {torch.float32, torch.float16, torch.bfloat16}
-        if not self.dtypes or not set(self.dtypes) <= floats:
-            raise ValueError(f"an AutoRule's dtypes are some of float32, float16 and bfloat16, "
-                             f"not {self.dtypes!r}")
-        if self.tf32 is not None and torch.float32 not in self.dtypes:
-            raise ValueError("an AutoRule's tf32 setting applies to float32, which its dtypes "
-                             "do not include")
-        for what in ("hidden", "batch", "layers", "steps"):
-            lo, hi = getattr(self, what)
-            if not 1 <= lo <= hi:
-                raise ValueError(f"an AutoRule's {what} range must satisfy 1 <= low <= high, "
-                                 f"got {(lo, hi)}")
+        check_measured_rule("an AutoRule", self.modes, self.dtypes, self.tf32, self.evidence,
+                            hidden=self.hidden, batch=self.batch, layers=self.layers,
+                            steps=self.steps)
 
     def matches(self, device_type: str, mode: str, dtype: torch.dtype, hidden_size: int,
                 batch: int, num_layers: int, bidirectional: bool, tf32: bool = True,

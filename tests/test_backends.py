@@ -284,6 +284,21 @@ def test_committed_auto_rules_cite_gpu_results():
         assert rule.device_type == "cuda", rule
 
 
+def test_committed_path_rules_cite_gpu_results():
+    """The CUDA backend runs a layer on its per-step path by default only from a committed GPU
+    run, as auto: every PathRule names a results file under benchmarks/results/ that has rows
+    of both paths."""
+    from pathlib import Path
+
+    from fused_rnn.ops.cuda import ops
+
+    root = Path(__file__).resolve().parents[1]
+    for rule in ops.PATH_RULES:
+        path = root / rule.evidence
+        assert rule.evidence.startswith("benchmarks/results/") and path.is_file(), rule
+        assert "| cuda-step |" in path.read_text(), rule
+
+
 def test_auto_rules_under_torch_compile_fullgraph(monkeypatch):
     """The rule lookup runs eagerly while dynamo traces (it probes the machine), so a stack
     that a rule sends to a kernel backend still compiles as one graph."""

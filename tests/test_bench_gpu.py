@@ -202,6 +202,33 @@ def test_a_timed_path_unlike_the_checked_one_fails_the_check(monkeypatch, mode):
                       "broken": "FAIL: y without h0 is not y with a zero h0"}
 
 
+def test_the_persistent_variant_runs_only_where_a_path_rule_sends_cuda_elsewhere(monkeypatch):
+    """cuda-persistent (FUSED_RNN_CUDA_PATH=persistent) is timed only on rows that plain cuda
+    runs on the per-step path by a PathRule; every other variant but cuda-step pins the
+    persistent kernel, whatever the rules say for plain cuda."""
+    import torch
+
+    bench_gpu = _import("bench_gpu")
+    from fused_rnn.ops.cuda import ops
+
+    monkeypatch.delenv("FUSED_RNN_CUDA_PATH", raising=False)
+    S3, S4 = bench_gpu.SHAPES["S3"], bench_gpu.SHAPES["S4"]
+    monkeypatch.setattr(ops, "PATH_RULES", ())
+    assert all(bench_gpu._variant_is_moot("cuda-persistent", mode, S, dt, dev)
+               for mode in ("LSTM", "GRU") for S in (S3, S4) for dt in ("fp32", "bf16")
+               for dev in ("cpu", "cuda"))
+    rule = ops.PathRule(frozenset({"LSTM"}), frozenset({torch.bfloat16}), (128, 512),
+                        (1024, 1024), (9, 0), "a test")
+    monkeypatch.setattr(ops, "PATH_RULES", (rule,))
+    monkeypatch.setattr(ops, "_capability", lambda device: (9, 0))
+    assert not bench_gpu._variant_is_moot("cuda-persistent", "LSTM", S4, "bf16", "cuda")
+    assert bench_gpu._variant_is_moot("cuda-persistent", "LSTM", S3, "bf16", "cuda")
+    assert bench_gpu._variant_is_moot("cuda-persistent", "GRU", S4, "bf16", "cuda")
+    pinned = {name: env.get("FUSED_RNN_CUDA_PATH") for name, (_, env) in bench_gpu.VARIANTS.items()}
+    assert pinned.pop("cuda-step") == "step"
+    assert set(pinned.values()) == {"persistent"}, pinned
+
+
 def test_k_parts_variant_runs_only_where_cuda_has_parts(monkeypatch):
     """cuda-p1 (cuda with FUSED_RNN_CUDA_K_PARTS=1) is timed only where one of cuda's launches
     has K parts by the plan; here against a stand-in for an H100's device properties."""
@@ -1223,3 +1250,116 @@ def test_sanitizer_that_refuses_the_device_is_named_and_skipped(tmp_path):
     assert (logs / "cuda_sanitizer_memcheck.log").is_file()
     assert not (logs / "cuda_sanitizer_racecheck.log").exists()
     assert not (logs / "cuda_sanitizer_synccheck.log").exists()
+
+
+def _path_table(tmp_path, cases, **table):
+    """A GPU table (_gpu_table's) with cuda-step rows: cases {(cell, dtype): {shape: how many
+    times faster than the persistent kernel the per-step path is (fwd and fwd+bwd), or (that,
+    the step row's check), None = no cuda-step row}}; the cuda rows carry a plan note, as the
+    persistent kernel's do."""
+    cuda = {key: dict.fromkeys(by_shape, 3.0) for key, by_shape in cases.items()}
+    path = _gpu_table(tmp_path, cuda, **table)
+
+    def edit(rows):
+        out = []
+        for r in rows:
+            out.append(r)
+            if r["backend"] != "cuda":
+                continue
+            r["note"] = "plan fwd b128 g1 p1 k768, bwd b128 g1 p8 k384"
+            v = cases[(r["cell"], r["dtype"])][r["shape"]]
+            if v is None:
+                continue
+            speedup, check = v if isinstance(v, tuple) else (v, "ok")
+            out.append(dict(r, backend="cuda-step", ms=float(r["ms"]) / speedup, check=check,
+                            note="path step"))
+        return out
+
+    with open(path, newline="") as f:
+        reader = csv.DictReader(f)
+        fields, rows = reader.fieldnames, list(reader)
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=fields)
+        writer.writeheader()
+        writer.writerows(edit(rows))
+    return path
+
+
+def test_path_rules_from_a_gpu_table(tmp_path, capsys):
+    """auto_rules.py --paths: a PathRule per (cell, dtype) spanning the batch and hidden sizes
+    where the per-step path beat the persistent kernel by the margin, forward and fwd+bwd,
+    checked; none where a shape inside that span did not; the printed code builds PathRules
+    that send exactly those sizes to the per-step path."""
+    import torch
+
+    auto_rules = _import("auto_rules")
+    from fused_rnn.ops.cuda.ops import PathRule
+
+    slow = dict(S1=0.5, S2=0.8, S3=1.3, S4=3.0, S5=0.4, S6=0.9)  # wins at S3, S4 (H 1024)
+    path = _path_table(tmp_path, {
+        ("LSTM", "bf16"): slow,
+        ("LSTM", "fp32"): {**slow, "S3": 1.02},  # S4 alone: B 256, H 1024
+        ("GRU", "bf16"): {**slow, "S6": 1.2},  # S3, S4, S6 span S2 (B 64, H 512): it lost
+        ("GRU", "fp16"): {**slow, "S4": (3.0, "FAIL: dx 0.5 > 0.02")},  # S3 alone
+        ("GRU", "fp32"): {**slow, "S2": 1.2, "S3": None},  # S3 lies between S2 and S4, untimed
+        ("LSTM", "fp16"): dict.fromkeys(slow, 0.5),
+    })
+    assert auto_rules.main([str(path), "--paths"]) == 0
+    out = capsys.readouterr().out
+    ns = {"PathRule": PathRule, "torch": torch}
+    exec(out, ns)  # noqa: S102 - the printed rules are valid code that builds PathRules
+    rules = {(next(iter(r.modes)), next(iter(r.dtypes))): r for r in ns["PATH_RULES"]}
+    assert set(rules) == {("LSTM", torch.bfloat16), ("LSTM", torch.float32),
+                          ("GRU", torch.float16)}
+    bf16, fp32, gru = (rules[k] for k in (("LSTM", torch.bfloat16), ("LSTM", torch.float32),
+                                          ("GRU", torch.float16)))
+    assert (bf16.batch, bf16.hidden, bf16.tf32) == ((64, 256), (1024, 1024), None)
+    assert (fp32.batch, fp32.hidden, fp32.tf32) == ((256, 256), (1024, 1024), True)
+    assert (gru.batch, gru.hidden) == ((64, 64), (1024, 1024))
+    assert bf16.capability == (9, 0)
+    assert bf16.evidence == "benchmarks/results/2026-12-01-NVIDIA-H200.md"
+    assert "# fwd+bwd 1.30-3.00x the persistent kernel in bf16 on S3, S4 (fwd too)" in out
+    assert bf16.matches("LSTM", torch.bfloat16, 128, 1024, (9, 0), True)
+    assert not bf16.matches("LSTM", torch.bfloat16, 128, 768, (9, 0), True)
+    assert not bf16.matches("LSTM", torch.bfloat16, 128, 1024, (8, 0), True)
+    assert not fp32.matches("LSTM", torch.float32, 256, 1024, (9, 0), False)  # TF32 off
+    assert ("# GRU bf16: no rule; the per-step path won on S3, S4, S6, but not on S2 (fwd "
+            "0.80x the persistent kernel (< 1.05); fwd+bwd 0.80x the persistent kernel "
+            "(< 1.05))") in out
+    assert ("GRU fp32: no rule; the per-step path won on S2, S4, but not on S3 (fwd no cuda-step "
+            "row; fwd+bwd no cuda-step row)") in out
+    assert "# LSTM fp16: no rule; the per-step path won on no shape" in out
+
+
+def test_path_rules_need_the_persistent_kernels_rows(tmp_path, capsys):
+    """The per-step rows are set against the persistent kernel's: cuda-persistent rows where
+    the table has them (its cuda rows may have run either path), else cuda rows with a launch
+    plan in their note; a table whose tests failed, or whose run set FUSED_RNN_CUDA_PATH for
+    every row, gives no path rules at all, and --paths is for the CUDA backend only."""
+    auto_rules = _import("auto_rules")
+    wins = dict(S1=0.5, S2=1.2, S3=1.3, S4=3.0, S5=0.4, S6=0.9)
+    path = _path_table(tmp_path, {("LSTM", "bf16"): wins})
+    _edit_table(path, lambda r: r.update(note="path step") if (
+        r["backend"], r["shape"]) == ("cuda", "S3") else None)
+    assert auto_rules.main([str(path), "--paths"]) == 0
+    out = capsys.readouterr().out
+    assert "PathRule(" not in out
+    assert "but not on S3 (fwd the cuda row shows no persistent launch plan (path step)" in out
+
+    def persistent_rows(r):  # cuda-persistent rows, 4x slower than the per-step path at S4
+        if r["backend"] == "cuda-p1":
+            r["backend"] = "cuda-persistent"
+            r["ms"] = str(4 / 9 if r["shape"] == "S4" else 0.1)  # the step rows: 1 / 9 ms
+    _edit_table(path, persistent_rows)
+    assert auto_rules.main([str(path), "--paths"]) == 0
+    out = capsys.readouterr().out
+    assert "batch=(256, 256), hidden=(1024, 1024)," in out and "4.00-4.00x" in out, out
+    for table, refused in ((dict(gpu_tests="3 failed, 517 passed in 80.0s"), "did not pass"),
+                           (dict(overrides="FUSED_RNN_CUDA_PATH=step"),
+                            "FUSED_RNN_CUDA_PATH=step")):
+        path = _path_table(tmp_path, {("LSTM", "bf16"): wins}, **table)
+        assert auto_rules.main([str(path), "--paths"]) == 2
+        out = capsys.readouterr().out
+        assert "PathRule(" not in out and refused in out, out
+    with pytest.raises(SystemExit):
+        auto_rules.main([str(path), "--paths", "--backend", "triton"])

@@ -49,6 +49,30 @@ def gemms_use_tf32(dtype: torch.dtype, fp32_tf32: bool) -> bool:
 
 
 SIXTEEN_BIT = (torch.float16, torch.bfloat16)
+
+
+def check_measured_rule(kind: str, modes, dtypes, tf32: bool | None, evidence: str,
+                        **ranges: tuple[int, int]) -> None:
+    """Raise ``ValueError`` unless the fields of a rule drawn from a GPU table (``kind``, with
+    its article: "an AutoRule" of backends.py, "a PathRule" of the CUDA backend) make sense: its evidence named, its modes cells, its
+    dtypes the three float types, a tf32 setting only with float32, each range
+    ``1 <= low <= high``."""
+    from fused_rnn.ops.reference import MODES
+
+    if not evidence:
+        raise ValueError(f"{kind} needs its evidence: the results file it comes from")
+    if not modes or not set(modes) <= set(MODES):
+        raise ValueError(f"{kind}'s modes are some of {MODES}, not {modes!r}")
+    if not dtypes or not set(dtypes) <= {torch.float32, *SIXTEEN_BIT}:
+        raise ValueError(f"{kind}'s dtypes are some of float32, float16 and bfloat16, "
+                         f"not {dtypes!r}")
+    if tf32 is not None and torch.float32 not in dtypes:
+        raise ValueError(f"{kind}'s tf32 setting applies to float32, which its dtypes do "
+                         "not include")
+    for what, (lo, hi) in ranges.items():
+        if not 1 <= lo <= hi:
+            raise ValueError(f"{kind}'s {what} range must satisfy 1 <= low <= high, "
+                             f"got {(lo, hi)}")
 # torch.mm(a, b, out_dtype=torch.float32) on fp16/bf16 operands (aten::mm.dtype, torch >= 2.8;
 # CUDA kernels only).
 _MM_OUT_DTYPE = hasattr(torch.ops.aten.mm, "dtype")

@@ -383,12 +383,12 @@ def test_16_bit_layers_hand_every_gemm_16_bit_operands(cuda_ext, monkeypatch, mo
     assert seen == [bf16] * (5 if mode == "GRU" else 4), seen
 
 
-@pytest.mark.parametrize("path", ops.CUDA_PATHS)
+@pytest.mark.parametrize("path", ops.PATHS)
 @pytest.mark.parametrize("dt", ["fp32", "bf16"])
 @pytest.mark.parametrize("mode", MODES)
 def test_bitwise_reproducible(monkeypatch, mode, dt, path):
-    """Two runs, the same bits, on either path (``ops.cuda_path``; the per-step one's GEMMs are
-    cuBLAS's). On cudasim the second runs its threads in another order, with cp.async copies
+    """Two runs, the same bits, on either path (``ops.cuda_path_setting``; the per-step one's
+    GEMMs are cuBLAS's). On cudasim the second runs its threads in another order, with cp.async copies
     landing early (the same order twice could not tell a race); the emulation has no threads."""
     if STANDIN == "emulate":
         pytest.skip("the emulation has no thread order to vary")
@@ -617,7 +617,7 @@ def test_binding_refuses_what_its_kernels_cannot_take(binding_refusals, case):
 
 @gpu_only
 @pytest.mark.no_nan_fill
-@pytest.mark.parametrize("path", ops.CUDA_PATHS)
+@pytest.mark.parametrize("path", ops.PATHS)
 def test_cuda_graph_capture_and_replay(monkeypatch, path):
     """Forward and backward captured in one CUDA graph (cooperative launches are capturable, and
     so are the per-step path's GEMMs and launches) and replayed on new inputs give the eager

@@ -403,8 +403,58 @@ def test_the_step_path_takes_any_hidden_size_and_its_setting_is_checked(install,
     for a, b in zip(ours, ref, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
     monkeypatch.setenv("FUSED_RNN_CUDA_PATH", "steps")
-    with pytest.raises(ValueError, match="FUSED_RNN_CUDA_PATH must be one of persistent, step"):
-        ops.cuda_path()
+    with pytest.raises(ValueError, match="FUSED_RNN_CUDA_PATH must be one of auto, persistent, "
+                                         "step, got 'steps'"):
+        ops.cuda_path_setting()
+    with pytest.raises(ValueError, match="FUSED_RNN_CUDA_PATH must be one of"):
+        cuda_backend.rnn_layer("LSTM", x, h0, c0, w_ih, w_hh)
+
+
+def test_path_rules_choose_the_per_step_path_where_they_match(install, monkeypatch):
+    """FUSED_RNN_CUDA_PATH=auto (the default) runs a layer on the per-step path exactly where a
+    PathRule matches its cell, compute dtype, batch, hidden size, the GPU's compute capability
+    (cudasim's: 9.0) and, for fp32, the TF32 setting; forward and backward both; persistent
+    elsewhere, and always under an explicit setting. The results are the same either way, up to
+    the order of the matmul's sums (STEP_TOL)."""
+    from fused_rnn.ops.cuda.ops import PathRule
+
+    def paths(mode, dt, B, H=37):
+        sim = install(sms=4)
+        out = _layer(mode, dt, T=2, B=B, H=H)
+        return [d for d, _, _ in sim.launches], out
+
+    persistent = ["forward", "backward"]
+    steps = ["forward_steps", "backward_steps"]
+    assert ops.cuda_path_setting() == "auto" and ops.PATH_RULES == ()
+    assert paths("LSTM", "bf16", 4)[0] == persistent  # no rule: the persistent kernel
+    rule = dict(modes=frozenset({"LSTM"}), dtypes=frozenset({torch.bfloat16, torch.float32}),
+                batch=(3, 5), hidden=(30, 40), capability=(9, 0), evidence="a test")
+    monkeypatch.setattr(ops, "PATH_RULES", (PathRule(**rule, tf32=True),))
+    got, stepped = paths("LSTM", "bf16", 4)
+    assert got == steps
+    ran = {"bf16": stepped}
+    for mode, dt, B, H in (("LSTM", "bf16", 6, 37), ("LSTM", "bf16", 2, 37),
+                           ("LSTM", "bf16", 4, 41), ("GRU", "bf16", 4, 37),
+                           ("LSTM", "fp16", 4, 37), ("LSTM", "fp32", 4, 37)):
+        assert paths(mode, dt, B, H)[0] == persistent, (mode, dt, B, H)
+    assert paths("LSTM", "tf32", 4)[0] == steps  # fp32 while the recurrence may use TF32
+    monkeypatch.setenv("FUSED_RNN_CUDA_PATH", "persistent")
+    got, ran["persistent"] = paths("LSTM", "bf16", 4)
+    assert got == persistent
+    monkeypatch.setenv("FUSED_RNN_CUDA_PATH", "step")
+    assert paths("LSTM", "bf16", 6)[0] == steps
+    for i, (a, b) in enumerate(zip(ran["persistent"], ran["bf16"], strict=True)):
+        torch.testing.assert_close(b, a, rtol=STEP_TOL["bf16"], atol=STEP_TOL["bf16"],
+                                   msg=lambda m, i=i: f"tensor {i}: {m}")
+    monkeypatch.delenv("FUSED_RNN_CUDA_PATH")
+    monkeypatch.setattr(ops, "PATH_RULES", (PathRule(**{**rule, "capability": (8, 0)}),))
+    assert paths("LSTM", "bf16", 4)[0] == persistent  # measured on another kind of GPU
+    with pytest.raises(ValueError, match="a PathRule needs its evidence"):
+        PathRule(**{**rule, "evidence": ""})
+    with pytest.raises(ValueError, match="a PathRule's batch range"):
+        PathRule(**{**rule, "batch": (5, 3)})
+    with pytest.raises(ValueError, match="a PathRule's tf32 setting"):
+        PathRule(**{**rule, "dtypes": frozenset({torch.bfloat16})}, tf32=True)
 
 
 @pytest.mark.skipif(not Path("/proc/self/maps").is_file(), reason="counts /proc/self/maps")

@@ -39,7 +39,8 @@ and every activation saved for backward are fp32; the dgates backward hands the 
 the storage dtype (the reference's contract). Size limits (largest H that fits on
 chip, H100 / A100): ``fused_rnn.ops.cuda.plan``. ``FUSED_RNN_CUDA_PATH=step`` runs the
 recurrence without the persistent launch: a cuBLAS GEMM (through torch) and one plain launch of
-the same cell code a step (``ops.cuda_path``), with no size limit from shared memory. Not supported (falls back to
+the same cell code a step, with no size limit from shared memory; ``auto`` (the default) runs
+it where a measured rule says (``ops.PATH_RULES``, none yet). Not supported (falls back to
 Triton): LSTM projections (``proj_size > 0``), float64, GPUs older than sm_80.
 
 Importing this module never needs a GPU, nvcc or the compiled extension.
@@ -113,12 +114,13 @@ def _device_reason(mode: str, index: int | None, half: bool, tf32: bool,
                    hidden_size: int) -> str | None:
     """Why CUDA device ``index`` (None: the current one) cannot run ``mode`` at
     ``hidden_size`` (the extension cannot load or run there, or the plan does not fit), or
-    None. The per-step path (``ops.cuda_path``) keeps nothing on chip, so any size fits it."""
-    from fused_rnn.ops.cuda.ops import cuda_path
+    None. ``FUSED_RNN_CUDA_PATH=step`` keeps nothing on chip, so any size fits it; under
+    ``auto`` the plan must fit, as a path rule's sizes are ones the persistent kernel ran."""
+    from fused_rnn.ops.cuda.ops import cuda_path_setting
 
     device = torch.device("cuda", index) if index is not None else torch.device("cuda")
     reason = unavailable_reason(device)
-    if reason is not None or cuda_path() == "step":
+    if reason is not None or cuda_path_setting() == "step":
         return reason
     sms, smem_optin = _device_limits(device)
     return plan.fits(plan.CELLS[mode], half, tf32, hidden_size, sms, smem_optin)

@@ -26,6 +26,7 @@ op's autograd can only save its inputs and outputs.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 
 import torch
@@ -34,6 +35,7 @@ from torch import Tensor
 
 from fused_rnn.ops.common import (
     SIXTEEN_BIT,
+    check_measured_rule,
     check_rnn_args,
     gemms_use_tf32,
     grad_like,
@@ -231,22 +233,87 @@ def stage_copy() -> int:
     return STAGE_COPIES[raw]
 
 
-CUDA_PATHS = ("persistent", "step")
+PATHS = ("persistent", "step")  # the two ways a chunk runs
+CUDA_PATHS = ("auto", *PATHS)  # what FUSED_RNN_CUDA_PATH may say
 
 
-def cuda_path() -> str:
-    """How a chunk's recurrence runs, from ``FUSED_RNN_CUDA_PATH``: ``persistent`` (default: one
-    cooperative launch a chunk, W_hh on chip, one grid barrier a step) or ``step`` (binding.cpp
-    forward_steps: each step's recurrent matmul a cuBLAS GEMM through torch with an fp32 result,
-    then one plain launch of the persistent kernels' own cell code for that step's points; no
-    size limit from shared memory, no cooperative launch, two launches a step). Both run the
-    same cell arithmetic; the GEMMs sum K in their own order (fp32 on TF32 tensor cores where
-    the recurrence may use TF32). Read at every call, like :func:`max_groups`."""
-    raw = os.environ.get("FUSED_RNN_CUDA_PATH", "persistent")
+def cuda_path_setting() -> str:
+    """``FUSED_RNN_CUDA_PATH``: how a chunk's recurrence runs. ``persistent``: one cooperative
+    launch a chunk, W_hh on chip, one grid barrier a step. ``step`` (binding.cpp
+    forward_steps): each step's recurrent matmul a cuBLAS GEMM through torch with an fp32
+    result, then one plain launch of the persistent kernels' own cell code for that step's
+    points; no size limit from shared memory, no cooperative launch, two launches a step.
+    ``auto`` (default): whichever :data:`PATH_RULES` says for the call (:func:`cuda_path`). Both
+    paths run the same cell arithmetic; the GEMMs sum K in their own order (fp32 on TF32 tensor
+    cores where the recurrence may use TF32). Read at every call, like :func:`max_groups`."""
+    raw = os.environ.get("FUSED_RNN_CUDA_PATH", "auto")
     if raw not in CUDA_PATHS:
         raise ValueError(
             f"FUSED_RNN_CUDA_PATH must be one of {', '.join(CUDA_PATHS)}, got {raw!r}")
     return raw
+
+
+@dataclasses.dataclass(frozen=True)
+class PathRule:
+    """Layer calls that ``FUSED_RNN_CUDA_PATH=auto`` runs on the per-step path.
+
+    A rule comes only from a committed GPU table (``evidence``, under ``benchmarks/results/``)
+    whose CUDA GPU tests passed and in which ``cuda-step`` beat the persistent kernel, forward
+    and fwd+bwd, with every check passed, on every measured shape inside its ranges and lost
+    on none there: ``benchmarks/auto_rules.py --paths`` prints them. Ranges are inclusive;
+    ``dtypes`` is the dtype the cells compute in (autocast's where autocast is on). It holds
+    on GPUs of the table's compute capability only; for float32, ``tf32`` says whether it
+    holds while the recurrence may use TF32 (True) or may not (False), as AutoRule's.
+    """
+
+    modes: frozenset[str]
+    dtypes: frozenset[torch.dtype]
+    batch: tuple[int, int]
+    hidden: tuple[int, int]
+    capability: tuple[int, int]
+    evidence: str
+    tf32: bool | None = None
+
+    def __post_init__(self) -> None:
+        check_measured_rule("a PathRule", self.modes, self.dtypes, self.tf32, self.evidence,
+                            batch=self.batch, hidden=self.hidden)
+
+    def matches(self, mode: str, dtype: torch.dtype, batch: int, hidden: int,
+                capability: tuple[int, int], tf32: bool) -> bool:
+        return (mode in self.modes and dtype in self.dtypes and capability == self.capability
+                and (dtype != torch.float32 or self.tf32 is None or self.tf32 == tf32)
+                and self.batch[0] <= batch <= self.batch[1]
+                and self.hidden[0] <= hidden <= self.hidden[1])
+
+
+# First match wins; no match: persistent. None yet: the per-step path has not run on a GPU.
+PATH_RULES: tuple[PathRule, ...] = ()
+
+
+def _capability(device: torch.device) -> tuple[int, int]:
+    """The compute capability of ``device``, as the extension reports it (cudasim's simulated
+    device for the CPU tensors of the simulation tests: its index 0)."""
+    index = device.index if device.index is not None else (
+        torch.cuda.current_device() if device.type == "cuda" else 0)
+    _, _, major, minor, _ = _ext.extension().device_info(index)
+    return int(major), int(minor)
+
+
+def cuda_path(mode: str, dtype: torch.dtype, batch: int, hidden: int, device: torch.device,
+              allow_tf32: bool) -> str:
+    """``persistent`` or ``step``: the path a layer call of ``mode`` on ``batch`` rows of
+    ``hidden`` units takes, computing in ``dtype`` on ``device`` (``allow_tf32``: whether the
+    recurrence may use TF32). :func:`cuda_path_setting` unless it is ``auto``; then ``step``
+    where a rule of :data:`PATH_RULES` matches, else ``persistent``."""
+    setting = cuda_path_setting()
+    if setting != "auto":
+        return setting
+    if PATH_RULES:
+        capability = _capability(device)
+        if any(r.matches(mode, dtype, batch, hidden, capability, allow_tf32)
+               for r in PATH_RULES):
+            return "step"
+    return "persistent"
 
 
 GEMM_OPERANDS = ("auto", "fp32")
@@ -366,7 +433,7 @@ def _layer_forward_impl(
             c0.to(dtype).contiguous() if mode == "LSTM" else None, w_hh.to(dtype).contiguous(),
             None if b_hh is None else b_hh.to(cd).contiguous(), _lengths32(lengths, x.device),
             reverse)
-    if cuda_path() == "step":
+    if cuda_path(mode, dtype, B, H, x.device, allow_tf32) == "step":
         # fp32 step GEMMs on TF32 exactly where the recurrence may use TF32 (16-bit operands
         # are exact in TF32, should the binding have to promote them: gemms_use_tf32).
         with tf32_gemms(gemms_use_tf32(dtype, allow_tf32)):
@@ -494,7 +561,7 @@ def _layer_backward_impl(
                 gates, aux if mode in ("LSTM", "GRU") else None,
                 c0.to(cd).contiguous() if is_lstm else None, hprev if mode == "GRU" else None,
                 _lengths32(lengths, x.device), reverse)
-        if cuda_path() == "step":
+        if cuda_path(mode, dtype, B, H, x.device, allow_tf32) == "step":
             with tf32_gemms(gemms_use_tf32(dtype, allow_tf32)):
                 dgx, dghn, dh0, dc0 = ext.backward_steps(*args)
         else:
