@@ -16,6 +16,7 @@ done yet train in a fresh process (:func:`_bench_in_fresh_process`), so a fault 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import datetime
 import itertools
@@ -50,6 +51,7 @@ from fused_rnn.cli import (
     _precision,
     _seed,
     _sync,
+    generate,
     load_default_corpus,
     load_text_file,
     split_corpus,
@@ -76,13 +78,13 @@ FIRST_STEPS_TOLERANCE = {"fp32": 2e-2, "bf16": 1e-1, "fp16": 2e-2, "amp-bf16": 1
 FIRST_STEPS_STRICT = 1e-3  # fp32 where nothing uses TF32: the CPU, or cuDNN with TF32 off
 BENCH_DEFAULTS = {
     "cpu": dict(hidden_size=128, batch_size=16, bptt=64, steps=10, warmup=3, rounds=5,
-                precisions=["fp32", "amp-bf16"]),
+                precisions=["fp32", "amp-bf16"], sample_chars=32),
     "cuda": dict(hidden_size=1024, batch_size=64, bptt=128, steps=30, warmup=5, rounds=1,
-                 precisions=["fp32", "bf16", "amp-fp16", "amp-bf16"]),
+                 precisions=["fp32", "bf16", "amp-fp16", "amp-bf16"], sample_chars=200),
 }
 CSV_FIELDS = ("device", "torch", "cell", "layers", "hidden", "batch", "bptt", "steps",
               "precision", "impl", "ms_per_step", "tokens_per_s", "speedup_vs_torch_nn",
-              "peak_mib", "val_loss", "delta_vs_torch_nn", "first_logits_err",
+              "sample_ms_per_char", "peak_mib", "val_loss", "delta_vs_torch_nn", "first_logits_err",
               "first_grad_err", "first_grad_param", "check", "error", "fallback")
 
 # The test hook for the recovery from a fault: FRNN_BENCH_FAULT="IMPL@PRECISION[:validate][,...]"
@@ -122,6 +124,10 @@ def add_parser(sub) -> None:
                    "refused, as by train)")
     p.add_argument("--threads", type=_int_at_least(1), default=None,
                    help="CPU threads (torch.set_num_threads; default: PyTorch's choice)")
+    p.add_argument("--sample-chars", type=_int_at_least(0), default=None,
+                   help="characters each row samples after training, one step of the model's "
+                   "cells at a time as fused-rnn sample does, for its ms/char: CPU 32, GPU 200 "
+                   "(0: none)")
     p.add_argument("--val-chunks", type=_int_at_least(1), default=4,
                    help="validation chunks for the loss check (default: %(default)s)")
     p.add_argument("--out", default=os.path.join("benchmarks", "results"), metavar="DIR",
@@ -147,6 +153,7 @@ class Bench:
     steps: int
     warmup: int
     rounds: int
+    sample_chars: int  # sampled after training, for the row's ms/char (0: none)
     precisions: list[str]
     corpus: Corpus
     splits: Splits
@@ -239,6 +246,8 @@ def _configure(args) -> Bench:
         args=args, device=device, H=base_cfg["hidden_size"], B=B, T=args.bptt or dflt["bptt"],
         steps=steps, warmup=dflt["warmup"] if args.warmup is None else args.warmup,
         rounds=min(args.rounds or dflt["rounds"], steps), precisions=precisions,
+        sample_chars=(dflt["sample_chars"] if args.sample_chars is None
+                      else args.sample_chars),
         corpus=corpus, splits=splits, base_cfg=base_cfg,
         impls=[("torch.nn", None)] + [(f"fused_rnn:{n}", n) for n in names], notes=notes,
         faults=_injected_faults())
@@ -344,7 +353,8 @@ def _check(results: list[dict], device: torch.device) -> bool:
 # --------------------------------------------------------------------------- one row
 def _not_run(label: str, precision: str, why: str) -> dict:
     return {"impl": label, "precision": precision, "error": why, "ms_per_step": None,
-            "tokens_per_s": None, "peak_mib": None, "val_loss": None, "fallback": ""}
+            "tokens_per_s": None, "sample_ms_per_char": None, "peak_mib": None,
+            "val_loss": None, "fallback": ""}
 
 
 class _Run:
@@ -420,6 +430,33 @@ class _Run:
             except Exception as e:
                 self.fail(e)
 
+    def sample_speed(self) -> float | None:
+        """Milliseconds a sampled character takes the trained model: ``generate``, the loop
+        of ``fused-rnn sample`` (a step of the model's cells on the row's backend, the logits
+        to the CPU, a draw), from the first validation character, in the row's precision
+        (autocast as in training); the mean over ``sample_chars`` characters, after two
+        untimed ones. None when the bench samples none."""
+        bench = self.bench
+        if not bench.sample_chars:
+            return None
+        vocab = bench.splits.vocab
+        prime = vocab.decode(bench.splits.val[:1].tolist())
+        before = _backends.fallback_counts()
+        autocast = (torch.autocast(bench.device.type, dtype=self.ac_dtype)
+                    if self.ac_dtype is not None else contextlib.nullcontext())
+        with autocast:
+            generate(self.model, vocab, prime, 2, generator=torch.Generator().manual_seed(0))
+            _sync(bench.device)
+            t0 = time.perf_counter()
+            generate(self.model, vocab, prime, bench.sample_chars,
+                     generator=torch.Generator().manual_seed(bench.args.seed))
+            _sync(bench.device)
+            dt = time.perf_counter() - t0
+        for (frm, why, to), count in _backends.fallback_counts().items():
+            if count > before.get((frm, why, to), 0):
+                self.fallbacks.add(f"{frm} -> {to} (sampling): {why}")
+        return 1000 * dt / bench.sample_chars
+
     def finish(self) -> dict:
         """Validate, fill the row's numbers and free the model; returns the row."""
         row = self.row
@@ -433,11 +470,13 @@ class _Run:
                 med = sorted(self.times)[len(self.times) // 2]
                 tokens = sum(self.tokens) / len(self.tokens)
                 row.update(ms_per_step=1000 * med, tokens_per_s=tokens / med,
-                           peak_mib=self.peak, val_loss=total / count)
+                           peak_mib=self.peak, val_loss=total / count,
+                           sample_ms_per_char=self.sample_speed())
             except Exception as e:
                 self.fail(e)
         if row["error"]:
-            row.update(ms_per_step=None, tokens_per_s=None, peak_mib=None, val_loss=None)
+            row.update(ms_per_step=None, tokens_per_s=None, sample_ms_per_char=None,
+                       peak_mib=None, val_loss=None)
         row["fallback"] = "; ".join(sorted(self.fallbacks))
         self.model = self.opt = self.train = self.state = None
         return row
@@ -577,6 +616,12 @@ def _markdown(bench: Bench, results: list[dict], final: bool) -> str:
          else "- memory: the largest growth of torch.cuda.max_memory_allocated within one timed "
          "step over what was allocated before it (activations, workspace, gradients; "
          "parameters and Adam state are the same for every row)"),
+        (f"- sampling: ms per character of `fused-rnn sample`'s loop on the trained model (one "
+         "step of the model's cells on the row's backend, the logits to the CPU, a draw), "
+         f"in the row's precision, the mean over {bench.sample_chars} characters from the "
+         "first validation character after 2 untimed; each row samples from its own trained "
+         "weights, so this is a speed, not a check" if bench.sample_chars else
+         "- sampling: not timed (--sample-chars 0)"),
         f"- corpus: {bench.corpus.description}",
     ] + [f"- note: {n}" for n in bench.notes]
     if not final:
@@ -585,9 +630,9 @@ def _markdown(bench: Bench, results: list[dict], final: bool) -> str:
                      "finished the other precisions (see its log)")
     lines += [
         "",
-        (f"| precision | implementation | ms/step | tokens/s | vs torch.nn | {mem_col} | val loss "
-         "| Δ vs torch.nn | first steps: logits, grad | check |"),
-        "|---|---|---|---|---|---|---|---|---|---|",
+        (f"| precision | implementation | ms/step | tokens/s | vs torch.nn | sampling ms/char | "
+         f"{mem_col} | val loss | Δ vs torch.nn | first steps: logits, grad | check |"),
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in results:
         speedup = "n/a" if r["speedup"] is None else f"{r['speedup']:.2f}×"
@@ -595,7 +640,8 @@ def _markdown(bench: Bench, results: list[dict], final: bool) -> str:
                  + (f"; ran partly elsewhere ({r['fallback']})" if r.get("fallback") else ""))
         lines.append(
             f"| {r['precision']} | {r['impl']} | {f(r['ms_per_step'], '.2f')} | "
-            f"{f(r['tokens_per_s'], ',.0f')} | {speedup} | {f(r['peak_mib'], '.1f')} | "
+            f"{f(r['tokens_per_s'], ',.0f')} | {speedup} | "
+            f"{f(r.get('sample_ms_per_char'), '.3f')} | {f(r['peak_mib'], '.1f')} | "
             f"{f(r['val_loss'], '.5f')} | {f(r['delta'], '+.2e')} | {first(r)} | {check} |")
     return "\n".join(lines) + "\n"
 
@@ -608,7 +654,8 @@ def _write_csv(bench: Bench, results: list[dict], path: str) -> None:
         for r in results:
             w.writerow([_device_name(bench.device), torch.__version__, args.cell, args.layers,
                         bench.H, bench.B, bench.T, bench.steps, r["precision"], r["impl"],
-                        r["ms_per_step"], r["tokens_per_s"], r["speedup"], r["peak_mib"],
+                        r["ms_per_step"], r["tokens_per_s"], r["speedup"],
+                        r.get("sample_ms_per_char"), r["peak_mib"],
                         r["val_loss"], r["delta"], r.get("first_logits_err"),
                         r.get("first_grad_err"), r.get("first_grad_param"), r["check"],
                         r["error"], r.get("fallback", "")])

@@ -545,6 +545,43 @@ def test_bench_writes_table_csv_and_plot_and_backends_agree(capsys, tmp_path, te
     with open(out / names[0], newline="") as f:
         rows = list(csv.DictReader(f))
     assert len(rows) == len(table) and all(float(r["tokens_per_s"]) > 0 for r in rows)
+    assert all(float(r["sample_ms_per_char"]) > 0 for r in rows)
+    assert "- sampling: ms per character of `fused-rnn sample`'s loop" in md
+    assert "the mean over 32 characters" in md
+
+
+def test_bench_times_sampling_on_each_rows_backend(capsys, tmp_path, text_file, monkeypatch):
+    """Each row's ms/char is its own model sampling through its own backend's cells (the
+    reference row's through the reference cell op, in the row's autocast); --sample-chars 0
+    times none."""
+    from fused_rnn.ops import reference as ref_ops
+
+    calls = []
+    real = ref_ops.rnn_cell
+
+    def counted(mode, x, *a, **k):
+        calls.append(x.dtype)  # autocast's dtype where the row trains under autocast
+        return real(mode, x, *a, **k)
+
+    monkeypatch.setattr(ref_ops, "rnn_cell", counted)
+    out = tmp_path / "results"
+    rc, stdout, err = run(capsys, *BENCH_TINY, "--text", text_file, "--out", out,
+                          "--backends", "reference", "--sample-chars", 5)
+    assert rc == 0, err
+    # 2 untimed characters and 5 timed, once per precision, one layer
+    assert calls == [torch.float32] * 7 + [torch.bfloat16] * 7, calls
+    with open(next(out.glob("*.csv")), newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert all(float(r["sample_ms_per_char"]) > 0 for r in rows) and len(rows) == 4
+    calls.clear()
+    out = tmp_path / "none"
+    rc, stdout, err = run(capsys, *BENCH_TINY, "--text", text_file, "--out", out,
+                          "--backends", "reference", "--sample-chars", 0,
+                          "--precisions", "fp32")
+    assert rc == 0, err
+    assert "- sampling: not timed (--sample-chars 0)" in stdout and calls == []
+    with open(next(out.glob("*.csv")), newline="") as f:
+        assert [r["sample_ms_per_char"] for r in csv.DictReader(f)] == ["", ""]
 
 
 def test_bench_flags_a_backend_that_disagrees(capsys, tmp_path, text_file, monkeypatch):
@@ -653,14 +690,15 @@ def test_bench_rows_say_when_their_backend_handed_layers_over(capsys, tmp_path, 
                           "--backends", "triton,reference", "--precisions", "fp32")
     assert rc == 0, err
     rows = {ln.split("|")[2].strip(): ln for ln in stdout.splitlines() if ln.startswith("| fp32")}
-    said = "ran partly elsewhere (triton -> reference: a test's refusal)"
-    assert said in rows["fused_rnn:triton"], rows
+    # the layers in training, and the cells in sampling
+    both = ("triton -> reference (sampling): a test's refusal; "
+            "triton -> reference: a test's refusal")
+    assert f"ran partly elsewhere ({both})" in rows["fused_rnn:triton"], rows
     assert "elsewhere" not in rows["fused_rnn:reference"] + rows["torch.nn"]
     (csv_path,) = out.glob("*.csv")
     with open(csv_path, newline="") as f:
         fallback = {r["impl"]: r["fallback"] for r in csv.DictReader(f)}
-    assert fallback == {"torch.nn": "", "fused_rnn:triton": "triton -> reference: a test's refusal",
-                        "fused_rnn:reference": ""}
+    assert fallback == {"torch.nn": "", "fused_rnn:triton": both, "fused_rnn:reference": ""}
 
 
 # --------------------------------------------------------------------------- DDP
