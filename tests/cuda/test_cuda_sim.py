@@ -410,6 +410,35 @@ def test_the_step_path_takes_any_hidden_size_and_its_setting_is_checked(install,
         cuda_backend.rnn_layer("LSTM", x, h0, c0, w_ih, w_hh)
 
 
+@pytest.mark.parametrize("mode", ["LSTM", "GRU"])
+def test_either_paths_backward_takes_either_paths_forward(install, monkeypatch, mode):
+    """Both paths save the same activations (gates, aux) in the same layout, so a backward on
+    one path takes a forward run on the other (say, FUSED_RNN_CUDA_PATH changed in between):
+    the gradients agree with one path's up to the order of the matmul's sums."""
+    leaves, lens, cots = layer_inputs(mode, 3, 5, 4, 24, 0, True)
+
+    def run(fwd, bwd):
+        def layer(*args):
+            monkeypatch.setenv("FUSED_RNN_CUDA_PATH", fwd)
+            out = cuda_backend.rnn_layer(*args)
+            monkeypatch.setenv("FUSED_RNN_CUDA_PATH", bwd)
+            return out
+
+        sim = install(sms=4)
+        got = run_layer(layer, mode, leaves, torch.bfloat16, lens, True, cots, "cpu")
+        return [d for d, _, _ in sim.launches], got
+
+    launches, base = run("persistent", "persistent")
+    assert launches == ["forward", "backward"]
+    for fwd, bwd in (("step", "persistent"), ("persistent", "step")):
+        launches, got = run(fwd, bwd)
+        assert launches == [{"step": "forward_steps"}.get(fwd, "forward"),
+                            {"step": "backward_steps"}.get(bwd, "backward")]
+        for i, (a, b) in enumerate(zip(base, got, strict=True)):
+            torch.testing.assert_close(b, a, rtol=STEP_TOL["bf16"], atol=STEP_TOL["bf16"],
+                                       msg=lambda m, i=i, f=fwd, b=bwd: f"{f}/{b}, tensor {i}: {m}")
+
+
 def test_path_rules_choose_the_per_step_path_where_they_match(install, monkeypatch):
     """FUSED_RNN_CUDA_PATH=auto (the default) runs a layer on the per-step path exactly where a
     PathRule matches its cell, compute dtype, batch, hidden size, the GPU's compute capability
