@@ -29,10 +29,10 @@ Rows of variants (``cuda-p1``, ...) are not used: a rule is for what ``auto`` ru
 where ``FUSED_RNN_CUDA_PATH=auto`` (the default) runs a layer on the per-step path. It compares
 the ``cuda-step`` rows with the persistent kernel's (``cuda-persistent`` rows where the table
 has them, else ``cuda`` rows whose note shows a launch plan) and gives one rule per (cell,
-dtype): the batch and hidden ranges spanning the shapes where the per-step path was faster by
-the margin, forward and fwd+bwd, every check passed on both sides; and no rule where a shape
-inside those ranges did not show that (slower, missing, unchecked). The table's refusals are
-the cuda backend's.
+dtype): the batch, hidden and steps ranges spanning the shapes where the per-step path was
+faster by the margin, forward and fwd+bwd, every check passed on both sides; and no rule
+where a shape inside those ranges did not show that (slower, missing, unchecked). The
+table's refusals are the cuda backend's.
 
     python benchmarks/auto_rules.py <csv> --paths
 """
@@ -220,8 +220,8 @@ def as_python(rules: list[dict], backend: str | None, evidence: str, capability:
     lines = [f"{name}: tuple[{cls}, ...] = ("]
     for r in rules:
         tf32 = "" if r.get("tf32") is None else f" tf32={r['tf32']},"
-        sizes = (f"batch={r['batch']}, hidden={r['hidden']}," if backend is None else
-                 f"hidden={r['hidden']}, batch={r['batch']}, steps={r['steps']},")
+        sizes = (f"batch={r['batch']}, hidden={r['hidden']}, steps={r['steps']}," if backend is None
+                 else f"hidden={r['hidden']}, batch={r['batch']}, steps={r['steps']},")
         lines += [
             (f"    # fwd+bwd {r['ratios'][0]:.2f}-{r['ratios'][1]:.2f}x {against} in "
              f"{r['dtype']} on {', '.join(r['shapes'])} (fwd too)"),
@@ -289,17 +289,18 @@ def propose_paths(rows: list[dict], margin: float) -> tuple[list[dict], list[str
         if not wins:
             reasons.append(f"{cell} {dtype}: no rule; the per-step path won on no shape")
             continue
-        b = (min(dims[s][0] for s in wins), max(dims[s][0] for s in wins))
-        h = (min(dims[s][2] for s in wins), max(dims[s][2] for s in wins))
-        inside = [s for s in SHAPES if s not in wins and (
-            s not in dims or (b[0] <= dims[s][0] <= b[1] and h[0] <= dims[s][2] <= h[1]))]
+        b, t, h = ((min(dims[s][i] for s in wins), max(dims[s][i] for s in wins))
+                   for i in range(3))
+        inside = [s for s in SHAPES if s not in wins and (s not in dims or all(
+            lo <= v <= hi for v, (lo, hi) in zip(dims[s], (b, t, h), strict=True)))]
         if inside:  # (a shape never measured may be anywhere: it stops the rule too)
             reasons.append(f"{cell} {dtype}: no rule; the per-step path won on "
                            f"{', '.join(wins)}, but not on " + "; ".join(
                                f"{s} ({losses[s]})" for s in inside))
             continue
         rules.append(dict(cell=cell, dtype=dtype, tf32=_tf32(rows, dtype), batch=b, hidden=h,
-                          ratios=(min(wins.values()), max(wins.values())), shapes=list(wins)))
+                          steps=t, ratios=(min(wins.values()), max(wins.values())),
+                          shapes=list(wins)))
     return rules, reasons
 
 

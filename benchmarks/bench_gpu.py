@@ -479,8 +479,8 @@ def _variant_is_moot(backend, mode, shape, dtype_name, device) -> bool:
 
         dtype = getattr(torch, DTYPE_NAMES[dtype_name])
         tf32 = dtype_name != "fp32-strict" and cudnn_rnn_tf32()
-        return ops.cuda_path(mode, dtype, shape[0], shape[2], torch.device(device),
-                             tf32) == "persistent"
+        B, T, H = shape
+        return ops.cuda_path(mode, dtype, B, H, T, torch.device(device), tf32) == "persistent"
     if backend == "cuda-gemm32":
         return dtype_name not in ("bf16", "fp16")
     if backend == "cuda-genfrag" and device == "cuda":
@@ -616,7 +616,7 @@ def _measure(args, timer, device, mode, shape, dtype_name, backend, refs) -> lis
             from fused_rnn.ops.common import cudnn_rnn_tf32
             from fused_rnn.ops.cuda import ops
 
-            if ops.cuda_path(mode, dtype, B, H, torch.device(device),
+            if ops.cuda_path(mode, dtype, B, H, T, torch.device(device),
                              cudnn_rnn_tf32()) == "step":
                 plan = ["path step"]  # no launch plan: a GEMM and a launch a step
             else:

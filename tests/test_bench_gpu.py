@@ -218,12 +218,14 @@ def test_the_persistent_variant_runs_only_where_a_path_rule_sends_cuda_elsewhere
                for mode in ("LSTM", "GRU") for S in (S3, S4) for dt in ("fp32", "bf16")
                for dev in ("cpu", "cuda"))
     rule = ops.PathRule(frozenset({"LSTM"}), frozenset({torch.bfloat16}), (128, 512),
-                        (1024, 1024), (9, 0), "a test")
+                        (1024, 1024), (9, 0), "a test", steps=(64, 256))
     monkeypatch.setattr(ops, "PATH_RULES", (rule,))
     monkeypatch.setattr(ops, "_capability", lambda device: (9, 0))
     assert not bench_gpu._variant_is_moot("cuda-persistent", "LSTM", S4, "bf16", "cuda")
     assert bench_gpu._variant_is_moot("cuda-persistent", "LSTM", S3, "bf16", "cuda")
     assert bench_gpu._variant_is_moot("cuda-persistent", "GRU", S4, "bf16", "cuda")
+    assert bench_gpu._variant_is_moot("cuda-persistent", "LSTM", (256, 1024, 1024), "bf16",
+                                      "cuda")  # T = 1024: a chunk longer than the rule's
     pinned = {name: env.get("FUSED_RNN_CUDA_PATH") for name, (_, env) in bench_gpu.VARIANTS.items()}
     assert pinned.pop("cuda-step") == "step"
     assert set(pinned.values()) == {"persistent"}, pinned
@@ -1314,15 +1316,17 @@ def test_path_rules_from_a_gpu_table(tmp_path, capsys):
     bf16, fp32, gru = (rules[k] for k in (("LSTM", torch.bfloat16), ("LSTM", torch.float32),
                                           ("GRU", torch.float16)))
     assert (bf16.batch, bf16.hidden, bf16.tf32) == ((64, 256), (1024, 1024), None)
+    assert bf16.steps == (128, 128)  # S3 and S4's chunks: no rule for cells (T = 1)
     assert (fp32.batch, fp32.hidden, fp32.tf32) == ((256, 256), (1024, 1024), True)
     assert (gru.batch, gru.hidden) == ((64, 64), (1024, 1024))
     assert bf16.capability == (9, 0)
     assert bf16.evidence == "benchmarks/results/2026-12-01-NVIDIA-H200.md"
     assert "# fwd+bwd 1.30-3.00x the persistent kernel in bf16 on S3, S4 (fwd too)" in out
-    assert bf16.matches("LSTM", torch.bfloat16, 128, 1024, (9, 0), True)
-    assert not bf16.matches("LSTM", torch.bfloat16, 128, 768, (9, 0), True)
-    assert not bf16.matches("LSTM", torch.bfloat16, 128, 1024, (8, 0), True)
-    assert not fp32.matches("LSTM", torch.float32, 256, 1024, (9, 0), False)  # TF32 off
+    assert bf16.matches("LSTM", torch.bfloat16, 128, 1024, 128, (9, 0), True)
+    assert not bf16.matches("LSTM", torch.bfloat16, 128, 768, 128, (9, 0), True)
+    assert not bf16.matches("LSTM", torch.bfloat16, 128, 1024, 1, (9, 0), True)
+    assert not bf16.matches("LSTM", torch.bfloat16, 128, 1024, 128, (8, 0), True)
+    assert not fp32.matches("LSTM", torch.float32, 256, 1024, 128, (9, 0), False)  # TF32 off
     assert ("# GRU bf16: no rule; the per-step path won on S3, S4, S6, but not on S2 (fwd "
             "0.80x the persistent kernel (< 1.05); fwd+bwd 0.80x the persistent kernel "
             "(< 1.05))") in out
@@ -1353,7 +1357,8 @@ def test_path_rules_need_the_persistent_kernels_rows(tmp_path, capsys):
     _edit_table(path, persistent_rows)
     assert auto_rules.main([str(path), "--paths"]) == 0
     out = capsys.readouterr().out
-    assert "batch=(256, 256), hidden=(1024, 1024)," in out and "4.00-4.00x" in out, out
+    assert "batch=(256, 256), hidden=(1024, 1024), steps=(128, 128)," in out, out
+    assert "4.00-4.00x" in out, out
     for table, refused in ((dict(gpu_tests="3 failed, 517 passed in 80.0s"), "did not pass"),
                            (dict(overrides="FUSED_RNN_CUDA_PATH=step"),
                             "FUSED_RNN_CUDA_PATH=step")):

@@ -441,15 +441,16 @@ def test_either_paths_backward_takes_either_paths_forward(install, monkeypatch, 
 
 def test_path_rules_choose_the_per_step_path_where_they_match(install, monkeypatch):
     """FUSED_RNN_CUDA_PATH=auto (the default) runs a layer on the per-step path exactly where a
-    PathRule matches its cell, compute dtype, batch, hidden size, the GPU's compute capability
+    PathRule matches its cell, compute dtype, batch, hidden size, chunk length (T = 2 here), the
+    GPU's compute capability
     (cudasim's: 9.0) and, for fp32, the TF32 setting; forward and backward both; persistent
     elsewhere, and always under an explicit setting. The results are the same either way, up to
     the order of the matmul's sums (STEP_TOL)."""
     from fused_rnn.ops.cuda.ops import PathRule
 
-    def paths(mode, dt, B, H=37):
+    def paths(mode, dt, B, H=37, T=2):
         sim = install(sms=4)
-        out = _layer(mode, dt, T=2, B=B, H=H)
+        out = _layer(mode, dt, T=T, B=B, H=H)
         return [d for d, _, _ in sim.launches], out
 
     persistent = ["forward", "backward"]
@@ -457,7 +458,8 @@ def test_path_rules_choose_the_per_step_path_where_they_match(install, monkeypat
     assert ops.cuda_path_setting() == "auto" and ops.PATH_RULES == ()
     assert paths("LSTM", "bf16", 4)[0] == persistent  # no rule: the persistent kernel
     rule = dict(modes=frozenset({"LSTM"}), dtypes=frozenset({torch.bfloat16, torch.float32}),
-                batch=(3, 5), hidden=(30, 40), capability=(9, 0), evidence="a test")
+                batch=(3, 5), hidden=(30, 40), capability=(9, 0), evidence="a test",
+                steps=(2, 64))
     monkeypatch.setattr(ops, "PATH_RULES", (PathRule(**rule, tf32=True),))
     got, stepped = paths("LSTM", "bf16", 4)
     assert got == steps
@@ -466,6 +468,7 @@ def test_path_rules_choose_the_per_step_path_where_they_match(install, monkeypat
                            ("LSTM", "bf16", 4, 41), ("GRU", "bf16", 4, 37),
                            ("LSTM", "fp16", 4, 37), ("LSTM", "fp32", 4, 37)):
         assert paths(mode, dt, B, H)[0] == persistent, (mode, dt, B, H)
+    assert paths("LSTM", "bf16", 4, T=1)[0] == persistent  # a chunk shorter than measured
     assert paths("LSTM", "tf32", 4)[0] == steps  # fp32 while the recurrence may use TF32
     monkeypatch.setenv("FUSED_RNN_CUDA_PATH", "persistent")
     got, ran["persistent"] = paths("LSTM", "bf16", 4)
@@ -482,6 +485,8 @@ def test_path_rules_choose_the_per_step_path_where_they_match(install, monkeypat
         PathRule(**{**rule, "evidence": ""})
     with pytest.raises(ValueError, match="a PathRule's batch range"):
         PathRule(**{**rule, "batch": (5, 3)})
+    with pytest.raises(ValueError, match="a PathRule's steps range"):
+        PathRule(**{**rule, "steps": (0, 3)})
     with pytest.raises(ValueError, match="a PathRule's tf32 setting"):
         PathRule(**{**rule, "dtypes": frozenset({torch.bfloat16})}, tf32=True)
 

@@ -264,6 +264,8 @@ class PathRule:
     ``dtypes`` is the dtype the cells compute in (autocast's where autocast is on). It holds
     on GPUs of the table's compute capability only; for float32, ``tf32`` says whether it
     holds while the recurrence may use TF32 (True) or may not (False), as AutoRule's.
+    ``steps`` spans the chunk lengths measured: a one-step call (a cell) pays the persistent
+    launch's W_hh load for one step, so a win at T = 64..1024 says nothing about T = 1.
     """
 
     modes: frozenset[str]
@@ -273,17 +275,19 @@ class PathRule:
     capability: tuple[int, int]
     evidence: str
     tf32: bool | None = None
+    steps: tuple[int, int] = (1, 2**31 - 1)
 
     def __post_init__(self) -> None:
         check_measured_rule("a PathRule", self.modes, self.dtypes, self.tf32, self.evidence,
-                            batch=self.batch, hidden=self.hidden)
+                            batch=self.batch, hidden=self.hidden, steps=self.steps)
 
-    def matches(self, mode: str, dtype: torch.dtype, batch: int, hidden: int,
+    def matches(self, mode: str, dtype: torch.dtype, batch: int, hidden: int, steps: int,
                 capability: tuple[int, int], tf32: bool) -> bool:
         return (mode in self.modes and dtype in self.dtypes and capability == self.capability
                 and (dtype != torch.float32 or self.tf32 is None or self.tf32 == tf32)
                 and self.batch[0] <= batch <= self.batch[1]
-                and self.hidden[0] <= hidden <= self.hidden[1])
+                and self.hidden[0] <= hidden <= self.hidden[1]
+                and self.steps[0] <= steps <= self.steps[1])
 
 
 # First match wins; no match: persistent. None yet: the per-step path has not run on a GPU.
@@ -299,18 +303,18 @@ def _capability(device: torch.device) -> tuple[int, int]:
     return int(major), int(minor)
 
 
-def cuda_path(mode: str, dtype: torch.dtype, batch: int, hidden: int, device: torch.device,
-              allow_tf32: bool) -> str:
-    """``persistent`` or ``step``: the path a layer call of ``mode`` on ``batch`` rows of
-    ``hidden`` units takes, computing in ``dtype`` on ``device`` (``allow_tf32``: whether the
-    recurrence may use TF32). :func:`cuda_path_setting` unless it is ``auto``; then ``step``
+def cuda_path(mode: str, dtype: torch.dtype, batch: int, hidden: int, steps: int,
+              device: torch.device, allow_tf32: bool) -> str:
+    """``persistent`` or ``step``: the path a layer call of ``mode`` over ``steps`` steps of
+    ``batch`` rows of ``hidden`` units takes, computing in ``dtype`` on ``device``
+    (``allow_tf32``: whether the recurrence may use TF32). :func:`cuda_path_setting` unless it is ``auto``; then ``step``
     where a rule of :data:`PATH_RULES` matches, else ``persistent``."""
     setting = cuda_path_setting()
     if setting != "auto":
         return setting
     if PATH_RULES:
         capability = _capability(device)
-        if any(r.matches(mode, dtype, batch, hidden, capability, allow_tf32)
+        if any(r.matches(mode, dtype, batch, hidden, steps, capability, allow_tf32)
                for r in PATH_RULES):
             return "step"
     return "persistent"
@@ -433,7 +437,7 @@ def _layer_forward_impl(
             c0.to(dtype).contiguous() if mode == "LSTM" else None, w_hh.to(dtype).contiguous(),
             None if b_hh is None else b_hh.to(cd).contiguous(), _lengths32(lengths, x.device),
             reverse)
-    if cuda_path(mode, dtype, B, H, x.device, allow_tf32) == "step":
+    if cuda_path(mode, dtype, B, H, T, x.device, allow_tf32) == "step":
         # fp32 step GEMMs on TF32 exactly where the recurrence may use TF32 (16-bit operands
         # are exact in TF32, should the binding have to promote them: gemms_use_tf32).
         with tf32_gemms(gemms_use_tf32(dtype, allow_tf32)):
@@ -561,7 +565,7 @@ def _layer_backward_impl(
                 gates, aux if mode in ("LSTM", "GRU") else None,
                 c0.to(cd).contiguous() if is_lstm else None, hprev if mode == "GRU" else None,
                 _lengths32(lengths, x.device), reverse)
-        if cuda_path(mode, dtype, B, H, x.device, allow_tf32) == "step":
+        if cuda_path(mode, dtype, B, H, T, x.device, allow_tf32) == "step":
             with tf32_gemms(gemms_use_tf32(dtype, allow_tf32)):
                 dgx, dghn, dh0, dc0 = ext.backward_steps(*args)
         else:
