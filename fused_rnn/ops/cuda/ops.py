@@ -10,10 +10,11 @@ The split of work (DESIGN.md): the input projection ``x W_ih^T + b_ih`` for all 
 GEMM with an fp32 result here (cuBLAS through torch: for fp32 data on TF32 tensor cores where
 ``common.gemms_use_tf32`` allows; for 16-bit data on its 16-bit operands, :func:`_mm`, with
 b_ih added by the kernel); the recurrence is one persistent cooperative kernel
-(``csrc/rnn_forward.cu``); backward is one persistent kernel for the reverse-time recurrence
-(``csrc/rnn_backward.cu``) that yields the pre-activation gradients of every step in the
-storage dtype, after which dx, dW_ih, dW_hh and the bias gradients are time-parallel
-GEMMs/reductions here again, with fp32 results.
+(``csrc/rnn_forward.cu``), or, on the per-step path (:func:`cuda_path`), a cuBLAS GEMM and
+a launch of the same cell code each step; backward is one persistent kernel for the
+reverse-time recurrence (``csrc/rnn_backward.cu``), or its per-step counterpart, that yields
+the pre-activation gradients of every step in the storage dtype, after which dx, dW_ih, dW_hh
+and the bias gradients are time-parallel GEMMs/reductions here again, with fp32 results.
 
 Registering the ops never needs the compiled extension: it is loaded by the CUDA kernels of the
 ops on first call (``_ext.extension()``), so importing works on any machine. The ops have no
@@ -307,8 +308,9 @@ def cuda_path(mode: str, dtype: torch.dtype, batch: int, hidden: int, steps: int
               device: torch.device, allow_tf32: bool) -> str:
     """``persistent`` or ``step``: the path a layer call of ``mode`` over ``steps`` steps of
     ``batch`` rows of ``hidden`` units takes, computing in ``dtype`` on ``device``
-    (``allow_tf32``: whether the recurrence may use TF32). :func:`cuda_path_setting` unless it is ``auto``; then ``step``
-    where a rule of :data:`PATH_RULES` matches, else ``persistent``."""
+    (``allow_tf32``: whether the recurrence may use TF32). :func:`cuda_path_setting` unless
+    it is ``auto``; then ``step`` where a rule of :data:`PATH_RULES` matches, else
+    ``persistent``."""
     setting = cuda_path_setting()
     if setting != "auto":
         return setting
