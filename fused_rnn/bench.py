@@ -5,7 +5,9 @@ from the same initial weights on the same data, precision by precision. The impl
 of a precision train side by side, in rounds of consecutive steps, so that on a shared machine
 the others' load falls on every row alike. Each row is checked against torch.nn's twice: the
 first steps (the second chunk's logits and every parameter's gradient from the initial weights)
-and the validation loss after all the steps. The table, CSV and plot go to ``--out``.
+and the validation loss after all the steps. Then each row's trained model samples text one
+character at a time, as ``fused-rnn sample`` does, for its ms/char. The table, CSV and plot
+go to ``--out``.
 
 A CUDA kernel fault is sticky: every later CUDA call of the process fails. When a row's error
 leaves the device unusable (:func:`_context_lost`), that row keeps its error and the rows not
@@ -84,8 +86,9 @@ BENCH_DEFAULTS = {
 }
 CSV_FIELDS = ("device", "torch", "cell", "layers", "hidden", "batch", "bptt", "steps",
               "precision", "impl", "ms_per_step", "tokens_per_s", "speedup_vs_torch_nn",
-              "sample_ms_per_char", "peak_mib", "val_loss", "delta_vs_torch_nn", "first_logits_err",
-              "first_grad_err", "first_grad_param", "check", "error", "fallback")
+              "sample_ms_per_char", "peak_mib", "val_loss", "delta_vs_torch_nn",
+              "first_logits_err", "first_grad_err", "first_grad_param", "check", "error",
+              "fallback")
 
 # The test hook for the recovery from a fault: FRNN_BENCH_FAULT="IMPL@PRECISION[:validate][,...]"
 # makes those rows fail at their first timed step (or in their validation pass) as if a
