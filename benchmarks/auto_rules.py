@@ -26,13 +26,13 @@ requires to be committed.
 Rows of variants (``cuda-p1``, ...) are not used: a rule is for what ``auto`` runs by default.
 
 ``--paths`` proposes the CUDA backend's ``PATH_RULES`` (fused_rnn/ops/cuda/ops.py) instead:
-where ``FUSED_RNN_CUDA_PATH=auto`` (the default) runs a layer on the per-step path. It compares
-the ``cuda-step`` rows with the persistent kernel's (``cuda-persistent`` rows where the table
-has them, else ``cuda`` rows whose note shows a launch plan) and gives one rule per (cell,
-dtype): the batch, hidden and steps ranges spanning the shapes where the per-step path was
-faster by the margin, forward and fwd+bwd, every check passed on both sides; and no rule
-where a shape inside those ranges did not show that (slower, missing, unchecked). The
-table's refusals are the cuda backend's.
+where ``FUSED_RNN_CUDA_PATH=auto`` (the default) runs a layer on the per-step path. It
+compares the ``cuda-step`` rows with the persistent kernel's (row by row: the
+``cuda-persistent`` row where the table has one, else the ``cuda`` row, whose note must show a
+launch plan) and gives one rule per (cell, dtype): the batch, hidden and steps ranges
+spanning the shapes where the per-step path was faster by the margin, forward and fwd+bwd,
+every check passed on both sides; and no rule where a shape inside those ranges did not show
+that (slower, missing, unchecked). The table's refusals are the cuda backend's.
 
     python benchmarks/auto_rules.py <csv> --paths
 """
@@ -238,9 +238,18 @@ def as_python(rules: list[dict], backend: str | None, evidence: str, capability:
 STEP, PERSISTENT = "cuda-step", "cuda-persistent"
 
 
+def _persistent_row(by: dict, key: tuple) -> tuple[str, dict | None]:
+    """(backend, row): the persistent kernel's row for key (cell, dtype, shape, pass): the
+    cuda-persistent row where there is one (bench_gpu.py times it only on rows a path rule
+    sends plain cuda elsewhere), else the cuda row."""
+    if (PERSISTENT, *key) in by:
+        return PERSISTENT, by[(PERSISTENT, *key)]
+    return "cuda", by.get(("cuda", *key))
+
+
 def _path_verdict(step: dict | None, pers: dict | None, base: str, margin: float):
     """(ratio, None) where the per-step row ``step`` beat the persistent kernel's row ``pers``
-    (persistent ms / step ms >= margin), else (ratio or None, why not)."""
+    (of backend ``base``; persistent ms / step ms >= margin), else (ratio or None, why not)."""
     if step is None or pers is None:
         return None, f"no {STEP if step is None else base} row"
     if base == "cuda" and not (pers.get("note") or "").startswith("plan "):
@@ -264,10 +273,9 @@ def propose_paths(rows: list[dict], margin: float) -> tuple[list[dict], list[str
     """(rules, reasons) for the CUDA backend's PATH_RULES: rules as dicts (cell, dtype, tf32,
     batch, hidden, ratios, shapes) and, for every (cell, dtype) with cuda-step rows and no rule,
     why not."""
-    base = PERSISTENT if any(r.get("backend") == PERSISTENT for r in rows) else "cuda"
     by: dict[tuple, dict] = {}
     for r in rows:
-        if r.get("dtype") in DTYPES and r.get("backend") in (STEP, base):
+        if r.get("dtype") in DTYPES and r.get("backend") in (STEP, PERSISTENT, "cuda"):
             by[(r["backend"], r["cell"], r["dtype"], r["shape"], r.get("pass"))] = r
     rules, reasons = [], []
     for cell, dtype in sorted({(k[1], k[2]) for k in by if k[0] == STEP}):
@@ -275,7 +283,8 @@ def propose_paths(rows: list[dict], margin: float) -> tuple[list[dict], list[str
         for shape in SHAPES:
             ratios, whys = {}, []
             for p in ("fwd", "fwd+bwd"):
-                step, pers = (by.get((b, cell, dtype, shape, p)) for b in (STEP, base))
+                step = by.get((STEP, cell, dtype, shape, p))
+                base, pers = _persistent_row(by, (cell, dtype, shape, p))
                 for r in (step, pers):
                     if r is not None and r.get("BxTxH"):
                         dims[shape] = tuple(int(v) for v in r["BxTxH"].split("x"))

@@ -51,8 +51,10 @@ COLUMNS = ("cell", "shape", "dtype", "pass", "blocks", "plan", "copy", "mma", "m
            "epilogue", "epi own", "sync", "sync min", "parts", "load", "kernel", "GHz", "run")
 
 
-# The variants that run the persistent kernel, whose phases these are: all but cuda-step.
-PHASED = tuple(v for v, (_, env) in VARIANTS.items() if env["FUSED_RNN_CUDA_PATH"] != "step")
+# The variants that set the persistent kernel up differently, whose phases these are: not
+# cuda-step (no phases), nor cuda-persistent (here plain cuda's own settings).
+PHASED = tuple(v for v, (_, env) in VARIANTS.items() if v != "cuda-persistent"
+               and env["FUSED_RNN_CUDA_PATH"] != "step")
 
 
 def table_parser(description: str, dtypes: str) -> argparse.ArgumentParser:

@@ -96,6 +96,10 @@ PARTITIONS = (
     ({"FUSED_RNN_CUDA_MAX_GROUPS": "8", "FUSED_RNN_CUDA_CLUSTER": "8"}, None),
     ({"FUSED_RNN_CUDA_MAX_GROUPS": "8", "FUSED_RNN_CUDA_FRAG_LOADS": "mma"}, None),
 )
+# Partitions of the persistent kernel: it runs them whatever the path rules (ops.PATH_RULES)
+# would choose for the case.
+for _env, _ in PARTITIONS:
+    _env["FUSED_RNN_CUDA_PATH"] = "persistent"
 CLUSTER_KEYS = ("FUSED_RNN_CUDA_CLUSTER", "FUSED_RNN_CUDA_TEAM_CLUSTERS")
 
 

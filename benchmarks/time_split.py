@@ -101,16 +101,19 @@ def _device_events(prof, device: str) -> list[tuple[str, float]]:
 
 def measure(mode: str, B: int, T: int, H: int, dtype_name: str, backend: str,
             device: str) -> dict:
-    """One configuration on one backend ("cuda"; "cuda-step": ours on the per-step path,
-    FUSED_RNN_CUDA_PATH=step; "cudnn": torch.nn): wall ms and the split."""
+    """One configuration on one backend ("cuda": ours on the persistent kernel,
+    FUSED_RNN_CUDA_PATH=persistent, whatever the path rules say; "cuda-step": ours on the
+    per-step path, FUSED_RNN_CUDA_PATH=step; "cudnn": torch.nn): wall ms and the split."""
     import torch
     from torch.profiler import ProfilerActivity, profile
 
     import fused_rnn
 
-    if backend == "cuda-step":
-        with mock.patch.dict(os.environ, {"FUSED_RNN_CUDA_PATH": "step"}):
-            return measure(mode, B, T, H, dtype_name, "cuda", device)
+    path = {"cuda": "persistent", "cuda-step": "step"}.get(backend)
+    if path is not None and os.environ.get("FUSED_RNN_CUDA_PATH") != path:
+        with mock.patch.dict(os.environ, {"FUSED_RNN_CUDA_PATH": path}):
+            return measure(mode, B, T, H, dtype_name, backend, device)
+    backend = "cuda" if path is not None else backend  # the fused_rnn backend
     dtype = getattr(torch, DTYPE_NAMES[dtype_name])
     prev = torch.backends.cudnn.allow_tf32
     torch.backends.cudnn.allow_tf32 = dtype_name != "fp32-strict"

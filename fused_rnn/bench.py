@@ -437,8 +437,9 @@ class _Run:
         """Milliseconds a sampled character takes the trained model: ``generate``, the loop
         of ``fused-rnn sample`` (a step of the model's cells on the row's backend, the logits
         to the CPU, a draw), from the first validation character, in the row's precision
-        (autocast as in training); the mean over ``sample_chars`` characters, after two
-        untimed ones. None when the bench samples none."""
+        (autocast as in training; the CLI itself samples in fp32); the mean over
+        ``sample_chars`` characters, after two untimed ones. None when the bench samples
+        none. A backend that cannot sample fails its row, as one that cannot train."""
         bench = self.bench
         if not bench.sample_chars:
             return None
@@ -619,9 +620,10 @@ def _markdown(bench: Bench, results: list[dict], final: bool) -> str:
          else "- memory: the largest growth of torch.cuda.max_memory_allocated within one timed "
          "step over what was allocated before it (activations, workspace, gradients; "
          "parameters and Adam state are the same for every row)"),
-        (f"- sampling: ms per character of `fused-rnn sample`'s loop on the trained model (one "
-         "step of the model's cells on the row's backend, the logits to the CPU, a draw), "
-         f"in the row's precision, the mean over {bench.sample_chars} characters from the "
+        (f"- sampling: ms per character of `fused-rnn sample`'s loop (`generate`: one step of "
+         "the model's cells on the row's backend, the logits to the CPU, a draw) on the "
+         "trained model in the row's precision and autocast (`fused-rnn sample` itself loads "
+         f"a checkpoint in fp32), the mean over {bench.sample_chars} characters from the "
          "first validation character after 2 untimed; each row samples from its own trained "
          "weights, so this is a speed, not a check" if bench.sample_chars else
          "- sampling: not timed (--sample-chars 0)"),

@@ -141,6 +141,15 @@ SHAPES = {"T5-B3-I7-H37": (5, 3, 7, 37, {}), "T1-B1-I4-H16": (1, 1, 4, 16, {}),
           "T7-B70-I9-H24-step": (7, 70, 9, 24, STEP),
           "T16-B16-I32-H256": (16, 16, 32, 256, {}),
           "T16-B16-I32-H256-parts4": (16, 16, 32, 256, {"FUSED_RNN_CUDA_K_PARTS": "4"})}
+@pytest.fixture(autouse=True)
+def _persistent_unless_asked(monkeypatch):
+    """The tests here name the path they check: the persistent kernel, unless a test (or the
+    whole run) sets FUSED_RNN_CUDA_PATH itself, whatever the path rules (ops.PATH_RULES)
+    would choose; test_cuda_sim.py checks those rules."""
+    if "FUSED_RNN_CUDA_PATH" not in os.environ:
+        monkeypatch.setenv("FUSED_RNN_CUDA_PATH", "persistent")
+
+
 # dtype, cudnn.allow_tf32, floor for outputs, floor for gradients
 DTYPES = {
     "fp32": (torch.float32, False, 1e-5, 2e-5),

@@ -133,6 +133,9 @@ def main(argv: list[str]) -> None:
         for key in SETTINGS:
             os.environ.pop(f"FUSED_RNN_CUDA_{key}", None)
         os.environ.update({f"FUSED_RNN_CUDA_{k}": v for k, v in settings.items()})
+        # the configurations name their path: the persistent kernel unless "step", whatever
+        # the CUDA backend's path rules (ops.PATH_RULES) would choose
+        os.environ.setdefault("FUSED_RNN_CUDA_PATH", "persistent")
         dtype, tf32 = DTYPES[dt]
         torch.backends.cudnn.allow_tf32 = tf32
         leaves, lens, cots = layer_inputs(mode, 3, 70, 5, hidden, 0, True)

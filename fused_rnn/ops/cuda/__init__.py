@@ -172,7 +172,9 @@ def rnn_cell(
 ) -> tuple[Tensor, Tensor | None]:
     """One step; same contract as ``reference.rnn_cell``. x: (B, I); h, c: (B, H).
 
-    A one-step chunk of the persistent kernels (one cooperative launch). For token-by-token
-    generation the Triton backend's fused step kernel is the lighter tool."""
+    A one-step chunk of the layer's kernels: one cooperative launch of the persistent kernel
+    (which loads W_hh on chip for that one step), or the per-step path's GEMM and launch where
+    ``FUSED_RNN_CUDA_PATH`` says so. For token-by-token generation the Triton backend's fused
+    step kernel is the lighter tool."""
     _, h1, c1 = rnn_layer(mode, x[None], h, c, w_ih, w_hh, b_ih, b_hh)
     return h1, c1

@@ -262,21 +262,22 @@ class PathRule:
     whose CUDA GPU tests passed and in which ``cuda-step`` beat the persistent kernel, forward
     and fwd+bwd, with every check passed, on every measured shape inside its ranges and lost
     on none there: ``benchmarks/auto_rules.py --paths`` prints them. Ranges are inclusive;
-    ``dtypes`` is the dtype the cells compute in (autocast's where autocast is on). It holds
-    on GPUs of the table's compute capability only; for float32, ``tf32`` says whether it
-    holds while the recurrence may use TF32 (True) or may not (False), as AutoRule's.
-    ``steps`` spans the chunk lengths measured: a one-step call (a cell) pays the persistent
-    launch's W_hh load for one step, so a win at T = 64..1024 says nothing about T = 1.
+    ``dtypes`` holds the layer's data dtype (the op's input, autocast's where autocast is
+    on). It holds on GPUs of the table's compute capability only; for float32, ``tf32`` says
+    whether it holds while the recurrence may use TF32 (True) or may not (False), as
+    AutoRule's. ``steps`` (required) spans the chunk lengths measured: a one-step call (a
+    cell) pays the persistent launch's W_hh load for one step, so a win at T = 64..1024 says
+    nothing about T = 1.
     """
 
     modes: frozenset[str]
     dtypes: frozenset[torch.dtype]
     batch: tuple[int, int]
     hidden: tuple[int, int]
+    steps: tuple[int, int]
     capability: tuple[int, int]
     evidence: str
     tf32: bool | None = None
-    steps: tuple[int, int] = (1, 2**31 - 1)
 
     def __post_init__(self) -> None:
         check_measured_rule("a PathRule", self.modes, self.dtypes, self.tf32, self.evidence,
