@@ -70,6 +70,19 @@ int finish(cudaError_t err, cudaError_t pending) {
   return static_cast<int>(err);
 }
 
+// The counts and lengths every launch fills alike, persistent or per step (binding.cpp
+// forward_params/backward_params). The per-step launches' exchange buffer has no padding
+// rows, so their batch_pad is the batch; the persistent ones set their plan's after.
+template <typename Params>
+void fill_step(Params& p, int steps, int batch, int hidden, int reverse, const int* lengths) {
+  p.steps = steps;
+  p.batch = batch;
+  p.hidden = hidden;
+  p.batch_pad = batch;
+  p.reverse = reverse != 0;
+  p.lengths = lengths;
+}
+
 // The launch fields FwdParams and BwdParams share, and the plan (binding.cpp checks and fills
 // the same); false when the plan is refused (sim_last_error says why).
 template <typename Params>
@@ -86,13 +99,9 @@ bool fill_common(Params& p, fused_rnn::Selection& sel, int cell, int dtype, int 
     return false;
   p.cluster = mode;
   p.plan = sel.plan;
-  p.steps = steps;
-  p.batch = batch;
-  p.hidden = hidden;
+  fill_step(p, steps, batch, hidden, reverse, lengths);
   p.batch_pad = batch_pad;
-  p.reverse = reverse != 0;
   p.w_hh = w_hh;
-  p.lengths = lengths;
   p.prof = prof;
   p.stage_copy = stage_copy;
   p.tile_block = tile_block;
@@ -120,18 +129,6 @@ int run_step(int cell, int dtype, cudaError_t pending, Launch&& launch) {
   return finish(fused_rnn::dispatch_step(static_cast<Cell>(cell),
                                          static_cast<fused_rnn::Storage>(dtype), launch),
                 pending);
-}
-
-// The fields both step launches fill alike (binding.cpp forward_params/backward_params; no
-// plan: the exchange buffer has no padding rows).
-template <typename Params>
-void fill_step(Params& p, int steps, int batch, int hidden, int reverse, const int* lengths) {
-  p.steps = steps;
-  p.batch = batch;
-  p.hidden = hidden;
-  p.batch_pad = batch;
-  p.reverse = reverse != 0;
-  p.lengths = lengths;
 }
 
 // The inputs and buffers of a forward launch, either path (binding.cpp forward_params).
