@@ -24,15 +24,19 @@ requires to be committed.
     python benchmarks/auto_rules.py <csv> --backend triton --triton-tests "<summary line>"
 
 Rows of variants (``cuda-p1``, ...) are not used: a rule is for what ``auto`` runs by default.
+Nor are the one-step rows (G1-G3): the cell modules under ``auto`` run PyTorch's cell kernels,
+and a rule's steps range spans S1-S6's chunks (64 to 1024 steps).
 
 ``--paths`` proposes the CUDA backend's ``PATH_RULES`` (fused_rnn/ops/cuda/ops.py) instead:
 where ``FUSED_RNN_CUDA_PATH=auto`` (the default) runs a layer on the per-step path. It
 compares the ``cuda-step`` rows with the persistent kernel's (row by row: the
 ``cuda-persistent`` row where the table has one, else the ``cuda`` row, whose note must show a
-launch plan) and gives one rule per (cell, dtype): the batch, hidden and steps ranges
-spanning the shapes where the per-step path was faster by the margin, forward and fwd+bwd,
-every check passed on both sides; and no rule where a shape inside those ranges did not show
-that (slower, missing, unchecked). The table's refusals are the cuda backend's.
+launch plan) and gives one rule per (cell, dtype) and group of shapes (S1-S6, and the one-step
+shapes G1-G3 apart: a cell's call, where the persistent launch loads W_hh for one step): the
+batch, hidden and steps ranges spanning the group's shapes where the per-step path was faster
+by the margin, forward and fwd+bwd, every check passed on both sides; and no rule for the group
+where a shape of it inside those ranges did not show that (slower, missing, unchecked). The
+table's refusals are the cuda backend's.
 
     python benchmarks/auto_rules.py <csv> --paths
 """
@@ -47,7 +51,7 @@ from collections import defaultdict
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_gpu import MIN_REPS, SHAPES
+from bench_gpu import MIN_REPS, SHAPES, STEP_SHAPES
 
 DTYPES = {"fp32": "torch.float32", "bf16": "torch.bfloat16", "fp16": "torch.float16",
           "fp32-strict": "torch.float32"}
@@ -269,48 +273,64 @@ def _path_verdict(step: dict | None, pers: dict | None, base: str, margin: float
     return ratio, None
 
 
+# The shapes --paths reads, in groups that each give their own rule: the suite's chunks, and
+# one-step calls (a cell), where the persistent launch loads W_hh for a single step. A loss in
+# one group does not stop the other's rule, nor does a rule span from one group into the other.
+PATH_GROUPS = (("", SHAPES), (" one step", STEP_SHAPES))
+
+
 def propose_paths(rows: list[dict], margin: float) -> tuple[list[dict], list[str]]:
     """(rules, reasons) for the CUDA backend's PATH_RULES: rules as dicts (cell, dtype, tf32,
-    batch, hidden, ratios, shapes) and, for every (cell, dtype) with cuda-step rows and no rule,
-    why not."""
+    batch, hidden, steps, ratios, shapes) and, for every (cell, dtype) and group of shapes
+    (PATH_GROUPS) with cuda-step rows and no rule, why not."""
     by: dict[tuple, dict] = {}
     for r in rows:
         if r.get("dtype") in DTYPES and r.get("backend") in (STEP, PERSISTENT, "cuda"):
             by[(r["backend"], r["cell"], r["dtype"], r["shape"], r.get("pass"))] = r
     rules, reasons = [], []
     for cell, dtype in sorted({(k[1], k[2]) for k in by if k[0] == STEP}):
-        wins, losses, dims = {}, {}, {}
-        for shape in SHAPES:
-            ratios, whys = {}, []
-            for p in ("fwd", "fwd+bwd"):
-                step = by.get((STEP, cell, dtype, shape, p))
-                base, pers = _persistent_row(by, (cell, dtype, shape, p))
-                for r in (step, pers):
-                    if r is not None and r.get("BxTxH"):
-                        dims[shape] = tuple(int(v) for v in r["BxTxH"].split("x"))
-                ratios[p], why = _path_verdict(step, pers, base, margin)
-                if why:
-                    whys.append(f"{p} {why}")
-            if whys:
-                losses[shape] = "; ".join(whys)
-            else:
-                wins[shape] = ratios["fwd+bwd"]
-        if not wins:
-            reasons.append(f"{cell} {dtype}: no rule; the per-step path won on no shape")
-            continue
-        b, t, h = ((min(dims[s][i] for s in wins), max(dims[s][i] for s in wins))
-                   for i in range(3))
-        inside = [s for s in SHAPES if s not in wins and (s not in dims or all(
-            lo <= v <= hi for v, (lo, hi) in zip(dims[s], (b, t, h), strict=True)))]
-        if inside:  # (a shape never measured may be anywhere: it stops the rule too)
-            reasons.append(f"{cell} {dtype}: no rule; the per-step path won on "
-                           f"{', '.join(wins)}, but not on " + "; ".join(
-                               f"{s} ({losses[s]})" for s in inside))
-            continue
-        rules.append(dict(cell=cell, dtype=dtype, tf32=_tf32(rows, dtype), batch=b, hidden=h,
-                          steps=t, ratios=(min(wins.values()), max(wins.values())),
-                          shapes=list(wins)))
+        for group, shapes in PATH_GROUPS:
+            if any((STEP, cell, dtype, s, p) in by for s in shapes for p in ("fwd", "fwd+bwd")):
+                _group_rule(by, cell, dtype, group, shapes, margin, rules, reasons)
+    for r in rules:
+        r["tf32"] = _tf32(rows, r["dtype"])
     return rules, reasons
+
+
+def _group_rule(by: dict, cell: str, dtype: str, group: str, shapes: dict, margin: float,
+                rules: list[dict], reasons: list[str]) -> None:
+    """propose_paths for one (cell, dtype) over one group of shapes: appends its rule to
+    ``rules`` (without tf32) or why none to ``reasons``."""
+    wins, losses, dims = {}, {}, {}
+    for shape in shapes:
+        ratios, whys = {}, []
+        for p in ("fwd", "fwd+bwd"):
+            step = by.get((STEP, cell, dtype, shape, p))
+            base, pers = _persistent_row(by, (cell, dtype, shape, p))
+            for r in (step, pers):
+                if r is not None and r.get("BxTxH"):
+                    dims[shape] = tuple(int(v) for v in r["BxTxH"].split("x"))
+            ratios[p], why = _path_verdict(step, pers, base, margin)
+            if why:
+                whys.append(f"{p} {why}")
+        if whys:
+            losses[shape] = "; ".join(whys)
+        else:
+            wins[shape] = ratios["fwd+bwd"]
+    if not wins:
+        reasons.append(f"{cell} {dtype}{group}: no rule; the per-step path won on no shape")
+        return
+    b, t, h = ((min(dims[s][i] for s in wins), max(dims[s][i] for s in wins))
+               for i in range(3))
+    inside = [s for s in shapes if s not in wins and (s not in dims or all(
+        lo <= v <= hi for v, (lo, hi) in zip(dims[s], (b, t, h), strict=True)))]
+    if inside:  # (a shape never measured may be anywhere: it stops the rule too)
+        reasons.append(f"{cell} {dtype}{group}: no rule; the per-step path won on "
+                       f"{', '.join(wins)}, but not on " + "; ".join(
+                           f"{s} ({losses[s]})" for s in inside))
+        return
+    rules.append(dict(cell=cell, dtype=dtype, batch=b, hidden=h, steps=t,
+                      ratios=(min(wins.values()), max(wins.values())), shapes=list(wins)))
 
 
 def main(argv=None) -> int:

@@ -1,10 +1,11 @@
 """GPU benchmark: fused_rnn kernel backends against cuDNN (torch.nn), in one process.
 
-One layer, input size = hidden size, ``batch_first``, shapes S1-S6 of ``ANCHORS.md``, LSTM and
-GRU, fp32 / bf16 / fp16. For every row: forward ("fwd", a training forward: parameters require
-grad) and forward+backward ("fwd+bwd", ``y.backward(g)`` with a random cotangent), median time
-from ``triton.testing.do_bench`` (warm-up first, L2 flushed between runs, at least 5 runs), for
-cuDNN and each backend named in ``--backends``. Ratios are cuDNN time / ours (> 1: we are
+One layer, input size = hidden size, ``batch_first``, shapes S1-S6 of ``ANCHORS.md`` and the
+one-step shapes G1-G3 (``STEP_SHAPES``: a cell's cost), LSTM and GRU, fp32 / bf16 / fp16. For
+every row: forward ("fwd", a training forward: parameters require grad) and forward+backward
+("fwd+bwd", ``y.backward(g)`` with a random cotangent), median time from
+``triton.testing.do_bench`` (warm-up first, L2 flushed between runs, at least 5 runs), for cuDNN
+and each backend named in ``--backends``. Ratios are cuDNN time / ours (> 1: we are
 faster), against cuDNN in the same dtype and against cuDNN fp16 (cuDNN's fastest mode).
 fp32 runs with TF32 as ``torch.backends.cudnn.allow_tf32`` says (default on, as in ANCHORS.md);
 the header records it. ``fp32-strict`` runs fp32 with it off, for cuDNN and for us alike (our
@@ -65,7 +66,14 @@ SHAPES = {  # name: (B, T, H), from ANCHORS.md
     "S5": (8, 256, 256),
     "S6": (128, 64, 256),
 }
-DRY_SHAPES = {"D1": (3, 4, 16), "D2": (2, 3, 37), "D3": (40, 2, 16)}
+# One step a call (T = 1): what a cell costs, in sampling (B = 1: ANCHORS.md's generation step
+# at H 1024, and the main job's H 256) and in a training loop over cells (ANCHORS.md's LSTMCell
+# loop, B 64 H 512). A layer of the CUDA backend runs its cells as one-step chunks
+# (ops/cuda/__init__.py rnn_cell), so these rows time both of its paths at that size. They are
+# timed after the suite's rows in each round, by the backends and cuda-step (the other variants
+# tune the persistent kernel's chunk loop), and no AutoRule comes from them (auto_rules.py).
+STEP_SHAPES = {"G1": (1, 1, 1024), "G2": (1, 1, 256), "G3": (64, 1, 512)}
+DRY_SHAPES = {"D1": (3, 4, 16), "D2": (2, 3, 37), "D3": (40, 2, 16), "D4": (2, 1, 16)}
 DTYPE_NAMES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16",
                "fp32-strict": "float32"}  # fp32 with cudnn.allow_tf32 off (cuDNN's and ours)
 COLUMNS = ["cell", "shape", "BxTxH", "dtype", "backend", "pass", "ms", "us_per_step", "reps",
@@ -141,7 +149,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     args.modes = _split(args.modes, ("LSTM", "GRU"), "mode")
     args.dtypes = _split(args.dtypes, tuple(DTYPE_NAMES), "dtype")
     args.passes = _split(args.passes, ("fwd", "fwd+bwd"), "pass")
-    table = DRY_SHAPES if args.dry_run else SHAPES
+    table = DRY_SHAPES if args.dry_run else {**SHAPES, **STEP_SHAPES}
     args.shapes = _split(args.shapes, tuple(table), "shape") if args.shapes else list(table)
     args.shape_table = table
     if args.out_dir is None:
@@ -834,9 +842,25 @@ def rounds(backends: list[str]) -> list[list]:
 
 
 def configurations(args) -> list[tuple[str, str, str]]:
-    """(mode, shape, dtype) in PRIORITY order, each (mode, dtype) over all its shapes."""
-    return [(mode, shape, dtype_name) for mode, dtype_name in PRIORITY
-            if mode in args.modes and dtype_name in args.dtypes for shape in args.shapes]
+    """(mode, shape, dtype) in PRIORITY order, each (mode, dtype) over all its shapes of more
+    than one step; then the same for the one-step shapes (STEP_SHAPES), which no AutoRule
+    needs."""
+    def one_step(shape):
+        return args.shape_table[shape][1] == 1
+    return [(mode, shape, dtype_name) for steps in (False, True)
+            for mode, dtype_name in PRIORITY if mode in args.modes and dtype_name in args.dtypes
+            for shape in args.shapes if one_step(shape) == steps]
+
+
+# The variants timed at one-step shapes: the per-step path, and the persistent kernel where a
+# path rule sends plain cuda to it (the others tune the persistent kernel's chunk loop).
+ONE_STEP_VARIANTS = ("cuda-step", "cuda-persistent")
+
+
+def timed_here(backend, shape: tuple[int, int, int]) -> bool:
+    """Whether ``backend`` (None: cuDNN) gets rows at ``shape`` (B, T, H) at all: every backend
+    and variant at chunks of more than one step; at one step, no variant but ONE_STEP_VARIANTS."""
+    return shape[1] > 1 or backend not in VARIANTS or backend in ONE_STEP_VARIANTS
 
 
 def main(argv=None) -> int:
@@ -859,9 +883,10 @@ def main(argv=None) -> int:
         for mode, shape, dtype_name in configurations(args):
             B, T, H = args.shape_table[shape]
             label = f"{mode}-{shape}-{dtype_name}"
-            todo = [b for b in round_backends if not _moot(b, mode, (B, T, H), dtype_name, device)]
+            todo = [b for b in round_backends if timed_here(b, (B, T, H))
+                    and not _moot(b, mode, (B, T, H), dtype_name, device)]
             if not todo:
-                continue  # only variants that would time the same kernels as cuda
+                continue  # only variants that would time the same kernels as cuda, or none here
             if time.monotonic() - start > args.time_budget:
                 skipped.append(label + ("" if None in round_backends else f" ({','.join(todo)})"))
                 rows += [dict(cell=mode, shape=shape, BxTxH=f"{B}x{T}x{H}", dtype=dtype_name,

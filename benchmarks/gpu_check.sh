@@ -44,9 +44,10 @@
 #    below run with K parts off (FUSED_RNN_CUDA_K_PARTS=1), so the table still times kernels
 #    that passed; if a cluster-mode test did, the cluster variants leave the bench and
 #    FRNN_NO_CLUSTERS=1 keeps the later steps off clusters;
-# 2. bench_gpu.py: S1-S6 x LSTM/GRU x fp32/bf16/fp16, fwd and fwd+bwd, against cuDNN in the
-#    same process; writes benchmarks/results/<date>-<gpu>.md and .csv (time-budgeted, so the
-#    script always finishes; its output also goes to bench.log in cuda_logs.tar.gz);
+# 2. bench_gpu.py: S1-S6 (then the one-step shapes G1-G3) x LSTM/GRU x fp32/bf16/fp16, fwd and
+#    fwd+bwd, against cuDNN in the same process; writes benchmarks/results/<date>-<gpu>.md and
+#    .csv (time-budgeted, so the script always finishes; its output also goes to bench.log in
+#    cuda_logs.tar.gz);
 # 3. with cuda: compute-sanitizer memcheck (at most 90 s), then the kernels' phase timings
 #    (profile_cuda.py, at most 75 s) and the layer's time by kind of kernel (time_split.py,
 #    at most 40 s);

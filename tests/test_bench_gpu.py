@@ -99,6 +99,30 @@ def test_time_budget_skips_rows_but_writes_the_report(tmp_path):
     assert _md_table(text)[2:] == []
 
 
+def test_one_step_shapes_come_last_in_a_round_without_the_chunk_loop_variants(tmp_path):
+    """A one-step shape (D4 here, G1-G3 on a GPU) is timed after every longer shape of its
+    round, whatever order --shapes names them in, and only for the backends, cuda-step and
+    cuda-persistent (where a rule sends cuda to the per-step path): the other variants tune
+    the persistent kernel's chunk loop."""
+    bench_gpu = _import("bench_gpu")
+    assert bench_gpu.STEP_SHAPES and all(T == 1 for _, T, _ in bench_gpu.STEP_SHAPES.values())
+    assert not set(bench_gpu.STEP_SHAPES) & set(bench_gpu.SHAPES)
+    assert bench_gpu.parse_args([]).shapes == [*bench_gpu.SHAPES, *bench_gpu.STEP_SHAPES]
+    _, rows = _run(tmp_path, "--shapes", "D4,D3", "--backends", "cuda,cuda-step,cuda-p1",
+                   "--modes", "LSTM,GRU", "--dtypes", "bf16,fp32", "--time-budget", "0")
+    order = [(r["backend"], r["cell"], r["dtype"], r["shape"]) for r in rows
+             if r["backend"] != "torch.nn (cpu)"]
+    first = [(c, d) for c, d in bench_gpu.PRIORITY if d in ("bf16", "fp32")]
+    assert order == [("cuda", c, d, s) for s in ("D3", "D4") for c, d in first] + [
+        (b, c, d, "D3") for c, d in first for b in ("cuda-step", "cuda-p1")] + [
+        ("cuda-step", c, d, "D4") for c, d in first], order
+    assert all(bench_gpu.timed_here(b, (1, 1, 1024)) for b in (None, "cuda", "triton",
+                                                                "cuda-step", "cuda-persistent"))
+    assert not any(bench_gpu.timed_here(b, (1, 1, 1024)) for b in bench_gpu.VARIANTS
+                   if b not in ("cuda-step", "cuda-persistent"))
+    assert all(bench_gpu.timed_here(b, (1, 2, 1024)) for b in bench_gpu.VARIANTS)
+
+
 def test_rounds_put_cudnn_and_the_first_backend_first():
     """Under a time budget the first backend named (cuda in gpu_check.sh) gets its whole table
     against cuDNN before any other backend or variant starts."""
@@ -411,8 +435,9 @@ def test_gpu_check_turns_k_parts_off_when_their_gpu_tests_fail(tmp_path):
 def _gpu_table(tmp_path, cases, gpu_tests="520 passed, 4 skipped in 80.0s", overrides="none"):
     """A GPU table as bench_gpu.py writes it (write_report), from cases: {(cell, dtype): {shape:
     cuda's ratio to cuDNN, (ratio, check), None = no cuda row, "skipped" = skipped for time,
-    "absent" = no row at all, "fwd failed" = 3x fwd+bwd but the forward's timing raised}}; a
-    cuda-p1 variant wins 9x everywhere (it must not count)."""
+    "absent" = no row at all, "fwd failed" = 3x fwd+bwd but the forward's timing raised}}, every
+    shape of S1-S6 given, and of the one-step shapes those given; a cuda-p1 variant wins 9x
+    everywhere (it must not count)."""
     import argparse
 
     bench_gpu = _import("bench_gpu")
@@ -421,7 +446,9 @@ def _gpu_table(tmp_path, cases, gpu_tests="520 passed, 4 skipped in 80.0s", over
                capability="9.0")
     rows = []
     for (cell, dtype), by_shape in cases.items():
-        for shape, (B, T, H) in bench_gpu.SHAPES.items():
+        for shape, (B, T, H) in {**bench_gpu.SHAPES, **bench_gpu.STEP_SHAPES}.items():
+            if shape in bench_gpu.STEP_SHAPES and shape not in by_shape:
+                continue
             v = by_shape[shape]
             if v == "absent":
                 continue
@@ -1334,6 +1361,42 @@ def test_path_rules_from_a_gpu_table(tmp_path, capsys):
     assert ("GRU fp32: no rule; the per-step path won on S2, S4, but not on S3 (fwd no cuda-step "
             "row; fwd+bwd no cuda-step row)") in out
     assert "# LSTM fp16: no rule; the per-step path won on no shape" in out
+
+
+def test_one_step_shapes_give_path_rules_of_their_own(tmp_path, capsys):
+    """The one-step shapes (G1-G3: a cell's call) are a group of their own for --paths: their
+    rule spans only them (steps (1, 1)), and neither group's losses stop the other's rule."""
+    import torch
+
+    auto_rules = _import("auto_rules")
+    from fused_rnn.ops.cuda.ops import PathRule
+
+    chunks = dict(S1=0.5, S2=0.8, S3=1.3, S4=3.0, S5=0.4, S6=0.9)  # a rule at S3, S4
+    path = _path_table(tmp_path, {
+        ("LSTM", "bf16"): {**chunks, "G1": 4.0, "G2": 2.0, "G3": 1.5},
+        ("GRU", "bf16"): {**chunks, "S6": 1.2, "G1": 2.0, "G2": 1.5, "G3": 0.7},
+        ("GRU", "fp16"): {**chunks, "G1": 0.5, "G2": 0.6, "G3": (2.0, "FAIL: y 0.3 > 0.02")},
+        ("LSTM", "fp32"): chunks,  # a table without one-step rows: no word on them
+    })
+    assert auto_rules.main([str(path), "--paths"]) == 0
+    out = capsys.readouterr().out
+    ns = {"PathRule": PathRule, "torch": torch}
+    exec(out, ns)  # noqa: S102
+    rules = [(next(iter(r.modes)), next(iter(r.dtypes)), r.steps, r.batch, r.hidden)
+             for r in ns["PATH_RULES"]]
+    assert rules == [("GRU", torch.bfloat16, (1, 1), (1, 1), (256, 1024)),
+                     ("GRU", torch.float16, (128, 128), (64, 256), (1024, 1024)),
+                     ("LSTM", torch.bfloat16, (128, 128), (64, 256), (1024, 1024)),
+                     ("LSTM", torch.bfloat16, (1, 1), (1, 64), (256, 1024)),
+                     ("LSTM", torch.float32, (128, 128), (64, 256), (1024, 1024))], out
+    lstm_cells = ns["PATH_RULES"][3]
+    assert lstm_cells.matches("LSTM", torch.bfloat16, 1, 512, 1, (9, 0), True)  # a cell
+    assert not lstm_cells.matches("LSTM", torch.bfloat16, 1, 512, 2, (9, 0), True)
+    assert "# fwd+bwd 1.50-4.00x the persistent kernel in bf16 on G1, G2, G3 (fwd too)" in out
+    assert ("# GRU bf16: no rule; the per-step path won on S3, S4, S6, but not on S2 (fwd "
+            "0.80x the persistent kernel") in out  # the chunks' rule stops; the cells' stands
+    assert "# GRU fp16 one step: no rule; the per-step path won on no shape" in out
+    assert "LSTM fp32 one step" not in out
 
 
 def test_path_rules_need_the_persistent_kernels_rows(tmp_path, capsys):
