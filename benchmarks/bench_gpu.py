@@ -36,8 +36,9 @@ table and CSV writing, on tiny shapes with the Triton interpreter and aten's CPU
 for cuDNN. Its numbers mean nothing. ``--time-budget`` stops starting new rows after that many
 seconds (the rest are listed as skipped, and written to the CSV as "skipped: time"), so the GPU
 script always finishes. Rows are timed in rounds over all configurations: cuDNN with the first
-backend named, then the other backends, then the variants; so name first the backend whose
-table matters most. Within a round, configurations go by need (``PRIORITY``).
+backend named, then the other backends and the CUDA backend's paths (``cuda-step``,
+``cuda-persistent``), then the other variants; so name first the backend whose table matters
+most. Within a round, configurations go by need (``PRIORITY``), the one-step shapes last.
 """
 
 from __future__ import annotations
@@ -409,6 +410,9 @@ VARIANTS = {"cuda-p1": ("cuda", {"FUSED_RNN_CUDA_K_PARTS": "1"}),
             "cuda-mma": ("cuda", {"FUSED_RNN_CUDA_FRAG_LOADS": "mma"}),
             "cuda-step": ("cuda", {"FUSED_RNN_CUDA_PATH": "step"}),
             "cuda-persistent": ("cuda", {"FUSED_RNN_CUDA_PATH": "persistent"})}
+# The variants that choose the CUDA backend's path (ops.cuda_path) rather than tune the
+# persistent kernel: timed with the backends (rounds) and at the one-step shapes (timed_here).
+PATH_VARIANTS = ("cuda-step", "cuda-persistent")
 # Every variant but cuda-step sets the persistent kernel up differently, so it runs that kernel
 # on every row, whatever the CUDA backend's path rules (ops.PATH_RULES) choose for plain cuda.
 for _, _env in VARIANTS.values():
@@ -833,12 +837,15 @@ def short_table(rows: list[dict]) -> str:
 # --------------------------------------------------------------------------- main
 def rounds(backends: list[str]) -> list[list]:
     """The order rows are timed in, one round over every configuration at a time: cuDNN (None)
-    and the first backend named; then the other backends; then the variants (cuda-p1, ...).
+    and the first backend named; then the other backends and the CUDA backend's paths
+    (PATH_VARIANTS); then the other variants (cuda-p1, ...), which tune the persistent kernel.
     Under --time-budget a later round never costs an earlier one a configuration, so the first
-    backend named gets its full table against cuDNN first."""
+    backend named gets its full table against cuDNN first, and the per-step path's rows (what
+    PATH_RULES come from) go before the tuning variants'."""
     primary = [b for b in backends if b not in VARIANTS]
-    variants = [b for b in backends if b in VARIANTS]
-    return [r for r in ([None, *primary[:1]], primary[1:], variants) if r]
+    paths = [b for b in backends if b in PATH_VARIANTS]
+    tuning = [b for b in backends if b in VARIANTS and b not in PATH_VARIANTS]
+    return [r for r in ([None, *primary[:1]], primary[1:] + paths, tuning) if r]
 
 
 def configurations(args) -> list[tuple[str, str, str]]:
@@ -852,15 +859,11 @@ def configurations(args) -> list[tuple[str, str, str]]:
             for shape in args.shapes if one_step(shape) == steps]
 
 
-# The variants timed at one-step shapes: the per-step path, and the persistent kernel where a
-# path rule sends plain cuda to it (the others tune the persistent kernel's chunk loop).
-ONE_STEP_VARIANTS = ("cuda-step", "cuda-persistent")
-
-
 def timed_here(backend, shape: tuple[int, int, int]) -> bool:
     """Whether ``backend`` (None: cuDNN) gets rows at ``shape`` (B, T, H) at all: every backend
-    and variant at chunks of more than one step; at one step, no variant but ONE_STEP_VARIANTS."""
-    return shape[1] > 1 or backend not in VARIANTS or backend in ONE_STEP_VARIANTS
+    and variant at chunks of more than one step; at one step, the backends and PATH_VARIANTS
+    (the other variants tune the persistent kernel's chunk loop)."""
+    return shape[1] > 1 or backend not in VARIANTS or backend in PATH_VARIANTS
 
 
 def main(argv=None) -> int:

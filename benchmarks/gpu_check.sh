@@ -7,7 +7,8 @@
 #                     cuda-p1,cuda-cl16,cuda-cl16ds,cuda-cl8,cuda-tc,cuda-b32,cuda-g1,cuda-direct,cuda-nopipe,
 #                     cuda-regcopy,cuda-gemm32,cuda-genfrag;
 #                     the first backend is timed with cuDNN over every configuration before
-#                     the others start; cuda-mma = the TF32 tiles through mma.sync and
+#                     the others start, then the other backends with cuda-step and
+#                     cuda-persistent, then the other variants; cuda-mma = the TF32 tiles through mma.sync and
 #                     ldmatrix (fp32 rows only); cuda-step = the per-step path (a cuBLAS
 #                     GEMM and a launch of the cell a step, no W_hh on chip);
 #                     cuda-persistent = the persistent kernel on the rows where a path rule

@@ -113,9 +113,9 @@ def test_one_step_shapes_come_last_in_a_round_without_the_chunk_loop_variants(tm
     order = [(r["backend"], r["cell"], r["dtype"], r["shape"]) for r in rows
              if r["backend"] != "torch.nn (cpu)"]
     first = [(c, d) for c, d in bench_gpu.PRIORITY if d in ("bf16", "fp32")]
-    assert order == [("cuda", c, d, s) for s in ("D3", "D4") for c, d in first] + [
-        (b, c, d, "D3") for c, d in first for b in ("cuda-step", "cuda-p1")] + [
-        ("cuda-step", c, d, "D4") for c, d in first], order
+    # cuda-step chooses a path: its round comes before the tuning variants' (cuda-p1)
+    assert order == [(b, c, d, s) for b in ("cuda", "cuda-step") for s in ("D3", "D4")
+                     for c, d in first] + [("cuda-p1", c, d, "D3") for c, d in first], order
     assert all(bench_gpu.timed_here(b, (1, 1, 1024)) for b in (None, "cuda", "triton",
                                                                 "cuda-step", "cuda-persistent"))
     assert not any(bench_gpu.timed_here(b, (1, 1, 1024)) for b in bench_gpu.VARIANTS
@@ -125,7 +125,8 @@ def test_one_step_shapes_come_last_in_a_round_without_the_chunk_loop_variants(tm
 
 def test_rounds_put_cudnn_and_the_first_backend_first():
     """Under a time budget the first backend named (cuda in gpu_check.sh) gets its whole table
-    against cuDNN before any other backend or variant starts."""
+    against cuDNN before any other backend or variant starts, and the CUDA backend's paths
+    theirs before the tuning variants start."""
     sys.path.insert(0, str(ROOT / "benchmarks"))
     try:
         import bench_gpu
@@ -135,6 +136,10 @@ def test_rounds_put_cudnn_and_the_first_backend_first():
         [None, "cuda"], ["triton"], ["cuda-p1", "cuda-g1"]]
     assert bench_gpu.rounds(["triton"]) == [[None, "triton"]]
     assert bench_gpu.rounds(["cuda-g1", "cuda"]) == [[None, "cuda"], ["cuda-g1"]]
+    # the per-step path (and the persistent kernel where a rule would leave it) before any
+    # variant that tunes the persistent kernel: PATH_RULES come from those rows
+    assert bench_gpu.rounds(["cuda", "cuda-mma", "cuda-step", "triton", "cuda-persistent"]) == [
+        [None, "cuda"], ["triton", "cuda-step", "cuda-persistent"], ["cuda-mma"]]
 
 
 def test_strict_fp32_rows_compare_like_with_like(tmp_path):
