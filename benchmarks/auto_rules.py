@@ -318,7 +318,8 @@ def _group_rule(by: dict, cell: str, dtype: str, group: str, shapes: dict, margi
         else:
             wins[shape] = ratios["fwd+bwd"]
     if not wins:
-        reasons.append(f"{cell} {dtype}{group}: no rule; the per-step path won on no shape")
+        reasons.append(f"{cell} {dtype}{group}: no rule; the per-step path won on no shape ("
+                       + "; ".join(f"{s}: {why}" for s, why in losses.items()) + ")")
         return
     b, t, h = ((min(dims[s][i] for s in wins), max(dims[s][i] for s in wins))
                for i in range(3))

@@ -67,12 +67,14 @@ SHAPES = {  # name: (B, T, H), from ANCHORS.md
     "S5": (8, 256, 256),
     "S6": (128, 64, 256),
 }
-# One step a call (T = 1): what a cell costs, in sampling (B = 1: ANCHORS.md's generation step
-# at H 1024, and the main job's H 256) and in a training loop over cells (ANCHORS.md's LSTMCell
-# loop, B 64 H 512). A layer of the CUDA backend runs its cells as one-step chunks
-# (ops/cuda/__init__.py rnn_cell), so these rows time both of its paths at that size. They are
-# timed after the suite's rows in each round, by the backends and cuda-step (the other variants
-# tune the persistent kernel's chunk loop), and no AutoRule comes from them (auto_rules.py).
+# One step a call (T = 1): a cell's sizes, in sampling (B = 1: ANCHORS.md's generation step at
+# H 1024, and the main job's H 256) and in a training loop over cells (ANCHORS.md's LSTMCell
+# loop, B 64 H 512). A cell call on the CUDA backend is a one-step layer call
+# (ops/cuda/__init__.py rnn_cell), so these rows time both of its paths for cells. The baseline
+# is still cuDNN's layer at T = 1 (nn.LSTM/nn.GRU), not nn.LSTMCell's kernels: the ratios are
+# not against a loop over torch's cells. They are timed after the suite's rows of the backends'
+# rounds, by the backends, cuda-step and cuda-persistent (the other variants tune the persistent
+# kernel's chunk loop; schedule), and no AutoRule comes from them (auto_rules.py).
 STEP_SHAPES = {"G1": (1, 1, 1024), "G2": (1, 1, 256), "G3": (64, 1, 512)}
 DRY_SHAPES = {"D1": (3, 4, 16), "D2": (2, 3, 37), "D3": (40, 2, 16), "D4": (2, 1, 16)}
 DTYPE_NAMES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16",
@@ -84,8 +86,9 @@ HEAD = ["cell", "shape", "B×T×H", "dtype", "backend", "pass", "ms", "µs/step"
         "× cuDNN same dtype", "× cuDNN fp16", "peak MiB", "max abs Δy", "max rel err vs cuDNN",
         "check", "note"]  # the .md's names for COLUMNS (no "|" in them: it splits a cell)
 # The order configurations are timed in, within each round: first the (cell, dtype)s the
-# speed targets decide, each over all its shapes, so a cut for time leaves whole (cell,
-# dtype)s (auto_rules.py needs every shape): LSTM fp32/bf16, then LSTM fp16 (cuDNN's fp16 LSTM
+# speed targets decide, each over all its shapes (S1-S6; the one-step shapes follow in a pass
+# of their own, schedule), so a cut for time leaves whole (cell, dtype)s (auto_rules.py needs
+# every shape): LSTM fp32/bf16, then LSTM fp16 (cuDNN's fp16 LSTM
 # is the baseline of the LSTM bf16/fp16 target, ANCHORS.md: without it those rows have no
 # x_cudnn_fp16), then GRU in every dtype; then fp32-strict.
 PRIORITY = [("LSTM", "fp32"), ("LSTM", "bf16"), ("LSTM", "fp16"), ("GRU", "fp32"),
@@ -414,7 +417,7 @@ VARIANTS = {"cuda-p1": ("cuda", {"FUSED_RNN_CUDA_K_PARTS": "1"}),
 # persistent kernel: timed with the backends (rounds) and at the one-step shapes (timed_here).
 PATH_VARIANTS = ("cuda-step", "cuda-persistent")
 # Every variant but cuda-step sets the persistent kernel up differently, so it runs that kernel
-# on every row, whatever the CUDA backend's path rules (ops.PATH_RULES) choose for plain cuda.
+# on every row it times, whatever the CUDA backend's path rules (ops.PATH_RULES) choose for plain cuda.
 for _, _env in VARIANTS.values():
     _env.setdefault("FUSED_RNN_CUDA_PATH", "persistent")
 
@@ -848,15 +851,27 @@ def rounds(backends: list[str]) -> list[list]:
     return [r for r in ([None, *primary[:1]], primary[1:] + paths, tuning) if r]
 
 
-def configurations(args) -> list[tuple[str, str, str]]:
+def configurations(args, one_step: bool = False) -> list[tuple[str, str, str]]:
     """(mode, shape, dtype) in PRIORITY order, each (mode, dtype) over all its shapes of more
-    than one step; then the same for the one-step shapes (STEP_SHAPES), which no AutoRule
-    needs."""
-    def one_step(shape):
-        return args.shape_table[shape][1] == 1
-    return [(mode, shape, dtype_name) for steps in (False, True)
-            for mode, dtype_name in PRIORITY if mode in args.modes and dtype_name in args.dtypes
-            for shape in args.shapes if one_step(shape) == steps]
+    than one step, or (one_step) of one step (STEP_SHAPES)."""
+    return [(mode, shape, dtype_name) for mode, dtype_name in PRIORITY
+            if mode in args.modes and dtype_name in args.dtypes
+            for shape in args.shapes if (args.shape_table[shape][1] == 1) == one_step]
+
+
+def schedule(args) -> list[tuple[list, list[tuple[str, str, str]]]]:
+    """(backends, configurations) passes in the order they are timed: each round (rounds) over
+    the shapes of more than one step; then the one-step shapes, by every round but the tuning
+    variants' (they time no one-step shape, timed_here); then the tuning variants. So the rows
+    PATH_RULES come from, both groups (auto_rules.py --paths), go before any variant that tunes
+    the persistent kernel, and cuDNN's one-step rows (round one) before the others need them."""
+    chunks, steps = configurations(args), configurations(args, one_step=True)
+    every = rounds(args.backends)
+    tuning = every[-1] if all(b in VARIANTS and b not in PATH_VARIANTS for b in every[-1]) \
+        else None
+    early = [r for r in every if r is not tuning]
+    return ([(r, chunks) for r in early] + [(r, steps) for r in early]
+            + ([(tuning, chunks)] if tuning else []))
 
 
 def timed_here(backend, shape: tuple[int, int, int]) -> bool:
@@ -882,8 +897,8 @@ def main(argv=None) -> int:
     paths = report_paths(env, args)
     start = time.monotonic()
     rows, skipped, refs = [], [], {}
-    for round_backends in rounds(args.backends):
-        for mode, shape, dtype_name in configurations(args):
+    for round_backends, configs in schedule(args):
+        for mode, shape, dtype_name in configs:
             B, T, H = args.shape_table[shape]
             label = f"{mode}-{shape}-{dtype_name}"
             todo = [b for b in round_backends if timed_here(b, (B, T, H))

@@ -99,11 +99,11 @@ def test_time_budget_skips_rows_but_writes_the_report(tmp_path):
     assert _md_table(text)[2:] == []
 
 
-def test_one_step_shapes_come_last_in_a_round_without_the_chunk_loop_variants(tmp_path):
-    """A one-step shape (D4 here, G1-G3 on a GPU) is timed after every longer shape of its
-    round, whatever order --shapes names them in, and only for the backends, cuda-step and
-    cuda-persistent (where a rule sends cuda to the per-step path): the other variants tune
-    the persistent kernel's chunk loop."""
+def test_one_step_shapes_come_after_the_suite_without_the_chunk_loop_variants(tmp_path):
+    """A one-step shape (D4 here, G1-G3 on a GPU) is timed after every longer shape of the
+    backends' rounds, whatever order --shapes names them in, and before the variants that tune
+    the persistent kernel, which time no one-step shape: the backends, cuda-step and
+    cuda-persistent (where a rule sends cuda to the per-step path) do."""
     bench_gpu = _import("bench_gpu")
     assert bench_gpu.STEP_SHAPES and all(T == 1 for _, T, _ in bench_gpu.STEP_SHAPES.values())
     assert not set(bench_gpu.STEP_SHAPES) & set(bench_gpu.SHAPES)
@@ -113,8 +113,9 @@ def test_one_step_shapes_come_last_in_a_round_without_the_chunk_loop_variants(tm
     order = [(r["backend"], r["cell"], r["dtype"], r["shape"]) for r in rows
              if r["backend"] != "torch.nn (cpu)"]
     first = [(c, d) for c, d in bench_gpu.PRIORITY if d in ("bf16", "fp32")]
-    # cuda-step chooses a path: its round comes before the tuning variants' (cuda-p1)
-    assert order == [(b, c, d, s) for b in ("cuda", "cuda-step") for s in ("D3", "D4")
+    # cuda-step chooses a path: its round comes before the tuning variants' (cuda-p1), over the
+    # suite and then over the one-step shapes
+    assert order == [(b, c, d, s) for s in ("D3", "D4") for b in ("cuda", "cuda-step")
                      for c, d in first] + [("cuda-p1", c, d, "D3") for c, d in first], order
     assert all(bench_gpu.timed_here(b, (1, 1, 1024)) for b in (None, "cuda", "triton",
                                                                 "cuda-step", "cuda-persistent"))
@@ -492,7 +493,7 @@ def test_auto_rules_from_a_gpu_table(tmp_path, capsys):
 
     every = dict.fromkeys(bench_gpu.SHAPES, 3.0)
     path = _gpu_table(tmp_path, {
-        ("LSTM", "bf16"): every,
+        ("LSTM", "bf16"): {**every, "G1": 0.2},  # a one-step row neither stops nor widens it
         ("LSTM", "fp32"): {**every, "S4": 0.9},
         ("GRU", "fp16"): {**every, "S6": None},
         ("GRU", "bf16"): {**every, "S2": 1.02},
@@ -1400,7 +1401,9 @@ def test_one_step_shapes_give_path_rules_of_their_own(tmp_path, capsys):
     assert "# fwd+bwd 1.50-4.00x the persistent kernel in bf16 on G1, G2, G3 (fwd too)" in out
     assert ("# GRU bf16: no rule; the per-step path won on S3, S4, S6, but not on S2 (fwd "
             "0.80x the persistent kernel") in out  # the chunks' rule stops; the cells' stands
-    assert "# GRU fp16 one step: no rule; the per-step path won on no shape" in out
+    assert ("# GRU fp16 one step: no rule; the per-step path won on no shape (G1: fwd 0.50x the "
+            "persistent kernel (< 1.05); fwd+bwd 0.50x the persistent kernel (< 1.05); G2: ") in out
+    assert "G3: fwd cuda-step check FAIL: y 0.3 > 0.02; fwd+bwd cuda-step check FAIL" in out
     assert "LSTM fp32 one step" not in out
 
 

@@ -491,6 +491,50 @@ def test_path_rules_choose_the_per_step_path_where_they_match(install, monkeypat
         PathRule(**{**rule, "dtypes": frozenset({torch.bfloat16})}, tf32=True)
 
 
+def test_a_one_step_path_rule_routes_cell_calls(install, monkeypatch):
+    """A cell on the CUDA backend is a one-step layer call (ops/cuda rnn_cell), so a PathRule
+    whose steps range is (1, 1), as auto_rules.py --paths gives from the one-step shapes G1-G3,
+    sends cell calls, forward and backward, to the per-step path, and leaves chunks of two
+    steps on the persistent kernel; a rule measured on chunks (steps from 2) leaves cells on
+    it. The cell's outputs and gradients are the persistent launch's up to the order of the
+    matmul's sums."""
+    from fused_rnn.ops.cuda.ops import PathRule
+
+    def cell(mode):
+        sim = install(sms=4)
+        g = torch.Generator().manual_seed(3)
+        B, I, H = 3, 5, 37
+        x, h, c = (torch.randn(B, n, generator=g).requires_grad_() for n in (I, H, H))
+        rows = {"LSTM": 4, "GRU": 3}[mode] * H
+        w_ih, w_hh = (torch.randn(rows, n, generator=g).mul_(0.3).requires_grad_()
+                      for n in (I, H))
+        b_ih, b_hh = (torch.randn(rows, generator=g).mul_(0.3).requires_grad_() for _ in "ih")
+        leaves = (x, h, c, w_ih, w_hh, b_ih, b_hh) if mode == "LSTM" else (
+            x, h, w_ih, w_hh, b_ih, b_hh)
+        to = [t.detach().to(torch.bfloat16).requires_grad_() for t in leaves]
+        args = (*to[:3], *to[3:]) if mode == "LSTM" else (*to[:2], None, *to[2:])
+        h1, c1 = cuda_backend.rnn_cell(mode, *args)
+        outs = (h1, c1) if mode == "LSTM" else (h1,)
+        torch.autograd.backward(outs, [torch.ones_like(o) for o in outs])
+        return [d for d, _, _ in sim.launches], [*outs, *(t.grad for t in to)]
+
+    rule = dict(modes=frozenset({"LSTM", "GRU"}), dtypes=frozenset({torch.bfloat16}),
+                batch=(1, 64), hidden=(16, 64), capability=(9, 0), evidence="a test")
+    for mode in ("LSTM", "GRU"):
+        monkeypatch.setattr(ops, "PATH_RULES", (PathRule(**rule, steps=(2, 128)),))
+        launches, base = cell(mode)
+        assert launches == ["forward", "backward"], mode  # measured on chunks: not for cells
+        monkeypatch.setattr(ops, "PATH_RULES", (PathRule(**rule, steps=(1, 1)),))
+        launches, got = cell(mode)
+        assert launches == ["forward_steps", "backward_steps"], mode
+        for i, (a, b) in enumerate(zip(base, got, strict=True)):
+            torch.testing.assert_close(b, a, rtol=STEP_TOL["bf16"], atol=STEP_TOL["bf16"],
+                                       msg=lambda m, i=i, mode=mode: f"{mode}, tensor {i}: {m}")
+        sim = install(sms=4)
+        _layer(mode, "bf16", T=2)
+        assert [d for d, _, _ in sim.launches] == ["forward", "backward"]  # chunks: persistent
+
+
 @pytest.mark.skipif(not Path("/proc/self/maps").is_file(), reason="counts /proc/self/maps")
 def test_released_stacks_are_unmapped_and_mapped_again(install):
     """Simulator.release_stacks gives the simulated threads' stacks back (two mappings each, 256
