@@ -267,7 +267,8 @@ class PathRule:
     whether it holds while the recurrence may use TF32 (True) or may not (False), as
     AutoRule's. ``steps`` (required) spans the chunk lengths measured: a one-step call (a
     cell) pays the persistent launch's W_hh load for one step, so a win at T = 64..1024 says
-    nothing about T = 1.
+    nothing about T = 1; a rule for cells (steps (1, 1)) comes from the bench's one-step shapes
+    (bench_gpu.STEP_SHAPES), which ``--paths`` reads apart from the chunks.
     """
 
     modes: frozenset[str]
