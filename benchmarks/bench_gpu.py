@@ -100,6 +100,10 @@ PRIORITY = [("LSTM", "fp32"), ("LSTM", "bf16"), ("LSTM", "fp16"), ("GRU", "fp32"
 # the strict bound when TF32 is off.
 TOLERANCE = {"fp32-strict": 1e-3, "fp32": 2e-2, "fp16": 2e-2, "bf16": 1e-1}
 MIN_REPS = 5  # do_bench runs per row at least (S1 fp32 cuDNN, ~48 ms, would get 3 in 150 ms)
+# do_bench's measuring time for a one-step row (at most --rep-ms): a call there takes ~0.03-0.2
+# ms (ANCHORS.md: cuDNN's generation step 0.14 ms), so 50 ms still times a few hundred runs,
+# and the 36 one-step rows of a backend cost ~4 s less of the bench's budget than at 150 ms.
+ONE_STEP_REP_MS = 50.0
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -179,7 +183,8 @@ class Timer:
     def __init__(self, device: str, warmup_ms: float, rep_ms: float):
         self.device, self.warmup_ms, self.rep_ms = device, warmup_ms, rep_ms
 
-    def __call__(self, fn) -> tuple[float, int | None]:
+    def __call__(self, fn, rep_ms: float | None = None) -> tuple[float, int | None]:
+        """rep_ms: this row's measuring time, if shorter than the timer's."""
         if self.device == "cuda":
             import torch
             import triton.testing
@@ -193,7 +198,8 @@ class Timer:
             fn()
             end.record()
             torch.cuda.synchronize()
-            rep = max(self.rep_ms, (MIN_REPS + 2) * start.elapsed_time(end))
+            base = self.rep_ms if rep_ms is None else min(rep_ms, self.rep_ms)
+            rep = max(base, (MIN_REPS + 2) * start.elapsed_time(end))
             try:
                 times = triton.testing.do_bench(fn, warmup=self.warmup_ms, rep=rep,
                                                 return_mode="all")
@@ -646,7 +652,7 @@ def _measure(args, timer, device, mode, shape, dtype_name, backend, refs) -> lis
         fallbacks = fused_rnn.backends.fallback_counts()
         row_check = check
         try:
-            ms, reps = timer(fns[p])
+            ms, reps = timer(fns[p], rep_ms=ONE_STEP_REP_MS if T == 1 else None)
             peak = peak_mib(fns[p], device)
         except Exception as e:  # recorded; the next pass, backend and row still run
             notes.append(_one_line(e))

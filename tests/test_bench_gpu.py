@@ -124,6 +124,25 @@ def test_one_step_shapes_come_after_the_suite_without_the_chunk_loop_variants(tm
     assert all(bench_gpu.timed_here(b, (1, 2, 1024)) for b in bench_gpu.VARIANTS)
 
 
+def test_one_step_rows_are_timed_for_less_time():
+    """A one-step row (~0.1 ms a call on a GPU) asks the timer for ONE_STEP_REP_MS of runs,
+    a row of more steps for the timer's own --rep-ms."""
+    bench_gpu = _import("bench_gpu")
+    args = bench_gpu.parse_args(["--dry-run", "--backends", "reference", "--modes", "GRU",
+                                 "--dtypes", "fp32", "--passes", "fwd,fwd+bwd"])
+    asked = []
+
+    def timer(fn, rep_ms=None):
+        fn()
+        asked.append(rep_ms)
+        return 1.0, 5
+
+    for shape in ("D4", "D1"):
+        rows = bench_gpu.measure(args, timer, "cpu", "GRU", shape, "fp32", "reference", {})
+        assert [r["pass"] for r in rows] == ["fwd", "fwd+bwd"] and all(r["ms"] for r in rows)
+    assert asked == [bench_gpu.ONE_STEP_REP_MS] * 2 + [None] * 2
+
+
 def test_rounds_put_cudnn_and_the_first_backend_first():
     """Under a time budget the first backend named (cuda in gpu_check.sh) gets its whole table
     against cuDNN before any other backend or variant starts, and the CUDA backend's paths
@@ -212,7 +231,7 @@ def test_a_timed_path_unlike_the_checked_one_fails_the_check(monkeypatch, mode):
 
     args = bench_gpu.parse_args(["--dry-run", "--backends", "reference", "--modes", mode,
                                  "--dtypes", "fp32", "--passes", "fwd"])
-    def timer(fn):
+    def timer(fn, rep_ms=None):
         fn()
         return 1.0, 5
 
@@ -735,7 +754,7 @@ def test_a_row_timed_fewer_than_min_reps_times_says_so(monkeypatch):
                                  "--dtypes", "fp32", "--passes", "fwd"])
     notes = {}
     for reps in (bench_gpu.MIN_REPS - 1, bench_gpu.MIN_REPS, None):
-        def timer(fn, reps=reps):
+        def timer(fn, rep_ms=None, reps=reps):
             fn()
             return 2.0, reps
 
@@ -1253,6 +1272,10 @@ def test_slow_rows_are_timed_at_least_five_times(monkeypatch):
     assert ms == 48.0 and bench_gpu.MIN_REPS <= reps <= bench_gpu.MIN_REPS + 2
     per_call[0] = 0.4
     assert bench_gpu.Timer("cuda", 30.0, 150.0)(lambda: None)[1] == 300  # rep as asked
+    # a one-step row's shorter measuring time, never longer than the timer's own
+    assert bench_gpu.Timer("cuda", 30.0, 150.0)(lambda: None, rep_ms=50.0)[1] == 100
+    assert bench_gpu.Timer("cuda", 30.0, 150.0)(lambda: None, rep_ms=500.0)[1] == 300
+    assert bench_gpu.Timer("cuda", 30.0, 20.0)(lambda: None, rep_ms=50.0)[1] == 40
 
 
 def test_inner_budget_leaves_time_to_write_the_report():
