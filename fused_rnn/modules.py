@@ -94,7 +94,10 @@ class _RNNStack(_Recurrent):
         backend: str = "auto",
     ) -> None:
         super().__init__()
-        # The checks and messages follow torch.nn.RNNBase, so callers see the same errors.
+        # The checks and messages follow torch.nn.RNNBase, in its order, so callers see the
+        # same errors. It converts dropout with float() before it checks it: a TypeError for
+        # None, and a string float() reads goes on to the range check's ValueError.
+        float(dropout)
         if (
             not isinstance(dropout, numbers.Number)
             or isinstance(dropout, bool)
@@ -120,10 +123,12 @@ class _RNNStack(_Recurrent):
             if value <= 0:
                 raise ValueError(f"{name} must be greater than zero")
         # torch.nn takes any integer here (a numpy int, a 0-d tensor) and refuses others with
-        # a TypeError; the kernels get a Python int. proj_size is only compared before it
-        # sizes a weight, so torch.nn also takes a False or a 0.0 (no projection) and refuses
-        # other bools and floats by their value first (ValueError) or at the weight (TypeError).
-        num_layers = operator.index(num_layers)
+        # a TypeError; the kernels get a Python int. It compares num_layers and proj_size
+        # before it uses them: a float num_layers <= 0 or a bad proj_size is a ValueError
+        # first, and only then is any other float num_layers a TypeError (its range()). So is
+        # proj_size only compared before it sizes a weight: torch.nn also takes a False or a
+        # 0.0 (no projection) and refuses other bools and floats by their value first
+        # (ValueError) or at the weight (TypeError).
         if num_layers <= 0:
             raise ValueError("num_layers must be greater than zero")
         if proj_size < 0:
@@ -132,6 +137,7 @@ class _RNNStack(_Recurrent):
             )
         if proj_size >= hidden_size:
             raise ValueError("proj_size has to be smaller than hidden_size")
+        num_layers = operator.index(num_layers)
         if isinstance(proj_size, (bool, float)) and proj_size != 0:
             raise TypeError(f"proj_size must be an integer, got {proj_size!r}")
         proj_size = 0 if isinstance(proj_size, (bool, float)) else operator.index(proj_size)

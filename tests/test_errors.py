@@ -30,6 +30,11 @@ BAD_CONSTRUCTORS = [
     ("gru", (4, 6), {"proj_size": 0}),  # refused by keyword even when 0, as by torch.nn
     ("lstm", (4, 6), {"num_layers": 2.0}),
     ("gru", (4, 6), {"num_layers": None}),
+    ("lstm", (4, 6), {"num_layers": 0.0}),  # torch.nn: ValueError by its value, before the type
+    ("rnn_tanh", (4, 6), {"num_layers": -1.0}),
+    ("lstm", (4, 6), {"num_layers": 2.0, "proj_size": -1}),  # the projection's ValueError first
+    ("lstm", (4, 6), {"dropout": None}),  # torch.nn: float(dropout) first, a TypeError
+    ("gru", (4, 6), {"dropout": "0.5"}),  # a string float() reads: the range check's ValueError
     ("lstm", (4, 6), {"proj_size": 1.0}),
     ("lstm", (4, 6), {"proj_size": True}),  # torch.nn: TypeError at the weight
     ("lstm", (4, 6), {"proj_size": -1.0}),  # ValueError before it
