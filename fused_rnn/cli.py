@@ -727,8 +727,9 @@ def _resolve_run_config(args, ckpt: dict | None, corpus_sha: str) -> dict:
             continue
         if cfg[k] != v:
             flag = "--" + k.replace("_", "-")
+            had = built if k == "embedding_size" and cfg[k] is None else cfg[k]
             raise CLIError(
-                f"--resume: the checkpoint was trained with {flag} {cfg[k]}, not {v} "
+                f"--resume: the checkpoint was trained with {flag} {had}, not {v} "
                 "(drop the flag to continue it, or train into a new --out)"
             )
     return cfg

@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import operator
 import os
 import tempfile
 from collections.abc import Callable, Iterator
@@ -120,6 +121,16 @@ class Resets:
     __slots__ = ("mask", "steps")
 
     def __init__(self, mask: Tensor, steps: tuple[int, ...] | None = None) -> None:
+        if torch.compiler.is_compiling():
+            # Where a chunk is cut depends on the mask's values, which a graph cannot read
+            # (torch.compile: "Could not guard on data-dependent expression"). Without
+            # fullgraph=True this raise is a graph break, and the compiler runs it eagerly.
+            raise ValueError(
+                "a Resets is built on the host from its mask's values, which torch.compile "
+                "cannot trace: build it outside the compiled function (StreamBatcher's chunks "
+                "carry one) and pass that in place of a bare (T, B) mask, or compile without "
+                "fullgraph=True"
+            )
         if mask.dim() != 2 or mask.dtype != torch.bool:
             raise ValueError(
                 f"a reset mask must be (T, B) bool, got {mask.dtype} of shape {tuple(mask.shape)}"
@@ -227,6 +238,15 @@ class StreamBatcher:
             raise ValueError(f"tokens must be 1-D, got shape {tuple(tokens.shape)}")
         if tokens.is_floating_point() or tokens.is_complex() or tokens.dtype == torch.bool:
             raise TypeError(f"tokens must be an integer tensor, got {tokens.dtype}")
+        # Integers (a numpy or 0-d tensor one too), kept as Python ints: a float would slice
+        # the streams only at the first chunk, with an error about slices.
+        for name, value in (("batch_size", batch_size), ("bptt", bptt),
+                            ("min_length", min_length), ("seed", seed), ("rank", rank),
+                            ("world_size", world_size)):
+            if isinstance(value, bool) or not hasattr(value, "__index__"):
+                raise TypeError(f"{name} must be an integer, got {value!r}")
+        batch_size, bptt, min_length, seed, rank, world_size = (
+            operator.index(v) for v in (batch_size, bptt, min_length, seed, rank, world_size))
         if batch_size < 1 or bptt < 1:
             raise ValueError(f"batch_size and bptt must be positive, got {batch_size}, {bptt}")
         if world_size < 1:

@@ -440,6 +440,10 @@ def test_resume_takes_the_default_embedding_size_spelled_out_and_says_a_text_mov
     rc, _, err = run(capsys, "train", "--out", out, "--resume", "--steps", 3,
                      "--embedding-size", 64)
     assert rc == 0, err
+    # another size is refused, naming the size the run was built with (not "None")
+    rc, _, err = run(capsys, "train", "--out", out, "--resume", "--steps", 4,
+                     "--embedding-size", 16)
+    assert rc == 2 and "trained with --embedding-size 64, not 16" in err, err
     moved = tmp_path / "moved.txt"
     text_file.rename(moved)
     rc, _, err = run(capsys, "train", "--out", out, "--resume", "--steps", 4)

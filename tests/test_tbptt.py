@@ -10,6 +10,7 @@ import math
 import os
 import pickle
 
+import numpy as np
 import pytest
 import torch
 
@@ -816,6 +817,41 @@ def test_stream_batcher_refuses_a_bad_layout(tokens, kwargs, said):
     args = {"batch_size": 2, "bptt": 8, **kwargs}
     with pytest.raises(ValueError, match=said):
         StreamBatcher(tokens, **args)
+
+
+@pytest.mark.parametrize("kwargs", [{"bptt": 2.5}, {"batch_size": 2.0}, {"rank": 0.5},
+                                    {"world_size": "2"}, {"min_length": None}, {"seed": 1.0},
+                                    {"bptt": True}])
+def test_stream_batcher_refuses_sizes_that_are_not_integers(kwargs):
+    """A float bptt used to build, then fail at the first chunk ("slice indices must be
+    integers"); a float batch_size was blamed on the world size."""
+    name = next(iter(kwargs))
+    with pytest.raises(TypeError, match=f"{name} must be an integer, got"):
+        StreamBatcher(torch.arange(100), **{"batch_size": 2, "bptt": 8, **kwargs})
+    got = StreamBatcher(torch.arange(100), np.int64(2), torch.tensor(8), rank=np.int32(0))
+    assert (type(got.batch_size), type(got.bptt), type(got.rank)) == (int, int, int)
+    assert got.next_chunk().x.shape == (8, 2)
+
+
+def test_a_bare_reset_mask_under_fullgraph_compile_says_what_to_pass():
+    """Where a chunk is cut depends on the mask's values: compiled with fullgraph=True, a bare
+    mask fails saying to pass a Resets built outside (which compiles); without fullgraph the
+    compiler runs that part eagerly, with the eager results."""
+    torch._dynamo.reset()
+    model = CharLM(9, hidden_size=8, embedding_size=6).eval()
+    tokens = torch.randint(0, 9, (10, 3), generator=torch.Generator().manual_seed(0))
+    mask = torch.zeros(10, 3, dtype=torch.bool)
+    mask[4, 1] = True
+    want, _ = model(tokens, None, mask)
+    with pytest.raises(Exception, match="build it outside the compiled function"):
+        torch.compile(model, backend="eager", fullgraph=True)(tokens, None, mask)
+    torch._dynamo.reset()
+    got, _ = torch.compile(model, backend="eager")(tokens, None, mask)
+    assert torch.equal(got, want)
+    torch._dynamo.reset()
+    got, _ = torch.compile(model, backend="eager", fullgraph=True)(tokens, None, Resets(mask))
+    assert torch.equal(got, want)
+    torch._dynamo.reset()
 
 
 def test_state_rows_and_the_resets_repr():
