@@ -105,7 +105,8 @@ def rnn_layer(
     # aten's op has a backward formula only, as the kernels' ops: inside a torch.func
     # transform it would give zero tangents (jvp, jacfwd) or fail (grad, jacrev).
     if (backend in ("auto", "torch") and backends.torch_runs_per_layer(x.device)
-            and aten_cpu.unsupported_reason(mode, x, w_hr, lengths) is None
+            and aten_cpu.unsupported_reason(mode, x, w_hr, lengths, h0, c0, w_ih, w_hh, b_ih,
+                                            b_hh) is None
             and backends._transform_reason() is None):
         impl = aten_cpu
     else:

@@ -658,3 +658,147 @@ def test_cuda_layer_op_checks_its_arguments_too():
     with pytest.raises(RuntimeError, match="c0 must have shape"):
         op("LSTM", a["x"], a["h0"], a["c0"][:1], a["w_ih"], a["w_hh"], a["b_ih"], a["b_hh"],
            None, False, False, False)
+
+
+# ------------------------------------------------- the functional API and the registered ops
+def _lstm_args(T=3, B=2, I=4, H=5, dtype=torch.float32, seed=0):
+    g = torch.Generator().manual_seed(seed)
+
+    def r(*shape):
+        return (torch.randn(*shape, generator=g) * 0.5).to(dtype)
+
+    return r(T, B, I), r(B, H), r(B, H), r(4 * H, I), r(4 * H, H), r(4 * H), r(4 * H)
+
+
+def _compiled_layer(*args, **kwargs):
+    import fused_rnn.functional as Fr
+
+    torch._dynamo.reset()
+    try:
+        return torch.compile(lambda *a: Fr.rnn_layer("LSTM", *a, **kwargs),
+                             backend="aot_eager")(*args)
+    finally:
+        torch._dynamo.reset()
+
+
+@pytest.mark.parametrize("case", ["b_hh only", "b_ih only", "T=0", "B=0", "H=0",
+                                  "bf16 weights", "fp64 h0"])
+def test_compiled_functional_layer_is_eager_where_onednn_cannot_take_it(case):
+    """Compiled on the CPU, fused_rnn.functional.rnn_layer on auto runs aten's oneDNN LSTM as
+    one op (ops/aten_cpu.py), which takes one dtype, both biases or neither, and no size of 0;
+    elsewhere it runs the reference math, as eager does. Before, a lone b_hh was dropped (a
+    wrong answer), a lone b_ih hit an internal assert, T=0 returned garbage states, a size of 0
+    killed the process (SIGFPE), and mixed dtypes gave oneDNN's opaque errors."""
+    import fused_rnn.functional as Fr
+
+    T, B, H = {"T=0": (0, 2, 5), "B=0": (3, 0, 5), "H=0": (3, 2, 0)}.get(case, (3, 2, 5))
+    x, h0, c0, w_ih, w_hh, b_ih, b_hh = _lstm_args(T=T, B=B, H=H)
+    if case == "b_hh only":
+        b_ih = None
+    elif case == "b_ih only":
+        b_hh = None
+    elif case == "bf16 weights":
+        w_ih, w_hh = w_ih.bfloat16(), w_hh.bfloat16()
+    elif case == "fp64 h0":
+        h0 = h0.double()
+    args = (x, h0, c0, w_ih, w_hh, b_ih, b_hh)
+    want = Fr.rnn_layer("LSTM", *args, backend="auto")
+    got = _compiled_layer(*args, backend="auto")
+    for a, b in zip(got, want, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
+    if case == "T=0":
+        assert torch.equal(got[1], h0) and torch.equal(got[2], c0)
+
+
+def test_the_onednn_ops_refuse_what_their_kernel_cannot_take():
+    """fused_rnn::aten_lstm_layer and its backward, called directly: oneDNN checks nothing
+    (a short bias was read past its end, an h0 of another batch corrupted the heap), so the
+    ops check the layer's shapes, dtypes and biases, and the backward its saved tensors."""
+    from fused_rnn.ops import aten_cpu
+
+    x, h0, c0, w_ih, w_hh, b_ih, b_hh = _lstm_args()
+    bad = {
+        "short bias": ((x, h0, c0, w_ih, w_hh, b_ih[:3], b_hh[:3]), "b_ih must have shape"),
+        "narrow w_ih": ((x, h0, c0, w_ih[:, :2], w_hh, b_ih, b_hh), "w_ih must have shape"),
+        "h0 batch": ((x, h0[:1], c0, w_ih, w_hh, b_ih, b_hh), "h0 must have shape"),
+        "one bias": ((x, h0, c0, w_ih, w_hh, None, b_hh), "both biases or neither"),
+        "dtypes": ((x, h0, c0, w_ih.bfloat16(), w_hh, b_ih, b_hh), "takes one dtype"),
+        "empty": ((x[:0], h0, c0, w_ih, w_hh, b_ih, b_hh), "a size of 0"),
+    }
+    for name, (args, said) in bad.items():
+        with pytest.raises(RuntimeError, match=said):
+            aten_cpu.aten_lstm_layer(*args, False, True)
+            pytest.fail(f"{name}: accepted")
+    args = (x, h0, c0, w_ih, w_hh, b_ih, b_hh)
+    y, h_n, c_n, ws = aten_cpu.aten_lstm_layer(*args, False, True)
+    dy, dh, dc = torch.ones_like(y), torch.ones_like(h_n), torch.ones_like(c_n)
+    good = aten_cpu.aten_lstm_layer_backward(*args, False, y, h_n, c_n, ws, dy, dh, dc)
+    assert [tuple(g.shape) for g in good[:5]] == [tuple(t.shape) for t in args[:5]]
+    for saved, said in (((y, h_n, c_n, ws, dy[:1], dh, dc), "dy must have shape"),
+                        ((y, h_n, c_n, ws, dy, dh[:1], dc), "dh_n must have shape"),
+                        ((y[:, :1], h_n, c_n, ws, dy, dh, dc), "y must have shape"),
+                        ((y, h_n, c_n, ws, dy.double(), dh, dc), "dy must be torch.float32"),
+                        ((y, h_n, c_n, ws[:0], dy, dh, dc), "workspace must be the forward")):
+        with pytest.raises(RuntimeError, match=said):
+            aten_cpu.aten_lstm_layer_backward(*args, False, *saved)
+
+
+@pytest.mark.parametrize("mode", ["LSTM", "GRU", "RNN_TANH"])
+def test_the_triton_backward_ops_refuse_saved_tensors_of_another_shape(mode):
+    """fused_rnn::triton_layer_backward and triton_cell_backward, called directly, check the
+    forward's outputs and the incoming gradients against the layer's sizes before any kernel
+    runs: an undersized dy was read out of bounds (dx off by 2e20), and a short dh1 corrupted
+    the heap. (The checks run before the launch, so no Triton kernel runs here.)"""
+    from fused_rnn.ops.triton import ops
+
+    T, B, I, H = 3, 2, 4, 5
+    G = {"LSTM": 4, "GRU": 3, "RNN_TANH": 1}[mode]
+    lstm = mode == "LSTM"
+    x, h0, w_ih, w_hh = torch.randn(T, B, I), torch.randn(B, H), torch.randn(G * H, I), \
+        torch.randn(G * H, H)
+    c0 = torch.randn(B, H) if lstm else None
+    y, gates = torch.randn(T, B, H), torch.randn(T, B, G * H)
+    state = torch.randn(T, B, H) if mode != "RNN_TANH" else torch.zeros(0)
+    dy, dh, dc = torch.randn(T, B, H), torch.randn(B, H), (torch.randn(B, H) if lstm else None)
+
+    def layer(**kw):
+        a = {**dict(y=y, gates=gates, state=state, dy=dy, dh_n=dh, dc_n=dc), **kw}
+        return ops.triton_layer_backward(mode, x, h0, c0, w_ih, w_hh, None, None, None, None,
+                                         False, a["y"], a["gates"], a["state"], a["dy"],
+                                         a["dh_n"], a["dc_n"], "auto")
+
+    for kw, said in (({"dy": dy[:1]}, "dy must have shape"),
+                     ({"dh_n": dh[:1]}, "dh_n must have shape"),
+                     ({"y": y[:2]}, "y must have shape"),
+                     ({"gates": gates[:, :1]}, "gates must have shape"),
+                     ({"gates": gates.double()}, "gates must be torch.float32"),
+                     ({"gates": torch.zeros(0)}, "the forward did not save its gates")):
+        with pytest.raises(RuntimeError, match=said):
+            layer(**kw)
+    if mode != "RNN_TANH":
+        with pytest.raises(RuntimeError, match="state must have shape"):
+            layer(state=state[:1])
+    if lstm:
+        with pytest.raises(RuntimeError, match="dc_n must have shape"):
+            layer(dc_n=dc[:1])
+    with pytest.raises(RuntimeError, match="dh1 must have shape"):
+        ops.triton_cell_backward(mode, x[0], h0, c0, w_ih, w_hh, None, None, y[0], gates[:1],
+                                 state[:1] if state.numel() else state, dh[:1, :1], dc)
+
+
+def test_a_complex_state_or_weight_with_real_input_is_refused():
+    """The math runs in x's dtype: a complex h0 with a real x lost its imaginary part, with
+    torch's warning once a process, then silently (torch._VF's cells refuse the mix)."""
+    import fused_rnn.functional as Fr
+
+    x, h0, c0, w_ih, w_hh, b_ih, b_hh = _lstm_args()
+    for i, name in ((1, "h0"), (4, "w_hh"), (6, "b_hh")):
+        args = [x, h0, c0, w_ih, w_hh, b_ih, b_hh]
+        args[i] = args[i] + 3j
+        with pytest.raises(TypeError, match=f"{name} is complex"):
+            Fr.rnn_layer("LSTM", *args, backend="reference")
+    with pytest.raises(TypeError, match="h0 is complex"):
+        Fr.rnn_cell("GRU", x[0], h0 + 1j, None, torch.randn(15, 4), torch.randn(15, 5))
+    y, _, _ = Fr.rnn_layer("LSTM", x + 0j, h0 + 1j, c0 + 0j, w_ih + 0j, w_hh + 0j,
+                           backend="reference")
+    assert y.is_complex()  # complex throughout still computes in complex arithmetic

@@ -29,7 +29,12 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from fused_rnn.ops.common import needs_grad, refuse_double_backward
+from fused_rnn.ops.common import (
+    check_rnn_args,
+    check_saved_args,
+    needs_grad,
+    refuse_double_backward,
+)
 
 _MODE_LSTM = 2  # oneDNN's (ideep's) rnn_kind for LSTM, as aten passes it
 
@@ -40,8 +45,14 @@ def _onednn_enabled() -> bool:
 
 
 def unsupported_reason(mode: str, x: Tensor, w_hr: Tensor | None,
-                       lengths: Tensor | None) -> str | None:
-    """Why these ops cannot run a layer (None when they can)."""
+                       lengths: Tensor | None, h0: Tensor | None = None,
+                       c0: Tensor | None = None, w_ih: Tensor | None = None,
+                       w_hh: Tensor | None = None, b_ih: Tensor | None = None,
+                       b_hh: Tensor | None = None) -> str | None:
+    """Why these ops cannot run a layer (None when they can). The layer's other tensors, where
+    given, are checked too: oneDNN's kernel takes one dtype for all of them, both biases or
+    neither, and no size of 0 (it divides by the batch: SIGFPE), where the reference math
+    takes all of these (compiled, a layer the ops did take would differ from eager)."""
     if mode != "LSTM":
         return f"{mode} is not an LSTM"
     if x.device.type != "cpu":
@@ -52,9 +63,29 @@ def unsupported_reason(mode: str, x: Tensor, w_hr: Tensor | None,
         return "oneDNN's LSTM has no projection (proj_size)"
     if lengths is not None:
         return "packed sequences (lengths) are not supported"
+    others = {"h0": h0, "c0": c0, "w_ih": w_ih, "w_hh": w_hh, "b_ih": b_ih, "b_hh": b_hh}
+    mixed = [f"{name} {t.dtype}" for name, t in others.items()
+             if t is not None and t.dtype != x.dtype]
+    if mixed:
+        return f"oneDNN's LSTM takes one dtype: x is {x.dtype}, {', '.join(mixed)}"
+    if (b_ih is None) != (b_hh is None) and (w_ih is not None or w_hh is not None):
+        return "oneDNN's LSTM takes both biases or neither"
+    if x.numel() == 0 or (w_hh is not None and w_hh.numel() == 0):
+        return "a size of 0 (steps, batch, input or hidden): oneDNN's LSTM cannot take it"
     if not _onednn_enabled():
         return "PyTorch's oneDNN (mkldnn) backend is unavailable or disabled"
     return None
+
+
+def _checked(where: str, x, h0, c0, w_ih, w_hh, b_ih, b_hh) -> None:
+    """What the kernel needs of a direct call of the ops (fused_rnn.functional checks the
+    same before it chooses them): the layer's shapes, one dtype, both biases or neither, no
+    size of 0. oneDNN itself checks none of it: a bias too short was read past its end, and an
+    h0 of another batch corrupted the heap."""
+    check_rnn_args("LSTM", x, h0, c0, w_ih, w_hh, b_ih, b_hh)
+    why = unsupported_reason("LSTM", x, None, None, h0, c0, w_ih, w_hh, b_ih, b_hh)
+    if why is not None:
+        raise RuntimeError(f"fused_rnn::{where}: {why}")
 
 
 def _biases(w_ih: Tensor, b_ih: Tensor | None, b_hh: Tensor | None) -> tuple[Tensor, Tensor]:
@@ -78,6 +109,7 @@ def aten_lstm_layer(
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """(y (T, B, H), h_n (B, H), c_n (B, H), workspace (uint8, kernel-defined size; empty
     unless ``train``, which the backward needs))."""
+    _checked("aten_lstm_layer", x, h0, c0, w_ih, w_hh, b_ih, b_hh)
     bi, bh = _biases(w_ih, b_ih, b_hh)
     # The kernel writes the workspace its backward needs only with grad mode on; a custom op
     # runs below autograd with it off, and nothing here requires grad, so no graph is built.
@@ -124,7 +156,18 @@ def aten_lstm_layer_backward(
     dc_n: Tensor,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """(dx, dh0, dc0, dw_ih, dw_hh, db_ih, db_hh), each in its input's dtype; the bias
-    gradients are empty without biases."""
+    gradients are empty without biases. The workspace must be the forward's: its size is
+    oneDNN's own, so only its kind is checked."""
+    _checked("aten_lstm_layer_backward", x, h0, c0, w_ih, w_hh, b_ih, b_hh)
+    T, B, _ = x.shape
+    H = w_hh.shape[1]
+    check_saved_args("fused_rnn::aten_lstm_layer_backward", x, {
+        "y": (y, (T, B, H), x.dtype), "h_n": (h_n, (B, H), x.dtype),
+        "c_n": (c_n, (B, H), x.dtype), "dy": (dy, (T, B, H), x.dtype),
+        "dh_n": (dh_n, (B, H), x.dtype), "dc_n": (dc_n, (B, H), x.dtype)})
+    if workspace.dtype != torch.uint8 or workspace.dim() != 1 or workspace.numel() == 0:
+        raise RuntimeError("fused_rnn::aten_lstm_layer_backward: workspace must be the "
+                           "forward's (uint8, 1-D, from a call with train=True)")
     bi, bh = _biases(w_ih, b_ih, b_hh)
     dx, dw_ih, dw_hh, db_ih, db_hh, dh0, dc0 = torch.ops.aten.mkldnn_rnn_layer_backward.default(
         x.contiguous(), w_ih, w_hh, bi, bh, h0.contiguous(), c0.contiguous(), y, h_n, c_n,

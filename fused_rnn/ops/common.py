@@ -316,6 +316,28 @@ def refuse_double_backward(backward_op, backend: str) -> None:
 _GATES = {"LSTM": 4, "GRU": 3, "RNN_TANH": 1, "RNN_RELU": 1}
 
 
+def check_saved_args(where: str, x: Tensor,
+                     expected: dict[str, tuple[Tensor | None, tuple[int, ...],
+                                               torch.dtype | None]]) -> None:
+    """The tensors a backward op takes besides the layer's inputs (the forward's outputs and
+    saved activations, the incoming gradients), as ``name: (tensor or None, shape, dtype or
+    None for any)``: a kernel indexes them with the layer's sizes, so a call of the op with
+    another shape would read or write out of bounds. RuntimeError for a wrong shape, device or
+    dtype, TypeError for something not a tensor."""
+    for name, (t, shape, dtype) in expected.items():
+        if t is None:
+            continue
+        if not isinstance(t, Tensor):
+            raise TypeError(f"{where}: {name} must be a tensor or None, got {type(t).__name__}")
+        if tuple(t.shape) != tuple(shape):
+            raise RuntimeError(f"{where}: {name} must have shape {tuple(shape)}, got "
+                               f"{tuple(t.shape)}")
+        if t.device != x.device:
+            raise RuntimeError(f"{where}: {name} is on {t.device} but x is on {x.device}")
+        if dtype is not None and t.dtype != dtype:
+            raise RuntimeError(f"{where}: {name} must be {dtype}, got {t.dtype}")
+
+
 def check_rnn_args(mode: str, x: Tensor, h: Tensor, c: Tensor | None, w_ih: Tensor,
                    w_hh: Tensor, b_ih: Tensor | None, b_hh: Tensor | None,
                    w_hr: Tensor | None = None, lengths: Tensor | None = None,
@@ -369,3 +391,8 @@ def check_rnn_args(mode: str, x: Tensor, h: Tensor, c: Tensor | None, w_ih: Tens
     if lengths is not None and (lengths.is_floating_point() or lengths.is_complex()
                                 or lengths.dtype == torch.bool):
         raise TypeError(f"{where}: lengths must be an integer tensor, got {lengths.dtype}")
+    if not x.is_complex():  # the math runs in x's dtype: an imaginary part would be dropped
+        for name, t in given.items():
+            if name != "lengths" and t is not None and t.is_complex():
+                raise TypeError(f"{where}: {name} is complex ({t.dtype}) but x is real "
+                                f"({x.dtype}); its imaginary part would be discarded")

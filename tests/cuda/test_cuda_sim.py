@@ -491,6 +491,26 @@ def test_path_rules_choose_the_per_step_path_where_they_match(install, monkeypat
         PathRule(**{**rule, "dtypes": frozenset({torch.bfloat16})}, tf32=True)
 
 
+@pytest.mark.parametrize("path", ["persistent", "step"])
+def test_lengths_past_int32_are_the_whole_chunk(install, monkeypatch, path):
+    """The kernels take lengths as int32; a length of 2**32 + 1 used to wrap to 1 in the cast.
+    They are clamped to [0, T] first, which changes nothing else: a row is valid at step t
+    where t < its length, so past T is the whole chunk and below 0 none of it."""
+    monkeypatch.setenv("FUSED_RNN_CUDA_PATH", path)
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)  # fp32: the reference's math
+    install(sms=4)
+    g = torch.Generator().manual_seed(5)
+    T, B, I, H = 3, 3, 4, 37
+    x, h0 = torch.randn(T, B, I, generator=g), torch.randn(B, H, generator=g)
+    w_ih, w_hh = torch.randn(3 * H, I, generator=g) * 0.3, torch.randn(3 * H, H, generator=g) * 0.3
+    lengths = torch.tensor([2**32 + 1, 2, -(2**32) + 1])
+    got = cuda_backend.rnn_layer("GRU", x, h0, None, w_ih, w_hh, lengths=lengths)
+    want = reference.rnn_layer("GRU", x, h0, None, w_ih, w_hh, lengths=lengths)
+    for a, b in zip(got[:2], want[:2], strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    assert torch.equal(got[1][2], h0[2])  # a negative length: the row keeps its state
+
+
 def test_a_one_step_path_rule_routes_cell_calls(install, monkeypatch):
     """A cell on the CUDA backend is a one-step layer call (ops/cuda rnn_cell), so a PathRule
     whose steps range is (1, 1), as auto_rules.py --paths gives from the one-step shapes G1-G3,

@@ -348,10 +348,13 @@ def _mm(a: Tensor, b: Tensor, cd: torch.dtype) -> Tensor:
     return mm_f32(a, b, cd, sixteen_bit=gemm_operands() == "auto")
 
 
-def _lengths32(lengths: Tensor | None, device: torch.device) -> Tensor | None:
+def _lengths32(lengths: Tensor | None, device: torch.device, steps: int) -> Tensor | None:
+    """lengths as the kernels' int32, clamped to [0, steps] first: a row is valid at step t
+    where t < lengths[b], so that changes nothing, and a length of 2**31 or more no longer
+    wraps in the cast (2**32 + 1 read as 1)."""
     if lengths is None:
         return None
-    return lengths.to(device=device, dtype=torch.int32).contiguous()
+    return lengths.clamp(0, steps).to(device=device, dtype=torch.int32).contiguous()
 
 
 def _settings(direction: str, mode: str, dtype: torch.dtype, T: int, B: int, H: int,
@@ -439,7 +442,7 @@ def _layer_forward_impl(
     assert xproj.shape == (T, B, G * H)
     args = (CELLS[mode], xproj, h0.to(dtype).contiguous(),
             c0.to(dtype).contiguous() if mode == "LSTM" else None, w_hh.to(dtype).contiguous(),
-            None if b_hh is None else b_hh.to(cd).contiguous(), _lengths32(lengths, x.device),
+            None if b_hh is None else b_hh.to(cd).contiguous(), _lengths32(lengths, x.device, T),
             reverse)
     if cuda_path(mode, dtype, B, H, T, x.device, allow_tf32) == "step":
         # fp32 step GEMMs on TF32 exactly where the recurrence may use TF32 (16-bit operands
@@ -568,7 +571,7 @@ def _layer_backward_impl(
         args = (CELLS[mode], dy, dh_n, dc_n if is_lstm else None, w_hh.to(dtype).contiguous(),
                 gates, aux if mode in ("LSTM", "GRU") else None,
                 c0.to(cd).contiguous() if is_lstm else None, hprev if mode == "GRU" else None,
-                _lengths32(lengths, x.device), reverse)
+                _lengths32(lengths, x.device, T), reverse)
         if cuda_path(mode, dtype, B, H, T, x.device, allow_tf32) == "step":
             with tf32_gemms(gemms_use_tf32(dtype, allow_tf32)):
                 dgx, dghn, dh0, dc0 = ext.backward_steps(*args)

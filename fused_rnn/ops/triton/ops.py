@@ -24,6 +24,7 @@ from torch import Tensor
 
 from fused_rnn.ops.common import (
     check_rnn_args,
+    check_saved_args,
     grad_like,
     refuse_double_backward,
     refuse_unsaved,
@@ -188,6 +189,24 @@ def triton_layer_backward(
     path: str,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """(dx, dh0, dc0, dw_ih, dw_hh, db_ih, db_hh, dw_hr); empty where the input is absent."""
+    check_rnn_args(mode, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths)
+    _check_dtype("triton_layer_backward", x)
+    T, B, _ = x.shape
+    H = w_hh.shape[0] // GATES[mode]
+    P = H if w_hr is None else w_hh.shape[1]
+    f32 = torch.float32
+    if isinstance(gates, Tensor) and gates.numel() == 0:
+        raise RuntimeError("fused_rnn::triton_layer_backward: the forward did not save its "
+                           "gates (triton_layer with save=True)")
+    check_saved_args("fused_rnn::triton_layer_backward", x, {
+        "y": (y, (T, B, P), None), "gates": (gates, (T, B, GATES[mode] * H), f32),
+        # the forward saves a state for LSTM and GRU only (an RNN's is empty)
+        "state": (state, (T, B, H) if mode in ("LSTM", "GRU") else (0,), f32),
+        "dy": (dy, (T, B, P), None),
+        "dh_n": (dh_n, (B, P), None),
+        # only an LSTM reads dc_n, which may come empty (no gradient)
+        "dc_n": (dc_n if mode == "LSTM" and dc_n is not None and dc_n.numel() else None,
+                 (B, H), None)})
     return _launch(x.device).layer_backward(
         mode, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, reverse,
         y, gates, state, dy, dh_n, dc_n, path,
@@ -291,6 +310,20 @@ def triton_cell_backward(
     dc1: Tensor | None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """(dx, dh, dc, dw_ih, dw_hh, db_ih, db_hh); empty where the input is absent."""
+    check_rnn_args(mode, x, h, c, w_ih, w_hh, b_ih, b_hh, step=True)
+    _check_dtype("triton_cell_backward", x)
+    B = x.shape[0]
+    H = w_hh.shape[0] // GATES[mode]
+    f32 = torch.float32
+    if isinstance(gates, Tensor) and gates.numel() == 0:
+        raise RuntimeError("fused_rnn::triton_cell_backward: the forward did not save its "
+                           "gates (triton_cell with save=True)")
+    check_saved_args("fused_rnn::triton_cell_backward", x, {
+        "h1": (h1, (B, H), None), "gates": (gates, (1, B, GATES[mode] * H), f32),
+        "state": (state, (1, B, H) if mode in ("LSTM", "GRU") else (0,), f32),
+        "dh1": (dh1, (B, H), None),
+        "dc1": (dc1 if mode == "LSTM" and dc1 is not None and dc1.numel() else None,
+                (B, H), None)})
     dx, dh, dc, dw_ih, dw_hh, db_ih, db_hh, _ = _launch(x.device).layer_backward(
         mode, x[None], h, c, w_ih, w_hh, b_ih, b_hh, None, None, False,
         h1[None], gates, state, None, dh1, dc1, "step",
