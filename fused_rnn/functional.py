@@ -194,6 +194,12 @@ def rnn(
     if len(weights) != n:
         raise ValueError(f"rnn: {num_layers} layers x {num_dir} directions need {n} weight "
                          f"tuples, got {len(weights)}")
+    for k, w in enumerate(weights):
+        if len(w) != 5:
+            raise ValueError(f"rnn: weights[{k}] must be (w_ih, w_hh, b_ih, b_hh, w_hr), absent "
+                             f"ones None, got {len(w)} items")
+    if not isinstance(hx, Tensor):
+        raise TypeError(f"rnn: hx must be a tensor ({n}, B, size), got {type(hx).__name__}")
     for name, t in (("hx", hx), ("cx", cx)):
         if t is not None and (t.dim() != 3 or t.shape[0] != n):
             raise RuntimeError(f"rnn: {name} must be ({n}, B, size), got {tuple(t.shape)}")

@@ -802,3 +802,20 @@ def test_a_complex_state_or_weight_with_real_input_is_refused():
     y, _, _ = Fr.rnn_layer("LSTM", x + 0j, h0 + 1j, c0 + 0j, w_ih + 0j, w_hh + 0j,
                            backend="reference")
     assert y.is_complex()  # complex throughout still computes in complex arithmetic
+
+
+def test_the_functional_stack_names_a_wrong_weight_tuple_or_a_missing_state():
+    """fused_rnn.functional.rnn: four-tensor weight tuples failed with a bare "not enough values
+    to unpack", and hx=None with "'NoneType' object is not subscriptable"."""
+    import fused_rnn.functional as Fr
+
+    x, h0, c0, w_ih, w_hh, b_ih, b_hh = _lstm_args()
+    with pytest.raises(ValueError, match=r"weights\[0\] must be \(w_ih, w_hh, b_ih, b_hh, w_hr\)"):
+        Fr.rnn("LSTM", x, h0[None], c0[None], [(w_ih, w_hh, b_ih, b_hh)], num_layers=1,
+               bidirectional=False)
+    with pytest.raises(TypeError, match="hx must be a tensor"):
+        Fr.rnn("LSTM", x, None, c0[None], [(w_ih, w_hh, b_ih, b_hh, None)], num_layers=1,
+               bidirectional=False)
+    y, h, c = Fr.rnn("LSTM", x, h0[None], c0[None], [(w_ih, w_hh, b_ih, b_hh, None)],
+                     num_layers=1, bidirectional=False)
+    assert y.shape == (3, 2, 5) and h.shape == c.shape == (1, 2, 5)

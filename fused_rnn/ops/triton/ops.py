@@ -195,7 +195,7 @@ def triton_layer_backward(
     H = w_hh.shape[0] // GATES[mode]
     P = H if w_hr is None else w_hh.shape[1]
     f32 = torch.float32
-    if isinstance(gates, Tensor) and gates.numel() == 0:
+    if isinstance(gates, Tensor) and gates.numel() == 0 and T * B * H:
         raise RuntimeError("fused_rnn::triton_layer_backward: the forward did not save its "
                            "gates (triton_layer with save=True)")
     check_saved_args("fused_rnn::triton_layer_backward", x, {
@@ -315,7 +315,7 @@ def triton_cell_backward(
     B = x.shape[0]
     H = w_hh.shape[0] // GATES[mode]
     f32 = torch.float32
-    if isinstance(gates, Tensor) and gates.numel() == 0:
+    if isinstance(gates, Tensor) and gates.numel() == 0 and B * H:
         raise RuntimeError("fused_rnn::triton_cell_backward: the forward did not save its "
                            "gates (triton_cell with save=True)")
     check_saved_args("fused_rnn::triton_cell_backward", x, {
