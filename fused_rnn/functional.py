@@ -145,6 +145,11 @@ def _checked_rnn_cell(mode, x, h, c, w_ih, w_hh, b_ih, b_hh, *, backend):
     if ac is not None:
         x, h, c, w_ih, w_hh, b_ih, b_hh = _to(ac, x, h, c, w_ih, w_hh, b_ih, b_hh)
     if backend in ("auto", "torch"):
+        # The math runs in x's dtype, as on every other backend (and in rnn_layer, whose aten
+        # path takes one dtype only): torch._VF's cells promote a wider c and refuse a wider h.
+        if any(t is not None and t.dtype != x.dtype for t in (h, c, w_ih, w_hh, b_ih, b_hh)):
+            h, c, w_ih, w_hh, b_ih, b_hh = (None if t is None else t.to(x.dtype)
+                                            for t in (h, c, w_ih, w_hh, b_ih, b_hh))
         return _torch_cell(mode, x, h, c, w_ih, w_hh, b_ih, b_hh)
     impl = backends.kernel_impl(backend, "cell", **_config(mode, x, w_hh, None, None))
     with _autocast_off(x.device) if ac is not None else contextlib.nullcontext():  # as above

@@ -804,6 +804,29 @@ def test_a_complex_state_or_weight_with_real_input_is_refused():
     assert y.is_complex()  # complex throughout still computes in complex arithmetic
 
 
+def test_a_functional_cell_on_torch_computes_in_x_dtype_as_the_reference_does():
+    """fused_rnn.functional.rnn_cell on "torch"/"auto" handed torch._VF mixed dtypes: an fp64 c
+    with fp32 x came back fp64 (the cell promoted it) and an fp64 h failed inside a matmul,
+    where the reference, every kernel backend and rnn_layer compute in x's dtype."""
+    import fused_rnn.functional as Fr
+
+    torch.manual_seed(0)
+    x, h, c = torch.randn(3, 4), torch.randn(3, 5), torch.randn(3, 5)
+    for mode, g in (("LSTM", 4), ("GRU", 3)):
+        w_ih, w_hh, b_hh = torch.randn(g * 5, 4), torch.randn(g * 5, 5), torch.randn(g * 5)
+        cc = c.double() if mode == "LSTM" else None
+        for args in ((x, h.double(), cc), (x, h, cc)):
+            ref = Fr.rnn_cell(mode, *args, w_ih, w_hh, None, b_hh.double(), backend="reference")
+            for backend in ("torch", "auto"):
+                out = Fr.rnn_cell(mode, *args, w_ih, w_hh, None, b_hh.double(), backend=backend)
+                for a, b in zip(out, ref):
+                    if b is None:
+                        assert a is None
+                        continue
+                    assert a.dtype == b.dtype == torch.float32
+                    torch.testing.assert_close(a, b)
+
+
 def test_the_functional_stack_names_a_wrong_weight_tuple_or_a_missing_state():
     """fused_rnn.functional.rnn: four-tensor weight tuples failed with a bare "not enough values
     to unpack", and hx=None with "'NoneType' object is not subscriptable"."""
