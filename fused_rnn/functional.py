@@ -79,7 +79,8 @@ def rnn_layer(
     mode: "LSTM", "GRU", "RNN_TANH" or "RNN_RELU"; x: (T, B, I); h0: (B, P); c0: (B, H) for
     LSTM else None; w_ih: (G*H, I); w_hh: (G*H, P); b_ih, b_hh: (G*H,) or None; w_hr: (P, H)
     or None; lengths: (B,) or None (rows with ``t >= lengths[b]`` keep their state and output
-    zeros). Returns y: (T, B, P), h_n: (B, P), c_n: (B, H) or None.
+    zeros; what x holds there is never read, inf and NaN included). Returns y: (T, B, P), h_n:
+    (B, P), c_n: (B, H) or None.
 
     ``backend`` is "reference", "triton" or "cuda", or "auto"/"torch": under ``torch.compile``
     on the CPU, an LSTM layer without projection or lengths, in fp32/bf16, is aten's oneDNN
@@ -102,6 +103,8 @@ def rnn_layer(
     ac = _autocast_dtype(x.device)
     if ac is not None:
         x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr = _to(ac, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr)
+    if lengths is not None:
+        x = _zero_past_lengths(x, lengths)
     # aten's op has a backward formula only, as the kernels' ops: inside a torch.func
     # transform it would give zero tangents (jvp, jacfwd) or fail (grad, jacrev).
     if (backend in ("auto", "torch") and backends.torch_runs_per_layer(x.device)
@@ -154,6 +157,16 @@ def _checked_rnn_cell(mode, x, h, c, w_ih, w_hh, b_ih, b_hh, *, backend):
     impl = backends.kernel_impl(backend, "cell", **_config(mode, x, w_hh, None, None))
     with _autocast_off(x.device) if ac is not None else contextlib.nullcontext():  # as above
         return impl.rnn_cell(mode, x, h, c, w_ih, w_hh, b_ih, b_hh)
+
+
+def _zero_past_lengths(x: Tensor, lengths: Tensor) -> Tensor:
+    """x with the steps past each row's length zeroed. Every backend discards those steps'
+    results, but a product with x still reaches the weights' gradient (the kernels' dW_ih =
+    dgx^T x, whose dgx there is 0: 0 * NaN = NaN), so an inf or NaN in a caller's padding made
+    them NaN. The modules' padding is zeros already (from a PackedSequence)."""
+    steps = torch.arange(x.shape[0], device=x.device)[:, None]
+    valid = (steps < lengths.to(x.device)[None, :]).unsqueeze(-1)
+    return torch.where(valid, x, x.new_zeros(()))
 
 
 _VF_CELL = {"GRU": "gru_cell", "RNN_TANH": "rnn_tanh_cell", "RNN_RELU": "rnn_relu_cell"}

@@ -164,3 +164,57 @@ def check_non_finite_like_torch_nn(cell: str, backend: str, device, case: str,
         finite = torch.isfinite(e)
         torch.testing.assert_close(a[finite], e[finite], atol=1e-5, rtol=1e-4,
                                    msg=lambda m, name=name: f"{name}: {m}")
+
+
+def check_padding_is_ignored(backend: str, device, mode: str, proj: bool = False) -> None:
+    """``fused_rnn.functional.rnn_layer`` and ``rnn`` with ``lengths``: what x holds past a
+    row's length is never read, so inf and NaN there give the outputs and every gradient that
+    zeros do, all finite (T=4, B=3, fp32). Before, the input GEMM's weight gradient took
+    0 * NaN = NaN from them on every backend: the kernels' dW_ih = dgx^T x, and the reference's
+    discarded cell output through autograd."""
+    import fused_rnn.functional as Fr
+    from fused_rnn.ops.reference import GATES
+
+    T, B, I, H = 4, 3, 2, 5
+    P = 3 if proj else H
+    G = GATES[mode]
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(T, B, I, generator=g)
+    lengths = torch.tensor([4, 2, 1])
+    pad = torch.arange(T)[:, None] >= lengths[None, :]  # (T, B)
+    params = [torch.randn(G * H, I, generator=g) * 0.5, torch.randn(G * H, P, generator=g) * 0.5,
+              torch.randn(G * H, generator=g) * 0.5, torch.randn(G * H, generator=g) * 0.5]
+    w_hr = [torch.randn(P, H, generator=g) * 0.5] if proj else []
+    h0 = torch.randn(B, P, generator=g) * 0.5
+    c0 = torch.randn(B, H, generator=g) * 0.5 if mode == "LSTM" else None
+
+    def run(fill: torch.Tensor, stack: bool):
+        xs = torch.where(pad[..., None], fill, x).to(device).requires_grad_()
+        ws = [w.to(device).requires_grad_() for w in params + w_hr]
+        d = torch.device(device)
+        lens = lengths.to(d)
+        if stack:
+            wts = [(*ws[:4], ws[4] if proj else None)]
+            outs = Fr.rnn(mode, xs, h0.to(d)[None], None if c0 is None else c0.to(d)[None], wts,
+                          num_layers=1, bidirectional=False, lengths=lens, backend=backend)
+        else:
+            outs = Fr.rnn_layer(mode, xs, h0.to(d), None if c0 is None else c0.to(d), *ws[:4],
+                                ws[4] if proj else None, lengths=lens, backend=backend)
+        outs = [o for o in outs if o is not None]
+        loss = sum((o * torch.linspace(-1, 1, o.numel(), device=d).view_as(o)).sum()
+                   for o in outs)
+        grads = torch.autograd.grad(loss, [xs, *ws])
+        # the input's gradient past the lengths is not compared: zero or not, nothing reads it
+        dx = torch.where(pad[..., None].to(d), 0.0, grads[0])
+        return [t.detach().cpu() for t in (*outs, dx, *grads[1:])]
+
+    for stack in (False, True):
+        want = run(torch.tensor(0.0), stack)
+        for fill in (float("nan"), float("inf"), -1e30):
+            got = run(torch.tensor(fill), stack)
+            for k, (a, e) in enumerate(zip(got, want, strict=True)):
+                assert torch.isfinite(a).all(), (
+                    f"{backend} {mode} {'rnn' if stack else 'rnn_layer'}: {fill} past the "
+                    f"lengths reached result {k} (non-finite at "
+                    f"{(~torch.isfinite(a)).nonzero().tolist()[:4]})")
+                torch.testing.assert_close(a, e, atol=1e-6, rtol=1e-5)

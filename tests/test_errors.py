@@ -827,6 +827,15 @@ def test_a_functional_cell_on_torch_computes_in_x_dtype_as_the_reference_does():
                     torch.testing.assert_close(a, b)
 
 
+@pytest.mark.parametrize("backend", ["reference", "auto"])
+@pytest.mark.parametrize("mode", ["LSTM", "LSTM-proj", "GRU", "RNN_RELU"])
+def test_functional_layers_never_read_x_past_the_lengths(mode, backend):
+    """inf or NaN in x's padding (a caller's own padded batch) made every weight gradient NaN."""
+    from helpers import check_padding_is_ignored
+
+    check_padding_is_ignored(backend, "cpu", mode.split("-")[0], proj=mode.endswith("proj"))
+
+
 def test_the_functional_stack_names_a_wrong_weight_tuple_or_a_missing_state():
     """fused_rnn.functional.rnn: four-tensor weight tuples failed with a bare "not enough values
     to unpack", and hx=None with "'NoneType' object is not subscriptable"."""

@@ -36,7 +36,11 @@ from binding_refusals import BAD_BINDING_ARGS
 from binding_refusals import CASE_IDS as BINDING_CASE_IDS
 from cases import install_standin, layer_inputs, run_layer
 from cases import rel as _rel
-from helpers import check_non_finite_like_torch_nn, non_finite_params
+from helpers import (
+    check_non_finite_like_torch_nn,
+    check_padding_is_ignored,
+    non_finite_params,
+)
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 import fused_rnn
@@ -500,6 +504,12 @@ def test_non_finite_values_go_where_torch_nn_puts_them(cell, case, proj, packed)
     """relu(NaN) was 0 (fmaxf) and its gradient 0, where torch gives NaN and passes the
     gradient; a packed row's inf state put 0 * inf = NaN into dW_hh through its padding steps."""
     check_non_finite_like_torch_nn(cell, "cuda", DEVICE, case, proj, packed)
+
+
+@pytest.mark.parametrize("mode", ["LSTM", "GRU", "RNN_TANH"])
+def test_functional_layers_never_read_x_past_the_lengths(mode):
+    """inf or NaN in x's padding reached dW_ih as 0 * NaN through the time-parallel GEMM."""
+    check_padding_is_ignored("cuda", DEVICE, mode)
 
 
 def test_projection_falls_back_with_a_reason():

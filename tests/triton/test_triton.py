@@ -21,6 +21,7 @@ import torch
 import training_checks
 from helpers import (
     check_non_finite_like_torch_nn,
+    check_padding_is_ignored,
     non_finite_params,
     record_gemm_precision,
 )
@@ -1101,6 +1102,12 @@ def test_non_finite_values_go_where_torch_nn_puts_them(cell, case, proj, packed,
     if path == "step":  # what the modules choose for layers too big to hold on chip
         monkeypatch.setattr(launch, "PERSISTENT_MAX_W_ELEMS", 0)
     check_non_finite_like_torch_nn(cell, "triton", DEVICE, case, proj, packed)
+
+
+@pytest.mark.parametrize("mode", ["LSTM", "LSTM-proj", "GRU"])
+def test_functional_layers_never_read_x_past_the_lengths(mode):
+    """inf or NaN in x's padding reached dW_ih as 0 * NaN through the time-parallel GEMM."""
+    check_padding_is_ignored("triton", DEVICE, mode.split("-")[0], proj=mode.endswith("proj"))
 
 
 def test_relu_cell_passes_a_nan_like_torch_nn():
