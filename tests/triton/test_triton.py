@@ -1110,6 +1110,33 @@ def test_functional_layers_never_read_x_past_the_lengths(mode):
     check_padding_is_ignored("triton", DEVICE, mode.split("-")[0], proj=mode.endswith("proj"))
 
 
+@pytest.mark.parametrize("cell", ["lstm", "gru"])
+def test_a_cell_state_reset_in_place_trains_like_torch_nn(cell):
+    """h' reset in place between two steps (h[done] = 0, as RL and document-boundary loops
+    do): the cell op saved h' for a backward that never reads it, so autograd refused
+    ("modified by an inplace operation") where torch.nn's LSTM and GRU cells give the
+    gradients. (torch.nn's RNNCell refuses: its tanh and relu save their result.)"""
+    from helpers import make_pair
+
+    ref, ours = make_pair(cell, 3, 4, backend="triton", step=True)
+    ref, ours = ref.to(DEVICE), ours.to(DEVICE)
+    g = torch.Generator().manual_seed(0)
+    xs = [torch.randn(2, 3, generator=g).to(DEVICE) for _ in range(2)]
+    coef = torch.randn(2, 4, generator=g).to(DEVICE)
+
+    def run(m):
+        state = m(xs[0])
+        h = state[0] if cell == "lstm" else state
+        loss = (h * coef).sum()  # saves coef, not h: only the cell op could object
+        h[0] = 0  # in place, on the op's own output
+        state = m(xs[1], (h, state[1]) if cell == "lstm" else h)
+        loss = loss + (state[0] if cell == "lstm" else state).sum()
+        return torch.autograd.grad(loss, list(m.parameters()))
+
+    for a, e in zip(run(ours), run(ref), strict=True):
+        torch.testing.assert_close(a, e, atol=1e-5, rtol=1e-4)
+
+
 def test_relu_cell_passes_a_nan_like_torch_nn():
     """The single-step kernel's relu (RNNCell): relu(NaN) is NaN and its gradient passes
     through, as in torch."""

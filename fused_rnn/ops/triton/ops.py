@@ -267,23 +267,27 @@ def _(mode, x, h, c, w_ih, w_hh, b_ih, b_hh, save):
 
 def _cell_setup(ctx, inputs, output):
     mode, x, h, c, w_ih, w_hh, b_ih, b_hh, save = inputs
-    h1, _, gates, state = output
+    _, _, gates, state = output
     ctx.mark_non_differentiable(gates, state)
     ctx.mode, ctx.save = mode, save
     ctx.present = (c is not None, b_ih is not None, b_hh is not None, False, False)
+    # h' is not saved: a one-step backward reads y only for the h_{t-1} of steps after the
+    # first (common.previous_hidden), and there are none. Saving it made an in-place change
+    # of h' (a state reset, h[done] = 0) an error that torch.nn's cells do not raise.
     ctx.save_for_backward(
-        *(t for t in (x, h, c, w_ih, w_hh, b_ih, b_hh) if t is not None), h1, gates, state
+        *(t for t in (x, h, c, w_ih, w_hh, b_ih, b_hh) if t is not None), gates, state
     )
 
 
 def _cell_backward(ctx, dh1, dc1, _dgates, _dstate):
     if not ctx.save:
         refuse_unsaved("triton_cell")
-    (x, h, c, w_ih, w_hh, b_ih, b_hh, _, _), (h1, gates, state) = _unpack(ctx, 3)
+    (x, h, c, w_ih, w_hh, b_ih, b_hh, _, _), (gates, state) = _unpack(ctx, 2)
     if mode_has_no_c(ctx.mode):
         dc1 = None
+    # h stands in for h' (above): the same shape and dtype, and never read.
     dx, dh, dc, dw_ih, dw_hh, db_ih, db_hh = torch.ops.fused_rnn.triton_cell_backward(
-        ctx.mode, x, h, c, w_ih, w_hh, b_ih, b_hh, h1, gates, state, dh1, dc1
+        ctx.mode, x, h, c, w_ih, w_hh, b_ih, b_hh, h, gates, state, dh1, dc1
     )
     c_p, bih_p, bhh_p, _, _ = ctx.present
     dc, db_ih, db_hh = _none_if_absent((dc, db_ih, db_hh), (c_p, bih_p, bhh_p))
