@@ -65,7 +65,12 @@ struct BackwardPoint {
     const int H = p.hidden, Tn = p.steps, u = u0 + j;
     const size_t bh = (size_t)b * H + u;
     In in{};
-    in.dh_in = rec(0) + p.dh_carry[bh];
+    // rec(0) is W_hh times the dgates of iteration s - 1: none at s = 0, and zeros after a
+    // padding step of row b. Those are 0 * w, NaN where w is inf, where torch.nn computes
+    // nothing, so they are not added (for finite W they are +-0: the same sum, up to a zero's sign).
+    const int t_before = p.reverse ? s - 1 : Tn - s;  // the step iteration s - 1 differentiated
+    const bool no_rec = s == 0 || (p.lengths != nullptr && t_before >= p.lengths[b]);
+    in.dh_in = no_rec ? p.dh_carry[bh] : rec(0) + p.dh_carry[bh];
     if (s == Tn) return in;  // past the first forward step: only dh0 is left
     const int t = step();
     const size_t tbh = ((size_t)t * p.batch + b) * H + u;

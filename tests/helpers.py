@@ -98,6 +98,11 @@ NON_FINITE_CASES = {
     "inf-in-h0": ("h0", (0, 1, 2), float("inf")),
     "nan-in-x": ("x", (1, 0, 0), float("nan")),
     "inf-in-dy": ("dy", (1, 1, 2), float("inf")),
+    # A weight's inf saturates a gate where torch.nn multiplies it by real values only; a
+    # padding step's zeros (x, or the dgates W_hh carries back) times it are 0 * inf = NaN.
+    # w_ih row -2: LSTM's o gate, GRU's n gate; w_hh row 1: LSTM's i gate, GRU's r gate.
+    "inf-in-w_ih": ("weight_ih_l0", (-2, 0), float("inf")),
+    "inf-in-w_hh": ("weight_hh_l0", (1, 0), float("inf")),
 }
 
 
@@ -131,8 +136,13 @@ def check_non_finite_like_torch_nn(cell: str, backend: str, device, case: str,
     if cell == "lstm":
         hx.append(torch.randn(1, B, H, generator=g) * 0.5)
     dy = torch.randn(T, B, P, generator=g)
-    {"x": x, "h0": hx[0], "dy": dy}[where][index] = value
-    lengths = torch.tensor([T, T - 1])
+    if where.startswith("weight"):
+        with torch.no_grad():
+            for m in (ref, ours):
+                getattr(m, where)[index] = value
+    else:
+        {"x": x, "h0": hx[0], "dy": dy}[where][index] = value
+    lengths = torch.tensor([T, T - 2])
 
     def run(module):
         xs = x.to(device).requires_grad_()

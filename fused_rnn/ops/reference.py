@@ -208,15 +208,19 @@ def rnn_layer(
         mask_all = (steps_idx < lengths.to(x.device).unsqueeze(0)).unsqueeze(2)  # (T, B, 1)
     ys: list[Tensor | None] = [None] * T
     for t in (range(T - 1, -1, -1) if reverse else range(T)):
-        h_in, c_in = h, c
+        h_in, c_in, gx = h, c, gx_all[t]
         if mask_all is not None:
             # Rows past their length compute on zeros: their result is discarded below, and the
             # zero gradient of a discarded branch times an inf in their carried state would be
-            # NaN (torch.nn does not compute those rows at all).
+            # NaN (torch.nn does not compute those rows at all). So are their pre-activations:
+            # a zero input times an inf weight is NaN already.
             h_in = torch.where(mask_all[t], h, torch.zeros_like(h))
             c_in = None if c is None else torch.where(mask_all[t], c, torch.zeros_like(c))
+            gx = torch.where(mask_all[t], gx, torch.zeros_like(gx))
         gh = _linear(h_in, w_hh_c, b_hh_c, dtype)
-        h_new, c_new = cell_update(mode, gx_all[t], gh, h_in, c_in)
+        if mask_all is not None:
+            gh = torch.where(mask_all[t], gh, torch.zeros_like(gh))
+        h_new, c_new = cell_update(mode, gx, gh, h_in, c_in)
         if w_hr_c is not None:
             h_new = _projection(h_new, w_hr_c, dtype)
         # Round h to the storage dtype: it is y_t and the next step's matmul operand. Its

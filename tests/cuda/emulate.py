@@ -398,7 +398,14 @@ class Emulator:
     def _backward_point(c, s, b, n, j, u, sc, nfr, ksplit, dout):
         G, H, T, B, cell, pl = c["G"], c["H"], c["T"], c["B"], c["cell"], c["pl"]
         cd, st = c["cd"], c["st"]
-        dh_in = Emulator._gather(sc, pl, c["math"], nfr, ksplit, j, n) + c["dh_carry"][b, u]
+        rec = Emulator._gather(sc, pl, c["math"], nfr, ksplit, j, n)
+        # rnn_backward.cu BackwardPoint::load: nothing through W_hh at s = 0 or after a
+        # padding step of row b (0 * inf would be NaN)
+        t_before = s - 1 if c["reverse"] else T - s
+        no_rec = torch.full_like(b, s == 0, dtype=torch.bool)
+        if c["lens"] is not None:
+            no_rec |= t_before >= c["lens"][b]
+        dh_in = torch.where(no_rec, c["dh_carry"][b, u], rec + c["dh_carry"][b, u])
         if s == T:
             c["dh0"][b, u] = dh_in
             return

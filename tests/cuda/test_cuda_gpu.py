@@ -499,10 +499,15 @@ def test_nn_module_drop_in(monkeypatch, cell):
                                    msg=lambda s, i=i: f"tensor {i}: {s}")
 
 
+@pytest.mark.parametrize("path", ["persistent", "step"])
 @pytest.mark.parametrize("cell,case,proj,packed", non_finite_params(proj=False))
-def test_non_finite_values_go_where_torch_nn_puts_them(cell, case, proj, packed):
+def test_non_finite_values_go_where_torch_nn_puts_them(cell, case, proj, packed, path,
+                                                       monkeypatch):
     """relu(NaN) was 0 (fmaxf) and its gradient 0, where torch gives NaN and passes the
-    gradient; a packed row's inf state put 0 * inf = NaN into dW_hh through its padding steps."""
+    gradient; a packed row's inf state put 0 * inf = NaN into dW_hh through its padding steps;
+    an inf in W_hh times the zero dgates of backward's first iteration, or of a padding step,
+    made NaN that torch.nn, which computes neither, does not have."""
+    monkeypatch.setenv("FUSED_RNN_CUDA_PATH", path)
     check_non_finite_like_torch_nn(cell, "cuda", DEVICE, case, proj, packed)
 
 
@@ -510,6 +515,30 @@ def test_non_finite_values_go_where_torch_nn_puts_them(cell, case, proj, packed)
 def test_functional_layers_never_read_x_past_the_lengths(mode):
     """inf or NaN in x's padding reached dW_ih as 0 * NaN through the time-parallel GEMM."""
     check_padding_is_ignored("cuda", DEVICE, mode)
+
+
+@pytest.mark.parametrize("path", ["persistent", "step"])
+def test_an_inf_recurrent_weight_reaches_no_padding_step(path, monkeypatch):
+    """A short packed row's padding steps sent zero dgates back through W_hh: with an inf
+    there, 0 * inf = NaN reached the row's real step (dx, dc0), where torch.nn, which skips
+    those steps, is finite. (The step path's GEMM sees the same zeros.)"""
+    monkeypatch.setenv("FUSED_RNN_CUDA_PATH", path)
+    torch.manual_seed(0)
+    ref, ours = torch.nn.LSTM(3, 5), fused_rnn.LSTM(3, 5, backend="cuda")
+    with torch.no_grad():
+        ref.weight_hh_l0[1, 0] = float("inf")
+    ours.load_state_dict(ref.state_dict())
+    x, h0, c0 = torch.randn(3, 2, 3), torch.randn(1, 2, 5) * 0.5, torch.randn(1, 2, 5) * 0.5
+    grads = []
+    for m in (ref, ours.to(DEVICE)):
+        d = "cpu" if m is ref else DEVICE
+        xs, hs, cs = (t.to(d).requires_grad_() for t in (x, h0, c0))
+        y, (h, c) = m(pack_padded_sequence(xs, torch.tensor([3, 1])), (hs, cs))
+        (y.data.sum() + h.sum() + c.sum()).backward()
+        grads.append([xs.grad[0, 1].cpu(), cs.grad[0, 1].cpu()])  # row 1's one real step
+    for a, e in zip(*reversed(grads), strict=True):
+        assert torch.isfinite(e).all()
+        torch.testing.assert_close(a, e, atol=1e-5, rtol=1e-4)
 
 
 def test_projection_falls_back_with_a_reason():

@@ -433,6 +433,13 @@ def layer_backward(
         if proj:
             # m_t = o_t * tanh(c_t), recomputed time-parallel from what the forward saved.
             m = gates[..., 3 * H:] * torch.tanh(state)
+            if lengths is not None:
+                # Padding steps' gates are not the forward's (it skipped them) and may be NaN
+                # (a zero input times an inf weight); their dh is 0, and 0 * NaN would reach
+                # dW_hr. Their m is zero instead, as torch.nn, which skips them, has it.
+                steps = torch.arange(T, device=dev)[:, None]
+                valid = (steps < lengths.to(dev)[None, :]).unsqueeze(-1)
+                m = torch.where(valid, m, m.new_zeros(()))
             dw_hr = dhnew.view(T * B, P).t() @ m.view(T * B, H)
     db_ih = dg2.sum(0, dtype=f32)  # one read of dg for both bias gradients
     db_hh = (db_ih.clone() if dghn2 is None
