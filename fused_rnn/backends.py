@@ -21,11 +21,12 @@ import dataclasses
 import importlib
 import os
 import sys
+import threading
 from types import ModuleType
 
 import torch
 
-from fused_rnn.ops.common import check_measured_rule, warn_at_caller
+from fused_rnn.ops.common import ForkSafeLock, check_measured_rule, warn_at_caller
 
 BACKENDS = ("auto", "reference", "torch", "triton", "cuda")
 KERNEL_BACKENDS = ("triton", "cuda")
@@ -240,6 +241,7 @@ def torch_runs_per_layer(device: torch.device) -> bool:
 
 
 _warned: set[tuple[str, str]] = set()
+_warned_lock = ForkSafeLock(threading.RLock)
 # Every fallback taken, (from, reason, to) -> how many times: the warning says it once a
 # process, and a benchmark row labelled with a backend must be able to tell whether it ran.
 _fallbacks: dict[tuple[str, str, str], int] = {}
@@ -259,12 +261,14 @@ def _warn_once(name: str, reason: str, to: str) -> bool:
     the warning returns: a filter that turns it into an exception raises at every such call,
     not just the first."""
     key = (name, reason)
-    if key in _warned:
-        return False
-    warn_at_caller(
-        f"fused_rnn: backend {name!r} cannot take this call ({reason}); falling back to {to!r}"
-    )
-    _warned.add(key)
+    with _warned_lock:  # threads falling back at once: one of them says it
+        if key in _warned:
+            return False
+        warn_at_caller(
+            f"fused_rnn: backend {name!r} cannot take this call ({reason}); falling back to "
+            f"{to!r}"
+        )
+        _warned.add(key)
     return True
 
 

@@ -399,9 +399,82 @@ def test_a_tf32_window_restores_the_setting_it_found(fp32_precision_restored, be
         assert matmul.fp32_precision == before
 
 
+def _package_locks():
+    """Every lock held in a module global of fused_rnn, by "module.name"."""
+    import importlib
+    import pkgutil
+
+    from fused_rnn.ops.common import ForkSafeLock
+
+    locks = {}
+    for info in pkgutil.walk_packages(fused_rnn.__path__, "fused_rnn."):
+        if info.name.endswith("__main__"):
+            continue
+        try:
+            module = importlib.import_module(info.name)
+        except ImportError:
+            continue
+        for name, value in vars(module).items():
+            if isinstance(value, ForkSafeLock) or "lock" in type(value).__name__.lower():
+                locks[f"{info.name}.{name}"] = value
+    return locks
+
+
+def test_every_lock_of_the_package_is_renewed_in_a_forked_child():
+    """A plain threading.Lock in a module global would be copied into a forked child (a
+    DataLoader worker) held, if another thread of the parent held it, and the child would wait
+    forever (the CUDA loader's lock, held across a JIT build of minutes, was one)."""
+    from fused_rnn.ops.common import ForkSafeLock
+
+    locks = _package_locks()
+    assert {"fused_rnn.ops.common._tf32_lock", "fused_rnn.ops.cuda._ext._lock",
+            "fused_rnn.backends._warned_lock",
+            "fused_rnn.ops.cuda.profile._active_lock"} <= set(locks)
+    plain = sorted(name for name, lock in locks.items() if not isinstance(lock, ForkSafeLock))
+    assert plain == [], f"module-level locks a forked child would inherit held: {plain}"
+
+
+@pytest.mark.parametrize("name", ["fused_rnn.ops.common._tf32_lock",
+                                  "fused_rnn.ops.cuda._ext._lock",
+                                  "fused_rnn.backends._warned_lock"])
+def test_a_child_forked_while_another_thread_holds_a_lock_can_take_it(name):
+    """fork() copies a lock in the state another thread left it: held, by a thread the child
+    does not have. The child gets a fresh lock instead of waiting forever."""
+    import importlib
+    import multiprocessing
+    import threading
+
+    module, attr = name.rsplit(".", 1)
+    module = importlib.import_module(module)
+
+    def child():
+        with getattr(module, attr):
+            pass
+
+    held, release = threading.Event(), threading.Event()
+
+    def hold():
+        with getattr(module, attr):
+            held.set()
+            release.wait(30)
+
+    holder = threading.Thread(target=hold)
+    holder.start()
+    try:
+        assert held.wait(5)
+        proc = multiprocessing.get_context("fork").Process(target=child)
+        proc.start()
+        proc.join(30)
+        if proc.is_alive():
+            proc.kill()
+        assert proc.exitcode == 0, f"the forked child hung on {name}"
+    finally:
+        release.set()
+        holder.join(5)
+
+
 def test_a_child_forked_inside_another_threads_tf32_window_can_open_its_own():
-    """fork() copies the window lock in the state another thread left it: held, by a thread
-    the child does not have. The child gets a fresh lock instead of waiting forever."""
+    """The TF32 window itself, in a child forked while another thread is inside one."""
     import multiprocessing
     import threading
 
@@ -414,7 +487,7 @@ def test_a_child_forked_inside_another_threads_tf32_window_can_open_its_own():
     held, release = threading.Event(), threading.Event()
 
     def hold():
-        with common._tf32_lock:
+        with common.tf32_gemms(False):
             held.set()
             release.wait(30)
 
@@ -431,6 +504,48 @@ def test_a_child_forked_inside_another_threads_tf32_window_can_open_its_own():
     finally:
         release.set()
         holder.join(5)
+
+
+def test_threads_falling_back_at_once_warn_once(monkeypatch):
+    """Eight threads hit the same fallback for the first time together, with a warning handler
+    that takes a while (a logging handler, say): the warning is shown once, not eight times."""
+    import threading
+    import time
+
+    fake = types.SimpleNamespace(unavailable_reason=lambda device: None,
+                                 unsupported_reason=lambda kind, **config: "a threaded reason")
+    monkeypatch.setattr(backends, "_kernel_module", lambda name: fake)
+    monkeypatch.setattr(backends, "_warned", set())
+    shown = []
+
+    def slow_show(message, *args, **kwargs):
+        time.sleep(0.01)
+        shown.append(str(message))
+
+    monkeypatch.setattr(warnings, "showwarning", slow_show)
+    lstm = fused_rnn.LSTM(4, 6, backend="triton")
+    x = torch.randn(3, 2, 4)
+    go = threading.Barrier(8)
+    errors = []
+
+    def call():
+        try:
+            go.wait(5)
+            with torch.no_grad():
+                lstm(x)
+        except Exception as e:
+            errors.append(e)
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("always")
+        warnings.showwarning = slow_show
+        threads = [threading.Thread(target=call) for _ in range(8)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(30)
+    assert errors == []
+    assert len([m for m in shown if "a threaded reason" in m]) == 1, shown
 
 
 # ------------------------------------------------------------ torch.func on auto

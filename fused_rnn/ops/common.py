@@ -12,6 +12,7 @@ import os
 import sys
 import threading
 import warnings
+import weakref
 
 import torch
 from torch import Tensor
@@ -110,17 +111,39 @@ def mm_f32(a: Tensor, b: Tensor, cd: torch.dtype, *, sixteen_bit: bool = True) -
     return a.to(cd) @ b.to(cd)
 
 
-_tf32_lock = threading.RLock()
+class ForkSafeLock:
+    """A ``threading.Lock`` (or ``RLock``: ``factory``) that a forked child gets fresh.
+
+    fork() copies a lock in the state another thread left it: held, by a thread the child does
+    not have, so the child would wait on it forever (DataLoader workers forked while a thread
+    of the parent was inside one). Every such lock of the package is one of these; after a
+    fork the child replaces each with a new, unheld one. The parent's are untouched."""
+
+    def __init__(self, factory=threading.Lock):
+        self._factory = factory
+        self._lock = factory()
+        _FORK_SAFE_LOCKS.add(self)
+
+    def __enter__(self):
+        self._lock.acquire()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._lock.release()
 
 
-def _fresh_tf32_lock() -> None:
-    # A child forked while another thread held the lock would otherwise wait on it forever.
-    global _tf32_lock
-    _tf32_lock = threading.RLock()
+_FORK_SAFE_LOCKS: weakref.WeakSet[ForkSafeLock] = weakref.WeakSet()
+
+
+def _renew_locks() -> None:
+    for lock in list(_FORK_SAFE_LOCKS):
+        lock._lock = lock._factory()
 
 
 if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=_fresh_tf32_lock)
+    os.register_at_fork(after_in_child=_renew_locks)
+
+_tf32_lock = ForkSafeLock(threading.RLock)
 
 
 @contextlib.contextmanager

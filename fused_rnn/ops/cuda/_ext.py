@@ -37,13 +37,12 @@ import re
 import shutil
 import subprocess
 import sys
-import threading
 from pathlib import Path
 from types import ModuleType
 
 import torch
 
-from fused_rnn.ops.common import warn_at_caller
+from fused_rnn.ops.common import ForkSafeLock, warn_at_caller
 from fused_rnn.ops.cuda.buildinfo import HEADERS, SOURCES, filter_arch_list, source_hash
 
 PREBUILT = "fused_rnn._cuda_ext"
@@ -55,7 +54,8 @@ BUILD_HINT = (
     "or install a CUDA toolkit matching torch so it can be built on first use"
 )
 
-_lock = threading.Lock()
+# Held across the load (a JIT build: minutes); a forked child gets a fresh one.
+_lock = ForkSafeLock()
 _ext: ModuleType | None = None
 _failure: str | None = None  # why loading failed (cached: a failed build is not retried)
 _images: dict[int, str | None] = {}  # device index -> why the build has no code for it
