@@ -696,6 +696,67 @@ def test_missing_triton_is_a_reason_not_an_import_error():
     assert "pip install triton" in res.stdout and "raised: fused_rnn backend 'triton' is unavailable" in res.stdout
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="runs the kernels under the interpreter")
+def test_first_calls_from_several_threads_find_the_kernels_loaded():
+    """Serving threads making their first Triton calls together, in a fresh process: a thread
+    that looked while another was still importing the kernel module found it half-made in
+    sys.modules (AttributeError: ... has no attribute 'interpreting'). On a GPU too."""
+    code = (
+        "import sys, threading, time, torch, fused_rnn\n"
+        "m = fused_rnn.GRU(3, 4, backend='triton').eval()\n"
+        "assert 'fused_rnn.ops.triton.launch' not in sys.modules\n"
+        "x, res = torch.randn(2, 2, 3), {}\n"
+        "def serve(i):\n"
+        "    time.sleep(0.003 * i)\n"
+        "    try:\n"
+        "        with torch.no_grad():\n"
+        "            res[i] = m(x)[0]\n"
+        "    except Exception as e:\n"
+        "        res[i] = f'{type(e).__name__}: {e}'\n"
+        "ts = [threading.Thread(target=serve, args=(i,)) for i in range(4)]\n"
+        "[t.start() for t in ts]; [t.join() for t in ts]\n"
+        "bad = [r for r in res.values() if not isinstance(r, torch.Tensor)]\n"
+        "print(len(res), bad or all(torch.equal(r, res[0]) for r in res.values()))\n"
+    )
+    res = _run_python(code, env_drop=())
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert res.stdout.strip() == "4 True", res.stdout
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="runs the kernels under the interpreter")
+def test_interpreted_calls_from_several_threads_at_once():
+    """Triton's interpreter patches triton.language process-wide while a kernel runs; four
+    threads sharing a module broke each other's kernels ("Did you forget to add @triton.jit
+    ?"). Launches take turns under the interpreter, and every thread gets its own answer."""
+    import threading
+
+    torch.manual_seed(0)
+    m = fused_rnn.GRU(3, 4, backend="triton").eval()
+    xs = [torch.randn(2, 40, 3) for _ in range(4)]  # B=40: two batch tiles in the step grid
+    with torch.no_grad():
+        want = [m(x)[0] for x in xs]
+    got = {}
+
+    def work(i):
+        try:
+            with torch.no_grad():
+                got[i] = [torch.equal(m(xs[i])[0], want[i]) for _ in range(2)]
+        except Exception as e:
+            got[i] = f"{type(e).__name__}: {e}"
+
+    switch = sys.getswitchinterval()
+    sys.setswitchinterval(1e-5)  # threads change often, as on a busy machine
+    try:
+        threads = [threading.Thread(target=work, args=(i,)) for i in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(120)
+    finally:
+        sys.setswitchinterval(switch)
+    assert got == {i: [True, True] for i in range(4)}, got
+
+
 @pytest.mark.slow
 @pytest.mark.skipif(torch.cuda.is_available(), reason="with a GPU the other tests compile for real")
 def test_every_launched_variant_compiles_for_sm90(tmp_path):

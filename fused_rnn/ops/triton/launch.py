@@ -26,6 +26,7 @@ Inference (``save=False``) writes none of it.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 
 import torch
@@ -35,6 +36,7 @@ from torch import Tensor
 from triton.runtime.errors import OutOfResources
 
 from fused_rnn.ops.common import (
+    ForkSafeLock,
     cudnn_rnn_tf32,
     gemms_use_tf32,
     mm_f32,
@@ -69,6 +71,18 @@ def interpreting() -> bool:
     from triton.runtime.interpreter import InterpretedFunction
 
     return isinstance(kernels._step_fwd_kernel, InterpretedFunction)
+
+
+# Triton's interpreter is not thread-safe: while a kernel runs it patches ``triton.language``
+# for the whole process, and restores it after, so two threads interpreting at once break each
+# other's kernels ("Did you forget to add @triton.jit ?"). On the CPU our launches therefore
+# run one at a time; on a GPU they are not serialized.
+_interpreter_lock = ForkSafeLock()
+
+
+def _one_at_a_time(interp: bool):
+    """The context a launch runs in: the interpreter's lock when ``interp``, else nothing."""
+    return _interpreter_lock if interp else contextlib.nullcontext()
 
 
 def _pow2(n: int, lo: int = 16) -> int:
@@ -243,13 +257,14 @@ def layer_forward(
         h_n = torch.empty((B, P), dtype=dtype, device=dev)
         c_n = torch.empty((B, H), dtype=torch.float32, device=dev) if is_lstm else None
         try:  # refused before it runs, if at all: gx and c are still untouched
-            kernels._persistent_fwd_kernel[(triton.cdiv(B, block_b),)](
-                gx, h0, dummy if c is None else c, w_hh, dummy if b_hh is None else b_hh,
-                dummy if w_hr is None else w_hr, dummy if lengths is None else lengths,
-                y, h_n, dummy if c_n is None else c_n, dummy if state is None else state,
-                T, B, H, P, REVERSE=reverse, BLOCK_B=block_b, BLOCK_H=_pow2(H),
-                BLOCK_P=_persistent_block_p(P, proj), num_warps=8, **common,
-            )
+            with _one_at_a_time(interp):
+                kernels._persistent_fwd_kernel[(triton.cdiv(B, block_b),)](
+                    gx, h0, dummy if c is None else c, w_hh, dummy if b_hh is None else b_hh,
+                    dummy if w_hr is None else w_hr, dummy if lengths is None else lengths,
+                    y, h_n, dummy if c_n is None else c_n, dummy if state is None else state,
+                    T, B, H, P, REVERSE=reverse, BLOCK_B=block_b, BLOCK_H=_pow2(H),
+                    BLOCK_P=_persistent_block_p(P, proj), num_warps=8, **common,
+                )
         except OutOfResources as err:
             _persistent_refused("the persistent forward kernel", requested, err)
             path = "step"
@@ -262,13 +277,14 @@ def layer_forward(
         for s in range(T):
             t = T - 1 - s if reverse else s
             h_out = bufs[s % 2]
-            kernels._step_fwd_kernel[grid](
-                gx[t], h_in, dummy if c is None else c, w_hh, dummy if b_hh is None else b_hh,
-                dummy if lengths is None else lengths, t, h_out, m if proj else y[t],
-                dummy if state is None else state[t], B, H, P,
-                BLOCK_B=block_b, BLOCK_H=block_h, BLOCK_K=min(STEP_BLOCK_K, _pow2(P)),
-                num_warps=8, **common,
-            )
+            with _one_at_a_time(interp):
+                kernels._step_fwd_kernel[grid](
+                    gx[t], h_in, dummy if c is None else c, w_hh, dummy if b_hh is None else b_hh,
+                    dummy if lengths is None else lengths, t, h_out, m if proj else y[t],
+                    dummy if state is None else state[t], B, H, P,
+                    BLOCK_B=block_b, BLOCK_H=block_h, BLOCK_K=min(STEP_BLOCK_K, _pow2(P)),
+                    num_warps=8, **common,
+                )
             if proj:
                 # h_t needs every hidden unit of m_t: one small GEMM per step in torch.
                 with _gemm_tf32(torch.float32):
@@ -361,16 +377,17 @@ def layer_backward(
         dh0 = torch.empty((B, P), dtype=torch.float32, device=dev)
         dc0 = torch.empty((B, H), dtype=torch.float32, device=dev) if is_lstm else None
         try:  # refused before it runs, if at all: the carries dh and dc are still untouched
-            kernels._persistent_bwd_kernel[(triton.cdiv(B, block_b),)](
-                gates, state if state.numel() else dummy, dummy if cprev is None else cprev,
-                hprev, dy, dh, dummy if dc is None else dc, w_hh_s,
-                dummy if w_hr_s is None else w_hr_s, dummy if lengths is None else lengths, dg,
-                dummy if dghn is None else dghn, dummy if dhnew is None else dhnew, dh0,
-                dummy if dc0 is None else dc0, T, B, H, P, MODE=MODE_ID[mode], HAS_PROJ=proj,
-                HAS_LEN=lengths is not None, REVERSE=reverse, BLOCK_B=block_b,
-                BLOCK_H=_pow2(H), BLOCK_P=_persistent_block_p(P, proj), INTERPRET=interp,
-                PRECISION=prec, num_warps=8,
-            )
+            with _one_at_a_time(interp):
+                kernels._persistent_bwd_kernel[(triton.cdiv(B, block_b),)](
+                    gates, state if state.numel() else dummy, dummy if cprev is None else cprev,
+                    hprev, dy, dh, dummy if dc is None else dc, w_hh_s,
+                    dummy if w_hr_s is None else w_hr_s, dummy if lengths is None else lengths, dg,
+                    dummy if dghn is None else dghn, dummy if dhnew is None else dhnew, dh0,
+                    dummy if dc0 is None else dc0, T, B, H, P, MODE=MODE_ID[mode], HAS_PROJ=proj,
+                    HAS_LEN=lengths is not None, REVERSE=reverse, BLOCK_B=block_b,
+                    BLOCK_H=_pow2(H), BLOCK_P=_persistent_block_p(P, proj), INTERPRET=interp,
+                    PRECISION=prec, num_warps=8,
+                )
         except OutOfResources as err:
             _persistent_refused("the persistent backward kernel", requested, err)
             path = "step"
@@ -396,18 +413,19 @@ def layer_backward(
                     dh = torch.zeros_like(dh)
                 with _gemm_tf32(torch.float32):
                     torch.mm(dh_new, w_hr_f, out=dm)
-            kernels._step_bwd_kernel[grid](
-                dummy if t_next is None else dg[t_next],
-                dummy if (t_next is None or dghn is None) else dghn[t_next],
-                0 if t_next is None else 1, dh, dy[t], dummy if dm is None else dm,
-                gates[t], state[t] if state.numel() else dummy,
-                dummy if cprev is None else cprev[t], hprev[t], dummy if dc is None else dc,
-                w_hh_s, dummy if lengths is None else lengths, t, dg[t],
-                dummy if dghn is None else dghn[t], B, H,
-                MODE=MODE_ID[mode], HAS_LEN=lengths is not None, FUSE=not proj,
-                BLOCK_B=block_b, BLOCK_H=block_h, BLOCK_K=min(STEP_BLOCK_K, _pow2(H)),
-                INTERPRET=interp, PRECISION=prec, num_warps=8,
-            )
+            with _one_at_a_time(interp):
+                kernels._step_bwd_kernel[grid](
+                    dummy if t_next is None else dg[t_next],
+                    dummy if (t_next is None or dghn is None) else dghn[t_next],
+                    0 if t_next is None else 1, dh, dy[t], dummy if dm is None else dm,
+                    gates[t], state[t] if state.numel() else dummy,
+                    dummy if cprev is None else cprev[t], hprev[t], dummy if dc is None else dc,
+                    w_hh_s, dummy if lengths is None else lengths, t, dg[t],
+                    dummy if dghn is None else dghn[t], B, H,
+                    MODE=MODE_ID[mode], HAS_LEN=lengths is not None, FUSE=not proj,
+                    BLOCK_B=block_b, BLOCK_H=block_h, BLOCK_K=min(STEP_BLOCK_K, _pow2(H)),
+                    INTERPRET=interp, PRECISION=prec, num_warps=8,
+                )
             t_next = t
         # dh_0: what the first step in time sends back through W_hh, plus the carry.
         if t_next is not None:
