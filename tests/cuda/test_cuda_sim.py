@@ -1329,7 +1329,24 @@ def test_phase_timing_is_off_outside_recording(install):
         with profile.recording() as inner:
             _layer("GRU", "fp32", T=2)
         assert len(inner) == 2 and outer == []
-    assert profile._recording is None
+    assert profile._active == []
+    assert profile.buffer("forward", "GRU", torch.float32, 1, 1, 1, torch.device("cpu")) is None
+
+
+def test_recordings_closed_out_of_order_each_collect_their_own(install):
+    """Two threads' recordings interleave: A opens, B opens, A closes, B closes. B records
+    its launch after A closed, and afterwards nothing records (a block that restored "the
+    previous" recording left A's switched on for good, every later launch instrumented)."""
+    install(sms=4)
+    a, b = profile.recording(), profile.recording()
+    got_a = a.__enter__()
+    got_b = b.__enter__()
+    a.__exit__(None, None, None)
+    _layer("GRU", "fp32", T=2)
+    b.__exit__(None, None, None)
+    assert got_a == [] and len(got_b) == 2
+    assert profile._active == []
+    assert profile.buffer("forward", "GRU", torch.float32, 1, 1, 1, torch.device("cpu")) is None
 
 
 # ------------------------------------------------------------------------------ batch groups

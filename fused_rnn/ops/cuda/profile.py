@@ -42,6 +42,8 @@ from dataclasses import dataclass
 
 import torch
 
+from fused_rnn.ops.common import ForkSafeLock
+
 PHASES = ("load", "copy", "mma", "epilogue", "sync", "parts")  # fused_rnn.h Phase, in order
 # + total cycles, total ns, steps, then the spans mma_own and epilogue_own (fused_rnn.h
 # kProfSlots, kProfMmaOwn, kProfEpilogueOwn)
@@ -63,27 +65,35 @@ class Launch:
     prof: torch.Tensor  # (MAX_BLOCKS, PROF_SLOTS) int64; rows of blocks that ran are non-zero
 
 
-_recording: list[Launch] | None = None
+# The recordings open now, innermost last. Process-wide, not per thread: autograd runs the
+# backward launches on its own thread. Blocks on several threads may close in any order.
+_active: list[list[Launch]] = []
+_active_lock = ForkSafeLock()
 
 
 @contextmanager
 def recording() -> Iterator[list[Launch]]:
-    """Record every CUDA-backend launch in this block (nestable; the inner one collects)."""
-    global _recording
-    previous, _recording = _recording, []
+    """Record every CUDA-backend launch in this block (nestable: the innermost open one
+    collects; each block collects until it closes, whichever order blocks close in)."""
+    launches: list[Launch] = []
+    with _active_lock:
+        _active.append(launches)
     try:
-        yield _recording
+        yield launches
     finally:
-        _recording = previous
+        with _active_lock:
+            del _active[next(i for i, r in enumerate(_active) if r is launches)]
 
 
 def buffer(direction: str, mode: str, dtype: torch.dtype, steps: int, batch: int, hidden: int,
            device: torch.device) -> torch.Tensor | None:
     """The ``prof`` argument for one launch: None unless recording."""
-    if _recording is None:
-        return None
+    with _active_lock:
+        if not _active:
+            return None
+        launches = _active[-1]
     prof = torch.zeros(MAX_BLOCKS, PROF_SLOTS, dtype=torch.int64, device=device)
-    _recording.append(Launch(direction, mode, dtype, steps, batch, hidden, prof))
+    launches.append(Launch(direction, mode, dtype, steps, batch, hidden, prof))
     return prof
 
 
