@@ -443,7 +443,10 @@ std::vector<at::Tensor> forward(int64_t mode, at::Tensor xproj, at::Tensor h0,
     return fused_rnn::launch_forward<decltype(cl)::value, T_, decltype(m)::value>(p, stream);
   };
   FRNN_CHECK_CUDA(fused_rnn::dispatch(c.cell, storage_of(c.st), sel.math, launch));
-  at::Tensor h_n = hbuf[c.T % 2].narrow(0, 0, c.B).narrow(1, 0, c.H).contiguous();
+  // A copy: where B and H fill the padded buffer the slice is contiguous already, and
+  // .contiguous() would return it, keeping all of hbuf alive with the state.
+  at::Tensor h_n = hbuf[c.T % 2].narrow(0, 0, c.B).narrow(1, 0, c.H).clone(
+      at::MemoryFormat::Contiguous);
   at::Tensor c_n = c.cell == Cell::kLSTM ? o.cbuf.to(c.st) : at::empty({0}, h0.options());
   return {o.y, h_n, c_n, o.aux};
 }

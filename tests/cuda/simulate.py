@@ -425,7 +425,7 @@ class Simulator:
             _ptr(xproj), _ptr(hbuf), _ptr(cbuf), _ptr(y), _ptr(aux), self._prof(prof, pl),
             int(stage_copy), int(tile_block), int(point_batch), _ptr(part), _ptr(b_ih),
             int(frag_loads)))
-        h_n = hbuf[T % 2, :B, :H].contiguous()
+        h_n = hbuf[T % 2, :B, :H].clone(memory_format=torch.contiguous_format)  # binding.cpp
         c_n = cbuf.to(st) if cell == 0 else torch.empty(0, dtype=st)
         return [y, h_n, c_n, aux]
 

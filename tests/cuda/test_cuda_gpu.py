@@ -571,6 +571,29 @@ def test_largest_supported_hidden_size_runs(cuda_ext, monkeypatch, mode, is16):
 
 
 @pytest.mark.skipif(STANDIN == "emulate", reason="the emulation has no compiled plan")
+@pytest.mark.parametrize("path", ["persistent", "step"])
+@pytest.mark.parametrize("mode", ["LSTM", "GRU"])
+def test_h_n_holds_only_its_own_memory(cuda_ext, monkeypatch, mode, path):
+    """h_n is a (B, H) tensor of its own. Where the batch filled the padded exchange buffer
+    and H its padded width, the slice of that (2, B_pad, k_pad) buffer was already contiguous,
+    and .contiguous() returned it: a state carried by a cell loop (or saved for backward at each
+    step) kept twice its size alive."""
+    monkeypatch.setenv("FUSED_RNN_CUDA_PATH", path)
+    g = torch.Generator().manual_seed(0)
+    G = 4 if mode == "LSTM" else 3
+    for B, H in ((32, 16), (32, 32), (64, 16)):
+        x = torch.randn(2, B, 4, generator=g).to(DEVICE)
+        h0 = torch.zeros(B, H, device=DEVICE)
+        c0 = torch.zeros(B, H, device=DEVICE) if mode == "LSTM" else None
+        w_ih = (torch.randn(G * H, 4, generator=g) * 0.1).to(DEVICE)
+        w_hh = (torch.randn(G * H, H, generator=g) * 0.1).to(DEVICE)
+        _, h_n, c_n = cuda_backend.rnn_layer(mode, x, h0, c0, w_ih, w_hh)
+        for name, t in (("h_n", h_n), ("c_n", c_n)):
+            if t is not None:
+                own, held = t.numel() * t.element_size(), t.untyped_storage().nbytes()
+                assert held == own, f"B={B} H={H}: {name} holds {held} bytes for {own}"
+
+
 def test_plan_matches_python_mirror(cuda_ext):
     for cell in range(4):
         for math in range(3):
