@@ -254,10 +254,13 @@ if wants microbench; then
   grep '^| ' "$LOG_DIR/cuda_microbench.log" 2>/dev/null || true
 fi
 
-# The slow integration tests (torch.compile, DDP, AMP training), each allowed 120 s.
+# The slow integration tests (torch.compile, DDP, AMP training), each allowed 120 s, and the
+# warp-level mma/ldmatrix layout check on this GPU (an nvcc build and one run; the "-mma" shapes
+# of the GPU tests above already check that path's results).
 if wants slow_tests && ! skip_if_kernels_unusable slow_tests; then
-  step gpu_tests_slow 150 "$PYTHON" -m pytest tests/cuda/test_cuda_gpu.py -v -ra \
-    -p no:cacheprovider $(frnn_pytest_timeout 120) -k "$FRNN_SLOW_TESTS"
+  step gpu_tests_slow 150 "$PYTHON" -m pytest tests/cuda/test_cuda_gpu.py \
+    tests/cuda/test_warp_mma.py::test_the_layouts_hold_on_this_gpu -v -ra -p no:cacheprovider \
+    $(frnn_pytest_timeout 120) -k "$FRNN_SLOW_TESTS or layouts_hold_on_this_gpu"
   echo "cuda: slow GPU tests: $(frnn_tests_summary "$LOG_DIR/cuda_gpu_tests_slow.log")"
 fi
 # Nsight Compute on the first forward and backward launch (profile_cuda.py's warm-up, no clock

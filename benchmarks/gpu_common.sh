@@ -101,6 +101,32 @@ frnn_bad_tests() {
   } | sort -u
 }
 
+# What CUDA says of a kernel fault that leaves the process's context unusable: every later test
+# of that pytest run then fails with the same error, whatever it tests.
+FRNN_STICKY_CUDA_ERRORS='illegal memory access|unspecified launch failure|misaligned address|illegal instruction|device-side assert|hardware stack error|invalid program counter|launch timed out'
+
+# True when LOG shows such a fault.
+frnn_sticky_fault() {
+  [[ -f "$1" ]] && grep -aqE "$FRNN_STICKY_CUDA_ERRORS" "$1"
+}
+
+# The ids of the tests LOG's failures are blamed on: all of frnn_bad_tests, but after a sticky
+# fault only the first to fail in the run's order (else the one left running): the tests after
+# it met a broken context, and a fault in, say, a per-step test must not turn K parts and the
+# cluster configurations off for the bench.
+frnn_blamed_tests() {
+  if ! frnn_sticky_fault "$1"; then frnn_bad_tests "$1"; return 0; fi
+  local all first
+  all=$(grep -aoE '^tests/[^ ]*::[^ ]+ +(FAILED|ERROR)' "$1" || true)  # whole first (pipefail)
+  first=$(sed -nE '1{s/ +[A-Z]+$//;p}' <<<"$all")
+  if [[ -z "$first" ]]; then
+    all=$(grep -aoE '^(FAILED|ERROR) [^ ]+::[^ ]+' "$1" || true)
+    first=$(sed -nE '1{s/^[A-Z]+ //;p}' <<<"$all")
+  fi
+  if [[ -z "$first" ]]; then first=$(frnn_unfinished_test "$1" || true); fi
+  if [[ -n "$first" ]]; then echo "$first"; fi
+}
+
 # True when LOG reports a failed, crashed or hung K-parts test (a test id with "parts"):
 # gpu_check.sh then times the rest with FUSED_RNN_CUDA_K_PARTS=1, so that one GPU session still
 # yields a valid table for the kernels that passed.
@@ -109,7 +135,7 @@ frnn_parts_failed() {
   # The list is taken whole first: under pipefail a producer's status, or the SIGPIPE grep -q
   # can give it by exiting early, would decide the pipeline instead of grep.
   local bad
-  bad=$(frnn_bad_tests "$1")
+  bad=$(frnn_blamed_tests "$1")
   grep -q 'parts' <<<"$bad"
 }
 
@@ -119,7 +145,7 @@ frnn_parts_failed() {
 frnn_cluster_failed() {
   [[ -f "$1" ]] || return 1
   local bad
-  bad=$(frnn_bad_tests "$1")  # as above
+  bad=$(frnn_blamed_tests "$1")  # as above
   grep -q 'cluster' <<<"$bad"
 }
 
@@ -151,6 +177,13 @@ frnn_tests_summary() {
     n=$(wc -l <<<"$bad")
     line="$line; failed: $(head -n 3 <<<"$bad" | paste -sd, - | sed 's/,/, /g')"
     (( n > 3 )) && line="$line (+$(( n - 3 )) more)"
+  fi
+  if frnn_sticky_fault "$1"; then
+    local first
+    first=$(frnn_blamed_tests "$1")
+    if [[ -n "$first" ]]; then
+      line="$line; a CUDA fault in ${first##*::}: the failures after it follow from it"
+    fi
   fi
   echo "$line"
 }

@@ -107,6 +107,36 @@ def test_failed_results_in_the_v_lines_count_without_a_summary(tmp_path):
     assert r.stdout.splitlines() == ["800 passed, 7 deselected in 81.20s (0:01:21)", "not run"], r
 
 
+@pytest.mark.parametrize("first,parts,cluster", [
+    ("test_matches_reference[LSTM-bf16-T5-B3-I7-H37-step-dense-fwd]", 1, 1),
+    ("test_matches_reference[LSTM-bf16-T16-B16-I32-H256-parts4-blocks64-dense-fwd]", 0, 1),
+    ("test_cluster_mode_launches_clusters[groups8]", 1, 0),
+])
+def test_after_a_sticky_cuda_fault_only_the_first_failure_counts(tmp_path, first, parts, cluster):
+    """A kernel fault (an illegal address) leaves the CUDA context unusable, and every later test
+    of the run fails with it: only the first failed test is blamed, so a fault in a per-step
+    test does not turn K parts and clusters off for a bench whose kernels passed."""
+    err = "RuntimeError: CUDA error: an illegal memory access was encountered"
+    later = ["test_matches_reference[GRU-fp32-T60-B3-I7-H60-parts2-dense-fwd]",
+             "test_cluster_mode_launches_clusters[groups16]", "test_opcheck[GRU]"]
+    log = tmp_path / "log"
+    log.write_text(f"{ID}test_plan PASSED  [  1%]\n{ID}{first} FAILED  [  2%]\n"
+                   + "".join(f"{ID}{t} FAILED  [  3%]\n" for t in later if t != first)
+                   + "=== FAILURES ===\n" + f"E   {err}\n"
+                   + "".join(f"FAILED {ID}{t} - {err}\n" for t in [first, *later])
+                   + "4 failed, 1 passed in 9.00s\n")
+    script = (f"set -uo pipefail; source {COMMON}; frnn_parts_failed {log}; echo $?; "
+              f"frnn_cluster_failed {log}; echo $?; frnn_tests_summary {log}")
+    r = subprocess.run(["bash", "-c", script], capture_output=True, text=True, check=True)
+    lines = r.stdout.splitlines()
+    assert lines[:2] == [str(parts), str(cluster)], r.stdout + r.stderr
+    assert lines[2].endswith(f"; a CUDA fault in {first}: the failures after it follow from it")
+    log.write_text(log.read_text().replace(err, "AssertionError: tensor 3 differs"))
+    r = subprocess.run(["bash", "-c", script], capture_output=True, text=True, check=True)
+    assert r.stdout.splitlines()[:2] == ["0", "0"], r.stdout  # without a fault, each counts
+    assert "CUDA fault" not in r.stdout
+
+
 def test_a_warning_in_a_passing_run_is_not_a_test_left_running(tmp_path):
     """pytest's warnings summary heads each entry with the test's id on a line of its own. It
     was read as the last test started and never finished: a run where every test passed

@@ -144,7 +144,10 @@ SHAPES = {"T5-B3-I7-H37": (5, 3, 7, 37, {}), "T1-B1-I4-H16": (1, 1, 4, 16, {}),
           "T1-B1-I4-H16-step": (1, 1, 4, 16, STEP),
           "T7-B70-I9-H24-step": (7, 70, 9, 24, STEP),
           "T16-B16-I32-H256": (16, 16, 32, 256, {}),
-          "T16-B16-I32-H256-parts4": (16, 16, 32, 256, {"FUSED_RNN_CUDA_K_PARTS": "4"})}
+          # At most 64 blocks: with more SMs than 64 units' worth of blocks (a 114-SM H100
+          # PCIe: 86 blocks in fp32) the plan takes teams of 2, not the 4 the name says.
+          "T16-B16-I32-H256-parts4-blocks64": (16, 16, 32, 256, {"FUSED_RNN_CUDA_K_PARTS": "4",
+                                                                 "FUSED_RNN_CUDA_MAX_BLOCKS": "64"})}
 @pytest.fixture(autouse=True)
 def _persistent_unless_asked(monkeypatch):
     """The tests here name the path they check: the persistent kernel, unless a test (or the
@@ -222,11 +225,12 @@ def _mirror_plans(mode, dtype, tf32, batch, hidden, device_info) -> list[dict]:
     return plans
 
 
-def test_every_shape_keeps_its_name_on_a_132_sm_gpu(monkeypatch):
+def test_every_shape_keeps_its_name_on_the_gpus_we_may_get(monkeypatch):
     """What a GPU run of test_matches_reference tests is what each shape's name says, on an
-    H100's or H200's dimensions (132 SMs, 227 KB of shared memory a block, sm_90) as on the
-    stand-in's 8 SMs: on the H200, before the "-blocks8" settings, two "parts4" shapes took
-    teams of 2 in 16 bits and TF32."""
+    H100 SXM's or H200's dimensions (132 SMs, 227 KB of shared memory a block, sm_90), an H100
+    PCIe's (114 SMs), an A100's (108 SMs, 163 KB, sm_80) and the stand-in's (8 SMs): on the
+    H200, before the "-blocks8" settings, two "parts4" shapes took teams of 2 in 16 bits and
+    TF32, and on 114 SMs the H256 one did in fp32 before "-blocks64"."""
     for shape, (_, B, _, H, env) in SHAPES.items():
         if shape.endswith("-step"):  # no plan
             continue
@@ -235,8 +239,11 @@ def test_every_shape_keeps_its_name_on_a_132_sm_gpu(monkeypatch):
                 with monkeypatch.context() as m:
                     for k, v in env.items():
                         m.setenv(k, v)
-                    for sms in (132, 8):
-                        plans = _mirror_plans(mode, dtype, tf32, B, H, (sms, 232448, 9))
+                    for sms, smem, major in ((132, 232448, 9), (114, 232448, 9),
+                                             (108, 166912, 8), (8, 232448, 9)):
+                        if major < 9 and "cluster" in shape:  # clusters need sm_90
+                            continue
+                        plans = _mirror_plans(mode, dtype, tf32, B, H, (sms, smem, major))
                         try:
                             _assert_plan_named(shape, plans)
                         except AssertionError as e:
@@ -521,8 +528,10 @@ def test_functional_layers_never_read_x_past_the_lengths(mode):
 def test_an_inf_recurrent_weight_reaches_no_padding_step(path, monkeypatch):
     """A short packed row's padding steps sent zero dgates back through W_hh: with an inf
     there, 0 * inf = NaN reached the row's real step (dx, dc0), where torch.nn, which skips
-    those steps, is finite. (The step path's GEMM sees the same zeros.)"""
+    those steps, is finite. (The step path's GEMM sees the same zeros.) fp32 without TF32: on a
+    GPU the input projection and dx would otherwise run on TF32, beyond these tolerances."""
     monkeypatch.setenv("FUSED_RNN_CUDA_PATH", path)
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
     torch.manual_seed(0)
     ref, ours = torch.nn.LSTM(3, 5), fused_rnn.LSTM(3, 5, backend="cuda")
     with torch.no_grad():
