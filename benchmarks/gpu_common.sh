@@ -101,30 +101,42 @@ frnn_bad_tests() {
   } | sort -u
 }
 
-# What CUDA says of a kernel fault that leaves the process's context unusable: every later test
-# of that pytest run then fails with the same error, whatever it tests.
-FRNN_STICKY_CUDA_ERRORS='illegal memory access|unspecified launch failure|misaligned address|illegal instruction|device-side assert|hardware stack error|invalid program counter|launch timed out'
+# What CUDA says of a kernel fault that leaves the process's context unusable (cudaGetErrorString
+# of the sticky errors): every later test of that pytest run then fails with it, whatever it
+# tests. Looked for in the error lines ("E   ...") of pytest's FAILURES and ERRORS sections only:
+# torch ends every CUDA error with a hint about "device-side assertions", whatever the error.
+FRNN_STICKY_CUDA_ERRORS='illegal memory access|unspecified launch failure|misaligned address|illegal instruction|device-side assert triggered|hardware stack error|invalid program counter|launch timed out|not supported on global/shared address space'
 
-# True when LOG shows such a fault.
-frnn_sticky_fault() {
-  [[ -f "$1" ]] && grep -aqE "$FRNN_STICKY_CUDA_ERRORS" "$1"
+# The tests of LOG's FAILURES and ERRORS sections, in the run's order, by their short names
+# (test_fn[params]), each followed by " sticky" where its error lines show such a fault.
+frnn_failure_sections() {
+  [[ -f "$1" ]] || return 0
+  awk -v pat="$FRNN_STICKY_CUDA_ERRORS" '
+    function flush() { if (name != "") print name (sticky ? " sticky" : ""); name = "" }
+    /^=+ (FAILURES|ERRORS) =+$/ { flush(); insec = 1; next }
+    /^=+ .* =+$/ { flush(); insec = 0; next }
+    insec && /^_+ .+ _+$/ {
+      flush(); name = $0; sub(/^_+ /, "", name); sub(/ _+$/, "", name)
+      sub(/^ERROR at (setup|teardown) of /, "", name); sticky = 0; next
+    }
+    insec && /^E / && $0 ~ pat { sticky = 1 }
+    END { flush() }' "$1"
 }
 
-# The ids of the tests LOG's failures are blamed on: all of frnn_bad_tests, but after a sticky
-# fault only the first to fail in the run's order (else the one left running): the tests after
-# it met a broken context, and a fault in, say, a per-step test must not turn K parts and the
-# cluster configurations off for the bench.
+# The tests LOG's failures are blamed on: all of frnn_bad_tests, but after a sticky fault only
+# the failures up to the first test that showed it (by short name): the tests after it met a
+# broken context, and a fault in, say, a per-step test must not turn K parts and the cluster
+# configurations off for the bench. (A fault is reported at the next synchronising call, so it
+# can surface one test late; that test is then the one blamed.) A run that died before its
+# summary has no sections: every bad test counts.
 frnn_blamed_tests() {
-  if ! frnn_sticky_fault "$1"; then frnn_bad_tests "$1"; return 0; fi
-  local all first
-  all=$(grep -aoE '^tests/[^ ]*::[^ ]+ +(FAILED|ERROR)' "$1" || true)  # whole first (pipefail)
-  first=$(sed -nE '1{s/ +[A-Z]+$//;p}' <<<"$all")
-  if [[ -z "$first" ]]; then
-    all=$(grep -aoE '^(FAILED|ERROR) [^ ]+::[^ ]+' "$1" || true)
-    first=$(sed -nE '1{s/^[A-Z]+ //;p}' <<<"$all")
+  local sections
+  sections=$(frnn_failure_sections "$1")
+  if ! grep -q ' sticky$' <<<"$sections"; then
+    frnn_bad_tests "$1"
+    return 0
   fi
-  if [[ -z "$first" ]]; then first=$(frnn_unfinished_test "$1" || true); fi
-  if [[ -n "$first" ]]; then echo "$first"; fi
+  awk '{ s = ($0 ~ / sticky$/); sub(/ sticky$/, ""); print; if (s) exit }' <<<"$sections"
 }
 
 # True when LOG reports a failed, crashed or hung K-parts test (a test id with "parts"):
@@ -178,12 +190,12 @@ frnn_tests_summary() {
     line="$line; failed: $(head -n 3 <<<"$bad" | paste -sd, - | sed 's/,/, /g')"
     (( n > 3 )) && line="$line (+$(( n - 3 )) more)"
   fi
-  if frnn_sticky_fault "$1"; then
-    local first
-    first=$(frnn_blamed_tests "$1")
-    if [[ -n "$first" ]]; then
-      line="$line; a CUDA fault in ${first##*::}: the failures after it follow from it"
-    fi
+  local sticky
+  sticky=$(frnn_failure_sections "$1")
+  sticky=$(sed -n 's/ sticky$//p' <<<"$sticky")
+  if [[ -n "$sticky" ]]; then
+    line="$line; a CUDA fault surfaced in $(head -n 1 <<<"$sticky"): the failures after it"
+    line="$line follow from it"
   fi
   echo "$line"
 }
