@@ -642,14 +642,15 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("max_blocks") = 0, py::arg("cluster") = 0, py::arg("team_clusters") = false,
         py::arg("dsmem") = false, py::arg("tile_block") = 4, py::arg("point_batch") = 0,
         py::arg("frag_loads") = 0);
-  // The step entry points may TORCH_WARN (step_mm): the guard hands that to Python's warnings,
-  // where a plain pybind11 function would print it to stderr.
-  m.def("forward_steps", &forward_steps, "forward over a chunk by steps (a GEMM, a launch each)",
-        py::call_guard<torch::PyWarningHandler>(), py::arg("mode"), py::arg("xproj"), py::arg("h0"), py::arg("c0"), py::arg("w_hh"),
+  // The step entry points may TORCH_WARN (step_mm): torch's wrapper hands that to Python's
+  // warnings (a plain pybind11 function prints it to stderr), and unlike a bare
+  // PyWarningHandler guard it knows when an error is on its way out too.
+  m.def("forward_steps", torch::wrap_pybind_function(forward_steps),
+        "forward over a chunk by steps (a GEMM, a launch each)", py::arg("mode"), py::arg("xproj"), py::arg("h0"), py::arg("c0"), py::arg("w_hh"),
         py::arg("b_hh"), py::arg("lengths"), py::arg("reverse"), py::arg("save"),
         py::arg("b_ih") = py::none());
-  m.def("backward_steps", &backward_steps, "backward over a chunk by steps",
-        py::call_guard<torch::PyWarningHandler>(), py::arg("mode"),
+  m.def("backward_steps", torch::wrap_pybind_function(backward_steps),
+        "backward over a chunk by steps", py::arg("mode"),
         py::arg("dy"), py::arg("dh_n"), py::arg("dc_n"), py::arg("w_hh"), py::arg("gates"),
         py::arg("aux"), py::arg("c0"), py::arg("hprev"), py::arg("lengths"), py::arg("reverse"));
   m.def("plan_info", &plan_info, "launch plan (units, blocks, ..., parts, k_part, part_ld)",
