@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+import os
 import types
 import warnings
 
@@ -473,16 +474,54 @@ def test_a_child_forked_while_another_thread_holds_a_lock_can_take_it(name):
         holder.join(5)
 
 
-def test_a_child_forked_inside_another_threads_tf32_window_can_open_its_own():
-    """The TF32 window itself, in a child forked while another thread is inside one."""
+@pytest.mark.parametrize("kind", ["Lock", "RLock"])
+def test_a_thread_that_forks_inside_a_lock_leaves_it_in_the_child(kind):
+    """The child of a fork made inside the block leaves the block there: it releases the lock
+    it entered (its copy), not the fresh one the fork put in its place, and can take that
+    one afterwards."""
+    import threading
+
+    from fused_rnn.ops.common import ForkSafeLock
+
+    lock = ForkSafeLock(getattr(threading, kind))
+    pid = None
+    try:
+        with lock:
+            pid = os.fork()
+        if pid == 0:
+            with lock:
+                pass
+            os._exit(0)
+    except BaseException:
+        if pid == 0:
+            os._exit(1)
+        raise
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0, "the child could not leave the block"
+    with lock:  # and the parent's is free
+        pass
+
+
+def test_a_child_forked_inside_another_threads_tf32_window_can_open_its_own(
+        fp32_precision_restored):
+    """A child forked while another thread is inside a TF32 window: that thread is not in the
+    child, so its window would never close. The child starts on the setting from before the
+    window, and opens windows of its own."""
     import multiprocessing
     import threading
 
     from fused_rnn.ops import common
 
+    matmul = torch.backends.cuda.matmul
+    matmul.fp32_precision = "tf32"
+
     def child():
-        with common.tf32_gemms(True):
-            pass
+        if matmul.fp32_precision != "tf32":
+            os._exit(2)  # left on the other thread's window
+        with common.tf32_gemms(False):
+            if matmul.fp32_precision != "ieee":
+                os._exit(3)
+        os._exit(0 if matmul.fp32_precision == "tf32" else 4)
 
     held, release = threading.Event(), threading.Event()
 
@@ -495,15 +534,17 @@ def test_a_child_forked_inside_another_threads_tf32_window_can_open_its_own():
     holder.start()
     try:
         assert held.wait(5)
+        assert matmul.fp32_precision == "ieee"
         proc = multiprocessing.get_context("fork").Process(target=child)
         proc.start()
         proc.join(30)
         if proc.is_alive():
             proc.kill()
-        assert proc.exitcode == 0, "the forked child hung on the TF32 window lock"
+        assert proc.exitcode == 0, f"the forked child: exit code {proc.exitcode} (None: hung)"
     finally:
         release.set()
         holder.join(5)
+    assert matmul.fp32_precision == "tf32"
 
 
 def test_threads_falling_back_at_once_warn_once(monkeypatch):
@@ -516,6 +557,7 @@ def test_threads_falling_back_at_once_warn_once(monkeypatch):
                                  unsupported_reason=lambda kind, **config: "a threaded reason")
     monkeypatch.setattr(backends, "_kernel_module", lambda name: fake)
     monkeypatch.setattr(backends, "_warned", set())
+    monkeypatch.setattr(backends, "_fallbacks", {})
     shown = []
 
     def slow_show(message, *args, **kwargs):

@@ -122,14 +122,22 @@ class ForkSafeLock:
     def __init__(self, factory=threading.Lock):
         self._factory = factory
         self._lock = factory()
+        self._held = threading.local()  # per thread: the lock objects it entered, innermost last
         _FORK_SAFE_LOCKS.add(self)
 
     def __enter__(self):
-        self._lock.acquire()
+        lock = self._lock
+        lock.acquire()
+        stack = getattr(self._held, "stack", None)
+        if stack is None:
+            stack = self._held.stack = []
+        stack.append(lock)
         return self
 
     def __exit__(self, *exc) -> None:
-        self._lock.release()
+        # The object entered, not the current one: a thread that forks inside the block leaves
+        # it in the child after the fork renewed the lock.
+        self._held.stack.pop().release()
 
 
 _FORK_SAFE_LOCKS: weakref.WeakSet[ForkSafeLock] = weakref.WeakSet()
@@ -144,6 +152,22 @@ if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_renew_locks)
 
 _tf32_lock = ForkSafeLock(threading.RLock)
+# The windows open now (the thread, the setting it changed, the value before), outermost first:
+# they are all one thread's, since the lock admits one at a time.
+_open_windows: list[tuple[int, str, object]] = []
+
+
+def _close_orphaned_windows() -> None:
+    """In a forked child: a window another thread had open at the fork would never close (that
+    thread is not in the child), leaving its setting for good. Put back what it changed."""
+    if _open_windows and _open_windows[0][0] != threading.get_ident():
+        _, name, old = _open_windows[0]
+        setattr(torch.backends.cuda.matmul, name, old)
+        _open_windows.clear()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_close_orphaned_windows)
 
 
 @contextlib.contextmanager
@@ -172,10 +196,12 @@ def tf32_gemms(enabled: bool):
             yield
             return
         setattr(matmul, name, new)
+        _open_windows.append((threading.get_ident(), name, old))
         try:
             yield
         finally:
             setattr(matmul, name, old)
+            _open_windows.pop()
 
 
 _INTERNAL_DIRS = (

@@ -700,7 +700,8 @@ def test_missing_triton_is_a_reason_not_an_import_error():
 def test_first_calls_from_several_threads_find_the_kernels_loaded():
     """Serving threads making their first Triton calls together, in a fresh process: a thread
     that looked while another was still importing the kernel module found it half-made in
-    sys.modules (AttributeError: ... has no attribute 'interpreting'). On a GPU too."""
+    sys.modules (AttributeError: ... has no attribute 'interpreting'). The check ran for every
+    device, so the race was there on a GPU too; this test runs it under the interpreter."""
     code = (
         "import sys, threading, time, torch, fused_rnn\n"
         "m = fused_rnn.GRU(3, 4, backend='triton').eval()\n"

@@ -74,26 +74,23 @@ def _interpreter_on() -> bool:
     """Whether our kernels are (or, once imported, will be) interpreted on the CPU.
 
     Triton decides at decoration time (``@triton.jit`` reads TRITON_INTERPRET), so once our
-    kernel module is loaded its functions are the truth; before that, the environment is.
-    (Not ``sys.modules``: another thread's import puts the module there before its body has
-    run, and its ``interpreting`` did not exist yet for a thread that looked then.)
+    kernel module is loaded (by whatever import) its functions are the truth; before that,
+    the environment is. Another thread's import puts the module in ``sys.modules`` before its
+    body has run: until ``interpreting`` is defined there (after the kernels' import), the
+    environment answers.
     """
-    if _loaded:
-        return sys.modules["fused_rnn.ops.triton.launch"].interpreting()
+    interpreting = getattr(sys.modules.get("fused_rnn.ops.triton.launch"), "interpreting", None)
+    if interpreting is not None:
+        return interpreting()
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
-
-
-_loaded = False  # set once the kernel modules have been imported in full
 
 
 def _load_ops():
     # The ops are registered when fused_rnn is imported; the kernels are defined here, at the
     # first check that finds them usable (or at an op's first call, for a loaded program).
     # Python's import lock makes a second thread wait here for the first one's import.
-    global _loaded
     from fused_rnn.ops.triton import launch, ops  # noqa: F401
 
-    _loaded = True
     return ops
 
 
