@@ -435,27 +435,16 @@ def test_every_lock_of_the_package_is_renewed_in_a_forked_child():
     assert plain == [], f"module-level locks a forked child would inherit held: {plain}"
 
 
-@pytest.mark.parametrize("name", ["fused_rnn.ops.common._tf32_lock",
-                                  "fused_rnn.ops.cuda._ext._lock",
-                                  "fused_rnn.backends._warned_lock"])
-def test_a_child_forked_while_another_thread_holds_a_lock_can_take_it(name):
-    """fork() copies a lock in the state another thread left it: held, by a thread the child
-    does not have. The child gets a fresh lock instead of waiting forever."""
-    import importlib
+def _fork_while_another_thread_is_inside(block, child) -> int | None:
+    """The exit code of a child forked (running ``child``) while another thread is inside
+    ``block()``, a context manager; None where the child hung."""
     import multiprocessing
     import threading
-
-    module, attr = name.rsplit(".", 1)
-    module = importlib.import_module(module)
-
-    def child():
-        with getattr(module, attr):
-            pass
 
     held, release = threading.Event(), threading.Event()
 
     def hold():
-        with getattr(module, attr):
+        with block():
             held.set()
             release.wait(30)
 
@@ -468,10 +457,30 @@ def test_a_child_forked_while_another_thread_holds_a_lock_can_take_it(name):
         proc.join(30)
         if proc.is_alive():
             proc.kill()
-        assert proc.exitcode == 0, f"the forked child hung on {name}"
+            return None
+        return proc.exitcode
     finally:
         release.set()
         holder.join(5)
+
+
+@pytest.mark.parametrize("name", ["fused_rnn.ops.common._tf32_lock",
+                                  "fused_rnn.ops.cuda._ext._lock",
+                                  "fused_rnn.backends._warned_lock"])
+def test_a_child_forked_while_another_thread_holds_a_lock_can_take_it(name):
+    """fork() copies a lock in the state another thread left it: held, by a thread the child
+    does not have. The child gets a fresh lock instead of waiting forever."""
+    import importlib
+
+    module, attr = name.rsplit(".", 1)
+    module = importlib.import_module(module)
+
+    def child():
+        with getattr(module, attr):
+            pass
+
+    code = _fork_while_another_thread_is_inside(lambda: getattr(module, attr), child)
+    assert code == 0, f"the forked child hung on {name}"
 
 
 @pytest.mark.parametrize("kind", ["Lock", "RLock"])
@@ -507,9 +516,6 @@ def test_a_child_forked_inside_another_threads_tf32_window_can_open_its_own(
     """A child forked while another thread is inside a TF32 window: that thread is not in the
     child, so its window would never close. The child starts on the setting from before the
     window, and opens windows of its own."""
-    import multiprocessing
-    import threading
-
     from fused_rnn.ops import common
 
     matmul = torch.backends.cuda.matmul
@@ -523,27 +529,8 @@ def test_a_child_forked_inside_another_threads_tf32_window_can_open_its_own(
                 os._exit(3)
         os._exit(0 if matmul.fp32_precision == "tf32" else 4)
 
-    held, release = threading.Event(), threading.Event()
-
-    def hold():
-        with common.tf32_gemms(False):
-            held.set()
-            release.wait(30)
-
-    holder = threading.Thread(target=hold)
-    holder.start()
-    try:
-        assert held.wait(5)
-        assert matmul.fp32_precision == "ieee"
-        proc = multiprocessing.get_context("fork").Process(target=child)
-        proc.start()
-        proc.join(30)
-        if proc.is_alive():
-            proc.kill()
-        assert proc.exitcode == 0, f"the forked child: exit code {proc.exitcode} (None: hung)"
-    finally:
-        release.set()
-        holder.join(5)
+    code = _fork_while_another_thread_is_inside(lambda: common.tf32_gemms(False), child)
+    assert code == 0, f"the forked child: exit code {code} (None: hung)"
     assert matmul.fp32_precision == "tf32"
 
 
