@@ -7,6 +7,32 @@ Examples::
     >>> out, (h, c) = lstm(torch.randn(2, 5, 8))
     >>> tuple(out.shape)
     (2, 5, 16)
+
+Every module takes torch.nn's arguments and a keyword-only ``backend`` that picks the kernels
+running it (the README's "Backends" has the details):
+
+- ``"auto"``, the default: PyTorch's own kernels (aten on the CPU, cuDNN on a GPU), except
+  where a rule in ``fused_rnn.backends.AUTO_RULES`` names a fused backend measured faster on a
+  GPU for that configuration;
+- ``"torch"``: PyTorch's own kernels;
+- ``"reference"``: plain PyTorch tensor math, the oracle the kernels are checked against;
+- ``"triton"``: fused Triton kernels (a CUDA GPU, or the CPU under ``TRITON_INTERPRET=1``);
+- ``"cuda"``: persistent CUDA C++ kernels (``csrc/``; sm_80 or newer; built at install when
+  asked, else at first use).
+
+An unknown name raises ``ValueError``; a backend that cannot run in this process raises
+``RuntimeError`` at the call, saying why (:func:`backend_report` says it for every backend).
+A kernel backend that cannot take one particular call (its size, dtype or device) falls back,
+``cuda`` to ``triton`` to ``reference``, with a warning naming the reason (once a process for
+each reason).
+
+    >>> fused_rnn.backend_report()["reference"]
+    'available'
+    >>> lstm.backend = "torch"  # checked where it is set
+    >>> lstm.backend = "cudnn"
+    Traceback (most recent call last):
+    ...
+    ValueError: unknown backend 'cudnn'; valid backends are 'auto', 'reference', 'torch', ...
 """
 
 from fused_rnn.backends import BACKENDS, available_backends, backend_report

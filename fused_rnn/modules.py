@@ -716,6 +716,7 @@ class LSTM(_RNNStack):
     Inputs: ``input`` (T, B, input_size), (B, T, input_size) with ``batch_first``, (T,
     input_size) unbatched, or a PackedSequence; ``(h_0, c_0)``: (L*D, B, proj_size or H) and
     (L*D, B, H), zeros when omitted. Outputs: ``output, (h_n, c_n)`` as torch.nn.LSTM.
+    ``backend``: "auto" (default), "torch", "reference", "triton" or "cuda"; ``help(fused_rnn)``.
 
     Examples::
 
@@ -761,7 +762,8 @@ class GRU(_RNNStack):
     Arguments, in torch.nn's positional order: ``input_size, hidden_size, num_layers=1,
     bias=True, batch_first=False, dropout=0.0, bidirectional=False, proj_size=0`` (0 only;
     by keyword it is refused, as by torch.nn) ``, device=None, dtype=None``. Inputs ``input``
-    as :class:`LSTM`'s, ``h_0``: (L*D, B, H); outputs ``output, h_n``.
+    as :class:`LSTM`'s, ``h_0``: (L*D, B, H); outputs ``output, h_n``. ``backend``: as
+    :class:`LSTM`'s.
 
     Examples::
 
@@ -785,7 +787,7 @@ class RNN(_RNNStack):
     Arguments, in torch.nn's positional order: ``input_size, hidden_size, num_layers=1,
     nonlinearity="tanh", bias=True, batch_first=False, dropout=0.0, bidirectional=False,
     proj_size=0`` (0 only) ``, device=None, dtype=None``. The nonlinearity is fixed when the
-    module is built, as in torch.nn.RNN.
+    module is built, as in torch.nn.RNN. ``backend``: as :class:`LSTM`'s.
 
     Examples::
 
@@ -986,6 +988,7 @@ class _CellBase(_Recurrent):
 
 class LSTMCell(_CellBase):
     r"""Drop-in ``torch.nn.LSTMCell``: ``h', c' = cell(x, (h, c))``; x: (B, I) or (I,).
+    ``backend``: as :class:`LSTM`'s ("auto" runs PyTorch's kernels for a single step).
 
     Examples::
 
@@ -1005,7 +1008,7 @@ class LSTMCell(_CellBase):
 
 
 class GRUCell(_CellBase):
-    r"""Drop-in ``torch.nn.GRUCell``: ``h' = cell(x, h)``.
+    r"""Drop-in ``torch.nn.GRUCell``: ``h' = cell(x, h)``. ``backend``: as :class:`LSTM`'s.
 
     Examples::
 
@@ -1023,7 +1026,8 @@ class GRUCell(_CellBase):
 
 
 class RNNCell(_CellBase):
-    r"""Drop-in ``torch.nn.RNNCell`` (tanh or relu): ``h' = cell(x, h)``.
+    r"""Drop-in ``torch.nn.RNNCell`` (tanh or relu): ``h' = cell(x, h)``. ``backend``: as
+    :class:`LSTM`'s.
 
     Examples::
 
