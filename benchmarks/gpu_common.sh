@@ -108,19 +108,34 @@ frnn_bad_tests() {
 FRNN_STICKY_CUDA_ERRORS='illegal memory access|unspecified launch failure|misaligned address|illegal instruction|device-side assert triggered|hardware stack error|invalid program counter|launch timed out|not supported on global/shared address space'
 
 # The tests of LOG's FAILURES and ERRORS sections, in the run's order, by their short names
-# (test_fn[params]), each followed by " sticky" where its error lines show such a fault.
+# (test_fn[params]), each followed by " sticky" where its error lines show such a fault. pytest
+# prints ERRORS (setup and teardown) before FAILURES, so the order is the -v result lines';
+# tests those lines do not name (a -q log) follow in the sections' order.
 frnn_failure_sections() {
   [[ -f "$1" ]] || return 0
   awk -v pat="$FRNN_STICKY_CUDA_ERRORS" '
-    function flush() { if (name != "") print name (sticky ? " sticky" : ""); name = "" }
-    /^=+ (FAILURES|ERRORS) =+$/ { flush(); insec = 1; next }
-    /^=+ .* =+$/ { flush(); insec = 0; next }
-    insec && /^_+ .+ _+$/ {
+    function flush() {
+      if (name != "") {
+        if (!(name in seen)) { order[++n] = name; seen[name] = 1 }
+        if (sticky) st[name] = 1
+      }
+      name = ""
+    }
+    function emit(t) { print t (t in st ? " sticky" : ""); done[t] = 1 }
+    NR == FNR && /^=+ (FAILURES|ERRORS) =+$/ { flush(); insec = 1; next }
+    NR == FNR && /^=+ .* =+$/ { flush(); insec = 0; next }
+    NR == FNR && insec && /^_+ .+ _+$/ {
       flush(); name = $0; sub(/^_+ /, "", name); sub(/ _+$/, "", name)
       sub(/^ERROR at (setup|teardown) of /, "", name); sticky = 0; next
     }
-    insec && /^E / && $0 ~ pat { sticky = 1 }
-    END { flush() }' "$1"
+    NR == FNR && insec && /^E / && $0 ~ pat { sticky = 1 }
+    NR == FNR { next }
+    FNR == 1 { flush() }
+    /^tests\/[^ ]*::[^ ]+ +(FAILED|ERROR)/ {
+      t = $1; sub(/^[^:]*::/, "", t); gsub(/::/, ".", t)
+      if ((t in seen) && !(t in done)) emit(t)
+    }
+    END { flush(); for (i = 1; i <= n; i++) if (!(order[i] in done)) emit(order[i]) }' "$1" "$1"
 }
 
 # The tests LOG's failures are blamed on: all of frnn_bad_tests, but after a sticky fault only

@@ -110,6 +110,7 @@ def test_failed_results_in_the_v_lines_count_without_a_summary(tmp_path):
 _FAULT = ("RuntimeError('CUDA error: an illegal memory access was encountered\\nCUDA kernel "
           "errors might be asynchronously reported\\nCompile with `TORCH_USE_CUDA_DSA` to enable "
           "device-side assertions.')")
+_FAULT_WORDS = "CUDA error: unspecified launch failure (a message the test printed)"
 _NOT_STICKY = _FAULT.replace("an illegal memory access was encountered",
                              "too many resources requested for launch")
 
@@ -123,18 +124,36 @@ _NOT_STICKY = _FAULT.replace("an illegal memory access was encountered",
     ([("parts4", "AssertionError('tensor 3 differs')"), ("cluster8", _FAULT)], 0, 0, "cluster8"),
     # an error that leaves the context usable (torch's trailer names device-side assertions)
     ([("step", _NOT_STICKY), ("cluster8", "AssertionError('x')")], 1, 0, None),
+    # the fault in a fixture: pytest prints ERRORS before FAILURES, but the K-parts failure
+    # ran first and is blamed; the one after the fault is not
+    ([("parts4", "AssertionError('tensor 3 differs')"), ("setup-cluster8", _FAULT),
+      ("opcheck-parts2", _FAULT)], 0, 0, "setup-cluster8"),
+    ([("setup-step", _FAULT), ("parts4", _FAULT), ("cluster8", _FAULT)], 1, 1, "setup-step"),
+    # a fault's words in a test's captured output, not in its error: not a fault
+    ([("print-step", "AssertionError('x')"), ("parts4", "AssertionError('y')")], 0, 1, None),
 ])
 def test_after_a_sticky_cuda_fault_the_failures_that_follow_are_not_blamed(
         tmp_path, errors, parts, cluster, surfaced):
     """A kernel fault (an illegal address) leaves the CUDA context unusable, and every later
     test of the run fails with it: those are not blamed, so a fault in a per-step test does
     not turn K parts and clusters off for a bench whose kernels passed. The failures up to the
-    fault are. Real pytest -v -ra logs (the -ra lines cut the message off: the FAILURES
-    section's error lines say what failed)."""
+    fault are, in the run's order (a fault in a fixture is in pytest's ERRORS section, printed
+    before FAILURES). Real pytest -v -ra logs (the -ra lines cut the message off: the FAILURES
+    section's error lines say what failed). Keys: "setup-" raises in the test's fixture,
+    "print-" prints a fault's words before it raises."""
     ids = ", ".join(repr(k) for k, _ in [("ok", None), *errors])
-    raises = "".join(f"    if s == {k!r}:\n        raise {e}\n" for k, e in errors)
-    log = _pytest_log(tmp_path, f"import pytest\n@pytest.mark.parametrize('s', [{ids}])\n"
-                                f"def test_matches_reference(s):\n{raises}")
+    raises = "".join(f"    if s == {k!r}:\n        raise {e}\n" for k, e in errors
+                     if not k.startswith("setup-"))
+    setup = "".join(f"    if s == {k!r}:\n        raise {e}\n" for k, e in errors
+                    if k.startswith("setup-"))
+    log = _pytest_log(tmp_path, f"import pytest\n@pytest.fixture\ndef f(s):\n{setup}    pass\n"
+                                f"@pytest.mark.parametrize('s', [{ids}])\n"
+                                f"def test_matches_reference(s, f):\n"
+                                f"    if s.startswith('print-'):\n"
+                                f"        print({_FAULT_WORDS!r})\n{raises}")
+    if any(k.startswith("setup-") for k, _ in errors):
+        text = log.read_text()
+        assert text.index("= ERRORS =") < text.index("= FAILURES ="), text
     script = (f"set -uo pipefail; source {COMMON}; frnn_parts_failed {log}; echo $?; "
               f"frnn_cluster_failed {log}; echo $?; frnn_tests_summary {log}")
     r = subprocess.run(["bash", "-c", script], capture_output=True, text=True, check=True)
@@ -145,6 +164,22 @@ def test_after_a_sticky_cuda_fault_the_failures_that_follow_are_not_blamed(
     else:
         assert lines[2].endswith(f"; a CUDA fault surfaced in test_matches_reference[{surfaced}]: "
                                  "the failures after it follow from it"), lines[2]
+
+
+def test_every_sticky_cuda_error_is_recognised(tmp_path):
+    """Each of CUDA's sticky errors (FRNN_STICKY_CUDA_ERRORS, read from the script) marks the
+    test whose error lines show it, in pytest's FAILURES layout; one not in the list does not."""
+    text = COMMON.read_text()
+    alternatives = text.split("FRNN_STICKY_CUDA_ERRORS='", 1)[1].split("'", 1)[0].split("|")
+    assert len(alternatives) >= 9 and "illegal memory access" in alternatives
+    names = [f"test_t[{i}]" for i in range(len(alternatives))] + ["test_t[other]"]
+    log = ["=" * 20 + " FAILURES " + "=" * 20]
+    for name, words in zip(names, [*alternatives, "too many resources requested for launch"]):
+        log += [f"_____ {name} _____", "    def test_t(s):", f"E   RuntimeError: CUDA error: {words}"]
+    log += ["=" * 20 + " short test summary info " + "=" * 20]
+    (tmp_path / "t.log").write_text("\n".join(log) + "\n")
+    r = _common(tmp_path, "frnn_failure_sections t.log")
+    assert r.stdout.splitlines() == [f"{n} sticky" for n in names[:-1]] + [names[-1]], r
 
 
 def test_a_warning_in_a_passing_run_is_not_a_test_left_running(tmp_path):
