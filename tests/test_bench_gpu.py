@@ -1392,6 +1392,53 @@ def test_path_rules_from_a_gpu_table(tmp_path, capsys):
     assert "# LSTM fp16: no rule; the per-step path won on no shape" in out
 
 
+@pytest.mark.parametrize("edit,span", [
+    # the per-step path wins S4's fwd+bwd 3x but loses its forward: S4 is no win
+    (lambda r: r["backend"] == "cuda-step" and r["shape"] == "S4" and r["pass"] == "fwd" and
+     r.update(ms=str(float(r["ms"]) * 3.0 / 0.8)), (64, 64)),
+    # the persistent row it is set against failed its check, or was never timed
+    (lambda r: r["backend"] == "cuda" and r["shape"] == "S4" and r["pass"] == "fwd" and
+     r.update(check="FAIL: dx 0.5 > 0.02"), (64, 64)),
+    (lambda r: r["backend"] == "cuda" and r["shape"] == "S4" and r["pass"] == "fwd+bwd" and
+     r.update(ms=""), (64, 64)),
+    # either row timed fewer than MIN_REPS times
+    (lambda r: r["backend"] == "cuda-step" and r["shape"] == "S3" and r["pass"] == "fwd" and
+     r.update(reps="4"), (256, 256)),
+    (lambda r: r["backend"] == "cuda" and r["shape"] == "S3" and r["pass"] == "fwd+bwd" and
+     r.update(reps="4"), (256, 256)),
+    # S3, inside the span of wins at S2 (made one) and S4, has no row of either path: no rule
+    (lambda r: (r["backend"] in ("cuda", "cuda-step") and r["shape"] == "S3" and
+                r.update(backend="gone")) or
+     (r["backend"] == "cuda-step" and r["shape"] == "S2" and
+      r.update(ms=str(float(r["ms"]) / 1.5))), None),
+])
+def test_a_path_rule_needs_both_passes_and_both_rows_checked(tmp_path, capsys, edit, span):
+    """A shape counts for --paths only where the per-step row and the persistent row it is set
+    against were both checked ok, timed at least MIN_REPS times, and the per-step path won
+    forward and fwd+bwd; a shape inside the span with no rows stops the rule."""
+    import torch
+
+    auto_rules = _import("auto_rules")
+    from fused_rnn.ops.cuda.ops import PathRule
+
+    path = _path_table(tmp_path, {("LSTM", "bf16"): dict(S1=0.5, S2=0.8, S3=1.3, S4=3.0,
+                                                         S5=0.4, S6=0.9)})
+    assert auto_rules.main([str(path), "--paths"]) == 0
+    ns = {"PathRule": PathRule, "torch": torch}
+    exec(capsys.readouterr().out, ns)  # noqa: S102
+    assert [r.batch for r in ns["PATH_RULES"]] == [(64, 256)]  # S3 and S4, unedited
+    _edit_table(path, edit)
+    assert auto_rules.main([str(path), "--paths"]) == 0
+    out = capsys.readouterr().out
+    ns = {"PathRule": PathRule, "torch": torch}
+    exec(out, ns)  # noqa: S102
+    if span is None:
+        assert ns["PATH_RULES"] == () or not ns["PATH_RULES"], out
+        assert "but not on S3 (fwd no cuda-step row; fwd+bwd no cuda-step row)" in out, out
+    else:
+        assert [(r.batch, r.hidden) for r in ns["PATH_RULES"]] == [(span, (1024, 1024))], out
+
+
 def test_one_step_shapes_give_path_rules_of_their_own(tmp_path, capsys):
     """The one-step shapes (G1-G3: a cell's call) are a group of their own for --paths: their
     rule spans only them (steps (1, 1)), and neither group's losses stop the other's rule."""
