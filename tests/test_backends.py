@@ -214,6 +214,54 @@ def test_auto_rules_pick_a_kernel_backend_only_where_they_match(monkeypatch):
     assert not run()
     monkeypatch.setattr(backends, "AUTO_RULES", (_cpu_rule(steps=(5, 5)),))
     assert run() and run(batch_first=True) is False  # batch_first: 5 rows of 3 steps
+    # the ranges hold their ends: those are the measured shapes the backend won on
+    monkeypatch.setattr(backends, "AUTO_RULES", (_cpu_rule(),))
+    assert run(H=8) and run(H=64) and run(B=1) and run(B=16)
+    assert not run(H=7)
+    # a rule measured on bidirectional stacks also takes one-directional ones, not the reverse
+    monkeypatch.setattr(backends, "AUTO_RULES", (_cpu_rule(bidirectional=True),))
+    assert run() and run(bidirectional=True)
+    monkeypatch.setattr(backends, "AUTO_RULES", (_cpu_rule(layers=(2, 2)),))
+    assert not run() and run(num_layers=2)
+
+
+def test_an_auto_rule_over_fp32_and_16_bits_holds_its_tf32_setting_to_fp32():
+    """A rule's tf32 setting says which cuDNN fp32 it beat; its 16-bit dtypes do not depend on
+    it."""
+    rule = _cpu_rule(dtypes=frozenset({torch.float32, torch.bfloat16}), tf32=True)
+    args = ("cpu", "LSTM")
+    assert rule.matches(*args, torch.bfloat16, 16, 3, 1, False, tf32=False)
+    assert rule.matches(*args, torch.float32, 16, 3, 1, False, tf32=True)
+    assert not rule.matches(*args, torch.float32, 16, 3, 1, False, tf32=False)
+
+
+def test_auto_takes_the_next_rule_where_one_backend_cannot(monkeypatch):
+    """Rules are tried in order: one whose backend is unavailable, or refuses a layer of the
+    stack, gives way to the next that matches."""
+    H = 16
+    config = dict(mode="LSTM", dtype=torch.float32, hidden_size=H, proj_size=0, batch=3,
+                  num_layers=1, bidirectional=False, input_size=4, has_lengths=False)
+    rules = (_cpu_rule(backend="cuda"), _cpu_rule(backend="triton"))
+    monkeypatch.setattr(backends, "AUTO_RULES", rules)
+    for first in (dict(available=False), dict(unsupported=lambda cfg: "no")):
+        monkeypatch.setattr(backends, "_kernel_module", lambda name, f=first: _fake_kernel(
+            [], **(f if name == "cuda" else {})))
+        assert backends.resolve_stack("auto", torch.device("cpu"), **config) == "triton", first
+    monkeypatch.setattr(backends, "_kernel_module", lambda name: _fake_kernel([]))
+    assert backends.resolve_stack("auto", torch.device("cpu"), **config) == "cuda"
+
+
+def test_each_fallback_reason_is_said_once(monkeypatch):
+    """One warning a process per (backend, reason): a second reason for the same backend is
+    said too."""
+    monkeypatch.setattr(backends, "_warned", set())
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        said = [backends._warn_once("triton", reason, "reference")
+                for reason in ("reason A", "reason A", "reason B", "reason B")]
+    assert said == [True, False, True, False]
+    assert [("reason A" in str(w.message), "reason B" in str(w.message)) for w in caught] == [
+        (True, False), (False, True)]
 
 
 def test_auto_rules_see_the_autocast_dtype(monkeypatch):
@@ -241,6 +289,9 @@ def test_auto_rules_never_fall_back_to_the_reference(monkeypatch):
         # the second layer of a bidirectional stack takes 2H inputs
         (lambda c: _fake_kernel(c, unsupported=lambda cfg: "no" if cfg["input_size"] == 2 * H
                                 else None), dict(num_layers=2, bidirectional=True)),
+        # ... and of a projected stack, proj_size inputs
+        (lambda c: _fake_kernel(c, unsupported=lambda cfg: "no" if cfg["input_size"] == 8
+                                else None), dict(num_layers=2, proj_size=8)),
     ):
         calls = []
         monkeypatch.setattr(backends, "_kernel_module", lambda name, f=fake, c=calls: f(c))
@@ -709,3 +760,39 @@ def test_mm_f32_without_sixteen_bit_never_asks_for_out_dtype(monkeypatch):
     a, b = torch.ones(2, 3, dtype=torch.float16), torch.ones(3, 4, dtype=torch.float16)
     assert torch.equal(common.mm_f32(a, b, torch.float32, sixteen_bit=False),
                        torch.full((2, 4), 3.0))
+
+
+def test_cuda_path_rules_route_each_call_by_every_range(monkeypatch):
+    """ops.cuda_path under FUSED_RNN_CUDA_PATH=auto: ``step`` where any rule of PATH_RULES
+    matches (ends of its ranges included: they are measured shapes), else ``persistent``; a set
+    path wins over the rules. No extension needed: the device's capability is given."""
+    from fused_rnn.ops.cuda import ops
+
+    def rule(mode, dtype, batch, hidden, **kw):
+        return ops.PathRule(modes=frozenset({mode}), dtypes=frozenset({dtype}), batch=batch,
+                            hidden=hidden, steps=kw.pop("steps", (64, 1024)),
+                            capability=(9, 0), evidence="a test", **kw)
+
+    monkeypatch.setattr(ops, "_capability", lambda device: (9, 0))
+    monkeypatch.setattr(ops, "PATH_RULES", (
+        rule("GRU", torch.bfloat16, (64, 256), (1024, 1024)),
+        rule("LSTM", torch.float32, (128, 256), (512, 1024), tf32=True)))
+    monkeypatch.setenv("FUSED_RNN_CUDA_PATH", "auto")
+    cpu = torch.device("cpu")
+
+    def path(mode="LSTM", dtype=torch.float32, B=256, H=1024, T=128, tf32=True):
+        return ops.cuda_path(mode, dtype, B, H, T, cpu, tf32)
+
+    assert path() == "step" and path(B=128, H=512, T=64) == "step" and path(T=1024) == "step"
+    assert path(B=127) == path(H=511) == path(B=257) == path(T=63) == "persistent"
+    assert path(tf32=False) == "persistent"  # measured against TF32 cuDNN
+    assert path("GRU", torch.bfloat16, B=64) == path("GRU", torch.bfloat16) == "step"
+    assert path("GRU", torch.bfloat16, H=512) == path("GRU") == "persistent"
+    assert path("RNN_TANH") == path(dtype=torch.bfloat16) == "persistent"
+    monkeypatch.setattr(ops, "_capability", lambda device: (8, 0))
+    assert path() == "persistent"
+    monkeypatch.setattr(ops, "_capability", lambda device: (9, 0))
+    monkeypatch.setenv("FUSED_RNN_CUDA_PATH", "persistent")
+    assert path() == "persistent"
+    monkeypatch.setenv("FUSED_RNN_CUDA_PATH", "step")
+    assert path(B=1) == "step"
