@@ -585,6 +585,96 @@ def test_a_child_forked_inside_another_threads_tf32_window_can_open_its_own(
     assert matmul.fp32_precision == "tf32"
 
 
+def test_a_child_forked_inside_another_threads_nested_windows_gets_the_first_setting(
+        fp32_precision_restored):
+    """Nested windows on another thread at the fork (TF32 on, then off again inside): the
+    child starts on the setting from before the outer one, with no window left open."""
+    import contextlib
+
+    from fused_rnn.ops import common
+
+    matmul = torch.backends.cuda.matmul
+    matmul.fp32_precision = "ieee"
+
+    @contextlib.contextmanager
+    def nested():
+        with common.tf32_gemms(True), common.tf32_gemms(False):
+            yield
+
+    def child():
+        os._exit(0 if matmul.fp32_precision == "ieee" and common._open_windows == [] else 2)
+
+    code = _fork_while_another_thread_is_inside(nested, child)
+    assert code == 0, f"the forked child: exit code {code} (None: hung)"
+    assert matmul.fp32_precision == "ieee" and common._open_windows == []
+
+
+def test_a_thread_that_forks_inside_its_own_window_closes_it_in_the_child(
+        fp32_precision_restored):
+    """The window is the forking thread's own: the child closes it where the block ends, as
+    the parent does, and is left on the setting from before."""
+    from fused_rnn.ops import common
+
+    matmul = torch.backends.cuda.matmul
+    matmul.fp32_precision = "ieee"
+    pid = None
+    try:
+        with common.tf32_gemms(True):
+            pid = os.fork()
+            if pid == 0 and (matmul.fp32_precision != "tf32" or len(common._open_windows) != 1):
+                os._exit(2)
+        if pid == 0:
+            os._exit(0 if matmul.fp32_precision == "ieee" and common._open_windows == [] else 3)
+    except BaseException:
+        if pid == 0:
+            os._exit(1)
+        raise
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+    assert matmul.fp32_precision == "ieee" and common._open_windows == []
+
+
+def test_nested_windows_restore_in_order_and_free_the_lock(fp32_precision_restored):
+    """A window inside another (one thread) sets and restores in order, without waiting on its
+    own lock; afterwards another thread takes the lock at once. So does a re-entered RLock."""
+    import threading
+
+    from fused_rnn.ops import common
+
+    matmul = torch.backends.cuda.matmul
+    matmul.fp32_precision = "ieee"
+    seen = []
+
+    def nested():
+        with common.tf32_gemms(True):
+            seen.append(matmul.fp32_precision)
+            with common.tf32_gemms(False):
+                seen.append(matmul.fp32_precision)
+            seen.append(matmul.fp32_precision)
+        seen.append(matmul.fp32_precision)
+
+    t = threading.Thread(target=nested, daemon=True)
+    t.start()
+    t.join(10)
+    assert not t.is_alive(), "a nested window waited on its own lock"
+    assert seen == ["tf32", "ieee", "tf32", "ieee"]
+    lock = common.ForkSafeLock(threading.RLock)
+    with lock, lock:
+        pass
+    for held in (common._tf32_lock, lock):
+        taken = []
+
+        def take(h=held, taken=taken):
+            taken.append(h._lock.acquire(timeout=5))
+            if taken[-1]:
+                h._lock.release()
+
+        t = threading.Thread(target=take)
+        t.start()
+        t.join(10)
+        assert taken == [True], "the lock was left held"
+
+
 def test_threads_falling_back_at_once_warn_once(monkeypatch):
     """Eight threads hit the same fallback for the first time together, with a warning handler
     that takes a while (a logging handler, say): the warning is shown once, not eight times."""
@@ -796,3 +886,22 @@ def test_cuda_path_rules_route_each_call_by_every_range(monkeypatch):
     assert path() == "persistent"
     monkeypatch.setenv("FUSED_RNN_CUDA_PATH", "step")
     assert path(B=1) == "step"
+
+
+def test_a_recording_left_by_an_exception_is_closed():
+    """profile.recording() closes when its block raises: launches after it get no profiling
+    buffer (a recording left open would instrument every later launch). No extension needed:
+    buffer() is plain Python."""
+    from fused_rnn.ops.cuda import profile
+
+    args = ("fwd", "LSTM", torch.float32, 4, 2, 8, torch.device("cpu"))
+    with pytest.raises(KeyError), profile.recording() as launches:
+        assert profile.buffer(*args) is not None and len(launches) == 1
+        raise KeyError("inside")
+    assert profile._active == [] and profile.buffer(*args) is None
+    with profile.recording() as outer:
+        with pytest.raises(KeyError), profile.recording() as inner:
+            profile.buffer(*args)
+            raise KeyError("inside")
+        profile.buffer(*args)
+    assert (len(outer), len(inner), profile._active) == (1, 1, [])
