@@ -451,6 +451,12 @@ class _RNNStack(_Recurrent):
             batch = input.size(batch_dim)
             ref = input
             if hx is not None:
+                if is_lstm and isinstance(hx, Tensor) and (not is_batched or hx[0].dim() != 3):
+                    # torch.nn.LSTM reads hx[0] and hx[1] before it looks at hx's type: h_0
+                    # and c_0 stacked in one tensor work with an unbatched input, and with a
+                    # batched one fail on their dimensions (RuntimeError), as here. More than
+                    # two stacked are refused, as three in a tuple (nn drops the rest).
+                    hx = tuple(hx) if hx.size(0) > 2 else (hx[0], hx[1])
                 self._check_hx_structure(hx)
                 hs = hx if is_lstm else (hx,)
                 want = 3 if is_batched else 2
@@ -564,8 +570,8 @@ class _RNNStack(_Recurrent):
         Under autocast every cell runs in the autocast dtype. torch.nn's own rules differ: on
         CUDA its cuDNN RNNs run in fp16 under any autocast dtype (torch's autocast wrapper of
         ``_cudnn_rnn`` casts to half; checked on torch 2.11), so an ``amp-bf16`` nn.LSTM
-        computes in fp16; on the CPU nn.LSTM/RNN follow the autocast dtype and nn.GRU stays
-        fp32 (torch 2.13). fp64 and complex data are not cast, as in torch. We follow the dtype the region asked for, on every device and cell. w: the
+        computes in fp16; on the CPU nn.LSTM/RNN follow the autocast dtype and nn.GRU (and
+        nn.LSTM on packed input) stays fp32 (torch 2.13). fp64 and complex data are not cast, as in torch. We follow the dtype the region asked for, on every device and cell. w: the
         call's ``_flat_weights``.
         """
         data = input.data if packed else input

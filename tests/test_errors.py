@@ -138,6 +138,9 @@ def _bad_forward_cases():
     yield "lstm", "cx-on-another-device", lambda c: (
         torch.randn(5, 3, 4), (torch.zeros(1, 3, 6), torch.zeros(1, 3, 6, device="meta")))
     yield "lstm", "hx-one-stacked-tensor", lambda c: (torch.randn(5, 3, 4), torch.stack(_h(c, 1, 3, 6)))
+    # h_0 and c_0 stacked in one 3-D tensor: torch.nn reads hx[0] and hx[1] first
+    yield "lstm", "hx-stacked-3d-for-batched", lambda c: (torch.randn(5, 3, 4), torch.zeros(2, 3, 6))
+    yield "lstm", "hx-stacked-2d-for-unbatched", lambda c: (torch.randn(5, 4), torch.zeros(2, 6))
 
 
 def _broken_weight_cases():
@@ -291,13 +294,34 @@ def test_lstm_hx_of_the_wrong_length_says_so(hx, kind, said):
         fused_rnn.LSTM(4, 6)(torch.randn(5, 3, 4), given)
 
 
-def test_unbatched_lstm_hx_of_three_tensors_is_refused():
-    """An unbatched torch.nn.LSTM takes (h, c, anything) and drops the third; ours refuses it,
-    as torch.nn does for batched input."""
+@pytest.mark.parametrize("stacked", [False, True], ids=["tuple", "stacked"])
+def test_unbatched_lstm_hx_of_three_tensors_is_refused(stacked):
+    """An unbatched torch.nn.LSTM takes (h, c, anything), or three stacked in one tensor, and
+    drops the third; ours refuses it, as torch.nn does for batched input."""
     h = torch.zeros(1, 4)
-    torch.nn.LSTM(3, 4)(torch.randn(5, 3), (h, h, h))  # accepted there
+    hx = torch.stack([h, h, h]) if stacked else (h, h, h)
+    torch.nn.LSTM(3, 4)(torch.randn(5, 3), hx)  # accepted there
     with pytest.raises(RuntimeError, match=r"hx must be a tuple \(h_0, c_0\) of two tensors, got 3"):
-        fused_rnn.LSTM(3, 4)(torch.randn(5, 3), (h, h, h))
+        fused_rnn.LSTM(3, 4)(torch.randn(5, 3), hx)
+
+
+@pytest.mark.parametrize("backend", ["reference", "auto"])
+def test_unbatched_lstm_takes_h_and_c_stacked_in_one_tensor(backend):
+    """torch.nn.LSTM reads hx[0] and hx[1]: with an unbatched input, h_0 and c_0 stacked in one
+    (2, L, H) tensor are taken, and so they are here, with the same results and gradients."""
+    torch.manual_seed(0)
+    ref = torch.nn.LSTM(3, 5, 2)
+    ours = fused_rnn.LSTM(3, 5, 2, backend=backend)
+    ours.load_state_dict(ref.state_dict())
+    x = torch.randn(4, 3)
+    hc = torch.randn(2, 2, 5, requires_grad=True)
+    want = ref(x, hc)
+    got = ours(x, hc)
+    for a, b in zip(torch.utils._pytree.tree_leaves(got), torch.utils._pytree.tree_leaves(want)):
+        torch.testing.assert_close(a, b)
+    (g_want,) = torch.autograd.grad(want[0].sum(), hc)
+    (g_got,) = torch.autograd.grad(got[0].sum(), hc)
+    torch.testing.assert_close(g_got, g_want)
 
 
 @pytest.mark.parametrize("cell", list(CELLS))

@@ -707,6 +707,44 @@ def test_cpu_autocast_follows_torch_nn(cell, backend):
     assert_close_list(got, outputs_of(ours16(x.bfloat16())), 0, 0, "autocast vs bf16")
 
 
+@pytest.mark.parametrize("cell,backend,refused", [
+    ("lstm", "nn", True), ("lstm", "auto", True), ("lstm", "reference", False),
+    ("gru", "nn", False), ("gru", "auto", False), ("gru", "reference", False)])
+def test_an_output_changed_in_place_is_refused_where_the_backward_reads_it(
+        cell, backend, refused):
+    """As the README says: autograd's version check refuses an in-place change to an output the
+    backward saved (nn.LSTM's on the CPU, and auto's, which is aten's), and the reference
+    saves none, so there the change cannot reach a gradient (tests/triton: triton's)."""
+    ref, ours = make_pair(cell, 4, 5, 1, backend="auto" if backend == "nn" else backend)
+    m = ref if backend == "nn" else ours
+    y, _ = m(torch.randn(3, 2, 4))
+    y.mul_(2)
+    if refused:
+        with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+            y.sum().backward()
+    else:
+        y.sum().backward()
+
+
+@pytest.mark.parametrize("backend", ["reference", "auto"])
+def test_cpu_autocast_packed_lstm_computes_in_the_autocast_dtype(backend):
+    """An LSTM given a PackedSequence follows autocast like every other call (torch.nn's stays
+    fp32 on the CPU there, as the README says): bf16 out, the values of its bf16 copy."""
+    from torch.nn.utils.rnn import pack_padded_sequence
+
+    ref, ours = make_pair("lstm", 4, 6, 2, backend=backend)
+    x, lengths = torch.randn(5, 3, 4), torch.tensor([5, 2, 4])
+    packed = pack_padded_sequence(x, lengths, enforce_sorted=False)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert ref(packed)[0].data.dtype == torch.float32  # torch 2.13: no CPU rule for it
+        out, state = ours(packed)
+    got = outputs_of((out.data, state))
+    assert [t.dtype for t in got] == [torch.bfloat16] * 3
+    ours16 = copy.deepcopy(ours).bfloat16()
+    out16, state16 = ours16(pack_padded_sequence(x.bfloat16(), lengths, enforce_sorted=False))
+    assert_close_list(got, outputs_of((out16.data, state16)), 0, 0, "autocast vs bf16")
+
+
 @pytest.mark.parametrize("backend", ["reference", "auto"])
 @pytest.mark.parametrize("cell", list(STEP_CELLS))
 def test_cpu_autocast_cells_compute_in_the_autocast_dtype(cell, backend):

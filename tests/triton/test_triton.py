@@ -196,6 +196,18 @@ def test_multi_tile_shapes(mode, path, B, T, H):
     check_against_fp64(ours, ref, inputs, torch.float32, 2e-6, layer_cotangents(mode, B, T, H, H))
 
 
+@pytest.mark.parametrize("cls", ["LSTM", "GRU"])
+def test_an_output_changed_in_place_is_refused(cls):
+    """The Triton layers' backward reads y (as cuDNN's does): an in-place change to it before
+    backward is autograd's error, not a wrong gradient (the README's list of which backend
+    refuses what)."""
+    m = getattr(fused_rnn, cls)(4, 5, backend="triton")
+    y, _ = m(torch.randn(3, 2, 4))
+    y.mul_(2)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        y.sum().backward()
+
+
 @pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("mode", ["LSTM", "GRU"])
 def test_no_bias_and_empty_sequence(mode, path):
