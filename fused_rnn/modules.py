@@ -451,11 +451,13 @@ class _RNNStack(_Recurrent):
             batch = input.size(batch_dim)
             ref = input
             if hx is not None:
-                if is_lstm and isinstance(hx, Tensor) and (not is_batched or hx[0].dim() != 3):
+                if (is_lstm and isinstance(hx, Tensor) and hx.dim() > 0 and hx.size(0) >= 2
+                        and (not is_batched or hx.dim() != 4)):
                     # torch.nn.LSTM reads hx[0] and hx[1] before it looks at hx's type: h_0
                     # and c_0 stacked in one tensor work with an unbatched input, and with a
                     # batched one fail on their dimensions (RuntimeError), as here. More than
-                    # two stacked are refused, as three in a tuple (nn drops the rest).
+                    # two stacked are refused, as three in a tuple (nn drops the rest); fewer
+                    # than two (nn: an IndexError) get the TypeError of any other tensor.
                     hx = tuple(hx) if hx.size(0) > 2 else (hx[0], hx[1])
                 self._check_hx_structure(hx)
                 hs = hx if is_lstm else (hx,)
