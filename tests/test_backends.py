@@ -593,6 +593,9 @@ def test_a_child_forked_inside_another_threads_nested_windows_gets_the_first_set
 
     from fused_rnn.ops import common
 
+    # Nested windows must work first: a thread stuck in them here would hold the lock for
+    # every later test of this process.
+    assert _nested_windows_in_a_child() == 0, "nested windows fail: see the test of them"
     matmul = torch.backends.cuda.matmul
     matmul.fp32_precision = "ieee"
 
@@ -634,45 +637,61 @@ def test_a_thread_that_forks_inside_its_own_window_closes_it_in_the_child(
     assert matmul.fp32_precision == "ieee" and common._open_windows == []
 
 
-def test_nested_windows_restore_in_order_and_free_the_lock(fp32_precision_restored):
-    """A window inside another (one thread) sets and restores in order, without waiting on its
-    own lock; afterwards another thread takes the lock at once. So does a re-entered RLock."""
+def _nested_windows_in_a_child() -> int | None:
+    """The exit code of a forked child that opens a TF32 window inside another on one thread,
+    checks each setting, and then has another thread take the lock (and a re-entered
+    ``ForkSafeLock(RLock)``): 0, 2 for a wrong setting, 3 for a lock left held, None where it
+    hung on its own lock. In a child, so that a lock left held fails one test, not every later
+    one."""
+    import multiprocessing
     import threading
 
     from fused_rnn.ops import common
 
-    matmul = torch.backends.cuda.matmul
-    matmul.fp32_precision = "ieee"
-    seen = []
-
-    def nested():
+    def child():
+        matmul = torch.backends.cuda.matmul
+        matmul.fp32_precision = "ieee"
+        seen = []
         with common.tf32_gemms(True):
             seen.append(matmul.fp32_precision)
             with common.tf32_gemms(False):
                 seen.append(matmul.fp32_precision)
             seen.append(matmul.fp32_precision)
         seen.append(matmul.fp32_precision)
+        if seen != ["tf32", "ieee", "tf32", "ieee"]:
+            os._exit(2)
+        lock = common.ForkSafeLock(threading.RLock)
+        with lock, lock:
+            pass
+        for held in (common._tf32_lock, lock):
+            taken = []
 
-    t = threading.Thread(target=nested, daemon=True)
-    t.start()
-    t.join(10)
-    assert not t.is_alive(), "a nested window waited on its own lock"
-    assert seen == ["tf32", "ieee", "tf32", "ieee"]
-    lock = common.ForkSafeLock(threading.RLock)
-    with lock, lock:
-        pass
-    for held in (common._tf32_lock, lock):
-        taken = []
+            def take(h=held, taken=taken):
+                taken.append(h._lock.acquire(timeout=5))
+                if taken[-1]:
+                    h._lock.release()
 
-        def take(h=held, taken=taken):
-            taken.append(h._lock.acquire(timeout=5))
-            if taken[-1]:
-                h._lock.release()
+            t = threading.Thread(target=take)
+            t.start()
+            t.join(10)
+            if taken != [True]:
+                os._exit(3)
+        os._exit(0)
 
-        t = threading.Thread(target=take)
-        t.start()
-        t.join(10)
-        assert taken == [True], "the lock was left held"
+    proc = multiprocessing.get_context("fork").Process(target=child)
+    proc.start()
+    proc.join(30)
+    if proc.is_alive():
+        proc.kill()
+        return None
+    return proc.exitcode
+
+
+def test_nested_windows_restore_in_order_and_free_the_lock():
+    """A window inside another (one thread) sets and restores in order, without waiting on its
+    own lock; afterwards another thread takes the lock at once. So does a re-entered RLock."""
+    code = _nested_windows_in_a_child()
+    assert code == 0, f"exit code {code}: 2 wrong settings, 3 a lock left held, None hung"
 
 
 def test_threads_falling_back_at_once_warn_once(monkeypatch):
