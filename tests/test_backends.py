@@ -486,10 +486,23 @@ def test_every_lock_of_the_package_is_renewed_in_a_forked_child():
     assert plain == [], f"module-level locks a forked child would inherit held: {plain}"
 
 
+def _exit_code_of_a_forked(child) -> int | None:
+    """The exit code of a child process forked to run ``child``; None where it hung (killed
+    after 30 s)."""
+    import multiprocessing
+
+    proc = multiprocessing.get_context("fork").Process(target=child)
+    proc.start()
+    proc.join(30)
+    if proc.is_alive():
+        proc.kill()
+        return None
+    return proc.exitcode
+
+
 def _fork_while_another_thread_is_inside(block, child) -> int | None:
     """The exit code of a child forked (running ``child``) while another thread is inside
     ``block()``, a context manager; None where the child hung."""
-    import multiprocessing
     import threading
 
     held, release = threading.Event(), threading.Event()
@@ -503,13 +516,7 @@ def _fork_while_another_thread_is_inside(block, child) -> int | None:
     holder.start()
     try:
         assert held.wait(5)
-        proc = multiprocessing.get_context("fork").Process(target=child)
-        proc.start()
-        proc.join(30)
-        if proc.is_alive():
-            proc.kill()
-            return None
-        return proc.exitcode
+        return _exit_code_of_a_forked(child)
     finally:
         release.set()
         holder.join(5)
@@ -643,7 +650,6 @@ def _nested_windows_in_a_child() -> int | None:
     ``ForkSafeLock(RLock)``): 0, 2 for a wrong setting, 3 for a lock left held, None where it
     hung on its own lock. In a child, so that a lock left held fails one test, not every later
     one."""
-    import multiprocessing
     import threading
 
     from fused_rnn.ops import common
@@ -678,13 +684,7 @@ def _nested_windows_in_a_child() -> int | None:
                 os._exit(3)
         os._exit(0)
 
-    proc = multiprocessing.get_context("fork").Process(target=child)
-    proc.start()
-    proc.join(30)
-    if proc.is_alive():
-        proc.kill()
-        return None
-    return proc.exitcode
+    return _exit_code_of_a_forked(child)
 
 
 def test_nested_windows_restore_in_order_and_free_the_lock():
