@@ -40,6 +40,17 @@ def _dtypes_differ(a: Tensor, b: Tensor) -> bool:
                 and autocast_eligible(b))
 
 
+# The dtypes a cell computes in: the floating ones (complex ones reach torch's own errors).
+_CELL_DTYPES = frozenset({torch.float16, torch.bfloat16, torch.float32, torch.float64})
+
+
+def _plain(t, shape: tuple, dtype: torch.dtype, device: torch.device) -> bool:
+    """Whether ``t`` is a tensor of ``shape``, ``dtype`` and ``device`` (the cells' quick
+    check; anything else takes the checks that say what is wrong)."""
+    return (isinstance(t, Tensor) and t.dtype is dtype and t.shape == shape
+            and t.device == device)
+
+
 def _apply_permutation(t: Tensor, permutation: Tensor | None, dim: int = 1) -> Tensor:
     return t if permutation is None else t.index_select(dim, permutation)
 
@@ -880,9 +891,43 @@ class _CellBase(_Recurrent):
         return self.mode
 
     def _step(self, input: Tensor, hx):
+        mode = self._call_mode()
+        is_lstm = mode == "LSTM"
+        # The common call first: a batch of one dtype on one device, the state given as
+        # tensors or not at all. Every check _checked_step makes, made the quick way (one
+        # dtype by identity, whole shapes at once); a cell is called once per token in
+        # generation, where this Python is a visible share of a step. Anything else (an
+        # unbatched call, autocast's mixed dtypes, every error) takes _checked_step.
+        if type(input) is Tensor and input.dim() == 2:
+            hs = ((hx,) if type(hx) is Tensor else None) if not is_lstm else (
+                tuple(hx) if type(hx) is tuple and len(hx) == 2
+                and type(hx[0]) is Tensor and type(hx[1]) is Tensor else None)
+            if hx is None or hs is not None:
+                w_ih, w_hh, b_ih, b_hh = (self.weight_ih, self.weight_hh, self.bias_ih,
+                                          self.bias_hh)
+                dtype, device = input.dtype, input.device
+                batch, hidden = input.size(0), self.hidden_size
+                g = GATES[mode] * hidden
+                if (dtype in _CELL_DTYPES and input.size(1) == self.input_size
+                        and _plain(w_ih, (g, self.input_size), dtype, device)
+                        and _plain(w_hh, (g, hidden), dtype, device)
+                        and (b_ih is None or _plain(b_ih, (g,), dtype, device))
+                        and (b_hh is None or _plain(b_hh, (g,), dtype, device))
+                        and (hs is None or all(_plain(h, (batch, hidden), dtype, device)
+                                               for h in hs))):
+                    if hs is None:
+                        z = torch.zeros(batch, hidden, dtype=dtype, device=device)
+                        hs = (z, z) if is_lstm else (z,)
+                    return self._run(mode, True, input, hs, w_ih, w_hh, b_ih, b_hh)
+                return self._checked_step(mode, input, hx, (w_ih, w_hh, b_ih, b_hh))
+        return self._checked_step(mode, input, hx, None)
+
+    def _checked_step(self, mode: str, input, hx, weights):
+        """The cell call with every check, each in the words of torch.nn's cells or layers.
+        ``weights``: (w_ih, w_hh, b_ih, b_hh) where the caller read them already, else None
+        (read here after the input's and state's checks, where torch.nn reads them)."""
         cls = type(self).__name__
         fx.refuse_proxy(self, input, hx)
-        mode = self._call_mode()
         is_lstm = mode == "LSTM"
         if input.dim() not in (1, 2):
             raise ValueError(f"{cls}: Expected input to be 1D or 2D, got {input.dim()}D instead")
@@ -919,7 +964,9 @@ class _CellBase(_Recurrent):
         if not is_batched:
             input = input.unsqueeze(0)
         # Each weight read once a call (a parametrized one is computed once; see _forward).
-        w_ih, w_hh, b_ih, b_hh = self.weight_ih, self.weight_hh, self.bias_ih, self.bias_hh
+        if weights is None:
+            weights = (self.weight_ih, self.weight_hh, self.bias_ih, self.bias_hh)
+        w_ih, w_hh, b_ih, b_hh = weights
         w = w_ih
         g = GATES[mode] * self.hidden_size
         # Every check functional.rnn_cell makes is made here, in the module's terms, so the
@@ -976,6 +1023,12 @@ class _CellBase(_Recurrent):
                 raise RuntimeError(
                     f"{cls}: hidden{idx} dtype ({h.dtype}) does not match input dtype ({input.dtype})"
                 )
+        return self._run(mode, is_batched, input, hs, w_ih, w_hh, b_ih, b_hh)
+
+    def _run(self, mode: str, is_batched: bool, input: Tensor, hs: tuple, w_ih, w_hh, b_ih,
+             b_hh):
+        """The checked call on this cell's backend; ``input`` and ``hs`` batched."""
+        is_lstm = mode == "LSTM"
         backend = backends.resolve_stack(self.backend, input.device)
         h1, c1 = functional._checked_rnn_cell(
             mode,

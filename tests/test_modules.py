@@ -781,6 +781,36 @@ def test_auto_cells_are_torch_nns_kernels_bit_for_bit(cell, dtype):
     assert_close_list(_cell_outputs(ours(x, hx)), _cell_outputs(ref(x, hx)), 0, 0, "cells")
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("cell", list(STEP_CELLS))
+def test_a_plain_cell_call_skips_the_slow_checks_and_gives_their_results(monkeypatch, cell,
+                                                                         dtype):
+    """The generation loop's call (a batch, one dtype and device, the state as tensors or
+    None) takes the cells' quick checks; every other call takes ``_checked_step``. Both give
+    the same bits, here for calls that differ only in how the state is given."""
+    _, cls, extra = STEP_CELLS[cell]
+    torch.manual_seed(0)
+    m = cls(5, 9, dtype=dtype, **extra)
+    x, h, c = (torch.randn(3, n, dtype=dtype) for n in (5, 9, 9))
+    plain = (h, c) if cell == "lstm" else h
+    checked = []
+    real = type(m)._checked_step
+    monkeypatch.setattr(type(m), "_checked_step",
+                        lambda self, *a: checked.append(1) or real(self, *a))
+    want = _cell_outputs(m(x, plain))
+    assert_close_list(_cell_outputs(m(x, None)), _cell_outputs(m(x, (0 * h, 0 * c) if
+                      cell == "lstm" else 0 * h)), 0, 0, "hx=None vs zeros")
+    assert checked == []
+    # A list for the LSTM's state, and one row unbatched: the checked path, same results.
+    if cell == "lstm":
+        assert_close_list(_cell_outputs(m(x, [h, c])), want, 0, 0, "list hx")
+    row = _cell_outputs(m(x[1], (h[1], c[1]) if cell == "lstm" else h[1]))
+    assert_close_list([t.unsqueeze(0) for t in row],
+                      _cell_outputs(m(x[1:2], tuple(t[1:2] for t in plain) if cell == "lstm"
+                                      else h[1:2])), 0, 0, "unbatched")
+    assert len(checked) == (2 if cell == "lstm" else 1)
+
+
 def _cell_outputs(out) -> list[torch.Tensor]:
     return list(out) if isinstance(out, tuple) else [out]
 
