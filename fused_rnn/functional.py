@@ -27,6 +27,8 @@ def _check_mode(mode: str) -> None:
 
 
 def _autocast_dtype(device: torch.device) -> torch.dtype | None:
+    if not torch._C._is_any_autocast_enabled():  # the usual answer, the quick way
+        return None
     if _autocast_available(device.type) and torch.is_autocast_enabled(device.type):
         return torch.get_autocast_dtype(device.type)
     return None
