@@ -1245,13 +1245,14 @@ def generate(model: CharLM, vocab: Vocab, prime: str, length: int, *, temperatur
     ids = vocab.encode(prime).to(device)
     out = []
     with torch.no_grad(), eval_mode(model):
-        state = None
+        states = None  # one entry a layer, as the cells take it (CharLM.step_layers)
         if ids.numel() > 1:
             _, state = model(ids[:-1].view(-1, 1), None)
+            states = model.split_state(state)
         cells = model.step_cells()
         tok = ids[-1:]
         for _ in range(length):
-            logits, state = model.step(tok, state, cells)
+            logits, states = model.step_layers(tok, states, cells)
             logits = logits[0].double().cpu()
             # The largest logit first, so a tiny temperature tends to greedy decoding
             # instead of overflowing (inf - inf in the softmax).

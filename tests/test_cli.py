@@ -472,13 +472,13 @@ def trained(capsys, tmp_path, text_file):
 
 def test_sample_is_seeded_primed_and_steps_through_the_cells(capsys, trained, monkeypatch):
     calls = []
-    real_step = CharLM.step
+    real_step = CharLM.step_layers
 
     def counting_step(self, *a, **k):
         calls.append(1)
         return real_step(self, *a, **k)
 
-    monkeypatch.setattr(CharLM, "step", counting_step)
+    monkeypatch.setattr(CharLM, "step_layers", counting_step)
     argv = ["sample", "--checkpoint", trained, "--prime", "alpha", "--length", 60]
     rc, out1, err = run(capsys, *argv, "--seed", 1)
     assert rc == 0, err

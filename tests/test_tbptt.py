@@ -414,6 +414,23 @@ def test_step_through_cells_equals_layer_forward(cell, torch_nn):
         out, step_state = model.step(tokens[t], step_state, cells)
         outs.append(out)
     torch.testing.assert_close(torch.stack(outs), logits, rtol=1e-5, atol=1e-6)
+    # The same steps with the state one entry a layer (generation's loop): the same bits,
+    # and split_state gives views of the layer's state that step_layers takes.
+    layers, layer_outs = None, []
+    for t in range(8):
+        out, layers = model.step_layers(tokens[t], layers, cells)
+        layer_outs.append(out)
+    assert torch.equal(torch.stack(layer_outs), torch.stack(outs))
+    split = model.split_state(step_state)
+    assert len(split) == 2 and model.split_state(None) is None
+    for layer, entry in enumerate(split):
+        want = layers[layer]
+        if cell == "lstm":
+            assert isinstance(entry, tuple) and len(entry) == 2
+            assert all(torch.equal(a, b) for a, b in zip(entry, want))
+            assert entry[0]._base is step_state[0] and entry[1]._base is step_state[1]
+        else:
+            assert torch.equal(entry, want) and entry._base is step_state
     assert set(model.state_dict()) == set(CharLM(13, cell=cell, hidden_size=12, num_layers=2).state_dict())
 
 
