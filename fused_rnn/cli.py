@@ -1253,7 +1253,7 @@ def generate(model: CharLM, vocab: Vocab, prime: str, length: int, *, temperatur
         tok = ids[-1:]
         for _ in range(length):
             logits, states = model.step_layers(tok, states, cells)
-            logits = logits[0].double().cpu()
+            logits = logits[0].cpu().double()  # copied first: one launch fewer on a GPU
             # The largest logit first, so a tiny temperature tends to greedy decoding
             # instead of overflowing (inf - inf in the softmax).
             logits = (logits - logits.max()) / temperature
