@@ -26,8 +26,13 @@ def _check_mode(mode: str) -> None:
         raise ValueError(f"unknown mode {mode!r}; expected one of {MODES}")
 
 
+_ANY_AUTOCAST_COVERS = frozenset({"cpu", "cuda"})
+
+
 def _autocast_dtype(device: torch.device) -> torch.dtype | None:
-    if not torch._C._is_any_autocast_enabled():  # the usual answer, the quick way
+    # The usual answer the quick way, where that call covers the device type: it does not
+    # read MPS's (or MAIA's) autocast state (torch 2.13).
+    if device.type in _ANY_AUTOCAST_COVERS and not torch._C._is_any_autocast_enabled():
         return None
     if _autocast_available(device.type) and torch.is_autocast_enabled(device.type):
         return torch.get_autocast_dtype(device.type)

@@ -891,43 +891,45 @@ class _CellBase(_Recurrent):
         return self.mode
 
     def _step(self, input: Tensor, hx):
-        mode = self._call_mode()
-        is_lstm = mode == "LSTM"
         # The common call first: a batch of one dtype on one device, the state given as
         # tensors or not at all. Every check _checked_step makes, made the quick way (one
-        # dtype by identity, whole shapes at once); a cell is called once per token in
-        # generation, where this Python is a visible share of a step. Anything else (an
-        # unbatched call, autocast's mixed dtypes, every error) takes _checked_step.
+        # dtype by identity, whole shapes at once) and in its order (the state before the
+        # weights are read, the mode after: plain tensors are no fx proxies); a cell is
+        # called once per token in generation, where this Python is a visible share of a
+        # step. Anything else (an unbatched call, autocast's mixed dtypes, every error)
+        # takes _checked_step.
         if type(input) is Tensor and input.dim() == 2:
+            is_lstm = self.mode == "LSTM"  # the one mode _call_mode does not read anew
             hs = ((hx,) if type(hx) is Tensor else None) if not is_lstm else (
                 tuple(hx) if type(hx) is tuple and len(hx) == 2
                 and type(hx[0]) is Tensor and type(hx[1]) is Tensor else None)
-            if hx is None or hs is not None:
+            dtype, device = input.dtype, input.device
+            batch, hidden = input.size(0), self.hidden_size
+            if (hx is None or hs is not None and all(_plain(h, (batch, hidden), dtype, device)
+                                                      for h in hs)):
+                mode = self._call_mode()
                 w_ih, w_hh, b_ih, b_hh = (self.weight_ih, self.weight_hh, self.bias_ih,
                                           self.bias_hh)
-                dtype, device = input.dtype, input.device
-                batch, hidden = input.size(0), self.hidden_size
                 g = GATES[mode] * hidden
                 if (dtype in _CELL_DTYPES and input.size(1) == self.input_size
                         and _plain(w_ih, (g, self.input_size), dtype, device)
                         and _plain(w_hh, (g, hidden), dtype, device)
                         and (b_ih is None or _plain(b_ih, (g,), dtype, device))
-                        and (b_hh is None or _plain(b_hh, (g,), dtype, device))
-                        and (hs is None or all(_plain(h, (batch, hidden), dtype, device)
-                                               for h in hs))):
+                        and (b_hh is None or _plain(b_hh, (g,), dtype, device))):
                     if hs is None:
                         z = torch.zeros(batch, hidden, dtype=dtype, device=device)
                         hs = (z, z) if is_lstm else (z,)
                     return self._run(mode, True, input, hs, w_ih, w_hh, b_ih, b_hh)
-                return self._checked_step(mode, input, hx, (w_ih, w_hh, b_ih, b_hh))
-        return self._checked_step(mode, input, hx, None)
+                return self._checked_step(input, hx, (w_ih, w_hh, b_ih, b_hh))
+        return self._checked_step(input, hx, None)
 
-    def _checked_step(self, mode: str, input, hx, weights):
+    def _checked_step(self, input, hx, weights):
         """The cell call with every check, each in the words of torch.nn's cells or layers.
         ``weights``: (w_ih, w_hh, b_ih, b_hh) where the caller read them already, else None
         (read here after the input's and state's checks, where torch.nn reads them)."""
         cls = type(self).__name__
         fx.refuse_proxy(self, input, hx)
+        mode = self._call_mode()
         is_lstm = mode == "LSTM"
         if input.dim() not in (1, 2):
             raise ValueError(f"{cls}: Expected input to be 1D or 2D, got {input.dim()}D instead")

@@ -811,6 +811,54 @@ def test_a_plain_cell_call_skips_the_slow_checks_and_gives_their_results(monkeyp
     assert len(checked) == (2 if cell == "lstm" else 1)
 
 
+@pytest.mark.parametrize("cell", list(STEP_CELLS))
+def test_a_cell_checks_the_state_before_it_reads_a_weight(cell):
+    """torch.nn's order: a state of the wrong rank is named before a weight is read, so a
+    parametrization that fails (or a deleted weight) does not hide it; a state of the right
+    rank lets the weight's own error through."""
+    from torch.nn.utils import parametrize
+
+    class Fails(torch.nn.Module):
+        armed = False
+
+        def forward(self, w):
+            if self.armed:
+                raise ValueError("the parametrization failed")
+            return w
+
+    _, cls, extra = STEP_CELLS[cell]
+    m = cls(4, 5, **extra)
+    fails = Fails()
+    parametrize.register_parametrization(m, "weight_hh", fails)
+    fails.armed = True
+    x, h = torch.randn(3, 4), torch.randn(3, 5)
+    for bad_rank in (True, False):
+        state = h[None] if bad_rank else h
+        hx = (state, h if bad_rank else state) if cell == "lstm" else state
+        match = "to be 1D or 2D" if bad_rank else "the parametrization failed"
+        with pytest.raises(ValueError, match=match):
+            m(x, hx)
+
+
+@pytest.mark.parametrize("device_type", ["cpu", "cuda", "mps"])
+def test_the_autocast_dtype_is_read_for_every_device_type(device_type):
+    """``torch._C._is_any_autocast_enabled`` (the quick "no autocast" answer) does not read
+    MPS's state: an MPS region must still cast (set here without an MPS device)."""
+    device = torch.device(device_type)
+    was = torch.is_autocast_enabled(device_type), torch.get_autocast_dtype(device_type)
+    assert functional._autocast_dtype(device) is None
+    try:
+        torch.set_autocast_enabled(device_type, True)
+        torch.set_autocast_dtype(device_type, torch.float16)
+        assert functional._autocast_dtype(device) is torch.float16
+        assert functional.compute_dtype(device, torch.float32) is torch.float16
+        other = torch.device("cpu" if device_type != "cpu" else "cuda")
+        assert functional._autocast_dtype(other) is None
+    finally:
+        torch.set_autocast_enabled(device_type, was[0])
+        torch.set_autocast_dtype(device_type, was[1])
+
+
 def _cell_outputs(out) -> list[torch.Tensor]:
     return list(out) if isinstance(out, tuple) else [out]
 
@@ -1121,3 +1169,7 @@ def test_fx_symbolic_trace_keeps_our_modules_as_leaves(cls):
         torch.fx.symbolic_trace(net)
     with pytest.raises(TypeError, match="cannot be the root"):
         fused_rnn.fx.symbolic_trace(net.rnn)
+    if cls is fused_rnn.RNNCell:  # the tracer's error before the call's own
+        net.rnn.nonlinearity = "gelu"
+        with pytest.raises(TypeError, match=r"fused_rnn\.fx\.symbolic_trace"):
+            torch.fx.symbolic_trace(net)
