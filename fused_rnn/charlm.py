@@ -271,6 +271,9 @@ class CharLM(nn.Module):
         list. A loop that carries this list, as generation does, slices and stacks no state
         a token (on a GPU, two kernel launches fewer a token).
         """
+        if states is not None and len(states) != len(cells):
+            raise ValueError(f"step_layers: {len(states)} layer states for {len(cells)} "
+                             "cells; give one a layer (split_state), or None for zeros")
         x = self.encoder(tokens)
         new_states = []
         for layer, cell in enumerate(cells):

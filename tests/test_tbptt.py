@@ -423,6 +423,9 @@ def test_step_through_cells_equals_layer_forward(cell, torch_nn):
     assert torch.equal(torch.stack(layer_outs), torch.stack(outs))
     split = model.split_state(step_state)
     assert len(split) == 2 and model.split_state(None) is None
+    for wrong in (split[:1], split + split[:1]):
+        with pytest.raises(ValueError, match=f"{len(wrong)} layer states for 2 cells"):
+            model.step_layers(tokens[0], wrong, cells)
     for layer, entry in enumerate(split):
         want = layers[layer]
         if cell == "lstm":
