@@ -270,6 +270,18 @@ class CharLM(nn.Module):
         for LSTM, else ``h`` ((B, H) each); None for zeros. Returns logits (B, V) and the new
         list. A loop that carries this list, as generation does, slices and stacks no state
         a token (on a GPU, two kernel launches fewer a token).
+
+        Examples::
+
+            >>> import torch
+            >>> from fused_rnn.charlm import CharLM
+            >>> model = CharLM(10, hidden_size=8, num_layers=2).eval()
+            >>> cells, states = model.step_cells(), None
+            >>> with torch.no_grad():
+            ...     for token in torch.tensor([[1], [2], [3]]):
+            ...         logits, states = model.step_layers(token, states, cells)
+            >>> tuple(logits.shape), len(states), tuple(states[1][0].shape)
+            ((1, 10), 2, (1, 8))
         """
         if states is not None and len(states) != len(cells):
             raise ValueError(f"step_layers: {len(states)} layer states for {len(cells)} "
