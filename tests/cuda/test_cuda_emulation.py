@@ -258,6 +258,18 @@ def test_documented_limits_match_the_plan():
     assert table["H100"]["LSTM"]["bf16/fp16"] >= 1024  # ANCHORS.md's shapes all fit
 
 
+def test_the_size_check_is_kept_between_calls():
+    """plan.fits (four plans, asked at every cuda call by unsupported_reason) answers a
+    repeated question from its cache, the same answer as a fresh computation."""
+    P.fits.cache_clear()
+    args = (P.CELLS["LSTM"], True, False, 1024, 132, 227 * 1024)
+    first = P.fits(*args)
+    assert P.fits(*args) == first and P.fits.cache_info().hits == 1
+    assert P.fits.__wrapped__(*args) == first is None
+    big = (P.CELLS["LSTM"], False, False, 1 << 14, 132, 227 * 1024)
+    assert P.fits(*big) == P.fits.__wrapped__(*big) and "shared memory" in P.fits(*big)
+
+
 def test_sanitize_script_dry_run(emulate, monkeypatch, capsys):
     """benchmarks/sanitize_cuda.py (run under compute-sanitizer on a GPU) works end to end."""
     import importlib.util

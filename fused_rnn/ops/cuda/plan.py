@@ -29,6 +29,7 @@ Triton, then to the reference.
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
+from functools import lru_cache
 from math import gcd
 
 CELLS = {"LSTM": 0, "GRU": 1, "RNN_TANH": 2, "RNN_RELU": 3}
@@ -405,9 +406,12 @@ def point_batches(p: Plan, batch: int, size: int) -> int:
     return total * p.group_blocks
 
 
+# Asked at every layer and cell call (cuda's unsupported_reason); four plans a time.
+@lru_cache(maxsize=1024)
 def fits(cell: int, is_16bit: bool, allow_tf32: bool, hidden: int, num_sms: int,
          smem_optin: int) -> str | None:
-    """None when the forward and the backward plan fit, else why not."""
+    """None when the forward and the backward plan fit, else why not. A pure function of its
+    arguments, so its answers are kept (the last 1,024)."""
     for backward in (False, True):
         math = choose_math(is_16bit, allow_tf32, cell, hidden, backward, num_sms, smem_optin)
         p = make_plan(cell, math, hidden, backward, num_sms)
