@@ -1230,8 +1230,8 @@ def generate(model: CharLM, vocab: Vocab, prime: str, length: int, *, temperatur
     The prime (but its last character) goes through the recurrent layers as one chunk; then
     each character is one step through the model's cells (:meth:`CharLM.step_cells`, on the
     layers' backend, through :meth:`CharLM.step_layers`), sharing the layers' weights and
-    carrying their state. The model is in
-    eval mode meanwhile, and every submodule's mode is restored after.
+    carrying their state. The model is in eval mode meanwhile, and every submodule's mode is
+    restored after.
     """
     if not prime:
         raise ValueError("generate: prime must hold at least one character")
