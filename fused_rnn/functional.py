@@ -148,16 +148,18 @@ def rnn_cell(
     return _checked_rnn_cell(mode, x, h, c, w_ih, w_hh, b_ih, b_hh, backend=backend)
 
 
-def _checked_rnn_cell(mode, x, h, c, w_ih, w_hh, b_ih, b_hh, *, backend):
+def _checked_rnn_cell(mode, x, h, c, w_ih, w_hh, b_ih, b_hh, *, backend, one_dtype=False):
     """:func:`rnn_cell` for a caller that has made all of its checks (the cell modules, in
-    their own words): the kernels index every tensor with sizes taken from x and w_hh."""
+    their own words): the kernels index every tensor with sizes taken from x and w_hh.
+    ``one_dtype``: the caller found every tensor in x's dtype (the cells' quick path)."""
     ac = _autocast_dtype(x.device)
     if ac is not None:
         x, h, c, w_ih, w_hh, b_ih, b_hh = _to(ac, x, h, c, w_ih, w_hh, b_ih, b_hh)
     if backend in ("auto", "torch"):
         # The math runs in x's dtype, as on every other backend (and in rnn_layer, whose aten
         # path takes one dtype only): torch._VF's cells promote a wider c and refuse a wider h.
-        if any(t is not None and t.dtype != x.dtype for t in (h, c, w_ih, w_hh, b_ih, b_hh)):
+        if not one_dtype and any(t is not None and t.dtype != x.dtype
+                                 for t in (h, c, w_ih, w_hh, b_ih, b_hh)):
             h, c, w_ih, w_hh, b_ih, b_hh = (None if t is None else t.to(x.dtype)
                                             for t in (h, c, w_ih, w_hh, b_ih, b_hh))
         return _torch_cell(mode, x, h, c, w_ih, w_hh, b_ih, b_hh)
@@ -176,15 +178,17 @@ def _zero_past_lengths(x: Tensor, lengths: Tensor) -> Tensor:
     return torch.where(valid, x, x.new_zeros(()))
 
 
-_VF_CELL = {"GRU": "gru_cell", "RNN_TANH": "rnn_tanh_cell", "RNN_RELU": "rnn_relu_cell"}
+# torch._VF's cells, looked up once (each torch._VF attribute is a module __getattr__ call).
+_VF_CELL = {"GRU": torch._VF.gru_cell, "RNN_TANH": torch._VF.rnn_tanh_cell,
+            "RNN_RELU": torch._VF.rnn_relu_cell}
+_VF_LSTM_CELL = torch._VF.lstm_cell
 
 
 def _torch_cell(mode, x, h, c, w_ih, w_hh, b_ih, b_hh):
     if mode == "LSTM":
-        h1, c1 = torch._VF.lstm_cell(x, (h, c), w_ih, w_hh, b_ih, b_hh)
+        h1, c1 = _VF_LSTM_CELL(x, (h, c), w_ih, w_hh, b_ih, b_hh)
         return h1, c1
-    fn = getattr(torch._VF, _VF_CELL[mode])  # one lookup: _VF's are not cheap
-    return fn(x, h, w_ih, w_hh, b_ih, b_hh), None
+    return _VF_CELL[mode](x, h, w_ih, w_hh, b_ih, b_hh), None
 
 
 def rnn(

@@ -919,7 +919,8 @@ class _CellBase(_Recurrent):
                     if hs is None:
                         z = torch.zeros(batch, hidden, dtype=dtype, device=device)
                         hs = (z, z) if is_lstm else (z,)
-                    return self._run(mode, True, input, hs, w_ih, w_hh, b_ih, b_hh)
+                    return self._run(mode, True, input, hs, w_ih, w_hh, b_ih, b_hh,
+                                     one_dtype=True)
                 return self._checked_step(input, hx, (w_ih, w_hh, b_ih, b_hh))
         return self._checked_step(input, hx, None)
 
@@ -1028,8 +1029,9 @@ class _CellBase(_Recurrent):
         return self._run(mode, is_batched, input, hs, w_ih, w_hh, b_ih, b_hh)
 
     def _run(self, mode: str, is_batched: bool, input: Tensor, hs: tuple, w_ih, w_hh, b_ih,
-             b_hh):
-        """The checked call on this cell's backend; ``input`` and ``hs`` batched."""
+             b_hh, one_dtype: bool = False):
+        """The checked call on this cell's backend; ``input`` and ``hs`` batched;
+        ``one_dtype``: every tensor is in the input's dtype."""
         is_lstm = mode == "LSTM"
         backend = backends.resolve_stack(self.backend, input.device)
         h1, c1 = functional._checked_rnn_cell(
@@ -1042,6 +1044,7 @@ class _CellBase(_Recurrent):
             b_ih,
             b_hh,
             backend=backend,
+            one_dtype=one_dtype,
         )
         if not is_batched:
             h1 = h1.squeeze(0)

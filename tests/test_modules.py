@@ -812,6 +812,27 @@ def test_a_plain_cell_call_skips_the_slow_checks_and_gives_their_results(monkeyp
 
 
 @pytest.mark.parametrize("cell", list(STEP_CELLS))
+def test_another_devices_autocast_lets_mixed_dtypes_through_in_the_inputs_dtype(cell):
+    """An autocast region on another device type (CUDA's, here around a CPU cell) lets a
+    bf16 state pass the dtype checks but casts nothing on this device: the checked path runs
+    the math in the input's dtype (torch.nn's cells fail on the mixed matmul)."""
+    _, cls, extra = STEP_CELLS[cell]
+    torch.manual_seed(0)
+    m = cls(3, 4, **extra)
+    x, h = torch.randn(2, 3), torch.randn(2, 4).bfloat16()
+    state = (h, h) if cell == "lstm" else h
+    want = _cell_outputs(m(x, (h.float(), h.float()) if cell == "lstm" else h.float()))
+    was = torch.is_autocast_enabled("cuda")
+    try:
+        torch.set_autocast_enabled("cuda", True)
+        got = _cell_outputs(m(x, state))
+    finally:
+        torch.set_autocast_enabled("cuda", was)
+    assert [t.dtype for t in got] == [torch.float32] * len(got)
+    assert_close_list(got, want, 0, 0, "mixed dtypes under another device's autocast")
+
+
+@pytest.mark.parametrize("cell", list(STEP_CELLS))
 def test_a_cell_checks_the_state_before_it_reads_a_weight(cell):
     """torch.nn's order: a state of the wrong rank is named before a weight is read, so a
     parametrization that fails (or a deleted weight) does not hide it; a state of the right
