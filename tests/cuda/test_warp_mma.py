@@ -6,7 +6,8 @@ cudasim, whose ldmatrix and mma.sync are warp collectives in the PTX ISA's layou
 to fail where the kernels' lane arithmetic or cudasim's model of the instructions is wrong; it
 compiles with nvcc; and on a GPU (``gpu`` mark) it runs there, which checks cudasim's model
 against the hardware. cudasim's rules for warp collectives (every lane reaches the same one) are
-checked with two small broken kernels."""
+checked with two small broken kernels, and its refusal of a .shared fragment outside shared
+memory with a third."""
 
 from __future__ import annotations
 
@@ -199,6 +200,74 @@ def test_cudasim_counts_the_bank_conflicts_of_ldmatrix(tmp_path):
     got = dict(line.split() for line in r.stdout.splitlines())
     want = {16: 1, 32: 2, 64: 4, 128: 8, 144: 1, 0: 1, 48: 1}
     assert {int(k): int(v) for k, v in got.items()} == {k: 4 * v for k, v in want.items()}
+
+
+_SHARED_FORMS = r"""
+#include <cstdio>
+#include "rnn_common.cuh"
+namespace d = fused_rnn::detail;
+namespace wmma = nvcuda::wmma;
+constexpr int kSmem = 4096;  // bytes: 2048 bf16, 1024 floats
+// One fragment through a .shared form (rnn_common.cuh frag_load / acc_load / acc_store), its
+// first element `at` elements into the block's shared memory.
+__global__ void kernel(int form, int at) {
+  auto* h = reinterpret_cast<__nv_bfloat16*>(d::dynamic_smem()) + at;
+  auto* f = reinterpret_cast<float*>(d::dynamic_smem()) + at;
+  wmma::fragment<wmma::matrix_a, 8, 32, 16, __nv_bfloat16, wmma::row_major> a;
+  wmma::fragment<wmma::matrix_b, 8, 32, 16, __nv_bfloat16, wmma::col_major> b;
+  wmma::fragment<wmma::accumulator, 8, 32, 16, float> c;
+  wmma::fill_fragment(c, 0.0f);
+  if (form == 0) d::frag_load<true>(a, h, 16);
+  if (form == 1) d::frag_load<true>(b, h, 16);
+  if (form == 2) d::acc_load<true>(c, f, 40);
+  if (form == 3) d::acc_store<true>(f, c, 40);
+}
+int main() {
+  // (form, at): each form's last element at the end of shared memory, one element further,
+  // and one element before its start. A: 8 x 16 row-major, ld 16 (128 elements spanned); B:
+  // 16 x 32 column-major, ld 16 (a column of 16 a stride: 512); C: 8 x 32 row-major, ld 40
+  // (312 floats).
+  const int cases[][2] = {{0, 1920}, {0, 1921}, {0, -1}, {1, 1536}, {1, 1537}, {1, -1},
+                          {2, 712}, {2, 713}, {2, -1}, {3, 712}, {3, 713}, {3, -1}};
+  for (const auto& k : cases) {
+    cudaLaunchConfig_t cfg = {};
+    cfg.gridDim = dim3(1);
+    cfg.blockDim = dim3(32);
+    cfg.dynamicSmemBytes = kSmem;
+    cudaLaunchKernelEx(&cfg, kernel, k[0], k[1]);
+    const cudaError_t e = cudaDeviceSynchronize();
+    std::printf("%d %d %s\n", k[0], k[1], e == cudaSuccess ? "ok" : cudaGetErrorString(e));
+  }
+  return 0;
+}
+"""
+
+
+@needs_gxx
+def test_cudasim_refuses_a_shared_fragment_outside_shared_memory(tmp_path):
+    """The .shared forms of wmma.load and wmma.store (rnn_common.cuh frag_load) read or write
+    other shared memory on a GPU where an element lies outside the block's; cudasim fails the
+    launch instead. A fragment whose last element is the last of shared memory passes; one
+    element further, or one before the start, fails, for a row-major and a column-major operand
+    and an accumulator's load and store (cudasim checks each fragment's span, its first and
+    last element: their order differs by layout)."""
+    src = tmp_path / "shared_forms.cu"
+    src.write_text(_SHARED_FORMS)
+    r = _run(_build(tmp_path, src))
+    assert r.returncode == 0, r.stdout + r.stderr
+    got = {tuple(map(int, line.split()[:2])): line.split(maxsplit=2)[2]
+           for line in r.stdout.splitlines()}
+    what = ["wmma.load .shared", "wmma.load .shared", "wmma.load.c .shared",
+            "wmma.store.d .shared"]
+    bytes_ = [256, 1024, 1248, 1248]
+    fits = {0: 1920, 1: 1536, 2: 712, 3: 712}
+    assert len(got) == 12, r.stdout
+    for (form, at), line in got.items():
+        if at == fits[form]:
+            assert line == "ok", (form, at, line)
+        else:
+            assert line.startswith(f"{what[form]}: the {bytes_[form]} bytes at "), (form, at, line)
+            assert "are not all in this block's dynamic shared memory (4096 bytes at" in line, line
 
 
 @pytest.mark.parametrize("arch", ["80", "90"])

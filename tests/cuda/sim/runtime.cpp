@@ -660,7 +660,8 @@ void require_shared(const void* p, size_t bytes, const char* what) {
   const unsigned char* own = g_launch->smem[blockIdx.x];
   const auto* q = static_cast<const unsigned char*>(p);
   if (q < own || q + bytes > own + g_launch->smem_bytes)
-    fail("%s: %p is not in this block's dynamic shared memory", what, p);
+    fail("%s: the %zu bytes at %p are not all in this block's dynamic shared memory "
+         "(%zu bytes at %p)", what, bytes, p, g_launch->smem_bytes, static_cast<const void*>(own));
 }
 
 void* cluster_map_shared(const void* p, unsigned rank) {

@@ -511,31 +511,36 @@ void mma_sync(fragment<accumulator, M, N, K, float>& d, const fragment<matrix_a,
 // GPU an address outside it is not an error: it reads or writes some other shared memory.
 namespace cudasim {
 bool is_shared(const void* p);  // p is in this block's dynamic shared memory
+// [p, p + bytes) lies in this block's dynamic shared memory, else the launch fails naming `what`.
 void require_shared(const void* p, size_t bytes, const char* what);
+// Every element of a rows x cols tile at p (leading dimension ldm; `row`: row-major, else
+// column-major) lies in this block's dynamic shared memory. Its elements lie between its first
+// (p) and its last, so checking that span decides it for all of them: one check a fragment, not
+// one an element (those calls were half of a simulated WMMA launch's time).
+template <typename P>
+void require_shared_tile(const P* p, int rows, int cols, unsigned ldm, bool row,
+                         const char* what) {
+  const size_t last = row ? (size_t)(rows - 1) * ldm + (cols - 1)
+                          : (size_t)(cols - 1) * ldm + (rows - 1);
+  require_shared(p, (last + 1) * sizeof(P), what);
+}
 template <typename F, typename P>
 void load_shared(F& f, const P* p, unsigned ldm) {
   using Layout = typename F::layout;
   constexpr bool row = std::is_same_v<Layout, nvcuda::wmma::row_major>;
-  for (int r = 0; r < F::rows; ++r)
-    for (int c = 0; c < F::cols; ++c)
-      require_shared(row ? p + (size_t)r * ldm + c : p + (size_t)c * ldm + r, sizeof(P),
-                     "wmma.load .shared");
+  require_shared_tile(p, F::rows, F::cols, ldm, row, "wmma.load .shared");
   nvcuda::wmma::load_matrix_sync(f, p, ldm);
 }
 template <int M, int N, int K>
 void load_shared(nvcuda::wmma::fragment<nvcuda::wmma::accumulator, M, N, K, float>& f,
                  const float* p, unsigned ldm) {
-  for (int r = 0; r < M; ++r)
-    for (int c = 0; c < N; ++c)
-      require_shared(p + (size_t)r * ldm + c, sizeof(float), "wmma.load.c .shared");
+  require_shared_tile(p, M, N, ldm, true, "wmma.load.c .shared");
   nvcuda::wmma::load_matrix_sync(f, p, ldm, nvcuda::wmma::mem_row_major);
 }
 template <int M, int N, int K>
 void store_shared(float* p, const nvcuda::wmma::fragment<nvcuda::wmma::accumulator, M, N, K, float>& f,
                   unsigned ldm) {
-  for (int r = 0; r < M; ++r)
-    for (int c = 0; c < N; ++c)
-      require_shared(p + (size_t)r * ldm + c, sizeof(float), "wmma.store.d .shared");
+  require_shared_tile(p, M, N, ldm, true, "wmma.store.d .shared");
   if (nvcuda::wmma::is_lane0()) count_frag_store(true);
   nvcuda::wmma::store_matrix_sync(p, f, ldm, nvcuda::wmma::mem_row_major);
 }
