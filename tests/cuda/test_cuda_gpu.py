@@ -261,12 +261,6 @@ REFERENCE_CASES = [(mode, dt, shape) for mode in MODES for dt in DTYPES for shap
 def test_matches_reference(cuda_ext, monkeypatch, mode, dt, shape, variant):
     if STANDIN == "emulate" and shape.startswith("T16-B16-I32-H256"):
         pytest.skip(f"too slow on the CPU ({STANDIN})")
-    if STANDIN == "sim" and shape.startswith("T16-B16-I32-H256") and (
-            dt == "fp16" or mode == "RNN_RELU"):
-        # ~110 of the suite's ~1,700 CPU seconds for nothing new: fp16 takes bf16's plans
-        # (the plan sees only "16 bits") and RNN_RELU RNN_TANH's; both run at the other shapes.
-        pytest.skip("cudasim: at H=256 fp16 runs bf16's plans and RNN_RELU RNN_TANH's, both "
-                    "checked here at the other shapes (a GPU runs every case)")
     step = shape.endswith("-step")
     if STANDIN == "emulate" and step:
         pytest.skip("the emulation has no per-step path (cudasim runs its kernels)")
