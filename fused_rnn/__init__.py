@@ -22,9 +22,10 @@ running it (the README's "Backends" has the details):
 
 An unknown name raises ``ValueError``; a backend that cannot run in this process raises
 ``RuntimeError`` at the call, saying why (:func:`backend_report` says it for every backend).
-A kernel backend that cannot take one particular call (its size, dtype or device) falls back,
-``cuda`` to ``triton`` to ``reference``, with a warning naming the reason (once a process for
-each reason).
+A module whose backend cannot run on its input's device raises the same. A kernel backend
+that cannot take one particular call (its sizes or dtype) falls back, ``cuda`` to ``triton`` to
+``reference``, with a warning naming the reason (once a process for each reason); the ops of
+:mod:`fused_rnn.functional` fall back on an unusable device too.
 
     >>> fused_rnn.backend_report()["reference"]
     'available'

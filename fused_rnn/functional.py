@@ -93,7 +93,10 @@ def rnn_layer(
     on the CPU, an LSTM layer without projection or lengths, in fp32/bf16, is aten's oneDNN
     kernel as one registered op (:mod:`fused_rnn.ops.aten_cpu`); otherwise these mean the
     reference math at this level, and in :func:`rnn` too. PyTorch's whole-stack kernels
-    (aten, cuDNN) are the modules': ``fused_rnn.LSTM(..., backend="torch")``.
+    (aten, cuDNN) are the modules': ``fused_rnn.LSTM(..., backend="torch")``. A kernel
+    backend that cannot run here, or cannot take this call, hands it on (cuda to triton to
+    reference) with a one-time warning naming the reason; a module raises where its backend
+    cannot run on the input's device.
 
     Examples::
 

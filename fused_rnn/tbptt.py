@@ -473,10 +473,11 @@ def evaluate(
     max_chunks: int | None = None,
     autocast_dtype: torch.dtype | None = None,
 ) -> tuple[float, int]:
-    """Mean cross-entropy (nats) over one epoch of ``batcher`` from its start, state carried.
+    """Summed cross-entropy (nats) and token count over one epoch of ``batcher`` from its
+    start, state carried.
 
-    Returns (summed loss, token count) over this process's rows, so that ranks can
-    all-reduce both; the mean is their ratio. The model is in eval mode meanwhile
+    Both are over this process's rows, so that ranks can all-reduce them; the mean loss is
+    their ratio. The model is in eval mode meanwhile
     (:func:`eval_mode`: every submodule's mode is restored after).
     Nothing here draws from torch's generators (a variable-length batcher's own is restored
     after), so evaluating does not change a training run.

@@ -41,7 +41,9 @@ chip, H100 / A100): ``fused_rnn.ops.cuda.plan``. ``FUSED_RNN_CUDA_PATH=step`` ru
 recurrence without the persistent launch: a cuBLAS GEMM (through torch) and one plain launch of
 the same cell code a step, with no size limit from shared memory; ``auto`` (the default) runs
 it where a measured rule says (``ops.PATH_RULES``, none yet). Not supported (falls back to
-Triton): LSTM projections (``proj_size > 0``), float64, GPUs older than sm_80.
+Triton): LSTM projections (``proj_size > 0``), float64. A GPU older than sm_80 (or one the build
+holds no code for) makes the backend unavailable there: :func:`unavailable_reason` says why, and
+a module's call raises it (``fused_rnn.functional`` falls back instead).
 
 Importing this module never needs a GPU, nvcc or the compiled extension.
 """

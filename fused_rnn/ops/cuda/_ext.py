@@ -19,7 +19,8 @@ Two ways to get it:
 Only sm_80 and newer are built: older entries of ``TORCH_CUDA_ARCH_LIST`` are dropped with a
 warning (nvcc would fail the whole build on them). A prebuilt extension from other sources than
 ``csrc/`` (a stale ``.so`` in an editable checkout) is refused with a warning and built again;
-a GPU the loaded build has no code for gets a reason (and the call falls back), not a failure
+a GPU the loaded build has no code for gets a reason (the backend is unavailable on it: a
+module's call raises that reason, a ``fused_rnn.functional`` call falls back), not a failure
 at launch.
 
 Nothing here raises at import: every obstacle (CPU-only torch, no GPU, no nvcc, no host C++

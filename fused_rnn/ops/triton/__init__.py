@@ -117,7 +117,8 @@ def unsupported_reason(
     # Weight offsets inside the kernels are int32 (batch-row offsets are int64): W_hh
     # (G*H, P) must fit.
     if 4 * hidden_size * max(input_size, hidden_size) >= 2**31:
-        return f"hidden_size {hidden_size} is too large for int32 offsets"
+        return (f"input_size {input_size} with hidden_size {hidden_size} is too large for int32 "
+                f"offsets (4 * hidden_size * max(input_size, hidden_size) reaches 2**31)")
     return None
 
 
