@@ -47,6 +47,28 @@ def test_unavailable_backend_raises_with_reason(monkeypatch):
     assert "cuda" not in fused_rnn.available_backends()
 
 
+def test_on_a_device_its_backend_cannot_use_a_module_raises_and_functional_falls_back(
+        monkeypatch):
+    """The contrast the README states: a module's backend is a setting the user chose, so a
+    device it cannot run on is an error; a functional op hands the call down the chain, with
+    the one-time warning, and computes the reference's values."""
+    def module(name):
+        return types.SimpleNamespace(unavailable_reason=lambda device: f"{name} needs a GPU",
+                                     unsupported_reason=None)
+
+    monkeypatch.setattr(backends, "_kernel_module", module)
+    monkeypatch.setattr(backends, "_warned", set())
+    with pytest.raises(RuntimeError, match="'triton' is unavailable: triton needs a GPU"):
+        fused_rnn.GRU(4, 8, backend="triton")(torch.randn(5, 3, 4))
+    torch.manual_seed(0)
+    args = (torch.randn(5, 3, 4), torch.randn(3, 8), None, torch.randn(24, 4),
+            torch.randn(24, 8))
+    with pytest.warns(RuntimeWarning, match="'triton' cannot take this call .triton needs a GPU"):
+        y, h, _ = functional.rnn_layer("GRU", *args, backend="triton")
+    y_ref, h_ref, _ = functional.rnn_layer("GRU", *args, backend="reference")
+    assert torch.equal(y, y_ref) and torch.equal(h, h_ref)
+
+
 def test_missing_backend_module_is_reported(monkeypatch):
     def boom(name):
         raise ImportError(f"No module named 'fused_rnn.ops.{name}'")
