@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
-import os
 import sys
 import threading
 from types import ModuleType
@@ -342,8 +341,3 @@ def kernel_impl(name: str, kind: str, **config) -> ModuleType:
     from fused_rnn.ops import reference
 
     return reference
-
-
-def interpreter_enabled() -> bool:
-    """True when Triton kernels run on the CPU through Triton's interpreter."""
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"

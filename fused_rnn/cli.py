@@ -478,8 +478,8 @@ def _read_log(path: str) -> list[dict]:
                 int(row["step"])
             except (TypeError, ValueError, KeyError):
                 continue  # a line torn by a crash
-            if None in row.values():
-                continue
+            if None in row or None in row.values():
+                continue  # too many fields (DictReader's key None) or too few (values None)
             rows.append(row)
     return rows
 

@@ -47,10 +47,8 @@ def compute_dtype(device: torch.device, dtype: torch.dtype) -> torch.dtype:
     return ac if ac is not None and eligible else dtype
 
 
-def _to(dtype: torch.dtype | None, *ts: Tensor | None):
+def _to(dtype: torch.dtype, *ts: Tensor | None):
     """Autocast's cast: eligible tensors (not fp64, not complex) to ``dtype``."""
-    if dtype is None:
-        return ts
     return tuple(t.to(dtype) if autocast_eligible(t) else t for t in ts)
 
 

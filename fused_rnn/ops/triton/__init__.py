@@ -44,7 +44,7 @@ def unavailable_reason(device: torch.device | None) -> str | None:
 def _unavailable_reason(device_type: str | None) -> str | None:
     try:
         found = importlib.util.find_spec("triton") is not None
-    except (ImportError, ValueError):  # ValueError: sys.modules["triton"] is None
+    except (ImportError, ValueError):  # ValueError: sys.modules["triton"] has no __spec__
         found = False
     if not found:
         return ("triton is not installed (pip install triton; it needs a CUDA GPU, or "
