@@ -121,6 +121,31 @@ def one_thread():
 
 
 @pytest.fixture
+def text_file(tmp_path):
+    """A tiny text file (helpers.tiny_text) for the CLI and the bench."""
+    from helpers import tiny_text
+
+    p = tmp_path / "tiny.txt"
+    p.write_text(tiny_text())
+    return p
+
+
+@pytest.fixture
+def no_matplotlib(monkeypatch):
+    """Imports of matplotlib fail, as where the "train" extra is not installed."""
+    import builtins
+
+    real_import = builtins.__import__
+
+    def no_mpl(name, *a, **k):
+        if name.startswith("matplotlib"):
+            raise ImportError("no matplotlib here")
+        return real_import(name, *a, **k)
+
+    monkeypatch.setattr(builtins, "__import__", no_mpl)
+
+
+@pytest.fixture
 def fp32_precision_restored():
     """Saves torch's per-operator fp32 precision settings (torch >= 2.9) and restores them."""
     get = getattr(torch._C, "_get_fp32_precision_getter", None)

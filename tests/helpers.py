@@ -232,3 +232,19 @@ def check_padding_is_ignored(backend: str, device, mode: str, proj: bool = False
                     f"lengths reached result {k} (non-finite at "
                     f"{(~torch.isfinite(a)).nonzero().tolist()[:4]})")
                 torch.testing.assert_close(a, e, atol=1e-6, rtol=1e-5)
+
+
+# The CLI tests' corpus: a few hundred words, seeded, written to tmp_path (conftest's text_file).
+WORDS = ["alpha", "beta", "gamma", "delta", "lstm", "gru", "rnn", "cell", "state", "chunk",
+         "stream", "token", "fused", "kernel", "tensor", "step", "loss", "grad", "norm", "clip",
+         "epoch", "batch"]
+
+
+def tiny_text(n_lines: int = 120, seed: int = 0) -> str:
+    g = torch.Generator().manual_seed(seed)
+    lines = []
+    for i in range(n_lines):
+        k = int(torch.randint(3, 8, (), generator=g))
+        idx = torch.randint(0, len(WORDS), (k,), generator=g).tolist()
+        lines.append(f"{i % 10}: " + " ".join(WORDS[j] for j in idx) + ".")
+    return "\n".join(lines) + "\n"

@@ -8,19 +8,12 @@ from __future__ import annotations
 
 import pytest
 import torch
-from test_cli import BENCH_TINY, _bench_rows, _tiny_text, run
+from test_cli import BENCH_TINY, _bench_rows, run
 
 import fused_rnn
 from fused_rnn import bench
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # as in test_cli.py
-
-
-@pytest.fixture
-def text_file(tmp_path):
-    p = tmp_path / "tiny.txt"
-    p.write_text(_tiny_text())
-    return p
 
 
 def test_bench_flags_a_validation_loss_off_by_more_than_the_tolerance(capsys, tmp_path,

@@ -21,6 +21,7 @@ import time
 
 import pytest
 import torch
+from helpers import tiny_text
 
 import fused_rnn.ops.reference as reference_ops
 from fused_rnn import bench, cli
@@ -30,28 +31,6 @@ from fused_rnn.tbptt import StreamBatcher, eval_mode, train_chunk
 
 # matplotlib is the "train" extra; CI installs only "test", so the plots are checked if possible.
 HAVE_MPL = importlib.util.find_spec("matplotlib") is not None
-
-WORDS = ["alpha", "beta", "gamma", "delta", "lstm", "gru", "rnn", "cell", "state", "chunk",
-         "stream", "token", "fused", "kernel", "tensor", "step", "loss", "grad", "norm", "clip",
-         "epoch", "batch"]
-
-
-def _tiny_text(n_lines: int = 120, seed: int = 0) -> str:
-    g = torch.Generator().manual_seed(seed)
-    lines = []
-    for i in range(n_lines):
-        k = int(torch.randint(3, 8, (), generator=g))
-        idx = torch.randint(0, len(WORDS), (k,), generator=g).tolist()
-        lines.append(f"{i % 10}: " + " ".join(WORDS[j] for j in idx) + ".")
-    return "\n".join(lines) + "\n"
-
-
-@pytest.fixture
-def text_file(tmp_path):
-    p = tmp_path / "tiny.txt"
-    p.write_text(_tiny_text())
-    return p
-
 
 # --threads 1: the thread count may change CPU rounding, and the exactness tests compare runs.
 TINY = ["--hidden-size", "16", "--batch-size", "4", "--bptt", "16", "--threads", "1"]
@@ -130,17 +109,8 @@ def test_train_learns_and_writes_checkpoint_log_and_plot(capsys, tmp_path, text_
     assert "tok/s" in err
 
 
-def test_train_without_matplotlib_skips_the_plot_with_a_note(capsys, tmp_path, text_file, monkeypatch):
-    import builtins
-
-    real_import = builtins.__import__
-
-    def no_mpl(name, *a, **k):
-        if name.startswith("matplotlib"):
-            raise ImportError("no matplotlib here")
-        return real_import(name, *a, **k)
-
-    monkeypatch.setattr(builtins, "__import__", no_mpl)
+def test_train_without_matplotlib_skips_the_plot_with_a_note(capsys, tmp_path, text_file,
+                                                             no_matplotlib):
     out = tmp_path / "run"
     rc, stdout, err = run(capsys, "train", "--text", text_file, "--out", out, *TINY, "--steps", 2)
     assert rc == 0, err
@@ -271,7 +241,7 @@ def _bad_inputs(tmp_path):
     (tmp_path / "garbage.pt").write_bytes(b"not a checkpoint at all" * 10)
     (tmp_path / "occupied").mkdir()
     torch.save({"step": 1}, tmp_path / "occupied" / "checkpoint.pt")
-    (tmp_path / "ok.txt").write_text(_tiny_text())
+    (tmp_path / "ok.txt").write_text(tiny_text())
     (tmp_path / "dir-checkpoint" / "checkpoint.pt").mkdir(parents=True)
     (tmp_path / "dir-log" / "log.csv").mkdir(parents=True)  # its unlink was a traceback
     t = ["train", "--out", tmp_path / "run", *TINY]
@@ -415,7 +385,7 @@ def test_weights_that_are_not_finite_are_not_saved(capsys, tmp_path, text_file, 
 def test_log_rows_carry_the_epoch_of_their_chunk(capsys, tmp_path):
     """The chunk that ends an epoch belongs to it, not to the next."""
     text = tmp_path / "short.txt"
-    text.write_text(_tiny_text(12))
+    text.write_text(tiny_text(12))
     out = tmp_path / "run"
     rc, _, err = run(capsys, "train", "--text", text, "--out", out, *TINY, "--steps", 40,
                      "--log-every", 1, "--val-frac", "0.2")
@@ -955,7 +925,7 @@ def test_bench_writes_its_table_after_every_precision(capsys, tmp_path, text_fil
 def test_bench_tokens_per_s_counts_the_tokens_a_step_trained(capsys, tmp_path):
     """With --bptt longer than the streams, a step trains fewer than B x T tokens."""
     text = tmp_path / "short.txt"
-    text.write_text(_tiny_text(6))
+    text.write_text(tiny_text(6))
     rc, _, err = run(capsys, "bench", "--text", text, "--hidden-size", 8, "--batch-size", 2,
                      "--bptt", 1000, "--steps", 2, "--warmup", 0, "--rounds", 1,
                      "--val-chunks", 1, "--backends", "torch", "--precisions", "fp32",
@@ -1351,7 +1321,7 @@ def test_resume_across_epochs_gives_the_same_log(capsys, tmp_path):
     """A run stopped at step 14 (in epoch 1, with random chunk lengths and dropout) and
     resumed gives the uninterrupted run's rows, epoch column included."""
     text = tmp_path / "short.txt"
-    text.write_text(_tiny_text(12))
+    text.write_text(tiny_text(12))
     args = ["--text", text, *TINY, "--val-frac", "0.2", "--eval-every", 5, "--log-every", 1,
             "--ckpt-every", 7, "--dropout", "0.3", "--variable-bptt", "--layers", "2"]
     rc, _, err = run(capsys, "train", *args, "--out", tmp_path / "a", "--steps", 30)

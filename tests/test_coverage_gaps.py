@@ -14,65 +14,25 @@ import re
 import sys
 import threading
 import types
-from pathlib import Path
 
 import pytest
 import torch
+from helpers import tiny_text
+from test_bench_gpu import _import as _benchmark
+from test_cli import BENCH_TINY, TINY, run
 
 import fused_rnn
 from fused_rnn import bench, cli
 from fused_rnn.cli import main
 
-ROOT = Path(__file__).resolve().parents[1]
-TINY = ["--hidden-size", "16", "--batch-size", "4", "--bptt", "16", "--threads", "1"]
-BENCH_TINY = ["bench", "--hidden-size", "16", "--batch-size", "4", "--bptt", "8", "--steps", "3",
-              "--warmup", "1", "--val-chunks", "2", "--threads", "1"]
-WORDS = ["alpha", "beta", "gamma", "delta", "lstm", "gru", "rnn", "cell", "state", "chunk"]
-
-pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-def _text(n_lines: int = 120) -> str:
-    g = torch.Generator().manual_seed(0)
-    lines = []
-    for i in range(n_lines):
-        idx = torch.randint(0, len(WORDS), (int(torch.randint(3, 8, (), generator=g)),),
-                            generator=g).tolist()
-        lines.append(f"{i % 10}: " + " ".join(WORDS[j] for j in idx) + ".")
-    return "\n".join(lines) + "\n"
-
-
-@pytest.fixture
-def text_file(tmp_path):
-    p = tmp_path / "tiny.txt"
-    p.write_text(_text())
-    return p
-
-
-def run(capsys, *argv):
-    """main(argv) in-process: (exit status, stdout, stderr)."""
-    try:
-        rc = main([str(a) for a in argv])
-    except SystemExit as e:  # argparse
-        rc = e.code
-    out, err = capsys.readouterr()
-    return rc, out, err
-
-
-def _benchmark(name):
-    """A script of benchmarks/ as a module (they import each other by bare name)."""
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    try:
-        return __import__(name)
-    finally:
-        sys.path.pop(0)
+pytestmark = pytest.mark.usefixtures("one_thread")  # as in test_cli.py
 
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
     """A one-step training run's checkpoint."""
     out = tmp_path_factory.mktemp("trained")
-    (out / "tiny.txt").write_text(_text())
+    (out / "tiny.txt").write_text(tiny_text())
     n = torch.get_num_threads()
     try:
         rc = main(["train", "--text", str(out / "tiny.txt"), "--out", str(out / "run"), *TINY,
@@ -339,18 +299,8 @@ def test_bench_rows_without_a_working_torch_nn_row_say_no_baseline():
 
 
 def test_bench_without_matplotlib_writes_the_table_and_says_so(capsys, tmp_path, text_file,
-                                                               monkeypatch):
+                                                               no_matplotlib):
     """bench._plot/_write_report: no matplotlib, no plot, a note."""
-    import builtins
-
-    real_import = builtins.__import__
-
-    def no_mpl(name, *a, **k):
-        if name.startswith("matplotlib"):
-            raise ImportError("no matplotlib here")
-        return real_import(name, *a, **k)
-
-    monkeypatch.setattr(builtins, "__import__", no_mpl)
     rc, _, err = run(capsys, *BENCH_TINY, "--text", text_file, "--backends", "reference",
                      "--precisions", "fp32", "--out", tmp_path)
     assert rc == 0, err
