@@ -67,6 +67,14 @@ FRNN_HD constexpr int round_up(int a, int b) { return ceil_div(a, b) * b; }
 FRNN_HD constexpr int imax(int a, int b) { return a > b ? a : b; }
 FRNN_HD constexpr int imin(int a, int b) { return a < b ? a : b; }
 FRNN_HD constexpr int gcd(int a, int b) { return b == 0 ? a : gcd(b, a % b); }
+// A byte count as the plans compare it with smem_limit: computed in 64 bits, rounded up to 128
+// and saturated at the largest int, so a size too large for an int never wraps into one that
+// seems to fit (a DSMEM mirror at a batch of ~5e5 rows once wrapped to a size that passed).
+constexpr long long kMaxBytes = 0x7fffffff;
+FRNN_HD constexpr int saturated(long long bytes) {
+  return static_cast<int>(bytes > kMaxBytes ? kMaxBytes : bytes);
+}
+FRNN_HD constexpr int bytes_128(long long bytes) { return saturated((bytes + 127) / 128 * 128); }
 
 struct TileShape {
   int wm;          // output rows (W rows) per tile
@@ -158,15 +166,18 @@ FRNN_HD constexpr Plan make_plan(Cell cell, Math math, int hidden, bool backward
   const int k_part = parts > 1 ? round_up(ceil_div(k_pad, parts), kKPad) : k_pad;
   const int ldw = k_blocked(math) ? m_pad * ts.wk : k_part + ts.w_skew;
   // k-blocked: the last block's tiles read round_up(m_pad, wm) - m_pad rows past it (the tail).
-  const int w_elems = k_blocked(math) ? m_pad * k_part + (round_up(m_pad, ts.wm) - m_pad) * ts.wk
-                                      : m_pad * ldw;
-  const int w_bytes = round_up(w_elems * ts.elem_bytes, 128);
+  const long long w_elems = k_blocked(math) ? static_cast<long long>(m_pad) * k_part +
+                                                  (round_up(m_pad, ts.wm) - m_pad) * ts.wk
+                                            : static_cast<long long>(m_pad) * ldw;
+  const int w_bytes = bytes_128(w_elems * ts.elem_bytes);
   const int tasks = ceil_div(m_pad, ts.wm) * (kChunkCols / ts.wn);
   const int slots = imax(tasks, kWarps);
   const int slot_floats = ts.wm * (ts.wn + kSlotPad);
   const int stage_ld = stage_k > 0 ? stage_k + 16 / ts.elem_bytes : 0;
-  const int stage_bytes = stage_k > 0 ? round_up(stage_rows * stage_ld * ts.elem_bytes, 128) : 0;
-  const int smem = w_bytes + slots * slot_floats * 4 + stage_bytes;
+  const int stage_bytes =
+      stage_k > 0 ? bytes_128(static_cast<long long>(stage_rows) * stage_ld * ts.elem_bytes) : 0;
+  const int smem = saturated(static_cast<long long>(w_bytes) +
+                             static_cast<long long>(slots) * slot_floats * 4 + stage_bytes);
   return Plan{units, blocks, m_rows, m_pad, k, k_pad, ldw, slots, slot_floats, w_bytes,
               smem, groups, group_blocks, stage_k > 0 ? stage_rows : 0, stage_k, stage_ld,
               parts, k_part, parts > 1 ? group_blocks / parts * m_rows : 0};
@@ -390,7 +401,8 @@ FRNN_HD constexpr int mirror_ld(const Plan& p, Math math) {
   return p.k_pad + 16 / tile_shape(math).elem_bytes;
 }
 FRNN_HD constexpr int mirror_bytes(const Plan& p, Math math, int batch_pad) {
-  return round_up(batch_pad / p.groups * mirror_ld(p, math) * tile_shape(math).elem_bytes, 128);
+  return bytes_128(static_cast<long long>(batch_pad / p.groups) * mirror_ld(p, math) *
+                   tile_shape(math).elem_bytes);
 }
 
 // What a launch runs with, every setting applied: binding.cpp's checked_plan and cudasim's
@@ -423,10 +435,10 @@ FRNN_HD constexpr LaunchChoice choose_launch(Cell cell, bool is_16bit, bool allo
           select_plan_clustered(cell, is_16bit, allow_tf32, hidden, backward, sms, smem_limit,
                                 batch_pad, cs.sel.plan.groups, 0, 1, cluster_max);
       Plan p = ds.sel.plan;
-      const int mirrors = 2 * mirror_bytes(p, ds.sel.math, batch_pad);
+      const long long mirrors = 2LL * mirror_bytes(p, ds.sel.math, batch_pad);
       if (ds.found && p.groups == cs.sel.plan.groups && p.parts == 1 && p.stage_k == 0 &&
           p.smem_bytes + mirrors <= smem_limit) {
-        p.smem_bytes += mirrors;
+        p.smem_bytes += static_cast<int>(mirrors);
         return LaunchChoice{Selection{ds.sel.math, p}, kClusterGroupsDsmem};
       }
     }

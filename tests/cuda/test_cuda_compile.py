@@ -433,6 +433,19 @@ int main() {
                   lc.sel.plan.blocks, lc.sel.plan.groups, lc.sel.plan.parts,
                   lc.sel.plan.stage_k, lc.sel.plan.smem_bytes, lc.cluster);
     }
+  // Batches whose DSMEM mirrors pass 2^31 bytes: the byte counts are 64-bit and saturate, so
+  // none wraps into a size that seems to fit (a mirror of 2147450880 bytes, doubled, once did).
+  const int huge_bpads[] = {522240, 4177920, 2147483616};
+  const int group_caps[] = {1, 8};
+  for (int c = 0; c < 4; ++c) for (int bw = 0; bw < 2; ++bw) for (int is16 = 0; is16 < 2; ++is16)
+    for (int bp : huge_bpads) for (int mg : group_caps) for (int cm : cmaxes) {
+      const LaunchChoice lc = choose_launch(static_cast<Cell>(c), is16, true, 256, bw, 132,
+                                            227 * 1024, bp, mg, 1 << 30, 1, 0, cm, false, true,
+                                            true);
+      std::printf("D %d %d %d %d %d %d %d %d %d %d\n", c, bw, is16, bp, mg, cm,
+                  static_cast<int>(lc.sel.math), lc.sel.plan.groups, lc.sel.plan.smem_bytes,
+                  lc.cluster);
+    }
   const int bpads[] = {32, 64, 96, 128, 256};
   for (int c = 0; c < 4; ++c) for (int m = 0; m < 3; ++m) for (int h : hs) for (int bp : bpads)
     for (int bw = 0; bw < 2; ++bw) {
@@ -571,6 +584,12 @@ def test_plan_header_matches_python_mirror(tmp_path):
             assert tuple(rest) == (math, p.blocks, p.groups, p.parts, p.stage_k, p.smem_bytes,
                                    p.cluster), line
             launches[(c, h, bw, bp, kp, mb, cm, tc, hc, ds)] = p.cluster
+        elif f[0] == "D":
+            c, bw, is16, bp, mg, cm, *rest = map(int, f[1:])
+            math, p = P.choose_launch(c, bool(is16), True, 256, bool(bw), 132, 227 * 1024, bp,
+                                      mg, 1 << 30, 1, 0, cm, False, True, True)
+            assert tuple(rest) == (math, p.groups, p.smem_bytes, p.cluster), line
+            assert p.smem_bytes <= 227 * 1024 and p.cluster != P.CLUSTER_GROUPS_DSMEM, line
         elif f[0] == "C":
             c, h, bw, is16, bp, bc, *rest = map(int, f[1:])
             math, p = P.select_plan_capped(c, bool(is16), True, h, bool(bw), 132, 227 * 1024, bp,
@@ -583,7 +602,7 @@ def test_plan_header_matches_python_mirror(tmp_path):
             p = P.make_plan(c, m, h, bool(bw), s, g, rows, sk, pt)
             assert tuple(rest) == (*p.as_tuple(), P.step_bytes(p, m, 64)), line
         n += 1
-    assert n > 1000 and kinds == {"plan", "S", "Q", "G", "P", "M", "C", "L", "X", "B"}
+    assert n > 1000 and kinds == {"plan", "S", "Q", "G", "P", "M", "C", "L", "X", "B", "D"}
     # Register blocking: never on the FMA path, past max_tiles, or below one tile a warp; the
     # S3/S4 chunks (16-bit 16 x 2 tiles, TF32 8 x 4) take 2 x 2, a chunk of 16 x 1 takes 2 x 1,
     # 2 x 4 tiles (8: one a warp) none, 1 x 16... (one W-row tile) 1 x 2 where nfr allows.

@@ -2,7 +2,9 @@
 
 Used to refuse sizes that do not fit on chip *before* a launch (``unsupported_reason``), and to
 document the limits. ``tests/cuda/test_cuda_compile.py`` compiles ``plan.h`` with g++ and checks
-that both give the same numbers.
+that both give the same numbers. One difference by design: plan.h computes byte counts in 64
+bits and saturates them at 2^31 - 1 (an int), where Python's integers are exact; both exceed
+any shared-memory limit there, so the choices agree.
 
 Size limits (largest hidden size H whose W_hh slice, forward and backward, fits in one block's
 shared memory with one block per SM; ``limits_table()`` recomputes them). "fp32 TF32" is fp32
