@@ -369,61 +369,6 @@ def test_autocast_off_is_a_no_op_where_autocast_has_no_key():
     assert isinstance(autocast_off(torch.device("cpu")), torch.autocast)
 
 
-def test_the_fork_handler_gives_a_lock_held_by_another_thread_a_fresh_one():
-    """common._renew_locks (registered with os.register_at_fork, so it runs in a child no
-    coverage sees): a lock a thread held at the fork is unheld in the child. Called here in
-    the parent, while a thread holds one."""
-    from fused_rnn.ops import common
-
-    lock = common.ForkSafeLock()
-    entered, leave = threading.Event(), threading.Event()
-
-    def hold():
-        with lock:
-            entered.set()
-            leave.wait(10)
-
-    t = threading.Thread(target=hold)
-    t.start()
-    try:
-        assert entered.wait(10)
-        assert not lock._lock.acquire(timeout=0.05)
-        common._renew_locks()
-        assert lock._lock.acquire(timeout=1)  # a fresh lock: no wait for the holder
-        lock._lock.release()
-        with lock:
-            pass
-    finally:
-        leave.set()
-        t.join(10)
-    assert not t.is_alive()  # the holder released the lock it entered, not the new one
-
-
-def test_the_fork_handler_undoes_a_precision_window_another_thread_had_open(
-        fp32_precision_restored):
-    """common._close_orphaned_windows: in a forked child a tf32_gemms window of a thread that
-    did not survive the fork would never close; the handler puts the setting back. Our own
-    thread's window is left alone."""
-    from fused_rnn.ops import common
-
-    matmul = torch.backends.cuda.matmul
-    if getattr(matmul, "fp32_precision", None) is None:
-        pytest.fail("torch >= 2.9 expected (per-operator fp32 precision)")
-    matmul.fp32_precision = "tf32"
-    common._open_windows.append((threading.get_ident(), "fp32_precision", "ieee"))
-    try:
-        common._close_orphaned_windows()
-        assert matmul.fp32_precision == "tf32" and len(common._open_windows) == 1
-    finally:
-        common._open_windows.clear()
-    common._open_windows.append((threading.get_ident() + 1, "fp32_precision", "ieee"))
-    try:
-        common._close_orphaned_windows()
-        assert matmul.fp32_precision == "ieee" and common._open_windows == []
-    finally:
-        common._open_windows.clear()
-
-
 # --------------------------------------------------------------------------- tbptt.atomic_save
 def test_atomic_save_keeps_the_original_error_when_the_temporary_file_is_gone(tmp_path,
                                                                               monkeypatch):
