@@ -173,11 +173,15 @@ def sanitizer_env(sanitize: str = "address") -> dict[str, str]:
     Under "thread", the process's first race report ends it (TSAN_EXIT_CODE), and torch keeps to
     one thread: its own threads synchronize in ways TSan cannot see, and their copies would
     read as races with the kernels."""
-    lib = {"address": "libasan.so", "thread": "libtsan.so"}[sanitize]
-    path = subprocess.run([GXX, f"-print-file-name={lib}"], capture_output=True,
-                          text=True, check=True).stdout.strip()
+    libs = {"address": ["libasan.so", "libstdc++.so"], "thread": ["libtsan.so"]}[sanitize]
+    paths = [subprocess.run([GXX, f"-print-file-name={lib}"], capture_output=True, text=True,
+                            check=True).stdout.strip() for lib in libs]
     env = dict(os.environ)
-    env["LD_PRELOAD"] = path
+    # ASan binds its __cxa_throw interceptor to libstdc++'s when it starts; python itself does
+    # not link libstdc++, so without it preloaded too the first C++ exception thrown by a
+    # library loaded later (Triton 3.8's libtriton throws one while it imports) fails ASan's
+    # CHECK and aborts the process.
+    env["LD_PRELOAD"] = ":".join(paths)
     if sanitize == "address":
         env["ASAN_OPTIONS"] = "detect_leaks=0:alloc_dealloc_mismatch=0:abort_on_error=1"
         env["UBSAN_OPTIONS"] = "print_stacktrace=1:halt_on_error=1"
