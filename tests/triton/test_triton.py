@@ -433,6 +433,54 @@ def test_backward_known_to_abort_the_compiler_is_named(monkeypatch, version, wan
     assert not launch.backward_aborts_compiler("LSTM", f32, "ieee", 64, False)
 
 
+@pytest.mark.parametrize("version,want", [((3, 8), 32), ((3, 9), 16), ((4, 0), 16)])
+def test_step_forward_takes_slices_of_16_where_the_compiler_spills(monkeypatch, version, want):
+    """Triton 3.9.0 spills 88 bytes a thread compiling one step forward variant with K slices
+    of 32 (launch.step_fwd_block_k): LSTM, fp32 on TF32, lengths, 32-row batch tiles. Only
+    that one takes 16; a K under 32 keeps its own power of two."""
+    monkeypatch.setattr(launch, "_triton_version", lambda: version)
+    f32 = torch.float32
+    assert launch.step_fwd_block_k("LSTM", f32, "tf32", True, 32, 1024) == want
+    assert launch.step_fwd_block_k("LSTM", f32, "tf32", True, 32, 37) == want
+    assert launch.step_fwd_block_k("LSTM", f32, "tf32", True, 32, 9) == 16
+    assert launch.step_fwd_block_k("LSTM", f32, "tf32", False, 32, 1024) == 32  # no lengths
+    assert launch.step_fwd_block_k("LSTM", f32, "tf32", True, 16, 1024) == 32  # 16-row tiles
+    assert launch.step_fwd_block_k("LSTM", f32, "ieee", True, 32, 1024) == 32
+    assert launch.step_fwd_block_k("LSTM", torch.bfloat16, "tf32", True, 32, 1024) == 32
+    assert launch.step_fwd_block_k("GRU", f32, "tf32", True, 32, 1024) == 32
+
+
+def test_step_forward_launches_the_slices_it_chose(monkeypatch):
+    """The launcher passes step_fwd_block_k's answer to the kernel, and slices of 16 give the
+    sums of slices of 32 in another order: the same outputs to fp32 rounding."""
+    real = launch.kernels._step_fwd_kernel
+    seen = []
+
+    class Recorded:
+        def __getitem__(self, grid):
+            def run(*args, **kwargs):
+                seen.append(kwargs["BLOCK_K"])
+                return real[grid](*args, **kwargs)
+            return run
+
+    monkeypatch.setattr(launch.kernels, "_step_fwd_kernel", Recorded())
+    monkeypatch.setattr(launch, "interpreting", lambda: True)  # it asks the kernel's type
+    B, T, I, H = 33, 2, 3, 40  # 33 rows: 32-row batch tiles
+    inputs = {k: None if v is None else v.to(DEVICE)
+              for k, v in make_inputs("LSTM", B, T, I, H, seed=3).items()}
+    lens = (torch.arange(B) % T + 1).to(DEVICE)
+    outs = {}
+    for version in ((3, 8), (3, 9)):
+        monkeypatch.setattr(launch, "_triton_version", lambda v=version: v)
+        # TF32 as on a GPU (the interpreter's dots are fp32 whatever they are told).
+        monkeypatch.setattr(launch, "_fp32_dot_precision", lambda: "tf32")
+        outs[version] = ops.triton_layer("LSTM", *inputs.values(), lens, False, False,
+                                         "step")[:3]
+    assert seen == [32] * T + [16] * T
+    for a, b in zip(outs[(3, 8)], outs[(3, 9)], strict=True):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
 def test_triton_version_parsing(monkeypatch):
     for text, want in [("3.6.0", (3, 6)), ("3.9.0+git1a2b", (3, 9)), ("3.10.1", (3, 10)),
                        ("4.0.0rc1", (4, 0)), ("3.9", (3, 9))]:

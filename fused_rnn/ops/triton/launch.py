@@ -61,7 +61,8 @@ PERSISTENT_MAX_W_ELEMS = 16 * 1024
 
 # Tiles of the per-step kernels: tl.dot wants every dimension >= 16. K slices of 32 and 8 warps:
 # with 64 and 4 warps, LSTM's four gate accumulators and W tiles took 255 registers and spilled
-# up to 320 bytes per thread on sm_90 (compile_check now fails such a variant).
+# up to 320 bytes per thread on sm_90 (compile_check now fails such a variant). One forward
+# variant takes slices of 16 on Triton >= 3.9 (step_fwd_block_k).
 STEP_BLOCK_H = 32
 STEP_BLOCK_K = 32
 
@@ -156,6 +157,23 @@ def backward_aborts_compiler(mode: str, dtype: torch.dtype, precision: str, hidd
     compiles nothing, so there it runs as asked."""
     return (mode == "LSTM" and dtype == torch.float32 and precision == "ieee" and not proj
             and _pow2(hidden_size) == 64 and _triton_version() >= (3, 9) and _llvm_compiles())
+
+
+def step_fwd_block_k(mode: str, dtype: torch.dtype, precision: str, has_lengths: bool,
+                     block_b: int, k: int) -> int:
+    """BLOCK_K of the step forward kernel for a K (the recurrent input's width) of ``k``.
+
+    ``STEP_BLOCK_K`` (less where K's power of two is), except for one variant on Triton 3.9
+    and later: LSTM, fp32 operands on TF32 dots, lengths, 32-row batch tiles. There 3.9.0
+    spills 88 bytes of registers a thread at 32 (``compile_check`` for sm_90 on the CPU; 3.6
+    and 3.8 spill 16, inside the limit) and none at 16, which it then takes: the same sums in
+    a different order. Elsewhere, and on earlier Triton, the slices stay as measured. (TF32
+    dots are compiled ones: under the interpreter the precision is always "ieee".)"""
+    block_k = min(STEP_BLOCK_K, _pow2(k))
+    if (mode == "LSTM" and dtype == torch.float32 and precision == "tf32" and has_lengths
+            and block_b == 32 and _triton_version() >= (3, 9)):
+        return min(block_k, 16)
+    return block_k
 
 
 def _llvm_compiles() -> bool:
@@ -282,7 +300,8 @@ def layer_forward(
                     gx[t], h_in, dummy if c is None else c, w_hh, dummy if b_hh is None else b_hh,
                     dummy if lengths is None else lengths, t, h_out, m if proj else y[t],
                     dummy if state is None else state[t], B, H, P,
-                    BLOCK_B=block_b, BLOCK_H=block_h, BLOCK_K=min(STEP_BLOCK_K, _pow2(P)),
+                    BLOCK_B=block_b, BLOCK_H=block_h,
+                    BLOCK_K=step_fwd_block_k(mode, dtype, prec, lengths is not None, block_b, P),
                     num_warps=8, **common,
                 )
             if proj:
