@@ -626,7 +626,13 @@ class _RNNStack(_Recurrent):
             hs, cs = [], []
             for layer in range(self.num_layers):
                 if layer:
-                    data = F.dropout(data, self.dropout, training=True)
+                    # Drawn on the time-major tensor, as aten's stack draws it: torch 2.6
+                    # fills a transposed (batch_first) view's mask in another order.
+                    if self.batch_first and not packed:
+                        data = F.dropout(data.transpose(0, 1), self.dropout,
+                                         training=True).transpose(0, 1)
+                    else:
+                        data = F.dropout(data, self.dropout, training=True)
                 rows = slice(layer * D, (layer + 1) * D)
                 first = layer * D * k
                 lw = w[first:first + D * k]
