@@ -498,17 +498,24 @@ std::vector<at::Tensor> backward(int64_t mode, at::Tensor dy, at::Tensor dh_n,
 // some layouts), the operands are promoted to fp32 instead, with a warning once: the same
 // exact products, summed in fp32, more slowly. Everything is queued on the current stream, so a
 // CUDA graph can capture the whole loop.
-void step_mm(at::Tensor& out, const at::Tensor& a, const at::Tensor& b) {
+// A template so that the branch a torch's headers cannot compile is discarded: aten::mm's
+// out_dtype overload is new in torch 2.8, and before it every 16-bit step GEMM is promoted.
+template <class Tensor>
+void step_mm(Tensor& out, const Tensor& a, const Tensor& b) {
   if (a.scalar_type() == at::kFloat) {
     at::mm_out(out, a, b);
     return;
   }
-  try {
-    at::mm_out(out, a, b, at::kFloat);
-  } catch (const c10::Error& e) {
-    TORCH_WARN_ONCE("fused_rnn CUDA backend: torch refused the per-step path's 16-bit GEMM (",
-                    e.what_without_backtrace(), "); its steps run on operands promoted to "
-                    "fp32 instead, the same products, more slowly");
+  if constexpr (requires { at::mm_out(out, a, b, at::kFloat); }) {
+    try {
+      at::mm_out(out, a, b, at::kFloat);
+    } catch (const c10::Error& e) {
+      TORCH_WARN_ONCE("fused_rnn CUDA backend: torch refused the per-step path's 16-bit GEMM (",
+                      e.what_without_backtrace(), "); its steps run on operands promoted to "
+                      "fp32 instead, the same products, more slowly");
+      at::mm_out(out, a.to(at::kFloat), b.to(at::kFloat));
+    }
+  } else {
     at::mm_out(out, a.to(at::kFloat), b.to(at::kFloat));
   }
 }
