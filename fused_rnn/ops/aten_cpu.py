@@ -74,7 +74,20 @@ def unsupported_reason(mode: str, x: Tensor, w_hr: Tensor | None,
         return "a size of 0 (steps, batch, input or hidden): oneDNN's LSTM cannot take it"
     if not _onednn_enabled():
         return "PyTorch's oneDNN (mkldnn) backend is unavailable or disabled"
+    if (not _FULLGRAPH_HOLDS_DYNAMIC_SIZES and torch.compiler.is_compiling()
+            and needs_grad(x, h0, c0, w_ih, w_hh, b_ih, b_hh)
+            and not torch._dynamo.config.capture_dynamic_output_shape_ops):
+        return ("torch < 2.10 under torch.compile: the training kernel's workspace has a "
+                "data-dependent size, which such a torch's fullgraph=True refuses unless "
+                "torch._dynamo.config.capture_dynamic_output_shape_ops is True")
     return None
+
+
+# From torch 2.10, fullgraph=True lets a graph hold an op whose output size depends on the
+# data (the training workspace's); before, only capture_dynamic_output_shape_ops=True does,
+# and fullgraph=True without it fails at the op. So there a compiled layer that trains runs
+# the reference math instead, unless that setting is on.
+_FULLGRAPH_HOLDS_DYNAMIC_SIZES = torch.torch_version.TorchVersion(torch.__version__) >= (2, 10)
 
 
 def _checked(where: str, x, h0, c0, w_ih, w_hh, b_ih, b_hh) -> None:
