@@ -181,7 +181,7 @@ def reads_stack(name: str) -> bool:
     """Whether :func:`resolve_stack` reads the description of a call (``stack``) for backend
     ``name``: only ``auto`` does, and only once :data:`AUTO_RULES` holds a rule. Building it
     costs a few microseconds a call, which a module skips where it is not read."""
-    return name == "auto" and bool(AUTO_RULES)
+    return name == "auto" and len(AUTO_RULES) > 0  # not bool(): torch 2.6's dynamo refuses it
 
 
 def resolve_stack(name: str, device: torch.device, **stack) -> str:

@@ -206,7 +206,9 @@ def rnn_layer(
     if lengths is not None:
         steps_idx = torch.arange(T, device=x.device).unsqueeze(1)
         mask_all = (steps_idx < lengths.to(x.device).unsqueeze(0)).unsqueeze(2)  # (T, B, 1)
-    ys: list[Tensor | None] = [None] * T
+    # The outputs in the order computed: appended, as torch 2.6's dynamo cannot assign into a
+    # list sized by a symbolic length.
+    ys: list[Tensor] = []
     for t in (range(T - 1, -1, -1) if reverse else range(T)):
         h_in, c_in, gx = h, c, gx_all[t]
         if mask_all is not None:
@@ -228,15 +230,15 @@ def rnn_layer(
         h_new = _store_h(h_new, dtype)
         if mask_all is not None:
             m = mask_all[t]
-            ys[t] = torch.where(m, h_new, torch.zeros_like(h_new))
+            ys.append(torch.where(m, h_new, torch.zeros_like(h_new)))
             h = torch.where(m, h_new, h)
             if c is not None:
                 c = torch.where(m, c_new, c)
         else:
-            ys[t] = h_new
+            ys.append(h_new)
             h, c = h_new, c_new
     if T > 0:
-        y = torch.stack(ys).to(dtype)  # type: ignore[arg-type]
+        y = torch.stack(ys[::-1] if reverse else ys).to(dtype)
     else:
         y = x.new_zeros((0, h0.shape[0], h0.shape[1]))
     return y, h.to(dtype), _cast(c, dtype)
