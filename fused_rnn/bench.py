@@ -269,11 +269,17 @@ def _first_steps(model, batcher: StreamBatcher, ac_dtype) -> tuple[torch.Tensor,
     device = batcher.streams.device
     first, second = batcher.next_chunk(), batcher.next_chunk()
     params = dict(model.named_parameters())
+
+    def autocast():
+        return torch.autocast(device.type, dtype=ac_dtype or torch.float32,
+                              enabled=ac_dtype is not None)
+
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-        with torch.autocast(device.type, dtype=ac_dtype or torch.float32,
-                            enabled=ac_dtype is not None):
-            with torch.no_grad():
-                _, state = model(first.x, None, first.reset)
+        # Two autocast regions: torch 2.6 caches the casts of weights made under no_grad for
+        # the rest of a region, and the second call then reached no parameter of torch.nn's.
+        with autocast(), torch.no_grad():
+            _, state = model(first.x, None, first.reset)
+        with autocast():
             logits, _ = model(second.x, state, second.reset)
             loss = torch.nn.functional.cross_entropy(logits.float().flatten(0, 1),
                                                      second.y.flatten())
