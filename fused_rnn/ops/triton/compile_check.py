@@ -136,11 +136,11 @@ def run(arch: int = 90, quick: bool = False, verbose: bool = False) -> int:
                 mode, dtype, launch._fp32_dot_precision(), H, bool(proj)):
             label += " (backward on the step path: this Triton aborts on the persistent one)"
         for n in names:
-            for k in getattr(kernels, n).device_caches[0][0].values():
+            for k in _compiled(getattr(kernels, n)):
                 labels.setdefault(id(k), label)
         if verbose:
             print(f"{label}: {time.perf_counter() - t0:.1f}s", flush=True)
-    compiled = [(n, k) for n in names for k in getattr(kernels, n).device_caches[0][0].values()]
+    compiled = [(n, k) for n in names for k in _compiled(getattr(kernels, n))]
     limit = SMEM_LIMIT.get(arch)
     worst = max(compiled, key=lambda nk: nk[1].metadata.shared)
     if verbose:
@@ -159,6 +159,15 @@ def run(arch: int = 90, quick: bool = False, verbose: bool = False) -> int:
         raise RuntimeError(f"kernels spilling more than {SPILL_LIMIT} bytes per thread to local "
                            f"memory on sm_{arch}: {spilled}")
     return len(compiled)
+
+
+def _compiled(fn) -> list:
+    """The kernels a ``@triton.jit`` function compiled for device 0: in its per-device caches
+    (Triton >= 3.3), or its older ``cache`` (3.2)."""
+    caches = getattr(fn, "device_caches", None)
+    if caches is not None:
+        return list(caches[0][0].values())
+    return list(fn.cache[0].values())
 
 
 def _stack_bytes(kernel) -> int:
