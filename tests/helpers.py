@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import torch
 from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence
 
@@ -73,15 +75,18 @@ def assert_close_list(actual, expected, atol, rtol, what=""):
 
 def record_gemm_precision(monkeypatch) -> list[str]:
     """From now on, each fp32 GEMM a backend issues through ``F.linear``, ``@`` or ``torch.mm``
-    appends the cuBLAS precision set when it ran (``torch.backends.cuda.matmul.fp32_precision``,
-    torch >= 2.9) to the returned list: the setting is only read by cuBLAS on a GPU, so on the
-    CPU this is how a test sees which one a GPU would have used."""
+    appends the cuBLAS precision set when it ran (``torch.backends.cuda.matmul.fp32_precision``
+    on torch >= 2.9; ``"tf32"`` or ``"ieee"`` from the legacy ``allow_tf32`` before) to the
+    returned list: the setting is only read by cuBLAS on a GPU, so on the CPU this is how a
+    test sees which one a GPU would have used."""
+    from fused_rnn.ops.common import gemm_fp32_precision
+
     seen: list[str] = []
 
     def wrap(fn):
         def recorded(*args, **kwargs):
             if any(isinstance(a, torch.Tensor) and a.dtype == torch.float32 for a in args[:2]):
-                seen.append(torch.backends.cuda.matmul.fp32_precision)
+                seen.append(gemm_fp32_precision())
             return fn(*args, **kwargs)
 
         return recorded
@@ -248,3 +253,26 @@ def tiny_text(n_lines: int = 120, seed: int = 0) -> str:
         idx = torch.randint(0, len(WORDS), (k,), generator=g).tolist()
         lines.append(f"{i % 10}: " + " ".join(WORDS[j] for j in idx) + ".")
     return "\n".join(lines) + "\n"
+
+
+@functools.cache
+def dynamo_reports_raised_messages() -> bool:
+    """Whether this torch's dynamo, under ``fullgraph=True``, fails with the message of an
+    exception a constructor in the traced code raises (torch 2.13), or only with "Observed
+    exception" and the line (torch 2.6; there a bare ``raise`` in a function shows it)."""
+    class Refuses:
+        def __init__(self, x):
+            raise ValueError("fused_rnn's probe message")
+
+    def build(x):
+        Refuses(x)
+        return x
+
+    torch._dynamo.reset()
+    try:
+        torch.compile(build, backend="eager", fullgraph=True)(torch.zeros(1))
+    except Exception as e:
+        return "fused_rnn's probe message" in str(e)
+    finally:
+        torch._dynamo.reset()
+    raise AssertionError("the probe did not raise")

@@ -678,14 +678,18 @@ def _nested_windows_in_a_child() -> int | None:
 
     def child():
         matmul = torch.backends.cuda.matmul
-        matmul.fp32_precision = "ieee"
+        if getattr(matmul, "fp32_precision", None) is None:  # torch < 2.9
+            matmul.allow_tf32 = False
+        else:
+            matmul.fp32_precision = "ieee"
+        now = common.gemm_fp32_precision
         seen = []
         with common.tf32_gemms(True):
-            seen.append(matmul.fp32_precision)
+            seen.append(now())
             with common.tf32_gemms(False):
-                seen.append(matmul.fp32_precision)
-            seen.append(matmul.fp32_precision)
-        seen.append(matmul.fp32_precision)
+                seen.append(now())
+            seen.append(now())
+        seen.append(now())
         if seen != ["tf32", "ieee", "tf32", "ieee"]:
             os._exit(2)
         lock = common.ForkSafeLock(threading.RLock)

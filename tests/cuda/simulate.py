@@ -32,6 +32,7 @@ from pathlib import Path
 
 import torch
 
+from fused_rnn.ops.common import gemm_fp32_precision
 from fused_rnn.ops.cuda.profile import PROF_SLOTS
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -464,11 +465,11 @@ class Simulator:
     # The per-step path (binding.cpp forward_steps, backward_steps): the loop of GEMMs and step
     # launches, line for line. Each step's GEMM is torch's on the CPU in fp32 (the 16-bit
     # operands promoted: exact products, fp32 sums, as cuBLAS with an fp32 result forms them).
-    # The precision torch's fp32 GEMMs were set to (matmul.fp32_precision) at each fp32 step
-    # GEMM: what cuBLAS would have run them in on a GPU.
+    # The precision torch's fp32 GEMMs were set to (common.gemm_fp32_precision) at each fp32
+    # step GEMM: what cuBLAS would have run them in on a GPU.
     def _step_mm(self, a, b):
         if a.dtype == torch.float32:
-            self.step_gemm_precisions.append(torch.backends.cuda.matmul.fp32_precision)
+            self.step_gemm_precisions.append(gemm_fp32_precision())
         return a.float() @ b.float()
 
     def forward_steps(self, mode, xproj, h0, c0, w_hh, b_hh, lengths, reverse, save, b_ih=None):

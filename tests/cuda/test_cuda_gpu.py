@@ -335,7 +335,7 @@ def test_matches_reference_with_tf32_gemms(cuda_ext, monkeypatch, mode, dt):
 
     def tf32(fn):
         def gemm(*args):
-            if torch.backends.cuda.matmul.fp32_precision != "tf32":
+            if common.gemm_fp32_precision() != "tf32":
                 return fn(*args)
             seen.append(fn)
             return fn(*(_round_to_tf32(a) for a in args[:2]), *args[2:])
