@@ -106,6 +106,12 @@ def _nan_fill_empty(request, monkeypatch):
         monkeypatch.setattr(torch.Tensor, "new_empty", _nan_new_empty)
     yield
 
+    # torch.testing._internal.common_utils freezes torch.backends' flags when it is imported
+    # (torch 2.6's dynamo imports it while compiling torch.func transforms), after which our
+    # tests could no longer set cudnn.allow_tf32 as a user does: they are thawed again.
+    if torch.backends.flags_frozen():
+        torch.backends.flags_frozen.__globals__["__allow_nonbracketed_mutation_flag"] = True
+
 
 FP32_PRECISION_KEYS = [("generic", "all"), ("cuda", "all"), ("cuda", "conv"), ("cuda", "rnn"),
                        ("cuda", "matmul")]
