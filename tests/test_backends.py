@@ -414,6 +414,31 @@ def test_tf32_follows_cudnn_rnn_precision(fp32_precision_restored, rnn, conv, cu
             torch.backends.cudnn.allow_tf32  # noqa: B018 (the read is what raises)
 
 
+def test_where_dynamo_cannot_trace_the_precision_a_graph_reads_it_once(fp32_precision_restored,
+                                                                       monkeypatch):
+    """torch 2.9 and 2.10 refuse to trace ``cudnn.rnn.fp32_precision`` (fullgraph=True failed
+    at every kernel backend). There (as this torch is made to look) the compiled graph reads
+    it once, at trace time: it compiles, and keeps that precision until recompiled; eager
+    code reads the setting as it is."""
+    from fused_rnn.ops import common
+
+    monkeypatch.setattr(common, "_PRECISION_UNTRACEABLE", True)
+    torch.backends.cudnn.rnn.fp32_precision = "tf32"
+
+    def f(x):
+        return x + (1 if common.cudnn_rnn_tf32() else 2)
+
+    torch._dynamo.reset()
+    compiled = torch.compile(f, fullgraph=True, backend="eager")
+    assert compiled(torch.zeros(1)).item() == 1
+    torch.backends.cudnn.rnn.fp32_precision = "ieee"
+    assert common.cudnn_rnn_tf32() is False
+    assert compiled(torch.zeros(1)).item() == 1, "no guard: the traced value stays"
+    torch._dynamo.reset()
+    assert compiled(torch.zeros(1)).item() == 2
+    torch._dynamo.reset()
+
+
 def test_tf32_rule_reads_the_legacy_flag(monkeypatch):
     """On a torch without per-operator precision, the legacy flag decides."""
     from fused_rnn.ops import common

@@ -25,11 +25,26 @@ def cudnn_rnn_tf32() -> bool:
     getter resolves an inherited "none"); the legacy ``torch.backends.cudnn.allow_tf32`` that
     maps onto it raises once conv and RNN precision differ, so it is read only on a torch
     without the new setting. dynamo traces both reads (and guards on them)."""
+    if _PRECISION_UNTRACEABLE and torch.compiler.is_compiling():
+        return _rnn_precision_at_trace() == "tf32"
     rnn = getattr(torch.backends.cudnn, "rnn", None)
     precision = getattr(rnn, "fp32_precision", None)
     if precision is None:
         return bool(torch.backends.cudnn.allow_tf32)
     return precision == "tf32"
+
+
+# torch 2.9 and 2.10 have the per-operator settings, but their dynamo refuses to trace the
+# read (``_FP32Precision.__getattr__`` is on its skip list), which failed every
+# fullgraph=True compile reaching a kernel backend. There the setting is read once, when the
+# graph is traced: a graph compiled before the setting changes keeps the precision it was
+# compiled with (torch.compiler.reset() recompiles). torch 2.11 traces it and guards on it.
+_PRECISION_UNTRACEABLE = (2, 9) <= torch.torch_version.TorchVersion(torch.__version__) < (2, 11)
+
+
+@torch._dynamo.assume_constant_result
+def _rnn_precision_at_trace() -> str:
+    return torch.backends.cudnn.rnn.fp32_precision
 
 
 
