@@ -756,7 +756,9 @@ def test_short_ddp_trainings_tear_down_without_deadlock():
     it finishes (300 in ~4 s)."""
     r = subprocess.run([sys.executable, "-c", _DDP_TEARDOWN_LOOP, "300"], check=False,
                        capture_output=True, text=True, timeout=120)
-    assert r.returncode == 0 and r.stdout.strip() == "done", r.stderr[-2000:]
+    # torch 2.9's gloo logs its connections to stdout ("[Gloo] Rank 0 is connected to ...")
+    said = [line for line in r.stdout.splitlines() if not line.startswith("[Gloo]")]
+    assert r.returncode == 0 and said == ["done"], (r.stdout[-500:], r.stderr[-2000:])
 
 
 @pytest.mark.skipif(shutil.which("torchrun") is None, reason="torchrun is not on PATH")
