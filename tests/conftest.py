@@ -11,6 +11,7 @@
   fake kernels, so a compiled graph cached under an earlier version of one would be reused.
 * One intra-op thread per test process (and its children), unless ``OMP_NUM_THREADS`` is set;
   what collection made is frozen out of the garbage collector's way (gc.freeze).
+* ``torch.backends.cudnn.rnn`` is imported first (torch 2.9 and 2.10: see below).
 """
 
 from __future__ import annotations
@@ -26,6 +27,12 @@ import torch
 # any test module (or the report header below) can import the kernels.
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+
+# The same torch.backends.cudnn in every test, whatever ran before: on torch 2.9 and 2.10,
+# importing the submodule torch.backends.cudnn.rnn (nn.RNNBase.flatten_parameters does on a GPU,
+# and so do some tests) shadows ``torch.backends.cudnn.rnn.fp32_precision``; tests set that
+# setting through ``common.cudnn_rnn_setting()``, which finds it either way.
+import torch.backends.cudnn.rnn
 
 # The tests' tensors are tiny. With two pytest-xdist workers on two cores, each worker's
 # OpenMP threads spin at every parallel region waiting for a core the other worker holds: with

@@ -407,7 +407,7 @@ def test_tf32_follows_cudnn_rnn_precision(fp32_precision_restored, rnn, conv, cu
 
     torch.backends.cudnn.fp32_precision = cudnn_all
     torch.backends.cudnn.conv.fp32_precision = conv
-    torch.backends.cudnn.rnn.fp32_precision = rnn
+    common.cudnn_rnn_setting().fp32_precision = rnn  # torch.backends.cudnn.rnn from 2.11
     assert cudnn_rnn_tf32() is want
     if rnn != conv and "none" not in (rnn, conv):
         with pytest.raises(RuntimeError, match="different TF32 flags"):
@@ -423,7 +423,7 @@ def test_where_dynamo_cannot_trace_the_precision_a_graph_reads_it_once(fp32_prec
     from fused_rnn.ops import common
 
     monkeypatch.setattr(common, "_PRECISION_UNTRACEABLE", True)
-    torch.backends.cudnn.rnn.fp32_precision = "tf32"
+    common.cudnn_rnn_setting().fp32_precision = "tf32"
 
     def f(x):
         return x + (1 if common.cudnn_rnn_tf32() else 2)
@@ -431,7 +431,7 @@ def test_where_dynamo_cannot_trace_the_precision_a_graph_reads_it_once(fp32_prec
     torch._dynamo.reset()
     compiled = torch.compile(f, fullgraph=True, backend="eager")
     assert compiled(torch.zeros(1)).item() == 1
-    torch.backends.cudnn.rnn.fp32_precision = "ieee"
+    common.cudnn_rnn_setting().fp32_precision = "ieee"
     assert common.cudnn_rnn_tf32() is False
     assert compiled(torch.zeros(1)).item() == 1, "no guard: the traced value stays"
     torch._dynamo.reset()
@@ -449,6 +449,38 @@ def test_tf32_rule_reads_the_legacy_flag(monkeypatch):
     legacy.allow_tf32 = True
     assert common.cudnn_rnn_tf32() is True
 
+
+
+def test_the_rnn_setting_is_read_where_its_submodule_shadows_it(monkeypatch):
+    """torch 2.9 and 2.10 keep ``cudnn.rnn.fp32_precision`` on the class of
+    torch.backends.cudnn, and importing the submodule ``torch.backends.cudnn.rnn``
+    (nn.RNNBase.flatten_parameters does on a GPU) shadows it on the instance. The setting is
+    read from the class, as cuDNN reads it; a value written onto the submodule is not it."""
+    setting = types.SimpleNamespace(fp32_precision="tf32")
+    shaped_like_2_9 = type("CudnnModule", (types.ModuleType,), {"rnn": setting})
+    cudnn = shaped_like_2_9("torch.backends.cudnn")
+    cudnn.rnn = types.ModuleType("torch.backends.cudnn.rnn")  # what the import leaves
+    cudnn.allow_tf32 = False  # the legacy read, which the shadow used to fall back to
+    monkeypatch.setattr(common.torch.backends, "cudnn", cudnn)
+    assert common.cudnn_rnn_setting() is setting
+    assert common.cudnn_rnn_tf32() is True
+    cudnn.rnn.fp32_precision = "ieee"  # lands on the submodule: cuDNN still uses TF32
+    assert common.cudnn_rnn_tf32() is True
+    setting.fp32_precision = "ieee"
+    assert common.cudnn_rnn_tf32() is False
+
+
+def test_the_rnn_setting_survives_importing_cudnns_rnn_submodule(fp32_precision_restored):
+    """On this torch, after ``import torch.backends.cudnn.rnn`` (conftest imports it at the
+    start): TF32 follows torch's own RNN setting, also with conv set apart (where the legacy
+    flag raises). torch 2.9 read no setting there and raised."""
+    import torch.backends.cudnn.rnn
+
+    torch._C._set_fp32_precision_setter("cuda", "conv", "tf32")
+    for rnn, want in (("ieee", False), ("tf32", True), ("ieee", False)):
+        torch._C._set_fp32_precision_setter("cuda", "rnn", rnn)
+        assert common.cudnn_rnn_tf32() is want, rnn
+        assert common.cudnn_rnn_setting().fp32_precision == rnn
 
 def test_tf32_gemm_windows_of_two_threads_do_not_interleave(fp32_precision_restored):
     """Autograd runs backward on one thread per GPU: two layers' TF32 windows (one wanting

@@ -22,16 +22,32 @@ def cudnn_rnn_tf32() -> bool:
     """Whether cuDNN's RNNs may use TF32 for fp32 data now, i.e. what nn.LSTM does on a GPU.
 
     torch >= 2.9 sets TF32 per operator (``torch.backends.cudnn.rnn.fp32_precision``, whose
-    getter resolves an inherited "none"); the legacy ``torch.backends.cudnn.allow_tf32`` that
-    maps onto it raises once conv and RNN precision differ, so it is read only on a torch
-    without the new setting. dynamo traces both reads (and guards on them)."""
+    getter resolves an inherited "none"; read through :func:`cudnn_rnn_setting`); the legacy
+    ``torch.backends.cudnn.allow_tf32`` that maps onto it raises once conv and RNN precision
+    differ, so it is read only on a torch without the new setting. dynamo traces both reads
+    (and guards on them) from torch 2.11."""
     if _PRECISION_UNTRACEABLE and torch.compiler.is_compiling():
         return _rnn_precision_at_trace() == "tf32"
-    rnn = getattr(torch.backends.cudnn, "rnn", None)
-    precision = getattr(rnn, "fp32_precision", None)
+    precision = getattr(cudnn_rnn_setting(), "fp32_precision", None)
     if precision is None:
         return bool(torch.backends.cudnn.allow_tf32)
     return precision == "tf32"
+
+
+def cudnn_rnn_setting() -> object | None:
+    """The object whose ``fp32_precision`` is cuDNN's RNN precision (None, or an object without
+    it, on a torch before 2.9).
+
+    That is ``torch.backends.cudnn.rnn``, except on torch 2.9 and 2.10, where the setting is a
+    class attribute of ``torch.backends.cudnn`` named like its submodule
+    ``torch.backends.cudnn.rnn``: once that submodule is imported (nn.RNNBase.flatten_parameters
+    imports it on a GPU, and so does ``modules.py``), the module shadows the setting on the
+    instance. A read there found no ``fp32_precision`` (or a value written onto the module,
+    which cuDNN never sees), so the setting is taken from the class. From torch 2.11 the
+    submodule itself carries it."""
+    cudnn = torch.backends.cudnn
+    setting = getattr(type(cudnn), "rnn", None)
+    return setting if setting is not None else getattr(cudnn, "rnn", None)
 
 
 # torch 2.9 and 2.10 have the per-operator settings, but their dynamo refuses to trace the
@@ -44,8 +60,7 @@ _PRECISION_UNTRACEABLE = (2, 9) <= torch.torch_version.TorchVersion(torch.__vers
 
 @torch._dynamo.assume_constant_result
 def _rnn_precision_at_trace() -> str:
-    return torch.backends.cudnn.rnn.fp32_precision
-
+    return cudnn_rnn_setting().fp32_precision
 
 
 def gemm_fp32_precision() -> str:

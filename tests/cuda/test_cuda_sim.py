@@ -36,7 +36,7 @@ from emulate import Emulator
 from helpers import record_gemm_precision
 
 import fused_rnn.ops.cuda as cuda_backend
-from fused_rnn.ops import reference
+from fused_rnn.ops import common, reference
 from fused_rnn.ops.cuda import ops, profile
 from fused_rnn.ops.cuda import plan as P
 from fused_rnn.ops.reference import MODES
@@ -299,7 +299,7 @@ def test_fp32_math_follows_cudnn_rnn_precision(install, fp32_precision_restored,
     """fp32 runs on TF32 tensor cores exactly where cuDNN's RNNs may use TF32, read from the
     per-operator setting (torch >= 2.9) even where conv differs and the legacy flag raises."""
     torch.backends.cudnn.conv.fp32_precision = conv
-    torch.backends.cudnn.rnn.fp32_precision = rnn
+    common.cudnn_rnn_setting().fp32_precision = rnn
     sim = install(sms=4)
     g = torch.Generator().manual_seed(0)
     x, h0 = torch.randn(2, 3, 5, generator=g), torch.randn(3, 8, generator=g)
@@ -316,7 +316,7 @@ def test_time_parallel_gemms_use_tf32_like_cudnn(install, monkeypatch, fp32_prec
     cuDNN's whole RNN would for fp32, and always for fp16/bf16 data (exact in TF32), whatever
     torch's matmul setting; the setting is left as it was. Strict fp32 GEMMs cost more than
     cuDNN's whole layer at 256x128x1024 (common.gemms_use_tf32)."""
-    torch.backends.cudnn.rnn.fp32_precision = rnn
+    common.cudnn_rnn_setting().fp32_precision = rnn
     torch.backends.cuda.matmul.fp32_precision = "ieee" if want == "tf32" else "tf32"
     before = torch.backends.cuda.matmul.fp32_precision
     install(sms=4)
@@ -371,7 +371,7 @@ def test_the_step_paths_gemms_follow_cudnn_rnn_precision(install, monkeypatch,
     """fp32 data: every step GEMM (forward and backward) runs on TF32 exactly where cuDNN's RNN
     may, whatever torch's matmul setting was, and that setting is left as it was."""
     monkeypatch.setenv("FUSED_RNN_CUDA_PATH", "step")
-    torch.backends.cudnn.rnn.fp32_precision = rnn
+    common.cudnn_rnn_setting().fp32_precision = rnn
     torch.backends.cuda.matmul.fp32_precision = "ieee" if rnn == "tf32" else "tf32"
     before = torch.backends.cuda.matmul.fp32_precision
     sim = install(sms=4)

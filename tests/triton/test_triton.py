@@ -269,7 +269,7 @@ def test_per_operator_tf32_settings_are_read_not_refused(fp32_precision_restored
     the legacy ``cudnn.allow_tf32`` getter raise) can still train on the Triton backend; the
     launcher's TF32 switch for its GEMMs leaves the matmul setting as it found it."""
     torch.backends.cudnn.conv.fp32_precision = "tf32"
-    torch.backends.cudnn.rnn.fp32_precision = "ieee"
+    common.cudnn_rnn_setting().fp32_precision = "ieee"
     matmul_before = torch.backends.cuda.matmul.fp32_precision
     inputs = make_inputs("GRU", 3, 4, 5, 6, seed=9)
     ours, ref = layer_fns("GRU")
@@ -283,7 +283,7 @@ def test_per_operator_tf32_settings_are_read_not_refused(fp32_precision_restored
     monkeypatch.setattr(launch, "interpreting", lambda: False)
     assert launch._fp32_dot_precision() == "ieee"
     torch.backends.cudnn.conv.fp32_precision = "ieee"
-    torch.backends.cudnn.rnn.fp32_precision = "tf32"
+    common.cudnn_rnn_setting().fp32_precision = "tf32"
     assert launch._fp32_dot_precision() == "tf32"
 
 
@@ -332,7 +332,7 @@ def test_torch_gemms_use_tf32_like_cudnn(monkeypatch, fp32_precision_restored, p
     """The launcher's cuBLAS GEMMs (projection, dx, dW_ih, dW_hh, and the step path's last
     dh_0 product) run on TF32 where cuDNN's RNN would for fp32 and always for 16-bit data,
     whatever torch's matmul setting (common.gemms_use_tf32), which is left as it was."""
-    torch.backends.cudnn.rnn.fp32_precision = rnn
+    common.cudnn_rnn_setting().fp32_precision = rnn
     torch.backends.cuda.matmul.fp32_precision = "ieee" if want == "tf32" else "tf32"
     before = torch.backends.cuda.matmul.fp32_precision
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[dt]
