@@ -160,7 +160,12 @@ def native_backtrace(case: int, timeout: float = 75) -> str:
         return f"({os.path.basename(gdb)} took over {timeout:.0f} s: no backtrace)"
     text = out.stdout + out.stderr
     at = text.find("received signal")
-    return (text[at - 200 if at > 200 else 0:] if at >= 0 else text)[-6000:]
+    if at < 0:
+        return text[-6000:]  # no signal: gdb's own complaint, if any, is at the end
+    # From just before the signal line: that line, then the innermost frames first. A frame of
+    # a library with debug information (source paths, arguments) can take 300 characters, so
+    # the cap keeps the head, never the tail (the outermost frames: main, _start).
+    return text[max(at - 200, 0):][:6000]
 
 
 def _child_env() -> dict:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import re
 import shutil
+import subprocess
 import sys
 from pathlib import Path
 
@@ -56,6 +57,27 @@ def test_the_crashed_case_gets_a_native_backtrace(fake_child):
     assert "SIGSEGV" in trace, trace
     assert "#0" in trace and "string_at" in trace, trace
 
+
+
+def test_a_long_backtrace_keeps_the_signal_and_the_innermost_frames(monkeypatch):
+    """Frames with debug information run to hundreds of characters each (pyenv's Python 3.10
+    under gdb: 40 frames past 6000), so the capped trace keeps its head, the signal line and
+    frame #0, not the outermost frames. No debugger needed: gdb's output is made up."""
+    frames = "".join(f"#{i:<2} 0x{i:016x} in frame_{i} (arg=0x0) at /a/long/source/path/"
+                     f"{'x' * 200}.c:{i}\n" for i in range(40))
+    gdb_out = ("[Thread debugging using libthread_db enabled]\n" * 5
+               + "\nProgram received signal SIGSEGV, Segmentation fault.\n" + frames)
+    monkeypatch.setattr(br.shutil, "which", lambda *a, **k: "/usr/bin/gdb")
+    monkeypatch.setattr(br.subprocess, "run", lambda *a, **k: subprocess.CompletedProcess(
+        a, -11, stdout=gdb_out, stderr=""))
+    trace = br.native_backtrace(3)
+    assert len(gdb_out) > 6200 and len(trace) <= 6000
+    assert "received signal SIGSEGV" in trace and "#0  0x" in trace and "frame_0 " in trace
+    assert "frame_39 " not in trace  # the tail is what gives way
+    # Without a signal in the output (gdb failed), its last 6000 characters, where gdb says why.
+    monkeypatch.setattr(br.subprocess, "run", lambda *a, **k: subprocess.CompletedProcess(
+        a, 1, stdout="y" * 7000, stderr="gdb: cannot run the program"))
+    assert br.native_backtrace(3).endswith("gdb: cannot run the program")
 
 def test_a_child_that_dies_before_its_first_case_is_run_once(monkeypatch, tmp_path):
     """A child that cannot start (an import error, the extension failing to load) fails every
