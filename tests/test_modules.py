@@ -565,6 +565,36 @@ def test_cell_meta_device_forward(cell, backend):
         assert [t.shape for t in got] == [t.shape for t in want]
 
 
+# ----------------------------------------------------------------------------- inference mode
+@pytest.mark.parametrize("backend", ["reference", "torch", "auto", "triton"])
+@pytest.mark.parametrize("step", [False, True], ids=["layer", "cell"])
+@pytest.mark.parametrize("cell", list(CELLS))
+def test_inference_mode_forward_then_training(cell, step, backend):
+    """Under ``torch.inference_mode`` (evaluation, sampling) every backend gives torch.nn's
+    outputs, inference tensors as torch.nn's are; the same module then trains with torch.nn's
+    gradients (nothing made in inference mode, a cached weight say, leaks into autograd)."""
+    kw = {} if step else {"num_layers": 2, "bidirectional": True}
+    ref, ours = make_pair(cell, 3, 4, backend=backend, step=step, **kw)
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn((2, 3) if step else (3, 2, 3), generator=g)
+
+    def outputs(out):
+        return [out] if isinstance(out, torch.Tensor) else outputs_of(out) if not step \
+            else list(out)
+
+    with torch.inference_mode():
+        got, want = outputs(ours(x)), outputs(ref(x))
+    assert_close_list(got, want, 2e-5, 1e-4, f"{cell} {backend} inference_mode")
+    assert [t.is_inference() for t in got] == [t.is_inference() for t in want] == [True] * len(want)
+
+    grads = []
+    for m in (ours, ref):
+        outs = outputs(m(x))
+        sum(t.square().sum() for t in outs).backward()
+        grads.append([p.grad for p in m.parameters()])
+    assert_close_list(*grads, 2e-5, 1e-4, f"{cell} {backend} gradients after inference_mode")
+
+
 def _outcome(method, *args):
     """What a call gives: its result, or the type of the error it raises."""
     try:

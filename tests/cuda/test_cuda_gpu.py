@@ -507,6 +507,42 @@ def test_nn_module_drop_in(monkeypatch, cell):
 
 
 @pytest.mark.parametrize("path", ["persistent", "step"])
+@pytest.mark.parametrize("cell", ["LSTM", "GRU", "RNN", "LSTMCell"])
+def test_inference_mode_gives_no_grads_outputs_then_trains(monkeypatch, cell, path):
+    """Under ``torch.inference_mode`` the modules run the kernels with nothing saved, as under
+    ``no_grad``: the same bits, as inference tensors; the module then trains as torch.nn does."""
+    monkeypatch.setenv("FUSED_RNN_CUDA_PATH", path)
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
+    torch.manual_seed(0)
+    nn_cls, our_cls = getattr(torch.nn, cell), getattr(fused_rnn, cell)
+    kw = {} if cell.endswith("Cell") else {"num_layers": 2}
+    ref = nn_cls(5, 12, **kw).to(DEVICE)
+    ours = our_cls(5, 12, **kw, backend="cuda").to(DEVICE)
+    ours.load_state_dict(ref.state_dict())
+    x = torch.randn((3, 5) if cell.endswith("Cell") else (4, 3, 5), device=DEVICE)
+
+    def outputs(out):
+        return [out] if isinstance(out, torch.Tensor) else [
+            t for o in out for t in (o if isinstance(o, tuple) else (o,))]
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)  # no fallback (if not warned before)
+        with torch.no_grad():
+            plain = outputs(ours(x))
+        with torch.inference_mode():
+            got = outputs(ours(x))
+    assert all(t.is_inference() for t in got)
+    for a, b in zip(got, plain, strict=True):
+        assert torch.equal(a, b)
+    grads = []
+    for m in (ours, ref):
+        sum(t.square().sum() for t in outputs(m(x))).backward()
+        grads.append([p.grad for p in m.parameters()])
+    for a, b in zip(*grads, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("path", ["persistent", "step"])
 @pytest.mark.parametrize("cell,case,proj,packed", non_finite_params(proj=False))
 def test_non_finite_values_go_where_torch_nn_puts_them(cell, case, proj, packed, path,
                                                        monkeypatch):
