@@ -572,7 +572,8 @@ def test_cell_meta_device_forward(cell, backend):
 def test_inference_mode_forward_then_training(cell, step, backend):
     """Under ``torch.inference_mode`` (evaluation, sampling) every backend gives torch.nn's
     outputs, inference tensors as torch.nn's are; the same module then trains with torch.nn's
-    gradients (nothing made in inference mode, a cached weight say, leaks into autograd)."""
+    gradients (nothing made in inference mode, a cached weight say, leaks into autograd). An
+    inference tensor fed to it then raises PyTorch's error, as torch.nn does."""
     kw = {} if step else {"num_layers": 2, "bidirectional": True}
     ref, ours = make_pair(cell, 3, 4, backend=backend, step=step, **kw)
     g = torch.Generator().manual_seed(2)
@@ -593,6 +594,11 @@ def test_inference_mode_forward_then_training(cell, step, backend):
         sum(t.square().sum() for t in outs).backward()
         grads.append([p.grad for p in m.parameters()])
     assert_close_list(*grads, 2e-5, 1e-4, f"{cell} {backend} gradients after inference_mode")
+    with torch.inference_mode():
+        x_inference = x.clone()
+    for m in (ours, ref):  # fed to a module that trains: PyTorch's own error, as torch.nn
+        with pytest.raises(RuntimeError, match="Inference tensors cannot be saved for backward"):
+            outputs(m(x_inference))
 
 
 def _outcome(method, *args):

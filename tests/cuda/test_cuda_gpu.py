@@ -540,6 +540,11 @@ def test_inference_mode_gives_no_grads_outputs_then_trains(monkeypatch, cell, pa
         grads.append([p.grad for p in m.parameters()])
     for a, b in zip(*grads, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+    with torch.inference_mode():
+        x_inference = x.clone()
+    for m in (ours, ref):  # fed to a module that trains: PyTorch's own error, as torch.nn
+        with pytest.raises(RuntimeError, match="Inference tensors cannot be saved for backward"):
+            m(x_inference)
 
 
 @pytest.mark.parametrize("path", ["persistent", "step"])
