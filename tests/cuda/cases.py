@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import fused_rnn.ops.cuda as cuda_backend
 from fused_rnn.ops.common import register_autocast, register_autocast_off
@@ -41,6 +42,51 @@ def install_standin(monkeypatch, ext):
         lambda kind, **cfg: real(kind, **{**cfg, "device": torch.device("cuda", 0)}),
     )
     return ext
+
+
+# The accuracy rule's floors (test_cuda_gpu.py's docstring): dtype name -> (outputs, gradients).
+FLOORS = {"fp32": (1e-5, 2e-5), "tf32": (5e-3, 1e-2), "bf16": (2e-2, 4e-2), "fp16": (3e-3, 6e-3)}
+
+
+def accuracy_floor(mode: str, dt: str, gradient: bool) -> float:
+    """The relative error a kernel's tensor may have against the float64 reference even where
+    the reference computed in ``dt`` has less (the rule: at most max(twice that, the floor))."""
+    if gradient and mode == "RNN_RELU" and dt == "tf32":
+        # relu' jumps at 0: a 10-bit-mantissa pre-activation flips some of its mask bits.
+        # The fp32 reference has no TF32 to compare with; fp16 (same mantissa) shows the
+        # reference's own gradient error at ~8e-2 on these inputs.
+        return 0.15
+    return FLOORS[dt][gradient]
+
+
+def round_to_tf32(t):
+    """fp32 values rounded to TF32's 10-bit mantissa (to nearest): the stand-in for cuBLAS's
+    TF32 GEMMs. Whether those round or truncate (PyTorch's notes: tensor cores read the first
+    10 mantissa bits) is not known here; the two differ by at most one TF32 ulp an operand.
+    Anything else comes back as it is."""
+    if not isinstance(t, torch.Tensor) or t.dtype != torch.float32:
+        return t
+    bits = t.contiguous().view(torch.int32)
+    return ((bits + 0x1000) & ~0x1FFF).view(torch.float32).view(t.shape)
+
+
+# aten's matrix products -> the positions of their two factors (addmm's first is the bias)
+_TF32_FACTORS = {torch.ops.aten.mm.default: (0, 1), torch.ops.aten.bmm.default: (0, 1),
+                 torch.ops.aten.mv.default: (0, 1), torch.ops.aten.addmm.default: (1, 2),
+                 torch.ops.aten.baddbmm.default: (1, 2), torch.ops.aten.addmv.default: (1, 2)}
+
+
+class TF32Matmuls(TorchDispatchMode):
+    """Inside, every fp32 matrix product on the CPU, forward and backward, takes its two
+    factors rounded to TF32 (``round_to_tf32``) and sums in fp32, as a GPU's TF32 tensor cores
+    do: for the reference, TF32 math throughout; for the CUDA backend on cudasim, its
+    time-parallel GEMMs as cuBLAS runs them there (cudasim rounds the recurrence itself)."""
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        factors = _TF32_FACTORS.get(func)
+        if factors is not None:
+            args = tuple(round_to_tf32(a) if i in factors else a for i, a in enumerate(args))
+        return func(*args, **(kwargs or {}))
 
 
 def rel(a: torch.Tensor, b: torch.Tensor) -> float:

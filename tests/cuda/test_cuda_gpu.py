@@ -34,7 +34,14 @@ import torch
 import training_checks
 from binding_refusals import BAD_BINDING_ARGS
 from binding_refusals import CASE_IDS as BINDING_CASE_IDS
-from cases import install_standin, layer_inputs, run_layer
+from cases import (
+    FLOORS,
+    accuracy_floor,
+    install_standin,
+    layer_inputs,
+    round_to_tf32,
+    run_layer,
+)
 from cases import rel as _rel
 from helpers import (
     check_non_finite_like_torch_nn,
@@ -159,10 +166,10 @@ def _persistent_unless_asked(monkeypatch):
 
 # dtype, cudnn.allow_tf32, floor for outputs, floor for gradients
 DTYPES = {
-    "fp32": (torch.float32, False, 1e-5, 2e-5),
-    "tf32": (torch.float32, True, 5e-3, 1e-2),
-    "bf16": (torch.bfloat16, False, 2e-2, 4e-2),
-    "fp16": (torch.float16, False, 3e-3, 6e-3),
+    "fp32": (torch.float32, False, *FLOORS["fp32"]),
+    "tf32": (torch.float32, True, *FLOORS["tf32"]),
+    "bf16": (torch.bfloat16, False, *FLOORS["bf16"]),
+    "fp16": (torch.float16, False, *FLOORS["fp16"]),
 }
 
 
@@ -264,7 +271,7 @@ def test_matches_reference(cuda_ext, monkeypatch, mode, dt, shape, variant):
     step = shape.endswith("-step")
     if STANDIN == "emulate" and step:
         pytest.skip("the emulation has no per-step path (cudasim runs its kernels)")
-    dtype, tf32, floor_out, floor_grad = DTYPES[dt]
+    dtype, tf32, _, _ = DTYPES[dt]
     monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", tf32)
     T, B, I, H, env = SHAPES[shape]
     for k, v in env.items():
@@ -304,24 +311,9 @@ def test_matches_reference(cuda_ext, monkeypatch, mode, dt, shape, variant):
     for i, (a, s, e) in enumerate(zip(ours, same, exact)):
         assert a.dtype == dtype and a.shape == e.shape
         assert torch.isfinite(a).all(), f"tensor {i} has non-finite values"
-        floor = floor_out if i < n_out else floor_grad
-        if mode == "RNN_RELU" and dt == "tf32" and i >= n_out:
-            # relu' jumps at 0: a 10-bit-mantissa pre-activation flips some of its mask bits.
-            # The fp32 reference has no TF32 to compare with; fp16 (same mantissa) shows the
-            # reference's own gradient error at ~8e-2 on these inputs.
-            floor = 0.15
+        floor = accuracy_floor(mode, dt, gradient=i >= n_out)
         err, err_ref = _rel(a, e), _rel(s, e)
         assert err <= max(2 * err_ref, floor), (i, err, err_ref)
-
-
-def _round_to_tf32(t):
-    """fp32 values rounded to TF32's 10-bit mantissa (to nearest): the stand-in for cuBLAS's
-    TF32 GEMMs. Whether those round or truncate (PyTorch's notes: tensor cores read the first
-    10 mantissa bits) is not known here; the two differ by at most one TF32 ulp an operand."""
-    if not isinstance(t, torch.Tensor) or t.dtype != torch.float32:
-        return t
-    bits = t.contiguous().view(torch.int32)
-    return ((bits + 0x1000) & ~0x1FFF).view(torch.float32).view(t.shape)
 
 
 @pytest.mark.skipif(not STANDIN, reason="on a GPU cuBLAS rounds to TF32 itself")
@@ -338,7 +330,7 @@ def test_matches_reference_with_tf32_gemms(cuda_ext, monkeypatch, mode, dt):
             if common.gemm_fp32_precision() != "tf32":
                 return fn(*args)
             seen.append(fn)
-            return fn(*(_round_to_tf32(a) for a in args[:2]), *args[2:])
+            return fn(*(round_to_tf32(a) for a in args[:2]), *args[2:])
         return gemm
 
     monkeypatch.setattr(torch.nn.functional, "linear", tf32(torch.nn.functional.linear))
