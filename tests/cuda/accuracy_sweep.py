@@ -38,13 +38,12 @@ import torch
 from cases import (
     TF32Matmuls,
     accuracy_floor,
-    install_standin,
     layer_inputs,
     rel,
     run_layer,
 )
-from tsan_run import DTYPES, SETTINGS
-from tsan_sweep import STEP_THREADS, draw
+from tsan_run import DTYPES
+from tsan_sweep import STEP_THREADS, draw, install_case
 
 import fused_rnn.ops.cuda as cuda_backend
 from fused_rnn.ops import reference
@@ -63,27 +62,12 @@ def run_case(seed: int, layer=None, settings: dict | None = None) -> dict:
     ``layer``: what runs the case in place of the CUDA backend's ``rnn_layer`` (a test's
     deliberately wrong one); ``settings``: plan settings that replace the drawn ones (e.g.
     ``{"K_PARTS": "8"}``)."""
-    import simulate
-
     c = draw(seed)
     c["settings"].update(settings or {})
     dtype, tf32 = DTYPES[c["dtype"]]
     mp = pytest.MonkeyPatch()
     try:
-        sim = install_standin(mp, simulate.Simulator(
-            sms=c["sms"], order=c["order"], seed=seed, smem_optin=c["smem_kb"] * 1024,
-            smem_per_sm=(c["smem_kb"] + 1) * 1024, cp_async=c["cp_async"]))
-        for key in (*SETTINGS, "MAX_BLOCKS"):
-            mp.delenv(f"FUSED_RNN_CUDA_{key}", raising=False)
-        for key, value in c["settings"].items():
-            mp.setenv(f"FUSED_RNN_CUDA_{key}", value)
-        mp.setattr(torch.backends.cudnn, "allow_tf32", tf32)
-        why = cuda_backend.unsupported_reason(
-            "layer", mode=c["mode"], device=torch.device("cuda", 0), dtype=dtype,
-            input_size=c["I"], hidden_size=c["H"], proj_size=0, has_lengths=c["lengths"])
-        threads = -(-c["B"] * c["H"] // STEP_THREADS) * STEP_THREADS
-        if why is None and c["settings"].get("PATH") == "step" and threads > STEP_THREAD_LIMIT:
-            why = f"a step launch of {threads} threads, past cudasim's {STEP_THREAD_LIMIT}"
+        sim, why = install_case(c, seed, mp, "", (STEP_THREAD_LIMIT, "cudasim's"))
         if why is not None:
             return {"case": c, "refused": why}
         leaves, lens, cots = layer_inputs(c["mode"], c["T"], c["B"], c["I"], c["H"], seed,

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import ctypes
 import json
-import os
 import random
 import re
 import subprocess
@@ -80,13 +79,45 @@ def draw(seed: int) -> dict:
     return case
 
 
+def install_case(c: dict, seed: int, mp, sanitize: str, step_threads: tuple[int, str]):
+    """Case ``c`` (of ``draw(seed)``) set up through ``mp`` (pytest's MonkeyPatch): its simulated
+    device as the CUDA backend's stand-in (cudasim built with ``sanitize``), its plan settings
+    in the environment (none other), its TF32 flag. Returns the Simulator and why the backend
+    refuses the case, or None; ``step_threads``: (the most threads a step launch may have, whose
+    limit that is)."""
+    import simulate
+    import torch
+    from cases import install_standin
+    from tsan_run import DTYPES, SETTINGS
+
+    import fused_rnn.ops.cuda as cuda_backend
+
+    sim = install_standin(mp, simulate.Simulator(
+        sms=c["sms"], order=c["order"], seed=seed, smem_optin=c["smem_kb"] * 1024,
+        smem_per_sm=(c["smem_kb"] + 1) * 1024, sanitize=sanitize, cp_async=c["cp_async"]))
+    for key in (*SETTINGS, "MAX_BLOCKS"):
+        mp.delenv(f"FUSED_RNN_CUDA_{key}", raising=False)
+    for key, value in c["settings"].items():
+        mp.setenv(f"FUSED_RNN_CUDA_{key}", value)
+    dtype, tf32 = DTYPES[c["dtype"]]
+    mp.setattr(torch.backends.cudnn, "allow_tf32", tf32)
+    why = cuda_backend.unsupported_reason(
+        "layer", mode=c["mode"], device=torch.device("cuda", 0), dtype=dtype,
+        input_size=c["I"], hidden_size=c["H"], proj_size=0, has_lengths=c["lengths"])
+    threads = -(-c["B"] * c["H"] // STEP_THREADS) * STEP_THREADS
+    limit, whose = step_threads
+    if why is None and c["settings"].get("PATH") == "step" and threads > limit:
+        why = f"a step launch of {threads} threads, past {whose} {limit}"
+    return sim, why
+
+
 def run_cases(first: int, count: int) -> None:
     """In a process under TSan: the cases, one ``start``/``done``/``refused`` line each."""
     sys.path[:0] = [str(HERE), str(HERE.parent)]
-    import simulate
+    import pytest
     import torch
-    from cases import blockings, install_standin, layer_inputs, rel, run_layer
-    from tsan_run import DTYPES, SETTINGS, _Setattr
+    from cases import blockings, layer_inputs, rel, run_layer
+    from tsan_run import DTYPES
 
     import fused_rnn.ops.cuda as cuda_backend
     from fused_rnn.ops import reference
@@ -94,23 +125,13 @@ def run_cases(first: int, count: int) -> None:
     if not hasattr(ctypes.CDLL(None), "__tsan_init"):
         raise SystemExit("ThreadSanitizer is not loaded: run this file without --child")
     torch.set_num_threads(1)
+    mp = pytest.MonkeyPatch()  # each case's setup replaces the last one's; never undone
     for seed in range(first, first + count):
         c = draw(seed)
         print(f"start {seed} {json.dumps(c)}", flush=True)
-        sim = install_standin(_Setattr(), simulate.Simulator(
-            sms=c["sms"], order=c["order"], seed=seed, smem_optin=c["smem_kb"] * 1024,
-            smem_per_sm=(c["smem_kb"] + 1) * 1024, sanitize="thread", cp_async=c["cp_async"]))
-        for key in (*SETTINGS, "MAX_BLOCKS"):
-            os.environ.pop(f"FUSED_RNN_CUDA_{key}", None)
-        os.environ.update({f"FUSED_RNN_CUDA_{k}": v for k, v in c["settings"].items()})
-        dtype, tf32 = DTYPES[c["dtype"]]
-        torch.backends.cudnn.allow_tf32 = tf32
-        why = cuda_backend.unsupported_reason(
-            "layer", mode=c["mode"], device=torch.device("cuda", 0), dtype=dtype,
-            input_size=c["I"], hidden_size=c["H"], proj_size=0, has_lengths=c["lengths"])
-        threads = -(-c["B"] * c["H"] // STEP_THREADS) * STEP_THREADS
-        if why is None and c["settings"].get("PATH") == "step" and threads > TSAN_THREADS:
-            why = f"a step launch of {threads} threads, past TSan's {TSAN_THREADS}"
+        mp.undo()
+        sim, why = install_case(c, seed, mp, "thread", (TSAN_THREADS, "TSan's"))
+        dtype, _ = DTYPES[c["dtype"]]
         if why is not None:
             print(f"refused {seed} {why}", flush=True)
             continue
