@@ -213,7 +213,8 @@ def _assert_plan_named(shape: str, plans: list[dict]) -> None:
 PLAN_KEYS = ("groups", "stage_k", "blocks", "parts", "cluster")
 
 
-def _mirror_plans(mode, dtype, tf32, batch, hidden, device_info) -> list[dict]:
+def _mirror_plans(mode, dtype, tf32, batch, hidden, device_info,
+                  keys: tuple[str, ...] = PLAN_KEYS) -> list[dict]:
     """The forward and backward plans of a call under the current settings, from plan.py (the
     mirror of plan.h's choose_launch, checked against it on a GPU by
     test_plan_matches_python_mirror) for a device of ``device_info`` (the extension's: SMs,
@@ -228,7 +229,7 @@ def _mirror_plans(mode, dtype, tf32, batch, hidden, device_info) -> list[dict]:
                                 smem, b_pad, ops.max_groups(), ops.max_stage_k(), ops.k_parts(),
                                 ops.max_blocks(), ops.cluster(), ops.team_clusters(), major >= 9,
                                 ops.cluster_exchange_dsmem())
-        plans.append({k: getattr(pl, k) for k in PLAN_KEYS})
+        plans.append({k: getattr(pl, k) for k in keys})
     return plans
 
 
@@ -581,6 +582,52 @@ def test_an_inf_recurrent_weight_reaches_no_padding_step(path, monkeypatch):
     for a, e in zip(*reversed(grads), strict=True):
         assert torch.isfinite(e).all()
         torch.testing.assert_close(a, e, atol=1e-5, rtol=1e-4)
+
+
+# H=44 splits K unevenly over a team of two in both directions: forward K = 44 (padded to 48)
+# in ranks of 32 and 16 columns, backward K = G*H (48, 144 or 176) alike.
+UNEVEN_PARTS = {**UNGROUPED, "FUSED_RNN_CUDA_K_PARTS": "2", "FUSED_RNN_CUDA_MAX_BLOCKS": "8"}
+
+
+@pytest.mark.parametrize("where", ["h0", "dy"])
+@pytest.mark.parametrize("mode", MODES)
+def test_a_non_finite_row_stays_in_its_row_under_uneven_k_parts(cuda_ext, monkeypatch, mode,
+                                                                 where):
+    """Batch rows are independent: an inf in one row's h0 (read by the forward's first step) or
+    in its output's gradient (the backward's dgates) leaves every other row's outputs and
+    gradients as the reference has them. The last rank of a K-parts team multiplies a shorter
+    K range (block_state's klen); were it to take a whole part, its columns past the end of a
+    row of the exchange buffer would be the next row's, times zero columns of W_hh, and
+    0 * inf = NaN would reach a finite row. Finite values there add zeros, so no accuracy test
+    can tell."""
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
+    for k, v in UNEVEN_PARTS.items():
+        monkeypatch.setenv(k, v)
+    T, B, I, H = 3, 3, 4, 44
+    leaves, _, cots = _inputs(mode, T, B, I, H, torch.float32, 0, False)
+    if where == "h0":
+        leaves[1][1, 0] = float("inf")
+    else:
+        cots[0][1, 1, 0] = float("inf")
+    before = len(cuda_ext.launches) if STANDIN == "sim" else 0
+    ours = _run(cuda_backend.rnn_layer, mode, leaves, torch.float32, None, False, cots)
+    if STANDIN == "sim":
+        plans = [pl for _, _, pl in cuda_ext.launches[before:]]
+    else:
+        info = cuda_ext.device_info(0 if STANDIN else torch.cuda.current_device())
+        plans = _mirror_plans(mode, torch.float32, False, B, H, info, ("parts", "k_part", "k_pad"))
+    assert len(plans) == 2 and all(
+        pl["parts"] == 2 and 2 * pl["k_part"] > pl["k_pad"] for pl in plans), plans
+    exact = _run(reference.rnn_layer, mode, leaves, torch.float64, None, False, cots)
+    # The tensors with a batch dimension (y, h_n, c_n, dx, dh0, dc0) and where it is.
+    n_out = 3 if mode == "LSTM" else 2
+    batch_dims = [1] + [0] * (n_out - 1) + [1] + [0] * (n_out - 1)
+    for i, dim in enumerate(batch_dims):
+        for row in (0, 2):
+            a, e = ours[i].select(dim, row), exact[i].select(dim, row).float()
+            assert torch.isfinite(e).all(), (i, row)
+            torch.testing.assert_close(a, e, rtol=1e-4, atol=1e-5,
+                                       msg=lambda m, i=i, row=row: f"tensor {i}, row {row}: {m}")
 
 
 def test_projection_falls_back_with_a_reason():
