@@ -3,11 +3,16 @@ argument each, in child processes: a check that crashes instead of raising (seen
 H200, torch 2.11: a segmentation fault on the first refusal) costs its own case, not the pytest
 run and every GPU test after it.
 
-``python binding_refusals.py FIRST`` runs cases FIRST.. in order and prints one JSON line per
-event: ``{"start": i}`` before case i, then ``{"case": i, ...}`` with what happened: the valid
+``python binding_refusals.py FIRST LAST`` runs cases FIRST..LAST-1 in order and prints one JSON
+line per event: ``{"start": i}`` before case i, then ``{"case": i, ...}`` with what happened: the valid
 call's failure, or the bad call's exception type and message (or that it returned). The parent
 (:func:`run_cases`) starts a child again after the case a child died in, and for the first
 such case runs that case alone under cuda-gdb (where there is one) for a native backtrace.
+
+With ``host`` set (the children see it in ``FUSED_RNN_REFUSALS_HOST``) the same cases run
+against binding.cpp compiled for the CPU (``host_binding.py``), on CPU tensors: no GPU needed;
+``host="address"`` with the binding and the kernels under AddressSanitizer (the caller's
+environment must preload it: ``simulate.sanitizer_env``), ``host="plain"`` without.
 """
 
 from __future__ import annotations
@@ -25,19 +30,23 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(os.path.dirname(HERE))
 
 
-def binding_args(mode, T=3, B=2, H=20, dtype=torch.float16):
+HOST_ENV = "FUSED_RNN_REFUSALS_HOST"
+
+
+def binding_args(mode, T=3, B=2, H=20, dtype=torch.float16, device="cuda"):
     """A valid (forward kwargs, backward kwargs) pair for the extension's own functions, on
-    the GPU: what ``ops.py`` hands them, before any check of ours."""
+    ``device`` (the GPU; the CPU for the host build): what ``ops.py`` hands them, before any
+    check of ours."""
     from fused_rnn.ops.cuda import ops
 
-    G = {"LSTM": 4, "GRU": 3, "RNN_TANH": 1}[mode]
+    G = {"LSTM": 4, "GRU": 3, "RNN_TANH": 1, "RNN_RELU": 1}[mode]
 
     def z(*shape, dt=torch.float32):
-        return torch.zeros(shape, device="cuda", dtype=dt)
+        return torch.zeros(shape, device=device, dtype=dt)
 
     lstm, gru = mode == "LSTM", mode == "GRU"
     common = {"w_hh": z(G * H, H, dt=dtype), "reverse": False, "allow_tf32": False,
-              "lengths": torch.full((B,), T, device="cuda", dtype=torch.int32),
+              "lengths": torch.full((B,), T, device=device, dtype=torch.int32),
               "max_groups": 1, "max_stage_k": 0}
     fwd = {"mode": ops.CELLS[mode], "xproj": z(T, B, G * H), "h0": z(B, H, dt=dtype),
            "c0": z(B, H, dt=dtype) if lstm else None, "b_hh": z(G * H), "save": True, **common}
@@ -48,7 +57,8 @@ def binding_args(mode, T=3, B=2, H=20, dtype=torch.float16):
     return fwd, bwd
 
 
-# (cell, "forward"/"backward", argument, a bad value (from the valid args), what the error says)
+# (cell, "forward"/"backward", argument, a bad value (from the valid args), what the error says:
+# a literal part of its message)
 BAD_BINDING_ARGS = [
     ("LSTM", "forward", "w_hh", lambda a: a["w_hh"][:-1], "w_hh must have shape"),
     ("LSTM", "forward", "h0", lambda a: a["h0"].t().contiguous().t(), "h0 must be contiguous"),
@@ -58,7 +68,9 @@ BAD_BINDING_ARGS = [
     ("LSTM", "forward", "b_ih", lambda a: a["b_hh"][:-1], "b_ih must have shape"),
     ("GRU", "forward", "w_hh", lambda a: a["w_hh"].float(), "w_hh must be"),
     ("RNN_TANH", "forward", "lengths", lambda a: a["lengths"].long(), "lengths must be"),
-    ("RNN_TANH", "forward", "h0", lambda a: a["h0"].cpu(), "h0 must be on"),
+    # on another device than the others: the CPU (on a GPU) or meta (the host build's)
+    ("RNN_TANH", "forward", "h0", lambda a: a["h0"].to("cpu" if a["h0"].is_cuda else "meta"),
+     "h0 must be on"),
     ("RNN_TANH", "forward", "mode", lambda a: 7, "mode code must be"),
     ("RNN_TANH", "forward", "h0", lambda a: a["h0"].double(), "float32, float16 or bfloat16"),
     ("LSTM", "backward", "dc_n", lambda a: None, "dc_n is required for LSTM"),
@@ -76,6 +88,21 @@ BAD_BINDING_ARGS = [
      "frag_loads must be 0 (shared), 1 (generic) or 2 (mma), got 3"),
     ("LSTM", "backward", "frag_loads", lambda a: -1,
      "frag_loads must be 0 (shared), 1 (generic) or 2 (mma), got -1"),
+    # a 16-bit storage type for another of the same size
+    ("LSTM", "forward", "w_hh", lambda a: a["w_hh"].bfloat16(), "w_hh must be Half, got BFloat16"),
+    ("GRU", "backward", "hprev", lambda a: a["hprev"].bfloat16(), "hprev must be Half, got BFloat16"),
+    # the launch settings ops.py checks first (plan.h takes them as they come)
+    ("LSTM", "forward", "max_groups", lambda a: 0, "max_groups must be >= 1, got 0"),
+    ("GRU", "backward", "max_stage_k", lambda a: -1, "max_stage_k must be >= 0, got -1"),
+    ("RNN_TANH", "forward", "k_parts", lambda a: -1, "k_parts must be >= 0 (0: auto), got -1"),
+    ("LSTM", "backward", "max_blocks", lambda a: -2,
+     "max_blocks must be >= 0 (0: one block per SM), got -2"),
+    ("GRU", "forward", "cluster", lambda a: 17, "cluster must be 0 (off) or 1..16 blocks, got 17"),
+    ("RNN_RELU", "backward", "stage_copy", lambda a: 3, "stage_copy must be 0 (registers), 1"),
+    ("LSTM", "forward", "prof", lambda a: torch.zeros(1, dtype=torch.int64, device=a["h0"].device),
+     "prof needs"),
+    ("GRU", "backward", "prof", lambda a: torch.zeros(4096, device=a["dy"].device),
+     "prof must be a contiguous int64 tensor on"),
     # The per-step path's entry points check their tensors as forward and backward do.
     ("LSTM", "forward_steps", "w_hh", lambda a: a["w_hh"][:-1], "w_hh must have shape"),
     ("GRU", "forward_steps", "b_hh", lambda a: a["b_hh"].half(), "b_hh must be"),
@@ -97,20 +124,27 @@ def _emit(**event) -> None:
 
 def run_in_child(first: int, last: int) -> None:
     """Cases first..last-1 in this process (the child's side)."""
-    from fused_rnn.ops.cuda import _ext
+    host = os.environ.get(HOST_ENV, "")
+    if host:
+        from host_binding import HostBinding
 
-    ext = _ext.extension()
+        ext, device = HostBinding(sms=8, sanitize="" if host == "plain" else host), "cpu"
+    else:
+        from fused_rnn.ops.cuda import _ext
+
+        ext, device = _ext.extension(), "cuda"
     for i in range(first, last):
         cell, fn, arg, bad, _ = BAD_BINDING_ARGS[i]
         _emit(start=i)
-        fwd, bwd = binding_args(cell)
+        fwd, bwd = binding_args(cell, device=device)
         call = getattr(ext, fn)
         kwargs = fwd if fn.startswith("forward") else bwd
         if fn in STEP_ARGS:
             kwargs = {k: v for k, v in kwargs.items() if k in STEP_ARGS[fn]}
         try:
             call(**kwargs)
-            torch.cuda.synchronize()
+            if device == "cuda":
+                torch.cuda.synchronize()
         except Exception as e:  # the valid call must run: said, not raised
             _emit(case=i, valid_failed=f"{type(e).__name__}: {e}")
             continue
@@ -135,7 +169,7 @@ def _how_it_died(returncode: int) -> str:
     return f"exited with code {returncode}"
 
 
-def native_backtrace(case: int, timeout: float = 75) -> str:
+def native_backtrace(case: int, timeout: float = 75, host: str = "") -> str:
     """Case ``case`` alone under cuda-gdb (or gdb) in batch mode: the native stack where it
     stops on a signal. Symbols (and so unwind tables) only of the libraries that can be on that
     stack, not libtorch_cuda's or the CUDA libraries' (hundreds of MB to read); ``_ctypes`` and
@@ -147,7 +181,7 @@ def native_backtrace(case: int, timeout: float = 75) -> str:
     if gdb is None:
         return "(no cuda-gdb or gdb on PATH: no native backtrace)"
     libs = ["fused_rnn", r"libc10\.so", "libtorch_cpu", "libtorch_python", r"libtorch\.so",
-            "libstdc", "libgcc", "libpython", r"libc\.so", "_ctypes", "libffi"]
+            "libstdc", "libgcc", "libpython", r"libc\.so", "_ctypes", "libffi", "libcudasim"]
     cmd = [gdb, "-batch", "-nx", "-ex", "set auto-solib-add off", "-ex", "set pagination off",
            "-ex", "run"]
     for lib in libs:
@@ -155,7 +189,7 @@ def native_backtrace(case: int, timeout: float = 75) -> str:
     cmd += ["-ex", "bt 40", "--args", *_child_command(case, case + 1)]
     try:
         out = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout,
-                             env=_child_env(), cwd=ROOT, check=False)
+                             env=_child_env(host), cwd=ROOT, check=False)
     except subprocess.TimeoutExpired:
         return f"({os.path.basename(gdb)} took over {timeout:.0f} s: no backtrace)"
     text = out.stdout + out.stderr
@@ -168,21 +202,24 @@ def native_backtrace(case: int, timeout: float = 75) -> str:
     return text[max(at - 200, 0):][:6000]
 
 
-def _child_env() -> dict:
+def _child_env(host: str = "") -> dict:
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(p for p in (ROOT, HERE, env.get("PYTHONPATH")) if p)
+    env[HOST_ENV] = host
     return env
 
 
-def run_cases(timeout: float = 240) -> dict[int, dict]:
+def run_cases(timeout: float = 240, host: str = "") -> dict[int, dict]:
     """Every case, in child processes: {case: its event}; a case its child died in is
-    ``{"case": i, "died": how, "stderr": tail}``, the first such with ``"backtrace"``."""
+    ``{"case": i, "died": how, "stderr": tail}``, the first such with ``"backtrace"``.
+    ``host`` ("plain" or "address"): against the host build of binding.cpp (CPU tensors),
+    not the extension."""
     results: dict[int, dict] = {}
     first, n = 0, len(BAD_BINDING_ARGS)
     backtrace_taken = False
     while first < n:
         proc = subprocess.run(_child_command(first, n), capture_output=True, text=True,
-                              timeout=timeout, env=_child_env(), cwd=ROOT, check=False)
+                              timeout=timeout, env=_child_env(host), cwd=ROOT, check=False)
         started = None
         for line in proc.stdout.splitlines():
             if not line.startswith("{"):
@@ -204,7 +241,7 @@ def run_cases(timeout: float = 240) -> dict[int, dict]:
                          "stderr": proc.stderr[-3000:]}
         if not backtrace_taken:
             backtrace_taken = True
-            results[dead]["backtrace"] = native_backtrace(dead)
+            results[dead]["backtrace"] = native_backtrace(dead, host=host)
         first = dead + 1
     return results
 

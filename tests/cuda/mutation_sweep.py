@@ -1,17 +1,23 @@
-"""Mutants of the CUDA kernels, each run against the tests that should catch it: whether a clean
-run of the cudasim tests means something. By hand after changing ``csrc/`` (not in the suite):
+"""Mutants of the CUDA kernels and of their binding, each run against the tests that should catch
+it: whether a clean run of the cudasim tests means something. By hand after changing ``csrc/``
+(not in the suite):
 
     python tests/cuda/mutation_sweep.py [--full] [NAME ...]
 
-A mutant is one textual change to one kernel source (MUTANTS: a wrong index, bound, guard, sum,
-rounding or barrier). Each is applied to a copy of the checkout (the files git lists; the
-tests read the ``csrc/`` beside them), built on cudasim, and run against:
+A mutant is one textual change to one source of ``csrc/`` (MUTANTS: a wrong index, bound,
+guard, sum, rounding or barrier in a kernel; a wrong allocation, parameter or check in
+binding.cpp). Each is applied to a copy of the checkout (the files git lists; the tests read
+the ``csrc/`` beside them), built on cudasim, and run against:
 
-1. ``test_accuracy_sweep.py`` (about 20 s with the build): random plans held to the accuracy
-   rule. Most mutants fail it.
+1. A kernel's: ``test_accuracy_sweep.py`` (about 20 s with the build): random plans held to
+   the accuracy rule. Most mutants fail it. binding.cpp's: its host build (host_binding.py)
+   in ``test_host_binding.py`` and behind ``test_cuda_gpu.py`` (a build of 25 s, then about two
+   minutes).
 2. With ``--full``, for the mutants marked ``caught_by="suite"`` (those the sweep lets through):
    ``test_cuda_gpu.py`` on cudasim, then ``test_cuda_sim.py`` (thread orders, TSan, ASan,
    the emulation's rounding points), stopping at the first failure; up to ten minutes each.
+   binding.cpp's marked ``caught_by="asan"``: ``test_cuda_sim.py``'s AddressSanitizer case,
+   binding and kernels instrumented.
 
 One line a mutant: caught (and where), or survived. Exit code 1 if a mutant survived what
 should catch it, was caught where it is marked ``equivalent`` (then its reason is wrong), or
@@ -33,6 +39,7 @@ from typing import NamedTuple
 
 ROOT = Path(__file__).resolve().parents[2]
 COMMON, FORWARD, BACKWARD = "rnn_common.cuh", "rnn_forward.cu", "rnn_backward.cu"
+BINDING = "binding.cpp"
 
 
 class Mutant(NamedTuple):
@@ -41,8 +48,15 @@ class Mutant(NamedTuple):
     what: str
     old: str  # stands exactly once in the file
     new: str
-    caught_by: str = "sweep"  # "sweep": test_accuracy_sweep.py; "suite": the cudasim test files
+    # the kernels': "sweep" (test_accuracy_sweep.py) or "suite" (the cudasim test files);
+    # binding.cpp's: "binding" (BINDING_TESTS) or "asan" (ASAN)
+    caught_by: str = "sweep"
     equivalent: str = ""  # why no result can show it (then nothing is expected to catch it)
+
+
+def _binding(name: str, what: str, old: str, new: str, caught_by: str = "binding",
+             equivalent: str = "") -> Mutant:
+    return Mutant(name, BINDING, what, old, new, caught_by, equivalent)
 
 
 MUTANTS = [
@@ -313,10 +327,107 @@ MUTANTS = [
            "v[i] = load(r < rows ? r : 0, c);",
            "v[i] = load(r < rows ? r : rows - 1, c);",
            equivalent="a row past the slice is read only to keep the loads uniform, never stored"),
+    # ---- binding.cpp: its checks, allocations, params and per-step loops (the host build)
+    _binding("b_hbuf_rows", "the forward exchange buffer without the padding rows",
+           "at::Tensor hbuf = at::zeros({2, B_pad, plan.k_pad}, h0.options());",
+           "at::Tensor hbuf = at::zeros({2, c.B, plan.k_pad}, h0.options());",
+           caught_by="asan"),
+    _binding("b_hbuf_ld", "the forward exchange buffer's rows H wide, not k_pad",
+           "at::Tensor hbuf = at::zeros({2, B_pad, plan.k_pad}, h0.options());",
+           "at::Tensor hbuf = at::zeros({2, B_pad, c.H}, h0.options());"),
+    _binding("b_hbuf_empty", "the forward exchange buffer not zeroed",
+           "at::Tensor hbuf = at::zeros({2, B_pad, plan.k_pad}, h0.options());",
+           "at::Tensor hbuf = at::empty({2, B_pad, plan.k_pad}, h0.options());"),
+    _binding("b_dgbuf_empty", "the backward exchange buffer not zeroed",
+           "at::Tensor dgbuf = at::zeros({2, B_pad, plan.k_pad}, dy.options());",
+           "at::Tensor dgbuf = at::empty({2, B_pad, plan.k_pad}, dy.options());"),
+    _binding("b_h0_slot", "h0 copied into the exchange buffer's second slot",
+           "hbuf[0].narrow(0, 0, c.B).narrow(1, 0, c.H).copy_(h0);",
+           "hbuf[1].narrow(0, 0, c.B).narrow(1, 0, c.H).copy_(h0);"),
+    _binding("b_hn_slot", "h_n read from the slot the last step did not write",
+           "at::Tensor h_n = hbuf[c.T % 2].narrow(0, 0, c.B)",
+           "at::Tensor h_n = hbuf[(c.T + 1) % 2].narrow(0, 0, c.B)"),
+    _binding("b_hn_view", "h_n a view of the exchange buffer, not a copy",
+           "at::Tensor h_n = hbuf[c.T % 2].narrow(0, 0, c.B).narrow(1, 0, c.H).clone(\n"
+           "      at::MemoryFormat::Contiguous);",
+           "at::Tensor h_n = hbuf[c.T % 2].narrow(0, 0, c.B).narrow(1, 0, c.H).contiguous();"),
+    _binding("b_c0_alias", "the kernels' cell state written into an fp32 c0 in place",
+           "c0->to(at::kFloat).contiguous().clone()",
+           "c0->to(at::kFloat).contiguous()"),
+    _binding("b_dh_alias", "the carried dh written into the caller's dh_n in place",
+           "o.dh_carry = dh_n.clone();",
+           "o.dh_carry = dh_n;"),
+    _binding("b_dc_from_dh", "LSTM's carried dc starts from dh_n",
+           "o.dc_carry = c.cell == Cell::kLSTM ? dc_n->clone()",
+           "o.dc_carry = c.cell == Cell::kLSTM ? dh_n.clone()"),
+    _binding("b_aux_gru", "GRU's forward saves no aux (W_hn h + b_hn)",
+           "o.has_aux = save && (c.cell == Cell::kLSTM || c.cell == Cell::kGRU);",
+           "o.has_aux = save && c.cell == Cell::kLSTM;"),
+    _binding("b_fwd_lengths", "the forward ignores lengths",
+           "p.lengths = lengths_ptr(lengths, c.dev, c.B);\n  p.xproj",
+           "p.lengths = nullptr;\n  p.xproj"),
+    _binding("b_bwd_lengths", "the backward ignores lengths",
+           "p.lengths = lengths_ptr(lengths, c.dev, c.B);\n  p.dy",
+           "p.lengths = nullptr;\n  p.dy"),
+    _binding("b_bwd_forward", "the backward runs forward in time for a reversed layer",
+           "p.reverse = reverse;\n  p.w_hh",
+           "p.reverse = false;\n  p.w_hh"),
+    _binding("b_b_ih_drop", "b_ih handed to the forward kernel dropped",
+           "p.b_ih = (b_ih.has_value() && b_ih->defined()) ? b_ih->data_ptr<float>() : nullptr;",
+           "p.b_ih = nullptr;"),
+    _binding("b_hprev_drop", "GRU's backward without h_{t-1}",
+           "p.hprev = gru ? hprev->data_ptr() : nullptr;",
+           "p.hprev = nullptr;"),
+    _binding("b_no_parts_buffer", "no buffer for the K parts' partial sums",
+           "  if (plan.parts == 1) return at::Tensor();",
+           "  return at::Tensor();"),
+    _binding("b_no_cluster", "the plan's cluster mode not handed to the launch",
+           "p.cluster = cluster_mode;",
+           "p.cluster = fused_rnn::kClusterNone;"),
+    _binding("b_steps_wt", "the per-step forward multiplies by W_hh, not its transpose",
+           "const at::Tensor wt = w_hh.t(), h_in[2]",
+           "const at::Tensor wt = w_hh, h_in[2]"),
+    _binding("b_steps_slot", "the per-step forward's GEMM reads the slot being written",
+           "step_mm(rec, h_in[s % 2], wt);",
+           "step_mm(rec, h_in[(s + 1) % 2], wt);"),
+    _binding("b_steps_bwd_short", "the per-step backward stops before its last launch",
+           "for (int64_t s = 0; s <= c.T; ++s) {",
+           "for (int64_t s = 0; s < c.T; ++s) {"),
+    _binding("b_steps_bpad", "the per-step forward leaves batch_pad unset (0)",
+           "  p.batch_pad = static_cast<int>(c.B);\n  at::Tensor rec = at::empty({c.B, c.G * c.H}",
+           "  at::Tensor rec = at::empty({c.B, c.G * c.H}"),
+    _binding("b_tile_range", "tile_block takes 3",
+           "TORCH_CHECK(tiles == 1 || tiles == 2 || tiles == 4,",
+           "TORCH_CHECK(tiles >= 1 && tiles <= 4,"),
+    _binding("b_no_contiguity", "the tensor check lets a non-contiguous tensor through",
+           "TORCH_CHECK(t.is_contiguous(),",
+           "TORCH_CHECK(t.is_contiguous() || t.dim() == 2,"),
+    _binding("b_numel_shape", "the tensor check compares element counts, not shapes",
+           "TORCH_CHECK(t.sizes() == shape,",
+           "TORCH_CHECK(t.numel() == c10::multiply_integers(shape),"),
+    _binding("b_dtype_size", "the tensor check compares element sizes, not dtypes",
+           "TORCH_CHECK(t.scalar_type() == dtype,",
+           "TORCH_CHECK(c10::elementSize(t.scalar_type()) == c10::elementSize(dtype),"),
+    _binding("b_device_type", "the tensor check compares device types, not devices",
+           "TORCH_CHECK(t.device() == dev,",
+           "TORCH_CHECK(t.device().type() == dev.type(),",
+           equivalent="only a second device of the same type can show it: cudasim has one, and "
+                      "the GPU tests' second-device case needs two GPUs"),
+    _binding("b_cluster_cap", "cluster takes any positive size",
+           "TORCH_CHECK(cluster >= 0 && cluster <= 16,",
+           "TORCH_CHECK(cluster >= 0,"),
+    _binding("b_smem_backstop", "the shared-memory backstop takes twice the device's limit",
+           "TORCH_CHECK(plan.smem_bytes <= d.smem_optin,",
+           "TORCH_CHECK(plan.smem_bytes <= 2 * d.smem_optin,"),
 ]
 
 SWEEP = ["tests/cuda/test_accuracy_sweep.py"]
 SUITE = ["tests/cuda/test_cuda_gpu.py", "tests/cuda/test_cuda_sim.py"]
+# binding.cpp's mutants: its host build (host_binding.py) behind test_cuda_gpu.py (the default
+# stand-in there), its refusals included, and against its mirror; with --full, those marked
+# "asan" also run test_cuda_sim.py's AddressSanitizer case (the binding instrumented too).
+BINDING_TESTS = ["tests/cuda/test_host_binding.py", "tests/cuda/test_cuda_gpu.py"]
+ASAN = ["tests/cuda/test_cuda_sim.py::test_gpu_suite_under_address_sanitizer"]
 
 
 def apply(m: Mutant, csrc: Path) -> None:
@@ -349,29 +460,36 @@ def _pytest(tree: Path, files: list[str], env: dict) -> str | None:
                 f"pytest exit code {run.returncode}: {lines[-1] if lines else ''}")
 
 
+# Per file: (the quick stage's name, its tests, the build it needs), and (--full) the slow
+# stage's name and tests, for the mutants marked with it or equivalent.
+STAGES = {BINDING: (("binding", BINDING_TESTS, "import host_binding; host_binding.build()"),
+                    ("asan", ASAN))}
+KERNEL_STAGES = (("sweep", SWEEP, "import simulate; simulate.build()"), ("suite", SUITE))
+
+
 def run_mutant(m: Mutant, full: bool, work: Path) -> tuple[str, bool]:
     """(what happened, whether that is as the list says)."""
+    (quick, quick_tests, build_code), (slow, slow_tests) = STAGES.get(m.file, KERNEL_STAGES)
     tree = work / m.name
     try:
         _copy_checkout(tree)
         apply(m, tree / "csrc")
         env = dict(os.environ, OMP_NUM_THREADS="1")
-        build = subprocess.run([sys.executable, "-c", "import simulate; simulate.build()"],
-                               cwd=tree / "tests" / "cuda", env=env, capture_output=True,
-                               text=True, check=False)
+        build = subprocess.run([sys.executable, "-c", build_code], cwd=tree / "tests" / "cuda",
+                               env=env, capture_output=True, text=True, check=False)
         if build.returncode != 0:
             return "does not build", False
-        failed = _pytest(tree, SWEEP, env)
+        failed = _pytest(tree, quick_tests, env)
         if failed:
-            return f"caught by the sweep ({failed})", not m.equivalent
-        if m.caught_by == "sweep" and not m.equivalent:
-            return "SURVIVED the sweep", False
+            return f"caught by the {quick} tests ({failed})", not m.equivalent
+        if m.caught_by == quick and not m.equivalent:
+            return f"SURVIVED the {quick} tests", False
         if not full:
-            return ("survived the sweep (equivalent)" if m.equivalent
-                    else "survived the sweep (run --full)"), True
-        failed = _pytest(tree, SUITE, env)
+            return (f"survived the {quick} tests (equivalent)" if m.equivalent
+                    else f"survived the {quick} tests (run --full)"), True
+        failed = _pytest(tree, slow_tests, env)
         if failed:
-            return f"caught by the cudasim tests ({failed})", not m.equivalent
+            return f"caught by the {slow} tests ({failed})", not m.equivalent
         return ("survived (equivalent)", True) if m.equivalent else ("SURVIVED", False)
     finally:
         shutil.rmtree(tree, ignore_errors=True)

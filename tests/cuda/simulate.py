@@ -70,8 +70,9 @@ def unavailable_reason() -> str | None:
 
 
 def _sources(csrc: Path) -> list[Path]:
-    return sorted(SIM.rglob("*.h")) + sorted(SIM.glob("*.cpp")) + sorted(csrc.glob("*.cu*")) + [
-        csrc / "plan.h", csrc / "fused_rnn.h"]
+    # (not sim/host: the host build of the binding, host_binding.py, which links to this)
+    return sorted(SIM.glob("*.h")) + sorted((SIM / "include").glob("*.h")) + sorted(
+        SIM.glob("*.cpp")) + sorted(csrc.glob("*.cu*")) + [csrc / "plan.h", csrc / "fused_rnn.h"]
 
 
 def _compiler_env() -> dict[str, str]:

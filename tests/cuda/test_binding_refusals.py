@@ -38,7 +38,7 @@ def fake_child(monkeypatch):
 
 
 def test_a_crash_costs_its_case_only(fake_child, monkeypatch):
-    monkeypatch.setattr(br, "native_backtrace", lambda case: f"backtrace of {case}")
+    monkeypatch.setattr(br, "native_backtrace", lambda case, host="": f"backtrace of {case}")
     results = br.run_cases(timeout=120)
     assert sorted(results) == list(range(8))
     assert results[3]["died"] == "killed by SIGSEGV"
@@ -86,7 +86,7 @@ def test_a_child_that_dies_before_its_first_case_is_run_once(monkeypatch, tmp_pa
     script = (f"import sys; open({str(runs)!r}, 'a').write('x');"
               " sys.stderr.write('ImportError: no extension'); sys.exit(3)")
     monkeypatch.setattr(br, "_child_command", lambda first, last: [sys.executable, "-c", script])
-    monkeypatch.setattr(br, "native_backtrace", lambda case: pytest.fail("no crash to trace"))
+    monkeypatch.setattr(br, "native_backtrace", lambda case, host="": pytest.fail("no crash to trace"))
     results = br.run_cases(timeout=120)
     assert runs.read_text() == "x"
     assert sorted(results) == list(range(len(br.BAD_BINDING_ARGS)))

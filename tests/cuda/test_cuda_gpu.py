@@ -6,13 +6,18 @@ a skip.
 
 Without a GPU the same tests run on a CPU stand-in (the tests that need CUDA itself skip):
 
-* by default where g++ is on PATH (or ``FUSED_RNN_CUDA_SIM=1``) the kernels of ``csrc/``
-  themselves, compiled with g++ against cudasim (``simulate.py``, ``sim/``), every CUDA thread
-  of every launch executed (without g++ the default is ``0``, below);
-  ``FUSED_RNN_CUDA_SIM=asan`` does so with AddressSanitizer and UBSan (the process must start
-  with ``simulate.sanitizer_env("address")``; ``test_cuda_sim.py`` runs a part of this file
-  that way), ``FUSED_RNN_CUDA_SIM=tsan`` with the kernels under ThreadSanitizer (start with
-  ``simulate.sanitizer_env("thread")``; by hand: 330 of this file's cases took 15 minutes);
+* by default where g++ is on PATH the kernels of ``csrc/`` themselves, compiled with g++
+  against cudasim (``simulate.py``, ``sim/``), every CUDA thread of every launch executed,
+  behind ``csrc/binding.cpp`` itself, compiled for the CPU (``host_binding.py``;
+  ``FUSED_RNN_CUDA_SIM=binding``), or where that cannot build (no Python headers, say) behind
+  the binding's mirror in ``simulate.py`` (``FUSED_RNN_CUDA_SIM=1``); without g++ the default
+  is ``0``, below;
+  ``FUSED_RNN_CUDA_SIM=binding-asan`` runs binding.cpp and the kernels under AddressSanitizer
+  and UBSan (the process must start with ``simulate.sanitizer_env("address")``;
+  ``test_cuda_sim.py`` runs a part of this file that way), ``asan`` the kernels alone behind
+  the mirror, ``FUSED_RNN_CUDA_SIM=tsan`` the kernels under ThreadSanitizer behind the mirror
+  (start with ``simulate.sanitizer_env("thread")``; by hand: 330 of this file's cases took 15
+  minutes);
 * ``FUSED_RNN_CUDA_EMULATE=1``: their torch emulation (``emulate.py``) instead;
 * ``FUSED_RNN_CUDA_SIM=0``: nothing; the tests skip as GPU-only.
 
@@ -25,7 +30,6 @@ the recurrent dgates are a tensor-core operand in the storage dtype.
 from __future__ import annotations
 
 import os
-import re
 import shutil
 import warnings
 
@@ -58,25 +62,49 @@ from fused_rnn.ops.cuda import _ext, ops
 from fused_rnn.ops.cuda import plan as P
 from fused_rnn.ops.reference import MODES
 
+
+def _default_sim() -> str:
+    """Without a GPU: cudasim behind binding.cpp itself where it builds here, else behind its
+    mirror (simulate.py), else nothing (no g++)."""
+    if torch.cuda.is_available() or not shutil.which("g++"):
+        return "0"
+    from host_binding import unavailable_reason
+
+    return "binding" if unavailable_reason() is None else "1"
+
+
 # Without a GPU this file runs on cudasim unless told otherwise (FUSED_RNN_CUDA_SIM=0 skips it).
-SIM = os.environ.get(
-    "FUSED_RNN_CUDA_SIM", "0" if torch.cuda.is_available() or not shutil.which("g++") else "1"
-)
+SIM = os.environ.get("FUSED_RNN_CUDA_SIM") or _default_sim()
+# FUSED_RNN_CUDA_SIM -> (the cudasim build's sanitizer, whether binding.cpp itself runs)
+SIM_BUILDS = {"1": ("", False), "asan": ("address", False), "tsan": ("thread", False),
+              "binding": ("", True), "binding-asan": ("address", True)}
 EMULATE = os.environ.get("FUSED_RNN_CUDA_EMULATE", "0") == "1"
-STANDIN = "emulate" if EMULATE else "sim" if SIM in ("1", "asan", "tsan") else None
+STANDIN = "emulate" if EMULATE else "sim" if SIM in SIM_BUILDS else None
+HOST_BINDING = STANDIN == "sim" and SIM_BUILDS[SIM][1]
 DEVICE = "cpu" if STANDIN else "cuda"
 pytestmark = [] if STANDIN else [pytest.mark.gpu]
+if HOST_BINDING:  # the CPU's torch refuses the per-step 16-bit GEMM: the binding promotes
+    pytestmark.append(pytest.mark.filterwarnings(
+        "ignore:fused_rnn CUDA backend. torch refused the per-step path"))
 gpu_only = pytest.mark.skipif(STANDIN is not None, reason=f"needs a GPU (stand-in: {STANDIN})")
+
+
+def _sim_standin(**kwargs):
+    """The cudasim stand-in FUSED_RNN_CUDA_SIM names: ``simulate.Simulator`` (the binding's
+    mirror) or, for "binding*", ``host_binding.HostBinding`` (binding.cpp itself)."""
+    sanitize, binding = SIM_BUILDS[SIM]
+    if binding:
+        from host_binding import HostBinding as Standin
+    else:
+        from simulate import Simulator as Standin
+    return Standin(sanitize=sanitize, **kwargs)
 
 
 @pytest.fixture(autouse=True)
 def cuda_ext(monkeypatch):
     """The real extension (must load on a GPU machine), or a CPU stand-in (see above)."""
     if STANDIN == "sim":
-        from simulate import Simulator
-
-        sanitize = {"asan": "address", "tsan": "thread"}.get(SIM, "")
-        return install_standin(monkeypatch, Simulator(sms=8, sanitize=sanitize))
+        return install_standin(monkeypatch, _sim_standin(sms=8))
     if STANDIN == "emulate":
         from emulate import Emulator
 
@@ -289,9 +317,11 @@ def test_matches_reference(cuda_ext, monkeypatch, mode, dt, shape, variant):
         warnings.simplefilter("always")
         ours = _run(cuda_backend.rnn_layer, mode, leaves, dtype, lens, reverse, cots)
     # On a GPU: cuBLAS took the step GEMMs' 16-bit operands as they are (binding.cpp step_mm
-    # warns, once a process, where torch refused and it promoted them).
+    # warns, once a process, where torch refused and it promoted them). The host build's CPU
+    # torch has no 16-bit GEMM with an fp32 result, so there the binding always promotes
+    # (test_host_binding.py checks that fallback).
     refused = [str(w.message) for w in caught if "refused the per-step path" in str(w.message)]
-    assert not refused, refused
+    assert not refused or HOST_BINDING, refused
     if STANDIN == "sim" and step:  # the per-step loops ran, and nothing else
         assert [d for d, _, _ in cuda_ext.launches[before:]] == ["forward_steps",
                                                                  "backward_steps"]
@@ -411,11 +441,8 @@ def test_bitwise_reproducible(monkeypatch, mode, dt, path):
     leaves, lens, cots = _inputs(mode, 6, 37, 5, 29, dtype, 1, True)
     a = _run(cuda_backend.rnn_layer, mode, leaves, dtype, lens, True, cots)
     if STANDIN == "sim":
-        from simulate import Simulator
-
-        sanitize = {"asan": "address", "tsan": "thread"}.get(SIM, "")
-        install_standin(monkeypatch, Simulator(sms=8, sanitize=sanitize, order="shuffle", seed=3,
-                                               cp_async="early"))
+        install_standin(monkeypatch, _sim_standin(sms=8, order="shuffle", seed=3,
+                                                  cp_async="early"))
     b = _run(cuda_backend.rnn_layer, mode, leaves, dtype, lens, True, cots)
     for i, (u, v) in enumerate(zip(a, b)):
         assert torch.equal(u, v), f"tensor {i} differs between two identical runs"
@@ -750,13 +777,16 @@ def test_side_stream_and_second_device_guard():
 
 @pytest.fixture(scope="module")
 def binding_refusals():
-    """Every case of ``binding_refusals.BAD_BINDING_ARGS``, run in child processes."""
+    """Every case of ``binding_refusals.BAD_BINDING_ARGS``, run in child processes (against
+    the host build of binding.cpp on cudasim's "binding" stand-ins)."""
     from binding_refusals import run_cases
 
-    return run_cases()
+    return run_cases(host=(SIM_BUILDS[SIM][0] or "plain") if HOST_BINDING else "")
 
 
-@gpu_only
+@pytest.mark.skipif(STANDIN is not None and not HOST_BINDING,
+                    reason=f"needs a GPU or binding.cpp itself (stand-in: {STANDIN}, the "
+                           "binding's mirror: FUSED_RNN_CUDA_SIM=binding runs it)")
 @pytest.mark.timeout(600)  # the first case runs them all (and cuda-gdb, after a crash)
 @pytest.mark.parametrize("case", range(len(BAD_BINDING_ARGS)), ids=BINDING_CASE_IDS)
 def test_binding_refuses_what_its_kernels_cannot_take(binding_refusals, case):
@@ -772,7 +802,7 @@ def test_binding_refuses_what_its_kernels_cannot_take(binding_refusals, case):
         f"stderr:\n{got['stderr']}")
     assert "valid_failed" not in got, f"the valid call failed: {got['valid_failed']}"
     assert not got.get("returned"), "the bad call returned instead of raising"
-    assert got["raised"] == "RuntimeError" and re.search(says, got["message"]), got
+    assert got["raised"] == "RuntimeError" and says in got["message"], got
 
 
 @gpu_only

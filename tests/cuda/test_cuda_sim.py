@@ -29,6 +29,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import host_binding
 import pytest
 import torch
 from cases import blockings, install_standin, layer_inputs, rel, run_layer
@@ -201,10 +202,23 @@ def test_both_fiber_switches_give_the_same_bits(install, order, seed):
 # ---------------------------------------------------------------------------------- memcheck
 @pytest.mark.slow
 def test_gpu_suite_under_address_sanitizer(tmp_path):
-    """test_cuda_gpu.py's small cases in a process with ASan/UBSan loaded and the kernels
-    built with them: clean, and the sanitizer is really armed (a canary must trip it)."""
+    """test_cuda_gpu.py's small cases in a process with ASan/UBSan loaded and the kernels and
+    binding.cpp (its host build, host_binding.py, where it builds here) built with them: clean,
+    and the sanitizer is really armed (a canary must trip it, and the binding's module must
+    call ASan's checks)."""
     simulate.build(sanitize="address")
-    env = {**simulate.sanitizer_env("address"), "FUSED_RNN_CUDA_SIM": "asan"}
+    mode = "asan"
+    if host_binding.unavailable_reason() is None:
+        mode = "binding-asan"
+        module = host_binding.build(sanitize="address")
+        assert shutil.which("nm"), "nm (binutils) reads the binding's module"
+        nm = subprocess.run(["nm", "-D", "--undefined-only", str(module)], capture_output=True,
+                            text=True, check=True).stdout
+        assert "__asan_report_load8" in nm and "__ubsan_handle" in nm, nm[-2000:]
+    else:
+        print(f"the host binding cannot build ({host_binding.unavailable_reason()}): "
+              "ASan runs the kernels behind the binding's mirror")
+    env = {**simulate.sanitizer_env("address"), "FUSED_RNN_CUDA_SIM": mode}
     canary = subprocess.run(
         [sys.executable, "-c",
          ("import ctypes, simulate; simulate.Simulator(sanitize='address');"

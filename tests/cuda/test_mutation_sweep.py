@@ -13,7 +13,7 @@ def test_mutant_text_stands_once_in_its_file(m):
     text = (ROOT / "csrc" / m.file).read_text()
     assert text.count(m.old) == 1, f"{m.name}: its text stands {text.count(m.old)} times"
     assert m.old != m.new
-    assert m.caught_by in ("sweep", "suite")
+    assert m.caught_by in (("binding", "asan") if m.file == "binding.cpp" else ("sweep", "suite"))
 
 
 def test_mutant_names_are_unique():

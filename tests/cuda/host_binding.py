@@ -1,0 +1,224 @@
+"""``csrc/binding.cpp`` itself on the CPU: the extension's C++ entry points compiled against
+torch's CPU headers and cudasim's CUDA headers, linked to the cudasim library of the kernels
+(``simulate.build``), and called with CPU tensors.
+
+``simulate.Simulator`` stands in for the extension with a mirror of the binding: its tensor
+checks, allocations and plan in Python and ``sim/sim_api.cpp``. ``HostBinding`` runs the
+binding's own code instead: its checks and messages, its allocations (the exchange buffer, the
+K parts' partial sums), the params it fills, its per-step GEMMs (``step_mm``) and its error
+handling, around the same kernels. What changes for the host build is in
+``sim/host/binding_host.cpp`` (two renames) and ``sim/host/c10/cuda`` (the device guard and
+current stream); the binding's text is included unchanged.
+
+Every allocation torch makes on the CPU during a call of the binding is filled with junk
+(c10's ``caffe2_cpu_allocator_do_junk_fill``: NaN for fp32, NaN or -0.47 for bf16), as
+``tests/conftest.py`` fills ``torch.empty`` with NaN around the mirror: an output or buffer the
+binding and its kernels forget to write cannot pass by luck.
+
+The module is built once per source hash into ``$FUSED_RNN_SIM_BUILD_DIR`` (about 25 s), beside
+the cudasim library it links to, and shares that library's state (configuration, counters)
+with the ``Simulator`` that loaded it: ``HostBinding`` configures the simulated device through
+one before every call.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import importlib.util
+import inspect
+import os
+import subprocess
+import sys
+import sysconfig
+import tempfile
+import threading
+from pathlib import Path
+from types import ModuleType
+
+import simulate
+import torch
+
+HOST = simulate.SIM / "host"
+MODULE = "fused_rnn_host_binding"
+# The binding's sanitizer flags per cudasim build (simulate.SANITIZERS): under "address" the
+# binding's own accesses are checked too; under "thread" only the kernels are instrumented.
+_SANITIZE = {"": [], "address": ["-fsanitize=address,undefined", "-fno-sanitize-recover=undefined",
+                                 "-fno-omit-frame-pointer"], "thread": []}
+_lock = threading.Lock()
+_modules: dict[tuple[str, str], ModuleType] = {}
+
+
+def _python_include() -> Path:
+    return Path(sysconfig.get_paths()["include"])
+
+
+def unavailable_reason() -> str | None:
+    """Why the binding cannot be built here, or None."""
+    reason = simulate.unavailable_reason()
+    if reason:
+        return reason
+    from torch.utils.cpp_extension import include_paths
+
+    if not any((Path(p) / "torch" / "extension.h").is_file() for p in include_paths()):
+        return "torch/extension.h is not in this torch install"
+    if not (_python_include() / "Python.h").is_file():
+        return f"Python.h is not in {_python_include()} (the Python headers)"
+    return None
+
+
+def _sources(csrc: Path) -> list[Path]:
+    return [csrc / "binding.cpp", csrc / "fused_rnn.h", csrc / "plan.h",
+            *sorted(p for p in HOST.rglob("*") if p.is_file())]
+
+
+def build(sanitize: str = "", csrc: Path = simulate.CSRC) -> Path:
+    """Compile (if not cached) and return the module's path; ``sanitize`` and ``csrc`` as for
+    ``simulate.build``, whose library the module links to."""
+    from torch.utils.cpp_extension import include_paths, library_paths
+
+    lib = simulate.build(sanitize, csrc)
+    flags = ["-std=c++20", "-O1", "-fPIC", "-Wall", "-Wextra", "-Werror",
+             "-Wno-unknown-pragmas", *_SANITIZE[sanitize], f"-I{HOST}",
+             f"-I{simulate.SIM / 'include'}", f"-I{simulate.SIM}", f"-I{csrc}"]
+    for inc in [*include_paths(), str(_python_include())]:
+        flags += ["-isystem", inc]
+    flags += [f"-DTORCH_EXTENSION_NAME={MODULE}",
+              f"-D_GLIBCXX_USE_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}"]
+    torch_lib = library_paths()[0]
+    link = [f"-L{torch_lib}", "-ltorch", "-ltorch_cpu", "-lc10", "-ltorch_python",
+            f"-Wl,-rpath,{torch_lib}", str(lib)]
+    h = hashlib.sha256("\0".join([*flags, *link, torch.__version__, sys.version]).encode())
+    for src in _sources(csrc):
+        h.update(str(src.relative_to(src.parents[1])).encode() + b"\0" + src.read_bytes())
+    out = lib.parent.parent / f"binding-{h.hexdigest()[:16]}" / f"{MODULE}.so"
+    if out.is_file():
+        return out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix="build-", dir=out.parent))
+    try:
+        tmp = work / out.name
+        subprocess.run([simulate.GXX, *flags, "-shared", str(HOST / "binding_host.cpp"), "-o",
+                        str(tmp), *link], check=True, capture_output=True,
+                       env=simulate._compiler_env())
+        os.replace(tmp, out)  # atomic: concurrent builders both succeed
+    except subprocess.CalledProcessError as e:
+        raise RuntimeError(f"host binding build failed:\n{e.stderr.decode(errors='replace')}") \
+            from e
+    finally:
+        for f in work.iterdir():
+            f.unlink()
+        work.rmdir()
+    return out
+
+
+def load(sanitize: str = "", csrc: Path = simulate.CSRC) -> ModuleType:
+    """The built module (once per process and build). Its cudasim library must be the one a
+    ``Simulator`` of the same ``sanitize`` and ``csrc`` loads, which HostBinding makes sure of."""
+    key = (sanitize, str(csrc))
+    with _lock:
+        if key not in _modules:
+            path = build(sanitize, csrc)
+            spec = importlib.util.spec_from_file_location(MODULE, path)
+            module = importlib.util.module_from_spec(spec)
+            spec.loader.exec_module(module)
+            _modules[key] = module
+        return _modules[key]
+
+
+_junk_flag: ctypes.c_bool | None = None
+
+
+def _junk_fill() -> ctypes.c_bool:
+    """c10's switch that fills each new CPU allocation with a junk pattern (0x7fedbeef)."""
+    global _junk_flag
+    if _junk_flag is None:
+        from torch.utils.cpp_extension import library_paths
+
+        c10 = ctypes.CDLL(str(Path(library_paths()[0]) / "libc10.so"))  # torch's, loaded
+        _junk_flag = ctypes.c_bool.in_dll(c10, "FLAGS_caffe2_cpu_allocator_do_junk_fill")
+    return _junk_flag
+
+
+class HostBinding:
+    """Stands in for the compiled extension, like ``simulate.Simulator``, with binding.cpp's own
+    entry points (``forward``, ``backward``, ``forward_steps``, ``backward_steps``,
+    ``plan_info``, ``device_info``, ``kernel_image``, ``cluster_launches``).
+
+    The keyword arguments are ``Simulator``'s (the simulated device, thread order, sanitizer,
+    csrc). Its ``launches`` records each call as the Simulator does, the plan from plan.h's
+    ``choose_launch`` through ``sim_plan`` (the binding does not report its own); a call the
+    binding refuses is not recorded. Counters (``mma_count`` and the others) are the shared
+    library's, so they count the binding's launches.
+    """
+
+    def __init__(self, **kwargs):
+        self.sim = simulate.Simulator(**kwargs)
+        self.ext = load(kwargs.get("sanitize", ""), Path(kwargs.get("csrc", simulate.CSRC)))
+        self.launches = self.sim.launches
+
+    def __getattr__(self, name):
+        # the simulated device's counters and settings (mma_count, sms, release_stacks, ...)
+        return getattr(self.sim, name)
+
+    def _call(self, name: str, *args, **kwargs):
+        """binding.cpp's ``name`` on the configured device, its allocations junk-filled."""
+        self.sim._configure()
+        flag = _junk_fill()
+        before, flag.value = flag.value, True
+        try:
+            return getattr(self.ext, name)(*args, **kwargs)
+        finally:
+            flag.value = before
+
+    def _bound(self, name: str, args, kwargs) -> dict:
+        sig = inspect.signature(getattr(simulate.Simulator, name))
+        bound = sig.bind(self.sim, *args, **kwargs)
+        bound.apply_defaults()
+        return bound.arguments
+
+    def _record(self, direction: str, a: dict) -> None:
+        """The launch's entry in ``launches``, as ``Simulator.forward``/``backward`` make it."""
+        first = a["xproj"] if direction == "forward" else a["dy"]
+        st = a["h0"].dtype if direction == "forward" else first.dtype
+        H = a["h0"].shape[1] if direction == "forward" else first.shape[2]
+        pl = self.sim.plan(int(a["mode"]), st, a["allow_tf32"], H, direction == "backward",
+                           first.shape[1], a["max_groups"], a["max_stage_k"], a["k_parts"],
+                           a["max_blocks"], a["cluster"], a["team_clusters"], a["dsmem"])
+        self.launches.append((direction, int(a["mode"]), {
+            **pl, "stage_copy": int(a["stage_copy"]), "tile_block": int(a["tile_block"]),
+            "point_batch": int(a["point_batch"]), "frag_loads": int(a["frag_loads"])}))
+
+    def forward(self, *args, **kwargs):
+        out = self._call("forward", *args, **kwargs)
+        self._record("forward", self._bound("forward", args, kwargs))
+        return out
+
+    def backward(self, *args, **kwargs):
+        out = self._call("backward", *args, **kwargs)
+        self._record("backward", self._bound("backward", args, kwargs))
+        return out
+
+    def forward_steps(self, *args, **kwargs):
+        out = self._call("forward_steps", *args, **kwargs)
+        a = self._bound("forward_steps", args, kwargs)
+        self.launches.append(("forward_steps", int(a["mode"]), {"steps": a["xproj"].shape[0]}))
+        return out
+
+    def backward_steps(self, *args, **kwargs):
+        out = self._call("backward_steps", *args, **kwargs)
+        a = self._bound("backward_steps", args, kwargs)
+        self.launches.append(("backward_steps", int(a["mode"]), {"steps": a["dy"].shape[0]}))
+        return out
+
+    def plan_info(self, *args, **kwargs):
+        return self._call("plan_info", *args, **kwargs)
+
+    def device_info(self, index: int):
+        return self._call("device_info", index)
+
+    def kernel_image(self, index: int):
+        return self._call("kernel_image", index)
+
+    def cluster_launches(self) -> int:
+        return self.ext.cluster_launches()

@@ -1,0 +1,21 @@
+// csrc/binding.cpp itself, compiled for cudasim (tests/cuda/host_binding.py): torch's CPU
+// headers, cudasim's CUDA headers (-I sim/include) and this directory's stand-ins for the two
+// c10 CUDA headers the binding includes, linked to the cudasim library of the kernels. CPU
+// tensors stand for the simulated device's; two names change for that, and nothing else:
+//   * is_cuda reads is_cpu: the binding's "inputs must be CUDA tensors" check then refuses
+//     anything but a CPU tensor, as on a GPU it refuses anything but a CUDA one;
+//   * the CPU device's index (-1) is the simulated device 0 for cudaDeviceGetAttribute.
+// torch/extension.h comes first, so the renames reach binding.cpp's own text only (its
+// include of torch/extension.h is then a no-op).
+#include <torch/extension.h>
+
+#include <cuda_runtime.h>  // cudasim's
+
+#define is_cuda is_cpu
+
+inline cudaError_t host_device_attribute(int* value, cudaDeviceAttr attr, int device) {
+  return cudaDeviceGetAttribute(value, attr, device < 0 ? 0 : device);
+}
+#define cudaDeviceGetAttribute host_device_attribute
+
+#include "binding.cpp"  // from -I csrc (or a mutated copy)

@@ -1,0 +1,282 @@
+"""``csrc/binding.cpp`` itself on the CPU (``host_binding.py``): it gives the bits of its
+mirror, ``simulate.Simulator``, on which the accuracy and fuzz sweeps and ``test_cuda_sim.py``
+rely; it refuses what its mirror refuses; its per-step path falls back as it says where torch
+refuses its 16-bit GEMM; its device queries answer for the simulated device.
+
+``test_cuda_gpu.py`` runs behind the host build by default (``FUSED_RNN_CUDA_SIM=binding``), its
+binding refusals included, and ``test_cuda_sim.py``'s AddressSanitizer run does so with the
+binding itself instrumented.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import simulate
+import torch
+
+host_binding = pytest.importorskip("host_binding")
+REASON = host_binding.unavailable_reason()
+pytestmark = pytest.mark.skipif(REASON is not None, reason=f"no host build: {REASON}")
+
+HERE = Path(__file__).resolve().parent
+CELLS = {"LSTM": 0, "GRU": 1, "RNN_TANH": 2, "RNN_RELU": 3}
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+# (name, B, H, launch settings): plain; lengths and reverse; batch groups; K parts in teams of 2
+# with an uneven last part (H=44 on 8 blocks); groups as clusters, with the exchange in DSMEM;
+# the epilogue's one-point batches, generic fragment loads and single tiles; the register stage
+# copy over 16-column slices.
+SETTINGS = [
+    ("plain", 3, 20, {}),
+    ("lengths-rev", 3, 20, {"lengths": True, "reverse": True}),
+    ("groups3", 70, 20, {"max_groups": 3}),
+    ("parts2", 3, 44, {"k_parts": 2, "max_blocks": 8}),
+    ("cluster8", 70, 20, {"max_groups": 3, "cluster": 8}),
+    ("dsmem", 70, 20, {"max_groups": 3, "cluster": 8, "dsmem": True}),
+    ("pb1-generic-tb1", 3, 20, {"point_batch": 1, "frag_loads": 1, "tile_block": 1}),
+    ("regcopy-k16", 3, 37, {"stage_copy": 0, "max_stage_k": 16}),
+]
+
+
+@pytest.fixture(scope="module")
+def pair():
+    """(the host build, its mirror) on one simulated device of 8 SMs."""
+    return host_binding.HostBinding(sms=8), simulate.Simulator(sms=8)
+
+
+def _inputs(cell: int, T: int, B: int, H: int, dtype, lengths: bool, seed: int):
+    g = torch.Generator().manual_seed(seed)
+    G = (4, 3, 1, 1)[cell]
+
+    def r(*shape, scale=1.0, dt=torch.float32):
+        return (torch.randn(*shape, generator=g) * scale).to(dt)
+
+    fwd = {"mode": cell, "xproj": r(T, B, G * H), "h0": r(B, H, dt=dtype),
+           "c0": r(B, H, dt=dtype) if cell == 0 else None, "w_hh": r(G * H, H, scale=0.3, dt=dtype),
+           "b_hh": r(G * H), "b_ih": r(G * H),
+           "lengths": (torch.randint(1, T + 1, (B,), generator=g, dtype=torch.int32)
+                       if lengths else None)}
+    grads = {"dy": r(T, B, H, dt=dtype), "dh_n": r(B, H),
+             "dc_n": r(B, H) if cell == 0 else None}
+    return fwd, grads
+
+
+def _clone(args: dict) -> dict:
+    return {k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in args.items()}
+
+
+def _chunk(ext, cell, fwd, grads, settings, allow_tf32, steps=False):
+    """Forward (saving) then backward over one chunk through ``ext``: every tensor either
+    returns, the forward's overwritten xproj (the saved activations) included."""
+    fwd = _clone(fwd)
+    tune = {"max_groups": 1, "max_stage_k": 1 << 30}
+    tune.update({k: v for k, v in settings.items() if k not in ("lengths", "reverse")})
+    reverse = settings.get("reverse", False)
+    if steps:
+        y, h_n, c_n, aux = ext.forward_steps(**fwd, reverse=reverse, save=True)
+    else:
+        y, h_n, c_n, aux = ext.forward(**fwd, reverse=reverse, allow_tf32=allow_tf32, save=True,
+                                       **tune)
+    bwd = {"mode": cell, **_clone(grads), "w_hh": fwd["w_hh"], "gates": fwd["xproj"],
+           "aux": aux if cell in (0, 1) else None,
+           "c0": fwd["c0"].float() if cell == 0 else None,
+           "hprev": (torch.cat([fwd["h0"][None], y[:-1]]) if not reverse else
+                     torch.cat([y[1:], fwd["h0"][None]])) if cell == 1 else None,
+           "lengths": fwd["lengths"]}
+    if steps:
+        out = ext.backward_steps(**bwd, reverse=reverse)
+    else:
+        tune.pop("b_ih", None)
+        out = ext.backward(**bwd, reverse=reverse, allow_tf32=allow_tf32, **tune)
+    return [y, h_n, c_n, aux, fwd["xproj"], *out]
+
+
+def _same_bits(a, b, what):
+    assert len(a) == len(b), what
+    for i, (u, v) in enumerate(zip(a, b)):
+        assert u.dtype == v.dtype and u.shape == v.shape, (what, i, u.shape, v.shape)
+        assert torch.equal(u.view(torch.uint8) if u.numel() else u,
+                           v.view(torch.uint8) if v.numel() else v), (
+            f"{what}: tensor {i} differs between binding.cpp and its mirror")
+
+
+@pytest.mark.parametrize("name,B,H,settings", SETTINGS, ids=[s[0] for s in SETTINGS])
+@pytest.mark.parametrize("dt", list(DTYPES))
+@pytest.mark.parametrize("mode", list(CELLS))
+def test_the_binding_gives_its_mirrors_bits(pair, mode, dt, name, B, H, settings):
+    """Every output and gradient of a chunk, and the saved activations, bit for bit (NaN
+    patterns too: the bytes are compared) between binding.cpp and simulate.py's mirror of it,
+    with the same plan asked of plan.h. fp32 runs with TF32 allowed (the tensor-core path)."""
+    cell = CELLS[mode]
+    fwd, grads = _inputs(cell, 3, B, H, DTYPES[dt], settings.get("lengths", False),
+                         seed=hash((mode, dt, name)) % 1000)
+    host, sim = pair
+    before = len(host.launches)
+    ours = _chunk(host, cell, fwd, grads, settings, allow_tf32=dt == "fp32")
+    mirror = _chunk(sim, cell, fwd, grads, settings, allow_tf32=dt == "fp32")
+    _same_bits(ours, mirror, f"{mode} {dt} {name}")
+    assert [d for d, *_ in host.launches[before:]] == ["forward", "backward"]
+    if name == "parts2":  # the uneven K split really ran
+        assert all(pl["parts"] == 2 for *_, pl in host.launches[before:])
+    if name in ("cluster8", "dsmem"):
+        assert all(pl["cluster"] != 0 for *_, pl in host.launches[before:])
+
+
+@pytest.mark.parametrize("lengths_rev", [False, True], ids=["dense", "lengths-rev"])
+@pytest.mark.parametrize("dt", list(DTYPES))
+@pytest.mark.parametrize("mode", list(CELLS))
+def test_the_per_step_path_gives_its_mirrors_bits(pair, mode, dt, lengths_rev):
+    """forward_steps and backward_steps: the binding's loop of torch GEMMs (step_mm) and step
+    launches against the mirror's, bit for bit. On the CPU torch has no 16-bit GEMM with an
+    fp32 result, so the binding promotes the operands: the same exact products in fp32."""
+    cell = CELLS[mode]
+    settings = {"lengths": True, "reverse": True} if lengths_rev else {}
+    fwd, grads = _inputs(cell, 4, 5, 24, DTYPES[dt], lengths_rev, seed=7)
+    host, sim = pair
+    ours = _chunk(host, cell, fwd, grads, settings, allow_tf32=False, steps=True)
+    mirror = _chunk(sim, cell, fwd, grads, settings, allow_tf32=False, steps=True)
+    _same_bits(ours, mirror, f"{mode} {dt} steps")
+
+
+_FALLBACK_CHILD = r"""
+import json, sys, warnings, torch
+sys.path.insert(0, sys.argv[1])
+import host_binding, simulate
+from test_host_binding import _inputs, _chunk
+host, sim = host_binding.HostBinding(sms=8), simulate.Simulator(sms=8)
+fwd, grads = _inputs(1, 3, 4, 16, torch.bfloat16, False, seed=3)
+with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    runs = [_chunk(host, 1, fwd, grads, {}, False, steps=True) for _ in range(2)]
+    mirror = _chunk(sim, 1, fwd, grads, {}, False, steps=True)
+print(json.dumps({"warnings": [str(w.message) for w in caught],
+                  "same": [all(torch.equal(a, b) for a, b in zip(r, mirror)) for r in runs]}))
+"""
+
+
+def test_the_per_step_path_promotes_once_with_a_warning_where_torch_refuses():
+    """binding.cpp step_mm: where torch refuses the 16-bit GEMM with an fp32 result (the CPU
+    always does; some cuBLAS layouts may), the operands are promoted, with one warning a
+    process that names torch's refusal, and the results are still the mirror's bits. In a
+    child process, as the warning is once a process."""
+    r = subprocess.run([sys.executable, "-c", _FALLBACK_CHILD, str(HERE)], capture_output=True,
+                       text=True, timeout=600, check=False, cwd=HERE)
+    assert r.returncode == 0, r.stderr[-3000:]
+    got = json.loads(r.stdout.strip().splitlines()[-1])
+    refused = [w for w in got["warnings"] if "refused the per-step path's 16-bit GEMM" in w]
+    assert len(refused) == 1, got["warnings"]
+    assert "mm.dtype_out" in refused[0] and "promoted to fp32" in refused[0], refused[0]
+    assert got["same"] == [True, True]
+
+
+def test_device_queries_answer_for_the_simulated_device(pair):
+    """device_info and kernel_image go to cudasim's runtime (device 0, sm_90, the configured
+    SMs and shared memory), through the binding's own checks: a device it does not have is
+    refused by name."""
+    host, sim = pair
+    assert host.device_info(0) == sim.device_info(0) == [8, 227 * 1024, 9, 0, 1]
+    assert host.kernel_image(0) == [0, 90, 90]
+    with pytest.raises(RuntimeError, match="no CUDA device 1"):
+        host.kernel_image(1)
+    old = host_binding.HostBinding(sms=8, ptx_version=80)  # a build without sm_90 code
+    assert old.kernel_image(0) == [0, 90, 80]
+    host.sim._configure()  # the library is shared: back to the module fixture's device
+
+
+def test_plan_info_is_make_plans_arithmetic(pair):
+    """plan_info (binding.cpp) and sim_make_plan (sim_api.cpp) both call plan.h's make_plan:
+    the same fields for every cell, math, size and split; bad arguments refused by both."""
+    host, sim = pair
+    for cell in range(4):
+        for math in range(3):
+            for hidden, backward, blocks, groups, stage, parts in (
+                    (20, False, 8, 1, (0, 0), 1), (44, True, 8, 1, (0, 0), 2),
+                    (300, False, 132, 3, (32, 64), 1), (1024, True, 132, 1, (64, 1024), 4)):
+                args = (cell, math, hidden, backward, blocks, groups, *stage, parts)
+                assert host.plan_info(*args) == sim.plan_info(*args), args
+    with pytest.raises(RuntimeError, match="bad groups"):
+        host.plan_info(0, 0, 20, False, 8, 9)
+    with pytest.raises(RuntimeError, match="math code must be 0, 1 or 2"):
+        host.plan_info(0, 3, 20, False, 8)
+
+
+def test_a_tensor_elsewhere_is_refused_as_not_on_the_device(pair):
+    """The host build's one rename: binding.cpp's "inputs must be CUDA tensors" check reads
+    is_cpu there, so a tensor on another device (meta) is refused by it, with its message."""
+    host, _ = pair
+    fwd, _ = _inputs(2, 2, 2, 8, torch.float32, False, seed=1)
+    with pytest.raises(RuntimeError, match="inputs must be CUDA tensors, got meta"):
+        host.forward(**{**fwd, "xproj": fwd["xproj"].to("meta")}, reverse=False,
+                     allow_tf32=False, save=False, max_groups=1, max_stage_k=1 << 30)
+
+
+def test_cluster_launches_are_the_kernels_count(pair):
+    """fused_rnn::cluster_launches is an inline variable of fused_rnn.h: the binding's module
+    and the cudasim library must share one copy (GCC makes it a unique symbol), or the
+    binding would report 0 cluster launches forever."""
+    host, sim = pair
+    before = host.cluster_launches(), sim.cluster_launches()
+    fwd, grads = _inputs(0, 2, 70, 20, torch.bfloat16, False, seed=2)
+    _chunk(host, 0, fwd, grads, {"max_groups": 3, "cluster": 8}, allow_tf32=False)
+    assert host.cluster_launches() - before[0] == 2
+    assert sim.cluster_launches() - before[1] == 2
+
+
+def test_the_host_build_renames_two_names_and_includes_the_binding_unchanged():
+    """What sim/host/binding_host.cpp may change: is_cuda and cudaDeviceGetAttribute, as
+    macros, before it includes binding.cpp; binding.cpp uses each where the renaming is meant
+    (its device checks and its device attribute queries) and nowhere else."""
+    host_src = (host_binding.HOST / "binding_host.cpp").read_text()
+    code = [ln for ln in host_src.splitlines() if ln.strip() and not ln.lstrip().startswith("//")]
+    assert [ln for ln in code if ln.startswith("#define")] == [
+        "#define is_cuda is_cpu", "#define cudaDeviceGetAttribute host_device_attribute"]
+    assert code[-1].startswith('#include "binding.cpp"')
+    binding = (simulate.CSRC / "binding.cpp").read_text()
+    assert binding.count("is_cuda()") == 2
+    assert binding.count(".is_cuda(), \"fused_rnn CUDA backend: inputs must be CUDA tensors") == 2
+    assert binding.count("cudaDeviceGetAttribute(") == 5
+    assert binding.count("FRNN_CHECK_CUDA(cudaDeviceGetAttribute(") + binding.count(
+        "FRNN_CHECK_CUDA(\n      cudaDeviceGetAttribute(") == 5
+
+
+def test_what_torch_allocates_during_a_call_is_junk_filled(pair, monkeypatch):
+    """HostBinding arms c10's junk fill for the length of each call of the binding (its
+    at::empty outputs and buffers start as NaN patterns, like the mirror's NaN-filled
+    torch.empty), and disarms it after."""
+    host, _ = pair
+    monkeypatch.setattr(host, "ext", type("Stub", (), {
+        "device_info": staticmethod(lambda index: torch.empty_strided((256,), (1,)))})())
+    got = host.device_info(0)
+    assert got.isnan().all() and got.view(torch.int32).eq(0x7FEDBEEF).all()
+    assert not host_binding._junk_fill().value
+
+
+def test_h_n_owns_its_memory_where_it_fills_the_exchange_buffer(pair):
+    """binding.cpp copies h_n out of the exchange buffer even where B and H fill its padded
+    rows and columns (B=32, H=64), where the slice is contiguous already: a view would keep
+    all of the (2, B_pad, k_pad) buffer alive with the carried state, across every chunk of a
+    truncated-BPTT run."""
+    host, _ = pair
+    for cell in range(4):
+        fwd, _ = _inputs(cell, 2, 32, 64, torch.bfloat16, False, seed=5)
+        _, h_n, c_n, _ = host.forward(**fwd, reverse=False, allow_tf32=False, save=False,
+                                      max_groups=1, max_stage_k=1 << 30)
+        for t in (h_n, c_n) if cell == 0 else (h_n,):
+            assert t.shape == (32, 64) and t.is_contiguous()
+            assert t.untyped_storage().nbytes() == t.numel() * t.element_size(), cell
+
+
+def test_the_shared_memory_backstop_refuses_a_plan_too_large_for_the_device(pair):
+    """The Python side refuses such sizes first (unsupported_reason), so only a direct call
+    reaches binding.cpp's backstop: a hidden size whose W_hh slice cannot fit on 8 SMs is
+    refused with the bytes it needs and the device's limit, never launched."""
+    host, _ = pair
+    fwd, _ = _inputs(2, 1, 1, 4096, torch.float32, False, seed=6)
+    with pytest.raises(RuntimeError, match=r"hidden_size=4096 needs \d+ bytes of shared memory "
+                                           r"per block .*this GPU allows 232448"):
+        host.forward(**fwd, reverse=False, allow_tf32=False, save=False, max_groups=1,
+                     max_stage_k=1 << 30)
