@@ -524,13 +524,17 @@ def cudasim_reason() -> str | None:
 
 def cuda_standin(monkeypatch) -> None:
     """Without a GPU, ``cuda`` runs csrc/'s kernels on cudasim (tests/cuda/simulate.py, every
-    CUDA thread executed; needs g++), as test_cuda_gpu.py does. ``monkeypatch``: pytest's.
-    (Compare fp32 inside :func:`tf32_off`.)"""
+    CUDA thread executed; needs g++), as test_cuda_gpu.py does: behind binding.cpp itself
+    (tests/cuda/host_binding.py) where it builds, else (or with ``FUSED_RNN_CUDA_SIM=1``)
+    behind its mirror. ``monkeypatch``: pytest's. (Compare fp32 inside :func:`tf32_off`.)"""
     _cuda_tests_importable()
     from cases import install_standin
+    from host_binding import HostBinding
+    from host_binding import unavailable_reason as no_host_build
     from simulate import Simulator
 
-    install_standin(monkeypatch, Simulator(sms=8))
+    mirror = os.environ.get("FUSED_RNN_CUDA_SIM") == "1" or no_host_build() is not None
+    install_standin(monkeypatch, (Simulator if mirror else HostBinding)(sms=8))
 
 
 @contextlib.contextmanager

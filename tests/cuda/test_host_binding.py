@@ -21,7 +21,11 @@ import torch
 
 host_binding = pytest.importorskip("host_binding")
 REASON = host_binding.unavailable_reason()
-pytestmark = pytest.mark.skipif(REASON is not None, reason=f"no host build: {REASON}")
+pytestmark = [
+    pytest.mark.skipif(REASON is not None, reason=f"no host build: {REASON}"),
+    # the per-step path's fallback on the CPU (its own test below counts it)
+    pytest.mark.filterwarnings("ignore:fused_rnn CUDA backend. torch refused the per-step path"),
+]
 
 HERE = Path(__file__).resolve().parent
 CELLS = {"LSTM": 0, "GRU": 1, "RNN_TANH": 2, "RNN_RELU": 3}
@@ -270,13 +274,57 @@ def test_h_n_owns_its_memory_where_it_fills_the_exchange_buffer(pair):
             assert t.untyped_storage().nbytes() == t.numel() * t.element_size(), cell
 
 
-def test_the_shared_memory_backstop_refuses_a_plan_too_large_for_the_device(pair):
+def test_the_shared_memory_backstop_refuses_a_plan_one_byte_too_large():
     """The Python side refuses such sizes first (unsupported_reason), so only a direct call
-    reaches binding.cpp's backstop: a hidden size whose W_hh slice cannot fit on 8 SMs is
-    refused with the bytes it needs and the device's limit, never launched."""
-    host, _ = pair
-    fwd, _ = _inputs(2, 1, 1, 4096, torch.float32, False, seed=6)
-    with pytest.raises(RuntimeError, match=r"hidden_size=4096 needs \d+ bytes of shared memory "
-                                           r"per block .*this GPU allows 232448"):
+    reaches binding.cpp's backstop: on a device with one byte less shared memory a block than
+    the smallest plan plan.h can make for RNN fp32 H=600 on 8 SMs, the binding refuses with
+    the bytes needed and allowed, and launches nothing."""
+    optin, need = 227 * 1024, None
+    while True:  # shrink the device to just under the smallest plan: the mirror says when
+        sim = simulate.Simulator(sms=8, smem_optin=optin, smem_per_sm=optin + 1024)
+        try:
+            need = sim.plan(2, torch.float32, False, 600, False)["smem_bytes"]
+        except RuntimeError:
+            break
+        optin = need - 1
+    assert need is not None and optin == need - 1
+    host = host_binding.HostBinding(sms=8, smem_optin=optin, smem_per_sm=optin + 1024)
+    fwd, _ = _inputs(2, 1, 1, 600, torch.float32, False, seed=6)
+    launches = len(host.launches)
+    with pytest.raises(RuntimeError, match=rf"hidden_size=600 needs {need} bytes of shared "
+                                           rf"memory per block .*this GPU allows {optin}$"):
         host.forward(**fwd, reverse=False, allow_tf32=False, save=False, max_groups=1,
                      max_stage_k=1 << 30)
+    assert len(host.launches) == launches
+    simulate.Simulator(sms=8)._configure()  # the shared library: back to the fixture's device
+
+
+@pytest.mark.parametrize("steps", [False, True], ids=["persistent", "steps"])
+@pytest.mark.parametrize("mode", list(CELLS))
+def test_the_binding_leaves_its_inputs_as_they_were(pair, mode, steps):
+    """binding.cpp writes only what it allocates, and xproj where asked to save (its
+    documented use as the activations' buffer): h0, c0, the weights, the biases and lengths
+    forward, and every input backward (dh_n and dc_n are autograd's incoming gradients, which
+    a retained .grad or a hook may hold; c0 is saved for the backward) come back unchanged.
+    fp32, where ops.py's casts return the caller's own tensors."""
+    host, _ = pair
+    cell = CELLS[mode]
+    fwd, grads = _inputs(cell, 3, 3, 20, torch.float32, True, seed=8)
+    kept = _clone(fwd)
+    extra = {} if steps else {"allow_tf32": False, "max_groups": 1, "max_stage_k": 1 << 30}
+    run = host.forward_steps if steps else host.forward
+    run(**fwd, reverse=False, save=False, **extra)
+    for k, v in kept.items():
+        if isinstance(v, torch.Tensor):
+            assert torch.equal(fwd[k], v), f"forward wrote its input {k}"
+    aux = run(**fwd, reverse=False, save=True, **extra)[3]  # xproj: now the activations
+    bwd = {"mode": cell, **grads, "w_hh": fwd["w_hh"], "gates": fwd["xproj"],
+           "aux": aux if cell == 0 else (torch.randn(3, 3, 20) if cell == 1 else None),
+           "c0": fwd["c0"] if cell == 0 else None,
+           "hprev": torch.randn(3, 3, 20) if cell == 1 else None, "lengths": fwd["lengths"]}
+    kept = _clone(bwd)
+    extra.pop("save", None)
+    (host.backward_steps if steps else host.backward)(**bwd, reverse=False, **extra)
+    for k, v in kept.items():
+        if isinstance(v, torch.Tensor):
+            assert torch.equal(bwd[k], v), f"backward wrote its input {k}"
