@@ -146,10 +146,11 @@ class HostBinding:
     ``plan_info``, ``device_info``, ``kernel_image``, ``cluster_launches``).
 
     The keyword arguments are ``Simulator``'s (the simulated device, thread order, sanitizer,
-    csrc). Its ``launches`` records each call as the Simulator does, the plan from plan.h's
-    ``choose_launch`` through ``sim_plan`` (the binding does not report its own); a call the
-    binding refuses is not recorded. Counters (``mma_count`` and the others) are the shared
-    library's, so they count the binding's launches.
+    csrc). Its ``launches`` records each call in the Simulator's form, a persistent one with
+    the plan and settings its kernel was launched with (read off the params binding.cpp
+    filled, ``Simulator.last_launch``); a call the binding refuses is not recorded. Counters
+    (``mma_count`` and the others) are the shared library's, so they count the binding's
+    launches.
     """
 
     def __init__(self, **kwargs):
@@ -177,27 +178,21 @@ class HostBinding:
         bound.apply_defaults()
         return bound.arguments
 
-    def _record(self, direction: str, a: dict) -> None:
-        """The launch's entry in ``launches``, as ``Simulator.forward``/``backward`` make it."""
-        first = a["xproj"] if direction == "forward" else a["dy"]
-        st = a["h0"].dtype if direction == "forward" else first.dtype
-        H = a["h0"].shape[1] if direction == "forward" else first.shape[2]
-        pl = self.sim.plan(int(a["mode"]), st, a["allow_tf32"], H, direction == "backward",
-                           first.shape[1], a["max_groups"], a["max_stage_k"], a["k_parts"],
-                           a["max_blocks"], a["cluster"], a["team_clusters"], a["dsmem"])
-        self.launches.append((direction, int(a["mode"]), {
-            **pl, "stage_copy": int(a["stage_copy"]), "tile_block": int(a["tile_block"]),
-            "point_batch": int(a["point_batch"]), "frag_loads": int(a["frag_loads"])}))
+    def _persistent(self, direction: str, args, kwargs):
+        """forward or backward, recorded with what the kernel was launched with."""
+        before = self.sim.last_launch()
+        out = self._call(direction, *args, **kwargs)
+        number, launched = self.sim.last_launch()
+        assert before is None or number > before[0], "the binding returned without a launch"
+        mode = self._bound(direction, args, kwargs)["mode"]
+        self.launches.append((direction, int(mode), launched))
+        return out
 
     def forward(self, *args, **kwargs):
-        out = self._call("forward", *args, **kwargs)
-        self._record("forward", self._bound("forward", args, kwargs))
-        return out
+        return self._persistent("forward", args, kwargs)
 
     def backward(self, *args, **kwargs):
-        out = self._call("backward", *args, **kwargs)
-        self._record("backward", self._bound("backward", args, kwargs))
-        return out
+        return self._persistent("backward", args, kwargs)
 
     def forward_steps(self, *args, **kwargs):
         out = self._call("forward_steps", *args, **kwargs)

@@ -44,6 +44,8 @@ ORDERS = {"ascending": 0, "descending": 1, "shuffle": 2}
 PLAN_FIELDS = ("math", "units", "blocks", "m_rows", "m_pad", "k", "k_pad", "ldw", "slots",
                "slot_floats", "w_bytes", "smem_bytes", "groups", "group_blocks", "stage_rows",
                "stage_k", "stage_ld", "parts", "k_part", "part_ld", "cluster")
+# What a persistent launch's params held (sim_api.cpp sim_last_launch), and its number.
+LAUNCH_FIELDS = (*PLAN_FIELDS, "stage_copy", "tile_block", "point_batch", "frag_loads")
 BATCH_PAD = 32  # plan.h kBatchPad
 
 _FLAGS = ["-std=c++20", "-g", "-fPIC", "-Wall", "-Wextra", "-Werror", "-Wno-unknown-pragmas",
@@ -213,6 +215,7 @@ def _load(sanitize: str, csrc: Path, ucontext: bool = False,
             lib.sim_frag_stores.argtypes = [i]
             lib.sim_plan.argtypes = [i] * 13 + [ctypes.POINTER(ctypes.c_int)]
             lib.sim_make_plan.argtypes = [i] * 9 + [ctypes.POINTER(ctypes.c_int)]
+            lib.sim_last_launch.argtypes = [ctypes.POINTER(ctypes.c_int), i]
             lib.sim_forward.argtypes = [i] * 16 + [p, fp, p, fp, p, fp, p, fp, p, i, i, i, fp, fp,
                                                    i]
             lib.sim_backward.argtypes = [i] * 15 + [p] * 14 + [i, i, i, fp, i]
@@ -297,6 +300,16 @@ class Simulator:
         read and the shared-memory passes they took (cudasim.h ldmatrix_wavefronts). Equal
         where no read had a bank conflict."""
         return int(self.lib.sim_ldmatrix_count(0)), int(self.lib.sim_ldmatrix_count(1))
+
+    def last_launch(self) -> tuple[int, dict] | None:
+        """(its number, what its params held: LAUNCH_FIELDS) of the last persistent launch in
+        this process, or None before the first: the plan the kernel ran, whoever filled it."""
+        out = (ctypes.c_int * (len(LAUNCH_FIELDS) + 1))()
+        n = self.lib.sim_last_launch(out, len(out))
+        if n == 0:
+            return None
+        assert n == len(out), (n, len(out))
+        return out[-1], dict(zip(LAUNCH_FIELDS, out[:-1]))
 
     def cluster_launches(self) -> int:
         """Launches so far (in this process) that ran as clusters, not their fallback."""

@@ -115,16 +115,20 @@ def _same_bits(a, b, what):
 @pytest.mark.parametrize("mode", list(CELLS))
 def test_the_binding_gives_its_mirrors_bits(pair, mode, dt, name, B, H, settings):
     """Every output and gradient of a chunk, and the saved activations, bit for bit (NaN
-    patterns too: the bytes are compared) between binding.cpp and simulate.py's mirror of it,
-    with the same plan asked of plan.h. fp32 runs with TF32 allowed (the tensor-core path)."""
+    patterns too: the bytes are compared) between binding.cpp and simulate.py's mirror of it;
+    and the kernels were launched with the same plan and settings (read off the params each
+    filled), the plan the mirror asked plan.h for. fp32 runs with TF32 allowed (the
+    tensor-core path)."""
     cell = CELLS[mode]
     fwd, grads = _inputs(cell, 3, B, H, DTYPES[dt], settings.get("lengths", False),
                          seed=zlib.crc32(f"{mode} {dt} {name}".encode()) % 1000)
     host, sim = pair
-    before = len(host.launches)
+    before, sim_before = len(host.launches), len(sim.launches)
     ours = _chunk(host, cell, fwd, grads, settings, allow_tf32=dt == "fp32")
     mirror = _chunk(sim, cell, fwd, grads, settings, allow_tf32=dt == "fp32")
+    assert sim.last_launch()[1] == sim.launches[-1][2]  # the mirror launched what it asked for
     _same_bits(ours, mirror, f"{mode} {dt} {name}")
+    assert host.launches[before:] == sim.launches[sim_before:]
     assert [d for d, *_ in host.launches[before:]] == ["forward", "backward"]
     if name == "parts2":  # the uneven K split really ran
         assert all(pl["parts"] == 2 for *_, pl in host.launches[before:])

@@ -16,17 +16,30 @@
 namespace {
 using namespace fused_rnn;
 
+// A persistent launch as its params give it: the math (the kernel's), the plan's fields in
+// declaration order, the cluster mode, stage_copy, tile_block, point_batch and frag_loads
+// (simulate.py LAUNCH_FIELDS).
+template <Math M>
+std::vector<int> describe(void** args) {
+  const FRNN_SIM_PARAMS& p = *static_cast<const FRNN_SIM_PARAMS*>(args[0]);
+  const Plan& l = p.plan;
+  return {static_cast<int>(M), l.units, l.blocks, l.m_rows, l.m_pad, l.k, l.k_pad, l.ldw,
+          l.slots, l.slot_floats, l.w_bytes, l.smem_bytes, l.groups, l.group_blocks,
+          l.stage_rows, l.stage_k, l.stage_ld, l.parts, l.k_part, l.part_ld, p.cluster,
+          p.stage_copy, p.tile_block, p.point_batch, p.frag_loads};
+}
+
 template <Cell C>
 void register_cell() {
   using detail::FRNN_SIM_KERNEL;
-  auto add = [](auto kernel) {
+  auto add = [](auto kernel, cudasim::Describe d) {
     cudasim::register_kernel(reinterpret_cast<const void*>(kernel),
-                             cudasim::invoke<FRNN_SIM_PARAMS>);
+                             cudasim::invoke<FRNN_SIM_PARAMS>, d);
   };
-  add(FRNN_SIM_KERNEL<C, __nv_bfloat16, Math::kWmma16>);
-  add(FRNN_SIM_KERNEL<C, __half, Math::kWmma16>);
-  add(FRNN_SIM_KERNEL<C, float, Math::kTf32>);
-  add(FRNN_SIM_KERNEL<C, float, Math::kFma>);
+  add(FRNN_SIM_KERNEL<C, __nv_bfloat16, Math::kWmma16>, describe<Math::kWmma16>);
+  add(FRNN_SIM_KERNEL<C, __half, Math::kWmma16>, describe<Math::kWmma16>);
+  add(FRNN_SIM_KERNEL<C, float, Math::kTf32>, describe<Math::kTf32>);
+  add(FRNN_SIM_KERNEL<C, float, Math::kFma>, describe<Math::kFma>);
   using detail::FRNN_SIM_STEP_KERNEL;  // the per-step path's launches (fused_rnn.h StepArgs)
   auto add_step = [](auto kernel) {
     cudasim::register_kernel(reinterpret_cast<const void*>(kernel),

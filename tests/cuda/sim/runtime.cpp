@@ -282,6 +282,13 @@ std::map<const void*, void (*)(const void*, void**)>& registry() {
   static std::map<const void*, void (*)(const void*, void**)> r;
   return r;
 }
+// Each kernel's describer (sim_api.h Describe), or none (the per-step kernels).
+std::map<const void*, Describe>& describers() {
+  static std::map<const void*, Describe> d;
+  return d;
+}
+std::vector<int> g_last_launch;  // what the last described launch ran, then its number
+int g_described = 0;             // described launches so far
 std::map<const void*, int>& max_dynamic_smem() {
   static std::map<const void*, int> m;
   return m;
@@ -940,9 +947,12 @@ bool release_stacks() {
   return true;
 }
 
-void register_kernel(const void* func, void (*invoke)(const void*, void**)) {
+void register_kernel(const void* func, void (*invoke)(const void*, void**), Describe describe) {
   registry()[func] = invoke;
+  if (describe != nullptr) describers()[func] = describe;
 }
+
+const std::vector<int>& last_launch() { return g_last_launch; }
 
 }  // namespace cudasim
 
@@ -1040,6 +1050,11 @@ cudaError_t run_launch(const void* func, dim3 grid, dim3 block, void** args, siz
     return t_last_error = cudaErrorClusterOutOfResources;
 
   std::lock_guard<std::mutex> lock(g_launch_mutex);
+  auto describe = describers().find(func);  // before any thread runs: the launch's own params
+  if (describe != describers().end()) {
+    g_last_launch = describe->second(args);
+    g_last_launch.push_back(++g_described);
+  }
   Launch L;
   L.invoke = reg->second;
   L.func = func;

@@ -334,6 +334,14 @@ long long sim_mma_sync_count() { return cudasim::mma_sync_count(); }
 // where no read had a bank conflict.
 long long sim_ldmatrix_count(int wavefronts) { return cudasim::ldmatrix_count(wavefronts != 0); }
 
+// The last persistent launch as its params gave it, and its number (sim_api.h last_launch):
+// the field count (0 before the first), and the fields copied to out[0..n).
+int sim_last_launch(int* out, int n) {
+  const std::vector<int>& v = cudasim::last_launch();
+  for (int i = 0; i < n && i < static_cast<int>(v.size()); ++i) out[i] = v[i];
+  return static_cast<int>(v.size());
+}
+
 // How many launches ran as clusters (fused_rnn.h cluster_launches).
 long long sim_cluster_launches() { return fused_rnn::cluster_launches; }
 

@@ -3,6 +3,7 @@
 
 #include <cstdint>
 #include <string>
+#include <vector>
 
 namespace cudasim {
 
@@ -42,8 +43,12 @@ void refuse(unsigned calls);
 // nothing done, during a launch.
 bool release_stacks();
 
-// Called at load time by the kernel translation units: how to call `func` with its args.
-void register_kernel(const void* func, void (*invoke)(const void* func, void** args));
+// The kernel translation units register each kernel at load time: how to call it with its
+// args, and how to describe its launches (cudasim.h register_kernel, Describe).
+
+// The last described launch (empty before the first): kernels.cpp describe's fields, then
+// the launch's number (1, 2, ... in this process).
+const std::vector<int>& last_launch();
 
 // Registers the kernel behind a launch_forward/launch_backward instantiation.
 template <typename Params>

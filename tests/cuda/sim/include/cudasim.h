@@ -55,6 +55,7 @@
 #include <tuple>
 #include <type_traits>
 #include <utility>
+#include <vector>
 
 // ThreadSanitizer's switch for accesses it must not count (CUDASIM_TSAN; see prefetch, WarpAccess).
 #if defined(__SANITIZE_THREAD__)
@@ -132,7 +133,11 @@ void mbarrier_init(void* bar, unsigned count);
 void mbarrier_arrive_expect_tx(void* bar, unsigned bytes);
 void mbarrier_wait_parity(const void* bar, unsigned parity);
 void st_async(void* dst, const void* src, size_t bytes, void* bar);
-void register_kernel(const void* func, void (*invoke)(const void* func, void** args));
+// What a launch ran, read off its params before its threads start (tests/cuda/sim/kernels.cpp
+// describe), for sim_api's last_launch; nullptr: not recorded.
+using Describe = std::vector<int> (*)(void** args);
+void register_kernel(const void* func, void (*invoke)(const void* func, void** args),
+                     Describe describe = nullptr);
 // How to call a kernel of parameter types A... with a launch's argument array.
 template <typename... A, size_t... I>
 void invoke_unpacked(const void* f, void** args, std::index_sequence<I...>) {
