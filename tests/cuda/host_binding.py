@@ -27,6 +27,7 @@ import ctypes
 import hashlib
 import importlib.util
 import inspect
+import itertools
 import os
 import subprocess
 import sys
@@ -127,6 +128,9 @@ def load(sanitize: str = "", csrc: Path = simulate.CSRC) -> ModuleType:
 
 
 _junk_flag: ctypes.c_bool | None = None
+# A new current stream for each call (HostBinding._call): a launch on the legacy stream, or on
+# a stream an earlier call saw, counts as off it. Nothing dereferences these names.
+_streams = itertools.count(0x5_7000, 0x100)
 
 
 def _junk_fill() -> ctypes.c_bool:
@@ -150,7 +154,8 @@ class HostBinding:
     the plan and settings its kernel was launched with (read off the params binding.cpp
     filled, ``Simulator.last_launch``); a call the binding refuses is not recorded. Counters
     (``mma_count`` and the others) are the shared library's, so they count the binding's
-    launches.
+    launches. Each call gets a current stream of its own (c10's ``getCurrentCUDAStream`` in the
+    host build); a launch that names any other stream fails the call with an AssertionError.
     """
 
     def __init__(self, **kwargs):
@@ -163,14 +168,23 @@ class HostBinding:
         return getattr(self.sim, name)
 
     def _call(self, name: str, *args, **kwargs):
-        """binding.cpp's ``name`` on the configured device, its allocations junk-filled."""
+        """binding.cpp's ``name`` on the configured device, its allocations junk-filled, with a
+        current stream of its own that every launch it makes must name."""
         self.sim._configure()
         flag = _junk_fill()
         before, flag.value = flag.value, True
+        stream = next(_streams)
+        self.sim.set_current_stream(stream)
+        off = self.sim.stream_launches()[1]
         try:
             return getattr(self.ext, name)(*args, **kwargs)
         finally:
+            self.sim.set_current_stream(0)
             flag.value = before
+            strays = self.sim.stream_launches()[1] - off
+            assert strays == 0, (
+                f"binding.cpp's {name} made {strays} launch(es) on a stream other than c10's "
+                f"current one (0x{stream:x})")
 
     def _bound(self, name: str, args, kwargs) -> dict:
         sig = inspect.signature(getattr(simulate.Simulator, name))

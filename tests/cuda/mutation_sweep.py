@@ -14,8 +14,9 @@ the ``csrc/`` beside them), built on cudasim, and run against:
    in ``test_host_binding.py`` and behind ``test_cuda_gpu.py`` (a build of 25 s, then about two
    minutes).
 2. With ``--full``, for the mutants marked ``caught_by="suite"`` (those the sweep lets through):
-   ``test_cuda_gpu.py`` on cudasim, then ``test_cuda_sim.py`` (thread orders, TSan, ASan,
-   the emulation's rounding points), stopping at the first failure; up to ten minutes each.
+   ``test_host_binding.py`` and ``test_cuda_gpu.py`` behind the host build of the binding,
+   then ``test_cuda_sim.py`` (thread orders, TSan, ASan, the emulation's rounding points),
+   stopping at the first failure; up to ten minutes each.
    binding.cpp's marked ``caught_by="asan"``: ``test_cuda_sim.py``'s AddressSanitizer case,
    binding and kernels instrumented.
 
@@ -398,6 +399,37 @@ MUTANTS = [
            equivalent="the step kernels never read batch_pad (only the persistent ones' "
                       "block_state and exchange do); the binding sets it to keep the params "
                       "whole"),
+    # The launchers' stream: only the host build of the binding names a current stream other
+    # than the legacy one (host_binding.py), so the sweep (behind the mirror) cannot see these.
+    Mutant("coop_stream0", COMMON, "the cooperative launch on the legacy stream",
+           "dim3(kThreads), args, p.plan.smem_bytes, stream);",
+           "dim3(kThreads), args, p.plan.smem_bytes,\n"
+           "                                     false ? stream : nullptr);", caught_by="suite"),
+    Mutant("cluster_stream0", COMMON, "the cluster launch on the legacy stream",
+           "  cfg.stream = stream;\n  cfg.attrs = attr;",
+           "  cfg.stream = false ? stream : nullptr;\n  cfg.attrs = attr;", caught_by="suite"),
+    Mutant("points_stream0", COMMON, "the per-step launches on the legacy stream",
+           "  cfg.stream = stream;\n  cfg.attrs = nullptr;",
+           "  cfg.stream = false ? stream : nullptr;\n  cfg.attrs = nullptr;",
+           caught_by="suite"),
+    _binding("b_fwd_stream0", "the persistent forward launched on the legacy stream",
+           "launch_forward<decltype(cl)::value, T_, decltype(m)::value>(p, stream);",
+           "launch_forward<decltype(cl)::value, T_, decltype(m)::value>(\n"
+           "        p, false ? stream : nullptr);"),
+    _binding("b_bwd_stream0", "the persistent backward launched on the legacy stream",
+           "launch_backward<decltype(cl)::value, T_, decltype(m)::value>(p, stream);",
+           "launch_backward<decltype(cl)::value, T_, decltype(m)::value>(\n"
+           "        p, false ? stream : nullptr);"),
+    _binding("b_fwd_steps_stream0", "the per-step forward's launches on the legacy stream",
+           "launch_forward_step<decltype(cl)::value, T_>(\n"
+           "          p, rec.data_ptr<float>(), static_cast<int>(s), stream);",
+           "launch_forward_step<decltype(cl)::value, T_>(\n"
+           "          p, rec.data_ptr<float>(), static_cast<int>(s), false ? stream : nullptr);"),
+    _binding("b_bwd_steps_stream0", "the per-step backward's launches on the legacy stream",
+           "launch_backward_step<decltype(cl)::value, T_>(\n"
+           "          p, rec.data_ptr<float>(), static_cast<int>(s), stream);",
+           "launch_backward_step<decltype(cl)::value, T_>(\n"
+           "          p, rec.data_ptr<float>(), static_cast<int>(s), false ? stream : nullptr);"),
     _binding("b_tile_range", "tile_block takes 3",
            "TORCH_CHECK(tiles == 1 || tiles == 2 || tiles == 4,",
            "TORCH_CHECK(tiles >= 1 && tiles <= 4,"),
@@ -424,7 +456,8 @@ MUTANTS = [
 ]
 
 SWEEP = ["tests/cuda/test_accuracy_sweep.py"]
-SUITE = ["tests/cuda/test_cuda_gpu.py", "tests/cuda/test_cuda_sim.py"]
+SUITE = ["tests/cuda/test_host_binding.py", "tests/cuda/test_cuda_gpu.py",
+         "tests/cuda/test_cuda_sim.py"]
 # binding.cpp's mutants: its host build (host_binding.py) behind test_cuda_gpu.py (the default
 # stand-in there), its refusals included, and against its mirror; with --full, those marked
 # "asan" also run test_cuda_sim.py's AddressSanitizer case (the binding instrumented too).

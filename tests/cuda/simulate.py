@@ -216,6 +216,8 @@ def _load(sanitize: str, csrc: Path, ucontext: bool = False,
             lib.sim_plan.argtypes = [i] * 13 + [ctypes.POINTER(ctypes.c_int)]
             lib.sim_make_plan.argtypes = [i] * 9 + [ctypes.POINTER(ctypes.c_int)]
             lib.sim_last_launch.argtypes = [ctypes.POINTER(ctypes.c_int), i]
+            lib.sim_set_current_stream.argtypes = [ctypes.c_size_t]
+            lib.sim_stream_launches.argtypes = [ctypes.POINTER(ctypes.c_longlong)] * 2
             lib.sim_forward.argtypes = [i] * 16 + [p, fp, p, fp, p, fp, p, fp, p, i, i, i, fp, fp,
                                                    i]
             lib.sim_backward.argtypes = [i] * 15 + [p] * 14 + [i, i, i, fp, i]
@@ -310,6 +312,19 @@ class Simulator:
             return None
         assert n == len(out), (n, len(out))
         return out[-1], dict(zip(LAUNCH_FIELDS, out[:-1]))
+
+    def set_current_stream(self, stream: int) -> None:
+        """The stream c10 reports current, in this thread, to the host build of the binding
+        (host_binding.py): an opaque nonzero integer names one, 0 is the legacy default stream
+        (the mirror launches on it). Launches run to their end on any stream."""
+        self.lib.sim_set_current_stream(stream)
+
+    def stream_launches(self) -> tuple[int, int]:
+        """(on, off): the launches so far, in this process, that named the current stream of
+        the thread that made them, and those that named another."""
+        on, off = ctypes.c_longlong(), ctypes.c_longlong()
+        self.lib.sim_stream_launches(ctypes.byref(on), ctypes.byref(off))
+        return on.value, off.value
 
     def cluster_launches(self) -> int:
         """Launches so far (in this process) that ran as clusters, not their fallback."""

@@ -334,3 +334,42 @@ def test_the_binding_leaves_its_inputs_as_they_were(pair, mode, steps):
     for k, v in kept.items():
         if isinstance(v, torch.Tensor):
             assert torch.equal(bwd[k], v), f"backward wrote its input {k}"
+
+
+@pytest.mark.parametrize("name,settings,steps", [
+    ("plain", {}, False), ("cluster8", {"max_groups": 3, "cluster": 8}, False),
+    ("lengths-rev-steps", {"lengths": True, "reverse": True}, True)],
+    ids=["plain", "cluster8", "steps"])
+def test_every_launch_names_c10s_current_stream(pair, name, settings, steps):
+    """binding.cpp queues its kernels on c10's current stream of the tensors' device: on a GPU
+    a launch on any other (the legacy stream 0, say) runs unordered with the torch ops around
+    it, and breaks CUDA graph capture. HostBinding gives each call a current stream of its
+    own; every launch of a chunk named it (a persistent launch a direction, as a cluster too;
+    on the per-step path one launch a step forward, and T + 1 backward, the last one dh0's)
+    and none named another."""
+    host, _ = pair
+    T = 3
+    fwd, grads = _inputs(0, T, 70, 20, torch.bfloat16, settings.get("lengths", False), seed=9)
+    on, off = host.stream_launches()
+    clusters = host.cluster_launches()
+    _chunk(host, 0, fwd, grads, settings, allow_tf32=False, steps=steps)
+    assert host.stream_launches() == (on + (2 * T + 1 if steps else 2), off)
+    assert host.cluster_launches() - clusters == (2 if name == "cluster8" else 0)
+
+
+def test_a_launch_off_the_current_stream_fails_the_call(pair, monkeypatch):
+    """The check above can fail: the mirror launches on the legacy stream (nullptr), so a
+    'binding' that is the mirror counts one launch off the stream HostBinding named, and the
+    call fails with an AssertionError that says so."""
+    host, sim = pair
+    monkeypatch.setattr(host, "ext", type("Stub", (), {"forward": staticmethod(sim.forward)})())
+    fwd, _ = _inputs(2, 2, 3, 20, torch.float32, False, seed=10)
+    on, off = host.stream_launches()
+    with pytest.raises(AssertionError, match=r"forward made 1 launch\(es\) on a stream other "
+                                             r"than c10's current one \(0x[0-9a-f]+\)"):
+        host.forward(**fwd, reverse=False, allow_tf32=False, save=False, max_groups=1,
+                     max_stage_k=1 << 30)
+    assert host.stream_launches() == (on, off + 1)
+    sim.forward(**fwd, reverse=False, allow_tf32=False, save=False, max_groups=1,
+                max_stage_k=1 << 30)  # the stream is the legacy one again after the call
+    assert host.stream_launches() == (on + 1, off + 1)

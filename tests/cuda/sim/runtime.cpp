@@ -288,6 +288,9 @@ std::map<const void*, Describe>& describers() {
   return d;
 }
 std::vector<int> g_last_launch;  // what the last described launch ran, then its number
+// c10's current stream (set_current_stream): per thread, as c10's is.
+thread_local cudaStream_t t_current_stream = nullptr;
+long long g_on_stream = 0, g_off_stream = 0;  // launches that named it, and another
 int g_described = 0;             // described launches so far
 std::map<const void*, int>& max_dynamic_smem() {
   static std::map<const void*, int> m;
@@ -954,6 +957,16 @@ void register_kernel(const void* func, void (*invoke)(const void*, void**), Desc
 
 const std::vector<int>& last_launch() { return g_last_launch; }
 
+cudaStream_t current_stream() { return t_current_stream; }
+void set_current_stream(uintptr_t stream) {
+  t_current_stream = reinterpret_cast<cudaStream_t>(stream);
+}
+void stream_launches(long long* on, long long* off) {
+  std::lock_guard<std::mutex> lock(g_launch_mutex);
+  *on = g_on_stream;
+  *off = g_off_stream;
+}
+
 }  // namespace cudasim
 
 namespace nvcuda {
@@ -1033,7 +1046,7 @@ namespace {
 // Runs one launch to its end (both launch APIs): checks shared memory, sets up the fibers and
 // schedules them.
 cudaError_t run_launch(const void* func, dim3 grid, dim3 block, void** args, size_t smem,
-                       bool cooperative, unsigned cluster) {
+                       bool cooperative, unsigned cluster, cudaStream_t stream) {
   g_last_message.clear();
   auto reg = registry().find(func);
   if (reg == registry().end()) return t_last_error = cudaErrorInvalidValue;
@@ -1050,6 +1063,7 @@ cudaError_t run_launch(const void* func, dim3 grid, dim3 block, void** args, siz
     return t_last_error = cudaErrorClusterOutOfResources;
 
   std::lock_guard<std::mutex> lock(g_launch_mutex);
+  ++(stream == t_current_stream ? g_on_stream : g_off_stream);
   auto describe = describers().find(func);  // before any thread runs: the launch's own params
   if (describe != describers().end()) {
     g_last_launch = describe->second(args);
@@ -1135,8 +1149,7 @@ bool cluster_of(const cudaLaunchConfig_t* config, const void* func, unsigned* cl
 
 cudaError_t cudaLaunchCooperativeKernel(const void* func, dim3 grid, dim3 block, void** args,
                                         size_t smem, cudaStream_t stream) {
-  (void)stream;
-  return cudasim::run_launch(func, grid, block, args, smem, /*cooperative=*/true, 0);
+  return cudasim::run_launch(func, grid, block, args, smem, /*cooperative=*/true, 0, stream);
 }
 
 cudaError_t cudaLaunchKernelExC(const cudaLaunchConfig_t* config, const void* func,
@@ -1149,7 +1162,8 @@ cudaError_t cudaLaunchKernelExC(const cudaLaunchConfig_t* config, const void* fu
     return cudasim::failed(cooperative ? cudaErrorCooperativeLaunchTooLarge
                                        : cudaErrorClusterOutOfResources);
   const cudaError_t e = cudasim::run_launch(func, config->gridDim, config->blockDim, args,
-                                            config->dynamicSmemBytes, cooperative, cluster);
+                                            config->dynamicSmemBytes, cooperative, cluster,
+                                            config->stream);
   // A launch that ran and failed inside (a broken rule, not a refusal before it ran) returns
   // success, as on a GPU, where a kernel's own failure comes back only at a later
   // synchronization: the launcher would take an error here for a refusal and rerun the plan

@@ -342,6 +342,11 @@ int sim_last_launch(int* out, int n) {
   return static_cast<int>(v.size());
 }
 
+// The current stream in this thread (sim_api.h set_current_stream), and the launches so far
+// that named it and another one.
+void sim_set_current_stream(uintptr_t stream) { cudasim::set_current_stream(stream); }
+void sim_stream_launches(long long* on, long long* off) { cudasim::stream_launches(on, off); }
+
 // How many launches ran as clusters (fused_rnn.h cluster_launches).
 long long sim_cluster_launches() { return fused_rnn::cluster_launches; }
 

@@ -46,6 +46,12 @@ bool release_stacks();
 // The kernel translation units register each kernel at load time: how to call it with its
 // args, and how to describe its launches (cudasim.h register_kernel, Describe).
 
+// The stream c10 reports current to the binding's host build (cudasim.h current_stream) in
+// this thread, as an integer: 0 is the legacy default stream, anything else names one. Then how many launches
+// so far named it (on) and named another (off), counted per launch API call that ran.
+void set_current_stream(uintptr_t stream);
+void stream_launches(long long* on, long long* off);
+
 // The last described launch (empty before the first): kernels.cpp describe's fields, then
 // the launch's number (1, 2, ... in this process).
 const std::vector<int>& last_launch();

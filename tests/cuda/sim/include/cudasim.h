@@ -199,6 +199,14 @@ struct cudaLaunchAttribute {
 };
 struct CUstream_st;
 using cudaStream_t = CUstream_st*;
+namespace cudasim {
+// Streams are names here: every launch runs to its end before it returns, on whatever stream it
+// names. The current stream is the one c10's getCurrentCUDAStream gives the host build of
+// csrc/binding.cpp (sim/host/c10/cuda/CUDAStream.h), set by the test (sim_api.h
+// set_current_stream; nullptr, the legacy default stream, unless set); each launch counts as on
+// it or off it, so a launch that names another stream (0, say) shows.
+cudaStream_t current_stream();
+}  // namespace cudasim
 // The fields of the real struct that csrc reads: the virtual architecture the function was
 // compiled for (major*10+minor: a build without sm_90 code reports 80 on an H100, where the
 // cluster branches are compiled out) and its static shared memory (csrc has none).
