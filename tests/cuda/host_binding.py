@@ -131,6 +131,10 @@ _junk_flag: ctypes.c_bool | None = None
 # A new current stream for each call (HostBinding._call): a launch on the legacy stream, or on
 # a stream an earlier call saw, counts as off it. Nothing dereferences these names.
 _streams = itertools.count(0x5_7000, 0x100)
+# The caller's current device during each call: not the one its tensors are on (the simulated
+# device 0), as for a model on cuda:0 called while cuda:1 is current. The binding's device guard
+# makes 0 current for its launches; a launch or device query outside it fails.
+OTHER_DEVICE = 1
 
 
 def _junk_fill() -> ctypes.c_bool:
@@ -156,6 +160,8 @@ class HostBinding:
     (``mma_count`` and the others) are the shared library's, so they count the binding's
     launches. Each call gets a current stream of its own (c10's ``getCurrentCUDAStream`` in the
     host build); a launch that names any other stream fails the call with an AssertionError.
+    Each call is made with another device current (``OTHER_DEVICE``), which the binding's device
+    guard must switch from for its launches, and back to after.
     """
 
     def __init__(self, **kwargs):
@@ -176,15 +182,20 @@ class HostBinding:
         stream = next(_streams)
         self.sim.set_current_stream(stream)
         off = self.sim.stream_launches()[1]
+        self.sim.set_current_device(OTHER_DEVICE)
         try:
             return getattr(self.ext, name)(*args, **kwargs)
         finally:
+            device = self.sim.current_device()
+            self.sim.set_current_device(0)
             self.sim.set_current_stream(0)
             flag.value = before
             strays = self.sim.stream_launches()[1] - off
             assert strays == 0, (
                 f"binding.cpp's {name} made {strays} launch(es) on a stream other than c10's "
                 f"current one (0x{stream:x})")
+            assert device == OTHER_DEVICE, (
+                f"binding.cpp's {name} left device {device} current, not the caller's")
 
     def _bound(self, name: str, args, kwargs) -> dict:
         sig = inspect.signature(getattr(simulate.Simulator, name))

@@ -430,6 +430,23 @@ MUTANTS = [
            "          p, rec.data_ptr<float>(), static_cast<int>(s), stream);",
            "launch_backward_step<decltype(cl)::value, T_>(\n"
            "          p, rec.data_ptr<float>(), static_cast<int>(s), false ? stream : nullptr);"),
+    _binding("b_fwd_noguard", "the persistent forward without its device guard",
+           "  const c10::cuda::CUDAGuard guard(c.dev);\n"
+           "  const Planned pl = planned(c, allow_tf32, /*backward=*/false,",
+           "  const Planned pl = planned(c, allow_tf32, /*backward=*/false,"),
+    _binding("b_bwd_noguard", "the persistent backward without its device guard",
+           "  const c10::cuda::CUDAGuard guard(c.dev);\n"
+           "  const Planned pl = planned(c, allow_tf32, /*backward=*/true,",
+           "  const Planned pl = planned(c, allow_tf32, /*backward=*/true,"),
+    _binding("b_fwd_steps_noguard", "the per-step forward without its device guard",
+           "  const c10::cuda::CUDAGuard guard(c.dev);\n  at::Tensor hbuf",
+           "  at::Tensor hbuf"),
+    _binding("b_bwd_steps_noguard", "the per-step backward without its device guard",
+           "  const c10::cuda::CUDAGuard guard(c.dev);\n  at::Tensor dgbuf",
+           "  at::Tensor dgbuf"),
+    _binding("b_image_noguard", "kernel_image asks the current device, not the one named",
+           "  const c10::cuda::CUDAGuard guard(static_cast<c10::DeviceIndex>(index));\n",
+           ""),
     _binding("b_tile_range", "tile_block takes 3",
            "TORCH_CHECK(tiles == 1 || tiles == 2 || tiles == 4,",
            "TORCH_CHECK(tiles >= 1 && tiles <= 4,"),

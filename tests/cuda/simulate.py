@@ -218,6 +218,7 @@ def _load(sanitize: str, csrc: Path, ucontext: bool = False,
             lib.sim_last_launch.argtypes = [ctypes.POINTER(ctypes.c_int), i]
             lib.sim_set_current_stream.argtypes = [ctypes.c_size_t]
             lib.sim_stream_launches.argtypes = [ctypes.POINTER(ctypes.c_longlong)] * 2
+            lib.sim_set_current_device.argtypes = [i]
             lib.sim_forward.argtypes = [i] * 16 + [p, fp, p, fp, p, fp, p, fp, p, i, i, i, fp, fp,
                                                    i]
             lib.sim_backward.argtypes = [i] * 15 + [p] * 14 + [i, i, i, fp, i]
@@ -325,6 +326,17 @@ class Simulator:
         on, off = ctypes.c_longlong(), ctypes.c_longlong()
         self.lib.sim_stream_launches(ctypes.byref(on), ctypes.byref(off))
         return on.value, off.value
+
+    def current_device(self) -> int:
+        """The calling thread's current device: 0, the simulated one, unless set."""
+        return int(self.lib.sim_current_device())
+
+    def set_current_device(self, device: int) -> None:
+        """Make ``device`` the calling thread's current device. Any but 0 stands for another
+        GPU, which holds none of the simulated memory: every launch, occupancy query and
+        function attribute call fails there (cudaErrorInvalidDevice) until a device guard or
+        cudaSetDevice(0) makes 0 current again."""
+        self.lib.sim_set_current_device(device)
 
     def cluster_launches(self) -> int:
         """Launches so far (in this process) that ran as clusters, not their fallback."""

@@ -192,6 +192,8 @@ def test_device_queries_answer_for_the_simulated_device(pair):
     assert host.kernel_image(0) == [0, 90, 90]
     with pytest.raises(RuntimeError, match="no CUDA device 1"):
         host.kernel_image(1)
+    with pytest.raises(RuntimeError, match="cudaErrorInvalidDevice"):
+        host.device_info(1)
     old = host_binding.HostBinding(sms=8, ptx_version=80)  # a build without sm_90 code
     assert old.kernel_image(0) == [0, 90, 80]
     host.sim._configure()  # the library is shared: back to the module fixture's device
@@ -357,12 +359,26 @@ def test_every_launch_names_c10s_current_stream(pair, name, settings, steps):
     assert host.cluster_launches() - clusters == (2 if name == "cluster8" else 0)
 
 
+def _guarded(run):
+    """``run`` (the mirror's) as from inside a device guard: device 0 current, then the
+    caller's again."""
+    def call(*args, **kwargs):
+        sim = simulate.Simulator(sms=8)
+        before = sim.current_device()
+        sim.set_current_device(0)
+        try:
+            return run(*args, **kwargs)
+        finally:
+            sim.set_current_device(before)
+    return staticmethod(call)
+
+
 def test_a_launch_off_the_current_stream_fails_the_call(pair, monkeypatch):
     """The check above can fail: the mirror launches on the legacy stream (nullptr), so a
-    'binding' that is the mirror counts one launch off the stream HostBinding named, and the
-    call fails with an AssertionError that says so."""
+    'binding' that is the mirror (with a device guard) counts one launch off the stream
+    HostBinding named, and the call fails with an AssertionError that says so."""
     host, sim = pair
-    monkeypatch.setattr(host, "ext", type("Stub", (), {"forward": staticmethod(sim.forward)})())
+    monkeypatch.setattr(host, "ext", type("Stub", (), {"forward": _guarded(sim.forward)})())
     fwd, _ = _inputs(2, 2, 3, 20, torch.float32, False, seed=10)
     on, off = host.stream_launches()
     with pytest.raises(AssertionError, match=r"forward made 1 launch\(es\) on a stream other "
@@ -373,3 +389,24 @@ def test_a_launch_off_the_current_stream_fails_the_call(pair, monkeypatch):
     sim.forward(**fwd, reverse=False, allow_tf32=False, save=False, max_groups=1,
                 max_stage_k=1 << 30)  # the stream is the legacy one again after the call
     assert host.stream_launches() == (on + 1, off + 1)
+
+
+def test_the_binding_launches_under_its_device_guard(pair, monkeypatch):
+    """HostBinding calls the binding with another device current (a model on cuda:0 called
+    while cuda:1 is current); binding.cpp's device guard makes the tensors' device current for
+    its launches and device queries, and the caller's again after (HostBinding asserts that
+    too). Without a guard (the mirror, which has none) the launcher's device queries are
+    refused on the wrong device (cudasim simulates device 0 only), and nothing runs."""
+    host, sim = pair
+    fwd, grads = _inputs(0, 2, 3, 20, torch.float32, False, seed=11)
+    _chunk(host, 0, fwd, grads, {}, allow_tf32=False)
+    _chunk(host, 0, fwd, grads, {}, allow_tf32=False, steps=True)
+    assert host.kernel_image(0) == [0, 90, 90]
+    assert sim.current_device() == 0  # HostBinding leaves device 0 current for the mirror
+    monkeypatch.setattr(host, "ext", type("Stub", (), {"forward": staticmethod(sim.forward)})())
+    on, off = host.stream_launches()
+    with pytest.raises(RuntimeError, match="cudaErrorInvalidDevice"):
+        host.forward(**fwd, reverse=False, allow_tf32=False, save=False, max_groups=1,
+                     max_stage_k=1 << 30)
+    assert host.stream_launches() == (on, off)
+    assert sim.current_device() == 0

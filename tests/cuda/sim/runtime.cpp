@@ -291,6 +291,7 @@ std::vector<int> g_last_launch;  // what the last described launch ran, then its
 // c10's current stream (set_current_stream): per thread, as c10's is.
 thread_local cudaStream_t t_current_stream = nullptr;
 long long g_on_stream = 0, g_off_stream = 0;  // launches that named it, and another
+thread_local int t_device = 0;  // the current device (cudaGetDevice), per thread as CUDA's
 int g_described = 0;             // described launches so far
 std::map<const void*, int>& max_dynamic_smem() {
   static std::map<const void*, int> m;
@@ -958,6 +959,7 @@ void register_kernel(const void* func, void (*invoke)(const void*, void**), Desc
 const std::vector<int>& last_launch() { return g_last_launch; }
 
 cudaStream_t current_stream() { return t_current_stream; }
+void set_current_device(int device) { t_device = device; }
 void set_current_stream(uintptr_t stream) {
   t_current_stream = reinterpret_cast<cudaStream_t>(stream);
 }
@@ -983,12 +985,18 @@ void check_pointer(const void* p, unsigned ldm_bytes, const char* what) {
 using cudasim::g_config;
 
 cudaError_t cudaGetDevice(int* device) {
-  *device = 0;
+  *device = cudasim::t_device;
+  return cudaSuccess;
+}
+
+cudaError_t cudaSetDevice(int device) {
+  if (device != 0) return cudasim::failed(cudaErrorInvalidDevice);
+  cudasim::t_device = 0;
   return cudaSuccess;
 }
 
 cudaError_t cudaDeviceGetAttribute(int* value, cudaDeviceAttr attr, int device) {
-  if (device != 0) return cudasim::failed(cudaErrorInvalidValue);
+  if (device != 0) return cudasim::failed(cudaErrorInvalidDevice);  // no such device here
   switch (attr) {
     case cudaDevAttrMultiProcessorCount: *value = g_config.sms; return cudaSuccess;
     case cudaDevAttrCooperativeLaunch: *value = 1; return cudaSuccess;
@@ -1000,6 +1008,7 @@ cudaError_t cudaDeviceGetAttribute(int* value, cudaDeviceAttr attr, int device) 
 }
 
 cudaError_t cudaFuncSetAttribute(const void* func, cudaFuncAttribute attr, int value) {
+  if (cudasim::t_device != 0) return cudasim::failed(cudaErrorInvalidDevice);
   if (attr == cudaFuncAttributeNonPortableClusterSizeAllowed) {
     if (cudasim::g_refuse & cudasim::kRefuseNonPortableClusters)
       return cudasim::failed(cudaErrorNotSupported);
@@ -1014,6 +1023,7 @@ cudaError_t cudaFuncSetAttribute(const void* func, cudaFuncAttribute attr, int v
 }
 
 cudaError_t cudaFuncGetAttributes(cudaFuncAttributes* attr, const void* func) {
+  if (cudasim::t_device != 0) return cudasim::failed(cudaErrorInvalidDevice);
   *attr = cudaFuncAttributes{};
   attr->ptxVersion = g_config.ptx_version;
   attr->binaryVersion = 90;  // the simulated device is sm_90 (PTX is JIT-compiled for it)
@@ -1025,6 +1035,7 @@ cudaError_t cudaFuncGetAttributes(cudaFuncAttributes* attr, const void* func) {
 
 cudaError_t cudaOccupancyMaxActiveBlocksPerMultiprocessorImpl(int* blocks, const void* func,
                                                               int block_size, size_t smem) {
+  if (cudasim::t_device != 0) return cudasim::failed(cudaErrorInvalidDevice);
   if (block_size <= 0 || block_size > 1024) return cudasim::failed(cudaErrorInvalidValue);
   const int by_threads = cudasim::kMaxThreadsPerSm / block_size;
   const size_t per_block = smem + cudasim::kReservedSmemPerBlock;
@@ -1048,6 +1059,7 @@ namespace {
 cudaError_t run_launch(const void* func, dim3 grid, dim3 block, void** args, size_t smem,
                        bool cooperative, unsigned cluster, cudaStream_t stream) {
   g_last_message.clear();
+  if (t_device != 0) return t_last_error = cudaErrorInvalidDevice;  // not the memory's device
   auto reg = registry().find(func);
   if (reg == registry().end()) return t_last_error = cudaErrorInvalidValue;
   auto attr = max_dynamic_smem().find(func);
@@ -1178,6 +1190,7 @@ cudaError_t cudaLaunchKernelExC(const cudaLaunchConfig_t* config, const void* fu
 
 cudaError_t cudaOccupancyMaxActiveClusters(int* clusters, const void* func,
                                            const cudaLaunchConfig_t* config) {
+  if (cudasim::t_device != 0) return cudasim::failed(cudaErrorInvalidDevice);
   unsigned cluster = 0;
   bool cooperative = false;
   if (!cudasim::cluster_of(config, func, &cluster, &cooperative) || cluster == 0 ||
@@ -1284,6 +1297,7 @@ const char* cudaGetErrorName(cudaError_t err) {
   switch (err) {
     case cudaSuccess: return "cudaSuccess";
     case cudaErrorInvalidValue: return "cudaErrorInvalidValue";
+    case cudaErrorInvalidDevice: return "cudaErrorInvalidDevice";
     case cudaErrorNotSupported: return "cudaErrorNotSupported";
     case cudaErrorCooperativeLaunchTooLarge: return "cudaErrorCooperativeLaunchTooLarge";
     case cudaErrorLaunchFailure: return "cudaErrorLaunchFailure";

@@ -347,6 +347,14 @@ int sim_last_launch(int* out, int n) {
 void sim_set_current_stream(uintptr_t stream) { cudasim::set_current_stream(stream); }
 void sim_stream_launches(long long* on, long long* off) { cudasim::stream_launches(on, off); }
 
+// The calling thread's current device, and setting it (sim_api.h set_current_device).
+int sim_current_device() {
+  int device = -1;
+  cudaGetDevice(&device);
+  return device;
+}
+void sim_set_current_device(int device) { cudasim::set_current_device(device); }
+
 // How many launches ran as clusters (fused_rnn.h cluster_launches).
 long long sim_cluster_launches() { return fused_rnn::cluster_launches; }
 

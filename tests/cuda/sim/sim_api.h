@@ -51,6 +51,9 @@ bool release_stacks();
 // so far named it (on) and named another (off), counted per launch API call that ran.
 void set_current_stream(uintptr_t stream);
 void stream_launches(long long* on, long long* off);
+// The calling thread's current device (cudasim.h set_current_device): 0, the simulated one,
+// or another, on which every call that acts on the current device fails.
+void set_current_device(int device);
 
 // The last described launch (empty before the first): kernels.cpp describe's fields, then
 // the launch's number (1, 2, ... in this process).

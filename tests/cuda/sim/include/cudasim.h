@@ -170,6 +170,7 @@ inline unsigned atomicAdd(unsigned* p, unsigned v) { return __atomic_fetch_add(p
 enum cudaError_t {
   cudaSuccess = 0,
   cudaErrorInvalidValue = 1,
+  cudaErrorInvalidDevice = 101,
   cudaErrorNotSupported = 801,
   cudaErrorCooperativeLaunchTooLarge = 720,
   cudaErrorLaunchFailure = 719,
@@ -206,6 +207,13 @@ namespace cudasim {
 // set_current_stream; nullptr, the legacy default stream, unless set); each launch counts as on
 // it or off it, so a launch that names another stream (0, say) shows.
 cudaStream_t current_stream();
+// Devices: cudasim simulates one, device 0, which holds all of its memory. A test may make
+// another the calling thread's current device (sim_api.h set_current_device: the caller's
+// current GPU is not the one its tensors are on), which only cudaSetDevice(0) leaves; while it
+// is current, every call that acts on the current device (a function's attributes, occupancy,
+// a launch) fails with cudaErrorInvalidDevice. c10's device guard in the host build of the
+// binding (sim/host/c10/cuda/CUDAGuard.h) makes device 0 current and restores the caller's.
+void set_current_device(int device);
 }  // namespace cudasim
 // The fields of the real struct that csrc reads: the virtual architecture the function was
 // compiled for (major*10+minor: a build without sm_90 code reports 80 on an H100, where the
@@ -223,6 +231,7 @@ struct cudaLaunchConfig_t {
 };
 
 cudaError_t cudaGetDevice(int* device);
+cudaError_t cudaSetDevice(int device);
 cudaError_t cudaDeviceGetAttribute(int* value, cudaDeviceAttr attr, int device);
 cudaError_t cudaFuncSetAttribute(const void* func, cudaFuncAttribute attr, int value);
 cudaError_t cudaFuncGetAttributes(cudaFuncAttributes* attr, const void* func);
