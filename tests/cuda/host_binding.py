@@ -148,13 +148,57 @@ def _junk_fill() -> ctypes.c_bool:
     return _junk_flag
 
 
+# cuBLAS's 16-bit GEMM with an fp32 result (aten::mm.dtype_out, torch >= 2.8), which binding.cpp
+# step_mm asks for on the per-step path: torch has it for CUDA only, so on the CPU the binding
+# would always take its promote fallback. A CPU kernel stands in for it, registered once a
+# process (HostBinding's sixteen_bit_gemm), with the checks torch's CUDA kernel makes: both
+# operands of one dtype, out_dtype that dtype or fp32 for 16-bit operands, and the out tensor of
+# out_dtype. It forms the same exact products and sums them in fp32, as cuBLAS does (in an order
+# of its own): the promoted operands' GEMM, the mirror's.
+_gemm_lib = None
+GEMM_CALLS: list[tuple[torch.dtype, torch.dtype]] = []  # (operand dtype, out_dtype) a call
+
+
+def _mm_dtype_out(self, mat2, out_dtype, *, out):
+    if self.dtype != mat2.dtype:
+        raise RuntimeError(f"cuBLAS stand-in: operands of two dtypes, {self.dtype} and "
+                           f"{mat2.dtype}")
+    if out_dtype != self.dtype and not (
+            out_dtype == torch.float32 and self.dtype in (torch.float16, torch.bfloat16)):
+        raise RuntimeError(f"cuBLAS stand-in: out_dtype {out_dtype} for {self.dtype} operands "
+                           "(their own dtype, or float32 for 16-bit ones)")
+    if out.dtype != out_dtype:
+        raise RuntimeError(f"cuBLAS stand-in: an out tensor of {out.dtype} for out_dtype "
+                           f"{out_dtype}")
+    GEMM_CALLS.append((self.dtype, out_dtype))
+    if out_dtype == torch.float32:
+        return torch.mm(self.float(), mat2.float(), out=out)
+    return out.copy_(torch.mm(self.float(), mat2.float()))
+
+
+def install_sixteen_bit_gemm() -> bool:
+    """Give this process's CPU an aten::mm.dtype_out (the stand-in above), where torch has the
+    overload and no CPU kernel of its own for it; True where the CPU then has one."""
+    global _gemm_lib
+    if not hasattr(torch.ops.aten.mm, "dtype_out"):
+        return False  # torch < 2.8: binding.cpp promotes without asking
+    with _lock:
+        if _gemm_lib is None and not torch._C._dispatch_has_kernel_for_dispatch_key(
+                "aten::mm.dtype_out", "CPU"):
+            _gemm_lib = torch.library.Library("aten", "IMPL")
+            _gemm_lib.impl("mm.dtype_out", _mm_dtype_out, "CPU")
+    return True
+
+
 class HostBinding:
     """Stands in for the compiled extension, like ``simulate.Simulator``, with binding.cpp's own
     entry points (``forward``, ``backward``, ``forward_steps``, ``backward_steps``,
     ``plan_info``, ``device_info``, ``kernel_image``, ``cluster_launches``).
 
     The keyword arguments are ``Simulator``'s (the simulated device, thread order, sanitizer,
-    csrc). Its ``launches`` records each call in the Simulator's form, a persistent one with
+    csrc), and ``sixteen_bit_gemm``: install the CPU's stand-in for cuBLAS's 16-bit GEMM with
+    an fp32 result (``install_sixteen_bit_gemm``; for the whole process), so that the per-step
+    path runs as on a GPU, not its promote fallback. Its ``launches`` records each call in the Simulator's form, a persistent one with
     the plan and settings its kernel was launched with (read off the params binding.cpp
     filled, ``Simulator.last_launch``); a call the binding refuses is not recorded. Counters
     (``mma_count`` and the others) are the shared library's, so they count the binding's
@@ -164,7 +208,9 @@ class HostBinding:
     guard must switch from for its launches, and back to after.
     """
 
-    def __init__(self, **kwargs):
+    def __init__(self, *, sixteen_bit_gemm: bool = True, **kwargs):
+        if sixteen_bit_gemm:
+            install_sixteen_bit_gemm()
         self.sim = simulate.Simulator(**kwargs)
         self.ext = load(kwargs.get("sanitize", ""), Path(kwargs.get("csrc", simulate.CSRC)))
         self.launches = self.sim.launches

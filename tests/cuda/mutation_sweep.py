@@ -447,6 +447,14 @@ MUTANTS = [
     _binding("b_image_noguard", "kernel_image asks the current device, not the one named",
            "  const c10::cuda::CUDAGuard guard(static_cast<c10::DeviceIndex>(index));\n",
            ""),
+    # The per-step GEMM as on a GPU: the CPU has it through HostBinding's stand-in for cuBLAS's
+    # 16-bit GEMM (host_binding.py); a refused call is promoted with a warning, the same bits.
+    _binding("b_steps_mm_dtype", "the per-step 16-bit GEMM asks for a 16-bit result",
+           "      at::mm_out(out, a, b, at::kFloat);",
+           "      at::mm_out(out, a, b, a.scalar_type());"),
+    _binding("b_steps_mm_swap", "the per-step 16-bit GEMM's operands swapped (the fallback's not)",
+           "      at::mm_out(out, a, b, at::kFloat);",
+           "      at::mm_out(out, b, a, at::kFloat);"),
     _binding("b_tile_range", "tile_block takes 3",
            "TORCH_CHECK(tiles == 1 || tiles == 2 || tiles == 4,",
            "TORCH_CHECK(tiles >= 1 && tiles <= 4,"),

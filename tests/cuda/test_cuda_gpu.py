@@ -83,9 +83,6 @@ STANDIN = "emulate" if EMULATE else "sim" if SIM in SIM_BUILDS else None
 HOST_BINDING = STANDIN == "sim" and SIM_BUILDS[SIM][1]
 DEVICE = "cpu" if STANDIN else "cuda"
 pytestmark = [] if STANDIN else [pytest.mark.gpu]
-if HOST_BINDING:  # the CPU's torch refuses the per-step 16-bit GEMM: the binding promotes
-    pytestmark.append(pytest.mark.filterwarnings(
-        "ignore:fused_rnn CUDA backend. torch refused the per-step path"))
 gpu_only = pytest.mark.skipif(STANDIN is not None, reason=f"needs a GPU (stand-in: {STANDIN})")
 
 
@@ -316,12 +313,12 @@ def test_matches_reference(cuda_ext, monkeypatch, mode, dt, shape, variant):
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         ours = _run(cuda_backend.rnn_layer, mode, leaves, dtype, lens, reverse, cots)
-    # On a GPU: cuBLAS took the step GEMMs' 16-bit operands as they are (binding.cpp step_mm
-    # warns, once a process, where torch refused and it promoted them). The host build's CPU
-    # torch has no 16-bit GEMM with an fp32 result, so there the binding always promotes
-    # (test_host_binding.py checks that fallback).
+    # cuBLAS took the step GEMMs' 16-bit operands as they are (binding.cpp step_mm warns, once
+    # a process, where torch refused and it promoted them): on a GPU, and on the host build,
+    # whose HostBinding gives the CPU a stand-in for that GEMM (test_host_binding.py checks
+    # the fallback without it).
     refused = [str(w.message) for w in caught if "refused the per-step path" in str(w.message)]
-    assert not refused or HOST_BINDING, refused
+    assert not refused, refused
     if STANDIN == "sim" and step:  # the per-step loops ran, and nothing else
         assert [d for d, _, _ in cuda_ext.launches[before:]] == ["forward_steps",
                                                                  "backward_steps"]

@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import warnings
 import zlib
 from pathlib import Path
 
@@ -141,15 +142,23 @@ def test_the_binding_gives_its_mirrors_bits(pair, mode, dt, name, B, H, settings
 @pytest.mark.parametrize("mode", list(CELLS))
 def test_the_per_step_path_gives_its_mirrors_bits(pair, mode, dt, lengths_rev):
     """forward_steps and backward_steps: the binding's loop of torch GEMMs (step_mm) and step
-    launches against the mirror's, bit for bit. On the CPU torch has no 16-bit GEMM with an
-    fp32 result, so the binding promotes the operands: the same exact products in fp32."""
+    launches against the mirror's, bit for bit. 16-bit operands go to the GEMM as they are, as
+    on a GPU (aten::mm.dtype_out: HostBinding's stand-in for cuBLAS's), one a step forward and
+    one a step after the first backward, with no fallback; fp32 ones to torch's fp32 GEMM."""
     cell = CELLS[mode]
     settings = {"lengths": True, "reverse": True} if lengths_rev else {}
-    fwd, grads = _inputs(cell, 4, 5, 24, DTYPES[dt], lengths_rev, seed=7)
+    T = 4
+    fwd, grads = _inputs(cell, T, 5, 24, DTYPES[dt], lengths_rev, seed=7)
     host, sim = pair
-    ours = _chunk(host, cell, fwd, grads, settings, allow_tf32=False, steps=True)
+    calls = len(host_binding.GEMM_CALLS)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the fallback's warning would be an error here
+        ours = _chunk(host, cell, fwd, grads, settings, allow_tf32=False, steps=True)
     mirror = _chunk(sim, cell, fwd, grads, settings, allow_tf32=False, steps=True)
     _same_bits(ours, mirror, f"{mode} {dt} steps")
+    sixteen = DTYPES[dt] != torch.float32 and host_binding.install_sixteen_bit_gemm()
+    assert host_binding.GEMM_CALLS[calls:] == (
+        [(DTYPES[dt], torch.float32)] * (2 * T) if sixteen else [])
 
 
 _FALLBACK_CHILD = r"""
@@ -157,8 +166,13 @@ import json, sys, warnings, torch
 sys.path.insert(0, sys.argv[1])
 import host_binding, simulate
 from test_host_binding import _inputs, _chunk
-host, sim = host_binding.HostBinding(sms=8), simulate.Simulator(sms=8)
+host, sim = host_binding.HostBinding(sms=8, sixteen_bit_gemm=False), simulate.Simulator(sms=8)
 fwd, grads = _inputs(1, 3, 4, 16, torch.bfloat16, False, seed=3)
+try:  # the CPU's own torch: no 16-bit GEMM with an fp32 result
+    torch.mm(fwd["h0"], fwd["w_hh"].t(), out_dtype=torch.float32)
+    sys.exit("the CPU took torch.mm(..., out_dtype=float32) on bf16 operands")
+except NotImplementedError:
+    pass
 with warnings.catch_warnings(record=True) as caught:
     warnings.simplefilter("always")
     runs = [_chunk(host, 1, fwd, grads, {}, False, steps=True) for _ in range(2)]
@@ -169,10 +183,10 @@ print(json.dumps({"warnings": [str(w.message) for w in caught],
 
 
 def test_the_per_step_path_promotes_once_with_a_warning_where_torch_refuses():
-    """binding.cpp step_mm: where torch refuses the 16-bit GEMM with an fp32 result (the CPU
-    always does; some cuBLAS layouts may), the operands are promoted, with one warning a
-    process that names torch's refusal, and the results are still the mirror's bits. In a
-    child process, as the warning is once a process."""
+    """binding.cpp step_mm: where torch refuses the 16-bit GEMM with an fp32 result (the CPU's
+    torch, without HostBinding's stand-in for cuBLAS's; some cuBLAS layouts may), the operands
+    are promoted, with one warning a process that names torch's refusal, and the results are
+    still the mirror's bits. In a child process, as the warning is once a process."""
     r = subprocess.run([sys.executable, "-c", _FALLBACK_CHILD, str(HERE)], capture_output=True,
                        text=True, timeout=600, check=False, cwd=HERE)
     assert r.returncode == 0, r.stderr[-3000:]
