@@ -39,6 +39,9 @@ from types import ModuleType
 
 import simulate
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from fused_rnn.ops.common import gemm_fp32_precision
 
 HOST = simulate.SIM / "host"
 MODULE = "fused_rnn_host_binding"
@@ -190,6 +193,22 @@ def install_sixteen_bit_gemm() -> bool:
     return True
 
 
+class _StepGemms(TorchDispatchMode):
+    """Records, at each fp32 GEMM (aten::mm.out) the binding's per-step loop makes (step_mm),
+    the precision torch's fp32 GEMMs were set to then (common.gemm_fp32_precision): what cuBLAS
+    would run it in on a GPU. The CPU has no TF32, so only this shows the setting; the mirror
+    records the same (Simulator.step_gemm_precisions)."""
+
+    def __init__(self, record: list[str]):
+        super().__init__()
+        self.record = record
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func is torch.ops.aten.mm.out:
+            self.record.append(gemm_fp32_precision())
+        return func(*args, **(kwargs or {}))
+
+
 class HostBinding:
     """Stands in for the compiled extension, like ``simulate.Simulator``, with binding.cpp's own
     entry points (``forward``, ``backward``, ``forward_steps``, ``backward_steps``,
@@ -214,6 +233,7 @@ class HostBinding:
         self.sim = simulate.Simulator(**kwargs)
         self.ext = load(kwargs.get("sanitize", ""), Path(kwargs.get("csrc", simulate.CSRC)))
         self.launches = self.sim.launches
+        self.step_gemm_precisions: list[str] = []  # as Simulator's, from this binding's GEMMs
 
     def __getattr__(self, name):
         # the simulated device's counters and settings (mma_count, sms, release_stacks, ...)
@@ -265,14 +285,27 @@ class HostBinding:
     def backward(self, *args, **kwargs):
         return self._persistent("backward", args, kwargs)
 
+    def _steps(self, name: str, data: str, args, kwargs):
+        """forward_steps or backward_steps; for fp32 data (the argument ``data``), each step
+        GEMM's precision recorded as the mirror does (16-bit data's GEMMs, or their fallback's
+        promoted ones, are not recorded there either)."""
+        try:
+            fp32 = self._bound(name, args, kwargs)[data].dtype == torch.float32
+        except (TypeError, AttributeError):  # a call the binding refuses itself
+            fp32 = False
+        if not fp32:
+            return self._call(name, *args, **kwargs)
+        with _StepGemms(self.step_gemm_precisions):
+            return self._call(name, *args, **kwargs)
+
     def forward_steps(self, *args, **kwargs):
-        out = self._call("forward_steps", *args, **kwargs)
+        out = self._steps("forward_steps", "h0", args, kwargs)
         a = self._bound("forward_steps", args, kwargs)
         self.launches.append(("forward_steps", int(a["mode"]), {"steps": a["xproj"].shape[0]}))
         return out
 
     def backward_steps(self, *args, **kwargs):
-        out = self._call("backward_steps", *args, **kwargs)
+        out = self._steps("backward_steps", "w_hh", args, kwargs)
         a = self._bound("backward_steps", args, kwargs)
         self.launches.append(("backward_steps", int(a["mode"]), {"steps": a["dy"].shape[0]}))
         return out

@@ -379,16 +379,26 @@ def test_the_step_path_runs_the_persistent_kernels_cells(install, monkeypatch, m
         torch.testing.assert_close(b, a, rtol=tol, atol=tol, msg=lambda m, i=i: f"tensor {i}: {m}")
 
 
+@pytest.mark.parametrize("standin", ["mirror", "binding"])
 @pytest.mark.parametrize("rnn", ["ieee", "tf32"])
 def test_the_step_paths_gemms_follow_cudnn_rnn_precision(install, monkeypatch,
-                                                         fp32_precision_restored, rnn):
+                                                         fp32_precision_restored, rnn, standin):
     """fp32 data: every step GEMM (forward and backward) runs on TF32 exactly where cuDNN's RNN
-    may, whatever torch's matmul setting was, and that setting is left as it was."""
+    may, whatever torch's matmul setting was, and that setting is left as it was. Behind the
+    mirror (its GEMMs in Python) and behind binding.cpp itself (its at::mm_out calls, recorded
+    by HostBinding as they dispatch)."""
     monkeypatch.setenv("FUSED_RNN_CUDA_PATH", "step")
     common.cudnn_rnn_setting().fp32_precision = rnn
     torch.backends.cuda.matmul.fp32_precision = "ieee" if rnn == "tf32" else "tf32"
     before = torch.backends.cuda.matmul.fp32_precision
-    sim = install(sms=4)
+    if standin == "binding":
+        host_binding = pytest.importorskip("host_binding")
+        reason = host_binding.unavailable_reason()
+        if reason:
+            pytest.skip(f"the host build of binding.cpp: {reason}")
+        sim = install_standin(monkeypatch, host_binding.HostBinding(sms=4))
+    else:
+        sim = install(sms=4)
     g = torch.Generator().manual_seed(0)
     x = torch.randn(3, 2, 5, generator=g, requires_grad=True)
     h0 = torch.randn(2, 8, generator=g, requires_grad=True)
