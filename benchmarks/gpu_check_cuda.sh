@@ -241,8 +241,9 @@ if wants phases && ! skip_if_kernels_unusable phases; then
 fi
 
 # The step primitives alone (benchmarks/microbench.cu, ~40 s with its build): grid.sync,
-# cluster.sync at 2-16 blocks, an exchange of 4-192 KB per block through L2 or through
-# distributed shared memory, each checked for wrong words first, and passes through 8-256 KB of
+# cluster.sync at 2-16 blocks, an exchange of 4-192 KB per block through L2 (after grid.sync,
+# or as tagged words with no barrier) or through distributed shared memory, each checked for
+# wrong words first, and passes through 8-256 KB of
 # straight-line code (what an instruction costs once a step's code outgrows the instruction
 # caches). Its table goes to the logs (microbench.md) and is printed here; it prices the leads
 # in NOTES.md.

@@ -28,6 +28,15 @@
 //   off an mbarrier in the receiving block; a block waits on its own mbarrier until the whole
 //   step has landed. No cluster barrier in the step: on sm_90 every cluster.sync() compiles to
 //   a GPU-wide fence (MEMBAR.ALL.GPU) before the barrier itself, this step has none.
+// - exchange grid-tagged X: the grid exchange with no barrier at all. X bytes of 16-bit values
+//   (h, or the dgates, in bf16/fp16) travel as 2X bytes of 32-bit words, each a value in its low
+//   half and the step's tag in its high half (NCCL's low-latency protocol, in 32-bit words).
+//   Each block writes its share with relaxed 16-byte stores, then every block loads every
+//   word with relaxed loads (8 chunks in flight a thread), reloads a chunk until its four tags
+//   say this step, and keeps the values in shared memory. A 32-bit store is single-copy atomic,
+//   so a word's tag vouches for its value: no fence and no grid.sync(). What a step then costs
+//   is about one trip through L2 after the last block's store, against "exchange grid"'s
+//   grid.sync() and copy: the barrier-free step the persistent kernels could take.
 // - fetch N KB: one pass through N KB of straight-line code (independent FFMAs) on every SM,
 //   with one warp and with eight warps an SM, and its cycles per instruction and warp: what an
 //   instruction costs once a step's code no longer fits in the instruction caches.
@@ -299,6 +308,118 @@ __global__ void __launch_bounds__(kThreads, 1)
   // No trailing barrier: every byte sent to a block lands before that block's last wait ends.
 }
 
+// Tagged words: relaxed (single-copy atomic, gpu-scope) 16-byte loads and stores of 4 words.
+// On cudasim: relaxed atomics, and a poll that waits (cudasim::wait_word) instead of spinning.
+__device__ __forceinline__ uint4 ld_relaxed16(const uint4* p) {
+#ifdef __CUDA_SIM__
+  const unsigned* w = reinterpret_cast<const unsigned*>(p);
+  return make_uint4(::cudasim::load_relaxed(w), ::cudasim::load_relaxed(w + 1),
+                    ::cudasim::load_relaxed(w + 2), ::cudasim::load_relaxed(w + 3));
+#else
+  uint4 v;
+  asm volatile("ld.relaxed.gpu.global.v4.b32 {%0,%1,%2,%3}, [%4];"
+               : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w) : "l"(p) : "memory");
+  return v;
+#endif
+}
+
+__device__ __forceinline__ void st_relaxed16(uint4* p, const uint4& v) {
+#ifdef __CUDA_SIM__
+  unsigned* w = reinterpret_cast<unsigned*>(p);
+  ::cudasim::store_relaxed(w, v.x);
+  ::cudasim::store_relaxed(w + 1, v.y);
+  ::cudasim::store_relaxed(w + 2, v.z);
+  ::cudasim::store_relaxed(w + 3, v.w);
+#else
+  asm volatile("st.relaxed.gpu.global.v4.b32 [%0], {%1,%2,%3,%4};" ::"l"(p), "r"(v.x),
+               "r"(v.y), "r"(v.z), "r"(v.w) : "memory");
+#endif
+}
+
+constexpr uint32_t kTagMask = 0xFFFF0000u;
+
+// Step s's tag: s + 1 in the high half, so a zeroed buffer matches no step before 65535 (and
+// by then each buffer holds the step two before).
+__device__ __forceinline__ uint32_t step_tag(int s) { return static_cast<uint32_t>(s + 1) << 16; }
+
+__device__ __forceinline__ bool has_tag(const uint4& v, uint32_t tag) {
+  return ((v.x & kTagMask) == tag) & ((v.y & kTagMask) == tag) & ((v.z & kTagMask) == tag) &
+         ((v.w & kTagMask) == tag);
+}
+
+// Before a reload of a chunk that lacked the tag: nothing on a GPU (the loop spins on L2);
+// cudasim's thread sleeps until every word of the chunk holds it.
+__device__ __forceinline__ void poll_pause(const uint4* p, uint32_t tag) {
+#ifdef __CUDA_SIM__
+  const unsigned* w = reinterpret_cast<const unsigned*>(p);
+  for (int j = 0; j < 4; ++j) ::cudasim::wait_word(w + j, kTagMask, tag);
+#else
+  (void)p;
+  (void)tag;
+#endif
+}
+
+// Chunk c of step s's tagged buffer: the low halves of its expected words, under the tag.
+__device__ __forceinline__ uint4 tagged_chunk(uint32_t salt, int step, uint32_t c) {
+  const uint4 v = chunk_value(salt, step, c);
+  const uint32_t tag = step_tag(step);
+  return make_uint4(tag | (v.x & 0xFFFFu), tag | (v.y & 0xFFFFu), tag | (v.z & 0xFFFFu),
+                    tag | (v.w & 0xFFFFu));
+}
+
+// Tagged exchange over the grid, no barrier in the step ("exchange grid-tagged" above): the
+// step-s buffer is n16 chunks of 4 tagged words in `exchange`, one per step parity; every
+// block keeps the 4 n16 values, two to a word, in shared memory. Double buffering as in
+// exchange_dsmem_kernel, ordered by the data alone: a block rewrites a buffer (step s + 2) only
+// after it has read all of step s + 1 (the __syncthreads ending each step puts every read of a
+// step before any of the block's writes of the next), and every block writes its share of
+// step s + 1 only after it has read all of step s. In the RNN kernels the recurrence gives the
+// same order. A nonzero `salt` checks every value.
+__global__ void __launch_bounds__(kThreads, 1)
+    exchange_tagged_kernel(uint4* exchange, uint32_t n16, int steps, uint32_t salt,
+                           unsigned* errors) {
+  constexpr int kInFlight = 8;
+  unsigned* stage = dynamic_smem<unsigned>();  // 2 n16 words: chunk c's values at 2c, 2c + 1
+  uint32_t first, last;
+  share(n16, blockIdx.x, gridDim.x, &first, &last);
+  for (int s = 0; s < steps; ++s) {
+    uint4* buf = exchange + (size_t)(s & 1) * n16;
+    const uint32_t tag = step_tag(s);
+    for (uint32_t c = first + threadIdx.x; c < last; c += blockDim.x)
+      st_relaxed16(buf + c, tagged_chunk(salt, s, c));
+    for (uint32_t c0 = threadIdx.x; c0 < n16; c0 += kInFlight * blockDim.x) {
+      uint4 v[kInFlight];
+#pragma unroll
+      for (int k = 0; k < kInFlight; ++k) {
+        const uint32_t c = c0 + k * blockDim.x;
+        if (c < n16) v[k] = ld_relaxed16(buf + c);
+      }
+#pragma unroll
+      for (int k = 0; k < kInFlight; ++k) {
+        const uint32_t c = c0 + k * blockDim.x;
+        if (c >= n16) continue;
+        while (!has_tag(v[k], tag)) {
+          poll_pause(buf + c, tag);
+          v[k] = ld_relaxed16(buf + c);
+        }
+        stage[2 * c] = (v[k].x & 0xFFFFu) | (v[k].y << 16);
+        stage[2 * c + 1] = (v[k].z & 0xFFFFu) | (v[k].w << 16);
+      }
+    }
+    __syncthreads();
+    if (salt) {
+      unsigned bad = 0;
+      for (uint32_t c = threadIdx.x; c < n16; c += blockDim.x) {
+        const uint4 e = chunk_value(salt, s, c);
+        bad += (stage[2 * c] != ((e.x & 0xFFFFu) | (e.y << 16))) +
+               (stage[2 * c + 1] != ((e.z & 0xFFFFu) | (e.w << 16)));
+      }
+      if (bad) atomicAdd(errors, bad);
+    }
+    __syncthreads();  // the stage is rewritten, and the other buffer written, next step
+  }
+}
+
 // ---- instruction fetch ---------------------------------------------------------------------
 
 // A persistent kernel's step runs thousands of instructions of straight-line code once each
@@ -534,6 +655,27 @@ int main(int argc, char** argv) {
     const long bad = checked_errors(run, check_steps, errors);
     const double us = timed([&](int n) { run(n, 0); });
     rows.push_back({"exchange grid", sms, x, us, bad, "write share, grid.sync, cp.async all"});
+  }
+
+  // The tagged exchange: X bytes of values as 2X bytes of words (4X for the two buffers, which
+  // `exchange` holds), zeroed before every launch so that no word left by an earlier launch
+  // carries a step's tag (the memset is in the timed launches and the empty ones alike).
+  for (long x : sizes) {
+    const uint32_t n16 = static_cast<uint32_t>(2 * x / 16);
+    if ((size_t)x > smem_max || (size_t)4 * x > (size_t)2 * sms * (192 << 10)) continue;
+    const void* k = (const void*)exchange_tagged_kernel;
+    allow_smem(k, x);
+    int fit = 0;
+    CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&fit, k, kThreads, x));
+    if (fit < 1) continue;
+    auto run = [&](int n, uint32_t salt) {
+      CHECK(cudaMemset(exchange, 0, (size_t)2 * n16 * 16));
+      launch(exchange_tagged_kernel, sms, 0, x, exchange, n16, n, salt, errors);
+    };
+    const long bad = checked_errors(run, check_steps, errors);
+    const double us = timed([&](int n) { run(n, 0); });
+    rows.push_back({"exchange grid-tagged", sms, x, us, bad,
+                    "tagged words (reads 2x the bytes): write share, poll all, no barrier"});
   }
 
   if (clusters_ok) {

@@ -1,7 +1,8 @@
 """``benchmarks/microbench.cu`` on the CPU: its kernels and host code built against cudasim
 (``sim/``) and run with ``--check-only``, so the program that prices the NOTES leads on the first
 GPU call has already run here, in several thread orders, and its word-for-word check is shown to
-catch a missing barrier or wait, a single-buffered exchange or a short mbarrier count. Built with
+catch a missing barrier or wait, a single-buffered exchange, a short mbarrier count, or a tagged
+exchange that reads words before their tag says so or rewrites them before they are read. Built with
 ThreadSanitizer, its clean passes report no race, and the two single-buffered exchanges no thread
 order can show are named as races."""
 
@@ -24,9 +25,10 @@ FLAGS = ["-std=c++20", "-O2", "-Wall", "-Wextra", "-Werror", "-Wno-unknown-pragm
 
 pytestmark = pytest.mark.skipif(GXX is None, reason="g++ is not on PATH (needed for cudasim)")
 
-# 5 sizes through the grid, 5 (global) + 4 (DSMEM) + 4 (DSMEM with mbarriers; two 192 KB buffers
-# do not fit) per cluster size 4, 8 and 16 on a 16-SM simulated device.
-EXCHANGE_ROWS = 5 + 3 * (5 + 4 + 4)
+# 5 sizes through the grid, with the barrier and tagged, 5 (global) + 4 (DSMEM) + 4 (DSMEM with
+# mbarriers; two 192 KB buffers do not fit) per cluster size 4, 8 and 16 on a 16-SM simulated
+# device.
+EXCHANGE_ROWS = 2 * 5 + 3 * (5 + 4 + 4)
 
 
 @pytest.fixture(scope="module")
@@ -70,7 +72,7 @@ def test_checked_passes_on_cudasim(clean_exe, tmp_path, order, early):
     assert len(exchanges) == EXCHANGE_ROWS, table.read_text()
     assert all(row[4] == "0" for row in exchanges), table.read_text()
     assert not any("not launchable" in row[5] for row in rows), table.read_text()
-    assert {row[0] for row in rows} >= {"grid.sync", "cluster.sync c=16",
+    assert {row[0] for row in rows} >= {"grid.sync", "cluster.sync c=16", "exchange grid-tagged",
                                         "exchange dsmem c=16", "exchange cluster-global c=4",
                                         "exchange dsmem-mbarrier c=16"}
     # the instruction-fetch passes ran (one pass each, untimed), 8 to 256 KB of code
@@ -117,6 +119,17 @@ MUTANTS = {
     # phase two steps back has not completed, which cudasim refuses (undefined on a GPU).
     "mbarrier-no-wait": ("    mbar_wait_parity(&bars[b], (s >> 1) & 1);\n", "",
                          "more arrivals than its count in one phase"),
+    # The tagged exchange, reading each chunk once whatever its tags say: words not yet written.
+    "tagged-no-poll": ("        while (!has_tag(v[k], tag)) {", "        if (false) {", MISMATCH),
+    # One tagged buffer: a block that has read step s writes its step s + 1 share over words a
+    # slower block has yet to read (cudasim wakes a polling reader as late as it can), which
+    # then waits for step s's tag forever.
+    "tagged-one-buffer": ("    uint4* buf = exchange + (size_t)(s & 1) * n16;",
+                          "    uint4* buf = exchange;", "a deadlock"),
+    # Readers that wait for step 0's tag at every step: step 1's words, stored under their own
+    # step's tag, never carry it.
+    "tagged-fixed-tag": ("    const uint32_t tag = step_tag(s);",
+                         "    const uint32_t tag = step_tag(0);", "a deadlock"),
 }
 # Not mutants here: the global exchanges and the mbarrier exchange with one buffer. Each step
 # ends at a block barrier before the next step's writes, and cudasim releases a block barrier
@@ -174,8 +187,8 @@ def test_checked_passes_under_thread_sanitizer(tmp_path, tsan_runtime_obj):
     r, table = _run_tsan(SOURCE, tsan_runtime_obj, tmp_path)
     assert r.returncode == 0 and "ThreadSanitizer" not in r.stderr, r.stderr[-4000:]
     text = table.read_text()
-    for kind in ("exchange grid", "exchange cluster-global c=4", "exchange dsmem c=4",
-                 "exchange dsmem-mbarrier c=4"):
+    for kind in ("exchange grid", "exchange grid-tagged", "exchange cluster-global c=4",
+                 "exchange dsmem c=4", "exchange dsmem-mbarrier c=4"):
         rows = [line for line in text.splitlines() if line.startswith(f"| {kind} |")]
         assert len(rows) >= 4 and all(row.split("|")[5].strip() == "0" for row in rows), text
 

@@ -71,7 +71,8 @@ namespace {
 struct Abort {};  // unwinds a simulated thread when its launch fails
 
 enum class State {
-  kRunnable, kAtBlockBarrier, kAtGridBarrier, kAtClusterBarrier, kAtMbarrier, kAtWarp, kDone
+  kRunnable, kAtBlockBarrier, kAtGridBarrier, kAtClusterBarrier, kAtMbarrier, kAtWarp, kAtWord,
+  kDone
 };
 
 constexpr size_t kStackBytes = 256 * 1024;  // per fiber (ASan frames are large)
@@ -199,6 +200,8 @@ struct Thread {
   unsigned barriers_passed[3] = {};       // CUDASIM_TSAN: block, cluster, grid barriers so far
   unsigned warp_calls = 0;                // warp collectives (warp_exchange) so far
   const char* warp_op = nullptr;          // kAtWarp: the collective it waits in
+  const unsigned* wait_word = nullptr;    // kAtWord: the word, and what it waits for it to hold
+  unsigned wait_mask = 0, wait_want = 0;  // ((*wait_word & wait_mask) == wait_want)
 };
 
 // One warp's collectives (warp_exchange): two buffers, used alternately by a lane's calls.
@@ -510,8 +513,10 @@ bool resolve_barriers(Launch& L, std::mt19937_64& rng) {
     size_t at_block = 0;
     for (unsigned k = 0; k < per_block; ++k) at_block += first[k].state == State::kAtBlockBarrier;
     if (at_block == 0) continue;
-    bool mbar_waits = false;  // the block is not ready, but may become so once a phase completes
-    for (unsigned k = 0; k < per_block; ++k) mbar_waits |= first[k].state == State::kAtMbarrier;
+    // The block is not ready, but may become so once a phase completes or a word is stored.
+    bool mbar_waits = false;
+    for (unsigned k = 0; k < per_block; ++k)
+      mbar_waits |= first[k].state == State::kAtMbarrier || first[k].state == State::kAtWord;
     if (mbar_waits) continue;
     if (at_block != per_block) {
       const Thread* waiting = first;
@@ -573,6 +578,25 @@ bool resolve_barriers(Launch& L, std::mt19937_64& rng) {
   if (at_grid == L.threads.size()) {
     for (Thread& t : L.threads) t.state = State::kRunnable;
     return true;
+  }
+  // Threads polling tagged words (wait_word), last: a reader wakes only when nothing else can
+  // go on, so a writer that does not wait for its readers overwrites a word before they see it.
+  bool woke = false;
+  for (Thread& t : L.threads) {
+    if (t.state == State::kAtWord &&
+        (__atomic_load_n(t.wait_word, __ATOMIC_RELAXED) & t.wait_mask) == t.wait_want) {
+      t.state = State::kRunnable;
+      woke = true;
+    }
+  }
+  if (woke) return true;
+  for (size_t i = 0; i < L.threads.size(); ++i) {
+    const Thread& t = L.threads[i];
+    if (t.state != State::kAtWord) continue;
+    fail("%s waits for the word at %p to hold %#x under the mask %#x (it holds %#x), which no "
+         "thread can store: a deadlock", describe(L, i).c_str(),
+         static_cast<const void*>(t.wait_word), t.wait_want, t.wait_mask,
+         __atomic_load_n(t.wait_word, __ATOMIC_RELAXED));
   }
   for (size_t i = 0; i < L.threads.size(); ++i) {
     const Thread& t = L.threads[i];
@@ -854,6 +878,16 @@ void mbarrier_arrive_expect_tx(void* bar, unsigned bytes) {
   --m.pending;
   complete_if_done(bar, m);
   mbarrier_sync(bar, parity, PhaseSide::kArrive);
+}
+
+void wait_word(const unsigned* p, unsigned mask, unsigned want) {
+  if (reinterpret_cast<uintptr_t>(p) % alignof(unsigned) != 0)
+    fail("a tagged word at %p is not 4-byte aligned", static_cast<const void*>(p));
+  if ((__atomic_load_n(p, __ATOMIC_RELAXED) & mask) == want) return;
+  g_current->wait_word = p;
+  g_current->wait_mask = mask;
+  g_current->wait_want = want;
+  yield(State::kAtWord);  // resumed once the word holds it (resolve_barriers)
 }
 
 void mbarrier_wait_parity(const void* bar, unsigned parity) {

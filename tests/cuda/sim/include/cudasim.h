@@ -7,7 +7,8 @@
 //
 // Execution model (runtime.cpp): every CUDA thread of a launch is a fiber with its own stack,
 // and one runs at a time. The scheduler switches to a thread, which runs until its next barrier
-// (__syncthreads, grid.sync, cluster.sync) or its end, then switches back. Between two barriers
+// (__syncthreads, grid.sync, cluster.sync), a wait (an mbarrier phase, a tagged word) or its
+// end, then switches back. Between two barriers
 // the threads therefore run one after another in an order the scheduler picks (ascending,
 // descending or a seeded shuffle), and blocks (clusters) are released from their barriers one at
 // a time, so they drift apart as far as grid.sync (cluster.sync) allows: in a cluster launch
@@ -37,7 +38,8 @@
 //   * built with -DCUDASIM_TSAN=1 and the kernels with -fsanitize=thread (simulate.py), every
 //     simulated thread is a ThreadSanitizer fiber ordered only by the launch, the barriers and
 //     mbarrier phases: two accesses to the same bytes, one a write, that no barrier orders are
-//     reported as a data race with both stacks (runtime.cpp), in any memory the kernels touch.
+//     reported as a data race with both stacks (runtime.cpp), in any memory the kernels touch
+//     (but for the relaxed atomics of tagged words, which order nothing: wait_word).
 // A cudaLaunchKernelExC launch that ran and broke a rule returns success, as on a GPU, and the
 // failure comes back at the next synchronization (or sim_api's entry point): an error from the
 // launch call would read as a refusal, and the launcher would rerun the plan as a plain grid.
@@ -133,6 +135,16 @@ void mbarrier_init(void* bar, unsigned count);
 void mbarrier_arrive_expect_tx(void* bar, unsigned bytes);
 void mbarrier_wait_parity(const void* bar, unsigned parity);
 void st_async(void* dst, const void* src, size_t bytes, void* bar);
+// Words that carry their own step tag (benchmarks/microbench.cu's barrier-free exchange, after
+// NCCL's low-latency protocol): stored and loaded whole as relaxed atomics (st/ld.relaxed.gpu;
+// here __atomic, so ThreadSanitizer counts them as atomics, not as a race, and orders nothing by
+// them), and a thread polling a word until (word & mask) == want waits in wait_word instead of
+// spinning: it sleeps until no thread can run and no barrier can be released, then wakes if a
+// store has made the word so (as late as a GPU allows: a slow reader). A wait that no thread
+// can end fails the launch as a deadlock.
+inline unsigned load_relaxed(const unsigned* p) { return __atomic_load_n(p, __ATOMIC_RELAXED); }
+inline void store_relaxed(unsigned* p, unsigned v) { __atomic_store_n(p, v, __ATOMIC_RELAXED); }
+void wait_word(const unsigned* p, unsigned mask, unsigned want);
 // What a launch ran, read off its params before its threads start (tests/cuda/sim/kernels.cpp
 // describe), for sim_api's last_launch; nullptr: not recorded.
 using Describe = std::vector<int> (*)(void** args);
