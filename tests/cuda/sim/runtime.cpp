@@ -499,7 +499,8 @@ std::string describe(const Launch& L, size_t i) {
 }
 
 // Called when no thread can run. Releases one block barrier (else one cluster's barrier, else
-// the grid barrier when every thread waits there). Returns false when all threads are done.
+// the grid barrier when every thread waits there, else the threads whose polled words now hold
+// what they wait for). Returns false when all threads are done.
 //
 // One block at a time, picked by the order (first, last or random): the released block runs
 // on to its next barrier while the others wait, so blocks drift apart as far as the grid
