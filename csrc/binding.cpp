@@ -123,9 +123,9 @@ int checked_frag_loads(int64_t mode) {
 }
 
 int checked_stage_copy(int64_t mode) {
-  TORCH_CHECK(mode >= fused_rnn::kStageRegisters && mode <= fused_rnn::kStagePipelined,
-              "fused_rnn CUDA backend: stage_copy must be 0 (registers), 1 (cp.async) or 2 ",
-              "(pipelined cp.async), got ", num(mode));
+  TORCH_CHECK(mode >= fused_rnn::kStageRegisters && mode <= fused_rnn::kStageTagged,
+              "fused_rnn CUDA backend: stage_copy must be 0 (registers), 1 (cp.async), 2 ",
+              "(pipelined cp.async) or 3 (tagged), got ", num(mode));
   return static_cast<int>(mode);
 }
 
@@ -211,15 +211,56 @@ void check_counts(int64_t T, int64_t B) {
               ", B=", num(B));
 }
 
+// The stage copy a launch runs: the setting, but kStageRegisters (the same slices, the same
+// bits) where it asks for the tagged exchange and the plan cannot take it
+// (fused_rnn.h tagged_exchange: fp32, no staging, K parts, a DSMEM mirror).
+int launch_stage_copy(int64_t stage_copy, const Plan& plan, c10::ScalarType st, int cluster_mode) {
+  const int copy = checked_stage_copy(stage_copy);
+  if (copy == fused_rnn::kStageTagged && !fused_rnn::tagged_exchange(plan, storage_of(st),
+                                                                     cluster_mode))
+    return fused_rnn::kStageRegisters;
+  return copy;
+}
+
+// The exchange buffer (2, B_pad, k_pad), zeros but `first` (B, H) in the first rows and
+// columns of buffer 0 where it is given (h0). Tagged (kStageTagged): int32 words, a value's
+// 16 bits in the low half (`first` as its bits), buffer 0 under kFirstTag and buffer 1 all
+// zeros, whose tag no step has (rnn_common.cuh exchange_tag); else in the storage type.
+at::Tensor exchange_buffer(bool tagged, int64_t B_pad, int64_t k_pad,
+                           const at::TensorOptions& storage, const at::Tensor& first) {
+  if (!tagged) {
+    at::Tensor buf = at::zeros({2, B_pad, k_pad}, storage);
+    if (first.defined())
+      buf[0].narrow(0, 0, first.size(0)).narrow(1, 0, first.size(1)).copy_(first);
+    return buf;
+  }
+  at::Tensor buf = at::zeros({2, B_pad, k_pad}, storage.dtype(at::kInt));
+  buf[0].fill_(static_cast<int64_t>(fused_rnn::kFirstTag));
+  if (first.defined())
+    buf[0].narrow(0, 0, first.size(0)).narrow(1, 0, first.size(1))
+        .bitwise_or_(first.view(at::kShort).to(at::kInt).bitwise_and(0xFFFF));
+  return buf;
+}
+
+// Rows [0, B) and columns [0, H) of exchange buffer i as a contiguous (B, H) tensor of `st`
+// (h_n): a copy, so that it does not keep the whole buffer alive. Tagged, each word's low half
+// (the first of its two int16 on a little-endian host and GPU), read as `st`.
+at::Tensor exchange_values(const at::Tensor& buf, int64_t i, int64_t B, int64_t H, bool tagged,
+                           c10::ScalarType st) {
+  at::Tensor v = tagged ? buf[i].view(at::kShort).narrow(0, 0, B).slice(1, 0, 2 * H, 2).view(st)
+                        : buf[i].narrow(0, 0, B).narrow(1, 0, H);
+  return v.clone(at::MemoryFormat::Contiguous);
+}
+
 // The persistent launch's fields of FwdParams or BwdParams: the plan and the checked settings.
 template <typename Params>
 void set_launch(Params& p, const Plan& plan, int64_t batch_pad, long long* prof,
-                int64_t stage_copy, int64_t tile_block, int64_t point_batch, int64_t frag_loads,
+                int stage_copy, int64_t tile_block, int64_t point_batch, int64_t frag_loads,
                 int cluster_mode, const at::Tensor& part) {
   p.plan = plan;
   p.batch_pad = static_cast<int>(batch_pad);
   p.prof = prof;
-  p.stage_copy = checked_stage_copy(stage_copy);
+  p.stage_copy = stage_copy;  // checked: launch_stage_copy
   p.tile_block = checked_tile_block(tile_block);
   p.point_batch = checked_point_batch(point_batch);
   p.frag_loads = checked_frag_loads(frag_loads);
@@ -428,13 +469,14 @@ std::vector<at::Tensor> forward(int64_t mode, at::Tensor xproj, at::Tensor h0,
   const Plan& plan = sel.plan;
   const int64_t B_pad = pl.batch_pad;
   const int cluster_mode = pl.cluster_mode;
-  at::Tensor hbuf = at::zeros({2, B_pad, plan.k_pad}, h0.options());
-  hbuf[0].narrow(0, 0, c.B).narrow(1, 0, c.H).copy_(h0);
+  const int copy = launch_stage_copy(stage_copy, plan, c.st, cluster_mode);
+  const bool tagged = copy == fused_rnn::kStageTagged;
+  at::Tensor hbuf = exchange_buffer(tagged, B_pad, plan.k_pad, h0.options(), h0);
   FwdOutputs o = forward_outputs(c, xproj, h0, c0, save);
   fused_rnn::FwdParams p =
       forward_params(c, xproj, w_hh, b_hh, b_ih, lengths, reverse, save, o, hbuf);
   const at::Tensor part = part_buffer(plan, B_pad, xproj.options());
-  set_launch(p, plan, B_pad, prof_ptr(prof, c.dev, plan), stage_copy, tile_block, point_batch,
+  set_launch(p, plan, B_pad, prof_ptr(prof, c.dev, plan), copy, tile_block, point_batch,
              frag_loads, cluster_mode, part);
 
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(c.dev.index()).stream();
@@ -445,8 +487,7 @@ std::vector<at::Tensor> forward(int64_t mode, at::Tensor xproj, at::Tensor h0,
   FRNN_CHECK_CUDA(fused_rnn::dispatch(c.cell, storage_of(c.st), sel.math, launch));
   // A copy: where B and H fill the padded buffer the slice is contiguous already, and
   // .contiguous() would return it, keeping all of hbuf alive with the state.
-  at::Tensor h_n = hbuf[c.T % 2].narrow(0, 0, c.B).narrow(1, 0, c.H).clone(
-      at::MemoryFormat::Contiguous);
+  at::Tensor h_n = exchange_values(hbuf, c.T % 2, c.B, c.H, tagged, c.st);
   at::Tensor c_n = c.cell == Cell::kLSTM ? o.cbuf.to(c.st) : at::empty({0}, h0.options());
   return {o.y, h_n, c_n, o.aux};
 }
@@ -473,12 +514,14 @@ std::vector<at::Tensor> backward(int64_t mode, at::Tensor dy, at::Tensor dh_n,
   const Plan& plan = sel.plan;
   const int64_t B_pad = pl.batch_pad;
   const int cluster_mode = pl.cluster_mode;
-  at::Tensor dgbuf = at::zeros({2, B_pad, plan.k_pad}, dy.options());
+  const int copy = launch_stage_copy(stage_copy, plan, c.st, cluster_mode);
+  at::Tensor dgbuf = exchange_buffer(copy == fused_rnn::kStageTagged, B_pad, plan.k_pad,
+                                     dy.options(), at::Tensor());
   BwdOutputs o = backward_outputs(c, dy, dh_n, dc_n);
   fused_rnn::BwdParams p =
       backward_params(c, dy, w_hh, gates, aux, c0, hprev, lengths, reverse, o, dgbuf);
   const at::Tensor part = part_buffer(plan, B_pad, gates.options());
-  set_launch(p, plan, B_pad, prof_ptr(prof, c.dev, plan), stage_copy, tile_block, point_batch,
+  set_launch(p, plan, B_pad, prof_ptr(prof, c.dev, plan), copy, tile_block, point_batch,
              frag_loads, cluster_mode, part);
 
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(c.dev.index()).stream();

@@ -47,7 +47,25 @@ enum StageCopy : int {
   kStageRegisters = 0,  // loads into registers, then stores (8 x 16 B in flight per thread)
   kStageAsync = 1,      // cp.async, all of a slice in flight at once, then the matmul
   kStagePipelined = 2,  // cp.async into two half-width buffers: slice s+1 lands during s's matmul
+  kStageTagged = 3,     // 16-bit X as tagged words, polled: no step barrier (tagged_exchange)
 };
+
+// The tagged exchange (kStageTagged; rnn_common.cuh Exchange): the exchange buffer holds 32-bit
+// words, a 16-bit value in the low half and the tag of the step it belongs to in the high half,
+// each stored whole. The stage copy reloads a word until its tag is the step's, so a block
+// knows X is complete without a barrier, and the step barrier goes. kFirstTag is step 0's: the
+// binding writes h0 (forward) and the zero dgates of iteration 0 (backward) under it into
+// buffer 0 and zeroes buffer 1, whose tag 0 no step has.
+constexpr unsigned kFirstTag = 1u << 16;
+
+// Whether a launch of `plan` can take kStageTagged: 16-bit storage (a value and its tag fill a
+// word), X staged (plan.stage_k > 0: the copy is what polls), no K parts (their partial sums
+// are reused every step, after the step barrier) and no DSMEM mirror (an exchange of its own).
+// The binding runs kStageRegisters elsewhere, which copies the same slices: the same bits.
+inline bool tagged_exchange(const Plan& plan, Storage st, int cluster) {
+  return st != Storage::kFloat32 && plan.stage_k > 0 && plan.parts == 1 &&
+         cluster != kClusterGroupsDsmem && cluster != kClusterTeams;
+}
 
 // How the WMMA kernels load their operands and accumulators (rnn_common.cuh frag_load).
 enum FragLoads : int {
@@ -77,7 +95,8 @@ struct FwdParams {
   float* aux;               // when save: LSTM c_t after step t (the carried value on masked
                             //   steps), GRU W_hn h_{t-1} + b_hn; (T, B, H) fp32; else nullptr
   long long* prof;          // (>= blocks, kProfSlots) int64 phase timings, or nullptr (off)
-  int stage_copy;           // StageCopy: how X is copied into the stage
+  int stage_copy;           // StageCopy: how X is copied into the stage (kStageTagged: hbuf
+                            //   holds tagged words, kFirstTag on h0; tagged_exchange)
   int tile_block;           // 1, 2 or 4: the most output tiles a warp multiplies at once
                             //   (plan.h tile_block; the results do not depend on it)
   int point_batch;          // 0: the epilogue loads points in batches (rnn_common.cuh
@@ -105,6 +124,7 @@ struct BwdParams {
   const float* c0;          // (B, H) fp32 (LSTM) else nullptr
   const void* hprev;        // (T, B, H) storage: the h each step read (GRU), else nullptr
   void* dgbuf;              // (2, B_pad, ld) storage, zeros on entry: recurrent dgates exchange
+                            //   (kStageTagged: words, buffer 0's tagged kFirstTag)
   float* dh_carry;          // (B, H) fp32: dh_T in; scratch (gradient reaching h_{t-1} directly)
   float* dc_carry;          // (B, H) fp32: dc_T in, dc0 out (LSTM), else nullptr
   void* dgx;                // (T, B, G*H) storage out: gradient of the input-side pre-activations

@@ -20,7 +20,9 @@
 //      storage type: every later use of them is a matmul operand (here, or the time-parallel
 //      GEMMs dx, dW_ih, dW_hh, on 16-bit tensor cores); the carries (GRU z*dh, LSTM dc) stay in
 //      fp32 buffers of this block;
-//   3. grid.sync() (not after the last iteration). At s = T the epilogue writes dh0 instead.
+//   3. grid.sync() (not after the last iteration; none with the tagged exchange, kStageTagged,
+//      whose stage copy waits for the words' tags instead: rnn_forward.cu). At s = T the
+//      epilogue writes dh0 instead.
 // With K parts (plan.h) step 1 is split across a team of blocks along K = G*H and their partial
 // sums meet in p.part after one more grid.sync() (rnn_common.cuh block_step).
 // Padding steps (t >= lengths[b]) pass dh and dc through untouched and write zero dgates.
@@ -180,12 +182,13 @@ __device__ __forceinline__ void prefetch_step(const BwdParams& p, int t, const B
 
 // One block per SM by design (the W slice fills shared memory): minBlocks 1 lets ptxas use up
 // to 255 registers a thread instead of spilling (it capped some fp32 kernels at 128 on sm_80).
-template <Cell C, typename T, Math M>
+// Tagged: the tagged exchange (fused_rnn.h tagged_exchange; 16-bit storage), no step barrier.
+template <Cell C, typename T, Math M, bool Tagged>
 __global__ void __launch_bounds__(kThreads, 1) rnn_backward_kernel(const BwdParams p) {
   using W = typename WType<T, M>::type;
-  const BlockState<W> bs =
-      block_state<W, M>(p.plan, p.hidden, p.batch, p.batch_pad, p.stage_copy,
-                        p.tile_block, p.point_batch, p.frag_loads, p.cluster);
+  const BlockState<W> bs = block_state<W, M>(
+      p.plan, p.hidden, p.batch, p.batch_pad, Tagged ? int(kStageTagged) : p.stage_copy,
+      p.tile_block, p.point_batch, p.frag_loads, p.cluster);
   PhaseClock clk(p.prof);
   load_w_backward<W, M>(bs.sw, p.plan, static_cast<const T*>(p.w_hh), p.hidden, bs.team_u0,
                         bs.k0, bs.w_swizzle);
@@ -197,16 +200,17 @@ __global__ void __launch_bounds__(kThreads, 1) rnn_backward_kernel(const BwdPara
   prefetch_step<C, T>(p, step_of(0), bs);
   const StepBarrier bar{p.cluster};
   const Exchange<T> ex =
-      make_exchange<T, M>(p.dgbuf, p.plan, p.batch_pad, p.cluster, bs.stage, bs.n_begin);
+      make_exchange<T, M, Tagged>(p.dgbuf, p.plan, p.batch_pad, p.cluster, bs.stage, bs.n_begin);
   ex.init(/*load_global=*/false);  // dsmem: zeroed mirrors (iteration 0 reads zeros)
   for (int s = 0; s <= p.steps; ++s) {
     // Iteration T, the last, writes only dh0 (no put); T - 1's dgates are read by T.
     const ExchangeStep<T> xs = ex.step(s, s == p.steps);
-    block_step<W, M>(bs, p.plan, p.batch, p.batch_pad, xs.in, xs.ld, xs.row0, p.part, bar, clk,
+    block_step<W, M, Tagged>(bs, p.plan, p.batch, p.batch_pad, xs.in, xs.ld, xs.row0,
+                     ex.tags(s, gates_of(C) * p.hidden), p.part, bar, clk,
                      BackwardPoint<C, T, M>{p, xs, s, bs.u0});
     if (s < p.steps) {
       if (s + 1 < p.steps) prefetch_step<C, T>(p, step_of(s + 1), bs);
-      bar.sync();
+      if constexpr (!Tagged) bar.sync();  // tagged: the next stage copy waits for the words
       clk.mark(kPhaseSync);
     }
   }
@@ -233,7 +237,13 @@ __global__ void __launch_bounds__(kStepThreads)
 
 template <Cell C, typename T, Math M>
 cudaError_t launch_backward(const BwdParams& p, cudaStream_t stream) {
-  return detail::launch_chunk(detail::rnn_backward_kernel<C, T, M>, p, stream);
+  if (p.stage_copy == kStageTagged) {
+    if constexpr (sizeof(T) == 2)
+      if (detail::tagged_launch<T>(p))
+        return detail::launch_chunk(detail::rnn_backward_kernel<C, T, M, true>, p, stream);
+    return cudaErrorInvalidValue;  // a plan the tagged exchange cannot take (tagged_launch)
+  }
+  return detail::launch_chunk(detail::rnn_backward_kernel<C, T, M, false>, p, stream);
 }
 
 template <Cell C, typename T>

@@ -759,6 +759,122 @@ __device__ __forceinline__ void stage_copy_registers(T* dst, int ld_dst, const T
   }
 }
 
+// ---- tagged words (kStageTagged, fused_rnn.h) -----------------------------------------------
+// After NCCL's low-latency protocol: each word of the exchange buffer holds a 16-bit value in
+// its low half and its step's tag in the high half, stored whole with one 32-bit store, which
+// is single-copy atomic: a word whose tag is step s's holds step s's value. A reader reloads a
+// word until it has the tag, so it needs no barrier to know the writer is done, and no fence
+// (the value travels in the word the tag vouches for). Relaxed gpu-scope loads and stores:
+// they reach L2 and read it, never a stale L1 line. On cudasim they are relaxed atomics
+// (ThreadSanitizer orders nothing by them), and a reload that would find the old word sleeps
+// in cudasim::wait_word until some thread's store gives it the tag.
+constexpr unsigned kTagMask = 0xFFFF0000u;
+
+// The tag of the X that step s reads (h_{s-1} forward, iteration s - 1's dgates backward):
+// 1 .. 65535, never 0, so a zeroed word matches no step, and the word a buffer held before (two
+// steps before) never matches either. exchange_tag(0) == kFirstTag.
+__device__ __forceinline__ unsigned exchange_tag(int s) {
+  return (static_cast<unsigned>(s % 65535) + 1u) << 16;
+}
+
+__device__ __forceinline__ uint4 load_words(const unsigned* p) {  // 4 words, 16-byte aligned
+#ifdef __CUDA_SIM__
+  return make_uint4(::cudasim::load_relaxed(p), ::cudasim::load_relaxed(p + 1),
+                    ::cudasim::load_relaxed(p + 2), ::cudasim::load_relaxed(p + 3));
+#else
+  uint4 v;
+  asm volatile("ld.relaxed.gpu.global.v4.b32 {%0,%1,%2,%3}, [%4];"
+               : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w) : "l"(p) : "memory");
+  return v;
+#endif
+}
+
+__device__ __forceinline__ void store_word(unsigned* p, unsigned v) {
+#ifdef __CUDA_SIM__
+  ::cudasim::store_relaxed(p, v);
+#else
+  asm volatile("st.relaxed.gpu.global.b32 [%0], %1;" ::"l"(p), "r"(v) : "memory");
+#endif
+}
+
+__device__ __forceinline__ unsigned value_bits(__half v) { return __half_as_ushort(v); }
+__device__ __forceinline__ unsigned value_bits(__nv_bfloat16 v) {
+  return __bfloat16_as_ushort(v);
+}
+
+// Whether the first n of the four words (n <= 0: none) carry `tag`.
+__device__ __forceinline__ bool tagged_as(const uint4& v, unsigned tag, int n) {
+  return (n < 1 || (v.x & kTagMask) == tag) & (n < 2 || (v.y & kTagMask) == tag) &
+         (n < 3 || (v.z & kTagMask) == tag) & (n < 4 || (v.w & kTagMask) == tag);
+}
+
+// Before a reload: nothing on a GPU (the loop spins on L2); on cudasim the thread sleeps until
+// the first n words carry the tag.
+__device__ __forceinline__ void tag_pause(const unsigned* p, unsigned tag, int n) {
+#ifdef __CUDA_SIM__
+  for (int j = 0; j < n && j < 4; ++j) ::cudasim::wait_word(p + j, kTagMask, tag);
+#else
+  (void)p;
+  (void)tag;
+  (void)n;
+#endif
+}
+
+// stage_copy_registers for tagged words: rows [0, rows) x columns [0, cols) of the word buffer
+// `src` (row stride ld_src words) into the 16-bit `dst`, 4 words (one 16-byte load) a chunk,
+// up to 8 chunks in flight per thread. Each chunk is reloaded until its words carry `tag`, then its
+// values are stored (8 bytes). Columns from `real` on (the exchange buffer's padding, k >= H
+// forward, >= G*H backward) are written by no block, so they are not waited for, and stored as
+// zeros, what the plain buffer holds there. cols is a multiple of 4, the pointers and
+// strides 16-byte aligned (src, in bytes) and 8-byte aligned (dst).
+template <typename T>
+__device__ __forceinline__ void stage_copy_tagged(T* dst, int ld_dst, const unsigned* src,
+                                                  int ld_src, int rows, int cols, int real,
+                                                  unsigned tag) {
+  static_assert(sizeof(T) == 2, "a tagged word holds a 16-bit value");
+  // Chunks in flight: 8, as stage_copy_registers, but 4 in bf16 for sm_80, where the LSTM and
+  // GRU backward kernels spill at 8 (ptxas -v, nvcc 13.0: 92 and 40 bytes; none at 4).
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 900
+  constexpr int kBatch = std::is_same_v<T, __nv_bfloat16> ? 4 : 8;
+#else
+  constexpr int kBatch = 8;
+#endif
+  const int per_row = cols / 4;
+  const int total = rows * per_row;
+  for (int base = threadIdx.x; base < total; base += kThreads * kBatch) {
+    uint4 v[kBatch];
+#pragma unroll
+    for (int j = 0; j < kBatch; ++j) {
+      const int i = base + j * kThreads;
+      if (i < total) v[j] = load_words(src + (size_t)(i / per_row) * ld_src + (i % per_row) * 4);
+    }
+#pragma unroll
+    for (int j = 0; j < kBatch; ++j) {
+      const int i = base + j * kThreads;
+      if (i >= total) continue;
+      const int c = (i % per_row) * 4;
+      const unsigned* w = src + (size_t)(i / per_row) * ld_src + c;
+      const int n = real - c;  // real words in this chunk (at most 4 count; <= 0: none)
+      while (!tagged_as(v[j], tag, n)) {
+        tag_pause(w, tag, n);
+        v[j] = load_words(w);
+      }
+      const unsigned lo[4] = {n > 0 ? v[j].x & 0xFFFFu : 0u, n > 1 ? v[j].y & 0xFFFFu : 0u,
+                              n > 2 ? v[j].z & 0xFFFFu : 0u, n > 3 ? v[j].w & 0xFFFFu : 0u};
+      *reinterpret_cast<uint2*>(dst + (size_t)(i / per_row) * ld_dst + c) =
+          make_uint2(lo[0] | (lo[1] << 16), lo[2] | (lo[3] << 16));
+    }
+  }
+}
+
+// What the stage copy needs of a tagged exchange buffer (chunk_matmul's Tagged): the tag the
+// step's X carries (exchange_tag), and the buffer's real columns (H forward, G*H backward; the
+// rest is padding that no block writes).
+struct XTags {
+  unsigned tag;
+  int real;
+};
+
 // One (tile, K-slice) task: W rows of tile mf against X rows of tile nf over k-steps [kb, ke).
 template <typename T, Math M, bool Sh, bool Mma>
 __device__ __forceinline__ void run_task(const T* wt, const Plan& pl, int rows_left, const T* xt,
@@ -844,17 +960,21 @@ __device__ __forceinline__ void slice_matmul(const T* sw, const Plan& pl, const 
 // of slice s - 1, which every warp has finished with at the barrier that opens iteration s.
 // x is deliberately not `const __restrict__`: other blocks write it during the kernel, so the
 // compiler must not route these loads through the non-coherent read-only path (ld.global.nc).
-template <typename T, Math M>
+// Tagged (the kernels' template flag: the tagged exchange, fused_rnn.h tagged_exchange, so
+// staged and without K parts): x is the tagged word buffer at its first column, one word an
+// element at the same index, and the copy polls its words for tags.tag (stage_copy_tagged).
+template <typename T, Math M, bool Tagged>
 __device__ ChunkLayout chunk_matmul(const T* sw, const Plan& pl, const T* x, int ld_x, int row0,
-                                    int klen, int n0, int nreal, float* sc, T* stage,
+                                    XTags tags, int klen, int n0, int nreal, float* sc, T* stage,
                                     int copy, int max_tiles, int frag_loads,
                                     PhaseClock& clk) {
   constexpr TileShape ts = tile_shape(M);
   const int mfr = ceil_div(pl.m_pad, ts.wm);
   const int nfr = ceil_div(nreal, ts.wn);  // tiles of real rows only (above)
   const int tiles = mfr * nfr;
-  const bool staged = pl.stage_k > 0;
-  const bool pipe = staged && copy == kStagePipelined && pl.stage_k % (2 * kKPad) == 0;
+  const bool staged = Tagged || pl.stage_k > 0;
+  const bool pipe =
+      !Tagged && staged && copy == kStagePipelined && pl.stage_k % (2 * kKPad) == 0;
   const int slice_k = !staged ? klen : pipe ? pl.stage_k / 2 : pl.stage_k;
   const int slices = ceil_div(klen, slice_k);
   const int ksplit = tiles < kWarps ? imin(kWarps / tiles, slice_k / ts.wk) : 1;
@@ -871,7 +991,12 @@ __device__ ChunkLayout chunk_matmul(const T* sw, const Plan& pl, const T* x, int
       if (s > 0) __syncthreads();  // every warp is done with slice s - 1 (and its buffer)
       clk.mark(kPhaseMma);
       T* buf = stage + (pipe ? (s & 1) * slice_k : 0);
-      if (pipe) {
+      if constexpr (Tagged) {
+        (void)copy;
+        stage_copy_tagged(buf, pl.stage_ld,
+                          reinterpret_cast<const unsigned*>(x) + (size_t)(n0 - row0) * ld_x + k0,
+                          ld_x, nreal, ksteps * ts.wk, tags.real - k0, tags.tag);
+      } else if (pipe) {
         if (s + 1 < slices) {
           stage_issue(stage + ((s + 1) & 1) * slice_k, pl.stage_ld, xc + k0 + slice_k, ld_x,
                       nreal, cols_of(s + 1));
@@ -1069,9 +1194,10 @@ __device__ __forceinline__ void run_points(const Point& pt, int count, int units
 }
 
 // One step of this block, both directions: for each batch chunk of its group, the recurrent
-// matmul against the exchange buffer x (row stride ld_x from batch row row0, as chunk_matmul
-// takes it), then the point of every real batch row b and owned unit u0 + j (run_points:
-// point.load(b, j, rec), then point.finish(b, j, loaded)), where rec(g) is the matmul's output
+// matmul against the exchange buffer x (row stride ld_x from batch row row0, and its tags where
+// Tagged, as chunk_matmul takes them), then the point of every real batch row b and owned unit
+// u0 + j (run_points: point.load(b, j, rec), then point.finish(b, j, loaded)), where rec(g) is
+// the matmul's output
 // for gate g of that (b, j) (forward: the team row g*team_units + rank*units + j; backward:
 // g = 0). All threads call it (it synchronises the block).
 // With K parts (part != nullptr) the matmul of all chunks comes first: each chunk's sums for
@@ -1079,19 +1205,19 @@ __device__ __forceinline__ void run_points(const Point& pt, int count, int units
 // partials are written and visible; a team lies within one batch group), and the points read
 // rec(g) as the sum of the parts' partials in rank order. The buffer is reused next step only
 // after the step's closing barrier, so one copy is enough.
-template <typename W, Math M, typename Point>
+template <typename W, Math M, bool Tagged, typename Point>
 __device__ __forceinline__ void block_step(const BlockState<W>& bs, const Plan& pl, int batch,
                                            int batch_pad, const W* x, int ld_x, int row0,
-                                           float* part, const StepBarrier& bar, PhaseClock& clk,
-                                           const Point& point) {
+                                           XTags tags, float* part, const StepBarrier& bar,
+                                           PhaseClock& clk, const Point& point) {
   const int own = bs.rank * pl.units;  // this block's first row among the team's units
   const int tu = team_units(pl);
   for (int n0 = bs.n_begin; n0 < bs.n_end; n0 += kChunkCols) {
     const int ncols = imin(kChunkCols, bs.n_begin + bs.group_rows - n0);
     const int nb = imin(ncols, batch - n0);  // real batch rows of this chunk (n0 < n_end)
-    const ChunkLayout L = chunk_matmul<W, M>(bs.sw, pl, x + bs.k0, ld_x, row0, bs.klen, n0,
-                                             nb, bs.sc, bs.stage, bs.copy, bs.max_tiles,
-                                             bs.frag_loads, clk);
+    const ChunkLayout L = chunk_matmul<W, M, Tagged>(bs.sw, pl, x + bs.k0, ld_x, row0, tags,
+                                                     bs.klen, n0, nb, bs.sc, bs.stage, bs.copy,
+                                                     bs.max_tiles, bs.frag_loads, clk);
     __syncthreads();
     clk.mark(kPhaseMma);
     if (part == nullptr) {
@@ -1152,16 +1278,41 @@ __device__ __forceinline__ void block_step(const BlockState<W>& bs, const Plan& 
 //     mirror before it is initialised. No block may write into a peer after the last barrier
 //     (the peer may have exited), so the last step's view stores locally only; the forward
 //     then copies its own units to global memory (finish(), for h_n).
+//   tagged (kStageTagged, fused_rnn.h tagged_exchange): the global buffer holds words (element
+//     (b, k) the word at b * k_pad + k), and put() stores the value with the tag of the step
+//     that reads it (exchange_tag(s + 1)). No barrier: the stage copy polls the words for
+//     their tag (stage_copy_tagged), and double buffering is ordered by the data. A block
+//     overwrites buffer s % 2 (step s + 2) only after it has read all of step s + 1's X, which
+//     every block (of its batch group) writes only after its own reads of buffer s % 2 are
+//     done: in block_step the stage copy's loads have returned (their tags were checked) before
+//     the __syncthreads after the matmul, and the epilogue's puts come after it.
 // A step's view: what the epilogue needs, few registers (the FMA kernels run at 255).
 template <typename T>
 struct ExchangeStep {
-  const T* in;  // buffer s % 2
-  T* out;       // buffer (s + 1) % 2 (this block's copy in dsmem)
-  int ld;       // row stride of both
-  int row0;     // batch row of their first row
-  int peers;    // dsmem: blocks to store into (ranks 0 .. peers - 1); 0: a plain store to out
+  const T* in;   // buffer s % 2
+  T* out;        // buffer (s + 1) % 2 (this block's copy in dsmem)
+  int ld;        // row stride of both
+  int row0;      // batch row of their first row
+  int peers;     // dsmem: blocks to store into (ranks 0 .. peers - 1); 0: a plain store to out
+  unsigned tag;  // tagged: what put() stores in the high half (in and out point at words); 0: not
   __device__ size_t at(int b, int k) const { return (size_t)(b - row0) * ld + k; }
+  // Element (b, k) of the input buffer, for a point's own unit (forward: h_{t-1}), which only
+  // this thread writes (or the binding, before the launch): no poll. A tagged word's value is
+  // its low half, at its address (little-endian).
+  __device__ __forceinline__ T get(int b, int k) const {
+    if constexpr (sizeof(T) == 2) {
+      if (tag != 0u)
+        return *reinterpret_cast<const T*>(reinterpret_cast<const unsigned*>(in) + at(b, k));
+    }
+    return in[at(b, k)];
+  }
   __device__ __forceinline__ void put(int b, int k, T v) const {
+    if constexpr (sizeof(T) == 2) {
+      if (tag != 0u) {
+        store_word(reinterpret_cast<unsigned*>(out) + at(b, k), tag | value_bits(v));
+        return;
+      }
+    }
     T* dst = out + at(b, k);
     if (peers == 0) {
       *dst = v;
@@ -1178,9 +1329,10 @@ struct ExchangeStep {
 
 template <typename T>
 struct Exchange {
-  T* global;          // the (2, B_pad, k_pad) buffer
+  T* global;          // the (2, B_pad, k_pad) buffer (tagged: of words)
   size_t global_buf;  // B_pad * k_pad
   int k_pad;
+  bool tagged;
   bool dsmem;
   T* mirror;          // this block's mirrors (dsmem)
   int ld;             // mirror row stride (dsmem)
@@ -1191,10 +1343,22 @@ struct Exchange {
 
   // Step s's view; `last`: no step reads what it writes inside the kernel.
   __device__ ExchangeStep<T> step(int s, bool last) const {
+    if (tagged) {
+      unsigned* words = reinterpret_cast<unsigned*>(global);
+      return {reinterpret_cast<const T*>(words + (s & 1) * global_buf),
+              reinterpret_cast<T*>(words + ((s + 1) & 1) * global_buf), k_pad, 0, 0,
+              exchange_tag(s + 1)};
+    }
     if (!dsmem)
-      return {global + (s & 1) * global_buf, global + ((s + 1) & 1) * global_buf, k_pad, 0, 0};
+      return {global + (s & 1) * global_buf, global + ((s + 1) & 1) * global_buf, k_pad, 0, 0,
+              0u};
     return {mirror + (s & 1) * mirror_buf, mirror + ((s + 1) & 1) * mirror_buf, ld, row0,
-            last ? 0 : peers};
+            last ? 0 : peers, 0u};
+  }
+  // What step s's stage copy needs (tagged; else unused): the tag of the X it reads, and the
+  // real columns (`real`: H forward, G*H backward).
+  __device__ XTags tags(int s, int real) const {
+    return {tagged ? exchange_tag(s) : 0u, tagged ? real : 0};
   }
   // dsmem: zero both mirrors, copy the group's rows of global buffer 0 into mirror 0 (with
   // load_global; the backward's buffer 0 is zeros), then the cluster's barrier. All threads
@@ -1232,13 +1396,15 @@ struct Exchange {
   }
 };
 
-template <typename T, Math M>
+// Tagged: the kernel's template flag (a constant, so the untagged kernels hold no tagged code).
+template <typename T, Math M, bool Tagged>
 __device__ __forceinline__ Exchange<T> make_exchange(void* global, const Plan& pl, int batch_pad,
                                                     int cluster, T* mirror, int row0) {
   Exchange<T> e;
   e.global = static_cast<T*>(global);
   e.global_buf = (size_t)batch_pad * pl.k_pad;
   e.k_pad = pl.k_pad;
+  e.tagged = Tagged;
   e.dsmem = cluster == kClusterGroupsDsmem;
   e.mirror = mirror;
   e.ld = mirror_ld(pl, M);
@@ -1351,6 +1517,15 @@ cudaError_t launch_clusters(void (*kernel)(Params), const Params& p, cudaStream_
   return cudaSuccess;  // the launch's own errors came back from cudaLaunchKernelExC
 }
 
+// Whether launch p of storage type T can run the tagged kernels (stage_copy kStageTagged on a
+// plan fused_rnn.h tagged_exchange takes). A launcher refuses kStageTagged elsewhere, which
+// the binding never asks for (it runs kStageRegisters there).
+template <typename T, typename Params>
+bool tagged_launch(const Params& p) {
+  const Storage st = sizeof(T) == 2 ? Storage::kFloat16 : Storage::kFloat32;  // either 16-bit
+  return p.stage_copy == kStageTagged && tagged_exchange(p.plan, st, p.cluster);
+}
+
 // One chunk: with the clusters p.cluster asks for where the device takes them, else as a plain
 // cooperative grid.
 template <typename Params>
@@ -1380,7 +1555,7 @@ template <typename T>
 __device__ __forceinline__ ExchangeStep<T> step_exchange(void* buf, int batch, int ld, int s) {
   T* b = static_cast<T*>(buf);
   const size_t one = (size_t)batch * ld;
-  return {b + (s & 1) * one, b + ((s + 1) & 1) * one, ld, 0, 0};
+  return {b + (s & 1) * one, b + ((s + 1) & 1) * one, ld, 0, 0, 0u};
 }
 
 // A step launch's point for this thread: (batch row *b, unit *u), or false past the last one.

@@ -11,7 +11,9 @@
 //      and to hbuf[(s + 1) % 2];
 //   3. grid.sync(): hbuf[(s + 1) % 2] is complete. Double buffering makes one sync per step
 //      enough: step s+1 overwrites hbuf[s % 2] only after every block passed the sync that
-//      ended step s, i.e. finished reading it.
+//      ended step s, i.e. finished reading it. With the tagged exchange (kStageTagged, 16-bit
+//      only) there is no sync: h travels as words tagged with their step, and step s + 1's
+//      stage copy reloads each word until it has the step's tag (rnn_common.cuh Exchange).
 // Reads of hbuf after grid.sync() need no volatile/ld.cg: grid.sync() is a gpu-scope
 // release/acquire barrier in the CUDA memory model (it fences and invalidates stale L1 lines).
 // With K parts (plan.h) step 1 multiplies only this block's K columns for all of its team's
@@ -57,7 +59,7 @@ struct ForwardPoint {
     const float* xg = p.xproj + ((size_t)t * p.batch + b) * G * H + u;  // gate g at xg[g * H]
     In in;
     in.pad = p.lengths != nullptr && t >= p.lengths[b];
-    in.hin = ex.in[ex.at(b, u)];
+    in.hin = ex.get(b, u);
 #pragma unroll
     for (int g = 0; g < G; ++g) {
       const float hh = rec(g) + (p.b_hh != nullptr ? p.b_hh[g * H + u] : 0.f);
@@ -136,12 +138,13 @@ __device__ __forceinline__ void prefetch_step(const FwdParams& p, int t, const B
 
 // One block per SM by design (the W slice fills shared memory): minBlocks 1 lets ptxas use up
 // to 255 registers a thread instead of spilling (it capped some fp32 kernels at 128 on sm_80).
-template <Cell C, typename T, Math M>
+// Tagged: the tagged exchange (fused_rnn.h tagged_exchange; 16-bit storage), no step barrier.
+template <Cell C, typename T, Math M, bool Tagged>
 __global__ void __launch_bounds__(kThreads, 1) rnn_forward_kernel(const FwdParams p) {
   using W = typename WType<T, M>::type;
-  const BlockState<W> bs =
-      block_state<W, M>(p.plan, p.hidden, p.batch, p.batch_pad, p.stage_copy,
-                        p.tile_block, p.point_batch, p.frag_loads, p.cluster);
+  const BlockState<W> bs = block_state<W, M>(
+      p.plan, p.hidden, p.batch, p.batch_pad, Tagged ? int(kStageTagged) : p.stage_copy,
+      p.tile_block, p.point_batch, p.frag_loads, p.cluster);
   PhaseClock clk(p.prof);
   load_w_forward<W, M>(bs.sw, p.plan, static_cast<const T*>(p.w_hh), p.hidden, gates_of(C),
                        bs.team_u0, bs.k0, bs.w_swizzle);
@@ -152,16 +155,17 @@ __global__ void __launch_bounds__(kThreads, 1) rnn_forward_kernel(const FwdParam
   const StepBarrier bar{p.cluster};
   // W == T for every (storage, math) pair (WType), so the mirror lives in the stage's place.
   const Exchange<T> ex =
-      make_exchange<T, M>(p.hbuf, p.plan, p.batch_pad, p.cluster, bs.stage, bs.n_begin);
+      make_exchange<T, M, Tagged>(p.hbuf, p.plan, p.batch_pad, p.cluster, bs.stage, bs.n_begin);
   ex.init(/*load_global=*/true);  // dsmem: h0 into the mirrors (else nothing)
   for (int s = 0; s < p.steps; ++s) {
     const int t = p.reverse ? p.steps - 1 - s : s;
     const ExchangeStep<T> xs = ex.step(s, s + 1 == p.steps);
-    block_step<W, M>(bs, p.plan, p.batch, p.batch_pad, xs.in, xs.ld, xs.row0, p.part, bar, clk,
+    block_step<W, M, Tagged>(bs, p.plan, p.batch, p.batch_pad, xs.in, xs.ld, xs.row0,
+                     ex.tags(s, p.hidden), p.part, bar, clk,
                      ForwardPoint<C, T, M>{p, xs, t, bs.u0});
     if (s + 1 < p.steps) {
       prefetch_step<C>(p, p.reverse ? t - 1 : t + 1, bs);
-      bar.sync();
+      if constexpr (!Tagged) bar.sync();  // tagged: the next stage copy waits for the words
       clk.mark(kPhaseSync);
     }
   }
@@ -188,7 +192,13 @@ __global__ void __launch_bounds__(kStepThreads)
 
 template <Cell C, typename T, Math M>
 cudaError_t launch_forward(const FwdParams& p, cudaStream_t stream) {
-  return detail::launch_chunk(detail::rnn_forward_kernel<C, T, M>, p, stream);
+  if (p.stage_copy == kStageTagged) {
+    if constexpr (sizeof(T) == 2)
+      if (detail::tagged_launch<T>(p))
+        return detail::launch_chunk(detail::rnn_forward_kernel<C, T, M, true>, p, stream);
+    return cudaErrorInvalidValue;  // a plan the tagged exchange cannot take (tagged_launch)
+  }
+  return detail::launch_chunk(detail::rnn_forward_kernel<C, T, M, false>, p, stream);
 }
 
 template <Cell C, typename T>
@@ -202,7 +212,7 @@ cudaError_t kernel_image(int* binary_version, int* ptx_version) {
   cudaFuncAttributes attrs{};
   const cudaError_t err = cudaFuncGetAttributes(
       &attrs, reinterpret_cast<const void*>(
-                  detail::rnn_forward_kernel<Cell::kLSTM, float, Math::kFma>));
+                  detail::rnn_forward_kernel<Cell::kLSTM, float, Math::kFma, false>));
   if (err != cudaSuccess) {
     (void)cudaGetLastError();
     return err;

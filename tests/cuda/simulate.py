@@ -47,6 +47,9 @@ PLAN_FIELDS = ("math", "units", "blocks", "m_rows", "m_pad", "k", "k_pad", "ldw"
 # What a persistent launch's params held (sim_api.cpp sim_last_launch), and its number.
 LAUNCH_FIELDS = (*PLAN_FIELDS, "stage_copy", "tile_block", "point_batch", "frag_loads")
 BATCH_PAD = 32  # plan.h kBatchPad
+STAGE_COPIES = {"registers": 0, "async": 1, "pipelined": 2, "tagged": 3}  # fused_rnn.h StageCopy
+STAGE_REGISTERS, STAGE_TAGGED = STAGE_COPIES["registers"], STAGE_COPIES["tagged"]
+FIRST_TAG = 1 << 16  # fused_rnn.h kFirstTag
 
 _FLAGS = ["-std=c++20", "-g", "-fPIC", "-Wall", "-Wextra", "-Werror", "-Wno-unknown-pragmas",
           f"-I{SIM / 'include'}", f"-I{SIM}"]
@@ -440,6 +443,38 @@ class Simulator:
         return _ptr(prof)
 
     @staticmethod
+    def _launch_stage_copy(stage_copy: int, pl: dict, st: torch.dtype) -> int:
+        """binding.cpp's launch_stage_copy: registers where the tagged exchange is asked for
+        and fused_rnn.h tagged_exchange refuses the plan (cluster modes 2 and 3: teams, dsmem)."""
+        if stage_copy == STAGE_TAGGED and not (
+                st != torch.float32 and pl["stage_k"] > 0 and pl["parts"] == 1
+                and pl["cluster"] not in (2, 3)):
+            return STAGE_REGISTERS
+        return int(stage_copy)
+
+    @staticmethod
+    def _exchange_buffer(tagged: bool, B_pad: int, k_pad: int, st: torch.dtype, first):
+        """binding.cpp's exchange_buffer: zeros but `first` in buffer 0; tagged, int32 words
+        with the values' bits in the low half and buffer 0 under FIRST_TAG."""
+        if not tagged:
+            buf = torch.zeros(2, B_pad, k_pad, dtype=st)
+            if first is not None:
+                buf[0, :first.shape[0], :first.shape[1]] = first
+            return buf
+        buf = torch.zeros(2, B_pad, k_pad, dtype=torch.int32)
+        buf[0] = FIRST_TAG
+        if first is not None:
+            buf[0, :first.shape[0], :first.shape[1]] |= (
+                first.view(torch.int16).to(torch.int32) & 0xFFFF)
+        return buf
+
+    @staticmethod
+    def _exchange_values(buf, i: int, B: int, H: int, tagged: bool, st: torch.dtype):
+        """binding.cpp's exchange_values: (B, H) of buffer i, a contiguous copy."""
+        v = buf[i].view(torch.int16)[:B, 0:2 * H:2].view(st) if tagged else buf[i, :B, :H]
+        return v.clone(memory_format=torch.contiguous_format)
+
+    @staticmethod
     def _part(pl: dict, B_pad: int):
         """binding.cpp's part_buffer(): the K parts' partial sums, unzeroed, or None."""
         if pl["parts"] == 1:
@@ -453,13 +488,14 @@ class Simulator:
         cell, T, B, H, st = self._check_forward(mode, xproj, h0, c0, w_hh, b_hh, b_ih, lengths)
         pl = self.plan(cell, st, allow_tf32, H, False, B, max_groups, max_stage_k, k_parts,
                        max_blocks, cluster, team_clusters, dsmem)
+        stage_copy = self._launch_stage_copy(stage_copy, pl, st)
+        tagged = stage_copy == STAGE_TAGGED
         self.launches.append(("forward", cell, {**pl, "stage_copy": int(stage_copy),
                                                 "tile_block": int(tile_block),
                                                 "point_batch": int(point_batch),
                                                 "frag_loads": int(frag_loads)}))
         B_pad = -(-B // BATCH_PAD) * BATCH_PAD
-        hbuf = torch.zeros(2, B_pad, pl["k_pad"], dtype=st)
-        hbuf[0, :B, :H] = h0
+        hbuf = self._exchange_buffer(tagged, B_pad, pl["k_pad"], st, h0)
         cbuf, y, aux = self._forward_outputs(cell, T, B, H, st, c0, save)
         part = self._part(pl, B_pad)
         self._configure()
@@ -471,7 +507,7 @@ class Simulator:
             _ptr(xproj), _ptr(hbuf), _ptr(cbuf), _ptr(y), _ptr(aux), self._prof(prof, pl),
             int(stage_copy), int(tile_block), int(point_batch), _ptr(part), _ptr(b_ih),
             int(frag_loads)))
-        h_n = hbuf[T % 2, :B, :H].clone(memory_format=torch.contiguous_format)  # binding.cpp
+        h_n = self._exchange_values(hbuf, T % 2, B, H, tagged, st)
         c_n = cbuf.to(st) if cell == 0 else torch.empty(0, dtype=st)
         return [y, h_n, c_n, aux]
 
@@ -483,12 +519,13 @@ class Simulator:
                                                     hprev, lengths)
         pl = self.plan(cell, st, allow_tf32, H, True, B, max_groups, max_stage_k, k_parts,
                        max_blocks, cluster, team_clusters, dsmem)
+        stage_copy = self._launch_stage_copy(stage_copy, pl, st)
         self.launches.append(("backward", cell, {**pl, "stage_copy": int(stage_copy),
                                                  "tile_block": int(tile_block),
                                                  "point_batch": int(point_batch),
                                                  "frag_loads": int(frag_loads)}))
         B_pad = -(-B // BATCH_PAD) * BATCH_PAD
-        dgbuf = torch.zeros(2, B_pad, pl["k_pad"], dtype=st)
+        dgbuf = self._exchange_buffer(stage_copy == STAGE_TAGGED, B_pad, pl["k_pad"], st, None)
         dh_carry, dc_carry, dgx, dghn, dh0 = self._backward_outputs(cell, G, T, B, H, st, dh_n,
                                                                     dc_n)
         part = self._part(pl, B_pad)

@@ -41,6 +41,7 @@ def test_random_plans_meet_the_accuracy_rule():
     for what, seen in {"batch groups": any(pl["groups"] > 1 for pl in plans),
                        "K parts": any(pl["parts"] > 1 for pl in plans),
                        "clusters": any(pl["cluster"] for pl in plans),
+                       "the tagged exchange": any(pl["stage_copy"] == 3 for pl in plans),
                        "several blocks": any(pl["blocks"] > 1 for pl in plans)}.items():
         assert seen, f"no case ran {what}"
 

@@ -170,6 +170,12 @@ SHAPES = {"T5-B3-I7-H37": (5, 3, 7, 37, {}), "T1-B1-I4-H16": (1, 1, 4, 16, {}),
           "T7-B70-I9-H60-ungrouped-blocks2-mma": (
               7, 70, 9, 60, {**UNGROUPED, "FUSED_RNN_CUDA_MAX_BLOCKS": "2",
                              "FUSED_RNN_CUDA_FRAG_LOADS": "mma"}),
+          # The tagged exchange (FUSED_RNN_CUDA_STAGE_COPY=tagged; 16-bit only): no step
+          # barrier, h and the dgates as words tagged with their step, polled by the stage
+          # copy; over the grid, and within clusters (an ordinary launch, no grid to sync).
+          "T5-B3-I7-H37-tagged": (5, 3, 7, 37, {"FUSED_RNN_CUDA_STAGE_COPY": "tagged"}),
+          "T7-B70-I9-H24-cluster8-tagged": (7, 70, 9, 24, {"FUSED_RNN_CUDA_CLUSTER": "8",
+                                                           "FUSED_RNN_CUDA_STAGE_COPY": "tagged"}),
           # The per-step path (FUSED_RNN_CUDA_PATH=step): a GEMM and a launch of the cells'
           # points a step, no plan.
           "T5-B3-I7-H37-step": (5, 3, 7, 37, STEP),
@@ -226,6 +232,8 @@ def _assert_plan_named(shape: str, plans: list[dict]) -> None:
                 want = ((P.CLUSTER_GROUPS, P.CLUSTER_GROUPS_DSMEM) if "dsmem" in words
                         else (P.CLUSTER_GROUPS,))
                 assert pl["groups"] > 1 and pl["cluster"] in want, (shape, pl)
+            elif word == "tagged":  # the tagged kernels ran (recorded on cudasim only)
+                assert pl.get("stage_copy", 3) == 3, (shape, pl)
             elif word not in ("dsmem", "mma"):  # mma: how the tiles multiply, not the plan
                 raise AssertionError(f"{shape}: no rule for {word!r}")
     for word in shape.split("-")[4:]:
@@ -283,10 +291,11 @@ def test_every_shape_keeps_its_name_on_the_gpus_we_may_get(monkeypatch):
                             raise AssertionError(f"{dt} {mode} on {sms} SMs: {e}") from None
 
 
-# (mode, dt, shape): every combination, but the "-mma" shapes in TF32 only (the setting changes
-# nothing else).
+# (mode, dt, shape): every combination, but the "-mma" shapes in TF32 only and the "-tagged"
+# ones in 16 bits only (the settings change nothing else).
 REFERENCE_CASES = [(mode, dt, shape) for mode in MODES for dt in DTYPES for shape in SHAPES
-                   if dt == "tf32" or not shape.endswith("-mma")]
+                   if (dt == "tf32" or not shape.endswith("-mma"))
+                   and (dt in ("bf16", "fp16") or not shape.endswith("-tagged"))]
 
 
 @pytest.mark.parametrize("variant", ["dense-fwd", "lengths-rev", "lengths-fwd"])
@@ -443,6 +452,35 @@ def test_bitwise_reproducible(monkeypatch, mode, dt, path):
     b = _run(cuda_backend.rnn_layer, mode, leaves, dtype, lens, True, cots)
     for i, (u, v) in enumerate(zip(a, b)):
         assert torch.equal(u, v), f"tensor {i} differs between two identical runs"
+
+
+@pytest.mark.parametrize("dt", ["bf16", "fp16"])
+@pytest.mark.parametrize("mode", MODES)
+def test_tagged_exchange_gives_the_barriers_bits(cuda_ext, monkeypatch, mode, dt):
+    """FUSED_RNN_CUDA_STAGE_COPY=tagged (no step barrier: every stage copy polls words tagged
+    with their step) against ``registers`` (the same slices, after the grid barrier): every
+    output and gradient the same bits, over all the GPU's blocks and many steps (on cudasim, 8
+    blocks and a few, the pollers woken as late as a GPU could). A word read before its step's
+    value landed, or overwritten before a slow block read it, would show here."""
+    dtype = DTYPES[dt][0]
+    T, B, H = (4, 40, 100) if STANDIN else (200, 64, 512)
+    if STANDIN is None:  # H100: 128 blocks in two batch groups, staged, no K parts (plan.py)
+        info = cuda_ext.device_info(torch.cuda.current_device())
+        plans = _mirror_plans(mode, dtype, False, B, H, info)
+        if not all(pl["stage_k"] > 0 and pl["parts"] == 1 for pl in plans):
+            pytest.skip(f"this GPU's plans for B={B}, H={H} cannot take the tagged exchange: "
+                        f"{plans}")
+    leaves, lens, cots = _inputs(mode, T, B, 24, H, dtype, 2, True)
+    runs = []
+    for setting in ("registers", "tagged"):
+        monkeypatch.setenv("FUSED_RNN_CUDA_STAGE_COPY", setting)
+        before = len(cuda_ext.launches) if STANDIN == "sim" else 0
+        runs.append(_run(cuda_backend.rnn_layer, mode, leaves, dtype, lens, True, cots))
+        if STANDIN == "sim":  # the tagged kernels ran, forward and backward (no fallback)
+            want = 3 if setting == "tagged" else 0
+            assert [pl["stage_copy"] for *_, pl in cuda_ext.launches[before:]] == [want] * 2
+    for i, (u, v) in enumerate(zip(*runs, strict=True)):
+        assert torch.equal(u, v), f"tensor {i} differs between the tagged and barrier exchanges"
 
 
 @pytest.mark.no_nan_fill

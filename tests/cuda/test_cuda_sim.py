@@ -634,11 +634,13 @@ MUTANTS = {
                                   "    // (removed)"),
     # one exchange buffer: blocks overwrite h_{t-1} that other blocks have not read yet
     "single-buffer": ("rnn_common.cuh",
-                      "global + ((s + 1) & 1) * global_buf, k_pad, 0, 0};",
-                      "global + (s & 1) * global_buf, k_pad, 0, 0};"),
+                      "global + ((s + 1) & 1) * global_buf, k_pad, 0, 0,",
+                      "global + (s & 1) * global_buf, k_pad, 0, 0,"),
     # steps of different blocks overlap
-    "no-grid-sync-forward": ("rnn_forward.cu", "      bar.sync();", "      (void)bar;"),
-    "no-grid-sync-backward": ("rnn_backward.cu", "      bar.sync();", "      (void)bar;"),
+    "no-grid-sync-forward": ("rnn_forward.cu", "      if constexpr (!Tagged) bar.sync();",
+                             "      (void)bar;"),
+    "no-grid-sync-backward": ("rnn_backward.cu", "      if constexpr (!Tagged) bar.sync();",
+                              "      (void)bar;"),
 }
 # clusters: the cluster barrier does nothing, with the 4 blocks as one cluster
 # (FUSED_RNN_CUDA_CLUSTER=4), or with K-parts teams of 2 as clusters of a cooperative grid
@@ -715,7 +717,7 @@ def test_races_are_caught(install, monkeypatch, tmp_path, name):
 
 
 def test_a_thread_leaving_before_a_barrier_is_reported(install, tmp_path):
-    site = "  const BlockState<W> bs =\n      block_state<W, M>("
+    site = "  const BlockState<W> bs = block_state<W, M>("
     csrc = _mutant(tmp_path, "rnn_forward.cu", site, "  if (threadIdx.x == 5) return;\n" + site)
     install(sms=4, csrc=csrc)
     with pytest.raises(RuntimeError, match=r"__syncthreads\(\) at .* is not reached by block 0 "
@@ -734,8 +736,8 @@ def test_a_store_into_a_peer_that_has_exited_is_reported(install, monkeypatch, t
     monkeypatch.setenv("FUSED_RNN_CUDA_CLUSTER_EXCHANGE", "dsmem")
     install(sms=4, order=order)
     _layer("GRU", "bf16", B=70, T=3)  # the clean kernels pass the check
-    csrc = _mutant(tmp_path, "rnn_common.cuh", "            last ? 0 : peers};",
-                   "            last ? peers : peers};")
+    csrc = _mutant(tmp_path, "rnn_common.cuh", "            last ? 0 : peers, 0u};",
+                   "            last ? peers : peers, 0u};")
     install(sms=4, order=order, csrc=csrc)
     with pytest.raises(RuntimeError, match=r"the shared memory of block \d+ was written .* after "
                                            r"the block exited"):
@@ -1230,6 +1232,32 @@ def test_stage_copy_modes_move_the_same_bytes(install, monkeypatch, mode, dt):
     monkeypatch.setenv("FUSED_RNN_CUDA_STAGE_COPY", "yes")
     with pytest.raises(ValueError, match="FUSED_RNN_CUDA_STAGE_COPY must be one of registers"):
         _layer(mode, dt)
+
+
+# ------------------------------------------------------------------ the tagged exchange
+@pytest.mark.parametrize("mode,dt", [("LSTM", "bf16"), ("GRU", "fp16"), ("RNN_TANH", "bf16"),
+                                     ("RNN_RELU", "fp16")])
+@pytest.mark.parametrize("order", ["shuffle", "descending"])
+def test_tagged_exchange_gives_the_registers_copy_bits(install, monkeypatch, mode, dt, order):
+    """FUSED_RNN_CUDA_STAGE_COPY=tagged: no step barrier, h and the dgates travel as words
+    tagged with their step, and every stage copy polls them. It copies the same slices as
+    ``registers``, so every output and gradient is the same bits, staged whole and in slices,
+    over 4 blocks. cudasim wakes a polling reader only when no thread can run (as late as a GPU
+    could), so a word read too early, or overwritten too soon, would change the results or
+    deadlock. The launches took the tagged exchange (no fallback), forward and backward."""
+    monkeypatch.setenv("FUSED_RNN_CUDA_MAX_GROUPS", "1")
+    for stage_k in ("auto", "32"):
+        monkeypatch.setenv("FUSED_RNN_CUDA_STAGE_K", stage_k)
+        runs = {}
+        for setting in ("registers", "tagged"):
+            monkeypatch.setenv("FUSED_RNN_CUDA_STAGE_COPY", setting)
+            sim = install(sms=4, order=order, seed=5)
+            runs[setting] = _layer(mode, dt, B=40, T=3)
+            assert [(d, pl["stage_copy"]) for d, _, pl in sim.launches] == [
+                ("forward", simulate.STAGE_COPIES[setting]),
+                ("backward", simulate.STAGE_COPIES[setting])], (stage_k, setting)
+        for i, (r, t) in enumerate(zip(runs["registers"], runs["tagged"], strict=True)):
+            assert torch.equal(r, t), (stage_k, i)
 
 
 def test_pipelined_copy_without_its_waits(install, monkeypatch, tmp_path):

@@ -36,7 +36,8 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 # (name, B, H, launch settings): plain; lengths and reverse; batch groups; K parts in teams of 2
 # with an uneven last part (H=44 on 8 blocks); groups as clusters, with the exchange in DSMEM;
 # the epilogue's one-point batches, generic fragment loads and single tiles; the register stage
-# copy over 16-column slices.
+# copy over 16-column slices; the tagged exchange (its word buffers in 16 bits, the registers
+# copy it falls back to in fp32), with groups as clusters, and with K parts (a fallback too).
 SETTINGS = [
     ("plain", 3, 20, {}),
     ("lengths-rev", 3, 20, {"lengths": True, "reverse": True}),
@@ -46,6 +47,9 @@ SETTINGS = [
     ("dsmem", 70, 20, {"max_groups": 3, "cluster": 8, "dsmem": True}),
     ("pb1-generic-tb1", 3, 20, {"point_batch": 1, "frag_loads": 1, "tile_block": 1}),
     ("regcopy-k16", 3, 37, {"stage_copy": 0, "max_stage_k": 16}),
+    ("tagged", 3, 37, {"stage_copy": 3, "lengths": True}),
+    ("tagged-cluster8", 70, 20, {"max_groups": 3, "cluster": 8, "stage_copy": 3}),
+    ("tagged-parts2", 3, 44, {"stage_copy": 3, "k_parts": 2, "max_blocks": 8}),
 ]
 
 
@@ -133,8 +137,11 @@ def test_the_binding_gives_its_mirrors_bits(pair, mode, dt, name, B, H, settings
     assert [d for d, *_ in host.launches[before:]] == ["forward", "backward"]
     if name == "parts2":  # the uneven K split really ran
         assert all(pl["parts"] == 2 for *_, pl in host.launches[before:])
-    if name in ("cluster8", "dsmem"):
+    if name in ("cluster8", "dsmem", "tagged-cluster8"):
         assert all(pl["cluster"] != 0 for *_, pl in host.launches[before:])
+    if name.startswith("tagged"):  # tagged in 16 bits where the plan takes it, else registers
+        tagged = dt != "fp32" and name != "tagged-parts2"
+        assert [pl["stage_copy"] for *_, pl in host.launches[before:]] == [3 if tagged else 0] * 2
 
 
 @pytest.mark.parametrize("lengths_rev", [False, True], ids=["dense", "lengths-rev"])

@@ -83,6 +83,13 @@ CONFIGS = {
     "mma-tile-blocks": ("GRU", "tf32", 60, 1, {"MAX_GROUPS": "1", "TILE_BLOCK": "4",
                                                "FRAG_LOADS": "mma"},
                         {"cluster": 0, "parts": 1, "blocked": True}),
+    # the tagged exchange (no step barrier: relaxed word stores and polled loads, which TSan
+    # counts as atomics): 16-column slices, and three batch groups staged whole
+    "tagged": ("LSTM", "bf16", 37, 4, {"MAX_GROUPS": "1", "STAGE_K": "16", "STAGE_COPY": "tagged"},
+               {"cluster": 0, "parts": 1, "stage_k": 16, "stage_copy": 3}),
+    "tagged-grouped": ("GRU", "fp16", 37, 8, {"MAX_GROUPS": "8", "STAGE_K": "auto",
+                                              "STAGE_COPY": "tagged"},
+                       {"cluster": 0, "parts": 1, "groups": 3, "stage_copy": 3}),
     # the per-step path (FUSED_RNN_CUDA_PATH=step): one launch a step, one thread a point
     "step": ("LSTM", "bf16", 37, 4, {"PATH": "step"}, {"path": "step", "cluster": 0}),
 }

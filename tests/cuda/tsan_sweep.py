@@ -76,6 +76,8 @@ def draw(seed: int) -> dict:
         case["settings"]["PATH"] = "step"
     if r.random() < 0.15:  # teams of 8 (the H200's backward plans at S1-S4; from seed 8255 on)
         case["settings"]["K_PARTS"] = "8"
+    if r.random() < 0.2:  # the tagged exchange (runs as registers where the plan cannot take
+        case["settings"]["STAGE_COPY"] = "tagged"  # it; drawn last, from seed 8885 on)
     return case
 
 

@@ -216,16 +216,19 @@ def frag_loads() -> int:
     return FRAG_LOADS[raw]
 
 
-STAGE_COPIES = {"registers": 0, "async": 1, "pipelined": 2}  # fused_rnn.h StageCopy
+STAGE_COPIES = {"registers": 0, "async": 1, "pipelined": 2, "tagged": 3}  # fused_rnn.h StageCopy
 
 
 def stage_copy() -> int:
     """How X is copied into the stage (plan.h: staging), from ``FUSED_RNN_CUDA_STAGE_COPY``:
     ``pipelined`` (default: cp.async into two half-width buffers, the next slice landing during
-    this one's matmul), ``async`` (cp.async, one buffer) or ``registers`` (8 loads in flight per
-    thread). Read at every call, like :func:`max_groups`. The pipelined copy multiplies slices
-    half as wide, which changes the order of the fp32 K sums (not the math); the other two give
-    the same bits."""
+    this one's matmul), ``async`` (cp.async, one buffer), ``registers`` (8 loads in flight per
+    thread) or ``tagged`` (bf16 and fp16: h, and the backward's dgates, travel as 32-bit words
+    that carry their step's tag, and the copy reloads each word until it has the tag, so no
+    step ends at a barrier; fused_rnn.h tagged_exchange. Where the plan has no stage, has K
+    parts or keeps the exchange in DSMEM, and in fp32, it runs as ``registers``). Read at every
+    call, like :func:`max_groups`. The pipelined copy multiplies slices half as wide, which
+    changes the order of the fp32 K sums (not the math); the other three give the same bits."""
     raw = os.environ.get("FUSED_RNN_CUDA_STAGE_COPY", "pipelined")
     if raw not in STAGE_COPIES:
         raise ValueError(

@@ -36,10 +36,13 @@ void register_cell() {
     cudasim::register_kernel(reinterpret_cast<const void*>(kernel),
                              cudasim::invoke<FRNN_SIM_PARAMS>, d);
   };
-  add(FRNN_SIM_KERNEL<C, __nv_bfloat16, Math::kWmma16>, describe<Math::kWmma16>);
-  add(FRNN_SIM_KERNEL<C, __half, Math::kWmma16>, describe<Math::kWmma16>);
-  add(FRNN_SIM_KERNEL<C, float, Math::kTf32>, describe<Math::kTf32>);
-  add(FRNN_SIM_KERNEL<C, float, Math::kFma>, describe<Math::kFma>);
+  add(FRNN_SIM_KERNEL<C, __nv_bfloat16, Math::kWmma16, false>, describe<Math::kWmma16>);
+  add(FRNN_SIM_KERNEL<C, __half, Math::kWmma16, false>, describe<Math::kWmma16>);
+  add(FRNN_SIM_KERNEL<C, float, Math::kTf32, false>, describe<Math::kTf32>);
+  add(FRNN_SIM_KERNEL<C, float, Math::kFma, false>, describe<Math::kFma>);
+  // the tagged exchange's (fused_rnn.h tagged_exchange; 16-bit storage)
+  add(FRNN_SIM_KERNEL<C, __nv_bfloat16, Math::kWmma16, true>, describe<Math::kWmma16>);
+  add(FRNN_SIM_KERNEL<C, __half, Math::kWmma16, true>, describe<Math::kWmma16>);
   using detail::FRNN_SIM_STEP_KERNEL;  // the per-step path's launches (fused_rnn.h StepArgs)
   auto add_step = [](auto kernel) {
     cudasim::register_kernel(reinterpret_cast<const void*>(kernel),

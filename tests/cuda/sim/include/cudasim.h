@@ -90,6 +90,10 @@ struct alignas(16) uint4 {
   unsigned x, y, z, w;
 };
 inline uint4 make_uint4(unsigned x, unsigned y, unsigned z, unsigned w) { return {x, y, z, w}; }
+struct alignas(8) uint2 {
+  unsigned x, y;
+};
+inline uint2 make_uint2(unsigned x, unsigned y) { return {x, y}; }
 
 extern thread_local dim3 threadIdx;
 extern thread_local dim3 blockIdx;
@@ -357,6 +361,12 @@ inline float __half2float(__half h) {
   return ::cudasim::kHalfToFloat[bits];
 }
 inline __half __float2half_rn(float f) { return __half{static_cast<_Float16>(f)}; }  // RNE
+inline unsigned short __half_as_ushort(__half h) {
+  unsigned short bits;
+  std::memcpy(&bits, &h.v, 2);
+  return bits;
+}
+inline unsigned short __bfloat16_as_ushort(__nv_bfloat16 b) { return b.bits; }
 inline float __bfloat162float(__nv_bfloat16 b) {
   return __uint_as_float(static_cast<uint32_t>(b.bits) << 16);
 }
