@@ -119,6 +119,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "blocks where they fit, cuda-g1 cuda without batch groups, cuda-direct "
                         "cuda without X staging, cuda-nopipe cuda with one stage buffer "
                         "(cp.async, no overlap), cuda-regcopy cuda staging through registers, "
+                        "cuda-tagged cuda with no step barrier in 16 bits (h and the dgates as "
+                        "words tagged with their step, polled by the stage copy; as "
+                        "cuda-regcopy elsewhere), "
                         "cuda-tb1 cuda multiplying one tile a warp at a time, cuda-pb1 cuda "
                         "finishing one point a thread at a time, cuda-gemm32 cuda with the "
                         "time-parallel GEMMs of 16-bit layers on operands promoted to fp32, "
@@ -134,7 +137,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "FUSED_RNN_CUDA_TEAM_CLUSTERS=on, "
                         "FUSED_RNN_CUDA_MAX_BLOCKS=32, "
                         "FUSED_RNN_CUDA_MAX_GROUPS=1, FUSED_RNN_CUDA_STAGE_K=0, "
-                        "FUSED_RNN_CUDA_STAGE_COPY=async|registers, "
+                        "FUSED_RNN_CUDA_STAGE_COPY=async|registers|tagged, "
                         "FUSED_RNN_CUDA_TILE_BLOCK=1, FUSED_RNN_CUDA_POINT_BATCH=1, "
                         "FUSED_RNN_CUDA_GEMMS=fp32, FUSED_RNN_CUDA_FRAG_LOADS=generic|mma, "
                         "FUSED_RNN_CUDA_PATH=step|persistent)")
@@ -412,6 +415,7 @@ VARIANTS = {"cuda-p1": ("cuda", {"FUSED_RNN_CUDA_K_PARTS": "1"}),
             "cuda-direct": ("cuda", {"FUSED_RNN_CUDA_STAGE_K": "0"}),
             "cuda-nopipe": ("cuda", {"FUSED_RNN_CUDA_STAGE_COPY": "async"}),
             "cuda-regcopy": ("cuda", {"FUSED_RNN_CUDA_STAGE_COPY": "registers"}),
+            "cuda-tagged": ("cuda", {"FUSED_RNN_CUDA_STAGE_COPY": "tagged"}),
             "cuda-tb1": ("cuda", {"FUSED_RNN_CUDA_TILE_BLOCK": "1"}),
             "cuda-pb1": ("cuda", {"FUSED_RNN_CUDA_POINT_BATCH": "1"}),
             "cuda-gemm32": ("cuda", {"FUSED_RNN_CUDA_GEMMS": "fp32"}),
@@ -489,7 +493,9 @@ def _variant_is_moot(backend, mode, shape, dtype_name, device) -> bool:
     then load every WMMA fragment with the generic forms, or run the FMA path); cuda-mma where
     neither launch is a TF32 one with X in shared memory (the only launches it changes);
     cuda-persistent where cuda runs the persistent kernel anyway (no path rule, ops.PATH_RULES,
-    sends the row to the per-step path)."""
+    sends the row to the per-step path); cuda-tagged on fp32 data and, on a GPU, where neither
+    launch's plan can take the tagged exchange (fused_rnn.h tagged_exchange: staged, no K
+    parts, no DSMEM mirror; it would time cuda-regcopy's code)."""
     if backend == "cuda-g1":
         return shape[0] <= 32
     if backend == "cuda-persistent":
@@ -504,6 +510,18 @@ def _variant_is_moot(backend, mode, shape, dtype_name, device) -> bool:
         return ops.cuda_path(mode, dtype, B, H, T, torch.device(device), tf32) == "persistent"
     if backend == "cuda-gemm32":
         return dtype_name not in ("bf16", "fp16")
+    if backend == "cuda-tagged":
+        if dtype_name not in ("bf16", "fp16"):
+            return True
+        if device == "cuda":
+            from fused_rnn.ops.cuda import plan as P
+
+            launches = _cuda_launches(mode, shape, dtype_name)
+            return launches is not None and not any(
+                p.stage_k > 0 and p.parts == 1
+                and p.cluster not in (P.CLUSTER_TEAMS, P.CLUSTER_GROUPS_DSMEM)
+                for _, p in launches)
+        return False
     if backend == "cuda-genfrag" and device == "cuda":
         from fused_rnn.ops.cuda import ops
         from fused_rnn.ops.cuda import plan as P

@@ -215,7 +215,9 @@ if wants memcheck || wants racecheck || wants synccheck; then
 fi
 
 # Phase timings (where a step's time goes) on S1-S6, LSTM and GRU, fp32 and bf16, then on S3
-# and S4 with the TF32 tiles through mma.sync (cuda-mma, fp32 rows only: its mma column against
+# and S4 with no step barrier in bf16 (cuda-tagged: its copy column, which now holds the wait
+# for the other blocks, against the default's copy and sync; the forward only there, the
+# backward has K parts), with the TF32 tiles through mma.sync (cuda-mma, fp32 rows only: its mma column against
 # the default's is what mma.sync and ldmatrix buy), without
 # register blocking (cuda-tb1: one tile a warp at a time, where the default blocks
 # 2 or 4 tiles; its mma column against the default's is what blocking buys), and without the
@@ -226,7 +228,7 @@ fi
 # benchmarks/results/<date>-<gpu>-phases.md (rewritten after each configuration) and is printed
 # here. It stops starting configurations 15 s before its timeout.
 if wants phases && ! skip_if_kernels_unusable phases; then
-  VARIANTS=(--variants cuda-mma,cuda-tb1,cuda-pb1 --variant-shapes S3,S4)
+  VARIANTS=(--variants cuda-tagged,cuda-mma,cuda-tb1,cuda-pb1 --variant-shapes S3,S4)
   step phases 75 "$PYTHON" benchmarks/profile_cuda.py --dtypes fp32,bf16 ${VARIANTS[@]+"${VARIANTS[@]}"} \
     --time-budget "$(frnn_inner_budget 75 15)"
   grep '^| ' "$LOG_DIR/cuda_phases.log" 2>/dev/null || true

@@ -339,7 +339,7 @@ def test_a_hung_cluster_test_keeps_every_later_step_off_clusters(tmp_path):
     hung = "tests/cuda/test_cuda_gpu.py::test_cluster_mode_launches_clusters[groups8]"
     assert f"FRNN_GPU_TESTS=timed out: {hung} (after 1 passed, 0 failed)" in bench, bench
     # 3. later steps: FRNN_NO_CLUSTERS=1, no cluster variants in the phase timings
-    assert "FRNN_NO_CLUSTERS=1" in phases and "--variants cuda-mma,cuda-tb1,cuda-pb1 " in phases, phases
+    assert "FRNN_NO_CLUSTERS=1" in phases and "--variants cuda-tagged,cuda-mma,cuda-tb1,cuda-pb1 " in phases, phases
     assert "cuda-cl" not in phases and "cuda-tc" not in phases, phases
     (split,) = [c for c in calls if "benchmarks/time_split.py" in c]  # right after the phases
     assert calls.index(split) == calls.index(phases) + 1, calls
