@@ -47,7 +47,8 @@
 #    bench and every later CUDA step is skipped. If a K-parts test failed or hung, the steps
 #    below run with K parts off (FUSED_RNN_CUDA_K_PARTS=1), so the table still times kernels
 #    that passed; if a cluster-mode test did, the cluster variants leave the bench and
-#    FRNN_NO_CLUSTERS=1 keeps the later steps off clusters;
+#    FRNN_NO_CLUSTERS=1 keeps the later steps off clusters; if a tagged-exchange test did,
+#    cuda-tagged leaves the bench and FRNN_NO_TAGGED=1 the phase timings;
 # 2. bench_gpu.py: S1-S6 (then the one-step shapes G1-G3) x LSTM/GRU x fp32/bf16/fp16, fwd and
 #    fwd+bwd, against cuDNN in the same process; writes benchmarks/results/<date>-<gpu>.md and
 #    .csv (time-budgeted, so the script always finishes; its output also goes to bench.log in
@@ -124,6 +125,7 @@ fi
 if [[ "${FRNN_NO_CLUSTERS:-0}" == 1 ]]; then
   BACKENDS=$(frnn_without_clusters "$BACKENDS")
 fi
+[[ "${FRNN_NO_TAGGED:-0}" == 1 ]] && BACKENDS=$(frnn_without_tagged "$BACKENDS")
 status=0
 step() { echo; echo "=== $* ($(date +%T), $(frnn_left) s left)"; }
 # run_for NAME SECONDS [--min SECONDS] CMD...: CMD under a timeout clamped to the deadline, or
@@ -160,6 +162,7 @@ if [[ $HAS_CUDA == 1 ]]; then
     FRNN_CUDA_HUNG=0
     frnn_apply_test_results "$CUDA_LOGS/cuda_gpu_tests.log"
     [[ "${FRNN_NO_CLUSTERS:-0}" == 1 ]] && BACKENDS=$(frnn_without_clusters "$BACKENDS")
+    [[ "${FRNN_NO_TAGGED:-0}" == 1 ]] && BACKENDS=$(frnn_without_tagged "$BACKENDS")
     if [[ $FRNN_CUDA_HUNG == 1 ]]; then
       BACKENDS=$(frnn_without_cuda "$BACKENDS")
       CUDA_OK=0

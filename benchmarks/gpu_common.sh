@@ -176,6 +176,17 @@ frnn_cluster_failed() {
   grep -q 'cluster' <<<"$bad"
 }
 
+# True when LOG reports a failed, crashed or hung test of the tagged exchange (a test id with
+# "tagged", FUSED_RNN_CUDA_STAGE_COPY=tagged): gpu_check.sh then drops cuda-tagged from the bench
+# and, with FRNN_NO_TAGGED=1, from the phase timings, rather than time an exchange that gave
+# wrong results or hung.
+frnn_tagged_failed() {
+  [[ -f "$1" ]] || return 1
+  local bad
+  bad=$(frnn_blamed_tests "$1")  # as above
+  grep -q 'tagged' <<<"$bad"
+}
+
 # One line on a GPU-test run from its log LOG (pytest -v -ra): pytest's summary ("805 passed,
 # 6 deselected in 80.1s", plus the first failed ids), "timed out: <id> (...)" when a test hung,
 # "crashed in: <id> (...)" when one crashed the run, "cut off at the step's time limit (...)",
@@ -223,6 +234,14 @@ frnn_without_clusters() {
   (IFS=,; echo "${out[*]}")
 }
 
+# LIST without cuda-tagged: after its GPU tests failed (frnn_tagged_failed).
+frnn_without_tagged() {
+  local out=() all b
+  IFS=, read -ra all <<< "$1"
+  for b in "${all[@]}"; do [[ "$b" == cuda-tagged ]] || out+=("$b"); done
+  (IFS=,; echo "${out[*]}")
+}
+
 # LIST without cuda and its variants (cuda-*): after a failed build.
 frnn_without_cuda() {
   local out=() all b
@@ -232,7 +251,8 @@ frnn_without_cuda() {
 }
 
 # After the GPU tests (their log LOG): K parts off (FUSED_RNN_CUDA_K_PARTS=1) if a K-parts test
-# failed or hung, FRNN_NO_CLUSTERS=1 if a cluster test did; says so. Run in the calling shell
+# failed or hung, FRNN_NO_CLUSTERS=1 if a cluster test did, FRNN_NO_TAGGED=1 if a tagged-exchange
+# test did; says so. Run in the calling shell
 # (not a subshell), so the exports reach the later steps.
 frnn_apply_test_results() {
   if frnn_parts_failed "$1"; then
@@ -244,11 +264,17 @@ frnn_apply_test_results() {
          "out (FRNN_NO_CLUSTERS=1)"
     export FRNN_NO_CLUSTERS=1
   fi
+  if frnn_tagged_failed "$1"; then
+    echo "cuda: the tagged exchange FAILED GPU tests; the steps below leave cuda-tagged out" \
+         "(FRNN_NO_TAGGED=1)"
+    export FRNN_NO_TAGGED=1
+  fi
   # A hang in a test of neither (the default path, say) would hang the bench's cuda rows too,
   # and every row after them: FRNN_CUDA_HUNG=1 tells gpu_check.sh to leave cuda out, and
   # gpu_check_cuda.sh, run alone, to skip its later steps that load the extension.
   local hung
-  if hung=$(frnn_unfinished_test "$1") && [[ "$hung" != *parts* && "$hung" != *cluster* ]]; then
+  if hung=$(frnn_unfinished_test "$1") && [[ "$hung" != *parts* && "$hung" != *cluster* &&
+                                               "$hung" != *tagged* ]]; then
     echo "cuda: $hung hung or crashed; the bench leaves out cuda and its variants, and the" \
          "later CUDA steps are skipped"
     FRNN_CUDA_HUNG=1
