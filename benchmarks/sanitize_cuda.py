@@ -10,8 +10,9 @@ Exit status 0 only if every case matches.
 
 (No caching allocator, so an out-of-bounds access cannot land inside another tensor's block.)
 With FRNN_NO_CLUSTERS=1 (gpu_check.sh sets it when a cluster-mode GPU test failed or hung) the
-cluster case is left out, and with FUSED_RNN_CUDA_K_PARTS=1 (set when a K-parts test did) the
-forced K-parts case: a mode that hangs would otherwise eat the tool's whole step.
+cluster case is left out, with FUSED_RNN_CUDA_K_PARTS=1 (set when a K-parts test did) the
+forced K-parts case, and with FRNN_NO_TAGGED=1 (a tagged-exchange test) the tagged case: a mode
+that hangs would otherwise eat the tool's whole step.
 """
 
 from __future__ import annotations
@@ -85,8 +86,9 @@ def _case(mode, T, B, I, H, dtype, tf32, tol, reverse, gen) -> str | None:
 # (environment, H instead of the shape's): the fourth runs K parts in teams of 4 (plan.h), which
 # needs an even number of unit slices: H=64 gives 8 to 64 blocks on an H100, whatever the cell;
 # the fifth runs the batch groups as thread-block clusters (sm_90; elsewhere the grid plan); the
-# last multiplies the TF32 tiles with mma.sync and ldmatrix (TF32 cases only: it changes nothing
-# else), last so that racecheck's first 10 cases include it.
+# sixth multiplies the TF32 tiles with mma.sync and ldmatrix (TF32 cases only: it changes nothing
+# else), there so that racecheck's first 10 cases include it; the last exchanges h and the
+# dgates as tagged words with no step barrier (bf16 cases only: fp32 runs it as registers).
 PARTITIONS = (
     ({"FUSED_RNN_CUDA_MAX_GROUPS": "8", "FUSED_RNN_CUDA_STAGE_K": "auto"}, None),
     ({"FUSED_RNN_CUDA_MAX_GROUPS": "1", "FUSED_RNN_CUDA_STAGE_K": "16"}, None),
@@ -95,6 +97,7 @@ PARTITIONS = (
       "FUSED_RNN_CUDA_K_PARTS": "4"}, 64),
     ({"FUSED_RNN_CUDA_MAX_GROUPS": "8", "FUSED_RNN_CUDA_CLUSTER": "8"}, None),
     ({"FUSED_RNN_CUDA_MAX_GROUPS": "8", "FUSED_RNN_CUDA_FRAG_LOADS": "mma"}, None),
+    ({"FUSED_RNN_CUDA_MAX_GROUPS": "8", "FUSED_RNN_CUDA_STAGE_COPY": "tagged"}, None),
 )
 # Partitions of the persistent kernel: it runs them whatever the path rules (ops.PATH_RULES)
 # would choose for the case.
@@ -108,9 +111,12 @@ def partitions() -> tuple[list, list[str]]:
     keep, left_out = [], []
     no_clusters = os.environ.get("FRNN_NO_CLUSTERS") == "1"
     no_parts = os.environ.get("FUSED_RNN_CUDA_K_PARTS") == "1"
+    no_tagged = os.environ.get("FRNN_NO_TAGGED") == "1"
     for env, h in PARTITIONS:
         if no_clusters and any(k in env for k in CLUSTER_KEYS):
             left_out.append(f"{env} (FRNN_NO_CLUSTERS=1)")
+        elif no_tagged and env.get("FUSED_RNN_CUDA_STAGE_COPY") == "tagged":
+            left_out.append(f"{env} (FRNN_NO_TAGGED=1)")
         elif no_parts and env.get("FUSED_RNN_CUDA_K_PARTS", "1") != "1":
             left_out.append(f"{env} (FUSED_RNN_CUDA_K_PARTS=1)")
         else:
@@ -159,6 +165,9 @@ def main(start: float | None = None) -> int:
                     for env, h in parts:
                         if env.get("FUSED_RNN_CUDA_FRAG_LOADS") == "mma" and not (
                                 dtype == torch.float32 and tf32):
+                            continue
+                        if (env.get("FUSED_RNN_CUDA_STAGE_COPY") == "tagged"
+                                and dtype == torch.float32):
                             continue
                         if args.cases is not None and n + unchecked >= args.cases:
                             break

@@ -504,7 +504,8 @@ def _sanitize_module(monkeypatch):
     def case(mode, T, B, I, H, *rest):  # records the partition each case runs under
         seen.append({k: os.environ.get(k) for k in ("FUSED_RNN_CUDA_CLUSTER",
                                                     "FUSED_RNN_CUDA_K_PARTS",
-                                                    "FUSED_RNN_CUDA_FRAG_LOADS")})
+                                                    "FUSED_RNN_CUDA_FRAG_LOADS",
+                                                    "FUSED_RNN_CUDA_STAGE_COPY")})
 
     monkeypatch.setattr(mod, "case", case)
     return mod, seen
@@ -514,23 +515,31 @@ def test_sanitizer_leaves_clusters_and_forced_k_parts_out_when_told(monkeypatch,
     monkeypatch.delenv("FRNN_NO_CLUSTERS", raising=False)
     monkeypatch.delenv("FUSED_RNN_CUDA_K_PARTS", raising=False)
     monkeypatch.delenv("FUSED_RNN_CUDA_CLUSTER", raising=False)
+    monkeypatch.delenv("FRNN_NO_TAGGED", raising=False)
     mod, seen = _sanitize_module(monkeypatch)
     monkeypatch.setattr("sys.argv", ["sanitize_cuda.py"])
-    assert mod.main() == 0 and len(seen) == 43
+    assert mod.main() == 0 and len(seen) == 47
     assert sum(s["FUSED_RNN_CUDA_CLUSTER"] == "8" for s in seen) == 8
-    # the mma partition in the 3 TF32 cells only (RNN_RELU's quick case is strict fp32)
+    # the mma partition in the 3 TF32 cells only (RNN_RELU's quick case is strict fp32), the
+    # tagged one in the 4 bf16 cells only
     assert sum(s["FUSED_RNN_CUDA_FRAG_LOADS"] == "mma" for s in seen) == 3
+    assert sum(s["FUSED_RNN_CUDA_STAGE_COPY"] == "tagged" for s in seen) == 4
     seen.clear()
     monkeypatch.setenv("FRNN_NO_CLUSTERS", "1")
-    assert mod.main() == 0 and len(seen) == 35
+    assert mod.main() == 0 and len(seen) == 39
     assert not any(s["FUSED_RNN_CUDA_CLUSTER"] for s in seen)
     out = capsys.readouterr().out
     assert "left out: the case" in out
-    assert "35/35 cases match the reference; 1 partition(s) left out" in out
+    assert "39/39 cases match the reference; 1 partition(s) left out" in out
     seen.clear()
     monkeypatch.setenv("FUSED_RNN_CUDA_K_PARTS", "1")  # gpu_check.sh: K parts failed their tests
-    assert mod.main() == 0 and len(seen) == 27
+    assert mod.main() == 0 and len(seen) == 31
     assert all(s["FUSED_RNN_CUDA_K_PARTS"] == "1" for s in seen)
+    seen.clear()
+    monkeypatch.setenv("FRNN_NO_TAGGED", "1")  # and the tagged exchange failed its tests
+    assert mod.main() == 0 and len(seen) == 27
+    assert not any(s["FUSED_RNN_CUDA_STAGE_COPY"] for s in seen)
+    monkeypatch.delenv("FRNN_NO_TAGGED")
     # a small case set for the slow tools: the first N, one cell across the partitions
     seen.clear()
     monkeypatch.delenv("FRNN_NO_CLUSTERS")
@@ -542,7 +551,7 @@ def test_sanitizer_leaves_clusters_and_forced_k_parts_out_when_told(monkeypatch,
     seen.clear()
     monkeypatch.setattr("sys.argv", ["sanitize_cuda.py", "--time-budget", "30"])
     assert mod.main(start=time.monotonic() - 60) == 1 and seen == []
-    assert "0/0 cases match the reference; 43 not checked" in capsys.readouterr().out
+    assert "0/0 cases match the reference; 47 not checked" in capsys.readouterr().out
 
 
 def test_sanitizer_quick_subset_and_a_failing_case(monkeypatch, capsys):
@@ -565,7 +574,7 @@ def test_sanitizer_quick_subset_and_a_failing_case(monkeypatch, capsys):
     assert mod.main() == 1
     captured = capsys.readouterr()
     assert "FAIL wrong ({'FUSED_RNN_CUDA_MAX_GROUPS': '1'" in captured.err
-    assert "sanitize_cuda: 42/43 cases match the reference" in captured.out
+    assert "sanitize_cuda: 46/47 cases match the reference" in captured.out
     dtypes = {m: {(d, t) for mm, _, d, t, _ in runs if mm == m} for m in mod.MODES}
     assert dtypes == {m: ({(torch.float32, False), (torch.bfloat16, False)} if m == "RNN_RELU"
                           else {(torch.float32, True), (torch.bfloat16, False)})
