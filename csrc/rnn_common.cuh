@@ -733,30 +733,41 @@ __device__ __forceinline__ void stage_issue(T* dst, int ld_dst, const T* src, in
   cp_async_commit();
 }
 
-template <typename T>
-__device__ __forceinline__ void stage_copy_registers(T* dst, int ld_dst, const T* src,
-                                                     int ld_src, int rows, int cols) {
-  constexpr int kVec = 16 / sizeof(T);
-  constexpr int kBatch = 8;
-  const int per_row = cols / kVec;
-  const int total = rows * per_row;
+// The register copies' loop: the thread takes 16-byte chunks threadIdx.x + i * kThreads of
+// [0, total), kBatch at a time, and issues load(c) for every chunk c of a batch before the
+// first finish(c, loaded): kBatch round trips in flight per thread, not one.
+template <int kBatch, typename Load, typename Finish>
+__device__ __forceinline__ void chunks_in_flight(int total, Load&& load, Finish&& finish) {
   for (int base = threadIdx.x; base < total; base += kThreads * kBatch) {
     uint4 v[kBatch];
 #pragma unroll
     for (int j = 0; j < kBatch; ++j) {
       const int i = base + j * kThreads;
-      if (i < total)
-        v[j] = *reinterpret_cast<const uint4*>(src + (size_t)(i / per_row) * ld_src +
-                                               (i % per_row) * kVec);
+      if (i < total) v[j] = load(i);
     }
 #pragma unroll
     for (int j = 0; j < kBatch; ++j) {
       const int i = base + j * kThreads;
-      if (i < total)
-        *reinterpret_cast<uint4*>(dst + (size_t)(i / per_row) * ld_dst + (i % per_row) * kVec) =
-            v[j];
+      if (i < total) finish(i, v[j]);
     }
   }
+}
+
+template <typename T>
+__device__ __forceinline__ void stage_copy_registers(T* dst, int ld_dst, const T* src,
+                                                     int ld_src, int rows, int cols) {
+  constexpr int kVec = 16 / sizeof(T);
+  const int per_row = cols / kVec;
+  chunks_in_flight<8>(
+      rows * per_row,
+      [&](int i) {
+        return *reinterpret_cast<const uint4*>(src + (size_t)(i / per_row) * ld_src +
+                                               (i % per_row) * kVec);
+      },
+      [&](int i, const uint4& v) {
+        *reinterpret_cast<uint4*>(dst + (size_t)(i / per_row) * ld_dst + (i % per_row) * kVec) =
+            v;
+      });
 }
 
 // ---- tagged words (kStageTagged, fused_rnn.h) -----------------------------------------------
@@ -840,31 +851,22 @@ __device__ __forceinline__ void stage_copy_tagged(T* dst, int ld_dst, const unsi
   constexpr int kBatch = 8;
 #endif
   const int per_row = cols / 4;
-  const int total = rows * per_row;
-  for (int base = threadIdx.x; base < total; base += kThreads * kBatch) {
-    uint4 v[kBatch];
-#pragma unroll
-    for (int j = 0; j < kBatch; ++j) {
-      const int i = base + j * kThreads;
-      if (i < total) v[j] = load_words(src + (size_t)(i / per_row) * ld_src + (i % per_row) * 4);
-    }
-#pragma unroll
-    for (int j = 0; j < kBatch; ++j) {
-      const int i = base + j * kThreads;
-      if (i >= total) continue;
-      const int c = (i % per_row) * 4;
-      const unsigned* w = src + (size_t)(i / per_row) * ld_src + c;
-      const int n = real - c;  // real words in this chunk (at most 4 count; <= 0: none)
-      while (!tagged_as(v[j], tag, n)) {
-        tag_pause(w, tag, n);
-        v[j] = load_words(w);
-      }
-      const unsigned lo[4] = {n > 0 ? v[j].x & 0xFFFFu : 0u, n > 1 ? v[j].y & 0xFFFFu : 0u,
-                              n > 2 ? v[j].z & 0xFFFFu : 0u, n > 3 ? v[j].w & 0xFFFFu : 0u};
-      *reinterpret_cast<uint2*>(dst + (size_t)(i / per_row) * ld_dst + c) =
-          make_uint2(lo[0] | (lo[1] << 16), lo[2] | (lo[3] << 16));
-    }
-  }
+  chunks_in_flight<kBatch>(
+      rows * per_row,
+      [&](int i) { return load_words(src + (size_t)(i / per_row) * ld_src + (i % per_row) * 4); },
+      [&](int i, uint4 v) {
+        const int c = (i % per_row) * 4;
+        const unsigned* w = src + (size_t)(i / per_row) * ld_src + c;
+        const int n = real - c;  // real words in this chunk (at most 4 count; <= 0: none)
+        while (!tagged_as(v, tag, n)) {
+          tag_pause(w, tag, n);
+          v = load_words(w);
+        }
+        const unsigned lo[4] = {n > 0 ? v.x & 0xFFFFu : 0u, n > 1 ? v.y & 0xFFFFu : 0u,
+                                n > 2 ? v.z & 0xFFFFu : 0u, n > 3 ? v.w & 0xFFFFu : 0u};
+        *reinterpret_cast<uint2*>(dst + (size_t)(i / per_row) * ld_dst + c) =
+            make_uint2(lo[0] | (lo[1] << 16), lo[2] | (lo[3] << 16));
+      });
 }
 
 // What the stage copy needs of a tagged exchange buffer (chunk_matmul's Tagged): the tag the
