@@ -285,7 +285,7 @@ def test_sanitize_script_dry_run(emulate, monkeypatch, capsys):
     monkeypatch.setattr(ext_mod, "unavailable_reason", lambda device: None)
     monkeypatch.setattr("sys.argv", ["sanitize_cuda.py"])
     names = ("FUSED_RNN_CUDA_MAX_GROUPS", "FUSED_RNN_CUDA_STAGE_K", "FUSED_RNN_CUDA_K_PARTS",
-             "FUSED_RNN_CUDA_CLUSTER", "FUSED_RNN_CUDA_FRAG_LOADS")
+             "FUSED_RNN_CUDA_CLUSTER", "FUSED_RNN_CUDA_FRAG_LOADS", "FUSED_RNN_CUDA_STAGE_COPY")
     before = [os.environ.get(k) for k in names], torch.backends.cudnn.allow_tf32
     assert mod.main() == 0
     # no leak into later tests (the TF32 flag once did: later plans then took the FMA math)
@@ -293,7 +293,7 @@ def test_sanitize_script_dry_run(emulate, monkeypatch, capsys):
     # out of time: no case starts, none counts as checked, and the status says so
     monkeypatch.setattr("sys.argv", ["sanitize_cuda.py", "--time-budget", "-1"])
     assert mod.main() == 1
-    assert "0/0 cases match the reference; 43 not checked" in capsys.readouterr().out
+    assert "0/0 cases match the reference; 47 not checked" in capsys.readouterr().out
     # a wrong result is a failure of the run, named (its check is what makes it a test)
     real = cuda_backend.rnn_layer
 
