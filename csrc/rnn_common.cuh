@@ -1283,11 +1283,18 @@ __device__ __forceinline__ void block_step(const BlockState<W>& bs, const Plan& 
 //   tagged (kStageTagged, fused_rnn.h tagged_exchange): the global buffer holds words (element
 //     (b, k) the word at b * k_pad + k), and put() stores the value with the tag of the step
 //     that reads it (exchange_tag(s + 1)). No barrier: the stage copy polls the words for
-//     their tag (stage_copy_tagged), and double buffering is ordered by the data. A block
-//     overwrites buffer s % 2 (step s + 2) only after it has read all of step s + 1's X, which
-//     every block (of its batch group) writes only after its own reads of buffer s % 2 are
-//     done: in block_step the stage copy's loads have returned (their tags were checked) before
-//     the __syncthreads after the matmul, and the epilogue's puts come after it.
+//     their tag (stage_copy_tagged), and double buffering is ordered by the data, with no
+//     ordering between different words. A block Q overwrites a word of buffer s % 2 (step
+//     s + 2's put) only after its poll has accepted every real word of step s + 1's X in its
+//     rows, among them the units of each block P of its batch group (each owns at least one,
+//     plan.h make_plan). P puts those only after its own poll of buffer s % 2 has accepted
+//     step s's words: the puts follow the stage copy in block_step. So if a load of P's poll
+//     ever returned Q's step s + 2 word, the load that later accepted step s's word would be
+//     a load of the same thread at the same address reading a word that comes earlier in
+//     that address's coherence order. The PTX memory model's per-location sequential
+//     consistency forbids that for strong accesses (relaxed, gpu scope) in one GPU. So the
+//     poll neither takes a wrong value (the tag vouches for the word it is in) nor waits for
+//     a word already overwritten; no barrier or fence orders the loads before the stores.
 // A step's view: what the epilogue needs, few registers (the FMA kernels run at 255).
 template <typename T>
 struct ExchangeStep {
