@@ -39,6 +39,17 @@ where a shape of it inside those ranges did not show that (slower, missing, unch
 table's refusals are the cuda backend's.
 
     python benchmarks/auto_rules.py <csv> --paths
+
+``--stage-copy`` proposes the CUDA backend's ``STAGE_COPY_RULES`` (fused_rnn/ops/cuda/ops.py):
+where ``FUSED_RNN_CUDA_STAGE_COPY=auto`` (the default) runs the tagged exchange. It compares,
+row by row over S1-S6, the tagged exchange's row (``cuda-tagged``; where a rule sent plain
+``cuda`` to it already, the ``cuda`` row) with the pipelined copy's (``cuda-pipelined`` where
+the table has one, else ``cuda``), as ``--paths`` does: one rule per (cell, dtype), its ranges
+spanning the shapes where the tagged exchange won forward and fwd+bwd by the margin, none where
+a shape inside them did not. A row counts only where its note shows the launch plans, with a
+``tg`` launch on the tagged side and none on the other (bench_gpu.py _plan_note).
+
+    python benchmarks/auto_rules.py <csv> --stage-copy
 """
 
 from __future__ import annotations
@@ -213,12 +224,19 @@ def propose(rows: list[dict], backend: str, margin: float) -> tuple[list[dict], 
     return rules, reasons
 
 
-def as_python(rules: list[dict], backend: str | None, evidence: str, capability: str) -> str:
+# The CUDA backend's own rule tables (--paths, --stage-copy): (name, class, what a rule's
+# ratios are against).
+TABLES = {"paths": ("PATH_RULES", "PathRule", "the persistent kernel"),
+          "stage-copy": ("STAGE_COPY_RULES", "StageCopyRule", "the pipelined copy")}
+
+
+def as_python(rules: list[dict], backend: str | None, evidence: str, capability: str,
+              table: str = "paths") -> str:
     """The rules as code to paste: AUTO_RULES for ``backend``, or (None) the CUDA backend's
-    PATH_RULES."""
+    ``table`` (TABLES)."""
     major, minor = (int(v) for v in capability.split("."))
     if backend is None:
-        name, cls, head, against = "PATH_RULES", "PathRule", "", "the persistent kernel"
+        (name, cls, against), head = TABLES[table], ""
     else:
         name, cls, head, against = "AUTO_RULES", "AutoRule", f"backend={backend!r}, ", "cuDNN"
     lines = [f"{name}: tuple[{cls}, ...] = ("]
@@ -240,6 +258,7 @@ def as_python(rules: list[dict], backend: str | None, evidence: str, capability:
 
 
 STEP, PERSISTENT = "cuda-step", "cuda-persistent"
+TAGGED, PIPELINED = "cuda-tagged", "cuda-pipelined"
 
 
 def _persistent_row(by: dict, key: tuple) -> tuple[str, dict | None]:
@@ -251,15 +270,55 @@ def _persistent_row(by: dict, key: tuple) -> tuple[str, dict | None]:
     return "cuda", by.get(("cuda", *key))
 
 
-def _path_verdict(step: dict | None, pers: dict | None, base: str, margin: float):
-    """(ratio, None) where the per-step row ``step`` beat the persistent kernel's row ``pers``
-    (of backend ``base``; persistent ms / step ms >= margin), else (ratio or None, why not)."""
-    if step is None or pers is None:
-        return None, f"no {STEP if step is None else base} row"
-    if base == "cuda" and not (pers.get("note") or "").startswith("plan "):
-        return None, (f"the cuda row shows no persistent launch plan "
-                      f"({(pers.get('note') or 'no note')[:80]})")
-    for side, r in ((STEP, step), (base, pers)):
+def _pipelined_row(by: dict, key: tuple) -> tuple[str, dict | None]:
+    """(backend, row): the pipelined copy's row for key: the cuda-pipelined row where there is
+    one (bench_gpu.py times it only on rows a stage copy rule sends plain cuda to the tagged
+    exchange), else the cuda row."""
+    if (PIPELINED, *key) in by:
+        return PIPELINED, by[(PIPELINED, *key)]
+    return "cuda", by.get(("cuda", *key))
+
+
+def _tagged_row(by: dict, key: tuple) -> tuple[str, dict | None]:
+    """(backend, row): the tagged exchange's row for key: the cuda-tagged row, or where a
+    cuda-pipelined row stands in for plain cuda (a rule sent cuda to the tagged exchange, so
+    cuda-tagged was not timed), the cuda row."""
+    if (TAGGED, *key) in by:
+        return TAGGED, by[(TAGGED, *key)]
+    if (PIPELINED, *key) in by:
+        return "cuda", by.get(("cuda", *key))
+    return TAGGED, None
+
+
+def _plan_launches(row: dict) -> list[str] | None:
+    """The launches of a row's plan note ('plan fwd b128 g1 p1 k768 tg, bwd ...'), or None
+    where the note shows no persistent launch plan."""
+    note = row.get("note") or ""
+    if not note.startswith("plan "):
+        return None
+    return note.split(";")[0][len("plan "):].split(", ")
+
+
+def _verdict(new: tuple[str, dict | None], old: tuple[str, dict | None], margin: float,
+             against: str, plans: tuple[str, ...] = ("cuda",), tags: bool = False):
+    """(ratio, None) where the row ``new`` (backend, row) beat the row ``old`` (old ms / new
+    ms >= margin), else (ratio or None, why not). The rows of the backends in ``plans`` must
+    show a persistent launch plan; ``tags``: the new row a tagged launch (' tg') and the old
+    one none."""
+    (new_b, new_r), (old_b, old_r) = new, old
+    if new_r is None or old_r is None:
+        return None, f"no {new_b if new_r is None else old_b} row"
+    for side, r in ((new_b, new_r), (old_b, old_r)):
+        if side in plans and _plan_launches(r) is None:
+            return None, (f"the {side} row shows no persistent launch plan "
+                          f"({(r.get('note') or 'no note')[:80]})")
+    if tags:
+        if not any(p.endswith(" tg") for p in _plan_launches(new_r)):
+            return None, f"the {new_b} row shows no tagged launch ({new_r.get('note', '')[:80]})"
+        if any(p.endswith(" tg") for p in _plan_launches(old_r)):
+            return None, (f"the {old_b} row ran the tagged exchange too "
+                          f"({old_r.get('note', '')[:80]})")
+    for side, r in ((new_b, new_r), (old_b, old_r)):
         if not r.get("ms"):
             return None, f"{side} not timed ({(r.get('note') or '')[:80]})"
         if r.get("check") != "ok":
@@ -267,50 +326,82 @@ def _path_verdict(step: dict | None, pers: dict | None, base: str, margin: float
         reps = str(r.get("reps") or "").strip()
         if reps.isdigit() and int(reps) < MIN_REPS:
             return None, f"{side} timed {reps} times (< {MIN_REPS})"
-    ratio = float(pers["ms"]) / float(step["ms"])
+    ratio = float(old_r["ms"]) / float(new_r["ms"])
     if not ratio >= margin:
-        return ratio, f"{ratio:.2f}x the persistent kernel (< {margin:g})"
+        return ratio, f"{ratio:.2f}x {against} (< {margin:g})"
     return ratio, None
+
+
+def _path_verdict(by: dict, key: tuple, margin: float):
+    """_verdict for --paths: the per-step row against the persistent kernel's."""
+    return _verdict((STEP, by.get((STEP, *key))), _persistent_row(by, key), margin,
+                    "the persistent kernel")
+
+
+def _copy_verdict(by: dict, key: tuple, margin: float):
+    """_verdict for --stage-copy: the tagged exchange's row against the pipelined copy's, both
+    persistent launches."""
+    return _verdict(_tagged_row(by, key), _pipelined_row(by, key), margin, "the pipelined copy",
+                    plans=("cuda", TAGGED, PIPELINED), tags=True)
 
 
 # The shapes --paths reads, in groups that each give their own rule: the suite's chunks, and
 # one-step calls (a cell), where the persistent launch loads W_hh for a single step. A loss in
 # one group does not stop the other's rule, nor does a rule span from one group into the other.
 PATH_GROUPS = (("", SHAPES), (" one step", STEP_SHAPES))
+# --stage-copy reads the chunks only: the variants that tune the persistent kernel, cuda-tagged
+# among them, time no one-step shape (bench_gpu.timed_here).
+COPY_GROUPS = (("", SHAPES),)
 
 
 def propose_paths(rows: list[dict], margin: float) -> tuple[list[dict], list[str]]:
     """(rules, reasons) for the CUDA backend's PATH_RULES: rules as dicts (cell, dtype, tf32,
     batch, hidden, steps, ratios, shapes) and, for every (cell, dtype) and group of shapes
     (PATH_GROUPS) with cuda-step rows and no rule, why not."""
+    return _propose(rows, margin, (STEP, PERSISTENT, "cuda"), (STEP,), PATH_GROUPS,
+                    _path_verdict, "the per-step path")
+
+
+def propose_stage_copy(rows: list[dict], margin: float) -> tuple[list[dict], list[str]]:
+    """(rules, reasons) for the CUDA backend's STAGE_COPY_RULES, as propose_paths: the
+    tagged exchange against the pipelined copy, 16-bit rows only."""
+    rows = [r for r in rows if r.get("dtype") in ("bf16", "fp16")]
+    return _propose(rows, margin, (TAGGED, PIPELINED, "cuda"), (TAGGED, PIPELINED), COPY_GROUPS,
+                    _copy_verdict, "the tagged exchange")
+
+
+def _propose(rows, margin, backends, drivers, groups, verdict, what):
+    """(rules, reasons): one rule per (cell, dtype) with rows of a ``drivers`` backend and
+    group of shapes (_group_rule), the rows of ``backends`` read."""
     by: dict[tuple, dict] = {}
     for r in rows:
-        if r.get("dtype") in DTYPES and r.get("backend") in (STEP, PERSISTENT, "cuda"):
+        if r.get("dtype") in DTYPES and r.get("backend") in backends:
             by[(r["backend"], r["cell"], r["dtype"], r["shape"], r.get("pass"))] = r
     rules, reasons = [], []
-    for cell, dtype in sorted({(k[1], k[2]) for k in by if k[0] == STEP}):
-        for group, shapes in PATH_GROUPS:
-            if any((STEP, cell, dtype, s, p) in by for s in shapes for p in ("fwd", "fwd+bwd")):
-                _group_rule(by, cell, dtype, group, shapes, margin, rules, reasons)
+    for cell, dtype in sorted({(k[1], k[2]) for k in by if k[0] in drivers}):
+        for group, shapes in groups:
+            if any((d, cell, dtype, s, p) in by for d in drivers for s in shapes
+                   for p in ("fwd", "fwd+bwd")):
+                _group_rule(by, cell, dtype, group, shapes, margin, verdict, what, rules,
+                            reasons)
     for r in rules:
         r["tf32"] = _tf32(rows, r["dtype"])
     return rules, reasons
 
 
 def _group_rule(by: dict, cell: str, dtype: str, group: str, shapes: dict, margin: float,
-                rules: list[dict], reasons: list[str]) -> None:
-    """propose_paths for one (cell, dtype) over one group of shapes: appends its rule to
-    ``rules`` (without tf32) or why none to ``reasons``."""
+                verdict, what: str, rules: list[dict], reasons: list[str]) -> None:
+    """One (cell, dtype) over one group of shapes: appends its rule to ``rules`` (without tf32)
+    or why none to ``reasons``. ``verdict(by, key, margin)`` says whether the new way (``what``)
+    won at key (cell, dtype, shape, pass)."""
     wins, losses, dims = {}, {}, {}
     for shape in shapes:
         ratios, whys = {}, []
+        for r in by.values():
+            if (r["cell"], r["dtype"], r["shape"]) == (cell, dtype, shape) and r.get("BxTxH"):
+                dims[shape] = tuple(int(v) for v in r["BxTxH"].split("x"))
         for p in ("fwd", "fwd+bwd"):
-            step = by.get((STEP, cell, dtype, shape, p))
-            base, pers = _persistent_row(by, (cell, dtype, shape, p))
-            for r in (step, pers):
-                if r is not None and r.get("BxTxH"):
-                    dims[shape] = tuple(int(v) for v in r["BxTxH"].split("x"))
-            ratios[p], why = _path_verdict(step, pers, base, margin)
+            ratios[p], why = verdict(by, (cell, dtype, shape, p), margin)
             if why:
                 whys.append(f"{p} {why}")
         if whys:
@@ -318,7 +409,7 @@ def _group_rule(by: dict, cell: str, dtype: str, group: str, shapes: dict, margi
         else:
             wins[shape] = ratios["fwd+bwd"]
     if not wins:
-        reasons.append(f"{cell} {dtype}{group}: no rule; the per-step path won on no shape ("
+        reasons.append(f"{cell} {dtype}{group}: no rule; {what} won on no shape ("
                        + "; ".join(f"{s}: {why}" for s, why in losses.items()) + ")")
         return
     b, t, h = ((min(dims[s][i] for s in wins), max(dims[s][i] for s in wins))
@@ -326,7 +417,7 @@ def _group_rule(by: dict, cell: str, dtype: str, group: str, shapes: dict, margi
     inside = [s for s in shapes if s not in wins and (s not in dims or all(
         lo <= v <= hi for v, (lo, hi) in zip(dims[s], (b, t, h), strict=True)))]
     if inside:  # (a shape never measured may be anywhere: it stops the rule too)
-        reasons.append(f"{cell} {dtype}{group}: no rule; the per-step path won on "
+        reasons.append(f"{cell} {dtype}{group}: no rule; {what} won on "
                        f"{', '.join(wins)}, but not on " + "; ".join(
                            f"{s} ({losses[s]})" for s in inside))
         return
@@ -343,14 +434,20 @@ def main(argv=None) -> int:
                          "that gpu_check.sh ran on the GPU (the table records the CUDA tests)")
     ap.add_argument("--margin", type=float, default=1.05,
                     help="the least cuDNN time / ours on every shape (--paths: the persistent "
-                         "kernel's time / the per-step path's on every shape a rule spans) "
+                         "kernel's time / the per-step path's on every shape a rule spans; "
+                         "--stage-copy: the pipelined copy's / the tagged exchange's) "
                          "(default %(default)s: wins within timing noise do not count)")
-    ap.add_argument("--paths", action="store_true",
-                    help="propose the CUDA backend's PATH_RULES (cuda-step against the "
-                         "persistent kernel) instead of AUTO_RULES")
+    which = ap.add_mutually_exclusive_group()
+    which.add_argument("--paths", action="store_true",
+                       help="propose the CUDA backend's PATH_RULES (cuda-step against the "
+                            "persistent kernel) instead of AUTO_RULES")
+    which.add_argument("--stage-copy", action="store_true",
+                       help="propose the CUDA backend's STAGE_COPY_RULES (cuda-tagged against "
+                            "the pipelined copy) instead of AUTO_RULES")
     args = ap.parse_args(argv)
-    if args.paths and args.backend != "cuda":
-        ap.error("--paths compares the CUDA backend's two paths: no --backend triton")
+    if (args.paths or args.stage_copy) and args.backend != "cuda":
+        ap.error("--paths and --stage-copy compare the CUDA backend's own settings: "
+                 "no --backend triton")
     with open(args.csv, newline="") as f:
         rows = list(csv.DictReader(f))
     why = refusal(rows, args.backend, args.triton_tests)
@@ -369,6 +466,10 @@ def main(argv=None) -> int:
         rules, reasons = propose_paths(rows, args.margin)
         print(as_python(rules, None, evidence, capability))
         what = "path rules (fused_rnn/ops/cuda/ops.py PATH_RULES)"
+    elif args.stage_copy:
+        rules, reasons = propose_stage_copy(rows, args.margin)
+        print(as_python(rules, None, evidence, capability, table="stage-copy"))
+        what = "stage copy rules (fused_rnn/ops/cuda/ops.py STAGE_COPY_RULES)"
     else:
         rules, reasons = propose(rows, args.backend, args.margin)
         print(as_python(rules, args.backend, evidence, capability))

@@ -121,7 +121,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "(cp.async, no overlap), cuda-regcopy cuda staging through registers, "
                         "cuda-tagged cuda with no step barrier in 16 bits (h and the dgates as "
                         "words tagged with their step, polled by the stage copy; as "
-                        "cuda-regcopy elsewhere), "
+                        "cuda-regcopy elsewhere), cuda-pipelined cuda with the pipelined "
+                        "copy wherever its stage copy rules would take the tagged one, "
                         "cuda-tb1 cuda multiplying one tile a warp at a time, cuda-pb1 cuda "
                         "finishing one point a thread at a time, cuda-gemm32 cuda with the "
                         "time-parallel GEMMs of 16-bit layers on operands promoted to fp32, "
@@ -137,7 +138,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "FUSED_RNN_CUDA_TEAM_CLUSTERS=on, "
                         "FUSED_RNN_CUDA_MAX_BLOCKS=32, "
                         "FUSED_RNN_CUDA_MAX_GROUPS=1, FUSED_RNN_CUDA_STAGE_K=0, "
-                        "FUSED_RNN_CUDA_STAGE_COPY=async|registers|tagged, "
+                        "FUSED_RNN_CUDA_STAGE_COPY=async|registers|tagged|pipelined, "
                         "FUSED_RNN_CUDA_TILE_BLOCK=1, FUSED_RNN_CUDA_POINT_BATCH=1, "
                         "FUSED_RNN_CUDA_GEMMS=fp32, FUSED_RNN_CUDA_FRAG_LOADS=generic|mma, "
                         "FUSED_RNN_CUDA_PATH=step|persistent)")
@@ -416,6 +417,7 @@ VARIANTS = {"cuda-p1": ("cuda", {"FUSED_RNN_CUDA_K_PARTS": "1"}),
             "cuda-nopipe": ("cuda", {"FUSED_RNN_CUDA_STAGE_COPY": "async"}),
             "cuda-regcopy": ("cuda", {"FUSED_RNN_CUDA_STAGE_COPY": "registers"}),
             "cuda-tagged": ("cuda", {"FUSED_RNN_CUDA_STAGE_COPY": "tagged"}),
+            "cuda-pipelined": ("cuda", {"FUSED_RNN_CUDA_STAGE_COPY": "pipelined"}),
             "cuda-tb1": ("cuda", {"FUSED_RNN_CUDA_TILE_BLOCK": "1"}),
             "cuda-pb1": ("cuda", {"FUSED_RNN_CUDA_POINT_BATCH": "1"}),
             "cuda-gemm32": ("cuda", {"FUSED_RNN_CUDA_GEMMS": "fp32"}),
@@ -470,13 +472,32 @@ def _cuda_launches(mode, shape, dtype_name) -> list | None:
 CLUSTER_MARKS = ("", " cl", " tc", " ds")
 
 
-def _plan_note(plans) -> str:
+def _plan_note(plans, tagged: bool = False) -> str:
     """'plan fwd b128 g1 p4 k224, bwd b128 g1 p8 k304': blocks, batch groups, K parts, stage K
     columns, and ' cl' where the groups run as clusters (' tc': the K-parts teams; ' ds':
-    groups as clusters exchanging through distributed shared memory)."""
+    groups as clusters exchanging through distributed shared memory). ``tagged``: the layer's
+    stage copy is the tagged exchange (16-bit, ops.stage_copy), and ' tg' marks each launch
+    whose plan takes it (plan.tagged_exchange; the others run the registers copy)."""
+    from fused_rnn.ops.cuda import plan as P
+
     return "plan " + ", ".join(f"{d} b{p.blocks} g{p.groups} p{p.parts} k{p.stage_k}"
                                f"{CLUSTER_MARKS[p.cluster]}"
+                               f"{' tg' if tagged and P.tagged_exchange(p, True) else ''}"
                                for d, p in zip(("fwd", "bwd"), plans))
+
+
+def _stage_copy_tagged(mode, shape, dtype_name, device) -> bool:
+    """Whether the cuda backend's stage copy for this row, under the current environment, is
+    the tagged exchange (ops.stage_copy: the setting, or under auto a StageCopyRule)."""
+    if dtype_name not in ("bf16", "fp16"):
+        return False
+    import torch
+
+    from fused_rnn.ops.cuda import ops
+
+    B, T, H = shape
+    dtype = getattr(torch, DTYPE_NAMES[dtype_name])
+    return ops.stage_copy(mode, dtype, B, H, T, torch.device(device)) == ops.STAGE_COPIES["tagged"]
 
 
 def _variant_is_moot(backend, mode, shape, dtype_name, device) -> bool:
@@ -493,9 +514,11 @@ def _variant_is_moot(backend, mode, shape, dtype_name, device) -> bool:
     then load every WMMA fragment with the generic forms, or run the FMA path); cuda-mma where
     neither launch is a TF32 one with X in shared memory (the only launches it changes);
     cuda-persistent where cuda runs the persistent kernel anyway (no path rule, ops.PATH_RULES,
-    sends the row to the per-step path); cuda-tagged on fp32 data and, on a GPU, where neither
-    launch's plan can take the tagged exchange (fused_rnn.h tagged_exchange: staged, no K
-    parts, no DSMEM mirror; it would time cuda-regcopy's code)."""
+    sends the row to the per-step path); cuda-tagged on fp32 data, where cuda takes the tagged
+    exchange anyway (a stage copy rule, ops.STAGE_COPY_RULES) and, on a GPU, where neither
+    launch's plan can take it (plan.tagged_exchange: staged, no K parts, no DSMEM mirror; it
+    would time cuda-regcopy's code); cuda-pipelined where cuda's stage copy is the pipelined
+    one anyway (no stage copy rule sends it to the tagged exchange)."""
     if backend == "cuda-g1":
         return shape[0] <= 32
     if backend == "cuda-persistent":
@@ -510,17 +533,18 @@ def _variant_is_moot(backend, mode, shape, dtype_name, device) -> bool:
         return ops.cuda_path(mode, dtype, B, H, T, torch.device(device), tf32) == "persistent"
     if backend == "cuda-gemm32":
         return dtype_name not in ("bf16", "fp16")
+    if backend == "cuda-pipelined":
+        return not _stage_copy_tagged(mode, shape, dtype_name, device)
     if backend == "cuda-tagged":
-        if dtype_name not in ("bf16", "fp16"):
+        if dtype_name not in ("bf16", "fp16") or _stage_copy_tagged(mode, shape, dtype_name,
+                                                                     device):
             return True
         if device == "cuda":
             from fused_rnn.ops.cuda import plan as P
 
             launches = _cuda_launches(mode, shape, dtype_name)
-            return launches is not None and not any(
-                p.stage_k > 0 and p.parts == 1
-                and p.cluster not in (P.CLUSTER_TEAMS, P.CLUSTER_GROUPS_DSMEM)
-                for _, p in launches)
+            return launches is not None and not any(P.tagged_exchange(p, True)
+                                                    for _, p in launches)
         return False
     if backend == "cuda-genfrag" and device == "cuda":
         from fused_rnn.ops.cuda import ops
@@ -660,7 +684,8 @@ def _measure(args, timer, device, mode, shape, dtype_name, backend, refs) -> lis
                 plan = ["path step"]  # no launch plan: a GEMM and a launch a step
             else:
                 plans = _cuda_plans(mode, (B, T, H), dtype_name)
-                plan = [_plan_note(plans)] if plans is not None else []
+                tagged = _stage_copy_tagged(mode, (B, T, H), dtype_name, device)
+                plan = [_plan_note(plans, tagged)] if plans is not None else []
         except Exception as e:  # the plan mirror failing costs the note, not the row
             plan = [f"plan: {_one_line(e, 120)}"]
     rows = []

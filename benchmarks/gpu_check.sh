@@ -3,7 +3,7 @@
 # phase timings, short table last.
 #
 #   FRNN_COMMIT=<hash> benchmarks/gpu_check.sh [--backends LIST] [--budget SECONDS] [--dry-run]
-#                    (default cuda,triton,cuda-tagged,cuda-mma,cuda-step,cuda-persistent,cuda-tb1,cuda-pb1,
+#                    (default cuda,triton,cuda-tagged,cuda-pipelined,cuda-mma,cuda-step,cuda-persistent,cuda-tb1,cuda-pb1,
 #                     cuda-p1,cuda-cl16,cuda-cl16ds,cuda-cl8,cuda-tc,cuda-b32,cuda-g1,cuda-direct,cuda-nopipe,
 #                     cuda-regcopy,cuda-gemm32,cuda-genfrag;
 #                     the first backend is timed with cuDNN over every configuration before
@@ -11,6 +11,9 @@
 #                     cuda-persistent, then the other variants; cuda-tagged = no step barrier in
 #                     the 16-bit layers (h and the dgates as words tagged with their step, which
 #                     the stage copy polls; fp32 and plans with K parts as cuda-regcopy);
+#                     cuda-pipelined = the pipelined copy on the rows where a stage copy rule
+#                     (ops.STAGE_COPY_RULES) sends plain cuda to the tagged one (none yet: no
+#                     rows);
 #                     cuda-mma = the TF32 tiles through mma.sync and
 #                     ldmatrix (fp32 rows only); cuda-step = the per-step path (a cuBLAS
 #                     GEMM and a launch of the cell a step, no W_hh on chip);
@@ -91,7 +94,7 @@ CUDA_LOGS="$FRNN_GPU_CHECK_LOGS"
 unset FRNN_GPU_CHECK_LOGS   # not for the steps: a script they start tees its own output
 mkdir -p "$CUDA_LOGS"
 
-BACKENDS=cuda,triton,cuda-tagged,cuda-mma,cuda-step,cuda-persistent,cuda-tb1,cuda-pb1,cuda-p1,cuda-cl16,cuda-cl16ds,cuda-cl8,cuda-tc,cuda-b32,cuda-g1,cuda-direct,cuda-nopipe,cuda-regcopy,cuda-gemm32,cuda-genfrag
+BACKENDS=cuda,triton,cuda-tagged,cuda-pipelined,cuda-mma,cuda-step,cuda-persistent,cuda-tb1,cuda-pb1,cuda-p1,cuda-cl16,cuda-cl16ds,cuda-cl8,cuda-tc,cuda-b32,cuda-g1,cuda-direct,cuda-nopipe,cuda-regcopy,cuda-gemm32,cuda-genfrag
 BUDGET=420
 DRY=0
 USAGE="usage: $0 [--backends LIST] [--budget SECONDS] [--dry-run]"

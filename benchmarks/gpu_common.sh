@@ -179,7 +179,8 @@ frnn_cluster_failed() {
 # True when LOG reports a failed, crashed or hung test of the tagged exchange (a test id with
 # "tagged", FUSED_RNN_CUDA_STAGE_COPY=tagged): gpu_check.sh then drops cuda-tagged from the bench
 # and, with FRNN_NO_TAGGED=1, from the phase timings, rather than time an exchange that gave
-# wrong results or hung.
+# wrong results or hung; and it pins FUSED_RNN_CUDA_STAGE_COPY=pipelined, so that no stage copy
+# rule (ops.STAGE_COPY_RULES) sends plain cuda rows to it either.
 frnn_tagged_failed() {
   [[ -f "$1" ]] || return 1
   local bad
@@ -251,8 +252,8 @@ frnn_without_cuda() {
 }
 
 # After the GPU tests (their log LOG): K parts off (FUSED_RNN_CUDA_K_PARTS=1) if a K-parts test
-# failed or hung, FRNN_NO_CLUSTERS=1 if a cluster test did, FRNN_NO_TAGGED=1 if a tagged-exchange
-# test did; says so. Run in the calling shell
+# failed or hung, FRNN_NO_CLUSTERS=1 if a cluster test did, FRNN_NO_TAGGED=1 and
+# FUSED_RNN_CUDA_STAGE_COPY=pipelined if a tagged-exchange test did; says so. Run in the calling shell
 # (not a subshell), so the exports reach the later steps.
 frnn_apply_test_results() {
   if frnn_parts_failed "$1"; then
@@ -266,8 +267,8 @@ frnn_apply_test_results() {
   fi
   if frnn_tagged_failed "$1"; then
     echo "cuda: the tagged exchange FAILED GPU tests; the steps below leave cuda-tagged out" \
-         "(FRNN_NO_TAGGED=1)"
-    export FRNN_NO_TAGGED=1
+         "(FRNN_NO_TAGGED=1) and run FUSED_RNN_CUDA_STAGE_COPY=pipelined"
+    export FRNN_NO_TAGGED=1 FUSED_RNN_CUDA_STAGE_COPY=pipelined
   fi
   # A hang in a test of neither (the default path, say) would hang the bench's cuda rows too,
   # and every row after them: FRNN_CUDA_HUNG=1 tells gpu_check.sh to leave cuda out, and

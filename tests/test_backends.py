@@ -358,21 +358,27 @@ def test_committed_auto_rules_cite_gpu_results():
         assert rule.device_type == "cuda", rule
 
 
-def test_committed_path_rules_cite_gpu_results():
-    """The CUDA backend runs a layer on its per-step path by default only from a committed GPU
-    run, as auto: every PathRule names a results file under benchmarks/results/ that has rows
-    of both paths (cuda-step, and cuda or cuda-persistent)."""
+@pytest.mark.parametrize("table,needs", [
+    ("PATH_RULES", (("cuda-step",), ("cuda", "cuda-persistent"))),
+    ("STAGE_COPY_RULES", (("cuda",), ("cuda-tagged", "cuda-pipelined"))),
+])
+def test_committed_cuda_rules_cite_gpu_results(table, needs):
+    """The CUDA backend changes its own defaults (the per-step path: PATH_RULES; the tagged
+    exchange: STAGE_COPY_RULES) only from a committed GPU run, as auto: every rule names a
+    results file under benchmarks/results/ with rows of both ways, a row of one backend of each
+    group in ``needs`` (the tagged exchange's rows: cuda-tagged, or cuda-pipelined beside the
+    cuda rows that ran it)."""
     from pathlib import Path
 
     from fused_rnn.ops.cuda import ops
 
     root = Path(__file__).resolve().parents[1]
-    for rule in ops.PATH_RULES:
+    for rule in getattr(ops, table):
         path = root / rule.evidence
         assert rule.evidence.startswith("benchmarks/results/") and path.is_file(), rule
         text = path.read_text()
-        assert "| cuda-step |" in text, rule
-        assert "| cuda |" in text or "| cuda-persistent |" in text, rule
+        for group in needs:
+            assert any(f"| {b} |" in text for b in group), (rule, group)
 
 
 def test_auto_rules_under_torch_compile_fullgraph(monkeypatch):
@@ -988,6 +994,53 @@ def test_cuda_path_rules_route_each_call_by_every_range(monkeypatch):
     assert path() == "persistent"
     monkeypatch.setenv("FUSED_RNN_CUDA_PATH", "step")
     assert path(B=1) == "step"
+
+
+def test_stage_copy_rules_choose_the_tagged_exchange_by_every_range(monkeypatch):
+    """ops.stage_copy under FUSED_RNN_CUDA_STAGE_COPY=auto (the default): tagged where any rule
+    of STAGE_COPY_RULES matches the call (ends of its ranges included), else pipelined; a set
+    copy wins over the rules; a rule holds only for 16-bit layers. No extension needed: the
+    device's capability is given."""
+    from fused_rnn.ops.cuda import ops
+
+    tagged, pipelined = ops.STAGE_COPIES["tagged"], ops.STAGE_COPIES["pipelined"]
+    monkeypatch.setattr(ops, "_capability", lambda device: (9, 0))
+    monkeypatch.delenv("FUSED_RNN_CUDA_STAGE_COPY", raising=False)
+    cpu = torch.device("cpu")
+
+    def copy(mode="GRU", dtype=torch.bfloat16, B=64, H=256, T=128):
+        return ops.stage_copy(mode, dtype, B, H, T, cpu)
+
+    monkeypatch.setattr(ops, "STAGE_COPY_RULES", ())
+    assert ops.stage_copy_setting() == "auto" and copy() == pipelined
+    monkeypatch.setattr(ops, "STAGE_COPY_RULES", (
+        ops.StageCopyRule(modes=frozenset({"GRU"}), dtypes=frozenset({torch.bfloat16}),
+                          batch=(8, 128), hidden=(256, 512), steps=(64, 256), capability=(9, 0),
+                          evidence="a test"),))
+    assert copy() == copy(B=8, H=512, T=64) == copy(B=128, T=256) == tagged
+    assert copy(B=7) == copy(B=129) == copy(H=255) == copy(H=513) == pipelined
+    assert copy(T=63) == copy(T=257) == copy("LSTM") == copy(dtype=torch.float16) == pipelined
+    assert copy(dtype=torch.float32) == pipelined
+    monkeypatch.setattr(ops, "_capability", lambda device: (8, 0))
+    assert copy() == pipelined  # measured on another kind of GPU
+    monkeypatch.setattr(ops, "_capability", lambda device: (9, 0))
+    for setting in ("registers", "async", "pipelined"):
+        monkeypatch.setenv("FUSED_RNN_CUDA_STAGE_COPY", setting)
+        assert copy() == ops.STAGE_COPIES[setting]
+    monkeypatch.setenv("FUSED_RNN_CUDA_STAGE_COPY", "tagged")
+    assert copy(B=1) == tagged
+    monkeypatch.setenv("FUSED_RNN_CUDA_STAGE_COPY", "fast")
+    with pytest.raises(ValueError, match="must be one of auto, registers, async, pipelined, "
+                                         "tagged, got 'fast'"):
+        copy()
+    with pytest.raises(ValueError, match="a StageCopyRule's dtypes are float16 and bfloat16"):
+        ops.StageCopyRule(modes=frozenset({"GRU"}), dtypes=frozenset({torch.float32}),
+                          batch=(1, 2), hidden=(1, 2), steps=(1, 2), capability=(9, 0),
+                          evidence="a test")
+    with pytest.raises(ValueError, match="a StageCopyRule needs its evidence"):
+        ops.StageCopyRule(modes=frozenset({"GRU"}), dtypes=frozenset({torch.float16}),
+                          batch=(1, 2), hidden=(1, 2), steps=(1, 2), capability=(9, 0),
+                          evidence="")
 
 
 def test_a_recording_left_by_an_exception_is_closed():

@@ -281,6 +281,68 @@ def test_the_persistent_variant_runs_only_where_a_path_rule_sends_cuda_elsewhere
     assert set(pinned.values()) == {"persistent"}, pinned
 
 
+def test_the_tagged_and_pipelined_variants_run_where_their_copy_differs_from_cuda(monkeypatch):
+    """cuda-tagged (FUSED_RNN_CUDA_STAGE_COPY=tagged) is timed on the 16-bit rows where a launch
+    of cuda's can take the tagged exchange and no StageCopyRule sends cuda there already;
+    cuda-pipelined only on the rows such a rule does. The plan note marks each launch that runs
+    the tagged exchange (' tg'). Against a stand-in for an H100's device properties."""
+    import types
+
+    import torch
+
+    bench_gpu = _import("bench_gpu")
+    from fused_rnn.ops.cuda import ops
+
+    props = types.SimpleNamespace(multi_processor_count=132,
+                                  shared_memory_per_block_optin=227 * 1024, major=9)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda i: props)
+    for key in ("FUSED_RNN_CUDA_STAGE_COPY", "FUSED_RNN_CUDA_MAX_GROUPS",
+                "FUSED_RNN_CUDA_STAGE_K", "FUSED_RNN_CUDA_K_PARTS"):
+        monkeypatch.delenv(key, raising=False)
+    monkeypatch.setattr(ops, "STAGE_COPY_RULES", ())
+    shapes = bench_gpu.SHAPES
+
+    def moot(variant, mode, name, dt, dev="cuda"):
+        return bench_gpu._variant_is_moot(variant, mode, shapes[name], dt, dev)
+
+    # no rules: every 16-bit row has a forward launch that takes the tagged exchange (plan.py),
+    # fp32 none; the pipelined variant would repeat plain cuda everywhere
+    assert not any(moot("cuda-tagged", m, n, dt) for m in ("LSTM", "GRU") for n in shapes
+                   for dt in ("bf16", "fp16"))
+    assert all(moot("cuda-tagged", m, n, dt) for m in ("LSTM", "GRU") for n in shapes
+               for dt in ("fp32", "fp32-strict"))
+    assert all(moot("cuda-pipelined", m, n, dt, dev) for m in ("LSTM", "GRU") for n in shapes
+               for dt in ("fp32", "bf16") for dev in ("cpu", "cuda"))
+    # a plan with K parts cannot take it (S4's LSTM backward); the note says which launch did
+    s4 = bench_gpu._cuda_plans("LSTM", shapes["S4"], "bf16")
+    assert [p.parts > 1 for p in s4] == [False, True]
+    assert bench_gpu._plan_note(s4, tagged=True).split(", ")[0].endswith(" tg")
+    assert not bench_gpu._plan_note(s4, tagged=True).endswith(" tg")
+    assert " tg" not in bench_gpu._plan_note(s4)
+    monkeypatch.setenv("FUSED_RNN_CUDA_STAGE_K", "0")  # unstaged: no launch can take it
+    assert moot("cuda-tagged", "GRU", "S5", "bf16")
+    assert not moot("cuda-tagged", "GRU", "S5", "bf16", "cpu")  # no plans to tell by: it runs
+    monkeypatch.delenv("FUSED_RNN_CUDA_STAGE_K")
+    # a rule sends plain cuda's LSTM bf16 rows at S5 and S6 to the tagged exchange: there
+    # cuda-pipelined times the default copy, and cuda-tagged would repeat plain cuda
+    rule = ops.StageCopyRule(modes=frozenset({"LSTM"}), dtypes=frozenset({torch.bfloat16}),
+                             batch=(8, 128), hidden=(256, 256), steps=(64, 256),
+                             capability=(9, 0), evidence="a test")
+    assert [shapes["S5"], shapes["S6"]] == [(8, 256, 256), (128, 64, 256)]  # (B, T, H)
+    monkeypatch.setattr(ops, "STAGE_COPY_RULES", (rule,))
+    monkeypatch.setattr(ops, "_capability", lambda device: (9, 0))
+    for name in shapes:
+        ruled = rule.matches("LSTM", torch.bfloat16, *shapes[name][::2], shapes[name][1], (9, 0),
+                             False)
+        assert moot("cuda-pipelined", "LSTM", name, "bf16") == (not ruled), name
+        assert moot("cuda-tagged", "LSTM", name, "bf16") == ruled, name
+        assert moot("cuda-pipelined", "LSTM", name, "fp16") and moot("cuda-pipelined", "GRU",
+                                                                      name, "bf16")
+    assert {n for n in shapes if not moot("cuda-pipelined", "LSTM", n, "bf16")} == {"S5", "S6"}
+    assert bench_gpu.VARIANTS["cuda-pipelined"][1]["FUSED_RNN_CUDA_STAGE_COPY"] == "pipelined"
+
+
 def test_k_parts_variant_runs_only_where_cuda_has_parts(monkeypatch):
     """cuda-p1 (cuda with FUSED_RNN_CUDA_K_PARTS=1) is timed only where one of cuda's launches
     has K parts by the plan; here against a stand-in for an H100's device properties."""
@@ -659,17 +721,25 @@ def test_auto_rules_need_the_forward_to_win_and_say_which_tf32(tmp_path, capsys)
                  tf32=True)
 
 
-def _edit_table(path, edit):
-    """Rewrites the CSV at path with edit(row) applied to every row (in place)."""
+def _rewrite_table(path, edit):
+    """Rewrites the CSV at path as the rows edit(rows) returns."""
     with open(path, newline="") as f:
         reader = csv.DictReader(f)
         fields, rows = reader.fieldnames, list(reader)
-    for r in rows:
-        edit(r)
     with open(path, "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=fields)
         writer.writeheader()
-        writer.writerows(rows)
+        writer.writerows(edit(rows))
+
+
+def _edit_table(path, edit):
+    """Rewrites the CSV at path with edit(row) applied to every row (in place)."""
+    def each(rows):
+        for r in rows:
+            edit(r)
+        return rows
+
+    _rewrite_table(path, each)
 
 
 def test_auto_rules_stop_at_any_unchecked_or_slow_row_of_either_pass(tmp_path, capsys):
@@ -1311,37 +1381,42 @@ def test_sanitizer_that_refuses_the_device_is_named_and_skipped(tmp_path):
     assert not (logs / "cuda_sanitizer_synccheck.log").exists()
 
 
-def _path_table(tmp_path, cases, **table):
-    """A GPU table (_gpu_table's) with cuda-step rows: cases {(cell, dtype): {shape: how many
-    times faster than the persistent kernel the per-step path is (fwd and fwd+bwd), or (that,
-    the step row's check), None = no cuda-step row}}; the cuda rows carry a plan note, as the
-    persistent kernel's do."""
+PLAN = "plan fwd b128 g1 p1 k768{}, bwd b128 g1 p8 k384"  # a note as _plan_note writes it
+
+
+def _cuda_table_with(tmp_path, cases, rows_for, **table):
+    """A GPU table (_gpu_table's, ``table`` its options) whose cuda rows (3x cuDNN) carry a
+    plan note without tagged launches, as the persistent kernel's do; cases {(cell, dtype):
+    {shape: a speedup, or (that, a check), or None}}: each cuda row of a shape with a value is
+    replaced by the rows rows_for(row, speedup, check) returns."""
     cuda = {key: dict.fromkeys(by_shape, 3.0) for key, by_shape in cases.items()}
     path = _gpu_table(tmp_path, cuda, **table)
 
     def edit(rows):
         out = []
         for r in rows:
-            out.append(r)
-            if r["backend"] != "cuda":
-                continue
-            r["note"] = "plan fwd b128 g1 p1 k768, bwd b128 g1 p8 k384"
-            v = cases[(r["cell"], r["dtype"])][r["shape"]]
+            v = None
+            if r["backend"] == "cuda":
+                r["note"] = PLAN.format("")
+                v = cases[(r["cell"], r["dtype"])][r["shape"]]
             if v is None:
+                out.append(r)
                 continue
             speedup, check = v if isinstance(v, tuple) else (v, "ok")
-            out.append(dict(r, backend="cuda-step", ms=float(r["ms"]) / speedup, check=check,
-                            note="path step"))
+            out += rows_for(r, speedup, check)
         return out
 
-    with open(path, newline="") as f:
-        reader = csv.DictReader(f)
-        fields, rows = reader.fieldnames, list(reader)
-    with open(path, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=fields)
-        writer.writeheader()
-        writer.writerows(edit(rows))
+    _rewrite_table(path, edit)
     return path
+
+
+def _path_table(tmp_path, cases, **table):
+    """A GPU table (_cuda_table_with's) with cuda-step rows: cases {(cell, dtype): {shape: how
+    many times faster than the persistent kernel the per-step path is (fwd and fwd+bwd), or
+    (that, the step row's check), None = no cuda-step row}}."""
+    return _cuda_table_with(tmp_path, cases, lambda r, speedup, check: [
+        r, dict(r, backend="cuda-step", ms=float(r["ms"]) / speedup, check=check,
+                note="path step")], **table)
 
 
 def test_path_rules_from_a_gpu_table(tmp_path, capsys):
@@ -1390,6 +1465,125 @@ def test_path_rules_from_a_gpu_table(tmp_path, capsys):
     assert ("GRU fp32: no rule; the per-step path won on S2, S4, but not on S3 (fwd no cuda-step "
             "row; fwd+bwd no cuda-step row)") in out
     assert "# LSTM fp16: no rule; the per-step path won on no shape" in out
+
+
+def _copy_table(tmp_path, cases, ruled=()):
+    """A GPU table (_cuda_table_with's) with cuda-tagged rows: cases {(cell, dtype): {shape:
+    how many times faster than the pipelined copy the tagged exchange is (fwd and fwd+bwd), or
+    (that, the tagged row's check), None = no cuda-tagged row}}; the tagged rows' notes mark
+    the forward launch ' tg'. At the shapes in ``ruled`` the table is as bench_gpu.py writes it
+    once a rule sends plain cuda to the tagged exchange there: the cuda rows are the tagged
+    ones and cuda-pipelined rows time the pipelined copy."""
+    def rows_for(r, speedup, check):
+        tagged = dict(r, backend="cuda-tagged", ms=float(r["ms"]) / speedup, check=check,
+                      note=PLAN.format(" tg"))
+        if r["shape"] in ruled:
+            return [dict(tagged, backend="cuda"), dict(r, backend="cuda-pipelined")]
+        return [r, tagged]
+
+    return _cuda_table_with(tmp_path, cases, rows_for)
+
+
+def _stage_copy_rules(auto_rules, path, capsys):
+    """(rules, printed output) of auto_rules.py --stage-copy on the table at path."""
+    import torch
+
+    from fused_rnn.ops.cuda.ops import StageCopyRule
+
+    assert auto_rules.main([str(path), "--stage-copy"]) == 0
+    out = capsys.readouterr().out
+    ns = {"StageCopyRule": StageCopyRule, "torch": torch}
+    exec(out, ns)  # noqa: S102 - the printed rules are valid code that builds StageCopyRules
+    return ns["STAGE_COPY_RULES"], out
+
+
+def test_stage_copy_rules_from_a_gpu_table(tmp_path, capsys):
+    """auto_rules.py --stage-copy: a StageCopyRule per 16-bit (cell, dtype) spanning the sizes
+    where the tagged exchange beat the pipelined copy by the margin, forward and fwd+bwd,
+    checked; none where a shape inside that span did not; none for fp32 (the tagged exchange
+    holds 16-bit values). The same rules come from the table a run writes once they are in:
+    cuda rows that ran the tagged exchange against cuda-pipelined rows."""
+    import torch
+
+    auto_rules = _import("auto_rules")
+    lose = dict(S1=0.9, S2=0.9, S3=0.95, S4=0.7, S5=1.3, S6=1.2)  # wins at S5, S6 (H 256)
+    cases = {
+        ("LSTM", "bf16"): lose,
+        ("GRU", "bf16"): {**lose, "S2": 1.25},  # S2, S5, S6: H 256-512, B 8-128, T 64-256
+        ("GRU", "fp16"): {**lose, "S6": (1.3, "FAIL: dx 0.5 > 0.02")},  # S5 alone
+        ("LSTM", "fp16"): dict.fromkeys(lose, 0.9),
+        ("LSTM", "fp32"): dict.fromkeys(lose, 2.0),  # not the tagged exchange's: no rule
+    }
+    rules, out = _stage_copy_rules(auto_rules, _copy_table(tmp_path, cases), capsys)
+    got = {(next(iter(r.modes)), next(iter(r.dtypes))): (r.batch, r.hidden, r.steps)
+           for r in rules}
+    assert got == {("LSTM", torch.bfloat16): ((8, 128), (256, 256), (64, 256)),
+                   ("GRU", torch.bfloat16): ((8, 128), (256, 512), (64, 256)),
+                   ("GRU", torch.float16): ((8, 8), (256, 256), (256, 256))}, out
+    lstm = rules[[next(iter(r.modes)) for r in rules].index("LSTM")]
+    assert lstm.capability == (9, 0) and lstm.tf32 is None
+    assert lstm.evidence == "benchmarks/results/2026-12-01-NVIDIA-H200.md"
+    assert "# fwd+bwd 1.20-1.30x the pipelined copy in bf16 on S5, S6 (fwd too)" in out
+    assert "# LSTM fp16: no rule; the tagged exchange won on no shape (S1: fwd 0.90x the " \
+           "pipelined copy (< 1.05)" in out
+    assert "fp32" not in out.split("STAGE_COPY_RULES")[1], out
+    # the same table once those rules are in: S5 and S6's cuda rows ran the tagged exchange,
+    # their cuda-pipelined rows the pipelined copy
+    again, _ = _stage_copy_rules(auto_rules, _copy_table(tmp_path, cases, ruled=("S5", "S6")),
+                                 capsys)
+    assert [(r.modes, r.dtypes, r.batch, r.hidden, r.steps) for r in again] == [
+        (r.modes, r.dtypes, r.batch, r.hidden, r.steps) for r in rules]
+
+
+@pytest.mark.parametrize("edit,why", [
+    # the tagged row's launches did not take the tagged exchange (a fallback everywhere)
+    (lambda r: r["backend"] == "cuda-tagged" and r["shape"] == "S3" and
+     r.update(note=PLAN.format("")), "S3 (fwd the cuda-tagged row shows no tagged launch"),
+    # the row it is set against ran the tagged exchange too
+    (lambda r: r["backend"] == "cuda" and r["shape"] == "S3" and r["pass"] == "fwd+bwd" and
+     r.update(note=PLAN.format(" tg")), "S3 (fwd+bwd the cuda row ran the tagged exchange too"),
+    # plain cuda ran the per-step path there: no persistent launch to compare
+    (lambda r: r["backend"] == "cuda" and r["shape"] == "S3" and r.update(note="path step"),
+     "S3 (fwd the cuda row shows no persistent launch plan (path step)"),
+    # timed too few times, or not checked
+    (lambda r: r["backend"] == "cuda-tagged" and r["shape"] == "S3" and r["pass"] == "fwd" and
+     r.update(reps="4"), "S3 (fwd cuda-tagged timed 4 times (< 5))"),
+    (lambda r: r["backend"] == "cuda" and r["shape"] == "S3" and r["pass"] == "fwd" and
+     r.update(check="FAIL: y 0.3 > 0.02"), "S3 (fwd cuda check FAIL: y 0.3 > 0.02)"),
+])
+def test_a_stage_copy_rule_needs_tagged_launches_against_untagged_ones(tmp_path, capsys, edit,
+                                                                       why):
+    """A shape counts for --stage-copy only where the tagged row's plan note shows a tagged
+    launch and the row it is set against shows a persistent plan with none, both checked ok
+    and timed at least MIN_REPS times; a shape inside the span of the wins that does not count
+    stops the rule."""
+    auto_rules = _import("auto_rules")
+    path = _copy_table(tmp_path, {("LSTM", "bf16"): dict(S1=1.3, S2=0.9, S3=1.3, S4=1.2, S5=0.9,
+                                                         S6=0.9)})
+    rules, _ = _stage_copy_rules(auto_rules, path, capsys)
+    # S1, S3, S4; S3 (B 64, T 128, H 1024) lies inside the span of S1 and S4
+    assert [(r.batch, r.hidden, r.steps) for r in rules] == [((16, 256), (768, 1024), (128, 1024))]
+    _edit_table(path, edit)
+    rules, out = _stage_copy_rules(auto_rules, path, capsys)
+    assert not rules, out
+    assert "LSTM bf16: no rule; the tagged exchange won on " in out and why in out, out
+
+
+def test_stage_copy_rules_refuse_what_path_rules_refuse(tmp_path, capsys):
+    """--stage-copy refuses the tables --paths does (GPU tests not passed, a FUSED_RNN_CUDA_*
+    override for every row) and is for the CUDA backend only, never with --paths."""
+    auto_rules = _import("auto_rules")
+    wins = dict(S1=0.9, S2=0.9, S3=0.9, S4=0.9, S5=1.3, S6=1.3)
+    for table, refused in ((dict(gpu_tests="1 failed, 519 passed in 80.0s"), "did not pass"),
+                           (dict(overrides="FUSED_RNN_CUDA_STAGE_COPY=pipelined"),
+                            "FUSED_RNN_CUDA_STAGE_COPY=pipelined")):
+        path = _gpu_table(tmp_path, {("LSTM", "bf16"): dict.fromkeys(wins, 3.0)}, **table)
+        assert auto_rules.main([str(path), "--stage-copy"]) == 2
+        out = capsys.readouterr().out
+        assert "StageCopyRule(" not in out and refused in out, out
+    for extra in (["--backend", "triton"], ["--paths"]):
+        with pytest.raises(SystemExit):
+            auto_rules.main([str(path), "--stage-copy", *extra])
 
 
 @pytest.mark.parametrize("edit,span", [

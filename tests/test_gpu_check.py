@@ -218,9 +218,10 @@ def test_a_skipped_last_test_is_not_a_test_left_running(tmp_path):
 
 def test_a_failed_or_hung_tagged_test_drops_only_cuda_tagged(tmp_path):
     """A failed tagged-exchange test (FUSED_RNN_CUDA_STAGE_COPY=tagged) takes cuda-tagged out
-    of the bench and, with FRNN_NO_TAGGED=1, out of the phase timings; it turns neither K
-    parts nor clusters off. A hung one does the same, and leaves the other cuda rows in: it
-    does not count as a hang of the default path."""
+    of the bench and, with FRNN_NO_TAGGED=1, out of the phase timings, and pins the pipelined
+    copy (no stage copy rule may then send plain cuda to it); it turns neither K parts nor
+    clusters off. A hung one does the same, and leaves the other cuda rows in: it does not
+    count as a hang of the default path."""
     failed = tmp_path / "failed.log"
     failed.write_text(f"{ID}test_a PASSED  [ 10%]\n"
                       f"{ID}test_matches_reference[lengths-rev-GRU-bf16-T5-B3-I7-H37-tagged] "
@@ -232,9 +233,11 @@ def test_a_failed_or_hung_tagged_test_drops_only_cuda_tagged(tmp_path):
         r = _common(tmp_path, f'frnn_tagged_failed "{log}" && ! frnn_parts_failed "{log}" && '
                               f'! frnn_cluster_failed "{log}" && FRNN_CUDA_HUNG=0 && '
                               f'frnn_apply_test_results "{log}" && '
-                              'echo "hung=$FRNN_CUDA_HUNG no_tagged=$FRNN_NO_TAGGED"')
+                              'echo "hung=$FRNN_CUDA_HUNG no_tagged=$FRNN_NO_TAGGED" '
+                              '"copy=$FUSED_RNN_CUDA_STAGE_COPY"')
         assert r.returncode == 0, (log.name, r)
-        assert r.stdout.splitlines()[-1] == "hung=0 no_tagged=1", (log.name, r.stdout)
+        assert r.stdout.splitlines()[-1] == "hung=0 no_tagged=1 copy=pipelined", (
+            log.name, r.stdout)
     r = _common(tmp_path, "frnn_without_tagged cuda,triton,cuda-tagged,cuda-mma")
     assert r.stdout.strip() == "cuda,triton,cuda-mma", r
     ok = tmp_path / "ok.log"

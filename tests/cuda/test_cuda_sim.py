@@ -1230,7 +1230,7 @@ def test_stage_copy_modes_move_the_same_bytes(install, monkeypatch, mode, dt):
             assert torch.equal(r, a), (stage_k, i)
             assert rel(p, a) <= close, (stage_k, i, rel(p, a))
     monkeypatch.setenv("FUSED_RNN_CUDA_STAGE_COPY", "yes")
-    with pytest.raises(ValueError, match="FUSED_RNN_CUDA_STAGE_COPY must be one of registers"):
+    with pytest.raises(ValueError, match="FUSED_RNN_CUDA_STAGE_COPY must be one of auto, "):
         _layer(mode, dt)
 
 
@@ -1258,6 +1258,38 @@ def test_tagged_exchange_gives_the_registers_copy_bits(install, monkeypatch, mod
                 ("backward", simulate.STAGE_COPIES[setting])], (stage_k, setting)
         for i, (r, t) in enumerate(zip(runs["registers"], runs["tagged"], strict=True)):
             assert torch.equal(r, t), (stage_k, i)
+
+
+def test_stage_copy_rules_send_matching_layers_to_the_tagged_exchange(install, monkeypatch):
+    """FUSED_RNN_CUDA_STAGE_COPY=auto (the default) launches the tagged exchange exactly where a
+    StageCopyRule matches the layer call (cell, dtype, batch, hidden size, chunk length,
+    cudasim's compute capability 9.0), forward and backward, and the pipelined copy elsewhere;
+    the tagged launches give what the setting gives, bit for bit."""
+    from fused_rnn.ops.cuda.ops import StageCopyRule
+
+    monkeypatch.setenv("FUSED_RNN_CUDA_MAX_GROUPS", "1")
+    monkeypatch.delenv("FUSED_RNN_CUDA_STAGE_COPY", raising=False)
+
+    def copies(mode, dt, B, T=3):
+        sim = install(sms=4, order="shuffle", seed=5)
+        out = _layer(mode, dt, B=B, T=T)
+        return [pl["stage_copy"] for _, _, pl in sim.launches], out
+
+    tagged, pipelined = simulate.STAGE_COPIES["tagged"], simulate.STAGE_COPIES["pipelined"]
+    assert ops.STAGE_COPY_RULES == () and copies("GRU", "bf16", 40)[0] == [pipelined] * 2
+    monkeypatch.setattr(ops, "STAGE_COPY_RULES", (StageCopyRule(
+        modes=frozenset({"GRU"}), dtypes=frozenset({torch.bfloat16}), batch=(30, 50),
+        hidden=(37, 37), steps=(3, 8), capability=(9, 0), evidence="a test"),))
+    got, ruled = copies("GRU", "bf16", 40)
+    assert got == [tagged] * 2
+    for mode, dt, B, T in (("GRU", "bf16", 20, 3), ("GRU", "bf16", 40, 2), ("GRU", "fp16", 40, 3),
+                           ("LSTM", "bf16", 40, 3), ("GRU", "fp32", 40, 3)):
+        assert copies(mode, dt, B, T)[0] == [pipelined] * 2, (mode, dt, B, T)
+    monkeypatch.setenv("FUSED_RNN_CUDA_STAGE_COPY", "tagged")
+    got, forced = copies("GRU", "bf16", 40)
+    assert got == [tagged] * 2
+    for i, (a, b) in enumerate(zip(ruled, forced, strict=True)):
+        assert torch.equal(a, b), i
 
 
 def test_pipelined_copy_without_its_waits(install, monkeypatch, tmp_path):

@@ -23,7 +23,10 @@ multiplying 1/P of the exchange buffer's columns, and add their fp32 partial sum
 grid sync per step (``FUSED_RNN_CUDA_K_PARTS``: ``auto`` by a byte model in ``plan.h``, or a
 count; 1 turns it off). Each batch chunk of h is staged into shared memory by the whole block
 before the MMAs read it (``FUSED_RNN_CUDA_STAGE_K``: ``auto``, ``0`` off, or K columns per
-slice). ``FUSED_RNN_CUDA_MAX_BLOCKS`` caps the grid (default ``auto``: up to one block per SM;
+slice; ``FUSED_RNN_CUDA_STAGE_COPY`` says how: ``auto``, the default, is ``pipelined`` but
+where a measured rule, ``ops.STAGE_COPY_RULES`` (none yet), says ``tagged``: 16-bit h and
+dgates as words tagged with their step, which the copy polls, so no ``grid.sync()`` ends a
+step). ``FUSED_RNN_CUDA_MAX_BLOCKS`` caps the grid (default ``auto``: up to one block per SM;
 fewer, fatter blocks trade a cheaper grid sync for more matmul per block; a cap the W_hh slices
 do not fit under is raised to the fewest blocks that fit). ``FUSED_RNN_CUDA_CLUSTER`` (``off``,
 or 1..16 on sm_90) runs each batch group that fits on that many blocks as a thread-block

@@ -217,24 +217,44 @@ def frag_loads() -> int:
 
 
 STAGE_COPIES = {"registers": 0, "async": 1, "pipelined": 2, "tagged": 3}  # fused_rnn.h StageCopy
+STAGE_COPY_SETTINGS = ("auto", *STAGE_COPIES)  # what FUSED_RNN_CUDA_STAGE_COPY may say
 
 
-def stage_copy() -> int:
-    """How X is copied into the stage (plan.h: staging), from ``FUSED_RNN_CUDA_STAGE_COPY``:
-    ``pipelined`` (default: cp.async into two half-width buffers, the next slice landing during
-    this one's matmul), ``async`` (cp.async, one buffer), ``registers`` (8 loads in flight per
-    thread) or ``tagged`` (bf16 and fp16: h, and the backward's dgates, travel as 32-bit words
-    that carry their step's tag, and the copy reloads each word until it has the tag, so no
-    step ends at a barrier; fused_rnn.h tagged_exchange. Where the plan has no stage, has K
-    parts or keeps the exchange in DSMEM, and in fp32, it runs as ``registers``). Read at every
-    call, like :func:`max_groups`. The pipelined copy multiplies slices half as wide, which
-    changes the order of the fp32 K sums (not the math); the other three give the same bits."""
-    raw = os.environ.get("FUSED_RNN_CUDA_STAGE_COPY", "pipelined")
-    if raw not in STAGE_COPIES:
+def stage_copy_setting() -> str:
+    """``FUSED_RNN_CUDA_STAGE_COPY``: how X is copied into the stage (plan.h: staging).
+    ``pipelined``: cp.async into two half-width buffers, the next slice landing during this
+    one's matmul; ``async``: cp.async, one buffer; ``registers``: 8 loads in flight per thread;
+    ``tagged`` (bf16 and fp16): h, and the backward's dgates, travel as 32-bit words that carry
+    their step's tag, and the copy reloads each word until it has the tag, so no step ends at a
+    barrier (fused_rnn.h tagged_exchange; where the plan has no stage, has K parts or keeps the
+    exchange in DSMEM, and in fp32, it runs as ``registers``). ``auto`` (default): ``tagged``
+    where a rule of :data:`STAGE_COPY_RULES` matches the call, else ``pipelined``
+    (:func:`stage_copy`). Read at every call, like :func:`max_groups`. The pipelined copy
+    multiplies slices half as wide, which changes the order of the fp32 K sums (not the math);
+    the other three give the same bits."""
+    raw = os.environ.get("FUSED_RNN_CUDA_STAGE_COPY", "auto")
+    if raw not in STAGE_COPY_SETTINGS:
         raise ValueError(
-            f"FUSED_RNN_CUDA_STAGE_COPY must be one of {', '.join(STAGE_COPIES)}, got {raw!r}"
-        )
-    return STAGE_COPIES[raw]
+            f"FUSED_RNN_CUDA_STAGE_COPY must be one of {', '.join(STAGE_COPY_SETTINGS)}, "
+            f"got {raw!r}")
+    return raw
+
+
+def stage_copy(mode: str, dtype: torch.dtype, batch: int, hidden: int, steps: int,
+               device: torch.device) -> int:
+    """The stage copy (fused_rnn.h StageCopy) of a persistent launch for a layer call of
+    ``mode`` over ``steps`` steps of ``batch`` rows of ``hidden`` units stored in ``dtype`` on
+    ``device``: :func:`stage_copy_setting` unless it is ``auto``; then ``tagged`` where a rule
+    of :data:`STAGE_COPY_RULES` matches, else ``pipelined``."""
+    setting = stage_copy_setting()
+    if setting == "auto":
+        setting = "pipelined"
+        if STAGE_COPY_RULES and dtype in SIXTEEN_BIT:
+            capability = _capability(device)
+            if any(r.matches(mode, dtype, batch, hidden, steps, capability, False)
+                   for r in STAGE_COPY_RULES):
+                setting = "tagged"
+    return STAGE_COPIES[setting]
 
 
 PATHS = ("persistent", "step")  # the two ways a chunk runs
@@ -258,20 +278,18 @@ def cuda_path_setting() -> str:
 
 
 @dataclasses.dataclass(frozen=True)
-class PathRule:
-    """Layer calls that ``FUSED_RNN_CUDA_PATH=auto`` runs on the per-step path.
+class MeasuredRule:
+    """Layer calls that a setting's ``auto`` treats otherwise than by default: the fields and
+    the match that :class:`PathRule` and :class:`StageCopyRule` share.
 
     A rule comes only from a committed GPU table (``evidence``, under ``benchmarks/results/``)
-    whose CUDA GPU tests passed and in which ``cuda-step`` beat the persistent kernel, forward
-    and fwd+bwd, with every check passed, on every measured shape inside its ranges and lost
-    on none there: ``benchmarks/auto_rules.py --paths`` prints them. Ranges are inclusive;
-    ``dtypes`` holds the layer's data dtype (the op's input, autocast's where autocast is
-    on). It holds on GPUs of the table's compute capability only; for float32, ``tf32`` says
-    whether it holds while the recurrence may use TF32 (True) or may not (False), as
-    AutoRule's. ``steps`` (required) spans the chunk lengths measured: a one-step call (a
-    cell) pays the persistent launch's W_hh load for one step, so a win at T = 64..1024 says
-    nothing about T = 1; a rule for cells (steps (1, 1)) comes from the bench's one-step shapes
-    (bench_gpu.STEP_SHAPES), which ``--paths`` reads apart from the chunks.
+    whose CUDA GPU tests passed and in which the choice it makes beat the default, forward and
+    fwd+bwd, with every check passed, on every measured shape inside its ranges and lost on
+    none there: ``benchmarks/auto_rules.py`` prints them. Ranges are inclusive; ``dtypes``
+    holds the layer's data dtype (the op's input, autocast's where autocast is on). It holds
+    on GPUs of the table's compute capability only; for float32, ``tf32`` says whether it
+    holds while the recurrence may use TF32 (True) or may not (False), as AutoRule's.
+    ``steps`` (required) spans the chunk lengths measured.
     """
 
     modes: frozenset[str]
@@ -284,8 +302,9 @@ class PathRule:
     tf32: bool | None = None
 
     def __post_init__(self) -> None:
-        check_measured_rule("a PathRule", self.modes, self.dtypes, self.tf32, self.evidence,
-                            batch=self.batch, hidden=self.hidden, steps=self.steps)
+        check_measured_rule(f"a {type(self).__name__}", self.modes, self.dtypes, self.tf32,
+                            self.evidence, batch=self.batch, hidden=self.hidden,
+                            steps=self.steps)
 
     def matches(self, mode: str, dtype: torch.dtype, batch: int, hidden: int, steps: int,
                 capability: tuple[int, int], tf32: bool) -> bool:
@@ -296,8 +315,36 @@ class PathRule:
                 and self.steps[0] <= steps <= self.steps[1])
 
 
+@dataclasses.dataclass(frozen=True)
+class PathRule(MeasuredRule):
+    """Layer calls that ``FUSED_RNN_CUDA_PATH=auto`` runs on the per-step path: where
+    ``cuda-step`` beat the persistent kernel (``auto_rules.py --paths``). A one-step call (a
+    cell) pays the persistent launch's W_hh load for one step, so a win at T = 64..1024 says
+    nothing about T = 1; a rule for cells (steps (1, 1)) comes from the bench's one-step shapes
+    (bench_gpu.STEP_SHAPES), which ``--paths`` reads apart from the chunks.
+    """
+
+
+@dataclasses.dataclass(frozen=True)
+class StageCopyRule(MeasuredRule):
+    """Layer calls whose persistent launches ``FUSED_RNN_CUDA_STAGE_COPY=auto`` runs with the
+    tagged exchange: where ``cuda-tagged`` beat the pipelined copy (``auto_rules.py
+    --stage-copy``). Its dtypes are 16-bit, the only ones the tagged exchange takes; a launch
+    whose plan cannot take it (no stage, K parts, a DSMEM mirror) runs ``registers``, as under
+    the setting.
+    """
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not set(self.dtypes) <= set(SIXTEEN_BIT):
+            raise ValueError("a StageCopyRule's dtypes are float16 and bfloat16 (the tagged "
+                             f"exchange holds 16-bit values), not {self.dtypes!r}")
+
+
 # First match wins; no match: persistent. None yet: the per-step path has not run on a GPU.
 PATH_RULES: tuple[PathRule, ...] = ()
+# Any match: tagged; else pipelined. None yet: the tagged exchange has not run on a GPU.
+STAGE_COPY_RULES: tuple[StageCopyRule, ...] = ()
 
 
 def _capability(device: torch.device) -> tuple[int, int]:
@@ -367,8 +414,8 @@ def _settings(direction: str, mode: str, dtype: torch.dtype, T: int, B: int, H: 
     buffer, stage_copy, k_parts, max_blocks, cluster, team_clusters, the dsmem exchange,
     tile_block, point_batch."""
     return (max_groups(), max_stage_k(), profile.buffer(direction, mode, dtype, T, B, H, device),
-            stage_copy(), k_parts(), max_blocks(), cluster(), team_clusters(),
-            cluster_exchange_dsmem(), tile_block(), point_batch())
+            stage_copy(mode, dtype, B, H, T, device), k_parts(), max_blocks(), cluster(),
+            team_clusters(), cluster_exchange_dsmem(), tile_block(), point_batch())
 
 
 # The kernels count steps and batch rows in int32 (binding.cpp: check_counts; batch rows are

@@ -298,6 +298,14 @@ def select_plan_clustered(cell: int, is_16bit: bool, allow_tf32: bool, hidden: i
     return False, *full
 
 
+def tagged_exchange(p: Plan, is_16bit: bool) -> bool:
+    """fused_rnn.h tagged_exchange: whether a launch of plan p can take the tagged exchange
+    (16-bit storage, X staged, no K parts, no K-parts teams or DSMEM mirror); the binding runs
+    the registers copy elsewhere."""
+    return (is_16bit and p.stage_k > 0 and p.parts == 1
+            and p.cluster not in (CLUSTER_TEAMS, CLUSTER_GROUPS_DSMEM))
+
+
 def mirror_ld(p: Plan, math: int) -> int:
     """Row stride of the distributed-shared-memory mirror (plan.h mirror_ld)."""
     return p.k_pad + 16 // TILE_SHAPES[math][3]
