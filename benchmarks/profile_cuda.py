@@ -44,6 +44,7 @@ from bench_gpu import (
     VARIANTS,
     _cuda_plans,
     _moot,
+    _stage_copy_tagged,
     environment,
 )
 
@@ -136,15 +137,19 @@ def profile_one(mode: str, B: int, T: int, H: int, dtype_name: str, device: str)
     return [profile.summarize(launch) for launch in launches]
 
 
-def _row(mode, shape, dtype_name, s: dict, plans=None, run="cuda") -> list[str]:
-    """plans: cuda's (forward, backward) plans for this row (bench_gpu._cuda_plans), or None."""
+def _row(mode, shape, dtype_name, s: dict, plans=None, run="cuda", tagged=False) -> list[str]:
+    """plans: cuda's (forward, backward) plans for this row (bench_gpu._cuda_plans), or None;
+    tagged: the stage copy is the tagged exchange (bench_gpu._stage_copy_tagged), marked ' tg'
+    on a launch whose plan takes it, as in the bench's notes."""
+    from fused_rnn.ops.cuda import plan as P
+
     def us(key):
         return f"{s[key]:.2f}" if key in s else ""
 
     direction = {"forward": "fwd", "backward": "bwd"}[s["direction"]]
     plan = plans[direction == "bwd"] if plans else None
     plan = (f"g{plan.groups} p{plan.parts} k{plan.stage_k}{CLUSTER_MARKS[plan.cluster]}"
-            if plan else "")
+            f"{' tg' if tagged and P.tagged_exchange(plan, True) else ''}" if plan else "")
     return [mode, shape, dtype_name, direction, str(s["blocks"]), plan, us("copy_us"),
             us("mma_us"), us("mma_own_us"), us("epilogue_us"), us("epilogue_own_us"),
             us("sync_us"), us("sync_min_us"), us("parts_us"),
@@ -293,8 +298,10 @@ def main(argv=None, start: float | None = None) -> int:
         with mock.patch.dict(os.environ, env):  # restored afterwards
             try:
                 plans = _cuda_plans(mode, (B, T, H), dtype_name) if device == "cuda" else None
+                tagged = _stage_copy_tagged(mode, (B, T, H), dtype_name, device)
                 for s in profile_one(mode, B, T, H, dtype_name, device):
-                    rows.append(_row(mode, f"{shape} {B}x{T}x{H}", dtype_name, s, plans, run))
+                    rows.append(_row(mode, f"{shape} {B}x{T}x{H}", dtype_name, s, plans, run,
+                                     tagged))
             except Exception as e:  # keep going: one failure must not cost the rest
                 failed.append(f"{what}: {type(e).__name__}: {e}"[:300])
     return finish(path, _render(args, env_info, rows, failed, skipped, left_out, moot=moot),

@@ -486,6 +486,13 @@ def test_k_parts_variant_runs_only_where_cuda_has_parts(monkeypatch):
         sys.path.pop(0)
     row = profile_cuda._row("LSTM", "S4", "fp32", {"direction": "backward", "blocks": 128}, plans)
     assert row[profile_cuda.COLUMNS.index("plan")] == "g1 p8 k304"
+    # a tagged run marks the launches that take the exchange (S4's LSTM forward, not its
+    # backward with K parts)
+    s4 = bench_gpu._cuda_plans("LSTM", bench_gpu.SHAPES["S4"], "bf16")
+    plan = [profile_cuda._row("LSTM", "S4", "bf16", {"direction": d, "blocks": 128}, s4,
+                              tagged=True)[profile_cuda.COLUMNS.index("plan")]
+            for d in ("forward", "backward")]
+    assert plan[0].endswith(" tg") and not plan[1].endswith(" tg"), plan
 
 
 def test_gpu_check_turns_k_parts_off_when_their_gpu_tests_fail(tmp_path):
