@@ -1288,13 +1288,14 @@ __device__ __forceinline__ void block_step(const BlockState<W>& bs, const Plan& 
 //     s + 2's put) only after its poll has accepted every real word of step s + 1's X in its
 //     rows, among them the units of each block P of its batch group (each owns at least one,
 //     plan.h make_plan). P puts those only after its own poll of buffer s % 2 has accepted
-//     step s's words: the puts follow the stage copy and a __syncthreads in block_step. So if a load of P's poll
-//     ever returned Q's step s + 2 word, the load that later accepted step s's word would be
-//     a load of the same thread at the same address reading a word that comes earlier in
-//     that address's coherence order. The PTX memory model's per-location sequential
-//     consistency forbids that for strong accesses (relaxed, gpu scope) in one GPU. So the
-//     poll neither takes a wrong value (the tag vouches for the word it is in) nor waits for
-//     a word already overwritten; no barrier or fence orders the loads before the stores.
+//     step s's words: the puts follow the stage copy and a __syncthreads in block_step. So
+//     if a load of P's poll ever returned Q's step s + 2 word, the load that later accepted
+//     step s's word would be a load of the same thread at the same address reading a word
+//     that comes earlier in that address's coherence order. The PTX memory model's
+//     per-location sequential consistency forbids that for strong accesses (relaxed, gpu
+//     scope) in one GPU. So the poll neither takes a wrong value (the tag vouches for the
+//     word it is in) nor waits for a word already overwritten; no barrier or fence orders
+//     the loads before the stores.
 // A step's view: what the epilogue needs, few registers (the FMA kernels run at 255).
 template <typename T>
 struct ExchangeStep {
