@@ -150,6 +150,25 @@ fused_rnn::Storage storage_of(c10::ScalarType st) {
                              : fused_rnn::Storage::kFloat32;
 }
 
+// The kernels count steps and batch rows in int (FwdParams, BwdParams; ops.py checks first):
+// the backward's loop runs steps + 1 iterations (s = 0 .. steps), and a block's batch chunks
+// step n0 by kChunkCols up to the padded batch, so neither counter may pass INT_MAX.
+constexpr int64_t kMaxSteps = INT_MAX - 1;
+constexpr int64_t kMaxRows = INT_MAX - fused_rnn::kBatchPad - fused_rnn::kChunkCols;
+void check_counts(int64_t T, int64_t B) {
+  TORCH_CHECK(T <= kMaxSteps && B <= kMaxRows, "fused_rnn CUDA backend: at most ",
+              num(kMaxSteps), " steps and ", num(kMaxRows), " batch rows per launch, got T=",
+              num(T), ", B=", num(B));
+}
+
+// The kernels' hidden sizes (plan.h works in int; the Python side refuses far smaller sizes
+// first, unsupported_reason): the persistent and the per-step paths alike.
+constexpr int64_t kMaxHidden = int64_t(1) << 20;
+void check_hidden(int64_t H) {
+  TORCH_CHECK(H > 0 && H <= kMaxHidden, "fused_rnn CUDA backend: bad hidden size ", num(H),
+              " (1 to ", num(kMaxHidden), ")");
+}
+
 // The math, the launch plan and which blocks form clusters (*mode, ClusterMode): plan.h
 // choose_launch for this device, checked against its shared memory.
 // The Python side refuses unsupported sizes before getting here (unsupported_reason); this is
@@ -164,8 +183,7 @@ fused_rnn::Selection checked_plan(Cell cell, c10::ScalarType st, bool allow_tf32
               num(d.major), ".", num(d.minor));
   TORCH_CHECK(d.cooperative, "fused_rnn CUDA backend: device ", num(dev.index()),
               " does not support cooperative launches");
-  TORCH_CHECK(hidden > 0 && hidden <= (1 << 20), "fused_rnn CUDA backend: bad hidden size ",
-              num(hidden));
+  check_hidden(hidden);
   TORCH_CHECK(max_groups >= 1, "fused_rnn CUDA backend: max_groups must be >= 1, got ",
               num(max_groups));
   TORCH_CHECK(max_stage_k >= 0, "fused_rnn CUDA backend: max_stage_k must be >= 0, got ",
@@ -201,14 +219,6 @@ fused_rnn::Selection checked_plan(Cell cell, c10::ScalarType st, bool allow_tf32
 at::Tensor part_buffer(const Plan& plan, int64_t batch_pad, const at::TensorOptions& f32) {
   if (plan.parts == 1) return at::Tensor();
   return at::empty({plan.parts, batch_pad, plan.part_ld}, f32);
-}
-
-// The kernels count steps and batch rows in int (FwdParams, BwdParams; ops.py checks first).
-void check_counts(int64_t T, int64_t B) {
-  TORCH_CHECK(T <= INT_MAX && B <= INT_MAX - fused_rnn::kBatchPad,
-              "fused_rnn CUDA backend: at most ", num(INT_MAX), " steps and ",
-              num(INT_MAX - fused_rnn::kBatchPad), " batch rows per launch, got T=", num(T),
-              ", B=", num(B));
 }
 
 // The stage copy a launch runs: the setting, but kStageRegisters (the same slices, the same
@@ -312,6 +322,8 @@ Call checked_forward(int64_t mode, const at::Tensor& xproj, const at::Tensor& h0
               dims(h0.sizes()));
   const int64_t T = xproj.size(0), B = xproj.size(1), H = h0.size(1);
   TORCH_CHECK(T > 0 && B > 0, "fused_rnn CUDA backend: empty chunks are handled in Python");
+  check_counts(T, B);
+  check_hidden(H);
   const at::Device dev = xproj.device();
   const c10::ScalarType st = h0.scalar_type();
   check_dtype(st);
@@ -322,7 +334,6 @@ Call checked_forward(int64_t mode, const at::Tensor& xproj, const at::Tensor& h0
   if (b_ih.has_value() && b_ih->defined()) check(*b_ih, "b_ih", dev, at::kFloat, {G * H});
   if (cell == Cell::kLSTM)
     check(required(c0, "c0", "for LSTM"), "c0", dev, st, {B, H});
-  check_counts(T, B);
   TORCH_CHECK(T * B * G * H < (int64_t(1) << 62), "fused_rnn CUDA backend: sizes too large");
   return {cell, G, T, B, H, dev, st};
 }
@@ -384,6 +395,7 @@ Call checked_backward(int64_t mode, const at::Tensor& dy, const at::Tensor& dh_n
   const int64_t T = dy.size(0), B = dy.size(1), H = dy.size(2);
   TORCH_CHECK(T > 0 && B > 0, "fused_rnn CUDA backend: empty chunks are handled in Python");
   check_counts(T, B);
+  check_hidden(H);
   TORCH_CHECK(T * B * G * H < (int64_t(1) << 62), "fused_rnn CUDA backend: sizes too large");
   const at::Device dev = dy.device();
   const c10::ScalarType st = dy.scalar_type();
@@ -634,8 +646,13 @@ std::vector<int64_t> plan_info(int64_t mode, int64_t math, int64_t hidden, bool 
                                int64_t max_blocks, int64_t groups, int64_t stage_rows,
                                int64_t stage_k, int64_t parts) {
   TORCH_CHECK(math >= 0 && math <= 2, "fused_rnn CUDA backend: math code must be 0, 1 or 2");
+  check_hidden(hidden);
+  TORCH_CHECK(max_blocks >= 1 && max_blocks <= (1 << 16),
+              "fused_rnn CUDA backend: bad max_blocks ", num(max_blocks));
   TORCH_CHECK(groups >= 1 && groups <= max_blocks, "fused_rnn CUDA backend: bad groups");
   TORCH_CHECK(parts >= 1 && parts <= max_blocks, "fused_rnn CUDA backend: bad parts");
+  TORCH_CHECK(stage_rows >= 0 && stage_rows <= kMaxRows && stage_k >= 0 && stage_k <= (1 << 30),
+              "fused_rnn CUDA backend: bad staging");
   const Plan p = fused_rnn::make_plan(cell_of(mode), static_cast<Math>(math),
                                       static_cast<int>(hidden), backward,
                                       static_cast<int>(max_blocks), static_cast<int>(groups),
@@ -649,6 +666,8 @@ std::vector<int64_t> plan_info(int64_t mode, int64_t math, int64_t hidden, bool 
 // (SM count, opt-in shared memory per block in bytes, major, minor, cooperative launch) of a
 // device: what unsupported_reason sizes plans against.
 std::vector<int64_t> device_info(int64_t index) {
+  TORCH_CHECK(index >= 0 && index < c10::cuda::device_count(),
+              "fused_rnn CUDA backend: no CUDA device ", num(index));
   const DeviceInfo d = device_attributes(static_cast<int>(index));
   return {d.sms, d.smem_optin, d.major, d.minor, d.cooperative};
 }

@@ -288,11 +288,14 @@ def test_shared_memory_beyond_the_opt_in_limit_is_refused(install):
         sim.plan(1, torch.float32, False, 37, False)
 
 
-@pytest.mark.parametrize("T,B", [(2**31, 1), (1, 2**31 - 32)])
+@pytest.mark.parametrize("T,B", [(2**31 - 1, 1), (1, 2**31 - 96)])
 def test_a_chunk_the_kernels_cannot_count_is_refused(install, T, B):
     """The kernels count steps and batch rows in int32: a longer chunk or a wider batch is
     refused with the limits, before anything is allocated (zero-stride inputs here; on an
-    H200 such a chunk fits in memory). One step or row fewer is taken."""
+    H200 such a chunk fits in memory). One step or row fewer is taken. The backward's step
+    counter reaches T, and a block's batch chunks advance 64 rows at a time up to the batch
+    padded to 32, so the limits are INT_MAX - 1 steps and INT_MAX - 32 - 64 rows (at INT_MAX
+    steps the backward's counter overflowed)."""
     install(sms=4)
     H = 8
 
@@ -301,7 +304,7 @@ def test_a_chunk_the_kernels_cannot_count_is_refused(install, T, B):
         return x, torch.zeros(1, H).expand(B, H), torch.zeros(3 * H, 5), torch.zeros(3 * H, H)
 
     x, h0, w_ih, w_hh = inputs(T, B)
-    with pytest.raises(RuntimeError, match=rf"at most {2**31 - 1} steps and {2**31 - 33} batch "
+    with pytest.raises(RuntimeError, match=rf"at most {2**31 - 2} steps and {2**31 - 97} batch "
                                            rf"rows per launch, got T={T}, B={B}"):
         cuda_backend.rnn_layer("GRU", x, h0, None, w_ih, w_hh)
     ops.check_counts(min(T, ops.MAX_STEPS), min(B, ops.MAX_ROWS))  # the limits themselves pass
@@ -927,6 +930,64 @@ def test_staging_plans_and_settings(install, monkeypatch):
     monkeypatch.setenv("FUSED_RNN_CUDA_STAGE_K", "24")
     with pytest.raises(ValueError, match="positive multiple of 16"):
         _layer("LSTM", "bf16")
+
+
+@pytest.mark.parametrize("name,huge,same", [
+    ("FUSED_RNN_CUDA_STAGE_K", str(10**21), "auto"),
+    ("FUSED_RNN_CUDA_MAX_GROUPS", str(2**64), str(2**16)),
+    ("FUSED_RNN_CUDA_K_PARTS", str(10**20), "8"),
+    ("FUSED_RNN_CUDA_MAX_BLOCKS", str(2**63), "auto"),
+])
+def test_a_setting_past_int64_means_as_many_as_there_are(monkeypatch, name, huge, same):
+    """A count setting of 2**63 or more failed pybind11's argument conversion (binding.cpp
+    itself, host-built) with a TypeError that named no setting; it is clamped (the binding
+    clamps each far lower), so it gives the launches of the largest setting that changes
+    anything."""
+    if host_binding.unavailable_reason() is not None:
+        pytest.skip(f"no host build: {host_binding.unavailable_reason()}")
+    plans = []
+    for value in (huge, same):
+        monkeypatch.setenv(name, value)
+        host = install_standin(monkeypatch, host_binding.HostBinding(sms=4))
+        _layer("GRU", "bf16", B=70)
+        plans.append([pl for _, _, pl in host.launches])
+    assert plans[0] == plans[1]
+
+
+def test_narrow_integer_lengths_longer_than_their_dtype_holds(install):
+    """lengths of int8 (or uint8) are valid for any T: the clamp to [0, T] ran in the lengths'
+    dtype and failed where T did not fit it (T=130 in int8)."""
+    install(sms=4)
+    T, B, H = 130, 2, 5
+    g = torch.Generator().manual_seed(0)
+    x, h0 = torch.randn(T, B, 3, generator=g), torch.randn(B, H, generator=g)
+    w_ih, w_hh = torch.randn(H, 3, generator=g) * 0.3, torch.randn(H, H, generator=g) * 0.3
+    for dtype in (torch.int8, torch.uint8):
+        lengths = torch.tensor([127, 5], dtype=dtype)
+        got = cuda_backend.rnn_layer("RNN_TANH", x, h0, None, w_ih, w_hh, None, None, None,
+                                     lengths, False)
+        want = cuda_backend.rnn_layer("RNN_TANH", x, h0, None, w_ih, w_hh, None, None, None,
+                                      lengths.long(), False)
+        for a, b in zip(got, want):
+            assert a is None and b is None or torch.equal(a, b), dtype
+
+
+def test_a_strided_fp32_input_bias_with_16_bit_input(install):
+    """With 16-bit x, b_ih goes to the kernel in fp32 as given: an fp32 b_ih that was a strided
+    view (or an expanded scalar) reached the binding non-contiguous and was refused as "b_ih
+    must be contiguous"."""
+    install(sms=4)
+    leaves, _, _ = layer_inputs("LSTM", 3, 2, 5, 8, 0, False)
+    x, h0, c0, w_ih, w_hh, _, b_hh = (None if t is None else t.to(torch.bfloat16)
+                                      for t in leaves)
+    wide = torch.randn(64)
+    for b_ih in (wide[::2], torch.tensor(0.5).expand(32)):
+        got = torch.ops.fused_rnn.cuda_layer("LSTM", x, h0, c0, w_ih, w_hh, b_ih, b_hh, None,
+                                             False, False, False)
+        want = torch.ops.fused_rnn.cuda_layer("LSTM", x, h0, c0, w_ih, w_hh, b_ih.contiguous(),
+                                              b_hh, None, False, False, False)
+        for a, b in zip(got, want):
+            assert torch.equal(a, b)
 
 
 # ------------------------------------------------------------------ register blocking

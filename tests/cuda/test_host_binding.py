@@ -211,10 +211,10 @@ def test_device_queries_answer_for_the_simulated_device(pair):
     host, sim = pair
     assert host.device_info(0) == sim.device_info(0) == [8, 227 * 1024, 9, 0, 1]
     assert host.kernel_image(0) == [0, 90, 90]
-    with pytest.raises(RuntimeError, match="no CUDA device 1"):
-        host.kernel_image(1)
-    with pytest.raises(RuntimeError, match="cudaErrorInvalidDevice"):
-        host.device_info(1)
+    for index in (1, -1, 2**32):  # 2**32 was read as device 0 (an int cast)
+        for query in (host.kernel_image, host.device_info):
+            with pytest.raises(RuntimeError, match=f"no CUDA device {index}"):
+                query(index)
     old = host_binding.HostBinding(sms=8, ptx_version=80)  # a build without sm_90 code
     assert old.kernel_image(0) == [0, 90, 80]
     host.sim._configure()  # the library is shared: back to the module fixture's device
@@ -235,6 +235,42 @@ def test_plan_info_is_make_plans_arithmetic(pair):
         host.plan_info(0, 0, 20, False, 8, 9)
     with pytest.raises(RuntimeError, match="math code must be 0, 1 or 2"):
         host.plan_info(0, 3, 20, False, 8)
+    # A hidden size of 0 divided by zero (SIGFPE), 2**32 was read as 0, and -40 planned.
+    for hidden in (0, -40, 2**32):
+        with pytest.raises(RuntimeError, match=f"bad hidden size {hidden} "):
+            host.plan_info(0, 0, hidden, False, 8)
+    with pytest.raises(RuntimeError, match="bad max_blocks 0"):
+        host.plan_info(0, 0, 20, False, 0)
+    with pytest.raises(RuntimeError, match="bad staging"):
+        host.plan_info(0, 0, 20, False, 8, 1, -32, 64)
+    for args in ((0, 0, 0, False, 8), (0, 0, 20, False, 0)):
+        with pytest.raises(RuntimeError, match="bad plan arguments"):
+            sim.plan_info(*args)
+
+
+def test_every_entry_point_refuses_what_its_kernels_cannot_count(pair):
+    """The per-step entry points checked no hidden size (H=0 reached a launch of no points and
+    came back as cudaErrorInvalidValue), and a chunk's step and row limits are checked before
+    its tensors: INT_MAX steps overflowed the backward's step counter (s = 0 .. T)."""
+    host, _ = pair
+    tune = {"allow_tf32": False, "max_groups": 1, "max_stage_k": 1 << 30}
+    fwd, grads = _inputs(1, 2, 2, 8, torch.float32, False, seed=4)
+    empty = {**fwd, "xproj": fwd["xproj"][..., :0], "h0": fwd["h0"][:, :0],
+             "w_hh": fwd["w_hh"][:0, :0], "b_hh": None, "b_ih": None}
+    bwd = {"mode": 1, "dy": grads["dy"][..., :0], "dh_n": grads["dh_n"][:, :0], "dc_n": None,
+           "w_hh": empty["w_hh"], "gates": empty["xproj"], "aux": fwd["h0"].new_zeros(2, 2, 0),
+           "c0": None, "hprev": fwd["h0"].new_zeros(2, 2, 0), "lengths": None, "reverse": False}
+    for call in (lambda: host.forward(**empty, reverse=False, save=True, **tune),
+                 lambda: host.forward_steps(**empty, reverse=False, save=True),
+                 lambda: host.backward(**bwd, **tune),
+                 lambda: host.backward_steps(**bwd)):
+        with pytest.raises(RuntimeError, match="bad hidden size 0 "):
+            call()
+    long = {**fwd, "xproj": fwd["xproj"][:1].expand(2**31 - 1, 2, 24)}
+    for call in (lambda: host.forward(**long, reverse=False, save=True, **tune),
+                 lambda: host.forward_steps(**long, reverse=False, save=True)):
+        with pytest.raises(RuntimeError, match=f"at most {2**31 - 2} steps and {2**31 - 97} "):
+            call()
 
 
 def test_a_tensor_elsewhere_is_refused_as_not_on_the_device(pair):

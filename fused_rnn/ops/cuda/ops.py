@@ -49,12 +49,17 @@ from fused_rnn.ops.common import (
     tf32_gemms,
 )
 from fused_rnn.ops.cuda import _ext, profile
-from fused_rnn.ops.cuda.plan import CELLS, K_BATCH_PAD
+from fused_rnn.ops.cuda.plan import CELLS, K_BATCH_PAD, K_CHUNK_COLS
 from fused_rnn.ops.reference import GATES, compute_dtype
 
 
 def _to(t: Tensor | None, dtype: torch.dtype) -> Tensor | None:
     return None if t is None else t.to(dtype)
+
+
+# The most a count setting passes on (the binding takes int64 and clamps each to far less): a
+# larger number means "as many as there are", and it no longer fails pybind11's conversion.
+_SETTING_CAP = 2**31 - 1
 
 
 def _count_setting(name: str, default: str, accepted: str = "an integer >= 1") -> int:
@@ -65,7 +70,7 @@ def _count_setting(name: str, default: str, accepted: str = "an integer >= 1") -
         value = 0
     if value < 1:
         raise ValueError(f"{name} must be {accepted}, got {raw!r}")
-    return value
+    return min(value, _SETTING_CAP)
 
 
 def max_groups() -> int:
@@ -165,7 +170,7 @@ def max_stage_k() -> int:
         raise ValueError(
             f"FUSED_RNN_CUDA_STAGE_K must be 'auto', 0 or a positive multiple of 16, got {raw!r}"
         )
-    return value
+    return min(value, 1 << 30)  # auto's value: more columns than any plan has
 
 
 def tile_block() -> int:
@@ -401,10 +406,12 @@ def _mm(a: Tensor, b: Tensor, cd: torch.dtype) -> Tensor:
 def _lengths32(lengths: Tensor | None, device: torch.device, steps: int) -> Tensor | None:
     """lengths as the kernels' int32, clamped to [0, steps] first: a row is valid at step t
     where t < lengths[b], so that changes nothing, and a length of 2**31 or more no longer
-    wraps in the cast (2**32 + 1 read as 1)."""
+    wraps in the cast (2**32 + 1 read as 1). The clamp runs in int64: ``steps`` need not fit
+    the caller's dtype (int8 lengths with T=130)."""
     if lengths is None:
         return None
-    return lengths.clamp(0, steps).to(device=device, dtype=torch.int32).contiguous()
+    wide = lengths.to(device=device, dtype=torch.int64)
+    return wide.clamp(0, steps).to(torch.int32).contiguous()
 
 
 def _settings(direction: str, mode: str, dtype: torch.dtype, T: int, B: int, H: int,
@@ -418,10 +425,11 @@ def _settings(direction: str, mode: str, dtype: torch.dtype, T: int, B: int, H: 
             team_clusters(), cluster_exchange_dsmem(), tile_block(), point_batch())
 
 
-# The kernels count steps and batch rows in int32 (binding.cpp: check_counts; batch rows are
-# padded to a multiple of plan.K_BATCH_PAD).
-MAX_STEPS = 2**31 - 1
-MAX_ROWS = 2**31 - 1 - K_BATCH_PAD
+# The kernels count steps and batch rows in int32 (binding.cpp: check_counts): the backward's
+# loop runs T + 1 iterations, and batch rows are padded to a multiple of plan.K_BATCH_PAD and
+# walked in chunks of plan.K_CHUNK_COLS.
+MAX_STEPS = 2**31 - 2
+MAX_ROWS = 2**31 - 1 - K_BATCH_PAD - K_CHUNK_COLS
 
 
 def check_counts(T: int, B: int) -> None:
@@ -486,7 +494,7 @@ def _layer_forward_impl(
     with tf32_gemms(gemms_use_tf32(dtype, allow_tf32)):
         if dtype in SIXTEEN_BIT:
             xproj = _mm(x.reshape(T * B, -1), w_ih.t(), cd).view(T, B, G * H)
-            b_ih_kernel = _to(b_ih, cd)
+            b_ih_kernel = None if b_ih is None else b_ih.to(cd).contiguous()
         else:
             xproj = F.linear(x.to(cd), w_ih.to(cd), _to(b_ih, cd)).contiguous()
     assert xproj.shape == (T, B, G * H)
