@@ -52,6 +52,14 @@ def _to(dtype: torch.dtype, *ts: Tensor | None):
     return tuple(t.to(dtype) if autocast_eligible(t) else t for t in ts)
 
 
+def _in_dtype_of(x: Tensor, *ts: Tensor | None):
+    """``ts`` in x's dtype, the one the math runs in: a state or weight of another dtype is
+    cast first, as the modules' own tensors always are, so that every backend gets the call
+    it would get with one dtype and gives its bits (the kernels round a wider h0, c0 or W_hh
+    to 16-bit x's dtype anyway, and the reference computed with them unrounded)."""
+    return tuple(t.to(x.dtype) if t is not None and t.dtype != x.dtype else t for t in ts)
+
+
 def _config(mode: str, x: Tensor, w_hh: Tensor, w_hr: Tensor | None, lengths) -> dict:
     return dict(
         mode=mode,
@@ -85,7 +93,9 @@ def rnn_layer(
     LSTM else None; w_ih: (G*H, I); w_hh: (G*H, P); b_ih, b_hh: (G*H,) or None; w_hr: (P, H)
     or None; lengths: (B,) or None (rows with ``t >= lengths[b]`` keep their state and output
     zeros; what x holds there is never read, inf and NaN included). Returns y: (T, B, P), h_n:
-    (B, P), c_n: (B, H) or None.
+    (B, P), c_n: (B, H) or None, in x's dtype. The math runs in x's dtype: a state or weight of
+    another dtype is cast to it first (its gradient returns in its own dtype), so every backend
+    computes what it would with one dtype, as in the modules.
 
     ``backend`` is "reference", "triton" or "cuda", or "auto"/"torch": under ``torch.compile``
     on the CPU, an LSTM layer without projection or lengths, in fp32/bf16, is aten's oneDNN
@@ -111,6 +121,7 @@ def rnn_layer(
     ac = _autocast_dtype(x.device)
     if ac is not None:
         x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr = _to(ac, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr)
+    h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr = _in_dtype_of(x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr)
     if lengths is not None:
         x = _zero_past_lengths(x, lengths)
     # aten's op has a backward formula only, as the kernels' ops: inside a torch.func
@@ -142,7 +153,8 @@ def rnn_cell(
     *,
     backend: str = "reference",
 ) -> tuple[Tensor, Tensor | None]:
-    """One step. x: (B, I); h: (B, H); c: (B, H) for LSTM else None. Returns (h', c')."""
+    """One step. x: (B, I); h: (B, H); c: (B, H) for LSTM else None. Returns (h', c') in x's
+    dtype; as in :func:`rnn_layer`, states and weights of another dtype are cast to it first."""
     _check_mode(mode)
     backends.check_name(backend)
     check_rnn_args(mode, x, h, c, w_ih, w_hh, b_ih, b_hh, step=True)
@@ -156,13 +168,11 @@ def _checked_rnn_cell(mode, x, h, c, w_ih, w_hh, b_ih, b_hh, *, backend, one_dty
     ac = _autocast_dtype(x.device)
     if ac is not None:
         x, h, c, w_ih, w_hh, b_ih, b_hh = _to(ac, x, h, c, w_ih, w_hh, b_ih, b_hh)
+    if not one_dtype:
+        # The math runs in x's dtype on every backend, as in rnn_layer (torch._VF's cells
+        # would promote a wider c and refuse a wider h).
+        h, c, w_ih, w_hh, b_ih, b_hh = _in_dtype_of(x, h, c, w_ih, w_hh, b_ih, b_hh)
     if backend in ("auto", "torch"):
-        # The math runs in x's dtype, as on every other backend (and in rnn_layer, whose aten
-        # path takes one dtype only): torch._VF's cells promote a wider c and refuse a wider h.
-        if not one_dtype and any(t is not None and t.dtype != x.dtype
-                                 for t in (h, c, w_ih, w_hh, b_ih, b_hh)):
-            h, c, w_ih, w_hh, b_ih, b_hh = (None if t is None else t.to(x.dtype)
-                                            for t in (h, c, w_ih, w_hh, b_ih, b_hh))
         return _torch_cell(mode, x, h, c, w_ih, w_hh, b_ih, b_hh)
     impl = backends.kernel_impl(backend, "cell", **_config(mode, x, w_hh, None, None))
     with _autocast_off(x.device) if ac is not None else contextlib.nullcontext():  # as above

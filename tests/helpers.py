@@ -276,3 +276,42 @@ def dynamo_reports_raised_messages() -> bool:
     finally:
         torch._dynamo.reset()
     raise AssertionError("the probe did not raise")
+
+
+def check_mixed_dtypes_run_in_x_dtype(backend: str, mode: str, step: bool = False,
+                                      dtype: torch.dtype = torch.bfloat16) -> None:
+    """``fused_rnn.functional.rnn_layer`` (or ``rnn_cell``, ``step``) given 16-bit x with fp32
+    states and weights gives the bits of the same call with each of them cast to x's dtype
+    first, inside the graph: outputs, and the gradients of every leaf in its own dtype. (The
+    reference used them unrounded and the kernels rounded h0, c0 and W_hh only, so the backends
+    disagreed by an ulp of x's dtype.)"""
+    import fused_rnn.functional as Fr
+
+    g = torch.Generator().manual_seed(3)
+    G, T, B, I, H = {"LSTM": 4, "GRU": 3}.get(mode, 1), 3, 2, 4, 8
+
+    def r(*shape, s=0.5):
+        return torch.randn(*shape, generator=g) * s
+
+    x = r(B, I).to(dtype) if step else r(T, B, I).to(dtype)
+    wide = [r(B, H), r(B, H) if mode == "LSTM" else None, r(G * H, I), r(G * H, H), r(G * H),
+            r(G * H)]
+    runs = []
+    for cast in (False, True):
+        leaves = [x.clone().requires_grad_()] + [
+            None if t is None else t.clone().requires_grad_() for t in wide]
+        args = [leaves[0]] + [None if t is None or not cast else t.to(dtype)
+                              for t in leaves[1:]]
+        args = [a if a is not None or t is None else t for a, t in zip(args, leaves)]
+        if step:
+            out = Fr.rnn_cell(mode, *args, backend=backend)
+        else:
+            out = Fr.rnn_layer(mode, *args, backend=backend)
+        outs = [o for o in out if o is not None]
+        present = [t for t in leaves if t is not None]
+        grads = torch.autograd.grad([o.float().sum() * 0.1 + (o.float() ** 2).sum()
+                                     for o in outs], present)
+        runs.append([o.detach() for o in outs] + list(grads))
+    for i, (a, b) in enumerate(zip(*runs, strict=True)):
+        assert a.dtype == b.dtype and torch.equal(a, b), (
+            f"{backend} {mode}: tensor {i} differs from the call in x's dtype")

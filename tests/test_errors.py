@@ -869,6 +869,17 @@ def test_a_functional_cell_on_torch_computes_in_x_dtype_as_the_reference_does():
                     torch.testing.assert_close(a, b)
 
 
+@pytest.mark.parametrize("step", [False, True], ids=["layer", "cell"])
+@pytest.mark.parametrize("backend", ["reference", "auto", "triton"])
+@pytest.mark.parametrize("mode", ["LSTM", "GRU"])
+def test_functional_states_and_weights_of_another_dtype_run_in_x_dtype(mode, backend, step):
+    """The modules keep one dtype; fused_rnn.functional takes each tensor as given, and a bf16
+    x with fp32 states and weights gave a bf16 ulp's difference between backends."""
+    from helpers import check_mixed_dtypes_run_in_x_dtype
+
+    check_mixed_dtypes_run_in_x_dtype(backend, mode, step=step)
+
+
 @pytest.mark.parametrize("backend", ["reference", "auto"])
 @pytest.mark.parametrize("mode", ["LSTM", "LSTM-proj", "GRU", "RNN_RELU"])
 def test_functional_layers_never_read_x_past_the_lengths(mode, backend):

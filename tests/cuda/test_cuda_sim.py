@@ -990,6 +990,18 @@ def test_a_strided_fp32_input_bias_with_16_bit_input(install):
             assert torch.equal(a, b)
 
 
+@pytest.mark.parametrize("step", [False, True], ids=["layer", "cell"])
+@pytest.mark.parametrize("mode", ["LSTM", "GRU"])
+def test_functional_states_and_weights_of_another_dtype_run_in_x_dtype(install, mode, step):
+    """As on the other backends (test_errors.py): a bf16 x with fp32 states and weights gives
+    the bits of the call in bf16. The op rounded h0, c0 and W_hh but not W_ih."""
+    from helpers import check_mixed_dtypes_run_in_x_dtype
+
+    sim = install(sms=4)
+    check_mixed_dtypes_run_in_x_dtype("cuda", mode, step=step)
+    assert sim.launches, "the call did not reach the kernels"
+
+
 # ------------------------------------------------------------------ register blocking
 # (mode, dtype, H, B, a blocking the default setting must use); one block (sms=1) holds all of
 # H, so the chunks have many W-row tiles. fp32 (the FMA path) never blocks.
