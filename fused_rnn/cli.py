@@ -33,6 +33,7 @@ import sys
 import tempfile
 import threading
 import time
+import traceback
 from dataclasses import dataclass
 
 import torch
@@ -402,6 +403,22 @@ def _destroy_process_group() -> None:
     """
     gc.collect()
     dist.destroy_process_group()
+
+
+def _release_frames(exc: BaseException) -> None:
+    """Clears the locals of the finished frames that ``exc``'s traceback holds, and those of
+    the exceptions it chains to: what a stopped run's frames held (its DDP wrapper) is freed
+    then, as after a normal return, not when the caller drops the exception, after
+    :func:`_destroy_process_group`. Frames still running keep theirs."""
+    seen: set[int] = set()
+    todo = [exc]
+    while todo:
+        e = todo.pop()
+        if e is None or id(e) in seen:
+            continue
+        seen.add(id(e))
+        traceback.clear_frames(e.__traceback__)
+        todo += [e.__context__, e.__cause__]
 
 
 def _all_sum(values: list[float], device: torch.device, d: _Dist) -> list[float]:
@@ -879,6 +896,13 @@ def _cmd_train(args) -> int:
         finally:
             if on_main:
                 signal.signal(signal.SIGTERM, previous)
+    except BaseException as e:
+        if d.enabled:
+            # A run that stops early (a non-finite loss, Ctrl-C, SIGTERM, a failed write)
+            # leaves its DDP wrapper in the frames of the exception's traceback; they must let
+            # go of it before the group is destroyed below.
+            _release_frames(e)
+        raise
     finally:
         if d.enabled and dist.is_initialized():
             _destroy_process_group()
