@@ -45,6 +45,7 @@ from fused_rnn.cli import (
     Splits,
     _auto_resolves_to,
     _build_model,
+    _check_torch_nn_runs,
     _check_writable,
     _csv_list,
     _device,
@@ -234,6 +235,8 @@ def _configure(args) -> Bench:
     splits = split_corpus(corpus, 0.05, 100_000, B, split_flags=False)
     for p in precisions:
         _precision(p, device, "--precisions")  # CLIError for fp16, or bf16 where unsupported
+        _check_torch_nn_runs(args.cell, device, p, "--precisions",
+                             "every row is checked against torch.nn's, so leave it out")
     base_cfg = dict(cell=args.cell, hidden_size=args.hidden_size or dflt["hidden_size"],
                     layers=args.layers, embedding_size=None, dropout=0.0, tie_weights=False)
     notes: list[str] = []

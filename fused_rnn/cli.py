@@ -338,6 +338,27 @@ def _precision(name: str, device: torch.device, flag: str = "--precision"):
     }[name]
 
 
+def _check_torch_nn_runs(cell: str, device: torch.device, precision: str,
+                         flag: str = "--precision",
+                         advice: str = "fused_rnn's modules (drop --torch-nn) run it") -> None:
+    """A CLIError where torch.nn's own ``cell`` layer cannot run ``precision`` on ``device``,
+    found by one step of a one-unit layer: torch 2.13's CPU LSTM (oneDNN's) has no fp16
+    kernel, and CPU autocast hands it fp16 under amp-fp16, where the run would otherwise stop
+    at its first step with oneDNN's error and a traceback."""
+    param_dtype, ac_dtype, _ = _precision(precision, device, flag)
+    rnn_class = {"lstm": torch.nn.LSTM, "gru": torch.nn.GRU, "rnn": torch.nn.RNN}[cell]
+    layer = rnn_class(1, 1).to(device, param_dtype)
+    try:
+        with torch.no_grad(), torch.autocast(device.type, dtype=ac_dtype,
+                                             enabled=ac_dtype is not None):
+            layer(torch.zeros(1, 1, 1, device=device, dtype=param_dtype))
+    except RuntimeError as e:
+        raise CLIError(
+            f"{flag} {precision}: torch.nn.{rnn_class.__name__} cannot run it on "
+            f"{device.type} ({str(e).splitlines()[0].split('. ')[0].rstrip('.')}); "
+            f"{advice}") from None
+
+
 def _auto_resolves_to(rnn, device: torch.device, precision: str, batch: int,
                       steps: int | None = None) -> str:
     """The backend ``backend="auto"`` runs for the fused_rnn stack ``rnn`` in ``precision``
@@ -848,6 +869,9 @@ def _cmd_train(args) -> int:
     if cfg["variable_bptt"] and cfg["bptt"] < VARIABLE_BPTT_MIN:
         raise CLIError(f"--variable-bptt draws chunk lengths of at least {VARIABLE_BPTT_MIN} "
                        f"around --bptt; --bptt {cfg['bptt']} is shorter than that")
+    param_dtype, ac_dtype, use_scaler = _precision(cfg["precision"], device)
+    if args.torch_nn:
+        _check_torch_nn_runs(cfg["cell"], device, cfg["precision"])
     if d.rank == 0:
         _check_writable(out, ckpt_path, log_path, plot_path)
     for k, v in INTERVAL_DEFAULTS.items():  # not part of the run: may change on --resume
@@ -857,7 +881,6 @@ def _cmd_train(args) -> int:
     # checkpoint's unless told otherwise.
     args.threads = args.threads or (ckpt or {}).get("threads") or _busy_machine_threads()
     torch.set_num_threads(args.threads)
-    param_dtype, ac_dtype, use_scaler = _precision(cfg["precision"], device)
     splits = split_corpus(corpus, cfg["val_frac"], cfg["max_val_chars"], cfg["batch_size"])
     if ckpt is not None and ckpt["vocab"] != splits.vocab.chars:
         raise CLIError("--resume: the checkpoint's vocabulary differs from this text's")

@@ -307,6 +307,38 @@ def test_bad_input_is_one_line_and_nonzero(capsys, tmp_path, case):
     assert lines[0].startswith("fused-rnn")
 
 
+@pytest.mark.parametrize("command", ["train", "bench"])
+def test_a_precision_torch_nn_cannot_run_here_is_one_line(capsys, tmp_path, text_file, command):
+    """torch 2.13's CPU nn.LSTM (oneDNN's) has no fp16 kernel, and CPU autocast gives it fp16:
+    ``train --torch-nn --precision amp-fp16`` stopped at its first validation with oneDNN's
+    error and a traceback, and the bench's torch.nn row would too. Both are refused first."""
+    try:
+        with torch.autocast("cpu", dtype=torch.float16):
+            torch.nn.LSTM(1, 1)(torch.zeros(1, 1, 1))
+        pytest.skip("this torch's CPU nn.LSTM runs under fp16 autocast: nothing to refuse")
+    except RuntimeError:
+        pass
+    if command == "train":
+        argv = ["train", "--text", text_file, *TINY, "--steps", "1", "--torch-nn", "--precision",
+                "amp-fp16", "--device", "cpu", "--out", tmp_path / "run"]
+        advice = "drop --torch-nn"
+    else:
+        argv = ["bench", "--text", text_file, "--precisions", "fp32,amp-fp16", "--device", "cpu",
+                "--out", tmp_path / "bench"]
+        advice = "leave it out"
+    rc, _, err = run(capsys, *argv)
+    assert rc == 2 and "Traceback" not in err, err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and "amp-fp16: torch.nn.LSTM cannot run it on cpu" in lines[0], err
+    assert advice in lines[0], err
+    assert not (tmp_path / "run").exists(), "refused before the run's files were made"
+    argv[argv.index("amp-fp16" if command == "train" else "fp32,amp-fp16")] = (
+        "amp-bf16" if command == "train" else "fp32")
+    if command == "train":  # the same run in amp-bf16 trains (the probe refuses no more)
+        rc, _, err = run(capsys, *argv)
+        assert rc == 0, err
+
+
 @pytest.mark.parametrize("case", ["non-utf8", "unknown-cell"])
 def test_bad_input_through_the_console_script(tmp_path, case):
     argv, expect = _bad_inputs(tmp_path)[case]
