@@ -587,6 +587,20 @@ def _set_rng_state(state: dict, device: torch.device) -> None:
     random.setstate(state["python"])
 
 
+def _restore_rng(ckpt: dict, d: _Dist, device: torch.device, seed: int) -> None:
+    """Each rank's random state from a checkpoint: its own where the world size is the one
+    that wrote it. Otherwise the states cannot be matched to ranks, and each rank seeds its
+    generators afresh from the run's seed, its rank and the step, so that the ranks draw
+    different dropout masks as they do from the start of a run (all of them once took rank
+    0's state, and drew the same masks)."""
+    if ckpt["world_size"] == d.world:
+        _set_rng_state(ckpt["rng"][d.rank], device)
+        return
+    digest = hashlib.sha256(f"{seed} {d.rank} {ckpt['step']}".encode()).digest()
+    torch.manual_seed(int.from_bytes(digest[:8], "little"))
+    random.seed(digest)
+
+
 def _gather_state(state, d: _Dist):
     """The carried hidden state of all ranks, concatenated along the batch, on the CPU."""
     if state is None:
@@ -998,13 +1012,10 @@ def _train(args, cfg, d, device, corpus, splits, ckpt, param_dtype, ac_dtype, us
                  else tuple(s[:, rows_of_rank] for s in h))
             state = (h.to(device) if isinstance(h, torch.Tensor)
                      else tuple(s.to(device) for s in h))
-        rng = ckpt["rng"]
-        if ckpt["world_size"] == d.world:
-            _set_rng_state(rng[d.rank], device)
-        else:
+        if ckpt["world_size"] != d.world:
             say(f"note: the checkpoint was written by {ckpt['world_size']} processes, this run "
                 f"has {d.world}: random draws (dropout) will differ from an uninterrupted run")
-            _set_rng_state(rng[0], device)
+        _restore_rng(ckpt, d, device, cfg["seed"])
         if d.main:
             rows = [r for r in _read_log(log_path) if int(r["step"]) <= step]
             _write_log(log_path, rows)

@@ -818,6 +818,35 @@ def test_torchrun_two_ranks_train_like_one_process(capsys, tmp_path, text_file):
     assert ckpt["hidden"][0].shape[1] == 4, "the hidden state of both ranks' rows"
 
 
+def test_a_resume_on_another_world_size_gives_each_rank_its_own_draws():
+    """Resumed by another number of processes, every rank took rank 0's saved random state, so
+    all ranks drew the same dropout masks from then on (a fresh run seeds each rank apart).
+    Now each rank seeds from the run's seed, its rank and the step: the ranks differ, and a
+    rank draws the same on every such resume. With the world size that wrote it, each rank
+    continues its own saved state."""
+    from fused_rnn import cli
+
+    cpu = torch.device("cpu")
+    saved = []
+    for r in range(2):
+        torch.manual_seed(100 + r)
+        saved.append(cli._rng_state(cpu))
+    ckpt = {"world_size": 2, "rng": saved, "step": 7}
+
+    def draws(world, rank):
+        cli._restore_rng(ckpt, cli._Dist(rank=rank, world=world), cpu, seed=5)
+        return torch.rand(8)
+
+    for rank in range(2):
+        torch.manual_seed(100 + rank)
+        want = torch.rand(8)
+        assert torch.equal(draws(2, rank), want), "its own state, continued"
+    for world in (1, 3):
+        got = [draws(world, rank) for rank in range(world)]
+        assert all(not torch.equal(a, b) for i, a in enumerate(got) for b in got[i + 1:])
+        assert torch.equal(got[0], draws(world, 0)), "the same draws on every such resume"
+
+
 # cli.main under torchrun, with train_chunk failing at its third call (as a non-finite loss
 # stops every rank at the same step), and _destroy_process_group reporting the DDP wrappers
 # still alive when it is called.
