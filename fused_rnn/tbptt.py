@@ -541,10 +541,10 @@ def atomic_save(obj, path: str | os.PathLike) -> None:
     try:
         # mkstemp's file is 0600; the checkpoint gets the mode a plain torch.save would give
         # it (0666 less the umask), so that a group sharing the run directory can read it.
-        umask = os.umask(0)
-        os.umask(umask)
-        os.fchmod(fd, 0o666 & ~umask)
-        with os.fdopen(fd, "wb") as f:
+        with os.fdopen(fd, "wb") as f:  # owns fd from here: closed whatever fails below
+            umask = os.umask(0)
+            os.umask(umask)
+            os.fchmod(f.fileno(), 0o666 & ~umask)
             torch.save(obj, f)
             f.flush()
             os.fsync(f.fileno())

@@ -391,6 +391,23 @@ def test_atomic_save_keeps_the_original_error_when_the_temporary_file_is_gone(tm
     assert [p.name for p in tmp_path.iterdir()] == ["ckpt.pt"]
 
 
+@pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="needs /proc/self/fd to count")
+def test_atomic_save_closes_its_file_when_setting_the_mode_fails(tmp_path, monkeypatch):
+    """tbptt.atomic_save: a failed chmod of the temporary file (a file system that refuses it)
+    left its descriptor open; now the file is closed and removed, and the error raised."""
+    from fused_rnn import tbptt
+
+    def refuse(fd, mode):
+        raise PermissionError(1, "Operation not permitted")
+
+    monkeypatch.setattr(tbptt.os, "fchmod", refuse)
+    before = len(os.listdir("/proc/self/fd"))
+    with pytest.raises(PermissionError):
+        tbptt.atomic_save({"v": 1}, tmp_path / "ckpt.pt")
+    assert len(os.listdir("/proc/self/fd")) == before
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_atomic_save_where_a_directory_cannot_be_opened(tmp_path, monkeypatch):
     """tbptt.atomic_save: the directory fsync is skipped where the platform cannot open a
     directory; the file is written all the same."""
