@@ -911,6 +911,38 @@ def test_opcheck_cell_and_backward(mode, strided):
                           (*plain[:8], h1, gates, state, torch.randn_like(h1), dc))
 
 
+@pytest.mark.parametrize("path", ["persistent", "step"])
+@pytest.mark.parametrize("mode", ["LSTM", "GRU"])
+def test_the_backward_ops_take_saved_activations_in_any_layout(mode, path):
+    """The backward kernels index gates and state row-major: a caller's strided copies (the
+    ops called directly) gave wrong gradients, and expanded ones read past their storage.
+    They are copied row-major now: the same bits as the forward's own."""
+    args = _layer_args(mode, path=path, grad=False)
+    mode, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lens, reverse, _, path = args
+    y, _, _, gates, state = ops.triton_layer(*args)
+    dy = torch.randn(y.shape, generator=torch.Generator().manual_seed(12)).to(DEVICE)
+
+    def grads(g, st):
+        return ops.triton_layer_backward(mode, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lens,
+                                         reverse, y, g, st, dy, None, None, path)
+
+    want = grads(gates, state)
+    first = gates[:1].clone()
+    for g, st, label in ((_transposed_layout(gates), _transposed_layout(state), "transposed"),
+                         (first.expand_as(gates), state, "expanded")):
+        assert not g.is_contiguous()
+        base = want if label == "transposed" else grads(g.contiguous(), st)
+        for i, (a, b) in enumerate(zip(grads(g, st), base)):
+            assert torch.equal(a, b), (label, i)
+    h1, _, cg, cs = ops.triton_cell(mode, x[0], h0, c0, w_ih, w_hh, b_ih, b_hh, True)
+    wide = torch.cat([cg, torch.full_like(cg, 7.0)], -1)  # gates as a column slice
+    cwant, cgot = (ops.triton_cell_backward(mode, x[0], h0, c0, w_ih, w_hh, b_ih, b_hh, h1, g,
+                                            cs, torch.ones_like(h1), None)
+                   for g in (cg, wide[..., : cg.shape[-1]]))
+    for i, (a, b) in enumerate(zip(cgot, cwant)):
+        assert torch.equal(a, b), ("cell", i)
+
+
 @pytest.mark.parametrize("cls,shape", [(fused_rnn.LSTM, (3, 2, 4)), (fused_rnn.GRUCell, (2, 4))],
                          ids=["layer", "cell"])
 def test_double_backward_is_refused_clearly(cls, shape):

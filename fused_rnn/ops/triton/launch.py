@@ -370,6 +370,9 @@ def layer_backward(
         path = "step"
     if gates.numel() != T * B * G * H:
         raise RuntimeError("fused_rnn triton backward: the forward did not save its gates")
+    # The kernels index the saved activations row-major: the forward's are, and a caller's
+    # strided or expanded ones (the ops called directly) are copied.
+    gates, state = gates.contiguous(), state.contiguous()
 
     w_hh_s = w_hh.to(dtype).contiguous()
     w_hr_s = None if w_hr is None else w_hr.to(dtype).contiguous()
