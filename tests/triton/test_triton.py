@@ -911,6 +911,32 @@ def test_opcheck_cell_and_backward(mode, strided):
                           (*plain[:8], h1, gates, state, torch.randn_like(h1), dc))
 
 
+def test_weights_past_int32_offsets_are_refused_by_the_ops_and_fall_back():
+    """The kernels' weight offsets are int32: W_hh is (4H, P), so an LSTM projecting wider
+    than its cells (P > H, which fused_rnn.functional takes) counts too, and the registered ops
+    called directly checked nothing. Zero-stride weights: nothing large is allocated."""
+    H, P, I, B, T = 8192, 65600, 3, 2, 2
+    assert tr.unsupported_reason("layer", mode="LSTM", device=torch.device(DEVICE),
+                                 dtype=torch.bfloat16, input_size=I, hidden_size=H,
+                                 proj_size=0, has_lengths=False) is None
+    reason = tr.unsupported_reason("layer", mode="LSTM", device=torch.device(DEVICE),
+                                   dtype=torch.bfloat16, input_size=I, hidden_size=H,
+                                   proj_size=P, has_lengths=False)
+    assert reason is not None and "int32 weight offsets" in reason
+
+    def big(*shape):
+        return torch.zeros((1,) * len(shape), dtype=torch.bfloat16, device=DEVICE).expand(*shape)
+
+    x, w_ih = big(T, B, I), big(4 * H, I)
+    with pytest.raises(RuntimeError, match="triton_layer: .*int32 weight offsets"):
+        ops.triton_layer("LSTM", x, big(B, P), big(B, H), w_ih, big(4 * H, P), None, None,
+                         big(P, H), None, False, False, "auto")
+    H = 23200  # no projection: W_hh alone has 2**31 elements
+    with pytest.raises(RuntimeError, match="triton_cell: .*int32 weight offsets"):
+        ops.triton_cell("LSTM", x[0], big(B, H), big(B, H), big(4 * H, I), big(4 * H, H), None,
+                        None, False)
+
+
 @pytest.mark.parametrize("path", ["persistent", "step"])
 @pytest.mark.parametrize("mode", ["LSTM", "GRU"])
 def test_the_backward_ops_take_saved_activations_in_any_layout(mode, path):

@@ -114,11 +114,18 @@ def unsupported_reason(
         return "a projection (proj_size) exists only for LSTM"
     if hidden_size == 0 or input_size == 0:  # torch.nn's cells allow it
         return "a size of 0 (input_size or hidden_size): nothing for a kernel to compute"
-    # Weight offsets inside the kernels are int32 (batch-row offsets are int64): W_hh
-    # (G*H, P) must fit.
-    if 4 * hidden_size * max(input_size, hidden_size) >= 2**31:
-        return (f"input_size {input_size} with hidden_size {hidden_size} is too large for int32 "
-                f"offsets (4 * hidden_size * max(input_size, hidden_size) reaches 2**31)")
+    return offsets_reason(input_size, hidden_size, proj_size)
+
+
+def offsets_reason(input_size: int, hidden_size: int, proj_size: int) -> str | None:
+    """None if the kernels' int32 weight offsets reach every weight, else why not. W_hh is
+    (G*H, P), P = proj_size or H (an LSTM may project wider than its cells), W_ih (G*H, I), W_hr
+    (P, H); batch-row offsets are int64. The registered ops check it too (a direct call)."""
+    widest = max(input_size, hidden_size, proj_size)
+    if 4 * hidden_size * widest >= 2**31:
+        return (f"input_size {input_size}, hidden_size {hidden_size} and proj_size {proj_size} "
+                f"are too large for int32 weight offsets (4 * hidden_size * max(input_size, "
+                f"hidden_size, proj_size) reaches 2**31)")
     return None
 
 
