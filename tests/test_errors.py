@@ -817,6 +817,10 @@ def test_the_triton_backward_ops_refuse_saved_tensors_of_another_shape(mode):
                      ({"gates": torch.zeros(0)}, "the forward did not save its gates")):
         with pytest.raises(RuntimeError, match=said):
             layer(**kw)
+    # A complex incoming gradient lost its imaginary part (dh_n, dc_n) or failed inside Triton.
+    for name in ("dy", "dh_n"):
+        with pytest.raises(TypeError, match=f"{name} is complex"):
+            layer(**{name: {"dy": dy, "dh_n": dh}[name] + 1j})
     if mode != "RNN_TANH":
         with pytest.raises(RuntimeError, match="state must have shape"):
             layer(state=state[:1])
@@ -826,6 +830,24 @@ def test_the_triton_backward_ops_refuse_saved_tensors_of_another_shape(mode):
     with pytest.raises(RuntimeError, match="dh1 must have shape"):
         ops.triton_cell_backward(mode, x[0], h0, c0, w_ih, w_hh, None, None, y[0], gates[:1],
                                  state[:1] if state.numel() else state, dh[:1, :1], dc)
+
+
+def test_lengths_of_a_dtype_torch_cannot_compare_are_refused_first():
+    """uint16/32/64 lengths passed the check and failed inside the backward (torch cannot
+    promote them), the reference's as well; bool was refused already. int8 and uint8 run."""
+    import fused_rnn.functional as Fr
+
+    x, h0, c0, w_ih, w_hh, _, _ = _lstm_args()
+    for dtype in [torch.bool] + [getattr(torch, n) for n in ("uint16", "uint32", "uint64")
+                                 if hasattr(torch, n)]:
+        lengths = torch.tensor([3, 1]).to(dtype)
+        with pytest.raises(TypeError, match=f"lengths must be an integer tensor of int8 to "
+                                            f"int64 or uint8, got {dtype}"):
+            Fr.rnn_layer("LSTM", x, h0, c0, w_ih, w_hh, lengths=lengths)
+    want = Fr.rnn_layer("LSTM", x, h0, c0, w_ih, w_hh, lengths=torch.tensor([3, 1]))
+    for dtype in (torch.int8, torch.uint8):
+        got = Fr.rnn_layer("LSTM", x, h0, c0, w_ih, w_hh, lengths=torch.tensor([3, 1]).to(dtype))
+        assert all(torch.equal(a, b) for a, b in zip(got, want))
 
 
 def test_a_complex_state_or_weight_with_real_input_is_refused():

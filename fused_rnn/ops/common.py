@@ -404,6 +404,10 @@ def refuse_double_backward(backward_op, backend: str) -> None:
 
 
 _GATES = {"LSTM": 4, "GRU": 3, "RNN_TANH": 1, "RNN_RELU": 1}
+# Integer dtypes lengths may not have: bool, and the wider unsigned ones, which most of torch's
+# ops do not take (comparing or promoting one fails inside the backward, the reference's too).
+_NOT_LENGTHS = frozenset({torch.bool} | {getattr(torch, n) for n in ("uint16", "uint32", "uint64")
+                                         if hasattr(torch, n)})
 
 
 def check_saved_args(where: str, x: Tensor,
@@ -426,6 +430,9 @@ def check_saved_args(where: str, x: Tensor,
             raise RuntimeError(f"{where}: {name} is on {t.device} but x is on {x.device}")
         if dtype is not None and t.dtype != dtype:
             raise RuntimeError(f"{where}: {name} must be {dtype}, got {t.dtype}")
+        if t.is_complex() and not x.is_complex():  # its imaginary part would be dropped
+            raise TypeError(f"{where}: {name} is complex ({t.dtype}) but x is real "
+                            f"({x.dtype})")
 
 
 def check_rnn_args(mode: str, x: Tensor, h: Tensor, c: Tensor | None, w_ih: Tensor,
@@ -479,8 +486,9 @@ def check_rnn_args(mode: str, x: Tensor, h: Tensor, c: Tensor | None, w_ih: Tens
         if t.device != x.device:
             raise RuntimeError(f"{where}: {name} is on {t.device} but x is on {x.device}")
     if lengths is not None and (lengths.is_floating_point() or lengths.is_complex()
-                                or lengths.dtype == torch.bool):
-        raise TypeError(f"{where}: lengths must be an integer tensor, got {lengths.dtype}")
+                                or lengths.dtype in _NOT_LENGTHS):
+        raise TypeError(f"{where}: lengths must be an integer tensor of int8 to int64 or "
+                        f"uint8, got {lengths.dtype}")
     if not x.is_complex():  # the math runs in x's dtype: an imaginary part would be dropped
         for name, t in given.items():
             if name != "lengths" and t is not None and t.is_complex():
