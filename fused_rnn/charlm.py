@@ -111,7 +111,18 @@ class Vocab:
         return torch.tensor([self.index[c] for c in text], dtype=torch.long)
 
     def decode(self, ids) -> str:
-        return "".join(self.chars[int(i)] for i in ids)
+        n = len(self.chars)
+        out = []
+        for i in ids:
+            i = int(i)
+            if not 0 <= i < n:  # a negative id would index from the end
+                raise IndexError(f"Vocab.decode: id {i} outside the vocabulary's 0..{n - 1}")
+            out.append(self.chars[i])
+        return "".join(out)
+
+
+# The torch.nn (and fused_rnn) layers' mode, as CharLM's cell.
+_KINDS = {"LSTM": "lstm", "GRU": "gru", "RNN_TANH": "rnn", "RNN_RELU": "rnn"}
 
 
 class CharLM(nn.Module):
@@ -185,6 +196,12 @@ class CharLM(nn.Module):
             dropout=dropout if num_layers > 1 else 0.0,
             **(rnn_kwargs or {}),
         )
+        # cell decides the state's form in step(), split_state() and generation: a class of
+        # another kind (rnn_class=nn.GRU with the default cell "lstm") failed only there.
+        kind = _KINDS.get(getattr(self.rnn, "mode", None))
+        if kind is not None and kind != cell:
+            raise ValueError(f"CharLM: rnn_class {rnn_class.__name__} builds a {kind} layer "
+                             f"but cell is {cell!r}; pass cell={kind!r}")
         if weight_drop:
             drop = WeightDrop(weight_drop)  # checks the range
             for name in [n for n, _ in self.rnn.named_parameters() if n.startswith("weight_hh")]:

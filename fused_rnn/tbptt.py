@@ -296,6 +296,7 @@ class StreamBatcher:
             self._host_resets = None
             self._any_reset = None
             self._resets = None
+        self.seed = seed
         self.generator = torch.Generator().manual_seed(seed)
         self.pos = 0
         self.epoch_index = 0
@@ -343,15 +344,22 @@ class StreamBatcher:
             "batch_size": self.batch_size,
             "bptt": self.bptt,
             "variable_length": self.variable_length,
+            "min_length": self.min_length,
         }
 
     def load_state_dict(self, state: dict) -> None:
-        for key in ("steps_per_stream", "batch_size", "bptt", "variable_length"):
+        # min_length shapes the drawn lengths; a state saved before it was recorded has none.
+        keys = ("steps_per_stream", "batch_size", "bptt", "variable_length") + (
+            ("min_length",) if self.variable_length and "min_length" in state else ())
+        for key in keys:
             if state[key] != getattr(self, key):
                 raise ValueError(
                     f"data layout differs from the checkpoint's: {key} is "
                     f"{getattr(self, key)}, the checkpoint has {state[key]}"
                 )
+        if not 0 <= int(state["pos"]) < self.steps_per_stream:
+            raise ValueError(f"the checkpoint's position {state['pos']} is outside the "
+                             f"{self.steps_per_stream} steps of a stream")
         self.pos = int(state["pos"])
         self.epoch_index = int(state["epoch"])
         self.generator.set_state(state["generator"])
@@ -369,7 +377,7 @@ def run_rnn(rnn: nn.Module, x: Tensor, state: State, reset: Resets | Tensor | No
     are few cuts). A bare GPU mask costs one host sync to find the cuts; :class:`Resets`
     carries them. Returns (out, state).
     """
-    if getattr(rnn, "batch_first", False):
+    if _attribute(rnn, "batch_first"):
         raise ValueError(
             f"run_rnn: {type(rnn).__name__} has batch_first=True; the chunks are time-major "
             "(T, B), so it would run its recurrence across the batch"
@@ -383,7 +391,7 @@ def run_rnn(rnn: nn.Module, x: Tensor, state: State, reset: Resets | Tensor | No
             f"reset mask {tuple(reset.mask.shape)} does not match the input's (T, B) "
             f"{tuple(x.shape[:2])}"
         )
-    if getattr(rnn, "bidirectional", False) and any(t > 0 for t in reset.steps):
+    if _attribute(rnn, "bidirectional") and any(t > 0 for t in reset.steps):
         raise ValueError(
             f"run_rnn: {type(rnn).__name__} is bidirectional, and a document starts inside "
             "the chunk: cut there, the reverse direction of every row would start at the cut "
@@ -400,6 +408,14 @@ def run_rnn(rnn: nn.Module, x: Tensor, state: State, reset: Resets | Tensor | No
     out, state = rnn(x[begin:], state)
     outs.append(out)
     return (outs[0] if len(outs) == 1 else torch.cat(outs, 0)), state
+
+
+def _attribute(rnn: nn.Module, name: str):
+    """``rnn.name``, looked up through wrappers that do not forward attributes (DDP's and
+    DataParallel's ``.module``); False where no module in the chain has it."""
+    while not hasattr(rnn, name) and isinstance(getattr(rnn, "module", None), nn.Module):
+        rnn = rnn.module
+    return getattr(rnn, name, False)
 
 
 def _autocast(device: torch.device, dtype: torch.dtype | None):
@@ -429,7 +445,7 @@ def train_chunk(
     """One TBPTT step on ``model(x, state, reset) -> (logits, state)``.
 
     Drops the carried state at the start of an epoch, forwards the chunk, backpropagates
-    the mean cross-entropy (through this chunk only: ``state`` comes in detached), clips
+    the mean cross-entropy (through this chunk only: ``state`` is detached first), clips
     the gradient norm to ``clip`` (None or 0: no clipping), steps ``optimizer`` (None: leave
     the gradients for the caller). Returns (loss, detached state, gradient norm or None);
     the loss is a detached 0-d tensor (no host sync here).
@@ -441,8 +457,7 @@ def train_chunk(
         raise ValueError("train_chunk: clip is applied to the optimizer's parameters before its "
                          "step; with optimizer=None the gradients are left to the caller, so "
                          "clip them there (clip=None)")
-    if chunk.first:
-        state = None
+    state = None if chunk.first else detach_state(state)  # a caller's state with history too
     if optimizer is not None:
         optimizer.zero_grad(set_to_none=True)
     loss, state = chunk_loss(model, chunk, state, autocast_dtype=autocast_dtype)
@@ -479,8 +494,9 @@ def evaluate(
     Both are over this process's rows, so that ranks can all-reduce them; the mean loss is
     their ratio. The model is in eval mode meanwhile
     (:func:`eval_mode`: every submodule's mode is restored after).
-    Nothing here draws from torch's generators (a variable-length batcher's own is restored
-    after), so evaluating does not change a training run.
+    Nothing here draws from torch's generators, so evaluating does not change a training run.
+    A variable-length batcher draws its lengths afresh from its seed (its own generator is
+    restored after), so every evaluation scores the same chunks, whenever it runs.
     """
     with eval_mode(model):
         return _evaluate(model, batcher, max_chunks, autocast_dtype)
@@ -489,6 +505,7 @@ def evaluate(
 def _evaluate(model, batcher, max_chunks, autocast_dtype) -> tuple[float, int]:
     saved = batcher.state_dict()
     batcher.pos = 0
+    batcher.generator.manual_seed(batcher.seed)
     total = torch.zeros((), dtype=torch.float64, device=batcher.streams.device)
     count = 0
     state = None
@@ -537,7 +554,10 @@ def atomic_save(obj, path: str | os.PathLike) -> None:
     """
     path = os.fspath(path)
     directory = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix="." + os.path.basename(path) + ".", suffix=".tmp")
+    # The name's first 64 characters: a long one would pass the file system's limit (255)
+    # with mkstemp's additions, where torch.save takes it.
+    prefix = "." + os.path.basename(path)[:64] + "."
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=prefix, suffix=".tmp")
     try:
         # mkstemp's file is 0600; the checkpoint gets the mode a plain torch.save would give
         # it (0666 less the umask), so that a group sharing the run directory can read it.

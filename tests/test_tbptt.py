@@ -909,3 +909,94 @@ def test_charlm_refuses_what_it_cannot_build_or_step():
         model = CharLM(5, hidden_size=4, rnn_class=functools.partial(fused_rnn.LSTM, **kw))
         with pytest.raises(ValueError, match="needs a unidirectional stack, no proj_size"):
             model.step_cells()
+
+
+# --------------------------------------------------------------------------- a helper's audit
+def test_charlm_refuses_an_rnn_class_of_another_kind_than_its_cell():
+    """rnn_class=nn.GRU with the default cell "lstm" built and trained, and step-by-step
+    generation then failed (an IndexError, or logits of the wrong shape at batch 1): cell
+    decides the state's form there."""
+    with pytest.raises(ValueError, match=r"rnn_class GRU builds a gru layer but cell is "
+                                         r"'lstm'; pass cell='gru'"):
+        CharLM(9, hidden_size=8, rnn_class=torch.nn.GRU)
+    model = CharLM(9, cell="rnn", hidden_size=8, rnn_class=torch.nn.RNN,
+                   rnn_kwargs={"nonlinearity": "relu"})
+    logits, _ = model.step(torch.tensor([1]), None, model.step_cells())
+    assert logits.shape == (1, 9)
+
+
+def test_evaluate_on_a_variable_length_batcher_scores_the_same_chunks_whenever_it_runs():
+    """The lengths were drawn from wherever the batcher's generator stood, so a chunk drawn
+    between two evaluations of the same model changed the score (and which tokens max_chunks
+    covered)."""
+    torch.manual_seed(0)
+    model = CharLM(9, hidden_size=8)
+    batcher = StreamBatcher(torch.randint(0, 9, (400,)), 2, 10, variable_length=True)
+    for max_chunks in (None, 3):
+        first = evaluate(model, batcher, max_chunks=max_chunks)
+        batcher.next_chunk()
+        assert evaluate(model, batcher, max_chunks=max_chunks) == first
+
+
+def test_a_batcher_state_of_another_min_length_or_position_is_refused():
+    """min_length shapes the drawn lengths but was neither saved nor checked, so a state
+    loaded into a batcher of another min_length resumed with other chunks; a position past
+    the streams gave an empty chunk. A state saved before min_length was recorded loads."""
+    tokens = torch.randint(0, 9, (400,))
+    saved = StreamBatcher(tokens, 2, 20, variable_length=True, min_length=5).state_dict()
+    other = StreamBatcher(tokens, 2, 20, variable_length=True, min_length=18)
+    with pytest.raises(ValueError, match="min_length is 18, the checkpoint has 5"):
+        other.load_state_dict(saved)
+    old = {k: v for k, v in saved.items() if k != "min_length"}
+    other.load_state_dict(old)
+    for pos in (-1, other.steps_per_stream):
+        with pytest.raises(ValueError, match=f"position {pos} is outside"):
+            other.load_state_dict({**old, "pos": pos})
+
+
+def test_run_rnn_sees_through_a_wrapper_that_does_not_forward_attributes():
+    """DataParallel and DistributedDataParallel keep the layer as ``.module`` without
+    forwarding its attributes: run_rnn's guard against cutting a bidirectional layer at a
+    document start did not see it, and the wrong result came back with no error."""
+    rnn = torch.nn.DataParallel(fused_rnn.GRU(3, 4, bidirectional=True, backend="reference"))
+    reset = torch.zeros(6, 2, dtype=torch.bool)
+    reset[3, 1] = True
+    with pytest.raises(ValueError, match="bidirectional, and a document starts inside"):
+        run_rnn(rnn, torch.randn(6, 2, 3), None, reset)
+    batch_first = torch.nn.DataParallel(torch.nn.GRU(3, 4, batch_first=True))
+    with pytest.raises(ValueError, match="batch_first=True"):
+        run_rnn(batch_first, torch.randn(6, 2, 3), None)
+
+
+def test_train_chunk_detaches_a_state_that_comes_with_history():
+    """The docstring said the state "comes in detached"; one with history made backward run
+    into the previous chunk's graph (other gradients). It is detached first now."""
+    torch.manual_seed(0)
+    model = CharLM(9, hidden_size=8)
+    batcher = StreamBatcher(torch.randint(0, 9, (200,)), 2, 10)
+    first, second = batcher.next_chunk(), batcher.next_chunk()
+    _, attached = model(first.x)  # the state with first's graph behind it
+    grads = []
+    for state in (attached, detach_state(attached)):
+        train_chunk(model, second, state, None)
+        grads.append([p.grad.clone() for p in model.parameters()])
+        model.zero_grad(set_to_none=True)
+    assert all(torch.equal(a, b) for a, b in zip(*grads))
+
+
+def test_atomic_save_takes_a_name_as_long_as_torch_save_does(tmp_path):
+    """The temporary file's name added mkstemp's characters to the whole name, so a name of
+    ~240 characters, which torch.save takes, passed the file system's limit."""
+    path = tmp_path / ("c" * 240 + ".pt")
+    atomic_save({"step": 1}, path)
+    assert torch.load(path, weights_only=True)["step"] == 1
+    assert os.listdir(tmp_path) == [path.name]
+
+
+def test_vocab_decode_refuses_an_id_outside_the_vocabulary():
+    """A negative id indexed from the end of the vocabulary (-1: its last character)."""
+    vocab = Vocab("abc")
+    assert vocab.decode([0, 2]) == "ac"
+    for bad in (-1, 3):
+        with pytest.raises(IndexError, match=f"id {bad} outside"):
+            vocab.decode([bad])
