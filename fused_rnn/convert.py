@@ -134,12 +134,20 @@ def _converted(old: nn.Module, cls: type, extra: dict, where: str) -> nn.Module:
         warnings.simplefilter("ignore", UserWarning)
         new = cls(old.input_size, old.hidden_size, **kwargs, **extra)
     names = [n for n, _ in new.named_parameters()]
-    params = dict(old.named_parameters())
+    # Its own parameters, tied ones under each name, in its order (weight_norm's removal
+    # re-registers a weight last): a child module's are the child's, moved with it below.
+    params = dict(old.named_parameters(recurse=False, remove_duplicate=False))
     if sorted(names) != sorted(params):
         raise ValueError(f"cannot swap {where}: its parameters {sorted(params)} are not "
                          f"{cls.__name__}'s {sorted(names)}")
-    for name in names:
-        setattr(new, name, params[name])
+    for name, param in params.items():
+        setattr(new, name, param)
+    new._parameters = {name: new._parameters[name] for name in params}  # old's order
+    for name, child in old.named_children():  # a user's (a dropout it calls): as attributes
+        if hasattr(new, name):
+            raise ValueError(f"cannot swap {where}: its child module {name!r} has the name "
+                             f"of {cls.__name__}'s attribute")
+        new.add_module(name, child)
     for name, buf in old.named_buffers(recurse=False):
         new.register_buffer(name, buf, persistent=name not in old._non_persistent_buffers_set)
     # Attributes a user set on the module (a tag, a flag): public names the new one lacks.

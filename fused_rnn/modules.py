@@ -183,6 +183,10 @@ class _RNNStack(_Recurrent):
         """Unpickling: what a module pickled by an older version, or a torch.nn module
         unpickled as this class, lacks gets its default."""
         super().__setstate__(state)
+        # nn.RNNBase keeps its weights in a list too: hidden by the property here, that list
+        # would keep the first weights alive (and in every pickle) after they are replaced.
+        self.__dict__.pop("_flat_weights", None)
+        self.__dict__.pop("_flat_weight_refs", None)
         self.__dict__.setdefault("backend", "auto")
         self.__dict__.setdefault("_cudnn_order", None)
         self.__dict__.setdefault("proj_size", 0)  # torch.nn before 1.8 had none
@@ -223,7 +227,9 @@ class _RNNStack(_Recurrent):
         self._cudnn_order = None
         if any(parametrize.is_parametrized(self, n) for n in self._flat_weights_names):
             return  # computed anew at every call: nothing stays in a buffer (cuDNN copies)
-        w = self._flat_weights
+        w = self._present_weights()
+        if any(t is None for t in w):
+            return  # one deleted for now (a weight-dropout wrapper sets it at each call): as nn
         if not _cudnn_can_flatten(w):
             return
         import torch.backends.cudnn.rnn as cudnn_rnn
@@ -287,7 +293,14 @@ class _RNNStack(_Recurrent):
 
     @property
     def _flat_weight_refs(self) -> list:
-        return [None if w is None else weakref.ref(w) for w in self._flat_weights]
+        return [None if w is None else weakref.ref(w) for w in self._present_weights()]
+
+    def _present_weights(self) -> list[Tensor | None]:
+        """The weights, None for one deleted for now, as nn.RNNBase's list holds it (AWD-LSTM's
+        weight dropout deletes W_hh and sets it again in each forward, and the model is moved
+        in between). Not for forward: the getattr default would be a dynamo guard there
+        (_flat_weights)."""
+        return [getattr(self, name, None) for name in self._flat_weights_names]
 
     @property
     def all_weights(self) -> list[list[nn.Parameter]]:

@@ -161,3 +161,30 @@ def test_a_layer_keeps_the_function_its_mode_computes(direction):
     (from_torch_nn if direction == "from" else to_torch_nn)(model)
     assert type(model[0]) is not type(old)
     torch.testing.assert_close(model[0](x)[0], want, atol=1e-6, rtol=1e-5)
+
+
+def test_tied_weights_children_and_parameter_order_come_along():
+    """A layer whose reverse direction shares the forward one's W_hh was refused with "its
+    parameters are not LSTM's" (named_parameters drops a tied name); a module a user hung on
+    the layer (a dropout it calls) was dropped; and the parameters came in the standard order
+    where the old module's was another (weight_norm removed re-registers a weight last), so an
+    optimizer state_dict saved by position would load onto other parameters."""
+    m = nn.LSTM(3, 5, bidirectional=True)
+    m.weight_hh_l0_reverse = m.weight_hh_l0
+    m.drop = nn.Dropout(0.5)
+    m = nn.utils.remove_weight_norm(nn.utils.weight_norm(m, "weight_ih_l0"), "weight_ih_l0")
+    order = [n for n, _ in m.named_parameters(remove_duplicate=False)]
+    assert order[-1] == "weight_ih_l0"
+    ours = from_torch_nn(nn.Sequential(m))[0]
+    assert type(ours) is fused_rnn.LSTM and ours.drop is m.drop
+    assert ours.weight_hh_l0_reverse is ours.weight_hh_l0 is m.weight_hh_l0
+    assert [n for n, _ in ours.named_parameters(remove_duplicate=False)] == order
+    x = torch.randn(4, 2, 3)
+    torch.testing.assert_close(ours(x)[0], m(x)[0])
+    back = to_torch_nn(nn.Sequential(ours))[0]
+    assert type(back) is nn.LSTM and back.drop is m.drop
+    assert [n for n, _ in back.named_parameters(remove_duplicate=False)] == order
+    clash = nn.GRU(3, 5)
+    clash.add_module("backend", nn.Identity())
+    with pytest.raises(ValueError, match="child module 'backend' has the name of GRU's"):
+        from_torch_nn(clash)

@@ -213,6 +213,28 @@ def test_a_torch_nn_pickle_unpickles_as_ours(cell):
     assert ours.mode == our_cls(3, 5, **extra).mode  # RNN_RELU for a relu RNNCell
     x = torch.randn(2, 3) if is_cell else torch.randn(4, 2, 3)
     assert_close_list(outputs_of(ours(x)), outputs_of(ref(x)), 0, 0, "outputs")
+    # nn.RNNBase's own list of its weights, hidden by our property, kept the first weights
+    # alive after load_state_dict(assign=True) replaced them (whole-model pickles doubled).
+    assert "_flat_weights" not in vars(ours)
+
+
+@pytest.mark.parametrize("cell", list(CELLS))
+def test_a_layer_moves_with_a_weight_deleted_for_now(cell):
+    """AWD-LSTM's weight dropout deletes weight_hh_l0, keeps a raw copy, and sets the weight
+    again in each forward; the model is moved (.cuda(), .double()) in between. nn.RNNBase
+    takes that; flatten_parameters (which .to() calls) raised a TypeError here."""
+    nn_cls, our_cls, extra = CELLS[cell]
+    for cls in (nn_cls, our_cls):
+        m = cls(3, 5, **extra)
+        raw = m._parameters.pop("weight_hh_l0")
+        m.register_parameter("weight_hh_l0_raw", raw)
+        m.double()
+        m.flatten_parameters()
+        m._init_flat_weights()
+        assert all(r is None or r() is not None for r in m._flat_weight_refs)
+        m.weight_hh_l0 = torch.nn.functional.dropout(m.weight_hh_l0_raw, 0.5)
+        y = outputs_of(m(torch.randn(4, 2, 3, dtype=torch.float64)))[0]
+        assert y.dtype == torch.float64, cls
 
 
 @pytest.mark.parametrize("cell", list(CELLS) + ["lstm_proj"])
