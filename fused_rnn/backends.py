@@ -133,36 +133,49 @@ class AutoRule:
         """tf32: whether cuDNN's RNNs may use TF32 now (``ops.common.cudnn_rnn_tf32``);
         capability: the device's compute capability; steps: the call's sequence length
         (None: not known, not checked)."""
+        return (self.matches_stack(device_type, mode, dtype, hidden_size, num_layers,
+                                   bidirectional, tf32, capability)
+                and self.takes_sizes(batch, steps))
+
+    def matches_stack(self, device_type: str, mode: str, dtype: torch.dtype, hidden_size: int,
+                      num_layers: int, bidirectional: bool, tf32: bool = True,
+                      capability: tuple[int, int] | None = None) -> bool:
+        """:meth:`matches` but for the batch and the sequence length, which change from call
+        to call (under ``torch.compile`` with dynamic shapes they are symbolic)."""
         return (device_type == self.device_type and mode in self.modes and dtype in self.dtypes
                 and (self.capability is None or self.capability == capability)
-                and (steps is None or self.steps[0] <= steps <= self.steps[1])
                 and (dtype != torch.float32 or self.tf32 is None or self.tf32 == tf32)
                 and self.hidden[0] <= hidden_size <= self.hidden[1]
-                and self.batch[0] <= batch <= self.batch[1]
                 and self.layers[0] <= num_layers <= self.layers[1]
                 and (self.bidirectional or not bidirectional))
+
+    def takes_sizes(self, batch, steps=None) -> bool:
+        """Whether the batch and the sequence length (None: not known, not checked) are in
+        the rule's ranges."""
+        return (self.batch[0] <= batch <= self.batch[1]
+                and (steps is None or self.steps[0] <= steps <= self.steps[1]))
 
 
 # First match wins. None yet: no kernel backend has passed its GPU tests on a real GPU.
 AUTO_RULES: tuple[AutoRule, ...] = ()
 
 
-# Eager even under torch.compile, like unavailable_reason: it probes the machine.
+# Eager even under torch.compile, like unavailable_reason: it probes the machine. What changes
+# from call to call is passed in (tf32) or left to the caller (batch, steps: symbolic under
+# dynamic shapes, which a constant-result function cannot take), so that dynamo guards on it.
 @torch.compiler.assume_constant_result
-def _auto_kernel(device: torch.device, mode: str, dtype: torch.dtype, hidden_size: int,
-                 proj_size: int, batch: int, num_layers: int, bidirectional: bool,
-                 input_size: int, has_lengths: bool, steps: int | None = None) -> str | None:
-    """The kernel backend ``auto`` takes for this stack, or None (PyTorch's kernels): the first
-    rule that matches, names an available backend, and whose backend takes every layer."""
-    from fused_rnn.ops.common import cudnn_rnn_tf32
-
-    tf32 = cudnn_rnn_tf32()
+def _auto_candidates(device: torch.device, mode: str, dtype: torch.dtype, hidden_size: int,
+                     proj_size: int, num_layers: int, bidirectional: bool, input_size: int,
+                     has_lengths: bool, tf32: bool) -> tuple:
+    """The indices in :data:`AUTO_RULES` of the rules that match this stack but for its batch
+    and sequence length, in order, whose backend is available and takes every layer."""
     capability = None
     if device.type == "cuda" and torch.cuda.is_available():
         capability = tuple(torch.cuda.get_device_capability(device))
-    for rule in AUTO_RULES:
-        if not rule.matches(device.type, mode, dtype, hidden_size, batch, num_layers,
-                            bidirectional, tf32, capability, steps):
+    out = []
+    for index, rule in enumerate(AUTO_RULES):
+        if not rule.matches_stack(device.type, mode, dtype, hidden_size, num_layers,
+                                  bidirectional, tf32, capability):
             continue
         if unavailable_reason(rule.backend, device) is not None:
             continue
@@ -173,6 +186,25 @@ def _auto_kernel(device: torch.device, mode: str, dtype: torch.dtype, hidden_siz
                                       input_size=i, hidden_size=hidden_size,
                                       proj_size=proj_size, has_lengths=has_lengths) is None
                for i in (widths if num_layers > 1 else {input_size})):
+            out.append(index)
+    return tuple(out)
+
+
+def _auto_kernel(device: torch.device, mode: str, dtype: torch.dtype, hidden_size: int,
+                 proj_size: int, batch, num_layers: int, bidirectional: bool,
+                 input_size: int, has_lengths: bool, steps=None) -> str | None:
+    """The kernel backend ``auto`` takes for this stack, or None (PyTorch's kernels): the first
+    rule that matches, names an available backend, and whose backend takes every layer.
+    Traced under ``torch.compile``: the TF32 setting is read here, and the batch and sequence
+    length are compared here, so a compiled graph is guarded on both (it was built for the
+    setting and the sizes it was traced with, and stayed with that backend after either
+    changed; symbolic sizes broke the graph and then failed)."""
+    from fused_rnn.ops.common import cudnn_rnn_tf32
+
+    for index in _auto_candidates(device, mode, dtype, hidden_size, proj_size, num_layers,
+                                  bidirectional, input_size, has_lengths, cudnn_rnn_tf32()):
+        rule = AUTO_RULES[index]
+        if rule.takes_sizes(batch, steps):
             return rule.backend
     return None
 
@@ -211,9 +243,7 @@ def resolve_stack(name: str, device: torch.device, **stack) -> str:
     if name == "auto":
         device = torch.device(device)
         if stack and AUTO_RULES:
-            steps = stack.get("steps")
-            kernel = _auto_kernel(device, **{**stack, "batch": int(stack["batch"]),
-                                             "steps": None if steps is None else int(steps)})
+            kernel = _auto_kernel(device, **stack)
             if kernel is not None:
                 return kernel
         # Dynamo cannot read functorch's whole interpreter stack, only its top: compiled,

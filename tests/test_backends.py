@@ -397,6 +397,56 @@ def test_auto_rules_under_torch_compile_fullgraph(monkeypatch):
     torch._dynamo.reset()
 
 
+@pytest.mark.parametrize("dynamic", [True, False], ids=["dynamic", "static"])
+def test_compiled_auto_rules_follow_the_batch_and_the_length(monkeypatch, dynamic):
+    """The rule lookup was one constant-result function given the batch and the length: with
+    dynamic shapes those are symbolic, which broke the graph (an error under fullgraph), and
+    a call outside the rule then failed inside torch_kernels_reason with a TypeError. They are
+    compared in traced code now, so the graph is guarded on the rule's ranges."""
+    calls = []
+    fake = _fake_kernel(calls)
+    monkeypatch.setattr(backends, "_kernel_module", lambda name: fake)
+    monkeypatch.setattr(backends, "AUTO_RULES", (_cpu_rule(steps=(5, 64)),))
+    torch._dynamo.reset()
+    try:
+        lstm = fused_rnn.LSTM(4, 16, backend="auto")
+        compiled = torch.compile(lstm, fullgraph=True, backend="eager", dynamic=dynamic)
+        for B, T, inside in ((3, 5, True), (40, 5, False), (4, 6, True), (3, 200, False),
+                             (16, 64, True), (17, 64, False)):
+            x = torch.randn(T, B, 4)
+            want = lstm(x)[0]
+            calls.clear()
+            torch.testing.assert_close(compiled(x)[0], want)
+            assert bool(calls) == inside, (B, T)
+    finally:
+        torch._dynamo.reset()
+
+
+@pytest.mark.skipif(tuple(int(v) for v in torch.__version__.split(".")[:2]) < (2, 11),
+                    reason="before torch 2.11 dynamo reads cuDNN's TF32 setting once, when it "
+                           "traces (README: torch and Triton versions)")
+def test_a_compiled_auto_rule_for_tf32_follows_the_setting(monkeypatch, fp32_precision_restored):
+    """The rule lookup read cuDNN's TF32 setting inside a constant-result function, where
+    dynamo sets no guard: a graph traced while an fp32 rule for TF32 matched kept the kernel
+    backend after TF32 was turned off. The setting is read in traced code now."""
+    calls = []
+    fake = _fake_kernel(calls)
+    monkeypatch.setattr(backends, "_kernel_module", lambda name: fake)
+    monkeypatch.setattr(backends, "AUTO_RULES", (_cpu_rule(tf32=True),))
+    torch._dynamo.reset()
+    try:
+        lstm = fused_rnn.LSTM(4, 16, backend="auto")
+        compiled = torch.compile(lstm, fullgraph=True, backend="eager")
+        x = torch.randn(5, 3, 4)
+        for setting, inside in (("tf32", True), ("ieee", False), ("tf32", True)):
+            common.cudnn_rnn_setting().fp32_precision = setting
+            calls.clear()
+            compiled(x)
+            assert bool(calls) == inside, setting
+    finally:
+        torch._dynamo.reset()
+
+
 # --------------------------------------------------------------------------- the TF32 rule
 @pytest.mark.parametrize("rnn,conv,cudnn_all,want", [
     ("ieee", "tf32", "none", False),  # conv and RNN differ: the legacy flag raises
