@@ -58,7 +58,7 @@ import argparse
 import csv
 import re
 import sys
-from collections import defaultdict
+from collections import Counter, defaultdict
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -81,6 +81,15 @@ CLEAN = re.compile(r"(\d+ (passed|skipped|deselected|xfailed|xpassed|warnings?),
                    r"( \(\d+:\d\d:\d\d\))?")
 
 
+# What one run writes alike in every row (bench_gpu.py's environment columns).
+RUN_COLUMNS = ("gpu", "capability", "commit", "gpu_tests", "overrides", "tf32", "torch", "cuda",
+               "cudnn", "triton")
+
+
+def _row_key(r: dict) -> tuple:
+    return (r.get("backend"), r.get("cell"), r.get("dtype"), r.get("shape"), r.get("pass"))
+
+
 def tests_passed(summary: str) -> bool:
     """Whether gpu_check.sh's one-line GPU-test summary shows the tests run and passed."""
     summary = summary.strip()
@@ -94,6 +103,20 @@ def refusal(rows: list[dict], backend: str, triton_tests: str | None = None) -> 
     on the GPU after the bench, so for triton its summary line is given (``triton_tests``)."""
     if not rows:
         return "the table has no rows"
+    # One run's table: what is read off its first row below holds for every row, and no row
+    # repeats (rows are looked up by backend, cell, dtype, shape and pass: a repeat would
+    # hide the other, a failed one included).
+    for col in RUN_COLUMNS:
+        values = sorted({str(r.get(col)) for r in rows})
+        if len(values) > 1:
+            return (f"its rows disagree on {col} ({'; '.join(values)[:160]}): a table merged "
+                    "from several runs; give one run's table")
+    counts = Counter(_row_key(r) for r in rows)
+    repeated = [k for k, n in counts.items() if n > 1]
+    if repeated:
+        return (f"{len(repeated)} rows repeat (the first: {' '.join(map(str, repeated[0]))}): a "
+                "backend or shape named twice, or tables merged; a repeat could hide a failed "
+                "row")
     env = rows[0]
     if "none (dry run" in env.get("gpu", ""):
         return "a dry run on the CPU: its times mean nothing"
@@ -425,6 +448,18 @@ def _group_rule(by: dict, cell: str, dtype: str, group: str, shapes: dict, margi
                       ratios=(min(wins.values()), max(wins.values())), shapes=list(wins)))
 
 
+def _margin(text: str) -> float:
+    """--margin: above 1 (a win); at or below it a tie or a loss would count as one."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not value > 1.0:  # NaN too
+        raise argparse.ArgumentTypeError(
+            f"must be above 1 (a win over what it is set against), got {text}")
+    return value
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("csv", type=Path, help="a bench_gpu.py CSV from a GPU run")
@@ -432,7 +467,7 @@ def main(argv=None) -> int:
     ap.add_argument("--triton-tests", metavar="SUMMARY",
                     help="for --backend triton: the pytest summary line of the Triton suite "
                          "that gpu_check.sh ran on the GPU (the table records the CUDA tests)")
-    ap.add_argument("--margin", type=float, default=1.05,
+    ap.add_argument("--margin", type=_margin, default=1.05,
                     help="the least cuDNN time / ours on every shape (--paths: the persistent "
                          "kernel's time / the per-step path's on every shape a rule spans; "
                          "--stage-copy: the pipelined copy's / the tagged exchange's) "

@@ -176,7 +176,7 @@ def _split(value: str, allowed: tuple[str, ...], what: str) -> list[str]:
     bad = [v for v in items if v not in allowed]
     if bad or not items:
         raise SystemExit(f"unknown {what}(s) {bad or value!r}; choose from {', '.join(allowed)}")
-    return items
+    return list(dict.fromkeys(items))  # each once: a repeat would time (and write) it twice
 
 
 # --------------------------------------------------------------------------- timing

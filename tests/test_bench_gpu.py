@@ -654,6 +654,62 @@ def test_auto_rules_refuse_untested_or_overridden_tables(tmp_path, capsys, gpu_t
     assert "no gpu_tests column" in capsys.readouterr().out
 
 
+@pytest.mark.parametrize("edit", ["repeat-failed", "mixed-commit", "mixed-gpu", "mixed-tf32",
+                                  "mixed-tests", "mixed-overrides"])
+def test_auto_rules_refuse_a_table_with_repeated_rows_or_from_several_runs(tmp_path, capsys,
+                                                                           edit):
+    """Rows are looked up by backend, cell, dtype, shape and pass, and the table-wide facts
+    (commit, GPU, TF32, GPU tests, overrides) were read off the first row only: a repeated row
+    (a backend named twice in --backends) hid a failed one before it, and a table merged from
+    several runs passed on its first row's facts. Both are refused now, in every mode."""
+    import csv
+
+    auto_rules = _import("auto_rules")
+    bench_gpu = _import("bench_gpu")
+    path = _gpu_table(tmp_path, {("LSTM", "bf16"): dict.fromkeys(bench_gpu.SHAPES, 3.0)})
+    assert auto_rules.main([str(path)]) == 0 and "AutoRule(" in capsys.readouterr().out
+    with open(path, newline="") as f:
+        rows = list(csv.DictReader(f))
+    last = rows[-1]
+    if edit == "repeat-failed":
+        i = next(i for i, r in enumerate(rows) if r["backend"] == "cuda"
+                 and r["pass"] == "fwd+bwd" and r["shape"] == "S3")
+        rows.insert(i, {**rows[i], "check": "FAIL: dx 0.5 > 0.1"})
+        said = "rows repeat (the first: cuda LSTM bf16 S3 fwd+bwd)"
+    else:
+        col, value = {"mixed-commit": ("commit", "0123abc (+ uncommitted changes)"),
+                      "mixed-gpu": ("gpu", "NVIDIA A100-SXM4-80GB"),
+                      "mixed-tf32": ("tf32", "cudnn.allow_tf32=False"),
+                      "mixed-tests": ("gpu_tests", "5 failed, 840 passed in 76.1s"),
+                      "mixed-overrides": ("overrides", "FUSED_RNN_CUDA_K_PARTS=1")}[edit]
+        last[col] = value
+        said = f"its rows disagree on {col}"
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+    for mode in ([], ["--paths"], ["--stage-copy"]):
+        assert auto_rules.main([str(path), *mode]) == 2, mode
+        out = capsys.readouterr().out
+        assert said in out and "Rule(" not in out, out
+
+
+@pytest.mark.parametrize("margin", ["1", "1.0", "0.3", "nan", "-2"])
+def test_auto_rules_take_only_a_margin_above_one(tmp_path, capsys, margin):
+    """--margin 0.3 proposed a rule for a backend three times slower than cuDNN, and 1 counted
+    ties as wins."""
+    auto_rules = _import("auto_rules")
+    with pytest.raises(SystemExit) as e:
+        auto_rules.main([str(tmp_path / "t.csv"), "--margin", margin])
+    assert e.value.code == 2 and "must be above 1" in capsys.readouterr().err
+
+
+def test_the_bench_times_a_backend_or_shape_named_twice_once():
+    bench_gpu = _import("bench_gpu")
+    assert bench_gpu._split("cuda,triton,cuda", ("cuda", "triton"), "backend") == ["cuda",
+                                                                                     "triton"]
+
+
 @pytest.mark.parametrize("commit", ["unknown (no git)", "0123abc (+ uncommitted changes)", ""])
 def test_auto_rules_refuse_a_table_of_an_unknown_or_dirty_commit(tmp_path, capsys, commit):
     auto_rules = _import("auto_rules")
@@ -1611,7 +1667,7 @@ def test_stage_copy_rules_refuse_what_path_rules_refuse(tmp_path, capsys):
      r.update(reps="4"), (256, 256)),
     # S3, inside the span of wins at S2 (made one) and S4, has no row of either path: no rule
     (lambda r: (r["backend"] in ("cuda", "cuda-step") and r["shape"] == "S3" and
-                r.update(backend="gone")) or
+                r.update(backend="gone-" + r["backend"])) or
      (r["backend"] == "cuda-step" and r["shape"] == "S2" and
       r.update(ms=str(float(r["ms"]) / 1.5))), None),
 ])
