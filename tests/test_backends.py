@@ -345,40 +345,126 @@ def test_auto_rule_needs_a_kernel_backend_and_evidence():
         _cpu_rule(batch=(0, 8))
 
 
-def test_committed_auto_rules_cite_gpu_results():
-    """auto chooses a kernel backend only from a committed GPU run (DESIGN.md): every rule
-    names a results file under benchmarks/results/ that has rows of its backend."""
+def _auto_rules_tool():
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    try:
+        return __import__("auto_rules")
+    finally:
+        sys.path.pop(0)
+
+
+_MODE_NAMES = {"LSTM": "LSTM", "GRU": "GRU", "RNN_TANH": "RNN", "RNN_RELU": "RNN"}
+_DTYPE_NAMES = {torch.float32: ("fp32", "fp32-strict"), torch.bfloat16: ("bf16",),
+                torch.float16: ("fp16",)}
+
+
+def evidence_problems(rule, table: str, root) -> list[str]:
+    """Why a committed rule is not what ``benchmarks/auto_rules.py`` proposes from the table it
+    cites (its .csv beside the .md), or []: the table must be one the tool takes for the
+    rule's backend (one clean run whose GPU tests passed; for triton, whose CUDA tests passed:
+    the Triton suite's line is not in the table) and a rule it proposes must cover this one's
+    cells, dtypes, TF32 setting and ranges, on the table's GPU. ``table``: "auto", "paths"
+    or "stage-copy"."""
+    import csv
+
+    tool = _auto_rules_tool()
+    evidence = root / rule.evidence
+    if not (rule.evidence.startswith("benchmarks/results/") and evidence.is_file()):
+        return [f"no results file {rule.evidence}"]
+    data = evidence.with_suffix(".csv")
+    if not data.is_file():
+        return [f"no table {data.name} beside {evidence.name}"]
+    with open(data, newline="") as f:
+        rows = list(csv.DictReader(f))
+    backend = getattr(rule, "backend", "cuda")
+    why = tool.refusal(rows, "cuda" if backend == "triton" else backend)
+    if why:
+        return [f"{data.name} is refused: {why}"]
+    capability = tuple(int(v) for v in rows[0]["capability"].split("."))
+    problems = []
+    if rule.capability != capability:
+        problems.append(f"capability {rule.capability}, measured on {capability}")
+    if table == "auto":
+        proposed, _ = tool.propose(rows, backend, 1.05)
+    elif table == "paths":
+        proposed, _ = tool.propose_paths(rows, 1.05)
+    else:
+        proposed, _ = tool.propose_stage_copy(rows, 1.05)
+    for mode in rule.modes:
+        for dtype in rule.dtypes:
+            covers = [p for p in proposed if p["cell"] == _MODE_NAMES[mode]
+                      and p["dtype"] in _DTYPE_NAMES[dtype]
+                      and (dtype != torch.float32 or p["tf32"] == rule.tf32)
+                      and all(p[k][0] <= getattr(rule, k)[0] and getattr(rule, k)[1] <= p[k][1]
+                              for k in ("hidden", "batch", "steps"))]
+            if not covers:
+                problems.append(f"{data.name} proposes no rule covering {mode} {dtype} "
+                                f"hidden {rule.hidden}, batch {rule.batch}, steps {rule.steps}"
+                                f"{'' if dtype != torch.float32 else f', tf32 {rule.tf32}'}")
+    return problems
+
+
+def test_committed_auto_rules_are_what_their_evidence_proposes():
+    """auto chooses a kernel backend only from a committed GPU run (DESIGN.md): every rule is
+    covered by a rule benchmarks/auto_rules.py proposes from the table it cites, a table the
+    tool takes (its GPU tests passed). Before, a file that merely existed with rows of the
+    backend did, the H200 table whose GPU tests failed among them."""
     from pathlib import Path
 
     root = Path(__file__).resolve().parents[1]
     for rule in backends.AUTO_RULES:
-        path = root / rule.evidence
-        assert rule.evidence.startswith("benchmarks/results/") and path.is_file(), rule
-        assert f"| {rule.backend} |" in path.read_text(), rule
         assert rule.device_type == "cuda", rule
+        assert evidence_problems(rule, "auto", root) == [], rule
 
 
-@pytest.mark.parametrize("table,needs", [
-    ("PATH_RULES", (("cuda-step",), ("cuda", "cuda-persistent"))),
-    ("STAGE_COPY_RULES", (("cuda",), ("cuda-tagged", "cuda-pipelined"))),
-])
-def test_committed_cuda_rules_cite_gpu_results(table, needs):
+@pytest.mark.parametrize("table", ["PATH_RULES", "STAGE_COPY_RULES"])
+def test_committed_cuda_rules_are_what_their_evidence_proposes(table):
     """The CUDA backend changes its own defaults (the per-step path: PATH_RULES; the tagged
-    exchange: STAGE_COPY_RULES) only from a committed GPU run, as auto: every rule names a
-    results file under benchmarks/results/ with rows of both ways, a row of one backend of each
-    group in ``needs`` (the tagged exchange's rows: cuda-tagged, or cuda-pipelined beside the
-    cuda rows that ran it)."""
+    exchange: STAGE_COPY_RULES) only from a committed GPU run, as auto: every rule is covered
+    by what auto_rules.py --paths or --stage-copy proposes from the table it cites."""
     from pathlib import Path
 
     from fused_rnn.ops.cuda import ops
 
     root = Path(__file__).resolve().parents[1]
+    mode = {"PATH_RULES": "paths", "STAGE_COPY_RULES": "stage-copy"}[table]
     for rule in getattr(ops, table):
-        path = root / rule.evidence
-        assert rule.evidence.startswith("benchmarks/results/") and path.is_file(), rule
-        text = path.read_text()
-        for group in needs:
-            assert any(f"| {b} |" in text for b in group), (rule, group)
+        assert evidence_problems(rule, mode, root) == [], rule
+
+
+def test_the_evidence_check_refuses_what_the_tool_would_not_propose(tmp_path):
+    """evidence_problems itself, while the committed lists are empty: the H200 table (its GPU
+    tests failed) backs no rule; a table of one clean run backs what the tool proposes from
+    it, and nothing wider, slower-measured, or on another GPU."""
+    from pathlib import Path
+
+    import test_bench_gpu
+
+    root = Path(__file__).resolve().parents[1]
+    h200 = "benchmarks/results/2026-12-04-NVIDIA-H200.md"
+    rule = backends.AutoRule(backend="cuda", modes=frozenset({"LSTM"}),
+                             dtypes=frozenset({torch.bfloat16}), hidden=(256, 1024),
+                             batch=(8, 256), steps=(64, 1024), capability=(9, 0), evidence=h200)
+    (problem,) = evidence_problems(rule, "auto", root)
+    assert "is refused: the CUDA GPU tests did not pass" in problem
+    bench_gpu = test_bench_gpu._import("bench_gpu")
+    every = dict.fromkeys(bench_gpu.SHAPES, 3.0)
+    test_bench_gpu._gpu_table(tmp_path, {("LSTM", "bf16"): every,
+                                         ("GRU", "bf16"): {**every, "S4": 0.9}})
+    results = tmp_path / "benchmarks" / "results"
+    results.mkdir(parents=True)
+    for f in tmp_path.glob("2026-12-01-NVIDIA-H200.*"):
+        f.rename(results / f.name)
+    cited = dict(rule.__dict__, evidence="benchmarks/results/2026-12-01-NVIDIA-H200.md")
+    assert evidence_problems(backends.AutoRule(**cited), "auto", tmp_path) == []
+    for change, said in ((dict(hidden=(256, 2048)), "proposes no rule covering"),
+                         (dict(modes=frozenset({"GRU"})), "proposes no rule covering"),
+                         (dict(capability=(8, 0)), "capability (8, 0), measured on (9, 0)")):
+        problems = evidence_problems(backends.AutoRule(**{**cited, **change}), "auto", tmp_path)
+        assert any(said in p for p in problems), (change, problems)
 
 
 def test_auto_rules_under_torch_compile_fullgraph(monkeypatch):
