@@ -118,6 +118,10 @@ class AutoRule:
     # The sequence lengths (steps a call) measured: a short chunk pays a launch and W_hh's
     # load for few steps, so a win at T=64..1024 says nothing about T=4.
     steps: tuple[int, int] = (1, 2**31 - 1)
+    # Whether LSTM projections (proj_size) and calls with lengths (packed sequences) are
+    # included: the bench times neither (bench_gpu.py: one layer, no projection, no lengths).
+    projection: bool = False
+    lengths: bool = False
 
     def __post_init__(self) -> None:
         if self.backend not in KERNEL_BACKENDS:
@@ -176,6 +180,8 @@ def _auto_candidates(device: torch.device, mode: str, dtype: torch.dtype, hidden
     for index, rule in enumerate(AUTO_RULES):
         if not rule.matches_stack(device.type, mode, dtype, hidden_size, num_layers,
                                   bidirectional, tf32, capability):
+            continue
+        if (proj_size and not rule.projection) or (has_lengths and not rule.lengths):
             continue
         if unavailable_reason(rule.backend, device) is not None:
             continue

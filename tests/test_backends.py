@@ -318,7 +318,7 @@ def test_auto_rules_never_fall_back_to_the_reference(monkeypatch):
         calls = []
         monkeypatch.setattr(backends, "_kernel_module", lambda name, f=fake, c=calls: f(c))
         monkeypatch.setattr(backends, "AUTO_RULES",
-                            (_cpu_rule(layers=(1, 2), bidirectional=True),))
+                            (_cpu_rule(layers=(1, 2), bidirectional=True, projection=True),))
         config = dict(mode="LSTM", dtype=torch.float32, hidden_size=H, proj_size=0, batch=3,
                       num_layers=1, bidirectional=False, input_size=4, has_lengths=False)
         with warnings.catch_warnings():
@@ -328,6 +328,25 @@ def test_auto_rules_never_fall_back_to_the_reference(monkeypatch):
     # the same stacks without the obstacle take the rule's backend
     monkeypatch.setattr(backends, "_kernel_module", lambda name: _fake_kernel([]))
     assert backends.resolve_stack("auto", torch.device("cpu"), **{**config, **stack}) == "triton"
+
+
+def test_an_auto_rule_takes_projections_and_lengths_only_where_it_says():
+    """The bench times one layer without a projection or lengths, so a rule took LSTMs with
+    proj_size and packed calls it never measured (a helper found it); they are opt-in now."""
+    calls = []
+    fake = _fake_kernel(calls)
+    config = dict(mode="LSTM", dtype=torch.float32, hidden_size=16, proj_size=0, batch=3,
+                  num_layers=1, bidirectional=False, input_size=4, has_lengths=False)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(backends, "_kernel_module", lambda name: fake)
+        for rule, proj, lengths, want in (
+                (_cpu_rule(), 0, False, "triton"), (_cpu_rule(), 8, False, "torch"),
+                (_cpu_rule(), 0, True, "torch"), (_cpu_rule(projection=True), 8, False, "triton"),
+                (_cpu_rule(lengths=True), 0, True, "triton")):
+            mp.setattr(backends, "AUTO_RULES", (rule,))
+            got = backends.resolve_stack("auto", torch.device("cpu"),
+                                         **{**config, "proj_size": proj, "has_lengths": lengths})
+            assert got == want, (rule, proj, lengths)
 
 
 def test_auto_rule_needs_a_kernel_backend_and_evidence():
