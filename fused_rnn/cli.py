@@ -181,7 +181,7 @@ def _csv_list(choices):
             raise argparse.ArgumentTypeError(
                 f"invalid choice {','.join(bad) or s!r} (choose from {', '.join(choices)})"
             )
-        return items
+        return list(dict.fromkeys(items))  # each once: a repeat would be run (and checked) twice
 
     return parse
 

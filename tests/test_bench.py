@@ -194,3 +194,68 @@ def test_bench_cpu_refuses_to_time_a_model_that_computes_otherwise():
     same.weight_hh_l0.register_hook(lambda g: g * 1.01)  # the same y, another gradient
     with pytest.raises(SystemExit, match="grad weight_hh_l0 differs from torch.nn's"):
         bench_cpu.check_same(same, ref, x, h, cot)
+
+
+# --------------------------------------------------------------------------- a helper's audit
+def test_a_late_reported_fault_of_torch_nns_probe_is_torch_nns(capsys, tmp_path, text_file,
+                                                                monkeypatch):
+    """A CUDA fault is reported at a later call. torch.nn's first-steps probe did not wait for
+    the device, so a fault of cuDNN's surfaced at the next row's first call, and each fresh
+    process blamed the next fused row in turn. The probe ends with a sync now: the fault is
+    torch.nn's, and no fused row is blamed (no fresh process is started)."""
+    real_sync, real_probe, pending = bench._sync, bench._first_steps, []
+
+    def probe(model, *a):
+        got = real_probe(model, *a)
+        pending.append("fault")  # queued on the device: reported at the next sync
+        return got
+
+    def sync(device):
+        if pending:
+            raise RuntimeError("CUDA error: an illegal memory access was encountered")
+        return real_sync(device)
+
+    monkeypatch.setattr(bench, "_first_steps", probe)
+    monkeypatch.setattr(bench, "_sync", sync)
+    monkeypatch.setattr(bench, "_context_lost", lambda device: bool(pending))
+    monkeypatch.setattr(bench, "_bench_in_fresh_process",
+                        lambda *a: pytest.fail("a fresh process was started"))
+    rc, stdout, err = run(capsys, *BENCH_TINY, "--text", text_file, "--backends", "torch",
+                          "--precisions", "fp32", "--out", tmp_path)
+    rows = _bench_rows(tmp_path)
+    assert rc == 1 and len(rows) == 2, stdout + err
+    assert all("torch.nn's first-steps probe took the CUDA context" in r["error"]
+               for r in rows.values()), rows
+
+
+def test_rows_left_unchecked_by_a_failed_torch_nn_probe_do_not_pass(capsys, tmp_path, text_file,
+                                                                    monkeypatch):
+    """torch.nn's first-steps probe failing (not a device fault) dropped the check silently:
+    a row with a fault only that check catches came out 'ok' with exit 0. Its rows are
+    UNCHECKED now, and the run exits 1."""
+    real = bench._first_steps
+
+    def probe(model, *a):
+        if isinstance(model.rnn, fused_rnn.LSTM):  # ours
+            return real(model, *a)
+        raise RuntimeError("the probe broke")  # torch.nn's
+
+    monkeypatch.setattr(bench, "_first_steps", probe)
+    rc, stdout, err = run(capsys, *BENCH_TINY, "--text", text_file, "--backends", "torch",
+                          "--precisions", "fp32", "--out", tmp_path)
+    assert rc == 1, stdout + err
+    rows = _bench_rows(tmp_path)
+    assert rows[("fp32", "torch.nn")]["check"] == "ok"
+    assert rows[("fp32", "fused_rnn:torch")]["check"] == (
+        "UNCHECKED (first steps not checked (torch.nn's probe failed: RuntimeError: the probe "
+        "broke))")
+
+
+def test_a_precision_or_backend_named_twice_runs_once(capsys, tmp_path, text_file):
+    """Repeats ran twice, and the second pass's rows were set against the first's torch.nn."""
+    rc, stdout, err = run(capsys, *BENCH_TINY, "--text", text_file, "--backends", "torch,torch",
+                          "--precisions", "fp32,fp32", "--out", tmp_path)
+    assert rc == 0, stdout + err
+    (path,) = tmp_path.glob("*.csv")
+    impls = [line.split(",")[9] for line in path.read_text().splitlines()[1:]]
+    assert impls == ["torch.nn", "fused_rnn:torch"], impls
