@@ -428,6 +428,8 @@ VARIANTS = {"cuda-p1": ("cuda", {"FUSED_RNN_CUDA_K_PARTS": "1"}),
 # The variants that choose the CUDA backend's path (ops.cuda_path) rather than tune the
 # persistent kernel: timed with the backends (rounds) and at the one-step shapes (timed_here).
 PATH_VARIANTS = ("cuda-step", "cuda-persistent")
+# The CUDA backend's stage copies: what STAGE_COPY_RULES come from (auto_rules.py --stage-copy).
+COPY_VARIANTS = ("cuda-tagged", "cuda-pipelined")
 # Every variant but cuda-step sets the persistent kernel up differently, so it runs that kernel
 # on every row it times, whatever the CUDA backend's path rules (ops.PATH_RULES) choose for plain cuda.
 for _, _env in VARIANTS.values():
@@ -890,14 +892,16 @@ def short_table(rows: list[dict]) -> str:
 def rounds(backends: list[str]) -> list[list]:
     """The order rows are timed in, one round over every configuration at a time: cuDNN (None)
     and the first backend named; then the other backends and the CUDA backend's paths
-    (PATH_VARIANTS); then the other variants (cuda-p1, ...), which tune the persistent kernel.
-    Under --time-budget a later round never costs an earlier one a configuration, so the first
-    backend named gets its full table against cuDNN first, and the per-step path's rows (what
-    PATH_RULES come from) go before the tuning variants'."""
+    (PATH_VARIANTS); then its stage copies (COPY_VARIANTS); then the other variants (cuda-p1,
+    ...), which tune the persistent kernel. Under --time-budget a later round never costs an
+    earlier one a configuration, so the first backend named gets its full table against cuDNN
+    first, and the rows the CUDA backend's own rules come from (auto_rules.py --paths, then
+    --stage-copy) go before the tuning variants'."""
     primary = [b for b in backends if b not in VARIANTS]
     paths = [b for b in backends if b in PATH_VARIANTS]
-    tuning = [b for b in backends if b in VARIANTS and b not in PATH_VARIANTS]
-    return [r for r in ([None, *primary[:1]], primary[1:] + paths, tuning) if r]
+    copies = [b for b in backends if b in COPY_VARIANTS]
+    tuning = [b for b in backends if b in VARIANTS and b not in PATH_VARIANTS + COPY_VARIANTS]
+    return [r for r in ([None, *primary[:1]], primary[1:] + paths, copies, tuning) if r]
 
 
 def configurations(args, one_step: bool = False) -> list[tuple[str, str, str]]:
@@ -909,18 +913,21 @@ def configurations(args, one_step: bool = False) -> list[tuple[str, str, str]]:
 
 
 def schedule(args) -> list[tuple[list, list[tuple[str, str, str]]]]:
-    """(backends, configurations) passes in the order they are timed: each round (rounds) over
-    the shapes of more than one step; then the one-step shapes, by every round but the tuning
-    variants' (they time no one-step shape, timed_here); then the tuning variants. So the rows
-    PATH_RULES come from, both groups (auto_rules.py --paths), go before any variant that tunes
-    the persistent kernel, and cuDNN's one-step rows (round one) before the others need them."""
+    """(backends, configurations) passes in the order they are timed: each round (rounds) of
+    backends and paths over the shapes of more than one step; the stage copies' round there
+    (the tagged exchange, in 16 bits only: after the fp32 rows of every other variant it would
+    get no time); then the one-step shapes, by every round of backends and paths (the variants
+    time no one-step shape, timed_here); then the tuning variants. So the rows PATH_RULES come
+    from, both groups (auto_rules.py --paths), go before any variant that tunes the persistent
+    kernel, and cuDNN's one-step rows (round one) before the others need them."""
     chunks, steps = configurations(args), configurations(args, one_step=True)
     every = rounds(args.backends)
-    tuning = every[-1] if all(b in VARIANTS and b not in PATH_VARIANTS for b in every[-1]) \
-        else None
-    early = [r for r in every if r is not tuning]
-    return ([(r, chunks) for r in early] + [(r, steps) for r in early]
-            + ([(tuning, chunks)] if tuning else []))
+    variants = [r for r in every if all(b in VARIANTS and b not in PATH_VARIANTS for b in r)]
+    copies = [r for r in variants if all(b in COPY_VARIANTS for b in r)]
+    tuning = [r for r in variants if r not in copies]
+    early = [r for r in every if r not in variants]
+    return ([(r, chunks) for r in early + copies] + [(r, steps) for r in early]
+            + [(r, chunks) for r in tuning])
 
 
 def timed_here(backend, shape: tuple[int, int, int]) -> bool:

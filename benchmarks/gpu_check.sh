@@ -166,6 +166,8 @@ if [[ $HAS_CUDA == 1 ]]; then
     frnn_apply_test_results "$CUDA_LOGS/cuda_gpu_tests.log"
     [[ "${FRNN_NO_CLUSTERS:-0}" == 1 ]] && BACKENDS=$(frnn_without_clusters "$BACKENDS")
     [[ "${FRNN_NO_TAGGED:-0}" == 1 ]] && BACKENDS=$(frnn_without_tagged "$BACKENDS")
+    [[ "${FRNN_NO_MMA:-0}" == 1 ]] && BACKENDS=$(frnn_without "$BACKENDS" cuda-mma)
+    [[ "${FRNN_NO_STEP:-0}" == 1 ]] && BACKENDS=$(frnn_without "$BACKENDS" cuda-step)
     if [[ $FRNN_CUDA_HUNG == 1 ]]; then
       BACKENDS=$(frnn_without_cuda "$BACKENDS")
       CUDA_OK=0
@@ -182,6 +184,11 @@ if [[ $HAS_CUDA == 1 ]]; then
          "microbench and the slow CUDA tests are skipped"
     status=1
   fi
+fi
+if [[ $HAS_CUDA == 1 && -z "$BACKENDS" ]]; then
+  # cuda and its variants all left out: the run still times cuDNN, against Triton.
+  BACKENDS=triton
+  echo "cuda is out of the bench: it times cuDNN against triton instead"
 fi
 export FRNN_GPU_TESTS
 echo "GPU tests: $FRNN_GPU_TESTS"

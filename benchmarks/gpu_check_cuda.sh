@@ -229,7 +229,9 @@ fi
 # here. It stops starting configurations 15 s before its timeout.
 if wants phases && ! skip_if_kernels_unusable phases; then
   PHASED=cuda-tagged,cuda-mma,cuda-tb1,cuda-pb1
-  [[ "${FRNN_NO_TAGGED:-0}" == 1 ]] && PHASED=cuda-mma,cuda-tb1,cuda-pb1  # its GPU tests failed
+  # less those whose GPU tests failed
+  [[ "${FRNN_NO_TAGGED:-0}" == 1 ]] && PHASED=$(frnn_without "$PHASED" cuda-tagged)
+  [[ "${FRNN_NO_MMA:-0}" == 1 ]] && PHASED=$(frnn_without "$PHASED" cuda-mma)
   VARIANTS=(--variants "$PHASED" --variant-shapes S3,S4)
   step phases 75 "$PYTHON" benchmarks/profile_cuda.py --dtypes fp32,bf16 ${VARIANTS[@]+"${VARIANTS[@]}"} \
     --time-budget "$(frnn_inner_budget 75 15)"
@@ -239,7 +241,9 @@ if wants phases && ! skip_if_kernels_unusable phases; then
   # time-parallel GEMMs, conversions, sums), on S1-S6 in fp32 and bf16, and the same for the
   # per-step path (cuda-step: its GEMMs, its step kernels and the gaps between launches). Its
   # table goes to benchmarks/results/<date>-<gpu>-split.md.
-  step split 60 "$PYTHON" benchmarks/time_split.py --backends cuda,cuda-step,cudnn \
+  SPLIT=cuda,cuda-step,cudnn
+  [[ "${FRNN_NO_STEP:-0}" == 1 ]] && SPLIT=cuda,cudnn  # its GPU tests failed
+  step split 60 "$PYTHON" benchmarks/time_split.py --backends "$SPLIT" \
     --dtypes fp32,bf16 --time-budget "$(frnn_inner_budget 60 10)"
   grep '^| ' "$LOG_DIR/cuda_split.log" 2>/dev/null || true
 fi

@@ -41,8 +41,16 @@ frnn_inner_budget() {
 # while it is written still returns the previous one.
 frnn_collect() {
   [[ -n "${OUT:-}" && -d "${OUT:-}" && -n "${FRNN_STAMP:-}" && -e "${FRNN_STAMP:-}" ]] || return 0
-  find benchmarks/results -type f -newer "$FRNN_STAMP" ! -name '*.tmp' ! -name '.*' \
-    -exec cp {} "$OUT"/ \;
+  # $OUT takes 8 files: the tables go there, and every results file into the logs' tarball
+  # too, where the plot and the split table go alone (a full run writes 7 results files).
+  local f
+  while IFS= read -r f; do
+    case "$f" in
+      *.png | *-split.md) ;;
+      *) cp "$f" "$OUT"/ ;;
+    esac
+    if [[ -n "${1:-}" && -d "$1" ]]; then mkdir -p "$1/results" && cp "$f" "$1/results/"; fi
+  done < <(find benchmarks/results -type f -newer "$FRNN_STAMP" ! -name '*.tmp' ! -name '.*')
   if [[ -n "${1:-}" && -d "$1" && -n "$(ls -A "$1")" ]]; then
     local tmp
     tmp="$(mktemp -t fused_rnn_cuda_logs.XXXXXX)" || return 0
@@ -188,6 +196,35 @@ frnn_tagged_failed() {
   grep -q 'tagged' <<<"$bad"
 }
 
+# True when LOG reports a failed, crashed or hung test of the TF32 mma.sync tiles (a "-mma"
+# parameter: FUSED_RNN_CUDA_FRAG_LOADS=mma, which only the cuda-mma variant runs): gpu_check.sh
+# drops cuda-mma and pins FUSED_RNN_CUDA_FRAG_LOADS=shared, the default.
+frnn_mma_failed() {
+  [[ -f "$1" ]] || return 1
+  local bad
+  bad=$(frnn_blamed_tests "$1")  # as above
+  grep -qE '[[-]mma[]-]' <<<"$bad"
+}
+
+# True when LOG reports a failed, crashed or hung test of the per-step path (a "step" parameter:
+# FUSED_RNN_CUDA_PATH=step, which only cuda-step runs while no path rule sends cuda there):
+# gpu_check.sh drops cuda-step and pins FUSED_RNN_CUDA_PATH=persistent.
+frnn_step_failed() {
+  [[ -f "$1" ]] || return 1
+  local bad
+  bad=$(frnn_blamed_tests "$1")  # as above
+  grep -qE '[[-]step[]-]' <<<"$bad"
+}
+
+# The tests whose hang is no hang of the default path: those of a variant above, and the
+# binding's refusals, whose calls run in child processes (a crash there is the child's; its
+# cuda-gdb backtrace can keep the log silent for a minute).
+frnn_variant_test() {
+  [[ "$1" == *parts* || "$1" == *cluster* || "$1" == *tagged* ||
+     "$1" == *test_binding_refuses_what_its_kernels_cannot_take* ]] ||
+    grep -qE '[[-](mma|step)[]-]' <<<"$1"
+}
+
 # One line on a GPU-test run from its log LOG (pytest -v -ra): pytest's summary ("805 passed,
 # 6 deselected in 80.1s", plus the first failed ids), "timed out: <id> (...)" when a test hung,
 # "crashed in: <id> (...)" when one crashed the run, "cut off at the step's time limit (...)",
@@ -235,6 +272,15 @@ frnn_without_clusters() {
   (IFS=,; echo "${out[*]}")
 }
 
+# LIST without the backends named after it: after their GPU tests failed.
+frnn_without() {
+  local out=() all b list=$1
+  shift
+  IFS=, read -ra all <<< "$list"
+  for b in "${all[@]}"; do [[ " $* " == *" $b "* ]] || out+=("$b"); done
+  (IFS=,; echo "${out[*]}")
+}
+
 # LIST without cuda-tagged: after its GPU tests failed (frnn_tagged_failed).
 frnn_without_tagged() {
   local out=() all b
@@ -270,12 +316,21 @@ frnn_apply_test_results() {
          "(FRNN_NO_TAGGED=1) and run FUSED_RNN_CUDA_STAGE_COPY=pipelined"
     export FRNN_NO_TAGGED=1 FUSED_RNN_CUDA_STAGE_COPY=pipelined
   fi
-  # A hang in a test of neither (the default path, say) would hang the bench's cuda rows too,
-  # and every row after them: FRNN_CUDA_HUNG=1 tells gpu_check.sh to leave cuda out, and
+  if frnn_mma_failed "$1"; then
+    echo "cuda: the mma.sync tiles FAILED GPU tests; the bench leaves cuda-mma out" \
+         "(FRNN_NO_MMA=1) and everything below runs FUSED_RNN_CUDA_FRAG_LOADS=shared"
+    export FRNN_NO_MMA=1 FUSED_RNN_CUDA_FRAG_LOADS=shared
+  fi
+  if frnn_step_failed "$1"; then
+    echo "cuda: the per-step path FAILED GPU tests; the bench leaves cuda-step out" \
+         "(FRNN_NO_STEP=1) and everything below runs FUSED_RNN_CUDA_PATH=persistent"
+    export FRNN_NO_STEP=1 FUSED_RNN_CUDA_PATH=persistent
+  fi
+  # A hang in a test of none of these (the default path, say) would hang the bench's cuda rows
+  # too, and every row after them: FRNN_CUDA_HUNG=1 tells gpu_check.sh to leave cuda out, and
   # gpu_check_cuda.sh, run alone, to skip its later steps that load the extension.
   local hung
-  if hung=$(frnn_unfinished_test "$1") && [[ "$hung" != *parts* && "$hung" != *cluster* &&
-                                               "$hung" != *tagged* ]]; then
+  if hung=$(frnn_unfinished_test "$1") && ! frnn_variant_test "$hung"; then
     echo "cuda: $hung hung or crashed; the bench leaves out cuda and its variants, and the" \
          "later CUDA steps are skipped"
     FRNN_CUDA_HUNG=1

@@ -160,6 +160,20 @@ def test_rounds_put_cudnn_and_the_first_backend_first():
     # variant that tunes the persistent kernel: PATH_RULES come from those rows
     assert bench_gpu.rounds(["cuda", "cuda-mma", "cuda-step", "triton", "cuda-persistent"]) == [
         [None, "cuda"], ["triton", "cuda-step", "cuda-persistent"], ["cuda-mma"]]
+    # the stage copies (STAGE_COPY_RULES come from them) in a round of their own, timed before
+    # the one-step shapes and the tuning variants: in the tuning round, behind every variant's
+    # fp32 rows, the tagged exchange's 16-bit rows got no time under the bench's budget (a
+    # helper's estimate from the H200 run's times: ~124 s of 140 gone when that round began)
+    notes = "cuda,cuda-step,cuda-persistent,cuda-tagged,cuda-pipelined,cuda-mma,cuda-tb1"
+    assert bench_gpu.rounds(notes.split(",")) == [
+        [None, "cuda"], ["cuda-step", "cuda-persistent"], ["cuda-tagged", "cuda-pipelined"],
+        ["cuda-mma", "cuda-tb1"]]
+    args = bench_gpu.parse_args(["--backends", notes, "--shapes", "S1,G1", "--modes", "LSTM",
+                                 "--dtypes", "bf16"])
+    assert [(r, [c[1] for c in configs]) for r, configs in bench_gpu.schedule(args)] == [
+        ([None, "cuda"], ["S1"]), (["cuda-step", "cuda-persistent"], ["S1"]),
+        (["cuda-tagged", "cuda-pipelined"], ["S1"]), ([None, "cuda"], ["G1"]),
+        (["cuda-step", "cuda-persistent"], ["G1"]), (["cuda-mma", "cuda-tb1"], ["S1"])]
 
 
 def test_strict_fp32_rows_compare_like_with_like(tmp_path):

@@ -246,6 +246,55 @@ def test_a_failed_or_hung_tagged_test_drops_only_cuda_tagged(tmp_path):
     assert _common(tmp_path, f'frnn_tagged_failed "{ok}"').returncode == 1
 
 
+@pytest.mark.parametrize("test_id,flag,pinned", [
+    ("test_matches_reference[dense-fwd-LSTM-tf32-T7-B70-I9-H24-mma]", "FRNN_NO_MMA",
+     "FUSED_RNN_CUDA_FRAG_LOADS=shared"),
+    ("test_matches_reference[lengths-rev-GRU-bf16-T5-B3-I7-H37-step]", "FRNN_NO_STEP",
+     "FUSED_RNN_CUDA_PATH=persistent"),
+    ("test_bitwise_reproducible[LSTM-bf16-step]", "FRNN_NO_STEP",
+     "FUSED_RNN_CUDA_PATH=persistent"),
+])
+def test_a_failed_or_hung_mma_or_step_test_drops_only_its_variant(tmp_path, test_id, flag, pinned):
+    """A hung test of the mma.sync tiles or of the per-step path, which only cuda-mma and
+    cuda-step run, counted as a hang of the default path: every cuda row left the bench, and
+    with the NOTES command's backends (all cuda) the bench itself (a helper found it). Now,
+    failed or hung, such a test drops its variant and pins the default."""
+    name = pinned.split("=")[0]
+    for verdict in ("FAILED  [ 20%]", ""):
+        log = tmp_path / "gpu.log"
+        log.write_text(f"{ID}test_a PASSED  [ 10%]\n{ID}{test_id} {verdict}\n")
+        r = _common(tmp_path, f'FRNN_CUDA_HUNG=0 && frnn_apply_test_results "{log}" && '
+                              f'echo "hung=$FRNN_CUDA_HUNG {flag}=${{{flag}:-}} '
+                              f'{name}=${{{name}:-}}"')
+        assert r.returncode == 0, r
+        assert r.stdout.splitlines()[-1] == f"hung=0 {flag}=1 {pinned}", (verdict, r.stdout)
+    r = _common(tmp_path, "frnn_without cuda,cuda-step,cuda-mma,triton cuda-mma cuda-step")
+    assert r.stdout.strip() == "cuda,triton", r
+
+
+def test_a_crash_in_the_binding_refusals_is_no_hang_of_the_default_path(tmp_path):
+    """That test's calls run in child processes (a crash is the child's), and a crashed child's
+    cuda-gdb backtrace keeps the log silent for up to 75 s: cut off there, it counted as a hang
+    and took every cuda row out of the bench."""
+    log = tmp_path / "gpu.log"
+    log.write_text(f"{ID}test_a PASSED  [ 10%]\n"
+                   f"{ID}test_binding_refuses_what_its_kernels_cannot_take[LSTM-forward-c0-3] \n")
+    r = _common(tmp_path, f'FRNN_CUDA_HUNG=0 && frnn_apply_test_results "{log}" && '
+                          'echo "hung=$FRNN_CUDA_HUNG"')
+    assert r.returncode == 0 and r.stdout.splitlines()[-1] == "hung=0", r
+
+
+def test_with_every_cuda_backend_out_the_bench_still_times_cudnn_against_triton(tmp_path):
+    """The NOTES command names cuda and its variants only: after a hang of the default path it
+    left no backend, so no table at all came back, cuDNN's rows included."""
+    backends = "cuda,cuda-step,cuda-tagged,cuda-mma"
+    rc, log, calls, _out = _gpu_check(tmp_path, "default-hangs", backends=backends)
+    assert rc == 1, log[-3000:]
+    (bench,) = [c for c in calls if "bench_gpu.py" in c]
+    assert "--backends triton " in bench, bench
+    assert "cuda is out of the bench: it times cuDNN against triton instead" in log
+
+
 def test_without_cuda_and_clusters_and_the_build_marker(tmp_path):
     r = _common(tmp_path, "frnn_without_cuda cuda,triton,cuda-p1,torch,cuda-cl8 && "
                           "frnn_without_clusters cuda,triton,cuda-cl16ds,cuda-tc,cuda-g1")
@@ -321,7 +370,8 @@ def _gpu_check(tmp_path, mode: str, backends: str = "cuda,triton,cuda-p1,cuda-cl
            "FAKE_CALLS": str(calls), "FAKE_MODE": mode, "FAKE_BUILD_DIR": str(build_dir),
            "OUT": str(out), "CUDA_HOME": str(tmp_path / "no-cuda"), "FRNN_COMMIT": "abc123"}
     for k in ("FRNN_NO_CLUSTERS", "FUSED_RNN_CUDA_K_PARTS", "FRNN_GPU_CHECK_LOGS",
-              "FRNN_GPU_TESTS", "FRNN_DEADLINE"):
+              "FRNN_GPU_TESTS", "FRNN_DEADLINE", "FRNN_NO_TAGGED", "FRNN_NO_MMA", "FRNN_NO_STEP",
+              "FUSED_RNN_CUDA_STAGE_COPY", "FUSED_RNN_CUDA_FRAG_LOADS", "FUSED_RNN_CUDA_PATH"):
         env.pop(k, None)
     argv = ([str(ROOT / "benchmarks" / "gpu_check.sh"), "--backends", backends, *extra]
             if cuda_alone is None else [str(ROOT / "benchmarks" / "gpu_check_cuda.sh"),
@@ -471,7 +521,9 @@ def test_a_failing_bench_fails_the_run(tmp_path):
 
 def test_collect_copies_only_this_runs_finished_results(tmp_path):
     """frnn_collect: the result files written since the run started (not older ones, not a
-    half-written *.tmp) and a tarball of the logs go to $OUT."""
+    half-written *.tmp) and a tarball of the logs go to $OUT; every such file goes into the
+    tarball too, where the plot and the split table go alone ($OUT takes 8 files, and a full
+    run writes 7 results files beside the tarball)."""
     results = tmp_path / "benchmarks" / "results"
     results.mkdir(parents=True)
     old = results / "2026-01-01-NVIDIA-H200.md"
@@ -480,7 +532,8 @@ def test_collect_copies_only_this_runs_finished_results(tmp_path):
     stamp = tmp_path / "stamp"
     stamp.write_text("")
     os.utime(stamp, (time.time() - 60, time.time() - 60))
-    for name in ("2026-12-03-NVIDIA-H200.md", "2026-12-03-NVIDIA-H200.csv.tmp"):
+    for name in ("2026-12-03-NVIDIA-H200.md", "2026-12-03-NVIDIA-H200.csv.tmp",
+                 "2026-12-03-NVIDIA-H200-split.md", "2026-12-03-nvidia-h200-charlm-bench.png"):
         (results / name).write_text("this run\n")
     logs = tmp_path / "logs"
     logs.mkdir()
@@ -491,7 +544,9 @@ def test_collect_copies_only_this_runs_finished_results(tmp_path):
     assert r.returncode == 0, r
     assert sorted(p.name for p in out.iterdir()) == ["2026-12-03-NVIDIA-H200.md",
                                                      "cuda_logs.tar.gz"]
-    assert _tar_names(out) - {""} == {"bench.log"}
+    assert _tar_names(out) - {""} == {"bench.log", "results", "2026-12-03-NVIDIA-H200.md",
+                                      "2026-12-03-NVIDIA-H200-split.md",
+                                      "2026-12-03-nvidia-h200-charlm-bench.png"}
     assert oct((out / "cuda_logs.tar.gz").stat().st_mode)[-3:] == "644"
 
 
