@@ -26,6 +26,10 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 source benchmarks/gpu_common.sh
+# This checkout, as gpu_check.sh runs it (which has named it already): a lent GPU machine has
+# no install of it.
+[[ ":${PYTHONPATH:-}:" == *":$PWD:"* ]] || export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+export PYTHONUNBUFFERED=1
 PART=all
 if [[ "${1:-}" == "--part" ]]; then PART="${2:-}"; shift 2; fi
 KNOWN=build,gpu_tests,memcheck,racecheck,synccheck,phases,microbench,slow_tests,ncu

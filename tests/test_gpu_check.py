@@ -313,7 +313,7 @@ FAKE_PYTHON = r"""#!/bin/bash
 # Logs each call ("python ARGS | FRNN_GPU_TESTS=... FRNN_NO_CLUSTERS=... K_PARTS=..."), then
 # plays the part the test asks for ($FAKE_MODE: build-fails, cluster-hangs,
 # default-hangs, parts-fail, bench-fails).
-echo "python $* | FRNN_GPU_TESTS=${FRNN_GPU_TESTS:-} FRNN_NO_CLUSTERS=${FRNN_NO_CLUSTERS:-} K_PARTS=${FUSED_RNN_CUDA_K_PARTS:-}" >> "$FAKE_CALLS"
+echo "python $* | FRNN_GPU_TESTS=${FRNN_GPU_TESTS:-} FRNN_NO_CLUSTERS=${FRNN_NO_CLUSTERS:-} K_PARTS=${FUSED_RNN_CUDA_K_PARTS:-} PYTHONPATH=${PYTHONPATH:-}" >> "$FAKE_CALLS"
 case "$*" in
   *"import pytest_timeout"*) exit 0 ;;
   *"_ext.build_dir()"*"unavailable_reason"*)
@@ -453,6 +453,24 @@ def test_a_hang_outside_parts_and_clusters_leaves_cuda_out_of_the_bench(tmp_path
     assert "hung or crashed; the bench leaves out cuda" in log
 
 
+def test_run_alone_the_cuda_script_runs_this_checkout(tmp_path, monkeypatch):
+    """gpu_check_cuda.sh by itself (NOTES' follow-up calls) set no PYTHONPATH, so its Python
+    steps imported fused_rnn from wherever it was installed, or failed on the device, which
+    has no install; run from gpu_check.sh the checkout is not named twice."""
+    monkeypatch.delenv("PYTHONPATH", raising=False)
+
+    def paths(calls):  # the PYTHONPATH each stand-in call saw
+        return {line.rsplit("PYTHONPATH=", 1)[1] for line in calls if " K_PARTS=" in line}
+
+    alone, whole = tmp_path / "alone", tmp_path / "whole"
+    alone.mkdir()
+    whole.mkdir()
+    _, _, calls, _ = _gpu_check(alone, "ok", cuda_alone=("--part", "tests", str(alone / "logs")))
+    assert paths(calls) == {str(ROOT)}, calls
+    _, _, calls, _ = _gpu_check(whole, "ok")
+    assert paths(calls) == {str(ROOT)}, calls
+
+
 def test_run_alone_the_cuda_script_skips_what_would_load_kernels_that_hung(tmp_path):
     """gpu_check_cuda.sh --part all, by itself: after a GPU test of the default path hangs,
     the sanitizer, the phase timings and the slow tests (which load the same kernels) are
@@ -493,11 +511,11 @@ def test_a_failed_k_parts_test_times_everything_after_without_k_parts(tmp_path):
     assert rc == 1, log[-3000:]
     (bench,) = [c for c in calls if "bench_gpu.py" in c]
     assert "--backends cuda,triton,cuda-p1,cuda-cl8,cuda-tc,cuda-g1 " in bench, bench
-    assert bench.endswith("K_PARTS=1"), bench
+    assert " K_PARTS=1 " in bench, bench
     assert ("FRNN_GPU_TESTS=1 failed, 1 passed, 8 deselected in 1.00s; failed: "
             "test_matches_reference[LSTM-bf16-T16-parts4] ") in bench, bench
     later = [c for c in calls if "profile_cuda" in c or "fused_rnn.cli bench" in c]
-    assert len(later) == 2 and all(c.endswith("K_PARTS=1") for c in later), later
+    assert len(later) == 2 and all(" K_PARTS=1 " in c for c in later), later
     assert "K parts FAILED GPU tests" in log
 
 
