@@ -162,59 +162,43 @@ frnn_blamed_tests() {
   awk '{ s = ($0 ~ / sticky$/); sub(/ sticky$/, ""); print; if (s) exit }' <<<"$sections"
 }
 
-# True when LOG reports a failed, crashed or hung K-parts test (a test id with "parts"):
-# gpu_check.sh then times the rest with FUSED_RNN_CUDA_K_PARTS=1, so that one GPU session still
-# yields a valid table for the kernels that passed.
-frnn_parts_failed() {
+# True when LOG blames a failed, crashed or hung test (frnn_blamed_tests) whose id matches the
+# extended regular expression RE.
+frnn_blamed_match() {
   [[ -f "$1" ]] || return 1
   # The list is taken whole first: under pipefail a producer's status, or the SIGPIPE grep -q
   # can give it by exiting early, would decide the pipeline instead of grep.
   local bad
   bad=$(frnn_blamed_tests "$1")
-  grep -q 'parts' <<<"$bad"
+  grep -qE "$2" <<<"$bad"
 }
 
-# True when LOG reports a failed, crashed or hung cluster test (a test id with "cluster"):
-# gpu_check.sh then drops the cluster variants (cuda-cl16, cuda-cl16ds, cuda-cl8, cuda-tc) from
-# the bench rather than time a mode that gave wrong results, and exports FRNN_NO_CLUSTERS=1.
-frnn_cluster_failed() {
-  [[ -f "$1" ]] || return 1
-  local bad
-  bad=$(frnn_blamed_tests "$1")  # as above
-  grep -q 'cluster' <<<"$bad"
-}
+# A K-parts test (an id with "parts"): gpu_check.sh then times the rest with
+# FUSED_RNN_CUDA_K_PARTS=1, so that one GPU session still yields a valid table for the kernels
+# that passed.
+frnn_parts_failed() { frnn_blamed_match "$1" 'parts'; }
 
-# True when LOG reports a failed, crashed or hung test of the tagged exchange (a test id with
-# "tagged", FUSED_RNN_CUDA_STAGE_COPY=tagged): gpu_check.sh then drops cuda-tagged from the bench
-# and, with FRNN_NO_TAGGED=1, from the phase timings, rather than time an exchange that gave
-# wrong results or hung; and it pins FUSED_RNN_CUDA_STAGE_COPY=pipelined, so that no stage copy
-# rule (ops.STAGE_COPY_RULES) sends plain cuda rows to it either.
-frnn_tagged_failed() {
-  [[ -f "$1" ]] || return 1
-  local bad
-  bad=$(frnn_blamed_tests "$1")  # as above
-  grep -q 'tagged' <<<"$bad"
-}
+# A cluster test (an id with "cluster"): gpu_check.sh then drops the cluster variants
+# (cuda-cl16, cuda-cl16ds, cuda-cl8, cuda-tc) from the bench rather than time a mode that gave
+# wrong results, and exports FRNN_NO_CLUSTERS=1.
+frnn_cluster_failed() { frnn_blamed_match "$1" 'cluster'; }
 
-# True when LOG reports a failed, crashed or hung test of the TF32 mma.sync tiles (a "-mma"
-# parameter: FUSED_RNN_CUDA_FRAG_LOADS=mma, which only the cuda-mma variant runs): gpu_check.sh
-# drops cuda-mma and pins FUSED_RNN_CUDA_FRAG_LOADS=shared, the default.
-frnn_mma_failed() {
-  [[ -f "$1" ]] || return 1
-  local bad
-  bad=$(frnn_blamed_tests "$1")  # as above
-  grep -qE '[[-]mma[]-]' <<<"$bad"
-}
+# A test of the tagged exchange (an id with "tagged", FUSED_RNN_CUDA_STAGE_COPY=tagged):
+# gpu_check.sh then drops cuda-tagged from the bench and, with FRNN_NO_TAGGED=1, from the phase
+# timings, rather than time an exchange that gave wrong results or hung; and it pins
+# FUSED_RNN_CUDA_STAGE_COPY=pipelined, so that no stage copy rule (ops.STAGE_COPY_RULES) sends
+# plain cuda rows to it either.
+frnn_tagged_failed() { frnn_blamed_match "$1" 'tagged'; }
 
-# True when LOG reports a failed, crashed or hung test of the per-step path (a "step" parameter:
-# FUSED_RNN_CUDA_PATH=step, which only cuda-step runs while no path rule sends cuda there):
-# gpu_check.sh drops cuda-step and pins FUSED_RNN_CUDA_PATH=persistent.
-frnn_step_failed() {
-  [[ -f "$1" ]] || return 1
-  local bad
-  bad=$(frnn_blamed_tests "$1")  # as above
-  grep -qE '[[-]step[]-]' <<<"$bad"
-}
+# A test of the TF32 mma.sync tiles (a "-mma" parameter: FUSED_RNN_CUDA_FRAG_LOADS=mma, which
+# only the cuda-mma variant runs): gpu_check.sh drops cuda-mma and pins
+# FUSED_RNN_CUDA_FRAG_LOADS=shared, the default.
+frnn_mma_failed() { frnn_blamed_match "$1" '[[-]mma[]-]'; }
+
+# A test of the per-step path (a "step" parameter: FUSED_RNN_CUDA_PATH=step, which only
+# cuda-step runs while no path rule sends cuda there): gpu_check.sh drops cuda-step and pins
+# FUSED_RNN_CUDA_PATH=persistent.
+frnn_step_failed() { frnn_blamed_match "$1" '[[-]step[]-]'; }
 
 # The tests whose hang is no hang of the default path: those of a variant above, and the
 # binding's refusals, whose calls run in child processes (a crash there is the child's; its
