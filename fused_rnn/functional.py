@@ -243,6 +243,13 @@ def rnn(
     for name, t in (("hx", hx), ("cx", cx)):
         if t is not None and (t.dim() != 3 or t.shape[0] != n):
             raise RuntimeError(f"rnn: {name} must be ({n}, B, size), got {tuple(t.shape)}")
+    ac = _autocast_dtype(x.device)
+    if ac is not None:
+        # Cast once for the stack, as torch.nn's kernels are: a layer's two directions then
+        # read one cast of their input, whose gradient sums in the autocast dtype before it
+        # is widened (cast by each rnn_layer, x's gradient summed the two in fp32).
+        x, hx, cx = _to(ac, x, hx, cx)
+        weights = [_to(ac, *w) for w in weights]
     layer_input = x
     h_n: list[Tensor] = []
     c_n: list[Tensor] = []

@@ -225,6 +225,51 @@ def test_compiled_dynamic_sequence_length_dropout_and_autocast():
     assert all(p.grad is not None for p in dropped.parameters())
 
 
+def test_the_op_under_autocast_casts_its_inputs_and_runs_with_autocast_off():
+    """The op had no autocast rule: torch's CPU autocast cast inside it, at oneDNN's op, so it
+    returned bf16 where its fake kernel said fp32, and a compiled call returned another dtype
+    than the eager one. It now casts its inputs as the kernel backends' ops do: the bits of the
+    call on bf16 inputs, eager and compiled alike."""
+    inputs = [t.detach() for t in _layer_inputs(4, 2, 3, 5, torch.float32)]
+    want = aten_cpu.aten_lstm_layer(*(t.bfloat16() for t in inputs), False, False)[:3]
+    compiled = torch.compile(torch.ops.fused_rnn.aten_lstm_layer, fullgraph=True,
+                             backend="aot_eager")
+    torch._dynamo.reset()
+    try:
+        for call in (aten_cpu.aten_lstm_layer, compiled):
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                got = call(*inputs, False, False)[:3]
+            for a, b in zip(got, want):
+                assert a.dtype == torch.bfloat16 and torch.equal(a, b)
+    finally:
+        torch._dynamo.reset()
+
+
+@pytest.mark.no_nan_fill
+def test_a_compiled_bidirectional_layer_under_autocast_is_eager_nn_lstms_bits():
+    """Each direction's layer call cast x to the autocast dtype itself, so x's gradient summed
+    the two directions' in fp32, where nn.LSTM casts x once and sums them in bf16: x.grad
+    differed in the last bits. The stack casts once now (fused_rnn.functional.rnn). (Under
+    inductor, which skips intermediate bf16 roundings unless
+    torch._inductor.config.emulate_precision_casts, that sum can still round otherwise.)"""
+    torch.manual_seed(0)
+    ref = torch.nn.LSTM(4, 6, bidirectional=True)
+    ours = fused_rnn.LSTM(4, 6, bidirectional=True)
+    ours.load_state_dict(ref.state_dict())
+    torch._dynamo.reset()
+    try:
+        compiled = torch.compile(ours, fullgraph=True, backend="aot_eager")
+        x = torch.randn(5, 3, 4)
+        state = (torch.randn(2, 3, 6), torch.randn(2, 3, 6))
+        with torch.autocast("cpu", dtype=torch.bfloat16), _op_kept_in_fullgraph():
+            got = _loss_and_grads(compiled, ours, x, state)
+            want = _loss_and_grads(ref, ref, x, state)
+        for i, (a, b) in enumerate(zip(got, want)):
+            assert a.dtype == b.dtype and torch.equal(a, b), i
+    finally:
+        torch._dynamo.reset()
+
+
 @pytest.mark.no_nan_fill
 def test_compiled_inference_is_eager_nn_lstm_bit_for_bit():
     torch.manual_seed(0)

@@ -34,6 +34,8 @@ from fused_rnn.ops.common import (
     check_saved_args,
     needs_grad,
     refuse_double_backward,
+    register_autocast,
+    register_autocast_off,
 )
 
 _MODE_LSTM = 2  # oneDNN's (ideep's) rnn_kind for LSTM, as aten passes it
@@ -237,6 +239,11 @@ def _backward(ctx, dy, dh_n, dc_n, _dworkspace):
 
 aten_lstm_layer.register_autograd(_backward, setup_context=_setup)
 refuse_double_backward(aten_lstm_layer_backward, "torch")
+# As the kernel backends' ops: under autocast the inputs are cast to its dtype and the kernel
+# runs with autocast off (torch's CPU autocast would otherwise cast inside, at oneDNN's op, and
+# return that dtype where the fake kernel says x's), and the backward runs as it is.
+register_autocast(aten_lstm_layer, "cpu")
+register_autocast_off(aten_lstm_layer_backward, "cpu")
 
 
 def rnn_layer(mode, x, h0, c0, w_ih, w_hh, b_ih=None, b_hh=None, w_hr=None, lengths=None,
