@@ -58,11 +58,16 @@ def _apply_permutation(t: Tensor, permutation: Tensor | None, dim: int = 1) -> T
 def _refuse_torchscript(self: nn.Module):
     """``torch.jit.script`` calls this first. The backends are torch.library ops chosen in
     Python, which TorchScript cannot compile; without this it fails deep in the frontend."""
+    # The fused_rnn class it is (a subclass of one is named by its own name and that class's):
+    # torch.nn has a class of that name, which a user's subclass has not.
+    base = next(c for c in type(self).__mro__ if c.__module__ == __name__)
     name = type(self).__name__
+    what = f"fused_rnn.{name}" if type(self) is base else f"{name} (a fused_rnn.{base.__name__})"
     raise RuntimeError(
-        f"fused_rnn.{name} cannot be compiled by TorchScript (torch.jit.script). Use "
+        f"{what} cannot be compiled by TorchScript (torch.jit.script). Use "
         f"torch.compile or torch.export instead, or script a "
-        f"torch.nn.{name} with this module's state_dict loaded (the two are interchangeable)."
+        f"torch.nn.{base.__name__} with this module's state_dict loaded (the two are "
+        f"interchangeable)."
     )
 
 

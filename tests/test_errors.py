@@ -584,6 +584,12 @@ def test_torchscript_is_refused_clearly(cls):
     getattr; say what works instead."""
     with pytest.raises(RuntimeError, match=r"TorchScript.*torch\.compile or torch\.export"):
         torch.jit.script(torch.nn.Sequential(cls(4, 6)))
+    # A user's subclass: the torch.nn class to script is its fused_rnn base's (torch.nn has
+    # no class of the subclass's name, which the message named).
+    sub = type("MyRecurrent", (cls,), {})
+    with pytest.raises(RuntimeError, match=rf"^MyRecurrent \(a fused_rnn\.{cls.__name__}\) "
+                                           rf".*script a torch\.nn\.{cls.__name__} with"):
+        torch.jit.script(sub(4, 6))
 
 
 # ------------------------------------------------------------------ the functional API
