@@ -814,10 +814,17 @@ def test_out_of_bounds_access_is_caught_by_the_sanitizer(tmp_path):
             continue
         assert r.returncode != 0 and "AddressSanitizer" in r.stderr, tail
         # Past the end of a tensor: into ASan's redzone, or (far past it, as the epilogue
-        # mutant reads whole padding rows) into a block that was freed; both abort with this
-        # access.
-        assert re.search(r"AddressSanitizer: heap-(buffer-overflow|use-after-free)", r.stderr), tail
-        assert OUT_OF_BOUNDS[name][3] in r.stderr, tail
+        # mutant reads whole padding rows, ~13 KB) into a block that was freed; both abort with
+        # this access. Or, where the heap's layout leaves no block there, into memory nothing
+        # maps: ASan's SEGV report, of a read in the mutated epilogue's load (a cold CI run
+        # at f581189 drew that layout).
+        caught = re.search(r"AddressSanitizer: heap-(buffer-overflow|use-after-free)", r.stderr)
+        unmapped = (name == "epilogue"
+                    and "The signal is caused by a READ memory access" in r.stderr
+                    and re.search(r"SUMMARY: AddressSanitizer: SEGV .*"
+                                  r"fused_rnn::detail::ForwardPoint<[^>]*>::load<", r.stderr))
+        assert caught or unmapped, tail
+        assert unmapped or OUT_OF_BOUNDS[name][3] in r.stderr, tail
 
 
 # ---------------------------------------------------------- racecheck by happens-before (TSan)
