@@ -456,10 +456,11 @@ class _Run:
         of ``fused-rnn sample`` (a step of the model's cells on the row's backend, the logits
         to the CPU, a draw), from the first validation character, in the row's precision
         (autocast as in training; the CLI itself samples in fp32); the mean over
-        ``sample_chars`` characters, after two untimed ones, less the time of a call that
-        samples none (the cells' construction, the mode switches: ~6% of 32 characters on
-        the CPU). None when the bench samples none. A backend that cannot sample fails its
-        row, as one that cannot train."""
+        ``sample_chars`` characters, after two untimed ones. The call's setup (the cells'
+        construction, the mode switches) is in it: ~6% of 32 characters on the CPU (a
+        helper's measurement; subtracting a timed call that samples none instead gave 0 on a
+        loaded machine). None when the bench samples none. A backend that cannot sample
+        fails its row, as one that cannot train."""
         bench = self.bench
         if not bench.sample_chars:
             return None
@@ -468,18 +469,14 @@ class _Run:
         before = _backends.fallback_counts()
         autocast = (torch.autocast(bench.device.type, dtype=self.ac_dtype)
                     if self.ac_dtype is not None else contextlib.nullcontext())
-        def timed(length: int) -> float:
-            _sync(bench.device)
-            t0 = time.perf_counter()
-            generate(self.model, vocab, prime, length,
-                     generator=torch.Generator().manual_seed(bench.args.seed))
-            _sync(bench.device)
-            return time.perf_counter() - t0
-
         with autocast:
             generate(self.model, vocab, prime, 2, generator=torch.Generator().manual_seed(0))
-            setup = timed(0)
-            dt = max(timed(bench.sample_chars) - setup, 0.0)
+            _sync(bench.device)
+            t0 = time.perf_counter()
+            generate(self.model, vocab, prime, bench.sample_chars,
+                     generator=torch.Generator().manual_seed(bench.args.seed))
+            _sync(bench.device)
+            dt = time.perf_counter() - t0
         for (frm, why, to), count in _backends.fallback_counts().items():
             if count > before.get((frm, why, to), 0):
                 self.fallbacks.add(f"{frm} -> {to} (sampling): {why}")
