@@ -90,10 +90,21 @@ def _row_key(r: dict) -> tuple:
     return (r.get("backend"), r.get("cell"), r.get("dtype"), r.get("shape"), r.get("pass"))
 
 
+# At most this share of the tests run may be skipped. On the H200 (twenty-fifth session) 12 of
+# 857 skipped (1.4%), each for a reason a GPU does not change; a run that skips more did not
+# test the kernels a rule would choose (a GPU the tests do not recognize, a missing extension).
+MAX_SKIPPED = 0.1
+
+
 def tests_passed(summary: str) -> bool:
-    """Whether gpu_check.sh's one-line GPU-test summary shows the tests run and passed."""
+    """Whether gpu_check.sh's one-line GPU-test summary shows the tests run and passed, with
+    at most MAX_SKIPPED of them skipped."""
     summary = summary.strip()
-    return bool(CLEAN.fullmatch(summary) and re.search(r"(^|, )[1-9]\d* passed", summary))
+    if not CLEAN.fullmatch(summary):
+        return False
+    counts = {what: int(n) for n, what in re.findall(r"(\d+) (passed|skipped)", summary)}
+    passed, skipped = counts.get("passed", 0), counts.get("skipped", 0)
+    return passed > 0 and skipped <= MAX_SKIPPED * (passed + skipped)
 
 
 def refusal(rows: list[dict], backend: str, triton_tests: str | None = None) -> str | None:
@@ -132,14 +143,16 @@ def refusal(rows: list[dict], backend: str, triton_tests: str | None = None) -> 
             return ("the table records the CUDA GPU tests only: give the summary line of the "
                     "Triton suite gpu_check.sh ran on the GPU with --triton-tests")
         if not tests_passed(triton_tests):
-            return f"the Triton GPU tests did not pass: {triton_tests!r}"
+            return (f"the Triton GPU tests did not pass (or more than {MAX_SKIPPED:.0%} were "
+                    f"skipped): {triton_tests!r}")
     else:
         tests = env.get("gpu_tests")
         if tests is None:
             return ("no gpu_tests column: written by a bench_gpu.py that did not record the "
                     "GPU tests")
         if not tests_passed(tests):
-            return f"the CUDA GPU tests did not pass: gpu_tests = {tests!r}"
+            return (f"the CUDA GPU tests did not pass (or more than {MAX_SKIPPED:.0%} were "
+                    f"skipped): gpu_tests = {tests!r}")
     prefix = f"FUSED_RNN_{backend.upper()}_"
     forced = [kv for kv in (env.get("overrides") or "").split()
               if kv.startswith(prefix) and kv.split("=")[0] not in HARMLESS]

@@ -634,6 +634,10 @@ def test_auto_rules_from_a_gpu_table(tmp_path, capsys):
     ("517 passed, 2 errors in 80.0s", "none", "cuda", "did not pass"),
     ("no tests ran in 0.5s", "none", "cuda", "did not pass"),
     ("4 skipped in 0.5s", "none", "cuda", "did not pass"),
+    # most tests skipped: the kernels a rule would choose were not tested
+    ("1 passed, 856 skipped in 9.0s", "none", "cuda", "more than 10% were skipped"),
+    ("90 passed, 11 skipped in 9.0s", "none", "cuda", "did not pass"),
+    ("90 passed, 10 skipped in 9.0s", "none", "cuda", None),
     # gpu_check.sh's other one-line results (gpu_common.sh frnn_tests_summary)
     ("805 passed, 6 deselected in 80.1s; failed: test_a[parts4]", "none", "cuda", "did not pass"),
     ("timed out: test_b (after 300 passed, 0 failed)", "none", "cuda", "did not pass"),
