@@ -54,19 +54,36 @@ def _buildinfo():
 
 def cuda_extension():
     """(ext_modules, cmdclass) for the ahead-of-time CUDA build, or nothing without the flag."""
-    if os.environ.get("FUSED_RNN_BUILD_CUDA", "0") != "1":
+    flag = os.environ.get("FUSED_RNN_BUILD_CUDA", "0")
+    if flag not in ("0", "1"):
+        raise SystemExit(f"FUSED_RNN_BUILD_CUDA={flag!r}: 1 builds the CUDA extension ahead of "
+                         "time, 0 (or unset) does not")
+    if flag == "0":
         return [], {}
+    import torch
     from torch.utils.cpp_extension import BuildExtension, CUDAExtension
 
+    if torch.version.cuda is None:
+        raise SystemExit(f"FUSED_RNN_BUILD_CUDA=1: torch {torch.__version__} is a CPU-only "
+                         "build, and the CUDA extension builds against a CUDA build of torch")
     info = _buildinfo()
-    arch = os.environ.get("TORCH_CUDA_ARCH_LIST")
+    arch = info.arch_list_setting(os.environ.get("TORCH_CUDA_ARCH_LIST"))
     if arch is not None:  # the kernels need sm_80+, and nvcc fails the build on older entries
         kept, dropped = info.filter_arch_list(arch)
         if not kept:
             raise SystemExit(f"TORCH_CUDA_ARCH_LIST={arch!r}: the CUDA kernels need 8.0 or newer")
-        if dropped:
-            print(f"fused_rnn: building for {';'.join(kept)}, not {', '.join(dropped)} (< 8.0)")
-            os.environ["TORCH_CUDA_ARCH_LIST"] = ";".join(kept)
+    else:  # torch builds for the visible GPUs
+        caps = [torch.cuda.get_device_capability(i) for i in range(torch.cuda.device_count())]
+        if not any(c >= info.MIN_ARCH for c in caps):
+            raise SystemExit(
+                "FUSED_RNN_BUILD_CUDA=1 with TORCH_CUDA_ARCH_LIST unset builds for the visible "
+                f"GPUs, and none is sm_80 or newer ({len(caps)} visible): set the list, e.g. "
+                "TORCH_CUDA_ARCH_LIST='8.0;9.0'")
+        joined, dropped = info.visible_arch_list(caps, info.newest_arch(torch.cuda.get_arch_list()))
+        kept = joined.split(";") if joined else []
+    if dropped:
+        print(f"fused_rnn: building for {';'.join(kept)}, not {', '.join(dropped)} (< 8.0)")
+        os.environ["TORCH_CUDA_ARCH_LIST"] = ";".join(kept)
     sources = sorted(
         f"{CSRC}/{f.name}" for f in (ROOT / CSRC).iterdir() if f.suffix in (".cu", ".cpp")
     )

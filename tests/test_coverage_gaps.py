@@ -538,27 +538,40 @@ def test_the_cuda_layer_backward_refuses_a_forward_that_saved_nothing():
 def test_loading_the_extension_turns_an_obstacle_or_a_failed_build_into_a_reason(
         monkeypatch, tmp_path):
     """_ext._load: a prebuilt extension is taken as it is; otherwise what stops a JIT build, or
-    the build's failure (its last 15 lines), is the backend's reason, not an exception."""
+    the build's failure (its first error lines and its last 15), is the backend's reason, not
+    an exception. An obstacle is not final (a setting can change); a failed build is."""
     from fused_rnn.ops.cuda import _ext
 
     monkeypatch.setenv("FUSED_RNN_CUDA_BUILD_DIR", str(tmp_path))
     prebuilt = types.ModuleType("prebuilt")
     monkeypatch.setattr(_ext, "_prebuilt", lambda: prebuilt)
-    assert _ext._load() == (prebuilt, None)
+    assert _ext._load() == (prebuilt, None, True)
     monkeypatch.setattr(_ext, "_prebuilt", lambda: None)
     monkeypatch.setattr(_ext, "jit_obstacle", lambda: "nvcc was not found")
-    assert _ext._load() == (None, "nvcc was not found")
+    assert _ext._load() == (None, "nvcc was not found", False)
     monkeypatch.setattr(_ext, "jit_obstacle", lambda: None)
 
-    def failing_build():
+    def failing_build(bdir):
+        assert bdir == tmp_path and bdir.is_dir()
         raise RuntimeError("\n".join(f"line {i}" for i in range(20)))
 
     monkeypatch.setattr(_ext, "_jit_build", failing_build)
-    mod, why = _ext._load()
-    assert mod is None
+    mod, why, final = _ext._load()
+    assert mod is None and final
     assert why == (f"the JIT build of the CUDA extension in {tmp_path} failed "
                    "(FUSED_RNN_CUDA_VERBOSE=1 shows the compiler output):\n"
                    + "\n".join(f"line {i}" for i in range(5, 20)))
+
+    # nvcc follows each error with a long instantiation backtrace: the tail alone can show
+    # none of the errors, so the first error lines come first
+    def nvcc_failure(bdir):
+        raise RuntimeError("\n".join(["rnn_forward.cu(10): error: identifier \"x\" is undefined",
+                                      *(f"  detected during instantiation {i}" for i in range(40))]))
+
+    monkeypatch.setattr(_ext, "_jit_build", nvcc_failure)
+    why = _ext._load()[1]
+    assert why.splitlines()[1] == 'rnn_forward.cu(10): error: identifier "x" is undefined'
+    assert why.splitlines()[2] == "..." and why.endswith("instantiation 39"), why
 
 
 def test_sanitize_cuda_without_the_backend_says_why(monkeypatch, capsys):

@@ -731,10 +731,20 @@ def test_extension_raises_actionable_error_without_gpu():
         _ext.extension()
 
 
-def test_empty_arch_list_is_explained(monkeypatch):
+def test_a_blank_arch_list_is_explained_and_an_empty_one_is_torchs_default(monkeypatch):
+    """torch's build reads an empty TORCH_CUDA_ARCH_LIST, or "native", as unset (the visible
+    GPUs); one of blanks only it cannot read."""
     monkeypatch.setenv("TORCH_CUDA_ARCH_LIST", "  ")
     why = _ext.jit_obstacle()
-    assert why and "TORCH_CUDA_ARCH_LIST" in why and "empty" in why
+    assert why and "TORCH_CUDA_ARCH_LIST='  ' holds only blanks" in why
+    caps = {0: (7, 5), 1: (9, 0)}
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: len(caps))
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda i: caps[i])
+    monkeypatch.setattr(torch.cuda, "get_arch_list", lambda: ["sm_80", "sm_90"])
+    for value in ("", "native"):
+        monkeypatch.setenv("TORCH_CUDA_ARCH_LIST", value)
+        assert "TORCH_CUDA_ARCH_LIST" not in (_ext.jit_obstacle() or "")
+        assert _ext.build_arch_list() == ("9.0+PTX", ["7.5"]), value
 
 
 def test_missing_nvcc_is_explained(monkeypatch):
@@ -773,6 +783,137 @@ def test_build_dir_is_per_torch_and_cuda_version(monkeypatch):
     assert torch.__version__ in d and "cu13.0" in d and "8.0_9.0" in d
     monkeypatch.setenv("FUSED_RNN_CUDA_BUILD_DIR", "/tmp/x")
     assert _ext.build_dir() == Path("/tmp/x")
+
+
+def test_the_build_cache_is_placed_without_a_home_and_as_xdg_says(monkeypatch, tmp_path):
+    """XDG_CACHE_HOME (absolute) places the cache without asking for a home directory; empty or
+    relative, it is ignored (the XDG spec). With no home directory either (no HOME, a uid
+    without a passwd entry, as in containers) the reason names the settings that fix it, and
+    FUSED_RNN_CUDA_BUILD_DIR takes "~"."""
+    monkeypatch.delenv("FUSED_RNN_CUDA_BUILD_DIR", raising=False)
+    monkeypatch.setenv("TORCH_CUDA_ARCH_LIST", "9.0")
+
+    def no_home():
+        raise RuntimeError("Could not determine home directory.")
+
+    monkeypatch.setattr(Path, "home", staticmethod(no_home))
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    assert _ext.build_dir().parent == tmp_path / "fused_rnn" / "cuda_ext"
+    for value in ("", "relative/cache"):
+        monkeypatch.setenv("XDG_CACHE_HOME", value)
+        with pytest.raises(RuntimeError, match="set FUSED_RNN_CUDA_BUILD_DIR .or XDG_CACHE_HOME"):
+            _ext.build_dir()
+        bdir, why = _ext._ready_build_dir()
+        assert bdir is None and "Could not determine home directory" in why
+    monkeypatch.setattr(Path, "home", staticmethod(lambda: tmp_path / "home"))
+    monkeypatch.setenv("XDG_CACHE_HOME", "relative/cache")
+    assert _ext.build_dir().parent == tmp_path / "home" / ".cache" / "fused_rnn" / "cuda_ext"
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("FUSED_RNN_CUDA_BUILD_DIR", "~/frnn")
+    assert _ext.build_dir() == tmp_path / "home" / "frnn"
+
+
+@pytest.mark.skipif(os.geteuid() == 0 if hasattr(os, "geteuid") else True,
+                    reason="root writes into a read-only directory")
+def test_an_unwritable_build_directory_is_named_as_such(monkeypatch, tmp_path):
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    ro.chmod(0o500)
+    monkeypatch.setenv("FUSED_RNN_CUDA_BUILD_DIR", str(ro / "ext"))
+    bdir, why = _ext._ready_build_dir()
+    assert bdir is None and "Permission denied" in why and "FUSED_RNN_CUDA_BUILD_DIR" in why
+
+
+def test_a_build_directory_that_is_a_file_is_named_as_such(monkeypatch, tmp_path):
+    """(Runs as root too, where a read-only directory would not stop a write.)"""
+    (tmp_path / "file").write_text("")
+    monkeypatch.setenv("FUSED_RNN_CUDA_BUILD_DIR", str(tmp_path / "file" / "ext"))
+    bdir, why = _ext._ready_build_dir()
+    assert bdir is None and "FUSED_RNN_CUDA_BUILD_DIR moves its build directory" in why, why
+    assert "cannot be JIT-built" in why and "failed" not in why, why
+
+
+def test_an_obstacle_is_checked_again_once_a_setting_changes(monkeypatch):
+    """What stops a build from starting is kept while the settings it depends on stay (a check
+    runs nvcc), and checked again once one changes (the user did what the reason said); a
+    failed build is kept for the process."""
+    calls = []
+
+    def load():
+        calls.append(os.environ.get("TORCH_CUDA_ARCH_LIST"))
+        return None, f"obstacle {len(calls)}", False
+
+    monkeypatch.setattr(_ext, "_platform_obstacle", lambda device: None)
+    monkeypatch.setattr(_ext, "_ext", None)
+    monkeypatch.setattr(_ext, "_failure", None)
+    monkeypatch.setattr(_ext, "_obstacle", None)
+    monkeypatch.setattr(_ext, "_load", load)
+    monkeypatch.setenv("TORCH_CUDA_ARCH_LIST", " ")
+    assert _ext.unavailable_reason(None) == "obstacle 1"
+    assert _ext.unavailable_reason(None) == "obstacle 1" and len(calls) == 1
+    monkeypatch.setenv("TORCH_CUDA_ARCH_LIST", "9.0")
+    assert _ext.unavailable_reason(None) == "obstacle 2"
+    monkeypatch.setattr(_ext, "_load", lambda: (None, "the build failed", True))
+    monkeypatch.setenv("TORCH_CUDA_ARCH_LIST", "8.0")
+    assert _ext.unavailable_reason(None) == "the build failed"
+    monkeypatch.setattr(_ext, "_load", lambda: pytest.fail("a failed build is not retried"))
+    monkeypatch.setenv("TORCH_CUDA_ARCH_LIST", "8.6")
+    assert _ext.unavailable_reason(None) == "the build failed"
+    with pytest.raises(RuntimeError, match="unavailable: the build failed"):
+        _ext.extension()
+
+
+def _setup_cuda_extension(monkeypatch, **env):
+    """setup.py's cuda_extension(), its module loaded under ``env`` (its setup() call, which
+    calls cuda_extension() too, does nothing)."""
+    import importlib.util
+
+    import setuptools
+
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    monkeypatch.setattr(setuptools, "setup", lambda **kw: None)
+    spec = importlib.util.spec_from_file_location("fused_rnn_setup", CSRC.parent / "setup.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod.cuda_extension
+
+
+def test_setup_refuses_a_build_flag_it_does_not_know_and_a_cpu_only_torch(monkeypatch):
+    """FUSED_RNN_BUILD_CUDA=true built nothing, silently; with a CPU-only torch the build ended
+    in torch's "CUDA_HOME environment variable is not set" even where it was set."""
+    build = _setup_cuda_extension(monkeypatch, FUSED_RNN_BUILD_CUDA="0")
+    assert build() == ([], {})
+    monkeypatch.setenv("FUSED_RNN_BUILD_CUDA", "true")
+    with pytest.raises(SystemExit, match="FUSED_RNN_BUILD_CUDA='true': 1 builds"):
+        build()
+    monkeypatch.setenv("FUSED_RNN_BUILD_CUDA", "1")
+    monkeypatch.setattr(torch.version, "cuda", None)
+    with pytest.raises(SystemExit, match="is a CPU-only build"):
+        build()
+
+
+def test_setup_picks_the_visible_sm80_gpus_or_asks_for_a_list(monkeypatch):
+    """TORCH_CUDA_ARCH_LIST unset (or empty, or "native") builds for the visible GPUs: an sm_75
+    one is left out as in the JIT build, and with none sm_80+ (a build host without a GPU)
+    the list is asked for."""
+    build = _setup_cuda_extension(monkeypatch, FUSED_RNN_BUILD_CUDA="0")
+    monkeypatch.setenv("FUSED_RNN_BUILD_CUDA", "1")
+    monkeypatch.setenv("TORCH_CUDA_ARCH_LIST", "")
+    monkeypatch.setattr(torch.version, "cuda", "13.0")
+    caps = [(7, 5)]
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: len(caps))
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda i: caps[i])
+    monkeypatch.setattr(torch.cuda, "get_arch_list", lambda: ["sm_80", "sm_90"])
+    with pytest.raises(SystemExit, match="none is sm_80 or newer .1 visible.: set the list"):
+        build()
+    caps[:] = [(7, 5), (10, 0)]  # newer than this torch's build: clamped to sm_90, as torch does
+    from torch.utils import cpp_extension
+
+    monkeypatch.setattr(cpp_extension, "CUDAExtension", lambda *a, **k: ("ext", a, k))
+    monkeypatch.setenv("TORCH_CUDA_ARCH_LIST", "native")
+    exts, _ = build()
+    assert len(exts) == 1 and os.environ["TORCH_CUDA_ARCH_LIST"] == "9.0+PTX"
 
 
 def test_sources_are_found_from_the_package():
@@ -817,6 +958,7 @@ def test_preflight_script_reports_binding_mismatches(monkeypatch):
     ("Turing;Ampere;Hopper+PTX", ["Ampere", "Hopper+PTX"], ["Turing"]),
     ("6.1;7.0", [], ["6.1", "7.0"]),
     ("Turing+PTX;Ampere", ["Ampere"], ["Turing+PTX"]),  # +PTX does not make an old arch new
+    ("Volta+Tegra;9.0", ["9.0"], ["Volta+Tegra"]),  # sm_72
 ])
 def test_arch_list_keeps_what_the_kernels_can_be_built_for(value, kept, dropped):
     from fused_rnn.ops.cuda.buildinfo import filter_arch_list
@@ -854,10 +996,17 @@ def test_the_machine_check_does_not_judge_gpu0_and_a_device_check_judges_its_gpu
     monkeypatch.setattr(torch.version, "cuda", "13.0")
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda i: caps[i])
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: len(caps))
     assert _ext._platform_obstacle(None) is None
     assert _ext._platform_obstacle(torch.device("cuda", 1)) is None
     why = _ext._platform_obstacle(torch.device("cuda", 0))
     assert why and "GPU 0 has compute capability 7.5" in why
+    # no sm_80+ GPU at all: the machine's answer says so before any build (nvcc would fail
+    # one for sm_75 with a hundred errors)
+    caps[1] = (7, 0)
+    assert _ext._platform_obstacle(None) == (
+        "no visible GPU has compute capability 8.0 or newer (GPU 0: 7.5, GPU 1: 7.0); the "
+        "kernels need it (bf16 tensor cores, cooperative launch as used here)")
 
 
 def test_a_gpu_the_build_has_no_code_for_gets_a_reason(monkeypatch):
@@ -878,13 +1027,19 @@ def test_a_gpu_the_build_has_no_code_for_gets_a_reason(monkeypatch):
     monkeypatch.setattr(_ext, "_failure", None)
     monkeypatch.setattr(_ext, "_images", {})
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda i: (10, 0))
-    assert _ext.unavailable_reason(None) is None
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    assert _ext.unavailable_reason(None) is None  # the machine: its current GPU
     assert _ext.unavailable_reason(torch.device("cuda", 0)) is None
     why = _ext.unavailable_reason(torch.device("cuda", 1))
     assert why and "holds no code for GPU 1 (compute capability 10.0" in why
     assert "TORCH_CUDA_ARCH_LIST" in why
     assert _ext.unavailable_reason(torch.device("cuda", 1)) == why
     assert calls == [0, 1], "probed once per device"
+    # with GPU 1 current, the machine's answer is GPU 1's (backend_report(), no device)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 1)
+    assert _ext.unavailable_reason(None) == why
+    assert _ext.extension() is fake, "a loaded extension is returned as it is"
 
 
 def test_a_prebuilt_extension_from_other_sources_is_not_used(monkeypatch):
@@ -940,7 +1095,7 @@ def test_a_warning_made_an_error_stops_one_build_and_is_not_kept_as_a_failure(tm
             pytest.fail("the build ran under an error filter")
     assert not (tmp_path / "lock").exists()
 
-    def build():
+    def build(bdir):
         warnings.warn("a compiler notice", UserWarning)
         return types.ModuleType("built")
 
@@ -952,8 +1107,8 @@ def test_a_warning_made_an_error_stops_one_build_and_is_not_kept_as_a_failure(tm
         with pytest.raises(UserWarning, match="a compiler notice"):
             _ext._load()
     with pytest.warns(UserWarning):
-        mod, failure = _ext._load()
-    assert mod.__name__ == "built" and failure is None
+        mod, failure, final = _ext._load()
+    assert mod.__name__ == "built" and failure is None and final
 
 
 def test_the_build_lock_excludes_another_process(tmp_path):

@@ -24,7 +24,7 @@ module's call raises that reason, a ``fused_rnn.functional`` call falls back), n
 at launch.
 
 Nothing here raises at import: every obstacle (CPU-only torch, no GPU, no nvcc, no host C++
-compiler, mismatched CUDA versions, an empty ``TORCH_CUDA_ARCH_LIST``, a failed build) becomes a
+compiler, mismatched CUDA versions, a blank ``TORCH_CUDA_ARCH_LIST``, a failed build) becomes a
 sentence returned by :func:`unavailable_reason`, and :func:`extension` raises it as a
 ``RuntimeError``.
 """
@@ -44,7 +44,16 @@ from types import ModuleType
 import torch
 
 from fused_rnn.ops.common import ForkSafeLock, warn_at_caller
-from fused_rnn.ops.cuda.buildinfo import HEADERS, SOURCES, filter_arch_list, source_hash
+from fused_rnn.ops.cuda.buildinfo import (
+    HEADERS,
+    MIN_ARCH,
+    SOURCES,
+    arch_list_setting,
+    filter_arch_list,
+    newest_arch,
+    source_hash,
+    visible_arch_list,
+)
 
 PREBUILT = "fused_rnn._cuda_ext"
 JIT_NAME = "fused_rnn_cuda_ext"
@@ -59,6 +68,8 @@ BUILD_HINT = (
 _lock = ForkSafeLock()
 _ext: ModuleType | None = None
 _failure: str | None = None  # why loading failed (cached: a failed build is not retried)
+# (the settings it depends on, why no build can start with them): checked again when they change
+_obstacle: tuple[tuple, str] | None = None
 _images: dict[int, str | None] = {}  # device index -> why the build has no code for it
 
 
@@ -72,21 +83,20 @@ def sources_dir() -> Path | None:
     return None
 
 
+def _visible_caps() -> list[tuple[int, int]]:
+    return [torch.cuda.get_device_capability(i) for i in range(torch.cuda.device_count())]
+
+
 def build_arch_list() -> tuple[str | None, list[str]]:
     """(the ``TORCH_CUDA_ARCH_LIST`` to build with, None for torch's default; the entries left
-    out as older than sm_80). Unset, torch builds for every visible GPU: if one is older than
-    sm_80, the list is set to the visible sm_80+ ones (the newest with PTX, as torch does)."""
-    arch = os.environ.get("TORCH_CUDA_ARCH_LIST")
+    out as older than sm_80). Unset (or empty, or "native"), torch builds for every visible
+    GPU: if one is older than sm_80, the list is set to the visible sm_80+ ones (the newest
+    with PTX, as torch does)."""
+    arch = arch_list_setting(os.environ.get("TORCH_CUDA_ARCH_LIST"))
     if arch is not None:
         kept, dropped = filter_arch_list(arch)
         return (";".join(kept) if dropped else arch), dropped
-    caps = sorted({torch.cuda.get_device_capability(i) for i in range(torch.cuda.device_count())})
-    new = [c for c in caps if c >= (8, 0)]
-    if len(new) == len(caps) or not new:
-        return None, []
-    entries = [f"{a}.{b}" for a, b in new]
-    entries[-1] += "+PTX"
-    return ";".join(entries), [f"{a}.{b}" for a, b in caps if (a, b) < (8, 0)]
+    return visible_arch_list(_visible_caps(), newest_arch(torch.cuda.get_arch_list()))
 
 
 def _arch_tag() -> str:
@@ -101,7 +111,7 @@ def build_dir() -> Path:
     """Per torch/CUDA/Python/architecture/sources build directory for the JIT build."""
     override = os.environ.get("FUSED_RNN_CUDA_BUILD_DIR")
     if override:
-        return Path(override)
+        return Path(override).expanduser()
     src = sources_dir()
     tag = (
         f"torch{torch.__version__}-cu{torch.version.cuda}-"
@@ -109,7 +119,16 @@ def build_dir() -> Path:
         f"-{source_hash(src) if src is not None else 'nosrc'}"
     )
     tag = re.sub(r"[^0-9A-Za-z.+_-]+", "_", tag)
-    root = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"))
+    cache = os.environ.get("XDG_CACHE_HOME")
+    if cache and Path(cache).is_absolute():  # the XDG spec: empty or relative is ignored
+        root = Path(cache)
+    else:
+        try:
+            root = Path.home() / ".cache"
+        except RuntimeError as e:  # no HOME, and no passwd entry for this uid
+            raise RuntimeError(
+                f"no directory for the CUDA extension's build cache ({e}); set "
+                "FUSED_RNN_CUDA_BUILD_DIR (or XDG_CACHE_HOME, or HOME)") from None
     return root / "fused_rnn" / "cuda_ext" / tag
 
 
@@ -141,10 +160,10 @@ def _find_cxx() -> str | None:
 
 def jit_obstacle() -> str | None:
     """Why a JIT build cannot even start here, or None."""
-    arch = os.environ.get("TORCH_CUDA_ARCH_LIST")
+    arch = arch_list_setting(os.environ.get("TORCH_CUDA_ARCH_LIST"))
     if arch is not None and not arch.strip():
         return (
-            "TORCH_CUDA_ARCH_LIST is set but empty, so there is no architecture to compile for; "
+            f"TORCH_CUDA_ARCH_LIST={arch!r} holds only blanks, which torch's build cannot read; "
             "unset it (to target the visible GPUs) or set it, e.g. TORCH_CUDA_ARCH_LIST='8.0;9.0'"
         )
     if arch is not None and not filter_arch_list(arch)[0]:
@@ -229,13 +248,23 @@ def _arch_list_for_build():
             os.environ["TORCH_CUDA_ARCH_LIST"] = old
 
 
-def _jit_build() -> ModuleType:
+def _ready_build_dir() -> tuple[Path | None, str | None]:
+    """(the JIT build's directory, created, None), or (None, why it cannot be)."""
+    try:
+        bdir = build_dir()
+        bdir.mkdir(parents=True, exist_ok=True)
+        (bdir / "fused_rnn_build.lock").touch()
+    except (OSError, RuntimeError) as e:
+        return None, (f"the CUDA extension cannot be JIT-built: {e}. FUSED_RNN_CUDA_BUILD_DIR "
+                      "moves its build directory")
+    return bdir, None
+
+
+def _jit_build(bdir: Path) -> ModuleType:
     from torch.utils import cpp_extension
 
     src = sources_dir()
     assert src is not None
-    bdir = build_dir()
-    bdir.mkdir(parents=True, exist_ok=True)
     with _build_lock(bdir), _arch_list_for_build():
         return cpp_extension.load(
             name=JIT_NAME,
@@ -258,7 +287,12 @@ def _platform_obstacle(device: torch.device | None) -> str | None:
         return f"the CUDA kernels run on CUDA devices, not {device.type}"
     if not torch.cuda.is_available():
         return "no CUDA GPU is visible (torch.cuda.is_available() is False)"
-    if device is None:  # the machine, not a device: any GPU may be the one used
+    if device is None:  # the machine, not a device: any sm_80+ GPU may be the one used
+        caps = _visible_caps()
+        if not any(c >= MIN_ARCH for c in caps):
+            seen = ", ".join(f"GPU {i}: {a}.{b}" for i, (a, b) in enumerate(caps))
+            return (f"no visible GPU has compute capability 8.0 or newer ({seen}); the "
+                    "kernels need it (bf16 tensor cores, cooperative launch as used here)")
         return None
     index = torch.cuda.current_device() if device.index is None else device.index
     major, minor = torch.cuda.get_device_capability(index)
@@ -290,24 +324,54 @@ def _prebuilt() -> ModuleType | None:
     return mod
 
 
-def _load() -> tuple[ModuleType | None, str | None]:
+def _build_failure(bdir: Path, e: Exception) -> str:
+    """The reason a failed build gives: its first error lines (nvcc follows each error with
+    an instantiation backtrace, so the tail alone can hold none) and its last lines."""
+    lines = str(e).strip().splitlines()
+    tail = lines[-15:]
+    first = [ln for ln in lines[:-15] if re.search(r"\berror\b", ln, re.IGNORECASE)][:5]
+    shown = [*first, "..."] if first else []
+    return (f"the JIT build of the CUDA extension in {bdir} failed (FUSED_RNN_CUDA_VERBOSE=1 "
+            "shows the compiler output):\n" + "\n".join(shown + tail))
+
+
+def _settings() -> tuple:
+    """What the answers of :func:`jit_obstacle` and :func:`build_dir` depend on."""
+    return tuple(os.environ.get(k) for k in (
+        "TORCH_CUDA_ARCH_LIST", "CUDA_HOME", "CUDA_PATH", "PATH", "CXX", "HOME",
+        "XDG_CACHE_HOME", "FUSED_RNN_CUDA_BUILD_DIR"))
+
+
+def _load() -> tuple[ModuleType | None, str | None, bool]:
+    """(the extension, None, True), or (None, why not, whether that answer holds for the
+    rest of the process). A failed build is not tried again; what stops one from starting (no
+    nvcc, an unreadable TORCH_CUDA_ARCH_LIST, no build directory) holds until a setting
+    :func:`_settings` lists changes."""
     mod = _prebuilt()
     if mod is not None:
-        return mod, None
+        return mod, None, True
     obstacle = jit_obstacle()
     if obstacle is not None:
-        return None, obstacle
+        return None, obstacle, False
+    bdir, obstacle = _ready_build_dir()
+    if bdir is None:
+        return None, obstacle, False
     try:
-        return _jit_build(), None
+        return _jit_build(bdir), None, True
     except Warning:  # a warning made an error by a filter: the caller's to see, not a failure
         raise  # to keep (nothing is cached, so the next call tries again)
     except Exception as e:  # a failed build becomes a reason, not a crash
-        lines = str(e).strip().splitlines()
-        tail = "\n".join(lines[-15:])
-        return None, (
-            f"the JIT build of the CUDA extension in {build_dir()} failed "
-            f"(FUSED_RNN_CUDA_VERBOSE=1 shows the compiler output):\n{tail}"
-        )
+        return None, _build_failure(bdir, e), True
+
+
+def _machine_device() -> int:
+    """The GPU that stands for the machine: the current one if the kernels can run there,
+    else the first that can (only one is probed: a probe makes a CUDA context there)."""
+    caps = _visible_caps()
+    current = torch.cuda.current_device()
+    if caps[current] >= MIN_ARCH:
+        return current
+    return next(i for i, c in enumerate(caps) if c >= MIN_ARCH)
 
 
 def unavailable_reason(device: torch.device | None) -> str | None:
@@ -315,16 +379,29 @@ def unavailable_reason(device: torch.device | None) -> str | None:
 
     On a GPU machine the first call loads the prebuilt extension or JIT-builds it (minutes the
     first time, cached afterwards)."""
-    global _ext, _failure
+    global _ext, _failure, _obstacle
     obstacle = _platform_obstacle(device)
     if obstacle is not None:
         return obstacle
     with _lock:
         if _ext is None and _failure is None:
-            _ext, _failure = _load()
-        if _failure is not None or device is None:
+            settings = _settings()
+            if _obstacle is not None and _obstacle[0] == settings:
+                return _obstacle[1]
+            mod, why, final = _load()
+            if mod is not None:
+                _ext, _obstacle = mod, None
+            elif final:
+                _failure = why
+            else:
+                _obstacle = settings, why
+                return why
+        if _failure is not None:
             return _failure
-        index = torch.cuda.current_device() if device.index is None else device.index
+        if device is None:
+            index = _machine_device()
+        else:
+            index = torch.cuda.current_device() if device.index is None else device.index
         if index not in _images:
             _images[index] = _image_obstacle(_ext, index)
         return _images[index]
@@ -347,6 +424,8 @@ def _image_obstacle(ext: ModuleType, index: int) -> str | None:
 
 def extension() -> ModuleType:
     """The loaded extension; ``RuntimeError`` with the reason and how to fix it otherwise."""
+    if _ext is not None:  # loaded (whether a given GPU can run it: unavailable_reason(device))
+        return _ext
     reason = unavailable_reason(None)
     if reason is not None:
         raise RuntimeError(f"fused_rnn CUDA backend is unavailable: {reason}")

@@ -21,7 +21,40 @@ SOURCES = ("binding.cpp", "rnn_forward.cu", "rnn_backward.cu")
 HEADERS = ("plan.h", "fused_rnn.h", "rnn_common.cuh", "warp_mma.cuh")
 MIN_ARCH = (8, 0)
 # torch's named architectures (TORCH_CUDA_ARCH_LIST) older than sm_80.
-_OLD_NAMES = {"kepler", "kepler+tesla", "maxwell", "maxwell+tegra", "pascal", "volta", "turing"}
+_OLD_NAMES = {"kepler", "kepler+tesla", "maxwell", "maxwell+tegra", "pascal", "volta",
+              "volta+tegra", "turing"}
+
+
+def arch_list_setting(value: str | None) -> str | None:
+    """``TORCH_CUDA_ARCH_LIST`` as torch's build reads it: None where torch picks the visible
+    GPUs itself (unset, empty, or "native"), else the value."""
+    return None if not value or value == "native" else value
+
+
+def newest_arch(torch_arch_list: list[str]) -> tuple[int, int] | None:
+    """The newest sm_XY in ``torch.cuda.get_arch_list()`` (what torch's build targets; torch
+    clamps a newer GPU to it), or None."""
+    sms = [int(m.group(1)) for a in torch_arch_list if (m := re.fullmatch(r"sm_(\d+)[a-z]?", a))]
+    return max(((sm // 10, sm % 10) for sm in sms), default=None)
+
+
+def visible_arch_list(caps: list[tuple[int, int]],
+                      newest: tuple[int, int] | None) -> tuple[str | None, list[str]]:
+    """(the ``TORCH_CUDA_ARCH_LIST`` to build with, the entries left out) where the setting
+    leaves the choice to torch (:func:`arch_list_setting` is None) and ``caps`` are the visible
+    GPUs' compute capabilities. torch would build for every one of them, each clamped to the
+    ``newest`` its own build targets; nvcc fails the whole build on one older than sm_80, so
+    where one is, the list becomes the sm_80+ ones (the newest with PTX, as torch does). None:
+    leave it to torch (nothing to drop, or nothing sm_80+ to build for)."""
+    if newest is not None:
+        caps = [min(c, newest) for c in caps]
+    caps = sorted(set(caps))
+    new = [c for c in caps if c >= MIN_ARCH]
+    if len(new) == len(caps) or not new:
+        return None, []
+    entries = [f"{a}.{b}" for a, b in new]
+    entries[-1] += "+PTX"
+    return ";".join(entries), [f"{a}.{b}" for a, b in caps if (a, b) < MIN_ARCH]
 
 
 def filter_arch_list(value: str) -> tuple[list[str], list[str]]:
