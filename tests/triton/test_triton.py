@@ -347,6 +347,39 @@ def test_torch_gemms_use_tf32_like_cudnn(monkeypatch, fp32_precision_restored, p
 
 
 @pytest.mark.parametrize("path", ["persistent", "step"])
+def test_16_bit_layers_use_tf32_only_on_16_bit_values(monkeypatch, fp32_precision_restored,
+                                                      path):
+    """For 16-bit data the launcher's GEMMs run on TF32 because their operands hold 16-bit
+    values, which TF32 holds exactly. A GEMM of fp32 values (the projection's dW_hr: dh and
+    m = o * tanh(c) are fp32) follows cuDNN's RNN setting instead, as the fp32 products of the
+    projection do, so with it off none of them runs on TF32."""
+    common.cudnn_rnn_setting().fp32_precision = "ieee"
+    torch.backends.cuda.matmul.fp32_precision = "ieee"
+    seen = []
+
+    def exact16(t):
+        return bool((t.to(torch.bfloat16).float() == t).all())
+
+    def wrap(fn):
+        def recorded(a, b, *args, **kwargs):
+            if a.dtype == torch.float32:
+                seen.append((common.gemm_fp32_precision(), exact16(a) and exact16(b),
+                             tuple(a.shape), tuple(b.shape)))
+            return fn(a, b, *args, **kwargs)
+
+        return recorded
+
+    monkeypatch.setattr(torch.nn.functional, "linear", wrap(torch.nn.functional.linear))
+    monkeypatch.setattr(torch.Tensor, "__matmul__", wrap(torch.Tensor.__matmul__))
+    monkeypatch.setattr(torch, "mm", wrap(torch.mm))
+    ours, _ = layer_fns("LSTM", path=path)
+    outputs_and_grads(ours, make_inputs("LSTM", 2, 3, 4, 6, proj=3, seed=5), torch.bfloat16,
+                      layer_cotangents("LSTM", 2, 3, 6, 3))
+    assert any(p == "tf32" for p, *_ in seen) and any(p == "ieee" for p, *_ in seen), seen
+    assert not [g for g in seen if g[0] == "tf32" and not g[1]], seen
+
+
+@pytest.mark.parametrize("path", ["persistent", "step"])
 @pytest.mark.parametrize("mode", ["LSTM", "GRU"])
 def test_16_bit_gemms_of_backward_take_the_rounded_dgates(monkeypatch, mode, path):
     """The contract (reference._Linear16): in 16-bit storage the dgates are rounded to the dtype

@@ -7,6 +7,11 @@ launchers (:func:`~fused_rnn.ops.triton.launch.layer_forward` / ``layer_backward
 tensors: every ``kernel[grid](...)`` compiles exactly the specialisation a GPU run would, and
 launches nothing (outputs are garbage, which is fine: only compilation is checked).
 
+Triton also compiles a variant per integer argument equal to 1 or divisible by 16. The kernels
+exempt their step counts (``T``, ``t``); the persistent kernels are run with T = 1 as well as
+T = 2 here, so a T = 1 variant that came back (it spilled) is compiled and judged. Sizes of 1
+or multiples of 16 (B, H, the projection) are not: those variants compile on a GPU at first use.
+
 It catches what the interpreter cannot: code the real compiler rejects (constexpr misuse,
 layouts, dot shapes, types), and variants that would fail or slow down on the device: more
 shared memory than a block may have, or registers spilled to local memory (the cubin's stack
@@ -112,24 +117,25 @@ def run(arch: int = 90, quick: bool = False, verbose: bool = False) -> int:
         if path == "persistent":  # the largest sizes "auto" sends there
             assert launch.choose_path(mode, H, proj) == path, "_PERSISTENT_H is out of date"
         torch.backends.cudnn.allow_tf32 = tf32
-        T, I = 2, 4
+        I = 4
         P = proj or H
         G = GATES[mode]
         t0 = time.perf_counter()
-        x, h0 = torch.randn(T, B, I, dtype=dtype), torch.randn(B, P, dtype=dtype)
-        c0 = torch.randn(B, H, dtype=dtype) if mode == "LSTM" else None
-        w_ih, w_hh = torch.randn(G * H, I, dtype=dtype), torch.randn(G * H, P, dtype=dtype)
-        b = torch.randn(G * H, dtype=dtype) if bias else None
-        w_hr = torch.randn(P, H, dtype=dtype) if proj else None
-        lens = torch.arange(B) % T + 1 if lengths else None
-        for save in (False, True):
-            y, _, _, gates, state = launch.layer_forward(
-                mode, x, h0, c0, w_ih, w_hh, b, b, w_hr, lens, reverse, save, path)
-        # "auto" for the persistent backward is that path, except where the installed Triton
-        # would abort compiling it (launch.backward_aborts_compiler): the step path then.
-        launch.layer_backward(mode, x, h0, c0, w_ih, w_hh, b, b, w_hr, lens, reverse, y, gates,
-                              state, torch.randn_like(y), None, None,
-                              "auto" if path == "persistent" else path)
+        for T in (2, 1) if path == "persistent" else (2,):  # T = 1: no variant of its own
+            x, h0 = torch.randn(T, B, I, dtype=dtype), torch.randn(B, P, dtype=dtype)
+            c0 = torch.randn(B, H, dtype=dtype) if mode == "LSTM" else None
+            w_ih, w_hh = torch.randn(G * H, I, dtype=dtype), torch.randn(G * H, P, dtype=dtype)
+            b = torch.randn(G * H, dtype=dtype) if bias else None
+            w_hr = torch.randn(P, H, dtype=dtype) if proj else None
+            lens = torch.arange(B) % T + 1 if lengths else None
+            for save in (False, True):
+                y, _, _, gates, state = launch.layer_forward(
+                    mode, x, h0, c0, w_ih, w_hh, b, b, w_hr, lens, reverse, save, path)
+            # "auto" for the persistent backward is that path, except where the installed
+            # Triton would abort compiling it (launch.backward_aborts_compiler): the step path.
+            launch.layer_backward(mode, x, h0, c0, w_ih, w_hh, b, b, w_hr, lens, reverse, y,
+                                  gates, state, torch.randn_like(y), None, None,
+                                  "auto" if path == "persistent" else path)
         label = (f"{mode} {str(dtype)[6:]} {path} H={H} proj={proj} lengths={lengths} "
                  f"bias={bias} B={B} tf32={tf32}")
         if path == "persistent" and launch.backward_aborts_compiler(

@@ -438,7 +438,11 @@ def _step_bwd_kernel(
 
 
 # --------------------------------------------------------------------------- persistent kernels
-@triton.jit
+# T is not specialised: Triton compiles an integer argument equal to 1 as a constant, and the
+# one-step variant that gave of the LSTM backward (H = 33-64, TF32 or 16-bit) spilled 128-424
+# bytes a thread on sm_90, where the general one spills none. Its loop bound gains nothing from
+# being known either.
+@triton.jit(do_not_specialize=["T"])
 def _persistent_fwd_kernel(
     gx_ptr,  # (T, B, G*H) fp32: x W_ih^T + b_ih; gate activations written back when SAVE
     h0_ptr,  # (B, P) storage dtype
@@ -571,7 +575,7 @@ def _persistent_fwd_kernel(
         tl.store(cn_ptr + offs_b[:, None] * H + offs_j[None, :], c, mask=mask_h)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["T"])  # as the forward
 def _persistent_bwd_kernel(
     gates_ptr,  # (T, B, G*H) fp32: saved activations
     save_ptr,  # (T, B, H) fp32: LSTM c_t | GRU W_hn h + b_hn

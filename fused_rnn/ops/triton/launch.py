@@ -480,6 +480,10 @@ def layer_backward(
                 steps = torch.arange(T, device=dev)[:, None]
                 valid = (steps < lengths.to(dev)[None, :]).unsqueeze(-1)
                 m = torch.where(valid, m, m.new_zeros(()))
+    if proj:
+        # fp32 values on both sides (not 16-bit ones, which TF32 holds exactly): cuDNN's RNN
+        # setting, as the projection's other fp32 products.
+        with _gemm_tf32(torch.float32):
             dw_hr = dhnew.view(T * B, P).t() @ m.view(T * B, H)
     db_ih = dg2.sum(0, dtype=f32)  # one read of dg for both bias gradients
     db_hh = (db_ih.clone() if dghn2 is None
