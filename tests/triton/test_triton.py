@@ -965,9 +965,28 @@ def test_weights_past_int32_offsets_are_refused_by_the_ops_and_fall_back():
         ops.triton_layer("LSTM", x, big(B, P), big(B, H), w_ih, big(4 * H, P), None, None,
                          big(P, H), None, False, False, "auto")
     H = 23200  # no projection: W_hh alone has 2**31 elements
-    with pytest.raises(RuntimeError, match="triton_cell: .*int32 weight offsets"):
+    with pytest.raises(RuntimeError, match="triton_cell: LSTM with hidden_size 23200 is too "
+                                           "large for the kernels' int32 weight offsets"):
         ops.triton_cell("LSTM", x[0], big(B, H), big(B, H), big(4 * H, I), big(4 * H, H), None,
                         None, False)
+
+
+@pytest.mark.parametrize("mode,I,H", [("LSTM", 2**21, 256), ("GRU", 3, 25000),
+                                      ("RNN_TANH", 3, 30000)])
+def test_int32_offsets_count_the_weights_the_kernels_index(mode, I, H):
+    """W_ih only meets torch's GEMM, and GRU and RNN have 3 and 1 gates, not 4: these layers'
+    largest kernel offsets (W_hh's G*H*H elements: 2.6e5, 1.9e9, 9.0e8) fit int32, and were
+    refused. The first hidden size whose W_hh reaches 2**31 elements is refused."""
+    import math
+
+    kw = dict(mode=mode, device=torch.device(DEVICE), dtype=torch.bfloat16, input_size=I,
+              proj_size=0, has_lengths=False)
+    assert tr.unsupported_reason("layer", hidden_size=H, **kw) is None
+    G = {"LSTM": 4, "GRU": 3, "RNN_TANH": 1}[mode]
+    first = math.isqrt((2**31 - 1) // G) + 1
+    assert G * first**2 >= 2**31 > G * (first - 1) ** 2
+    assert tr.unsupported_reason("layer", hidden_size=first - 1, **kw) is None
+    assert "int32 weight offsets" in tr.unsupported_reason("layer", hidden_size=first, **kw)
 
 
 @pytest.mark.parametrize("path", ["persistent", "step"])
@@ -1392,8 +1411,9 @@ def test_jit_trace_records_an_op_that_can_train():
 
 # --------------------------------------------------------------------------- found by mutation testing
 def test_unsupported_reasons_for_projection_kind_and_int32_offsets():
-    """A projection on a non-LSTM mode, an unknown kind, and planes whose row offsets would
-    pass int32 (4*H*max(I, H) >= 2**31, in either operand) are refused with a reason."""
+    """A projection on a non-LSTM mode, an unknown kind, and a W_hh whose offsets would pass
+    int32 (G*H*max(H, P) >= 2**31) are refused with a reason; the input size does not count
+    (W_ih only meets torch's GEMM)."""
     def reason(kind="layer", mode="LSTM", I=4, H=8, P=0):
         return tr.unsupported_reason(kind, mode=mode, device=torch.device(DEVICE),
                                      dtype=torch.float32, input_size=I, hidden_size=H,
@@ -1403,9 +1423,11 @@ def test_unsupported_reasons_for_projection_kind_and_int32_offsets():
     for mode in ("GRU", "RNN_TANH", "RNN_RELU"):
         assert "proj_size" in reason(mode=mode, P=4)
     assert "unknown kind" in reason(kind="stack")
-    # the input side: 4 * 2**14 * 2**15 == 2**31 exactly is refused, one less input column is not
-    assert "int32" in reason(I=2**15, H=2**14)
-    assert reason(I=2**15 - 1, H=2**14) is None
+    # a projection wider than the cells: 4 * 2**14 * 2**15 == 2**31 exactly is refused, one
+    # less projected unit is not; the same input size is no concern
+    assert "int32" in reason(P=2**15, H=2**14)
+    assert reason(P=2**15 - 1, H=2**14) is None
+    assert reason(I=2**15, H=2**14) is None
     # the recurrent side alone: 4 * 23171**2 >= 2**31 > 4 * 23170**2
     assert "int32" in reason(I=1, H=23171)
     assert reason(I=1, H=23170) is None

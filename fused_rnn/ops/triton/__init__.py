@@ -29,6 +29,7 @@ import torch
 from torch import Tensor
 
 from fused_rnn.ops.common import needs_grad
+from fused_rnn.ops.reference import GATES
 
 _SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -114,18 +115,20 @@ def unsupported_reason(
         return "a projection (proj_size) exists only for LSTM"
     if hidden_size == 0 or input_size == 0:  # torch.nn's cells allow it
         return "a size of 0 (input_size or hidden_size): nothing for a kernel to compute"
-    return offsets_reason(input_size, hidden_size, proj_size)
+    return offsets_reason(mode, hidden_size, proj_size)
 
 
-def offsets_reason(input_size: int, hidden_size: int, proj_size: int) -> str | None:
-    """None if the kernels' int32 weight offsets reach every weight, else why not. W_hh is
-    (G*H, P), P = proj_size or H (an LSTM may project wider than its cells), W_ih (G*H, I), W_hr
-    (P, H); batch-row offsets are int64. The registered ops check it too (a direct call)."""
-    widest = max(input_size, hidden_size, proj_size)
-    if 4 * hidden_size * widest >= 2**31:
-        return (f"input_size {input_size}, hidden_size {hidden_size} and proj_size {proj_size} "
-                f"are too large for int32 weight offsets (4 * hidden_size * max(input_size, "
-                f"hidden_size, proj_size) reaches 2**31)")
+def offsets_reason(mode: str, hidden_size: int, proj_size: int) -> str | None:
+    """None if the kernels' int32 weight offsets reach every weight they index, else why not.
+    They index W_hh, (G*H, P) with G gates and P = proj_size or H (an LSTM may project wider
+    than its cells), and W_hr, (P, H), which is smaller; W_ih only meets torch's GEMM, and
+    batch-row offsets are int64. The registered ops check it too (a direct call)."""
+    P = proj_size or hidden_size
+    if GATES[mode] * hidden_size * max(hidden_size, P) >= 2**31:
+        what = f"hidden_size {hidden_size}" + (f" and proj_size {proj_size}" if proj_size else "")
+        return (f"{mode} with {what} is too large for the kernels' int32 weight offsets "
+                f"(W_hh's {GATES[mode]} * hidden_size * max(hidden_size, proj_size) elements "
+                "reach 2**31)")
     return None
 
 

@@ -37,7 +37,8 @@ from fused_rnn.ops.triton import _SUPPORTED_DTYPES, offsets_reason
 _OPT = (Tensor, type(None))
 
 
-def _check_kernel_args(op: str, mode: str, x: Tensor, w_ih: Tensor, w_hh: Tensor) -> None:
+def _check_kernel_args(op: str, mode: str, x: Tensor, w_hh: Tensor,
+                       w_hr: Tensor | None) -> None:
     """What the kernels take beyond check_rnn_args, which the modules and
     fused_rnn.functional check first (they fall back instead): x's dtype, and weights that
     int32 offsets reach."""
@@ -47,8 +48,8 @@ def _check_kernel_args(op: str, mode: str, x: Tensor, w_ih: Tensor, w_hh: Tensor
         raise TypeError(f"fused_rnn::{op} takes float32, float16 and bfloat16 inputs, not "
                         f"{x.dtype} (the modules and fused_rnn.functional run other dtypes on "
                         f"the reference)")
-    H, P = w_hh.shape[0] // GATES[mode], w_hh.shape[1]
-    reason = offsets_reason(w_ih.shape[1], H, P)
+    H = w_hh.shape[0] // GATES[mode]
+    reason = offsets_reason(mode, H, 0 if w_hr is None else w_hh.shape[1])
     if reason is not None:
         raise RuntimeError(f"fused_rnn::{op}: {reason}")
 
@@ -87,7 +88,7 @@ def triton_layer(
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """(y (T,B,P), h_n (B,P), c_n (B,H) or empty, gates (T,B,G*H) fp32, state (T,B,H) fp32)."""
     check_rnn_args(mode, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths)
-    _check_kernel_args("triton_layer", mode, x, w_ih, w_hh)
+    _check_kernel_args("triton_layer", mode, x, w_hh, w_hr)
     return _launch(x.device).layer_forward(
         mode, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, reverse, save, path
     )
@@ -103,7 +104,7 @@ def _saved_shapes(mode: str, T: int, B: int, H: int, save: bool):
 @triton_layer.register_fake
 def _(mode, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, reverse, save, path):
     check_rnn_args(mode, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths)
-    _check_kernel_args("triton_layer", mode, x, w_ih, w_hh)
+    _check_kernel_args("triton_layer", mode, x, w_hh, w_hr)
     T, B, _ = x.shape
     H = w_hh.shape[0] // GATES[mode]
     P = w_hh.shape[1]
@@ -197,7 +198,7 @@ def triton_layer_backward(
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """(dx, dh0, dc0, dw_ih, dw_hh, db_ih, db_hh, dw_hr); empty where the input is absent."""
     check_rnn_args(mode, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths)
-    _check_kernel_args("triton_layer_backward", mode, x, w_ih, w_hh)
+    _check_kernel_args("triton_layer_backward", mode, x, w_hh, w_hr)
     T, B, _ = x.shape
     H = w_hh.shape[0] // GATES[mode]
     P = H if w_hr is None else w_hh.shape[1]
@@ -250,7 +251,7 @@ def triton_cell(
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """(h' (B,H), c' (B,H) or empty, gates (1,B,G*H) fp32, state (1,B,H) fp32): one fused step."""
     check_rnn_args(mode, x, h, c, w_ih, w_hh, b_ih, b_hh, step=True)
-    _check_kernel_args("triton_cell", mode, x, w_ih, w_hh)
+    _check_kernel_args("triton_cell", mode, x, w_hh, None)
     _, h1, c1, gates, state = _launch(x.device).layer_forward(
         mode, x[None], h, c, w_ih, w_hh, b_ih, b_hh, None, None, False, save, "step"
     )
@@ -260,7 +261,7 @@ def triton_cell(
 @triton_cell.register_fake
 def _(mode, x, h, c, w_ih, w_hh, b_ih, b_hh, save):
     check_rnn_args(mode, x, h, c, w_ih, w_hh, b_ih, b_hh, step=True)
-    _check_kernel_args("triton_cell", mode, x, w_ih, w_hh)
+    _check_kernel_args("triton_cell", mode, x, w_hh, None)
     B = x.shape[0]
     H = w_hh.shape[0] // GATES[mode]
     g_shape, s_shape = _saved_shapes(mode, 1, B, H, save)
@@ -322,7 +323,7 @@ def triton_cell_backward(
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """(dx, dh, dc, dw_ih, dw_hh, db_ih, db_hh); empty where the input is absent."""
     check_rnn_args(mode, x, h, c, w_ih, w_hh, b_ih, b_hh, step=True)
-    _check_kernel_args("triton_cell_backward", mode, x, w_ih, w_hh)
+    _check_kernel_args("triton_cell_backward", mode, x, w_hh, None)
     B = x.shape[0]
     H = w_hh.shape[0] // GATES[mode]
     f32 = torch.float32
