@@ -1260,3 +1260,36 @@ def test_fx_symbolic_trace_keeps_our_modules_as_leaves(cls):
         net.rnn.nonlinearity = "gelu"
         with pytest.raises(TypeError, match=r"fused_rnn\.fx\.symbolic_trace"):
             torch.fx.symbolic_trace(net)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16],
+                         ids=["fp32", "bf16", "fp16"])
+@pytest.mark.parametrize("I,H", [(2, 0), (0, 3)])
+@pytest.mark.parametrize("kind", ["LSTMCell", "GRUCell", "RNNCell"])
+def test_cells_of_size_0_backpropagate_in_every_dtype(kind, I, H, dtype):
+    """torch.nn takes cells of size 0; in 16 bits the reference's backward reshaped an empty
+    gradient to (-1, 0), which torch cannot, and failed. Gradients are torch.nn's (zeros of
+    the parameters' shapes); a layer of input size 0 through fused_rnn.functional too."""
+    torch.manual_seed(0)
+    nn_cell = getattr(torch.nn, kind)(I, H).to(dtype)
+    ours = getattr(fused_rnn, kind)(I, H, backend="reference").to(dtype)
+    ours.load_state_dict(nn_cell.state_dict())
+    x = torch.randn(4, I, dtype=dtype, requires_grad=True)
+    for cell in (nn_cell, ours):
+        out = cell(x)
+        out = out[0] + out[1] if kind == "LSTMCell" else out
+        (out.float().sum() + 1).backward()
+    for (name, a), b in zip(ours.named_parameters(), nn_cell.parameters()):
+        assert a.grad is not None and a.grad.shape == b.shape, name
+        # in 16 bits the reference rounds where a kernel does, not where torch.nn's CPU cell does
+        tol = {} if dtype == torch.float32 else dict(rtol=2**-6, atol=2**-6)
+        torch.testing.assert_close(a.grad, b.grad, msg=name, **tol)
+    if I == 0:
+        x = torch.randn(3, 2, 0, dtype=dtype, requires_grad=True)
+        w_ih = torch.randn(3 * H, 0, dtype=dtype, requires_grad=True)
+        w_hh = torch.randn(3 * H, H, dtype=dtype, requires_grad=True)
+        h0 = torch.randn(2, H, dtype=dtype, requires_grad=True)
+        y, _, _ = functional.rnn_layer("GRU", x, h0, None, w_ih, w_hh, backend="reference")
+        y.float().sum().backward()
+        assert x.grad.shape == x.shape and w_ih.grad.shape == w_ih.shape
+        assert h0.grad.abs().sum() > 0

@@ -253,11 +253,18 @@ def test_low_precision_backward_keeps_dh_in_fp32_between_steps(dtype):
     torch.testing.assert_close(leaves["x"].grad[0], (rdg0 @ f["w_ih"]).to(dtype), rtol=0, atol=0)
 
 
-def test_empty_sequence():
-    inp = {k: (None if v is None else v.detach()) for k, v in _layer_inputs("GRU", T=0).items()}
-    y, h, _ = reference.rnn_layer("GRU", **inp)
+@pytest.mark.parametrize("mode", ["GRU", "LSTM"])
+def test_empty_sequence(mode):
+    """No steps: h_n (and c_n) are h0's values in new tensors, as the kernels return them, not
+    the caller's h0 (an in-place change to h_n changed h0)."""
+    inp = {k: (None if v is None else v.detach()) for k, v in _layer_inputs(mode, T=0).items()}
+    y, h, c = reference.rnn_layer(mode, **inp)
     assert y.shape == (0, 2, 4)
     torch.testing.assert_close(h, inp["h0"])
+    assert h.data_ptr() != inp["h0"].data_ptr()
+    if mode == "LSTM":
+        torch.testing.assert_close(c, inp["c0"])
+        assert c.data_ptr() != inp["c0"].data_ptr()
 
 
 def test_unknown_mode():

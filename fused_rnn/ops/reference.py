@@ -92,7 +92,11 @@ class _Linear16(torch.autograd.Function):
     make it for its own error to be the kernel's. ``round_grad`` False: the gradient is used as
     it comes, in fp32 (LSTM's W_hr, which the kernels multiply in fp32).
     The backward runs with autocast off, as the kernels' backward ops do: a ``backward()``
-    inside an autocast region must not round its GEMMs to the region's dtype."""
+    inside an autocast region must not round its GEMMs to the region's dtype.
+    ``vmap`` and forward-mode AD (``jvp``: the linear map's own, no rounding) work on it, as
+    the fp32 path's plain ops do: ``auto`` runs the reference inside them."""
+
+    generate_vmap_rule = True
 
     @staticmethod
     def forward(a: Tensor, w: Tensor, b: Tensor | None, storage: torch.dtype,
@@ -103,7 +107,18 @@ class _Linear16(torch.autograd.Function):
     def setup_context(ctx, inputs, output) -> None:
         a, w, b, storage, round_grad = inputs
         ctx.save_for_backward(a, w)
+        ctx.save_for_forward(a, w)
         ctx.storage, ctx.has_bias, ctx.round_grad = storage, b is not None, round_grad
+
+    @staticmethod
+    def jvp(ctx, da: Tensor | None, dw: Tensor | None, db: Tensor | None, _storage, _round):
+        a, w = ctx.saved_tensors
+        out = None
+        for term in (None if da is None else F.linear(da, w),
+                     None if dw is None else F.linear(a, dw), db):
+            if term is not None:
+                out = term if out is None else out + term
+        return out if out is not None else torch.zeros_like(F.linear(a, w))
 
     @staticmethod
     def backward(ctx, dg: Tensor):
@@ -114,9 +129,9 @@ class _Linear16(torch.autograd.Function):
             da = dw = db = None
             if ctx.needs_input_grad[0]:
                 da = dg @ w
-            rows = dg.reshape(-1, dg.shape[-1])
+            rows = dg.flatten(0, -2)  # not reshape(-1, n): ambiguous for a size of 0
             if ctx.needs_input_grad[1]:
-                dw = rows.t() @ a.reshape(-1, a.shape[-1])
+                dw = rows.t() @ a.flatten(0, -2)
             if ctx.has_bias and ctx.needs_input_grad[2]:
                 db = rows.sum(0)
         return da, dw, db, None, None
@@ -132,6 +147,8 @@ class _StoreH(torch.autograd.Function):
     1/35 of their size) the two roundings leave the reference and the kernels 15% apart, and
     the bound, twice the reference's error, cannot tell that from a bug."""
 
+    generate_vmap_rule = True  # as _Linear16
+
     @staticmethod
     def forward(h: Tensor, storage: torch.dtype) -> Tensor:
         return h.to(storage).to(h.dtype)
@@ -143,6 +160,10 @@ class _StoreH(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dh: Tensor):
         return dh, None
+
+    @staticmethod
+    def jvp(ctx, dh: Tensor, _storage) -> Tensor:
+        return dh  # the backward's rule: passed through in the compute dtype
 
 
 def _store_h(h: Tensor, storage: torch.dtype) -> Tensor:
@@ -239,8 +260,9 @@ def rnn_layer(
             h, c = h_new, c_new
     if T > 0:
         y = torch.stack(ys[::-1] if reverse else ys).to(dtype)
-    else:
+    else:  # h_n and c_n fresh tensors, as the kernels' (not the caller's h0 and c0)
         y = x.new_zeros((0, h0.shape[0], h0.shape[1]))
+        h, c = h.clone(), None if c is None else c.clone()
     return y, h.to(dtype), _cast(c, dtype)
 
 
