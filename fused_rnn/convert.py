@@ -142,7 +142,10 @@ def _converted(old: nn.Module, cls: type, extra: dict, where: str) -> nn.Module:
                          f"{cls.__name__}'s {sorted(names)}")
     for name, param in params.items():
         setattr(new, name, param)
-    new._parameters = {name: new._parameters[name] for name in params}  # old's order
+    # old's order; a None slot (a cell's bias=False) stays registered, as nn has it
+    order = [*params, *(n for n, p in new._parameters.items() if p is None)]
+    new._parameters = {name: new._parameters[name] for name in order}
+    new.train(old.training)  # before the user's children come: their modes are their own
     for name, child in old.named_children():  # a user's (a dropout it calls): as attributes
         if hasattr(new, name):
             raise ValueError(f"cannot swap {where}: its child module {name!r} has the name "
@@ -154,7 +157,6 @@ def _converted(old: nn.Module, cls: type, extra: dict, where: str) -> nn.Module:
     for key, value in vars(old).items():
         if not key.startswith("_") and key not in vars(new) and key not in _CONFIG:
             setattr(new, key, value)
-    new.train(old.training)
     if hasattr(new, "flatten_parameters"):
         new.flatten_parameters()  # on a GPU, the weights into cuDNN's one buffer, as nn does
     return new

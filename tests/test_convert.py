@@ -74,6 +74,37 @@ def test_to_torch_nn_reverses_it_and_quantize_dynamic_then_finds_the_lstm():
     assert "quantized" in type(q[0]).__module__
 
 
+@pytest.mark.parametrize("kind", ["LSTMCell", "GRUCell", "RNNCell"])
+def test_cells_without_bias_swap_both_ways(kind):
+    """A bias=False cell holds None in its bias slots; the swap's reordering dropped them, and
+    the first call then failed on the missing attribute."""
+    torch.manual_seed(0)
+    old = getattr(nn, kind)(4, 3, bias=False)
+    x = torch.randn(2, 4)
+    want = old(x)
+    ours = from_torch_nn(old)
+    assert ours.bias_ih is None and ours.bias_hh is None
+    assert list(ours._parameters) == list(old._parameters)
+    back = to_torch_nn(ours)
+    assert back.bias_ih is None and list(back._parameters) == list(old._parameters)
+    for m in (ours, back):
+        got = m(x)
+        torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-5)
+
+
+def test_a_swap_leaves_a_users_child_module_in_its_own_mode():
+    """The new module takes the old one's training mode; a child module the user hung on it
+    keeps its own (train() would have set it too)."""
+    lstm = nn.LSTM(3, 4).train()
+    lstm.norm = nn.LayerNorm(4).eval()
+    ours = from_torch_nn(lstm)
+    assert ours.training and not ours.norm.training
+    lstm = nn.LSTM(3, 4).eval()
+    lstm.norm = nn.LayerNorm(4).train()
+    ours = from_torch_nn(lstm)
+    assert not ours.training and ours.norm.training
+
+
 def test_a_module_itself_is_returned_converted():
     lstm = nn.LSTM(3, 4)
     ours = from_torch_nn(lstm)

@@ -1293,3 +1293,17 @@ def test_cells_of_size_0_backpropagate_in_every_dtype(kind, I, H, dtype):
         y.float().sum().backward()
         assert x.grad.shape == x.shape and w_ih.grad.shape == w_ih.shape
         assert h0.grad.abs().sum() > 0
+
+
+def test_a_deleted_weight_is_named_where_torch_nn_would_use_the_stale_one():
+    """README: with a weight deleted (weight dropout between its steps) reading _flat_weights
+    or calling the module raises a TypeError naming the weight; nn's list keeps the deleted
+    tensor and its forward runs on it."""
+    m = fused_rnn.GRU(3, 4)
+    del m.weight_hh_l0
+    for read in (lambda: m._flat_weights, lambda: m(torch.randn(2, 1, 3))):
+        with pytest.raises(TypeError, match="GRU: weight weight_hh_l0 is missing"):
+            read()
+    nn_gru = torch.nn.GRU(3, 4)
+    del nn_gru.weight_hh_l0
+    nn_gru(torch.randn(2, 1, 3))  # runs, on the deleted weight
