@@ -27,6 +27,7 @@ import math
 import os
 import platform
 import re
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -75,7 +76,10 @@ BENCH_TOLERANCE = {"fp32": 2e-3, "bf16": 6e-2, "fp16": 3e-2, "amp-bf16": 6e-2, "
 # (H=1024, B=64, T=128) against torch.nn: correct fp32 2e-7 (logits) and 1e-6 (gradients),
 # correct amp-bf16 5e-3 and 4e-3; a backend that drops the carried state 0.55 on the logits,
 # one with dW_hh halved 0.5 on weight_hh_l0. Both moved the validation loss after the bench's
-# training by only ~0.02, inside the 16-bit loss tolerance.
+# training by only ~0.02, inside the 16-bit loss tolerance. The logits are taken under no_grad
+# too (evaluate's path: a backend that dropped the carried state only there moved the loss by
+# 4e-2 in amp-bf16) and the entering state's gradient is compared (one that dropped it moved
+# the fp32 loss by 5e-6).
 FIRST_STEPS_TOLERANCE = {"fp32": 2e-2, "bf16": 1e-1, "fp16": 2e-2, "amp-bf16": 1e-1,
                          "amp-fp16": 2e-2}
 FIRST_STEPS_STRICT = 1e-3  # fp32 where nothing uses TF32: the CPU, or cuDNN with TF32 off
@@ -235,6 +239,10 @@ def _configure(args) -> Bench:
     precisions = args.precisions or list(dflt["precisions"])
     corpus = load_text_file(args.text) if args.text else load_default_corpus()
     splits = split_corpus(corpus, 0.05, 100_000, B, split_flags=False)
+    if device.type == "cuda" and "amp-bf16" in precisions and "fp32" not in precisions:
+        raise CLIError("--precisions amp-bf16 on CUDA needs fp32 too: torch.nn's amp-bf16 "
+                       "RNN computes in fp16 with no loss scaling and trains worse, so the "
+                       "other rows' val loss is held to torch.nn's fp32 row")
     for p in precisions:
         _precision(p, device, "--precisions")  # CLIError for fp16, or bf16 where unsupported
         _check_torch_nn_runs(args.cell, device, p, "--precisions",
@@ -247,9 +255,8 @@ def _configure(args) -> Bench:
         notes.append("torch.nn's amp-bf16 row computes its RNN in fp16: torch's autocast rule "
                      "for cuDNN RNNs casts to half whatever the autocast dtype; fused_rnn's rows "
                      "(its 'torch' backend on cuDNN too) compute in bf16"
-                     + ("; their val loss is held to torch.nn's fp32 row (Δ is against it), "
-                        "as fp16 with no loss scaling trains worse" if "fp32" in precisions
-                        else ""))
+                     + "; their val loss is held to torch.nn's fp32 row (Δ is against it), "
+                       "as fp16 with no loss scaling trains worse")
     bench = Bench(
         args=args, device=device, H=base_cfg["hidden_size"], B=B, T=args.bptt or dflt["bptt"],
         steps=steps, warmup=dflt["warmup"] if args.warmup is None else args.warmup,
@@ -266,11 +273,14 @@ def _configure(args) -> Bench:
 
 # --------------------------------------------------------------------------- the checks
 def _first_steps(model, batcher: StreamBatcher, ac_dtype) -> tuple[torch.Tensor, dict]:
-    """The first-steps probe of ``model`` at its current weights: the logits (T, B, V) of
-    ``batcher``'s second chunk, entered with the state the first chunk leaves, and the
-    gradients of that chunk's loss, all in fp32. The loss is scaled by 2**12 for the backward
-    (exact in binary floating point) so that fp16's gradients do not underflow, as a
-    GradScaler would. Leaves no gradients behind and the random number generators as found."""
+    """The first-steps probe of ``model`` at its current weights, all in fp32: the logits of
+    ``batcher``'s second chunk, entered with the state the first chunk leaves, twice (2T, B,
+    V): under ``no_grad`` first (the path ``evaluate`` and sampling take), then with autograd;
+    and the gradients of that chunk's loss for each parameter and for the entering state
+    (``state[i]``: what a chunk cut at a document start, or a caller's own state, passes back).
+    The loss is scaled by 2**12 for the backward (exact in binary floating point) so that
+    fp16's gradients do not underflow, as a GradScaler would. Leaves no gradients behind and
+    the random number generators as found."""
     device = batcher.streams.device
     first, second = batcher.next_chunk(), batcher.next_chunk()
     params = dict(model.named_parameters())
@@ -280,16 +290,27 @@ def _first_steps(model, batcher: StreamBatcher, ac_dtype) -> tuple[torch.Tensor,
                               enabled=ac_dtype is not None)
 
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-        # Two autocast regions: torch 2.6 caches the casts of weights made under no_grad for
-        # the rest of a region, and the second call then reached no parameter of torch.nn's.
+        # Separate autocast regions: torch 2.6 caches the casts of weights made under no_grad
+        # for the rest of a region, and the next call then reached no parameter of torch.nn's.
         with autocast(), torch.no_grad():
             _, state = model(first.x, None, first.reset)
+        with autocast(), torch.no_grad():
+            eval_logits, _ = model(second.x, state, second.reset)
+        leaves = [state] if isinstance(state, torch.Tensor) else list(state)
+        leaves = [t.detach().requires_grad_() for t in leaves]
+        state = leaves[0] if isinstance(state, torch.Tensor) else type(state)(leaves)
         with autocast():
             logits, _ = model(second.x, state, second.reset)
             loss = torch.nn.functional.cross_entropy(logits.float().flatten(0, 1),
                                                      second.y.flatten())
-        grads = torch.autograd.grad(loss * 2**12, list(params.values()))
-    return logits.detach().float(), {n: g.float() / 2**12 for n, g in zip(params, grads)}
+        inputs = [*params.values(), *leaves]
+        # allow_unused: a model that drops what it was given must come out as zero gradients
+        # to compare, not as this probe's error
+        grads = torch.autograd.grad(loss * 2**12, inputs, allow_unused=True)
+    names = [*params, *(f"state[{i}]" for i in range(len(leaves)))]
+    return (torch.cat([eval_logits.detach().float(), logits.detach().float()]),
+            {n: (torch.zeros_like(t) if g is None else g).float() / 2**12
+             for n, g, t in zip(names, grads, inputs)})
 
 
 def _first_steps_tolerance(precision: str, device: torch.device) -> float:
@@ -324,9 +345,8 @@ def _loss_baseline(results: list[dict], precision: str, device: torch.device) ->
     worse (on an H200, 35 steps: val loss 3.52 against 2.73 in every other precision): there
     torch.nn's fp32 row, where the run has one."""
     if precision == "amp-bf16" and device.type == "cuda":
-        fp32 = _torch_nn_row(results, "fp32")
-        if fp32 is not None and not fp32["error"]:
-            return fp32
+        fp32 = _torch_nn_row(results, "fp32")  # (the CLI runs fp32 with amp-bf16 on CUDA)
+        return fp32 if fp32 is not None and not fp32["error"] else None
     return _torch_nn_row(results, precision)
 
 
@@ -346,6 +366,10 @@ def _check(results: list[dict], device: torch.device) -> bool:
             continue
         loss_base = (base if row["impl"] == "torch.nn"
                      else _loss_baseline(results, row["precision"], device))
+        if loss_base is None:  # its torch.nn fp32 row failed (and says so: ERROR)
+            row["delta"] = row["speedup"] = None
+            row["check"] = "no baseline"
+            continue
         row["delta"] = row["val_loss"] - loss_base["val_loss"]
         row["speedup"] = row["tokens_per_s"] / base["tokens_per_s"]
         wrong = []
@@ -492,7 +516,7 @@ class _Run:
                 total, count = evaluate(self.model, self.bench.batcher("val"),
                                         max_chunks=self.bench.args.val_chunks,
                                         autocast_dtype=self.ac_dtype)
-                med = sorted(self.times)[len(self.times) // 2]
+                med = statistics.median(self.times)
                 tokens = sum(self.tokens) / len(self.tokens)
                 row.update(ms_per_step=1000 * med, tokens_per_s=tokens / med,
                            peak_mib=self.peak, val_loss=total / count,
@@ -630,9 +654,10 @@ def _markdown(bench: Bench, results: list[dict], final: bool) -> str:
         f"all {bench.warmup + bench.steps} steps; it must agree with torch.nn in the same "
         "precision within " + ", ".join(f"{p} {BENCH_TOLERANCE[p]:g}" for p in precisions),
         "- first steps: from the initial weights, the logits of the second chunk (entered "
-        "with the state the first leaves) and the gradients of its loss, against torch.nn's "
-        "by relative norm error: the worst step's logits, then the worst parameter's "
-        "gradient (named); within "
+        "with the state the first leaves; under no_grad, then with autograd) and the "
+        "gradients of its loss for each parameter and the entering state, against torch.nn's "
+        "by relative norm error: the worst step's logits, then the worst gradient (named); "
+        "within "
         + ", ".join(f"{p} {_first_steps_tolerance(p, device):g}" for p in precisions)
         + " (bounds for wrong math, not rounding)",
         ("- memory: n/a on the CPU: PyTorch keeps no per-step peak there, and the resident "
