@@ -11,8 +11,10 @@ Exit status 0 only if every case matches.
 (No caching allocator, so an out-of-bounds access cannot land inside another tensor's block.)
 With FRNN_NO_CLUSTERS=1 (gpu_check.sh sets it when a cluster-mode GPU test failed or hung) the
 cluster case is left out, with FUSED_RNN_CUDA_K_PARTS=1 (set when a K-parts test did) the
-forced K-parts case, and with FRNN_NO_TAGGED=1 (a tagged-exchange test) the tagged case: a mode
-that hangs would otherwise eat the tool's whole step.
+forced K-parts case, with FRNN_NO_TAGGED=1 (a tagged-exchange test) the tagged case, and with
+FRNN_NO_MMA=1 (an mma.sync test) the mma case: a mode that hangs would otherwise eat the tool's
+whole step. A case that raises (a kernel fault, reported at the next CUDA call) is named, and
+the cases after it are counted as not run: the CUDA context may be gone.
 """
 
 from __future__ import annotations
@@ -112,11 +114,14 @@ def partitions() -> tuple[list, list[str]]:
     no_clusters = os.environ.get("FRNN_NO_CLUSTERS") == "1"
     no_parts = os.environ.get("FUSED_RNN_CUDA_K_PARTS") == "1"
     no_tagged = os.environ.get("FRNN_NO_TAGGED") == "1"
+    no_mma = os.environ.get("FRNN_NO_MMA") == "1"
     for env, h in PARTITIONS:
         if no_clusters and any(k in env for k in CLUSTER_KEYS):
             left_out.append(f"{env} (FRNN_NO_CLUSTERS=1)")
         elif no_tagged and env.get("FUSED_RNN_CUDA_STAGE_COPY") == "tagged":
             left_out.append(f"{env} (FRNN_NO_TAGGED=1)")
+        elif no_mma and env.get("FUSED_RNN_CUDA_FRAG_LOADS") == "mma":
+            left_out.append(f"{env} (FRNN_NO_MMA=1)")
         elif no_parts and env.get("FUSED_RNN_CUDA_K_PARTS", "1") != "1":
             left_out.append(f"{env} (FUSED_RNN_CUDA_K_PARTS=1)")
         else:
@@ -149,8 +154,7 @@ def main(start: float | None = None) -> int:
         print(f"CUDA backend unavailable: {reason}", file=sys.stderr)
         return 2
     gen = torch.Generator().manual_seed(0)
-    failures = []
-    n = unchecked = 0
+    todo = []  # (mode, T, B, I, H, dtype, tf32, tol, reverse, env)
     for mode in MODES:
         for T, B, I, H in SHAPES if full else SHAPES[:1]:
             # The quick subset: the TF32 (fp32's default on a GPU) and bf16 tiles. RNN_RELU
@@ -169,24 +173,44 @@ def main(start: float | None = None) -> int:
                         if (env.get("FUSED_RNN_CUDA_STAGE_COPY") == "tagged"
                                 and dtype == torch.float32):
                             continue
-                        if args.cases is not None and n + unchecked >= args.cases:
-                            break
-                        if time.monotonic() - start > args.time_budget:
-                            unchecked += 1
-                            continue
-                        with mock.patch.dict(os.environ, env):  # restored afterwards
-                            why = case(mode, T, B, I, h or H, dtype, tf32, tol, reverse, gen)
-                        n += 1
-                        if why:
-                            failures.append(f"{why} ({env})")
-                        # progress, so a run stopped by its caller shows how far it got
-                        print(f"case {n}: {mode} H={h or H} {str(dtype)[6:]} tf32={tf32} "
-                              f"rev={reverse} {env}: {'FAIL' if why else 'ok'} "
-                              f"({time.monotonic() - start:.0f} s)", flush=True)
+                        todo.append((mode, T, B, I, h or H, dtype, tf32, tol, reverse, env))
+    if args.cases is not None:
+        # the first case of every partition first (the tagged one's is a bf16 case, past the
+        # first cell's), then the rest in order; the first N of those
+        firsts = {}
+        for c in todo:
+            firsts.setdefault(id(c[-1]), c)
+        todo = [*firsts.values(), *(c for c in todo if firsts[id(c[-1])] is not c)]
+        todo = todo[:max(args.cases, 0)]
+    failures = []
+    n = unchecked = 0
+    stop = None  # why the cases left were not run, where one raised
+    for mode, T, B, I, H, dtype, tf32, tol, reverse, env in todo:
+        if time.monotonic() - start > args.time_budget:
+            unchecked += 1
+            continue
+        what = f"{mode} H={H} {str(dtype)[6:]} tf32={tf32} rev={reverse} {env}"
+        try:
+            with mock.patch.dict(os.environ, env):  # restored afterwards
+                why = case(mode, T, B, I, H, dtype, tf32, tol, reverse, gen)
+        except Exception as e:  # a kernel fault surfaces as the next CUDA call's error
+            n += 1
+            failures.append(f"case {n} ({what}) raised {type(e).__name__}: "
+                            f"{str(e).splitlines()[0] if str(e) else ''}")
+            unchecked, stop = len(todo) - n, "a case raised"
+            print(f"case {n}: {what}: RAISED; the CUDA context may be lost, so the "
+                  f"{unchecked} cases left are not run", flush=True)
+            break
+        n += 1
+        if why:
+            failures.append(f"{why} ({env})")
+        # progress, so a run stopped by its caller shows how far it got
+        print(f"case {n}: {what}: {'FAIL' if why else 'ok'} "
+              f"({time.monotonic() - start:.0f} s)", flush=True)
     for f in failures:
         print("FAIL", f, file=sys.stderr)
     print(f"sanitize_cuda: {n - len(failures)}/{n} cases match the reference"
-          + (f"; {unchecked} not checked (time budget {args.time_budget:.0f} s)"
+          + (f"; {unchecked} not checked ({stop or f'time budget {args.time_budget:.0f} s'})"
              if unchecked else "")
           + (f"; {len(left_out)} partition(s) left out" if left_out else ""))
     return 1 if failures or unchecked else 0

@@ -630,6 +630,51 @@ def test_sanitizer_leaves_clusters_and_forced_k_parts_out_when_told(monkeypatch,
     assert "0/0 cases match the reference; 47 not checked" in capsys.readouterr().out
 
 
+def test_sanitizer_small_sets_reach_every_partition_and_honour_no_mma(monkeypatch, capsys):
+    """racecheck and synccheck run --cases 10: the cases went cell by cell, so the tagged
+    exchange (bf16 only, 7th in the bf16 list) was never reached. Every partition's first case
+    comes first now. FRNN_NO_MMA=1 (an mma.sync test failed or hung) leaves the mma case out,
+    as the other FRNN_NO_* do."""
+    for k in ("FRNN_NO_CLUSTERS", "FUSED_RNN_CUDA_K_PARTS", "FRNN_NO_TAGGED", "FRNN_NO_MMA"):
+        monkeypatch.delenv(k, raising=False)
+    mod, seen = _sanitize_module(monkeypatch)
+    monkeypatch.setattr("sys.argv", ["sanitize_cuda.py", "--cases", "10"])
+    assert mod.main() == 0 and len(seen) == 10
+    assert sum(s["FUSED_RNN_CUDA_STAGE_COPY"] == "tagged" for s in seen) == 1
+    assert sum(s["FUSED_RNN_CUDA_FRAG_LOADS"] == "mma" for s in seen) == 1
+    assert sum(s["FUSED_RNN_CUDA_CLUSTER"] == "8" for s in seen) == 1
+    for cases, want in (("10", 10), (None, 44)):
+        seen.clear()
+        monkeypatch.setenv("FRNN_NO_MMA", "1")
+        monkeypatch.setattr("sys.argv", ["sanitize_cuda.py", *(["--cases", cases] if cases else [])])
+        assert mod.main() == 0 and len(seen) == want, cases
+        assert not any(s["FUSED_RNN_CUDA_FRAG_LOADS"] for s in seen)
+    assert "(FRNN_NO_MMA=1)" in capsys.readouterr().out
+
+
+def test_sanitizer_names_a_case_that_raises_and_stops(monkeypatch, capsys):
+    """A kernel fault under memcheck surfaces as the next CUDA call's RuntimeError: the script
+    died with a traceback, no summary and the case unnamed. The case is named as failed, the
+    rest are counted as not run (the context may be gone), and the summary still prints."""
+    monkeypatch.delenv("FRNN_NO_MMA", raising=False)
+    mod, seen = _sanitize_module(monkeypatch)
+    recording = mod.case
+
+    def case(*a):
+        recording(*a)
+        if len(seen) == 3:
+            raise RuntimeError("CUDA error: an illegal memory access was encountered\nmore")
+
+    monkeypatch.setattr(mod, "case", case)
+    monkeypatch.setattr("sys.argv", ["sanitize_cuda.py"])
+    assert mod.main() == 1 and len(seen) == 3
+    out, err = capsys.readouterr()
+    assert "case 3: LSTM H=37 float32 tf32=True rev=False" in out and "RAISED" in out, out
+    assert "FAIL case 3 (LSTM H=37 float32 tf32=True rev=False" in err, err
+    assert "raised RuntimeError: CUDA error: an illegal memory access was encountered" in err
+    assert "sanitize_cuda: 2/3 cases match the reference; 44 not checked (a case raised)" in out
+
+
 def test_sanitizer_quick_subset_and_a_failing_case(monkeypatch, capsys):
     """The quick subset: the first shape, TF32 and bf16 (RNN_RELU: strict fp32 and bf16), one
     direction per cell (reversed for GRU and RNN_RELU); a case that does not match the
