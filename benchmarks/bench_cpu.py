@@ -110,6 +110,11 @@ def main(argv=None) -> int:
     p.add_argument("--csv", default=None)
     p.add_argument("--max-ratio", type=float, default=None, help="exit 1 if any ratio exceeds this")
     a = p.parse_args(argv)
+    if a.backend not in fused_rnn.BACKENDS:
+        p.error(f"--backend: {a.backend!r} is not one of {', '.join(fused_rnn.BACKENDS)}")
+    why = fused_rnn.backends.unavailable_reason(a.backend, "cpu")
+    if why is not None:
+        p.error(f"--backend {a.backend}: unavailable on the CPU ({why})")
     print(f"# torch {torch.__version__}, {torch.get_num_threads()} threads, {platform.processor() or platform.machine()}")
     rows = [bench(c, a.B, a.T, a.H, a.layers, a.reps, a.backend, a.compile) for c in ("lstm", "gru")]
     print("| cell | B×T×H, layers | backend | ours ms | torch.nn ms | ratio ours/nn (median) |")

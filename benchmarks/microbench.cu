@@ -767,11 +767,13 @@ int main(int argc, char** argv) {
                 "|---|---|---|---|---|---|\n",
                 prop.name, sms, prop.major, prop.minor,
                 check_only ? "checked passes only (not timed)"
-                           : "2000 steps per timing, median of 5");
+                           : "2000 steps per timing (a fetch row: 200 passes), median of 5");
   table += line;
   long total_errors = 0;
   for (const Row& r : rows) {
-    const std::string us = r.us < 0 ? "-" : std::to_string(r.us).substr(0, 6);
+    char us_text[32] = "-";
+    if (r.us >= 0) std::snprintf(us_text, sizeof us_text, "%.4g", r.us);  // rounded
+    const std::string us = us_text;
     std::snprintf(line, sizeof line, "| %s | %d | %g | %s | %s | %s |\n", r.what.c_str(),
                   r.blocks, r.bytes / 1024.0, us.c_str(),
                   r.errors < 0 ? "-" : std::to_string(r.errors).c_str(), r.note.c_str());

@@ -203,6 +203,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     args = finish_args(p, args, (("backend", args.backends, ("cuda", "cuda-step", "cudnn")),))
     if args.sim:
         args.backends = [b for b in args.backends if b != "cudnn"]
+        if not args.backends:
+            p.error("--sim runs ours only (cudnn needs a GPU): give cuda or cuda-step too")
     return args
 
 

@@ -192,6 +192,12 @@ def test_bench_cpu_times_both_writes_its_csv_and_gates_on_the_ratio(tmp_path, ca
     with pytest.raises(SystemExit):
         bench_cpu.main([*tiny[:-2], "--layers", "0"])
     assert "--layers: must be at least 1, not 0" in capsys.readouterr().err
+    # a backend it cannot run is a usage error, not a traceback after the header
+    for backend, why in (("nonsense", "'nonsense' is not one of auto, reference"),
+                         ("cuda", "--backend cuda: unavailable on the CPU (")):
+        with pytest.raises(SystemExit) as e:
+            bench_cpu.main([*tiny, "--backend", backend])
+        assert e.value.code == 2 and why in capsys.readouterr().err, backend
 
 
 def test_bench_cpu_refuses_to_time_a_model_that_computes_otherwise():

@@ -805,6 +805,15 @@ def time_split():
     return mod
 
 
+def test_time_split_sim_with_cudnn_only_is_a_usage_error(time_split, capsys):
+    """--sim drops cudnn (it needs a GPU): with nothing else it wrote an empty table and exited
+    1 without saying why."""
+    with pytest.raises(SystemExit) as e:
+        time_split.parse_args(["--sim", "--backends", "cudnn"])
+    assert e.value.code == 2 and "--sim runs ours only" in capsys.readouterr().err
+    assert time_split.parse_args(["--sim", "--backends", "cuda,cudnn"]).backends == ["cuda"]
+
+
 def test_time_split_names_each_kernel_kind(time_split):
     """Kernel names as the profiler gives them (ours are templates; cuBLAS's differ by
     library version; cuDNN's hold RNN/LSTM/elemWise): ours first, GEMMs before cuDNN's RNN
