@@ -689,6 +689,7 @@ def _markdown(bench: Bench, results: list[dict], final: bool) -> str:
         speedup = "n/a" if r["speedup"] is None else f"{r['speedup']:.2f}×"
         check = (r["check"] + (f": {r['error']}" if r["error"] else "")
                  + (f"; ran partly elsewhere ({r['fallback']})" if r.get("fallback") else ""))
+        check = check.replace("|", "\\|")  # error text may hold one: not a column break
         lines.append(
             f"| {r['precision']} | {r['impl']} | {f(r['ms_per_step'], '.2f')} | "
             f"{f(r['tokens_per_s'], ',.0f')} | {speedup} | "

@@ -328,3 +328,25 @@ def test_a_rows_step_time_is_the_median_of_its_timed_steps(monkeypatch):
     monkeypatch.setattr(bench, "evaluate", lambda *a, **k: (2.0, 1))
     row = run.finish()
     assert row["ms_per_step"] == pytest.approx(25.0) and row["tokens_per_s"] == pytest.approx(4000)
+
+
+def test_an_error_holding_a_pipe_stays_in_its_table_cell(capsys, tmp_path, text_file,
+                                                         monkeypatch):
+    """Error text goes into the table's check column; a '|' in it split the row."""
+    import re
+
+    real_build = bench._build_model
+
+    def build(cfg, vocab_size, torch_nn, backend):
+        if not torch_nn and backend == "reference":
+            raise RuntimeError("shape (2|3) not taken")
+        return real_build(cfg, vocab_size, torch_nn, backend)
+
+    monkeypatch.setattr(bench, "_build_model", build)
+    rc, _, _ = run(capsys, *BENCH_TINY, "--text", text_file, "--out", tmp_path,
+                   "--backends", "reference,torch", "--precisions", "fp32")
+    assert rc == 1
+    table = next(tmp_path.glob("*.md")).read_text()
+    rows = [ln for ln in table.splitlines() if ln.startswith("| fp32 |")]
+    assert len(rows) == 3 and "shape (2\\|3) not taken" in table
+    assert {len(re.findall(r"(?<!\\)\|", ln)) for ln in rows} == {12}
