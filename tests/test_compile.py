@@ -325,3 +325,26 @@ def test_cuda_backends_device_check_runs_eagerly_under_fullgraph_compile(monkeyp
         out = torch.compile(f, fullgraph=True, backend="eager")(torch.zeros(2), hidden_size)
         assert torch.equal(out, torch.full((2,), want)), hidden_size
     assert asked == [torch.device("cuda", 0)] * 2
+
+
+def test_retain_graph_is_refused_only_after_a_plain_backward_compiled_the_graph():
+    """README: torch compiles a backward graph at its first backward(), and donates its saved
+    buffers only where that one did not retain the graph; a later retain_graph=True is then
+    refused. A first backward(retain_graph=True) keeps them for good. (Different hidden sizes:
+    separate graphs.)"""
+    results = {}
+    for first_retains, H in ((True, 5), (False, 6)):
+        torch._dynamo.reset()
+        f = torch.compile(fused_rnn.GRU(3, H, backend="reference"), backend="aot_eager")
+        x = torch.randn(2, 1, 3)
+        got = []
+        for retain in (first_retains, True):
+            try:
+                f(x)[0].square().sum().backward(retain_graph=retain)
+                got.append("ok")
+            except RuntimeError as e:
+                assert "donated_buffer" in str(e), e
+                got.append("refused")
+        results[first_retains] = got
+    torch._dynamo.reset()
+    assert results == {True: ["ok", "ok"], False: ["ok", "refused"]}
