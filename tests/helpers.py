@@ -47,9 +47,15 @@ def outputs_of(out) -> list[torch.Tensor]:
 
 
 def seq_lengths(B: int, T: int, generator: torch.Generator) -> torch.Tensor:
-    """Lengths in [1, T] with T present, in random order (so enforce_sorted=False matters)."""
+    """Lengths in [1, T] with T present, in random order. With B and T above 1, not all equal
+    and not longest-first (a row shorter than a later one), so that enforce_sorted=False and
+    the sort matter: drawn freely, a quarter of test_modules' packed cases had equal lengths."""
     lengths = torch.randint(1, T + 1, (B,), generator=generator)
-    lengths[int(torch.randint(0, B, (1,), generator=generator))] = T
+    if B >= 2 and T >= 2:
+        i, j = sorted(torch.randperm(B, generator=generator)[:2].tolist())
+        lengths[i], lengths[j] = 1, T
+    else:
+        lengths[int(torch.randint(0, B, (1,), generator=generator))] = T
     return lengths
 
 
@@ -102,7 +108,8 @@ def record_gemm_precision(monkeypatch) -> list[str]:
 NON_FINITE_CASES = {
     "inf-in-h0": ("h0", (0, 1, 2), float("inf")),
     "nan-in-x": ("x", (1, 0, 0), float("nan")),
-    "inf-in-dy": ("dy", (1, 1, 2), float("inf")),
+    # in row 0, whose length (T) keeps step 1 in a packed batch (row 1's ends after step 0)
+    "inf-in-dy": ("dy", (1, 0, 2), float("inf")),
     # A weight's inf saturates a gate where torch.nn multiplies it by real values only; a
     # padding step's zeros (x, or the dgates W_hh carries back) times it are 0 * inf = NaN.
     # w_ih row -2: LSTM's o gate, GRU's n gate; w_hh row 1: LSTM's i gate, GRU's r gate.
@@ -152,6 +159,8 @@ def check_non_finite_like_torch_nn(cell: str, backend: str, device, case: str,
     else:
         {"x": x, "h0": hx[0], "dy": dy}[where][index] = value
     lengths = torch.tensor([T, T - 2])
+    if packed and where in ("x", "dy"):  # else packing drops it, and the case tests nothing
+        assert index[0] < lengths[index[1]], f"{case}: {index} is past its row's length"
 
     def run(module, device):
         xs = x.to(device).requires_grad_()

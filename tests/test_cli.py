@@ -332,9 +332,8 @@ def test_a_precision_torch_nn_cannot_run_here_is_one_line(capsys, tmp_path, text
     assert len(lines) == 1 and "amp-fp16: torch.nn.LSTM cannot run it on cpu" in lines[0], err
     assert advice in lines[0], err
     assert not (tmp_path / "run").exists(), "refused before the run's files were made"
-    argv[argv.index("amp-fp16" if command == "train" else "fp32,amp-fp16")] = (
-        "amp-bf16" if command == "train" else "fp32")
     if command == "train":  # the same run in amp-bf16 trains (the probe refuses no more)
+        argv[argv.index("amp-fp16")] = "amp-bf16"
         rc, _, err = run(capsys, *argv)
         assert rc == 0, err
 
@@ -1279,6 +1278,26 @@ def test_a_stopped_run_says_which_checkpoint_is_kept_and_how_to_resume(tmp_path,
         last.endswith(f": continue it with fused-rnn train --resume --out {out}")), last
 
 
+def test_train_hands_each_chunk_the_state_the_last_one_left(capsys, tmp_path, text_file,
+                                                            monkeypatch):
+    """Each step's train_chunk gets the state the step before returned (train_chunk drops it at
+    an epoch's start itself); a loop passing None passed every other test."""
+    calls = []
+
+    def recording(model, chunk, state, *a, **k):
+        out = train_chunk(model, chunk, state, *a, **k)
+        calls.append((state, out[1]))
+        return out
+
+    monkeypatch.setattr(cli, "train_chunk", recording)
+    rc, _, err = run(capsys, "train", "--text", text_file, "--out", tmp_path / "run", *TINY,
+                     "--steps", 3)
+    assert rc == 0, err
+    assert len(calls) == 3 and calls[0][0] is None
+    for (_, left), (given, _) in itertools.pairwise(calls):
+        assert given is not None and all(a is b for a, b in zip(given, left))
+
+
 # ------------------------------------------------------------- found by mutation testing
 def test_train_carries_the_state_clips_logs_bits_and_applies_weight_decay(capsys, tmp_path,
                                                                          text_file):
@@ -1526,6 +1545,46 @@ def test_generate_feeds_the_prime_once_and_each_character_back_in_eval_mode():
         b = cli.generate(model, vocab, prime, 12, top_k=1)
         assert a == b == greedy_by_layers(prime, 12), prime
         assert model.training
+
+
+def test_generate_draws_from_the_tempered_top_k_distribution(monkeypatch):
+    """Each character is drawn from softmax(logits / temperature) over the top_k largest
+    logits (all of them for 0): a sampler that ignored top_k above 1, or the temperature away
+    from tiny values, passed every other test."""
+    from fused_rnn.charlm import Vocab
+
+    vocab = Vocab("\t abcdefgh")
+    torch.manual_seed(0)
+    model = CharLM(len(vocab), hidden_size=16)
+    with torch.no_grad():
+        model.decoder.weight.mul_(4)  # logits spread enough for the temperature to matter
+    logits_seen, probs_seen = [], []
+    real_step, real_multinomial = model.step_layers, torch.multinomial
+
+    def step(*a):
+        logits, states = real_step(*a)
+        logits_seen.append(logits[0].double())
+        return logits, states
+
+    def multinomial(p, n, generator=None):
+        probs_seen.append(p.clone())
+        return real_multinomial(p, n, generator=generator)
+
+    monkeypatch.setattr(model, "step_layers", step)
+    monkeypatch.setattr(torch, "multinomial", multinomial)
+    for temperature, top_k in ((0.7, 3), (2.0, 0), (1.5, 5)):
+        logits_seen.clear()
+        probs_seen.clear()
+        cli.generate(model, vocab, "ab", 6, temperature=temperature, top_k=top_k,
+                     generator=torch.Generator().manual_seed(0))
+        assert len(probs_seen) == len(logits_seen) == 6
+        for logits, probs in zip(logits_seen, probs_seen):
+            want = torch.softmax((logits - logits.max()) / temperature, -1)
+            if top_k:
+                want[logits < torch.topk(logits, top_k).values[-1]] = 0
+                want /= want.sum()
+            assert int((probs > 0).sum()) == (top_k or len(vocab))
+            torch.testing.assert_close(probs, want, rtol=1e-9, atol=1e-12)
 
 
 def test_sample_primes_with_a_newline_and_without_seed_differs(capsys, tmp_path):

@@ -21,6 +21,7 @@ from fused_rnn.tbptt import (
     Resets,
     StreamBatcher,
     atomic_save,
+    chunk_loss,
     detach_state,
     eval_mode,
     evaluate,
@@ -251,7 +252,7 @@ def test_resets_carry_the_steps_and_give_the_bare_masks_results_bit_for_bit():
 
 def test_run_rnn_with_resets_never_reads_the_mask_on_the_host():
     # A meta tensor has no data: anything that reads the mask's values back (the host sync
-    # a GPU mask would cost) raises. With the steps known the chunk still runs, in 4 pieces.
+    # a GPU mask would cost) raises. With the steps known the chunk still runs, in 3 pieces.
     mask, _ = _mask_and_resets()
     meta = mask.to("meta")
     with pytest.raises(Exception, match="meta"):
@@ -683,7 +684,7 @@ def test_a_document_start_at_any_position_is_marked_once():
     """Each position in turn holds the only document start, the last step of a chunk
     included: exactly that token is marked (one start beyond B*n is in no stream)."""
     N, B, T = 61, 2, 5  # n = 30 steps a stream, chunks of 5
-    for pos in range(N - 1):
+    for pos in range(N):  # the last, 60, is beyond B*n
         bounds = torch.zeros(N, dtype=torch.bool)
         bounds[pos] = True
         marked = []
@@ -982,6 +983,30 @@ def test_train_chunk_detaches_a_state_that_comes_with_history():
         grads.append([p.grad.clone() for p in model.parameters()])
         model.zero_grad(set_to_none=True)
     assert all(torch.equal(a, b) for a, b in zip(*grads))
+
+
+def test_train_chunk_enters_a_chunk_with_the_state_it_is_given():
+    """The chunk's loss and gradients are those of the state carried in (not of a zero state,
+    which a train_chunk that dropped it would pass every other test with), except at an
+    epoch's first chunk, which starts from zeros."""
+    torch.manual_seed(0)
+    model = CharLM(9, hidden_size=8)
+    batcher = StreamBatcher(torch.randint(0, 9, (200,)), 2, 10)
+    first, second = batcher.next_chunk(), batcher.next_chunk()
+    assert first.first and not second.first
+    with torch.no_grad():
+        _, carried = model(first.x)
+    results = {}
+    for name, state in (("carried", carried), ("zeros", None)):
+        want, _ = chunk_loss(model, second, state)
+        loss, _, _ = train_chunk(model, second, state, None)
+        assert loss.item() == pytest.approx(want.item(), rel=1e-6), name
+        results[name] = (loss.item(), [p.grad.clone() for p in model.parameters()])
+        model.zero_grad(set_to_none=True)
+    assert results["carried"][0] != pytest.approx(results["zeros"][0], rel=1e-4)
+    assert not all(torch.equal(a, b) for a, b in zip(results["carried"][1], results["zeros"][1]))
+    loss, _, _ = train_chunk(model, first, carried, None)  # an epoch starts: zeros
+    assert loss.item() == pytest.approx(chunk_loss(model, first, None)[0].item(), rel=1e-6)
 
 
 def test_atomic_save_takes_a_name_as_long_as_torch_save_does(tmp_path):

@@ -170,10 +170,15 @@ def check_amp_tracks_torch_nn(cell: str, backend: str, device, eps: float = 1e-3
 
 
 def check_compiled_training_matches_eager(cell: str, backend: str, device) -> None:
+    """The compiled model's losses and its weights after training are the eager model's
+    within rounding. (The losses alone passed W_hh gradients 2% off: they moved by 9e-7.)"""
     device = torch.device(device)
     data = chunks(device)
-    want = train(make_model(cell, backend, device), data)
+    eager = make_model(cell, backend, device)
+    want = train(eager, data)
     mode = "reduce-overhead" if device.type == "cuda" else None
-    compiled = torch.compile(make_model(cell, backend, device), mode=mode)
-    got = train(compiled, data)
+    model = make_model(cell, backend, device)
+    got = train(torch.compile(model, mode=mode), data)
     torch.testing.assert_close(torch.tensor(got), torch.tensor(want), rtol=1e-5, atol=1e-6)
+    for (name, a), b in zip(model.named_parameters(), eager.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=name)
