@@ -63,11 +63,13 @@ def _refuse_torchscript(self: nn.Module):
     base = next(c for c in type(self).__mro__ if c.__module__ == __name__)
     name = type(self).__name__
     what = f"fused_rnn.{name}" if type(self) is base else f"{name} (a fused_rnn.{base.__name__})"
+    # Scripting torch.nn's cell with the same state_dict works; a scripted torch.nn layer
+    # (torch 2.13) has no forward, so for the layers that is no advice.
+    other = (f", or script a torch.nn.{base.__name__} with this module's state_dict loaded "
+             f"(the two are interchangeable)" if base.__name__.endswith("Cell") else "")
     raise RuntimeError(
         f"{what} cannot be compiled by TorchScript (torch.jit.script). Use "
-        f"torch.compile or torch.export instead, or script a "
-        f"torch.nn.{base.__name__} with this module's state_dict loaded (the two are "
-        f"interchangeable)."
+        f"torch.compile or torch.export instead{other}."
     )
 
 

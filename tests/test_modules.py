@@ -1189,8 +1189,10 @@ def test_jit_trace_of_the_reference_time_loop_warns():
     one sequence length and gives wrong results for another without an error, so tracing it
     says so. (nn.LSTM, and ``auto`` here, trace as one op with any length.)"""
     lstm = fused_rnn.LSTM(4, 6, backend="reference")
-    with pytest.warns(torch.jit.TracerWarning, match="sequences of length 5 only"):
+    with pytest.warns(torch.jit.TracerWarning, match="sequences of length 5 only") as seen:
         torch.jit.trace(lstm, torch.randn(5, 3, 4), check_trace=False)
+    # attributed to the caller's line (it named fused_rnn/functional.py)
+    assert [w.filename for w in seen if "length 5 only" in str(w.message)] == [__file__]
 
 
 @pytest.mark.parametrize("backend", ["auto", "reference"])

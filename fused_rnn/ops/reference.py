@@ -29,13 +29,11 @@ state stays at h0 until the row's last real step, exactly like packed cuDNN/aten
 
 from __future__ import annotations
 
-import warnings
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from fused_rnn.ops.common import autocast_off
+from fused_rnn.ops.common import autocast_off, warn_at_caller
 
 MODES = ("LSTM", "GRU", "RNN_TANH", "RNN_RELU")
 GATES = {"LSTM": 4, "GRU": 3, "RNN_TANH": 1, "RNN_RELU": 1}
@@ -213,12 +211,12 @@ def rnn_layer(
     cd = compute_dtype(dtype)
     T = x.shape[0]
     if torch.jit.is_tracing():
-        warnings.warn(
+        warn_at_caller(
             f"fused_rnn: torch.jit.trace records the reference backend's time loop step by "
             f"step, so the traced module takes sequences of length {T} only: another length "
             f"gives wrong results, with no error. Trace a module on backend='auto' (PyTorch's "
             f"kernels, one op per stack), or use torch.export or torch.compile.",
-            torch.jit.TracerWarning, stacklevel=2)
+            torch.jit.TracerWarning)
     gx_all = _linear(x.to(cd), w_ih.to(cd), _cast(b_ih, cd), dtype)  # (T, B, G*H): one GEMM
     w_hh_c, b_hh_c, w_hr_c = w_hh.to(cd), _cast(b_hh, cd), _cast(w_hr, cd)
     h = h0.to(cd)
