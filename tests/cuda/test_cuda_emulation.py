@@ -258,6 +258,25 @@ def test_documented_limits_match_the_plan():
     assert table["H100"]["LSTM"]["bf16/fp16"] >= 1024  # ANCHORS.md's shapes all fit
 
 
+def test_the_readme_gives_the_plans_limits_and_the_int32_counts():
+    """README's CUDA section quotes the H100 limits and the largest chunk; the counts' limits
+    went stale (2^31-1 steps and 2^31-33 rows, where the code takes 2^31-2 and 2^31-97)."""
+    from pathlib import Path
+
+    from fused_rnn.ops.cuda import ops
+
+    text = " ".join((Path(P.__file__).parents[3] / "README.md").read_text().split())
+    m = re.search(r"a chunk of more than 2\^31−(\d+) steps or 2\^31−(\d+) rows", text)
+    assert m and (2**31 - int(m.group(1)), 2**31 - int(m.group(2))) == (ops.MAX_STEPS,
+                                                                          ops.MAX_ROWS)
+    h100 = P.limits_table()["H100"]
+    m = re.search(r"132 SMs: LSTM (\d+) bf16/fp16, (\d+) fp32; GRU (\d+)/(\d+); RNN (\d+)/(\d+);",
+                  text)
+    assert m and [int(v) for v in m.groups()] == [
+        h100[cell][label] for cell in ("LSTM", "GRU", "RNN tanh/relu")
+        for label in ("bf16/fp16", "fp32")], m and m.groups()
+
+
 def test_the_size_check_is_kept_between_calls():
     """plan.fits (four plans, asked at every cuda call by unsupported_reason) answers a
     repeated question from its cache, the same answer as a fresh computation."""
