@@ -813,19 +813,9 @@ def test_the_build_cache_is_placed_without_a_home_and_as_xdg_says(monkeypatch, t
     assert _ext.build_dir() == tmp_path / "home" / "frnn"
 
 
-@pytest.mark.skipif(os.geteuid() == 0 if hasattr(os, "geteuid") else True,
-                    reason="root writes into a read-only directory")
-def test_an_unwritable_build_directory_is_named_as_such(monkeypatch, tmp_path):
-    ro = tmp_path / "ro"
-    ro.mkdir()
-    ro.chmod(0o500)
-    monkeypatch.setenv("FUSED_RNN_CUDA_BUILD_DIR", str(ro / "ext"))
-    bdir, why = _ext._ready_build_dir()
-    assert bdir is None and "Permission denied" in why and "FUSED_RNN_CUDA_BUILD_DIR" in why
-
-
 def test_a_build_directory_that_is_a_file_is_named_as_such(monkeypatch, tmp_path):
-    """(Runs as root too, where a read-only directory would not stop a write.)"""
+    """A directory that cannot be made (here a file in the way; a read-only parent would not
+    stop root, as CI runs) is named as such, not as a failed compile."""
     (tmp_path / "file").write_text("")
     monkeypatch.setenv("FUSED_RNN_CUDA_BUILD_DIR", str(tmp_path / "file" / "ext"))
     bdir, why = _ext._ready_build_dir()
