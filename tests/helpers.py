@@ -195,9 +195,9 @@ def check_non_finite_like_torch_nn(cell: str, backend: str, device, case: str,
 
 
 def check_padding_is_ignored(backend: str, device, mode: str, proj: bool = False) -> None:
-    """``fused_rnn.functional.rnn_layer`` and ``rnn`` with ``lengths``: what x holds past a
-    row's length is never read, so inf and NaN there give the outputs and every gradient that
-    zeros do, all finite (T=4, B=3, fp32). Before, the input GEMM's weight gradient took
+    """``fused_rnn.functional.rnn_layer`` and ``rnn`` with ``lengths``: what x, and y's
+    incoming gradient, hold past a row's length is never read, so inf and NaN there give the
+    outputs and every gradient that zeros do, all finite (T=4, B=3, fp32). Before, the input GEMM's weight gradient took
     0 * NaN = NaN from them on every backend: the kernels' dW_ih = dgx^T x, and the reference's
     discarded cell output through autograd."""
     import fused_rnn.functional as Fr
@@ -216,7 +216,7 @@ def check_padding_is_ignored(backend: str, device, mode: str, proj: bool = False
     h0 = torch.randn(B, P, generator=g) * 0.5
     c0 = torch.randn(B, H, generator=g) * 0.5 if mode == "LSTM" else None
 
-    def run(fill: torch.Tensor, stack: bool):
+    def run(fill: torch.Tensor, stack: bool, dy_fill: float = 0.0):
         xs = torch.where(pad[..., None], fill, x).to(device).requires_grad_()
         ws = [w.to(device).requires_grad_() for w in params + w_hr]
         d = torch.device(device)
@@ -229,23 +229,29 @@ def check_padding_is_ignored(backend: str, device, mode: str, proj: bool = False
             outs = Fr.rnn_layer(mode, xs, h0.to(d), None if c0 is None else c0.to(d), *ws[:4],
                                 ws[4] if proj else None, lengths=lens, backend=backend)
         outs = [o for o in outs if o is not None]
-        loss = sum((o * torch.linspace(-1, 1, o.numel(), device=d).view_as(o)).sum()
-                   for o in outs)
+        cots = [torch.linspace(-1, 1, o.numel(), device=d).view_as(o) for o in outs]
+        # y's incoming gradient past the lengths (what torch.nn's packed output never has)
+        cots[0] = torch.where(pad[..., None].to(d), dy_fill, cots[0])
+        loss = sum((o * c).sum() for o, c in zip(outs, cots))
         grads = torch.autograd.grad(loss, [xs, *ws])
         # the input's gradient past the lengths is not compared: zero or not, nothing reads it
         dx = torch.where(pad[..., None].to(d), 0.0, grads[0])
         return [t.detach().cpu() for t in (*outs, dx, *grads[1:])]
 
+    zero = torch.tensor(0.0)
     for stack in (False, True):
-        want = run(torch.tensor(0.0), stack)
+        want = run(zero, stack)
         for fill in (float("nan"), float("inf"), -1e30):
-            got = run(torch.tensor(fill), stack)
-            for k, (a, e) in enumerate(zip(got, want, strict=True)):
-                assert torch.isfinite(a).all(), (
-                    f"{backend} {mode} {'rnn' if stack else 'rnn_layer'}: {fill} past the "
-                    f"lengths reached result {k} (non-finite at "
-                    f"{(~torch.isfinite(a)).nonzero().tolist()[:4]})")
-                torch.testing.assert_close(a, e, atol=1e-6, rtol=1e-5)
+            # in x past the lengths, then in y's incoming gradient there (a padding step's
+            # dh reached dW_hr through the persistent backward's unmasked store)
+            for where, got in (("x", run(torch.tensor(fill), stack)),
+                               ("dy", run(zero, stack, dy_fill=fill))):
+                for k, (a, e) in enumerate(zip(got, want, strict=True)):
+                    assert torch.isfinite(a).all(), (
+                        f"{backend} {mode} {'rnn' if stack else 'rnn_layer'}: {fill} in {where} "
+                        f"past the lengths reached result {k} (non-finite at "
+                        f"{(~torch.isfinite(a)).nonzero().tolist()[:4]})")
+                    torch.testing.assert_close(a, e, atol=1e-6, rtol=1e-5)
 
 
 # The CLI tests' corpus: a few hundred words, seeded, written to tmp_path (conftest's text_file).

@@ -937,6 +937,13 @@ def test_opcheck_cell_and_backward(mode, strided):
     _, x, h0, c0, w_ih, w_hh, b_ih, b_hh, _, _, _, _, _ = _layer_args(mode, strided=strided)
     args = (mode, x[0], h0, c0, w_ih, w_hh, b_ih, b_hh, True)
     torch.library.opcheck(torch.ops.fused_rnn.triton_cell.default, args)
+    # save=False (inference): nothing saved, as the fake kernel says (a cell that saved anyway
+    # passed every other test)
+    no_save = tuple(a.detach() if isinstance(a, torch.Tensor) else a for a in args[:-1])
+    no_save = (*no_save, False)
+    torch.library.opcheck(torch.ops.fused_rnn.triton_cell.default, no_save)
+    _, _, gates0, state0 = ops.triton_cell(*no_save)
+    assert gates0.numel() == 0 and state0.numel() == 0
     plain = tuple(a.detach() if isinstance(a, torch.Tensor) else a for a in args)
     h1, c1, gates, state = ops.triton_cell(*plain)
     dc = torch.randn_like(c1) if mode == "LSTM" else None
