@@ -188,6 +188,33 @@ def test_kernels_hand_zero_sizes_to_the_reference(name, sizes):
     assert reason and "size of 0" in reason
 
 
+@pytest.mark.parametrize("cooperative", [1, 0])
+def test_cuda_refuses_a_device_without_cooperative_launches(monkeypatch, cooperative):
+    """The persistent kernels' grid barrier needs cooperative launches; a device without them
+    (cudaDevAttrCooperativeLaunch 0) is a fallback with that reason, not the binding's error at
+    the launch. The step path needs none, so FUSED_RNN_CUDA_PATH=step takes the device."""
+    from fused_rnn.ops import cuda as cuda_backend
+    from fused_rnn.ops.cuda import _ext
+
+    monkeypatch.setattr(_ext, "unavailable_reason", lambda device: None)
+    monkeypatch.setattr(_ext, "extension", lambda: types.SimpleNamespace(
+        device_info=lambda index: (132, 232448, 9, 0, cooperative)))
+
+    def reason():
+        return cuda_backend.unsupported_reason(
+            "layer", mode="GRU", device=torch.device("cuda", 1), dtype=torch.float16,
+            input_size=8, hidden_size=64, proj_size=0, has_lengths=False)
+
+    got = reason()
+    if cooperative:
+        assert got is None
+    else:
+        assert "device 1 does not support cooperative launches" in got
+        assert "FUSED_RNN_CUDA_PATH=step" in got
+    monkeypatch.setenv("FUSED_RNN_CUDA_PATH", "step")
+    assert reason() is None
+
+
 # --------------------------------------------------------------------------- auto rules
 def _fake_kernel(calls, unsupported=lambda config: None, available=True):
     """A stand-in kernel backend that computes with the reference and counts its calls."""

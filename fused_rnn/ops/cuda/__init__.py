@@ -70,11 +70,12 @@ def unavailable_reason(device: torch.device | None) -> str | None:
     return _ext.unavailable_reason(device)
 
 
-def _device_limits(device: torch.device) -> tuple[int, int]:
-    """(SM count, opt-in shared memory per block) of ``device``, from the extension."""
+def _device_limits(device: torch.device) -> tuple[int, int, bool]:
+    """(SM count, opt-in shared memory per block, whether it takes cooperative launches) of
+    ``device``, from the extension."""
     index = torch.cuda.current_device() if device.index is None else device.index
-    sms, smem_optin, *_ = _ext.extension().device_info(index)
-    return int(sms), int(smem_optin)
+    sms, smem_optin, _, _, cooperative = _ext.extension().device_info(index)
+    return int(sms), int(smem_optin), bool(cooperative)
 
 
 def unsupported_reason(
@@ -127,7 +128,11 @@ def _device_reason(mode: str, index: int | None, half: bool, tf32: bool,
     reason = unavailable_reason(device)
     if reason is not None or cuda_path_setting() == "step":
         return reason
-    sms, smem_optin = _device_limits(device)
+    sms, smem_optin, cooperative = _device_limits(device)
+    if not cooperative:  # the persistent kernel's grid barrier needs one (binding.cpp checks)
+        return (f"CUDA device {device.index if device.index is not None else 'current'} does "
+                "not support cooperative launches (cudaDevAttrCooperativeLaunch is 0), which "
+                "the persistent kernels need; FUSED_RNN_CUDA_PATH=step runs without them")
     return plan.fits(plan.CELLS[mode], half, tf32, hidden_size, sms, smem_optin)
 
 
