@@ -5,6 +5,7 @@
 // Called from fused_rnn/ops/cuda/ops.py, which computes x W_ih^T + b_ih and the
 // time-parallel gradient GEMMs with torch and makes inputs contiguous and of the right dtype.
 #include <torch/extension.h>
+#include <torch/version.h>
 
 // Only c10's light CUDA headers (no ATen/cuda/CUDAContext.h: it pulls in cuBLAS/cuSPARSE
 // headers, which a CUDA toolkit of nvcc alone lacks; CI syntax-checks this file with g++).
@@ -696,6 +697,10 @@ std::vector<int64_t> kernel_image(int64_t index) {
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "fused_rnn persistent CUDA kernels (see csrc/)";
   m.attr("source_hash") = FRNN_STR(FRNN_SOURCE_HASH);
+  // The torch release whose headers this was compiled against: the loader refuses a prebuilt
+  // build for another one (torch's C++ ABI changes between releases).
+  m.attr("torch_version") =
+      py::make_tuple(TORCH_VERSION_MAJOR, TORCH_VERSION_MINOR, TORCH_VERSION_PATCH);
   m.def("forward", &forward, "persistent forward over a chunk", py::arg("mode"), py::arg("xproj"),
         py::arg("h0"), py::arg("c0"), py::arg("w_hh"), py::arg("b_hh"), py::arg("lengths"),
         py::arg("reverse"), py::arg("allow_tf32"), py::arg("save"), py::arg("max_groups"),

@@ -1040,12 +1040,60 @@ def test_a_prebuilt_extension_from_other_sources_is_not_used(monkeypatch):
 
     from fused_rnn.ops.cuda.buildinfo import source_hash
 
-    mod = types.SimpleNamespace(source_hash="h0123456789abcdef", __file__="/x/_cuda_ext.so")
+    mod = types.SimpleNamespace(source_hash="h0123456789abcdef", __file__="/x/_cuda_ext.so",
+                                torch_version=_ext._torch_release())
     monkeypatch.setattr(_ext.importlib, "import_module", lambda name: mod)
     with pytest.warns(RuntimeWarning, match="built from other sources"):
         assert _ext._prebuilt() is None
     mod.source_hash = source_hash(CSRC)
     assert _ext._prebuilt() is mod
+
+
+@pytest.mark.parametrize("with_sources", [True, False])
+def test_a_prebuilt_extension_for_another_torch_is_not_used(monkeypatch, with_sources):
+    """torch's C++ ABI changes between releases, so a .so that still imports after torch was
+    upgraded may corrupt memory: a prebuilt extension for another torch release (or one that
+    does not say) is refused with a warning naming both, with or without csrc/ to build from."""
+    from fused_rnn.ops.cuda.buildinfo import source_hash
+
+    running = _ext._torch_release()
+    mod = types.SimpleNamespace(source_hash=source_hash(CSRC), __file__="/x/_cuda_ext.so",
+                                torch_version=(running[0], running[1] + 1, 0))
+    monkeypatch.setattr(_ext.importlib, "import_module", lambda name: mod)
+    if not with_sources:
+        monkeypatch.setattr(_ext, "sources_dir", lambda: None)
+    then = "building just in time instead" if with_sources else "it is not used"
+    want = (f"built against torch {running[0]}.{running[1] + 1}.0, not this torch "
+            f"{torch.__version__}; {then}")
+    with pytest.warns(RuntimeWarning, match=re.escape(want)):
+        assert _ext._prebuilt() is None
+    del mod.torch_version
+    with pytest.warns(RuntimeWarning, match="built against an unknown torch"):
+        assert _ext._prebuilt() is None
+    mod.torch_version = running
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert _ext._prebuilt() is mod
+
+
+def test_a_prebuilt_extension_that_fails_to_load_is_reported(monkeypatch):
+    """A prebuilt .so that no longer loads (an undefined symbol after a torch upgrade) is
+    rebuilt just in time with a warning that says why; one that is not installed is silence."""
+
+    def broken(name):
+        raise ImportError(f"{name}: undefined symbol: _ZN3c106detail14torchCheckFail")
+
+    monkeypatch.setattr(_ext.importlib, "import_module", broken)
+    with pytest.warns(RuntimeWarning, match="cannot be loaded .*undefined symbol"):
+        assert _ext._prebuilt() is None
+
+    def missing(name):
+        raise ModuleNotFoundError(f"No module named {name!r}", name=name)
+
+    monkeypatch.setattr(_ext.importlib, "import_module", missing)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert _ext._prebuilt() is None
 
 
 def test_source_hash_follows_every_source_and_header(tmp_path):
@@ -1175,7 +1223,8 @@ def test_a_newer_nvcc_than_torchs_cuda_is_explained(monkeypatch):
 def test_a_prebuilt_extension_without_sources_to_compare_is_used(monkeypatch):
     """A wheel without csrc/ next to the package has nothing to build from: its prebuilt
     extension is used as it is (no source hash check)."""
-    mod = types.SimpleNamespace(source_hash="h0123456789abcdef", __file__="/x/_cuda_ext.so")
+    mod = types.SimpleNamespace(source_hash="h0123456789abcdef", __file__="/x/_cuda_ext.so",
+                                torch_version=_ext._torch_release())
     monkeypatch.setattr(_ext.importlib, "import_module", lambda name: mod)
     monkeypatch.setattr(_ext, "sources_dir", lambda: None)
     with warnings.catch_warnings():

@@ -220,6 +220,16 @@ def test_device_queries_answer_for_the_simulated_device(pair):
     host.sim._configure()  # the library is shared: back to the module fixture's device
 
 
+def test_the_build_names_the_torch_release_it_was_compiled_against(pair):
+    """binding.cpp reports torch's TORCH_VERSION_* (its headers) as ``torch_version``, which
+    the loader compares with the running torch before using a prebuilt extension."""
+    from fused_rnn.ops.cuda import _ext
+
+    host, _ = pair
+    assert tuple(host.ext.torch_version) == _ext._torch_release()
+    assert len(_ext._torch_release()) == 3
+
+
 def test_plan_info_is_make_plans_arithmetic(pair):
     """plan_info (binding.cpp) and sim_make_plan (sim_api.cpp) both call plan.h's make_plan:
     the same fields for every cell, math, size and split; bad arguments refused by both."""

@@ -18,7 +18,8 @@ Two ways to get it:
 
 Only sm_80 and newer are built: older entries of ``TORCH_CUDA_ARCH_LIST`` are dropped with a
 warning (nvcc would fail the whole build on them). A prebuilt extension from other sources than
-``csrc/`` (a stale ``.so`` in an editable checkout) is refused with a warning and built again;
+``csrc/`` (a stale ``.so`` in an editable checkout), or against another torch release, or
+that no longer loads is refused with a warning and built again;
 a GPU the loaded build has no code for gets a reason (the backend is unavailable on it: a
 module's call raises that reason, a ``fused_rnn.functional`` call falls back), not a failure
 at launch.
@@ -304,21 +305,45 @@ def _platform_obstacle(device: torch.device | None) -> str | None:
     return None
 
 
+def _torch_release() -> tuple[int, ...]:
+    """(major, minor, patch) of the running torch, as its C++ headers' TORCH_VERSION_* say."""
+    m = re.match(r"(\d+)\.(\d+)\.(\d+)", torch.__version__)
+    return tuple(int(v) for v in m.groups()) if m else ()
+
+
 def _prebuilt() -> ModuleType | None:
-    """The ahead-of-time build, if it is installed and was built from these sources."""
+    """The ahead-of-time build, if it is installed, loads, was built from these sources and
+    against this torch release (torch's C++ ABI is not stable across releases: a build for
+    another one may import and then corrupt memory)."""
+    hint = "Rebuild it (FUSED_RNN_BUILD_CUDA=1 pip install --no-build-isolation -e .) or delete it."
     try:
         mod = importlib.import_module(PREBUILT)
-    except ImportError:
+    except ModuleNotFoundError as e:
+        if e.name == PREBUILT:  # not installed: the usual case
+            return None
+        warn_at_caller(f"fused_rnn: the prebuilt {PREBUILT} cannot be loaded ({e}); building "
+                       f"just in time instead. {hint}")
+        return None
+    except ImportError as e:  # e.g. an undefined symbol: built against another torch
+        warn_at_caller(f"fused_rnn: the prebuilt {PREBUILT} cannot be loaded ({e}); building "
+                       f"just in time instead. {hint}")
         return None
     src = sources_dir()
+    built_for, running = tuple(getattr(mod, "torch_version", ())), _torch_release()
+    if built_for != running:
+        shown = f"torch {'.'.join(map(str, built_for))}" if built_for else "an unknown torch"
+        then = "building just in time instead" if src is not None else "it is not used"
+        warn_at_caller(
+            f"fused_rnn: the prebuilt {PREBUILT} ({mod.__file__}) was built against {shown}, "
+            f"not this torch {torch.__version__}; {then}. {hint}")
+        return None
     if src is None:  # nothing to compare with (or to build from)
         return mod
     built, want = getattr(mod, "source_hash", "unknown"), source_hash(src)
     if built != want:
         warn_at_caller(
             f"fused_rnn: the prebuilt {PREBUILT} ({mod.__file__}) was built from other sources "
-            f"than {src} ({built}, not {want}); building them just in time instead. Rebuild it "
-            "(FUSED_RNN_BUILD_CUDA=1 pip install --no-build-isolation -e .) or delete it."
+            f"than {src} ({built}, not {want}); building them just in time instead. {hint}"
         )
         return None
     return mod
