@@ -516,6 +516,39 @@ def test_nvcc_is_found_under_cuda_home_and_its_version_read(no_arch_list, monkey
     assert _ext._find_nvcc() == str(nvcc)
 
 
+def test_pytorch_nvcc_names_the_nvcc_that_is_checked(no_arch_list, monkeypatch, tmp_path):
+    """torch's JIT build runs ``PYTORCH_NVCC`` (e.g. ``ccache <nvcc>``) as nvcc where it is
+    set: that nvcc's version is the one compared with torch's CUDA, not CUDA_HOME's, and a
+    setting that names no nvcc to be found is the reason, not a failed build."""
+    from torch.utils import cpp_extension
+
+    _ext = no_arch_list
+    for version, where in (("12.4", "home"), ("13.0", "other")):
+        nvcc = tmp_path / where / "bin" / "nvcc"
+        nvcc.parent.mkdir(parents=True)
+        nvcc.write_text(f"#!/bin/sh\necho 'Cuda compilation tools, release {version}, V1'\n")
+        nvcc.chmod(0o755)
+    monkeypatch.setattr(cpp_extension, "CUDA_HOME", str(tmp_path / "home"))
+    monkeypatch.setattr(torch.version, "cuda", "12.8")
+    monkeypatch.setattr(_ext, "_find_cxx", lambda: "/usr/bin/c++")
+    monkeypatch.setattr(cpp_extension, "is_ninja_available", lambda: True)
+    assert _ext.jit_obstacle() is None
+    other = tmp_path / "other" / "bin" / "nvcc"
+    monkeypatch.setenv("PYTORCH_NVCC", f"ccache {other}")
+    assert _ext._find_nvcc() == str(other)
+    why = _ext.jit_obstacle()
+    assert why and f"nvcc 13.0 ({other}) does not match the CUDA 12.8" in why
+    monkeypatch.setenv("PYTORCH_NVCC", "ccache nvcc")  # the nvcc on PATH
+    monkeypatch.setenv("PATH", f"{other.parent}:{os.environ['PATH']}")
+    assert _ext._find_nvcc() == str(other)
+    monkeypatch.setenv("PYTORCH_NVCC", str(tmp_path / "missing" / "nvcc"))
+    why = _ext.jit_obstacle()
+    assert why and why.startswith("PYTORCH_NVCC=") and "names no nvcc found" in why
+    monkeypatch.setenv("PYTORCH_NVCC", " ")  # blank: as unset
+    assert _ext._find_nvcc() == str(tmp_path / "home" / "bin" / "nvcc")
+    assert _ext.jit_obstacle() is None
+
+
 def test_no_prebuilt_extension_is_none(monkeypatch):
     """_ext._prebuilt where no ahead-of-time build is installed (the usual case)."""
     from fused_rnn.ops.cuda import _ext

@@ -36,6 +36,7 @@ import contextlib
 import importlib
 import os
 import re
+import shlex
 import shutil
 import subprocess
 import sys
@@ -143,9 +144,29 @@ def _nvcc_version(nvcc: str) -> tuple[int, int] | None:
     return (int(m.group(1)), int(m.group(2))) if m else None
 
 
+def _pytorch_nvcc() -> tuple[str | None, str] | None:
+    """Where ``PYTORCH_NVCC`` is set (torch's JIT build then runs that command line as nvcc,
+    e.g. ``ccache /usr/local/cuda/bin/nvcc``): (the nvcc it names, found, or None; the
+    setting). None where it is unset or blank."""
+    raw = os.environ.get("PYTORCH_NVCC", "")
+    try:
+        words = shlex.split(raw)
+    except ValueError:  # unbalanced quotes: no program can be read from it
+        return None, raw
+    if not words:
+        return None
+    named = [w for w in words if Path(w).name.startswith("nvcc")] or words[-1:]
+    return shutil.which(named[-1]), raw
+
+
 def _find_nvcc() -> str | None:
+    """The nvcc a JIT build would run: ``PYTORCH_NVCC``'s where set, else
+    ``$CUDA_HOME/bin/nvcc``, else the one on PATH."""
     from torch.utils import cpp_extension
 
+    override = _pytorch_nvcc()
+    if override is not None:
+        return override[0]
     home = cpp_extension.CUDA_HOME
     if home:
         cand = Path(home) / "bin" / "nvcc"
@@ -175,6 +196,9 @@ def jit_obstacle() -> str | None:
     if sources_dir() is None:
         return f"the CUDA sources ({', '.join(SOURCES)}) were not found next to the package"
     nvcc = _find_nvcc()
+    if nvcc is None and _pytorch_nvcc() is not None:
+        return (f"PYTORCH_NVCC={os.environ.get('PYTORCH_NVCC')!r} names no nvcc found on PATH "
+                "(torch's JIT build runs it as nvcc); fix it or unset it")
     if nvcc is None:
         return f"nvcc was not found (set CUDA_HOME or put nvcc on PATH), so the extension cannot be JIT-built; {BUILD_HINT}"
     ver = _nvcc_version(nvcc)
@@ -363,7 +387,7 @@ def _build_failure(bdir: Path, e: Exception) -> str:
 def _settings() -> tuple:
     """What the answers of :func:`jit_obstacle` and :func:`build_dir` depend on."""
     return tuple(os.environ.get(k) for k in (
-        "TORCH_CUDA_ARCH_LIST", "CUDA_HOME", "CUDA_PATH", "PATH", "CXX", "HOME",
+        "TORCH_CUDA_ARCH_LIST", "CUDA_HOME", "CUDA_PATH", "PYTORCH_NVCC", "PATH", "CXX", "HOME",
         "XDG_CACHE_HOME", "FUSED_RNN_CUDA_BUILD_DIR"))
 
 
