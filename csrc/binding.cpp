@@ -397,13 +397,15 @@ Call checked_backward(int64_t mode, const at::Tensor& dy, const at::Tensor& dh_n
   TORCH_CHECK(T > 0 && B > 0, "fused_rnn CUDA backend: empty chunks are handled in Python");
   check_counts(T, B);
   check_hidden(H);
-  TORCH_CHECK(T * B * G * H < (int64_t(1) << 62), "fused_rnn CUDA backend: sizes too large");
   const at::Device dev = dy.device();
   const c10::ScalarType st = dy.scalar_type();
   check_dtype(st);
+  check(dy, "dy", dev, st, {T, B, H});  // the kernels read it as dense (T, B, H)
   check(dh_n, "dh_n", dev, at::kFloat, {B, H});
   check(w_hh, "w_hh", dev, st, {G * H, H});
   check(gates, "gates", dev, at::kFloat, {T, B, G * H});
+  // After gates' check: T * B * G * H is then the numel of a tensor, so it cannot overflow.
+  TORCH_CHECK(T * B * G * H < (int64_t(1) << 62), "fused_rnn CUDA backend: sizes too large");
   if (cell == Cell::kLSTM) {
     check(required(dc_n, "dc_n", "for LSTM"), "dc_n", dev, at::kFloat, {B, H});
     check(required(c0, "c0", "for LSTM"), "c0", dev, at::kFloat, {B, H});
@@ -552,7 +554,8 @@ std::vector<at::Tensor> backward(int64_t mode, at::Tensor dy, at::Tensor dh_n,
 // fp32 ones run as torch's fp32 GEMMs are set to (TF32 or not: ops.py sets it for the call).
 // Where torch refuses the 16-bit GEMM (as common.mm_f32 allows for: some cuBLAS paths refuse
 // some layouts), the operands are promoted to fp32 instead, with a warning once: the same
-// exact products, summed in fp32, more slowly. Everything is queued on the current stream, so a
+// exact products, summed in fp32, more slowly. Running out of memory is not a refusal: it
+// propagates. (A device fault, torch >= 2.8's AcceleratorError, is met again by the retry.) Everything is queued on the current stream, so a
 // CUDA graph can capture the whole loop.
 // A template so that the branch a torch's headers cannot compile is discarded: aten::mm's
 // out_dtype overload is new in torch 2.8, and before it every 16-bit step GEMM is promoted.
@@ -565,6 +568,8 @@ void step_mm(Tensor& out, const Tensor& a, const Tensor& b) {
   if constexpr (requires { at::mm_out(out, a, b, at::kFloat); }) {
     try {
       at::mm_out(out, a, b, at::kFloat);
+    } catch (const c10::OutOfMemoryError&) {
+      throw;  // not a refusal: the promoted retry would need more memory still
     } catch (const c10::Error& e) {
       TORCH_WARN_ONCE("fused_rnn CUDA backend: torch refused the per-step path's 16-bit GEMM (",
                       e.what_without_backtrace(), "); its steps run on operands promoted to "

@@ -111,6 +111,14 @@ BAD_BINDING_ARGS = [
     ("LSTM", "forward_steps", "c0", lambda a: None, "c0 is required for LSTM"),
     ("GRU", "backward_steps", "hprev", lambda a: None, "hprev is required for GRU"),
     ("RNN_TANH", "backward_steps", "gates", lambda a: a["gates"][:, :1], "gates must have shape"),
+    # dy is read as dense (T, B, H): a transposed or expanded one is refused, before the
+    # sizes' product is taken (an expanded dy of 2^31-2 steps of 2^31-97 rows overflowed it)
+    ("LSTM", "backward", "dy", lambda a: a["dy"].transpose(0, 1).contiguous().transpose(0, 1),
+     "dy must be contiguous"),
+    ("GRU", "backward_steps", "dy", lambda a: a["dy"][:1].expand_as(a["dy"]),
+     "dy must be contiguous"),
+    ("LSTM", "backward", "dy", lambda a: a["dy"][:1, :1, :1].expand(2**31 - 2, 2**31 - 97, 1),
+     "dy must be contiguous"),
 ]
 # What the per-step entry points take of forward's and backward's arguments (no plan settings).
 STEP_ARGS = {"forward_steps": ("mode", "xproj", "h0", "c0", "w_hh", "b_hh", "lengths",

@@ -193,6 +193,13 @@ def install_sixteen_bit_gemm() -> bool:
     return True
 
 
+def install_oom_gemm(binding: HostBinding) -> None:
+    """Make this process's aten::mm.dtype_out on the CPU fail as the CUDA caching allocator does
+    when memory runs out (c10::OutOfMemoryError), through the host build's test hook
+    (``sim/host/binding_host.cpp``). For a child process: it replaces the GEMM for good."""
+    ctypes.CDLL(binding.ext.__file__).fused_rnn_host_install_oom_gemm()
+
+
 class _StepGemms(TorchDispatchMode):
     """Records, at each fp32 GEMM (aten::mm.out) the binding's per-step loop makes (step_mm),
     the precision torch's fp32 GEMMs were set to then (common.gemm_fp32_precision): what cuBLAS

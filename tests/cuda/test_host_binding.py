@@ -204,6 +204,42 @@ def test_the_per_step_path_promotes_once_with_a_warning_where_torch_refuses():
     assert got["same"] == [True, True]
 
 
+_OOM_CHILD = r"""
+import json, sys, warnings, torch
+sys.path.insert(0, sys.argv[1])
+import host_binding
+from test_host_binding import _inputs
+host = host_binding.HostBinding(sms=8, sixteen_bit_gemm=False)
+host_binding.install_oom_gemm(host)
+fwd, _ = _inputs(1, 3, 4, 16, torch.bfloat16, False, seed=3)
+with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    try:
+        host.forward_steps(**fwd, reverse=False, save=False)
+        raised = None
+    except Exception as e:
+        raised = [type(e).__name__, str(e)]
+print(json.dumps({"raised": raised, "warnings": [str(w.message) for w in caught]}))
+"""
+
+
+@pytest.mark.skipif(not hasattr(torch.ops.aten.mm, "dtype_out"),
+                    reason="torch < 2.8 has no aten::mm.dtype_out: every 16-bit step GEMM is "
+                           "promoted without asking")
+def test_the_per_step_path_does_not_take_running_out_of_memory_for_a_refusal():
+    """binding.cpp step_mm: an out-of-memory error from the 16-bit GEMM is not torch refusing
+    it. It propagates as torch.OutOfMemoryError, with no "refused" warning and no promoted
+    retry (which would need more memory still). In a child process: the failing GEMM (the host
+    build's test hook) replaces the CPU's for good."""
+    r = subprocess.run([sys.executable, "-c", _OOM_CHILD, str(HERE)], capture_output=True,
+                       text=True, timeout=600, check=False, cwd=HERE)
+    assert r.returncode == 0, r.stderr[-3000:]
+    got = json.loads(r.stdout.strip().splitlines()[-1])
+    assert got["raised"] and got["raised"][0] == "OutOfMemoryError", got
+    assert "host_binding's stand-in" in got["raised"][1], got
+    assert not [w for w in got["warnings"] if "refused" in w], got["warnings"]
+
+
 def test_device_queries_answer_for_the_simulated_device(pair):
     """device_info and kernel_image go to cudasim's runtime (device 0, sm_90, the configured
     SMs and shared memory), through the binding's own checks: a device it does not have is
@@ -308,12 +344,18 @@ def test_cluster_launches_are_the_kernels_count(pair):
 def test_the_host_build_renames_two_names_and_includes_the_binding_unchanged():
     """What sim/host/binding_host.cpp may change: is_cuda and cudaDeviceGetAttribute, as
     macros, before it includes binding.cpp; binding.cpp uses each where the renaming is meant
-    (its device checks and its device attribute queries) and nowhere else."""
+    (its device checks and its device attribute queries) and nowhere else. After the include
+    comes only the test hook (a function of its own, called through ctypes), which no macro
+    or binding name reaches."""
     host_src = (host_binding.HOST / "binding_host.cpp").read_text()
     code = [ln for ln in host_src.splitlines() if ln.strip() and not ln.lstrip().startswith("//")]
-    assert [ln for ln in code if ln.startswith("#define")] == [
+    assert [ln for ln in code if ln.startswith(("#define", "#undef"))] == [
         "#define is_cuda is_cpu", "#define cudaDeviceGetAttribute host_device_attribute"]
-    assert code[-1].startswith('#include "binding.cpp"')
+    (at,) = [i for i, ln in enumerate(code) if ln.startswith('#include "binding.cpp"')]
+    after = "\n".join(code[at + 1:])
+    assert not [ln for ln in code[at + 1:] if ln.startswith("#")], after
+    assert 'extern "C" void fused_rnn_host_install_oom_gemm()' in after
+    assert "is_cuda" not in after and "cudaDeviceGetAttribute" not in after
     binding = (simulate.CSRC / "binding.cpp").read_text()
     assert binding.count("is_cuda()") == 2
     assert binding.count(".is_cuda(), \"fused_rnn CUDA backend: inputs must be CUDA tensors") == 2
