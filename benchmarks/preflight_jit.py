@@ -112,8 +112,12 @@ def main() -> int:
     if obstacle is not None:
         print(f"preflight_jit: cannot build: {obstacle}")
         return 1
+    bdir, why = _ext._ready_build_dir()
+    if bdir is None:
+        print(f"preflight_jit: cannot build: {why}")
+        return 1
     t0 = time.monotonic()
-    ext = _ext._jit_build()
+    ext = _ext._jit_build(bdir)
     print(f"build: ok in {time.monotonic() - t0:.0f} s, torch {torch.__version__}, "
           f"TORCH_CUDA_ARCH_LIST={os.environ['TORCH_CUDA_ARCH_LIST']}: {ext.__file__}")
     problems = check_calls(ext)

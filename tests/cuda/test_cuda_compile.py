@@ -941,6 +941,32 @@ def test_preflight_script_reports_binding_mismatches(monkeypatch):
     assert len(problems) == 4 and all("backward step" in p for p in problems), problems
 
 
+def test_preflight_script_builds_in_the_loaders_build_directory(monkeypatch, tmp_path, capsys):
+    """preflight_jit.main past the obstacles (a CUDA build of torch with nvcc, stood in for
+    here): it builds through the loader's own steps, the build directory made ready first (an
+    unwritable one is its reason), then checks the calls and plans of what was built."""
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[2] / "benchmarks" / "preflight_jit.py"
+    spec = importlib.util.spec_from_file_location("preflight_jit", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    monkeypatch.setattr(torch.version, "cuda", "13.0")
+    monkeypatch.setattr(_ext, "jit_obstacle", lambda: None)
+    monkeypatch.setenv("FUSED_RNN_CUDA_BUILD_DIR", str(tmp_path / "build"))
+    built = []
+    ext = types.SimpleNamespace(__file__=str(tmp_path / "build" / "ext.so"))
+    monkeypatch.setattr(_ext, "_jit_build", lambda bdir: (built.append(bdir), ext)[1])
+    monkeypatch.setattr(mod, "check_calls", lambda e: [] if e is ext else ["another ext"])
+    monkeypatch.setattr(mod, "check_plans", lambda e: (3, []))
+    assert mod.main() == 0, capsys.readouterr().out
+    assert built == [tmp_path / "build"] and (tmp_path / "build").is_dir()
+    assert "plans: 3/3 equal to plan.py" in capsys.readouterr().out
+    monkeypatch.setattr(_ext, "_ready_build_dir", lambda: (None, "no room"))
+    assert mod.main() == 1
+    assert "cannot build: no room" in capsys.readouterr().out
+
+
 # ------------------------------------------------------------------ what a build is made from
 @pytest.mark.parametrize("value,kept,dropped", [
     ("7.5 8.0 8.6 9.0+PTX", ["8.0", "8.6", "9.0+PTX"], ["7.5"]),
