@@ -185,8 +185,11 @@ if wants memcheck || wants racecheck || wants synccheck; then
   else
     # Instrument only our kernels (rnn_forward_kernel / rnn_backward_kernel) where this
     # compute-sanitizer can filter by kernel name: torch's own kernels need no checking here.
+    # Its help is read whole first: under pipefail, grep -q exiting at the first match can
+    # kill the tool with SIGPIPE mid-help and so decide the test (the filter then left off).
     FILTER=()
-    if "$SAN" --help 2>/dev/null | grep -q -- '--kernel-name'; then
+    san_help=$("$SAN" --help 2>/dev/null || true)
+    if grep -q -- '--kernel-name' <<<"$san_help"; then
       FILTER=(--kernel-name kns=rnn_)
     fi
     [[ "${FRNN_NO_CLUSTERS:-0}" == 1 ]] && \

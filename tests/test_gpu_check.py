@@ -349,15 +349,15 @@ def _gpu_check(tmp_path, mode: str, backends: str = "cuda,triton,cuda-p1,cuda-cl
                ) -> tuple[int, str, list[str], Path]:
     """gpu_check.sh with stand-ins for python, nvidia-smi, compute-sanitizer and nvcc that log
     each call; with ``cuda_alone``, gpu_check_cuda.sh run by itself with those arguments;
-    ``tools``: more stand-ins, (name, script)."""
+    ``tools``: more stand-ins, or others for these, (name, script)."""
     bin_ = tmp_path / "bin"
     bin_.mkdir()
-    for name, text in (*tools, ("python", FAKE_PYTHON),
+    for name, text in (("python", FAKE_PYTHON),
                        ("nvidia-smi", "#!/bin/bash\necho 'NVIDIA H200, 580, 143771 MiB'\n"),
                        ("compute-sanitizer", ("#!/bin/bash\n[[ $1 == --help ]] && exit 0\n"
                                               "echo \"compute-sanitizer $* | FRNN_NO_CLUSTERS="
                                               "${FRNN_NO_CLUSTERS:-}\" >> \"$FAKE_CALLS\"\n")),
-                       ("nvcc", "#!/bin/bash\nexit 1\n")):
+                       ("nvcc", "#!/bin/bash\nexit 1\n"), *tools):
         (bin_ / name).write_text(text)
         (bin_ / name).chmod(0o755)
     build_dir = tmp_path / "build"
@@ -385,6 +385,22 @@ def _gpu_check(tmp_path, mode: str, backends: str = "cuda,triton,cuda-p1,cuda-cl
 def _tar_names(out: Path) -> set[str]:
     with tarfile.open(out / "cuda_logs.tar.gz") as t:
         return {Path(n).name for n in t.getnames()}
+
+
+def test_the_sanitizer_filter_survives_a_help_text_still_being_written(tmp_path):
+    """compute-sanitizer's --kernel-name filter (only our kernels instrumented) is found in its
+    help even where grep -q, exiting at the first match, would kill the tool with SIGPIPE
+    while it still writes (pipefail then made the test false and the filter was left off)."""
+    sanitizer = ("#!/bin/bash\n"
+                 "if [[ $1 == --help ]]; then\n"
+                 "  echo '  --kernel-name arg   filter kernels by name'\n"
+                 "  sleep 0.5; for i in $(seq 2000); do echo \"  --option-$i\"; done; exit 0\n"
+                 "fi\n"
+                 "echo \"compute-sanitizer $*\" >> \"$FAKE_CALLS\"\n")
+    _, log, calls, _ = _gpu_check(tmp_path, "ok", tools=(("compute-sanitizer", sanitizer),))
+    ran = [c for c in calls if c.startswith("compute-sanitizer")]
+    assert [c.split()[1] for c in ran] == ["--tool"] * 3, (ran, log[-3000:])
+    assert all("--kernel-name kns=rnn_" in c for c in ran), ran
 
 
 def test_a_failed_build_drops_cuda_and_its_later_steps(tmp_path):
