@@ -20,7 +20,9 @@ bound), else "FAIL: " and which; ``max abs Δy`` is the largest
 difference in y. The timed passes call ``model(x)`` with no initial state, so the check also
 wants that forward's y bit for bit equal to one with an explicit zero state (the state the
 module makes for itself). A row whose build, check pass or timing raises says why in its note
-and the run goes on.
+and the run goes on. A row that takes the CUDA context with it (a kernel fault is sticky:
+every later CUDA call of the process fails, cuDNN's too) costs that row only: the process
+replaces itself with a fresh one that carries on with the rows left (``continue_fresh``).
 
 Writes ``<out-dir>/<date>-<gpu>.md`` (versions, commit, ``FUSED_RNN_*`` settings, the CUDA GPU
 tests' summary from ``$FRNN_GPU_TESTS``, table) and a ``.csv`` next to it, both rewritten after
@@ -47,6 +49,7 @@ import argparse
 import csv
 import datetime as dt
 import io
+import json
 import math
 import os
 import platform
@@ -54,9 +57,11 @@ import re
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 import warnings
 from pathlib import Path
+from typing import NoReturn
 from unittest import mock
 
 SHAPES = {  # name: (B, T, H), from ANCHORS.md
@@ -156,6 +161,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="where the .md and .csv go (default benchmarks/results, dry run: a temp dir)")
     p.add_argument("--dry-run", action="store_true",
                    help="CPU + Triton interpreter at tiny shapes: checks the script, not speed")
+    p.add_argument("--resume-rows", default=None, help=argparse.SUPPRESS)  # continue_fresh
     args = p.parse_args(argv)
     args.backends = _split(args.backends, ("triton", "cuda", *VARIANTS, "reference"), "backend")
     args.modes = _split(args.modes, ("LSTM", "GRU"), "mode")
@@ -599,26 +605,30 @@ def _moot(*args) -> bool:
         return False
 
 
-def measure(args, timer, device, mode, shape, dtype_name, backend, refs) -> list[dict]:
+def measure(args, timer, device, mode, shape, dtype_name, backend, refs,
+            timed: bool = True) -> list[dict]:
     """Rows for one (mode, shape, dtype, backend); backend None = cuDNN (torch.nn), whose
-    probe tensors go to ``refs`` for the other backends' checks."""
+    probe tensors go to ``refs`` for the other backends' checks. ``timed=False`` (cuDNN only):
+    those tensors, no rows (a fresh process's, for rows of ours the process before left)."""
     if dtype_name == "fp32-strict":
         import torch
 
         prev = torch.backends.cudnn.allow_tf32
         torch.backends.cudnn.allow_tf32 = False
         try:
-            return _measure(args, timer, device, mode, shape, dtype_name, backend, refs)
+            return _measure(args, timer, device, mode, shape, dtype_name, backend, refs, timed)
         finally:
             torch.backends.cudnn.allow_tf32 = prev
-    return _measure(args, timer, device, mode, shape, dtype_name, backend, refs)
+    return _measure(args, timer, device, mode, shape, dtype_name, backend, refs, timed)
 
 
 def _label(backend: str | None, device: str) -> str:
     return backend or ("cudnn" if device == "cuda" else "torch.nn (cpu)")
 
 
-def _measure(args, timer, device, mode, shape, dtype_name, backend, refs) -> list[dict]:
+def _measure(args, timer, device, mode, shape, dtype_name, backend, refs,
+             timed: bool = True) -> list[dict]:
+    assert timed or backend is None, "only cuDNN's reference is taken untimed"
     if backend in VARIANTS:
         real, env = VARIANTS[backend]
         with mock.patch.dict(os.environ, env):  # restored afterwards
@@ -659,6 +669,8 @@ def _measure(args, timer, device, mode, shape, dtype_name, backend, refs) -> lis
                 refs[(*key, "short")] = {k: None if t is None else t.cpu()
                                          for k, t in got_short.items()}
             dy, err, check = compare(got, None, 0.0)
+            if not timed:
+                return []
         elif key in refs:
             dy, err, check = compare(got, refs[key], tolerance(dtype_name))
             if got_short is not None:
@@ -937,7 +949,7 @@ def timed_here(backend, shape: tuple[int, int, int]) -> bool:
     return shape[1] > 1 or backend not in VARIANTS or backend in PATH_VARIANTS
 
 
-def main(argv=None) -> int:
+def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.dry_run:
         # Before triton is imported: the kernels are defined for the interpreter.
@@ -949,16 +961,28 @@ def main(argv=None) -> int:
         print("bench_gpu.py needs a CUDA GPU (use --dry-run to check the script on the CPU)")
         return 2
     timer = Timer(device, args.warmup_ms, args.rep_ms)
-    env = environment(device, args)
-    paths = report_paths(env, args)
     start = time.monotonic()
     rows, skipped, refs = [], [], {}
+    if args.resume_rows:  # the process before this one lost its CUDA context (continue_fresh)
+        state = json.loads(Path(args.resume_rows).read_text())
+        Path(args.resume_rows).unlink(missing_ok=True)
+        rows, skipped, env = state["rows"], state["skipped"], state["env"]
+        paths = tuple(Path(p) for p in state["paths"])
+        start -= state["elapsed"]  # the budget is the whole run's
+    else:
+        env = environment(device, args)
+        paths = report_paths(env, args)
+    done = {_row_key(r) for r in rows}
+    # configurations whose cuDNN rows a process before this one timed: the reference tensors
+    # of ours' checks are taken again here, once, where one of ours is left to time
+    retake = {key[:3] for key in done if key[3] == _label(None, device)}
     for round_backends, configs in schedule(args):
         for mode, shape, dtype_name in configs:
             B, T, H = args.shape_table[shape]
             label = f"{mode}-{shape}-{dtype_name}"
             todo = [b for b in round_backends if timed_here(b, (B, T, H))
-                    and not _moot(b, mode, (B, T, H), dtype_name, device)]
+                    and not _moot(b, mode, (B, T, H), dtype_name, device)
+                    and (mode, shape, dtype_name, _label(b, device)) not in done]
             if not todo:
                 continue  # only variants that would time the same kernels as cuda, or none here
             if time.monotonic() - start > args.time_budget:
@@ -967,15 +991,32 @@ def main(argv=None) -> int:
                               backend=_label(b, device), note="skipped: time", _skipped=True,
                               **{"pass": p}) for b in todo for p in args.passes]
                 continue
+            if (mode, shape, dtype_name) in retake and None not in todo:
+                retake.discard((mode, shape, dtype_name))
+                measure(args, timer, device, mode, shape, dtype_name, None, refs, timed=False)
+                if _context_lost(device):
+                    new = [dict(cell=mode, shape=shape, BxTxH=f"{B}x{T}x{H}", dtype=dtype_name,
+                                backend=_label(b, device), **{"pass": p},
+                                note="not run: cuDNN's reference, taken again in a fresh "
+                                     "process, took the CUDA context with it")
+                           for b in todo for p in args.passes]
+                    continue_fresh(rows + new, skipped, env, paths, start, argv)
             for backend in todo:
                 t0 = time.monotonic()
                 new = measure(args, timer, device, mode, shape, dtype_name, backend, refs)
+                lost = _context_lost(device)  # sticky: every later CUDA call would fail too
+                for r in new if lost else []:
+                    r["note"] = "; ".join(filter(None, [r.get("note"), (
+                        "it took the CUDA context with it: the rows after it ran in a fresh "
+                        "process")]))
                 rows += new
                 for r in new:
                     print(f"{label:18s} {r['backend']:14s} {r['pass']:8s} "
                           f"{_fmt(r.get('ms')):>9s} ms  {r.get('check') or '-':6.40s}  "
                           f"{r.get('note', '')[:80]}  [{time.monotonic() - t0:.1f}s]", flush=True)
                 save(rows, env, args, skipped, paths)  # before the next backend can hang
+                if lost:
+                    continue_fresh(rows, skipped, env, paths, start, argv)
             if device == "cuda":
                 try:
                     torch.cuda.empty_cache()
@@ -995,6 +1036,48 @@ def main(argv=None) -> int:
         print(f"{len(unpassed)} rows were not measured, or ours not checked: "
               + "; ".join(unpassed), flush=True)
     return 1 if failed or unpassed else 0
+
+
+def _row_key(row: dict) -> tuple[str, str, str, str]:
+    return row["cell"], row["shape"], row["dtype"], row["backend"]
+
+
+def _context_lost(device: str) -> bool:
+    """Whether this process can no longer use the GPU: a kernel fault (an illegal address,
+    say) is sticky, and every later CUDA call fails with it, cuDNN's included."""
+    if device != "cuda":
+        return False
+    import torch
+
+    try:
+        torch.ones(1, device=device).add_(1).item()
+        return False
+    except Exception:  # whatever the error, the device cannot run work
+        return True
+
+
+def continue_fresh(rows: list[dict], skipped: list[str], env: dict, paths, start: float,
+                   argv: list[str] | None) -> NoReturn:
+    """After a row took the CUDA context with it: this process is replaced by a fresh one
+    (``os.execv``: the same PID, so the GPU script's timeout still holds it, and the broken
+    context's memory is freed) with the same arguments, which carries on with the rows not
+    yet in ``rows``, under what is left of the time budget, writing the same report. A fault
+    costs its own row: that row is in ``rows``, so each fresh process gets further."""
+    fd, state = tempfile.mkstemp(prefix="bench_gpu_", suffix=".json")
+    with os.fdopen(fd, "w") as f:
+        json.dump({"rows": rows, "skipped": skipped, "env": env,
+                   "paths": [str(p) for p in paths], "elapsed": time.monotonic() - start}, f,
+                  default=str)
+    given = list(sys.argv[1:] if argv is None else argv)
+    if "--resume-rows" in given:  # this process was such a fresh one itself
+        i = given.index("--resume-rows")
+        del given[i:i + 2]
+    cmd = [sys.executable, str(Path(__file__).resolve()), *given, "--resume-rows", state]
+    print(f"the CUDA context is lost; the rest in a fresh process: {' '.join(cmd[1:])}",
+          flush=True)
+    sys.stderr.flush()
+    os.execv(sys.executable, cmd)
+    raise AssertionError("os.execv returned")  # pragma: no cover
 
 
 def not_passed(rows: list[dict], device: str) -> list[str]:

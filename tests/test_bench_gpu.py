@@ -996,6 +996,78 @@ def _main(monkeypatch, tmp_path, *extra):
     return text, rows
 
 
+class _Exec(Exception):
+    """os.execv, stood in for: the command the bench would have replaced itself with."""
+
+
+def test_a_lost_cuda_context_costs_its_row_and_the_rest_run_in_a_fresh_process(
+        monkeypatch, tmp_path):
+    """A kernel fault is sticky: every later CUDA call of the process fails, cuDNN's too. After
+    the row that took the context, the bench replaces itself (os.execv) with a fresh process
+    that carries on from the report's rows: the faulting row keeps its note, no row is timed
+    twice, none is lost, and rows of ours whose cuDNN rows the first process timed are still
+    checked (the fresh process takes cuDNN's tensors again, without a row)."""
+    bench_gpu = _import("bench_gpu")
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    for k in list(os.environ):
+        if k.startswith(("FRNN_", "FUSED_RNN_")):
+            monkeypatch.delenv(k)
+    calls, lost = [], []
+    real_measure = bench_gpu.measure
+
+    def measure(args, timer, device, mode, shape, dtype_name, backend, refs, timed=True):
+        calls.append((shape, backend, timed))
+        return real_measure(args, timer, device, mode, shape, dtype_name, backend, refs, timed)
+
+    def context_lost(device):  # the reference backend's D1 row faults, once
+        fault = calls[-1][:2] == ("D1", "reference") and not any(lost)
+        lost.append(fault)
+        return fault
+
+    def execv(path, cmd):
+        raise _Exec(cmd)
+
+    monkeypatch.setattr(bench_gpu, "measure", measure)
+    monkeypatch.setattr(bench_gpu, "_context_lost", context_lost)
+    monkeypatch.setattr(bench_gpu.os, "execv", execv)
+    argv = ["--dry-run", "--backends", "reference,triton", "--modes", "GRU", "--dtypes", "fp32",
+            "--shapes", "D1,D3", "--passes", "fwd", "--out-dir", str(tmp_path)]
+    with pytest.raises(_Exec) as e:
+        bench_gpu.main(argv)
+    cmd = e.value.args[0]
+    assert cmd[1] == str(ROOT / "benchmarks" / "bench_gpu.py") and cmd[-2] == "--resume-rows"
+    assert cmd[2:-2] == argv
+    assert calls == [("D1", None, True), ("D1", "reference", True)]
+    _, rows = _read(tmp_path)  # the report holds the faulting row before the process goes
+    assert [(r["shape"], r["backend"]) for r in rows] == [("D1", "torch.nn (cpu)"),
+                                                          ("D1", "reference")]
+    calls.clear()
+    assert bench_gpu.main(cmd[2:]) == 0
+    assert not Path(cmd[-1]).exists(), "the state file is left behind"
+    assert calls == [("D3", None, True), ("D3", "reference", True),  # round 1's rest
+                     ("D1", None, False), ("D1", "triton", True),  # cuDNN's tensors again
+                     ("D3", "triton", True)]
+    text, rows = _read(tmp_path)
+    got = [(r["shape"], r["backend"]) for r in rows]
+    assert sorted(got) == sorted({(s, b) for s in ("D1", "D3")
+                                  for b in ("torch.nn (cpu)", "reference", "triton")}), got
+    by = {(r["shape"], r["backend"]): r for r in rows}
+    assert "took the CUDA context with it" in by["D1", "reference"]["note"]
+    for shape in ("D1", "D3"):
+        assert by[shape, "triton"]["check"] == "ok", by[shape, "triton"]
+        assert float(by[shape, "triton"]["x_cudnn_same_dtype"]) > 0
+    assert text.count("| GRU | D1 |") == 3 and text.count("| GRU | D3 |") == 3
+    # the fresh process's own fault: its faulting row is not timed again by the next one
+    calls.clear()
+    monkeypatch.setattr(bench_gpu, "_context_lost",
+                        lambda device: calls[-1][:2] == ("D3", "triton"))
+    with pytest.raises(_Exec) as e:
+        bench_gpu.main(argv)
+    calls.clear()
+    assert bench_gpu.main(e.value.args[0][2:]) == 0
+    assert calls == []  # only its last row faulted: nothing was left
+
+
 def _hook_backward(monkeypatch, backward):
     """bench_gpu.build, with the fused model's output passing its gradient through
     backward(grad, n): n counts the backward calls since the model was built."""
