@@ -54,6 +54,7 @@ import math
 import os
 import platform
 import re
+import shutil
 import statistics
 import subprocess
 import sys
@@ -879,12 +880,23 @@ def write_report(rows: list[dict], env: dict, args, skipped: list[str],
 
 def save(rows: list[dict], env: dict, args, skipped: list[str], paths) -> None:
     """Ratios and both files, after every backend's rows: what was measured survives a later
-    hang, kill or sticky CUDA error."""
+    hang, kill or sticky CUDA error. Under the GPU script (``$OUT`` and ``$FRNN_STAMP`` set),
+    copied to ``$OUT`` as well, which is all the lent machine returns: a kill by the device's
+    own limit, which may come before the script's budget, still returns the rows so far."""
     try:
         add_ratios(rows)
     except Exception as e:  # the times are still worth writing
         print(f"ratios not computed: {_one_line(e)}", flush=True)
     write_report(rows, env, args, skipped, paths)
+    out = os.environ.get("OUT", "")
+    if out and os.environ.get("FRNN_STAMP") and os.path.isdir(out):
+        for path in paths:
+            tmp = Path(out) / f".{path.name}.tmp"
+            try:
+                shutil.copyfile(path, tmp)
+                os.replace(tmp, Path(out) / path.name)
+            except OSError as e:  # the script's own collection copies them later anyway
+                print(f"not copied to $OUT: {_one_line(e)}", flush=True)
 
 
 def short_table(rows: list[dict]) -> str:

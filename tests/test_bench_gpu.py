@@ -75,6 +75,27 @@ def test_dry_run_rows_variants_and_report(tmp_path):
     assert len(table) == 2 + len(rows) and all(len(r) == len(table[0]) for r in table), table[:2]
 
 
+def test_under_the_gpu_script_each_save_reaches_out(tmp_path):
+    """The lent machine returns only what is under $OUT, and its own limit may kill the bench
+    before the script's budget does: under the GPU script ($OUT and $FRNN_STAMP set) every save
+    copies both files there too, whole (no temporary file left). Elsewhere $OUT is left alone."""
+    out, stamp = tmp_path / "out", tmp_path / "stamp"
+    out.mkdir()
+    stamp.touch()
+    report = tmp_path / "report"
+    _, rows = _run(report, "--shapes", "D1", "--backends", "reference",
+                   env={"OUT": str(out), "FRNN_STAMP": str(stamp)})
+    assert len(rows) == 2
+    assert sorted(p.name for p in out.iterdir()) == sorted(p.name for p in report.iterdir())
+    for p in report.iterdir():
+        assert (out / p.name).read_bytes() == p.read_bytes(), p.name
+    again = tmp_path / "again"
+    other = tmp_path / "other"
+    other.mkdir()
+    _run(again, "--shapes", "D1", "--backends", "reference", env={"OUT": str(other)})
+    assert list(other.iterdir()) == []
+
+
 def test_time_budget_skips_rows_but_writes_the_report(tmp_path):
     """Skipped configurations are listed in the .md and written to the CSV as "skipped: time"
     (auto_rules.py must see that a shape was not measured), in the order they would have run:
