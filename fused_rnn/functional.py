@@ -154,10 +154,16 @@ def rnn_cell(
     backend: str = "reference",
 ) -> tuple[Tensor, Tensor | None]:
     """One step. x: (B, I); h: (B, H); c: (B, H) for LSTM else None. Returns (h', c') in x's
-    dtype; as in :func:`rnn_layer`, states and weights of another dtype are cast to it first."""
+    dtype; as in :func:`rnn_layer`, states and weights of another dtype are cast to it first.
+
+    ``backend`` "torch" is PyTorch's cell kernels (``torch._VF``), as in the cell modules;
+    "auto" is those too, but the reference inside ``vmap`` or forward-mode AD, where they fail
+    (``backends.resolve_stack``, as the modules decide)."""
     _check_mode(mode)
     backends.check_name(backend)
     check_rnn_args(mode, x, h, c, w_ih, w_hh, b_ih, b_hh, step=True)
+    if backend == "auto":
+        backend = backends.resolve_stack(backend, x.device)
     return _checked_rnn_cell(mode, x, h, c, w_ih, w_hh, b_ih, b_hh, backend=backend)
 
 

@@ -1058,6 +1058,38 @@ def test_auto_runs_the_reference_where_pytorch_kernels_fail(kind, transform):
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("transform", ["vmap", "vmap(grad)", "jvp", "jacfwd", "dual_level"])
+@pytest.mark.parametrize("mode", ["LSTM", "GRU", "RNN_TANH"])
+def test_functional_cell_on_auto_runs_the_reference_where_pytorch_kernels_fail(mode, transform):
+    """``fused_rnn.functional.rnn_cell`` on ``auto`` decides as the cell modules do: inside vmap
+    and forward-mode AD the reference, where torch._VF's cells fail (it called them there,
+    whatever the transform: per-sample gradients of a functional cell failed)."""
+    from fused_rnn import functional
+
+    G = {"LSTM": 4, "GRU": 3, "RNN_TANH": 1}[mode]
+    torch.manual_seed(0)
+    w_ih, w_hh, b_ih, b_hh = (torch.randn(*s) for s in ((G * 4, 3), (G * 4, 4), (G * 4,), (G * 4,)))
+    h, c = torch.randn(2, 4), (torch.randn(2, 4) if mode == "LSTM" else None)
+
+    def cell(backend):
+        return lambda x: functional.rnn_cell(mode, x, h, c, w_ih, w_hh, b_ih, b_hh,
+                                             backend=backend)[0]
+
+    def run(f):
+        from torch.func import grad, vmap
+
+        xs = torch.randn(5, 2, 3, generator=torch.Generator().manual_seed(1))
+        if transform == "vmap":  # an ensemble of inputs, as per-sample work does
+            return vmap(f)(xs)
+        if transform == "vmap(grad)":  # per-sample gradients
+            return vmap(grad(lambda x: f(x).pow(2).sum()))(xs)
+        return _transform(transform, f, xs[0])
+
+    got, want = run(cell("auto")), run(cell("reference"))
+    assert want.abs().max() > 0
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
 @pytest.mark.parametrize("transform", ["vmap", "vmap(grad)", "jvp", "jacfwd", "dual_level"])
 @pytest.mark.parametrize("kind", list(_MODULES))
