@@ -55,9 +55,11 @@ def check_calls(ext) -> list[str]:
             calls = {
                 "forward": lambda common=common: ops._layer_forward_impl(*common, False, True,
                                                                          True),
-                "backward": lambda common=common, G=G: ops._layer_backward_impl(
-                    *common, True, True, r(T, B, H), r(T, B, G * H), r(T, B, H), r(T, B, H),
-                    None, None),
+                # what the forward saves: gates and aux as ops.saved_shapes says (RNN: no aux)
+                "backward": lambda common=common, mode=mode: ops._layer_backward_impl(
+                    *common, True, True, r(T, B, H),
+                    *(r(*shape) for shape in ops.saved_shapes(mode, T, B, H, True)),
+                    r(T, B, H), None, None),
             }
             for (name, call), path in itertools.product(calls.items(), ops.PATHS):
                 os.environ["FUSED_RNN_CUDA_PATH"] = path

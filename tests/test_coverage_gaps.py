@@ -568,6 +568,43 @@ def test_the_cuda_layer_backward_refuses_a_forward_that_saved_nothing():
         ops._layer_backward(types.SimpleNamespace(save=False), None, None, None, None, None)
 
 
+@pytest.mark.parametrize("bad,says", [
+    ("x", "h0 must have shape"),  # x as (B, T, I): the GEMMs took it, dW_ih came out wrong
+    ("b_ih", "b_ih"),  # db_ih came back (G*H,), the fake said b_ih's shape
+    ("gates", "gates must have shape"),
+    ("aux", "aux must be torch.float32"),
+    ("y", "y must have shape"),
+    ("dy", "dy must have shape"),
+    ("dc_n", "dc_n must have shape"),
+])
+def test_the_cuda_layer_backward_op_checks_its_arguments_against_x(monkeypatch, bad, says):
+    """torch.ops.fused_rnn.cuda_layer_backward called directly: every argument is checked
+    against x's sizes before the extension is touched, as the Triton op's are. The binding
+    checks only what it takes against dy; x, y, the weights and biases reach the GEMMs."""
+    from fused_rnn.ops.cuda import _ext, ops
+
+    class Reached(Exception):
+        pass
+
+    def extension():
+        raise Reached
+
+    monkeypatch.setattr(_ext, "extension", extension)
+    T, B, I, H = 3, 2, 5, 4
+    z = torch.zeros
+    args = dict(mode="LSTM", x=z(T, B, I), h0=z(B, H), c0=z(B, H), w_ih=z(4 * H, I),
+                w_hh=z(4 * H, H), b_ih=z(4 * H), b_hh=z(4 * H), lengths=None, reverse=False,
+                allow_tf32=False, y=z(T, B, H), gates=z(T, B, 4 * H), aux=z(T, B, H),
+                dy=z(T, B, H), dh_n=z(B, H), dc_n=z(B, H))
+    with pytest.raises(Reached):  # the valid call passes every check
+        ops._layer_backward_impl(**args)
+    args[bad] = {"x": z(B, T, I), "b_ih": z(1), "gates": z(T, B, 3 * H),
+                 "aux": z(T, B, H, dtype=torch.float64), "y": z(T, B, H + 1),
+                 "dy": z(B, T, H), "dc_n": z(B, H + 1)}[bad]
+    with pytest.raises(RuntimeError, match=says):
+        ops._layer_backward_impl(**args)
+
+
 def test_loading_the_extension_turns_an_obstacle_or_a_failed_build_into_a_reason(
         monkeypatch, tmp_path):
     """_ext._load: a prebuilt extension is taken as it is; otherwise what stops a JIT build, or

@@ -38,6 +38,7 @@ from fused_rnn.ops.common import (
     SIXTEEN_BIT,
     check_measured_rule,
     check_rnn_args,
+    check_saved_args,
     gemms_use_tf32,
     grad_like,
     mm_f32,
@@ -607,11 +608,24 @@ def _layer_backward_impl(
     dh_n: Tensor | None,
     dc_n: Tensor | None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """(dx, dh0, dc0, dw_ih, dw_hh, db_ih, db_hh); empty where the input is absent."""
+    """(dx, dh0, dc0, dw_ih, dw_hh, db_ih, db_hh); empty where the input is absent.
+
+    Checks what it is given against x's sizes first, as the forward does: the binding checks
+    the tensors it takes against dy's, but x, y, the weights and the biases reach only the
+    GEMMs here, which would take some wrong shapes (x as (B, T, I)) and give wrong gradients."""
+    check_rnn_args(mode, x, h0, c0, w_ih, w_hh, b_ih, b_hh, None, lengths)
     T, B, I = x.shape
     G, H = GATES[mode], w_hh.shape[1]
+    gates_shape, aux_shape = saved_shapes(mode, T, B, H, True)
+    cd = compute_dtype(x.dtype)  # fp32 (fp64 where the tests emulate the kernels exactly)
+    check_saved_args("fused_rnn::cuda_layer_backward", x, {
+        "y": (y, (T, B, H), x.dtype), "gates": (gates, gates_shape, cd),
+        "aux": (aux, aux_shape, cd), "dy": (dy, (T, B, H), None),
+        "dh_n": (dh_n, (B, H), None),
+        # only an LSTM reads dc_n, which may come empty (no gradient)
+        "dc_n": (dc_n if mode == "LSTM" and dc_n is not None and dc_n.numel() else None,
+                 (B, H), None)})
     dtype = x.dtype
-    cd = compute_dtype(dtype)
     fcd = dict(device=x.device, dtype=cd)
     dh_n = torch.zeros((B, H), **fcd) if dh_n is None else dh_n.to(cd).contiguous()
     is_lstm = mode == "LSTM"
