@@ -12,6 +12,7 @@ import importlib.util
 import itertools
 import math
 import os
+import re
 import shutil
 import signal
 import socket
@@ -107,6 +108,15 @@ def test_train_learns_and_writes_checkpoint_log_and_plot(capsys, tmp_path, text_
         assert "matplotlib is not installed" in stdout
     # the bar: tokens/s on stderr
     assert "tok/s" in err
+    # each validation line's train bpc: the mean of the log interval's steps (--log-every
+    # 25 by default; here 20 and 40 validate, so the steps 1-20, then 26-40)
+    said = {int(m[1]): (float(m[2]), int(m[3])) for m in re.finditer(
+        r"step (\d+): validation [\d.]+ bpc, train ([\d.]+) bpc \(last (\d+) steps\)", stdout)}
+    assert set(said) == {20, 40}, stdout
+    bpc = {int(r["step"]): float(r["train_bpc"]) for r in rows if r["train_bpc"]}
+    for step, first in ((20, 1), (40, 26)):
+        want = sum(bpc[s] for s in range(first, step + 1)) / (step + 1 - first)
+        assert said[step] == (pytest.approx(want, abs=1e-3), step + 1 - first), (step, said)
 
 
 def test_train_without_matplotlib_skips_the_plot_with_a_note(capsys, tmp_path, text_file,
