@@ -1205,7 +1205,8 @@ def _train(args, cfg, d, device, corpus, splits, ckpt, param_dtype, ac_dtype, us
             # train: the mean over the steps since the last log line (one chunk's loss alone
             # is noisy); each step's is in log.csv
             say(f"step {step}: validation {last_val:.3f} bpc, train "
-                f"{bits(vals.mean().item()):.3f} bpc (last {len(vals)} steps), "
+                f"{bits(vals.mean().item()):.3f} bpc "
+                f"({'last step' if len(vals) == 1 else f'last {len(vals)} steps'}), "
                 f"{tok_s / 1000:.1f}k tokens/s")
         flush(pending)
         if step % args.ckpt_every == 0 or step == args.steps:
