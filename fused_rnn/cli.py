@@ -1047,7 +1047,7 @@ def _train(args, cfg, d, device, corpus, splits, ckpt, param_dtype, ac_dtype, us
         + (f", {torch.get_num_threads()} thread{'s' if torch.get_num_threads() != 1 else ''}"
            if device.type == "cpu" else "")
         + f"; {d.world} process{'es' if d.enabled else ''}")
-    say(f"training: {args.steps} steps of {cfg['batch_size']} streams x {cfg['bptt']} characters "
+    say(f"training: {args.steps} step{'' if args.steps == 1 else 's'} of {cfg['batch_size']} streams x {cfg['bptt']} characters "
         f"({tok_per_step:,} tokens/step), Adam lr {cfg['lr']:g} ({cfg['lr_schedule']}), "
         f"clip {cfg['clip']:g}; "
         f"output in {args.out}" + (f"; resuming at step {step}" if ckpt is not None else ""))
@@ -1223,7 +1223,7 @@ def _train(args, cfg, d, device, corpus, splits, ckpt, param_dtype, ac_dtype, us
         val_note = ""
         if first_val is not None and last_val is not None:
             val_note = f"; validation bpc {first_val:.3f} -> {last_val:.3f}"
-        say(f"done: {trained} steps, {new_tokens:,} tokens in {_fmt_time(wall)} "
+        say(f"done: {trained} step{'' if trained == 1 else 's'}, {new_tokens:,} tokens in {_fmt_time(wall)} "
             f"({new_tokens / max(wall, 1e-9) / 1000:.1f}k tokens/s including "
             f"validation){val_note}")
     if d.main:
