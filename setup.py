@@ -4,8 +4,10 @@
 ahead of time only when asked (see the README); otherwise it is JIT-built on first use.
 
 Building the CUDA extension ahead of time (torch must already be installed, hence no build
-isolation; TORCH_CUDA_ARCH_LIST picks the architectures, e.g. "8.0;9.0")::
+isolation, so the environment needs setuptools, wheel and ninja too; TORCH_CUDA_ARCH_LIST
+picks the architectures, e.g. "8.0;9.0")::
 
+    pip install setuptools wheel ninja
     FUSED_RNN_BUILD_CUDA=1 pip install --no-build-isolation -e .
 
 This compiles csrc/ into ``fused_rnn._cuda_ext``. Without the flag nothing here imports torch.
@@ -20,25 +22,25 @@ from setuptools.command.build_py import build_py
 
 ROOT = Path(__file__).resolve().parent
 CSRC = "csrc"  # top-level, next to this file (paths relative, as setuptools wants)
-CSRC_SUFFIXES = (".h", ".cuh", ".cu", ".cpp")
 RUFF_VERSION = "0.17.6"  # the linter tests/test_lint.py runs (the "test" extra installs it)
 
 
 class BuildPyWithCsrc(build_py):
-    """Copy csrc/ into the built package as fused_rnn/csrc/, where an installed (non-editable)
-    package finds the sources to JIT-build the CUDA extension (fused_rnn/ops/cuda/_ext.py).
-    Editable installs read the top-level csrc/ directly."""
+    """Copy csrc/'s sources (buildinfo.SOURCES and HEADERS, what the JIT build compiles and
+    hashes) into the built package as fused_rnn/csrc/, where an installed (non-editable)
+    package finds them to JIT-build the CUDA extension (fused_rnn/ops/cuda/_ext.py). Editable
+    installs read the top-level csrc/ directly."""
 
     def run(self):
         super().run()
         src = ROOT / CSRC
         if self.dry_run or not src.is_dir():
             return
+        info = _buildinfo()
         dst = Path(self.build_lib) / "fused_rnn" / "csrc"
         dst.mkdir(parents=True, exist_ok=True)
-        for f in sorted(src.iterdir()):
-            if f.suffix in CSRC_SUFFIXES:
-                shutil.copy2(f, dst / f.name)
+        for name in (*info.SOURCES, *info.HEADERS):
+            shutil.copy2(src / name, dst / name)
 
 
 def _buildinfo():
@@ -55,13 +57,19 @@ def _buildinfo():
 def cuda_extension():
     """(ext_modules, cmdclass) for the ahead-of-time CUDA build, or nothing without the flag."""
     flag = os.environ.get("FUSED_RNN_BUILD_CUDA", "0")
-    if flag not in ("0", "1"):
+    if flag not in ("", "0", "1"):
         raise SystemExit(f"FUSED_RNN_BUILD_CUDA={flag!r}: 1 builds the CUDA extension ahead of "
-                         "time, 0 (or unset) does not")
-    if flag == "0":
+                         "time, 0 (or empty, or unset) does not")
+    if flag != "1":
         return [], {}
-    import torch
-    from torch.utils.cpp_extension import BuildExtension, CUDAExtension
+    try:
+        import torch
+        from torch.utils.cpp_extension import BuildExtension, CUDAExtension
+    except ImportError as e:  # pip's build isolation hides the environment's torch
+        raise SystemExit(
+            f"FUSED_RNN_BUILD_CUDA=1 builds against the installed torch, which this build "
+            f"cannot import ({e}): install torch first and build without isolation, "
+            "FUSED_RNN_BUILD_CUDA=1 pip install --no-build-isolation -e .") from None
 
     if torch.version.cuda is None:
         raise SystemExit(f"FUSED_RNN_BUILD_CUDA=1: torch {torch.__version__} is a CPU-only "
@@ -69,6 +77,9 @@ def cuda_extension():
     info = _buildinfo()
     arch = info.arch_list_setting(os.environ.get("TORCH_CUDA_ARCH_LIST"))
     if arch is not None:  # the kernels need sm_80+, and nvcc fails the build on older entries
+        if not arch.strip():
+            raise SystemExit(f"TORCH_CUDA_ARCH_LIST={arch!r} holds only blanks, which torch's "
+                             "build cannot read: unset it or set it, e.g. '8.0;9.0'")
         kept, dropped = info.filter_arch_list(arch)
         if not kept:
             raise SystemExit(f"TORCH_CUDA_ARCH_LIST={arch!r}: the CUDA kernels need 8.0 or newer")
@@ -76,7 +87,8 @@ def cuda_extension():
         caps = [torch.cuda.get_device_capability(i) for i in range(torch.cuda.device_count())]
         if not any(c >= info.MIN_ARCH for c in caps):
             raise SystemExit(
-                "FUSED_RNN_BUILD_CUDA=1 with TORCH_CUDA_ARCH_LIST unset builds for the visible "
+                "FUSED_RNN_BUILD_CUDA=1 with TORCH_CUDA_ARCH_LIST unset (or empty, or native) "
+                "builds for the visible "
                 f"GPUs, and none is sm_80 or newer ({len(caps)} visible): set the list, e.g. "
                 "TORCH_CUDA_ARCH_LIST='8.0;9.0'")
         joined, dropped = info.visible_arch_list(caps, info.newest_arch(torch.cuda.get_arch_list()))
@@ -84,9 +96,7 @@ def cuda_extension():
     if dropped:
         print(f"fused_rnn: building for {';'.join(kept)}, not {', '.join(dropped)} (< 8.0)")
         os.environ["TORCH_CUDA_ARCH_LIST"] = ";".join(kept)
-    sources = sorted(
-        f"{CSRC}/{f.name}" for f in (ROOT / CSRC).iterdir() if f.suffix in (".cu", ".cpp")
-    )
+    sources = [f"{CSRC}/{name}" for name in info.SOURCES]  # the JIT build's, which it hashes
     ext = CUDAExtension(
         "fused_rnn._cuda_ext",
         sources=sources,

@@ -906,6 +906,86 @@ def test_setup_picks_the_visible_sm80_gpus_or_asks_for_a_list(monkeypatch):
     assert len(exts) == 1 and os.environ["TORCH_CUDA_ARCH_LIST"] == "9.0+PTX"
 
 
+def test_setup_takes_an_empty_flag_for_off_and_explains_a_missing_torch(monkeypatch):
+    """FUSED_RNN_BUILD_CUDA= (empty, as CI switches a flag off) builds nothing, as 0 does;
+    with the flag on under pip's build isolation torch cannot be imported, which is said in
+    one line with the command that works, not a traceback; a blank TORCH_CUDA_ARCH_LIST gets
+    the JIT build's reason."""
+    import builtins
+
+    build = _setup_cuda_extension(monkeypatch, FUSED_RNN_BUILD_CUDA="")
+    assert build() == ([], {})
+    monkeypatch.setenv("FUSED_RNN_BUILD_CUDA", "1")
+    real_import = builtins.__import__
+
+    def no_torch(name, *args, **kwargs):
+        if name == "torch" or name.startswith("torch."):
+            raise ModuleNotFoundError("No module named 'torch'", name="torch")
+        return real_import(name, *args, **kwargs)
+
+    with monkeypatch.context() as m:
+        m.setattr(builtins, "__import__", no_torch)
+        with pytest.raises(SystemExit, match="cannot import .No module named 'torch'.: install "
+                                             "torch first and build without isolation"):
+            build()
+    monkeypatch.setattr(torch.version, "cuda", "13.0")
+    monkeypatch.setenv("TORCH_CUDA_ARCH_LIST", "  ")
+    with pytest.raises(SystemExit, match="holds only blanks"):
+        build()
+
+
+def test_every_file_in_csrc_is_a_listed_source_or_header():
+    """buildinfo.SOURCES and HEADERS are what the JIT build compiles and hashes, what the
+    ahead-of-time build compiles and what a wheel carries: a file in csrc/ off those lists
+    would be built or shipped without changing the source hash, or left out of a wheel."""
+    from fused_rnn.ops.cuda.buildinfo import HEADERS, SOURCES
+
+    assert sorted(p.name for p in CSRC.iterdir()) == sorted(SOURCES + HEADERS)
+
+
+def test_the_wheel_and_sdist_carry_the_sources_and_nothing_stray(tmp_path):
+    """A non-editable install JIT-builds from fused_rnn/csrc/ in the wheel: exactly the listed
+    sources, hashing as the checkout's; no build output or bytecode rides along. The sdist
+    holds csrc/ and the package, not a part of the test suite that cannot run alone."""
+    import tarfile
+    import zipfile
+
+    from fused_rnn.ops.cuda.buildinfo import HEADERS, SOURCES, source_hash
+
+    src = tmp_path / "src"
+    for name in ("setup.py", "MANIFEST.in", "README.md"):
+        src.mkdir(exist_ok=True)
+        shutil.copy2(CSRC.parent / name, src / name)
+    shutil.copytree(CSRC, src / "csrc")
+    shutil.copytree(CSRC.parent / "fused_rnn", src / "fused_rnn",
+                    ignore=shutil.ignore_patterns("__pycache__", "*.so"))
+    (src / "fused_rnn" / "stray.pyc").write_bytes(b"")  # bytecode never ships
+    (src / "tests").mkdir()
+    (src / "tests" / "test_x.py").write_text("")
+    env = {k: v for k, v in os.environ.items() if k != "FUSED_RNN_BUILD_CUDA"}
+    for cmd in ([sys.executable, "-m", "pip", "wheel", ".", "--no-deps", "--no-build-isolation",
+                 "-q", "-w", str(tmp_path / "dist")],
+                [sys.executable, "setup.py", "-q", "sdist", "-d", str(tmp_path / "dist")]):
+        r = subprocess.run(cmd, cwd=src, capture_output=True, text=True, env=env, timeout=600,
+                           check=False)
+        assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    (wheel,) = (tmp_path / "dist").glob("*.whl")
+    with zipfile.ZipFile(wheel) as z:
+        names = z.namelist()
+        z.extractall(tmp_path / "wheel")
+    shipped = sorted(n.split("/")[-1] for n in names if n.startswith("fused_rnn/csrc/"))
+    assert shipped == sorted(SOURCES + HEADERS)
+    assert not [n for n in names if n.endswith((".so", ".pyc", ".o")) or "__pycache__" in n], names
+    assert not [n for n in names if not n.startswith(("fused_rnn/", "fused_rnn-"))], names
+    assert source_hash(tmp_path / "wheel" / "fused_rnn" / "csrc") == source_hash(CSRC)
+    (sdist,) = (tmp_path / "dist").glob("*.tar.gz")
+    with tarfile.open(sdist) as t:
+        members = [m.split("/", 1)[1] for m in t.getnames() if "/" in m]
+    assert {f"csrc/{n}" for n in SOURCES + HEADERS} <= set(members)
+    assert {"setup.py", "README.md", "fused_rnn/__init__.py"} <= set(members)
+    assert not [m for m in members if m.startswith("tests")], members
+
+
 def test_sources_are_found_from_the_package():
     assert _ext.sources_dir() == CSRC
 

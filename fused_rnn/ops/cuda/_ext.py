@@ -63,6 +63,7 @@ NVCC_FLAGS = ("-O3", "-std=c++20", "--expt-relaxed-constexpr", "-lineinfo")
 CXX_FLAGS = ("-O3", "-std=c++20")
 BUILD_HINT = (
     "build it ahead of time with `FUSED_RNN_BUILD_CUDA=1 pip install --no-build-isolation -e .` "
+    "(after `pip install setuptools wheel ninja`; from a checkout or an unpacked sdist) "
     "or install a CUDA toolkit matching torch so it can be built on first use"
 )
 
