@@ -1284,11 +1284,14 @@ __device__ __forceinline__ void block_step(const BlockState<W>& bs, const Plan& 
 //     (b, k) the word at b * k_pad + k), and put() stores the value with the tag of the step
 //     that reads it (exchange_tag(s + 1)). No barrier: the stage copy polls the words for
 //     their tag (stage_copy_tagged), and double buffering is ordered by the data alone: it
-//     needs no order between different words. A block Q overwrites a word of buffer s % 2 (step
-//     s + 2's put) only after its poll has accepted every real word of step s + 1's X in its
-//     rows, among them the units of each block P of its batch group (each owns at least one,
-//     plan.h make_plan). P puts those only after its own poll of buffer s % 2 has accepted
-//     step s's words: the puts follow the stage copy and a __syncthreads in block_step. So
+//     needs no order between different words. The argument holds chunk by chunk (a block works
+//     its 64-row batch chunks in turn, each one a poll, a matmul and an epilogue): a block Q
+//     overwrites a word of buffer s % 2 in a chunk's rows (step s + 2's put) only after its
+//     poll has accepted every real word of step s + 1's X in that chunk's rows, among them
+//     the units of each block P of its batch group (each owns at least one, plan.h
+//     make_plan). P puts those only after its own poll of that chunk of buffer s % 2 has
+//     accepted step s's words: the puts follow the stage copy and a __syncthreads in
+//     block_step. So
 //     if a load of P's poll ever returned Q's step s + 2 word, the load that later accepted
 //     step s's word would be a load of the same thread at the same address reading a word
 //     that comes earlier in that address's coherence order. The PTX memory model's
