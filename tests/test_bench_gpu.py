@@ -213,7 +213,7 @@ def test_strict_fp32_rows_compare_like_with_like(tmp_path):
 def _gpu_check(tmp_path, *args):
     out = tmp_path / "out"
     out.mkdir(exist_ok=True)
-    env = {**os.environ, "OUT": str(out)}
+    env = {**os.environ, "OUT": str(out), "TMPDIR": str(tmp_path)}  # its logs' mktemp -d stays
     env.pop("TRITON_INTERPRET", None)  # the script sets it itself for --dry-run
     r = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu_check.sh"), "--dry-run", *args],
                        capture_output=True, text=True, env=env, timeout=600, check=False)
@@ -1544,7 +1544,8 @@ def test_sanitizer_that_refuses_the_device_is_named_and_skipped(tmp_path):
     fake.write_text('#!/bin/bash\necho "========= Error: Device not supported"\nexit 1\n')
     fake.chmod(0o755)
     logs = tmp_path / "logs"
-    env = {**os.environ, "PATH": f"{fake.parent}:{os.environ['PATH']}"}
+    env = {**os.environ, "PATH": f"{fake.parent}:{os.environ['PATH']}",
+           "TMPDIR": str(tmp_path)}  # the script's start stamp (mktemp)
     # the sanitizer parts alone: the rest of "extra" (phases, microbench) would build and
     # start the microbench here, half a minute that checks nothing of this
     r = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu_check_cuda.sh"), "--part",

@@ -368,7 +368,8 @@ def _gpu_check(tmp_path, mode: str, backends: str = "cuda,triton,cuda-p1,cuda-cl
     calls = tmp_path / "calls"
     env = {**os.environ, "PATH": f"{bin_}:{os.environ['PATH']}", "PYTHON": str(bin_ / "python"),
            "FAKE_CALLS": str(calls), "FAKE_MODE": mode, "FAKE_BUILD_DIR": str(build_dir),
-           "OUT": str(out), "CUDA_HOME": str(tmp_path / "no-cuda"), "FRNN_COMMIT": "abc123"}
+           "OUT": str(out), "CUDA_HOME": str(tmp_path / "no-cuda"), "FRNN_COMMIT": "abc123",
+           "TMPDIR": str(tmp_path)}  # the script keeps its logs' directory (mktemp -d)
     for k in ("FRNN_NO_CLUSTERS", "FUSED_RNN_CUDA_K_PARTS", "FRNN_GPU_CHECK_LOGS",
               "FRNN_GPU_TESTS", "FRNN_DEADLINE", "FRNN_NO_TAGGED", "FRNN_NO_MMA", "FRNN_NO_STEP",
               "FUSED_RNN_CUDA_STAGE_COPY", "FUSED_RNN_CUDA_FRAG_LOADS", "FUSED_RNN_CUDA_PATH"):
