@@ -53,6 +53,7 @@ mkdir -p "$LOG_DIR"
 if [[ -z "${FRNN_STAMP:-}" || ! -e "${FRNN_STAMP:-}" ]]; then
   FRNN_STAMP="$(mktemp -t fused_rnn_gpu_check_cuda_start.XXXXXX)"
   export FRNN_STAMP
+  trap 'rm -f "$FRNN_STAMP"' EXIT   # its own stamp only (gpu_check.sh removes the one it made)
 fi
 status=0
 STEP_RC=0

@@ -44,10 +44,13 @@ if "OMP_NUM_THREADS" not in os.environ:
     torch.set_num_threads(1)
 
 # Read when torch._inductor is first imported (by the first torch.compile), so set here too.
-if "TORCHINDUCTOR_CACHE_DIR" not in os.environ:
+if "TORCHINDUCTOR_CACHE_DIR" not in os.environ:  # this run's own, removed when it ends
+    import atexit
+    import shutil
     import tempfile
 
     os.environ["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix="fused_rnn_inductor_")
+    atexit.register(shutil.rmtree, os.environ["TORCHINDUCTOR_CACHE_DIR"], ignore_errors=True)
 
 _real_empty = torch.empty
 _real_empty_like = torch.empty_like
