@@ -7,6 +7,7 @@ turn batch-first, unbatched and packed inputs into this form.
 from __future__ import annotations
 
 import contextlib
+import operator
 from collections.abc import Sequence
 
 import torch
@@ -92,7 +93,8 @@ def rnn_layer(
     mode: "LSTM", "GRU", "RNN_TANH" or "RNN_RELU"; x: (T, B, I); h0: (B, P); c0: (B, H) for
     LSTM else None; w_ih: (G*H, I); w_hh: (G*H, P); b_ih, b_hh: (G*H,) or None; w_hr: (P, H)
     or None; lengths: (B,) or None (rows with ``t >= lengths[b]`` keep their state and output
-    zeros; what x holds there is never read, inf and NaN included). Returns y: (T, B, P), h_n:
+    zeros; what x holds there is never read, inf and NaN included; a length outside [0, T] is
+    read as clamped to it, unchecked, since a check would wait for the device). Returns y: (T, B, P), h_n:
     (B, P), c_n: (B, H) or None, in x's dtype. The math runs in x's dtype: a state or weight of
     another dtype is cast to it first (its gradient returns in its own dtype), so every backend
     computes what it would with one dtype, as in the modules.
@@ -231,6 +233,17 @@ def rnn(
     steps inside the lengths only (see :func:`_dropout`).
     Returns y: (T, B, D*P), h_n: (L*D, B, P), c_n: (L*D, B, H) or None.
     """
+    for name, value in (("bidirectional", bidirectional), ("training", training)):
+        if not isinstance(value, bool):  # a truthy "False" would count as True
+            raise TypeError(f"rnn: {name} must be a bool, got {value!r}")
+    try:
+        if isinstance(num_layers, bool):
+            raise TypeError
+        num_layers = operator.index(num_layers)
+    except TypeError:
+        raise TypeError(f"rnn: num_layers must be an integer, got {num_layers!r}") from None
+    if isinstance(dropout, bool) or not isinstance(dropout, (int, float)):
+        raise TypeError(f"rnn: dropout must be a number, got {dropout!r}")
     num_dir = 2 if bidirectional else 1
     n = num_layers * num_dir
     if num_layers < 1:

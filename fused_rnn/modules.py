@@ -51,6 +51,28 @@ def _plain(t, shape: tuple, dtype: torch.dtype, device: torch.device) -> bool:
             and t.device == device)
 
 
+def _check_batch_sizes(data: Tensor, batch_sizes: Tensor) -> None:
+    """A PackedSequence's batch_sizes as pack_padded_sequence makes them, or a RuntimeError
+    naming them (PackedSequence's constructor takes any): 1-D int64 on the CPU, positive,
+    non-increasing, summing to data's rows. A short one dropped rows silently here; torch.nn's
+    kernels fail on it with a view's shape error, or take it (GRU)."""
+    if batch_sizes.dim() != 1 or batch_sizes.dtype != torch.int64 or batch_sizes.device.type != "cpu":
+        raise RuntimeError(
+            f"PackedSequence: batch_sizes must be a 1-D int64 CPU tensor, got a "
+            f"{batch_sizes.dim()}-D {batch_sizes.dtype} one on {batch_sizes.device}")
+    if torch.compiler.is_compiling():  # data-dependent: eager only
+        return
+    if batch_sizes.numel() == 0 or bool((batch_sizes <= 0).any()) or bool(
+            (batch_sizes[1:] > batch_sizes[:-1]).any()):
+        raise RuntimeError(
+            "PackedSequence: batch_sizes must be positive and non-increasing (as "
+            f"pack_padded_sequence makes them), got {batch_sizes.tolist()}")
+    rows = int(batch_sizes.sum())
+    if rows != data.size(0):
+        raise RuntimeError(f"PackedSequence: batch_sizes sum to {rows} rows, but its data has "
+                           f"{data.size(0)}")
+
+
 def _apply_permutation(t: Tensor, permutation: Tensor | None, dim: int = 1) -> Tensor:
     return t if permutation is None else t.index_select(dim, permutation)
 
@@ -132,7 +154,10 @@ class _RNNStack(_Recurrent):
                 f"dropout={dropout} and num_layers={num_layers}",
                 stacklevel=3,
             )
-        for name, value in (("bias", bias), ("batch_first", batch_first)):
+        # bidirectional too: torch.nn refuses a non-bool one at the first call (its kernel's
+        # argument parsing), where "False", a truthy string, would make this stack two-way
+        for name, value in (("bias", bias), ("batch_first", batch_first),
+                            ("bidirectional", bidirectional)):
             if not isinstance(value, bool):
                 raise TypeError(f"{name} should be of type bool, got: {type(value).__name__}")
         for name, value in (("input_size", input_size), ("hidden_size", hidden_size)):
@@ -155,6 +180,8 @@ class _RNNStack(_Recurrent):
             )
         if proj_size >= hidden_size:
             raise ValueError("proj_size has to be smaller than hidden_size")
+        if isinstance(num_layers, bool):  # operator.index takes True as 1; torch.nn's call not
+            raise TypeError("num_layers should be of type int, got: bool")
         num_layers = operator.index(num_layers)
         if isinstance(proj_size, (bool, float)) and proj_size != 0:
             raise TypeError(f"proj_size must be an integer, got {proj_size!r}")
@@ -371,6 +398,14 @@ class _RNNStack(_Recurrent):
         first = flat[0]
         # From the settings as they are now: nn lets a user change input_size and the weights.
         shapes = [shape for layer in self._weight_shapes() for _, shape in layer]
+        if len(shapes) != len(flat):  # num_layers, bidirectional, bias or proj_size set since
+            raise RuntimeError(
+                f"{type(self).__name__}: num_layers={self.num_layers}, "
+                f"bidirectional={self.bidirectional}, bias={self.bias} and "
+                f"proj_size={self.proj_size} take {len(shapes)} weights, but the module has "
+                f"{len(flat)} ({', '.join(self._flat_weights_names)}): they size the weights "
+                "when it is built; build a new module to change them"
+            )
         for name, w, shape in zip(self._flat_weights_names, flat, shapes):
             if not isinstance(w, Tensor):
                 raise TypeError(
@@ -452,7 +487,6 @@ class _RNNStack(_Recurrent):
         # Every weight is read once a call: a parametrized weight (weight dropout, weight
         # norm) is computed once, and that value is what the checks and the kernels see.
         flat = self._flat_weights
-        self._check_weights(flat)
         is_lstm = self.mode == "LSTM"
         num_dir = 2 if self.bidirectional else 1
         real_hidden = self.proj_size if self.proj_size > 0 else self.hidden_size
@@ -461,7 +495,10 @@ class _RNNStack(_Recurrent):
         sorted_indices = unsorted_indices = batch_sizes = None
         if packed:
             data, batch_sizes, sorted_indices, unsorted_indices = input
+            # the input against the first weight first, then the weights (torch.nn's order)
             self._check_input(data, packed=True, w=flat[0])
+            self._check_weights(flat)
+            _check_batch_sizes(data, batch_sizes)
             batch = int(batch_sizes[0])
             ref = data
         else:
@@ -477,6 +514,7 @@ class _RNNStack(_Recurrent):
             if not is_batched:
                 input = input.unsqueeze(batch_dim)
             self._check_input(input, packed=False, w=flat[0])
+            self._check_weights(flat)
             if not torch.jit.is_tracing() and input.size(1 - batch_dim) == 0:  # as aten's
                 raise RuntimeError("Expected sequence length to be larger than 0 in RNN")
             batch = input.size(batch_dim)
@@ -489,7 +527,9 @@ class _RNNStack(_Recurrent):
                     # batched one fail on their dimensions (RuntimeError), as here. More than
                     # two stacked are refused, as three in a tuple (nn drops the rest); fewer
                     # than two (nn: an IndexError) get the TypeError of any other tensor.
-                    hx = tuple(hx) if hx.size(0) > 2 else (hx[0], hx[1])
+                    # (Batched, only the first two are read, as by nn: a lone h_0 of a
+                    # 3-layer stack gets nn's "should also be 3-D", not "got 3" tensors.)
+                    hx = tuple(hx) if hx.size(0) > 2 and not is_batched else (hx[0], hx[1])
                 self._check_hx_structure(hx)
                 hs = hx if is_lstm else (hx,)
                 want = 3 if is_batched else 2
@@ -536,6 +576,12 @@ class _RNNStack(_Recurrent):
                 lengths = lengths_cpu.to(x.device)
             else:
                 x = input.transpose(0, 1) if self.batch_first else input
+            # As torch.nn: dropout (which a user may set after construction) is read, and
+            # checked, only where it applies
+            dropout = self.dropout if self.training and self.num_layers > 1 else 0.0
+            if not 0 <= dropout <= 1:
+                raise RuntimeError(
+                    f"dropout probability has to be between 0 and 1, but got {dropout:g}")
             y, h_n, c_n = functional.rnn(
                 self.mode,
                 x,
@@ -544,7 +590,7 @@ class _RNNStack(_Recurrent):
                 self._layer_weights(flat),
                 num_layers=self.num_layers,
                 bidirectional=self.bidirectional,
-                dropout=self.dropout,
+                dropout=dropout,
                 training=self.training,
                 lengths=lengths,
                 backend=backend,

@@ -44,6 +44,11 @@ BAD_CONSTRUCTORS = [
     ("gru", (4, 6), {"hidden": 6}),
     ("rnn_tanh", (4, 6), {"hidden": 6}),
     ("gru", (4, 6, 1, True, False, 0.0, False, 0, "cpu", None, "extra"), {}),
+    # torch.nn refuses these at the first call; a truthy "False" made ours two-way, silently
+    ("lstm", (4, 6), {"bidirectional": "False"}),
+    ("gru", (4, 6), {"bidirectional": 1}),
+    ("rnn_tanh", (4, 6), {"bidirectional": None}),
+    ("gru", (4, 6), {"num_layers": True}),  # operator.index(True) is 1
 ]
 
 # Cells take what torch.nn's take (any integer size, zero too); these fail there and here.
@@ -350,6 +355,80 @@ def test_packed_input_is_checked_as_unpacked_input_is(cell, fault, backend):
     said = "input.size(-1) must be equal to input_size" if fault == "width" else "Expected hidden"
     with pytest.raises(RuntimeError, match=re.escape(said)):
         m(packed, (h, torch.randn(2, 2, 4)) if cell == "lstm" else h)
+
+
+def test_a_lone_h0_for_a_batched_multilayer_lstm_gets_torch_nns_message():
+    """A common mistake: h_0 alone for a 3-layer LSTM. torch.nn reads hx[0] and hx[1] of the
+    (3, B, H) tensor and says they should be 3-D; ours took its 3 rows as 3 tensors ("got
+    3"), a message that changed with the layer count."""
+    x, h = torch.randn(5, 2, 4), torch.zeros(3, 2, 6)
+    said = "For batched 3-D input, hx and cx should also be 3-D but got (2-D, 2-D) tensors"
+    for m in (torch.nn.LSTM(4, 6, 3), fused_rnn.LSTM(4, 6, 3, backend="reference")):
+        with pytest.raises(RuntimeError, match=re.escape(said)):
+            m(x, h)
+
+
+@pytest.mark.parametrize("fault,said", [
+    ("short", "batch_sizes sum to 4 rows, but its data has 5"),
+    ("int32", "batch_sizes must be a 1-D int64 CPU tensor, got a 1-D torch.int32 one"),
+    ("increasing", "batch_sizes must be positive and non-increasing"),
+    ("zero", "batch_sizes must be positive and non-increasing"),
+])
+@pytest.mark.parametrize("backend", ["reference", "auto", "triton"])
+def test_a_malformed_packed_sequence_is_refused_by_its_batch_sizes(fault, said, backend):
+    """PackedSequence's constructor takes any batch_sizes. A short one made the fused backends
+    drop rows silently (torch.nn's LSTM fails on a view's shape, its GRU takes it), an int32
+    one was named 'lengths'. Each is refused up front, naming batch_sizes."""
+    from torch.nn.utils.rnn import PackedSequence
+
+    data, bs = torch.randn(5, 3), {"short": [2, 2], "int32": [2, 2, 1], "increasing": [2, 3],
+                                   "zero": [3, 2, 0]}[fault]
+    bs = torch.tensor(bs, dtype=torch.int32 if fault == "int32" else torch.int64)
+    packed = PackedSequence(data, bs)
+    for cls in (fused_rnn.LSTM, fused_rnn.GRU):
+        with pytest.raises(RuntimeError, match=re.escape(said)):
+            cls(3, 4, backend=backend)(packed)
+
+
+def test_dropout_set_after_construction_is_checked_where_it_applies():
+    """torch.nn reads dropout only in training with more than one layer, and refuses one
+    outside [0, 1] there with a RuntimeError; ours refused it everywhere, with a ValueError."""
+    x = torch.randn(3, 2, 4)
+    for layers, training in ((1, True), (2, False), (2, True)):
+        for cls, kw in ((torch.nn.GRU, {}), (fused_rnn.GRU, {"backend": "reference"})):
+            m = cls(4, 5, layers, **kw).train(training)
+            m.dropout = 2.0
+            if layers == 2 and training:
+                with pytest.raises(RuntimeError,
+                                   match="dropout probability has to be between 0 and 1, but got 2"):
+                    m(x)
+            else:
+                m(x)
+
+
+@pytest.mark.parametrize("attr,value", [("num_layers", 2), ("bidirectional", True)])
+def test_settings_that_size_the_weights_changed_later_are_a_runtime_error(attr, value):
+    """torch.nn fails on them with a RuntimeError from its kernel ("Expected more weights");
+    ours gave the functional layer's ValueError, which named no setting."""
+    x = torch.randn(3, 2, 4)
+    nn_m, ours = torch.nn.LSTM(4, 5), fused_rnn.LSTM(4, 5, backend="reference")
+    for m in (nn_m, ours):
+        setattr(m, attr, value)
+    with pytest.raises(RuntimeError):
+        nn_m(x)
+    with pytest.raises(RuntimeError, match=f"{attr}={value}.* build a new module to change them"):
+        ours(x)
+
+
+def test_an_input_unlike_the_first_weight_is_named_before_the_weights_disagree():
+    """torch.nn compares the input with the first weight before anything else: a first weight
+    made fp64 with fp32 input is its ValueError ("input dtype ... does not match weight
+    dtype"), not ours about the weights' dtypes disagreeing."""
+    x = torch.randn(3, 2, 4)
+    for m in (torch.nn.LSTM(4, 5), fused_rnn.LSTM(4, 5, backend="reference")):
+        m.weight_ih_l0.data = m.weight_ih_l0.data.double()
+        with pytest.raises(ValueError, match="does not match weight dtype"):
+            m(x)
 
 
 def test_gru_hx_tuple_says_so():
@@ -939,3 +1018,21 @@ def test_the_functional_stack_names_a_wrong_weight_tuple_or_a_missing_state():
     y, h, c = Fr.rnn("LSTM", x, h0[None], c0[None], [(w_ih, w_hh, b_ih, b_hh, None)],
                      num_layers=1, bidirectional=False)
     assert y.shape == (3, 2, 5) and h.shape == c.shape == (1, 2, 5)
+
+
+@pytest.mark.parametrize("kw,said", [
+    ({"num_layers": 1.5}, "num_layers must be an integer, got 1.5"),  # was "1.5 layers x 1 ..."
+    ({"num_layers": True}, "num_layers must be an integer, got True"),  # ran as one layer
+    ({"bidirectional": "False"}, "bidirectional must be a bool, got 'False'"),  # ran two-way
+    ({"training": 1}, "training must be a bool, got 1"),
+    ({"dropout": True}, "dropout must be a number, got True"),
+])
+def test_the_functional_stack_refuses_settings_of_the_wrong_type(kw, said):
+    """fused_rnn.functional.rnn took a float num_layers into its weight count's message, ran
+    num_layers=True as one layer and a truthy non-bool bidirectional as True."""
+    import fused_rnn.functional as Fr
+
+    x, h0, c0, w_ih, w_hh, b_ih, b_hh = _lstm_args()
+    args = {"num_layers": 1, "bidirectional": False, **kw}
+    with pytest.raises(TypeError, match=re.escape(said)):
+        Fr.rnn("LSTM", x, h0[None], c0[None], [(w_ih, w_hh, b_ih, b_hh, None)], **args)
