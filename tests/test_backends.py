@@ -389,6 +389,81 @@ def test_auto_rule_needs_a_kernel_backend_and_evidence():
         _cpu_rule(hidden=(64, 8))
     with pytest.raises(ValueError, match="batch range"):
         _cpu_rule(batch=(0, 8))
+    # a TF32 setting says something of float32 only (mutation audit: its check could go)
+    with pytest.raises(ValueError, match="tf32"):
+        _cpu_rule(dtypes=frozenset({torch.bfloat16}), tf32=True)
+
+
+def test_a_rule_holds_on_the_compute_capability_it_was_measured_on_only():
+    """A rule from an sm_90 table matches an sm_90 device, not an sm_80 one (the mutation
+    audit found nothing failing when the capability was ignored)."""
+    rule = _cpu_rule(capability=(9, 0))
+    args = ("cpu", "LSTM", torch.float32, 32, 1, False, True)
+    assert rule.matches_stack(*args, (9, 0))
+    assert not rule.matches_stack(*args, (8, 0))
+    assert _cpu_rule().matches_stack(*args, (8, 0))  # no capability: any
+
+
+@pytest.mark.parametrize("call", ["rnn_layer", "rnn_cell", "rnn"])
+def test_the_functional_ops_refuse_an_unknown_backend_name(call):
+    """A misspelled backend ("tritn") would otherwise run the reference: any name not a
+    kernel backend's means the reference at this level."""
+    from fused_rnn import functional
+
+    x, h, w_ih, w_hh = torch.randn(3, 2, 4), torch.zeros(2, 5), torch.randn(15, 4), torch.randn(15, 5)
+    with pytest.raises(ValueError, match="unknown backend 'tritn'"):
+        if call == "rnn_layer":
+            functional.rnn_layer("GRU", x, h, None, w_ih, w_hh, backend="tritn")
+        elif call == "rnn_cell":
+            functional.rnn_cell("GRU", x[0], h, None, w_ih, w_hh, backend="tritn")
+        else:
+            functional.rnn("GRU", x, h[None], None, [(w_ih, w_hh, None, None, None)],
+                           num_layers=1, bidirectional=False, backend="tritn")
+
+
+def test_a_functional_layer_on_triton_runs_the_triton_op():
+    """The reference is exact, so every accuracy test passes if backend="triton" quietly ran
+    it instead (mutation audit): the graph must hold the Triton op."""
+    from fused_rnn import functional
+
+    x = torch.randn(3, 2, 4)
+    w_ih = torch.randn(20, 4, requires_grad=True)
+    y, _, _ = functional.rnn_layer("LSTM", x, torch.zeros(2, 5), torch.zeros(2, 5), w_ih,
+                                   torch.randn(20, 5), backend="triton")
+    assert "triton_layer" in type(y.grad_fn).__name__, type(y.grad_fn).__name__
+
+
+def test_a_kernel_backend_under_forward_mode_ad_gives_the_references_tangent():
+    """Forward-mode AD has no rule in the kernels' ops: inside dual_level the functional
+    layer on triton hands over to the reference, whose tangent comes back (without the hand-
+    over, the mutation audit saw a tangent of None and no error)."""
+    import torch.autograd.forward_ad as fwAD
+
+    from fused_rnn import functional
+
+    torch.manual_seed(0)
+    x, t = torch.randn(4, 2, 3), torch.randn(4, 2, 3)
+    args = (torch.zeros(2, 5), torch.zeros(2, 5), torch.randn(20, 3), torch.randn(20, 5))
+    tangents = {}
+    for backend in ("reference", "triton"):
+        with fwAD.dual_level(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the hand-over's warning
+            y, _, _ = functional.rnn_layer("LSTM", fwAD.make_dual(x, t), *args, backend=backend)
+            tangents[backend] = fwAD.unpack_dual(y).tangent
+    assert tangents["triton"] is not None
+    assert tangents["reference"].abs().max() > 0
+    torch.testing.assert_close(tangents["triton"], tangents["reference"])
+
+
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
+def test_a_module_on_a_kernel_backend_infers_shapes_on_meta(backend):
+    """Meta tensors carry shapes only: a module on any backend answers with torch.nn's shapes
+    there, whether or not its kernels can run on this machine (the functional path was
+    tested; the module's was not)."""
+    m = fused_rnn.LSTM(4, 8, 2, device="meta", backend=backend)
+    y, (h, c) = m(torch.randn(5, 3, 4, device="meta"))
+    assert y.device.type == "meta"
+    assert (tuple(y.shape), tuple(h.shape), tuple(c.shape)) == ((5, 3, 8), (2, 3, 8), (2, 3, 8))
 
 
 def _auto_rules_tool():

@@ -1036,3 +1036,43 @@ def test_the_functional_stack_refuses_settings_of_the_wrong_type(kw, said):
     args = {"num_layers": 1, "bidirectional": False, **kw}
     with pytest.raises(TypeError, match=re.escape(said)):
         Fr.rnn("LSTM", x, h0[None], c0[None], [(w_ih, w_hh, b_ih, b_hh, None)], **args)
+
+
+@pytest.mark.parametrize("backend", ["reference", "auto"])
+def test_a_16_bit_input_or_weight_with_fp32_ones_is_refused_outside_autocast(backend):
+    """Two dtypes autocast could cast to one are still two dtypes outside autocast: torch.nn's
+    ValueError for a bf16 input to an fp32 module, and a bf16 weight among fp32 ones refused
+    (the tests used fp64, which autocast never casts, so the mutation audit found that
+    branch untested)."""
+    x = torch.randn(5, 3, 4, dtype=torch.bfloat16)
+    for m in (torch.nn.LSTM(4, 8), fused_rnn.LSTM(4, 8, backend=backend)):
+        with pytest.raises(ValueError, match="does not match weight dtype"):
+            m(x)
+    m = fused_rnn.LSTM(4, 8, backend=backend)
+    m.weight_hh_l0.data = m.weight_hh_l0.data.bfloat16()
+    with pytest.raises(RuntimeError, match="weight_hh_l0 is torch.bfloat16 but weight_ih_l0 "
+                                           "is torch.float32"):
+        m(x.float())
+
+
+@pytest.mark.parametrize("backend", ["reference", "auto"])
+def test_fp32_input_to_an_fp64_module_is_refused_inside_autocast(backend):
+    """autocast casts neither fp64 weights nor (so) the call: an fp32 input to an fp64 module
+    is as refused inside a region as outside it; fp64 modules keep fp64."""
+    m = fused_rnn.LSTM(4, 8, dtype=torch.float64, backend=backend)
+    with torch.autocast("cpu", dtype=torch.bfloat16), pytest.raises(
+            ValueError, match="does not match weight dtype"):
+        m(torch.randn(5, 3, 4))
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_functional_x_of_too_many_dims_is_refused_by_name(backend):
+    """x of one dimension too many failed later in an unpacking (a ValueError that named
+    nothing) when only too few were refused (mutation audit)."""
+    import fused_rnn.functional as Fr
+
+    h, w_ih, w_hh = torch.zeros(3, 8), torch.randn(32, 4), torch.randn(32, 8)
+    with pytest.raises(RuntimeError, match=r"x must be \(T, B, I\)"):
+        Fr.rnn_layer("LSTM", torch.randn(5, 2, 3, 4), h, h, w_ih, w_hh, backend=backend)
+    with pytest.raises(RuntimeError, match=r"x must be \(B, I\)"):
+        Fr.rnn_cell("LSTM", torch.randn(5, 3, 4), h, h, w_ih, w_hh, backend=backend)
