@@ -1056,16 +1056,13 @@ def _row_key(row: dict) -> tuple[str, str, str, str]:
 
 def _context_lost(device: str) -> bool:
     """Whether this process can no longer use the GPU: a kernel fault (an illegal address,
-    say) is sticky, and every later CUDA call fails with it, cuDNN's included."""
-    if device != "cuda":
-        return False
+    say) is sticky, and every later CUDA call fails with it, cuDNN's included. The main-job
+    bench's check (``fused_rnn.bench``)."""
     import torch
 
-    try:
-        torch.ones(1, device=device).add_(1).item()
-        return False
-    except Exception:  # whatever the error, the device cannot run work
-        return True
+    from fused_rnn.bench import _context_lost as lost
+
+    return lost(torch.device(device))
 
 
 def continue_fresh(rows: list[dict], skipped: list[str], env: dict, paths, start: float,
