@@ -164,18 +164,34 @@ class _StoreH(torch.autograd.Function):
         return dh  # the backward's rule: passed through in the compute dtype
 
 
+# The two Functions as torch.compile traces them: without the jvp, which dynamo refuses (a
+# graph break, and an error under fullgraph=True, for every 16-bit layer that trains) and which
+# forward-mode AD, the only user of it, does not need in a compiled graph (dynamo does not
+# trace forward-mode AD; torch.func transforms over a compiled function run it eagerly).
+class _Linear16Traced(_Linear16):
+    jvp = torch.autograd.Function.jvp
+
+
+class _StoreHTraced(_StoreH):
+    jvp = torch.autograd.Function.jvp
+
+
+def _fn(eager: type[torch.autograd.Function], traced: type[torch.autograd.Function]):
+    return traced if torch.compiler.is_compiling() else eager
+
+
 def _store_h(h: Tensor, storage: torch.dtype) -> Tensor:
     """h as stored between steps (:class:`_StoreH`); the identity where storage is the compute
     dtype."""
     if storage == h.dtype:
         return h
-    return _StoreH.apply(h, storage)
+    return _fn(_StoreH, _StoreHTraced).apply(h, storage)
 
 
 def _linear(a: Tensor, w: Tensor, b: Tensor | None, storage: torch.dtype) -> Tensor:
     """a W^T + b; 16-bit storage differentiates as :class:`_Linear16`."""
     if storage in (torch.float16, torch.bfloat16):
-        return _Linear16.apply(a, w, b, storage, True)
+        return _fn(_Linear16, _Linear16Traced).apply(a, w, b, storage, True)
     return F.linear(a, w, b)
 
 
@@ -183,7 +199,7 @@ def _projection(h: Tensor, w_hr: Tensor, storage: torch.dtype) -> Tensor:
     """LSTM's h W_hr^T in the compute dtype; in 16-bit storage its backward, in fp32 from the
     unrounded gradient as in the kernels, runs with autocast off (:class:`_Linear16`)."""
     if storage in (torch.float16, torch.bfloat16):
-        return _Linear16.apply(h, w_hr, None, storage, False)
+        return _fn(_Linear16, _Linear16Traced).apply(h, w_hr, None, storage, False)
     return F.linear(h, w_hr)
 
 
