@@ -32,7 +32,6 @@ from torch import Tensor
 from fused_rnn.ops.common import (
     check_rnn_args,
     check_saved_args,
-    needs_grad,
     refuse_double_backward,
     register_autocast,
     register_autocast_off,
@@ -44,6 +43,16 @@ _MODE_LSTM = 2  # oneDNN's (ideep's) rnn_kind for LSTM, as aten passes it
 @torch.compiler.assume_constant_result
 def _onednn_enabled() -> bool:
     return torch.backends.mkldnn.is_available() and torch._C._get_mkldnn_enabled()
+
+
+@torch.compiler.assume_constant_result
+def _onednn_bf16() -> bool:
+    """Whether oneDNN computes bf16 on this CPU: aten's own test (``mkldnn_bf16_device_check``)
+    of whether nn.LSTM hands it bf16. Without (an x86 CPU with neither AVX-512 nor AVX2-VNNI-2,
+    such as AMD's Zen 3), eager nn.LSTM runs bf16 through its native per-step math, as the
+    reference does, and oneDNN's bf16 LSTM fails to create its primitive."""
+    check = getattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", None)
+    return bool(check()) if check is not None else False
 
 
 def unsupported_reason(mode: str, x: Tensor, w_hr: Tensor | None,
@@ -76,8 +85,11 @@ def unsupported_reason(mode: str, x: Tensor, w_hr: Tensor | None,
         return "a size of 0 (steps, batch, input or hidden): oneDNN's LSTM cannot take it"
     if not _onednn_enabled():
         return "PyTorch's oneDNN (mkldnn) backend is unavailable or disabled"
+    if x.dtype == torch.bfloat16 and not _onednn_bf16():
+        return ("oneDNN has no bf16 on this CPU (eager nn.LSTM runs its native math here, "
+                "as the reference does)")
     if (not _FULLGRAPH_HOLDS_DYNAMIC_SIZES and torch.compiler.is_compiling()
-            and needs_grad(x, h0, c0, w_ih, w_hh, b_ih, b_hh)
+            and torch.is_grad_enabled()  # rnn_layer's train flag
             and not torch._dynamo.config.capture_dynamic_output_shape_ops):
         return ("torch < 2.10 under torch.compile: the training kernel's workspace has a "
                 "data-dependent size, which such a torch's fullgraph=True refuses unless "
@@ -87,8 +99,9 @@ def unsupported_reason(mode: str, x: Tensor, w_hr: Tensor | None,
 
 # From torch 2.10, fullgraph=True lets a graph hold an op whose output size depends on the
 # data (the training workspace's); before, only capture_dynamic_output_shape_ops=True does,
-# and fullgraph=True without it fails at the op. So there a compiled layer that trains runs
-# the reference math instead, unless that setting is on.
+# and fullgraph=True without it fails at the op. So there a layer compiled with grad mode on
+# (the training kernel's, as eager's) runs the reference math instead, unless that setting is
+# on.
 _FULLGRAPH_HOLDS_DYNAMIC_SIZES = torch.torch_version.TorchVersion(torch.__version__) >= (2, 10)
 
 
@@ -249,7 +262,12 @@ register_autocast_off(aten_lstm_layer_backward, "cpu")
 def rnn_layer(mode, x, h0, c0, w_ih, w_hh, b_ih=None, b_hh=None, w_hr=None, lengths=None,
               reverse=False):
     """:func:`fused_rnn.ops.reference.rnn_layer`'s signature; only where
-    :func:`unsupported_reason` is None."""
-    train = needs_grad(x, h0, c0, w_ih, w_hh, b_ih, b_hh)
+    :func:`unsupported_reason` is None.
+
+    The kernel runs as training (it keeps the workspace the backward needs) wherever grad mode
+    is on, whether or not anything requires grad: eager nn.LSTM's rule. oneDNN's inference and
+    training kernels need not give the same bits (on an AVX2 CPU fp32 outputs part by an ulp),
+    so another rule would leave eager's bits there."""
+    train = torch.is_grad_enabled()
     y, h_n, c_n, _ = aten_lstm_layer(x, h0, c0, w_ih, w_hh, b_ih, b_hh, reverse, train)
     return y, h_n, c_n
