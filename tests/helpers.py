@@ -38,6 +38,37 @@ def make_pair(cell: str, *args, backend: str = "reference", seed: int = 0, step:
     return ref, ours
 
 
+@functools.cache
+def nn_lstm_autocast_failure(dtype: torch.dtype = torch.bfloat16) -> str | None:
+    """Why torch.nn.LSTM cannot run under CPU autocast in ``dtype`` here, or None where it can.
+
+    Under CPU autocast nn.LSTM (fp32) reaches oneDNN's layer, which autocast hands the dtype;
+    oneDNN has no bf16 on a CPU without AVX-512 or AVX2-VNNI-2 (AMD's Zen 3, say), and fails
+    to create its primitive. nn.LSTM on bf16 tensors runs its native math there instead, and
+    so do fused_rnn's modules under autocast (they cast before PyTorch's kernel). Tests that
+    hold something to torch.nn under autocast compare, where this says why not, with torch.nn
+    on the autocast dtype outright (:func:`nn_under_cpu_autocast`): what autocast would hand
+    its kernel."""
+    try:
+        with torch.autocast("cpu", dtype=dtype), torch.no_grad():
+            torch.nn.LSTM(1, 1)(torch.zeros(1, 1, 1))
+    except RuntimeError as e:
+        return str(e).splitlines()[0]
+    return None
+
+
+def nn_under_cpu_autocast(module: torch.nn.Module, x: torch.Tensor, dtype=torch.bfloat16):
+    """``module(x)`` under CPU autocast in ``dtype``; where nn.LSTM cannot run there
+    (:func:`nn_lstm_autocast_failure`), a copy of ``module`` cast to ``dtype`` on ``x`` cast
+    to it."""
+    if not isinstance(module, torch.nn.LSTM) or nn_lstm_autocast_failure(dtype) is None:
+        with torch.autocast("cpu", dtype=dtype):
+            return module(x)
+    import copy
+
+    return copy.deepcopy(module).to(dtype)(x.to(dtype))
+
+
 def outputs_of(out) -> list[torch.Tensor]:
     """Flatten (output, h_n) / (output, (h_n, c_n)) / PackedSequence into a tensor list."""
     y, hidden = out
