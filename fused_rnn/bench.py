@@ -55,6 +55,7 @@ from fused_rnn.cli import (
     _precision,
     _seed,
     _sync,
+    _torch_nn_failure,
     generate,
     load_default_corpus,
     load_text_file,
@@ -243,13 +244,18 @@ def _configure(args) -> Bench:
         raise CLIError("--precisions amp-bf16 on CUDA needs fp32 too: torch.nn's amp-bf16 "
                        "RNN computes in fp16 with no loss scaling and trains worse, so the "
                        "other rows' val loss is held to torch.nn's fp32 row")
-    for p in precisions:
+    notes: list[str] = []
+    for p in list(precisions):
         _precision(p, device, "--precisions")  # CLIError for fp16, or bf16 where unsupported
-        _check_torch_nn_runs(args.cell, device, p, "--precisions",
-                             "every row is checked against torch.nn's, so leave it out")
+        if args.precisions:  # asked for: refused in one line where torch.nn cannot run it
+            _check_torch_nn_runs(args.cell, device, p, "--precisions",
+                                 "every row is checked against torch.nn's, so leave it out")
+        elif (why := _torch_nn_failure(args.cell, device, p, "--precisions")) is not None:
+            # a default (amp-bf16 on a CPU with no oneDNN bf16): the rest of the bench runs
+            precisions.remove(p)
+            notes.append(f"{p}, a default precision, left out: {why}")
     base_cfg = dict(cell=args.cell, hidden_size=args.hidden_size or dflt["hidden_size"],
                     layers=args.layers, embedding_size=None, dropout=0.0, tie_weights=False)
-    notes: list[str] = []
     names = _backend_names(args, device, base_cfg, len(splits.vocab), precisions, B, notes)
     if device.type == "cuda" and "amp-bf16" in precisions:
         notes.append("torch.nn's amp-bf16 row computes its RNN in fp16: torch's autocast rule "

@@ -338,13 +338,13 @@ def _precision(name: str, device: torch.device, flag: str = "--precision"):
     }[name]
 
 
-def _check_torch_nn_runs(cell: str, device: torch.device, precision: str,
-                         flag: str = "--precision",
-                         advice: str = "fused_rnn's modules (drop --torch-nn) run it") -> None:
-    """A CLIError where torch.nn's own ``cell`` layer cannot run ``precision`` on ``device``,
-    found by one step of a one-unit layer: torch 2.13's CPU LSTM (oneDNN's) has no fp16
-    kernel, and CPU autocast hands it fp16 under amp-fp16, where the run would otherwise stop
-    at its first step with oneDNN's error and a traceback."""
+def _torch_nn_failure(cell: str, device: torch.device, precision: str,
+                      flag: str = "--precision") -> str | None:
+    """Why torch.nn's own ``cell`` layer cannot run ``precision`` on ``device`` (None where it
+    can), found by one step of a one-unit layer. torch 2.13's CPU LSTM (oneDNN's) has no fp16
+    kernel, and CPU autocast hands it fp16 under amp-fp16; nor bf16 on a CPU without AVX-512
+    or AVX2-VNNI-2 (AMD's Zen 3, say), which amp-bf16 hands it there. A run would otherwise
+    stop at its first step with oneDNN's error and a traceback."""
     param_dtype, ac_dtype, _ = _precision(precision, device, flag)
     rnn_class = {"lstm": torch.nn.LSTM, "gru": torch.nn.GRU, "rnn": torch.nn.RNN}[cell]
     layer = rnn_class(1, 1).to(device, param_dtype)
@@ -353,10 +353,18 @@ def _check_torch_nn_runs(cell: str, device: torch.device, precision: str,
                                              enabled=ac_dtype is not None):
             layer(torch.zeros(1, 1, 1, device=device, dtype=param_dtype))
     except RuntimeError as e:
-        raise CLIError(
-            f"{flag} {precision}: torch.nn.{rnn_class.__name__} cannot run it on "
-            f"{device.type} ({str(e).splitlines()[0].split('. ')[0].rstrip('.')}); "
-            f"{advice}") from None
+        return (f"torch.nn.{rnn_class.__name__} cannot run it on {device.type} "
+                f"({str(e).splitlines()[0].split('. ')[0].rstrip('.')})")
+    return None
+
+
+def _check_torch_nn_runs(cell: str, device: torch.device, precision: str,
+                         flag: str = "--precision",
+                         advice: str = "fused_rnn's modules (drop --torch-nn) run it") -> None:
+    """A CLIError where :func:`_torch_nn_failure` says why torch.nn cannot run ``precision``."""
+    why = _torch_nn_failure(cell, device, precision, flag)
+    if why is not None:
+        raise CLIError(f"{flag} {precision}: {why}; {advice}")
 
 
 def _auto_resolves_to(rnn, device: torch.device, precision: str, batch: int,
