@@ -116,6 +116,9 @@ setup(
     name="fused_rnn",
     version="0.1.0",
     description="LSTM, GRU and Elman RNN layers on fused Triton/CUDA kernels, drop-in for torch.nn",
+    # The README is the project page: what an index shows and `pip show -v` prints.
+    long_description=(ROOT / "README.md").read_text(encoding="utf-8"),
+    long_description_content_type="text/markdown",
     packages=find_packages(include=["fused_rnn", "fused_rnn.*"]),
     package_data={"fused_rnn": ["csrc/*"]},
     python_requires=">=3.10",

@@ -978,6 +978,10 @@ def test_the_wheel_and_sdist_carry_the_sources_and_nothing_stray(tmp_path):
     assert not [n for n in names if n.endswith((".so", ".pyc", ".o")) or "__pycache__" in n], names
     assert not [n for n in names if not n.startswith(("fused_rnn/", "fused_rnn-"))], names
     assert source_hash(tmp_path / "wheel" / "fused_rnn" / "csrc") == source_hash(CSRC)
+    (metadata,) = (tmp_path / "wheel").glob("fused_rnn-*.dist-info/METADATA")
+    meta = metadata.read_text(encoding="utf-8")
+    assert "Description-Content-Type: text/markdown" in meta
+    assert "## Set up and run" in meta  # the README is the long description
     (sdist,) = (tmp_path / "dist").glob("*.tar.gz")
     with tarfile.open(sdist) as t:
         members = [m.split("/", 1)[1] for m in t.getnames() if "/" in m]
