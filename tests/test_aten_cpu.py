@@ -5,6 +5,7 @@ nn.LSTM's results bit for bit and keep the sequence length symbolic."""
 from __future__ import annotations
 
 import contextlib
+import copy
 
 import pytest
 import torch
@@ -457,8 +458,12 @@ def test_before_torch_2_10_a_training_layer_compiles_without_the_op(monkeypatch,
     x, state = torch.randn(5, 2, 4), (torch.randn(1, 2, 6), torch.randn(1, 2, 6))
     targets = []
 
+    calls = []  # each aten_lstm_layer node's train flag
+
     def record(gm, example_inputs):
         targets.extend(str(n.target) for n in gm.graph.nodes if n.op == "call_function")
+        calls.extend(n.args[-1] for n in gm.graph.nodes
+                     if n.op == "call_function" and "aten_lstm_layer" in str(n.target))
         return gm
 
     torch._dynamo.reset()
@@ -477,4 +482,11 @@ def test_before_torch_2_10_a_training_layer_compiles_without_the_op(monkeypatch,
             y = compiled(x, state)[0]
             assert torch.equal(y, ref(x, state)[0])  # each in inference (test above)
         assert any("aten_lstm_layer" in t for t in targets), targets
+        # Grad mode on, nothing requiring grad: eager runs the training kernel, but without the
+        # setting its workspace cannot be held, and nothing needs it: the inference kernel.
+        calls.clear()
+        frozen = copy.deepcopy(ours).requires_grad_(False)
+        torch._dynamo.reset()
+        torch.compile(frozen, backend=record, fullgraph=True)(x, state)
+        assert calls == [capture], calls  # the op's train flag: eager's where it can be
     torch._dynamo.reset()

@@ -32,6 +32,7 @@ from torch import Tensor
 from fused_rnn.ops.common import (
     check_rnn_args,
     check_saved_args,
+    needs_grad,
     refuse_double_backward,
     register_autocast,
     register_autocast_off,
@@ -49,8 +50,9 @@ def _onednn_enabled() -> bool:
 def _onednn_bf16() -> bool:
     """Whether oneDNN computes bf16 on this CPU: aten's own test (``mkldnn_bf16_device_check``)
     of whether nn.LSTM hands it bf16. Without (an x86 CPU with neither AVX-512 nor AVX2-VNNI-2,
-    such as AMD's Zen 3), eager nn.LSTM runs bf16 through its native per-step math, as the
-    reference does, and oneDNN's bf16 LSTM fails to create its primitive."""
+    such as AMD's Zen 3), eager nn.LSTM runs bf16 through its native per-step math (which the
+    reference matches to bf16 rounding), and oneDNN's bf16 LSTM fails to create its
+    primitive."""
     check = getattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", None)
     return bool(check()) if check is not None else False
 
@@ -86,11 +88,9 @@ def unsupported_reason(mode: str, x: Tensor, w_hr: Tensor | None,
     if not _onednn_enabled():
         return "PyTorch's oneDNN (mkldnn) backend is unavailable or disabled"
     if x.dtype == torch.bfloat16 and not _onednn_bf16():
-        return ("oneDNN has no bf16 on this CPU (eager nn.LSTM runs its native math here, "
-                "as the reference does)")
-    if (not _FULLGRAPH_HOLDS_DYNAMIC_SIZES and torch.compiler.is_compiling()
-            and torch.is_grad_enabled()  # rnn_layer's train flag
-            and not torch._dynamo.config.capture_dynamic_output_shape_ops):
+        return ("oneDNN has no bf16 on this CPU (eager nn.LSTM runs its native bf16 math "
+                "here; the reference runs instead, within bf16 rounding of it)")
+    if not _workspace_fits_graph() and needs_grad(x, h0, c0, w_ih, w_hh, b_ih, b_hh):
         return ("torch < 2.10 under torch.compile: the training kernel's workspace has a "
                 "data-dependent size, which such a torch's fullgraph=True refuses unless "
                 "torch._dynamo.config.capture_dynamic_output_shape_ops is True")
@@ -99,10 +99,16 @@ def unsupported_reason(mode: str, x: Tensor, w_hr: Tensor | None,
 
 # From torch 2.10, fullgraph=True lets a graph hold an op whose output size depends on the
 # data (the training workspace's); before, only capture_dynamic_output_shape_ops=True does,
-# and fullgraph=True without it fails at the op. So there a layer compiled with grad mode on
-# (the training kernel's, as eager's) runs the reference math instead, unless that setting is
-# on.
+# and fullgraph=True without it fails at the op. So there a compiled layer that trains runs
+# the reference math instead, unless that setting is on.
 _FULLGRAPH_HOLDS_DYNAMIC_SIZES = torch.torch_version.TorchVersion(torch.__version__) >= (2, 10)
+
+
+def _workspace_fits_graph() -> bool:
+    """Whether the training kernel's workspace (data-dependent size) may be made here: in
+    eager mode, or compiled on torch >= 2.10 or with capture_dynamic_output_shape_ops."""
+    return (_FULLGRAPH_HOLDS_DYNAMIC_SIZES or not torch.compiler.is_compiling()
+            or torch._dynamo.config.capture_dynamic_output_shape_ops)
 
 
 def _checked(where: str, x, h0, c0, w_ih, w_hh, b_ih, b_hh) -> None:
@@ -267,7 +273,9 @@ def rnn_layer(mode, x, h0, c0, w_ih, w_hh, b_ih=None, b_hh=None, w_hr=None, leng
     The kernel runs as training (it keeps the workspace the backward needs) wherever grad mode
     is on, whether or not anything requires grad: eager nn.LSTM's rule. oneDNN's inference and
     training kernels need not give the same bits (on an AVX2 CPU fp32 outputs part by an ulp),
-    so another rule would leave eager's bits there."""
-    train = torch.is_grad_enabled()
+    so another rule would leave eager's bits there. (Compiled before torch 2.10, where the
+    workspace cannot be held and nothing needs it, the inference kernel runs, as it did.)"""
+    train = torch.is_grad_enabled() and (
+        _workspace_fits_graph() or needs_grad(x, h0, c0, w_ih, w_hh, b_ih, b_hh))
     y, h_n, c_n, _ = aten_lstm_layer(x, h0, c0, w_ih, w_hh, b_ih, b_hh, reverse, train)
     return y, h_n, c_n
