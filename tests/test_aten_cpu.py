@@ -199,16 +199,21 @@ def test_compiled_module_is_eager_nn_lstm_bit_for_bit(backend):
         assert torch.equal(a, b)
 
 
-@pytest.mark.no_nan_fill
-def test_compiled_dynamic_sequence_length_and_dropout():
-    """What inductor's own lowering of aten's CPU LSTM fails on (torch 2.13): a symbolic
-    sequence length and dropout between layers (and autocast: the next test)."""
+def _two_layer_pair_compiled():
+    """nn.LSTM(4, 6, 2), ours with its weights, and ours compiled (fullgraph, dynamic)."""
     torch.manual_seed(0)
     ref = torch.nn.LSTM(4, 6, num_layers=2)
     ours = fused_rnn.LSTM(4, 6, num_layers=2)
     ours.load_state_dict(ref.state_dict())
     torch._dynamo.reset()
-    compiled = torch.compile(ours, fullgraph=True, dynamic=True)
+    return ref, ours, torch.compile(ours, fullgraph=True, dynamic=True)
+
+
+@pytest.mark.no_nan_fill
+def test_compiled_dynamic_sequence_length_and_dropout():
+    """What inductor's own lowering of aten's CPU LSTM fails on (torch 2.13): a symbolic
+    sequence length and dropout between layers (and autocast: the next test)."""
+    ref, ours, compiled = _two_layer_pair_compiled()
     for T in (3, 8):
         x = torch.randn(T, 2, 4)
         state = (torch.zeros(2, 2, 6), torch.zeros(2, 2, 6))
@@ -240,12 +245,7 @@ def test_compiled_under_autocast_is_eager_nn_lstms_bits():
     """The third thing inductor's lowering fails on. Under autocast the op gets bf16: eager
     nn.LSTM's bits where oneDNN takes bf16."""
     _needs_onednn(torch.bfloat16)
-    torch.manual_seed(0)
-    ref = torch.nn.LSTM(4, 6, num_layers=2)
-    ours = fused_rnn.LSTM(4, 6, num_layers=2)
-    ours.load_state_dict(ref.state_dict())
-    torch._dynamo.reset()
-    compiled = torch.compile(ours, fullgraph=True, dynamic=True)
+    ref, _, compiled = _two_layer_pair_compiled()
     x = torch.randn(5, 2, 4)
     with torch.autocast("cpu", dtype=torch.bfloat16), _op_kept_in_fullgraph():
         got, want = compiled(x), ref(x)

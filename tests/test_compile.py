@@ -24,6 +24,17 @@ class CharModel(torch.nn.Module):
         return self.head(y), state
 
 
+def _outputs_and_grads(model, fn, tokens, state) -> list[torch.Tensor]:
+    """fn(tokens, state)'s logits and state, then model's parameter gradients of a loss of
+    all of them."""
+    model.zero_grad()
+    logits, new_state = fn(tokens, state)
+    parts = [logits] + (list(new_state) if isinstance(new_state, tuple) else [new_state])
+    loss = sum((p.float() * (i + 1)).sin().sum() for i, p in enumerate(parts))
+    loss.backward()
+    return [p.detach().clone() for p in parts] + [p.grad.clone() for p in model.parameters()]
+
+
 @pytest.mark.no_nan_fill
 @pytest.mark.parametrize("backend", ["auto", "reference"])
 @pytest.mark.parametrize("cell", ["lstm", "gru", "rnn"])
@@ -35,19 +46,10 @@ def test_fullgraph_compile_matches_eager(cell, backend):
     h = torch.randn(2, 3, 8)
     state = (h, torch.randn(2, 3, 8)) if cell == "lstm" else h
 
-    def loss_and_grads(fn):
-        model.zero_grad()
-        logits, new_state = fn(tokens, state)
-        parts = [logits] + (list(new_state) if isinstance(new_state, tuple) else [new_state])
-        loss = sum((p.float() * (i + 1)).sin().sum() for i, p in enumerate(parts))
-        loss.backward()
-        return [p.detach().clone() for p in parts], [p.grad.clone() for p in model.parameters()]
-
     torch._dynamo.reset()
-    compiled = torch.compile(model, fullgraph=True)
-    out_c, g_c = loss_and_grads(compiled)
-    out_e, g_e = loss_and_grads(model)
-    for a, b in zip(out_c + g_c, out_e + g_e):
+    got = _outputs_and_grads(model, torch.compile(model, fullgraph=True), tokens, state)
+    want = _outputs_and_grads(model, model, tokens, state)
+    for a, b in zip(got, want, strict=True):
         torch.testing.assert_close(a, b, atol=2e-5, rtol=1e-4)
 
 
@@ -66,17 +68,10 @@ def test_a_16_bit_model_that_trains_compiles_whole(cell, dtype):
     h = torch.randn(2, 3, 8, dtype=dtype)
     state = (h, torch.randn(2, 3, 8, dtype=dtype)) if cell == "lstm" else h
 
-    def loss_and_grads(fn):
-        model.zero_grad()
-        logits, new_state = fn(tokens, state)
-        parts = [logits] + (list(new_state) if isinstance(new_state, tuple) else [new_state])
-        loss = sum((p.float() * (i + 1)).sin().sum() for i, p in enumerate(parts))
-        loss.backward()
-        return [p.detach().clone() for p in parts] + [p.grad.clone() for p in model.parameters()]
-
     torch._dynamo.reset()
-    got = loss_and_grads(torch.compile(model, backend="aot_eager", fullgraph=True))
-    want = loss_and_grads(model)
+    got = _outputs_and_grads(model, torch.compile(model, backend="aot_eager", fullgraph=True),
+                             tokens, state)
+    want = _outputs_and_grads(model, model, tokens, state)
     for a, b in zip(got, want, strict=True):
         assert torch.equal(a, b)
     torch._dynamo.reset()
