@@ -254,6 +254,9 @@ def check(seed: int, backend: str, dtype: str | None = None, device: str = "cpu"
 # is the whole of its relative error (held-out seeds 2000..2599 found a 1-element W_hh grad
 # at 6.7e-2 in bf16 on triton, a 1-element h0 grad at 8.0e-3 in fp16 on cuda).
 LOW_PRECISION_FLOORS = {"bfloat16": (4e-3, 4e-2), "float16": (1e-3, 6e-3)}
+# What DTYPE may be (the module docstring); None: not given.
+DTYPE_CHOICES = (None, "float32", "float64", *LOW_PRECISION_FLOORS,
+                 *(f"amp-{d}" for d in LOW_PRECISION_FLOORS), "bad", "bad-float32")
 RELU_GRAD_FLOOR = 4e-2
 SMALL = 4
 
@@ -575,6 +578,9 @@ def main(argv: list[str]) -> int:
         return 2
     backend, first, count = argv[0], int(argv[1]), int(argv[2])
     dtype = argv[3] if len(argv) == 4 else None
+    if dtype not in DTYPE_CHOICES:  # else every case fails on the name (amp-bf16: KeyError)
+        print(f"DTYPE must be one of {', '.join(d for d in DTYPE_CHOICES if d)}, not {dtype!r}")
+        return 2
     if "@" in backend and dtype in ("bad", "bad-float32"):
         print(f"{backend!r}: the bad-input check runs eagerly only (torch.compile wraps the "
               "errors it compares); name the backend without @")

@@ -3,6 +3,7 @@ module, its sizes and options drawn together, against torch.nn, outputs and ever
 
 from __future__ import annotations
 
+import api_fuzz
 import pytest
 import torch
 from api_fuzz import (
@@ -194,3 +195,12 @@ def test_the_draw_covers_what_it_claims():
     assert {c["dtype"] for c in cases} == {"float32", "float64"}
     assert any(c["strided"] for c in cases) and not all(c["strided"] for c in cases)
     assert {c["grads"] for c in cases} == {"all", "some"}
+
+
+def test_the_sweep_refuses_a_dtype_it_has_no_check_for(capsys):
+    """By hand, ``amp-bf16`` (the CLI's spelling) failed every case with a bare KeyError."""
+    assert api_fuzz.main(["reference", "0", "1", "amp-bf16"]) == 2
+    out = capsys.readouterr().out
+    assert "DTYPE must be one of float32, float64, bfloat16" in out and "'amp-bf16'" in out
+    assert api_fuzz.main(["reference", "0", "1", "amp-bfloat16"]) == 0
+    assert "1 cases on 'reference' from seed 0: 0 failed" in capsys.readouterr().out
